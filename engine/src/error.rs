@@ -1,0 +1,37 @@
+//! Engine errors.
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Model(#[from] tandem_model::ModelError),
+    #[error("prompt of {prompt} tokens plus {requested} new tokens exceeds the context length {context}")]
+    ContextOverflow {
+        prompt: usize,
+        requested: usize,
+        context: usize,
+    },
+    #[error("empty prompt: at least one token is needed")]
+    EmptyPrompt,
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    BadToken { id: u32, vocab: usize },
+    #[error("invalid sampling parameter: {0}")]
+    Sampling(String),
+    #[error("unsupported weight: {0}")]
+    Unsupported(String),
+}
+
+impl EngineError {
+    /// Low-cardinality class for metrics and API error types.
+    pub fn class(&self) -> &'static str {
+        match self {
+            EngineError::Model(_) => "model",
+            EngineError::ContextOverflow { .. } | EngineError::EmptyPrompt | EngineError::BadToken { .. } => {
+                "invalid_request"
+            }
+            EngineError::Sampling(_) => "invalid_request",
+            EngineError::Unsupported(_) => "unsupported",
+        }
+    }
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;

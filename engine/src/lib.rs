@@ -1,0 +1,9 @@
+//! How the model runs: CPU kernels, the transformer forward pass, the KV
+//! cache and the sampler. Token ids in, token ids (and logits) out.
+
+pub mod cpu;
+pub mod error;
+pub mod model;
+pub mod sampler;
+
+pub use error::EngineError;

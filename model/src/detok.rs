@@ -1,0 +1,3 @@
+//! Incremental, UTF-8-safe detokenisation and stop-string matching.
+//!
+//! (IMPLEMENTATION IN PROGRESS.)

@@ -1,0 +1,3 @@
+//! Seeded synthetic checkpoints for any supported architecture and shape.
+//!
+//! (IMPLEMENTATION IN PROGRESS.)
