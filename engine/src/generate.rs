@@ -1,0 +1,126 @@
+//! Generation of one sequence: prefill in chunks, then decode token by token.
+//! The batching scheduler (many sequences) builds on the same `forward`.
+
+use crate::error::{EngineError, Result};
+use crate::model::{Logits, Model, SeqStep};
+use crate::sampler::{sample, Sampled, SamplingParams};
+
+/// Prompt tokens per forward call while prefilling; bounds activation memory.
+pub const PREFILL_CHUNK: usize = 256;
+
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    /// `None`: until the context is full.
+    pub max_tokens: Option<usize>,
+    /// Token ids that end generation (EOS, end of turn), not included in the output.
+    pub stop_tokens: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token was sampled (or the caller stopped it).
+    Stop,
+    /// `max_tokens` reached or the context is full.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub sampled: Vec<Sampled>,
+    pub finish: FinishReason,
+    pub prompt_tokens: usize,
+    /// Logits of the last prompt position (the first sampled distribution).
+    pub prompt_logits: Vec<f32>,
+}
+
+impl Model {
+    /// Runs one request to completion. `on_token` sees each sampled token
+    /// (stop tokens included) and may return `false` to stop early.
+    pub fn generate(&self, req: &GenerateRequest, mut on_token: impl FnMut(&Sampled) -> bool) -> Result<Generation> {
+        req.params.validate()?;
+        let ctx = self.config.context_length;
+        if req.prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if req.prompt.len() >= ctx {
+            return Err(EngineError::ContextOverflow {
+                prompt: req.prompt.len(),
+                requested: req.max_tokens.unwrap_or(1),
+                context: ctx,
+            });
+        }
+        let room = ctx - req.prompt.len();
+        let max_tokens = match req.max_tokens {
+            Some(n) if n > room => {
+                return Err(EngineError::ContextOverflow {
+                    prompt: req.prompt.len(),
+                    requested: n,
+                    context: ctx,
+                })
+            }
+            Some(n) => n,
+            None => room,
+        };
+        let mut kv = self.new_seq(req.prompt.len() + max_tokens);
+        let mut last = Vec::new();
+        let chunks: Vec<&[u32]> = req.prompt.chunks(PREFILL_CHUNK).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let want = if i + 1 == chunks.len() { Logits::Last } else { Logits::None };
+            let mut step = [SeqStep {
+                kv: &mut kv,
+                tokens: chunk,
+                logits: want,
+            }];
+            last = self.forward(&mut step)?.pop().unwrap_or_default();
+        }
+        let prompt_logits = last.clone();
+        let mut context = req.prompt.clone();
+        let mut tokens = Vec::new();
+        let mut sampled = Vec::new();
+        let mut finish = FinishReason::Length;
+        while tokens.len() < max_tokens {
+            let s = sample(&req.params, &last, &context, req.prompt.len(), tokens.len() as u64);
+            let keep_going = on_token(&s);
+            let tok = s.token;
+            if req.stop_tokens.contains(&tok) {
+                finish = FinishReason::Stop;
+                break;
+            }
+            tokens.push(tok);
+            context.push(tok);
+            sampled.push(s);
+            if !keep_going {
+                finish = FinishReason::Stop;
+                break;
+            }
+            if tokens.len() == max_tokens {
+                break;
+            }
+            let mut step = [SeqStep {
+                kv: &mut kv,
+                tokens: &[tok],
+                logits: Logits::Last,
+            }];
+            last = self.forward(&mut step)?.pop().unwrap_or_default();
+        }
+        Ok(Generation {
+            tokens,
+            sampled,
+            finish,
+            prompt_tokens: req.prompt.len(),
+            prompt_logits,
+        })
+    }
+}

@@ -1,0 +1,276 @@
+//! Element-wise and attention kernels of the forward pass.
+//!
+//! Every function here computes each output in an order fixed by the source
+//! (explicit 16-lane accumulators and a fixed reduction tree), so results do
+//! not depend on which instruction set ran them, on the batch, or on how a
+//! prompt was chunked. The hot loops are compiled twice, for AVX-512 and for
+//! the baseline, and picked at run time; `f32::mul_add` is a true fused
+//! multiply-add on both, so both give the same bits.
+
+/// Lanes of the fixed accumulation pattern used by [`dot`] and [`sum_squares`].
+const LANES: usize = 16;
+
+/// Reduces 16 lanes in a fixed pairwise tree.
+#[inline(always)]
+fn reduce_lanes(a: [f32; LANES]) -> f32 {
+    let mut b = [0f32; 8];
+    for i in 0..8 {
+        b[i] = a[i] + a[i + 8];
+    }
+    let c = [b[0] + b[4], b[1] + b[5], b[2] + b[6], b[3] + b[7]];
+    (c[0] + c[2]) + (c[1] + c[3])
+}
+
+/// Dot product with a fixed order: lane `l` accumulates elements `i ≡ l (mod 16)`
+/// with fused multiply-adds, the tail goes to lanes 0.., then a fixed tree.
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; LANES];
+    let n = a.len() / LANES * LANES;
+    let mut i = 0;
+    while i < n {
+        for l in 0..LANES {
+            acc[l] = a[i + l].mul_add(b[i + l], acc[l]);
+        }
+        i += LANES;
+    }
+    for (l, j) in (n..a.len()).enumerate() {
+        acc[l] = a[j].mul_add(b[j], acc[l]);
+    }
+    reduce_lanes(acc)
+}
+
+/// Σ x², same order as [`dot`].
+#[inline(always)]
+pub fn sum_squares(x: &[f32]) -> f32 {
+    dot(x, x)
+}
+
+/// `exp(x)` for f32 in a form that vectorises: range reduction to
+/// `2^n · e^r` with `|r| ≤ ln2/2` and a degree-6 polynomial; within 2 ulp of
+/// the correctly rounded value over the range used by softmax and SiLU.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.clamp(-87.3, 88.0);
+    // Round to nearest with the 1.5·2^23 trick: no libm call, vectorises.
+    const MAGIC: f32 = 12_582_912.0;
+    let n = (x * LOG2E + MAGIC) - MAGIC;
+    let r = n.mul_add(-LN2_HI, x);
+    let r = n.mul_add(-LN2_LO, r);
+    // e^r ≈ 1 + r + r²/2! + ... + r⁶/6!
+    let mut p = 1.0 / 720.0f32;
+    p = p.mul_add(r, 1.0 / 120.0);
+    p = p.mul_add(r, 1.0 / 24.0);
+    p = p.mul_add(r, 1.0 / 6.0);
+    p = p.mul_add(r, 0.5);
+    p = p.mul_add(r, 1.0);
+    p = p.mul_add(r, 1.0);
+    let bits = ((n as i32 + 127) as u32) << 23;
+    p * f32::from_bits(bits)
+}
+
+/// RMSNorm as Hugging Face computes it: `w * (x * rsqrt(mean(x²) + eps))`.
+#[inline(always)]
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let mean = sum_squares(x) / x.len() as f32;
+    let r = 1.0 / (mean + eps).sqrt();
+    for ((o, xi), wi) in out.iter_mut().zip(x).zip(w) {
+        *o = wi * (xi * r);
+    }
+}
+
+/// `gate ← silu(gate) · up`, with `silu(g) = g / (1 + e^-g)`.
+#[inline(always)]
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        let s = *g / (1.0 + exp(-*g));
+        *g = s * u;
+    }
+}
+
+/// Softmax in place over `s`, returning nothing; order: max, then
+/// exponentials, then a sequential sum, then one division each.
+#[inline(always)]
+pub fn softmax(s: &mut [f32]) {
+    let mut m = f32::NEG_INFINITY;
+    for &v in s.iter() {
+        m = m.max(v);
+    }
+    let mut sum = 0f32;
+    for v in s.iter_mut() {
+        *v = exp(*v - m);
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in s.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// One query head's causal attention over `n_keys` keys and values, each a
+/// row of `head_dim` floats starting at `keys[j * stride]`.
+///
+/// `scores` is scratch of at least `n_keys`; `out` receives `head_dim` values.
+#[inline(always)]
+pub fn attend(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    stride: usize,
+    n_keys: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    let scores = &mut scores[..n_keys];
+    for (j, s) in scores.iter_mut().enumerate() {
+        *s = dot(q, &keys[j * stride..j * stride + hd]) * scale;
+    }
+    softmax(scores);
+    out.fill(0.0);
+    for (j, &p) in scores.iter().enumerate() {
+        let v = &values[j * stride..j * stride + hd];
+        for (o, vi) in out.iter_mut().zip(v) {
+            *o = p.mul_add(*vi, *o);
+        }
+    }
+}
+
+/// Whether the AVX-512 copies of the hot loops may run here.
+pub fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static CHOICE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *CHOICE.get_or_init(|| {
+            let forced = std::env::var("TANDEM_KERNEL").ok();
+            let allowed = !matches!(forced.as_deref(), Some("scalar") | Some("avx2"));
+            allowed && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Defines `$name` that runs `$body` compiled for AVX-512 when available and
+/// for the baseline otherwise. Both copies compute identical bits.
+macro_rules! multiversion {
+    ($(#[$m:meta])* pub fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+                unsafe fn fast($($arg: $ty),*) $(-> $ret)? $body
+                if $crate::ops::has_avx512() {
+                    // SAFETY: the CPU supports the enabled features (checked above).
+                    return unsafe { fast($($arg),*) };
+                }
+            }
+            #[inline(never)]
+            fn base($($arg: $ty),*) $(-> $ret)? $body
+            base($($arg),*)
+        }
+    };
+}
+
+multiversion! {
+    /// [`attend`] for every query row of one KV head group; see the forward pass.
+    pub fn attend_many(
+        qs: &[f32],
+        q_stride: usize,
+        n_q: usize,
+        head_dim: usize,
+        keys: &[f32],
+        values: &[f32],
+        kv_stride: usize,
+        n_keys_first: usize,
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        // Query i attends to keys 0..n_keys_first + i (causal).
+        for i in 0..n_q {
+            let q = &qs[i * q_stride..i * q_stride + head_dim];
+            let o = &mut out[i * out_stride..i * out_stride + head_dim];
+            attend(q, keys, values, kv_stride, n_keys_first + i, scale, scores, o);
+        }
+    }
+}
+
+multiversion! {
+    pub fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+        let d = w.len();
+        for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            rms_norm(xr, w, eps, or);
+        }
+    }
+}
+
+multiversion! {
+    pub fn silu_mul_rows(gate_up: &mut [f32], ffn: usize) {
+        for row in gate_up.chunks_exact_mut(2 * ffn) {
+            let (g, u) = row.split_at_mut(ffn);
+            silu_mul(g, u);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let got = exp(x) as f64;
+            let want = (x as f64).exp();
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.013;
+        }
+        assert!(worst < 4e-7, "worst relative error {worst}");
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-200.0) >= 0.0 && exp(-200.0) < 1e-37);
+    }
+
+    #[test]
+    fn dot_matches_f64() {
+        let a: Vec<f32> = (0..77).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.1).collect();
+        let b: Vec<f32> = (0..77).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.3).collect();
+        let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        assert!((dot(&a, &b) as f64 - want).abs() < 1e-5);
+    }
+
+    #[test]
+    fn softmax_sums_to_one() {
+        let mut s = vec![1.0, 2.0, 3.0, -1e9];
+        softmax(&mut s);
+        assert!((s.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert_eq!(s[3], 0.0);
+        assert!(s[2] > s[1] && s[1] > s[0]);
+    }
+
+    #[test]
+    fn multiversioned_kernels_agree_with_baseline() {
+        // The fast and base copies of a kernel must give identical bits.
+        let d = 64;
+        let x: Vec<f32> = (0..d * 3).map(|i| ((i * 7919 % 101) as f32 - 50.0) / 17.0).collect();
+        let w: Vec<f32> = (0..d).map(|i| 1.0 + (i as f32) / 100.0).collect();
+        let mut a = vec![0f32; d * 3];
+        rms_norm_rows(&x, &w, 1e-5, &mut a);
+        let mut b = vec![0f32; d * 3];
+        for (xr, or) in x.chunks_exact(d).zip(b.chunks_exact_mut(d)) {
+            rms_norm(xr, &w, 1e-5, or);
+        }
+        assert_eq!(a, b);
+    }
+}

