@@ -3,7 +3,7 @@
 #
 #   bench/compare_llama_cpp.sh [--mode single|batched|all] [--runs N] [--threads N]
 #                              [--model PATH] [--tandem PATH] [--llama-only]
-#                              [--out DIR] [--json FILE]
+#                              [--out DIR] [--json FILE] [--wait-idle SECS]
 #
 # single : llama-bench -m MODEL -t T -p 512 -n 128  (pp512, tg128)
 #          llama-bench -m MODEL -t T -p 0 -n 128    (tg128 alone)
@@ -16,7 +16,10 @@
 # The two engines are run alternately (the one that goes first swaps every
 # round) RUNS times each, and the medians are printed side by side with the
 # tandem/llama.cpp ratio. Raw outputs stay in --out (a temp dir by default).
-# Run nothing else heavy meanwhile: on a 2-core machine any other job skews both.
+# Run nothing else heavy meanwhile: on a 2-core machine any other job skews both
+# (llama.cpp's spinning thread pool collapses by 10x under contention).
+# --wait-idle SECS waits, before every run, up to SECS for the CPUs to be >= 90%
+# idle over 3 s, which helps on a shared machine.
 #
 # llama.cpp's tools come from bench/build_llama_cpp.sh (built on first use).
 set -euo pipefail
@@ -33,11 +36,12 @@ TANDEM="${TANDEM_BIN:-}"
 LLAMA_ONLY=0
 OUT=""
 SUMMARY_JSON=""
+WAIT_IDLE=0
 BATCHES="1,4,16,32,64"
 NPP=128
 NTG=128
 
-usage() { sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -49,6 +53,7 @@ while [[ $# -gt 0 ]]; do
         --llama-only) LLAMA_ONLY=1; shift ;;
         --out) OUT="$2"; shift 2 ;;
         --json) SUMMARY_JSON="$2"; shift 2 ;;
+        --wait-idle) WAIT_IDLE="$2"; shift 2 ;;
         --batches) BATCHES="$2"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
@@ -81,8 +86,35 @@ echo "threads: $THREADS, runs: $RUNS, mode: $MODE" >&2
 echo "llama:   $LLAMA_BIN" >&2
 [[ $LLAMA_ONLY -eq 0 ]] && echo "tandem:  $TANDEM" >&2
 echo "raw:     $OUT" >&2
+if [[ "$(cut -d' ' -f1 /proc/loadavg | cut -d. -f1)" -ge 1 ]]; then
+    echo "warning: load average is $(cut -d' ' -f1-3 /proc/loadavg); other jobs will skew both sides" >&2
+fi
 
 # --- one run of each side -------------------------------------------------
+
+cpu_idle_pct() { # idle share of all CPUs over 3 seconds, in percent
+    local a b
+    read -r -a a < <(grep '^cpu ' /proc/stat)
+    sleep 3
+    read -r -a b < <(grep '^cpu ' /proc/stat)
+    local total=0 i
+    for i in 1 2 3 4 5 6 7 8; do total=$(( total + b[i] - a[i] )); done
+    local idle=$(( b[4] - a[4] + b[5] - a[5] ))
+    echo $(( total > 0 ? 100 * idle / total : 100 ))
+}
+
+wait_idle() {
+    [[ "$WAIT_IDLE" -gt 0 ]] || return 0
+    local start=$SECONDS idle
+    while :; do
+        idle="$(cpu_idle_pct)"
+        (( idle >= 90 )) && return 0
+        if (( SECONDS - start >= WAIT_IDLE )); then
+            echo "  (CPUs only ${idle}% idle after ${WAIT_IDLE}s; running anyway)" >&2
+            return 0
+        fi
+    done
+}
 
 llama_single() { # $1 = run index
     "$LLAMA_BIN/llama-bench" -m "$MODEL" -t "$THREADS" -p 512 -n 128 -o jsonl \
@@ -115,13 +147,13 @@ tandem_batched() {
 alternate() { # $1 = single|batched
     local i
     for ((i = 1; i <= RUNS; i++)); do
-        echo "[$1] round $i/$RUNS" >&2
+        echo "[$1] round $i/$RUNS (load average: $(cut -d' ' -f1-3 /proc/loadavg))" >&2
         if [[ $LLAMA_ONLY -eq 1 ]]; then
-            "llama_$1" "$i"
+            wait_idle; "llama_$1" "$i"
         elif (( i % 2 )); then
-            "llama_$1" "$i"; "tandem_$1" "$i"
+            wait_idle; "llama_$1" "$i"; wait_idle; "tandem_$1" "$i"
         else
-            "tandem_$1" "$i"; "llama_$1" "$i"
+            wait_idle; "tandem_$1" "$i"; wait_idle; "llama_$1" "$i"
         fi
     done
 }

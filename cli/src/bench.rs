@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use tandem_engine::kv::SeqKv;
 use tandem_engine::model::{Logits, Model, SeqStep};
 use tandem_engine::sampler::argmax;
 use tandem_model::weights::ModelSource;
@@ -62,12 +63,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// with all of them in each forward call; returns decode seconds.
 fn batched_decode(model: &Model, batch: usize, prompt: usize, gen: usize) -> Result<f64> {
     let vocab = model.config.vocab_size;
-    let mut seqs: Vec<_> = (0..batch).map(|_| model.new_seq(prompt + gen)).collect();
+    let mut pool = model.pool_for_tokens(batch * (prompt + gen + 16), 16);
+    let mut seqs: Vec<SeqKv> = (0..batch).map(|_| SeqKv::default()).collect();
     let prompts: Vec<Vec<u32>> = (0..batch).map(|b| prompt_ids(prompt, vocab, b as u64)).collect();
     let mut next = Vec::with_capacity(batch);
     for (kv, p) in seqs.iter_mut().zip(&prompts) {
         let mut step = [SeqStep { kv, tokens: p, logits: Logits::Last }];
-        next.push(argmax(&model.forward(&mut step)?[0]));
+        next.push(argmax(&model.forward(&mut pool, &mut step)?[0]));
     }
     let t0 = Instant::now();
     for _ in 0..gen {
@@ -77,7 +79,7 @@ fn batched_decode(model: &Model, batch: usize, prompt: usize, gen: usize) -> Res
             .zip(&toks)
             .map(|(kv, t)| SeqStep { kv, tokens: t, logits: Logits::Last })
             .collect();
-        let logits = model.forward(&mut steps)?;
+        let logits = model.forward(&mut pool, &mut steps)?;
         next = logits.iter().map(|l| argmax(l)).collect();
     }
     Ok(t0.elapsed().as_secs_f64())
@@ -104,10 +106,11 @@ fn engine(a: EngineArgs) -> Result<()> {
     let prompt = prompt_ids(a.prompt_tokens, vocab, 0);
     let mut prefill = Vec::new();
     for _ in 0..runs {
-        let mut kv = model.new_seq(prompt.len());
+        let mut pool = model.pool_for_tokens(prompt.len(), 16);
+        let mut kv = SeqKv::default();
         let t0 = Instant::now();
         let mut step = [SeqStep { kv: &mut kv, tokens: &prompt, logits: Logits::Last }];
-        model.forward(&mut step)?;
+        model.forward(&mut pool, &mut step)?;
         prefill.push(prompt.len() as f64 / t0.elapsed().as_secs_f64());
     }
     let prefill_tok_s = median(prefill);

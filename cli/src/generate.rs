@@ -8,6 +8,7 @@ use tandem_engine::generate::GenerateRequest;
 use tandem_engine::model::Model;
 use tandem_engine::sampler::SamplingParams;
 use tandem_model::chat::{ChatMessage, ChatTemplate};
+use tandem_model::detok::IncrementalDecoder;
 use tandem_model::tokenizer::Tokenizer;
 use tandem_model::weights::ModelSource;
 
@@ -111,19 +112,14 @@ fn complete(l: &Loaded, args: &GenerateArgs, prompt_text: &str, add_special: boo
         stop_tokens: l.tokenizer.eos_ids().to_vec(),
     };
     let mut out = std::io::stdout().lock();
-    let mut ids = Vec::new();
-    let mut printed = 0usize;
+    // Streams whole characters only: byte-level BPE splits them across tokens.
+    let mut detok = IncrementalDecoder::new(&l.tokenizer, true);
     let stream = !args.json;
     let gen = l.model.generate(&req, |s| {
         if stream && !req.stop_tokens.contains(&s.token) {
-            ids.push(s.token);
-            // Print what decodes to whole characters; hold back a partial one.
-            if let Ok(text) = l.tokenizer.decode(&ids, true) {
-                if !text.ends_with('\u{FFFD}') && text.len() > printed && text.is_char_boundary(printed) {
-                    let _ = out.write_all(text[printed..].as_bytes());
-                    let _ = out.flush();
-                    printed = text.len();
-                }
+            if let Ok(piece) = detok.push(s.token) {
+                let _ = out.write_all(piece.as_bytes());
+                let _ = out.flush();
             }
         }
         true
@@ -138,9 +134,7 @@ fn complete(l: &Loaded, args: &GenerateArgs, prompt_text: &str, add_special: boo
         });
         writeln!(out, "{line}")?;
     } else {
-        if text.len() > printed && text.is_char_boundary(printed) {
-            out.write_all(text[printed..].as_bytes())?;
-        }
+        out.write_all(detok.finish().as_bytes())?;
         writeln!(out)?;
     }
     Ok(text)

@@ -16,6 +16,10 @@ pub enum EngineError {
     BadToken { id: u32, vocab: usize },
     #[error("invalid sampling parameter: {0}")]
     Sampling(String),
+    #[error("request needs {tokens} tokens of KV cache but the whole pool holds {capacity}")]
+    TooLargeForPool { tokens: usize, capacity: usize },
+    #[error("KV cache exhausted: {needed} blocks needed, {free} free")]
+    OutOfBlocks { needed: usize, free: usize },
     #[error("unsupported weight: {0}")]
     Unsupported(String),
 }
@@ -30,6 +34,8 @@ impl EngineError {
             }
             EngineError::Sampling(_) => "invalid_request",
             EngineError::Unsupported(_) => "unsupported",
+            EngineError::OutOfBlocks { .. } => "overloaded",
+            EngineError::TooLargeForPool { .. } => "invalid_request",
         }
     }
 }

@@ -2,6 +2,7 @@
 //! The batching scheduler (many sequences) builds on the same `forward`.
 
 use crate::error::{EngineError, Result};
+use crate::kv::SeqKv;
 use crate::model::{Logits, Model, SeqStep};
 use crate::sampler::{sample, Sampled, SamplingParams};
 
@@ -73,7 +74,9 @@ impl Model {
             Some(n) => n,
             None => room,
         };
-        let mut kv = self.new_seq(req.prompt.len() + max_tokens);
+        // A private pool holding exactly this request (the scheduler shares one among many).
+        let mut pool = self.pool_for_tokens(req.prompt.len() + max_tokens, 16);
+        let mut kv = SeqKv::default();
         let mut last = Vec::new();
         let chunks: Vec<&[u32]> = req.prompt.chunks(PREFILL_CHUNK).collect();
         for (i, chunk) in chunks.iter().enumerate() {
@@ -83,7 +86,7 @@ impl Model {
                 tokens: chunk,
                 logits: want,
             }];
-            last = self.forward(&mut step)?.pop().unwrap_or_default();
+            last = self.forward(&mut pool, &mut step)?.pop().unwrap_or_default();
         }
         let prompt_logits = last.clone();
         let mut context = req.prompt.clone();
@@ -113,7 +116,7 @@ impl Model {
                 tokens: &[tok],
                 logits: Logits::Last,
             }];
-            last = self.forward(&mut step)?.pop().unwrap_or_default();
+            last = self.forward(&mut pool, &mut step)?.pop().unwrap_or_default();
         }
         Ok(Generation {
             tokens,

@@ -4,8 +4,11 @@
 pub mod cpu;
 pub mod error;
 pub mod generate;
+pub mod kv;
 pub mod model;
 pub mod ops;
+pub mod prefix_cache;
 pub mod sampler;
+pub mod scheduler;
 
 pub use error::EngineError;

@@ -13,6 +13,7 @@ use tandem_model::weights::{ModelSource, TensorRef};
 
 use crate::cpu::{matmul, PackedMatrix, ThreadPool};
 use crate::error::{EngineError, Result};
+use crate::kv::{KvDtype, KvLayout, KvPool, SeqKv};
 use crate::ops;
 
 /// A projection made of one or more stacked weight matrices, e.g. Q, K and V
@@ -74,41 +75,6 @@ struct Layer {
     ffn_norm: Vec<f32>,
     gate_up: Proj,
     down: Proj,
-}
-
-/// The KV cache of one sequence, contiguous per (layer, KV head): `[pos][head_dim]`.
-pub struct SeqKv {
-    len: usize,
-    n_kv: usize,
-    head_dim: usize,
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
-}
-
-impl SeqKv {
-    /// Tokens cached so far (the position of the next token).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    /// Drops everything after the first `len` tokens.
-    pub fn truncate(&mut self, len: usize) {
-        if len < self.len {
-            for b in self.k.iter_mut().chain(self.v.iter_mut()) {
-                b.truncate(len * self.head_dim);
-            }
-            self.len = len;
-        }
-    }
-    /// Bytes held (K and V, all layers).
-    pub fn nbytes(&self) -> usize {
-        2 * self.k.len() * self.len * self.head_dim * 4
-    }
-    fn slot(&self, layer: usize, kv_head: usize) -> usize {
-        layer * self.n_kv + kv_head
-    }
 }
 
 /// Which logits a sequence wants from a step.
@@ -303,23 +269,29 @@ impl Model {
         layers + self.lm_head.as_ref().unwrap_or(&self.embd).nbytes()
     }
 
-    /// An empty KV cache for a new sequence, with room reserved for `capacity` tokens.
-    pub fn new_seq(&self, capacity: usize) -> SeqKv {
-        let c = &self.config;
-        let n = c.n_layers * c.n_kv_heads;
-        let cap = capacity.min(c.context_length) * c.head_dim;
-        SeqKv {
-            len: 0,
-            n_kv: c.n_kv_heads,
-            head_dim: c.head_dim,
-            k: (0..n).map(|_| Vec::with_capacity(cap)).collect(),
-            v: (0..n).map(|_| Vec::with_capacity(cap)).collect(),
+    /// The KV block layout of this model with `block_size` tokens per block.
+    pub fn kv_layout(&self, block_size: usize) -> KvLayout {
+        KvLayout {
+            dtype: KvDtype::F32,
+            n_layers: self.config.n_layers,
+            n_kv_heads: self.config.n_kv_heads,
+            head_dim: self.config.head_dim,
+            block_size,
         }
+    }
+
+    /// A KV pool big enough for `tokens` tokens in blocks of `block_size`.
+    pub fn pool_for_tokens(&self, tokens: usize, block_size: usize) -> KvPool {
+        let layout = self.kv_layout(block_size);
+        KvPool::new(layout, layout.blocks_for(tokens).max(1))
     }
 
     /// Runs one step over a batch of sequences and returns, per sequence,
     /// the logits it asked for (`vocab` floats per token, row-major).
-    pub fn forward(&self, batch: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
+    ///
+    /// Blocks for the new tokens are reserved here when the caller has not
+    /// done so; if the pool cannot hold them, nothing is computed or written.
+    pub fn forward(&self, pool: &mut KvPool, batch: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
         let (h, hd, nh, nkv) = (c.hidden, c.head_dim, c.n_heads, c.n_kv_heads);
         let (qd, kvd) = (c.q_dim(), c.kv_dim());
@@ -343,6 +315,20 @@ impl Model {
                 });
             }
         }
+        let needed: usize = batch
+            .iter()
+            .map(|s| pool.layout().blocks_for(s.kv.len + s.tokens.len()).saturating_sub(s.kv.blocks.len()))
+            .sum();
+        if needed > pool.free_blocks() {
+            return Err(EngineError::OutOfBlocks {
+                needed,
+                free: pool.free_blocks(),
+            });
+        }
+        for s in batch.iter_mut() {
+            pool.reserve(s.kv, s.tokens.len())?;
+        }
+        let layout = *pool.layout();
         let n_tok: usize = batch.iter().map(|s| s.tokens.len()).sum();
         // Per token: which sequence, and its position.
         let mut tok_pos = Vec::with_capacity(n_tok);
@@ -386,15 +372,11 @@ impl Model {
                     self.rope.apply(head, cs, sn);
                 }
             }
-            // Append the new keys and values to each sequence's cache.
-            for (si, s) in batch.iter_mut().enumerate() {
+            // Write the new keys and values into each sequence's blocks.
+            for (si, s) in batch.iter().enumerate() {
                 for i in 0..s.tokens.len() {
                     let row = &qkv[(starts[si] + i) * qkv_rows..(starts[si] + i + 1) * qkv_rows];
-                    for g in 0..nkv {
-                        let slot = s.kv.slot(li, g);
-                        s.kv.k[slot].extend_from_slice(&row[qd + g * hd..qd + (g + 1) * hd]);
-                        s.kv.v[slot].extend_from_slice(&row[qd + kvd + g * hd..qd + kvd + (g + 1) * hd]);
-                    }
+                    pool.write_token(li, s.kv, s.kv.len + i, &row[qd..qd + kvd], &row[qd + kvd..]);
                 }
             }
             // Attention: tasks over (sequence, KV head, block of query tokens).
@@ -412,11 +394,18 @@ impl Model {
             let qkv_ref = &qkv;
             let starts_ref = &starts;
             let tokpos = &tok_pos;
+            let layer_kv = pool.layer(li);
             self.pool.run(tasks.len(), &|ti| {
                 let (si, g, b0, b1) = tasks[ti];
                 let s = &batch_ref[si];
-                let slot = s.kv.slot(li, g);
-                let (keys, values) = (&s.kv.k[slot], &s.kv.v[slot]);
+                let paged = ops::PagedKv {
+                    layer: layer_kv,
+                    blocks: &s.kv.blocks,
+                    block_size: layout.block_size,
+                    block_floats: layout.block_floats(),
+                    k_off: layout.k_offset(g),
+                    v_off: layout.v_offset(g),
+                };
                 let first = starts_ref[si] + b0;
                 let n_keys_first = tokpos[first] + 1;
                 let mut scores = vec![0f32; n_keys_first + (b1 - b0)];
@@ -435,9 +424,7 @@ impl Model {
                         qkv_rows,
                         n_q,
                         hd,
-                        keys,
-                        values,
-                        hd,
+                        &paged,
                         n_keys_first,
                         scale,
                         &mut scores,

@@ -55,6 +55,9 @@ pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
+    // Below -87.3 the result is under f32's normal range: flush to zero
+    // (with a select, which vectorises).
+    let underflow = x < -87.3;
     let x = x.clamp(-87.3, 88.0);
     // Round to nearest with the 1.5·2^23 trick: no libm call, vectorises.
     const MAGIC: f32 = 12_582_912.0;
@@ -70,7 +73,12 @@ pub fn exp(x: f32) -> f32 {
     p = p.mul_add(r, 1.0);
     p = p.mul_add(r, 1.0);
     let bits = ((n as i32 + 127) as u32) << 23;
-    p * f32::from_bits(bits)
+    let y = p * f32::from_bits(bits);
+    if underflow {
+        0.0
+    } else {
+        y
+    }
 }
 
 /// RMSNorm as Hugging Face computes it: `w * (x * rsqrt(mean(x²) + eps))`.
@@ -108,36 +116,6 @@ pub fn softmax(s: &mut [f32]) {
     let inv = 1.0 / sum;
     for v in s.iter_mut() {
         *v *= inv;
-    }
-}
-
-/// One query head's causal attention over `n_keys` keys and values, each a
-/// row of `head_dim` floats starting at `keys[j * stride]`.
-///
-/// `scores` is scratch of at least `n_keys`; `out` receives `head_dim` values.
-#[inline(always)]
-pub fn attend(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    stride: usize,
-    n_keys: usize,
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    let hd = q.len();
-    let scores = &mut scores[..n_keys];
-    for (j, s) in scores.iter_mut().enumerate() {
-        *s = dot(q, &keys[j * stride..j * stride + hd]) * scale;
-    }
-    softmax(scores);
-    out.fill(0.0);
-    for (j, &p) in scores.iter().enumerate() {
-        let v = &values[j * stride..j * stride + hd];
-        for (o, vi) in out.iter_mut().zip(v) {
-            *o = p.mul_add(*vi, *o);
-        }
     }
 }
 
@@ -180,27 +158,76 @@ macro_rules! multiversion {
     };
 }
 
+/// Where one sequence's keys and values sit in one layer of the paged pool
+/// (see `kv` for the block layout).
+#[derive(Clone, Copy)]
+pub struct PagedKv<'a> {
+    /// The layer's whole block array.
+    pub layer: &'a [f32],
+    pub blocks: &'a [u32],
+    pub block_size: usize,
+    pub block_floats: usize,
+    /// Offsets of this KV head's K (`[dim][slot]`) and V (`[slot][dim]`) inside a block.
+    pub k_off: usize,
+    pub v_off: usize,
+}
+
+/// One query head's attention over the first `n_keys` keys of a paged sequence.
+///
+/// Each score is one sequential FMA chain over the head dimensions, scaled
+/// once; the weighted sum of values runs over keys in order. `scores` is
+/// scratch of at least `n_keys`.
+#[inline(always)]
+pub fn attend_paged(q: &[f32], kv: &PagedKv<'_>, n_keys: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    let hd = q.len();
+    let bs = kv.block_size;
+    let scores = &mut scores[..n_keys];
+    for (bi, s) in scores.chunks_mut(bs).enumerate() {
+        let base = kv.blocks[bi] as usize * kv.block_floats + kv.k_off;
+        let kblk = &kv.layer[base..base + hd * bs];
+        s.fill(0.0);
+        for (d, &qd) in q.iter().enumerate() {
+            let row = &kblk[d * bs..d * bs + s.len()];
+            for (si, ki) in s.iter_mut().zip(row) {
+                *si = qd.mul_add(*ki, *si);
+            }
+        }
+        for si in s.iter_mut() {
+            *si *= scale;
+        }
+    }
+    softmax(scores);
+    out.fill(0.0);
+    for (bi, ps) in scores.chunks(bs).enumerate() {
+        let base = kv.blocks[bi] as usize * kv.block_floats + kv.v_off;
+        for (slot, &p) in ps.iter().enumerate() {
+            let v = &kv.layer[base + slot * hd..base + (slot + 1) * hd];
+            for (o, vi) in out.iter_mut().zip(v) {
+                *o = p.mul_add(*vi, *o);
+            }
+        }
+    }
+}
+
 multiversion! {
-    /// [`attend`] for every query row of one KV head group; see the forward pass.
+    /// [`attend_paged`] for `n_q` consecutive query tokens of one sequence and
+    /// one query head; query `i` sees `n_keys_first + i` keys (causal).
     pub fn attend_many(
         qs: &[f32],
         q_stride: usize,
         n_q: usize,
         head_dim: usize,
-        keys: &[f32],
-        values: &[f32],
-        kv_stride: usize,
+        kv: &PagedKv<'_>,
         n_keys_first: usize,
         scale: f32,
         scores: &mut [f32],
         out: &mut [f32],
         out_stride: usize,
     ) {
-        // Query i attends to keys 0..n_keys_first + i (causal).
         for i in 0..n_q {
             let q = &qs[i * q_stride..i * q_stride + head_dim];
             let o = &mut out[i * out_stride..i * out_stride + head_dim];
-            attend(q, keys, values, kv_stride, n_keys_first + i, scale, scores, o);
+            attend_paged(q, kv, n_keys_first + i, scale, scores, o);
         }
     }
 }
@@ -239,7 +266,8 @@ mod tests {
         }
         assert!(worst < 4e-7, "worst relative error {worst}");
         assert_eq!(exp(0.0), 1.0);
-        assert!(exp(-200.0) >= 0.0 && exp(-200.0) < 1e-37);
+        assert_eq!(exp(-200.0), 0.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 
 use serde_json::Value;
 use tandem_engine::generate::GenerateRequest;
+use tandem_engine::kv::SeqKv;
 use tandem_engine::model::{Logits, Model, SeqStep};
 use tandem_engine::sampler::{argmax, SamplingParams};
 use tandem_engine::EngineError;
@@ -42,9 +43,10 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 fn prompt_logits(m: &Model, prompt: &[u32]) -> Vec<f32> {
-    let mut kv = m.new_seq(prompt.len());
+    let mut pool = m.pool_for_tokens(prompt.len(), 16);
+    let mut kv = SeqKv::default();
     let mut step = [SeqStep { kv: &mut kv, tokens: prompt, logits: Logits::Last }];
-    m.forward(&mut step).unwrap().pop().unwrap()
+    m.forward(&mut pool, &mut step).unwrap().pop().unwrap()
 }
 
 /// Logit tolerance against the float32 reference. The reference dequantises
@@ -126,29 +128,34 @@ fn batching_and_chunking_do_not_change_bits() {
     let prompts: Vec<Vec<u32>> = (0..4).map(|s| (0..(5 + 9 * s)).map(|i| 50 + ((i * 131 + s * 17) % 4000) as u32).collect()).collect();
     let alone: Vec<Vec<f32>> = prompts.iter().map(|p| prompt_logits(m, p)).collect();
     // All prompts in one forward call.
-    let mut kvs: Vec<_> = prompts.iter().map(|p| m.new_seq(p.len())).collect();
+    let mut pool = m.pool_for_tokens(200, 16);
+    let mut kvs: Vec<SeqKv> = prompts.iter().map(|_| SeqKv::default()).collect();
     let mut steps: Vec<SeqStep<'_>> = kvs
         .iter_mut()
         .zip(&prompts)
         .map(|(kv, p)| SeqStep { kv, tokens: p, logits: Logits::Last })
         .collect();
-    let together = m.forward(&mut steps).unwrap();
+    let together = m.forward(&mut pool, &mut steps).unwrap();
+    drop(steps);
+    for kv in kvs.iter_mut() {
+        pool.free_seq(kv);
+    }
     for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
         assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "prompt {i} changed when batched");
     }
     // The longest prompt in uneven chunks.
     let p = &prompts[3];
-    let mut kv = m.new_seq(p.len());
+    let mut kv = SeqKv::default();
     let mut last = Vec::new();
     for chunk in [&p[..3], &p[3..4], &p[4..20], &p[20..]] {
         let mut step = [SeqStep { kv: &mut kv, tokens: chunk, logits: Logits::Last }];
-        last = m.forward(&mut step).unwrap().pop().unwrap();
+        last = m.forward(&mut pool, &mut step).unwrap().pop().unwrap();
     }
     assert!(last.iter().zip(&alone[3]).all(|(x, y)| x.to_bits() == y.to_bits()), "chunked prefill changed the logits");
     // Decoding token by token equals scoring the whole sequence at once.
     let next = argmax(&alone[3]);
     let mut step = [SeqStep { kv: &mut kv, tokens: &[next], logits: Logits::Last }];
-    let stepwise = m.forward(&mut step).unwrap().pop().unwrap();
+    let stepwise = m.forward(&mut pool, &mut step).unwrap().pop().unwrap();
     let mut whole = p.clone();
     whole.push(next);
     let direct = prompt_logits(m, &whole);
@@ -188,10 +195,19 @@ fn bad_requests_are_clear_errors() {
     let req = GenerateRequest { prompt: vec![], params: SamplingParams::greedy(), max_tokens: Some(4), stop_tokens: vec![] };
     assert!(matches!(m.generate(&req, |_| true).unwrap_err(), EngineError::EmptyPrompt));
 
-    let mut kv = m.new_seq(4);
+    let mut pool = m.pool_for_tokens(4, 16);
+    let mut kv = SeqKv::default();
     let bad = [m.config.vocab_size as u32 + 5];
     let mut step = [SeqStep { kv: &mut kv, tokens: &bad, logits: Logits::Last }];
-    let e = m.forward(&mut step).unwrap_err();
+    let e = m.forward(&mut pool, &mut step).unwrap_err();
     assert!(matches!(e, EngineError::BadToken { .. }), "{e}");
     assert_eq!(kv.len(), 0, "a rejected step must not touch the cache");
+    assert_eq!(pool.free_blocks(), pool.n_blocks(), "nor reserve blocks");
+    // A step that does not fit the pool is refused whole.
+    let mut kv = SeqKv::default();
+    let long = vec![7u32; 17];
+    let mut step = [SeqStep { kv: &mut kv, tokens: &long, logits: Logits::Last }];
+    let e = m.forward(&mut pool, &mut step).unwrap_err();
+    assert!(matches!(e, EngineError::OutOfBlocks { .. }), "{e}");
+    assert_eq!(pool.free_blocks(), pool.n_blocks());
 }

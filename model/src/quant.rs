@@ -111,6 +111,7 @@ impl GgmlType {
     /// Bytes needed for `n` elements; errors when `n` is not a whole number of blocks.
     pub fn bytes_for(self, n: usize) -> Result<usize> {
         let be = self.block_elems();
+        #[allow(clippy::manual_is_multiple_of)] // is_multiple_of needs Rust 1.87; MSRV is 1.85
         if n % be != 0 {
             return Err(ModelError::Other(format!(
                 "{} elements is not a multiple of the {} block size {}",
@@ -194,7 +195,11 @@ fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
 
 /// Calls `f` for each sub-block of one row of a quantised type, in order.
 /// `row` must hold whole blocks. Errors on float types.
-pub fn for_each_subblock(ty: GgmlType, row: &[u8], mut f: impl FnMut(&AffineSubBlock)) -> Result<()> {
+pub fn for_each_subblock(
+    ty: GgmlType,
+    row: &[u8],
+    mut f: impl FnMut(&AffineSubBlock),
+) -> Result<()> {
     if ty.is_float() {
         return Err(ModelError::Other(format!(
             "for_each_subblock: {} is a float type, not a quantised one",
@@ -202,6 +207,7 @@ pub fn for_each_subblock(ty: GgmlType, row: &[u8], mut f: impl FnMut(&AffineSubB
         )));
     }
     let bb = ty.block_bytes();
+    #[allow(clippy::manual_is_multiple_of)] // is_multiple_of needs Rust 1.87; MSRV is 1.85
     if row.len() % bb != 0 {
         return Err(ModelError::Other(format!(
             "{} row of {} bytes is not a whole number of {}-byte blocks",
@@ -210,7 +216,12 @@ pub fn for_each_subblock(ty: GgmlType, row: &[u8], mut f: impl FnMut(&AffineSubB
             bb
         )));
     }
-    let mut sb = AffineSubBlock { scale: 0.0, offset: -0.0, len: 32, q: [0; 32] };
+    let mut sb = AffineSubBlock {
+        scale: 0.0,
+        offset: -0.0,
+        len: 32,
+        q: [0; 32],
+    };
     for b in row.chunks_exact(bb) {
         match ty {
             GgmlType::Q4_0 | GgmlType::Q4_1 => {
@@ -269,8 +280,8 @@ pub fn for_each_subblock(ty: GgmlType, row: &[u8], mut f: impl FnMut(&AffineSubB
                 let d = f16_at(b, 208);
                 sb.offset = -0.0;
                 sb.len = 16;
-                for s in 0..16 {
-                    sb.scale = d * (scales[s] as i8) as f32;
+                for (s, &sc) in scales.iter().enumerate() {
+                    sb.scale = d * (sc as i8) as f32;
                     for l in 0..16 {
                         let e = s * 16 + l;
                         let (h, r) = (e / 128, e % 128);
@@ -281,7 +292,9 @@ pub fn for_each_subblock(ty: GgmlType, row: &[u8], mut f: impl FnMut(&AffineSubB
                     f(&sb);
                 }
             }
-            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("float types rejected above"),
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+                unreachable!("float types rejected above")
+            }
         }
     }
     Ok(())
@@ -353,7 +366,8 @@ mod tests {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../fixtures/quant")
             .join(format!("{}.json", ty.name()));
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["type"].as_str(), Some(ty.name()));
         assert_eq!(v["ggml_type"].as_u64(), Some(ty.id() as u64));
@@ -376,7 +390,13 @@ mod tests {
             let mut out = vec![f32::NAN; bits.len()];
             dequantize_row(ty, &bytes, &mut out).unwrap();
             for (i, (o, &b)) in out.iter().zip(&bits).enumerate() {
-                assert_eq!(o.to_bits(), b, "{} element {i}: got {o:?}, gguf-py {:?}", ty.name(), f32::from_bits(b));
+                assert_eq!(
+                    o.to_bits(),
+                    b,
+                    "{} element {i}: got {o:?}, gguf-py {:?}",
+                    ty.name(),
+                    f32::from_bits(b)
+                );
             }
         }
     }
@@ -453,7 +473,10 @@ mod tests {
     fn ids_round_trip_and_unknown_names() {
         for ty in ALL {
             assert_eq!(GgmlType::from_id(ty.id()).unwrap(), ty);
-            assert_eq!(ty.bytes_for(ty.block_elems() * 3).unwrap(), ty.block_bytes() * 3);
+            assert_eq!(
+                ty.bytes_for(ty.block_elems() * 3).unwrap(),
+                ty.block_bytes() * 3
+            );
         }
         let e = GgmlType::from_id(6).unwrap_err().to_string();
         assert!(e.contains("Q5_0"), "{e}");

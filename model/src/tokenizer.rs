@@ -22,7 +22,9 @@ use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::decoders::strip::Strip;
 use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{Vocab, BPE};
-use tokenizers::normalizers::{NormalizerWrapper, Prepend, Replace, Sequence as NormalizerSequence};
+use tokenizers::normalizers::{
+    NormalizerWrapper, Prepend, Replace, Sequence as NormalizerSequence,
+};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
@@ -59,7 +61,8 @@ const END_OF_TURN_TOKENS: &[&str] = &[
 /// GPT-2's pre-tokenizer regex (what `ByteLevel { use_regex: true }` applies).
 /// Kept for reference in docs/tests; `ByteLevel` embeds the same pattern.
 #[allow(dead_code)]
-const REGEX_GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+const REGEX_GPT2: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 /// Llama 3 (tiktoken cl100k-style) pre-tokenizer regex.
 const REGEX_LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2: like Llama 3 but every digit is its own pre-token.
@@ -129,14 +132,26 @@ fn meta_int(v: &MetaValue) -> Option<i64> {
 fn meta_str<'a>(md: &'a BTreeMap<String, MetaValue>, key: &str) -> Result<Option<&'a str>> {
     match md.get(key) {
         None => Ok(None),
-        Some(v) => v.as_str().map(Some).ok_or_else(|| ModelError::MetadataType { key: key.into(), expected: "string" }),
+        Some(v) => v
+            .as_str()
+            .map(Some)
+            .ok_or_else(|| ModelError::MetadataType {
+                key: key.into(),
+                expected: "string",
+            }),
     }
 }
 
 fn meta_bool(md: &BTreeMap<String, MetaValue>, key: &str) -> Result<Option<bool>> {
     match md.get(key) {
         None => Ok(None),
-        Some(v) => v.as_bool().map(Some).ok_or_else(|| ModelError::MetadataType { key: key.into(), expected: "bool" }),
+        Some(v) => v
+            .as_bool()
+            .map(Some)
+            .ok_or_else(|| ModelError::MetadataType {
+                key: key.into(),
+                expected: "bool",
+            }),
     }
 }
 
@@ -147,24 +162,41 @@ fn meta_u32(md: &BTreeMap<String, MetaValue>, key: &str) -> Result<Option<u32>> 
             .as_u64()
             .and_then(|x| u32::try_from(x).ok())
             .map(Some)
-            .ok_or_else(|| ModelError::MetadataType { key: key.into(), expected: "unsigned integer" }),
+            .ok_or_else(|| ModelError::MetadataType {
+                key: key.into(),
+                expected: "unsigned integer",
+            }),
     }
 }
 
-fn meta_array<'a>(md: &'a BTreeMap<String, MetaValue>, key: &str) -> Result<Option<&'a [MetaValue]>> {
+fn meta_array<'a>(
+    md: &'a BTreeMap<String, MetaValue>,
+    key: &str,
+) -> Result<Option<&'a [MetaValue]>> {
     match md.get(key) {
         None => Ok(None),
-        Some(v) => v.as_array().map(Some).ok_or_else(|| ModelError::MetadataType { key: key.into(), expected: "array" }),
+        Some(v) => v
+            .as_array()
+            .map(Some)
+            .ok_or_else(|| ModelError::MetadataType {
+                key: key.into(),
+                expected: "array",
+            }),
     }
 }
 
 fn meta_str_array(md: &BTreeMap<String, MetaValue>, key: &str) -> Result<Option<Vec<String>>> {
-    let Some(arr) = meta_array(md, key)? else { return Ok(None) };
+    let Some(arr) = meta_array(md, key)? else {
+        return Ok(None);
+    };
     arr.iter()
         .map(|v| v.as_str().map(str::to_owned))
         .collect::<Option<Vec<_>>>()
         .map(Some)
-        .ok_or_else(|| ModelError::MetadataType { key: key.into(), expected: "array of strings" })
+        .ok_or_else(|| ModelError::MetadataType {
+            key: key.into(),
+            expected: "array of strings",
+        })
 }
 
 // ---------------------------------------------------------------------------
@@ -173,7 +205,10 @@ fn meta_str_array(md: &BTreeMap<String, MetaValue>, key: &str) -> Result<Option<
 
 /// GPT-2's byte → printable char table (the one `ByteLevel` uses), inverted.
 fn byte_level_char_to_byte() -> std::collections::HashMap<char, u8> {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut cs = bs.clone();
     let mut n = 0;
     for b in 0..=255u32 {
@@ -218,32 +253,51 @@ fn gpt2_pre_tokenizer(pre: &str) -> Result<(PreTokenizerWrapper, bool)> {
     let byte_level_plain = || PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false));
     let split = |re: &str| -> Result<PreTokenizerWrapper> {
         Ok(PreTokenizerWrapper::Split(
-            Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false).map_err(tok_err)?,
+            Split::new(
+                SplitPattern::Regex(re.to_string()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(tok_err)?,
         ))
     };
     let regex_then_bytes = |re: &str| -> Result<PreTokenizerWrapper> {
-        Ok(PreTokenizerWrapper::Sequence(PreTokenizerSequence::new(vec![split(re)?, byte_level_plain()])))
+        Ok(PreTokenizerWrapper::Sequence(PreTokenizerSequence::new(
+            vec![split(re)?, byte_level_plain()],
+        )))
     };
     Ok(match pre {
         // Plain GPT-2 regex.
-        "default" | "gpt2" | "gpt-2" | "" => (PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)), false),
-        // tiktoken-style (Llama 3 and friends).
-        "llama3" | "llama-bpe" | "llama-v3" | "dbrx" | "smaug-bpe" | "falcon3" | "pixtral" | "llama4" => {
-            (regex_then_bytes(REGEX_LLAMA3)?, true)
-        }
-        "qwen2" | "deepseek-r1-qwen" | "stablelm2" | "megrez" | "hunyuan" => (regex_then_bytes(REGEX_QWEN2)?, false),
-        "gpt-4o" | "o200k" => (regex_then_bytes(REGEX_GPT4O)?, false),
-        // Digits first split one by one, then the GPT-2 regex.
-        "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" | "exaone" | "minerva-7b" => (
-            PreTokenizerWrapper::Sequence(PreTokenizerSequence::new(vec![
-                split(r"\p{N}")?,
-                PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
-            ])),
+        "default" | "gpt2" | "gpt-2" | "" => (
+            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
             false,
         ),
+        // tiktoken-style (Llama 3 and friends).
+        "llama3" | "llama-bpe" | "llama-v3" | "dbrx" | "smaug-bpe" | "falcon3" | "pixtral"
+        | "llama4" => (regex_then_bytes(REGEX_LLAMA3)?, true),
+        "qwen2" | "deepseek-r1-qwen" | "stablelm2" | "megrez" | "hunyuan" => {
+            (regex_then_bytes(REGEX_QWEN2)?, false)
+        }
+        "gpt-4o" | "o200k" => (regex_then_bytes(REGEX_GPT4O)?, false),
+        // Digits first split one by one, then the GPT-2 regex.
+        "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" | "exaone" | "minerva-7b" => {
+            (
+                PreTokenizerWrapper::Sequence(PreTokenizerSequence::new(vec![
+                    split(r"\p{N}")?,
+                    PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
+                ])),
+                false,
+            )
+        }
         other => {
-            tracing::warn!(pre = other, "unknown tokenizer.ggml.pre; using the GPT-2 pre-tokenizer");
-            (PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)), false)
+            tracing::warn!(
+                pre = other,
+                "unknown tokenizer.ggml.pre; using the GPT-2 pre-tokenizer"
+            );
+            (
+                PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
+                false,
+            )
         }
     })
 }
@@ -262,7 +316,9 @@ impl Tokenizer {
         let tokens = meta_str_array(md, "tokenizer.ggml.tokens")?
             .ok_or_else(|| ModelError::MissingMetadata("tokenizer.ggml.tokens".into()))?;
         if tokens.is_empty() {
-            return Err(ModelError::Tokenizer("tokenizer.ggml.tokens is empty".into()));
+            return Err(ModelError::Tokenizer(
+                "tokenizer.ggml.tokens is empty".into(),
+            ));
         }
         if tokens.len() > u32::MAX as usize {
             return Err(ModelError::Tokenizer("vocabulary too large".into()));
@@ -270,10 +326,14 @@ impl Tokenizer {
         let types: Vec<i64> = match meta_array(md, "tokenizer.ggml.token_type")? {
             None => vec![TOKEN_TYPE_NORMAL; tokens.len()],
             Some(arr) => {
-                let t = arr.iter().map(meta_int).collect::<Option<Vec<_>>>().ok_or_else(|| ModelError::MetadataType {
-                    key: "tokenizer.ggml.token_type".into(),
-                    expected: "array of integers",
-                })?;
+                let t = arr
+                    .iter()
+                    .map(meta_int)
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| ModelError::MetadataType {
+                        key: "tokenizer.ggml.token_type".into(),
+                        expected: "array of integers",
+                    })?;
                 if t.len() != tokens.len() {
                     return Err(ModelError::Tokenizer(format!(
                         "tokenizer.ggml.token_type has {} entries but there are {} tokens",
@@ -287,9 +347,9 @@ impl Tokenizer {
         let n = tokens.len() as u32;
         let check_id = |key: &str| -> Result<Option<u32>> {
             match meta_u32(md, key)? {
-                Some(id) if id >= n => {
-                    Err(ModelError::Tokenizer(format!("{key} = {id} is outside the vocabulary of {n} tokens")))
-                }
+                Some(id) if id >= n => Err(ModelError::Tokenizer(format!(
+                    "{key} = {id} is outside the vocabulary of {n} tokens"
+                ))),
                 other => Ok(other),
             }
         };
@@ -310,7 +370,10 @@ impl Tokenizer {
             }
         }
         if duplicates > 0 {
-            tracing::warn!(duplicates, "GGUF vocabulary repeats token strings; later copies are unreachable");
+            tracing::warn!(
+                duplicates,
+                "GGUF vocabulary repeats token strings; later copies are unreachable"
+            );
         }
 
         let (mut inner, style, add_bos_default, strip_leading_space) = match model {
@@ -322,7 +385,9 @@ impl Tokenizer {
                 for m in &merges_raw {
                     match m.split_once(' ') {
                         Some((a, b))
-                            if vocab.contains_key(a) && vocab.contains_key(b) && vocab.contains_key(&format!("{a}{b}")) =>
+                            if vocab.contains_key(a)
+                                && vocab.contains_key(b)
+                                && vocab.contains_key(&format!("{a}{b}")) =>
                         {
                             merges.push((a.to_string(), b.to_string()))
                         }
@@ -330,7 +395,10 @@ impl Tokenizer {
                     }
                 }
                 if skipped > 0 {
-                    tracing::warn!(skipped, "ignored GGUF merges whose pieces are not in the vocabulary");
+                    tracing::warn!(
+                        skipped,
+                        "ignored GGUF merges whose pieces are not in the vocabulary"
+                    );
                 }
                 let pre = meta_str(md, "tokenizer.ggml.pre")?.unwrap_or("default");
                 let (pre_tok, ignore_merges) = gpt2_pre_tokenizer(pre)?;
@@ -347,9 +415,14 @@ impl Tokenizer {
             "llama" => {
                 let scores: Vec<f32> = match meta_array(md, "tokenizer.ggml.scores")? {
                     Some(arr) => {
-                        let s = arr.iter().map(|v| v.as_f64().map(|x| x as f32)).collect::<Option<Vec<_>>>().ok_or_else(
-                            || ModelError::MetadataType { key: "tokenizer.ggml.scores".into(), expected: "array of floats" },
-                        )?;
+                        let s = arr
+                            .iter()
+                            .map(|v| v.as_f64().map(|x| x as f32))
+                            .collect::<Option<Vec<_>>>()
+                            .ok_or_else(|| ModelError::MetadataType {
+                                key: "tokenizer.ggml.scores".into(),
+                                expected: "array of floats",
+                            })?;
                         if s.len() != tokens.len() {
                             return Err(ModelError::Tokenizer(format!(
                                 "tokenizer.ggml.scores has {} entries but there are {} tokens",
@@ -364,21 +437,33 @@ impl Tokenizer {
                 };
                 let merges = sentencepiece_merges(&tokens, &types, &scores, &vocab);
                 let has_bytes = tokens.iter().any(|t| parse_byte_token(t).is_some());
-                let unk_id = unk.or_else(|| types.iter().position(|&t| t == TOKEN_TYPE_UNKNOWN).map(|i| i as u32));
-                let mut builder =
-                    BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(has_bytes).fuse_unk(true);
+                let unk_id = unk.or_else(|| {
+                    types
+                        .iter()
+                        .position(|&t| t == TOKEN_TYPE_UNKNOWN)
+                        .map(|i| i as u32)
+                });
+                let mut builder = BPE::builder()
+                    .vocab_and_merges(vocab, merges)
+                    .byte_fallback(has_bytes)
+                    .fuse_unk(true);
                 if let Some(u) = unk_id {
                     builder = builder.unk_token(tokens[u as usize].clone());
                 }
                 let bpe = builder.build().map_err(tok_err)?;
-                let add_space_prefix = meta_bool(md, "tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+                let add_space_prefix =
+                    meta_bool(md, "tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
                 let mut norm = Vec::new();
                 if add_space_prefix {
                     norm.push(NormalizerWrapper::Prepend(Prepend::new("▁".into())));
                 }
-                norm.push(NormalizerWrapper::Replace(Replace::new(" ", "▁").map_err(tok_err)?));
+                norm.push(NormalizerWrapper::Replace(
+                    Replace::new(" ", "▁").map_err(tok_err)?,
+                ));
                 let mut t = tokenizers::Tokenizer::new(bpe);
-                t.with_normalizer(Some(NormalizerWrapper::Sequence(NormalizerSequence::new(norm))));
+                t.with_normalizer(Some(NormalizerWrapper::Sequence(NormalizerSequence::new(
+                    norm,
+                ))));
                 t.with_decoder(Some(sentencepiece_decoder(add_space_prefix)?));
                 (t, DecodeStyle::SentencePiece, true, add_space_prefix)
             }
@@ -395,14 +480,17 @@ impl Tokenizer {
         let mut specials = Vec::new();
         let mut user = Vec::new();
         let mut seen = HashSet::new();
-        for (i, (t, &ty)) in tokens.iter().zip(&types).enumerate() {
+        for (t, &ty) in tokens.iter().zip(&types) {
             if t.is_empty() || !seen.insert(t.as_str()) {
                 continue;
             }
-            let _ = i;
             match ty {
-                TOKEN_TYPE_CONTROL | TOKEN_TYPE_UNKNOWN => specials.push(AddedToken::from(t.clone(), true).normalized(false)),
-                TOKEN_TYPE_USER_DEFINED => user.push(AddedToken::from(t.clone(), false).normalized(false)),
+                TOKEN_TYPE_CONTROL | TOKEN_TYPE_UNKNOWN => {
+                    specials.push(AddedToken::from(t.clone(), true).normalized(false))
+                }
+                TOKEN_TYPE_USER_DEFINED => {
+                    user.push(AddedToken::from(t.clone(), false).normalized(false))
+                }
                 _ => {}
             }
         }
@@ -416,7 +504,7 @@ impl Tokenizer {
             }
         }
         for name in END_OF_TURN_TOKENS {
-            if let Some(&id) = tokens.iter().position(|t| t == name).map(|i| i as u32).as_ref() {
+            if let Some(id) = tokens.iter().position(|t| t == name).map(|i| i as u32) {
                 if types[id as usize] == TOKEN_TYPE_CONTROL && !eos.contains(&id) {
                     eos.push(id);
                 }
@@ -472,11 +560,19 @@ impl Tokenizer {
                     Some(b) => vec![b],
                     None => token.replace('▁', " ").into_bytes(),
                 },
-                DecodeStyle::Other => inner.decode(&[id], false).map(String::into_bytes).unwrap_or_default(),
+                DecodeStyle::Other => inner
+                    .decode(&[id], false)
+                    .map(String::into_bytes)
+                    .unwrap_or_default(),
             };
             pieces[id as usize] = Some(bytes);
         }
-        let special = inner.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(id, _)| id).collect();
+        let special = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
         Self {
             inner,
             bos,
@@ -496,7 +592,10 @@ impl Tokenizer {
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let tj = dir.join("tokenizer.json");
         if !tj.is_file() {
-            return Err(ModelError::Tokenizer(format!("{}: no tokenizer.json", dir.display())));
+            return Err(ModelError::Tokenizer(format!(
+                "{}: no tokenizer.json",
+                dir.display()
+            )));
         }
         let inner = tokenizers::Tokenizer::from_file(&tj)
             .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", tj.display())))?;
@@ -514,10 +613,15 @@ impl Tokenizer {
         };
         let ids_of = |v: Option<&serde_json::Value>| -> Vec<u32> {
             match v {
-                Some(serde_json::Value::Number(n)) => n.as_u64().and_then(|x| u32::try_from(x).ok()).into_iter().collect(),
-                Some(serde_json::Value::Array(a)) => {
-                    a.iter().filter_map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok())).collect()
-                }
+                Some(serde_json::Value::Number(n)) => n
+                    .as_u64()
+                    .and_then(|x| u32::try_from(x).ok())
+                    .into_iter()
+                    .collect(),
+                Some(serde_json::Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok()))
+                    .collect(),
                 _ => Vec::new(),
             }
         };
@@ -533,7 +637,7 @@ impl Tokenizer {
         }
         let mut eos_token = token_text(cfg("eos_token"));
         let mut eos: Vec<u32> = Vec::new();
-        let mut push = |id: u32, eos: &mut Vec<u32>| {
+        let push = |id: u32, eos: &mut Vec<u32>| {
             if !eos.contains(&id) {
                 eos.push(id)
             }
@@ -559,17 +663,24 @@ impl Tokenizer {
         let add_bos = match cfg("add_bos_token").and_then(|v| v.as_bool()) {
             Some(b) => b,
             None => match bos {
-                Some(b) => inner.encode("", true).map(|e| e.get_ids().first() == Some(&b)).unwrap_or(false),
+                Some(b) => inner
+                    .encode("", true)
+                    .map(|e| e.get_ids().first() == Some(&b))
+                    .unwrap_or(false),
                 None => false,
             },
         };
-        let add_eos = cfg("add_eos_token").and_then(|v| v.as_bool()).unwrap_or(false);
+        let add_eos = cfg("add_eos_token")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
 
         let chat_template = match std::fs::read_to_string(dir.join("chat_template.jinja")) {
             Ok(s) => Some(s),
             Err(_) => {
-                let from_json = read_json_opt(&dir.join("chat_template.json"))?
-                    .and_then(|v| v.get("chat_template").and_then(|t| t.as_str().map(str::to_owned)));
+                let from_json = read_json_opt(&dir.join("chat_template.json"))?.and_then(|v| {
+                    v.get("chat_template")
+                        .and_then(|t| t.as_str().map(str::to_owned))
+                });
                 from_json.or_else(|| match cfg("chat_template") {
                     Some(serde_json::Value::String(s)) => Some(s.clone()),
                     // A list of named templates: take "default", else the first.
@@ -586,7 +697,18 @@ impl Tokenizer {
         };
 
         let (style, strip) = hf_decode_style(&inner);
-        Ok(Self::assemble(inner, style, bos, eos, add_bos, add_eos, chat_template, bos_token, eos_token, strip))
+        Ok(Self::assemble(
+            inner,
+            style,
+            bos,
+            eos,
+            add_bos,
+            add_eos,
+            chat_template,
+            bos_token,
+            eos_token,
+            strip,
+        ))
     }
 
     /// Encodes text; `add_special` adds BOS when the model asks for it.
@@ -659,7 +781,12 @@ impl Tokenizer {
     }
     /// The whole vocabulary sorted by id (the fingerprint hashes it).
     pub fn vocab_sorted(&self) -> Vec<(u32, String)> {
-        let mut v: Vec<(u32, String)> = self.inner.get_vocab(true).into_iter().map(|(s, i)| (i, s)).collect();
+        let mut v: Vec<(u32, String)> = self
+            .inner
+            .get_vocab(true)
+            .into_iter()
+            .map(|(s, i)| (i, s))
+            .collect();
         v.sort();
         v
     }
@@ -674,7 +801,12 @@ impl Tokenizer {
 /// over these merges reproduces SentencePiece-BPE/llama.cpp's greedy
 /// "merge the best-scoring pair" loop (this is also how Hugging Face converts
 /// such vocabularies).
-fn sentencepiece_merges(tokens: &[String], types: &[i64], scores: &[f32], vocab: &Vocab) -> Vec<(String, String)> {
+fn sentencepiece_merges(
+    tokens: &[String],
+    types: &[i64],
+    scores: &[f32],
+    vocab: &Vocab,
+) -> Vec<(String, String)> {
     let mut cands: Vec<(f32, u32, u32, u32)> = Vec::new();
     for (i, (t, &ty)) in tokens.iter().zip(types).enumerate() {
         if ty != TOKEN_TYPE_NORMAL || vocab.get(t) != Some(&(i as u32)) {
@@ -683,7 +815,10 @@ fn sentencepiece_merges(tokens: &[String], types: &[i64], scores: &[f32], vocab:
         for (p, _) in t.char_indices().skip(1) {
             let (l, r) = t.split_at(p);
             if let (Some(&il), Some(&ir)) = (vocab.get(l), vocab.get(r)) {
-                let usable = |id: u32| types[id as usize] != TOKEN_TYPE_BYTE && types[id as usize] != TOKEN_TYPE_CONTROL;
+                let usable = |id: u32| {
+                    types[id as usize] != TOKEN_TYPE_BYTE
+                        && types[id as usize] != TOKEN_TYPE_CONTROL
+                };
                 if usable(il) && usable(ir) {
                     cands.push((scores[i], i as u32, il, ir));
                 }
@@ -691,9 +826,16 @@ fn sentencepiece_merges(tokens: &[String], types: &[i64], scores: &[f32], vocab:
         }
     }
     cands.sort_by(|a, b| {
-        b.0.partial_cmp(&a.0).unwrap_or(std::cmp::Ordering::Equal).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)).then(a.3.cmp(&b.3))
+        b.0.partial_cmp(&a.0)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.1.cmp(&b.1))
+            .then(a.2.cmp(&b.2))
+            .then(a.3.cmp(&b.3))
     });
-    cands.into_iter().map(|(_, _, l, r)| (tokens[l as usize].clone(), tokens[r as usize].clone())).collect()
+    cands
+        .into_iter()
+        .map(|(_, _, l, r)| (tokens[l as usize].clone(), tokens[r as usize].clone()))
+        .collect()
 }
 
 fn read_json_opt(path: &Path) -> Result<Option<serde_json::Value>> {
@@ -702,13 +844,18 @@ fn read_json_opt(path: &Path) -> Result<Option<serde_json::Value>> {
             .map(Some)
             .map_err(|e| ModelError::Tokenizer(format!("{}: invalid JSON: {e}", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(ModelError::Io { path: path.to_path_buf(), source: e }),
+        Err(e) => Err(ModelError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }),
     }
 }
 
 /// Reads the decoder of a `tokenizer.json` to learn how tokens map to bytes.
 fn hf_decode_style(inner: &tokenizers::Tokenizer) -> (DecodeStyle, bool) {
-    let Some(dec) = inner.get_decoder() else { return (DecodeStyle::Other, false) };
+    let Some(dec) = inner.get_decoder() else {
+        return (DecodeStyle::Other, false);
+    };
     let json = serde_json::to_value(dec).unwrap_or(serde_json::Value::Null);
     let mut parts = Vec::new();
     fn walk<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a serde_json::Value>) {
@@ -721,7 +868,12 @@ fn hf_decode_style(inner: &tokenizers::Tokenizer) -> (DecodeStyle, bool) {
         }
     }
     walk(&json, &mut parts);
-    let ty = |v: &serde_json::Value| v.get("type").and_then(|t| t.as_str()).unwrap_or("").to_string();
+    let ty = |v: &serde_json::Value| {
+        v.get("type")
+            .and_then(|t| t.as_str())
+            .unwrap_or("")
+            .to_string()
+    };
     if parts.iter().any(|p| ty(p) == "ByteLevel") {
         return (DecodeStyle::ByteLevel, false);
     }
@@ -733,27 +885,30 @@ fn hf_decode_style(inner: &tokenizers::Tokenizer) -> (DecodeStyle, bool) {
         let strip = parts.iter().any(|p| {
             let t = ty(p);
             (t == "Strip" && p.get("start").and_then(|s| s.as_u64()).unwrap_or(0) >= 1)
-                || (t == "Metaspace" && p.get("prepend_scheme").and_then(|s| s.as_str()).unwrap_or("always") != "never")
+                || (t == "Metaspace"
+                    && p.get("prepend_scheme")
+                        .and_then(|s| s.as_str())
+                        .unwrap_or("always")
+                        != "never")
         });
         return (DecodeStyle::SentencePiece, strip);
     }
     (DecodeStyle::Other, false)
 }
 
+/// Shared by the tests of this crate: a tiny SentencePiece vocabulary, the
+/// default model's tokenizer and the reference fixture.
 #[cfg(test)]
-mod tests {
+pub(crate) mod test_support {
     use super::*;
 
-    fn s(v: &str) -> MetaValue {
+    pub(crate) fn s(v: &str) -> MetaValue {
         MetaValue::String(v.into())
-    }
-    fn arr_s(v: &[&str]) -> MetaValue {
-        MetaValue::Array(v.iter().map(|x| s(x)).collect())
     }
 
     /// A tiny SentencePiece vocabulary: control tokens, 256 byte tokens and
     /// a few pieces with scores.
-    fn tiny_spm(add_space_prefix: Option<bool>) -> BTreeMap<String, MetaValue> {
+    pub(crate) fn tiny_spm(add_space_prefix: Option<bool>) -> BTreeMap<String, MetaValue> {
         let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
         let mut types = vec![TOKEN_TYPE_UNKNOWN, TOKEN_TYPE_CONTROL, TOKEN_TYPE_CONTROL];
         let mut scores = vec![0.0f32; 3];
@@ -794,9 +949,23 @@ mod tests {
         scores.push(0.0);
         let mut md = BTreeMap::new();
         md.insert("tokenizer.ggml.model".into(), s("llama"));
-        md.insert("tokenizer.ggml.tokens".into(), MetaValue::Array(tokens.iter().map(|t| s(t)).collect()));
-        md.insert("tokenizer.ggml.token_type".into(), MetaValue::Array(types.into_iter().map(|t| MetaValue::I32(t as i32)).collect()));
-        md.insert("tokenizer.ggml.scores".into(), MetaValue::Array(scores.into_iter().map(MetaValue::F32).collect()));
+        md.insert(
+            "tokenizer.ggml.tokens".into(),
+            MetaValue::Array(tokens.iter().map(|t| s(t)).collect()),
+        );
+        md.insert(
+            "tokenizer.ggml.token_type".into(),
+            MetaValue::Array(
+                types
+                    .into_iter()
+                    .map(|t| MetaValue::I32(t as i32))
+                    .collect(),
+            ),
+        );
+        md.insert(
+            "tokenizer.ggml.scores".into(),
+            MetaValue::Array(scores.into_iter().map(MetaValue::F32).collect()),
+        );
         md.insert("tokenizer.ggml.bos_token_id".into(), MetaValue::U32(1));
         md.insert("tokenizer.ggml.eos_token_id".into(), MetaValue::U32(2));
         md.insert("tokenizer.ggml.unknown_token_id".into(), MetaValue::U32(0));
@@ -806,8 +975,87 @@ mod tests {
         md
     }
 
+    /// The default model's tokenizer. Tests fail loudly when the model is
+    /// not installed (`tandem model fetch`); they never skip.
+    pub(crate) fn default_model_tokenizer() -> Tokenizer {
+        let path = crate::default_model_path();
+        assert!(
+            path.is_file(),
+            "{} not installed: run `tandem model fetch`",
+            path.display()
+        );
+        let file = GgufFile::open(&path).expect("open default model");
+        Tokenizer::from_gguf(&file).expect("tokenizer from default model")
+    }
+
+    #[derive(serde::Deserialize)]
+    pub(crate) struct FixtureCase {
+        pub text: String,
+        pub ids: Vec<u32>,
+        pub decoded: String,
+        pub decoded_skip_special: String,
+    }
+
+    /// Cases of `fixtures/tokenizer/smollm2.json` (reference/tokenizer_reference.py).
+    pub(crate) fn smollm2_cases() -> Vec<FixtureCase> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fixtures/tokenizer/smollm2.json");
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        serde_json::from_value(v["cases"].clone()).unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::*;
+    use super::*;
+
+    fn arr_s(v: &[&str]) -> MetaValue {
+        MetaValue::Array(v.iter().map(|x| s(x)).collect())
+    }
+
     fn names(t: &Tokenizer, ids: &[u32]) -> Vec<String> {
         ids.iter().map(|&i| t.id_to_token(i).unwrap()).collect()
+    }
+
+    #[test]
+    fn default_model_matches_transformers() {
+        let t = default_model_tokenizer();
+        assert_eq!(t.vocab_size(), 49152);
+        assert_eq!(t.bos_id(), Some(1));
+        assert_eq!(t.eos_ids(), &[2, 0]);
+        assert!(!t.add_bos());
+        assert_eq!(t.bos_token(), Some("<|im_start|>"));
+        assert_eq!(t.eos_token(), Some("<|im_end|>"));
+        assert!(t.chat_template().unwrap().contains("<|im_start|>"));
+        assert!(t.is_special(1) && t.is_special(2) && !t.is_special(17));
+        let cases = smollm2_cases();
+        assert!(cases.len() >= 40);
+        for c in &cases {
+            let ids = t.encode(&c.text, false).unwrap();
+            assert_eq!(ids, c.ids, "encode {:?}", c.text);
+            assert_eq!(
+                t.decode(&c.ids, false).unwrap(),
+                c.decoded,
+                "decode {:?}",
+                c.text
+            );
+            assert_eq!(
+                t.decode(&c.ids, true).unwrap(),
+                c.decoded_skip_special,
+                "decode skip {:?}",
+                c.text
+            );
+        }
+        // add_bos is false for this model, so add_special changes nothing.
+        assert_eq!(
+            t.encode("hi", true).unwrap(),
+            t.encode("hi", false).unwrap()
+        );
+        let ids = t.encode("<|im_start|>user", false).unwrap();
+        assert_eq!(ids[0], 1);
     }
 
     #[test]
@@ -824,7 +1072,10 @@ mod tests {
         assert_eq!(&with_bos[1..], &ids[..]);
         // Byte fallback: 'z' and '中' are not pieces.
         let ids = t.encode("hez中", false).unwrap();
-        assert_eq!(names(&t, &ids), ["▁", "he", "<0x7A>", "<0xE4>", "<0xB8>", "<0xAD>"]);
+        assert_eq!(
+            names(&t, &ids),
+            ["▁", "he", "<0x7A>", "<0xE4>", "<0xB8>", "<0xAD>"]
+        );
         assert_eq!(t.decode(&ids, false).unwrap(), "hez中");
         // Piece containing a multi-byte char.
         let ids = t.encode("hé", false).unwrap();
@@ -839,8 +1090,14 @@ mod tests {
         assert!(!t.is_special(ids[0]));
         assert!(t.is_special(1));
         // Token bytes.
-        assert_eq!(t.token_bytes(t.token_to_id("▁hello").unwrap()), Some(&b" hello"[..]));
-        assert_eq!(t.token_bytes(t.token_to_id("<0xE4>").unwrap()), Some(&[0xE4u8][..]));
+        assert_eq!(
+            t.token_bytes(t.token_to_id("▁hello").unwrap()),
+            Some(&b" hello"[..])
+        );
+        assert_eq!(
+            t.token_bytes(t.token_to_id("<0xE4>").unwrap()),
+            Some(&[0xE4u8][..])
+        );
         assert!(t.strips_leading_space());
         assert_eq!(t.token_bytes(100_000), None);
     }
@@ -868,9 +1125,15 @@ mod tests {
         let mut md = BTreeMap::new();
         md.insert("tokenizer.ggml.model".into(), s("gpt2"));
         md.insert("tokenizer.ggml.pre".into(), s("smollm"));
-        md.insert("tokenizer.ggml.tokens".into(), MetaValue::Array(tokens.iter().map(|t| s(t)).collect()));
+        md.insert(
+            "tokenizer.ggml.tokens".into(),
+            MetaValue::Array(tokens.iter().map(|t| s(t)).collect()),
+        );
         md.insert("tokenizer.ggml.token_type".into(), MetaValue::Array(types));
-        md.insert("tokenizer.ggml.merges".into(), arr_s(&["Ġ h", "Ġh i", "1 2", "x missing"]));
+        md.insert(
+            "tokenizer.ggml.merges".into(),
+            arr_s(&["Ġ h", "Ġh i", "1 2", "x missing"]),
+        );
         md.insert("tokenizer.ggml.eos_token_id".into(), MetaValue::U32(0));
         let t = Tokenizer::from_gguf_metadata(&md).unwrap();
         assert!(!t.add_bos());
@@ -897,18 +1160,33 @@ mod tests {
     fn bad_metadata_is_an_error() {
         let mut md = tiny_spm(None);
         md.insert("tokenizer.ggml.model".into(), s("bert"));
-        assert!(matches!(Tokenizer::from_gguf_metadata(&md), Err(ModelError::Tokenizer(_))));
+        assert!(matches!(
+            Tokenizer::from_gguf_metadata(&md),
+            Err(ModelError::Tokenizer(_))
+        ));
         let mut md = tiny_spm(None);
-        md.insert("tokenizer.ggml.bos_token_id".into(), MetaValue::U32(1_000_000));
+        md.insert(
+            "tokenizer.ggml.bos_token_id".into(),
+            MetaValue::U32(1_000_000),
+        );
         assert!(Tokenizer::from_gguf_metadata(&md).is_err());
         let mut md = tiny_spm(None);
         md.insert("tokenizer.ggml.tokens".into(), MetaValue::U32(3));
-        assert!(matches!(Tokenizer::from_gguf_metadata(&md), Err(ModelError::MetadataType { .. })));
+        assert!(matches!(
+            Tokenizer::from_gguf_metadata(&md),
+            Err(ModelError::MetadataType { .. })
+        ));
         let mut md = tiny_spm(None);
         md.remove("tokenizer.ggml.tokens");
-        assert!(matches!(Tokenizer::from_gguf_metadata(&md), Err(ModelError::MissingMetadata(_))));
+        assert!(matches!(
+            Tokenizer::from_gguf_metadata(&md),
+            Err(ModelError::MissingMetadata(_))
+        ));
         let mut md = tiny_spm(None);
-        md.insert("tokenizer.ggml.token_type".into(), MetaValue::Array(vec![MetaValue::I32(1)]));
+        md.insert(
+            "tokenizer.ggml.token_type".into(),
+            MetaValue::Array(vec![MetaValue::I32(1)]),
+        );
         assert!(Tokenizer::from_gguf_metadata(&md).is_err());
     }
 
@@ -917,14 +1195,20 @@ mod tests {
         // Save a GGUF-built tokenizer as tokenizer.json and read it back.
         let t = Tokenizer::from_gguf_metadata(&tiny_spm(None)).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        t.inner.save(dir.path().join("tokenizer.json"), false).unwrap();
+        t.inner
+            .save(dir.path().join("tokenizer.json"), false)
+            .unwrap();
         std::fs::write(
             dir.path().join("tokenizer_config.json"),
             r#"{"bos_token": {"content": "<s>"}, "eos_token": "</s>", "add_bos_token": true,
                 "chat_template": "{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}"}"#,
         )
         .unwrap();
-        std::fs::write(dir.path().join("generation_config.json"), r#"{"eos_token_id": [2, 0]}"#).unwrap();
+        std::fs::write(
+            dir.path().join("generation_config.json"),
+            r#"{"eos_token_id": [2, 0]}"#,
+        )
+        .unwrap();
         let h = Tokenizer::from_hf_dir(dir.path()).unwrap();
         assert_eq!(h.bos_id(), Some(1));
         assert_eq!(h.eos_ids(), &[2, 0]);
@@ -935,7 +1219,10 @@ mod tests {
         assert_eq!(ids, t.encode("hello world", true).unwrap());
         assert_eq!(h.decode(&ids, true).unwrap(), "hello world");
         assert!(h.strips_leading_space());
-        assert_eq!(h.token_bytes(h.token_to_id("▁world").unwrap()), Some(&b" world"[..]));
+        assert_eq!(
+            h.token_bytes(h.token_to_id("▁world").unwrap()),
+            Some(&b" world"[..])
+        );
         assert!(Tokenizer::from_hf_dir(&dir.path().join("nope")).is_err());
     }
 }

@@ -14,8 +14,9 @@
 //! a condition variable. Several worker processes share the machine's cores,
 //! so the spin is kept short: [`DEFAULT_SPIN`], or `TANDEM_POOL_SPIN_US`.
 
+use std::cell::UnsafeCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -29,39 +30,42 @@ pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 /// worker has left, so the closure outlives every use.
 #[derive(Clone, Copy)]
 struct JobPtr(*const (dyn Fn(usize) + Sync + 'static));
-// SAFETY: the pointee is `Sync` and outlives its uses (see above).
-unsafe impl Send for JobPtr {}
 
-struct State {
-    /// Incremented for every published job.
-    epoch: u64,
-    /// `Some` while the current job accepts new workers.
-    job: Option<(JobPtr, usize)>,
-    /// Workers currently inside the job.
-    active: usize,
-    /// Workers parked on `work_cv`.
-    sleepers: usize,
-    /// A worker's task panicked during the current job.
-    panicked: bool,
-    shutdown: bool,
-}
+/// `Shared::active` bit: the current job still accepts workers.
+const OPEN: usize = 1 << (usize::BITS - 1);
 
 struct Shared {
-    state: Mutex<State>,
-    work_cv: Condvar,
-    done_cv: Condvar,
-    /// Mirror of `State::epoch`, for spinning without the lock.
+    /// Incremented for every published job (and at shutdown).
     epoch: AtomicU64,
+    /// The current job and its task count. Written by `run` only while no
+    /// worker is inside a job (`active == 0`), read by workers that joined.
+    job: UnsafeCell<(JobPtr, usize)>,
+    /// [`OPEN`] while the job accepts workers, plus the number of workers inside.
+    active: AtomicUsize,
     /// Next task index to hand out.
     next: AtomicUsize,
+    panicked: AtomicBool,
+    shutdown: AtomicBool,
+    /// Parking for idle workers: `sleepers` counts those in `work_cv`.
+    sleepers: Mutex<usize>,
+    work_cv: Condvar,
     spin: Duration,
 }
+
+// SAFETY: `job` is only written while no other thread reads it (see above);
+// the closure it points to is `Sync`.
+unsafe impl Sync for Shared {}
+unsafe impl Send for Shared {}
 
 /// Runs `n_tasks` closures over exactly `threads` threads.
 pub struct ThreadPool {
     threads: usize,
     shared: Arc<Shared>,
     handles: Vec<JoinHandle<()>>,
+    /// One job at a time: a model (and its pool) may be shared by several
+    /// threads, whose `run` calls then take turns instead of racing for
+    /// the single job slot.
+    gate: Mutex<()>,
 }
 
 impl ThreadPool {
@@ -72,19 +76,16 @@ impl ThreadPool {
             .and_then(|s| s.trim().parse::<u64>().ok())
             .map(Duration::from_micros)
             .unwrap_or(DEFAULT_SPIN);
+        let noop: &'static (dyn Fn(usize) + Sync) = &|_| {};
         let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                epoch: 0,
-                job: None,
-                active: 0,
-                sleepers: 0,
-                panicked: false,
-                shutdown: false,
-            }),
-            work_cv: Condvar::new(),
-            done_cv: Condvar::new(),
             epoch: AtomicU64::new(0),
+            job: UnsafeCell::new((JobPtr(noop), 0)),
+            active: AtomicUsize::new(0),
             next: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+            sleepers: Mutex::new(0),
+            work_cv: Condvar::new(),
             spin,
         });
         let handles = (1..threads)
@@ -96,7 +97,12 @@ impl ThreadPool {
                     .expect("spawning a thread-pool worker")
             })
             .collect();
-        Self { threads, shared, handles }
+        Self {
+            threads,
+            shared,
+            handles,
+            gate: Mutex::new(()),
+        }
     }
 
     pub fn threads(&self) -> usize {
@@ -112,33 +118,44 @@ impl ThreadPool {
             }
             return;
         }
+        // A poisoned gate only means another caller's task panicked (and was re-raised there).
+        let _turn = self.gate.lock().unwrap_or_else(|p| p.into_inner());
         let sh = &*self.shared;
         // SAFETY: only the lifetime is erased; see `JobPtr`.
         let ptr: *const (dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(f as *const (dyn Fn(usize) + Sync)) };
+        // SAFETY: no worker is inside a job (the previous `run` waited for
+        // that), and none can join before `active` is opened below.
+        unsafe { *sh.job.get() = (JobPtr(ptr), n_tasks) };
+        sh.next.store(0, Ordering::Relaxed);
+        sh.panicked.store(false, Ordering::Relaxed);
+        sh.active.store(OPEN, Ordering::Release);
+        sh.epoch.fetch_add(1, Ordering::Release);
         {
-            let mut st = sh.state.lock().unwrap();
-            sh.next.store(0, Ordering::Relaxed);
-            st.epoch += 1;
-            st.job = Some((JobPtr(ptr), n_tasks));
-            st.panicked = false;
-            sh.epoch.store(st.epoch, Ordering::Release);
-            if st.sleepers > 0 {
+            // Under the lock, so that a worker going to sleep either sees the
+            // new epoch or is already waiting when we notify.
+            let sleepers = sh.sleepers.lock().unwrap();
+            if *sleepers > 0 {
                 sh.work_cv.notify_all();
             }
         }
         let mine = catch_unwind(AssertUnwindSafe(|| work_on(sh, f, n_tasks)));
-        let mut st = sh.state.lock().unwrap();
-        // Close the job: no worker may join it any more.
-        st.job = None;
-        while st.active > 0 {
-            st = sh.done_cv.wait(st).unwrap();
+        // Close the job, then wait for the workers inside: each is finishing
+        // at most one task, so spin, yielding the core if that takes long
+        // (another process may be running the worker's core).
+        sh.active.fetch_and(!OPEN, Ordering::AcqRel);
+        let mut spins = 0u32;
+        while sh.active.load(Ordering::Acquire) != 0 {
+            spins += 1;
+            if spins < 2000 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
         }
-        let worker_panicked = st.panicked;
-        drop(st);
         if let Err(p) = mine {
             std::panic::resume_unwind(p);
         }
-        if worker_panicked {
+        if sh.panicked.load(Ordering::Relaxed) {
             panic!("a thread-pool task panicked");
         }
     }
@@ -164,45 +181,53 @@ fn worker(sh: &Shared) {
             std::hint::spin_loop();
             spins += 1;
             if spins % 64 == 0 && start.elapsed() >= sh.spin {
+                let mut sleepers = sh.sleepers.lock().unwrap();
+                while sh.epoch.load(Ordering::Acquire) == seen {
+                    *sleepers += 1;
+                    sleepers = sh.work_cv.wait(sleepers).unwrap();
+                    *sleepers -= 1;
+                }
                 break;
             }
         }
-        let mut st = sh.state.lock().unwrap();
-        while st.epoch == seen && !st.shutdown {
-            st.sleepers += 1;
-            st = sh.work_cv.wait(st).unwrap();
-            st.sleepers -= 1;
-        }
-        if st.shutdown {
+        if sh.shutdown.load(Ordering::Acquire) {
             return;
         }
-        seen = st.epoch;
-        let Some((job, n)) = st.job else { continue };
-        st.active += 1;
-        drop(st);
-        // SAFETY: the job is open and `run` waits for `active == 0`.
+        seen = sh.epoch.load(Ordering::Acquire);
+        // Join the open job, if any (it may be a later one than `seen`: that
+        // is fine, the job is read after joining).
+        let mut a = sh.active.load(Ordering::Acquire);
+        let joined = loop {
+            if a & OPEN == 0 {
+                break false;
+            }
+            match sh.active.compare_exchange_weak(a, a + 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break true,
+                Err(now) => a = now,
+            }
+        };
+        if !joined {
+            continue;
+        }
+        // SAFETY: joined an open job: `run` keeps the job and its closure
+        // alive until `active` drops back to zero.
+        let (job, n) = unsafe { *sh.job.get() };
         let f = unsafe { &*job.0 };
-        let r = catch_unwind(AssertUnwindSafe(|| work_on(sh, f, n)));
-        let mut st = sh.state.lock().unwrap();
-        if r.is_err() {
-            st.panicked = true;
+        if catch_unwind(AssertUnwindSafe(|| work_on(sh, f, n))).is_err() {
+            sh.panicked.store(true, Ordering::Relaxed);
             // Stop handing out the remaining tasks.
             sh.next.store(usize::MAX / 2, Ordering::Relaxed);
         }
-        st.active -= 1;
-        if st.active == 0 {
-            sh.done_cv.notify_all();
-        }
+        sh.active.fetch_sub(1, Ordering::Release);
     }
 }
 
 impl Drop for ThreadPool {
     fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+        self.shared.epoch.fetch_add(1, Ordering::Release);
         {
-            let mut st = self.shared.state.lock().unwrap();
-            st.shutdown = true;
-            st.epoch += 1;
-            self.shared.epoch.store(st.epoch, Ordering::Release);
+            let _sleepers = self.shared.sleepers.lock().unwrap();
             self.shared.work_cv.notify_all();
         }
         for h in self.handles.drain(..) {

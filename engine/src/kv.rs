@@ -1,0 +1,300 @@
+//! The paged KV cache: a pool of fixed-size blocks shared by all sequences.
+//!
+//! # Layout (the contract the KV transfer reuses)
+//!
+//! KV is stored as f32: activations are f32 end to end and the cache is part
+//! of the fidelity contract (f16 would halve the bytes and perturb logits by
+//! ~1e-3). One layer's blocks live in one array, block after block; inside a
+//! block, K comes first, then V, each head-major:
+//!
+//! ```text
+//! layer L: [block 0][block 1]...      block = [K: kv_head][dim][slot] [V: kv_head][slot][dim]
+//! ```
+//!
+//! K is dimension-major inside a head (`[dim][slot]`): attention scores a
+//! whole block of keys with one broadcast-FMA per dimension. V is slot-major
+//! (`[slot][dim]`): the weighted sum adds whole rows. So (layer, block) is
+//! one contiguous region, and a tensor-parallel peer's head range is one
+//! contiguous run inside K and one inside V.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{EngineError, Result};
+
+pub type BlockId = u32;
+
+/// Element type of the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDtype {
+    F32,
+}
+
+/// Everything a peer must agree on to read our blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvLayout {
+    pub dtype: KvDtype,
+    pub n_layers: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+}
+
+impl KvLayout {
+    /// Floats of one (layer, block) region: K and V of every head.
+    pub fn block_floats(&self) -> usize {
+        2 * self.n_kv_heads * self.head_dim * self.block_size
+    }
+    /// Bytes of one block across all layers.
+    pub fn block_bytes(&self) -> usize {
+        self.n_layers * self.block_floats() * 4
+    }
+    /// Bytes of KV per token.
+    pub fn token_bytes(&self) -> usize {
+        self.block_bytes() / self.block_size
+    }
+    /// Offset of K of `head` inside a (layer, block) region.
+    pub fn k_offset(&self, head: usize) -> usize {
+        head * self.head_dim * self.block_size
+    }
+    /// Offset of V of `head` inside a (layer, block) region.
+    pub fn v_offset(&self, head: usize) -> usize {
+        (self.n_kv_heads + head) * self.head_dim * self.block_size
+    }
+    /// Blocks needed for `tokens` tokens.
+    pub fn blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.block_size)
+    }
+}
+
+/// One sequence's view of the pool: its block table and token count.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SeqKv {
+    pub blocks: Vec<BlockId>,
+    /// Tokens whose K and V are written.
+    pub len: usize,
+}
+
+impl SeqKv {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// The block pool with reference counts (blocks shared by a cached prefix or
+/// by forked sequences are counted once per holder).
+pub struct KvPool {
+    layout: KvLayout,
+    n_blocks: usize,
+    /// Per layer: `n_blocks * block_floats` floats.
+    layers: Vec<Vec<f32>>,
+    refs: Vec<u32>,
+    free: Vec<BlockId>,
+}
+
+impl KvPool {
+    pub fn new(layout: KvLayout, n_blocks: usize) -> Self {
+        let per_layer = n_blocks * layout.block_floats();
+        Self {
+            layout,
+            n_blocks,
+            layers: (0..layout.n_layers).map(|_| vec![0f32; per_layer]).collect(),
+            refs: vec![0; n_blocks],
+            // Pop from the end: hand out low ids first (nicer to read in tests).
+            free: (0..n_blocks as BlockId).rev().collect(),
+        }
+    }
+
+    /// A pool sized to a memory budget in bytes.
+    pub fn with_budget(layout: KvLayout, bytes: usize) -> Self {
+        Self::new(layout, (bytes / layout.block_bytes()).max(1))
+    }
+
+    pub fn layout(&self) -> &KvLayout {
+        &self.layout
+    }
+    pub fn n_blocks(&self) -> usize {
+        self.n_blocks
+    }
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+    pub fn used_blocks(&self) -> usize {
+        self.n_blocks - self.free.len()
+    }
+    pub fn refcount(&self, b: BlockId) -> u32 {
+        self.refs[b as usize]
+    }
+
+    /// Takes a free block (refcount 1), or `None` when the pool is exhausted.
+    pub fn alloc(&mut self) -> Option<BlockId> {
+        let b = self.free.pop()?;
+        debug_assert_eq!(self.refs[b as usize], 0);
+        self.refs[b as usize] = 1;
+        Some(b)
+    }
+
+    /// Adds a holder to a live block.
+    pub fn retain(&mut self, b: BlockId) {
+        assert!(self.refs[b as usize] > 0, "retain of free block {b}");
+        self.refs[b as usize] += 1;
+    }
+
+    /// Drops a holder; the block returns to the free list at zero.
+    pub fn release(&mut self, b: BlockId) {
+        let r = &mut self.refs[b as usize];
+        assert!(*r > 0, "double free of block {b}");
+        *r -= 1;
+        if *r == 0 {
+            self.free.push(b);
+        }
+    }
+
+    /// Releases every block of a sequence and empties it.
+    pub fn free_seq(&mut self, seq: &mut SeqKv) {
+        for b in seq.blocks.drain(..) {
+            self.release(b);
+        }
+        seq.len = 0;
+    }
+
+    /// Makes `seq` able to hold `new_tokens` more tokens, exclusively owning
+    /// every block those tokens will be written to (copy-on-write of a shared
+    /// partial last block). On failure nothing changes.
+    pub fn reserve(&mut self, seq: &mut SeqKv, new_tokens: usize) -> Result<()> {
+        let bs = self.layout.block_size;
+        let need = self.layout.blocks_for(seq.len + new_tokens);
+        let extra = need.saturating_sub(seq.blocks.len());
+        let partial_shared = seq.len % bs != 0
+            && new_tokens > 0
+            && self.refs[seq.blocks[seq.len / bs] as usize] > 1;
+        let wanted = extra + usize::from(partial_shared);
+        if wanted > self.free.len() {
+            return Err(EngineError::OutOfBlocks {
+                needed: wanted,
+                free: self.free.len(),
+            });
+        }
+        if partial_shared {
+            let idx = seq.len / bs;
+            let old = seq.blocks[idx];
+            let new = self.alloc().expect("checked above");
+            self.copy_block(old, new);
+            self.release(old);
+            seq.blocks[idx] = new;
+        }
+        for _ in 0..extra {
+            let b = self.alloc().expect("checked above");
+            seq.blocks.push(b);
+        }
+        Ok(())
+    }
+
+    /// A new sequence sharing all of `seq`'s blocks (parallel sampling).
+    pub fn fork(&mut self, seq: &SeqKv) -> SeqKv {
+        for &b in &seq.blocks {
+            self.retain(b);
+        }
+        seq.clone()
+    }
+
+    fn copy_block(&mut self, from: BlockId, to: BlockId) {
+        let n = self.layout.block_floats();
+        for layer in &mut self.layers {
+            layer.copy_within(from as usize * n..(from as usize + 1) * n, to as usize * n);
+        }
+    }
+
+    /// One layer's blocks (read by attention).
+    pub fn layer(&self, layer: usize) -> &[f32] {
+        &self.layers[layer]
+    }
+
+    /// The (layer, block) region.
+    pub fn region(&self, layer: usize, b: BlockId) -> &[f32] {
+        let n = self.layout.block_floats();
+        &self.layers[layer][b as usize * n..(b as usize + 1) * n]
+    }
+
+    /// The (layer, block) region, writable (receiving KV from a peer).
+    pub fn region_mut(&mut self, layer: usize, b: BlockId) -> &mut [f32] {
+        let n = self.layout.block_floats();
+        &mut self.layers[layer][b as usize * n..(b as usize + 1) * n]
+    }
+
+    /// Writes one token's K and V (`kv_dim` floats each) at position `pos` of `seq`.
+    pub fn write_token(&mut self, layer: usize, seq: &SeqKv, pos: usize, k: &[f32], v: &[f32]) {
+        let l = self.layout;
+        let (bs, hd) = (l.block_size, l.head_dim);
+        let block = seq.blocks[pos / bs];
+        debug_assert_eq!(self.refs[block as usize], 1, "writing into a shared block");
+        let slot = pos % bs;
+        let region = self.region_mut(layer, block);
+        for h in 0..l.n_kv_heads {
+            let kb = l.k_offset(h);
+            for d in 0..hd {
+                region[kb + d * bs + slot] = k[h * hd + d];
+            }
+            let vb = l.v_offset(h) + slot * hd;
+            region[vb..vb + hd].copy_from_slice(&v[h * hd..(h + 1) * hd]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> KvLayout {
+        KvLayout { dtype: KvDtype::F32, n_layers: 2, n_kv_heads: 2, head_dim: 4, block_size: 4 }
+    }
+
+    #[test]
+    fn reserve_allocates_and_fails_cleanly() {
+        let mut p = KvPool::new(layout(), 3);
+        let mut s = SeqKv::default();
+        p.reserve(&mut s, 5).unwrap();
+        assert_eq!(s.blocks.len(), 2);
+        s.len = 5;
+        let e = p.reserve(&mut s, 8).unwrap_err();
+        assert!(matches!(e, EngineError::OutOfBlocks { needed: 2, free: 1 }), "{e}");
+        assert_eq!(s.blocks.len(), 2, "failed reserve must not change the sequence");
+        p.free_seq(&mut s);
+        assert_eq!(p.free_blocks(), 3);
+    }
+
+    #[test]
+    fn fork_then_append_copies_the_shared_partial_block() {
+        let mut p = KvPool::new(layout(), 8);
+        let mut a = SeqKv::default();
+        p.reserve(&mut a, 6).unwrap();
+        for pos in 0..6 {
+            let k: Vec<f32> = (0..8).map(|i| (pos * 10 + i) as f32).collect();
+            p.write_token(0, &a, pos, &k, &k);
+        }
+        a.len = 6;
+        let mut b = p.fork(&a);
+        assert_eq!(p.refcount(a.blocks[1]), 2);
+        p.reserve(&mut b, 1).unwrap();
+        assert_ne!(a.blocks[1], b.blocks[1], "partial block copied on write");
+        assert_eq!(a.blocks[0], b.blocks[0], "full block still shared");
+        assert_eq!(p.region(0, a.blocks[1]), p.region(0, b.blocks[1]), "copy carries the data");
+        p.free_seq(&mut a);
+        p.free_seq(&mut b);
+        assert_eq!(p.free_blocks(), 8);
+    }
+
+    #[test]
+    fn layout_offsets_are_head_major() {
+        let l = layout();
+        assert_eq!(l.block_floats(), 2 * 2 * 4 * 4);
+        assert_eq!(l.k_offset(1), 16);
+        assert_eq!(l.v_offset(0), 32);
+        assert_eq!(l.v_offset(1), 48);
+        assert_eq!(l.token_bytes(), 2 * 2 * 2 * 4 * 4);
+    }
+}

@@ -1,0 +1,481 @@
+//! Iteration-level scheduling (Orca) over the paged KV pool.
+//!
+//! Every step runs one forward call over all running sequences: one token
+//! for each decoding sequence, then prompt chunks (chunked prefill) for the
+//! ones still prefilling, within a token budget, so a long prompt never
+//! stalls running decodes for more than one chunk. Requests join between
+//! steps and leave as soon as they finish. When the pool runs out, the
+//! prefix cache gives back unreferenced blocks first; then the most recently
+//! admitted sequence (lowest priority first) is preempted: its blocks are
+//! freed and it is recomputed later from its tokens so far. No request is
+//! lost, and because sampling is counter-based and kernels are
+//! batch-invariant, a preempted request produces the same tokens.
+//!
+//! The scheduler is synchronous and owns its state; `engine` runs it on a
+//! dedicated thread behind channels.
+
+use std::collections::VecDeque;
+
+use crate::error::{EngineError, Result};
+use crate::generate::FinishReason;
+use crate::kv::{KvPool, SeqKv};
+use crate::model::{Logits, Model, SeqStep};
+use crate::prefix_cache::{PrefixCache, PrefixStats};
+use crate::sampler::{sample, Sampled, SamplingParams};
+
+/// Tunables of the scheduler.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Tokens per forward step (decodes plus prefill chunks).
+    pub max_step_tokens: usize,
+    /// Sequences in the running batch at most.
+    pub max_running: usize,
+    /// Share prompt prefixes through the radix cache.
+    pub prefix_cache: bool,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_step_tokens: 512,
+            max_running: 256,
+            prefix_cache: true,
+        }
+    }
+}
+
+/// A request as the engine receives it.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub id: u64,
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    /// `None`: until the context (or the whole pool) is full.
+    pub max_tokens: Option<usize>,
+    /// Token ids that end the request (not emitted).
+    pub stop_tokens: Vec<u32>,
+    /// Higher runs first; ties in arrival order.
+    pub priority: i32,
+}
+
+/// What a request's stream carries.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Token(Sampled),
+    Finished {
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+        /// Prompt tokens served from the prefix cache (at the last admission).
+        cached_tokens: usize,
+    },
+    Error(String),
+}
+
+/// Where a sequence's events go. Returns `false` when nobody listens any
+/// more (the request is then cancelled).
+pub trait EventSink: Send {
+    fn send(&mut self, e: Event) -> bool;
+}
+
+impl EventSink for std::sync::mpsc::Sender<Event> {
+    fn send(&mut self, e: Event) -> bool {
+        std::sync::mpsc::Sender::send(self, e).is_ok()
+    }
+}
+
+impl EventSink for tokio::sync::mpsc::UnboundedSender<Event> {
+    fn send(&mut self, e: Event) -> bool {
+        tokio::sync::mpsc::UnboundedSender::send(self, e).is_ok()
+    }
+}
+
+struct Seq {
+    req: Request,
+    /// Prompt followed by the tokens generated so far.
+    tokens: Vec<u32>,
+    n_prompt: usize,
+    /// The last token generated can end the request but is not yet in the KV.
+    limit: usize,
+    kv: SeqKv,
+    cached_tokens: usize,
+    /// Order of (re)admission: the youngest is preempted first.
+    admitted_at: u64,
+    arrival: u64,
+    sink: Box<dyn EventSink>,
+    prompt_cached: bool,
+}
+
+impl Seq {
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.kv.len
+    }
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.n_prompt
+    }
+}
+
+/// Counters for metrics and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerStats {
+    pub waiting: usize,
+    pub running: usize,
+    pub free_blocks: usize,
+    pub total_blocks: usize,
+    pub preemptions: u64,
+    pub steps: u64,
+    pub prompt_tokens_computed: u64,
+    pub generated_tokens: u64,
+    pub prefix: PrefixStats,
+}
+
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    pool: KvPool,
+    cache: PrefixCache,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    clock: u64,
+    context_length: usize,
+    stats: SchedulerStats,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig, pool: KvPool, context_length: usize) -> Self {
+        let bs = pool.layout().block_size;
+        Self {
+            cfg,
+            cache: PrefixCache::new(bs),
+            pool,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            clock: 0,
+            context_length,
+            stats: SchedulerStats::default(),
+        }
+    }
+
+    /// Tokens one sequence can ever hold: the context, or the whole pool if smaller.
+    pub fn max_sequence_tokens(&self) -> usize {
+        self.context_length.min(self.pool.n_blocks() * self.pool.layout().block_size)
+    }
+
+    /// Checks a request before it is queued: what can never run is refused
+    /// now, with the reason, instead of starving in the queue.
+    pub fn validate(req: &Request, context_length: usize, pool_tokens: usize) -> Result<usize> {
+        req.params.validate()?;
+        if req.prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let cap = context_length.min(pool_tokens);
+        let wanted = req.prompt.len() + req.max_tokens.unwrap_or(1);
+        if wanted > context_length {
+            return Err(EngineError::ContextOverflow {
+                prompt: req.prompt.len(),
+                requested: req.max_tokens.unwrap_or(1),
+                context: context_length,
+            });
+        }
+        if wanted > cap {
+            return Err(EngineError::TooLargeForPool {
+                tokens: wanted,
+                capacity: pool_tokens,
+            });
+        }
+        Ok(match req.max_tokens {
+            Some(n) => req.prompt.len() + n,
+            None => cap,
+        })
+    }
+
+    /// Queues a request. Errors (bad parameters, cannot fit) are returned,
+    /// not sent on the sink.
+    pub fn add(&mut self, req: Request, sink: Box<dyn EventSink>) -> Result<()> {
+        let pool_tokens = self.pool.n_blocks() * self.pool.layout().block_size;
+        let limit = Self::validate(&req, self.context_length, pool_tokens)?;
+        self.clock += 1;
+        let seq = Seq {
+            tokens: req.prompt.clone(),
+            n_prompt: req.prompt.len(),
+            limit,
+            req,
+            kv: SeqKv::default(),
+            cached_tokens: 0,
+            admitted_at: 0,
+            arrival: self.clock,
+            sink,
+            prompt_cached: false,
+        };
+        self.enqueue(seq);
+        Ok(())
+    }
+
+    /// Waiting queue order: priority (high first), then arrival.
+    fn enqueue(&mut self, seq: Seq) {
+        let key = (-(seq.req.priority as i64), seq.arrival);
+        let at = self
+            .waiting
+            .iter()
+            .position(|s| (-(s.req.priority as i64), s.arrival) > key)
+            .unwrap_or(self.waiting.len());
+        self.waiting.insert(at, seq);
+    }
+
+    /// Cancels a request wherever it is; its blocks are freed at once.
+    pub fn cancel(&mut self, id: u64) -> bool {
+        if let Some(i) = self.waiting.iter().position(|s| s.req.id == id) {
+            let mut s = self.waiting.remove(i).expect("index");
+            self.pool.free_seq(&mut s.kv);
+            return true;
+        }
+        if let Some(i) = self.running.iter().position(|s| s.req.id == id) {
+            let mut s = self.running.remove(i);
+            self.pool.free_seq(&mut s.kv);
+            return true;
+        }
+        false
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    pub fn stats(&self) -> SchedulerStats {
+        SchedulerStats {
+            waiting: self.waiting.len(),
+            running: self.running.len(),
+            free_blocks: self.pool.free_blocks(),
+            total_blocks: self.pool.n_blocks(),
+            prefix: self.cache.stats,
+            ..self.stats
+        }
+    }
+
+    /// How many leading tokens of `tokens` the prefix cache holds.
+    pub fn cached_prefix_len(&self, tokens: &[u32]) -> usize {
+        self.cache.cached_prefix_len(tokens)
+    }
+
+    pub fn pool(&self) -> &KvPool {
+        &self.pool
+    }
+
+    /// Frees the prefix cache's blocks (e.g. at shutdown, or in tests to
+    /// check that nothing else holds blocks).
+    pub fn clear_prefix_cache(&mut self) {
+        self.cache.clear(&mut self.pool);
+    }
+
+    /// Gets `n` free blocks by evicting cached prefixes; false if impossible.
+    fn make_room(&mut self, n: usize) -> bool {
+        if self.pool.free_blocks() < n {
+            let short = n - self.pool.free_blocks();
+            self.cache.evict(&mut self.pool, short);
+        }
+        self.pool.free_blocks() >= n
+    }
+
+    /// Blocks `seq` needs for `tokens` more tokens (including a copy-on-write).
+    fn blocks_needed(&self, seq: &Seq, tokens: usize) -> usize {
+        let bs = self.pool.layout().block_size;
+        let need = self.pool.layout().blocks_for(seq.kv.len + tokens).saturating_sub(seq.kv.blocks.len());
+        let cow = seq.kv.len % bs != 0 && tokens > 0 && self.pool.refcount(seq.kv.blocks[seq.kv.len / bs]) > 1;
+        need + usize::from(cow)
+    }
+
+    /// Moves waiting requests into the running batch while there is room for
+    /// their first chunk.
+    fn admit(&mut self) {
+        while self.running.len() < self.cfg.max_running {
+            let Some(mut s) = self.waiting.pop_front() else { break };
+            if s.kv.blocks.is_empty() && self.cfg.prefix_cache {
+                // Share cached whole blocks, but always compute the last token
+                // (its logits start generation).
+                let upto = s.tokens.len() - 1;
+                s.kv.blocks = self.cache.acquire(&mut self.pool, &s.tokens[..upto]);
+                s.kv.len = s.kv.blocks.len() * self.pool.layout().block_size;
+                s.cached_tokens = s.kv.len;
+            }
+            let first = s.pending().min(self.cfg.max_step_tokens);
+            let need = self.blocks_needed(&s, first);
+            if !self.make_room(need) {
+                // Not now: keep its place (and its shared blocks) at the front.
+                self.waiting.push_front(s);
+                break;
+            }
+            self.clock += 1;
+            s.admitted_at = self.clock;
+            self.running.push(s);
+        }
+    }
+
+    /// Runs one iteration. Returns false when there was nothing to do.
+    pub fn step(&mut self, model: &Model) -> Result<bool> {
+        self.admit();
+        if self.running.is_empty() {
+            return Ok(false);
+        }
+        // Plan by request id (indices move when someone is preempted).
+        let mut budget = self.cfg.max_step_tokens;
+        let mut plan_ids: Vec<(u64, usize)> = Vec::new();
+        let by_age = |running: &[Seq], decode: bool| -> Vec<u64> {
+            let mut v: Vec<&Seq> = running.iter().filter(|s| (s.pending() == 1) == decode).collect();
+            v.sort_by_key(|s| s.admitted_at);
+            v.iter().map(|s| s.req.id).collect()
+        };
+        // 1. Decodes, oldest first: each needs one slot; preempt the youngest
+        //    (possibly itself) when the pool is dry.
+        for id in by_age(&self.running, true) {
+            if budget == 0 {
+                break;
+            }
+            loop {
+                let Some(idx) = self.running.iter().position(|s| s.req.id == id) else { break };
+                let need = self.blocks_needed(&self.running[idx], 1);
+                if self.make_room(need) {
+                    self.pool.reserve(&mut self.running[idx].kv, 1)?;
+                    plan_ids.push((id, 1));
+                    budget -= 1;
+                    break;
+                }
+                let victim = self.youngest_except(&plan_ids);
+                match victim {
+                    Some(v) => self.preempt(v),
+                    None => break,
+                }
+            }
+        }
+        // 2. Prefill chunks, oldest first, with what budget and memory allow;
+        //    a prefill never preempts anyone.
+        let bs = self.pool.layout().block_size;
+        for id in by_age(&self.running, false) {
+            if budget == 0 {
+                break;
+            }
+            let idx = self.running.iter().position(|s| s.req.id == id).expect("running");
+            let mut take = self.running[idx].pending().min(budget);
+            while take > 0 {
+                let need = self.blocks_needed(&self.running[idx], take);
+                if self.make_room(need) {
+                    break;
+                }
+                // Shrink to what the free blocks hold (whole blocks after the partial one).
+                let s = &self.running[idx];
+                let room = (s.kv.blocks.len() * bs).saturating_sub(s.kv.len) + self.pool.free_blocks() * bs;
+                take = if room < take { room } else { take - 1 };
+            }
+            if take > 0 {
+                self.pool.reserve(&mut self.running[idx].kv, take)?;
+                plan_ids.push((id, take));
+                budget -= take;
+            }
+        }
+        let mut plan: Vec<(usize, usize)> = plan_ids
+            .iter()
+            .map(|&(id, t)| (self.running.iter().position(|s| s.req.id == id).expect("planned"), t))
+            .collect();
+        if plan.is_empty() {
+            // Everything is blocked on memory with nobody to preempt: the
+            // admission check makes this impossible for a single request.
+            return Err(EngineError::OutOfBlocks {
+                needed: 1,
+                free: self.pool.free_blocks(),
+            });
+        }
+        plan.sort_by_key(|(o, _)| *o);
+
+        // Forward over the plan.
+        let mut steps: Vec<SeqStep<'_>> = Vec::with_capacity(plan.len());
+        let mut wants = Vec::with_capacity(plan.len());
+        {
+            let mut rest: &mut [Seq] = &mut self.running;
+            let mut base = 0;
+            for &(idx, take) in &plan {
+                let (_, tail) = rest.split_at_mut(idx - base);
+                let (s, tail2) = tail.split_first_mut().expect("planned index");
+                let start = s.kv.len;
+                let last = start + take == s.tokens.len();
+                wants.push(last);
+                steps.push(SeqStep {
+                    kv: &mut s.kv,
+                    tokens: &s.tokens[start..start + take],
+                    logits: if last { Logits::Last } else { Logits::None },
+                });
+                rest = tail2;
+                base = idx + 1;
+            }
+        }
+        let logits = model.forward(&mut self.pool, &mut steps)?;
+        drop(steps);
+        self.stats.steps += 1;
+
+        // Sample, emit, retire.
+        let mut finished = Vec::new();
+        for (k, &(idx, take)) in plan.iter().enumerate() {
+            let s = &mut self.running[idx];
+            if s.kv.len <= s.n_prompt {
+                self.stats.prompt_tokens_computed += take as u64;
+            }
+            if !wants[k] {
+                continue;
+            }
+            if !s.prompt_cached && self.cfg.prefix_cache && s.kv.len >= s.n_prompt {
+                self.cache.insert(&mut self.pool, &s.tokens[..s.n_prompt], &s.kv.blocks);
+                s.prompt_cached = true;
+            }
+            let sampled = sample(&s.req.params, &logits[k], &s.tokens, s.n_prompt, s.generated() as u64);
+            let tok = sampled.token;
+            if s.req.stop_tokens.contains(&tok) {
+                finished.push((idx, FinishReason::Stop));
+                continue;
+            }
+            s.tokens.push(tok);
+            self.stats.generated_tokens += 1;
+            if !s.sink.send(Event::Token(sampled)) {
+                finished.push((idx, FinishReason::Stop));
+                continue;
+            }
+            if s.tokens.len() >= s.limit {
+                finished.push((idx, FinishReason::Length));
+            }
+        }
+        finished.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        for (idx, reason) in finished {
+            let mut s = self.running.remove(idx);
+            if self.cfg.prefix_cache {
+                let computed = s.kv.len;
+                self.cache.insert(&mut self.pool, &s.tokens[..computed], &s.kv.blocks);
+            }
+            self.pool.free_seq(&mut s.kv);
+            let done = Event::Finished {
+                reason,
+                prompt_tokens: s.n_prompt,
+                completion_tokens: s.generated(),
+                cached_tokens: s.cached_tokens,
+            };
+            s.sink.send(done);
+        }
+        Ok(true)
+    }
+
+    /// The youngest running sequence (lowest priority first) not already
+    /// planned for this step.
+    fn youngest_except(&self, planned: &[(u64, usize)]) -> Option<usize> {
+        self.running
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !planned.iter().any(|(id, _)| *id == s.req.id))
+            .min_by_key(|(_, s)| (s.req.priority, std::cmp::Reverse(s.admitted_at)))
+            .map(|(i, _)| i)
+    }
+
+    /// Frees a running sequence's blocks and queues it for recomputation.
+    fn preempt(&mut self, idx: usize) {
+        let mut s = self.running.remove(idx);
+        self.pool.free_seq(&mut s.kv);
+        s.prompt_cached = false;
+        self.stats.preemptions += 1;
+        tracing::debug!(id = s.req.id, tokens = s.tokens.len(), "preempted (will recompute)");
+        self.enqueue(s);
+    }
+}
