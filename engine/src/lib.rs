@@ -2,6 +2,7 @@
 //! cache and the sampler. Token ids in, token ids (and logits) out.
 
 pub mod cpu;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod kv;

@@ -260,6 +260,17 @@ impl Scheduler {
         &self.pool
     }
 
+    /// Ends every request with an error event and frees its blocks (after
+    /// an internal failure, or at shutdown).
+    pub fn fail_all(&mut self, msg: &str) {
+        let mut all: Vec<Seq> = self.running.drain(..).collect();
+        all.extend(self.waiting.drain(..));
+        for mut s in all {
+            self.pool.free_seq(&mut s.kv);
+            s.sink.send(Event::Error(msg.to_string()));
+        }
+    }
+
     /// Frees the prefix cache's blocks (e.g. at shutdown, or in tests to
     /// check that nothing else holds blocks).
     pub fn clear_prefix_cache(&mut self) {

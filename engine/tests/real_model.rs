@@ -51,14 +51,16 @@ fn prompt_logits(m: &Model, prompt: &[u32]) -> Vec<f32> {
 
 /// Logit tolerance against the float32 reference. The reference dequantises
 /// the GGUF exactly, so both sides compute with identical weights and differ
-/// only in float32 rounding order (accumulated over 30 layers); the fixture
-/// records how far float32 itself is from float64 on the same prompts, and
-/// two float32 implementations may each be that far off, in opposite
-/// directions. Bounded below so a tiny measured noise does not make the
-/// check flaky.
+/// only in float32 rounding order (accumulated over 30 layers). The fixture
+/// records how far the float32 reference is from a float64 run on the same
+/// prompts (~5e-5 on logits of magnitude ~20); another float32
+/// implementation with a different summation order lands at the same
+/// distance, in any direction. Ten times that noise is tight enough to catch
+/// any real error (a wrong dequantisation or a misplaced head moves logits by
+/// whole units) while leaving room for legitimate reordering.
 fn tolerance(g: &Value) -> f32 {
     let noise = g["f32_vs_f64_max_abs_logit_diff"].as_f64().expect("fixture records the f32 noise") as f32;
-    (4.0 * noise).max(2e-3)
+    (10.0 * noise).max(1e-4)
 }
 
 #[test]
@@ -210,4 +212,226 @@ fn bad_requests_are_clear_errors() {
     let e = m.forward(&mut pool, &mut step).unwrap_err();
     assert!(matches!(e, EngineError::OutOfBlocks { .. }), "{e}");
     assert_eq!(pool.free_blocks(), pool.n_blocks());
+}
+
+// ---------------------------------------------------------------------------
+// Continuous batching: the scheduler over the paged pool.
+
+mod batching {
+    use super::*;
+    use std::sync::mpsc::{channel, Receiver};
+    use tandem_engine::generate::FinishReason;
+    use tandem_engine::kv::KvPool;
+    use tandem_engine::scheduler::{Event, Request, Scheduler, SchedulerConfig};
+
+    /// 16 distinct prompts of 3..60 tokens, some sharing a 20-token prefix.
+    fn prompts() -> Vec<Vec<u32>> {
+        let shared: Vec<u32> = (0..20).map(|i| 300 + i * 11).collect();
+        (0..16u32)
+            .map(|k| {
+                let len = 3 + (k as usize * 7) % 58;
+                let own: Vec<u32> = (0..len as u32).map(|i| 100 + (i * 97 + k * 131) % 20000).collect();
+                if k % 4 == 0 {
+                    shared.iter().copied().chain(own).collect()
+                } else {
+                    own
+                }
+            })
+            .collect()
+    }
+
+    fn alone(p: &[u32], params: &SamplingParams, n: usize) -> Vec<u32> {
+        let req = GenerateRequest { prompt: p.to_vec(), params: params.clone(), max_tokens: Some(n), stop_tokens: vec![] };
+        model().generate(&req, |_| true).unwrap().tokens
+    }
+
+    struct Run {
+        rx: Receiver<Event>,
+        tokens: Vec<u32>,
+        finished: Option<(FinishReason, usize)>,
+    }
+
+    fn drain(runs: &mut [Run]) {
+        for r in runs.iter_mut() {
+            while let Ok(e) = r.rx.try_recv() {
+                match e {
+                    Event::Token(s) => r.tokens.push(s.token),
+                    Event::Finished { reason, cached_tokens, .. } => r.finished = Some((reason, cached_tokens)),
+                    Event::Error(m) => panic!("request failed: {m}"),
+                }
+            }
+        }
+    }
+
+    fn request(id: u64, prompt: &[u32], params: &SamplingParams, n: usize) -> Request {
+        Request { id, prompt: prompt.to_vec(), params: params.clone(), max_tokens: Some(n), stop_tokens: vec![], priority: 0 }
+    }
+
+    /// Runs every prompt through one scheduler, adding them a few at a time
+    /// between steps; returns each request's tokens and the scheduler.
+    fn run_batched(sched: &mut Scheduler, prompts: &[Vec<u32>], params: &SamplingParams, n: usize) -> Vec<Run> {
+        let mut runs: Vec<Run> = Vec::new();
+        let mut next = 0;
+        let mut steps = 0;
+        while next < prompts.len() || sched.has_work() {
+            // Staggered arrivals: three new requests every other step.
+            if steps % 2 == 0 {
+                for _ in 0..3 {
+                    if next < prompts.len() {
+                        let (tx, rx) = channel();
+                        sched.add(request(next as u64, &prompts[next], params, n), Box::new(tx)).unwrap();
+                        runs.push(Run { rx, tokens: vec![], finished: None });
+                        next += 1;
+                    }
+                }
+            }
+            sched.step(model()).unwrap();
+            drain(&mut runs);
+            steps += 1;
+            assert!(steps < 10_000, "scheduler made no progress");
+        }
+        drain(&mut runs);
+        runs
+    }
+
+    fn scheduler(blocks: usize, step_tokens: usize, prefix_cache: bool) -> Scheduler {
+        let pool = KvPool::new(model().kv_layout(16), blocks);
+        let cfg = SchedulerConfig { max_step_tokens: step_tokens, max_running: 64, prefix_cache };
+        Scheduler::new(cfg, pool, model().config.context_length)
+    }
+
+    #[test]
+    fn sixteen_staggered_prompts_batched_equal_one_at_a_time() {
+        let ps = prompts();
+        let params = SamplingParams::greedy();
+        let want: Vec<Vec<u32>> = ps.iter().map(|p| alone(p, &params, 12)).collect();
+        // Small step budget: long prompts are prefilled in chunks beside decodes.
+        let mut s = scheduler(512, 48, false);
+        let runs = run_batched(&mut s, &ps, &params, 12);
+        for (i, (r, w)) in runs.iter().zip(&want).enumerate() {
+            assert_eq!(&r.tokens, w, "prompt {i}");
+            assert_eq!(r.finished.map(|f| f.0), Some(FinishReason::Length));
+        }
+        assert_eq!(s.pool().free_blocks(), s.pool().n_blocks(), "every block returned");
+    }
+
+    #[test]
+    fn prefix_cache_hits_give_the_same_tokens() {
+        let ps = prompts();
+        let params = SamplingParams::greedy();
+        let mut s = scheduler(512, 256, true);
+        let runs = run_batched(&mut s, &ps, &params, 8);
+        let stats = s.stats();
+        assert!(stats.prefix.hits >= 2, "shared prefixes should hit: {stats:?}");
+        let hit_runs = runs.iter().filter(|r| r.finished.unwrap().1 > 0).count();
+        assert!(hit_runs >= 2, "requests served from the cache: {hit_runs}");
+        for (i, (r, p)) in runs.iter().zip(&ps).enumerate() {
+            assert_eq!(r.tokens, alone(p, &params, 8), "prompt {i} (cached {} tokens)", r.finished.unwrap().1);
+        }
+        // The same prompt again is served almost entirely from the cache.
+        let again = run_batched(&mut s, &ps[..1], &params, 8);
+        assert!(again[0].finished.unwrap().1 >= ps[0].len() / 16 * 16 - 16, "{:?}", again[0].finished);
+        assert_eq!(again[0].tokens, runs[0].tokens);
+        s.clear_prefix_cache();
+        assert_eq!(s.pool().free_blocks(), s.pool().n_blocks());
+    }
+
+    #[test]
+    fn preemption_under_memory_pressure_loses_nothing() {
+        let ps = prompts();
+        // Sampling too: counter-based randomness must survive recomputation.
+        for params in [SamplingParams::greedy(), SamplingParams { temperature: 0.8, top_p: 0.9, seed: 7, ..Default::default() }] {
+            let n = 24;
+            let want: Vec<Vec<u32>> = ps.iter().enumerate().map(|(i, p)| {
+                let mut pr = params.clone();
+                pr.request_key = i as u64;
+                alone(p, &pr, n)
+            }).collect();
+            // 16 requests need ~80 blocks at once; give the pool 14.
+            let mut s = scheduler(14, 64, false);
+            let mut runs: Vec<Run> = Vec::new();
+            for (i, p) in ps.iter().enumerate() {
+                let (tx, rx) = channel();
+                let mut pr = params.clone();
+                pr.request_key = i as u64;
+                s.add(request(i as u64, p, &pr, n), Box::new(tx)).unwrap();
+                runs.push(Run { rx, tokens: vec![], finished: None });
+            }
+            let mut steps = 0;
+            while s.has_work() {
+                s.step(model()).unwrap();
+                drain(&mut runs);
+                steps += 1;
+                assert!(steps < 20_000);
+            }
+            assert!(s.stats().preemptions > 0, "the pool was meant to be too small");
+            for (i, (r, w)) in runs.iter().zip(&want).enumerate() {
+                assert_eq!(&r.tokens, w, "request {i} after preemption");
+            }
+            assert_eq!(s.pool().free_blocks(), s.pool().n_blocks());
+        }
+    }
+
+    #[test]
+    fn requests_that_can_never_fit_are_refused_at_admission() {
+        let mut s = scheduler(4, 64, true); // 64 tokens of KV in all
+        let (tx, _rx) = channel();
+        let e = s.add(request(1, &[5; 40], &SamplingParams::greedy(), 40), Box::new(tx)).unwrap_err();
+        assert!(matches!(e, EngineError::TooLargeForPool { .. }), "{e}");
+        let (tx, _rx) = channel();
+        let ctx = model().config.context_length;
+        let e = s.add(request(2, &[5; 10], &SamplingParams::greedy(), ctx), Box::new(tx)).unwrap_err();
+        assert!(matches!(e, EngineError::ContextOverflow { .. }), "{e}");
+        let (tx, _rx) = channel();
+        let bad = SamplingParams { top_p: 2.0, ..Default::default() };
+        assert!(s.add(request(3, &[5; 10], &bad, 4), Box::new(tx)).is_err());
+        assert!(!s.has_work());
+    }
+
+    #[test]
+    fn cancel_and_dropped_streams_free_blocks() {
+        let mut s = scheduler(64, 64, false);
+        let (tx, rx) = channel();
+        s.add(request(1, &[9; 30], &SamplingParams::greedy(), 50), Box::new(tx)).unwrap();
+        let (tx2, rx2) = channel();
+        s.add(request(2, &[8; 30], &SamplingParams::greedy(), 50), Box::new(tx2)).unwrap();
+        for _ in 0..3 {
+            s.step(model()).unwrap();
+        }
+        assert!(s.pool().used_blocks() > 0);
+        assert!(s.cancel(1));
+        drop(rx2); // the client went away
+        while s.has_work() {
+            s.step(model()).unwrap();
+        }
+        assert_eq!(s.pool().free_blocks(), s.pool().n_blocks());
+        drop(rx);
+    }
+
+    #[test]
+    fn engine_thread_streams_tokens() {
+        use std::sync::Arc;
+        use tandem_engine::engine::{Engine, EngineConfig, RequestSpec};
+        let m = Arc::new(Model::load(source(), 2).unwrap());
+        let engine = Engine::start(m, EngineConfig { kv_cache_bytes: 64 << 20, ..Default::default() });
+        let p = prompts()[1].clone();
+        let mut h = engine
+            .submit(RequestSpec { prompt: p.clone(), max_tokens: Some(6), ..Default::default() })
+            .unwrap();
+        let mut got = Vec::new();
+        loop {
+            match h.events.blocking_recv().expect("stream ends with Finished") {
+                Event::Token(s) => got.push(s.token),
+                Event::Finished { completion_tokens, .. } => {
+                    assert_eq!(completion_tokens, 6);
+                    break;
+                }
+                Event::Error(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got, alone(&p, &SamplingParams::greedy(), 6));
+        assert!(engine.cached_prefix_len(p.clone()) >= p.len() / 16 * 16);
+        let too_big = engine.submit(RequestSpec { prompt: vec![1; 10], max_tokens: Some(10_000_000), ..Default::default() });
+        assert!(too_big.is_err());
+    }
 }

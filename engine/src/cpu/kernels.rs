@@ -191,8 +191,9 @@ impl<const S: usize, const BIASED: bool, const H: bool> Fmt for FQ4<S, BIASED, H
 // ---------------------------------------------------------------------------
 // Fused path (few tokens): expand weights in registers, use them at once.
 
-/// How far ahead of the decode position the fused kernel prefetches.
-const PREFETCH_AHEAD: usize = 1024;
+/// How far ahead of the decode position the fused kernel prefetches
+/// (bytes; 1-2 KiB measured best, ~20% faster one-token decode than none).
+const PREFETCH_AHEAD: usize = 2048;
 
 /// Partials of `CG` consecutive chunks of equal length `len` (starting at
 /// input `k0`) for `T` tokens of one panel.
