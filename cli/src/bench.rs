@@ -30,6 +30,9 @@ pub struct EngineArgs {
     /// Batch sizes for aggregate decode throughput (128-token prompts), e.g. 1,4,16,32,64.
     #[arg(long, value_delimiter = ',')]
     pub batch: Vec<usize>,
+    /// Shared system-prompt length for the prefix-cache TTFT figure (0 skips it).
+    #[arg(long, default_value_t = 1000)]
+    pub prefix_tokens: usize,
     /// Repetitions of each measurement; the median is reported.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
@@ -83,6 +86,42 @@ fn batched_decode(model: &Model, batch: usize, prompt: usize, gen: usize) -> Res
         next = logits.iter().map(|l| argmax(l)).collect();
     }
     Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Time to first token through the scheduler for a request whose first
+/// `shared` tokens (a system prompt) are cold, then for a different request
+/// with the same system prompt, served from the radix prefix cache.
+fn prefix_ttft(model: &Model, shared: usize, runs: usize) -> Result<(f64, f64)> {
+    use tandem_engine::scheduler::{Event, Request, Scheduler, SchedulerConfig};
+    let vocab = model.config.vocab_size;
+    let system = prompt_ids(shared, vocab, 99);
+    let ttft = |sched: &mut Scheduler, id: u64| -> Result<f64> {
+        let mut prompt = system.clone();
+        prompt.extend(prompt_ids(24, vocab, 1000 + id));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let req = Request { id, prompt, params: Default::default(), max_tokens: Some(1), stop_tokens: vec![], priority: 0 };
+        let t0 = Instant::now();
+        sched.add(req, Box::new(tx))?;
+        loop {
+            sched.step(model)?;
+            if let Ok(Event::Token(_)) = rx.try_recv() {
+                let dt = t0.elapsed().as_secs_f64();
+                while sched.has_work() {
+                    sched.step(model)?;
+                }
+                return Ok(dt);
+            }
+        }
+    };
+    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    for r in 0..runs {
+        let pool = model.pool_for_tokens(4 * (shared + 64), 16);
+        let cfg = SchedulerConfig { max_step_tokens: 2048, ..Default::default() };
+        let mut sched = Scheduler::new(cfg, pool, model.config.context_length);
+        cold.push(ttft(&mut sched, 2 * r as u64)?);
+        warm.push(ttft(&mut sched, 2 * r as u64 + 1)?);
+    }
+    Ok((median(cold), median(warm)))
 }
 
 fn engine(a: EngineArgs) -> Result<()> {
@@ -144,6 +183,18 @@ fn engine(a: EngineArgs) -> Result<()> {
         println!("decode   batch {b:>3}: {tok_s:>8.1} tok/s aggregate, {ms_step:.2} ms per step");
         batched.push(serde_json::json!({"batch": b, "decode_tok_s": tok_s, "ms_per_step": ms_step}));
     }
+    let mut prefix = serde_json::Value::Null;
+    if a.prefix_tokens > 0 {
+        let (cold, warm) = prefix_ttft(&model, a.prefix_tokens, runs)?;
+        println!(
+            "prefix   {} shared tokens: TTFT cold {:.1} ms, cached {:.1} ms ({:.1}x lower)",
+            a.prefix_tokens,
+            cold * 1e3,
+            warm * 1e3,
+            cold / warm
+        );
+        prefix = serde_json::json!({"shared_tokens": a.prefix_tokens, "ttft_cold_s": cold, "ttft_cached_s": warm, "ratio": cold / warm});
+    }
     if let Some(out) = a.json {
         let j = serde_json::json!({
             "model": path.display().to_string(),
@@ -153,6 +204,7 @@ fn engine(a: EngineArgs) -> Result<()> {
             "decode_tokens": a.gen_tokens,
             "decode_tok_s": decode_tok_s,
             "batched": batched,
+            "prefix_cache": prefix,
             "runs": runs,
         });
         std::fs::write(&out, serde_json::to_string_pretty(&j)?).with_context(|| format!("writing {}", out.display()))?;

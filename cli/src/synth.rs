@@ -34,15 +34,15 @@ pub struct SynthArgs {
     /// Output format (default: gguf when --out ends in .gguf, else safetensors).
     #[arg(long, value_enum, env = "TANDEM_SYNTH_FORMAT")]
     pub format: Option<Format>,
-    /// GGUF matrix type: f32, f16, bf16, q8_0, q4_0, q4_1, q4_k, q5_k, q6_k.
-    #[arg(long, env = "TANDEM_SYNTH_WEIGHT_TYPE", default_value = "q8_0")]
-    pub weight_type: String,
-    /// Safetensors dtype: f32, f16 or bf16.
-    #[arg(long, env = "TANDEM_SYNTH_DTYPE", default_value = "bf16")]
-    pub dtype: String,
-    /// Safetensors files to split the weights over (1 = model.safetensors).
-    #[arg(long, env = "TANDEM_SYNTH_SHARDS", default_value_t = 1)]
-    pub shards: usize,
+    /// GGUF matrix type: f32, f16, bf16, q8_0, q4_0, q4_1, q4_k, q5_k, q6_k [default: q8_0].
+    #[arg(long, env = "TANDEM_SYNTH_WEIGHT_TYPE")]
+    pub weight_type: Option<String>,
+    /// Safetensors dtype: f32, f16 or bf16 [default: bf16].
+    #[arg(long, env = "TANDEM_SYNTH_DTYPE")]
+    pub dtype: Option<String>,
+    /// Safetensors files to split the weights over (1 = model.safetensors) [default: 1].
+    #[arg(long, env = "TANDEM_SYNTH_SHARDS")]
+    pub shards: Option<usize>,
     /// Tokenizer: gpt2 (byte-level BPE, ChatML) or sentencepiece.
     #[arg(long, env = "TANDEM_SYNTH_TOKENIZER", default_value = "gpt2")]
     pub tokenizer: String,
@@ -54,16 +54,40 @@ impl SynthArgs {
         let arch = Arch::parse(&self.arch).with_context(|| format!("--arch {}", self.arch))?;
         let shape = SynthShape::preset(&self.shape).context("--shape")?;
         let tokenizer = SynthTokenizer::parse(&self.tokenizer).context("--tokenizer")?;
-        let format = match self.format.unwrap_or_else(|| default_format(&self.out)) {
-            Format::Gguf => SynthFormat::Gguf {
-                weight_type: parse_ggml_type(&self.weight_type).with_context(|| format!("--weight-type {}", self.weight_type))?,
-            },
-            Format::Safetensors => SynthFormat::Safetensors {
-                dtype: parse_ggml_type(&self.dtype).with_context(|| format!("--dtype {}", self.dtype))?,
-                shards: self.shards,
-            },
+        let format = match self.format() {
+            Format::Gguf => {
+                let name = self.weight_type.as_deref().unwrap_or("q8_0");
+                SynthFormat::Gguf {
+                    weight_type: parse_ggml_type(name).with_context(|| format!("--weight-type {name}"))?,
+                }
+            }
+            Format::Safetensors => {
+                let name = self.dtype.as_deref().unwrap_or("bf16");
+                SynthFormat::Safetensors {
+                    dtype: parse_ggml_type(name).with_context(|| format!("--dtype {name}"))?,
+                    shards: self.shards.unwrap_or(1),
+                }
+            }
         };
         Ok(SynthSpec { arch, shape, seed: self.seed, format, tokenizer })
+    }
+}
+
+impl SynthArgs {
+    fn format(&self) -> Format {
+        self.format.unwrap_or_else(|| default_format(&self.out))
+    }
+
+    /// Flags that the chosen format does not use (set on the command line
+    /// or in the environment): worth a warning, since they change nothing.
+    fn ignored_flags(&self) -> Vec<&'static str> {
+        match self.format() {
+            Format::Gguf => [("--dtype", self.dtype.is_some()), ("--shards", self.shards.is_some())]
+                .into_iter()
+                .filter_map(|(f, set)| set.then_some(f))
+                .collect(),
+            Format::Safetensors => if self.weight_type.is_some() { vec!["--weight-type"] } else { vec![] },
+        }
     }
 }
 
@@ -108,6 +132,9 @@ fn human(bytes: u64) -> String {
 
 pub fn run(args: SynthArgs) -> Result<()> {
     let spec = args.spec()?;
+    for flag in args.ignored_flags() {
+        eprintln!("warning: {flag} does not apply to {:?} output; ignored", args.format());
+    }
     if let SynthFormat::Gguf { .. } = spec.format {
         if args.out.is_dir() {
             bail!("--out {} is a directory; a GGUF needs a file path (or pass --format safetensors)", args.out.display());
@@ -160,6 +187,50 @@ mod tests {
         assert_eq!(default_format(Path::new("a/B.GGUF")), Format::Gguf);
         assert_eq!(default_format(Path::new("a/b")), Format::Safetensors);
         assert_eq!(default_format(Path::new("a/b.gguf.d/")), Format::Safetensors);
+    }
+
+    fn args(v: &[&str]) -> SynthArgs {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct W {
+            #[command(flatten)]
+            a: SynthArgs,
+        }
+        let mut argv = vec!["synth"];
+        argv.extend_from_slice(v);
+        W::try_parse_from(argv).unwrap().a
+    }
+
+    #[test]
+    fn flags_make_the_spec() {
+        let a = args(&["--arch", "qwen2", "--shape", "tiny-mqa", "--seed", "7", "--out", "x.gguf", "--weight-type", "q4_k"]);
+        let s = a.spec().unwrap();
+        assert_eq!(s.arch, Arch::Qwen2);
+        assert_eq!(s.seed, 7);
+        assert_eq!(s.shape, SynthShape::preset("tiny-mqa").unwrap());
+        assert_eq!(s.format, SynthFormat::Gguf { weight_type: tandem_model::quant::GgmlType::Q4K });
+        assert_eq!(s.tokenizer, SynthTokenizer::Gpt2);
+        assert!(a.ignored_flags().is_empty());
+
+        let a = args(&["--arch", "llama", "--shape", "tiny", "--seed", "1", "--out", "dir", "--shards", "2", "--tokenizer", "spm"]);
+        let s = a.spec().unwrap();
+        assert_eq!(s.format, SynthFormat::Safetensors { dtype: tandem_model::quant::GgmlType::BF16, shards: 2 });
+        assert_eq!(s.tokenizer, SynthTokenizer::SentencePiece);
+
+        let a = args(&["--arch", "llama", "--shape", "tiny", "--seed", "1", "--out", "m.gguf", "--dtype", "f16", "--shards", "2"]);
+        assert_eq!(a.ignored_flags(), vec!["--dtype", "--shards"]);
+        let a = args(&["--arch", "llama", "--shape", "tiny", "--seed", "1", "--out", "m.gguf", "--format", "safetensors", "--weight-type", "q4_k"]);
+        assert_eq!(a.ignored_flags(), vec!["--weight-type"]);
+
+        for (flag, bad) in [("--arch", "gpt3"), ("--shape", "huge"), ("--weight-type", "q3_k"), ("--tokenizer", "wordpiece")] {
+            let mut v = vec!["--arch", "llama", "--shape", "tiny", "--seed", "1", "--out", "m.gguf"];
+            match v.iter().position(|a| *a == flag) {
+                Some(i) => v[i + 1] = bad,
+                None => v.extend_from_slice(&[flag, bad]),
+            }
+            let err = format!("{:#}", args(&v).spec().unwrap_err());
+            assert!(err.contains(bad), "{flag} {bad}: {err}");
+        }
     }
 
     #[test]

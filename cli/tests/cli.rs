@@ -48,7 +48,8 @@ fn generate_json_is_one_line_and_greedy_is_repeatable() {
     assert_eq!(a.stdout, b.stdout, "greedy generation must be repeatable");
     // One thread gives the same tokens.
     let mut one = args.to_vec();
-    one[one.len() - 1] = "1";
+    let last = one.len() - 1;
+    one[last] = "1";
     assert_eq!(tandem(&one).stdout, a.stdout);
 }
 

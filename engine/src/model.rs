@@ -408,30 +408,27 @@ impl Model {
                 };
                 let first = starts_ref[si] + b0;
                 let n_keys_first = tokpos[first] + 1;
-                let mut scores = vec![0f32; n_keys_first + (b1 - b0)];
-                for r in 0..n_rep {
-                    let head = g * n_rep + r;
-                    let q_off = first * qkv_rows + head * hd;
-                    let o_off = first * qd + head * hd;
-                    let n_q = b1 - b0;
-                    // SAFETY: (token range, head) pairs are disjoint across tasks,
-                    // and `attn` outlives the pool call.
-                    let o = unsafe {
-                        std::slice::from_raw_parts_mut(out.at(o_off), (n_q - 1) * qd + hd)
-                    };
-                    ops::attend_many(
-                        &qkv_ref[q_off..],
-                        qkv_rows,
-                        n_q,
-                        hd,
-                        &paged,
-                        n_keys_first,
-                        scale,
-                        &mut scores,
-                        o,
-                        qd,
-                    );
-                }
+                let n_q = b1 - b0;
+                let mut scores = vec![0f32; n_rep.min(4) * (n_keys_first + n_q)];
+                // The group's query heads are adjacent: heads g*n_rep .. (g+1)*n_rep.
+                let q_off = first * qkv_rows + g * n_rep * hd;
+                let o_off = first * qd + g * n_rep * hd;
+                // SAFETY: (token range, head group) pairs are disjoint across
+                // tasks, and `attn` outlives the pool call.
+                let o = unsafe { std::slice::from_raw_parts_mut(out.at(o_off), (n_q - 1) * qd + n_rep * hd) };
+                ops::attend_many(
+                    &qkv_ref[q_off..],
+                    qkv_rows,
+                    n_q,
+                    hd,
+                    n_rep,
+                    &paged,
+                    n_keys_first,
+                    scale,
+                    &mut scores,
+                    o,
+                    qd,
+                );
             });
             layer.wo.apply(&self.pool, &attn, n_tok, &mut proj);
             for (a, b) in x.iter_mut().zip(&proj) {

@@ -100,20 +100,35 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
-/// Softmax in place over `s`, returning nothing; order: max, then
-/// exponentials, then a sequential sum, then one division each.
+/// Softmax in place over `s`: the maximum, then the exponentials, then
+/// their sum in the fixed 16-lane order of [`dot`], then one multiply each.
+/// Every step vectorises; the order depends only on `s.len()`.
 #[inline(always)]
 pub fn softmax(s: &mut [f32]) {
-    let mut m = f32::NEG_INFINITY;
-    for &v in s.iter() {
-        m = m.max(v);
+    let mut mx = [f32::NEG_INFINITY; LANES];
+    let n = s.len() / LANES * LANES;
+    for c in s[..n].chunks_exact(LANES) {
+        for l in 0..LANES {
+            mx[l] = if c[l] > mx[l] { c[l] } else { mx[l] };
+        }
     }
-    let mut sum = 0f32;
+    let mut m = f32::NEG_INFINITY;
+    for &v in mx.iter().chain(&s[n..]) {
+        m = if v > m { v } else { m };
+    }
     for v in s.iter_mut() {
         *v = exp(*v - m);
-        sum += *v;
     }
-    let inv = 1.0 / sum;
+    let mut acc = [0f32; LANES];
+    for c in s[..n].chunks_exact(LANES) {
+        for l in 0..LANES {
+            acc[l] += c[l];
+        }
+    }
+    for (l, v) in s[n..].iter().enumerate() {
+        acc[l] += v;
+    }
+    let inv = 1.0 / reduce_lanes(acc);
     for v in s.iter_mut() {
         *v *= inv;
     }
@@ -172,51 +187,104 @@ pub struct PagedKv<'a> {
     pub v_off: usize,
 }
 
-/// One query head's attention over the first `n_keys` keys of a paged sequence.
+/// Attention of `R` query heads that share one KV head (grouped-query
+/// attention) and see the same `n_keys` keys of a paged sequence.
 ///
 /// Each score is one sequential FMA chain over the head dimensions, scaled
-/// once; the weighted sum of values runs over keys in order. `scores` is
-/// scratch of at least `n_keys`.
+/// once; the weighted sum of values runs over keys in order, per output
+/// lane. Doing the `R` heads together only interleaves independent chains
+/// (more work in flight per cycle), so a head's result does not depend on
+/// `R`. `q` holds the `R` heads back to back, as does `out`; `scores` is
+/// scratch of at least `R * n_keys`.
 #[inline(always)]
-pub fn attend_paged(q: &[f32], kv: &PagedKv<'_>, n_keys: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
-    let hd = q.len();
+fn attend_group<const R: usize>(q: &[f32], kv: &PagedKv<'_>, n_keys: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    let hd = q.len() / R;
     let bs = kv.block_size;
-    let scores = &mut scores[..n_keys];
-    for (bi, s) in scores.chunks_mut(bs).enumerate() {
+    let n_blocks = n_keys.div_ceil(bs);
+    for bi in 0..n_blocks {
+        let nk = bs.min(n_keys - bi * bs);
         let base = kv.blocks[bi] as usize * kv.block_floats + kv.k_off;
         let kblk = &kv.layer[base..base + hd * bs];
-        s.fill(0.0);
-        for (d, &qd) in q.iter().enumerate() {
-            let row = &kblk[d * bs..d * bs + s.len()];
-            for (si, ki) in s.iter_mut().zip(row) {
-                *si = qd.mul_add(*ki, *si);
+        if bs == 16 {
+            // The common block size: 16 running scores per head in registers.
+            let mut acc = [[0f32; 16]; R];
+            for d in 0..hd {
+                let row: &[f32; 16] = kblk[d * 16..d * 16 + 16].try_into().expect("16 slots");
+                for r in 0..R {
+                    let qd = q[r * hd + d];
+                    for l in 0..16 {
+                        acc[r][l] = qd.mul_add(row[l], acc[r][l]);
+                    }
+                }
+            }
+            for r in 0..R {
+                for l in 0..nk {
+                    scores[r * n_keys + bi * 16 + l] = acc[r][l] * scale;
+                }
+            }
+        } else {
+            for r in 0..R {
+                let s = &mut scores[r * n_keys + bi * bs..r * n_keys + bi * bs + nk];
+                s.fill(0.0);
+                for d in 0..hd {
+                    let qd = q[r * hd + d];
+                    for (si, ki) in s.iter_mut().zip(&kblk[d * bs..d * bs + nk]) {
+                        *si = qd.mul_add(*ki, *si);
+                    }
+                }
+                for si in s.iter_mut() {
+                    *si *= scale;
+                }
             }
         }
-        for si in s.iter_mut() {
-            *si *= scale;
-        }
     }
-    softmax(scores);
-    out.fill(0.0);
-    for (bi, ps) in scores.chunks(bs).enumerate() {
-        let base = kv.blocks[bi] as usize * kv.block_floats + kv.v_off;
-        for (slot, &p) in ps.iter().enumerate() {
-            let v = &kv.layer[base + slot * hd..base + (slot + 1) * hd];
-            for (o, vi) in out.iter_mut().zip(v) {
-                *o = p.mul_add(*vi, *o);
+    for r in 0..R {
+        softmax(&mut scores[r * n_keys..(r + 1) * n_keys]);
+    }
+    let value = |j: usize| -> &[f32] {
+        let base = kv.blocks[j / bs] as usize * kv.block_floats + kv.v_off + (j % bs) * hd;
+        &kv.layer[base..base + hd]
+    };
+    if hd == 64 {
+        // Accumulators in registers: R × 4 vectors.
+        let mut acc = [[0f32; 64]; R];
+        for j in 0..n_keys {
+            let v: &[f32; 64] = value(j).try_into().expect("64 dims");
+            for r in 0..R {
+                let p = scores[r * n_keys + j];
+                for d in 0..64 {
+                    acc[r][d] = p.mul_add(v[d], acc[r][d]);
+                }
+            }
+        }
+        for r in 0..R {
+            out[r * 64..(r + 1) * 64].copy_from_slice(&acc[r]);
+        }
+    } else {
+        out[..R * hd].fill(0.0);
+        for j in 0..n_keys {
+            let v = value(j);
+            for r in 0..R {
+                let p = scores[r * n_keys + j];
+                for (o, vi) in out[r * hd..(r + 1) * hd].iter_mut().zip(v) {
+                    *o = p.mul_add(*vi, *o);
+                }
             }
         }
     }
 }
 
 multiversion! {
-    /// [`attend_paged`] for `n_q` consecutive query tokens of one sequence and
-    /// one query head; query `i` sees `n_keys_first + i` keys (causal).
+    /// Attention for `n_q` consecutive query tokens of one sequence and the
+    /// `n_group` query heads of one KV head; query token `i` sees
+    /// `n_keys_first + i` keys (causal). A token's heads sit back to back at
+    /// `qs[i * q_stride..]` and `out[i * out_stride..]`.
     pub fn attend_many(
         qs: &[f32],
         q_stride: usize,
         n_q: usize,
         head_dim: usize,
+        n_group: usize,
         kv: &PagedKv<'_>,
         n_keys_first: usize,
         scale: f32,
@@ -225,9 +293,20 @@ multiversion! {
         out_stride: usize,
     ) {
         for i in 0..n_q {
-            let q = &qs[i * q_stride..i * q_stride + head_dim];
-            let o = &mut out[i * out_stride..i * out_stride + head_dim];
-            attend_paged(q, kv, n_keys_first + i, scale, scores, o);
+            let n_keys = n_keys_first + i;
+            let mut r0 = 0;
+            while r0 < n_group {
+                let take = (n_group - r0).min(4);
+                let q = &qs[i * q_stride + r0 * head_dim..i * q_stride + (r0 + take) * head_dim];
+                let o = &mut out[i * out_stride + r0 * head_dim..i * out_stride + (r0 + take) * head_dim];
+                match take {
+                    1 => attend_group::<1>(q, kv, n_keys, scale, scores, o),
+                    2 => attend_group::<2>(q, kv, n_keys, scale, scores, o),
+                    3 => attend_group::<3>(q, kv, n_keys, scale, scores, o),
+                    _ => attend_group::<4>(q, kv, n_keys, scale, scores, o),
+                }
+                r0 += take;
+            }
         }
     }
 }

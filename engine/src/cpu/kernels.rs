@@ -10,9 +10,15 @@
 //! increasing `k` within one 64-input chunk, starting from zero, and chunk
 //! partials are added left to right.
 
+// Index loops over small fixed-size arrays of registers read clearer (and
+// unroll the same) as `for i in 0..N`.
+#![allow(clippy::needless_range_loop)]
+
 use std::cell::RefCell;
 
-use super::{float_offset, unit_offset, Format, Kernel, PackedMatrix, FLOAT_UNIT, PANEL, REDUCTION_CHUNK};
+use super::{
+    float_offset, unit_offset, Format, Kernel, PackedMatrix, FLOAT_UNIT, PANEL, REDUCTION_CHUNK,
+};
 
 /// Sixteen f32 lanes (one zmm, or two ymm) and the operations the kernels need.
 pub(super) trait Isa: Copy {
@@ -60,7 +66,14 @@ trait Fmt {
     unsafe fn block<I: Isa>(panel: *const u8, cols: usize, k0: usize) -> (*const u8, I::V, I::V);
     /// Exact weights of the block's inputs `j .. j + STEP` into `w[..STEP]`
     /// (`j` a multiple of `STEP`).
-    unsafe fn decode<I: Isa>(b: *const u8, j: usize, sc: I::V, of: I::V, aux: I::V, w: &mut [I::V; MAX_STEP]);
+    unsafe fn decode<I: Isa>(
+        b: *const u8,
+        j: usize,
+        sc: I::V,
+        of: I::V,
+        aux: I::V,
+        w: &mut [I::V; MAX_STEP],
+    );
     /// Exact weight of the block's input `j` (tails shorter than `STEP`).
     #[inline(always)]
     unsafe fn one<I: Isa>(b: *const u8, j: usize, sc: I::V, of: I::V, aux: I::V) -> I::V {
@@ -91,7 +104,11 @@ unsafe fn qblock<I: Isa, const H: bool>(
     if H {
         (b.add(ph), I::f16(b), I::f16(b.add(32)))
     } else {
-        (b.add(ph), I::load(b as *const f32), I::load(b.add(64) as *const f32))
+        (
+            b.add(ph),
+            I::load(b as *const f32),
+            I::load(b.add(64) as *const f32),
+        )
     }
 }
 
@@ -104,7 +121,14 @@ impl Fmt for FF32 {
         (panel.add(float_offset(cols, 4, k0)), I::zero(), I::zero())
     }
     #[inline(always)]
-    unsafe fn decode<I: Isa>(b: *const u8, j: usize, _: I::V, _: I::V, _: I::V, w: &mut [I::V; MAX_STEP]) {
+    unsafe fn decode<I: Isa>(
+        b: *const u8,
+        j: usize,
+        _: I::V,
+        _: I::V,
+        _: I::V,
+        w: &mut [I::V; MAX_STEP],
+    ) {
         for i in 0..Self::STEP {
             w[i] = I::load(b.add((j + i) * PANEL * 4) as *const f32);
         }
@@ -124,7 +148,14 @@ impl Fmt for FF16 {
         (panel.add(float_offset(cols, 2, k0)), I::zero(), I::zero())
     }
     #[inline(always)]
-    unsafe fn decode<I: Isa>(b: *const u8, j: usize, _: I::V, _: I::V, _: I::V, w: &mut [I::V; MAX_STEP]) {
+    unsafe fn decode<I: Isa>(
+        b: *const u8,
+        j: usize,
+        _: I::V,
+        _: I::V,
+        _: I::V,
+        w: &mut [I::V; MAX_STEP],
+    ) {
         for i in 0..Self::STEP {
             w[i] = I::f16(b.add((j + i) * PANEL * 2));
         }
@@ -144,7 +175,14 @@ impl Fmt for FBF16 {
         (panel.add(float_offset(cols, 2, k0)), I::zero(), I::zero())
     }
     #[inline(always)]
-    unsafe fn decode<I: Isa>(b: *const u8, j: usize, _: I::V, _: I::V, _: I::V, w: &mut [I::V; MAX_STEP]) {
+    unsafe fn decode<I: Isa>(
+        b: *const u8,
+        j: usize,
+        _: I::V,
+        _: I::V,
+        _: I::V,
+        w: &mut [I::V; MAX_STEP],
+    ) {
         for i in 0..Self::STEP {
             w[i] = I::bf16(b.add((j + i) * PANEL * 2));
         }
@@ -164,7 +202,14 @@ impl<const S: usize, const H: bool> Fmt for FQ8<S, H> {
         qblock::<I, H>(panel, cols, k0, S, S * PANEL)
     }
     #[inline(always)]
-    unsafe fn decode<I: Isa>(b: *const u8, j: usize, sc: I::V, of: I::V, _: I::V, w: &mut [I::V; MAX_STEP]) {
+    unsafe fn decode<I: Isa>(
+        b: *const u8,
+        j: usize,
+        sc: I::V,
+        of: I::V,
+        _: I::V,
+        w: &mut [I::V; MAX_STEP],
+    ) {
         for i in 0..Self::STEP {
             w[i] = I::fma(sc, I::q8(b.add((j + i) * PANEL)), of);
         }
@@ -180,7 +225,14 @@ impl<const S: usize, const BIASED: bool, const H: bool> Fmt for FQ4<S, BIASED, H
         qblock::<I, H>(panel, cols, k0, S, S * PANEL / 2)
     }
     #[inline(always)]
-    unsafe fn decode<I: Isa>(b: *const u8, j: usize, sc: I::V, of: I::V, aux: I::V, w: &mut [I::V; MAX_STEP]) {
+    unsafe fn decode<I: Isa>(
+        b: *const u8,
+        j: usize,
+        sc: I::V,
+        of: I::V,
+        aux: I::V,
+        w: &mut [I::V; MAX_STEP],
+    ) {
         I::q4x8::<BIASED>(b.add(j / 8 * 64), aux, w);
         for v in w.iter_mut() {
             *v = I::fma(sc, *v, of);
@@ -252,10 +304,18 @@ unsafe fn fused_group<I: Isa, F: Fmt, const T: usize, const CG: usize>(
 
 /// Adds chunk partials, in chunk order, into the running totals.
 #[inline(always)]
-unsafe fn fold<I: Isa, const T: usize, const CG: usize>(tot: &mut [I::V; T], acc: [[I::V; T]; CG], first_chunk: usize) {
+unsafe fn fold<I: Isa, const T: usize, const CG: usize>(
+    tot: &mut [I::V; T],
+    acc: [[I::V; T]; CG],
+    first_chunk: usize,
+) {
     for (c, a) in acc.iter().enumerate() {
         for t in 0..T {
-            tot[t] = if first_chunk + c == 0 { a[t] } else { I::add(tot[t], a[t]) };
+            tot[t] = if first_chunk + c == 0 {
+                a[t]
+            } else {
+                I::add(tot[t], a[t])
+            };
         }
     }
 }
@@ -275,19 +335,23 @@ unsafe fn fused_panel<I: Isa, F: Fmt, const T: usize, const CG: usize>(
     let mut tot = [I::zero(); T];
     let mut c = 0;
     while c + CG <= full {
-        let a = fused_group::<I, F, T, CG>(panel, bias, x, cols, c * REDUCTION_CHUNK, REDUCTION_CHUNK);
+        let a =
+            fused_group::<I, F, T, CG>(panel, bias, x, cols, c * REDUCTION_CHUNK, REDUCTION_CHUNK);
         fold::<I, T, CG>(&mut tot, a, c);
         c += CG;
     }
     let left = full - c;
     if CG > 3 && left == 3 {
-        let a = fused_group::<I, F, T, 3>(panel, bias, x, cols, c * REDUCTION_CHUNK, REDUCTION_CHUNK);
+        let a =
+            fused_group::<I, F, T, 3>(panel, bias, x, cols, c * REDUCTION_CHUNK, REDUCTION_CHUNK);
         fold::<I, T, 3>(&mut tot, a, c);
     } else if CG > 2 && left == 2 {
-        let a = fused_group::<I, F, T, 2>(panel, bias, x, cols, c * REDUCTION_CHUNK, REDUCTION_CHUNK);
+        let a =
+            fused_group::<I, F, T, 2>(panel, bias, x, cols, c * REDUCTION_CHUNK, REDUCTION_CHUNK);
         fold::<I, T, 2>(&mut tot, a, c);
     } else if CG > 1 && left == 1 {
-        let a = fused_group::<I, F, T, 1>(panel, bias, x, cols, c * REDUCTION_CHUNK, REDUCTION_CHUNK);
+        let a =
+            fused_group::<I, F, T, 1>(panel, bias, x, cols, c * REDUCTION_CHUNK, REDUCTION_CHUNK);
         fold::<I, T, 1>(&mut tot, a, c);
     }
     if rem > 0 {
@@ -368,35 +432,63 @@ macro_rules! with_format {
                 type $F = FBF16;
                 $body
             }
-            Format::Q8 { sub: 32, half: false } => {
+            Format::Q8 {
+                sub: 32,
+                half: false,
+            } => {
                 type $F = FQ8<32, false>;
                 $body
             }
-            Format::Q8 { sub: 32, half: true } => {
+            Format::Q8 {
+                sub: 32,
+                half: true,
+            } => {
                 type $F = FQ8<32, true>;
                 $body
             }
-            Format::Q8 { sub: 16, half: false } => {
+            Format::Q8 {
+                sub: 16,
+                half: false,
+            } => {
                 type $F = FQ8<16, false>;
                 $body
             }
-            Format::Q8 { sub: 16, half: true } => {
+            Format::Q8 {
+                sub: 16,
+                half: true,
+            } => {
                 type $F = FQ8<16, true>;
                 $body
             }
-            Format::Q4 { sub: 32, bias: 0, half: false } => {
+            Format::Q4 {
+                sub: 32,
+                bias: 0,
+                half: false,
+            } => {
                 type $F = FQ4<32, false, false>;
                 $body
             }
-            Format::Q4 { sub: 32, half: false, .. } => {
+            Format::Q4 {
+                sub: 32,
+                half: false,
+                ..
+            } => {
                 type $F = FQ4<32, true, false>;
                 $body
             }
-            Format::Q4 { sub: 32, bias: 0, half: true } => {
+            Format::Q4 {
+                sub: 32,
+                bias: 0,
+                half: true,
+            } => {
                 type $F = FQ4<32, false, true>;
                 $body
             }
-            Format::Q4 { sub: 32, half: true, .. } => {
+            Format::Q4 {
+                sub: 32,
+                half: true,
+                ..
+            } => {
                 type $F = FQ4<32, true, true>;
                 $body
             }
@@ -443,7 +535,11 @@ thread_local! {
 unsafe fn expand_panel<I: Isa, F: Fmt>(panel: *const u8, aux: I::V, cols: usize, buf: *mut f32) {
     let mut k0 = 0;
     while k0 < cols {
-        let seg = if F::SUB < cols - k0 { F::SUB } else { cols - k0 };
+        let seg = if F::SUB < cols - k0 {
+            F::SUB
+        } else {
+            cols - k0
+        };
         let (b, sc, of) = F::block::<I>(panel, cols, k0);
         let mut j = 0;
         while j + F::STEP <= seg {
@@ -474,7 +570,11 @@ unsafe fn micro<I: Isa, const NP: usize, const TT: usize>(
 ) {
     let mut k0 = 0;
     while k0 < cols {
-        let len = if cols - k0 < REDUCTION_CHUNK { cols - k0 } else { REDUCTION_CHUNK };
+        let len = if cols - k0 < REDUCTION_CHUNK {
+            cols - k0
+        } else {
+            REDUCTION_CHUNK
+        };
         let mut acc = [[I::zero(); TT]; NP];
         for k in k0..k0 + len {
             let mut wv = [I::zero(); NP];
@@ -491,7 +591,11 @@ unsafe fn micro<I: Isa, const NP: usize, const TT: usize>(
         for p in 0..NP {
             for t in 0..TT {
                 let o = out.add(t * ldo + p * PANEL);
-                let v = if k0 == 0 { acc[p][t] } else { I::add(I::load(o), acc[p][t]) };
+                let v = if k0 == 0 {
+                    acc[p][t]
+                } else {
+                    I::add(I::load(o), acc[p][t])
+                };
                 I::store(o, v);
             }
         }
@@ -538,8 +642,14 @@ pub(super) struct Geometry {
 
 pub(super) fn gemm_geometry(kernel: Kernel) -> Geometry {
     match kernel {
-        Kernel::Avx512 => Geometry { np: 2, token_block: 96 },
-        _ => Geometry { np: 1, token_block: 96 },
+        Kernel::Avx512 => Geometry {
+            np: 2,
+            token_block: 96,
+        },
+        _ => Geometry {
+            np: 1,
+            token_block: 96,
+        },
     }
 }
 
@@ -584,7 +694,15 @@ pub(super) unsafe fn gemm_task_generic<I: Isa, const NP: usize, const TT: usize>
         let nt = TT.min(t1 - t);
         let xt = x.as_ptr().add(t * cols);
         if valid == NP * PANEL {
-            micro_n::<I, NP>(nt, buf, pstride, xt, cols, out.add(t * rows + p0 * PANEL), rows);
+            micro_n::<I, NP>(
+                nt,
+                buf,
+                pstride,
+                xt,
+                cols,
+                out.add(t * rows + p0 * PANEL),
+                rows,
+            );
         } else {
             if np == NP {
                 micro_n::<I, NP>(nt, buf, pstride, xt, cols, sp, NP * PANEL);
@@ -592,7 +710,11 @@ pub(super) unsafe fn gemm_task_generic<I: Isa, const NP: usize, const TT: usize>
                 micro_n::<I, 1>(nt, buf, pstride, xt, cols, sp, NP * PANEL);
             }
             for tt in 0..nt {
-                std::ptr::copy_nonoverlapping(sp.add(tt * NP * PANEL), out.add((t + tt) * rows + p0 * PANEL), valid);
+                std::ptr::copy_nonoverlapping(
+                    sp.add(tt * NP * PANEL),
+                    out.add((t + tt) * rows + p0 * PANEL),
+                    valid,
+                );
             }
         }
         t += nt;

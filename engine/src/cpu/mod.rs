@@ -172,15 +172,24 @@ impl PackedBuf {
 
     fn zeroed(len: usize) -> Self {
         let align = if len >= Self::HUGE { Self::HUGE } else { 64 };
-        let layout = std::alloc::Layout::from_size_align(len.max(1).div_ceil(64) * 64, align).expect("packed size");
+        let layout = std::alloc::Layout::from_size_align(len.max(1).div_ceil(64) * 64, align)
+            .expect("packed size");
         // SAFETY: non-zero size.
         let raw = unsafe { std::alloc::alloc_zeroed(layout) };
-        let Some(ptr) = std::ptr::NonNull::new(raw) else { std::alloc::handle_alloc_error(layout) };
+        let Some(ptr) = std::ptr::NonNull::new(raw) else {
+            std::alloc::handle_alloc_error(layout)
+        };
         #[cfg(target_os = "linux")]
         if align == Self::HUGE {
             // Advice only: failure just leaves small pages.
             // SAFETY: the range is our own allocation, page aligned.
-            unsafe { libc::madvise(raw as *mut libc::c_void, layout.size() / Self::HUGE * Self::HUGE, libc::MADV_HUGEPAGE) };
+            unsafe {
+                libc::madvise(
+                    raw as *mut libc::c_void,
+                    layout.size() / Self::HUGE * Self::HUGE,
+                    libc::MADV_HUGEPAGE,
+                )
+            };
         }
         Self { ptr, layout }
     }
@@ -226,7 +235,10 @@ impl PackedMatrix {
     /// Packs a 2-D tensor (row-major `[rows, cols]`).
     pub fn from_tensor(t: &TensorRef<'_>) -> Result<Self> {
         if t.shape.len() != 2 {
-            return Err(EngineError::Unsupported(format!("expected a matrix, got shape {:?}", t.shape)));
+            return Err(EngineError::Unsupported(format!(
+                "expected a matrix, got shape {:?}",
+                t.shape
+            )));
         }
         let (rows, cols) = (t.shape[0], t.shape[1]);
         let row_bytes = t.ty.bytes_for(cols)?;
@@ -245,8 +257,11 @@ impl PackedMatrix {
             GgmlType::BF16 => Format::BF16,
             ty => {
                 let sub = subblock_len(ty);
-                if REDUCTION_CHUNK % sub != 0 || sub % 2 != 0 {
-                    return Err(EngineError::Unsupported(format!("{} sub-blocks of {sub}", ty.name())));
+                if !REDUCTION_CHUNK.is_multiple_of(sub) || !sub.is_multiple_of(2) {
+                    return Err(EngineError::Unsupported(format!(
+                        "{} sub-blocks of {sub}",
+                        ty.name()
+                    )));
                 }
                 // 4-bit storage when every q fits one nibble after a common
                 // bias; f16 parameters when they are all exact f16 values.
@@ -264,7 +279,11 @@ impl PackedMatrix {
                 }
                 let nibble_type = matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4K);
                 if nibble_type && sub == 32 && rows > 0 && (hi as i32) - (lo as i32) <= 15 {
-                    Format::Q4 { sub, bias: lo, half }
+                    Format::Q4 {
+                        sub,
+                        bias: lo,
+                        half,
+                    }
                 } else {
                     Format::Q8 { sub, half }
                 }
@@ -290,7 +309,11 @@ impl PackedMatrix {
                     let sbb = fmt.subblock_bytes();
                     let ph = fmt.params_bytes();
                     let is_q4 = matches!(fmt, Format::Q4 { .. });
-                    let bias = if let Format::Q4 { bias, .. } = fmt { bias } else { 0 };
+                    let bias = if let Format::Q4 { bias, .. } = fmt {
+                        bias
+                    } else {
+                        0
+                    };
                     let mut i = 0usize;
                     let mut bad = None;
                     for_each_subblock(t.ty, src, |sb| {
@@ -329,7 +352,14 @@ impl PackedMatrix {
                 }
             }
         }
-        Ok(Self { rows, cols, ty: t.ty, fmt, panel_bytes, data })
+        Ok(Self {
+            rows,
+            cols,
+            ty: t.ty,
+            fmt,
+            panel_bytes,
+            data,
+        })
     }
 
     pub fn rows(&self) -> usize {
@@ -390,7 +420,12 @@ fn weight_at(fmt: Format, cols: usize, panel: &[u8], l: usize, k: usize) -> f32 
             let q = match fmt {
                 Format::Q4 { bias, .. } => {
                     let byte = panel[base + ph + (j / 8) * 64 + l * 4 + (j % 8) / 2];
-                    (if j % 2 == 0 { byte & 15 } else { byte >> 4 }) as i32 + bias as i32
+                    (if j.is_multiple_of(2) {
+                        byte & 15
+                    } else {
+                        byte >> 4
+                    }) as i32
+                        + bias as i32
                 }
                 _ => panel[base + ph + j * PANEL + l] as i8 as i32,
             };
@@ -430,7 +465,9 @@ impl Kernel {
             Kernel::Scalar => true,
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => {
-                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
             }
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => {
@@ -447,7 +484,10 @@ impl Kernel {
     }
     /// The best kernel this CPU runs.
     pub fn best() -> Self {
-        [Kernel::Avx512, Kernel::Avx2].into_iter().find(|k| k.available()).unwrap_or(Kernel::Scalar)
+        [Kernel::Avx512, Kernel::Avx2]
+            .into_iter()
+            .find(|k| k.available())
+            .unwrap_or(Kernel::Scalar)
     }
 }
 
@@ -459,11 +499,18 @@ pub fn selected_kernel() -> Kernel {
         Ok(v) if !v.trim().is_empty() => match Kernel::parse(&v) {
             Some(k) if k.available() => k,
             Some(k) => {
-                tracing::warn!("TANDEM_KERNEL={v}: this CPU cannot run {}, using {}", k.name(), Kernel::best().name());
+                tracing::warn!(
+                    "TANDEM_KERNEL={v}: this CPU cannot run {}, using {}",
+                    k.name(),
+                    Kernel::best().name()
+                );
                 Kernel::best()
             }
             None => {
-                tracing::warn!("TANDEM_KERNEL={v} is not one of scalar|avx2|avx512, using {}", Kernel::best().name());
+                tracing::warn!(
+                    "TANDEM_KERNEL={v} is not one of scalar|avx2|avx512, using {}",
+                    Kernel::best().name()
+                );
                 Kernel::best()
             }
         },
@@ -479,10 +526,21 @@ pub fn matmul(pool: &ThreadPool, w: &PackedMatrix, x: &[f32], tokens: usize, out
 
 /// [`matmul`] with an explicit kernel (tests and benchmarks compare them).
 /// Panics if this CPU cannot run `kernel`.
-pub fn matmul_with(kernel: Kernel, pool: &ThreadPool, w: &PackedMatrix, x: &[f32], tokens: usize, out: &mut [f32]) {
+pub fn matmul_with(
+    kernel: Kernel,
+    pool: &ThreadPool,
+    w: &PackedMatrix,
+    x: &[f32],
+    tokens: usize,
+    out: &mut [f32],
+) {
     assert_eq!(x.len(), tokens * w.cols, "x must be tokens × cols");
     assert_eq!(out.len(), tokens * w.rows, "out must be tokens × rows");
-    assert!(kernel.available(), "this CPU cannot run the {} kernel", kernel.name());
+    assert!(
+        kernel.available(),
+        "this CPU cannot run the {} kernel",
+        kernel.name()
+    );
     if tokens == 0 || w.rows == 0 {
         return;
     }
@@ -575,7 +633,14 @@ fn scalar_panels(w: &PackedMatrix, x: &[f32], tokens: usize, out: SendPtr, p0: u
 
 /// The reduction-order contract as plain code, over a row-major `[rows × cols]`
 /// f32 matrix: the definition every kernel must match bit for bit.
-pub fn matmul_reference(w: &[f32], rows: usize, cols: usize, x: &[f32], tokens: usize, out: &mut [f32]) {
+pub fn matmul_reference(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    tokens: usize,
+    out: &mut [f32],
+) {
     assert_eq!(w.len(), rows * cols);
     assert_eq!(x.len(), tokens * cols);
     assert_eq!(out.len(), tokens * rows);
@@ -584,7 +649,11 @@ pub fn matmul_reference(w: &[f32], rows: usize, cols: usize, x: &[f32], tokens: 
         for n in 0..rows {
             let wr = &w[n * cols..(n + 1) * cols];
             let mut total = 0f32;
-            for (c, (wc, xc)) in wr.chunks(REDUCTION_CHUNK).zip(xt.chunks(REDUCTION_CHUNK)).enumerate() {
+            for (c, (wc, xc)) in wr
+                .chunks(REDUCTION_CHUNK)
+                .zip(xt.chunks(REDUCTION_CHUNK))
+                .enumerate()
+            {
                 let mut p = 0f32;
                 for (a, b) in wc.iter().zip(xc) {
                     p = a.mul_add(*b, p);

@@ -122,7 +122,8 @@ impl ThreadPool {
         let _turn = self.gate.lock().unwrap_or_else(|p| p.into_inner());
         let sh = &*self.shared;
         // SAFETY: only the lifetime is erased; see `JobPtr`.
-        let ptr: *const (dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(f as *const (dyn Fn(usize) + Sync)) };
+        let ptr: *const (dyn Fn(usize) + Sync + 'static) =
+            unsafe { std::mem::transmute(f as *const (dyn Fn(usize) + Sync)) };
         // SAFETY: no worker is inside a job (the previous `run` waited for
         // that), and none can join before `active` is opened below.
         unsafe { *sh.job.get() = (JobPtr(ptr), n_tasks) };
@@ -180,7 +181,7 @@ fn worker(sh: &Shared) {
         while sh.epoch.load(Ordering::Acquire) == seen {
             std::hint::spin_loop();
             spins += 1;
-            if spins % 64 == 0 && start.elapsed() >= sh.spin {
+            if spins.is_multiple_of(64) && start.elapsed() >= sh.spin {
                 let mut sleepers = sh.sleepers.lock().unwrap();
                 while sh.epoch.load(Ordering::Acquire) == seen {
                     *sleepers += 1;
@@ -201,7 +202,10 @@ fn worker(sh: &Shared) {
             if a & OPEN == 0 {
                 break false;
             }
-            match sh.active.compare_exchange_weak(a, a + 1, Ordering::AcqRel, Ordering::Acquire) {
+            match sh
+                .active
+                .compare_exchange_weak(a, a + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
                 Ok(_) => break true,
                 Err(now) => a = now,
             }

@@ -84,7 +84,12 @@ fn dequant_all(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Vec<f32>
     let rb = ty.bytes_for(cols).unwrap();
     let mut w = vec![0f32; rows * cols];
     for r in 0..rows {
-        dequantize_row(ty, &bytes[r * rb..(r + 1) * rb], &mut w[r * cols..(r + 1) * cols]).unwrap();
+        dequantize_row(
+            ty,
+            &bytes[r * rb..(r + 1) * rb],
+            &mut w[r * cols..(r + 1) * cols],
+        )
+        .unwrap();
     }
     w
 }
@@ -105,10 +110,21 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|f| f.to_bits()).collect()
 }
 
-fn check_shape(ty: GgmlType, rows: usize, cols: usize, token_counts: &[usize], pools: &[ThreadPool], rng: &mut Rng) {
+fn check_shape(
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    token_counts: &[usize],
+    pools: &[ThreadPool],
+    rng: &mut Rng,
+) {
     let bytes = random_tensor(ty, rows, cols, rng);
     let shape = [rows, cols];
-    let t = TensorRef { ty, shape: &shape, bytes: &bytes };
+    let t = TensorRef {
+        ty,
+        shape: &shape,
+        bytes: &bytes,
+    };
     let m = PackedMatrix::from_tensor(&t).unwrap();
     assert_eq!((m.rows(), m.cols()), (rows, cols));
     let wref = dequant_all(ty, &bytes, rows, cols);
@@ -162,7 +178,11 @@ fn kernels_match_reference_on_random_shapes() {
     for _ in 0..40 {
         let ty = ALL_TYPES[rng.below(ALL_TYPES.len())];
         let be = ty.block_elems().max(1);
-        let cols = if ty.is_float() { 1 + rng.below(300) } else { be * (1 + rng.below(if be == 32 { 12 } else { 3 })) };
+        let cols = if ty.is_float() {
+            1 + rng.below(300)
+        } else {
+            be * (1 + rng.below(if be == 32 { 12 } else { 3 }))
+        };
         let rows = 1 + rng.below(100);
         let tokens = 1 + rng.below(40);
         check_shape(ty, rows, cols, &[tokens], &pools, &mut rng);
@@ -180,8 +200,19 @@ fn q6k_with_f16_exact_scales_uses_and_matches_half_parameters() {
         put_f16(blk, 208, 1.0 / 1024.0);
     }
     let shape = [rows, cols];
-    let m = PackedMatrix::from_tensor(&TensorRef { ty: GgmlType::Q6K, shape: &shape, bytes: &bytes }).unwrap();
-    assert_eq!(m.fmt, Format::Q8 { sub: 16, half: true });
+    let m = PackedMatrix::from_tensor(&TensorRef {
+        ty: GgmlType::Q6K,
+        shape: &shape,
+        bytes: &bytes,
+    })
+    .unwrap();
+    assert_eq!(
+        m.fmt,
+        Format::Q8 {
+            sub: 16,
+            half: true
+        }
+    );
     let wref = dequant_all(GgmlType::Q6K, &bytes, rows, cols);
     let pool = ThreadPool::new(2);
     for tokens in [1, 3, 9] {
@@ -191,7 +222,12 @@ fn q6k_with_f16_exact_scales_uses_and_matches_half_parameters() {
         for kernel in kernels_here() {
             let mut got = vec![0f32; tokens * rows];
             matmul_with(kernel, &pool, &m, &x, tokens, &mut got);
-            assert_eq!(bits(&got), bits(&want), "{} kernel, {tokens} tokens", kernel.name());
+            assert_eq!(
+                bits(&got),
+                bits(&want),
+                "{} kernel, {tokens} tokens",
+                kernel.name()
+            );
         }
     }
 }
@@ -214,7 +250,12 @@ fn results_do_not_depend_on_batching() {
     let (rows, cols) = (70, 320);
     let bytes = random_tensor(GgmlType::Q4_1, rows, cols, &mut rng);
     let shape = [rows, cols];
-    let m = PackedMatrix::from_tensor(&TensorRef { ty: GgmlType::Q4_1, shape: &shape, bytes: &bytes }).unwrap();
+    let m = PackedMatrix::from_tensor(&TensorRef {
+        ty: GgmlType::Q4_1,
+        shape: &shape,
+        bytes: &bytes,
+    })
+    .unwrap();
     let pool = ThreadPool::new(2);
     let tokens = 50;
     let x: Vec<f32> = (0..tokens * cols).map(|_| rng.f()).collect();
@@ -235,12 +276,22 @@ fn row_into_is_the_reference_dequantisation() {
         let rows = 19;
         let bytes = random_tensor(ty, rows, cols, &mut rng);
         let shape = [rows, cols];
-        let m = PackedMatrix::from_tensor(&TensorRef { ty, shape: &shape, bytes: &bytes }).unwrap();
+        let m = PackedMatrix::from_tensor(&TensorRef {
+            ty,
+            shape: &shape,
+            bytes: &bytes,
+        })
+        .unwrap();
         let want = dequant_all(ty, &bytes, rows, cols);
         let mut got = vec![0f32; cols];
         for r in 0..rows {
             m.row_into(r, &mut got);
-            assert_eq!(bits(&got), bits(&want[r * cols..(r + 1) * cols]), "{} row {r}", ty.name());
+            assert_eq!(
+                bits(&got),
+                bits(&want[r * cols..(r + 1) * cols]),
+                "{} row {r}",
+                ty.name()
+            );
         }
     }
 }
@@ -249,10 +300,19 @@ fn row_into_is_the_reference_dequantisation() {
 fn packed_quantised_weights_stay_compressed() {
     let mut rng = Rng(1);
     let (rows, cols) = (64, 576);
-    for (ty, max_bits) in [(GgmlType::Q4_1, 5.0), (GgmlType::Q4_0, 5.0), (GgmlType::Q8_0, 9.0)] {
+    for (ty, max_bits) in [
+        (GgmlType::Q4_1, 5.0),
+        (GgmlType::Q4_0, 5.0),
+        (GgmlType::Q8_0, 9.0),
+    ] {
         let bytes = random_tensor(ty, rows, cols, &mut rng);
         let shape = [rows, cols];
-        let m = PackedMatrix::from_tensor(&TensorRef { ty, shape: &shape, bytes: &bytes }).unwrap();
+        let m = PackedMatrix::from_tensor(&TensorRef {
+            ty,
+            shape: &shape,
+            bytes: &bytes,
+        })
+        .unwrap();
         let bpw = m.nbytes() as f64 * 8.0 / (rows * cols) as f64;
         assert!(bpw <= max_bits, "{}: {bpw} bits per weight", ty.name());
     }
@@ -271,9 +331,19 @@ fn kernel_names_parse() {
 fn rejects_non_matrices_and_short_data() {
     let shape = [4usize];
     let b = vec![0u8; 16];
-    assert!(PackedMatrix::from_tensor(&TensorRef { ty: GgmlType::F32, shape: &shape, bytes: &b }).is_err());
+    assert!(PackedMatrix::from_tensor(&TensorRef {
+        ty: GgmlType::F32,
+        shape: &shape,
+        bytes: &b
+    })
+    .is_err());
     let shape = [4usize, 4];
-    assert!(PackedMatrix::from_tensor(&TensorRef { ty: GgmlType::F32, shape: &shape, bytes: &b }).is_err());
+    assert!(PackedMatrix::from_tensor(&TensorRef {
+        ty: GgmlType::F32,
+        shape: &shape,
+        bytes: &b
+    })
+    .is_err());
 }
 
 /// CPU time (ns) consumed so far by all threads of this process, from
@@ -284,7 +354,11 @@ fn cpu_ns() -> u64 {
     if let Ok(rd) = std::fs::read_dir("/proc/self/task") {
         for e in rd.flatten() {
             if let Ok(s) = std::fs::read_to_string(e.path().join("schedstat")) {
-                total += s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                total += s
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
             }
         }
     }
@@ -312,15 +386,31 @@ fn time_it(iters: usize, mut f: impl FnMut()) -> (f64, f64) {
 #[test]
 #[ignore]
 fn bench_kernels() {
-    let threads: usize = std::env::var("TANDEM_BENCH_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
+    let threads: usize = std::env::var("TANDEM_BENCH_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
     let pool = ThreadPool::new(threads);
     let kernel = selected_kernel();
     let mut rng = Rng(42);
-    let layer_shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)];
+    let layer_shapes = [
+        (576, 576),
+        (192, 576),
+        (192, 576),
+        (576, 576),
+        (1536, 576),
+        (1536, 576),
+        (576, 1536),
+    ];
     let pack = |ty, rows, cols, rng: &mut Rng| {
         let bytes = random_tensor(ty, rows, cols, rng);
         let shape = [rows, cols];
-        PackedMatrix::from_tensor(&TensorRef { ty, shape: &shape, bytes: &bytes }).unwrap()
+        PackedMatrix::from_tensor(&TensorRef {
+            ty,
+            shape: &shape,
+            bytes: &bytes,
+        })
+        .unwrap()
     };
     let t = std::time::Instant::now();
     let mut mats: Vec<PackedMatrix> = Vec::new();
@@ -330,7 +420,11 @@ fn bench_kernels() {
         }
     }
     let head = pack(GgmlType::Q8_0, 49152, 576, &mut rng);
-    println!("kernel {}, {threads} threads; packed in {:.2?}", kernel.name(), t.elapsed());
+    println!(
+        "kernel {}, {threads} threads; packed in {:.2?}",
+        kernel.name(),
+        t.elapsed()
+    );
     let body_w: usize = mats.iter().map(|m| m.rows() * m.cols()).sum();
     let body_bytes: usize = mats.iter().map(|m| m.nbytes()).sum();
     let total_bytes = body_bytes + head.nbytes();
@@ -346,7 +440,8 @@ fn bench_kernels() {
     {
         let big: Vec<u64> = (0..(256usize << 20) / 8).map(|i| i as u64).collect();
         let n_tasks = threads * 8;
-        let sums: Vec<std::sync::atomic::AtomicU64> = (0..n_tasks).map(|_| Default::default()).collect();
+        let sums: Vec<std::sync::atomic::AtomicU64> =
+            (0..n_tasks).map(|_| Default::default()).collect();
         let (wall, _) = time_it(3, || {
             pool.run(n_tasks, &|i| {
                 let (a, b) = split(big.len(), n_tasks, i);
@@ -354,7 +449,10 @@ fn bench_kernels() {
                 sums[i].store(s, std::sync::atomic::Ordering::Relaxed);
             })
         });
-        println!("plain read bandwidth, {threads} threads: {:.1} GB/s", (big.len() * 8) as f64 / wall / 1e9);
+        println!(
+            "plain read bandwidth, {threads} threads: {:.1} GB/s",
+            (big.len() * 8) as f64 / wall / 1e9
+        );
     }
     let x: Vec<f32> = (0..512 * 1536).map(|_| rng.f()).collect();
     let mut out = vec![0f32; 512 * 49152];
@@ -366,9 +464,21 @@ fn bench_kernels() {
     for &tokens in &batches {
         let (wall, cpu) = time_it(if only_batches { 100 } else { 10 }, || {
             for m in &mats {
-                matmul(&pool, m, &x[..tokens * m.cols()], tokens, &mut out[..tokens * m.rows()]);
+                matmul(
+                    &pool,
+                    m,
+                    &x[..tokens * m.cols()],
+                    tokens,
+                    &mut out[..tokens * m.rows()],
+                );
             }
-            matmul(&pool, &head, &x[..tokens * 576], tokens, &mut out[..tokens * 49152]);
+            matmul(
+                &pool,
+                &head,
+                &x[..tokens * 576],
+                tokens,
+                &mut out[..tokens * 49152],
+            );
         });
         println!(
             "whole model, batch {tokens:2}: {:6.2} ms/step, {:5.0} tok/s, {:5.1} GB/s, {:6.1} GFLOP/s  [per CPU-s: {:5.0} tok, {:6.1} GFLOP]",
@@ -386,7 +496,9 @@ fn bench_kernels() {
     for &(r, c) in &[(576usize, 576usize), (192, 576), (1536, 576), (576, 1536)] {
         let m = &mats[layer_shapes.iter().position(|s| *s == (r, c)).unwrap()];
         let tokens = 512;
-        let (wall, cpu) = time_it(10, || matmul(&pool, m, &x[..tokens * c], tokens, &mut out[..tokens * r]));
+        let (wall, cpu) = time_it(10, || {
+            matmul(&pool, m, &x[..tokens * c], tokens, &mut out[..tokens * r])
+        });
         let f = 2.0 * (r * c * tokens) as f64;
         println!(
             "GEMM {r:4}x{c:4} Q4_1, {tokens} tokens: {:7.3} ms, {:6.1} GFLOP/s  [per CPU-s: {:6.1} GFLOP]",
@@ -398,7 +510,13 @@ fn bench_kernels() {
     let tokens = 512;
     let (wall, cpu) = time_it(2, || {
         for m in &mats {
-            matmul(&pool, m, &x[..tokens * m.cols()], tokens, &mut out[..tokens * m.rows()]);
+            matmul(
+                &pool,
+                m,
+                &x[..tokens * m.cols()],
+                tokens,
+                &mut out[..tokens * m.rows()],
+            );
         }
     });
     let f = 2.0 * body_w as f64 * tokens as f64;
@@ -415,14 +533,27 @@ fn bench_kernels() {
 #[test]
 #[ignore]
 fn bench_gemv_hot() {
-    let threads: usize = std::env::var("TANDEM_BENCH_THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
+    let threads: usize = std::env::var("TANDEM_BENCH_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
     let pool = ThreadPool::new(threads);
     let mut rng = Rng(42);
     println!("kernel {}, {threads} threads", selected_kernel().name());
-    for (ty, rows, cols) in [(GgmlType::Q4_1, 1536, 576), (GgmlType::Q4_1, 576, 1536), (GgmlType::Q8_0, 1536, 576), (GgmlType::F32, 1536, 576)] {
+    for (ty, rows, cols) in [
+        (GgmlType::Q4_1, 1536, 576),
+        (GgmlType::Q4_1, 576, 1536),
+        (GgmlType::Q8_0, 1536, 576),
+        (GgmlType::F32, 1536, 576),
+    ] {
         let bytes = random_tensor(ty, rows, cols, &mut rng);
         let shape = [rows, cols];
-        let m = PackedMatrix::from_tensor(&TensorRef { ty, shape: &shape, bytes: &bytes }).unwrap();
+        let m = PackedMatrix::from_tensor(&TensorRef {
+            ty,
+            shape: &shape,
+            bytes: &bytes,
+        })
+        .unwrap();
         for tokens in [1usize, 2, 4, 8, 16, 64] {
             let x: Vec<f32> = (0..tokens * cols).map(|_| rng.f()).collect();
             let mut out = vec![0f32; tokens * rows];

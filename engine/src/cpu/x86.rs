@@ -56,7 +56,9 @@ impl Isa for Avx512 {
     }
     #[inline(always)]
     unsafe fn q4_aux(bias: f32) -> __m512 {
-        let i = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
+        let i = _mm512_setr_ps(
+            0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
+        );
         // Small integers: exact.
         _mm512_add_ps(i, _mm512_set1_ps(bias))
     }
@@ -115,7 +117,10 @@ impl Isa for Avx2 {
     }
     #[inline(always)]
     unsafe fn fma(a: Y2, b: Y2, c: Y2) -> Y2 {
-        Y2(_mm256_fmadd_ps(a.0, b.0, c.0), _mm256_fmadd_ps(a.1, b.1, c.1))
+        Y2(
+            _mm256_fmadd_ps(a.0, b.0, c.0),
+            _mm256_fmadd_ps(a.1, b.1, c.1),
+        )
     }
     #[inline(always)]
     unsafe fn f16(p: *const u8) -> Y2 {
@@ -150,7 +155,10 @@ impl Isa for Avx2 {
         let b = _mm256_loadu_si256(p.add(32) as *const __m256i);
         let m = _mm256_set1_epi32(15);
         let cvt = |x: __m256i, y: __m256i| {
-            let v = Y2(_mm256_cvtepi32_ps(_mm256_and_si256(x, m)), _mm256_cvtepi32_ps(_mm256_and_si256(y, m)));
+            let v = Y2(
+                _mm256_cvtepi32_ps(_mm256_and_si256(x, m)),
+                _mm256_cvtepi32_ps(_mm256_and_si256(y, m)),
+            );
             if BIASED {
                 // Small integers: exact.
                 Y2(_mm256_add_ps(v.0, bias.0), _mm256_add_ps(v.1, bias.1))
@@ -170,12 +178,26 @@ impl Isa for Avx2 {
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub(super) unsafe fn fused_task_avx512(w: &PackedMatrix, x: &[f32], tokens: usize, out: *mut f32, p0: usize, p1: usize) {
+pub(super) unsafe fn fused_task_avx512(
+    w: &PackedMatrix,
+    x: &[f32],
+    tokens: usize,
+    out: *mut f32,
+    p0: usize,
+    p1: usize,
+) {
     fused_task_generic::<Avx512>(w, x, tokens, out, p0, p1)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn fused_task_avx2(w: &PackedMatrix, x: &[f32], tokens: usize, out: *mut f32, p0: usize, p1: usize) {
+pub(super) unsafe fn fused_task_avx2(
+    w: &PackedMatrix,
+    x: &[f32],
+    tokens: usize,
+    out: *mut f32,
+    p0: usize,
+    p1: usize,
+) {
     fused_task_generic::<Avx2>(w, x, tokens, out, p0, p1)
 }
 
