@@ -87,6 +87,17 @@ pub enum Logits {
     All,
 }
 
+/// One layer of one sequence's new KV, just written (see [`Model::forward_observed`]).
+pub struct LayerKv<'a> {
+    /// Index of the sequence in the step's batch.
+    pub seq: usize,
+    pub layer: usize,
+    pub pool: &'a KvPool,
+    pub kv: &'a SeqKv,
+    /// Positions written by this step.
+    pub positions: std::ops::Range<usize>,
+}
+
 /// One sequence's part of a step.
 pub struct SeqStep<'a> {
     pub kv: &'a mut SeqKv,
@@ -292,6 +303,25 @@ impl Model {
     /// Blocks for the new tokens are reserved here when the caller has not
     /// done so; if the pool cannot hold them, nothing is computed or written.
     pub fn forward(&self, pool: &mut KvPool, batch: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
+        self.forward_observed(pool, batch, &mut |_: LayerKv<'_>| {})
+    }
+
+    /// [`Model::forward`], calling `on_layer` as soon as each layer's keys and
+    /// values of this step are in the pool, once per sequence: what a prefill
+    /// worker streams to a decode worker while the next layers compute.
+    ///
+    /// Chunk edges: a chunk's positions `start..end` rarely align with
+    /// blocks. The observer sees exactly those positions; the blocks that
+    /// hold them are `blocks[start / bs ..= (end - 1) / bs]`, the first and
+    /// last possibly partial. A block region carries its slot count on the
+    /// wire, and a receiver writes only the slots it is sent, so a partial
+    /// block completed by the next chunk is simply sent again, whole.
+    pub fn forward_observed(
+        &self,
+        pool: &mut KvPool,
+        batch: &mut [SeqStep<'_>],
+        on_layer: &mut dyn FnMut(LayerKv<'_>),
+    ) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
         let (h, hd, nh, nkv) = (c.hidden, c.head_dim, c.n_heads, c.n_kv_heads);
         let (qd, kvd) = (c.q_dim(), c.kv_dim());
@@ -430,6 +460,15 @@ impl Model {
                     qd,
                 );
             });
+            for (si, s) in batch.iter().enumerate() {
+                on_layer(LayerKv {
+                    seq: si,
+                    layer: li,
+                    pool,
+                    kv: s.kv,
+                    positions: s.kv.len..s.kv.len + s.tokens.len(),
+                });
+            }
             layer.wo.apply(&self.pool, &attn, n_tok, &mut proj);
             for (a, b) in x.iter_mut().zip(&proj) {
                 *a += b;

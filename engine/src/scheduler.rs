@@ -210,6 +210,96 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Reserves blocks for a prompt whose KV will arrive from a prefill
+    /// worker (disaggregated serving), evicting cached prefixes if needed.
+    /// The caller writes the blocks (see `KvPool::region_mut`), then hands
+    /// them over with [`Scheduler::add_prefilled`], or gives them back with
+    /// [`Scheduler::release`] if the transfer fails.
+    pub fn reserve_for_transfer(&mut self, prompt_tokens: usize) -> Result<SeqKv> {
+        let need = self.pool.layout().blocks_for(prompt_tokens);
+        if !self.make_room(need) {
+            return Err(EngineError::OutOfBlocks {
+                needed: need,
+                free: self.pool.free_blocks(),
+            });
+        }
+        let mut kv = SeqKv::default();
+        self.pool.reserve(&mut kv, prompt_tokens)?;
+        Ok(kv)
+    }
+
+    /// Returns reserved blocks (a transfer that failed or was cancelled).
+    pub fn release(&mut self, mut kv: SeqKv) {
+        self.pool.free_seq(&mut kv);
+    }
+
+    /// The pool, writable: where received KV is written.
+    pub fn pool_mut(&mut self) -> &mut KvPool {
+        &mut self.pool
+    }
+
+    /// Joins a sequence whose prompt KV was computed elsewhere: `kv` holds
+    /// the whole prompt (`kv.len == prompt.len()`), and `first` is the token
+    /// the prefill worker sampled from the last prompt position. The request
+    /// continues here exactly as if it had been prefilled locally.
+    pub fn add_prefilled(&mut self, req: Request, mut kv: SeqKv, first: Sampled, mut sink: Box<dyn EventSink>) -> Result<()> {
+        let pool_tokens = self.pool.n_blocks() * self.pool.layout().block_size;
+        let limit = match Self::validate(&req, self.context_length, pool_tokens) {
+            Ok(l) => l,
+            Err(e) => {
+                self.pool.free_seq(&mut kv);
+                return Err(e);
+            }
+        };
+        if kv.len != req.prompt.len() {
+            let got = kv.len;
+            self.pool.free_seq(&mut kv);
+            return Err(EngineError::Unsupported(format!(
+                "transferred KV covers {got} tokens, the prompt has {}",
+                req.prompt.len()
+            )));
+        }
+        self.clock += 1;
+        let n_prompt = req.prompt.len();
+        let mut tokens = req.prompt.clone();
+        let stop = req.stop_tokens.contains(&first.token);
+        if !stop {
+            tokens.push(first.token);
+            self.stats.generated_tokens += 1;
+        }
+        let finished = if stop {
+            Some(FinishReason::Stop)
+        } else if tokens.len() >= limit {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        let listening = stop || sink.send(Event::Token(first));
+        if let Some(reason) = finished.or(if listening { None } else { Some(FinishReason::Stop) }) {
+            self.pool.free_seq(&mut kv);
+            sink.send(Event::Finished {
+                reason,
+                prompt_tokens: n_prompt,
+                completion_tokens: tokens.len() - n_prompt,
+                cached_tokens: 0,
+            });
+            return Ok(());
+        }
+        self.running.push(Seq {
+            tokens,
+            n_prompt,
+            limit,
+            req,
+            kv,
+            cached_tokens: 0,
+            admitted_at: self.clock,
+            arrival: self.clock,
+            sink,
+            prompt_cached: false,
+        });
+        Ok(())
+    }
+
     /// Waiting queue order: priority (high first), then arrival.
     fn enqueue(&mut self, seq: Seq) {
         let key = (-(seq.req.priority as i64), seq.arrival);

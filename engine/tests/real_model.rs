@@ -408,6 +408,62 @@ mod batching {
         drop(rx);
     }
 
+    /// The disaggregation primitives in one process: a "prefill" pool computes
+    /// the prompt and hands each layer's blocks over as soon as the layer is
+    /// done; a "decode" scheduler reserves blocks, receives them, and
+    /// continues the request. Tokens equal a local run.
+    #[test]
+    fn kv_handed_over_layer_by_layer_continues_exactly() {
+        use tandem_engine::model::LayerKv;
+        use tandem_engine::sampler::sample;
+        let m = model();
+        for (i, p) in prompts().iter().enumerate().filter(|(i, _)| i % 5 == 0) {
+            let params = SamplingParams { temperature: 0.7, seed: 3, request_key: i as u64, ..Default::default() };
+            let want = alone(p, &params, 10);
+            // Prefill side, in uneven chunks, streaming (layer, block, region) as layers finish.
+            let mut pre_pool = m.pool_for_tokens(p.len(), 16);
+            let mut pre = SeqKv::default();
+            let mut shipped: Vec<(usize, usize, Vec<f32>)> = Vec::new();
+            let mut logits = Vec::new();
+            let cut = p.len() / 2;
+            for chunk in [&p[..cut], &p[cut..]] {
+                if chunk.is_empty() {
+                    continue;
+                }
+                let mut step = [SeqStep { kv: &mut pre, tokens: chunk, logits: Logits::Last }];
+                logits = m
+                    .forward_observed(&mut pre_pool, &mut step, &mut |l: LayerKv<'_>| {
+                        let bs = 16;
+                        for bi in l.positions.start / bs..=(l.positions.end - 1) / bs {
+                            shipped.push((l.layer, bi, l.pool.region(l.layer, l.kv.blocks[bi]).to_vec()));
+                        }
+                    })
+                    .unwrap()
+                    .pop()
+                    .unwrap();
+            }
+            let first = sample(&params, &logits, p, p.len(), 0);
+            // Decode side.
+            let mut s = scheduler(256, 64, true);
+            let mut kv = s.reserve_for_transfer(p.len()).unwrap();
+            for (layer, bi, region) in &shipped {
+                s.pool_mut().region_mut(*layer, kv.blocks[*bi]).copy_from_slice(region);
+            }
+            kv.len = p.len();
+            let (tx, rx) = channel();
+            let req = request(i as u64, p, &params, 10);
+            s.add_prefilled(req, kv, first, Box::new(tx)).unwrap();
+            let mut runs = vec![Run { rx, tokens: vec![], finished: None }];
+            while s.has_work() {
+                s.step(m).unwrap();
+            }
+            drain(&mut runs);
+            assert_eq!(runs[0].tokens, want, "prompt {i}");
+            s.clear_prefix_cache();
+            assert_eq!(s.pool().free_blocks(), s.pool().n_blocks());
+        }
+    }
+
     #[test]
     fn engine_thread_streams_tokens() {
         use std::sync::Arc;
