@@ -17,7 +17,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::error::Result;
 use crate::kv::KvPool;
-use crate::model::Model;
+use crate::executor::Executor;
 use crate::scheduler::{Event, Request, Scheduler, SchedulerConfig, SchedulerStats};
 use crate::sampler::SamplingParams;
 
@@ -75,11 +75,11 @@ pub struct Engine {
 
 impl Engine {
     /// Sizes the KV pool and starts the engine thread.
-    pub fn start(model: Arc<Model>, cfg: EngineConfig) -> Self {
+    pub fn start(model: Arc<dyn Executor>, cfg: EngineConfig) -> Self {
         let layout = model.kv_layout(cfg.block_size);
         let pool = KvPool::with_budget(layout, cfg.kv_cache_bytes);
         let pool_tokens = pool.n_blocks() * cfg.block_size;
-        let context_length = model.config.context_length;
+        let context_length = model.config().context_length;
         let mut sched = Scheduler::new(cfg.scheduler, pool, context_length);
         let stats = Arc::new(Mutex::new(sched.stats()));
         let (tx, rx) = mpsc::channel::<Command>();
@@ -122,7 +122,7 @@ impl Engine {
                         }
                     }
                     if sched.has_work() {
-                        if let Err(e) = sched.step(&model) {
+                        if let Err(e) = sched.step(model.as_ref()) {
                             tracing::error!(error = %e, "engine step failed; failing running requests");
                             sched.fail_all(&e.to_string());
                         }

@@ -298,3 +298,71 @@ mod tests {
         assert_eq!(l.token_bytes(), 2 * 2 * 2 * 4 * 4);
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Random reserve / fork / append / free sequences: refcounts always
+        /// equal the number of holders, no block is both free and held, and
+        /// everything returns to the free list at the end.
+        #[test]
+        fn allocator_never_leaks_or_double_frees(ops in proptest::collection::vec((0u8..4, 0usize..6, 1usize..20), 1..80)) {
+            let layout = KvLayout { dtype: KvDtype::F32, n_layers: 1, n_kv_heads: 1, head_dim: 2, block_size: 4 };
+            let mut p = KvPool::new(layout, 24);
+            let mut seqs: Vec<SeqKv> = Vec::new();
+            for (op, pick, n) in ops {
+                match op {
+                    0 => {
+                        let mut s = SeqKv::default();
+                        if p.reserve(&mut s, n).is_ok() {
+                            s.len = n;
+                            seqs.push(s);
+                        }
+                    }
+                    1 if !seqs.is_empty() => {
+                        let i = pick % seqs.len();
+                        let f = p.fork(&seqs[i]);
+                        seqs.push(f);
+                    }
+                    2 if !seqs.is_empty() => {
+                        let i = pick % seqs.len();
+                        let mut s = std::mem::take(&mut seqs[i]);
+                        if p.reserve(&mut s, n).is_ok() {
+                            // Every block written to must be exclusively ours.
+                            let bs = layout.block_size;
+                            for pos in s.len..s.len + n {
+                                prop_assert_eq!(p.refcount(s.blocks[pos / bs]), 1);
+                            }
+                            s.len += n;
+                        }
+                        seqs[i] = s;
+                    }
+                    3 if !seqs.is_empty() => {
+                        let i = pick % seqs.len();
+                        let mut s = seqs.swap_remove(i);
+                        p.free_seq(&mut s);
+                    }
+                    _ => {}
+                }
+                // Refcount of each block == number of sequences holding it.
+                let mut holders = vec![0u32; p.n_blocks()];
+                for s in &seqs {
+                    for &b in &s.blocks {
+                        holders[b as usize] += 1;
+                    }
+                }
+                for b in 0..p.n_blocks() {
+                    prop_assert_eq!(p.refcount(b as BlockId), holders[b]);
+                }
+                prop_assert_eq!(p.free_blocks(), holders.iter().filter(|&&h| h == 0).count());
+            }
+            for mut s in seqs.drain(..) {
+                p.free_seq(&mut s);
+            }
+            prop_assert_eq!(p.free_blocks(), p.n_blocks());
+        }
+    }
+}

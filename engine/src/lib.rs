@@ -4,6 +4,7 @@
 pub mod cpu;
 pub mod engine;
 pub mod error;
+pub mod executor;
 pub mod generate;
 pub mod kv;
 pub mod model;

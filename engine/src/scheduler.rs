@@ -19,7 +19,8 @@ use std::collections::VecDeque;
 use crate::error::{EngineError, Result};
 use crate::generate::FinishReason;
 use crate::kv::{KvPool, SeqKv};
-use crate::model::{Logits, Model, SeqStep};
+use crate::executor::Executor;
+use crate::model::{Logits, SeqStep};
 use crate::prefix_cache::{PrefixCache, PrefixStats};
 use crate::sampler::{sample, Sampled, SamplingParams};
 
@@ -411,7 +412,7 @@ impl Scheduler {
     }
 
     /// Runs one iteration. Returns false when there was nothing to do.
-    pub fn step(&mut self, model: &Model) -> Result<bool> {
+    pub fn step(&mut self, model: &dyn Executor) -> Result<bool> {
         self.admit();
         if self.running.is_empty() {
             return Ok(false);
