@@ -134,7 +134,8 @@ pub fn softmax(s: &mut [f32]) {
     }
 }
 
-/// Whether the AVX-512 copies of the hot loops may run here.
+/// Whether the AVX-512 copies of the hot loops may run here
+/// (`TANDEM_KERNEL=scalar|avx2` forces a lower tier, as for the matmuls).
 pub fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -151,8 +152,26 @@ pub fn has_avx512() -> bool {
     }
 }
 
-/// Defines `$name` that runs `$body` compiled for AVX-512 when available and
-/// for the baseline otherwise. Both copies compute identical bits.
+/// Whether the AVX2+FMA copies may run here (hardware FMA: without it
+/// `f32::mul_add` is a slow library call, though it gives the same bits).
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static CHOICE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *CHOICE.get_or_init(|| {
+            let forced = std::env::var("TANDEM_KERNEL").ok();
+            forced.as_deref() != Some("scalar") && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Defines `$name` that runs `$body` compiled for AVX-512, for AVX2+FMA, or
+/// for the baseline, whichever this CPU allows. All copies compute
+/// identical bits (the source fixes every operation and its order).
 macro_rules! multiversion {
     ($(#[$m:meta])* pub fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
@@ -161,9 +180,15 @@ macro_rules! multiversion {
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
                 unsafe fn fast($($arg: $ty),*) $(-> $ret)? $body
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn mid($($arg: $ty),*) $(-> $ret)? $body
                 if $crate::ops::has_avx512() {
                     // SAFETY: the CPU supports the enabled features (checked above).
                     return unsafe { fast($($arg),*) };
+                }
+                if $crate::ops::has_avx2() {
+                    // SAFETY: as above.
+                    return unsafe { mid($($arg),*) };
                 }
             }
             #[inline(never)]
@@ -274,6 +299,84 @@ fn attend_group<const R: usize>(q: &[f32], kv: &PagedKv<'_>, n_keys: usize, scal
     }
 }
 
+/// [`attend_group`] for the common shape (16-token blocks, 64-dim heads)
+/// written with AVX-512 intrinsics: the compiler does not keep the
+/// `[[f32; 16]; R]` accumulators in vector registers on its own. Each lane
+/// performs exactly the same fused multiply-adds in the same order as the
+/// portable code, so the two give identical bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn attend_group_avx512<const R: usize>(
+    q: &[f32],
+    kv: &PagedKv<'_>,
+    n_keys: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    const HD: usize = 64;
+    const BS: usize = 16;
+    debug_assert!(q.len() == R * HD && out.len() >= R * HD && scores.len() >= R * n_keys);
+    let layer = kv.layer.as_ptr();
+    let sp = scores.as_mut_ptr();
+    let vscale = _mm512_set1_ps(scale);
+    for bi in 0..n_keys.div_ceil(BS) {
+        let kp = layer.add(kv.blocks[bi] as usize * kv.block_floats + kv.k_off);
+        let mut acc = [_mm512_setzero_ps(); R];
+        for d in 0..HD {
+            let row = _mm512_loadu_ps(kp.add(d * BS));
+            for r in 0..R {
+                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(*q.get_unchecked(r * HD + d)), row, acc[r]);
+            }
+        }
+        let nk = BS.min(n_keys - bi * BS);
+        let mask: __mmask16 = ((1u32 << nk) - 1) as __mmask16;
+        for r in 0..R {
+            _mm512_mask_storeu_ps(sp.add(r * n_keys + bi * BS), mask, _mm512_mul_ps(acc[r], vscale));
+        }
+    }
+    for r in 0..R {
+        softmax(&mut scores[r * n_keys..(r + 1) * n_keys]);
+    }
+    let mut acc = [[_mm512_setzero_ps(); 4]; R];
+    for j in 0..n_keys {
+        let vp = layer.add(kv.blocks[j / BS] as usize * kv.block_floats + kv.v_off + (j % BS) * HD);
+        let v = [
+            _mm512_loadu_ps(vp),
+            _mm512_loadu_ps(vp.add(16)),
+            _mm512_loadu_ps(vp.add(32)),
+            _mm512_loadu_ps(vp.add(48)),
+        ];
+        for r in 0..R {
+            let p = _mm512_set1_ps(*scores.get_unchecked(r * n_keys + j));
+            for c in 0..4 {
+                acc[r][c] = _mm512_fmadd_ps(p, v[c], acc[r][c]);
+            }
+        }
+    }
+    let op = out.as_mut_ptr();
+    for r in 0..R {
+        for c in 0..4 {
+            _mm512_storeu_ps(op.add(r * HD + c * 16), acc[r][c]);
+        }
+    }
+}
+
+/// Picks the intrinsics path for the common shape, the portable one otherwise.
+#[inline(always)]
+fn attend_group_dispatch<const R: usize>(q: &[f32], kv: &PagedKv<'_>, n_keys: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if kv.block_size == 16 && q.len() == R * 64 && has_avx512() {
+            // SAFETY: AVX-512F is present (checked); the shapes match the kernel's.
+            unsafe { attend_group_avx512::<R>(q, kv, n_keys, scale, scores, out) };
+            return;
+        }
+    }
+    attend_group::<R>(q, kv, n_keys, scale, scores, out)
+}
+
 multiversion! {
     /// Attention for `n_q` consecutive query tokens of one sequence and the
     /// `n_group` query heads of one KV head; query token `i` sees
@@ -300,10 +403,10 @@ multiversion! {
                 let q = &qs[i * q_stride + r0 * head_dim..i * q_stride + (r0 + take) * head_dim];
                 let o = &mut out[i * out_stride + r0 * head_dim..i * out_stride + (r0 + take) * head_dim];
                 match take {
-                    1 => attend_group::<1>(q, kv, n_keys, scale, scores, o),
-                    2 => attend_group::<2>(q, kv, n_keys, scale, scores, o),
-                    3 => attend_group::<3>(q, kv, n_keys, scale, scores, o),
-                    _ => attend_group::<4>(q, kv, n_keys, scale, scores, o),
+                    1 => attend_group_dispatch::<1>(q, kv, n_keys, scale, scores, o),
+                    2 => attend_group_dispatch::<2>(q, kv, n_keys, scale, scores, o),
+                    3 => attend_group_dispatch::<3>(q, kv, n_keys, scale, scores, o),
+                    _ => attend_group_dispatch::<4>(q, kv, n_keys, scale, scores, o),
                 }
                 r0 += take;
             }
@@ -364,6 +467,38 @@ mod tests {
         assert!((s.iter().sum::<f32>() - 1.0).abs() < 1e-6);
         assert_eq!(s[3], 0.0);
         assert!(s[2] > s[1] && s[1] > s[0]);
+    }
+
+    #[test]
+    fn attention_paths_agree_bit_for_bit() {
+        // Random paged KV: 3 blocks of 16 slots, 2 KV heads, head dim 64.
+        let (bs, hd, nkv) = (16usize, 64usize, 2usize);
+        let block_floats = 2 * nkv * hd * bs;
+        let mut state = 12345u64;
+        let mut rnd = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        let layer: Vec<f32> = (0..4 * block_floats).map(|_| rnd()).collect();
+        let blocks = [2u32, 0, 3];
+        let q: Vec<f32> = (0..3 * hd).map(|_| rnd() * 4.0).collect();
+        for g in 0..nkv {
+            let kv = PagedKv { layer: &layer, blocks: &blocks, block_size: bs, block_floats, k_off: g * hd * bs, v_off: (nkv + g) * hd * bs };
+            for n_keys in [1usize, 15, 16, 17, 40, 48] {
+                let mut s1 = vec![0f32; 3 * n_keys];
+                let mut o1 = vec![0f32; 3 * hd];
+                attend_group::<3>(&q, &kv, n_keys, 0.125, &mut s1, &mut o1);
+                let mut s2 = vec![0f32; 3 * n_keys];
+                let mut o2 = vec![0f32; 3 * hd];
+                attend_group_dispatch::<3>(&q, &kv, n_keys, 0.125, &mut s2, &mut o2);
+                assert_eq!(o1, o2, "n_keys {n_keys}");
+                // One head alone gives the same bits as inside a group.
+                let mut s3 = vec![0f32; n_keys];
+                let mut o3 = vec![0f32; hd];
+                attend_group_dispatch::<1>(&q[hd..2 * hd], &kv, n_keys, 0.125, &mut s3, &mut o3);
+                assert_eq!(&o1[hd..2 * hd], &o3[..]);
+            }
+        }
     }
 
     #[test]
