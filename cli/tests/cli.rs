@@ -133,3 +133,22 @@ fn prompt_longer_than_the_context() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("context length"), "{err}");
 }
+
+#[test]
+fn every_kernel_tier_gives_the_same_tokens() {
+    // The dispatch is forced by TANDEM_KERNEL; tiers this CPU lacks fall back
+    // (with a warning), which still must not change a single token.
+    let m = model();
+    let run = |kernel: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(["generate", "--model", m.to_str().unwrap(), "--prompt", "Rust is a language that", "--max-tokens", "6", "--json", "--threads", "2"])
+            .env("TANDEM_KERNEL", kernel)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{kernel}: {}", stderr(&o));
+        o.stdout
+    };
+    let scalar = run("scalar");
+    assert_eq!(run("avx2"), scalar, "avx2 differs from scalar");
+    assert_eq!(run("avx512"), scalar, "avx512 differs from scalar");
+}

@@ -1,0 +1,300 @@
+//! gRPC transport: `tandem.v1.KvTransfer/Transfer`, a bidirectional stream.
+//!
+//! The sender streams `KvFrame`s (handshake, batches of blocks, end); the
+//! receiver answers `Accepted` (or `Refused`) right after the handshake and
+//! `Done` (or `Failed`) at the end. HTTP/2 flow control is the backpressure;
+//! tonic's defaults (64 KiB windows, 4 MiB messages) would throttle KV, so
+//! both windows and the message limits are raised.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tandem_engine::kv::KvLayout;
+use tandem_proto::kv as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint, Server};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::{KvTransferError, Result};
+use crate::frame::{encode_payload_bytes, frame_seed, payload_len};
+use crate::layout::{self, Handshake, TransferSummary};
+use crate::sink::{Assembler, KvSink};
+use crate::tcp::check_region;
+use crate::transport::{with_deadline, BlockRegion, KvReceiver, KvSender, KvTransport, ReceiverConfig, ReceiverInner, TransferConfig};
+
+/// Largest gRPC message either side accepts (a batch of blocks is about
+/// `TransferConfig::batch_bytes`; this only bounds a hostile peer).
+pub const MAX_MESSAGE: usize = 64 << 20;
+/// HTTP/2 per-stream window: one layer of a long prompt in flight.
+pub const STREAM_WINDOW: u32 = 16 << 20;
+/// HTTP/2 per-connection window: several transfers share one connection.
+pub const CONNECTION_WINDOW: u32 = 64 << 20;
+/// Frames queued between the sender's encoder and the HTTP/2 connection.
+const SEND_QUEUE: usize = 4;
+
+/// The tonic service: validates handshakes and hands accepted transfers to
+/// the application through a channel.
+pub struct GrpcKvService {
+    cfg: Arc<ReceiverConfig>,
+    incoming: mpsc::Sender<KvReceiver>,
+}
+
+/// The service, ready to add to a tonic router (with raised message
+/// limits), and the stream of accepted transfers.
+pub fn kv_service(cfg: ReceiverConfig) -> (pb::KvTransferServer<GrpcKvService>, mpsc::Receiver<KvReceiver>) {
+    let (tx, rx) = mpsc::channel(64);
+    let svc = GrpcKvService { cfg: Arc::new(cfg), incoming: tx };
+    (
+        pb::KvTransferServer::new(svc).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE),
+        rx,
+    )
+}
+
+/// A tonic server builder with tandem's HTTP/2 settings for KV.
+pub fn server_builder() -> Server {
+    Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(1 << 20)
+        .tcp_nodelay(true)
+}
+
+/// Serves the KV service (plus `grpc.health.v1.Health` and reflection) on
+/// `addr` until `cancel`; returns the bound address, the server task and
+/// the accepted transfers.
+pub async fn serve(
+    addr: SocketAddr,
+    cfg: ReceiverConfig,
+    cancel: CancellationToken,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<Result<()>>, mpsc::Receiver<KvReceiver>)> {
+    let sock = crate::tcp::socket_for(&addr, cfg.transfer.socket_buffer)?;
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    let listener = sock.listen(1024)?;
+    let bound = listener.local_addr()?;
+    let (svc, rx) = kv_service(cfg);
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<pb::KvTransferServer<GrpcKvService>>().await;
+    let reflection = tandem_proto::reflection_service().map_err(|e| KvTransferError::Grpc(e.to_string()))?;
+    let task = tokio::spawn(async move {
+        server_builder()
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(svc)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cancel.cancelled_owned())
+            .await
+            .map_err(|e| KvTransferError::Grpc(e.to_string()))
+    });
+    Ok((bound, task, rx))
+}
+
+#[tonic::async_trait]
+impl pb::KvTransfer for GrpcKvService {
+    type TransferStream = ReceiverStream<Result<pb::KvReply, Status>>;
+
+    async fn transfer(&self, req: Request<Streaming<pb::KvFrame>>) -> Result<Response<Self::TransferStream>, Status> {
+        let mut inbound = req.into_inner();
+        let cfg = &self.cfg.transfer;
+        let (tx, rx) = mpsc::channel(4);
+        let first = with_deadline("handshake read", cfg.io_timeout, async { inbound.message().await.map_err(Into::into) })
+            .await
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let hs = match first.and_then(|f| f.kind) {
+            Some(pb::FrameKind::Handshake(h)) => Handshake::from_proto(&h),
+            _ => Err(KvTransferError::Protocol("the first frame is not a handshake".into())),
+        }
+        .and_then(|hs| hs.verify(&self.cfg.expected, &self.cfg.secret).map(|()| hs));
+        match hs {
+            Err(e) => {
+                tracing::warn!(class = e.class(), error = %e, "KV transfer refused");
+                let _ = tx.try_send(Ok(layout::refusal(&e)));
+            }
+            Ok(hs) => {
+                let _ = tx.try_send(Ok(pb::KvReply { kind: Some(pb::ReplyKind::Accepted(true)) }));
+                let r = KvReceiver {
+                    handshake: hs,
+                    cfg: cfg.clone(),
+                    inner: ReceiverInner::Grpc(GrpcIncoming { inbound, reply: tx }),
+                };
+                if self.incoming.send(r).await.is_err() {
+                    return Err(Status::unavailable("the KV receiver is shutting down"));
+                }
+            }
+        }
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+pub(crate) struct GrpcIncoming {
+    inbound: Streaming<pb::KvFrame>,
+    reply: mpsc::Sender<Result<pb::KvReply, Status>>,
+}
+
+impl GrpcIncoming {
+    pub(crate) async fn receive<S: KvSink + ?Sized>(
+        mut self,
+        layout: KvLayout,
+        tokens: u64,
+        cfg: &TransferConfig,
+        sink: &mut S,
+    ) -> Result<TransferSummary> {
+        let mut asm = Assembler::new(layout, tokens, sink);
+        let r = async {
+            loop {
+                let inbound = &mut self.inbound;
+                let msg = with_deadline("frame read", cfg.io_timeout, async { inbound.message().await.map_err(Into::into) }).await?;
+                match msg.and_then(|m| m.kind) {
+                    None => return Err(KvTransferError::PeerGone("stream ended before the End frame".into())),
+                    Some(pb::FrameKind::Blocks(b)) => {
+                        for blk in &b.blocks {
+                            asm.block(blk.layer, blk.block, blk.slots, blk.crc32c, &blk.payload)?;
+                        }
+                    }
+                    Some(pb::FrameKind::End(e)) => return asm.finish(e.frames),
+                    Some(pb::FrameKind::Handshake(_)) => {
+                        return Err(KvTransferError::Protocol("second handshake in one transfer".into()))
+                    }
+                }
+            }
+        }
+        .await;
+        let reply = match &r {
+            Ok(s) => pb::KvReply { kind: Some(pb::ReplyKind::Done(pb::KvDone { frames: s.frames, bytes: s.bytes })) },
+            Err(e) => layout::refusal(e),
+        };
+        let _ = self.reply.try_send(Ok(reply));
+        r
+    }
+}
+
+/// Client side: a channel to a receiver (one HTTP/2 connection, shared by
+/// every transfer to that peer).
+#[derive(Debug, Clone)]
+pub struct GrpcTransport {
+    channel: Channel,
+    cfg: TransferConfig,
+}
+
+impl GrpcTransport {
+    pub async fn connect_to(addr: SocketAddr, cfg: TransferConfig) -> Result<Self> {
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| KvTransferError::Grpc(e.to_string()))?
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .tcp_nodelay(true)
+            .connect_timeout(cfg.io_timeout)
+            .connect()
+            .await
+            .map_err(|e| KvTransferError::Grpc(e.to_string()))?;
+        Ok(Self { channel, cfg })
+    }
+}
+
+impl KvTransport for GrpcTransport {
+    type Sender = GrpcSender;
+
+    async fn connect(&self, handshake: Handshake) -> Result<GrpcSender> {
+        let cfg = self.cfg.clone();
+        let (tx, rx) = mpsc::channel(SEND_QUEUE);
+        let hs = pb::KvFrame { kind: Some(pb::FrameKind::Handshake(handshake.to_proto())) };
+        tx.send(hs).await.map_err(|_| KvTransferError::PeerGone("send queue closed".into()))?;
+        let mut client = pb::KvTransferClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        let resp = with_deadline("connect", cfg.io_timeout, async {
+            client.transfer(ReceiverStream::new(rx)).await.map_err(Into::into)
+        })
+        .await?;
+        let mut replies = resp.into_inner();
+        let first = with_deadline("handshake reply", cfg.io_timeout, async { replies.message().await.map_err(Into::into) }).await?;
+        layout::accepted(first)?;
+        Ok(GrpcSender {
+            tx: Some(tx),
+            replies,
+            layout: handshake.layout.layout,
+            request_id: handshake.request_id,
+            frames: 0,
+            cfg,
+            corrupt: false,
+        })
+    }
+}
+
+/// One gRPC transfer, sender side.
+pub struct GrpcSender {
+    tx: Option<mpsc::Sender<pb::KvFrame>>,
+    replies: Streaming<pb::KvReply>,
+    layout: KvLayout,
+    request_id: u64,
+    frames: u64,
+    cfg: TransferConfig,
+    corrupt: bool,
+}
+
+impl GrpcSender {
+    /// Test hook: flips a bit of the next block's payload after its checksum.
+    #[doc(hidden)]
+    pub fn corrupt_next_frame(&mut self) {
+        self.corrupt = true;
+    }
+
+    async fn push(&mut self, frame: pb::KvFrame) -> Result<()> {
+        let tx = self.tx.as_ref().ok_or(KvTransferError::Cancelled)?;
+        let sent = with_deadline("frame write", self.cfg.io_timeout, async {
+            tx.send(frame).await.map_err(|_| KvTransferError::PeerGone("the call ended".into()))
+        })
+        .await;
+        if sent.is_err() {
+            // The call ended: its status (or the receiver's Failed reply) says why.
+            let why = tokio::time::timeout(self.cfg.io_timeout, self.replies.message()).await;
+            if let Ok(r) = why {
+                return Err(match r {
+                    Ok(reply) => layout::done(reply).err().unwrap_or(KvTransferError::PeerGone("the call ended".into())),
+                    Err(s) => s.into(),
+                });
+            }
+        }
+        sent
+    }
+}
+
+impl KvSender for GrpcSender {
+    async fn send_layer_blocks(&mut self, layer: u32, blocks: &[BlockRegion<'_>]) -> Result<()> {
+        let mut batch = Vec::new();
+        let mut size = 0usize;
+        for b in blocks {
+            check_region(&self.layout, b)?;
+            let mut payload = BytesMut::with_capacity(payload_len(&self.layout, b.slots as usize));
+            let crc = encode_payload_bytes(&self.layout, b.data, b.slots as usize, frame_seed(layer, b.block, b.slots), &mut payload);
+            if std::mem::take(&mut self.corrupt) {
+                payload[0] ^= 0x01;
+            }
+            size += payload.len();
+            batch.push(pb::KvBlock { layer, block: b.block, slots: b.slots, crc32c: crc, payload: payload.freeze() });
+            self.frames += 1;
+            if size >= self.cfg.batch_bytes {
+                let blocks = std::mem::take(&mut batch);
+                size = 0;
+                self.push(pb::KvFrame { kind: Some(pb::FrameKind::Blocks(pb::KvBlocks { request_id: self.request_id, blocks })) })
+                    .await?;
+            }
+        }
+        if !batch.is_empty() {
+            self.push(pb::KvFrame { kind: Some(pb::FrameKind::Blocks(pb::KvBlocks { request_id: self.request_id, blocks: batch })) })
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<TransferSummary> {
+        let end = pb::KvFrame { kind: Some(pb::FrameKind::End(pb::KvEnd { request_id: self.request_id, frames: self.frames })) };
+        self.push(end).await?;
+        self.tx = None;
+        let replies = &mut self.replies;
+        let reply = with_deadline("final reply", self.cfg.io_timeout, async { replies.message().await.map_err(Into::into) }).await?;
+        layout::done(reply)
+    }
+}

@@ -1,0 +1,443 @@
+//! KV transfer over real sockets: bit-exact round trips (in-process and
+//! across two OS processes), corrupted frames, refused handshakes, and a
+//! sender process killed mid-transfer.
+//!
+//! The peer process is this test binary itself, re-run with
+//! `TANDEM_KV_PEER` set: `peer_process` then acts as the prefill side.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tandem_engine::kv::{KvDtype, KvLayout, KvPool, SeqKv};
+use tandem_engine::scheduler::{Scheduler, SchedulerConfig};
+use tandem_kv_transfer::grpc;
+use tandem_kv_transfer::{
+    BlockRegion, CancellationToken, ClusterSecret, GrpcTransport, Handshake, KvReceiver, KvSender, KvTransferError,
+    KvTransport, LayoutDescriptor, PoolSink, ReceiverConfig, TcpKvListener, TcpTransport, TransferConfig,
+    TransferSummary,
+};
+
+/// Not a multiple of the block size: the last block is partial.
+const TOKENS: usize = 100;
+/// Prefill chunk edges: the block holding token 37 is sent twice.
+const CHUNKS: [std::ops::Range<usize>; 2] = [0..37, 37..TOKENS];
+
+fn layout() -> KvLayout {
+    KvLayout { dtype: KvDtype::F32, n_layers: 4, n_kv_heads: 2, head_dim: 8, block_size: 16 }
+}
+
+fn desc() -> LayoutDescriptor {
+    LayoutDescriptor::new("fingerprint-of-the-test-model", layout())
+}
+
+fn secret() -> ClusterSecret {
+    ClusterSecret::new("test-cluster-secret")
+}
+
+fn cfg() -> TransferConfig {
+    TransferConfig { io_timeout: Duration::from_secs(5), transfer_timeout: Duration::from_secs(20), ..Default::default() }
+}
+
+fn receiver_cfg() -> ReceiverConfig {
+    ReceiverConfig { expected: desc(), secret: secret(), transfer: cfg() }
+}
+
+fn handshake(request_id: u64) -> Handshake {
+    Handshake { layout: desc(), secret: secret(), request_id, tokens: TOKENS as u64 }
+}
+
+/// A prefill worker's pool after the prompt: every float distinct and
+/// seeded, including bit patterns a lossy path would change (NaN payloads,
+/// negative zero, subnormals).
+fn source(seed: u64) -> (KvPool, SeqKv) {
+    let l = layout();
+    let mut pool = KvPool::new(l, l.blocks_for(TOKENS) + 3);
+    let mut kv = SeqKv::default();
+    pool.reserve(&mut kv, TOKENS).unwrap();
+    let mut z = seed;
+    for layer in 0..l.n_layers {
+        for &b in &kv.blocks {
+            for x in pool.region_mut(layer, b) {
+                z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut v = z;
+                v = (v ^ (v >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                v = (v ^ (v >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                *x = f32::from_bits((v ^ (v >> 31)) as u32);
+            }
+        }
+    }
+    kv.len = TOKENS;
+    (pool, kv)
+}
+
+/// Sends like a chunked prefill does: per chunk, each layer's blocks as the
+/// layer finishes (the partial block at a chunk edge is sent again, whole).
+async fn send_chunks<S: KvSender>(s: &mut S, pool: &KvPool, kv: &SeqKv, chunks: &[std::ops::Range<usize>]) -> tandem_kv_transfer::Result<()> {
+    let bs = layout().block_size;
+    for c in chunks {
+        for layer in 0..layout().n_layers {
+            let regions: Vec<BlockRegion<'_>> = (c.start / bs..=(c.end - 1) / bs)
+                .map(|bi| BlockRegion {
+                    block: bi as u32,
+                    slots: (c.end - bi * bs).min(bs) as u32,
+                    data: pool.region(layer, kv.blocks[bi]),
+                })
+                .collect();
+            s.send_layer_blocks(layer as u32, &regions).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Every written slot of every (layer, block) equal, bit for bit.
+fn assert_same(src: &KvPool, skv: &SeqKv, dst: &KvPool, dkv: &SeqKv) {
+    let l = layout();
+    let bs = l.block_size;
+    for layer in 0..l.n_layers {
+        for bi in 0..l.blocks_for(TOKENS) {
+            let (a, b) = (src.region(layer, skv.blocks[bi]), dst.region(layer, dkv.blocks[bi]));
+            let valid = (TOKENS - bi * bs).min(bs);
+            for h in 0..l.n_kv_heads {
+                for d in 0..l.head_dim {
+                    for s in 0..valid {
+                        let k = l.k_offset(h) + d * bs + s;
+                        let v = l.v_offset(h) + s * l.head_dim + d;
+                        assert_eq!(a[k].to_bits(), b[k].to_bits(), "K layer {layer} block {bi} head {h} dim {d} slot {s}");
+                        assert_eq!(a[v].to_bits(), b[v].to_bits(), "V layer {layer} block {bi} head {h} dim {d} slot {s}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A decode worker's scheduler with room for a few prompts.
+fn decode_side() -> Scheduler {
+    let l = layout();
+    Scheduler::new(SchedulerConfig::default(), KvPool::new(l, 4 * l.blocks_for(TOKENS)), 4096)
+}
+
+/// What a decode worker does with an accepted transfer: reserve, receive
+/// into the reserved blocks, and release them if the transfer fails.
+async fn receive(sched: &mut Scheduler, r: KvReceiver) -> (tandem_kv_transfer::Result<TransferSummary>, Option<SeqKv>) {
+    let tokens = r.handshake().tokens as usize;
+    let kv = sched.reserve_for_transfer(tokens).unwrap();
+    let res = {
+        let mut sink = PoolSink::new(sched.pool_mut(), &kv);
+        r.receive_into(&mut sink, &CancellationToken::new()).await
+    };
+    match res {
+        Ok(s) => {
+            let mut kv = kv;
+            kv.len = tokens;
+            (Ok(s), Some(kv))
+        }
+        Err(e) => {
+            sched.release(kv);
+            assert_eq!(sched.pool().free_blocks(), sched.pool().n_blocks(), "reserved blocks released");
+            (Err(e), None)
+        }
+    }
+}
+
+async fn tcp_listener() -> TcpKvListener {
+    TcpKvListener::bind("127.0.0.1:0".parse().unwrap(), receiver_cfg()).await.unwrap()
+}
+
+async fn grpc_server(
+    cancel: &CancellationToken,
+) -> (SocketAddr, tokio::sync::mpsc::Receiver<KvReceiver>) {
+    let (addr, _task, rx) = grpc::serve("127.0.0.1:0".parse().unwrap(), receiver_cfg(), cancel.clone()).await.unwrap();
+    (addr, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_round_trip_is_bit_exact() {
+    let listener = tcp_listener().await;
+    let addr = listener.local_addr().unwrap();
+    let sender = tokio::spawn(async move {
+        let (pool, kv) = source(1);
+        let mut s = TcpTransport::new(addr, cfg()).connect(handshake(7)).await?;
+        send_chunks(&mut s, &pool, &kv, &CHUNKS).await?;
+        s.finish().await
+    });
+    let r = listener.accept().await.unwrap();
+    assert_eq!(r.handshake().request_id, 7);
+    let mut sched = decode_side();
+    let (res, kv) = receive(&mut sched, r).await;
+    let summary = res.unwrap();
+    assert_eq!(sender.await.unwrap().unwrap(), summary);
+    let (src, skv) = source(1);
+    assert_same(&src, &skv, sched.pool(), &kv.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_round_trip_is_bit_exact() {
+    let cancel = CancellationToken::new();
+    let (addr, mut incoming) = grpc_server(&cancel).await;
+    let sender = tokio::spawn(async move {
+        let (pool, kv) = source(2);
+        let t = GrpcTransport::connect_to(addr, cfg()).await?;
+        let mut s = t.connect(handshake(8)).await?;
+        send_chunks(&mut s, &pool, &kv, &CHUNKS).await?;
+        s.finish().await
+    });
+    let r = incoming.recv().await.unwrap();
+    assert_eq!(r.handshake().request_id, 8);
+    let mut sched = decode_side();
+    let (res, kv) = receive(&mut sched, r).await;
+    let summary = res.unwrap();
+    assert_eq!(sender.await.unwrap().unwrap(), summary);
+    let (src, skv) = source(2);
+    assert_same(&src, &skv, sched.pool(), &kv.unwrap());
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_frame_is_detected_tcp() {
+    let listener = tcp_listener().await;
+    let addr = listener.local_addr().unwrap();
+    let sender = tokio::spawn(async move {
+        let (pool, kv) = source(3);
+        let mut s = TcpTransport::new(addr, cfg()).connect(handshake(9)).await?;
+        send_chunks(&mut s, &pool, &kv, &CHUNKS[..1]).await?;
+        s.corrupt_next_frame();
+        send_chunks(&mut s, &pool, &kv, &CHUNKS[1..]).await?;
+        s.finish().await
+    });
+    let mut sched = decode_side();
+    let (res, _) = receive(&mut sched, listener.accept().await.unwrap()).await;
+    let e = res.unwrap_err();
+    assert!(matches!(e, KvTransferError::Checksum { .. }), "{e}");
+    // The sender learns it failed (as a checksum failure, or as the
+    // connection closing under it if it was still writing).
+    assert!(sender.await.unwrap().is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_frame_is_detected_grpc() {
+    let cancel = CancellationToken::new();
+    let (addr, mut incoming) = grpc_server(&cancel).await;
+    let sender = tokio::spawn(async move {
+        let (pool, kv) = source(4);
+        let mut s = GrpcTransport::connect_to(addr, cfg()).await?.connect(handshake(10)).await?;
+        s.corrupt_next_frame();
+        send_chunks(&mut s, &pool, &kv, &CHUNKS).await?;
+        s.finish().await
+    });
+    let mut sched = decode_side();
+    let (res, _) = receive(&mut sched, incoming.recv().await.unwrap()).await;
+    assert!(matches!(res, Err(KvTransferError::Checksum { .. })), "{res:?}");
+    let e = sender.await.unwrap().unwrap_err();
+    assert!(matches!(&e, KvTransferError::Remote { class, .. } if class == "checksum"), "{e}");
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mismatched_handshakes_are_refused_tcp() {
+    let listener = tcp_listener().await;
+    let addr = listener.local_addr().unwrap();
+    let t = TcpTransport::new(addr, cfg());
+
+    let mut hs = handshake(1);
+    hs.layout.model_fingerprint = "another-model".into();
+    let (sent, accepted) = tokio::join!(t.connect(hs), listener.accept());
+    assert!(matches!(accepted, Err(KvTransferError::Mismatch { field: "model_fingerprint", .. })));
+    match sent {
+        Err(KvTransferError::Refused { field, class, .. }) => {
+            assert_eq!(field, "model_fingerprint");
+            assert_eq!(class, "layout_mismatch");
+        }
+        other => panic!("{:?}", other.err()),
+    }
+
+    let mut hs = handshake(2);
+    hs.layout.layout.head_dim = 16;
+    let (sent, accepted) = tokio::join!(t.connect(hs), listener.accept());
+    assert!(matches!(accepted, Err(KvTransferError::Mismatch { field: "head_dim", .. })));
+    assert!(matches!(sent, Err(KvTransferError::Refused { ref field, .. }) if field == "head_dim"));
+
+    let mut hs = handshake(3);
+    hs.secret = ClusterSecret::new("guess");
+    let (sent, accepted) = tokio::join!(t.connect(hs), listener.accept());
+    assert!(matches!(accepted, Err(KvTransferError::BadSecret)));
+    assert!(matches!(sent, Err(KvTransferError::BadSecret)));
+    assert_eq!(sent.err().unwrap().class(), "unauthenticated");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mismatched_handshakes_are_refused_grpc() {
+    let cancel = CancellationToken::new();
+    let (addr, mut incoming) = grpc_server(&cancel).await;
+    let t = GrpcTransport::connect_to(addr, cfg()).await.unwrap();
+    let mut hs = handshake(1);
+    hs.layout.layout.block_size = 32;
+    let e = t.connect(hs).await.err().unwrap();
+    assert!(matches!(&e, KvTransferError::Refused { field, .. } if field == "block_size"), "{e}");
+    let mut hs = handshake(2);
+    hs.layout.tp_size = 2;
+    let e = t.connect(hs).await.err().unwrap();
+    assert!(matches!(&e, KvTransferError::Refused { field, .. } if field == "tp_size"), "{e}");
+    let mut hs = handshake(3);
+    hs.secret = ClusterSecret::new("");
+    assert!(matches!(t.connect(hs).await, Err(KvTransferError::BadSecret)));
+    assert!(incoming.try_recv().is_err(), "refused transfers never reach the application");
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_sender_hits_the_deadline_and_cancel_works() {
+    let mut rc = receiver_cfg();
+    rc.transfer.io_timeout = Duration::from_millis(300);
+    let listener = TcpKvListener::bind("127.0.0.1:0".parse().unwrap(), rc).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let t = TcpTransport::new(addr, cfg());
+    let (s, r) = tokio::join!(t.connect(handshake(1)), listener.accept());
+    let _stalled = s.unwrap();
+    let mut sched = decode_side();
+    let t0 = Instant::now();
+    let (res, _) = receive(&mut sched, r.unwrap()).await;
+    assert!(matches!(res, Err(KvTransferError::Timeout { .. })), "{res:?}");
+    assert!(t0.elapsed() < Duration::from_secs(3));
+
+    let (s, r) = tokio::join!(t.connect(handshake(2)), listener.accept());
+    let _stalled = s.unwrap();
+    let r = r.unwrap();
+    let kv = sched.reserve_for_transfer(TOKENS).unwrap();
+    let cancel = CancellationToken::new();
+    cancel.cancel();
+    let res = r.receive_into(&mut PoolSink::new(sched.pool_mut(), &kv), &cancel).await;
+    assert!(matches!(res, Err(KvTransferError::Cancelled)));
+    sched.release(kv);
+    assert_eq!(sched.pool().free_blocks(), sched.pool().n_blocks());
+}
+
+// ---- two OS processes ----
+
+/// Starts this test binary as the sending peer.
+fn spawn_peer(transport: &str, addr: SocketAddr, mode: &str) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["peer_process", "--exact", "--nocapture", "--test-threads=1"])
+        .env("TANDEM_KV_PEER", format!("{transport} {addr} {mode}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn the peer process")
+}
+
+/// Waits (in a blocking thread) for the peer to print `line`.
+fn wait_for_line(child: &mut Child, line: &'static str) -> std::thread::JoinHandle<bool> {
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || BufReader::new(out).lines().map_while(|l| l.ok()).any(|l| l.trim() == line))
+}
+
+/// The peer side: sends seed-5 KV (`full`) or half of it then hangs until killed (`half`).
+#[test]
+fn peer_process() {
+    let Ok(spec) = std::env::var("TANDEM_KV_PEER") else { return };
+    let mut it = spec.split(' ');
+    let (transport, addr, mode) = (it.next().unwrap(), it.next().unwrap().parse().unwrap(), it.next().unwrap());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async move {
+        let (pool, kv) = source(5);
+        let chunks: &[_] = if mode == "half" { &CHUNKS[..1] } else { &CHUNKS };
+        async fn go<S: KvSender>(mut s: S, pool: &KvPool, kv: &SeqKv, chunks: &[std::ops::Range<usize>], half: bool) {
+            send_chunks(&mut s, pool, kv, chunks).await.unwrap();
+            if half {
+                println!("HALF_SENT");
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                unreachable!("the parent kills us");
+            }
+            s.finish().await.unwrap();
+            println!("PEER_DONE");
+        }
+        let half = mode == "half";
+        match transport {
+            "tcp" => go(TcpTransport::new(addr, cfg()).connect(handshake(42)).await.unwrap(), &pool, &kv, chunks, half).await,
+            _ => {
+                let t = GrpcTransport::connect_to(addr, cfg()).await.unwrap();
+                go(t.connect(handshake(42)).await.unwrap(), &pool, &kv, chunks, half).await
+            }
+        }
+    });
+}
+
+async fn accept_one(transport: &str) -> (SocketAddr, Box<dyn FnOnce() -> tokio::task::JoinHandle<KvReceiver> + Send>, CancellationToken) {
+    let cancel = CancellationToken::new();
+    if transport == "tcp" {
+        let l = tcp_listener().await;
+        let addr = l.local_addr().unwrap();
+        (addr, Box::new(move || tokio::spawn(async move { l.accept().await.unwrap() })), cancel)
+    } else {
+        let (addr, mut rx) = grpc_server(&cancel).await;
+        (addr, Box::new(move || tokio::spawn(async move { rx.recv().await.unwrap() })), cancel)
+    }
+}
+
+async fn cross_process_round_trip(transport: &str) {
+    let (addr, accept, cancel) = accept_one(transport).await;
+    let accepted = accept();
+    let mut child = spawn_peer(transport, addr, "full");
+    let done = wait_for_line(&mut child, "PEER_DONE");
+    let r = tokio::time::timeout(Duration::from_secs(30), accepted).await.unwrap().unwrap();
+    let mut sched = decode_side();
+    let (res, kv) = receive(&mut sched, r).await;
+    res.unwrap();
+    assert!(tokio::task::spawn_blocking(move || done.join().unwrap()).await.unwrap(), "peer finished");
+    assert!(child.wait().unwrap().success());
+    let (src, skv) = source(5);
+    assert_same(&src, &skv, sched.pool(), &kv.unwrap());
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_process_round_trip_tcp() {
+    cross_process_round_trip("tcp").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_process_round_trip_grpc() {
+    cross_process_round_trip("grpc").await;
+}
+
+/// SIGKILL the sender mid-transfer: the receiver fails promptly (well
+/// inside its 5 s I/O deadline, since the kernel closes the socket) and
+/// the reserved blocks go back to the pool.
+async fn killed_sender_frees_reserved_blocks(transport: &str) {
+    let (addr, accept, cancel) = accept_one(transport).await;
+    let accepted = accept();
+    let mut child = spawn_peer(transport, addr, "half");
+    let half = wait_for_line(&mut child, "HALF_SENT");
+    let r = tokio::time::timeout(Duration::from_secs(30), accepted).await.unwrap().unwrap();
+    let mut sched = decode_side();
+    let receiving = async {
+        let (res, _) = receive(&mut sched, r).await;
+        (res, Instant::now())
+    };
+    let killer = async {
+        assert!(tokio::task::spawn_blocking(move || half.join().unwrap()).await.unwrap(), "peer sent half");
+        child.kill().unwrap(); // SIGKILL
+        let at = Instant::now();
+        let _ = child.wait();
+        at
+    };
+    let ((res, failed_at), killed_at) = tokio::join!(receiving, killer);
+    let e = res.unwrap_err();
+    assert!(matches!(e, KvTransferError::PeerGone(_)), "{transport}: {e}");
+    let took = failed_at.saturating_duration_since(killed_at);
+    assert!(took < Duration::from_secs(2), "{transport}: noticed after {took:?}");
+    assert_eq!(sched.pool().free_blocks(), sched.pool().n_blocks());
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_sender_process_frees_reserved_blocks_tcp() {
+    killed_sender_frees_reserved_blocks("tcp").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_sender_process_frees_reserved_blocks_grpc() {
+    killed_sender_frees_reserved_blocks("grpc").await;
+}
