@@ -129,60 +129,37 @@ fn meta_int(v: &MetaValue) -> Option<i64> {
     }
 }
 
-fn meta_str<'a>(md: &'a BTreeMap<String, MetaValue>, key: &str) -> Result<Option<&'a str>> {
+/// An optional metadata value converted by `conv`; present but of the
+/// wrong type is an error naming the key and the expected type.
+fn meta_opt<'a, T>(
+    md: &'a BTreeMap<String, MetaValue>,
+    key: &str,
+    expected: &'static str,
+    conv: impl FnOnce(&'a MetaValue) -> Option<T>,
+) -> Result<Option<T>> {
     match md.get(key) {
         None => Ok(None),
-        Some(v) => v
-            .as_str()
-            .map(Some)
-            .ok_or_else(|| ModelError::MetadataType {
-                key: key.into(),
-                expected: "string",
-            }),
+        Some(v) => conv(v).map(Some).ok_or_else(|| ModelError::MetadataType {
+            key: key.into(),
+            expected,
+        }),
     }
+}
+
+fn meta_str<'a>(md: &'a BTreeMap<String, MetaValue>, key: &str) -> Result<Option<&'a str>> {
+    meta_opt(md, key, "string", |v| v.as_str())
 }
 
 fn meta_bool(md: &BTreeMap<String, MetaValue>, key: &str) -> Result<Option<bool>> {
-    match md.get(key) {
-        None => Ok(None),
-        Some(v) => v
-            .as_bool()
-            .map(Some)
-            .ok_or_else(|| ModelError::MetadataType {
-                key: key.into(),
-                expected: "bool",
-            }),
-    }
+    meta_opt(md, key, "bool", |v| v.as_bool())
 }
 
 fn meta_u32(md: &BTreeMap<String, MetaValue>, key: &str) -> Result<Option<u32>> {
-    match md.get(key) {
-        None => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .and_then(|x| u32::try_from(x).ok())
-            .map(Some)
-            .ok_or_else(|| ModelError::MetadataType {
-                key: key.into(),
-                expected: "unsigned integer",
-            }),
-    }
+    meta_opt(md, key, "unsigned integer", |v| v.as_u64().and_then(|x| u32::try_from(x).ok()))
 }
 
-fn meta_array<'a>(
-    md: &'a BTreeMap<String, MetaValue>,
-    key: &str,
-) -> Result<Option<&'a [MetaValue]>> {
-    match md.get(key) {
-        None => Ok(None),
-        Some(v) => v
-            .as_array()
-            .map(Some)
-            .ok_or_else(|| ModelError::MetadataType {
-                key: key.into(),
-                expected: "array",
-            }),
-    }
+fn meta_array<'a>(md: &'a BTreeMap<String, MetaValue>, key: &str) -> Result<Option<&'a [MetaValue]>> {
+    meta_opt(md, key, "array", |v| v.as_array())
 }
 
 fn meta_str_array(md: &BTreeMap<String, MetaValue>, key: &str) -> Result<Option<Vec<String>>> {
