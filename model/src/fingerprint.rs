@@ -40,3 +40,38 @@ pub fn fingerprint(model: &ModelSource, tokenizer: &Tokenizer) -> String {
     }
     hex::encode(&h.finalize()[..16])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Arch;
+    use crate::quant::GgmlType;
+    use crate::synth::{synth, SynthFormat, SynthShape, SynthSpec, SynthTokenizer};
+
+    fn make(dir: &std::path::Path, name: &str, seed: u64, ty: GgmlType) -> String {
+        let path = dir.join(name);
+        let spec = SynthSpec {
+            arch: Arch::Llama,
+            shape: SynthShape::preset("tiny").unwrap(),
+            seed,
+            format: SynthFormat::Gguf { weight_type: ty },
+            tokenizer: SynthTokenizer::Gpt2,
+        };
+        synth(&spec, &path).unwrap();
+        let m = ModelSource::open(&path).unwrap();
+        fingerprint(&m, &m.tokenizer().unwrap())
+    }
+
+    #[test]
+    fn same_model_same_fingerprint_other_weights_or_types_differ() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = make(dir.path(), "a.gguf", 1, GgmlType::Q8_0);
+        let a_again = make(dir.path(), "a2.gguf", 1, GgmlType::Q8_0);
+        let other_seed = make(dir.path(), "b.gguf", 2, GgmlType::Q8_0);
+        let other_type = make(dir.path(), "c.gguf", 1, GgmlType::Q4_0);
+        assert_eq!(a.len(), 32);
+        assert_eq!(a, a_again, "the fingerprint depends on the content, not the path");
+        assert_ne!(a, other_seed, "other weights");
+        assert_ne!(a, other_type, "other tensor types");
+    }
+}
