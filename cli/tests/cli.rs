@@ -152,3 +152,34 @@ fn every_kernel_tier_gives_the_same_tokens() {
     assert_eq!(run("avx2"), scalar, "avx2 differs from scalar");
     assert_eq!(run("avx512"), scalar, "avx512 differs from scalar");
 }
+
+#[test]
+fn interactive_chat_reads_turns_from_the_terminal() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let m = model();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["generate", "--model", m.to_str().unwrap(), "--chat", "--max-tokens", "6"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Two turns, then an empty line to quit.
+    child.stdin.take().unwrap().write_all(b"Hello!\nWhat is 2+2?\n\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(out.lines().filter(|l| !l.trim().is_empty()).count(), 2, "one reply per turn: {out:?}");
+    // Piped text without --chat is one raw prompt.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["generate", "--model", m.to_str().unwrap(), "--max-tokens", "4", "--json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"Once upon a time").unwrap();
+    let o = child.wait_with_output().unwrap();
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["prompt_tokens"], 4);
+}
