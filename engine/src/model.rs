@@ -385,6 +385,7 @@ impl Model {
         let mut attn = vec![0f32; n_tok * qd];
         let mut proj = vec![0f32; n_tok * h];
         let mut gate_up = vec![0f32; n_tok * 2 * c.ffn];
+        let mut act = vec![0f32; n_tok * c.ffn];
         let scale = 1.0 / (hd as f32).sqrt();
         let n_rep = nh / nkv;
 
@@ -477,7 +478,6 @@ impl Model {
             layer.gate_up.apply(&self.pool, &xn, n_tok, &mut gate_up);
             ops::silu_mul_rows(&mut gate_up, c.ffn);
             // Compact the activated halves into `ffn` columns for the down projection.
-            let mut act = vec![0f32; n_tok * c.ffn];
             for (a, g) in act.chunks_exact_mut(c.ffn).zip(gate_up.chunks_exact(2 * c.ffn)) {
                 a.copy_from_slice(&g[..c.ffn]);
             }

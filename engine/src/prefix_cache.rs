@@ -157,22 +157,32 @@ impl PrefixCache {
     pub fn evict(&mut self, pool: &mut KvPool, want: usize) -> usize {
         let mut freed = 0;
         while freed < want {
-            let victim = self
+            // Evictable leaves, least recently used first. One scan serves many
+            // evictions; a parent that becomes a leaf joins the next round.
+            let mut victims: Vec<(u64, usize)> = self
                 .nodes
                 .iter()
                 .enumerate()
                 .skip(1)
                 .filter_map(|(i, n)| n.as_ref().map(|n| (i, n)))
                 .filter(|(_, n)| n.children.is_empty() && pool.refcount(n.block) == 1)
-                .min_by_key(|(i, n)| (n.last_used, *i))
-                .map(|(i, _)| i);
-            let Some(v) = victim else { break };
-            let node = self.nodes[v].take().expect("live");
-            self.node_mut(node.parent).children.remove(&node.key);
-            self.free_slots.push(v);
-            pool.release(node.block);
-            self.stats.evicted_blocks += 1;
-            freed += 1;
+                .map(|(i, n)| (n.last_used, i))
+                .collect();
+            if victims.is_empty() {
+                break;
+            }
+            victims.sort_unstable();
+            for (_, v) in victims {
+                if freed >= want {
+                    break;
+                }
+                let node = self.nodes[v].take().expect("live");
+                self.node_mut(node.parent).children.remove(&node.key);
+                self.free_slots.push(v);
+                pool.release(node.block);
+                self.stats.evicted_blocks += 1;
+                freed += 1;
+            }
         }
         freed
     }
