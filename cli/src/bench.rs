@@ -13,7 +13,12 @@ use tandem_model::weights::ModelSource;
 pub enum BenchCommand {
     /// Prefill and decode throughput of the engine in-process.
     Engine(EngineArgs),
+    /// KV transfer throughput over loopback (TCP, gRPC) against raw TCP.
+    KvTransfer(kv::KvArgs),
 }
+
+#[path = "bench_kv.rs"]
+mod kv;
 
 #[derive(clap::Args)]
 pub struct EngineArgs {
@@ -44,6 +49,7 @@ pub struct EngineArgs {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Engine(a) => engine(a),
+        BenchCommand::KvTransfer(a) => kv::run(a),
     }
 }
 

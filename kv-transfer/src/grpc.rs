@@ -128,6 +128,17 @@ impl pb::KvTransfer for GrpcKvService {
     }
 }
 
+/// An error reading the sender's stream: a broken body (the sender died or
+/// reset the stream) is the peer gone; a message we cannot decode is theirs.
+fn inbound_error(s: Status) -> KvTransferError {
+    match s.code() {
+        tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Aborted => {
+            KvTransferError::PeerGone(format!("{}: {}", s.code(), s.message()))
+        }
+        _ => KvTransferError::Protocol(format!("{}: {}", s.code(), s.message())),
+    }
+}
+
 pub(crate) struct GrpcIncoming {
     inbound: Streaming<pb::KvFrame>,
     reply: mpsc::Sender<Result<pb::KvReply, Status>>,
@@ -145,7 +156,7 @@ impl GrpcIncoming {
         let r = async {
             loop {
                 let inbound = &mut self.inbound;
-                let msg = with_deadline("frame read", cfg.io_timeout, async { inbound.message().await.map_err(Into::into) }).await?;
+                let msg = with_deadline("frame read", cfg.io_timeout, async { inbound.message().await.map_err(inbound_error) }).await?;
                 match msg.and_then(|m| m.kind) {
                     None => return Err(KvTransferError::PeerGone("stream ended before the End frame".into())),
                     Some(pb::FrameKind::Blocks(b)) => {

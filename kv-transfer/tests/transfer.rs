@@ -327,10 +327,19 @@ fn spawn_peer(transport: &str, addr: SocketAddr, mode: &str) -> Child {
         .expect("spawn the peer process")
 }
 
-/// Waits (in a blocking thread) for the peer to print `line`.
+/// Waits (in a blocking thread) for the peer to print `line`; the thread
+/// keeps draining the pipe so the peer never writes into a closed one.
 fn wait_for_line(child: &mut Child, line: &'static str) -> std::thread::JoinHandle<bool> {
     let out = child.stdout.take().unwrap();
-    std::thread::spawn(move || BufReader::new(out).lines().map_while(|l| l.ok()).any(|l| l.trim() == line))
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(|l| l.ok()) {
+            if l.contains(line) {
+                let _ = tx.send(());
+            }
+        }
+    });
+    std::thread::spawn(move || rx.recv_timeout(Duration::from_secs(60)).is_ok())
 }
 
 /// The peer side: sends seed-5 KV (`full`) or half of it then hangs until killed (`half`).
