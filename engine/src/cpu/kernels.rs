@@ -530,9 +530,24 @@ thread_local! {
     static PANEL_BUF: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
 }
 
+/// How far ahead of its consumption [`expand_panel`] prefetches (bytes).
+const EXPAND_AHEAD: usize = 4096;
+
 /// Expands one panel into `buf` (`[cols][16]` f32), exactly.
 #[inline(always)]
-unsafe fn expand_panel<I: Isa, F: Fmt>(panel: *const u8, aux: I::V, cols: usize, buf: *mut f32) {
+unsafe fn expand_panel<I: Isa, F: Fmt>(
+    panel: *const u8,
+    aux: I::V,
+    cols: usize,
+    buf: *mut f32,
+) {
+    // Software prefetch: the packed panel comes from memory (decode streams
+    // the whole model each step), and each task starts a fresh stream that
+    // the hardware prefetchers pick up late. The walk below is in `k` order,
+    // not memory order (see `unit_offset`), so a linear cursor runs
+    // `EXPAND_AHEAD` bytes ahead of the bytes consumed so far; it runs on
+    // into the next panel, which the next task expands.
+    let mut pf = panel.wrapping_add(EXPAND_AHEAD);
     let mut k0 = 0;
     while k0 < cols {
         let seg = if F::SUB < cols - k0 {
@@ -543,6 +558,8 @@ unsafe fn expand_panel<I: Isa, F: Fmt>(panel: *const u8, aux: I::V, cols: usize,
         let (b, sc, of) = F::block::<I>(panel, cols, k0);
         let mut j = 0;
         while j + F::STEP <= seg {
+            I::prefetch(pf);
+            pf = pf.wrapping_add(F::STEP_BYTES);
             let mut w = [I::zero(); MAX_STEP];
             F::decode::<I>(b, j, sc, of, aux, &mut w);
             for (i, wi) in w.iter().enumerate().take(F::STEP) {
