@@ -57,7 +57,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
 fn prompt_ids(n: usize, vocab: usize, salt: u64) -> Vec<u32> {
     (0..n as u64)
         .map(|i| {
-            let z = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt.wrapping_mul(0xD1B5_4A32_D192_ED03);
+            let z = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ salt.wrapping_mul(0xD1B5_4A32_D192_ED03);
             (100 + (z >> 17) % (vocab as u64 - 100)) as u32
         })
         .collect()
@@ -74,10 +75,16 @@ fn batched_decode(model: &Model, batch: usize, prompt: usize, gen: usize) -> Res
     let vocab = model.config.vocab_size;
     let mut pool = model.pool_for_tokens(batch * (prompt + gen + 16), 16);
     let mut seqs: Vec<SeqKv> = (0..batch).map(|_| SeqKv::default()).collect();
-    let prompts: Vec<Vec<u32>> = (0..batch).map(|b| prompt_ids(prompt, vocab, b as u64)).collect();
+    let prompts: Vec<Vec<u32>> = (0..batch)
+        .map(|b| prompt_ids(prompt, vocab, b as u64))
+        .collect();
     let mut next = Vec::with_capacity(batch);
     for (kv, p) in seqs.iter_mut().zip(&prompts) {
-        let mut step = [SeqStep { kv, tokens: p, logits: Logits::Last }];
+        let mut step = [SeqStep {
+            kv,
+            tokens: p,
+            logits: Logits::Last,
+        }];
         next.push(argmax(&model.forward(&mut pool, &mut step)?[0]));
     }
     let t0 = Instant::now();
@@ -86,7 +93,11 @@ fn batched_decode(model: &Model, batch: usize, prompt: usize, gen: usize) -> Res
         let mut steps: Vec<SeqStep<'_>> = seqs
             .iter_mut()
             .zip(&toks)
-            .map(|(kv, t)| SeqStep { kv, tokens: t, logits: Logits::Last })
+            .map(|(kv, t)| SeqStep {
+                kv,
+                tokens: t,
+                logits: Logits::Last,
+            })
             .collect();
         let logits = model.forward(&mut pool, &mut steps)?;
         next = logits.iter().map(|l| argmax(l)).collect();
@@ -105,7 +116,14 @@ fn prefix_ttft(model: &Model, shared: usize, runs: usize) -> Result<(f64, f64)> 
         let mut prompt = system.clone();
         prompt.extend(prompt_ids(24, vocab, 1000 + id));
         let (tx, rx) = std::sync::mpsc::channel();
-        let req = Request { id, prompt, params: Default::default(), max_tokens: Some(1), stop_tokens: vec![], priority: 0 };
+        let req = Request {
+            id,
+            prompt,
+            params: Default::default(),
+            max_tokens: Some(1),
+            stop_tokens: vec![],
+            priority: 0,
+        };
         let t0 = Instant::now();
         sched.add(req, Box::new(tx))?;
         loop {
@@ -122,7 +140,10 @@ fn prefix_ttft(model: &Model, shared: usize, runs: usize) -> Result<(f64, f64)> 
     let (mut cold, mut warm) = (Vec::new(), Vec::new());
     for r in 0..runs {
         let pool = model.pool_for_tokens(4 * (shared + 64), 16);
-        let cfg = SchedulerConfig { max_step_tokens: 2048, ..Default::default() };
+        let cfg = SchedulerConfig {
+            max_step_tokens: 2048,
+            ..Default::default()
+        };
         let mut sched = Scheduler::new(cfg, pool, model.config.context_length);
         cold.push(ttft(&mut sched, 2 * r as u64)?);
         warm.push(ttft(&mut sched, 2 * r as u64 + 1)?);
@@ -154,12 +175,19 @@ fn engine(a: EngineArgs) -> Result<()> {
         let mut pool = model.pool_for_tokens(prompt.len(), 16);
         let mut kv = SeqKv::default();
         let t0 = Instant::now();
-        let mut step = [SeqStep { kv: &mut kv, tokens: &prompt, logits: Logits::Last }];
+        let mut step = [SeqStep {
+            kv: &mut kv,
+            tokens: &prompt,
+            logits: Logits::Last,
+        }];
         model.forward(&mut pool, &mut step)?;
         prefill.push(prompt.len() as f64 / t0.elapsed().as_secs_f64());
     }
     let prefill_tok_s = median(prefill);
-    println!("prefill  {:>5} tokens: {:>8.1} tok/s", a.prompt_tokens, prefill_tok_s);
+    println!(
+        "prefill  {:>5} tokens: {:>8.1} tok/s",
+        a.prompt_tokens, prefill_tok_s
+    );
 
     // Decode at batch 1.
     let mut decode = Vec::new();
@@ -187,7 +215,8 @@ fn engine(a: EngineArgs) -> Result<()> {
         let tok_s = (b * a.gen_tokens) as f64 / secs;
         let ms_step = secs * 1e3 / a.gen_tokens as f64;
         println!("decode   batch {b:>3}: {tok_s:>8.1} tok/s aggregate, {ms_step:.2} ms per step");
-        batched.push(serde_json::json!({"batch": b, "decode_tok_s": tok_s, "ms_per_step": ms_step}));
+        batched
+            .push(serde_json::json!({"batch": b, "decode_tok_s": tok_s, "ms_per_step": ms_step}));
     }
     let mut prefix = serde_json::Value::Null;
     if a.prefix_tokens > 0 {
@@ -213,7 +242,8 @@ fn engine(a: EngineArgs) -> Result<()> {
             "prefix_cache": prefix,
             "runs": runs,
         });
-        std::fs::write(&out, serde_json::to_string_pretty(&j)?).with_context(|| format!("writing {}", out.display()))?;
+        std::fs::write(&out, serde_json::to_string_pretty(&j)?)
+            .with_context(|| format!("writing {}", out.display()))?;
     }
     Ok(())
 }

@@ -9,8 +9,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use tandem_engine::kv::{KvDtype, KvLayout, KvPool, SeqKv};
 use tandem_kv_transfer::{
-    grpc, BlockRegion, CancellationToken, ClusterSecret, GrpcTransport, Handshake, KvSender, KvTransport,
-    LayoutDescriptor, PoolSink, ReceiverConfig, TcpKvListener, TcpTransport, TransferConfig,
+    grpc, BlockRegion, CancellationToken, ClusterSecret, GrpcTransport, Handshake, KvSender,
+    KvTransport, LayoutDescriptor, PoolSink, ReceiverConfig, TcpKvListener, TcpTransport,
+    TransferConfig,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 
@@ -45,12 +46,30 @@ struct Case {
 }
 
 fn cases() -> [Case; 2] {
-    let l = |n_layers, n_kv_heads, head_dim| KvLayout { dtype: KvDtype::F32, n_layers, n_kv_heads, head_dim, block_size: 16 };
-    [Case { name: "default (SmolLM2-135M)", layout: l(30, 3, 64) }, Case { name: "7B-shaped", layout: l(32, 8, 128) }]
+    let l = |n_layers, n_kv_heads, head_dim| KvLayout {
+        dtype: KvDtype::F32,
+        n_layers,
+        n_kv_heads,
+        head_dim,
+        block_size: 16,
+    };
+    [
+        Case {
+            name: "default (SmolLM2-135M)",
+            layout: l(30, 3, 64),
+        },
+        Case {
+            name: "7B-shaped",
+            layout: l(32, 8, 128),
+        },
+    ]
 }
 
 pub fn run(a: KvArgs) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(run_async(a))
 }
 
@@ -93,13 +112,18 @@ async fn run_async(a: KvArgs) -> Result<()> {
             for _ in 0..a.runs.max(1) {
                 t = t.min(tcp(&src, &skv, &mut dst, &dkv, a.tokens).await?);
             }
-            println!("  tcp transport  {:7.2} GB/s  ({:.0}% of raw)", gbps(t), 100.0 * raw / t);
+            println!(
+                "  tcp transport  {:7.2} GB/s  ({:.0}% of raw)",
+                gbps(t),
+                100.0 * raw / t
+            );
             row["tcp_gbps"] = gbps(t).into();
             row["tcp_vs_raw"] = (raw / t).into();
         }
         if a.transport != Some(Transport::Tcp) {
             let cancel = CancellationToken::new();
-            let (addr, _task, mut incoming) = grpc::serve("127.0.0.1:0".parse()?, receiver(l), cancel.clone()).await?;
+            let (addr, _task, mut incoming) =
+                grpc::serve("127.0.0.1:0".parse()?, receiver(l), cancel.clone()).await?;
             let client = GrpcTransport::connect_to(addr, TransferConfig::default()).await?;
             let mut t = f64::INFINITY;
             for _ in 0..a.runs.max(1) {
@@ -110,7 +134,13 @@ async fn run_async(a: KvArgs) -> Result<()> {
                 };
                 let recv = async {
                     let r = incoming.recv().await.context("gRPC server stopped")?;
-                    Ok::<_, anyhow::Error>(r.receive_into(&mut PoolSink::new(&mut dst, &dkv), &CancellationToken::new()).await?)
+                    Ok::<_, anyhow::Error>(
+                        r.receive_into(
+                            &mut PoolSink::new(&mut dst, &dkv),
+                            &CancellationToken::new(),
+                        )
+                        .await?,
+                    )
                 };
                 let t0 = Instant::now();
                 let (s, r) = tokio::join!(send, recv);
@@ -119,14 +149,19 @@ async fn run_async(a: KvArgs) -> Result<()> {
                 t = t.min(t0.elapsed().as_secs_f64());
             }
             cancel.cancel();
-            println!("  gRPC transport {:7.2} GB/s  ({:.0}% of raw)", gbps(t), 100.0 * raw / t);
+            println!(
+                "  gRPC transport {:7.2} GB/s  ({:.0}% of raw)",
+                gbps(t),
+                100.0 * raw / t
+            );
             row["grpc_gbps"] = gbps(t).into();
             row["grpc_vs_raw"] = (raw / t).into();
         }
         out.push(row);
     }
     if let Some(p) = a.json {
-        std::fs::write(&p, serde_json::to_string_pretty(&out)?).with_context(|| format!("writing {}", p.display()))?;
+        std::fs::write(&p, serde_json::to_string_pretty(&out)?)
+            .with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
 }
@@ -136,15 +171,28 @@ fn desc(l: KvLayout) -> LayoutDescriptor {
 }
 
 fn receiver(l: KvLayout) -> ReceiverConfig {
-    ReceiverConfig { expected: desc(l), secret: ClusterSecret::new("bench"), transfer: TransferConfig::default() }
+    ReceiverConfig {
+        expected: desc(l),
+        secret: ClusterSecret::new("bench"),
+        transfer: TransferConfig::default(),
+    }
 }
 
 fn handshake(l: KvLayout, tokens: usize) -> Handshake {
-    Handshake { layout: desc(l), secret: ClusterSecret::new("bench"), request_id: 1, tokens: tokens as u64 }
+    Handshake {
+        layout: desc(l),
+        secret: ClusterSecret::new("bench"),
+        request_id: 1,
+        tokens: tokens as u64,
+    }
 }
 
 /// Layer by layer, every block, as a prefill worker streams them.
-async fn send_all<S: KvSender>(s: &mut S, pool: &KvPool, kv: &SeqKv) -> tandem_kv_transfer::Result<()> {
+async fn send_all<S: KvSender>(
+    s: &mut S,
+    pool: &KvPool,
+    kv: &SeqKv,
+) -> tandem_kv_transfer::Result<()> {
     let l = *pool.layout();
     for layer in 0..l.n_layers {
         let regions: Vec<BlockRegion<'_>> = kv
@@ -162,7 +210,13 @@ async fn send_all<S: KvSender>(s: &mut S, pool: &KvPool, kv: &SeqKv) -> tandem_k
     Ok(())
 }
 
-async fn tcp(src: &KvPool, skv: &SeqKv, dst: &mut KvPool, dkv: &SeqKv, tokens: usize) -> Result<f64> {
+async fn tcp(
+    src: &KvPool,
+    skv: &SeqKv,
+    dst: &mut KvPool,
+    dkv: &SeqKv,
+    tokens: usize,
+) -> Result<f64> {
     let l = *src.layout();
     let listener = TcpKvListener::bind("127.0.0.1:0".parse()?, receiver(l)).await?;
     let t = TcpTransport::new(listener.local_addr()?, TransferConfig::default());
@@ -174,7 +228,8 @@ async fn tcp(src: &KvPool, skv: &SeqKv, dst: &mut KvPool, dkv: &SeqKv, tokens: u
     };
     let recv = async {
         let r = listener.accept().await?;
-        r.receive_into(&mut PoolSink::new(dst, dkv), &CancellationToken::new()).await
+        r.receive_into(&mut PoolSink::new(dst, dkv), &CancellationToken::new())
+            .await
     };
     let (s, r) = tokio::join!(send, recv);
     s?;
@@ -202,7 +257,9 @@ async fn raw_tcp(src: &KvPool, skv: &SeqKv, dst: &mut KvPool, dkv: &SeqKv) -> Re
         stream.set_nodelay(true)?;
         for layer in 0..l.n_layers {
             for &b in &skv.blocks {
-                stream.write_all(bytemuck_bytes(src.region(layer, b))).await?;
+                stream
+                    .write_all(bytemuck_bytes(src.region(layer, b)))
+                    .await?;
             }
         }
         stream.flush().await?;
@@ -213,7 +270,8 @@ async fn raw_tcp(src: &KvPool, skv: &SeqKv, dst: &mut KvPool, dkv: &SeqKv) -> Re
         let mut r = BufReader::with_capacity(READ_BUFFER, stream);
         for layer in 0..l.n_layers {
             for &b in &dkv.blocks {
-                r.read_exact(bytemuck_bytes_mut(dst.region_mut(layer, b))).await?;
+                r.read_exact(bytemuck_bytes_mut(dst.region_mut(layer, b)))
+                    .await?;
             }
         }
         Ok::<_, anyhow::Error>(())

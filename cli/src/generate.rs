@@ -67,12 +67,20 @@ fn load(args: &GenerateArgs) -> Result<Loaded> {
         bail!("--tp/--pp other than 1 are not supported yet");
     }
     let path = crate::model_path(args.model.clone())?;
-    let src = ModelSource::open(&path).with_context(|| format!("loading model {}", path.display()))?;
+    let src =
+        ModelSource::open(&path).with_context(|| format!("loading model {}", path.display()))?;
     let tokenizer = src.tokenizer().context("building the tokenizer")?;
     let template = match tokenizer.chat_template() {
         Some(t) => {
-            let name = |id: Option<u32>| id.and_then(|i| tokenizer.decode(&[i], false).ok()).unwrap_or_default();
-            Some(ChatTemplate::new(t, &name(tokenizer.bos_id()), &name(tokenizer.eos_ids().first().copied()))?)
+            let name = |id: Option<u32>| {
+                id.and_then(|i| tokenizer.decode(&[i], false).ok())
+                    .unwrap_or_default()
+            };
+            Some(ChatTemplate::new(
+                t,
+                &name(tokenizer.bos_id()),
+                &name(tokenizer.eos_ids().first().copied()),
+            )?)
         }
         None => None,
     };
@@ -100,7 +108,12 @@ fn params(args: &GenerateArgs) -> SamplingParams {
 ///
 /// Chat-rendered text carries its own special tokens (`add_special` false);
 /// a raw prompt gets BOS when the model asks for it.
-fn complete(l: &Loaded, args: &GenerateArgs, prompt_text: &str, add_special: bool) -> Result<String> {
+fn complete(
+    l: &Loaded,
+    args: &GenerateArgs,
+    prompt_text: &str,
+    add_special: bool,
+) -> Result<String> {
     let prompt = l.tokenizer.encode(prompt_text, add_special)?;
     if prompt.is_empty() {
         bail!("the prompt is empty after tokenisation");
@@ -179,7 +192,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         complete(&l, &args, text.trim_end_matches('\n'), true)?;
         return Ok(());
     }
-    eprintln!("chatting with {} (empty line or Ctrl-D to quit)", args.model.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "the default model".into()));
+    eprintln!(
+        "chatting with {} (empty line or Ctrl-D to quit)",
+        args.model
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "the default model".into())
+    );
     loop {
         eprint!("> ");
         let mut line = String::new();

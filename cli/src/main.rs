@@ -9,7 +9,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "tandem", version, about = "Disaggregated prefill/decode LLM serving")]
+#[command(
+    name = "tandem",
+    version,
+    about = "Disaggregated prefill/decode LLM serving"
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, env = "TANDEM_LOG_FORMAT", default_value = "text")]
@@ -47,7 +51,9 @@ enum ModelCommand {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -88,6 +94,9 @@ pub fn model_path(arg: Option<std::path::PathBuf>) -> Result<std::path::PathBuf>
 
 /// Threads to use: `--threads`, else every core.
 pub fn thread_count(arg: Option<usize>) -> usize {
-    arg.filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+    arg.filter(|&n| n > 0).unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    })
 }

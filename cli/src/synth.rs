@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use tandem_model::synth::{parse_ggml_type, synth, Arch, SynthFormat, SynthShape, SynthSpec, SynthTokenizer};
+use tandem_model::synth::{
+    parse_ggml_type, synth, Arch, SynthFormat, SynthShape, SynthSpec, SynthTokenizer,
+};
 use tandem_model::weights::ModelSource;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -58,7 +60,8 @@ impl SynthArgs {
             Format::Gguf => {
                 let name = self.weight_type.as_deref().unwrap_or("q8_0");
                 SynthFormat::Gguf {
-                    weight_type: parse_ggml_type(name).with_context(|| format!("--weight-type {name}"))?,
+                    weight_type: parse_ggml_type(name)
+                        .with_context(|| format!("--weight-type {name}"))?,
                 }
             }
             Format::Safetensors => {
@@ -69,7 +72,13 @@ impl SynthArgs {
                 }
             }
         };
-        Ok(SynthSpec { arch, shape, seed: self.seed, format, tokenizer })
+        Ok(SynthSpec {
+            arch,
+            shape,
+            seed: self.seed,
+            format,
+            tokenizer,
+        })
     }
 }
 
@@ -82,17 +91,29 @@ impl SynthArgs {
     /// or in the environment): worth a warning, since they change nothing.
     fn ignored_flags(&self) -> Vec<&'static str> {
         match self.format() {
-            Format::Gguf => [("--dtype", self.dtype.is_some()), ("--shards", self.shards.is_some())]
-                .into_iter()
-                .filter_map(|(f, set)| set.then_some(f))
-                .collect(),
-            Format::Safetensors => if self.weight_type.is_some() { vec!["--weight-type"] } else { vec![] },
+            Format::Gguf => [
+                ("--dtype", self.dtype.is_some()),
+                ("--shards", self.shards.is_some()),
+            ]
+            .into_iter()
+            .filter_map(|(f, set)| set.then_some(f))
+            .collect(),
+            Format::Safetensors => {
+                if self.weight_type.is_some() {
+                    vec!["--weight-type"]
+                } else {
+                    vec![]
+                }
+            }
         }
     }
 }
 
 fn default_format(out: &Path) -> Format {
-    if out.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+    if out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
         Format::Gguf
     } else {
         Format::Safetensors
@@ -133,14 +154,23 @@ fn human(bytes: u64) -> String {
 pub fn run(args: SynthArgs) -> Result<()> {
     let spec = args.spec()?;
     for flag in args.ignored_flags() {
-        eprintln!("warning: {flag} does not apply to {:?} output; ignored", args.format());
+        eprintln!(
+            "warning: {flag} does not apply to {:?} output; ignored",
+            args.format()
+        );
     }
     if let SynthFormat::Gguf { .. } = spec.format {
         if args.out.is_dir() {
-            bail!("--out {} is a directory; a GGUF needs a file path (or pass --format safetensors)", args.out.display());
+            bail!(
+                "--out {} is a directory; a GGUF needs a file path (or pass --format safetensors)",
+                args.out.display()
+            );
         }
     } else if args.out.is_file() {
-        bail!("--out {} is a file; safetensors output is a directory (or pass --format gguf)", args.out.display());
+        bail!(
+            "--out {} is a file; safetensors output is a directory (or pass --format gguf)",
+            args.out.display()
+        );
     }
     spec.validate().context("invalid synthetic model spec")?;
     let data = spec.estimated_bytes().context("sizing the checkpoint")?;
@@ -156,9 +186,13 @@ pub fn run(args: SynthArgs) -> Result<()> {
     synth(&spec, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
 
     // Report from what was written, read back as any loader would.
-    let src = ModelSource::open(&args.out).with_context(|| format!("reopening {}", args.out.display()))?;
+    let src = ModelSource::open(&args.out)
+        .with_context(|| format!("reopening {}", args.out.display()))?;
     let table = src.tensor_table();
-    let params: u64 = table.iter().map(|(_, _, shape)| shape.iter().product::<usize>() as u64).sum();
+    let params: u64 = table
+        .iter()
+        .map(|(_, _, shape)| shape.iter().product::<usize>() as u64)
+        .sum();
     let bytes = written_bytes(&args.out)?;
     let c = &src.config;
     println!(
@@ -186,7 +220,10 @@ mod tests {
         assert_eq!(default_format(Path::new("a/b.gguf")), Format::Gguf);
         assert_eq!(default_format(Path::new("a/B.GGUF")), Format::Gguf);
         assert_eq!(default_format(Path::new("a/b")), Format::Safetensors);
-        assert_eq!(default_format(Path::new("a/b.gguf.d/")), Format::Safetensors);
+        assert_eq!(
+            default_format(Path::new("a/b.gguf.d/")),
+            Format::Safetensors
+        );
     }
 
     fn args(v: &[&str]) -> SynthArgs {
@@ -203,27 +240,85 @@ mod tests {
 
     #[test]
     fn flags_make_the_spec() {
-        let a = args(&["--arch", "qwen2", "--shape", "tiny-mqa", "--seed", "7", "--out", "x.gguf", "--weight-type", "q4_k"]);
+        let a = args(&[
+            "--arch",
+            "qwen2",
+            "--shape",
+            "tiny-mqa",
+            "--seed",
+            "7",
+            "--out",
+            "x.gguf",
+            "--weight-type",
+            "q4_k",
+        ]);
         let s = a.spec().unwrap();
         assert_eq!(s.arch, Arch::Qwen2);
         assert_eq!(s.seed, 7);
         assert_eq!(s.shape, SynthShape::preset("tiny-mqa").unwrap());
-        assert_eq!(s.format, SynthFormat::Gguf { weight_type: tandem_model::quant::GgmlType::Q4K });
+        assert_eq!(
+            s.format,
+            SynthFormat::Gguf {
+                weight_type: tandem_model::quant::GgmlType::Q4K
+            }
+        );
         assert_eq!(s.tokenizer, SynthTokenizer::Gpt2);
         assert!(a.ignored_flags().is_empty());
 
-        let a = args(&["--arch", "llama", "--shape", "tiny", "--seed", "1", "--out", "dir", "--shards", "2", "--tokenizer", "spm"]);
+        let a = args(&[
+            "--arch",
+            "llama",
+            "--shape",
+            "tiny",
+            "--seed",
+            "1",
+            "--out",
+            "dir",
+            "--shards",
+            "2",
+            "--tokenizer",
+            "spm",
+        ]);
         let s = a.spec().unwrap();
-        assert_eq!(s.format, SynthFormat::Safetensors { dtype: tandem_model::quant::GgmlType::BF16, shards: 2 });
+        assert_eq!(
+            s.format,
+            SynthFormat::Safetensors {
+                dtype: tandem_model::quant::GgmlType::BF16,
+                shards: 2
+            }
+        );
         assert_eq!(s.tokenizer, SynthTokenizer::SentencePiece);
 
-        let a = args(&["--arch", "llama", "--shape", "tiny", "--seed", "1", "--out", "m.gguf", "--dtype", "f16", "--shards", "2"]);
+        let a = args(&[
+            "--arch", "llama", "--shape", "tiny", "--seed", "1", "--out", "m.gguf", "--dtype",
+            "f16", "--shards", "2",
+        ]);
         assert_eq!(a.ignored_flags(), vec!["--dtype", "--shards"]);
-        let a = args(&["--arch", "llama", "--shape", "tiny", "--seed", "1", "--out", "m.gguf", "--format", "safetensors", "--weight-type", "q4_k"]);
+        let a = args(&[
+            "--arch",
+            "llama",
+            "--shape",
+            "tiny",
+            "--seed",
+            "1",
+            "--out",
+            "m.gguf",
+            "--format",
+            "safetensors",
+            "--weight-type",
+            "q4_k",
+        ]);
         assert_eq!(a.ignored_flags(), vec!["--weight-type"]);
 
-        for (flag, bad) in [("--arch", "gpt3"), ("--shape", "huge"), ("--weight-type", "q3_k"), ("--tokenizer", "wordpiece")] {
-            let mut v = vec!["--arch", "llama", "--shape", "tiny", "--seed", "1", "--out", "m.gguf"];
+        for (flag, bad) in [
+            ("--arch", "gpt3"),
+            ("--shape", "huge"),
+            ("--weight-type", "q3_k"),
+            ("--tokenizer", "wordpiece"),
+        ] {
+            let mut v = vec![
+                "--arch", "llama", "--shape", "tiny", "--seed", "1", "--out", "m.gguf",
+            ];
             match v.iter().position(|a| *a == flag) {
                 Some(i) => v[i + 1] = bad,
                 None => v.extend_from_slice(&[flag, bad]),

@@ -8,12 +8,19 @@ use tandem_model::gguf::{write_gguf, GgufFile, GgufTensorOut, MetaValue};
 use tandem_model::quant::GgmlType;
 
 fn tandem(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tandem")).args(args).output().expect("run tandem")
+    Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(args)
+        .output()
+        .expect("run tandem")
 }
 
 fn model() -> PathBuf {
     let p = tandem_model::default_model_path();
-    assert!(p.exists(), "default model missing at {}: run `tandem model fetch`", p.display());
+    assert!(
+        p.exists(),
+        "default model missing at {}: run `tandem model fetch`",
+        p.display()
+    );
     p
 }
 
@@ -23,18 +30,51 @@ fn stderr(o: &Output) -> String {
 
 /// Runs `generate` on `model` and expects a clean failure mentioning `needle`.
 fn expect_failure(model: &Path, needle: &str) {
-    let o = tandem(&["generate", "--model", model.to_str().unwrap(), "--prompt", "hi", "--max-tokens", "2"]);
+    let o = tandem(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "2",
+    ]);
     let err = stderr(&o);
-    assert!(!o.status.success(), "expected failure for {}", model.display());
-    assert_eq!(o.status.code(), Some(1), "a clean error exit, not a crash: {err}");
-    assert!(!err.contains("panicked"), "panic instead of an error: {err}");
-    assert!(err.to_lowercase().contains(&needle.to_lowercase()), "message should mention '{needle}': {err}");
+    assert!(
+        !o.status.success(),
+        "expected failure for {}",
+        model.display()
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "a clean error exit, not a crash: {err}"
+    );
+    assert!(
+        !err.contains("panicked"),
+        "panic instead of an error: {err}"
+    );
+    assert!(
+        err.to_lowercase().contains(&needle.to_lowercase()),
+        "message should mention '{needle}': {err}"
+    );
 }
 
 #[test]
 fn generate_json_is_one_line_and_greedy_is_repeatable() {
     let m = model();
-    let args = ["generate", "--model", m.to_str().unwrap(), "--prompt", "The capital of France is", "--max-tokens", "8", "--json", "--threads", "2"];
+    let args = [
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "8",
+        "--json",
+        "--threads",
+        "2",
+    ];
     let a = tandem(&args);
     assert!(a.status.success(), "{}", stderr(&a));
     let out = String::from_utf8(a.stdout.clone()).unwrap();
@@ -56,7 +96,17 @@ fn generate_json_is_one_line_and_greedy_is_repeatable() {
 #[test]
 fn chat_mode_answers() {
     let m = model();
-    let o = tandem(&["generate", "--model", m.to_str().unwrap(), "--chat", "--prompt", "What is 2+2?", "--max-tokens", "12", "--json"]);
+    let o = tandem(&[
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "What is 2+2?",
+        "--max-tokens",
+        "12",
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     // The ChatML template wraps the question: far more tokens than the question alone.
@@ -92,10 +142,18 @@ fn corrupted_magic() {
 /// A small GGUF with the given architecture name and one Q8_0 tensor.
 fn tiny_gguf(path: &Path, arch: &str) {
     let meta = vec![
-        ("general.architecture".to_string(), MetaValue::String(arch.into())),
+        (
+            "general.architecture".to_string(),
+            MetaValue::String(arch.into()),
+        ),
         (format!("{arch}.block_count"), MetaValue::U32(1)),
     ];
-    let t = GgufTensorOut { name: "token_embd.weight".into(), ty: GgmlType::Q8_0, dims: vec![32, 4], bytes: vec![0; 34 * 4] };
+    let t = GgufTensorOut {
+        name: "token_embd.weight".into(),
+        ty: GgmlType::Q8_0,
+        dims: vec![32, 4],
+        bytes: vec![0; 34 * 4],
+    };
     write_gguf(path, &meta, &[t]).unwrap();
 }
 
@@ -117,7 +175,10 @@ fn unsupported_quant_type() {
     let name = b"token_embd.weight";
     let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len();
     let ty_off = at + 4 + 2 * 8;
-    assert_eq!(u32::from_le_bytes(bytes[ty_off..ty_off + 4].try_into().unwrap()), 8);
+    assert_eq!(
+        u32::from_le_bytes(bytes[ty_off..ty_off + 4].try_into().unwrap()),
+        8
+    );
     bytes[ty_off..ty_off + 4].copy_from_slice(&6u32.to_le_bytes());
     std::fs::write(&p, &bytes).unwrap();
     assert!(GgufFile::open(&p).is_err());
@@ -128,7 +189,15 @@ fn unsupported_quant_type() {
 fn prompt_longer_than_the_context() {
     let m = model();
     let prompt = "word ".repeat(9000);
-    let o = tandem(&["generate", "--model", m.to_str().unwrap(), "--prompt", &prompt, "--max-tokens", "1"]);
+    let o = tandem(&[
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        &prompt,
+        "--max-tokens",
+        "1",
+    ]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("context length"), "{err}");
@@ -141,7 +210,18 @@ fn every_kernel_tier_gives_the_same_tokens() {
     let m = model();
     let run = |kernel: &str| {
         let o = Command::new(env!("CARGO_BIN_EXE_tandem"))
-            .args(["generate", "--model", m.to_str().unwrap(), "--prompt", "Rust is a language that", "--max-tokens", "6", "--json", "--threads", "2"])
+            .args([
+                "generate",
+                "--model",
+                m.to_str().unwrap(),
+                "--prompt",
+                "Rust is a language that",
+                "--max-tokens",
+                "6",
+                "--json",
+                "--threads",
+                "2",
+            ])
             .env("TANDEM_KERNEL", kernel)
             .output()
             .unwrap();
@@ -159,26 +239,54 @@ fn interactive_chat_reads_turns_from_the_terminal() {
     use std::process::Stdio;
     let m = model();
     let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["generate", "--model", m.to_str().unwrap(), "--chat", "--max-tokens", "6"])
+        .args([
+            "generate",
+            "--model",
+            m.to_str().unwrap(),
+            "--chat",
+            "--max-tokens",
+            "6",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     // Two turns, then an empty line to quit.
-    child.stdin.take().unwrap().write_all(b"Hello!\nWhat is 2+2?\n\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hello!\nWhat is 2+2?\n\n")
+        .unwrap();
     let o = child.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(out.lines().filter(|l| !l.trim().is_empty()).count(), 2, "one reply per turn: {out:?}");
+    assert_eq!(
+        out.lines().filter(|l| !l.trim().is_empty()).count(),
+        2,
+        "one reply per turn: {out:?}"
+    );
     // Piped text without --chat is one raw prompt.
     let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["generate", "--model", m.to_str().unwrap(), "--max-tokens", "4", "--json"])
+        .args([
+            "generate",
+            "--model",
+            m.to_str().unwrap(),
+            "--max-tokens",
+            "4",
+            "--json",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"Once upon a time").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Once upon a time")
+        .unwrap();
     let o = child.wait_with_output().unwrap();
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(j["prompt_tokens"], 4);

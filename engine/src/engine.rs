@@ -16,10 +16,10 @@ use std::thread::JoinHandle;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::error::Result;
-use crate::kv::KvPool;
 use crate::executor::Executor;
-use crate::scheduler::{Event, Request, Scheduler, SchedulerConfig, SchedulerStats};
+use crate::kv::KvPool;
 use crate::sampler::SamplingParams;
+use crate::scheduler::{Event, Request, Scheduler, SchedulerConfig, SchedulerStats};
 
 /// How to size and run the engine.
 #[derive(Debug, Clone)]

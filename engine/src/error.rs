@@ -29,9 +29,9 @@ impl EngineError {
     pub fn class(&self) -> &'static str {
         match self {
             EngineError::Model(_) => "model",
-            EngineError::ContextOverflow { .. } | EngineError::EmptyPrompt | EngineError::BadToken { .. } => {
-                "invalid_request"
-            }
+            EngineError::ContextOverflow { .. }
+            | EngineError::EmptyPrompt
+            | EngineError::BadToken { .. } => "invalid_request",
             EngineError::Sampling(_) => "invalid_request",
             EngineError::Unsupported(_) => "unsupported",
             EngineError::OutOfBlocks { .. } => "overloaded",

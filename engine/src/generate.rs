@@ -49,7 +49,11 @@ pub struct Generation {
 impl Model {
     /// Runs one request to completion. `on_token` sees each sampled token
     /// (stop tokens included) and may return `false` to stop early.
-    pub fn generate(&self, req: &GenerateRequest, mut on_token: impl FnMut(&Sampled) -> bool) -> Result<Generation> {
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        mut on_token: impl FnMut(&Sampled) -> bool,
+    ) -> Result<Generation> {
         req.params.validate()?;
         let ctx = self.config.context_length;
         if req.prompt.is_empty() {
@@ -80,13 +84,20 @@ impl Model {
         let mut last = Vec::new();
         let chunks: Vec<&[u32]> = req.prompt.chunks(PREFILL_CHUNK).collect();
         for (i, chunk) in chunks.iter().enumerate() {
-            let want = if i + 1 == chunks.len() { Logits::Last } else { Logits::None };
+            let want = if i + 1 == chunks.len() {
+                Logits::Last
+            } else {
+                Logits::None
+            };
             let mut step = [SeqStep {
                 kv: &mut kv,
                 tokens: chunk,
                 logits: want,
             }];
-            last = self.forward(&mut pool, &mut step)?.pop().unwrap_or_default();
+            last = self
+                .forward(&mut pool, &mut step)?
+                .pop()
+                .unwrap_or_default();
         }
         let prompt_logits = last.clone();
         let mut context = req.prompt.clone();
@@ -94,7 +105,13 @@ impl Model {
         let mut sampled = Vec::new();
         let mut finish = FinishReason::Length;
         while tokens.len() < max_tokens {
-            let s = sample(&req.params, &last, &context, req.prompt.len(), tokens.len() as u64);
+            let s = sample(
+                &req.params,
+                &last,
+                &context,
+                req.prompt.len(),
+                tokens.len() as u64,
+            );
             let keep_going = on_token(&s);
             let tok = s.token;
             if req.stop_tokens.contains(&tok) {
@@ -116,7 +133,10 @@ impl Model {
                 tokens: &[tok],
                 logits: Logits::Last,
             }];
-            last = self.forward(&mut pool, &mut step)?.pop().unwrap_or_default();
+            last = self
+                .forward(&mut pool, &mut step)?
+                .pop()
+                .unwrap_or_default();
         }
         Ok(Generation {
             tokens,

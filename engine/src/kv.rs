@@ -102,7 +102,9 @@ impl KvPool {
         Self {
             layout,
             n_blocks,
-            layers: (0..layout.n_layers).map(|_| vec![0f32; per_layer]).collect(),
+            layers: (0..layout.n_layers)
+                .map(|_| vec![0f32; per_layer])
+                .collect(),
             refs: vec![0; n_blocks],
             // Pop from the end: hand out low ids first (nicer to read in tests).
             free: (0..n_blocks as BlockId).rev().collect(),
@@ -169,9 +171,8 @@ impl KvPool {
         let bs = self.layout.block_size;
         let need = self.layout.blocks_for(seq.len + new_tokens);
         let extra = need.saturating_sub(seq.blocks.len());
-        let partial_shared = seq.len % bs != 0
-            && new_tokens > 0
-            && self.refs[seq.blocks[seq.len / bs] as usize] > 1;
+        let partial_shared =
+            seq.len % bs != 0 && new_tokens > 0 && self.refs[seq.blocks[seq.len / bs] as usize] > 1;
         let wanted = extra + usize::from(partial_shared);
         if wanted > self.free.len() {
             return Err(EngineError::OutOfBlocks {
@@ -250,7 +251,13 @@ mod tests {
     use super::*;
 
     fn layout() -> KvLayout {
-        KvLayout { dtype: KvDtype::F32, n_layers: 2, n_kv_heads: 2, head_dim: 4, block_size: 4 }
+        KvLayout {
+            dtype: KvDtype::F32,
+            n_layers: 2,
+            n_kv_heads: 2,
+            head_dim: 4,
+            block_size: 4,
+        }
     }
 
     #[test]
@@ -261,8 +268,15 @@ mod tests {
         assert_eq!(s.blocks.len(), 2);
         s.len = 5;
         let e = p.reserve(&mut s, 8).unwrap_err();
-        assert!(matches!(e, EngineError::OutOfBlocks { needed: 2, free: 1 }), "{e}");
-        assert_eq!(s.blocks.len(), 2, "failed reserve must not change the sequence");
+        assert!(
+            matches!(e, EngineError::OutOfBlocks { needed: 2, free: 1 }),
+            "{e}"
+        );
+        assert_eq!(
+            s.blocks.len(),
+            2,
+            "failed reserve must not change the sequence"
+        );
         p.free_seq(&mut s);
         assert_eq!(p.free_blocks(), 3);
     }
@@ -282,7 +296,11 @@ mod tests {
         p.reserve(&mut b, 1).unwrap();
         assert_ne!(a.blocks[1], b.blocks[1], "partial block copied on write");
         assert_eq!(a.blocks[0], b.blocks[0], "full block still shared");
-        assert_eq!(p.region(0, a.blocks[1]), p.region(0, b.blocks[1]), "copy carries the data");
+        assert_eq!(
+            p.region(0, a.blocks[1]),
+            p.region(0, b.blocks[1]),
+            "copy carries the data"
+        );
         p.free_seq(&mut a);
         p.free_seq(&mut b);
         assert_eq!(p.free_blocks(), 8);

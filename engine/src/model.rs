@@ -28,7 +28,9 @@ impl Proj {
     fn new(parts: &[TensorRef<'_>]) -> Result<Self> {
         let cols = parts[0].shape[1];
         let rows = parts.iter().map(|p| p.shape[0]).sum();
-        let same_type = parts.iter().all(|p| p.ty == parts[0].ty && p.shape[1] == cols);
+        let same_type = parts
+            .iter()
+            .all(|p| p.ty == parts[0].ty && p.shape[1] == cols);
         let packed = if parts.len() > 1 && same_type {
             // Rows are independent in every GGML type: stacking the bytes stacks the rows.
             let bytes: Vec<u8> = parts.iter().flat_map(|p| p.bytes.iter().copied()).collect();
@@ -39,9 +41,15 @@ impl Proj {
                 bytes: &bytes,
             })?]
         } else {
-            parts.iter().map(PackedMatrix::from_tensor).collect::<Result<Vec<_>>>()?
+            parts
+                .iter()
+                .map(PackedMatrix::from_tensor)
+                .collect::<Result<Vec<_>>>()?
         };
-        Ok(Self { parts: packed, rows })
+        Ok(Self {
+            parts: packed,
+            rows,
+        })
     }
 
     /// `out` is `tokens × rows`.
@@ -207,7 +215,10 @@ fn f32_vector(t: TensorRef<'_>, name: &str) -> Result<Vec<f32>> {
         tandem_model::quant::dequantize_row(t.ty, t.bytes, &mut out)?;
         Ok(out)
     } else {
-        Err(EngineError::Unsupported(format!("{name}: a vector must be a float type, got {}", t.ty.name())))
+        Err(EngineError::Unsupported(format!(
+            "{name}: a vector must be a float type, got {}",
+            t.ty.name()
+        )))
     }
 }
 
@@ -216,7 +227,8 @@ impl Model {
     pub fn load(src: &ModelSource, threads: usize) -> Result<Self> {
         let cfg = src.config.clone();
         let (h, qd, kvd, ffn) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.ffn);
-        let embd = PackedMatrix::from_tensor(&src.tensor("token_embd.weight", &[cfg.vocab_size, h])?)?;
+        let embd =
+            PackedMatrix::from_tensor(&src.tensor("token_embd.weight", &[cfg.vocab_size, h])?)?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for l in 0..cfg.n_layers {
             let name = |s: &str| format!("blk.{l}.{s}");
@@ -240,15 +252,23 @@ impl Model {
                 qkv_bias,
                 wo: Proj::new(&[t("attn_output.weight", &[h, qd])?])?,
                 ffn_norm: vec("ffn_norm.weight", h)?,
-                gate_up: Proj::new(&[t("ffn_gate.weight", &[ffn, h])?, t("ffn_up.weight", &[ffn, h])?])?,
+                gate_up: Proj::new(&[
+                    t("ffn_gate.weight", &[ffn, h])?,
+                    t("ffn_up.weight", &[ffn, h])?,
+                ])?,
                 down: Proj::new(&[t("ffn_down.weight", &[h, ffn])?])?,
             });
         }
-        let out_norm = f32_vector(src.tensor("output_norm.weight", &[h])?, "output_norm.weight")?;
+        let out_norm = f32_vector(
+            src.tensor("output_norm.weight", &[h])?,
+            "output_norm.weight",
+        )?;
         let lm_head = if cfg.tie_embeddings {
             None
         } else {
-            Some(PackedMatrix::from_tensor(&src.tensor("output.weight", &[cfg.vocab_size, h])?)?)
+            Some(PackedMatrix::from_tensor(
+                &src.tensor("output.weight", &[cfg.vocab_size, h])?,
+            )?)
         };
         let freq_factors = match src.get("rope_freqs.weight") {
             Some(t) => Some(f32_vector(t, "rope_freqs.weight")?),
@@ -347,7 +367,11 @@ impl Model {
         }
         let needed: usize = batch
             .iter()
-            .map(|s| pool.layout().blocks_for(s.kv.len + s.tokens.len()).saturating_sub(s.kv.blocks.len()))
+            .map(|s| {
+                pool.layout()
+                    .blocks_for(s.kv.len + s.tokens.len())
+                    .saturating_sub(s.kv.blocks.len())
+            })
             .sum();
         if needed > pool.free_blocks() {
             return Err(EngineError::OutOfBlocks {
@@ -370,14 +394,21 @@ impl Model {
             }
         }
         let mut x = vec![0f32; n_tok * h];
-        for (row, tok) in x.chunks_exact_mut(h).zip(batch.iter().flat_map(|s| s.tokens.iter())) {
+        for (row, tok) in x
+            .chunks_exact_mut(h)
+            .zip(batch.iter().flat_map(|s| s.tokens.iter()))
+        {
             self.embd.row_into(*tok as usize, row);
         }
         let half = hd / 2;
         let mut cos = vec![0f32; n_tok * half];
         let mut sin = vec![0f32; n_tok * half];
         for (t, &p) in tok_pos.iter().enumerate() {
-            self.rope.table(p, &mut cos[t * half..(t + 1) * half], &mut sin[t * half..(t + 1) * half]);
+            self.rope.table(
+                p,
+                &mut cos[t * half..(t + 1) * half],
+                &mut sin[t * half..(t + 1) * half],
+            );
         }
 
         let mut xn = vec![0f32; n_tok * h];
@@ -398,7 +429,10 @@ impl Model {
                         *v += bi;
                     }
                 }
-                let (cs, sn) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+                let (cs, sn) = (
+                    &cos[t * half..(t + 1) * half],
+                    &sin[t * half..(t + 1) * half],
+                );
                 for head in row[..qd + kvd].chunks_exact_mut(hd) {
                     self.rope.apply(head, cs, sn);
                 }
@@ -446,7 +480,9 @@ impl Model {
                 let o_off = first * qd + g * n_rep * hd;
                 // SAFETY: (token range, head group) pairs are disjoint across
                 // tasks, and `attn` outlives the pool call.
-                let o = unsafe { std::slice::from_raw_parts_mut(out.at(o_off), (n_q - 1) * qd + n_rep * hd) };
+                let o = unsafe {
+                    std::slice::from_raw_parts_mut(out.at(o_off), (n_q - 1) * qd + n_rep * hd)
+                };
                 ops::attend_many(
                     &qkv_ref[q_off..],
                     qkv_rows,
@@ -478,7 +514,10 @@ impl Model {
             layer.gate_up.apply(&self.pool, &xn, n_tok, &mut gate_up);
             ops::silu_mul_rows(&mut gate_up, c.ffn);
             // Compact the activated halves into `ffn` columns for the down projection.
-            for (a, g) in act.chunks_exact_mut(c.ffn).zip(gate_up.chunks_exact(2 * c.ffn)) {
+            for (a, g) in act
+                .chunks_exact_mut(c.ffn)
+                .zip(gate_up.chunks_exact(2 * c.ffn))
+            {
                 a.copy_from_slice(&g[..c.ffn]);
             }
             layer.down.apply(&self.pool, &act, n_tok, &mut proj);

@@ -160,7 +160,9 @@ pub fn has_avx2() -> bool {
         static CHOICE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *CHOICE.get_or_init(|| {
             let forced = std::env::var("TANDEM_KERNEL").ok();
-            forced.as_deref() != Some("scalar") && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+            forced.as_deref() != Some("scalar")
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -222,7 +224,14 @@ pub struct PagedKv<'a> {
 /// `R`. `q` holds the `R` heads back to back, as does `out`; `scores` is
 /// scratch of at least `R * n_keys`.
 #[inline(always)]
-fn attend_group<const R: usize>(q: &[f32], kv: &PagedKv<'_>, n_keys: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+fn attend_group<const R: usize>(
+    q: &[f32],
+    kv: &PagedKv<'_>,
+    n_keys: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
     let hd = q.len() / R;
     let bs = kv.block_size;
     let n_blocks = n_keys.div_ceil(bs);
@@ -333,7 +342,11 @@ unsafe fn attend_group_avx512<const R: usize>(
         let nk = BS.min(n_keys - bi * BS);
         let mask: __mmask16 = ((1u32 << nk) - 1) as __mmask16;
         for r in 0..R {
-            _mm512_mask_storeu_ps(sp.add(r * n_keys + bi * BS), mask, _mm512_mul_ps(acc[r], vscale));
+            _mm512_mask_storeu_ps(
+                sp.add(r * n_keys + bi * BS),
+                mask,
+                _mm512_mul_ps(acc[r], vscale),
+            );
         }
     }
     for r in 0..R {
@@ -365,7 +378,14 @@ unsafe fn attend_group_avx512<const R: usize>(
 
 /// Picks the intrinsics path for the common shape, the portable one otherwise.
 #[inline(always)]
-fn attend_group_dispatch<const R: usize>(q: &[f32], kv: &PagedKv<'_>, n_keys: usize, scale: f32, scores: &mut [f32], out: &mut [f32]) {
+fn attend_group_dispatch<const R: usize>(
+    q: &[f32],
+    kv: &PagedKv<'_>,
+    n_keys: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if kv.block_size == 16 && q.len() == R * 64 && has_avx512() {
@@ -454,7 +474,9 @@ mod tests {
 
     #[test]
     fn dot_matches_f64() {
-        let a: Vec<f32> = (0..77).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.1).collect();
+        let a: Vec<f32> = (0..77)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.1)
+            .collect();
         let b: Vec<f32> = (0..77).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.3).collect();
         let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
         assert!((dot(&a, &b) as f64 - want).abs() < 1e-5);
@@ -476,14 +498,23 @@ mod tests {
         let block_floats = 2 * nkv * hd * bs;
         let mut state = 12345u64;
         let mut rnd = || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         };
         let layer: Vec<f32> = (0..4 * block_floats).map(|_| rnd()).collect();
         let blocks = [2u32, 0, 3];
         let q: Vec<f32> = (0..3 * hd).map(|_| rnd() * 4.0).collect();
         for g in 0..nkv {
-            let kv = PagedKv { layer: &layer, blocks: &blocks, block_size: bs, block_floats, k_off: g * hd * bs, v_off: (nkv + g) * hd * bs };
+            let kv = PagedKv {
+                layer: &layer,
+                blocks: &blocks,
+                block_size: bs,
+                block_floats,
+                k_off: g * hd * bs,
+                v_off: (nkv + g) * hd * bs,
+            };
             for n_keys in [1usize, 15, 16, 17, 40, 48] {
                 let mut s1 = vec![0f32; 3 * n_keys];
                 let mut o1 = vec![0f32; 3 * hd];
@@ -505,7 +536,9 @@ mod tests {
     fn multiversioned_kernels_agree_with_baseline() {
         // The fast and base copies of a kernel must give identical bits.
         let d = 64;
-        let x: Vec<f32> = (0..d * 3).map(|i| ((i * 7919 % 101) as f32 - 50.0) / 17.0).collect();
+        let x: Vec<f32> = (0..d * 3)
+            .map(|i| ((i * 7919 % 101) as f32 - 50.0) / 17.0)
+            .collect();
         let w: Vec<f32> = (0..d).map(|i| 1.0 + (i as f32) / 100.0).collect();
         let mut a = vec![0f32; d * 3];
         rms_norm_rows(&x, &w, 1e-5, &mut a);

@@ -207,7 +207,16 @@ mod tests {
     use proptest::prelude::*;
 
     fn pool(n: usize) -> KvPool {
-        KvPool::new(KvLayout { dtype: KvDtype::F32, n_layers: 1, n_kv_heads: 1, head_dim: 2, block_size: 4 }, n)
+        KvPool::new(
+            KvLayout {
+                dtype: KvDtype::F32,
+                n_layers: 1,
+                n_kv_heads: 1,
+                head_dim: 2,
+                block_size: 4,
+            },
+            n,
+        )
     }
 
     fn seq_with(p: &mut KvPool, tokens: usize) -> SeqKv {

@@ -59,7 +59,10 @@ impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(EngineError::Sampling(m));
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad(format!("temperature must be >= 0, got {}", self.temperature));
+            return bad(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -68,15 +71,24 @@ impl SamplingParams {
             return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return bad(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+            return bad(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
         }
-        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
             if !(v.is_finite() && (-2.0..=2.0).contains(&v)) {
                 return bad(format!("{name} must be in [-2, 2], got {v}"));
             }
         }
         if self.top_logprobs > 20 {
-            return bad(format!("top_logprobs must be at most 20, got {}", self.top_logprobs));
+            return bad(format!(
+                "top_logprobs must be at most 20, got {}",
+                self.top_logprobs
+            ));
         }
         Ok(())
     }
@@ -125,17 +137,29 @@ fn log_softmax_at(logits: &[f32], max: f32, log_z: f64, id: u32) -> f32 {
 ///
 /// `context` is the prompt followed by the output so far (for the repetition
 /// penalty); `output_start` is where the output begins in it.
-pub fn sample(params: &SamplingParams, logits: &[f32], context: &[u32], output_start: usize, pos: u64) -> Sampled {
+pub fn sample(
+    params: &SamplingParams,
+    logits: &[f32],
+    context: &[u32],
+    output_start: usize,
+    pos: u64,
+) -> Sampled {
     // Raw log-probabilities for reporting.
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let want_lp = params.logprobs || params.top_logprobs > 0;
     let log_z = if want_lp {
-        logits.iter().map(|&v| ((v - max) as f64).exp()).sum::<f64>().ln()
+        logits
+            .iter()
+            .map(|&v| ((v - max) as f64).exp())
+            .sum::<f64>()
+            .ln()
     } else {
         0.0
     };
 
-    let penalised = params.repetition_penalty != 1.0 || params.presence_penalty != 0.0 || params.frequency_penalty != 0.0;
+    let penalised = params.repetition_penalty != 1.0
+        || params.presence_penalty != 0.0
+        || params.frequency_penalty != 0.0;
     let mut work: Vec<f32>;
     let l: &[f32] = if penalised {
         work = logits.to_vec();
@@ -144,7 +168,11 @@ pub fn sample(params: &SamplingParams, logits: &[f32], context: &[u32], output_s
             for &t in context {
                 if seen.insert(t) {
                     let v = &mut work[t as usize];
-                    *v = if *v > 0.0 { *v / params.repetition_penalty } else { *v * params.repetition_penalty };
+                    *v = if *v > 0.0 {
+                        *v / params.repetition_penalty
+                    } else {
+                        *v * params.repetition_penalty
+                    };
                 }
             }
         }
@@ -167,7 +195,11 @@ pub fn sample(params: &SamplingParams, logits: &[f32], context: &[u32], output_s
     } else {
         // Candidates sorted by logit (descending), ties by id: a total order.
         let mut idx: Vec<u32> = (0..l.len() as u32).collect();
-        let keep = if params.top_k > 0 { params.top_k.min(l.len()) } else { l.len() };
+        let keep = if params.top_k > 0 {
+            params.top_k.min(l.len())
+        } else {
+            l.len()
+        };
         let cmp = |a: &u32, b: &u32| l[*b as usize].total_cmp(&l[*a as usize]).then(a.cmp(b));
         if keep < idx.len() {
             idx.select_nth_unstable_by(keep - 1, cmp);
@@ -176,7 +208,10 @@ pub fn sample(params: &SamplingParams, logits: &[f32], context: &[u32], output_s
         idx.sort_unstable_by(cmp);
         let m = l[idx[0] as usize];
         let t = params.temperature as f64;
-        let mut probs: Vec<f64> = idx.iter().map(|&i| (((l[i as usize] - m) as f64) / t).exp()).collect();
+        let mut probs: Vec<f64> = idx
+            .iter()
+            .map(|&i| (((l[i as usize] - m) as f64) / t).exp())
+            .collect();
         let total: f64 = probs.iter().sum();
         // top-p: smallest prefix whose mass reaches top_p (at least one token).
         let mut cut = probs.len();
@@ -216,17 +251,28 @@ pub fn sample(params: &SamplingParams, logits: &[f32], context: &[u32], output_s
         if params.top_logprobs > 0 {
             let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
             let n = params.top_logprobs.min(idx.len());
-            let cmp = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+            let cmp = |a: &u32, b: &u32| {
+                logits[*b as usize]
+                    .total_cmp(&logits[*a as usize])
+                    .then(a.cmp(b))
+            };
             idx.select_nth_unstable_by(n - 1, cmp);
             idx.truncate(n);
             idx.sort_unstable_by(cmp);
-            top = idx.iter().map(|&i| (i, log_softmax_at(logits, max, log_z, i))).collect();
+            top = idx
+                .iter()
+                .map(|&i| (i, log_softmax_at(logits, max, log_z, i)))
+                .collect();
         }
         (lp, top)
     } else {
         (0.0, Vec::new())
     };
-    Sampled { token, logprob, top }
+    Sampled {
+        token,
+        logprob,
+        top,
+    }
 }
 
 #[cfg(test)]
@@ -239,12 +285,19 @@ mod tests {
 
     #[test]
     fn greedy_picks_lowest_id_among_ties() {
-        assert_eq!(sample(&SamplingParams::greedy(), &logits(), &[], 0, 0).token, 1);
+        assert_eq!(
+            sample(&SamplingParams::greedy(), &logits(), &[], 0, 0).token,
+            1
+        );
     }
 
     #[test]
     fn same_key_same_token_different_keys_vary() {
-        let mut p = SamplingParams { temperature: 1.0, seed: 7, ..Default::default() };
+        let mut p = SamplingParams {
+            temperature: 1.0,
+            seed: 7,
+            ..Default::default()
+        };
         let l = logits();
         let a: Vec<u32> = (0..64).map(|i| sample(&p, &l, &[], 0, i).token).collect();
         let b: Vec<u32> = (0..64).map(|i| sample(&p, &l, &[], 0, i).token).collect();
@@ -259,7 +312,12 @@ mod tests {
 
     #[test]
     fn top_k_one_is_greedy() {
-        let p = SamplingParams { temperature: 5.0, top_k: 1, seed: 3, ..Default::default() };
+        let p = SamplingParams {
+            temperature: 5.0,
+            top_k: 1,
+            seed: 3,
+            ..Default::default()
+        };
         for i in 0..32 {
             assert_eq!(sample(&p, &logits(), &[], 0, i).token, 1);
         }
@@ -268,7 +326,12 @@ mod tests {
     #[test]
     fn top_p_restricts_to_the_nucleus() {
         // Tokens 1 and 3 hold most of the mass at low temperature.
-        let p = SamplingParams { temperature: 0.5, top_p: 0.5, seed: 11, ..Default::default() };
+        let p = SamplingParams {
+            temperature: 0.5,
+            top_p: 0.5,
+            seed: 11,
+            ..Default::default()
+        };
         for i in 0..64 {
             let t = sample(&p, &logits(), &[], 0, i).token;
             assert!(t == 1 || t == 3, "{t}");
@@ -277,7 +340,12 @@ mod tests {
 
     #[test]
     fn min_p_drops_unlikely_tokens() {
-        let p = SamplingParams { temperature: 1.0, min_p: 0.3, seed: 5, ..Default::default() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            min_p: 0.3,
+            seed: 5,
+            ..Default::default()
+        };
         for i in 0..64 {
             let t = sample(&p, &logits(), &[], 0, i).token;
             assert!([1, 2, 3].contains(&t), "{t}");
@@ -286,10 +354,16 @@ mod tests {
 
     #[test]
     fn penalties_change_the_greedy_choice() {
-        let rep = SamplingParams { repetition_penalty: 2.0, ..Default::default() };
+        let rep = SamplingParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        };
         // Token 1 was seen: 3.0 / 2 = 1.5, so token 3 wins.
         assert_eq!(sample(&rep, &logits(), &[1], 1, 0).token, 3);
-        let freq = SamplingParams { frequency_penalty: 1.0, ..Default::default() };
+        let freq = SamplingParams {
+            frequency_penalty: 1.0,
+            ..Default::default()
+        };
         // Tokens 1 and 3 each generated twice: 3 - 2 = 1; token 2 wins with 2.0.
         assert_eq!(sample(&freq, &logits(), &[1, 1, 3, 3], 0, 0).token, 2);
         // Prompt tokens do not count for frequency penalties.
@@ -298,7 +372,11 @@ mod tests {
 
     #[test]
     fn logprobs_are_normalised() {
-        let p = SamplingParams { logprobs: true, top_logprobs: 3, ..Default::default() };
+        let p = SamplingParams {
+            logprobs: true,
+            top_logprobs: 3,
+            ..Default::default()
+        };
         let s = sample(&p, &logits(), &[], 0, 0);
         assert_eq!(s.top.len(), 3);
         assert_eq!(s.top[0].0, 1);
@@ -310,10 +388,20 @@ mod tests {
 
     #[test]
     fn validation_names_the_parameter() {
-        let p = SamplingParams { top_p: 0.0, ..Default::default() };
+        let p = SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        };
         assert!(p.validate().unwrap_err().to_string().contains("top_p"));
-        let p = SamplingParams { temperature: -1.0, ..Default::default() };
-        assert!(p.validate().unwrap_err().to_string().contains("temperature"));
+        let p = SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        };
+        assert!(p
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("temperature"));
         assert!(SamplingParams::default().validate().is_ok());
     }
 }

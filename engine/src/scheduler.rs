@@ -17,9 +17,9 @@
 use std::collections::VecDeque;
 
 use crate::error::{EngineError, Result};
+use crate::executor::Executor;
 use crate::generate::FinishReason;
 use crate::kv::{KvPool, SeqKv};
-use crate::executor::Executor;
 use crate::model::{Logits, SeqStep};
 use crate::prefix_cache::{PrefixCache, PrefixStats};
 use crate::sampler::{sample, Sampled, SamplingParams};
@@ -158,7 +158,8 @@ impl Scheduler {
 
     /// Tokens one sequence can ever hold: the context, or the whole pool if smaller.
     pub fn max_sequence_tokens(&self) -> usize {
-        self.context_length.min(self.pool.n_blocks() * self.pool.layout().block_size)
+        self.context_length
+            .min(self.pool.n_blocks() * self.pool.layout().block_size)
     }
 
     /// Checks a request before it is queued: what can never run is refused
@@ -243,7 +244,13 @@ impl Scheduler {
     /// the whole prompt (`kv.len == prompt.len()`), and `first` is the token
     /// the prefill worker sampled from the last prompt position. The request
     /// continues here exactly as if it had been prefilled locally.
-    pub fn add_prefilled(&mut self, req: Request, mut kv: SeqKv, first: Sampled, mut sink: Box<dyn EventSink>) -> Result<()> {
+    pub fn add_prefilled(
+        &mut self,
+        req: Request,
+        mut kv: SeqKv,
+        first: Sampled,
+        mut sink: Box<dyn EventSink>,
+    ) -> Result<()> {
         let pool_tokens = self.pool.n_blocks() * self.pool.layout().block_size;
         let limit = match Self::validate(&req, self.context_length, pool_tokens) {
             Ok(l) => l,
@@ -276,7 +283,11 @@ impl Scheduler {
             None
         };
         let listening = stop || sink.send(Event::Token(first));
-        if let Some(reason) = finished.or(if listening { None } else { Some(FinishReason::Stop) }) {
+        if let Some(reason) = finished.or(if listening {
+            None
+        } else {
+            Some(FinishReason::Stop)
+        }) {
             self.pool.free_seq(&mut kv);
             sink.send(Event::Finished {
                 reason,
@@ -380,8 +391,14 @@ impl Scheduler {
     /// Blocks `seq` needs for `tokens` more tokens (including a copy-on-write).
     fn blocks_needed(&self, seq: &Seq, tokens: usize) -> usize {
         let bs = self.pool.layout().block_size;
-        let need = self.pool.layout().blocks_for(seq.kv.len + tokens).saturating_sub(seq.kv.blocks.len());
-        let cow = seq.kv.len % bs != 0 && tokens > 0 && self.pool.refcount(seq.kv.blocks[seq.kv.len / bs]) > 1;
+        let need = self
+            .pool
+            .layout()
+            .blocks_for(seq.kv.len + tokens)
+            .saturating_sub(seq.kv.blocks.len());
+        let cow = seq.kv.len % bs != 0
+            && tokens > 0
+            && self.pool.refcount(seq.kv.blocks[seq.kv.len / bs]) > 1;
         need + usize::from(cow)
     }
 
@@ -389,7 +406,9 @@ impl Scheduler {
     /// their first chunk.
     fn admit(&mut self) {
         while self.running.len() < self.cfg.max_running {
-            let Some(mut s) = self.waiting.pop_front() else { break };
+            let Some(mut s) = self.waiting.pop_front() else {
+                break;
+            };
             if s.kv.blocks.is_empty() && self.cfg.prefix_cache {
                 // Share cached whole blocks, but always compute the last token
                 // (its logits start generation).
@@ -421,7 +440,10 @@ impl Scheduler {
         let mut budget = self.cfg.max_step_tokens;
         let mut plan_ids: Vec<(u64, usize)> = Vec::new();
         let by_age = |running: &[Seq], decode: bool| -> Vec<u64> {
-            let mut v: Vec<&Seq> = running.iter().filter(|s| (s.pending() == 1) == decode).collect();
+            let mut v: Vec<&Seq> = running
+                .iter()
+                .filter(|s| (s.pending() == 1) == decode)
+                .collect();
             v.sort_by_key(|s| s.admitted_at);
             v.iter().map(|s| s.req.id).collect()
         };
@@ -432,7 +454,9 @@ impl Scheduler {
                 break;
             }
             loop {
-                let Some(idx) = self.running.iter().position(|s| s.req.id == id) else { break };
+                let Some(idx) = self.running.iter().position(|s| s.req.id == id) else {
+                    break;
+                };
                 let need = self.blocks_needed(&self.running[idx], 1);
                 if self.make_room(need) {
                     self.pool.reserve(&mut self.running[idx].kv, 1)?;
@@ -454,7 +478,11 @@ impl Scheduler {
             if budget == 0 {
                 break;
             }
-            let idx = self.running.iter().position(|s| s.req.id == id).expect("running");
+            let idx = self
+                .running
+                .iter()
+                .position(|s| s.req.id == id)
+                .expect("running");
             let mut take = self.running[idx].pending().min(budget);
             while take > 0 {
                 let need = self.blocks_needed(&self.running[idx], take);
@@ -463,7 +491,8 @@ impl Scheduler {
                 }
                 // Shrink to what the free blocks hold (whole blocks after the partial one).
                 let s = &self.running[idx];
-                let room = (s.kv.blocks.len() * bs).saturating_sub(s.kv.len) + self.pool.free_blocks() * bs;
+                let room = (s.kv.blocks.len() * bs).saturating_sub(s.kv.len)
+                    + self.pool.free_blocks() * bs;
                 take = if room < take { room } else { take - 1 };
             }
             if take > 0 {
@@ -474,7 +503,15 @@ impl Scheduler {
         }
         let mut plan: Vec<(usize, usize)> = plan_ids
             .iter()
-            .map(|&(id, t)| (self.running.iter().position(|s| s.req.id == id).expect("planned"), t))
+            .map(|&(id, t)| {
+                (
+                    self.running
+                        .iter()
+                        .position(|s| s.req.id == id)
+                        .expect("planned"),
+                    t,
+                )
+            })
             .collect();
         if plan.is_empty() {
             // Everything is blocked on memory with nobody to preempt: the
@@ -522,10 +559,17 @@ impl Scheduler {
                 continue;
             }
             if !s.prompt_cached && self.cfg.prefix_cache && s.kv.len >= s.n_prompt {
-                self.cache.insert(&mut self.pool, &s.tokens[..s.n_prompt], &s.kv.blocks);
+                self.cache
+                    .insert(&mut self.pool, &s.tokens[..s.n_prompt], &s.kv.blocks);
                 s.prompt_cached = true;
             }
-            let sampled = sample(&s.req.params, &logits[k], &s.tokens, s.n_prompt, s.generated() as u64);
+            let sampled = sample(
+                &s.req.params,
+                &logits[k],
+                &s.tokens,
+                s.n_prompt,
+                s.generated() as u64,
+            );
             let tok = sampled.token;
             if s.req.stop_tokens.contains(&tok) {
                 finished.push((idx, FinishReason::Stop));
@@ -546,7 +590,8 @@ impl Scheduler {
             let mut s = self.running.remove(idx);
             if self.cfg.prefix_cache {
                 let computed = s.kv.len;
-                self.cache.insert(&mut self.pool, &s.tokens[..computed], &s.kv.blocks);
+                self.cache
+                    .insert(&mut self.pool, &s.tokens[..computed], &s.kv.blocks);
             }
             self.pool.free_seq(&mut s.kv);
             let done = Event::Finished {
@@ -577,7 +622,11 @@ impl Scheduler {
         self.pool.free_seq(&mut s.kv);
         s.prompt_cached = false;
         self.stats.preemptions += 1;
-        tracing::debug!(id = s.req.id, tokens = s.tokens.len(), "preempted (will recompute)");
+        tracing::debug!(
+            id = s.req.id,
+            tokens = s.tokens.len(),
+            "preempted (will recompute)"
+        );
         self.enqueue(s);
     }
 }

@@ -17,7 +17,11 @@ use tandem_model::weights::ModelSource;
 
 fn model_path() -> PathBuf {
     let p = tandem_model::default_model_path();
-    assert!(p.exists(), "default model missing at {}: run `tandem model fetch`", p.display());
+    assert!(
+        p.exists(),
+        "default model missing at {}: run `tandem model fetch`",
+        p.display()
+    );
     p
 }
 
@@ -33,19 +37,29 @@ fn model() -> &'static Model {
 }
 
 fn golden() -> Value {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/golden/smollm2-135m-instruct-q4_1.json");
-    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures/golden/smollm2-135m-instruct-q4_1.json");
+    let text =
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
     serde_json::from_str(&text).expect("golden fixture is JSON")
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn prompt_logits(m: &Model, prompt: &[u32]) -> Vec<f32> {
     let mut pool = m.pool_for_tokens(prompt.len(), 16);
     let mut kv = SeqKv::default();
-    let mut step = [SeqStep { kv: &mut kv, tokens: prompt, logits: Logits::Last }];
+    let mut step = [SeqStep {
+        kv: &mut kv,
+        tokens: prompt,
+        logits: Logits::Last,
+    }];
     m.forward(&mut pool, &mut step).unwrap().pop().unwrap()
 }
 
@@ -59,7 +73,9 @@ fn prompt_logits(m: &Model, prompt: &[u32]) -> Vec<f32> {
 /// any real error (a wrong dequantisation or a misplaced head moves logits by
 /// whole units) while leaving room for legitimate reordering.
 fn tolerance(g: &Value) -> f32 {
-    let noise = g["f32_vs_f64_max_abs_logit_diff"].as_f64().expect("fixture records the f32 noise") as f32;
+    let noise = g["f32_vs_f64_max_abs_logit_diff"]
+        .as_f64()
+        .expect("fixture records the f32 noise") as f32;
     (10.0 * noise).max(1e-4)
 }
 
@@ -80,18 +96,30 @@ fn golden_logits_and_greedy_continuations() {
             let want = pair[1].as_f64().unwrap() as f32;
             let d = (logits[id] - want).abs();
             worst = worst.max(d);
-            assert!(d <= tol, "{name}: logit of token {id}: got {}, reference {want} (tolerance {tol})", logits[id]);
+            assert!(
+                d <= tol,
+                "{name}: logit of token {id}: got {}, reference {want} (tolerance {tol})",
+                logits[id]
+            );
         }
         for (i, want) in p["last_logits_head"].as_array().unwrap().iter().enumerate() {
             let d = (logits[i] - want.as_f64().unwrap() as f32).abs();
             worst = worst.max(d);
-            assert!(d <= tol, "{name}: logit {i} differs by {d} (tolerance {tol})");
+            assert!(
+                d <= tol,
+                "{name}: logit {i} differs by {d} (tolerance {tol})"
+            );
         }
         // Greedy continuation: identical up to the first step where the
         // reference's top-2 margin is within the tolerance (a near tie that
         // float rounding may legitimately flip).
         let want = ids(&p["greedy_ids"]);
-        let margins: Vec<f64> = p["greedy_margins"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let margins: Vec<f64> = p["greedy_margins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
         let req = GenerateRequest {
             prompt: prompt.clone(),
             params: SamplingParams::greedy(),
@@ -99,18 +127,31 @@ fn golden_logits_and_greedy_continuations() {
             stop_tokens: vec![],
         };
         let got = m.generate(&req, |_| true).unwrap().tokens;
-        let limit = margins.iter().position(|&mg| mg < tol as f64).unwrap_or(want.len());
+        let limit = margins
+            .iter()
+            .position(|&mg| mg < tol as f64)
+            .unwrap_or(want.len());
         if limit < want.len() {
             small_margin_steps += 1;
-            eprintln!("{name}: reference margin {} < tolerance at step {limit}; comparing {limit} steps", margins[limit]);
+            eprintln!(
+                "{name}: reference margin {} < tolerance at step {limit}; comparing {limit} steps",
+                margins[limit]
+            );
         }
         compared_steps += limit;
-        assert_eq!(&got[..limit], &want[..limit], "{name}: greedy continuation differs");
+        assert_eq!(
+            &got[..limit],
+            &want[..limit],
+            "{name}: greedy continuation differs"
+        );
     }
     eprintln!(
         "golden: worst logit difference {worst:.2e} (tolerance {tol:.2e}); {compared_steps} greedy steps compared; {small_margin_steps} prompts stopped early at a near tie"
     );
-    assert!(small_margin_steps <= 2, "too many near ties: the comparison would be too weak");
+    assert!(
+        small_margin_steps <= 2,
+        "too many near ties: the comparison would be too weak"
+    );
 }
 
 #[test]
@@ -120,14 +161,25 @@ fn logits_are_bit_identical_whatever_the_thread_count() {
     for threads in [1, 3] {
         let m = Model::load(source(), threads).unwrap();
         let other = prompt_logits(&m, &prompt);
-        assert!(two.iter().zip(&other).all(|(a, b)| a.to_bits() == b.to_bits()), "threads={threads} changed the logits");
+        assert!(
+            two.iter()
+                .zip(&other)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "threads={threads} changed the logits"
+        );
     }
 }
 
 #[test]
 fn batching_and_chunking_do_not_change_bits() {
     let m = model();
-    let prompts: Vec<Vec<u32>> = (0..4).map(|s| (0..(5 + 9 * s)).map(|i| 50 + ((i * 131 + s * 17) % 4000) as u32).collect()).collect();
+    let prompts: Vec<Vec<u32>> = (0..4)
+        .map(|s| {
+            (0..(5 + 9 * s))
+                .map(|i| 50 + ((i * 131 + s * 17) % 4000) as u32)
+                .collect()
+        })
+        .collect();
     let alone: Vec<Vec<f32>> = prompts.iter().map(|p| prompt_logits(m, p)).collect();
     // All prompts in one forward call.
     let mut pool = m.pool_for_tokens(200, 16);
@@ -135,7 +187,11 @@ fn batching_and_chunking_do_not_change_bits() {
     let mut steps: Vec<SeqStep<'_>> = kvs
         .iter_mut()
         .zip(&prompts)
-        .map(|(kv, p)| SeqStep { kv, tokens: p, logits: Logits::Last })
+        .map(|(kv, p)| SeqStep {
+            kv,
+            tokens: p,
+            logits: Logits::Last,
+        })
         .collect();
     let together = m.forward(&mut pool, &mut steps).unwrap();
     drop(steps);
@@ -143,25 +199,47 @@ fn batching_and_chunking_do_not_change_bits() {
         pool.free_seq(kv);
     }
     for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
-        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "prompt {i} changed when batched");
+        assert!(
+            a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "prompt {i} changed when batched"
+        );
     }
     // The longest prompt in uneven chunks.
     let p = &prompts[3];
     let mut kv = SeqKv::default();
     let mut last = Vec::new();
     for chunk in [&p[..3], &p[3..4], &p[4..20], &p[20..]] {
-        let mut step = [SeqStep { kv: &mut kv, tokens: chunk, logits: Logits::Last }];
+        let mut step = [SeqStep {
+            kv: &mut kv,
+            tokens: chunk,
+            logits: Logits::Last,
+        }];
         last = m.forward(&mut pool, &mut step).unwrap().pop().unwrap();
     }
-    assert!(last.iter().zip(&alone[3]).all(|(x, y)| x.to_bits() == y.to_bits()), "chunked prefill changed the logits");
+    assert!(
+        last.iter()
+            .zip(&alone[3])
+            .all(|(x, y)| x.to_bits() == y.to_bits()),
+        "chunked prefill changed the logits"
+    );
     // Decoding token by token equals scoring the whole sequence at once.
     let next = argmax(&alone[3]);
-    let mut step = [SeqStep { kv: &mut kv, tokens: &[next], logits: Logits::Last }];
+    let mut step = [SeqStep {
+        kv: &mut kv,
+        tokens: &[next],
+        logits: Logits::Last,
+    }];
     let stepwise = m.forward(&mut pool, &mut step).unwrap().pop().unwrap();
     let mut whole = p.clone();
     whole.push(next);
     let direct = prompt_logits(m, &whole);
-    assert!(stepwise.iter().zip(&direct).all(|(x, y)| x.to_bits() == y.to_bits()), "decode step differs from prefill");
+    assert!(
+        stepwise
+            .iter()
+            .zip(&direct)
+            .all(|(x, y)| x.to_bits() == y.to_bits()),
+        "decode step differs from prefill"
+    );
 }
 
 #[test]
@@ -171,7 +249,12 @@ fn sampling_is_reproducible_per_seed() {
     let run = |seed| {
         let req = GenerateRequest {
             prompt: prompt.clone(),
-            params: SamplingParams { temperature: 0.9, top_p: 0.95, seed, ..Default::default() },
+            params: SamplingParams {
+                temperature: 0.9,
+                top_p: 0.95,
+                seed,
+                ..Default::default()
+            },
             max_tokens: Some(12),
             stop_tokens: vec![],
         };
@@ -186,21 +269,46 @@ fn bad_requests_are_clear_errors() {
     let m = model();
     let ctx = m.config.context_length;
     let long = vec![200u32; ctx];
-    let req = GenerateRequest { prompt: long, params: SamplingParams::greedy(), max_tokens: Some(1), stop_tokens: vec![] };
+    let req = GenerateRequest {
+        prompt: long,
+        params: SamplingParams::greedy(),
+        max_tokens: Some(1),
+        stop_tokens: vec![],
+    };
     let e = m.generate(&req, |_| true).unwrap_err();
     assert!(matches!(e, EngineError::ContextOverflow { .. }), "{e}");
     assert!(e.to_string().contains("context length"), "{e}");
 
-    let req = GenerateRequest { prompt: vec![5; 10], params: SamplingParams::greedy(), max_tokens: Some(ctx), stop_tokens: vec![] };
-    assert!(matches!(m.generate(&req, |_| true).unwrap_err(), EngineError::ContextOverflow { .. }));
+    let req = GenerateRequest {
+        prompt: vec![5; 10],
+        params: SamplingParams::greedy(),
+        max_tokens: Some(ctx),
+        stop_tokens: vec![],
+    };
+    assert!(matches!(
+        m.generate(&req, |_| true).unwrap_err(),
+        EngineError::ContextOverflow { .. }
+    ));
 
-    let req = GenerateRequest { prompt: vec![], params: SamplingParams::greedy(), max_tokens: Some(4), stop_tokens: vec![] };
-    assert!(matches!(m.generate(&req, |_| true).unwrap_err(), EngineError::EmptyPrompt));
+    let req = GenerateRequest {
+        prompt: vec![],
+        params: SamplingParams::greedy(),
+        max_tokens: Some(4),
+        stop_tokens: vec![],
+    };
+    assert!(matches!(
+        m.generate(&req, |_| true).unwrap_err(),
+        EngineError::EmptyPrompt
+    ));
 
     let mut pool = m.pool_for_tokens(4, 16);
     let mut kv = SeqKv::default();
     let bad = [m.config.vocab_size as u32 + 5];
-    let mut step = [SeqStep { kv: &mut kv, tokens: &bad, logits: Logits::Last }];
+    let mut step = [SeqStep {
+        kv: &mut kv,
+        tokens: &bad,
+        logits: Logits::Last,
+    }];
     let e = m.forward(&mut pool, &mut step).unwrap_err();
     assert!(matches!(e, EngineError::BadToken { .. }), "{e}");
     assert_eq!(kv.len(), 0, "a rejected step must not touch the cache");
@@ -208,7 +316,11 @@ fn bad_requests_are_clear_errors() {
     // A step that does not fit the pool is refused whole.
     let mut kv = SeqKv::default();
     let long = vec![7u32; 17];
-    let mut step = [SeqStep { kv: &mut kv, tokens: &long, logits: Logits::Last }];
+    let mut step = [SeqStep {
+        kv: &mut kv,
+        tokens: &long,
+        logits: Logits::Last,
+    }];
     let e = m.forward(&mut pool, &mut step).unwrap_err();
     assert!(matches!(e, EngineError::OutOfBlocks { .. }), "{e}");
     assert_eq!(pool.free_blocks(), pool.n_blocks());
@@ -230,7 +342,9 @@ mod batching {
         (0..16u32)
             .map(|k| {
                 let len = 3 + (k as usize * 7) % 58;
-                let own: Vec<u32> = (0..len as u32).map(|i| 100 + (i * 97 + k * 131) % 20000).collect();
+                let own: Vec<u32> = (0..len as u32)
+                    .map(|i| 100 + (i * 97 + k * 131) % 20000)
+                    .collect();
                 if k % 4 == 0 {
                     shared.iter().copied().chain(own).collect()
                 } else {
@@ -241,7 +355,12 @@ mod batching {
     }
 
     fn alone(p: &[u32], params: &SamplingParams, n: usize) -> Vec<u32> {
-        let req = GenerateRequest { prompt: p.to_vec(), params: params.clone(), max_tokens: Some(n), stop_tokens: vec![] };
+        let req = GenerateRequest {
+            prompt: p.to_vec(),
+            params: params.clone(),
+            max_tokens: Some(n),
+            stop_tokens: vec![],
+        };
         model().generate(&req, |_| true).unwrap().tokens
     }
 
@@ -256,7 +375,11 @@ mod batching {
             while let Ok(e) = r.rx.try_recv() {
                 match e {
                     Event::Token(s) => r.tokens.push(s.token),
-                    Event::Finished { reason, cached_tokens, .. } => r.finished = Some((reason, cached_tokens)),
+                    Event::Finished {
+                        reason,
+                        cached_tokens,
+                        ..
+                    } => r.finished = Some((reason, cached_tokens)),
                     Event::Error(m) => panic!("request failed: {m}"),
                 }
             }
@@ -264,12 +387,24 @@ mod batching {
     }
 
     fn request(id: u64, prompt: &[u32], params: &SamplingParams, n: usize) -> Request {
-        Request { id, prompt: prompt.to_vec(), params: params.clone(), max_tokens: Some(n), stop_tokens: vec![], priority: 0 }
+        Request {
+            id,
+            prompt: prompt.to_vec(),
+            params: params.clone(),
+            max_tokens: Some(n),
+            stop_tokens: vec![],
+            priority: 0,
+        }
     }
 
     /// Runs every prompt through one scheduler, adding them a few at a time
     /// between steps; returns each request's tokens and the scheduler.
-    fn run_batched(sched: &mut Scheduler, prompts: &[Vec<u32>], params: &SamplingParams, n: usize) -> Vec<Run> {
+    fn run_batched(
+        sched: &mut Scheduler,
+        prompts: &[Vec<u32>],
+        params: &SamplingParams,
+        n: usize,
+    ) -> Vec<Run> {
         let mut runs: Vec<Run> = Vec::new();
         let mut next = 0;
         let mut steps = 0;
@@ -279,8 +414,17 @@ mod batching {
                 for _ in 0..3 {
                     if next < prompts.len() {
                         let (tx, rx) = channel();
-                        sched.add(request(next as u64, &prompts[next], params, n), Box::new(tx)).unwrap();
-                        runs.push(Run { rx, tokens: vec![], finished: None });
+                        sched
+                            .add(
+                                request(next as u64, &prompts[next], params, n),
+                                Box::new(tx),
+                            )
+                            .unwrap();
+                        runs.push(Run {
+                            rx,
+                            tokens: vec![],
+                            finished: None,
+                        });
                         next += 1;
                     }
                 }
@@ -296,7 +440,11 @@ mod batching {
 
     fn scheduler(blocks: usize, step_tokens: usize, prefix_cache: bool) -> Scheduler {
         let pool = KvPool::new(model().kv_layout(16), blocks);
-        let cfg = SchedulerConfig { max_step_tokens: step_tokens, max_running: 64, prefix_cache };
+        let cfg = SchedulerConfig {
+            max_step_tokens: step_tokens,
+            max_running: 64,
+            prefix_cache,
+        };
         Scheduler::new(cfg, pool, model().config.context_length)
     }
 
@@ -312,7 +460,11 @@ mod batching {
             assert_eq!(&r.tokens, w, "prompt {i}");
             assert_eq!(r.finished.map(|f| f.0), Some(FinishReason::Length));
         }
-        assert_eq!(s.pool().free_blocks(), s.pool().n_blocks(), "every block returned");
+        assert_eq!(
+            s.pool().free_blocks(),
+            s.pool().n_blocks(),
+            "every block returned"
+        );
     }
 
     #[test]
@@ -322,15 +474,27 @@ mod batching {
         let mut s = scheduler(512, 256, true);
         let runs = run_batched(&mut s, &ps, &params, 8);
         let stats = s.stats();
-        assert!(stats.prefix.hits >= 2, "shared prefixes should hit: {stats:?}");
+        assert!(
+            stats.prefix.hits >= 2,
+            "shared prefixes should hit: {stats:?}"
+        );
         let hit_runs = runs.iter().filter(|r| r.finished.unwrap().1 > 0).count();
         assert!(hit_runs >= 2, "requests served from the cache: {hit_runs}");
         for (i, (r, p)) in runs.iter().zip(&ps).enumerate() {
-            assert_eq!(r.tokens, alone(p, &params, 8), "prompt {i} (cached {} tokens)", r.finished.unwrap().1);
+            assert_eq!(
+                r.tokens,
+                alone(p, &params, 8),
+                "prompt {i} (cached {} tokens)",
+                r.finished.unwrap().1
+            );
         }
         // The same prompt again is served almost entirely from the cache.
         let again = run_batched(&mut s, &ps[..1], &params, 8);
-        assert!(again[0].finished.unwrap().1 >= ps[0].len() / 16 * 16 - 16, "{:?}", again[0].finished);
+        assert!(
+            again[0].finished.unwrap().1 >= ps[0].len() / 16 * 16 - 16,
+            "{:?}",
+            again[0].finished
+        );
         assert_eq!(again[0].tokens, runs[0].tokens);
         s.clear_prefix_cache();
         assert_eq!(s.pool().free_blocks(), s.pool().n_blocks());
@@ -340,13 +504,25 @@ mod batching {
     fn preemption_under_memory_pressure_loses_nothing() {
         let ps = prompts();
         // Sampling too: counter-based randomness must survive recomputation.
-        for params in [SamplingParams::greedy(), SamplingParams { temperature: 0.8, top_p: 0.9, seed: 7, ..Default::default() }] {
+        for params in [
+            SamplingParams::greedy(),
+            SamplingParams {
+                temperature: 0.8,
+                top_p: 0.9,
+                seed: 7,
+                ..Default::default()
+            },
+        ] {
             let n = 24;
-            let want: Vec<Vec<u32>> = ps.iter().enumerate().map(|(i, p)| {
-                let mut pr = params.clone();
-                pr.request_key = i as u64;
-                alone(p, &pr, n)
-            }).collect();
+            let want: Vec<Vec<u32>> = ps
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let mut pr = params.clone();
+                    pr.request_key = i as u64;
+                    alone(p, &pr, n)
+                })
+                .collect();
             // 16 requests need ~80 blocks at once; give the pool 14.
             let mut s = scheduler(14, 64, false);
             let mut runs: Vec<Run> = Vec::new();
@@ -355,7 +531,11 @@ mod batching {
                 let mut pr = params.clone();
                 pr.request_key = i as u64;
                 s.add(request(i as u64, p, &pr, n), Box::new(tx)).unwrap();
-                runs.push(Run { rx, tokens: vec![], finished: None });
+                runs.push(Run {
+                    rx,
+                    tokens: vec![],
+                    finished: None,
+                });
             }
             let mut steps = 0;
             while s.has_work() {
@@ -364,7 +544,10 @@ mod batching {
                 steps += 1;
                 assert!(steps < 20_000);
             }
-            assert!(s.stats().preemptions > 0, "the pool was meant to be too small");
+            assert!(
+                s.stats().preemptions > 0,
+                "the pool was meant to be too small"
+            );
             for (i, (r, w)) in runs.iter().zip(&want).enumerate() {
                 assert_eq!(&r.tokens, w, "request {i} after preemption");
             }
@@ -376,14 +559,27 @@ mod batching {
     fn requests_that_can_never_fit_are_refused_at_admission() {
         let mut s = scheduler(4, 64, true); // 64 tokens of KV in all
         let (tx, _rx) = channel();
-        let e = s.add(request(1, &[5; 40], &SamplingParams::greedy(), 40), Box::new(tx)).unwrap_err();
+        let e = s
+            .add(
+                request(1, &[5; 40], &SamplingParams::greedy(), 40),
+                Box::new(tx),
+            )
+            .unwrap_err();
         assert!(matches!(e, EngineError::TooLargeForPool { .. }), "{e}");
         let (tx, _rx) = channel();
         let ctx = model().config.context_length;
-        let e = s.add(request(2, &[5; 10], &SamplingParams::greedy(), ctx), Box::new(tx)).unwrap_err();
+        let e = s
+            .add(
+                request(2, &[5; 10], &SamplingParams::greedy(), ctx),
+                Box::new(tx),
+            )
+            .unwrap_err();
         assert!(matches!(e, EngineError::ContextOverflow { .. }), "{e}");
         let (tx, _rx) = channel();
-        let bad = SamplingParams { top_p: 2.0, ..Default::default() };
+        let bad = SamplingParams {
+            top_p: 2.0,
+            ..Default::default()
+        };
         assert!(s.add(request(3, &[5; 10], &bad, 4), Box::new(tx)).is_err());
         assert!(!s.has_work());
     }
@@ -392,9 +588,17 @@ mod batching {
     fn cancel_and_dropped_streams_free_blocks() {
         let mut s = scheduler(64, 64, false);
         let (tx, rx) = channel();
-        s.add(request(1, &[9; 30], &SamplingParams::greedy(), 50), Box::new(tx)).unwrap();
+        s.add(
+            request(1, &[9; 30], &SamplingParams::greedy(), 50),
+            Box::new(tx),
+        )
+        .unwrap();
         let (tx2, rx2) = channel();
-        s.add(request(2, &[8; 30], &SamplingParams::greedy(), 50), Box::new(tx2)).unwrap();
+        s.add(
+            request(2, &[8; 30], &SamplingParams::greedy(), 50),
+            Box::new(tx2),
+        )
+        .unwrap();
         for _ in 0..3 {
             s.step(model()).unwrap();
         }
@@ -418,7 +622,12 @@ mod batching {
         use tandem_engine::sampler::sample;
         let m = model();
         for (i, p) in prompts().iter().enumerate().filter(|(i, _)| i % 5 == 0) {
-            let params = SamplingParams { temperature: 0.7, seed: 3, request_key: i as u64, ..Default::default() };
+            let params = SamplingParams {
+                temperature: 0.7,
+                seed: 3,
+                request_key: i as u64,
+                ..Default::default()
+            };
             let want = alone(p, &params, 10);
             // Prefill side, in uneven chunks, streaming (layer, block, region) as layers finish.
             let mut pre_pool = m.pool_for_tokens(p.len(), 16);
@@ -430,12 +639,20 @@ mod batching {
                 if chunk.is_empty() {
                     continue;
                 }
-                let mut step = [SeqStep { kv: &mut pre, tokens: chunk, logits: Logits::Last }];
+                let mut step = [SeqStep {
+                    kv: &mut pre,
+                    tokens: chunk,
+                    logits: Logits::Last,
+                }];
                 logits = m
                     .forward_observed(&mut pre_pool, &mut step, &mut |l: LayerKv<'_>| {
                         let bs = 16;
                         for bi in l.positions.start / bs..=(l.positions.end - 1) / bs {
-                            shipped.push((l.layer, bi, l.pool.region(l.layer, l.kv.blocks[bi]).to_vec()));
+                            shipped.push((
+                                l.layer,
+                                bi,
+                                l.pool.region(l.layer, l.kv.blocks[bi]).to_vec(),
+                            ));
                         }
                     })
                     .unwrap()
@@ -447,13 +664,19 @@ mod batching {
             let mut s = scheduler(256, 64, true);
             let mut kv = s.reserve_for_transfer(p.len()).unwrap();
             for (layer, bi, region) in &shipped {
-                s.pool_mut().region_mut(*layer, kv.blocks[*bi]).copy_from_slice(region);
+                s.pool_mut()
+                    .region_mut(*layer, kv.blocks[*bi])
+                    .copy_from_slice(region);
             }
             kv.len = p.len();
             let (tx, rx) = channel();
             let req = request(i as u64, p, &params, 10);
             s.add_prefilled(req, kv, first, Box::new(tx)).unwrap();
-            let mut runs = vec![Run { rx, tokens: vec![], finished: None }];
+            let mut runs = vec![Run {
+                rx,
+                tokens: vec![],
+                finished: None,
+            }];
             while s.has_work() {
                 s.step(m).unwrap();
             }
@@ -469,16 +692,28 @@ mod batching {
         use std::sync::Arc;
         use tandem_engine::engine::{Engine, EngineConfig, RequestSpec};
         let m = Arc::new(Model::load(source(), 2).unwrap());
-        let engine = Engine::start(m, EngineConfig { kv_cache_bytes: 64 << 20, ..Default::default() });
+        let engine = Engine::start(
+            m,
+            EngineConfig {
+                kv_cache_bytes: 64 << 20,
+                ..Default::default()
+            },
+        );
         let p = prompts()[1].clone();
         let mut h = engine
-            .submit(RequestSpec { prompt: p.clone(), max_tokens: Some(6), ..Default::default() })
+            .submit(RequestSpec {
+                prompt: p.clone(),
+                max_tokens: Some(6),
+                ..Default::default()
+            })
             .unwrap();
         let mut got = Vec::new();
         loop {
             match h.events.blocking_recv().expect("stream ends with Finished") {
                 Event::Token(s) => got.push(s.token),
-                Event::Finished { completion_tokens, .. } => {
+                Event::Finished {
+                    completion_tokens, ..
+                } => {
                     assert_eq!(completion_tokens, 6);
                     break;
                 }
@@ -487,7 +722,11 @@ mod batching {
         }
         assert_eq!(got, alone(&p, &SamplingParams::greedy(), 6));
         assert!(engine.cached_prefix_len(p.clone()) >= p.len() / 16 * 16);
-        let too_big = engine.submit(RequestSpec { prompt: vec![1; 10], max_tokens: Some(10_000_000), ..Default::default() });
+        let too_big = engine.submit(RequestSpec {
+            prompt: vec![1; 10],
+            max_tokens: Some(10_000_000),
+            ..Default::default()
+        });
         assert!(too_big.is_err());
     }
 }

@@ -46,22 +46,74 @@ fn gguf(weight_type: GgmlType) -> SynthFormat {
 fn fixtures() -> Vec<Fixture> {
     use Arch::{Llama, Qwen2};
     use SynthTokenizer::{Gpt2, SentencePiece};
-    let f = |file, arch, shape, format, tokenizer, committed| Fixture { file, arch, shape, format, tokenizer, committed };
+    let f = |file, arch, shape, format, tokenizer, committed| Fixture {
+        file,
+        arch,
+        shape,
+        format,
+        tokenizer,
+        committed,
+    };
     vec![
-        f("tiny-llama-q4_k.gguf", Llama, "tiny", gguf(GgmlType::Q4K), Gpt2, true),
-        f("tiny-qwen2-q6_k.gguf", Qwen2, "tiny", gguf(GgmlType::Q6K), Gpt2, true),
-        f("tiny-llama-spm-q5_k.gguf", Llama, "tiny", gguf(GgmlType::Q5K), SentencePiece, true),
+        f(
+            "tiny-llama-q4_k.gguf",
+            Llama,
+            "tiny",
+            gguf(GgmlType::Q4K),
+            Gpt2,
+            true,
+        ),
+        f(
+            "tiny-qwen2-q6_k.gguf",
+            Qwen2,
+            "tiny",
+            gguf(GgmlType::Q6K),
+            Gpt2,
+            true,
+        ),
+        f(
+            "tiny-llama-spm-q5_k.gguf",
+            Llama,
+            "tiny",
+            gguf(GgmlType::Q5K),
+            SentencePiece,
+            true,
+        ),
         f(
             "tiny-llama-bf16-2shards",
             Llama,
             "tiny",
-            SynthFormat::Safetensors { dtype: GgmlType::BF16, shards: 2 },
+            SynthFormat::Safetensors {
+                dtype: GgmlType::BF16,
+                shards: 2,
+            },
             Gpt2,
             true,
         ),
-        f("tiny-mqa-llama-q8_0.gguf", Llama, "tiny-mqa", gguf(GgmlType::Q8_0), Gpt2, true),
-        f("tiny-llama-q4_0.gguf", Llama, "tiny", gguf(GgmlType::Q4_0), Gpt2, true),
-        f("tiny-llama-f16.gguf", Llama, "tiny", gguf(GgmlType::F16), Gpt2, false),
+        f(
+            "tiny-mqa-llama-q8_0.gguf",
+            Llama,
+            "tiny-mqa",
+            gguf(GgmlType::Q8_0),
+            Gpt2,
+            true,
+        ),
+        f(
+            "tiny-llama-q4_0.gguf",
+            Llama,
+            "tiny",
+            gguf(GgmlType::Q4_0),
+            Gpt2,
+            true,
+        ),
+        f(
+            "tiny-llama-f16.gguf",
+            Llama,
+            "tiny",
+            gguf(GgmlType::F16),
+            Gpt2,
+            false,
+        ),
     ]
 }
 
@@ -80,7 +132,8 @@ impl Fixture {
     }
     fn reference(&self) -> Value {
         let p = fixtures_dir().join(format!("{}.json", self.stem()));
-        let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
+        let text =
+            std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
     }
     /// Writes the checkpoint afresh under `tag` in the target's temp dir.
@@ -120,14 +173,19 @@ impl Drop for Scratch {
 
 /// A fresh, empty directory of this process under the target's temp dir.
 fn scratch(tag: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("synthetic_models-{}-{tag}", std::process::id()));
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("synthetic_models-{}-{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -167,7 +225,12 @@ fn check_against_reference(fx: &Fixture) -> Fidelity {
     let reference = fx.reference();
     let (path, _scratch) = fx.checkpoint("fidelity");
     let src = ModelSource::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    assert_eq!(src.config, fx.spec().model_config(), "{}: config read back differs from the spec", fx.file);
+    assert_eq!(
+        src.config,
+        fx.spec().model_config(),
+        "{}: config read back differs from the spec",
+        fx.file
+    );
     assert_eq!(
         reference["config"]["vocab_size"].as_u64().unwrap() as usize,
         src.config.vocab_size,
@@ -175,11 +238,21 @@ fn check_against_reference(fx: &Fixture) -> Fidelity {
         fx.file
     );
     let m = Model::load(&src, 2).unwrap_or_else(|e| panic!("load {}: {e}", fx.file));
-    let mut out = Fidelity { worst_abs: 0.0, worst_rel: 0.0, compared_steps: 0, total_steps: 0 };
+    let mut out = Fidelity {
+        worst_abs: 0.0,
+        worst_rel: 0.0,
+        compared_steps: 0,
+        total_steps: 0,
+    };
     for p in reference["prompts"].as_array().unwrap() {
         let prompt = ids(&p["prompt_ids"]);
         let want = ids(&p["greedy"]);
-        let margins: Vec<f32> = p["greedy_margins"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        let margins: Vec<f32> = p["greedy_margins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
         assert_eq!(want.len(), margins.len());
         let top5 = p["top5"].as_array().unwrap();
         assert_eq!(top5.len(), 5, "{}: reference top-5", fx.file);
@@ -192,9 +265,16 @@ fn check_against_reference(fx: &Fixture) -> Fidelity {
             max_tokens: Some(want.len()),
             stop_tokens: vec![],
         };
-        let gen = m.generate(&req, |_| true).unwrap_or_else(|e| panic!("{}: generate: {e}", fx.file));
+        let gen = m
+            .generate(&req, |_| true)
+            .unwrap_or_else(|e| panic!("{}: generate: {e}", fx.file));
         let logits = &gen.prompt_logits;
-        assert_eq!(logits.len(), src.config.vocab_size, "{}: logits length", fx.file);
+        assert_eq!(
+            logits.len(),
+            src.config.vocab_size,
+            "{}: logits length",
+            fx.file
+        );
 
         for t in top5 {
             let id = t["id"].as_u64().unwrap() as usize;
@@ -212,7 +292,10 @@ fn check_against_reference(fx: &Fixture) -> Fidelity {
         // The reference's top-5 are the engine's top-5 too: nothing else
         // outranks the reference's 5th by more than the tolerance.
         let fifth = top5[4]["logit"].as_f64().unwrap() as f32;
-        let listed: Vec<usize> = top5.iter().map(|t| t["id"].as_u64().unwrap() as usize).collect();
+        let listed: Vec<usize> = top5
+            .iter()
+            .map(|t| t["id"].as_u64().unwrap() as usize)
+            .collect();
         for (i, &l) in logits.iter().enumerate() {
             assert!(
                 listed.contains(&i) || l <= fifth + tol,
@@ -223,7 +306,10 @@ fn check_against_reference(fx: &Fixture) -> Fidelity {
 
         // Greedy: identical up to the first step where the reference's
         // top-2 margin is within the tolerance (a tie rounding may flip).
-        let limit = margins.iter().position(|&mg| mg <= tol).unwrap_or(want.len());
+        let limit = margins
+            .iter()
+            .position(|&mg| mg <= tol)
+            .unwrap_or(want.len());
         if limit < want.len() {
             eprintln!(
                 "{}: prompt {prompt:?}: reference margin {:.2e} within tolerance at step {limit}; comparing {limit} steps",
@@ -231,7 +317,12 @@ fn check_against_reference(fx: &Fixture) -> Fidelity {
             );
         }
         assert_eq!(gen.tokens.len(), want.len(), "{}: greedy length", fx.file);
-        assert_eq!(&gen.tokens[..limit], &want[..limit], "{} prompt {prompt:?}: greedy continuation differs", fx.file);
+        assert_eq!(
+            &gen.tokens[..limit],
+            &want[..limit],
+            "{} prompt {prompt:?}: greedy continuation differs",
+            fx.file
+        );
         out.compared_steps += limit;
         out.total_steps += want.len();
     }
@@ -265,8 +356,14 @@ fn engine_matches_transformers_on_every_fixture() {
             Err(_) => failures.push(fx.file),
         }
     }
-    eprintln!("worst relative logit difference over all fixtures: {:.2e} ({})", worst.0, worst.1);
-    assert!(failures.is_empty(), "engine disagrees with transformers on: {failures:?}");
+    eprintln!(
+        "worst relative logit difference over all fixtures: {:.2e} ({})",
+        worst.0, worst.1
+    );
+    assert!(
+        failures.is_empty(),
+        "engine disagrees with transformers on: {failures:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -284,21 +381,37 @@ fn tokenizers_round_trip_text() {
     for fx in fixtures() {
         let (path, _scratch) = fx.checkpoint("tokenizer");
         let src = ModelSource::open(&path).unwrap();
-        let tok = src.tokenizer().unwrap_or_else(|e| panic!("{}: tokenizer: {e}", fx.file));
+        let tok = src
+            .tokenizer()
+            .unwrap_or_else(|e| panic!("{}: tokenizer: {e}", fx.file));
         assert_eq!(tok.vocab_size(), src.config.vocab_size, "{}", fx.file);
         assert_eq!(tok.bos_id(), Some(1), "{}", fx.file);
         assert!(tok.eos_ids().contains(&2), "{}", fx.file);
         for text in texts {
             let ids = tok.encode(text, false).unwrap();
-            assert!(ids.iter().all(|&i| (i as usize) < tok.vocab_size()), "{}: {ids:?}", fx.file);
-            assert_eq!(tok.decode(&ids, false).unwrap(), text, "{}: ids {ids:?}", fx.file);
+            assert!(
+                ids.iter().all(|&i| (i as usize) < tok.vocab_size()),
+                "{}: {ids:?}",
+                fx.file
+            );
+            assert_eq!(
+                tok.decode(&ids, false).unwrap(),
+                text,
+                "{}: ids {ids:?}",
+                fx.file
+            );
             // With special tokens added (BOS where the tokenizer adds one)
             // and skipped on decoding, the text still comes back.
             let with = tok.encode(text, true).unwrap();
             if tok.add_bos() {
                 assert_eq!(with.first(), Some(&1), "{}: {text:?} -> {with:?}", fx.file);
             }
-            assert_eq!(tok.decode(&with, true).unwrap(), text, "{}: ids {with:?}", fx.file);
+            assert_eq!(
+                tok.decode(&with, true).unwrap(),
+                text,
+                "{}: ids {with:?}",
+                fx.file
+            );
         }
         // The vocabulary's merges are used: common words (in both synthetic
         // vocabularies) are one token each.
@@ -314,7 +427,10 @@ fn tokenizers_round_trip_text() {
 /// Files of a checkpoint: the file itself, or every file in the directory.
 fn files_of(path: &Path) -> Vec<(String, PathBuf)> {
     if path.is_file() {
-        return vec![(path.file_name().unwrap().to_string_lossy().into_owned(), path.to_path_buf())];
+        return vec![(
+            path.file_name().unwrap().to_string_lossy().into_owned(),
+            path.to_path_buf(),
+        )];
     }
     let mut v: Vec<(String, PathBuf)> = std::fs::read_dir(path)
         .unwrap()
@@ -336,8 +452,14 @@ fn synth_reproduces_the_fixtures_byte_for_byte() {
         if fx.committed {
             let committed = fixtures_dir().join(fx.file);
             let committed_files = files_of(&committed);
-            let names = |v: &[(String, PathBuf)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
-            assert_eq!(names(&fresh_files), names(&committed_files), "{}: file set differs", fx.file);
+            let names =
+                |v: &[(String, PathBuf)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+            assert_eq!(
+                names(&fresh_files),
+                names(&committed_files),
+                "{}: file set differs",
+                fx.file
+            );
             for ((name, a), (_, b)) in fresh_files.iter().zip(&committed_files) {
                 let (a, b) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
                 assert!(
@@ -351,14 +473,28 @@ fn synth_reproduces_the_fixtures_byte_for_byte() {
         }
         // The reference JSON was computed on exactly these bytes.
         let recorded = fx.reference()["files"].as_object().unwrap().clone();
-        assert!(!recorded.is_empty(), "{}: reference records no files", fx.file);
+        assert!(
+            !recorded.is_empty(),
+            "{}: reference records no files",
+            fx.file
+        );
         for (name, sum) in &recorded {
             let (_, p) = fresh_files
                 .iter()
                 .find(|(n, _)| n == name)
-                .unwrap_or_else(|| panic!("{}: reference lists {name}, which synth does not write", fx.file));
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{}: reference lists {name}, which synth does not write",
+                        fx.file
+                    )
+                });
             let got = sha256_hex(&std::fs::read(p).unwrap());
-            assert_eq!(&got, sum.as_str().unwrap(), "{}/{name}: not the bytes the reference ran on", fx.file);
+            assert_eq!(
+                &got,
+                sum.as_str().unwrap(),
+                "{}/{name}: not the bytes the reference ran on",
+                fx.file
+            );
         }
     }
 }
@@ -370,17 +506,21 @@ fn synth_reproduces_the_fixtures_byte_for_byte() {
 
 fn sha256_hex(data: &[u8]) -> String {
     const K: [u32; 64] = [
-        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5, 0xd807aa98,
-        0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786,
-        0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8,
-        0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13,
-        0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819,
-        0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a,
-        0x5b9cca4f, 0x682e6ff3, 0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+        0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+        0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+        0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+        0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+        0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+        0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+        0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
         0xc67178f2,
     ];
-    let mut h: [u32; 8] =
-        [0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19];
+    let mut h: [u32; 8] = [
+        0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
+        0x5be0cd19,
+    ];
     let mut msg = data.to_vec();
     msg.push(0x80);
     while msg.len() % 64 != 56 {
@@ -395,13 +535,20 @@ fn sha256_hex(data: &[u8]) -> String {
         for i in 16..64 {
             let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
             let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
-            w[i] = w[i - 16].wrapping_add(s0).wrapping_add(w[i - 7]).wrapping_add(s1);
+            w[i] = w[i - 16]
+                .wrapping_add(s0)
+                .wrapping_add(w[i - 7])
+                .wrapping_add(s1);
         }
         let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut hh] = h;
         for i in 0..64 {
             let s1 = e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25);
             let ch = (e & f) ^ (!e & g);
-            let t1 = hh.wrapping_add(s1).wrapping_add(ch).wrapping_add(K[i]).wrapping_add(w[i]);
+            let t1 = hh
+                .wrapping_add(s1)
+                .wrapping_add(ch)
+                .wrapping_add(K[i])
+                .wrapping_add(w[i]);
             let s0 = a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22);
             let maj = (a & b) ^ (a & c) ^ (b & c);
             let t2 = s0.wrapping_add(maj);
@@ -423,8 +570,14 @@ fn sha256_hex(data: &[u8]) -> String {
 
 #[test]
 fn sha256_matches_the_standard_vectors() {
-    assert_eq!(sha256_hex(b""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
-    assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    assert_eq!(
+        sha256_hex(b""),
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    );
+    assert_eq!(
+        sha256_hex(b"abc"),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
     // Two-block message (padding crosses a block boundary).
     assert_eq!(
         sha256_hex(b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"),

@@ -9,16 +9,32 @@ pub enum KvTransferError {
     /// The peers disagree on something that changes how blocks are read;
     /// refused at the handshake, before any KV moves.
     #[error("KV handshake refused: {field} differs (local {local}, remote {remote})")]
-    Mismatch { field: &'static str, local: String, remote: String },
+    Mismatch {
+        field: &'static str,
+        local: String,
+        remote: String,
+    },
     /// The peer does not hold the cluster secret.
     #[error("KV handshake refused: wrong cluster secret")]
     BadSecret,
     /// The receiver refused us; it named the field (as it sees it).
-    #[error("KV handshake refused by the receiver: {field} differs (receiver {local}, ours {remote})")]
-    Refused { class: String, field: String, local: String, remote: String },
+    #[error(
+        "KV handshake refused by the receiver: {field} differs (receiver {local}, ours {remote})"
+    )]
+    Refused {
+        class: String,
+        field: String,
+        local: String,
+        remote: String,
+    },
     /// A frame's payload does not match its checksum.
     #[error("KV frame checksum mismatch (layer {layer}, block {block}): expected {expected:#010x}, got {actual:#010x}")]
-    Checksum { layer: u32, block: u32, expected: u32, actual: u32 },
+    Checksum {
+        layer: u32,
+        block: u32,
+        expected: u32,
+        actual: u32,
+    },
     /// The peer broke the protocol (bad header, out-of-range block, missing blocks…).
     #[error("KV protocol error: {0}")]
     Protocol(String),
@@ -61,7 +77,10 @@ impl KvTransferError {
     /// Whether the router may retry the request elsewhere (configuration
     /// mismatches will fail again on the same pair).
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, Self::Mismatch { .. } | Self::Refused { .. } | Self::BadSecret | Self::Cancelled)
+        !matches!(
+            self,
+            Self::Mismatch { .. } | Self::Refused { .. } | Self::BadSecret | Self::Cancelled
+        )
     }
 }
 
@@ -71,7 +90,10 @@ impl From<tonic::Status> for KvTransferError {
             tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Aborted => {
                 Self::PeerGone(s.message().to_string())
             }
-            tonic::Code::DeadlineExceeded => Self::Timeout { what: "grpc call", after: Duration::ZERO },
+            tonic::Code::DeadlineExceeded => Self::Timeout {
+                what: "grpc call",
+                after: Duration::ZERO,
+            },
             _ => Self::Grpc(format!("{}: {}", s.code(), s.message())),
         }
     }

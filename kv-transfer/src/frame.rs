@@ -23,7 +23,11 @@ const CRC_CHUNK: usize = 16 * 1024;
 
 /// Calls `f` with each contiguous run (in floats) of a region holding
 /// `slots` tokens, in wire order.
-pub(crate) fn for_each_run(l: &KvLayout, slots: usize, mut f: impl FnMut(Range<usize>) -> Result<()>) -> Result<()> {
+pub(crate) fn for_each_run(
+    l: &KvLayout,
+    slots: usize,
+    mut f: impl FnMut(Range<usize>) -> Result<()>,
+) -> Result<()> {
     let (bs, hd) = (l.block_size, l.head_dim);
     if slots == bs {
         return f(0..l.block_floats());
@@ -58,7 +62,13 @@ pub fn payload_len(l: &KvLayout, slots: usize) -> usize {
 
 /// Appends the packed payload of `region` (`slots` tokens) to `out` and
 /// returns its CRC-32C.
-pub fn encode_payload_vec(l: &KvLayout, region: &[f32], slots: usize, seed: u32, out: &mut Vec<u8>) -> u32 {
+pub fn encode_payload_vec(
+    l: &KvLayout,
+    region: &[f32],
+    slots: usize,
+    seed: u32,
+    out: &mut Vec<u8>,
+) -> u32 {
     let mut crc = seed;
     out.reserve(payload_len(l, slots));
     for_each_run(l, slots, |r| {
@@ -73,7 +83,13 @@ pub fn encode_payload_vec(l: &KvLayout, region: &[f32], slots: usize, seed: u32,
 }
 
 /// [`encode_payload_vec`] into a `BytesMut` (the gRPC message payload).
-pub fn encode_payload_bytes(l: &KvLayout, region: &[f32], slots: usize, seed: u32, out: &mut bytes::BytesMut) -> u32 {
+pub fn encode_payload_bytes(
+    l: &KvLayout,
+    region: &[f32],
+    slots: usize,
+    seed: u32,
+    out: &mut bytes::BytesMut,
+) -> u32 {
     let mut crc = seed;
     out.reserve(payload_len(l, slots));
     for_each_run(l, slots, |r| {
@@ -107,7 +123,10 @@ pub fn decode_payload(
         )));
     }
     if dest.len() != l.block_floats() {
-        return Err(KvTransferError::Protocol(format!("destination region of {} floats", dest.len())));
+        return Err(KvTransferError::Protocol(format!(
+            "destination region of {} floats",
+            dest.len()
+        )));
     }
     let mut actual = frame_seed(layer, block, slots as u32);
     let mut at = 0usize;
@@ -122,18 +141,37 @@ pub fn decode_payload(
         Ok(())
     })?;
     if actual != crc {
-        return Err(KvTransferError::Checksum { layer, block, expected: crc, actual });
+        return Err(KvTransferError::Checksum {
+            layer,
+            block,
+            expected: crc,
+            actual,
+        });
     }
     Ok(())
 }
 
 /// Checks a full region that was read straight into the destination (no
 /// intermediate buffer: the socket read is the copy).
-pub fn verify_in_place(l: &KvLayout, layer: u32, block: u32, crc: u32, region: &[f32]) -> Result<()> {
+pub fn verify_in_place(
+    l: &KvLayout,
+    layer: u32,
+    block: u32,
+    crc: u32,
+    region: &[f32],
+) -> Result<()> {
     debug_assert_eq!(region.len(), l.block_floats());
-    let actual = crc32c::crc32c_append(frame_seed(layer, block, l.block_size as u32), bytemuck::cast_slice(region));
+    let actual = crc32c::crc32c_append(
+        frame_seed(layer, block, l.block_size as u32),
+        bytemuck::cast_slice(region),
+    );
     if actual != crc {
-        return Err(KvTransferError::Checksum { layer, block, expected: crc, actual });
+        return Err(KvTransferError::Checksum {
+            layer,
+            block,
+            expected: crc,
+            actual,
+        });
     }
     Ok(())
 }
@@ -201,7 +239,9 @@ impl FrameHeader {
     pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Self> {
         let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
         if u16::from_le_bytes([b[0], b[1]]) != MAGIC {
-            return Err(KvTransferError::Protocol("bad frame magic (not a tandem KV stream, or desynchronised)".into()));
+            return Err(KvTransferError::Protocol(
+                "bad frame magic (not a tandem KV stream, or desynchronised)".into(),
+            ));
         }
         if b[2] as u32 != crate::layout::PROTOCOL_VERSION {
             return Err(KvTransferError::Mismatch {
@@ -235,7 +275,13 @@ mod tests {
     use tandem_engine::kv::KvDtype;
 
     fn layout() -> KvLayout {
-        KvLayout { dtype: KvDtype::F32, n_layers: 2, n_kv_heads: 2, head_dim: 4, block_size: 4 }
+        KvLayout {
+            dtype: KvDtype::F32,
+            n_layers: 2,
+            n_kv_heads: 2,
+            head_dim: 4,
+            block_size: 4,
+        }
     }
 
     #[test]
@@ -271,16 +317,37 @@ mod tests {
         let mut dst = vec![0f32; l.block_floats()];
         decode_payload(&l, 1, 2, 4, crc, &buf, &mut dst).unwrap();
         assert!(verify_in_place(&l, 1, 2, crc, &dst).is_ok());
-        assert!(decode_payload(&l, 1, 3, 4, crc, &buf, &mut dst).is_err(), "same payload, other block");
+        assert!(
+            decode_payload(&l, 1, 3, 4, crc, &buf, &mut dst).is_err(),
+            "same payload, other block"
+        );
         buf[37] ^= 0x10;
         let e = decode_payload(&l, 1, 2, 4, crc, &buf, &mut dst).unwrap_err();
-        assert!(matches!(e, KvTransferError::Checksum { layer: 1, block: 2, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                KvTransferError::Checksum {
+                    layer: 1,
+                    block: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         assert_eq!(e.class(), "checksum");
     }
 
     #[test]
     fn header_round_trips() {
-        let h = FrameHeader { kind: FrameKind::Block, layer: 3, block: 9, slots: 16, request_id: 1 << 40, byte_len: 1234, crc: 0xdead_beef };
+        let h = FrameHeader {
+            kind: FrameKind::Block,
+            layer: 3,
+            block: 9,
+            slots: 16,
+            request_id: 1 << 40,
+            byte_len: 1234,
+            crc: 0xdead_beef,
+        };
         assert_eq!(FrameHeader::decode(&h.encode()).unwrap(), h);
         let mut bad = h.encode();
         bad[0] = 0;

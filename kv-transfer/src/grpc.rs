@@ -23,7 +23,10 @@ use crate::frame::{encode_payload_bytes, frame_seed, payload_len};
 use crate::layout::{self, Handshake, TransferSummary};
 use crate::sink::{Assembler, KvSink};
 use crate::tcp::check_region;
-use crate::transport::{with_deadline, BlockRegion, KvReceiver, KvSender, KvTransport, ReceiverConfig, ReceiverInner, TransferConfig};
+use crate::transport::{
+    with_deadline, BlockRegion, KvReceiver, KvSender, KvTransport, ReceiverConfig, ReceiverInner,
+    TransferConfig,
+};
 
 /// Largest gRPC message either side accepts (a batch of blocks is about
 /// `TransferConfig::batch_bytes`; this only bounds a hostile peer).
@@ -44,11 +47,21 @@ pub struct GrpcKvService {
 
 /// The service, ready to add to a tonic router (with raised message
 /// limits), and the stream of accepted transfers.
-pub fn kv_service(cfg: ReceiverConfig) -> (pb::KvTransferServer<GrpcKvService>, mpsc::Receiver<KvReceiver>) {
+pub fn kv_service(
+    cfg: ReceiverConfig,
+) -> (
+    pb::KvTransferServer<GrpcKvService>,
+    mpsc::Receiver<KvReceiver>,
+) {
     let (tx, rx) = mpsc::channel(64);
-    let svc = GrpcKvService { cfg: Arc::new(cfg), incoming: tx };
+    let svc = GrpcKvService {
+        cfg: Arc::new(cfg),
+        incoming: tx,
+    };
     (
-        pb::KvTransferServer::new(svc).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE),
+        pb::KvTransferServer::new(svc)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE),
         rx,
     )
 }
@@ -69,7 +82,11 @@ pub async fn serve(
     addr: SocketAddr,
     cfg: ReceiverConfig,
     cancel: CancellationToken,
-) -> Result<(SocketAddr, tokio::task::JoinHandle<Result<()>>, mpsc::Receiver<KvReceiver>)> {
+) -> Result<(
+    SocketAddr,
+    tokio::task::JoinHandle<Result<()>>,
+    mpsc::Receiver<KvReceiver>,
+)> {
     let sock = crate::tcp::socket_for(&addr, cfg.transfer.socket_buffer)?;
     sock.set_reuseaddr(true)?;
     sock.bind(addr)?;
@@ -77,14 +94,20 @@ pub async fn serve(
     let bound = listener.local_addr()?;
     let (svc, rx) = kv_service(cfg);
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_serving::<pb::KvTransferServer<GrpcKvService>>().await;
-    let reflection = tandem_proto::reflection_service().map_err(|e| KvTransferError::Grpc(e.to_string()))?;
+    reporter
+        .set_serving::<pb::KvTransferServer<GrpcKvService>>()
+        .await;
+    let reflection =
+        tandem_proto::reflection_service().map_err(|e| KvTransferError::Grpc(e.to_string()))?;
     let task = tokio::spawn(async move {
         server_builder()
             .add_service(health)
             .add_service(reflection)
             .add_service(svc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cancel.cancelled_owned())
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                cancel.cancelled_owned(),
+            )
             .await
             .map_err(|e| KvTransferError::Grpc(e.to_string()))
     });
@@ -95,16 +118,23 @@ pub async fn serve(
 impl pb::KvTransfer for GrpcKvService {
     type TransferStream = ReceiverStream<Result<pb::KvReply, Status>>;
 
-    async fn transfer(&self, req: Request<Streaming<pb::KvFrame>>) -> Result<Response<Self::TransferStream>, Status> {
+    async fn transfer(
+        &self,
+        req: Request<Streaming<pb::KvFrame>>,
+    ) -> Result<Response<Self::TransferStream>, Status> {
         let mut inbound = req.into_inner();
         let cfg = &self.cfg.transfer;
         let (tx, rx) = mpsc::channel(4);
-        let first = with_deadline("handshake read", cfg.io_timeout, async { inbound.message().await.map_err(Into::into) })
-            .await
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let first = with_deadline("handshake read", cfg.io_timeout, async {
+            inbound.message().await.map_err(Into::into)
+        })
+        .await
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let hs = match first.and_then(|f| f.kind) {
             Some(pb::FrameKind::Handshake(h)) => Handshake::from_proto(&h),
-            _ => Err(KvTransferError::Protocol("the first frame is not a handshake".into())),
+            _ => Err(KvTransferError::Protocol(
+                "the first frame is not a handshake".into(),
+            )),
         }
         .and_then(|hs| hs.verify(&self.cfg.expected, &self.cfg.secret).map(|()| hs));
         match hs {
@@ -113,7 +143,9 @@ impl pb::KvTransfer for GrpcKvService {
                 let _ = tx.try_send(Ok(layout::refusal(&e)));
             }
             Ok(hs) => {
-                let _ = tx.try_send(Ok(pb::KvReply { kind: Some(pb::ReplyKind::Accepted(true)) }));
+                let _ = tx.try_send(Ok(pb::KvReply {
+                    kind: Some(pb::ReplyKind::Accepted(true)),
+                }));
                 let r = KvReceiver {
                     handshake: hs,
                     cfg: cfg.clone(),
@@ -132,7 +164,10 @@ impl pb::KvTransfer for GrpcKvService {
 /// reset the stream) is the peer gone; a message we cannot decode is theirs.
 fn inbound_error(s: Status) -> KvTransferError {
     match s.code() {
-        tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Unavailable | tonic::Code::Aborted => {
+        tonic::Code::Unknown
+        | tonic::Code::Cancelled
+        | tonic::Code::Unavailable
+        | tonic::Code::Aborted => {
             KvTransferError::PeerGone(format!("{}: {}", s.code(), s.message()))
         }
         _ => KvTransferError::Protocol(format!("{}: {}", s.code(), s.message())),
@@ -156,9 +191,16 @@ impl GrpcIncoming {
         let r = async {
             loop {
                 let inbound = &mut self.inbound;
-                let msg = with_deadline("frame read", cfg.io_timeout, async { inbound.message().await.map_err(inbound_error) }).await?;
+                let msg = with_deadline("frame read", cfg.io_timeout, async {
+                    inbound.message().await.map_err(inbound_error)
+                })
+                .await?;
                 match msg.and_then(|m| m.kind) {
-                    None => return Err(KvTransferError::PeerGone("stream ended before the End frame".into())),
+                    None => {
+                        return Err(KvTransferError::PeerGone(
+                            "stream ended before the End frame".into(),
+                        ))
+                    }
                     Some(pb::FrameKind::Blocks(b)) => {
                         for blk in &b.blocks {
                             asm.block(blk.layer, blk.block, blk.slots, blk.crc32c, &blk.payload)?;
@@ -166,14 +208,21 @@ impl GrpcIncoming {
                     }
                     Some(pb::FrameKind::End(e)) => return asm.finish(e.frames),
                     Some(pb::FrameKind::Handshake(_)) => {
-                        return Err(KvTransferError::Protocol("second handshake in one transfer".into()))
+                        return Err(KvTransferError::Protocol(
+                            "second handshake in one transfer".into(),
+                        ))
                     }
                 }
             }
         }
         .await;
         let reply = match &r {
-            Ok(s) => pb::KvReply { kind: Some(pb::ReplyKind::Done(pb::KvDone { frames: s.frames, bytes: s.bytes })) },
+            Ok(s) => pb::KvReply {
+                kind: Some(pb::ReplyKind::Done(pb::KvDone {
+                    frames: s.frames,
+                    bytes: s.bytes,
+                })),
+            },
             Err(e) => layout::refusal(e),
         };
         let _ = self.reply.try_send(Ok(reply));
@@ -210,17 +259,27 @@ impl KvTransport for GrpcTransport {
     async fn connect(&self, handshake: Handshake) -> Result<GrpcSender> {
         let cfg = self.cfg.clone();
         let (tx, rx) = mpsc::channel(SEND_QUEUE);
-        let hs = pb::KvFrame { kind: Some(pb::FrameKind::Handshake(handshake.to_proto())) };
-        tx.send(hs).await.map_err(|_| KvTransferError::PeerGone("send queue closed".into()))?;
+        let hs = pb::KvFrame {
+            kind: Some(pb::FrameKind::Handshake(handshake.to_proto())),
+        };
+        tx.send(hs)
+            .await
+            .map_err(|_| KvTransferError::PeerGone("send queue closed".into()))?;
         let mut client = pb::KvTransferClient::new(self.channel.clone())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
         let resp = with_deadline("connect", cfg.io_timeout, async {
-            client.transfer(ReceiverStream::new(rx)).await.map_err(Into::into)
+            client
+                .transfer(ReceiverStream::new(rx))
+                .await
+                .map_err(Into::into)
         })
         .await?;
         let mut replies = resp.into_inner();
-        let first = with_deadline("handshake reply", cfg.io_timeout, async { replies.message().await.map_err(Into::into) }).await?;
+        let first = with_deadline("handshake reply", cfg.io_timeout, async {
+            replies.message().await.map_err(Into::into)
+        })
+        .await?;
         layout::accepted(first)?;
         Ok(GrpcSender {
             tx: Some(tx),
@@ -255,7 +314,9 @@ impl GrpcSender {
     async fn push(&mut self, frame: pb::KvFrame) -> Result<()> {
         let tx = self.tx.as_ref().ok_or(KvTransferError::Cancelled)?;
         let sent = with_deadline("frame write", self.cfg.io_timeout, async {
-            tx.send(frame).await.map_err(|_| KvTransferError::PeerGone("the call ended".into()))
+            tx.send(frame)
+                .await
+                .map_err(|_| KvTransferError::PeerGone("the call ended".into()))
         })
         .await;
         if sent.is_err() {
@@ -263,7 +324,9 @@ impl GrpcSender {
             let why = tokio::time::timeout(self.cfg.io_timeout, self.replies.message()).await;
             if let Ok(r) = why {
                 return Err(match r {
-                    Ok(reply) => layout::done(reply).err().unwrap_or(KvTransferError::PeerGone("the call ended".into())),
+                    Ok(reply) => layout::done(reply)
+                        .err()
+                        .unwrap_or(KvTransferError::PeerGone("the call ended".into())),
                     Err(s) => s.into(),
                 });
             }
@@ -279,33 +342,63 @@ impl KvSender for GrpcSender {
         for b in blocks {
             check_region(&self.layout, b)?;
             let mut payload = BytesMut::with_capacity(payload_len(&self.layout, b.slots as usize));
-            let crc = encode_payload_bytes(&self.layout, b.data, b.slots as usize, frame_seed(layer, b.block, b.slots), &mut payload);
+            let crc = encode_payload_bytes(
+                &self.layout,
+                b.data,
+                b.slots as usize,
+                frame_seed(layer, b.block, b.slots),
+                &mut payload,
+            );
             if std::mem::take(&mut self.corrupt) {
                 payload[0] ^= 0x01;
             }
             size += payload.len();
-            batch.push(pb::KvBlock { layer, block: b.block, slots: b.slots, crc32c: crc, payload: payload.freeze() });
+            batch.push(pb::KvBlock {
+                layer,
+                block: b.block,
+                slots: b.slots,
+                crc32c: crc,
+                payload: payload.freeze(),
+            });
             self.frames += 1;
             if size >= self.cfg.batch_bytes {
                 let blocks = std::mem::take(&mut batch);
                 size = 0;
-                self.push(pb::KvFrame { kind: Some(pb::FrameKind::Blocks(pb::KvBlocks { request_id: self.request_id, blocks })) })
-                    .await?;
+                self.push(pb::KvFrame {
+                    kind: Some(pb::FrameKind::Blocks(pb::KvBlocks {
+                        request_id: self.request_id,
+                        blocks,
+                    })),
+                })
+                .await?;
             }
         }
         if !batch.is_empty() {
-            self.push(pb::KvFrame { kind: Some(pb::FrameKind::Blocks(pb::KvBlocks { request_id: self.request_id, blocks: batch })) })
-                .await?;
+            self.push(pb::KvFrame {
+                kind: Some(pb::FrameKind::Blocks(pb::KvBlocks {
+                    request_id: self.request_id,
+                    blocks: batch,
+                })),
+            })
+            .await?;
         }
         Ok(())
     }
 
     async fn finish(mut self) -> Result<TransferSummary> {
-        let end = pb::KvFrame { kind: Some(pb::FrameKind::End(pb::KvEnd { request_id: self.request_id, frames: self.frames })) };
+        let end = pb::KvFrame {
+            kind: Some(pb::FrameKind::End(pb::KvEnd {
+                request_id: self.request_id,
+                frames: self.frames,
+            })),
+        };
         self.push(end).await?;
         self.tx = None;
         let replies = &mut self.replies;
-        let reply = with_deadline("final reply", self.cfg.io_timeout, async { replies.message().await.map_err(Into::into) }).await?;
+        let reply = with_deadline("final reply", self.cfg.io_timeout, async {
+            replies.message().await.map_err(Into::into)
+        })
+        .await?;
         layout::done(reply)
     }
 }

@@ -46,16 +46,32 @@ impl LayoutDescriptor {
     /// Refuses `remote` unless it matches us field by field; the error names
     /// the first field that differs.
     pub fn check(&self, remote: &LayoutDescriptor) -> Result<()> {
-        fn eq<T: PartialEq + std::fmt::Debug>(field: &'static str, local: T, remote: T) -> Result<()> {
+        fn eq<T: PartialEq + std::fmt::Debug>(
+            field: &'static str,
+            local: T,
+            remote: T,
+        ) -> Result<()> {
             if local == remote {
                 Ok(())
             } else {
-                Err(KvTransferError::Mismatch { field, local: format!("{local:?}"), remote: format!("{remote:?}") })
+                Err(KvTransferError::Mismatch {
+                    field,
+                    local: format!("{local:?}"),
+                    remote: format!("{remote:?}"),
+                })
             }
         }
         let (l, r) = (&self.layout, &remote.layout);
-        eq("protocol_version", self.protocol_version, remote.protocol_version)?;
-        eq("model_fingerprint", &self.model_fingerprint, &remote.model_fingerprint)?;
+        eq(
+            "protocol_version",
+            self.protocol_version,
+            remote.protocol_version,
+        )?;
+        eq(
+            "model_fingerprint",
+            &self.model_fingerprint,
+            &remote.model_fingerprint,
+        )?;
         eq("dtype", l.dtype, r.dtype)?;
         eq("n_layers", l.n_layers, r.n_layers)?;
         eq("n_kv_heads", l.n_kv_heads, r.n_kv_heads)?;
@@ -98,7 +114,11 @@ impl TryFrom<&pb::KvLayout> for LayoutDescriptor {
         let dtype = match p.dtype.as_str() {
             "f32" => KvDtype::F32,
             other => {
-                return Err(KvTransferError::Mismatch { field: "dtype", local: "f32".into(), remote: other.into() })
+                return Err(KvTransferError::Mismatch {
+                    field: "dtype",
+                    local: "f32".into(),
+                    remote: other.into(),
+                })
             }
         };
         Ok(Self {
@@ -173,7 +193,10 @@ impl Handshake {
     }
 
     pub(crate) fn from_proto(p: &pb::KvHandshake) -> Result<Self> {
-        let layout = p.layout.as_ref().ok_or_else(|| KvTransferError::Protocol("handshake without layout".into()))?;
+        let layout = p
+            .layout
+            .as_ref()
+            .ok_or_else(|| KvTransferError::Protocol("handshake without layout".into()))?;
         Ok(Self {
             layout: layout.try_into()?,
             secret: ClusterSecret::new(p.cluster_secret.clone()),
@@ -186,7 +209,11 @@ impl Handshake {
 /// How a refusal travels back to the sender, so it sees the same typed error.
 pub(crate) fn refusal(e: &KvTransferError) -> pb::KvReply {
     let kind = match e {
-        KvTransferError::Mismatch { field, local, remote } => pb::ReplyKind::Refused(pb::KvRefused {
+        KvTransferError::Mismatch {
+            field,
+            local,
+            remote,
+        } => pb::ReplyKind::Refused(pb::KvRefused {
             class: e.class().into(),
             field: (*field).into(),
             local: local.clone(),
@@ -198,7 +225,10 @@ pub(crate) fn refusal(e: &KvTransferError) -> pb::KvReply {
             local: String::new(),
             remote: String::new(),
         }),
-        other => pb::ReplyKind::Failed(pb::KvFailed { class: other.class().into(), message: other.to_string() }),
+        other => pb::ReplyKind::Failed(pb::KvFailed {
+            class: other.class().into(),
+            message: other.to_string(),
+        }),
     };
     pb::KvReply { kind: Some(kind) }
 }
@@ -207,21 +237,39 @@ pub(crate) fn refusal(e: &KvTransferError) -> pb::KvReply {
 pub(crate) fn accepted(reply: Option<pb::KvReply>) -> Result<()> {
     match reply.and_then(|r| r.kind) {
         Some(pb::ReplyKind::Accepted(true)) => Ok(()),
-        Some(pb::ReplyKind::Refused(r)) if r.field == "cluster_secret" => Err(KvTransferError::BadSecret),
-        Some(pb::ReplyKind::Refused(r)) => {
-            Err(KvTransferError::Refused { class: r.class, field: r.field, local: r.local, remote: r.remote })
+        Some(pb::ReplyKind::Refused(r)) if r.field == "cluster_secret" => {
+            Err(KvTransferError::BadSecret)
         }
-        Some(pb::ReplyKind::Failed(f)) => Err(KvTransferError::Remote { class: f.class, message: f.message }),
-        Some(_) => Err(KvTransferError::Protocol("unexpected reply to the handshake".into())),
-        None => Err(KvTransferError::PeerGone("no reply to the handshake".into())),
+        Some(pb::ReplyKind::Refused(r)) => Err(KvTransferError::Refused {
+            class: r.class,
+            field: r.field,
+            local: r.local,
+            remote: r.remote,
+        }),
+        Some(pb::ReplyKind::Failed(f)) => Err(KvTransferError::Remote {
+            class: f.class,
+            message: f.message,
+        }),
+        Some(_) => Err(KvTransferError::Protocol(
+            "unexpected reply to the handshake".into(),
+        )),
+        None => Err(KvTransferError::PeerGone(
+            "no reply to the handshake".into(),
+        )),
     }
 }
 
 /// The sender's reading of the receiver's final answer.
 pub(crate) fn done(reply: Option<pb::KvReply>) -> Result<TransferSummary> {
     match reply.and_then(|r| r.kind) {
-        Some(pb::ReplyKind::Done(d)) => Ok(TransferSummary { frames: d.frames, bytes: d.bytes }),
-        Some(pb::ReplyKind::Failed(f)) => Err(KvTransferError::Remote { class: f.class, message: f.message }),
+        Some(pb::ReplyKind::Done(d)) => Ok(TransferSummary {
+            frames: d.frames,
+            bytes: d.bytes,
+        }),
+        Some(pb::ReplyKind::Failed(f)) => Err(KvTransferError::Remote {
+            class: f.class,
+            message: f.message,
+        }),
         Some(_) => Err(KvTransferError::Protocol("unexpected final reply".into())),
         None => Err(KvTransferError::PeerGone("no final reply".into())),
     }
@@ -243,7 +291,13 @@ mod tests {
     fn desc() -> LayoutDescriptor {
         LayoutDescriptor::new(
             "abc",
-            KvLayout { dtype: KvDtype::F32, n_layers: 4, n_kv_heads: 2, head_dim: 8, block_size: 16 },
+            KvLayout {
+                dtype: KvDtype::F32,
+                n_layers: 4,
+                n_kv_heads: 2,
+                head_dim: 8,
+                block_size: 16,
+            },
         )
     }
 
@@ -252,11 +306,26 @@ mod tests {
         let mut r = desc();
         r.layout.block_size = 32;
         let e = desc().check(&r).unwrap_err();
-        assert!(matches!(e, KvTransferError::Mismatch { field: "block_size", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                KvTransferError::Mismatch {
+                    field: "block_size",
+                    ..
+                }
+            ),
+            "{e}"
+        );
         assert_eq!(e.class(), "layout_mismatch");
         let mut r = desc();
         r.model_fingerprint = "other".into();
-        assert!(matches!(desc().check(&r), Err(KvTransferError::Mismatch { field: "model_fingerprint", .. })));
+        assert!(matches!(
+            desc().check(&r),
+            Err(KvTransferError::Mismatch {
+                field: "model_fingerprint",
+                ..
+            })
+        ));
         assert!(desc().check(&desc()).is_ok());
     }
 

@@ -56,7 +56,15 @@ impl<'s, S: KvSink + ?Sized> Assembler<'s, S> {
     pub(crate) fn new(layout: KvLayout, tokens: u64, sink: &'s mut S) -> Self {
         let tokens = tokens as usize;
         let n_blocks = layout.blocks_for(tokens);
-        Self { layout, tokens, n_blocks, got: vec![0; layout.n_layers * n_blocks], sink, frames: 0, bytes: 0 }
+        Self {
+            layout,
+            tokens,
+            n_blocks,
+            got: vec![0; layout.n_layers * n_blocks],
+            sink,
+            frames: 0,
+            bytes: 0,
+        }
     }
 
     fn slots_of(&self, block: usize) -> usize {
@@ -75,7 +83,11 @@ impl<'s, S: KvSink + ?Sized> Assembler<'s, S> {
         self.sink
             .region_mut(li, bi)
             .filter(|r| r.len() == self.layout.block_floats())
-            .ok_or_else(|| KvTransferError::Protocol(format!("no reserved block for layer {layer} block {block}")))
+            .ok_or_else(|| {
+                KvTransferError::Protocol(format!(
+                    "no reserved block for layer {layer} block {block}"
+                ))
+            })
     }
 
     fn record(&mut self, layer: u32, block: u32, slots: u32, bytes: usize) {
@@ -86,7 +98,14 @@ impl<'s, S: KvSink + ?Sized> Assembler<'s, S> {
     }
 
     /// A frame whose payload is in a buffer: unpack it into the sink.
-    pub(crate) fn block(&mut self, layer: u32, block: u32, slots: u32, crc: u32, payload: &[u8]) -> Result<()> {
+    pub(crate) fn block(
+        &mut self,
+        layer: u32,
+        block: u32,
+        slots: u32,
+        crc: u32,
+        payload: &[u8],
+    ) -> Result<()> {
         let layout = self.layout;
         let dest = self.dest(layer, block, slots)?;
         decode_payload(&layout, layer, block, slots as usize, crc, payload, dest)?;
@@ -125,6 +144,9 @@ impl<'s, S: KvSink + ?Sized> Assembler<'s, S> {
                 )));
             }
         }
-        Ok(TransferSummary { frames: self.frames, bytes: self.bytes })
+        Ok(TransferSummary {
+            frames: self.frames,
+            bytes: self.bytes,
+        })
     }
 }

@@ -17,10 +17,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::error::{KvTransferError, Result};
-use crate::frame::{encode_payload_vec, frame_seed, payload_len, FrameHeader, FrameKind, HEADER_LEN};
+use crate::frame::{
+    encode_payload_vec, frame_seed, payload_len, FrameHeader, FrameKind, HEADER_LEN,
+};
 use crate::layout::{self, Handshake, TransferSummary};
 use crate::sink::{Assembler, KvSink};
-use crate::transport::{with_deadline, BlockRegion, KvReceiver, KvSender, KvTransport, ReceiverConfig, ReceiverInner, TransferConfig};
+use crate::transport::{
+    with_deadline, BlockRegion, KvReceiver, KvSender, KvTransport, ReceiverConfig, ReceiverInner,
+    TransferConfig,
+};
 
 /// Control messages (handshake, replies) are small; refuse anything larger
 /// before allocating for it.
@@ -31,7 +36,9 @@ const READ_BUFFER: usize = 256 * 1024;
 fn io_err(e: std::io::Error) -> KvTransferError {
     use std::io::ErrorKind::*;
     match e.kind() {
-        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => KvTransferError::PeerGone(e.to_string()),
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => {
+            KvTransferError::PeerGone(e.to_string())
+        }
         _ => KvTransferError::Io(e),
     }
 }
@@ -39,37 +46,73 @@ fn io_err(e: std::io::Error) -> KvTransferError {
 /// A socket with large buffers (set before connect/listen, so the TCP
 /// window scale is negotiated for them).
 pub(crate) fn socket_for(addr: &SocketAddr, buffer: usize) -> Result<TcpSocket> {
-    let s = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let s = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     s.set_send_buffer_size(buffer as u32)?;
     s.set_recv_buffer_size(buffer as u32)?;
     Ok(s)
 }
 
-async fn read_header<R: AsyncReadExt + Unpin>(r: &mut R, cfg: &TransferConfig) -> Result<FrameHeader> {
+async fn read_header<R: AsyncReadExt + Unpin>(
+    r: &mut R,
+    cfg: &TransferConfig,
+) -> Result<FrameHeader> {
     let mut h = [0u8; HEADER_LEN];
-    with_deadline("frame header read", cfg.io_timeout, async { r.read_exact(&mut h).await.map_err(io_err) }).await?;
+    with_deadline("frame header read", cfg.io_timeout, async {
+        r.read_exact(&mut h).await.map_err(io_err)
+    })
+    .await?;
     FrameHeader::decode(&h)
 }
 
 /// Reads a control frame's payload of `kind` and checks its CRC.
-async fn read_control<R: AsyncReadExt + Unpin>(r: &mut R, kind: FrameKind, cfg: &TransferConfig) -> Result<(FrameHeader, Vec<u8>)> {
+async fn read_control<R: AsyncReadExt + Unpin>(
+    r: &mut R,
+    kind: FrameKind,
+    cfg: &TransferConfig,
+) -> Result<(FrameHeader, Vec<u8>)> {
     let h = read_header(r, cfg).await?;
     if h.kind != kind || h.byte_len as usize > MAX_CONTROL {
-        return Err(KvTransferError::Protocol(format!("expected a {kind:?} frame, got {:?} of {} bytes", h.kind, h.byte_len)));
+        return Err(KvTransferError::Protocol(format!(
+            "expected a {kind:?} frame, got {:?} of {} bytes",
+            h.kind, h.byte_len
+        )));
     }
     let mut buf = vec![0u8; h.byte_len as usize];
-    with_deadline("control frame read", cfg.io_timeout, async { r.read_exact(&mut buf).await.map_err(io_err) }).await?;
+    with_deadline("control frame read", cfg.io_timeout, async {
+        r.read_exact(&mut buf).await.map_err(io_err)
+    })
+    .await?;
     let actual = crc32c::crc32c(&buf);
     if actual != h.crc {
-        return Err(KvTransferError::Checksum { layer: 0, block: 0, expected: h.crc, actual });
+        return Err(KvTransferError::Checksum {
+            layer: 0,
+            block: 0,
+            expected: h.crc,
+            actual,
+        });
     }
     Ok((h, buf))
 }
 
-async fn write_control(s: &mut TcpStream, kind: FrameKind, request_id: u64, payload: &[u8], cfg: &TransferConfig) -> Result<()> {
-    let mut buf = FrameHeader::control(kind, request_id, payload).encode().to_vec();
+async fn write_control(
+    s: &mut TcpStream,
+    kind: FrameKind,
+    request_id: u64,
+    payload: &[u8],
+    cfg: &TransferConfig,
+) -> Result<()> {
+    let mut buf = FrameHeader::control(kind, request_id, payload)
+        .encode()
+        .to_vec();
     buf.extend_from_slice(payload);
-    with_deadline("control frame write", cfg.io_timeout, async { s.write_all(&buf).await.map_err(io_err) }).await
+    with_deadline("control frame write", cfg.io_timeout, async {
+        s.write_all(&buf).await.map_err(io_err)
+    })
+    .await
 }
 
 /// Client side: where to send KV over TCP.
@@ -91,10 +134,20 @@ impl KvTransport for TcpTransport {
     async fn connect(&self, handshake: Handshake) -> Result<TcpSender> {
         let cfg = self.cfg.clone();
         let sock = socket_for(&self.addr, cfg.socket_buffer)?;
-        let mut stream = with_deadline("connect", cfg.io_timeout, async { sock.connect(self.addr).await.map_err(io_err) }).await?;
+        let mut stream = with_deadline("connect", cfg.io_timeout, async {
+            sock.connect(self.addr).await.map_err(io_err)
+        })
+        .await?;
         stream.set_nodelay(true)?;
         let hs = handshake.to_proto().encode_to_vec();
-        write_control(&mut stream, FrameKind::Handshake, handshake.request_id, &hs, &cfg).await?;
+        write_control(
+            &mut stream,
+            FrameKind::Handshake,
+            handshake.request_id,
+            &hs,
+            &cfg,
+        )
+        .await?;
         let (_, reply) = read_control(&mut stream, FrameKind::Reply, &cfg).await?;
         layout::accepted(pb::KvReply::decode(reply.as_slice()).ok())?;
         Ok(TcpSender {
@@ -127,7 +180,10 @@ impl TcpSender {
             return Ok(());
         }
         let (s, b) = (&mut self.stream, &self.buf);
-        with_deadline("frame write", self.cfg.io_timeout, async { s.write_all(b).await.map_err(io_err) }).await?;
+        with_deadline("frame write", self.cfg.io_timeout, async {
+            s.write_all(b).await.map_err(io_err)
+        })
+        .await?;
         self.buf.clear();
         Ok(())
     }
@@ -160,7 +216,13 @@ impl KvSender for TcpSender {
             check_region(&self.layout, b)?;
             let at = self.buf.len();
             self.buf.extend_from_slice(&[0u8; HEADER_LEN]);
-            let crc = encode_payload_vec(&self.layout, b.data, b.slots as usize, frame_seed(layer, b.block, b.slots), &mut self.buf);
+            let crc = encode_payload_vec(
+                &self.layout,
+                b.data,
+                b.slots as usize,
+                frame_seed(layer, b.block, b.slots),
+                &mut self.buf,
+            );
             let h = FrameHeader {
                 kind: FrameKind::Block,
                 layer,
@@ -185,7 +247,9 @@ impl KvSender for TcpSender {
 
     async fn finish(mut self) -> Result<TransferSummary> {
         let end = self.frames.to_le_bytes();
-        let mut h = FrameHeader::control(FrameKind::End, self.request_id, &end).encode().to_vec();
+        let mut h = FrameHeader::control(FrameKind::End, self.request_id, &end)
+            .encode()
+            .to_vec();
         h.extend_from_slice(&end);
         self.buf.extend_from_slice(&h);
         self.flush_buf().await?;
@@ -205,7 +269,10 @@ impl TcpKvListener {
         let s = socket_for(&addr, cfg.transfer.socket_buffer)?;
         s.set_reuseaddr(true)?;
         s.bind(addr)?;
-        Ok(Self { listener: s.listen(1024)?, cfg: Arc::new(cfg) })
+        Ok(Self {
+            listener: s.listen(1024)?,
+            cfg: Arc::new(cfg),
+        })
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
@@ -221,20 +288,33 @@ impl TcpKvListener {
         let cfg = &self.cfg.transfer;
         let hs = async {
             let (_, bytes) = read_control(&mut stream, FrameKind::Handshake, cfg).await?;
-            let p = pb::KvHandshake::decode(bytes.as_slice()).map_err(|e| KvTransferError::Protocol(e.to_string()))?;
+            let p = pb::KvHandshake::decode(bytes.as_slice())
+                .map_err(|e| KvTransferError::Protocol(e.to_string()))?;
             Handshake::from_proto(&p)
         }
         .await?;
         if let Err(e) = hs.verify(&self.cfg.expected, &self.cfg.secret) {
-            let _ = write_control(&mut stream, FrameKind::Reply, hs.request_id, &layout::refusal(&e).encode_to_vec(), cfg).await;
+            let _ = write_control(
+                &mut stream,
+                FrameKind::Reply,
+                hs.request_id,
+                &layout::refusal(&e).encode_to_vec(),
+                cfg,
+            )
+            .await;
             return Err(e);
         }
-        let ok = pb::KvReply { kind: Some(pb::ReplyKind::Accepted(true)) }.encode_to_vec();
+        let ok = pb::KvReply {
+            kind: Some(pb::ReplyKind::Accepted(true)),
+        }
+        .encode_to_vec();
         write_control(&mut stream, FrameKind::Reply, hs.request_id, &ok, cfg).await?;
         Ok(KvReceiver {
             handshake: hs,
             cfg: cfg.clone(),
-            inner: ReceiverInner::Tcp(TcpIncoming { reader: BufReader::with_capacity(READ_BUFFER, stream) }),
+            inner: ReceiverInner::Tcp(TcpIncoming {
+                reader: BufReader::with_capacity(READ_BUFFER, stream),
+            }),
         })
     }
 }
@@ -254,11 +334,23 @@ impl TcpIncoming {
         let mut asm = Assembler::new(layout, tokens, sink);
         let r = Self::frames(&mut self.reader, &mut asm, cfg).await;
         let reply = match &r {
-            Ok(s) => pb::KvReply { kind: Some(pb::ReplyKind::Done(pb::KvDone { frames: s.frames, bytes: s.bytes })) },
+            Ok(s) => pb::KvReply {
+                kind: Some(pb::ReplyKind::Done(pb::KvDone {
+                    frames: s.frames,
+                    bytes: s.bytes,
+                })),
+            },
             Err(e) => layout::refusal(e),
         };
         // Best effort: a dead sender cannot hear it, and the outcome here stands.
-        let _ = write_control(self.reader.get_mut(), FrameKind::Reply, 0, &reply.encode_to_vec(), cfg).await;
+        let _ = write_control(
+            self.reader.get_mut(),
+            FrameKind::Reply,
+            0,
+            &reply.encode_to_vec(),
+            cfg,
+        )
+        .await;
         r
     }
 
@@ -274,17 +366,29 @@ impl TcpIncoming {
             let h = read_header(r, cfg).await?;
             match h.kind {
                 FrameKind::Block if h.byte_len as usize > full => {
-                    return Err(KvTransferError::Protocol(format!("block frame of {} bytes", h.byte_len)))
+                    return Err(KvTransferError::Protocol(format!(
+                        "block frame of {} bytes",
+                        h.byte_len
+                    )))
                 }
-                FrameKind::Block if h.slots as usize == l.block_size && h.byte_len as usize == full => {
+                FrameKind::Block
+                    if h.slots as usize == l.block_size && h.byte_len as usize == full =>
+                {
                     // Straight into the reserved region.
-                    let dest: &mut [u8] = bytemuck::cast_slice_mut(asm.dest(h.layer, h.block, h.slots)?);
-                    with_deadline("frame read", cfg.io_timeout, async { r.read_exact(dest).await.map_err(io_err) }).await?;
+                    let dest: &mut [u8] =
+                        bytemuck::cast_slice_mut(asm.dest(h.layer, h.block, h.slots)?);
+                    with_deadline("frame read", cfg.io_timeout, async {
+                        r.read_exact(dest).await.map_err(io_err)
+                    })
+                    .await?;
                     asm.block_in_place(h.layer, h.block, h.crc)?;
                 }
                 FrameKind::Block => {
                     let p = &mut buf[..h.byte_len as usize];
-                    with_deadline("frame read", cfg.io_timeout, async { r.read_exact(p).await.map_err(io_err) }).await?;
+                    with_deadline("frame read", cfg.io_timeout, async {
+                        r.read_exact(p).await.map_err(io_err)
+                    })
+                    .await?;
                     asm.block(h.layer, h.block, h.slots, h.crc, p)?;
                 }
                 FrameKind::End => {
@@ -292,13 +396,25 @@ impl TcpIncoming {
                     if h.byte_len != 8 {
                         return Err(KvTransferError::Protocol("bad End frame".into()));
                     }
-                    with_deadline("frame read", cfg.io_timeout, async { r.read_exact(&mut n).await.map_err(io_err) }).await?;
+                    with_deadline("frame read", cfg.io_timeout, async {
+                        r.read_exact(&mut n).await.map_err(io_err)
+                    })
+                    .await?;
                     if crc32c::crc32c(&n) != h.crc {
-                        return Err(KvTransferError::Checksum { layer: 0, block: 0, expected: h.crc, actual: crc32c::crc32c(&n) });
+                        return Err(KvTransferError::Checksum {
+                            layer: 0,
+                            block: 0,
+                            expected: h.crc,
+                            actual: crc32c::crc32c(&n),
+                        });
                     }
                     return asm.finish(u64::from_le_bytes(n));
                 }
-                k => return Err(KvTransferError::Protocol(format!("unexpected {k:?} frame during a transfer"))),
+                k => {
+                    return Err(KvTransferError::Protocol(format!(
+                        "unexpected {k:?} frame during a transfer"
+                    )))
+                }
             }
         }
     }

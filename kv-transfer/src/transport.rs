@@ -69,7 +69,11 @@ pub trait KvSender: Send {
     /// Sends blocks of one layer (call as soon as the layer is computed).
     /// Returns once the data is handed to the transport; flow control makes
     /// it wait when the receiver falls behind.
-    fn send_layer_blocks(&mut self, layer: u32, blocks: &[BlockRegion<'_>]) -> impl Future<Output = Result<()>> + Send;
+    fn send_layer_blocks(
+        &mut self,
+        layer: u32,
+        blocks: &[BlockRegion<'_>],
+    ) -> impl Future<Output = Result<()>> + Send;
     /// Ends the transfer and waits for the receiver to confirm that every
     /// block arrived and verified.
     fn finish(self) -> impl Future<Output = Result<TransferSummary>> + Send;
@@ -98,7 +102,11 @@ impl KvReceiver {
     /// gone, deadline, cancellation, missing blocks) is returned promptly;
     /// the sink's blocks then hold partial data and the caller must release
     /// them (`Scheduler::release`). The sender is told the outcome.
-    pub async fn receive_into<S: KvSink + ?Sized>(self, sink: &mut S, cancel: &CancellationToken) -> Result<TransferSummary> {
+    pub async fn receive_into<S: KvSink + ?Sized>(
+        self,
+        sink: &mut S,
+        cancel: &CancellationToken,
+    ) -> Result<TransferSummary> {
         let layout = self.handshake.layout.layout;
         let (deadline, tokens) = (self.cfg.transfer_timeout, self.handshake.tokens);
         let work = async move {
@@ -116,6 +124,12 @@ impl KvReceiver {
 }
 
 /// Runs `f` under the I/O deadline.
-pub(crate) async fn with_deadline<T>(what: &'static str, after: Duration, f: impl Future<Output = Result<T>>) -> Result<T> {
-    tokio::time::timeout(after, f).await.unwrap_or(Err(KvTransferError::Timeout { what, after }))
+pub(crate) async fn with_deadline<T>(
+    what: &'static str,
+    after: Duration,
+    f: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(after, f)
+        .await
+        .unwrap_or(Err(KvTransferError::Timeout { what, after }))
 }

@@ -14,9 +14,9 @@ use tandem_engine::kv::{KvDtype, KvLayout, KvPool, SeqKv};
 use tandem_engine::scheduler::{Scheduler, SchedulerConfig};
 use tandem_kv_transfer::grpc;
 use tandem_kv_transfer::{
-    BlockRegion, CancellationToken, ClusterSecret, GrpcTransport, Handshake, KvReceiver, KvSender, KvTransferError,
-    KvTransport, LayoutDescriptor, PoolSink, ReceiverConfig, TcpKvListener, TcpTransport, TransferConfig,
-    TransferSummary,
+    BlockRegion, CancellationToken, ClusterSecret, GrpcTransport, Handshake, KvReceiver, KvSender,
+    KvTransferError, KvTransport, LayoutDescriptor, PoolSink, ReceiverConfig, TcpKvListener,
+    TcpTransport, TransferConfig, TransferSummary,
 };
 
 /// Not a multiple of the block size: the last block is partial.
@@ -25,7 +25,13 @@ const TOKENS: usize = 100;
 const CHUNKS: [std::ops::Range<usize>; 2] = [0..37, 37..TOKENS];
 
 fn layout() -> KvLayout {
-    KvLayout { dtype: KvDtype::F32, n_layers: 4, n_kv_heads: 2, head_dim: 8, block_size: 16 }
+    KvLayout {
+        dtype: KvDtype::F32,
+        n_layers: 4,
+        n_kv_heads: 2,
+        head_dim: 8,
+        block_size: 16,
+    }
 }
 
 fn desc() -> LayoutDescriptor {
@@ -37,15 +43,28 @@ fn secret() -> ClusterSecret {
 }
 
 fn cfg() -> TransferConfig {
-    TransferConfig { io_timeout: Duration::from_secs(5), transfer_timeout: Duration::from_secs(20), ..Default::default() }
+    TransferConfig {
+        io_timeout: Duration::from_secs(5),
+        transfer_timeout: Duration::from_secs(20),
+        ..Default::default()
+    }
 }
 
 fn receiver_cfg() -> ReceiverConfig {
-    ReceiverConfig { expected: desc(), secret: secret(), transfer: cfg() }
+    ReceiverConfig {
+        expected: desc(),
+        secret: secret(),
+        transfer: cfg(),
+    }
 }
 
 fn handshake(request_id: u64) -> Handshake {
-    Handshake { layout: desc(), secret: secret(), request_id, tokens: TOKENS as u64 }
+    Handshake {
+        layout: desc(),
+        secret: secret(),
+        request_id,
+        tokens: TOKENS as u64,
+    }
 }
 
 /// A prefill worker's pool after the prompt: every float distinct and
@@ -74,7 +93,12 @@ fn source(seed: u64) -> (KvPool, SeqKv) {
 
 /// Sends like a chunked prefill does: per chunk, each layer's blocks as the
 /// layer finishes (the partial block at a chunk edge is sent again, whole).
-async fn send_chunks<S: KvSender>(s: &mut S, pool: &KvPool, kv: &SeqKv, chunks: &[std::ops::Range<usize>]) -> tandem_kv_transfer::Result<()> {
+async fn send_chunks<S: KvSender>(
+    s: &mut S,
+    pool: &KvPool,
+    kv: &SeqKv,
+    chunks: &[std::ops::Range<usize>],
+) -> tandem_kv_transfer::Result<()> {
     let bs = layout().block_size;
     for c in chunks {
         for layer in 0..layout().n_layers {
@@ -97,15 +121,26 @@ fn assert_same(src: &KvPool, skv: &SeqKv, dst: &KvPool, dkv: &SeqKv) {
     let bs = l.block_size;
     for layer in 0..l.n_layers {
         for bi in 0..l.blocks_for(TOKENS) {
-            let (a, b) = (src.region(layer, skv.blocks[bi]), dst.region(layer, dkv.blocks[bi]));
+            let (a, b) = (
+                src.region(layer, skv.blocks[bi]),
+                dst.region(layer, dkv.blocks[bi]),
+            );
             let valid = (TOKENS - bi * bs).min(bs);
             for h in 0..l.n_kv_heads {
                 for d in 0..l.head_dim {
                     for s in 0..valid {
                         let k = l.k_offset(h) + d * bs + s;
                         let v = l.v_offset(h) + s * l.head_dim + d;
-                        assert_eq!(a[k].to_bits(), b[k].to_bits(), "K layer {layer} block {bi} head {h} dim {d} slot {s}");
-                        assert_eq!(a[v].to_bits(), b[v].to_bits(), "V layer {layer} block {bi} head {h} dim {d} slot {s}");
+                        assert_eq!(
+                            a[k].to_bits(),
+                            b[k].to_bits(),
+                            "K layer {layer} block {bi} head {h} dim {d} slot {s}"
+                        );
+                        assert_eq!(
+                            a[v].to_bits(),
+                            b[v].to_bits(),
+                            "V layer {layer} block {bi} head {h} dim {d} slot {s}"
+                        );
                     }
                 }
             }
@@ -116,12 +151,19 @@ fn assert_same(src: &KvPool, skv: &SeqKv, dst: &KvPool, dkv: &SeqKv) {
 /// A decode worker's scheduler with room for a few prompts.
 fn decode_side() -> Scheduler {
     let l = layout();
-    Scheduler::new(SchedulerConfig::default(), KvPool::new(l, 4 * l.blocks_for(TOKENS)), 4096)
+    Scheduler::new(
+        SchedulerConfig::default(),
+        KvPool::new(l, 4 * l.blocks_for(TOKENS)),
+        4096,
+    )
 }
 
 /// What a decode worker does with an accepted transfer: reserve, receive
 /// into the reserved blocks, and release them if the transfer fails.
-async fn receive(sched: &mut Scheduler, r: KvReceiver) -> (tandem_kv_transfer::Result<TransferSummary>, Option<SeqKv>) {
+async fn receive(
+    sched: &mut Scheduler,
+    r: KvReceiver,
+) -> (tandem_kv_transfer::Result<TransferSummary>, Option<SeqKv>) {
     let tokens = r.handshake().tokens as usize;
     let kv = sched.reserve_for_transfer(tokens).unwrap();
     let res = {
@@ -136,20 +178,32 @@ async fn receive(sched: &mut Scheduler, r: KvReceiver) -> (tandem_kv_transfer::R
         }
         Err(e) => {
             sched.release(kv);
-            assert_eq!(sched.pool().free_blocks(), sched.pool().n_blocks(), "reserved blocks released");
+            assert_eq!(
+                sched.pool().free_blocks(),
+                sched.pool().n_blocks(),
+                "reserved blocks released"
+            );
             (Err(e), None)
         }
     }
 }
 
 async fn tcp_listener() -> TcpKvListener {
-    TcpKvListener::bind("127.0.0.1:0".parse().unwrap(), receiver_cfg()).await.unwrap()
+    TcpKvListener::bind("127.0.0.1:0".parse().unwrap(), receiver_cfg())
+        .await
+        .unwrap()
 }
 
 async fn grpc_server(
     cancel: &CancellationToken,
 ) -> (SocketAddr, tokio::sync::mpsc::Receiver<KvReceiver>) {
-    let (addr, _task, rx) = grpc::serve("127.0.0.1:0".parse().unwrap(), receiver_cfg(), cancel.clone()).await.unwrap();
+    let (addr, _task, rx) = grpc::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        receiver_cfg(),
+        cancel.clone(),
+    )
+    .await
+    .unwrap();
     (addr, rx)
 }
 
@@ -222,16 +276,25 @@ async fn corrupted_frame_is_detected_grpc() {
     let (addr, mut incoming) = grpc_server(&cancel).await;
     let sender = tokio::spawn(async move {
         let (pool, kv) = source(4);
-        let mut s = GrpcTransport::connect_to(addr, cfg()).await?.connect(handshake(10)).await?;
+        let mut s = GrpcTransport::connect_to(addr, cfg())
+            .await?
+            .connect(handshake(10))
+            .await?;
         s.corrupt_next_frame();
         send_chunks(&mut s, &pool, &kv, &CHUNKS).await?;
         s.finish().await
     });
     let mut sched = decode_side();
     let (res, _) = receive(&mut sched, incoming.recv().await.unwrap()).await;
-    assert!(matches!(res, Err(KvTransferError::Checksum { .. })), "{res:?}");
+    assert!(
+        matches!(res, Err(KvTransferError::Checksum { .. })),
+        "{res:?}"
+    );
     let e = sender.await.unwrap().unwrap_err();
-    assert!(matches!(&e, KvTransferError::Remote { class, .. } if class == "checksum"), "{e}");
+    assert!(
+        matches!(&e, KvTransferError::Remote { class, .. } if class == "checksum"),
+        "{e}"
+    );
     cancel.cancel();
 }
 
@@ -244,7 +307,13 @@ async fn mismatched_handshakes_are_refused_tcp() {
     let mut hs = handshake(1);
     hs.layout.model_fingerprint = "another-model".into();
     let (sent, accepted) = tokio::join!(t.connect(hs), listener.accept());
-    assert!(matches!(accepted, Err(KvTransferError::Mismatch { field: "model_fingerprint", .. })));
+    assert!(matches!(
+        accepted,
+        Err(KvTransferError::Mismatch {
+            field: "model_fingerprint",
+            ..
+        })
+    ));
     match sent {
         Err(KvTransferError::Refused { field, class, .. }) => {
             assert_eq!(field, "model_fingerprint");
@@ -256,7 +325,13 @@ async fn mismatched_handshakes_are_refused_tcp() {
     let mut hs = handshake(2);
     hs.layout.layout.head_dim = 16;
     let (sent, accepted) = tokio::join!(t.connect(hs), listener.accept());
-    assert!(matches!(accepted, Err(KvTransferError::Mismatch { field: "head_dim", .. })));
+    assert!(matches!(
+        accepted,
+        Err(KvTransferError::Mismatch {
+            field: "head_dim",
+            ..
+        })
+    ));
     assert!(matches!(sent, Err(KvTransferError::Refused { ref field, .. }) if field == "head_dim"));
 
     let mut hs = handshake(3);
@@ -275,15 +350,27 @@ async fn mismatched_handshakes_are_refused_grpc() {
     let mut hs = handshake(1);
     hs.layout.layout.block_size = 32;
     let e = t.connect(hs).await.err().unwrap();
-    assert!(matches!(&e, KvTransferError::Refused { field, .. } if field == "block_size"), "{e}");
+    assert!(
+        matches!(&e, KvTransferError::Refused { field, .. } if field == "block_size"),
+        "{e}"
+    );
     let mut hs = handshake(2);
     hs.layout.tp_size = 2;
     let e = t.connect(hs).await.err().unwrap();
-    assert!(matches!(&e, KvTransferError::Refused { field, .. } if field == "tp_size"), "{e}");
+    assert!(
+        matches!(&e, KvTransferError::Refused { field, .. } if field == "tp_size"),
+        "{e}"
+    );
     let mut hs = handshake(3);
     hs.secret = ClusterSecret::new("");
-    assert!(matches!(t.connect(hs).await, Err(KvTransferError::BadSecret)));
-    assert!(incoming.try_recv().is_err(), "refused transfers never reach the application");
+    assert!(matches!(
+        t.connect(hs).await,
+        Err(KvTransferError::BadSecret)
+    ));
+    assert!(
+        incoming.try_recv().is_err(),
+        "refused transfers never reach the application"
+    );
     cancel.cancel();
 }
 
@@ -291,7 +378,9 @@ async fn mismatched_handshakes_are_refused_grpc() {
 async fn stalled_sender_hits_the_deadline_and_cancel_works() {
     let mut rc = receiver_cfg();
     rc.transfer.io_timeout = Duration::from_millis(300);
-    let listener = TcpKvListener::bind("127.0.0.1:0".parse().unwrap(), rc).await.unwrap();
+    let listener = TcpKvListener::bind("127.0.0.1:0".parse().unwrap(), rc)
+        .await
+        .unwrap();
     let addr = listener.local_addr().unwrap();
     let t = TcpTransport::new(addr, cfg());
     let (s, r) = tokio::join!(t.connect(handshake(1)), listener.accept());
@@ -299,7 +388,10 @@ async fn stalled_sender_hits_the_deadline_and_cancel_works() {
     let mut sched = decode_side();
     let t0 = Instant::now();
     let (res, _) = receive(&mut sched, r.unwrap()).await;
-    assert!(matches!(res, Err(KvTransferError::Timeout { .. })), "{res:?}");
+    assert!(
+        matches!(res, Err(KvTransferError::Timeout { .. })),
+        "{res:?}"
+    );
     assert!(t0.elapsed() < Duration::from_secs(3));
 
     let (s, r) = tokio::join!(t.connect(handshake(2)), listener.accept());
@@ -308,7 +400,9 @@ async fn stalled_sender_hits_the_deadline_and_cancel_works() {
     let kv = sched.reserve_for_transfer(TOKENS).unwrap();
     let cancel = CancellationToken::new();
     cancel.cancel();
-    let res = r.receive_into(&mut PoolSink::new(sched.pool_mut(), &kv), &cancel).await;
+    let res = r
+        .receive_into(&mut PoolSink::new(sched.pool_mut(), &kv), &cancel)
+        .await;
     assert!(matches!(res, Err(KvTransferError::Cancelled)));
     sched.release(kv);
     assert_eq!(sched.pool().free_blocks(), sched.pool().n_blocks());
@@ -345,14 +439,30 @@ fn wait_for_line(child: &mut Child, line: &'static str) -> std::thread::JoinHand
 /// The peer side: sends seed-5 KV (`full`) or half of it then hangs until killed (`half`).
 #[test]
 fn peer_process() {
-    let Ok(spec) = std::env::var("TANDEM_KV_PEER") else { return };
+    let Ok(spec) = std::env::var("TANDEM_KV_PEER") else {
+        return;
+    };
     let mut it = spec.split(' ');
-    let (transport, addr, mode) = (it.next().unwrap(), it.next().unwrap().parse().unwrap(), it.next().unwrap());
+    let (transport, addr, mode) = (
+        it.next().unwrap(),
+        it.next().unwrap().parse().unwrap(),
+        it.next().unwrap(),
+    );
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async move {
         let (pool, kv) = source(5);
-        let chunks: &[_] = if mode == "half" { &CHUNKS[..1] } else { &CHUNKS };
-        async fn go<S: KvSender>(mut s: S, pool: &KvPool, kv: &SeqKv, chunks: &[std::ops::Range<usize>], half: bool) {
+        let chunks: &[_] = if mode == "half" {
+            &CHUNKS[..1]
+        } else {
+            &CHUNKS
+        };
+        async fn go<S: KvSender>(
+            mut s: S,
+            pool: &KvPool,
+            kv: &SeqKv,
+            chunks: &[std::ops::Range<usize>],
+            half: bool,
+        ) {
             send_chunks(&mut s, pool, kv, chunks).await.unwrap();
             if half {
                 println!("HALF_SENT");
@@ -364,24 +474,57 @@ fn peer_process() {
         }
         let half = mode == "half";
         match transport {
-            "tcp" => go(TcpTransport::new(addr, cfg()).connect(handshake(42)).await.unwrap(), &pool, &kv, chunks, half).await,
+            "tcp" => {
+                go(
+                    TcpTransport::new(addr, cfg())
+                        .connect(handshake(42))
+                        .await
+                        .unwrap(),
+                    &pool,
+                    &kv,
+                    chunks,
+                    half,
+                )
+                .await
+            }
             _ => {
                 let t = GrpcTransport::connect_to(addr, cfg()).await.unwrap();
-                go(t.connect(handshake(42)).await.unwrap(), &pool, &kv, chunks, half).await
+                go(
+                    t.connect(handshake(42)).await.unwrap(),
+                    &pool,
+                    &kv,
+                    chunks,
+                    half,
+                )
+                .await
             }
         }
     });
 }
 
-async fn accept_one(transport: &str) -> (SocketAddr, Box<dyn FnOnce() -> tokio::task::JoinHandle<KvReceiver> + Send>, CancellationToken) {
+async fn accept_one(
+    transport: &str,
+) -> (
+    SocketAddr,
+    Box<dyn FnOnce() -> tokio::task::JoinHandle<KvReceiver> + Send>,
+    CancellationToken,
+) {
     let cancel = CancellationToken::new();
     if transport == "tcp" {
         let l = tcp_listener().await;
         let addr = l.local_addr().unwrap();
-        (addr, Box::new(move || tokio::spawn(async move { l.accept().await.unwrap() })), cancel)
+        (
+            addr,
+            Box::new(move || tokio::spawn(async move { l.accept().await.unwrap() })),
+            cancel,
+        )
     } else {
         let (addr, mut rx) = grpc_server(&cancel).await;
-        (addr, Box::new(move || tokio::spawn(async move { rx.recv().await.unwrap() })), cancel)
+        (
+            addr,
+            Box::new(move || tokio::spawn(async move { rx.recv().await.unwrap() })),
+            cancel,
+        )
     }
 }
 
@@ -390,11 +533,19 @@ async fn cross_process_round_trip(transport: &str) {
     let accepted = accept();
     let mut child = spawn_peer(transport, addr, "full");
     let done = wait_for_line(&mut child, "PEER_DONE");
-    let r = tokio::time::timeout(Duration::from_secs(30), accepted).await.unwrap().unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(30), accepted)
+        .await
+        .unwrap()
+        .unwrap();
     let mut sched = decode_side();
     let (res, kv) = receive(&mut sched, r).await;
     res.unwrap();
-    assert!(tokio::task::spawn_blocking(move || done.join().unwrap()).await.unwrap(), "peer finished");
+    assert!(
+        tokio::task::spawn_blocking(move || done.join().unwrap())
+            .await
+            .unwrap(),
+        "peer finished"
+    );
     assert!(child.wait().unwrap().success());
     let (src, skv) = source(5);
     assert_same(&src, &skv, sched.pool(), &kv.unwrap());
@@ -419,14 +570,22 @@ async fn killed_sender_frees_reserved_blocks(transport: &str) {
     let accepted = accept();
     let mut child = spawn_peer(transport, addr, "half");
     let half = wait_for_line(&mut child, "HALF_SENT");
-    let r = tokio::time::timeout(Duration::from_secs(30), accepted).await.unwrap().unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(30), accepted)
+        .await
+        .unwrap()
+        .unwrap();
     let mut sched = decode_side();
     let receiving = async {
         let (res, _) = receive(&mut sched, r).await;
         (res, Instant::now())
     };
     let killer = async {
-        assert!(tokio::task::spawn_blocking(move || half.join().unwrap()).await.unwrap(), "peer sent half");
+        assert!(
+            tokio::task::spawn_blocking(move || half.join().unwrap())
+                .await
+                .unwrap(),
+            "peer sent half"
+        );
         child.kill().unwrap(); // SIGKILL
         let at = Instant::now();
         let _ = child.wait();
@@ -434,9 +593,15 @@ async fn killed_sender_frees_reserved_blocks(transport: &str) {
     };
     let ((res, failed_at), killed_at) = tokio::join!(receiving, killer);
     let e = res.unwrap_err();
-    assert!(matches!(e, KvTransferError::PeerGone(_)), "{transport}: {e}");
+    assert!(
+        matches!(e, KvTransferError::PeerGone(_)),
+        "{transport}: {e}"
+    );
     let took = failed_at.saturating_duration_since(killed_at);
-    assert!(took < Duration::from_secs(2), "{transport}: noticed after {took:?}");
+    assert!(
+        took < Duration::from_secs(2),
+        "{transport}: noticed after {took:?}"
+    );
     assert_eq!(sched.pool().free_blocks(), sched.pool().n_blocks());
     cancel.cancel();
 }

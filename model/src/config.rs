@@ -45,7 +45,9 @@ pub enum RopeStyle {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor`.
-    Linear { factor: f32 },
+    Linear {
+        factor: f32,
+    },
     /// Llama 3.x frequency-dependent scaling.
     Llama3 {
         factor: f32,
@@ -116,22 +118,32 @@ impl ModelConfig {
         let hidden = meta_usize(file, &k("embedding_length"))?;
         let n_heads = meta_usize(file, &k("attention.head_count"))?;
         let n_kv_heads = match file.get(&k("attention.head_count_kv")) {
-            Some(v) => v.as_u64().ok_or_else(|| type_err(&k("attention.head_count_kv"), "integer"))? as usize,
+            Some(v) => v
+                .as_u64()
+                .ok_or_else(|| type_err(&k("attention.head_count_kv"), "integer"))?
+                as usize,
             None => n_heads,
         };
         let head_dim = match file.get(&k("attention.key_length")) {
-            Some(v) => v.as_u64().ok_or_else(|| type_err(&k("attention.key_length"), "integer"))? as usize,
+            Some(v) => v
+                .as_u64()
+                .ok_or_else(|| type_err(&k("attention.key_length"), "integer"))?
+                as usize,
             None if n_heads > 0 => hidden / n_heads,
             None => 0,
         };
         let vocab_size = match file.get(&k("vocab_size")) {
-            Some(v) => v.as_u64().ok_or_else(|| type_err(&k("vocab_size"), "integer"))? as usize,
+            Some(v) => {
+                v.as_u64()
+                    .ok_or_else(|| type_err(&k("vocab_size"), "integer"))? as usize
+            }
             None => match file.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()) {
                 Some(a) => a.len(),
                 None => file
                     .tensor_info("token_embd.weight")
                     .and_then(|t| t.dims.get(1).copied())
-                    .ok_or_else(|| ModelError::MissingMetadata(k("vocab_size")))? as usize,
+                    .ok_or_else(|| ModelError::MissingMetadata(k("vocab_size")))?
+                    as usize,
             },
         };
         let rope_scaling = match file.get(&k("rope.scaling.type")).and_then(|v| v.as_str()) {
@@ -140,7 +152,9 @@ impl ModelConfig {
                 factor: meta_f32(file, &k("rope.scaling.factor"))?,
             },
             Some(other) => {
-                return Err(ModelError::Config(format!("unsupported rope scaling type '{other}'")))
+                return Err(ModelError::Config(format!(
+                    "unsupported rope scaling type '{other}'"
+                )))
             }
         };
         let cfg = ModelConfig {
@@ -182,15 +196,16 @@ impl ModelConfig {
             v.get(key)
                 .and_then(|x| x.as_u64())
                 .map(|x| x as usize)
-                .ok_or_else(|| ModelError::Config(format!("config.json: missing or invalid '{key}'")))
+                .ok_or_else(|| {
+                    ModelError::Config(format!("config.json: missing or invalid '{key}'"))
+                })
         };
         let float = |key: &str, default: f64| -> Result<f32> {
             match v.get(key) {
                 None | Some(serde_json::Value::Null) => Ok(default as f32),
-                Some(x) => x
-                    .as_f64()
-                    .map(|f| f as f32)
-                    .ok_or_else(|| ModelError::Config(format!("config.json: '{key}' is not a number"))),
+                Some(x) => x.as_f64().map(|f| f as f32).ok_or_else(|| {
+                    ModelError::Config(format!("config.json: '{key}' is not a number"))
+                }),
             }
         };
         let hidden = num("hidden_size")?;
@@ -217,7 +232,9 @@ impl ModelConfig {
                 };
                 match ty {
                     "default" => RopeScaling::None,
-                    "linear" => RopeScaling::Linear { factor: f("factor")? },
+                    "linear" => RopeScaling::Linear {
+                        factor: f("factor")?,
+                    },
                     "llama3" => RopeScaling::Llama3 {
                         factor: f("factor")?,
                         low_freq_factor: f("low_freq_factor")?,
@@ -225,7 +242,9 @@ impl ModelConfig {
                         original_max_position: f("original_max_position_embeddings")?,
                     },
                     other => {
-                        return Err(ModelError::Config(format!("unsupported rope scaling type '{other}'")))
+                        return Err(ModelError::Config(format!(
+                            "unsupported rope scaling type '{other}'"
+                        )))
                     }
                 }
             }

@@ -70,7 +70,10 @@ mod tests {
         let other_seed = make(dir.path(), "b.gguf", 2, GgmlType::Q8_0);
         let other_type = make(dir.path(), "c.gguf", 1, GgmlType::Q4_0);
         assert_eq!(a.len(), 32);
-        assert_eq!(a, a_again, "the fingerprint depends on the content, not the path");
+        assert_eq!(
+            a, a_again,
+            "the fingerprint depends on the content, not the path"
+        );
         assert_ne!(a, other_seed, "other weights");
         assert_ne!(a, other_type, "other tensor types");
     }

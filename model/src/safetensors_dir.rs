@@ -68,7 +68,10 @@ impl std::fmt::Debug for HfDir {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HfDir")
             .field("dir", &self.dir)
-            .field("files", &self.shards.iter().map(|s| &s.path).collect::<Vec<_>>())
+            .field(
+                "files",
+                &self.shards.iter().map(|s| &s.path).collect::<Vec<_>>(),
+            )
             .field("tensors", &self.tensors.len())
             .finish()
     }
@@ -118,8 +121,9 @@ impl HfDir {
             }
             Err(e) => return Err(io_err(&config_path, e)),
         };
-        let config: serde_json::Value = serde_json::from_str(&config_text)
-            .map_err(|e| ModelError::Config(format!("{}: invalid JSON: {e}", config_path.display())))?;
+        let config: serde_json::Value = serde_json::from_str(&config_text).map_err(|e| {
+            ModelError::Config(format!("{}: invalid JSON: {e}", config_path.display()))
+        })?;
         if !config.is_object() {
             return Err(ModelError::Config(format!(
                 "{}: expected a JSON object",
@@ -237,8 +241,8 @@ impl HfDir {
 /// file names in the same directory, and the files must exist.
 fn read_index(dir: &Path, index_path: &Path) -> Result<(Vec<String>, BTreeMap<String, String>)> {
     let text = std::fs::read_to_string(index_path).map_err(|e| io_err(index_path, e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| st_err(index_path, format!("invalid JSON: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| st_err(index_path, format!("invalid JSON: {e}")))?;
     let wm = v
         .get("weight_map")
         .and_then(|w| w.as_object())
@@ -263,7 +267,10 @@ fn read_index(dir: &Path, index_path: &Path) -> Result<(Vec<String>, BTreeMap<St
             if !path.is_file() {
                 return Err(st_err(
                     index_path,
-                    format!("shard '{file}' (holding '{name}') does not exist in {}", dir.display()),
+                    format!(
+                        "shard '{file}' (holding '{name}') does not exist in {}",
+                        dir.display()
+                    ),
                 ));
             }
             files.push(file.to_string());
@@ -322,10 +329,12 @@ fn header_error(path: &Path, buf: &[u8], e: SafeTensorError) -> ModelError {
     let n = u64::from_le_bytes(buf[..8].try_into().unwrap_or([0; 8]));
     let len = buf.len() as u64;
     match e {
-        SafeTensorError::InvalidHeaderLength if n.saturating_add(8) > len => ModelError::Truncated {
-            path: path.to_path_buf(),
-            reason: format!("header declares {n} bytes but the file has only {len}"),
-        },
+        SafeTensorError::InvalidHeaderLength if n.saturating_add(8) > len => {
+            ModelError::Truncated {
+                path: path.to_path_buf(),
+                reason: format!("header declares {n} bytes but the file has only {len}"),
+            }
+        }
         SafeTensorError::MetadataIncompleteBuffer => {
             // Find how long the data section should be, for the message.
             let expected = std::str::from_utf8(&buf[8..8 + n as usize])
@@ -345,7 +354,10 @@ fn header_error(path: &Path, buf: &[u8], e: SafeTensorError) -> ModelError {
                     path: path.to_path_buf(),
                     reason: format!("tensor data needs {exp} bytes but the file holds {have}"),
                 },
-                Some(exp) => st_err(path, format!("{} bytes after the last tensor's data", have - exp)),
+                Some(exp) => st_err(
+                    path,
+                    format!("{} bytes after the last tensor's data", have - exp),
+                ),
                 None => st_err(path, "file size does not match its header"),
             }
         }
@@ -416,9 +428,15 @@ mod tests {
         assert_eq!(a.shape, &[2, 2]);
         assert_eq!(a.bytes, &f32_bytes(&[1.0, 2.0, 3.0, 4.0])[..]);
         let b = d.tensor("b").unwrap();
-        assert_eq!((b.ty, b.shape, b.bytes), (GgmlType::BF16, &[2usize][..], &bf[..]));
+        assert_eq!(
+            (b.ty, b.shape, b.bytes),
+            (GgmlType::BF16, &[2usize][..], &bf[..])
+        );
         let c = d.tensor("c").unwrap();
-        assert_eq!((c.ty, c.shape, c.bytes), (GgmlType::F16, &[3usize, 1][..], &f16[..]));
+        assert_eq!(
+            (c.ty, c.shape, c.bytes),
+            (GgmlType::F16, &[3usize, 1][..], &f16[..])
+        );
         assert!(d.tensor("nope").is_none());
     }
 
@@ -426,7 +444,10 @@ mod tests {
         config(dir);
         write_st(
             &dir.join("model-00001-of-00002.safetensors"),
-            &[("x", "F32", vec![1], f32_bytes(&[7.0])), ("y", "F32", vec![2], f32_bytes(&[8.0, 9.0]))],
+            &[
+                ("x", "F32", vec![1], f32_bytes(&[7.0])),
+                ("y", "F32", vec![2], f32_bytes(&[8.0, 9.0])),
+            ],
         );
         write_st(
             &dir.join("model-00002-of-00002.safetensors"),
@@ -469,7 +490,10 @@ mod tests {
         sharded(tmp.path());
         std::fs::remove_file(tmp.path().join("model-00002-of-00002.safetensors")).unwrap();
         let err = HfDir::open(tmp.path()).unwrap_err().to_string();
-        assert!(err.contains("model-00002-of-00002.safetensors") && err.contains("does not exist"), "{err}");
+        assert!(
+            err.contains("model-00002-of-00002.safetensors") && err.contains("does not exist"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -512,8 +536,14 @@ mod tests {
     fn duplicate_tensor_across_files_is_an_error() {
         let tmp = tempfile::tempdir().unwrap();
         config(tmp.path());
-        write_st(&tmp.path().join("a.safetensors"), &[("x", "F32", vec![1], f32_bytes(&[1.0]))]);
-        write_st(&tmp.path().join("b.safetensors"), &[("x", "F32", vec![1], f32_bytes(&[2.0]))]);
+        write_st(
+            &tmp.path().join("a.safetensors"),
+            &[("x", "F32", vec![1], f32_bytes(&[1.0]))],
+        );
+        write_st(
+            &tmp.path().join("b.safetensors"),
+            &[("x", "F32", vec![1], f32_bytes(&[2.0]))],
+        );
         let err = HfDir::open(tmp.path()).unwrap_err().to_string();
         assert!(err.contains("'x' also appears"), "{err}");
     }
@@ -523,13 +553,19 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         config(tmp.path());
         let p = tmp.path().join(SINGLE_FILE);
-        write_st(&p, &[("a", "F32", vec![4], f32_bytes(&[1.0, 2.0, 3.0, 4.0]))]);
+        write_st(
+            &p,
+            &[("a", "F32", vec![4], f32_bytes(&[1.0, 2.0, 3.0, 4.0]))],
+        );
         let full = std::fs::read(&p).unwrap();
         // Cut inside the data section, then inside the header, then before the length.
         for cut in [full.len() - 3, 20, 5] {
             std::fs::write(&p, &full[..cut]).unwrap();
             let err = HfDir::open(tmp.path()).unwrap_err();
-            assert!(matches!(err, ModelError::Truncated { .. }), "cut {cut}: {err}");
+            assert!(
+                matches!(err, ModelError::Truncated { .. }),
+                "cut {cut}: {err}"
+            );
         }
         // Trailing garbage is not "truncated" but still an error.
         let mut longer = full.clone();
@@ -545,7 +581,10 @@ mod tests {
         config(tmp.path());
         write_st(
             &tmp.path().join(SINGLE_FILE),
-            &[("ok", "F32", vec![1], f32_bytes(&[1.0])), ("ids", "I64", vec![1], vec![0; 8])],
+            &[
+                ("ok", "F32", vec![1], f32_bytes(&[1.0])),
+                ("ids", "I64", vec![1], vec![0; 8]),
+            ],
         );
         let err = HfDir::open(tmp.path()).unwrap_err();
         assert!(matches!(err, ModelError::UnsupportedType(_)), "{err}");
@@ -556,7 +595,10 @@ mod tests {
     #[test]
     fn missing_config_is_clear() {
         let tmp = tempfile::tempdir().unwrap();
-        write_st(&tmp.path().join(SINGLE_FILE), &[("a", "F32", vec![1], f32_bytes(&[1.0]))]);
+        write_st(
+            &tmp.path().join(SINGLE_FILE),
+            &[("a", "F32", vec![1], f32_bytes(&[1.0]))],
+        );
         let err = HfDir::open(tmp.path()).unwrap_err().to_string();
         assert!(err.contains("config.json"), "{err}");
         std::fs::write(tmp.path().join("config.json"), "{not json").unwrap();

@@ -210,7 +210,11 @@ impl SynthTokenizer {
 
 /// Parses a tensor type name as users write it: `q4_k`, `Q4_K`, `q4k`, `bf16`, ...
 pub fn parse_ggml_type(name: &str) -> Result<GgmlType> {
-    let n: String = name.to_ascii_uppercase().chars().filter(|c| *c != '_').collect();
+    let n: String = name
+        .to_ascii_uppercase()
+        .chars()
+        .filter(|c| *c != '_')
+        .collect();
     Ok(match n.as_str() {
         "F32" => GgmlType::F32,
         "F16" => GgmlType::F16,
@@ -306,7 +310,9 @@ pub fn synth(spec: &SynthSpec, out: &Path) -> Result<()> {
     let vocab = build_vocab(spec.tokenizer, spec.shape.vocab_size)?;
     match spec.format {
         SynthFormat::Gguf { .. } => write_gguf_file(spec, &vocab, out),
-        SynthFormat::Safetensors { dtype, shards } => write_hf_dir(spec, &vocab, dtype, shards, out),
+        SynthFormat::Safetensors { dtype, shards } => {
+            write_hf_dir(spec, &vocab, dtype, shards, out)
+        }
     }
 }
 
@@ -368,7 +374,13 @@ fn plan(spec: &SynthSpec) -> Vec<Planned> {
         SynthFormat::Gguf { weight_type } => (true, weight_type),
         SynthFormat::Safetensors { dtype, .. } => (false, dtype),
     };
-    let matrix_ty = |cols: usize| if gguf { gguf_matrix_type(weight_ty, cols) } else { weight_ty };
+    let matrix_ty = |cols: usize| {
+        if gguf {
+            gguf_matrix_type(weight_ty, cols)
+        } else {
+            weight_ty
+        }
+    };
     let vec_ty = if gguf { GgmlType::F32 } else { weight_ty };
     let q_dim = s.n_heads * s.head_dim;
     let kv_dim = s.n_kv_heads * s.head_dim;
@@ -394,7 +406,11 @@ fn plan(spec: &SynthSpec) -> Vec<Planned> {
     });
     for l in 0..s.n_layers {
         let mut push = |g: &str, h: &str, shape: Vec<usize>, init: Init, perm: bool| {
-            let ty = if shape.len() == 1 { vec_ty } else { matrix_ty(shape[1]) };
+            let ty = if shape.len() == 1 {
+                vec_ty
+            } else {
+                matrix_ty(shape[1])
+            };
             v.push(Planned {
                 hf: format!("model.layers.{l}.{h}"),
                 gguf: format!("blk.{l}.{g}"),
@@ -407,20 +423,92 @@ fn plan(spec: &SynthSpec) -> Vec<Planned> {
         let fan = |n: usize| Init::Normal(1.0 / (n as f32).sqrt());
         let qk = Init::Normal(2.0 / (s.hidden as f32).sqrt());
         let bias = Init::Normal(0.05);
-        push("attn_norm.weight", "input_layernorm.weight", vec![s.hidden], Init::Norm, false);
-        push("attn_q.weight", "self_attn.q_proj.weight", vec![q_dim, s.hidden], qk, true);
-        push("attn_k.weight", "self_attn.k_proj.weight", vec![kv_dim, s.hidden], qk, true);
-        push("attn_v.weight", "self_attn.v_proj.weight", vec![kv_dim, s.hidden], fan(s.hidden), false);
+        push(
+            "attn_norm.weight",
+            "input_layernorm.weight",
+            vec![s.hidden],
+            Init::Norm,
+            false,
+        );
+        push(
+            "attn_q.weight",
+            "self_attn.q_proj.weight",
+            vec![q_dim, s.hidden],
+            qk,
+            true,
+        );
+        push(
+            "attn_k.weight",
+            "self_attn.k_proj.weight",
+            vec![kv_dim, s.hidden],
+            qk,
+            true,
+        );
+        push(
+            "attn_v.weight",
+            "self_attn.v_proj.weight",
+            vec![kv_dim, s.hidden],
+            fan(s.hidden),
+            false,
+        );
         if spec.arch == Arch::Qwen2 {
-            push("attn_q.bias", "self_attn.q_proj.bias", vec![q_dim], bias, false);
-            push("attn_k.bias", "self_attn.k_proj.bias", vec![kv_dim], bias, false);
-            push("attn_v.bias", "self_attn.v_proj.bias", vec![kv_dim], bias, false);
+            push(
+                "attn_q.bias",
+                "self_attn.q_proj.bias",
+                vec![q_dim],
+                bias,
+                false,
+            );
+            push(
+                "attn_k.bias",
+                "self_attn.k_proj.bias",
+                vec![kv_dim],
+                bias,
+                false,
+            );
+            push(
+                "attn_v.bias",
+                "self_attn.v_proj.bias",
+                vec![kv_dim],
+                bias,
+                false,
+            );
         }
-        push("attn_output.weight", "self_attn.o_proj.weight", vec![s.hidden, q_dim], fan(q_dim), false);
-        push("ffn_norm.weight", "post_attention_layernorm.weight", vec![s.hidden], Init::Norm, false);
-        push("ffn_gate.weight", "mlp.gate_proj.weight", vec![s.ffn, s.hidden], fan(s.hidden), false);
-        push("ffn_up.weight", "mlp.up_proj.weight", vec![s.ffn, s.hidden], fan(s.hidden), false);
-        push("ffn_down.weight", "mlp.down_proj.weight", vec![s.hidden, s.ffn], fan(s.ffn), false);
+        push(
+            "attn_output.weight",
+            "self_attn.o_proj.weight",
+            vec![s.hidden, q_dim],
+            fan(q_dim),
+            false,
+        );
+        push(
+            "ffn_norm.weight",
+            "post_attention_layernorm.weight",
+            vec![s.hidden],
+            Init::Norm,
+            false,
+        );
+        push(
+            "ffn_gate.weight",
+            "mlp.gate_proj.weight",
+            vec![s.ffn, s.hidden],
+            fan(s.hidden),
+            false,
+        );
+        push(
+            "ffn_up.weight",
+            "mlp.up_proj.weight",
+            vec![s.ffn, s.hidden],
+            fan(s.hidden),
+            false,
+        );
+        push(
+            "ffn_down.weight",
+            "mlp.down_proj.weight",
+            vec![s.hidden, s.ffn],
+            fan(s.ffn),
+            false,
+        );
     }
     v.push(Planned {
         hf: "model.norm.weight".into(),
@@ -495,7 +583,10 @@ fn permuted_source_row(r: usize, head_dim: usize) -> usize {
 fn write_tensor_data(w: &mut dyn Write, seed: u64, t: &Planned, path: &Path) -> Result<()> {
     let key = tensor_key(seed, &t.hf);
     let (rows, cols) = t.rows_cols();
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(32);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(32);
     let rows_per_task = ((1usize << 18) / cols.max(1)).max(1);
     let encode = |a: usize, b: usize| -> Result<Vec<u8>> {
         let mut row = vec![0f32; cols];
@@ -524,12 +615,16 @@ fn write_tensor_data(w: &mut dyn Write, seed: u64, t: &Planned, path: &Path) -> 
             vec![encode(tasks[0].0, tasks[0].1)]
         } else {
             std::thread::scope(|s| {
-                let handles: Vec<_> = tasks.iter().map(|&(a, b)| s.spawn(move || encode(a, b))).collect();
+                let handles: Vec<_> = tasks
+                    .iter()
+                    .map(|&(a, b)| s.spawn(move || encode(a, b)))
+                    .collect();
                 handles
                     .into_iter()
                     .map(|h| {
-                        h.join()
-                            .unwrap_or_else(|_| Err(ModelError::Other("synth worker thread panicked".into())))
+                        h.join().unwrap_or_else(|_| {
+                            Err(ModelError::Other("synth worker thread panicked".into()))
+                        })
                     })
                     .collect()
             })
@@ -561,7 +656,9 @@ pub fn quantize_row(ty: GgmlType, x: &[f32], out: &mut Vec<u8>) -> Result<()> {
     let need = ty.bytes_for(n)?;
     out.reserve(need);
     match ty {
-        GgmlType::F32 => x.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        GgmlType::F32 => x
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
         GgmlType::F16 => x
             .iter()
             .for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
@@ -591,12 +688,17 @@ fn q8_0(x: &[f32], out: &mut Vec<u8>) {
     let d = f16_round(amax / 127.0);
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
     out.extend_from_slice(&f16_bytes(d));
-    out.extend(x.iter().map(|v| ((v * id).round().clamp(-127.0, 127.0) as i8) as u8));
+    out.extend(
+        x.iter()
+            .map(|v| ((v * id).round().clamp(-127.0, 127.0) as i8) as u8),
+    );
 }
 
 fn q4_0(x: &[f32], out: &mut Vec<u8>) {
     // The value of largest magnitude maps to level 0 (-8 * d), as in ggml.
-    let max = x.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+    let max = x
+        .iter()
+        .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
     let d = f16_round(max / -8.0);
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let q = |v: f32| ((v * id).round() + 8.0).clamp(0.0, 15.0) as u8;
@@ -657,8 +759,16 @@ fn qk_min(x: &[f32], nmax: u8, out: &mut Vec<u8>) {
     let mut lm = [0u8; 8];
     for j in 0..8 {
         // Round the scale up so the sub-block's range stays on the grid.
-        ls[j] = if d > 0.0 { (sc[j] / d).ceil().clamp(0.0, 63.0) as u8 } else { 0 };
-        lm[j] = if dmin > 0.0 { (mn[j] / dmin).round().clamp(0.0, 63.0) as u8 } else { 0 };
+        ls[j] = if d > 0.0 {
+            (sc[j] / d).ceil().clamp(0.0, 63.0) as u8
+        } else {
+            0
+        };
+        lm[j] = if dmin > 0.0 {
+            (mn[j] / dmin).round().clamp(0.0, 63.0) as u8
+        } else {
+            0
+        };
     }
     let mut q = [0u8; 256];
     for j in 0..8 {
@@ -707,7 +817,11 @@ fn q6_k(x: &[f32], out: &mut Vec<u8>) {
     let mut sc = [0i8; 16];
     let mut q = [0u8; 256];
     for j in 0..16 {
-        sc[j] = if d > 0.0 { (sb_scale[j] / d).ceil().clamp(0.0, 127.0) as i8 } else { 0 };
+        sc[j] = if d > 0.0 {
+            (sb_scale[j] / d).ceil().clamp(0.0, 127.0) as i8
+        } else {
+            0
+        };
         let step = d * sc[j] as f32;
         for i in 0..16 {
             let v = x[j * 16 + i];
@@ -746,19 +860,21 @@ fn q6_k(x: &[f32], out: &mut Vec<u8>) {
 const LETTERS: &str = "etaoinshrdlcumwfgypbvkjxqz";
 
 const BIGRAMS: &[&str] = &[
-    "th", "he", "in", "er", "an", "re", "on", "at", "en", "nd", "ti", "es", "or", "te", "of", "ed", "is", "it", "al",
-    "ar", "st", "to", "nt", "ng", "se", "ha", "as", "ou", "io", "le", "ve", "co", "me", "de", "hi", "ri", "ro", "ic",
-    "ne", "ea", "ra", "ce",
+    "th", "he", "in", "er", "an", "re", "on", "at", "en", "nd", "ti", "es", "or", "te", "of", "ed",
+    "is", "it", "al", "ar", "st", "to", "nt", "ng", "se", "ha", "as", "ou", "io", "le", "ve", "co",
+    "me", "de", "hi", "ri", "ro", "ic", "ne", "ea", "ra", "ce",
 ];
 
 const WORDS: &[&str] = &[
-    "the", "and", "of", "to", "in", "is", "it", "you", "that", "he", "was", "for", "on", "are", "with", "as", "his",
-    "they", "be", "at", "one", "have", "this", "from", "or", "had", "by", "word", "but", "what", "some", "we", "can",
-    "out", "other", "were", "all", "there", "when", "up", "use", "your", "how", "said", "an", "each", "she", "which",
-    "do", "their", "time", "if", "will", "way", "about", "many", "then", "them", "write", "would", "like", "so",
-    "these", "her", "long", "make", "thing", "see", "him", "two", "has", "look", "more", "day", "could", "go", "come",
-    "did", "number", "sound", "no", "most", "people", "my", "over", "know", "water", "than", "call", "first", "who",
-    "may", "down", "side", "been", "now", "find", "hello", "world", "model", "token", "data",
+    "the", "and", "of", "to", "in", "is", "it", "you", "that", "he", "was", "for", "on", "are",
+    "with", "as", "his", "they", "be", "at", "one", "have", "this", "from", "or", "had", "by",
+    "word", "but", "what", "some", "we", "can", "out", "other", "were", "all", "there", "when",
+    "up", "use", "your", "how", "said", "an", "each", "she", "which", "do", "their", "time", "if",
+    "will", "way", "about", "many", "then", "them", "write", "would", "like", "so", "these", "her",
+    "long", "make", "thing", "see", "him", "two", "has", "look", "more", "day", "could", "go",
+    "come", "did", "number", "sound", "no", "most", "people", "my", "over", "know", "water",
+    "than", "call", "first", "who", "may", "down", "side", "been", "now", "find", "hello", "world",
+    "model", "token", "data",
 ];
 
 const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
@@ -976,8 +1092,12 @@ fn tk_err(e: impl std::fmt::Display) -> ModelError {
 fn hf_tokenizer(v: &Vocab) -> Result<tokenizers::Tokenizer> {
     use tokenizers::models::bpe::BPE;
     use tokenizers::AddedToken;
-    let map: tokenizers::models::bpe::Vocab =
-        v.tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let map: tokenizers::models::bpe::Vocab = v
+        .tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
     let special: Vec<AddedToken> = v
         .tokens
         .iter()
@@ -1073,8 +1193,14 @@ fn gguf_metadata(spec: &SynthSpec, v: &Vocab, weight_type: GgmlType) -> Vec<(Str
             "general.name".into(),
             MetaValue::String(format!("synthetic {a} seed {}", spec.seed)),
         ),
-        ("general.alignment".into(), MetaValue::U32(GGUF_ALIGNMENT as u32)),
-        ("general.file_type".into(), MetaValue::U32(llama_file_type(weight_type))),
+        (
+            "general.alignment".into(),
+            MetaValue::U32(GGUF_ALIGNMENT as u32),
+        ),
+        (
+            "general.file_type".into(),
+            MetaValue::U32(llama_file_type(weight_type)),
+        ),
         ("general.quantization_version".into(), MetaValue::U32(2)),
         (format!("{a}.block_count"), u32v(s.n_layers)),
         (format!("{a}.context_length"), u32v(s.context_length)),
@@ -1083,7 +1209,10 @@ fn gguf_metadata(spec: &SynthSpec, v: &Vocab, weight_type: GgmlType) -> Vec<(Str
         (format!("{a}.attention.head_count"), u32v(s.n_heads)),
         (format!("{a}.attention.head_count_kv"), u32v(s.n_kv_heads)),
         (format!("{a}.rope.freq_base"), MetaValue::F32(s.rope_theta)),
-        (format!("{a}.attention.layer_norm_rms_epsilon"), MetaValue::F32(s.rms_eps)),
+        (
+            format!("{a}.attention.layer_norm_rms_epsilon"),
+            MetaValue::F32(s.rms_eps),
+        ),
         (format!("{a}.vocab_size"), u32v(s.vocab_size)),
         (format!("{a}.rope.dimension_count"), u32v(s.head_dim)),
     ];
@@ -1091,16 +1220,24 @@ fn gguf_metadata(spec: &SynthSpec, v: &Vocab, weight_type: GgmlType) -> Vec<(Str
         m.push((format!("{a}.attention.key_length"), u32v(s.head_dim)));
         m.push((format!("{a}.attention.value_length"), u32v(s.head_dim)));
     }
-    let strings = |xs: &mut dyn Iterator<Item = String>| MetaValue::Array(xs.map(MetaValue::String).collect());
+    let strings = |xs: &mut dyn Iterator<Item = String>| {
+        MetaValue::Array(xs.map(MetaValue::String).collect())
+    };
     match v.kind {
         SynthTokenizer::Gpt2 => {
             let pre = match spec.arch {
                 Arch::Llama => "smollm",
                 Arch::Qwen2 => "qwen2",
             };
-            m.push(("tokenizer.ggml.model".into(), MetaValue::String("gpt2".into())));
+            m.push((
+                "tokenizer.ggml.model".into(),
+                MetaValue::String("gpt2".into()),
+            ));
             m.push(("tokenizer.ggml.pre".into(), MetaValue::String(pre.into())));
-            m.push(("tokenizer.ggml.tokens".into(), strings(&mut v.tokens.iter().cloned())));
+            m.push((
+                "tokenizer.ggml.tokens".into(),
+                strings(&mut v.tokens.iter().cloned()),
+            ));
             m.push((
                 "tokenizer.ggml.token_type".into(),
                 MetaValue::Array(v.types.iter().map(|&t| MetaValue::I32(t)).collect()),
@@ -1111,16 +1248,40 @@ fn gguf_metadata(spec: &SynthSpec, v: &Vocab, weight_type: GgmlType) -> Vec<(Str
             ));
             m.push(("tokenizer.ggml.bos_token_id".into(), MetaValue::U32(v.bos)));
             m.push(("tokenizer.ggml.eos_token_id".into(), MetaValue::U32(v.eos)));
-            m.push(("tokenizer.ggml.unknown_token_id".into(), MetaValue::U32(v.unk)));
-            m.push(("tokenizer.ggml.padding_token_id".into(), MetaValue::U32(v.unk)));
-            m.push(("tokenizer.ggml.add_bos_token".into(), MetaValue::Bool(false)));
-            m.push(("tokenizer.ggml.add_space_prefix".into(), MetaValue::Bool(false)));
-            m.push(("tokenizer.chat_template".into(), MetaValue::String(CHATML_TEMPLATE.into())));
+            m.push((
+                "tokenizer.ggml.unknown_token_id".into(),
+                MetaValue::U32(v.unk),
+            ));
+            m.push((
+                "tokenizer.ggml.padding_token_id".into(),
+                MetaValue::U32(v.unk),
+            ));
+            m.push((
+                "tokenizer.ggml.add_bos_token".into(),
+                MetaValue::Bool(false),
+            ));
+            m.push((
+                "tokenizer.ggml.add_space_prefix".into(),
+                MetaValue::Bool(false),
+            ));
+            m.push((
+                "tokenizer.chat_template".into(),
+                MetaValue::String(CHATML_TEMPLATE.into()),
+            ));
         }
         SynthTokenizer::SentencePiece => {
-            m.push(("tokenizer.ggml.model".into(), MetaValue::String("llama".into())));
-            m.push(("tokenizer.ggml.pre".into(), MetaValue::String("default".into())));
-            m.push(("tokenizer.ggml.tokens".into(), strings(&mut v.tokens.iter().cloned())));
+            m.push((
+                "tokenizer.ggml.model".into(),
+                MetaValue::String("llama".into()),
+            ));
+            m.push((
+                "tokenizer.ggml.pre".into(),
+                MetaValue::String("default".into()),
+            ));
+            m.push((
+                "tokenizer.ggml.tokens".into(),
+                strings(&mut v.tokens.iter().cloned()),
+            ));
             m.push((
                 "tokenizer.ggml.scores".into(),
                 MetaValue::Array(v.scores.iter().map(|&s| MetaValue::F32(s)).collect()),
@@ -1131,11 +1292,23 @@ fn gguf_metadata(spec: &SynthSpec, v: &Vocab, weight_type: GgmlType) -> Vec<(Str
             ));
             m.push(("tokenizer.ggml.bos_token_id".into(), MetaValue::U32(v.bos)));
             m.push(("tokenizer.ggml.eos_token_id".into(), MetaValue::U32(v.eos)));
-            m.push(("tokenizer.ggml.unknown_token_id".into(), MetaValue::U32(v.unk)));
+            m.push((
+                "tokenizer.ggml.unknown_token_id".into(),
+                MetaValue::U32(v.unk),
+            ));
             m.push(("tokenizer.ggml.add_bos_token".into(), MetaValue::Bool(true)));
-            m.push(("tokenizer.ggml.add_eos_token".into(), MetaValue::Bool(false)));
-            m.push(("tokenizer.ggml.add_space_prefix".into(), MetaValue::Bool(true)));
-            m.push(("tokenizer.chat_template".into(), MetaValue::String(SPM_TEMPLATE.into())));
+            m.push((
+                "tokenizer.ggml.add_eos_token".into(),
+                MetaValue::Bool(false),
+            ));
+            m.push((
+                "tokenizer.ggml.add_space_prefix".into(),
+                MetaValue::Bool(true),
+            ));
+            m.push((
+                "tokenizer.chat_template".into(),
+                MetaValue::String(SPM_TEMPLATE.into()),
+            ));
         }
     }
     m
@@ -1203,7 +1376,10 @@ struct AtomicFile {
 
 impl AtomicFile {
     fn create(out: &Path) -> Result<Self> {
-        let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let tmp = out.with_file_name(format!(".{name}.partial"));
         let f = std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
         Ok(Self {
@@ -1214,7 +1390,10 @@ impl AtomicFile {
     }
     fn finish(mut self) -> Result<()> {
         self.w.flush().map_err(|e| io_err(&self.tmp, e))?;
-        self.w.get_ref().sync_all().map_err(|e| io_err(&self.tmp, e))?;
+        self.w
+            .get_ref()
+            .sync_all()
+            .map_err(|e| io_err(&self.tmp, e))?;
         // After the rename the temporary name is gone, so Drop's cleanup is a no-op.
         std::fs::rename(&self.tmp, &self.out).map_err(|e| io_err(&self.out, e))
     }
@@ -1382,7 +1561,13 @@ fn assign_shards(sizes: &[u64], shards: usize) -> Vec<usize> {
     out
 }
 
-fn write_hf_dir(spec: &SynthSpec, vocab: &Vocab, dtype: GgmlType, shards: usize, out: &Path) -> Result<()> {
+fn write_hf_dir(
+    spec: &SynthSpec,
+    vocab: &Vocab,
+    dtype: GgmlType,
+    shards: usize,
+    out: &Path,
+) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
     // Stale weights from an earlier run with another shard count would be
     // picked up by readers (the index wins over model.safetensors).
@@ -1391,7 +1576,9 @@ fn write_hf_dir(spec: &SynthSpec, vocab: &Vocab, dtype: GgmlType, shards: usize,
             let name = e.file_name().to_string_lossy().into_owned();
             let stale = name == crate::safetensors_dir::INDEX_FILE
                 || name == crate::safetensors_dir::SINGLE_FILE
-                || (name.starts_with("model-") && name.ends_with(".safetensors") && name.contains("-of-"));
+                || (name.starts_with("model-")
+                    && name.ends_with(".safetensors")
+                    && name.contains("-of-"));
             if stale {
                 std::fs::remove_file(e.path()).map_err(|err| io_err(&e.path(), err))?;
             }
@@ -1426,13 +1613,15 @@ fn write_hf_dir(spec: &SynthSpec, vocab: &Vocab, dtype: GgmlType, shards: usize,
             off += sizes[i];
             weight_map.insert(t.hf.clone(), file_name(k).into());
         }
-        let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).map_err(|e| ModelError::Other(e.to_string()))?;
+        let mut h = serde_json::to_vec(&serde_json::Value::Object(header))
+            .map_err(|e| ModelError::Other(e.to_string()))?;
         while h.len() % 8 != 0 {
             h.push(b' ');
         }
         let path = out.join(file_name(k));
         let mut f = AtomicFile::create(&path)?;
-        f.w.write_all(&(h.len() as u64).to_le_bytes()).map_err(|e| io_err(&path, e))?;
+        f.w.write_all(&(h.len() as u64).to_le_bytes())
+            .map_err(|e| io_err(&path, e))?;
         f.w.write_all(&h).map_err(|e| io_err(&path, e))?;
         for &i in &members {
             write_tensor_data(&mut f.w, spec.seed, &tensors[i], &path)?;
@@ -1451,7 +1640,10 @@ fn write_hf_dir(spec: &SynthSpec, vocab: &Vocab, dtype: GgmlType, shards: usize,
         &out.join("generation_config.json"),
         &serde_json::json!({"bos_token_id": vocab.bos, "eos_token_id": vocab.eos}),
     )?;
-    write_json(&out.join("tokenizer_config.json"), &tokenizer_config(spec, vocab))?;
+    write_json(
+        &out.join("tokenizer_config.json"),
+        &tokenizer_config(spec, vocab),
+    )?;
     let tk = hf_tokenizer(vocab)?;
     let tk_path = out.join("tokenizer.json");
     tk.save(&tk_path, false).map_err(tk_err)?;
@@ -1512,10 +1704,19 @@ mod tests {
             }
         }
         let l = SynthShape::preset("llama3-8b").unwrap();
-        assert_eq!((l.n_layers, l.hidden, l.ffn, l.n_heads, l.n_kv_heads), (32, 4096, 14336, 32, 8));
-        assert_eq!((l.head_dim, l.vocab_size, l.context_length), (128, 128256, 8192));
+        assert_eq!(
+            (l.n_layers, l.hidden, l.ffn, l.n_heads, l.n_kv_heads),
+            (32, 4096, 14336, 32, 8)
+        );
+        assert_eq!(
+            (l.head_dim, l.vocab_size, l.context_length),
+            (128, 128256, 8192)
+        );
         let s = SynthShape::preset("smollm2-135m").unwrap();
-        assert_eq!((s.n_layers, s.hidden, s.ffn, s.n_heads, s.n_kv_heads), (30, 576, 1536, 9, 3));
+        assert_eq!(
+            (s.n_layers, s.hidden, s.ffn, s.n_heads, s.n_kv_heads),
+            (30, 576, 1536, 9, 3)
+        );
         assert_eq!(SynthShape::preset("tiny-mqa").unwrap().n_kv_heads, 1);
         let err = SynthShape::preset("huge").unwrap_err().to_string();
         assert!(err.contains("huge") && err.contains("tiny"), "{err}");
@@ -1545,22 +1746,62 @@ mod tests {
         assert_eq!(parse_ggml_type("Q8_0").unwrap(), GgmlType::Q8_0);
         assert_eq!(parse_ggml_type("bf16").unwrap(), GgmlType::BF16);
         assert!(parse_ggml_type("q2_k").is_err());
-        assert_eq!(SynthTokenizer::parse("spm").unwrap(), SynthTokenizer::SentencePiece);
+        assert_eq!(
+            SynthTokenizer::parse("spm").unwrap(),
+            SynthTokenizer::SentencePiece
+        );
         assert!(SynthTokenizer::parse("wordpiece").is_err());
     }
 
     #[test]
     fn bad_specs_are_refused() {
-        let mut s = spec(Arch::Llama, SynthFormat::Gguf { weight_type: GgmlType::Q8_0 }, 0);
+        let mut s = spec(
+            Arch::Llama,
+            SynthFormat::Gguf {
+                weight_type: GgmlType::Q8_0,
+            },
+            0,
+        );
         s.shape.vocab_size = 100;
-        assert!(s.validate().unwrap_err().to_string().contains("vocab size 100"));
-        let s = spec(Arch::Llama, SynthFormat::Safetensors { dtype: GgmlType::Q4K, shards: 1 }, 0);
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("vocab size 100"));
+        let s = spec(
+            Arch::Llama,
+            SynthFormat::Safetensors {
+                dtype: GgmlType::Q4K,
+                shards: 1,
+            },
+            0,
+        );
         assert!(s.validate().is_err());
-        let s = spec(Arch::Llama, SynthFormat::Safetensors { dtype: GgmlType::F32, shards: 0 }, 0);
+        let s = spec(
+            Arch::Llama,
+            SynthFormat::Safetensors {
+                dtype: GgmlType::F32,
+                shards: 0,
+            },
+            0,
+        );
         assert!(s.validate().is_err());
-        let s = spec(Arch::Llama, SynthFormat::Safetensors { dtype: GgmlType::F32, shards: 1000 }, 0);
+        let s = spec(
+            Arch::Llama,
+            SynthFormat::Safetensors {
+                dtype: GgmlType::F32,
+                shards: 1000,
+            },
+            0,
+        );
         assert!(s.validate().is_err());
-        let mut s = spec(Arch::Llama, SynthFormat::Gguf { weight_type: GgmlType::Q8_0 }, 0);
+        let mut s = spec(
+            Arch::Llama,
+            SynthFormat::Gguf {
+                weight_type: GgmlType::Q8_0,
+            },
+            0,
+        );
         s.shape.n_kv_heads = 3;
         assert!(s.validate().is_err());
     }
@@ -1593,9 +1834,18 @@ mod tests {
             assert_eq!(bytes.len(), ty.bytes_for(x.len()).unwrap(), "{ty:?}");
             let mut y = vec![0f32; x.len()];
             dequantize_row(ty, &bytes, &mut y).unwrap();
-            let err = x.iter().zip(&y).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(err <= tol * amax + 1e-7, "{ty:?}: max error {err}, amax {amax}");
-            assert!(y[256..512].iter().all(|&v| v == 0.0), "{ty:?}: zeros not exact");
+            let err = x
+                .iter()
+                .zip(&y)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                err <= tol * amax + 1e-7,
+                "{ty:?}: max error {err}, amax {amax}"
+            );
+            assert!(
+                y[256..512].iter().all(|&v| v == 0.0),
+                "{ty:?}: zeros not exact"
+            );
             // Not degenerate: the values carry the input's variation.
             let dot: f32 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
             let nx: f32 = x.iter().map(|a| a * a).sum();
@@ -1619,9 +1869,16 @@ mod tests {
             let down = m.tensor("blk.0.ffn_down.weight", &[256, 512]).unwrap();
             assert_eq!(down.ty, ty);
             let embd = m.tensor("token_embd.weight", &[384, 256]).unwrap();
-            let want_embd = if matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1) { GgmlType::Q8_0 } else { ty };
+            let want_embd = if matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1) {
+                GgmlType::Q8_0
+            } else {
+                ty
+            };
             assert_eq!(embd.ty, want_embd);
-            assert_eq!(m.tensor("output_norm.weight", &[256]).unwrap().ty, GgmlType::F32);
+            assert_eq!(
+                m.tensor("output_norm.weight", &[256]).unwrap().ty,
+                GgmlType::F32
+            );
             assert!(m.get("output.weight").is_none(), "tiny ties embeddings");
             assert_eq!(m.get("blk.0.attn_k.bias").is_some(), arch == Arch::Qwen2);
             // Values are sane: norms near 1, embedding std near 0.02.
@@ -1636,7 +1893,10 @@ mod tests {
             assert!(tok.eos_ids().contains(&2));
         }
         // Nothing but the GGUF files is left behind.
-        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), ALL_GGUF_TYPES.len());
+        assert_eq!(
+            std::fs::read_dir(tmp.path()).unwrap().count(),
+            ALL_GGUF_TYPES.len()
+        );
     }
 
     #[test]
@@ -1649,7 +1909,9 @@ mod tests {
         ] {
             let mut s = spec(arch, SynthFormat::Safetensors { dtype, shards }, 5);
             s.shape = SynthShape::preset("tiny-mqa").unwrap();
-            let dir = tmp.path().join(format!("{}-{shards}-{}", arch.name(), dtype.name()));
+            let dir = tmp
+                .path()
+                .join(format!("{}-{shards}-{}", arch.name(), dtype.name()));
             synth(&s, &dir).unwrap();
             let m = ModelSource::open(&dir).unwrap();
             assert_eq!(m.config, s.model_config(), "{shards} shards");
@@ -1658,10 +1920,19 @@ mod tests {
             assert_eq!(m.tensor("output.weight", &[384, 256]).unwrap().ty, dtype);
             let n_st = std::fs::read_dir(&dir)
                 .unwrap()
-                .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".safetensors"))
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .ends_with(".safetensors")
+                })
                 .count();
             assert_eq!(n_st, shards);
-            assert_eq!(dir.join("model.safetensors.index.json").exists(), shards > 1);
+            assert_eq!(
+                dir.join("model.safetensors.index.json").exists(),
+                shards > 1
+            );
             let tok = m.tokenizer().unwrap();
             assert_eq!(tok.vocab_size(), 384);
             // The tokenizer actually merges: common words are single tokens.
@@ -1671,7 +1942,14 @@ mod tests {
         }
         // Re-synthesising with fewer shards replaces the old files.
         let dir = tmp.path().join("llama-3-F16");
-        let s = spec(Arch::Llama, SynthFormat::Safetensors { dtype: GgmlType::F16, shards: 1 }, 5);
+        let s = spec(
+            Arch::Llama,
+            SynthFormat::Safetensors {
+                dtype: GgmlType::F16,
+                shards: 1,
+            },
+            5,
+        );
         synth(&s, &dir).unwrap();
         assert!(!dir.join("model.safetensors.index.json").exists());
         assert_eq!(ModelSource::open(&dir).unwrap().config, s.model_config());
@@ -1681,8 +1959,13 @@ mod tests {
     fn sentencepiece_tokenizer_loads_from_both_formats() {
         let tmp = tempfile::tempdir().unwrap();
         for format in [
-            SynthFormat::Gguf { weight_type: GgmlType::Q8_0 },
-            SynthFormat::Safetensors { dtype: GgmlType::F16, shards: 1 },
+            SynthFormat::Gguf {
+                weight_type: GgmlType::Q8_0,
+            },
+            SynthFormat::Safetensors {
+                dtype: GgmlType::F16,
+                shards: 1,
+            },
         ] {
             let mut s = spec(Arch::Llama, format, 1);
             s.tokenizer = SynthTokenizer::SentencePiece;
@@ -1702,7 +1985,11 @@ mod tests {
             assert_eq!(tok.decode(&ids, true).unwrap(), "the they", "{format:?}");
             // Characters outside the pieces fall back to byte tokens and round-trip.
             let ids = tok.encode("Zé!", false).unwrap();
-            assert_eq!(tok.decode(&ids, true).unwrap(), "Zé!", "{format:?}: {ids:?}");
+            assert_eq!(
+                tok.decode(&ids, true).unwrap(),
+                "Zé!",
+                "{format:?}: {ids:?}"
+            );
         }
     }
 
@@ -1727,7 +2014,17 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let g = |seed: u64, name: &str| {
             let p = tmp.path().join(name);
-            synth(&spec(Arch::Qwen2, SynthFormat::Gguf { weight_type: GgmlType::Q4K }, seed), &p).unwrap();
+            synth(
+                &spec(
+                    Arch::Qwen2,
+                    SynthFormat::Gguf {
+                        weight_type: GgmlType::Q4K,
+                    },
+                    seed,
+                ),
+                &p,
+            )
+            .unwrap();
             std::fs::read(p).unwrap()
         };
         let (a, b, c) = (g(42, "a.gguf"), g(42, "b.gguf"), g(43, "c.gguf"));
@@ -1736,10 +2033,21 @@ mod tests {
         assert_ne!(a, c);
         let st = |seed: u64, name: &str| {
             let d = tmp.path().join(name);
-            let s = spec(Arch::Llama, SynthFormat::Safetensors { dtype: GgmlType::BF16, shards: 2 }, seed);
+            let s = spec(
+                Arch::Llama,
+                SynthFormat::Safetensors {
+                    dtype: GgmlType::BF16,
+                    shards: 2,
+                },
+                seed,
+            );
             synth(&s, &d).unwrap();
             let mut all = Vec::new();
-            for f in ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "tokenizer.json"] {
+            for f in [
+                "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors",
+                "tokenizer.json",
+            ] {
                 all.extend(std::fs::read(d.join(f)).unwrap());
             }
             all
@@ -1757,13 +2065,41 @@ mod tests {
         for arch in [Arch::Llama, Arch::Qwen2] {
             let g = tmp.path().join(format!("{}.gguf", arch.name()));
             let d = tmp.path().join(arch.name());
-            synth(&spec(arch, SynthFormat::Gguf { weight_type: GgmlType::F32 }, 11), &g).unwrap();
-            synth(&spec(arch, SynthFormat::Safetensors { dtype: GgmlType::F32, shards: 2 }, 11), &d).unwrap();
-            let (mg, md) = (ModelSource::open(&g).unwrap(), ModelSource::open(&d).unwrap());
+            synth(
+                &spec(
+                    arch,
+                    SynthFormat::Gguf {
+                        weight_type: GgmlType::F32,
+                    },
+                    11,
+                ),
+                &g,
+            )
+            .unwrap();
+            synth(
+                &spec(
+                    arch,
+                    SynthFormat::Safetensors {
+                        dtype: GgmlType::F32,
+                        shards: 2,
+                    },
+                    11,
+                ),
+                &d,
+            )
+            .unwrap();
+            let (mg, md) = (
+                ModelSource::open(&g).unwrap(),
+                ModelSource::open(&d).unwrap(),
+            );
             assert_eq!(mg.tensor_table(), md.tensor_table());
             for (name, _, shape) in mg.tensor_table() {
-                let (a, b) = (dequant(&mg.get(&name).unwrap()), dequant(&md.get(&name).unwrap()));
-                let permuted = arch == Arch::Llama && (name.contains("attn_q.weight") || name.contains("attn_k.weight"));
+                let (a, b) = (
+                    dequant(&mg.get(&name).unwrap()),
+                    dequant(&md.get(&name).unwrap()),
+                );
+                let permuted = arch == Arch::Llama
+                    && (name.contains("attn_q.weight") || name.contains("attn_k.weight"));
                 if !permuted {
                     assert_eq!(a, b, "{name}");
                     continue;
@@ -1773,7 +2109,11 @@ mod tests {
                 for r in 0..shape[0] {
                     let (h, i) = (r / hd, r % hd);
                     let src = h * hd + (i % 2) * (hd / 2) + i / 2;
-                    assert_eq!(a[r * cols..(r + 1) * cols], b[src * cols..(src + 1) * cols], "{name} row {r}");
+                    assert_eq!(
+                        a[r * cols..(r + 1) * cols],
+                        b[src * cols..(src + 1) * cols],
+                        "{name} row {r}"
+                    );
                 }
                 assert_ne!(a, b, "{name}: permutation had no effect");
             }

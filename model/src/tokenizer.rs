@@ -155,10 +155,15 @@ fn meta_bool(md: &BTreeMap<String, MetaValue>, key: &str) -> Result<Option<bool>
 }
 
 fn meta_u32(md: &BTreeMap<String, MetaValue>, key: &str) -> Result<Option<u32>> {
-    meta_opt(md, key, "unsigned integer", |v| v.as_u64().and_then(|x| u32::try_from(x).ok()))
+    meta_opt(md, key, "unsigned integer", |v| {
+        v.as_u64().and_then(|x| u32::try_from(x).ok())
+    })
 }
 
-fn meta_array<'a>(md: &'a BTreeMap<String, MetaValue>, key: &str) -> Result<Option<&'a [MetaValue]>> {
+fn meta_array<'a>(
+    md: &'a BTreeMap<String, MetaValue>,
+    key: &str,
+) -> Result<Option<&'a [MetaValue]>> {
     meta_opt(md, key, "array", |v| v.as_array())
 }
 

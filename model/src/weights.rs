@@ -28,7 +28,10 @@ impl TensorRef<'_> {
 }
 
 enum Files {
-    Gguf { file: GgufFile, shapes: Vec<Vec<usize>> },
+    Gguf {
+        file: GgufFile,
+        shapes: Vec<Vec<usize>>,
+    },
     Hf(HfDir),
 }
 

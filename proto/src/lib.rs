@@ -16,8 +16,8 @@ pub mod generate {
     pub use crate::pb::generate_request::Input;
     pub use crate::pb::generate_server::{Generate, GenerateServer};
     pub use crate::pb::{
-        ChatMessage, ChatMessages, FinishReason, GenerateRequest, GenerateResponse, GenerateStreamResponse,
-        SamplingParams, TokenIds, TokenLogprob, Usage,
+        ChatMessage, ChatMessages, FinishReason, GenerateRequest, GenerateResponse,
+        GenerateStreamResponse, SamplingParams, TokenIds, TokenLogprob, Usage,
     };
 }
 
@@ -28,7 +28,8 @@ pub mod kv {
     pub use crate::pb::kv_transfer_client::KvTransferClient;
     pub use crate::pb::kv_transfer_server::{KvTransfer, KvTransferServer};
     pub use crate::pb::{
-        KvBlock, KvBlocks, KvDone, KvEnd, KvFailed, KvFrame, KvHandshake, KvLayout, KvRefused, KvReply,
+        KvBlock, KvBlocks, KvDone, KvEnd, KvFailed, KvFrame, KvHandshake, KvLayout, KvRefused,
+        KvReply,
     };
 }
 
@@ -37,9 +38,12 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tand
 
 /// The gRPC server reflection service (v1) describing tandem.v1, so tools
 /// such as grpcurl work against any node without local .proto files.
-pub fn reflection_service(
-) -> Result<tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>, tonic_reflection::server::Error>
-{
+pub fn reflection_service() -> Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::Error,
+> {
     tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -52,7 +56,12 @@ mod tests {
     #[test]
     fn descriptor_set_lists_both_services() {
         let set = prost_types_free_names(super::FILE_DESCRIPTOR_SET);
-        for name in ["tandem/v1/generate.proto", "tandem/v1/kv_transfer.proto", "GenerateStream", "KvTransfer"] {
+        for name in [
+            "tandem/v1/generate.proto",
+            "tandem/v1/kv_transfer.proto",
+            "GenerateStream",
+            "KvTransfer",
+        ] {
             assert!(set.contains(name), "{name} missing from the descriptor set");
         }
         assert!(super::reflection_service().is_ok());
@@ -69,7 +78,13 @@ mod tests {
         let f = KvFrame {
             kind: Some(FrameKind::Blocks(KvBlocks {
                 request_id: 7,
-                blocks: vec![KvBlock { layer: 1, block: 2, slots: 3, crc32c: 4, payload: vec![1u8, 2, 3].into() }],
+                blocks: vec![KvBlock {
+                    layer: 1,
+                    block: 2,
+                    slots: 3,
+                    crc32c: 4,
+                    payload: vec![1u8, 2, 3].into(),
+                }],
             })),
         };
         let back = KvFrame::decode(f.encode_to_vec().as_slice()).unwrap();

@@ -535,12 +535,7 @@ const EXPAND_AHEAD: usize = 4096;
 
 /// Expands one panel into `buf` (`[cols][16]` f32), exactly.
 #[inline(always)]
-unsafe fn expand_panel<I: Isa, F: Fmt>(
-    panel: *const u8,
-    aux: I::V,
-    cols: usize,
-    buf: *mut f32,
-) {
+unsafe fn expand_panel<I: Isa, F: Fmt>(panel: *const u8, aux: I::V, cols: usize, buf: *mut f32) {
     // Software prefetch: the packed panel comes from memory (decode streams
     // the whole model each step), and each task starts a fresh stream that
     // the hardware prefetchers pick up late. The walk below is in `k` order,
