@@ -6,7 +6,7 @@ styles (Llama 3, Llama 3.1, one using Python string methods, namespace and
 tojson). A case whose template raises records the error text instead.
 
 Usage: python reference/chat_reference.py [path/to/model.gguf]
-Needs: transformers, jinja2, gguf (see /work/pyref).
+Needs: transformers, jinja2, gguf (see reference/requirements.txt).
 """
 import json
 import os

@@ -4,7 +4,7 @@ added) and decodes of diverse strings, as Hugging Face transformers tokenizes
 them when it loads the tokenizer from the default model's GGUF metadata.
 
 Usage: python reference/tokenizer_reference.py [path/to/model.gguf]
-Needs: transformers, tokenizers, gguf (see /work/pyref).
+Needs: transformers, tokenizers, gguf (see reference/requirements.txt).
 """
 import json
 import os
