@@ -69,17 +69,8 @@ pub fn encode_payload_vec(
     seed: u32,
     out: &mut Vec<u8>,
 ) -> u32 {
-    let mut crc = seed;
     out.reserve(payload_len(l, slots));
-    for_each_run(l, slots, |r| {
-        for c in bytemuck::cast_slice::<f32, u8>(&region[r]).chunks(CRC_CHUNK) {
-            out.extend_from_slice(c);
-            crc = crc32c::crc32c_append(crc, c);
-        }
-        Ok(())
-    })
-    .expect("encoding cannot fail");
-    crc
+    encode_payload_into(l, region, slots, seed, |c| out.extend_from_slice(c))
 }
 
 /// [`encode_payload_vec`] into a `BytesMut` (the gRPC message payload).
@@ -90,11 +81,23 @@ pub fn encode_payload_bytes(
     seed: u32,
     out: &mut bytes::BytesMut,
 ) -> u32 {
-    let mut crc = seed;
     out.reserve(payload_len(l, slots));
+    encode_payload_into(l, region, slots, seed, |c| out.extend_from_slice(c))
+}
+
+/// Hands the payload to `push` in pieces, computing the checksum over each
+/// piece as it goes (one pass over the data).
+fn encode_payload_into(
+    l: &KvLayout,
+    region: &[f32],
+    slots: usize,
+    seed: u32,
+    mut push: impl FnMut(&[u8]),
+) -> u32 {
+    let mut crc = seed;
     for_each_run(l, slots, |r| {
         for c in bytemuck::cast_slice::<f32, u8>(&region[r]).chunks(CRC_CHUNK) {
-            out.extend_from_slice(c);
+            push(c);
             crc = crc32c::crc32c_append(crc, c);
         }
         Ok(())

@@ -146,6 +146,32 @@ fn meta_opt<'a, T>(
     }
 }
 
+/// A per-token metadata array (types, scores): every entry converts and
+/// there is one per token, or the error names the key.
+fn per_token<T>(
+    arr: &[MetaValue],
+    key: &str,
+    expected: &'static str,
+    n_tokens: usize,
+    conv: impl Fn(&MetaValue) -> Option<T>,
+) -> Result<Vec<T>> {
+    let v = arr
+        .iter()
+        .map(conv)
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| ModelError::MetadataType {
+            key: key.into(),
+            expected,
+        })?;
+    if v.len() != n_tokens {
+        return Err(ModelError::Tokenizer(format!(
+            "{key} has {} entries but there are {n_tokens} tokens",
+            v.len()
+        )));
+    }
+    Ok(v)
+}
+
 fn meta_str<'a>(md: &'a BTreeMap<String, MetaValue>, key: &str) -> Result<Option<&'a str>> {
     meta_opt(md, key, "string", |v| v.as_str())
 }
@@ -307,24 +333,13 @@ impl Tokenizer {
         }
         let types: Vec<i64> = match meta_array(md, "tokenizer.ggml.token_type")? {
             None => vec![TOKEN_TYPE_NORMAL; tokens.len()],
-            Some(arr) => {
-                let t = arr
-                    .iter()
-                    .map(meta_int)
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| ModelError::MetadataType {
-                        key: "tokenizer.ggml.token_type".into(),
-                        expected: "array of integers",
-                    })?;
-                if t.len() != tokens.len() {
-                    return Err(ModelError::Tokenizer(format!(
-                        "tokenizer.ggml.token_type has {} entries but there are {} tokens",
-                        t.len(),
-                        tokens.len()
-                    )));
-                }
-                t
-            }
+            Some(arr) => per_token(
+                arr,
+                "tokenizer.ggml.token_type",
+                "array of integers",
+                tokens.len(),
+                meta_int,
+            )?,
         };
         let n = tokens.len() as u32;
         let check_id = |key: &str| -> Result<Option<u32>> {
@@ -396,24 +411,13 @@ impl Tokenizer {
             }
             "llama" => {
                 let scores: Vec<f32> = match meta_array(md, "tokenizer.ggml.scores")? {
-                    Some(arr) => {
-                        let s = arr
-                            .iter()
-                            .map(|v| v.as_f64().map(|x| x as f32))
-                            .collect::<Option<Vec<_>>>()
-                            .ok_or_else(|| ModelError::MetadataType {
-                                key: "tokenizer.ggml.scores".into(),
-                                expected: "array of floats",
-                            })?;
-                        if s.len() != tokens.len() {
-                            return Err(ModelError::Tokenizer(format!(
-                                "tokenizer.ggml.scores has {} entries but there are {} tokens",
-                                s.len(),
-                                tokens.len()
-                            )));
-                        }
-                        s
-                    }
+                    Some(arr) => per_token(
+                        arr,
+                        "tokenizer.ggml.scores",
+                        "array of floats",
+                        tokens.len(),
+                        |v| v.as_f64().map(|x| x as f32),
+                    )?,
                     // Without scores, earlier ids are treated as more frequent.
                     None => (0..tokens.len()).map(|i| -(i as f32)).collect(),
                 };
