@@ -5,7 +5,11 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["tandem/v1/generate.proto", "tandem/v1/kv_transfer.proto"];
+    let protos = [
+        "tandem/v1/generate.proto",
+        "tandem/v1/kv_transfer.proto",
+        "tandem/v1/worker.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

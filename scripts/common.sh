@@ -11,7 +11,7 @@ TANDEM_BIN="$CARGO_TARGET_DIR/release/tandem"
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 # Debian packages the build and the tests need; installed only when missing.
-DEB_PACKAGES=(protobuf-compiler ca-certificates)
+DEB_PACKAGES=(protobuf-compiler ca-certificates python3-venv)
 
 ensure_debian_packages() {
     local missing=()
@@ -37,6 +37,22 @@ build_release() {
 
 fetch_model() {
     "$TANDEM_BIN" model fetch
+}
+
+# The official OpenAI Python client (pinned), which the end-to-end tests
+# drive the router with.
+export TANDEM_PYCLIENT="${TANDEM_PYCLIENT:-$HOME/.cache/tandem/pyclient}"
+
+ensure_openai_client() {
+    local req="$ROOT/tests/python/requirements.txt"
+    local stamp="$TANDEM_PYCLIENT/.requirements"
+    if [ -x "$TANDEM_PYCLIENT/bin/python" ] && cmp -s "$req" "$stamp"; then
+        return
+    fi
+    log "installing the OpenAI Python client into $TANDEM_PYCLIENT"
+    python3 -m venv "$TANDEM_PYCLIENT"
+    "$TANDEM_PYCLIENT/bin/python" -m pip install -q --disable-pip-version-check -r "$req"
+    cp "$req" "$stamp"
 }
 
 setup() {

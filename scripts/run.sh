@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Sets everything up if needed, then runs the main job: an interactive chat
-# with the default model on this machine. Extra arguments go to `tandem generate`.
+# Sets everything up if needed, then runs the main job: a local cluster
+# (router + prefill and decode workers) serving the default model's OpenAI
+# API at http://127.0.0.1:8000/v1. Extra arguments go to `tandem up`.
 source "$(dirname "$0")/common.sh"
 setup
-log "starting tandem generate --chat (empty line or Ctrl-D quits)"
-exec "$TANDEM_BIN" generate --chat "$@"
+log "starting tandem up (Ctrl-C stops the cluster)"
+exec "$TANDEM_BIN" up "$@"

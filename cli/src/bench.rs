@@ -15,10 +15,14 @@ pub enum BenchCommand {
     Engine(EngineArgs),
     /// KV transfer throughput over loopback (TCP, gRPC) against raw TCP.
     KvTransfer(kv::KvArgs),
+    /// The cluster through its OpenAI API: TTFT colocated vs disaggregated, router latency.
+    Serve(serve::ServeArgs),
 }
 
 #[path = "bench_kv.rs"]
 mod kv;
+#[path = "bench_serve.rs"]
+mod serve;
 
 #[derive(clap::Args)]
 pub struct EngineArgs {
@@ -50,6 +54,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Engine(a) => engine(a),
         BenchCommand::KvTransfer(a) => kv::run(a),
+        BenchCommand::Serve(a) => serve::run(a),
     }
 }
 

@@ -3,7 +3,9 @@
 mod bench;
 mod fetch;
 mod generate;
+mod serve;
 mod synth;
+mod up;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -30,6 +32,14 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start a whole local cluster (router + prefill and decode workers) and serve the OpenAI API.
+    Up(up::UpArgs),
+    /// Run the router: OpenAI-compatible HTTP and gRPC Generate in front of the workers.
+    Router(serve::RouterArgs),
+    /// Run a prefill worker.
+    Prefill(serve::WorkerArgs),
+    /// Run a decode worker (which can also prefill on its own).
+    Decode(serve::WorkerArgs),
     /// Run the model in-process on a prompt (or an interactive chat).
     Generate(generate::GenerateArgs),
     /// Manage model files.
@@ -64,6 +74,10 @@ fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result: Result<()> = match cli.command {
+        Command::Up(args) => up::run(args),
+        Command::Router(args) => serve::run_router(args),
+        Command::Prefill(args) => serve::run_worker(tandem_cluster::Role::Prefill, args),
+        Command::Decode(args) => serve::run_worker(tandem_cluster::Role::Decode, args),
         Command::Generate(args) => generate::run(args),
         Command::Model(ModelCommand::Fetch(args)) => fetch::run(args),
         Command::Model(ModelCommand::Synth(args)) => synth::run(args),

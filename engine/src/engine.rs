@@ -7,7 +7,14 @@
 //! engine thread, which runs iteration-level scheduling until the queue is
 //! empty and then sleeps on its command channel. Each request gets its own
 //! stream of [`Event`]s; dropping the stream cancels the request.
+//!
+//! Disaggregated serving: a prefill worker submits with
+//! [`Engine::submit_with_export`] (the prompt's KV streams out layer by
+//! layer through a [`KvExport`]); a decode worker [`Engine::reserve`]s
+//! blocks, receives the KV into a [`KvStaging`] off the engine thread, and
+//! [`Engine::install`]s it, which joins the request into the running batch.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -15,11 +22,11 @@ use std::thread::JoinHandle;
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::executor::Executor;
-use crate::kv::KvPool;
-use crate::sampler::SamplingParams;
-use crate::scheduler::{Event, Request, Scheduler, SchedulerConfig, SchedulerStats};
+use crate::kv::{KvLayout, KvPool, KvStaging, SeqKv};
+use crate::sampler::{Sampled, SamplingParams};
+use crate::scheduler::{Event, KvExport, Request, Scheduler, SchedulerConfig, SchedulerStats};
 
 /// How to size and run the engine.
 #[derive(Debug, Clone)]
@@ -53,15 +60,69 @@ pub struct RequestSpec {
 
 enum Command {
     Submit(Request, UnboundedSender<Event>),
+    SubmitExport(Request, UnboundedSender<Event>, Box<dyn KvExport>),
+    /// Reserve blocks for `tokens` prompt tokens under reservation `id`.
+    Reserve {
+        id: u64,
+        tokens: usize,
+        reply: tokio::sync::oneshot::Sender<Result<()>>,
+    },
+    /// Give a reservation's blocks back (unknown ids are ignored).
+    Release(u64),
+    Install {
+        reservation: u64,
+        staging: KvStaging,
+        req: Request,
+        first: Sampled,
+        sink: UnboundedSender<Event>,
+        reply: tokio::sync::oneshot::Sender<Result<()>>,
+    },
     Cancel(u64),
     CachedPrefix(Vec<u32>, mpsc::Sender<usize>),
     Shutdown,
 }
 
 /// A submitted request: its id (for `cancel`) and its event stream.
+#[derive(Debug)]
 pub struct RequestHandle {
     pub id: u64,
     pub events: UnboundedReceiver<Event>,
+}
+
+/// Blocks reserved for a prompt whose KV will arrive from elsewhere.
+/// Dropping it without [`Engine::install`] gives the blocks back.
+pub struct Reservation {
+    id: u64,
+    tokens: usize,
+    /// `None` once handed to `install` (the engine thread owns the blocks).
+    tx: Option<mpsc::Sender<Command>>,
+}
+
+impl Reservation {
+    /// Prompt tokens the reserved blocks hold.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("id", &self.id)
+            .field("tokens", &self.tokens)
+            .finish()
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Command::Release(self.id));
+        }
+    }
 }
 
 pub struct Engine {
@@ -70,7 +131,56 @@ pub struct Engine {
     next_id: AtomicU64,
     context_length: usize,
     pool_tokens: usize,
+    layout: KvLayout,
+    total_blocks: usize,
     stats: Arc<Mutex<SchedulerStats>>,
+}
+
+fn shut_down() -> EngineError {
+    EngineError::Sampling("engine has shut down".into())
+}
+
+/// Engine-thread side of `Engine::install`: copies the staged KV into the
+/// reserved blocks and joins the request. Frees the blocks on any error.
+fn install(
+    sched: &mut Scheduler,
+    mut kv: SeqKv,
+    staging: &KvStaging,
+    req: Request,
+    first: Sampled,
+    sink: UnboundedSender<Event>,
+) -> Result<()> {
+    let layout = *sched.pool().layout();
+    let tokens = staging.tokens();
+    let problem = if *staging.layout() != layout {
+        Some(format!(
+            "staged KV layout {:?} differs from the pool's {:?}",
+            staging.layout(),
+            layout
+        ))
+    } else if layout.blocks_for(tokens) != kv.blocks.len() || tokens != req.prompt.len() {
+        Some(format!(
+            "staged KV covers {tokens} tokens, the reservation {} blocks and the prompt {} tokens",
+            kv.blocks.len(),
+            req.prompt.len()
+        ))
+    } else {
+        None
+    };
+    if let Some(msg) = problem {
+        sched.release(kv);
+        return Err(EngineError::Unsupported(msg));
+    }
+    for layer in 0..layout.n_layers {
+        for (bi, &b) in kv.blocks.iter().enumerate() {
+            sched
+                .pool_mut()
+                .region_mut(layer, b)
+                .copy_from_slice(staging.region(layer, bi));
+        }
+    }
+    kv.len = tokens;
+    sched.add_prefilled(req, kv, first, Box::new(sink))
 }
 
 impl Engine {
@@ -80,6 +190,7 @@ impl Engine {
         let pool = KvPool::with_budget(layout, cfg.kv_cache_bytes);
         let pool_tokens = pool.n_blocks() * cfg.block_size;
         let context_length = model.config().context_length;
+        let total_blocks = pool.n_blocks();
         let mut sched = Scheduler::new(cfg.scheduler, pool, context_length);
         let stats = Arc::new(Mutex::new(sched.stats()));
         let (tx, rx) = mpsc::channel::<Command>();
@@ -87,6 +198,8 @@ impl Engine {
         let thread = std::thread::Builder::new()
             .name("tandem-engine".into())
             .spawn(move || {
+                // Blocks reserved for transfers, by reservation id.
+                let mut reserved: HashMap<u64, SeqKv> = HashMap::new();
                 'outer: loop {
                     // Block for a command when idle; otherwise take what is queued.
                     let mut first = if sched.has_work() {
@@ -112,6 +225,48 @@ impl Engine {
                                     let _ = sink.send(Event::Error(e.to_string()));
                                 }
                             }
+                            Command::SubmitExport(req, sink, export) => {
+                                if let Err(e) =
+                                    sched.add_with_export(req, Box::new(sink.clone()), export)
+                                {
+                                    let _ = sink.send(Event::Error(e.to_string()));
+                                }
+                            }
+                            Command::Reserve { id, tokens, reply } => {
+                                let r = match sched.reserve_for_transfer(tokens) {
+                                    Ok(kv) => {
+                                        reserved.insert(id, kv);
+                                        Ok(())
+                                    }
+                                    Err(e) => Err(e),
+                                };
+                                // If the caller went away, its `Reservation`
+                                // sends Release (after this, on this channel).
+                                let _ = reply.send(r);
+                            }
+                            Command::Release(id) => {
+                                if let Some(kv) = reserved.remove(&id) {
+                                    sched.release(kv);
+                                }
+                            }
+                            Command::Install {
+                                reservation,
+                                staging,
+                                req,
+                                first,
+                                sink,
+                                reply,
+                            } => {
+                                let r = match reserved.remove(&reservation) {
+                                    Some(kv) => {
+                                        install(&mut sched, kv, &staging, req, first, sink)
+                                    }
+                                    None => Err(EngineError::Unsupported(format!(
+                                        "no reservation {reservation}"
+                                    ))),
+                                };
+                                let _ = reply.send(r);
+                            }
                             Command::Cancel(id) => {
                                 sched.cancel(id);
                             }
@@ -131,6 +286,9 @@ impl Engine {
                         *s = sched.stats();
                     }
                 }
+                for (_, kv) in reserved.drain() {
+                    sched.release(kv);
+                }
                 sched.fail_all("engine shut down");
             })
             .expect("spawning the engine thread");
@@ -140,12 +298,14 @@ impl Engine {
             next_id: AtomicU64::new(1),
             context_length,
             pool_tokens,
+            layout,
+            total_blocks,
             stats,
         }
     }
 
-    /// Validates and queues a request.
-    pub fn submit(&self, spec: RequestSpec) -> Result<RequestHandle> {
+    /// A validated request with a fresh id.
+    fn request(&self, spec: RequestSpec) -> Result<Request> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let req = Request {
             id,
@@ -156,11 +316,148 @@ impl Engine {
             priority: spec.priority,
         };
         Scheduler::validate(&req, self.context_length, self.pool_tokens)?;
+        Ok(req)
+    }
+
+    /// Validates and queues a request.
+    pub fn submit(&self, spec: RequestSpec) -> Result<RequestHandle> {
+        let req = self.request(spec)?;
+        let id = req.id;
         let (etx, erx) = unbounded_channel();
         if self.tx.send(Command::Submit(req, etx)).is_err() {
-            return Err(crate::EngineError::Sampling("engine has shut down".into()));
+            return Err(shut_down());
         }
         Ok(RequestHandle { id, events: erx })
+    }
+
+    /// [`Engine::submit`], streaming the prompt's KV to `export` layer by
+    /// layer as it is computed (see [`KvExport`]); `export` is dropped after
+    /// the request's last event.
+    pub fn submit_with_export(
+        &self,
+        spec: RequestSpec,
+        export: Box<dyn KvExport>,
+    ) -> Result<RequestHandle> {
+        let req = self.request(spec)?;
+        let id = req.id;
+        let (etx, erx) = unbounded_channel();
+        if self
+            .tx
+            .send(Command::SubmitExport(req, etx, export))
+            .is_err()
+        {
+            return Err(shut_down());
+        }
+        Ok(RequestHandle { id, events: erx })
+    }
+
+    /// Reserves blocks for `tokens` prompt tokens whose KV will arrive from
+    /// elsewhere, evicting cached prefixes if needed (fails with
+    /// `OutOfBlocks` when they cannot be found now). The engine thread
+    /// answers between steps; this awaits without blocking the runtime.
+    pub async fn reserve(&self, tokens: usize) -> Result<Reservation> {
+        if tokens == 0 {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if tokens > self.max_sequence_tokens() {
+            return Err(EngineError::TooLargeForPool {
+                tokens,
+                capacity: self.pool_tokens,
+            });
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if self
+            .tx
+            .send(Command::Reserve { id, tokens, reply })
+            .is_err()
+        {
+            return Err(shut_down());
+        }
+        // Armed before awaiting: if this future is dropped midway, the
+        // reservation is released all the same.
+        let mut reservation = Reservation {
+            id,
+            tokens,
+            tx: Some(self.tx.clone()),
+        };
+        match answer.await {
+            Ok(Ok(())) => Ok(reservation),
+            Ok(Err(e)) => {
+                reservation.tx = None;
+                Err(e)
+            }
+            Err(_) => Err(shut_down()),
+        }
+    }
+
+    /// Copies `staging` into the reserved blocks and joins the request into
+    /// the running batch as if it had been prefilled here
+    /// (`Scheduler::add_prefilled`); `first` is the token the prefill worker
+    /// sampled, and is the first event of the returned stream.
+    /// `spec.prompt.len()`, `reservation.tokens()` and `staging.tokens()`
+    /// must be equal and the staging layout must be this engine's
+    /// ([`Engine::kv_layout`]); otherwise, or if the request is invalid, an
+    /// error is returned and the blocks are freed.
+    pub async fn install(
+        &self,
+        mut reservation: Reservation,
+        staging: KvStaging,
+        spec: RequestSpec,
+        first: Sampled,
+    ) -> Result<RequestHandle> {
+        let tokens = reservation.tokens;
+        if spec.prompt.len() != tokens || staging.tokens() != tokens {
+            return Err(EngineError::Unsupported(format!(
+                "install: reservation for {tokens} tokens, staged KV for {}, prompt of {}",
+                staging.tokens(),
+                spec.prompt.len()
+            )));
+        }
+        if *staging.layout() != self.layout {
+            return Err(EngineError::Unsupported(format!(
+                "install: staged KV layout {:?} differs from the engine's {:?}",
+                staging.layout(),
+                self.layout
+            )));
+        }
+        // Errors above drop `reservation`, which releases the blocks.
+        let req = self.request(spec)?;
+        let id = req.id;
+        let (etx, erx) = unbounded_channel();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let tx = reservation.tx.take().ok_or_else(shut_down)?;
+        let cmd = Command::Install {
+            reservation: reservation.id,
+            staging,
+            req,
+            first,
+            sink: etx,
+            reply,
+        };
+        if tx.send(cmd).is_err() {
+            return Err(shut_down());
+        }
+        match answer.await {
+            Ok(Ok(())) => Ok(RequestHandle { id, events: erx }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(shut_down()),
+        }
+    }
+
+    /// The KV layout of this engine's pool (to size a [`KvStaging`]).
+    pub fn kv_layout(&self) -> KvLayout {
+        self.layout
+    }
+
+    /// Tokens per KV block.
+    pub fn block_size(&self) -> usize {
+        self.layout.block_size
+    }
+
+    /// Blocks in the KV pool.
+    pub fn total_blocks(&self) -> usize {
+        self.total_blocks
     }
 
     /// Cancels a request; its KV blocks are freed on the engine thread.

@@ -246,6 +246,56 @@ impl KvPool {
     }
 }
 
+/// KV for `tokens` tokens, laid out as `n_layers x n_blocks` regions of
+/// `layout.block_floats()` floats (layer-major): where a KV transfer is
+/// received without touching the pool (which lives on the engine thread),
+/// then installed with `Engine::install`.
+#[derive(Debug, Clone)]
+pub struct KvStaging {
+    layout: KvLayout,
+    tokens: usize,
+    data: Vec<f32>,
+}
+
+impl KvStaging {
+    pub fn new(layout: KvLayout, tokens: usize) -> Self {
+        let n = layout.n_layers * layout.blocks_for(tokens) * layout.block_floats();
+        Self {
+            layout,
+            tokens,
+            data: vec![0f32; n],
+        }
+    }
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+    pub fn layout(&self) -> &KvLayout {
+        &self.layout
+    }
+    /// Blocks per layer.
+    pub fn n_blocks(&self) -> usize {
+        self.layout.blocks_for(self.tokens)
+    }
+    fn offset(&self, layer: usize, block: usize) -> usize {
+        assert!(
+            layer < self.layout.n_layers && block < self.n_blocks(),
+            "staging region (layer {layer}, block {block}) out of range"
+        );
+        (layer * self.n_blocks() + block) * self.layout.block_floats()
+    }
+    /// The (layer, block) region. Panics when out of range.
+    pub fn region(&self, layer: usize, block: usize) -> &[f32] {
+        let o = self.offset(layer, block);
+        &self.data[o..o + self.layout.block_floats()]
+    }
+    /// The (layer, block) region, writable. Panics when out of range.
+    pub fn region_mut(&mut self, layer: usize, block: usize) -> &mut [f32] {
+        let o = self.offset(layer, block);
+        let n = self.layout.block_floats();
+        &mut self.data[o..o + n]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,7 @@ use crate::error::{EngineError, Result};
 use crate::executor::Executor;
 use crate::generate::FinishReason;
 use crate::kv::{KvPool, SeqKv};
-use crate::model::{Logits, SeqStep};
+use crate::model::{LayerKv, Logits, SeqStep};
 use crate::prefix_cache::{PrefixCache, PrefixStats};
 use crate::sampler::{sample, Sampled, SamplingParams};
 
@@ -91,6 +91,32 @@ impl EventSink for tokio::sync::mpsc::UnboundedSender<Event> {
     }
 }
 
+/// One block of one layer, as exported: `data` is the whole pool region of
+/// the block (`KvPool::region`), of which the first `slots` token slots are
+/// valid.
+pub struct ExportBlock<'a> {
+    /// Index of the block within the sequence.
+    pub block: u32,
+    pub slots: u32,
+    pub data: &'a [f32],
+}
+
+/// Receives a sequence's prompt KV as it is computed (on the engine thread:
+/// keep it quick, e.g. copy and send on a channel). Every prompt position of
+/// every layer reaches it at least once: blocks served from the prefix cache
+/// when the sequence is admitted, then each layer's blocks as soon as a step
+/// writes them (a block partially filled by one prefill chunk is exported
+/// again, with more slots, by the next). After a preemption the prompt is
+/// exported again (identical data). The exporter is dropped when the
+/// sequence leaves the scheduler, after its `Finished` (or `Error`) event:
+/// that is the end-of-export signal.
+pub trait KvExport: Send {
+    /// Layer `layer`'s KV of these blocks is final up to `slots`. Return
+    /// false to abandon: the request is then cancelled (blocks freed, no
+    /// more events).
+    fn export(&mut self, layer: usize, blocks: &[ExportBlock<'_>]) -> bool;
+}
+
 struct Seq {
     req: Request,
     /// Prompt followed by the tokens generated so far.
@@ -105,6 +131,11 @@ struct Seq {
     arrival: u64,
     sink: Box<dyn EventSink>,
     prompt_cached: bool,
+    /// Where the prompt KV is exported, if anywhere (prefill worker).
+    export: Option<Box<dyn KvExport>>,
+    /// Tokens obtained from the prefix cache at the last admission that the
+    /// exporter has not seen yet.
+    export_cached: usize,
 }
 
 impl Seq {
@@ -193,6 +224,26 @@ impl Scheduler {
     /// Queues a request. Errors (bad parameters, cannot fit) are returned,
     /// not sent on the sink.
     pub fn add(&mut self, req: Request, sink: Box<dyn EventSink>) -> Result<()> {
+        self.add_inner(req, sink, None)
+    }
+
+    /// [`Scheduler::add`], exporting the prompt's KV to `export` as it is
+    /// computed (see [`KvExport`]).
+    pub fn add_with_export(
+        &mut self,
+        req: Request,
+        sink: Box<dyn EventSink>,
+        export: Box<dyn KvExport>,
+    ) -> Result<()> {
+        self.add_inner(req, sink, Some(export))
+    }
+
+    fn add_inner(
+        &mut self,
+        req: Request,
+        sink: Box<dyn EventSink>,
+        export: Option<Box<dyn KvExport>>,
+    ) -> Result<()> {
         let pool_tokens = self.pool.n_blocks() * self.pool.layout().block_size;
         let limit = Self::validate(&req, self.context_length, pool_tokens)?;
         self.clock += 1;
@@ -207,6 +258,8 @@ impl Scheduler {
             arrival: self.clock,
             sink,
             prompt_cached: false,
+            export,
+            export_cached: 0,
         };
         self.enqueue(seq);
         Ok(())
@@ -308,6 +361,8 @@ impl Scheduler {
             arrival: self.clock,
             sink,
             prompt_cached: false,
+            export: None,
+            export_cached: 0,
         });
         Ok(())
     }
@@ -416,6 +471,9 @@ impl Scheduler {
                 s.kv.blocks = self.cache.acquire(&mut self.pool, &s.tokens[..upto]);
                 s.kv.len = s.kv.blocks.len() * self.pool.layout().block_size;
                 s.cached_tokens = s.kv.len;
+                if s.export.is_some() {
+                    s.export_cached = s.kv.len;
+                }
             }
             let first = s.pending().min(self.cfg.max_step_tokens);
             let need = self.blocks_needed(&s, first);
@@ -433,6 +491,7 @@ impl Scheduler {
     /// Runs one iteration. Returns false when there was nothing to do.
     pub fn step(&mut self, model: &dyn Executor) -> Result<bool> {
         self.admit();
+        self.export_cached_blocks();
         if self.running.is_empty() {
             return Ok(false);
         }
@@ -526,6 +585,10 @@ impl Scheduler {
         // Forward over the plan.
         let mut steps: Vec<SeqStep<'_>> = Vec::with_capacity(plan.len());
         let mut wants = Vec::with_capacity(plan.len());
+        // Per batch entry: its exporter and prompt length, when this step
+        // writes prompt positions of a sequence that exports.
+        let mut exporters: Vec<Option<(&mut Box<dyn KvExport>, usize)>> =
+            Vec::with_capacity(plan.len());
         {
             let mut rest: &mut [Seq] = &mut self.running;
             let mut base = 0;
@@ -535,6 +598,10 @@ impl Scheduler {
                 let start = s.kv.len;
                 let last = start + take == s.tokens.len();
                 wants.push(last);
+                exporters.push(match s.export.as_mut() {
+                    Some(e) if start < s.n_prompt => Some((e, s.n_prompt)),
+                    _ => None,
+                });
                 steps.push(SeqStep {
                     kv: &mut s.kv,
                     tokens: &s.tokens[start..start + take],
@@ -544,8 +611,34 @@ impl Scheduler {
                 base = idx + 1;
             }
         }
-        let logits = model.forward(&mut self.pool, &mut steps)?;
+        let mut abandoned = vec![false; plan.len()];
+        let logits = if exporters.iter().any(Option::is_some) {
+            let mut on_layer = |l: LayerKv<'_>| {
+                let Some((exp, n_prompt)) = exporters[l.seq].as_mut() else {
+                    return;
+                };
+                // Prompt positions only: generated tokens' KV stays here.
+                let end = l.positions.end.min(*n_prompt);
+                if abandoned[l.seq] || l.positions.start >= end {
+                    return;
+                }
+                let blocks: Vec<ExportBlock<'_>> = (l.positions.start / bs..=(end - 1) / bs)
+                    .map(|b| ExportBlock {
+                        block: b as u32,
+                        slots: (end - b * bs).min(bs) as u32,
+                        data: l.pool.region(l.layer, l.kv.blocks[b]),
+                    })
+                    .collect();
+                if !exp.export(l.layer, &blocks) {
+                    abandoned[l.seq] = true;
+                }
+            };
+            model.forward_observed(&mut self.pool, &mut steps, &mut on_layer)?
+        } else {
+            model.forward(&mut self.pool, &mut steps)?
+        };
         drop(steps);
+        drop(exporters);
         self.stats.steps += 1;
 
         // Sample, emit, retire.
@@ -554,6 +647,10 @@ impl Scheduler {
             let s = &mut self.running[idx];
             if s.kv.len <= s.n_prompt {
                 self.stats.prompt_tokens_computed += take as u64;
+            }
+            if abandoned[k] {
+                finished.push((idx, None));
+                continue;
             }
             if !wants[k] {
                 continue;
@@ -572,22 +669,27 @@ impl Scheduler {
             );
             let tok = sampled.token;
             if s.req.stop_tokens.contains(&tok) {
-                finished.push((idx, FinishReason::Stop));
+                finished.push((idx, Some(FinishReason::Stop)));
                 continue;
             }
             s.tokens.push(tok);
             self.stats.generated_tokens += 1;
             if !s.sink.send(Event::Token(sampled)) {
-                finished.push((idx, FinishReason::Stop));
+                finished.push((idx, Some(FinishReason::Stop)));
                 continue;
             }
             if s.tokens.len() >= s.limit {
-                finished.push((idx, FinishReason::Length));
+                finished.push((idx, Some(FinishReason::Length)));
             }
         }
         finished.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
         for (idx, reason) in finished {
             let mut s = self.running.remove(idx);
+            let Some(reason) = reason else {
+                // The exporter gave up: cancelled, silently (like `cancel`).
+                self.pool.free_seq(&mut s.kv);
+                continue;
+            };
             if self.cfg.prefix_cache {
                 let computed = s.kv.len;
                 self.cache
@@ -601,8 +703,47 @@ impl Scheduler {
                 cached_tokens: s.cached_tokens,
             };
             s.sink.send(done);
+            // `s` (and its exporter) drops here, after `Finished`.
         }
         Ok(true)
+    }
+
+    /// Hands the blocks a sequence got from the prefix cache at admission
+    /// (computed by an earlier request) to its exporter; cancels the
+    /// sequences whose exporter gives up.
+    fn export_cached_blocks(&mut self) {
+        let bs = self.pool.layout().block_size;
+        let n_layers = self.pool.layout().n_layers;
+        let mut abandoned = Vec::new();
+        for s in self.running.iter_mut() {
+            if s.export_cached == 0 {
+                continue;
+            }
+            let upto = s.export_cached.min(s.n_prompt).min(s.kv.len);
+            s.export_cached = 0;
+            let Some(exp) = s.export.as_mut() else {
+                continue;
+            };
+            if upto == 0 {
+                continue;
+            }
+            for layer in 0..n_layers {
+                let blocks: Vec<ExportBlock<'_>> = (0..upto.div_ceil(bs))
+                    .map(|b| ExportBlock {
+                        block: b as u32,
+                        slots: (upto - b * bs).min(bs) as u32,
+                        data: self.pool.region(layer, s.kv.blocks[b]),
+                    })
+                    .collect();
+                if !exp.export(layer, &blocks) {
+                    abandoned.push(s.req.id);
+                    break;
+                }
+            }
+        }
+        for id in abandoned {
+            self.cancel(id);
+        }
     }
 
     /// The youngest running sequence (lowest priority first) not already

@@ -687,6 +687,377 @@ mod batching {
         }
     }
 
+    /// Scheduler-level export contract: the exporter is dropped only after
+    /// `Finished`; an exporter that gives up cancels the request silently
+    /// and frees its blocks.
+    #[test]
+    fn exporter_drop_order_and_abandon() {
+        use std::sync::{Arc, Mutex};
+        use tandem_engine::scheduler::{EventSink, ExportBlock, KvExport};
+        type Log = Arc<Mutex<Vec<String>>>;
+        struct Sink(Log);
+        impl EventSink for Sink {
+            fn send(&mut self, e: Event) -> bool {
+                let what = match e {
+                    Event::Token(_) => "token",
+                    Event::Finished { .. } => "finished",
+                    Event::Error(_) => "error",
+                };
+                self.0.lock().unwrap().push(what.into());
+                true
+            }
+        }
+        struct Exp {
+            log: Log,
+            /// Give up after this many export calls.
+            budget: usize,
+        }
+        impl KvExport for Exp {
+            fn export(&mut self, layer: usize, _: &[ExportBlock<'_>]) -> bool {
+                self.log.lock().unwrap().push(format!("export {layer}"));
+                if self.budget == 0 {
+                    return false;
+                }
+                self.budget -= 1;
+                true
+            }
+        }
+        impl Drop for Exp {
+            fn drop(&mut self) {
+                self.log.lock().unwrap().push("drop".into());
+            }
+        }
+        let n_layers = model().config.n_layers;
+        let p = &prompts()[3];
+        for budget in [usize::MAX, 3] {
+            let mut s = scheduler(64, 16, false);
+            let log: Log = Arc::default();
+            s.add_with_export(
+                request(1, p, &SamplingParams::greedy(), 3),
+                Box::new(Sink(log.clone())),
+                Box::new(Exp {
+                    log: log.clone(),
+                    budget,
+                }),
+            )
+            .unwrap();
+            while s.has_work() {
+                s.step(model()).unwrap();
+            }
+            let log = log.lock().unwrap().clone();
+            let exports = log.iter().filter(|l| l.starts_with("export")).count();
+            if budget == usize::MAX {
+                // One call per layer per prefill chunk; decodes export nothing.
+                assert_eq!(exports, n_layers * p.len().div_ceil(16), "{log:?}");
+                assert_eq!(log.iter().filter(|l| *l == "token").count(), 3);
+                assert_eq!(&log[log.len() - 2..], ["finished", "drop"], "{log:?}");
+            } else {
+                assert_eq!(exports, 4, "stops at the first refusal: {log:?}");
+                assert_eq!(log.last().map(String::as_str), Some("drop"));
+                assert!(
+                    !log.iter().any(|l| l == "token" || l == "finished"),
+                    "no events after abandoning: {log:?}"
+                );
+            }
+            assert_eq!(s.pool().free_blocks(), s.pool().n_blocks());
+        }
+    }
+
+    // ---- Disaggregation through the engine service: export, reserve, install.
+
+    mod disagg {
+        use super::super::*;
+        use std::future::Future;
+        use std::sync::mpsc::{channel, Receiver, Sender};
+        use std::sync::{Arc, OnceLock};
+        use std::task::{Context, Poll, Wake, Waker};
+        use std::time::{Duration, Instant};
+        use tandem_engine::engine::{Engine, EngineConfig, RequestHandle, RequestSpec};
+        use tandem_engine::kv::KvStaging;
+        use tandem_engine::sampler::Sampled;
+        use tandem_engine::scheduler::{Event, ExportBlock, KvExport, SchedulerConfig};
+
+        /// Drives a future on this thread (the engine answers from its own
+        /// thread, so no runtime is needed).
+        fn block_on<F: Future>(f: F) -> F::Output {
+            struct Unpark(std::thread::Thread);
+            impl Wake for Unpark {
+                fn wake(self: Arc<Self>) {
+                    self.0.unpark();
+                }
+            }
+            let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+            let mut cx = Context::from_waker(&waker);
+            let mut f = std::pin::pin!(f);
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+                    return v;
+                }
+                assert!(Instant::now() < deadline, "future never completed");
+                std::thread::park_timeout(Duration::from_millis(50));
+            }
+        }
+
+        fn shared_model() -> Arc<Model> {
+            static M: OnceLock<Arc<Model>> = OnceLock::new();
+            M.get_or_init(|| Arc::new(Model::load(source(), 2).expect("load default model")))
+                .clone()
+        }
+
+        fn engine(step_tokens: usize, kv_cache_bytes: usize) -> Engine {
+            Engine::start(
+                shared_model(),
+                EngineConfig {
+                    scheduler: SchedulerConfig {
+                        max_step_tokens: step_tokens,
+                        ..Default::default()
+                    },
+                    block_size: 16,
+                    kv_cache_bytes,
+                },
+            )
+        }
+
+        /// What the exporter saw, handed to the test when it is dropped.
+        struct Exported {
+            staging: KvStaging,
+            /// Highest slot count exported per (layer, block), layer-major.
+            slots: Vec<u32>,
+            bad: Vec<String>,
+        }
+
+        /// Copies every exported block into a `KvStaging`, the way a prefill
+        /// worker's sender would, and sends it all to the test on drop.
+        struct ToStaging {
+            out: Option<Exported>,
+            tx: Sender<Exported>,
+        }
+
+        impl ToStaging {
+            fn new(engine: &Engine, tokens: usize) -> (Box<Self>, Receiver<Exported>) {
+                let staging = KvStaging::new(engine.kv_layout(), tokens);
+                let n = staging.layout().n_layers * staging.n_blocks();
+                let (tx, rx) = channel();
+                let out = Exported {
+                    staging,
+                    slots: vec![0; n],
+                    bad: vec![],
+                };
+                (Box::new(Self { out: Some(out), tx }), rx)
+            }
+        }
+
+        impl KvExport for ToStaging {
+            fn export(&mut self, layer: usize, blocks: &[ExportBlock<'_>]) -> bool {
+                let out = self.out.as_mut().expect("live");
+                let (nb, bs, tokens) = (
+                    out.staging.n_blocks(),
+                    out.staging.layout().block_size,
+                    out.staging.tokens(),
+                );
+                for b in blocks {
+                    let bi = b.block as usize;
+                    let valid = bi < nb
+                        && b.slots > 0
+                        && b.slots as usize <= bs.min(tokens - bi * bs)
+                        && b.data.len() == out.staging.layout().block_floats();
+                    if !valid {
+                        out.bad
+                            .push(format!("layer {layer} block {bi} slots {}", b.slots));
+                        continue;
+                    }
+                    out.staging.region_mut(layer, bi).copy_from_slice(b.data);
+                    let g = &mut out.slots[layer * nb + bi];
+                    *g = (*g).max(b.slots);
+                }
+                true
+            }
+        }
+
+        impl Drop for ToStaging {
+            fn drop(&mut self) {
+                if let Some(out) = self.out.take() {
+                    let _ = self.tx.send(out);
+                }
+            }
+        }
+
+        /// Every event of a stream, until `Finished`.
+        fn collect(h: &mut RequestHandle) -> (Vec<Sampled>, usize) {
+            let mut got = Vec::new();
+            loop {
+                match h.events.blocking_recv().expect("stream ends with Finished") {
+                    Event::Token(s) => got.push(s),
+                    Event::Finished { cached_tokens, .. } => return (got, cached_tokens),
+                    Event::Error(e) => panic!("request failed: {e}"),
+                }
+            }
+        }
+
+        fn spec(p: &[u32], n: usize) -> RequestSpec {
+            RequestSpec {
+                prompt: p.to_vec(),
+                params: SamplingParams::greedy(),
+                max_tokens: Some(n),
+                ..Default::default()
+            }
+        }
+
+        fn prompt(len: usize, k: u32) -> Vec<u32> {
+            (0..len as u32)
+                .map(|i| 100 + (i * 97 + k * 131) % 20000)
+                .collect()
+        }
+
+        /// Prefill `p` on `pre` with export; returns the first token, the
+        /// export, and the cached tokens of the prefill.
+        fn prefill(pre: &Engine, p: &[u32]) -> (Sampled, KvStaging, usize) {
+            let (exp, rx) = ToStaging::new(pre, p.len());
+            let mut h = pre.submit_with_export(spec(p, 1), exp).unwrap();
+            let (toks, cached) = collect(&mut h);
+            assert_eq!(toks.len(), 1, "max_tokens 1");
+            let out = rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("exporter dropped when the request left");
+            assert!(out.bad.is_empty(), "bad exports: {:?}", out.bad);
+            let (nb, bs) = (out.staging.n_blocks(), out.staging.layout().block_size);
+            for (i, &g) in out.slots.iter().enumerate() {
+                let (layer, block) = (i / nb, i % nb);
+                let want = bs.min(p.len() - block * bs) as u32;
+                assert_eq!(
+                    g,
+                    want,
+                    "layer {layer} block {block} of a {}-token prompt",
+                    p.len()
+                );
+            }
+            (toks[0].clone(), out.staging, cached)
+        }
+
+        /// Installs the staged prefill on `dec` and returns all its tokens.
+        fn decode(
+            dec: &Engine,
+            p: &[u32],
+            first: Sampled,
+            staging: KvStaging,
+            n: usize,
+        ) -> Vec<u32> {
+            let r = block_on(dec.reserve(p.len())).unwrap();
+            assert_eq!(r.tokens(), p.len());
+            let mut h = block_on(dec.install(r, staging, spec(p, n), first)).unwrap();
+            collect(&mut h).0.iter().map(|s| s.token).collect()
+        }
+
+        fn plain(e: &Engine, p: &[u32], n: usize) -> Vec<u32> {
+            let mut h = e.submit(spec(p, n)).unwrap();
+            collect(&mut h).0.iter().map(|s| s.token).collect()
+        }
+
+        fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !f() {
+                assert!(Instant::now() < deadline, "timed out waiting for {what}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+
+        #[test]
+        fn export_then_install_equals_plain_generation() {
+            // Step budget 24 (not a multiple of the block size): the long
+            // prompt's chunks end mid-block, so blocks are exported partial
+            // first, then again with more slots.
+            let pre = engine(24, 64 << 20);
+            let dec = engine(512, 64 << 20);
+            let reference = engine(512, 64 << 20);
+            let n = 8;
+            for (len, k) in [(7, 1), (40, 2), (101, 3)] {
+                let p = prompt(len, k);
+                let (first, staging, _) = prefill(&pre, &p);
+                let got = decode(&dec, &p, first, staging, n);
+                assert_eq!(got, plain(&reference, &p, n), "{len}-token prompt");
+                assert_eq!(got.len(), n);
+            }
+            assert!(pre.stats().steps > 0);
+        }
+
+        #[test]
+        fn export_of_prefix_cache_hits_is_complete() {
+            let pre = engine(512, 64 << 20);
+            let dec = engine(512, 64 << 20);
+            let reference = engine(512, 64 << 20);
+            let shared = prompt(40, 7);
+            let p1: Vec<u32> = shared.iter().copied().chain(prompt(9, 8)).collect();
+            let p2: Vec<u32> = shared.iter().copied().chain(prompt(13, 9)).collect();
+            let n = 6;
+            let (f1, s1, c1) = prefill(&pre, &p1);
+            assert_eq!(c1, 0);
+            assert_eq!(decode(&dec, &p1, f1, s1, n), plain(&reference, &p1, n));
+            let (f2, s2, c2) = prefill(&pre, &p2);
+            assert_eq!(c2, 32, "two whole shared blocks from the cache");
+            wait_until("prefix hit in stats", || pre.stats().prefix.hits >= 1);
+            assert_eq!(decode(&dec, &p2, f2, s2, n), plain(&reference, &p2, n));
+        }
+
+        #[test]
+        fn reservations_are_released_on_drop_and_on_bad_install() {
+            let layout = model().kv_layout(16);
+            let dec = engine(512, 16 * layout.block_bytes());
+            assert_eq!(dec.total_blocks(), 16);
+            assert_eq!(dec.block_size(), 16);
+            assert_eq!(dec.kv_layout(), layout);
+            let all = dec.stats().free_blocks;
+            assert_eq!(all, 16);
+            let free = || dec.stats().free_blocks;
+
+            let big = block_on(dec.reserve(200)).unwrap(); // 13 blocks
+            wait_until("13 blocks reserved", || free() == 3);
+            let e = block_on(dec.reserve(100)).unwrap_err();
+            assert!(matches!(e, EngineError::OutOfBlocks { .. }), "{e}");
+            drop(big);
+            wait_until("blocks back after drop", || free() == all);
+            assert!(
+                block_on(dec.reserve(10_000)).is_err(),
+                "larger than the pool"
+            );
+            assert!(block_on(dec.reserve(0)).is_err());
+
+            // Staged KV of the wrong size.
+            let r = block_on(dec.reserve(40)).unwrap();
+            wait_until("3 blocks reserved", || free() == all - 3);
+            let p = prompt(40, 4);
+            let first = Sampled {
+                token: 5,
+                logprob: 0.0,
+                top: vec![],
+            };
+            let e =
+                block_on(dec.install(r, KvStaging::new(layout, 30), spec(&p, 4), first.clone()))
+                    .unwrap_err();
+            assert!(e.to_string().contains("30"), "{e}");
+            wait_until("blocks back after a bad install", || free() == all);
+
+            // A prompt that does not match the reservation.
+            let r = block_on(dec.reserve(40)).unwrap();
+            let e = block_on(dec.install(
+                r,
+                KvStaging::new(layout, 40),
+                spec(&p[..39], 4),
+                first.clone(),
+            ))
+            .unwrap_err();
+            assert!(e.to_string().contains("39"), "{e}");
+            wait_until("blocks back after a mismatched prompt", || free() == all);
+
+            // An invalid request (bad sampling parameters) frees them too.
+            let r = block_on(dec.reserve(40)).unwrap();
+            let mut bad = spec(&p, 4);
+            bad.params.top_p = 2.0;
+            assert!(block_on(dec.install(r, KvStaging::new(layout, 40), bad, first)).is_err());
+            wait_until("blocks back after an invalid request", || free() == all);
+        }
+    }
+
     #[test]
     fn engine_thread_streams_tokens() {
         use std::sync::Arc;

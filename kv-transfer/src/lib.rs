@@ -28,7 +28,7 @@ pub use error::{KvTransferError, Result};
 pub use grpc::{GrpcSender, GrpcTransport};
 pub use layout::{ClusterSecret, Handshake, LayoutDescriptor, TransferSummary, PROTOCOL_VERSION};
 pub use sink::{KvSink, PoolSink};
-pub use tcp::{TcpKvListener, TcpSender, TcpTransport};
+pub use tcp::{PendingKv, TcpKvListener, TcpSender, TcpTransport};
 pub use tokio_util::sync::CancellationToken;
 pub use transport::{
     BlockRegion, KvReceiver, KvSender, KvTransport, ReceiverConfig, TransferConfig,

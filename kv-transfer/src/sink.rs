@@ -1,7 +1,7 @@
 //! Where received KV goes: straight into the blocks the decode worker
 //! reserved, and the bookkeeping that proves every expected slot arrived.
 
-use tandem_engine::kv::{KvLayout, KvPool, SeqKv};
+use tandem_engine::kv::{KvLayout, KvPool, KvStaging, SeqKv};
 
 use crate::error::{KvTransferError, Result};
 use crate::frame::{decode_payload, verify_in_place};
@@ -36,6 +36,17 @@ impl KvSink for PoolSink<'_> {
             return None;
         }
         Some(self.pool.region_mut(layer, b))
+    }
+}
+
+/// Receives into a staging buffer off the engine thread; the decode worker
+/// then hands it to `Engine::install`.
+impl KvSink for KvStaging {
+    fn region_mut(&mut self, layer: usize, block: usize) -> Option<&mut [f32]> {
+        if layer >= self.layout().n_layers || block >= self.n_blocks() {
+            return None;
+        }
+        Some(KvStaging::region_mut(self, layer, block))
     }
 }
 

@@ -281,11 +281,37 @@ impl TcpKvListener {
 
     /// Waits for a connection and runs its handshake. An error concerns that
     /// one peer (refused, timed out, garbage); the listener keeps working.
-    /// A refused peer is told why.
+    /// A refused peer is told why. Servers with many peers should use
+    /// [`TcpKvListener::accept_connection`] and handshake on a task of their
+    /// own, so one slow peer cannot hold up the others.
     pub async fn accept(&self) -> Result<KvReceiver> {
-        let (mut stream, _) = self.listener.accept().await?;
+        self.accept_connection().await?.handshake().await
+    }
+
+    /// Waits for a connection only; the handshake is [`PendingKv::handshake`].
+    pub async fn accept_connection(&self) -> Result<PendingKv> {
+        let (stream, _) = self.listener.accept().await?;
         stream.set_nodelay(true)?;
-        let cfg = &self.cfg.transfer;
+        Ok(PendingKv {
+            stream,
+            cfg: self.cfg.clone(),
+        })
+    }
+}
+
+/// An accepted connection whose handshake has not run yet.
+pub struct PendingKv {
+    stream: TcpStream,
+    cfg: Arc<ReceiverConfig>,
+}
+
+impl PendingKv {
+    /// Reads and verifies the handshake (under the I/O deadline).
+    pub async fn handshake(self) -> Result<KvReceiver> {
+        let PendingKv { mut stream, cfg } = self;
+        let expected = &cfg.expected;
+        let secret = &cfg.secret;
+        let cfg = &cfg.transfer;
         let hs = async {
             let (_, bytes) = read_control(&mut stream, FrameKind::Handshake, cfg).await?;
             let p = pb::KvHandshake::decode(bytes.as_slice())
@@ -293,7 +319,7 @@ impl TcpKvListener {
             Handshake::from_proto(&p)
         }
         .await?;
-        if let Err(e) = hs.verify(&self.cfg.expected, &self.cfg.secret) {
+        if let Err(e) = hs.verify(expected, secret) {
             let _ = write_control(
                 &mut stream,
                 FrameKind::Reply,

@@ -33,6 +33,22 @@ pub mod kv {
     };
 }
 
+/// The worker control protocol (router → workers, decode → prefill).
+pub mod worker {
+    pub use crate::pb::decode_event::Kind as DecodeEventKind;
+    pub use crate::pb::worker_client::WorkerClient;
+    pub use crate::pb::worker_server::{Worker, WorkerServer};
+    pub use crate::pb::{
+        Admitted, CachedPrefixRequest, CachedPrefixResponse, CancelRequest, CancelResponse,
+        DecodeEvent, DecodeRequest, Finished, InfoRequest, LoadReport, LoadRequest, NodeInfo,
+        PrefillRequest, PrefillResponse, Role, SampledToken, WorkerError, WorkerSampling,
+    };
+    pub use crate::pb::{FinishReason, TokenLogprob};
+
+    /// Metadata key carrying the cluster secret on every worker call.
+    pub const SECRET_METADATA: &str = "x-tandem-cluster-secret";
+}
+
 /// Encoded `FileDescriptorSet` of every tandem.v1 file, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tandem_v1_descriptor");
 
@@ -61,6 +77,8 @@ mod tests {
             "tandem/v1/kv_transfer.proto",
             "GenerateStream",
             "KvTransfer",
+            "tandem/v1/worker.proto",
+            "Prefill",
         ] {
             assert!(set.contains(name), "{name} missing from the descriptor set");
         }

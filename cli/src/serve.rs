@@ -1,0 +1,393 @@
+//! `tandem prefill`, `tandem decode`, `tandem router`: one role per process,
+//! each on one port (gRPC and HTTP), announcing readiness on stdout.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tandem_cluster::{
+    ClusterSecret, NodeServer, PeerList, Readiness, ReadyLine, Role, SecretCheck,
+};
+use tandem_engine::engine::{Engine, EngineConfig};
+use tandem_engine::executor::Executor;
+use tandem_engine::model::Model;
+use tandem_engine::scheduler::SchedulerConfig;
+use tandem_kv_transfer::TransferConfig;
+use tandem_model::weights::ModelSource;
+use tandem_proto::worker::WorkerServer;
+use tokio_util::sync::CancellationToken;
+
+/// Flags every role shares.
+#[derive(clap::Args, Clone, Debug)]
+pub struct NodeArgs {
+    /// A .gguf file or a Hugging Face directory (default: the installed default model).
+    #[arg(long, env = "TANDEM_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, env = "TANDEM_HOST", default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    /// The node's one port, gRPC and HTTP (0 picks a free one and announces it).
+    #[arg(long, env = "TANDEM_PORT", default_value_t = 0)]
+    pub port: u16,
+    /// Shared by every node of the cluster; worker and KV ports refuse callers without it.
+    #[arg(long, env = "TANDEM_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+    /// Static peers, `ROLE=HOST:PORT,...` (the router's view of the cluster).
+    #[arg(long, env = "TANDEM_PEERS")]
+    pub peers: Option<PeerList>,
+    /// etcd endpoints for discovery (not supported yet: use --peers).
+    #[arg(long, env = "TANDEM_ETCD")]
+    pub etcd: Option<String>,
+    /// This node's id (default: role and port).
+    #[arg(long, env = "TANDEM_NODE_ID")]
+    pub node_id: Option<String>,
+}
+
+/// Flags of the two worker roles.
+#[derive(clap::Args, Clone, Debug)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Compute threads (default: all cores).
+    #[arg(long, env = "TANDEM_THREADS")]
+    pub threads: Option<usize>,
+    /// KV cache size: bytes with a unit (`512MiB`, `2GB`) or a share of RAM (`25%`).
+    #[arg(long, env = "TANDEM_KV_CACHE_MEMORY", default_value = "1GiB")]
+    pub kv_cache_memory: String,
+    /// Tokens per KV block.
+    #[arg(long, env = "TANDEM_BLOCK_SIZE", default_value_t = 16)]
+    pub block_size: usize,
+    /// Tokens per forward step (decodes plus prefill chunks).
+    #[arg(long, env = "TANDEM_MAX_STEP_TOKENS", default_value_t = 512)]
+    pub max_step_tokens: usize,
+    /// Sequences in the running batch at most.
+    #[arg(long, env = "TANDEM_MAX_RUNNING", default_value_t = 256)]
+    pub max_running: usize,
+    /// Tensor-parallel ranks (only 1 so far).
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
+    /// Pipeline-parallel stages (only 1 so far).
+    #[arg(long, default_value_t = 1)]
+    pub pp: usize,
+    /// Raw-TCP port for incoming KV (decode workers; 0 picks a free one).
+    #[arg(long, env = "TANDEM_KV_PORT", default_value_t = 0)]
+    pub kv_port: u16,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct RouterArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Bearer key clients must present on /v1 (and gRPC Generate).
+    #[arg(long, env = "TANDEM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// The model name clients use (default: the model file's stem).
+    #[arg(long, env = "TANDEM_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// prefix-affinity, least-loaded or round-robin.
+    #[arg(long, env = "TANDEM_ROUTE_POLICY", default_value = "prefix-affinity")]
+    pub route_policy: tandem_router::policy::RoutePolicy,
+    /// Prompts shorter than this are prefilled on the decode worker.
+    #[arg(long, env = "TANDEM_DISAGG_MIN_TOKENS", default_value_t = 32)]
+    pub disagg_min_tokens: usize,
+    /// Prompts the decode worker caches at least this fraction of are prefilled there.
+    #[arg(long, env = "TANDEM_DISAGG_MAX_CACHED", default_value_t = 0.5)]
+    pub disagg_max_cached_fraction: f32,
+    /// Longest wait for the workers at start.
+    #[arg(long, default_value_t = 120)]
+    pub connect_timeout_secs: u64,
+}
+
+fn secret(node: &NodeArgs) -> Result<ClusterSecret> {
+    match &node.cluster_secret {
+        Some(s) if !s.is_empty() => Ok(ClusterSecret::new(s.clone())),
+        _ => bail!("--cluster-secret (or TANDEM_CLUSTER_SECRET) is required: worker ports accept only peers holding it"),
+    }
+}
+
+fn no_etcd(node: &NodeArgs) -> Result<()> {
+    if node.etcd.is_some() {
+        bail!("--etcd discovery is not supported yet; use --peers ROLE=HOST:PORT,...");
+    }
+    Ok(())
+}
+
+/// Parses `512MiB`, `2GB`, `1073741824` or `25%` (of RAM).
+pub fn parse_size(s: &str) -> Result<usize> {
+    let t = s.trim();
+    if let Some(p) = t.strip_suffix('%') {
+        let pct: f64 = p
+            .trim()
+            .parse()
+            .with_context(|| format!("bad percentage {s:?}"))?;
+        if !(pct > 0.0 && pct <= 100.0) {
+            bail!("memory share {s:?} must be in (0%, 100%]");
+        }
+        let meminfo = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
+        let kib: f64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .context("no MemTotal in /proc/meminfo")?;
+        return Ok((kib * 1024.0 * pct / 100.0) as usize);
+    }
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .with_context(|| format!("bad size {s:?} (try 512MiB, 2GB or 25%)"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0f64.powi(4),
+        u => bail!("unknown size unit {u:?} in {s:?}"),
+    };
+    let bytes = n * mult;
+    if !(bytes >= 1.0) {
+        bail!("size {s:?} must be positive");
+    }
+    Ok(bytes as usize)
+}
+
+/// Loads the model and starts the engine of a worker.
+fn start_engine(args: &WorkerArgs) -> Result<(Arc<Engine>, String, usize)> {
+    if args.tp != 1 || args.pp != 1 {
+        bail!("--tp/--pp other than 1 are not supported yet");
+    }
+    if args.block_size == 0 || args.max_step_tokens == 0 || args.max_running == 0 {
+        bail!("--block-size, --max-step-tokens and --max-running must be positive");
+    }
+    let kv_bytes = parse_size(&args.kv_cache_memory)?;
+    let path = crate::model_path(args.node.model.clone())?;
+    let src =
+        ModelSource::open(&path).with_context(|| format!("loading model {}", path.display()))?;
+    let tokenizer = src.tokenizer().context("building the tokenizer")?;
+    let fingerprint = tandem_model::fingerprint::fingerprint(&src, &tokenizer);
+    let threads = crate::thread_count(args.threads);
+    let model: Arc<dyn Executor> = Arc::new(Model::load(&src, threads).context("loading weights")?);
+    let engine = Engine::start(
+        model,
+        EngineConfig {
+            scheduler: SchedulerConfig {
+                max_step_tokens: args.max_step_tokens,
+                max_running: args.max_running,
+                ..Default::default()
+            },
+            block_size: args.block_size,
+            kv_cache_bytes: kv_bytes,
+        },
+    );
+    if engine.stats().total_blocks == 0 {
+        bail!(
+            "--kv-cache-memory {} holds no KV block of this model",
+            args.kv_cache_memory
+        );
+    }
+    Ok((Arc::new(engine), fingerprint, threads))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        token.cancel();
+    });
+}
+
+pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
+    no_etcd(&args.node)?;
+    let secret = secret(&args.node)?;
+    let (engine, fingerprint, threads) = start_engine(&args)?;
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        cancel_on_signal(shutdown.clone());
+        let server = NodeServer::bind(SocketAddr::new(args.node.host, args.node.port))
+            .await
+            .with_context(|| format!("binding {}:{}", args.node.host, args.node.port))?;
+        let addr = server.local_addr();
+        let node_id = args
+            .node
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("{role}-{}", addr.port()));
+        let transfer = TransferConfig::default();
+        let check = SecretCheck(secret.clone());
+        let (routes, kv) = match role {
+            Role::Prefill => {
+                let svc = tandem_prefill::PrefillService::new(
+                    engine.clone(),
+                    tandem_prefill::PrefillConfig {
+                        node_id,
+                        model_fingerprint: fingerprint,
+                        secret,
+                        transfer,
+                        threads: threads as u32,
+                    },
+                );
+                (
+                    tonic::service::Routes::new(WorkerServer::with_interceptor(svc, check)),
+                    None,
+                )
+            }
+            Role::Decode => {
+                let svc = tandem_decode::DecodeService::start(
+                    engine.clone(),
+                    tandem_decode::DecodeConfig {
+                        node_id,
+                        model_fingerprint: fingerprint,
+                        secret,
+                        transfer,
+                        threads: threads as u32,
+                        prefill_timeout: Duration::from_secs(300),
+                    },
+                    SocketAddr::new(args.node.host, args.kv_port),
+                    shutdown.clone(),
+                )
+                .await
+                .context("binding the KV port")?;
+                let kv = svc.kv_addr();
+                (
+                    tonic::service::Routes::new(WorkerServer::with_interceptor(svc, check)),
+                    Some(kv),
+                )
+            }
+            Role::Router => unreachable!("workers only"),
+        };
+        let readiness = Readiness::default();
+        readiness.set(true);
+        let serve =
+            tokio::spawn(server.serve(routes, axum::Router::new(), readiness, shutdown.clone()));
+        ReadyLine { role, addr, kv }.announce();
+        tracing::info!(%addr, ?kv, %role, "serving");
+        serve.await.context("server task")?.context("serving")?;
+        Ok(())
+    })
+}
+
+pub fn run_router(args: RouterArgs) -> Result<()> {
+    no_etcd(&args.node)?;
+    let secret = secret(&args.node)?;
+    let peers =
+        args.node.peers.clone().context(
+            "--peers ROLE=HOST:PORT,... is required (etcd discovery is not supported yet)",
+        )?;
+    if peers.of(Role::Decode).next().is_none() {
+        bail!("--peers names no decode worker");
+    }
+    if !(0.0..=1.0).contains(&args.disagg_max_cached_fraction) {
+        bail!("--disagg-max-cached-fraction must be in [0, 1]");
+    }
+    let path = crate::model_path(args.node.model.clone())?;
+    let src =
+        ModelSource::open(&path).with_context(|| format!("loading model {}", path.display()))?;
+    let tokenizer = src.tokenizer().context("building the tokenizer")?;
+    let fingerprint = tandem_model::fingerprint::fingerprint(&src, &tokenizer);
+    let context_length = src.config.context_length;
+    let served = args.served_model_name.clone().unwrap_or_else(|| {
+        path.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "tandem".into())
+    });
+    drop(src);
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        cancel_on_signal(shutdown.clone());
+        let server = NodeServer::bind(SocketAddr::new(args.node.host, args.node.port))
+            .await
+            .with_context(|| format!("binding {}:{}", args.node.host, args.node.port))?;
+        let addr = server.local_addr();
+        let dispatcher = tandem_router::dispatcher::Dispatcher::connect(
+            &peers,
+            tandem_router::dispatcher::DispatcherConfig {
+                route: args.route_policy,
+                disagg: tandem_router::policy::DisaggPolicy {
+                    min_prompt_tokens: args.disagg_min_tokens,
+                    max_cached_fraction: args.disagg_max_cached_fraction,
+                },
+                secret,
+                fingerprint,
+                connect_timeout: Duration::from_secs(args.connect_timeout_secs),
+                load_poll: Duration::from_millis(100),
+            },
+            shutdown.clone(),
+        )
+        .await
+        .context("connecting to the workers")?;
+        let context = context_length.min(dispatcher.max_sequence_tokens());
+        let state = Arc::new(
+            tandem_router::api::ApiState::new(
+                Arc::new(dispatcher),
+                Arc::new(tokenizer),
+                served,
+                context,
+                args.api_key.clone(),
+            )
+            .map_err(anyhow::Error::msg)?,
+        );
+        let routes =
+            tonic::service::Routes::new(tandem_router::api::generate_service(state.clone()));
+        let http = tandem_router::api::openai_routes(state);
+        let readiness = Readiness::default();
+        readiness.set(true);
+        let serve = tokio::spawn(server.serve(routes, http, readiness, shutdown.clone()));
+        ReadyLine {
+            role: Role::Router,
+            addr,
+            kv: None,
+        }
+        .announce();
+        tracing::info!(%addr, "router serving");
+        serve.await.context("server task")?.context("serving")?;
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse_with_units_and_refuse_nonsense() {
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2GB").unwrap(), 2_000_000_000);
+        assert_eq!(parse_size("1024").unwrap(), 1024);
+        assert_eq!(parse_size("1.5 GiB").unwrap(), 3 << 29);
+        assert!(parse_size("10%").unwrap() > 0);
+        for bad in ["", "abc", "12XB", "0", "-1GB", "0%", "150%"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

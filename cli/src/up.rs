@@ -1,0 +1,338 @@
+//! `tandem up`: a whole cluster on this machine. Starts N prefill and M
+//! decode workers (or M plain workers with `--colocated`) and a router as
+//! child processes of this binary, each on a free port it announces, splits
+//! the cores among the workers, and prints the URL. Stops them all on
+//! Ctrl-C or SIGTERM, or when any of them dies.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tandem_cluster::{Peer, PeerList, ReadyLine, Role};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct UpArgs {
+    /// A .gguf file or a Hugging Face directory (default: the installed default model).
+    #[arg(long, env = "TANDEM_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Prefill workers.
+    #[arg(long, default_value_t = 1)]
+    pub prefill: usize,
+    /// Decode workers.
+    #[arg(long, default_value_t = 1)]
+    pub decode: usize,
+    /// Plain workers that prefill and decode (no prefill tier), for comparison.
+    #[arg(long)]
+    pub colocated: bool,
+    /// The router's port (the OpenAI API is at http://HOST:PORT/v1).
+    #[arg(long, env = "TANDEM_PORT", default_value_t = 8000)]
+    pub port: u16,
+    #[arg(long, env = "TANDEM_HOST", default_value = "127.0.0.1")]
+    pub host: std::net::IpAddr,
+    /// Bearer key clients must present.
+    #[arg(long, env = "TANDEM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Cores to use in all (default: every core).
+    #[arg(long)]
+    pub cores: Option<usize>,
+    /// KV cache per worker (see `tandem decode --help`).
+    #[arg(long, default_value = "1GiB")]
+    pub kv_cache_memory: String,
+    /// Prompts shorter than this skip the prefill tier.
+    #[arg(long, default_value_t = 32)]
+    pub disagg_min_tokens: usize,
+    #[arg(long, default_value = "prefix-affinity")]
+    pub route_policy: String,
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    pub prefill_tp: usize,
+    #[arg(long, default_value_t = 1)]
+    pub prefill_pp: usize,
+    #[arg(long, default_value_t = 1)]
+    pub decode_tp: usize,
+    #[arg(long, default_value_t = 1)]
+    pub decode_pp: usize,
+}
+
+/// Threads for each prefill and each decode worker. Prefill is compute
+/// bound and decode memory bound, so on few cores they share evenly; every
+/// worker gets at least one.
+pub fn split_cores(cores: usize, prefill: usize, decode: usize) -> (usize, usize) {
+    let cores = cores.max(1);
+    if prefill == 0 {
+        return (0, (cores / decode.max(1)).max(1));
+    }
+    let prefill_cores = (cores / 2)
+        .max(prefill)
+        .min(cores.saturating_sub(decode).max(prefill));
+    let decode_cores = cores.saturating_sub(prefill_cores).max(decode);
+    (
+        (prefill_cores / prefill).max(1),
+        (decode_cores / decode.max(1)).max(1),
+    )
+}
+
+/// A child node; killed when dropped.
+pub struct Node {
+    pub role: Role,
+    child: Child,
+    pub ready: ReadyLine,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // SIGTERM first so a node can drain; then make sure.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `tandem ROLE ... --port 0` and waits for its readiness line.
+pub fn spawn(role: Role, args: &[String], secret: &str, log_prefix: &str) -> Result<Node> {
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg(role.as_str())
+        .args(args)
+        .env("TANDEM_CLUSTER_SECRET", secret)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    // The children die with us, even if we are killed.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting the {role} node"))?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    let (tx, rx) = mpsc::channel();
+    let prefix = log_prefix.to_string();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+            if !sent {
+                if let Some(r) = ReadyLine::parse(&line) {
+                    let _ = tx.send(r);
+                    sent = true;
+                    continue;
+                }
+            }
+            println!("[{prefix}] {line}");
+        }
+    });
+    let mut node = Node {
+        role,
+        child,
+        ready: ReadyLine {
+            role,
+            addr: ([127, 0, 0, 1], 0).into(),
+            kv: None,
+        },
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(r) => {
+                node.ready = r;
+                return Ok(node);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if let Some(status) = node.child.try_wait()? {
+                    bail!("the {role} node exited before it was ready ({status})");
+                }
+                if Instant::now() > deadline {
+                    bail!("the {role} node was not ready within 300 s");
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = node.child.wait()?;
+                bail!("the {role} node exited before it was ready ({status})");
+            }
+        }
+    }
+}
+
+pub fn random_secret() -> String {
+    let mut b = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut b);
+    }
+    hex::encode(b)
+}
+
+pub fn run(args: UpArgs) -> Result<()> {
+    if [
+        args.prefill_tp,
+        args.prefill_pp,
+        args.decode_tp,
+        args.decode_pp,
+    ] != [1, 1, 1, 1]
+    {
+        bail!(
+            "--prefill-tp/--prefill-pp/--decode-tp/--decode-pp other than 1 are not supported yet"
+        );
+    }
+    if args.decode == 0 {
+        bail!("--decode must be at least 1");
+    }
+    let prefill = if args.colocated { 0 } else { args.prefill };
+    let model = crate::model_path(args.model.clone())?;
+    let cores = args.cores.unwrap_or_else(|| crate::thread_count(None));
+    let (p_threads, d_threads) = split_cores(cores, prefill, args.decode);
+    let secret = std::env::var("TANDEM_CLUSTER_SECRET")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(random_secret);
+    let host = args.host.to_string();
+    let model_s = model.display().to_string();
+    let worker_args = |threads: usize| -> Vec<String> {
+        vec![
+            "--model".into(),
+            model_s.clone(),
+            "--host".into(),
+            host.clone(),
+            "--port".into(),
+            "0".into(),
+            "--threads".into(),
+            threads.to_string(),
+            "--kv-cache-memory".into(),
+            args.kv_cache_memory.clone(),
+        ]
+    };
+    if prefill > 0 {
+        eprintln!(
+            "tandem up: {cores} cores: {prefill} prefill worker(s) x {p_threads} thread(s), {} decode worker(s) x {d_threads} thread(s)",
+            args.decode
+        );
+    } else {
+        eprintln!(
+            "tandem up: {cores} cores: {} colocated worker(s) x {d_threads} thread(s)",
+            args.decode
+        );
+    }
+    let mut nodes = Vec::new();
+    for i in 0..prefill {
+        nodes.push(spawn(
+            Role::Prefill,
+            &worker_args(p_threads),
+            &secret,
+            &format!("prefill-{i}"),
+        )?);
+    }
+    for i in 0..args.decode {
+        nodes.push(spawn(
+            Role::Decode,
+            &worker_args(d_threads),
+            &secret,
+            &format!("decode-{i}"),
+        )?);
+    }
+    let peers = PeerList(
+        nodes
+            .iter()
+            .map(|n| Peer {
+                role: n.role,
+                addr: n.ready.addr,
+            })
+            .collect(),
+    );
+    let mut router_args = vec![
+        "--model".into(),
+        model_s.clone(),
+        "--host".into(),
+        host.clone(),
+        "--port".into(),
+        args.port.to_string(),
+        "--peers".into(),
+        peers.to_string(),
+        "--disagg-min-tokens".into(),
+        args.disagg_min_tokens.to_string(),
+        "--route-policy".into(),
+        args.route_policy.clone(),
+    ];
+    if let Some(name) = &args.served_model_name {
+        router_args.extend(["--served-model-name".into(), name.clone()]);
+    }
+    // The key travels in the environment, not on the command line.
+    if let Some(key) = &args.api_key {
+        std::env::set_var("TANDEM_API_KEY", key);
+    }
+    let router = spawn(Role::Router, &router_args, &secret, "router")?;
+    let url = format!("http://{}/v1", router.ready.addr);
+    println!("tandem serving {} at {url}", model.display());
+    println!("TANDEM_URL {url}");
+    nodes.push(router);
+
+    // Wait for a signal or for any node to die.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        let s = stop.clone();
+        signal_flag(sig, s)?;
+    }
+    loop {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            eprintln!("tandem up: stopping");
+            drop(nodes);
+            return Ok(());
+        }
+        for n in nodes.iter_mut() {
+            if let Some(status) = n.child.try_wait()? {
+                let role = n.role;
+                drop(nodes);
+                bail!("the {role} node exited ({status}); stopped the cluster");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Sets `flag` when `sig` arrives.
+fn signal_flag(sig: i32, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Result<()> {
+    use std::sync::OnceLock;
+    static FLAG: OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> = OnceLock::new();
+    let _ = FLAG.set(flag);
+    extern "C" fn on_signal(_: i32) {
+        if let Some(f) = FLAG.get() {
+            f.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let r = unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    if r == libc::SIG_ERR {
+        bail!("cannot install a handler for signal {sig}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_cores;
+
+    #[test]
+    fn every_worker_gets_a_core_and_the_split_is_even() {
+        assert_eq!(split_cores(2, 1, 1), (1, 1));
+        assert_eq!(split_cores(16, 1, 1), (8, 8));
+        assert_eq!(split_cores(16, 2, 2), (4, 4));
+        assert_eq!(split_cores(2, 0, 1), (0, 2));
+        assert_eq!(split_cores(1, 1, 1), (1, 1));
+        assert_eq!(split_cores(8, 3, 1), (1, 4));
+    }
+}

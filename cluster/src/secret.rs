@@ -1,0 +1,70 @@
+//! The cluster secret: worker ports accept only callers that present it
+//! (gRPC metadata `x-tandem-cluster-secret`), compared in constant time.
+
+use subtle::ConstantTimeEq;
+use tandem_proto::worker::SECRET_METADATA;
+use tonic::{Request, Status};
+
+#[derive(Clone, Default)]
+pub struct ClusterSecret(String);
+
+impl ClusterSecret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    pub fn matches(&self, other: &[u8]) -> bool {
+        self.0.as_bytes().ct_eq(other).into()
+    }
+    /// Adds the secret to an outgoing call.
+    pub fn attach<T>(&self, mut req: Request<T>) -> Request<T> {
+        if let Ok(v) = self.0.parse() {
+            req.metadata_mut().insert(SECRET_METADATA, v);
+        }
+        req
+    }
+}
+
+impl std::fmt::Debug for ClusterSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterSecret(..)")
+    }
+}
+
+/// A tonic interceptor refusing calls without the secret.
+#[derive(Clone, Debug)]
+pub struct SecretCheck(pub ClusterSecret);
+
+impl tonic::service::Interceptor for SecretCheck {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        match req.metadata().get(SECRET_METADATA) {
+            Some(v) if self.0.matches(v.as_bytes()) => Ok(req),
+            Some(_) => Err(Status::unauthenticated("wrong cluster secret")),
+            None => Err(Status::unauthenticated(format!(
+                "missing cluster secret ({SECRET_METADATA} metadata)"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::service::Interceptor;
+
+    #[test]
+    fn refuses_missing_and_wrong_secrets() {
+        let s = ClusterSecret::new("s3cret");
+        let mut check = SecretCheck(s.clone());
+        assert!(check.call(s.attach(Request::new(()))).is_ok());
+        let e = check.call(Request::new(())).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        let wrong = ClusterSecret::new("other").attach(Request::new(()));
+        assert_eq!(
+            check.call(wrong).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+    }
+}

@@ -1,0 +1,181 @@
+//! One listener per node serving gRPC and plain HTTP side by side: requests
+//! with a `application/grpc` content type go to tonic, everything else to
+//! axum (`/health`, `/ready`, `/metrics`, and the role's own routes). Every
+//! node also serves `grpc.health.v1.Health` and server reflection.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+/// Whether the node takes work (`/ready`, gRPC health). Liveness
+/// (`/health`) is simply "the process answers".
+#[derive(Clone, Default, Debug)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Release);
+    }
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// The process-wide Prometheus recorder (installed on first use).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (a test process
+            // hosting several nodes): then this handle renders nothing, which
+            // only affects that process's /metrics.
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed");
+            }
+            handle
+        })
+        .clone()
+}
+
+pub struct NodeServer {
+    listener: TcpListener,
+    addr: SocketAddr,
+}
+
+impl NodeServer {
+    /// Binds the node's one port (`0` picks a free one).
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        Ok(Self { listener, addr })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until `shutdown`, then lets in-flight requests finish.
+    pub async fn serve(
+        self,
+        grpc: tonic::service::Routes,
+        http: axum::Router,
+        readiness: Readiness,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        let reflection =
+            tandem_proto::reflection_service().map_err(|e| std::io::Error::other(e.to_string()))?;
+        let grpc = grpc.add_service(health).add_service(reflection).prepare();
+        let grpc_router = grpc.into_axum_router();
+        let metrics = metrics_handle();
+        let r = readiness.clone();
+        let http = http
+            .route("/health", get(|| async { "ok\n" }))
+            .route(
+                "/ready",
+                get(move || {
+                    let ready = r.is_ready();
+                    async move {
+                        if ready {
+                            (StatusCode::OK, "ready\n")
+                        } else {
+                            (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                        }
+                    }
+                }),
+            )
+            .route(
+                "/metrics",
+                get(move || {
+                    let text = metrics.render();
+                    async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text) }
+                }),
+            )
+            .fallback(move |req: Request| {
+                let grpc = grpc_router.clone();
+                async move {
+                    if is_grpc(&req) {
+                        match grpc.oneshot(req).await {
+                            Ok(r) => r,
+                            Err(e) => match e {},
+                        }
+                    } else {
+                        not_found(&req)
+                    }
+                }
+            });
+        // Report gRPC health from the readiness flag.
+        let health_task = {
+            let readiness = readiness.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let mut last = None;
+                loop {
+                    let now = readiness.is_ready() && !shutdown.is_cancelled();
+                    if last != Some(now) {
+                        let status = if now {
+                            tonic_health::ServingStatus::Serving
+                        } else {
+                            tonic_health::ServingStatus::NotServing
+                        };
+                        reporter.set_service_status("", status).await;
+                        last = Some(now);
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {
+                            reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+                            break;
+                        }
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                    }
+                }
+            })
+        };
+        let res = axum::serve(self.listener, http.into_make_service())
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        health_task.abort();
+        res
+    }
+}
+
+fn is_grpc(req: &Request) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// 404 in OpenAI's error shape (the router's clients expect it; for the
+/// workers it is as good as any).
+fn not_found(req: &Request) -> Response {
+    let body = serde_json::json!({
+        "error": {
+            "message": format!("no route for {} {}", req.method(), req.uri().path()),
+            "type": "invalid_request_error",
+            "param": null,
+            "code": "not_found",
+        }
+    });
+    (
+        StatusCode::NOT_FOUND,
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from(body.to_string()),
+    )
+        .into_response()
+}

@@ -1,0 +1,409 @@
+//! The decode worker (`tandem decode`): admits requests, reserving KV blocks
+//! for the prompt at admission; has the prompt's KV computed by the prefill
+//! worker the router named (which streams it, layer by layer, to this
+//! worker's KV port) or computes it here; joins the sequence into the
+//! continuous batch and streams the tokens back.
+//!
+//! Received KV lands in a staging buffer and is copied into the reserved
+//! blocks on the engine thread (the pool belongs to that thread); the copy
+//! costs about 1% of the prefill it replaces.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tandem_cluster::{ClusterSecret, Role};
+use tandem_engine::engine::{Engine, RequestHandle, RequestSpec};
+use tandem_engine::kv::KvStaging;
+use tandem_kv_transfer::{
+    CancellationToken, KvReceiver, LayoutDescriptor, ReceiverConfig, TcpKvListener, TransferConfig,
+};
+use tandem_prefill::convert;
+use tandem_prefill::{CancelOnDrop, InFlight};
+use tandem_proto::worker as pb;
+use tokio::sync::{mpsc, oneshot};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+/// Who this worker is and how it receives KV.
+#[derive(Debug, Clone)]
+pub struct DecodeConfig {
+    pub node_id: String,
+    pub model_fingerprint: String,
+    pub secret: ClusterSecret,
+    pub transfer: TransferConfig,
+    pub threads: u32,
+    /// Longest a remote prefill (compute plus transfer) may take.
+    pub prefill_timeout: Duration,
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<KvReceiver>>>>;
+
+/// The `tandem.v1.Worker` service of a decode worker.
+pub struct DecodeService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: Arc<Engine>,
+    cfg: DecodeConfig,
+    kv_addr: SocketAddr,
+    /// Transfers expected, by transfer id: the KV listener hands each
+    /// accepted connection to the request that reserved blocks for it.
+    pending: Pending,
+    next_transfer: AtomicU64,
+    /// Engine ids by client request id, for `Cancel`.
+    by_request: Mutex<HashMap<String, u64>>,
+    in_flight: Arc<AtomicU32>,
+    prefill_clients: Mutex<HashMap<String, pb::WorkerClient<Channel>>>,
+}
+
+impl DecodeService {
+    /// Binds the KV listener on `kv_bind` and starts accepting transfers.
+    pub async fn start(
+        engine: Arc<Engine>,
+        cfg: DecodeConfig,
+        kv_bind: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Result<Self, tandem_kv_transfer::KvTransferError> {
+        let expected = LayoutDescriptor::new(cfg.model_fingerprint.clone(), engine.kv_layout());
+        let listener = TcpKvListener::bind(
+            kv_bind,
+            ReceiverConfig {
+                expected,
+                secret: tandem_kv_transfer::ClusterSecret::new(cfg.secret.as_str().as_bytes()),
+                transfer: cfg.transfer.clone(),
+            },
+        )
+        .await?;
+        let kv_addr = listener.local_addr()?;
+        let pending: Pending = Arc::default();
+        tokio::spawn(accept_loop(listener, pending.clone(), shutdown));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                engine,
+                cfg,
+                kv_addr,
+                pending,
+                next_transfer: AtomicU64::new(1),
+                by_request: Mutex::default(),
+                in_flight: Arc::default(),
+                prefill_clients: Mutex::default(),
+            }),
+        })
+    }
+
+    /// Where prefill workers send this worker's KV.
+    pub fn kv_addr(&self) -> SocketAddr {
+        self.inner.kv_addr
+    }
+}
+
+/// Accepts KV connections; each handshake runs on its own task so a slow
+/// peer holds up nobody, then goes to the request that expects it.
+async fn accept_loop(listener: TcpKvListener, pending: Pending, shutdown: CancellationToken) {
+    loop {
+        let conn = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            c = listener.accept_connection() => c,
+        };
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "KV accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let pending = pending.clone();
+        tokio::spawn(async move {
+            let rx = match conn.handshake().await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "KV handshake refused");
+                    return;
+                }
+            };
+            let id = rx.handshake().request_id;
+            let waiter = pending.lock().ok().and_then(|mut p| p.remove(&id));
+            match waiter {
+                Some(w) => {
+                    let _ = w.send(rx);
+                }
+                None => tracing::warn!(transfer = id, "KV for a transfer nobody expects"),
+            }
+        });
+    }
+}
+
+impl Inner {
+    fn prefill_client(&self, addr: &str) -> Result<pb::WorkerClient<Channel>, Status> {
+        let mut map = self.prefill_clients.lock().expect("client map");
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let ep = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Status::invalid_argument(format!("prefill address {addr:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true);
+        let c = pb::WorkerClient::new(ep.connect_lazy());
+        map.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Gets the prompt's KV from a prefill worker into reserved blocks and
+    /// joins the request into the batch.
+    async fn remote_prefill(
+        &self,
+        req: &pb::DecodeRequest,
+        spec: RequestSpec,
+    ) -> Result<RequestHandle, Status> {
+        let tokens = spec.prompt.len();
+        let reservation = self
+            .engine
+            .reserve(tokens)
+            .await
+            .map_err(convert::engine_status)?;
+        let transfer_id = self.next_transfer.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .expect("pending map")
+            .insert(transfer_id, tx);
+        let _unregister = Unregister(self.pending.clone(), transfer_id);
+        let mut client = self.prefill_client(&req.prefill_address)?;
+        let mut call = Request::new(pb::PrefillRequest {
+            request_id: req.request_id.clone(),
+            prompt: spec.prompt.clone(),
+            sampling: req.sampling,
+            kv_address: self.kv_addr.to_string(),
+            transfer_id,
+        });
+        call.set_timeout(self.cfg.prefill_timeout);
+        let call = self.cfg.secret.attach(call);
+        let cancel = CancellationToken::new();
+        let mut staging = KvStaging::new(self.engine.kv_layout(), tokens);
+        let receive = async {
+            let receiver = tokio::time::timeout(self.cfg.prefill_timeout, rx)
+                .await
+                .map_err(|_| Status::deadline_exceeded("the prefill worker never connected"))?
+                .map_err(|_| Status::internal("KV listener gone"))?;
+            receiver
+                .receive_into(&mut staging, &cancel)
+                .await
+                .map_err(|e| Status::unavailable(format!("KV transfer failed: {e}")))
+        };
+        let prefill = async {
+            let r = client.prefill(call).await;
+            if r.is_err() {
+                // The prefill worker failed: stop waiting for its KV.
+                cancel.cancel();
+            }
+            r
+        };
+        let (received, prefilled) = tokio::join!(receive, prefill);
+        let first = match prefilled {
+            Ok(r) => r.into_inner().first,
+            Err(s) => {
+                return Err(Status::new(
+                    s.code(),
+                    format!("prefill worker {}: {}", req.prefill_address, s.message()),
+                ))
+            }
+        };
+        let summary = received?;
+        metrics::counter!("tandem_kv_transfer_bytes_total", "direction" => "received")
+            .increment(summary.bytes);
+        let first = first.ok_or_else(|| Status::internal("prefill reply without a token"))?;
+        self.engine
+            .install(
+                reservation,
+                staging,
+                spec,
+                convert::sampled_from_proto(&first),
+            )
+            .await
+            .map_err(convert::engine_status)
+    }
+
+    /// The body of `Decode`: admission, prefill (here or remote), then the
+    /// token stream until finished or the client goes away.
+    async fn decode(
+        self: Arc<Self>,
+        req: pb::DecodeRequest,
+        out: mpsc::Sender<Result<pb::DecodeEvent, Status>>,
+    ) {
+        let _g = InFlight::enter(&self.in_flight);
+        let started = Instant::now();
+        let spec = match convert::sampling(req.sampling.as_ref()) {
+            Ok(params) => RequestSpec {
+                prompt: req.prompt.clone(),
+                params,
+                max_tokens: req.max_tokens.map(|n| n as usize),
+                stop_tokens: req.stop_token_ids.clone(),
+                priority: req.priority,
+            },
+            Err(s) => {
+                let _ = out.send(Err(s)).await;
+                return;
+            }
+        };
+        let remote = !req.prefill_address.is_empty();
+        let admitted = pb::DecodeEvent {
+            kind: Some(pb::DecodeEventKind::Admitted(pb::Admitted {
+                transferred_tokens: if remote { spec.prompt.len() as u32 } else { 0 },
+            })),
+        };
+        let handle = if remote {
+            let _ = out.send(Ok(admitted)).await;
+            tokio::select! {
+                r = self.remote_prefill(&req, spec) => r,
+                _ = out.closed() => return,
+            }
+        } else {
+            let h = self.engine.submit(spec).map_err(convert::engine_status);
+            if h.is_ok() {
+                let _ = out.send(Ok(admitted)).await;
+            }
+            h
+        };
+        let mut handle = match handle {
+            Ok(h) => h,
+            Err(s) => {
+                if remote {
+                    // Admission already went out: report in-band.
+                    let _ = out
+                        .send(Ok(pb::DecodeEvent {
+                            kind: Some(pb::DecodeEventKind::Error(pb::WorkerError {
+                                code: code_name(s.code()).into(),
+                                message: s.message().to_string(),
+                            })),
+                        }))
+                        .await;
+                } else {
+                    let _ = out.send(Err(s)).await;
+                }
+                return;
+            }
+        };
+        let _cancel = CancelOnDrop(self.engine.clone(), handle.id);
+        if !req.request_id.is_empty() {
+            if let Ok(mut m) = self.by_request.lock() {
+                m.insert(req.request_id.clone(), handle.id);
+            }
+        }
+        let mut first = true;
+        loop {
+            let ev = tokio::select! {
+                e = handle.events.recv() => e,
+                _ = out.closed() => break,
+            };
+            let Some(ev) = ev else { break };
+            if first {
+                metrics::histogram!("tandem_decode_time_to_first_token_seconds", "prefill" => if remote { "remote" } else { "local" })
+                    .record(started.elapsed().as_secs_f64());
+                first = false;
+            }
+            let last = !matches!(ev, tandem_engine::scheduler::Event::Token(_));
+            if out.send(Ok(convert::event_to_proto(ev))).await.is_err() || last {
+                break;
+            }
+        }
+        if let Ok(mut m) = self.by_request.lock() {
+            m.remove(&req.request_id);
+        }
+    }
+}
+
+fn code_name(c: tonic::Code) -> &'static str {
+    match c {
+        tonic::Code::InvalidArgument => "invalid_request",
+        tonic::Code::ResourceExhausted => "overloaded",
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => "prefill_failed",
+        _ => "internal",
+    }
+}
+
+/// Forgets an expected transfer (when the request ends first).
+struct Unregister(Pending, u64);
+
+impl Drop for Unregister {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.0.lock() {
+            p.remove(&self.1);
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::Worker for DecodeService {
+    async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::NodeInfo>, Status> {
+        let i = &self.inner;
+        Ok(Response::new(convert::node_info(
+            &i.engine,
+            Role::Decode,
+            &i.cfg.node_id,
+            &i.cfg.model_fingerprint,
+            i.kv_addr.to_string(),
+            i.cfg.threads,
+        )))
+    }
+
+    async fn load(&self, _: Request<pb::LoadRequest>) -> Result<Response<pb::LoadReport>, Status> {
+        Ok(Response::new(convert::load_report(
+            &self.inner.engine,
+            self.inner.in_flight.load(Ordering::Relaxed),
+        )))
+    }
+
+    type DecodeStream = tokio_stream::wrappers::ReceiverStream<Result<pb::DecodeEvent, Status>>;
+
+    async fn decode(
+        &self,
+        req: Request<pb::DecodeRequest>,
+    ) -> Result<Response<Self::DecodeStream>, Status> {
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(self.inner.clone().decode(req.into_inner(), tx));
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
+    async fn prefill(
+        &self,
+        _: Request<pb::PrefillRequest>,
+    ) -> Result<Response<pb::PrefillResponse>, Status> {
+        Err(Status::unimplemented(
+            "this is a decode worker; send Prefill to a prefill worker",
+        ))
+    }
+
+    async fn cancel(
+        &self,
+        req: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::CancelResponse>, Status> {
+        let id = req.into_inner().request_id;
+        let found = self
+            .inner
+            .by_request
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&id).copied());
+        if let Some(e) = found {
+            self.inner.engine.cancel(e);
+        }
+        Ok(Response::new(pb::CancelResponse {
+            found: found.is_some(),
+        }))
+    }
+
+    async fn cached_prefix(
+        &self,
+        req: Request<pb::CachedPrefixRequest>,
+    ) -> Result<Response<pb::CachedPrefixResponse>, Status> {
+        let n = convert::cached_prefix(&self.inner.engine, req.into_inner().tokens).await;
+        Ok(Response::new(pb::CachedPrefixResponse { tokens: n }))
+    }
+}

@@ -1,0 +1,133 @@
+//! Conversions between the worker protocol and the engine, shared by the
+//! prefill and decode workers.
+
+use std::sync::Arc;
+
+use tandem_cluster::{Role, PROTOCOL_VERSION};
+use tandem_engine::engine::Engine;
+use tandem_engine::generate::FinishReason;
+use tandem_engine::sampler::{Sampled, SamplingParams};
+use tandem_engine::scheduler::Event;
+use tandem_engine::EngineError;
+use tandem_proto::worker as pb;
+use tonic::Status;
+
+/// The engine's sampling parameters from the wire (validated by the engine
+/// when the request is submitted).
+pub fn sampling(s: Option<&pb::WorkerSampling>) -> Result<SamplingParams, Status> {
+    let s = s.ok_or_else(|| Status::invalid_argument("sampling parameters are missing"))?;
+    Ok(SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k as usize,
+        top_p: s.top_p,
+        min_p: s.min_p,
+        repetition_penalty: s.repetition_penalty,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+        seed: s.seed,
+        request_key: s.request_key,
+        top_logprobs: s.top_logprobs as usize,
+        logprobs: s.logprobs,
+    })
+}
+
+pub fn sampled_to_proto(s: &Sampled) -> pb::SampledToken {
+    pb::SampledToken {
+        token_id: s.token,
+        logprob: s.logprob,
+        top: s
+            .top
+            .iter()
+            .map(|&(token_id, logprob)| pb::TokenLogprob { token_id, logprob })
+            .collect(),
+    }
+}
+
+pub fn sampled_from_proto(s: &pb::SampledToken) -> Sampled {
+    Sampled {
+        token: s.token_id,
+        logprob: s.logprob,
+        top: s.top.iter().map(|t| (t.token_id, t.logprob)).collect(),
+    }
+}
+
+/// gRPC status for an engine refusal: invalid input is the caller's fault,
+/// a full pool is a retryable overload.
+pub fn engine_status(e: EngineError) -> Status {
+    match e.class() {
+        "invalid_request" | "unsupported" => Status::invalid_argument(e.to_string()),
+        "overloaded" => Status::resource_exhausted(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+/// An engine event on the wire.
+pub fn event_to_proto(e: Event) -> pb::DecodeEvent {
+    use pb::DecodeEventKind as K;
+    let kind = match e {
+        Event::Token(s) => K::Token(sampled_to_proto(&s)),
+        Event::Finished {
+            reason,
+            prompt_tokens,
+            completion_tokens,
+            cached_tokens,
+        } => K::Finished(pb::Finished {
+            reason: match reason {
+                FinishReason::Stop => pb::FinishReason::Stop,
+                FinishReason::Length => pb::FinishReason::Length,
+            } as i32,
+            prompt_tokens: prompt_tokens as u32,
+            completion_tokens: completion_tokens as u32,
+            cached_tokens: cached_tokens as u32,
+        }),
+        Event::Error(message) => K::Error(pb::WorkerError {
+            code: "internal".into(),
+            message,
+        }),
+    };
+    pb::DecodeEvent { kind: Some(kind) }
+}
+
+pub fn node_info(
+    engine: &Engine,
+    role: Role,
+    node_id: &str,
+    fingerprint: &str,
+    kv_address: String,
+    threads: u32,
+) -> pb::NodeInfo {
+    let stats = engine.stats();
+    pb::NodeInfo {
+        protocol_version: PROTOCOL_VERSION,
+        role: role.to_proto() as i32,
+        node_id: node_id.to_string(),
+        model_fingerprint: fingerprint.to_string(),
+        kv_address,
+        max_sequence_tokens: engine.max_sequence_tokens() as u32,
+        block_size: engine.kv_layout().block_size as u32,
+        total_blocks: stats.total_blocks as u32,
+        tp_size: 1,
+        pp_size: 1,
+        threads,
+    }
+}
+
+pub fn load_report(engine: &Engine, in_flight: u32) -> pb::LoadReport {
+    let s = engine.stats();
+    pb::LoadReport {
+        waiting: s.waiting as u32,
+        running: s.running as u32,
+        free_blocks: s.free_blocks as u32,
+        total_blocks: s.total_blocks as u32,
+        in_flight,
+    }
+}
+
+/// `Engine::cached_prefix_len` waits for the engine thread: keep it off
+/// the async workers.
+pub async fn cached_prefix(engine: &Arc<Engine>, tokens: Vec<u32>) -> u32 {
+    let e = engine.clone();
+    tokio::task::spawn_blocking(move || e.cached_prefix_len(tokens) as u32)
+        .await
+        .unwrap_or(0)
+}

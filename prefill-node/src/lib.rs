@@ -1,0 +1,242 @@
+//! The prefill worker (`tandem prefill`): computes prompts, batched and
+//! chunked by the engine's scheduler with its own radix prefix cache, and
+//! streams each prompt's KV, layer by layer as the layers finish, to the
+//! decode worker that asked for it. It answers with the first sampled token
+//! once the decode worker has confirmed every block.
+//!
+//! [`convert`] holds the proto ↔ engine conversions both worker roles use.
+
+pub mod convert;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tandem_cluster::{ClusterSecret, Role};
+use tandem_engine::engine::{Engine, RequestSpec};
+use tandem_engine::scheduler::{Event, ExportBlock, KvExport};
+use tandem_kv_transfer::{
+    BlockRegion, Handshake, KvSender, KvTransport, LayoutDescriptor, TcpTransport, TransferConfig,
+};
+use tandem_proto::worker as pb;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+
+/// Who this worker is and how it sends KV.
+#[derive(Debug, Clone)]
+pub struct PrefillConfig {
+    pub node_id: String,
+    pub model_fingerprint: String,
+    pub secret: ClusterSecret,
+    pub transfer: TransferConfig,
+    pub threads: u32,
+}
+
+/// The `tandem.v1.Worker` service of a prefill worker.
+pub struct PrefillService {
+    engine: Arc<Engine>,
+    cfg: PrefillConfig,
+    layout: LayoutDescriptor,
+    in_flight: Arc<AtomicU32>,
+}
+
+impl PrefillService {
+    pub fn new(engine: Arc<Engine>, cfg: PrefillConfig) -> Self {
+        let layout = LayoutDescriptor::new(cfg.model_fingerprint.clone(), engine.kv_layout());
+        Self {
+            engine,
+            cfg,
+            layout,
+            in_flight: Arc::default(),
+        }
+    }
+
+    /// Runs one prompt and ships its KV; the body of `Prefill`.
+    async fn prefill(&self, req: pb::PrefillRequest) -> Result<pb::PrefillResponse, Status> {
+        let started = Instant::now();
+        let kv_addr: SocketAddr = req.kv_address.parse().map_err(|e| {
+            Status::invalid_argument(format!("kv_address {:?}: {e}", req.kv_address))
+        })?;
+        let params = convert::sampling(req.sampling.as_ref())?;
+        let tokens = req.prompt.len();
+        // The decode worker checks stop tokens and max_tokens; here the
+        // prompt runs to its first sampled token, whatever it is.
+        let spec = RequestSpec {
+            prompt: req.prompt,
+            params,
+            max_tokens: Some(1),
+            stop_tokens: Vec::new(),
+            priority: 0,
+        };
+        let (tx, mut layers) = mpsc::unbounded_channel();
+        let mut handle = self
+            .engine
+            .submit_with_export(spec, Box::new(ChannelExport(tx)))
+            .map_err(convert::engine_status)?;
+        let _cancel = CancelOnDrop(self.engine.clone(), handle.id);
+
+        // Connect while the first chunk computes; layers queue meanwhile.
+        let handshake = Handshake {
+            layout: self.layout.clone(),
+            secret: tandem_kv_transfer::ClusterSecret::new(self.cfg.secret.as_str().as_bytes()),
+            request_id: req.transfer_id,
+            tokens: tokens as u64,
+        };
+        let transport = TcpTransport::new(kv_addr, self.cfg.transfer.clone());
+        let ship = async move {
+            let mut sender = transport.connect(handshake).await?;
+            while let Some((layer, blocks)) = layers.recv().await {
+                let regions: Vec<BlockRegion<'_>> = blocks
+                    .iter()
+                    .map(|b: &OwnedBlock| BlockRegion {
+                        block: b.block,
+                        slots: b.slots,
+                        data: &b.data,
+                    })
+                    .collect();
+                sender.send_layer_blocks(layer, &regions).await?;
+            }
+            sender.finish().await
+        };
+        let events = async {
+            let mut first = None;
+            loop {
+                match handle.events.recv().await {
+                    Some(Event::Token(s)) => first = Some(s),
+                    Some(Event::Finished { cached_tokens, .. }) => {
+                        return match first.take() {
+                            Some(f) => Ok((f, cached_tokens)),
+                            None => Err(Status::internal("prefill finished without a token")),
+                        }
+                    }
+                    Some(Event::Error(e)) => return Err(Status::internal(e)),
+                    None => return Err(Status::internal("the engine dropped the request")),
+                }
+            }
+        };
+        let (shipped, sampled) = tokio::join!(ship, events);
+        let (first, cached) = sampled?;
+        let summary = shipped.map_err(|e| {
+            metrics::counter!("tandem_prefill_transfer_failures_total").increment(1);
+            Status::unavailable(format!("KV transfer to {kv_addr} failed: {e}"))
+        })?;
+        metrics::histogram!("tandem_prefill_seconds").record(started.elapsed().as_secs_f64());
+        metrics::counter!("tandem_prefill_prompt_tokens_total").increment(tokens as u64);
+        metrics::counter!("tandem_kv_transfer_bytes_total", "direction" => "sent")
+            .increment(summary.bytes);
+        Ok(pb::PrefillResponse {
+            first: Some(convert::sampled_to_proto(&first)),
+            cached_tokens: cached as u32,
+            frames: summary.frames,
+            bytes: summary.bytes,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::Worker for PrefillService {
+    async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::NodeInfo>, Status> {
+        Ok(Response::new(convert::node_info(
+            &self.engine,
+            Role::Prefill,
+            &self.cfg.node_id,
+            &self.cfg.model_fingerprint,
+            String::new(),
+            self.cfg.threads,
+        )))
+    }
+
+    async fn load(&self, _: Request<pb::LoadRequest>) -> Result<Response<pb::LoadReport>, Status> {
+        Ok(Response::new(convert::load_report(
+            &self.engine,
+            self.in_flight.load(Ordering::Relaxed),
+        )))
+    }
+
+    type DecodeStream = tokio_stream::wrappers::ReceiverStream<Result<pb::DecodeEvent, Status>>;
+
+    async fn decode(
+        &self,
+        _: Request<pb::DecodeRequest>,
+    ) -> Result<Response<Self::DecodeStream>, Status> {
+        Err(Status::unimplemented(
+            "this is a prefill worker; send Decode to a decode worker",
+        ))
+    }
+
+    async fn prefill(
+        &self,
+        req: Request<pb::PrefillRequest>,
+    ) -> Result<Response<pb::PrefillResponse>, Status> {
+        let _g = InFlight::enter(&self.in_flight);
+        self.prefill(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn cancel(
+        &self,
+        _: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::CancelResponse>, Status> {
+        // A prefill is cancelled by dropping its call.
+        Ok(Response::new(pb::CancelResponse { found: false }))
+    }
+
+    async fn cached_prefix(
+        &self,
+        req: Request<pb::CachedPrefixRequest>,
+    ) -> Result<Response<pb::CachedPrefixResponse>, Status> {
+        let n = convert::cached_prefix(&self.engine, req.into_inner().tokens).await;
+        Ok(Response::new(pb::CachedPrefixResponse { tokens: n }))
+    }
+}
+
+/// One exported block, copied out of the pool.
+struct OwnedBlock {
+    block: u32,
+    slots: u32,
+    data: Vec<f32>,
+}
+
+/// Copies exported layers out of the engine thread onto a channel that the
+/// shipping task drains; a closed channel (the call was dropped) abandons
+/// the request.
+struct ChannelExport(mpsc::UnboundedSender<(u32, Vec<OwnedBlock>)>);
+
+impl KvExport for ChannelExport {
+    fn export(&mut self, layer: usize, blocks: &[ExportBlock<'_>]) -> bool {
+        let owned = blocks
+            .iter()
+            .map(|b| OwnedBlock {
+                block: b.block,
+                slots: b.slots,
+                data: b.data.to_vec(),
+            })
+            .collect();
+        self.0.send((layer as u32, owned)).is_ok()
+    }
+}
+
+/// Cancels an engine request when the RPC that owns it goes away.
+pub struct CancelOnDrop(pub Arc<Engine>, pub u64);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel(self.1);
+    }
+}
+
+/// Counts requests inside the service.
+pub struct InFlight(Arc<AtomicU32>);
+
+impl InFlight {
+    pub fn enter(c: &Arc<AtomicU32>) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        Self(c.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,201 @@
+//! Detokenisation and stop strings of one choice, in one place for every
+//! front end.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::Stream;
+use tandem_model::detok::{IncrementalDecoder, StopMatcher};
+use tandem_model::tokenizer::Tokenizer;
+
+use crate::dispatch::{DispatchError, Finish, TokenEvent, TokenStream};
+
+/// Why a choice ended, as the client sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token or a stop string.
+    Stop,
+    /// `max_tokens` or the context length.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// One sampled token with what the logprobs outputs need.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenInfo {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+    /// Characters of (pre-stop-string) text decoded before this token.
+    pub text_offset: usize,
+}
+
+/// What one backend event produced for the client.
+#[derive(Debug, Clone)]
+pub struct ChoiceDelta {
+    /// Text safe to send now (whole characters, no partial stop string).
+    pub text: String,
+    /// Tokens consumed by this event (zero or one).
+    pub tokens: Vec<TokenInfo>,
+    /// Set on the last delta of the choice.
+    pub finish: Option<FinishReason>,
+    /// Completion tokens of the whole choice (meaningful with `finish`).
+    pub completion_tokens: u32,
+    /// Prompt tokens served from a prefix cache (meaningful with `finish`).
+    pub cached_tokens: u32,
+    /// When the event arrived from the backend (relay latency starts here).
+    pub received: Instant,
+}
+
+impl ChoiceDelta {
+    /// Nothing to tell the client.
+    pub fn is_empty(&self) -> bool {
+        self.text.is_empty() && self.tokens.is_empty() && self.finish.is_none()
+    }
+}
+
+/// Turns a choice's [`TokenEvent`]s into client text: UTF-8-safe incremental
+/// detokenisation (special tokens skipped), then stop strings held back and
+/// cut.
+pub struct ChoiceDecoder {
+    detok: IncrementalDecoder<Arc<Tokenizer>>,
+    stop: StopMatcher,
+    decoded_chars: usize,
+    token_ids: Vec<u32>,
+    finished: Option<FinishReason>,
+}
+
+impl ChoiceDecoder {
+    pub fn new(tokenizer: Arc<Tokenizer>, stops: &[String]) -> Self {
+        Self {
+            detok: IncrementalDecoder::new(tokenizer, true),
+            stop: StopMatcher::new(stops),
+            decoded_chars: 0,
+            token_ids: Vec::new(),
+            finished: None,
+        }
+    }
+
+    /// Token ids received so far (up to the one that completed a stop string).
+    pub fn token_ids(&self) -> &[u32] {
+        &self.token_ids
+    }
+
+    pub fn finished(&self) -> Option<FinishReason> {
+        self.finished
+    }
+
+    /// Feeds one backend event. After the returned delta has `finish` set,
+    /// the choice is over (drop the [`TokenStream`] to cancel the rest).
+    pub fn push(&mut self, event: TokenEvent) -> Result<ChoiceDelta, DispatchError> {
+        let received = Instant::now();
+        let mut delta = ChoiceDelta {
+            text: String::new(),
+            tokens: Vec::new(),
+            finish: None,
+            completion_tokens: self.token_ids.len() as u32,
+            cached_tokens: 0,
+            received,
+        };
+        if let Some(f) = self.finished {
+            delta.finish = Some(f);
+            return Ok(delta);
+        }
+        match event {
+            TokenEvent::Token(t) => {
+                let piece = self
+                    .detok
+                    .push(t.id)
+                    .map_err(|e| DispatchError::Internal(format!("detokenising: {e}")))?;
+                self.token_ids.push(t.id);
+                delta.tokens.push(TokenInfo {
+                    id: t.id,
+                    logprob: t.logprob,
+                    top: t.top,
+                    text_offset: self.decoded_chars,
+                });
+                self.decoded_chars += piece.chars().count();
+                let step = self.stop.push(&piece);
+                delta.text = step.text;
+                delta.completion_tokens = self.token_ids.len() as u32;
+                if step.stopped.is_some() {
+                    self.finished = Some(FinishReason::Stop);
+                    delta.finish = self.finished;
+                }
+            }
+            TokenEvent::Finished {
+                reason,
+                completion_tokens,
+                cached_tokens,
+                ..
+            } => {
+                let tail = self.detok.finish();
+                let step = self.stop.push(&tail);
+                delta.text = step.text;
+                let reason = if step.stopped.is_some() {
+                    FinishReason::Stop
+                } else {
+                    delta.text.push_str(&self.stop.finish());
+                    match reason {
+                        Finish::Stop => FinishReason::Stop,
+                        Finish::Length => FinishReason::Length,
+                    }
+                };
+                self.finished = Some(reason);
+                delta.finish = Some(reason);
+                // The backend may count a stop token it did not emit.
+                delta.completion_tokens = completion_tokens.max(self.token_ids.len() as u32);
+                delta.cached_tokens = cached_tokens;
+            }
+            TokenEvent::Error(e) => return Err(e),
+        }
+        Ok(delta)
+    }
+}
+
+/// What a running choice yields.
+#[derive(Debug, Clone)]
+pub enum ChoiceOut {
+    Delta(ChoiceDelta),
+    Error(DispatchError),
+}
+
+pub type ChoiceStream = Pin<Box<dyn Stream<Item = (usize, ChoiceOut)> + Send>>;
+
+/// Runs one choice: yields its non-empty deltas, ends after the finishing
+/// one (or an error), and drops the [`TokenStream`] at that point, which
+/// cancels the generation on the workers (a stop string ends it early).
+pub fn choice_stream(index: usize, tokens: TokenStream, decoder: ChoiceDecoder) -> ChoiceStream {
+    Box::pin(futures_util::stream::unfold(
+        Some((tokens, decoder)),
+        move |state| async move {
+            let (mut tokens, mut decoder) = state?;
+            loop {
+                let Some(event) = tokens.next().await else {
+                    let e = DispatchError::Internal(
+                        "the generation ended without a finish event".into(),
+                    );
+                    return Some(((index, ChoiceOut::Error(e)), None));
+                };
+                match decoder.push(event) {
+                    Err(e) => return Some(((index, ChoiceOut::Error(e)), None)),
+                    Ok(d) if d.finish.is_some() => {
+                        drop(tokens);
+                        return Some(((index, ChoiceOut::Delta(d)), None));
+                    }
+                    Ok(d) if d.is_empty() => continue,
+                    Ok(d) => return Some(((index, ChoiceOut::Delta(d)), Some((tokens, decoder)))),
+                }
+            }
+        },
+    ))
+}

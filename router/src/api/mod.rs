@@ -1,0 +1,214 @@
+//! The router's client-facing API layer: the OpenAI-compatible HTTP API and
+//! the gRPC `tandem.v1.Generate` service, in front of a [`Backend`].
+//!
+//! This layer owns the chat template, tokenisation, parameter validation,
+//! incremental detokenisation and stop strings; it knows nothing of workers.
+//!
+//! * [`params`]: one validation path turning parsed parameters into
+//!   [`crate::dispatch::GenerationInput`]s (HTTP and gRPC share it);
+//! * [`choice`]: [`ChoiceDecoder`], detokenisation + stop strings of one choice;
+//! * [`openai`]: the axum routes; [`grpc`]: the tonic service;
+//! * [`relay`]: the router's own per-token relay latency.
+
+use std::sync::Arc;
+
+use tandem_model::chat::{ChatMessage, ChatTemplate};
+use tandem_model::tokenizer::Tokenizer;
+
+use crate::dispatch::Backend;
+
+pub mod choice;
+pub mod error;
+pub mod grpc;
+pub mod openai;
+pub mod params;
+pub mod relay;
+
+#[cfg(test)]
+mod tests;
+
+pub use choice::{ChoiceDecoder, ChoiceDelta, FinishReason, TokenInfo};
+pub use error::ApiError;
+pub use grpc::{generate_service, GenerateApi};
+pub use openai::openai_routes;
+pub use params::GenParams;
+pub use relay::relay_latency_summary;
+
+/// End-of-turn tokens of common chat formats: when the template writes one
+/// and the vocabulary has it, generation stops on it (the tokenizer's
+/// `eos_ids` normally holds it already).
+const END_OF_TURN: &[&str] = &[
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<end_of_turn>",
+    "<|end|>",
+    "<|endoftext|>",
+];
+
+/// Everything the front ends need, shared by every request.
+pub struct ApiState {
+    pub backend: Arc<dyn Backend>,
+    pub tokenizer: Arc<Tokenizer>,
+    /// `None` when the model ships no chat template (chat requests get a 400).
+    pub chat_template: Option<ChatTemplate>,
+    pub served_model_name: String,
+    /// Maximum prompt + completion tokens.
+    pub context_length: usize,
+    /// When set, `/v1` and the gRPC service require `Authorization: Bearer KEY`.
+    pub api_key: Option<String>,
+    /// Ids that end a generation without being emitted.
+    pub stop_token_ids: Vec<u32>,
+    /// Unix time the state was built (`created` of `/v1/models`).
+    pub created: u64,
+}
+
+impl std::fmt::Debug for ApiState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiState")
+            .field("served_model_name", &self.served_model_name)
+            .field("context_length", &self.context_length)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .field("stop_token_ids", &self.stop_token_ids)
+            .field("chat_template", &self.chat_template.is_some())
+            .finish()
+    }
+}
+
+impl ApiState {
+    /// Builds the chat template (with the model's BOS/EOS texts, as `tandem
+    /// generate` does) and the stop token ids (`eos_ids` plus the template's
+    /// end-of-turn token when the vocabulary knows it).
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        tokenizer: Arc<Tokenizer>,
+        served_model_name: String,
+        context_length: usize,
+        api_key: Option<String>,
+    ) -> Result<Self, String> {
+        if context_length < 2 {
+            return Err(format!("context length {context_length} is too small"));
+        }
+        if served_model_name.is_empty() {
+            return Err("the served model name is empty".into());
+        }
+        let chat_template = match tokenizer.chat_template() {
+            Some(src) => {
+                // Same as cli/src/generate.rs: the texts of the BOS/EOS ids.
+                let name = |id: Option<u32>| {
+                    id.and_then(|i| tokenizer.decode(&[i], false).ok())
+                        .unwrap_or_default()
+                };
+                Some(
+                    ChatTemplate::new(
+                        src,
+                        &name(tokenizer.bos_id()),
+                        &name(tokenizer.eos_ids().first().copied()),
+                    )
+                    .map_err(|e| format!("the model's chat template does not compile: {e}"))?,
+                )
+            }
+            None => None,
+        };
+        let mut stop_token_ids = tokenizer.eos_ids().to_vec();
+        if let Some(src) = tokenizer.chat_template() {
+            for name in END_OF_TURN {
+                if !src.contains(name) {
+                    continue;
+                }
+                if let Some(id) = tokenizer.token_to_id(name) {
+                    if tokenizer.is_special(id) && !stop_token_ids.contains(&id) {
+                        stop_token_ids.push(id);
+                    }
+                }
+            }
+        }
+        let api_key = api_key.filter(|k| !k.is_empty());
+        Ok(Self {
+            backend,
+            tokenizer,
+            chat_template,
+            served_model_name,
+            context_length,
+            api_key,
+            stop_token_ids,
+            created: unix_now(),
+        })
+    }
+
+    /// Renders a conversation with the generation prompt and tokenizes it
+    /// exactly as `tandem generate --chat` does (`encode(text, false)`: the
+    /// template writes its own special tokens).
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, ApiError> {
+        let t = self.chat_template.as_ref().ok_or_else(|| {
+            ApiError::invalid(
+                "this model has no chat template; use /v1/completions",
+                Some("messages"),
+            )
+        })?;
+        let text = t
+            .render(messages, true)
+            .map_err(|e| ApiError::invalid(format!("{e}"), Some("messages")))?;
+        self.tokenizer
+            .encode(&text, false)
+            .map_err(|e| ApiError::internal(format!("tokenizing the prompt: {e}")))
+    }
+
+    /// Tokenizes a raw prompt exactly as `tandem generate --prompt` does
+    /// (`encode(text, true)`: BOS when the model asks for it).
+    pub fn text_prompt(&self, text: &str) -> Result<Vec<u32>, ApiError> {
+        self.tokenizer
+            .encode(text, true)
+            .map_err(|e| ApiError::internal(format!("tokenizing the prompt: {e}")))
+    }
+
+    /// Checks that `name` is the served model (404 `model_not_found` otherwise).
+    pub fn check_model(&self, name: &str) -> Result<(), ApiError> {
+        if name == self.served_model_name {
+            Ok(())
+        } else {
+            Err(ApiError::model_not_found(name))
+        }
+    }
+
+    /// Constant-time check of a `Bearer` credential against the API key.
+    pub fn check_bearer(&self, authorization: Option<&str>) -> Result<(), ApiError> {
+        let Some(key) = &self.api_key else {
+            return Ok(());
+        };
+        let Some(value) = authorization else {
+            return Err(ApiError::unauthorized(
+                "You didn't provide an API key. Pass it as 'Authorization: Bearer KEY'.",
+            ));
+        };
+        let given = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .unwrap_or("")
+            .trim();
+        if ct_eq(given.as_bytes(), key.as_bytes()) {
+            Ok(())
+        } else {
+            Err(ApiError::unauthorized("Incorrect API key provided."))
+        }
+    }
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A random id suffix (24 hex digits).
+pub(crate) fn random_id() -> String {
+    format!("{:024x}", rand::random::<u128>() >> 32)
+}

@@ -1,0 +1,1088 @@
+//! The OpenAI-compatible HTTP API: `POST /v1/chat/completions`,
+//! `POST /v1/completions`, `GET /v1/models`, `GET /v1/models/{model}`.
+//!
+//! Request bodies are parsed by hand (not with axum's `Json`) so every bad
+//! input becomes a 400 in OpenAI's error shape naming the offending `param`.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::Router;
+use futures_util::stream::SelectAll;
+use futures_util::StreamExt;
+use serde_json::{json, Map, Value};
+use tandem_model::chat::ChatMessage;
+use tandem_model::tokenizer::Tokenizer;
+
+use super::choice::{choice_stream, ChoiceDecoder, ChoiceOut, ChoiceStream, TokenInfo};
+use super::params::{GenParams, Prepared};
+use super::relay::record_relay;
+use super::{random_id, unix_now, ApiError, ApiState, FinishReason};
+use crate::dispatch::{DispatchError, TokenStream};
+
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 32 << 20;
+
+/// The `/v1` routes (guarded by the API key when one is set). Merge them into
+/// the node's router; they install no global fallback.
+pub fn openai_routes(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{*model}", get(get_model))
+        .route("/v1/{*rest}", any(unknown_route))
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn require_api_key(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    let auth = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match state.check_bearer(auth) {
+        Ok(()) => next.run(req).await,
+        Err(e) => {
+            count_request(endpoint_of(req.uri().path()), e.status);
+            e.into_response()
+        }
+    }
+}
+
+fn endpoint_of(path: &str) -> &'static str {
+    match path {
+        "/v1/chat/completions" => "chat_completions",
+        "/v1/completions" => "completions",
+        p if p.starts_with("/v1/models") => "models",
+        _ => "other",
+    }
+}
+
+fn count_request(endpoint: &'static str, status: StatusCode) {
+    metrics::counter!(
+        "tandem_router_requests_total",
+        "endpoint" => endpoint,
+        "status" => status.as_u16().to_string()
+    )
+    .increment(1);
+}
+
+async fn unknown_route(req: Request) -> Response {
+    let e = ApiError::not_found(format!(
+        "Unknown request URL: {} {}",
+        req.method(),
+        req.uri().path()
+    ));
+    count_request("other", e.status);
+    e.into_response()
+}
+
+async fn method_not_allowed(req: Request) -> Response {
+    let mut e = ApiError::invalid(
+        format!(
+            "Method {} is not allowed on {}",
+            req.method(),
+            req.uri().path()
+        ),
+        None,
+    )
+    .with_code("method_not_allowed");
+    e.status = StatusCode::METHOD_NOT_ALLOWED;
+    count_request(endpoint_of(req.uri().path()), e.status);
+    e.into_response()
+}
+
+async fn list_models(State(state): State<Arc<ApiState>>) -> Response {
+    count_request("models", StatusCode::OK);
+    axum::Json(json!({"object": "list", "data": [model_card(&state)]})).into_response()
+}
+
+async fn get_model(State(state): State<Arc<ApiState>>, Path(model): Path<String>) -> Response {
+    let model = model.trim_start_matches('/');
+    let resp = match state.check_model(model) {
+        Ok(()) => axum::Json(model_card(&state)).into_response(),
+        Err(e) => e.into_response(),
+    };
+    count_request("models", resp.status());
+    resp
+}
+
+fn model_card(state: &ApiState) -> Value {
+    json!({
+        "id": state.served_model_name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "tandem",
+        "max_model_len": state.context_length,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Request parsing helpers
+
+fn field<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a Value> {
+    m.get(k).filter(|v| !v.is_null())
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn wrong_type(param: &str, want: &str, got: &Value) -> ApiError {
+    ApiError::bad_param(
+        param,
+        format!("'{param}' must be {want}, got {}", type_name(got)),
+    )
+    .with_code("invalid_type")
+}
+
+fn num(m: &Map<String, Value>, k: &str) -> Result<Option<f64>, ApiError> {
+    match field(m, k) {
+        None => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| wrong_type(k, "a number", v)),
+    }
+}
+
+fn as_int(v: &Value) -> Option<i64> {
+    if let Some(i) = v.as_i64() {
+        return Some(i);
+    }
+    if v.is_u64() {
+        return Some(i64::MAX);
+    }
+    match v.as_f64() {
+        Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Some(f as i64),
+        _ => None,
+    }
+}
+
+fn int(m: &Map<String, Value>, k: &str) -> Result<Option<i64>, ApiError> {
+    match field(m, k) {
+        None => Ok(None),
+        Some(v) => as_int(v)
+            .map(Some)
+            .ok_or_else(|| wrong_type(k, "an integer", v)),
+    }
+}
+
+fn boolean(m: &Map<String, Value>, k: &str) -> Result<Option<bool>, ApiError> {
+    match field(m, k) {
+        None => Ok(None),
+        Some(v) => v
+            .as_bool()
+            .map(Some)
+            .ok_or_else(|| wrong_type(k, "a boolean", v)),
+    }
+}
+
+fn string<'a>(m: &'a Map<String, Value>, k: &str) -> Result<Option<&'a str>, ApiError> {
+    match field(m, k) {
+        None => Ok(None),
+        Some(v) => v
+            .as_str()
+            .map(Some)
+            .ok_or_else(|| wrong_type(k, "a string", v)),
+    }
+}
+
+fn parse_object(body: Result<Bytes, BytesRejection>) -> Result<Map<String, Value>, ApiError> {
+    let bytes = body.map_err(|e| {
+        let mut err = ApiError::invalid(format!("could not read the request body: {e}"), None);
+        err.status = e.status();
+        if err.status.is_server_error() || err.status.is_success() {
+            err.status = StatusCode::BAD_REQUEST;
+        }
+        err
+    })?;
+    let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::invalid(
+            format!("We could not parse the JSON body of your request: {e}"),
+            None,
+        )
+        .with_code("invalid_json")
+    })?;
+    match v {
+        Value::Object(m) => Ok(m),
+        other => Err(ApiError::invalid(
+            format!(
+                "the request body must be a JSON object, got {}",
+                type_name(&other)
+            ),
+            None,
+        )
+        .with_code("invalid_json")),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Endpoint {
+    Chat,
+    Completions,
+}
+
+impl Endpoint {
+    fn label(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat_completions",
+            Endpoint::Completions => "completions",
+        }
+    }
+}
+
+const COMMON_FIELDS: &[&str] = &[
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "n",
+    "stream",
+    "stream_options",
+    "logprobs",
+    "user",
+    "logit_bias",
+];
+const CHAT_FIELDS: &[&str] = &[
+    "messages",
+    "max_completion_tokens",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "response_format",
+    "parallel_tool_calls",
+    "audio",
+    "modalities",
+    "prediction",
+    "metadata",
+    "store",
+    "service_tier",
+];
+const COMPLETION_FIELDS: &[&str] = &["prompt", "echo", "best_of", "suffix"];
+
+/// 400 for known OpenAI fields that tandem does not support (their harmless
+/// values, e.g. `echo: false` or an empty `logit_bias`, pass).
+fn check_unsupported(m: &Map<String, Value>, ep: Endpoint) -> Result<(), ApiError> {
+    if let Some(v) = field(m, "logit_bias") {
+        if !v.as_object().is_some_and(|o| o.is_empty()) {
+            return Err(ApiError::unsupported("logit_bias", ""));
+        }
+    }
+    match ep {
+        Endpoint::Chat => {
+            for k in [
+                "tools",
+                "functions",
+                "parallel_tool_calls",
+                "audio",
+                "prediction",
+            ] {
+                if field(m, k).is_some() {
+                    return Err(ApiError::unsupported(
+                        k,
+                        " (tool calls, audio and predicted outputs are not available)",
+                    ));
+                }
+            }
+            for k in ["tool_choice", "function_call"] {
+                if let Some(v) = field(m, k) {
+                    if v.as_str() != Some("none") {
+                        return Err(ApiError::unsupported(k, " (tool calls are not available)"));
+                    }
+                }
+            }
+            if let Some(v) = field(m, "response_format") {
+                let is_text = v
+                    .as_object()
+                    .and_then(|o| o.get("type"))
+                    .and_then(Value::as_str)
+                    == Some("text");
+                if !is_text {
+                    return Err(ApiError::unsupported(
+                        "response_format",
+                        " (only {\"type\": \"text\"})",
+                    ));
+                }
+            }
+            if let Some(v) = field(m, "modalities") {
+                let text_only = v
+                    .as_array()
+                    .is_some_and(|a| a.iter().all(|x| x.as_str() == Some("text")));
+                if !text_only {
+                    return Err(ApiError::unsupported("modalities", " (only [\"text\"])"));
+                }
+            }
+        }
+        Endpoint::Completions => {
+            if let Some(v) = field(m, "echo") {
+                if v.as_bool() != Some(false) {
+                    return Err(ApiError::unsupported("echo", ""));
+                }
+            }
+            if let Some(v) = field(m, "best_of") {
+                if as_int(v) != Some(1) {
+                    return Err(ApiError::unsupported("best_of", " (only 1)"));
+                }
+            }
+            if let Some(v) = field(m, "suffix") {
+                if v.as_str() != Some("") {
+                    return Err(ApiError::unsupported("suffix", ""));
+                }
+            }
+        }
+    }
+    let extra = match ep {
+        Endpoint::Chat => CHAT_FIELDS,
+        Endpoint::Completions => COMPLETION_FIELDS,
+    };
+    for k in m.keys() {
+        if !COMMON_FIELDS.contains(&k.as_str()) && !extra.contains(&k.as_str()) {
+            tracing::debug!(field = %k, endpoint = ep.label(), "ignoring unknown request field");
+        }
+    }
+    Ok(())
+}
+
+/// What a request asks for besides the prompt.
+struct Common {
+    params: GenParams,
+    stream: bool,
+    include_usage: bool,
+}
+
+fn parse_common(m: &Map<String, Value>, ep: Endpoint) -> Result<Common, ApiError> {
+    let mut p = GenParams::default();
+    let mct = int(m, "max_completion_tokens")?;
+    let mt = int(m, "max_tokens")?;
+    if ep == Endpoint::Chat && mct.is_some() {
+        p.max_tokens = mct;
+        p.max_tokens_param = "max_completion_tokens";
+    } else {
+        p.max_tokens = mt;
+        p.max_tokens_param = "max_tokens";
+    }
+    p.temperature = num(m, "temperature")?;
+    p.top_p = num(m, "top_p")?;
+    p.top_k = int(m, "top_k")?;
+    p.min_p = num(m, "min_p")?;
+    p.repetition_penalty = num(m, "repetition_penalty")?;
+    p.presence_penalty = num(m, "presence_penalty")?;
+    p.frequency_penalty = num(m, "frequency_penalty")?;
+    p.seed = match field(m, "seed") {
+        None => None,
+        Some(v) => Some(
+            v.as_u64()
+                .or_else(|| v.as_i64().map(|i| i as u64))
+                .ok_or_else(|| wrong_type("seed", "an integer", v))?,
+        ),
+    };
+    p.stop = match field(m, "stop") {
+        None => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| wrong_type("stop", "a string or an array of strings", x))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(v) => return Err(wrong_type("stop", "a string or an array of strings", v)),
+    };
+    p.stop_token_ids = match field(m, "stop_token_ids") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| {
+                x.as_u64()
+                    .filter(|&i| i <= u32::MAX as u64)
+                    .map(|i| i as u32)
+                    .ok_or_else(|| wrong_type("stop_token_ids", "an array of token ids", x))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(v) => return Err(wrong_type("stop_token_ids", "an array of token ids", v)),
+    };
+    p.n = int(m, "n")?;
+    match ep {
+        Endpoint::Chat => {
+            let lp = boolean(m, "logprobs")?.unwrap_or(false);
+            let top = int(m, "top_logprobs")?;
+            if let Some(t) = top {
+                if !(0..=20).contains(&t) {
+                    return Err(ApiError::bad_param(
+                        "top_logprobs",
+                        format!("'top_logprobs' must be between 0 and 20, got {t}"),
+                    ));
+                }
+                if !lp && t > 0 {
+                    return Err(ApiError::bad_param(
+                        "top_logprobs",
+                        "'logprobs' must be true when 'top_logprobs' is set",
+                    ));
+                }
+            }
+            p.logprobs = lp.then(|| top.unwrap_or(0) as u32);
+        }
+        Endpoint::Completions => {
+            if let Some(k) = int(m, "logprobs")? {
+                if !(0..=5).contains(&k) {
+                    return Err(ApiError::bad_param(
+                        "logprobs",
+                        format!("'logprobs' must be between 0 and 5, got {k}"),
+                    ));
+                }
+                p.logprobs = Some(k as u32);
+            }
+        }
+    }
+    let stream = boolean(m, "stream")?.unwrap_or(false);
+    let include_usage = match field(m, "stream_options") {
+        None => false,
+        Some(Value::Object(o)) => boolean(o, "include_usage")?.unwrap_or(false),
+        Some(v) => return Err(wrong_type("stream_options", "an object", v)),
+    };
+    Ok(Common {
+        params: p,
+        stream,
+        include_usage,
+    })
+}
+
+fn check_model_field(state: &ApiState, m: &Map<String, Value>) -> Result<(), ApiError> {
+    match string(m, "model")? {
+        // Lenient like vLLM: a missing model means the served one.
+        None => Ok(()),
+        Some(name) => state.check_model(name),
+    }
+}
+
+/// Chat messages: `content` as a string, as text parts, or null.
+fn parse_messages(m: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> {
+    let v = field(m, "messages")
+        .ok_or_else(|| ApiError::invalid("'messages' is required", Some("messages")))?;
+    let arr = v
+        .as_array()
+        .ok_or_else(|| wrong_type("messages", "an array", v))?;
+    if arr.is_empty() {
+        return Err(ApiError::bad_param(
+            "messages",
+            "'messages' must contain at least one message",
+        ));
+    }
+    let mut out = Vec::with_capacity(arr.len());
+    for (i, msg) in arr.iter().enumerate() {
+        let p = format!("messages[{i}]");
+        let o = msg
+            .as_object()
+            .ok_or_else(|| wrong_type(&p, "an object", msg))?;
+        let rp = format!("{p}.role");
+        let role = match o.get("role") {
+            Some(Value::String(r)) => r.as_str(),
+            Some(v) => return Err(wrong_type(&rp, "a string", v)),
+            None => return Err(ApiError::invalid(format!("'{rp}' is required"), Some(&rp))),
+        };
+        let role = match role {
+            "system" | "user" | "assistant" => role,
+            "developer" => "system",
+            "tool" | "function" => {
+                return Err(ApiError::unsupported(
+                    &rp,
+                    " (tool and function messages are not available)",
+                ))
+            }
+            other => {
+                return Err(ApiError::bad_param(
+                    &rp,
+                    format!(
+                        "'{rp}' must be one of system, developer, user, assistant; got '{other}'"
+                    ),
+                ))
+            }
+        };
+        for k in ["tool_calls", "function_call", "audio"] {
+            if field(o, k).is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
+                return Err(ApiError::unsupported(&format!("{p}.{k}"), ""));
+            }
+        }
+        let cp = format!("{p}.content");
+        let content = match o.get("content") {
+            None | Some(Value::Null) => {
+                if role == "assistant" {
+                    String::new()
+                } else {
+                    return Err(ApiError::invalid(format!("'{cp}' is required"), Some(&cp)));
+                }
+            }
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(parts)) => {
+                let mut texts = Vec::with_capacity(parts.len());
+                for (j, part) in parts.iter().enumerate() {
+                    let pp = format!("{cp}[{j}]");
+                    let po = part
+                        .as_object()
+                        .ok_or_else(|| wrong_type(&pp, "an object", part))?;
+                    match po.get("type").and_then(Value::as_str) {
+                        Some("text") => {}
+                        Some(other) => {
+                            return Err(ApiError::unsupported(
+                                &format!("{pp}.type"),
+                                &format!(" (content part type '{other}'; only 'text')"),
+                            ))
+                        }
+                        None => {
+                            return Err(ApiError::invalid(
+                                format!("'{pp}.type' is required"),
+                                Some(&format!("{pp}.type")),
+                            ))
+                        }
+                    }
+                    match po.get("text") {
+                        Some(Value::String(t)) => texts.push(t.as_str()),
+                        Some(v) => return Err(wrong_type(&format!("{pp}.text"), "a string", v)),
+                        None => {
+                            return Err(ApiError::invalid(
+                                format!("'{pp}.text' is required"),
+                                Some(&format!("{pp}.text")),
+                            ))
+                        }
+                    }
+                }
+                texts.join("\n")
+            }
+            Some(v) => return Err(wrong_type(&cp, "a string or an array of content parts", v)),
+        };
+        out.push(ChatMessage::new(role, content));
+    }
+    Ok(out)
+}
+
+/// `prompt`: a string, an array of one string, token ids, or an array of one
+/// token-id array.
+fn parse_prompt(state: &ApiState, m: &Map<String, Value>) -> Result<Vec<u32>, ApiError> {
+    let v = field(m, "prompt")
+        .ok_or_else(|| ApiError::invalid("'prompt' is required", Some("prompt")))?;
+    let ids = |a: &[Value]| -> Result<Vec<u32>, ApiError> {
+        a.iter()
+            .map(|x| {
+                x.as_u64()
+                    .filter(|&i| i <= u32::MAX as u64)
+                    .map(|i| i as u32)
+                    .ok_or_else(|| wrong_type("prompt", "a string or token ids", x))
+            })
+            .collect()
+    };
+    match v {
+        Value::String(s) => state.text_prompt(s),
+        Value::Array(a) if a.is_empty() => Err(ApiError::bad_param("prompt", "'prompt' is empty")),
+        Value::Array(a) => match &a[0] {
+            Value::String(_) | Value::Array(_) if a.len() > 1 => Err(ApiError::bad_param(
+                "prompt",
+                format!(
+                    "batched prompts are not supported (got {}); send one prompt per request",
+                    a.len()
+                ),
+            )),
+            Value::String(s) => state.text_prompt(s),
+            Value::Array(inner) => ids(inner),
+            Value::Number(_) => ids(a),
+            other => Err(wrong_type("prompt", "a string or token ids", other)),
+        },
+        other => Err(wrong_type("prompt", "a string or token ids", other)),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Running
+
+/// Records time to first token once per request.
+pub(crate) struct Ttft {
+    start: Instant,
+    done: AtomicBool,
+    endpoint: &'static str,
+}
+
+impl Ttft {
+    pub(crate) fn new(start: Instant, endpoint: &'static str) -> Arc<Self> {
+        Arc::new(Self {
+            start,
+            done: AtomicBool::new(false),
+            endpoint,
+        })
+    }
+    pub(crate) fn mark(&self) {
+        if !self.done.swap(true, Ordering::Relaxed) {
+            metrics::histogram!("tandem_router_time_to_first_token_seconds", "endpoint" => self.endpoint)
+                .record(self.start.elapsed().as_secs_f64());
+        }
+    }
+}
+
+/// Admits every choice (all or nothing: on an error the ones already
+/// admitted are dropped, which cancels them).
+pub(crate) async fn start_all(
+    state: &ApiState,
+    prepared: &Prepared,
+) -> Result<Vec<TokenStream>, ApiError> {
+    let futs = prepared
+        .inputs
+        .iter()
+        .map(|input| state.backend.generate(input.clone()));
+    futures_util::future::try_join_all(futs)
+        .await
+        .map_err(ApiError::from)
+}
+
+fn decoders(
+    state: &ApiState,
+    prepared: &Prepared,
+    streams: Vec<TokenStream>,
+) -> SelectAll<ChoiceStream> {
+    let mut all = SelectAll::new();
+    for (i, ts) in streams.into_iter().enumerate() {
+        let dec = ChoiceDecoder::new(state.tokenizer.clone(), &prepared.stop);
+        all.push(choice_stream(i, ts, dec));
+    }
+    all
+}
+
+/// One finished choice.
+#[derive(Default)]
+struct Collected {
+    text: String,
+    tokens: Vec<TokenInfo>,
+    finish: Option<FinishReason>,
+    completion_tokens: u32,
+    cached_tokens: u32,
+}
+
+struct Ctx {
+    id: String,
+    created: u64,
+    model: String,
+    endpoint: Endpoint,
+    logprobs: Option<u32>,
+    include_usage: bool,
+    prompt_tokens: usize,
+    tokenizer: Arc<Tokenizer>,
+    start: Instant,
+}
+
+fn usage_json(prompt: usize, completion: u64, cached: u32) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt as u64 + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
+}
+
+fn token_str(tok: &Tokenizer, id: u32) -> String {
+    tok.decode(&[id], false).unwrap_or_default()
+}
+
+fn token_bytes(tok: &Tokenizer, id: u32) -> Vec<u8> {
+    tok.token_bytes(id)
+        .map(<[u8]>::to_vec)
+        .unwrap_or_else(|| token_str(tok, id).into_bytes())
+}
+
+fn logprobs_json(ctx: &Ctx, tokens: &[TokenInfo]) -> Value {
+    let Some(k) = ctx.logprobs else {
+        return Value::Null;
+    };
+    let tok = &*ctx.tokenizer;
+    match ctx.endpoint {
+        Endpoint::Chat => {
+            let content: Vec<Value> = tokens
+                .iter()
+                .map(|t| {
+                    let top: Vec<Value> = t
+                        .top
+                        .iter()
+                        .take(k as usize)
+                        .map(|&(id, lp)| {
+                            json!({"token": token_str(tok, id), "logprob": lp, "bytes": token_bytes(tok, id)})
+                        })
+                        .collect();
+                    json!({
+                        "token": token_str(tok, t.id),
+                        "logprob": t.logprob,
+                        "bytes": token_bytes(tok, t.id),
+                        "top_logprobs": top,
+                    })
+                })
+                .collect();
+            json!({"content": content, "refusal": null})
+        }
+        Endpoint::Completions => {
+            let top: Vec<Value> = tokens
+                .iter()
+                .map(|t| {
+                    let mut m = Map::new();
+                    for &(id, lp) in t.top.iter().take(k as usize) {
+                        m.entry(token_str(tok, id)).or_insert(json!(lp));
+                    }
+                    Value::Object(m)
+                })
+                .collect();
+            json!({
+                "tokens": tokens.iter().map(|t| token_str(tok, t.id)).collect::<Vec<_>>(),
+                "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+                "top_logprobs": if k > 0 { Value::Array(top) } else { Value::Null },
+                "text_offset": tokens.iter().map(|t| t.text_offset).collect::<Vec<_>>(),
+            })
+        }
+    }
+}
+
+async fn chat_completions(
+    State(state): State<Arc<ApiState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    handle(state, body, Endpoint::Chat).await
+}
+
+async fn completions(
+    State(state): State<Arc<ApiState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    handle(state, body, Endpoint::Completions).await
+}
+
+async fn handle(
+    state: Arc<ApiState>,
+    body: Result<Bytes, BytesRejection>,
+    ep: Endpoint,
+) -> Response {
+    let resp = match run(state, body, ep).await {
+        Ok(r) => r,
+        Err(e) => {
+            if e.status.is_server_error() {
+                tracing::warn!(endpoint = ep.label(), status = %e.status, error = %e.message, "request failed");
+            } else {
+                tracing::debug!(endpoint = ep.label(), status = %e.status, error = %e.message, "request rejected");
+            }
+            e.into_response()
+        }
+    };
+    count_request(ep.label(), resp.status());
+    resp
+}
+
+async fn run(
+    state: Arc<ApiState>,
+    body: Result<Bytes, BytesRejection>,
+    ep: Endpoint,
+) -> Result<Response, ApiError> {
+    let m = parse_object(body)?;
+    check_unsupported(&m, ep)?;
+    let common = parse_common(&m, ep)?;
+    check_model_field(&state, &m)?;
+    let (prompt, prompt_param) = match ep {
+        Endpoint::Chat => {
+            let messages = parse_messages(&m)?;
+            (state.chat_prompt(&messages)?, "messages")
+        }
+        Endpoint::Completions => (parse_prompt(&state, &m)?, "prompt"),
+    };
+    let start = Instant::now();
+    let id = match ep {
+        Endpoint::Chat => format!("chatcmpl-{}", random_id()),
+        Endpoint::Completions => format!("cmpl-{}", random_id()),
+    };
+    let prepared = common.params.build(&state, prompt, &id, prompt_param)?;
+    metrics::counter!("tandem_router_prompt_tokens_total", "endpoint" => ep.label())
+        .increment(prepared.prompt_tokens as u64);
+    let streams = start_all(&state, &prepared).await?;
+    let ctx = Ctx {
+        id,
+        created: unix_now(),
+        model: state.served_model_name.clone(),
+        endpoint: ep,
+        logprobs: prepared.logprobs,
+        include_usage: common.include_usage,
+        prompt_tokens: prepared.prompt_tokens,
+        tokenizer: state.tokenizer.clone(),
+        start,
+    };
+    let choices = decoders(&state, &prepared, streams);
+    let ttft = Ttft::new(start, ep.label());
+    if common.stream {
+        Ok(sse_response(ctx, choices, ttft))
+    } else {
+        complete(ctx, choices, prepared.inputs.len(), ttft).await
+    }
+}
+
+async fn complete(
+    ctx: Ctx,
+    mut choices: SelectAll<ChoiceStream>,
+    n: usize,
+    ttft: Arc<Ttft>,
+) -> Result<Response, ApiError> {
+    let mut got: Vec<Collected> = (0..n).map(|_| Collected::default()).collect();
+    while let Some((i, out)) = choices.next().await {
+        match out {
+            ChoiceOut::Error(e) => return Err(ApiError::from(e)),
+            ChoiceOut::Delta(d) => {
+                ttft.mark();
+                metrics::counter!("tandem_router_generated_tokens_total", "endpoint" => ctx.endpoint.label())
+                    .increment(d.tokens.len() as u64);
+                let c = &mut got[i];
+                c.text.push_str(&d.text);
+                c.tokens.extend(d.tokens);
+                if d.finish.is_some() {
+                    c.finish = d.finish;
+                    c.completion_tokens = d.completion_tokens;
+                    c.cached_tokens = d.cached_tokens;
+                }
+            }
+        }
+    }
+    drop(choices);
+    let completion: u64 = got.iter().map(|c| c.completion_tokens as u64).sum();
+    let cached = got.iter().map(|c| c.cached_tokens).max().unwrap_or(0);
+    let choices_json: Vec<Value> = got
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let finish = c.finish.map(FinishReason::as_str);
+            let lp = logprobs_json(&ctx, &c.tokens);
+            match ctx.endpoint {
+                Endpoint::Chat => json!({
+                    "index": i,
+                    "message": {"role": "assistant", "content": c.text, "refusal": null},
+                    "logprobs": lp,
+                    "finish_reason": finish,
+                }),
+                Endpoint::Completions => json!({
+                    "index": i,
+                    "text": c.text,
+                    "logprobs": lp,
+                    "finish_reason": finish,
+                }),
+            }
+        })
+        .collect();
+    let object = match ctx.endpoint {
+        Endpoint::Chat => "chat.completion",
+        Endpoint::Completions => "text_completion",
+    };
+    metrics::histogram!("tandem_router_request_duration_seconds", "endpoint" => ctx.endpoint.label())
+        .record(ctx.start.elapsed().as_secs_f64());
+    Ok(axum::Json(json!({
+        "id": ctx.id,
+        "object": object,
+        "created": ctx.created,
+        "model": ctx.model,
+        "system_fingerprint": null,
+        "choices": choices_json,
+        "usage": usage_json(ctx.prompt_tokens, completion, cached),
+    }))
+    .into_response())
+}
+
+// ---------------------------------------------------------------------------
+// Streaming
+
+struct Sse {
+    ctx: Ctx,
+    choices: SelectAll<ChoiceStream>,
+    queue: VecDeque<(Bytes, Option<Instant>)>,
+    completion_tokens: u64,
+    cached_tokens: u32,
+    ttft: Arc<Ttft>,
+    done: bool,
+}
+
+fn sse_event(v: &Value) -> Bytes {
+    let mut s = String::with_capacity(256);
+    s.push_str("data: ");
+    s.push_str(&v.to_string());
+    s.push_str("\n\n");
+    Bytes::from(s)
+}
+
+impl Sse {
+    fn chunk(&self, choice: Value) -> Value {
+        let object = match self.ctx.endpoint {
+            Endpoint::Chat => "chat.completion.chunk",
+            Endpoint::Completions => "text_completion",
+        };
+        let mut v = json!({
+            "id": self.ctx.id,
+            "object": object,
+            "created": self.ctx.created,
+            "model": self.ctx.model,
+            "system_fingerprint": null,
+            "choices": [choice],
+        });
+        if self.ctx.include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    }
+
+    /// Queues the chunk of one delta (none when it carries nothing visible).
+    fn on_delta(&mut self, index: usize, d: super::ChoiceDelta) {
+        metrics::counter!("tandem_router_generated_tokens_total", "endpoint" => self.ctx.endpoint.label())
+            .increment(d.tokens.len() as u64);
+        let wants_lp = self.ctx.logprobs.is_some() && !d.tokens.is_empty();
+        if d.text.is_empty() && d.finish.is_none() && !wants_lp {
+            return;
+        }
+        if let Some(_f) = d.finish {
+            self.completion_tokens += d.completion_tokens as u64;
+            self.cached_tokens = self.cached_tokens.max(d.cached_tokens);
+        }
+        let lp = if wants_lp {
+            logprobs_json(&self.ctx, &d.tokens)
+        } else {
+            Value::Null
+        };
+        let finish = d.finish.map(FinishReason::as_str);
+        let choice = match self.ctx.endpoint {
+            Endpoint::Chat => {
+                let delta = if d.text.is_empty() && d.finish.is_some() {
+                    json!({})
+                } else {
+                    json!({"content": d.text})
+                };
+                json!({"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish})
+            }
+            Endpoint::Completions => {
+                json!({"index": index, "text": d.text, "logprobs": lp, "finish_reason": finish})
+            }
+        };
+        let bytes = sse_event(&self.chunk(choice));
+        self.queue.push_back((bytes, Some(d.received)));
+    }
+
+    fn on_end(&mut self) {
+        if self.ctx.include_usage {
+            let mut v = self.chunk(Value::Null);
+            v["choices"] = json!([]);
+            v["usage"] = usage_json(
+                self.ctx.prompt_tokens,
+                self.completion_tokens,
+                self.cached_tokens,
+            );
+            self.queue.push_back((sse_event(&v), None));
+        }
+        self.queue
+            .push_back((Bytes::from_static(b"data: [DONE]\n\n"), None));
+        self.finish_metrics();
+    }
+
+    fn on_error(&mut self, e: DispatchError) {
+        let err = ApiError::from(e);
+        tracing::warn!(id = %self.ctx.id, error = %err.message, "generation failed mid-stream");
+        // The openai client raises APIError on an event with an `error` key.
+        self.queue.push_back((sse_event(&err.body()), None));
+        // Cancel the other choices now.
+        self.choices = SelectAll::new();
+        self.finish_metrics();
+    }
+
+    fn finish_metrics(&self) {
+        metrics::histogram!("tandem_router_request_duration_seconds", "endpoint" => self.ctx.endpoint.label())
+            .record(self.ctx.start.elapsed().as_secs_f64());
+    }
+}
+
+/// The SSE body. It owns the choices' [`TokenStream`]s: when the client
+/// disconnects, hyper drops the body and with it the streams, which cancels
+/// the generations on the workers.
+fn sse_response(ctx: Ctx, choices: SelectAll<ChoiceStream>, ttft: Arc<Ttft>) -> Response {
+    let n = choices.len();
+    let mut s = Sse {
+        ctx,
+        choices,
+        queue: VecDeque::new(),
+        completion_tokens: 0,
+        cached_tokens: 0,
+        ttft,
+        done: false,
+    };
+    if s.ctx.endpoint == Endpoint::Chat {
+        for i in 0..n {
+            let c = json!({
+                "index": i,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": null,
+                "finish_reason": null,
+            });
+            let b = sse_event(&s.chunk(c));
+            s.queue.push_back((b, None));
+        }
+    }
+    let stream = futures_util::stream::unfold(s, |mut s| async move {
+        loop {
+            if let Some((bytes, received)) = s.queue.pop_front() {
+                if let Some(r) = received {
+                    record_relay(r);
+                }
+                return Some((Ok::<Bytes, std::convert::Infallible>(bytes), s));
+            }
+            if s.done {
+                return None;
+            }
+            match s.choices.next().await {
+                Some((i, ChoiceOut::Delta(d))) => {
+                    s.ttft.mark();
+                    s.on_delta(i, d);
+                }
+                Some((_, ChoiceOut::Error(e))) => {
+                    s.on_error(e);
+                    s.done = true;
+                }
+                None => {
+                    s.on_end();
+                    s.done = true;
+                }
+            }
+        }
+    });
+    let mut resp = Response::new(Body::from_stream(stream));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}

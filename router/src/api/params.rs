@@ -1,0 +1,239 @@
+//! Parameter validation shared by the HTTP and gRPC front ends: parsed
+//! parameters in, [`GenerationInput`]s out.
+
+use crate::dispatch::{GenerationInput, Sampling};
+
+use super::{ApiError, ApiState};
+
+/// Most stop strings per request (OpenAI's limit).
+pub const MAX_STOP: usize = 4;
+/// Most choices per request.
+pub const MAX_N: i64 = 16;
+
+/// Generation parameters as the client gave them (`None` = default).
+/// Ranges are checked by [`GenParams::build`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenParams {
+    /// Already checked > 0 by the parsers where the wire type is signed.
+    pub max_tokens: Option<i64>,
+    /// Name of the field `max_tokens` came from (for error `param`s).
+    pub max_tokens_param: &'static str,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    /// Extra ids that end the generation (added to the model's).
+    pub stop_token_ids: Vec<u32>,
+    pub n: Option<i64>,
+    /// `Some(k)`: return log-probabilities with the top `k` alternatives.
+    pub logprobs: Option<u32>,
+}
+
+/// Validated parameters, ready to run.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub inputs: Vec<GenerationInput>,
+    pub prompt_tokens: usize,
+    pub stop: Vec<String>,
+    pub logprobs: Option<u32>,
+}
+
+fn check_range(
+    param: &str,
+    v: Option<f64>,
+    lo: f64,
+    hi: f64,
+    lo_open: bool,
+) -> Result<(), ApiError> {
+    let Some(v) = v else { return Ok(()) };
+    let ok = v.is_finite() && (if lo_open { v > lo } else { v >= lo }) && v <= hi;
+    if ok {
+        Ok(())
+    } else {
+        let lb = if lo_open { "(" } else { "[" };
+        Err(ApiError::bad_param(
+            param,
+            format!("'{param}' must be in {lb}{lo}, {hi}], got {v}"),
+        ))
+    }
+}
+
+impl GenParams {
+    /// Validates the parameters against the prompt and the model, and builds
+    /// one [`GenerationInput`] per choice (`request_id` = `{base}-{index}`).
+    pub fn build(
+        &self,
+        state: &ApiState,
+        prompt: Vec<u32>,
+        request_id: &str,
+        prompt_param: &str,
+    ) -> Result<Prepared, ApiError> {
+        let mt_param = if self.max_tokens_param.is_empty() {
+            "max_tokens"
+        } else {
+            self.max_tokens_param
+        };
+        check_range("temperature", self.temperature, 0.0, 2.0, false)?;
+        check_range("top_p", self.top_p, 0.0, 1.0, true)?;
+        check_range("min_p", self.min_p, 0.0, 1.0, false)?;
+        check_range("presence_penalty", self.presence_penalty, -2.0, 2.0, false)?;
+        check_range(
+            "frequency_penalty",
+            self.frequency_penalty,
+            -2.0,
+            2.0,
+            false,
+        )?;
+        check_range(
+            "repetition_penalty",
+            self.repetition_penalty,
+            0.0,
+            10.0,
+            true,
+        )?;
+        let top_k = match self.top_k {
+            None | Some(-1) | Some(0) => 0,
+            Some(k) if k > 0 && k <= u32::MAX as i64 => k as u32,
+            Some(k) => {
+                return Err(ApiError::bad_param(
+                    "top_k",
+                    format!("'top_k' must be -1, 0 (off) or a positive integer, got {k}"),
+                ))
+            }
+        };
+        let n = self.n.unwrap_or(1);
+        if !(1..=MAX_N).contains(&n) {
+            return Err(ApiError::bad_param(
+                "n",
+                format!("'n' must be between 1 and {MAX_N}, got {n}"),
+            ));
+        }
+        if self.stop.len() > MAX_STOP {
+            return Err(ApiError::bad_param(
+                "stop",
+                format!(
+                    "at most {MAX_STOP} stop sequences are allowed, got {}",
+                    self.stop.len()
+                ),
+            ));
+        }
+        let vocab = state.tokenizer.vocab_size();
+        if let Some(&bad) = self.stop_token_ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(ApiError::bad_param(
+                "stop_token_ids",
+                format!("token id {bad} is outside the vocabulary (size {vocab})"),
+            ));
+        }
+        let max_tokens = match self.max_tokens {
+            None => None,
+            Some(m) if m <= 0 => {
+                return Err(ApiError::bad_param(
+                    mt_param,
+                    format!("'{mt_param}' must be at least 1, got {m}"),
+                ))
+            }
+            Some(m) => Some(m),
+        };
+        if prompt.is_empty() {
+            return Err(ApiError::invalid(
+                "the prompt is empty after tokenisation",
+                Some(prompt_param),
+            ));
+        }
+        if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= vocab) {
+            return Err(ApiError::bad_param(
+                prompt_param,
+                format!("token id {bad} is outside the vocabulary (size {vocab})"),
+            ));
+        }
+        let ctx = state.context_length;
+        let p = prompt.len();
+        let exceeded = match max_tokens {
+            Some(m) => (p as i64).saturating_add(m) > ctx as i64,
+            None => p >= ctx,
+        };
+        if exceeded {
+            let message = match max_tokens {
+                Some(m) => format!(
+                    "This model's maximum context length is {ctx} tokens. However, you requested \
+                     {} tokens ({p} in the prompt, {m} in the completion). Please reduce the \
+                     length of the prompt or the completion.",
+                    p as i64 + m
+                ),
+                None => format!(
+                    "This model's maximum context length is {ctx} tokens. However, your prompt \
+                     has {p} tokens, which leaves no room for a completion."
+                ),
+            };
+            let param = if max_tokens.is_some() && p < ctx {
+                mt_param
+            } else {
+                prompt_param
+            };
+            return Err(
+                ApiError::invalid(message, Some(param)).with_code("context_length_exceeded")
+            );
+        }
+        if let Some(k) = self.logprobs {
+            if k > 20 {
+                return Err(ApiError::bad_param(
+                    "top_logprobs",
+                    format!("at most 20 top log-probabilities are supported, got {k}"),
+                ));
+            }
+        }
+
+        // Same seed, same output: the key base only varies without a seed.
+        let (seed, key_base) = match self.seed {
+            Some(s) => (s, 0u64),
+            None => (rand::random::<u64>(), rand::random::<u64>() >> 8),
+        };
+        let mut stop_token_ids = state.stop_token_ids.clone();
+        for &id in &self.stop_token_ids {
+            if !stop_token_ids.contains(&id) {
+                stop_token_ids.push(id);
+            }
+        }
+        let sampling = Sampling {
+            temperature: self.temperature.unwrap_or(1.0) as f32,
+            top_k,
+            top_p: self.top_p.unwrap_or(1.0) as f32,
+            min_p: self.min_p.unwrap_or(0.0) as f32,
+            repetition_penalty: self.repetition_penalty.unwrap_or(1.0) as f32,
+            presence_penalty: self.presence_penalty.unwrap_or(0.0) as f32,
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0) as f32,
+            seed,
+            request_key: key_base,
+            logprobs: self.logprobs.is_some(),
+            top_logprobs: self.logprobs.unwrap_or(0),
+        };
+        let inputs = (0..n as u64)
+            .map(|i| GenerationInput {
+                request_id: format!("{request_id}-{i}"),
+                prompt: prompt.clone(),
+                sampling: Sampling {
+                    request_key: key_base.wrapping_add(i),
+                    ..sampling.clone()
+                },
+                max_tokens: max_tokens.map(|m| m as u32),
+                stop_token_ids: stop_token_ids.clone(),
+            })
+            .collect();
+        Ok(Prepared {
+            inputs,
+            prompt_tokens: p,
+            stop: self
+                .stop
+                .iter()
+                .filter(|s| !s.is_empty())
+                .cloned()
+                .collect(),
+            logprobs: self.logprobs,
+        })
+    }
+}

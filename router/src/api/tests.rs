@@ -1,0 +1,1466 @@
+//! In-process tests of the HTTP and gRPC front ends against a scripted backend
+//! and the default model's real tokenizer.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tandem_model::chat::ChatMessage;
+use tandem_model::tokenizer::Tokenizer;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use super::*;
+use crate::dispatch::{
+    Backend, BoxFuture, DispatchError, Finish, GenerationInput, SampledToken, TokenEvent,
+    TokenStream,
+};
+
+const MODEL: &str = "smollm2-test";
+const CTX: usize = 8192;
+
+fn tokenizer() -> Arc<Tokenizer> {
+    static T: OnceLock<Arc<Tokenizer>> = OnceLock::new();
+    T.get_or_init(|| {
+        let path = tandem_model::default_model_path();
+        assert!(
+            path.exists(),
+            "the default model is missing at {} (run `tandem model fetch`); these tests need its tokenizer",
+            path.display()
+        );
+        let src = tandem_model::weights::ModelSource::open(&path).expect("open the default model");
+        Arc::new(src.tokenizer().expect("build the tokenizer"))
+    })
+    .clone()
+}
+
+fn ids(text: &str) -> Vec<u32> {
+    tokenizer().encode(text, false).unwrap()
+}
+
+/// Emits scripted tokens; records what it was asked and what was cancelled.
+#[derive(Default)]
+struct Script {
+    /// Tokens per choice index (the last entry repeats for higher indices).
+    tokens: Vec<Vec<u32>>,
+    finish: Option<Finish>,
+    /// `generate` itself fails.
+    refuse: Option<DispatchError>,
+    /// An error event after this many tokens.
+    error_after: Option<(usize, DispatchError)>,
+    /// Stay open (no finish) after the tokens, until cancelled.
+    hang: bool,
+    /// Extra completion tokens the backend reports (e.g. an EOS).
+    extra_completion: u32,
+}
+
+struct Scripted {
+    script: Script,
+    inputs: Mutex<Vec<GenerationInput>>,
+    cancelled: Arc<AtomicUsize>,
+}
+
+impl Scripted {
+    fn new(script: Script) -> Arc<Self> {
+        Arc::new(Self {
+            script,
+            inputs: Mutex::new(Vec::new()),
+            cancelled: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+    fn inputs(&self) -> Vec<GenerationInput> {
+        self.inputs.lock().unwrap().clone()
+    }
+}
+
+impl Backend for Scripted {
+    fn generate(
+        &self,
+        input: GenerationInput,
+    ) -> BoxFuture<'_, Result<TokenStream, DispatchError>> {
+        Box::pin(async move {
+            self.inputs.lock().unwrap().push(input.clone());
+            if let Some(e) = &self.script.refuse {
+                return Err(e.clone());
+            }
+            let index: usize = input
+                .request_id
+                .rsplit('-')
+                .next()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            let toks = self
+                .script
+                .tokens
+                .get(index)
+                .or(self.script.tokens.last())
+                .cloned()
+                .unwrap_or_default();
+            let (tx, rx) = mpsc::channel(4);
+            let cancel = CancellationToken::new();
+            let guard = cancel.clone().drop_guard();
+            let cancelled = self.cancelled.clone();
+            let finish = self.script.finish.unwrap_or(Finish::Stop);
+            let error_after = self.script.error_after.clone();
+            let hang = self.script.hang;
+            let extra = self.script.extra_completion;
+            let top_n = input.sampling.top_logprobs as usize;
+            let prompt_len = input.prompt.len() as u32;
+            let max = input.max_tokens.map(|m| m as usize);
+            // Counts generations dropped before they finished.
+            let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            {
+                let (cancel, finished) = (cancel.clone(), finished.clone());
+                tokio::spawn(async move {
+                    cancel.cancelled().await;
+                    if !finished.load(Ordering::SeqCst) {
+                        cancelled.fetch_add(1, Ordering::SeqCst);
+                    }
+                });
+            }
+            tokio::spawn(async move {
+                let run = async {
+                    let mut sent = 0usize;
+                    for (i, &id) in toks.iter().enumerate() {
+                        if let Some((after, e)) = &error_after {
+                            if i == *after {
+                                let _ = tx.send(TokenEvent::Error(e.clone())).await;
+                                return;
+                            }
+                        }
+                        if max.is_some_and(|m| sent >= m) {
+                            break;
+                        }
+                        let top = (0..top_n as u32)
+                            .map(|k| (id + k, -0.5 - k as f32))
+                            .collect();
+                        let ev = TokenEvent::Token(SampledToken {
+                            id,
+                            logprob: -0.25,
+                            top,
+                        });
+                        if tx.send(ev).await.is_err() {
+                            return;
+                        }
+                        sent += 1;
+                    }
+                    if hang {
+                        std::future::pending::<()>().await;
+                    }
+                    let reason = if max.is_some_and(|m| sent >= m) {
+                        Finish::Length
+                    } else {
+                        finish
+                    };
+                    finished.store(true, Ordering::SeqCst);
+                    let _ = tx
+                        .send(TokenEvent::Finished {
+                            reason,
+                            prompt_tokens: prompt_len,
+                            completion_tokens: sent as u32 + extra,
+                            cached_tokens: 0,
+                        })
+                        .await;
+                };
+                tokio::select! {
+                    _ = run => {}
+                    _ = cancel.cancelled() => {}
+                }
+            });
+            Ok(TokenStream {
+                events: rx,
+                cancel_on_drop: guard,
+            })
+        })
+    }
+}
+
+fn state_with(backend: Arc<Scripted>, api_key: Option<&str>) -> Arc<ApiState> {
+    Arc::new(
+        ApiState::new(
+            backend,
+            tokenizer(),
+            MODEL.to_string(),
+            CTX,
+            api_key.map(str::to_string),
+        )
+        .expect("ApiState::new"),
+    )
+}
+
+fn text_script(text: &str) -> Script {
+    Script {
+        tokens: vec![ids(text)],
+        ..Default::default()
+    }
+}
+
+async fn call(
+    app: &axum::Router,
+    method: &str,
+    uri: &str,
+    body: Option<&str>,
+    auth: Option<&str>,
+) -> (StatusCode, axum::http::HeaderMap, String) {
+    let mut b = Request::builder().method(method).uri(uri);
+    if body.is_some() {
+        b = b.header("content-type", "application/json");
+    }
+    if let Some(a) = auth {
+        b = b.header("authorization", a);
+    }
+    let req = b
+        .body(
+            body.map(|s| Body::from(s.to_string()))
+                .unwrap_or_else(Body::empty),
+        )
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(20), app.clone().oneshot(req))
+        .await
+        .expect("request timed out")
+        .unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = tokio::time::timeout(Duration::from_secs(20), resp.into_body().collect())
+        .await
+        .expect("body timed out")
+        .unwrap()
+        .to_bytes();
+    (status, headers, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+async fn post(app: &axum::Router, uri: &str, body: Value) -> (StatusCode, Value) {
+    let (s, _, b) = call(app, "POST", uri, Some(&body.to_string()), None).await;
+    (s, serde_json::from_str(&b).unwrap_or(Value::String(b)))
+}
+
+/// SSE `data:` payloads (the last one may be `[DONE]`).
+fn sse_events(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            e.strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not an SSE data event: {e:?}"))
+                .to_string()
+        })
+        .collect()
+}
+
+fn assert_error(status: StatusCode, v: &Value, want: StatusCode, param: Option<&str>, ctx: &str) {
+    assert_eq!(status, want, "{ctx}: {v}");
+    let e = &v["error"];
+    assert!(e.is_object(), "{ctx}: no error object in {v}");
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{ctx}: {v}"
+    );
+    assert!(e["type"].is_string(), "{ctx}: {v}");
+    assert!(e.as_object().unwrap().contains_key("param"), "{ctx}: {v}");
+    assert!(e.as_object().unwrap().contains_key("code"), "{ctx}: {v}");
+    if let Some(p) = param {
+        assert_eq!(e["param"], json!(p), "{ctx}: {v}");
+    }
+}
+
+fn chat_body(extra: Value) -> Value {
+    let mut b = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]});
+    for (k, v) in extra.as_object().unwrap() {
+        b[k] = v.clone();
+    }
+    b
+}
+
+fn cmpl_body(extra: Value) -> Value {
+    let mut b = json!({"model": MODEL, "prompt": "Once upon a time"});
+    for (k, v) in extra.as_object().unwrap() {
+        b[k] = v.clone();
+    }
+    b
+}
+
+#[tokio::test]
+async fn bad_inputs_are_400_with_param() {
+    let app = openai_routes(state_with(Scripted::new(text_script("Hello")), None));
+    let chat = "/v1/chat/completions";
+    let cmpl = "/v1/completions";
+    let long_prompt = "hello ".repeat(9000);
+    let cases: Vec<(&str, Value, Option<&str>)> = vec![
+        (
+            chat,
+            chat_body(json!({"temperature": "hot"})),
+            Some("temperature"),
+        ),
+        (
+            chat,
+            chat_body(json!({"temperature": 2.5})),
+            Some("temperature"),
+        ),
+        (
+            chat,
+            chat_body(json!({"temperature": -0.1})),
+            Some("temperature"),
+        ),
+        (chat, chat_body(json!({"top_p": 0})), Some("top_p")),
+        (chat, chat_body(json!({"top_p": 1.01})), Some("top_p")),
+        (
+            chat,
+            chat_body(json!({"presence_penalty": 2.5})),
+            Some("presence_penalty"),
+        ),
+        (
+            chat,
+            chat_body(json!({"frequency_penalty": -3})),
+            Some("frequency_penalty"),
+        ),
+        (
+            chat,
+            chat_body(json!({"max_tokens": 0})),
+            Some("max_tokens"),
+        ),
+        (
+            chat,
+            chat_body(json!({"max_tokens": -5})),
+            Some("max_tokens"),
+        ),
+        (
+            chat,
+            chat_body(json!({"max_tokens": 1.5})),
+            Some("max_tokens"),
+        ),
+        (
+            chat,
+            chat_body(json!({"max_completion_tokens": 0})),
+            Some("max_completion_tokens"),
+        ),
+        (chat, chat_body(json!({"n": 0})), Some("n")),
+        (chat, chat_body(json!({"n": 17})), Some("n")),
+        (
+            chat,
+            chat_body(json!({"stop": ["a", "b", "c", "d", "e"]})),
+            Some("stop"),
+        ),
+        (chat, chat_body(json!({"stop": 5})), Some("stop")),
+        (chat, chat_body(json!({"stream": "yes"})), Some("stream")),
+        (chat, chat_body(json!({"seed": "x"})), Some("seed")),
+        (
+            chat,
+            chat_body(json!({"top_logprobs": 21, "logprobs": true})),
+            Some("top_logprobs"),
+        ),
+        (
+            chat,
+            chat_body(json!({"top_logprobs": 3})),
+            Some("top_logprobs"),
+        ),
+        (chat, chat_body(json!({"logprobs": 3})), Some("logprobs")),
+        (chat, chat_body(json!({"messages": []})), Some("messages")),
+        (chat, chat_body(json!({"messages": "hi"})), Some("messages")),
+        (chat, json!({"model": MODEL}), Some("messages")),
+        (
+            chat,
+            chat_body(json!({"messages": [{"role": "user"}]})),
+            Some("messages[0].content"),
+        ),
+        (
+            chat,
+            chat_body(json!({"messages": [{"role": "wizard", "content": "x"}]})),
+            Some("messages[0].role"),
+        ),
+        (
+            chat,
+            chat_body(json!({"messages": [{"role": "user", "content": 5}]})),
+            Some("messages[0].content"),
+        ),
+        (
+            chat,
+            chat_body(
+                json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
+            ),
+            Some("messages[0].content[0].type"),
+        ),
+        (
+            chat,
+            chat_body(json!({"tools": [{"type": "function", "function": {"name": "f"}}]})),
+            Some("tools"),
+        ),
+        (
+            chat,
+            chat_body(json!({"tool_choice": "auto"})),
+            Some("tool_choice"),
+        ),
+        (
+            chat,
+            chat_body(json!({"functions": [{"name": "f"}]})),
+            Some("functions"),
+        ),
+        (
+            chat,
+            chat_body(json!({"function_call": "auto"})),
+            Some("function_call"),
+        ),
+        (
+            chat,
+            chat_body(json!({"response_format": {"type": "json_object"}})),
+            Some("response_format"),
+        ),
+        (
+            chat,
+            chat_body(json!({"logit_bias": {"50256": -100}})),
+            Some("logit_bias"),
+        ),
+        (
+            chat,
+            chat_body(json!({"parallel_tool_calls": false})),
+            Some("parallel_tool_calls"),
+        ),
+        (
+            chat,
+            chat_body(json!({"audio": {"voice": "alloy"}})),
+            Some("audio"),
+        ),
+        (
+            chat,
+            chat_body(json!({"modalities": ["text", "audio"]})),
+            Some("modalities"),
+        ),
+        (
+            chat,
+            chat_body(json!({"prediction": {"type": "content", "content": "x"}})),
+            Some("prediction"),
+        ),
+        (
+            chat,
+            chat_body(json!({"max_tokens": 100000})),
+            Some("max_tokens"),
+        ),
+        (
+            chat,
+            chat_body(json!({"messages": [{"role": "user", "content": long_prompt}]})),
+            Some("messages"),
+        ),
+        (cmpl, cmpl_body(json!({"echo": true})), Some("echo")),
+        (cmpl, cmpl_body(json!({"best_of": 2})), Some("best_of")),
+        (cmpl, cmpl_body(json!({"suffix": "end"})), Some("suffix")),
+        (
+            cmpl,
+            cmpl_body(json!({"logit_bias": {"1": 1}})),
+            Some("logit_bias"),
+        ),
+        (cmpl, cmpl_body(json!({"logprobs": 6})), Some("logprobs")),
+        (cmpl, cmpl_body(json!({"logprobs": true})), Some("logprobs")),
+        (cmpl, json!({"model": MODEL}), Some("prompt")),
+        (cmpl, cmpl_body(json!({"prompt": []})), Some("prompt")),
+        (
+            cmpl,
+            cmpl_body(json!({"prompt": ["a", "b"]})),
+            Some("prompt"),
+        ),
+        (
+            cmpl,
+            cmpl_body(json!({"prompt": [1, 999999]})),
+            Some("prompt"),
+        ),
+        (cmpl, cmpl_body(json!({"prompt": [1, -1]})), Some("prompt")),
+        (cmpl, cmpl_body(json!({"prompt": {"a": 1}})), Some("prompt")),
+        (cmpl, cmpl_body(json!({"prompt": ""})), Some("prompt")),
+        (
+            cmpl,
+            cmpl_body(json!({"prompt": long_prompt})),
+            Some("prompt"),
+        ),
+        (
+            cmpl,
+            cmpl_body(json!({"max_tokens": 8190})),
+            Some("max_tokens"),
+        ),
+        (
+            cmpl,
+            cmpl_body(json!({"repetition_penalty": 0})),
+            Some("repetition_penalty"),
+        ),
+        (cmpl, cmpl_body(json!({"min_p": 1.5})), Some("min_p")),
+        (cmpl, cmpl_body(json!({"top_k": -2})), Some("top_k")),
+        (
+            cmpl,
+            cmpl_body(json!({"stream_options": 3})),
+            Some("stream_options"),
+        ),
+    ];
+    for (uri, body, param) in cases {
+        let ctx = format!("{uri} {body}");
+        let ctx = &ctx[..ctx.len().min(300)];
+        let (s, v) = post(&app, uri, body).await;
+        assert_error(s, &v, StatusCode::BAD_REQUEST, param, ctx);
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{ctx}");
+        if param.is_some_and(|p| ["max_tokens", "messages", "prompt"].contains(&p))
+            && v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("context length")
+        {
+            assert_eq!(v["error"]["code"], "context_length_exceeded", "{ctx}");
+        }
+    }
+    // Context overflow is reported with its own code.
+    let (s, v) = post(&app, chat, chat_body(json!({"max_tokens": 100000}))).await;
+    assert_error(s, &v, StatusCode::BAD_REQUEST, Some("max_tokens"), "ctx");
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+
+    // Bodies that are not JSON objects, or not JSON at all: 400, never 422.
+    for raw in ["{not json", "[1,2]", "", "null", "\"x\""] {
+        for uri in [chat, cmpl] {
+            let (s, _, b) = call(&app, "POST", uri, Some(raw), None).await;
+            let v: Value = serde_json::from_str(&b).unwrap();
+            assert_error(s, &v, StatusCode::BAD_REQUEST, None, raw);
+        }
+    }
+}
+
+#[tokio::test]
+async fn tolerated_fields_pass() {
+    let backend = Scripted::new(text_script("Hello"));
+    let app = openai_routes(state_with(backend.clone(), None));
+    for body in [
+        chat_body(json!({"some_future_field": {"x": 1}, "user": "u1"})),
+        chat_body(
+            json!({"response_format": {"type": "text"}, "logit_bias": {}, "tool_choice": "none"}),
+        ),
+        chat_body(
+            json!({"messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}),
+        ),
+        chat_body(json!({"temperature": null, "max_tokens": null, "stop": null})),
+        chat_body(json!({"top_k": -1, "min_p": 0.1, "repetition_penalty": 1.1, "seed": -3})),
+    ] {
+        let (s, v) = post(&app, "/v1/chat/completions", body.clone()).await;
+        assert_eq!(s, StatusCode::OK, "{body}: {v}");
+        assert_eq!(v["choices"][0]["message"]["content"], "Hello");
+    }
+    for body in [
+        cmpl_body(json!({"echo": false, "best_of": 1, "suffix": ""})),
+        cmpl_body(json!({"prompt": ["Once upon a time"]})),
+        cmpl_body(json!({"prompt": [[1, 2, 3]]})),
+        cmpl_body(json!({"prompt": [1, 2, 3]})),
+    ] {
+        let (s, v) = post(&app, "/v1/completions", body.clone()).await;
+        assert_eq!(s, StatusCode::OK, "{body}: {v}");
+        assert_eq!(v["choices"][0]["text"], "Hello");
+    }
+    let inputs = backend.inputs();
+    // developer → system; text parts become the content.
+    let t = tokenizer();
+    let st = state_with(Scripted::new(Script::default()), None);
+    let want = st
+        .chat_prompt(&[
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", "Hi"),
+        ])
+        .unwrap();
+    assert_eq!(inputs[2].prompt, want);
+    assert_eq!(inputs[4].sampling.top_k, 0);
+    assert!((inputs[4].sampling.min_p - 0.1).abs() < 1e-6);
+    assert_eq!(inputs[4].sampling.seed, (-3i64) as u64);
+    assert_eq!(inputs.last().unwrap().prompt, vec![1, 2, 3]);
+    assert_eq!(inputs[inputs.len() - 2].prompt, vec![1, 2, 3]);
+    assert_eq!(
+        inputs[6].prompt,
+        t.encode("Once upon a time", true).unwrap()
+    );
+}
+
+#[tokio::test]
+async fn prompts_tokenize_like_tandem_generate() {
+    let backend = Scripted::new(text_script("ok"));
+    let st = state_with(backend.clone(), None);
+    let app = openai_routes(st.clone());
+    let t = tokenizer();
+    // Independent rendering, as cli/src/generate.rs does it.
+    let name = |id: Option<u32>| {
+        id.map(|i| t.decode(&[i], false).unwrap())
+            .unwrap_or_default()
+    };
+    let tmpl = tandem_model::chat::ChatTemplate::new(
+        t.chat_template().unwrap(),
+        &name(t.bos_id()),
+        &name(t.eos_ids().first().copied()),
+    )
+    .unwrap();
+    let msgs = vec![
+        ChatMessage::new("system", "You are terse."),
+        ChatMessage::new("user", "What is 2+2? Answer: ünïcødé 🦀"),
+    ];
+    let want = t.encode(&tmpl.render(&msgs, true).unwrap(), false).unwrap();
+    let (s, v) = post(
+        &app,
+        "/v1/chat/completions",
+        json!({"model": MODEL, "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "What is 2+2? Answer: ünïcødé 🦀"}
+        ], "max_tokens": 5, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let inputs = backend.inputs();
+    assert_eq!(inputs[0].prompt, want);
+    assert_eq!(
+        inputs[0].prompt[0],
+        t.bos_id().unwrap(),
+        "starts with <|im_start|>"
+    );
+    assert_eq!(v["usage"]["prompt_tokens"], json!(want.len()));
+    assert_eq!(inputs[0].max_tokens, Some(5));
+    assert_eq!(inputs[0].sampling.temperature, 0.0);
+    // Stop ids: the tokenizer's EOS set (which holds <|im_end|>).
+    assert_eq!(inputs[0].stop_token_ids, t.eos_ids().to_vec());
+    assert!(inputs[0]
+        .stop_token_ids
+        .contains(&t.token_to_id("<|im_end|>").unwrap()));
+
+    let (s, _) = post(
+        &app,
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": "The capital of France"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let inputs = backend.inputs();
+    assert_eq!(
+        inputs[1].prompt,
+        t.encode("The capital of France", true).unwrap()
+    );
+    // Omitted max_tokens: until the context is full; default temperature 1.
+    assert_eq!(inputs[1].max_tokens, None);
+    assert_eq!(inputs[1].sampling.temperature, 1.0);
+    assert_eq!(inputs[1].sampling.top_p, 1.0);
+}
+
+#[tokio::test]
+async fn api_key_is_required_when_set() {
+    let app = openai_routes(state_with(
+        Scripted::new(text_script("Hello")),
+        Some("sekret"),
+    ));
+    let body = chat_body(json!({})).to_string();
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("sekret"),
+        Some("Basic sekret"),
+    ] {
+        let (s, h, b) = call(&app, "POST", "/v1/chat/completions", Some(&body), auth).await;
+        let v: Value = serde_json::from_str(&b).unwrap();
+        assert_error(s, &v, StatusCode::UNAUTHORIZED, None, &format!("{auth:?}"));
+        assert_eq!(v["error"]["code"], "invalid_api_key");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(h.contains_key("www-authenticate"));
+    }
+    let (s, _, _) = call(&app, "GET", "/v1/models", None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _, b) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(&body),
+        Some("Bearer sekret"),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, _, _) = call(&app, "GET", "/v1/models", None, Some("Bearer sekret")).await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn models_and_unknown_model() {
+    let app = openai_routes(state_with(Scripted::new(text_script("Hello")), None));
+    let (s, _, b) = call(&app, "GET", "/v1/models", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let v: Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"][0]["id"], MODEL);
+    assert_eq!(v["data"][0]["object"], "model");
+    let (s, _, b) = call(&app, "GET", &format!("/v1/models/{MODEL}"), None, None).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, _, b) = call(&app, "GET", "/v1/models/gpt-4o", None, None).await;
+    let v: Value = serde_json::from_str(&b).unwrap();
+    assert_error(s, &v, StatusCode::NOT_FOUND, Some("model"), "get model");
+    assert_eq!(v["error"]["code"], "model_not_found");
+    for (uri, body) in [
+        (
+            "/v1/chat/completions",
+            chat_body(json!({"model": "gpt-4o"})),
+        ),
+        ("/v1/completions", cmpl_body(json!({"model": "gpt-4o"}))),
+    ] {
+        let (s, v) = post(&app, uri, body).await;
+        assert_error(s, &v, StatusCode::NOT_FOUND, Some("model"), uri);
+        assert_eq!(v["error"]["code"], "model_not_found");
+    }
+    let (s, _, b) = call(&app, "GET", "/v1/nope", None, None).await;
+    let v: Value = serde_json::from_str(&b).unwrap();
+    assert_error(s, &v, StatusCode::NOT_FOUND, None, "unknown route");
+    let (s, _, b) = call(&app, "GET", "/v1/chat/completions", None, None).await;
+    let v: Value = serde_json::from_str(&b).unwrap();
+    assert_error(s, &v, StatusCode::METHOD_NOT_ALLOWED, None, "wrong method");
+}
+
+#[tokio::test]
+async fn backend_errors_map_to_status() {
+    for (err, want) in [
+        (
+            DispatchError::Unavailable("queues full".into()),
+            StatusCode::SERVICE_UNAVAILABLE,
+        ),
+        (
+            DispatchError::Internal("boom".into()),
+            StatusCode::INTERNAL_SERVER_ERROR,
+        ),
+        (
+            DispatchError::Invalid("nope".into()),
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let backend = Scripted::new(Script {
+            refuse: Some(err.clone()),
+            ..Default::default()
+        });
+        let app = openai_routes(state_with(backend, None));
+        for stream in [false, true] {
+            let body = chat_body(json!({"stream": stream})).to_string();
+            let (s, h, b) = call(&app, "POST", "/v1/chat/completions", Some(&body), None).await;
+            let v: Value = serde_json::from_str(&b).unwrap();
+            assert_error(s, &v, want, None, &format!("{err:?}"));
+            if want == StatusCode::SERVICE_UNAVAILABLE {
+                assert_eq!(h.get("retry-after").unwrap(), "1");
+            }
+        }
+    }
+}
+
+async fn stream_text(app: &axum::Router, uri: &str, body: Value) -> (String, Vec<Value>) {
+    let (s, h, b) = call(app, "POST", uri, Some(&body.to_string()), None).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert!(h["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let events = sse_events(&b);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{b}");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let mut text = String::new();
+    for c in &chunks {
+        for ch in c["choices"].as_array().unwrap() {
+            let piece = ch["delta"]["content"]
+                .as_str()
+                .or(ch["text"].as_str())
+                .unwrap_or("");
+            assert!(!piece.contains('\u{FFFD}'), "replacement char in {c}");
+            text.push_str(piece);
+        }
+    }
+    (text, chunks)
+}
+
+#[tokio::test]
+async fn streaming_matches_non_streaming() {
+    let text = "The quick brown fox jumps over the lazy dog. Ünïcødé: 日本語 🦀🚀!";
+    let backend = Scripted::new(Script {
+        tokens: vec![ids(text)],
+        extra_completion: 1,
+        ..Default::default()
+    });
+    let app = openai_routes(state_with(backend, None));
+    for (uri, body) in [
+        ("/v1/chat/completions", chat_body(json!({}))),
+        ("/v1/completions", cmpl_body(json!({}))),
+    ] {
+        let (s, full) = post(&app, uri, body.clone()).await;
+        assert_eq!(s, StatusCode::OK, "{full}");
+        let mut sb = body.clone();
+        sb["stream"] = json!(true);
+        sb["stream_options"] = json!({"include_usage": true});
+        let (streamed, chunks) = stream_text(&app, uri, sb).await;
+        let ch = &full["choices"][0];
+        let full_text = ch["message"]["content"]
+            .as_str()
+            .or(ch["text"].as_str())
+            .unwrap();
+        assert_eq!(full_text, text);
+        assert_eq!(streamed, text);
+        assert_eq!(ch["finish_reason"], "stop");
+        let usage = &chunks.last().unwrap()["usage"];
+        assert_eq!(usage, &full["usage"], "usage");
+        // The backend counted one unemitted stop token.
+        assert_eq!(
+            full["usage"]["completion_tokens"],
+            json!(ids(text).len() + 1)
+        );
+        assert_eq!(
+            full["usage"]["total_tokens"],
+            json!(full["usage"]["prompt_tokens"].as_u64().unwrap() + ids(text).len() as u64 + 1)
+        );
+        if uri.contains("chat") {
+            assert_eq!(full["object"], "chat.completion");
+            assert!(full["id"].as_str().unwrap().starts_with("chatcmpl-"));
+            assert_eq!(ch["message"]["role"], "assistant");
+            assert_eq!(
+                chunks[0]["choices"][0]["delta"],
+                json!({"role": "assistant", "content": ""})
+            );
+            assert_eq!(chunks[0]["object"], "chat.completion.chunk");
+        } else {
+            assert_eq!(full["object"], "text_completion");
+            assert!(full["id"].as_str().unwrap().starts_with("cmpl-"));
+        }
+        let finishes: Vec<&Value> = chunks
+            .iter()
+            .flat_map(|c| c["choices"].as_array().unwrap())
+            .filter(|c| !c["finish_reason"].is_null())
+            .collect();
+        assert_eq!(finishes.len(), 1);
+        assert_eq!(finishes[0]["finish_reason"], "stop");
+    }
+}
+
+#[tokio::test]
+async fn include_usage_chunk_is_last() {
+    let app = openai_routes(state_with(
+        Scripted::new(text_script("Hello there, friend")),
+        None,
+    ));
+    let (_, chunks) = stream_text(
+        &app,
+        "/v1/chat/completions",
+        chat_body(json!({"stream": true, "stream_options": {"include_usage": true}, "n": 2})),
+    )
+    .await;
+    let (last, rest) = chunks.split_last().unwrap();
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(
+        last["usage"]["completion_tokens"],
+        json!(2 * ids("Hello there, friend").len())
+    );
+    for c in rest {
+        assert!(c.as_object().unwrap().contains_key("usage"));
+        assert!(c["usage"].is_null(), "{c}");
+    }
+    // Without include_usage: no usage key, no usage chunk.
+    let (_, chunks) = stream_text(
+        &app,
+        "/v1/chat/completions",
+        chat_body(json!({"stream": true})),
+    )
+    .await;
+    for c in &chunks {
+        assert!(!c.as_object().unwrap().contains_key("usage"), "{c}");
+        assert!(!c["choices"].as_array().unwrap().is_empty());
+    }
+}
+
+#[tokio::test]
+async fn stop_string_across_tokens_is_held_back_and_cut() {
+    let text = "I think the answer is forty-two, and nothing else matters here.";
+    let toks = ids(text);
+    let stop = "forty-two";
+    // The stop string must span several tokens for this test to mean anything.
+    let t = tokenizer();
+    let pieces: Vec<String> = toks
+        .iter()
+        .map(|&i| t.decode(&[i], false).unwrap())
+        .collect();
+    assert!(!pieces.iter().any(|p| p.contains(stop)), "{pieces:?}");
+    let backend = Scripted::new(Script {
+        tokens: vec![toks.clone()],
+        hang: true, // would never finish on its own: the stop string must end it
+        ..Default::default()
+    });
+    let app = openai_routes(state_with(backend.clone(), None));
+    let want = "I think the answer is ";
+    for (uri, body) in [
+        (
+            "/v1/chat/completions",
+            chat_body(json!({"stop": [stop, "zzz"]})),
+        ),
+        ("/v1/completions", cmpl_body(json!({"stop": stop}))),
+    ] {
+        let (s, v) = post(&app, uri, body.clone()).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let ch = &v["choices"][0];
+        assert_eq!(
+            ch["message"]["content"]
+                .as_str()
+                .or(ch["text"].as_str())
+                .unwrap(),
+            want
+        );
+        assert_eq!(ch["finish_reason"], "stop");
+        let mut sb = body;
+        sb["stream"] = json!(true);
+        let (streamed, chunks) = stream_text(&app, uri, sb).await;
+        assert_eq!(streamed, want);
+        for c in &chunks {
+            let s = c.to_string();
+            assert!(!s.contains("forty") && !s.contains("-two"), "{s}");
+        }
+        assert_eq!(
+            chunks.last().unwrap()["choices"][0]["finish_reason"],
+            "stop"
+        );
+    }
+    // Each generation was cancelled when the stop string matched.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while backend.cancelled.load(Ordering::SeqCst) < 4 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the stop string did not cancel the generations");
+}
+
+#[tokio::test]
+async fn n_choices_differ() {
+    let backend = Scripted::new(Script {
+        tokens: vec![ids("First answer."), ids("Second, different answer.")],
+        ..Default::default()
+    });
+    let app = openai_routes(state_with(backend.clone(), None));
+    let (s, v) = post(
+        &app,
+        "/v1/chat/completions",
+        chat_body(json!({"n": 2, "temperature": 0.8})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2);
+    assert_eq!(choices[0]["index"], 0);
+    assert_eq!(choices[1]["index"], 1);
+    assert_eq!(choices[0]["message"]["content"], "First answer.");
+    assert_eq!(
+        choices[1]["message"]["content"],
+        "Second, different answer."
+    );
+    assert_eq!(
+        v["usage"]["completion_tokens"],
+        json!(ids("First answer.").len() + ids("Second, different answer.").len())
+    );
+    let inputs = backend.inputs();
+    assert_eq!(inputs.len(), 2);
+    assert_ne!(
+        inputs[0].sampling.request_key,
+        inputs[1].sampling.request_key
+    );
+    assert_eq!(inputs[0].sampling.seed, inputs[1].sampling.seed);
+    assert_ne!(inputs[0].request_id, inputs[1].request_id);
+
+    // Streaming: both choices arrive, each with its own finish.
+    let (_, chunks) = stream_text(
+        &app,
+        "/v1/completions",
+        cmpl_body(json!({"n": 2, "stream": true})),
+    )
+    .await;
+    let mut texts = [String::new(), String::new()];
+    let mut finished = [false, false];
+    for c in &chunks {
+        for ch in c["choices"].as_array().unwrap() {
+            let i = ch["index"].as_u64().unwrap() as usize;
+            texts[i].push_str(ch["text"].as_str().unwrap());
+            if !ch["finish_reason"].is_null() {
+                finished[i] = true;
+            }
+        }
+    }
+    assert_eq!(
+        texts,
+        [
+            "First answer.".to_string(),
+            "Second, different answer.".to_string()
+        ]
+    );
+    assert_eq!(finished, [true, true]);
+
+    // A seed makes the request keys reproducible.
+    let (s, _) = post(
+        &app,
+        "/v1/completions",
+        cmpl_body(json!({"n": 2, "seed": 7})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = post(
+        &app,
+        "/v1/completions",
+        cmpl_body(json!({"n": 2, "seed": 7})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let inputs = backend.inputs();
+    let n = inputs.len();
+    assert_eq!(inputs[n - 1].sampling, inputs[n - 3].sampling);
+    assert_eq!(inputs[n - 2].sampling, inputs[n - 4].sampling);
+    assert_eq!(inputs[n - 1].sampling.seed, 7);
+}
+
+#[tokio::test]
+async fn utf8_split_across_tokens_never_yields_replacement_chars() {
+    let t = tokenizer();
+    let text = "Crabs: 🦀🦀 and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 — ½ ẞ 漢字";
+    let toks = ids(text);
+    let split = toks
+        .iter()
+        .filter(|&&i| std::str::from_utf8(t.token_bytes(i).unwrap()).is_err())
+        .count();
+    assert!(
+        split > 0,
+        "no token of {text:?} splits a character: the test would prove nothing"
+    );
+    let app = openai_routes(state_with(
+        Scripted::new(Script {
+            tokens: vec![toks],
+            ..Default::default()
+        }),
+        None,
+    ));
+    for (uri, body) in [
+        ("/v1/chat/completions", chat_body(json!({"stream": true}))),
+        ("/v1/completions", cmpl_body(json!({"stream": true}))),
+    ] {
+        let (streamed, chunks) = stream_text(&app, uri, body).await;
+        assert_eq!(streamed, text);
+        for c in chunks {
+            assert!(!c.to_string().contains('\u{FFFD}'));
+        }
+    }
+}
+
+#[tokio::test]
+async fn length_finish_and_max_tokens() {
+    let backend = Scripted::new(text_script("one two three four five six seven"));
+    let app = openai_routes(state_with(backend, None));
+    let (s, v) = post(&app, "/v1/completions", cmpl_body(json!({"max_tokens": 3}))).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+    let (s, v) = post(
+        &app,
+        "/v1/chat/completions",
+        chat_body(json!({"max_completion_tokens": 2, "max_tokens": 5})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 2);
+}
+
+#[tokio::test]
+async fn error_mid_stream() {
+    let backend = Scripted::new(Script {
+        tokens: vec![ids("Some words before the failure happens")],
+        error_after: Some((3, DispatchError::Internal("worker died".into()))),
+        ..Default::default()
+    });
+    let app = openai_routes(state_with(backend, None));
+    let (s, _, b) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat_body(json!({"stream": true})).to_string()),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let events = sse_events(&b);
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["message"], "worker died");
+    assert_eq!(last["error"]["type"], "server_error");
+    let (s, v) = post(&app, "/v1/chat/completions", chat_body(json!({}))).await;
+    assert_error(s, &v, StatusCode::INTERNAL_SERVER_ERROR, None, "mid error");
+}
+
+#[tokio::test]
+async fn client_disconnect_cancels_generation() {
+    let backend = Scripted::new(Script {
+        tokens: vec![ids("Tokens keep coming")],
+        hang: true,
+        ..Default::default()
+    });
+    let app = openai_routes(state_with(backend.clone(), None));
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/chat/completions")
+        .body(Body::from(
+            chat_body(json!({"stream": true, "n": 2})).to_string(),
+        ))
+        .unwrap();
+    let resp = app.oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    // Read a few frames, then hang up.
+    for _ in 0..3 {
+        let f = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("no frame")
+            .unwrap()
+            .unwrap();
+        assert!(f.is_data());
+    }
+    assert_eq!(backend.cancelled.load(Ordering::SeqCst), 0);
+    drop(body);
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while backend.cancelled.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("dropping the SSE body did not cancel both generations");
+}
+
+#[tokio::test]
+async fn logprobs_shapes() {
+    let text = "Hello world";
+    let toks = ids(text);
+    let app = openai_routes(state_with(
+        Scripted::new(Script {
+            tokens: vec![toks.clone()],
+            ..Default::default()
+        }),
+        None,
+    ));
+    let t = tokenizer();
+    let (s, v) = post(
+        &app,
+        "/v1/chat/completions",
+        chat_body(json!({"logprobs": true, "top_logprobs": 2})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), toks.len());
+    let first = &content[0];
+    assert_eq!(first["token"], t.decode(&[toks[0]], false).unwrap());
+    assert_eq!(first["logprob"], json!(-0.25));
+    assert_eq!(first["bytes"], json!(t.token_bytes(toks[0]).unwrap()));
+    assert_eq!(first["top_logprobs"].as_array().unwrap().len(), 2);
+    assert!(first["top_logprobs"][0]["bytes"].is_array());
+    // Without logprobs: null.
+    let (_, v) = post(&app, "/v1/chat/completions", chat_body(json!({}))).await;
+    assert!(v["choices"][0]["logprobs"].is_null());
+
+    let (s, v) = post(&app, "/v1/completions", cmpl_body(json!({"logprobs": 3}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let lp = &v["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), toks.len());
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), toks.len());
+    assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 3);
+    assert_eq!(lp["text_offset"][0], 0);
+    assert_eq!(
+        lp["text_offset"][1],
+        json!(t.decode(&[toks[0]], false).unwrap().chars().count())
+    );
+
+    // Streaming chat carries logprobs per chunk.
+    let (_, chunks) = stream_text(
+        &app,
+        "/v1/chat/completions",
+        chat_body(json!({"logprobs": true, "stream": true})),
+    )
+    .await;
+    let n: usize = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array())
+        .map(Vec::len)
+        .sum();
+    assert_eq!(n, toks.len());
+}
+
+#[tokio::test]
+async fn relay_latency_is_recorded() {
+    let app = openai_routes(state_with(Scripted::new(text_script("a b c d e f")), None));
+    let _ = stream_text(&app, "/v1/completions", cmpl_body(json!({"stream": true}))).await;
+    let (p50, p99, n) = relay_latency_summary();
+    assert!(n >= 1);
+    assert!(p50 >= 0.0 && p99 >= p50 && p99 < 1.0, "{p50} {p99}");
+}
+
+#[test]
+fn state_builds_template_and_stop_ids() {
+    let st = state_with(Scripted::new(Script::default()), None);
+    assert!(st.chat_template.is_some());
+    assert_eq!(st.stop_token_ids, tokenizer().eos_ids().to_vec());
+    assert!(ApiState::new(
+        Scripted::new(Script::default()),
+        tokenizer(),
+        String::new(),
+        CTX,
+        None
+    )
+    .is_err());
+}
+
+// ---------------------------------------------------------------------------
+// gRPC
+
+mod grpc_tests {
+    use super::*;
+    use futures_util::StreamExt;
+    use tandem_proto::generate::{
+        ChatMessage as PbMsg, ChatMessages, FinishReason as PbFinish, Generate, GenerateRequest,
+        Input, SamplingParams, TokenIds,
+    };
+
+    fn api(backend: Arc<Scripted>, key: Option<&str>) -> GenerateApi {
+        GenerateApi::new(state_with(backend, key))
+    }
+
+    fn req(input: Input, sampling: SamplingParams) -> tonic::Request<GenerateRequest> {
+        tonic::Request::new(GenerateRequest {
+            model: String::new(),
+            input: Some(input),
+            sampling: Some(sampling),
+            request_id: String::new(),
+        })
+    }
+
+    #[tokio::test]
+    async fn unary_and_stream() {
+        let text = "Bonjour 🦀 le monde, fin.";
+        let backend = Scripted::new(Script {
+            tokens: vec![ids(text)],
+            ..Default::default()
+        });
+        let api = api(backend.clone(), None);
+        let mut r = req(Input::Text("Say hi".into()), SamplingParams::default());
+        r.get_mut().request_id = "my-req".into();
+        let resp = api.generate(r).await.unwrap().into_inner();
+        assert_eq!(resp.request_id, "my-req");
+        assert_eq!(resp.text, text);
+        assert_eq!(resp.token_ids, ids(text));
+        assert_eq!(resp.finish_reason, PbFinish::Stop as i32);
+        let u = resp.usage.unwrap();
+        assert_eq!(
+            u.prompt_tokens as usize,
+            tokenizer().encode("Say hi", true).unwrap().len()
+        );
+        assert_eq!(u.completion_tokens as usize, ids(text).len());
+        assert_eq!(u.total_tokens, u.prompt_tokens + u.completion_tokens);
+        assert_eq!(backend.inputs()[0].request_id, "my-req-0");
+
+        // Streaming with chat messages, a stop string and logprobs.
+        let sampling = SamplingParams {
+            stop: vec!["le monde".into()],
+            logprobs: 2,
+            max_tokens: Some(50),
+            ..Default::default()
+        };
+        let msgs = Input::Messages(ChatMessages {
+            messages: vec![PbMsg {
+                role: "user".into(),
+                content: "hi".into(),
+            }],
+        });
+        let stream = api
+            .generate_stream(req(msgs, sampling))
+            .await
+            .unwrap()
+            .into_inner();
+        let msgs: Vec<_> =
+            tokio::time::timeout(Duration::from_secs(10), stream.collect::<Vec<_>>())
+                .await
+                .unwrap();
+        let msgs: Vec<_> = msgs.into_iter().map(Result::unwrap).collect();
+        let streamed: String = msgs.iter().map(|m| m.text.as_str()).collect();
+        assert_eq!(streamed, "Bonjour 🦀 ");
+        let last = msgs.last().unwrap();
+        assert_eq!(last.finish_reason, PbFinish::Stop as i32);
+        assert!(last.usage.is_some());
+        assert!(msgs[..msgs.len() - 1]
+            .iter()
+            .all(|m| m.usage.is_none() && m.finish_reason == 0));
+        assert!(!msgs[0].request_id.is_empty());
+        assert_eq!(msgs[0].logprobs.len(), 3, "sampled + 2 alternatives");
+        assert_eq!(msgs[0].logprobs[0].token_id, msgs[0].token_ids[0]);
+        let inputs = backend.inputs();
+        let chat_in = inputs.last().unwrap();
+        assert_eq!(
+            chat_in.prompt,
+            state_with(Scripted::new(Script::default()), None)
+                .chat_prompt(&[ChatMessage::new("user", "hi")])
+                .unwrap()
+        );
+        assert_eq!(chat_in.sampling.top_logprobs, 2);
+        assert_eq!(chat_in.max_tokens, Some(50));
+
+        // Token ids in.
+        let resp = api
+            .generate(req(
+                Input::TokenIds(TokenIds { ids: vec![1, 2, 3] }),
+                SamplingParams::default(),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(resp.usage.unwrap().prompt_tokens, 3);
+    }
+
+    #[tokio::test]
+    async fn errors_map_to_codes() {
+        let api_ = api(Scripted::new(text_script("x")), None);
+        for (sampling, what) in [
+            (
+                SamplingParams {
+                    temperature: Some(5.0),
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    temperature: Some(f32::NAN),
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    top_p: Some(0.0),
+                    ..Default::default()
+                },
+                "top_p",
+            ),
+            (
+                SamplingParams {
+                    max_tokens: Some(0),
+                    ..Default::default()
+                },
+                "max_tokens",
+            ),
+            (
+                SamplingParams {
+                    max_tokens: Some(9000),
+                    ..Default::default()
+                },
+                "context length",
+            ),
+            (
+                SamplingParams {
+                    logprobs: 21,
+                    ..Default::default()
+                },
+                "logprobs",
+            ),
+            (
+                SamplingParams {
+                    stop: vec!["a".into(); 5],
+                    ..Default::default()
+                },
+                "stop",
+            ),
+        ] {
+            let e = api_
+                .generate(req(Input::Text("hi".into()), sampling))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{what}: {e:?}");
+            assert!(e.message().contains(what), "{what}: {}", e.message());
+        }
+        let e = api_
+            .generate(req(
+                Input::TokenIds(TokenIds { ids: vec![] }),
+                SamplingParams::default(),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        let e = api_
+            .generate(req(
+                Input::Messages(ChatMessages { messages: vec![] }),
+                SamplingParams::default(),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        let mut r = req(Input::Text("hi".into()), SamplingParams::default());
+        r.get_mut().input = None;
+        assert_eq!(
+            api_.generate(r).await.unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        let mut r = req(Input::Text("hi".into()), SamplingParams::default());
+        r.get_mut().model = "other".into();
+        assert_eq!(
+            api_.generate(r).await.unwrap_err().code(),
+            tonic::Code::NotFound
+        );
+        let mut r = req(Input::Text("hi".into()), SamplingParams::default());
+        r.get_mut().model = MODEL.into();
+        assert!(api_.generate(r).await.is_ok());
+
+        let down = api(
+            Scripted::new(Script {
+                refuse: Some(DispatchError::Unavailable("busy".into())),
+                ..Default::default()
+            }),
+            None,
+        );
+        let e = down
+            .generate(req(Input::Text("hi".into()), SamplingParams::default()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        let e = down
+            .generate_stream(req(Input::Text("hi".into()), SamplingParams::default()))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+
+        let locked = api(Scripted::new(text_script("x")), Some("k3y"));
+        let e = locked
+            .generate(req(Input::Text("hi".into()), SamplingParams::default()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        let mut r = req(Input::Text("hi".into()), SamplingParams::default());
+        r.metadata_mut()
+            .insert("authorization", "Bearer nope".parse().unwrap());
+        assert_eq!(
+            locked.generate(r).await.unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        let mut r = req(Input::Text("hi".into()), SamplingParams::default());
+        r.metadata_mut()
+            .insert("authorization", "Bearer k3y".parse().unwrap());
+        assert!(locked.generate(r).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn dropping_the_grpc_stream_cancels() {
+        let backend = Scripted::new(Script {
+            tokens: vec![ids("a b c")],
+            hang: true,
+            ..Default::default()
+        });
+        let api = api(backend.clone(), None);
+        let mut stream = api
+            .generate_stream(req(Input::Text("hi".into()), SamplingParams::default()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(stream.next().await.unwrap().is_ok());
+        drop(stream);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while backend.cancelled.load(Ordering::SeqCst) < 1 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("dropping the gRPC stream did not cancel");
+    }
+}

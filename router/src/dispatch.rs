@@ -1,0 +1,127 @@
+//! The seam between the API front ends (OpenAI HTTP, gRPC Generate) and the
+//! cluster: a validated, tokenized request goes in, a stream of sampled
+//! tokens comes out. The front ends own templates, tokenisation,
+//! detokenisation and stop strings; the backend owns worker choice,
+//! disaggregation and KV placement.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use tokio::sync::mpsc;
+
+/// Sampling as the workers see it: every field explicit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// 0 = off.
+    pub top_k: u32,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub repetition_penalty: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub seed: u64,
+    /// Distinguishes requests (and the choices of one request) that share a seed.
+    pub request_key: u64,
+    pub logprobs: bool,
+    pub top_logprobs: u32,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: 0,
+            request_key: 0,
+            logprobs: false,
+            top_logprobs: 0,
+        }
+    }
+}
+
+/// One generation (one choice) to run.
+#[derive(Debug, Clone)]
+pub struct GenerationInput {
+    /// For logs and worker-side cancellation; unique per choice.
+    pub request_id: String,
+    pub prompt: Vec<u32>,
+    pub sampling: Sampling,
+    /// `None`: until the context is full.
+    pub max_tokens: Option<u32>,
+    /// End the generation without being emitted (EOS and friends).
+    pub stop_token_ids: Vec<u32>,
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// A stop token (stop strings are the front end's business).
+    Stop,
+    /// `max_tokens` or the context length.
+    Length,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampledToken {
+    pub id: u32,
+    pub logprob: f32,
+    /// `(token, logprob)`, most likely first; empty unless asked for.
+    pub top: Vec<(u32, f32)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenEvent {
+    Token(SampledToken),
+    Finished {
+        reason: Finish,
+        prompt_tokens: u32,
+        completion_tokens: u32,
+        cached_tokens: u32,
+    },
+    /// The generation failed after it started; nothing follows.
+    Error(DispatchError),
+}
+
+/// Failures the front ends turn into status codes.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DispatchError {
+    /// The request can never run (a worker refused it as invalid): 400.
+    #[error("{0}")]
+    Invalid(String),
+    /// No worker can take it now (queues full, no workers up): 503 + Retry-After.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A worker failed mid-request: 500 (or an error event when streaming).
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Tokens of one generation. Dropping it cancels the generation on the
+/// workers and frees its KV blocks.
+pub struct TokenStream {
+    pub events: mpsc::Receiver<TokenEvent>,
+    /// Cancels the generation when dropped.
+    pub cancel_on_drop: tokio_util::sync::DropGuard,
+}
+
+impl TokenStream {
+    pub async fn next(&mut self) -> Option<TokenEvent> {
+        self.events.recv().await
+    }
+}
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What runs generations: the cluster dispatcher in production.
+pub trait Backend: Send + Sync + 'static {
+    /// Admits one generation. Errors here mean nothing was started.
+    fn generate(&self, input: GenerationInput)
+        -> BoxFuture<'_, Result<TokenStream, DispatchError>>;
+}

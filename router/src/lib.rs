@@ -1,0 +1,8 @@
+//! The router: OpenAI-compatible HTTP and gRPC Generate front ends, and the
+//! dispatcher that picks workers and decides disaggregation.
+
+pub mod api;
+pub mod dispatch;
+pub mod dispatcher;
+pub mod policy;
+pub mod workers;

@@ -1,0 +1,195 @@
+//! The router's view of its workers: a gRPC client per worker, what the
+//! worker said about itself at connect time, and its load, refreshed by a
+//! background poll and corrected at once by the router's own in-flight
+//! counts (the poll lags; the counts do not).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tandem_cluster::{ClusterSecret, Role, PROTOCOL_VERSION};
+use tandem_proto::worker as pb;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+/// One connected worker.
+pub struct Worker {
+    pub addr: SocketAddr,
+    pub role: Role,
+    pub info: pb::NodeInfo,
+    pub client: pb::WorkerClient<Channel>,
+    load: Mutex<pb::LoadReport>,
+    /// Requests this router has sent and not seen finish.
+    in_flight: AtomicU32,
+    /// False after a failed load poll, true again after a good one.
+    healthy: std::sync::atomic::AtomicBool,
+}
+
+/// A snapshot for routing decisions.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerLoad {
+    pub in_flight: u32,
+    pub running: u32,
+    pub waiting: u32,
+    pub free_blocks: u32,
+    pub total_blocks: u32,
+    pub healthy: bool,
+}
+
+impl Worker {
+    pub fn load(&self) -> WorkerLoad {
+        let l = self.load.lock().map(|l| *l).unwrap_or_default();
+        WorkerLoad {
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            running: l.running,
+            waiting: l.waiting,
+            free_blocks: l.free_blocks,
+            total_blocks: l.total_blocks,
+            healthy: self.healthy.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counts a request until the guard drops.
+    pub fn track(self: &Arc<Self>) -> InFlightGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlightGuard(self.clone())
+    }
+}
+
+pub struct InFlightGuard(Arc<Worker>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("worker {addr}: {msg}")]
+    Unreachable { addr: SocketAddr, msg: String },
+    #[error("worker {addr} speaks protocol version {theirs}, this router {ours}")]
+    Version {
+        addr: SocketAddr,
+        theirs: u32,
+        ours: u32,
+    },
+    #[error("worker {addr} serves model {theirs}, this router {ours}")]
+    Model {
+        addr: SocketAddr,
+        theirs: String,
+        ours: String,
+    },
+    #[error("worker {addr} is a {theirs:?} worker, expected {expected}")]
+    Role {
+        addr: SocketAddr,
+        theirs: pb::Role,
+        expected: Role,
+    },
+}
+
+/// Connects to a worker and checks that it can serve for this router:
+/// same protocol version, same model, the expected role.
+pub async fn connect(
+    addr: SocketAddr,
+    expected: Role,
+    fingerprint: &str,
+    secret: &ClusterSecret,
+    timeout: Duration,
+) -> Result<Arc<Worker>, ConnectError> {
+    let unreachable = |msg: String| ConnectError::Unreachable { addr, msg };
+    let ep = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| unreachable(e.to_string()))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10));
+    let deadline = tokio::time::Instant::now() + timeout;
+    let channel = loop {
+        match ep.connect().await {
+            Ok(c) => break c,
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(unreachable(e.to_string()))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    let mut client = pb::WorkerClient::new(channel);
+    let info = client
+        .info(secret.attach(tonic::Request::new(pb::InfoRequest {})))
+        .await
+        .map_err(|s| unreachable(s.message().to_string()))?
+        .into_inner();
+    if info.protocol_version != PROTOCOL_VERSION {
+        return Err(ConnectError::Version {
+            addr,
+            theirs: info.protocol_version,
+            ours: PROTOCOL_VERSION,
+        });
+    }
+    if info.model_fingerprint != fingerprint {
+        return Err(ConnectError::Model {
+            addr,
+            theirs: info.model_fingerprint,
+            ours: fingerprint.to_string(),
+        });
+    }
+    if info.role() != expected.to_proto() {
+        return Err(ConnectError::Role {
+            addr,
+            theirs: info.role(),
+            expected,
+        });
+    }
+    let load = pb::LoadReport {
+        total_blocks: info.total_blocks,
+        free_blocks: info.total_blocks,
+        ..Default::default()
+    };
+    Ok(Arc::new(Worker {
+        addr,
+        role: expected,
+        info,
+        client,
+        load: Mutex::new(load),
+        in_flight: AtomicU32::new(0),
+        healthy: true.into(),
+    }))
+}
+
+/// Polls every worker's load until `shutdown`.
+pub fn spawn_load_poll(
+    workers: Vec<Arc<Worker>>,
+    secret: ClusterSecret,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    for w in workers {
+        let secret = secret.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut client = w.client.clone();
+            loop {
+                let mut req = secret.attach(tonic::Request::new(pb::LoadRequest {}));
+                req.set_timeout(Duration::from_secs(2));
+                match client.load(req).await {
+                    Ok(r) => {
+                        if let Ok(mut l) = w.load.lock() {
+                            *l = r.into_inner();
+                        }
+                        w.healthy.store(true, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        if w.healthy.swap(false, Ordering::Relaxed) {
+                            tracing::warn!(worker = %w.addr, error = %e.message(), "load poll failed");
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+            }
+        });
+    }
+}

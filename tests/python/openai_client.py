@@ -1,0 +1,81 @@
+"""Drives a tandem router with the official OpenAI Python client, unmodified.
+
+Usage: openai_client.py BASE_URL MODEL API_KEY
+Exits non-zero (with the failing check) if anything is off.
+"""
+
+import sys
+
+import openai
+
+base_url, model, api_key = sys.argv[1], sys.argv[2], sys.argv[3]
+client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=120)
+
+models = [m.id for m in client.models.list()]
+assert model in models, models
+
+question = [{"role": "user", "content": "What is the capital of France?"}]
+r = client.chat.completions.create(model=model, messages=question, max_tokens=16, temperature=0)
+text = r.choices[0].message.content
+assert r.choices[0].finish_reason in ("stop", "length"), r
+assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 0, r.usage
+
+# Streaming gives the same text, and the usage chunk when asked.
+stream = client.chat.completions.create(
+    model=model,
+    messages=question,
+    max_tokens=16,
+    temperature=0,
+    stream=True,
+    stream_options={"include_usage": True},
+)
+pieces, usage = [], None
+for chunk in stream:
+    if chunk.choices and chunk.choices[0].delta.content:
+        pieces.append(chunk.choices[0].delta.content)
+    if chunk.usage is not None:
+        usage = chunk.usage
+assert "".join(pieces) == text, ("".join(pieces), text)
+assert usage is not None and usage.completion_tokens == r.usage.completion_tokens, usage
+
+# Completions, n > 1 with a seed, logprobs, stop strings.
+c = client.completions.create(
+    model=model, prompt="The quick brown fox", max_tokens=8, n=2, temperature=0.8, seed=7, logprobs=2
+)
+assert len(c.choices) == 2, c
+assert c.choices[0].logprobs is not None and len(c.choices[0].logprobs.tokens) > 0, c
+again = client.completions.create(
+    model=model, prompt="The quick brown fox", max_tokens=8, n=2, temperature=0.8, seed=7, logprobs=2
+)
+assert [x.text for x in again.choices] == [x.text for x in c.choices], "seeded sampling is not reproducible"
+
+lp = client.chat.completions.create(
+    model=model, messages=question, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3
+)
+content = lp.choices[0].logprobs.content
+assert content and len(content[0].top_logprobs) == 3, lp
+
+s = client.chat.completions.create(
+    model=model, messages=question, max_tokens=16, temperature=0, stop=["Paris"]
+)
+assert "Paris" not in s.choices[0].message.content, s
+
+# Errors arrive as the client's typed exceptions.
+try:
+    client.chat.completions.create(model=model, messages=question, max_tokens=0)
+    raise SystemExit("max_tokens=0 was accepted")
+except openai.BadRequestError as e:
+    assert e.status_code == 400
+try:
+    client.chat.completions.create(model="no-such-model", messages=question)
+    raise SystemExit("an unknown model was accepted")
+except openai.NotFoundError as e:
+    assert e.status_code == 404
+bad = openai.OpenAI(base_url=base_url, api_key="wrong", max_retries=0)
+try:
+    bad.models.list()
+    raise SystemExit("a wrong API key was accepted")
+except openai.AuthenticationError as e:
+    assert e.status_code == 401
+
+print("openai client: all checks passed")

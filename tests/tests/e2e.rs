@@ -1,0 +1,686 @@
+//! End to end: real `tandem` processes (router, prefill and decode workers)
+//! on loopback, driven by a real HTTP client and a real gRPC client.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tandem_proto::generate as g;
+use tandem_proto::worker as w;
+use tandem_tests::{model_path, tandem_bin, Cluster, Node, SECRET};
+
+const MAX_TOKENS: u32 = 20;
+
+/// Prompts of several shapes: shorter than a block, several blocks, and
+/// two sharing a multi-block prefix.
+fn prompts() -> Vec<String> {
+    let shared = "You are a careful assistant. Answer briefly and precisely, using plain words, \
+                  and never invent facts you are not sure of.";
+    vec![
+        "The capital of France is".to_string(),
+        "Here is a short story about a robot who learns to paint. Once upon a time, in a small \
+         workshop at the edge of a busy harbour town, there lived a robot named"
+            .to_string(),
+        format!("{shared} Question: What is the boiling point of water at sea level? Answer:"),
+        format!("{shared} Question: Why is the sky blue? Answer:"),
+    ]
+}
+
+/// `tandem generate --json` on the same model: the plain path.
+fn generate_plain(prompt: &str, chat: bool) -> (String, Vec<u32>, u64) {
+    let model = model_path();
+    let mut cmd = Command::new(tandem_bin());
+    cmd.args(["generate", "--json", "--threads", "1", "--max-tokens"])
+        .arg(MAX_TOKENS.to_string())
+        .arg("--model")
+        .arg(&model)
+        .args(["--prompt", prompt]);
+    if chat {
+        cmd.arg("--chat");
+    }
+    let out = cmd.output().expect("running tandem generate");
+    assert!(
+        out.status.success(),
+        "tandem generate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("generate --json output");
+    let ids = v["token_ids"]
+        .as_array()
+        .expect("token_ids")
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect();
+    (
+        v["text"].as_str().unwrap().to_string(),
+        ids,
+        v["prompt_tokens"].as_u64().unwrap(),
+    )
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn grpc_client(c: &Cluster) -> g::GenerateClient<tonic::transport::Channel> {
+    g::GenerateClient::connect(format!("http://{}", c.router.addr()))
+        .await
+        .expect("connecting to the router over gRPC")
+}
+
+fn greedy_request(prompt: &str) -> g::GenerateRequest {
+    g::GenerateRequest {
+        model: String::new(),
+        input: Some(g::Input::Text(prompt.to_string())),
+        sampling: Some(g::SamplingParams {
+            max_tokens: Some(MAX_TOKENS),
+            temperature: Some(0.0),
+            ..Default::default()
+        }),
+        request_id: String::new(),
+    }
+}
+
+/// Token ids and text of each prompt through the router's gRPC API.
+async fn via_grpc(c: &Cluster, prompts: &[String]) -> Vec<(String, Vec<u32>, u32)> {
+    let mut client = grpc_client(c).await;
+    let mut out = Vec::new();
+    for p in prompts {
+        let r = client
+            .generate(greedy_request(p))
+            .await
+            .expect("Generate")
+            .into_inner();
+        let usage = r.usage.expect("usage");
+        assert_eq!(usage.completion_tokens as usize, r.token_ids.len());
+        out.push((r.text, r.token_ids, usage.prompt_tokens));
+    }
+    out
+}
+
+#[test]
+fn greedy_output_is_the_same_disaggregated_colocated_and_in_process() {
+    let prompts = prompts();
+    let plain: Vec<_> = prompts.iter().map(|p| generate_plain(p, false)).collect();
+    let rt = rt();
+    let disagg = Cluster::start(1, 1, 1, &[]);
+    let d = rt.block_on(via_grpc(&disagg, &prompts));
+    // Run them again: now the prefill worker's prefix cache holds them.
+    let d2 = rt.block_on(via_grpc(&disagg, &prompts));
+    drop(disagg);
+    let colocated = Cluster::start(0, 1, 2, &[]);
+    let c = rt.block_on(via_grpc(&colocated, &prompts));
+    drop(colocated);
+    for (i, p) in prompts.iter().enumerate() {
+        let (text, ids, n_prompt) = &plain[i];
+        assert!(!ids.is_empty(), "no tokens for {p:?}");
+        assert_eq!(&d[i].1, ids, "disaggregated tokens differ for {p:?}");
+        assert_eq!(
+            &d2[i].1, ids,
+            "disaggregated (cached) tokens differ for {p:?}"
+        );
+        assert_eq!(&c[i].1, ids, "colocated tokens differ for {p:?}");
+        assert_eq!(&d[i].0, text, "disaggregated text differs for {p:?}");
+        assert_eq!(d[i].2 as u64, *n_prompt, "prompt token count for {p:?}");
+    }
+}
+
+#[test]
+fn chat_over_http_matches_generate_and_streaming_matches_unary() {
+    let q = "What is the tallest mountain on Earth?";
+    let (plain_text, plain_ids, plain_prompt) = generate_plain(q, true);
+    let cluster = Cluster::start(1, 1, 1, &[]);
+    let url = format!("{}/chat/completions", cluster.base_url());
+    let body = json!({
+        "model": model_name(),
+        "messages": [{"role": "user", "content": q}],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+    });
+    rt().block_on(async {
+        let http = reqwest::Client::new();
+        let r = http.post(&url).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["object"], "chat.completion");
+        let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+        assert_eq!(text, plain_text.trim_start_matches(' '), "chat text");
+        assert_eq!(v["usage"]["prompt_tokens"].as_u64().unwrap(), plain_prompt);
+        assert_eq!(
+            v["usage"]["completion_tokens"].as_u64().unwrap(),
+            plain_ids.len() as u64
+        );
+        assert_eq!(
+            v["usage"]["total_tokens"].as_u64().unwrap(),
+            plain_prompt + plain_ids.len() as u64
+        );
+
+        // The same request streamed.
+        let mut sbody = body.clone();
+        sbody["stream"] = json!(true);
+        sbody["stream_options"] = json!({"include_usage": true});
+        let r = http.post(&url).json(&sbody).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream"));
+        let events = sse_events(r).await;
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        let mut streamed = String::new();
+        let mut usage = None;
+        let mut finish = None;
+        for e in &events[..events.len() - 1] {
+            let v: Value = serde_json::from_str(e).unwrap();
+            assert_eq!(v["object"], "chat.completion.chunk");
+            if let Some(c) = v["choices"].as_array().and_then(|c| c.first()) {
+                if let Some(t) = c["delta"]["content"].as_str() {
+                    streamed.push_str(t);
+                }
+                if !c["finish_reason"].is_null() {
+                    finish = Some(c["finish_reason"].clone());
+                }
+            }
+            if !v["usage"].is_null() {
+                usage = Some(v["usage"].clone());
+            }
+        }
+        assert_eq!(streamed, text, "streamed text differs from the unary reply");
+        assert_eq!(finish, Some(v["choices"][0]["finish_reason"].clone()));
+        let usage = usage.expect("a usage chunk");
+        for k in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+            assert_eq!(usage[k], v["usage"][k], "usage chunk: {k}");
+        }
+    });
+}
+
+/// The served model name: the model file's stem.
+fn model_name() -> String {
+    model_path()
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The `data:` payloads of an SSE response, in order.
+async fn sse_events(r: reqwest::Response) -> Vec<String> {
+    let mut buf = String::new();
+    let mut stream = r.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        buf.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    buf.split("\n\n")
+        .filter_map(|e| e.trim().strip_prefix("data:").map(|d| d.trim().to_string()))
+        .collect()
+}
+
+#[test]
+fn grpc_streaming_and_unary_agree() {
+    let cluster = Cluster::start(1, 1, 1, &[]);
+    rt().block_on(async {
+        let mut client = grpc_client(&cluster).await;
+        let req = greedy_request("Write one sentence about the sea:");
+        let unary = client.generate(req.clone()).await.unwrap().into_inner();
+        let mut s = client.generate_stream(req).await.unwrap().into_inner();
+        let (mut ids, mut text, mut last) = (Vec::new(), String::new(), None);
+        while let Some(m) = s.message().await.unwrap() {
+            ids.extend(m.token_ids.iter().copied());
+            text.push_str(&m.text);
+            if m.finish_reason != 0 {
+                last = Some(m);
+            }
+        }
+        let last = last.expect("a final message with the finish reason");
+        assert_eq!(ids, unary.token_ids);
+        assert_eq!(text, unary.text);
+        assert_eq!(last.finish_reason, unary.finish_reason);
+        assert_eq!(last.usage, unary.usage);
+        assert_eq!(
+            unary.usage.unwrap().completion_tokens as usize,
+            unary.token_ids.len()
+        );
+    });
+}
+
+/// Load of a worker, asked directly with the cluster secret.
+async fn worker_load(node: &Node) -> w::LoadReport {
+    let mut c = w::WorkerClient::connect(format!("http://{}", node.addr()))
+        .await
+        .unwrap();
+    let mut req = tonic::Request::new(w::LoadRequest {});
+    req.metadata_mut()
+        .insert(w::SECRET_METADATA, SECRET.parse().unwrap());
+    c.load(req).await.unwrap().into_inner()
+}
+
+#[test]
+fn client_disconnect_cancels_on_the_workers() {
+    let cluster = Cluster::start(1, 1, 1, &[]);
+    rt().block_on(async {
+        let idle = worker_load(&cluster.decode[0]).await;
+        let http = reqwest::Client::new();
+        let body = json!({
+            "model": model_name(),
+            "prompt": "List every prime number, one per line, starting from 2:",
+            "max_tokens": 3000,
+            "temperature": 0,
+            "stream": true,
+        });
+        let r = http
+            .post(format!("{}/completions", cluster.base_url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let mut stream = r.bytes_stream();
+        // Wait for a few tokens, then hang up.
+        let mut seen = 0;
+        while seen < 3 {
+            stream.next().await.expect("stream ended early").unwrap();
+            seen += 1;
+        }
+        let busy = worker_load(&cluster.decode[0]).await;
+        assert_eq!(
+            busy.running + busy.waiting,
+            1,
+            "the request should be running"
+        );
+        drop(stream);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let l = worker_load(&cluster.decode[0]).await;
+            if l.running == 0 && l.waiting == 0 && l.in_flight == 0 {
+                // Nothing but the prefix cache may keep blocks: the prompt is
+                // a few blocks, the 3000-token completion would be ~190.
+                assert!(
+                    idle.free_blocks - l.free_blocks < 16,
+                    "blocks leaked: {} free before, {} after",
+                    idle.free_blocks,
+                    l.free_blocks
+                );
+                break;
+            }
+            assert!(Instant::now() < deadline, "request still running: {l:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+}
+
+#[test]
+fn bad_requests_get_openai_errors_not_500s() {
+    let cluster = Cluster::start(0, 1, 1, &[]);
+    let chat = format!("{}/chat/completions", cluster.base_url());
+    let compl = format!("{}/completions", cluster.base_url());
+    let m = model_name();
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    let huge = "word ".repeat(9000);
+    let cases: Vec<(&str, &str, Value, u16, Option<&str>)> = vec![
+        (
+            "invalid json",
+            &chat,
+            Value::String("{not json".into()),
+            400,
+            None,
+        ),
+        (
+            "unknown model",
+            &chat,
+            json!({"model": "nope", "messages": msgs}),
+            404,
+            Some("model"),
+        ),
+        (
+            "missing messages",
+            &chat,
+            json!({"model": m}),
+            400,
+            Some("messages"),
+        ),
+        (
+            "empty messages",
+            &chat,
+            json!({"model": m, "messages": []}),
+            400,
+            Some("messages"),
+        ),
+        (
+            "max_tokens 0",
+            &chat,
+            json!({"model": m, "messages": msgs, "max_tokens": 0}),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "max_tokens negative",
+            &compl,
+            json!({"model": m, "prompt": "a", "max_tokens": -5}),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "max_tokens over the context",
+            &chat,
+            json!({"model": m, "messages": msgs, "max_tokens": 100000}),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "prompt over the context",
+            &compl,
+            json!({"model": m, "prompt": huge}),
+            400,
+            None,
+        ),
+        (
+            "temperature out of range",
+            &chat,
+            json!({"model": m, "messages": msgs, "temperature": 7}),
+            400,
+            Some("temperature"),
+        ),
+        (
+            "top_p zero",
+            &chat,
+            json!({"model": m, "messages": msgs, "top_p": 0}),
+            400,
+            Some("top_p"),
+        ),
+        (
+            "n zero",
+            &chat,
+            json!({"model": m, "messages": msgs, "n": 0}),
+            400,
+            Some("n"),
+        ),
+        (
+            "wrong type",
+            &chat,
+            json!({"model": m, "messages": "hi"}),
+            400,
+            None,
+        ),
+        (
+            "tools unsupported",
+            &chat,
+            json!({"model": m, "messages": msgs, "tools": [{"type": "function", "function": {"name": "f"}}]}),
+            400,
+            Some("tools"),
+        ),
+        (
+            "logit_bias unsupported",
+            &chat,
+            json!({"model": m, "messages": msgs, "logit_bias": {"1": 5}}),
+            400,
+            Some("logit_bias"),
+        ),
+        (
+            "echo unsupported",
+            &compl,
+            json!({"model": m, "prompt": "a", "echo": true}),
+            400,
+            Some("echo"),
+        ),
+    ];
+    rt().block_on(async {
+        let http = reqwest::Client::new();
+        for (name, url, body, status, param) in cases {
+            let req = http.post(url).header("content-type", "application/json");
+            let req = match &body {
+                Value::String(s) => req.body(s.clone()),
+                v => req.body(v.to_string()),
+            };
+            let r = tokio::time::timeout(Duration::from_secs(30), req.send())
+                .await
+                .unwrap_or_else(|_| panic!("{name}: hung"))
+                .unwrap();
+            assert_eq!(r.status().as_u16(), status, "{name}");
+            let v: Value = r.json().await.unwrap_or_else(|e| panic!("{name}: {e}"));
+            let err = &v["error"];
+            assert!(
+                err["message"].as_str().is_some_and(|s| !s.is_empty()),
+                "{name}: {v}"
+            );
+            assert!(err["type"].is_string(), "{name}: {v}");
+            if let Some(p) = param {
+                assert_eq!(err["param"], p, "{name}: {v}");
+            }
+        }
+        // The server is still fine.
+        let r = http
+            .post(&chat)
+            .json(&json!({"model": m, "messages": msgs, "max_tokens": 3}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let r = http
+            .get(format!("{}/models", cluster.base_url()))
+            .send()
+            .await
+            .unwrap();
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["data"][0]["id"], m);
+    });
+}
+
+#[test]
+fn api_key_guards_the_api_and_workers_refuse_strangers() {
+    let cluster = Cluster::start(0, 1, 1, &["--api-key", "k-123"]);
+    rt().block_on(async {
+        let http = reqwest::Client::new();
+        let url = format!("{}/models", cluster.base_url());
+        let r = http.get(&url).send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        let v: Value = r.json().await.unwrap();
+        assert!(v["error"]["message"].is_string());
+        let r = http.get(&url).bearer_auth("wrong").send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        let r = http.get(&url).bearer_auth("k-123").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        // Health and metrics stay open for probes and scrapers.
+        let base = format!("http://{}", cluster.router.addr());
+        assert_eq!(
+            http.get(format!("{base}/health"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+        assert_eq!(
+            http.get(format!("{base}/ready"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+        let metrics = http.get(format!("{base}/metrics")).send().await.unwrap();
+        assert_eq!(metrics.status(), 200);
+
+        // A worker refuses calls without the cluster secret.
+        let mut c = w::WorkerClient::connect(format!("http://{}", cluster.decode[0].addr()))
+            .await
+            .unwrap();
+        let e = c.load(w::LoadRequest {}).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        let mut req = tonic::Request::new(w::LoadRequest {});
+        req.metadata_mut()
+            .insert(w::SECRET_METADATA, "guess".parse().unwrap());
+        assert_eq!(
+            c.load(req).await.unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+    });
+}
+
+#[test]
+fn tandem_up_serves_the_openai_api() {
+    let model = model_path();
+    let mut child = Command::new(tandem_bin())
+        .args([
+            "up",
+            "--port",
+            "0",
+            "--disagg-min-tokens",
+            "0",
+            "--kv-cache-memory",
+            "256MiB",
+        ])
+        .arg("--model")
+        .arg(&model)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(|l| l.ok())
+        {
+            if let Some(u) = line.strip_prefix("TANDEM_URL ") {
+                let _ = tx.send(u.to_string());
+            }
+        }
+    });
+    let url = rx
+        .recv_timeout(Duration::from_secs(180))
+        .expect("tandem up printed no URL");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            unsafe {
+                libc_kill(self.0.id() as i32, 15);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut up = Kill(child);
+    rt().block_on(async {
+        let http = reqwest::Client::new();
+        let r = http
+            .post(format!("{url}/chat/completions"))
+            .json(&json!({
+                "model": model_name(),
+                "messages": [{"role": "user", "content": "Say hello."}],
+                "max_tokens": 8,
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    });
+    // SIGTERM stops the whole cluster, children included.
+    unsafe {
+        libc_kill(up.0.id() as i32, 15);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = up.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tandem up did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "tandem up exited with {status}");
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+#[test]
+fn a_worker_without_the_secret_is_refused_and_a_router_without_workers_fails_clearly() {
+    let model = model_path();
+    let out = Command::new(tandem_bin())
+        .args(["decode", "--port", "0"])
+        .arg("--model")
+        .arg(&model)
+        .env_remove("TANDEM_CLUSTER_SECRET")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cluster-secret"));
+
+    // A port nobody listens on: bind one, note it, close it.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let out = Command::new(tandem_bin())
+        .args(["router", "--port", "0", "--connect-timeout-secs", "1"])
+        .arg("--model")
+        .arg(&model)
+        .arg("--peers")
+        .arg(format!("decode={dead}"))
+        .env("TANDEM_CLUSTER_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("connecting to the workers") && err.contains(&dead.to_string()),
+        "{err}"
+    );
+}
+
+/// The venv with the official OpenAI client (`scripts/test.sh` installs it).
+fn openai_python() -> std::path::PathBuf {
+    let dir = std::env::var_os("TANDEM_PYCLIENT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME"))
+                .join(".cache/tandem/pyclient")
+        });
+    let py = dir.join("bin/python");
+    assert!(
+        py.exists(),
+        "the OpenAI Python client is not installed at {}; scripts/test.sh installs it (tests/python/requirements.txt)",
+        dir.display()
+    );
+    py
+}
+
+#[test]
+fn the_official_openai_python_client_works_unmodified() {
+    let py = openai_python();
+    let cluster = Cluster::start(1, 1, 1, &["--api-key", "sk-e2e"]);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/openai_client.py");
+    let out = Command::new(py)
+        .arg(script)
+        .arg(cluster.base_url())
+        .arg(model_name())
+        .arg("sk-e2e")
+        .output()
+        .expect("running the OpenAI client script");
+    assert!(
+        out.status.success(),
+        "the OpenAI client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
