@@ -21,7 +21,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tandem_cluster::{Peer, PeerList, Role};
 
-use crate::up::{random_secret, spawn, Node};
+use crate::up::{random_secret, spawn, stop_all, Node};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -311,10 +311,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
         );
         let (nodes, base) = start(&model, None, a.threads)?;
         let colocated = rt.block_on(load(&a, &base, &name, 1))?;
-        drop(nodes);
+        stop_all(nodes);
         let (nodes, base) = start(&model, Some(a.threads), a.threads)?;
         let disagg = rt.block_on(load(&a, &base, &name, 1))?;
-        drop(nodes);
+        stop_all(nodes);
         let c = colocated["ttft_p50_ms"].as_f64().unwrap_or(f64::NAN);
         let d = disagg["ttft_p50_ms"].as_f64().unwrap_or(f64::NAN);
         let overhead = d / c - 1.0;

@@ -102,6 +102,13 @@ impl Drop for Node {
     }
 }
 
+/// Stops nodes newest first (the router before the workers it polls).
+pub fn stop_all(mut nodes: Vec<Node>) {
+    while let Some(n) = nodes.pop() {
+        drop(n);
+    }
+}
+
 /// Starts `tandem ROLE ... --port 0` and waits for its readiness line.
 pub fn spawn(role: Role, args: &[String], secret: &str, log_prefix: &str) -> Result<Node> {
     let exe = std::env::current_exe().context("locating this binary")?;
@@ -291,13 +298,13 @@ pub fn run(args: UpArgs) -> Result<()> {
     loop {
         if stop.load(std::sync::atomic::Ordering::Relaxed) {
             eprintln!("tandem up: stopping");
-            drop(nodes);
+            stop_all(nodes);
             return Ok(());
         }
         for n in nodes.iter_mut() {
             if let Some(status) = n.child.try_wait()? {
                 let role = n.role;
-                drop(nodes);
+                stop_all(nodes);
                 bail!("the {role} node exited ({status}); stopped the cluster");
             }
         }

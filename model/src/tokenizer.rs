@@ -98,6 +98,9 @@ pub struct Tokenizer {
     /// SentencePiece with `add_space_prefix`: the decoder drops the space
     /// that encoding prepended to the text.
     strip_leading_space: bool,
+    /// `inner.get_vocab_size(true)`, which rebuilds the whole vocabulary
+    /// map on every call: computed once, as the router checks every request.
+    vocab_size: usize,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -530,6 +533,7 @@ impl Tokenizer {
         strip_leading_space: bool,
     ) -> Self {
         let vocab = inner.get_vocab(true);
+        let vocab_size = vocab.len();
         let size = vocab.values().map(|&i| i as usize + 1).max().unwrap_or(0);
         let mut pieces: Vec<Option<Vec<u8>>> = vec![None; size];
         let char_to_byte = byte_level_char_to_byte();
@@ -571,6 +575,7 @@ impl Tokenizer {
             pieces,
             special,
             strip_leading_space,
+            vocab_size,
         }
     }
 
@@ -743,7 +748,7 @@ impl Tokenizer {
         self.eos_token.as_deref()
     }
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab_size
     }
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

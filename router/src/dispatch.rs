@@ -57,6 +57,10 @@ pub struct GenerationInput {
     pub max_tokens: Option<u32>,
     /// End the generation without being emitted (EOS and friends).
     pub stop_token_ids: Vec<u32>,
+    /// Time the front end spent on the request before handing it over,
+    /// tokenisation excluded: the dispatcher adds its own share and records
+    /// the router's accept-to-dispatch latency.
+    pub frontend_time: std::time::Duration,
 }
 
 /// Why a generation ended.

@@ -1,9 +1,10 @@
 //! The cluster [`Backend`]: picks a decode worker (and, when disaggregating,
 //! a prefill worker), opens the decode stream and relays its tokens.
 //!
-//! The router's own time is measured here: `tandem_router_dispatch_seconds`
-//! from `generate` entry (after tokenisation) to the decode call handed to
-//! the transport.
+//! The router's own time is recorded here: `tandem_router_dispatch_seconds`
+//! is the front end's share (request accepted to `generate`, tokenisation
+//! excluded) plus the dispatcher's (to the decode call handed to the
+//! transport).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -108,6 +109,7 @@ impl Dispatcher {
 
     async fn start(&self, input: GenerationInput) -> Result<TokenStream, DispatchError> {
         let t0 = Instant::now();
+        let input_frontend = input.frontend_time;
         let hashes = block_hashes(&input.prompt, self.block_size);
         let decode = self
             .picker
@@ -141,7 +143,8 @@ impl Dispatcher {
         let prefill_guard = prefill.as_ref().map(|p| p.track());
         let mut client = decode.client.clone();
         let call = self.secret.attach(tonic::Request::new(req.clone()));
-        metrics::histogram!("tandem_router_dispatch_seconds").record(t0.elapsed().as_secs_f64());
+        metrics::histogram!("tandem_router_dispatch_seconds")
+            .record((input_frontend + t0.elapsed()).as_secs_f64());
         metrics::counter!("tandem_router_dispatched_total", "prefill" => if prefill.is_some() { "remote" } else { "local" }).increment(1);
         let mut stream = client
             .decode(call)

@@ -684,3 +684,99 @@ fn the_official_openai_python_client_works_unmodified() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Polls a worker until `done(load)` holds, for at most `within`.
+async fn wait_load(
+    node: &Node,
+    within: Duration,
+    done: impl Fn(&w::LoadReport) -> bool,
+) -> w::LoadReport {
+    let deadline = Instant::now() + within;
+    loop {
+        let l = worker_load(node).await;
+        if done(&l) {
+            return l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "worker state not reached within {within:?}: {l:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn hanging_up_during_a_remote_prefill_cancels_it_and_frees_the_reserved_blocks() {
+    let cluster = Cluster::start(1, 1, 1, &[]);
+    rt().block_on(async {
+        let idle = worker_load(&cluster.decode[0]).await;
+        // ~3,000 prompt tokens: several seconds of prefill on one thread.
+        let prompt: Vec<u32> = (0..3000u32).map(|i| 1000 + (i * 7919) % 30000).collect();
+        let http = reqwest::Client::new();
+        let r = http
+            .post(format!("{}/completions", cluster.base_url()))
+            .json(&json!({
+                "model": model_name(), "prompt": prompt, "max_tokens": 4, "stream": true,
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        // The prompt is on the prefill worker and its blocks are reserved on the decode worker.
+        wait_load(&cluster.prefill[0], Duration::from_secs(10), |l| {
+            l.running + l.waiting == 1
+        })
+        .await;
+        let reserved = worker_load(&cluster.decode[0]).await;
+        assert!(
+            idle.free_blocks - reserved.free_blocks >= 3000 / 16,
+            "no blocks reserved: {idle:?} then {reserved:?}"
+        );
+        drop(r);
+        // Cancelled at the next step, far sooner than the prefill would take.
+        wait_load(&cluster.prefill[0], Duration::from_secs(5), |l| {
+            l.running == 0 && l.waiting == 0 && l.in_flight == 0
+        })
+        .await;
+        wait_load(&cluster.decode[0], Duration::from_secs(5), |l| {
+            l.in_flight == 0 && l.free_blocks == idle.free_blocks
+        })
+        .await;
+    });
+}
+
+/// A counter from a node's /metrics, 0 when absent.
+async fn counter(node: &Node, line_prefix: &str) -> f64 {
+    let text = reqwest::get(format!("http://{}/metrics", node.addr()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn short_prompts_skip_the_prefill_tier_and_long_ones_use_it() {
+    let cluster = Cluster::start(1, 1, 1, &["--disagg-min-tokens", "32"]);
+    rt().block_on(async {
+        let http = reqwest::Client::new();
+        let ask = |prompt: String| {
+            http.post(format!("{}/completions", cluster.base_url()))
+                .json(&json!({"model": model_name(), "prompt": prompt, "max_tokens": 2}))
+                .send()
+        };
+        assert_eq!(ask("Hello there".into()).await.unwrap().status(), 200);
+        let local = r#"tandem_router_dispatched_total{prefill="local"}"#;
+        let remote = r#"tandem_router_dispatched_total{prefill="remote"}"#;
+        assert_eq!(counter(&cluster.router, local).await, 1.0);
+        assert_eq!(counter(&cluster.router, remote).await, 0.0);
+        let long = "a long prompt about many things ".repeat(12);
+        assert_eq!(ask(long).await.unwrap().status(), 200);
+        assert_eq!(counter(&cluster.router, remote).await, 1.0);
+        assert_eq!(counter(&cluster.router, local).await, 1.0);
+    });
+}

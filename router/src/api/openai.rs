@@ -807,23 +807,33 @@ async fn run(
     body: Result<Bytes, BytesRejection>,
     ep: Endpoint,
 ) -> Result<Response, ApiError> {
+    let accepted = Instant::now();
     let m = parse_object(body)?;
     check_unsupported(&m, ep)?;
     let common = parse_common(&m, ep)?;
     check_model_field(&state, &m)?;
-    let (prompt, prompt_param) = match ep {
+    let (prompt, prompt_param, tokenizing) = match ep {
         Endpoint::Chat => {
             let messages = parse_messages(&m)?;
-            (state.chat_prompt(&messages)?, "messages")
+            let t = Instant::now();
+            (state.chat_prompt(&messages)?, "messages", t.elapsed())
         }
-        Endpoint::Completions => (parse_prompt(&state, &m)?, "prompt"),
+        Endpoint::Completions => {
+            let t = Instant::now();
+            (parse_prompt(&state, &m)?, "prompt", t.elapsed())
+        }
     };
     let start = Instant::now();
     let id = match ep {
         Endpoint::Chat => format!("chatcmpl-{}", random_id()),
         Endpoint::Completions => format!("cmpl-{}", random_id()),
     };
-    let prepared = common.params.build(&state, prompt, &id, prompt_param)?;
+    let mut prepared = common.params.build(&state, prompt, &id, prompt_param)?;
+    // The router's own time so far: everything but the template and tokenizer.
+    let own = accepted.elapsed().saturating_sub(tokenizing);
+    for input in &mut prepared.inputs {
+        input.frontend_time = own;
+    }
     metrics::counter!("tandem_router_prompt_tokens_total", "endpoint" => ep.label())
         .increment(prepared.prompt_tokens as u64);
     let streams = start_all(&state, &prepared).await?;

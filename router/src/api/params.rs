@@ -222,6 +222,7 @@ impl GenParams {
                 },
                 max_tokens: max_tokens.map(|m| m as u32),
                 stop_token_ids: stop_token_ids.clone(),
+                frontend_time: std::time::Duration::ZERO,
             })
             .collect();
         Ok(Prepared {
