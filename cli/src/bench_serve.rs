@@ -45,6 +45,10 @@ pub struct ServeArgs {
     /// Tokens generated per request.
     #[arg(long, default_value_t = 16)]
     pub max_tokens: usize,
+    /// Extra short requests (8-token prompts) after the long ones, so the
+    /// router's latency quantiles rest on enough samples.
+    #[arg(long, default_value_t = 100)]
+    pub latency_requests: usize,
     /// Threads of the worker that prefills (both clusters), and of the decode worker.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
@@ -208,6 +212,9 @@ async fn load(a: &ServeArgs, base: &str, model: &str, salt: u64) -> Result<Value
         next += wave;
     }
     let wall = t0.elapsed().as_secs_f64();
+    for i in 0..a.latency_requests {
+        one_request(&http, base, model, prompt(8, salt + 100_000 + i as u64), 8).await?;
+    }
     let ttft: Vec<f64> = samples.iter().map(|s| s.ttft).collect();
     let tpot: Vec<f64> = samples
         .iter()
