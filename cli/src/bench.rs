@@ -128,6 +128,7 @@ fn prefix_ttft(model: &Model, shared: usize, runs: usize) -> Result<(f64, f64)> 
             max_tokens: Some(1),
             stop_tokens: vec![],
             priority: 0,
+            generated: vec![],
         };
         let t0 = Instant::now();
         sched.add(req, Box::new(tx))?;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use tandem_cluster::{
-    ClusterSecret, NodeServer, PeerList, Readiness, ReadyLine, Role, SecretCheck,
+    ClusterSecret, Drain, NodeServer, PeerList, Readiness, ReadyLine, Role, SecretCheck,
 };
 use tandem_engine::engine::{Engine, EngineConfig};
 use tandem_engine::executor::Executor;
@@ -43,6 +43,9 @@ pub struct NodeArgs {
     /// This node's id (default: role and port).
     #[arg(long, env = "TANDEM_NODE_ID")]
     pub node_id: Option<String>,
+    /// On SIGTERM, how long in-flight requests may take to finish before the node exits.
+    #[arg(long, env = "TANDEM_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    pub drain_timeout_secs: u64,
 }
 
 /// Flags of the two worker roles.
@@ -74,6 +77,9 @@ pub struct WorkerArgs {
     /// Raw-TCP port for incoming KV (decode workers; 0 picks a free one).
     #[arg(long, env = "TANDEM_KV_PORT", default_value_t = 0)]
     pub kv_port: u16,
+    /// Decode workers refuse new requests while this many wait for the batch (bounded queue).
+    #[arg(long, env = "TANDEM_MAX_WAITING", default_value_t = 256)]
+    pub max_waiting: usize,
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -205,23 +211,45 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// Cancels `token` on SIGINT or SIGTERM.
-fn cancel_on_signal(token: CancellationToken) {
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch SIGTERM");
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+/// Resolves on SIGINT or SIGTERM.
+async fn signalled() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM");
+            std::future::pending::<()>().await;
+            return;
         }
-        tracing::info!("shutting down");
-        token.cancel();
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// On SIGINT/SIGTERM: stop taking work (not ready; new requests refused),
+/// let in-flight requests finish within `timeout`, then stop the server.
+fn drain_on_signal(
+    drain: Drain,
+    readiness: Readiness,
+    timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = signalled() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        tracing::info!(in_flight = drain.in_flight(), "draining");
+        readiness.set(false);
+        drain.start();
+        if !drain.wait_idle(timeout).await {
+            tracing::warn!(
+                in_flight = drain.in_flight(),
+                "drain deadline passed; stopping with requests in flight"
+            );
+        }
+        shutdown.cancel();
     });
 }
 
@@ -232,7 +260,8 @@ pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
     let rt = runtime()?;
     rt.block_on(async move {
         let shutdown = CancellationToken::new();
-        cancel_on_signal(shutdown.clone());
+        let drain = Drain::default();
+        let readiness = Readiness::default();
         let server = NodeServer::bind(SocketAddr::new(args.node.host, args.node.port))
             .await
             .with_context(|| format!("binding {}:{}", args.node.host, args.node.port))?;
@@ -255,6 +284,7 @@ pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
                         transfer,
                         threads: threads as u32,
                     },
+                    drain.clone(),
                 );
                 (
                     tonic::service::Routes::new(WorkerServer::with_interceptor(svc, check)),
@@ -271,8 +301,10 @@ pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
                         transfer,
                         threads: threads as u32,
                         prefill_timeout: Duration::from_secs(300),
+                        max_waiting: args.max_waiting,
                     },
                     SocketAddr::new(args.node.host, args.kv_port),
+                    drain.clone(),
                     shutdown.clone(),
                 )
                 .await
@@ -285,8 +317,13 @@ pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
             }
             Role::Router => unreachable!("workers only"),
         };
-        let readiness = Readiness::default();
         readiness.set(true);
+        drain_on_signal(
+            drain,
+            readiness.clone(),
+            Duration::from_secs(args.node.drain_timeout_secs),
+            shutdown.clone(),
+        );
         let serve =
             tokio::spawn(server.serve(routes, axum::Router::new(), readiness, shutdown.clone()));
         ReadyLine { role, addr, kv }.announce();
@@ -324,7 +361,8 @@ pub fn run_router(args: RouterArgs) -> Result<()> {
     let rt = runtime()?;
     rt.block_on(async move {
         let shutdown = CancellationToken::new();
-        cancel_on_signal(shutdown.clone());
+        let drain = Drain::default();
+        let readiness = Readiness::default();
         let server = NodeServer::bind(SocketAddr::new(args.node.host, args.node.port))
             .await
             .with_context(|| format!("binding {}:{}", args.node.host, args.node.port))?;
@@ -342,6 +380,7 @@ pub fn run_router(args: RouterArgs) -> Result<()> {
                 connect_timeout: Duration::from_secs(args.connect_timeout_secs),
                 load_poll: Duration::from_millis(100),
             },
+            drain.clone(),
             shutdown.clone(),
         )
         .await
@@ -360,8 +399,13 @@ pub fn run_router(args: RouterArgs) -> Result<()> {
         let routes =
             tonic::service::Routes::new(tandem_router::api::generate_service(state.clone()));
         let http = tandem_router::api::openai_routes(state);
-        let readiness = Readiness::default();
         readiness.set(true);
+        drain_on_signal(
+            drain,
+            readiness.clone(),
+            Duration::from_secs(args.node.drain_timeout_secs),
+            shutdown.clone(),
+        );
         let serve = tokio::spawn(server.serve(routes, http, readiness, shutdown.clone()));
         ReadyLine {
             role: Role::Router,

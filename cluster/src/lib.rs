@@ -5,13 +5,20 @@
 //! - [`secret`]: the cluster secret that guards worker ports;
 //! - [`server`]: one listener serving gRPC and plain HTTP (`/health`,
 //!   `/ready`, `/metrics`) side by side;
-//! - [`peers`]: the static peer list (`--peers`) for a single machine.
+//! - [`peers`]: the static peer list (`--peers`) for a single machine;
+//! - [`drain`]: graceful drain (stop taking work, finish what is in flight).
 
+pub mod drain;
+pub mod etcd;
+pub mod membership;
 pub mod peers;
 pub mod ready;
 pub mod secret;
 pub mod server;
 
+pub use drain::{Drain, DrainGuard};
+pub use etcd::{EtcdConfig, EtcdTls, NodeRecord};
+pub use membership::{Membership, MembershipEvent, Registration};
 pub use peers::{Peer, PeerList};
 pub use ready::ReadyLine;
 pub use secret::{ClusterSecret, SecretCheck};

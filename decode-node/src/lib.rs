@@ -10,18 +10,18 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tandem_cluster::{ClusterSecret, Role};
+use tandem_cluster::{ClusterSecret, Drain, Role};
 use tandem_engine::engine::{Engine, RequestHandle, RequestSpec};
 use tandem_engine::kv::KvStaging;
 use tandem_kv_transfer::{
     CancellationToken, KvReceiver, LayoutDescriptor, ReceiverConfig, TcpKvListener, TransferConfig,
 };
 use tandem_prefill::convert;
-use tandem_prefill::{CancelOnDrop, InFlight};
+use tandem_prefill::CancelOnDrop;
 use tandem_proto::worker as pb;
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
@@ -37,6 +37,10 @@ pub struct DecodeConfig {
     pub threads: u32,
     /// Longest a remote prefill (compute plus transfer) may take.
     pub prefill_timeout: Duration,
+    /// New requests are refused (the router tries another worker or answers
+    /// 503) while this many wait for a place in the batch: the queue stays
+    /// bounded under overload.
+    pub max_waiting: usize,
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<KvReceiver>>>>;
@@ -56,7 +60,7 @@ struct Inner {
     next_transfer: AtomicU64,
     /// Engine ids by client request id, for `Cancel`.
     by_request: Mutex<HashMap<String, u64>>,
-    in_flight: Arc<AtomicU32>,
+    drain: Drain,
     prefill_clients: Mutex<HashMap<String, pb::WorkerClient<Channel>>>,
 }
 
@@ -66,6 +70,7 @@ impl DecodeService {
         engine: Arc<Engine>,
         cfg: DecodeConfig,
         kv_bind: SocketAddr,
+        drain: Drain,
         shutdown: CancellationToken,
     ) -> Result<Self, tandem_kv_transfer::KvTransferError> {
         let expected = LayoutDescriptor::new(cfg.model_fingerprint.clone(), engine.kv_layout());
@@ -89,7 +94,7 @@ impl DecodeService {
                 pending,
                 next_transfer: AtomicU64::new(1),
                 by_request: Mutex::default(),
-                in_flight: Arc::default(),
+                drain,
                 prefill_clients: Mutex::default(),
             }),
         })
@@ -203,17 +208,27 @@ impl Inner {
             }
             r
         };
-        let (received, prefilled) = tokio::join!(receive, prefill);
-        let first = match prefilled {
-            Ok(r) => r.into_inner().first,
-            Err(s) => {
-                return Err(Status::new(
-                    s.code(),
-                    format!("prefill worker {}: {}", req.prefill_address, s.message()),
-                ))
+        // The first failure of either leg ends both: returning drops the
+        // other future (which cancels the prefill call or stops receiving).
+        let (summary, first) = {
+            tokio::pin!(receive, prefill);
+            let (mut received, mut prefilled) = (None, None);
+            while received.is_none() || prefilled.is_none() {
+                tokio::select! {
+                    r = &mut receive, if received.is_none() => received = Some(r?),
+                    p = &mut prefill, if prefilled.is_none() => match p {
+                        Ok(r) => prefilled = Some(r.into_inner().first),
+                        Err(s) => {
+                            return Err(Status::new(
+                                s.code(),
+                                format!("prefill worker {}: {}", req.prefill_address, s.message()),
+                            ))
+                        }
+                    },
+                }
             }
+            (received.expect("received"), prefilled.expect("prefilled"))
         };
-        let summary = received?;
         metrics::counter!("tandem_kv_transfer_bytes_total", "direction" => "received")
             .increment(summary.bytes);
         let first = first.ok_or_else(|| Status::internal("prefill reply without a token"))?;
@@ -235,7 +250,22 @@ impl Inner {
         req: pb::DecodeRequest,
         out: mpsc::Sender<Result<pb::DecodeEvent, Status>>,
     ) {
-        let _g = InFlight::enter(&self.in_flight);
+        let Some(_g) = self.drain.enter() else {
+            let _ = out
+                .send(Err(Status::unavailable("this decode worker is draining")))
+                .await;
+            return;
+        };
+        let waiting = self.engine.stats().waiting;
+        if waiting >= self.cfg.max_waiting {
+            metrics::counter!("tandem_decode_refused_total", "reason" => "queue_full").increment(1);
+            let _ = out
+                .send(Err(Status::resource_exhausted(format!(
+                    "{waiting} requests are already waiting on this decode worker"
+                ))))
+                .await;
+            return;
+        }
         let started = Instant::now();
         let spec = match convert::sampling(req.sampling.as_ref()) {
             Ok(params) => RequestSpec {
@@ -244,13 +274,15 @@ impl Inner {
                 max_tokens: req.max_tokens.map(|n| n as usize),
                 stop_tokens: req.stop_token_ids.clone(),
                 priority: req.priority,
+                generated: req.generated.clone(),
             },
             Err(s) => {
                 let _ = out.send(Err(s)).await;
                 return;
             }
         };
-        let remote = !req.prefill_address.is_empty();
+        // A resumed stream is always prefilled here.
+        let remote = !req.prefill_address.is_empty() && req.generated.is_empty();
         let admitted = pb::DecodeEvent {
             kind: Some(pb::DecodeEventKind::Admitted(pb::Admitted {
                 transferred_tokens: if remote { spec.prompt.len() as u32 } else { 0 },
@@ -354,7 +386,7 @@ impl pb::Worker for DecodeService {
     async fn load(&self, _: Request<pb::LoadRequest>) -> Result<Response<pb::LoadReport>, Status> {
         Ok(Response::new(convert::load_report(
             &self.inner.engine,
-            self.inner.in_flight.load(Ordering::Relaxed),
+            self.inner.drain.in_flight(),
         )))
     }
 

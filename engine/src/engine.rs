@@ -56,6 +56,8 @@ pub struct RequestSpec {
     pub max_tokens: Option<usize>,
     pub stop_tokens: Vec<u32>,
     pub priority: i32,
+    /// Tokens already generated elsewhere (see `Request::generated`).
+    pub generated: Vec<u32>,
 }
 
 enum Command {
@@ -314,6 +316,7 @@ impl Engine {
             max_tokens: spec.max_tokens,
             stop_tokens: spec.stop_tokens,
             priority: spec.priority,
+            generated: spec.generated,
         };
         Scheduler::validate(&req, self.context_length, self.pool_tokens)?;
         Ok(req)

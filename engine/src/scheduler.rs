@@ -57,6 +57,11 @@ pub struct Request {
     pub stop_tokens: Vec<u32>,
     /// Higher runs first; ties in arrival order.
     pub priority: i32,
+    /// Tokens this request already generated elsewhere (a stream resumed
+    /// after its worker died): they are computed with the prompt and count
+    /// as output, so sampling positions, penalties and `max_tokens` carry on
+    /// exactly where the stream stopped.
+    pub generated: Vec<u32>,
 }
 
 /// What a request's stream carries.
@@ -200,6 +205,14 @@ impl Scheduler {
         if req.prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
+        if let Some(max) = req.max_tokens {
+            if req.generated.len() >= max {
+                return Err(EngineError::Unsupported(format!(
+                    "{} tokens already generated of max_tokens {max}: nothing to resume",
+                    req.generated.len()
+                )));
+            }
+        }
         let cap = context_length.min(pool_tokens);
         let wanted = req.prompt.len() + req.max_tokens.unwrap_or(1);
         if wanted > context_length {
@@ -247,8 +260,22 @@ impl Scheduler {
         let pool_tokens = self.pool.n_blocks() * self.pool.layout().block_size;
         let limit = Self::validate(&req, self.context_length, pool_tokens)?;
         self.clock += 1;
+        if export.is_some() && !req.generated.is_empty() {
+            return Err(EngineError::Unsupported(
+                "a resumed request cannot export its KV".into(),
+            ));
+        }
+        let mut tokens = req.prompt.clone();
+        tokens.extend_from_slice(&req.generated);
+        if tokens.len() >= limit {
+            return Err(EngineError::ContextOverflow {
+                prompt: req.prompt.len(),
+                requested: req.generated.len() + 1,
+                context: limit,
+            });
+        }
         let seq = Seq {
-            tokens: req.prompt.clone(),
+            tokens,
             n_prompt: req.prompt.len(),
             limit,
             req,
@@ -305,7 +332,14 @@ impl Scheduler {
         mut sink: Box<dyn EventSink>,
     ) -> Result<()> {
         let pool_tokens = self.pool.n_blocks() * self.pool.layout().block_size;
-        let limit = match Self::validate(&req, self.context_length, pool_tokens) {
+        let checked = if req.generated.is_empty() {
+            Self::validate(&req, self.context_length, pool_tokens)
+        } else {
+            Err(EngineError::Unsupported(
+                "a resumed request is prefilled where it resumes".into(),
+            ))
+        };
+        let limit = match checked {
             Ok(l) => l,
             Err(e) => {
                 self.pool.free_seq(&mut kv);

@@ -394,6 +394,7 @@ mod batching {
             max_tokens: Some(n),
             stop_tokens: vec![],
             priority: 0,
+            generated: vec![],
         }
     }
 
@@ -1099,5 +1100,67 @@ mod batching {
             ..Default::default()
         });
         assert!(too_big.is_err());
+    }
+
+    /// A stream resumed on another engine with the tokens already sent
+    /// continues exactly, sampling included (counter-based randomness,
+    /// penalties over the output so far).
+    #[test]
+    fn resumed_request_continues_exactly() {
+        use std::sync::Arc;
+        use tandem_engine::engine::{Engine, EngineConfig, RequestSpec};
+        let m = Arc::new(Model::load(source(), 2).unwrap());
+        let engine = Engine::start(
+            m,
+            EngineConfig {
+                kv_cache_bytes: 64 << 20,
+                ..Default::default()
+            },
+        );
+        let run = |spec: RequestSpec| -> (Vec<u32>, usize) {
+            let mut h = engine.submit(spec).unwrap();
+            let mut got = Vec::new();
+            loop {
+                match h.events.blocking_recv().expect("stream ends with Finished") {
+                    Event::Token(s) => got.push(s.token),
+                    Event::Finished {
+                        completion_tokens, ..
+                    } => return (got, completion_tokens),
+                    Event::Error(e) => panic!("{e}"),
+                }
+            }
+        };
+        let params = SamplingParams {
+            temperature: 0.9,
+            top_p: 0.95,
+            presence_penalty: 0.5,
+            seed: 42,
+            request_key: 7,
+            ..Default::default()
+        };
+        let p = prompts()[2].clone();
+        let spec = RequestSpec {
+            prompt: p.clone(),
+            params: params.clone(),
+            max_tokens: Some(24),
+            ..Default::default()
+        };
+        let (full, n) = run(spec.clone());
+        assert_eq!((full.len(), n), (24, 24));
+        for cut in [1, 9, 23] {
+            let (rest, n) = run(RequestSpec {
+                generated: full[..cut].to_vec(),
+                ..spec.clone()
+            });
+            assert_eq!(rest, full[cut..], "resumed after {cut} tokens");
+            assert_eq!(n, 24, "completion tokens count the resumed ones");
+        }
+        // Nothing left to generate is refused, not run.
+        assert!(engine
+            .submit(RequestSpec {
+                generated: full.clone(),
+                ..spec
+            })
+            .is_err());
     }
 }

@@ -9,11 +9,10 @@
 pub mod convert;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tandem_cluster::{ClusterSecret, Role};
+use tandem_cluster::{ClusterSecret, Drain, Role};
 use tandem_engine::engine::{Engine, RequestSpec};
 use tandem_engine::scheduler::{Event, ExportBlock, KvExport};
 use tandem_kv_transfer::{
@@ -38,17 +37,19 @@ pub struct PrefillService {
     engine: Arc<Engine>,
     cfg: PrefillConfig,
     layout: LayoutDescriptor,
-    in_flight: Arc<AtomicU32>,
+    drain: Drain,
 }
 
 impl PrefillService {
-    pub fn new(engine: Arc<Engine>, cfg: PrefillConfig) -> Self {
+    /// `drain` counts the prefills in flight and refuses new ones once the
+    /// node drains.
+    pub fn new(engine: Arc<Engine>, cfg: PrefillConfig, drain: Drain) -> Self {
         let layout = LayoutDescriptor::new(cfg.model_fingerprint.clone(), engine.kv_layout());
         Self {
             engine,
             cfg,
             layout,
-            in_flight: Arc::default(),
+            drain,
         }
     }
 
@@ -68,6 +69,7 @@ impl PrefillService {
             max_tokens: Some(1),
             stop_tokens: Vec::new(),
             priority: 0,
+            generated: Vec::new(),
         };
         let (tx, mut layers) = mpsc::unbounded_channel();
         let mut handle = self
@@ -150,7 +152,7 @@ impl pb::Worker for PrefillService {
     async fn load(&self, _: Request<pb::LoadRequest>) -> Result<Response<pb::LoadReport>, Status> {
         Ok(Response::new(convert::load_report(
             &self.engine,
-            self.in_flight.load(Ordering::Relaxed),
+            self.drain.in_flight(),
         )))
     }
 
@@ -169,7 +171,10 @@ impl pb::Worker for PrefillService {
         &self,
         req: Request<pb::PrefillRequest>,
     ) -> Result<Response<pb::PrefillResponse>, Status> {
-        let _g = InFlight::enter(&self.in_flight);
+        let _g = self
+            .drain
+            .enter()
+            .ok_or_else(|| Status::unavailable("this prefill worker is draining"))?;
         self.prefill(req.into_inner()).await.map(Response::new)
     }
 
@@ -222,21 +227,5 @@ pub struct CancelOnDrop(pub Arc<Engine>, pub u64);
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         self.0.cancel(self.1);
-    }
-}
-
-/// Counts requests inside the service.
-pub struct InFlight(Arc<AtomicU32>);
-
-impl InFlight {
-    pub fn enter(c: &Arc<AtomicU32>) -> Self {
-        c.fetch_add(1, Ordering::Relaxed);
-        Self(c.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -1,15 +1,31 @@
 //! The cluster [`Backend`]: picks a decode worker (and, when disaggregating,
-//! a prefill worker), opens the decode stream and relays its tokens.
+//! a prefill worker), opens the decode stream and relays its tokens, and
+//! survives worker failures:
+//!
+//! - a worker that refuses a connection is marked down at once (before any
+//!   membership change says so) and the request goes to another one;
+//! - a full worker (bounded queue) makes the request try the next one, and
+//!   when all are full the client gets 503 with `Retry-After`;
+//! - a remote prefill that fails before the first token is retried on
+//!   another prefill worker, or prefilled on the decode worker itself;
+//! - a decode worker that dies mid-stream is replaced: the request is
+//!   resumed on another decode worker with the tokens already sent
+//!   (re-prefilled there, counted as output), so the client sees one
+//!   continuous stream with no token duplicated or dropped; counter-based
+//!   sampling makes the continuation exactly what the dead worker would
+//!   have produced.
 //!
 //! The router's own time is recorded here: `tandem_router_dispatch_seconds`
 //! is the front end's share (request accepted to `generate`, tokenisation
 //! excluded) plus the dispatcher's (to the decode call handed to the
 //! transport).
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use tandem_cluster::{ClusterSecret, PeerList, Role};
+use tandem_cluster::{ClusterSecret, Drain, DrainGuard, PeerList, Role};
 use tandem_proto::worker as pb;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -19,7 +35,10 @@ use crate::dispatch::{
     TokenStream,
 };
 use crate::policy::{block_hashes, DisaggPolicy, Picker, PrefixIndex, RoutePolicy};
-use crate::workers::{self, ConnectError, Worker};
+use crate::workers::{self, ConnectError, InFlightGuard, Worker};
+
+/// Decode workers tried for one request (admission and resumption each).
+const MAX_ATTEMPTS: usize = 3;
 
 /// How the dispatcher finds and uses its workers.
 #[derive(Debug, Clone)]
@@ -29,104 +48,153 @@ pub struct DispatcherConfig {
     pub secret: ClusterSecret,
     /// The model fingerprint every worker must serve.
     pub fingerprint: String,
-    /// Longest wait for a worker to come up at start.
+    /// Longest wait for a worker to come up when it is added.
     pub connect_timeout: Duration,
     pub load_poll: Duration,
 }
 
-pub struct Dispatcher {
+/// The router's workers, which may change while it serves.
+#[derive(Default)]
+struct Members {
     decode: Vec<Arc<Worker>>,
     prefill: Vec<Arc<Worker>>,
+}
+
+struct Shared {
+    members: RwLock<Members>,
     picker: Picker,
     disagg: DisaggPolicy,
     index: PrefixIndex,
-    secret: ClusterSecret,
-    block_size: usize,
-    max_sequence_tokens: usize,
+    cfg: DispatcherConfig,
+    drain: Drain,
+    shutdown: CancellationToken,
+    block_size: AtomicUsize,
+}
+
+pub struct Dispatcher {
+    shared: Arc<Shared>,
 }
 
 impl Dispatcher {
-    /// Connects to every peer (waiting up to `connect_timeout` for each) and
-    /// starts polling their load.
+    /// A dispatcher with no workers yet (they join through [`Dispatcher::add`]).
+    pub fn new(cfg: DispatcherConfig, drain: Drain, shutdown: CancellationToken) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                members: RwLock::default(),
+                picker: Picker::new(cfg.route),
+                disagg: cfg.disagg,
+                index: PrefixIndex::new(1 << 20),
+                cfg,
+                drain,
+                shutdown,
+                block_size: AtomicUsize::new(16),
+            }),
+        }
+    }
+
+    /// Connects to every static peer (waiting up to `connect_timeout` each).
     pub async fn connect(
         peers: &PeerList,
         cfg: DispatcherConfig,
+        drain: Drain,
         shutdown: CancellationToken,
     ) -> Result<Self, ConnectError> {
-        let mut decode = Vec::new();
-        let mut prefill = Vec::new();
+        let d = Self::new(cfg, drain, shutdown);
         for p in &peers.0 {
-            let w = workers::connect(
-                p.addr,
-                p.role,
-                &cfg.fingerprint,
-                &cfg.secret,
-                cfg.connect_timeout,
-            )
-            .await?;
-            match p.role {
-                Role::Decode => decode.push(w),
-                Role::Prefill => prefill.push(w),
-                Role::Router => {}
+            if p.role != Role::Router {
+                d.add(p.addr, p.role).await?;
             }
         }
-        let all: Vec<_> = decode.iter().chain(&prefill).cloned().collect();
-        workers::spawn_load_poll(all, cfg.secret.clone(), cfg.load_poll, shutdown);
-        let block_size = decode
-            .first()
-            .map(|w| w.info.block_size as usize)
-            .unwrap_or(16)
-            .max(1);
-        let max_sequence_tokens = decode
+        Ok(d)
+    }
+
+    /// Connects to a worker, checks it, and starts routing to it.
+    pub async fn add(&self, addr: SocketAddr, role: Role) -> Result<(), ConnectError> {
+        let s = &self.shared;
+        let w = workers::connect(
+            addr,
+            role,
+            &s.cfg.fingerprint,
+            &s.cfg.secret,
+            s.cfg.connect_timeout,
+        )
+        .await?;
+        workers::spawn_load_poll(
+            w.clone(),
+            s.cfg.secret.clone(),
+            s.cfg.load_poll,
+            s.shutdown.clone(),
+        );
+        if role == Role::Decode {
+            s.block_size
+                .store((w.info.block_size as usize).max(1), Ordering::Relaxed);
+        }
+        let mut m = s.members.write().expect("members lock");
+        let list = match role {
+            Role::Decode => &mut m.decode,
+            _ => &mut m.prefill,
+        };
+        if let Some(old) = list.iter().position(|x| x.addr == addr) {
+            list[old].remove();
+            list.remove(old);
+        }
+        list.push(w);
+        tracing::info!(%addr, %role, "worker joined");
+        Ok(())
+    }
+
+    /// Stops routing to a worker (it left the cluster).
+    pub fn remove(&self, addr: SocketAddr) {
+        let mut guard = self.shared.members.write().expect("members lock");
+        let m = &mut *guard;
+        for list in [&mut m.decode, &mut m.prefill] {
+            list.retain(|w| {
+                if w.addr == addr {
+                    w.remove();
+                    tracing::info!(%addr, "worker left");
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+    }
+
+    /// Longest prompt + completion every decode worker can hold (0 with none).
+    pub fn max_sequence_tokens(&self) -> usize {
+        let m = self.shared.members.read().expect("members lock");
+        m.decode
             .iter()
             .map(|w| w.info.max_sequence_tokens as usize)
             .min()
-            .unwrap_or(0);
-        Ok(Self {
-            decode,
-            prefill,
-            picker: Picker::new(cfg.route),
-            disagg: cfg.disagg,
-            index: PrefixIndex::new(1 << 20),
-            secret: cfg.secret,
-            block_size,
-            max_sequence_tokens,
-        })
+            .unwrap_or(0)
     }
 
-    /// Longest prompt + completion every decode worker can hold.
-    pub fn max_sequence_tokens(&self) -> usize {
-        self.max_sequence_tokens
+    pub fn decode_workers(&self) -> Vec<Arc<Worker>> {
+        self.shared
+            .members
+            .read()
+            .expect("members lock")
+            .decode
+            .clone()
     }
 
-    pub fn decode_workers(&self) -> &[Arc<Worker>] {
-        &self.decode
-    }
-
-    pub fn prefill_workers(&self) -> &[Arc<Worker>] {
-        &self.prefill
+    pub fn prefill_workers(&self) -> Vec<Arc<Worker>> {
+        self.shared
+            .members
+            .read()
+            .expect("members lock")
+            .prefill
+            .clone()
     }
 
     async fn start(&self, input: GenerationInput) -> Result<TokenStream, DispatchError> {
         let t0 = Instant::now();
-        let input_frontend = input.frontend_time;
-        let hashes = block_hashes(&input.prompt, self.block_size);
-        let decode = self
-            .picker
-            .decode(&self.decode, |w| self.index.matched(&hashes, w.addr))
-            .ok_or_else(|| DispatchError::Unavailable("no decode workers".into()))?
-            .clone();
-        let n = input.prompt.len();
-        let cached_on_decode = self.index.matched(&hashes, decode.addr) * self.block_size;
-        let local = n < self.disagg.min_prompt_tokens
-            || cached_on_decode as f32 >= self.disagg.max_cached_fraction * n as f32;
-        let prefill = if local {
-            None
-        } else {
-            self.picker
-                .prefill(&self.prefill, |w| self.index.matched(&hashes, w.addr))
-                .cloned()
+        let s = &self.shared;
+        let Some(drain_guard) = s.drain.enter() else {
+            return Err(DispatchError::Unavailable("the router is draining".into()));
         };
+        let hashes = block_hashes(&input.prompt, s.block_size.load(Ordering::Relaxed));
         let req = pb::DecodeRequest {
             request_id: input.request_id.clone(),
             prompt: input.prompt,
@@ -134,53 +202,29 @@ impl Dispatcher {
             max_tokens: input.max_tokens,
             stop_token_ids: input.stop_token_ids,
             priority: 0,
-            prefill_address: prefill
-                .as_ref()
-                .map(|p| p.addr.to_string())
-                .unwrap_or_default(),
+            prefill_address: String::new(),
+            generated: Vec::new(),
         };
-        let decode_guard = decode.track();
-        let prefill_guard = prefill.as_ref().map(|p| p.track());
-        let mut client = decode.client.clone();
-        let call = self.secret.attach(tonic::Request::new(req.clone()));
-        metrics::histogram!("tandem_router_dispatch_seconds")
-            .record((input_frontend + t0.elapsed()).as_secs_f64());
-        metrics::counter!("tandem_router_dispatched_total", "prefill" => if prefill.is_some() { "remote" } else { "local" }).increment(1);
-        let mut stream = client
-            .decode(call)
-            .await
-            .map_err(status_error)?
-            .into_inner();
-        // The first event says whether the worker admitted the request.
-        match stream.message().await.map_err(status_error)? {
-            Some(pb::DecodeEvent {
-                kind: Some(pb::DecodeEventKind::Admitted(_)),
-            }) => {}
-            Some(pb::DecodeEvent {
-                kind: Some(pb::DecodeEventKind::Error(e)),
-            }) => return Err(worker_error(&e)),
-            other => {
-                return Err(DispatchError::Internal(format!(
-                    "decode worker {} answered {other:?} instead of admitting",
-                    decode.addr
-                )))
-            }
-        }
-        self.index.record(&hashes, decode.addr);
-        if let Some(p) = &prefill {
-            self.index.record(&hashes, p.addr);
-        }
+        let mut attempt = Attempt {
+            req,
+            hashes,
+            failed: Vec::new(),
+            timing: Some((t0, input.frontend_time)),
+        };
+        let opened = s.open(&mut attempt).await?;
         let (tx, rx) = mpsc::channel(64);
         let cancel = CancellationToken::new();
         let relay = Relay {
-            decode: decode.clone(),
-            secret: self.secret.clone(),
-            retry_local: prefill.is_some().then_some(req),
+            shared: s.clone(),
+            attempt,
+            opened: Some(opened),
+            generated: Vec::new(),
+            resumes: 0,
             cancel: cancel.clone(),
             tx,
-            _guards: (decode_guard, prefill_guard),
+            _drain: drain_guard,
         };
-        tokio::spawn(relay.run(stream));
+        tokio::spawn(relay.run());
         Ok(TokenStream {
             events: rx,
             cancel_on_drop: cancel.drop_guard(),
@@ -197,94 +241,288 @@ impl Backend for Dispatcher {
     }
 }
 
-/// Moves one request's events from its decode stream to the front end.
-struct Relay {
+/// One request's routing state across (re)tries.
+struct Attempt {
+    req: pb::DecodeRequest,
+    hashes: Vec<u64>,
+    /// Workers that failed this request: not tried again for it.
+    failed: Vec<SocketAddr>,
+    /// Accepted-at and front-end time, for the first dispatch only.
+    timing: Option<(Instant, Duration)>,
+}
+
+/// An admitted request: its stream and the workers it holds.
+struct Opened {
+    stream: tonic::Streaming<pb::DecodeEvent>,
     decode: Arc<Worker>,
-    secret: ClusterSecret,
-    /// The request, kept when its prompt was prefilled remotely: if that
-    /// prefill fails before any token, the decode worker prefills it itself.
-    retry_local: Option<pb::DecodeRequest>,
+    prefill: Option<Arc<Worker>>,
+    _guards: (InFlightGuard, Option<InFlightGuard>),
+}
+
+/// Failures that say "this worker is gone", as opposed to "this request is bad".
+fn is_connection_failure(s: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal | Code::Aborted
+    )
+}
+
+impl Shared {
+    fn pick(&self, a: &Attempt) -> Option<(Arc<Worker>, Option<Arc<Worker>>)> {
+        let m = self.members.read().ok()?;
+        let ok = |w: &&Arc<Worker>| !a.failed.contains(&w.addr);
+        let decode: Vec<Arc<Worker>> = m.decode.iter().filter(ok).cloned().collect();
+        let prefill: Vec<Arc<Worker>> = m.prefill.iter().filter(ok).cloned().collect();
+        drop(m);
+        let matched = |w: &Worker| self.index.matched(&a.hashes, w.addr);
+        let decode = self.picker.decode(&decode, matched)?.clone();
+        // A resumed stream is prefilled where it resumes.
+        if !a.req.generated.is_empty() {
+            return Some((decode, None));
+        }
+        let n = a.req.prompt.len();
+        let cached = self.index.matched(&a.hashes, decode.addr) * self.block_size();
+        let local = n < self.disagg.min_prompt_tokens
+            || cached as f32 >= self.disagg.max_cached_fraction * n as f32;
+        let prefill = if local {
+            None
+        } else {
+            self.picker.prefill(&prefill, matched).cloned()
+        };
+        Some((decode, prefill))
+    }
+
+    fn block_size(&self) -> usize {
+        self.block_size.load(Ordering::Relaxed)
+    }
+
+    /// Admits the request on a decode worker, trying others when one is
+    /// unreachable or full.
+    async fn open(&self, a: &mut Attempt) -> Result<Opened, DispatchError> {
+        let mut last = DispatchError::Unavailable("no decode workers".into());
+        for _ in 0..MAX_ATTEMPTS {
+            let Some((decode, prefill)) = self.pick(a) else {
+                break;
+            };
+            a.req.prefill_address = prefill
+                .as_ref()
+                .map(|p| p.addr.to_string())
+                .unwrap_or_default();
+            let guards = (decode.track(), prefill.as_ref().map(|p| p.track()));
+            let mut client = decode.client.clone();
+            let call = self.cfg.secret.attach(tonic::Request::new(a.req.clone()));
+            if let Some((t0, front)) = a.timing.take() {
+                metrics::histogram!("tandem_router_dispatch_seconds")
+                    .record((front + t0.elapsed()).as_secs_f64());
+            }
+            metrics::counter!("tandem_router_dispatched_total", "prefill" => if prefill.is_some() { "remote" } else { "local" }).increment(1);
+            let first = match client.decode(call).await {
+                Ok(r) => {
+                    let mut stream = r.into_inner();
+                    stream.message().await.map(|m| (stream, m))
+                }
+                Err(s) => Err(s),
+            };
+            match first {
+                Ok((
+                    stream,
+                    Some(pb::DecodeEvent {
+                        kind: Some(pb::DecodeEventKind::Admitted(_)),
+                    }),
+                )) => {
+                    self.index.record(&a.hashes, decode.addr);
+                    if let Some(p) = &prefill {
+                        self.index.record(&a.hashes, p.addr);
+                    }
+                    return Ok(Opened {
+                        stream,
+                        decode,
+                        prefill,
+                        _guards: guards,
+                    });
+                }
+                Ok((
+                    _,
+                    Some(pb::DecodeEvent {
+                        kind: Some(pb::DecodeEventKind::Error(e)),
+                    }),
+                )) if e.code != "overloaded" => return Err(worker_error(&e)),
+                Ok((_, Some(pb::DecodeEvent { kind: Some(_) })))
+                | Ok((_, Some(pb::DecodeEvent { kind: None }))) => {
+                    last = DispatchError::Unavailable(format!(
+                        "decode worker {} is full",
+                        decode.addr
+                    ));
+                }
+                Ok((_, None)) => {
+                    decode.mark_down();
+                    last = DispatchError::Unavailable(format!(
+                        "decode worker {} closed the stream",
+                        decode.addr
+                    ));
+                }
+                Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                    last = DispatchError::Unavailable(s.message().to_string());
+                }
+                Err(s) if is_connection_failure(&s) => {
+                    decode.mark_down();
+                    last = DispatchError::Unavailable(format!(
+                        "decode worker {}: {}",
+                        decode.addr,
+                        s.message()
+                    ));
+                }
+                Err(s) => return Err(status_error(s)),
+            }
+            a.failed.push(decode.addr);
+        }
+        metrics::counter!("tandem_router_unavailable_total").increment(1);
+        Err(last)
+    }
+}
+
+/// Moves one request's events from its decode stream to the front end,
+/// replacing failed workers on the way.
+struct Relay {
+    shared: Arc<Shared>,
+    attempt: Attempt,
+    opened: Option<Opened>,
+    /// Tokens sent to the front end so far.
+    generated: Vec<u32>,
+    resumes: usize,
     cancel: CancellationToken,
     tx: mpsc::Sender<TokenEvent>,
-    _guards: (workers::InFlightGuard, Option<workers::InFlightGuard>),
+    _drain: DrainGuard,
+}
+
+enum Next {
+    Forward(TokenEvent),
+    Skip,
+    /// The decode worker failed: resume elsewhere.
+    Resume(String),
+    /// The remote prefill failed before any token: prefill elsewhere.
+    Reprefill(String),
 }
 
 impl Relay {
-    async fn run(mut self, mut stream: tonic::Streaming<pb::DecodeEvent>) {
-        let mut sent_token = false;
+    async fn run(mut self) {
         loop {
+            let Some(opened) = self.opened.as_mut() else {
+                return;
+            };
             let msg = tokio::select! {
                 _ = self.cancel.cancelled() => return,
-                m = stream.message() => m,
+                m = opened.stream.message() => m,
             };
-            let ev = match msg {
-                Ok(Some(pb::DecodeEvent { kind: Some(k) })) => k,
-                Ok(Some(_)) => continue,
-                Ok(None) => {
-                    let _ = self
-                        .tx
-                        .send(TokenEvent::Error(DispatchError::Internal(format!(
-                            "decode worker {} ended the stream without finishing",
-                            self.decode.addr
-                        ))))
-                        .await;
-                    return;
-                }
-                Err(s) => {
-                    let _ = self.tx.send(TokenEvent::Error(status_error(s))).await;
-                    return;
-                }
+            let next = match msg {
+                Ok(Some(pb::DecodeEvent { kind: Some(k) })) => self.on_event(k),
+                Ok(Some(_)) => Next::Skip,
+                Ok(None) => Next::Resume("the stream ended without finishing".into()),
+                Err(s) if is_connection_failure(&s) => Next::Resume(s.message().to_string()),
+                Err(s) => Next::Forward(TokenEvent::Error(status_error(s))),
             };
-            let out = match ev {
-                pb::DecodeEventKind::Admitted(_) => continue,
-                pb::DecodeEventKind::Token(t) => {
-                    sent_token = true;
-                    TokenEvent::Token(SampledToken {
-                        id: t.token_id,
-                        logprob: t.logprob,
-                        top: t.top.iter().map(|x| (x.token_id, x.logprob)).collect(),
-                    })
-                }
-                pb::DecodeEventKind::Finished(f) => TokenEvent::Finished {
-                    reason: if f.reason() == pb::FinishReason::Length {
-                        Finish::Length
-                    } else {
-                        Finish::Stop
-                    },
-                    prompt_tokens: f.prompt_tokens,
-                    completion_tokens: f.completion_tokens,
-                    cached_tokens: f.cached_tokens,
+            let out = match next {
+                Next::Skip => continue,
+                Next::Forward(ev) => ev,
+                Next::Reprefill(why) => match self.reprefill(why).await {
+                    Ok(()) => continue,
+                    Err(e) => TokenEvent::Error(e),
                 },
-                pb::DecodeEventKind::Error(e) => {
-                    if !sent_token && e.code == "prefill_failed" {
-                        if let Some(mut req) = self.retry_local.take() {
-                            tracing::warn!(request = %req.request_id, error = %e.message, "remote prefill failed; prefilling on the decode worker");
-                            metrics::counter!("tandem_router_prefill_fallbacks_total").increment(1);
-                            req.prefill_address.clear();
-                            let mut client = self.decode.client.clone();
-                            match client
-                                .decode(self.secret.attach(tonic::Request::new(req)))
-                                .await
-                            {
-                                Ok(s) => {
-                                    stream = s.into_inner();
-                                    continue;
-                                }
-                                Err(s) => TokenEvent::Error(status_error(s)),
-                            }
-                        } else {
-                            TokenEvent::Error(worker_error(&e))
-                        }
-                    } else {
-                        TokenEvent::Error(worker_error(&e))
-                    }
-                }
+                Next::Resume(why) => match self.resume(why).await {
+                    Ok(None) => continue,
+                    Ok(Some(done)) => done,
+                    Err(e) => TokenEvent::Error(e),
+                },
             };
             let last = !matches!(out, TokenEvent::Token(_));
             if self.tx.send(out).await.is_err() || last {
                 return;
             }
         }
+    }
+
+    fn on_event(&mut self, k: pb::DecodeEventKind) -> Next {
+        match k {
+            pb::DecodeEventKind::Admitted(_) => Next::Skip,
+            pb::DecodeEventKind::Token(t) => {
+                self.generated.push(t.token_id);
+                if let Some(o) = self.opened.as_mut() {
+                    // The prefill leg is over once a token arrives.
+                    o._guards.1 = None;
+                }
+                Next::Forward(TokenEvent::Token(SampledToken {
+                    id: t.token_id,
+                    logprob: t.logprob,
+                    top: t.top.iter().map(|x| (x.token_id, x.logprob)).collect(),
+                }))
+            }
+            pb::DecodeEventKind::Finished(f) => Next::Forward(TokenEvent::Finished {
+                reason: if f.reason() == pb::FinishReason::Length {
+                    Finish::Length
+                } else {
+                    Finish::Stop
+                },
+                prompt_tokens: f.prompt_tokens,
+                completion_tokens: f.completion_tokens,
+                cached_tokens: f.cached_tokens,
+            }),
+            pb::DecodeEventKind::Error(e)
+                if e.code == "prefill_failed" && self.generated.is_empty() =>
+            {
+                Next::Reprefill(e.message)
+            }
+            pb::DecodeEventKind::Error(e) => Next::Forward(TokenEvent::Error(worker_error(&e))),
+        }
+    }
+
+    /// The prefill leg failed: try another prefill worker, else prefill on a
+    /// decode worker.
+    async fn reprefill(&mut self, why: String) -> Result<(), DispatchError> {
+        let failed = self.opened.take().and_then(|o| o.prefill);
+        if let Some(p) = &failed {
+            tracing::warn!(request = %self.attempt.req.request_id, prefill = %p.addr, error = %why, "prefill failed; retrying elsewhere");
+            p.mark_down();
+            self.attempt.failed.push(p.addr);
+        }
+        metrics::counter!("tandem_router_prefill_retries_total").increment(1);
+        self.opened = Some(self.shared.open(&mut self.attempt).await?);
+        Ok(())
+    }
+
+    /// The decode worker failed mid-stream: continue on another one with the
+    /// tokens already sent. `Some(event)` when nothing is left to generate.
+    async fn resume(&mut self, why: String) -> Result<Option<TokenEvent>, DispatchError> {
+        let Some(dead) = self.opened.take() else {
+            return Err(DispatchError::Internal(why));
+        };
+        dead.decode.mark_down();
+        self.attempt.failed.push(dead.decode.addr);
+        if self.resumes >= MAX_ATTEMPTS {
+            return Err(DispatchError::Internal(format!(
+                "decode worker {} failed ({why}) and {} resumptions were used up",
+                dead.decode.addr, self.resumes
+            )));
+        }
+        self.resumes += 1;
+        let req = &mut self.attempt.req;
+        let n = self.generated.len();
+        if req.max_tokens.is_some_and(|m| n >= m as usize) {
+            // Everything asked for was already sent.
+            return Ok(Some(TokenEvent::Finished {
+                reason: Finish::Length,
+                prompt_tokens: req.prompt.len() as u32,
+                completion_tokens: n as u32,
+                cached_tokens: 0,
+            }));
+        }
+        tracing::warn!(request = %req.request_id, worker = %dead.decode.addr, sent = n, error = %why, "decode worker failed; resuming elsewhere");
+        metrics::counter!("tandem_router_resumed_total").increment(1);
+        req.generated = self.generated.clone();
+        req.prefill_address.clear();
+        drop(dead);
+        self.opened = Some(self.shared.open(&mut self.attempt).await?);
+        Ok(None)
     }
 }
 

@@ -22,8 +22,10 @@ pub struct Worker {
     load: Mutex<pb::LoadReport>,
     /// Requests this router has sent and not seen finish.
     in_flight: AtomicU32,
-    /// False after a failed load poll, true again after a good one.
+    /// False after a failed call or load poll, true again after a good poll.
     healthy: std::sync::atomic::AtomicBool,
+    /// Set when the worker leaves the cluster: its poll stops.
+    removed: std::sync::atomic::AtomicBool,
 }
 
 /// A snapshot for routing decisions.
@@ -48,6 +50,25 @@ impl Worker {
             total_blocks: l.total_blocks,
             healthy: self.healthy.load(Ordering::Relaxed),
         }
+    }
+
+    /// Marks the worker down at once (a connection error): routing avoids
+    /// it until a load poll succeeds again.
+    pub fn mark_down(&self) {
+        if self.healthy.swap(false, Ordering::Relaxed) {
+            tracing::warn!(worker = %self.addr, "marked down");
+            metrics::counter!("tandem_router_workers_marked_down_total").increment(1);
+        }
+    }
+
+    /// Stops routing to and polling this worker.
+    pub fn remove(&self) {
+        self.removed.store(true, Ordering::Relaxed);
+        self.healthy.store(false, Ordering::Relaxed);
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Relaxed)
     }
 
     /// Counts a request until the guard drops.
@@ -103,7 +124,11 @@ pub async fn connect(
         .map_err(|e| unreachable(e.to_string()))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10));
+        // A peer that stops answering (killed host, stuck process) fails its
+        // streams within ~15 s instead of hanging them.
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
     let deadline = tokio::time::Instant::now() + timeout;
     let channel = loop {
         match ep.connect().await {
@@ -154,42 +179,39 @@ pub async fn connect(
         load: Mutex::new(load),
         in_flight: AtomicU32::new(0),
         healthy: true.into(),
+        removed: false.into(),
     }))
 }
 
-/// Polls every worker's load until `shutdown`.
+/// Polls a worker's load until it is removed or `shutdown`.
 pub fn spawn_load_poll(
-    workers: Vec<Arc<Worker>>,
+    w: Arc<Worker>,
     secret: ClusterSecret,
     every: Duration,
     shutdown: CancellationToken,
 ) {
-    for w in workers {
-        let secret = secret.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let mut client = w.client.clone();
-            loop {
-                let mut req = secret.attach(tonic::Request::new(pb::LoadRequest {}));
-                req.set_timeout(Duration::from_secs(2));
-                match client.load(req).await {
-                    Ok(r) => {
-                        if let Ok(mut l) = w.load.lock() {
-                            *l = r.into_inner();
-                        }
-                        w.healthy.store(true, Ordering::Relaxed);
+    tokio::spawn(async move {
+        let mut client = w.client.clone();
+        while !w.is_removed() {
+            let mut req = secret.attach(tonic::Request::new(pb::LoadRequest {}));
+            req.set_timeout(Duration::from_secs(2));
+            match client.load(req).await {
+                Ok(r) => {
+                    if let Ok(mut l) = w.load.lock() {
+                        *l = r.into_inner();
                     }
-                    Err(e) => {
-                        if w.healthy.swap(false, Ordering::Relaxed) {
-                            tracing::warn!(worker = %w.addr, error = %e.message(), "load poll failed");
-                        }
-                    }
+                    w.healthy.store(!w.is_removed(), Ordering::Relaxed);
                 }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(every) => {}
+                Err(e) => {
+                    if w.healthy.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(worker = %w.addr, error = %e.message(), "load poll failed");
+                    }
                 }
             }
-        });
-    }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    });
 }

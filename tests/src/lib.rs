@@ -112,11 +112,20 @@ pub fn wait_ready(child: &mut Child, timeout: Duration) -> ReadyLine {
     }
 }
 
+/// Cluster tests run one at a time: two cores cannot host two clusters
+/// calmly, and time bounds in the tests assume the machine is theirs.
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// A router in front of some workers.
 pub struct Cluster {
+    /// First, so it stops before the workers it polls (fields drop in order).
+    pub router: Node,
     pub prefill: Vec<Node>,
     pub decode: Vec<Node>,
-    pub router: Node,
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Cluster {
@@ -125,6 +134,7 @@ impl Cluster {
     /// are prefill workers (`--disagg-min-tokens 0`) unless `router_args`
     /// says otherwise.
     pub fn start(prefill: usize, decode: usize, threads: usize, router_args: &[&str]) -> Cluster {
+        let turn = one_at_a_time();
         let model = model_path();
         let model = model.to_str().expect("utf-8 path");
         let t = threads.to_string();
@@ -158,6 +168,7 @@ impl Cluster {
             prefill,
             decode,
             router,
+            _turn: turn,
         }
     }
 

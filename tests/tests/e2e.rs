@@ -523,6 +523,7 @@ fn api_key_guards_the_api_and_workers_refuse_strangers() {
 
 #[test]
 fn tandem_up_serves_the_openai_api() {
+    let _turn = tandem_tests::one_at_a_time();
     let model = model_path();
     let mut child = Command::new(tandem_bin())
         .args([
@@ -779,4 +780,192 @@ fn short_prompts_skip_the_prefill_tier_and_long_ones_use_it() {
         assert_eq!(counter(&cluster.router, remote).await, 1.0);
         assert_eq!(counter(&cluster.router, local).await, 1.0);
     });
+}
+
+/// Workers killed under load: requests complete, with the right tokens.
+mod faults {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    const REQUESTS: usize = 200;
+    const CONCURRENCY: usize = 8;
+    const TOKENS: u32 = 24;
+
+    fn fault_prompts() -> Vec<String> {
+        [
+            "Once upon a time, in a quiet village by the sea,",
+            "The three most important things about cooking rice are",
+            "Dear diary, today I finally learned how to",
+            "In the year 2150, the first city on Mars",
+            "A good way to start learning the piano is",
+            "The old lighthouse keeper looked at the storm and",
+            "Here is a list of fruits that are rich in vitamin C:",
+            "The train left the station at dawn, carrying",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// One streamed completion (sampled, seeded): its text, or the error.
+    async fn stream_text(
+        http: &reqwest::Client,
+        base: &str,
+        prompt: &str,
+        seed: u64,
+    ) -> Result<String, String> {
+        let body = json!({
+            "model": model_name(), "prompt": prompt, "max_tokens": TOKENS,
+            "temperature": 0.8, "seed": seed, "stream": true,
+        });
+        let r = http
+            .post(format!("{base}/completions"))
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !r.status().is_success() {
+            return Err(format!(
+                "HTTP {}: {}",
+                r.status(),
+                r.text().await.unwrap_or_default()
+            ));
+        }
+        let mut text = String::new();
+        let mut done = false;
+        for e in sse_events(r).await {
+            if e == "[DONE]" {
+                done = true;
+                continue;
+            }
+            let v: Value = serde_json::from_str(&e).map_err(|e| e.to_string())?;
+            if let Some(err) = v.get("error") {
+                return Err(err.to_string());
+            }
+            if let Some(t) = v["choices"][0]["text"].as_str() {
+                text.push_str(t);
+            }
+        }
+        if !done {
+            return Err("stream ended without [DONE]".into());
+        }
+        Ok(text)
+    }
+
+    /// Runs REQUESTS requests CONCURRENCY at a time; calls `fault` once
+    /// `after` of them have completed. Returns (correct, failed) and panics
+    /// on a wrong answer.
+    fn load_with_fault(
+        cluster: &mut Cluster,
+        after: usize,
+        fault: impl FnOnce(&mut Cluster),
+    ) -> (usize, usize) {
+        let rt = rt();
+        let base = cluster.base_url();
+        let prompts = fault_prompts();
+        let http = reqwest::Client::new();
+        // The expected text of each (prompt, seed), before any fault.
+        let expected: Vec<String> = rt.block_on(async {
+            let mut v = Vec::new();
+            for (i, p) in prompts.iter().enumerate() {
+                v.push(
+                    stream_text(&http, &base, p, i as u64)
+                        .await
+                        .expect("fault-free request"),
+                );
+            }
+            v
+        });
+        let done = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let next = Arc::new(AtomicUsize::new(0));
+        let runner = {
+            let (done, failed, next) = (done.clone(), failed.clone(), next.clone());
+            let (base, prompts, expected, http) = (
+                base.clone(),
+                prompts.clone(),
+                expected.clone(),
+                http.clone(),
+            );
+            rt.spawn(async move {
+                let mut tasks = Vec::new();
+                for _ in 0..CONCURRENCY {
+                    let (done, failed, next) = (done.clone(), failed.clone(), next.clone());
+                    let (base, prompts, expected, http) = (
+                        base.clone(),
+                        prompts.clone(),
+                        expected.clone(),
+                        http.clone(),
+                    );
+                    tasks.push(tokio::spawn(async move {
+                        loop {
+                            let i = next.fetch_add(1, Ordering::SeqCst);
+                            if i >= REQUESTS {
+                                return;
+                            }
+                            let k = i % prompts.len();
+                            let r = tokio::time::timeout(
+                                Duration::from_secs(120),
+                                stream_text(&http, &base, &prompts[k], k as u64),
+                            )
+                            .await
+                            .unwrap_or_else(|_| Err("timed out".into()));
+                            match r {
+                                Ok(text) => {
+                                    assert_eq!(
+                                        text, expected[k],
+                                        "request {i} ({:?}) came back wrong",
+                                        prompts[k]
+                                    );
+                                    done.fetch_add(1, Ordering::SeqCst);
+                                }
+                                Err(e) => {
+                                    eprintln!("request {i} failed: {e}");
+                                    failed.fetch_add(1, Ordering::SeqCst);
+                                }
+                            }
+                        }
+                    }));
+                }
+                for t in tasks {
+                    t.await.expect("a request task panicked");
+                }
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while done.load(Ordering::SeqCst) + failed.load(Ordering::SeqCst) < after {
+            assert!(Instant::now() < deadline, "load did not progress");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        fault(cluster);
+        rt.block_on(runner).expect("load runner");
+        let (ok, bad) = (done.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+        println!("{REQUESTS} requests: {ok} completed correctly, {bad} failed");
+        (ok, bad)
+    }
+
+    #[test]
+    fn a_decode_worker_killed_mid_run_loses_no_request() {
+        let mut cluster = Cluster::start(2, 2, 1, &[]);
+        let (ok, bad) = load_with_fault(&mut cluster, 40, |c| {
+            let victim = &mut c.decode[1].child;
+            victim.kill().unwrap();
+            victim.wait().unwrap();
+        });
+        assert_eq!(ok + bad, REQUESTS);
+        assert_eq!(bad, 0, "requests failed after a decode worker died");
+    }
+
+    #[test]
+    fn a_prefill_worker_killed_mid_run_loses_no_request() {
+        let mut cluster = Cluster::start(2, 2, 1, &[]);
+        let (ok, bad) = load_with_fault(&mut cluster, 40, |c| {
+            let victim = &mut c.prefill[1].child;
+            victim.kill().unwrap();
+            victim.wait().unwrap();
+        });
+        assert_eq!(ok + bad, REQUESTS);
+        assert_eq!(bad, 0, "requests failed after a prefill worker died");
+    }
 }
