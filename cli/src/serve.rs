@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use tandem_cluster::{
-    ClusterSecret, Drain, NodeServer, PeerList, Readiness, ReadyLine, Role, SecretCheck,
+    ClusterSecret, Drain, EtcdConfig, EtcdTls, Membership, MembershipEvent, NodeRecord, NodeServer,
+    PeerList, Readiness, ReadyLine, Registration, Role, SecretCheck,
 };
 use tandem_engine::engine::{Engine, EngineConfig};
 use tandem_engine::executor::Executor;
@@ -17,6 +18,7 @@ use tandem_engine::scheduler::SchedulerConfig;
 use tandem_kv_transfer::TransferConfig;
 use tandem_model::weights::ModelSource;
 use tandem_proto::worker::WorkerServer;
+use tandem_router::dispatcher::Dispatcher;
 use tokio_util::sync::CancellationToken;
 
 /// Flags every role shares.
@@ -37,9 +39,34 @@ pub struct NodeArgs {
     /// Static peers, `ROLE=HOST:PORT,...` (the router's view of the cluster).
     #[arg(long, env = "TANDEM_PEERS")]
     pub peers: Option<PeerList>,
-    /// etcd endpoints for discovery (not supported yet: use --peers).
+    /// etcd endpoints for discovery, `URL[,URL...]`: workers register there
+    /// and the router watches (instead of --peers).
     #[arg(long, env = "TANDEM_ETCD")]
     pub etcd: Option<String>,
+    /// Key prefix of this cluster in etcd (several clusters may share one etcd).
+    #[arg(long, env = "TANDEM_ETCD_PREFIX", default_value = "/tandem/v1")]
+    pub etcd_prefix: String,
+    /// Lease TTL of a node's registration: well above etcd hiccups, so an
+    /// interruption does not drop healthy nodes.
+    #[arg(long, env = "TANDEM_ETCD_LEASE_TTL_SECS", default_value_t = 30)]
+    pub etcd_lease_ttl_secs: u64,
+    /// etcd user (with --etcd-password).
+    #[arg(long, env = "TANDEM_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    #[arg(long, env = "TANDEM_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+    /// CA certificate (PEM) for etcd over TLS.
+    #[arg(long, env = "TANDEM_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for etcd mutual TLS.
+    #[arg(long, env = "TANDEM_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    #[arg(long, env = "TANDEM_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// The address other nodes reach this one at (default: --host; needed
+    /// when --host is a wildcard such as 0.0.0.0).
+    #[arg(long, env = "TANDEM_ADVERTISE_HOST")]
+    pub advertise_host: Option<IpAddr>,
     /// This node's id (default: role and port).
     #[arg(long, env = "TANDEM_NODE_ID")]
     pub node_id: Option<String>,
@@ -113,11 +140,44 @@ fn secret(node: &NodeArgs) -> Result<ClusterSecret> {
     }
 }
 
-fn no_etcd(node: &NodeArgs) -> Result<()> {
-    if node.etcd.is_some() {
-        bail!("--etcd discovery is not supported yet; use --peers ROLE=HOST:PORT,...");
+/// The etcd settings, when discovery goes through etcd.
+fn etcd_config(node: &NodeArgs) -> Result<Option<EtcdConfig>> {
+    let Some(list) = &node.etcd else {
+        return Ok(None);
+    };
+    let mut cfg = EtcdConfig::from_endpoint_list(list).map_err(anyhow::Error::msg)?;
+    cfg.prefix = node.etcd_prefix.trim_end_matches('/').to_string();
+    if node.etcd_lease_ttl_secs < 2 {
+        bail!("--etcd-lease-ttl-secs must be at least 2");
     }
-    Ok(())
+    cfg.lease_ttl = Duration::from_secs(node.etcd_lease_ttl_secs);
+    cfg.user = match (&node.etcd_user, &node.etcd_password) {
+        (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+        (None, None) => None,
+        _ => bail!("--etcd-user and --etcd-password go together"),
+    };
+    cfg.tls = match (&node.etcd_ca, &node.etcd_cert, &node.etcd_key) {
+        (None, None, None) => None,
+        (Some(ca), cert, key) => Some(EtcdTls {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        (None, _, _) => bail!("--etcd-cert/--etcd-key need --etcd-ca"),
+    };
+    Ok(Some(cfg))
+}
+
+/// The address peers reach `bound` at.
+fn advertised(node: &NodeArgs, bound: SocketAddr) -> Result<SocketAddr> {
+    let host = node.advertise_host.unwrap_or(bound.ip());
+    if host.is_unspecified() {
+        bail!(
+            "--host {} is a wildcard: pass --advertise-host with the address peers reach this node at",
+            bound.ip()
+        );
+    }
+    Ok(SocketAddr::new(host, bound.port()))
 }
 
 /// Parses `512MiB`, `2GB`, `1073741824` or `25%` (of RAM).
@@ -229,9 +289,11 @@ async fn signalled() {
 
 /// On SIGINT/SIGTERM: stop taking work (not ready; new requests refused),
 /// let in-flight requests finish within `timeout`, then stop the server.
+/// The node leaves etcd first, so routers stop sending it work at once.
 fn drain_on_signal(
     drain: Drain,
     readiness: Readiness,
+    registration: Option<Registration>,
     timeout: Duration,
     shutdown: CancellationToken,
 ) {
@@ -243,6 +305,9 @@ fn drain_on_signal(
         tracing::info!(in_flight = drain.in_flight(), "draining");
         readiness.set(false);
         drain.start();
+        if let Some(r) = registration {
+            let _ = tokio::task::spawn_blocking(move || r.deregister(Duration::from_secs(2))).await;
+        }
         if !drain.wait_idle(timeout).await {
             tracing::warn!(
                 in_flight = drain.in_flight(),
@@ -254,7 +319,7 @@ fn drain_on_signal(
 }
 
 pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
-    no_etcd(&args.node)?;
+    let etcd = etcd_config(&args.node)?;
     let secret = secret(&args.node)?;
     let (engine, fingerprint, threads) = start_engine(&args)?;
     let rt = runtime()?;
@@ -266,11 +331,15 @@ pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
             .await
             .with_context(|| format!("binding {}:{}", args.node.host, args.node.port))?;
         let addr = server.local_addr();
+        let public = advertised(&args.node, addr)?;
         let node_id = args
             .node
             .node_id
             .clone()
-            .unwrap_or_else(|| format!("{role}-{}", addr.port()));
+            .unwrap_or_else(|| format!("{role}-{public}"));
+        let mut record = NodeRecord::new(role, node_id.clone(), public);
+        record.model_fingerprint = fingerprint.clone();
+        record.capacity_blocks = engine.total_blocks() as u32;
         let transfer = TransferConfig::default();
         let check = SecretCheck(secret.clone());
         let (routes, kv) = match role {
@@ -304,6 +373,7 @@ pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
                         max_waiting: args.max_waiting,
                     },
                     SocketAddr::new(args.node.host, args.kv_port),
+                    Some(public.ip()),
                     drain.clone(),
                     shutdown.clone(),
                 )
@@ -317,15 +387,23 @@ pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
             }
             Role::Router => unreachable!("workers only"),
         };
+        record.kv_addr = kv;
+        let serve = tokio::spawn(server.serve(
+            routes,
+            axum::Router::new(),
+            readiness.clone(),
+            shutdown.clone(),
+        ));
+        // Serving before registering: a router that sees the record can connect.
+        let registration = etcd.map(|cfg| Registration::start(cfg, record));
         readiness.set(true);
         drain_on_signal(
             drain,
-            readiness.clone(),
+            readiness,
+            registration,
             Duration::from_secs(args.node.drain_timeout_secs),
             shutdown.clone(),
         );
-        let serve =
-            tokio::spawn(server.serve(routes, axum::Router::new(), readiness, shutdown.clone()));
         ReadyLine { role, addr, kv }.announce();
         tracing::info!(%addr, ?kv, %role, "serving");
         serve.await.context("server task")?.context("serving")?;
@@ -334,15 +412,19 @@ pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
 }
 
 pub fn run_router(args: RouterArgs) -> Result<()> {
-    no_etcd(&args.node)?;
+    let etcd = etcd_config(&args.node)?;
     let secret = secret(&args.node)?;
-    let peers =
-        args.node.peers.clone().context(
-            "--peers ROLE=HOST:PORT,... is required (etcd discovery is not supported yet)",
-        )?;
-    if peers.of(Role::Decode).next().is_none() {
-        bail!("--peers names no decode worker");
-    }
+    let peers = match (&args.node.peers, &etcd) {
+        (Some(p), None) => {
+            if p.of(Role::Decode).next().is_none() {
+                bail!("--peers names no decode worker");
+            }
+            Some(p.clone())
+        }
+        (None, Some(_)) => None,
+        (Some(_), Some(_)) => bail!("use either --peers or --etcd, not both"),
+        (None, None) => bail!("the router needs --peers ROLE=HOST:PORT,... or --etcd URL"),
+    };
     if !(0.0..=1.0).contains(&args.disagg_max_cached_fraction) {
         bail!("--disagg-max-cached-fraction must be in [0, 1]");
     }
@@ -367,28 +449,36 @@ pub fn run_router(args: RouterArgs) -> Result<()> {
             .await
             .with_context(|| format!("binding {}:{}", args.node.host, args.node.port))?;
         let addr = server.local_addr();
-        let dispatcher = tandem_router::dispatcher::Dispatcher::connect(
-            &peers,
-            tandem_router::dispatcher::DispatcherConfig {
-                route: args.route_policy,
-                disagg: tandem_router::policy::DisaggPolicy {
-                    min_prompt_tokens: args.disagg_min_tokens,
-                    max_cached_fraction: args.disagg_max_cached_fraction,
-                },
-                secret,
-                fingerprint,
-                connect_timeout: Duration::from_secs(args.connect_timeout_secs),
-                load_poll: Duration::from_millis(100),
+        let cfg = tandem_router::dispatcher::DispatcherConfig {
+            route: args.route_policy,
+            disagg: tandem_router::policy::DisaggPolicy {
+                min_prompt_tokens: args.disagg_min_tokens,
+                max_cached_fraction: args.disagg_max_cached_fraction,
             },
-            drain.clone(),
-            shutdown.clone(),
-        )
-        .await
-        .context("connecting to the workers")?;
-        let context = context_length.min(dispatcher.max_sequence_tokens());
+            secret,
+            fingerprint: fingerprint.clone(),
+            connect_timeout: Duration::from_secs(args.connect_timeout_secs),
+            load_poll: Duration::from_millis(100),
+        };
+        let (dispatcher, context) = match &peers {
+            Some(peers) => {
+                let d = Dispatcher::connect(peers, cfg, drain.clone(), shutdown.clone())
+                    .await
+                    .context("connecting to the workers")?;
+                let context = context_length.min(d.max_sequence_tokens());
+                (Arc::new(d), context)
+            }
+            None => {
+                // Workers come and go; each checks its own pool limits.
+                let d = Arc::new(Dispatcher::new(cfg, drain.clone(), shutdown.clone()));
+                let m = Membership::watch(etcd.clone().expect("etcd config"));
+                tokio::spawn(follow_membership(m, d.clone(), fingerprint.clone()));
+                (d, context_length)
+            }
+        };
         let state = Arc::new(
             tandem_router::api::ApiState::new(
-                Arc::new(dispatcher),
+                dispatcher,
                 Arc::new(tokenizer),
                 served,
                 context,
@@ -399,14 +489,27 @@ pub fn run_router(args: RouterArgs) -> Result<()> {
         let routes =
             tonic::service::Routes::new(tandem_router::api::generate_service(state.clone()));
         let http = tandem_router::api::openai_routes(state);
+        let serve = tokio::spawn(server.serve(routes, http, readiness.clone(), shutdown.clone()));
+        let registration = match etcd {
+            Some(cfg) => {
+                let mut record = NodeRecord::new(
+                    Role::Router,
+                    format!("router-{}", advertised(&args.node, addr)?),
+                    advertised(&args.node, addr)?,
+                );
+                record.model_fingerprint = fingerprint;
+                Some(Registration::start(cfg, record))
+            }
+            None => None,
+        };
         readiness.set(true);
         drain_on_signal(
             drain,
-            readiness.clone(),
+            readiness,
+            registration,
             Duration::from_secs(args.node.drain_timeout_secs),
             shutdown.clone(),
         );
-        let serve = tokio::spawn(server.serve(routes, http, readiness, shutdown.clone()));
         ReadyLine {
             role: Role::Router,
             addr,
@@ -417,6 +520,40 @@ pub fn run_router(args: RouterArgs) -> Result<()> {
         serve.await.context("server task")?.context("serving")?;
         Ok(())
     })
+}
+
+/// Applies etcd membership to the dispatcher: workers that join are
+/// connected (and checked) and routed to; workers that leave or whose lease
+/// expires are dropped at once.
+async fn follow_membership(mut m: Membership, d: Arc<Dispatcher>, fingerprint: String) {
+    let mut known: std::collections::HashMap<(Role, String), SocketAddr> = Default::default();
+    while let Some(ev) = m.events().recv().await {
+        match ev {
+            MembershipEvent::Up(rec) if rec.role != Role::Router => {
+                if rec.model_fingerprint != fingerprint {
+                    tracing::warn!(node = %rec.id, "ignoring a worker that serves another model");
+                    continue;
+                }
+                if let Some(old) = known.insert((rec.role, rec.id.clone()), rec.addr) {
+                    if old != rec.addr {
+                        d.remove(old);
+                    }
+                }
+                let d = d.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = d.add(rec.addr, rec.role).await {
+                        tracing::warn!(node = %rec.id, error = %e, "cannot use a worker that joined");
+                    }
+                });
+            }
+            MembershipEvent::Down { role, id } => {
+                if let Some(addr) = known.remove(&(role, id)) {
+                    d.remove(addr);
+                }
+            }
+            MembershipEvent::Up(_) => {}
+        }
+    }
 }
 
 #[cfg(test)]

@@ -66,10 +66,13 @@ struct Inner {
 
 impl DecodeService {
     /// Binds the KV listener on `kv_bind` and starts accepting transfers.
+    /// `kv_host` is the address prefill workers reach the KV port at (the
+    /// bound one when `None`; needed when binding a wildcard address).
     pub async fn start(
         engine: Arc<Engine>,
         cfg: DecodeConfig,
         kv_bind: SocketAddr,
+        kv_host: Option<std::net::IpAddr>,
         drain: Drain,
         shutdown: CancellationToken,
     ) -> Result<Self, tandem_kv_transfer::KvTransferError> {
@@ -83,7 +86,10 @@ impl DecodeService {
             },
         )
         .await?;
-        let kv_addr = listener.local_addr()?;
+        let mut kv_addr = listener.local_addr()?;
+        if let Some(h) = kv_host {
+            kv_addr.set_ip(h);
+        }
         let pending: Pending = Arc::default();
         tokio::spawn(accept_loop(listener, pending.clone(), shutdown));
         Ok(Self {

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use tandem_cluster::{ReadyLine, Role};
 
+pub mod etcd;
+
 /// The secret the test clusters share.
 pub const SECRET: &str = "e2e-test-secret";
 
@@ -128,41 +130,67 @@ pub struct Cluster {
     _turn: std::sync::MutexGuard<'static, ()>,
 }
 
+/// What to start.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterSpec {
+    pub prefill: usize,
+    pub decode: usize,
+    pub threads: usize,
+    /// Extra flags for every worker.
+    pub worker_args: Vec<String>,
+    /// Extra flags for the router.
+    pub router_args: Vec<String>,
+    /// Discover through this etcd endpoint (under `etcd_prefix`) instead of `--peers`.
+    pub etcd: Option<(String, String)>,
+}
+
 impl Cluster {
     /// `prefill` prefill workers (0: colocated) and `decode` decode workers
     /// of `threads` threads each; every prompt is disaggregated when there
     /// are prefill workers (`--disagg-min-tokens 0`) unless `router_args`
     /// says otherwise.
     pub fn start(prefill: usize, decode: usize, threads: usize, router_args: &[&str]) -> Cluster {
+        Self::start_spec(ClusterSpec {
+            prefill,
+            decode,
+            threads,
+            router_args: router_args.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+    }
+
+    pub fn start_spec(spec: ClusterSpec) -> Cluster {
         let turn = one_at_a_time();
-        let model = model_path();
-        let model = model.to_str().expect("utf-8 path");
-        let t = threads.to_string();
-        let worker = [
-            "--model",
-            model,
-            "--threads",
-            &t,
-            "--kv-cache-memory",
-            "256MiB",
-        ];
-        let prefill: Vec<Node> = (0..prefill)
-            .map(|_| Node::start(Role::Prefill, &worker))
+        let prefill: Vec<Node> = (0..spec.prefill)
+            .map(|_| Self::worker(&spec, Role::Prefill))
             .collect();
-        let decode: Vec<Node> = (0..decode)
-            .map(|_| Node::start(Role::Decode, &worker))
+        let decode: Vec<Node> = (0..spec.decode)
+            .map(|_| Self::worker(&spec, Role::Decode))
             .collect();
-        let peers = prefill
-            .iter()
-            .map(|n| format!("prefill={}", n.addr()))
-            .chain(decode.iter().map(|n| format!("decode={}", n.addr())))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut args = vec!["--model", model, "--peers", &peers];
-        if !router_args.contains(&"--disagg-min-tokens") {
-            args.extend(["--disagg-min-tokens", "0"]);
+        let model = model_path().to_string_lossy().into_owned();
+        let mut args: Vec<String> = vec!["--model".into(), model];
+        match &spec.etcd {
+            Some((url, prefix)) => args.extend([
+                "--etcd".into(),
+                url.clone(),
+                "--etcd-prefix".into(),
+                prefix.clone(),
+            ]),
+            None => {
+                let peers = prefill
+                    .iter()
+                    .map(|n| format!("prefill={}", n.addr()))
+                    .chain(decode.iter().map(|n| format!("decode={}", n.addr())))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                args.extend(["--peers".into(), peers]);
+            }
         }
-        args.extend_from_slice(router_args);
+        if !spec.router_args.iter().any(|a| a == "--disagg-min-tokens") {
+            args.extend(["--disagg-min-tokens".into(), "0".into()]);
+        }
+        args.extend(spec.router_args.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let router = Node::start(Role::Router, &args);
         Cluster {
             prefill,
@@ -170,6 +198,30 @@ impl Cluster {
             router,
             _turn: turn,
         }
+    }
+
+    /// Starts one more worker as `spec` describes (it joins through etcd).
+    pub fn worker(spec: &ClusterSpec, role: Role) -> Node {
+        let model = model_path().to_string_lossy().into_owned();
+        let mut args: Vec<String> = vec![
+            "--model".into(),
+            model,
+            "--threads".into(),
+            spec.threads.max(1).to_string(),
+            "--kv-cache-memory".into(),
+            "256MiB".into(),
+        ];
+        if let Some((url, prefix)) = &spec.etcd {
+            args.extend([
+                "--etcd".into(),
+                url.clone(),
+                "--etcd-prefix".into(),
+                prefix.clone(),
+            ]);
+        }
+        args.extend(spec.worker_args.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Node::start(role, &args)
     }
 
     pub fn base_url(&self) -> String {

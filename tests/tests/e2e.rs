@@ -10,6 +10,11 @@ use tandem_proto::generate as g;
 use tandem_proto::worker as w;
 use tandem_tests::{model_path, tandem_bin, Cluster, Node, SECRET};
 
+#[path = "e2e/membership.rs"]
+mod membership;
+#[path = "e2e/operations.rs"]
+mod operations;
+
 const MAX_TOKENS: u32 = 20;
 
 /// Prompts of several shapes: shorter than a block, several blocks, and

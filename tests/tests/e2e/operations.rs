@@ -1,0 +1,247 @@
+//! Operating a cluster: discovery through a real etcd (outage, workers
+//! joining under load), graceful drain, overload.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tandem_cluster::Role;
+use tandem_tests::etcd::Etcd;
+use tandem_tests::ClusterSpec;
+
+use super::*;
+
+/// A small completion; `Err` carries the status or the error text.
+async fn complete(
+    http: &reqwest::Client,
+    base: &str,
+    prompt: &str,
+    tokens: u32,
+) -> Result<Value, String> {
+    let r = http
+        .post(format!("{base}/completions"))
+        .json(&json!({"model": model_name(), "prompt": prompt, "max_tokens": tokens, "temperature": 0}))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = r.status();
+    let v: Value = r.json().await.map_err(|e| e.to_string())?;
+    if status.is_success() {
+        Ok(v)
+    } else {
+        Err(format!("HTTP {status}: {v}"))
+    }
+}
+
+/// Requests `concurrency` at a time until `stop`; counts successes and
+/// records every failure.
+fn traffic(
+    rt: &tokio::runtime::Runtime,
+    base: String,
+    concurrency: usize,
+    stop: Arc<AtomicBool>,
+) -> (tokio::task::JoinHandle<Vec<String>>, Arc<AtomicUsize>) {
+    let ok = Arc::new(AtomicUsize::new(0));
+    let ok2 = ok.clone();
+    let h = rt.spawn(async move {
+        let http = reqwest::Client::new();
+        let mut tasks = Vec::new();
+        for i in 0..concurrency {
+            let (http, base, stop, ok) = (http.clone(), base.clone(), stop.clone(), ok2.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut errors = Vec::new();
+                let mut n = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    let prompt =
+                        format!("Request {i}-{n}: tell me about the weather in spring and");
+                    match complete(&http, &base, &prompt, 8).await {
+                        Ok(_) => {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(e) => errors.push(e),
+                    }
+                    n += 1;
+                }
+                errors
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all
+    });
+    (h, ok)
+}
+
+#[test]
+fn etcd_outage_loses_no_request_and_new_workers_get_traffic_within_2s() {
+    let etcd = {
+        let _turn = tandem_tests::one_at_a_time();
+        Etcd::start()
+    };
+    let mut etcd = etcd;
+    let spec = ClusterSpec {
+        prefill: 1,
+        decode: 1,
+        threads: 1,
+        etcd: Some((etcd.endpoint(), "/e2e-outage".into())),
+        ..Default::default()
+    };
+    let cluster = Cluster::start_spec(spec.clone());
+    let rt = rt();
+    let base = cluster.base_url();
+    // The router learns its workers from etcd.
+    rt.block_on(async {
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while complete(&http, &base, "Hello", 2).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the router never saw its workers"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let (load, ok) = traffic(&rt, base.clone(), 3, stop.clone());
+    std::thread::sleep(Duration::from_secs(1));
+    etcd.stop();
+    let during = ok.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_secs(10));
+    let served_in_outage = ok.load(Ordering::SeqCst) - during;
+    etcd.restart();
+    // A decode worker joining under load gets traffic within 2 s of being ready.
+    let joiner = Cluster::worker(&spec, Role::Decode);
+    let joined = Instant::now();
+    rt.block_on(async {
+        loop {
+            let l = worker_load(&joiner).await;
+            if l.in_flight + l.running > 0 {
+                break;
+            }
+            assert!(
+                joined.elapsed() < Duration::from_secs(2),
+                "the new decode worker got no traffic within 2 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    println!(
+        "new decode worker served its first request {:?} after it was ready",
+        joined.elapsed()
+    );
+    stop.store(true, Ordering::SeqCst);
+    let errors = rt.block_on(load).unwrap();
+    assert!(errors.is_empty(), "requests failed: {errors:?}");
+    assert!(
+        served_in_outage > 0,
+        "nothing was served while etcd was down"
+    );
+    println!(
+        "served {} requests, {served_in_outage} of them while etcd was down",
+        ok.load(Ordering::SeqCst)
+    );
+}
+
+#[test]
+fn sigterm_drains_a_worker_without_losing_its_requests() {
+    let cluster = Cluster::start(0, 2, 1, &[]);
+    let rt = rt();
+    rt.block_on(async {
+        let http = reqwest::Client::new();
+        let base = cluster.base_url();
+        // Long generations on both workers.
+        let long = |p: &'static str| {
+            let (http, base) = (http.clone(), base.clone());
+            tokio::spawn(async move { complete(&http, &base, p, 160).await })
+        };
+        let a = long("Write a long story about a dragon who loves books:");
+        let b = long("Write a long story about a cat who sails the sea:");
+        wait_load(&cluster.decode[0], Duration::from_secs(10), |l| {
+            l.running == 1
+        })
+        .await;
+        wait_load(&cluster.decode[1], Duration::from_secs(10), |l| {
+            l.running == 1
+        })
+        .await;
+        let pid = cluster.decode[0].child.id() as i32;
+        unsafe {
+            libc_kill(pid, 15);
+        }
+        // New work goes to the other worker while this one drains.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let c = complete(&http, &base, "Say hi.", 4).await;
+        assert!(c.is_ok(), "a request during the drain failed: {c:?}");
+        for (name, h) in [("a", a), ("b", b)] {
+            let v = h
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("request {name} failed: {e}"));
+            assert_eq!(
+                v["usage"]["completion_tokens"], 160,
+                "request {name} was cut short"
+            );
+        }
+    });
+    // The drained worker exits on its own, with success.
+    let child = &mut { cluster }.decode[0].child;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the drained worker did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "drained worker exited with {status}");
+}
+
+#[test]
+fn overload_gets_503_with_retry_after_not_unbounded_queues() {
+    let cluster = Cluster::start_spec(ClusterSpec {
+        prefill: 0,
+        decode: 1,
+        threads: 1,
+        worker_args: ["--max-running", "1", "--max-waiting", "1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        ..Default::default()
+    });
+    let rt = rt();
+    rt.block_on(async {
+        let http = reqwest::Client::new();
+        let base = cluster.base_url();
+        let mut tasks = Vec::new();
+        for i in 0..6 {
+            let (http, base) = (http.clone(), base.clone());
+            tasks.push(tokio::spawn(async move {
+                let r = http
+                    .post(format!("{base}/completions"))
+                    .json(&json!({"model": model_name(), "prompt": format!("Story {i}:"), "max_tokens": 48, "temperature": 0}))
+                    .send()
+                    .await
+                    .unwrap();
+                let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+                (r.status().as_u16(), retry, r.json::<Value>().await.unwrap())
+            }));
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        let (mut ok, mut busy) = (0, 0);
+        for t in tasks {
+            let (status, retry, body) = t.await.unwrap();
+            match status {
+                200 => ok += 1,
+                503 => {
+                    busy += 1;
+                    assert!(retry.is_some(), "503 without Retry-After: {body}");
+                    assert!(body["error"]["message"].is_string(), "{body}");
+                }
+                s => panic!("unexpected status {s}: {body}"),
+            }
+        }
+        assert!(ok >= 1, "nothing was served");
+        assert!(busy >= 1, "six requests on a worker that holds two were all accepted");
+    });
+}
