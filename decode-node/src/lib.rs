@@ -158,7 +158,10 @@ impl Inner {
         let ep = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| Status::invalid_argument(format!("prefill address {addr:?}: {e}")))?
             .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            // A prefill worker that stops answering fails the call in ~15 s.
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(10));
         let c = pb::WorkerClient::new(ep.connect_lazy());
         map.insert(addr.to_string(), c.clone());
         Ok(c)
@@ -199,7 +202,7 @@ impl Inner {
         let receive = async {
             let receiver = tokio::time::timeout(self.cfg.prefill_timeout, rx)
                 .await
-                .map_err(|_| Status::deadline_exceeded("the prefill worker never connected"))?
+                .map_err(|_| Status::unavailable("the prefill worker never connected"))?
                 .map_err(|_| Status::internal("KV listener gone"))?;
             receiver
                 .receive_into(&mut staging, &cancel)
@@ -224,11 +227,21 @@ impl Inner {
                     r = &mut receive, if received.is_none() => received = Some(r?),
                     p = &mut prefill, if prefilled.is_none() => match p {
                         Ok(r) => prefilled = Some(r.into_inner().first),
+                        // Whatever broke the prefill leg (the worker died, a
+                        // reset stream, a deadline) is worth a retry elsewhere;
+                        // only a request the prefill worker calls invalid is not.
                         Err(s) => {
-                            return Err(Status::new(
+                            let msg = format!(
+                                "prefill worker {}: {:?}: {}",
+                                req.prefill_address,
                                 s.code(),
-                                format!("prefill worker {}: {}", req.prefill_address, s.message()),
-                            ))
+                                s.message()
+                            );
+                            return Err(if s.code() == tonic::Code::InvalidArgument {
+                                Status::invalid_argument(msg)
+                            } else {
+                                Status::unavailable(msg)
+                            });
                         }
                     },
                 }

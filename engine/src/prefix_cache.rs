@@ -66,7 +66,8 @@ impl PrefixCache {
 
     /// Blocks cached (each holds one pool reference).
     pub fn cached_blocks(&self) -> usize {
-        self.nodes.iter().skip(1).filter(|n| n.is_some()).count()
+        // Every slot but the root is live or on the free list.
+        self.nodes.len() - 1 - self.free_slots.len()
     }
 
     /// Node path of the longest cached prefix of `tokens`, in whole blocks.

@@ -159,6 +159,8 @@ pub struct SchedulerStats {
     pub running: usize,
     pub free_blocks: usize,
     pub total_blocks: usize,
+    /// Blocks the prefix cache holds (shared with running sequences or not).
+    pub cached_blocks: usize,
     pub preemptions: u64,
     pub steps: u64,
     pub prompt_tokens_computed: u64,
@@ -437,6 +439,7 @@ impl Scheduler {
             running: self.running.len(),
             free_blocks: self.pool.free_blocks(),
             total_blocks: self.pool.n_blocks(),
+            cached_blocks: self.cache.cached_blocks(),
             prefix: self.cache.stats,
             ..self.stats
         }

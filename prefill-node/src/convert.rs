@@ -120,6 +120,7 @@ pub fn load_report(engine: &Engine, in_flight: u32) -> pb::LoadReport {
         free_blocks: s.free_blocks as u32,
         total_blocks: s.total_blocks as u32,
         in_flight,
+        cached_blocks: s.cached_blocks as u32,
     }
 }
 

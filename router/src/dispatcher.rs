@@ -139,6 +139,7 @@ impl Dispatcher {
             list.remove(old);
         }
         list.push(w);
+        publish_counts(&m);
         tracing::info!(%addr, %role, "worker joined");
         Ok(())
     }
@@ -158,6 +159,7 @@ impl Dispatcher {
                 }
             });
         }
+        publish_counts(m);
     }
 
     /// Longest prompt + completion every decode worker can hold (0 with none).
@@ -239,6 +241,12 @@ impl Backend for Dispatcher {
     ) -> BoxFuture<'_, Result<TokenStream, DispatchError>> {
         Box::pin(self.start(input))
     }
+}
+
+/// `tandem_router_workers{role}`: the workers the router routes to.
+fn publish_counts(m: &Members) {
+    metrics::gauge!("tandem_router_workers", "role" => "decode").set(m.decode.len() as f64);
+    metrics::gauge!("tandem_router_workers", "role" => "prefill").set(m.prefill.len() as f64);
 }
 
 /// One request's routing state across (re)tries.

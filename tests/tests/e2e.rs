@@ -302,13 +302,11 @@ fn client_disconnect_cancels_on_the_workers() {
         loop {
             let l = worker_load(&cluster.decode[0]).await;
             if l.running == 0 && l.waiting == 0 && l.in_flight == 0 {
-                // Nothing but the prefix cache may keep blocks: the prompt is
-                // a few blocks, the 3000-token completion would be ~190.
-                assert!(
-                    idle.free_blocks - l.free_blocks < 16,
-                    "blocks leaked: {} free before, {} after",
-                    idle.free_blocks,
-                    l.free_blocks
+                // Nothing but the prefix cache keeps blocks.
+                assert_eq!(
+                    l.free_blocks + l.cached_blocks,
+                    l.total_blocks,
+                    "blocks leaked: {idle:?} before, {l:?} after"
                 );
                 break;
             }
@@ -950,9 +948,56 @@ mod faults {
         (ok, bad)
     }
 
+    /// 1 router + 2 prefill + 2 decode workers found through a real etcd.
+    /// (etcd first: locals drop in reverse, so the cluster stops before etcd.)
+    fn etcd_cluster(prefix: &str) -> (tandem_tests::etcd::Etcd, Cluster) {
+        let etcd = {
+            let _turn = tandem_tests::one_at_a_time();
+            tandem_tests::etcd::Etcd::start()
+        };
+        let cluster = Cluster::start_spec(tandem_tests::ClusterSpec {
+            prefill: 2,
+            decode: 2,
+            threads: 1,
+            etcd: Some((etcd.endpoint(), prefix.into())),
+            ..Default::default()
+        });
+        rt().block_on(async {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            for role in ["decode", "prefill"] {
+                let line = format!("tandem_router_workers{{role=\"{role}\"}}");
+                while counter(&cluster.router, &line).await < 2.0 {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the router never saw 2 {role} workers"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        });
+        (etcd, cluster)
+    }
+
+    /// After the load: nothing left running or reserved on the decode workers.
+    fn decode_workers_idle(cluster: &Cluster, alive: &[usize]) {
+        rt().block_on(async {
+            for &i in alive {
+                let l = wait_load(&cluster.decode[i], Duration::from_secs(10), |l| {
+                    l.in_flight == 0 && l.running == 0 && l.waiting == 0
+                })
+                .await;
+                assert_eq!(
+                    l.free_blocks + l.cached_blocks,
+                    l.total_blocks,
+                    "decode worker {i} leaked KV blocks: {l:?}"
+                );
+            }
+        });
+    }
+
     #[test]
     fn a_decode_worker_killed_mid_run_loses_no_request() {
-        let mut cluster = Cluster::start(2, 2, 1, &[]);
+        let (_etcd, mut cluster) = etcd_cluster("/e2e-kill-decode");
         let (ok, bad) = load_with_fault(&mut cluster, 40, |c| {
             let victim = &mut c.decode[1].child;
             victim.kill().unwrap();
@@ -960,11 +1005,12 @@ mod faults {
         });
         assert_eq!(ok + bad, REQUESTS);
         assert_eq!(bad, 0, "requests failed after a decode worker died");
+        decode_workers_idle(&cluster, &[0]);
     }
 
     #[test]
     fn a_prefill_worker_killed_mid_run_loses_no_request() {
-        let mut cluster = Cluster::start(2, 2, 1, &[]);
+        let (_etcd, mut cluster) = etcd_cluster("/e2e-kill-prefill");
         let (ok, bad) = load_with_fault(&mut cluster, 40, |c| {
             let victim = &mut c.prefill[1].child;
             victim.kill().unwrap();
@@ -972,5 +1018,7 @@ mod faults {
         });
         assert_eq!(ok + bad, REQUESTS);
         assert_eq!(bad, 0, "requests failed after a prefill worker died");
+        // Reservations for transfers that died with the worker were freed.
+        decode_workers_idle(&cluster, &[0, 1]);
     }
 }
