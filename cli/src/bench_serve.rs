@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use tandem_cluster::{Peer, PeerList, Role};
+use tandem_cluster::Role;
 
-use crate::up::{random_secret, spawn, stop_all, Node};
+use crate::up::{peers_of, random_secret, spawn, stop_all, Node};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -265,15 +265,7 @@ fn start(
         &secret,
         "decode",
     )?);
-    let peers = PeerList(
-        nodes
-            .iter()
-            .map(|n| Peer {
-                role: n.role,
-                addr: n.ready.addr,
-            })
-            .collect(),
-    );
+    let peers = peers_of(&nodes);
     let args: Vec<String> = [
         "--model",
         &m,

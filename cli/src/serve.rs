@@ -168,6 +168,13 @@ fn etcd_config(node: &NodeArgs) -> Result<Option<EtcdConfig>> {
     Ok(Some(cfg))
 }
 
+/// Binds the node's one port.
+async fn bind(node: &NodeArgs) -> Result<NodeServer> {
+    NodeServer::bind(SocketAddr::new(node.host, node.port))
+        .await
+        .with_context(|| format!("binding {}:{}", node.host, node.port))
+}
+
 /// The address peers reach `bound` at.
 fn advertised(node: &NodeArgs, bound: SocketAddr) -> Result<SocketAddr> {
     let host = node.advertise_host.unwrap_or(bound.ip());
@@ -220,7 +227,8 @@ pub fn parse_size(s: &str) -> Result<usize> {
         u => bail!("unknown size unit {u:?} in {s:?}"),
     };
     let bytes = n * mult;
-    if !(bytes >= 1.0) {
+    // NaN-safe: `n` came from a float parse.
+    if bytes.is_nan() || bytes < 1.0 {
         bail!("size {s:?} must be positive");
     }
     Ok(bytes as usize)
@@ -327,9 +335,7 @@ pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
         let shutdown = CancellationToken::new();
         let drain = Drain::default();
         let readiness = Readiness::default();
-        let server = NodeServer::bind(SocketAddr::new(args.node.host, args.node.port))
-            .await
-            .with_context(|| format!("binding {}:{}", args.node.host, args.node.port))?;
+        let server = bind(&args.node).await?;
         let addr = server.local_addr();
         let public = advertised(&args.node, addr)?;
         let node_id = args
@@ -445,9 +451,7 @@ pub fn run_router(args: RouterArgs) -> Result<()> {
         let shutdown = CancellationToken::new();
         let drain = Drain::default();
         let readiness = Readiness::default();
-        let server = NodeServer::bind(SocketAddr::new(args.node.host, args.node.port))
-            .await
-            .with_context(|| format!("binding {}:{}", args.node.host, args.node.port))?;
+        let server = bind(&args.node).await?;
         let addr = server.local_addr();
         let cfg = tandem_router::dispatcher::DispatcherConfig {
             route: args.route_policy,

@@ -102,6 +102,19 @@ impl Drop for Node {
     }
 }
 
+/// The static peer list naming `nodes`.
+pub fn peers_of(nodes: &[Node]) -> PeerList {
+    PeerList(
+        nodes
+            .iter()
+            .map(|n| Peer {
+                role: n.role,
+                addr: n.ready.addr,
+            })
+            .collect(),
+    )
+}
+
 /// Stops nodes newest first (the router before the workers it polls).
 pub fn stop_all(mut nodes: Vec<Node>) {
     while let Some(n) = nodes.pop() {
@@ -253,15 +266,7 @@ pub fn run(args: UpArgs) -> Result<()> {
             &format!("decode-{i}"),
         )?);
     }
-    let peers = PeerList(
-        nodes
-            .iter()
-            .map(|n| Peer {
-                role: n.role,
-                addr: n.ready.addr,
-            })
-            .collect(),
-    );
+    let peers = peers_of(&nodes);
     let mut router_args = vec![
         "--model".into(),
         model_s.clone(),

@@ -78,6 +78,12 @@ impl Node {
     pub fn addr(&self) -> SocketAddr {
         self.ready.addr
     }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("killing a node");
+        self.child.wait().expect("reaping a node");
+    }
 }
 
 impl Drop for Node {

@@ -998,11 +998,7 @@ mod faults {
     #[test]
     fn a_decode_worker_killed_mid_run_loses_no_request() {
         let (_etcd, mut cluster) = etcd_cluster("/e2e-kill-decode");
-        let (ok, bad) = load_with_fault(&mut cluster, 40, |c| {
-            let victim = &mut c.decode[1].child;
-            victim.kill().unwrap();
-            victim.wait().unwrap();
-        });
+        let (ok, bad) = load_with_fault(&mut cluster, 40, |c| c.decode[1].kill());
         assert_eq!(ok + bad, REQUESTS);
         assert_eq!(bad, 0, "requests failed after a decode worker died");
         decode_workers_idle(&cluster, &[0]);
@@ -1011,11 +1007,7 @@ mod faults {
     #[test]
     fn a_prefill_worker_killed_mid_run_loses_no_request() {
         let (_etcd, mut cluster) = etcd_cluster("/e2e-kill-prefill");
-        let (ok, bad) = load_with_fault(&mut cluster, 40, |c| {
-            let victim = &mut c.prefill[1].child;
-            victim.kill().unwrap();
-            victim.wait().unwrap();
-        });
+        let (ok, bad) = load_with_fault(&mut cluster, 40, |c| c.prefill[1].kill());
         assert_eq!(ok + bad, REQUESTS);
         assert_eq!(bad, 0, "requests failed after a prefill worker died");
         // Reservations for transfers that died with the worker were freed.
