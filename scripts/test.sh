@@ -7,3 +7,4 @@ ensure_openai_client
 log "running the tests"
 cd "$ROOT"
 cargo test --release --locked --workspace -- --test-threads="${TANDEM_TEST_THREADS:-2}"
+"$ROOT/scripts/check_deploy.sh"

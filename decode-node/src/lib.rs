@@ -416,7 +416,14 @@ impl pb::Worker for DecodeService {
         req: Request<pb::DecodeRequest>,
     ) -> Result<Response<Self::DecodeStream>, Status> {
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(self.inner.clone().decode(req.into_inner(), tx));
+        let req = req.into_inner();
+        // The router's request id follows the request into every log line,
+        // here and on the prefill worker it names.
+        let span = tracing::info_span!("decode", request_id = %req.request_id);
+        tokio::spawn(tracing::Instrument::instrument(
+            self.inner.clone().decode(req, tx),
+            span,
+        ));
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             rx,
         )))

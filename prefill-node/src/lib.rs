@@ -175,7 +175,11 @@ impl pb::Worker for PrefillService {
             .drain
             .enter()
             .ok_or_else(|| Status::unavailable("this prefill worker is draining"))?;
-        self.prefill(req.into_inner()).await.map(Response::new)
+        let req = req.into_inner();
+        let span = tracing::info_span!("prefill", request_id = %req.request_id);
+        tracing::Instrument::instrument(self.prefill(req), span)
+            .await
+            .map(Response::new)
     }
 
     async fn cancel(
