@@ -168,6 +168,39 @@ fn etcd_config(node: &NodeArgs) -> Result<Option<EtcdConfig>> {
     Ok(Some(cfg))
 }
 
+/// Exports the engine's scheduler counters on the worker's /metrics once a
+/// second: queue depth, running sequences, KV blocks, prefix-cache hits and
+/// misses, preemptions.
+async fn publish_engine_stats(engine: Arc<Engine>, role: Role, shutdown: CancellationToken) {
+    let r = role.as_str();
+    loop {
+        let s = engine.stats();
+        metrics::gauge!(tandem_cluster::metrics::WAITING_SEQUENCES, "role" => r)
+            .set(s.waiting as f64);
+        metrics::gauge!(tandem_cluster::metrics::RUNNING_SEQUENCES, "role" => r)
+            .set(s.running as f64);
+        metrics::gauge!(tandem_cluster::metrics::KV_BLOCKS, "role" => r).set(s.total_blocks as f64);
+        metrics::gauge!(tandem_cluster::metrics::KV_BLOCKS_USED, "role" => r)
+            .set(s.total_blocks.saturating_sub(s.free_blocks) as f64);
+        metrics::gauge!(tandem_cluster::metrics::KV_BLOCKS_CACHED, "role" => r)
+            .set(s.cached_blocks as f64);
+        metrics::counter!(tandem_cluster::metrics::PREFIX_CACHE_HITS, "role" => r)
+            .absolute(s.prefix.hits);
+        metrics::counter!(tandem_cluster::metrics::PREFIX_CACHE_MISSES, "role" => r)
+            .absolute(s.prefix.misses);
+        metrics::counter!(tandem_cluster::metrics::PREEMPTIONS, "role" => r)
+            .absolute(s.preemptions);
+        metrics::counter!(tandem_cluster::metrics::GENERATED_TOKENS, "role" => r)
+            .absolute(s.generated_tokens);
+        metrics::counter!(tandem_cluster::metrics::PROMPT_TOKENS_COMPUTED, "role" => r)
+            .absolute(s.prompt_tokens_computed);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 /// Binds the node's one port.
 async fn bind(node: &NodeArgs) -> Result<NodeServer> {
     NodeServer::bind(SocketAddr::new(node.host, node.port))
@@ -328,6 +361,8 @@ fn drain_on_signal(
 
 pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
     let etcd = etcd_config(&args.node)?;
+    // Install the recorder before anything records.
+    tandem_cluster::server::metrics_handle();
     let secret = secret(&args.node)?;
     let (engine, fingerprint, threads) = start_engine(&args)?;
     let rt = runtime()?;
@@ -410,6 +445,7 @@ pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
             Duration::from_secs(args.node.drain_timeout_secs),
             shutdown.clone(),
         );
+        tokio::spawn(publish_engine_stats(engine.clone(), role, shutdown.clone()));
         ReadyLine { role, addr, kv }.announce();
         tracing::info!(%addr, ?kv, %role, "serving");
         serve.await.context("server task")?.context("serving")?;
@@ -419,6 +455,7 @@ pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
 
 pub fn run_router(args: RouterArgs) -> Result<()> {
     let etcd = etcd_config(&args.node)?;
+    tandem_cluster::server::metrics_handle();
     let secret = secret(&args.node)?;
     let peers = match (&args.node.peers, &etcd) {
         (Some(p), None) => {
@@ -482,7 +519,7 @@ pub fn run_router(args: RouterArgs) -> Result<()> {
         };
         let state = Arc::new(
             tandem_router::api::ApiState::new(
-                dispatcher,
+                dispatcher.clone(),
                 Arc::new(tokenizer),
                 served,
                 context,
@@ -492,7 +529,8 @@ pub fn run_router(args: RouterArgs) -> Result<()> {
         );
         let routes =
             tonic::service::Routes::new(tandem_router::api::generate_service(state.clone()));
-        let http = tandem_router::api::openai_routes(state);
+        let http = tandem_router::api::openai_routes(state)
+            .merge(tandem_router::dashboard::dashboard_routes(dispatcher));
         let serve = tokio::spawn(server.serve(routes, http, readiness.clone(), shutdown.clone()));
         let registration = match etcd {
             Some(cfg) => {

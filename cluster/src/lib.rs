@@ -11,6 +11,7 @@
 pub mod drain;
 pub mod etcd;
 pub mod membership;
+pub mod metrics;
 pub mod peers;
 pub mod ready;
 pub mod secret;

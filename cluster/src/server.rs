@@ -44,6 +44,7 @@ pub fn metrics_handle() -> PrometheusHandle {
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("a metrics recorder was already installed");
             }
+            crate::metrics::describe();
             handle
         })
         .clone()

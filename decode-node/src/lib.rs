@@ -248,7 +248,7 @@ impl Inner {
             }
             (received.expect("received"), prefilled.expect("prefilled"))
         };
-        metrics::counter!("tandem_kv_transfer_bytes_total", "direction" => "received")
+        metrics::counter!(tandem_cluster::metrics::KV_TRANSFER_BYTES, "direction" => "received")
             .increment(summary.bytes);
         let first = first.ok_or_else(|| Status::internal("prefill reply without a token"))?;
         self.engine
@@ -277,7 +277,8 @@ impl Inner {
         };
         let waiting = self.engine.stats().waiting;
         if waiting >= self.cfg.max_waiting {
-            metrics::counter!("tandem_decode_refused_total", "reason" => "queue_full").increment(1);
+            metrics::counter!(tandem_cluster::metrics::DECODE_REFUSED, "reason" => "queue_full")
+                .increment(1);
             let _ = out
                 .send(Err(Status::resource_exhausted(format!(
                     "{waiting} requests are already waiting on this decode worker"
@@ -353,7 +354,7 @@ impl Inner {
             };
             let Some(ev) = ev else { break };
             if first {
-                metrics::histogram!("tandem_decode_time_to_first_token_seconds", "prefill" => if remote { "remote" } else { "local" })
+                metrics::histogram!(tandem_cluster::metrics::DECODE_TTFT, "prefill" => if remote { "remote" } else { "local" })
                     .record(started.elapsed().as_secs_f64());
                 first = false;
             }

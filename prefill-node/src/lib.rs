@@ -120,12 +120,13 @@ impl PrefillService {
         let (shipped, sampled) = tokio::join!(ship, events);
         let (first, cached) = sampled?;
         let summary = shipped.map_err(|e| {
-            metrics::counter!("tandem_prefill_transfer_failures_total").increment(1);
+            metrics::counter!(tandem_cluster::metrics::KV_TRANSFER_FAILURES).increment(1);
             Status::unavailable(format!("KV transfer to {kv_addr} failed: {e}"))
         })?;
-        metrics::histogram!("tandem_prefill_seconds").record(started.elapsed().as_secs_f64());
-        metrics::counter!("tandem_prefill_prompt_tokens_total").increment(tokens as u64);
-        metrics::counter!("tandem_kv_transfer_bytes_total", "direction" => "sent")
+        metrics::histogram!(tandem_cluster::metrics::PREFILL_DURATION)
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!(tandem_cluster::metrics::PREFILL_PROMPT_TOKENS).increment(tokens as u64);
+        metrics::counter!(tandem_cluster::metrics::KV_TRANSFER_BYTES, "direction" => "sent")
             .increment(summary.bytes);
         Ok(pb::PrefillResponse {
             first: Some(convert::sampled_to_proto(&first)),

@@ -245,8 +245,10 @@ impl Backend for Dispatcher {
 
 /// `tandem_router_workers{role}`: the workers the router routes to.
 fn publish_counts(m: &Members) {
-    metrics::gauge!("tandem_router_workers", "role" => "decode").set(m.decode.len() as f64);
-    metrics::gauge!("tandem_router_workers", "role" => "prefill").set(m.prefill.len() as f64);
+    metrics::gauge!(tandem_cluster::metrics::ROUTER_WORKERS, "role" => "decode")
+        .set(m.decode.len() as f64);
+    metrics::gauge!(tandem_cluster::metrics::ROUTER_WORKERS, "role" => "prefill")
+        .set(m.prefill.len() as f64);
 }
 
 /// One request's routing state across (re)tries.
@@ -321,10 +323,10 @@ impl Shared {
             let mut client = decode.client.clone();
             let call = self.cfg.secret.attach(tonic::Request::new(a.req.clone()));
             if let Some((t0, front)) = a.timing.take() {
-                metrics::histogram!("tandem_router_dispatch_seconds")
+                metrics::histogram!(tandem_cluster::metrics::ROUTER_DISPATCH)
                     .record((front + t0.elapsed()).as_secs_f64());
             }
-            metrics::counter!("tandem_router_dispatched_total", "prefill" => if prefill.is_some() { "remote" } else { "local" }).increment(1);
+            metrics::counter!(tandem_cluster::metrics::ROUTER_DISPATCHED, "prefill" => if prefill.is_some() { "remote" } else { "local" }).increment(1);
             let first = match client.decode(call).await {
                 Ok(r) => {
                     let mut stream = r.into_inner();
@@ -385,7 +387,7 @@ impl Shared {
             }
             a.failed.push(decode.addr);
         }
-        metrics::counter!("tandem_router_unavailable_total").increment(1);
+        metrics::counter!(tandem_cluster::metrics::ROUTER_UNAVAILABLE).increment(1);
         Err(last)
     }
 }
@@ -493,7 +495,7 @@ impl Relay {
             p.mark_down();
             self.attempt.failed.push(p.addr);
         }
-        metrics::counter!("tandem_router_prefill_retries_total").increment(1);
+        metrics::counter!(tandem_cluster::metrics::ROUTER_PREFILL_RETRIES).increment(1);
         self.opened = Some(self.shared.open(&mut self.attempt).await?);
         Ok(())
     }
@@ -525,7 +527,7 @@ impl Relay {
             }));
         }
         tracing::warn!(request = %req.request_id, worker = %dead.decode.addr, sent = n, error = %why, "decode worker failed; resuming elsewhere");
-        metrics::counter!("tandem_router_resumed_total").increment(1);
+        metrics::counter!(tandem_cluster::metrics::ROUTER_RESUMED).increment(1);
         req.generated = self.generated.clone();
         req.prefill_address.clear();
         drop(dead);

@@ -2,6 +2,7 @@
 //! dispatcher that picks workers and decides disaggregation.
 
 pub mod api;
+pub mod dashboard;
 pub mod dispatch;
 pub mod dispatcher;
 pub mod policy;

@@ -36,6 +36,8 @@ pub struct WorkerLoad {
     pub waiting: u32,
     pub free_blocks: u32,
     pub total_blocks: u32,
+    /// Blocks holding reusable (prefix-cached) KV, as the last poll saw.
+    pub cached_blocks: u32,
     pub healthy: bool,
 }
 
@@ -48,6 +50,7 @@ impl Worker {
             waiting: l.waiting,
             free_blocks: l.free_blocks,
             total_blocks: l.total_blocks,
+            cached_blocks: l.cached_blocks,
             healthy: self.healthy.load(Ordering::Relaxed),
         }
     }
@@ -57,7 +60,7 @@ impl Worker {
     pub fn mark_down(&self) {
         if self.healthy.swap(false, Ordering::Relaxed) {
             tracing::warn!(worker = %self.addr, "marked down");
-            metrics::counter!("tandem_router_workers_marked_down_total").increment(1);
+            metrics::counter!(tandem_cluster::metrics::ROUTER_WORKERS_MARKED_DOWN).increment(1);
         }
     }
 

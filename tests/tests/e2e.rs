@@ -10,6 +10,8 @@ use tandem_proto::generate as g;
 use tandem_proto::worker as w;
 use tandem_tests::{model_path, tandem_bin, Cluster, Node, SECRET};
 
+#[path = "e2e/dashboard.rs"]
+mod dashboard;
 #[path = "e2e/membership.rs"]
 mod membership;
 #[path = "e2e/operations.rs"]
@@ -1013,4 +1015,61 @@ mod faults {
         // Reservations for transfers that died with the worker were freed.
         decode_workers_idle(&cluster, &[0, 1]);
     }
+}
+
+/// Every role's /metrics passes `promtool check metrics` (Debian
+/// `prometheus`, installed by the setup script): help text, units, naming.
+#[test]
+fn every_node_exposes_metrics_that_promtool_accepts() {
+    let promtool = std::path::Path::new("/usr/bin/promtool");
+    assert!(
+        promtool.exists(),
+        "promtool is missing; the setup script installs the Debian package `prometheus`"
+    );
+    let cluster = Cluster::start(1, 1, 1, &[]);
+    rt().block_on(async {
+        let http = reqwest::Client::new();
+        let r = http
+            .post(format!("{}/completions", cluster.base_url()))
+            .json(&json!({"model": model_name(), "prompt": "Metrics, please:", "max_tokens": 4, "stream": true}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let _ = r.text().await.unwrap();
+        // Worker gauges are published once a second.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let nodes = [
+            ("router", &cluster.router, "tandem_router_requests_total"),
+            ("prefill", &cluster.prefill[0], "tandem_prefill_seconds"),
+            ("decode", &cluster.decode[0], "tandem_kv_blocks_used"),
+        ];
+        for (role, node, must) in nodes {
+            let text = http
+                .get(format!("http://{}/metrics", node.addr()))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            assert!(text.contains(must), "{role} /metrics lacks {must}:\n{text}");
+            use std::io::Write;
+            let mut child = Command::new(promtool)
+                .args(["check", "metrics"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "promtool rejects the {role}'s metrics:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    });
 }

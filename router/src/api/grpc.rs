@@ -46,7 +46,7 @@ fn pb_finish(f: Option<FinishReason>) -> i32 {
 
 fn count(endpoint: &'static str, code: tonic::Code) {
     metrics::counter!(
-        "tandem_router_requests_total",
+        tandem_cluster::metrics::ROUTER_REQUESTS,
         "endpoint" => endpoint,
         "status" => format!("grpc_{}", code as i32)
     )
@@ -143,7 +143,7 @@ impl GenerateApi {
         };
         let start = Instant::now();
         let prepared = params.build(state, prompt, &request_id, prompt_param)?;
-        metrics::counter!("tandem_router_prompt_tokens_total", "endpoint" => "grpc")
+        metrics::counter!(tandem_cluster::metrics::ROUTER_PROMPT_TOKENS, "endpoint" => "grpc")
             .increment(prepared.prompt_tokens as u64);
         let mut streams = start_all(state, &prepared).await?;
         let ts = streams
@@ -192,7 +192,7 @@ impl Generate for GenerateApi {
                     ChoiceOut::Error(e) => return Err(ApiError::from(e)),
                     ChoiceOut::Delta(d) => {
                         ttft.mark();
-                        metrics::counter!("tandem_router_generated_tokens_total", "endpoint" => "grpc")
+                        metrics::counter!(tandem_cluster::metrics::ROUTER_GENERATED_TOKENS, "endpoint" => "grpc")
                             .increment(d.tokens.len() as u64);
                         text.push_str(&d.text);
                         ids.extend(d.tokens.iter().map(|t| t.id));
@@ -252,7 +252,7 @@ impl Generate for GenerateApi {
             ChoiceOut::Error(e) => Err(ApiError::from(e).to_status()),
             ChoiceOut::Delta(d) => {
                 ttft.mark();
-                metrics::counter!("tandem_router_generated_tokens_total", "endpoint" => "grpc")
+                metrics::counter!(tandem_cluster::metrics::ROUTER_GENERATED_TOKENS, "endpoint" => "grpc")
                     .increment(d.tokens.len() as u64);
                 let logprobs = if want_lp {
                     d.tokens

@@ -75,7 +75,7 @@ fn endpoint_of(path: &str) -> &'static str {
 
 fn count_request(endpoint: &'static str, status: StatusCode) {
     metrics::counter!(
-        "tandem_router_requests_total",
+        tandem_cluster::metrics::ROUTER_REQUESTS,
         "endpoint" => endpoint,
         "status" => status.as_u16().to_string()
     )
@@ -644,7 +644,7 @@ impl Ttft {
     }
     pub(crate) fn mark(&self) {
         if !self.done.swap(true, Ordering::Relaxed) {
-            metrics::histogram!("tandem_router_time_to_first_token_seconds", "endpoint" => self.endpoint)
+            metrics::histogram!(tandem_cluster::metrics::ROUTER_TTFT, "endpoint" => self.endpoint)
                 .record(self.start.elapsed().as_secs_f64());
         }
     }
@@ -834,7 +834,7 @@ async fn run(
     for input in &mut prepared.inputs {
         input.frontend_time = own;
     }
-    metrics::counter!("tandem_router_prompt_tokens_total", "endpoint" => ep.label())
+    metrics::counter!(tandem_cluster::metrics::ROUTER_PROMPT_TOKENS, "endpoint" => ep.label())
         .increment(prepared.prompt_tokens as u64);
     let streams = start_all(&state, &prepared).await?;
     let ctx = Ctx {
@@ -869,7 +869,7 @@ async fn complete(
             ChoiceOut::Error(e) => return Err(ApiError::from(e)),
             ChoiceOut::Delta(d) => {
                 ttft.mark();
-                metrics::counter!("tandem_router_generated_tokens_total", "endpoint" => ctx.endpoint.label())
+                metrics::counter!(tandem_cluster::metrics::ROUTER_GENERATED_TOKENS, "endpoint" => ctx.endpoint.label())
                     .increment(d.tokens.len() as u64);
                 let c = &mut got[i];
                 c.text.push_str(&d.text);
@@ -911,7 +911,7 @@ async fn complete(
         Endpoint::Chat => "chat.completion",
         Endpoint::Completions => "text_completion",
     };
-    metrics::histogram!("tandem_router_request_duration_seconds", "endpoint" => ctx.endpoint.label())
+    metrics::histogram!(tandem_cluster::metrics::ROUTER_REQUEST_DURATION, "endpoint" => ctx.endpoint.label())
         .record(ctx.start.elapsed().as_secs_f64());
     Ok(axum::Json(json!({
         "id": ctx.id,
@@ -968,7 +968,7 @@ impl Sse {
 
     /// Queues the chunk of one delta (none when it carries nothing visible).
     fn on_delta(&mut self, index: usize, d: super::ChoiceDelta) {
-        metrics::counter!("tandem_router_generated_tokens_total", "endpoint" => self.ctx.endpoint.label())
+        metrics::counter!(tandem_cluster::metrics::ROUTER_GENERATED_TOKENS, "endpoint" => self.ctx.endpoint.label())
             .increment(d.tokens.len() as u64);
         let wants_lp = self.ctx.logprobs.is_some() && !d.tokens.is_empty();
         if d.text.is_empty() && d.finish.is_none() && !wants_lp {
@@ -1028,7 +1028,7 @@ impl Sse {
     }
 
     fn finish_metrics(&self) {
-        metrics::histogram!("tandem_router_request_duration_seconds", "endpoint" => self.ctx.endpoint.label())
+        metrics::histogram!(tandem_cluster::metrics::ROUTER_REQUEST_DURATION, "endpoint" => self.ctx.endpoint.label())
             .record(self.ctx.start.elapsed().as_secs_f64());
     }
 }

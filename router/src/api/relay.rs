@@ -15,7 +15,7 @@ static SAMPLES: Mutex<VecDeque<f64>> = Mutex::new(VecDeque::new());
 /// Records one relay sample that started at `received`.
 pub fn record_relay(received: Instant) {
     let s = received.elapsed().as_secs_f64();
-    metrics::histogram!("tandem_router_relay_seconds").record(s);
+    metrics::histogram!(tandem_cluster::metrics::ROUTER_RELAY).record(s);
     let mut q = SAMPLES.lock().unwrap_or_else(|p| p.into_inner());
     if q.len() == RELAY_WINDOW {
         q.pop_front();
