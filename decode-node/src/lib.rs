@@ -197,6 +197,7 @@ impl Inner {
         });
         call.set_timeout(self.cfg.prefill_timeout);
         let call = self.cfg.secret.attach(call);
+        // Never cancelled: the select below drops the receive instead.
         let cancel = CancellationToken::new();
         let mut staging = KvStaging::new(self.engine.kv_layout(), tokens);
         let receive = async {
@@ -209,14 +210,7 @@ impl Inner {
                 .await
                 .map_err(|e| Status::unavailable(format!("KV transfer failed: {e}")))
         };
-        let prefill = async {
-            let r = client.prefill(call).await;
-            if r.is_err() {
-                // The prefill worker failed: stop waiting for its KV.
-                cancel.cancel();
-            }
-            r
-        };
+        let prefill = client.prefill(call);
         // The first failure of either leg ends both: returning drops the
         // other future (which cancels the prefill call or stops receiving).
         let (summary, first) = {

@@ -266,7 +266,7 @@ struct Opened {
     stream: tonic::Streaming<pb::DecodeEvent>,
     decode: Arc<Worker>,
     prefill: Option<Arc<Worker>>,
-    _guards: (InFlightGuard, Option<InFlightGuard>),
+    guards: (InFlightGuard, Option<InFlightGuard>),
 }
 
 /// Failures that say "this worker is gone", as opposed to "this request is bad".
@@ -349,7 +349,7 @@ impl Shared {
                         stream,
                         decode,
                         prefill,
-                        _guards: guards,
+                        guards,
                     });
                 }
                 Ok((
@@ -459,7 +459,7 @@ impl Relay {
                 self.generated.push(t.token_id);
                 if let Some(o) = self.opened.as_mut() {
                     // The prefill leg is over once a token arrives.
-                    o._guards.1 = None;
+                    o.guards.1 = None;
                 }
                 Next::Forward(TokenEvent::Token(SampledToken {
                     id: t.token_id,

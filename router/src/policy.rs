@@ -161,7 +161,21 @@ impl Picker {
         )
     }
 
-    /// A decode worker with room for `blocks` more KV blocks (if any has).
+    /// The next healthy worker in turn (any worker when none is healthy).
+    /// `workers` must not be empty.
+    fn round_robin<'a>(&self, workers: &'a [Arc<Worker>]) -> &'a Arc<Worker> {
+        let healthy: Vec<_> = workers.iter().filter(|w| w.load().healthy).collect();
+        let pool: Vec<_> = if healthy.is_empty() {
+            workers.iter().collect()
+        } else {
+            healthy
+        };
+        pool[self.rr.fetch_add(1, Ordering::Relaxed) % pool.len()]
+    }
+
+    /// A decode worker: healthy first, then fewest requests in flight, then
+    /// (under prefix affinity) the longest cached prefix, then most free
+    /// KV blocks.
     pub fn decode<'a>(
         &self,
         workers: &'a [Arc<Worker>],
@@ -171,15 +185,7 @@ impl Picker {
             return None;
         }
         match self.policy {
-            RoutePolicy::RoundRobin => {
-                let healthy: Vec<_> = workers.iter().filter(|w| w.load().healthy).collect();
-                let pool: Vec<_> = if healthy.is_empty() {
-                    workers.iter().collect()
-                } else {
-                    healthy
-                };
-                Some(pool[self.rr.fetch_add(1, Ordering::Relaxed) % pool.len()])
-            }
+            RoutePolicy::RoundRobin => Some(self.round_robin(workers)),
             RoutePolicy::LeastLoaded => workers
                 .iter()
                 .min_by_key(|w| Self::least_loaded_key(&w.load())),
@@ -203,9 +209,7 @@ impl Picker {
             return None;
         }
         match self.policy {
-            RoutePolicy::RoundRobin => {
-                Some(&workers[self.rr.fetch_add(1, Ordering::Relaxed) % workers.len()])
-            }
+            RoutePolicy::RoundRobin => Some(self.round_robin(workers)),
             RoutePolicy::LeastLoaded => workers
                 .iter()
                 .min_by_key(|w| Self::least_loaded_key(&w.load())),
