@@ -38,6 +38,9 @@ pub const PREFILL_DURATION: &str = "tandem_prefill_seconds";
 pub const PREFILL_PROMPT_TOKENS: &str = "tandem_prefill_prompt_tokens_total";
 pub const KV_TRANSFER_BYTES: &str = "tandem_kv_transfer_bytes_total";
 pub const KV_TRANSFER_FAILURES: &str = "tandem_kv_transfer_failures_total";
+pub const KV_TRANSFER_SECONDS: &str = "tandem_kv_transfer_seconds";
+/// Requests in each disaggregation stage (label `stage`).
+pub const STAGE_REQUESTS: &str = "tandem_stage_requests";
 
 /// Registers the help text and unit of every metric (once per process).
 pub fn describe() {
@@ -180,6 +183,32 @@ pub fn describe() {
     describe_counter!(
         KV_TRANSFER_FAILURES,
         Unit::Count,
-        "KV transfers that failed"
+        "KV transfers that failed, by direction"
     );
+    describe_histogram!(
+        KV_TRANSFER_SECONDS,
+        Unit::Seconds,
+        "KV transfer duration, connection to confirmation, by direction"
+    );
+    describe_gauge!(
+        STAGE_REQUESTS,
+        Unit::Count,
+        "Requests in each disaggregation stage: prefill_in_flight (prefill worker), waiting_for_kv (decode worker)"
+    );
+}
+
+/// Counts a request in a disaggregation stage while it is held.
+pub struct InStage(&'static str);
+
+impl InStage {
+    pub fn enter(stage: &'static str) -> Self {
+        metrics::gauge!(STAGE_REQUESTS, "stage" => stage).increment(1.0);
+        Self(stage)
+    }
+}
+
+impl Drop for InStage {
+    fn drop(&mut self) {
+        metrics::gauge!(STAGE_REQUESTS, "stage" => self.0).decrement(1.0);
+    }
 }

@@ -174,6 +174,7 @@ impl Inner {
         req: &pb::DecodeRequest,
         spec: RequestSpec,
     ) -> Result<RequestHandle, Status> {
+        let _stage = tandem_cluster::metrics::InStage::enter("waiting_for_kv");
         let tokens = spec.prompt.len();
         let reservation = self
             .engine
@@ -205,10 +206,15 @@ impl Inner {
                 .await
                 .map_err(|_| Status::unavailable("the prefill worker never connected"))?
                 .map_err(|_| Status::internal("KV listener gone"))?;
-            receiver
-                .receive_into(&mut staging, &cancel)
-                .await
-                .map_err(|e| Status::unavailable(format!("KV transfer failed: {e}")))
+            let started = Instant::now();
+            let r = receiver.receive_into(&mut staging, &cancel).await;
+            metrics::histogram!(tandem_cluster::metrics::KV_TRANSFER_SECONDS, "direction" => "received")
+                .record(started.elapsed().as_secs_f64());
+            r.map_err(|e| {
+                metrics::counter!(tandem_cluster::metrics::KV_TRANSFER_FAILURES, "direction" => "received")
+                    .increment(1);
+                Status::unavailable(format!("KV transfer failed: {e}"))
+            })
         };
         let prefill = client.prefill(call);
         // The first failure of either leg ends both: returning drops the

@@ -71,6 +71,7 @@ impl PrefillService {
             priority: 0,
             generated: Vec::new(),
         };
+        let _stage = tandem_cluster::metrics::InStage::enter("prefill_in_flight");
         let (tx, mut layers) = mpsc::unbounded_channel();
         let mut handle = self
             .engine
@@ -88,6 +89,7 @@ impl PrefillService {
         let transport = TcpTransport::new(kv_addr, self.cfg.transfer.clone());
         let ship = async move {
             let mut sender = transport.connect(handshake).await?;
+            let connected = Instant::now();
             while let Some((layer, blocks)) = layers.recv().await {
                 let regions: Vec<BlockRegion<'_>> = blocks
                     .iter()
@@ -99,7 +101,10 @@ impl PrefillService {
                     .collect();
                 sender.send_layer_blocks(layer, &regions).await?;
             }
-            sender.finish().await
+            let done = sender.finish().await;
+            metrics::histogram!(tandem_cluster::metrics::KV_TRANSFER_SECONDS, "direction" => "sent")
+                .record(connected.elapsed().as_secs_f64());
+            done
         };
         let events = async {
             let mut first = None;
@@ -120,7 +125,8 @@ impl PrefillService {
         let (shipped, sampled) = tokio::join!(ship, events);
         let (first, cached) = sampled?;
         let summary = shipped.map_err(|e| {
-            metrics::counter!(tandem_cluster::metrics::KV_TRANSFER_FAILURES).increment(1);
+            metrics::counter!(tandem_cluster::metrics::KV_TRANSFER_FAILURES, "direction" => "sent")
+                .increment(1);
             Status::unavailable(format!("KV transfer to {kv_addr} failed: {e}"))
         })?;
         metrics::histogram!(tandem_cluster::metrics::PREFILL_DURATION)

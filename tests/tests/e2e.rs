@@ -1039,10 +1039,10 @@ fn every_node_exposes_metrics_that_promtool_accepts() {
         let _ = r.text().await.unwrap();
         // Worker gauges are published once a second.
         tokio::time::sleep(Duration::from_millis(1200)).await;
-        let nodes = [
-            ("router", &cluster.router, "tandem_router_requests_total"),
-            ("prefill", &cluster.prefill[0], "tandem_prefill_seconds"),
-            ("decode", &cluster.decode[0], "tandem_kv_blocks_used"),
+        let nodes: [(&str, &Node, &[&str]); 3] = [
+            ("router", &cluster.router, &["tandem_router_requests_total", "tandem_router_dispatch_seconds"]),
+            ("prefill", &cluster.prefill[0], &["tandem_prefill_seconds", "tandem_kv_transfer_seconds", "tandem_stage_requests"]),
+            ("decode", &cluster.decode[0], &["tandem_kv_blocks_used", "tandem_kv_transfer_seconds", "tandem_stage_requests"]),
         ];
         for (role, node, must) in nodes {
             let text = http
@@ -1053,7 +1053,9 @@ fn every_node_exposes_metrics_that_promtool_accepts() {
                 .text()
                 .await
                 .unwrap();
-            assert!(text.contains(must), "{role} /metrics lacks {must}:\n{text}");
+            for m in must {
+                assert!(text.contains(m), "{role} /metrics lacks {m}:\n{text}");
+            }
             use std::io::Write;
             let mut child = Command::new(promtool)
                 .args(["check", "metrics"])
