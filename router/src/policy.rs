@@ -173,6 +173,25 @@ impl Picker {
         pool[self.rr.fetch_add(1, Ordering::Relaxed) % pool.len()]
     }
 
+    /// Round robin and least-loaded pick the same way in both tiers; only
+    /// prefix affinity differs by tier.
+    fn pick<'a>(
+        &self,
+        workers: &'a [Arc<Worker>],
+        affinity: impl FnOnce(&'a [Arc<Worker>]) -> Option<&'a Arc<Worker>>,
+    ) -> Option<&'a Arc<Worker>> {
+        if workers.is_empty() {
+            return None;
+        }
+        match self.policy {
+            RoutePolicy::RoundRobin => Some(self.round_robin(workers)),
+            RoutePolicy::LeastLoaded => workers
+                .iter()
+                .min_by_key(|w| Self::least_loaded_key(&w.load())),
+            RoutePolicy::PrefixAffinity => affinity(workers),
+        }
+    }
+
     /// A decode worker: healthy first, then fewest requests in flight, then
     /// (under prefix affinity) the longest cached prefix, then most free
     /// KV blocks.
@@ -181,22 +200,14 @@ impl Picker {
         workers: &'a [Arc<Worker>],
         matched: impl Fn(&Worker) -> usize,
     ) -> Option<&'a Arc<Worker>> {
-        if workers.is_empty() {
-            return None;
-        }
-        match self.policy {
-            RoutePolicy::RoundRobin => Some(self.round_robin(workers)),
-            RoutePolicy::LeastLoaded => workers
-                .iter()
-                .min_by_key(|w| Self::least_loaded_key(&w.load())),
-            RoutePolicy::PrefixAffinity => workers.iter().min_by_key(|w| {
-                let l = w.load();
-                let (sick, busy, full) = Self::least_loaded_key(&l);
+        self.pick(workers, |ws| {
+            ws.iter().min_by_key(|w| {
+                let (sick, busy, full) = Self::least_loaded_key(&w.load());
                 // Affinity breaks ties in load, it never overrides it: a
                 // cached prefix is worth less than a queue.
                 (sick, busy, usize::MAX - matched(w), full)
-            }),
-        }
+            })
+        })
     }
 
     /// A prefill worker: longest cached prefix among the least busy.
@@ -205,34 +216,20 @@ impl Picker {
         workers: &'a [Arc<Worker>],
         matched: impl Fn(&Worker) -> usize,
     ) -> Option<&'a Arc<Worker>> {
-        if workers.is_empty() {
-            return None;
-        }
-        match self.policy {
-            RoutePolicy::RoundRobin => Some(self.round_robin(workers)),
-            RoutePolicy::LeastLoaded => workers
+        self.pick(workers, |ws| {
+            let least = ws
                 .iter()
-                .min_by_key(|w| Self::least_loaded_key(&w.load())),
-            RoutePolicy::PrefixAffinity => {
-                let least = workers
-                    .iter()
-                    .map(|w| Self::least_loaded_key(&w.load()).1)
-                    .min()
-                    .unwrap_or(0);
-                // A worker at most one request busier than the least busy one
-                // may win on affinity.
-                workers
-                    .iter()
-                    .filter(|w| w.load().healthy)
-                    .filter(|w| Self::least_loaded_key(&w.load()).1 <= least + 1)
-                    .max_by_key(|w| (matched(w), u32::MAX - w.load().in_flight))
-                    .or_else(|| {
-                        workers
-                            .iter()
-                            .min_by_key(|w| Self::least_loaded_key(&w.load()))
-                    })
-            }
-        }
+                .map(|w| Self::least_loaded_key(&w.load()).1)
+                .min()
+                .unwrap_or(0);
+            // A worker at most one request busier than the least busy one
+            // may win on affinity.
+            ws.iter()
+                .filter(|w| w.load().healthy)
+                .filter(|w| Self::least_loaded_key(&w.load()).1 <= least + 1)
+                .max_by_key(|w| (matched(w), u32::MAX - w.load().in_flight))
+                .or_else(|| ws.iter().min_by_key(|w| Self::least_loaded_key(&w.load())))
+        })
     }
 }
 
