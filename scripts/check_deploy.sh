@@ -241,13 +241,31 @@ python3 -m json.tool "$DASHBOARD" >/dev/null || fail "$DASHBOARD is not valid JS
 "$PY" - "$DASHBOARD" <<'PY' || fail "dashboard misses metrics"
 import json, sys
 text = json.dumps(json.load(open(sys.argv[1])))
-need = ["tandem_router_requests_total", "tandem_router_time_to_first_token_seconds",
-        "tandem_router_relay_seconds", "tandem_router_dispatch_seconds", "tandem_router_workers",
-        "tandem_decode_time_to_first_token_seconds", "tandem_kv_transfer_bytes_total"]
+need = ["tandem_requests_total", "tandem_time_to_first_token_seconds_bucket",
+        "tandem_inter_token_latency_seconds_bucket", "tandem_request_queue_time_seconds_bucket",
+        "tandem_request_prefill_time_seconds_bucket", "tandem_request_decode_time_seconds_bucket",
+        "tandem_request_duration_seconds_bucket", "tandem_router_relay_seconds_bucket",
+        "tandem_router_dispatch_seconds_bucket", "tandem_router_workers", "tandem_stage_requests",
+        "tandem_kv_blocks_used", "tandem_kv_transfer_bytes_total", "tandem_kv_transfer_seconds_bucket"]
 missing = [m for m in need if m not in text]
 if missing:
     sys.exit(f"    the dashboard does not use {missing}")
 PY
+# Every panel query must parse: promtool checks them as recording rules
+# (Grafana's variables replaced by plain values).
+RULES="$(mktemp --suffix=.yml)"
+"$PY" - "$DASHBOARD" "$RULES" <<'PY' || fail "cannot extract the dashboard's queries"
+import json, sys, yaml
+d = json.load(open(sys.argv[1]))
+exprs = [t["expr"] for p in d["panels"] for t in p.get("targets", [])]
+rules = [{"record": f"tandem:panel_query_{i}", "expr": e.replace("$__rate_interval", "5m").replace("$namespace", ".*")}
+         for i, e in enumerate(exprs)]
+yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, open(sys.argv[2], "w"))
+print(f"    {len(rules)} queries")
+PY
+log "promtool check rules: the dashboard's queries"
+promtool check rules "$RULES" >/dev/null || fail "the Grafana dashboard has queries promtool rejects"
+rm -f "$RULES"
 "$PY" -c 'import sys, yaml; c = yaml.safe_load(open(sys.argv[1])); assert c["scrape_configs"], "no scrape_configs"' "$PROM_CONFIG" ||
     fail "$PROM_CONFIG is not a Prometheus config"
 

@@ -8,3 +8,7 @@ log "running the tests"
 cd "$ROOT"
 cargo test --release --locked --workspace -- --test-threads="${TANDEM_TEST_THREADS:-2}"
 "$ROOT/scripts/check_deploy.sh"
+# The CUDA code (NCCL KV transport) must keep compiling on machines without
+# CUDA: cudarc loads the libraries at run time, so a type check needs none.
+log "type-checking the cuda feature"
+cargo check --release --locked -p tandem-kv-transfer --features cuda --tests

@@ -16,9 +16,13 @@ pub enum BenchCommand {
     /// KV transfer throughput over loopback (TCP, gRPC) against raw TCP.
     KvTransfer(kv::KvArgs),
     /// The cluster through its OpenAI API: TTFT colocated vs disaggregated, router latency.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
+    /// The CPU communicator's all-reduce latency against a raw loopback socket.
+    Comm(comm::CommArgs),
 }
 
+#[path = "bench_comm.rs"]
+mod comm;
 #[path = "bench_kv.rs"]
 mod kv;
 #[path = "bench_serve.rs"]
@@ -30,6 +34,9 @@ pub struct EngineArgs {
     pub model: Option<PathBuf>,
     #[arg(long, env = "TANDEM_THREADS")]
     pub threads: Option<usize>,
+    /// Keep an f32 copy of the weights for batched steps (auto|on|off).
+    #[arg(long, env = "TANDEM_EXPAND_WEIGHTS", default_value = "auto")]
+    pub expand_weights: tandem_engine::cpu::ExpandWeights,
     /// Prompt length for the prefill figure.
     #[arg(long, default_value_t = 512)]
     pub prompt_tokens: usize,
@@ -54,7 +61,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Engine(a) => engine(a),
         BenchCommand::KvTransfer(a) => kv::run(a),
-        BenchCommand::Serve(a) => serve::run(a),
+        BenchCommand::Serve(a) => serve::run(*a),
+        BenchCommand::Comm(a) => comm::run(a),
     }
 }
 
@@ -162,14 +170,16 @@ fn engine(a: EngineArgs) -> Result<()> {
     let src = ModelSource::open(&path).with_context(|| format!("loading {}", path.display()))?;
     let threads = crate::thread_count(a.threads);
     let t_load = Instant::now();
-    let model = Model::load(&src, threads)?;
+    let model = Model::load_with(&src, threads, a.expand_weights)?;
     let load_s = t_load.elapsed().as_secs_f64();
     let runs = a.runs.max(1);
     let vocab = model.config.vocab_size;
     println!(
-        "model {} ({:.1} MB packed weights), {} threads, loaded in {:.2} s",
+        "model {} ({:.1} MB packed weights, f32 copies {:.1} MB: expand-weights {}), {} threads, loaded in {:.2} s",
         path.display(),
         model.weight_bytes() as f64 / 1e6,
+        model.f32_copy_bytes() as f64 / 1e6,
+        a.expand_weights,
         threads,
         load_s
     );
@@ -240,6 +250,8 @@ fn engine(a: EngineArgs) -> Result<()> {
         let j = serde_json::json!({
             "model": path.display().to_string(),
             "threads": threads,
+            "expand_weights": a.expand_weights.name(),
+            "f32_copy_bytes": model.f32_copy_bytes(),
             "prefill_tokens": a.prompt_tokens,
             "prefill_tok_s": prefill_tok_s,
             "decode_tokens": a.gen_tokens,

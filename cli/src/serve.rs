@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use tandem_cluster::server::NodeLabels;
 use tandem_cluster::{
     ClusterSecret, Drain, EtcdConfig, EtcdTls, Membership, MembershipEvent, NodeRecord, NodeServer,
     PeerList, Readiness, ReadyLine, Registration, Role, SecretCheck,
@@ -83,6 +84,10 @@ pub struct WorkerArgs {
     /// Compute threads (default: all cores).
     #[arg(long, env = "TANDEM_THREADS")]
     pub threads: Option<usize>,
+    /// Keep an f32 copy of the weights for batched steps (auto|on|off): faster
+    /// batched decode for 4 bytes of memory per weight; auto = when it fits.
+    #[arg(long, env = "TANDEM_EXPAND_WEIGHTS", default_value = "auto")]
+    pub expand_weights: tandem_engine::cpu::ExpandWeights,
     /// KV cache size: bytes with a unit (`512MiB`, `2GB`) or a share of RAM (`25%`).
     #[arg(long, env = "TANDEM_KV_CACHE_MEMORY", default_value = "1GiB")]
     pub kv_cache_memory: String,
@@ -168,31 +173,31 @@ fn etcd_config(node: &NodeArgs) -> Result<Option<EtcdConfig>> {
     Ok(Some(cfg))
 }
 
+/// The model's name on the API and on `/metrics`: the file name without
+/// its extension.
+fn model_name(path: &std::path::Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "tandem".into())
+}
+
 /// Exports the engine's scheduler counters on the worker's /metrics once a
 /// second: queue depth, running sequences, KV blocks, prefix-cache hits and
 /// misses, preemptions.
-async fn publish_engine_stats(engine: Arc<Engine>, role: Role, shutdown: CancellationToken) {
-    let r = role.as_str();
+async fn publish_engine_stats(engine: Arc<Engine>, shutdown: CancellationToken) {
     loop {
         let s = engine.stats();
-        metrics::gauge!(tandem_cluster::metrics::WAITING_SEQUENCES, "role" => r)
-            .set(s.waiting as f64);
-        metrics::gauge!(tandem_cluster::metrics::RUNNING_SEQUENCES, "role" => r)
-            .set(s.running as f64);
-        metrics::gauge!(tandem_cluster::metrics::KV_BLOCKS, "role" => r).set(s.total_blocks as f64);
-        metrics::gauge!(tandem_cluster::metrics::KV_BLOCKS_USED, "role" => r)
+        metrics::gauge!(tandem_cluster::metrics::WAITING_SEQUENCES).set(s.waiting as f64);
+        metrics::gauge!(tandem_cluster::metrics::RUNNING_SEQUENCES).set(s.running as f64);
+        metrics::gauge!(tandem_cluster::metrics::KV_BLOCKS).set(s.total_blocks as f64);
+        metrics::gauge!(tandem_cluster::metrics::KV_BLOCKS_USED)
             .set(s.total_blocks.saturating_sub(s.free_blocks) as f64);
-        metrics::gauge!(tandem_cluster::metrics::KV_BLOCKS_CACHED, "role" => r)
-            .set(s.cached_blocks as f64);
-        metrics::counter!(tandem_cluster::metrics::PREFIX_CACHE_HITS, "role" => r)
-            .absolute(s.prefix.hits);
-        metrics::counter!(tandem_cluster::metrics::PREFIX_CACHE_MISSES, "role" => r)
-            .absolute(s.prefix.misses);
-        metrics::counter!(tandem_cluster::metrics::PREEMPTIONS, "role" => r)
-            .absolute(s.preemptions);
-        metrics::counter!(tandem_cluster::metrics::GENERATED_TOKENS, "role" => r)
-            .absolute(s.generated_tokens);
-        metrics::counter!(tandem_cluster::metrics::PROMPT_TOKENS_COMPUTED, "role" => r)
+        metrics::gauge!(tandem_cluster::metrics::KV_BLOCKS_CACHED).set(s.cached_blocks as f64);
+        metrics::counter!(tandem_cluster::metrics::PREFIX_CACHE_HITS).absolute(s.prefix.hits);
+        metrics::counter!(tandem_cluster::metrics::PREFIX_CACHE_MISSES).absolute(s.prefix.misses);
+        metrics::counter!(tandem_cluster::metrics::PREEMPTIONS).absolute(s.preemptions);
+        metrics::counter!(tandem_cluster::metrics::GENERATED_TOKENS).absolute(s.generated_tokens);
+        metrics::counter!(tandem_cluster::metrics::PROMPT_TOKENS_COMPUTED)
             .absolute(s.prompt_tokens_computed);
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -282,7 +287,8 @@ fn start_engine(args: &WorkerArgs) -> Result<(Arc<Engine>, String, usize)> {
     let tokenizer = src.tokenizer().context("building the tokenizer")?;
     let fingerprint = tandem_model::fingerprint::fingerprint(&src, &tokenizer);
     let threads = crate::thread_count(args.threads);
-    let model: Arc<dyn Executor> = Arc::new(Model::load(&src, threads).context("loading weights")?);
+    let model: Arc<dyn Executor> =
+        Arc::new(Model::load_with(&src, threads, args.expand_weights).context("loading weights")?);
     let engine = Engine::start(
         model,
         EngineConfig {
@@ -361,9 +367,8 @@ fn drain_on_signal(
 
 pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
     let etcd = etcd_config(&args.node)?;
-    // Install the recorder before anything records.
-    tandem_cluster::server::metrics_handle();
     let secret = secret(&args.node)?;
+    let model_name = model_name(&crate::model_path(args.node.model.clone())?);
     let (engine, fingerprint, threads) = start_engine(&args)?;
     let rt = runtime()?;
     rt.block_on(async move {
@@ -378,6 +383,12 @@ pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
             .node_id
             .clone()
             .unwrap_or_else(|| format!("{role}-{public}"));
+        // Before anything records: the labels are fixed at installation.
+        tandem_cluster::server::install_metrics(&NodeLabels {
+            model: model_name,
+            role,
+            worker_id: node_id.clone(),
+        });
         let mut record = NodeRecord::new(role, node_id.clone(), public);
         record.model_fingerprint = fingerprint.clone();
         record.capacity_blocks = engine.total_blocks() as u32;
@@ -445,7 +456,7 @@ pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
             Duration::from_secs(args.node.drain_timeout_secs),
             shutdown.clone(),
         );
-        tokio::spawn(publish_engine_stats(engine.clone(), role, shutdown.clone()));
+        tokio::spawn(publish_engine_stats(engine.clone(), shutdown.clone()));
         ReadyLine { role, addr, kv }.announce();
         tracing::info!(%addr, ?kv, %role, "serving");
         serve.await.context("server task")?.context("serving")?;
@@ -455,7 +466,6 @@ pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
 
 pub fn run_router(args: RouterArgs) -> Result<()> {
     let etcd = etcd_config(&args.node)?;
-    tandem_cluster::server::metrics_handle();
     let secret = secret(&args.node)?;
     let peers = match (&args.node.peers, &etcd) {
         (Some(p), None) => {
@@ -477,11 +487,10 @@ pub fn run_router(args: RouterArgs) -> Result<()> {
     let tokenizer = src.tokenizer().context("building the tokenizer")?;
     let fingerprint = tandem_model::fingerprint::fingerprint(&src, &tokenizer);
     let context_length = src.config.context_length;
-    let served = args.served_model_name.clone().unwrap_or_else(|| {
-        path.file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "tandem".into())
-    });
+    let served = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| model_name(&path));
     drop(src);
     let rt = runtime()?;
     rt.block_on(async move {
@@ -490,6 +499,15 @@ pub fn run_router(args: RouterArgs) -> Result<()> {
         let readiness = Readiness::default();
         let server = bind(&args.node).await?;
         let addr = server.local_addr();
+        let node_id = match &args.node.node_id {
+            Some(id) => id.clone(),
+            None => format!("router-{}", advertised(&args.node, addr)?),
+        };
+        tandem_cluster::server::install_metrics(&NodeLabels {
+            model: served.clone(),
+            role: Role::Router,
+            worker_id: node_id.clone(),
+        });
         let cfg = tandem_router::dispatcher::DispatcherConfig {
             route: args.route_policy,
             disagg: tandem_router::policy::DisaggPolicy {
@@ -534,11 +552,8 @@ pub fn run_router(args: RouterArgs) -> Result<()> {
         let serve = tokio::spawn(server.serve(routes, http, readiness.clone(), shutdown.clone()));
         let registration = match etcd {
             Some(cfg) => {
-                let mut record = NodeRecord::new(
-                    Role::Router,
-                    format!("router-{}", advertised(&args.node, addr)?),
-                    advertised(&args.node, addr)?,
-                );
+                let mut record =
+                    NodeRecord::new(Role::Router, node_id, advertised(&args.node, addr)?);
                 record.model_fingerprint = fingerprint;
                 Some(Registration::start(cfg, record))
             }

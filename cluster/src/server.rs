@@ -12,7 +12,7 @@ use axum::extract::Request;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
@@ -31,23 +31,58 @@ impl Readiness {
     }
 }
 
-/// The process-wide Prometheus recorder (installed on first use).
+/// Who is speaking on `/metrics`: attached to every series as the labels
+/// `model`, `role` and `worker_id`.
+#[derive(Debug, Clone)]
+pub struct NodeLabels {
+    pub model: String,
+    pub role: crate::Role,
+    pub worker_id: String,
+}
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder with this node's labels
+/// (the first call wins; a later one returns the installed handle).
+pub fn install_metrics(labels: &NodeLabels) -> PrometheusHandle {
+    HANDLE.get_or_init(|| build_recorder(Some(labels))).clone()
+}
+
+/// The process-wide Prometheus recorder (installed without node labels on
+/// first use, as in a test process hosting several nodes).
 pub fn metrics_handle() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
-            let handle = recorder.handle();
-            // Another recorder may already be installed (a test process
-            // hosting several nodes): then this handle renders nothing, which
-            // only affects that process's /metrics.
-            if metrics::set_global_recorder(recorder).is_err() {
-                tracing::warn!("a metrics recorder was already installed");
-            }
-            crate::metrics::describe();
-            handle
-        })
-        .clone()
+    HANDLE.get_or_init(|| build_recorder(None)).clone()
+}
+
+fn build_recorder(labels: Option<&NodeLabels>) -> PrometheusHandle {
+    let mut b = PrometheusBuilder::new();
+    if let Some(l) = labels {
+        b = b
+            .add_global_label("model", l.model.clone())
+            .add_global_label("role", l.role.as_str())
+            .add_global_label("worker_id", l.worker_id.clone());
+    }
+    // Bucketed histograms (not the exporter's default summaries), so
+    // quantiles aggregate across nodes in PromQL.
+    for name in crate::metrics::HISTOGRAMS {
+        b = match b.set_buckets_for_metric(
+            Matcher::Full((*name).to_string()),
+            crate::metrics::buckets_of(name),
+        ) {
+            Ok(b) => b,
+            Err(_) => unreachable!("bucket lists are constant and non-empty"),
+        };
+    }
+    let recorder = b.build_recorder();
+    let handle = recorder.handle();
+    // Another recorder may already be installed (a test process hosting
+    // several nodes): then this handle renders nothing, which only affects
+    // that process's /metrics.
+    if metrics::set_global_recorder(recorder).is_err() {
+        tracing::warn!("a metrics recorder was already installed");
+    }
+    crate::metrics::describe();
+    handle
 }
 
 pub struct NodeServer {

@@ -7,6 +7,12 @@
 //! Received KV lands in a staging buffer and is copied into the reserved
 //! blocks on the engine thread (the pool belongs to that thread); the copy
 //! costs about 1% of the prefill it replaces.
+//!
+//! Parallel sampling (`n > 1`): the request is one engine request whose
+//! choices share the prompt's KV blocks (fork + copy-on-write); with a
+//! remote prefill, the prefill worker samples every choice's first token
+//! from the one prompt pass. The choices' events share the `Decode` stream,
+//! tagged with their `index`; `Cancel` with an index stops one choice.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tandem_cluster::metrics::{self as metrics_names, InStage, RequestTimer, Stage};
 use tandem_cluster::{ClusterSecret, Drain, Role};
 use tandem_engine::engine::{Engine, RequestHandle, RequestSpec};
 use tandem_engine::kv::KvStaging;
@@ -24,6 +31,8 @@ use tandem_prefill::convert;
 use tandem_prefill::CancelOnDrop;
 use tandem_proto::worker as pb;
 use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
@@ -173,14 +182,16 @@ impl Inner {
         &self,
         req: &pb::DecodeRequest,
         spec: RequestSpec,
+        timer: &mut RequestTimer,
     ) -> Result<RequestHandle, Status> {
-        let _stage = tandem_cluster::metrics::InStage::enter("waiting_for_kv");
+        let _stage = InStage::enter(Stage::WaitingForKv);
         let tokens = spec.prompt.len();
         let reservation = self
             .engine
             .reserve(tokens)
             .await
             .map_err(convert::engine_status)?;
+        timer.admitted();
         let transfer_id = self.next_transfer.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending
@@ -195,6 +206,7 @@ impl Inner {
             sampling: req.sampling,
             kv_address: self.kv_addr.to_string(),
             transfer_id,
+            n: spec.choices() as u32,
         });
         call.set_timeout(self.cfg.prefill_timeout);
         let call = self.cfg.secret.attach(call);
@@ -208,10 +220,10 @@ impl Inner {
                 .map_err(|_| Status::internal("KV listener gone"))?;
             let started = Instant::now();
             let r = receiver.receive_into(&mut staging, &cancel).await;
-            metrics::histogram!(tandem_cluster::metrics::KV_TRANSFER_SECONDS, "direction" => "received")
+            metrics::histogram!(metrics_names::KV_TRANSFER_SECONDS, "direction" => "received")
                 .record(started.elapsed().as_secs_f64());
             r.map_err(|e| {
-                metrics::counter!(tandem_cluster::metrics::KV_TRANSFER_FAILURES, "direction" => "received")
+                metrics::counter!(metrics_names::KV_TRANSFER_FAILURES, "direction" => "received")
                     .increment(1);
                 Status::unavailable(format!("KV transfer failed: {e}"))
             })
@@ -219,14 +231,14 @@ impl Inner {
         let prefill = client.prefill(call);
         // The first failure of either leg ends both: returning drops the
         // other future (which cancels the prefill call or stops receiving).
-        let (summary, first) = {
+        let (summary, reply) = {
             tokio::pin!(receive, prefill);
             let (mut received, mut prefilled) = (None, None);
             while received.is_none() || prefilled.is_none() {
                 tokio::select! {
                     r = &mut receive, if received.is_none() => received = Some(r?),
                     p = &mut prefill, if prefilled.is_none() => match p {
-                        Ok(r) => prefilled = Some(r.into_inner().first),
+                        Ok(r) => prefilled = Some(r.into_inner()),
                         // Whatever broke the prefill leg (the worker died, a
                         // reset stream, a deadline) is worth a retry elsewhere;
                         // only a request the prefill worker calls invalid is not.
@@ -248,16 +260,31 @@ impl Inner {
             }
             (received.expect("received"), prefilled.expect("prefilled"))
         };
-        metrics::counter!(tandem_cluster::metrics::KV_TRANSFER_BYTES, "direction" => "received")
+        metrics::counter!(metrics_names::KV_TRANSFER_BYTES, "direction" => "received")
             .increment(summary.bytes);
-        let first = first.ok_or_else(|| Status::internal("prefill reply without a token"))?;
+        // One first token per choice (`firsts` is only filled for n > 1).
+        let firsts: Vec<_> = if reply.firsts.is_empty() {
+            reply
+                .first
+                .iter()
+                .map(convert::sampled_from_proto)
+                .collect()
+        } else {
+            reply
+                .firsts
+                .iter()
+                .map(convert::sampled_from_proto)
+                .collect()
+        };
+        if firsts.len() != spec.choices() {
+            return Err(Status::internal(format!(
+                "the prefill worker sent {} first tokens for {} choices",
+                firsts.len(),
+                spec.choices()
+            )));
+        }
         self.engine
-            .install(
-                reservation,
-                staging,
-                spec,
-                convert::sampled_from_proto(&first),
-            )
+            .install(reservation, staging, spec, firsts)
             .await
             .map_err(convert::engine_status)
     }
@@ -277,8 +304,7 @@ impl Inner {
         };
         let waiting = self.engine.stats().waiting;
         if waiting >= self.cfg.max_waiting {
-            metrics::counter!(tandem_cluster::metrics::DECODE_REFUSED, "reason" => "queue_full")
-                .increment(1);
+            metrics::counter!(metrics_names::DECODE_REFUSED, "reason" => "queue_full").increment(1);
             let _ = out
                 .send(Err(Status::resource_exhausted(format!(
                     "{waiting} requests are already waiting on this decode worker"
@@ -286,7 +312,7 @@ impl Inner {
                 .await;
             return;
         }
-        let started = Instant::now();
+        let mut timer = RequestTimer::new(Instant::now());
         let spec = match convert::sampling(req.sampling.as_ref()) {
             Ok(params) => RequestSpec {
                 prompt: req.prompt.clone(),
@@ -295,6 +321,7 @@ impl Inner {
                 stop_tokens: req.stop_token_ids.clone(),
                 priority: req.priority,
                 generated: req.generated.clone(),
+                n: req.n.max(1) as usize,
             },
             Err(s) => {
                 let _ = out.send(Err(s)).await;
@@ -307,16 +334,18 @@ impl Inner {
             kind: Some(pb::DecodeEventKind::Admitted(pb::Admitted {
                 transferred_tokens: if remote { spec.prompt.len() as u32 } else { 0 },
             })),
+            index: 0,
         };
         let handle = if remote {
             let _ = out.send(Ok(admitted)).await;
             tokio::select! {
-                r = self.remote_prefill(&req, spec) => r,
+                r = self.remote_prefill(&req, spec, &mut timer) => r,
                 _ = out.closed() => return,
             }
         } else {
             let h = self.engine.submit(spec).map_err(convert::engine_status);
             if h.is_ok() {
+                timer.admitted();
                 let _ = out.send(Ok(admitted)).await;
             }
             h
@@ -325,15 +354,18 @@ impl Inner {
             Ok(h) => h,
             Err(s) => {
                 if remote {
-                    // Admission already went out: report in-band.
-                    let _ = out
-                        .send(Ok(pb::DecodeEvent {
-                            kind: Some(pb::DecodeEventKind::Error(pb::WorkerError {
-                                code: code_name(s.code()).into(),
-                                message: s.message().to_string(),
-                            })),
-                        }))
-                        .await;
+                    // Admission already went out: report in-band, to every choice.
+                    for index in 0..req.n.max(1) {
+                        let _ = out
+                            .send(Ok(pb::DecodeEvent {
+                                kind: Some(pb::DecodeEventKind::Error(pb::WorkerError {
+                                    code: code_name(s.code()).into(),
+                                    message: s.message().to_string(),
+                                })),
+                                index,
+                            }))
+                            .await;
+                    }
                 } else {
                     let _ = out.send(Err(s)).await;
                 }
@@ -346,26 +378,56 @@ impl Inner {
                 m.insert(req.request_id.clone(), handle.id);
             }
         }
-        let mut first = true;
+        // Every choice's events on the one stream, tagged with its index; the
+        // stream ends when every choice has ended (or was cancelled alone).
+        // The request's timings follow choice 0.
+        let mut choices = tokio_stream::StreamMap::new();
+        let receivers = std::iter::once(handle.events).chain(std::mem::take(&mut handle.more));
+        for (i, rx) in receivers.enumerate() {
+            choices.insert(i as u32, UnboundedReceiverStream::new(rx));
+        }
         loop {
             let ev = tokio::select! {
-                e = handle.events.recv() => e,
+                e = choices.next() => e,
                 _ = out.closed() => break,
             };
-            let Some(ev) = ev else { break };
-            if first {
-                metrics::histogram!(tandem_cluster::metrics::DECODE_TTFT, "prefill" => if remote { "remote" } else { "local" })
-                    .record(started.elapsed().as_secs_f64());
-                first = false;
+            let Some((index, ev)) = ev else { break };
+            if index == 0 {
+                record_event(&mut timer, &ev, remote);
             }
             let last = !matches!(ev, tandem_engine::scheduler::Event::Token(_));
-            if out.send(Ok(convert::event_to_proto(ev))).await.is_err() || last {
+            if last {
+                choices.remove(&index);
+            }
+            let mut msg = convert::event_to_proto(ev);
+            msg.index = index;
+            if out.send(Ok(msg)).await.is_err() || choices.is_empty() {
                 break;
             }
         }
         if let Ok(mut m) = self.by_request.lock() {
             m.remove(&req.request_id);
         }
+    }
+}
+
+/// Feeds one engine event to the request's timer: time to first token (by
+/// where the prompt was prefilled), inter-token latency, phases, duration.
+fn record_event(timer: &mut RequestTimer, ev: &tandem_engine::scheduler::Event, remote: bool) {
+    use tandem_engine::scheduler::Event;
+    match ev {
+        Event::Token(_) => {
+            if let Some(ttft) = timer.token() {
+                metrics::histogram!(metrics_names::TTFT, "prefill" => if remote { "remote" } else { "local" })
+                    .record(ttft.as_secs_f64());
+            }
+        }
+        Event::Finished { .. } => {
+            if let Some(total) = timer.finished() {
+                metrics::histogram!(metrics_names::REQUEST_DURATION).record(total.as_secs_f64());
+            }
+        }
+        Event::Error(_) => {}
     }
 }
 
@@ -443,7 +505,10 @@ impl pb::Worker for DecodeService {
         &self,
         req: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::CancelResponse>, Status> {
-        let id = req.into_inner().request_id;
+        let pb::CancelRequest {
+            request_id: id,
+            index,
+        } = req.into_inner();
         let found = self
             .inner
             .by_request
@@ -451,7 +516,10 @@ impl pb::Worker for DecodeService {
             .ok()
             .and_then(|m| m.get(&id).copied());
         if let Some(e) = found {
-            self.inner.engine.cancel(e);
+            match index {
+                Some(i) => self.inner.engine.cancel_choice(e, i as usize),
+                None => self.inner.engine.cancel(e),
+            }
         }
         Ok(Response::new(pb::CancelResponse {
             found: found.is_some(),

@@ -13,6 +13,10 @@
 //! layer through a [`KvExport`]); a decode worker [`Engine::reserve`]s
 //! blocks, receives the KV into a [`KvStaging`] off the engine thread, and
 //! [`Engine::install`]s it, which joins the request into the running batch.
+//!
+//! Parallel sampling: a [`RequestSpec`] with `n > 1` runs its prompt once
+//! and forks into `n` choices sharing the prompt's KV blocks (see
+//! `scheduler`); each choice has its own event stream.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +30,9 @@ use crate::error::{EngineError, Result};
 use crate::executor::Executor;
 use crate::kv::{KvLayout, KvPool, KvStaging, SeqKv};
 use crate::sampler::{Sampled, SamplingParams};
-use crate::scheduler::{Event, KvExport, Request, Scheduler, SchedulerConfig, SchedulerStats};
+use crate::scheduler::{
+    Event, EventSink, KvExport, Request, Scheduler, SchedulerConfig, SchedulerStats, MAX_CHOICES,
+};
 
 /// How to size and run the engine.
 #[derive(Debug, Clone)]
@@ -58,11 +64,48 @@ pub struct RequestSpec {
     pub priority: i32,
     /// Tokens already generated elsewhere (see `Request::generated`).
     pub generated: Vec<u32>,
+    /// Choices (parallel samples of the prompt); 0 means 1. Choice `i`
+    /// samples with key `params.request_key + i`, exactly as a separate
+    /// request with that key would.
+    pub n: usize,
+}
+
+impl RequestSpec {
+    /// The number of choices (`n`, where 0 means 1).
+    pub fn choices(&self) -> usize {
+        self.n.max(1)
+    }
+}
+
+/// One event stream per choice, and the handle's streams.
+fn choice_channels(
+    n: usize,
+) -> (
+    Vec<UnboundedSender<Event>>,
+    UnboundedReceiver<Event>,
+    Vec<UnboundedReceiver<Event>>,
+) {
+    let (txs, mut rxs): (Vec<_>, Vec<_>) = (0..n).map(|_| unbounded_channel()).unzip();
+    let first = rxs.remove(0);
+    (txs, first, rxs)
+}
+
+fn sinks(txs: &[UnboundedSender<Event>]) -> Vec<Box<dyn EventSink>> {
+    txs.iter()
+        .map(|t| Box::new(t.clone()) as Box<dyn EventSink>)
+        .collect()
+}
+
+/// Tells every choice why its request was refused.
+fn refuse(txs: &[UnboundedSender<Event>], e: &EngineError) {
+    for t in txs {
+        let _ = t.send(Event::Error(e.to_string()));
+    }
 }
 
 enum Command {
-    Submit(Request, UnboundedSender<Event>),
-    SubmitExport(Request, UnboundedSender<Event>, Box<dyn KvExport>),
+    Submit(Request, Vec<UnboundedSender<Event>>),
+    SubmitExport(Request, Vec<UnboundedSender<Event>>, Box<dyn KvExport>),
     /// Reserve blocks for `tokens` prompt tokens under reservation `id`.
     Reserve {
         id: u64,
@@ -75,20 +118,25 @@ enum Command {
         reservation: u64,
         staging: KvStaging,
         req: Request,
-        first: Sampled,
-        sink: UnboundedSender<Event>,
+        firsts: Vec<Sampled>,
+        sinks: Vec<UnboundedSender<Event>>,
         reply: tokio::sync::oneshot::Sender<Result<()>>,
     },
     Cancel(u64),
+    CancelChoice(u64, usize),
     CachedPrefix(Vec<u32>, mpsc::Sender<usize>),
     Shutdown,
 }
 
-/// A submitted request: its id (for `cancel`) and its event stream.
+/// A submitted request: its id (for `cancel`) and its event streams.
+/// Dropping a choice's stream cancels that choice (at its next event).
 #[derive(Debug)]
 pub struct RequestHandle {
     pub id: u64,
+    /// Choice 0's events (the only choice unless the request asked for more).
     pub events: UnboundedReceiver<Event>,
+    /// Events of choices 1..n, in order (empty for one choice).
+    pub more: Vec<UnboundedReceiver<Event>>,
 }
 
 /// Blocks reserved for a prompt whose KV will arrive from elsewhere.
@@ -149,8 +197,8 @@ fn install(
     mut kv: SeqKv,
     staging: &KvStaging,
     req: Request,
-    first: Sampled,
-    sink: UnboundedSender<Event>,
+    firsts: Vec<Sampled>,
+    sinks: Vec<Box<dyn EventSink>>,
 ) -> Result<()> {
     let layout = *sched.pool().layout();
     let tokens = staging.tokens();
@@ -182,7 +230,7 @@ fn install(
         }
     }
     kv.len = tokens;
-    sched.add_prefilled(req, kv, first, Box::new(sink))
+    sched.add_prefilled_parallel(req, kv, firsts, sinks)
 }
 
 impl Engine {
@@ -222,16 +270,15 @@ impl Engine {
                             },
                         };
                         match cmd {
-                            Command::Submit(req, sink) => {
-                                if let Err(e) = sched.add(req, Box::new(sink.clone())) {
-                                    let _ = sink.send(Event::Error(e.to_string()));
+                            Command::Submit(req, txs) => {
+                                if let Err(e) = sched.add_parallel(req, sinks(&txs), None) {
+                                    refuse(&txs, &e);
                                 }
                             }
-                            Command::SubmitExport(req, sink, export) => {
-                                if let Err(e) =
-                                    sched.add_with_export(req, Box::new(sink.clone()), export)
+                            Command::SubmitExport(req, txs, export) => {
+                                if let Err(e) = sched.add_parallel(req, sinks(&txs), Some(export))
                                 {
-                                    let _ = sink.send(Event::Error(e.to_string()));
+                                    refuse(&txs, &e);
                                 }
                             }
                             Command::Reserve { id, tokens, reply } => {
@@ -255,13 +302,13 @@ impl Engine {
                                 reservation,
                                 staging,
                                 req,
-                                first,
-                                sink,
+                                firsts,
+                                sinks: txs,
                                 reply,
                             } => {
                                 let r = match reserved.remove(&reservation) {
                                     Some(kv) => {
-                                        install(&mut sched, kv, &staging, req, first, sink)
+                                        install(&mut sched, kv, &staging, req, firsts, sinks(&txs))
                                     }
                                     None => Err(EngineError::Unsupported(format!(
                                         "no reservation {reservation}"
@@ -271,6 +318,9 @@ impl Engine {
                             }
                             Command::Cancel(id) => {
                                 sched.cancel(id);
+                            }
+                            Command::CancelChoice(id, choice) => {
+                                sched.cancel_choice(id, choice);
                             }
                             Command::CachedPrefix(tokens, reply) => {
                                 let _ = reply.send(sched.cached_prefix_len(&tokens));
@@ -308,6 +358,17 @@ impl Engine {
 
     /// A validated request with a fresh id.
     fn request(&self, spec: RequestSpec) -> Result<Request> {
+        let n = spec.choices();
+        if n > MAX_CHOICES {
+            return Err(EngineError::Unsupported(format!(
+                "a request may ask for 1 to {MAX_CHOICES} choices, got {n}"
+            )));
+        }
+        if n > 1 && !spec.generated.is_empty() {
+            return Err(EngineError::Unsupported(
+                "a resumed request has one choice".into(),
+            ));
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let req = Request {
             id,
@@ -322,15 +383,15 @@ impl Engine {
         Ok(req)
     }
 
-    /// Validates and queues a request.
+    /// Validates and queues a request (`spec.n` choices).
     pub fn submit(&self, spec: RequestSpec) -> Result<RequestHandle> {
+        let (txs, events, more) = choice_channels(spec.choices());
         let req = self.request(spec)?;
         let id = req.id;
-        let (etx, erx) = unbounded_channel();
-        if self.tx.send(Command::Submit(req, etx)).is_err() {
+        if self.tx.send(Command::Submit(req, txs)).is_err() {
             return Err(shut_down());
         }
-        Ok(RequestHandle { id, events: erx })
+        Ok(RequestHandle { id, events, more })
     }
 
     /// [`Engine::submit`], streaming the prompt's KV to `export` layer by
@@ -341,17 +402,17 @@ impl Engine {
         spec: RequestSpec,
         export: Box<dyn KvExport>,
     ) -> Result<RequestHandle> {
+        let (txs, events, more) = choice_channels(spec.choices());
         let req = self.request(spec)?;
         let id = req.id;
-        let (etx, erx) = unbounded_channel();
         if self
             .tx
-            .send(Command::SubmitExport(req, etx, export))
+            .send(Command::SubmitExport(req, txs, export))
             .is_err()
         {
             return Err(shut_down());
         }
-        Ok(RequestHandle { id, events: erx })
+        Ok(RequestHandle { id, events, more })
     }
 
     /// Reserves blocks for `tokens` prompt tokens whose KV will arrive from
@@ -396,8 +457,9 @@ impl Engine {
 
     /// Copies `staging` into the reserved blocks and joins the request into
     /// the running batch as if it had been prefilled here
-    /// (`Scheduler::add_prefilled`); `first` is the token the prefill worker
-    /// sampled, and is the first event of the returned stream.
+    /// (`Scheduler::add_prefilled_parallel`); `firsts` are the tokens the
+    /// prefill worker sampled, one per choice (`spec.n` of them), each the
+    /// first event of its choice's stream.
     /// `spec.prompt.len()`, `reservation.tokens()` and `staging.tokens()`
     /// must be equal and the staging layout must be this engine's
     /// ([`Engine::kv_layout`]); otherwise, or if the request is invalid, an
@@ -407,9 +469,16 @@ impl Engine {
         mut reservation: Reservation,
         staging: KvStaging,
         spec: RequestSpec,
-        first: Sampled,
+        firsts: Vec<Sampled>,
     ) -> Result<RequestHandle> {
         let tokens = reservation.tokens;
+        if firsts.len() != spec.choices() {
+            return Err(EngineError::Unsupported(format!(
+                "install: {} first tokens for {} choices",
+                firsts.len(),
+                spec.choices()
+            )));
+        }
         if spec.prompt.len() != tokens || staging.tokens() != tokens {
             return Err(EngineError::Unsupported(format!(
                 "install: reservation for {tokens} tokens, staged KV for {}, prompt of {}",
@@ -425,24 +494,24 @@ impl Engine {
             )));
         }
         // Errors above drop `reservation`, which releases the blocks.
+        let (txs, events, more) = choice_channels(spec.choices());
         let req = self.request(spec)?;
         let id = req.id;
-        let (etx, erx) = unbounded_channel();
         let (reply, answer) = tokio::sync::oneshot::channel();
         let tx = reservation.tx.take().ok_or_else(shut_down)?;
         let cmd = Command::Install {
             reservation: reservation.id,
             staging,
             req,
-            first,
-            sink: etx,
+            firsts,
+            sinks: txs,
             reply,
         };
         if tx.send(cmd).is_err() {
             return Err(shut_down());
         }
         match answer.await {
-            Ok(Ok(())) => Ok(RequestHandle { id, events: erx }),
+            Ok(Ok(())) => Ok(RequestHandle { id, events, more }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(shut_down()),
         }
@@ -463,9 +532,15 @@ impl Engine {
         self.total_blocks
     }
 
-    /// Cancels a request; its KV blocks are freed on the engine thread.
+    /// Cancels a request (all its choices); its KV blocks are freed on the
+    /// engine thread.
     pub fn cancel(&self, id: u64) {
         let _ = self.tx.send(Command::Cancel(id));
+    }
+
+    /// Cancels one choice of a request; the others carry on.
+    pub fn cancel_choice(&self, id: u64, choice: usize) {
+        let _ = self.tx.send(Command::CancelChoice(id, choice));
     }
 
     /// Leading tokens of `tokens` held by the prefix cache.

@@ -1,6 +1,7 @@
 //! How the model runs: CPU kernels, the transformer forward pass, the KV
 //! cache and the sampler. Token ids in, token ids (and logits) out.
 
+pub mod comm;
 pub mod cpu;
 pub mod engine;
 pub mod error;

@@ -11,7 +11,7 @@ use tandem_model::config::{ModelConfig, RopeScaling, RopeStyle};
 use tandem_model::quant::GgmlType;
 use tandem_model::weights::{ModelSource, TensorRef};
 
-use crate::cpu::{matmul, PackedMatrix, ThreadPool};
+use crate::cpu::{matmul, ExpandWeights, PackedMatrix, ThreadPool};
 use crate::error::{EngineError, Result};
 use crate::kv::{KvDtype, KvLayout, KvPool, SeqKv};
 use crate::ops;
@@ -72,6 +72,10 @@ impl Proj {
 
     fn nbytes(&self) -> usize {
         self.parts.iter().map(|p| p.nbytes()).sum()
+    }
+
+    fn matrices_mut(&mut self) -> impl Iterator<Item = &mut PackedMatrix> {
+        self.parts.iter_mut()
     }
 }
 
@@ -223,8 +227,73 @@ fn f32_vector(t: TensorRef<'_>, name: &str) -> Result<Vec<f32>> {
 }
 
 impl Model {
-    /// Packs every weight for the CPU kernels and starts a pool of `threads`.
+    /// Packs every weight for the CPU kernels and starts a pool of `threads`;
+    /// f32 copies of the weights as [`ExpandWeights::Auto`] decides.
     pub fn load(src: &ModelSource, threads: usize) -> Result<Self> {
+        Self::load_with(src, threads, ExpandWeights::Auto)
+    }
+
+    /// [`Model::load`] with an explicit policy for the f32 weight copies
+    /// that speed up batched decode (see [`PackedMatrix::expand_f32`]):
+    /// all matrices get one, or none does. Outputs are the same either way.
+    pub fn load_with(src: &ModelSource, threads: usize, expand: ExpandWeights) -> Result<Self> {
+        let mut m = Self::load_packed(src, threads)?;
+        let copy_bytes: usize = m.matrices_mut().map(|w| w.expanded_nbytes()).sum();
+        if expand.decide(copy_bytes) {
+            for w in m.matrices_mut() {
+                w.expand_f32();
+            }
+        }
+        tracing::info!(
+            "f32 weight copies ({:.0} MB): {} (expand-weights {expand})",
+            copy_bytes as f64 / 1e6,
+            if m.f32_copy_bytes() > 0 {
+                "made"
+            } else {
+                "not made"
+            }
+        );
+        Ok(m)
+    }
+
+    /// The matrices the forward pass multiplies by (layers, then the LM head).
+    fn matrices_mut(&mut self) -> impl Iterator<Item = &mut PackedMatrix> {
+        let head = match &mut self.lm_head {
+            Some(h) => h,
+            None => &mut self.embd,
+        };
+        self.layers
+            .iter_mut()
+            .flat_map(|l| {
+                l.qkv
+                    .matrices_mut()
+                    .chain(l.wo.matrices_mut())
+                    .chain(l.gate_up.matrices_mut())
+                    .chain(l.down.matrices_mut())
+            })
+            .chain(std::iter::once(head))
+    }
+
+    /// Bytes held by f32 weight copies (0 when none were made).
+    pub fn f32_copy_bytes(&self) -> usize {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embd);
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                l.qkv
+                    .parts
+                    .iter()
+                    .chain(&l.wo.parts)
+                    .chain(&l.gate_up.parts)
+                    .chain(&l.down.parts)
+            })
+            .chain(std::iter::once(head))
+            .filter(|w| w.has_f32_copy())
+            .map(|w| w.expanded_nbytes())
+            .sum()
+    }
+
+    fn load_packed(src: &ModelSource, threads: usize) -> Result<Self> {
         let cfg = src.config.clone();
         let (h, qd, kvd, ffn) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.ffn);
         let embd =

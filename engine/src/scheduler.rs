@@ -11,6 +11,20 @@
 //! lost, and because sampling is counter-based and kernels are
 //! batch-invariant, a preempted request produces the same tokens.
 //!
+//! Parallel sampling (`n > 1` choices of one prompt) shares the prompt's
+//! KV: the request runs as one sequence until its prompt is computed, then
+//! forks into `n` sequences whose block tables point at the same blocks
+//! (each holder counted in the pool's refcounts). Full blocks stay shared
+//! for the sequences' lifetime; the partial last block is copied on write,
+//! lazily: the first choice to append into it while it is shared gets a
+//! private copy (`KvPool::reserve`), and the last holder writes in place.
+//! Choice `i` samples with request key `request_key + i` (wrapping), the
+//! key a separate request for that choice would carry, and its first token
+//! comes from the same prompt logits, so choice `i` produces exactly the
+//! tokens of that separate request. After the fork each choice is an
+//! ordinary sequence: it is preempted, recomputed, cancelled and finished on
+//! its own.
+//!
 //! The scheduler is synchronous and owns its state; `engine` runs it on a
 //! dedicated thread behind channels.
 
@@ -23,6 +37,9 @@ use crate::kv::{KvPool, SeqKv};
 use crate::model::{LayerKv, Logits, SeqStep};
 use crate::prefix_cache::{PrefixCache, PrefixStats};
 use crate::sampler::{sample, Sampled, SamplingParams};
+
+/// Most choices (parallel samples) one request may ask for.
+pub const MAX_CHOICES: usize = 64;
 
 /// Tunables of the scheduler.
 #[derive(Debug, Clone)]
@@ -123,6 +140,14 @@ pub trait KvExport: Send {
 }
 
 struct Seq {
+    /// Unique per sequence (the choices of one request share `req.id`).
+    uid: u64,
+    /// Which choice of its request this sequence is (0 unless forked).
+    choice: usize,
+    /// Choices still to be forked from this sequence once its prompt is
+    /// computed, with their index and event sink (empty for `n = 1`, and
+    /// after the fork).
+    fork: Vec<(usize, Box<dyn EventSink>)>,
     req: Request,
     /// Prompt followed by the tokens generated so far.
     tokens: Vec<u32>,
@@ -239,7 +264,7 @@ impl Scheduler {
     /// Queues a request. Errors (bad parameters, cannot fit) are returned,
     /// not sent on the sink.
     pub fn add(&mut self, req: Request, sink: Box<dyn EventSink>) -> Result<()> {
-        self.add_inner(req, sink, None)
+        self.add_parallel(req, vec![sink], None)
     }
 
     /// [`Scheduler::add`], exporting the prompt's KV to `export` as it is
@@ -250,17 +275,22 @@ impl Scheduler {
         sink: Box<dyn EventSink>,
         export: Box<dyn KvExport>,
     ) -> Result<()> {
-        self.add_inner(req, sink, Some(export))
+        self.add_parallel(req, vec![sink], Some(export))
     }
 
-    fn add_inner(
+    /// Queues a request with one choice per sink (parallel sampling): the
+    /// prompt is computed once and shared (see the module docs); choice `i`
+    /// reports on `sinks[i]` and samples with request key
+    /// `req.params.request_key + i`. One sink is [`Scheduler::add`].
+    pub fn add_parallel(
         &mut self,
         req: Request,
-        sink: Box<dyn EventSink>,
+        sinks: Vec<Box<dyn EventSink>>,
         export: Option<Box<dyn KvExport>>,
     ) -> Result<()> {
         let pool_tokens = self.pool.n_blocks() * self.pool.layout().block_size;
         let limit = Self::validate(&req, self.context_length, pool_tokens)?;
+        Self::validate_choices(&req, sinks.len())?;
         self.clock += 1;
         if export.is_some() && !req.generated.is_empty() {
             return Err(EngineError::Unsupported(
@@ -276,7 +306,12 @@ impl Scheduler {
                 context: limit,
             });
         }
+        let mut sinks = sinks.into_iter();
+        let sink = sinks.next().expect("validated: at least one choice");
         let seq = Seq {
+            uid: self.clock,
+            choice: 0,
+            fork: sinks.enumerate().map(|(i, s)| (i + 1, s)).collect(),
             tokens,
             n_prompt: req.prompt.len(),
             limit,
@@ -291,6 +326,23 @@ impl Scheduler {
             export_cached: 0,
         };
         self.enqueue(seq);
+        Ok(())
+    }
+
+    /// The number of choices must be in `1..=MAX_CHOICES`, and a resumed
+    /// stream (tokens already generated) is one choice: its siblings, if it
+    /// had any, resume as requests of their own.
+    fn validate_choices(req: &Request, n: usize) -> Result<()> {
+        if n == 0 || n > MAX_CHOICES {
+            return Err(EngineError::Unsupported(format!(
+                "a request may ask for 1 to {MAX_CHOICES} choices, got {n}"
+            )));
+        }
+        if n > 1 && !req.generated.is_empty() {
+            return Err(EngineError::Unsupported(
+                "a resumed request has one choice".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -329,17 +381,38 @@ impl Scheduler {
     pub fn add_prefilled(
         &mut self,
         req: Request,
-        mut kv: SeqKv,
+        kv: SeqKv,
         first: Sampled,
-        mut sink: Box<dyn EventSink>,
+        sink: Box<dyn EventSink>,
+    ) -> Result<()> {
+        self.add_prefilled_parallel(req, kv, vec![first], vec![sink])
+    }
+
+    /// [`Scheduler::add_prefilled`] for parallel sampling: `firsts[i]` is
+    /// choice `i`'s first token (sampled from the prompt's last logits with
+    /// key `request_key + i`) and `sinks[i]` its stream. The choices share
+    /// `kv` (forked, copy-on-write of the partial last block).
+    pub fn add_prefilled_parallel(
+        &mut self,
+        req: Request,
+        mut kv: SeqKv,
+        firsts: Vec<Sampled>,
+        sinks: Vec<Box<dyn EventSink>>,
     ) -> Result<()> {
         let pool_tokens = self.pool.n_blocks() * self.pool.layout().block_size;
-        let checked = if req.generated.is_empty() {
-            Self::validate(&req, self.context_length, pool_tokens)
-        } else {
+        let checked = if !req.generated.is_empty() {
             Err(EngineError::Unsupported(
                 "a resumed request is prefilled where it resumes".into(),
             ))
+        } else if firsts.len() != sinks.len() {
+            Err(EngineError::Unsupported(format!(
+                "{} first tokens for {} choices",
+                firsts.len(),
+                sinks.len()
+            )))
+        } else {
+            Self::validate(&req, self.context_length, pool_tokens)
+                .and_then(|l| Self::validate_choices(&req, sinks.len()).map(|()| l))
         };
         let limit = match checked {
             Ok(l) => l,
@@ -357,49 +430,63 @@ impl Scheduler {
             )));
         }
         self.clock += 1;
+        let arrival = self.clock;
         let n_prompt = req.prompt.len();
-        let mut tokens = req.prompt.clone();
-        let stop = req.stop_tokens.contains(&first.token);
-        if !stop {
-            tokens.push(first.token);
-            self.stats.generated_tokens += 1;
-        }
-        let finished = if stop {
-            Some(FinishReason::Stop)
-        } else if tokens.len() >= limit {
-            Some(FinishReason::Length)
-        } else {
-            None
-        };
-        let listening = stop || sink.send(Event::Token(first));
-        if let Some(reason) = finished.or(if listening {
-            None
-        } else {
-            Some(FinishReason::Stop)
-        }) {
-            self.pool.free_seq(&mut kv);
-            sink.send(Event::Finished {
-                reason,
-                prompt_tokens: n_prompt,
-                completion_tokens: tokens.len() - n_prompt,
-                cached_tokens: 0,
+        let key_base = req.params.request_key;
+        for (choice, (first, mut sink)) in firsts.into_iter().zip(sinks).enumerate() {
+            let mut tokens = req.prompt.clone();
+            let stop = req.stop_tokens.contains(&first.token);
+            if !stop {
+                tokens.push(first.token);
+                self.stats.generated_tokens += 1;
+            }
+            let finished = if stop {
+                Some(FinishReason::Stop)
+            } else if tokens.len() >= limit {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            let listening = stop || sink.send(Event::Token(first));
+            let reason = finished.or(if listening {
+                None
+            } else {
+                Some(FinishReason::Stop)
             });
-            return Ok(());
+            if let Some(reason) = reason {
+                sink.send(Event::Finished {
+                    reason,
+                    prompt_tokens: n_prompt,
+                    completion_tokens: tokens.len() - n_prompt,
+                    cached_tokens: 0,
+                });
+                continue;
+            }
+            let mut creq = req.clone();
+            creq.params.request_key = key_base.wrapping_add(choice as u64);
+            self.clock += 1;
+            // Each running choice holds its own reference to every block.
+            let ckv = self.pool.fork(&kv);
+            self.running.push(Seq {
+                uid: self.clock,
+                choice,
+                fork: Vec::new(),
+                tokens,
+                n_prompt,
+                limit,
+                req: creq,
+                kv: ckv,
+                cached_tokens: 0,
+                admitted_at: self.clock,
+                arrival,
+                sink,
+                prompt_cached: false,
+                export: None,
+                export_cached: 0,
+            });
         }
-        self.running.push(Seq {
-            tokens,
-            n_prompt,
-            limit,
-            req,
-            kv,
-            cached_tokens: 0,
-            admitted_at: self.clock,
-            arrival: self.clock,
-            sink,
-            prompt_cached: false,
-            export: None,
-            export_cached: 0,
-        });
+        // The reservation's own references (the choices hold theirs).
+        self.pool.free_seq(&mut kv);
         Ok(())
     }
 
@@ -414,19 +501,64 @@ impl Scheduler {
         self.waiting.insert(at, seq);
     }
 
-    /// Cancels a request wherever it is; its blocks are freed at once.
+    /// Cancels a request (every choice of it) wherever it is; its blocks
+    /// are freed at once.
     pub fn cancel(&mut self, id: u64) -> bool {
-        if let Some(i) = self.waiting.iter().position(|s| s.req.id == id) {
+        let mut found = false;
+        while let Some(i) = self.waiting.iter().position(|s| s.req.id == id) {
             let mut s = self.waiting.remove(i).expect("index");
             self.pool.free_seq(&mut s.kv);
-            return true;
+            found = true;
         }
-        if let Some(i) = self.running.iter().position(|s| s.req.id == id) {
+        while let Some(i) = self.running.iter().position(|s| s.req.id == id) {
             let mut s = self.running.remove(i);
             self.pool.free_seq(&mut s.kv);
-            return true;
+            found = true;
         }
-        false
+        found
+    }
+
+    /// Cancels one choice of a request (its client stopped reading it, e.g.
+    /// at a stop string); the other choices carry on. A choice not yet
+    /// forked is dropped from its parent's fork list; a parent cancelled
+    /// before its fork hands its place to the next pending choice (nothing
+    /// has been sampled yet, so it can become that choice outright).
+    pub fn cancel_choice(&mut self, id: u64, choice: usize) -> bool {
+        let all = self.waiting.iter_mut().chain(self.running.iter_mut());
+        let mut remove = None;
+        for s in all {
+            if s.req.id != id {
+                continue;
+            }
+            if let Some(p) = s.fork.iter().position(|(c, _)| *c == choice) {
+                s.fork.remove(p);
+                return true;
+            }
+            if s.choice == choice {
+                if s.fork.is_empty() {
+                    remove = Some(s.uid);
+                } else {
+                    let (next, sink) = s.fork.remove(0);
+                    let base = s.req.params.request_key.wrapping_sub(s.choice as u64);
+                    s.req.params.request_key = base.wrapping_add(next as u64);
+                    s.choice = next;
+                    s.sink = sink;
+                    return true;
+                }
+                break;
+            }
+        }
+        let Some(uid) = remove else {
+            return false;
+        };
+        if let Some(i) = self.waiting.iter().position(|s| s.uid == uid) {
+            let mut s = self.waiting.remove(i).expect("index");
+            self.pool.free_seq(&mut s.kv);
+        } else if let Some(i) = self.running.iter().position(|s| s.uid == uid) {
+            let mut s = self.running.remove(i);
+            self.pool.free_seq(&mut s.kv);
+        }
+        true
     }
 
     pub fn has_work(&self) -> bool {
@@ -462,6 +594,9 @@ impl Scheduler {
         for mut s in all {
             self.pool.free_seq(&mut s.kv);
             s.sink.send(Event::Error(msg.to_string()));
+            for (_, mut sink) in s.fork.drain(..) {
+                sink.send(Event::Error(msg.to_string()));
+            }
         }
     }
 
@@ -532,7 +667,7 @@ impl Scheduler {
         if self.running.is_empty() {
             return Ok(false);
         }
-        // Plan by request id (indices move when someone is preempted).
+        // Plan by sequence uid (indices move when someone is preempted).
         let mut budget = self.cfg.max_step_tokens;
         let mut plan_ids: Vec<(u64, usize)> = Vec::new();
         let by_age = |running: &[Seq], decode: bool| -> Vec<u64> {
@@ -541,7 +676,7 @@ impl Scheduler {
                 .filter(|s| (s.pending() == 1) == decode)
                 .collect();
             v.sort_by_key(|s| s.admitted_at);
-            v.iter().map(|s| s.req.id).collect()
+            v.iter().map(|s| s.uid).collect()
         };
         // 1. Decodes, oldest first: each needs one slot; preempt the youngest
         //    (possibly itself) when the pool is dry.
@@ -550,7 +685,7 @@ impl Scheduler {
                 break;
             }
             loop {
-                let Some(idx) = self.running.iter().position(|s| s.req.id == id) else {
+                let Some(idx) = self.running.iter().position(|s| s.uid == id) else {
                     break;
                 };
                 let need = self.blocks_needed(&self.running[idx], 1);
@@ -577,7 +712,7 @@ impl Scheduler {
             let idx = self
                 .running
                 .iter()
-                .position(|s| s.req.id == id)
+                .position(|s| s.uid == id)
                 .expect("running");
             let mut take = self.running[idx].pending().min(budget);
             while take > 0 {
@@ -603,7 +738,7 @@ impl Scheduler {
                 (
                     self.running
                         .iter()
-                        .position(|s| s.req.id == id)
+                        .position(|s| s.uid == id)
                         .expect("planned"),
                     t,
                 )
@@ -680,6 +815,7 @@ impl Scheduler {
 
         // Sample, emit, retire.
         let mut finished = Vec::new();
+        let mut forked: Vec<Seq> = Vec::new();
         for (k, &(idx, take)) in plan.iter().enumerate() {
             let s = &mut self.running[idx];
             if s.kv.len <= s.n_prompt {
@@ -697,26 +833,18 @@ impl Scheduler {
                     .insert(&mut self.pool, &s.tokens[..s.n_prompt], &s.kv.blocks);
                 s.prompt_cached = true;
             }
-            let sampled = sample(
-                &s.req.params,
-                &logits[k],
-                &s.tokens,
-                s.n_prompt,
-                s.generated() as u64,
-            );
-            let tok = sampled.token;
-            if s.req.stop_tokens.contains(&tok) {
-                finished.push((idx, Some(FinishReason::Stop)));
-                continue;
+            // Parallel sampling: the other choices branch off here, sharing
+            // the prompt's blocks, and sample their first token from the
+            // same logits with their own key.
+            for mut c in self.fork_choices(idx) {
+                match sample_next(&mut c, &logits[k], &mut self.stats) {
+                    Some(reason) => self.retire(c, reason),
+                    None => forked.push(c),
+                }
             }
-            s.tokens.push(tok);
-            self.stats.generated_tokens += 1;
-            if !s.sink.send(Event::Token(sampled)) {
-                finished.push((idx, Some(FinishReason::Stop)));
-                continue;
-            }
-            if s.tokens.len() >= s.limit {
-                finished.push((idx, Some(FinishReason::Length)));
+            let s = &mut self.running[idx];
+            if let Some(reason) = sample_next(s, &logits[k], &mut self.stats) {
+                finished.push((idx, Some(reason)));
             }
         }
         finished.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
@@ -727,22 +855,65 @@ impl Scheduler {
                 self.pool.free_seq(&mut s.kv);
                 continue;
             };
-            if self.cfg.prefix_cache {
-                let computed = s.kv.len;
-                self.cache
-                    .insert(&mut self.pool, &s.tokens[..computed], &s.kv.blocks);
-            }
-            self.pool.free_seq(&mut s.kv);
-            let done = Event::Finished {
-                reason,
-                prompt_tokens: s.n_prompt,
-                completion_tokens: s.generated(),
-                cached_tokens: s.cached_tokens,
-            };
-            s.sink.send(done);
-            // `s` (and its exporter) drops here, after `Finished`.
+            self.retire(s, reason);
         }
+        self.running.extend(forked);
         Ok(true)
+    }
+
+    /// Ends a sequence that left the running batch: its computed blocks go
+    /// to the prefix cache, its references back to the pool, and its
+    /// `Finished` event out (its exporter, if any, drops after that).
+    fn retire(&mut self, mut s: Seq, reason: FinishReason) {
+        if self.cfg.prefix_cache {
+            let computed = s.kv.len;
+            self.cache
+                .insert(&mut self.pool, &s.tokens[..computed], &s.kv.blocks);
+        }
+        self.pool.free_seq(&mut s.kv);
+        let done = Event::Finished {
+            reason,
+            prompt_tokens: s.n_prompt,
+            completion_tokens: s.generated(),
+            cached_tokens: s.cached_tokens,
+        };
+        s.sink.send(done);
+        // `s` (and its exporter) drops here, after `Finished`.
+    }
+
+    /// Forks the pending choices of running sequence `idx` (whose prompt
+    /// has just been computed): each gets a block table sharing every block
+    /// (one more reference each), a copy of the tokens, and its own key.
+    fn fork_choices(&mut self, idx: usize) -> Vec<Seq> {
+        let pending = std::mem::take(&mut self.running[idx].fork);
+        let mut out = Vec::with_capacity(pending.len());
+        for (choice, sink) in pending {
+            self.clock += 1;
+            let kv = self.pool.fork(&self.running[idx].kv);
+            let p = &self.running[idx];
+            let mut req = p.req.clone();
+            let base = p.req.params.request_key.wrapping_sub(p.choice as u64);
+            req.params.request_key = base.wrapping_add(choice as u64);
+            out.push(Seq {
+                uid: self.clock,
+                choice,
+                fork: Vec::new(),
+                req,
+                tokens: p.tokens.clone(),
+                n_prompt: p.n_prompt,
+                limit: p.limit,
+                kv,
+                cached_tokens: p.cached_tokens,
+                admitted_at: self.clock,
+                arrival: p.arrival,
+                sink,
+                prompt_cached: p.prompt_cached,
+                // The prompt's KV is exported once, by the parent.
+                export: None,
+                export_cached: 0,
+            });
+        }
+        out
     }
 
     /// Hands the blocks a sequence got from the prefix cache at admission
@@ -789,7 +960,7 @@ impl Scheduler {
         self.running
             .iter()
             .enumerate()
-            .filter(|(_, s)| !planned.iter().any(|(id, _)| *id == s.req.id))
+            .filter(|(_, s)| !planned.iter().any(|(id, _)| *id == s.uid))
             .min_by_key(|(_, s)| (s.req.priority, std::cmp::Reverse(s.admitted_at)))
             .map(|(i, _)| i)
     }
@@ -807,4 +978,29 @@ impl Scheduler {
         );
         self.enqueue(s);
     }
+}
+
+/// Samples `s`'s next token from `logits` (its last position) and emits
+/// it. Returns why the sequence ends, if it does.
+fn sample_next(s: &mut Seq, logits: &[f32], stats: &mut SchedulerStats) -> Option<FinishReason> {
+    let sampled = sample(
+        &s.req.params,
+        logits,
+        &s.tokens,
+        s.n_prompt,
+        s.generated() as u64,
+    );
+    let tok = sampled.token;
+    if s.req.stop_tokens.contains(&tok) {
+        return Some(FinishReason::Stop);
+    }
+    s.tokens.push(tok);
+    stats.generated_tokens += 1;
+    if !s.sink.send(Event::Token(sampled)) {
+        return Some(FinishReason::Stop);
+    }
+    if s.tokens.len() >= s.limit {
+        return Some(FinishReason::Length);
+    }
+    None
 }

@@ -946,7 +946,7 @@ mod batching {
         ) -> Vec<u32> {
             let r = block_on(dec.reserve(p.len())).unwrap();
             assert_eq!(r.tokens(), p.len());
-            let mut h = block_on(dec.install(r, staging, spec(p, n), first)).unwrap();
+            let mut h = block_on(dec.install(r, staging, spec(p, n), vec![first])).unwrap();
             collect(&mut h).0.iter().map(|s| s.token).collect()
         }
 
@@ -1000,6 +1000,77 @@ mod batching {
             assert_eq!(decode(&dec, &p2, f2, s2, n), plain(&reference, &p2, n));
         }
 
+        /// Every choice's events until `Finished`, choice by choice.
+        fn collect_all(h: RequestHandle) -> Vec<Vec<Sampled>> {
+            let mut out = Vec::new();
+            for mut rx in std::iter::once(h.events).chain(h.more) {
+                let mut got = Vec::new();
+                loop {
+                    match rx.blocking_recv().expect("stream ends with Finished") {
+                        Event::Token(s) => got.push(s),
+                        Event::Finished { .. } => break,
+                        Event::Error(e) => panic!("request failed: {e}"),
+                    }
+                }
+                out.push(got);
+            }
+            out
+        }
+
+        /// Parallel sampling across the disaggregation seam: the prefill
+        /// engine samples every choice's first token from the one prompt
+        /// pass; the decode engine forks the installed KV. Each choice equals
+        /// a plain single-choice request with its key.
+        #[test]
+        fn parallel_choices_prefilled_elsewhere_equal_single_requests() {
+            let pre = engine(512, 64 << 20);
+            let dec = engine(512, 64 << 20);
+            let reference = engine(512, 64 << 20);
+            let n = 3;
+            let params = SamplingParams {
+                temperature: 0.9,
+                seed: 5,
+                request_key: 40,
+                ..Default::default()
+            };
+            let p = prompt(45, 6);
+            let with = |n: usize, key: u64, max: usize| RequestSpec {
+                prompt: p.clone(),
+                params: SamplingParams {
+                    request_key: key,
+                    ..params.clone()
+                },
+                max_tokens: Some(max),
+                n,
+                ..Default::default()
+            };
+            let (exp, rx) = ToStaging::new(&pre, p.len());
+            let h = pre.submit_with_export(with(n, 40, 1), exp).unwrap();
+            let firsts: Vec<Sampled> = collect_all(h)
+                .into_iter()
+                .map(|mut t| {
+                    assert_eq!(t.len(), 1);
+                    t.remove(0)
+                })
+                .collect();
+            let staged = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+            let r = block_on(dec.reserve(p.len())).unwrap();
+            let h = block_on(dec.install(r, staged.staging, with(n, 40, 10), firsts)).unwrap();
+            let got = collect_all(h);
+            for (i, g) in got.iter().enumerate() {
+                let want = collect_all(reference.submit(with(1, 40 + i as u64, 10)).unwrap());
+                let toks = |v: &[Sampled]| v.iter().map(|s| s.token).collect::<Vec<_>>();
+                assert_eq!(toks(g), toks(&want[0]), "choice {i}");
+            }
+            // Local parallel sampling on the engine service agrees too.
+            let local = collect_all(reference.submit(with(n, 40, 10)).unwrap());
+            assert_eq!(local, got);
+            wait_until("decode engine idle with every block free", || {
+                let s = dec.stats();
+                s.running == 0 && s.free_blocks + s.cached_blocks == s.total_blocks
+            });
+        }
+
         #[test]
         fn reservations_are_released_on_drop_and_on_bad_install() {
             let layout = model().kv_layout(16);
@@ -1032,9 +1103,13 @@ mod batching {
                 logprob: 0.0,
                 top: vec![],
             };
-            let e =
-                block_on(dec.install(r, KvStaging::new(layout, 30), spec(&p, 4), first.clone()))
-                    .unwrap_err();
+            let e = block_on(dec.install(
+                r,
+                KvStaging::new(layout, 30),
+                spec(&p, 4),
+                vec![first.clone()],
+            ))
+            .unwrap_err();
             assert!(e.to_string().contains("30"), "{e}");
             wait_until("blocks back after a bad install", || free() == all);
 
@@ -1044,7 +1119,7 @@ mod batching {
                 r,
                 KvStaging::new(layout, 40),
                 spec(&p[..39], 4),
-                first.clone(),
+                vec![first.clone()],
             ))
             .unwrap_err();
             assert!(e.to_string().contains("39"), "{e}");
@@ -1054,8 +1129,253 @@ mod batching {
             let r = block_on(dec.reserve(40)).unwrap();
             let mut bad = spec(&p, 4);
             bad.params.top_p = 2.0;
-            assert!(block_on(dec.install(r, KvStaging::new(layout, 40), bad, first)).is_err());
+            assert!(
+                block_on(dec.install(r, KvStaging::new(layout, 40), bad, vec![first])).is_err()
+            );
             wait_until("blocks back after an invalid request", || free() == all);
+        }
+    }
+
+    /// Parallel sampling (`n` choices of one prompt) on the scheduler: the
+    /// prompt's blocks are shared by fork + copy-on-write, and every choice
+    /// gives exactly the tokens of a separate request with its key.
+    mod parallel {
+        use super::*;
+        use tandem_engine::scheduler::EventSink;
+
+        const N: usize = 4;
+
+        fn params() -> SamplingParams {
+            SamplingParams {
+                temperature: 0.8,
+                top_p: 0.95,
+                presence_penalty: 0.3,
+                seed: 11,
+                request_key: 5,
+                ..Default::default()
+            }
+        }
+
+        /// Choice `i`'s key is the request's plus `i`.
+        fn keyed(params: &SamplingParams, i: usize) -> SamplingParams {
+            SamplingParams {
+                request_key: params.request_key + i as u64,
+                ..params.clone()
+            }
+        }
+
+        fn runs(n: usize) -> (Vec<Box<dyn EventSink>>, Vec<Run>) {
+            (0..n)
+                .map(|_| {
+                    let (tx, rx) = channel();
+                    (
+                        Box::new(tx) as Box<dyn EventSink>,
+                        Run {
+                            rx,
+                            tokens: vec![],
+                            finished: None,
+                        },
+                    )
+                })
+                .unzip()
+        }
+
+        /// Steps until idle; returns the most blocks in use at any step.
+        fn run_to_end(s: &mut Scheduler, runs: &mut [Run]) -> usize {
+            let mut peak = 0;
+            let mut steps = 0;
+            while s.has_work() {
+                s.step(model()).unwrap();
+                peak = peak.max(s.pool().used_blocks());
+                drain(runs);
+                steps += 1;
+                assert!(steps < 20_000, "scheduler made no progress");
+            }
+            drain(runs);
+            peak
+        }
+
+        fn prompt(len: usize) -> Vec<u32> {
+            (0..len as u32).map(|i| 200 + (i * 389) % 15000).collect()
+        }
+
+        #[test]
+        fn forked_choices_equal_separate_requests_and_share_blocks() {
+            let params = params();
+            let max = 16;
+            // A partial last block (copied on write) and a block-aligned prompt.
+            for len in [37, 48] {
+                let p = prompt(len);
+                let mut forked = scheduler(256, 512, false);
+                let (sinks, mut got) = runs(N);
+                forked
+                    .add_parallel(request(1, &p, &params, max), sinks, None)
+                    .unwrap();
+                let forked_peak = run_to_end(&mut forked, &mut got);
+
+                let mut separate = scheduler(256, 512, false);
+                let mut want: Vec<Run> = Vec::new();
+                for i in 0..N {
+                    let (tx, rx) = channel();
+                    separate
+                        .add(
+                            request(10 + i as u64, &p, &keyed(&params, i), max),
+                            Box::new(tx),
+                        )
+                        .unwrap();
+                    want.push(Run {
+                        rx,
+                        tokens: vec![],
+                        finished: None,
+                    });
+                }
+                let separate_peak = run_to_end(&mut separate, &mut want);
+
+                for i in 0..N {
+                    assert_eq!(
+                        got[i].tokens, want[i].tokens,
+                        "choice {i}, {len}-token prompt"
+                    );
+                    assert_eq!(
+                        got[i].tokens,
+                        alone(&p, &keyed(&params, i), max),
+                        "choice {i} against the plain path"
+                    );
+                    assert_eq!(got[i].finished.map(|f| f.0), Some(FinishReason::Length));
+                }
+                let distinct: std::collections::HashSet<&Vec<u32>> =
+                    got.iter().map(|r| &r.tokens).collect();
+                assert!(
+                    distinct.len() > 1,
+                    "the choices should differ: {distinct:?}"
+                );
+                // The last token sampled is never written to the KV.
+                let bs = 16;
+                let full = len / bs;
+                let per_choice = (len + max - 1).div_ceil(bs);
+                assert_eq!(separate_peak, N * per_choice);
+                assert_eq!(
+                    forked_peak,
+                    full + N * (per_choice - full),
+                    "full prompt blocks held once, the rest per choice ({len}-token prompt)"
+                );
+                assert!(forked_peak < separate_peak);
+                assert_eq!(
+                    forked.pool().free_blocks(),
+                    forked.pool().n_blocks(),
+                    "no leak"
+                );
+                assert_eq!(
+                    forked.stats().prompt_tokens_computed,
+                    len as u64,
+                    "prompt computed once"
+                );
+            }
+        }
+
+        #[test]
+        fn one_token_choices_finish_at_the_fork() {
+            let params = params();
+            let p = prompt(21);
+            let mut s = scheduler(64, 512, true);
+            let (sinks, mut got) = runs(N);
+            s.add_parallel(request(1, &p, &params, 1), sinks, None)
+                .unwrap();
+            run_to_end(&mut s, &mut got);
+            for (i, r) in got.iter().enumerate() {
+                assert_eq!(r.tokens, alone(&p, &keyed(&params, i), 1), "choice {i}");
+                assert_eq!(r.finished.map(|f| f.0), Some(FinishReason::Length));
+            }
+            s.clear_prefix_cache();
+            assert_eq!(s.pool().free_blocks(), s.pool().n_blocks());
+        }
+
+        #[test]
+        fn cancelling_choices_keeps_the_others_exact_and_frees_everything() {
+            let params = params();
+            let p = prompt(37);
+            let max = 12;
+
+            // One choice cancelled after the fork, one before it (the
+            // parent, whose place the next pending choice takes).
+            let mut s = scheduler(64, 512, false);
+            let (sinks, mut got) = runs(N);
+            s.add_parallel(request(1, &p, &params, max), sinks, None)
+                .unwrap();
+            assert!(s.cancel_choice(1, 0), "parent cancelled before the fork");
+            s.step(model()).unwrap(); // prompt + fork
+            s.step(model()).unwrap();
+            assert!(s.cancel_choice(1, 2));
+            assert!(!s.cancel_choice(1, 2), "already gone");
+            run_to_end(&mut s, &mut got);
+            for i in [1, 3] {
+                assert_eq!(
+                    got[i].tokens,
+                    alone(&p, &keyed(&params, i), max),
+                    "choice {i}"
+                );
+                assert!(got[i].finished.is_some());
+            }
+            assert!(got[0].tokens.is_empty() && got[0].finished.is_none());
+            assert_eq!(got[2].tokens.len(), 2);
+            assert!(got[2].finished.is_none());
+            assert_eq!(s.pool().free_blocks(), s.pool().n_blocks(), "no leak");
+
+            // The whole request cancelled mid-run, and a dropped stream.
+            let mut s = scheduler(64, 512, false);
+            let (sinks, got) = runs(N);
+            s.add_parallel(request(2, &p, &params, max), sinks, None)
+                .unwrap();
+            let (sinks, mut got2) = runs(N);
+            s.add_parallel(request(3, &p, &params, max), sinks, None)
+                .unwrap();
+            for _ in 0..3 {
+                s.step(model()).unwrap();
+            }
+            assert!(s.pool().used_blocks() > 0);
+            assert!(s.cancel(2));
+            assert_eq!(s.stats().running, N, "request 3's choices still run");
+            let dropped = got2.remove(1);
+            drop(dropped);
+            run_to_end(&mut s, &mut got2);
+            assert_eq!(s.pool().free_blocks(), s.pool().n_blocks(), "no leak");
+            drop(got);
+        }
+
+        #[test]
+        fn preempted_choices_lose_nothing() {
+            let params = params();
+            let p = prompt(37);
+            let max = 40;
+            // The four choices need 2 shared + 4 x 3 private blocks at the
+            // end; the pool has 8: choices are preempted and recomputed.
+            let mut s = scheduler(8, 64, false);
+            let (sinks, mut got) = runs(N);
+            s.add_parallel(request(1, &p, &params, max), sinks, None)
+                .unwrap();
+            run_to_end(&mut s, &mut got);
+            assert!(
+                s.stats().preemptions > 0,
+                "the pool was meant to be too small"
+            );
+            for (i, r) in got.iter().enumerate() {
+                assert_eq!(r.tokens, alone(&p, &keyed(&params, i), max), "choice {i}");
+                assert_eq!(r.finished.map(|f| f.0), Some(FinishReason::Length));
+            }
+            assert_eq!(s.pool().free_blocks(), s.pool().n_blocks(), "no leak");
+        }
+
+        #[test]
+        fn bad_choice_counts_are_refused() {
+            let mut s = scheduler(64, 512, false);
+            assert!(s
+                .add_parallel(request(1, &[5; 8], &params(), 4), vec![], None)
+                .is_err());
+            let mut resumed = request(2, &[5; 8], &params(), 4);
+            resumed.generated = vec![7];
+            let (sinks, _got) = runs(2);
+            assert!(s.add_parallel(resumed, sinks, None).is_err());
+            assert!(!s.has_work());
         }
     }
 

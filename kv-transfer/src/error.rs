@@ -45,6 +45,10 @@ pub enum KvTransferError {
     #[error("KV transfer timed out ({what} after {after:?})")]
     Timeout { what: &'static str, after: Duration },
     /// Cancelled by the caller.
+    /// The peer sent nothing, not even a heartbeat, for a whole lease: it
+    /// is hung or gone, and this side gives up its part of the transfer.
+    #[error("KV transfer lease expired: the {peer} sent nothing for {after:?}")]
+    LeaseExpired { peer: &'static str, after: Duration },
     #[error("KV transfer cancelled")]
     Cancelled,
     /// The remote side reported a failure.
@@ -54,6 +58,10 @@ pub enum KvTransferError {
     Io(#[from] std::io::Error),
     #[error("KV gRPC transport: {0}")]
     Grpc(String),
+    /// The CUDA driver or NCCL failed (or could not be loaded at all).
+    #[cfg(feature = "cuda")]
+    #[error("KV NCCL transport: {0}")]
+    Cuda(String),
 }
 
 impl KvTransferError {
@@ -67,10 +75,13 @@ impl KvTransferError {
             Self::Protocol(_) => "protocol",
             Self::PeerGone(_) => "peer_gone",
             Self::Timeout { .. } => "timeout",
+            Self::LeaseExpired { .. } => "lease_expired",
             Self::Cancelled => "cancelled",
             Self::Remote { .. } => "remote",
             Self::Io(_) => "io",
             Self::Grpc(_) => "grpc",
+            #[cfg(feature = "cuda")]
+            Self::Cuda(_) => "cuda",
         }
     }
 

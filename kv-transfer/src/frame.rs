@@ -191,6 +191,15 @@ pub enum FrameKind {
     End = 3,
     /// Payload: protobuf `KvReply` (receiver → sender).
     Reply = 4,
+    /// Empty (either way): "still here", renewing the transfer's lease while
+    /// the other side has nothing else to say (a prefill waiting in its
+    /// queue, a receiver waiting for layers).
+    Heartbeat = 5,
+    /// Payload: data-plane negotiation of a transport whose KV bypasses the
+    /// socket (NCCL, feature `cuda`): the sender's device identity, then the
+    /// receiver's communicator id. Versioned by its own first byte, so the
+    /// socket protocol's version does not change with it.
+    DataPlane = 6,
 }
 
 /// Marks every header, so a desynchronised stream fails loudly.
@@ -258,6 +267,8 @@ impl FrameHeader {
             2 => FrameKind::Block,
             3 => FrameKind::End,
             4 => FrameKind::Reply,
+            5 => FrameKind::Heartbeat,
+            6 => FrameKind::DataPlane,
             k => return Err(KvTransferError::Protocol(format!("unknown frame kind {k}"))),
         };
         Ok(Self {

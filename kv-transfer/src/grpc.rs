@@ -5,6 +5,11 @@
 //! `Done` (or `Failed`) at the end. HTTP/2 flow control is the backpressure;
 //! tonic's defaults (64 KiB windows, 4 MiB messages) would throttle KV, so
 //! both windows and the message limits are raised.
+//!
+//! The transfer lease works as on TCP ([`TransferConfig::lease`]): while a
+//! side has nothing to say it sends a heartbeat every third of the lease
+//! (the sender an empty batch of blocks, the receiver a reply without a
+//! kind), and each side waits at most one lease for the other.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -188,13 +193,22 @@ impl GrpcIncoming {
         sink: &mut S,
     ) -> Result<TransferSummary> {
         let mut asm = Assembler::new(layout, tokens, sink);
+        let reply = self.reply.clone();
+        let _beats = beat_every(cfg.heartbeat_every(), move || {
+            let reply = reply.clone();
+            async move { reply.send(Ok(pb::KvReply { kind: None })).await.is_ok() }
+        });
         let r = async {
             loop {
-                let inbound = &mut self.inbound;
-                let msg = with_deadline("frame read", cfg.io_timeout, async {
-                    inbound.message().await.map_err(inbound_error)
-                })
-                .await?;
+                let msg = match tokio::time::timeout(cfg.lease, self.inbound.message()).await {
+                    Err(_) => {
+                        return Err(KvTransferError::LeaseExpired {
+                            peer: "sender",
+                            after: cfg.lease,
+                        })
+                    }
+                    Ok(m) => m.map_err(inbound_error)?,
+                };
                 match msg.and_then(|m| m.kind) {
                     None => {
                         return Err(KvTransferError::PeerGone(
@@ -225,8 +239,68 @@ impl GrpcIncoming {
             },
             Err(e) => layout::refusal(e),
         };
-        let _ = self.reply.try_send(Ok(reply));
+        drop(_beats);
+        // Best effort: a dead sender cannot hear it, and the outcome here stands.
+        let _ = tokio::time::timeout(cfg.io_timeout, self.reply.send(Ok(reply))).await;
         r
+    }
+}
+
+/// Runs `beat` every `every` until dropped (or until `beat` says the peer
+/// is gone). A beat in progress is never interrupted: stopping takes
+/// effect between beats.
+fn beat_every<F, Fut>(every: std::time::Duration, mut beat: F) -> Beats
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if !beat().await {
+                return;
+            }
+        }
+    });
+    Beats(stop)
+}
+
+/// Stops the heartbeats of [`beat_every`] when dropped.
+struct Beats(CancellationToken);
+
+impl Drop for Beats {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// The next reply that is not a heartbeat, waiting at most one lease for
+/// each message.
+async fn next_reply(
+    replies: &mut Streaming<pb::KvReply>,
+    lease: std::time::Duration,
+) -> Result<Option<pb::KvReply>> {
+    loop {
+        let msg = match tokio::time::timeout(lease, replies.message()).await {
+            Err(_) => {
+                return Err(KvTransferError::LeaseExpired {
+                    peer: "receiver",
+                    after: lease,
+                })
+            }
+            Ok(m) => m?,
+        };
+        match msg {
+            Some(pb::KvReply { kind: None }) => continue,
+            other => return Ok(other),
+        }
     }
 }
 
@@ -281,7 +355,22 @@ impl KvTransport for GrpcTransport {
         })
         .await?;
         layout::accepted(first)?;
+        let beat_tx = tx.clone();
+        let request_id = handshake.request_id;
+        let beats = beat_every(cfg.heartbeat_every(), move || {
+            let tx = beat_tx.clone();
+            async move {
+                let empty = pb::KvFrame {
+                    kind: Some(pb::FrameKind::Blocks(pb::KvBlocks {
+                        request_id,
+                        blocks: Vec::new(),
+                    })),
+                };
+                tx.send(empty).await.is_ok()
+            }
+        });
         Ok(GrpcSender {
+            beats: Some(beats),
             tx: Some(tx),
             replies,
             layout: handshake.layout.layout,
@@ -295,6 +384,9 @@ impl KvTransport for GrpcTransport {
 
 /// One gRPC transfer, sender side.
 pub struct GrpcSender {
+    /// Empty batches while the prefill has nothing to send; stopped (so the
+    /// request stream can end) at `finish`.
+    beats: Option<Beats>,
     tx: Option<mpsc::Sender<pb::KvFrame>>,
     replies: Streaming<pb::KvReply>,
     layout: KvLayout,
@@ -321,7 +413,11 @@ impl GrpcSender {
         .await;
         if sent.is_err() {
             // The call ended: its status (or the receiver's Failed reply) says why.
-            let why = tokio::time::timeout(self.cfg.io_timeout, self.replies.message()).await;
+            let why = tokio::time::timeout(
+                self.cfg.io_timeout,
+                next_reply(&mut self.replies, self.cfg.lease),
+            )
+            .await;
             if let Ok(r) = why {
                 return Err(match r {
                     Ok(reply) => layout::done(reply)
@@ -394,11 +490,8 @@ impl KvSender for GrpcSender {
         };
         self.push(end).await?;
         self.tx = None;
-        let replies = &mut self.replies;
-        let reply = with_deadline("final reply", self.cfg.io_timeout, async {
-            replies.message().await.map_err(Into::into)
-        })
-        .await?;
+        self.beats = None;
+        let reply = next_reply(&mut self.replies, self.cfg.lease).await?;
         layout::done(reply)
     }
 }

@@ -10,7 +10,8 @@
 //!   layer as the prefill computes it) and the [`KvReceiver`] that writes
 //!   straight into the blocks the decode worker reserved ([`KvSink`]).
 //! - [`tcp`] (length-prefixed frames, the fast path) and [`grpc`] (tonic
-//!   bidi stream with raised HTTP/2 windows) implement it.
+//!   bidi stream with raised HTTP/2 windows) implement it; so does `nccl`
+//!   (feature `cuda`: control frames over TCP, KV over NCCL send/recv).
 //!
 //! Every failure (checksum, peer gone, deadline, cancellation, missing
 //! blocks) is returned as a [`KvTransferError`], so the decode worker
@@ -20,6 +21,8 @@ pub mod error;
 pub mod frame;
 pub mod grpc;
 pub mod layout;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod sink;
 pub mod tcp;
 pub mod transport;
@@ -33,3 +36,6 @@ pub use tokio_util::sync::CancellationToken;
 pub use transport::{
     BlockRegion, KvReceiver, KvSender, KvTransport, ReceiverConfig, TransferConfig,
 };
+
+#[cfg(feature = "cuda")]
+pub use nccl::{NcclConfig, NcclKvListener, NcclPendingKv, NcclSender, NcclTransport};

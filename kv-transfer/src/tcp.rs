@@ -6,15 +6,26 @@
 //! `TCP_NODELAY`; every read and write has a deadline. Full blocks are read
 //! straight into the reserved region (the socket read is the only copy) and
 //! checksummed while the region is still in cache.
+//!
+//! After the handshake both sides send a Heartbeat frame every third of the
+//! lease ([`TransferConfig::lease`]) and each waits at most one lease for
+//! the next frame from the other. A sender whose prompt waits in a busy
+//! prefill queue therefore keeps its transfer alive, a hung peer is detected
+//! within a lease on both sides, and the sender hears a receiver's failure
+//! (a bad checksum, say) while it is still sending, not only at the end.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use prost::Message;
 use tandem_engine::kv::KvLayout;
 use tandem_proto::kv as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{oneshot, Mutex};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{KvTransferError, Result};
 use crate::frame::{
@@ -33,7 +44,7 @@ const MAX_CONTROL: usize = 64 * 1024;
 /// Read buffer of the receiver.
 const READ_BUFFER: usize = 256 * 1024;
 
-fn io_err(e: std::io::Error) -> KvTransferError {
+pub(crate) fn io_err(e: std::io::Error) -> KvTransferError {
     use std::io::ErrorKind::*;
     match e.kind() {
         UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => {
@@ -56,7 +67,7 @@ pub(crate) fn socket_for(addr: &SocketAddr, buffer: usize) -> Result<TcpSocket> 
     Ok(s)
 }
 
-async fn read_header<R: AsyncReadExt + Unpin>(
+pub(crate) async fn read_header<R: AsyncReadExt + Unpin>(
     r: &mut R,
     cfg: &TransferConfig,
 ) -> Result<FrameHeader> {
@@ -68,16 +79,41 @@ async fn read_header<R: AsyncReadExt + Unpin>(
     FrameHeader::decode(&h)
 }
 
-/// Reads a control frame's payload of `kind` and checks its CRC.
-async fn read_control<R: AsyncReadExt + Unpin>(
+/// Reads the next frame header during a transfer, skipping heartbeats: the
+/// `peer` must say something within every `lease`.
+pub(crate) async fn next_header<R: AsyncReadExt + Unpin>(
     r: &mut R,
-    kind: FrameKind,
+    lease: Duration,
+    peer: &'static str,
+) -> Result<FrameHeader> {
+    loop {
+        let mut h = [0u8; HEADER_LEN];
+        match tokio::time::timeout(lease, r.read_exact(&mut h)).await {
+            Err(_) => return Err(KvTransferError::LeaseExpired { peer, after: lease }),
+            Ok(r) => r.map_err(io_err)?,
+        };
+        let h = FrameHeader::decode(&h)?;
+        if h.kind != FrameKind::Heartbeat {
+            return Ok(h);
+        }
+        if h.byte_len != 0 {
+            return Err(KvTransferError::Protocol(format!(
+                "heartbeat frame of {} bytes",
+                h.byte_len
+            )));
+        }
+    }
+}
+
+/// Reads the payload of control frame `h` (size-checked) and checks its CRC.
+pub(crate) async fn read_control_payload<R: AsyncReadExt + Unpin>(
+    r: &mut R,
+    h: &FrameHeader,
     cfg: &TransferConfig,
-) -> Result<(FrameHeader, Vec<u8>)> {
-    let h = read_header(r, cfg).await?;
-    if h.kind != kind || h.byte_len as usize > MAX_CONTROL {
+) -> Result<Vec<u8>> {
+    if h.byte_len as usize > MAX_CONTROL {
         return Err(KvTransferError::Protocol(format!(
-            "expected a {kind:?} frame, got {:?} of {} bytes",
+            "{:?} frame of {} bytes",
             h.kind, h.byte_len
         )));
     }
@@ -95,11 +131,78 @@ async fn read_control<R: AsyncReadExt + Unpin>(
             actual,
         });
     }
+    Ok(buf)
+}
+
+/// The write half of a transfer's socket, shared by the data path and the
+/// heartbeat task (whole frames are written under the lock).
+pub(crate) type Writer = Arc<Mutex<OwnedWriteHalf>>;
+
+/// Sends a heartbeat every [`TransferConfig::heartbeat_every`] until
+/// dropped. Stopping never interrupts a frame half-written: the task only
+/// exits between frames.
+pub(crate) struct Heartbeats(CancellationToken);
+
+impl Heartbeats {
+    pub(crate) fn start(w: Writer, request_id: u64, cfg: TransferConfig) -> Self {
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(cfg.heartbeat_every());
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let mut s = w.lock().await;
+                if token.is_cancelled() {
+                    return;
+                }
+                let beat = write_control(&mut *s, FrameKind::Heartbeat, request_id, &[], &cfg);
+                if beat.await.is_err() {
+                    return;
+                }
+            }
+        });
+        Self(stop)
+    }
+}
+
+impl Drop for Heartbeats {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// Aborts a reading task when its transfer ends.
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reads a control frame of `kind` (handshake phase) and checks its CRC.
+pub(crate) async fn read_control<R: AsyncReadExt + Unpin>(
+    r: &mut R,
+    kind: FrameKind,
+    cfg: &TransferConfig,
+) -> Result<(FrameHeader, Vec<u8>)> {
+    let h = read_header(r, cfg).await?;
+    if h.kind != kind {
+        return Err(KvTransferError::Protocol(format!(
+            "expected a {kind:?} frame, got {:?} of {} bytes",
+            h.kind, h.byte_len
+        )));
+    }
+    let buf = read_control_payload(r, &h, cfg).await?;
     Ok((h, buf))
 }
 
-async fn write_control(
-    s: &mut TcpStream,
+pub(crate) async fn write_control<W: AsyncWriteExt + Unpin>(
+    s: &mut W,
     kind: FrameKind,
     request_id: u64,
     payload: &[u8],
@@ -150,8 +253,15 @@ impl KvTransport for TcpTransport {
         .await?;
         let (_, reply) = read_control(&mut stream, FrameKind::Reply, &cfg).await?;
         layout::accepted(pb::KvReply::decode(reply.as_slice()).ok())?;
+        let (reader, writer) = stream.into_split();
+        let writer = Arc::new(Mutex::new(writer));
+        let (tx, outcome) = oneshot::channel();
+        let listen = tokio::spawn(listen_to_receiver(reader, cfg.clone(), tx));
         Ok(TcpSender {
-            stream,
+            heartbeats: Heartbeats::start(writer.clone(), handshake.request_id, cfg.clone()),
+            writer,
+            outcome,
+            _listen: AbortOnDrop(listen),
             buf: Vec::with_capacity(cfg.batch_bytes + (1 << 20)),
             layout: handshake.layout.layout,
             request_id: handshake.request_id,
@@ -162,9 +272,37 @@ impl KvTransport for TcpTransport {
     }
 }
 
+/// Sender side: waits for the receiver's reply, renewing the lease on each
+/// heartbeat; reports the reply, or why none will come.
+pub(crate) async fn listen_to_receiver(
+    mut r: OwnedReadHalf,
+    cfg: TransferConfig,
+    tx: oneshot::Sender<Result<pb::KvReply>>,
+) {
+    let reply = async {
+        let h = next_header(&mut r, cfg.lease, "receiver").await?;
+        if h.kind != FrameKind::Reply {
+            return Err(KvTransferError::Protocol(format!(
+                "expected a Reply frame, got {:?}",
+                h.kind
+            )));
+        }
+        let bytes = read_control_payload(&mut r, &h, &cfg).await?;
+        pb::KvReply::decode(bytes.as_slice())
+            .map_err(|e| KvTransferError::Protocol(format!("bad reply: {e}")))
+    }
+    .await;
+    let _ = tx.send(reply);
+}
+
 /// One TCP transfer, sender side.
 pub struct TcpSender {
-    stream: TcpStream,
+    writer: Writer,
+    /// The receiver's reply (or why it will not come), from the listening
+    /// task.
+    outcome: oneshot::Receiver<Result<pb::KvReply>>,
+    _listen: AbortOnDrop,
+    heartbeats: Heartbeats,
     /// Frames encoded but not yet written (about `batch_bytes`).
     buf: Vec<u8>,
     layout: KvLayout,
@@ -179,13 +317,34 @@ impl TcpSender {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let (s, b) = (&mut self.stream, &self.buf);
+        let mut s = self.writer.lock().await;
+        let b = &self.buf;
         with_deadline("frame write", self.cfg.io_timeout, async {
             s.write_all(b).await.map_err(io_err)
         })
         .await?;
+        drop(s);
         self.buf.clear();
         Ok(())
+    }
+
+    /// Fails fast when the receiver already gave up (it replies early only
+    /// to refuse) or went silent for a lease.
+    fn check_receiver(&mut self) -> Result<()> {
+        use oneshot::error::TryRecvError;
+        match self.outcome.try_recv() {
+            Err(TryRecvError::Empty) => Ok(()),
+            Ok(Ok(reply)) => match layout::done(Some(reply)) {
+                Err(e) => Err(e),
+                Ok(_) => Err(KvTransferError::Protocol(
+                    "the receiver confirmed before the end".into(),
+                )),
+            },
+            Ok(Err(e)) => Err(e),
+            Err(TryRecvError::Closed) => Err(KvTransferError::PeerGone(
+                "the receiver already ended the transfer".into(),
+            )),
+        }
     }
 
     /// Test hook: the next block frame's payload gets one bit flipped after
@@ -212,6 +371,7 @@ pub(crate) fn check_region(l: &KvLayout, b: &BlockRegion<'_>) -> Result<()> {
 
 impl KvSender for TcpSender {
     async fn send_layer_blocks(&mut self, layer: u32, blocks: &[BlockRegion<'_>]) -> Result<()> {
+        self.check_receiver()?;
         for b in blocks {
             check_region(&self.layout, b)?;
             let at = self.buf.len();
@@ -253,8 +413,12 @@ impl KvSender for TcpSender {
         h.extend_from_slice(&end);
         self.buf.extend_from_slice(&h);
         self.flush_buf().await?;
-        let (_, reply) = read_control(&mut self.stream, FrameKind::Reply, &self.cfg).await?;
-        layout::done(pb::KvReply::decode(reply.as_slice()).ok())
+        // The listening task bounds this wait: every read has the lease.
+        let reply = (&mut self.outcome)
+            .await
+            .map_err(|_| KvTransferError::PeerGone("no final reply".into()))??;
+        drop(self.heartbeats);
+        layout::done(Some(reply))
     }
 }
 
@@ -335,18 +499,23 @@ impl PendingKv {
         }
         .encode_to_vec();
         write_control(&mut stream, FrameKind::Reply, hs.request_id, &ok, cfg).await?;
+        let (reader, writer) = stream.into_split();
         Ok(KvReceiver {
+            inner: ReceiverInner::Tcp(TcpIncoming {
+                reader: BufReader::with_capacity(READ_BUFFER, reader),
+                writer: Arc::new(Mutex::new(writer)),
+                request_id: hs.request_id,
+            }),
             handshake: hs,
             cfg: cfg.clone(),
-            inner: ReceiverInner::Tcp(TcpIncoming {
-                reader: BufReader::with_capacity(READ_BUFFER, stream),
-            }),
         })
     }
 }
 
 pub(crate) struct TcpIncoming {
-    reader: BufReader<TcpStream>,
+    pub(crate) reader: BufReader<OwnedReadHalf>,
+    pub(crate) writer: Writer,
+    pub(crate) request_id: u64,
 }
 
 impl TcpIncoming {
@@ -358,7 +527,9 @@ impl TcpIncoming {
         sink: &mut S,
     ) -> Result<TransferSummary> {
         let mut asm = Assembler::new(layout, tokens, sink);
+        let heartbeats = Heartbeats::start(self.writer.clone(), self.request_id, cfg.clone());
         let r = Self::frames(&mut self.reader, &mut asm, cfg).await;
+        drop(heartbeats);
         let reply = match &r {
             Ok(s) => pb::KvReply {
                 kind: Some(pb::ReplyKind::Done(pb::KvDone {
@@ -369,19 +540,13 @@ impl TcpIncoming {
             Err(e) => layout::refusal(e),
         };
         // Best effort: a dead sender cannot hear it, and the outcome here stands.
-        let _ = write_control(
-            self.reader.get_mut(),
-            FrameKind::Reply,
-            0,
-            &reply.encode_to_vec(),
-            cfg,
-        )
-        .await;
+        let mut w = self.writer.lock().await;
+        let _ = write_control(&mut *w, FrameKind::Reply, 0, &reply.encode_to_vec(), cfg).await;
         r
     }
 
     async fn frames<S: KvSink + ?Sized>(
-        r: &mut BufReader<TcpStream>,
+        r: &mut BufReader<OwnedReadHalf>,
         asm: &mut Assembler<'_, S>,
         cfg: &TransferConfig,
     ) -> Result<TransferSummary> {
@@ -389,7 +554,7 @@ impl TcpIncoming {
         let full = payload_len(&l, l.block_size);
         let mut buf = vec![0u8; full];
         loop {
-            let h = read_header(r, cfg).await?;
+            let h = next_header(r, cfg.lease, "sender").await?;
             match h.kind {
                 FrameKind::Block if h.byte_len as usize > full => {
                     return Err(KvTransferError::Protocol(format!(

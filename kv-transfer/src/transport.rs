@@ -1,6 +1,6 @@
 //! The seam between the serving roles and the wire: a sender that streams
 //! layers as they are computed, and a receiver that writes into reserved
-//! blocks. TCP and gRPC implement it here; NCCL (under `cuda`) is to come.
+//! blocks. TCP and gRPC implement it, and NCCL under feature `cuda`.
 
 use std::future::Future;
 use std::time::Duration;
@@ -29,6 +29,14 @@ pub struct TransferConfig {
     /// Longest a whole transfer may take (a transfer that never completes
     /// must not hold reserved blocks forever).
     pub transfer_timeout: Duration,
+    /// Each side holds its part of a transfer (the sender its computed
+    /// layers, the receiver its reserved blocks) under a lease that the
+    /// peer's frames renew; both send a heartbeat every third of it while
+    /// they have nothing else to send. A peer silent for a whole lease is
+    /// taken as hung and the transfer fails explicitly on this side
+    /// ([`KvTransferError::LeaseExpired`]), so neither side frees or waits
+    /// on the strength of a guess.
+    pub lease: Duration,
     /// SO_SNDBUF / SO_RCVBUF for TCP sockets; large, so one layer of a long
     /// prompt is in flight without waiting for the reader.
     pub socket_buffer: usize,
@@ -41,6 +49,7 @@ impl Default for TransferConfig {
         Self {
             io_timeout: Duration::from_secs(10),
             transfer_timeout: Duration::from_secs(120),
+            lease: Duration::from_secs(30),
             socket_buffer: 8 << 20,
             batch_bytes: 1 << 20,
         }
@@ -91,6 +100,8 @@ pub struct KvReceiver {
 pub(crate) enum ReceiverInner {
     Tcp(crate::tcp::TcpIncoming),
     Grpc(crate::grpc::GrpcIncoming),
+    #[cfg(feature = "cuda")]
+    Nccl(crate::nccl::NcclIncoming),
 }
 
 impl KvReceiver {
@@ -113,6 +124,8 @@ impl KvReceiver {
             match self.inner {
                 ReceiverInner::Tcp(t) => t.receive(layout, tokens, &self.cfg, sink).await,
                 ReceiverInner::Grpc(g) => g.receive(layout, tokens, &self.cfg, sink).await,
+                #[cfg(feature = "cuda")]
+                ReceiverInner::Nccl(n) => n.receive(layout, tokens, &self.cfg, sink).await,
             }
         };
         tokio::select! {
@@ -120,6 +133,13 @@ impl KvReceiver {
             _ = cancel.cancelled() => Err(KvTransferError::Cancelled),
             r = tokio::time::timeout(deadline, work) => r.unwrap_or(Err(KvTransferError::Timeout { what: "whole transfer", after: deadline })),
         }
+    }
+}
+
+impl TransferConfig {
+    /// How often a side with nothing to send says it is still there.
+    pub fn heartbeat_every(&self) -> Duration {
+        (self.lease / 3).max(Duration::from_millis(1))
     }
 }
 

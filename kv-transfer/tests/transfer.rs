@@ -1,6 +1,8 @@
 //! KV transfer over real sockets: bit-exact round trips (in-process and
-//! across two OS processes), corrupted frames, refused handshakes, and a
-//! sender process killed mid-transfer.
+//! across two OS processes), corrupted frames, refused handshakes, a sender
+//! process killed mid-transfer, and the transfer lease: heartbeats keep an
+//! idle transfer alive, a hung peer (a stopped process, a receiver that
+//! never answers) fails it on the other side within a lease.
 //!
 //! The peer process is this test binary itself, re-run with
 //! `TANDEM_KV_PEER` set: `peer_process` then acts as the prefill side.
@@ -42,10 +44,15 @@ fn secret() -> ClusterSecret {
     ClusterSecret::new("test-cluster-secret")
 }
 
+/// Short enough that a lease test takes seconds, long enough that two busy
+/// cores never starve a heartbeat (sent every third of it) past it.
+const LEASE: Duration = Duration::from_secs(2);
+
 fn cfg() -> TransferConfig {
     TransferConfig {
         io_timeout: Duration::from_secs(5),
         transfer_timeout: Duration::from_secs(20),
+        lease: LEASE,
         ..Default::default()
     }
 }
@@ -374,29 +381,53 @@ async fn mismatched_handshakes_are_refused_grpc() {
     cancel.cancel();
 }
 
+/// A sender with nothing to send yet (its prompt waits in a busy prefill
+/// queue) keeps the transfer alive with heartbeats for twice the lease (and
+/// many times the receiver's per-read I/O deadline), then completes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stalled_sender_hits_the_deadline_and_cancel_works() {
+async fn an_idle_tcp_sender_keeps_its_transfer_alive_with_heartbeats() {
     let mut rc = receiver_cfg();
     rc.transfer.io_timeout = Duration::from_millis(300);
     let listener = TcpKvListener::bind("127.0.0.1:0".parse().unwrap(), rc)
         .await
         .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let t = TcpTransport::new(addr, cfg());
+    let t = TcpTransport::new(listener.local_addr().unwrap(), cfg());
     let (s, r) = tokio::join!(t.connect(handshake(1)), listener.accept());
-    let _stalled = s.unwrap();
-    let mut sched = decode_side();
-    let t0 = Instant::now();
-    let (res, _) = receive(&mut sched, r.unwrap()).await;
-    assert!(
-        matches!(res, Err(KvTransferError::Timeout { .. })),
-        "{res:?}"
-    );
-    assert!(t0.elapsed() < Duration::from_secs(3));
+    idle_then_send(s.unwrap(), r.unwrap()).await;
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_grpc_sender_keeps_its_transfer_alive_with_heartbeats() {
+    let cancel = CancellationToken::new();
+    let (addr, mut incoming) = grpc_server(&cancel).await;
+    let t = GrpcTransport::connect_to(addr, cfg()).await.unwrap();
+    let (s, r) = tokio::join!(t.connect(handshake(1)), incoming.recv());
+    idle_then_send(s.unwrap(), r.unwrap()).await;
+    cancel.cancel();
+}
+
+async fn idle_then_send<S: KvSender>(mut s: S, r: KvReceiver) {
+    let (src, skv) = source(3);
+    let send = async {
+        tokio::time::sleep(LEASE * 2).await;
+        send_chunks(&mut s, &src, &skv, &CHUNKS).await.unwrap();
+        s.finish().await
+    };
+    let mut sched = decode_side();
+    let ((res, kv), sent) = tokio::join!(receive(&mut sched, r), send);
+    res.unwrap();
+    sent.unwrap();
+    assert_same(&src, &skv, sched.pool(), &kv.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_ends_a_transfer_and_frees_its_blocks() {
+    let listener = tcp_listener().await;
+    let t = TcpTransport::new(listener.local_addr().unwrap(), cfg());
     let (s, r) = tokio::join!(t.connect(handshake(2)), listener.accept());
     let _stalled = s.unwrap();
     let r = r.unwrap();
+    let mut sched = decode_side();
     let kv = sched.reserve_for_transfer(TOKENS).unwrap();
     let cancel = CancellationToken::new();
     cancel.cancel();
@@ -406,6 +437,63 @@ async fn stalled_sender_hits_the_deadline_and_cancel_works() {
     assert!(matches!(res, Err(KvTransferError::Cancelled)));
     sched.release(kv);
     assert_eq!(sched.pool().free_blocks(), sched.pool().n_blocks());
+}
+
+/// A receiver that accepts the handshake and then never says anything
+/// again (hung, not dead: its socket stays open). The sender's lease runs
+/// out and `finish` fails explicitly instead of waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_receiver_expires_the_senders_lease() {
+    use prost::Message;
+    use tandem_kv_transfer::frame::{FrameHeader, FrameKind, HEADER_LEN};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let hung = tokio::spawn(async move {
+        let (mut sock, _) = l.accept().await.unwrap();
+        let mut h = [0u8; HEADER_LEN];
+        sock.read_exact(&mut h).await.unwrap();
+        let h = FrameHeader::decode(&h).unwrap();
+        let mut hs = vec![0u8; h.byte_len as usize];
+        sock.read_exact(&mut hs).await.unwrap();
+        let ok = tandem_proto::kv::KvReply {
+            kind: Some(tandem_proto::kv::ReplyKind::Accepted(true)),
+        }
+        .encode_to_vec();
+        let mut reply = FrameHeader::control(FrameKind::Reply, h.request_id, &ok)
+            .encode()
+            .to_vec();
+        reply.extend_from_slice(&ok);
+        sock.write_all(&reply).await.unwrap();
+        // Hold the socket open, read nothing more, send nothing more.
+        tokio::time::sleep(LEASE * 10).await;
+        drop(sock);
+    });
+    let mut s = TcpTransport::new(addr, cfg())
+        .connect(handshake(7))
+        .await
+        .unwrap();
+    let (src, skv) = source(1);
+    send_chunks(&mut s, &src, &skv, &CHUNKS).await.unwrap();
+    let t0 = Instant::now();
+    let e = s.finish().await.unwrap_err();
+    let took = t0.elapsed();
+    assert!(
+        matches!(
+            e,
+            KvTransferError::LeaseExpired {
+                peer: "receiver",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(e.class(), "lease_expired");
+    assert!(
+        took < LEASE + Duration::from_secs(2),
+        "expired after {took:?}"
+    );
+    hung.abort();
 }
 
 // ---- two OS processes ----
@@ -614,4 +702,56 @@ async fn killed_sender_process_frees_reserved_blocks_tcp() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_sender_process_frees_reserved_blocks_grpc() {
     killed_sender_frees_reserved_blocks("grpc").await;
+}
+
+/// SIGSTOP the sender mid-transfer: the process is hung, its socket open,
+/// so nothing tells the receiver it is gone but the silence. While it runs
+/// (half sent, waiting), its heartbeats keep the transfer alive past the
+/// lease; once stopped, the receiver fails with an expired lease within
+/// about one lease and frees the reserved blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_sender_process_expires_the_receivers_lease() {
+    let (addr, accept, cancel) = accept_one("tcp").await;
+    let accepted = accept();
+    let mut child = spawn_peer("tcp", addr, "half");
+    let half = wait_for_line(&mut child, "HALF_SENT");
+    let r = tokio::time::timeout(Duration::from_secs(30), accepted)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut sched = decode_side();
+    let pid = child.id() as i32;
+    let receiving = async {
+        let (res, _) = receive(&mut sched, r).await;
+        (res, Instant::now())
+    };
+    let stopper = async {
+        assert!(
+            tokio::task::spawn_blocking(move || half.join().unwrap())
+                .await
+                .unwrap(),
+            "peer sent half"
+        );
+        // Alive and idle for two leases: heartbeats must carry it.
+        tokio::time::sleep(LEASE * 2).await;
+        // SAFETY: plain signal to our own child.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        Instant::now()
+    };
+    let ((res, failed_at), stopped_at) = tokio::join!(receiving, stopper);
+    let _ = child.kill();
+    let _ = child.wait();
+    let e = res.unwrap_err();
+    assert!(
+        matches!(e, KvTransferError::LeaseExpired { peer: "sender", .. }),
+        "{e}"
+    );
+    let took = failed_at.saturating_duration_since(stopped_at);
+    assert!(
+        failed_at > stopped_at && took < LEASE + Duration::from_secs(2),
+        "failed {took:?} after the stop (before it: {})",
+        failed_at <= stopped_at
+    );
+    assert_eq!(sched.pool().free_blocks(), sched.pool().n_blocks());
+    cancel.cancel();
 }

@@ -85,7 +85,10 @@ pub fn event_to_proto(e: Event) -> pb::DecodeEvent {
             message,
         }),
     };
-    pb::DecodeEvent { kind: Some(kind) }
+    pb::DecodeEvent {
+        kind: Some(kind),
+        index: 0,
+    }
 }
 
 pub fn node_info(

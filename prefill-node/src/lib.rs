@@ -2,7 +2,8 @@
 //! chunked by the engine's scheduler with its own radix prefix cache, and
 //! streams each prompt's KV, layer by layer as the layers finish, to the
 //! decode worker that asked for it. It answers with the first sampled token
-//! once the decode worker has confirmed every block.
+//! once the decode worker has confirmed every block (with `n > 1` choices,
+//! every choice's first token, all sampled from the one prompt pass).
 //!
 //! [`convert`] holds the proto ↔ engine conversions both worker roles use.
 
@@ -12,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use tandem_cluster::metrics::{self as metrics_names, InStage, Stage};
 use tandem_cluster::{ClusterSecret, Drain, Role};
 use tandem_engine::engine::{Engine, RequestSpec};
 use tandem_engine::scheduler::{Event, ExportBlock, KvExport};
@@ -62,7 +64,9 @@ impl PrefillService {
         let params = convert::sampling(req.sampling.as_ref())?;
         let tokens = req.prompt.len();
         // The decode worker checks stop tokens and max_tokens; here the
-        // prompt runs to its first sampled token, whatever it is.
+        // prompt runs to its first sampled token, whatever it is: one per
+        // choice, all from the one prompt pass (choice i with key + i).
+        let n = req.n.max(1) as usize;
         let spec = RequestSpec {
             prompt: req.prompt,
             params,
@@ -70,8 +74,9 @@ impl PrefillService {
             stop_tokens: Vec::new(),
             priority: 0,
             generated: Vec::new(),
+            n,
         };
-        let _stage = tandem_cluster::metrics::InStage::enter("prefill_in_flight");
+        let waiting = InStage::enter(Stage::PrefillWaiting);
         let (tx, mut layers) = mpsc::unbounded_channel();
         let mut handle = self
             .engine
@@ -90,7 +95,15 @@ impl PrefillService {
         let ship = async move {
             let mut sender = transport.connect(handshake).await?;
             let connected = Instant::now();
+            let mut waiting = Some(waiting);
+            let mut _sending = None;
             while let Some((layer, blocks)) = layers.recv().await {
+                if waiting.take().is_some() {
+                    // The prompt's first layer is computed: out of the queue.
+                    metrics::histogram!(metrics_names::REQUEST_QUEUE_TIME)
+                        .record(started.elapsed().as_secs_f64());
+                    _sending = Some(InStage::enter(Stage::TransferInFlight));
+                }
                 let regions: Vec<BlockRegion<'_>> = blocks
                     .iter()
                     .map(|b: &OwnedBlock| BlockRegion {
@@ -102,43 +115,63 @@ impl PrefillService {
                 sender.send_layer_blocks(layer, &regions).await?;
             }
             let done = sender.finish().await;
-            metrics::histogram!(tandem_cluster::metrics::KV_TRANSFER_SECONDS, "direction" => "sent")
+            metrics::histogram!(metrics_names::KV_TRANSFER_SECONDS, "direction" => "sent")
                 .record(connected.elapsed().as_secs_f64());
             done
         };
         let events = async {
-            let mut first = None;
-            loop {
-                match handle.events.recv().await {
-                    Some(Event::Token(s)) => first = Some(s),
-                    Some(Event::Finished { cached_tokens, .. }) => {
-                        return match first.take() {
-                            Some(f) => Ok((f, cached_tokens)),
-                            None => Err(Status::internal("prefill finished without a token")),
+            // Choice by choice (the channels buffer the others meanwhile).
+            let mut firsts = Vec::with_capacity(n);
+            let mut cached = 0;
+            let choices = std::iter::once(&mut handle.events).chain(handle.more.iter_mut());
+            for (i, rx) in choices.enumerate() {
+                let mut first = None;
+                loop {
+                    match rx.recv().await {
+                        Some(Event::Token(s)) => first = Some(s),
+                        Some(Event::Finished { cached_tokens, .. }) => {
+                            if i == 0 {
+                                cached = cached_tokens;
+                            }
+                            match first.take() {
+                                Some(f) => firsts.push(f),
+                                None => {
+                                    return Err(Status::internal(
+                                        "prefill finished without a token",
+                                    ))
+                                }
+                            }
+                            break;
                         }
+                        Some(Event::Error(e)) => return Err(Status::internal(e)),
+                        None => return Err(Status::internal("the engine dropped the request")),
                     }
-                    Some(Event::Error(e)) => return Err(Status::internal(e)),
-                    None => return Err(Status::internal("the engine dropped the request")),
                 }
             }
+            Ok((firsts, cached))
         };
         let (shipped, sampled) = tokio::join!(ship, events);
-        let (first, cached) = sampled?;
+        let (firsts, cached) = sampled?;
         let summary = shipped.map_err(|e| {
-            metrics::counter!(tandem_cluster::metrics::KV_TRANSFER_FAILURES, "direction" => "sent")
+            metrics::counter!(metrics_names::KV_TRANSFER_FAILURES, "direction" => "sent")
                 .increment(1);
             Status::unavailable(format!("KV transfer to {kv_addr} failed: {e}"))
         })?;
-        metrics::histogram!(tandem_cluster::metrics::PREFILL_DURATION)
+        metrics::histogram!(metrics_names::REQUEST_PREFILL_TIME)
             .record(started.elapsed().as_secs_f64());
-        metrics::counter!(tandem_cluster::metrics::PREFILL_PROMPT_TOKENS).increment(tokens as u64);
-        metrics::counter!(tandem_cluster::metrics::KV_TRANSFER_BYTES, "direction" => "sent")
+        metrics::counter!(metrics_names::PREFILL_PROMPT_TOKENS).increment(tokens as u64);
+        metrics::counter!(metrics_names::KV_TRANSFER_BYTES, "direction" => "sent")
             .increment(summary.bytes);
         Ok(pb::PrefillResponse {
-            first: Some(convert::sampled_to_proto(&first)),
+            first: firsts.first().map(convert::sampled_to_proto),
             cached_tokens: cached as u32,
             frames: summary.frames,
             bytes: summary.bytes,
+            firsts: if n > 1 {
+                firsts.iter().map(convert::sampled_to_proto).collect()
+            } else {
+                Vec::new()
+            },
         })
     }
 }

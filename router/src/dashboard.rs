@@ -15,7 +15,7 @@
 //!   in-flight count plus the worker's last polled load report);
 //! - series: a task started by [`dashboard_routes`] renders the process's
 //!   Prometheus handle once a second, parses the router's counters and
-//!   summaries, and keeps the last [`SERIES_LEN`] samples in a ring buffer.
+//!   histograms, and keeps the last [`SERIES_LEN`] samples in a ring buffer.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, LazyLock, Mutex, Weak};
@@ -27,6 +27,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
+
+use tandem_cluster::metrics::{self as m, histogram_quantile, parse_buckets};
 
 use crate::dispatcher::Dispatcher;
 use crate::workers::Worker;
@@ -88,20 +90,20 @@ pub struct Sample {
     pub t_ms: u64,
     /// Generated (completion) tokens per second over the last interval.
     pub tokens_per_s: f64,
-    /// Requests (`tandem_router_requests_total`, every endpoint and status)
-    /// per second over the last interval.
+    /// Requests (`tandem_requests_total`, every endpoint and status) per
+    /// second over the last interval.
     pub requests_per_s: f64,
-    /// Time to first token, seconds: the exporter's summary quantiles (a
-    /// rolling window of about a minute; the larger value across endpoints),
-    /// `None` when no first token was recorded in the last interval.
+    /// Time to first token over the last interval, seconds: quantiles
+    /// interpolated in the histogram's buckets (what PromQL's
+    /// `histogram_quantile` over the interval gives) and the exact mean;
+    /// `None` when no first token was recorded in the interval.
     pub ttft_p50_s: Option<f64>,
     pub ttft_p99_s: Option<f64>,
-    /// Mean time to first token over the last interval (exact: sum/count deltas).
     pub ttft_mean_s: Option<f64>,
-    /// Estimated mean time per output token over the last ~10 s: (request
-    /// duration − TTFT) summed over the requests that finished, divided by the
-    /// tokens generated after each first token. No TPOT metric exists, so this
-    /// is a mean, not a p50; `None` when there is nothing to estimate from.
+    /// Time per output token (the inter-token latency) over the last
+    /// ~10 s, likewise; `None` when no second token came out.
+    pub tpot_p50_s: Option<f64>,
+    pub tpot_p99_s: Option<f64>,
     pub tpot_mean_s: Option<f64>,
 }
 
@@ -114,35 +116,61 @@ pub struct DashboardState {
     pub sample_every_s: f64,
 }
 
+/// A histogram's cumulative state: buckets `(upper bound, count)`, sum.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Histogram {
+    pub buckets: Vec<(f64, f64)>,
+    pub sum: f64,
+}
+
+impl Histogram {
+    fn count(&self) -> f64 {
+        self.buckets.last().map_or(0.0, |b| b.1)
+    }
+
+    /// Observations since `old`: quantile `q`, mean, count.
+    fn since(&self, old: &Histogram, q: f64) -> Option<f64> {
+        let delta: Vec<(f64, f64)> = self
+            .buckets
+            .iter()
+            .map(|&(le, n)| {
+                let before = old.buckets.iter().find(|b| b.0 == le).map_or(0.0, |b| b.1);
+                (le, (n - before).max(0.0))
+            })
+            .collect();
+        histogram_quantile(q, &delta)
+    }
+
+    fn mean_since(&self, old: &Histogram) -> Option<f64> {
+        let n = self.count() - old.count();
+        (n > 0.0).then(|| (self.sum - old.sum) / n)
+    }
+}
+
 /// Cumulative totals read from one render of the Prometheus handle.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Totals {
     pub generated_tokens: f64,
     pub requests: f64,
-    pub ttft_sum: f64,
-    pub ttft_count: f64,
-    pub ttft_p50: Option<f64>,
-    pub ttft_p99: Option<f64>,
-    pub duration_sum: f64,
-    pub duration_count: f64,
+    pub ttft: Histogram,
+    pub itl: Histogram,
 }
 
 /// Parses the router's series out of Prometheus text exposition.
 pub fn parse_totals(text: &str) -> Totals {
     let mut t = Totals::default();
-    let max = |a: Option<f64>, b: f64| Some(a.map_or(b, |a| a.max(b)));
     for line in text.lines() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let (name, labels, rest) = match line.find('{') {
+        let (name, rest) = match line.find('{') {
             Some(i) => match line[i..].find('}') {
-                Some(j) => (&line[..i], &line[i + 1..i + j], &line[i + j + 1..]),
+                Some(j) => (&line[..i], &line[i + j + 1..]),
                 None => continue,
             },
             None => match line.split_once(' ') {
-                Some((n, r)) => (n, "", r),
+                Some((n, r)) => (n, r),
                 None => continue,
             },
         };
@@ -157,29 +185,17 @@ pub fn parse_totals(text: &str) -> Totals {
         if !v.is_finite() {
             continue;
         }
-        match name {
-            "tandem_router_generated_tokens_total" => t.generated_tokens += v,
-            "tandem_router_requests_total" => t.requests += v,
-            "tandem_router_time_to_first_token_seconds_sum" => t.ttft_sum += v,
-            "tandem_router_time_to_first_token_seconds_count" => t.ttft_count += v,
-            "tandem_router_request_duration_seconds_sum" => t.duration_sum += v,
-            "tandem_router_request_duration_seconds_count" => t.duration_count += v,
-            "tandem_router_time_to_first_token_seconds" => match label(labels, "quantile") {
-                Some("0.5") => t.ttft_p50 = max(t.ttft_p50, v),
-                Some("0.99") => t.ttft_p99 = max(t.ttft_p99, v),
-                _ => {}
-            },
+        match name.strip_suffix("_sum") {
+            Some(m::TTFT) => t.ttft.sum += v,
+            Some(m::INTER_TOKEN_LATENCY) => t.itl.sum += v,
+            _ if name == m::GENERATED_TOKENS => t.generated_tokens += v,
+            _ if name == m::REQUESTS => t.requests += v,
             _ => {}
         }
     }
+    t.ttft.buckets = parse_buckets(text, m::TTFT, &[]);
+    t.itl.buckets = parse_buckets(text, m::INTER_TOKEN_LATENCY, &[]);
     t
-}
-
-fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
-    labels.split(',').find_map(|kv| {
-        let (k, v) = kv.split_once('=')?;
-        (k.trim() == key).then(|| v.trim().trim_matches('"'))
-    })
 }
 
 /// Turns consecutive totals into samples; keeps the ring buffer.
@@ -192,25 +208,10 @@ pub struct Series {
 impl Series {
     /// Adds the totals read `dt` seconds after the previous ones.
     pub fn push(&mut self, t_ms: u64, dt: f64, now: Totals) {
-        if let Some(prev) = self.totals.back().copied() {
+        if let Some(prev) = self.totals.back() {
             let dt = dt.max(1e-3);
             let rate = |a: f64, b: f64| ((a - b).max(0.0)) / dt;
-            let d_ttft = now.ttft_count - prev.ttft_count;
-            let fresh = d_ttft > 0.0;
-            let mut tpot = None;
-            if let Some(old) = self
-                .totals
-                .get(self.totals.len().saturating_sub(TPOT_WINDOW))
-            {
-                let decode_time =
-                    (now.duration_sum - old.duration_sum) - (now.ttft_sum - old.ttft_sum);
-                let after_first = (now.generated_tokens - old.generated_tokens)
-                    - (now.ttft_count - old.ttft_count);
-                if now.duration_count > old.duration_count && decode_time > 0.0 && after_first > 0.0
-                {
-                    tpot = Some(decode_time / after_first);
-                }
-            }
+            let old = &self.totals[self.totals.len().saturating_sub(TPOT_WINDOW)];
             if self.samples.len() == SERIES_LEN {
                 self.samples.pop_front();
             }
@@ -218,10 +219,12 @@ impl Series {
                 t_ms,
                 tokens_per_s: rate(now.generated_tokens, prev.generated_tokens),
                 requests_per_s: rate(now.requests, prev.requests),
-                ttft_p50_s: if fresh { now.ttft_p50 } else { None },
-                ttft_p99_s: if fresh { now.ttft_p99 } else { None },
-                ttft_mean_s: fresh.then(|| (now.ttft_sum - prev.ttft_sum) / d_ttft),
-                tpot_mean_s: tpot,
+                ttft_p50_s: now.ttft.since(&prev.ttft, 0.5),
+                ttft_p99_s: now.ttft.since(&prev.ttft, 0.99),
+                ttft_mean_s: now.ttft.mean_since(&prev.ttft),
+                tpot_p50_s: now.itl.since(&old.itl, 0.5),
+                tpot_p99_s: now.itl.since(&old.itl, 0.99),
+                tpot_mean_s: now.itl.mean_since(&old.itl),
             });
         }
         if self.totals.len() > TPOT_WINDOW {
@@ -317,19 +320,27 @@ async fn state(State(dash): State<Arc<Dash>>) -> Response {
 mod tests {
     use super::*;
 
-    const TEXT: &str = r#"# TYPE tandem_router_requests_total counter
-tandem_router_requests_total{endpoint="completions",status="200"} 7
-tandem_router_requests_total{endpoint="chat_completions",status="400"} 3
-tandem_router_generated_tokens_total{endpoint="completions"} 140
-# TYPE tandem_router_time_to_first_token_seconds summary
-tandem_router_time_to_first_token_seconds{endpoint="completions",quantile="0"} 0.01
-tandem_router_time_to_first_token_seconds{endpoint="completions",quantile="0.5"} 0.05
-tandem_router_time_to_first_token_seconds{endpoint="completions",quantile="0.99"} 0.2
-tandem_router_time_to_first_token_seconds{endpoint="chat_completions",quantile="0.5"} 0.07
-tandem_router_time_to_first_token_seconds_sum{endpoint="completions"} 0.35
-tandem_router_time_to_first_token_seconds_count{endpoint="completions"} 7
-tandem_router_request_duration_seconds_sum{endpoint="completions"} 2.35
-tandem_router_request_duration_seconds_count{endpoint="completions"} 7
+    const TEXT: &str = r#"# TYPE tandem_requests_total counter
+tandem_requests_total{model="m",role="router",endpoint="completions",status="200"} 7
+tandem_requests_total{model="m",role="router",endpoint="chat_completions",status="400"} 3
+tandem_generated_tokens_total{model="m",role="router",endpoint="completions"} 140
+# TYPE tandem_time_to_first_token_seconds histogram
+tandem_time_to_first_token_seconds_bucket{endpoint="completions",le="0.05"} 4
+tandem_time_to_first_token_seconds_bucket{endpoint="completions",le="0.1"} 6
+tandem_time_to_first_token_seconds_bucket{endpoint="completions",le="+Inf"} 6
+tandem_time_to_first_token_seconds_sum{endpoint="completions"} 0.3
+tandem_time_to_first_token_seconds_count{endpoint="completions"} 6
+tandem_time_to_first_token_seconds_bucket{endpoint="chat_completions",le="0.05"} 0
+tandem_time_to_first_token_seconds_bucket{endpoint="chat_completions",le="0.1"} 0
+tandem_time_to_first_token_seconds_bucket{endpoint="chat_completions",le="+Inf"} 2
+tandem_time_to_first_token_seconds_sum{endpoint="chat_completions"} 0.5
+tandem_time_to_first_token_seconds_count{endpoint="chat_completions"} 2
+# TYPE tandem_inter_token_latency_seconds histogram
+tandem_inter_token_latency_seconds_bucket{le="0.01"} 100
+tandem_inter_token_latency_seconds_bucket{le="0.02"} 132
+tandem_inter_token_latency_seconds_bucket{le="+Inf"} 132
+tandem_inter_token_latency_seconds_sum 1.32
+tandem_inter_token_latency_seconds_count 132
 "#;
 
     #[test]
@@ -345,11 +356,12 @@ tandem_router_request_duration_seconds_count{endpoint="completions"} 7
         let t = parse_totals(TEXT);
         assert_eq!(t.requests, 10.0);
         assert_eq!(t.generated_tokens, 140.0);
-        assert_eq!(t.ttft_p50, Some(0.07));
-        assert_eq!(t.ttft_p99, Some(0.2));
-        assert_eq!(t.ttft_count, 7.0);
-        assert!((t.ttft_sum - 0.35).abs() < 1e-12);
-        assert_eq!(t.duration_count, 7.0);
+        assert_eq!(
+            t.ttft.buckets,
+            vec![(0.05, 4.0), (0.1, 6.0), (f64::INFINITY, 8.0)]
+        );
+        assert!((t.ttft.sum - 0.8).abs() < 1e-12);
+        assert_eq!(t.itl.count(), 132.0);
         assert_eq!(parse_totals(""), Totals::default());
     }
 
@@ -359,24 +371,28 @@ tandem_router_request_duration_seconds_count{endpoint="completions"} 7
         s.push(0, 1.0, Totals::default());
         assert!(s.samples().is_empty());
         let t = parse_totals(TEXT);
-        s.push(1000, 1.0, t);
+        s.push(1000, 1.0, t.clone());
         let x = s.samples()[0];
         assert_eq!(x.tokens_per_s, 140.0);
         assert_eq!(x.requests_per_s, 10.0);
-        assert_eq!(x.ttft_p50_s, Some(0.07));
-        assert!((x.ttft_mean_s.unwrap() - 0.05).abs() < 1e-12);
-        // (2.35 - 0.35) s over 140 - 7 tokens after the first.
-        assert!((x.tpot_mean_s.unwrap() - 2.0 / 133.0).abs() < 1e-12);
-        // Nothing new: zero rates, no latency.
-        s.push(2000, 1.0, t);
+        // 8 first tokens: the 4th is the bucket (0, 0.05]'s last.
+        assert_eq!(x.ttft_p50_s, Some(0.05));
+        assert!((x.ttft_mean_s.unwrap() - 0.1).abs() < 1e-12);
+        assert!((x.tpot_mean_s.unwrap() - 0.01).abs() < 1e-12);
+        // The 66th of 132 gaps lies in the first bucket.
+        assert!((x.tpot_p50_s.unwrap() - 0.0066).abs() < 1e-12);
+        // Nothing new: zero rates, no TTFT; TPOT still over its window.
+        s.push(2000, 1.0, t.clone());
         let y = s.samples()[1];
         assert_eq!(
             (y.tokens_per_s, y.ttft_p50_s, y.ttft_mean_s),
             (0.0, None, None)
         );
+        assert!(y.tpot_mean_s.is_some());
         for i in 0..2 * SERIES_LEN as u64 {
-            s.push(3000 + i, 1.0, t);
+            s.push(3000 + i, 1.0, t.clone());
         }
         assert_eq!(s.samples().len(), SERIES_LEN);
+        assert_eq!(s.samples().last().unwrap().tpot_mean_s, None);
     }
 }

@@ -113,11 +113,43 @@ pub struct TokenStream {
     pub events: mpsc::Receiver<TokenEvent>,
     /// Cancels the generation when dropped.
     pub cancel_on_drop: tokio_util::sync::DropGuard,
+    /// Records the generation's phases and inter-token latency as
+    /// [`TokenStream::next`] hands out its events.
+    timer: Option<tandem_cluster::metrics::RequestTimer>,
 }
 
 impl TokenStream {
+    pub fn new(
+        events: mpsc::Receiver<TokenEvent>,
+        cancel_on_drop: tokio_util::sync::DropGuard,
+    ) -> Self {
+        Self {
+            events,
+            cancel_on_drop,
+            timer: None,
+        }
+    }
+
+    /// Times the generation with `timer` (already marked admitted).
+    pub fn timed(mut self, timer: tandem_cluster::metrics::RequestTimer) -> Self {
+        self.timer = Some(timer);
+        self
+    }
+
     pub async fn next(&mut self) -> Option<TokenEvent> {
-        self.events.recv().await
+        let ev = self.events.recv().await;
+        if let Some(t) = self.timer.as_mut() {
+            match &ev {
+                Some(TokenEvent::Token(_)) => {
+                    t.token();
+                }
+                Some(TokenEvent::Finished { .. }) => {
+                    t.finished();
+                }
+                _ => {}
+            }
+        }
+        ev
     }
 }
 
@@ -128,4 +160,18 @@ pub trait Backend: Send + Sync + 'static {
     /// Admits one generation. Errors here mean nothing was started.
     fn generate(&self, input: GenerationInput)
         -> BoxFuture<'_, Result<TokenStream, DispatchError>>;
+
+    /// Admits the choices of one request (`inputs[i]` is choice `i`), all or
+    /// nothing: on an error the ones already admitted are dropped, which
+    /// cancels them. This default runs each choice as a generation of its
+    /// own; a backend that can share the prompt among the choices (parallel
+    /// sampling) overrides it, with the same tokens per choice.
+    fn generate_choices(
+        &self,
+        inputs: Vec<GenerationInput>,
+    ) -> BoxFuture<'_, Result<Vec<TokenStream>, DispatchError>> {
+        Box::pin(futures_util::future::try_join_all(
+            inputs.into_iter().map(|input| self.generate(input)),
+        ))
+    }
 }

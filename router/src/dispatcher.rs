@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use tandem_cluster::metrics::RequestTimer;
 use tandem_cluster::{ClusterSecret, Drain, DrainGuard, PeerList, Role};
 use tandem_proto::worker as pb;
 use tokio::sync::mpsc;
@@ -192,6 +193,7 @@ impl Dispatcher {
 
     async fn start(&self, input: GenerationInput) -> Result<TokenStream, DispatchError> {
         let t0 = Instant::now();
+        let front = input.frontend_time;
         let s = &self.shared;
         let Some(drain_guard) = s.drain.enter() else {
             return Err(DispatchError::Unavailable("the router is draining".into()));
@@ -206,6 +208,7 @@ impl Dispatcher {
             priority: 0,
             prefill_address: String::new(),
             generated: Vec::new(),
+            n: 1,
         };
         let mut attempt = Attempt {
             req,
@@ -224,14 +227,107 @@ impl Dispatcher {
             resumes: 0,
             cancel: cancel.clone(),
             tx,
-            _drain: drain_guard,
+            _drain: Arc::new(drain_guard),
         };
         tokio::spawn(relay.run());
-        Ok(TokenStream {
-            events: rx,
-            cancel_on_drop: cancel.drop_guard(),
-        })
+        let mut timer = RequestTimer::new(t0.checked_sub(front).unwrap_or(t0));
+        timer.admitted();
+        Ok(TokenStream::new(rx, cancel.drop_guard()).timed(timer))
     }
+
+    /// Parallel sampling: the choices of one request as one decode call
+    /// carrying `n`, when they differ only in their request key (choice `i`
+    /// has the first one's key plus `i`, as the front ends build them); the
+    /// decode worker computes the prompt once and forks its KV. Anything
+    /// else runs as one generation per choice.
+    async fn start_choices(
+        &self,
+        inputs: Vec<GenerationInput>,
+    ) -> Result<Vec<TokenStream>, DispatchError> {
+        if inputs.len() < 2 || !shares_prompt(&inputs) {
+            let futs = inputs.into_iter().map(|input| self.start(input));
+            return futures_util::future::try_join_all(futs).await;
+        }
+        let t0 = Instant::now();
+        let s = &self.shared;
+        let Some(drain_guard) = s.drain.enter() else {
+            return Err(DispatchError::Unavailable("the router is draining".into()));
+        };
+        let n = inputs.len();
+        let first = inputs.into_iter().next().expect("two or more choices");
+        let front = first.frontend_time;
+        // Per-choice ids are `{base}-{index}`: the call is named by the base.
+        let request_id = first
+            .request_id
+            .strip_suffix("-0")
+            .unwrap_or(&first.request_id)
+            .to_string();
+        let hashes = block_hashes(&first.prompt, s.block_size.load(Ordering::Relaxed));
+        let req = pb::DecodeRequest {
+            request_id,
+            prompt: first.prompt,
+            sampling: Some(sampling_to_proto(&first.sampling)),
+            max_tokens: first.max_tokens,
+            stop_token_ids: first.stop_token_ids,
+            priority: 0,
+            prefill_address: String::new(),
+            generated: Vec::new(),
+            n: n as u32,
+        };
+        let mut attempt = Attempt {
+            req,
+            hashes,
+            failed: Vec::new(),
+            timing: Some((t0, front)),
+        };
+        let opened = s.open(&mut attempt).await?;
+        let (cancelled_tx, cancelled) = mpsc::unbounded_channel();
+        let mut choices = Vec::with_capacity(n);
+        let mut streams = Vec::with_capacity(n);
+        for i in 0..n {
+            let (tx, rx) = mpsc::channel(64);
+            let cancel = CancellationToken::new();
+            // Tells the relay when the front end lets go of this choice.
+            let (token, notify) = (cancel.clone(), cancelled_tx.clone());
+            tokio::spawn(async move {
+                token.cancelled().await;
+                let _ = notify.send(i);
+            });
+            let mut timer = RequestTimer::new(t0.checked_sub(front).unwrap_or(t0));
+            timer.admitted();
+            streams.push(TokenStream::new(rx, cancel.clone().drop_guard()).timed(timer));
+            choices.push(ChoiceSlot {
+                tx,
+                cancel,
+                generated: Vec::new(),
+                done: false,
+            });
+        }
+        let relay = ParallelRelay {
+            shared: s.clone(),
+            attempt,
+            opened: Some(opened),
+            choices,
+            cancelled,
+            _drain: Arc::new(drain_guard),
+        };
+        tokio::spawn(relay.run());
+        Ok(streams)
+    }
+}
+
+/// Whether the choices can run as one parallel-sampling call: the same
+/// prompt and parameters, with consecutive request keys.
+fn shares_prompt(inputs: &[GenerationInput]) -> bool {
+    let first = &inputs[0];
+    inputs.iter().enumerate().all(|(i, x)| {
+        let mut sampling = x.sampling.clone();
+        sampling.request_key = sampling.request_key.wrapping_sub(i as u64);
+        x.prompt == first.prompt
+            && sampling == first.sampling
+            && x.max_tokens == first.max_tokens
+            && x.stop_token_ids == first.stop_token_ids
+    })
 }
 
 impl Backend for Dispatcher {
@@ -241,13 +337,20 @@ impl Backend for Dispatcher {
     ) -> BoxFuture<'_, Result<TokenStream, DispatchError>> {
         Box::pin(self.start(input))
     }
+
+    fn generate_choices(
+        &self,
+        inputs: Vec<GenerationInput>,
+    ) -> BoxFuture<'_, Result<Vec<TokenStream>, DispatchError>> {
+        Box::pin(self.start_choices(inputs))
+    }
 }
 
-/// `tandem_router_workers{role}`: the workers the router routes to.
+/// `tandem_router_workers{worker_role}`: the workers the router routes to.
 fn publish_counts(m: &Members) {
-    metrics::gauge!(tandem_cluster::metrics::ROUTER_WORKERS, "role" => "decode")
+    metrics::gauge!(tandem_cluster::metrics::ROUTER_WORKERS, "worker_role" => "decode")
         .set(m.decode.len() as f64);
-    metrics::gauge!(tandem_cluster::metrics::ROUTER_WORKERS, "role" => "prefill")
+    metrics::gauge!(tandem_cluster::metrics::ROUTER_WORKERS, "worker_role" => "prefill")
         .set(m.prefill.len() as f64);
 }
 
@@ -339,6 +442,7 @@ impl Shared {
                     stream,
                     Some(pb::DecodeEvent {
                         kind: Some(pb::DecodeEventKind::Admitted(_)),
+                        ..
                     }),
                 )) => {
                     self.index.record(&a.hashes, decode.addr);
@@ -356,10 +460,11 @@ impl Shared {
                     _,
                     Some(pb::DecodeEvent {
                         kind: Some(pb::DecodeEventKind::Error(e)),
+                        ..
                     }),
                 )) if e.code != "overloaded" => return Err(worker_error(&e)),
-                Ok((_, Some(pb::DecodeEvent { kind: Some(_) })))
-                | Ok((_, Some(pb::DecodeEvent { kind: None }))) => {
+                Ok((_, Some(pb::DecodeEvent { kind: Some(_), .. })))
+                | Ok((_, Some(pb::DecodeEvent { kind: None, .. }))) => {
                     last = DispatchError::Unavailable(format!(
                         "decode worker {} is full",
                         decode.addr
@@ -403,7 +508,8 @@ struct Relay {
     resumes: usize,
     cancel: CancellationToken,
     tx: mpsc::Sender<TokenEvent>,
-    _drain: DrainGuard,
+    /// Shared by the choices of a parallel request resumed one by one.
+    _drain: Arc<DrainGuard>,
 }
 
 enum Next {
@@ -426,7 +532,7 @@ impl Relay {
                 m = opened.stream.message() => m,
             };
             let next = match msg {
-                Ok(Some(pb::DecodeEvent { kind: Some(k) })) => self.on_event(k),
+                Ok(Some(pb::DecodeEvent { kind: Some(k), .. })) => self.on_event(k),
                 Ok(Some(_)) => Next::Skip,
                 Ok(None) => Next::Resume("the stream ended without finishing".into()),
                 Err(s) if is_connection_failure(&s) => Next::Resume(s.message().to_string()),
@@ -515,6 +621,15 @@ impl Relay {
             )));
         }
         self.resumes += 1;
+        let why = format!("decode worker {}: {why}", dead.decode.addr);
+        drop(dead);
+        self.continue_elsewhere(&why).await
+    }
+
+    /// Opens the stream again on another decode worker, with the tokens
+    /// already sent as `generated`. `Some(event)` when nothing is left to
+    /// generate.
+    async fn continue_elsewhere(&mut self, why: &str) -> Result<Option<TokenEvent>, DispatchError> {
         let req = &mut self.attempt.req;
         let n = self.generated.len();
         if req.max_tokens.is_some_and(|m| n >= m as usize) {
@@ -526,13 +641,245 @@ impl Relay {
                 cached_tokens: 0,
             }));
         }
-        tracing::warn!(request = %req.request_id, worker = %dead.decode.addr, sent = n, error = %why, "decode worker failed; resuming elsewhere");
+        tracing::warn!(request = %req.request_id, sent = n, error = %why, "resuming elsewhere");
         metrics::counter!(tandem_cluster::metrics::ROUTER_RESUMED).increment(1);
         req.generated = self.generated.clone();
         req.prefill_address.clear();
-        drop(dead);
         self.opened = Some(self.shared.open(&mut self.attempt).await?);
         Ok(None)
+    }
+}
+
+/// One choice of a parallel request, as the relay sees it.
+struct ChoiceSlot {
+    tx: mpsc::Sender<TokenEvent>,
+    /// Cancelled when the front end drops the choice's [`TokenStream`].
+    cancel: CancellationToken,
+    /// Tokens sent to the front end so far.
+    generated: Vec<u32>,
+    /// Finished, failed, or given up by the front end: nothing more to send.
+    done: bool,
+}
+
+/// Relays a parallel-sampling request: one decode stream carrying every
+/// choice's events (tagged with the choice's index), fanned out to the
+/// choices' [`TokenStream`]s.
+///
+/// - A choice the front end drops (a stop string ended it) is cancelled on
+///   the worker alone (`Cancel` with its index); the others carry on.
+/// - A remote prefill that fails before any token is retried elsewhere,
+///   the whole request at once, as for one choice.
+/// - A decode worker that dies mid-stream: each unfinished choice resumes
+///   as a request of its own (`n = 1`, its key, the tokens it already sent
+///   as `generated`) through [`Relay`], because the choices have diverged
+///   and no longer share anything but the prompt. Counter-based sampling
+///   makes each continuation exact, as for a single stream.
+struct ParallelRelay {
+    shared: Arc<Shared>,
+    attempt: Attempt,
+    opened: Option<Opened>,
+    choices: Vec<ChoiceSlot>,
+    /// Indices of the choices the front end let go of.
+    cancelled: mpsc::UnboundedReceiver<usize>,
+    _drain: Arc<DrainGuard>,
+}
+
+impl ParallelRelay {
+    async fn run(mut self) {
+        loop {
+            if self.choices.iter().all(|c| c.done) {
+                return;
+            }
+            let Some(opened) = self.opened.as_mut() else {
+                return;
+            };
+            let msg = tokio::select! {
+                Some(i) = self.cancelled.recv() => {
+                    self.cancel_choice(i);
+                    continue;
+                }
+                m = opened.stream.message() => m,
+            };
+            let result = match msg {
+                Ok(Some(ev)) => self.on_event(ev).await,
+                Ok(None) => Err("the stream ended without finishing every choice".into()),
+                Err(s) if is_connection_failure(&s) => Err(s.message().to_string()),
+                Err(s) => {
+                    let e = status_error(s);
+                    self.fail_all(e).await;
+                    return;
+                }
+            };
+            if let Err(why) = result {
+                self.resume_each(why).await;
+                return;
+            }
+        }
+    }
+
+    /// The front end dropped choice `i`: stop it on the worker.
+    fn cancel_choice(&mut self, i: usize) {
+        let Some(c) = self.choices.get_mut(i) else {
+            return;
+        };
+        if c.done {
+            return;
+        }
+        c.done = true;
+        let Some(o) = self.opened.as_ref() else {
+            return;
+        };
+        let mut client = o.decode.client.clone();
+        let call = self
+            .shared
+            .cfg
+            .secret
+            .attach(tonic::Request::new(pb::CancelRequest {
+                request_id: self.attempt.req.request_id.clone(),
+                index: Some(i as u32),
+            }));
+        tokio::spawn(async move {
+            // Best effort: if it fails, the choice ends at its own limit.
+            let _ = client.cancel(call).await;
+        });
+    }
+
+    /// Handles one event of the decode stream. `Err(why)` when the decode
+    /// worker failed and the choices must resume elsewhere.
+    async fn on_event(&mut self, ev: pb::DecodeEvent) -> Result<(), String> {
+        let i = ev.index as usize;
+        let Some(kind) = ev.kind else {
+            return Ok(());
+        };
+        if let pb::DecodeEventKind::Admitted(_) = kind {
+            return Ok(());
+        }
+        if i >= self.choices.len() {
+            tracing::warn!(request = %self.attempt.req.request_id, index = i, "event for a choice that does not exist");
+            return Ok(());
+        }
+        let out = match kind {
+            pb::DecodeEventKind::Admitted(_) => return Ok(()),
+            pb::DecodeEventKind::Token(t) => {
+                if let Some(o) = self.opened.as_mut() {
+                    // The prefill leg is over once a token arrives.
+                    o.guards.1 = None;
+                }
+                if self.choices[i].done {
+                    return Ok(());
+                }
+                self.choices[i].generated.push(t.token_id);
+                TokenEvent::Token(SampledToken {
+                    id: t.token_id,
+                    logprob: t.logprob,
+                    top: t.top.iter().map(|x| (x.token_id, x.logprob)).collect(),
+                })
+            }
+            pb::DecodeEventKind::Finished(f) => TokenEvent::Finished {
+                reason: if f.reason() == pb::FinishReason::Length {
+                    Finish::Length
+                } else {
+                    Finish::Stop
+                },
+                prompt_tokens: f.prompt_tokens,
+                completion_tokens: f.completion_tokens,
+                cached_tokens: f.cached_tokens,
+            },
+            pb::DecodeEventKind::Error(e)
+                if e.code == "prefill_failed"
+                    && self.choices.iter().all(|c| c.generated.is_empty()) =>
+            {
+                if let Err(e) = self.reprefill(e.message).await {
+                    self.fail_all(e).await;
+                }
+                return Ok(());
+            }
+            pb::DecodeEventKind::Error(e) => TokenEvent::Error(worker_error(&e)),
+        };
+        let c = &mut self.choices[i];
+        if c.done {
+            return Ok(());
+        }
+        let last = !matches!(out, TokenEvent::Token(_));
+        if c.tx.send(out).await.is_err() || last {
+            c.done = true;
+        }
+        Ok(())
+    }
+
+    /// The prefill leg failed before any token: prefill elsewhere (as
+    /// [`Relay::reprefill`]), every choice at once.
+    async fn reprefill(&mut self, why: String) -> Result<(), DispatchError> {
+        let failed = self.opened.take().and_then(|o| o.prefill);
+        if let Some(p) = &failed {
+            tracing::warn!(request = %self.attempt.req.request_id, prefill = %p.addr, error = %why, "prefill failed; retrying elsewhere");
+            p.mark_down();
+            self.attempt.failed.push(p.addr);
+        }
+        metrics::counter!(tandem_cluster::metrics::ROUTER_PREFILL_RETRIES).increment(1);
+        self.opened = Some(self.shared.open(&mut self.attempt).await?);
+        Ok(())
+    }
+
+    /// Ends every unfinished choice with `e`.
+    async fn fail_all(&mut self, e: DispatchError) {
+        for c in self.choices.iter_mut().filter(|c| !c.done) {
+            c.done = true;
+            let _ = c.tx.send(TokenEvent::Error(e.clone())).await;
+        }
+    }
+
+    /// The decode worker failed: each unfinished choice continues as a
+    /// single-choice request of its own (see the type's docs).
+    async fn resume_each(mut self, why: String) {
+        let Some(dead) = self.opened.take() else {
+            self.fail_all(DispatchError::Internal(why)).await;
+            return;
+        };
+        dead.decode.mark_down();
+        self.attempt.failed.push(dead.decode.addr);
+        let why = format!("decode worker {}: {why}", dead.decode.addr);
+        drop(dead);
+        let base = &self.attempt.req;
+        let key = base.sampling.map(|s| s.request_key).unwrap_or(0);
+        for (i, c) in self.choices.into_iter().enumerate() {
+            if c.done {
+                continue;
+            }
+            let mut req = base.clone();
+            req.request_id = format!("{}-{i}", base.request_id);
+            req.n = 1;
+            if let Some(s) = req.sampling.as_mut() {
+                s.request_key = key.wrapping_add(i as u64);
+            }
+            let mut relay = Relay {
+                shared: self.shared.clone(),
+                attempt: Attempt {
+                    req,
+                    hashes: self.attempt.hashes.clone(),
+                    failed: self.attempt.failed.clone(),
+                    timing: None,
+                },
+                opened: None,
+                generated: c.generated,
+                resumes: 1,
+                cancel: c.cancel,
+                tx: c.tx,
+                _drain: self._drain.clone(),
+            };
+            let tx = relay.tx.clone();
+            match relay.continue_elsewhere(&why).await {
+                Ok(None) => {
+                    tokio::spawn(relay.run());
+                }
+                Ok(Some(done)) => {
+                    let _ = tx.send(done).await;
+                }
+                Err(e) => {
+                    let _ = tx.send(TokenEvent::Error(e)).await;
+                }
+            }
+        }
     }
 }
 

@@ -10,12 +10,16 @@ use tandem_proto::generate as g;
 use tandem_proto::worker as w;
 use tandem_tests::{model_path, tandem_bin, Cluster, Node, SECRET};
 
+#[path = "e2e/bench.rs"]
+mod bench;
 #[path = "e2e/dashboard.rs"]
 mod dashboard;
 #[path = "e2e/membership.rs"]
 mod membership;
 #[path = "e2e/operations.rs"]
 mod operations;
+#[path = "e2e/sampling.rs"]
+mod sampling;
 
 const MAX_TOKENS: u32 = 20;
 
@@ -751,18 +755,40 @@ fn hanging_up_during_a_remote_prefill_cancels_it_and_frees_the_reserved_blocks()
     });
 }
 
-/// A counter from a node's /metrics, 0 when absent.
-async fn counter(node: &Node, line_prefix: &str) -> f64 {
+/// A series from a node's /metrics, 0 when absent. `series` is `name` or
+/// `name{k="v",...}`: lines of that name whose labels include the given
+/// ones (the node labels `model`, `role`, `worker_id` and any others are
+/// ignored) are summed.
+async fn counter(node: &Node, series: &str) -> f64 {
     let text = reqwest::get(format!("http://{}/metrics", node.addr()))
         .await
         .unwrap()
         .text()
         .await
         .unwrap();
+    fn split(s: &str) -> (&str, Vec<&str>) {
+        match s.split_once('{') {
+            Some((name, rest)) => (
+                name,
+                rest.trim_end_matches('}')
+                    .split(',')
+                    .filter(|kv| !kv.is_empty())
+                    .collect(),
+            ),
+            None => (s, Vec::new()),
+        }
+    }
+    let (name, want) = split(series);
     text.lines()
-        .find_map(|l| l.strip_prefix(line_prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, labels) = split(series);
+            (n == name && want.iter().all(|w| labels.contains(w)))
+                .then(|| value.trim().parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
 }
 
 #[test]
@@ -967,7 +993,7 @@ mod faults {
         rt().block_on(async {
             let deadline = Instant::now() + Duration::from_secs(20);
             for role in ["decode", "prefill"] {
-                let line = format!("tandem_router_workers{{role=\"{role}\"}}");
+                let line = format!("tandem_router_workers{{worker_role=\"{role}\"}}");
                 while counter(&cluster.router, &line).await < 2.0 {
                     assert!(
                         Instant::now() < deadline,
@@ -1031,18 +1057,69 @@ fn every_node_exposes_metrics_that_promtool_accepts() {
         let http = reqwest::Client::new();
         let r = http
             .post(format!("{}/completions", cluster.base_url()))
-            .json(&json!({"model": model_name(), "prompt": "Metrics, please:", "max_tokens": 4, "stream": true}))
+            .json(
+                &json!({"model": model_name(), "prompt": "Metrics, please:", "max_tokens": 4,
+                "temperature": 0, "stream": true, "stream_options": {"include_usage": true}}),
+            )
             .send()
             .await
             .unwrap();
         assert_eq!(r.status(), 200);
-        let _ = r.text().await.unwrap();
+        let body = r.text().await.unwrap();
+        let completion: f64 = body
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l.strip_prefix("data: ")?).ok())
+            .find_map(|v| v["usage"]["completion_tokens"].as_f64())
+            .expect("usage in the stream");
+        assert!(completion >= 1.0, "{body}");
         // Worker gauges are published once a second.
         tokio::time::sleep(Duration::from_millis(1200)).await;
+        // The field's names, as bucketed histograms, with the node labels.
         let nodes: [(&str, &Node, &[&str]); 3] = [
-            ("router", &cluster.router, &["tandem_router_requests_total", "tandem_router_dispatch_seconds"]),
-            ("prefill", &cluster.prefill[0], &["tandem_prefill_seconds", "tandem_kv_transfer_seconds", "tandem_stage_requests"]),
-            ("decode", &cluster.decode[0], &["tandem_kv_blocks_used", "tandem_kv_transfer_seconds", "tandem_stage_requests"]),
+            (
+                "router",
+                &cluster.router,
+                &[
+                    "tandem_requests_total{",
+                    "tandem_time_to_first_token_seconds_bucket{",
+                    "tandem_inter_token_latency_seconds_bucket{",
+                    "tandem_request_duration_seconds_bucket{",
+                    "tandem_request_queue_time_seconds_bucket{",
+                    "tandem_request_prefill_time_seconds_bucket{",
+                    "tandem_request_decode_time_seconds_bucket{",
+                    "tandem_router_dispatch_seconds_bucket{",
+                    "tandem_router_relay_seconds_bucket{",
+                    "tandem_router_workers{",
+                ],
+            ),
+            (
+                "prefill",
+                &cluster.prefill[0],
+                &[
+                    "tandem_request_queue_time_seconds_bucket{",
+                    "tandem_request_prefill_time_seconds_bucket{",
+                    "tandem_kv_transfer_seconds_bucket{",
+                    "tandem_kv_transfer_bytes_total{",
+                    "tandem_stage_requests{",
+                    "tandem_kv_blocks_used{",
+                ],
+            ),
+            (
+                "decode",
+                &cluster.decode[0],
+                &[
+                    "tandem_time_to_first_token_seconds_bucket{",
+                    "tandem_inter_token_latency_seconds_bucket{",
+                    "tandem_request_duration_seconds_bucket{",
+                    "tandem_request_queue_time_seconds_bucket{",
+                    "tandem_request_prefill_time_seconds_bucket{",
+                    "tandem_request_decode_time_seconds_bucket{",
+                    "tandem_kv_transfer_seconds_bucket{",
+                    "tandem_stage_requests{",
+                    "tandem_kv_blocks_used{",
+                    "tandem_generated_tokens_total{",
+                ],
+            ),
         ];
         for (role, node, must) in nodes {
             let text = http
@@ -1054,7 +1131,36 @@ fn every_node_exposes_metrics_that_promtool_accepts() {
                 .await
                 .unwrap();
             for m in must {
-                assert!(text.contains(m), "{role} /metrics lacks {m}:\n{text}");
+                let line = text.lines().find(|l| l.starts_with(m));
+                let line = line.unwrap_or_else(|| panic!("{role} /metrics lacks {m}:\n{text}"));
+                let model = format!("model=\"{}\"", model_name());
+                let role_label = format!("role=\"{role}\"");
+                assert!(
+                    line.contains(&model)
+                        && line.contains(&role_label)
+                        && line.contains("worker_id=\""),
+                    "{role}: {line} lacks the node labels"
+                );
+            }
+            assert!(
+                !text.contains("quantile=\""),
+                "{role} exports summaries:\n{text}"
+            );
+            if role != "prefill" {
+                // One request: one first token, a gap before each other token.
+                let count = |name: &str| -> f64 {
+                    text.lines()
+                        .filter(|l| l.starts_with(&format!("{name}_count{{")))
+                        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                        .sum()
+                };
+                assert_eq!(count("tandem_time_to_first_token_seconds"), 1.0, "{role}");
+                assert_eq!(
+                    count("tandem_inter_token_latency_seconds"),
+                    completion - 1.0,
+                    "{role}"
+                );
+                assert_eq!(count("tandem_request_decode_time_seconds"), 1.0, "{role}");
             }
             use std::io::Write;
             let mut child = Command::new(promtool)
@@ -1064,7 +1170,12 @@ fn every_node_exposes_metrics_that_promtool_accepts() {
                 .stderr(std::process::Stdio::piped())
                 .spawn()
                 .unwrap();
-            child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
             let out = child.wait_with_output().unwrap();
             assert!(
                 out.status.success(),

@@ -68,6 +68,73 @@ pub const PANEL: usize = 16;
 /// 306 tok at 8 / 16 / 32 tokens, GEMM 209 / 272 / 322.
 const FUSED_MAX_TOKENS: usize = 16;
 
+/// [`FUSED_MAX_TOKENS`] for a matrix with an f32 copy, whose GEMM skips the
+/// expansion. Measured on the default model (2 threads, per CPU-second):
+/// fused 239 / 254 tok at 8 / 16 tokens, GEMM over the copy 171 / 293.
+const FUSED_MAX_TOKENS_F32_COPY: usize = 8;
+
+/// Whether a model's matrices keep an f32 copy of their weights for the
+/// many-token path (see [`PackedMatrix::expand_f32`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExpandWeights {
+    /// On when the copies take at most a quarter of the memory the system
+    /// reports available at load time (`MemAvailable`); off where that is
+    /// unknown.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl ExpandWeights {
+    pub fn name(self) -> &'static str {
+        match self {
+            ExpandWeights::Auto => "auto",
+            ExpandWeights::On => "on",
+            ExpandWeights::Off => "off",
+        }
+    }
+
+    /// Whether copies of `copy_bytes` in all are made under this policy.
+    pub fn decide(self, copy_bytes: usize) -> bool {
+        match self {
+            ExpandWeights::On => true,
+            ExpandWeights::Off => false,
+            ExpandWeights::Auto => {
+                available_memory().is_some_and(|avail| copy_bytes as u64 <= avail / 4)
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for ExpandWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for ExpandWeights {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(ExpandWeights::Auto),
+            "on" | "true" | "1" => Ok(ExpandWeights::On),
+            "off" | "false" | "0" => Ok(ExpandWeights::Off),
+            other => Err(EngineError::Unsupported(format!(
+                "expand-weights {other:?}: expected auto, on or off"
+            ))),
+        }
+    }
+}
+
+/// `MemAvailable` from `/proc/meminfo`, in bytes (Linux only).
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Storage of one panel's weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Format {
@@ -229,6 +296,9 @@ pub struct PackedMatrix {
     fmt: Format,
     panel_bytes: usize,
     data: PackedBuf,
+    /// Optional f32 copy of every panel (`[panel][cols][16]`, see
+    /// [`PackedMatrix::expand_f32`]).
+    expanded: Option<PackedBuf>,
 }
 
 impl PackedMatrix {
@@ -359,7 +429,66 @@ impl PackedMatrix {
             fmt,
             panel_bytes,
             data,
+            expanded: None,
         })
+    }
+
+    /// Also keeps an f32 copy of the weights, which the many-token (GEMM)
+    /// path then reads in place instead of expanding each panel on the fly.
+    ///
+    /// Why: with a short token dimension (batched decode, 16-64 tokens) the
+    /// on-the-fly expansion is a fixed ~4 vector operations per 16 weights
+    /// against one FMA per token, about 14% of a 32-token GEMM. The copy
+    /// costs 4 bytes per weight of memory (~540 MB for SmolLM2-135M, whose
+    /// packed weights are ~100 MB) and makes the GEMM read 4 bytes per
+    /// weight instead of ~5/8 (see `BENCHMARKS.md`). One-token and
+    /// few-token steps keep reading the compressed panels: they are bound
+    /// by memory bandwidth, not by the expansion.
+    ///
+    /// The copy holds exactly the values the GEMM path expands (the same
+    /// code writes them), so results do not change by a single bit.
+    /// Idempotent.
+    pub fn expand_f32(&mut self) {
+        if self.expanded.is_some() || self.rows == 0 || self.cols == 0 {
+            return;
+        }
+        let mut buf = PackedBuf::zeroed(self.n_panels() * self.cols * PANEL * 4);
+        let dst = buf.as_mut_slice().as_mut_ptr() as *mut f32;
+        let kernel = selected_kernel();
+        if kernel == Kernel::Scalar {
+            for p in 0..self.n_panels() {
+                let panel = self.panel(p);
+                for k in 0..self.cols {
+                    for l in 0..PANEL {
+                        // SAFETY: inside the buffer of n_panels × cols × 16 f32.
+                        unsafe {
+                            *dst.add((p * self.cols + k) * PANEL + l) =
+                                weight_at(self.fmt, self.cols, panel, l, k)
+                        };
+                    }
+                }
+            }
+        } else {
+            // SAFETY: the selected kernel is available; `dst` holds every panel.
+            unsafe { kernels::expand_panels(kernel, self, 0, self.n_panels(), dst) };
+        }
+        self.expanded = Some(buf);
+    }
+
+    /// Bytes an [`expand_f32`](Self::expand_f32) copy takes (whether or not it exists).
+    pub fn expanded_nbytes(&self) -> usize {
+        self.n_panels() * self.cols * PANEL * 4
+    }
+
+    /// Whether the matrix keeps an f32 copy (see [`expand_f32`](Self::expand_f32)).
+    pub fn has_f32_copy(&self) -> bool {
+        self.expanded.is_some()
+    }
+
+    fn expanded_ptr(&self) -> Option<*const f32> {
+        self.expanded
+            .as_ref()
+            .map(|b| b.as_slice().as_ptr() as *const f32)
     }
 
     pub fn rows(&self) -> usize {
@@ -558,7 +687,12 @@ pub fn matmul_with(
         });
         return;
     }
-    if tokens <= FUSED_MAX_TOKENS {
+    let fused_max = if w.has_f32_copy() {
+        FUSED_MAX_TOKENS_F32_COPY
+    } else {
+        FUSED_MAX_TOKENS
+    };
+    if tokens <= fused_max {
         // Decode: split the panels evenly, a few tasks per thread so that a
         // thread slowed by another process does not hold up the rest.
         let n_tasks = panels.min(pool.threads() * 4);

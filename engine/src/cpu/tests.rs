@@ -118,6 +118,20 @@ fn check_shape(
     pools: &[ThreadPool],
     rng: &mut Rng,
 ) {
+    check_shape_with(ty, rows, cols, token_counts, pools, rng, false)
+}
+
+/// [`check_shape`], optionally with the f32 copy of the weights made first
+/// (the GEMM path then reads it instead of expanding panels).
+fn check_shape_with(
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    token_counts: &[usize],
+    pools: &[ThreadPool],
+    rng: &mut Rng,
+    f32_copy: bool,
+) {
     let bytes = random_tensor(ty, rows, cols, rng);
     let shape = [rows, cols];
     let t = TensorRef {
@@ -125,8 +139,12 @@ fn check_shape(
         shape: &shape,
         bytes: &bytes,
     };
-    let m = PackedMatrix::from_tensor(&t).unwrap();
+    let mut m = PackedMatrix::from_tensor(&t).unwrap();
     assert_eq!((m.rows(), m.cols()), (rows, cols));
+    if f32_copy {
+        m.expand_f32();
+        assert!(m.has_f32_copy());
+    }
     let wref = dequant_all(ty, &bytes, rows, cols);
     for &tokens in token_counts {
         let x: Vec<f32> = (0..tokens * cols).map(|_| rng.f()).collect();
@@ -138,9 +156,10 @@ fn check_shape(
                 matmul_with(kernel, pool, &m, &x, tokens, &mut got);
                 assert!(
                     bits(&got) == bits(&want),
-                    "{} kernel, {} [{rows}x{cols}], {tokens} tokens, {} threads: first mismatch at {:?}",
+                    "{} kernel, {} [{rows}x{cols}]{}, {tokens} tokens, {} threads: first mismatch at {:?}",
                     kernel.name(),
                     ty.name(),
+                    if f32_copy { " with f32 copy" } else { "" },
                     pool.threads(),
                     got.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits())
                 );
@@ -172,6 +191,94 @@ fn kernels_match_reference_bit_for_bit_every_type() {
 }
 
 #[test]
+fn f32_copy_path_matches_reference_bit_for_bit_every_type() {
+    // Token counts on both sides of the fused/GEMM switch (with and without
+    // a copy), odd ones, partial token tiles, and more than one token block.
+    let pools = [ThreadPool::new(1), ThreadPool::new(2), ThreadPool::new(3)];
+    let mut rng = Rng(17);
+    let tokens = [1, 8, 9, 13, 17, 31, 32, 33, 97];
+    for ty in ALL_TYPES {
+        let be = ty.block_elems();
+        let col_choices: Vec<usize> = if ty.is_float() {
+            vec![1, 7, 64, 65, 200]
+        } else if be == 32 {
+            vec![32, 96, 160, 576]
+        } else {
+            vec![256, 768]
+        };
+        for &cols in &col_choices {
+            for rows in [1, 17, 48] {
+                check_shape_with(ty, rows, cols, &tokens, &pools, &mut rng, true);
+            }
+        }
+    }
+}
+
+#[test]
+fn f32_copy_equals_the_packed_weights_and_changes_no_output() {
+    let mut rng = Rng(23);
+    let pool = ThreadPool::new(2);
+    for ty in ALL_TYPES {
+        let (rows, cols) = (37, if ty.is_float() { 130 } else { 512 });
+        let bytes = random_tensor(ty, rows, cols, &mut rng);
+        let shape = [rows, cols];
+        let t = TensorRef {
+            ty,
+            shape: &shape,
+            bytes: &bytes,
+        };
+        let plain = PackedMatrix::from_tensor(&t).unwrap();
+        let mut copy = PackedMatrix::from_tensor(&t).unwrap();
+        assert!(!copy.has_f32_copy());
+        copy.expand_f32();
+        copy.expand_f32(); // idempotent
+        assert_eq!(
+            copy.expanded_nbytes(),
+            rows.div_ceil(PANEL) * cols * PANEL * 4
+        );
+        // The copy holds the reference dequantisation, lane by lane.
+        let want = dequant_all(ty, &bytes, rows, cols);
+        let e = copy.expanded.as_ref().unwrap().as_slice();
+        for r in 0..rows {
+            for k in 0..cols {
+                let o = ((r / PANEL * cols + k) * PANEL + r % PANEL) * 4;
+                let got = f32::from_le_bytes(e[o..o + 4].try_into().unwrap());
+                assert_eq!(
+                    got.to_bits(),
+                    want[r * cols + k].to_bits(),
+                    "{} w[{r}][{k}]",
+                    ty.name()
+                );
+            }
+        }
+        for tokens in [5, 24, 40] {
+            let x: Vec<f32> = (0..tokens * cols).map(|_| rng.f()).collect();
+            let mut a = vec![0f32; tokens * rows];
+            let mut b = vec![0f32; tokens * rows];
+            matmul(&pool, &plain, &x, tokens, &mut a);
+            matmul(&pool, &copy, &x, tokens, &mut b);
+            assert_eq!(bits(&a), bits(&b), "{} {tokens} tokens", ty.name());
+        }
+    }
+}
+
+#[test]
+fn expand_weights_policy_parses_and_decides() {
+    assert_eq!(
+        "auto".parse::<ExpandWeights>().unwrap(),
+        ExpandWeights::Auto
+    );
+    assert_eq!(" ON ".parse::<ExpandWeights>().unwrap(), ExpandWeights::On);
+    assert_eq!("off".parse::<ExpandWeights>().unwrap(), ExpandWeights::Off);
+    assert!("sometimes".parse::<ExpandWeights>().is_err());
+    assert_eq!(ExpandWeights::default(), ExpandWeights::Auto);
+    assert!(ExpandWeights::On.decide(usize::MAX));
+    assert!(!ExpandWeights::Off.decide(0));
+    // Auto never takes more than the machine has.
+    assert!(!ExpandWeights::Auto.decide(usize::MAX));
+}
+
+#[test]
 fn kernels_match_reference_on_random_shapes() {
     let pools = [ThreadPool::new(2)];
     let mut rng = Rng(99);
@@ -185,7 +292,8 @@ fn kernels_match_reference_on_random_shapes() {
         };
         let rows = 1 + rng.below(100);
         let tokens = 1 + rng.below(40);
-        check_shape(ty, rows, cols, &[tokens], &pools, &mut rng);
+        let f32_copy = rng.below(2) == 1;
+        check_shape_with(ty, rows, cols, &[tokens], &pools, &mut rng, f32_copy);
     }
 }
 
@@ -419,7 +527,13 @@ fn bench_kernels() {
             mats.push(pack(GgmlType::Q4_1, r, c, &mut rng));
         }
     }
-    let head = pack(GgmlType::Q8_0, 49152, 576, &mut rng);
+    let mut head = pack(GgmlType::Q8_0, 49152, 576, &mut rng);
+    if std::env::var("TANDEM_BENCH_EXPAND").is_ok_and(|v| v == "1") {
+        for m in mats.iter_mut().chain(std::iter::once(&mut head)) {
+            m.expand_f32();
+        }
+        println!("with f32 copies of the weights");
+    }
     println!(
         "kernel {}, {threads} threads; packed in {:.2?}",
         kernel.name(),

@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::kernels::{fused_task_generic, gemm_task_generic, Isa};
+use super::kernels::{expand_panels_generic, fused_task_generic, gemm_task_generic, Isa};
 use super::PackedMatrix;
 
 #[derive(Clone, Copy)]
@@ -227,4 +227,14 @@ pub(super) unsafe fn gemm_task_avx2(
     t1: usize,
 ) {
     gemm_task_generic::<Avx2, 1, 6>(w, x, tokens, out, grp, t0, t1)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(super) unsafe fn expand_panels_avx512(w: &PackedMatrix, p0: usize, p1: usize, dst: *mut f32) {
+    expand_panels_generic::<Avx512>(w, p0, p1, dst)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn expand_panels_avx2(w: &PackedMatrix, p0: usize, p1: usize, dst: *mut f32) {
+    expand_panels_generic::<Avx2>(w, p0, p1, dst)
 }

@@ -46,7 +46,7 @@ fn pb_finish(f: Option<FinishReason>) -> i32 {
 
 fn count(endpoint: &'static str, code: tonic::Code) {
     metrics::counter!(
-        tandem_cluster::metrics::ROUTER_REQUESTS,
+        tandem_cluster::metrics::REQUESTS,
         "endpoint" => endpoint,
         "status" => format!("grpc_{}", code as i32)
     )
@@ -143,7 +143,7 @@ impl GenerateApi {
         };
         let start = Instant::now();
         let prepared = params.build(state, prompt, &request_id, prompt_param)?;
-        metrics::counter!(tandem_cluster::metrics::ROUTER_PROMPT_TOKENS, "endpoint" => "grpc")
+        metrics::counter!(tandem_cluster::metrics::PROMPT_TOKENS, "endpoint" => "grpc")
             .increment(prepared.prompt_tokens as u64);
         let mut streams = start_all(state, &prepared).await?;
         let ts = streams
@@ -192,7 +192,7 @@ impl Generate for GenerateApi {
                     ChoiceOut::Error(e) => return Err(ApiError::from(e)),
                     ChoiceOut::Delta(d) => {
                         ttft.mark();
-                        metrics::counter!(tandem_cluster::metrics::ROUTER_GENERATED_TOKENS, "endpoint" => "grpc")
+                        metrics::counter!(tandem_cluster::metrics::GENERATED_TOKENS, "endpoint" => "grpc")
                             .increment(d.tokens.len() as u64);
                         text.push_str(&d.text);
                         ids.extend(d.tokens.iter().map(|t| t.id));
@@ -203,6 +203,8 @@ impl Generate for GenerateApi {
                     }
                 }
             }
+            metrics::histogram!(tandem_cluster::metrics::REQUEST_DURATION, "endpoint" => "grpc")
+                .record(st.start.elapsed().as_secs_f64());
             Ok(GenerateResponse {
                 request_id: st.request_id,
                 text,
@@ -245,6 +247,7 @@ impl Generate for GenerateApi {
         };
         count("grpc_generate_stream", tonic::Code::Ok);
         let ttft = Ttft::new(st.start, "grpc");
+        let start = st.start;
         let prompt_tokens = st.prepared.prompt_tokens;
         let want_lp = st.prepared.logprobs.is_some();
         let request_id = st.request_id;
@@ -252,7 +255,7 @@ impl Generate for GenerateApi {
             ChoiceOut::Error(e) => Err(ApiError::from(e).to_status()),
             ChoiceOut::Delta(d) => {
                 ttft.mark();
-                metrics::counter!(tandem_cluster::metrics::ROUTER_GENERATED_TOKENS, "endpoint" => "grpc")
+                metrics::counter!(tandem_cluster::metrics::GENERATED_TOKENS, "endpoint" => "grpc")
                     .increment(d.tokens.len() as u64);
                 let logprobs = if want_lp {
                     d.tokens
@@ -282,6 +285,10 @@ impl Generate for GenerateApi {
                     usage: d.finish.map(|_| usage(prompt_tokens, d.completion_tokens)),
                 };
                 record_relay(d.received);
+                if d.finish.is_some() {
+                    metrics::histogram!(tandem_cluster::metrics::REQUEST_DURATION, "endpoint" => "grpc")
+                        .record(start.elapsed().as_secs_f64());
+                }
                 Ok(msg)
             }
         });

@@ -75,7 +75,7 @@ fn endpoint_of(path: &str) -> &'static str {
 
 fn count_request(endpoint: &'static str, status: StatusCode) {
     metrics::counter!(
-        tandem_cluster::metrics::ROUTER_REQUESTS,
+        tandem_cluster::metrics::REQUESTS,
         "endpoint" => endpoint,
         "status" => status.as_u16().to_string()
     )
@@ -644,23 +644,22 @@ impl Ttft {
     }
     pub(crate) fn mark(&self) {
         if !self.done.swap(true, Ordering::Relaxed) {
-            metrics::histogram!(tandem_cluster::metrics::ROUTER_TTFT, "endpoint" => self.endpoint)
+            metrics::histogram!(tandem_cluster::metrics::TTFT, "endpoint" => self.endpoint)
                 .record(self.start.elapsed().as_secs_f64());
         }
     }
 }
 
 /// Admits every choice (all or nothing: on an error the ones already
-/// admitted are dropped, which cancels them).
+/// admitted are dropped, which cancels them). The backend may run them as
+/// one parallel-sampling request sharing the prompt.
 pub(crate) async fn start_all(
     state: &ApiState,
     prepared: &Prepared,
 ) -> Result<Vec<TokenStream>, ApiError> {
-    let futs = prepared
-        .inputs
-        .iter()
-        .map(|input| state.backend.generate(input.clone()));
-    futures_util::future::try_join_all(futs)
+    state
+        .backend
+        .generate_choices(prepared.inputs.clone())
         .await
         .map_err(ApiError::from)
 }
@@ -834,7 +833,7 @@ async fn run(
     for input in &mut prepared.inputs {
         input.frontend_time = own;
     }
-    metrics::counter!(tandem_cluster::metrics::ROUTER_PROMPT_TOKENS, "endpoint" => ep.label())
+    metrics::counter!(tandem_cluster::metrics::PROMPT_TOKENS, "endpoint" => ep.label())
         .increment(prepared.prompt_tokens as u64);
     let streams = start_all(&state, &prepared).await?;
     let ctx = Ctx {
@@ -869,7 +868,7 @@ async fn complete(
             ChoiceOut::Error(e) => return Err(ApiError::from(e)),
             ChoiceOut::Delta(d) => {
                 ttft.mark();
-                metrics::counter!(tandem_cluster::metrics::ROUTER_GENERATED_TOKENS, "endpoint" => ctx.endpoint.label())
+                metrics::counter!(tandem_cluster::metrics::GENERATED_TOKENS, "endpoint" => ctx.endpoint.label())
                     .increment(d.tokens.len() as u64);
                 let c = &mut got[i];
                 c.text.push_str(&d.text);
@@ -911,7 +910,7 @@ async fn complete(
         Endpoint::Chat => "chat.completion",
         Endpoint::Completions => "text_completion",
     };
-    metrics::histogram!(tandem_cluster::metrics::ROUTER_REQUEST_DURATION, "endpoint" => ctx.endpoint.label())
+    metrics::histogram!(tandem_cluster::metrics::REQUEST_DURATION, "endpoint" => ctx.endpoint.label())
         .record(ctx.start.elapsed().as_secs_f64());
     Ok(axum::Json(json!({
         "id": ctx.id,
@@ -968,7 +967,7 @@ impl Sse {
 
     /// Queues the chunk of one delta (none when it carries nothing visible).
     fn on_delta(&mut self, index: usize, d: super::ChoiceDelta) {
-        metrics::counter!(tandem_cluster::metrics::ROUTER_GENERATED_TOKENS, "endpoint" => self.ctx.endpoint.label())
+        metrics::counter!(tandem_cluster::metrics::GENERATED_TOKENS, "endpoint" => self.ctx.endpoint.label())
             .increment(d.tokens.len() as u64);
         let wants_lp = self.ctx.logprobs.is_some() && !d.tokens.is_empty();
         if d.text.is_empty() && d.finish.is_none() && !wants_lp {
@@ -1028,7 +1027,7 @@ impl Sse {
     }
 
     fn finish_metrics(&self) {
-        metrics::histogram!(tandem_cluster::metrics::ROUTER_REQUEST_DURATION, "endpoint" => self.ctx.endpoint.label())
+        metrics::histogram!(tandem_cluster::metrics::REQUEST_DURATION, "endpoint" => self.ctx.endpoint.label())
             .record(self.ctx.start.elapsed().as_secs_f64());
     }
 }

@@ -172,10 +172,7 @@ impl Backend for Scripted {
                     _ = cancel.cancelled() => {}
                 }
             });
-            Ok(TokenStream {
-                events: rx,
-                cancel_on_drop: guard,
-            })
+            Ok(TokenStream::new(rx, guard))
         })
     }
 }

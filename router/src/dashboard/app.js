@@ -93,7 +93,7 @@
       ["tokens/s", fmtNum(last ? last.tokens_per_s : null)],
       ["requests/s", fmtNum(last ? last.requests_per_s : null, 2)],
       ["TTFT p50 (10 s)", fmtSecs(avg("ttft_p50_s"))],
-      ["TPOT (10 s)", fmtSecs(avg("tpot_mean_s"))],
+      ["TPOT p50 (10 s)", fmtSecs(last ? last.tpot_p50_s : null)],
     ];
     const box = document.getElementById("summary");
     box.replaceChildren();
@@ -207,7 +207,7 @@
       [{ label: "p50", key: "ttft_p50_s" }, { label: "p99", key: "ttft_p99_s" }, { label: "mean", key: "ttft_mean_s" }],
       fmtSecs);
     drawChart(document.getElementById("chart-tpot"), series,
-      [{ label: "mean (est.)", key: "tpot_mean_s" }],
+      [{ label: "p50", key: "tpot_p50_s" }, { label: "p99", key: "tpot_p99_s" }, { label: "mean", key: "tpot_mean_s" }],
       fmtSecs);
   }
 
