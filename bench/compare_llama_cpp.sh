@@ -67,7 +67,12 @@ LLAMA_BIN="$("$HERE/build_llama_cpp.sh" | tail -n 1)"
 
 if [[ $LLAMA_ONLY -eq 0 ]]; then
     if [[ -z "$TANDEM" ]]; then
-        if [[ -x "$REPO/target/release/tandem" ]]; then
+        # The setup scripts build into $CARGO_TARGET_DIR (default
+        # $CACHE/target); a target/ inside the checkout may be stale.
+        built="${CARGO_TARGET_DIR:-$CACHE/target}/release/tandem"
+        if [[ -x "$built" ]]; then
+            TANDEM="$built"
+        elif [[ -x "$REPO/target/release/tandem" ]]; then
             TANDEM="$REPO/target/release/tandem"
         elif command -v tandem >/dev/null 2>&1; then
             TANDEM="$(command -v tandem)"
