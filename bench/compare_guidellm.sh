@@ -33,6 +33,12 @@
 # 15 s, and in one run all 40 within 0.8 s), so rate runs compare two
 # different loads.
 #
+# guidellm draws the same synthetic prompts on every run unless its seed
+# changes; with one seed, runs after the first were served from the prefix
+# cache (the server reported 144 of 158 prompt tokens cached), which made
+# its TTFT look 1.5x lower than tandem bench serve's distinct prompts. Each
+# run therefore gets its own seed, as tandem bench serve's runs do.
+#
 # Figures compared: completed requests per second and output tokens per
 # second (both: completed over first send to last completion), median TTFT,
 # and median time per output token after the first (guidellm calls it
@@ -76,7 +82,7 @@ while [[ $# -gt 0 ]]; do
 done
 
 if [[ -z "$TANDEM" ]]; then
-    for c in "${CARGO_TARGET_DIR:-}/release/tandem" "$REPO/target/release/tandem" "$(command -v tandem || true)"; do
+    for c in "${CARGO_TARGET_DIR:-$CACHE/target}/release/tandem" "$REPO/target/release/tandem" "$(command -v tandem || true)"; do
         [[ -n "$c" && -x "$c" ]] && { TANDEM="$c"; break; }
     done
 fi
@@ -126,6 +132,7 @@ run_guidellm() {
         --profile "$GPROFILE" \
         --constraint "kind=max_requests,count=$REQUESTS" \
         --data "kind=synthetic_text,prompt_tokens=$((IN - 30)),output_tokens=$OUT" \
+        --seed "kind=static,value=$((1000 + $1))" \
         --tokenizer "kind=huggingface_auto,model=$TOKENIZER" \
         --output "kind=json,path=$OUTDIR/guidellm_$1.json" \
         --disable-console-interactive > "$OUTDIR/guidellm_$1.log" 2>&1

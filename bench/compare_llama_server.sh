@@ -54,7 +54,7 @@ done
 
 [[ -f "$MODEL" ]] || { echo "model not found: $MODEL (run: tandem model fetch)" >&2; exit 1; }
 if [[ -z "$TANDEM" ]]; then
-    for c in "${CARGO_TARGET_DIR:-}/release/tandem" "$REPO/target/release/tandem" "$(command -v tandem || true)"; do
+    for c in "${CARGO_TARGET_DIR:-$CACHE/target}/release/tandem" "$REPO/target/release/tandem" "$(command -v tandem || true)"; do
         [[ -n "$c" && -x "$c" ]] && { TANDEM="$c"; break; }
     done
 fi

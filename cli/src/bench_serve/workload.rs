@@ -87,9 +87,12 @@ pub fn requests(spec: &Spec, n: usize, class: &'static str, salt: u64) -> Result
     for i in 0..n {
         let (prompt, wanted) = match spec.dataset {
             Dataset::Synthetic => (
+                // The seed is mixed, not added: with `seed + salt + i`, run
+                // `seed + 1` sent run `seed`'s prompts shifted by one, which
+                // the prefix cache then served.
                 Prompt::Ids(synthetic_ids(
                     spec.input_tokens,
-                    spec.seed.wrapping_add(salt * 1_000_000 + i as u64),
+                    spec.seed.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ (salt << 32 | i as u64),
                 )),
                 spec.output_tokens,
             ),
@@ -159,6 +162,16 @@ mod tests {
         assert!(poisson_arrivals(3, 0.0, 1).is_err());
     }
 
+    fn spec_like(s: &Spec) -> Spec {
+        Spec {
+            dataset: Dataset::Synthetic,
+            input_tokens: s.input_tokens,
+            output_tokens: s.output_tokens,
+            max_tokens: s.max_tokens,
+            seed: s.seed,
+        }
+    }
+
     #[test]
     fn requests_are_deterministic_and_synthetic_ones_distinct() {
         let spec = Spec {
@@ -179,6 +192,27 @@ mod tests {
         assert!(ids.iter().all(|v| v.len() == 32));
         assert_ne!(ids[0][0], ids[1][0]);
         assert_eq!(r[0].max_tokens, 8);
+        // Runs with neighbouring seeds share no prompt (nor its first block:
+        // the prefix cache would serve it).
+        let firsts = |seed: u64| -> Vec<Vec<u32>> {
+            let s = Spec {
+                seed,
+                ..spec_like(&spec)
+            };
+            requests(&s, 20, "main", 0)
+                .unwrap()
+                .iter()
+                .map(|r| match &r.prompt {
+                    Prompt::Ids(v) => v[..16].to_vec(),
+                    Prompt::Text(_) => unreachable!(),
+                })
+                .collect()
+        };
+        let (one, two) = (firsts(1), firsts(2));
+        assert!(
+            one.iter().all(|p| !two.contains(p)),
+            "seeds 1 and 2 overlap"
+        );
         let spec = Spec {
             dataset: Dataset::Mixed,
             ..spec
