@@ -352,28 +352,24 @@ impl RequestTimer {
 /// `histogram_quantile` does. `None` without observations.
 pub fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
     let total = buckets.last()?.1;
-    if total <= 0.0 || !(0.0..=1.0).contains(&q) {
+    if total.is_nan() || total <= 0.0 || !(0.0..=1.0).contains(&q) {
         return None;
     }
     let rank = q * total;
-    let mut lower = (0.0, 0.0);
-    for &(le, count) in buckets {
-        if count >= rank {
+    let (mut lower, mut below) = (0.0, 0.0);
+    for (i, &(le, n)) in buckets.iter().enumerate() {
+        // Empty buckets are skipped, as PromQL does.
+        if n >= rank && n > below {
             if le.is_infinite() {
-                // Beyond the last finite bound: the best that can be said.
-                return Some(lower.0);
+                // Above the largest finite bound: that bound is all we know.
+                return Some(if i > 0 { buckets[i - 1].0 } else { f64::NAN });
             }
-            let inside = count - lower.1;
-            let frac = if inside > 0.0 {
-                (rank - lower.1) / inside
-            } else {
-                1.0
-            };
-            return Some(lower.0 + (le - lower.0) * frac);
+            return Some(lower + (le - lower) * (rank - below) / (n - below));
         }
-        lower = (le, count);
+        lower = le;
+        below = n;
     }
-    Some(lower.0)
+    buckets.iter().rev().find(|b| b.0.is_finite()).map(|b| b.0)
 }
 
 /// A histogram's cumulative buckets read from Prometheus text exposition:

@@ -162,29 +162,7 @@ impl Latency {
     }
 }
 
-/// Prometheus' `histogram_quantile` on cumulative buckets sorted by bound.
-pub fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
-    let total = buckets.last()?.1;
-    if total.is_nan() || total <= 0.0 || !(0.0..=1.0).contains(&q) {
-        return None;
-    }
-    let rank = q * total;
-    let mut lower = 0.0;
-    let mut below = 0.0;
-    for (i, &(le, n)) in buckets.iter().enumerate() {
-        if n >= rank && n > below {
-            if le.is_infinite() {
-                // Above the largest finite bound: that bound is all we know.
-                return Some(if i > 0 { buckets[i - 1].0 } else { f64::NAN });
-            }
-            let frac = (rank - below) / (n - below);
-            return Some(lower + (le - lower) * frac);
-        }
-        lower = le;
-        below = n;
-    }
-    buckets.iter().rev().find(|b| b.0.is_finite()).map(|b| b.0)
-}
+pub use tandem_cluster::metrics::histogram_quantile;
 
 #[cfg(test)]
 mod tests {
