@@ -11,4 +11,4 @@ cargo test --release --locked --workspace -- --test-threads="${TANDEM_TEST_THREA
 # The CUDA code (NCCL KV transport) must keep compiling on machines without
 # CUDA: cudarc loads the libraries at run time, so a type check needs none.
 log "type-checking the cuda feature"
-cargo check --release --locked -p tandem-kv-transfer --features cuda --tests
+cargo check --release --locked -p tandem-kv-transfer -p tandem-engine --features cuda --tests

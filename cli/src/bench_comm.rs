@@ -8,7 +8,11 @@
 //!   both ways (no framing, no reduction): the floor the communicator is
 //!   measured against;
 //! - the bytes a rank sends per token per layer under tensor parallelism
-//!   (two all-reduces of the hidden state per layer).
+//!   on the model: with the exact reduction the engine uses (one partial
+//!   per reduction chunk, see `tandem_engine::shard`) and with a plain
+//!   all-reduce of the hidden state, and between pipeline stages;
+//! - with `--shapes`, decode speed of whole sharded workers (one process
+//!   per rank, as `--tp/--pp` start them) on this machine.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -17,7 +21,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
+use std::sync::Arc;
+
 use tandem_engine::comm::{CommConfig, Communicator, TcpCommunicator};
+use tandem_engine::cpu::{ExpandWeights, REDUCTION_CHUNK};
+use tandem_engine::executor::Executor;
+use tandem_engine::kv::{KvPool, SeqKv};
+use tandem_engine::model::{Logits, Model, SeqStep};
+use tandem_engine::sampler::argmax;
+use tandem_model::weights::ModelSource;
 
 #[derive(clap::Args)]
 pub struct CommArgs {
@@ -35,9 +47,22 @@ pub struct CommArgs {
     /// Calls per size (the median is reported).
     #[arg(long, default_value_t = 200)]
     pub iters: usize,
-    /// Hidden size for the bytes-per-token figure.
-    #[arg(long, default_value_t = 576)]
-    pub hidden: usize,
+    /// The model whose shapes give the bytes-per-token figures and that
+    /// `--shapes` runs (default: the installed default model).
+    #[arg(long, env = "TANDEM_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Sharded worker shapes `TPxPP` to time decode on (e.g. `1x1,3x1,1x2,3x2`).
+    #[arg(long, value_delimiter = ',')]
+    pub shapes: Vec<String>,
+    /// Sequences decoded together for `--shapes`.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Tokens generated per sequence for `--shapes` (after a 128-token prompt).
+    #[arg(long, default_value_t = 32)]
+    pub gen: usize,
+    /// Threads of a whole worker for `--shapes` (shared among its ranks).
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
     /// Also write the figures as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -160,19 +185,95 @@ fn side(mut s: TcpStream, leader: bool, sizes: &[usize], iters: usize) -> Result
     }
 }
 
+/// Median seconds per decode step of `batch` sequences on a `tp × pp`
+/// worker (ranks as processes, like a served worker's).
+fn sharded_decode(
+    path: &std::path::Path,
+    src: &ModelSource,
+    tp: usize,
+    pp: usize,
+    threads: usize,
+    batch: usize,
+    gen: usize,
+) -> Result<f64> {
+    let (exec, ranks): (Arc<dyn Executor>, _) = if tp * pp == 1 {
+        let m = Model::load_with(src, threads, ExpandWeights::Auto)?;
+        (Arc::new(m), None)
+    } else {
+        let (m, r) = crate::shard::start(path, src, tp, pp, threads, ExpandWeights::Auto)?;
+        (m, Some(r))
+    };
+    let vocab = exec.config().vocab_size as u32;
+    let layout = exec.kv_layout(16);
+    let mut pool = KvPool::new(layout, batch * layout.blocks_for(128 + gen + 1));
+    exec.prepare_pool(&mut pool);
+    let mut kvs: Vec<SeqKv> = vec![SeqKv::default(); batch];
+    let prompts: Vec<Vec<u32>> = (0..batch as u32)
+        .map(|b| {
+            (0..128u32)
+                .map(|i| 1 + (i * 7919 + b * 104729) % (vocab - 1))
+                .collect()
+        })
+        .collect();
+    let mut next = Vec::with_capacity(batch);
+    for (kv, p) in kvs.iter_mut().zip(&prompts) {
+        let mut step = [SeqStep {
+            kv,
+            tokens: p,
+            logits: Logits::Last,
+        }];
+        next.push(argmax(&exec.forward(&mut pool, &mut step)?[0]));
+    }
+    let mut times = Vec::with_capacity(gen);
+    for _ in 0..gen {
+        let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let mut steps: Vec<SeqStep<'_>> = kvs
+            .iter_mut()
+            .zip(&toks)
+            .map(|(kv, t)| SeqStep {
+                kv,
+                tokens: t,
+                logits: Logits::Last,
+            })
+            .collect();
+        let t0 = Instant::now();
+        let logits = exec.forward(&mut pool, &mut steps)?;
+        times.push(t0.elapsed().as_secs_f64());
+        next = logits.iter().map(|l| argmax(l)).collect();
+    }
+    // Rank 0 first: it tells the other ranks to stop.
+    drop(exec);
+    drop(ranks);
+    Ok(median(times))
+}
+
 pub fn run(a: CommArgs) -> Result<()> {
-    if a.world < 2 || a.iters == 0 || a.floats.iter().any(|&n| n == 0) {
+    if a.world < 2 || a.iters == 0 || a.floats.contains(&0) {
         bail!("--world must be at least 2, --iters and every --floats positive");
     }
+    let path = crate::model_path(a.model.clone())?;
+    let src = ModelSource::open(&path).with_context(|| format!("loading {}", path.display()))?;
+    let cfg = &src.config;
+    let tp = a.world;
+    // Each rank sends what it reduces to every other rank (all-gather form).
+    let plain = 2 * cfg.hidden * 4 * (tp - 1);
+    let chunks = (cfg.q_dim() + cfg.ffn) / tp / REDUCTION_CHUNK;
+    let exact = chunks * cfg.hidden * 4 * (tp - 1);
+    println!(
+        "tensor parallelism over {tp} ranks, {}: bytes a rank sends per token per layer: \
+         {exact} exact ({chunks} chunk partials of {} floats to each of {} peers), \
+         {plain} with a plain all-reduce (2 × {} floats)",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        cfg.hidden,
+        tp - 1,
+        cfg.hidden
+    );
+    println!(
+        "pipeline parallelism: {} bytes per token per stage boundary (the hidden state)",
+        cfg.hidden * 4
+    );
     let comm = communicator(a.world, &a.floats, a.iters)?;
     let raw = raw_exchange(&a.floats, a.iters)?;
-    // Two all-reduces of the hidden state per layer; with the all-gather
-    // form each rank sends its partial to every other rank.
-    let per_token_layer = 2 * a.hidden * 4 * (a.world - 1);
-    println!(
-        "tensor parallelism over {} ranks: {} bytes sent per rank per token per layer (2 all-reduces of {} floats)",
-        a.world, per_token_layer, a.hidden
-    );
     println!(
         "{:>10} {:>10} {:>14} {:>14} {:>8}",
         "floats", "bytes", "all-reduce µs", "raw 2-way µs", "ratio"
@@ -195,12 +296,44 @@ pub fn run(a: CommArgs) -> Result<()> {
             "ratio": c / r,
         }));
     }
+    let mut shapes = Vec::new();
+    if !a.shapes.is_empty() {
+        println!(
+            "decode, {} sequence(s) × {} tokens after a 128-token prompt, {} threads per worker:",
+            a.batch, a.gen, a.threads
+        );
+        println!(
+            "{:>6} {:>6} {:>12} {:>14}",
+            "tp", "pp", "tok/s", "ms per step"
+        );
+        for shape in &a.shapes {
+            let (t, p) = shape
+                .split_once('x')
+                .and_then(|(t, p)| Some((t.parse().ok()?, p.parse().ok()?)))
+                .with_context(|| format!("bad shape {shape:?} (want TPxPP, e.g. 3x1)"))?;
+            let step = sharded_decode(&path, &src, t, p, a.threads, a.batch, a.gen)?;
+            println!(
+                "{:>6} {:>6} {:>12.1} {:>14.2}",
+                t,
+                p,
+                a.batch as f64 / step,
+                step * 1e3
+            );
+            shapes.push(json!({
+                "tp": t, "pp": p, "batch": a.batch,
+                "tok_s": a.batch as f64 / step, "step_ms": step * 1e3,
+            }));
+        }
+    }
     if let Some(p) = &a.json {
         let v = json!({
             "world": a.world,
             "iters": a.iters,
-            "bytes_per_token_per_layer": per_token_layer,
+            "bytes_per_token_per_layer_exact": exact,
+            "bytes_per_token_per_layer_plain": plain,
+            "bytes_per_token_per_stage_boundary": cfg.hidden * 4,
             "sizes": rows,
+            "shapes": shapes,
         });
         std::fs::write(p, serde_json::to_string_pretty(&v)?)
             .with_context(|| format!("writing {}", p.display()))?;

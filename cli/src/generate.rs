@@ -4,6 +4,10 @@ use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use std::sync::Arc;
+
+use tandem_engine::cpu::ExpandWeights;
+use tandem_engine::executor::Executor;
 use tandem_engine::generate::GenerateRequest;
 use tandem_engine::model::Model;
 use tandem_engine::sampler::SamplingParams;
@@ -45,10 +49,10 @@ pub struct GenerateArgs {
     /// Worker threads (default: all cores).
     #[arg(long, env = "TANDEM_THREADS")]
     pub threads: Option<usize>,
-    /// Tensor-parallel ranks (only 1 is supported so far).
+    /// Tensor-parallel ranks (one process each; the output is the same bits).
     #[arg(long, default_value_t = 1)]
     pub tp: usize,
-    /// Pipeline-parallel stages (only 1 is supported so far).
+    /// Pipeline-parallel stages (one process per rank of each).
     #[arg(long, default_value_t = 1)]
     pub pp: usize,
     /// Print one JSON line `{"text", "token_ids", "prompt_tokens", "finish_reason"}` instead of streaming text.
@@ -57,15 +61,14 @@ pub struct GenerateArgs {
 }
 
 struct Loaded {
-    model: Model,
+    model: Arc<dyn Executor>,
+    /// The other ranks of a sharded model (stopped when dropped, after `model`).
+    _ranks: Option<crate::shard::Ranks>,
     tokenizer: Tokenizer,
     template: Option<ChatTemplate>,
 }
 
 fn load(args: &GenerateArgs) -> Result<Loaded> {
-    if args.tp != 1 || args.pp != 1 {
-        bail!("--tp/--pp other than 1 are not supported yet");
-    }
     let path = crate::model_path(args.model.clone())?;
     let src =
         ModelSource::open(&path).with_context(|| format!("loading model {}", path.display()))?;
@@ -84,9 +87,18 @@ fn load(args: &GenerateArgs) -> Result<Loaded> {
         }
         None => None,
     };
-    let model = Model::load(&src, crate::thread_count(args.threads)).context("loading weights")?;
+    let threads = crate::thread_count(args.threads);
+    let (model, ranks): (Arc<dyn Executor>, _) = if args.tp * args.pp == 1 {
+        let m = Model::load(&src, threads).context("loading weights")?;
+        (Arc::new(m), None)
+    } else {
+        let (m, ranks) =
+            crate::shard::start(&path, &src, args.tp, args.pp, threads, ExpandWeights::Auto)?;
+        (m, Some(ranks))
+    };
     Ok(Loaded {
         model,
+        _ranks: ranks,
         tokenizer,
         template,
     })
@@ -128,7 +140,7 @@ fn complete(
     // Streams whole characters only: byte-level BPE splits them across tokens.
     let mut detok = IncrementalDecoder::new(&l.tokenizer, true);
     let stream = !args.json;
-    let gen = l.model.generate(&req, |s| {
+    let gen = tandem_engine::generate::generate(l.model.as_ref(), &req, |s| {
         if stream && !req.stop_tokens.contains(&s.token) {
             if let Ok(piece) = detok.push(s.token) {
                 let _ = out.write_all(piece.as_bytes());

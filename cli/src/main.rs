@@ -4,6 +4,7 @@ mod bench;
 mod fetch;
 mod generate;
 mod serve;
+mod shard;
 mod synth;
 mod up;
 
@@ -48,6 +49,9 @@ enum Command {
     /// Benchmarks that print their figures.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// One rank of a sharded worker (started by its rank 0).
+    #[command(hide = true)]
+    Rank(shard::RankArgs),
 }
 
 #[derive(Subcommand)]
@@ -82,6 +86,7 @@ fn main() {
         Command::Model(ModelCommand::Fetch(args)) => fetch::run(args),
         Command::Model(ModelCommand::Synth(args)) => synth::run(args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Rank(args) => shard::run_rank(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -16,6 +16,7 @@ use tandem_engine::engine::{Engine, EngineConfig};
 use tandem_engine::executor::Executor;
 use tandem_engine::model::Model;
 use tandem_engine::scheduler::SchedulerConfig;
+use tandem_engine::shard::ShardedModel;
 use tandem_kv_transfer::TransferConfig;
 use tandem_model::weights::ModelSource;
 use tandem_proto::worker::WorkerServer;
@@ -100,11 +101,12 @@ pub struct WorkerArgs {
     /// Sequences in the running batch at most.
     #[arg(long, env = "TANDEM_MAX_RUNNING", default_value_t = 256)]
     pub max_running: usize,
-    /// Tensor-parallel ranks (only 1 so far).
-    #[arg(long, default_value_t = 1)]
+    /// Tensor-parallel ranks: one process each, started by this one, which
+    /// speaks for the worker (--threads are shared among all ranks).
+    #[arg(long, env = "TANDEM_TP", default_value_t = 1)]
     pub tp: usize,
-    /// Pipeline-parallel stages (only 1 so far).
-    #[arg(long, default_value_t = 1)]
+    /// Pipeline-parallel stages (of --tp ranks each).
+    #[arg(long, env = "TANDEM_PP", default_value_t = 1)]
     pub pp: usize,
     /// Raw-TCP port for incoming KV (decode workers; 0 picks a free one).
     #[arg(long, env = "TANDEM_KV_PORT", default_value_t = 0)]
@@ -272,11 +274,17 @@ pub fn parse_size(s: &str) -> Result<usize> {
     Ok(bytes as usize)
 }
 
+/// A worker's engine, and what keeps a sharded one running.
+struct Started {
+    engine: Arc<Engine>,
+    fingerprint: String,
+    threads: usize,
+    /// Rank 0 of a sharded worker, and its other ranks' processes.
+    sharded: Option<(Arc<ShardedModel>, crate::shard::Ranks)>,
+}
+
 /// Loads the model and starts the engine of a worker.
-fn start_engine(args: &WorkerArgs) -> Result<(Arc<Engine>, String, usize)> {
-    if args.tp != 1 || args.pp != 1 {
-        bail!("--tp/--pp other than 1 are not supported yet");
-    }
+fn start_engine(args: &WorkerArgs) -> Result<Started> {
     if args.block_size == 0 || args.max_step_tokens == 0 || args.max_running == 0 {
         bail!("--block-size, --max-step-tokens and --max-running must be positive");
     }
@@ -287,8 +295,14 @@ fn start_engine(args: &WorkerArgs) -> Result<(Arc<Engine>, String, usize)> {
     let tokenizer = src.tokenizer().context("building the tokenizer")?;
     let fingerprint = tandem_model::fingerprint::fingerprint(&src, &tokenizer);
     let threads = crate::thread_count(args.threads);
-    let model: Arc<dyn Executor> =
-        Arc::new(Model::load_with(&src, threads, args.expand_weights).context("loading weights")?);
+    let (model, sharded): (Arc<dyn Executor>, _) = if args.tp * args.pp == 1 {
+        let m = Model::load_with(&src, threads, args.expand_weights).context("loading weights")?;
+        (Arc::new(m), None)
+    } else {
+        let (m, ranks) =
+            crate::shard::start(&path, &src, args.tp, args.pp, threads, args.expand_weights)?;
+        (m.clone(), Some((m, ranks)))
+    };
     let engine = Engine::start(
         model,
         EngineConfig {
@@ -307,7 +321,12 @@ fn start_engine(args: &WorkerArgs) -> Result<(Arc<Engine>, String, usize)> {
             args.kv_cache_memory
         );
     }
-    Ok((Arc::new(engine), fingerprint, threads))
+    Ok(Started {
+        engine: Arc::new(engine),
+        fingerprint,
+        threads,
+        sharded,
+    })
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -343,10 +362,12 @@ fn drain_on_signal(
     registration: Option<Registration>,
     timeout: Duration,
     shutdown: CancellationToken,
+    leave: CancellationToken,
 ) {
     tokio::spawn(async move {
         tokio::select! {
             _ = signalled() => {}
+            _ = leave.cancelled() => {}
             _ = shutdown.cancelled() => return,
         }
         tracing::info!(in_flight = drain.in_flight(), "draining");
@@ -369,8 +390,31 @@ pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
     let etcd = etcd_config(&args.node)?;
     let secret = secret(&args.node)?;
     let model_name = model_name(&crate::model_path(args.node.model.clone())?);
-    let (engine, fingerprint, threads) = start_engine(&args)?;
+    let Started {
+        engine,
+        fingerprint,
+        threads,
+        sharded,
+    } = start_engine(&args)?;
     let rt = runtime()?;
+    // A sharded worker whose rank failed leaves the cluster, as on SIGTERM.
+    let leave = CancellationToken::new();
+    let why_broken = Arc::new(std::sync::Mutex::new(None::<String>));
+    if let Some((m, _)) = &sharded {
+        let (m, leave, why) = (Arc::downgrade(m), leave.clone(), why_broken.clone());
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let Some(m) = m.upgrade() else { return };
+                if let Some(reason) = m.broken() {
+                    tracing::error!(%reason, "a rank of this worker failed; leaving the cluster");
+                    *why.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+                    leave.cancel();
+                    return;
+                }
+            }
+        });
+    }
     rt.block_on(async move {
         let shutdown = CancellationToken::new();
         let drain = Drain::default();
@@ -392,6 +436,8 @@ pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
         let mut record = NodeRecord::new(role, node_id.clone(), public);
         record.model_fingerprint = fingerprint.clone();
         record.capacity_blocks = engine.total_blocks() as u32;
+        record.tp_size = args.tp as u32;
+        record.pp_size = args.pp as u32;
         let transfer = TransferConfig::default();
         let check = SecretCheck(secret.clone());
         let (routes, kv) = match role {
@@ -455,13 +501,21 @@ pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
             registration,
             Duration::from_secs(args.node.drain_timeout_secs),
             shutdown.clone(),
+            leave,
         );
         tokio::spawn(publish_engine_stats(engine.clone(), shutdown.clone()));
         ReadyLine { role, addr, kv }.announce();
         tracing::info!(%addr, ?kv, %role, "serving");
         serve.await.context("server task")?.context("serving")?;
-        Ok(())
-    })
+        anyhow::Ok(())
+    })?;
+    drop(rt);
+    // The engine is gone: rank 0's last reference stops the other ranks.
+    drop(sharded);
+    if let Some(why) = why_broken.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        bail!("the sharded worker failed: {why}");
+    }
+    Ok(())
 }
 
 pub fn run_router(args: RouterArgs) -> Result<()> {
@@ -566,6 +620,7 @@ pub fn run_router(args: RouterArgs) -> Result<()> {
             registration,
             Duration::from_secs(args.node.drain_timeout_secs),
             shutdown.clone(),
+            CancellationToken::new(),
         );
         ReadyLine {
             role: Role::Router,

@@ -49,12 +49,17 @@ pub struct UpArgs {
     pub route_policy: String,
     #[arg(long)]
     pub served_model_name: Option<String>,
+    /// Tensor-parallel ranks of each prefill worker (one process each).
     #[arg(long, default_value_t = 1)]
     pub prefill_tp: usize,
+    /// Pipeline stages of each prefill worker.
     #[arg(long, default_value_t = 1)]
     pub prefill_pp: usize,
+    /// Tensor-parallel ranks of each decode worker (shapes may differ from
+    /// the prefill workers': KV is mapped between them).
     #[arg(long, default_value_t = 1)]
     pub decode_tp: usize,
+    /// Pipeline stages of each decode worker.
     #[arg(long, default_value_t = 1)]
     pub decode_pp: usize,
 }
@@ -205,11 +210,10 @@ pub fn run(args: UpArgs) -> Result<()> {
         args.prefill_pp,
         args.decode_tp,
         args.decode_pp,
-    ] != [1, 1, 1, 1]
+    ]
+    .contains(&0)
     {
-        bail!(
-            "--prefill-tp/--prefill-pp/--decode-tp/--decode-pp other than 1 are not supported yet"
-        );
+        bail!("--prefill-tp/--prefill-pp/--decode-tp/--decode-pp must be at least 1");
     }
     if args.decode == 0 {
         bail!("--decode must be at least 1");
@@ -224,8 +228,12 @@ pub fn run(args: UpArgs) -> Result<()> {
         .unwrap_or_else(random_secret);
     let host = args.host.to_string();
     let model_s = model.display().to_string();
-    let worker_args = |threads: usize| -> Vec<String> {
+    let worker_args = |threads: usize, tp: usize, pp: usize| -> Vec<String> {
         vec![
+            "--tp".into(),
+            tp.to_string(),
+            "--pp".into(),
+            pp.to_string(),
             "--model".into(),
             model_s.clone(),
             "--host".into(),
@@ -253,7 +261,7 @@ pub fn run(args: UpArgs) -> Result<()> {
     for i in 0..prefill {
         nodes.push(spawn(
             Role::Prefill,
-            &worker_args(p_threads),
+            &worker_args(p_threads, args.prefill_tp, args.prefill_pp),
             &secret,
             &format!("prefill-{i}"),
         )?);
@@ -261,7 +269,7 @@ pub fn run(args: UpArgs) -> Result<()> {
     for i in 0..args.decode {
         nodes.push(spawn(
             Role::Decode,
-            &worker_args(d_threads),
+            &worker_args(d_threads, args.decode_tp, args.decode_pp),
             &secret,
             &format!("decode-{i}"),
         )?);

@@ -14,8 +14,8 @@
 //! connection per pair of ranks. It blocks in the kernel while it waits (no
 //! spinning: ranks may share two cores), every wait has a deadline, and a
 //! rank that dies closes its sockets, so its peers fail at once with
-//! [`CommError::PeerGone`] instead of hanging. The NCCL implementation lives
-//! behind the `cuda` feature with the CUDA backend.
+//! [`CommError::PeerGone`] instead of hanging. The NCCL implementation,
+//! `comm_nccl::NcclCommunicator`, is behind the `cuda` feature.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -417,6 +417,22 @@ impl TcpCommunicator {
         Ok(c)
     }
 
+    /// A second handle on each peer's connection (rank, stream), for a
+    /// watcher that only waits for the peer to hang up
+    /// ([`wait_for_hangup`]); it must not read or write.
+    pub fn peer_handles(&self) -> Result<Vec<(usize, TcpStream)>> {
+        self.peers
+            .iter()
+            .enumerate()
+            .filter_map(|(r, p)| p.as_ref().map(|p| (r, p)))
+            .map(|(r, p)| {
+                p.try_clone().map(|c| (r, c)).map_err(|e| {
+                    CommError::Setup(format!("cloning the connection to rank {r}: {e}"))
+                })
+            })
+            .collect()
+    }
+
     fn peer(&mut self, r: usize) -> Result<&mut TcpStream> {
         if r == self.rank || r >= self.world {
             return Err(CommError::Usage(format!(
@@ -575,6 +591,42 @@ impl Communicator for TcpCommunicator {
         }
         self.scratch = all;
         r
+    }
+}
+
+/// Blocks until one of `peers` hangs up (its process died or closed the
+/// connection) and returns its rank, or returns `None` after `within`.
+/// Reads nothing: the connections stay usable by their owner. Linux only
+/// (`POLLRDHUP`); elsewhere it just waits `within` and the peers' death is
+/// noticed by the next collective instead.
+pub fn wait_for_hangup(peers: &[(usize, TcpStream)], within: Duration) -> Option<usize> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let mut fds: Vec<libc::pollfd> = peers
+            .iter()
+            .map(|(_, s)| libc::pollfd {
+                fd: s.as_raw_fd(),
+                events: libc::POLLRDHUP,
+                revents: 0,
+            })
+            .collect();
+        let ms = within.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if n <= 0 {
+            return None;
+        }
+        fds.iter()
+            .zip(peers)
+            .find(|(f, _)| f.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0)
+            .map(|(_, (r, _))| *r)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = peers;
+        std::thread::sleep(within);
+        None
     }
 }
 

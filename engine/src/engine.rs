@@ -193,6 +193,7 @@ fn shut_down() -> EngineError {
 /// Engine-thread side of `Engine::install`: copies the staged KV into the
 /// reserved blocks and joins the request. Frees the blocks on any error.
 fn install(
+    model: &dyn Executor,
     sched: &mut Scheduler,
     mut kv: SeqKv,
     staging: &KvStaging,
@@ -200,11 +201,11 @@ fn install(
     firsts: Vec<Sampled>,
     sinks: Vec<Box<dyn EventSink>>,
 ) -> Result<()> {
-    let layout = *sched.pool().layout();
+    let layout = model.wire_layout(sched.pool().layout().block_size);
     let tokens = staging.tokens();
     let problem = if *staging.layout() != layout {
         Some(format!(
-            "staged KV layout {:?} differs from the pool's {:?}",
+            "staged KV layout {:?} differs from the engine's {:?}",
             staging.layout(),
             layout
         ))
@@ -221,13 +222,9 @@ fn install(
         sched.release(kv);
         return Err(EngineError::Unsupported(msg));
     }
-    for layer in 0..layout.n_layers {
-        for (bi, &b) in kv.blocks.iter().enumerate() {
-            sched
-                .pool_mut()
-                .region_mut(layer, b)
-                .copy_from_slice(staging.region(layer, bi));
-        }
+    if let Err(e) = model.install(sched.pool_mut(), &kv, staging) {
+        sched.release(kv);
+        return Err(e);
     }
     kv.len = tokens;
     sched.add_prefilled_parallel(req, kv, firsts, sinks)
@@ -236,8 +233,9 @@ fn install(
 impl Engine {
     /// Sizes the KV pool and starts the engine thread.
     pub fn start(model: Arc<dyn Executor>, cfg: EngineConfig) -> Self {
-        let layout = model.kv_layout(cfg.block_size);
-        let pool = KvPool::with_budget(layout, cfg.kv_cache_bytes);
+        let mut pool = KvPool::with_budget(model.kv_layout(cfg.block_size), cfg.kv_cache_bytes);
+        let layout = model.wire_layout(cfg.block_size);
+        model.prepare_pool(&mut pool);
         let pool_tokens = pool.n_blocks() * cfg.block_size;
         let context_length = model.config().context_length;
         let total_blocks = pool.n_blocks();
@@ -308,7 +306,7 @@ impl Engine {
                             } => {
                                 let r = match reserved.remove(&reservation) {
                                     Some(kv) => {
-                                        install(&mut sched, kv, &staging, req, firsts, sinks(&txs))
+                                        install(model.as_ref(), &mut sched, kv, &staging, req, firsts, sinks(&txs))
                                     }
                                     None => Err(EngineError::Unsupported(format!(
                                         "no reservation {reservation}"
@@ -517,7 +515,8 @@ impl Engine {
         }
     }
 
-    /// The KV layout of this engine's pool (to size a [`KvStaging`]).
+    /// The layout KV travels in to and from this engine (to size a
+    /// [`KvStaging`]): the whole model's, also on a sharded worker.
     pub fn kv_layout(&self) -> KvLayout {
         self.layout
     }

@@ -20,8 +20,20 @@ pub enum EngineError {
     TooLargeForPool { tokens: usize, capacity: usize },
     #[error("KV cache exhausted: {needed} blocks needed, {free} free")]
     OutOfBlocks { needed: usize, free: usize },
-    #[error("unsupported weight: {0}")]
+    #[error("unsupported: {0}")]
     Unsupported(String),
+    /// A rank of a sharded worker failed or vanished: the worker is down.
+    /// (Not a `source`: the message already carries it.)
+    #[error("sharded worker: {0}")]
+    Comm(crate::comm::CommError),
+    #[error("sharded worker: {0}")]
+    Shard(String),
+}
+
+impl From<crate::comm::CommError> for EngineError {
+    fn from(e: crate::comm::CommError) -> Self {
+        EngineError::Comm(e)
+    }
 }
 
 impl EngineError {
@@ -36,6 +48,7 @@ impl EngineError {
             EngineError::Unsupported(_) => "unsupported",
             EngineError::OutOfBlocks { .. } => "overloaded",
             EngineError::TooLargeForPool { .. } => "invalid_request",
+            EngineError::Comm(_) | EngineError::Shard(_) => "unavailable",
         }
     }
 }

@@ -6,7 +6,7 @@
 use tandem_model::config::ModelConfig;
 
 use crate::error::Result;
-use crate::kv::{KvLayout, KvPool};
+use crate::kv::{BlockId, KvLayout, KvPool, KvStaging, SeqKv};
 use crate::model::{LayerKv, SeqStep};
 
 pub trait Executor: Send + Sync {
@@ -24,6 +24,36 @@ pub trait Executor: Send + Sync {
         batch: &mut [SeqStep<'_>],
         on_layer: &mut dyn FnMut(LayerKv<'_>),
     ) -> Result<Vec<Vec<f32>>>;
+
+    /// The layout KV travels in between workers: the whole model's, even
+    /// where this executor's pool holds only a shard of each block.
+    fn wire_layout(&self, block_size: usize) -> KvLayout {
+        self.kv_layout(block_size)
+    }
+
+    /// Writes KV received in [`Executor::wire_layout`] into `kv`'s blocks
+    /// (on every rank of a sharded worker).
+    fn install(&self, pool: &mut KvPool, kv: &SeqKv, staging: &KvStaging) -> Result<()> {
+        for layer in 0..pool.layout().n_layers {
+            for (bi, &b) in kv.blocks.iter().enumerate() {
+                pool.region_mut(layer, b)
+                    .copy_from_slice(staging.region(layer, bi));
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole-model KV of `blocks` (in [`Executor::wire_layout`]), when
+    /// `pool` holds only this rank's shard of it; `None` when `pool` holds
+    /// it all and can be read directly.
+    fn gather(&self, _pool: &KvPool, _blocks: &[BlockId]) -> Result<Option<KvStaging>> {
+        Ok(None)
+    }
+
+    /// Called once on the pool the scheduler will use with this executor
+    /// (a sharded executor asks it to record copy-on-write copies, which
+    /// its other ranks repeat).
+    fn prepare_pool(&self, _pool: &mut KvPool) {}
 
     fn forward(&self, pool: &mut KvPool, batch: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
         self.forward_observed(pool, batch, &mut |_: LayerKv<'_>| {})

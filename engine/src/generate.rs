@@ -2,7 +2,8 @@
 //! The batching scheduler (many sequences) builds on the same `forward`.
 
 use crate::error::{EngineError, Result};
-use crate::kv::SeqKv;
+use crate::executor::Executor;
+use crate::kv::{KvPool, SeqKv};
 use crate::model::{Logits, Model, SeqStep};
 use crate::sampler::{sample, Sampled, SamplingParams};
 
@@ -52,98 +53,112 @@ impl Model {
     pub fn generate(
         &self,
         req: &GenerateRequest,
-        mut on_token: impl FnMut(&Sampled) -> bool,
+        on_token: impl FnMut(&Sampled) -> bool,
     ) -> Result<Generation> {
-        req.params.validate()?;
-        let ctx = self.config.context_length;
-        if req.prompt.is_empty() {
-            return Err(EngineError::EmptyPrompt);
-        }
-        if req.prompt.len() >= ctx {
+        generate(self, req, on_token)
+    }
+}
+
+/// [`Model::generate`] on any executor (a sharded worker's rank 0 too).
+pub fn generate(
+    model: &dyn Executor,
+    req: &GenerateRequest,
+    mut on_token: impl FnMut(&Sampled) -> bool,
+) -> Result<Generation> {
+    req.params.validate()?;
+    let ctx = model.config().context_length;
+    if req.prompt.is_empty() {
+        return Err(EngineError::EmptyPrompt);
+    }
+    if req.prompt.len() >= ctx {
+        return Err(EngineError::ContextOverflow {
+            prompt: req.prompt.len(),
+            requested: req.max_tokens.unwrap_or(1),
+            context: ctx,
+        });
+    }
+    let room = ctx - req.prompt.len();
+    let max_tokens = match req.max_tokens {
+        Some(n) if n > room => {
             return Err(EngineError::ContextOverflow {
                 prompt: req.prompt.len(),
-                requested: req.max_tokens.unwrap_or(1),
+                requested: n,
                 context: ctx,
-            });
+            })
         }
-        let room = ctx - req.prompt.len();
-        let max_tokens = match req.max_tokens {
-            Some(n) if n > room => {
-                return Err(EngineError::ContextOverflow {
-                    prompt: req.prompt.len(),
-                    requested: n,
-                    context: ctx,
-                })
-            }
-            Some(n) => n,
-            None => room,
+        Some(n) => n,
+        None => room,
+    };
+    // A private pool holding exactly this request (the scheduler shares one among many).
+    let layout = model.kv_layout(16);
+    let mut pool = KvPool::new(
+        layout,
+        layout.blocks_for(req.prompt.len() + max_tokens).max(1),
+    );
+    model.prepare_pool(&mut pool);
+    let mut kv = SeqKv::default();
+    let mut last = Vec::new();
+    let chunks: Vec<&[u32]> = req.prompt.chunks(PREFILL_CHUNK).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let want = if i + 1 == chunks.len() {
+            Logits::Last
+        } else {
+            Logits::None
         };
-        // A private pool holding exactly this request (the scheduler shares one among many).
-        let mut pool = self.pool_for_tokens(req.prompt.len() + max_tokens, 16);
-        let mut kv = SeqKv::default();
-        let mut last = Vec::new();
-        let chunks: Vec<&[u32]> = req.prompt.chunks(PREFILL_CHUNK).collect();
-        for (i, chunk) in chunks.iter().enumerate() {
-            let want = if i + 1 == chunks.len() {
-                Logits::Last
-            } else {
-                Logits::None
-            };
-            let mut step = [SeqStep {
-                kv: &mut kv,
-                tokens: chunk,
-                logits: want,
-            }];
-            last = self
-                .forward(&mut pool, &mut step)?
-                .pop()
-                .unwrap_or_default();
-        }
-        let prompt_logits = last.clone();
-        let mut context = req.prompt.clone();
-        let mut tokens = Vec::new();
-        let mut sampled = Vec::new();
-        let mut finish = FinishReason::Length;
-        while tokens.len() < max_tokens {
-            let s = sample(
-                &req.params,
-                &last,
-                &context,
-                req.prompt.len(),
-                tokens.len() as u64,
-            );
-            let keep_going = on_token(&s);
-            let tok = s.token;
-            if req.stop_tokens.contains(&tok) {
-                finish = FinishReason::Stop;
-                break;
-            }
-            tokens.push(tok);
-            context.push(tok);
-            sampled.push(s);
-            if !keep_going {
-                finish = FinishReason::Stop;
-                break;
-            }
-            if tokens.len() == max_tokens {
-                break;
-            }
-            let mut step = [SeqStep {
-                kv: &mut kv,
-                tokens: &[tok],
-                logits: Logits::Last,
-            }];
-            last = self
-                .forward(&mut pool, &mut step)?
-                .pop()
-                .unwrap_or_default();
-        }
-        Ok(Generation {
-            tokens,
-            sampled,
-            finish,
-            prompt_tokens: req.prompt.len(),
-            prompt_logits,
-        })
+        let mut step = [SeqStep {
+            kv: &mut kv,
+            tokens: chunk,
+            logits: want,
+        }];
+        last = model
+            .forward(&mut pool, &mut step)?
+            .pop()
+            .unwrap_or_default();
     }
+    let prompt_logits = last.clone();
+    let mut context = req.prompt.clone();
+    let mut tokens = Vec::new();
+    let mut sampled = Vec::new();
+    let mut finish = FinishReason::Length;
+    while tokens.len() < max_tokens {
+        let s = sample(
+            &req.params,
+            &last,
+            &context,
+            req.prompt.len(),
+            tokens.len() as u64,
+        );
+        let keep_going = on_token(&s);
+        let tok = s.token;
+        if req.stop_tokens.contains(&tok) {
+            finish = FinishReason::Stop;
+            break;
+        }
+        tokens.push(tok);
+        context.push(tok);
+        sampled.push(s);
+        if !keep_going {
+            finish = FinishReason::Stop;
+            break;
+        }
+        if tokens.len() == max_tokens {
+            break;
+        }
+        let mut step = [SeqStep {
+            kv: &mut kv,
+            tokens: &[tok],
+            logits: Logits::Last,
+        }];
+        last = model
+            .forward(&mut pool, &mut step)?
+            .pop()
+            .unwrap_or_default();
+    }
+    Ok(Generation {
+        tokens,
+        sampled,
+        finish,
+        prompt_tokens: req.prompt.len(),
+        prompt_logits,
+    })
 }

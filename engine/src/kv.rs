@@ -94,6 +94,12 @@ pub struct KvPool {
     layers: Vec<Vec<f32>>,
     refs: Vec<u32>,
     free: Vec<BlockId>,
+    /// Block copies made by copy-on-write since the last
+    /// [`KvPool::take_copies`], when recording (see [`KvPool::record_copies`]).
+    copies: Option<Vec<(BlockId, BlockId)>>,
+    /// Blocks are allocated by another pool (a sharded worker's rank 0):
+    /// this one only holds the contents.
+    mirror: bool,
 }
 
 impl KvPool {
@@ -108,7 +114,42 @@ impl KvPool {
             refs: vec![0; n_blocks],
             // Pop from the end: hand out low ids first (nicer to read in tests).
             free: (0..n_blocks as BlockId).rev().collect(),
+            copies: None,
+            mirror: false,
         }
+    }
+
+    /// A pool whose block tables are decided by another pool of the same
+    /// size: a follower rank of a sharded worker holds its shard of every
+    /// block, and writes where rank 0's scheduler tells it to.
+    pub fn new_mirror(layout: KvLayout, n_blocks: usize) -> Self {
+        Self {
+            mirror: true,
+            ..Self::new(layout, n_blocks)
+        }
+    }
+
+    /// From now on, remember every copy-on-write copy so that the other
+    /// shards of a sharded worker can repeat it ([`KvPool::take_copies`]).
+    pub fn record_copies(&mut self) {
+        self.copies.get_or_insert_with(Vec::new);
+    }
+
+    /// The `(from, to)` copies made since the last call, in order.
+    pub fn take_copies(&mut self) -> Vec<(BlockId, BlockId)> {
+        self.copies.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Repeats a copy another shard made ([`KvPool::take_copies`]).
+    pub fn apply_copy(&mut self, from: BlockId, to: BlockId) -> Result<()> {
+        if from as usize >= self.n_blocks || to as usize >= self.n_blocks {
+            return Err(EngineError::Unsupported(format!(
+                "block copy {from} -> {to} outside a pool of {} blocks",
+                self.n_blocks
+            )));
+        }
+        self.copy_block(from, to);
+        Ok(())
     }
 
     /// A pool sized to a memory budget in bytes.
@@ -204,6 +245,9 @@ impl KvPool {
     }
 
     fn copy_block(&mut self, from: BlockId, to: BlockId) {
+        if let Some(log) = &mut self.copies {
+            log.push((from, to));
+        }
         let n = self.layout.block_floats();
         for layer in &mut self.layers {
             layer.copy_within(from as usize * n..(from as usize + 1) * n, to as usize * n);
@@ -232,7 +276,10 @@ impl KvPool {
         let l = self.layout;
         let (bs, hd) = (l.block_size, l.head_dim);
         let block = seq.blocks[pos / bs];
-        debug_assert_eq!(self.refs[block as usize], 1, "writing into a shared block");
+        debug_assert!(
+            self.mirror || self.refs[block as usize] == 1,
+            "writing into a shared block"
+        );
         let slot = pos % bs;
         let region = self.region_mut(layer, block);
         for h in 0..l.n_kv_heads {
@@ -289,6 +336,28 @@ impl KvStaging {
         &self.data[o..o + self.layout.block_floats()]
     }
     /// The (layer, block) region, writable. Panics when out of range.
+    /// The staged blocks as a pool of their own (block `i` = staged block
+    /// `i`), for code that reads KV through a pool.
+    pub fn into_pool(self) -> KvPool {
+        let n = self.n_blocks();
+        let per_layer = n * self.layout.block_floats();
+        let mut data = self.data;
+        let mut layers = Vec::with_capacity(self.layout.n_layers);
+        for _ in 0..self.layout.n_layers {
+            let rest = data.split_off(per_layer);
+            layers.push(std::mem::replace(&mut data, rest));
+        }
+        KvPool {
+            layout: self.layout,
+            n_blocks: n,
+            layers,
+            refs: vec![0; n],
+            free: Vec::new(),
+            copies: None,
+            mirror: true,
+        }
+    }
+
     pub fn region_mut(&mut self, layer: usize, block: usize) -> &mut [f32] {
         let o = self.offset(layer, block);
         let n = self.layout.block_floats();

@@ -2,6 +2,8 @@
 //! cache and the sampler. Token ids in, token ids (and logits) out.
 
 pub mod comm;
+#[cfg(feature = "cuda")]
+pub mod comm_nccl;
 pub mod cpu;
 pub mod engine;
 pub mod error;
@@ -13,5 +15,6 @@ pub mod ops;
 pub mod prefix_cache;
 pub mod sampler;
 pub mod scheduler;
+pub mod shard;
 
 pub use error::EngineError;

@@ -11,10 +11,12 @@ use tandem_model::config::{ModelConfig, RopeScaling, RopeStyle};
 use tandem_model::quant::GgmlType;
 use tandem_model::weights::{ModelSource, TensorRef};
 
-use crate::cpu::{matmul, ExpandWeights, PackedMatrix, ThreadPool};
+use crate::comm::Communicator;
+use crate::cpu::{matmul, ExpandWeights, PackedMatrix, ThreadPool, REDUCTION_CHUNK};
 use crate::error::{EngineError, Result};
 use crate::kv::{KvDtype, KvLayout, KvPool, SeqKv};
 use crate::ops;
+use crate::shard::ShardSpec;
 
 /// A projection made of one or more stacked weight matrices, e.g. Q, K and V
 /// fused into one so the activations are read once. Matrices are fused when
@@ -70,12 +72,94 @@ impl Proj {
         }
     }
 
-    fn nbytes(&self) -> usize {
-        self.parts.iter().map(|p| p.nbytes()).sum()
-    }
-
     fn matrices_mut(&mut self) -> impl Iterator<Item = &mut PackedMatrix> {
         self.parts.iter_mut()
+    }
+}
+
+/// A row-parallel projection (attention output, FFN down): whole in a
+/// single process; in a tensor-parallel rank, this rank's input columns cut
+/// into [`REDUCTION_CHUNK`]-wide matrices, one per reduction chunk.
+///
+/// Why per chunk: the kernels' contract adds chunk partials in chunk order,
+/// `((p0 + p1) + p2) + …`. A rank that summed its own chunks first would
+/// add in another order and change the bits; a rank that hands over each
+/// chunk's partial lets every rank fold all of them in the single-process
+/// order, so sharded logits are bit-identical by construction. The price is
+/// `chunks per rank` times the bytes of a plain all-reduce.
+enum RowProj {
+    Whole(Proj),
+    Chunks(Vec<PackedMatrix>),
+}
+
+impl RowProj {
+    /// Matrices that may get an f32 copy (the chunks already are f32).
+    fn matrices_mut(&mut self) -> Box<dyn Iterator<Item = &mut PackedMatrix> + '_> {
+        match self {
+            RowProj::Whole(p) => Box::new(p.matrices_mut()),
+            RowProj::Chunks(_) => Box::new(std::iter::empty()),
+        }
+    }
+
+    fn matrices(&self) -> Box<dyn Iterator<Item = &PackedMatrix> + '_> {
+        match self {
+            RowProj::Whole(p) => Box::new(p.parts.iter()),
+            RowProj::Chunks(c) => Box::new(c.iter()),
+        }
+    }
+
+    /// `out = input · Wᵀ` (`tokens × rows`), all-reducing the chunk
+    /// partials across the tensor-parallel group in the kernels' order.
+    fn apply(
+        &self,
+        pool: &ThreadPool,
+        input: &[f32],
+        tokens: usize,
+        out: &mut [f32],
+        tp: &mut Option<&mut dyn Communicator>,
+    ) -> Result<()> {
+        let chunks = match self {
+            RowProj::Whole(p) => {
+                p.apply(pool, input, tokens, out);
+                return Ok(());
+            }
+            RowProj::Chunks(c) => c,
+        };
+        let rows = out.len() / tokens.max(1);
+        let in_cols = input.len() / tokens.max(1);
+        let part = tokens * rows;
+        let mut partials = vec![0f32; chunks.len() * part];
+        let mut slice = vec![0f32; tokens * REDUCTION_CHUNK];
+        for (i, m) in chunks.iter().enumerate() {
+            let c0 = i * REDUCTION_CHUNK;
+            for t in 0..tokens {
+                slice[t * REDUCTION_CHUNK..(t + 1) * REDUCTION_CHUNK]
+                    .copy_from_slice(&input[t * in_cols + c0..t * in_cols + c0 + REDUCTION_CHUNK]);
+            }
+            matmul(
+                pool,
+                m,
+                &slice,
+                tokens,
+                &mut partials[i * part..(i + 1) * part],
+            );
+        }
+        let all = match tp {
+            Some(comm) => {
+                let mut all = vec![0f32; partials.len() * comm.world_size()];
+                comm.all_gather(&partials, &mut all)?;
+                all
+            }
+            None => partials,
+        };
+        // Rank-major, then chunk: the global chunk order.
+        out.copy_from_slice(&all[..part]);
+        for p in all[part..].chunks_exact(part) {
+            for (o, v) in out.iter_mut().zip(p) {
+                *o += v;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -83,10 +167,10 @@ struct Layer {
     attn_norm: Vec<f32>,
     qkv: Proj,
     qkv_bias: Option<Vec<f32>>,
-    wo: Proj,
+    wo: RowProj,
     ffn_norm: Vec<f32>,
     gate_up: Proj,
-    down: Proj,
+    down: RowProj,
 }
 
 /// Which logits a sequence wants from a step.
@@ -187,13 +271,24 @@ impl Rope {
     }
 }
 
-/// A loaded model, ready to run on the CPU.
+/// A loaded model, ready to run on the CPU: the whole model, or one rank's
+/// shard of it (see [`crate::shard`]).
 pub struct Model {
+    /// The whole model's configuration (also on a shard).
     pub config: ModelConfig,
-    embd: PackedMatrix,
+    shard: ShardSpec,
+    /// The token embedding (first pipeline stage only).
+    embd: Option<PackedMatrix>,
+    /// This stage's layers.
     layers: Vec<Layer>,
     out_norm: Vec<f32>,
+    /// The LM head's rows this rank computes, when it is not the embedding
+    /// itself (tied weights in a single process). Last stage only.
     lm_head: Option<PackedMatrix>,
+    /// Whether this rank computes logits (the last pipeline stage).
+    has_head: bool,
+    /// This rank's query and KV heads.
+    heads: crate::shard::HeadShard,
     rope: Rope,
     pool: ThreadPool,
 }
@@ -226,6 +321,139 @@ fn f32_vector(t: TensorRef<'_>, name: &str) -> Result<Vec<f32>> {
     }
 }
 
+/// Rows `r0..r1` of a row-major matrix tensor (rows are independent in
+/// every GGML type, so this is a byte range).
+fn row_bytes<'a>(t: &TensorRef<'a>, r0: usize, r1: usize) -> Result<&'a [u8]> {
+    let rb = t.ty.bytes_for(t.shape[1])?;
+    t.bytes.get(r0 * rb..r1 * rb).ok_or_else(|| {
+        EngineError::Unsupported(format!(
+            "{} tensor {:?} is shorter than {r1} rows",
+            t.ty.name(),
+            t.shape
+        ))
+    })
+}
+
+/// Rows `r0..r1` of a matrix tensor, in the file's type (column-parallel
+/// shards: a rank's output rows).
+struct RowPart<'a> {
+    ty: GgmlType,
+    shape: [usize; 2],
+    bytes: &'a [u8],
+}
+
+impl<'a> RowPart<'a> {
+    fn of(t: &TensorRef<'a>, r0: usize, r1: usize) -> Result<Self> {
+        Ok(Self {
+            ty: t.ty,
+            shape: [r1 - r0, t.shape[1]],
+            bytes: row_bytes(t, r0, r1)?,
+        })
+    }
+
+    fn tensor(&self) -> TensorRef<'_> {
+        TensorRef {
+            ty: self.ty,
+            shape: &self.shape,
+            bytes: self.bytes,
+        }
+    }
+}
+
+/// Packs rows `r0..r1` of `t` as they are.
+fn pack_rows(t: &TensorRef<'_>, r0: usize, r1: usize) -> Result<PackedMatrix> {
+    PackedMatrix::from_tensor(&RowPart::of(t, r0, r1)?.tensor())
+}
+
+/// Columns `c0..c1` of `t` (a multiple of [`REDUCTION_CHUNK`] wide, from a
+/// chunk boundary), one f32 matrix per reduction chunk, holding exactly the
+/// values the kernels decode from the file's type.
+fn column_chunks(t: &TensorRef<'_>, c0: usize, c1: usize) -> Result<Vec<PackedMatrix>> {
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    if !c0.is_multiple_of(REDUCTION_CHUNK) || !(c1 - c0).is_multiple_of(REDUCTION_CHUNK) {
+        return Err(EngineError::Unsupported(format!(
+            "columns {c0}..{c1} do not follow the {REDUCTION_CHUNK}-wide reduction chunks"
+        )));
+    }
+    let full = PackedMatrix::from_tensor(t)?;
+    let n = (c1 - c0) / REDUCTION_CHUNK;
+    let mut bufs = vec![Vec::with_capacity(rows * REDUCTION_CHUNK * 4); n];
+    let mut row = vec![0f32; cols];
+    for r in 0..rows {
+        full.row_into(r, &mut row);
+        for (i, b) in bufs.iter_mut().enumerate() {
+            let k = c0 + i * REDUCTION_CHUNK;
+            for v in &row[k..k + REDUCTION_CHUNK] {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+    let shape = [rows, REDUCTION_CHUNK];
+    bufs.iter()
+        .map(|b| {
+            PackedMatrix::from_tensor(&TensorRef {
+                ty: GgmlType::F32,
+                shape: &shape,
+                bytes: b,
+            })
+        })
+        .collect()
+}
+
+/// Where a step's tokens sit in the activation rows.
+pub(crate) struct StepRows {
+    /// Per token: its position in its sequence.
+    pub tok_pos: Vec<usize>,
+    /// Per sequence: its first row.
+    pub starts: Vec<usize>,
+}
+
+impl StepRows {
+    pub fn of(batch: &[SeqStep<'_>]) -> Self {
+        let mut tok_pos = Vec::new();
+        let mut starts = Vec::with_capacity(batch.len());
+        for s in batch {
+            starts.push(tok_pos.len());
+            tok_pos.extend(s.kv.len..s.kv.len + s.tokens.len());
+        }
+        Self { tok_pos, starts }
+    }
+
+    pub fn n_tok(&self) -> usize {
+        self.tok_pos.len()
+    }
+
+    /// Rows whose logits the sequences asked for, in batch order.
+    pub fn logit_rows(&self, batch: &[SeqStep<'_>]) -> Vec<usize> {
+        let mut rows = Vec::new();
+        for (si, s) in batch.iter().enumerate() {
+            let start = self.starts[si];
+            match s.logits {
+                Logits::None => {}
+                Logits::Last => rows.push(start + s.tokens.len() - 1),
+                Logits::All => rows.extend(start..start + s.tokens.len()),
+            }
+        }
+        rows
+    }
+}
+
+/// Splits `rows × vocab` logits (in [`StepRows::logit_rows`] order) per sequence.
+pub(crate) fn split_logits(batch: &[SeqStep<'_>], logits: &[f32], vocab: usize) -> Vec<Vec<f32>> {
+    let mut out = Vec::with_capacity(batch.len());
+    let mut off = 0;
+    for s in batch {
+        let n = match s.logits {
+            Logits::None => 0,
+            Logits::Last => 1,
+            Logits::All => s.tokens.len(),
+        };
+        out.push(logits[off * vocab..(off + n) * vocab].to_vec());
+        off += n;
+    }
+    out
+}
+
 impl Model {
     /// Packs every weight for the CPU kernels and starts a pool of `threads`;
     /// f32 copies of the weights as [`ExpandWeights::Auto`] decides.
@@ -237,7 +465,18 @@ impl Model {
     /// that speed up batched decode (see [`PackedMatrix::expand_f32`]):
     /// all matrices get one, or none does. Outputs are the same either way.
     pub fn load_with(src: &ModelSource, threads: usize, expand: ExpandWeights) -> Result<Self> {
-        let mut m = Self::load_packed(src, threads)?;
+        Self::load_shard(src, threads, expand, ShardSpec::solo())
+    }
+
+    /// Rank `shard.rank`'s part of the model: its pipeline stage's layers,
+    /// its tensor-parallel slice of the heads, the FFN and the vocabulary.
+    pub fn load_shard(
+        src: &ModelSource,
+        threads: usize,
+        expand: ExpandWeights,
+        shard: ShardSpec,
+    ) -> Result<Self> {
+        let mut m = Self::load_packed(src, threads, shard)?;
         let copy_bytes: usize = m.matrices_mut().map(|w| w.expanded_nbytes()).sum();
         if expand.decide(copy_bytes) {
             for w in m.matrices_mut() {
@@ -256,11 +495,27 @@ impl Model {
         Ok(m)
     }
 
+    /// The shard this model holds ([`ShardSpec::solo`] for a whole model).
+    pub fn shard(&self) -> ShardSpec {
+        self.shard
+    }
+
+    /// The matrix the LM head multiplies by, on the last stage.
+    fn head(&self) -> Option<&PackedMatrix> {
+        if !self.has_head {
+            return None;
+        }
+        self.lm_head.as_ref().or(self.embd.as_ref())
+    }
+
     /// The matrices the forward pass multiplies by (layers, then the LM head).
     fn matrices_mut(&mut self) -> impl Iterator<Item = &mut PackedMatrix> {
-        let head = match &mut self.lm_head {
-            Some(h) => h,
-            None => &mut self.embd,
+        let head = if !self.has_head {
+            None
+        } else if self.lm_head.is_some() {
+            self.lm_head.as_mut()
+        } else {
+            self.embd.as_mut()
         };
         self.layers
             .iter_mut()
@@ -271,73 +526,125 @@ impl Model {
                     .chain(l.gate_up.matrices_mut())
                     .chain(l.down.matrices_mut())
             })
-            .chain(std::iter::once(head))
+            .chain(head)
     }
 
-    /// Bytes held by f32 weight copies (0 when none were made).
-    pub fn f32_copy_bytes(&self) -> usize {
-        let head = self.lm_head.as_ref().unwrap_or(&self.embd);
+    /// Every matrix of the layers and the head, for reading.
+    fn matrices(&self) -> impl Iterator<Item = &PackedMatrix> {
         self.layers
             .iter()
             .flat_map(|l| {
                 l.qkv
                     .parts
                     .iter()
-                    .chain(&l.wo.parts)
-                    .chain(&l.gate_up.parts)
-                    .chain(&l.down.parts)
+                    .chain(l.wo.matrices())
+                    .chain(l.gate_up.parts.iter())
+                    .chain(l.down.matrices())
             })
-            .chain(std::iter::once(head))
+            .chain(self.head())
+    }
+
+    /// Bytes held by f32 weight copies (0 when none were made).
+    pub fn f32_copy_bytes(&self) -> usize {
+        self.matrices()
             .filter(|w| w.has_f32_copy())
             .map(|w| w.expanded_nbytes())
             .sum()
     }
 
-    fn load_packed(src: &ModelSource, threads: usize) -> Result<Self> {
+    fn load_packed(src: &ModelSource, threads: usize, shard: ShardSpec) -> Result<Self> {
         let cfg = src.config.clone();
-        let (h, qd, kvd, ffn) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.ffn);
-        let embd =
-            PackedMatrix::from_tensor(&src.tensor("token_embd.weight", &[cfg.vocab_size, h])?)?;
-        let mut layers = Vec::with_capacity(cfg.n_layers);
-        for l in 0..cfg.n_layers {
+        shard.validate(&cfg)?;
+        let heads = shard.heads(&cfg)?;
+        let (h, hd, ffn) = (cfg.hidden, cfg.head_dim, cfg.ffn);
+        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        let whole = shard.tp == 1;
+        let (q0, q1) = (heads.q.start * hd, heads.q.end * hd);
+        let (k0, k1) = (heads.kv.start * hd, heads.kv.end * hd);
+        let ffn_local = ffn / shard.tp;
+        let (f0, f1) = (
+            shard.tp_rank() * ffn_local,
+            (shard.tp_rank() + 1) * ffn_local,
+        );
+        let layer_range = shard.layers(cfg.n_layers);
+        let first = layer_range.start == 0;
+        let last = layer_range.end == cfg.n_layers;
+
+        let embd_t = src.tensor("token_embd.weight", &[cfg.vocab_size, h])?;
+        let embd = if first || (last && cfg.tie_embeddings && whole) {
+            Some(PackedMatrix::from_tensor(&embd_t)?)
+        } else {
+            None
+        };
+        let mut layers = Vec::with_capacity(layer_range.len());
+        for l in layer_range.clone() {
             let name = |s: &str| format!("blk.{l}.{s}");
             let t = |s: &str, shape: &[usize]| src.tensor(&name(s), shape);
             let vec = |s: &str, n: usize| -> Result<Vec<f32>> { f32_vector(t(s, &[n])?, &name(s)) };
             let qkv_bias = if cfg.qkv_bias {
-                let mut b = vec("attn_q.bias", qd)?;
-                b.extend(vec("attn_k.bias", kvd)?);
-                b.extend(vec("attn_v.bias", kvd)?);
+                let q = vec("attn_q.bias", qd)?;
+                let k = vec("attn_k.bias", kvd)?;
+                let v = vec("attn_v.bias", kvd)?;
+                let mut b = q[q0..q1].to_vec();
+                b.extend_from_slice(&k[k0..k1]);
+                b.extend_from_slice(&v[k0..k1]);
                 Some(b)
             } else {
                 None
             };
+            let (wq, wk, wv) = (
+                t("attn_q.weight", &[qd, h])?,
+                t("attn_k.weight", &[kvd, h])?,
+                t("attn_v.weight", &[kvd, h])?,
+            );
+            let (wg, wu) = (
+                t("ffn_gate.weight", &[ffn, h])?,
+                t("ffn_up.weight", &[ffn, h])?,
+            );
+            let wo = t("attn_output.weight", &[h, qd])?;
+            let wd = t("ffn_down.weight", &[h, ffn])?;
+            let (q, k, v) = (
+                RowPart::of(&wq, q0, q1)?,
+                RowPart::of(&wk, k0, k1)?,
+                RowPart::of(&wv, k0, k1)?,
+            );
+            let (g, u) = (RowPart::of(&wg, f0, f1)?, RowPart::of(&wu, f0, f1)?);
             layers.push(Layer {
                 attn_norm: vec("attn_norm.weight", h)?,
-                qkv: Proj::new(&[
-                    t("attn_q.weight", &[qd, h])?,
-                    t("attn_k.weight", &[kvd, h])?,
-                    t("attn_v.weight", &[kvd, h])?,
-                ])?,
+                qkv: Proj::new(&[q.tensor(), k.tensor(), v.tensor()])?,
                 qkv_bias,
-                wo: Proj::new(&[t("attn_output.weight", &[h, qd])?])?,
+                wo: if whole {
+                    RowProj::Whole(Proj::new(&[wo])?)
+                } else {
+                    RowProj::Chunks(column_chunks(&wo, q0, q1)?)
+                },
                 ffn_norm: vec("ffn_norm.weight", h)?,
-                gate_up: Proj::new(&[
-                    t("ffn_gate.weight", &[ffn, h])?,
-                    t("ffn_up.weight", &[ffn, h])?,
-                ])?,
-                down: Proj::new(&[t("ffn_down.weight", &[h, ffn])?])?,
+                gate_up: Proj::new(&[g.tensor(), u.tensor()])?,
+                down: if whole {
+                    RowProj::Whole(Proj::new(&[wd])?)
+                } else {
+                    RowProj::Chunks(column_chunks(&wd, f0, f1)?)
+                },
             });
         }
         let out_norm = f32_vector(
             src.tensor("output_norm.weight", &[h])?,
             "output_norm.weight",
         )?;
-        let lm_head = if cfg.tie_embeddings {
+        let lm_head = if !last {
             None
         } else {
-            Some(PackedMatrix::from_tensor(
-                &src.tensor("output.weight", &[cfg.vocab_size, h])?,
-            )?)
+            let v = shard.vocab_rows(cfg.vocab_size);
+            if cfg.tie_embeddings {
+                if whole {
+                    None // the embedding loaded above
+                } else {
+                    Some(pack_rows(&embd_t, v.start, v.end)?)
+                }
+            } else {
+                let out = src.tensor("output.weight", &[cfg.vocab_size, h])?;
+                Some(pack_rows(&out, v.start, v.end)?)
+            }
         };
         let freq_factors = match src.get("rope_freqs.weight") {
             Some(t) => Some(f32_vector(t, "rope_freqs.weight")?),
@@ -346,10 +653,13 @@ impl Model {
         let rope = Rope::new(&cfg, freq_factors);
         Ok(Self {
             config: cfg,
+            shard,
             embd,
             layers,
             out_norm,
             lm_head,
+            has_head: last,
+            heads,
             rope,
             pool: ThreadPool::new(threads),
         })
@@ -361,20 +671,16 @@ impl Model {
 
     /// Bytes of packed weights (what one decode step reads).
     pub fn weight_bytes(&self) -> usize {
-        let layers: usize = self
-            .layers
-            .iter()
-            .map(|l| l.qkv.nbytes() + l.wo.nbytes() + l.gate_up.nbytes() + l.down.nbytes())
-            .sum();
-        layers + self.lm_head.as_ref().unwrap_or(&self.embd).nbytes()
+        self.matrices().map(|m| m.nbytes()).sum()
     }
 
-    /// The KV block layout of this model with `block_size` tokens per block.
+    /// The KV block layout of this model (of this rank's layers and KV
+    /// heads, on a shard) with `block_size` tokens per block.
     pub fn kv_layout(&self, block_size: usize) -> KvLayout {
         KvLayout {
             dtype: KvDtype::F32,
-            n_layers: self.config.n_layers,
-            n_kv_heads: self.config.n_kv_heads,
+            n_layers: self.layers.len(),
+            n_kv_heads: self.heads.kv.len(),
             head_dim: self.config.head_dim,
             block_size,
         }
@@ -411,12 +717,28 @@ impl Model {
         batch: &mut [SeqStep<'_>],
         on_layer: &mut dyn FnMut(LayerKv<'_>),
     ) -> Result<Vec<Vec<f32>>> {
+        if self.shard.world() != 1 {
+            return Err(EngineError::Unsupported(
+                "a shard runs through its sharded executor, not alone".into(),
+            ));
+        }
+        self.check_step(batch)?;
+        Self::reserve_step(pool, batch)?;
+        let rows = StepRows::of(batch);
+        let mut x = self.embed(batch)?;
+        self.run_layers(pool, batch, &rows, &mut x, 0, on_layer, None)?;
+        for s in batch.iter_mut() {
+            s.kv.len += s.tokens.len();
+        }
+        let want = rows.logit_rows(batch);
+        let logits = self.head_logits(&x, &want)?;
+        Ok(split_logits(batch, &logits, self.config.vocab_size))
+    }
+
+    /// Refuses a step that cannot run, before any cache is touched.
+    pub(crate) fn check_step(&self, batch: &[SeqStep<'_>]) -> Result<()> {
         let c = &self.config;
-        let (h, hd, nh, nkv) = (c.hidden, c.head_dim, c.n_heads, c.n_kv_heads);
-        let (qd, kvd) = (c.q_dim(), c.kv_dim());
-        let qkv_rows = qd + 2 * kvd;
-        // Validate everything before touching any cache.
-        for s in batch.iter() {
+        for s in batch {
             if s.tokens.is_empty() {
                 return Err(EngineError::EmptyPrompt);
             }
@@ -434,6 +756,11 @@ impl Model {
                 });
             }
         }
+        Ok(())
+    }
+
+    /// Reserves every sequence's blocks for its new tokens, all or none.
+    pub(crate) fn reserve_step(pool: &mut KvPool, batch: &mut [SeqStep<'_>]) -> Result<()> {
         let needed: usize = batch
             .iter()
             .map(|s| {
@@ -451,24 +778,69 @@ impl Model {
         for s in batch.iter_mut() {
             pool.reserve(s.kv, s.tokens.len())?;
         }
-        let layout = *pool.layout();
+        Ok(())
+    }
+
+    /// The embedding rows of the step's tokens (`tokens × hidden`).
+    pub(crate) fn embed(&self, batch: &[SeqStep<'_>]) -> Result<Vec<f32>> {
+        let h = self.config.hidden;
+        let embd = self.embd.as_ref().ok_or_else(|| {
+            EngineError::Unsupported("only the first pipeline stage embeds tokens".into())
+        })?;
         let n_tok: usize = batch.iter().map(|s| s.tokens.len()).sum();
-        // Per token: which sequence, and its position.
-        let mut tok_pos = Vec::with_capacity(n_tok);
-        let mut starts = Vec::with_capacity(batch.len());
-        for s in batch.iter() {
-            starts.push(tok_pos.len());
-            for i in 0..s.tokens.len() {
-                tok_pos.push(s.kv.len + i);
-            }
-        }
         let mut x = vec![0f32; n_tok * h];
         for (row, tok) in x
             .chunks_exact_mut(h)
             .zip(batch.iter().flat_map(|s| s.tokens.iter()))
         {
-            self.embd.row_into(*tok as usize, row);
+            embd.row_into(*tok as usize, row);
         }
+        Ok(x)
+    }
+
+    /// This rank's logits (its slice of the vocabulary) for `rows` of `x`.
+    pub(crate) fn head_logits(&self, x: &[f32], rows: &[usize]) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let h = c.hidden;
+        let head = self.head().ok_or_else(|| {
+            EngineError::Unsupported("only the last pipeline stage computes logits".into())
+        })?;
+        let mut sel = vec![0f32; rows.len() * h];
+        for (dst, &r) in sel.chunks_exact_mut(h).zip(rows) {
+            ops::rms_norm(&x[r * h..(r + 1) * h], &self.out_norm, c.rms_eps, dst);
+        }
+        let mut logits = vec![0f32; rows.len() * head.rows()];
+        if !rows.is_empty() {
+            matmul(&self.pool, head, &sel, rows.len(), &mut logits);
+        }
+        Ok(logits)
+    }
+
+    /// Runs this stage's layers over `x` (`tokens × hidden`, updated in
+    /// place), writing the step's keys and values into the pool. The
+    /// sequences' `kv.len` is not advanced. `seq_offset` is added to the
+    /// sequence index the observer sees (micro-batches of a larger step);
+    /// `tp` all-reduces the row-parallel projections of a sharded rank.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn run_layers(
+        &self,
+        pool: &mut KvPool,
+        batch: &[SeqStep<'_>],
+        rows: &StepRows,
+        x: &mut [f32],
+        seq_offset: usize,
+        on_layer: &mut dyn FnMut(LayerKv<'_>),
+        mut tp: Option<&mut dyn Communicator>,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (h, hd) = (c.hidden, c.head_dim);
+        let (nh, nkv) = (self.heads.q.len(), self.heads.kv.len());
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let qkv_rows = qd + 2 * kvd;
+        let ffn = c.ffn / self.shard.tp;
+        let layout = *pool.layout();
+        let n_tok = rows.n_tok();
+        let (tok_pos, starts) = (&rows.tok_pos, &rows.starts);
         let half = hd / 2;
         let mut cos = vec![0f32; n_tok * half];
         let mut sin = vec![0f32; n_tok * half];
@@ -484,13 +856,15 @@ impl Model {
         let mut qkv = vec![0f32; n_tok * qkv_rows];
         let mut attn = vec![0f32; n_tok * qd];
         let mut proj = vec![0f32; n_tok * h];
-        let mut gate_up = vec![0f32; n_tok * 2 * c.ffn];
-        let mut act = vec![0f32; n_tok * c.ffn];
+        let mut gate_up = vec![0f32; n_tok * 2 * ffn];
+        let mut act = vec![0f32; n_tok * ffn];
         let scale = 1.0 / (hd as f32).sqrt();
+        // Query heads per KV head on this rank (fewer than the model's when
+        // a KV head is replicated across ranks).
         let n_rep = nh / nkv;
 
         for (li, layer) in self.layers.iter().enumerate() {
-            ops::rms_norm_rows(&x, &layer.attn_norm, c.rms_eps, &mut xn);
+            ops::rms_norm_rows(x, &layer.attn_norm, c.rms_eps, &mut xn);
             layer.qkv.apply(&self.pool, &xn, n_tok, &mut qkv);
             for (t, row) in qkv.chunks_exact_mut(qkv_rows).enumerate() {
                 if let Some(b) = &layer.qkv_bias {
@@ -524,14 +898,11 @@ impl Model {
                 }
             }
             let out = SharedOut(attn.as_mut_ptr());
-            let batch_ref: &[SeqStep<'_>] = batch;
             let qkv_ref = &qkv;
-            let starts_ref = &starts;
-            let tokpos = &tok_pos;
             let layer_kv = pool.layer(li);
             self.pool.run(tasks.len(), &|ti| {
                 let (si, g, b0, b1) = tasks[ti];
-                let s = &batch_ref[si];
+                let s = &batch[si];
                 let paged = ops::PagedKv {
                     layer: layer_kv,
                     blocks: &s.kv.blocks,
@@ -540,8 +911,8 @@ impl Model {
                     k_off: layout.k_offset(g),
                     v_off: layout.v_offset(g),
                 };
-                let first = starts_ref[si] + b0;
-                let n_keys_first = tokpos[first] + 1;
+                let first = starts[si] + b0;
+                let n_keys_first = tok_pos[first] + 1;
                 let n_q = b1 - b0;
                 let mut scores = vec![0f32; n_rep.min(4) * (n_keys_first + n_q)];
                 // The group's query heads are adjacent: heads g*n_rep .. (g+1)*n_rep.
@@ -568,65 +939,33 @@ impl Model {
             });
             for (si, s) in batch.iter().enumerate() {
                 on_layer(LayerKv {
-                    seq: si,
+                    seq: seq_offset + si,
                     layer: li,
                     pool,
                     kv: s.kv,
                     positions: s.kv.len..s.kv.len + s.tokens.len(),
                 });
             }
-            layer.wo.apply(&self.pool, &attn, n_tok, &mut proj);
+            layer
+                .wo
+                .apply(&self.pool, &attn, n_tok, &mut proj, &mut tp)?;
             for (a, b) in x.iter_mut().zip(&proj) {
                 *a += b;
             }
-            ops::rms_norm_rows(&x, &layer.ffn_norm, c.rms_eps, &mut xn);
+            ops::rms_norm_rows(x, &layer.ffn_norm, c.rms_eps, &mut xn);
             layer.gate_up.apply(&self.pool, &xn, n_tok, &mut gate_up);
-            ops::silu_mul_rows(&mut gate_up, c.ffn);
+            ops::silu_mul_rows(&mut gate_up, ffn);
             // Compact the activated halves into `ffn` columns for the down projection.
-            for (a, g) in act
-                .chunks_exact_mut(c.ffn)
-                .zip(gate_up.chunks_exact(2 * c.ffn))
-            {
-                a.copy_from_slice(&g[..c.ffn]);
+            for (a, g) in act.chunks_exact_mut(ffn).zip(gate_up.chunks_exact(2 * ffn)) {
+                a.copy_from_slice(&g[..ffn]);
             }
-            layer.down.apply(&self.pool, &act, n_tok, &mut proj);
+            layer
+                .down
+                .apply(&self.pool, &act, n_tok, &mut proj, &mut tp)?;
             for (a, b) in x.iter_mut().zip(&proj) {
                 *a += b;
             }
         }
-        for s in batch.iter_mut() {
-            s.kv.len += s.tokens.len();
-        }
-
-        // Final norm and LM head, only for the rows that want logits.
-        let mut rows = Vec::new();
-        for (si, s) in batch.iter().enumerate() {
-            match s.logits {
-                Logits::None => {}
-                Logits::Last => rows.push(starts[si] + s.tokens.len() - 1),
-                Logits::All => rows.extend(starts[si]..starts[si] + s.tokens.len()),
-            }
-        }
-        let mut sel = vec![0f32; rows.len() * h];
-        for (dst, &r) in sel.chunks_exact_mut(h).zip(&rows) {
-            ops::rms_norm(&x[r * h..(r + 1) * h], &self.out_norm, c.rms_eps, dst);
-        }
-        let head = self.lm_head.as_ref().unwrap_or(&self.embd);
-        let mut logits = vec![0f32; rows.len() * c.vocab_size];
-        if !rows.is_empty() {
-            matmul(&self.pool, head, &sel, rows.len(), &mut logits);
-        }
-        let mut out = Vec::with_capacity(batch.len());
-        let mut off = 0;
-        for s in batch.iter() {
-            let n = match s.logits {
-                Logits::None => 0,
-                Logits::Last => 1,
-                Logits::All => s.tokens.len(),
-            };
-            out.push(logits[off * c.vocab_size..(off + n) * c.vocab_size].to_vec());
-            off += n;
-        }
-        Ok(out)
+        Ok(())
     }
 }

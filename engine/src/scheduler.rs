@@ -663,7 +663,7 @@ impl Scheduler {
     /// Runs one iteration. Returns false when there was nothing to do.
     pub fn step(&mut self, model: &dyn Executor) -> Result<bool> {
         self.admit();
-        self.export_cached_blocks();
+        self.export_cached_blocks(model)?;
         if self.running.is_empty() {
             return Ok(false);
         }
@@ -919,9 +919,8 @@ impl Scheduler {
     /// Hands the blocks a sequence got from the prefix cache at admission
     /// (computed by an earlier request) to its exporter; cancels the
     /// sequences whose exporter gives up.
-    fn export_cached_blocks(&mut self) {
+    fn export_cached_blocks(&mut self, model: &dyn Executor) -> Result<()> {
         let bs = self.pool.layout().block_size;
-        let n_layers = self.pool.layout().n_layers;
         let mut abandoned = Vec::new();
         for s in self.running.iter_mut() {
             if s.export_cached == 0 {
@@ -935,12 +934,22 @@ impl Scheduler {
             if upto == 0 {
                 continue;
             }
+            let nb = upto.div_ceil(bs);
+            // A sharded worker's pool holds a shard of each block: gather them whole.
+            let gathered = model.gather(&self.pool, &s.kv.blocks[..nb])?;
+            let n_layers = match &gathered {
+                Some(g) => g.layout().n_layers,
+                None => self.pool.layout().n_layers,
+            };
             for layer in 0..n_layers {
-                let blocks: Vec<ExportBlock<'_>> = (0..upto.div_ceil(bs))
+                let blocks: Vec<ExportBlock<'_>> = (0..nb)
                     .map(|b| ExportBlock {
                         block: b as u32,
                         slots: (upto - b * bs).min(bs) as u32,
-                        data: self.pool.region(layer, s.kv.blocks[b]),
+                        data: match &gathered {
+                            Some(g) => g.region(layer, b),
+                            None => self.pool.region(layer, s.kv.blocks[b]),
+                        },
                     })
                     .collect();
                 if !exp.export(layer, &blocks) {
@@ -952,6 +961,7 @@ impl Scheduler {
         for id in abandoned {
             self.cancel(id);
         }
+        Ok(())
     }
 
     /// The youngest running sequence (lowest priority first) not already

@@ -144,6 +144,10 @@ pub struct ClusterSpec {
     pub threads: usize,
     /// Extra flags for every worker.
     pub worker_args: Vec<String>,
+    /// Extra flags for the prefill workers only.
+    pub prefill_args: Vec<String>,
+    /// Extra flags for the decode workers only.
+    pub decode_args: Vec<String>,
     /// Extra flags for the router.
     pub router_args: Vec<String>,
     /// Discover through this etcd endpoint (under `etcd_prefix`) instead of `--peers`.
@@ -226,6 +230,10 @@ impl Cluster {
             ]);
         }
         args.extend(spec.worker_args.iter().cloned());
+        args.extend(match role {
+            Role::Prefill => spec.prefill_args.iter().cloned(),
+            _ => spec.decode_args.iter().cloned(),
+        });
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Node::start(role, &args)
     }

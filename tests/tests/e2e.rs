@@ -20,6 +20,8 @@ mod membership;
 mod operations;
 #[path = "e2e/sampling.rs"]
 mod sampling;
+#[path = "e2e/sharding.rs"]
+mod sharding;
 
 const MAX_TOKENS: u32 = 20;
 

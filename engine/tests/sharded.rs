@@ -1,0 +1,364 @@
+//! Tensor- and pipeline-parallel workers against the single process: the
+//! ranks are threads here, talking over real loopback sockets (the worker
+//! binary runs them as processes; see the e2e suite). Logits must be the
+//! same bits, and so greedy tokens the same, for every shape.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_engine::cpu::ExpandWeights;
+use tandem_engine::engine::{Engine, EngineConfig, RequestHandle, RequestSpec};
+use tandem_engine::executor::Executor;
+use tandem_engine::generate::{generate, GenerateRequest};
+use tandem_engine::kv::KvStaging;
+use tandem_engine::model::Model;
+use tandem_engine::sampler::{Sampled, SamplingParams};
+use tandem_engine::scheduler::{Event, ExportBlock, KvExport, SchedulerConfig};
+use tandem_engine::shard::{run_follower, ShardOptions, ShardSpec, ShardedModel};
+use tandem_engine::EngineError;
+use tandem_model::weights::ModelSource;
+
+fn default_model() -> PathBuf {
+    let p = tandem_model::default_model_path();
+    assert!(
+        p.exists(),
+        "default model missing at {}: run `tandem model fetch`",
+        p.display()
+    );
+    p
+}
+
+fn synth_fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures/synth")
+        .join(name)
+}
+
+/// A worker of `tp × pp` ranks: rank 0 here, the others on threads.
+struct Worker {
+    rank0: Arc<ShardedModel>,
+    followers: Vec<std::thread::JoinHandle<Result<(), EngineError>>>,
+}
+
+fn start(path: &Path, tp: usize, pp: usize) -> Worker {
+    let rendezvous = ShardOptions::local_rendezvous(tp, pp).unwrap();
+    let opts = |rank| ShardOptions {
+        spec: ShardSpec { tp, pp, rank },
+        rendezvous: rendezvous.clone(),
+        session: 77,
+        timeout: Duration::from_secs(60),
+        threads: 1,
+        expand: ExpandWeights::Off,
+    };
+    let followers = (1..tp * pp)
+        .map(|rank| {
+            let (path, o) = (path.to_path_buf(), opts(rank));
+            std::thread::spawn(move || {
+                let src = ModelSource::open(&path).unwrap();
+                run_follower(&src, &o)
+            })
+        })
+        .collect();
+    let src = ModelSource::open(path).unwrap();
+    let rank0 = Arc::new(ShardedModel::start(&src, &opts(0)).expect("rank 0 starts"));
+    Worker { rank0, followers }
+}
+
+impl Worker {
+    /// Shuts the followers down and checks they left cleanly.
+    fn stop(self) {
+        let Worker { rank0, followers } = self;
+        drop(rank0);
+        for f in followers {
+            f.join()
+                .unwrap()
+                .expect("follower ends cleanly on shutdown");
+        }
+    }
+}
+
+fn single(path: &Path) -> Model {
+    Model::load_with(&ModelSource::open(path).unwrap(), 2, ExpandWeights::Off).unwrap()
+}
+
+fn greedy(prompt: &[u32], n: usize) -> GenerateRequest {
+    GenerateRequest {
+        prompt: prompt.to_vec(),
+        params: SamplingParams::greedy(),
+        max_tokens: Some(n),
+        stop_tokens: vec![],
+    }
+}
+
+/// Prompts of several lengths, including one longer than a prefill chunk.
+fn prompts(vocab: usize) -> Vec<Vec<u32>> {
+    [5usize, 23, 300]
+        .iter()
+        .enumerate()
+        .map(|(k, &len)| {
+            (0..len as u32)
+                .map(|i| 1 + (i * 97 + k as u32 * 131) % (vocab as u32 - 1))
+                .collect()
+        })
+        .collect()
+}
+
+/// Prompt logits bit for bit and greedy tokens equal for every prompt.
+fn check_shape(path: &Path, reference: &Model, tp: usize, pp: usize, n: usize) {
+    let w = start(path, tp, pp);
+    for p in prompts(reference.config.vocab_size) {
+        let want = reference.generate(&greedy(&p, n), |_| true).unwrap();
+        let got = generate(w.rank0.as_ref(), &greedy(&p, n), |_| true).unwrap();
+        let same_bits = want
+            .prompt_logits
+            .iter()
+            .zip(&got.prompt_logits)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same_bits && want.prompt_logits.len() == got.prompt_logits.len(),
+            "tp {tp} pp {pp}: prompt logits differ for a {}-token prompt",
+            p.len()
+        );
+        assert_eq!(got.tokens, want.tokens, "tp {tp} pp {pp}: greedy tokens");
+    }
+    w.stop();
+}
+
+#[test]
+fn default_model_tp3_pp2_pp3_and_tp3xpp2_match_the_single_process() {
+    let path = default_model();
+    let reference = single(&path);
+    for (tp, pp) in [(3, 1), (1, 2), (1, 3), (3, 2)] {
+        check_shape(&path, &reference, tp, pp, 8);
+    }
+}
+
+/// `tiny-mqa` has 4 query heads and one KV head: with 2 and 4 ranks the KV
+/// head is replicated on every rank.
+#[test]
+fn replicated_kv_heads_match_the_single_process() {
+    let path = synth_fixture("tiny-mqa-llama-q8_0.gguf");
+    let reference = single(&path);
+    for (tp, pp) in [(2, 1), (4, 1), (2, 2)] {
+        check_shape(&path, &reference, tp, pp, 12);
+    }
+    // Grouped KV heads split evenly (4 query / 2 KV heads), tied LM head
+    // split by vocabulary rows, a K-quant file.
+    let path = synth_fixture("tiny-llama-q4_k.gguf");
+    let reference = single(&path);
+    check_shape(&path, &reference, 2, 1, 12);
+}
+
+#[test]
+fn shapes_that_cannot_be_exact_are_refused() {
+    let src = ModelSource::open(&default_model()).unwrap();
+    // 9 heads do not split over 2 ranks; 30 layers cannot make 31 stages.
+    for (tp, pp) in [(2, 1), (1, 31)] {
+        let spec = ShardSpec { tp, pp, rank: 0 };
+        let e = spec.validate(&src.config).unwrap_err();
+        assert!(matches!(e, EngineError::Shard(_)), "tp {tp} pp {pp}: {e}");
+    }
+}
+
+fn collect_all(h: RequestHandle) -> Vec<Vec<Sampled>> {
+    let mut out = Vec::new();
+    for mut rx in std::iter::once(h.events).chain(h.more) {
+        let mut got = Vec::new();
+        loop {
+            match rx.blocking_recv().expect("stream ends with Finished") {
+                Event::Token(s) => got.push(s),
+                Event::Finished { .. } => break,
+                Event::Error(e) => panic!("request failed: {e}"),
+            }
+        }
+        out.push(got);
+    }
+    out
+}
+
+fn engine(model: Arc<dyn Executor>, kv_blocks: usize) -> Engine {
+    let layout = model.kv_layout(16);
+    Engine::start(
+        model,
+        EngineConfig {
+            scheduler: SchedulerConfig {
+                max_step_tokens: 64,
+                ..Default::default()
+            },
+            block_size: 16,
+            kv_cache_bytes: kv_blocks * layout.block_bytes(),
+        },
+    )
+}
+
+/// The batching engine on a sharded worker: sequences of a step split into
+/// pipeline micro-batches, chunked prefill, parallel sampling whose shared
+/// partial block is copied on write (the copy repeated on every rank), a
+/// pool small enough to preempt. Every choice equals the single process's.
+#[test]
+fn batching_engine_on_a_sharded_worker_matches_the_single_process() {
+    let path = default_model();
+    let reference = engine(Arc::new(single(&path)), 40);
+    let w = start(&path, 3, 2);
+    let sharded = engine(w.rank0.clone(), 40);
+    let specs: Vec<RequestSpec> = prompts(49152)
+        .into_iter()
+        .enumerate()
+        .map(|(i, prompt)| RequestSpec {
+            prompt,
+            params: SamplingParams {
+                temperature: 0.8,
+                seed: 5,
+                request_key: i as u64,
+                ..SamplingParams::greedy()
+            },
+            max_tokens: Some(12),
+            n: 2,
+            ..Default::default()
+        })
+        .collect();
+    let run = |e: &Engine| -> Vec<Vec<Vec<Sampled>>> {
+        let hs: Vec<_> = specs.iter().map(|s| e.submit(s.clone()).unwrap()).collect();
+        hs.into_iter().map(collect_all).collect()
+    };
+    let want = run(&reference);
+    let got = run(&sharded);
+    assert_eq!(got, want);
+    drop(sharded);
+    w.stop();
+}
+
+/// Polls a future to completion on this thread (the engine's futures are
+/// woken by its thread; no runtime needed).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "future never completed"
+        );
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+}
+
+/// Copies exported blocks into a staging, as a prefill worker's sender
+/// would; hands it over when the exporter drops (the request left).
+struct ToStaging {
+    staging: Option<KvStaging>,
+    tx: std::sync::mpsc::Sender<KvStaging>,
+}
+
+impl KvExport for ToStaging {
+    fn export(&mut self, layer: usize, blocks: &[ExportBlock<'_>]) -> bool {
+        let st = self.staging.as_mut().expect("live");
+        for b in blocks {
+            st.region_mut(layer, b.block as usize)
+                .copy_from_slice(b.data);
+        }
+        true
+    }
+}
+
+impl Drop for ToStaging {
+    fn drop(&mut self) {
+        if let Some(s) = self.staging.take() {
+            let _ = self.tx.send(s);
+        }
+    }
+}
+
+fn greedy_spec(prompt: &[u32], n: usize) -> RequestSpec {
+    RequestSpec {
+        prompt: prompt.to_vec(),
+        params: SamplingParams::greedy(),
+        max_tokens: Some(n),
+        ..Default::default()
+    }
+}
+
+/// Prefill on `pre`, ship the KV in the wire layout, decode on `dec`.
+fn disaggregated(pre: &Engine, dec: &Engine, prompt: &[u32], n: usize) -> Vec<u32> {
+    assert_eq!(
+        pre.kv_layout(),
+        dec.kv_layout(),
+        "both speak the whole-model layout"
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let exp = Box::new(ToStaging {
+        staging: Some(KvStaging::new(pre.kv_layout(), prompt.len())),
+        tx,
+    });
+    let h = pre.submit_with_export(greedy_spec(prompt, 1), exp).unwrap();
+    let first = collect_all(h).remove(0);
+    let staging = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    let r = block_on(dec.reserve(prompt.len())).unwrap();
+    let h = block_on(dec.install(r, staging, greedy_spec(prompt, n), first)).unwrap();
+    collect_all(h).remove(0).iter().map(|s| s.token).collect()
+}
+
+/// KV moves between workers of different shapes: whole → TP=3, TP=3 →
+/// TP=3×PP=2, TP=3×PP=2 → whole. A sharded receiver scatters each rank's
+/// heads and layers; a sharded sender gathers them (including blocks its
+/// prefix cache served, on the second run of a prompt). Tokens equal the
+/// single process's.
+#[test]
+fn kv_moves_between_workers_of_different_shapes() {
+    let path = default_model();
+    let whole = engine(Arc::new(single(&path)), 80);
+    let (w3, w32) = (start(&path, 3, 1), start(&path, 3, 2));
+    let tp3 = engine(w3.rank0.clone(), 80);
+    let tp3pp2 = engine(w32.rank0.clone(), 80);
+    let n = 10;
+    for p in prompts(49152) {
+        let want: Vec<u32> = collect_all(whole.submit(greedy_spec(&p, n)).unwrap())
+            .remove(0)
+            .iter()
+            .map(|s| s.token)
+            .collect();
+        for (name, pre, dec) in [
+            ("whole → tp3", &whole, &tp3),
+            ("tp3 → tp3×pp2", &tp3, &tp3pp2),
+            ("tp3×pp2 → whole", &tp3pp2, &whole),
+            ("tp3×pp2 (cached prefix) → tp3", &tp3pp2, &tp3),
+        ] {
+            assert_eq!(
+                disaggregated(pre, dec, &p, n),
+                want,
+                "{name}, {}-token prompt",
+                p.len()
+            );
+        }
+    }
+    // No block is left behind on either side.
+    for e in [&whole, &tp3, &tp3pp2] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = e.stats();
+            if s.running == 0 && s.free_blocks + s.cached_blocks == s.total_blocks {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "engine not idle: {s:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    drop((tp3, tp3pp2));
+    w3.stop();
+    w32.stop();
+}
