@@ -629,8 +629,8 @@ impl Scheduler {
         need + usize::from(cow)
     }
 
-    /// Moves waiting requests into the running batch while there is room for
-    /// their first chunk.
+    /// Moves waiting requests into the running batch, in order, while there
+    /// is room for their whole prompt.
     fn admit(&mut self) {
         while self.running.len() < self.cfg.max_running {
             let Some(mut s) = self.waiting.pop_front() else {
@@ -647,8 +647,13 @@ impl Scheduler {
                     s.export_cached = s.kv.len;
                 }
             }
-            let first = s.pending().min(self.cfg.max_step_tokens);
-            let need = self.blocks_needed(&s, first);
+            // Room for the whole rest of the prompt, plus a block for each
+            // running sequence to grow into. Admitting on the first chunk
+            // alone let a long prompt start while decodes held most of the
+            // pool; their growth then preempted it half computed (it is the
+            // youngest), again and again under pressure.
+            let headroom = self.running.len();
+            let need = self.blocks_needed(&s, s.pending()) + headroom;
             if !self.make_room(need) {
                 // Not now: keep its place (and its shared blocks) at the front.
                 self.waiting.push_front(s);

@@ -556,6 +556,56 @@ mod batching {
         }
     }
 
+    /// A long prompt that arrives while decodes hold most of the pool
+    /// waits until all of it fits (plus a block per running sequence to
+    /// grow into), instead of being admitted on its first chunk, prefilled
+    /// part way and then preempted by the decodes' growth to be computed
+    /// again: under pressure that thrashed. Nobody is preempted here, and
+    /// every request gets the tokens it gets alone.
+    #[test]
+    fn a_long_prompt_waits_for_room_instead_of_being_preempted_half_computed() {
+        let params = SamplingParams::greedy();
+        // Three decodes of 8 + 88 tokens: 6 blocks each at the end.
+        let short: Vec<Vec<u32>> = (0..3u32)
+            .map(|k| (0..8u32).map(|i| 200 + i * 31 + k * 7).collect())
+            .collect();
+        let long: Vec<u32> = (0..160u32).map(|i| 100 + (i * 97) % 20000).collect();
+        let mut s = scheduler(24, 32, false);
+        let mut runs: Vec<Run> = Vec::new();
+        let add = |s: &mut Scheduler, id: u64, p: &[u32], n: usize, runs: &mut Vec<Run>| {
+            let (tx, rx) = channel();
+            s.add(request(id, p, &params, n), Box::new(tx)).unwrap();
+            runs.push(Run {
+                rx,
+                tokens: vec![],
+                finished: None,
+            });
+        };
+        for (i, p) in short.iter().enumerate() {
+            add(&mut s, i as u64, p, 88, &mut runs);
+        }
+        // The decodes reach 4 blocks each: 12 of 24 used, the long prompt
+        // needs 10 (its first chunk only 2).
+        for _ in 0..50 {
+            s.step(model()).unwrap();
+        }
+        assert_eq!(s.pool().used_blocks(), 12);
+        add(&mut s, 3, &long, 4, &mut runs);
+        let mut steps = 0;
+        while s.has_work() {
+            s.step(model()).unwrap();
+            drain(&mut runs);
+            steps += 1;
+            assert!(steps < 2_000);
+        }
+        assert_eq!(s.stats().preemptions, 0, "nobody was computed twice");
+        for (i, p) in short.iter().chain(std::iter::once(&long)).enumerate() {
+            let n = if i < 3 { 88 } else { 4 };
+            assert_eq!(runs[i].tokens, alone(p, &params, n), "request {i}");
+        }
+        assert_eq!(s.pool().free_blocks(), s.pool().n_blocks());
+    }
+
     #[test]
     fn requests_that_can_never_fit_are_refused_at_admission() {
         let mut s = scheduler(4, 64, true); // 64 tokens of KV in all
