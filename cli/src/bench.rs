@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use tandem_engine::kv::SeqKv;
+use tandem_engine::executor::Executor;
+use tandem_engine::kv::{KvPool, SeqKv};
 use tandem_engine::model::{Logits, Model, SeqStep};
 use tandem_engine::sampler::argmax;
 use tandem_model::weights::ModelSource;
@@ -85,8 +86,24 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Prefills `batch` sequences of `prompt` tokens, then decodes `gen` steps
 /// with all of them in each forward call; returns decode seconds.
 fn batched_decode(model: &Model, batch: usize, prompt: usize, gen: usize) -> Result<f64> {
-    let vocab = model.config.vocab_size;
-    let mut pool = model.pool_for_tokens(batch * (prompt + gen + 16), 16);
+    Ok(decode_steps(model, batch, prompt, gen)?.iter().sum())
+}
+
+/// [`batched_decode`] on any executor (a sharded worker too), returning
+/// the seconds of each decode step.
+pub(crate) fn decode_steps(
+    model: &dyn Executor,
+    batch: usize,
+    prompt: usize,
+    gen: usize,
+) -> Result<Vec<f64>> {
+    let vocab = model.config().vocab_size;
+    let layout = model.kv_layout(16);
+    let mut pool = KvPool::new(
+        layout,
+        layout.blocks_for(batch * (prompt + gen + 16)).max(1),
+    );
+    model.prepare_pool(&mut pool);
     let mut seqs: Vec<SeqKv> = (0..batch).map(|_| SeqKv::default()).collect();
     let prompts: Vec<Vec<u32>> = (0..batch)
         .map(|b| prompt_ids(prompt, vocab, b as u64))
@@ -100,7 +117,7 @@ fn batched_decode(model: &Model, batch: usize, prompt: usize, gen: usize) -> Res
         }];
         next.push(argmax(&model.forward(&mut pool, &mut step)?[0]));
     }
-    let t0 = Instant::now();
+    let mut times = Vec::with_capacity(gen);
     for _ in 0..gen {
         let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
         let mut steps: Vec<SeqStep<'_>> = seqs
@@ -112,10 +129,12 @@ fn batched_decode(model: &Model, batch: usize, prompt: usize, gen: usize) -> Res
                 logits: Logits::Last,
             })
             .collect();
+        let t0 = Instant::now();
         let logits = model.forward(&mut pool, &mut steps)?;
+        times.push(t0.elapsed().as_secs_f64());
         next = logits.iter().map(|l| argmax(l)).collect();
     }
-    Ok(t0.elapsed().as_secs_f64())
+    Ok(times)
 }
 
 /// Time to first token through the scheduler for a request whose first

@@ -26,9 +26,7 @@ use std::sync::Arc;
 use tandem_engine::comm::{CommConfig, Communicator, TcpCommunicator};
 use tandem_engine::cpu::{ExpandWeights, REDUCTION_CHUNK};
 use tandem_engine::executor::Executor;
-use tandem_engine::kv::{KvPool, SeqKv};
-use tandem_engine::model::{Logits, Model, SeqStep};
-use tandem_engine::sampler::argmax;
+use tandem_engine::model::Model;
 use tandem_model::weights::ModelSource;
 
 #[derive(clap::Args)]
@@ -203,44 +201,7 @@ fn sharded_decode(
         let (m, r) = crate::shard::start(path, src, tp, pp, threads, ExpandWeights::Auto)?;
         (m, Some(r))
     };
-    let vocab = exec.config().vocab_size as u32;
-    let layout = exec.kv_layout(16);
-    let mut pool = KvPool::new(layout, batch * layout.blocks_for(128 + gen + 1));
-    exec.prepare_pool(&mut pool);
-    let mut kvs: Vec<SeqKv> = vec![SeqKv::default(); batch];
-    let prompts: Vec<Vec<u32>> = (0..batch as u32)
-        .map(|b| {
-            (0..128u32)
-                .map(|i| 1 + (i * 7919 + b * 104729) % (vocab - 1))
-                .collect()
-        })
-        .collect();
-    let mut next = Vec::with_capacity(batch);
-    for (kv, p) in kvs.iter_mut().zip(&prompts) {
-        let mut step = [SeqStep {
-            kv,
-            tokens: p,
-            logits: Logits::Last,
-        }];
-        next.push(argmax(&exec.forward(&mut pool, &mut step)?[0]));
-    }
-    let mut times = Vec::with_capacity(gen);
-    for _ in 0..gen {
-        let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
-        let mut steps: Vec<SeqStep<'_>> = kvs
-            .iter_mut()
-            .zip(&toks)
-            .map(|(kv, t)| SeqStep {
-                kv,
-                tokens: t,
-                logits: Logits::Last,
-            })
-            .collect();
-        let t0 = Instant::now();
-        let logits = exec.forward(&mut pool, &mut steps)?;
-        times.push(t0.elapsed().as_secs_f64());
-        next = logits.iter().map(|l| argmax(l)).collect();
-    }
+    let times = super::decode_steps(exec.as_ref(), batch, 128, gen)?;
     // Rank 0 first: it tells the other ranks to stop.
     drop(exec);
     drop(ranks);
