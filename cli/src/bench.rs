@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use tandem_engine::executor::Executor;
-use tandem_engine::kv::{KvPool, SeqKv};
+use tandem_engine::kv::SeqKv;
 use tandem_engine::model::{Logits, Model, SeqStep};
 use tandem_engine::sampler::argmax;
 use tandem_model::weights::ModelSource;
@@ -98,12 +98,7 @@ pub(crate) fn decode_steps(
     gen: usize,
 ) -> Result<Vec<f64>> {
     let vocab = model.config().vocab_size;
-    let layout = model.kv_layout(16);
-    let mut pool = KvPool::new(
-        layout,
-        layout.blocks_for(batch * (prompt + gen + 16)).max(1),
-    );
-    model.prepare_pool(&mut pool);
+    let mut pool = model.pool_for_tokens(batch * (prompt + gen + 16), 16);
     let mut seqs: Vec<SeqKv> = (0..batch).map(|_| SeqKv::default()).collect();
     let prompts: Vec<Vec<u32>> = (0..batch)
         .map(|b| prompt_ids(prompt, vocab, b as u64))

@@ -55,6 +55,16 @@ pub trait Executor: Send + Sync {
     /// its other ranks repeat).
     fn prepare_pool(&self, _pool: &mut KvPool) {}
 
+    /// A pool of its own big enough for `tokens` tokens in blocks of
+    /// `block_size`, prepared for this executor (one request run alone,
+    /// benchmarks; the scheduler shares one pool among many).
+    fn pool_for_tokens(&self, tokens: usize, block_size: usize) -> KvPool {
+        let layout = self.kv_layout(block_size);
+        let mut pool = KvPool::new(layout, layout.blocks_for(tokens).max(1));
+        self.prepare_pool(&mut pool);
+        pool
+    }
+
     fn forward(&self, pool: &mut KvPool, batch: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
         self.forward_observed(pool, batch, &mut |_: LayerKv<'_>| {})
     }

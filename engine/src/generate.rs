@@ -3,7 +3,7 @@
 
 use crate::error::{EngineError, Result};
 use crate::executor::Executor;
-use crate::kv::{KvPool, SeqKv};
+use crate::kv::SeqKv;
 use crate::model::{Logits, Model, SeqStep};
 use crate::sampler::{sample, Sampled, SamplingParams};
 
@@ -90,12 +90,7 @@ pub fn generate(
         None => room,
     };
     // A private pool holding exactly this request (the scheduler shares one among many).
-    let layout = model.kv_layout(16);
-    let mut pool = KvPool::new(
-        layout,
-        layout.blocks_for(req.prompt.len() + max_tokens).max(1),
-    );
-    model.prepare_pool(&mut pool);
+    let mut pool = model.pool_for_tokens(req.prompt.len() + max_tokens, 16);
     let mut kv = SeqKv::default();
     let mut last = Vec::new();
     let chunks: Vec<&[u32]> = req.prompt.chunks(PREFILL_CHUNK).collect();

@@ -14,6 +14,7 @@ use tandem_model::weights::{ModelSource, TensorRef};
 use crate::comm::Communicator;
 use crate::cpu::{matmul, ExpandWeights, PackedMatrix, ThreadPool, REDUCTION_CHUNK};
 use crate::error::{EngineError, Result};
+use crate::executor::Executor;
 use crate::kv::{KvDtype, KvLayout, KvPool, SeqKv};
 use crate::ops;
 use crate::shard::ShardSpec;
@@ -686,10 +687,10 @@ impl Model {
         }
     }
 
-    /// A KV pool big enough for `tokens` tokens in blocks of `block_size`.
+    /// A KV pool big enough for `tokens` tokens in blocks of `block_size`
+    /// (see [`Executor::pool_for_tokens`]).
     pub fn pool_for_tokens(&self, tokens: usize, block_size: usize) -> KvPool {
-        let layout = self.kv_layout(block_size);
-        KvPool::new(layout, layout.blocks_for(tokens).max(1))
+        Executor::pool_for_tokens(self, tokens, block_size)
     }
 
     /// Runs one step over a batch of sequences and returns, per sequence,

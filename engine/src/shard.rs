@@ -46,7 +46,7 @@ use tandem_model::config::ModelConfig;
 use tandem_model::weights::ModelSource;
 
 use crate::comm::{CommConfig, CommError, Communicator, TcpCommunicator};
-use crate::cpu::{ExpandWeights, REDUCTION_CHUNK};
+use crate::cpu::{split, ExpandWeights, REDUCTION_CHUNK};
 use crate::error::{EngineError, Result};
 use crate::executor::Executor;
 use crate::kv::{BlockId, KvLayout, KvPool, KvStaging, SeqKv};
@@ -68,13 +68,6 @@ pub struct ShardSpec {
 pub struct HeadShard {
     pub q: Range<usize>,
     pub kv: Range<usize>,
-}
-
-/// The `i`-th of `n` near-equal contiguous parts of `0..len`.
-fn part(len: usize, n: usize, i: usize) -> Range<usize> {
-    let (q, r) = (len / n, len % n);
-    let start = i * q + i.min(r);
-    start..start + q + usize::from(i < r)
 }
 
 impl ShardSpec {
@@ -102,11 +95,15 @@ impl ShardSpec {
     }
     /// This stage's layers (earlier stages take one more when they do not divide).
     pub fn layers(&self, n_layers: usize) -> Range<usize> {
-        part(n_layers, self.pp, self.stage())
+        split(n_layers, self.pp, self.stage())
     }
     /// This rank's rows of the LM head.
     pub fn vocab_rows(&self, vocab: usize) -> Range<usize> {
-        part(vocab, self.tp, self.tp_rank())
+        self.vocab_rows_of(self.tp_rank(), vocab)
+    }
+    /// `tp_rank`'s rows of the LM head.
+    fn vocab_rows_of(&self, tp_rank: usize, vocab: usize) -> Range<usize> {
+        split(vocab, self.tp, tp_rank)
     }
 
     /// Whether `cfg` can be split this way; the reason when not.
@@ -158,9 +155,9 @@ impl ShardSpec {
     pub fn heads(&self, cfg: &ModelConfig) -> Result<HeadShard> {
         self.validate(cfg)?;
         let (nh, nkv, tp, r) = (cfg.n_heads, cfg.n_kv_heads, self.tp, self.tp_rank());
-        let q = part(nh, tp, r);
+        let q = split(nh, tp, r);
         let kv = if tp <= nkv {
-            part(nkv, tp, r)
+            split(nkv, tp, r)
         } else {
             let g = r / (tp / nkv);
             g..g + 1
@@ -497,7 +494,7 @@ impl StepMsg {
 /// Sequences per micro-batch: up to `pp` near-equal groups.
 fn micro_batches(n_seqs: usize, pp: usize) -> Vec<usize> {
     let m = if pp > 1 { pp.min(n_seqs).max(1) } else { 1 };
-    (0..m).map(|i| part(n_seqs, m, i).len()).collect()
+    (0..m).map(|i| split(n_seqs, m, i).len()).collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -824,13 +821,6 @@ impl ShardedModel {
             self.broken.set(e.to_string());
         }
         r
-    }
-}
-
-impl ShardSpec {
-    /// `tp_rank`'s rows of the LM head.
-    fn vocab_rows_of(&self, tp_rank: usize, vocab: usize) -> Range<usize> {
-        part(vocab, self.tp, tp_rank)
     }
 }
 

@@ -15,15 +15,8 @@ use tandem_engine::sampler::{argmax, SamplingParams};
 use tandem_engine::EngineError;
 use tandem_model::weights::ModelSource;
 
-fn model_path() -> PathBuf {
-    let p = tandem_model::default_model_path();
-    assert!(
-        p.exists(),
-        "default model missing at {}: run `tandem model fetch`",
-        p.display()
-    );
-    p
-}
+mod common;
+use common::model_path;
 
 fn source() -> &'static ModelSource {
     static S: OnceLock<ModelSource> = OnceLock::new();
@@ -818,37 +811,14 @@ mod batching {
 
     mod disagg {
         use super::super::*;
-        use std::future::Future;
+        use crate::common::{block_on, collect_all};
         use std::sync::mpsc::{channel, Receiver, Sender};
         use std::sync::{Arc, OnceLock};
-        use std::task::{Context, Poll, Wake, Waker};
         use std::time::{Duration, Instant};
         use tandem_engine::engine::{Engine, EngineConfig, RequestHandle, RequestSpec};
         use tandem_engine::kv::KvStaging;
         use tandem_engine::sampler::Sampled;
         use tandem_engine::scheduler::{Event, ExportBlock, KvExport, SchedulerConfig};
-
-        /// Drives a future on this thread (the engine answers from its own
-        /// thread, so no runtime is needed).
-        fn block_on<F: Future>(f: F) -> F::Output {
-            struct Unpark(std::thread::Thread);
-            impl Wake for Unpark {
-                fn wake(self: Arc<Self>) {
-                    self.0.unpark();
-                }
-            }
-            let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-            let mut cx = Context::from_waker(&waker);
-            let mut f = std::pin::pin!(f);
-            let deadline = Instant::now() + Duration::from_secs(120);
-            loop {
-                if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-                    return v;
-                }
-                assert!(Instant::now() < deadline, "future never completed");
-                std::thread::park_timeout(Duration::from_millis(50));
-            }
-        }
 
         fn shared_model() -> Arc<Model> {
             static M: OnceLock<Arc<Model>> = OnceLock::new();
@@ -1048,23 +1018,6 @@ mod batching {
             assert_eq!(c2, 32, "two whole shared blocks from the cache");
             wait_until("prefix hit in stats", || pre.stats().prefix.hits >= 1);
             assert_eq!(decode(&dec, &p2, f2, s2, n), plain(&reference, &p2, n));
-        }
-
-        /// Every choice's events until `Finished`, choice by choice.
-        fn collect_all(h: RequestHandle) -> Vec<Vec<Sampled>> {
-            let mut out = Vec::new();
-            for mut rx in std::iter::once(h.events).chain(h.more) {
-                let mut got = Vec::new();
-                loop {
-                    match rx.blocking_recv().expect("stream ends with Finished") {
-                        Event::Token(s) => got.push(s),
-                        Event::Finished { .. } => break,
-                        Event::Error(e) => panic!("request failed: {e}"),
-                    }
-                }
-                out.push(got);
-            }
-            out
         }
 
         /// Parallel sampling across the disaggregation seam: the prefill

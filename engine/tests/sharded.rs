@@ -8,26 +8,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_engine::cpu::ExpandWeights;
-use tandem_engine::engine::{Engine, EngineConfig, RequestHandle, RequestSpec};
+use tandem_engine::engine::{Engine, EngineConfig, RequestSpec};
 use tandem_engine::executor::Executor;
 use tandem_engine::generate::{generate, GenerateRequest};
 use tandem_engine::kv::KvStaging;
 use tandem_engine::model::Model;
 use tandem_engine::sampler::{Sampled, SamplingParams};
-use tandem_engine::scheduler::{Event, ExportBlock, KvExport, SchedulerConfig};
+use tandem_engine::scheduler::{ExportBlock, KvExport, SchedulerConfig};
 use tandem_engine::shard::{run_follower, ShardOptions, ShardSpec, ShardedModel};
 use tandem_engine::EngineError;
 use tandem_model::weights::ModelSource;
 
-fn default_model() -> PathBuf {
-    let p = tandem_model::default_model_path();
-    assert!(
-        p.exists(),
-        "default model missing at {}: run `tandem model fetch`",
-        p.display()
-    );
-    p
-}
+mod common;
+use common::{block_on, collect_all, model_path as default_model};
 
 fn synth_fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -161,22 +154,6 @@ fn shapes_that_cannot_be_exact_are_refused() {
     }
 }
 
-fn collect_all(h: RequestHandle) -> Vec<Vec<Sampled>> {
-    let mut out = Vec::new();
-    for mut rx in std::iter::once(h.events).chain(h.more) {
-        let mut got = Vec::new();
-        loop {
-            match rx.blocking_recv().expect("stream ends with Finished") {
-                Event::Token(s) => got.push(s),
-                Event::Finished { .. } => break,
-                Event::Error(e) => panic!("request failed: {e}"),
-            }
-        }
-        out.push(got);
-    }
-    out
-}
-
 fn engine(model: Arc<dyn Executor>, kv_blocks: usize) -> Engine {
     let layout = model.kv_layout(16);
     Engine::start(
@@ -227,32 +204,6 @@ fn batching_engine_on_a_sharded_worker_matches_the_single_process() {
     assert_eq!(got, want);
     drop(sharded);
     w.stop();
-}
-
-/// Polls a future to completion on this thread (the engine's futures are
-/// woken by its thread; no runtime needed).
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    use std::task::{Context, Poll, Wake, Waker};
-    struct Unpark(std::thread::Thread);
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut cx = Context::from_waker(&waker);
-    let mut f = std::pin::pin!(f);
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-            return v;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "future never completed"
-        );
-        std::thread::park_timeout(Duration::from_millis(20));
-    }
 }
 
 /// Copies exported blocks into a staging, as a prefill worker's sender

@@ -682,8 +682,8 @@ pub fn matmul_with(
     if kernel == Kernel::Scalar {
         let n_tasks = panels.min(pool.threads() * 4);
         pool.run(n_tasks, &|i| {
-            let (p0, p1) = split(panels, n_tasks, i);
-            scalar_panels(w, x, tokens, outp, p0, p1);
+            let p = split(panels, n_tasks, i);
+            scalar_panels(w, x, tokens, outp, p.start, p.end);
         });
         return;
     }
@@ -697,10 +697,10 @@ pub fn matmul_with(
         // thread slowed by another process does not hold up the rest.
         let n_tasks = panels.min(pool.threads() * 4);
         pool.run(n_tasks, &|i| {
-            let (p0, p1) = split(panels, n_tasks, i);
+            let p = split(panels, n_tasks, i);
             // SAFETY: the kernel was checked to be available; tasks write
             // disjoint panels of `out`.
-            unsafe { kernels::fused_task(kernel, w, x, tokens, outp.get(), p0, p1) };
+            unsafe { kernels::fused_task(kernel, w, x, tokens, outp.get(), p.start, p.end) };
         });
     } else {
         let g = kernels::gemm_geometry(kernel);
@@ -716,11 +716,12 @@ pub fn matmul_with(
     }
 }
 
-/// The `i`-th of `n` near-equal contiguous parts of `0..len`.
-fn split(len: usize, n: usize, i: usize) -> (usize, usize) {
+/// The `i`-th of `n` near-equal contiguous parts of `0..len` (the first
+/// `len % n` parts one longer).
+pub(crate) fn split(len: usize, n: usize, i: usize) -> std::ops::Range<usize> {
     let (q, r) = (len / n, len % n);
     let start = i * q + i.min(r);
-    (start, start + q + usize::from(i < r))
+    start..start + q + usize::from(i < r)
 }
 
 #[derive(Clone, Copy)]

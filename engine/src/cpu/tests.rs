@@ -558,8 +558,9 @@ fn bench_kernels() {
             (0..n_tasks).map(|_| Default::default()).collect();
         let (wall, _) = time_it(3, || {
             pool.run(n_tasks, &|i| {
-                let (a, b) = split(big.len(), n_tasks, i);
-                let s = big[a..b].iter().fold(0u64, |acc, v| acc.wrapping_add(*v));
+                let s = big[split(big.len(), n_tasks, i)]
+                    .iter()
+                    .fold(0u64, |acc, v| acc.wrapping_add(*v));
                 sums[i].store(s, std::sync::atomic::Ordering::Relaxed);
             })
         });
