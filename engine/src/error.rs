@@ -28,6 +28,10 @@ pub enum EngineError {
     Comm(crate::comm::CommError),
     #[error("sharded worker: {0}")]
     Shard(String),
+    /// The CUDA backend failed: a library that does not load, a device
+    /// call, a kernel that does not compile (the message says which).
+    #[error("CUDA: {0}")]
+    Cuda(String),
 }
 
 impl From<crate::comm::CommError> for EngineError {
@@ -48,7 +52,7 @@ impl EngineError {
             EngineError::Unsupported(_) => "unsupported",
             EngineError::OutOfBlocks { .. } => "overloaded",
             EngineError::TooLargeForPool { .. } => "invalid_request",
-            EngineError::Comm(_) | EngineError::Shard(_) => "unavailable",
+            EngineError::Comm(_) | EngineError::Shard(_) | EngineError::Cuda(_) => "unavailable",
         }
     }
 }

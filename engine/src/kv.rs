@@ -100,6 +100,16 @@ pub struct KvPool {
     /// Blocks are allocated by another pool (a sharded worker's rank 0):
     /// this one only holds the contents.
     mirror: bool,
+    /// Unique per pool in this process: an executor that keeps the KV
+    /// itself (device memory) tells which pool's blocks it holds.
+    id: u64,
+}
+
+/// Source of [`KvPool::id`]s.
+static NEXT_POOL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn next_pool_id() -> u64 {
+    NEXT_POOL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl KvPool {
@@ -116,7 +126,38 @@ impl KvPool {
             free: (0..n_blocks as BlockId).rev().collect(),
             copies: None,
             mirror: false,
+            id: next_pool_id(),
         }
+    }
+
+    /// A pool that allocates blocks and counts references but holds no KV:
+    /// the executor keeps the contents itself (in device memory, see the
+    /// CUDA executor) and learns copy-on-write copies through
+    /// [`KvPool::record_copies`], which this pool records from the start.
+    /// Its regions and layers are empty: [`KvPool::region`],
+    /// [`KvPool::layer`] and [`KvPool::write_token`] panic on it.
+    pub fn new_tracking(layout: KvLayout, n_blocks: usize) -> Self {
+        Self {
+            layout,
+            n_blocks,
+            layers: Vec::new(),
+            refs: vec![0; n_blocks],
+            free: (0..n_blocks as BlockId).rev().collect(),
+            copies: Some(Vec::new()),
+            mirror: false,
+            id: next_pool_id(),
+        }
+    }
+
+    /// Whether this pool holds the KV contents (false for
+    /// [`KvPool::new_tracking`]).
+    pub fn holds_kv(&self) -> bool {
+        self.layers.len() == self.layout.n_layers
+    }
+
+    /// This pool's identity, unique in the process.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// A pool whose block tables are decided by another pool of the same
@@ -355,6 +396,7 @@ impl KvStaging {
             free: Vec::new(),
             copies: None,
             mirror: true,
+            id: next_pool_id(),
         }
     }
 

@@ -5,6 +5,8 @@ pub mod comm;
 #[cfg(feature = "cuda")]
 pub mod comm_nccl;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod executor;

@@ -970,3 +970,67 @@ impl Model {
         Ok(())
     }
 }
+
+/// One layer's weights as the CPU holds them, for a backend that keeps its
+/// own copy (the CUDA executor dequantises them once at load).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct LayerWeights<'a> {
+    pub attn_norm: &'a [f32],
+    /// Q, K and V stacked by rows (one or more matrices, in row order).
+    pub qkv: &'a [PackedMatrix],
+    pub qkv_bias: Option<&'a [f32]>,
+    pub wo: &'a [PackedMatrix],
+    pub ffn_norm: &'a [f32],
+    /// Gate then up, stacked by rows.
+    pub gate_up: &'a [PackedMatrix],
+    pub down: &'a [PackedMatrix],
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl Model {
+    /// Layer `l`'s weights; an error on a tensor-parallel shard (whose
+    /// row-parallel projections are cut into reduction chunks).
+    pub(crate) fn layer_weights(&self, l: usize) -> Result<LayerWeights<'_>> {
+        let layer = self.layers.get(l).ok_or_else(|| {
+            EngineError::Unsupported(format!("layer {l} of {}", self.layers.len()))
+        })?;
+        fn whole(p: &RowProj) -> Result<&[PackedMatrix]> {
+            match p {
+                RowProj::Whole(p) => Ok(&p.parts),
+                RowProj::Chunks(_) => Err(EngineError::Unsupported(
+                    "a tensor-parallel shard's weights cannot be copied whole".into(),
+                )),
+            }
+        }
+        Ok(LayerWeights {
+            attn_norm: &layer.attn_norm,
+            qkv: &layer.qkv.parts,
+            qkv_bias: layer.qkv_bias.as_deref(),
+            wo: whole(&layer.wo)?,
+            ffn_norm: &layer.ffn_norm,
+            gate_up: &layer.gate_up.parts,
+            down: whole(&layer.down)?,
+        })
+    }
+
+    /// The token embedding (first pipeline stage only).
+    pub(crate) fn embedding_matrix(&self) -> Option<&PackedMatrix> {
+        self.embd.as_ref()
+    }
+
+    /// The LM head's matrix (the embedding itself when tied; last stage only).
+    pub(crate) fn head_matrix(&self) -> Option<&PackedMatrix> {
+        self.head()
+    }
+
+    /// The final norm's weights.
+    pub(crate) fn output_norm(&self) -> &[f32] {
+        &self.out_norm
+    }
+
+    /// RoPE inverse frequencies, one per pair of head dimensions (scaling
+    /// and per-model frequency factors applied).
+    pub(crate) fn rope_inv_freq(&self) -> &[f32] {
+        &self.rope.inv_freq
+    }
+}

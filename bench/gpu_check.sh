@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# Checks and benchmarks the CUDA backend (engine/src/cuda) on a GPU machine
+# from a prebuilt test binary, and writes the results as JSON. Builds
+# nothing: the GPU machine has no toolchain and fetches nothing.
+#
+# Build where the toolchain is (no GPU or CUDA needed; cudarc loads the
+# libraries at run time):
+#   cargo test --release --locked -p tandem-engine --features cuda --test cuda_backend --no-run
+# cargo prints the executable's path ("Executable tests/cuda_backend.rs
+# (<target>/release/deps/cuda_backend-<hash>)"). Strip it (55 MB of line
+# tables down to ~3 MB) into an ignored folder so that it can be carried:
+#   mkdir -p target/gpu && strip -o target/gpu/cuda_backend <that path>
+# The FP32/BF16 checks also need the default model (98 MB, more than one
+# carry allows): split it into ignored parts and carry them over two calls
+# on the same warm machine (carried files stay there between calls):
+#   mkdir -p models/parts && split -b 48M ~/.cache/tandem/models/SmolLM2-135M-Instruct.Q4_1.gguf \
+#       models/parts/SmolLM2-135M-Instruct.Q4_1.gguf.part-
+#   call 1 carries models/parts/...part-aa (and runs `true`),
+#   call 2 carries target/gpu and models/parts/...part-ab and runs this script.
+# The script joins the parts into models/ and checks the sha256. Without
+# the model, the tests that need it fail, saying so; the others still run.
+#
+# Usage, from the repository root on the GPU machine:
+#   bench/gpu_check.sh [OUT_DIR] [TEST_BINARY]
+# OUT_DIR defaults to $OUT (the device runner's output folder), else
+# bench/out/gpu_check. TEST_BINARY defaults to target/gpu/cuda_backend,
+# else the newest target/release/deps/cuda_backend-*. Writes
+# OUT_DIR/gpu_check.json (tests, tolerances met, measured differences,
+# benchmark figures), OUT_DIR/cuda_bench.json and the two logs.
+set -uo pipefail
+
+out=${1:-${OUT:-bench/out/gpu_check}}
+mkdir -p "$out"
+bin=${2:-}
+if [[ -z "$bin" ]]; then
+    if [[ -x target/gpu/cuda_backend ]]; then
+        bin=target/gpu/cuda_backend
+    else
+        bin=$(ls -t target/release/deps/cuda_backend-* 2>/dev/null | grep -v '\.d$' | head -n1)
+    fi
+fi
+if [[ -z "$bin" || ! -x "$bin" ]]; then
+    echo "no cuda_backend test binary (build it first, see the header of $0)" >&2
+    exit 2
+fi
+
+# The default model: models/ in the repository (joined from carried parts
+# when needed), unless TANDEM_MODELS_DIR says otherwise.
+model_file=SmolLM2-135M-Instruct.Q4_1.gguf
+model_sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+if [[ -z "${TANDEM_MODELS_DIR:-}" ]]; then
+    if [[ ! -f "models/$model_file" ]] && ls models/parts/"$model_file".part-* >/dev/null 2>&1; then
+        mkdir -p models
+        cat models/parts/"$model_file".part-* >"models/$model_file.tmp" &&
+            mv "models/$model_file.tmp" "models/$model_file"
+    fi
+    if [[ -f "models/$model_file" ]]; then
+        export TANDEM_MODELS_DIR=$PWD/models
+    fi
+fi
+model_ok=false
+if [[ -n "${TANDEM_MODELS_DIR:-}" && -f "$TANDEM_MODELS_DIR/$model_file" ]]; then
+    got=$(sha256sum "$TANDEM_MODELS_DIR/$model_file" | cut -d' ' -f1)
+    if [[ "$got" == "$model_sha" ]]; then
+        model_ok=true
+    else
+        echo "warning: $TANDEM_MODELS_DIR/$model_file has sha256 $got, expected $model_sha" >&2
+    fi
+fi
+
+# The test binary finds the fixtures (golden prompts, synthetic checkpoints)
+# here rather than in the source tree it was built from.
+export TANDEM_FIXTURES_DIR=$PWD/fixtures
+
+# cudarc (built with its CUDA 12.8 bindings) looks for libcublas.so,
+# libcublas.so.12, ... and the same for NVRTC; CUDA 13 pip wheels ship only
+# the .so.13 names. Link them under the plain names in a folder of our own
+# and put it, and every lib folder of the pip nvidia packages (cuBLAS needs
+# its cublasLt, NVRTC its builtins), on the library path.
+links=$(mktemp -d)
+trap 'rm -rf "$links"' EXIT
+libdirs=$(python3 - <<'EOF' 2>/dev/null
+import glob, os, site
+roots = site.getsitepackages() + [site.getusersitepackages()]
+dirs = []
+for r in roots:
+    for pat in ("nvidia/*/lib", "nvidia/*/*/lib", "nvidia/lib"):
+        dirs += [d for d in glob.glob(os.path.join(r, pat)) if os.path.isdir(d)]
+print(":".join(dict.fromkeys(dirs)))
+EOF
+)
+for d in ${libdirs//:/ }; do
+    for lib in cublas cublasLt nvrtc; do
+        for v in 13 12; do
+            if [[ -e "$d/lib$lib.so.$v" && ! -e "$links/lib$lib.so" ]]; then
+                ln -sf "$d/lib$lib.so.$v" "$links/lib$lib.so"
+            fi
+        done
+    done
+done
+export LD_LIBRARY_PATH="$links${libdirs:+:$libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "library links: $(ls "$links" | tr '\n' ' ')"
+echo "library path: $LD_LIBRARY_PATH"
+
+gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n1)
+
+# 1. The checks (the benchmark is ignored here).
+start=$(date +%s.%N)
+timeout 600 "$bin" --test-threads=1 --show-output >"$out/cuda_test.log" 2>&1
+test_rc=$?
+mid=$(date +%s.%N)
+cat "$out/cuda_test.log"
+
+# 2. The benchmark (Llama-3-8B shape, random BF16 weights on the device).
+TANDEM_BENCH_JSON="$out/cuda_bench.json" timeout 600 "$bin" --ignored --exact bench_llama3_8b_shape \
+    --test-threads=1 --show-output >"$out/cuda_bench.log" 2>&1
+bench_rc=$?
+end=$(date +%s.%N)
+cat "$out/cuda_bench.log"
+
+python3 - "$out" "$test_rc" "$bench_rc" "$gpu" "$start" "$mid" "$end" "$bin" "$model_ok" <<'EOF'
+import json, os, re, sys
+out, test_rc, bench_rc, gpu, start, mid, end, binary, model_ok = sys.argv[1:]
+text = open(os.path.join(out, "cuda_test.log"), errors="replace").read()
+tests = [{"name": m[1], "result": m[2]}
+         for m in re.finditer(r"^test (\S+) \.\.\. (ok|FAILED|ignored)", text, re.M)]
+notes = [l for l in text.splitlines()
+         if re.search(r"max abs|worst|greedy|near tie|top-1|no usable CUDA|panicked|CUDA:", l)]
+bench = None
+try:
+    bench = json.load(open(os.path.join(out, "cuda_bench.json")))
+except Exception as e:
+    btext = open(os.path.join(out, "cuda_bench.log"), errors="replace").read()
+    bench = {"error": str(e), "log_tail": btext[-3000:]}
+json.dump({
+    "check": "cuda_backend",
+    "binary": binary,
+    "gpu": gpu,
+    "default_model_present": model_ok == "true",
+    "test_exit_code": int(test_rc),
+    "passed": sum(t["result"] == "ok" for t in tests),
+    "failed": sum(t["result"] == "FAILED" for t in tests),
+    "tests": tests,
+    "notes": notes,
+    "test_seconds": round(float(mid) - float(start), 3),
+    "bench_exit_code": int(bench_rc),
+    "bench_seconds": round(float(end) - float(mid), 3),
+    "bench": bench,
+}, open(os.path.join(out, "gpu_check.json"), "w"), indent=2)
+print("wrote", os.path.join(out, "gpu_check.json"))
+EOF
+if [[ $test_rc -ne 0 ]]; then exit "$test_rc"; fi
+exit "$bench_rc"

@@ -1,0 +1,293 @@
+//! Speed figures of the CUDA backend on a Llama-3-8B-shaped model with
+//! random BF16 weights generated on the device (values do not matter for
+//! speed, so no file is needed): device-to-device copy bandwidth, decode
+//! tokens/s at a few batch sizes with the fraction of the memory roofline
+//! they reach, and prefill TFLOP/s. Run by the ignored test
+//! `bench_llama3_8b_shape` in `tests/cuda_backend.rs`.
+//!
+//! Roofline: a decode step must read every weight matrix once and every
+//! sequence's KV once, so `(weight bytes + KV bytes) / step time` is the
+//! bandwidth the step achieved; its fraction of the copy bandwidth measured
+//! in the same run (bytes read + bytes written per second, what a device
+//! copy can stream) is how close decode is to memory-bound. A step also
+//! moves each sequence's logits to the host (the sampler runs there), which
+//! the step time includes.
+
+use std::time::Instant;
+
+use serde::Serialize;
+use tandem_model::config::{Arch, ModelConfig, RopeScaling, RopeStyle};
+
+use super::{cuda_err, ptr, CudaModel, Weights};
+use crate::error::Result;
+use crate::executor::Executor;
+use crate::kv::{KvPool, SeqKv};
+use crate::model::{Logits, SeqStep};
+
+/// Llama-3-8B's shape (32 layers, hidden 4096, FFN 14336, 32 query and 8
+/// KV heads of 128, vocabulary 128256, untied head).
+pub fn llama3_8b_config() -> ModelConfig {
+    ModelConfig {
+        arch: Arch::Llama,
+        n_layers: 32,
+        hidden: 4096,
+        ffn: 14336,
+        n_heads: 32,
+        n_kv_heads: 8,
+        head_dim: 128,
+        rope_theta: 500_000.0,
+        rope_style: RopeStyle::Neox,
+        rope_scaling: RopeScaling::None,
+        rms_eps: 1e-5,
+        vocab_size: 128_256,
+        context_length: 8192,
+        tie_embeddings: false,
+        qkv_bias: false,
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchOptions {
+    /// Decode batch sizes.
+    pub decode_batches: Vec<usize>,
+    /// Tokens already in each sequence's KV when decode is timed.
+    pub context: usize,
+    /// Timed decode steps (after two warm-up steps).
+    pub decode_steps: usize,
+    /// Tokens of the one prompt whose prefill is timed.
+    pub prefill_tokens: usize,
+    /// Timed prefill runs (after one warm-up run).
+    pub prefill_runs: usize,
+    pub block_size: usize,
+    /// Bytes of the device-to-device copy measured.
+    pub copy_bytes: usize,
+    pub seed: u64,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self {
+            decode_batches: vec![1, 64],
+            context: 512,
+            decode_steps: 32,
+            prefill_tokens: 2048,
+            prefill_runs: 3,
+            block_size: 16,
+            copy_bytes: 1 << 30,
+            seed: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CopyResult {
+    pub bytes: usize,
+    pub copies: usize,
+    pub seconds: f64,
+    /// (read + written bytes) per second, in GB/s.
+    pub gb_per_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodeResult {
+    pub batch: usize,
+    pub context: usize,
+    pub steps: usize,
+    pub step_ms: f64,
+    pub tok_per_s: f64,
+    pub weight_bytes: usize,
+    /// KV read per step, averaged over the timed steps.
+    pub kv_bytes_per_step: f64,
+    pub achieved_gb_per_s: f64,
+    /// `achieved_gb_per_s / copy.gb_per_s`.
+    pub roofline_fraction: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PrefillResult {
+    pub tokens: usize,
+    pub runs: usize,
+    pub seconds_per_run: f64,
+    pub tok_per_s: f64,
+    pub matmul_flops: f64,
+    pub attention_flops: f64,
+    /// (matmul + attention FLOPs) / time, in TFLOP/s.
+    pub tflops: f64,
+    pub matmul_tflops: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub device: String,
+    pub weights: &'static str,
+    pub model: &'static str,
+    pub options: BenchOptions,
+    pub copy: CopyResult,
+    pub decode: Vec<DecodeResult>,
+    pub prefill: PrefillResult,
+    pub notes: Vec<&'static str>,
+}
+
+/// Device-to-device copy bandwidth on `model`'s device.
+pub fn copy_bandwidth(model: &CudaModel, bytes: usize, copies: usize) -> Result<CopyResult> {
+    let dev = &model.dev;
+    dev.bind()?;
+    let n = bytes / 4;
+    let a = dev.zeros::<f32>(n, "copy source")?;
+    let b = dev.zeros::<f32>(n, "copy destination")?;
+    let (pa, pb) = (ptr(&a, &dev.stream), ptr(&b, &dev.stream));
+    let copy = || -> Result<()> {
+        // SAFETY: both buffers hold n floats.
+        unsafe { cudarc::driver::result::memcpy_dtod_async(pb, pa, n * 4, dev.stream.cu_stream()) }
+            .map_err(|e| cuda_err("device copy", e))
+    };
+    copy()?;
+    dev.sync("copy warm-up")?;
+    let t0 = Instant::now();
+    for _ in 0..copies {
+        copy()?;
+    }
+    dev.sync("copy")?;
+    let seconds = t0.elapsed().as_secs_f64();
+    Ok(CopyResult {
+        bytes: n * 4,
+        copies,
+        seconds,
+        gb_per_s: 2.0 * (n * 4 * copies) as f64 / seconds / 1e9,
+    })
+}
+
+/// Decode at `batch` sequences of `opts.context` tokens (KV contents are
+/// whatever the device holds: speed does not depend on them).
+pub fn decode(
+    model: &CudaModel,
+    batch: usize,
+    opts: &BenchOptions,
+    copy_gb_per_s: f64,
+) -> Result<DecodeResult> {
+    let warmup = 2;
+    let layout = model.kv_layout(opts.block_size);
+    let per_seq = layout.blocks_for(opts.context + warmup + opts.decode_steps);
+    let mut pool = KvPool::new_tracking(layout, batch * per_seq);
+    let mut seqs: Vec<SeqKv> = (0..batch).map(|_| SeqKv::default()).collect();
+    for s in seqs.iter_mut() {
+        pool.reserve(s, opts.context)?;
+        s.len = opts.context;
+    }
+    let vocab = model.config.vocab_size as u32;
+    let toks: Vec<u32> = (0..batch as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let step = |pool: &mut KvPool, seqs: &mut [SeqKv]| -> Result<()> {
+        let mut b: Vec<SeqStep<'_>> = seqs
+            .iter_mut()
+            .zip(&toks)
+            .map(|(kv, t)| SeqStep {
+                kv,
+                tokens: std::slice::from_ref(t),
+                logits: Logits::Last,
+            })
+            .collect();
+        model.forward(pool, &mut b).map(|_| ())
+    };
+    for _ in 0..warmup {
+        step(&mut pool, &mut seqs)?;
+    }
+    let len0 = seqs[0].len;
+    let t0 = Instant::now();
+    for _ in 0..opts.decode_steps {
+        step(&mut pool, &mut seqs)?;
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let steps = opts.decode_steps.max(1) as f64;
+    let step_s = seconds / steps;
+    // Keys read by a step: every sequence's length after its new token.
+    let mean_len = len0 as f64 + (steps + 1.0) / 2.0;
+    let kv_bytes = batch as f64 * mean_len * layout.token_bytes() as f64;
+    let weight_bytes = model.weight_bytes();
+    let achieved = (weight_bytes as f64 + kv_bytes) / step_s / 1e9;
+    Ok(DecodeResult {
+        batch,
+        context: opts.context,
+        steps: opts.decode_steps,
+        step_ms: step_s * 1e3,
+        tok_per_s: batch as f64 / step_s,
+        weight_bytes,
+        kv_bytes_per_step: kv_bytes,
+        achieved_gb_per_s: achieved,
+        roofline_fraction: achieved / copy_gb_per_s,
+    })
+}
+
+/// Prefill of one prompt of `opts.prefill_tokens` tokens (last logits only).
+pub fn prefill(model: &CudaModel, opts: &BenchOptions) -> Result<PrefillResult> {
+    let t = opts.prefill_tokens;
+    let layout = model.kv_layout(opts.block_size);
+    let mut pool = KvPool::new_tracking(layout, layout.blocks_for(t));
+    let vocab = model.config.vocab_size as u32;
+    let prompt: Vec<u32> = (0..t as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let mut run = || -> Result<f64> {
+        let mut kv = SeqKv::default();
+        let t0 = Instant::now();
+        model.forward(
+            &mut pool,
+            &mut [SeqStep {
+                kv: &mut kv,
+                tokens: &prompt,
+                logits: Logits::Last,
+            }],
+        )?;
+        let s = t0.elapsed().as_secs_f64();
+        pool.free_seq(&mut kv);
+        Ok(s)
+    };
+    run()?;
+    let runs = opts.prefill_runs.max(1);
+    let mut total = 0.0;
+    for _ in 0..runs {
+        total += run()?;
+    }
+    let secs = total / runs as f64;
+    let c = &model.config;
+    let head = c.vocab_size * c.hidden;
+    let body = model.matmul_params() - head;
+    let matmul = 2.0 * (t as f64 * body as f64 + head as f64);
+    // QKᵀ and PV: 2 FLOPs per multiply-add, over keys 0..=p for each position p.
+    let pairs = t as f64 * (t as f64 + 1.0) / 2.0;
+    let attention = 4.0 * (c.n_layers * c.n_heads * c.head_dim) as f64 * pairs;
+    Ok(PrefillResult {
+        tokens: t,
+        runs,
+        seconds_per_run: secs,
+        tok_per_s: t as f64 / secs,
+        matmul_flops: matmul,
+        attention_flops: attention,
+        tflops: (matmul + attention) / secs / 1e12,
+        matmul_tflops: matmul / secs / 1e12,
+    })
+}
+
+/// The whole benchmark on GPU `ordinal` (about 20 GB of device memory at
+/// the defaults: 16 GB of BF16 weights, a 2 GB f32 embedding, the KV).
+pub fn run(ordinal: usize, opts: BenchOptions) -> Result<BenchReport> {
+    let model = CudaModel::synthetic(llama3_8b_config(), ordinal, Weights::Bf16, opts.seed)?;
+    let copy = copy_bandwidth(&model, opts.copy_bytes, 20)?;
+    let mut dec = Vec::new();
+    for &b in &opts.decode_batches {
+        dec.push(decode(&model, b, &opts, copy.gb_per_s)?);
+    }
+    let pre = prefill(&model, &opts)?;
+    Ok(BenchReport {
+        device: model.device_name(),
+        weights: "bf16 (random, generated on the device), f32 activations and KV",
+        model: "llama-3-8b shape",
+        options: opts,
+        copy,
+        decode: dec,
+        prefill: pre,
+        notes: vec![
+            "copy gb_per_s counts bytes read plus bytes written",
+            "decode steps include moving each sequence's logits (128256 floats) to the host",
+            "roofline_fraction = (weight bytes + KV bytes read) / step time / copy gb_per_s",
+            "prefill tflops = (2 x matmul params x tokens + causal attention FLOPs) / time",
+        ],
+    })
+}

@@ -1,0 +1,653 @@
+//! The CUDA C kernels of the forward pass, compiled at load with NVRTC, and
+//! their launchers.
+//!
+//! Every kernel is written for being obviously right rather than fast: one
+//! thread block per row (or per token and head), grid-stride loops for the
+//! element-wise ones, f32 everywhere except the BF16 copies of activations
+//! that feed cuBLAS. The source uses no headers (NVRTC then needs no include
+//! path) and converts BF16 by hand (round to nearest even, as `half` does on
+//! the host). Products that the CPU computes as separate multiplies (RoPE)
+//! use `__fmul_rn`, so the compiler cannot contract them into FMAs and move
+//! the result away from the CPU's.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::CompileOptions;
+
+use crate::error::{EngineError, Result};
+
+/// Threads per block of the attention kernel (also its keys per tile).
+pub(crate) const ATT_THREADS: u32 = 128;
+/// Output dimensions one attention thread owns: head_dim may be at most
+/// `ATT_DIMS_PER_THREAD * ATT_THREADS`.
+pub(crate) const ATT_DIMS_PER_THREAD: usize = 4;
+/// Threads per block of the row kernels.
+const ROW_THREADS: u32 = 256;
+/// Blocks of the grid-stride element-wise kernels (enough to fill any GPU).
+const ELEMWISE_BLOCKS: u32 = 1024;
+
+pub(crate) const SOURCE: &str = r#"
+#define ATT_THREADS 128
+#define ATT_DIMS 4
+/* No headers: spell out what they would give. */
+typedef unsigned long long u64;
+#define NEG_INF __uint_as_float(0xff800000u)
+
+__device__ float block_sum(float v, float* red) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    int nw = (blockDim.x + 31) >> 5;
+    v = ((int)threadIdx.x < nw) ? red[threadIdx.x] : 0.0f;
+    if (warp == 0) {
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) red[0] = v;
+    }
+    __syncthreads();
+    float r = red[0];
+    __syncthreads();
+    return r;
+}
+
+__device__ float block_max(float v, float* red) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    int nw = (blockDim.x + 31) >> 5;
+    v = ((int)threadIdx.x < nw) ? red[threadIdx.x] : NEG_INF;
+    if (warp == 0) {
+        for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+        if (lane == 0) red[0] = v;
+    }
+    __syncthreads();
+    float r = red[0];
+    __syncthreads();
+    return r;
+}
+
+__device__ unsigned short f32_to_bf16_bits(float f) {
+    unsigned int b = __float_as_uint(f);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((b >> 16) | 0x40u);
+    b += 0x7fffu + ((b >> 16) & 1u);
+    return (unsigned short)(b >> 16);
+}
+
+/* x[t] = table[tok[t]]: one block per token. */
+extern "C" __global__ void embed(const int* tok, const float* table, float* x, int h) {
+    int t = blockIdx.x;
+    const float* row = table + (u64)tok[t] * h;
+    float* out = x + (u64)t * h;
+    for (int i = threadIdx.x; i < h; i += blockDim.x) out[i] = row[i];
+}
+
+/* out[r] = w * x[src] / sqrt(mean(x[src]^2) + eps), src = rows ? rows[r] : r. One block per row. */
+extern "C" __global__ void rms_norm(const float* x, const int* rows, const float* w, float* out,
+                                    int h, float eps) {
+    __shared__ float red[32];
+    int r = blockIdx.x;
+    int src = rows ? rows[r] : r;
+    const float* xr = x + (u64)src * h;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < h; i += blockDim.x) { float v = xr[i]; s = fmaf(v, v, s); }
+    s = block_sum(s, red);
+    float rs = 1.0f / sqrtf(s / (float)h + eps);
+    float* o = out + (u64)r * h;
+    for (int i = threadIdx.x; i < h; i += blockDim.x) o[i] = w[i] * (xr[i] * rs);
+}
+
+/* Adds the QKV bias (if any), then rotates the first n_rot_heads heads of each
+   row by its token's position. One block per token. */
+extern "C" __global__ void bias_rope(float* qkv, const float* bias, const int* pos,
+                                     const float* inv_freq, int row_len, int n_rot_heads,
+                                     int hd, int neox) {
+    int t = blockIdx.x;
+    float* row = qkv + (u64)t * row_len;
+    if (bias) {
+        for (int i = threadIdx.x; i < row_len; i += blockDim.x) row[i] += bias[i];
+        __syncthreads();
+    }
+    int half = hd / 2;
+    float p = (float)pos[t];
+    for (int j = threadIdx.x; j < n_rot_heads * half; j += blockDim.x) {
+        int hh = j / half, i = j % half;
+        float a = __fmul_rn(p, inv_freq[i]);
+        float c = (float)cos((double)a), s = (float)sin((double)a);
+        int ai = neox ? i : 2 * i;
+        int bi = neox ? i + half : 2 * i + 1;
+        float* x = row + (u64)hh * hd;
+        float xa = x[ai], xb = x[bi];
+        x[ai] = __fsub_rn(__fmul_rn(xa, c), __fmul_rn(xb, s));
+        x[bi] = __fadd_rn(__fmul_rn(xb, c), __fmul_rn(xa, s));
+    }
+}
+
+/* Writes each token's K and V into its block of one layer's KV (the KvLayout:
+   per block K [head][dim][slot], then V [head][slot][dim]). One block per token. */
+extern "C" __global__ void kv_write(const float* qkv, const int* pos, const int* blk, float* kv,
+                                    int row_len, int qd, int n_kv, int hd, int bs) {
+    int t = blockIdx.x;
+    const float* row = qkv + (u64)t * row_len;
+    int slot = pos[t] % bs;
+    float* region = kv + (u64)blk[t] * (u64)(2 * n_kv * hd * bs);
+    int kvd = n_kv * hd;
+    for (int j = threadIdx.x; j < kvd; j += blockDim.x) {
+        int h = j / hd, d = j % hd;
+        region[(u64)h * hd * bs + (u64)d * bs + slot] = row[qd + j];
+        region[(u64)(n_kv + h) * hd * bs + (u64)slot * hd + d] = row[qd + kvd + j];
+    }
+}
+
+/* Causal attention of one query token and one query head over the keys
+   0..=pos of its sequence, read through the sequence's block table.
+   Grid (tokens, heads), ATT_THREADS threads: each tile of ATT_THREADS keys
+   gets one score per thread, then an online softmax (running max and sum in
+   f32) rescales the accumulated output, whose dimensions the threads share.
+   Dynamic shared memory: (hd + ATT_THREADS + 32) floats. */
+extern "C" __global__ void attention(const float* qkv, const float* kv, const int* tok_seq,
+                                     const int* pos, const int* tables, const int* table_off,
+                                     float* out, int row_len, int n_heads, int n_kv, int hd,
+                                     int bs, float scale) {
+    extern __shared__ float sh[];
+    float* q = sh;
+    float* p = sh + hd;
+    float* red = p + ATT_THREADS;
+    int t = blockIdx.x, h = blockIdx.y;
+    int g = h / (n_heads / n_kv);
+    int n_keys = pos[t] + 1;
+    const int* table = tables + table_off[tok_seq[t]];
+    const float* qrow = qkv + (u64)t * row_len + (u64)h * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) q[d] = qrow[d];
+    __syncthreads();
+    u64 bf = (u64)2 * n_kv * hd * bs;
+    u64 k_off = (u64)g * hd * bs;
+    u64 v_off = (u64)(n_kv + g) * hd * bs;
+    float acc[ATT_DIMS];
+    for (int i = 0; i < ATT_DIMS; ++i) acc[i] = 0.0f;
+    float m = NEG_INF, l = 0.0f;
+    for (int k0 = 0; k0 < n_keys; k0 += blockDim.x) {
+        int k = k0 + threadIdx.x;
+        float s = NEG_INF;
+        if (k < n_keys) {
+            const float* kp = kv + (u64)table[k / bs] * bf + k_off + (k % bs);
+            float dot = 0.0f;
+            for (int d = 0; d < hd; ++d) dot = fmaf(q[d], kp[(u64)d * bs], dot);
+            s = dot * scale;
+        }
+        float m_new = fmaxf(m, block_max(s, red));
+        float e = (k < n_keys) ? expf(s - m_new) : 0.0f;
+        p[threadIdx.x] = e;
+        float tile_sum = block_sum(e, red); /* its barriers also publish p */
+        float corr = expf(m - m_new);
+        l = l * corr + tile_sum;
+        int n_tile = n_keys - k0 < (int)blockDim.x ? n_keys - k0 : (int)blockDim.x;
+        for (int i = 0; i < ATT_DIMS; ++i) {
+            int d = threadIdx.x + i * blockDim.x;
+            if (d < hd) {
+                float a = acc[i] * corr;
+                for (int j = 0; j < n_tile; ++j) {
+                    int kk = k0 + j;
+                    const float* vp = kv + (u64)table[kk / bs] * bf + v_off + (u64)(kk % bs) * hd;
+                    a = fmaf(p[j], vp[d], a);
+                }
+                acc[i] = a;
+            }
+        }
+        m = m_new;
+        __syncthreads(); /* p is rewritten by the next tile */
+    }
+    float* o = out + (u64)t * n_heads * hd + (u64)h * hd;
+    for (int i = 0; i < ATT_DIMS; ++i) {
+        int d = threadIdx.x + i * blockDim.x;
+        if (d < hd) o[d] = acc[i] / l;
+    }
+}
+
+/* act[t][j] = silu(gu[t][j]) * gu[t][ffn + j], silu(g) = g / (1 + e^-g). */
+extern "C" __global__ void silu_mul(const float* gu, float* act, long long n_tok, int ffn) {
+    long long n = n_tok * (long long)ffn;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long t = i / ffn, j = i % ffn;
+        float g = gu[t * 2 * ffn + j], u = gu[t * 2 * ffn + ffn + j];
+        float s = g / (1.0f + expf(-g));
+        act[i] = s * u;
+    }
+}
+
+/* x += y */
+extern "C" __global__ void add_in_place(float* x, const float* y, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        x[i] += y[i];
+}
+
+extern "C" __global__ void f32_to_bf16(const float* x, unsigned short* y, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        y[i] = f32_to_bf16_bits(x[i]);
+}
+
+__device__ float hash_uniform(unsigned long long seed, long long i) {
+    unsigned long long z = seed + (unsigned long long)i * 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z = z ^ (z >> 31);
+    return (float)(z >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f;
+}
+
+/* Synthetic weights (benchmarks): uniform in [-scale, scale]. */
+extern "C" __global__ void fill_uniform_f32(float* y, long long n, unsigned long long seed, float scale) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        y[i] = hash_uniform(seed, i) * scale;
+}
+
+extern "C" __global__ void fill_uniform_bf16(unsigned short* y, long long n, unsigned long long seed, float scale) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        y[i] = f32_to_bf16_bits(hash_uniform(seed, i) * scale);
+}
+"#;
+
+/// One kernel argument (pointers travel as `u64` device addresses).
+#[derive(Clone, Copy)]
+pub(crate) enum Arg {
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    U64(u64),
+    F32(f32),
+}
+
+/// The compiled kernels.
+pub(crate) struct Kernels {
+    embed: CudaFunction,
+    rms_norm: CudaFunction,
+    bias_rope: CudaFunction,
+    kv_write: CudaFunction,
+    attention: CudaFunction,
+    silu_mul: CudaFunction,
+    add_in_place: CudaFunction,
+    f32_to_bf16: CudaFunction,
+    fill_uniform_f32: CudaFunction,
+    fill_uniform_bf16: CudaFunction,
+    stream: Arc<CudaStream>,
+}
+
+fn cuda_err(what: &str, e: impl std::fmt::Debug) -> EngineError {
+    EngineError::Cuda(format!("{what}: {e:?}"))
+}
+
+/// `usize` to a kernel's `int`, refusing what does not fit.
+pub(crate) fn int(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| EngineError::Cuda(format!("{what} = {v} exceeds a 32-bit int")))
+}
+
+/// A CUBIN of [`SOURCE`] for the architecture option `arch`, or NVRTC's
+/// error and log.
+fn compile_cubin(arch: &str) -> std::result::Result<Vec<u8>, String> {
+    use cudarc::nvrtc::{result as nv, sys as nvsys};
+    let src = std::ffi::CString::new(SOURCE).map_err(|e| e.to_string())?;
+    let name = c"tandem_kernels.cu";
+    let prog = nv::create_program(&src, Some(name)).map_err(|e| format!("{e:?}"))?;
+    // SAFETY: `prog` is live until destroyed at the end; the buffers are
+    // sized by NVRTC's own size queries.
+    let out = unsafe {
+        match nv::compile_program(prog, &[arch.to_string()]) {
+            Err(e) => {
+                let log = nv::get_program_log(prog)
+                    .map(|l| {
+                        let bytes: Vec<u8> =
+                            l.iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
+                        String::from_utf8_lossy(&bytes).into_owned()
+                    })
+                    .unwrap_or_default();
+                Err(format!("{e:?}: {log}"))
+            }
+            Ok(()) => {
+                let mut size = 0usize;
+                match nvsys::nvrtcGetCUBINSize(prog, &mut size).result() {
+                    Err(e) => Err(format!("CUBIN size: {e:?}")),
+                    Ok(()) => {
+                        let mut bin = vec![0u8; size];
+                        nvsys::nvrtcGetCUBIN(prog, bin.as_mut_ptr() as *mut std::ffi::c_char)
+                            .result()
+                            .map(|()| bin)
+                            .map_err(|e| format!("CUBIN: {e:?}"))
+                    }
+                }
+            }
+        }
+    };
+    // SAFETY: created above, destroyed once.
+    let _ = unsafe { nv::destroy_program(prog) };
+    out
+}
+
+fn grid_for(n: usize, threads: u32) -> u32 {
+    (n.div_ceil(threads as usize)).clamp(1, ELEMWISE_BLOCKS as usize) as u32
+}
+
+fn elementwise(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid_for(n, ROW_THREADS), 1, 1),
+        block_dim: (ROW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn per_row(rows: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (int(rows.max(1), "rows")? as u32, 1, 1),
+        block_dim: (ROW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+impl Kernels {
+    /// Compiles [`SOURCE`] for the device and loads it: a CUBIN for the
+    /// device's exact architecture when NVRTC knows it (no JIT by the
+    /// driver, so an NVRTC newer than the driver works, as CUDA's minor
+    /// version compatibility allows), else PTX for a virtual architecture
+    /// that the driver JIT-compiles.
+    pub(crate) fn load(ctx: &Arc<CudaContext>, stream: Arc<CudaStream>) -> Result<Self> {
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| cuda_err("reading the compute capability", e))?;
+        if major < 8 {
+            return Err(EngineError::Cuda(format!(
+                "compute capability {major}.{minor} is too old: the CUDA backend needs 8.0 or newer"
+            )));
+        }
+        let cubin = compile_cubin(&format!("--gpu-architecture=sm_{major}{minor}"));
+        let module = match cubin {
+            Ok(bin) => ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(bin))
+                .map_err(|e| cuda_err(&format!("loading the sm_{major}{minor} kernels"), e))?,
+            Err(cubin_err) => {
+                // NVRTC 12.x and 13.x both know these two.
+                let arch = if major >= 9 {
+                    "compute_90"
+                } else {
+                    "compute_80"
+                };
+                let ptx = cudarc::nvrtc::compile_ptx_with_opts(
+                    SOURCE,
+                    CompileOptions {
+                        arch: Some(arch),
+                        name: Some("tandem_kernels.cu".into()),
+                        ..Default::default()
+                    },
+                )
+                .map_err(|e| {
+                    EngineError::Cuda(format!(
+                        "compiling the kernels with NVRTC: for sm_{major}{minor}: {cubin_err}; for {arch}: {e:?}"
+                    ))
+                })?;
+                ctx.load_module(ptx).map_err(|e| {
+                    cuda_err(
+                        &format!("loading the {arch} kernels (a CUBIN failed: {cubin_err})"),
+                        e,
+                    )
+                })?
+            }
+        };
+        let f = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(|e| cuda_err(&format!("kernel {name}"), e))
+        };
+        Ok(Self {
+            embed: f("embed")?,
+            rms_norm: f("rms_norm")?,
+            bias_rope: f("bias_rope")?,
+            kv_write: f("kv_write")?,
+            attention: f("attention")?,
+            silu_mul: f("silu_mul")?,
+            add_in_place: f("add_in_place")?,
+            f32_to_bf16: f("f32_to_bf16")?,
+            fill_uniform_f32: f("fill_uniform_f32")?,
+            fill_uniform_bf16: f("fill_uniform_bf16")?,
+            stream,
+        })
+    }
+
+    fn launch(&self, name: &str, f: &CudaFunction, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        let mut b = self.stream.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::Ptr(v) | Arg::U64(v) => b.arg(v),
+                Arg::I32(v) => b.arg(v),
+                Arg::I64(v) => b.arg(v),
+                Arg::F32(v) => b.arg(v),
+            };
+        }
+        // SAFETY: every caller passes the kernel's parameters in order with
+        // their C types (pointers as u64 device addresses of live buffers
+        // sized for the launch, which the callers check).
+        unsafe { b.launch(cfg) }.map_err(|e| cuda_err(&format!("launching {name}"), e))?;
+        Ok(())
+    }
+
+    pub(crate) fn embed(&self, tok: u64, table: u64, x: u64, n_tok: usize, h: usize) -> Result<()> {
+        self.launch(
+            "embed",
+            &self.embed,
+            per_row(n_tok)?,
+            &[
+                Arg::Ptr(tok),
+                Arg::Ptr(table),
+                Arg::Ptr(x),
+                Arg::I32(int(h, "hidden")?),
+            ],
+        )
+    }
+
+    /// `rows`: 0 for rows `0..n_rows` of `x`, else a device array of row indices.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn rms_norm(
+        &self,
+        x: u64,
+        rows: u64,
+        w: u64,
+        out: u64,
+        n_rows: usize,
+        h: usize,
+        eps: f32,
+    ) -> Result<()> {
+        self.launch(
+            "rms_norm",
+            &self.rms_norm,
+            per_row(n_rows)?,
+            &[
+                Arg::Ptr(x),
+                Arg::Ptr(rows),
+                Arg::Ptr(w),
+                Arg::Ptr(out),
+                Arg::I32(int(h, "hidden")?),
+                Arg::F32(eps),
+            ],
+        )
+    }
+
+    /// `bias`: 0 for none.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn bias_rope(
+        &self,
+        qkv: u64,
+        bias: u64,
+        pos: u64,
+        inv_freq: u64,
+        n_tok: usize,
+        row_len: usize,
+        n_rot_heads: usize,
+        hd: usize,
+        neox: bool,
+    ) -> Result<()> {
+        self.launch(
+            "bias_rope",
+            &self.bias_rope,
+            per_row(n_tok)?,
+            &[
+                Arg::Ptr(qkv),
+                Arg::Ptr(bias),
+                Arg::Ptr(pos),
+                Arg::Ptr(inv_freq),
+                Arg::I32(int(row_len, "qkv row")?),
+                Arg::I32(int(n_rot_heads, "heads")?),
+                Arg::I32(int(hd, "head_dim")?),
+                Arg::I32(i32::from(neox)),
+            ],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn kv_write(
+        &self,
+        qkv: u64,
+        pos: u64,
+        blk: u64,
+        kv: u64,
+        n_tok: usize,
+        row_len: usize,
+        qd: usize,
+        n_kv: usize,
+        hd: usize,
+        bs: usize,
+    ) -> Result<()> {
+        self.launch(
+            "kv_write",
+            &self.kv_write,
+            per_row(n_tok)?,
+            &[
+                Arg::Ptr(qkv),
+                Arg::Ptr(pos),
+                Arg::Ptr(blk),
+                Arg::Ptr(kv),
+                Arg::I32(int(row_len, "qkv row")?),
+                Arg::I32(int(qd, "q dim")?),
+                Arg::I32(int(n_kv, "kv heads")?),
+                Arg::I32(int(hd, "head_dim")?),
+                Arg::I32(int(bs, "block size")?),
+            ],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attention(
+        &self,
+        qkv: u64,
+        kv: u64,
+        tok_seq: u64,
+        pos: u64,
+        tables: u64,
+        table_off: u64,
+        out: u64,
+        n_tok: usize,
+        row_len: usize,
+        n_heads: usize,
+        n_kv: usize,
+        hd: usize,
+        bs: usize,
+        scale: f32,
+    ) -> Result<()> {
+        if hd > ATT_DIMS_PER_THREAD * ATT_THREADS as usize {
+            return Err(EngineError::Cuda(format!(
+                "head_dim {hd} exceeds the attention kernel's {}",
+                ATT_DIMS_PER_THREAD * ATT_THREADS as usize
+            )));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (
+                int(n_tok.max(1), "tokens")? as u32,
+                int(n_heads, "heads")? as u32,
+                1,
+            ),
+            block_dim: (ATT_THREADS, 1, 1),
+            shared_mem_bytes: ((hd + ATT_THREADS as usize + 32) * 4) as u32,
+        };
+        self.launch(
+            "attention",
+            &self.attention,
+            cfg,
+            &[
+                Arg::Ptr(qkv),
+                Arg::Ptr(kv),
+                Arg::Ptr(tok_seq),
+                Arg::Ptr(pos),
+                Arg::Ptr(tables),
+                Arg::Ptr(table_off),
+                Arg::Ptr(out),
+                Arg::I32(int(row_len, "qkv row")?),
+                Arg::I32(int(n_heads, "heads")?),
+                Arg::I32(int(n_kv, "kv heads")?),
+                Arg::I32(int(hd, "head_dim")?),
+                Arg::I32(int(bs, "block size")?),
+                Arg::F32(scale),
+            ],
+        )
+    }
+
+    pub(crate) fn silu_mul(&self, gu: u64, act: u64, n_tok: usize, ffn: usize) -> Result<()> {
+        self.launch(
+            "silu_mul",
+            &self.silu_mul,
+            elementwise(n_tok * ffn),
+            &[
+                Arg::Ptr(gu),
+                Arg::Ptr(act),
+                Arg::I64(n_tok as i64),
+                Arg::I32(int(ffn, "ffn")?),
+            ],
+        )
+    }
+
+    pub(crate) fn add_in_place(&self, x: u64, y: u64, n: usize) -> Result<()> {
+        self.launch(
+            "add_in_place",
+            &self.add_in_place,
+            elementwise(n),
+            &[Arg::Ptr(x), Arg::Ptr(y), Arg::I64(n as i64)],
+        )
+    }
+
+    pub(crate) fn f32_to_bf16(&self, x: u64, y: u64, n: usize) -> Result<()> {
+        self.launch(
+            "f32_to_bf16",
+            &self.f32_to_bf16,
+            elementwise(n),
+            &[Arg::Ptr(x), Arg::Ptr(y), Arg::I64(n as i64)],
+        )
+    }
+
+    pub(crate) fn fill_uniform_f32(&self, y: u64, n: usize, seed: u64, scale: f32) -> Result<()> {
+        self.launch(
+            "fill_uniform_f32",
+            &self.fill_uniform_f32,
+            elementwise(n),
+            &[
+                Arg::Ptr(y),
+                Arg::I64(n as i64),
+                Arg::U64(seed),
+                Arg::F32(scale),
+            ],
+        )
+    }
+
+    pub(crate) fn fill_uniform_bf16(&self, y: u64, n: usize, seed: u64, scale: f32) -> Result<()> {
+        self.launch(
+            "fill_uniform_bf16",
+            &self.fill_uniform_bf16,
+            elementwise(n),
+            &[
+                Arg::Ptr(y),
+                Arg::I64(n as i64),
+                Arg::U64(seed),
+                Arg::F32(scale),
+            ],
+        )
+    }
+}

@@ -1,0 +1,1198 @@
+//! CUDA backend (feature `cuda`): the same forward pass as the CPU
+//! [`Model`], on one NVIDIA GPU, behind the same [`Executor`] contract.
+//!
+//! - Weights are dequantised once at load (from the CPU model's packed
+//!   matrices, so both backends multiply by the same values) and kept on the
+//!   device as f32 ([`Weights::F32`]) or BF16 ([`Weights::Bf16`]).
+//! - Matrix multiplies are cuBLAS: `sgemm` on the f32 path, left in cuBLAS's
+//!   default math mode (TF32 is never enabled, so the f32 path is true f32
+//!   and is compared token for token with the CPU); `GemmEx` with BF16
+//!   weights and activations, f32 accumulation and f32 output on the BF16
+//!   path (activations are rounded to BF16 just before each multiply).
+//! - Everything else is a handful of small kernels compiled with NVRTC at
+//!   load (see `kernels`): embedding lookup, RMSNorm, bias + RoPE (both
+//!   styles), the KV write, paged attention, SiLU-and-multiply, residual add.
+//! - The paged KV cache lives in device memory, per layer, in exactly the
+//!   [`KvLayout`] of the CPU pool, so installing and gathering KV are plain
+//!   copies. The scheduler's [`KvPool`] only allocates block ids (a
+//!   [`KvPool::new_tracking`] pool is enough); copy-on-write copies it makes
+//!   are recorded ([`KvPool::record_copies`]) and repeated on the device
+//!   before each step.
+//! - Sampling stays on the host: a step returns host logits like the CPU.
+//!
+//! Unlike the CPU kernels, cuBLAS does not promise one summation order
+//! whatever the batch (it picks algorithms by shape), so a sequence's
+//! logits match across batch sizes, prompt chunkings and the CPU within a
+//! float32 tolerance, not bit for bit (`tests/cuda_backend.rs` states the
+//! tolerances).
+//!
+//! `Engine::start` still sizes a host pool with storage
+//! (`KvPool::with_budget`); with this executor that host memory is never
+//! read or written, and a [`KvPool::new_tracking`] pool of the same size
+//! would do (a follow-up in `engine.rs`).
+//!
+//! One executor holds the device KV of one pool at a time: a step, install
+//! or gather on another pool rebinds the device KV to it (same contents
+//! contract as a new pool: nothing is read before it is written), and the
+//! previous pool is refused from then on with an error rather than read
+//! with someone else's KV.
+//!
+//! # Libraries
+//!
+//! cudarc loads the driver, cuBLAS and NVRTC at run time. Built with its
+//! `cuda-12080` bindings, it looks for `libcublas.so`, `libcublas.so.12`,
+//! ... (and the same for NVRTC) but not for the `.so.13` names that CUDA 13
+//! pip wheels ship, so with CUDA 13 put a folder on `LD_LIBRARY_PATH` that
+//! links `libcublas.so` and `libnvrtc.so` to them (`bench/gpu_check.sh` does
+//! this). The functions used (`cublasCreate_v2`, `cublasSgemm_v2`,
+//! `cublasGemmEx`, NVRTC's program calls) keep their ABI in 13.x. A missing
+//! library is an error from [`check_available`], never a panic.
+
+mod kernels;
+
+pub mod bench;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
+use tandem_model::config::{ModelConfig, RopeStyle};
+use tandem_model::weights::ModelSource;
+
+use crate::cpu::{ExpandWeights, PackedMatrix};
+use crate::error::{EngineError, Result};
+use crate::executor::Executor;
+use crate::kv::{BlockId, KvDtype, KvLayout, KvPool, KvStaging, SeqKv};
+use crate::model::{split_logits, LayerKv, Model, SeqStep, StepRows};
+
+use kernels::{int, Kernels};
+
+/// How the device holds the weight matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weights {
+    /// f32, multiplied with `sgemm`: the path compared with the CPU.
+    F32,
+    /// BF16 (rounded to nearest even from the dequantised f32), multiplied
+    /// with BF16 activations and f32 accumulation: half the bytes, logits
+    /// within a looser tolerance of the CPU's.
+    Bf16,
+}
+
+impl Weights {
+    fn bytes_per_weight(self) -> usize {
+        match self {
+            Weights::F32 => 4,
+            Weights::Bf16 => 2,
+        }
+    }
+}
+
+fn cuda_err(what: &str, e: impl std::fmt::Debug) -> EngineError {
+    EngineError::Cuda(format!("{what}: {e:?}"))
+}
+
+/// Which of the libraries the backend needs fail to load (empty: all load).
+fn missing_libraries() -> Vec<&'static str> {
+    let mut missing = Vec::new();
+    // SAFETY: each call only tries to open a shared library.
+    unsafe {
+        if !cudarc::driver::sys::is_culib_present() {
+            missing.push("the CUDA driver (libcuda.so.1)");
+        }
+        if !cudarc::cublas::sys::is_culib_present() {
+            missing.push("cuBLAS (libcublas.so or .so.12)");
+        }
+        if !cudarc::nvrtc::sys::is_culib_present() {
+            missing.push("NVRTC (libnvrtc.so or .so.12)");
+        }
+    }
+    missing
+}
+
+/// Whether the CUDA driver, cuBLAS and NVRTC load on this machine.
+pub fn available() -> bool {
+    missing_libraries().is_empty()
+}
+
+/// [`available`], as an error that says what is missing and how to fix it.
+pub fn check_available() -> Result<()> {
+    let missing = missing_libraries();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(EngineError::Cuda(format!(
+        "cannot load {}; put their folders on LD_LIBRARY_PATH (CUDA 13 pip wheels ship only \
+         libcublas.so.13 and libnvrtc.so.13: link them as libcublas.so and libnvrtc.so in a \
+         folder on the path, as bench/gpu_check.sh does)",
+        missing.join(", ")
+    )))
+}
+
+/// A device address for a kernel or cuBLAS argument. Event tracking is off
+/// and everything runs on one stream, so stream order alone keeps reads
+/// after writes: the guard cudarc returns has nothing to do.
+fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    s.device_ptr(stream).0
+}
+
+/// The context, the one stream everything runs on, cuBLAS and the kernels.
+struct Device {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    k: Kernels,
+}
+
+impl Device {
+    fn open(ordinal: usize) -> Result<Self> {
+        check_available()?;
+        let n = CudaContext::device_count().map_err(|e| cuda_err("counting GPUs", e))?;
+        if ordinal >= n.max(0) as usize {
+            return Err(EngineError::Cuda(format!(
+                "GPU {ordinal} requested, {n} present"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| cuda_err(&format!("opening GPU {ordinal}"), e))?;
+        // SAFETY: one stream runs everything, so no cross-stream events are needed.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| cuda_err("creating a stream", e))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| cuda_err("creating cuBLAS", e))?;
+        let k = Kernels::load(&ctx, stream.clone())?;
+        Ok(Self {
+            ctx,
+            stream,
+            blas,
+            k,
+        })
+    }
+
+    fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| cuda_err("binding the CUDA context", e))
+    }
+
+    fn sync(&self, what: &str) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| cuda_err(&format!("{what} (stream synchronise)"), e))
+    }
+
+    fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        n: usize,
+        what: &str,
+    ) -> Result<CudaSlice<T>> {
+        self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| {
+            cuda_err(
+                &format!(
+                    "allocating {what} ({} MB)",
+                    n * std::mem::size_of::<T>() / 1_000_000
+                ),
+                e,
+            )
+        })
+    }
+
+    fn upload<T: cudarc::driver::DeviceRepr>(
+        &self,
+        host: &[T],
+        what: &str,
+    ) -> Result<CudaSlice<T>> {
+        self.stream
+            .clone_htod(host)
+            .map_err(|e| cuda_err(&format!("uploading {what}"), e))
+    }
+}
+
+/// A weight matrix on the device, row-major `[rows, cols]`.
+struct DevMatrix {
+    rows: usize,
+    cols: usize,
+    data: DevData,
+}
+
+enum DevData {
+    F32(CudaSlice<f32>),
+    /// BF16 bit patterns.
+    Bf16(CudaSlice<u16>),
+}
+
+impl DevMatrix {
+    fn from_host(dev: &Device, rows: usize, cols: usize, w: &[f32], ty: Weights) -> Result<Self> {
+        if w.len() != rows * cols {
+            return Err(EngineError::Cuda(format!(
+                "matrix [{rows}, {cols}] given {} values",
+                w.len()
+            )));
+        }
+        let data = match ty {
+            Weights::F32 => DevData::F32(dev.upload(w, "weights")?),
+            Weights::Bf16 => {
+                let bits: Vec<u16> = w
+                    .iter()
+                    .map(|&v| half::bf16::from_f32(v).to_bits())
+                    .collect();
+                DevData::Bf16(dev.upload(&bits, "weights")?)
+            }
+        };
+        Ok(Self { rows, cols, data })
+    }
+
+    /// Random entries in `[-scale, scale]`, generated on the device.
+    fn random(
+        dev: &Device,
+        rows: usize,
+        cols: usize,
+        ty: Weights,
+        seed: u64,
+        scale: f32,
+    ) -> Result<Self> {
+        let n = rows * cols;
+        let data = match ty {
+            Weights::F32 => {
+                let s = dev.zeros::<f32>(n, "weights")?;
+                dev.k
+                    .fill_uniform_f32(ptr(&s, &dev.stream), n, seed, scale)?;
+                DevData::F32(s)
+            }
+            Weights::Bf16 => {
+                let s = dev.zeros::<u16>(n, "weights")?;
+                dev.k
+                    .fill_uniform_bf16(ptr(&s, &dev.stream), n, seed, scale)?;
+                DevData::Bf16(s)
+            }
+        };
+        Ok(Self { rows, cols, data })
+    }
+
+    fn nbytes(&self) -> usize {
+        self.rows
+            * self.cols
+            * match self.data {
+                DevData::F32(_) => 4,
+                DevData::Bf16(_) => 2,
+            }
+    }
+}
+
+/// One layer's device weights (Q/K/V fused by rows, gate/up fused by rows).
+struct DevLayer {
+    attn_norm: CudaSlice<f32>,
+    qkv: DevMatrix,
+    qkv_bias: Option<CudaSlice<f32>>,
+    wo: DevMatrix,
+    ffn_norm: CudaSlice<f32>,
+    gate_up: DevMatrix,
+    down: DevMatrix,
+}
+
+/// The device KV of the bound pool: per layer, `n_blocks` regions of
+/// `layout.block_floats()` floats in the [`KvLayout`].
+struct DeviceKv {
+    pool_id: u64,
+    n_blocks: usize,
+    layers: Vec<CudaSlice<f32>>,
+}
+
+/// Grow-only work buffers of one step.
+#[derive(Default)]
+struct Scratch {
+    x: Option<CudaSlice<f32>>,
+    xn: Option<CudaSlice<f32>>,
+    qkv: Option<CudaSlice<f32>>,
+    attn: Option<CudaSlice<f32>>,
+    proj: Option<CudaSlice<f32>>,
+    gate_up: Option<CudaSlice<f32>>,
+    act: Option<CudaSlice<f32>>,
+    /// BF16 copy of a multiply's input (BF16 weights only).
+    xb: Option<CudaSlice<u16>>,
+    logits: Option<CudaSlice<f32>>,
+    meta: Option<CudaSlice<i32>>,
+}
+
+/// Mutable device state, behind the executor's lock.
+#[derive(Default)]
+struct State {
+    kv: Option<DeviceKv>,
+    /// Pools whose device KV was given to another pool.
+    retired: HashSet<u64>,
+    scratch: Scratch,
+}
+
+/// A model on one GPU (see the module docs).
+pub struct CudaModel {
+    config: ModelConfig,
+    weights: Weights,
+    dev: Device,
+    /// f32 always (a lookup reads a few rows).
+    embd: CudaSlice<f32>,
+    layers: Vec<DevLayer>,
+    out_norm: CudaSlice<f32>,
+    head: DevMatrix,
+    inv_freq: CudaSlice<f32>,
+    state: Mutex<State>,
+}
+
+/// `[rows, cols]` f32 of matrices stacked by rows, exactly as the CPU
+/// kernels decode them.
+fn dequantise(parts: &[PackedMatrix], what: &str) -> Result<(usize, usize, Vec<f32>)> {
+    let cols = parts.first().map(|p| p.cols()).unwrap_or(0);
+    if parts.is_empty() || parts.iter().any(|p| p.cols() != cols) {
+        return Err(EngineError::Cuda(format!(
+            "{what}: matrices to stack have different widths"
+        )));
+    }
+    let rows: usize = parts.iter().map(|p| p.rows()).sum();
+    let mut out = vec![0f32; rows * cols];
+    let mut r0 = 0;
+    for p in parts {
+        for r in 0..p.rows() {
+            p.row_into(r, &mut out[(r0 + r) * cols..(r0 + r + 1) * cols]);
+        }
+        r0 += p.rows();
+    }
+    Ok((rows, cols, out))
+}
+
+/// Refuses a step that cannot run, before any cache is touched (the CPU
+/// model's checks).
+fn check_step(c: &ModelConfig, batch: &[SeqStep<'_>]) -> Result<()> {
+    for s in batch {
+        if s.tokens.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if s.kv.len + s.tokens.len() > c.context_length {
+            return Err(EngineError::ContextOverflow {
+                prompt: s.kv.len,
+                requested: s.tokens.len(),
+                context: c.context_length,
+            });
+        }
+        if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(EngineError::BadToken {
+                id: bad,
+                vocab: c.vocab_size,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Makes sure `slot` holds at least `n` elements; returns its address.
+fn ensure<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    dev: &Device,
+    slot: &mut Option<CudaSlice<T>>,
+    n: usize,
+    what: &str,
+) -> Result<u64> {
+    if slot.as_ref().is_none_or(|s| s.len() < n) {
+        *slot = None; // free the old one first
+        *slot = Some(dev.zeros::<T>(n, what)?);
+    }
+    match slot {
+        Some(s) => Ok(ptr(s, &dev.stream)),
+        None => Err(EngineError::Cuda(format!("{what}: no buffer"))),
+    }
+}
+
+impl CudaModel {
+    /// Loads a model file on GPU `ordinal`: through the CPU loader (one
+    /// thread, no f32 copies), whose matrices are then dequantised and
+    /// uploaded.
+    pub fn load(src: &ModelSource, ordinal: usize, weights: Weights) -> Result<Self> {
+        let cpu = Model::load_with(src, 1, ExpandWeights::Off)?;
+        Self::from_model(&cpu, ordinal, weights)
+    }
+
+    /// The CPU model's weights on GPU `ordinal` (a whole model, not a shard).
+    pub fn from_model(m: &Model, ordinal: usize, weights: Weights) -> Result<Self> {
+        if m.shard().world() != 1 {
+            return Err(EngineError::Unsupported(
+                "the CUDA backend runs whole models, not shards".into(),
+            ));
+        }
+        let dev = Device::open(ordinal)?;
+        dev.bind()?;
+        let c = m.config.clone();
+        let embd_m = m.embedding_matrix().ok_or_else(|| {
+            EngineError::Unsupported("a whole model has a token embedding".into())
+        })?;
+        let (_, _, embd_host) = dequantise(std::slice::from_ref(embd_m), "token_embd")?;
+        let embd = dev.upload(&embd_host, "the token embedding")?;
+        let head_m = m
+            .head_matrix()
+            .ok_or_else(|| EngineError::Unsupported("a whole model has an LM head".into()))?;
+        let head = {
+            let (r, k, w) = dequantise(std::slice::from_ref(head_m), "output")?;
+            DevMatrix::from_host(&dev, r, k, &w, weights)?
+        };
+        drop(embd_host);
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for l in 0..c.n_layers {
+            let lw = m.layer_weights(l)?;
+            let mat = |parts: &[PackedMatrix], what: &str| -> Result<DevMatrix> {
+                let (r, k, w) = dequantise(parts, &format!("blk.{l}.{what}"))?;
+                DevMatrix::from_host(&dev, r, k, &w, weights)
+            };
+            layers.push(DevLayer {
+                attn_norm: dev.upload(lw.attn_norm, "a norm")?,
+                qkv: mat(lw.qkv, "qkv")?,
+                qkv_bias: match lw.qkv_bias {
+                    Some(b) => Some(dev.upload(b, "the qkv bias")?),
+                    None => None,
+                },
+                wo: mat(lw.wo, "attn_output")?,
+                ffn_norm: dev.upload(lw.ffn_norm, "a norm")?,
+                gate_up: mat(lw.gate_up, "gate_up")?,
+                down: mat(lw.down, "ffn_down")?,
+            });
+        }
+        let out_norm = dev.upload(m.output_norm(), "the output norm")?;
+        let inv_freq = dev.upload(m.rope_inv_freq(), "the RoPE frequencies")?;
+        let model = Self {
+            config: c,
+            weights,
+            dev,
+            embd,
+            layers,
+            out_norm,
+            head,
+            inv_freq,
+            state: Mutex::new(State::default()),
+        };
+        model.check_shapes()?;
+        model.dev.sync("uploading the weights")?;
+        Ok(model)
+    }
+
+    /// A model of shape `config` with random weights generated on the
+    /// device (uniform, scaled by `1/sqrt(fan_in)` so activations stay
+    /// finite) and unit norms: for speed figures, where the values do not
+    /// matter. RoPE is the plain `rope_theta` schedule.
+    pub fn synthetic(
+        config: ModelConfig,
+        ordinal: usize,
+        weights: Weights,
+        seed: u64,
+    ) -> Result<Self> {
+        config.validate()?;
+        let dev = Device::open(ordinal)?;
+        dev.bind()?;
+        let c = config;
+        let (h, qd, kvd, ffn) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn);
+        let mut seeds = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut next = || {
+            seeds = seeds.wrapping_add(0x632b_e59b_d9b4_e019);
+            seeds
+        };
+        let ones = |n: usize| dev.upload(&vec![1f32; n], "a norm");
+        let embd = dev.zeros::<f32>(c.vocab_size * h, "the token embedding")?;
+        dev.k
+            .fill_uniform_f32(ptr(&embd, &dev.stream), c.vocab_size * h, next(), 1.0)?;
+        let scale = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for _ in 0..c.n_layers {
+            layers.push(DevLayer {
+                attn_norm: ones(h)?,
+                qkv: DevMatrix::random(&dev, qd + 2 * kvd, h, weights, next(), scale(h))?,
+                qkv_bias: None,
+                wo: DevMatrix::random(&dev, h, qd, weights, next(), scale(qd))?,
+                ffn_norm: ones(h)?,
+                gate_up: DevMatrix::random(&dev, 2 * ffn, h, weights, next(), scale(h))?,
+                down: DevMatrix::random(&dev, h, ffn, weights, next(), scale(ffn))?,
+            });
+        }
+        let head = DevMatrix::random(&dev, c.vocab_size, h, weights, next(), scale(h))?;
+        let hd = c.head_dim;
+        let inv: Vec<f32> = (0..hd / 2)
+            .map(|i| 1.0 / c.rope_theta.powf((2 * i) as f32 / hd as f32))
+            .collect();
+        let model = Self {
+            out_norm: ones(h)?,
+            inv_freq: dev.upload(&inv, "the RoPE frequencies")?,
+            config: c,
+            weights,
+            embd,
+            layers,
+            head,
+            dev,
+            state: Mutex::new(State::default()),
+        };
+        model.check_shapes()?;
+        model.dev.sync("generating the weights")?;
+        Ok(model)
+    }
+
+    /// Checks every matrix against the configuration once, so that the
+    /// launches can trust their sizes.
+    fn check_shapes(&self) -> Result<()> {
+        let c = &self.config;
+        let (h, qd, kvd, ffn) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn);
+        let want = |m: &DevMatrix, rows: usize, cols: usize, what: &str| {
+            if m.rows == rows && m.cols == cols {
+                Ok(())
+            } else {
+                Err(EngineError::Cuda(format!(
+                    "{what} is [{}, {}], expected [{rows}, {cols}]",
+                    m.rows, m.cols
+                )))
+            }
+        };
+        if self.layers.len() != c.n_layers {
+            return Err(EngineError::Cuda(format!(
+                "{} layers loaded, config says {}",
+                self.layers.len(),
+                c.n_layers
+            )));
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            want(&l.qkv, qd + 2 * kvd, h, &format!("layer {i} qkv"))?;
+            want(&l.wo, h, qd, &format!("layer {i} attn_output"))?;
+            want(&l.gate_up, 2 * ffn, h, &format!("layer {i} gate_up"))?;
+            want(&l.down, h, ffn, &format!("layer {i} ffn_down"))?;
+            if l.qkv_bias.as_ref().is_some_and(|b| b.len() != qd + 2 * kvd) {
+                return Err(EngineError::Cuda(format!("layer {i}: qkv bias length")));
+            }
+        }
+        want(&self.head, c.vocab_size, h, "output")?;
+        if self.embd.len() != c.vocab_size * h {
+            return Err(EngineError::Cuda("token embedding size".into()));
+        }
+        if self.inv_freq.len() != c.head_dim / 2 {
+            return Err(EngineError::Cuda("RoPE frequency count".into()));
+        }
+        if c.head_dim > kernels::ATT_DIMS_PER_THREAD * kernels::ATT_THREADS as usize {
+            return Err(EngineError::Unsupported(format!(
+                "head_dim {} is too large for the CUDA attention kernel",
+                c.head_dim
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn weights(&self) -> Weights {
+        self.weights
+    }
+
+    /// The device's name.
+    pub fn device_name(&self) -> String {
+        self.dev
+            .ctx
+            .name()
+            .unwrap_or_else(|e| format!("unknown ({e:?})"))
+    }
+
+    /// Bytes of the weight matrices one step multiplies by (layers and
+    /// LM head; the embedding is only looked up).
+    pub fn weight_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| l.qkv.nbytes() + l.wo.nbytes() + l.gate_up.nbytes() + l.down.nbytes())
+            .sum::<usize>()
+            + self.head.nbytes()
+    }
+
+    /// Multiply-accumulate count of one token through every matrix (the
+    /// LM head included): twice this is the token's matmul FLOPs.
+    pub fn matmul_params(&self) -> usize {
+        (self.weight_bytes()) / self.weights.bytes_per_weight()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Gives the device KV to `pool` (allocating it when its size
+    /// changes) and repeats the copy-on-write copies the pool made since
+    /// the last call.
+    fn bind_pool(&self, st: &mut State, pool: &mut KvPool) -> Result<()> {
+        pool.record_copies();
+        let layout = *pool.layout();
+        if layout != self.kv_layout(layout.block_size) {
+            return Err(EngineError::Cuda(format!(
+                "pool layout {layout:?} is not this model's {:?}",
+                self.kv_layout(layout.block_size)
+            )));
+        }
+        if pool.n_blocks() > i32::MAX as usize {
+            return Err(EngineError::Cuda("pool has too many blocks".into()));
+        }
+        let id = pool.id();
+        if st.retired.contains(&id) {
+            return Err(EngineError::Cuda(format!(
+                "pool {id}'s device KV was given to another pool: a CUDA model serves one pool at a time"
+            )));
+        }
+        if st.kv.as_ref().is_some_and(|kv| kv.pool_id != id) {
+            if let Some(old) = st.kv.as_mut() {
+                st.retired.insert(old.pool_id);
+                old.pool_id = id;
+            }
+        }
+        if st
+            .kv
+            .as_ref()
+            .is_some_and(|kv| kv.n_blocks != pool.n_blocks())
+        {
+            st.kv = None; // free before allocating the new size
+        }
+        if st.kv.is_none() {
+            let per_layer = pool.n_blocks() * layout.block_floats();
+            let need = per_layer * 4 * layout.n_layers;
+            let (free, _) = self
+                .dev
+                .ctx
+                .mem_get_info()
+                .map_err(|e| cuda_err("reading free device memory", e))?;
+            if need > free {
+                return Err(EngineError::Cuda(format!(
+                    "device KV for {} blocks needs {:.2} GB, {:.2} GB free",
+                    pool.n_blocks(),
+                    need as f64 / 1e9,
+                    free as f64 / 1e9
+                )));
+            }
+            let layers = (0..layout.n_layers)
+                .map(|_| self.dev.zeros::<f32>(per_layer, "device KV"))
+                .collect::<Result<Vec<_>>>()?;
+            st.kv = Some(DeviceKv {
+                pool_id: id,
+                n_blocks: pool.n_blocks(),
+                layers,
+            });
+        }
+        let copies = pool.take_copies();
+        if let Some(kv) = &st.kv {
+            let n = layout.block_floats();
+            for (from, to) in copies {
+                if from as usize >= kv.n_blocks || to as usize >= kv.n_blocks {
+                    return Err(EngineError::Cuda(format!(
+                        "block copy {from} -> {to} outside {} blocks",
+                        kv.n_blocks
+                    )));
+                }
+                for layer in &kv.layers {
+                    let base = ptr(layer, &self.dev.stream);
+                    // SAFETY: both regions lie inside the layer's buffer (checked above).
+                    unsafe {
+                        cudarc::driver::result::memcpy_dtod_async(
+                            base + (to as usize * n * 4) as u64,
+                            base + (from as usize * n * 4) as u64,
+                            n * 4,
+                            self.dev.stream.cu_stream(),
+                        )
+                    }
+                    .map_err(|e| cuda_err("copying a KV block", e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The device KV, when bound to `pool`.
+    fn kv_of<'s>(&self, st: &'s State, pool: &KvPool) -> Result<&'s DeviceKv> {
+        match &st.kv {
+            Some(kv) if kv.pool_id == pool.id() => Ok(kv),
+            _ => Err(EngineError::Cuda(format!(
+                "pool {} has no device KV on this model (run a step or install on it first)",
+                pool.id()
+            ))),
+        }
+    }
+
+    /// `out = x · Wᵀ` for `t` rows of `x` (`[t, w.cols]` f32) into `out`
+    /// (`[t, w.rows]` f32). `xb`: BF16 scratch of at least `t * w.cols`.
+    fn gemm(&self, w: &DevMatrix, x: u64, t: usize, out: u64, xb: u64) -> Result<()> {
+        if t == 0 {
+            return Ok(());
+        }
+        let (m, n, k) = (
+            int(w.rows, "matrix rows")?,
+            int(t, "tokens")?,
+            int(w.cols, "matrix cols")?,
+        );
+        let (alpha, beta) = (1f32, 0f32);
+        let handle = *self.dev.blas.handle();
+        // Row-major out[t][r] = Σ_k W[r][k]·x[t][k] is, column-major,
+        // out (m × n) = Wᵀ-as-stored (k × m, transposed) · x (k × n).
+        let op_t = blas_sys::cublasOperation_t::CUBLAS_OP_T;
+        let op_n = blas_sys::cublasOperation_t::CUBLAS_OP_N;
+        match &w.data {
+            DevData::F32(wd) => {
+                let wp = ptr(wd, &self.dev.stream);
+                // SAFETY: shapes checked at load and by the callers' buffer sizes.
+                unsafe {
+                    blas::sgemm(
+                        handle,
+                        op_t,
+                        op_n,
+                        m,
+                        n,
+                        k,
+                        &alpha,
+                        wp as *const f32,
+                        k,
+                        x as *const f32,
+                        k,
+                        &beta,
+                        out as *mut f32,
+                        m,
+                    )
+                }
+                .map_err(|e| cuda_err("cuBLAS sgemm", e))
+            }
+            DevData::Bf16(wd) => {
+                self.dev.k.f32_to_bf16(x, xb, t * w.cols)?;
+                let wp = ptr(wd, &self.dev.stream);
+                let bf16 = blas_sys::cudaDataType::CUDA_R_16BF;
+                // SAFETY: as above; alpha and beta are f32 host values, as
+                // CUBLAS_COMPUTE_32F expects.
+                unsafe {
+                    blas::gemm_ex(
+                        handle,
+                        op_t,
+                        op_n,
+                        m,
+                        n,
+                        k,
+                        &alpha as *const f32 as *const _,
+                        wp as *const _,
+                        bf16,
+                        k,
+                        xb as *const _,
+                        bf16,
+                        k,
+                        &beta as *const f32 as *const _,
+                        out as *mut _,
+                        blas_sys::cudaDataType::CUDA_R_32F,
+                        m,
+                        blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+                    )
+                }
+                .map_err(|e| cuda_err("cuBLAS GemmEx (bf16)", e))
+            }
+        }
+    }
+
+    /// One step (see [`Executor::forward_observed`]), without observers.
+    fn step(&self, pool: &mut KvPool, batch: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
+        check_step(&self.config, batch)?;
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        Model::reserve_step(pool, batch)?;
+        self.dev.bind()?;
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        self.bind_pool(st, pool)?;
+        let c = &self.config;
+        let (h, hd, nh, nkv, ffn) = (c.hidden, c.head_dim, c.n_heads, c.n_kv_heads, c.ffn);
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let row_len = qd + 2 * kvd;
+        let layout = *pool.layout();
+        let bs = layout.block_size;
+
+        let rows = StepRows::of(batch);
+        let n_tok = rows.n_tok();
+        let want = rows.logit_rows(batch);
+
+        // Per-step metadata, one upload: token ids | positions | sequence
+        // of each token | block of each token | table offsets | tables | logit rows.
+        let mut meta: Vec<i32> = Vec::with_capacity(4 * n_tok + 2 * batch.len() + want.len());
+        for s in batch.iter() {
+            meta.extend(s.tokens.iter().map(|&t| t as i32));
+        }
+        let o_pos = meta.len();
+        for &p in &rows.tok_pos {
+            meta.push(int(p, "position")?);
+        }
+        let o_seq = meta.len();
+        for (si, s) in batch.iter().enumerate() {
+            meta.extend(std::iter::repeat_n(si as i32, s.tokens.len()));
+        }
+        let o_blk = meta.len();
+        for s in batch.iter() {
+            for i in 0..s.tokens.len() {
+                meta.push(s.kv.blocks[(s.kv.len + i) / bs] as i32);
+            }
+        }
+        let o_toff = meta.len();
+        let mut off = 0usize;
+        for s in batch.iter() {
+            meta.push(int(off, "block table offset")?);
+            off += s.kv.blocks.len();
+        }
+        let o_tables = meta.len();
+        for s in batch.iter() {
+            meta.extend(s.kv.blocks.iter().map(|&b| b as i32));
+        }
+        let o_rows = meta.len();
+        for &r in &want {
+            meta.push(int(r, "logit row")?);
+        }
+
+        let kvs = match &st.kv {
+            Some(kv) if kv.pool_id == pool.id() => kv,
+            _ => {
+                return Err(EngineError::Cuda(
+                    "device KV not bound after binding".into(),
+                ))
+            }
+        };
+        let dev = &self.dev;
+        let sc = &mut st.scratch;
+        let kb = self.weights == Weights::Bf16;
+        let max_k = h.max(qd).max(ffn);
+        let x = ensure(dev, &mut sc.x, n_tok * h, "activations")?;
+        let xn = ensure(dev, &mut sc.xn, n_tok * h, "activations")?;
+        let qkv = ensure(dev, &mut sc.qkv, n_tok * row_len, "activations")?;
+        let attn = ensure(dev, &mut sc.attn, n_tok * qd, "activations")?;
+        let proj = ensure(dev, &mut sc.proj, n_tok * h, "activations")?;
+        let gu = ensure(dev, &mut sc.gate_up, n_tok * 2 * ffn, "activations")?;
+        let act = ensure(dev, &mut sc.act, n_tok * ffn, "activations")?;
+        let xb = if kb {
+            ensure(dev, &mut sc.xb, n_tok * max_k, "bf16 activations")?
+        } else {
+            0
+        };
+        let meta_base = ensure(dev, &mut sc.meta, meta.len(), "step metadata")?;
+        // SAFETY: the buffer holds at least meta.len() ints (ensured above);
+        // the copy from pageable memory completes before the call returns.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(meta_base, &meta, dev.stream.cu_stream())
+        }
+        .map_err(|e| cuda_err("uploading step metadata", e))?;
+        let at = |o: usize| meta_base + (o * 4) as u64;
+
+        let k = &dev.k;
+        let s = &dev.stream;
+        k.embed(at(0), ptr(&self.embd, s), x, n_tok, h)?;
+        let neox = matches!(c.rope_style, RopeStyle::Neox);
+        let scale = 1.0 / (hd as f32).sqrt();
+        for (li, l) in self.layers.iter().enumerate() {
+            k.rms_norm(x, 0, ptr(&l.attn_norm, s), xn, n_tok, h, c.rms_eps)?;
+            self.gemm(&l.qkv, xn, n_tok, qkv, xb)?;
+            let bias = l.qkv_bias.as_ref().map_or(0, |b| ptr(b, s));
+            k.bias_rope(
+                qkv,
+                bias,
+                at(o_pos),
+                ptr(&self.inv_freq, s),
+                n_tok,
+                row_len,
+                nh + nkv,
+                hd,
+                neox,
+            )?;
+            let kv = ptr(&kvs.layers[li], s);
+            k.kv_write(
+                qkv,
+                at(o_pos),
+                at(o_blk),
+                kv,
+                n_tok,
+                row_len,
+                qd,
+                nkv,
+                hd,
+                bs,
+            )?;
+            k.attention(
+                qkv,
+                kv,
+                at(o_seq),
+                at(o_pos),
+                at(o_tables),
+                at(o_toff),
+                attn,
+                n_tok,
+                row_len,
+                nh,
+                nkv,
+                hd,
+                bs,
+                scale,
+            )?;
+            self.gemm(&l.wo, attn, n_tok, proj, xb)?;
+            k.add_in_place(x, proj, n_tok * h)?;
+            k.rms_norm(x, 0, ptr(&l.ffn_norm, s), xn, n_tok, h, c.rms_eps)?;
+            self.gemm(&l.gate_up, xn, n_tok, gu, xb)?;
+            k.silu_mul(gu, act, n_tok, ffn)?;
+            self.gemm(&l.down, act, n_tok, proj, xb)?;
+            k.add_in_place(x, proj, n_tok * h)?;
+        }
+
+        let vocab = c.vocab_size;
+        let mut logits = vec![0f32; want.len() * vocab];
+        if !want.is_empty() {
+            // The final norm of the wanted rows only, into `xn`'s first rows.
+            k.rms_norm(
+                x,
+                at(o_rows),
+                ptr(&self.out_norm, s),
+                xn,
+                want.len(),
+                h,
+                c.rms_eps,
+            )?;
+            let lp = ensure(dev, &mut sc.logits, want.len() * vocab, "logits")?;
+            self.gemm(&self.head, xn, want.len(), lp, xb)?;
+            // SAFETY: the buffer holds at least want.len() * vocab floats.
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut logits, lp, s.cu_stream()) }
+                .map_err(|e| cuda_err("downloading logits", e))?;
+        }
+        dev.sync("the forward pass")?;
+        drop(guard);
+        for q in batch.iter_mut() {
+            q.kv.len += q.tokens.len();
+        }
+        Ok(split_logits(batch, &logits, vocab))
+    }
+
+    /// Host copies of `blocks` of the bound pool, as staging (layer-major,
+    /// block `i` = `blocks[i]`).
+    fn download_blocks(&self, st: &State, pool: &KvPool, blocks: &[BlockId]) -> Result<KvStaging> {
+        let kv = self.kv_of(st, pool)?;
+        let layout = *pool.layout();
+        let n = layout.block_floats();
+        let mut staging = KvStaging::new(layout, blocks.len() * layout.block_size);
+        for (li, layer) in kv.layers.iter().enumerate() {
+            let base = ptr(layer, &self.dev.stream);
+            for (bi, &b) in blocks.iter().enumerate() {
+                if b as usize >= kv.n_blocks {
+                    return Err(EngineError::Cuda(format!(
+                        "block {b} outside {} blocks",
+                        kv.n_blocks
+                    )));
+                }
+                // SAFETY: the region lies inside the layer's buffer (checked
+                // above) and the destination holds exactly one region.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtoh_async(
+                        staging.region_mut(li, bi),
+                        base + (b as usize * n * 4) as u64,
+                        self.dev.stream.cu_stream(),
+                    )
+                }
+                .map_err(|e| cuda_err("downloading KV", e))?;
+            }
+        }
+        self.dev.sync("downloading KV")?;
+        Ok(staging)
+    }
+}
+
+impl Executor for CudaModel {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn kv_layout(&self, block_size: usize) -> KvLayout {
+        KvLayout {
+            dtype: KvDtype::F32,
+            n_layers: self.config.n_layers,
+            n_kv_heads: self.config.n_kv_heads,
+            head_dim: self.config.head_dim,
+            block_size,
+        }
+    }
+
+    /// After the whole step (not layer by layer), `on_layer` sees each
+    /// layer's new KV through a host copy of just the blocks the step
+    /// wrote, renumbered into a small pool of their own (what a sharded
+    /// worker does too); [`Executor::forward`] copies nothing.
+    fn forward_observed(
+        &self,
+        pool: &mut KvPool,
+        batch: &mut [SeqStep<'_>],
+        on_layer: &mut dyn FnMut(LayerKv<'_>),
+    ) -> Result<Vec<Vec<f32>>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let before: Vec<usize> = batch.iter().map(|s| s.kv.len).collect();
+        let logits = self.step(pool, batch)?;
+        let bs = pool.layout().block_size;
+        let mut ids = Vec::new();
+        let mut views = Vec::with_capacity(batch.len());
+        for (q, &p0) in batch.iter().zip(&before) {
+            let p1 = q.kv.len;
+            let written = p0 / bs..=(p1 - 1) / bs;
+            let mut blocks = vec![0; q.kv.blocks.len()];
+            for (slot, &b) in blocks[written.clone()]
+                .iter_mut()
+                .zip(&q.kv.blocks[written])
+            {
+                *slot = ids.len() as BlockId;
+                ids.push(b);
+            }
+            views.push(SeqKv { blocks, len: p1 });
+        }
+        let staged = {
+            self.dev.bind()?;
+            let st = self.lock();
+            self.download_blocks(&st, pool, &ids)?
+        };
+        let copy = staged.into_pool();
+        for layer in 0..self.config.n_layers {
+            for (si, view) in views.iter().enumerate() {
+                on_layer(LayerKv {
+                    seq: si,
+                    layer,
+                    pool: &copy,
+                    kv: view,
+                    positions: before[si]..view.len,
+                });
+            }
+        }
+        Ok(logits)
+    }
+
+    fn forward(&self, pool: &mut KvPool, batch: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
+        self.step(pool, batch)
+    }
+
+    fn install(&self, pool: &mut KvPool, kv: &SeqKv, staging: &KvStaging) -> Result<()> {
+        self.dev.bind()?;
+        let mut st = self.lock();
+        self.bind_pool(&mut st, pool)?;
+        let dkv = self.kv_of(&st, pool)?;
+        let layout = *pool.layout();
+        if *staging.layout() != layout {
+            return Err(EngineError::Cuda(format!(
+                "staged KV layout {:?} is not the pool's {layout:?}",
+                staging.layout()
+            )));
+        }
+        let nb = kv.blocks.len().min(staging.n_blocks());
+        let n = layout.block_floats();
+        for (li, layer) in dkv.layers.iter().enumerate() {
+            let base = ptr(layer, &self.dev.stream);
+            for (bi, &b) in kv.blocks[..nb].iter().enumerate() {
+                if b as usize >= dkv.n_blocks {
+                    return Err(EngineError::Cuda(format!(
+                        "block {b} outside {} blocks",
+                        dkv.n_blocks
+                    )));
+                }
+                // SAFETY: the region lies inside the layer's buffer; the
+                // copy from pageable memory completes before the call returns.
+                unsafe {
+                    cudarc::driver::result::memcpy_htod_async(
+                        base + (b as usize * n * 4) as u64,
+                        staging.region(li, bi),
+                        self.dev.stream.cu_stream(),
+                    )
+                }
+                .map_err(|e| cuda_err("uploading KV", e))?;
+            }
+        }
+        self.dev.sync("installing KV")
+    }
+
+    fn gather(&self, pool: &KvPool, blocks: &[BlockId]) -> Result<Option<KvStaging>> {
+        self.dev.bind()?;
+        let st = self.lock();
+        self.download_blocks(&st, pool, blocks).map(Some)
+    }
+
+    fn prepare_pool(&self, pool: &mut KvPool) {
+        pool.record_copies();
+    }
+
+    /// A tracking pool: the KV lives on the device.
+    fn pool_for_tokens(&self, tokens: usize, block_size: usize) -> KvPool {
+        let layout = self.kv_layout(block_size);
+        KvPool::new_tracking(layout, layout.blocks_for(tokens).max(1))
+    }
+}
+
+/// Runs the paged-attention kernel alone (tests compare it with a naive
+/// reference): `q` is `[tokens, n_heads * head_dim]`, `kv` one layer's
+/// blocks in `layout`, `tables[s]` sequence `s`'s block table, and query
+/// token `t` of sequence `tok_seq[t]` attends to its keys `0..=tok_pos[t]`.
+/// Returns `[tokens, n_heads * head_dim]`.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention(
+    ordinal: usize,
+    layout: &KvLayout,
+    n_heads: usize,
+    q: &[f32],
+    kv: &[f32],
+    tables: &[Vec<BlockId>],
+    tok_seq: &[usize],
+    tok_pos: &[usize],
+) -> Result<Vec<f32>> {
+    let (hd, nkv, bs) = (layout.head_dim, layout.n_kv_heads, layout.block_size);
+    let n_tok = tok_seq.len();
+    let qd = n_heads * hd;
+    let bad = |m: String| Err(EngineError::Cuda(format!("paged_attention: {m}")));
+    if nkv == 0 || !n_heads.is_multiple_of(nkv) || q.len() != n_tok * qd || tok_pos.len() != n_tok {
+        return bad("inconsistent shapes".into());
+    }
+    let n_blocks = kv.len() / layout.block_floats();
+    if !kv.len().is_multiple_of(layout.block_floats()) {
+        return bad("kv is not a whole number of blocks".into());
+    }
+    for (t, (&s, &p)) in tok_seq.iter().zip(tok_pos).enumerate() {
+        let table = tables
+            .get(s)
+            .ok_or_else(|| EngineError::Cuda(format!("token {t}: no sequence {s}")))?;
+        if p >= table.len() * bs || table.iter().any(|&b| b as usize >= n_blocks) {
+            return bad(format!("token {t}: position or block out of range"));
+        }
+    }
+    let dev = Device::open(ordinal)?;
+    dev.bind()?;
+    let mut meta: Vec<i32> = Vec::new();
+    for &s in tok_seq {
+        meta.push(int(s, "sequence")?);
+    }
+    for &p in tok_pos {
+        meta.push(int(p, "position")?);
+    }
+    let o_off = meta.len();
+    let mut off = 0;
+    for t in tables {
+        meta.push(int(off, "table offset")?);
+        off += t.len();
+    }
+    let o_tables = meta.len();
+    for t in tables {
+        meta.extend(t.iter().map(|&b| b as i32));
+    }
+    let s = &dev.stream;
+    let meta_d = dev.upload(&meta, "metadata")?;
+    let q_d = dev.upload(q, "queries")?;
+    let kv_d = dev.upload(kv, "KV")?;
+    let out_d = dev.zeros::<f32>(n_tok * qd, "output")?;
+    let m = ptr(&meta_d, s);
+    let at = |o: usize| m + (o * 4) as u64;
+    dev.k.attention(
+        ptr(&q_d, s),
+        ptr(&kv_d, s),
+        at(0),
+        at(n_tok),
+        at(o_tables),
+        at(o_off),
+        ptr(&out_d, s),
+        n_tok,
+        qd,
+        n_heads,
+        nkv,
+        hd,
+        bs,
+        1.0 / (hd as f32).sqrt(),
+    )?;
+    let out = s
+        .clone_dtoh(&out_d)
+        .map_err(|e| cuda_err("downloading the attention output", e))?;
+    dev.sync("paged attention")?;
+    Ok(out)
+}

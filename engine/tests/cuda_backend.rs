@@ -1,0 +1,654 @@
+//! The CUDA backend on a real GPU. Run explicitly on a GPU machine:
+//! `cargo test --release -p tandem-engine --features cuda --test cuda_backend`
+//! (or the prebuilt binary, see `bench/gpu_check.sh`). Without a loadable
+//! CUDA driver, cuBLAS and NVRTC every test fails, saying so.
+//!
+//! What is checked, and the tolerances:
+//! - paged attention against a naive f64 reference on random inputs
+//!   (several sequences, shuffled block tables, more keys than one tile):
+//!   max abs difference [`TOL_ATTN`];
+//! - FP32 logits against the CPU model on the default model's golden
+//!   prompts: max abs difference over the whole vocabulary [`TOL_F32`];
+//!   greedy continuations of [`GREEDY_STEPS`] tokens identical (up to a
+//!   near tie on the CPU side: top-2 margin under [`TOL_F32`]);
+//! - a batch of sequences of different lengths (prefill then decode, one
+//!   prompt split in chunks, a fork whose copy-on-write block is repeated
+//!   on the device) against each sequence alone, and the device KV against
+//!   the CPU's, block for block, after a gather; installed KV decodes like
+//!   the CPU: all within [`TOL_F32`];
+//! - BF16 weights: logits within [`TOL_BF16_REL`] of the largest CPU logit;
+//! - the committed synthetic checkpoints (llama, qwen2 with QKV bias, MQA
+//!   with an untied head, safetensors with NeoX RoPE): every position's
+//!   logits within [`TOL_F32`] of the CPU's.
+//!
+//! `bench_llama3_8b_shape` (ignored) prints the speed figures as JSON.
+#![cfg(feature = "cuda")]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use serde_json::Value;
+use tandem_engine::cuda::{self, CudaModel, Weights};
+use tandem_engine::executor::Executor;
+use tandem_engine::kv::{KvDtype, KvLayout, KvPool, SeqKv};
+use tandem_engine::model::{Logits, Model, SeqStep};
+use tandem_engine::sampler::argmax;
+use tandem_model::weights::ModelSource;
+
+#[allow(dead_code)] // the helpers other test files use
+mod common;
+use common::model_path;
+
+/// Attention output against the f64 reference (values of order 1).
+const TOL_ATTN: f32 = 1e-4;
+/// FP32 device logits against the CPU's: both multiply by the same f32
+/// weights and differ only in summation order over 30 layers (the golden
+/// fixture puts such float32 noise near 5e-5 on logits of magnitude ~20).
+const TOL_F32: f32 = 1e-3;
+/// BF16 weights and activations (8-bit mantissas): max abs logit
+/// difference as a fraction of the largest CPU logit magnitude.
+const TOL_BF16_REL: f32 = 0.1;
+const GREEDY_STEPS: usize = 16;
+const GPU: usize = 0;
+
+/// The GPU tests share one device model, which holds the device KV of one
+/// pool at a time: they run one after another whatever the test threads.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static L: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    L.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn require_gpu() {
+    if let Err(e) = cuda::check_available() {
+        panic!("no usable CUDA on this machine: {e}");
+    }
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+/// Deterministic pseudo-random numbers in [-1, 1).
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (((self.next() + 1.0) / 2.0 * n as f32) as usize).min(n - 1)
+    }
+}
+
+fn cpu_model() -> &'static Model {
+    static M: OnceLock<Model> = OnceLock::new();
+    M.get_or_init(|| {
+        let src = ModelSource::open(&model_path()).expect("open default model");
+        Model::load(&src, 2).expect("load default model on the CPU")
+    })
+}
+
+fn gpu_model() -> &'static CudaModel {
+    static M: OnceLock<CudaModel> = OnceLock::new();
+    M.get_or_init(|| {
+        require_gpu();
+        CudaModel::from_model(cpu_model(), GPU, Weights::F32).expect("default model on the GPU")
+    })
+}
+
+/// The repository's `fixtures/`: `$TANDEM_FIXTURES_DIR`, else the source
+/// tree this binary was built from, else `./fixtures` (a prebuilt binary
+/// run from the repository root on another machine).
+fn fixtures_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TANDEM_FIXTURES_DIR") {
+        return d.into();
+    }
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
+    if built.is_dir() {
+        built
+    } else {
+        PathBuf::from("fixtures")
+    }
+}
+
+fn golden_prompts() -> Vec<(String, Vec<u32>)> {
+    let p = fixtures_dir().join("golden/smollm2-135m-instruct-q4_1.json");
+    let text =
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
+    let g: Value = serde_json::from_str(&text).expect("golden fixture is JSON");
+    g["prompts"]
+        .as_array()
+        .expect("prompts")
+        .iter()
+        .map(|p| {
+            let ids = p["prompt_ids"]
+                .as_array()
+                .expect("prompt_ids")
+                .iter()
+                .map(|x| x.as_u64().expect("token id") as u32)
+                .collect();
+            (p["name"].as_str().unwrap_or("?").to_string(), ids)
+        })
+        .collect()
+}
+
+/// Logits of one prompt run alone in a fresh pool (`All` or `Last`).
+fn run_prompt(m: &dyn Executor, prompt: &[u32], logits: Logits) -> Vec<f32> {
+    let mut pool = m.pool_for_tokens(prompt.len() + GREEDY_STEPS + 1, 16);
+    let mut kv = SeqKv::default();
+    let mut step = [SeqStep {
+        kv: &mut kv,
+        tokens: prompt,
+        logits,
+    }];
+    m.forward(&mut pool, &mut step)
+        .expect("forward")
+        .pop()
+        .expect("one sequence")
+}
+
+/// Greedy continuation and, per step, the top-2 margin of its logits.
+fn greedy(m: &dyn Executor, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<f32>) {
+    let mut pool = m.pool_for_tokens(prompt.len() + steps + 1, 16);
+    let mut kv = SeqKv::default();
+    let mut toks = Vec::new();
+    let mut margins = Vec::new();
+    let mut next: Vec<u32> = prompt.to_vec();
+    for _ in 0..steps {
+        let logits = m
+            .forward(
+                &mut pool,
+                &mut [SeqStep {
+                    kv: &mut kv,
+                    tokens: &next,
+                    logits: Logits::Last,
+                }],
+            )
+            .expect("forward")
+            .pop()
+            .expect("one sequence");
+        let best = argmax(&logits);
+        let second = logits
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i as u32 != best)
+            .map(|(_, &v)| v)
+            .fold(f32::NEG_INFINITY, f32::max);
+        margins.push(logits[best as usize] - second);
+        toks.push(best);
+        next = vec![best];
+    }
+    (toks, margins)
+}
+
+/// Naive causal attention over one layer's paged KV, in f64.
+#[allow(clippy::too_many_arguments)]
+fn naive_attention(
+    l: &KvLayout,
+    n_heads: usize,
+    q: &[f32],
+    kv: &[f32],
+    tables: &[Vec<u32>],
+    tok_seq: &[usize],
+    tok_pos: &[usize],
+) -> Vec<f32> {
+    let (hd, nkv, bs) = (l.head_dim, l.n_kv_heads, l.block_size);
+    let qd = n_heads * hd;
+    let bf = l.block_floats();
+    let mut out = vec![0f32; tok_seq.len() * qd];
+    for t in 0..tok_seq.len() {
+        let table = &tables[tok_seq[t]];
+        for h in 0..n_heads {
+            let g = h / (n_heads / nkv);
+            let qh = &q[t * qd + h * hd..t * qd + (h + 1) * hd];
+            let n = tok_pos[t] + 1;
+            let key = |k: usize, d: usize| {
+                kv[table[k / bs] as usize * bf + l.k_offset(g) + d * bs + k % bs] as f64
+            };
+            let val = |k: usize, d: usize| {
+                kv[table[k / bs] as usize * bf + l.v_offset(g) + (k % bs) * hd + d] as f64
+            };
+            let scale = 1.0 / (hd as f64).sqrt();
+            let scores: Vec<f64> = (0..n)
+                .map(|k| (0..hd).map(|d| qh[d] as f64 * key(k, d)).sum::<f64>() * scale)
+                .collect();
+            let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+            let sum: f64 = w.iter().sum();
+            for d in 0..hd {
+                let o: f64 = (0..n).map(|k| w[k] * val(k, d)).sum::<f64>() / sum;
+                out[t * qd + h * hd + d] = o as f32;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn paged_attention_matches_naive_reference() {
+    let _serial = serial();
+    require_gpu();
+    let mut rng = Lcg(7);
+    for &(hd, n_heads, nkv, bs) in &[(64, 9, 3, 16), (128, 8, 2, 16), (64, 4, 1, 8)] {
+        let layout = KvLayout {
+            dtype: KvDtype::F32,
+            n_layers: 1,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            block_size: bs,
+        };
+        // Lengths below, at and beyond one 128-key tile.
+        let lens = [1usize, 17, 128, 129, 300];
+        let total_blocks: usize = lens.iter().map(|&n| n.div_ceil(bs)).sum::<usize>() + 3;
+        // Shuffled block ids, so tables are not contiguous.
+        let mut ids: Vec<u32> = (0..total_blocks as u32).collect();
+        for i in (1..ids.len()).rev() {
+            ids.swap(i, rng.below(i + 1));
+        }
+        let mut tables = Vec::new();
+        let mut next = 0;
+        for &n in &lens {
+            let nb = n.div_ceil(bs);
+            tables.push(ids[next..next + nb].to_vec());
+            next += nb;
+        }
+        let kv: Vec<f32> = (0..total_blocks * layout.block_floats())
+            .map(|_| rng.next())
+            .collect();
+        // Up to three query positions per sequence (the last ones: a
+        // prompt chunk), plus one in the middle.
+        let (mut tok_seq, mut tok_pos) = (Vec::new(), Vec::new());
+        for (s, &n) in lens.iter().enumerate() {
+            for p in n.saturating_sub(3)..n {
+                tok_seq.push(s);
+                tok_pos.push(p);
+            }
+            tok_seq.push(s);
+            tok_pos.push(n / 2);
+        }
+        let q: Vec<f32> = (0..tok_seq.len() * n_heads * hd)
+            .map(|_| rng.next() * 2.0)
+            .collect();
+        let got =
+            cuda::paged_attention(GPU, &layout, n_heads, &q, &kv, &tables, &tok_seq, &tok_pos)
+                .expect("paged attention on the GPU");
+        let want = naive_attention(&layout, n_heads, &q, &kv, &tables, &tok_seq, &tok_pos);
+        let d = max_abs_diff(&got, &want);
+        eprintln!("paged attention hd={hd} heads={n_heads}/{nkv} bs={bs}: max abs diff {d:.2e}");
+        assert!(
+            d <= TOL_ATTN,
+            "paged attention differs by {d} (tolerance {TOL_ATTN})"
+        );
+    }
+}
+
+#[test]
+fn fp32_logits_and_greedy_match_the_cpu() {
+    let _serial = serial();
+    require_gpu();
+    let (cpu, gpu) = (cpu_model(), gpu_model());
+    let mut worst = 0f32;
+    let mut compared = 0;
+    for (name, prompt) in golden_prompts() {
+        let want = run_prompt(cpu, &prompt, Logits::Last);
+        let got = run_prompt(gpu, &prompt, Logits::Last);
+        let d = max_abs_diff(&got, &want);
+        worst = worst.max(d);
+        assert!(
+            d <= TOL_F32,
+            "{name}: FP32 logits differ from the CPU's by {d} (tolerance {TOL_F32})"
+        );
+        let (want_t, margins) = greedy(cpu, &prompt, GREEDY_STEPS);
+        let (got_t, _) = greedy(gpu, &prompt, GREEDY_STEPS);
+        let limit = margins
+            .iter()
+            .position(|&m| m < TOL_F32)
+            .unwrap_or(GREEDY_STEPS);
+        if limit < GREEDY_STEPS {
+            eprintln!("{name}: CPU near tie at step {limit}; comparing {limit} greedy steps");
+        }
+        compared += limit;
+        assert_eq!(
+            &got_t[..limit],
+            &want_t[..limit],
+            "{name}: greedy continuation differs from the CPU's"
+        );
+    }
+    eprintln!("FP32 vs CPU: worst logit difference {worst:.2e} (tolerance {TOL_F32:.0e}); {compared} greedy steps identical");
+}
+
+/// Prefills `prompts` (each with its own token count) then decodes
+/// `decode` steps with fixed tokens, all in one batch per step; returns
+/// each sequence's logits of every step, concatenated.
+fn batched(m: &dyn Executor, prompts: &[Vec<u32>], decode: usize) -> Vec<Vec<f32>> {
+    let total: usize = prompts.iter().map(|p| p.len() + decode + 16).sum();
+    let mut pool = m.pool_for_tokens(total, 16);
+    let mut kvs: Vec<SeqKv> = prompts.iter().map(|_| SeqKv::default()).collect();
+    let mut out: Vec<Vec<f32>> = prompts.iter().map(|_| Vec::new()).collect();
+    let mut feed: Vec<Vec<u32>> = prompts.to_vec();
+    for step in 0..=decode {
+        let mut b: Vec<SeqStep<'_>> = kvs
+            .iter_mut()
+            .zip(&feed)
+            .map(|(kv, t)| SeqStep {
+                kv,
+                tokens: t,
+                logits: Logits::Last,
+            })
+            .collect();
+        let logits = m.forward(&mut pool, &mut b).expect("batched forward");
+        for (o, l) in out.iter_mut().zip(logits) {
+            o.extend(l);
+        }
+        feed = (0..prompts.len())
+            .map(|i| vec![((step * 31 + i * 7 + 5) % 1000) as u32 + 10])
+            .collect();
+    }
+    out
+}
+
+/// One token's K then V (every KV head) out of a block region.
+fn token_kv(l: &KvLayout, region: &[f32], pos: usize) -> Vec<f32> {
+    let (bs, hd) = (l.block_size, l.head_dim);
+    let slot = pos % bs;
+    let mut out = Vec::new();
+    for h in 0..l.n_kv_heads {
+        out.extend((0..hd).map(|d| region[l.k_offset(h) + d * bs + slot]));
+        out.extend((0..hd).map(|d| region[l.v_offset(h) + slot * hd + d]));
+    }
+    out
+}
+
+#[test]
+fn batch_chunks_and_forks_match_single_runs() {
+    let _serial = serial();
+    require_gpu();
+    let (cpu, gpu) = (cpu_model(), gpu_model());
+    let prompts: Vec<Vec<u32>> = golden_prompts()
+        .into_iter()
+        .map(|(_, p)| p)
+        .take(4)
+        .enumerate()
+        .map(|(i, p)| p[..p.len().min(5 + 9 * i)].to_vec())
+        .collect();
+    // Batched vs alone, on the GPU.
+    let together = batched(gpu, &prompts, 3);
+    for (i, p) in prompts.iter().enumerate() {
+        let alone = batched(gpu, std::slice::from_ref(p), 3);
+        let d = max_abs_diff(&together[i], &alone[0]);
+        assert!(
+            d <= TOL_F32,
+            "sequence {i}: batched differs from alone by {d}"
+        );
+        // And the CPU agrees.
+        let c = batched(cpu, std::slice::from_ref(p), 3);
+        let d = max_abs_diff(&together[i], &c[0]);
+        assert!(
+            d <= TOL_F32,
+            "sequence {i}: GPU batch differs from the CPU by {d}"
+        );
+    }
+
+    // One prompt in chunks (7, then the rest) vs whole: every position.
+    let long: Vec<u32> = golden_prompts()
+        .into_iter()
+        .map(|(_, p)| p)
+        .max_by_key(|p| p.len())
+        .expect("a prompt");
+    let whole = run_prompt(gpu, &long, Logits::All);
+    let mut pool = gpu.pool_for_tokens(long.len(), 16);
+    let mut kv = SeqKv::default();
+    let mut chunked = Vec::new();
+    for chunk in [&long[..7], &long[7..]] {
+        chunked.extend(
+            gpu.forward(
+                &mut pool,
+                &mut [SeqStep {
+                    kv: &mut kv,
+                    tokens: chunk,
+                    logits: Logits::All,
+                }],
+            )
+            .expect("chunk")
+            .remove(0),
+        );
+    }
+    let d = max_abs_diff(&whole, &chunked);
+    assert!(d <= TOL_F32, "chunked prefill differs by {d}");
+
+    // Fork after a partial block: the fork's copy-on-write block must be
+    // repeated on the device. CPU and GPU take the same steps.
+    let prompt = &long[..21]; // 16 + 5: the second block is partial
+    let fork_run = |m: &dyn Executor| -> Vec<Vec<f32>> {
+        let mut pool = m.pool_for_tokens(4 * 32, 16);
+        m.prepare_pool(&mut pool);
+        let mut a = SeqKv::default();
+        m.forward(
+            &mut pool,
+            &mut [SeqStep {
+                kv: &mut a,
+                tokens: prompt,
+                logits: Logits::None,
+            }],
+        )
+        .expect("prefill");
+        let mut b = pool.fork(&a);
+        let mut outs = Vec::new();
+        for (ta, tb) in [(100u32, 200u32), (101, 201)] {
+            let (sa, sb) = ([ta], [tb]);
+            outs.extend(
+                m.forward(
+                    &mut pool,
+                    &mut [
+                        SeqStep {
+                            kv: &mut a,
+                            tokens: &sa,
+                            logits: Logits::Last,
+                        },
+                        SeqStep {
+                            kv: &mut b,
+                            tokens: &sb,
+                            logits: Logits::Last,
+                        },
+                    ],
+                )
+                .expect("forked step"),
+            );
+        }
+        outs
+    };
+    let (g, c) = (fork_run(gpu), fork_run(cpu));
+    for (i, (g, c)) in g.iter().zip(&c).enumerate() {
+        let d = max_abs_diff(g, c);
+        assert!(
+            d <= TOL_F32,
+            "forked step output {i} differs from the CPU by {d}"
+        );
+    }
+
+    // KV layout: the device blocks after a prefill equal the CPU pool's.
+    let p = &long[..long.len().min(40)];
+    let mut cpool = cpu.pool_for_tokens(p.len() + 1, 16);
+    let mut gpool = gpu.pool_for_tokens(p.len() + 1, 16);
+    let (mut ckv, mut gkv) = (SeqKv::default(), SeqKv::default());
+    for (m, pool, kv) in [
+        (cpu as &dyn Executor, &mut cpool, &mut ckv),
+        (gpu as &dyn Executor, &mut gpool, &mut gkv),
+    ] {
+        m.forward(
+            pool,
+            &mut [SeqStep {
+                kv,
+                tokens: p,
+                logits: Logits::None,
+            }],
+        )
+        .expect("prefill");
+    }
+    let staged = gpu
+        .gather(&gpool, &gkv.blocks)
+        .expect("gather")
+        .expect("the GPU always stages");
+    let layout = *cpool.layout();
+    let mut worst = 0f32;
+    for layer in 0..layout.n_layers {
+        for pos in 0..p.len() {
+            let bi = pos / layout.block_size;
+            let g = token_kv(&layout, staged.region(layer, bi), pos);
+            let c = token_kv(&layout, cpool.region(layer, ckv.blocks[bi]), pos);
+            worst = worst.max(max_abs_diff(&g, &c));
+        }
+    }
+    eprintln!("device KV vs CPU KV: max abs diff {worst:.2e}");
+    assert!(
+        worst <= TOL_F32,
+        "device KV differs from the CPU's by {worst}"
+    );
+
+    // Install the CPU's KV into a fresh device pool and decode one token.
+    let cpu_staged = cpu
+        .gather(&cpool, &ckv.blocks)
+        .expect("gather")
+        .unwrap_or_else(|| {
+            let mut s = tandem_engine::kv::KvStaging::new(layout, ckv.blocks.len() * 16);
+            for layer in 0..layout.n_layers {
+                for (bi, &b) in ckv.blocks.iter().enumerate() {
+                    s.region_mut(layer, bi)
+                        .copy_from_slice(cpool.region(layer, b));
+                }
+            }
+            s
+        });
+    let mut ipool = gpu.pool_for_tokens(p.len() + 1, 16);
+    let mut ikv = SeqKv::default();
+    ipool.reserve(&mut ikv, p.len()).expect("reserve");
+    gpu.install(&mut ipool, &ikv, &cpu_staged).expect("install");
+    ikv.len = p.len();
+    let next = [42u32];
+    let got = gpu
+        .forward(
+            &mut ipool,
+            &mut [SeqStep {
+                kv: &mut ikv,
+                tokens: &next,
+                logits: Logits::Last,
+            }],
+        )
+        .expect("decode after install")
+        .remove(0);
+    let want = cpu
+        .forward(
+            &mut cpool,
+            &mut [SeqStep {
+                kv: &mut ckv,
+                tokens: &next,
+                logits: Logits::Last,
+            }],
+        )
+        .expect("CPU decode")
+        .remove(0);
+    let d = max_abs_diff(&got, &want);
+    assert!(
+        d <= TOL_F32,
+        "decode after install differs from the CPU by {d}"
+    );
+}
+
+#[test]
+fn bf16_logits_within_tolerance() {
+    let _serial = serial();
+    require_gpu();
+    let cpu = cpu_model();
+    let gpu = CudaModel::from_model(cpu, GPU, Weights::Bf16).expect("BF16 model on the GPU");
+    let mut worst_rel = 0f32;
+    let mut top1_same = 0;
+    let prompts = golden_prompts();
+    for (name, prompt) in &prompts {
+        let want = run_prompt(cpu, prompt, Logits::Last);
+        let got = run_prompt(&gpu, prompt, Logits::Last);
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1.0);
+        let rel = max_abs_diff(&got, &want) / scale;
+        worst_rel = worst_rel.max(rel);
+        top1_same += usize::from(argmax(&got) == argmax(&want));
+        assert!(
+            rel <= TOL_BF16_REL,
+            "{name}: BF16 logits differ by {rel} of the largest logit (tolerance {TOL_BF16_REL})"
+        );
+    }
+    eprintln!(
+        "BF16 vs CPU: worst max-abs-diff / max|logit| {worst_rel:.3e}; top-1 agrees on {top1_same}/{}",
+        prompts.len()
+    );
+}
+
+#[test]
+fn synthetic_checkpoints_match_the_cpu() {
+    let _serial = serial();
+    require_gpu();
+    let dir = fixtures_dir().join("synth");
+    for name in [
+        "tiny-llama-q4_k.gguf",
+        "tiny-qwen2-q6_k.gguf",
+        "tiny-mqa-llama-q8_0.gguf",
+        "tiny-llama-bf16-2shards",
+    ] {
+        let src = ModelSource::open(&dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let cpu = Model::load(&src, 2).unwrap_or_else(|e| panic!("{name} on the CPU: {e}"));
+        let gpu = CudaModel::from_model(&cpu, GPU, Weights::F32)
+            .unwrap_or_else(|e| panic!("{name} on the GPU: {e}"));
+        let vocab = cpu.config.vocab_size;
+        let mut rng = Lcg(3);
+        let prompt: Vec<u32> = (0..40).map(|_| rng.below(vocab) as u32).collect();
+        let want = run_prompt(&cpu, &prompt, Logits::All);
+        let got = run_prompt(&gpu, &prompt, Logits::All);
+        let d = max_abs_diff(&got, &want);
+        eprintln!(
+            "{name}: max abs logit diff {d:.2e} over {} positions",
+            prompt.len()
+        );
+        assert!(d <= TOL_F32, "{name}: logits differ from the CPU's by {d}");
+    }
+}
+
+/// Speed figures (see `tandem_engine::cuda::bench`): prints one line
+/// `CUDA_BENCH_JSON {...}` and writes the JSON to `$TANDEM_BENCH_JSON` when set.
+#[test]
+#[ignore = "GPU benchmark: run with --ignored on a GPU machine"]
+fn bench_llama3_8b_shape() {
+    let _serial = serial();
+    require_gpu();
+    let report = cuda::bench::run(GPU, cuda::bench::BenchOptions::default()).expect("benchmark");
+    let json = serde_json::to_string(&report).expect("report to JSON");
+    println!("CUDA_BENCH_JSON {json}");
+    if let Some(p) = std::env::var_os("TANDEM_BENCH_JSON") {
+        std::fs::write(&p, &json).expect("writing the benchmark JSON");
+    }
+}
+
+/// A tracking pool is what the scheduler needs with this executor: it
+/// allocates and counts, and holds no KV.
+#[test]
+fn tracking_pool_holds_no_kv() {
+    let layout = KvLayout {
+        dtype: KvDtype::F32,
+        n_layers: 2,
+        n_kv_heads: 1,
+        head_dim: 4,
+        block_size: 4,
+    };
+    let mut p = KvPool::new_tracking(layout, 3);
+    assert!(!p.holds_kv());
+    let mut s = SeqKv::default();
+    p.reserve(&mut s, 5).expect("reserve");
+    s.len = 5;
+    let mut f = p.fork(&s);
+    p.reserve(&mut f, 1).expect("copy on write");
+    assert_eq!(p.take_copies(), vec![(s.blocks[1], f.blocks[1])]);
+}
