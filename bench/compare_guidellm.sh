@@ -21,7 +21,8 @@
 # and both clients under `taskset -c 0`.
 #
 # guidellm sends chat requests (its synthetic text, ignore_eos, no
-# temperature: the server's default, 1.0); tandem bench serve sends the same
+# temperature: the server's default, 1.0); tandem bench serve sends
+# ignore_eos too (so both get exactly OUT tokens per request) and the same
 # number of prompt tokens as token ids to /v1/completions, at TEMPERATURE
 # (--temperature, default 1 to match; 0 is greedy, which skips the sampler).
 # Both count the chat template's tokens the same way because IN here is the templated length:
@@ -141,7 +142,7 @@ run_guidellm() {
 run_tandem() {
     "${CLIENT_PIN[@]}" "$TANDEM" bench serve --url "$URL" "${TLOAD[@]}" --requests "$REQUESTS" \
         --dataset synthetic --input-tokens "$IN" --output-tokens "$OUT" --seed "$1" \
-        --temperature "$TEMPERATURE" \
+        --temperature "$TEMPERATURE" --ignore-eos \
         --json "$OUTDIR/tandem_$1.json" > "$OUTDIR/tandem_$1.log" 2>&1
 }
 

@@ -81,6 +81,11 @@ pub struct ServeArgs {
     /// Sampling temperature sent with every request (0: greedy).
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
+    /// Send `ignore_eos: true` (vLLM's extension, which llama.cpp's server
+    /// and tandem also take), so every request generates exactly the
+    /// tokens it wants, as other load generators do.
+    #[arg(long)]
+    pub ignore_eos: bool,
     /// Requests per run (per rate or concurrency), warm-up excluded.
     #[arg(long, default_value_t = 32)]
     pub requests: usize,
@@ -947,6 +952,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             endpoint: a.endpoint,
             api_key: a.api_key.clone(),
             temperature: a.temperature,
+            ignore_eos: a.ignore_eos,
             timeout,
         });
         rt.block_on(sweep(&ctx, &a, target, "endpoint"))?
@@ -972,6 +978,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 endpoint: a.endpoint,
                 api_key: None,
                 temperature: a.temperature,
+                ignore_eos: a.ignore_eos,
                 timeout,
             });
             let r = rt.block_on(sweep(&ctx, &a, target, setup));
@@ -1010,6 +1017,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 "pin": a.pin,
                 "seed": a.seed,
                 "temperature": a.temperature,
+                "ignore_eos": a.ignore_eos,
                 "placement": placement,
                 "load_average": std::fs::read_to_string("/proc/loadavg").ok().map(|s| s.trim().to_string()),
             },

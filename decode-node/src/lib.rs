@@ -203,7 +203,7 @@ impl Inner {
         let mut call = Request::new(pb::PrefillRequest {
             request_id: req.request_id.clone(),
             prompt: spec.prompt.clone(),
-            sampling: req.sampling,
+            sampling: req.sampling.clone(),
             kv_address: self.kv_addr.to_string(),
             transfer_id,
             n: spec.choices() as u32,

@@ -435,6 +435,17 @@ multiversion! {
 }
 
 multiversion! {
+    /// `out[i] = exp((x[i] - max) * inv_t)`: the sampler's unnormalised
+    /// weights at temperature `1 / inv_t` (vectorised; a whole vocabulary
+    /// takes microseconds).
+    pub fn exp_weights(x: &[f32], max: f32, inv_t: f32, out: &mut [f32]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = exp((v - max) * inv_t);
+        }
+    }
+}
+
+multiversion! {
     pub fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
         let d = w.len();
         for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {

@@ -30,6 +30,14 @@ pub struct SamplingParams {
     pub top_logprobs: usize,
     /// Report the chosen token's log-probability.
     pub logprobs: bool,
+    /// Output positions below this cannot end the sequence: the ids in
+    /// [`SamplingParams::min_tokens_masked`] are never sampled there
+    /// (OpenAI-style `min_tokens`, with vLLM's semantics).
+    pub min_tokens: u32,
+    /// The ids that would end the sequence (its stop tokens). They travel
+    /// with the sampling parameters because a prefill worker samples the
+    /// first token without knowing the request's stop tokens otherwise.
+    pub min_tokens_masked: Vec<u32>,
 }
 
 impl Default for SamplingParams {
@@ -46,6 +54,8 @@ impl Default for SamplingParams {
             request_key: 0,
             top_logprobs: 0,
             logprobs: false,
+            min_tokens: 0,
+            min_tokens_masked: Vec::new(),
         }
     }
 }
@@ -133,6 +143,133 @@ fn log_softmax_at(logits: &[f32], max: f32, log_z: f64, id: u32) -> f32 {
     ((logits[id as usize] - max) as f64 - log_z) as f32
 }
 
+/// Orders candidates by weight, heaviest first, ties by id: a total order.
+fn heavier(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+/// Draws a token from `l` (penalties applied) at the request's temperature,
+/// after top-k, top-p and min-p, with the uniform number of `pos`.
+///
+/// Only as much of the vocabulary is sorted as the filters need: top-k
+/// sorts its `k` candidates; top-p selects growing heaviest prefixes until
+/// one holds the mass it wants, then sorts that prefix; with neither, the
+/// candidates are walked in id order. (Sorting all 49k candidates of a
+/// small model's vocabulary took milliseconds per token.)
+fn draw(params: &SamplingParams, l: &[f32], pos: u64) -> u32 {
+    let inv_t = 1.0 / params.temperature;
+    // Candidates with their weights exp((logit - max) / T).
+    let top_k = params.top_k > 0 && params.top_k < l.len();
+    let (mut cands, mut sorted): (Vec<(f32, u32)>, bool) = if top_k {
+        let mut idx: Vec<u32> = (0..l.len() as u32).collect();
+        let by_logit = |a: &u32, b: &u32| l[*b as usize].total_cmp(&l[*a as usize]).then(a.cmp(b));
+        idx.select_nth_unstable_by(params.top_k - 1, by_logit);
+        idx.truncate(params.top_k);
+        idx.sort_unstable_by(by_logit);
+        let m = l[idx[0] as usize];
+        let c = idx
+            .iter()
+            .map(|&i| (crate::ops::exp((l[i as usize] - m) * inv_t), i))
+            .collect();
+        (c, true)
+    } else {
+        let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut w = vec![0f32; l.len()];
+        crate::ops::exp_weights(l, m, inv_t, &mut w);
+        let c = w
+            .into_iter()
+            .zip(0u32..)
+            .filter(|&(w, _)| w > 0.0)
+            .collect();
+        (c, false)
+    };
+    if cands.is_empty() {
+        // Every logit is -inf (all masked): nothing can be drawn fairly.
+        return argmax(l);
+    }
+    // top-p: the smallest heaviest prefix whose mass reaches top_p of all.
+    if params.top_p < 1.0 {
+        let total: f64 = cands.iter().map(|c| c.0 as f64).sum();
+        let want = params.top_p as f64 * total;
+        // cands[..done] are heavier than the rest and hold `mass` < want;
+        // only the slice that crosses `want` is sorted, so the cut is exact
+        // (the kept set is the same as with a full sort; the order within
+        // cands[..done] is fixed by the logits, which is all a draw needs).
+        let (mut done, mut mass) = (0usize, 0.0f64);
+        let n = cands.len();
+        if !sorted {
+            let mut k = 64.min(n);
+            loop {
+                if k < n {
+                    cands[done..].select_nth_unstable_by(k - done - 1, heavier);
+                }
+                let more: f64 = cands[done..k].iter().map(|c| c.0 as f64).sum();
+                if mass + more >= want || k == n {
+                    // Halve the crossing slice until it is small, then sort it.
+                    let mut hi = k;
+                    while hi - done > 64 {
+                        let mid = done + (hi - done) / 2;
+                        cands[done..hi].select_nth_unstable_by(mid - done - 1, heavier);
+                        let half: f64 = cands[done..mid].iter().map(|c| c.0 as f64).sum();
+                        if mass + half >= want {
+                            hi = mid;
+                        } else {
+                            mass += half;
+                            done = mid;
+                        }
+                    }
+                    cands[done..hi].sort_unstable_by(heavier);
+                    cands.truncate(hi);
+                    break;
+                }
+                mass += more;
+                done = k;
+                k = (k * 4).min(n);
+            }
+            sorted = done == 0;
+        }
+        let mut cut = cands.len();
+        for (i, c) in cands.iter().enumerate().skip(done) {
+            mass += c.0 as f64;
+            if mass >= want {
+                cut = i + 1;
+                break;
+            }
+        }
+        cands.truncate(cut);
+    }
+    // min-p: drop tokens below min_p × the top token's weight (which is 1).
+    if params.min_p > 0.0 {
+        let top = if sorted {
+            cands[0].0
+        } else {
+            cands.iter().map(|c| c.0).fold(0.0, f32::max)
+        };
+        let floor = top * params.min_p;
+        if sorted {
+            let keep = cands.iter().take_while(|c| c.0 >= floor).count().max(1);
+            cands.truncate(keep);
+        } else {
+            cands.retain(|c| c.0 >= floor);
+        }
+    }
+    let total: f64 = cands.iter().map(|c| c.0 as f64).sum();
+    let u = uniform(params.seed, params.request_key, pos) * total;
+    let mut acc = 0.0;
+    for c in &cands {
+        acc += c.0 as f64;
+        if u < acc {
+            return c.1;
+        }
+    }
+    // Rounding left u at the total: the last candidate that can be drawn.
+    cands
+        .iter()
+        .rev()
+        .find(|c| c.0 > 0.0)
+        .map_or(cands[0].1, |c| c.1)
+}
+
 /// Samples the token for output position `pos`.
 ///
 /// `context` is the prompt followed by the output so far (for the repetition
@@ -157,12 +294,20 @@ pub fn sample(
         0.0
     };
 
+    let masked = pos < params.min_tokens as u64 && !params.min_tokens_masked.is_empty();
     let penalised = params.repetition_penalty != 1.0
         || params.presence_penalty != 0.0
         || params.frequency_penalty != 0.0;
     let mut work: Vec<f32>;
-    let l: &[f32] = if penalised {
+    let l: &[f32] = if penalised || masked {
         work = logits.to_vec();
+        if masked {
+            for &t in &params.min_tokens_masked {
+                if let Some(v) = work.get_mut(t as usize) {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+        }
         if params.repetition_penalty != 1.0 {
             let mut seen = std::collections::HashSet::new();
             for &t in context {
@@ -193,56 +338,7 @@ pub fn sample(
     let token = if params.temperature == 0.0 {
         argmax(l)
     } else {
-        // Candidates sorted by logit (descending), ties by id: a total order.
-        let mut idx: Vec<u32> = (0..l.len() as u32).collect();
-        let keep = if params.top_k > 0 {
-            params.top_k.min(l.len())
-        } else {
-            l.len()
-        };
-        let cmp = |a: &u32, b: &u32| l[*b as usize].total_cmp(&l[*a as usize]).then(a.cmp(b));
-        if keep < idx.len() {
-            idx.select_nth_unstable_by(keep - 1, cmp);
-            idx.truncate(keep);
-        }
-        idx.sort_unstable_by(cmp);
-        let m = l[idx[0] as usize];
-        let t = params.temperature as f64;
-        let mut probs: Vec<f64> = idx
-            .iter()
-            .map(|&i| (((l[i as usize] - m) as f64) / t).exp())
-            .collect();
-        let total: f64 = probs.iter().sum();
-        // top-p: smallest prefix whose mass reaches top_p (at least one token).
-        let mut cut = probs.len();
-        if params.top_p < 1.0 {
-            let mut acc = 0.0;
-            for (i, p) in probs.iter().enumerate() {
-                acc += p / total;
-                if acc >= params.top_p as f64 {
-                    cut = i + 1;
-                    break;
-                }
-            }
-        }
-        // min-p: drop tokens below min_p × the top probability.
-        if params.min_p > 0.0 {
-            let floor = probs[0] * params.min_p as f64;
-            cut = cut.min(probs.iter().take_while(|&&p| p >= floor).count().max(1));
-        }
-        probs.truncate(cut);
-        let total: f64 = probs.iter().sum();
-        let u = uniform(params.seed, params.request_key, pos) * total;
-        let mut acc = 0.0;
-        let mut chosen = idx[cut - 1];
-        for (i, p) in probs.iter().enumerate() {
-            acc += p;
-            if u < acc {
-                chosen = idx[i];
-                break;
-            }
-        }
-        chosen
+        draw(params, l, pos)
     };
 
     let (logprob, top) = if want_lp {
@@ -384,6 +480,137 @@ mod tests {
         assert!((s.top[0].1 - s.logprob).abs() < 1e-7);
         let total: f64 = logits().iter().map(|&v| ((v - 3.0) as f64).exp()).sum();
         assert!((s.logprob as f64 - (1.0 / total).ln()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn min_tokens_masks_the_stop_tokens_until_reached() {
+        // Tokens 1 and 3 tie for the top logit; both stop the sequence.
+        let mut p = SamplingParams {
+            min_tokens: 2,
+            min_tokens_masked: vec![1, 3],
+            logprobs: true,
+            ..Default::default()
+        };
+        let l = logits();
+        for pos in 0..2 {
+            let s = sample(&p, &l, &[], 0, pos);
+            assert_eq!(s.token, 2, "greedy at position {pos}");
+            // Log-probabilities stay those of the model's distribution.
+            let z: f64 = l.iter().map(|&v| ((v - 3.0) as f64).exp()).sum();
+            assert!((s.logprob as f64 - ((-1.0f64).exp() / z).ln()).abs() < 1e-6);
+        }
+        assert_eq!(
+            sample(&p, &l, &[], 0, 2).token,
+            1,
+            "unmasked from min_tokens on"
+        );
+        // Sampled at any temperature, a masked token is never drawn.
+        p.temperature = 2.0;
+        p.seed = 11;
+        for pos in 0..2 {
+            for key in 0..200 {
+                p.request_key = key;
+                let t = sample(&p, &l, &[], 0, pos).token;
+                assert!(t != 1 && t != 3, "drew stop token {t}");
+            }
+        }
+        // Masking everything draws something rather than panicking.
+        p.min_tokens_masked = (0..l.len() as u32).collect();
+        let _ = sample(&p, &l, &[], 0, 0);
+    }
+
+    /// The kept set and probabilities by a full sort, as a reference.
+    fn naive_kept(p: &SamplingParams, l: &[f32]) -> Vec<(u32, f64)> {
+        let mut idx: Vec<u32> = (0..l.len() as u32).collect();
+        idx.sort_by(|a, b| l[*b as usize].total_cmp(&l[*a as usize]).then(a.cmp(b)));
+        if p.top_k > 0 {
+            idx.truncate(p.top_k);
+        }
+        let m = l[idx[0] as usize] as f64;
+        let w: Vec<f64> = idx
+            .iter()
+            .map(|&i| ((l[i as usize] as f64 - m) / p.temperature as f64).exp())
+            .collect();
+        let total: f64 = w.iter().sum();
+        let mut cut = w.len();
+        let mut acc = 0.0;
+        for (i, x) in w.iter().enumerate() {
+            acc += x;
+            if acc >= p.top_p as f64 * total {
+                cut = i + 1;
+                break;
+            }
+        }
+        let cut = cut.min(
+            w.iter()
+                .take_while(|&&x| x >= p.min_p as f64)
+                .count()
+                .max(1),
+        );
+        let kept: f64 = w[..cut].iter().sum();
+        idx[..cut]
+            .iter()
+            .zip(&w)
+            .map(|(&i, &x)| (i, x / kept))
+            .collect()
+    }
+
+    #[test]
+    fn filters_keep_what_a_full_sort_keeps_and_draw_in_proportion() {
+        // A peaked head over a long flat tail, so that top-p's prefix is
+        // found in several rounds of selection.
+        let mut x = 99u64;
+        let l: Vec<f32> = (0..5000)
+            .map(|i| {
+                x = mix(x);
+                let noise = (x >> 40) as f32 / 16_777_216.0;
+                if i % 97 == 5 {
+                    6.0 + noise
+                } else {
+                    noise * 4.0
+                }
+            })
+            .collect();
+        for (top_k, top_p, min_p) in [
+            (0, 1.0, 0.0),
+            (0, 0.3, 0.0),
+            (0, 0.9, 0.0),
+            (0, 0.99, 0.0),
+            (0, 1.0, 0.05),
+            (0, 0.9, 0.2),
+            (60, 0.8, 0.0),
+            (7, 1.0, 0.0),
+        ] {
+            let p = SamplingParams {
+                temperature: 0.9,
+                top_k,
+                top_p,
+                min_p,
+                seed: 3,
+                ..Default::default()
+            };
+            let want = naive_kept(&p, &l);
+            let prob: std::collections::HashMap<u32, f64> = want.iter().copied().collect();
+            let n = 4_000;
+            let mut count = std::collections::HashMap::<u32, usize>::new();
+            for pos in 0..n {
+                let t = sample(&p, &l, &[], 0, pos).token;
+                assert!(
+                    prob.contains_key(&t),
+                    "{top_k}/{top_p}/{min_p}: drew {t} outside the kept set"
+                );
+                *count.entry(t).or_default() += 1;
+            }
+            // The heaviest tokens come up as often as their probability says.
+            for &(t, q) in want.iter().take(3) {
+                let got = count.get(&t).copied().unwrap_or(0) as f64 / n as f64;
+                let sd = (q * (1.0 - q) / n as f64).sqrt();
+                assert!(
+                    (got - q).abs() < 5.0 * sd + 1e-3,
+                    "{top_k}/{top_p}/{min_p}: token {t} drawn {got}, want {q}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub fn sampling(s: Option<&pb::WorkerSampling>) -> Result<SamplingParams, Status
         request_key: s.request_key,
         top_logprobs: s.top_logprobs as usize,
         logprobs: s.logprobs,
+        min_tokens: s.min_tokens,
+        min_tokens_masked: s.min_tokens_masked.clone(),
     })
 }
 

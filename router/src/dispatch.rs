@@ -26,6 +26,10 @@ pub struct Sampling {
     pub request_key: u64,
     pub logprobs: bool,
     pub top_logprobs: u32,
+    /// Output positions below this cannot sample `min_tokens_masked`.
+    pub min_tokens: u32,
+    /// The stop token ids, masked before `min_tokens`.
+    pub min_tokens_masked: Vec<u32>,
 }
 
 impl Default for Sampling {
@@ -42,6 +46,8 @@ impl Default for Sampling {
             request_key: 0,
             logprobs: false,
             top_logprobs: 0,
+            min_tokens: 0,
+            min_tokens_masked: Vec::new(),
         }
     }
 }

@@ -841,7 +841,7 @@ impl ParallelRelay {
         let why = format!("decode worker {}: {why}", dead.decode.addr);
         drop(dead);
         let base = &self.attempt.req;
-        let key = base.sampling.map(|s| s.request_key).unwrap_or(0);
+        let key = base.sampling.as_ref().map(|s| s.request_key).unwrap_or(0);
         for (i, c) in self.choices.into_iter().enumerate() {
             if c.done {
                 continue;
@@ -896,6 +896,8 @@ pub fn sampling_to_proto(s: &crate::dispatch::Sampling) -> pb::WorkerSampling {
         request_key: s.request_key,
         logprobs: s.logprobs,
         top_logprobs: s.top_logprobs,
+        min_tokens: s.min_tokens,
+        min_tokens_masked: s.min_tokens_masked.clone(),
     }
 }
 

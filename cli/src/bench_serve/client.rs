@@ -50,6 +50,7 @@ pub struct Target {
     pub endpoint: Endpoint,
     pub api_key: Option<String>,
     pub temperature: f64,
+    pub ignore_eos: bool,
     pub timeout: Duration,
 }
 
@@ -61,6 +62,9 @@ fn body(t: &Target, r: &Request) -> Value {
         "stream": true,
         "stream_options": {"include_usage": true},
     });
+    if t.ignore_eos {
+        b["ignore_eos"] = json!(true);
+    }
     match (&r.prompt, t.endpoint) {
         (Prompt::Text(p), Endpoint::Chat) => {
             b["messages"] = json!([{"role": "user", "content": p}]);

@@ -72,6 +72,8 @@ pub struct ChoiceDecoder {
     decoded_chars: usize,
     token_ids: Vec<u32>,
     finished: Option<FinishReason>,
+    /// Stop strings are matched only in the text of later tokens.
+    min_tokens: usize,
 }
 
 impl ChoiceDecoder {
@@ -82,7 +84,15 @@ impl ChoiceDecoder {
             decoded_chars: 0,
             token_ids: Vec::new(),
             finished: None,
+            min_tokens: 0,
         }
+    }
+
+    /// The first `n` tokens' text is sent as it is: a stop string can only
+    /// end the choice in text that follows them (vLLM's `min_tokens`).
+    pub fn with_min_tokens(mut self, n: usize) -> Self {
+        self.min_tokens = n;
+        self
     }
 
     /// Token ids received so far (up to the one that completed a stop string).
@@ -124,9 +134,14 @@ impl ChoiceDecoder {
                     text_offset: self.decoded_chars,
                 });
                 self.decoded_chars += piece.chars().count();
+                delta.completion_tokens = self.token_ids.len() as u32;
+                if self.token_ids.len() <= self.min_tokens {
+                    // Nothing is held back yet: the matcher starts after.
+                    delta.text = piece;
+                    return Ok(delta);
+                }
                 let step = self.stop.push(&piece);
                 delta.text = step.text;
-                delta.completion_tokens = self.token_ids.len() as u32;
                 if step.stopped.is_some() {
                     self.finished = Some(FinishReason::Stop);
                     delta.finish = self.finished;

@@ -135,6 +135,8 @@ impl GenerateApi {
             stop_token_ids: s.stop_token_ids,
             n: None,
             logprobs: (s.logprobs > 0).then_some(s.logprobs),
+            ignore_eos: s.ignore_eos,
+            min_tokens: s.min_tokens.map(i64::from),
         };
         let request_id = if req.request_id.is_empty() {
             format!("gen-{}", random_id())
@@ -152,7 +154,8 @@ impl GenerateApi {
         let choice = choice_stream(
             0,
             ts,
-            ChoiceDecoder::new(state.tokenizer.clone(), &prepared.stop),
+            ChoiceDecoder::new(state.tokenizer.clone(), &prepared.stop)
+                .with_min_tokens(prepared.min_tokens),
         );
         Ok(Started {
             request_id,

@@ -273,6 +273,8 @@ const COMMON_FIELDS: &[&str] = &[
     "logprobs",
     "user",
     "logit_bias",
+    "ignore_eos",
+    "min_tokens",
 ];
 const CHAT_FIELDS: &[&str] = &[
     "messages",
@@ -394,6 +396,8 @@ fn parse_common(m: &Map<String, Value>, ep: Endpoint) -> Result<Common, ApiError
         p.max_tokens = mt;
         p.max_tokens_param = "max_tokens";
     }
+    p.ignore_eos = boolean(m, "ignore_eos")?.unwrap_or(false);
+    p.min_tokens = int(m, "min_tokens")?;
     p.temperature = num(m, "temperature")?;
     p.top_p = num(m, "top_p")?;
     p.top_k = int(m, "top_k")?;
@@ -671,7 +675,8 @@ fn decoders(
 ) -> SelectAll<ChoiceStream> {
     let mut all = SelectAll::new();
     for (i, ts) in streams.into_iter().enumerate() {
-        let dec = ChoiceDecoder::new(state.tokenizer.clone(), &prepared.stop);
+        let dec = ChoiceDecoder::new(state.tokenizer.clone(), &prepared.stop)
+            .with_min_tokens(prepared.min_tokens);
         all.push(choice_stream(i, ts, dec));
     }
     all

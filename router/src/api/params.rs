@@ -32,6 +32,11 @@ pub struct GenParams {
     pub n: Option<i64>,
     /// `Some(k)`: return log-probabilities with the top `k` alternatives.
     pub logprobs: Option<u32>,
+    /// Do not stop on the model's own end-of-sequence tokens (vLLM's
+    /// `ignore_eos`; load generators send it to get exact output lengths).
+    pub ignore_eos: bool,
+    /// The completion has at least this many tokens (vLLM's `min_tokens`).
+    pub min_tokens: Option<i64>,
 }
 
 /// Validated parameters, ready to run.
@@ -41,6 +46,8 @@ pub struct Prepared {
     pub prompt_tokens: usize,
     pub stop: Vec<String>,
     pub logprobs: Option<u32>,
+    /// Tokens before which stop strings are not matched.
+    pub min_tokens: usize,
 }
 
 fn check_range(
@@ -179,6 +186,32 @@ impl GenParams {
                 ApiError::invalid(message, Some(param)).with_code("context_length_exceeded")
             );
         }
+        let min_tokens = match self.min_tokens {
+            None => 0,
+            Some(m) if m < 0 => {
+                return Err(ApiError::bad_param(
+                    "min_tokens",
+                    format!("'min_tokens' must be at least 0, got {m}"),
+                ))
+            }
+            Some(m) => {
+                let cap = max_tokens.unwrap_or((ctx - p) as i64);
+                if m > cap {
+                    return Err(ApiError::bad_param(
+                        "min_tokens",
+                        format!(
+                            "'min_tokens' ({m}) must not exceed '{}' ({cap})",
+                            if max_tokens.is_some() {
+                                mt_param
+                            } else {
+                                "the room left in the context"
+                            }
+                        ),
+                    ));
+                }
+                m as u32
+            }
+        };
         if let Some(k) = self.logprobs {
             if k > 20 {
                 return Err(ApiError::bad_param(
@@ -193,7 +226,11 @@ impl GenParams {
             Some(s) => (s, 0u64),
             None => (rand::random::<u64>(), rand::random::<u64>() >> 8),
         };
-        let mut stop_token_ids = state.stop_token_ids.clone();
+        let mut stop_token_ids = if self.ignore_eos {
+            Vec::new()
+        } else {
+            state.stop_token_ids.clone()
+        };
         for &id in &self.stop_token_ids {
             if !stop_token_ids.contains(&id) {
                 stop_token_ids.push(id);
@@ -211,6 +248,12 @@ impl GenParams {
             request_key: key_base,
             logprobs: self.logprobs.is_some(),
             top_logprobs: self.logprobs.unwrap_or(0),
+            min_tokens: min_tokens as u32,
+            min_tokens_masked: if min_tokens > 0 {
+                stop_token_ids.clone()
+            } else {
+                Vec::new()
+            },
         };
         let inputs = (0..n as u64)
             .map(|i| GenerationInput {
@@ -235,6 +278,7 @@ impl GenParams {
                 .cloned()
                 .collect(),
             logprobs: self.logprobs,
+            min_tokens: min_tokens as usize,
         })
     }
 }

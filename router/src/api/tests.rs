@@ -1057,6 +1057,100 @@ async fn length_finish_and_max_tokens() {
 }
 
 #[tokio::test]
+async fn ignore_eos_and_min_tokens_reach_the_workers() {
+    let text = "It is forty-two, as always.";
+    let backend = Scripted::new(text_script(text));
+    let state = state_with(backend.clone(), None);
+    let model_stops = state.stop_token_ids.clone();
+    assert!(!model_stops.is_empty());
+    let app = openai_routes(state);
+
+    // By default the model's end-of-sequence ids stop the generation and
+    // nothing is masked.
+    let (s, _) = post(&app, "/v1/completions", cmpl_body(json!({}))).await;
+    assert_eq!(s, StatusCode::OK);
+    let plain = backend.inputs().pop().unwrap();
+    assert_eq!(plain.stop_token_ids, model_stops);
+    assert_eq!(plain.sampling.min_tokens, 0);
+    assert!(plain.sampling.min_tokens_masked.is_empty());
+
+    // ignore_eos drops them; the client's own stop ids remain.
+    let (s, _) = post(
+        &app,
+        "/v1/chat/completions",
+        chat_body(json!({"ignore_eos": true, "stop_token_ids": [7]})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(backend.inputs().pop().unwrap().stop_token_ids, vec![7]);
+
+    // min_tokens masks exactly the ids that would stop the generation.
+    let (s, _) = post(
+        &app,
+        "/v1/completions",
+        cmpl_body(json!({"min_tokens": 3, "max_tokens": 8, "stop_token_ids": [7]})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let inp = backend.inputs().pop().unwrap();
+    assert_eq!(inp.sampling.min_tokens, 3);
+    let mut want = model_stops.clone();
+    want.push(7);
+    assert_eq!(inp.sampling.min_tokens_masked, want);
+    assert_eq!(inp.stop_token_ids, want);
+
+    // A stop string inside the first min_tokens tokens does not end the
+    // completion; one after them still does.
+    let toks = ids(text);
+    let n_before = (1..=toks.len())
+        .find(|&k| {
+            tokenizer()
+                .decode(&toks[..k], false)
+                .unwrap()
+                .contains("forty-two")
+        })
+        .unwrap();
+    for (min, want) in [(0, "It is "), (n_before, "It is forty-two, as always.")] {
+        for stream in [false, true] {
+            let body = cmpl_body(
+                json!({"stop": ["forty-two", "always"], "min_tokens": min, "stream": stream}),
+            );
+            let got = if stream {
+                stream_text(&app, "/v1/completions", body).await.0
+            } else {
+                let (s, v) = post(&app, "/v1/completions", body).await;
+                assert_eq!(s, StatusCode::OK, "{v}");
+                v["choices"][0]["text"].as_str().unwrap().to_string()
+            };
+            // With min_tokens covering "forty-two", "always" still stops it.
+            let want = if min == 0 {
+                want.to_string()
+            } else {
+                want.replace("always.", "")
+            };
+            assert_eq!(got, want, "min_tokens {min}, stream {stream}");
+        }
+    }
+
+    // Bad values are 400s naming the parameter.
+    for (body, param) in [
+        (json!({"min_tokens": -1}), "min_tokens"),
+        (json!({"min_tokens": 9, "max_tokens": 8}), "min_tokens"),
+        (json!({"min_tokens": "3"}), "min_tokens"),
+        (json!({"ignore_eos": "yes"}), "ignore_eos"),
+    ] {
+        let (s, v) = post(&app, "/v1/completions", cmpl_body(body.clone())).await;
+        assert_error(
+            s,
+            &v,
+            StatusCode::BAD_REQUEST,
+            Some(param),
+            &body.to_string(),
+        );
+    }
+}
+
+#[tokio::test]
 async fn error_mid_stream() {
     let backend = Scripted::new(Script {
         tokens: vec![ids("Some words before the failure happens")],

@@ -59,6 +59,8 @@ async fn reference(cluster: &Cluster, prompt: &[u32], stops: &[u32], key: u64) -
             request_key: key,
             logprobs: false,
             top_logprobs: 0,
+            min_tokens: 0,
+            min_tokens_masked: Vec::new(),
         }),
         max_tokens: Some(MAX),
         stop_token_ids: stops.to_vec(),
@@ -316,5 +318,123 @@ fn a_choice_cut_by_a_stop_string_leaves_the_others_running() {
             idle.total_blocks,
             "blocks leaked: {idle:?}"
         );
+    });
+}
+
+/// Completion of `prompt` (greedy) with `extra` fields: the text, each
+/// token's string (from `logprobs`), the completion tokens and why it ended.
+async fn greedy(
+    cluster: &Cluster,
+    prompt: &str,
+    extra: Value,
+) -> (String, Vec<String>, u64, String) {
+    let mut body = json!({
+        "model": model_name(),
+        "prompt": prompt,
+        "temperature": 0,
+        "logprobs": 0,
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    let r = reqwest::Client::new()
+        .post(format!("{}/completions", cluster.base_url()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{body}");
+    let v: Value = r.json().await.unwrap();
+    let c = &v["choices"][0];
+    let tokens = c["logprobs"]["tokens"]
+        .as_array()
+        .expect("logprobs.tokens")
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect();
+    (
+        c["text"].as_str().unwrap().to_string(),
+        tokens,
+        v["usage"]["completion_tokens"].as_u64().unwrap(),
+        c["finish_reason"].as_str().unwrap().to_string(),
+    )
+}
+
+/// `ignore_eos` and `min_tokens` (vLLM's extensions, sent by load
+/// generators such as guidellm) on the real model, disaggregated: the first
+/// token is sampled on the prefill worker, so the stop tokens must be
+/// masked there too.
+#[test]
+fn ignore_eos_and_min_tokens_hold_the_sequence_open() {
+    let cluster = Cluster::start(1, 1, 1, &[]);
+    super::rt().block_on(async {
+        // A completion that ends on the model's end-of-text token early.
+        let prompt = "<|im_start|>user\nSay yes.<|im_end|>\n<|im_start|>assistant\n";
+        let (text, tokens, _, finish) = greedy(&cluster, prompt, json!({"max_tokens": 40})).await;
+        assert_eq!(finish, "stop", "the model should end by itself: {text:?}");
+        let k = tokens.len();
+        assert!(k < 30, "{tokens:?}");
+
+        // ignore_eos: runs to max_tokens, through the end-of-text token.
+        let max = k + 6;
+        let (t, toks, n, f) = greedy(
+            &cluster,
+            prompt,
+            json!({"max_tokens": max, "ignore_eos": true}),
+        )
+        .await;
+        assert_eq!((f.as_str(), n as usize, toks.len()), ("length", max, max));
+        assert_eq!(toks[..k], tokens[..], "same tokens up to the end of text");
+        assert!(t.starts_with(&text), "{t:?} vs {text:?}");
+
+        // min_tokens: the end-of-text token is masked until then, so the
+        // completion goes on past it; the tokens before it do not change.
+        let min = k + 3;
+        let (_, toks, n, _) = greedy(
+            &cluster,
+            prompt,
+            json!({"max_tokens": 40, "min_tokens": min}),
+        )
+        .await;
+        assert!(toks.len() >= min && n as usize >= min, "{toks:?}");
+        assert_eq!(toks[..k], tokens[..]);
+
+        // The first token, sampled by the prefill worker.
+        let before = dispatched(&cluster, "remote").await;
+        let p = "The capital of France is";
+        let (_, first, _, _) = greedy(&cluster, p, json!({"max_tokens": 3})).await;
+        let ids = setup().1.encode(&first[0], false).expect("encode");
+        assert_eq!(ids.len(), 1, "{:?} should be one token", first[0]);
+        let t0 = ids[0];
+        let (t, toks, _, f) = greedy(
+            &cluster,
+            p,
+            json!({"max_tokens": 3, "stop_token_ids": [t0]}),
+        )
+        .await;
+        assert_eq!((t.as_str(), toks.len(), f.as_str()), ("", 0, "stop"));
+        let (_, toks, _, _) = greedy(
+            &cluster,
+            p,
+            json!({"max_tokens": 3, "stop_token_ids": [t0], "min_tokens": 1}),
+        )
+        .await;
+        assert!(
+            !toks.is_empty() && toks[0] != first[0],
+            "{toks:?} vs {first:?}"
+        );
+        let remote = dispatched(&cluster, "remote").await - before;
+        assert_eq!(remote, 3.0, "all prefilled remotely");
+
+        // Bad values are refused before any work.
+        let r = reqwest::Client::new()
+            .post(format!("{}/completions", cluster.base_url()))
+            .json(&json!({"model": model_name(), "prompt": p, "max_tokens": 2, "min_tokens": 3}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["param"], "min_tokens", "{v}");
     });
 }
