@@ -44,6 +44,10 @@
 # second (both: completed over first send to last completion), median TTFT,
 # and median time per output token after the first (guidellm calls it
 # inter_token_latency; its time_per_output_token includes the first token).
+# When the server is tandem, its router's own mean TTFT and inter-token
+# latency over each run (from /metrics scraped before and after it) are
+# printed too: the same server clock for both clients, which tells a
+# difference in the load from a difference in the clients' measurements.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -146,17 +150,53 @@ run_tandem() {
         --json "$OUTDIR/tandem_$1.json" > "$OUTDIR/tandem_$1.log" 2>&1
 }
 
+# The server's own view of each run, when it is tandem: its router's
+# /metrics before and after (empty files otherwise). Its TTFT and
+# inter-token histograms' sums and counts give the server-side means over
+# exactly that run's requests, a referee between the two clients' clocks.
+scrape() { curl -s -m 5 "$ROOT_URL/metrics" > "$OUTDIR/metrics_$1.txt" 2>/dev/null || true; }
+measured() { scrape "$1_$2_before"; "run_$1" "$2"; scrape "$1_$2_after"; }
+
 for ((i = 1; i <= RUNS; i++)); do
     echo "round $i/$RUNS (load average: $(cut -d' ' -f1-3 /proc/loadavg))" >&2
-    if (( i % 2 )); then run_guidellm "$i"; run_tandem "$i"; else run_tandem "$i"; run_guidellm "$i"; fi
+    if (( i % 2 )); then measured guidellm "$i"; measured tandem "$i"; else measured tandem "$i"; measured guidellm "$i"; fi
 done
 
 "$BIN/python" - "$OUTDIR" "$RUNS" "$SUMMARY_JSON" <<'PY'
 import json, statistics, sys
 out, runs, summary_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-g = {"req/s": [], "output tok/s": [], "TTFT p50 ms": [], "TPOT p50 ms": [], "output tokens/req": [], "errors": []}
+g = {"req/s": [], "output tok/s": [], "TTFT p50 ms": [], "TPOT p50 ms": [], "output tokens/req": [], "errors": [],
+     "server: TTFT mean ms": [], "server: inter-token mean ms": []}
 t = {k: [] for k in g}
+
+def sums(path):
+    """(sum, count) of the router's TTFT and inter-token histograms, over all label sets."""
+    acc = {}
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        return acc
+    for line in lines:
+        for name in ("tandem_time_to_first_token_seconds", "tandem_inter_token_latency_seconds"):
+            for part in ("_sum", "_count"):
+                if line.startswith(name + part) and 'role="router"' in line:
+                    acc[name + part] = acc.get(name + part, 0.0) + float(line.rsplit(" ", 1)[1])
+    return acc
+
+def server_means(tool, i):
+    a, b = sums(f"{out}/metrics_{tool}_{i}_before.txt"), sums(f"{out}/metrics_{tool}_{i}_after.txt")
+    d = lambda k: b.get(k, 0.0) - a.get(k, 0.0)
+    res = []
+    for name in ("tandem_time_to_first_token_seconds", "tandem_inter_token_latency_seconds"):
+        n = d(name + "_count")
+        res.append(1000 * d(name + "_sum") / n if n > 0 else float("nan"))
+    return res
+
 for i in range(1, runs + 1):
+    for tool, dest in (("guidellm", g), ("tandem", t)):
+        ttft, itl = server_means(tool, i)
+        dest["server: TTFT mean ms"].append(ttft)
+        dest["server: inter-token mean ms"].append(itl)
     b = json.load(open(f"{out}/guidellm_{i}.json"))["benchmarks"][0]
     m = b["metrics"]
     reqs = b["requests"]["successful"]
@@ -178,13 +218,16 @@ for i in range(1, runs + 1):
     t["output tokens/req"].append(s["mean_output_tokens"])
     t["errors"].append(s["errors"])
 print(f"\nmedians of {runs} runs each; [min, max] over the runs of each tool")
-print(f"  {'figure':<18} {'guidellm':>26} {'tandem bench serve':>26} {'ratio':>7}")
+print("(server: the router's own histograms over each tool's runs, when it is tandem)")
+print(f"  {'figure':<28} {'guidellm':>26} {'tandem bench serve':>26} {'ratio':>7}")
 rows = {}
 for k in g:
+    if all(x != x for x in g[k] + t[k]):
+        continue  # not a tandem server: no histograms
     gm, tm = statistics.median(g[k]), statistics.median(t[k])
     fmt = lambda xs: f"[{min(xs):.1f}, {max(xs):.1f}]"
     ratio = tm / gm if gm else float("nan")
-    print(f"  {k:<18} {gm:>9.2f} {fmt(g[k]):>16} {tm:>9.2f} {fmt(t[k]):>16} {ratio:>6.2f}x")
+    print(f"  {k:<28} {gm:>9.2f} {fmt(g[k]):>16} {tm:>9.2f} {fmt(t[k]):>16} {ratio:>6.2f}x")
     rows[k] = {"guidellm": g[k], "tandem": t[k], "guidellm_median": gm, "tandem_median": tm}
 if summary_path:
     json.dump(rows, open(summary_path, "w"), indent=2)

@@ -179,6 +179,54 @@ fn prefix_ttft(model: &Model, shared: usize, runs: usize) -> Result<(f64, f64)> 
     Ok((median(cold), median(warm)))
 }
 
+/// Milliseconds the sampler takes per token on `logits` (a real
+/// distribution: the prefill's last position), for common settings. The
+/// scheduler samples every running sequence after each step, so this adds
+/// up with the batch.
+fn sampling_cost(logits: &[f32]) -> Vec<(&'static str, f64)> {
+    use tandem_engine::sampler::{sample, SamplingParams};
+    if logits.is_empty() {
+        return Vec::new();
+    }
+    let settings = [
+        ("greedy", SamplingParams::greedy()),
+        (
+            "t=1",
+            SamplingParams {
+                temperature: 1.0,
+                ..Default::default()
+            },
+        ),
+        (
+            "t=0.8 top_p=0.95",
+            SamplingParams {
+                temperature: 0.8,
+                top_p: 0.95,
+                ..Default::default()
+            },
+        ),
+        (
+            "t=0.7 top_k=40",
+            SamplingParams {
+                temperature: 0.7,
+                top_k: 40,
+                ..Default::default()
+            },
+        ),
+    ];
+    let n = 200u64;
+    settings
+        .into_iter()
+        .map(|(name, p)| {
+            let t0 = Instant::now();
+            for pos in 0..n {
+                std::hint::black_box(sample(&p, logits, &[], 0, pos));
+            }
+            (name, t0.elapsed().as_secs_f64() * 1e3 / n as f64)
+        })
+        .collect()
+}
+
 fn engine(a: EngineArgs) -> Result<()> {
     let path = crate::model_path(a.model.clone())?;
     let src = ModelSource::open(&path).with_context(|| format!("loading {}", path.display()))?;
@@ -201,6 +249,7 @@ fn engine(a: EngineArgs) -> Result<()> {
     // Prefill: the whole prompt in one forward call.
     let prompt = prompt_ids(a.prompt_tokens, vocab, 0);
     let mut prefill = Vec::new();
+    let mut last_logits = Vec::new();
     for _ in 0..runs {
         let mut pool = model.pool_for_tokens(prompt.len(), 16);
         let mut kv = SeqKv::default();
@@ -210,13 +259,24 @@ fn engine(a: EngineArgs) -> Result<()> {
             tokens: &prompt,
             logits: Logits::Last,
         }];
-        model.forward(&mut pool, &mut step)?;
+        let mut out = model.forward(&mut pool, &mut step)?;
         prefill.push(prompt.len() as f64 / t0.elapsed().as_secs_f64());
+        last_logits = out.pop().unwrap_or_default();
     }
     let prefill_tok_s = median(prefill);
     println!(
         "prefill  {:>5} tokens: {:>8.1} tok/s",
         a.prompt_tokens, prefill_tok_s
+    );
+
+    let sampling = sampling_cost(&last_logits);
+    println!(
+        "sample   per token: {}",
+        sampling
+            .iter()
+            .map(|(name, ms)| format!("{name} {ms:.3} ms"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
 
     // Decode at batch 1.
@@ -272,6 +332,7 @@ fn engine(a: EngineArgs) -> Result<()> {
             "decode_tok_s": decode_tok_s,
             "batched": batched,
             "prefix_cache": prefix,
+            "sampling_ms_per_token": sampling.iter().map(|(n, ms)| (n.to_string(), serde_json::json!(ms))).collect::<serde_json::Map<_, _>>(),
             "runs": runs,
         });
         std::fs::write(&out, serde_json::to_string_pretty(&j)?)

@@ -435,6 +435,25 @@ multiversion! {
 }
 
 multiversion! {
+    /// The largest value (NaNs skipped; -inf for an empty or all-NaN slice),
+    /// over 16 lanes so that it vectorises.
+    pub fn max_value(x: &[f32]) -> f32 {
+        let mut mx = [f32::NEG_INFINITY; LANES];
+        let n = x.len() / LANES * LANES;
+        for c in x[..n].chunks_exact(LANES) {
+            for l in 0..LANES {
+                mx[l] = if c[l] > mx[l] { c[l] } else { mx[l] };
+            }
+        }
+        let mut m = f32::NEG_INFINITY;
+        for &v in mx.iter().chain(&x[n..]) {
+            m = if v > m { v } else { m };
+        }
+        m
+    }
+}
+
+multiversion! {
     /// `out[i] = exp((x[i] - max) * inv_t)`: the sampler's unnormalised
     /// weights at temperature `1 / inv_t` (vectorised; a whole vocabulary
     /// takes microseconds).

@@ -130,13 +130,10 @@ pub fn uniform(seed: u64, request_key: u64, pos: u64) -> f64 {
 
 /// Greedy choice: the highest logit, lowest id on ties.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
+    // Two vectorised passes (the maximum, then its first position) beat one
+    // compare-and-branch per logit.
+    let m = crate::ops::max_value(logits);
+    logits.iter().position(|&v| v == m).unwrap_or(0) as u32
 }
 
 fn log_softmax_at(logits: &[f32], max: f32, log_z: f64, id: u32) -> f32 {
@@ -173,7 +170,7 @@ fn draw(params: &SamplingParams, l: &[f32], pos: u64) -> u32 {
             .collect();
         (c, true)
     } else {
-        let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let m = crate::ops::max_value(l);
         let mut w = vec![0f32; l.len()];
         crate::ops::exp_weights(l, m, inv_t, &mut w);
         let c = w
@@ -282,8 +279,12 @@ pub fn sample(
     pos: u64,
 ) -> Sampled {
     // Raw log-probabilities for reporting.
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let want_lp = params.logprobs || params.top_logprobs > 0;
+    let max = if want_lp {
+        crate::ops::max_value(logits)
+    } else {
+        0.0
+    };
     let log_z = if want_lp {
         logits
             .iter()
