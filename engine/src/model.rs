@@ -15,7 +15,7 @@ use crate::comm::Communicator;
 use crate::cpu::{matmul, ExpandWeights, PackedMatrix, ThreadPool, REDUCTION_CHUNK};
 use crate::error::{EngineError, Result};
 use crate::executor::Executor;
-use crate::kv::{KvDtype, KvLayout, KvPool, SeqKv};
+use crate::kv::{BlockId, KvDtype, KvLayout, KvPool, SeqKv};
 use crate::ops;
 use crate::shard::ShardSpec;
 
@@ -738,26 +738,7 @@ impl Model {
 
     /// Refuses a step that cannot run, before any cache is touched.
     pub(crate) fn check_step(&self, batch: &[SeqStep<'_>]) -> Result<()> {
-        let c = &self.config;
-        for s in batch {
-            if s.tokens.is_empty() {
-                return Err(EngineError::EmptyPrompt);
-            }
-            if s.kv.len + s.tokens.len() > c.context_length {
-                return Err(EngineError::ContextOverflow {
-                    prompt: s.kv.len,
-                    requested: s.tokens.len(),
-                    context: c.context_length,
-                });
-            }
-            if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-                return Err(EngineError::BadToken {
-                    id: bad,
-                    vocab: c.vocab_size,
-                });
-            }
-        }
-        Ok(())
+        check_step(&self.config, batch)
     }
 
     /// Reserves every sequence's blocks for its new tokens, all or none.
@@ -1032,5 +1013,78 @@ impl Model {
     /// and per-model frequency factors applied).
     pub(crate) fn rope_inv_freq(&self) -> &[f32] {
         &self.rope.inv_freq
+    }
+}
+
+/// Refuses a step that cannot run under `c`, before any cache is touched
+/// (every executor checks the same things).
+pub(crate) fn check_step(c: &ModelConfig, batch: &[SeqStep<'_>]) -> Result<()> {
+    for s in batch {
+        if s.tokens.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if s.kv.len + s.tokens.len() > c.context_length {
+            return Err(EngineError::ContextOverflow {
+                prompt: s.kv.len,
+                requested: s.tokens.len(),
+                context: c.context_length,
+            });
+        }
+        if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(EngineError::BadToken {
+                id: bad,
+                vocab: c.vocab_size,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// For an executor whose KV lives elsewhere (other ranks, the device): the
+/// blocks each sequence of a step wrote (`before[i]` = its length before
+/// the step), numbered `0..` in the order of the returned ids, and each
+/// sequence's view of them in a pool that holds only those blocks.
+pub(crate) fn written_blocks(
+    batch: &[SeqStep<'_>],
+    before: &[usize],
+    block_size: usize,
+) -> (Vec<BlockId>, Vec<SeqKv>) {
+    let mut ids = Vec::new();
+    let mut views = Vec::with_capacity(batch.len());
+    for (q, &p0) in batch.iter().zip(before) {
+        let p1 = q.kv.len;
+        let written = p0 / block_size..=(p1 - 1) / block_size;
+        let mut blocks = vec![0; q.kv.blocks.len()];
+        for (slot, &b) in blocks[written.clone()]
+            .iter_mut()
+            .zip(&q.kv.blocks[written])
+        {
+            *slot = ids.len() as BlockId;
+            ids.push(b);
+        }
+        views.push(SeqKv { blocks, len: p1 });
+    }
+    (ids, views)
+}
+
+/// Shows `on_layer` every layer of the KV a step wrote, from `pool` holding
+/// the blocks [`written_blocks`] listed, through its `views`.
+pub(crate) fn show_written(
+    on_layer: &mut dyn FnMut(LayerKv<'_>),
+    pool: &KvPool,
+    views: &[SeqKv],
+    before: &[usize],
+    n_layers: usize,
+) {
+    for layer in 0..n_layers {
+        for (si, view) in views.iter().enumerate() {
+            on_layer(LayerKv {
+                seq: si,
+                layer,
+                pool,
+                kv: view,
+                positions: before[si]..view.len,
+            });
+        }
     }
 }

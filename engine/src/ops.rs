@@ -105,17 +105,8 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
 /// Every step vectorises; the order depends only on `s.len()`.
 #[inline(always)]
 pub fn softmax(s: &mut [f32]) {
-    let mut mx = [f32::NEG_INFINITY; LANES];
+    let m = lanes_max(s);
     let n = s.len() / LANES * LANES;
-    for c in s[..n].chunks_exact(LANES) {
-        for l in 0..LANES {
-            mx[l] = if c[l] > mx[l] { c[l] } else { mx[l] };
-        }
-    }
-    let mut m = f32::NEG_INFINITY;
-    for &v in mx.iter().chain(&s[n..]) {
-        m = if v > m { v } else { m };
-    }
     for v in s.iter_mut() {
         *v = exp(*v - m);
     }
@@ -434,22 +425,28 @@ multiversion! {
     }
 }
 
+/// The largest value (NaNs skipped; -inf for an empty or all-NaN slice),
+/// over 16 lanes so that it vectorises.
+#[inline(always)]
+fn lanes_max(x: &[f32]) -> f32 {
+    let mut mx = [f32::NEG_INFINITY; LANES];
+    let n = x.len() / LANES * LANES;
+    for c in x[..n].chunks_exact(LANES) {
+        for l in 0..LANES {
+            mx[l] = if c[l] > mx[l] { c[l] } else { mx[l] };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &v in mx.iter().chain(&x[n..]) {
+        m = if v > m { v } else { m };
+    }
+    m
+}
+
 multiversion! {
-    /// The largest value (NaNs skipped; -inf for an empty or all-NaN slice),
-    /// over 16 lanes so that it vectorises.
+    /// [`lanes_max`] compiled for the best instruction set here.
     pub fn max_value(x: &[f32]) -> f32 {
-        let mut mx = [f32::NEG_INFINITY; LANES];
-        let n = x.len() / LANES * LANES;
-        for c in x[..n].chunks_exact(LANES) {
-            for l in 0..LANES {
-                mx[l] = if c[l] > mx[l] { c[l] } else { mx[l] };
-            }
-        }
-        let mut m = f32::NEG_INFINITY;
-        for &v in mx.iter().chain(&x[n..]) {
-            m = if v > m { v } else { m };
-        }
-        m
+        lanes_max(x)
     }
 }
 

@@ -50,7 +50,9 @@ use crate::cpu::{split, ExpandWeights, REDUCTION_CHUNK};
 use crate::error::{EngineError, Result};
 use crate::executor::Executor;
 use crate::kv::{BlockId, KvLayout, KvPool, KvStaging, SeqKv};
-use crate::model::{split_logits, LayerKv, Logits, Model, SeqStep, StepRows};
+use crate::model::{
+    show_written, split_logits, written_blocks, LayerKv, Logits, Model, SeqStep, StepRows,
+};
 
 /// Which part of a sharded worker a process is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -695,35 +697,16 @@ impl ShardedModel {
         before: &[usize],
         on_layer: &mut dyn FnMut(LayerKv<'_>),
     ) -> Result<()> {
-        let bs = pool.layout().block_size;
         // The blocks each sequence wrote, numbered in one gathered pool.
-        let mut ids = Vec::new();
-        let mut views = Vec::with_capacity(batch.len());
-        for (q, &p0) in batch.iter().zip(before) {
-            let p1 = q.kv.len;
-            let written = p0 / bs..=(p1 - 1) / bs;
-            let mut blocks = vec![0; q.kv.blocks.len()];
-            for (slot, &b) in blocks[written.clone()]
-                .iter_mut()
-                .zip(&q.kv.blocks[written])
-            {
-                *slot = ids.len() as BlockId;
-                ids.push(b);
-            }
-            views.push(SeqKv { blocks, len: p1 });
-        }
+        let (ids, views) = written_blocks(batch, before, pool.layout().block_size);
         let gathered = self.gather_from_ranks(st, pool, &ids)?.into_pool();
-        for layer in 0..self.model.config.n_layers {
-            for (si, view) in views.iter().enumerate() {
-                on_layer(LayerKv {
-                    seq: si,
-                    layer,
-                    pool: &gathered,
-                    kv: view,
-                    positions: before[si]..view.len,
-                });
-            }
-        }
+        show_written(
+            on_layer,
+            &gathered,
+            &views,
+            before,
+            self.model.config.n_layers,
+        );
         Ok(())
     }
 

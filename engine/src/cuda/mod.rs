@@ -64,7 +64,9 @@ use crate::cpu::{ExpandWeights, PackedMatrix};
 use crate::error::{EngineError, Result};
 use crate::executor::Executor;
 use crate::kv::{BlockId, KvDtype, KvLayout, KvPool, KvStaging, SeqKv};
-use crate::model::{split_logits, LayerKv, Model, SeqStep, StepRows};
+use crate::model::{
+    check_step, show_written, split_logits, written_blocks, LayerKv, Model, SeqStep, StepRows,
+};
 
 use kernels::{int, Kernels};
 
@@ -357,30 +359,6 @@ fn dequantise(parts: &[PackedMatrix], what: &str) -> Result<(usize, usize, Vec<f
         r0 += p.rows();
     }
     Ok((rows, cols, out))
-}
-
-/// Refuses a step that cannot run, before any cache is touched (the CPU
-/// model's checks).
-fn check_step(c: &ModelConfig, batch: &[SeqStep<'_>]) -> Result<()> {
-    for s in batch {
-        if s.tokens.is_empty() {
-            return Err(EngineError::EmptyPrompt);
-        }
-        if s.kv.len + s.tokens.len() > c.context_length {
-            return Err(EngineError::ContextOverflow {
-                prompt: s.kv.len,
-                requested: s.tokens.len(),
-                context: c.context_length,
-            });
-        }
-        if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(EngineError::BadToken {
-                id: bad,
-                vocab: c.vocab_size,
-            });
-        }
-    }
-    Ok(())
 }
 
 /// Makes sure `slot` holds at least `n` elements; returns its address.
@@ -1018,39 +996,14 @@ impl Executor for CudaModel {
         }
         let before: Vec<usize> = batch.iter().map(|s| s.kv.len).collect();
         let logits = self.step(pool, batch)?;
-        let bs = pool.layout().block_size;
-        let mut ids = Vec::new();
-        let mut views = Vec::with_capacity(batch.len());
-        for (q, &p0) in batch.iter().zip(&before) {
-            let p1 = q.kv.len;
-            let written = p0 / bs..=(p1 - 1) / bs;
-            let mut blocks = vec![0; q.kv.blocks.len()];
-            for (slot, &b) in blocks[written.clone()]
-                .iter_mut()
-                .zip(&q.kv.blocks[written])
-            {
-                *slot = ids.len() as BlockId;
-                ids.push(b);
-            }
-            views.push(SeqKv { blocks, len: p1 });
-        }
+        let (ids, views) = written_blocks(batch, &before, pool.layout().block_size);
         let staged = {
             self.dev.bind()?;
             let st = self.lock();
             self.download_blocks(&st, pool, &ids)?
         };
         let copy = staged.into_pool();
-        for layer in 0..self.config.n_layers {
-            for (si, view) in views.iter().enumerate() {
-                on_layer(LayerKv {
-                    seq: si,
-                    layer,
-                    pool: &copy,
-                    kv: view,
-                    positions: before[si]..view.len,
-                });
-            }
-        }
+        show_written(on_layer, &copy, &views, &before, self.config.n_layers);
         Ok(logits)
     }
 
