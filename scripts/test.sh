@@ -12,3 +12,4 @@ cargo test --release --locked --workspace -- --test-threads="${TANDEM_TEST_THREA
 # CUDA: cudarc loads the libraries at run time, so a type check needs none.
 log "type-checking the cuda feature"
 cargo check --release --locked -p tandem-kv-transfer -p tandem-engine --features cuda --tests
+cargo check --release --locked -p tandem --features cuda

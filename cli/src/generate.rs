@@ -9,7 +9,6 @@ use std::sync::Arc;
 use tandem_engine::cpu::ExpandWeights;
 use tandem_engine::executor::Executor;
 use tandem_engine::generate::GenerateRequest;
-use tandem_engine::model::Model;
 use tandem_engine::sampler::SamplingParams;
 use tandem_model::chat::{ChatMessage, ChatTemplate};
 use tandem_model::detok::IncrementalDecoder;
@@ -55,6 +54,10 @@ pub struct GenerateArgs {
     /// Pipeline-parallel stages (one process per rank of each).
     #[arg(long, default_value_t = 1)]
     pub pp: usize,
+    /// Where the engine runs: cpu, cuda[:N] (f32 weights) or cuda-bf16[:N]
+    /// (needs a binary built with `--features cuda`).
+    #[arg(long, env = "TANDEM_DEVICE", default_value = "cpu")]
+    pub device: crate::device::Device,
     /// Print one JSON line `{"text", "token_ids", "prompt_tokens", "finish_reason"}` instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -88,9 +91,10 @@ fn load(args: &GenerateArgs) -> Result<Loaded> {
         None => None,
     };
     let threads = crate::thread_count(args.threads);
+    crate::device::check_sharding(args.device, args.tp, args.pp)?;
     let (model, ranks): (Arc<dyn Executor>, _) = if args.tp * args.pp == 1 {
-        let m = Model::load(&src, threads).context("loading weights")?;
-        (Arc::new(m), None)
+        let m = crate::device::load_whole(&src, args.device, threads, ExpandWeights::Auto)?;
+        (m, None)
     } else {
         let (m, ranks) =
             crate::shard::start(&path, &src, args.tp, args.pp, threads, ExpandWeights::Auto)?;

@@ -1,6 +1,7 @@
 //! `tandem`: the one binary. Each subcommand lives in its own module.
 
 mod bench;
+mod device;
 mod fetch;
 mod generate;
 mod serve;

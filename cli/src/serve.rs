@@ -14,7 +14,6 @@ use tandem_cluster::{
 };
 use tandem_engine::engine::{Engine, EngineConfig};
 use tandem_engine::executor::Executor;
-use tandem_engine::model::Model;
 use tandem_engine::scheduler::SchedulerConfig;
 use tandem_engine::shard::ShardedModel;
 use tandem_kv_transfer::TransferConfig;
@@ -89,6 +88,10 @@ pub struct WorkerArgs {
     /// batched decode for 4 bytes of memory per weight; auto = when it fits.
     #[arg(long, env = "TANDEM_EXPAND_WEIGHTS", default_value = "auto")]
     pub expand_weights: tandem_engine::cpu::ExpandWeights,
+    /// Where the engine runs: cpu, cuda[:N] (f32 weights) or cuda-bf16[:N]
+    /// (needs a binary built with `--features cuda`).
+    #[arg(long, env = "TANDEM_DEVICE", default_value = "cpu")]
+    pub device: crate::device::Device,
     /// KV cache size: bytes with a unit (`512MiB`, `2GB`) or a share of RAM (`25%`).
     #[arg(long, env = "TANDEM_KV_CACHE_MEMORY", default_value = "1GiB")]
     pub kv_cache_memory: String,
@@ -295,9 +298,10 @@ fn start_engine(args: &WorkerArgs) -> Result<Started> {
     let tokenizer = src.tokenizer().context("building the tokenizer")?;
     let fingerprint = tandem_model::fingerprint::fingerprint(&src, &tokenizer);
     let threads = crate::thread_count(args.threads);
+    crate::device::check_sharding(args.device, args.tp, args.pp)?;
     let (model, sharded): (Arc<dyn Executor>, _) = if args.tp * args.pp == 1 {
-        let m = Model::load_with(&src, threads, args.expand_weights).context("loading weights")?;
-        (Arc::new(m), None)
+        let m = crate::device::load_whole(&src, args.device, threads, args.expand_weights)?;
+        (m, None)
     } else {
         let (m, ranks) =
             crate::shard::start(&path, &src, args.tp, args.pp, threads, args.expand_weights)?;

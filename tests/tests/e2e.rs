@@ -1188,3 +1188,52 @@ fn every_node_exposes_metrics_that_promtool_accepts() {
         }
     });
 }
+
+/// `--device cuda` on a machine or binary without CUDA is a clear error
+/// before any work, for `generate` and for a worker; a device name that does
+/// not exist is refused by the argument parser.
+#[test]
+fn an_unavailable_device_is_a_clear_error() {
+    for args in [
+        vec![
+            "generate",
+            "--device",
+            "cuda",
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "1",
+        ],
+        vec![
+            "decode",
+            "--device",
+            "cuda-bf16:1",
+            "--port",
+            "0",
+            "--peers",
+            "router=127.0.0.1:9",
+        ],
+        vec![
+            "generate", "--device", "cuda", "--tp", "2", "--prompt", "hi",
+        ],
+    ] {
+        let out = Command::new(tandem_bin())
+            .args(&args)
+            .env("TANDEM_MODEL", model_path())
+            .env("TANDEM_CLUSTER_SECRET", SECRET)
+            .output()
+            .expect("running tandem");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(
+            err.contains("CUDA") || err.contains("CPU only"),
+            "{args:?}: {err}"
+        );
+    }
+    let out = Command::new(tandem_bin())
+        .args(["generate", "--device", "tpu", "--prompt", "hi"])
+        .output()
+        .expect("running tandem");
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected cpu, cuda"));
+}
