@@ -16,7 +16,9 @@
 use std::time::Instant;
 
 use serde::Serialize;
-use tandem_model::config::{Arch, ModelConfig, RopeScaling, RopeStyle};
+use tandem_model::config::{Arch, ModelConfig};
+use tandem_model::quant::GgmlType;
+use tandem_model::synth::{SynthFormat, SynthShape, SynthSpec, SynthTokenizer};
 
 use super::{cuda_err, ptr, CudaModel, Weights};
 use crate::error::Result;
@@ -25,25 +27,20 @@ use crate::kv::{KvPool, SeqKv};
 use crate::model::{Logits, SeqStep};
 
 /// Llama-3-8B's shape (32 layers, hidden 4096, FFN 14336, 32 query and 8
-/// KV heads of 128, vocabulary 128256, untied head).
+/// KV heads of 128, vocabulary 128256, untied head): `tandem model synth`'s
+/// `llama3-8b` preset, as a BF16 Hugging Face checkpoint of it would read.
 pub fn llama3_8b_config() -> ModelConfig {
-    ModelConfig {
+    SynthSpec {
         arch: Arch::Llama,
-        n_layers: 32,
-        hidden: 4096,
-        ffn: 14336,
-        n_heads: 32,
-        n_kv_heads: 8,
-        head_dim: 128,
-        rope_theta: 500_000.0,
-        rope_style: RopeStyle::Neox,
-        rope_scaling: RopeScaling::None,
-        rms_eps: 1e-5,
-        vocab_size: 128_256,
-        context_length: 8192,
-        tie_embeddings: false,
-        qkv_bias: false,
+        shape: SynthShape::preset("llama3-8b").expect("llama3-8b is a built-in preset"),
+        seed: 0,
+        format: SynthFormat::Safetensors {
+            dtype: GgmlType::BF16,
+            shards: 1,
+        },
+        tokenizer: SynthTokenizer::Gpt2,
     }
+    .model_config()
 }
 
 #[derive(Debug, Clone, Serialize)]
