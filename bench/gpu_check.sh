@@ -74,33 +74,9 @@ export TANDEM_FIXTURES_DIR=$PWD/fixtures
 
 # cudarc (built with its CUDA 12.8 bindings) looks for libcublas.so,
 # libcublas.so.12, ... and the same for NVRTC; CUDA 13 pip wheels ship only
-# the .so.13 names. Link them under the plain names in a folder of our own
-# and put it, and every lib folder of the pip nvidia packages (cuBLAS needs
-# its cublasLt, NVRTC its builtins), on the library path.
-links=$(mktemp -d)
-trap 'rm -rf "$links"' EXIT
-libdirs=$(python3 - <<'EOF' 2>/dev/null
-import glob, os, site
-roots = site.getsitepackages() + [site.getusersitepackages()]
-dirs = []
-for r in roots:
-    for pat in ("nvidia/*/lib", "nvidia/*/*/lib", "nvidia/lib"):
-        dirs += [d for d in glob.glob(os.path.join(r, pat)) if os.path.isdir(d)]
-print(":".join(dict.fromkeys(dirs)))
-EOF
-)
-for d in ${libdirs//:/ }; do
-    for lib in cublas cublasLt nvrtc; do
-        for v in 13 12; do
-            if [[ -e "$d/lib$lib.so.$v" && ! -e "$links/lib$lib.so" ]]; then
-                ln -sf "$d/lib$lib.so.$v" "$links/lib$lib.so"
-            fi
-        done
-    done
-done
-export LD_LIBRARY_PATH="$links${libdirs:+:$libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-echo "library links: $(ls "$links" | tr '\n' ' ')"
-echo "library path: $LD_LIBRARY_PATH"
+# the .so.13 names (see gpu_libs.sh).
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_libs.sh"
+link_gpu_libs cublas cublasLt nvrtc
 
 gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n1)
 

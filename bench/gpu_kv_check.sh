@@ -20,24 +20,9 @@ if [[ -z "$bin" || ! -x "$bin" ]]; then
 fi
 
 # cudarc loads NCCL as libnccl.so; pip's nvidia-nccl wheels ship only
-# libnccl.so.2, so link it under the expected name and put the pip
-# packages' lib folders (NCCL, runtime) on the library path.
-links=$(mktemp -d)
-trap 'rm -rf "$links"' EXIT
-libdirs=$(python3 - <<'EOF' 2>/dev/null
-import glob, site
-dirs = []
-for p in site.getsitepackages() + [site.getusersitepackages()]:
-    dirs += glob.glob(p + "/nvidia/*/lib")
-print(":".join(dirs))
-EOF
-)
-for d in ${libdirs//:/ }; do
-    if [[ -e "$d/libnccl.so.2" && ! -e "$d/libnccl.so" ]]; then
-        ln -sf "$d/libnccl.so.2" "$links/libnccl.so"
-    fi
-done
-export LD_LIBRARY_PATH="$links${libdirs:+:$libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# libnccl.so.2 (see gpu_libs.sh).
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_libs.sh"
+link_gpu_libs nccl
 
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 start=$(date +%s.%N)
