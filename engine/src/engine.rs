@@ -28,7 +28,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::error::{EngineError, Result};
 use crate::executor::Executor;
-use crate::kv::{KvLayout, KvPool, KvStaging, SeqKv};
+use crate::kv::{KvLayout, KvStaging, SeqKv};
 use crate::sampler::{Sampled, SamplingParams};
 use crate::scheduler::{
     Event, EventSink, KvExport, Request, Scheduler, SchedulerConfig, SchedulerStats, MAX_CHOICES,
@@ -233,9 +233,9 @@ fn install(
 impl Engine {
     /// Sizes the KV pool and starts the engine thread.
     pub fn start(model: Arc<dyn Executor>, cfg: EngineConfig) -> Self {
-        let mut pool = KvPool::with_budget(model.kv_layout(cfg.block_size), cfg.kv_cache_bytes);
+        let block_bytes = model.kv_layout(cfg.block_size).block_bytes();
+        let pool = model.new_pool(cfg.block_size, (cfg.kv_cache_bytes / block_bytes).max(1));
         let layout = model.wire_layout(cfg.block_size);
-        model.prepare_pool(&mut pool);
         let pool_tokens = pool.n_blocks() * cfg.block_size;
         let context_length = model.config().context_length;
         let total_blocks = pool.n_blocks();

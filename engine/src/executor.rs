@@ -55,14 +55,22 @@ pub trait Executor: Send + Sync {
     /// its other ranks repeat).
     fn prepare_pool(&self, _pool: &mut KvPool) {}
 
-    /// A pool of its own big enough for `tokens` tokens in blocks of
-    /// `block_size`, prepared for this executor (one request run alone,
-    /// benchmarks; the scheduler shares one pool among many).
-    fn pool_for_tokens(&self, tokens: usize, block_size: usize) -> KvPool {
-        let layout = self.kv_layout(block_size);
-        let mut pool = KvPool::new(layout, layout.blocks_for(tokens).max(1));
+    /// A pool of `n_blocks` blocks of `block_size` tokens, prepared for
+    /// this executor. By default the pool holds the KV in host memory
+    /// (written up front, see `KvPool::new`); an executor that keeps the KV
+    /// itself (device memory) returns a pool that only allocates blocks.
+    fn new_pool(&self, block_size: usize, n_blocks: usize) -> KvPool {
+        let mut pool = KvPool::new(self.kv_layout(block_size), n_blocks);
         self.prepare_pool(&mut pool);
         pool
+    }
+
+    /// A pool of its own big enough for `tokens` tokens in blocks of
+    /// `block_size` (one request run alone, benchmarks; the scheduler
+    /// shares one pool among many).
+    fn pool_for_tokens(&self, tokens: usize, block_size: usize) -> KvPool {
+        let blocks = self.kv_layout(block_size).blocks_for(tokens).max(1);
+        self.new_pool(block_size, blocks)
     }
 
     fn forward(&self, pool: &mut KvPool, batch: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {

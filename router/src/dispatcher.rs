@@ -567,22 +567,9 @@ impl Relay {
                     // The prefill leg is over once a token arrives.
                     o.guards.1 = None;
                 }
-                Next::Forward(TokenEvent::Token(SampledToken {
-                    id: t.token_id,
-                    logprob: t.logprob,
-                    top: t.top.iter().map(|x| (x.token_id, x.logprob)).collect(),
-                }))
+                Next::Forward(token_event(&t))
             }
-            pb::DecodeEventKind::Finished(f) => Next::Forward(TokenEvent::Finished {
-                reason: if f.reason() == pb::FinishReason::Length {
-                    Finish::Length
-                } else {
-                    Finish::Stop
-                },
-                prompt_tokens: f.prompt_tokens,
-                completion_tokens: f.completion_tokens,
-                cached_tokens: f.cached_tokens,
-            }),
+            pb::DecodeEventKind::Finished(f) => Next::Forward(finished_event(&f)),
             pb::DecodeEventKind::Error(e)
                 if e.code == "prefill_failed" && self.generated.is_empty() =>
             {
@@ -595,15 +582,7 @@ impl Relay {
     /// The prefill leg failed: try another prefill worker, else prefill on a
     /// decode worker.
     async fn reprefill(&mut self, why: String) -> Result<(), DispatchError> {
-        let failed = self.opened.take().and_then(|o| o.prefill);
-        if let Some(p) = &failed {
-            tracing::warn!(request = %self.attempt.req.request_id, prefill = %p.addr, error = %why, "prefill failed; retrying elsewhere");
-            p.mark_down();
-            self.attempt.failed.push(p.addr);
-        }
-        metrics::counter!(tandem_cluster::metrics::ROUTER_PREFILL_RETRIES).increment(1);
-        self.opened = Some(self.shared.open(&mut self.attempt).await?);
-        Ok(())
+        reopen_after_prefill_failure(&self.shared, &mut self.attempt, &mut self.opened, why).await
     }
 
     /// The decode worker failed mid-stream: continue on another one with the
@@ -659,6 +638,50 @@ struct ChoiceSlot {
     generated: Vec<u32>,
     /// Finished, failed, or given up by the front end: nothing more to send.
     done: bool,
+}
+
+/// A worker's sampled token as the front ends see it.
+fn token_event(t: &pb::SampledToken) -> TokenEvent {
+    TokenEvent::Token(SampledToken {
+        id: t.token_id,
+        logprob: t.logprob,
+        top: t.top.iter().map(|x| (x.token_id, x.logprob)).collect(),
+    })
+}
+
+/// A worker's end of a choice as the front ends see it.
+fn finished_event(f: &pb::Finished) -> TokenEvent {
+    TokenEvent::Finished {
+        reason: if f.reason() == pb::FinishReason::Length {
+            Finish::Length
+        } else {
+            Finish::Stop
+        },
+        prompt_tokens: f.prompt_tokens,
+        completion_tokens: f.completion_tokens,
+        cached_tokens: f.cached_tokens,
+    }
+}
+
+/// The prefill leg failed before any token: marks that prefill worker down
+/// and opens the request again, on another prefill worker or, with none
+/// left, prefilling on a decode worker. Shared by the one-choice and the
+/// parallel relays.
+async fn reopen_after_prefill_failure(
+    shared: &Shared,
+    attempt: &mut Attempt,
+    opened: &mut Option<Opened>,
+    why: String,
+) -> Result<(), DispatchError> {
+    let failed = opened.take().and_then(|o| o.prefill);
+    if let Some(p) = &failed {
+        tracing::warn!(request = %attempt.req.request_id, prefill = %p.addr, error = %why, "prefill failed; retrying elsewhere");
+        p.mark_down();
+        attempt.failed.push(p.addr);
+    }
+    metrics::counter!(tandem_cluster::metrics::ROUTER_PREFILL_RETRIES).increment(1);
+    *opened = Some(shared.open(attempt).await?);
+    Ok(())
 }
 
 /// Relays a parallel-sampling request: one decode stream carrying every
@@ -769,22 +792,9 @@ impl ParallelRelay {
                     return Ok(());
                 }
                 self.choices[i].generated.push(t.token_id);
-                TokenEvent::Token(SampledToken {
-                    id: t.token_id,
-                    logprob: t.logprob,
-                    top: t.top.iter().map(|x| (x.token_id, x.logprob)).collect(),
-                })
+                token_event(&t)
             }
-            pb::DecodeEventKind::Finished(f) => TokenEvent::Finished {
-                reason: if f.reason() == pb::FinishReason::Length {
-                    Finish::Length
-                } else {
-                    Finish::Stop
-                },
-                prompt_tokens: f.prompt_tokens,
-                completion_tokens: f.completion_tokens,
-                cached_tokens: f.cached_tokens,
-            },
+            pb::DecodeEventKind::Finished(f) => finished_event(&f),
             pb::DecodeEventKind::Error(e)
                 if e.code == "prefill_failed"
                     && self.choices.iter().all(|c| c.generated.is_empty()) =>
@@ -810,15 +820,7 @@ impl ParallelRelay {
     /// The prefill leg failed before any token: prefill elsewhere (as
     /// [`Relay::reprefill`]), every choice at once.
     async fn reprefill(&mut self, why: String) -> Result<(), DispatchError> {
-        let failed = self.opened.take().and_then(|o| o.prefill);
-        if let Some(p) = &failed {
-            tracing::warn!(request = %self.attempt.req.request_id, prefill = %p.addr, error = %why, "prefill failed; retrying elsewhere");
-            p.mark_down();
-            self.attempt.failed.push(p.addr);
-        }
-        metrics::counter!(tandem_cluster::metrics::ROUTER_PREFILL_RETRIES).increment(1);
-        self.opened = Some(self.shared.open(&mut self.attempt).await?);
-        Ok(())
+        reopen_after_prefill_failure(&self.shared, &mut self.attempt, &mut self.opened, why).await
     }
 
     /// Ends every unfinished choice with `e`.

@@ -685,3 +685,103 @@ fn bench_gemv_hot() {
         }
     }
 }
+
+/// Decode attention on the default model's shape (30 layers, 9 query heads
+/// over 3 KV heads of 64 dims, 16-token blocks) for a batch of sequences
+/// whose blocks interleave in the pool as decode leaves them:
+/// `cargo test --release -p tandem-engine bench_attention -- --ignored --nocapture`
+/// (`TANDEM_BENCH_THREADS`, `TANDEM_BENCH_BATCH`, `TANDEM_BENCH_CONTEXT`).
+/// Prints milliseconds per step and the KV read rate.
+#[test]
+#[ignore]
+fn bench_attention() {
+    use crate::kv::{KvDtype, KvLayout, KvPool};
+    let env = |k: &str, d: usize| -> usize {
+        std::env::var(k)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(d)
+    };
+    let threads = env("TANDEM_BENCH_THREADS", 2);
+    let batch = env("TANDEM_BENCH_BATCH", 32);
+    let context = env("TANDEM_BENCH_CONTEXT", 192);
+    let (n_layers, nkv, n_rep, hd, bs) = (30, 3, 3, 64, 16);
+    let layout = KvLayout {
+        dtype: KvDtype::F32,
+        n_layers,
+        n_kv_heads: nkv,
+        head_dim: hd,
+        block_size: bs,
+    };
+    let per_seq = context.div_ceil(bs);
+    let mut pool = KvPool::new(layout, batch * per_seq);
+    // Prompts take their blocks one sequence after another; decode then
+    // takes one block per sequence in turn.
+    let prompt_blocks = per_seq / 2;
+    let mut tables = vec![Vec::new(); batch];
+    for t in tables.iter_mut() {
+        for _ in 0..prompt_blocks {
+            t.push(pool.alloc().expect("sized for the batch"));
+        }
+    }
+    for _ in prompt_blocks..per_seq {
+        for t in tables.iter_mut() {
+            t.push(pool.alloc().expect("sized for the batch"));
+        }
+    }
+    let mut rng = Rng(7);
+    for l in 0..n_layers {
+        for b in 0..pool.n_blocks() {
+            for v in pool.region_mut(l, b as crate::kv::BlockId) {
+                *v = rng.f();
+            }
+        }
+    }
+    let qd = nkv * n_rep * hd;
+    let q: Vec<f32> = (0..batch * qd).map(|_| rng.f()).collect();
+    let mut out = vec![0f32; batch * qd];
+    let tp = ThreadPool::new(threads);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut step = || {
+        for l in 0..n_layers {
+            let layer = pool.layer(l);
+            let o = SendPtr(out.as_mut_ptr());
+            tp.run(batch * nkv, &|i| {
+                let (si, g) = (i / nkv, i % nkv);
+                let kv = crate::ops::PagedKv {
+                    layer,
+                    blocks: &tables[si],
+                    block_size: bs,
+                    block_floats: layout.block_floats(),
+                    k_off: layout.k_offset(g),
+                    v_off: layout.v_offset(g),
+                };
+                let mut scores = vec![0f32; n_rep * context];
+                let off = si * qd + g * n_rep * hd;
+                // SAFETY: (sequence, group) outputs are disjoint.
+                let dst = unsafe { std::slice::from_raw_parts_mut(o.get().add(off), n_rep * hd) };
+                crate::ops::attend_many(
+                    &q[off..off + n_rep * hd],
+                    qd,
+                    1,
+                    hd,
+                    n_rep,
+                    &kv,
+                    context,
+                    scale,
+                    &mut scores,
+                    dst,
+                    qd,
+                );
+            });
+        }
+    };
+    step();
+    let (wall, _) = time_it(env("TANDEM_BENCH_ITERS", 20), step);
+    let bytes = (batch * context * layout.token_bytes()) as f64;
+    println!(
+        "attention, {threads} threads, batch {batch}, context {context}: {:.2} ms per step, {:.1} GB/s of KV",
+        wall * 1e3,
+        bytes / wall / 1e9
+    );
+}

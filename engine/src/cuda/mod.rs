@@ -26,10 +26,9 @@
 //! float32 tolerance, not bit for bit (`tests/cuda_backend.rs` states the
 //! tolerances).
 //!
-//! `Engine::start` still sizes a host pool with storage
-//! (`KvPool::with_budget`); with this executor that host memory is never
-//! read or written, and a [`KvPool::new_tracking`] pool of the same size
-//! would do (a follow-up in `engine.rs`).
+//! The scheduler's pool comes from [`Executor::new_pool`]: a
+//! [`KvPool::new_tracking`] pool, which allocates blocks and holds no host
+//! copy of the KV.
 //!
 //! One executor holds the device KV of one pool at a time: a step, install
 //! or gather on another pool rebinds the device KV to it (same contents
@@ -1060,9 +1059,10 @@ impl Executor for CudaModel {
     }
 
     /// A tracking pool: the KV lives on the device.
-    fn pool_for_tokens(&self, tokens: usize, block_size: usize) -> KvPool {
-        let layout = self.kv_layout(block_size);
-        KvPool::new_tracking(layout, layout.blocks_for(tokens).max(1))
+    fn new_pool(&self, block_size: usize, n_blocks: usize) -> KvPool {
+        let mut pool = KvPool::new_tracking(self.kv_layout(block_size), n_blocks);
+        self.prepare_pool(&mut pool);
+        pool
     }
 }
 
