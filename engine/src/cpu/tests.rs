@@ -486,6 +486,15 @@ fn time_it(iters: usize, mut f: impl FnMut()) -> (f64, f64) {
     (wall, cpu)
 }
 
+/// A benchmark setting from the environment: `name` parsed as a count, or
+/// `default` when unset or not a number.
+fn bench_env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Throughput on the default model's shapes (SmolLM2-135M Q4_1, Q8_0 LM
 /// head), streaming all 30 layers so that weights come from memory:
 /// `cargo test --release -p tandem-engine bench_kernels -- --ignored --nocapture`
@@ -494,10 +503,7 @@ fn time_it(iters: usize, mut f: impl FnMut()) -> (f64, f64) {
 #[test]
 #[ignore]
 fn bench_kernels() {
-    let threads: usize = std::env::var("TANDEM_BENCH_THREADS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2);
+    let threads = bench_env("TANDEM_BENCH_THREADS", 2);
     let pool = ThreadPool::new(threads);
     let kernel = selected_kernel();
     let mut rng = Rng(42);
@@ -648,10 +654,7 @@ fn bench_kernels() {
 #[test]
 #[ignore]
 fn bench_gemv_hot() {
-    let threads: usize = std::env::var("TANDEM_BENCH_THREADS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2);
+    let threads = bench_env("TANDEM_BENCH_THREADS", 2);
     let pool = ThreadPool::new(threads);
     let mut rng = Rng(42);
     println!("kernel {}, {threads} threads", selected_kernel().name());
@@ -690,21 +693,16 @@ fn bench_gemv_hot() {
 /// over 3 KV heads of 64 dims, 16-token blocks) for a batch of sequences
 /// whose blocks interleave in the pool as decode leaves them:
 /// `cargo test --release -p tandem-engine bench_attention -- --ignored --nocapture`
-/// (`TANDEM_BENCH_THREADS`, `TANDEM_BENCH_BATCH`, `TANDEM_BENCH_CONTEXT`).
+/// (`TANDEM_BENCH_THREADS`, `TANDEM_BENCH_BATCH`, `TANDEM_BENCH_CONTEXT`,
+/// `TANDEM_BENCH_ITERS`).
 /// Prints milliseconds per step and the KV read rate.
 #[test]
 #[ignore]
 fn bench_attention() {
     use crate::kv::{KvDtype, KvLayout, KvPool};
-    let env = |k: &str, d: usize| -> usize {
-        std::env::var(k)
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(d)
-    };
-    let threads = env("TANDEM_BENCH_THREADS", 2);
-    let batch = env("TANDEM_BENCH_BATCH", 32);
-    let context = env("TANDEM_BENCH_CONTEXT", 192);
+    let threads = bench_env("TANDEM_BENCH_THREADS", 2);
+    let batch = bench_env("TANDEM_BENCH_BATCH", 32);
+    let context = bench_env("TANDEM_BENCH_CONTEXT", 192);
     let (n_layers, nkv, n_rep, hd, bs) = (30, 3, 3, 64, 16);
     let layout = KvLayout {
         dtype: KvDtype::F32,
@@ -777,7 +775,7 @@ fn bench_attention() {
         }
     };
     step();
-    let (wall, _) = time_it(env("TANDEM_BENCH_ITERS", 20), step);
+    let (wall, _) = time_it(bench_env("TANDEM_BENCH_ITERS", 20), step);
     let bytes = (batch * context * layout.token_bytes()) as f64;
     println!(
         "attention, {threads} threads, batch {batch}, context {context}: {:.2} ms per step, {:.1} GB/s of KV",
