@@ -114,6 +114,12 @@ pub struct WorkerArgs {
     /// Raw-TCP port for incoming KV (decode workers; 0 picks a free one).
     #[arg(long, env = "TANDEM_KV_PORT", default_value_t = 0)]
     pub kv_port: u16,
+    /// Move KV between a prefill and a decode worker on one host through
+    /// shared memory instead of the socket (a prefill worker offers it to
+    /// decode workers on loopback addresses; a decode worker maps what it is
+    /// offered). Off: the payload always travels on the socket.
+    #[arg(long, env = "TANDEM_KV_SHARED_MEMORY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub kv_shared_memory: bool,
     /// Decode workers refuse new requests while this many wait for the batch (bounded queue).
     #[arg(long, env = "TANDEM_MAX_WAITING", default_value_t = 256)]
     pub max_waiting: usize,
@@ -442,7 +448,10 @@ pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
         record.capacity_blocks = engine.total_blocks() as u32;
         record.tp_size = args.tp as u32;
         record.pp_size = args.pp as u32;
-        let transfer = TransferConfig::default();
+        let transfer = TransferConfig {
+            shared_memory: args.kv_shared_memory,
+            ..TransferConfig::default()
+        };
         let check = SecretCheck(secret.clone());
         let (routes, kv) = match role {
             Role::Prefill => {

@@ -35,11 +35,16 @@ struct Worker {
 }
 
 fn start(path: &Path, tp: usize, pp: usize) -> Worker {
+    // Tests run at once: each group has a session of its own, so that a
+    // rank never joins another test's group (should both pick a port the
+    // other just released), which drops strangers.
+    static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(77);
+    let session = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let rendezvous = ShardOptions::local_rendezvous(tp, pp).unwrap();
     let opts = |rank| ShardOptions {
         spec: ShardSpec { tp, pp, rank },
         rendezvous: rendezvous.clone(),
-        session: 77,
+        session,
         timeout: Duration::from_secs(60),
         threads: 1,
         expand: ExpandWeights::Off,

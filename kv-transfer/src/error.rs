@@ -44,11 +44,11 @@ pub enum KvTransferError {
     /// A read or write, or the whole transfer, passed its deadline.
     #[error("KV transfer timed out ({what} after {after:?})")]
     Timeout { what: &'static str, after: Duration },
-    /// Cancelled by the caller.
     /// The peer sent nothing, not even a heartbeat, for a whole lease: it
     /// is hung or gone, and this side gives up its part of the transfer.
     #[error("KV transfer lease expired: the {peer} sent nothing for {after:?}")]
     LeaseExpired { peer: &'static str, after: Duration },
+    /// Cancelled by the caller.
     #[error("KV transfer cancelled")]
     Cancelled,
     /// The remote side reported a failure.

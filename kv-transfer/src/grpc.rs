@@ -150,6 +150,7 @@ impl pb::KvTransfer for GrpcKvService {
             Ok(hs) => {
                 let _ = tx.try_send(Ok(pb::KvReply {
                     kind: Some(pb::ReplyKind::Accepted(true)),
+                    shared_memory: false,
                 }));
                 let r = KvReceiver {
                     handshake: hs,
@@ -196,7 +197,7 @@ impl GrpcIncoming {
         let reply = self.reply.clone();
         let _beats = beat_every(cfg.heartbeat_every(), move || {
             let reply = reply.clone();
-            async move { reply.send(Ok(pb::KvReply { kind: None })).await.is_ok() }
+            async move { reply.send(Ok(pb::KvReply::default())).await.is_ok() }
         });
         let r = async {
             loop {
@@ -236,6 +237,7 @@ impl GrpcIncoming {
                     frames: s.frames,
                     bytes: s.bytes,
                 })),
+                shared_memory: false,
             },
             Err(e) => layout::refusal(e),
         };
@@ -298,7 +300,7 @@ async fn next_reply(
             Ok(m) => m?,
         };
         match msg {
-            Some(pb::KvReply { kind: None }) => continue,
+            Some(pb::KvReply { kind: None, .. }) => continue,
             other => return Ok(other),
         }
     }
@@ -423,7 +425,7 @@ impl GrpcSender {
                     Ok(reply) => layout::done(reply)
                         .err()
                         .unwrap_or(KvTransferError::PeerGone("the call ended".into())),
-                    Err(s) => s.into(),
+                    Err(s) => s,
                 });
             }
         }

@@ -189,6 +189,7 @@ impl Handshake {
             cluster_secret: self.secret.as_bytes().to_vec(),
             request_id: self.request_id,
             tokens: self.tokens,
+            shared_memory: None,
         }
     }
 
@@ -230,7 +231,10 @@ pub(crate) fn refusal(e: &KvTransferError) -> pb::KvReply {
             message: other.to_string(),
         }),
     };
-    pb::KvReply { kind: Some(kind) }
+    pb::KvReply {
+        kind: Some(kind),
+        shared_memory: false,
+    }
 }
 
 /// The sender's reading of the receiver's answer to the handshake.

@@ -9,7 +9,8 @@
 //! - [`transport`]: the [`KvTransport`] / [`KvSender`] seam (send layer by
 //!   layer as the prefill computes it) and the [`KvReceiver`] that writes
 //!   straight into the blocks the decode worker reserved ([`KvSink`]).
-//! - [`tcp`] (length-prefixed frames, the fast path) and [`grpc`] (tonic
+//! - [`tcp`] (length-prefixed frames, the fast path; between processes of
+//!   one host the payload moves through a [`shm`] ring) and [`grpc`] (tonic
 //!   bidi stream with raised HTTP/2 windows) implement it; so does `nccl`
 //!   (feature `cuda`: control frames over TCP, KV over NCCL send/recv).
 //!
@@ -23,6 +24,7 @@ pub mod grpc;
 pub mod layout;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+pub mod shm;
 pub mod sink;
 pub mod tcp;
 pub mod transport;
@@ -30,6 +32,7 @@ pub mod transport;
 pub use error::{KvTransferError, Result};
 pub use grpc::{GrpcSender, GrpcTransport};
 pub use layout::{ClusterSecret, Handshake, LayoutDescriptor, TransferSummary, PROTOCOL_VERSION};
+pub use shm::DataPlane;
 pub use sink::{KvSink, PoolSink};
 pub use tcp::{PendingKv, TcpKvListener, TcpSender, TcpTransport};
 pub use tokio_util::sync::CancellationToken;

@@ -615,7 +615,8 @@ impl KvTransport for NcclTransport {
         let (reader, writer) = stream.into_split();
         let writer = Arc::new(Mutex::new(writer));
         let (tx, outcome) = oneshot::channel();
-        let listen = tokio::spawn(listen_to_receiver(reader, cfg.clone(), tx));
+        let credits = Arc::new(tokio::sync::Notify::new());
+        let listen = tokio::spawn(listen_to_receiver(reader, cfg.clone(), tx, credits));
         Ok(NcclSender {
             plane,
             heartbeats: Heartbeats::start(writer.clone(), rid, cfg.clone()),
@@ -701,15 +702,7 @@ impl KvSender for NcclSender {
             if std::mem::take(&mut self.corrupt) {
                 self.host[at + len - 1] ^= 0x01;
             }
-            let h = FrameHeader {
-                kind: FrameKind::Block,
-                layer,
-                block: b.block,
-                slots: b.slots,
-                request_id: self.request_id,
-                byte_len: len as u32,
-                crc,
-            };
+            let h = FrameHeader::block(layer, b.block, b.slots, self.request_id, len as u32, crc);
             self.headers.extend_from_slice(&h.encode());
             self.spans.push((at, len));
             self.frames += 1;
@@ -810,6 +803,7 @@ impl NcclPendingKv {
             mut reader,
             writer,
             request_id,
+            ..
         }) = inner
         else {
             return Err(KvTransferError::Protocol(
@@ -885,6 +879,7 @@ impl NcclIncoming {
                     frames: s.frames,
                     bytes: s.bytes,
                 })),
+                shared_memory: false,
             },
             Err(e) => layout::refusal(e),
         };

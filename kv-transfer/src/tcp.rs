@@ -13,6 +13,11 @@
 //! prefill queue therefore keeps its transfer alive, a hung peer is detected
 //! within a lease on both sides, and the sender hears a receiver's failure
 //! (a bad checksum, say) while it is still sending, not only at the end.
+//!
+//! Between two processes of one host the payload can skip the socket: the
+//! sender offers a shared-memory ring in its handshake and, if the receiver
+//! maps it, writes each payload there and sends only its header
+//! ([`crate::shm`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,17 +26,19 @@ use std::time::Duration;
 use prost::Message;
 use tandem_engine::kv::KvLayout;
 use tandem_proto::kv as pb;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{oneshot, Mutex};
+use tokio::sync::{oneshot, Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{KvTransferError, Result};
 use crate::frame::{
-    encode_payload_vec, frame_seed, payload_len, FrameHeader, FrameKind, HEADER_LEN,
+    encode_payload_into, encode_payload_vec, frame_seed, payload_len, FrameHeader, FrameKind,
+    HEADER_LEN,
 };
 use crate::layout::{self, Handshake, TransferSummary};
+use crate::shm::{DataPlane, RecvRing, SendRing};
 use crate::sink::{Assembler, KvSink};
 use crate::transport::{
     with_deadline, BlockRegion, KvReceiver, KvSender, KvTransport, ReceiverConfig, ReceiverInner,
@@ -92,17 +99,24 @@ pub(crate) async fn next_header<R: AsyncReadExt + Unpin>(
             Err(_) => return Err(KvTransferError::LeaseExpired { peer, after: lease }),
             Ok(r) => r.map_err(io_err)?,
         };
-        let h = FrameHeader::decode(&h)?;
-        if h.kind != FrameKind::Heartbeat {
+        if let Some(h) = unless_heartbeat(FrameHeader::decode(&h)?)? {
             return Ok(h);
         }
-        if h.byte_len != 0 {
-            return Err(KvTransferError::Protocol(format!(
-                "heartbeat frame of {} bytes",
-                h.byte_len
-            )));
-        }
     }
+}
+
+/// `h`, or `None` for a (well-formed) heartbeat.
+fn unless_heartbeat(h: FrameHeader) -> Result<Option<FrameHeader>> {
+    if h.kind != FrameKind::Heartbeat {
+        return Ok(Some(h));
+    }
+    if h.byte_len != 0 {
+        return Err(KvTransferError::Protocol(format!(
+            "heartbeat frame of {} bytes",
+            h.byte_len
+        )));
+    }
+    Ok(None)
 }
 
 /// Reads the payload of control frame `h` (size-checked) and checks its CRC.
@@ -122,7 +136,7 @@ pub(crate) async fn read_control_payload<R: AsyncReadExt + Unpin>(
         r.read_exact(&mut buf).await.map_err(io_err)
     })
     .await?;
-    let actual = crc32c::crc32c(&buf);
+    let actual = crate::frame::crc32c(&buf);
     if actual != h.crc {
         return Err(KvTransferError::Checksum {
             layer: 0,
@@ -229,6 +243,31 @@ impl TcpTransport {
     pub fn new(addr: SocketAddr, cfg: TransferConfig) -> Self {
         Self { addr, cfg }
     }
+
+    /// A shared-memory ring to offer a receiver on this host: as large as
+    /// the whole transfer up to `shared_memory_ring`, and at least two full
+    /// blocks. `None` (payload on the socket) for a remote receiver, when
+    /// turned off, or when the ring cannot be made.
+    fn ring_for(&self, h: &Handshake) -> Option<(SendRing, pb::SharedMemoryOffer)> {
+        if !self.cfg.shared_memory || !self.addr.ip().is_loopback() {
+            return None;
+        }
+        let l = &h.layout.layout;
+        let tokens = h.tokens as usize;
+        let per_layer: usize = (0..l.blocks_for(tokens))
+            .map(|b| payload_len(l, (tokens - b * l.block_size).min(l.block_size)))
+            .sum();
+        let full = payload_len(l, l.block_size);
+        let most = self.cfg.shared_memory_ring.max(2 * full);
+        let want = (per_layer * l.n_layers).clamp(2 * full, most);
+        match SendRing::take(want) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::debug!(error = %e, "no shared-memory ring; KV goes over the socket");
+                None
+            }
+        }
+    }
 }
 
 impl KvTransport for TcpTransport {
@@ -242,21 +281,30 @@ impl KvTransport for TcpTransport {
         })
         .await?;
         stream.set_nodelay(true)?;
-        let hs = handshake.to_proto().encode_to_vec();
+        let mut hs = handshake.to_proto();
+        let ring = self.ring_for(&handshake).map(|(ring, offer)| {
+            hs.shared_memory = Some(offer);
+            ring
+        });
         write_control(
             &mut stream,
             FrameKind::Handshake,
             handshake.request_id,
-            &hs,
+            &hs.encode_to_vec(),
             &cfg,
         )
         .await?;
         let (_, reply) = read_control(&mut stream, FrameKind::Reply, &cfg).await?;
-        layout::accepted(pb::KvReply::decode(reply.as_slice()).ok())?;
+        let reply = pb::KvReply::decode(reply.as_slice()).ok();
+        let mapped = reply.as_ref().is_some_and(|r| r.shared_memory);
+        layout::accepted(reply)?;
+        // Declined: the ring is dropped and freed.
+        let ring = ring.filter(|_| mapped);
         let (reader, writer) = stream.into_split();
         let writer = Arc::new(Mutex::new(writer));
         let (tx, outcome) = oneshot::channel();
-        let listen = tokio::spawn(listen_to_receiver(reader, cfg.clone(), tx));
+        let credits = Arc::new(Notify::new());
+        let listen = tokio::spawn(listen_to_receiver(reader, cfg.clone(), tx, credits.clone()));
         Ok(TcpSender {
             heartbeats: Heartbeats::start(writer.clone(), handshake.request_id, cfg.clone()),
             writer,
@@ -268,19 +316,36 @@ impl KvTransport for TcpTransport {
             frames: 0,
             cfg,
             corrupt: false,
+            ring,
+            credits,
         })
     }
 }
 
 /// Sender side: waits for the receiver's reply, renewing the lease on each
-/// heartbeat; reports the reply, or why none will come.
+/// heartbeat and passing on its credits (shared-memory ring space); reports
+/// the reply, or why none will come, and then wakes a sender waiting for
+/// credit so that it hears it too.
 pub(crate) async fn listen_to_receiver(
     mut r: OwnedReadHalf,
     cfg: TransferConfig,
     tx: oneshot::Sender<Result<pb::KvReply>>,
+    credits: Arc<Notify>,
 ) {
     let reply = async {
-        let h = next_header(&mut r, cfg.lease, "receiver").await?;
+        let h = loop {
+            let h = next_header(&mut r, cfg.lease, "receiver").await?;
+            if h.kind != FrameKind::Credit {
+                break h;
+            }
+            if h.byte_len != 0 {
+                return Err(KvTransferError::Protocol(format!(
+                    "credit frame of {} bytes",
+                    h.byte_len
+                )));
+            }
+            credits.notify_one();
+        };
         if h.kind != FrameKind::Reply {
             return Err(KvTransferError::Protocol(format!(
                 "expected a Reply frame, got {:?}",
@@ -293,6 +358,7 @@ pub(crate) async fn listen_to_receiver(
     }
     .await;
     let _ = tx.send(reply);
+    credits.notify_one();
 }
 
 /// One TCP transfer, sender side.
@@ -310,9 +376,71 @@ pub struct TcpSender {
     frames: u64,
     cfg: TransferConfig,
     corrupt: bool,
+    /// The receiver mapped our shared-memory ring: payloads go there, and
+    /// only their headers on the socket.
+    ring: Option<SendRing>,
+    /// Woken when the receiver frees ring space (or the transfer ends).
+    credits: Arc<Notify>,
 }
 
 impl TcpSender {
+    fn ring_bytes(&self) -> usize {
+        self.ring.as_ref().map_or(0, |r| r.capacity() as usize)
+    }
+
+    /// How this transfer's payload travels.
+    pub fn data_plane(&self) -> DataPlane {
+        match self.ring {
+            Some(_) => DataPlane::SharedMemory,
+            None => DataPlane::Socket,
+        }
+    }
+
+    /// Where in the ring the next frame of `n` bytes goes, once there is
+    /// room. The headers written so far go out first, so that the receiver
+    /// can free what they describe.
+    async fn ring_room(&mut self, n: usize) -> Result<u64> {
+        loop {
+            let ring = self.ring.as_ref().expect("ring_room without a ring");
+            if let Some(start) = ring.room_for(n) {
+                return Ok(start);
+            }
+            let credit = self.credits.clone();
+            let credit = credit.notified();
+            self.flush_buf().await?;
+            self.check_receiver()?;
+            let ring = self.ring.as_ref().expect("ring_room without a ring");
+            if let Some(start) = ring.room_for(n) {
+                return Ok(start);
+            }
+            let after = self.cfg.io_timeout;
+            if tokio::time::timeout(after, credit).await.is_err() {
+                return Err(KvTransferError::Timeout {
+                    what: "shared-memory ring space",
+                    after,
+                });
+            }
+        }
+    }
+
+    /// Packs one region into the ring and queues its header.
+    async fn ring_frame(&mut self, layer: u32, b: &BlockRegion<'_>) -> Result<()> {
+        let (l, slots) = (self.layout, b.slots as usize);
+        let n = payload_len(&l, slots);
+        let start = self.ring_room(n).await?;
+        let ring = self.ring.as_mut().expect("ring_frame without a ring");
+        let seed = frame_seed(layer, b.block, b.slots);
+        let crc = ring.write(start, n, |push| {
+            encode_payload_into(&l, b.data, slots, seed, |c| push(c))
+        });
+        if std::mem::take(&mut self.corrupt) {
+            ring.flip_last_byte();
+        }
+        let h = FrameHeader::block(layer, b.block, b.slots, self.request_id, n as u32, crc);
+        self.buf.extend_from_slice(&h.encode());
+        Ok(())
+    }
+
     async fn flush_buf(&mut self) -> Result<()> {
         if self.buf.is_empty() {
             return Ok(());
@@ -372,6 +500,23 @@ pub(crate) fn check_region(l: &KvLayout, b: &BlockRegion<'_>) -> Result<()> {
 impl KvSender for TcpSender {
     async fn send_layer_blocks(&mut self, layer: u32, blocks: &[BlockRegion<'_>]) -> Result<()> {
         self.check_receiver()?;
+        if self.ring.is_some() {
+            // Headers go out every eighth of the ring (at most every
+            // ~batch_bytes), so the receiver copies while we pack.
+            let every = self.cfg.batch_bytes.min(self.ring_bytes() / 8);
+            let mut since_flush = 0;
+            for b in blocks {
+                check_region(&self.layout, b)?;
+                self.ring_frame(layer, b).await?;
+                self.frames += 1;
+                since_flush += payload_len(&self.layout, b.slots as usize);
+                if since_flush >= every {
+                    self.flush_buf().await?;
+                    since_flush = 0;
+                }
+            }
+            return self.flush_buf().await;
+        }
         for b in blocks {
             check_region(&self.layout, b)?;
             let at = self.buf.len();
@@ -383,15 +528,14 @@ impl KvSender for TcpSender {
                 frame_seed(layer, b.block, b.slots),
                 &mut self.buf,
             );
-            let h = FrameHeader {
-                kind: FrameKind::Block,
+            let h = FrameHeader::block(
                 layer,
-                block: b.block,
-                slots: b.slots,
-                request_id: self.request_id,
-                byte_len: (self.buf.len() - at - HEADER_LEN) as u32,
+                b.block,
+                b.slots,
+                self.request_id,
+                (self.buf.len() - at - HEADER_LEN) as u32,
                 crc,
-            };
+            );
             self.buf[at..at + HEADER_LEN].copy_from_slice(&h.encode());
             if std::mem::take(&mut self.corrupt) {
                 let last = self.buf.len() - 1;
@@ -418,7 +562,11 @@ impl KvSender for TcpSender {
             .await
             .map_err(|_| KvTransferError::PeerGone("no final reply".into()))??;
         drop(self.heartbeats);
-        layout::done(Some(reply))
+        let summary = layout::done(Some(reply))?;
+        if let Some(ring) = self.ring.take() {
+            ring.recycle();
+        }
+        Ok(summary)
     }
 }
 
@@ -476,11 +624,11 @@ impl PendingKv {
         let expected = &cfg.expected;
         let secret = &cfg.secret;
         let cfg = &cfg.transfer;
-        let hs = async {
+        let (hs, offer) = async {
             let (_, bytes) = read_control(&mut stream, FrameKind::Handshake, cfg).await?;
             let p = pb::KvHandshake::decode(bytes.as_slice())
                 .map_err(|e| KvTransferError::Protocol(e.to_string()))?;
-            Handshake::from_proto(&p)
+            Ok::<_, KvTransferError>((Handshake::from_proto(&p)?, p.shared_memory))
         }
         .await?;
         if let Err(e) = hs.verify(expected, secret) {
@@ -494,8 +642,17 @@ impl PendingKv {
             .await;
             return Err(e);
         }
+        let ring = offer.filter(|_| cfg.shared_memory).and_then(|offer| {
+            let l = &hs.layout.layout;
+            RecvRing::open(&offer, payload_len(l, l.block_size))
+                .map_err(|e| {
+                    tracing::debug!(error = %e, pid = offer.pid, "declined a shared-memory ring")
+                })
+                .ok()
+        });
         let ok = pb::KvReply {
             kind: Some(pb::ReplyKind::Accepted(true)),
+            shared_memory: ring.is_some(),
         }
         .encode_to_vec();
         write_control(&mut stream, FrameKind::Reply, hs.request_id, &ok, cfg).await?;
@@ -505,6 +662,7 @@ impl PendingKv {
                 reader: BufReader::with_capacity(READ_BUFFER, reader),
                 writer: Arc::new(Mutex::new(writer)),
                 request_id: hs.request_id,
+                ring,
             }),
             handshake: hs,
             cfg: cfg.clone(),
@@ -516,6 +674,8 @@ pub(crate) struct TcpIncoming {
     pub(crate) reader: BufReader<OwnedReadHalf>,
     pub(crate) writer: Writer,
     pub(crate) request_id: u64,
+    /// The sender's shared-memory ring, when we mapped it.
+    pub(crate) ring: Option<RecvRing>,
 }
 
 impl TcpIncoming {
@@ -528,7 +688,8 @@ impl TcpIncoming {
     ) -> Result<TransferSummary> {
         let mut asm = Assembler::new(layout, tokens, sink);
         let heartbeats = Heartbeats::start(self.writer.clone(), self.request_id, cfg.clone());
-        let r = Self::frames(&mut self.reader, &mut asm, cfg).await;
+        let ring = self.ring.as_mut();
+        let r = Self::frames(&mut self.reader, &self.writer, ring, &mut asm, cfg).await;
         drop(heartbeats);
         let reply = match &r {
             Ok(s) => pb::KvReply {
@@ -536,6 +697,7 @@ impl TcpIncoming {
                     frames: s.frames,
                     bytes: s.bytes,
                 })),
+                shared_memory: false,
             },
             Err(e) => layout::refusal(e),
         };
@@ -545,8 +707,13 @@ impl TcpIncoming {
         r
     }
 
+    /// Block frames until the End frame. With a ring, each block's payload
+    /// is in it (a credit goes back every quarter ring); otherwise it
+    /// follows its header on the socket.
     async fn frames<S: KvSink + ?Sized>(
         r: &mut BufReader<OwnedReadHalf>,
+        w: &Writer,
+        mut ring: Option<&mut RecvRing>,
         asm: &mut Assembler<'_, S>,
         cfg: &TransferConfig,
     ) -> Result<TransferSummary> {
@@ -554,7 +721,7 @@ impl TcpIncoming {
         let full = payload_len(&l, l.block_size);
         let mut buf = vec![0u8; full];
         loop {
-            let h = next_header(r, cfg.lease, "sender").await?;
+            let h = next_buffered_header(r, cfg.lease, "sender").await?;
             match h.kind {
                 FrameKind::Block if h.byte_len as usize > full => {
                     return Err(KvTransferError::Protocol(format!(
@@ -562,51 +729,123 @@ impl TcpIncoming {
                         h.byte_len
                     )))
                 }
-                FrameKind::Block
-                    if h.slots as usize == l.block_size && h.byte_len as usize == full =>
-                {
-                    // Straight into the reserved region.
-                    let dest: &mut [u8] =
-                        bytemuck::cast_slice_mut(asm.dest(h.layer, h.block, h.slots)?);
-                    with_deadline("frame read", cfg.io_timeout, async {
-                        r.read_exact(dest).await.map_err(io_err)
-                    })
-                    .await?;
-                    asm.block_in_place(h.layer, h.block, h.crc)?;
-                }
-                FrameKind::Block => {
-                    let p = &mut buf[..h.byte_len as usize];
-                    with_deadline("frame read", cfg.io_timeout, async {
-                        r.read_exact(p).await.map_err(io_err)
-                    })
-                    .await?;
-                    asm.block(h.layer, h.block, h.slots, h.crc, p)?;
-                }
-                FrameKind::End => {
-                    let mut n = [0u8; 8];
-                    if h.byte_len != 8 {
-                        return Err(KvTransferError::Protocol("bad End frame".into()));
+                FrameKind::Block => match ring.as_deref_mut() {
+                    Some(ring) => {
+                        ring_block(ring, &h, asm, &mut buf)?;
+                        if ring.credit_due() {
+                            let mut w = w.lock().await;
+                            write_control(&mut *w, FrameKind::Credit, h.request_id, &[], cfg)
+                                .await?;
+                        }
                     }
-                    with_deadline("frame read", cfg.io_timeout, async {
-                        r.read_exact(&mut n).await.map_err(io_err)
-                    })
-                    .await?;
-                    if crc32c::crc32c(&n) != h.crc {
-                        return Err(KvTransferError::Checksum {
-                            layer: 0,
-                            block: 0,
-                            expected: h.crc,
-                            actual: crc32c::crc32c(&n),
-                        });
-                    }
-                    return asm.finish(u64::from_le_bytes(n));
-                }
-                k => {
-                    return Err(KvTransferError::Protocol(format!(
-                        "unexpected {k:?} frame during a transfer"
-                    )))
-                }
+                    None => socket_block(r, &h, asm, &mut buf, cfg).await?,
+                },
+                FrameKind::End => return end_frame(r, &h, asm, cfg).await,
+                k => return Err(unexpected(k)),
             }
         }
     }
+}
+
+/// A block frame's payload from the socket.
+async fn socket_block<S: KvSink + ?Sized>(
+    r: &mut BufReader<OwnedReadHalf>,
+    h: &FrameHeader,
+    asm: &mut Assembler<'_, S>,
+    buf: &mut [u8],
+    cfg: &TransferConfig,
+) -> Result<()> {
+    let l = *asm.layout();
+    let n = h.byte_len as usize;
+    if r.buffer().len() >= n {
+        // Already read (the buffer holds several frames): unpack it,
+        // checksumming as it is copied.
+        asm.block(h.layer, h.block, h.slots, h.crc, &r.buffer()[..n])?;
+        r.consume(n);
+    } else if h.slots as usize == l.block_size && n == payload_len(&l, l.block_size) {
+        // Straight into the reserved region.
+        let dest: &mut [u8] = bytemuck::cast_slice_mut(asm.dest(h.layer, h.block, h.slots)?);
+        with_deadline("frame read", cfg.io_timeout, async {
+            r.read_exact(dest).await.map_err(io_err)
+        })
+        .await?;
+        asm.block_in_place(h.layer, h.block, h.crc)?;
+    } else {
+        let p = &mut buf[..n];
+        with_deadline("frame read", cfg.io_timeout, async {
+            r.read_exact(p).await.map_err(io_err)
+        })
+        .await?;
+        asm.block(h.layer, h.block, h.slots, h.crc, p)?;
+    }
+    Ok(())
+}
+
+/// A block frame's payload from the shared-memory ring.
+fn ring_block<S: KvSink + ?Sized>(
+    ring: &mut RecvRing,
+    h: &FrameHeader,
+    asm: &mut Assembler<'_, S>,
+    buf: &mut [u8],
+) -> Result<()> {
+    let l = *asm.layout();
+    let n = h.byte_len as usize;
+    if h.slots as usize == l.block_size && n == payload_len(&l, l.block_size) {
+        // Straight into the reserved region, checked there.
+        let dest: &mut [u8] = bytemuck::cast_slice_mut(asm.dest(h.layer, h.block, h.slots)?);
+        ring.read(dest)?;
+        asm.block_in_place(h.layer, h.block, h.crc)
+    } else {
+        let p = &mut buf[..n];
+        ring.read(p)?;
+        asm.block(h.layer, h.block, h.slots, h.crc, p)
+    }
+}
+
+/// The next frame header of a transfer, as [`next_header`], taken straight
+/// from the read buffer when it is there (it mostly is: one socket read
+/// brings many frames), without a timer or a wait.
+async fn next_buffered_header(
+    r: &mut BufReader<OwnedReadHalf>,
+    lease: Duration,
+    peer: &'static str,
+) -> Result<FrameHeader> {
+    while r.buffer().len() >= HEADER_LEN {
+        let h = FrameHeader::decode(r.buffer()[..HEADER_LEN].try_into().expect("header length"))?;
+        r.consume(HEADER_LEN);
+        if let Some(h) = unless_heartbeat(h)? {
+            return Ok(h);
+        }
+    }
+    next_header(r, lease, peer).await
+}
+
+fn unexpected(k: FrameKind) -> KvTransferError {
+    KvTransferError::Protocol(format!("unexpected {k:?} frame during a transfer"))
+}
+
+/// Reads the End frame's count and checks the transfer is complete.
+async fn end_frame<S: KvSink + ?Sized>(
+    r: &mut BufReader<OwnedReadHalf>,
+    h: &FrameHeader,
+    asm: &mut Assembler<'_, S>,
+    cfg: &TransferConfig,
+) -> Result<TransferSummary> {
+    let mut n = [0u8; 8];
+    if h.byte_len != 8 {
+        return Err(KvTransferError::Protocol("bad End frame".into()));
+    }
+    with_deadline("frame read", cfg.io_timeout, async {
+        r.read_exact(&mut n).await.map_err(io_err)
+    })
+    .await?;
+    if crate::frame::crc32c(&n) != h.crc {
+        return Err(KvTransferError::Checksum {
+            layer: 0,
+            block: 0,
+            expected: h.crc,
+            actual: crate::frame::crc32c(&n),
+        });
+    }
+    asm.finish(u64::from_le_bytes(n))
 }

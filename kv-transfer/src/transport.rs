@@ -1,6 +1,7 @@
 //! The seam between the serving roles and the wire: a sender that streams
 //! layers as they are computed, and a receiver that writes into reserved
-//! blocks. TCP and gRPC implement it, and NCCL under feature `cuda`.
+//! blocks. TCP (with a shared-memory data plane between processes of one
+//! host) and gRPC implement it, and NCCL under feature `cuda`.
 
 use std::future::Future;
 use std::time::Duration;
@@ -42,6 +43,15 @@ pub struct TransferConfig {
     pub socket_buffer: usize,
     /// Approximate bytes per write (TCP) or per gRPC message.
     pub batch_bytes: usize,
+    /// Raw TCP only. A sender offers a shared-memory ring for the payload
+    /// when its receiver's address is a loopback one; a receiver maps an
+    /// offered ring when this is set, and declines it otherwise (the
+    /// payload then travels on the socket). See [`crate::shm`].
+    pub shared_memory: bool,
+    /// Largest shared-memory ring a sender offers, in bytes (a transfer
+    /// that fits in less gets less; a larger one reuses the ring as the
+    /// receiver frees it).
+    pub shared_memory_ring: usize,
 }
 
 impl Default for TransferConfig {
@@ -52,6 +62,8 @@ impl Default for TransferConfig {
             lease: Duration::from_secs(30),
             socket_buffer: 8 << 20,
             batch_bytes: 1 << 20,
+            shared_memory: true,
+            shared_memory_ring: 4 << 20,
         }
     }
 }

@@ -4,6 +4,10 @@
 //! idle transfer alive, a hung peer (a stopped process, a receiver that
 //! never answers) fails it on the other side within a lease.
 //!
+//! "tcp" is the TCP transport with the payload on the socket, "shm" the
+//! same transport with its shared-memory ring (a ring of a few blocks, so
+//! every transfer laps it and waits for the receiver's credits).
+//!
 //! The peer process is this test binary itself, re-run with
 //! `TANDEM_KV_PEER` set: `peer_process` then acts as the prefill side.
 
@@ -16,9 +20,9 @@ use tandem_engine::kv::{KvDtype, KvLayout, KvPool, SeqKv};
 use tandem_engine::scheduler::{Scheduler, SchedulerConfig};
 use tandem_kv_transfer::grpc;
 use tandem_kv_transfer::{
-    BlockRegion, CancellationToken, ClusterSecret, GrpcTransport, Handshake, KvReceiver, KvSender,
-    KvTransferError, KvTransport, LayoutDescriptor, PoolSink, ReceiverConfig, TcpKvListener,
-    TcpTransport, TransferConfig, TransferSummary,
+    BlockRegion, CancellationToken, ClusterSecret, DataPlane, GrpcTransport, Handshake, KvReceiver,
+    KvSender, KvTransferError, KvTransport, LayoutDescriptor, PoolSink, ReceiverConfig,
+    TcpKvListener, TcpTransport, TransferConfig, TransferSummary,
 };
 
 /// Not a multiple of the block size: the last block is partial.
@@ -54,6 +58,30 @@ fn cfg() -> TransferConfig {
         transfer_timeout: Duration::from_secs(20),
         lease: LEASE,
         ..Default::default()
+    }
+}
+
+/// The TCP transport with the payload on the socket.
+fn socket_cfg() -> TransferConfig {
+    TransferConfig {
+        shared_memory: false,
+        ..cfg()
+    }
+}
+
+/// The TCP transport through a shared-memory ring of four full blocks.
+fn shm_cfg() -> TransferConfig {
+    TransferConfig {
+        shared_memory: true,
+        shared_memory_ring: 4 * 2 * 2 * 8 * 16 * 4,
+        ..cfg()
+    }
+}
+
+fn sender_cfg(transport: &str) -> TransferConfig {
+    match transport {
+        "shm" => shm_cfg(),
+        _ => socket_cfg(),
     }
 }
 
@@ -214,24 +242,49 @@ async fn grpc_server(
     (addr, rx)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tcp_round_trip_is_bit_exact() {
-    let listener = tcp_listener().await;
+/// A bit-exact round trip over the TCP transport: the sender with `send`,
+/// the receiver with `recv`; the payload must have gone by `plane`.
+async fn tcp_round_trip(send: TransferConfig, recv: ReceiverConfig, plane: DataPlane, seed: u64) {
+    let listener = TcpKvListener::bind("127.0.0.1:0".parse().unwrap(), recv)
+        .await
+        .unwrap();
     let addr = listener.local_addr().unwrap();
     let sender = tokio::spawn(async move {
-        let (pool, kv) = source(1);
-        let mut s = TcpTransport::new(addr, cfg()).connect(handshake(7)).await?;
+        let (pool, kv) = source(seed);
+        let mut s = TcpTransport::new(addr, send)
+            .connect(handshake(seed))
+            .await?;
+        assert_eq!(s.data_plane(), plane);
         send_chunks(&mut s, &pool, &kv, &CHUNKS).await?;
         s.finish().await
     });
     let r = listener.accept().await.unwrap();
-    assert_eq!(r.handshake().request_id, 7);
+    assert_eq!(r.handshake().request_id, seed);
     let mut sched = decode_side();
     let (res, kv) = receive(&mut sched, r).await;
     let summary = res.unwrap();
     assert_eq!(sender.await.unwrap().unwrap(), summary);
-    let (src, skv) = source(1);
+    let (src, skv) = source(seed);
     assert_same(&src, &skv, sched.pool(), &kv.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_round_trip_is_bit_exact() {
+    tcp_round_trip(socket_cfg(), receiver_cfg(), DataPlane::Socket, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shm_round_trip_is_bit_exact_across_ring_laps() {
+    tcp_round_trip(shm_cfg(), receiver_cfg(), DataPlane::SharedMemory, 11).await;
+}
+
+/// A receiver that does not map rings (turned off here; on another host it
+/// could not) declines the offer, and the same sender sends on the socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declined_ring_sends_the_payload_on_the_socket() {
+    let mut rc = receiver_cfg();
+    rc.transfer.shared_memory = false;
+    tcp_round_trip(shm_cfg(), rc, DataPlane::Socket, 12).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,13 +309,15 @@ async fn grpc_round_trip_is_bit_exact() {
     cancel.cancel();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn corrupted_frame_is_detected_tcp() {
+/// One bit flipped after its checksum, over the TCP transport with `send`.
+async fn corrupted_frame_over_tcp(send: TransferConfig, seed: u64) {
     let listener = tcp_listener().await;
     let addr = listener.local_addr().unwrap();
     let sender = tokio::spawn(async move {
-        let (pool, kv) = source(3);
-        let mut s = TcpTransport::new(addr, cfg()).connect(handshake(9)).await?;
+        let (pool, kv) = source(seed);
+        let mut s = TcpTransport::new(addr, send)
+            .connect(handshake(seed))
+            .await?;
         send_chunks(&mut s, &pool, &kv, &CHUNKS[..1]).await?;
         s.corrupt_next_frame();
         send_chunks(&mut s, &pool, &kv, &CHUNKS[1..]).await?;
@@ -275,6 +330,16 @@ async fn corrupted_frame_is_detected_tcp() {
     // The sender learns it failed (as a checksum failure, or as the
     // connection closing under it if it was still writing).
     assert!(sender.await.unwrap().is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_frame_is_detected_tcp() {
+    corrupted_frame_over_tcp(socket_cfg(), 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_frame_is_detected_shm() {
+    corrupted_frame_over_tcp(shm_cfg(), 13).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,11 +370,40 @@ async fn corrupted_frame_is_detected_grpc() {
     cancel.cancel();
 }
 
+/// The receiver goes away while the sender waits for ring space: the sender
+/// hears it at once (not after its 5 s I/O deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_receiver_fails_a_sender_waiting_for_ring_space() {
+    let listener = tcp_listener().await;
+    let t = TcpTransport::new(listener.local_addr().unwrap(), shm_cfg());
+    let (s, r) = tokio::join!(t.connect(handshake(20)), listener.accept());
+    let mut s = s.unwrap();
+    assert_eq!(s.data_plane(), DataPlane::SharedMemory);
+    let r = r.unwrap();
+    let gone = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(r);
+        Instant::now()
+    };
+    let (src, skv) = source(14);
+    let send = async {
+        let e = send_chunks(&mut s, &src, &skv, &CHUNKS).await.unwrap_err();
+        (e, Instant::now())
+    };
+    let (dropped_at, (e, failed_at)) = tokio::join!(gone, send);
+    assert!(
+        matches!(e, KvTransferError::PeerGone(_) | KvTransferError::Io(_)),
+        "{e}"
+    );
+    let took = failed_at.saturating_duration_since(dropped_at);
+    assert!(took < Duration::from_secs(2), "noticed after {took:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mismatched_handshakes_are_refused_tcp() {
     let listener = tcp_listener().await;
     let addr = listener.local_addr().unwrap();
-    let t = TcpTransport::new(addr, cfg());
+    let t = TcpTransport::new(addr, shm_cfg());
 
     let mut hs = handshake(1);
     hs.layout.model_fingerprint = "another-model".into();
@@ -391,7 +485,7 @@ async fn an_idle_tcp_sender_keeps_its_transfer_alive_with_heartbeats() {
     let listener = TcpKvListener::bind("127.0.0.1:0".parse().unwrap(), rc)
         .await
         .unwrap();
-    let t = TcpTransport::new(listener.local_addr().unwrap(), cfg());
+    let t = TcpTransport::new(listener.local_addr().unwrap(), socket_cfg());
     let (s, r) = tokio::join!(t.connect(handshake(1)), listener.accept());
     idle_then_send(s.unwrap(), r.unwrap()).await;
 }
@@ -423,7 +517,7 @@ async fn idle_then_send<S: KvSender>(mut s: S, r: KvReceiver) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_ends_a_transfer_and_frees_its_blocks() {
     let listener = tcp_listener().await;
-    let t = TcpTransport::new(listener.local_addr().unwrap(), cfg());
+    let t = TcpTransport::new(listener.local_addr().unwrap(), shm_cfg());
     let (s, r) = tokio::join!(t.connect(handshake(2)), listener.accept());
     let _stalled = s.unwrap();
     let r = r.unwrap();
@@ -458,6 +552,7 @@ async fn a_silent_receiver_expires_the_senders_lease() {
         sock.read_exact(&mut hs).await.unwrap();
         let ok = tandem_proto::kv::KvReply {
             kind: Some(tandem_proto::kv::ReplyKind::Accepted(true)),
+            shared_memory: false,
         }
         .encode_to_vec();
         let mut reply = FrameHeader::control(FrameKind::Reply, h.request_id, &ok)
@@ -562,18 +657,17 @@ fn peer_process() {
         }
         let half = mode == "half";
         match transport {
-            "tcp" => {
-                go(
-                    TcpTransport::new(addr, cfg())
-                        .connect(handshake(42))
-                        .await
-                        .unwrap(),
-                    &pool,
-                    &kv,
-                    chunks,
-                    half,
-                )
-                .await
+            "tcp" | "shm" => {
+                let s = TcpTransport::new(addr, sender_cfg(transport))
+                    .connect(handshake(42))
+                    .await
+                    .unwrap();
+                let plane = match transport {
+                    "shm" => DataPlane::SharedMemory,
+                    _ => DataPlane::Socket,
+                };
+                assert_eq!(s.data_plane(), plane);
+                go(s, &pool, &kv, chunks, half).await
             }
             _ => {
                 let t = GrpcTransport::connect_to(addr, cfg()).await.unwrap();
@@ -598,7 +692,7 @@ async fn accept_one(
     CancellationToken,
 ) {
     let cancel = CancellationToken::new();
-    if transport == "tcp" {
+    if transport != "grpc" {
         let l = tcp_listener().await;
         let addr = l.local_addr().unwrap();
         (
@@ -643,6 +737,11 @@ async fn cross_process_round_trip(transport: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_process_round_trip_tcp() {
     cross_process_round_trip("tcp").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_process_round_trip_shm() {
+    cross_process_round_trip("shm").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -697,6 +796,11 @@ async fn killed_sender_frees_reserved_blocks(transport: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_sender_process_frees_reserved_blocks_tcp() {
     killed_sender_frees_reserved_blocks("tcp").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_sender_process_frees_reserved_blocks_shm() {
+    killed_sender_frees_reserved_blocks("shm").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

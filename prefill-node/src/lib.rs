@@ -95,6 +95,7 @@ impl PrefillService {
         let ship = async move {
             let mut sender = transport.connect(handshake).await?;
             let connected = Instant::now();
+            tracing::debug!(transfer_id = req.transfer_id, plane = ?sender.data_plane(), "KV transfer connected");
             let mut waiting = Some(waiting);
             let mut _sending = None;
             while let Some((layer, blocks)) = layers.recv().await {

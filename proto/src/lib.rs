@@ -29,7 +29,7 @@ pub mod kv {
     pub use crate::pb::kv_transfer_server::{KvTransfer, KvTransferServer};
     pub use crate::pb::{
         KvBlock, KvBlocks, KvDone, KvEnd, KvFailed, KvFrame, KvHandshake, KvLayout, KvRefused,
-        KvReply,
+        KvReply, SharedMemoryOffer,
     };
 }
 

@@ -8,7 +8,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tandem_proto::generate as g;
 use tandem_proto::worker as w;
-use tandem_tests::{model_path, tandem_bin, Cluster, Node, SECRET};
+use tandem_tests::{model_path, tandem_bin, Cluster, ClusterSpec, Node, SECRET};
 
 #[path = "e2e/bench.rs"]
 mod bench;
@@ -126,6 +126,17 @@ fn greedy_output_is_the_same_disaggregated_colocated_and_in_process() {
     // Run them again: now the prefill worker's prefix cache holds them.
     let d2 = rt.block_on(via_grpc(&disagg, &prompts));
     drop(disagg);
+    // The KV above moved through shared memory (both workers on one host);
+    // a decode worker that declines it gets the payload on the socket.
+    let on_socket = Cluster::start_spec(ClusterSpec {
+        prefill: 1,
+        decode: 1,
+        threads: 1,
+        decode_args: vec!["--kv-shared-memory".into(), "false".into()],
+        ..Default::default()
+    });
+    let s = rt.block_on(via_grpc(&on_socket, &prompts));
+    drop(on_socket);
     let colocated = Cluster::start(0, 1, 2, &[]);
     let c = rt.block_on(via_grpc(&colocated, &prompts));
     drop(colocated);
@@ -136,6 +147,10 @@ fn greedy_output_is_the_same_disaggregated_colocated_and_in_process() {
         assert_eq!(
             &d2[i].1, ids,
             "disaggregated (cached) tokens differ for {p:?}"
+        );
+        assert_eq!(
+            &s[i].1, ids,
+            "tokens differ with KV on the socket for {p:?}"
         );
         assert_eq!(&c[i].1, ids, "colocated tokens differ for {p:?}");
         assert_eq!(&d[i].0, text, "disaggregated text differs for {p:?}");
