@@ -37,7 +37,18 @@ pub struct RankArgs {
     pub timeout_secs: u64,
 }
 
+/// Test hook: the rank with this number fails at start, as a rank whose
+/// model load or memory fails would (rank 0 must say so at once).
+const FAIL_RANK_ENV: &str = "TANDEM_TEST_FAIL_RANK";
+
 pub fn run_rank(a: RankArgs) -> Result<()> {
+    if std::env::var(FAIL_RANK_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        == Some(a.rank)
+    {
+        bail!("rank {} fails at start ({FAIL_RANK_ENV})", a.rank);
+    }
     let src = ModelSource::open(&a.model)
         .with_context(|| format!("loading model {}", a.model.display()))?;
     let o = ShardOptions {
@@ -139,7 +150,43 @@ pub fn start(
         threads: per_rank,
         expand,
     };
-    let model = ShardedModel::start(src, &o).context("forming the sharded worker")?;
+    let model = form(src, o, &mut ranks)?;
     tracing::info!(tp, pp, threads_per_rank = per_rank, "sharded worker formed");
     Ok((Arc::new(model), ranks))
+}
+
+/// Forms the group as rank 0 while watching the other ranks' processes: a
+/// rank that exits before the group forms (its model failed to load, say)
+/// fails the start at once, instead of when the group's timeout runs out.
+fn form(src: &ModelSource, o: ShardOptions, ranks: &mut Ranks) -> Result<ShardedModel> {
+    let path = src.path.clone();
+    let (tx, formed) = std::sync::mpsc::channel();
+    // Detached: if a rank fails, this thread gives up at the group's
+    // timeout on its own, and its result goes nowhere.
+    std::thread::Builder::new()
+        .name("shard-formation".into())
+        .spawn(move || {
+            let r = ModelSource::open(&path)
+                .map_err(anyhow::Error::from)
+                .and_then(|src| Ok(ShardedModel::start(&src, &o)?));
+            let _ = tx.send(r);
+        })
+        .context("starting the formation thread")?;
+    loop {
+        match formed.recv_timeout(Duration::from_millis(100)) {
+            Ok(r) => return r.context("forming the sharded worker"),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                bail!("forming the sharded worker: the formation thread ended without a result")
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        for (i, c) in ranks.children.iter_mut().enumerate() {
+            if let Ok(Some(status)) = c.try_wait() {
+                bail!(
+                    "forming the sharded worker: rank {} exited ({status}) before the group formed; its error is above",
+                    i + 1
+                );
+            }
+        }
+    }
 }

@@ -1,6 +1,6 @@
 //! Sharded workers as real processes: a prefill worker of one TP/PP shape
 //! ships KV to a decode worker of another, and a rank that dies takes its
-//! worker out of the cluster.
+//! worker out of the cluster (one that fails at start, its worker at once).
 
 use tandem_tests::etcd::Etcd;
 use tandem_tests::ClusterSpec;
@@ -139,4 +139,36 @@ fn a_killed_rank_takes_its_worker_out_of_the_cluster() {
         assert!(Instant::now() < deadline, "rank 1 outlived its worker");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A rank that fails at start (here by a test hook; a model that does not
+/// load, or memory, in life) fails its worker's start at once and says
+/// which rank, instead of when the group's 60 s formation timeout runs out.
+#[test]
+fn a_rank_that_fails_at_start_fails_the_worker_at_once() {
+    let started = Instant::now();
+    let out = Command::new(tandem_bin())
+        .args([
+            "generate",
+            "--pp",
+            "2",
+            "--threads",
+            "2",
+            "--max-tokens",
+            "1",
+        ])
+        .args(["--prompt", "Hi", "--model"])
+        .arg(model_path())
+        .env("TANDEM_TEST_FAIL_RANK", "1")
+        .output()
+        .expect("running tandem generate");
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("rank 1 exited"), "{err}");
+    assert!(
+        err.contains("rank 1 fails at start"),
+        "the rank's own error: {err}"
+    );
+    assert!(took < Duration::from_secs(30), "failed after {took:?}");
 }
