@@ -231,16 +231,7 @@ impl GrpcIncoming {
             }
         }
         .await;
-        let reply = match &r {
-            Ok(s) => pb::KvReply {
-                kind: Some(pb::ReplyKind::Done(pb::KvDone {
-                    frames: s.frames,
-                    bytes: s.bytes,
-                })),
-                shared_memory: false,
-            },
-            Err(e) => layout::refusal(e),
-        };
+        let reply = layout::outcome(&r);
         drop(_beats);
         // Best effort: a dead sender cannot hear it, and the outcome here stands.
         let _ = tokio::time::timeout(cfg.io_timeout, self.reply.send(Ok(reply))).await;

@@ -207,6 +207,20 @@ impl Handshake {
     }
 }
 
+/// The receiver's final answer: the counts it verified, or why it failed.
+pub(crate) fn outcome(r: &Result<TransferSummary>) -> pb::KvReply {
+    match r {
+        Ok(s) => pb::KvReply {
+            kind: Some(pb::ReplyKind::Done(pb::KvDone {
+                frames: s.frames,
+                bytes: s.bytes,
+            })),
+            shared_memory: false,
+        },
+        Err(e) => refusal(e),
+    }
+}
+
 /// How a refusal travels back to the sender, so it sees the same typed error.
 pub(crate) fn refusal(e: &KvTransferError) -> pb::KvReply {
     let kind = match e {

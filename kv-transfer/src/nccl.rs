@@ -68,8 +68,8 @@ use crate::layout::{self, Handshake, TransferSummary};
 use crate::sink::{Assembler, KvSink};
 use crate::tcp::{
     check_region, io_err, listen_to_receiver, next_header, read_control, read_control_payload,
-    read_header, socket_for, write_control, AbortOnDrop, Heartbeats, PendingKv, TcpIncoming,
-    TcpKvListener, Writer,
+    read_header, socket_for, tell_sender, write_control, AbortOnDrop, Heartbeats, PendingKv,
+    TcpIncoming, TcpKvListener, Writer,
 };
 use crate::transport::{
     with_deadline, BlockRegion, KvReceiver, KvSender, KvTransport, ReceiverConfig, ReceiverInner,
@@ -873,19 +873,7 @@ impl NcclIncoming {
         let heartbeats = Heartbeats::start(self.writer.clone(), self.request_id, cfg.clone());
         let r = Self::frames(&mut self.reader, &mut self.plane, &mut asm, cfg).await;
         drop(heartbeats);
-        let reply = match &r {
-            Ok(s) => pb::KvReply {
-                kind: Some(pb::ReplyKind::Done(pb::KvDone {
-                    frames: s.frames,
-                    bytes: s.bytes,
-                })),
-                shared_memory: false,
-            },
-            Err(e) => layout::refusal(e),
-        };
-        // Best effort: a dead sender cannot hear it, and the outcome here stands.
-        let mut w = self.writer.lock().await;
-        let _ = write_control(&mut *w, FrameKind::Reply, 0, &reply.encode_to_vec(), cfg).await;
+        tell_sender(&self.writer, &r, cfg).await;
         r
     }
 

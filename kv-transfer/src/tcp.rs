@@ -232,6 +232,14 @@ pub(crate) async fn write_control<W: AsyncWriteExt + Unpin>(
     .await
 }
 
+/// Tells the sender how its transfer ended. Best effort: a dead sender
+/// cannot hear it, and the outcome on this side stands.
+pub(crate) async fn tell_sender(w: &Writer, r: &Result<TransferSummary>, cfg: &TransferConfig) {
+    let reply = layout::outcome(r).encode_to_vec();
+    let mut w = w.lock().await;
+    let _ = write_control(&mut *w, FrameKind::Reply, 0, &reply, cfg).await;
+}
+
 /// Client side: where to send KV over TCP.
 #[derive(Debug, Clone)]
 pub struct TcpTransport {
@@ -691,19 +699,7 @@ impl TcpIncoming {
         let ring = self.ring.as_mut();
         let r = Self::frames(&mut self.reader, &self.writer, ring, &mut asm, cfg).await;
         drop(heartbeats);
-        let reply = match &r {
-            Ok(s) => pb::KvReply {
-                kind: Some(pb::ReplyKind::Done(pb::KvDone {
-                    frames: s.frames,
-                    bytes: s.bytes,
-                })),
-                shared_memory: false,
-            },
-            Err(e) => layout::refusal(e),
-        };
-        // Best effort: a dead sender cannot hear it, and the outcome here stands.
-        let mut w = self.writer.lock().await;
-        let _ = write_control(&mut *w, FrameKind::Reply, 0, &reply.encode_to_vec(), cfg).await;
+        tell_sender(&self.writer, &r, cfg).await;
         r
     }
 
