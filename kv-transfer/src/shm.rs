@@ -183,11 +183,18 @@ impl SendRing {
     }
 
     /// Keeps the ring for a later transfer. Only for a transfer whose
-    /// receiver confirmed it: it reads nothing more.
+    /// receiver confirmed it: it reads nothing more. With the idle list
+    /// full, a larger ring takes the place of the smallest (a large ring
+    /// serves any transfer; a small one only small ones).
     pub(crate) fn recycle(self) {
         let mut idle = IDLE.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MAX_IDLE {
             idle.push(self);
+            return;
+        }
+        let smallest = (0..idle.len()).min_by_key(|&i| idle[i].map.capacity);
+        if let Some(i) = smallest.filter(|&i| idle[i].map.capacity < self.map.capacity) {
+            idle[i] = self;
         }
     }
 
@@ -440,8 +447,47 @@ mod tests {
         assert!(tx.room_for(1000).is_some(), "a read frees room");
     }
 
+    /// The idle rings are the process's: tests that use them take turns,
+    /// each starting from none.
+    fn idle_rings() -> std::sync::MutexGuard<'static, ()> {
+        static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+        IDLE.lock().unwrap().clear();
+        turn
+    }
+
+    #[test]
+    fn a_full_idle_list_keeps_the_larger_rings() {
+        let _turn = idle_rings();
+        let small: Vec<_> = (0..MAX_IDLE)
+            .map(|_| SendRing::take(1).unwrap().0)
+            .collect();
+        for r in small {
+            r.recycle();
+        }
+        let (big, offer) = SendRing::take(8 * HEADER_PAGE).unwrap();
+        assert_eq!(
+            big.capacity(),
+            8 * HEADER_PAGE as u64,
+            "no idle ring fits: a new one"
+        );
+        big.recycle();
+        let (again, reused) = SendRing::take(8 * HEADER_PAGE).unwrap();
+        assert_eq!(reused.fd, offer.fd, "the large ring replaced a small one");
+        again.recycle();
+        let idle = IDLE.lock().unwrap();
+        assert_eq!(idle.len(), MAX_IDLE);
+        assert_eq!(
+            idle.iter()
+                .filter(|r| r.capacity() == HEADER_PAGE as u64)
+                .count(),
+            MAX_IDLE - 1
+        );
+    }
+
     #[test]
     fn a_recycled_ring_starts_empty_under_a_new_nonce() {
+        let _turn = idle_rings();
         let (mut tx, first) = SendRing::take(3 * HEADER_PAGE).unwrap();
         let start = tx.room_for(1000).unwrap();
         tx.write(start, 1000, |push| push(&[1u8; 1000]));
