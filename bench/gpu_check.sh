@@ -11,12 +11,15 @@
 # tables down to ~3 MB) into an ignored folder so that it can be carried:
 #   mkdir -p target/gpu && strip -o target/gpu/cuda_backend <that path>
 # The FP32/BF16 checks also need the default model (98 MB, more than one
-# carry allows): split it into ignored parts and carry them over two calls
-# on the same warm machine (carried files stay there between calls):
-#   mkdir -p models/parts && split -b 48M ~/.cache/tandem/models/SmolLM2-135M-Instruct.Q4_1.gguf \
+# carry of 64 MiB allows): split it into ignored parts and carry them over
+# two calls on the same warm machine (carried files stay there between
+# calls):
+#   mkdir -p models/parts && split -b 30M ~/.cache/tandem/models/SmolLM2-135M-Instruct.Q4_1.gguf \
 #       models/parts/SmolLM2-135M-Instruct.Q4_1.gguf.part-
-#   call 1 carries models/parts/...part-aa (and runs `true`),
-#   call 2 carries target/gpu and models/parts/...part-ab and runs this script.
+#   call 1 carries models/parts/...part-aa and part-ab (and runs `true`),
+#   call 2 carries target/gpu and models/parts/...part-ac and part-ad (with
+#   the ~24 MB tandem binary of gpu_disagg_check.sh too, 61 MiB in all)
+#   and runs this script.
 # The script joins the parts into models/ and checks the sha256. Without
 # the model, the tests that need it fail, saying so; the others still run.
 #
@@ -46,27 +49,8 @@ fi
 
 # The default model: models/ in the repository (joined from carried parts
 # when needed), unless TANDEM_MODELS_DIR says otherwise.
-model_file=SmolLM2-135M-Instruct.Q4_1.gguf
-model_sha=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-if [[ -z "${TANDEM_MODELS_DIR:-}" ]]; then
-    if [[ ! -f "models/$model_file" ]] && ls models/parts/"$model_file".part-* >/dev/null 2>&1; then
-        mkdir -p models
-        cat models/parts/"$model_file".part-* >"models/$model_file.tmp" &&
-            mv "models/$model_file.tmp" "models/$model_file"
-    fi
-    if [[ -f "models/$model_file" ]]; then
-        export TANDEM_MODELS_DIR=$PWD/models
-    fi
-fi
-model_ok=false
-if [[ -n "${TANDEM_MODELS_DIR:-}" && -f "$TANDEM_MODELS_DIR/$model_file" ]]; then
-    got=$(sha256sum "$TANDEM_MODELS_DIR/$model_file" | cut -d' ' -f1)
-    if [[ "$got" == "$model_sha" ]]; then
-        model_ok=true
-    else
-        echo "warning: $TANDEM_MODELS_DIR/$model_file has sha256 $got, expected $model_sha" >&2
-    fi
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_model.sh"
+use_default_model
 
 # The test binary finds the fixtures (golden prompts, synthetic checkpoints)
 # here rather than in the source tree it was built from.
