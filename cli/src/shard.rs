@@ -162,7 +162,9 @@ fn form(src: &ModelSource, o: ShardOptions, ranks: &mut Ranks) -> Result<Sharded
     let path = src.path.clone();
     let (tx, formed) = std::sync::mpsc::channel();
     // Detached: if a rank fails, this thread gives up at the group's
-    // timeout on its own, and its result goes nowhere.
+    // timeout on its own, and its result goes nowhere. Being detached, it
+    // cannot borrow `src` and opens the model again (the header only: the
+    // weights are mapped, not read).
     std::thread::Builder::new()
         .name("shard-formation".into())
         .spawn(move || {

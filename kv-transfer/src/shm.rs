@@ -199,7 +199,7 @@ impl SendRing {
     }
 
     /// Empties the ring and gives it a fresh nonce, so that only the
-    /// receiver of the next offer recognises it.
+    /// receiver of the offer returned recognises it.
     fn reset(&mut self) -> std::io::Result<pb::SharedMemoryOffer> {
         let nonce = random_nonce()?;
         self.written = 0;
@@ -209,16 +209,12 @@ impl SendRing {
         unsafe {
             std::ptr::copy_nonoverlapping(nonce.as_ptr(), self.map.base.add(NONCE_AT), NONCE_LEN)
         };
-        Ok(self.offer(nonce))
-    }
-
-    fn offer(&self, nonce: [u8; NONCE_LEN]) -> pb::SharedMemoryOffer {
-        pb::SharedMemoryOffer {
+        Ok(pb::SharedMemoryOffer {
             pid: std::process::id(),
             fd: self.file.as_raw_fd() as u32,
             capacity: self.map.capacity,
             nonce: nonce.to_vec(),
-        }
+        })
     }
 
     /// Creates a ring of `capacity` data bytes (rounded up to whole pages).
@@ -244,7 +240,6 @@ impl SendRing {
             return Err(std::io::Error::last_os_error());
         }
         let map = Mapping::map(&file, HEADER_PAGE + capacity)?;
-        let nonce = random_nonce()?;
         // SAFETY: the header page is ours until the offer goes out.
         unsafe {
             std::ptr::copy_nonoverlapping(MAGIC.to_le_bytes().as_ptr(), map.base, 8);
@@ -253,14 +248,13 @@ impl SendRing {
                 map.base.add(CAPACITY_AT),
                 8,
             );
-            std::ptr::copy_nonoverlapping(nonce.as_ptr(), map.base.add(NONCE_AT), NONCE_LEN);
         }
-        let ring = Self {
+        let mut ring = Self {
             map,
             file,
             written: 0,
         };
-        let offer = ring.offer(nonce);
+        let offer = ring.reset()?;
         Ok((ring, offer))
     }
 

@@ -110,13 +110,19 @@ fn unless_heartbeat(h: FrameHeader) -> Result<Option<FrameHeader>> {
     if h.kind != FrameKind::Heartbeat {
         return Ok(Some(h));
     }
+    expect_empty(&h)?;
+    Ok(None)
+}
+
+/// Heartbeat and Credit frames carry nothing but their kind.
+fn expect_empty(h: &FrameHeader) -> Result<()> {
     if h.byte_len != 0 {
         return Err(KvTransferError::Protocol(format!(
-            "heartbeat frame of {} bytes",
-            h.byte_len
+            "{:?} frame of {} bytes",
+            h.kind, h.byte_len
         )));
     }
-    Ok(None)
+    Ok(())
 }
 
 /// Reads the payload of control frame `h` (size-checked) and checks its CRC.
@@ -346,12 +352,7 @@ pub(crate) async fn listen_to_receiver(
             if h.kind != FrameKind::Credit {
                 break h;
             }
-            if h.byte_len != 0 {
-                return Err(KvTransferError::Protocol(format!(
-                    "credit frame of {} bytes",
-                    h.byte_len
-                )));
-            }
+            expect_empty(&h)?;
             credits.notify_one();
         };
         if h.kind != FrameKind::Reply {
