@@ -75,7 +75,25 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Keeps freed heap memory for reuse instead of handing it back to the
+/// kernel at once. KV transfers and HTTP/2 allocate and free buffers of
+/// about 1 MiB at a high rate; glibc's adaptive defaults map or trim such
+/// chunks, so every reuse page-faults afresh, which cost the gRPC KV
+/// transport about a third of its throughput. Allocations of 32 MiB and up
+/// (the KV pool, weights) are still mapped on their own and returned when
+/// freed; up to 256 MiB of free heap is kept per arena.
+fn tune_malloc() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; it is called before
+    // any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
 fn main() {
+    tune_malloc();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result: Result<()> = match cli.command {

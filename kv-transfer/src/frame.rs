@@ -92,18 +92,6 @@ pub fn encode_payload_vec(
     encode_payload_into(l, region, slots, seed, |c| out.extend_from_slice(c))
 }
 
-/// [`encode_payload_vec`] into a `BytesMut` (the gRPC message payload).
-pub fn encode_payload_bytes(
-    l: &KvLayout,
-    region: &[f32],
-    slots: usize,
-    seed: u32,
-    out: &mut bytes::BytesMut,
-) -> u32 {
-    out.reserve(payload_len(l, slots));
-    encode_payload_into(l, region, slots, seed, |c| out.extend_from_slice(c))
-}
-
 /// Hands the payload to `push` in pieces, computing the checksum over each
 /// piece as it goes (one pass over the data).
 pub(crate) fn encode_payload_into(
@@ -123,6 +111,27 @@ pub(crate) fn encode_payload_into(
     })
     .expect("encoding cannot fail");
     crc
+}
+
+/// The CRC-32C of the payload of `region`, as [`encode_payload_into`]
+/// computes it, without copying: for encoders that must write a payload's
+/// checksum before the payload itself.
+pub(crate) fn payload_crc(l: &KvLayout, region: &[f32], slots: usize, seed: u32) -> u32 {
+    encode_payload_into(l, region, slots, seed, |_| {})
+}
+
+/// Hands the payload of `region` to `push` in wire order, without a checksum.
+pub(crate) fn copy_payload(
+    l: &KvLayout,
+    region: &[f32],
+    slots: usize,
+    mut push: impl FnMut(&[u8]),
+) {
+    for_each_run(l, slots, |r| {
+        push(bytemuck::cast_slice::<f32, u8>(&region[r]));
+        Ok(())
+    })
+    .expect("copying cannot fail");
 }
 
 /// Unpacks `payload` (`slots` tokens) into the destination region, checking

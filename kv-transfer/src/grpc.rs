@@ -10,21 +10,31 @@
 //! side has nothing to say it sends a heartbeat every third of the lease
 //! (the sender an empty batch of blocks, the receiver a reply without a
 //! kind), and each side waits at most one lease for the other.
+//!
+//! The sender writes its request body itself rather than through tonic's
+//! codec: a batch of blocks becomes one gRPC message whose payloads are
+//! copied straight from the KV into the bytes that go to HTTP/2, where the
+//! codec would have copied them once more (into a message, then into its
+//! encode buffer). The bytes are exactly what prost would encode, so any
+//! gRPC client of `KvTransfer` interoperates.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
+use prost::Message;
 use tandem_engine::kv::KvLayout;
 use tandem_proto::kv as pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::{KvTransferError, Result};
-use crate::frame::{encode_payload_bytes, frame_seed, payload_len};
+use crate::frame::{copy_payload, frame_seed, payload_crc, payload_len};
 use crate::layout::{self, Handshake, TransferSummary};
 use crate::sink::{Assembler, KvSink};
 use crate::tcp::check_region;
@@ -42,6 +52,11 @@ pub const STREAM_WINDOW: u32 = 16 << 20;
 pub const CONNECTION_WINDOW: u32 = 64 << 20;
 /// Frames queued between the sender's encoder and the HTTP/2 connection.
 const SEND_QUEUE: usize = 4;
+/// The method's path, as the generated client would send it.
+const TRANSFER_PATH: &str = "/tandem.v1.KvTransfer/Transfer";
+/// A gRPC message's prefix: a compression flag (0: none) and the length,
+/// big-endian.
+const GRPC_PREFIX: usize = 5;
 
 /// The tonic service: validates handshakes and hands accepted transfers to
 /// the application through a channel.
@@ -325,24 +340,17 @@ impl KvTransport for GrpcTransport {
 
     async fn connect(&self, handshake: Handshake) -> Result<GrpcSender> {
         let cfg = self.cfg.clone();
-        let (tx, rx) = mpsc::channel(SEND_QUEUE);
+        let (tx, rx) = mpsc::channel::<Bytes>(SEND_QUEUE);
         let hs = pb::KvFrame {
             kind: Some(pb::FrameKind::Handshake(handshake.to_proto())),
         };
-        tx.send(hs)
+        tx.send(grpc_message(&hs))
             .await
             .map_err(|_| KvTransferError::PeerGone("send queue closed".into()))?;
-        let mut client = pb::KvTransferClient::new(self.channel.clone())
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE);
-        let resp = with_deadline("connect", cfg.io_timeout, async {
-            client
-                .transfer(ReceiverStream::new(rx))
-                .await
-                .map_err(Into::into)
+        let mut replies = with_deadline("connect", cfg.io_timeout, async {
+            open_call(self.channel.clone(), rx).await
         })
         .await?;
-        let mut replies = resp.into_inner();
         let first = with_deadline("handshake reply", cfg.io_timeout, async {
             replies.message().await.map_err(Into::into)
         })
@@ -359,7 +367,7 @@ impl KvTransport for GrpcTransport {
                         blocks: Vec::new(),
                     })),
                 };
-                tx.send(empty).await.is_ok()
+                tx.send(grpc_message(&empty)).await.is_ok()
             }
         });
         Ok(GrpcSender {
@@ -375,12 +383,137 @@ impl KvTransport for GrpcTransport {
     }
 }
 
+/// Starts a `Transfer` call whose request body is the framed messages of
+/// `body`, and returns the stream of replies. What tonic's generated client
+/// does, minus its encoder.
+async fn open_call(
+    mut channel: Channel,
+    body: mpsc::Receiver<Bytes>,
+) -> Result<Streaming<pb::KvReply>> {
+    use tower_service::Service;
+    let grpc = |e: &dyn std::fmt::Display| KvTransferError::Grpc(e.to_string());
+    let frames = ReceiverStream::new(body).map(|m| Ok::<_, Status>(http_body::Frame::data(m)));
+    let req = http::Request::builder()
+        .method(http::Method::POST)
+        .version(http::Version::HTTP_2)
+        .uri(TRANSFER_PATH)
+        .header(http::header::TE, "trailers")
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .body(tonic::body::Body::new(http_body_util::StreamBody::new(
+            frames,
+        )))
+        .map_err(|e| grpc(&e))?;
+    std::future::poll_fn(|cx| channel.poll_ready(cx))
+        .await
+        .map_err(|e| grpc(&e))?;
+    let resp = channel.call(req).await.map_err(|e| grpc(&e))?;
+    // A call refused before any reply (unknown method, a server error)
+    // carries its status in the headers.
+    if let Some(status) = Status::from_header_map(resp.headers()) {
+        if status.code() != tonic::Code::Ok {
+            return Err(status.into());
+        }
+    }
+    let code = resp.status();
+    Ok(Streaming::new_response(
+        tonic_prost::ProstDecoder::<pb::KvReply>::default(),
+        resp.into_body(),
+        code,
+        None,
+        Some(MAX_MESSAGE),
+    ))
+}
+
+/// `msg` as one framed gRPC message.
+fn grpc_message(msg: &impl Message) -> Bytes {
+    let len = msg.encoded_len();
+    let mut buf = BytesMut::with_capacity(GRPC_PREFIX + len);
+    buf.put_u8(0);
+    buf.put_u32(len as u32);
+    msg.encode(&mut buf).expect("the buffer has room");
+    buf.freeze()
+}
+
+/// Field numbers of the messages [`blocks_message`] writes by hand.
+const FRAME_BLOCKS: u32 = 2;
+const BLOCKS_REQUEST_ID: u32 = 1;
+const BLOCKS_BLOCK: u32 = 2;
+const BLOCK_PAYLOAD: u32 = 5;
+
+/// Bytes of a length-delimited field `tag` holding `len` bytes.
+fn delimited_len(tag: u32, len: usize) -> usize {
+    key_len(tag) + encoded_len_varint(len as u64) + len
+}
+
+/// A `KvFrame` holding `blocks` of `layer` as one framed gRPC message, the
+/// same bytes prost would encode. Each payload is checksummed first, since
+/// its CRC precedes it on the wire, and then copied once, from the KV into
+/// the message; the second read finds the block in cache. With `corrupt`,
+/// the first payload has a bit flipped after its checksum (a test hook).
+fn blocks_message(
+    l: &KvLayout,
+    request_id: u64,
+    layer: u32,
+    blocks: &[BlockRegion<'_>],
+    corrupt: bool,
+) -> Bytes {
+    let heads: Vec<(pb::KvBlock, usize)> = blocks
+        .iter()
+        .map(|b| {
+            let slots = b.slots as usize;
+            let head = pb::KvBlock {
+                layer,
+                block: b.block,
+                slots: b.slots,
+                crc32c: payload_crc(l, b.data, slots, frame_seed(layer, b.block, b.slots)),
+                payload: Bytes::new(),
+            };
+            let len = head.encoded_len() + delimited_len(BLOCK_PAYLOAD, payload_len(l, slots));
+            (head, len)
+        })
+        .collect();
+    let id_len = if request_id != 0 {
+        key_len(BLOCKS_REQUEST_ID) + encoded_len_varint(request_id)
+    } else {
+        0
+    };
+    let blocks_len = id_len
+        + heads
+            .iter()
+            .map(|(_, len)| delimited_len(BLOCKS_BLOCK, *len))
+            .sum::<usize>();
+    let frame_len = delimited_len(FRAME_BLOCKS, blocks_len);
+    let mut buf = BytesMut::with_capacity(GRPC_PREFIX + frame_len);
+    buf.put_u8(0);
+    buf.put_u32(frame_len as u32);
+    encode_key(FRAME_BLOCKS, WireType::LengthDelimited, &mut buf);
+    encode_varint(blocks_len as u64, &mut buf);
+    if request_id != 0 {
+        prost::encoding::uint64::encode(BLOCKS_REQUEST_ID, &request_id, &mut buf);
+    }
+    for (i, (b, (head, len))) in blocks.iter().zip(&heads).enumerate() {
+        encode_key(BLOCKS_BLOCK, WireType::LengthDelimited, &mut buf);
+        encode_varint(*len as u64, &mut buf);
+        head.encode(&mut buf).expect("the buffer has room");
+        let slots = b.slots as usize;
+        encode_key(BLOCK_PAYLOAD, WireType::LengthDelimited, &mut buf);
+        encode_varint(payload_len(l, slots) as u64, &mut buf);
+        let at = buf.len();
+        copy_payload(l, b.data, slots, |c| buf.extend_from_slice(c));
+        if corrupt && i == 0 {
+            buf[at] ^= 0x01;
+        }
+    }
+    debug_assert_eq!(buf.len(), GRPC_PREFIX + frame_len);
+    buf.freeze()
+}
+
 /// One gRPC transfer, sender side.
 pub struct GrpcSender {
     /// Empty batches while the prefill has nothing to send; stopped (so the
     /// request stream can end) at `finish`.
     beats: Option<Beats>,
-    tx: Option<mpsc::Sender<pb::KvFrame>>,
+    tx: Option<mpsc::Sender<Bytes>>,
     replies: Streaming<pb::KvReply>,
     layout: KvLayout,
     request_id: u64,
@@ -396,10 +529,10 @@ impl GrpcSender {
         self.corrupt = true;
     }
 
-    async fn push(&mut self, frame: pb::KvFrame) -> Result<()> {
+    async fn push(&mut self, message: Bytes) -> Result<()> {
         let tx = self.tx.as_ref().ok_or(KvTransferError::Cancelled)?;
         let sent = with_deadline("frame write", self.cfg.io_timeout, async {
-            tx.send(frame)
+            tx.send(message)
                 .await
                 .map_err(|_| KvTransferError::PeerGone("the call ended".into()))
         })
@@ -426,50 +559,26 @@ impl GrpcSender {
 
 impl KvSender for GrpcSender {
     async fn send_layer_blocks(&mut self, layer: u32, blocks: &[BlockRegion<'_>]) -> Result<()> {
-        let mut batch = Vec::new();
-        let mut size = 0usize;
         for b in blocks {
             check_region(&self.layout, b)?;
-            let mut payload = BytesMut::with_capacity(payload_len(&self.layout, b.slots as usize));
-            let crc = encode_payload_bytes(
-                &self.layout,
-                b.data,
-                b.slots as usize,
-                frame_seed(layer, b.block, b.slots),
-                &mut payload,
-            );
-            if std::mem::take(&mut self.corrupt) {
-                payload[0] ^= 0x01;
-            }
-            size += payload.len();
-            batch.push(pb::KvBlock {
-                layer,
-                block: b.block,
-                slots: b.slots,
-                crc32c: crc,
-                payload: payload.freeze(),
-            });
-            self.frames += 1;
-            if size >= self.cfg.batch_bytes {
-                let blocks = std::mem::take(&mut batch);
-                size = 0;
-                self.push(pb::KvFrame {
-                    kind: Some(pb::FrameKind::Blocks(pb::KvBlocks {
-                        request_id: self.request_id,
-                        blocks,
-                    })),
-                })
-                .await?;
-            }
         }
-        if !batch.is_empty() {
-            self.push(pb::KvFrame {
-                kind: Some(pb::FrameKind::Blocks(pb::KvBlocks {
-                    request_id: self.request_id,
-                    blocks: batch,
-                })),
-            })
-            .await?;
+        // Batches of about `batch_bytes`, each one message.
+        let mut rest = blocks;
+        while !rest.is_empty() {
+            let mut size = 0usize;
+            let n = rest
+                .iter()
+                .position(|b| {
+                    size += payload_len(&self.layout, b.slots as usize);
+                    size >= self.cfg.batch_bytes
+                })
+                .map_or(rest.len(), |i| i + 1);
+            let (batch, tail) = rest.split_at(n);
+            rest = tail;
+            let corrupt = std::mem::take(&mut self.corrupt);
+            let message = blocks_message(&self.layout, self.request_id, layer, batch, corrupt);
+            self.frames += batch.len() as u64;
+            self.push(message).await?;
         }
         Ok(())
     }
@@ -481,10 +590,102 @@ impl KvSender for GrpcSender {
                 frames: self.frames,
             })),
         };
-        self.push(end).await?;
+        self.push(grpc_message(&end)).await?;
         self.tx = None;
         self.beats = None;
         let reply = next_reply(&mut self.replies, self.cfg.lease).await?;
         layout::done(reply)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::encode_payload_vec;
+    use tandem_engine::kv::KvDtype;
+
+    /// What prost encodes for the same blocks, framed.
+    fn prost_message(
+        l: &KvLayout,
+        request_id: u64,
+        layer: u32,
+        blocks: &[BlockRegion<'_>],
+    ) -> Bytes {
+        let blocks = blocks
+            .iter()
+            .map(|b| {
+                let mut payload = Vec::new();
+                let crc32c = encode_payload_vec(
+                    l,
+                    b.data,
+                    b.slots as usize,
+                    frame_seed(layer, b.block, b.slots),
+                    &mut payload,
+                );
+                pb::KvBlock {
+                    layer,
+                    block: b.block,
+                    slots: b.slots,
+                    crc32c,
+                    payload: payload.into(),
+                }
+            })
+            .collect();
+        grpc_message(&pb::KvFrame {
+            kind: Some(pb::FrameKind::Blocks(pb::KvBlocks { request_id, blocks })),
+        })
+    }
+
+    #[test]
+    fn hand_written_blocks_are_the_bytes_prost_writes() {
+        // Lengths, ids and layers of one and of several varint bytes.
+        let l = KvLayout {
+            dtype: KvDtype::F32,
+            n_layers: 3,
+            n_kv_heads: 2,
+            head_dim: 16,
+            block_size: 8,
+        };
+        let data: Vec<Vec<f32>> = (0..4)
+            .map(|b| {
+                (0..l.block_floats())
+                    .map(|i| (b * 1000 + i) as f32 * 0.37)
+                    .collect()
+            })
+            .collect();
+        let regions = |slots: &[u32]| -> Vec<BlockRegion<'_>> {
+            slots
+                .iter()
+                .enumerate()
+                .map(|(i, &s)| BlockRegion {
+                    block: i as u32 * 300,
+                    slots: s,
+                    data: &data[i],
+                })
+                .collect()
+        };
+        for (request_id, layer, slots) in [
+            (0u64, 0u32, vec![8u32]),
+            (1, 2, vec![8, 8, 8, 1]),
+            (u64::MAX, 1, vec![3]),
+            (77, 200, vec![]),
+        ] {
+            let r = regions(&slots);
+            let ours = blocks_message(&l, request_id, layer, &r, false);
+            assert_eq!(ours, prost_message(&l, request_id, layer, &r), "{slots:?}");
+            // And it decodes to the same blocks.
+            let frame = pb::KvFrame::decode(&ours[GRPC_PREFIX..]).unwrap();
+            let Some(pb::FrameKind::Blocks(b)) = frame.kind else {
+                panic!("not a blocks frame")
+            };
+            assert_eq!(b.blocks.len(), slots.len());
+        }
+        // The corruption hook flips one payload bit and nothing else.
+        let r = regions(&[8, 8]);
+        let good = blocks_message(&l, 5, 1, &r, false);
+        let bad = blocks_message(&l, 5, 1, &r, true);
+        let differ: Vec<usize> = (0..good.len()).filter(|&i| good[i] != bad[i]).collect();
+        assert_eq!(differ.len(), 1);
+        assert_eq!(good[differ[0]] ^ bad[differ[0]], 1);
     }
 }

@@ -324,6 +324,35 @@ async fn mismatched_handshakes_are_refused_grpc() {
     cancel.cancel();
 }
 
+/// A gRPC peer that does not serve `KvTransfer` (a misconfigured address:
+/// another node's health endpoint) fails the connect with the server's
+/// status, never a hang or a transfer into nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_peer_without_the_kv_service_fails_the_connect() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cancel = CancellationToken::new();
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                cancel.clone().cancelled_owned(),
+            ),
+    );
+    let t = GrpcTransport::connect_to(addr, cfg()).await.unwrap();
+    let t0 = Instant::now();
+    let e = t.connect(handshake(1)).await.err().unwrap();
+    assert!(
+        matches!(&e, KvTransferError::Grpc(m) if m.contains("not implemented")),
+        "{e}"
+    );
+    assert!(t0.elapsed() < cfg().io_timeout, "failed at once");
+    cancel.cancel();
+    server.await.unwrap().unwrap();
+}
+
 /// A sender with nothing to send yet (its prompt waits in a busy prefill
 /// queue) keeps the transfer alive with heartbeats for twice the lease (and
 /// many times the receiver's per-read I/O deadline), then completes it.
