@@ -234,6 +234,7 @@ refuse "needs etcd.external.endpoints" --set etcd.enabled=false
 refuse "starts empty" --set model.fetch.enabled=false
 refuse "needs model.volume.existingClaim" --set model.volume.type=persistentVolumeClaim
 refuse "must be at least" --set prefill.gpus=1 --set prefill.tpSize=2
+refuse "must be tcp or grpc" --set decode.kvTransport=udp
 
 # --- dashboards and Prometheus --------------------------------------------
 log "python3 -m json.tool: Grafana dashboard"

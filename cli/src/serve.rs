@@ -111,9 +111,15 @@ pub struct WorkerArgs {
     /// Pipeline-parallel stages (of --tp ranks each).
     #[arg(long, env = "TANDEM_PP", default_value_t = 1)]
     pub pp: usize,
-    /// Raw-TCP port for incoming KV (decode workers; 0 picks a free one).
+    /// Port for incoming KV (decode workers; 0 picks a free one).
     #[arg(long, env = "TANDEM_KV_PORT", default_value_t = 0)]
     pub kv_port: u16,
+    /// What the KV port speaks (decode workers; prefill workers follow the
+    /// address a decode worker gives them): `tcp`, length-prefixed frames on
+    /// a raw socket, the fast path; `grpc`, the `tandem.v1.KvTransfer`
+    /// service over HTTP/2, for networks that pass gRPC and little else.
+    #[arg(long, env = "TANDEM_KV_TRANSPORT", value_enum, default_value_t = KvTransportArg::Tcp)]
+    pub kv_transport: KvTransportArg,
     /// Move KV between a prefill and a decode worker on one host through
     /// shared memory instead of the socket (a prefill worker offers it to
     /// decode workers on loopback addresses; a decode worker maps what it is
@@ -123,6 +129,22 @@ pub struct WorkerArgs {
     /// Decode workers refuse new requests while this many wait for the batch (bounded queue).
     #[arg(long, env = "TANDEM_MAX_WAITING", default_value_t = 256)]
     pub max_waiting: usize,
+}
+
+/// `--kv-transport`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvTransportArg {
+    Tcp,
+    Grpc,
+}
+
+impl From<KvTransportArg> for tandem_decode::KvTransportKind {
+    fn from(a: KvTransportArg) -> Self {
+        match a {
+            KvTransportArg::Tcp => Self::Tcp,
+            KvTransportArg::Grpc => Self::Grpc,
+        }
+    }
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -482,6 +504,7 @@ pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
                         threads: threads as u32,
                         prefill_timeout: Duration::from_secs(300),
                         max_waiting: args.max_waiting,
+                        kv_transport: args.kv_transport.into(),
                     },
                     SocketAddr::new(args.node.host, args.kv_port),
                     Some(public.ip()),

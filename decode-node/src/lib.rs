@@ -25,10 +25,11 @@ use tandem_cluster::{ClusterSecret, Drain, Role};
 use tandem_engine::engine::{Engine, RequestHandle, RequestSpec};
 use tandem_engine::kv::KvStaging;
 use tandem_kv_transfer::{
-    CancellationToken, KvReceiver, LayoutDescriptor, ReceiverConfig, TcpKvListener, TransferConfig,
+    grpc, CancellationToken, KvReceiver, LayoutDescriptor, ReceiverConfig, TcpKvListener,
+    TransferConfig,
 };
 use tandem_prefill::convert;
-use tandem_prefill::CancelOnDrop;
+use tandem_prefill::{CancelOnDrop, KvTarget};
 use tandem_proto::worker as pb;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -50,6 +51,21 @@ pub struct DecodeConfig {
     /// 503) while this many wait for a place in the batch: the queue stays
     /// bounded under overload.
     pub max_waiting: usize,
+    /// What the KV port speaks.
+    pub kv_transport: KvTransportKind,
+}
+
+/// What a decode worker's KV port speaks. The prefill worker follows: the
+/// decode worker hands it the address with its scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvTransportKind {
+    /// Length-prefixed frames on a raw TCP socket (with the shared-memory
+    /// ring for prefill workers on this host): the fast path.
+    #[default]
+    Tcp,
+    /// The `tandem.v1.KvTransfer` gRPC service over HTTP/2, for networks
+    /// that pass gRPC and little else (meshes, gRPC-aware proxies).
+    Grpc,
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<KvReceiver>>>>;
@@ -63,6 +79,8 @@ struct Inner {
     engine: Arc<Engine>,
     cfg: DecodeConfig,
     kv_addr: SocketAddr,
+    /// `kv_addr` with the transport's scheme, as prefill workers are told.
+    kv_target: KvTarget,
     /// Transfers expected, by transfer id: the KV listener hands each
     /// accepted connection to the request that reserved blocks for it.
     pending: Pending,
@@ -74,9 +92,10 @@ struct Inner {
 }
 
 impl DecodeService {
-    /// Binds the KV listener on `kv_bind` and starts accepting transfers.
-    /// `kv_host` is the address prefill workers reach the KV port at (the
-    /// bound one when `None`; needed when binding a wildcard address).
+    /// Binds the KV port on `kv_bind` (raw TCP or gRPC, as
+    /// `cfg.kv_transport` says) and starts accepting transfers. `kv_host` is
+    /// the address prefill workers reach the KV port at (the bound one when
+    /// `None`; needed when binding a wildcard address).
     pub async fn start(
         engine: Arc<Engine>,
         cfg: DecodeConfig,
@@ -86,26 +105,43 @@ impl DecodeService {
         shutdown: CancellationToken,
     ) -> Result<Self, tandem_kv_transfer::KvTransferError> {
         let expected = LayoutDescriptor::new(cfg.model_fingerprint.clone(), engine.kv_layout());
-        let listener = TcpKvListener::bind(
-            kv_bind,
-            ReceiverConfig {
-                expected,
-                secret: tandem_kv_transfer::ClusterSecret::new(cfg.secret.as_str().as_bytes()),
-                transfer: cfg.transfer.clone(),
-            },
-        )
-        .await?;
-        let mut kv_addr = listener.local_addr()?;
+        let receiver = ReceiverConfig {
+            expected,
+            secret: tandem_kv_transfer::ClusterSecret::new(cfg.secret.as_str().as_bytes()),
+            transfer: cfg.transfer.clone(),
+        };
+        let pending: Pending = Arc::default();
+        let mut kv_addr = match cfg.kv_transport {
+            KvTransportKind::Tcp => {
+                let listener = TcpKvListener::bind(kv_bind, receiver).await?;
+                let bound = listener.local_addr()?;
+                tokio::spawn(accept_loop(listener, pending.clone(), shutdown));
+                bound
+            }
+            KvTransportKind::Grpc => {
+                let (bound, server, incoming) = grpc::serve(kv_bind, receiver, shutdown).await?;
+                tokio::spawn(async move {
+                    if let Ok(Err(e)) = server.await {
+                        tracing::error!(error = %e, "the KV gRPC server failed");
+                    }
+                });
+                tokio::spawn(grpc_accept_loop(incoming, pending.clone()));
+                bound
+            }
+        };
         if let Some(h) = kv_host {
             kv_addr.set_ip(h);
         }
-        let pending: Pending = Arc::default();
-        tokio::spawn(accept_loop(listener, pending.clone(), shutdown));
+        let kv_target = match cfg.kv_transport {
+            KvTransportKind::Tcp => KvTarget::Tcp(kv_addr),
+            KvTransportKind::Grpc => KvTarget::Grpc(kv_addr),
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 engine,
                 cfg,
                 kv_addr,
+                kv_target,
                 pending,
                 next_transfer: AtomicU64::new(1),
                 by_request: Mutex::default(),
@@ -146,15 +182,30 @@ async fn accept_loop(listener: TcpKvListener, pending: Pending, shutdown: Cancel
                     return;
                 }
             };
-            let id = rx.handshake().request_id;
-            let waiter = pending.lock().ok().and_then(|mut p| p.remove(&id));
-            match waiter {
-                Some(w) => {
-                    let _ = w.send(rx);
-                }
-                None => tracing::warn!(transfer = id, "KV for a transfer nobody expects"),
-            }
+            deliver(&pending, rx);
         });
+    }
+}
+
+/// Hands transfers accepted by the gRPC service (handshake verified) to
+/// the requests that expect them; ends with the server.
+async fn grpc_accept_loop(mut incoming: mpsc::Receiver<KvReceiver>, pending: Pending) {
+    while let Some(rx) = incoming.recv().await {
+        deliver(&pending, rx);
+    }
+}
+
+/// Gives an accepted transfer to the request that reserved blocks for it.
+/// One nobody expects (its request gave up) is dropped: the sender sees
+/// the transfer fail.
+fn deliver(pending: &Pending, rx: KvReceiver) {
+    let id = rx.handshake().request_id;
+    let waiter = pending.lock().ok().and_then(|mut p| p.remove(&id));
+    match waiter {
+        Some(w) => {
+            let _ = w.send(rx);
+        }
+        None => tracing::warn!(transfer = id, "KV for a transfer nobody expects"),
     }
 }
 
@@ -204,7 +255,7 @@ impl Inner {
             request_id: req.request_id.clone(),
             prompt: spec.prompt.clone(),
             sampling: req.sampling.clone(),
-            kv_address: self.kv_addr.to_string(),
+            kv_address: self.kv_target.to_string(),
             transfer_id,
             n: spec.choices() as u32,
         });
@@ -460,7 +511,7 @@ impl pb::Worker for DecodeService {
             Role::Decode,
             &i.cfg.node_id,
             &i.cfg.model_fingerprint,
-            i.kv_addr.to_string(),
+            i.kv_target.to_string(),
             i.cfg.threads,
         )))
     }

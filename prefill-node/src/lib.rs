@@ -9,8 +9,9 @@
 
 pub mod convert;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tandem_cluster::metrics::{self as metrics_names, InStage, Stage};
@@ -18,7 +19,8 @@ use tandem_cluster::{ClusterSecret, Drain, Role};
 use tandem_engine::engine::{Engine, RequestSpec};
 use tandem_engine::scheduler::{Event, ExportBlock, KvExport};
 use tandem_kv_transfer::{
-    BlockRegion, Handshake, KvSender, KvTransport, LayoutDescriptor, TcpTransport, TransferConfig,
+    BlockRegion, DataPlane, GrpcTransport, Handshake, KvSender, KvTransferError, KvTransport,
+    LayoutDescriptor, TcpSender, TcpTransport, TransferConfig, TransferSummary,
 };
 use tandem_proto::worker as pb;
 use tokio::sync::mpsc;
@@ -40,6 +42,53 @@ pub struct PrefillService {
     cfg: PrefillConfig,
     layout: LayoutDescriptor,
     drain: Drain,
+    /// One HTTP/2 connection per decode worker that takes KV over gRPC.
+    grpc_peers: Mutex<HashMap<SocketAddr, GrpcTransport>>,
+}
+
+/// Where a decode worker takes a prompt's KV: `host:port` (or
+/// `tcp://host:port`) for the TCP transport, `grpc://host:port` for gRPC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvTarget {
+    Tcp(SocketAddr),
+    Grpc(SocketAddr),
+}
+
+impl KvTarget {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let addr = |a: &str| a.parse::<SocketAddr>().map_err(|e| format!("{s:?}: {e}"));
+        if let Some(a) = s.strip_prefix("grpc://") {
+            Ok(Self::Grpc(addr(a)?))
+        } else {
+            Ok(Self::Tcp(addr(s.strip_prefix("tcp://").unwrap_or(s))?))
+        }
+    }
+}
+
+impl std::fmt::Display for KvTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "{a}"),
+            Self::Grpc(a) => write!(f, "grpc://{a}"),
+        }
+    }
+}
+
+/// How a sender's payload travels, for the log (gRPC's is its socket).
+trait Plane {
+    fn plane(&self) -> DataPlane;
+}
+
+impl Plane for TcpSender {
+    fn plane(&self) -> DataPlane {
+        self.data_plane()
+    }
+}
+
+impl Plane for tandem_kv_transfer::GrpcSender {
+    fn plane(&self) -> DataPlane {
+        DataPlane::Socket
+    }
 }
 
 impl PrefillService {
@@ -52,15 +101,28 @@ impl PrefillService {
             cfg,
             layout,
             drain,
+            grpc_peers: Mutex::default(),
         }
+    }
+
+    /// The gRPC transport to `addr`, connecting on first use.
+    async fn grpc_peer(&self, addr: SocketAddr) -> Result<GrpcTransport, KvTransferError> {
+        if let Some(t) = self.grpc_peers.lock().expect("peer map").get(&addr) {
+            return Ok(t.clone());
+        }
+        let t = GrpcTransport::connect_to(addr, self.cfg.transfer.clone()).await?;
+        self.grpc_peers
+            .lock()
+            .expect("peer map")
+            .insert(addr, t.clone());
+        Ok(t)
     }
 
     /// Runs one prompt and ships its KV; the body of `Prefill`.
     async fn prefill(&self, req: pb::PrefillRequest) -> Result<pb::PrefillResponse, Status> {
         let started = Instant::now();
-        let kv_addr: SocketAddr = req.kv_address.parse().map_err(|e| {
-            Status::invalid_argument(format!("kv_address {:?}: {e}", req.kv_address))
-        })?;
+        let kv_addr = KvTarget::parse(&req.kv_address)
+            .map_err(|e| Status::invalid_argument(format!("kv_address {e}")))?;
         let params = convert::sampling(req.sampling.as_ref())?;
         let tokens = req.prompt.len();
         // The decode worker checks stop tokens and max_tokens; here the
@@ -91,34 +153,27 @@ impl PrefillService {
             request_id: req.transfer_id,
             tokens: tokens as u64,
         };
-        let transport = TcpTransport::new(kv_addr, self.cfg.transfer.clone());
-        let ship = async move {
-            let mut sender = transport.connect(handshake).await?;
-            let connected = Instant::now();
-            tracing::debug!(transfer_id = req.transfer_id, plane = ?sender.data_plane(), "KV transfer connected");
-            let mut waiting = Some(waiting);
-            let mut _sending = None;
-            while let Some((layer, blocks)) = layers.recv().await {
-                if waiting.take().is_some() {
-                    // The prompt's first layer is computed: out of the queue.
-                    metrics::histogram!(metrics_names::REQUEST_QUEUE_TIME)
-                        .record(started.elapsed().as_secs_f64());
-                    _sending = Some(InStage::enter(Stage::TransferInFlight));
+        let transfer_id = req.transfer_id;
+        let ship = async {
+            match kv_addr {
+                KvTarget::Tcp(a) => {
+                    let t = TcpTransport::new(a, self.cfg.transfer.clone());
+                    stream_kv(&t, handshake, transfer_id, waiting, started, &mut layers).await
                 }
-                let regions: Vec<BlockRegion<'_>> = blocks
-                    .iter()
-                    .map(|b: &OwnedBlock| BlockRegion {
-                        block: b.block,
-                        slots: b.slots,
-                        data: &b.data,
-                    })
-                    .collect();
-                sender.send_layer_blocks(layer, &regions).await?;
+                KvTarget::Grpc(a) => {
+                    let t = self.grpc_peer(a).await?;
+                    let r =
+                        stream_kv(&t, handshake, transfer_id, waiting, started, &mut layers).await;
+                    if matches!(
+                        r,
+                        Err(KvTransferError::Grpc(_) | KvTransferError::PeerGone(_))
+                    ) {
+                        // The next transfer to this peer reconnects.
+                        self.grpc_peers.lock().expect("peer map").remove(&a);
+                    }
+                    r
+                }
             }
-            let done = sender.finish().await;
-            metrics::histogram!(metrics_names::KV_TRANSFER_SECONDS, "direction" => "sent")
-                .record(connected.elapsed().as_secs_f64());
-            done
         };
         let events = async {
             // Choice by choice (the channels buffer the others meanwhile).
@@ -175,6 +230,50 @@ impl PrefillService {
             },
         })
     }
+}
+
+/// Connects to the decode worker and streams the prompt's KV, each layer as
+/// the engine exports it, then waits for the worker's confirmation.
+/// `waiting` ends (and the queue time is recorded) when the first layer is
+/// out of the engine.
+async fn stream_kv<T>(
+    transport: &T,
+    handshake: Handshake,
+    transfer_id: u64,
+    waiting: InStage,
+    started: Instant,
+    layers: &mut mpsc::UnboundedReceiver<(u32, Vec<OwnedBlock>)>,
+) -> Result<TransferSummary, KvTransferError>
+where
+    T: KvTransport,
+    T::Sender: Plane,
+{
+    let mut sender = transport.connect(handshake).await?;
+    let connected = Instant::now();
+    tracing::debug!(transfer_id, plane = ?sender.plane(), "KV transfer connected");
+    let mut waiting = Some(waiting);
+    let mut _sending = None;
+    while let Some((layer, blocks)) = layers.recv().await {
+        if waiting.take().is_some() {
+            // The prompt's first layer is computed: out of the queue.
+            metrics::histogram!(metrics_names::REQUEST_QUEUE_TIME)
+                .record(started.elapsed().as_secs_f64());
+            _sending = Some(InStage::enter(Stage::TransferInFlight));
+        }
+        let regions: Vec<BlockRegion<'_>> = blocks
+            .iter()
+            .map(|b: &OwnedBlock| BlockRegion {
+                block: b.block,
+                slots: b.slots,
+                data: &b.data,
+            })
+            .collect();
+        sender.send_layer_blocks(layer, &regions).await?;
+    }
+    let done = sender.finish().await;
+    metrics::histogram!(metrics_names::KV_TRANSFER_SECONDS, "direction" => "sent")
+        .record(connected.elapsed().as_secs_f64());
+    done
 }
 
 #[tonic::async_trait]
@@ -272,5 +371,39 @@ pub struct CancelOnDrop(pub Arc<Engine>, pub u64);
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         self.0.cancel(self.1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KvTarget;
+
+    #[test]
+    fn kv_targets_parse_with_and_without_a_scheme() {
+        let a = "127.0.0.1:7001".parse().unwrap();
+        let v6 = "[::1]:7001".parse().unwrap();
+        assert_eq!(KvTarget::parse("127.0.0.1:7001"), Ok(KvTarget::Tcp(a)));
+        assert_eq!(
+            KvTarget::parse("tcp://127.0.0.1:7001"),
+            Ok(KvTarget::Tcp(a))
+        );
+        assert_eq!(
+            KvTarget::parse("grpc://127.0.0.1:7001"),
+            Ok(KvTarget::Grpc(a))
+        );
+        assert_eq!(KvTarget::parse("grpc://[::1]:7001"), Ok(KvTarget::Grpc(v6)));
+        for t in [KvTarget::Tcp(a), KvTarget::Grpc(v6)] {
+            assert_eq!(KvTarget::parse(&t.to_string()), Ok(t));
+        }
+        for bad in [
+            "",
+            "grpc://",
+            "http://127.0.0.1:7001",
+            "127.0.0.1",
+            "grpc://host:1",
+        ] {
+            let e = KvTarget::parse(bad).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
     }
 }

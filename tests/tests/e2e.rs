@@ -137,6 +137,21 @@ fn greedy_output_is_the_same_disaggregated_colocated_and_in_process() {
     });
     let s = rt.block_on(via_grpc(&on_socket, &prompts));
     drop(on_socket);
+    // A decode worker whose KV port speaks gRPC.
+    let over_grpc = Cluster::start_spec(ClusterSpec {
+        prefill: 1,
+        decode: 1,
+        threads: 1,
+        decode_args: vec!["--kv-transport".into(), "grpc".into()],
+        ..Default::default()
+    });
+    let g = rt.block_on(via_grpc(&over_grpc, &prompts));
+    let received = rt.block_on(counter(
+        &over_grpc.decode[0],
+        "tandem_kv_transfer_bytes_total{direction=\"received\"}",
+    ));
+    drop(over_grpc);
+    assert!(received > 0.0, "no KV came over gRPC");
     let colocated = Cluster::start(0, 1, 2, &[]);
     let c = rt.block_on(via_grpc(&colocated, &prompts));
     drop(colocated);
@@ -152,6 +167,7 @@ fn greedy_output_is_the_same_disaggregated_colocated_and_in_process() {
             &s[i].1, ids,
             "tokens differ with KV on the socket for {p:?}"
         );
+        assert_eq!(&g[i].1, ids, "tokens differ with KV over gRPC for {p:?}");
         assert_eq!(&c[i].1, ids, "colocated tokens differ for {p:?}");
         assert_eq!(&d[i].0, text, "disaggregated text differs for {p:?}");
         assert_eq!(d[i].2 as u64, *n_prompt, "prompt token count for {p:?}");
