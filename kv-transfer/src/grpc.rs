@@ -11,19 +11,19 @@
 //! (the sender an empty batch of blocks, the receiver a reply without a
 //! kind), and each side waits at most one lease for the other.
 //!
-//! The sender writes its request body itself rather than through tonic's
-//! codec: a batch of blocks becomes one gRPC message whose payloads are
-//! copied straight from the KV into the bytes that go to HTTP/2, where the
-//! codec would have copied them once more (into a message, then into its
-//! encode buffer). The bytes are exactly what prost would encode, so any
-//! gRPC client of `KvTransfer` interoperates.
+//! Both ends write and read the messages themselves ([`crate::grpc_wire`])
+//! rather than through tonic's codec, which gathers each message into a
+//! buffer of its own: a payload is copied once on each side, as on TCP.
+//! The bytes are those of the generated code, so any gRPC client or server
+//! of `KvTransfer` interoperates.
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes, BytesMut};
-use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
-use prost::Message;
+use bytes::Bytes;
 use tandem_engine::kv::KvLayout;
 use tandem_proto::kv as pb;
 use tokio::sync::mpsc;
@@ -31,10 +31,11 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint, Server};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Status, Streaming};
 
 use crate::error::{KvTransferError, Result};
-use crate::frame::{copy_payload, frame_seed, payload_crc, payload_len};
+use crate::frame::payload_len;
+use crate::grpc_wire::{blocks_message, grpc_message, BodyReader};
 use crate::layout::{self, Handshake, TransferSummary};
 use crate::sink::{Assembler, KvSink};
 use crate::tcp::check_region;
@@ -52,38 +53,31 @@ pub const STREAM_WINDOW: u32 = 16 << 20;
 pub const CONNECTION_WINDOW: u32 = 64 << 20;
 /// Frames queued between the sender's encoder and the HTTP/2 connection.
 const SEND_QUEUE: usize = 4;
-/// The method's path, as the generated client would send it.
+/// The service's name and its one method's path, as in the generated code.
+const SERVICE: &str = "tandem.v1.KvTransfer";
 const TRANSFER_PATH: &str = "/tandem.v1.KvTransfer/Transfer";
-/// A gRPC message's prefix: a compression flag (0: none) and the length,
-/// big-endian.
-const GRPC_PREFIX: usize = 5;
 
-/// The tonic service: validates handshakes and hands accepted transfers to
-/// the application through a channel.
+/// The `KvTransfer` service: validates handshakes and hands accepted
+/// transfers to the application through a channel. Add it to a tonic
+/// server built by [`server_builder`] (its HTTP/2 windows and frame size).
+#[derive(Clone)]
 pub struct GrpcKvService {
     cfg: Arc<ReceiverConfig>,
     incoming: mpsc::Sender<KvReceiver>,
 }
 
-/// The service, ready to add to a tonic router (with raised message
-/// limits), and the stream of accepted transfers.
-pub fn kv_service(
-    cfg: ReceiverConfig,
-) -> (
-    pb::KvTransferServer<GrpcKvService>,
-    mpsc::Receiver<KvReceiver>,
-) {
+impl tonic::server::NamedService for GrpcKvService {
+    const NAME: &'static str = SERVICE;
+}
+
+/// The service and the stream of the transfers it accepts.
+pub fn kv_service(cfg: ReceiverConfig) -> (GrpcKvService, mpsc::Receiver<KvReceiver>) {
     let (tx, rx) = mpsc::channel(64);
     let svc = GrpcKvService {
         cfg: Arc::new(cfg),
         incoming: tx,
     };
-    (
-        pb::KvTransferServer::new(svc)
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE),
-        rx,
-    )
+    (svc, rx)
 }
 
 /// A tonic server builder with tandem's HTTP/2 settings for KV.
@@ -114,9 +108,7 @@ pub async fn serve(
     let bound = listener.local_addr()?;
     let (svc, rx) = kv_service(cfg);
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_serving::<pb::KvTransferServer<GrpcKvService>>()
-        .await;
+    reporter.set_serving::<GrpcKvService>().await;
     let reflection =
         tandem_proto::reflection_service().map_err(|e| KvTransferError::Grpc(e.to_string()))?;
     let task = tokio::spawn(async move {
@@ -134,22 +126,54 @@ pub async fn serve(
     Ok((bound, task, rx))
 }
 
-#[tonic::async_trait]
-impl pb::KvTransfer for GrpcKvService {
-    type TransferStream = ReceiverStream<Result<pb::KvReply, Status>>;
+type Reply = http_body::Frame<Bytes>;
 
+impl tower_service::Service<http::Request<tonic::body::Body>> for GrpcKvService {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let svc = self.clone();
+        Box::pin(async move { Ok(svc.transfer(req).await) })
+    }
+}
+
+impl GrpcKvService {
+    /// One `Transfer` call: reads and checks the handshake, then answers
+    /// with a stream of replies whose end carries status OK. The transfer
+    /// itself (and its final reply) is the application's, through the
+    /// [`KvReceiver`] handed over.
     async fn transfer(
         &self,
-        req: Request<Streaming<pb::KvFrame>>,
-    ) -> Result<Response<Self::TransferStream>, Status> {
-        let mut inbound = req.into_inner();
+        req: http::Request<tonic::body::Body>,
+    ) -> http::Response<tonic::body::Body> {
+        if req.uri().path() != TRANSFER_PATH {
+            return Status::unimplemented(format!("{} is not served here", req.uri().path()))
+                .into_http();
+        }
         let cfg = &self.cfg.transfer;
-        let (tx, rx) = mpsc::channel(4);
+        let mut inbound = BodyReader::new(req.into_body(), cfg.lease, MAX_MESSAGE);
         let first = with_deadline("handshake read", cfg.io_timeout, async {
-            inbound.message().await.map_err(Into::into)
+            match inbound.next_message().await? {
+                None => Err(KvTransferError::PeerGone("no handshake".into())),
+                Some(len) => inbound.frame(len, |_| Ok(())).await,
+            }
         })
-        .await
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        .await;
+        let first = match first {
+            Ok(f) => f,
+            Err(e) => return Status::invalid_argument(e.to_string()).into_http(),
+        };
+        let (tx, rx) = mpsc::channel::<Reply>(4);
+        let replies = Replies(tx);
         let hs = match first.and_then(|f| f.kind) {
             Some(pb::FrameKind::Handshake(h)) => Handshake::from_proto(&h),
             _ => Err(KvTransferError::Protocol(
@@ -160,44 +184,64 @@ impl pb::KvTransfer for GrpcKvService {
         match hs {
             Err(e) => {
                 tracing::warn!(class = e.class(), error = %e, "KV transfer refused");
-                let _ = tx.try_send(Ok(layout::refusal(&e)));
+                replies.try_send(&layout::refusal(&e));
             }
             Ok(hs) => {
-                let _ = tx.try_send(Ok(pb::KvReply {
+                replies.try_send(&pb::KvReply {
                     kind: Some(pb::ReplyKind::Accepted(true)),
                     shared_memory: false,
-                }));
+                });
                 let r = KvReceiver {
                     handshake: hs,
                     cfg: cfg.clone(),
-                    inner: ReceiverInner::Grpc(GrpcIncoming { inbound, reply: tx }),
+                    inner: ReceiverInner::Grpc(GrpcIncoming {
+                        inbound,
+                        reply: replies,
+                    }),
                 };
                 if self.incoming.send(r).await.is_err() {
-                    return Err(Status::unavailable("the KV receiver is shutting down"));
+                    return Status::unavailable("the KV receiver is shutting down").into_http();
                 }
             }
         }
-        Ok(Response::new(ReceiverStream::new(rx)))
+        // The replies, then status OK once every holder of the sender is
+        // done (an outcome the client reads from the replies themselves).
+        let ok = tokio_stream::once(Reply::trailers(http::HeaderMap::from_iter([(
+            http::HeaderName::from_static("grpc-status"),
+            http::HeaderValue::from_static("0"),
+        )])));
+        let body = ReceiverStream::new(rx).chain(ok).map(Ok::<_, Status>);
+        let mut resp = http::Response::new(tonic::body::Body::new(
+            http_body_util::StreamBody::new(body),
+        ));
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        resp
     }
 }
 
-/// An error reading the sender's stream: a broken body (the sender died or
-/// reset the stream) is the peer gone; a message we cannot decode is theirs.
-fn inbound_error(s: Status) -> KvTransferError {
-    match s.code() {
-        tonic::Code::Unknown
-        | tonic::Code::Cancelled
-        | tonic::Code::Unavailable
-        | tonic::Code::Aborted => {
-            KvTransferError::PeerGone(format!("{}: {}", s.code(), s.message()))
-        }
-        _ => KvTransferError::Protocol(format!("{}: {}", s.code(), s.message())),
+/// The reply half of a transfer's call: framed `KvReply` messages.
+#[derive(Clone)]
+pub(crate) struct Replies(mpsc::Sender<Reply>);
+
+impl Replies {
+    /// Queues `r` unless the queue is full (only at the handshake, where it
+    /// is empty).
+    fn try_send(&self, r: &pb::KvReply) {
+        let _ = self.0.try_send(Reply::data(grpc_message(r)));
+    }
+
+    /// Sends `r`; false once the call is gone.
+    async fn send(&self, r: &pb::KvReply) -> bool {
+        self.0.send(Reply::data(grpc_message(r))).await.is_ok()
     }
 }
 
 pub(crate) struct GrpcIncoming {
-    inbound: Streaming<pb::KvFrame>,
-    reply: mpsc::Sender<Result<pb::KvReply, Status>>,
+    inbound: BodyReader,
+    reply: Replies,
 }
 
 impl GrpcIncoming {
@@ -212,35 +256,37 @@ impl GrpcIncoming {
         let reply = self.reply.clone();
         let _beats = beat_every(cfg.heartbeat_every(), move || {
             let reply = reply.clone();
-            async move { reply.send(Ok(pb::KvReply::default())).await.is_ok() }
+            async move { reply.send(&pb::KvReply::default()).await }
         });
         let r = async {
             loop {
-                let msg = match tokio::time::timeout(cfg.lease, self.inbound.message()).await {
-                    Err(_) => {
-                        return Err(KvTransferError::LeaseExpired {
-                            peer: "sender",
-                            after: cfg.lease,
-                        })
-                    }
-                    Ok(m) => m.map_err(inbound_error)?,
+                let Some(len) = self.inbound.next_message().await? else {
+                    return Err(KvTransferError::PeerGone(
+                        "stream ended before the End frame".into(),
+                    ));
                 };
-                match msg.and_then(|m| m.kind) {
-                    None => {
-                        return Err(KvTransferError::PeerGone(
-                            "stream ended before the End frame".into(),
-                        ))
-                    }
-                    Some(pb::FrameKind::Blocks(b)) => {
+                let frame = self
+                    .inbound
+                    .frame(len, |b| {
+                        asm.block(b.layer, b.block, b.slots, b.crc32c, &b.payload)
+                    })
+                    .await?;
+                match frame.map(|f| f.kind) {
+                    // A batch of blocks, already taken in.
+                    None => {}
+                    Some(Some(pb::FrameKind::Blocks(b))) => {
                         for blk in &b.blocks {
                             asm.block(blk.layer, blk.block, blk.slots, blk.crc32c, &blk.payload)?;
                         }
                     }
-                    Some(pb::FrameKind::End(e)) => return asm.finish(e.frames),
-                    Some(pb::FrameKind::Handshake(_)) => {
+                    Some(Some(pb::FrameKind::End(e))) => return asm.finish(e.frames),
+                    Some(Some(pb::FrameKind::Handshake(_))) => {
                         return Err(KvTransferError::Protocol(
                             "second handshake in one transfer".into(),
                         ))
+                    }
+                    Some(None) => {
+                        return Err(KvTransferError::Protocol("a frame of no kind".into()))
                     }
                 }
             }
@@ -249,7 +295,7 @@ impl GrpcIncoming {
         let reply = layout::outcome(&r);
         drop(_beats);
         // Best effort: a dead sender cannot hear it, and the outcome here stands.
-        let _ = tokio::time::timeout(cfg.io_timeout, self.reply.send(Ok(reply))).await;
+        let _ = tokio::time::timeout(cfg.io_timeout, self.reply.send(&reply)).await;
         r
     }
 }
@@ -424,90 +470,6 @@ async fn open_call(
     ))
 }
 
-/// `msg` as one framed gRPC message.
-fn grpc_message(msg: &impl Message) -> Bytes {
-    let len = msg.encoded_len();
-    let mut buf = BytesMut::with_capacity(GRPC_PREFIX + len);
-    buf.put_u8(0);
-    buf.put_u32(len as u32);
-    msg.encode(&mut buf).expect("the buffer has room");
-    buf.freeze()
-}
-
-/// Field numbers of the messages [`blocks_message`] writes by hand.
-const FRAME_BLOCKS: u32 = 2;
-const BLOCKS_REQUEST_ID: u32 = 1;
-const BLOCKS_BLOCK: u32 = 2;
-const BLOCK_PAYLOAD: u32 = 5;
-
-/// Bytes of a length-delimited field `tag` holding `len` bytes.
-fn delimited_len(tag: u32, len: usize) -> usize {
-    key_len(tag) + encoded_len_varint(len as u64) + len
-}
-
-/// A `KvFrame` holding `blocks` of `layer` as one framed gRPC message, the
-/// same bytes prost would encode. Each payload is checksummed first, since
-/// its CRC precedes it on the wire, and then copied once, from the KV into
-/// the message; the second read finds the block in cache. With `corrupt`,
-/// the first payload has a bit flipped after its checksum (a test hook).
-fn blocks_message(
-    l: &KvLayout,
-    request_id: u64,
-    layer: u32,
-    blocks: &[BlockRegion<'_>],
-    corrupt: bool,
-) -> Bytes {
-    let heads: Vec<(pb::KvBlock, usize)> = blocks
-        .iter()
-        .map(|b| {
-            let slots = b.slots as usize;
-            let head = pb::KvBlock {
-                layer,
-                block: b.block,
-                slots: b.slots,
-                crc32c: payload_crc(l, b.data, slots, frame_seed(layer, b.block, b.slots)),
-                payload: Bytes::new(),
-            };
-            let len = head.encoded_len() + delimited_len(BLOCK_PAYLOAD, payload_len(l, slots));
-            (head, len)
-        })
-        .collect();
-    let id_len = if request_id != 0 {
-        key_len(BLOCKS_REQUEST_ID) + encoded_len_varint(request_id)
-    } else {
-        0
-    };
-    let blocks_len = id_len
-        + heads
-            .iter()
-            .map(|(_, len)| delimited_len(BLOCKS_BLOCK, *len))
-            .sum::<usize>();
-    let frame_len = delimited_len(FRAME_BLOCKS, blocks_len);
-    let mut buf = BytesMut::with_capacity(GRPC_PREFIX + frame_len);
-    buf.put_u8(0);
-    buf.put_u32(frame_len as u32);
-    encode_key(FRAME_BLOCKS, WireType::LengthDelimited, &mut buf);
-    encode_varint(blocks_len as u64, &mut buf);
-    if request_id != 0 {
-        prost::encoding::uint64::encode(BLOCKS_REQUEST_ID, &request_id, &mut buf);
-    }
-    for (i, (b, (head, len))) in blocks.iter().zip(&heads).enumerate() {
-        encode_key(BLOCKS_BLOCK, WireType::LengthDelimited, &mut buf);
-        encode_varint(*len as u64, &mut buf);
-        head.encode(&mut buf).expect("the buffer has room");
-        let slots = b.slots as usize;
-        encode_key(BLOCK_PAYLOAD, WireType::LengthDelimited, &mut buf);
-        encode_varint(payload_len(l, slots) as u64, &mut buf);
-        let at = buf.len();
-        copy_payload(l, b.data, slots, |c| buf.extend_from_slice(c));
-        if corrupt && i == 0 {
-            buf[at] ^= 0x01;
-        }
-    }
-    debug_assert_eq!(buf.len(), GRPC_PREFIX + frame_len);
-    buf.freeze()
-}
-
 /// One gRPC transfer, sender side.
 pub struct GrpcSender {
     /// Empty batches while the prefill has nothing to send; stopped (so the
@@ -595,97 +557,5 @@ impl KvSender for GrpcSender {
         self.beats = None;
         let reply = next_reply(&mut self.replies, self.cfg.lease).await?;
         layout::done(reply)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::frame::encode_payload_vec;
-    use tandem_engine::kv::KvDtype;
-
-    /// What prost encodes for the same blocks, framed.
-    fn prost_message(
-        l: &KvLayout,
-        request_id: u64,
-        layer: u32,
-        blocks: &[BlockRegion<'_>],
-    ) -> Bytes {
-        let blocks = blocks
-            .iter()
-            .map(|b| {
-                let mut payload = Vec::new();
-                let crc32c = encode_payload_vec(
-                    l,
-                    b.data,
-                    b.slots as usize,
-                    frame_seed(layer, b.block, b.slots),
-                    &mut payload,
-                );
-                pb::KvBlock {
-                    layer,
-                    block: b.block,
-                    slots: b.slots,
-                    crc32c,
-                    payload: payload.into(),
-                }
-            })
-            .collect();
-        grpc_message(&pb::KvFrame {
-            kind: Some(pb::FrameKind::Blocks(pb::KvBlocks { request_id, blocks })),
-        })
-    }
-
-    #[test]
-    fn hand_written_blocks_are_the_bytes_prost_writes() {
-        // Lengths, ids and layers of one and of several varint bytes.
-        let l = KvLayout {
-            dtype: KvDtype::F32,
-            n_layers: 3,
-            n_kv_heads: 2,
-            head_dim: 16,
-            block_size: 8,
-        };
-        let data: Vec<Vec<f32>> = (0..4)
-            .map(|b| {
-                (0..l.block_floats())
-                    .map(|i| (b * 1000 + i) as f32 * 0.37)
-                    .collect()
-            })
-            .collect();
-        let regions = |slots: &[u32]| -> Vec<BlockRegion<'_>> {
-            slots
-                .iter()
-                .enumerate()
-                .map(|(i, &s)| BlockRegion {
-                    block: i as u32 * 300,
-                    slots: s,
-                    data: &data[i],
-                })
-                .collect()
-        };
-        for (request_id, layer, slots) in [
-            (0u64, 0u32, vec![8u32]),
-            (1, 2, vec![8, 8, 8, 1]),
-            (u64::MAX, 1, vec![3]),
-            (77, 200, vec![]),
-        ] {
-            let r = regions(&slots);
-            let ours = blocks_message(&l, request_id, layer, &r, false);
-            assert_eq!(ours, prost_message(&l, request_id, layer, &r), "{slots:?}");
-            // And it decodes to the same blocks.
-            let frame = pb::KvFrame::decode(&ours[GRPC_PREFIX..]).unwrap();
-            let Some(pb::FrameKind::Blocks(b)) = frame.kind else {
-                panic!("not a blocks frame")
-            };
-            assert_eq!(b.blocks.len(), slots.len());
-        }
-        // The corruption hook flips one payload bit and nothing else.
-        let r = regions(&[8, 8]);
-        let good = blocks_message(&l, 5, 1, &r, false);
-        let bad = blocks_message(&l, 5, 1, &r, true);
-        let differ: Vec<usize> = (0..good.len()).filter(|&i| good[i] != bad[i]).collect();
-        assert_eq!(differ.len(), 1);
-        assert_eq!(good[differ[0]] ^ bad[differ[0]], 1);
     }
 }

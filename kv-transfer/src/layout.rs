@@ -183,7 +183,8 @@ impl Handshake {
         expected.check(&self.layout)
     }
 
-    pub(crate) fn to_proto(&self) -> pb::KvHandshake {
+    /// The handshake as the first `KvFrame` of a gRPC transfer carries it.
+    pub fn to_proto(&self) -> pb::KvHandshake {
         pb::KvHandshake {
             layout: Some((&self.layout).into()),
             cluster_secret: self.secret.as_bytes().to_vec(),

@@ -21,6 +21,7 @@
 pub mod error;
 pub mod frame;
 pub mod grpc;
+mod grpc_wire;
 pub mod layout;
 #[cfg(feature = "cuda")]
 pub mod nccl;
