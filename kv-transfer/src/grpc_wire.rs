@@ -460,7 +460,11 @@ mod tests {
         let mut out = Vec::new();
         while let Some(len) = r.next_message().await? {
             let mut blocks = Vec::new();
-            match r.frame(len, |b| Ok(blocks.push(b))).await? {
+            let take = |b| {
+                blocks.push(b);
+                Ok(())
+            };
+            match r.frame(len, take).await? {
                 Some(f) => out.push(Read::Frame(f)),
                 None => out.push(Read::Blocks(blocks)),
             }
