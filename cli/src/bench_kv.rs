@@ -25,6 +25,7 @@ pub enum Transport {
     /// The TCP transport, payload through its shared-memory ring (sender
     /// and receiver on one host).
     Shm,
+    /// The gRPC transport (`tandem.v1.KvTransfer` over HTTP/2).
     Grpc,
 }
 

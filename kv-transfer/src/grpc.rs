@@ -47,6 +47,8 @@ use crate::transport::{
 /// Largest gRPC message either side accepts (a batch of blocks is about
 /// `TransferConfig::batch_bytes`; this only bounds a hostile peer).
 pub const MAX_MESSAGE: usize = 64 << 20;
+/// Largest first message (the handshake) taken from a caller.
+const MAX_HANDSHAKE: usize = 64 << 10;
 /// HTTP/2 per-stream window: one layer of a long prompt in flight.
 pub const STREAM_WINDOW: u32 = 16 << 20;
 /// HTTP/2 per-connection window: several transfers share one connection.
@@ -164,6 +166,11 @@ impl GrpcKvService {
         let first = with_deadline("handshake read", cfg.io_timeout, async {
             match inbound.next_message().await? {
                 None => Err(KvTransferError::PeerGone("no handshake".into())),
+                // Nothing of a caller not yet checked is buffered beyond
+                // what a handshake needs.
+                Some(len) if len > MAX_HANDSHAKE => Err(KvTransferError::Protocol(format!(
+                    "a first message of {len} bytes (a handshake takes at most {MAX_HANDSHAKE})"
+                ))),
                 Some(len) => inbound.frame(len, |_| Ok(())).await,
             }
         })

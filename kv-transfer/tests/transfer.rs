@@ -244,6 +244,33 @@ async fn a_generated_grpc_client_transfers_bit_exact() {
     cancel.cancel();
 }
 
+/// A caller not yet checked gets no more than a handshake's worth of
+/// buffering: an oversized first message ends the call before any of the
+/// rest is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_first_grpc_message_is_refused() {
+    use tandem_proto::kv as pb;
+    let cancel = CancellationToken::new();
+    let (addr, mut incoming) = grpc_server(&cancel).await;
+    let mut hs = handshake(4).to_proto();
+    hs.cluster_secret = vec![7; 100 << 10];
+    let mut client = pb::KvTransferClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let frames = vec![pb::KvFrame {
+        kind: Some(pb::FrameKind::Handshake(hs)),
+    }];
+    let e = client
+        .transfer(tokio_stream::iter(frames))
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("handshake"), "{e}");
+    assert!(incoming.try_recv().is_err());
+    cancel.cancel();
+}
+
 /// One bit flipped after its checksum, over the TCP transport with `send`.
 async fn corrupted_frame_over_tcp(send: TransferConfig, seed: u64) {
     let listener = tcp_listener().await;
