@@ -55,6 +55,24 @@ ensure_openai_client() {
     cp "$req" "$stamp"
 }
 
+# NVRTC (NVIDIA's runtime compiler, a pinned PyPI wheel), which compiles
+# the CUDA backend's kernels in the tests: it needs no GPU.
+NVRTC_VENV="${TANDEM_NVRTC_VENV:-$HOME/.cache/tandem/nvrtc}"
+
+ensure_nvrtc() {
+    local req="$ROOT/scripts/nvrtc-requirements.txt"
+    local stamp="$NVRTC_VENV/.requirements"
+    if ! { [ -x "$NVRTC_VENV/bin/python" ] && cmp -s "$req" "$stamp"; }; then
+        log "installing NVRTC into $NVRTC_VENV"
+        rm -rf "$NVRTC_VENV"
+        python3 -m venv "$NVRTC_VENV"
+        "$NVRTC_VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -r "$req"
+        cp "$req" "$stamp"
+    fi
+    NVRTC_LIB="$(echo "$NVRTC_VENV"/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib)"
+    [ -f "$NVRTC_LIB/libnvrtc.so.12" ] || { log "no libnvrtc.so.12 under $NVRTC_VENV"; return 1; }
+}
+
 setup() {
     ensure_debian_packages
     build_release

@@ -13,3 +13,9 @@ cargo test --release --locked --workspace -- --test-threads="${TANDEM_TEST_THREA
 log "type-checking the cuda feature"
 cargo check --release --locked -p tandem-kv-transfer -p tandem-engine --features cuda --tests
 cargo check --release --locked -p tandem --features cuda
+# And its kernels must keep compiling: NVRTC compiles them for every
+# supported architecture, no GPU needed.
+ensure_nvrtc
+log "compiling the CUDA kernels with NVRTC"
+LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+    cargo test --release --locked -p tandem-engine --features cuda --lib cuda::kernels::tests

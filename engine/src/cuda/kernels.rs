@@ -651,3 +651,71 @@ impl Kernels {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `__global__` functions [`SOURCE`] declares.
+    fn declared_kernels() -> Vec<&'static str> {
+        SOURCE
+            .split("__global__")
+            .skip(1)
+            .map(|rest| {
+                let rest = rest
+                    .trim_start()
+                    .strip_prefix("void")
+                    .expect("kernels return void")
+                    .trim_start();
+                rest[..rest.find('(').expect("a parameter list")].trim()
+            })
+            .collect()
+    }
+
+    /// The kernels compile with NVRTC, as [`Kernels::load`] asks for them on
+    /// the cards the backend supports: a CUBIN for each real architecture
+    /// from Ampere to Hopper, PTX for the virtual fallbacks. NVRTC needs no
+    /// GPU, so this runs where none is: `scripts/test.sh` installs NVRTC from
+    /// PyPI. Without a loadable NVRTC the test fails, it does not skip.
+    #[test]
+    fn kernels_compile_with_nvrtc_for_every_supported_architecture() {
+        // SAFETY: only tries to load the library (as `missing_libraries` does).
+        let present = unsafe { cudarc::nvrtc::sys::is_culib_present() };
+        assert!(
+            present,
+            "NVRTC (libnvrtc.so.12) is not loadable: put its directory on LD_LIBRARY_PATH"
+        );
+        let names = declared_kernels();
+        assert_eq!(names.len(), 10, "{names:?}");
+        for arch in ["sm_80", "sm_86", "sm_89", "sm_90"] {
+            let cubin = compile_cubin(&format!("--gpu-architecture={arch}"))
+                .unwrap_or_else(|e| panic!("{arch}: {e}"));
+            for n in &names {
+                assert!(
+                    cubin
+                        .windows(n.len() + 1)
+                        .any(|w| &w[..n.len()] == n.as_bytes() && w[n.len()] == 0),
+                    "the {arch} CUBIN has no symbol {n}"
+                );
+            }
+        }
+        for arch in ["compute_80", "compute_90"] {
+            let ptx = cudarc::nvrtc::compile_ptx_with_opts(
+                SOURCE,
+                CompileOptions {
+                    arch: Some(arch),
+                    name: Some("tandem_kernels.cu".into()),
+                    ..Default::default()
+                },
+            )
+            .unwrap_or_else(|e| panic!("{arch}: {e:?}"))
+            .to_src();
+            for n in &names {
+                assert!(
+                    ptx.contains(&format!(".entry {n}(")),
+                    "the {arch} PTX has no entry {n}"
+                );
+            }
+        }
+    }
+}
