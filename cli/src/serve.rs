@@ -138,6 +138,15 @@ pub enum KvTransportArg {
     Grpc,
 }
 
+impl KvTransportArg {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Grpc => "grpc",
+        }
+    }
+}
+
 impl From<KvTransportArg> for tandem_decode::KvTransportKind {
     fn from(a: KvTransportArg) -> Self {
         match a {

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use tandem_cluster::{Peer, PeerList, ReadyLine, Role};
 
+use crate::serve::KvTransportArg;
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct UpArgs {
     /// A .gguf file or a Hugging Face directory (default: the installed default model).
@@ -62,6 +64,9 @@ pub struct UpArgs {
     /// Pipeline stages of each decode worker.
     #[arg(long, default_value_t = 1)]
     pub decode_pp: usize,
+    /// What the decode workers' KV ports speak (see `tandem decode --help`).
+    #[arg(long, env = "TANDEM_KV_TRANSPORT", value_enum, default_value_t = KvTransportArg::Tcp)]
+    pub kv_transport: KvTransportArg,
 }
 
 /// Threads for each prefill and each decode worker. Prefill is compute
@@ -267,9 +272,11 @@ pub fn run(args: UpArgs) -> Result<()> {
         )?);
     }
     for i in 0..args.decode {
+        let mut decode_args = worker_args(d_threads, args.decode_tp, args.decode_pp);
+        decode_args.extend(["--kv-transport".into(), args.kv_transport.as_str().into()]);
         nodes.push(spawn(
             Role::Decode,
-            &worker_args(d_threads, args.decode_tp, args.decode_pp),
+            &decode_args,
             &secret,
             &format!("decode-{i}"),
         )?);
