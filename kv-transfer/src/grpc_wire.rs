@@ -111,7 +111,7 @@ pub(crate) fn blocks_message(
     buf.freeze()
 }
 
-/// Fields of the messages [`BodyReader::frame`] reads field by field.
+/// The first byte of a `KvFrame` of blocks: the key of its one field.
 const BLOCKS_KEY: u8 = ((FRAME_BLOCKS << 3) | WireType::LengthDelimited as u32) as u8;
 
 /// Reads the gRPC messages of a request body in place: a message is a run

@@ -139,7 +139,7 @@ impl PrefillService {
             n,
         };
         let waiting = InStage::enter(Stage::PrefillWaiting);
-        let (tx, mut layers) = mpsc::unbounded_channel();
+        let (tx, layers) = mpsc::unbounded_channel();
         let mut handle = self
             .engine
             .submit_with_export(spec, Box::new(ChannelExport(tx)))
@@ -154,7 +154,10 @@ impl PrefillService {
             tokens: tokens as u64,
         };
         let transfer_id = req.transfer_id;
-        let ship = async {
+        // Owns the layers' receiver: a transfer that fails drops it, and
+        // the engine stops exporting (and computing) for nobody.
+        let ship = async move {
+            let mut layers = layers;
             match kv_addr {
                 KvTarget::Tcp(a) => {
                     let t = TcpTransport::new(a, self.cfg.transfer.clone());
