@@ -327,6 +327,21 @@ fn compile_cubin(arch: &str) -> std::result::Result<Vec<u8>, String> {
     out
 }
 
+/// PTX of [`SOURCE`] for the virtual architecture `arch` (`compute_80`),
+/// which the driver compiles for the device at load.
+fn compile_ptx(
+    arch: &'static str,
+) -> std::result::Result<cudarc::nvrtc::Ptx, cudarc::nvrtc::CompileError> {
+    cudarc::nvrtc::compile_ptx_with_opts(
+        SOURCE,
+        CompileOptions {
+            arch: Some(arch),
+            name: Some("tandem_kernels.cu".into()),
+            ..Default::default()
+        },
+    )
+}
+
 fn grid_for(n: usize, threads: u32) -> u32 {
     (n.div_ceil(threads as usize)).clamp(1, ELEMWISE_BLOCKS as usize) as u32
 }
@@ -374,15 +389,7 @@ impl Kernels {
                 } else {
                     "compute_80"
                 };
-                let ptx = cudarc::nvrtc::compile_ptx_with_opts(
-                    SOURCE,
-                    CompileOptions {
-                        arch: Some(arch),
-                        name: Some("tandem_kernels.cu".into()),
-                        ..Default::default()
-                    },
-                )
-                .map_err(|e| {
+                let ptx = compile_ptx(arch).map_err(|e| {
                     EngineError::Cuda(format!(
                         "compiling the kernels with NVRTC: for sm_{major}{minor}: {cubin_err}; for {arch}: {e:?}"
                     ))
@@ -700,16 +707,9 @@ mod tests {
             }
         }
         for arch in ["compute_80", "compute_90"] {
-            let ptx = cudarc::nvrtc::compile_ptx_with_opts(
-                SOURCE,
-                CompileOptions {
-                    arch: Some(arch),
-                    name: Some("tandem_kernels.cu".into()),
-                    ..Default::default()
-                },
-            )
-            .unwrap_or_else(|e| panic!("{arch}: {e:?}"))
-            .to_src();
+            let ptx = compile_ptx(arch)
+                .unwrap_or_else(|e| panic!("{arch}: {e:?}"))
+                .to_src();
             for n in &names {
                 assert!(
                     ptx.contains(&format!(".entry {n}(")),
