@@ -263,8 +263,7 @@ async fn an_oversized_first_grpc_message_is_refused() {
     let e = client
         .transfer(tokio_stream::iter(frames))
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
     assert!(e.message().contains("handshake"), "{e}");
     assert!(incoming.try_recv().is_err());

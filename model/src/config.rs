@@ -92,19 +92,24 @@ impl ModelConfig {
         if self.n_layers == 0 || self.hidden == 0 || self.ffn == 0 || self.vocab_size == 0 {
             return bad(format!("zero-sized dimension in {self:?}"));
         }
-        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_heads == 0
+            || self.n_kv_heads == 0
+            || !self.n_heads.is_multiple_of(self.n_kv_heads)
+        {
             return bad(format!(
                 "head_count {} must be a non-zero multiple of head_count_kv {}",
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!("head dimension {} must be even", self.head_dim));
         }
         if self.context_length == 0 {
             return bad("context length is zero".into());
         }
-        if !(self.rms_eps > 0.0) || !(self.rope_theta > 0.0) {
+        // NaN is not positive either.
+        let positive = |x: f32| x.partial_cmp(&0.0) == Some(std::cmp::Ordering::Greater);
+        if !positive(self.rms_eps) || !positive(self.rope_theta) {
             return bad("rms epsilon and rope base must be positive".into());
         }
         Ok(())

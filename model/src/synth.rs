@@ -359,9 +359,9 @@ impl Planned {
 /// Storage type of a matrix in a GGUF whose weights are `want`, falling
 /// back when a row is not a whole number of blocks.
 fn gguf_matrix_type(want: GgmlType, cols: usize) -> GgmlType {
-    if cols % want.block_elems() == 0 {
+    if cols.is_multiple_of(want.block_elems()) {
         want
-    } else if !want.is_float() && cols % 32 == 0 {
+    } else if !want.is_float() && cols.is_multiple_of(32) {
         GgmlType::Q8_0
     } else {
         GgmlType::F16
