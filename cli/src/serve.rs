@@ -111,13 +111,14 @@ pub struct WorkerArgs {
     /// Pipeline-parallel stages (of --tp ranks each).
     #[arg(long, env = "TANDEM_PP", default_value_t = 1)]
     pub pp: usize,
-    /// Port for incoming KV (decode workers; 0 picks a free one).
+    /// Raw-TCP port for incoming KV (decode workers with `--kv-transport
+    /// tcp`; 0 picks a free one).
     #[arg(long, env = "TANDEM_KV_PORT", default_value_t = 0)]
     pub kv_port: u16,
-    /// What the KV port speaks (decode workers; prefill workers follow the
-    /// address a decode worker gives them): `tcp`, length-prefixed frames on
-    /// a raw socket, the fast path; `grpc`, the `tandem.v1.KvTransfer`
-    /// service over HTTP/2, for networks that pass gRPC and little else.
+    /// How KV arrives (decode workers; prefill workers follow the address a
+    /// decode worker gives them): `tcp`, length-prefixed frames on the raw
+    /// `--kv-port`; `grpc`, the `tandem.v1.KvTransfer` service on the
+    /// node's one port, for networks that pass gRPC and little else.
     #[arg(long, env = "TANDEM_KV_TRANSPORT", value_enum, default_value_t = KvTransportArg::Tcp)]
     pub kv_transport: KvTransportArg,
     /// Move KV between a prefill and a decode worker on one host through
@@ -503,7 +504,7 @@ pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
                 )
             }
             Role::Decode => {
-                let svc = tandem_decode::DecodeService::start(
+                let mut svc = tandem_decode::DecodeService::start(
                     engine.clone(),
                     tandem_decode::DecodeConfig {
                         node_id,
@@ -517,16 +518,20 @@ pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
                     },
                     SocketAddr::new(args.node.host, args.kv_port),
                     Some(public.ip()),
+                    public,
                     drain.clone(),
                     shutdown.clone(),
                 )
                 .await
                 .context("binding the KV port")?;
                 let kv = svc.kv_addr();
-                (
-                    tonic::service::Routes::new(WorkerServer::with_interceptor(svc, check)),
-                    Some(kv),
-                )
+                let kv_service = svc.take_kv_service();
+                let mut routes =
+                    tonic::service::Routes::new(WorkerServer::with_interceptor(svc, check));
+                if let Some(k) = kv_service {
+                    routes = routes.add_service(k);
+                }
+                (routes, Some(kv))
             }
             Role::Router => unreachable!("workers only"),
         };

@@ -53,7 +53,8 @@ pub struct NodeRecord {
     pub id: String,
     /// The node's one port (gRPC + HTTP).
     pub addr: SocketAddr,
-    /// Optional raw-TCP KV transport address.
+    /// Where a decode worker takes KV (its raw-TCP KV port, or `addr` with
+    /// gRPC KV).
     pub kv_addr: Option<SocketAddr>,
     pub model_fingerprint: String,
     pub tp_size: u32,

@@ -14,7 +14,8 @@ pub struct ReadyLine {
     pub role: Role,
     /// The node's one port: gRPC and HTTP.
     pub addr: SocketAddr,
-    /// The raw-TCP KV port of a decode worker.
+    /// Where a decode worker takes KV: its raw-TCP KV port, or its one port
+    /// (`addr`) when it takes KV over gRPC.
     pub kv: Option<SocketAddr>,
 }
 

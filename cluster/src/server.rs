@@ -182,12 +182,69 @@ impl NodeServer {
                 }
             })
         };
-        let res = axum::serve(self.listener, http.into_make_service())
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await;
+        let res = serve_http(self.listener, http, shutdown).await;
         health_task.abort();
         res
     }
+}
+
+/// HTTP/2 settings of the node's port, sized for KV (a decode worker with
+/// `--kv-transport grpc` takes KV here): 16 MiB in flight per stream (a
+/// layer of a long prompt), 64 MiB per connection, DATA frames of up to
+/// 1 MiB. Under hyper's defaults (1 MiB windows, 16 KiB frames) nearly
+/// every KV block would straddle two frames, and be copied to join them.
+pub const HTTP2_STREAM_WINDOW: u32 = 16 << 20;
+pub const HTTP2_CONNECTION_WINDOW: u32 = 64 << 20;
+pub const HTTP2_MAX_FRAME: u32 = 1 << 20;
+
+/// What `axum::serve` does, with the HTTP/2 settings above: serves `app`
+/// on every connection (HTTP/1.1 or HTTP/2) until `shutdown`, then stops
+/// accepting and lets the connections finish what they are doing.
+async fn serve_http(
+    listener: TcpListener,
+    app: axum::Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http2()
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+        .max_frame_size(HTTP2_MAX_FRAME);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors, say: wait for some to close.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = hyper_util::service::TowerToHyperService::new(
+            app.clone()
+                .map_request(|r: Request<hyper::body::Incoming>| r.map(Body::new)),
+        );
+        let conn = graceful.watch(
+            builder
+                .serve_connection(TokioIo::new(stream), svc)
+                .into_owned(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 fn is_grpc(req: &Request) -> bool {

@@ -51,20 +51,21 @@ pub struct DecodeConfig {
     /// 503) while this many wait for a place in the batch: the queue stays
     /// bounded under overload.
     pub max_waiting: usize,
-    /// What the KV port speaks.
+    /// How KV arrives.
     pub kv_transport: KvTransportKind,
 }
 
-/// What a decode worker's KV port speaks. The prefill worker follows: the
-/// decode worker hands it the address with its scheme.
+/// How a decode worker takes KV. The prefill worker follows: the decode
+/// worker hands it the address with its scheme.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KvTransportKind {
     /// Length-prefixed frames on a raw TCP socket (with the shared-memory
     /// ring for prefill workers on this host): the fast path.
     #[default]
     Tcp,
-    /// The `tandem.v1.KvTransfer` gRPC service over HTTP/2, for networks
-    /// that pass gRPC and little else (meshes, gRPC-aware proxies).
+    /// The `tandem.v1.KvTransfer` gRPC service over HTTP/2 on the node's
+    /// own port: one port per node, for networks that pass gRPC and little
+    /// else (meshes, gRPC-aware proxies).
     Grpc,
 }
 
@@ -73,6 +74,8 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<KvReceiver>>>>;
 /// The `tandem.v1.Worker` service of a decode worker.
 pub struct DecodeService {
     inner: Arc<Inner>,
+    /// With gRPC KV: the `KvTransfer` service, for the node's port.
+    kv_service: Option<grpc::GrpcKvService>,
 }
 
 struct Inner {
@@ -92,15 +95,18 @@ struct Inner {
 }
 
 impl DecodeService {
-    /// Binds the KV port on `kv_bind` (raw TCP or gRPC, as
-    /// `cfg.kv_transport` says) and starts accepting transfers. `kv_host` is
-    /// the address prefill workers reach the KV port at (the bound one when
-    /// `None`; needed when binding a wildcard address).
+    /// Starts taking KV as `cfg.kv_transport` says. TCP: binds the KV port
+    /// on `kv_bind` and accepts transfers; `kv_host` is the address prefill
+    /// workers reach it at (the bound one when `None`; needed when binding a
+    /// wildcard address). gRPC: the transfers come through the `KvTransfer`
+    /// service ([`Self::take_kv_service`]) on the node's own port, which
+    /// prefill workers reach at `node`.
     pub async fn start(
         engine: Arc<Engine>,
         cfg: DecodeConfig,
         kv_bind: SocketAddr,
         kv_host: Option<std::net::IpAddr>,
+        node: SocketAddr,
         drain: Drain,
         shutdown: CancellationToken,
     ) -> Result<Self, tandem_kv_transfer::KvTransferError> {
@@ -111,30 +117,24 @@ impl DecodeService {
             transfer: cfg.transfer.clone(),
         };
         let pending: Pending = Arc::default();
-        let mut kv_addr = match cfg.kv_transport {
+        let (kv_target, kv_service) = match cfg.kv_transport {
             KvTransportKind::Tcp => {
                 let listener = TcpKvListener::bind(kv_bind, receiver).await?;
-                let bound = listener.local_addr()?;
+                let mut addr = listener.local_addr()?;
+                if let Some(h) = kv_host {
+                    addr.set_ip(h);
+                }
                 tokio::spawn(accept_loop(listener, pending.clone(), shutdown));
-                bound
+                (KvTarget::Tcp(addr), None)
             }
             KvTransportKind::Grpc => {
-                let (bound, server, incoming) = grpc::serve(kv_bind, receiver, shutdown).await?;
-                tokio::spawn(async move {
-                    if let Ok(Err(e)) = server.await {
-                        tracing::error!(error = %e, "the KV gRPC server failed");
-                    }
-                });
+                let (svc, incoming) = grpc::kv_service(receiver);
                 tokio::spawn(grpc_accept_loop(incoming, pending.clone()));
-                bound
+                (KvTarget::Grpc(node), Some(svc))
             }
         };
-        if let Some(h) = kv_host {
-            kv_addr.set_ip(h);
-        }
-        let kv_target = match cfg.kv_transport {
-            KvTransportKind::Tcp => KvTarget::Tcp(kv_addr),
-            KvTransportKind::Grpc => KvTarget::Grpc(kv_addr),
+        let kv_addr = match kv_target {
+            KvTarget::Tcp(a) | KvTarget::Grpc(a) => a,
         };
         Ok(Self {
             inner: Arc::new(Inner {
@@ -148,7 +148,13 @@ impl DecodeService {
                 drain,
                 prefill_clients: Mutex::default(),
             }),
+            kv_service,
         })
+    }
+
+    /// The `KvTransfer` service to serve on the node's port (gRPC KV; once).
+    pub fn take_kv_service(&mut self) -> Option<grpc::GrpcKvService> {
+        self.kv_service.take()
     }
 
     /// Where prefill workers send this worker's KV.

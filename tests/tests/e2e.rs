@@ -137,7 +137,7 @@ fn greedy_output_is_the_same_disaggregated_colocated_and_in_process() {
     });
     let s = rt.block_on(via_grpc(&on_socket, &prompts));
     drop(on_socket);
-    // A decode worker whose KV port speaks gRPC.
+    // A decode worker that takes KV over gRPC, on its one port.
     let over_grpc = Cluster::start_spec(ClusterSpec {
         prefill: 1,
         decode: 1,
@@ -145,6 +145,11 @@ fn greedy_output_is_the_same_disaggregated_colocated_and_in_process() {
         decode_args: vec!["--kv-transport".into(), "grpc".into()],
         ..Default::default()
     });
+    assert_eq!(
+        over_grpc.decode[0].ready.kv,
+        Some(over_grpc.decode[0].addr()),
+        "gRPC KV comes to the node's own port"
+    );
     let g = rt.block_on(via_grpc(&over_grpc, &prompts));
     let received = rt.block_on(counter(
         &over_grpc.decode[0],
