@@ -4,12 +4,14 @@
 //! destination blocks, but no framing or checksums) for the TCP and gRPC
 //! transports, one plain copy of every region for the shared-memory ring.
 //! The receiving side runs on a thread of its own, as a decode worker is a
-//! process of its own.
+//! process of its own; gRPC is received on a node server's one port, as a
+//! decode worker with `--kv-transport grpc` takes it.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use tandem_cluster::server::{NodeServer, Readiness};
 use tandem_engine::kv::{KvDtype, KvLayout, KvPool, SeqKv};
 use tandem_kv_transfer::{
     grpc, BlockRegion, CancellationToken, ClusterSecret, DataPlane, GrpcTransport, Handshake,
@@ -226,8 +228,18 @@ fn transfer(
         current_thread()?.block_on(async {
             let cancel = CancellationToken::new();
             if t == Transport::Grpc {
-                let (addr, _task, mut incoming) =
-                    grpc::serve("127.0.0.1:0".parse()?, receiver(l), cancel.clone()).await?;
+                // As a decode worker takes it: on its node's one port.
+                let (svc, mut incoming) = grpc::kv_service(receiver(l));
+                let node = NodeServer::bind("127.0.0.1:0".parse()?).await?;
+                let addr = node.local_addr();
+                let readiness = Readiness::default();
+                readiness.set(true);
+                tokio::spawn(node.serve(
+                    tonic::service::Routes::new(svc),
+                    axum::Router::new(),
+                    readiness,
+                    cancel.clone(),
+                ));
                 to.send(addr)?;
                 for _ in 0..runs {
                     let r = incoming.recv().await.context("gRPC server stopped")?;
