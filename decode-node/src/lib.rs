@@ -1,7 +1,8 @@
 //! The decode worker (`tandem decode`): admits requests, reserving KV blocks
 //! for the prompt at admission; has the prompt's KV computed by the prefill
 //! worker the router named (which streams it, layer by layer, to this
-//! worker's KV port) or computes it here; joins the sequence into the
+//! worker's raw-TCP KV port, or over gRPC to its one port) or computes it
+//! here; joins the sequence into the
 //! continuous batch and streams the tokens back.
 //!
 //! Received KV lands in a staging buffer and is copied into the reserved
