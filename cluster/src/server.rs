@@ -188,16 +188,9 @@ impl NodeServer {
     }
 }
 
-/// HTTP/2 settings of the node's port, sized for KV (a decode worker with
-/// `--kv-transport grpc` takes KV here): 16 MiB in flight per stream (a
-/// layer of a long prompt), 64 MiB per connection, DATA frames of up to
-/// 1 MiB. Under hyper's defaults (1 MiB windows, 16 KiB frames) nearly
-/// every KV block would straddle two frames, and be copied to join them.
-pub const HTTP2_STREAM_WINDOW: u32 = 16 << 20;
-pub const HTTP2_CONNECTION_WINDOW: u32 = 64 << 20;
-pub const HTTP2_MAX_FRAME: u32 = 1 << 20;
-
-/// What `axum::serve` does, with the HTTP/2 settings above: serves `app`
+/// What `axum::serve` does, with KV-sized HTTP/2 settings
+/// ([`tandem_proto::http2`]: a decode worker with `--kv-transport grpc`
+/// takes KV on this port): serves `app`
 /// on every connection (HTTP/1.1 or HTTP/2) until `shutdown`, then stops
 /// accepting and lets the connections finish what they are doing.
 async fn serve_http(
@@ -209,9 +202,9 @@ async fn serve_http(
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http2()
-        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
-        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
-        .max_frame_size(HTTP2_MAX_FRAME);
+        .initial_stream_window_size(tandem_proto::http2::STREAM_WINDOW)
+        .initial_connection_window_size(tandem_proto::http2::CONNECTION_WINDOW)
+        .max_frame_size(tandem_proto::http2::MAX_FRAME);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let stream = tokio::select! {

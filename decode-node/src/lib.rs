@@ -82,8 +82,7 @@ pub struct DecodeService {
 struct Inner {
     engine: Arc<Engine>,
     cfg: DecodeConfig,
-    kv_addr: SocketAddr,
-    /// `kv_addr` with the transport's scheme, as prefill workers are told.
+    /// Where prefill workers send KV, with the transport's scheme.
     kv_target: KvTarget,
     /// Transfers expected, by transfer id: the KV listener hands each
     /// accepted connection to the request that reserved blocks for it.
@@ -134,14 +133,10 @@ impl DecodeService {
                 (KvTarget::Grpc(node), Some(svc))
             }
         };
-        let kv_addr = match kv_target {
-            KvTarget::Tcp(a) | KvTarget::Grpc(a) => a,
-        };
         Ok(Self {
             inner: Arc::new(Inner {
                 engine,
                 cfg,
-                kv_addr,
                 kv_target,
                 pending,
                 next_transfer: AtomicU64::new(1),
@@ -160,7 +155,7 @@ impl DecodeService {
 
     /// Where prefill workers send this worker's KV.
     pub fn kv_addr(&self) -> SocketAddr {
-        self.inner.kv_addr
+        self.inner.kv_target.addr()
     }
 }
 

@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use tandem_engine::kv::KvLayout;
+use tandem_proto::http2;
 use tandem_proto::kv as pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
@@ -49,10 +50,6 @@ use crate::transport::{
 pub const MAX_MESSAGE: usize = 64 << 20;
 /// Largest first message (the handshake) taken from a caller.
 const MAX_HANDSHAKE: usize = 64 << 10;
-/// HTTP/2 per-stream window: one layer of a long prompt in flight.
-pub const STREAM_WINDOW: u32 = 16 << 20;
-/// HTTP/2 per-connection window: several transfers share one connection.
-pub const CONNECTION_WINDOW: u32 = 64 << 20;
 /// Frames queued between the sender's encoder and the HTTP/2 connection.
 const SEND_QUEUE: usize = 4;
 /// The service's name and its one method's path, as in the generated code.
@@ -85,9 +82,9 @@ pub fn kv_service(cfg: ReceiverConfig) -> (GrpcKvService, mpsc::Receiver<KvRecei
 /// A tonic server builder with tandem's HTTP/2 settings for KV.
 pub fn server_builder() -> Server {
     Server::builder()
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(1 << 20)
+        .initial_stream_window_size(http2::STREAM_WINDOW)
+        .initial_connection_window_size(http2::CONNECTION_WINDOW)
+        .max_frame_size(http2::MAX_FRAME)
         .tcp_nodelay(true)
 }
 
@@ -377,8 +374,8 @@ impl GrpcTransport {
     pub async fn connect_to(addr: SocketAddr, cfg: TransferConfig) -> Result<Self> {
         let channel = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| KvTransferError::Grpc(e.to_string()))?
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
+            .initial_stream_window_size(http2::STREAM_WINDOW)
+            .initial_connection_window_size(http2::CONNECTION_WINDOW)
             .tcp_nodelay(true)
             .connect_timeout(cfg.io_timeout)
             .connect()

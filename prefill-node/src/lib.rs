@@ -55,6 +55,13 @@ pub enum KvTarget {
 }
 
 impl KvTarget {
+    /// The address, whatever the transport.
+    pub fn addr(&self) -> SocketAddr {
+        match *self {
+            Self::Tcp(a) | Self::Grpc(a) => a,
+        }
+    }
+
     pub fn parse(s: &str) -> Result<Self, String> {
         let addr = |a: &str| a.parse::<SocketAddr>().map_err(|e| format!("{s:?}: {e}"));
         if let Some(a) = s.strip_prefix("grpc://") {

@@ -49,6 +49,20 @@ pub mod worker {
     pub const SECRET_METADATA: &str = "x-tandem-cluster-secret";
 }
 
+/// HTTP/2 settings of every endpoint that carries KV over gRPC: a node's
+/// one port, the standalone KV server and the KV client. The defaults of
+/// tonic and hyper (64 KiB to 1 MiB windows, 16 KiB frames) would throttle
+/// KV, and cut nearly every block across two frames.
+pub mod http2 {
+    /// Bytes in flight per stream: one layer of a long prompt.
+    pub const STREAM_WINDOW: u32 = 16 << 20;
+    /// Bytes in flight per connection: several transfers share one.
+    pub const CONNECTION_WINDOW: u32 = 64 << 20;
+    /// Largest DATA frame a receiver takes: a batch of blocks (about 1 MiB)
+    /// in one or two.
+    pub const MAX_FRAME: u32 = 1 << 20;
+}
+
 /// Encoded `FileDescriptorSet` of every tandem.v1 file, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tandem_v1_descriptor");
 

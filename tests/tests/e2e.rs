@@ -126,25 +126,23 @@ fn greedy_output_is_the_same_disaggregated_colocated_and_in_process() {
     // Run them again: now the prefill worker's prefix cache holds them.
     let d2 = rt.block_on(via_grpc(&disagg, &prompts));
     drop(disagg);
+    // One prefill and one decode worker, the decode worker started with `args`.
+    let disagg_with = |args: [&str; 2]| {
+        Cluster::start_spec(ClusterSpec {
+            prefill: 1,
+            decode: 1,
+            threads: 1,
+            decode_args: args.map(String::from).to_vec(),
+            ..Default::default()
+        })
+    };
     // The KV above moved through shared memory (both workers on one host);
     // a decode worker that declines it gets the payload on the socket.
-    let on_socket = Cluster::start_spec(ClusterSpec {
-        prefill: 1,
-        decode: 1,
-        threads: 1,
-        decode_args: vec!["--kv-shared-memory".into(), "false".into()],
-        ..Default::default()
-    });
+    let on_socket = disagg_with(["--kv-shared-memory", "false"]);
     let s = rt.block_on(via_grpc(&on_socket, &prompts));
     drop(on_socket);
     // A decode worker that takes KV over gRPC, on its one port.
-    let over_grpc = Cluster::start_spec(ClusterSpec {
-        prefill: 1,
-        decode: 1,
-        threads: 1,
-        decode_args: vec!["--kv-transport".into(), "grpc".into()],
-        ..Default::default()
-    });
+    let over_grpc = disagg_with(["--kv-transport", "grpc"]);
     assert_eq!(
         over_grpc.decode[0].ready.kv,
         Some(over_grpc.decode[0].addr()),
