@@ -5,9 +5,11 @@
 //! here; joins the sequence into the
 //! continuous batch and streams the tokens back.
 //!
-//! Received KV lands in a staging buffer and is copied into the reserved
-//! blocks on the engine thread (the pool belongs to that thread); the copy
-//! costs about 1% of the prefill it replaces.
+//! Received KV lands straight in the blocks reserved at admission, written
+//! by the transfer's task while the engine thread goes on decoding the
+//! rest of the batch; installing it only joins the sequence. (An engine
+//! that keeps its KV elsewhere, on a device or in the shards of a sharded
+//! worker, has the reservation stage it and copies it in at install.)
 //!
 //! Parallel sampling (`n > 1`): the request is one engine request whose
 //! choices share the prompt's KV blocks (fork + copy-on-write); with a
@@ -24,7 +26,6 @@ use std::time::{Duration, Instant};
 use tandem_cluster::metrics::{self as metrics_names, InStage, RequestTimer, Stage};
 use tandem_cluster::{ClusterSecret, Drain, Role};
 use tandem_engine::engine::{Engine, RequestHandle, RequestSpec};
-use tandem_engine::kv::KvStaging;
 use tandem_kv_transfer::{
     grpc, CancellationToken, KvReceiver, LayoutDescriptor, ReceiverConfig, TcpKvListener,
     TransferConfig,
@@ -239,7 +240,7 @@ impl Inner {
     ) -> Result<RequestHandle, Status> {
         let _stage = InStage::enter(Stage::WaitingForKv);
         let tokens = spec.prompt.len();
-        let reservation = self
+        let mut reservation = self
             .engine
             .reserve(tokens)
             .await
@@ -265,14 +266,13 @@ impl Inner {
         let call = self.cfg.secret.attach(call);
         // Never cancelled: the select below drops the receive instead.
         let cancel = CancellationToken::new();
-        let mut staging = KvStaging::new(self.engine.kv_layout(), tokens);
         let receive = async {
             let receiver = tokio::time::timeout(self.cfg.prefill_timeout, rx)
                 .await
                 .map_err(|_| Status::unavailable("the prefill worker never connected"))?
                 .map_err(|_| Status::internal("KV listener gone"))?;
             let started = Instant::now();
-            let r = receiver.receive_into(&mut staging, &cancel).await;
+            let r = receiver.receive_into(&mut reservation, &cancel).await;
             metrics::histogram!(metrics_names::KV_TRANSFER_SECONDS, "direction" => "received")
                 .record(started.elapsed().as_secs_f64());
             r.map_err(|e| {
@@ -337,7 +337,7 @@ impl Inner {
             )));
         }
         self.engine
-            .install(reservation, staging, spec, firsts)
+            .install(reservation, spec, firsts)
             .await
             .map_err(convert::engine_status)
     }

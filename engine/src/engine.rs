@@ -11,7 +11,9 @@
 //! Disaggregated serving: a prefill worker submits with
 //! [`Engine::submit_with_export`] (the prompt's KV streams out layer by
 //! layer through a [`KvExport`]); a decode worker [`Engine::reserve`]s
-//! blocks, receives the KV into a [`KvStaging`] off the engine thread, and
+//! blocks, receives the KV off the engine thread through the
+//! [`Reservation`] (straight into the reserved blocks of a host pool, into
+//! a [`KvStaging`] where the executor keeps the KV elsewhere), and
 //! [`Engine::install`]s it, which joins the request into the running batch.
 //!
 //! Parallel sampling: a [`RequestSpec`] with `n > 1` runs its prompt once
@@ -28,7 +30,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::error::{EngineError, Result};
 use crate::executor::Executor;
-use crate::kv::{KvLayout, KvStaging, SeqKv};
+use crate::kv::{BlockWriter, KvLayout, KvStaging, SeqKv};
 use crate::sampler::{Sampled, SamplingParams};
 use crate::scheduler::{
     Event, EventSink, KvExport, Request, Scheduler, SchedulerConfig, SchedulerStats, MAX_CHOICES,
@@ -106,17 +108,20 @@ fn refuse(txs: &[UnboundedSender<Event>], e: &EngineError) {
 enum Command {
     Submit(Request, Vec<UnboundedSender<Event>>),
     SubmitExport(Request, Vec<UnboundedSender<Event>>, Box<dyn KvExport>),
-    /// Reserve blocks for `tokens` prompt tokens under reservation `id`.
+    /// Reserve blocks for `tokens` prompt tokens under reservation `id`;
+    /// the reply carries a writer for them when the KV may be received in
+    /// place ([`Executor::receives_in_pool`]).
     Reserve {
         id: u64,
         tokens: usize,
-        reply: tokio::sync::oneshot::Sender<Result<()>>,
+        reply: tokio::sync::oneshot::Sender<Result<Option<BlockWriter>>>,
     },
     /// Give a reservation's blocks back (unknown ids are ignored).
     Release(u64),
     Install {
         reservation: u64,
-        staging: KvStaging,
+        /// `None`: the KV was written in place.
+        staging: Option<KvStaging>,
         req: Request,
         firsts: Vec<Sampled>,
         sinks: Vec<UnboundedSender<Event>>,
@@ -139,11 +144,26 @@ pub struct RequestHandle {
     pub more: Vec<UnboundedReceiver<Event>>,
 }
 
-/// Blocks reserved for a prompt whose KV will arrive from elsewhere.
+/// Where a reservation's KV is written before [`Engine::install`].
+enum Landing {
+    /// The reserved blocks themselves: nothing is copied at install, and no
+    /// memory beyond the pool is needed while the KV arrives.
+    InPlace(BlockWriter),
+    /// A buffer the executor installs from (device memory, shards of a
+    /// sharded worker).
+    Staged(KvStaging),
+}
+
+/// Blocks reserved for a prompt whose KV will arrive from elsewhere, and
+/// where to write that KV: its (layer, block) regions
+/// ([`Reservation::region_mut`]), in [`Engine::kv_layout`].
 /// Dropping it without [`Engine::install`] gives the blocks back.
 pub struct Reservation {
     id: u64,
     tokens: usize,
+    layout: KvLayout,
+    /// `None` only once handed to `install`.
+    landing: Option<Landing>,
     /// `None` once handed to `install` (the engine thread owns the blocks).
     tx: Option<mpsc::Sender<Command>>,
 }
@@ -156,6 +176,50 @@ impl Reservation {
     pub fn id(&self) -> u64 {
         self.id
     }
+    /// The layout to write in (the engine's [`Engine::kv_layout`]).
+    pub fn layout(&self) -> &KvLayout {
+        &self.layout
+    }
+    /// Blocks per layer.
+    pub fn n_blocks(&self) -> usize {
+        self.layout.blocks_for(self.tokens)
+    }
+    /// Whether writes go straight into the reserved blocks (else into a
+    /// staging buffer the engine installs from).
+    pub fn in_place(&self) -> bool {
+        matches!(self.landing, Some(Landing::InPlace(_)))
+    }
+    /// The (layer, `block`-th block of the prompt) region to write, or
+    /// `None` when out of range.
+    pub fn region_mut(&mut self, layer: usize, block: usize) -> Option<&mut [f32]> {
+        if layer >= self.layout.n_layers || block >= self.n_blocks() {
+            return None;
+        }
+        match self.landing.as_mut()? {
+            Landing::InPlace(w) => w.region_mut(layer, block),
+            Landing::Staged(s) => Some(s.region_mut(layer, block)),
+        }
+    }
+    /// Writes all of `staging` (KV gathered elsewhere, in this layout and
+    /// for this many tokens).
+    pub fn fill_from(&mut self, staging: &KvStaging) -> Result<()> {
+        if *staging.layout() != self.layout || staging.tokens() != self.tokens {
+            return Err(EngineError::Unsupported(format!(
+                "staged KV of {} tokens in {:?} for a reservation of {} tokens in {:?}",
+                staging.tokens(),
+                staging.layout(),
+                self.tokens,
+                self.layout
+            )));
+        }
+        for layer in 0..self.layout.n_layers {
+            for block in 0..self.n_blocks() {
+                let dst = self.region_mut(layer, block).ok_or_else(shut_down)?;
+                dst.copy_from_slice(staging.region(layer, block));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for Reservation {
@@ -163,12 +227,16 @@ impl std::fmt::Debug for Reservation {
         f.debug_struct("Reservation")
             .field("id", &self.id)
             .field("tokens", &self.tokens)
+            .field("in_place", &self.in_place())
             .finish()
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
+        // The writer goes first: the engine may reuse the blocks as soon
+        // as it reads the release.
+        self.landing = None;
         if let Some(tx) = self.tx.take() {
             let _ = tx.send(Command::Release(self.id));
         }
@@ -190,30 +258,33 @@ fn shut_down() -> EngineError {
     EngineError::Sampling("engine has shut down".into())
 }
 
-/// Engine-thread side of `Engine::install`: copies the staged KV into the
-/// reserved blocks and joins the request. Frees the blocks on any error.
+/// Engine-thread side of `Engine::install`: copies the staged KV (if the
+/// KV was not written in place) into the reserved blocks and joins the
+/// request. Frees the blocks on any error.
 fn install(
     model: &dyn Executor,
     sched: &mut Scheduler,
     mut kv: SeqKv,
-    staging: &KvStaging,
+    staging: Option<&KvStaging>,
     req: Request,
     firsts: Vec<Sampled>,
     sinks: Vec<Box<dyn EventSink>>,
 ) -> Result<()> {
     let layout = model.wire_layout(sched.pool().layout().block_size);
-    let tokens = staging.tokens();
-    let problem = if *staging.layout() != layout {
+    let tokens = req.prompt.len();
+    let problem = if let Some(staging) = staging.filter(|s| *s.layout() != layout) {
         Some(format!(
             "staged KV layout {:?} differs from the engine's {:?}",
             staging.layout(),
             layout
         ))
-    } else if layout.blocks_for(tokens) != kv.blocks.len() || tokens != req.prompt.len() {
+    } else if layout.blocks_for(tokens) != kv.blocks.len()
+        || staging.is_some_and(|s| s.tokens() != tokens)
+    {
         Some(format!(
-            "staged KV covers {tokens} tokens, the reservation {} blocks and the prompt {} tokens",
+            "the reservation holds {} blocks, the staged KV {:?} tokens and the prompt {tokens} tokens",
             kv.blocks.len(),
-            req.prompt.len()
+            staging.map(KvStaging::tokens),
         ))
     } else {
         None
@@ -222,9 +293,11 @@ fn install(
         sched.release(kv);
         return Err(EngineError::Unsupported(msg));
     }
-    if let Err(e) = model.install(sched.pool_mut(), &kv, staging) {
-        sched.release(kv);
-        return Err(e);
+    if let Some(staging) = staging {
+        if let Err(e) = model.install(sched.pool_mut(), &kv, staging) {
+            sched.release(kv);
+            return Err(e);
+        }
     }
     kv.len = tokens;
     sched.add_prefilled_parallel(req, kv, firsts, sinks)
@@ -236,6 +309,9 @@ impl Engine {
         let block_bytes = model.kv_layout(cfg.block_size).block_bytes();
         let pool = model.new_pool(cfg.block_size, (cfg.kv_cache_bytes / block_bytes).max(1));
         let layout = model.wire_layout(cfg.block_size);
+        // Received KV goes straight into the reserved blocks where the pool
+        // holds it all, as the model reads it.
+        let in_place = model.receives_in_pool() && pool.holds_kv() && *pool.layout() == layout;
         let pool_tokens = pool.n_blocks() * cfg.block_size;
         let context_length = model.config().context_length;
         let total_blocks = pool.n_blocks();
@@ -280,13 +356,17 @@ impl Engine {
                                 }
                             }
                             Command::Reserve { id, tokens, reply } => {
-                                let r = match sched.reserve_for_transfer(tokens) {
-                                    Ok(kv) => {
-                                        reserved.insert(id, kv);
-                                        Ok(())
-                                    }
-                                    Err(e) => Err(e),
-                                };
+                                let r = sched.reserve_for_transfer(tokens).map(|kv| {
+                                    // SAFETY: fresh blocks (refcount 1) of no
+                                    // sequence; they stay in `reserved`, which
+                                    // only Release and Install take them from,
+                                    // and the `Reservation` drops the writer
+                                    // before it sends either.
+                                    let writer = in_place
+                                        .then(|| unsafe { sched.pool().transfer_writer(&kv) });
+                                    reserved.insert(id, kv);
+                                    writer
+                                });
                                 // If the caller went away, its `Reservation`
                                 // sends Release (after this, on this channel).
                                 let _ = reply.send(r);
@@ -306,7 +386,7 @@ impl Engine {
                             } => {
                                 let r = match reserved.remove(&reservation) {
                                     Some(kv) => {
-                                        install(model.as_ref(), &mut sched, kv, &staging, req, firsts, sinks(&txs))
+                                        install(model.as_ref(), &mut sched, kv, staging.as_ref(), req, firsts, sinks(&txs))
                                     }
                                     None => Err(EngineError::Unsupported(format!(
                                         "no reservation {reservation}"
@@ -428,23 +508,35 @@ impl Engine {
             });
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Armed before asking: if this future is dropped midway, the
+        // reservation is released all the same. Declared before `answer`,
+        // so dropped after it: a writer still in the channel is gone before
+        // the release is sent.
+        let mut reservation = Reservation {
+            id,
+            tokens,
+            layout: self.layout,
+            landing: None,
+            tx: Some(self.tx.clone()),
+        };
         let (reply, answer) = tokio::sync::oneshot::channel();
         if self
             .tx
             .send(Command::Reserve { id, tokens, reply })
             .is_err()
         {
+            reservation.tx = None;
             return Err(shut_down());
         }
-        // Armed before awaiting: if this future is dropped midway, the
-        // reservation is released all the same.
-        let mut reservation = Reservation {
-            id,
-            tokens,
-            tx: Some(self.tx.clone()),
-        };
         match answer.await {
-            Ok(Ok(())) => Ok(reservation),
+            Ok(Ok(writer)) => {
+                reservation.landing = Some(match writer {
+                    Some(w) => Landing::InPlace(w),
+                    // Allocated here, not on the engine thread.
+                    None => Landing::Staged(KvStaging::new(self.layout, tokens)),
+                });
+                Ok(reservation)
+            }
             Ok(Err(e)) => {
                 reservation.tx = None;
                 Err(e)
@@ -453,19 +545,18 @@ impl Engine {
         }
     }
 
-    /// Copies `staging` into the reserved blocks and joins the request into
-    /// the running batch as if it had been prefilled here
-    /// (`Scheduler::add_prefilled_parallel`); `firsts` are the tokens the
-    /// prefill worker sampled, one per choice (`spec.n` of them), each the
-    /// first event of its choice's stream.
-    /// `spec.prompt.len()`, `reservation.tokens()` and `staging.tokens()`
-    /// must be equal and the staging layout must be this engine's
-    /// ([`Engine::kv_layout`]); otherwise, or if the request is invalid, an
-    /// error is returned and the blocks are freed.
+    /// Joins the request into the running batch as if it had been
+    /// prefilled here (`Scheduler::add_prefilled_parallel`), its prompt's
+    /// KV having been written through `reservation` (copied in from the
+    /// staging buffer, where it was not written in place); `firsts` are the
+    /// tokens the prefill worker sampled, one per choice (`spec.n` of
+    /// them), each the first event of its choice's stream.
+    /// `spec.prompt.len()` must equal `reservation.tokens()`; otherwise, or
+    /// if the request is invalid, an error is returned and the blocks are
+    /// freed.
     pub async fn install(
         &self,
         mut reservation: Reservation,
-        staging: KvStaging,
         spec: RequestSpec,
         firsts: Vec<Sampled>,
     ) -> Result<RequestHandle> {
@@ -477,18 +568,10 @@ impl Engine {
                 spec.choices()
             )));
         }
-        if spec.prompt.len() != tokens || staging.tokens() != tokens {
+        if spec.prompt.len() != tokens {
             return Err(EngineError::Unsupported(format!(
-                "install: reservation for {tokens} tokens, staged KV for {}, prompt of {}",
-                staging.tokens(),
+                "install: reservation for {tokens} tokens, prompt of {}",
                 spec.prompt.len()
-            )));
-        }
-        if *staging.layout() != self.layout {
-            return Err(EngineError::Unsupported(format!(
-                "install: staged KV layout {:?} differs from the engine's {:?}",
-                staging.layout(),
-                self.layout
             )));
         }
         // Errors above drop `reservation`, which releases the blocks.
@@ -496,6 +579,12 @@ impl Engine {
         let req = self.request(spec)?;
         let id = req.id;
         let (reply, answer) = tokio::sync::oneshot::channel();
+        // The writer is dropped here, before the engine thread is told.
+        let staging = match reservation.landing.take() {
+            Some(Landing::Staged(s)) => Some(s),
+            Some(Landing::InPlace(_)) => None,
+            None => return Err(shut_down()),
+        };
         let tx = reservation.tx.take().ok_or_else(shut_down)?;
         let cmd = Command::Install {
             reservation: reservation.id,

@@ -31,6 +31,16 @@ pub trait Executor: Send + Sync {
         self.kv_layout(block_size)
     }
 
+    /// Whether KV from a peer may be received straight into the pool's
+    /// blocks (`KvPool::transfer_writer`), with nothing left for
+    /// [`Executor::install`] to do. True where the pool holds the whole
+    /// KV in the wire layout, as the default `install` assumes; an
+    /// executor that overrides `install` (device memory, shards on other
+    /// ranks) returns false and gets a staging buffer instead.
+    fn receives_in_pool(&self) -> bool {
+        true
+    }
+
     /// Writes KV received in [`Executor::wire_layout`] into `kv`'s blocks
     /// (on every rank of a sharded worker).
     fn install(&self, pool: &mut KvPool, kv: &SeqKv, staging: &KvStaging) -> Result<()> {

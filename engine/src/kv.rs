@@ -17,6 +17,10 @@
 //! one contiguous region, and a tensor-parallel peer's head range is one
 //! contiguous run inside K and one inside V.
 
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
@@ -85,13 +89,108 @@ impl SeqKv {
     }
 }
 
+/// One layer's block array, shared between the pool and the
+/// [`BlockWriter`]s of its reserved blocks.
+///
+/// The array is reached only through raw pointers and through slices of
+/// single blocks, never as one slice of the whole layer: a writer fills its
+/// reserved blocks on another thread while the engine reads the blocks of
+/// running sequences, and a whole-layer reference would claim both.
+struct LayerMemory {
+    ptr: NonNull<f32>,
+    len: usize,
+}
+
+// SAFETY: the memory is owned (freed once, in `drop`); who may touch which
+// block at a time is the pool's and the writers' contract (see `BlockWriter`).
+unsafe impl Send for LayerMemory {}
+unsafe impl Sync for LayerMemory {}
+
+impl LayerMemory {
+    fn new(data: Vec<f32>) -> Self {
+        let len = data.len();
+        let ptr = NonNull::from(Box::leak(data.into_boxed_slice())).cast::<f32>();
+        Self { ptr, len }
+    }
+}
+
+impl Drop for LayerMemory {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` came from `Box::leak` in `new`, and this is
+        // the only owner.
+        drop(unsafe {
+            Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                self.ptr.as_ptr(),
+                self.len,
+            ))
+        });
+    }
+}
+
+/// One layer of a pool, for reading the blocks of sequences one runs
+/// (attention). Like `&[f32]` of the whole layer, except that it lends out
+/// one block at a time, so that blocks reserved for a transfer may be
+/// written meanwhile.
+#[derive(Clone, Copy)]
+pub struct PoolLayer<'a> {
+    ptr: *const f32,
+    n_blocks: usize,
+    block_floats: usize,
+    _layer: PhantomData<&'a [f32]>,
+}
+
+// SAFETY: it only reads, and only blocks no writer holds (see `block`).
+unsafe impl Send for PoolLayer<'_> {}
+unsafe impl Sync for PoolLayer<'_> {}
+
+impl<'a> PoolLayer<'a> {
+    /// A layer held in a plain slice of whole blocks (tests, references).
+    pub fn from_slice(layer: &'a [f32], block_floats: usize) -> Self {
+        assert!(
+            block_floats > 0 && layer.len().is_multiple_of(block_floats),
+            "a layer of {} floats is not whole blocks of {block_floats}",
+            layer.len()
+        );
+        Self {
+            ptr: layer.as_ptr(),
+            n_blocks: layer.len() / block_floats,
+            block_floats,
+            _layer: PhantomData,
+        }
+    }
+
+    /// The (this layer, `b`) region. Panics when out of range.
+    pub fn block(&self, b: BlockId) -> &'a [f32] {
+        assert!(
+            (b as usize) < self.n_blocks,
+            "block {b} of {}",
+            self.n_blocks
+        );
+        // SAFETY: in bounds; `b` is a block of a sequence the caller runs,
+        // which no `BlockWriter` holds (writers hold only reserved blocks,
+        // which join a sequence after their writer is gone).
+        unsafe {
+            std::slice::from_raw_parts(
+                self.ptr.add(b as usize * self.block_floats),
+                self.block_floats,
+            )
+        }
+    }
+
+    /// The start of block 0, for kernels that address blocks themselves;
+    /// they may read only blocks of the sequences they run, as [`Self::block`].
+    pub fn as_ptr(&self) -> *const f32 {
+        self.ptr
+    }
+}
+
 /// The block pool with reference counts (blocks shared by a cached prefix or
 /// by forked sequences are counted once per holder).
 pub struct KvPool {
     layout: KvLayout,
     n_blocks: usize,
     /// Per layer: `n_blocks * block_floats` floats.
-    layers: Vec<Vec<f32>>,
+    layers: Arc<[LayerMemory]>,
     refs: Vec<u32>,
     free: Vec<BlockId>,
     /// Block copies made by copy-on-write since the last
@@ -137,7 +236,7 @@ impl KvPool {
             layout,
             n_blocks,
             layers: (0..layout.n_layers)
-                .map(|_| touched_zeros(per_layer))
+                .map(|_| LayerMemory::new(touched_zeros(per_layer)))
                 .collect(),
             refs: vec![0; n_blocks],
             // Pop from the end: hand out low ids first (nicer to read in tests).
@@ -158,7 +257,7 @@ impl KvPool {
         Self {
             layout,
             n_blocks,
-            layers: Vec::new(),
+            layers: Arc::new([]),
             refs: vec![0; n_blocks],
             free: (0..n_blocks as BlockId).rev().collect(),
             copies: Some(Vec::new()),
@@ -267,7 +366,7 @@ impl KvPool {
         let need = self.layout.blocks_for(seq.len + new_tokens);
         let extra = need.saturating_sub(seq.blocks.len());
         let partial_shared =
-            seq.len % bs != 0 && new_tokens > 0 && self.refs[seq.blocks[seq.len / bs] as usize] > 1;
+            !seq.len.is_multiple_of(bs) && new_tokens > 0 && self.refs[seq.blocks[seq.len / bs] as usize] > 1;
         let wanted = extra + usize::from(partial_shared);
         if wanted > self.free.len() {
             return Err(EngineError::OutOfBlocks {
@@ -302,27 +401,86 @@ impl KvPool {
         if let Some(log) = &mut self.copies {
             log.push((from, to));
         }
+        if from == to {
+            return;
+        }
         let n = self.layout.block_floats();
-        for layer in &mut self.layers {
-            layer.copy_within(from as usize * n..(from as usize + 1) * n, to as usize * n);
+        for layer in 0..self.layers.len() {
+            let src = self.block_ptr(layer, from);
+            let dst = self.block_ptr(layer, to);
+            // SAFETY: two distinct in-bounds blocks of the engine's (`&mut
+            // self`), neither reserved for a transfer.
+            unsafe { std::ptr::copy_nonoverlapping(src, dst, n) };
+        }
+    }
+
+    /// Start of the (layer, block) region. Panics when out of range.
+    fn block_ptr(&self, layer: usize, b: BlockId) -> *mut f32 {
+        assert!(
+            (b as usize) < self.n_blocks,
+            "block {b} of a pool of {}",
+            self.n_blocks
+        );
+        // SAFETY: in bounds of the layer's `n_blocks * block_floats` floats.
+        unsafe {
+            self.layers[layer]
+                .ptr
+                .as_ptr()
+                .add(b as usize * self.layout.block_floats())
         }
     }
 
     /// One layer's blocks (read by attention).
-    pub fn layer(&self, layer: usize) -> &[f32] {
-        &self.layers[layer]
+    pub fn layer(&self, layer: usize) -> PoolLayer<'_> {
+        PoolLayer {
+            ptr: self.layers[layer].ptr.as_ptr(),
+            n_blocks: self.n_blocks,
+            block_floats: self.layout.block_floats(),
+            _layer: PhantomData,
+        }
     }
 
     /// The (layer, block) region.
     pub fn region(&self, layer: usize, b: BlockId) -> &[f32] {
-        let n = self.layout.block_floats();
-        &self.layers[layer][b as usize * n..(b as usize + 1) * n]
+        self.layer(layer).block(b)
     }
 
-    /// The (layer, block) region, writable (receiving KV from a peer).
+    /// The (layer, block) region, writable. `b` must not be reserved for a
+    /// transfer whose [`BlockWriter`] is alive (the engine never asks for
+    /// those: they belong to no sequence yet).
     pub fn region_mut(&mut self, layer: usize, b: BlockId) -> &mut [f32] {
-        let n = self.layout.block_floats();
-        &mut self.layers[layer][b as usize * n..(b as usize + 1) * n]
+        let p = self.block_ptr(layer, b);
+        // SAFETY: in bounds; `&mut self` excludes every other borrow of the
+        // pool, and no writer holds `b` (above).
+        unsafe { std::slice::from_raw_parts_mut(p, self.layout.block_floats()) }
+    }
+
+    /// A writer for the blocks of `kv`, for receiving their KV on another
+    /// thread while the engine goes on with the rest of the pool: the
+    /// prompt's KV lands straight in the blocks the sequence will run on.
+    /// Panics on a pool that holds no KV ([`KvPool::holds_kv`]).
+    ///
+    /// # Safety
+    ///
+    /// Until the writer is dropped, the caller must not read or write these
+    /// blocks through the pool (no sequence may hold them, no copy may
+    /// touch them) nor release them; then it must make the writer's drop
+    /// happen before its next access (hand it back over a channel, join).
+    /// The blocks must be distinct.
+    pub unsafe fn transfer_writer(&self, kv: &SeqKv) -> BlockWriter {
+        assert!(self.holds_kv(), "a transfer writer on a pool without KV");
+        for &b in &kv.blocks {
+            assert!(
+                (b as usize) < self.n_blocks,
+                "block {b} of {}",
+                self.n_blocks
+            );
+        }
+        BlockWriter {
+            layers: self.layers.clone(),
+            blocks: kv.blocks.clone(),
+            block_floats: self.layout.block_floats(),
+        }
     }
 
     /// Writes one token's K and V (`kv_dim` floats each) at position `pos` of `seq`.
@@ -344,6 +502,49 @@ impl KvPool {
             let vb = l.v_offset(h) + slot * hd;
             region[vb..vb + hd].copy_from_slice(&v[h * hd..(h + 1) * hd]);
         }
+    }
+}
+
+/// The blocks reserved for one transfer, writable from any thread while the
+/// engine runs the rest of the pool ([`KvPool::transfer_writer`]). Block
+/// `i` is the reservation's `i`-th block.
+pub struct BlockWriter {
+    layers: Arc<[LayerMemory]>,
+    blocks: Vec<BlockId>,
+    block_floats: usize,
+}
+
+impl BlockWriter {
+    /// Layers of each block.
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+    /// Blocks reserved.
+    pub fn n_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+    /// The (layer, `i`-th reserved block) region, or `None` when there is
+    /// no such block.
+    pub fn region_mut(&mut self, layer: usize, i: usize) -> Option<&mut [f32]> {
+        let mem = self.layers.get(layer)?;
+        let b = *self.blocks.get(i)? as usize;
+        // SAFETY: `transfer_writer` checked `b` in bounds and its caller
+        // keeps the engine off these blocks while this writer lives; the
+        // blocks are distinct and `&mut self` lends one region at a time.
+        Some(unsafe {
+            std::slice::from_raw_parts_mut(
+                mem.ptr.as_ptr().add(b * self.block_floats),
+                self.block_floats,
+            )
+        })
+    }
+}
+
+impl std::fmt::Debug for BlockWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockWriter")
+            .field("blocks", &self.blocks)
+            .finish()
     }
 }
 
@@ -389,7 +590,6 @@ impl KvStaging {
         let o = self.offset(layer, block);
         &self.data[o..o + self.layout.block_floats()]
     }
-    /// The (layer, block) region, writable. Panics when out of range.
     /// The staged blocks as a pool of their own (block `i` = staged block
     /// `i`), for code that reads KV through a pool.
     pub fn into_pool(self) -> KvPool {
@@ -399,12 +599,12 @@ impl KvStaging {
         let mut layers = Vec::with_capacity(self.layout.n_layers);
         for _ in 0..self.layout.n_layers {
             let rest = data.split_off(per_layer);
-            layers.push(std::mem::replace(&mut data, rest));
+            layers.push(LayerMemory::new(std::mem::replace(&mut data, rest)));
         }
         KvPool {
             layout: self.layout,
             n_blocks: n,
-            layers,
+            layers: layers.into(),
             refs: vec![0; n],
             free: Vec::new(),
             copies: None,
@@ -413,6 +613,7 @@ impl KvStaging {
         }
     }
 
+    /// The (layer, block) region, writable. Panics when out of range.
     pub fn region_mut(&mut self, layer: usize, block: usize) -> &mut [f32] {
         let o = self.offset(layer, block);
         let n = self.layout.block_floats();

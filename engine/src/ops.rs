@@ -195,8 +195,8 @@ macro_rules! multiversion {
 /// (see `kv` for the block layout).
 #[derive(Clone, Copy)]
 pub struct PagedKv<'a> {
-    /// The layer's whole block array.
-    pub layer: &'a [f32],
+    /// The layer's blocks.
+    pub layer: crate::kv::PoolLayer<'a>,
     pub blocks: &'a [u32],
     pub block_size: usize,
     pub block_floats: usize,
@@ -228,8 +228,7 @@ fn attend_group<const R: usize>(
     let n_blocks = n_keys.div_ceil(bs);
     for bi in 0..n_blocks {
         let nk = bs.min(n_keys - bi * bs);
-        let base = kv.blocks[bi] as usize * kv.block_floats + kv.k_off;
-        let kblk = &kv.layer[base..base + hd * bs];
+        let kblk = &kv.layer.block(kv.blocks[bi])[kv.k_off..kv.k_off + hd * bs];
         if bs == 16 {
             // The common block size: 16 running scores per head in registers.
             let mut acc = [[0f32; 16]; R];
@@ -267,8 +266,8 @@ fn attend_group<const R: usize>(
         softmax(&mut scores[r * n_keys..(r + 1) * n_keys]);
     }
     let value = |j: usize| -> &[f32] {
-        let base = kv.blocks[j / bs] as usize * kv.block_floats + kv.v_off + (j % bs) * hd;
-        &kv.layer[base..base + hd]
+        let base = kv.v_off + (j % bs) * hd;
+        &kv.layer.block(kv.blocks[j / bs])[base..base + hd]
     };
     if hd == 64 {
         // Accumulators in registers: R × 4 vectors.
@@ -683,7 +682,7 @@ mod tests {
         let q: Vec<f32> = (0..3 * hd).map(|_| rnd() * 4.0).collect();
         for g in 0..nkv {
             let kv = PagedKv {
-                layer: &layer,
+                layer: crate::kv::PoolLayer::from_slice(&layer, block_floats),
                 blocks: &blocks,
                 block_size: bs,
                 block_floats,

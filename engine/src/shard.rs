@@ -838,6 +838,11 @@ impl Executor for ShardedModel {
         self.run(pool, batch, None)
     }
 
+    /// The KV goes to other ranks' (or the device's) memory: staged.
+    fn receives_in_pool(&self) -> bool {
+        false
+    }
+
     fn install(&self, pool: &mut KvPool, kv: &SeqKv, staging: &KvStaging) -> Result<()> {
         self.checked(|st| self.install_on_ranks(st, pool, kv, staging))
     }

@@ -964,9 +964,11 @@ mod batching {
             staging: KvStaging,
             n: usize,
         ) -> Vec<u32> {
-            let r = block_on(dec.reserve(p.len())).unwrap();
+            let mut r = block_on(dec.reserve(p.len())).unwrap();
             assert_eq!(r.tokens(), p.len());
-            let mut h = block_on(dec.install(r, staging, spec(p, n), vec![first])).unwrap();
+            assert!(r.in_place(), "a host pool takes KV in place: {r:?}");
+            r.fill_from(&staging).unwrap();
+            let mut h = block_on(dec.install(r, spec(p, n), vec![first])).unwrap();
             collect(&mut h).0.iter().map(|s| s.token).collect()
         }
 
@@ -1000,6 +1002,40 @@ mod batching {
                 assert_eq!(got.len(), n);
             }
             assert!(pre.stats().steps > 0);
+        }
+
+        /// KV written in place into reserved blocks while the engine decodes
+        /// another sequence from the same pool: both give the tokens of
+        /// plain generation (the writer touches only its blocks, the engine
+        /// only its sequences').
+        #[test]
+        fn in_place_receive_runs_beside_a_decoding_sequence() {
+            let pre = engine(512, 64 << 20);
+            let dec = engine(512, 64 << 20);
+            let reference = engine(512, 64 << 20);
+            let (bg, long) = (prompt(30, 11), 160);
+            let mut running = dec.submit(spec(&bg, long)).unwrap();
+            // Its first token: it is in the batch before any KV arrives.
+            let first_bg = match running.events.blocking_recv() {
+                Some(Event::Token(s)) => s,
+                e => panic!("expected a token, got {e:?}"),
+            };
+            for (len, k) in [(40, 12), (101, 13), (17, 14)] {
+                let p = prompt(len, k);
+                let (first, staging, _) = prefill(&pre, &p);
+                assert_eq!(
+                    decode(&dec, &p, first, staging, 8),
+                    plain(&reference, &p, 8)
+                );
+            }
+            let mut got = vec![first_bg];
+            got.extend(collect(&mut running).0);
+            let got: Vec<u32> = got.iter().map(|s| s.token).collect();
+            assert_eq!(got, plain(&reference, &bg, long));
+            wait_until("decode engine idle with every block free", || {
+                let s = dec.stats();
+                s.running == 0 && s.free_blocks + s.cached_blocks == s.total_blocks
+            });
         }
 
         #[test]
@@ -1057,8 +1093,9 @@ mod batching {
                 })
                 .collect();
             let staged = rx.recv_timeout(Duration::from_secs(60)).unwrap();
-            let r = block_on(dec.reserve(p.len())).unwrap();
-            let h = block_on(dec.install(r, staged.staging, with(n, 40, 10), firsts)).unwrap();
+            let mut r = block_on(dec.reserve(p.len())).unwrap();
+            r.fill_from(&staged.staging).unwrap();
+            let h = block_on(dec.install(r, with(n, 40, 10), firsts)).unwrap();
             let got = collect_all(h);
             for (i, g) in got.iter().enumerate() {
                 let want = collect_all(reference.submit(with(1, 40 + i as u64, 10)).unwrap());
@@ -1097,34 +1134,26 @@ mod batching {
             );
             assert!(block_on(dec.reserve(0)).is_err());
 
-            // Staged KV of the wrong size.
-            let r = block_on(dec.reserve(40)).unwrap();
+            // Staged KV of the wrong size is refused; the reservation
+            // still gives its blocks back.
+            let mut r = block_on(dec.reserve(40)).unwrap();
             wait_until("3 blocks reserved", || free() == all - 3);
+            assert!(r.region_mut(0, 2).is_some() && r.region_mut(0, 3).is_none());
+            assert!(r.region_mut(layout.n_layers, 0).is_none());
+            let e = r.fill_from(&KvStaging::new(layout, 30)).unwrap_err();
+            assert!(e.to_string().contains("30"), "{e}");
+            drop(r);
+            wait_until("blocks back after a bad fill", || free() == all);
             let p = prompt(40, 4);
             let first = Sampled {
                 token: 5,
                 logprob: 0.0,
                 top: vec![],
             };
-            let e = block_on(dec.install(
-                r,
-                KvStaging::new(layout, 30),
-                spec(&p, 4),
-                vec![first.clone()],
-            ))
-            .unwrap_err();
-            assert!(e.to_string().contains("30"), "{e}");
-            wait_until("blocks back after a bad install", || free() == all);
 
             // A prompt that does not match the reservation.
             let r = block_on(dec.reserve(40)).unwrap();
-            let e = block_on(dec.install(
-                r,
-                KvStaging::new(layout, 40),
-                spec(&p[..39], 4),
-                vec![first.clone()],
-            ))
-            .unwrap_err();
+            let e = block_on(dec.install(r, spec(&p[..39], 4), vec![first.clone()])).unwrap_err();
             assert!(e.to_string().contains("39"), "{e}");
             wait_until("blocks back after a mismatched prompt", || free() == all);
 
@@ -1132,9 +1161,7 @@ mod batching {
             let r = block_on(dec.reserve(40)).unwrap();
             let mut bad = spec(&p, 4);
             bad.params.top_p = 2.0;
-            assert!(
-                block_on(dec.install(r, KvStaging::new(layout, 40), bad, vec![first])).is_err()
-            );
+            assert!(block_on(dec.install(r, bad, vec![first])).is_err());
             wait_until("blocks back after an invalid request", || free() == all);
         }
     }

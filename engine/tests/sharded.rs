@@ -246,8 +246,15 @@ fn greedy_spec(prompt: &[u32], n: usize) -> RequestSpec {
     }
 }
 
-/// Prefill on `pre`, ship the KV in the wire layout, decode on `dec`.
-fn disaggregated(pre: &Engine, dec: &Engine, prompt: &[u32], n: usize) -> Vec<u32> {
+/// Prefill on `pre`, ship the KV in the wire layout, decode on `dec`
+/// (which receives in place when `dec_in_place`).
+fn disaggregated(
+    pre: &Engine,
+    dec: &Engine,
+    dec_in_place: bool,
+    prompt: &[u32],
+    n: usize,
+) -> Vec<u32> {
     assert_eq!(
         pre.kv_layout(),
         dec.kv_layout(),
@@ -261,8 +268,12 @@ fn disaggregated(pre: &Engine, dec: &Engine, prompt: &[u32], n: usize) -> Vec<u3
     let h = pre.submit_with_export(greedy_spec(prompt, 1), exp).unwrap();
     let first = collect_all(h).remove(0);
     let staging = rx.recv_timeout(Duration::from_secs(60)).unwrap();
-    let r = block_on(dec.reserve(prompt.len())).unwrap();
-    let h = block_on(dec.install(r, staging, greedy_spec(prompt, n), first)).unwrap();
+    let mut r = block_on(dec.reserve(prompt.len())).unwrap();
+    // A sharded engine's pool holds one rank's shard: it must stage, and
+    // scatter at install. A single process's pool takes the KV in place.
+    assert_eq!(r.in_place(), dec_in_place, "{r:?}");
+    r.fill_from(&staging).unwrap();
+    let h = block_on(dec.install(r, greedy_spec(prompt, n), first)).unwrap();
     collect_all(h).remove(0).iter().map(|s| s.token).collect()
 }
 
@@ -285,14 +296,14 @@ fn kv_moves_between_workers_of_different_shapes() {
             .iter()
             .map(|s| s.token)
             .collect();
-        for (name, pre, dec) in [
-            ("whole → tp3", &whole, &tp3),
-            ("tp3 → tp3×pp2", &tp3, &tp3pp2),
-            ("tp3×pp2 → whole", &tp3pp2, &whole),
-            ("tp3×pp2 (cached prefix) → tp3", &tp3pp2, &tp3),
+        for (name, pre, dec, in_place) in [
+            ("whole → tp3", &whole, &tp3, false),
+            ("tp3 → tp3×pp2", &tp3, &tp3pp2, false),
+            ("tp3×pp2 → whole", &tp3pp2, &whole, true),
+            ("tp3×pp2 (cached prefix) → tp3", &tp3pp2, &tp3, false),
         ] {
             assert_eq!(
-                disaggregated(pre, dec, &p, n),
+                disaggregated(pre, dec, in_place, &p, n),
                 want,
                 "{name}, {}-token prompt",
                 p.len()

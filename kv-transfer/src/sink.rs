@@ -1,6 +1,7 @@
 //! Where received KV goes: straight into the blocks the decode worker
 //! reserved, and the bookkeeping that proves every expected slot arrived.
 
+use tandem_engine::engine::Reservation;
 use tandem_engine::kv::{KvLayout, KvPool, KvStaging, SeqKv};
 
 use crate::error::{KvTransferError, Result};
@@ -39,8 +40,16 @@ impl KvSink for PoolSink<'_> {
     }
 }
 
-/// Receives into a staging buffer off the engine thread; the decode worker
-/// then hands it to `Engine::install`.
+/// Receives into the blocks a decode worker reserved (or the staging buffer
+/// the reservation keeps where the engine holds its KV elsewhere), off the
+/// engine thread; the decode worker then hands it to `Engine::install`.
+impl KvSink for Reservation {
+    fn region_mut(&mut self, layer: usize, block: usize) -> Option<&mut [f32]> {
+        Reservation::region_mut(self, layer, block)
+    }
+}
+
+/// Receives into a staging buffer (gathering KV for a process of its own).
 impl KvSink for KvStaging {
     fn region_mut(&mut self, layer: usize, block: usize) -> Option<&mut [f32]> {
         if layer >= self.layout().n_layers || block >= self.n_blocks() {

@@ -1010,6 +1010,11 @@ impl Executor for CudaModel {
         self.step(pool, batch)
     }
 
+    /// The KV goes to other ranks' (or the device's) memory: staged.
+    fn receives_in_pool(&self) -> bool {
+        false
+    }
+
     fn install(&self, pool: &mut KvPool, kv: &SeqKv, staging: &KvStaging) -> Result<()> {
         self.dev.bind()?;
         let mut st = self.lock();
