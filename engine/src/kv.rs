@@ -365,8 +365,9 @@ impl KvPool {
         let bs = self.layout.block_size;
         let need = self.layout.blocks_for(seq.len + new_tokens);
         let extra = need.saturating_sub(seq.blocks.len());
-        let partial_shared =
-            !seq.len.is_multiple_of(bs) && new_tokens > 0 && self.refs[seq.blocks[seq.len / bs] as usize] > 1;
+        let partial_shared = !seq.len.is_multiple_of(bs)
+            && new_tokens > 0
+            && self.refs[seq.blocks[seq.len / bs] as usize] > 1;
         let wanted = extra + usize::from(partial_shared);
         if wanted > self.free.len() {
             return Err(EngineError::OutOfBlocks {

@@ -113,27 +113,6 @@ pub(crate) fn encode_payload_into(
     crc
 }
 
-/// The CRC-32C of the payload of `region`, as [`encode_payload_into`]
-/// computes it, without copying: for encoders that must write a payload's
-/// checksum before the payload itself.
-pub(crate) fn payload_crc(l: &KvLayout, region: &[f32], slots: usize, seed: u32) -> u32 {
-    encode_payload_into(l, region, slots, seed, |_| {})
-}
-
-/// Hands the payload of `region` to `push` in wire order, without a checksum.
-pub(crate) fn copy_payload(
-    l: &KvLayout,
-    region: &[f32],
-    slots: usize,
-    mut push: impl FnMut(&[u8]),
-) {
-    for_each_run(l, slots, |r| {
-        push(bytemuck::cast_slice::<f32, u8>(&region[r]));
-        Ok(())
-    })
-    .expect("copying cannot fail");
-}
-
 /// Unpacks `payload` (`slots` tokens) into the destination region, checking
 /// the CRC while copying. On a mismatch the region may hold part of the bad
 /// payload: the transfer fails and the caller releases the blocks.

@@ -20,7 +20,7 @@ use tandem_proto::kv as pb;
 use tonic::Status;
 
 use crate::error::{KvTransferError, Result};
-use crate::frame::{copy_payload, frame_seed, payload_crc, payload_len};
+use crate::frame::{encode_payload_into, frame_seed, payload_len};
 use crate::transport::BlockRegion;
 
 /// A gRPC message's prefix: a compression flag (0: none) and the length,
@@ -41,7 +41,28 @@ pub(crate) fn grpc_message(msg: &impl Message) -> Bytes {
 const FRAME_BLOCKS: u32 = 2;
 const BLOCKS_REQUEST_ID: u32 = 1;
 const BLOCKS_BLOCK: u32 = 2;
+const BLOCK_LAYER: u32 = 1;
+const BLOCK_BLOCK: u32 = 2;
+const BLOCK_SLOTS: u32 = 3;
+const BLOCK_CRC32C: u32 = 4;
 const BLOCK_PAYLOAD: u32 = 5;
+
+/// Bytes of a varint field `tag` holding `v`, left out (as proto3 does)
+/// when zero.
+fn uint32_len(tag: u32, v: u32) -> usize {
+    if v == 0 {
+        0
+    } else {
+        key_len(tag) + encoded_len_varint(u64::from(v))
+    }
+}
+
+/// Writes a varint field `tag` holding `v`, unless zero.
+fn put_uint32(tag: u32, v: u32, buf: &mut BytesMut) {
+    if v != 0 {
+        prost::encoding::uint32::encode(tag, &v, buf);
+    }
+}
 
 /// Bytes of a length-delimited field `tag` holding `len` bytes.
 fn delimited_len(tag: u32, len: usize) -> usize {
@@ -49,10 +70,12 @@ fn delimited_len(tag: u32, len: usize) -> usize {
 }
 
 /// A `KvFrame` holding `blocks` of `layer` as one framed gRPC message, the
-/// same bytes prost would encode. Each payload is checksummed first, since
-/// its CRC precedes it on the wire, and then copied once, from the KV into
-/// the message; the second read finds the block in cache. With `corrupt`,
-/// the first payload has a bit flipped after its checksum (a test hook).
+/// same bytes prost would encode (but for a checksum that happens to be 0,
+/// which prost leaves out and this writes). Each payload is copied once,
+/// from the KV into the message, its checksum computed on the way; the
+/// checksum's fixed-width field, before the payload, is filled in after.
+/// With `corrupt`, the first payload has a bit flipped after its checksum
+/// (a test hook).
 pub(crate) fn blocks_message(
     l: &KvLayout,
     request_id: u64,
@@ -60,19 +83,17 @@ pub(crate) fn blocks_message(
     blocks: &[BlockRegion<'_>],
     corrupt: bool,
 ) -> Bytes {
-    let heads: Vec<(pb::KvBlock, usize)> = blocks
+    // Each block's length: its varint fields, the checksum (key and four
+    // bytes) and the payload.
+    let lens: Vec<usize> = blocks
         .iter()
         .map(|b| {
-            let slots = b.slots as usize;
-            let head = pb::KvBlock {
-                layer,
-                block: b.block,
-                slots: b.slots,
-                crc32c: payload_crc(l, b.data, slots, frame_seed(layer, b.block, b.slots)),
-                payload: Bytes::new(),
-            };
-            let len = head.encoded_len() + delimited_len(BLOCK_PAYLOAD, payload_len(l, slots));
-            (head, len)
+            uint32_len(BLOCK_LAYER, layer)
+                + uint32_len(BLOCK_BLOCK, b.block)
+                + uint32_len(BLOCK_SLOTS, b.slots)
+                + key_len(BLOCK_CRC32C)
+                + 4
+                + delimited_len(BLOCK_PAYLOAD, payload_len(l, b.slots as usize))
         })
         .collect();
     let id_len = if request_id != 0 {
@@ -81,9 +102,9 @@ pub(crate) fn blocks_message(
         0
     };
     let blocks_len = id_len
-        + heads
+        + lens
             .iter()
-            .map(|(_, len)| delimited_len(BLOCKS_BLOCK, *len))
+            .map(|&len| delimited_len(BLOCKS_BLOCK, len))
             .sum::<usize>();
     let frame_len = delimited_len(FRAME_BLOCKS, blocks_len);
     let mut buf = BytesMut::with_capacity(GRPC_PREFIX + frame_len);
@@ -94,15 +115,22 @@ pub(crate) fn blocks_message(
     if request_id != 0 {
         prost::encoding::uint64::encode(BLOCKS_REQUEST_ID, &request_id, &mut buf);
     }
-    for (i, (b, (head, len))) in blocks.iter().zip(&heads).enumerate() {
+    for (i, (b, &len)) in blocks.iter().zip(&lens).enumerate() {
         encode_key(BLOCKS_BLOCK, WireType::LengthDelimited, &mut buf);
-        encode_varint(*len as u64, &mut buf);
-        head.encode(&mut buf).expect("the buffer has room");
+        encode_varint(len as u64, &mut buf);
+        put_uint32(BLOCK_LAYER, layer, &mut buf);
+        put_uint32(BLOCK_BLOCK, b.block, &mut buf);
+        put_uint32(BLOCK_SLOTS, b.slots, &mut buf);
+        encode_key(BLOCK_CRC32C, WireType::ThirtyTwoBit, &mut buf);
+        let crc_at = buf.len();
+        buf.put_u32_le(0);
         let slots = b.slots as usize;
         encode_key(BLOCK_PAYLOAD, WireType::LengthDelimited, &mut buf);
         encode_varint(payload_len(l, slots) as u64, &mut buf);
         let at = buf.len();
-        copy_payload(l, b.data, slots, |c| buf.extend_from_slice(c));
+        let seed = frame_seed(layer, b.block, b.slots);
+        let crc = encode_payload_into(l, b.data, slots, seed, |c| buf.extend_from_slice(c));
+        buf[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
         if corrupt && i == 0 {
             buf[at] ^= 0x01;
         }

@@ -14,7 +14,7 @@ use crate::error::{KvTransferError, Result};
 
 /// Version of the KV wire protocol (handshake, frames, replies). Bumped on
 /// any incompatible change; peers with another version are refused.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The receiver's (or sender's) view of the KV it holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
