@@ -214,7 +214,7 @@ impl Reservation {
         }
         for layer in 0..self.layout.n_layers {
             for block in 0..self.n_blocks() {
-                let dst = self.region_mut(layer, block).ok_or_else(shut_down)?;
+                let dst = self.region_mut(layer, block).ok_or_else(installed)?;
                 dst.copy_from_slice(staging.region(layer, block));
             }
         }
@@ -256,6 +256,11 @@ pub struct Engine {
 
 fn shut_down() -> EngineError {
     EngineError::Sampling("engine has shut down".into())
+}
+
+/// A reservation without its landing: it was handed to `install` already.
+fn installed() -> EngineError {
+    EngineError::Unsupported("the reservation was installed already".into())
 }
 
 /// Engine-thread side of `Engine::install`: copies the staged KV (if the
@@ -416,6 +421,9 @@ impl Engine {
                         *s = sched.stats();
                     }
                 }
+                // Writers of these blocks may still be alive; no harm, as
+                // nothing reads or reuses the pool from here on (writers
+                // keep its memory).
                 for (_, kv) in reserved.drain() {
                     sched.release(kv);
                 }
@@ -583,7 +591,7 @@ impl Engine {
         let staging = match reservation.landing.take() {
             Some(Landing::Staged(s)) => Some(s),
             Some(Landing::InPlace(_)) => None,
-            None => return Err(shut_down()),
+            None => return Err(installed()),
         };
         let tx = reservation.tx.take().ok_or_else(shut_down)?;
         let cmd = Command::Install {
