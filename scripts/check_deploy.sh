@@ -190,6 +190,7 @@ for path, label in ((sys.argv[1], "default"), (sys.argv[2], "production")):
             errors.append(f"{label}/{role}: POD_IP not from status.podIP")
         if "TANDEM_CLUSTER_SECRET" not in env: errors.append(f"{label}/{role}: no TANDEM_CLUSTER_SECRET")
         if role == "decode" and flag("--kv-port") is None: errors.append(f"{label}/decode: no --kv-port")
+        if role == "decode" and flag("--on-kv-failure") != "fail": errors.append(f"{label}/decode: --on-kv-failure {flag('--on-kv-failure')}")
         if pod["terminationGracePeriodSeconds"] <= drain: errors.append(f"{label}/{role}: grace <= drain")
         if c["livenessProbe"]["httpGet"]["path"] != "/health" or c["readinessProbe"]["httpGet"]["path"] != "/ready":
             errors.append(f"{label}/{role}: probes")
@@ -235,6 +236,7 @@ refuse "starts empty" --set model.fetch.enabled=false
 refuse "needs model.volume.existingClaim" --set model.volume.type=persistentVolumeClaim
 refuse "must be at least" --set prefill.gpus=1 --set prefill.tpSize=2
 refuse "must be tcp or grpc" --set decode.kvTransport=udp
+refuse "must be fail or recompute" --set decode.onKvFailure=retry
 
 # --- dashboards and Prometheus --------------------------------------------
 log "python3 -m json.tool: Grafana dashboard"

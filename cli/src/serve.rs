@@ -23,6 +23,31 @@ use tandem_router::dispatcher::Dispatcher;
 use tokio_util::sync::CancellationToken;
 
 /// Flags every role shares.
+/// `--on-kv-failure`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvFailureArg {
+    Fail,
+    Recompute,
+}
+
+impl KvFailureArg {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fail => "fail",
+            Self::Recompute => "recompute",
+        }
+    }
+}
+
+impl From<KvFailureArg> for tandem_decode::KvFailurePolicy {
+    fn from(a: KvFailureArg) -> Self {
+        match a {
+            KvFailureArg::Fail => Self::Fail,
+            KvFailureArg::Recompute => Self::Recompute,
+        }
+    }
+}
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct NodeArgs {
     /// A .gguf file or a Hugging Face directory (default: the installed default model).
@@ -127,6 +152,13 @@ pub struct WorkerArgs {
     /// offered). Off: the payload always travels on the socket.
     #[arg(long, env = "TANDEM_KV_SHARED_MEMORY", default_value_t = true, action = clap::ArgAction::Set)]
     pub kv_shared_memory: bool,
+    /// What a decode worker does when a prompt's KV does not arrive (the
+    /// prefill worker failed or vanished, the transfer broke): `fail`, the
+    /// router prefills it again elsewhere and marks the prefill worker down;
+    /// `recompute`, this worker computes the prompt itself (logged, and
+    /// counted in `tandem_kv_recomputed_total`).
+    #[arg(long, env = "TANDEM_ON_KV_FAILURE", value_enum, default_value_t = KvFailureArg::Fail)]
+    pub on_kv_failure: KvFailureArg,
     /// Decode workers refuse new requests while this many wait for the batch (bounded queue).
     #[arg(long, env = "TANDEM_MAX_WAITING", default_value_t = 256)]
     pub max_waiting: usize,
@@ -515,6 +547,7 @@ pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
                         prefill_timeout: Duration::from_secs(300),
                         max_waiting: args.max_waiting,
                         kv_transport: args.kv_transport.into(),
+                        on_kv_failure: args.on_kv_failure.into(),
                     },
                     SocketAddr::new(args.node.host, args.kv_port),
                     Some(public.ip()),

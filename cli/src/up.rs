@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use tandem_cluster::{Peer, PeerList, ReadyLine, Role};
 
-use crate::serve::KvTransportArg;
+use crate::serve::{KvFailureArg, KvTransportArg};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct UpArgs {
@@ -67,6 +67,10 @@ pub struct UpArgs {
     /// What the decode workers' KV ports speak (see `tandem decode --help`).
     #[arg(long, env = "TANDEM_KV_TRANSPORT", value_enum, default_value_t = KvTransportArg::Tcp)]
     pub kv_transport: KvTransportArg,
+    /// What the decode workers do when a prompt's KV does not arrive (see
+    /// `tandem decode --help`).
+    #[arg(long, env = "TANDEM_ON_KV_FAILURE", value_enum, default_value_t = KvFailureArg::Fail)]
+    pub on_kv_failure: KvFailureArg,
 }
 
 /// Threads for each prefill and each decode worker. Prefill is compute
@@ -273,7 +277,12 @@ pub fn run(args: UpArgs) -> Result<()> {
     }
     for i in 0..args.decode {
         let mut decode_args = worker_args(d_threads, args.decode_tp, args.decode_pp);
-        decode_args.extend(["--kv-transport".into(), args.kv_transport.as_str().into()]);
+        decode_args.extend([
+            "--kv-transport".into(),
+            args.kv_transport.as_str().into(),
+            "--on-kv-failure".into(),
+            args.on_kv_failure.as_str().into(),
+        ]);
         nodes.push(spawn(
             Role::Decode,
             &decode_args,

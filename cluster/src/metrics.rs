@@ -73,6 +73,9 @@ pub const DECODE_REFUSED: &str = "tandem_decode_refused_total";
 // Disaggregation.
 pub const KV_TRANSFER_BYTES: &str = "tandem_kv_transfer_bytes_total";
 pub const KV_TRANSFER_FAILURES: &str = "tandem_kv_transfer_failures_total";
+/// Decode worker: remote prefills whose KV did not arrive and that it
+/// computed itself (`--on-kv-failure recompute`).
+pub const KV_RECOMPUTED: &str = "tandem_kv_recomputed_total";
 pub const KV_TRANSFER_SECONDS: &str = "tandem_kv_transfer_seconds";
 /// Requests in each disaggregation stage (label `stage`): see [`Stage`].
 pub const STAGE_REQUESTS: &str = "tandem_stage_requests";
@@ -206,6 +209,10 @@ pub fn describe() {
     c(
         KV_TRANSFER_FAILURES,
         "KV transfers that failed, by direction",
+    );
+    c(
+        KV_RECOMPUTED,
+        "Remote prefills whose KV did not arrive and that the decode worker computed itself",
     );
     describe_counter!(
         KV_TRANSFER_BYTES,

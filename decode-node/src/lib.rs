@@ -55,6 +55,26 @@ pub struct DecodeConfig {
     pub max_waiting: usize,
     /// How KV arrives.
     pub kv_transport: KvTransportKind,
+    /// What a failed remote prefill (the prefill worker or the KV transfer)
+    /// does to the request.
+    pub on_kv_failure: KvFailurePolicy,
+}
+
+/// What a decode worker does when a prompt's KV does not arrive (the
+/// prefill worker failed or vanished, the transfer broke or timed out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvFailurePolicy {
+    /// Fail the request to the router, which prefills it again on another
+    /// prefill worker (or on a decode worker when none is left) and marks
+    /// the failed one down: a broken prefill worker or KV path shows up in
+    /// the router's retry and marked-down counters at once.
+    #[default]
+    Fail,
+    /// Compute the prompt here instead, with a warning and
+    /// `tandem_kv_recomputed_total`: no round trip through the router, but
+    /// the prefill worker is not marked down, and every recomputed prompt
+    /// costs this worker's decode batch a prefill.
+    Recompute,
 }
 
 /// How a decode worker takes KV. The prefill worker follows: the decode
@@ -389,11 +409,29 @@ impl Inner {
             })),
             index: 0,
         };
+        // Where the prompt ends up prefilled (the timings' label).
+        let mut prefilled_remotely = remote;
         let handle = if remote {
             let _ = out.send(Ok(admitted)).await;
-            tokio::select! {
+            let recompute =
+                (self.cfg.on_kv_failure == KvFailurePolicy::Recompute).then(|| spec.clone());
+            let r = tokio::select! {
                 r = self.remote_prefill(&req, spec, &mut timer) => r,
                 _ = out.closed() => return,
+            };
+            match (r, recompute) {
+                (Err(s), Some(spec)) if code_name(s.code()) == "prefill_failed" => {
+                    tracing::warn!(
+                        request = %req.request_id,
+                        prefill = %req.prefill_address,
+                        error = %s.message(),
+                        "the prompt's KV did not arrive; computing it here (--on-kv-failure recompute)"
+                    );
+                    metrics::counter!(metrics_names::KV_RECOMPUTED).increment(1);
+                    prefilled_remotely = false;
+                    self.engine.submit(spec).map_err(convert::engine_status)
+                }
+                (r, _) => r,
             }
         } else {
             let h = self.engine.submit(spec).map_err(convert::engine_status);
@@ -446,7 +484,7 @@ impl Inner {
             };
             let Some((index, ev)) = ev else { break };
             if index == 0 {
-                record_event(&mut timer, &ev, remote);
+                record_event(&mut timer, &ev, prefilled_remotely);
             }
             let last = !matches!(ev, tandem_engine::scheduler::Event::Token(_));
             if last {

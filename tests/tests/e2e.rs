@@ -791,6 +791,57 @@ fn hanging_up_during_a_remote_prefill_cancels_it_and_frees_the_reserved_blocks()
     });
 }
 
+/// A prefill worker that dies while a prompt's KV is on its way, seen by a
+/// decode worker started with `--on-kv-failure recompute`: it computes the
+/// prompt itself (no retry through the router), says so in its counter,
+/// and the tokens are the plain path's. (With the default, `fail`, the
+/// router retries: `faults::a_prefill_worker_killed_mid_run_loses_no_request`.)
+#[test]
+fn a_decode_worker_told_to_recompute_computes_a_prompt_whose_kv_never_came() {
+    let mut cluster = Cluster::start_spec(ClusterSpec {
+        prefill: 1,
+        decode: 1,
+        threads: 1,
+        decode_args: vec!["--on-kv-failure".into(), "recompute".into()],
+        ..Default::default()
+    });
+    // ~1,800 prompt tokens: seconds of prefill on one thread.
+    let prompt = "a long prompt about many things, ".repeat(250);
+    let rt = rt();
+    let idle = rt.block_on(worker_load(&cluster.decode[0]));
+    let mut client = rt.block_on(grpc_client(&cluster));
+    let request = greedy_request(&prompt);
+    let call = rt.spawn(async move { client.generate(request).await });
+    // The prompt is on the prefill worker, its blocks reserved on the
+    // decode worker: the prefill worker goes away mid-prefill.
+    rt.block_on(wait_load(
+        &cluster.prefill[0],
+        Duration::from_secs(20),
+        |l| l.running + l.waiting == 1,
+    ));
+    cluster.prefill[0].kill();
+    let reply = rt
+        .block_on(call)
+        .unwrap()
+        .expect("the decode worker recomputes the prompt")
+        .into_inner();
+    let (text, ids, _) = generate_plain(&prompt, false);
+    assert_eq!(reply.token_ids, ids);
+    assert_eq!(reply.text, text);
+    rt.block_on(async {
+        let decode = &cluster.decode[0];
+        assert_eq!(counter(decode, "tandem_kv_recomputed_total").await, 1.0);
+        assert_eq!(
+            counter(&cluster.router, "tandem_router_prefill_retries_total").await,
+            0.0,
+            "the decode worker recomputed; the router did not retry"
+        );
+        // Nothing left reserved: the prompt's blocks are free or cached.
+        let l = wait_load(decode, Duration::from_secs(10), |l| l.in_flight == 0).await;
+        assert_eq!(l.free_blocks + l.cached_blocks, idle.total_blocks, "{l:?}");
+    });
+}
+
 /// A series from a node's /metrics, 0 when absent. `series` is `name` or
 /// `name{k="v",...}`: lines of that name whose labels include the given
 /// ones (the node labels `model`, `role`, `worker_id` and any others are
