@@ -550,9 +550,10 @@ impl std::fmt::Debug for BlockWriter {
 }
 
 /// KV for `tokens` tokens, laid out as `n_layers x n_blocks` regions of
-/// `layout.block_floats()` floats (layer-major): where a KV transfer is
-/// received without touching the pool (which lives on the engine thread),
-/// then installed with `Engine::install`.
+/// `layout.block_floats()` floats (layer-major): KV gathered off a pool
+/// (a prefill export, a sharded worker's ranks), or received for an engine
+/// whose pool does not hold the KV itself (device memory, shards), which
+/// `Engine::install` then copies in.
 #[derive(Debug, Clone)]
 pub struct KvStaging {
     layout: KvLayout,
