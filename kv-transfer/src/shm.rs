@@ -30,11 +30,16 @@
 //! Making a ring costs more than sending a few MB through it (the kernel
 //! allocates and clears every page), so a sender keeps the rings of
 //! transfers its receiver confirmed, a few at most, and offers them again
-//! with a fresh nonce.
+//! with a fresh nonce. Mapping one costs the receiver 0.3–0.5 ms (the kernel
+//! fills the page tables), as much as moving a short prompt's KV, so a
+//! receiver keeps its mappings too, a few MB of them at most, and maps a
+//! ring again only when the sender's descriptor names another file.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tandem_proto::kv as pb;
 
@@ -56,7 +61,13 @@ const MAX_CAPACITY: u64 = 1 << 30;
 const MAX_IDLE: usize = 4;
 
 /// This process's idle rings.
-static IDLE: std::sync::Mutex<Vec<SendRing>> = std::sync::Mutex::new(Vec::new());
+static IDLE: Mutex<Vec<SendRing>> = Mutex::new(Vec::new());
+/// Senders' rings this process has mapped, least recently used first.
+static MAPPED: Mutex<Vec<Arc<MappedRing>>> = Mutex::new(Vec::new());
+/// Mappings kept, and bytes of them at most: a sender that dies leaves its
+/// rings alive in memory until they are dropped from here.
+const MAX_MAPPED: usize = 8;
+const MAX_MAPPED_BYTES: usize = 64 << 20;
 
 /// Which way a transfer's payload travels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -304,9 +315,78 @@ impl SendRing {
     }
 }
 
+/// A sender's ring as this process mapped it: the file behind the
+/// sender's descriptor `/proc/<pid>/fd/<fd>` (device and inode, which
+/// stay the file's while the mapping holds it) and the mapping.
+struct MappedRing {
+    pid: u32,
+    fd: u32,
+    dev: u64,
+    ino: u64,
+    map: Mapping,
+}
+
+impl MappedRing {
+    /// The mapping of the file at `path`, from the cache when it holds one
+    /// of the same file, else made now (and kept).
+    fn get(offer: &pb::SharedMemoryOffer, path: &str, len: usize) -> std::io::Result<Arc<Self>> {
+        let bad =
+            |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+        let meta = std::fs::metadata(path)?;
+        if meta.len() != len as u64 {
+            return Err(bad("ring of another size than offered"));
+        }
+        {
+            let mut cache = MAPPED.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = cache
+                .iter()
+                .position(|m| m.pid == offer.pid && m.fd == offer.fd)
+            {
+                let m = cache.remove(i);
+                if m.dev == meta.dev() && m.ino == meta.ino() && m.map.len == len {
+                    cache.push(m.clone());
+                    return Ok(m);
+                }
+                // The descriptor names another file now: the old mapping goes.
+            }
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        // SAFETY: fcntl on a descriptor we own.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(bad("ring not sealed against shrinking"));
+        }
+        // Checked on the file opened (the path could have changed since).
+        let meta = file.metadata()?;
+        if meta.len() != len as u64 {
+            return Err(bad("ring of another size than offered"));
+        }
+        let ring = Arc::new(Self {
+            pid: offer.pid,
+            fd: offer.fd,
+            dev: meta.dev(),
+            ino: meta.ino(),
+            map: Mapping::map(&file, len)?,
+        });
+        if len <= MAX_MAPPED_BYTES {
+            let mut cache = MAPPED.lock().unwrap_or_else(|e| e.into_inner());
+            cache.push(ring.clone());
+            while cache.len() > MAX_MAPPED
+                || cache.iter().map(|m| m.map.len).sum::<usize>() > MAX_MAPPED_BYTES
+            {
+                cache.remove(0);
+            }
+        }
+        Ok(ring)
+    }
+}
+
 /// The receiver's mapping of a sender's ring.
 pub(crate) struct RecvRing {
-    map: Mapping,
+    ring: Arc<MappedRing>,
     consumed: u64,
     credited: u64,
 }
@@ -326,22 +406,10 @@ impl RecvRing {
                 offer.capacity
             )));
         }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(format!("/proc/{}/fd/{}", offer.pid, offer.fd))?;
-        // SAFETY: fcntl on a descriptor we own.
-        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
-        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
-            return Err(bad("ring not sealed against shrinking".into()));
-        }
-        let len = HEADER_PAGE as u64 + offer.capacity;
-        if file.metadata()?.len() != len {
-            return Err(bad("ring of another size than offered".into()));
-        }
-        let map = Mapping::map(&file, len as usize)?;
+        let path = format!("/proc/{}/fd/{}", offer.pid, offer.fd);
+        let ring = MappedRing::get(offer, &path, HEADER_PAGE + offer.capacity as usize)?;
         let mut head = [0u8; NONCE_AT + NONCE_LEN];
-        map.read_header(0, &mut head);
+        ring.map.read_header(0, &mut head);
         let word = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().unwrap());
         if word(0) != MAGIC
             || word(CAPACITY_AT) != offer.capacity
@@ -350,24 +418,28 @@ impl RecvRing {
             return Err(bad("not the offered ring".into()));
         }
         Ok(Self {
-            map,
+            ring,
             consumed: 0,
             credited: 0,
         })
+    }
+
+    fn map(&self) -> &Mapping {
+        &self.ring.map
     }
 
     /// Copies the next frame of `dest.len()` bytes out of the ring. Fails if
     /// the sender announced bytes it has not published.
     pub(crate) fn read(&mut self, dest: &mut [u8]) -> Result<()> {
         let n = dest.len() as u64;
-        let cap = self.map.capacity;
+        let cap = self.map().capacity;
         if n > cap {
             return Err(KvTransferError::Protocol(format!(
                 "frame of {n} bytes in a ring of {cap}"
             )));
         }
         let start = place(self.consumed, n, cap);
-        let written = self.map.counter(WRITTEN_AT).load(Ordering::Acquire);
+        let written = self.map().counter(WRITTEN_AT).load(Ordering::Acquire);
         if start + n > written {
             return Err(KvTransferError::Protocol(format!(
                 "block header for ring bytes {start}..{} while the sender published {written}",
@@ -379,10 +451,10 @@ impl RecvRing {
         // copy is checked against the frame's CRC afterwards, so even a
         // sender that broke that promise could only fail the transfer.
         unsafe {
-            std::ptr::copy_nonoverlapping(self.map.data(start), dest.as_mut_ptr(), dest.len())
+            std::ptr::copy_nonoverlapping(self.map().data(start), dest.as_mut_ptr(), dest.len())
         };
         self.consumed = start + n;
-        self.map
+        self.map()
             .counter(CONSUMED_AT)
             .store(self.consumed, Ordering::Release);
         Ok(())
@@ -391,7 +463,7 @@ impl RecvRing {
     /// Whether the sender should hear that space was freed (every quarter
     /// of the ring).
     pub(crate) fn credit_due(&mut self) -> bool {
-        if self.consumed - self.credited >= self.map.capacity / 4 {
+        if self.consumed - self.credited >= self.map().capacity / 4 {
             self.credited = self.consumed;
             true
         } else {
@@ -497,6 +569,27 @@ mod tests {
         let mut rx = RecvRing::open(&again, 16).unwrap();
         assert!(rx.read(&mut [0u8; 1]).is_err(), "nothing published");
         assert_eq!(tx.room_for(1000), Some(0));
+    }
+
+    #[test]
+    fn a_reoffered_ring_is_mapped_once_and_another_file_anew() {
+        let _turn = idle_rings();
+        let (tx, first) = SendRing::take(2 * HEADER_PAGE).unwrap();
+        let mapped = RecvRing::open(&first, 16).unwrap().ring;
+        tx.recycle();
+        let (_tx, again) = SendRing::take(2 * HEADER_PAGE).unwrap();
+        assert_eq!(again.fd, first.fd, "the sender offers its idle ring");
+        let rx = RecvRing::open(&again, 16).unwrap();
+        assert!(Arc::ptr_eq(&rx.ring, &mapped), "the mapping is reused");
+        // The same descriptor naming another file (the sender closed the
+        // ring and made another under the same number): mapped anew.
+        let (other, mut offer) = SendRing::create(3 * HEADER_PAGE).unwrap();
+        // SAFETY: dup2 between two descriptors this test owns.
+        assert!(unsafe { libc::dup2(other.file.as_raw_fd(), again.fd as i32) } >= 0);
+        offer.fd = again.fd;
+        let rx = RecvRing::open(&offer, 16).unwrap();
+        assert!(!Arc::ptr_eq(&rx.ring, &mapped));
+        assert_eq!(rx.map().capacity, 3 * HEADER_PAGE as u64);
     }
 
     #[test]
