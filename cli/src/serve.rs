@@ -23,31 +23,6 @@ use tandem_router::dispatcher::Dispatcher;
 use tokio_util::sync::CancellationToken;
 
 /// Flags every role shares.
-/// `--on-kv-failure`.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KvFailureArg {
-    Fail,
-    Recompute,
-}
-
-impl KvFailureArg {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Fail => "fail",
-            Self::Recompute => "recompute",
-        }
-    }
-}
-
-impl From<KvFailureArg> for tandem_decode::KvFailurePolicy {
-    fn from(a: KvFailureArg) -> Self {
-        match a {
-            KvFailureArg::Fail => Self::Fail,
-            KvFailureArg::Recompute => Self::Recompute,
-        }
-    }
-}
-
 #[derive(clap::Args, Clone, Debug)]
 pub struct NodeArgs {
     /// A .gguf file or a Hugging Face directory (default: the installed default model).
@@ -185,6 +160,31 @@ impl From<KvTransportArg> for tandem_decode::KvTransportKind {
         match a {
             KvTransportArg::Tcp => Self::Tcp,
             KvTransportArg::Grpc => Self::Grpc,
+        }
+    }
+}
+
+/// `--on-kv-failure`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvFailureArg {
+    Fail,
+    Recompute,
+}
+
+impl KvFailureArg {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fail => "fail",
+            Self::Recompute => "recompute",
+        }
+    }
+}
+
+impl From<KvFailureArg> for tandem_decode::KvFailurePolicy {
+    fn from(a: KvFailureArg) -> Self {
+        match a {
+            KvFailureArg::Fail => Self::Fail,
+            KvFailureArg::Recompute => Self::Recompute,
         }
     }
 }

@@ -516,14 +516,6 @@ pub struct BlockWriter {
 }
 
 impl BlockWriter {
-    /// Layers of each block.
-    pub fn n_layers(&self) -> usize {
-        self.layers.len()
-    }
-    /// Blocks reserved.
-    pub fn n_blocks(&self) -> usize {
-        self.blocks.len()
-    }
     /// The (layer, `i`-th reserved block) region, or `None` when there is
     /// no such block.
     pub fn region_mut(&mut self, layer: usize, i: usize) -> Option<&mut [f32]> {

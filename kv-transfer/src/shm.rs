@@ -315,6 +315,11 @@ impl SendRing {
     }
 }
 
+/// An offer this receiver declines: not this host's, or not the ring offered.
+fn bad(what: impl Into<String>) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, what.into())
+}
+
 /// A sender's ring as this process mapped it: the file behind the
 /// sender's descriptor `/proc/<pid>/fd/<fd>` (device and inode, which
 /// stay the file's while the mapping holds it) and the mapping.
@@ -330,8 +335,6 @@ impl MappedRing {
     /// The mapping of the file at `path`, from the cache when it holds one
     /// of the same file, else made now (and kept).
     fn get(offer: &pb::SharedMemoryOffer, path: &str, len: usize) -> std::io::Result<Arc<Self>> {
-        let bad =
-            |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
         let meta = std::fs::metadata(path)?;
         if meta.len() != len as u64 {
             return Err(bad("ring of another size than offered"));
@@ -399,7 +402,6 @@ impl RecvRing {
         offer: &pb::SharedMemoryOffer,
         min_capacity: usize,
     ) -> std::io::Result<Self> {
-        let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
         if offer.capacity < min_capacity as u64 || offer.capacity > MAX_CAPACITY {
             return Err(bad(format!(
                 "ring of {} bytes (want {min_capacity}..={MAX_CAPACITY})",
@@ -415,7 +417,7 @@ impl RecvRing {
             || word(CAPACITY_AT) != offer.capacity
             || head[NONCE_AT..] != offer.nonce[..]
         {
-            return Err(bad("not the offered ring".into()));
+            return Err(bad("not the offered ring"));
         }
         Ok(Self {
             ring,
