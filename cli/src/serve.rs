@@ -387,6 +387,7 @@ fn start_engine(args: &WorkerArgs) -> Result<Started> {
             },
             block_size: args.block_size,
             kv_cache_bytes: kv_bytes,
+            ..Default::default()
         },
     );
     if engine.stats().total_blocks == 0 {

@@ -226,7 +226,7 @@ pub fn describe() {
     );
     g(
         WAITING_SEQUENCES,
-        "Sequences waiting for a place in the batch",
+        "Sequences waiting for a place in the batch (on a decode worker, with the transfers waiting for KV blocks)",
     );
     g(RUNNING_SEQUENCES, "Sequences in the running batch");
     g(KV_BLOCKS, "KV cache blocks in the pool");

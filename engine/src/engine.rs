@@ -20,11 +20,12 @@
 //! and forks into `n` choices sharing the prompt's KV blocks (see
 //! `scheduler`); each choice has its own event stream.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
@@ -44,6 +45,10 @@ pub struct EngineConfig {
     pub block_size: usize,
     /// Bytes of KV cache.
     pub kv_cache_bytes: usize,
+    /// Longest a [`Engine::reserve`] waits for blocks the pool cannot spare
+    /// yet (they come back as running sequences finish) before it fails
+    /// with `OutOfBlocks`.
+    pub reserve_wait: Duration,
 }
 
 impl Default for EngineConfig {
@@ -52,6 +57,7 @@ impl Default for EngineConfig {
             scheduler: SchedulerConfig::default(),
             block_size: 16,
             kv_cache_bytes: 1 << 30,
+            reserve_wait: Duration::from_secs(60),
         }
     }
 }
@@ -114,7 +120,7 @@ enum Command {
     Reserve {
         id: u64,
         tokens: usize,
-        reply: tokio::sync::oneshot::Sender<Result<Option<BlockWriter>>>,
+        reply: ReserveReply,
     },
     /// Give a reservation's blocks back (unknown ids are ignored).
     Release(u64),
@@ -131,6 +137,86 @@ enum Command {
     CancelChoice(u64, usize),
     CachedPrefix(Vec<u32>, mpsc::Sender<usize>),
     Shutdown,
+}
+
+type ReserveReply = tokio::sync::oneshot::Sender<Result<Option<BlockWriter>>>;
+
+/// Reservations the pool could not serve when they came, in arrival order.
+/// A decode worker under load would otherwise fail every transfer that
+/// arrives while its batch holds the pool; instead the transfer waits
+/// (bounded in time, and in number by the worker's queue limit, as the
+/// scheduler counts these as waiting) until finished sequences give blocks
+/// back. Served strictly in order, so a long prompt is not starved by
+/// shorter ones behind it.
+struct ReservationQueue {
+    waiting: VecDeque<WaitingReservation>,
+    /// Longest a reservation waits before it is refused (`OutOfBlocks`).
+    patience: Duration,
+}
+
+struct WaitingReservation {
+    id: u64,
+    tokens: usize,
+    reply: ReserveReply,
+    since: Instant,
+}
+
+impl ReservationQueue {
+    fn new(patience: Duration) -> Self {
+        Self {
+            waiting: VecDeque::new(),
+            patience,
+        }
+    }
+
+    fn push(&mut self, id: u64, tokens: usize, reply: ReserveReply) {
+        self.waiting.push_back(WaitingReservation {
+            id,
+            tokens,
+            reply,
+            since: Instant::now(),
+        });
+    }
+
+    /// Drops a waiting reservation whose caller went away.
+    fn forget(&mut self, id: u64) {
+        self.waiting.retain(|w| w.id != id);
+    }
+
+    /// When the oldest waiting reservation runs out of patience.
+    fn deadline(&self) -> Option<Instant> {
+        self.waiting.front().map(|w| w.since + self.patience)
+    }
+
+    /// Grants what the pool can spare now, oldest first, refuses what has
+    /// waited too long, and tells the scheduler how many still wait.
+    /// `grant` records the granted blocks and returns the reply's writer.
+    fn serve(
+        &mut self,
+        sched: &mut Scheduler,
+        mut grant: impl FnMut(&mut Scheduler, u64, SeqKv) -> Option<BlockWriter>,
+    ) {
+        while let Some(w) = self.waiting.front() {
+            if w.reply.is_closed() {
+                // Its caller is gone; the Release it sent is still queued.
+                self.waiting.pop_front();
+                continue;
+            }
+            let outcome = match sched.reserve_for_transfer(w.tokens) {
+                Ok(Some(kv)) => Ok(grant(sched, w.id, kv)),
+                Ok(None) if w.since.elapsed() < self.patience => break,
+                Ok(None) => Err(EngineError::OutOfBlocks {
+                    needed: sched.pool().layout().blocks_for(w.tokens),
+                    free: sched.pool().free_blocks(),
+                }),
+                Err(e) => Err(e),
+            };
+            let w = self.waiting.pop_front().expect("front exists");
+            // A caller that went away meanwhile sends Release after this.
+            let _ = w.reply.send(outcome);
+        }
+        sched.set_transfers_waiting(self.waiting.len());
+    }
 }
 
 /// A submitted request: its id (for `cancel`) and its event streams.
@@ -320,6 +406,7 @@ impl Engine {
         let pool_tokens = pool.n_blocks() * cfg.block_size;
         let context_length = model.config().context_length;
         let total_blocks = pool.n_blocks();
+        let reserve_wait = cfg.reserve_wait;
         let mut sched = Scheduler::new(cfg.scheduler, pool, context_length);
         let stats = Arc::new(Mutex::new(sched.stats()));
         let (tx, rx) = mpsc::channel::<Command>();
@@ -329,14 +416,31 @@ impl Engine {
             .spawn(move || {
                 // Blocks reserved for transfers, by reservation id.
                 let mut reserved: HashMap<u64, SeqKv> = HashMap::new();
+                // Reservations waiting for blocks, oldest first.
+                let mut queue = ReservationQueue::new(reserve_wait);
+                // Whether the last step did anything: when it did not (all
+                // waiting work is blocked on memory that only a command can
+                // free), the thread sleeps on the channel instead of spinning.
+                let mut progressed = true;
                 'outer: loop {
-                    // Block for a command when idle; otherwise take what is queued.
-                    let mut first = if sched.has_work() {
+                    // Block for a command when idle (until the oldest waiting
+                    // reservation's deadline, if any); otherwise take what is
+                    // queued.
+                    let mut first = if sched.has_work() && progressed {
                         None
                     } else {
-                        match rx.recv() {
-                            Ok(c) => Some(c),
-                            Err(_) => break,
+                        match queue.deadline() {
+                            None => match rx.recv() {
+                                Ok(c) => Some(c),
+                                Err(_) => break,
+                            },
+                            Some(at) => {
+                                match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                                    Ok(c) => Some(c),
+                                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                                }
+                            }
                         }
                     };
                     loop {
@@ -361,25 +465,14 @@ impl Engine {
                                 }
                             }
                             Command::Reserve { id, tokens, reply } => {
-                                let r = sched.reserve_for_transfer(tokens).map(|kv| {
-                                    // SAFETY: fresh blocks (refcount 1) of no
-                                    // sequence; they stay in `reserved`, which
-                                    // only Release and Install take them from,
-                                    // and the `Reservation` drops the writer
-                                    // before it sends either.
-                                    let writer = in_place
-                                        .then(|| unsafe { sched.pool().transfer_writer(&kv) });
-                                    reserved.insert(id, kv);
-                                    writer
-                                });
-                                // If the caller went away, its `Reservation`
-                                // sends Release (after this, on this channel).
-                                let _ = reply.send(r);
+                                queue.push(id, tokens, reply);
                             }
                             Command::Release(id) => {
                                 if let Some(kv) = reserved.remove(&id) {
                                     sched.release(kv);
                                 }
+                                // Or it was still waiting (its caller gave up).
+                                queue.forget(id);
                             }
                             Command::Install {
                                 reservation,
@@ -411,10 +504,25 @@ impl Engine {
                             Command::Shutdown => break 'outer,
                         }
                     }
+                    // Reservations first: while one waits, the batch admits
+                    // nothing new (see `Scheduler::set_transfers_waiting`).
+                    queue.serve(&mut sched, |sched, id, kv| {
+                        // SAFETY: fresh blocks (refcount 1) of no sequence;
+                        // they stay in `reserved`, which only Release and
+                        // Install take them from, and the `Reservation`
+                        // drops the writer before it sends either.
+                        let writer = in_place.then(|| unsafe { sched.pool().transfer_writer(&kv) });
+                        reserved.insert(id, kv);
+                        writer
+                    });
+                    progressed = true;
                     if sched.has_work() {
-                        if let Err(e) = sched.step(model.as_ref()) {
-                            tracing::error!(error = %e, "engine step failed; failing running requests");
-                            sched.fail_all(&e.to_string());
+                        match sched.step(model.as_ref()) {
+                            Ok(did) => progressed = did,
+                            Err(e) => {
+                                tracing::error!(error = %e, "engine step failed; failing running requests");
+                                sched.fail_all(&e.to_string());
+                            }
                         }
                     }
                     if let Ok(mut s) = stats_w.lock() {
@@ -427,6 +535,9 @@ impl Engine {
                 for (_, kv) in reserved.drain() {
                     sched.release(kv);
                 }
+                // Waiting reservations are answered by dropping their reply:
+                // the caller sees the engine shut down.
+                drop(queue);
                 sched.fail_all("engine shut down");
             })
             .expect("spawning the engine thread");
@@ -502,9 +613,12 @@ impl Engine {
     }
 
     /// Reserves blocks for `tokens` prompt tokens whose KV will arrive from
-    /// elsewhere, evicting cached prefixes if needed (fails with
-    /// `OutOfBlocks` when they cannot be found now). The engine thread
-    /// answers between steps; this awaits without blocking the runtime.
+    /// elsewhere, evicting cached prefixes if needed. When the pool cannot
+    /// spare them now, the reservation waits in line (counted as waiting in
+    /// [`Engine::stats`]) until finished sequences give blocks back, and
+    /// fails with `OutOfBlocks` after `EngineConfig::reserve_wait`. The
+    /// engine thread answers between steps; this awaits without blocking
+    /// the runtime, and dropping the future gives up the place in line.
     pub async fn reserve(&self, tokens: usize) -> Result<Reservation> {
         if tokens == 0 {
             return Err(EngineError::EmptyPrompt);

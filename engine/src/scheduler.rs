@@ -202,6 +202,8 @@ pub struct Scheduler {
     clock: u64,
     context_length: usize,
     stats: SchedulerStats,
+    /// See [`Scheduler::set_transfers_waiting`].
+    transfers_waiting: usize,
 }
 
 impl Scheduler {
@@ -216,6 +218,7 @@ impl Scheduler {
             clock: 0,
             context_length,
             stats: SchedulerStats::default(),
+            transfers_waiting: 0,
         }
     }
 
@@ -348,20 +351,33 @@ impl Scheduler {
 
     /// Reserves blocks for a prompt whose KV will arrive from a prefill
     /// worker (disaggregated serving), evicting cached prefixes if needed.
-    /// The caller writes the blocks (see `KvPool::region_mut`), then hands
-    /// them over with [`Scheduler::add_prefilled`], or gives them back with
+    /// `Ok(None)` when the pool cannot spare them now: the caller waits
+    /// (see [`Scheduler::set_transfers_waiting`]) and asks again. The rule
+    /// is admission's: room for the whole prompt plus a block for each
+    /// running sequence to grow into, so a transfer does not land only to
+    /// have the batch's growth preempt it. The caller writes the blocks
+    /// (see `KvPool::transfer_writer`), then hands them over with
+    /// [`Scheduler::add_prefilled`], or gives them back with
     /// [`Scheduler::release`] if the transfer fails.
-    pub fn reserve_for_transfer(&mut self, prompt_tokens: usize) -> Result<SeqKv> {
+    pub fn reserve_for_transfer(&mut self, prompt_tokens: usize) -> Result<Option<SeqKv>> {
         let need = self.pool.layout().blocks_for(prompt_tokens);
-        if !self.make_room(need) {
-            return Err(EngineError::OutOfBlocks {
-                needed: need,
-                free: self.pool.free_blocks(),
-            });
+        if !self.make_room(need + self.running.len()) {
+            return Ok(None);
         }
         let mut kv = SeqKv::default();
         self.pool.reserve(&mut kv, prompt_tokens)?;
-        Ok(kv)
+        Ok(Some(kv))
+    }
+
+    /// How many transfers wait for blocks ([`Scheduler::reserve_for_transfer`]
+    /// said not now). While any do and the batch is not empty, no waiting
+    /// request is admitted, so a stream of short local prompts cannot
+    /// starve a long transferred one (an empty batch admits as usual: a
+    /// waiting request may hold cached blocks the transfer needs, and only
+    /// running it gives them back). They also count as waiting in [`Scheduler::stats`], where a worker's
+    /// load report and its bounded queue see them.
+    pub fn set_transfers_waiting(&mut self, n: usize) {
+        self.transfers_waiting = n;
     }
 
     /// Returns reserved blocks (a transfer that failed or was cancelled).
@@ -567,7 +583,7 @@ impl Scheduler {
 
     pub fn stats(&self) -> SchedulerStats {
         SchedulerStats {
-            waiting: self.waiting.len(),
+            waiting: self.waiting.len() + self.transfers_waiting,
             running: self.running.len(),
             free_blocks: self.pool.free_blocks(),
             total_blocks: self.pool.n_blocks(),
@@ -632,7 +648,8 @@ impl Scheduler {
     /// Moves waiting requests into the running batch, in order, while there
     /// is room for their whole prompt.
     fn admit(&mut self) {
-        while self.running.len() < self.cfg.max_running {
+        let held = self.transfers_waiting > 0 && !self.running.is_empty();
+        while self.running.len() < self.cfg.max_running && !held {
             let Some(mut s) = self.waiting.pop_front() else {
                 break;
             };

@@ -461,6 +461,69 @@ mod batching {
         );
     }
 
+    /// A transfer waiting for blocks holds admission while the batch runs
+    /// (a stream of local prompts must not starve it), is granted once the
+    /// batch gives blocks back, and the held request then runs unharmed.
+    #[test]
+    fn a_waiting_transfer_holds_admission_until_it_is_granted() {
+        let params = SamplingParams::greedy();
+        let m = model();
+        let mut s = scheduler(8, 256, false); // 8 blocks of 16 tokens
+        let tokens = |n: u32, k: u32| {
+            (0..n)
+                .map(|i| 100 + (i * 97 + k) % 20000)
+                .collect::<Vec<_>>()
+        };
+        let (p, q) = (&tokens(40, 1)[..], &tokens(20, 2)[..]); // 3 and 2 blocks
+        let (tx_p, rx_p) = channel();
+        s.add(request(1, p, &params, 20), Box::new(tx_p)).unwrap();
+        s.step(m).unwrap(); // prefilled: 3 blocks (4 once it grows past 48)
+        assert!(
+            s.reserve_for_transfer(80).unwrap().is_none(),
+            "5 blocks + 1 headroom of 5 free"
+        );
+        s.set_transfers_waiting(1);
+        assert_eq!(s.stats().waiting, 1, "a waiting transfer counts as waiting");
+        let (tx_q, rx_q) = channel();
+        s.add(request(2, q, &params, 4), Box::new(tx_q)).unwrap();
+        s.step(m).unwrap();
+        assert_eq!(s.stats().running, 1, "the local request is held back");
+        assert_eq!(s.stats().waiting, 2);
+        // The running sequence finishes and gives its blocks back.
+        while s.stats().running > 0 {
+            s.step(m).unwrap();
+        }
+        let kv = s
+            .reserve_for_transfer(80)
+            .unwrap()
+            .expect("room once the batch is done");
+        s.set_transfers_waiting(0);
+        let mut runs = vec![
+            Run {
+                rx: rx_p,
+                tokens: vec![],
+                finished: None,
+            },
+            Run {
+                rx: rx_q,
+                tokens: vec![],
+                finished: None,
+            },
+        ];
+        while s.has_work() {
+            s.step(m).unwrap();
+        }
+        drain(&mut runs);
+        assert_eq!(runs[0].tokens, alone(p, &params, 20));
+        assert_eq!(
+            runs[1].tokens,
+            alone(q, &params, 4),
+            "the held request ran after"
+        );
+        s.release(kv);
+        assert_eq!(s.pool().free_blocks(), s.pool().n_blocks());
+    }
+
     #[test]
     fn prefix_cache_hits_give_the_same_tokens() {
         let ps = prompts();
@@ -706,7 +769,7 @@ mod batching {
             let first = sample(&params, &logits, p, p.len(), 0);
             // Decode side.
             let mut s = scheduler(256, 64, true);
-            let mut kv = s.reserve_for_transfer(p.len()).unwrap();
+            let mut kv = s.reserve_for_transfer(p.len()).unwrap().expect("room");
             for (layer, bi, region) in &shipped {
                 s.pool_mut()
                     .region_mut(*layer, kv.blocks[*bi])
@@ -836,6 +899,7 @@ mod batching {
                     },
                     block_size: 16,
                     kv_cache_bytes,
+                    ..Default::default()
                 },
             )
         }
@@ -1112,6 +1176,51 @@ mod batching {
         }
 
         #[test]
+        fn a_reservation_waits_in_line_only_so_long_and_gives_up_its_place_when_dropped() {
+            let layout = model().kv_layout(16);
+            let dec = Engine::start(
+                shared_model(),
+                EngineConfig {
+                    block_size: 16,
+                    kv_cache_bytes: 16 * layout.block_bytes(),
+                    reserve_wait: Duration::from_millis(300),
+                    ..Default::default()
+                },
+            );
+            let free = || dec.stats().free_blocks;
+            let big = block_on(dec.reserve(200)).unwrap(); // 13 of 16 blocks
+            wait_until("13 blocks reserved", || free() == 3);
+            // Refused once its patience runs out, with the reason.
+            let asked = Instant::now();
+            let e = block_on(dec.reserve(100)).unwrap_err();
+            assert!(
+                asked.elapsed() >= Duration::from_millis(300),
+                "refused early"
+            );
+            assert!(
+                matches!(e, EngineError::OutOfBlocks { needed: 7, free: 3 }),
+                "{e}"
+            );
+            wait_until("a refused reservation out of the line", || {
+                dec.stats().waiting == 0
+            });
+            // A caller that gives up leaves the line at once: a smaller
+            // reservation behind it is not held up by it.
+            use std::future::Future;
+            let mut first = Box::pin(dec.reserve(100));
+            let waker = std::task::Waker::noop();
+            let mut cx = std::task::Context::from_waker(waker);
+            assert!(first.as_mut().poll(&mut cx).is_pending());
+            wait_until("the first in line", || dec.stats().waiting == 1);
+            drop(first);
+            wait_until("the line empty again", || dec.stats().waiting == 0);
+            let small = block_on(dec.reserve(40)).expect("3 blocks are free"); // 3 blocks
+            wait_until("all 16 blocks reserved", || free() == 0);
+            drop((big, small));
+            wait_until("every block back", || free() == 16);
+        }
+
+        #[test]
         fn reservations_are_released_on_drop_and_on_bad_install() {
             let layout = model().kv_layout(16);
             let dec = engine(512, 16 * layout.block_bytes());
@@ -1124,9 +1233,23 @@ mod batching {
 
             let big = block_on(dec.reserve(200)).unwrap(); // 13 blocks
             wait_until("13 blocks reserved", || free() == 3);
-            let e = block_on(dec.reserve(100)).unwrap_err();
-            assert!(matches!(e, EngineError::OutOfBlocks { .. }), "{e}");
-            drop(big);
+            // One the pool cannot serve now waits in line, holding nothing
+            // and counted as waiting, and is granted when blocks come back.
+            std::thread::scope(|s| {
+                let waiter = s.spawn(|| block_on(dec.reserve(100))); // 7 blocks
+                wait_until("the second reservation in line", || {
+                    dec.stats().waiting == 1
+                });
+                assert_eq!(free(), 3, "a waiting reservation holds no block");
+                drop(big);
+                let second = waiter
+                    .join()
+                    .unwrap()
+                    .expect("granted once blocks are back");
+                wait_until("the second reservation granted", || free() == all - 7);
+                assert_eq!(dec.stats().waiting, 0);
+                drop(second);
+            });
             wait_until("blocks back after drop", || free() == all);
             assert!(
                 block_on(dec.reserve(10_000)).is_err(),

@@ -170,6 +170,7 @@ fn engine(model: Arc<dyn Executor>, kv_blocks: usize) -> Engine {
             },
             block_size: 16,
             kv_cache_bytes: kv_blocks * layout.block_bytes(),
+            ..Default::default()
         },
     )
 }

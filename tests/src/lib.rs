@@ -218,9 +218,19 @@ impl Cluster {
             model,
             "--threads".into(),
             spec.threads.max(1).to_string(),
-            "--kv-cache-memory".into(),
-            "256MiB".into(),
         ];
+        let own = match role {
+            Role::Prefill => &spec.prefill_args,
+            _ => &spec.decode_args,
+        };
+        if !spec
+            .worker_args
+            .iter()
+            .chain(own)
+            .any(|a| a == "--kv-cache-memory")
+        {
+            args.extend(["--kv-cache-memory".into(), "256MiB".into()]);
+        }
         if let Some((url, prefix)) = &spec.etcd {
             args.extend([
                 "--etcd".into(),
@@ -230,10 +240,7 @@ impl Cluster {
             ]);
         }
         args.extend(spec.worker_args.iter().cloned());
-        args.extend(match role {
-            Role::Prefill => spec.prefill_args.iter().cloned(),
-            _ => spec.decode_args.iter().cloned(),
-        });
+        args.extend(own.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Node::start(role, &args)
     }

@@ -259,3 +259,93 @@ fn overload_gets_503_with_retry_after_not_unbounded_queues() {
         assert!(busy >= 1, "six requests on a worker that holds two were all accepted");
     });
 }
+
+/// A decode worker whose KV pool cannot hold every prompt sent to it at
+/// once makes the transfers wait for blocks instead of failing them: all
+/// requests complete, each with the tokens it gets alone.
+#[test]
+fn a_full_decode_pool_queues_transfers_instead_of_failing_them() {
+    let cluster = Cluster::start_spec(ClusterSpec {
+        prefill: 1,
+        decode: 1,
+        threads: 1,
+        // About 34 blocks of 16 tokens: two of these prompts at a time.
+        decode_args: ["--kv-cache-memory", "24MiB"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        ..Default::default()
+    });
+    let prompts: Vec<String> = (0..6)
+        .map(|i| {
+            let words: Vec<String> = (0..85)
+                .map(|j| format!("w{}", (i * 31 + j * 7) % 89))
+                .collect();
+            format!("List {i}: {}", words.join(" "))
+        })
+        .collect();
+    let rt = rt();
+    rt.block_on(async {
+        let http = reqwest::Client::new();
+        let base = cluster.base_url();
+        let together: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let (http, base, p) = (http.clone(), base.clone(), p.clone());
+                tokio::spawn(async move { complete(&http, &base, &p, 12).await })
+            })
+            .collect();
+        let mut texts = Vec::new();
+        for (i, t) in together.into_iter().enumerate() {
+            let v = t
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("request {i} failed: {e}"));
+            assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 200, "{v}");
+            texts.push(v["choices"][0]["text"].as_str().unwrap().to_string());
+        }
+        for (i, p) in prompts.iter().enumerate() {
+            let alone = complete(&http, &base, p, 12).await.unwrap();
+            assert_eq!(
+                alone["choices"][0]["text"].as_str().unwrap(),
+                texts[i],
+                "request {i}"
+            );
+        }
+        // Every block is back once all is done (cached prefixes aside).
+        let gauges = || async {
+            let m = http
+                .get(format!("http://{}/metrics", cluster.decode[0].addr()))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let gauge = |name: &str| -> f64 {
+                m.lines()
+                    .find(|l| l.starts_with(&format!("{name}{{")))
+                    .and_then(|l| l.rsplit(' ').next())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("{name} missing from the decode worker's metrics"))
+            };
+            [
+                gauge("tandem_kv_blocks_used"),
+                gauge("tandem_kv_blocks_cached"),
+                gauge("tandem_waiting_sequences"),
+            ]
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let [used, cached, waiting] = gauges().await;
+            if used == cached && waiting == 0.0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "decode worker idle with {used} blocks used, {cached} cached, {waiting} waiting"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
