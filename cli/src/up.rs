@@ -1,9 +1,13 @@
 //! `tandem up`: a whole cluster on this machine. Starts N prefill and M
 //! decode workers (or M plain workers with `--colocated`) and a router as
 //! child processes of this binary, each on a free port it announces, splits
-//! the cores among the workers, and prints the URL. Stops them all on
-//! Ctrl-C or SIGTERM, or when any of them dies.
+//! the cores among the workers, and prints the URL. A node that dies is
+//! started again on the same port (the router's static peer list names
+//! it, and its load poll brings it back); one that keeps dying
+//! ([`MAX_RESTARTS`] within [`RESTART_WINDOW`]) stops the cluster with its
+//! exit status. Stops them all on Ctrl-C or SIGTERM.
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -117,10 +121,10 @@ impl Drop for Node {
 }
 
 /// The static peer list naming `nodes`.
-pub fn peers_of(nodes: &[Node]) -> PeerList {
+pub fn peers_of<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> PeerList {
     PeerList(
         nodes
-            .iter()
+            .into_iter()
             .map(|n| Peer {
                 role: n.role,
                 addr: n.ready.addr,
@@ -266,13 +270,13 @@ pub fn run(args: UpArgs) -> Result<()> {
             args.decode
         );
     }
-    let mut nodes = Vec::new();
+    let mut nodes: Vec<Supervised> = Vec::new();
     for i in 0..prefill {
-        nodes.push(spawn(
+        nodes.push(Supervised::start(
             Role::Prefill,
-            &worker_args(p_threads, args.prefill_tp, args.prefill_pp),
+            worker_args(p_threads, args.prefill_tp, args.prefill_pp),
             &secret,
-            &format!("prefill-{i}"),
+            format!("prefill-{i}"),
         )?);
     }
     for i in 0..args.decode {
@@ -283,14 +287,14 @@ pub fn run(args: UpArgs) -> Result<()> {
             "--on-kv-failure".into(),
             args.on_kv_failure.as_str().into(),
         ]);
-        nodes.push(spawn(
+        nodes.push(Supervised::start(
             Role::Decode,
-            &decode_args,
+            decode_args,
             &secret,
-            &format!("decode-{i}"),
+            format!("decode-{i}"),
         )?);
     }
-    let peers = peers_of(&nodes);
+    let peers = peers_of(nodes.iter().map(|n| &n.node));
     let mut router_args = vec![
         "--model".into(),
         model_s.clone(),
@@ -312,33 +316,100 @@ pub fn run(args: UpArgs) -> Result<()> {
     if let Some(key) = &args.api_key {
         std::env::set_var("TANDEM_API_KEY", key);
     }
-    let router = spawn(Role::Router, &router_args, &secret, "router")?;
-    let url = format!("http://{}/v1", router.ready.addr);
+    let router = Supervised::start(Role::Router, router_args, &secret, "router".into())?;
+    let url = format!("http://{}/v1", router.node.ready.addr);
     println!("tandem serving {} at {url}", model.display());
     println!("TANDEM_URL {url}");
     nodes.push(router);
 
-    // Wait for a signal or for any node to die.
+    // Wait for a signal, restarting nodes that die.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [libc::SIGINT, libc::SIGTERM] {
         let s = stop.clone();
         signal_flag(sig, s)?;
     }
+    let stop_nodes = |nodes: Vec<Supervised>| stop_all(nodes.into_iter().map(|n| n.node).collect());
     loop {
         if stop.load(std::sync::atomic::Ordering::Relaxed) {
             eprintln!("tandem up: stopping");
-            stop_all(nodes);
+            stop_nodes(nodes);
             return Ok(());
         }
-        for n in nodes.iter_mut() {
-            if let Some(status) = n.child.try_wait()? {
-                let role = n.role;
-                stop_all(nodes);
-                bail!("the {role} node exited ({status}); stopped the cluster");
+        for i in 0..nodes.len() {
+            if let Some(status) = nodes[i].node.child.try_wait()? {
+                if let Err(e) = nodes[i].restart(status, &secret) {
+                    stop_nodes(nodes);
+                    return Err(e);
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A node dying more often than this within [`RESTART_WINDOW`] stops the
+/// cluster: restarting a node that cannot run only hides why.
+pub const MAX_RESTARTS: usize = 3;
+pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
+
+/// A node `tandem up` started, with what it takes to start it again.
+struct Supervised {
+    node: Node,
+    args: Vec<String>,
+    log_prefix: String,
+    /// When it was restarted, within the last [`RESTART_WINDOW`].
+    restarts: VecDeque<Instant>,
+}
+
+impl Supervised {
+    fn start(role: Role, args: Vec<String>, secret: &str, log_prefix: String) -> Result<Self> {
+        let node = spawn(role, &args, secret, &log_prefix)?;
+        Ok(Self {
+            node,
+            args,
+            log_prefix,
+            restarts: VecDeque::new(),
+        })
+    }
+
+    /// Starts the node again, on the port it had, after it exited with
+    /// `status`; an error when it has died too often to go on.
+    fn restart(&mut self, status: std::process::ExitStatus, secret: &str) -> Result<()> {
+        let role = self.node.role;
+        let now = Instant::now();
+        while self
+            .restarts
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW)
+        {
+            self.restarts.pop_front();
+        }
+        if self.restarts.len() >= MAX_RESTARTS {
+            bail!(
+                "the {role} node exited ({status}), its {}th time within {} s; stopped the cluster",
+                MAX_RESTARTS + 1,
+                RESTART_WINDOW.as_secs()
+            );
+        }
+        self.restarts.push_back(now);
+        let port = self.node.ready.addr.port();
+        eprintln!("tandem up: the {role} node exited ({status}); starting it again on port {port}");
+        let args = with_port(&self.args, port);
+        self.node = spawn(role, &args, secret, &self.log_prefix)
+            .with_context(|| format!("restarting the {role} node on port {port}"))?;
+        Ok(())
+    }
+}
+
+/// `args` with the value of `--port` replaced by `port`.
+fn with_port(args: &[String], port: u16) -> Vec<String> {
+    let mut out = args.to_vec();
+    if let Some(i) = out.iter().position(|a| a == "--port") {
+        if let Some(v) = out.get_mut(i + 1) {
+            *v = port.to_string();
+        }
+    }
+    out
 }
 
 /// Sets `flag` when `sig` arrives.
@@ -360,7 +431,18 @@ fn signal_flag(sig: i32, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) ->
 
 #[cfg(test)]
 mod tests {
-    use super::split_cores;
+    use super::{split_cores, with_port};
+
+    #[test]
+    fn a_restarted_node_keeps_its_port() {
+        let args: Vec<String> = ["--model", "m", "--port", "0", "--threads", "2"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(
+            with_port(&args, 4321),
+            ["--model", "m", "--port", "4321", "--threads", "2"].map(String::from)
+        );
+    }
 
     #[test]
     fn every_worker_gets_a_core_and_the_split_is_even() {

@@ -636,6 +636,59 @@ fn tandem_up_serves_the_openai_api() {
         let v: Value = r.json().await.unwrap();
         assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0);
     });
+    // A worker that dies is started again on its port, and serving goes on.
+    let children = |pid: u32| -> Vec<(u32, String)> {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|c| c.parse().ok())
+            .map(|c: u32| {
+                let cmd = std::fs::read(format!("/proc/{c}/cmdline")).unwrap_or_default();
+                (c, String::from_utf8_lossy(&cmd).replace('\0', " "))
+            })
+            .collect()
+    };
+    let decode_pid = |up: u32| {
+        children(up)
+            .into_iter()
+            .find(|(_, cmd)| cmd.contains(" decode "))
+            .map(|(pid, _)| pid)
+    };
+    let first = decode_pid(up.0.id()).expect("tandem up runs a decode worker");
+    unsafe {
+        libc_kill(first as i32, 9);
+    }
+    rt().block_on(async {
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let r = http
+                .post(format!("{url}/chat/completions"))
+                .json(&json!({
+                    "model": model_name(),
+                    "messages": [{"role": "user", "content": "Say hello again."}],
+                    "max_tokens": 8,
+                }))
+                .send()
+                .await
+                .unwrap();
+            if r.status() == 200 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no answer after the decode worker was killed: {}",
+                r.status()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let second = decode_pid(up.0.id()).expect("the decode worker started again");
+    assert_ne!(first, second);
+    assert!(
+        up.0.try_wait().unwrap().is_none(),
+        "tandem up stopped when one worker died"
+    );
     // SIGTERM stops the whole cluster, children included.
     unsafe {
         libc_kill(up.0.id() as i32, 15);
