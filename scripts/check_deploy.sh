@@ -191,6 +191,7 @@ for path, label in ((sys.argv[1], "default"), (sys.argv[2], "production")):
         if "TANDEM_CLUSTER_SECRET" not in env: errors.append(f"{label}/{role}: no TANDEM_CLUSTER_SECRET")
         if role == "decode" and flag("--kv-port") is None: errors.append(f"{label}/decode: no --kv-port")
         if role == "decode" and flag("--on-kv-failure") != "fail": errors.append(f"{label}/decode: --on-kv-failure {flag('--on-kv-failure')}")
+        if role == "decode" and flag("--kv-reserve-timeout-secs") != "60": errors.append(f"{label}/decode: --kv-reserve-timeout-secs {flag('--kv-reserve-timeout-secs')}")
         if pod["terminationGracePeriodSeconds"] <= drain: errors.append(f"{label}/{role}: grace <= drain")
         if c["livenessProbe"]["httpGet"]["path"] != "/health" or c["readinessProbe"]["httpGet"]["path"] != "/ready":
             errors.append(f"{label}/{role}: probes")

@@ -137,6 +137,12 @@ pub struct WorkerArgs {
     /// Decode workers refuse new requests while this many wait for the batch (bounded queue).
     #[arg(long, env = "TANDEM_MAX_WAITING", default_value_t = 256)]
     pub max_waiting: usize,
+    /// How long a decode worker keeps a transfer waiting for KV blocks its
+    /// pool cannot spare yet (running sequences give them back as they
+    /// finish) before refusing it as overloaded; 0 refuses at once, so the
+    /// router moves on to another decode worker.
+    #[arg(long, env = "TANDEM_KV_RESERVE_TIMEOUT_SECS", default_value_t = 60)]
+    pub kv_reserve_timeout_secs: u64,
 }
 
 /// `--kv-transport`.
@@ -387,7 +393,7 @@ fn start_engine(args: &WorkerArgs) -> Result<Started> {
             },
             block_size: args.block_size,
             kv_cache_bytes: kv_bytes,
-            ..Default::default()
+            reserve_wait: Duration::from_secs(args.kv_reserve_timeout_secs),
         },
     );
     if engine.stats().total_blocks == 0 {

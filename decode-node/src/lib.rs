@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use tandem_cluster::metrics::{self as metrics_names, InStage, RequestTimer, Stage};
 use tandem_cluster::{ClusterSecret, Drain, Role};
-use tandem_engine::engine::{Engine, RequestHandle, RequestSpec};
+use tandem_engine::engine::{Engine, RequestHandle, RequestSpec, Reservation};
 use tandem_kv_transfer::{
     grpc, CancellationToken, KvReceiver, LayoutDescriptor, ReceiverConfig, TcpKvListener,
     TransferConfig,
@@ -250,22 +250,15 @@ impl Inner {
         Ok(c)
     }
 
-    /// Gets the prompt's KV from a prefill worker into reserved blocks and
-    /// joins the request into the batch.
+    /// Gets the prompt's KV from a prefill worker into `reservation`'s
+    /// blocks and joins the request into the batch.
     async fn remote_prefill(
         &self,
         req: &pb::DecodeRequest,
         spec: RequestSpec,
-        timer: &mut RequestTimer,
+        mut reservation: Reservation,
     ) -> Result<RequestHandle, Status> {
         let _stage = InStage::enter(Stage::WaitingForKv);
-        let tokens = spec.prompt.len();
-        let mut reservation = self
-            .engine
-            .reserve(tokens)
-            .await
-            .map_err(convert::engine_status)?;
-        timer.admitted();
         let transfer_id = self.next_transfer.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending
@@ -412,11 +405,26 @@ impl Inner {
         // Where the prompt ends up prefilled (the timings' label).
         let mut prefilled_remotely = remote;
         let handle = if remote {
+            // Admitted once the prompt's blocks are reserved (which may wait
+            // for the batch to give blocks back): a worker that cannot find
+            // them refuses before admission, so the router can try another.
+            let reserved = tokio::select! {
+                r = self.engine.reserve(spec.prompt.len()) => r,
+                _ = out.closed() => return,
+            };
+            let reservation = match reserved {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = out.send(Err(convert::engine_status(e))).await;
+                    return;
+                }
+            };
+            timer.admitted();
             let _ = out.send(Ok(admitted)).await;
             let recompute =
                 (self.cfg.on_kv_failure == KvFailurePolicy::Recompute).then(|| spec.clone());
             let r = tokio::select! {
-                r = self.remote_prefill(&req, spec, &mut timer) => r,
+                r = self.remote_prefill(&req, spec, reservation) => r,
                 _ = out.closed() => return,
             };
             match (r, recompute) {
