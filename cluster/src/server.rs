@@ -188,6 +188,10 @@ impl NodeServer {
     }
 }
 
+/// Longest an HTTP/1 client may take to send a request's headers (also how
+/// long an idle keep-alive connection stays open).
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// What `axum::serve` does, with KV-sized HTTP/2 settings
 /// ([`tandem_proto::http2`]: a decode worker with `--kv-transport grpc`
 /// takes KV on this port): serves `app`
@@ -198,8 +202,14 @@ async fn serve_http(
     app: axum::Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // An HTTP/1 client that does not finish its request headers in time is
+    // cut off, instead of holding a connection and a task for ever.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     builder
         .http2()
         .initial_stream_window_size(tandem_proto::http2::STREAM_WINDOW)
@@ -264,4 +274,53 @@ fn not_found(req: &Request) -> Response {
         Body::from(body.to_string()),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A client that stops halfway through its request headers is cut off
+    /// after `HEADER_READ_TIMEOUT`; a whole request is still answered.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_stalled_in_its_headers_is_cut_off() {
+        let server = NodeServer::bind(([127, 0, 0, 1], 0).into()).await.unwrap();
+        let addr = server.local_addr();
+        let shutdown = CancellationToken::new();
+        let serving = tokio::spawn(server.serve(
+            tonic::service::Routes::default(),
+            axum::Router::new(),
+            Readiness::default(),
+            shutdown.clone(),
+        ));
+        let mut whole = tokio::net::TcpStream::connect(addr).await.unwrap();
+        whole
+            .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        whole.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+        let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stalled
+            .write_all(b"GET /health HTTP/1.1\r\nHo")
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(HEADER_READ_TIMEOUT * 2, stalled.read(&mut buf))
+            .await
+            .expect("a stalled client is not waited on for ever")
+            .unwrap_or(0);
+        assert!(
+            n == 0 || String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408"),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        assert!(started.elapsed() >= HEADER_READ_TIMEOUT);
+        shutdown.cancel();
+        serving.await.unwrap().unwrap();
+    }
 }

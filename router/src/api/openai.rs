@@ -22,6 +22,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Map, Value};
 use tandem_model::chat::ChatMessage;
 use tandem_model::tokenizer::Tokenizer;
+use tower_http::timeout::{TimeoutBody, TimeoutError};
 
 use super::choice::{choice_stream, ChoiceDecoder, ChoiceOut, ChoiceStream, TokenInfo};
 use super::params::{GenParams, Prepared};
@@ -31,6 +32,11 @@ use crate::dispatch::{DispatchError, TokenStream};
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 32 << 20;
+
+/// Longest a client may leave its request body idle: one that sends its
+/// headers and then stalls would otherwise hold its connection and a task
+/// for ever (nginx's `client_body_timeout` is 60 s).
+pub const BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The `/v1` routes (guarded by the API key when one is set). Merge them into
 /// the node's router; they install no global fallback.
@@ -47,7 +53,14 @@ pub fn openai_routes(state: Arc<ApiState>) -> Router {
             require_api_key,
         ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::map_request(body_idle_timeout))
         .with_state(state)
+}
+
+/// Fails the request body (the request is answered 400 and the connection
+/// closed) once the client sends nothing for [`BODY_IDLE_TIMEOUT`].
+async fn body_idle_timeout(req: Request) -> Request {
+    req.map(|b| Body::new(TimeoutBody::new(BODY_IDLE_TIMEOUT, b)))
 }
 
 async fn require_api_key(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
@@ -216,6 +229,13 @@ fn parse_object(body: Result<Bytes, BytesRejection>) -> Result<Map<String, Value
         err.status = e.status();
         if err.status.is_server_error() || err.status.is_success() {
             err.status = StatusCode::BAD_REQUEST;
+        }
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(c) = cause {
+            if c.is::<TimeoutError>() {
+                err.status = StatusCode::REQUEST_TIMEOUT;
+            }
+            cause = c.source();
         }
         err
     })?;

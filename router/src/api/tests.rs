@@ -1555,3 +1555,57 @@ mod grpc_tests {
         .expect("dropping the gRPC stream did not cancel");
     }
 }
+
+/// A request body that stalls is answered 408 once it has been idle for
+/// `BODY_IDLE_TIMEOUT`; one that is slow but keeps coming is served.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_request_body_times_out_and_a_slow_one_does_not() {
+    let app = openai_routes(state_with(Scripted::new(text_script("Hello")), None));
+    let body = cmpl_body(json!({})).to_string().into_bytes();
+    // Sends `body` in three parts, `gap` apart; with `stall`, the last never comes.
+    let send = |gap: Duration, stall: bool| {
+        let (tx, rx) = mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(4);
+        let body = body.clone();
+        tokio::spawn(async move {
+            let third = body.len() / 3;
+            for (i, part) in body.chunks(third.max(1)).enumerate() {
+                if i > 0 {
+                    tokio::time::sleep(gap).await;
+                }
+                if stall && i == 2 {
+                    // Hold the sender open: the body neither ends nor errs.
+                    std::future::pending::<()>().await;
+                }
+                let _ = tx.send(Ok(axum::body::Bytes::copy_from_slice(part))).await;
+            }
+        });
+        Request::builder()
+            .method("POST")
+            .uri("/v1/completions")
+            .header("content-type", "application/json")
+            .body(Body::from_stream(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            ))
+            .unwrap()
+    };
+    let started = tokio::time::Instant::now();
+    let resp = tokio::time::timeout(
+        openai::BODY_IDLE_TIMEOUT * 2,
+        app.clone().oneshot(send(Duration::from_secs(1), true)),
+    )
+    .await
+    .expect("a stalled body is not waited on for ever")
+    .unwrap();
+    assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
+    let waited = started.elapsed();
+    assert!(
+        waited >= openai::BODY_IDLE_TIMEOUT
+            && waited < openai::BODY_IDLE_TIMEOUT + Duration::from_secs(5),
+        "answered after {waited:?}"
+    );
+    let gap = openai::BODY_IDLE_TIMEOUT - Duration::from_secs(5);
+    let started = tokio::time::Instant::now();
+    let resp = app.clone().oneshot(send(gap, false)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(started.elapsed() >= gap * 2, "the whole body was read");
+}
