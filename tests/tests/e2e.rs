@@ -620,18 +620,18 @@ fn tandem_up_serves_the_openai_api() {
         }
     }
     let mut up = Kill(child);
-    rt().block_on(async {
-        let http = reqwest::Client::new();
-        let r = http
-            .post(format!("{url}/chat/completions"))
+    let http = reqwest::Client::new();
+    let say = |content: &str| {
+        http.post(format!("{url}/chat/completions"))
             .json(&json!({
                 "model": model_name(),
-                "messages": [{"role": "user", "content": "Say hello."}],
+                "messages": [{"role": "user", "content": content}],
                 "max_tokens": 8,
             }))
             .send()
-            .await
-            .unwrap();
+    };
+    rt().block_on(async {
+        let r = say("Say hello.").await.unwrap();
         assert_eq!(r.status(), 200);
         let v: Value = r.json().await.unwrap();
         assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0);
@@ -659,19 +659,9 @@ fn tandem_up_serves_the_openai_api() {
         libc_kill(first as i32, 9);
     }
     rt().block_on(async {
-        let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let r = http
-                .post(format!("{url}/chat/completions"))
-                .json(&json!({
-                    "model": model_name(),
-                    "messages": [{"role": "user", "content": "Say hello again."}],
-                    "max_tokens": 8,
-                }))
-                .send()
-                .await
-                .unwrap();
+            let r = say("Say hello again.").await.unwrap();
             if r.status() == 200 {
                 break;
             }

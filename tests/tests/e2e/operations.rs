@@ -313,32 +313,19 @@ fn a_full_decode_pool_queues_transfers_instead_of_failing_them() {
             );
         }
         // Every block is back once all is done (cached prefixes aside).
+        let decode = &cluster.decode[0];
         let gauges = || async {
-            let m = http
-                .get(format!("http://{}/metrics", cluster.decode[0].addr()))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            let gauge = |name: &str| -> f64 {
-                m.lines()
-                    .find(|l| l.starts_with(&format!("{name}{{")))
-                    .and_then(|l| l.rsplit(' ').next())
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or_else(|| panic!("{name} missing from the decode worker's metrics"))
-            };
             [
-                gauge("tandem_kv_blocks_used"),
-                gauge("tandem_kv_blocks_cached"),
-                gauge("tandem_waiting_sequences"),
+                counter(decode, "tandem_kv_blocks_used").await,
+                counter(decode, "tandem_kv_blocks_cached").await,
+                counter(decode, "tandem_waiting_sequences").await,
             ]
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let [used, cached, waiting] = gauges().await;
             if used == cached && waiting == 0.0 {
+                assert!(cached > 0.0, "the decode worker reports no KV blocks");
                 break;
             }
             assert!(
