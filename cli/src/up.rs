@@ -337,6 +337,11 @@ pub fn run(args: UpArgs) -> Result<()> {
         }
         for i in 0..nodes.len() {
             if let Some(status) = nodes[i].node.child.try_wait()? {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Ctrl-C reaches the whole process group: the children
+                    // exit as we do, and are not to be started again.
+                    break;
+                }
                 if let Err(e) = nodes[i].restart(status, &secret) {
                     stop_nodes(nodes);
                     return Err(e);

@@ -512,7 +512,10 @@ async fn cancel_ends_a_transfer_and_frees_its_blocks() {
     let _stalled = s.unwrap();
     let r = r.unwrap();
     let mut sched = decode_side();
-    let kv = sched.reserve_for_transfer(TOKENS).unwrap();
+    let kv = sched
+        .reserve_for_transfer(TOKENS)
+        .unwrap()
+        .expect("the pool holds the transfer");
     let cancel = CancellationToken::new();
     cancel.cancel();
     let res = r

@@ -140,7 +140,10 @@ pub async fn receive(
     r: KvReceiver,
 ) -> (tandem_kv_transfer::Result<TransferSummary>, Option<SeqKv>) {
     let tokens = r.handshake().tokens as usize;
-    let kv = sched.reserve_for_transfer(tokens).unwrap();
+    let kv = sched
+        .reserve_for_transfer(tokens)
+        .unwrap()
+        .expect("the pool holds the transfer");
     let res = {
         let mut sink = PoolSink::new(sched.pool_mut(), &kv);
         r.receive_into(&mut sink, &CancellationToken::new()).await
