@@ -47,6 +47,8 @@ pub fn openai_routes(state: Arc<ApiState>) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*model}", get(get_model))
         .route("/v1/{*rest}", any(unknown_route))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -82,6 +84,8 @@ fn endpoint_of(path: &str) -> &'static str {
         "/v1/chat/completions" => "chat_completions",
         "/v1/completions" => "completions",
         p if p.starts_with("/v1/models") => "models",
+        "/tokenize" => "tokenize",
+        "/detokenize" => "detokenize",
         _ => "other",
     }
 }
@@ -127,11 +131,77 @@ async fn list_models(State(state): State<Arc<ApiState>>) -> Response {
 
 async fn get_model(State(state): State<Arc<ApiState>>, Path(model): Path<String>) -> Response {
     let model = model.trim_start_matches('/');
-    let resp = match state.check_model(model) {
-        Ok(()) => axum::Json(model_card(&state)).into_response(),
+    json_answer(
+        "models",
+        state.check_model(model).map(|()| model_card(&state)),
+    )
+}
+
+/// vLLM's `/tokenize`: the token ids of a `prompt` (as `/v1/completions`
+/// tokenizes it) or of `messages` (the chat template applied, as
+/// `/v1/chat/completions` does), so a client can count tokens against the
+/// context with the server's own tokenizer and template.
+async fn tokenize(
+    State(state): State<Arc<ApiState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let answer = || -> Result<Value, ApiError> {
+        let m = parse_object(body)?;
+        check_model_field(&state, &m)?;
+        let tokens = if field(&m, "messages").is_some() {
+            state.chat_prompt(&parse_messages(&m)?)?
+        } else {
+            parse_prompt(&state, &m)?
+        };
+        Ok(json!({
+            "count": tokens.len(),
+            "max_model_len": state.context_length,
+            "tokens": tokens,
+        }))
+    };
+    json_answer("tokenize", answer())
+}
+
+/// vLLM's `/detokenize`: the text of `tokens` (special tokens included).
+async fn detokenize(
+    State(state): State<Arc<ApiState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let answer = || -> Result<Value, ApiError> {
+        let m = parse_object(body)?;
+        check_model_field(&state, &m)?;
+        let v = field(&m, "tokens")
+            .ok_or_else(|| ApiError::invalid("'tokens' is required", Some("tokens")))?;
+        let vocab = state.tokenizer.vocab_size();
+        let ids = v
+            .as_array()
+            .ok_or_else(|| wrong_type("tokens", "an array of token ids", v))?
+            .iter()
+            .map(|x| match x.as_u64() {
+                Some(id) if id < vocab as u64 => Ok(id as u32),
+                Some(id) => Err(ApiError::bad_param(
+                    "tokens",
+                    format!("token id {id} is outside the vocabulary (size {vocab})"),
+                )),
+                None => Err(wrong_type("tokens", "an array of token ids", x)),
+            })
+            .collect::<Result<Vec<u32>, ApiError>>()?;
+        let text = state
+            .tokenizer
+            .decode(&ids, false)
+            .map_err(|e| ApiError::internal(format!("detokenizing: {e}")))?;
+        Ok(json!({ "prompt": text }))
+    };
+    json_answer("detokenize", answer())
+}
+
+/// The answer of a small JSON endpoint, counted under `endpoint`.
+fn json_answer(endpoint: &'static str, r: Result<Value, ApiError>) -> Response {
+    let resp = match r {
+        Ok(v) => axum::Json(v).into_response(),
         Err(e) => e.into_response(),
     };
-    count_request("models", resp.status());
+    count_request(endpoint, resp.status());
     resp
 }
 

@@ -1609,3 +1609,72 @@ async fn a_stalled_request_body_times_out_and_a_slow_one_does_not() {
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(started.elapsed() >= gap * 2, "the whole body was read");
 }
+
+/// `/tokenize` gives exactly the ids the completion and chat routes hand
+/// the backend; `/detokenize` gives the text back; bad input is a 400
+/// naming the field.
+#[tokio::test]
+async fn tokenize_and_detokenize_agree_with_the_generation_routes() {
+    let backend = Scripted::new(text_script("Hi"));
+    let app = openai_routes(state_with(backend.clone(), None));
+    let text = "The quick brown fox, 42 times.";
+
+    let (s, _) = post(&app, "/v1/completions", cmpl_body(json!({"prompt": text}))).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, v) = post(&app, "/tokenize", json!({"model": MODEL, "prompt": text})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let tokens: Vec<u32> = serde_json::from_value(v["tokens"].clone()).unwrap();
+    assert_eq!(
+        tokens,
+        backend.inputs()[0].prompt,
+        "as /v1/completions tokenizes"
+    );
+    assert_eq!(v["count"], tokens.len());
+    assert_eq!(v["max_model_len"], CTX);
+
+    let messages =
+        json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]);
+    let (s, _) = post(
+        &app,
+        "/v1/chat/completions",
+        chat_body(json!({"messages": messages})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, v) = post(&app, "/tokenize", json!({"messages": messages})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let chat: Vec<u32> = serde_json::from_value(v["tokens"].clone()).unwrap();
+    assert_eq!(
+        chat,
+        backend.inputs()[1].prompt,
+        "as /v1/chat/completions templates"
+    );
+    assert!(chat.len() > tokens.len());
+
+    let (s, v) = post(&app, "/detokenize", json!({"tokens": ids(text)})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["prompt"], text);
+
+    for (uri, body, param) in [
+        (
+            "/detokenize",
+            json!({"tokens": [1, 100000000]}),
+            Some("tokens"),
+        ),
+        ("/detokenize", json!({"tokens": "12"}), Some("tokens")),
+        ("/detokenize", json!({}), Some("tokens")),
+        ("/tokenize", json!({}), Some("prompt")),
+        ("/tokenize", json!({"messages": []}), Some("messages")),
+    ] {
+        let (s, v) = post(&app, uri, body.clone()).await;
+        assert_error(
+            s,
+            &v,
+            StatusCode::BAD_REQUEST,
+            param,
+            &format!("{uri} {body}"),
+        );
+    }
+    let (s, v) = post(&app, "/tokenize", json!({"model": "other", "prompt": "x"})).await;
+    assert_error(s, &v, StatusCode::NOT_FOUND, Some("model"), "wrong model");
+}
