@@ -278,12 +278,10 @@ impl Reservation {
     /// The (layer, `block`-th block of the prompt) region to write, or
     /// `None` when out of range.
     pub fn region_mut(&mut self, layer: usize, block: usize) -> Option<&mut [f32]> {
-        if layer >= self.layout.n_layers || block >= self.n_blocks() {
-            return None;
-        }
+        // Both landings hold exactly this reservation's layers and blocks.
         match self.landing.as_mut()? {
             Landing::InPlace(w) => w.region_mut(layer, block),
-            Landing::Staged(s) => Some(s.region_mut(layer, block)),
+            Landing::Staged(s) => s.get_region_mut(layer, block),
         }
     }
     /// Writes all of `staging` (KV gathered elsewhere, in this layout and
@@ -429,18 +427,15 @@ impl Engine {
                     let mut first = if sched.has_work() && progressed {
                         None
                     } else {
-                        match queue.deadline() {
-                            None => match rx.recv() {
-                                Ok(c) => Some(c),
-                                Err(_) => break,
-                            },
-                            Some(at) => {
-                                match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
-                                    Ok(c) => Some(c),
-                                    Err(mpsc::RecvTimeoutError::Timeout) => None,
-                                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                                }
-                            }
+                        // No deadline: wait for ever (`recv_timeout` takes
+                        // a wait too long to add to now as no limit).
+                        let wait = queue.deadline().map_or(Duration::MAX, |at| {
+                            at.saturating_duration_since(Instant::now())
+                        });
+                        match rx.recv_timeout(wait) {
+                            Ok(c) => Some(c),
+                            Err(mpsc::RecvTimeoutError::Timeout) => None,
+                            Err(mpsc::RecvTimeoutError::Disconnected) => break,
                         }
                     };
                     loop {

@@ -112,6 +112,17 @@ impl LayerMemory {
         let ptr = NonNull::from(Box::leak(data.into_boxed_slice())).cast::<f32>();
         Self { ptr, len }
     }
+
+    /// Start of block `b` of `block_floats` floats. Panics when out of range.
+    fn block(&self, b: usize, block_floats: usize) -> *mut f32 {
+        assert!(
+            (b + 1) * block_floats <= self.len,
+            "block {b} of a layer of {}",
+            self.len / block_floats.max(1)
+        );
+        // SAFETY: in bounds of the `len` floats allocated in `new`.
+        unsafe { self.ptr.as_ptr().add(b * block_floats) }
+    }
 }
 
 impl Drop for LayerMemory {
@@ -417,18 +428,7 @@ impl KvPool {
 
     /// Start of the (layer, block) region. Panics when out of range.
     fn block_ptr(&self, layer: usize, b: BlockId) -> *mut f32 {
-        assert!(
-            (b as usize) < self.n_blocks,
-            "block {b} of a pool of {}",
-            self.n_blocks
-        );
-        // SAFETY: in bounds of the layer's `n_blocks * block_floats` floats.
-        unsafe {
-            self.layers[layer]
-                .ptr
-                .as_ptr()
-                .add(b as usize * self.layout.block_floats())
-        }
+        self.layers[layer].block(b as usize, self.layout.block_floats())
     }
 
     /// One layer's blocks (read by attention).
@@ -521,15 +521,11 @@ impl BlockWriter {
     pub fn region_mut(&mut self, layer: usize, i: usize) -> Option<&mut [f32]> {
         let mem = self.layers.get(layer)?;
         let b = *self.blocks.get(i)? as usize;
-        // SAFETY: `transfer_writer` checked `b` in bounds and its caller
+        let p = mem.block(b, self.block_floats);
+        // SAFETY: in bounds (`block` checks); `transfer_writer`'s caller
         // keeps the engine off these blocks while this writer lives; the
         // blocks are distinct and `&mut self` lends one region at a time.
-        Some(unsafe {
-            std::slice::from_raw_parts_mut(
-                mem.ptr.as_ptr().add(b * self.block_floats),
-                self.block_floats,
-            )
-        })
+        Some(unsafe { std::slice::from_raw_parts_mut(p, self.block_floats) })
     }
 }
 
@@ -612,6 +608,13 @@ impl KvStaging {
         let o = self.offset(layer, block);
         let n = self.layout.block_floats();
         &mut self.data[o..o + n]
+    }
+
+    /// The (layer, block) region, writable, or `None` when out of range
+    /// (for writers fed by a peer, who may name any block).
+    pub fn get_region_mut(&mut self, layer: usize, block: usize) -> Option<&mut [f32]> {
+        (layer < self.layout.n_layers && block < self.n_blocks())
+            .then(|| self.region_mut(layer, block))
     }
 }
 

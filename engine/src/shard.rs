@@ -838,7 +838,8 @@ impl Executor for ShardedModel {
         self.run(pool, batch, None)
     }
 
-    /// The KV goes to other ranks' (or the device's) memory: staged.
+    /// The KV is split across the ranks: received into a staging buffer,
+    /// scattered to the ranks at install.
     fn receives_in_pool(&self) -> bool {
         false
     }

@@ -52,10 +52,7 @@ impl KvSink for Reservation {
 /// Receives into a staging buffer (gathering KV for a process of its own).
 impl KvSink for KvStaging {
     fn region_mut(&mut self, layer: usize, block: usize) -> Option<&mut [f32]> {
-        if layer >= self.layout().n_layers || block >= self.n_blocks() {
-            return None;
-        }
-        Some(KvStaging::region_mut(self, layer, block))
+        self.get_region_mut(layer, block)
     }
 }
 

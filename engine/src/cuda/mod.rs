@@ -1010,7 +1010,8 @@ impl Executor for CudaModel {
         self.step(pool, batch)
     }
 
-    /// The KV goes to other ranks' (or the device's) memory: staged.
+    /// The KV lives in device memory: received into a host staging buffer,
+    /// uploaded at install.
     fn receives_in_pool(&self) -> bool {
         false
     }

@@ -145,9 +145,7 @@ async fn tokenize(
     State(state): State<Arc<ApiState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let answer = || -> Result<Value, ApiError> {
-        let m = parse_object(body)?;
-        check_model_field(&state, &m)?;
+    let answer = request_object(&state, body).and_then(|m| {
         let tokens = if field(&m, "messages").is_some() {
             state.chat_prompt(&parse_messages(&m)?)?
         } else {
@@ -158,8 +156,8 @@ async fn tokenize(
             "max_model_len": state.context_length,
             "tokens": tokens,
         }))
-    };
-    json_answer("tokenize", answer())
+    });
+    json_answer("tokenize", answer)
 }
 
 /// vLLM's `/detokenize`: the text of `tokens` (special tokens included).
@@ -167,9 +165,7 @@ async fn detokenize(
     State(state): State<Arc<ApiState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let answer = || -> Result<Value, ApiError> {
-        let m = parse_object(body)?;
-        check_model_field(&state, &m)?;
+    let answer = request_object(&state, body).and_then(|m| {
         let v = field(&m, "tokens")
             .ok_or_else(|| ApiError::invalid("'tokens' is required", Some("tokens")))?;
         let vocab = state.tokenizer.vocab_size();
@@ -191,8 +187,19 @@ async fn detokenize(
             .decode(&ids, false)
             .map_err(|e| ApiError::internal(format!("detokenizing: {e}")))?;
         Ok(json!({ "prompt": text }))
-    };
-    json_answer("detokenize", answer())
+    });
+    json_answer("detokenize", answer)
+}
+
+/// The body of a small JSON endpoint as an object, its `model` (if given)
+/// checked against the served one.
+fn request_object(
+    state: &ApiState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Map<String, Value>, ApiError> {
+    let m = parse_object(body)?;
+    check_model_field(state, &m)?;
+    Ok(m)
 }
 
 /// The answer of a small JSON endpoint, counted under `endpoint`.
