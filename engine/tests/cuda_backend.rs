@@ -5,8 +5,9 @@
 //!
 //! What is checked, and the tolerances:
 //! - paged attention against a naive f64 reference on random inputs
-//!   (several sequences, shuffled block tables, more keys than one tile):
-//!   max abs difference [`TOL_ATTN`];
+//!   (several sequences, shuffled block tables, more keys than one tile),
+//!   both the per-token kernel alone and the step's plan (prompt chunks
+//!   through the flash-style tiled kernel): max abs difference [`TOL_ATTN`];
 //! - FP32 logits against the CPU model on the default model's golden
 //!   prompts: max abs difference over the whole vocabulary [`TOL_F32`];
 //!   greedy continuations of [`GREEDY_STEPS`] tokens identical (up to a
@@ -28,7 +29,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use serde_json::Value;
-use tandem_engine::cuda::{self, CudaModel, Weights};
+use tandem_engine::cuda::{self, AttentionKernel, CudaModel, Weights};
 use tandem_engine::executor::Executor;
 use tandem_engine::kv::{KvDtype, KvLayout, KvPool, SeqKv};
 use tandem_engine::model::{Logits, Model, SeqStep};
@@ -263,7 +264,11 @@ fn paged_attention_matches_naive_reference() {
             .map(|_| rng.next())
             .collect();
         // Up to three query positions per sequence (the last ones: a
-        // prompt chunk), plus one in the middle.
+        // decode step or a few draft tokens), plus one in the middle; then
+        // prompt chunks long enough for the tiled kernel: all of the
+        // 300-key sequence (a whole prompt, tiles past one key tile) and
+        // 40..129 of the 129-key one (a later chunk whose tiles start
+        // mid-block), right after short runs of the same sequences.
         let (mut tok_seq, mut tok_pos) = (Vec::new(), Vec::new());
         for (s, &n) in lens.iter().enumerate() {
             for p in n.saturating_sub(3)..n {
@@ -273,18 +278,38 @@ fn paged_attention_matches_naive_reference() {
             tok_seq.push(s);
             tok_pos.push(n / 2);
         }
+        for p in 40..129 {
+            tok_seq.push(3);
+            tok_pos.push(p);
+        }
+        for p in 0..300 {
+            tok_seq.push(4);
+            tok_pos.push(p);
+        }
         let q: Vec<f32> = (0..tok_seq.len() * n_heads * hd)
             .map(|_| rng.next() * 2.0)
             .collect();
-        let got =
-            cuda::paged_attention(GPU, &layout, n_heads, &q, &kv, &tables, &tok_seq, &tok_pos)
-                .expect("paged attention on the GPU");
         let want = naive_attention(&layout, n_heads, &q, &kv, &tables, &tok_seq, &tok_pos);
-        let d = max_abs_diff(&got, &want);
-        eprintln!("paged attention hd={hd} heads={n_heads}/{nkv} bs={bs}: max abs diff {d:.2e}");
+        let mut outs = Vec::new();
+        for kernel in [AttentionKernel::PerToken, AttentionKernel::Planned] {
+            let got = cuda::paged_attention(
+                kernel, GPU, &layout, n_heads, &q, &kv, &tables, &tok_seq, &tok_pos,
+            )
+            .expect("paged attention on the GPU");
+            let d = max_abs_diff(&got, &want);
+            eprintln!(
+                "paged attention {kernel:?} hd={hd} heads={n_heads}/{nkv} bs={bs}: max abs diff {d:.2e}"
+            );
+            assert!(
+                d <= TOL_ATTN,
+                "{kernel:?} paged attention differs by {d} (tolerance {TOL_ATTN})"
+            );
+            outs.push(got);
+        }
+        let d = max_abs_diff(&outs[0], &outs[1]);
         assert!(
             d <= TOL_ATTN,
-            "paged attention differs by {d} (tolerance {TOL_ATTN})"
+            "tiled and per-token attention differ by {d} (tolerance {TOL_ATTN})"
         );
     }
 }

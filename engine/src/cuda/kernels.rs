@@ -22,6 +22,19 @@ pub(crate) const ATT_THREADS: u32 = 128;
 /// Output dimensions one attention thread owns: head_dim may be at most
 /// `ATT_DIMS_PER_THREAD * ATT_THREADS`.
 pub(crate) const ATT_DIMS_PER_THREAD: usize = 4;
+/// Query tokens per tile of the tiled (prefill) attention kernel.
+pub(crate) const TILE_Q: usize = 16;
+/// Keys per tile of the tiled attention kernel (one per lane of a warp).
+const TILE_K: usize = 32;
+/// Threads of the tiled attention kernel: 4 warps of `TILE_Q / 4` rows each.
+const TILE_THREADS: u32 = 128;
+/// The tiled kernel's lanes own 4 output dimensions each.
+pub(crate) const TILE_MAX_HEAD_DIM: usize = 128;
+/// A sequence's run of new tokens goes to the tiled kernel from this
+/// length on (a prompt chunk); shorter runs (decode steps, a few draft
+/// tokens) keep one thread block per token, which spreads a long context
+/// over more threads.
+pub(crate) const TILE_MIN_RUN: usize = 8;
 /// Threads per block of the row kernels.
 const ROW_THREADS: u32 = 256;
 /// Blocks of the grid-stride element-wise kernels (enough to fill any GPU).
@@ -140,21 +153,32 @@ extern "C" __global__ void kv_write(const float* qkv, const int* pos, const int*
     }
 }
 
+__device__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
 /* Causal attention of one query token and one query head over the keys
-   0..=pos of its sequence, read through the sequence's block table.
+   0..=pos of its sequence, read through the sequence's block table: token
+   rows[blockIdx.x] (blockIdx.x when rows is null).
    Grid (tokens, heads), ATT_THREADS threads: each tile of ATT_THREADS keys
    gets one score per thread, then an online softmax (running max and sum in
    f32) rescales the accumulated output, whose dimensions the threads share.
    Dynamic shared memory: (hd + ATT_THREADS + 32) floats. */
-extern "C" __global__ void attention(const float* qkv, const float* kv, const int* tok_seq,
-                                     const int* pos, const int* tables, const int* table_off,
-                                     float* out, int row_len, int n_heads, int n_kv, int hd,
-                                     int bs, float scale) {
+extern "C" __global__ void attention(const int* rows, const float* qkv, const float* kv,
+                                     const int* tok_seq, const int* pos, const int* tables,
+                                     const int* table_off, float* out, int row_len, int n_heads,
+                                     int n_kv, int hd, int bs, float scale) {
     extern __shared__ float sh[];
     float* q = sh;
     float* p = sh + hd;
     float* red = p + ATT_THREADS;
-    int t = blockIdx.x, h = blockIdx.y;
+    int t = rows ? rows[blockIdx.x] : (int)blockIdx.x, h = blockIdx.y;
     int g = h / (n_heads / n_kv);
     int n_keys = pos[t] + 1;
     const int* table = tables + table_off[tok_seq[t]];
@@ -202,6 +226,114 @@ extern "C" __global__ void attention(const float* qkv, const float* kv, const in
     for (int i = 0; i < ATT_DIMS; ++i) {
         int d = threadIdx.x + i * blockDim.x;
         if (d < hd) o[d] = acc[i] / l;
+    }
+}
+
+/* Flash-style causal attention of a tile of up to TILE_Q query tokens of one
+   sequence (consecutive rows) and one query head: each tile of TILE_K keys
+   and values is read from the paged KV into shared memory once and serves
+   every query of the tile, where the per-token kernel reads the whole
+   prefix once per query. tiles[3 b ..] = (first row, rows, keys: the
+   largest position + 1). Grid (tiles, heads), TILE_THREADS threads = 4
+   warps: warp w owns query rows w, w + 4, w + 8, w + 12; lane j scores key
+   j of the key tile and owns output dimensions lane + 32 i (hd <= 128).
+   The online softmax is the per-token kernel's, per row.
+   Dynamic shared memory: (TILE_Q hd + TILE_K (hd + 1) + TILE_K hd) floats. */
+#define TILE_Q 16
+#define TILE_K 32
+#define TILE_ROWS (TILE_Q / 4)
+extern "C" __global__ void attention_tiled(const int* tiles, const float* qkv, const float* kv,
+                                           const int* tok_seq, const int* pos,
+                                           const int* tables, const int* table_off, float* out,
+                                           int row_len, int n_heads, int n_kv, int hd, int bs,
+                                           float scale) {
+    extern __shared__ float sh[];
+    int ks_stride = hd + 1; /* odd: lanes reading one dimension of 32 keys hit 32 banks */
+    float* qs = sh;                    /* [TILE_Q][hd] */
+    float* ks = qs + TILE_Q * hd;      /* [TILE_K][hd + 1] */
+    float* vs = ks + TILE_K * ks_stride; /* [TILE_K][hd] */
+    const int* tile = tiles + 3 * blockIdx.x;
+    int t0 = tile[0], nq = tile[1], n_keys = tile[2];
+    int h = blockIdx.y, g = h / (n_heads / n_kv);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int* table = tables + table_off[tok_seq[t0]];
+    for (int i = threadIdx.x; i < TILE_Q * hd; i += blockDim.x) {
+        int r = i / hd, d = i % hd;
+        qs[i] = r < nq ? qkv[(u64)(t0 + r) * row_len + (u64)h * hd + d] : 0.0f;
+    }
+    u64 bf = (u64)2 * n_kv * hd * bs;
+    u64 k_off = (u64)g * hd * bs;
+    u64 v_off = (u64)(n_kv + g) * hd * bs;
+    float acc[TILE_ROWS][4], m[TILE_ROWS], l[TILE_ROWS];
+    int qpos[TILE_ROWS];
+    #pragma unroll
+    for (int rr = 0; rr < TILE_ROWS; ++rr) {
+        int r = warp + 4 * rr;
+        qpos[rr] = r < nq ? pos[t0 + r] : -1;
+        m[rr] = NEG_INF;
+        l[rr] = 0.0f;
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) acc[rr][i] = 0.0f;
+    }
+    for (int k0 = 0; k0 < n_keys; k0 += TILE_K) {
+        __syncthreads(); /* the previous key tile is consumed (and qs written) */
+        /* K is [dim][slot] in a block: consecutive threads, consecutive slots. */
+        for (int i = threadIdx.x; i < TILE_K * hd; i += blockDim.x) {
+            int j = i % TILE_K, d = i / TILE_K, k = k0 + j;
+            ks[j * ks_stride + d] =
+                k < n_keys ? kv[(u64)table[k / bs] * bf + k_off + (u64)d * bs + k % bs] : 0.0f;
+        }
+        /* V is [slot][dim]: consecutive threads, consecutive dimensions. */
+        for (int i = threadIdx.x; i < TILE_K * hd; i += blockDim.x) {
+            int j = i / hd, d = i % hd, k = k0 + j;
+            vs[i] = k < n_keys ? kv[(u64)table[k / bs] * bf + v_off + (u64)(k % bs) * hd + d]
+                               : 0.0f;
+        }
+        __syncthreads();
+        int k = k0 + lane;
+        #pragma unroll
+        for (int rr = 0; rr < TILE_ROWS; ++rr) {
+            /* Uniform across the warp: no row, or no key of this tile visible. */
+            if (qpos[rr] < k0) continue;
+            int r = warp + 4 * rr;
+            bool visible = k <= qpos[rr];
+            float s = NEG_INF;
+            if (visible) {
+                const float* qr = qs + r * hd;
+                const float* kr = ks + lane * ks_stride;
+                float dot = 0.0f;
+                for (int d = 0; d < hd; ++d) dot = fmaf(qr[d], kr[d], dot);
+                s = dot * scale;
+            }
+            /* Key k0 is visible, so the new maximum is finite. */
+            float m_new = fmaxf(m[rr], warp_max(s));
+            float p = visible ? expf(s - m_new) : 0.0f;
+            float corr = expf(m[rr] - m_new);
+            l[rr] = l[rr] * corr + warp_sum(p);
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) acc[rr][i] *= corr;
+            #pragma unroll 8
+            for (int j = 0; j < TILE_K; ++j) {
+                float pj = __shfl_sync(0xffffffffu, p, j);
+                #pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    int d = lane + 32 * i;
+                    if (d < hd) acc[rr][i] = fmaf(pj, vs[j * hd + d], acc[rr][i]);
+                }
+            }
+            m[rr] = m_new;
+        }
+    }
+    #pragma unroll
+    for (int rr = 0; rr < TILE_ROWS; ++rr) {
+        int r = warp + 4 * rr;
+        if (r >= nq) continue;
+        float* o = out + (u64)(t0 + r) * n_heads * hd + (u64)h * hd;
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            int d = lane + 32 * i;
+            if (d < hd) o[d] = acc[rr][i] / l[rr];
+        }
     }
 }
 
@@ -262,6 +394,97 @@ pub(crate) enum Arg {
     F32(f32),
 }
 
+/// The arguments both attention kernels share (device addresses as `u64`).
+#[derive(Clone)]
+pub(crate) struct AttentionArgs {
+    /// `[tokens, row_len]`: each token's Q (then K and V) after RoPE.
+    pub qkv: u64,
+    /// One layer's paged KV.
+    pub kv: u64,
+    /// Sequence index of each token.
+    pub tok_seq: u64,
+    /// Position of each token.
+    pub pos: u64,
+    /// The block tables, one after another, and where each begins.
+    pub tables: u64,
+    pub table_off: u64,
+    /// `[tokens, n_heads * hd]`.
+    pub out: u64,
+    pub row_len: usize,
+    pub n_heads: usize,
+    pub n_kv: usize,
+    pub hd: usize,
+    pub bs: usize,
+    pub scale: f32,
+}
+
+impl AttentionArgs {
+    fn args(&self) -> Result<[Arg; 13]> {
+        Ok([
+            Arg::Ptr(self.qkv),
+            Arg::Ptr(self.kv),
+            Arg::Ptr(self.tok_seq),
+            Arg::Ptr(self.pos),
+            Arg::Ptr(self.tables),
+            Arg::Ptr(self.table_off),
+            Arg::Ptr(self.out),
+            Arg::I32(int(self.row_len, "qkv row")?),
+            Arg::I32(int(self.n_heads, "heads")?),
+            Arg::I32(int(self.n_kv, "kv heads")?),
+            Arg::I32(int(self.hd, "head_dim")?),
+            Arg::I32(int(self.bs, "block size")?),
+            Arg::F32(self.scale),
+        ])
+    }
+}
+
+/// Which query tokens of a step each attention kernel takes: every run of
+/// at least [`TILE_MIN_RUN`] consecutive tokens of one sequence goes to the
+/// tiled kernel in tiles of up to [`TILE_Q`]; the other tokens to the
+/// per-token kernel. Both write disjoint rows of one output.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct AttentionPlan {
+    /// `(first token, tokens, keys)` per tile, flattened; keys is the
+    /// tile's largest position + 1.
+    pub tiles: Vec<i32>,
+    /// Tokens for the per-token kernel.
+    pub rows: Vec<i32>,
+}
+
+impl AttentionPlan {
+    pub(crate) fn of(tok_seq: &[usize], tok_pos: &[usize], head_dim: usize) -> Result<Self> {
+        let mut plan = Self::default();
+        let mut start = 0;
+        while start < tok_seq.len() {
+            let mut end = start + 1;
+            while end < tok_seq.len() && tok_seq[end] == tok_seq[start] {
+                end += 1;
+            }
+            if end - start >= TILE_MIN_RUN && head_dim <= TILE_MAX_HEAD_DIM {
+                for t0 in (start..end).step_by(TILE_Q) {
+                    let t1 = (t0 + TILE_Q).min(end);
+                    let keys = tok_pos[t0..t1].iter().max().map_or(0, |&p| p + 1);
+                    plan.tiles.extend([
+                        int(t0, "token")?,
+                        int(t1 - t0, "tile")?,
+                        int(keys, "keys")?,
+                    ]);
+                }
+            } else {
+                for t in start..end {
+                    plan.rows.push(int(t, "token")?);
+                }
+            }
+            start = end;
+        }
+        Ok(plan)
+    }
+
+    pub(crate) fn n_tiles(&self) -> usize {
+        self.tiles.len() / 3
+    }
+}
+
 /// The compiled kernels.
 pub(crate) struct Kernels {
     embed: CudaFunction,
@@ -269,6 +492,7 @@ pub(crate) struct Kernels {
     bias_rope: CudaFunction,
     kv_write: CudaFunction,
     attention: CudaFunction,
+    attention_tiled: CudaFunction,
     silu_mul: CudaFunction,
     add_in_place: CudaFunction,
     f32_to_bf16: CudaFunction,
@@ -413,6 +637,7 @@ impl Kernels {
             bias_rope: f("bias_rope")?,
             kv_write: f("kv_write")?,
             attention: f("attention")?,
+            attention_tiled: f("attention_tiled")?,
             silu_mul: f("silu_mul")?,
             add_in_place: f("add_in_place")?,
             f32_to_bf16: f("f32_to_bf16")?,
@@ -543,59 +768,60 @@ impl Kernels {
         )
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn attention(
-        &self,
-        qkv: u64,
-        kv: u64,
-        tok_seq: u64,
-        pos: u64,
-        tables: u64,
-        table_off: u64,
-        out: u64,
-        n_tok: usize,
-        row_len: usize,
-        n_heads: usize,
-        n_kv: usize,
-        hd: usize,
-        bs: usize,
-        scale: f32,
-    ) -> Result<()> {
-        if hd > ATT_DIMS_PER_THREAD * ATT_THREADS as usize {
+    /// The per-token kernel over `n_rows` tokens: those listed at `rows`,
+    /// or tokens `0..n_rows` when `rows` is 0.
+    pub(crate) fn attention(&self, a: &AttentionArgs, rows: u64, n_rows: usize) -> Result<()> {
+        if a.hd > ATT_DIMS_PER_THREAD * ATT_THREADS as usize {
             return Err(EngineError::Cuda(format!(
-                "head_dim {hd} exceeds the attention kernel's {}",
+                "head_dim {} exceeds the attention kernel's {}",
+                a.hd,
                 ATT_DIMS_PER_THREAD * ATT_THREADS as usize
             )));
         }
         let cfg = LaunchConfig {
             grid_dim: (
-                int(n_tok.max(1), "tokens")? as u32,
-                int(n_heads, "heads")? as u32,
+                int(n_rows.max(1), "tokens")? as u32,
+                int(a.n_heads, "heads")? as u32,
                 1,
             ),
             block_dim: (ATT_THREADS, 1, 1),
-            shared_mem_bytes: ((hd + ATT_THREADS as usize + 32) * 4) as u32,
+            shared_mem_bytes: ((a.hd + ATT_THREADS as usize + 32) * 4) as u32,
         };
-        self.launch(
-            "attention",
-            &self.attention,
-            cfg,
-            &[
-                Arg::Ptr(qkv),
-                Arg::Ptr(kv),
-                Arg::Ptr(tok_seq),
-                Arg::Ptr(pos),
-                Arg::Ptr(tables),
-                Arg::Ptr(table_off),
-                Arg::Ptr(out),
-                Arg::I32(int(row_len, "qkv row")?),
-                Arg::I32(int(n_heads, "heads")?),
-                Arg::I32(int(n_kv, "kv heads")?),
-                Arg::I32(int(hd, "head_dim")?),
-                Arg::I32(int(bs, "block size")?),
-                Arg::F32(scale),
-            ],
-        )
+        let mut args = vec![Arg::Ptr(rows)];
+        args.extend(a.args()?);
+        self.launch("attention", &self.attention, cfg, &args)
+    }
+
+    /// The tiled kernel over the `n_tiles` tiles at `tiles` (see
+    /// [`AttentionPlan`]).
+    pub(crate) fn attention_tiled(
+        &self,
+        a: &AttentionArgs,
+        tiles: u64,
+        n_tiles: usize,
+    ) -> Result<()> {
+        if a.hd > TILE_MAX_HEAD_DIM {
+            return Err(EngineError::Cuda(format!(
+                "head_dim {} exceeds the tiled attention kernel's {TILE_MAX_HEAD_DIM}",
+                a.hd
+            )));
+        }
+        if n_tiles == 0 {
+            return Ok(());
+        }
+        let floats = TILE_Q * a.hd + TILE_K * (a.hd + 1) + TILE_K * a.hd;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                int(n_tiles, "tiles")? as u32,
+                int(a.n_heads, "heads")? as u32,
+                1,
+            ),
+            block_dim: (TILE_THREADS, 1, 1),
+            shared_mem_bytes: (floats * 4) as u32,
+        };
+        let mut args = vec![Arg::Ptr(tiles)];
+        args.extend(a.args()?);
+        self.launch("attention_tiled", &self.attention_tiled, cfg, &args)
     }
 
     pub(crate) fn silu_mul(&self, gu: u64, act: u64, n_tok: usize, ffn: usize) -> Result<()> {
@@ -679,6 +905,52 @@ mod tests {
             .collect()
     }
 
+    #[test]
+    fn attention_plan_tiles_long_runs_and_leaves_short_ones_per_token() {
+        // Sequence 0 decodes one token; sequence 1 brings a 40-token prompt
+        // chunk at positions 100..140; sequence 2 three draft tokens;
+        // sequence 3 exactly TILE_MIN_RUN tokens.
+        let mut seq = vec![0];
+        let mut pos = vec![57];
+        seq.extend([1; 40]);
+        pos.extend(100..140);
+        seq.extend([2; 3]);
+        pos.extend(9..12);
+        seq.extend([3; TILE_MIN_RUN]);
+        pos.extend(0..TILE_MIN_RUN);
+        let plan = AttentionPlan::of(&seq, &pos, 64).unwrap();
+        assert_eq!(
+            plan.tiles,
+            vec![
+                1,
+                16,
+                116,
+                17,
+                16,
+                132,
+                33,
+                8,
+                140,
+                44,
+                TILE_MIN_RUN as i32,
+                TILE_MIN_RUN as i32
+            ]
+        );
+        assert_eq!(plan.n_tiles(), 4);
+        assert_eq!(plan.rows, vec![0, 41, 42, 43]);
+        // Every token in exactly one place.
+        let mut covered: Vec<i32> = plan.rows.clone();
+        for t in plan.tiles.chunks(3) {
+            covered.extend(t[0]..t[0] + t[1]);
+        }
+        covered.sort();
+        assert_eq!(covered, (0..seq.len() as i32).collect::<Vec<_>>());
+        // Heads wider than the tiled kernel's lanes cover: all per token.
+        let wide = AttentionPlan::of(&seq, &pos, TILE_MAX_HEAD_DIM + 32).unwrap();
+        assert!(wide.tiles.is_empty());
+        assert_eq!(wide.rows.len(), seq.len());
+    }
+
     /// The kernels compile with NVRTC, as [`Kernels::load`] asks for them on
     /// the cards the backend supports: a CUBIN for each real architecture
     /// from Ampere to Hopper, PTX for the virtual fallbacks. NVRTC needs no
@@ -693,7 +965,7 @@ mod tests {
             "NVRTC (libnvrtc.so.12) is not loadable: put its directory on LD_LIBRARY_PATH"
         );
         let names = declared_kernels();
-        assert_eq!(names.len(), 10, "{names:?}");
+        assert_eq!(names.len(), 11, "{names:?}");
         for arch in ["sm_80", "sm_86", "sm_89", "sm_90"] {
             let cubin = compile_cubin(&format!("--gpu-architecture={arch}"))
                 .unwrap_or_else(|e| panic!("{arch}: {e}"));

@@ -12,6 +12,10 @@
 //! - Everything else is a handful of small kernels compiled with NVRTC at
 //!   load (see `kernels`): embedding lookup, RMSNorm, bias + RoPE (both
 //!   styles), the KV write, paged attention, SiLU-and-multiply, residual add.
+//!   Attention has two kernels over the same block tables: one thread
+//!   block per query token (decode, a few draft tokens), and flash-style
+//!   tiles of 16 query tokens that share each tile of keys and values read
+//!   into shared memory (prompt chunks; see `kernels::AttentionPlan`).
 //! - The paged KV cache lives in device memory, per layer, in exactly the
 //!   [`KvLayout`] of the CPU pool, so installing and gathering KV are plain
 //!   copies. The scheduler's [`KvPool`] only allocates block ids (a
@@ -67,7 +71,7 @@ use crate::model::{
     check_step, show_written, split_logits, written_blocks, LayerKv, Model, SeqStep, StepRows,
 };
 
-use kernels::{int, Kernels};
+use kernels::{int, AttentionArgs, AttentionPlan, Kernels};
 
 /// How the device holds the weight matrices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -813,6 +817,16 @@ impl CudaModel {
         for &r in &want {
             meta.push(int(r, "logit row")?);
         }
+        let tok_seq: Vec<usize> = batch
+            .iter()
+            .enumerate()
+            .flat_map(|(si, s)| std::iter::repeat_n(si, s.tokens.len()))
+            .collect();
+        let plan = AttentionPlan::of(&tok_seq, &rows.tok_pos, hd)?;
+        let o_tiles = meta.len();
+        meta.extend(&plan.tiles);
+        let o_att_rows = meta.len();
+        meta.extend(&plan.rows);
 
         let kvs = match &st.kv {
             Some(kv) if kv.pool_id == pool.id() => kv,
@@ -851,7 +865,21 @@ impl CudaModel {
         let s = &dev.stream;
         k.embed(at(0), ptr(&self.embd, s), x, n_tok, h)?;
         let neox = matches!(c.rope_style, RopeStyle::Neox);
-        let scale = 1.0 / (hd as f32).sqrt();
+        let att = AttentionArgs {
+            qkv,
+            kv: 0,
+            tok_seq: at(o_seq),
+            pos: at(o_pos),
+            tables: at(o_tables),
+            table_off: at(o_toff),
+            out: attn,
+            row_len,
+            n_heads: nh,
+            n_kv: nkv,
+            hd,
+            bs,
+            scale: 1.0 / (hd as f32).sqrt(),
+        };
         for (li, l) in self.layers.iter().enumerate() {
             k.rms_norm(x, 0, ptr(&l.attn_norm, s), xn, n_tok, h, c.rms_eps)?;
             self.gemm(&l.qkv, xn, n_tok, qkv, xb)?;
@@ -880,22 +908,15 @@ impl CudaModel {
                 hd,
                 bs,
             )?;
-            k.attention(
-                qkv,
-                kv,
-                at(o_seq),
-                at(o_pos),
-                at(o_tables),
-                at(o_toff),
-                attn,
-                n_tok,
-                row_len,
-                nh,
-                nkv,
-                hd,
-                bs,
-                scale,
-            )?;
+            let args = AttentionArgs { kv, ..att.clone() };
+            if plan.tiles.is_empty() {
+                k.attention(&args, 0, n_tok)?;
+            } else {
+                if !plan.rows.is_empty() {
+                    k.attention(&args, at(o_att_rows), plan.rows.len())?;
+                }
+                k.attention_tiled(&args, at(o_tiles), plan.n_tiles())?;
+            }
             self.gemm(&l.wo, attn, n_tok, proj, xb)?;
             k.add_in_place(x, proj, n_tok * h)?;
             k.rms_norm(x, 0, ptr(&l.ffn_norm, s), xn, n_tok, h, c.rms_eps)?;
@@ -1072,13 +1093,24 @@ impl Executor for CudaModel {
     }
 }
 
-/// Runs the paged-attention kernel alone (tests compare it with a naive
+/// Which attention kernels [`paged_attention`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// One thread block per query token, for every token.
+    PerToken,
+    /// What a forward step runs: runs of consecutive tokens of one
+    /// sequence (prompt chunks) in flash-style tiles, the rest per token.
+    Planned,
+}
+
+/// Runs the paged-attention kernels alone (tests compare them with a naive
 /// reference): `q` is `[tokens, n_heads * head_dim]`, `kv` one layer's
 /// blocks in `layout`, `tables[s]` sequence `s`'s block table, and query
 /// token `t` of sequence `tok_seq[t]` attends to its keys `0..=tok_pos[t]`.
 /// Returns `[tokens, n_heads * head_dim]`.
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention(
+    kernel: AttentionKernel,
     ordinal: usize,
     layout: &KvLayout,
     n_heads: usize,
@@ -1126,6 +1158,11 @@ pub fn paged_attention(
     for t in tables {
         meta.extend(t.iter().map(|&b| b as i32));
     }
+    let plan = AttentionPlan::of(tok_seq, tok_pos, hd)?;
+    let o_tiles = meta.len();
+    meta.extend(&plan.tiles);
+    let o_rows = meta.len();
+    meta.extend(&plan.rows);
     let s = &dev.stream;
     let meta_d = dev.upload(&meta, "metadata")?;
     let q_d = dev.upload(q, "queries")?;
@@ -1133,22 +1170,30 @@ pub fn paged_attention(
     let out_d = dev.zeros::<f32>(n_tok * qd, "output")?;
     let m = ptr(&meta_d, s);
     let at = |o: usize| m + (o * 4) as u64;
-    dev.k.attention(
-        ptr(&q_d, s),
-        ptr(&kv_d, s),
-        at(0),
-        at(n_tok),
-        at(o_tables),
-        at(o_off),
-        ptr(&out_d, s),
-        n_tok,
-        qd,
+    let args = AttentionArgs {
+        qkv: ptr(&q_d, s),
+        kv: ptr(&kv_d, s),
+        tok_seq: at(0),
+        pos: at(n_tok),
+        tables: at(o_tables),
+        table_off: at(o_off),
+        out: ptr(&out_d, s),
+        row_len: qd,
         n_heads,
-        nkv,
+        n_kv: nkv,
         hd,
         bs,
-        1.0 / (hd as f32).sqrt(),
-    )?;
+        scale: 1.0 / (hd as f32).sqrt(),
+    };
+    match kernel {
+        AttentionKernel::PerToken => dev.k.attention(&args, 0, n_tok)?,
+        AttentionKernel::Planned => {
+            if !plan.rows.is_empty() {
+                dev.k.attention(&args, at(o_rows), plan.rows.len())?;
+            }
+            dev.k.attention_tiled(&args, at(o_tiles), plan.n_tiles())?;
+        }
+    }
     let out = s
         .clone_dtoh(&out_d)
         .map_err(|e| cuda_err("downloading the attention output", e))?;
