@@ -182,6 +182,27 @@ pub enum Logits {
     Last,
     /// Every new token's (scoring a prompt).
     All,
+    /// Only the greedy choice after the last new token: the row returned
+    /// is one value, the id of the largest logit (lowest id on ties, as
+    /// [`crate::sampler::argmax`]), read with [`greedy_token`]. What a
+    /// request whose sampling is a plain argmax asks for (see
+    /// [`crate::sampler::SamplingParams::is_plain_greedy_at`]): an executor
+    /// that keeps the logits in device memory picks there and copies back
+    /// one id instead of the vocabulary.
+    Greedy,
+}
+
+/// Vocabularies up to this size travel exactly as `f32` ids in a
+/// [`Logits::Greedy`] row.
+pub(crate) const MAX_GREEDY_VOCAB: usize = 1 << 24;
+
+/// The token a [`Logits::Greedy`] row carries; `None` for a row of another
+/// kind (not one value).
+pub fn greedy_token(row: &[f32]) -> Option<u32> {
+    match row {
+        [id] => Some(*id as u32),
+        _ => None,
+    }
 }
 
 /// One layer of one sequence's new KV, just written (see [`Model::forward_observed`]).
@@ -431,7 +452,7 @@ impl StepRows {
             let start = self.starts[si];
             match s.logits {
                 Logits::None => {}
-                Logits::Last => rows.push(start + s.tokens.len() - 1),
+                Logits::Last | Logits::Greedy => rows.push(start + s.tokens.len() - 1),
                 Logits::All => rows.extend(start..start + s.tokens.len()),
             }
         }
@@ -439,17 +460,23 @@ impl StepRows {
     }
 }
 
-/// Splits `rows × vocab` logits (in [`StepRows::logit_rows`] order) per sequence.
+/// Splits `rows × vocab` logits (in [`StepRows::logit_rows`] order) per
+/// sequence; a [`Logits::Greedy`] row becomes its argmax.
 pub(crate) fn split_logits(batch: &[SeqStep<'_>], logits: &[f32], vocab: usize) -> Vec<Vec<f32>> {
     let mut out = Vec::with_capacity(batch.len());
     let mut off = 0;
     for s in batch {
         let n = match s.logits {
             Logits::None => 0,
-            Logits::Last => 1,
+            Logits::Last | Logits::Greedy => 1,
             Logits::All => s.tokens.len(),
         };
-        out.push(logits[off * vocab..(off + n) * vocab].to_vec());
+        let rows = &logits[off * vocab..(off + n) * vocab];
+        out.push(if s.logits == Logits::Greedy {
+            vec![crate::sampler::argmax(rows) as f32]
+        } else {
+            rows.to_vec()
+        });
         off += n;
     }
     out
@@ -1020,6 +1047,12 @@ impl Model {
 /// (every executor checks the same things).
 pub(crate) fn check_step(c: &ModelConfig, batch: &[SeqStep<'_>]) -> Result<()> {
     for s in batch {
+        if s.logits == Logits::Greedy && c.vocab_size > MAX_GREEDY_VOCAB {
+            return Err(EngineError::Unsupported(format!(
+                "greedy rows carry token ids as f32: a vocabulary of {} is beyond {MAX_GREEDY_VOCAB}",
+                c.vocab_size
+            )));
+        }
         if s.tokens.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }

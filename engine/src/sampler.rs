@@ -65,6 +65,20 @@ impl SamplingParams {
         Self::default()
     }
 
+    /// Whether [`sample`] at output position `pos` is the plain argmax of
+    /// the raw logits, with no log-probabilities to report: then a step
+    /// needs only that id from the executor ([`crate::model::Logits::Greedy`]),
+    /// not the vocabulary's logits.
+    pub fn is_plain_greedy_at(&self, pos: u64) -> bool {
+        self.temperature == 0.0
+            && !self.logprobs
+            && self.top_logprobs == 0
+            && self.repetition_penalty == 1.0
+            && self.presence_penalty == 0.0
+            && self.frequency_penalty == 0.0
+            && !(pos < self.min_tokens as u64 && !self.min_tokens_masked.is_empty())
+    }
+
     /// Rejects values with no meaning, naming the parameter.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(EngineError::Sampling(m));
@@ -611,6 +625,70 @@ mod tests {
                     "{top_k}/{top_p}/{min_p}: token {t} drawn {got}, want {q}"
                 );
             }
+        }
+    }
+
+    /// Where the predicate says plain greedy, `sample` is exactly the
+    /// argmax with nothing else reported; each thing it checks, changed
+    /// alone, makes `sample` do more than that on some logits.
+    #[test]
+    fn plain_greedy_is_what_sample_does() {
+        let l = vec![0.5, 2.0, 2.0, -1.0, 1.5];
+        let ctx = [1u32, 4, 1];
+        let plain = SamplingParams {
+            min_tokens: 2,
+            min_tokens_masked: vec![1],
+            ..SamplingParams::greedy()
+        };
+        // Past min_tokens: plain.
+        assert!(plain.is_plain_greedy_at(2));
+        let s = sample(&plain, &l, &ctx, 1, 2);
+        assert_eq!(
+            s,
+            Sampled {
+                token: argmax(&l),
+                logprob: 0.0,
+                top: Vec::new()
+            }
+        );
+        // Below it the stop id is masked: not plain, and not the argmax.
+        assert!(!plain.is_plain_greedy_at(1));
+        assert_ne!(sample(&plain, &l, &ctx, 1, 1).token, argmax(&l));
+        // Sampling at a temperature draws (and may well draw the argmax).
+        let warm = SamplingParams {
+            temperature: 0.7,
+            ..SamplingParams::greedy()
+        };
+        assert!(!warm.is_plain_greedy_at(5));
+        let others = [
+            SamplingParams {
+                logprobs: true,
+                ..SamplingParams::greedy()
+            },
+            SamplingParams {
+                top_logprobs: 2,
+                ..SamplingParams::greedy()
+            },
+            SamplingParams {
+                repetition_penalty: 3.0,
+                ..SamplingParams::greedy()
+            },
+            SamplingParams {
+                presence_penalty: 1.0,
+                ..SamplingParams::greedy()
+            },
+            SamplingParams {
+                frequency_penalty: 1.0,
+                ..SamplingParams::greedy()
+            },
+        ];
+        for p in &others {
+            assert!(!p.is_plain_greedy_at(5), "{p:?}");
+            let s = sample(p, &l, &ctx, 1, 5);
+            assert!(
+                s.token != argmax(&l) || s.logprob != 0.0 || !s.top.is_empty(),
+                "{p:?} sampled like plain greedy"
+            );
         }
     }
 

@@ -34,9 +34,9 @@ use crate::error::{EngineError, Result};
 use crate::executor::Executor;
 use crate::generate::FinishReason;
 use crate::kv::{KvPool, SeqKv};
-use crate::model::{LayerKv, Logits, SeqStep};
+use crate::model::{greedy_token, LayerKv, Logits, SeqStep};
 use crate::prefix_cache::{PrefixCache, PrefixStats};
-use crate::sampler::{sample, Sampled, SamplingParams};
+use crate::sampler::{argmax, sample, Sampled, SamplingParams};
 
 /// Most choices (parallel samples) one request may ask for.
 pub const MAX_CHOICES: usize = 64;
@@ -791,7 +791,14 @@ impl Scheduler {
                 let (s, tail2) = tail.split_first_mut().expect("planned index");
                 let start = s.kv.len;
                 let last = start + take == s.tokens.len();
-                wants.push(last);
+                let want = match last {
+                    false => Logits::None,
+                    true if s.req.params.is_plain_greedy_at(s.generated() as u64) => {
+                        Logits::Greedy
+                    }
+                    true => Logits::Last,
+                };
+                wants.push(want);
                 exporters.push(match s.export.as_mut() {
                     Some(e) if start < s.n_prompt => Some((e, s.n_prompt)),
                     _ => None,
@@ -799,7 +806,7 @@ impl Scheduler {
                 steps.push(SeqStep {
                     kv: &mut s.kv,
                     tokens: &s.tokens[start..start + take],
-                    logits: if last { Logits::Last } else { Logits::None },
+                    logits: want,
                 });
                 rest = tail2;
                 base = idx + 1;
@@ -847,7 +854,7 @@ impl Scheduler {
                 finished.push((idx, None));
                 continue;
             }
-            if !wants[k] {
+            if wants[k] == Logits::None {
                 continue;
             }
             if !s.prompt_cached && self.cfg.prefix_cache && s.kv.len >= s.n_prompt {
@@ -859,13 +866,13 @@ impl Scheduler {
             // the prompt's blocks, and sample their first token from the
             // same logits with their own key.
             for mut c in self.fork_choices(idx) {
-                match sample_next(&mut c, &logits[k], &mut self.stats) {
+                match sample_next(&mut c, &logits[k], wants[k], &mut self.stats) {
                     Some(reason) => self.retire(c, reason),
                     None => forked.push(c),
                 }
             }
             let s = &mut self.running[idx];
-            if let Some(reason) = sample_next(s, &logits[k], &mut self.stats) {
+            if let Some(reason) = sample_next(s, &logits[k], wants[k], &mut self.stats) {
                 finished.push((idx, Some(reason)));
             }
         }
@@ -1012,16 +1019,28 @@ impl Scheduler {
     }
 }
 
-/// Samples `s`'s next token from `logits` (its last position) and emits
-/// it. Returns why the sequence ends, if it does.
-fn sample_next(s: &mut Seq, logits: &[f32], stats: &mut SchedulerStats) -> Option<FinishReason> {
-    let sampled = sample(
-        &s.req.params,
-        logits,
-        &s.tokens,
-        s.n_prompt,
-        s.generated() as u64,
-    );
+/// Samples `s`'s next token from `logits` (its last position, as `kind`
+/// asked) and emits it. Returns why the sequence ends, if it does.
+fn sample_next(
+    s: &mut Seq,
+    logits: &[f32],
+    kind: Logits,
+    stats: &mut SchedulerStats,
+) -> Option<FinishReason> {
+    let pos = s.generated() as u64;
+    let sampled = if kind == Logits::Greedy {
+        // The step asked for the greedy id because `sample` would return
+        // just that here; an executor that sent the whole row anyway is
+        // read the same way.
+        debug_assert!(s.req.params.is_plain_greedy_at(pos));
+        Sampled {
+            token: greedy_token(logits).unwrap_or_else(|| argmax(logits)),
+            logprob: 0.0,
+            top: Vec::new(),
+        }
+    } else {
+        sample(&s.req.params, logits, &s.tokens, s.n_prompt, pos)
+    };
     let tok = sampled.token;
     if s.req.stop_tokens.contains(&tok) {
         return Some(FinishReason::Stop);

@@ -424,6 +424,7 @@ impl StepMsg {
                 Logits::None => 0,
                 Logits::Last => 1,
                 Logits::All => 2,
+                Logits::Greedy => 3,
             };
             w.extend([
                 s.len as u32,
@@ -459,6 +460,7 @@ impl StepMsg {
                 0 => Logits::None,
                 1 => Logits::Last,
                 2 => Logits::All,
+                3 => Logits::Greedy,
                 _ => return Err(bad()),
             };
             let (nt, nb) = (next()?, next()?);

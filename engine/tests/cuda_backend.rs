@@ -17,6 +17,8 @@
 //!   on the device) against each sequence alone, and the device KV against
 //!   the CPU's, block for block, after a gather; installed KV decodes like
 //!   the CPU: all within [`TOL_F32`];
+//! - greedy rows (the argmax picked on the device) against the argmax of
+//!   the same batch's host logits: identical;
 //! - BF16 weights: logits within [`TOL_BF16_REL`] of the largest CPU logit;
 //! - the committed synthetic checkpoints (llama, qwen2 with QKV bias, MQA
 //!   with an untied head, safetensors with NeoX RoPE): every position's
@@ -377,6 +379,62 @@ fn batched(m: &dyn Executor, prompts: &[Vec<u32>], decode: usize) -> Vec<Vec<f32
             .collect();
     }
     out
+}
+
+/// Sequences that ask for the greedy id only get the argmax of exactly
+/// the logits they would have been sent (the same batch with every row
+/// `Last`: same shapes, same cuBLAS algorithms, same bits), picked on the
+/// device; the other rows of the batch are unchanged, bit for bit.
+#[test]
+fn greedy_rows_are_the_argmax_of_the_logits_they_replace() {
+    let _serial = serial();
+    let m = gpu_model();
+    let prompts: Vec<Vec<u32>> = golden_prompts().into_iter().map(|(_, p)| p).collect();
+    let kinds: Vec<Logits> = (0..prompts.len())
+        .map(|i| {
+            if i % 2 == 0 {
+                Logits::Greedy
+            } else {
+                Logits::Last
+            }
+        })
+        .collect();
+    let run = |as_asked: bool| {
+        let total: usize = prompts.iter().map(|p| p.len() + 16).sum();
+        let mut pool = m.pool_for_tokens(total, 16);
+        let mut kvs: Vec<SeqKv> = prompts.iter().map(|_| SeqKv::default()).collect();
+        let mut b: Vec<SeqStep<'_>> = kvs
+            .iter_mut()
+            .zip(&prompts)
+            .zip(&kinds)
+            .map(|((kv, t), &k)| SeqStep {
+                kv,
+                tokens: t,
+                logits: if as_asked { k } else { Logits::Last },
+            })
+            .collect();
+        m.forward(&mut pool, &mut b).expect("batched forward")
+    };
+    let mixed = run(true);
+    let full = run(false);
+    for (i, k) in kinds.iter().enumerate() {
+        if *k == Logits::Greedy {
+            assert_eq!(
+                mixed[i],
+                vec![argmax(&full[i]) as f32],
+                "prompt {i}: the device's greedy pick"
+            );
+        } else {
+            assert!(
+                mixed[i]
+                    .iter()
+                    .zip(&full[i])
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+                    && mixed[i].len() == full[i].len(),
+                "prompt {i}: a Last row next to greedy ones changed"
+            );
+        }
+    }
 }
 
 /// One token's K then V (every KV head) out of a block region.

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use serde_json::Value;
 use tandem_engine::generate::GenerateRequest;
 use tandem_engine::kv::SeqKv;
-use tandem_engine::model::{Logits, Model, SeqStep};
+use tandem_engine::model::{greedy_token, Logits, Model, SeqStep};
 use tandem_engine::sampler::{argmax, SamplingParams};
 use tandem_engine::EngineError;
 use tandem_model::weights::ModelSource;
@@ -233,6 +233,35 @@ fn batching_and_chunking_do_not_change_bits() {
             .all(|(x, y)| x.to_bits() == y.to_bits()),
         "decode step differs from prefill"
     );
+    // Greedy rows in a batch: the argmax as one id; the others unchanged.
+    let mut kvs: Vec<SeqKv> = prompts.iter().map(|_| SeqKv::default()).collect();
+    let kinds = [Logits::Greedy, Logits::Last, Logits::Greedy, Logits::None];
+    let mut steps: Vec<SeqStep<'_>> = kvs
+        .iter_mut()
+        .zip(&prompts)
+        .zip(kinds)
+        .map(|((kv, p), logits)| SeqStep {
+            kv,
+            tokens: p,
+            logits,
+        })
+        .collect();
+    let mixed = m.forward(&mut pool, &mut steps).unwrap();
+    drop(steps);
+    for kv in kvs.iter_mut() {
+        pool.free_seq(kv);
+    }
+    assert_eq!(mixed[0], vec![argmax(&alone[0]) as f32]);
+    assert_eq!(greedy_token(&mixed[2]), Some(argmax(&alone[2])));
+    assert_eq!(greedy_token(&mixed[1]), None);
+    assert!(
+        mixed[1]
+            .iter()
+            .zip(&alone[1])
+            .all(|(x, y)| x.to_bits() == y.to_bits()),
+        "a Last row next to greedy ones changed"
+    );
+    assert!(mixed[3].is_empty());
 }
 
 #[test]

@@ -337,6 +337,54 @@ extern "C" __global__ void attention_tiled(const int* tiles, const float* qkv, c
     }
 }
 
+/* ids[r] = the first index of the largest value of logits row rows[r]
+   (`vocab` values each), as the host's argmax: one block per row; each
+   thread keeps the first largest of its strided values, then pairs reduce
+   by value, ties to the lower index. A row of -inf picks 0, as the host
+   does. */
+extern "C" __global__ void argmax_rows(const float* logits, const int* rows, int* ids, int vocab) {
+    __shared__ float best_v[32];
+    __shared__ int best_i[32];
+    const float* row = logits + (u64)rows[blockIdx.x] * vocab;
+    float v = NEG_INF;
+    int idx = 0x7fffffff;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        float x = row[i];
+        if (x > v) {
+            v = x;
+            idx = i;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (ov > v || (ov == v && oi < idx)) {
+            v = ov;
+            idx = oi;
+        }
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        best_v[warp] = v;
+        best_i[warp] = idx;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        int nw = (blockDim.x + 31) >> 5;
+        v = lane < nw ? best_v[lane] : NEG_INF;
+        idx = lane < nw ? best_i[lane] : 0x7fffffff;
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, v, o);
+            int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+            if (ov > v || (ov == v && oi < idx)) {
+                v = ov;
+                idx = oi;
+            }
+        }
+        if (lane == 0) ids[blockIdx.x] = idx == 0x7fffffff ? 0 : idx;
+    }
+}
+
 /* act[t][j] = silu(gu[t][j]) * gu[t][ffn + j], silu(g) = g / (1 + e^-g). */
 extern "C" __global__ void silu_mul(const float* gu, float* act, long long n_tok, int ffn) {
     long long n = n_tok * (long long)ffn;
@@ -493,6 +541,7 @@ pub(crate) struct Kernels {
     kv_write: CudaFunction,
     attention: CudaFunction,
     attention_tiled: CudaFunction,
+    argmax_rows: CudaFunction,
     silu_mul: CudaFunction,
     add_in_place: CudaFunction,
     f32_to_bf16: CudaFunction,
@@ -638,6 +687,7 @@ impl Kernels {
             kv_write: f("kv_write")?,
             attention: f("attention")?,
             attention_tiled: f("attention_tiled")?,
+            argmax_rows: f("argmax_rows")?,
             silu_mul: f("silu_mul")?,
             add_in_place: f("add_in_place")?,
             f32_to_bf16: f("f32_to_bf16")?,
@@ -824,6 +874,31 @@ impl Kernels {
         self.launch("attention_tiled", &self.attention_tiled, cfg, &args)
     }
 
+    /// `ids[r]` = the greedy choice of logits row `rows[r]`, for `n` rows.
+    pub(crate) fn argmax_rows(
+        &self,
+        logits: u64,
+        rows: u64,
+        ids: u64,
+        n: usize,
+        vocab: usize,
+    ) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.launch(
+            "argmax_rows",
+            &self.argmax_rows,
+            per_row(n)?,
+            &[
+                Arg::Ptr(logits),
+                Arg::Ptr(rows),
+                Arg::Ptr(ids),
+                Arg::I32(int(vocab, "vocabulary")?),
+            ],
+        )
+    }
+
     pub(crate) fn silu_mul(&self, gu: u64, act: u64, n_tok: usize, ffn: usize) -> Result<()> {
         self.launch(
             "silu_mul",
@@ -965,7 +1040,7 @@ mod tests {
             "NVRTC (libnvrtc.so.12) is not loadable: put its directory on LD_LIBRARY_PATH"
         );
         let names = declared_kernels();
-        assert_eq!(names.len(), 11, "{names:?}");
+        assert_eq!(names.len(), 12, "{names:?}");
         for arch in ["sm_80", "sm_86", "sm_89", "sm_90"] {
             let cubin = compile_cubin(&format!("--gpu-architecture={arch}"))
                 .unwrap_or_else(|e| panic!("{arch}: {e}"));

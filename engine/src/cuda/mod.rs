@@ -22,7 +22,10 @@
 //!   [`KvPool::new_tracking`] pool is enough); copy-on-write copies it makes
 //!   are recorded ([`KvPool::record_copies`]) and repeated on the device
 //!   before each step.
-//! - Sampling stays on the host: a step returns host logits like the CPU.
+//! - Sampling stays on the host, except for the greedy choice: a
+//!   sequence that asks for [`Logits::Greedy`] gets its argmax picked on
+//!   the device and one id copied back instead of the vocabulary's logits;
+//!   the others get host logits like the CPU.
 //!
 //! Unlike the CPU kernels, cuBLAS does not promise one summation order
 //! whatever the batch (it picks algorithms by shape), so a sequence's
@@ -68,7 +71,7 @@ use crate::error::{EngineError, Result};
 use crate::executor::Executor;
 use crate::kv::{BlockId, KvDtype, KvLayout, KvPool, KvStaging, SeqKv};
 use crate::model::{
-    check_step, show_written, split_logits, written_blocks, LayerKv, Model, SeqStep, StepRows,
+    check_step, show_written, written_blocks, LayerKv, Logits, Model, SeqStep, StepRows,
 };
 
 use kernels::{int, AttentionArgs, AttentionPlan, Kernels};
@@ -317,6 +320,8 @@ struct Scratch {
     /// BF16 copy of a multiply's input (BF16 weights only).
     xb: Option<CudaSlice<u16>>,
     logits: Option<CudaSlice<f32>>,
+    /// Greedy choices of the step's [`Logits::Greedy`] rows.
+    ids: Option<CudaSlice<i32>>,
     meta: Option<CudaSlice<i32>>,
 }
 
@@ -827,6 +832,13 @@ impl CudaModel {
         meta.extend(&plan.tiles);
         let o_att_rows = meta.len();
         meta.extend(&plan.rows);
+        // Indices into `want` of the rows whose sequence asked for the
+        // greedy id only.
+        let greedy = greedy_rows(batch);
+        let o_greedy = meta.len();
+        for &r in &greedy {
+            meta.push(int(r, "greedy row")?);
+        }
 
         let kvs = match &st.kv {
             Some(kv) if kv.pool_id == pool.id() => kv,
@@ -927,7 +939,8 @@ impl CudaModel {
         }
 
         let vocab = c.vocab_size;
-        let mut logits = vec![0f32; want.len() * vocab];
+        let mut full = vec![0f32; (want.len() - greedy.len()) * vocab];
+        let mut ids = vec![0i32; greedy.len()];
         if !want.is_empty() {
             // The final norm of the wanted rows only, into `xn`'s first rows.
             k.rms_norm(
@@ -941,16 +954,37 @@ impl CudaModel {
             )?;
             let lp = ensure(dev, &mut sc.logits, want.len() * vocab, "logits")?;
             self.gemm(&self.head, xn, want.len(), lp, xb)?;
-            // SAFETY: the buffer holds at least want.len() * vocab floats.
-            unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut logits, lp, s.cu_stream()) }
+            // Greedy rows: their ids, not their logits, come back.
+            if !greedy.is_empty() {
+                let ids_d = ensure(dev, &mut sc.ids, greedy.len(), "greedy ids")?;
+                k.argmax_rows(lp, at(o_greedy), ids_d, greedy.len(), vocab)?;
+                // SAFETY: the buffer holds at least greedy.len() ints.
+                unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut ids, ids_d, s.cu_stream()) }
+                    .map_err(|e| cuda_err("downloading greedy ids", e))?;
+            }
+            // The other rows, a run of consecutive ones per copy.
+            let mut dst = 0;
+            for run in full_row_runs(want.len(), &greedy) {
+                let n = run.len() * vocab;
+                // SAFETY: rows `run` lie inside the want.len() * vocab
+                // floats of `lp`; `full` has room for every non-greedy row.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtoh_async(
+                        &mut full[dst..dst + n],
+                        lp + (run.start * vocab * 4) as u64,
+                        s.cu_stream(),
+                    )
+                }
                 .map_err(|e| cuda_err("downloading logits", e))?;
+                dst += n;
+            }
         }
         dev.sync("the forward pass")?;
         drop(guard);
         for q in batch.iter_mut() {
             q.kv.len += q.tokens.len();
         }
-        Ok(split_logits(batch, &logits, vocab))
+        Ok(assemble_rows(batch, &full, &ids, vocab))
     }
 
     /// Host copies of `blocks` of the bound pool, as staging (layer-major,
@@ -1093,6 +1127,60 @@ impl Executor for CudaModel {
     }
 }
 
+/// Indices, among a step's logit rows ([`StepRows::logit_rows`] order), of
+/// the rows of sequences that asked for [`Logits::Greedy`].
+fn greedy_rows(batch: &[SeqStep<'_>]) -> Vec<usize> {
+    let mut rows = Vec::new();
+    let mut r = 0;
+    for s in batch {
+        match s.logits {
+            Logits::None => {}
+            Logits::Last => r += 1,
+            Logits::Greedy => {
+                rows.push(r);
+                r += 1;
+            }
+            Logits::All => r += s.tokens.len(),
+        }
+    }
+    rows
+}
+
+/// The runs of consecutive rows among `0..n_rows` that are not in
+/// `greedy` (sorted): the rows whose logits are copied back.
+fn full_row_runs(n_rows: usize, greedy: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    for &g in greedy.iter().chain(std::iter::once(&n_rows)) {
+        if g > start {
+            runs.push(start..g);
+        }
+        start = g + 1;
+    }
+    runs
+}
+
+/// Per sequence, what it asked for: `full` holds the non-greedy rows in
+/// order, `ids` the greedy choices in order.
+fn assemble_rows(batch: &[SeqStep<'_>], full: &[f32], ids: &[i32], vocab: usize) -> Vec<Vec<f32>> {
+    let (mut f, mut g) = (0, 0);
+    batch
+        .iter()
+        .map(|s| match s.logits {
+            Logits::None => Vec::new(),
+            Logits::Greedy => {
+                g += 1;
+                vec![ids[g - 1] as f32]
+            }
+            Logits::Last | Logits::All => {
+                let n = if s.logits == Logits::Last { 1 } else { s.tokens.len() };
+                f += n;
+                full[(f - n) * vocab..f * vocab].to_vec()
+            }
+        })
+        .collect()
+}
+
 /// Which attention kernels [`paged_attention`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionKernel {
@@ -1199,4 +1287,55 @@ pub fn paged_attention(
         .map_err(|e| cuda_err("downloading the attention output", e))?;
     dev.sync("paged attention")?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A step mixing every kind of logits request: the greedy rows are
+    /// picked out, the others copied in as few runs as possible, and each
+    /// sequence gets back exactly what it asked for.
+    #[test]
+    fn greedy_rows_come_back_as_ids_and_the_rest_as_logits() {
+        let mut kvs: Vec<SeqKv> = (0..5).map(|_| SeqKv::default()).collect();
+        let toks = [vec![1u32], vec![2, 3, 4], vec![5], vec![6, 7], vec![8]];
+        let kinds = [
+            Logits::Greedy,
+            Logits::All,
+            Logits::None,
+            Logits::Last,
+            Logits::Greedy,
+        ];
+        let batch: Vec<SeqStep<'_>> = kvs
+            .iter_mut()
+            .zip(&toks)
+            .zip(kinds)
+            .map(|((kv, t), logits)| SeqStep {
+                kv,
+                tokens: t,
+                logits,
+            })
+            .collect();
+        // Logit rows: 0 greedy, 1..4 All, 4 Last, 5 greedy.
+        let greedy = greedy_rows(&batch);
+        assert_eq!(greedy, vec![0, 5]);
+        assert_eq!(full_row_runs(6, &greedy), vec![1..5]);
+        assert_eq!(full_row_runs(6, &[]), vec![0..6]);
+        assert_eq!(full_row_runs(4, &[1, 2]), vec![0..1, 3..4]);
+        assert!(full_row_runs(2, &[0, 1]).is_empty());
+        let vocab = 2;
+        let full: Vec<f32> = (0..4 * vocab).map(|v| v as f32).collect();
+        let out = assemble_rows(&batch, &full, &[7, 3], vocab);
+        assert_eq!(
+            out,
+            vec![
+                vec![7.0],
+                full[..3 * vocab].to_vec(),
+                vec![],
+                full[3 * vocab..].to_vec(),
+                vec![3.0],
+            ]
+        );
+    }
 }
