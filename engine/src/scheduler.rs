@@ -793,9 +793,7 @@ impl Scheduler {
                 let last = start + take == s.tokens.len();
                 let want = match last {
                     false => Logits::None,
-                    true if s.req.params.is_plain_greedy_at(s.generated() as u64) => {
-                        Logits::Greedy
-                    }
+                    true if s.req.params.is_plain_greedy_at(s.generated() as u64) => Logits::Greedy,
                     true => Logits::Last,
                 };
                 wants.push(want);

@@ -19,6 +19,9 @@
 //!   the CPU: all within [`TOL_F32`];
 //! - greedy rows (the argmax picked on the device) against the argmax of
 //!   the same batch's host logits: identical;
+//! - decode steps replayed from CUDA graphs (padded to their batch bucket)
+//!   against the same steps run kernel by kernel: within [`TOL_F32`], and
+//!   greedy ids picked in the graph equal to its logits' argmax;
 //! - BF16 weights: logits within [`TOL_BF16_REL`] of the largest CPU logit;
 //! - the committed synthetic checkpoints (llama, qwen2 with QKV bias, MQA
 //!   with an untied head, safetensors with NeoX RoPE): every position's
@@ -433,6 +436,105 @@ fn greedy_rows_are_the_argmax_of_the_logits_they_replace() {
                     && mixed[i].len() == full[i].len(),
                 "prompt {i}: a Last row next to greedy ones changed"
             );
+        }
+    }
+}
+
+/// Prefills `prompts` (one batch), then runs `steps` decode steps in one
+/// batch with fixed tokens, sequence `i` asking for `kinds[i]`; returns
+/// each decode step's rows.
+fn decode_steps(
+    m: &CudaModel,
+    prompts: &[Vec<u32>],
+    steps: usize,
+    kinds: &[Logits],
+) -> Vec<Vec<Vec<f32>>> {
+    let total: usize = prompts.iter().map(|p| p.len() + steps + 16).sum();
+    let mut pool = m.pool_for_tokens(total, 16);
+    let mut kvs: Vec<SeqKv> = prompts.iter().map(|_| SeqKv::default()).collect();
+    let mut b: Vec<SeqStep<'_>> = kvs
+        .iter_mut()
+        .zip(prompts)
+        .map(|(kv, t)| SeqStep {
+            kv,
+            tokens: t,
+            logits: Logits::None,
+        })
+        .collect();
+    m.forward(&mut pool, &mut b).expect("prefill");
+    drop(b);
+    let mut out = Vec::new();
+    for step in 0..steps {
+        let feed: Vec<[u32; 1]> = (0..prompts.len())
+            .map(|i| [((step * 31 + i * 7 + 5) % 1000) as u32 + 10])
+            .collect();
+        let mut b: Vec<SeqStep<'_>> = kvs
+            .iter_mut()
+            .zip(&feed)
+            .zip(kinds)
+            .map(|((kv, t), &logits)| SeqStep {
+                kv,
+                tokens: t,
+                logits,
+            })
+            .collect();
+        out.push(m.forward(&mut pool, &mut b).expect("decode step"));
+    }
+    out
+}
+
+/// Decode steps replayed from CUDA graphs (three sequences padded to a
+/// bucket of four, then one alone) against the same steps launched kernel
+/// by kernel: logits within [`TOL_F32`] (padding changes the multiplies'
+/// shapes, so cuBLAS may sum in another order); greedy ids picked inside
+/// the graph equal to the argmax of the same graph's logits, exactly.
+#[test]
+fn decode_graphs_match_eager_steps() {
+    let _serial = serial();
+    let m = gpu_model();
+    let prompts: Vec<Vec<u32>> = golden_prompts()
+        .into_iter()
+        .map(|(_, p)| p)
+        .take(3)
+        .collect();
+    let steps = 6;
+    for set in [&prompts[..], &prompts[..1]] {
+        let last = vec![Logits::Last; set.len()];
+        let mixed: Vec<Logits> = (0..set.len())
+            .map(|i| {
+                if i % 2 == 0 {
+                    Logits::Greedy
+                } else {
+                    Logits::Last
+                }
+            })
+            .collect();
+        m.set_graphs(false);
+        let eager = decode_steps(m, set, steps, &last);
+        m.set_graphs(true);
+        let graphed = decode_steps(m, set, steps, &last);
+        let picked = decode_steps(m, set, steps, &mixed);
+        for step in 0..steps {
+            for i in 0..set.len() {
+                let d = max_abs_diff(&graphed[step][i], &eager[step][i]);
+                eprintln!(
+                    "decode graph, {} rows, step {step}, seq {i}: max abs diff {d:.2e}",
+                    set.len()
+                );
+                assert!(
+                    d <= TOL_F32,
+                    "graph step {step} seq {i} differs from eager by {d} (tolerance {TOL_F32})"
+                );
+                if mixed[i] == Logits::Greedy {
+                    assert_eq!(
+                        picked[step][i],
+                        vec![argmax(&graphed[step][i]) as f32],
+                        "graph step {step} seq {i}: greedy pick"
+                    );
+                } else {
+                    assert_eq!(picked[step][i], graphed[step][i], "step {step} seq {i}");
+                }
+            }
         }
     }
 }

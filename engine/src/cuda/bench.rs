@@ -9,9 +9,13 @@
 //! sequence's KV once, so `(weight bytes + KV bytes) / step time` is the
 //! bandwidth the step achieved; its fraction of the copy bandwidth measured
 //! in the same run (bytes read + bytes written per second, what a device
-//! copy can stream) is how close decode is to memory-bound. A step also
-//! moves each sequence's logits to the host (the sampler runs there), which
-//! the step time includes.
+//! copy can stream) is how close decode is to memory-bound.
+//!
+//! Each decode batch runs two ways: replayed from a CUDA graph with the
+//! greedy choice picked on the device (one id per sequence comes back:
+//! what a greedy request costs), and launched kernel by kernel with every
+//! sequence's logits moved to the host (what a sampled request costs
+//! without graphs).
 
 use std::time::Instant;
 
@@ -85,9 +89,19 @@ pub struct CopyResult {
     pub gb_per_s: f64,
 }
 
+/// How a timed decode step runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DecodeMode {
+    /// Replayed from a CUDA graph.
+    pub graphs: bool,
+    /// Only the greedy id of each sequence comes back (else its logits).
+    pub greedy_on_device: bool,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct DecodeResult {
     pub batch: usize,
+    pub mode: DecodeMode,
     pub context: usize,
     pub steps: usize,
     pub step_ms: f64,
@@ -159,9 +173,16 @@ pub fn copy_bandwidth(model: &CudaModel, bytes: usize, copies: usize) -> Result<
 pub fn decode(
     model: &CudaModel,
     batch: usize,
+    mode: DecodeMode,
     opts: &BenchOptions,
     copy_gb_per_s: f64,
 ) -> Result<DecodeResult> {
+    model.set_graphs(mode.graphs);
+    let logits = if mode.greedy_on_device {
+        Logits::Greedy
+    } else {
+        Logits::Last
+    };
     let warmup = 2;
     let layout = model.kv_layout(opts.block_size);
     let per_seq = layout.blocks_for(opts.context + warmup + opts.decode_steps);
@@ -180,7 +201,7 @@ pub fn decode(
             .map(|(kv, t)| SeqStep {
                 kv,
                 tokens: std::slice::from_ref(t),
-                logits: Logits::Last,
+                logits,
             })
             .collect();
         model.forward(pool, &mut b).map(|_| ())
@@ -203,6 +224,7 @@ pub fn decode(
     let achieved = (weight_bytes as f64 + kv_bytes) / step_s / 1e9;
     Ok(DecodeResult {
         batch,
+        mode,
         context: opts.context,
         steps: opts.decode_steps,
         step_ms: step_s * 1e3,
@@ -268,9 +290,22 @@ pub fn run(ordinal: usize, opts: BenchOptions) -> Result<BenchReport> {
     let model = CudaModel::synthetic(llama3_8b_config(), ordinal, Weights::Bf16, opts.seed)?;
     let copy = copy_bandwidth(&model, opts.copy_bytes, 20)?;
     let mut dec = Vec::new();
+    let modes = [
+        DecodeMode {
+            graphs: true,
+            greedy_on_device: true,
+        },
+        DecodeMode {
+            graphs: false,
+            greedy_on_device: false,
+        },
+    ];
     for &b in &opts.decode_batches {
-        dec.push(decode(&model, b, &opts, copy.gb_per_s)?);
+        for mode in modes {
+            dec.push(decode(&model, b, mode, &opts, copy.gb_per_s)?);
+        }
     }
+    model.set_graphs(true);
     let pre = prefill(&model, &opts)?;
     Ok(BenchReport {
         device: model.device_name(),
@@ -282,7 +317,8 @@ pub fn run(ordinal: usize, opts: BenchOptions) -> Result<BenchReport> {
         prefill: pre,
         notes: vec![
             "copy gb_per_s counts bytes read plus bytes written",
-            "decode steps include moving each sequence's logits (128256 floats) to the host",
+            "decode steps include moving each sequence's greedy id (mode.greedy_on_device) or its logits (128256 floats) to the host",
+            "mode.graphs: the step replayed from a CUDA graph captured at its batch size (during warm-up)",
             "roofline_fraction = (weight bytes + KV bytes read) / step time / copy gb_per_s",
             "prefill tflops = (2 x matmul params x tokens + causal attention FLOPs) / time",
         ],

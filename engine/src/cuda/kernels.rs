@@ -338,14 +338,15 @@ extern "C" __global__ void attention_tiled(const int* tiles, const float* qkv, c
 }
 
 /* ids[r] = the first index of the largest value of logits row rows[r]
-   (`vocab` values each), as the host's argmax: one block per row; each
+   (row r when rows is null; `vocab` values each), as the host's argmax:
+   one block per row; each
    thread keeps the first largest of its strided values, then pairs reduce
    by value, ties to the lower index. A row of -inf picks 0, as the host
    does. */
 extern "C" __global__ void argmax_rows(const float* logits, const int* rows, int* ids, int vocab) {
     __shared__ float best_v[32];
     __shared__ int best_i[32];
-    const float* row = logits + (u64)rows[blockIdx.x] * vocab;
+    const float* row = logits + (u64)(rows ? rows[blockIdx.x] : (int)blockIdx.x) * vocab;
     float v = NEG_INF;
     int idx = 0x7fffffff;
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
@@ -850,14 +851,14 @@ impl Kernels {
         tiles: u64,
         n_tiles: usize,
     ) -> Result<()> {
+        if n_tiles == 0 {
+            return Ok(());
+        }
         if a.hd > TILE_MAX_HEAD_DIM {
             return Err(EngineError::Cuda(format!(
                 "head_dim {} exceeds the tiled attention kernel's {TILE_MAX_HEAD_DIM}",
                 a.hd
             )));
-        }
-        if n_tiles == 0 {
-            return Ok(());
         }
         let floats = TILE_Q * a.hd + TILE_K * (a.hd + 1) + TILE_K * a.hd;
         let cfg = LaunchConfig {
@@ -874,7 +875,8 @@ impl Kernels {
         self.launch("attention_tiled", &self.attention_tiled, cfg, &args)
     }
 
-    /// `ids[r]` = the greedy choice of logits row `rows[r]`, for `n` rows.
+    /// `ids[r]` = the greedy choice of logits row `rows[r]` (row `r` when
+    /// `rows` is 0), for `n` rows.
     pub(crate) fn argmax_rows(
         &self,
         logits: u64,

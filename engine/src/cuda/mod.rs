@@ -54,6 +54,7 @@
 //! `cublasGemmEx`, NVRTC's program calls) keep their ABI in 13.x. A missing
 //! library is an error from [`check_available`], never a panic.
 
+mod graphs;
 mod kernels;
 
 pub mod bench;
@@ -62,7 +63,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{CudaContext, CudaGraph, CudaSlice, CudaStream, DevicePtr};
 use tandem_model::config::{ModelConfig, RopeStyle};
 use tandem_model::weights::ModelSource;
 
@@ -74,6 +75,7 @@ use crate::model::{
     check_step, show_written, written_blocks, LayerKv, Logits, Model, SeqStep, StepRows,
 };
 
+use graphs::{Graph, GraphBuffers, GraphSet};
 use kernels::{int, AttentionArgs, AttentionPlan, Kernels};
 
 /// How the device holds the weight matrices.
@@ -137,6 +139,12 @@ pub fn check_available() -> Result<()> {
     )))
 }
 
+/// Whether decode steps replay CUDA graphs: yes, unless the environment
+/// says `TANDEM_CUDA_GRAPHS=0` (every step then launches kernel by kernel).
+fn graphs_wanted() -> bool {
+    std::env::var("TANDEM_CUDA_GRAPHS").map_or(true, |v| v.trim() != "0")
+}
+
 /// A device address for a kernel or cuBLAS argument. Event tracking is off
 /// and everything runs on one stream, so stream order alone keeps reads
 /// after writes: the guard cudarc returns has nothing to do.
@@ -149,8 +157,14 @@ struct Device {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
+    /// cuBLAS's workspace, set explicitly so that a multiply captured into
+    /// a graph never allocates (declared after `blas`: dropped after it).
+    _blas_workspace: CudaSlice<u8>,
     k: Kernels,
 }
+
+/// cuBLAS workspace: what NVIDIA recommends for Hopper, enough elsewhere.
+const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
 impl Device {
     fn open(ordinal: usize) -> Result<Self> {
@@ -169,11 +183,27 @@ impl Device {
             .new_stream()
             .map_err(|e| cuda_err("creating a stream", e))?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| cuda_err("creating cuBLAS", e))?;
+        let workspace = stream
+            .alloc_zeros::<u8>(BLAS_WORKSPACE_BYTES)
+            .map_err(|e| cuda_err("allocating the cuBLAS workspace", e))?;
+        // SAFETY: the workspace is live device memory of the stated size
+        // and outlives the handle (field order); the handle's stream is
+        // the only one that uses it.
+        unsafe {
+            blas_sys::cublasSetWorkspace_v2(
+                *blas.handle(),
+                ptr(&workspace, &stream) as *mut std::ffi::c_void,
+                BLAS_WORKSPACE_BYTES,
+            )
+        }
+        .result()
+        .map_err(|e| cuda_err("setting the cuBLAS workspace", e))?;
         let k = Kernels::load(&ctx, stream.clone())?;
         Ok(Self {
             ctx,
             stream,
             blas,
+            _blas_workspace: workspace,
             k,
         })
     }
@@ -303,8 +333,48 @@ struct DevLayer {
 /// `layout.block_floats()` floats in the [`KvLayout`].
 struct DeviceKv {
     pool_id: u64,
+    /// Blocks of the pool; each layer's buffer has one more, the sink that
+    /// padding rows of a decode graph write to.
     n_blocks: usize,
+    block_size: usize,
     layers: Vec<CudaSlice<f32>>,
+    /// Decode graphs captured over these buffers.
+    graphs: GraphSet,
+}
+
+/// Device addresses of one forward pass's buffers and metadata, and its
+/// counts (see [`CudaModel::enqueue`]).
+struct Pass {
+    n_tok: usize,
+    x: u64,
+    xn: u64,
+    qkv: u64,
+    attn: u64,
+    proj: u64,
+    gate_up: u64,
+    act: u64,
+    /// 0 unless the weights are BF16.
+    xb: u64,
+    tok: u64,
+    pos: u64,
+    seq: u64,
+    blk: u64,
+    toff: u64,
+    tables: u64,
+    /// The rows whose logits are computed (0: rows `0..n_want`).
+    want_rows: u64,
+    n_want: usize,
+    logits: u64,
+    /// Tokens for the per-token attention kernel (0: tokens
+    /// `0..n_att_rows`), and the tiles of the tiled one.
+    att_rows: u64,
+    n_att_rows: usize,
+    tiles: u64,
+    n_tiles: usize,
+    /// Rows of `logits` whose argmax goes to `ids` (0: rows `0..n_greedy`).
+    greedy_rows: u64,
+    n_greedy: usize,
+    ids: u64,
 }
 
 /// Grow-only work buffers of one step.
@@ -346,6 +416,8 @@ pub struct CudaModel {
     head: DevMatrix,
     inv_freq: CudaSlice<f32>,
     state: Mutex<State>,
+    /// Replay decode steps from CUDA graphs (see `graphs`).
+    graphs: std::sync::atomic::AtomicBool,
 }
 
 /// `[rows, cols]` f32 of matrices stacked by rows, exactly as the CPU
@@ -450,6 +522,7 @@ impl CudaModel {
             head,
             inv_freq,
             state: Mutex::new(State::default()),
+            graphs: std::sync::atomic::AtomicBool::new(graphs_wanted()),
         };
         model.check_shapes()?;
         model.dev.sync("uploading the weights")?;
@@ -508,6 +581,7 @@ impl CudaModel {
             head,
             dev,
             state: Mutex::new(State::default()),
+            graphs: std::sync::atomic::AtomicBool::new(graphs_wanted()),
         };
         model.check_shapes()?;
         model.dev.sync("generating the weights")?;
@@ -605,7 +679,7 @@ impl CudaModel {
                 self.kv_layout(layout.block_size)
             )));
         }
-        if pool.n_blocks() > i32::MAX as usize {
+        if pool.n_blocks() >= i32::MAX as usize {
             return Err(EngineError::Cuda("pool has too many blocks".into()));
         }
         let id = pool.id();
@@ -623,12 +697,13 @@ impl CudaModel {
         if st
             .kv
             .as_ref()
-            .is_some_and(|kv| kv.n_blocks != pool.n_blocks())
+            .is_some_and(|kv| kv.n_blocks != pool.n_blocks() || kv.block_size != layout.block_size)
         {
             st.kv = None; // free before allocating the new size
         }
         if st.kv.is_none() {
-            let per_layer = pool.n_blocks() * layout.block_floats();
+            // One block more than the pool's: the sink.
+            let per_layer = (pool.n_blocks() + 1) * layout.block_floats();
             let need = per_layer * 4 * layout.n_layers;
             let (free, _) = self
                 .dev
@@ -649,7 +724,9 @@ impl CudaModel {
             st.kv = Some(DeviceKv {
                 pool_id: id,
                 n_blocks: pool.n_blocks(),
+                block_size: layout.block_size,
                 layers,
+                graphs: GraphSet::default(),
             });
         }
         let copies = pool.take_copies();
@@ -766,7 +843,9 @@ impl CudaModel {
         }
     }
 
-    /// One step (see [`Executor::forward_observed`]), without observers.
+    /// One step (see [`Executor::forward_observed`]), without observers:
+    /// replayed from a CUDA graph when it is a decode step of a bucket's
+    /// size (see `graphs`), else launched kernel by kernel.
     fn step(&self, pool: &mut KvPool, batch: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
         check_step(&self.config, batch)?;
         if batch.is_empty() {
@@ -777,19 +856,101 @@ impl CudaModel {
         let mut guard = self.lock();
         let st = &mut *guard;
         self.bind_pool(st, pool)?;
+        let greedy = greedy_rows(batch);
+        let n_want = StepRows::of(batch).logit_rows(batch).len();
+        let vocab = self.config.vocab_size;
+        let mut full = vec![0f32; (n_want - greedy.len()) * vocab];
+        let mut ids = vec![0i32; greedy.len()];
+        let graph_rows = graphs::bucket(batch.len())
+            .filter(|_| self.graphs_enabled() && graphs::replayable(batch));
+        let replayed = match graph_rows {
+            Some(b) => self.replay_decode(st, pool, batch, b)?,
+            None => None,
+        };
+        let from_graph = replayed.is_some();
+        let (logits, ids_d) = match replayed {
+            Some(out) => out,
+            None => self.run_eager(st, pool, batch, &greedy)?,
+        };
+        // Greedy rows: their ids, not their logits, come back.
+        if !greedy.is_empty() {
+            let mut all = vec![0i32; if from_graph { n_want } else { greedy.len() }];
+            // SAFETY: the device buffer holds at least `all.len()` ids.
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(
+                    &mut all,
+                    ids_d,
+                    self.dev.stream.cu_stream(),
+                )
+            }
+            .map_err(|e| cuda_err("downloading greedy ids", e))?;
+            // A graph picks every row; the eager path only the greedy ones.
+            if from_graph {
+                for (i, &r) in greedy.iter().enumerate() {
+                    ids[i] = all[r];
+                }
+            } else {
+                ids = all;
+            }
+        }
+        // The other rows, a run of consecutive ones per copy.
+        let mut dst = 0;
+        for run in full_row_runs(n_want, &greedy) {
+            let n = run.len() * vocab;
+            // SAFETY: rows `run` lie inside the n_want * vocab floats of the
+            // logits buffer; `full` has room for every non-greedy row.
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(
+                    &mut full[dst..dst + n],
+                    logits + (run.start * vocab * 4) as u64,
+                    self.dev.stream.cu_stream(),
+                )
+            }
+            .map_err(|e| cuda_err("downloading logits", e))?;
+            dst += n;
+        }
+        self.dev.sync("the forward pass")?;
+        drop(guard);
+        for q in batch.iter_mut() {
+            q.kv.len += q.tokens.len();
+        }
+        Ok(assemble_rows(batch, &full, &ids, vocab))
+    }
+
+    /// Whether decode steps replay CUDA graphs (on unless
+    /// `TANDEM_CUDA_GRAPHS=0`, or [`CudaModel::set_graphs`] said otherwise).
+    fn graphs_enabled(&self) -> bool {
+        self.graphs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Turns graph replay of decode steps on or off (tests compare both).
+    pub fn set_graphs(&self, on: bool) {
+        self.graphs.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Launches `batch` kernel by kernel on the step's scratch buffers;
+    /// returns the device addresses of its logits (the wanted rows, in
+    /// order) and of the greedy rows' ids.
+    fn run_eager(
+        &self,
+        st: &mut State,
+        pool: &KvPool,
+        batch: &[SeqStep<'_>],
+        greedy: &[usize],
+    ) -> Result<(u64, u64)> {
         let c = &self.config;
         let (h, hd, nh, nkv, ffn) = (c.hidden, c.head_dim, c.n_heads, c.n_kv_heads, c.ffn);
         let (qd, kvd) = (nh * hd, nkv * hd);
         let row_len = qd + 2 * kvd;
-        let layout = *pool.layout();
-        let bs = layout.block_size;
+        let bs = pool.layout().block_size;
 
         let rows = StepRows::of(batch);
         let n_tok = rows.n_tok();
         let want = rows.logit_rows(batch);
 
         // Per-step metadata, one upload: token ids | positions | sequence
-        // of each token | block of each token | table offsets | tables | logit rows.
+        // of each token | block of each token | table offsets | tables |
+        // logit rows | attention tiles | per-token attention rows | greedy rows.
         let mut meta: Vec<i32> = Vec::with_capacity(4 * n_tok + 2 * batch.len() + want.len());
         for s in batch.iter() {
             meta.extend(s.tokens.iter().map(|&t| t as i32));
@@ -832,38 +993,15 @@ impl CudaModel {
         meta.extend(&plan.tiles);
         let o_att_rows = meta.len();
         meta.extend(&plan.rows);
-        // Indices into `want` of the rows whose sequence asked for the
-        // greedy id only.
-        let greedy = greedy_rows(batch);
         let o_greedy = meta.len();
-        for &r in &greedy {
+        for &r in greedy {
             meta.push(int(r, "greedy row")?);
         }
 
-        let kvs = match &st.kv {
-            Some(kv) if kv.pool_id == pool.id() => kv,
-            _ => {
-                return Err(EngineError::Cuda(
-                    "device KV not bound after binding".into(),
-                ))
-            }
-        };
         let dev = &self.dev;
         let sc = &mut st.scratch;
         let kb = self.weights == Weights::Bf16;
         let max_k = h.max(qd).max(ffn);
-        let x = ensure(dev, &mut sc.x, n_tok * h, "activations")?;
-        let xn = ensure(dev, &mut sc.xn, n_tok * h, "activations")?;
-        let qkv = ensure(dev, &mut sc.qkv, n_tok * row_len, "activations")?;
-        let attn = ensure(dev, &mut sc.attn, n_tok * qd, "activations")?;
-        let proj = ensure(dev, &mut sc.proj, n_tok * h, "activations")?;
-        let gu = ensure(dev, &mut sc.gate_up, n_tok * 2 * ffn, "activations")?;
-        let act = ensure(dev, &mut sc.act, n_tok * ffn, "activations")?;
-        let xb = if kb {
-            ensure(dev, &mut sc.xb, n_tok * max_k, "bf16 activations")?
-        } else {
-            0
-        };
         let meta_base = ensure(dev, &mut sc.meta, meta.len(), "step metadata")?;
         // SAFETY: the buffer holds at least meta.len() ints (ensured above);
         // the copy from pageable memory completes before the call returns.
@@ -872,19 +1010,211 @@ impl CudaModel {
         }
         .map_err(|e| cuda_err("uploading step metadata", e))?;
         let at = |o: usize| meta_base + (o * 4) as u64;
+        let (att_rows, n_att_rows) = if plan.tiles.is_empty() {
+            (0, n_tok)
+        } else {
+            (at(o_att_rows), plan.rows.len())
+        };
+        let pass = Pass {
+            n_tok,
+            x: ensure(dev, &mut sc.x, n_tok * h, "activations")?,
+            xn: ensure(dev, &mut sc.xn, n_tok * h, "activations")?,
+            qkv: ensure(dev, &mut sc.qkv, n_tok * row_len, "activations")?,
+            attn: ensure(dev, &mut sc.attn, n_tok * qd, "activations")?,
+            proj: ensure(dev, &mut sc.proj, n_tok * h, "activations")?,
+            gate_up: ensure(dev, &mut sc.gate_up, n_tok * 2 * ffn, "activations")?,
+            act: ensure(dev, &mut sc.act, n_tok * ffn, "activations")?,
+            xb: if kb {
+                ensure(dev, &mut sc.xb, n_tok * max_k, "bf16 activations")?
+            } else {
+                0
+            },
+            tok: at(0),
+            pos: at(o_pos),
+            seq: at(o_seq),
+            blk: at(o_blk),
+            toff: at(o_toff),
+            tables: at(o_tables),
+            want_rows: at(o_rows),
+            n_want: want.len(),
+            logits: ensure(dev, &mut sc.logits, want.len() * c.vocab_size, "logits")?,
+            att_rows,
+            n_att_rows,
+            tiles: at(o_tiles),
+            n_tiles: plan.n_tiles(),
+            greedy_rows: at(o_greedy),
+            n_greedy: greedy.len(),
+            ids: ensure(dev, &mut sc.ids, greedy.len(), "greedy ids")?,
+        };
+        let kvs = self.kv_of(st, pool)?;
+        self.enqueue(kvs, &pass, bs)?;
+        Ok((pass.logits, pass.ids))
+    }
 
-        let k = &dev.k;
+    /// Runs the decode step `batch` padded to `b` rows from its graph,
+    /// capturing the graph first if this bucket has none yet; returns the
+    /// device addresses of the logits (row `r` = sequence `r`) and of every
+    /// row's greedy id. `None` when the capture failed (nothing ran): graphs
+    /// are then turned off, with a warning, and the step runs eagerly.
+    fn replay_decode(
+        &self,
+        st: &mut State,
+        pool: &KvPool,
+        batch: &[SeqStep<'_>],
+        b: usize,
+    ) -> Result<Option<(u64, u64)>> {
+        let c = &self.config;
+        let (h, hd, nh, nkv, ffn) = (c.hidden, c.head_dim, c.n_heads, c.n_kv_heads, c.ffn);
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let row_len = qd + 2 * kvd;
+        let bs = pool.layout().block_size;
+        let kvs = match st.kv.as_mut() {
+            Some(kv) if kv.pool_id == pool.id() => kv,
+            _ => return Err(EngineError::Cuda("device KV not bound".into())),
+        };
+        let sink = kvs.n_blocks as BlockId;
+        let meta = graphs::padded_meta(batch, b, bs, sink)?;
+        let layout = graphs::MetaLayout { b };
+        // Room for the longest tables a bucket can bring (every row at the
+        // full context, and the sink), or for this step's if longer.
+        let meta_words = layout
+            .words(b * c.context_length.div_ceil(bs) + 1)
+            .max(meta.len());
+        let dev = &self.dev;
+        let fits = kvs
+            .graphs
+            .buffers
+            .as_ref()
+            .is_some_and(|g| g.rows >= b && g.meta_words >= meta_words);
+        if !fits {
+            // New buffers: graphs captured with the old ones go first.
+            kvs.graphs.graphs.clear();
+            kvs.graphs.buffers = None;
+            let kb = self.weights == Weights::Bf16;
+            let max_k = h.max(qd).max(ffn);
+            kvs.graphs.buffers = Some(GraphBuffers {
+                rows: b,
+                meta_words,
+                x: dev.zeros(b * h, "graph activations")?,
+                xn: dev.zeros(b * h, "graph activations")?,
+                qkv: dev.zeros(b * row_len, "graph activations")?,
+                attn: dev.zeros(b * qd, "graph activations")?,
+                proj: dev.zeros(b * h, "graph activations")?,
+                gate_up: dev.zeros(b * 2 * ffn, "graph activations")?,
+                act: dev.zeros(b * ffn, "graph activations")?,
+                xb: dev.zeros(if kb { b * max_k } else { 1 }, "graph bf16 activations")?,
+                logits: dev.zeros(b * c.vocab_size, "graph logits")?,
+                ids: dev.zeros(b, "graph greedy ids")?,
+                meta: dev.zeros(meta_words, "graph metadata")?,
+            });
+        }
+        let Some(bufs) = kvs.graphs.buffers.as_ref() else {
+            return Err(EngineError::Cuda("graph buffers missing".into()));
+        };
         let s = &dev.stream;
-        k.embed(at(0), ptr(&self.embd, s), x, n_tok, h)?;
+        let meta_base = ptr(&bufs.meta, s);
+        // SAFETY: the buffer holds bufs.meta_words ints, at least
+        // meta.len() (checked by `fits`, or allocated so); the copy from
+        // pageable memory completes before the call returns, so before the
+        // graph reads it.
+        unsafe { cudarc::driver::result::memcpy_htod_async(meta_base, &meta, s.cu_stream()) }
+            .map_err(|e| cuda_err("uploading graph metadata", e))?;
+        let pass = {
+            let at = |o: usize| meta_base + (o * 4) as u64;
+            Pass {
+                n_tok: b,
+                x: ptr(&bufs.x, s),
+                xn: ptr(&bufs.xn, s),
+                qkv: ptr(&bufs.qkv, s),
+                attn: ptr(&bufs.attn, s),
+                proj: ptr(&bufs.proj, s),
+                gate_up: ptr(&bufs.gate_up, s),
+                act: ptr(&bufs.act, s),
+                xb: if self.weights == Weights::Bf16 {
+                    ptr(&bufs.xb, s)
+                } else {
+                    0
+                },
+                tok: at(layout.tok()),
+                pos: at(layout.pos()),
+                seq: at(layout.seq()),
+                blk: at(layout.blk()),
+                toff: at(layout.toff()),
+                tables: at(layout.tables()),
+                want_rows: 0,
+                n_want: b,
+                logits: ptr(&bufs.logits, s),
+                att_rows: 0,
+                n_att_rows: b,
+                tiles: 0,
+                n_tiles: 0,
+                greedy_rows: 0,
+                n_greedy: b,
+                ids: ptr(&bufs.ids, s),
+            }
+        };
+        if !kvs.graphs.graphs.contains_key(&b) {
+            match self.capture(kvs, &pass, bs) {
+                Ok(graph) => {
+                    tracing::debug!(rows = b, "captured a decode step graph");
+                    kvs.graphs.graphs.insert(b, Graph(graph));
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        rows = b,
+                        error = %e,
+                        "capturing a decode step graph failed: decode steps run kernel by kernel from now on"
+                    );
+                    self.set_graphs(false);
+                    return Ok(None);
+                }
+            }
+        }
+        let Some(graph) = kvs.graphs.graphs.get(&b) else {
+            return Err(EngineError::Cuda("decode graph missing".into()));
+        };
+        graph
+            .0
+            .launch()
+            .map_err(|e| cuda_err(&format!("launching the decode graph of {b} rows"), e))?;
+        Ok(Some((pass.logits, pass.ids)))
+    }
+
+    /// Captures `pass` into a graph (nothing runs). The capture is ended
+    /// whatever happens, so the stream never stays in capture mode.
+    fn capture(&self, kvs: &DeviceKv, pass: &Pass, bs: usize) -> Result<CudaGraph> {
+        let s = &self.dev.stream;
+        s.begin_capture(graphs::CAPTURE_MODE)
+            .map_err(|e| cuda_err("starting a graph capture", e))?;
+        let queued = self.enqueue(kvs, pass, bs);
+        let captured = s.end_capture(graphs::instantiate_flags());
+        queued?;
+        captured
+            .map_err(|e| cuda_err("ending the graph capture", e))?
+            .ok_or_else(|| EngineError::Cuda("the captured graph is empty".into()))
+    }
+
+    /// Queues one forward pass on the stream: every kernel and multiply,
+    /// no copy to or from the host and no wait, so that it can be captured
+    /// into a graph as well as run.
+    fn enqueue(&self, kvs: &DeviceKv, p: &Pass, bs: usize) -> Result<()> {
+        let c = &self.config;
+        let (h, hd, nh, nkv, ffn) = (c.hidden, c.head_dim, c.n_heads, c.n_kv_heads, c.ffn);
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let row_len = qd + 2 * kvd;
+        let n_tok = p.n_tok;
+        let k = &self.dev.k;
+        let s = &self.dev.stream;
+        k.embed(p.tok, ptr(&self.embd, s), p.x, n_tok, h)?;
         let neox = matches!(c.rope_style, RopeStyle::Neox);
         let att = AttentionArgs {
-            qkv,
+            qkv: p.qkv,
             kv: 0,
-            tok_seq: at(o_seq),
-            pos: at(o_pos),
-            tables: at(o_tables),
-            table_off: at(o_toff),
-            out: attn,
+            tok_seq: p.seq,
+            pos: p.pos,
+            tables: p.tables,
+            table_off: p.toff,
+            out: p.attn,
             row_len,
             n_heads: nh,
             n_kv: nkv,
@@ -893,13 +1223,13 @@ impl CudaModel {
             scale: 1.0 / (hd as f32).sqrt(),
         };
         for (li, l) in self.layers.iter().enumerate() {
-            k.rms_norm(x, 0, ptr(&l.attn_norm, s), xn, n_tok, h, c.rms_eps)?;
-            self.gemm(&l.qkv, xn, n_tok, qkv, xb)?;
+            k.rms_norm(p.x, 0, ptr(&l.attn_norm, s), p.xn, n_tok, h, c.rms_eps)?;
+            self.gemm(&l.qkv, p.xn, n_tok, p.qkv, p.xb)?;
             let bias = l.qkv_bias.as_ref().map_or(0, |b| ptr(b, s));
             k.bias_rope(
-                qkv,
+                p.qkv,
                 bias,
-                at(o_pos),
+                p.pos,
                 ptr(&self.inv_freq, s),
                 n_tok,
                 row_len,
@@ -908,83 +1238,35 @@ impl CudaModel {
                 neox,
             )?;
             let kv = ptr(&kvs.layers[li], s);
-            k.kv_write(
-                qkv,
-                at(o_pos),
-                at(o_blk),
-                kv,
-                n_tok,
-                row_len,
-                qd,
-                nkv,
-                hd,
-                bs,
-            )?;
+            k.kv_write(p.qkv, p.pos, p.blk, kv, n_tok, row_len, qd, nkv, hd, bs)?;
             let args = AttentionArgs { kv, ..att.clone() };
-            if plan.tiles.is_empty() {
-                k.attention(&args, 0, n_tok)?;
-            } else {
-                if !plan.rows.is_empty() {
-                    k.attention(&args, at(o_att_rows), plan.rows.len())?;
-                }
-                k.attention_tiled(&args, at(o_tiles), plan.n_tiles())?;
+            if p.n_att_rows > 0 {
+                k.attention(&args, p.att_rows, p.n_att_rows)?;
             }
-            self.gemm(&l.wo, attn, n_tok, proj, xb)?;
-            k.add_in_place(x, proj, n_tok * h)?;
-            k.rms_norm(x, 0, ptr(&l.ffn_norm, s), xn, n_tok, h, c.rms_eps)?;
-            self.gemm(&l.gate_up, xn, n_tok, gu, xb)?;
-            k.silu_mul(gu, act, n_tok, ffn)?;
-            self.gemm(&l.down, act, n_tok, proj, xb)?;
-            k.add_in_place(x, proj, n_tok * h)?;
+            k.attention_tiled(&args, p.tiles, p.n_tiles)?;
+            self.gemm(&l.wo, p.attn, n_tok, p.proj, p.xb)?;
+            k.add_in_place(p.x, p.proj, n_tok * h)?;
+            k.rms_norm(p.x, 0, ptr(&l.ffn_norm, s), p.xn, n_tok, h, c.rms_eps)?;
+            self.gemm(&l.gate_up, p.xn, n_tok, p.gate_up, p.xb)?;
+            k.silu_mul(p.gate_up, p.act, n_tok, ffn)?;
+            self.gemm(&l.down, p.act, n_tok, p.proj, p.xb)?;
+            k.add_in_place(p.x, p.proj, n_tok * h)?;
         }
-
-        let vocab = c.vocab_size;
-        let mut full = vec![0f32; (want.len() - greedy.len()) * vocab];
-        let mut ids = vec![0i32; greedy.len()];
-        if !want.is_empty() {
+        if p.n_want > 0 {
             // The final norm of the wanted rows only, into `xn`'s first rows.
             k.rms_norm(
-                x,
-                at(o_rows),
+                p.x,
+                p.want_rows,
                 ptr(&self.out_norm, s),
-                xn,
-                want.len(),
+                p.xn,
+                p.n_want,
                 h,
                 c.rms_eps,
             )?;
-            let lp = ensure(dev, &mut sc.logits, want.len() * vocab, "logits")?;
-            self.gemm(&self.head, xn, want.len(), lp, xb)?;
-            // Greedy rows: their ids, not their logits, come back.
-            if !greedy.is_empty() {
-                let ids_d = ensure(dev, &mut sc.ids, greedy.len(), "greedy ids")?;
-                k.argmax_rows(lp, at(o_greedy), ids_d, greedy.len(), vocab)?;
-                // SAFETY: the buffer holds at least greedy.len() ints.
-                unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut ids, ids_d, s.cu_stream()) }
-                    .map_err(|e| cuda_err("downloading greedy ids", e))?;
-            }
-            // The other rows, a run of consecutive ones per copy.
-            let mut dst = 0;
-            for run in full_row_runs(want.len(), &greedy) {
-                let n = run.len() * vocab;
-                // SAFETY: rows `run` lie inside the want.len() * vocab
-                // floats of `lp`; `full` has room for every non-greedy row.
-                unsafe {
-                    cudarc::driver::result::memcpy_dtoh_async(
-                        &mut full[dst..dst + n],
-                        lp + (run.start * vocab * 4) as u64,
-                        s.cu_stream(),
-                    )
-                }
-                .map_err(|e| cuda_err("downloading logits", e))?;
-                dst += n;
-            }
+            self.gemm(&self.head, p.xn, p.n_want, p.logits, p.xb)?;
+            k.argmax_rows(p.logits, p.greedy_rows, p.ids, p.n_greedy, c.vocab_size)?;
         }
-        dev.sync("the forward pass")?;
-        drop(guard);
-        for q in batch.iter_mut() {
-            q.kv.len += q.tokens.len();
-        }
-        Ok(assemble_rows(batch, &full, &ids, vocab))
+        Ok(())
     }
 
     /// Host copies of `blocks` of the bound pool, as staging (layer-major,
@@ -1173,7 +1455,11 @@ fn assemble_rows(batch: &[SeqStep<'_>], full: &[f32], ids: &[i32], vocab: usize)
                 vec![ids[g - 1] as f32]
             }
             Logits::Last | Logits::All => {
-                let n = if s.logits == Logits::Last { 1 } else { s.tokens.len() };
+                let n = if s.logits == Logits::Last {
+                    1
+                } else {
+                    s.tokens.len()
+                };
                 f += n;
                 full[(f - n) * vocab..f * vocab].to_vec()
             }
