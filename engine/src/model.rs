@@ -190,11 +190,27 @@ pub enum Logits {
     /// that keeps the logits in device memory picks there and copies back
     /// one id instead of the vocabulary.
     Greedy,
+    /// Only the `k` largest logits after the last new token, as
+    /// [`crate::sampler::top_k_of`] selects them: the row returned is `k`
+    /// `(id, logit)` pairs, largest first, read with [`top_k_candidates`].
+    /// What a request that samples from its top-k alone asks for (see
+    /// [`crate::sampler::SamplingParams::top_k_only_at`]).
+    TopK(usize),
 }
 
 /// Vocabularies up to this size travel exactly as `f32` ids in a
-/// [`Logits::Greedy`] row.
-pub(crate) const MAX_GREEDY_VOCAB: usize = 1 << 24;
+/// [`Logits::Greedy`] or [`Logits::TopK`] row.
+pub(crate) const MAX_ID_VOCAB: usize = 1 << 24;
+
+/// A [`Logits::TopK`] row of `(id, logit)` pairs.
+pub fn encode_top_k(top: &[(u32, f32)]) -> Vec<f32> {
+    top.iter().flat_map(|&(i, v)| [i as f32, v]).collect()
+}
+
+/// The `(id, logit)` pairs of a [`Logits::TopK`] row.
+pub fn top_k_candidates(row: &[f32]) -> Vec<(u32, f32)> {
+    row.chunks_exact(2).map(|p| (p[0] as u32, p[1])).collect()
+}
 
 /// The token a [`Logits::Greedy`] row carries; `None` for a row of another
 /// kind (not one value).
@@ -452,7 +468,9 @@ impl StepRows {
             let start = self.starts[si];
             match s.logits {
                 Logits::None => {}
-                Logits::Last | Logits::Greedy => rows.push(start + s.tokens.len() - 1),
+                Logits::Last | Logits::Greedy | Logits::TopK(_) => {
+                    rows.push(start + s.tokens.len() - 1)
+                }
                 Logits::All => rows.extend(start..start + s.tokens.len()),
             }
         }
@@ -461,21 +479,22 @@ impl StepRows {
 }
 
 /// Splits `rows × vocab` logits (in [`StepRows::logit_rows`] order) per
-/// sequence; a [`Logits::Greedy`] row becomes its argmax.
+/// sequence; a [`Logits::Greedy`] row becomes its argmax, a
+/// [`Logits::TopK`] row its top-k pairs.
 pub(crate) fn split_logits(batch: &[SeqStep<'_>], logits: &[f32], vocab: usize) -> Vec<Vec<f32>> {
     let mut out = Vec::with_capacity(batch.len());
     let mut off = 0;
     for s in batch {
         let n = match s.logits {
             Logits::None => 0,
-            Logits::Last | Logits::Greedy => 1,
+            Logits::Last | Logits::Greedy | Logits::TopK(_) => 1,
             Logits::All => s.tokens.len(),
         };
         let rows = &logits[off * vocab..(off + n) * vocab];
-        out.push(if s.logits == Logits::Greedy {
-            vec![crate::sampler::argmax(rows) as f32]
-        } else {
-            rows.to_vec()
+        out.push(match s.logits {
+            Logits::Greedy => vec![crate::sampler::argmax(rows) as f32],
+            Logits::TopK(k) => encode_top_k(&crate::sampler::top_k_of(rows, k)),
+            _ => rows.to_vec(),
         });
         off += n;
     }
@@ -1047,11 +1066,19 @@ impl Model {
 /// (every executor checks the same things).
 pub(crate) fn check_step(c: &ModelConfig, batch: &[SeqStep<'_>]) -> Result<()> {
     for s in batch {
-        if s.logits == Logits::Greedy && c.vocab_size > MAX_GREEDY_VOCAB {
+        if matches!(s.logits, Logits::Greedy | Logits::TopK(_)) && c.vocab_size > MAX_ID_VOCAB {
             return Err(EngineError::Unsupported(format!(
-                "greedy rows carry token ids as f32: a vocabulary of {} is beyond {MAX_GREEDY_VOCAB}",
+                "greedy and top-k rows carry token ids as f32: a vocabulary of {} is beyond {MAX_ID_VOCAB}",
                 c.vocab_size
             )));
+        }
+        if let Logits::TopK(k) = s.logits {
+            if k == 0 || k > crate::sampler::MAX_DEVICE_TOP_K {
+                return Err(EngineError::Unsupported(format!(
+                    "top-k rows of {k}: 1 to {} are served",
+                    crate::sampler::MAX_DEVICE_TOP_K
+                )));
+            }
         }
         if s.tokens.is_empty() {
             return Err(EngineError::EmptyPrompt);

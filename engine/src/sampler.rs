@@ -70,13 +70,33 @@ impl SamplingParams {
     /// needs only that id from the executor ([`crate::model::Logits::Greedy`]),
     /// not the vocabulary's logits.
     pub fn is_plain_greedy_at(&self, pos: u64) -> bool {
-        self.temperature == 0.0
-            && !self.logprobs
+        self.temperature == 0.0 && self.raw_logits_at(pos)
+    }
+
+    /// `Some(k)` when [`sample`] at output position `pos` draws from the
+    /// `k` largest raw logits alone (a temperature, top-k of at most
+    /// [`MAX_DEVICE_TOP_K`] and below the vocabulary, no penalties, no
+    /// masked stop ids there, no log-probabilities): then a step needs
+    /// only those `k` from the executor ([`crate::model::Logits::TopK`]),
+    /// and [`sample_top_k`] draws from them what `sample` would.
+    pub fn top_k_only_at(&self, pos: u64, vocab: usize) -> Option<usize> {
+        let k = self.top_k;
+        (self.temperature != 0.0
+            && (1..=MAX_DEVICE_TOP_K).contains(&k)
+            && k < vocab
+            && self.raw_logits_at(pos))
+        .then_some(k)
+    }
+
+    /// Whether `sample` at `pos` reads the raw logits as they are: no
+    /// penalty or mask changes them, and no log-probability is reported.
+    fn raw_logits_at(&self, pos: u64) -> bool {
+        !self.logprobs
             && self.top_logprobs == 0
             && self.repetition_penalty == 1.0
             && self.presence_penalty == 0.0
             && self.frequency_penalty == 0.0
-            && !(pos < self.min_tokens as u64 && !self.min_tokens_masked.is_empty())
+            && (pos >= self.min_tokens as u64 || self.min_tokens_masked.is_empty())
     }
 
     /// Rejects values with no meaning, naming the parameter.
@@ -128,6 +148,10 @@ pub struct Sampled {
     pub top: Vec<(u32, f32)>,
 }
 
+/// Largest top-k a step asks an executor to select for the sampler
+/// ([`SamplingParams::top_k_only_at`]); larger ones get whole logits.
+pub const MAX_DEVICE_TOP_K: usize = 256;
+
 /// SplitMix64 finaliser: a strong 64-bit mix.
 fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -168,36 +192,63 @@ fn heavier(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
 /// candidates are walked in id order. (Sorting all 49k candidates of a
 /// small model's vocabulary took milliseconds per token.)
 fn draw(params: &SamplingParams, l: &[f32], pos: u64) -> u32 {
-    let inv_t = 1.0 / params.temperature;
-    // Candidates with their weights exp((logit - max) / T).
-    let top_k = params.top_k > 0 && params.top_k < l.len();
-    let (mut cands, mut sorted): (Vec<(f32, u32)>, bool) = if top_k {
-        let mut idx: Vec<u32> = (0..l.len() as u32).collect();
-        let by_logit = |a: &u32, b: &u32| l[*b as usize].total_cmp(&l[*a as usize]).then(a.cmp(b));
-        idx.select_nth_unstable_by(params.top_k - 1, by_logit);
-        idx.truncate(params.top_k);
-        idx.sort_unstable_by(by_logit);
-        let m = l[idx[0] as usize];
-        let c = idx
-            .iter()
-            .map(|&i| (crate::ops::exp((l[i as usize] - m) * inv_t), i))
-            .collect();
-        (c, true)
-    } else {
-        let m = crate::ops::max_value(l);
-        let mut w = vec![0f32; l.len()];
-        crate::ops::exp_weights(l, m, inv_t, &mut w);
-        let c = w
-            .into_iter()
-            .zip(0u32..)
-            .filter(|&(w, _)| w > 0.0)
-            .collect();
-        (c, false)
-    };
+    if params.top_k > 0 && params.top_k < l.len() {
+        return draw_top_k(params, &top_k_of(l, params.top_k), pos);
+    }
+    // Candidates with their weights exp((logit - max) / T), in id order.
+    let m = crate::ops::max_value(l);
+    let mut w = vec![0f32; l.len()];
+    crate::ops::exp_weights(l, m, 1.0 / params.temperature, &mut w);
+    let cands: Vec<(f32, u32)> = w
+        .into_iter()
+        .zip(0u32..)
+        .filter(|&(w, _)| w > 0.0)
+        .collect();
     if cands.is_empty() {
         // Every logit is -inf (all masked): nothing can be drawn fairly.
         return argmax(l);
     }
+    draw_among(params, cands, false, pos)
+}
+
+/// The `k` largest logits of `l` as `(id, logit)`, largest first, ties to
+/// the lower id (the order [`draw`] ranks top-k candidates in; a device
+/// that selects them the same way hands [`draw_top_k`] the same list).
+pub fn top_k_of(l: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let k = k.min(l.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut idx: Vec<u32> = (0..l.len() as u32).collect();
+    let by_logit = |a: &u32, b: &u32| l[*b as usize].total_cmp(&l[*a as usize]).then(a.cmp(b));
+    idx.select_nth_unstable_by(k - 1, by_logit);
+    idx.truncate(k);
+    idx.sort_unstable_by(by_logit);
+    idx.into_iter().map(|i| (i, l[i as usize])).collect()
+}
+
+/// [`draw`] after top-k: from the candidates `top` ([`top_k_of`]'s list,
+/// largest first), with top-p and min-p applied within them.
+fn draw_top_k(params: &SamplingParams, top: &[(u32, f32)], pos: u64) -> u32 {
+    let Some(&(_, m)) = top.first() else {
+        return 0;
+    };
+    let inv_t = 1.0 / params.temperature;
+    let cands: Vec<(f32, u32)> = top
+        .iter()
+        .map(|&(i, v)| (crate::ops::exp((v - m) * inv_t), i))
+        .collect();
+    draw_among(params, cands, true, pos)
+}
+
+/// Top-p, min-p and the draw itself over weighted candidates (`sorted`:
+/// heaviest first, else in id order).
+fn draw_among(
+    params: &SamplingParams,
+    mut cands: Vec<(f32, u32)>,
+    mut sorted: bool,
+    pos: u64,
+) -> u32 {
     // top-p: the smallest heaviest prefix whose mass reaches top_p of all.
     if params.top_p < 1.0 {
         let total: f64 = cands.iter().map(|c| c.0 as f64).sum();
@@ -279,6 +330,17 @@ fn draw(params: &SamplingParams, l: &[f32], pos: u64) -> u32 {
         .rev()
         .find(|c| c.0 > 0.0)
         .map_or(cands[0].1, |c| c.1)
+}
+
+/// What [`sample`] returns at `pos` when [`SamplingParams::top_k_only_at`]
+/// says so, from the top-k candidates alone ([`top_k_of`]'s list, as an
+/// executor selected them).
+pub fn sample_top_k(params: &SamplingParams, top: &[(u32, f32)], pos: u64) -> Sampled {
+    Sampled {
+        token: draw_top_k(params, top, pos),
+        logprob: 0.0,
+        top: Vec::new(),
+    }
 }
 
 /// Samples the token for output position `pos`.
@@ -690,6 +752,101 @@ mod tests {
                 "{p:?} sampled like plain greedy"
             );
         }
+    }
+
+    /// Where the predicate says top-k only, drawing from the top-k list
+    /// gives `sample`'s token for every seed, whatever top-p and min-p do
+    /// within it; what the predicate rules out changes `sample`'s inputs.
+    #[test]
+    fn top_k_candidates_draw_what_sample_draws() {
+        let l: Vec<f32> = (0..500u32)
+            .map(|i| ((i * 7919 % 613) as f32 / 61.3) - 5.0 + if i % 97 == 0 { 3.0 } else { 0.0 })
+            .collect();
+        let ctx = [3u32, 9, 3];
+        for (k, top_p, min_p, t) in [
+            (1, 1.0, 0.0, 0.8),
+            (5, 1.0, 0.0, 1.0),
+            (40, 0.9, 0.0, 0.7),
+            (256, 0.95, 0.05, 1.3),
+            (100, 1.0, 0.2, 2.0),
+        ] {
+            for seed in 0..200 {
+                let p = SamplingParams {
+                    temperature: t,
+                    top_k: k,
+                    top_p,
+                    min_p,
+                    seed,
+                    request_key: 11,
+                    ..SamplingParams::default()
+                };
+                assert_eq!(p.top_k_only_at(4, l.len()), Some(k));
+                let top = top_k_of(&l, k);
+                assert_eq!(top.len(), k);
+                assert_eq!(
+                    sample_top_k(&p, &top, 4),
+                    sample(&p, &l, &ctx, 1, 4),
+                    "k={k} top_p={top_p} min_p={min_p} t={t} seed={seed}"
+                );
+            }
+        }
+        let base = SamplingParams {
+            temperature: 0.7,
+            top_k: 50,
+            ..SamplingParams::default()
+        };
+        assert_eq!(
+            base.top_k_only_at(0, 50),
+            None,
+            "k not below the vocabulary"
+        );
+        for p in [
+            SamplingParams {
+                temperature: 0.0,
+                ..base.clone()
+            },
+            SamplingParams {
+                top_k: 0,
+                ..base.clone()
+            },
+            SamplingParams {
+                top_k: MAX_DEVICE_TOP_K + 1,
+                ..base.clone()
+            },
+            SamplingParams {
+                logprobs: true,
+                ..base.clone()
+            },
+            SamplingParams {
+                top_logprobs: 1,
+                ..base.clone()
+            },
+            SamplingParams {
+                repetition_penalty: 1.1,
+                ..base.clone()
+            },
+            SamplingParams {
+                presence_penalty: 0.5,
+                ..base.clone()
+            },
+            SamplingParams {
+                frequency_penalty: 0.5,
+                ..base.clone()
+            },
+            SamplingParams {
+                min_tokens: 9,
+                min_tokens_masked: vec![2],
+                ..base.clone()
+            },
+        ] {
+            assert_eq!(p.top_k_only_at(4, 500), None, "{p:?}");
+        }
+        // Ties at the cut go to the lower ids, largest first.
+        let tied = [1.0, 3.0, 2.0, 3.0, 2.0, 2.0];
+        assert_eq!(
+            top_k_of(&tied, 4),
+            vec![(1, 3.0), (3, 3.0), (2, 2.0), (4, 2.0)]
+        );
     }
 
     #[test]

@@ -34,9 +34,9 @@ use crate::error::{EngineError, Result};
 use crate::executor::Executor;
 use crate::generate::FinishReason;
 use crate::kv::{KvPool, SeqKv};
-use crate::model::{greedy_token, LayerKv, Logits, SeqStep};
+use crate::model::{greedy_token, top_k_candidates, LayerKv, Logits, SeqStep};
 use crate::prefix_cache::{PrefixCache, PrefixStats};
-use crate::sampler::{argmax, sample, Sampled, SamplingParams};
+use crate::sampler::{argmax, sample, sample_top_k, Sampled, SamplingParams};
 
 /// Most choices (parallel samples) one request may ask for.
 pub const MAX_CHOICES: usize = 64;
@@ -791,10 +791,15 @@ impl Scheduler {
                 let (s, tail2) = tail.split_first_mut().expect("planned index");
                 let start = s.kv.len;
                 let last = start + take == s.tokens.len();
+                let pos = s.generated() as u64;
+                let vocab = model.config().vocab_size;
                 let want = match last {
                     false => Logits::None,
-                    true if s.req.params.is_plain_greedy_at(s.generated() as u64) => Logits::Greedy,
-                    true => Logits::Last,
+                    true if s.req.params.is_plain_greedy_at(pos) => Logits::Greedy,
+                    true => match s.req.params.top_k_only_at(pos, vocab) {
+                        Some(k) => Logits::TopK(k),
+                        None => Logits::Last,
+                    },
                 };
                 wants.push(want);
                 exporters.push(match s.export.as_mut() {
@@ -1026,18 +1031,20 @@ fn sample_next(
     stats: &mut SchedulerStats,
 ) -> Option<FinishReason> {
     let pos = s.generated() as u64;
-    let sampled = if kind == Logits::Greedy {
-        // The step asked for the greedy id because `sample` would return
-        // just that here; an executor that sent the whole row anyway is
-        // read the same way.
-        debug_assert!(s.req.params.is_plain_greedy_at(pos));
-        Sampled {
-            token: greedy_token(logits).unwrap_or_else(|| argmax(logits)),
-            logprob: 0.0,
-            top: Vec::new(),
+    // The step asked for less than the whole row where `sample` would
+    // read no more: the greedy id, or the top-k candidates.
+    let sampled = match kind {
+        Logits::Greedy => {
+            debug_assert!(s.req.params.is_plain_greedy_at(pos));
+            Sampled {
+                // An executor that sent the whole row anyway is read the same way.
+                token: greedy_token(logits).unwrap_or_else(|| argmax(logits)),
+                logprob: 0.0,
+                top: Vec::new(),
+            }
         }
-    } else {
-        sample(&s.req.params, logits, &s.tokens, s.n_prompt, pos)
+        Logits::TopK(_) => sample_top_k(&s.req.params, &top_k_candidates(logits), pos),
+        _ => sample(&s.req.params, logits, &s.tokens, s.n_prompt, pos),
     };
     let tok = sampled.token;
     if s.req.stop_tokens.contains(&tok) {

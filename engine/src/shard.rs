@@ -425,6 +425,8 @@ impl StepMsg {
                 Logits::Last => 1,
                 Logits::All => 2,
                 Logits::Greedy => 3,
+                // k >= 1, so codes from 5 on.
+                Logits::TopK(k) => 4 + k as u32,
             };
             w.extend([
                 s.len as u32,
@@ -461,6 +463,7 @@ impl StepMsg {
                 1 => Logits::Last,
                 2 => Logits::All,
                 3 => Logits::Greedy,
+                c if c >= 5 => Logits::TopK(c - 4),
                 _ => return Err(bad()),
             };
             let (nt, nb) = (next()?, next()?);

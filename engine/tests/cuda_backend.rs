@@ -17,8 +17,8 @@
 //!   on the device) against each sequence alone, and the device KV against
 //!   the CPU's, block for block, after a gather; installed KV decodes like
 //!   the CPU: all within [`TOL_F32`];
-//! - greedy rows (the argmax picked on the device) against the argmax of
-//!   the same batch's host logits: identical;
+//! - greedy and top-k rows (picked and selected on the device) against
+//!   the argmax and `top_k_of` of the same batch's host logits: identical;
 //! - decode steps replayed from CUDA graphs (padded to their batch bucket)
 //!   against the same steps run kernel by kernel: within [`TOL_F32`], and
 //!   greedy ids picked in the graph equal to its logits' argmax;
@@ -37,8 +37,8 @@ use serde_json::Value;
 use tandem_engine::cuda::{self, AttentionKernel, CudaModel, Weights};
 use tandem_engine::executor::Executor;
 use tandem_engine::kv::{KvDtype, KvLayout, KvPool, SeqKv};
-use tandem_engine::model::{Logits, Model, SeqStep};
-use tandem_engine::sampler::argmax;
+use tandem_engine::model::{top_k_candidates, Logits, Model, SeqStep};
+use tandem_engine::sampler::{argmax, top_k_of};
 use tandem_model::weights::ModelSource;
 
 #[allow(dead_code)] // the helpers other test files use
@@ -384,22 +384,22 @@ fn batched(m: &dyn Executor, prompts: &[Vec<u32>], decode: usize) -> Vec<Vec<f32
     out
 }
 
-/// Sequences that ask for the greedy id only get the argmax of exactly
-/// the logits they would have been sent (the same batch with every row
-/// `Last`: same shapes, same cuBLAS algorithms, same bits), picked on the
-/// device; the other rows of the batch are unchanged, bit for bit.
+/// Sequences that ask for the greedy id only, or their top-k only, get
+/// the argmax, or `top_k_of`, of exactly the logits they would have been
+/// sent (the same batch with every row `Last`: same shapes, same cuBLAS
+/// algorithms, same bits), selected on the device; the other rows of the
+/// batch are unchanged, bit for bit.
 #[test]
-fn greedy_rows_are_the_argmax_of_the_logits_they_replace() {
+fn greedy_and_top_k_rows_are_picked_from_the_logits_they_replace() {
     let _serial = serial();
     let m = gpu_model();
     let prompts: Vec<Vec<u32>> = golden_prompts().into_iter().map(|(_, p)| p).collect();
     let kinds: Vec<Logits> = (0..prompts.len())
-        .map(|i| {
-            if i % 2 == 0 {
-                Logits::Greedy
-            } else {
-                Logits::Last
-            }
+        .map(|i| match i % 4 {
+            0 => Logits::Greedy,
+            1 => Logits::Last,
+            2 => Logits::TopK(40),
+            _ => Logits::TopK(256),
         })
         .collect();
     let run = |as_asked: bool| {
@@ -426,6 +426,12 @@ fn greedy_rows_are_the_argmax_of_the_logits_they_replace() {
                 mixed[i],
                 vec![argmax(&full[i]) as f32],
                 "prompt {i}: the device's greedy pick"
+            );
+        } else if let Logits::TopK(n) = *k {
+            assert_eq!(
+                top_k_candidates(&mixed[i]),
+                top_k_of(&full[i], n),
+                "prompt {i}: the device's top-{n}"
             );
         } else {
             assert!(
@@ -501,12 +507,10 @@ fn decode_graphs_match_eager_steps() {
     for set in [&prompts[..], &prompts[..1]] {
         let last = vec![Logits::Last; set.len()];
         let mixed: Vec<Logits> = (0..set.len())
-            .map(|i| {
-                if i % 2 == 0 {
-                    Logits::Greedy
-                } else {
-                    Logits::Last
-                }
+            .map(|i| match i % 3 {
+                0 => Logits::Greedy,
+                1 => Logits::Last,
+                _ => Logits::TopK(50),
             })
             .collect();
         m.set_graphs(false);
@@ -530,6 +534,12 @@ fn decode_graphs_match_eager_steps() {
                         picked[step][i],
                         vec![argmax(&graphed[step][i]) as f32],
                         "graph step {step} seq {i}: greedy pick"
+                    );
+                } else if let Logits::TopK(n) = mixed[i] {
+                    assert_eq!(
+                        top_k_candidates(&picked[step][i]),
+                        top_k_of(&graphed[step][i], n),
+                        "graph step {step} seq {i}: top-{n}"
                     );
                 } else {
                     assert_eq!(picked[step][i], graphed[step][i], "step {step} seq {i}");

@@ -10,8 +10,8 @@ use std::sync::OnceLock;
 use serde_json::Value;
 use tandem_engine::generate::GenerateRequest;
 use tandem_engine::kv::SeqKv;
-use tandem_engine::model::{greedy_token, Logits, Model, SeqStep};
-use tandem_engine::sampler::{argmax, SamplingParams};
+use tandem_engine::model::{greedy_token, top_k_candidates, Logits, Model, SeqStep};
+use tandem_engine::sampler::{argmax, top_k_of, SamplingParams};
 use tandem_engine::EngineError;
 use tandem_model::weights::ModelSource;
 
@@ -233,9 +233,10 @@ fn batching_and_chunking_do_not_change_bits() {
             .all(|(x, y)| x.to_bits() == y.to_bits()),
         "decode step differs from prefill"
     );
-    // Greedy rows in a batch: the argmax as one id; the others unchanged.
+    // Greedy and top-k rows in a batch: the argmax as one id, the top-k
+    // as (id, logit) pairs; the others unchanged.
     let mut kvs: Vec<SeqKv> = prompts.iter().map(|_| SeqKv::default()).collect();
-    let kinds = [Logits::Greedy, Logits::Last, Logits::Greedy, Logits::None];
+    let kinds = [Logits::Greedy, Logits::Last, Logits::TopK(20), Logits::None];
     let mut steps: Vec<SeqStep<'_>> = kvs
         .iter_mut()
         .zip(&prompts)
@@ -252,7 +253,8 @@ fn batching_and_chunking_do_not_change_bits() {
         pool.free_seq(kv);
     }
     assert_eq!(mixed[0], vec![argmax(&alone[0]) as f32]);
-    assert_eq!(greedy_token(&mixed[2]), Some(argmax(&alone[2])));
+    assert_eq!(top_k_candidates(&mixed[2]), top_k_of(&alone[2], 20));
+    assert_eq!(top_k_candidates(&mixed[2])[0].0, argmax(&alone[2]));
     assert_eq!(greedy_token(&mixed[1]), None);
     assert!(
         mixed[1]
@@ -590,12 +592,23 @@ mod batching {
     fn preemption_under_memory_pressure_loses_nothing() {
         let ps = prompts();
         // Sampling too: counter-based randomness must survive recomputation.
+        // Greedy steps ask the executor for the argmax only, and top-k
+        // ones for their candidates only: both must sample what the plain
+        // path (whole logits) samples.
         for params in [
             SamplingParams::greedy(),
             SamplingParams {
                 temperature: 0.8,
                 top_p: 0.9,
                 seed: 7,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 1.1,
+                top_k: 40,
+                top_p: 0.95,
+                min_p: 0.02,
+                seed: 8,
                 ..Default::default()
             },
         ] {

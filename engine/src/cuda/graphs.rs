@@ -39,12 +39,14 @@ pub(super) fn bucket(n: usize) -> Option<usize> {
 }
 
 /// Whether `batch` is a decode step a graph can replay: each sequence one
-/// token, wanting the last row's logits or its greedy id.
+/// token, wanting the last row's logits, its greedy id or its top-k (which
+/// is selected after the graph, from the logits it leaves).
 pub(super) fn replayable(batch: &[SeqStep<'_>]) -> bool {
     !batch.is_empty()
-        && batch
-            .iter()
-            .all(|s| s.tokens.len() == 1 && matches!(s.logits, Logits::Last | Logits::Greedy))
+        && batch.iter().all(|s| {
+            s.tokens.len() == 1
+                && matches!(s.logits, Logits::Last | Logits::Greedy | Logits::TopK(_))
+        })
 }
 
 /// Where each part of a bucket-`b` graph's metadata starts (in `i32`s):
@@ -203,7 +205,7 @@ mod tests {
             },
         ];
         let toks = [[11u32], [12], [13]];
-        let kinds = [Logits::Greedy, Logits::Last, Logits::Greedy];
+        let kinds = [Logits::Greedy, Logits::Last, Logits::TopK(3)];
         let batch: Vec<SeqStep<'_>> = kvs
             .iter_mut()
             .zip(&toks)

@@ -35,6 +35,10 @@ pub(crate) const TILE_MAX_HEAD_DIM: usize = 128;
 /// tokens) keep one thread block per token, which spreads a long context
 /// over more threads.
 pub(crate) const TILE_MIN_RUN: usize = 8;
+/// Candidates per row of the top-k kernel (its `TOPK_MAX`): the most a
+/// step asks for, `sampler::MAX_DEVICE_TOP_K`.
+pub(crate) const TOPK_MAX: usize = 256;
+const TOPK_THREADS: u32 = 512;
 /// Threads per block of the row kernels.
 const ROW_THREADS: u32 = 256;
 /// Blocks of the grid-stride element-wise kernels (enough to fill any GPU).
@@ -386,6 +390,125 @@ extern "C" __global__ void argmax_rows(const float* logits, const int* rows, int
     }
 }
 
+/* Order-preserving key of a float: a larger value in Rust's total_cmp
+   order (-NaN < -inf < ... < -0 < +0 < ... < +inf < +NaN) has a larger key. */
+__device__ unsigned int order_key(float f) {
+    unsigned int u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+#define TOPK_MAX 256
+#define TOPK_THREADS 512
+/* The k = ks[r] largest values of logits row rows[r] (row r when rows is
+   null; `vocab` values each, 1 <= k <= min(TOPK_MAX, vocab)), as the host's
+   top_k_of: largest first, ties to the lower index; into ids[r TOPK_MAX ..]
+   and vals[r TOPK_MAX ..]. One block of TOPK_THREADS per row:
+   1. a radix select, eight bits of the key a pass from the top, finds the
+      key T of the k-th largest value and how many values equal to T are
+      among the k (need);
+   2. every value above T is taken, and the `need` values equal to T of
+      lowest index (each thread owns a contiguous range of indices, and a
+      block scan of their tie counts orders them);
+   3. a bitonic sort of the candidates in shared memory. */
+extern "C" __global__ void topk_rows(const float* logits, const int* rows, const int* ks,
+                                     int vocab, float* vals, int* ids) {
+    __shared__ unsigned int hist[256];
+    __shared__ unsigned int cand_key[TOPK_MAX];
+    __shared__ int cand_id[TOPK_MAX];
+    __shared__ int scan[TOPK_THREADS];
+    __shared__ unsigned int s_bin, s_need;
+    __shared__ int s_count;
+    const float* row = logits + (u64)(rows ? rows[blockIdx.x] : (int)blockIdx.x) * vocab;
+    int k = ks[blockIdx.x];
+    unsigned int prefix = 0u, mask = 0u, need = (unsigned int)k;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0u;
+        __syncthreads();
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+            unsigned int key = order_key(row[i]);
+            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xffu], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            /* The highest bin whose count, with the bins above it, reaches need. */
+            unsigned int above = 0u;
+            int b = 255;
+            for (; b > 0; --b) {
+                if (above + hist[b] >= need) break;
+                above += hist[b];
+            }
+            s_bin = (unsigned int)b;
+            s_need = need - above;
+        }
+        __syncthreads();
+        prefix |= s_bin << shift;
+        mask |= 0xffu << shift;
+        need = s_need;
+        __syncthreads(); /* s_bin and s_need are read before the next pass rewrites them */
+    }
+    /* prefix is now T; need of the values equal to it are among the k. */
+    if (threadIdx.x == 0) s_count = 0;
+    int chunk = (vocab + (int)blockDim.x - 1) / (int)blockDim.x;
+    int lo = (int)threadIdx.x * chunk;
+    int hi = lo + chunk < vocab ? lo + chunk : vocab;
+    int ties = 0;
+    for (int i = lo; i < hi; ++i) ties += order_key(row[i]) == prefix;
+    scan[threadIdx.x] = ties;
+    __syncthreads();
+    for (int o = 1; o < (int)blockDim.x; o <<= 1) {
+        int v = (int)threadIdx.x >= o ? scan[threadIdx.x - o] : 0;
+        __syncthreads();
+        scan[threadIdx.x] += v;
+        __syncthreads();
+    }
+    int rank = scan[threadIdx.x] - ties; /* ties at lower indices */
+    int above_n = k - (int)need;
+    for (int i = lo; i < hi; ++i) {
+        unsigned int key = order_key(row[i]);
+        if (key > prefix) {
+            int slot = atomicAdd(&s_count, 1);
+            cand_key[slot] = key;
+            cand_id[slot] = i;
+        } else if (key == prefix) {
+            if (rank < (int)need) {
+                cand_key[above_n + rank] = key;
+                cand_id[above_n + rank] = i;
+            }
+            ++rank;
+        }
+    }
+    for (int i = k + (int)threadIdx.x; i < TOPK_MAX; i += blockDim.x) {
+        cand_key[i] = 0u;
+        cand_id[i] = 0x7fffffff;
+    }
+    __syncthreads();
+    /* Bitonic sort into "comes first" order: larger key, then lower index. */
+    for (int size = 2; size <= TOPK_MAX; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            for (int i = threadIdx.x; i < TOPK_MAX; i += blockDim.x) {
+                int j = i ^ stride;
+                if (j > i) {
+                    unsigned int ki = cand_key[i], kj = cand_key[j];
+                    int ii = cand_id[i], ij = cand_id[j];
+                    bool i_first = ki > kj || (ki == kj && ii < ij);
+                    bool forward = (i & size) == 0;
+                    if (forward != i_first) {
+                        cand_key[i] = kj;
+                        cand_key[j] = ki;
+                        cand_id[i] = ij;
+                        cand_id[j] = ii;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+    for (int i = threadIdx.x; i < k; i += blockDim.x) {
+        ids[(u64)blockIdx.x * TOPK_MAX + i] = cand_id[i];
+        vals[(u64)blockIdx.x * TOPK_MAX + i] = row[cand_id[i]];
+    }
+}
+
 /* act[t][j] = silu(gu[t][j]) * gu[t][ffn + j], silu(g) = g / (1 + e^-g). */
 extern "C" __global__ void silu_mul(const float* gu, float* act, long long n_tok, int ffn) {
     long long n = n_tok * (long long)ffn;
@@ -543,6 +666,7 @@ pub(crate) struct Kernels {
     attention: CudaFunction,
     attention_tiled: CudaFunction,
     argmax_rows: CudaFunction,
+    topk_rows: CudaFunction,
     silu_mul: CudaFunction,
     add_in_place: CudaFunction,
     f32_to_bf16: CudaFunction,
@@ -689,6 +813,7 @@ impl Kernels {
             attention: f("attention")?,
             attention_tiled: f("attention_tiled")?,
             argmax_rows: f("argmax_rows")?,
+            topk_rows: f("topk_rows")?,
             silu_mul: f("silu_mul")?,
             add_in_place: f("add_in_place")?,
             f32_to_bf16: f("f32_to_bf16")?,
@@ -901,6 +1026,42 @@ impl Kernels {
         )
     }
 
+    /// The `ks[r]` largest values of logits row `rows[r]` (row `r` when
+    /// `rows` is 0), for `n` rows, into `vals` and `ids` at
+    /// `r * TOPK_MAX` (see the kernel).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn topk_rows(
+        &self,
+        logits: u64,
+        rows: u64,
+        ks: u64,
+        n: usize,
+        vocab: usize,
+        vals: u64,
+        ids: u64,
+    ) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.launch(
+            "topk_rows",
+            &self.topk_rows,
+            LaunchConfig {
+                grid_dim: (int(n, "rows")? as u32, 1, 1),
+                block_dim: (TOPK_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &[
+                Arg::Ptr(logits),
+                Arg::Ptr(rows),
+                Arg::Ptr(ks),
+                Arg::I32(int(vocab, "vocabulary")?),
+                Arg::Ptr(vals),
+                Arg::Ptr(ids),
+            ],
+        )
+    }
+
     pub(crate) fn silu_mul(&self, gu: u64, act: u64, n_tok: usize, ffn: usize) -> Result<()> {
         self.launch(
             "silu_mul",
@@ -983,6 +1144,13 @@ mod tests {
     }
 
     #[test]
+    fn the_top_k_kernel_holds_what_the_sampler_asks_for() {
+        assert_eq!(TOPK_MAX, crate::sampler::MAX_DEVICE_TOP_K);
+        assert!(SOURCE.contains(&format!("#define TOPK_MAX {TOPK_MAX}\n")));
+        assert!(SOURCE.contains(&format!("#define TOPK_THREADS {TOPK_THREADS}\n")));
+    }
+
+    #[test]
     fn attention_plan_tiles_long_runs_and_leaves_short_ones_per_token() {
         // Sequence 0 decodes one token; sequence 1 brings a 40-token prompt
         // chunk at positions 100..140; sequence 2 three draft tokens;
@@ -1042,7 +1210,7 @@ mod tests {
             "NVRTC (libnvrtc.so.12) is not loadable: put its directory on LD_LIBRARY_PATH"
         );
         let names = declared_kernels();
-        assert_eq!(names.len(), 12, "{names:?}");
+        assert_eq!(names.len(), 13, "{names:?}");
         for arch in ["sm_80", "sm_86", "sm_89", "sm_90"] {
             let cubin = compile_cubin(&format!("--gpu-architecture={arch}"))
                 .unwrap_or_else(|e| panic!("{arch}: {e}"));

@@ -22,10 +22,13 @@
 //!   [`KvPool::new_tracking`] pool is enough); copy-on-write copies it makes
 //!   are recorded ([`KvPool::record_copies`]) and repeated on the device
 //!   before each step.
-//! - Sampling stays on the host, except for the greedy choice: a
-//!   sequence that asks for [`Logits::Greedy`] gets its argmax picked on
-//!   the device and one id copied back instead of the vocabulary's logits;
-//!   the others get host logits like the CPU.
+//! - Sampling stays on the host, but what it reads is cut down on the
+//!   device where it can be: a sequence that asks for [`Logits::Greedy`]
+//!   gets its argmax picked there and one id copied back instead of the
+//!   vocabulary's logits; one that asks for [`Logits::TopK`] gets its `k`
+//!   largest logits selected there (a radix select, ties to the lower id,
+//!   as `sampler::top_k_of`), and the host draws from them exactly what it
+//!   would from the whole row. The others get host logits like the CPU.
 //!
 //! Unlike the CPU kernels, cuBLAS does not promise one summation order
 //! whatever the batch (it picks algorithms by shape), so a sequence's
@@ -392,6 +395,10 @@ struct Scratch {
     logits: Option<CudaSlice<f32>>,
     /// Greedy choices of the step's [`Logits::Greedy`] rows.
     ids: Option<CudaSlice<i32>>,
+    /// The [`Logits::TopK`] rows and their `k`, and their candidates.
+    top_meta: Option<CudaSlice<i32>>,
+    top_vals: Option<CudaSlice<f32>>,
+    top_ids: Option<CudaSlice<i32>>,
     meta: Option<CudaSlice<i32>>,
 }
 
@@ -856,10 +863,11 @@ impl CudaModel {
         let mut guard = self.lock();
         let st = &mut *guard;
         self.bind_pool(st, pool)?;
-        let greedy = greedy_rows(batch);
+        let picks = RowPicks::of(batch);
+        let greedy = &picks.greedy;
         let n_want = StepRows::of(batch).logit_rows(batch).len();
         let vocab = self.config.vocab_size;
-        let mut full = vec![0f32; (n_want - greedy.len()) * vocab];
+        let mut full = vec![0f32; picks.n_full(n_want) * vocab];
         let mut ids = vec![0i32; greedy.len()];
         let graph_rows = graphs::bucket(batch.len())
             .filter(|_| self.graphs_enabled() && graphs::replayable(batch));
@@ -870,20 +878,15 @@ impl CudaModel {
         let from_graph = replayed.is_some();
         let (logits, ids_d) = match replayed {
             Some(out) => out,
-            None => self.run_eager(st, pool, batch, &greedy)?,
+            None => self.run_eager(st, pool, batch, greedy)?,
         };
+        let stream = self.dev.stream.cu_stream();
         // Greedy rows: their ids, not their logits, come back.
         if !greedy.is_empty() {
             let mut all = vec![0i32; if from_graph { n_want } else { greedy.len() }];
             // SAFETY: the device buffer holds at least `all.len()` ids.
-            unsafe {
-                cudarc::driver::result::memcpy_dtoh_async(
-                    &mut all,
-                    ids_d,
-                    self.dev.stream.cu_stream(),
-                )
-            }
-            .map_err(|e| cuda_err("downloading greedy ids", e))?;
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut all, ids_d, stream) }
+                .map_err(|e| cuda_err("downloading greedy ids", e))?;
             // A graph picks every row; the eager path only the greedy ones.
             if from_graph {
                 for (i, &r) in greedy.iter().enumerate() {
@@ -893,17 +896,59 @@ impl CudaModel {
                 ids = all;
             }
         }
+        // Top-k rows: their candidates, selected where the logits are.
+        let n_top = picks.top_k.len();
+        let mut top_ids = vec![0i32; n_top * kernels::TOPK_MAX];
+        let mut top_vals = vec![0f32; n_top * kernels::TOPK_MAX];
+        if n_top > 0 {
+            let mut meta: Vec<i32> = Vec::with_capacity(2 * n_top);
+            for &(r, _) in &picks.top_k {
+                meta.push(int(r, "top-k row")?);
+            }
+            for &(_, k) in &picks.top_k {
+                if k == 0 || k > kernels::TOPK_MAX || k > vocab {
+                    return Err(EngineError::Cuda(format!("top-{k} of {vocab} logits")));
+                }
+                meta.push(int(k, "top-k")?);
+            }
+            let dev = &self.dev;
+            let sc = &mut st.scratch;
+            let meta_d = ensure(dev, &mut sc.top_meta, meta.len(), "top-k metadata")?;
+            let vals_d = ensure(dev, &mut sc.top_vals, top_vals.len(), "top-k values")?;
+            let ids_d = ensure(dev, &mut sc.top_ids, top_ids.len(), "top-k ids")?;
+            // SAFETY: each buffer holds at least as many elements as its
+            // host side (ensured above); the upload from pageable memory
+            // completes before the call returns.
+            unsafe { cudarc::driver::result::memcpy_htod_async(meta_d, &meta, stream) }
+                .map_err(|e| cuda_err("uploading top-k metadata", e))?;
+            dev.k.topk_rows(
+                logits,
+                meta_d,
+                meta_d + (n_top * 4) as u64,
+                n_top,
+                vocab,
+                vals_d,
+                ids_d,
+            )?;
+            // SAFETY: as above.
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(&mut top_ids, ids_d, stream).and_then(
+                    |()| cudarc::driver::result::memcpy_dtoh_async(&mut top_vals, vals_d, stream),
+                )
+            }
+            .map_err(|e| cuda_err("downloading top-k candidates", e))?;
+        }
         // The other rows, a run of consecutive ones per copy.
         let mut dst = 0;
-        for run in full_row_runs(n_want, &greedy) {
+        for run in picks.full_row_runs(n_want) {
             let n = run.len() * vocab;
             // SAFETY: rows `run` lie inside the n_want * vocab floats of the
-            // logits buffer; `full` has room for every non-greedy row.
+            // logits buffer; `full` has room for every row not picked.
             unsafe {
                 cudarc::driver::result::memcpy_dtoh_async(
                     &mut full[dst..dst + n],
                     logits + (run.start * vocab * 4) as u64,
-                    self.dev.stream.cu_stream(),
+                    stream,
                 )
             }
             .map_err(|e| cuda_err("downloading logits", e))?;
@@ -914,7 +959,13 @@ impl CudaModel {
         for q in batch.iter_mut() {
             q.kv.len += q.tokens.len();
         }
-        Ok(assemble_rows(batch, &full, &ids, vocab))
+        Ok(assemble_rows(
+            batch,
+            &full,
+            &ids,
+            (&top_ids, &top_vals),
+            vocab,
+        ))
     }
 
     /// Whether decode steps replay CUDA graphs (on unless
@@ -1409,43 +1460,71 @@ impl Executor for CudaModel {
     }
 }
 
-/// Indices, among a step's logit rows ([`StepRows::logit_rows`] order), of
-/// the rows of sequences that asked for [`Logits::Greedy`].
-fn greedy_rows(batch: &[SeqStep<'_>]) -> Vec<usize> {
-    let mut rows = Vec::new();
-    let mut r = 0;
-    for s in batch {
-        match s.logits {
-            Logits::None => {}
-            Logits::Last => r += 1,
-            Logits::Greedy => {
-                rows.push(r);
-                r += 1;
+/// The rows of a step that come back as less than logits: indices among
+/// its logit rows ([`StepRows::logit_rows`] order) of the sequences that
+/// asked for [`Logits::Greedy`], and of those that asked for
+/// [`Logits::TopK`], with their `k`.
+#[derive(Debug, Default, PartialEq)]
+struct RowPicks {
+    greedy: Vec<usize>,
+    top_k: Vec<(usize, usize)>,
+}
+
+impl RowPicks {
+    fn of(batch: &[SeqStep<'_>]) -> Self {
+        let mut picks = Self::default();
+        let mut r = 0;
+        for s in batch {
+            match s.logits {
+                Logits::None => {}
+                Logits::Last => r += 1,
+                Logits::Greedy => {
+                    picks.greedy.push(r);
+                    r += 1;
+                }
+                Logits::TopK(k) => {
+                    picks.top_k.push((r, k));
+                    r += 1;
+                }
+                Logits::All => r += s.tokens.len(),
             }
-            Logits::All => r += s.tokens.len(),
         }
+        picks
     }
-    rows
+
+    /// The runs of consecutive rows among `0..n_rows` that are neither
+    /// greedy nor top-k: the rows whose logits are copied back.
+    fn full_row_runs(&self, n_rows: usize) -> Vec<std::ops::Range<usize>> {
+        let mut picked: Vec<usize> = self.greedy.clone();
+        picked.extend(self.top_k.iter().map(|&(r, _)| r));
+        picked.sort_unstable();
+        let mut runs = Vec::new();
+        let mut start = 0;
+        for &g in picked.iter().chain(std::iter::once(&n_rows)) {
+            if g > start {
+                runs.push(start..g);
+            }
+            start = g + 1;
+        }
+        runs
+    }
+
+    fn n_full(&self, n_rows: usize) -> usize {
+        n_rows - self.greedy.len() - self.top_k.len()
+    }
 }
 
-/// The runs of consecutive rows among `0..n_rows` that are not in
-/// `greedy` (sorted): the rows whose logits are copied back.
-fn full_row_runs(n_rows: usize, greedy: &[usize]) -> Vec<std::ops::Range<usize>> {
-    let mut runs = Vec::new();
-    let mut start = 0;
-    for &g in greedy.iter().chain(std::iter::once(&n_rows)) {
-        if g > start {
-            runs.push(start..g);
-        }
-        start = g + 1;
-    }
-    runs
-}
-
-/// Per sequence, what it asked for: `full` holds the non-greedy rows in
-/// order, `ids` the greedy choices in order.
-fn assemble_rows(batch: &[SeqStep<'_>], full: &[f32], ids: &[i32], vocab: usize) -> Vec<Vec<f32>> {
-    let (mut f, mut g) = (0, 0);
+/// Per sequence, what it asked for: `full` holds the other rows in order,
+/// `ids` the greedy choices in order, `top` the top-k rows' `TOPK_MAX`
+/// candidate ids and values each, in order.
+fn assemble_rows(
+    batch: &[SeqStep<'_>],
+    full: &[f32],
+    ids: &[i32],
+    top: (&[i32], &[f32]),
+    vocab: usize,
+) -> Vec<Vec<f32>> {
+    let (mut f, mut g, mut t) = (0, 0, 0);
     batch
         .iter()
         .map(|s| match s.logits {
@@ -1453,6 +1532,13 @@ fn assemble_rows(batch: &[SeqStep<'_>], full: &[f32], ids: &[i32], vocab: usize)
             Logits::Greedy => {
                 g += 1;
                 vec![ids[g - 1] as f32]
+            }
+            Logits::TopK(k) => {
+                let base = t * kernels::TOPK_MAX;
+                t += 1;
+                (base..base + k)
+                    .flat_map(|i| [top.0[i] as f32, top.1[i]])
+                    .collect()
             }
             Logits::Last | Logits::All => {
                 let n = if s.logits == Logits::Last {
@@ -1583,14 +1669,22 @@ mod tests {
     /// picked out, the others copied in as few runs as possible, and each
     /// sequence gets back exactly what it asked for.
     #[test]
-    fn greedy_rows_come_back_as_ids_and_the_rest_as_logits() {
-        let mut kvs: Vec<SeqKv> = (0..5).map(|_| SeqKv::default()).collect();
-        let toks = [vec![1u32], vec![2, 3, 4], vec![5], vec![6, 7], vec![8]];
+    fn greedy_and_top_k_rows_come_back_as_picks_and_the_rest_as_logits() {
+        let mut kvs: Vec<SeqKv> = (0..6).map(|_| SeqKv::default()).collect();
+        let toks = [
+            vec![1u32],
+            vec![2, 3, 4],
+            vec![5],
+            vec![6, 7],
+            vec![8],
+            vec![9],
+        ];
         let kinds = [
             Logits::Greedy,
             Logits::All,
             Logits::None,
             Logits::Last,
+            Logits::TopK(2),
             Logits::Greedy,
         ];
         let batch: Vec<SeqStep<'_>> = kvs
@@ -1603,16 +1697,30 @@ mod tests {
                 logits,
             })
             .collect();
-        // Logit rows: 0 greedy, 1..4 All, 4 Last, 5 greedy.
-        let greedy = greedy_rows(&batch);
-        assert_eq!(greedy, vec![0, 5]);
-        assert_eq!(full_row_runs(6, &greedy), vec![1..5]);
-        assert_eq!(full_row_runs(6, &[]), vec![0..6]);
-        assert_eq!(full_row_runs(4, &[1, 2]), vec![0..1, 3..4]);
-        assert!(full_row_runs(2, &[0, 1]).is_empty());
+        // Logit rows: 0 greedy, 1..4 All, 4 Last, 5 top-2, 6 greedy.
+        let picks = RowPicks::of(&batch);
+        assert_eq!(picks.greedy, vec![0, 6]);
+        assert_eq!(picks.top_k, vec![(5, 2)]);
+        assert_eq!(picks.full_row_runs(7), vec![1..5]);
+        assert_eq!(picks.n_full(7), 4);
+        assert_eq!(RowPicks::default().full_row_runs(6), vec![0..6]);
+        let two = RowPicks {
+            greedy: vec![2],
+            top_k: vec![(1, 3)],
+        };
+        assert_eq!(two.full_row_runs(4), vec![0..1, 3..4]);
+        let all = RowPicks {
+            greedy: vec![0],
+            top_k: vec![(1, 3)],
+        };
+        assert!(all.full_row_runs(2).is_empty());
         let vocab = 2;
         let full: Vec<f32> = (0..4 * vocab).map(|v| v as f32).collect();
-        let out = assemble_rows(&batch, &full, &[7, 3], vocab);
+        let mut top_ids = vec![0i32; kernels::TOPK_MAX];
+        let mut top_vals = vec![0f32; kernels::TOPK_MAX];
+        top_ids[..2].copy_from_slice(&[40, 12]);
+        top_vals[..2].copy_from_slice(&[2.5, -1.0]);
+        let out = assemble_rows(&batch, &full, &[7, 3], (&top_ids, &top_vals), vocab);
         assert_eq!(
             out,
             vec![
@@ -1620,8 +1728,13 @@ mod tests {
                 full[..3 * vocab].to_vec(),
                 vec![],
                 full[3 * vocab..].to_vec(),
+                vec![40.0, 2.5, 12.0, -1.0],
                 vec![3.0],
             ]
+        );
+        assert_eq!(
+            crate::model::top_k_candidates(&out[4]),
+            vec![(40, 2.5), (12, -1.0)]
         );
     }
 }
