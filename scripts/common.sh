@@ -11,7 +11,7 @@ TANDEM_BIN="$CARGO_TARGET_DIR/release/tandem"
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 # Debian packages the build and the tests need; installed only when missing.
-DEB_PACKAGES=(protobuf-compiler ca-certificates python3-venv etcd-server unzip chromium prometheus)
+DEB_PACKAGES=(protobuf-compiler ca-certificates python3-venv etcd-server unzip chromium prometheus g++)
 
 ensure_debian_packages() {
     local missing=()

@@ -14,8 +14,9 @@ log "type-checking the cuda feature"
 cargo check --release --locked -p tandem-kv-transfer -p tandem-engine --features cuda --tests
 cargo check --release --locked -p tandem --features cuda
 # And its kernels must keep compiling: NVRTC compiles them for every
-# supported architecture, no GPU needed (with the backend's host-side
-# unit tests, which need none either).
+# supported architecture, no GPU needed; and computing what they should:
+# they run under a CPU emulation of CUDA's blocks and warps against plain
+# references (with the backend's other host-side unit tests).
 ensure_nvrtc
 log "compiling the CUDA kernels with NVRTC"
 LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \

@@ -1196,6 +1196,69 @@ mod tests {
         assert_eq!(wide.rows.len(), seq.len());
     }
 
+    /// [`SOURCE`] as C++ for the CPU emulation: `shim.h` supplies CUDA's
+    /// names; dynamic shared memory is the launch's buffer.
+    fn emulated_source() -> String {
+        let body = SOURCE
+            .replace("extern \"C\" ", "")
+            .replace("extern __shared__ float sh[];", "float* sh = g_shared;");
+        format!("#include \"shim.h\"\n{body}")
+    }
+
+    /// The kernels' logic, run on the CPU under `emulation/shim.h` (a
+    /// thread per CUDA thread, barriers for `__syncthreads` and for warp
+    /// shuffles) against the plain references of `emulation/harness.cpp`:
+    /// the embedding lookup, RMSNorm, bias and RoPE (both pairings) and
+    /// SiLU-and-multiply against the CPU model's formulas; both attention
+    /// kernels over shuffled paged KV (decode rows, prompt chunks in tiles,
+    /// head sizes 32 to 128, grouped and plain heads); `kv_write` into the
+    /// layout attention reads; `argmax_rows` and `topk_rows` with ties,
+    /// signed zeros and -inf rows. It catches wrong
+    /// indexing, synchronisation or tie rules without a GPU; what only
+    /// hardware shows (speed, the GPU compiler) is the GPU check's. Needs a
+    /// C++20 compiler (`$CXX`, else `c++`: Debian's g++, which the setup
+    /// installs); without one it fails, it does not skip.
+    #[test]
+    fn kernels_compute_their_references_under_a_cpu_emulation() {
+        let dir =
+            std::env::temp_dir().join(format!("tandem-kernel-emulation-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("shim.h"), include_str!("emulation/shim.h")).unwrap();
+        std::fs::write(
+            dir.join("harness.cpp"),
+            include_str!("emulation/harness.cpp"),
+        )
+        .unwrap();
+        std::fs::write(dir.join("kernels.h"), emulated_source()).unwrap();
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let built = std::process::Command::new(&cxx)
+            .args(["-O2", "-std=c++20", "-pthread", "-Wno-unknown-pragmas"])
+            .args(["-o", "harness", "harness.cpp"])
+            .current_dir(&dir)
+            .output()
+            .unwrap_or_else(|e| panic!("running the C++ compiler {cxx:?}: {e}"));
+        assert!(
+            built.status.success(),
+            "compiling the emulation: {}",
+            String::from_utf8_lossy(&built.stderr)
+        );
+        let ran = std::process::Command::new(dir.join("harness"))
+            .output()
+            .expect("running the emulation");
+        let report = String::from_utf8_lossy(&ran.stdout).into_owned();
+        let _ = std::fs::remove_dir_all(&dir);
+        eprintln!("{report}");
+        assert!(
+            ran.status.success(),
+            "kernels differ from their references under emulation:\n{report}{}",
+            String::from_utf8_lossy(&ran.stderr)
+        );
+        assert!(
+            report.lines().filter(|l| l.starts_with("ok")).count() >= 17,
+            "fewer checks than expected ran:\n{report}"
+        );
+    }
+
     /// The kernels compile with NVRTC, as [`Kernels::load`] asks for them on
     /// the cards the backend supports: a CUBIN for each real architecture
     /// from Ampere to Hopper, PTX for the virtual fallbacks. NVRTC needs no

@@ -1,0 +1,294 @@
+// Runs the backend's kernels (kernels.h: their CUDA source, as the test
+// writes it) under shim.h's emulation and checks each against a plain
+// reference written here. Prints one line per check; exits 1 if any fails.
+#include "kernels.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <random>
+
+static int failures = 0;
+
+static void check(bool ok, const char* what, double detail) {
+    printf("%s %s (%.3g)\n", ok ? "ok  " : "FAIL", what, detail);
+    failures += !ok;
+}
+
+static std::mt19937 rng(7);
+static float uniform(float lo, float hi) { return std::uniform_real_distribution<float>(lo, hi)(rng); }
+
+// The per-token kernel for every token, and the plan a step uses (runs of
+// at least 8 tokens of one sequence in tiles of 16, the rest per token),
+// against causal attention in double over the same paged KV.
+static void attention_case(int hd, int nh, int nkv, int bs) {
+    std::vector<int> lens = {1, 17, 40, 70};
+    int n_blocks = 2;
+    for (int n : lens) n_blocks += (n + bs - 1) / bs;
+    std::vector<int> ids(n_blocks);
+    for (int i = 0; i < n_blocks; ++i) ids[i] = i;
+    std::shuffle(ids.begin(), ids.end(), rng);
+    std::vector<int> toff, tables;
+    int next = 0;
+    for (int n : lens) {
+        toff.push_back((int)tables.size());
+        for (int b = 0; b < (n + bs - 1) / bs; ++b) tables.push_back(ids[next++]);
+    }
+    long bf = 2L * nkv * hd * bs;
+    std::vector<float> kv(n_blocks * bf);
+    for (auto& v : kv) v = uniform(-1, 1);
+    std::vector<int> seq, pos;
+    for (int s = 0; s < (int)lens.size(); ++s) {
+        for (int p = std::max(0, lens[s] - 3); p < lens[s]; ++p) seq.push_back(s), pos.push_back(p);
+        seq.push_back(s), pos.push_back(lens[s] / 2);
+    }
+    for (int p = 10; p < 40; ++p) seq.push_back(2), pos.push_back(p);
+    for (int p = 0; p < 70; ++p) seq.push_back(3), pos.push_back(p);
+    int nt = (int)seq.size(), qd = nh * hd;
+    std::vector<float> q((size_t)nt * qd);
+    for (auto& v : q) v = uniform(-2, 2);
+    std::vector<double> want((size_t)nt * qd);
+    for (int t = 0; t < nt; ++t)
+        for (int h = 0; h < nh; ++h) {
+            int g = h / (nh / nkv), n = pos[t] + 1;
+            const int* tb = &tables[toff[seq[t]]];
+            auto key = [&](int k, int d) { return (double)kv[tb[k / bs] * bf + (long)g * hd * bs + (long)d * bs + k % bs]; };
+            auto val = [&](int k, int d) { return (double)kv[tb[k / bs] * bf + (long)(nkv + g) * hd * bs + (long)(k % bs) * hd + d]; };
+            std::vector<double> w(n);
+            double mx = -1e300, sum = 0;
+            for (int k = 0; k < n; ++k) {
+                double dot = 0;
+                for (int d = 0; d < hd; ++d) dot += q[(size_t)t * qd + h * hd + d] * key(k, d);
+                w[k] = dot / std::sqrt((double)hd);
+                mx = std::max(mx, w[k]);
+            }
+            for (auto& x : w) sum += (x = std::exp(x - mx));
+            for (int d = 0; d < hd; ++d) {
+                double o = 0;
+                for (int k = 0; k < n; ++k) o += w[k] * val(k, d);
+                want[(size_t)t * qd + h * hd + d] = o / sum;
+            }
+        }
+    float scale = 1.0f / std::sqrt((float)hd);
+    auto diff = [&](const std::vector<float>& got) {
+        double d = 0;
+        for (size_t i = 0; i < want.size(); ++i) d = std::max(d, std::isnan(got[i]) ? 1e9 : std::fabs(got[i] - want[i]));
+        return d;
+    };
+    std::vector<float> per_token((size_t)nt * qd, NAN), planned((size_t)nt * qd, NAN);
+    launch({(unsigned)nt, (unsigned)nh, 1}, 128, hd + 128 + 32, [&] {
+        attention(nullptr, q.data(), kv.data(), seq.data(), pos.data(), tables.data(), toff.data(),
+                  per_token.data(), qd, nh, nkv, hd, bs, scale);
+    });
+    std::vector<int> tiles, rows;
+    for (int s0 = 0; s0 < nt;) {
+        int e = s0 + 1;
+        while (e < nt && seq[e] == seq[s0]) ++e;
+        if (e - s0 >= 8) {
+            for (int t0 = s0; t0 < e; t0 += 16) {
+                int t1 = std::min(t0 + 16, e), keys = 0;
+                for (int t = t0; t < t1; ++t) keys = std::max(keys, pos[t] + 1);
+                tiles.insert(tiles.end(), {t0, t1 - t0, keys});
+            }
+        } else {
+            for (int t = s0; t < e; ++t) rows.push_back(t);
+        }
+        s0 = e;
+    }
+    launch({(unsigned)rows.size(), (unsigned)nh, 1}, 128, hd + 128 + 32, [&] {
+        attention(rows.data(), q.data(), kv.data(), seq.data(), pos.data(), tables.data(), toff.data(),
+                  planned.data(), qd, nh, nkv, hd, bs, scale);
+    });
+    launch({(unsigned)(tiles.size() / 3), (unsigned)nh, 1}, 128, 16 * hd + 32 * (hd + 1) + 32 * hd, [&] {
+        attention_tiled(tiles.data(), q.data(), kv.data(), seq.data(), pos.data(), tables.data(),
+                        toff.data(), planned.data(), qd, nh, nkv, hd, bs, scale);
+    });
+    char what[160];
+    snprintf(what, sizeof what, "attention per token, hd %d, heads %d/%d, block %d", hd, nh, nkv, bs);
+    double d = diff(per_token);
+    check(d <= 1e-5, what, d);
+    snprintf(what, sizeof what, "attention planned (%zu tiles, %zu rows), hd %d, heads %d/%d, block %d",
+             tiles.size() / 3, rows.size(), hd, nh, nkv, bs);
+    d = diff(planned);
+    check(d <= 1e-5 && tiles.size() >= 3 && !rows.empty(), what, d);
+}
+
+// kv_write puts each token's K and V where attention reads them: a prompt
+// written through it attends like attention over the rows themselves.
+static void kv_write_case() {
+    int hd = 32, nh = 4, nkv = 2, bs = 8, n = 30, qd = nh * hd, row_len = qd + 2 * nkv * hd;
+    std::vector<int> table = {5, 0, 3, 6};
+    long bf = 2L * nkv * hd * bs;
+    std::vector<float> kv(7 * bf, NAN), qkv((size_t)n * row_len);
+    for (auto& v : qkv) v = uniform(-1, 1);
+    std::vector<int> pos(n), blk(n), seq(n, 0), toff = {0};
+    for (int t = 0; t < n; ++t) pos[t] = t, blk[t] = table[t / bs];
+    launch({(unsigned)n, 1, 1}, 256, 0, [&] {
+        kv_write(qkv.data(), pos.data(), blk.data(), kv.data(), row_len, qd, nkv, hd, bs);
+    });
+    std::vector<float> out((size_t)n * qd, NAN);
+    std::vector<int> tiles = {0, 16, 16, 16, n - 16, n};
+    launch({2, (unsigned)nh, 1}, 128, 16 * hd + 32 * (hd + 1) + 32 * hd, [&] {
+        attention_tiled(tiles.data(), qkv.data(), kv.data(), seq.data(), pos.data(), table.data(),
+                        toff.data(), out.data(), row_len, nh, nkv, hd, bs, 1.0f / std::sqrt((float)hd));
+    });
+    double d = 0;
+    for (int t = 0; t < n; ++t)
+        for (int h = 0; h < nh; ++h) {
+            int g = h / (nh / nkv);
+            const float* qr = &qkv[(size_t)t * row_len + h * hd];
+            std::vector<double> w(t + 1);
+            double mx = -1e300, sum = 0;
+            for (int k = 0; k <= t; ++k) {
+                double dot = 0;
+                for (int i = 0; i < hd; ++i) dot += qr[i] * (double)qkv[(size_t)k * row_len + qd + g * hd + i];
+                w[k] = dot / std::sqrt((double)hd);
+                mx = std::max(mx, w[k]);
+            }
+            for (auto& x : w) sum += (x = std::exp(x - mx));
+            for (int i = 0; i < hd; ++i) {
+                double o = 0;
+                for (int k = 0; k <= t; ++k) o += w[k] * qkv[(size_t)k * row_len + qd + nkv * hd + g * hd + i];
+                double e = std::fabs(out[(size_t)t * qd + h * hd + i] - o / sum);
+                d = std::max(d, std::isnan(e) ? 1e9 : e);
+            }
+        }
+    check(d <= 1e-5, "kv_write then tiled attention, against attention over the rows", d);
+}
+
+static unsigned order_key_host(float f) {
+    unsigned u;
+    memcpy(&u, &f, 4);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// argmax_rows and topk_rows: the host's argmax (first largest) and
+// top_k_of (largest first, ties to the lower id, total order on floats).
+static void pick_cases() {
+    int vocab = 4099;
+    std::vector<std::vector<float>> rows;
+    std::vector<float> r(vocab);
+    for (auto& v : r) v = std::normal_distribution<float>(0, 3)(rng);
+    rows.push_back(r);
+    for (auto& v : r) v = (float)(rng() % 40) / 8.0f; // many ties
+    rows.push_back(r);
+    rows.push_back(std::vector<float>(vocab, 1.0f)); // all tied
+    std::vector<float> inf(vocab, -INFINITY);
+    inf[77] = 0.0f, inf[12] = -0.0f, inf[vocab - 1] = 0.0f;
+    rows.push_back(inf);
+    rows.push_back(std::vector<float>(vocab, -INFINITY));
+    int n = (int)rows.size();
+    std::vector<float> flat;
+    for (auto& x : rows) flat.insert(flat.end(), x.begin(), x.end());
+    std::vector<int> ids(n, -1);
+    launch({(unsigned)n, 1, 1}, 256, 0, [&] { argmax_rows(flat.data(), nullptr, ids.data(), vocab); });
+    int bad = 0;
+    for (int i = 0; i < n; ++i) {
+        float m = -INFINITY;
+        for (float v : rows[i]) m = std::max(m, v);
+        int first = (int)(std::find(rows[i].begin(), rows[i].end(), m) - rows[i].begin());
+        bad += ids[i] != first;
+    }
+    check(bad == 0, "argmax_rows: first largest, -inf rows pick 0", bad);
+    for (int k : {1, 7, 40, 256}) {
+        std::vector<int> ks(n, k), tid(n * 256, -1);
+        std::vector<float> tval(n * 256, NAN);
+        launch({(unsigned)n, 1, 1}, 512, 0,
+               [&] { topk_rows(flat.data(), nullptr, ks.data(), vocab, tval.data(), tid.data()); });
+        bad = 0;
+        for (int i = 0; i < n; ++i) {
+            std::vector<int> idx(vocab);
+            for (int j = 0; j < vocab; ++j) idx[j] = j;
+            std::stable_sort(idx.begin(), idx.end(), [&](int a, int b) {
+                return order_key_host(rows[i][a]) > order_key_host(rows[i][b]);
+            });
+            for (int j = 0; j < k; ++j)
+                bad += tid[i * 256 + j] != idx[j] || memcmp(&tval[i * 256 + j], &rows[i][idx[j]], 4) != 0;
+        }
+        char what[96];
+        snprintf(what, sizeof what, "topk_rows k=%d: largest first, ties to the lower id", k);
+        check(bad == 0, what, bad);
+    }
+}
+
+// The row kernels of a layer against the CPU model's formulas: the
+// embedding lookup, RMSNorm (of listed rows), the QKV bias and RoPE (both
+// pairings, angles as the CPU takes them), SiLU-and-multiply.
+static void row_cases() {
+    int h = 96, nt = 5, vocab = 11;
+    std::vector<float> table(vocab * h), x(nt * h, NAN), w(h);
+    for (auto& v : table) v = uniform(-1, 1);
+    for (auto& v : w) v = uniform(0.5f, 1.5f);
+    std::vector<int> tok = {3, 0, 10, 3, 7};
+    launch({(unsigned)nt, 1, 1}, 256, 0, [&] { embed(tok.data(), table.data(), x.data(), h); });
+    int bad = 0;
+    for (int t = 0; t < nt; ++t)
+        for (int i = 0; i < h; ++i) bad += x[t * h + i] != table[tok[t] * h + i];
+    check(bad == 0, "embed: rows of the table", bad);
+
+    std::vector<int> rows = {4, 1};
+    std::vector<float> out(2 * h, NAN);
+    float eps = 1e-5f;
+    launch({2, 1, 1}, 256, 0, [&] { rms_norm(x.data(), rows.data(), w.data(), out.data(), h, eps); });
+    double d = 0;
+    for (int r = 0; r < 2; ++r) {
+        const float* xr = &x[rows[r] * h];
+        double ss = 0;
+        for (int i = 0; i < h; ++i) ss += (double)xr[i] * xr[i];
+        double rs = 1.0 / std::sqrt(ss / h + eps);
+        for (int i = 0; i < h; ++i) d = std::max(d, std::fabs(out[r * h + i] - w[i] * xr[i] * rs));
+    }
+    check(d <= 1e-5, "rms_norm of listed rows", d);
+
+    int hd = 16, nrot = 3, row_len = 4 * hd, half = hd / 2;
+    std::vector<float> inv_freq(half), bias(row_len);
+    for (int i = 0; i < half; ++i) inv_freq[i] = 1.0f / std::pow(10000.0f, 2.0f * i / hd);
+    for (auto& v : bias) v = uniform(-0.5f, 0.5f);
+    std::vector<int> pos = {0, 7, 1000, 31, 4095};
+    for (int neox = 0; neox < 2; ++neox) {
+        std::vector<float> qkv(nt * row_len), want;
+        for (auto& v : qkv) v = uniform(-1, 1);
+        want = qkv;
+        for (int t = 0; t < nt; ++t) {
+            float* r = &want[t * row_len];
+            for (int i = 0; i < row_len; ++i) r[i] += bias[i];
+            for (int hh = 0; hh < nrot; ++hh)
+                for (int i = 0; i < half; ++i) {
+                    float a = (float)pos[t] * inv_freq[i];
+                    float c = (float)std::cos((double)a), s = (float)std::sin((double)a);
+                    int ai = neox ? i : 2 * i, bi = neox ? i + half : 2 * i + 1;
+                    float* xh = r + hh * hd;
+                    float xa = xh[ai], xb = xh[bi];
+                    xh[ai] = xa * c - xb * s;
+                    xh[bi] = xb * c + xa * s;
+                }
+        }
+        launch({(unsigned)nt, 1, 1}, 256, 0, [&] {
+            bias_rope(qkv.data(), bias.data(), pos.data(), inv_freq.data(), row_len, nrot, hd, neox);
+        });
+        d = 0;
+        for (int i = 0; i < nt * row_len; ++i) d = std::max(d, (double)std::fabs(qkv[i] - want[i]));
+        check(d <= 1e-6, neox ? "bias_rope, NeoX pairs (i, i + half)" : "bias_rope, interleaved pairs (2i, 2i + 1)", d);
+    }
+
+    int ffn = 40;
+    std::vector<float> gu(nt * 2 * ffn), act(nt * ffn, NAN);
+    for (auto& v : gu) v = uniform(-4, 4);
+    launch({1, 1, 1}, 256, 0, [&] { silu_mul(gu.data(), act.data(), nt, ffn); });
+    d = 0;
+    for (int t = 0; t < nt; ++t)
+        for (int j = 0; j < ffn; ++j) {
+            double g = gu[t * 2 * ffn + j], u = gu[t * 2 * ffn + ffn + j];
+            d = std::max(d, std::fabs(act[t * ffn + j] - g / (1 + std::exp(-g)) * u));
+        }
+    check(d <= 1e-5, "silu_mul: silu(gate) * up", d);
+}
+
+int main() {
+    row_cases();
+    attention_case(64, 4, 2, 16);
+    attention_case(128, 2, 1, 8);
+    attention_case(32, 3, 3, 4);
+    kv_write_case();
+    pick_cases();
+    return failures ? 1 : 0;
+}

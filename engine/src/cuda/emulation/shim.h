@@ -1,0 +1,95 @@
+// Just enough of CUDA's execution model, on CPU threads, to run the
+// backend's kernels as written (see `kernels::tests`): one OS thread per
+// CUDA thread of a block, blocks one after another, `__syncthreads` a
+// barrier of the block, warp shuffles through a per-warp exchange slot
+// between two barriers of the warp, `__shared__` arrays static (so shared
+// by the block that runs), atomics the compiler's. It checks what a kernel
+// computes (indexing, synchronisation, reductions, tie rules), not how fast
+// or how a GPU's compiler lays it out.
+#pragma once
+#include <barrier>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+struct U3 {
+    unsigned x = 0, y = 0, z = 0;
+};
+thread_local U3 threadIdx, blockIdx;
+U3 blockDim, gridDim;
+float* g_shared;
+std::barrier<>* g_block;
+std::barrier<>* g_warp[32];
+float g_fslot[32][32];
+int g_islot[32][32];
+
+#define __global__
+#define __device__
+#define __shared__ static
+
+inline void __syncthreads() { g_block->arrive_and_wait(); }
+
+template <typename T>
+inline T warp_exchange(T (&slot)[32][32], T v, int from) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    g_warp[w]->arrive_and_wait();
+    slot[w][lane] = v;
+    g_warp[w]->arrive_and_wait();
+    return slot[w][from];
+}
+inline float __shfl_xor_sync(unsigned, float v, int o) {
+    return warp_exchange(g_fslot, v, (threadIdx.x & 31) ^ o);
+}
+inline int __shfl_xor_sync(unsigned, int v, int o) {
+    return warp_exchange(g_islot, v, (threadIdx.x & 31) ^ o);
+}
+inline float __shfl_sync(unsigned, float v, int j) { return warp_exchange(g_fslot, v, j); }
+
+inline float __uint_as_float(unsigned u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+
+// Runs `body` (one kernel call) for every block of `grid`, `threads`
+// threads each (a multiple of 32), with `shared_floats` floats of dynamic
+// shared memory.
+inline void launch(U3 grid, unsigned threads, size_t shared_floats, const std::function<void()>& body) {
+    blockDim = {threads, 1, 1};
+    gridDim = grid;
+    std::vector<float> shared(shared_floats + 1);
+    g_shared = shared.data();
+    std::barrier<> block(threads);
+    g_block = &block;
+    std::vector<std::unique_ptr<std::barrier<>>> warps;
+    for (unsigned w = 0; w < threads / 32; ++w) {
+        warps.push_back(std::make_unique<std::barrier<>>(32));
+        g_warp[w] = warps.back().get();
+    }
+    std::vector<std::thread> ts;
+    for (unsigned t = 0; t < threads; ++t)
+        ts.emplace_back([&, t] {
+            threadIdx = {t, 0, 0};
+            for (unsigned z = 0; z < (grid.z ? grid.z : 1); ++z)
+                for (unsigned y = 0; y < (grid.y ? grid.y : 1); ++y)
+                    for (unsigned x = 0; x < grid.x; ++x) {
+                        blockIdx = {x, y, z};
+                        body();
+                        block.arrive_and_wait();
+                    }
+        });
+    for (auto& t : ts) t.join();
+}
