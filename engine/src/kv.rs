@@ -610,6 +610,19 @@ impl KvStaging {
         &mut self.data[o..o + n]
     }
 
+    /// Every staged block of one layer, one after another. Panics when
+    /// out of range.
+    pub fn layer(&self, layer: usize) -> &[f32] {
+        let n = self.n_blocks() * self.layout.block_floats();
+        &self.data[layer * n..(layer + 1) * n]
+    }
+
+    /// [`KvStaging::layer`], writable.
+    pub fn layer_mut(&mut self, layer: usize) -> &mut [f32] {
+        let n = self.n_blocks() * self.layout.block_floats();
+        &mut self.data[layer * n..(layer + 1) * n]
+    }
+
     /// The (layer, block) region, writable, or `None` when out of range
     /// (for writers fed by a peer, who may name any block).
     pub fn get_region_mut(&mut self, layer: usize, block: usize) -> Option<&mut [f32]> {
@@ -629,6 +642,28 @@ mod tests {
             n_kv_heads: 2,
             head_dim: 4,
             block_size: 4,
+        }
+    }
+
+    /// A staged layer is its blocks' regions back to back (what a device
+    /// executor moves in one copy), and writes through it land in them.
+    #[test]
+    fn a_staged_layer_is_its_blocks_in_order() {
+        let l = layout();
+        let mut st = KvStaging::new(l, 3 * l.block_size - 1);
+        assert_eq!(st.n_blocks(), 3);
+        for layer in 0..l.n_layers {
+            for (i, v) in st.layer_mut(layer).iter_mut().enumerate() {
+                *v = (layer * 1000 + i) as f32;
+            }
+        }
+        for layer in 0..l.n_layers {
+            let joined: Vec<f32> = (0..3).flat_map(|b| st.region(layer, b).to_vec()).collect();
+            assert_eq!(st.layer(layer), &joined[..]);
+            assert_eq!(
+                st.region(layer, 1)[0],
+                (layer * 1000 + l.block_floats()) as f32
+            );
         }
     }
 

@@ -509,6 +509,17 @@ extern "C" __global__ void topk_rows(const float* logits, const int* rows, const
     }
 }
 
+/* KV block dst_idx[b] (b when null) of dst = block src_idx[b] (b when null)
+   of src, bf floats each: one thread block per KV block. Gathers a
+   sequence's blocks into a contiguous buffer, or scatters them back. */
+extern "C" __global__ void copy_blocks(const float* src, const int* src_idx, float* dst,
+                                       const int* dst_idx, long long bf) {
+    int b = blockIdx.x;
+    const float* s = src + (u64)(src_idx ? src_idx[b] : b) * (u64)bf;
+    float* d = dst + (u64)(dst_idx ? dst_idx[b] : b) * (u64)bf;
+    for (long long i = threadIdx.x; i < bf; i += blockDim.x) d[i] = s[i];
+}
+
 /* act[t][j] = silu(gu[t][j]) * gu[t][ffn + j], silu(g) = g / (1 + e^-g). */
 extern "C" __global__ void silu_mul(const float* gu, float* act, long long n_tok, int ffn) {
     long long n = n_tok * (long long)ffn;
@@ -667,6 +678,7 @@ pub(crate) struct Kernels {
     attention_tiled: CudaFunction,
     argmax_rows: CudaFunction,
     topk_rows: CudaFunction,
+    copy_blocks: CudaFunction,
     silu_mul: CudaFunction,
     add_in_place: CudaFunction,
     f32_to_bf16: CudaFunction,
@@ -814,6 +826,7 @@ impl Kernels {
             attention_tiled: f("attention_tiled")?,
             argmax_rows: f("argmax_rows")?,
             topk_rows: f("topk_rows")?,
+            copy_blocks: f("copy_blocks")?,
             silu_mul: f("silu_mul")?,
             add_in_place: f("add_in_place")?,
             f32_to_bf16: f("f32_to_bf16")?,
@@ -1062,6 +1075,34 @@ impl Kernels {
         )
     }
 
+    /// `n` KV blocks of `block_floats` floats: block `dst_idx[b]` of `dst`
+    /// (`b` when 0) = block `src_idx[b]` of `src` (`b` when 0).
+    pub(crate) fn copy_blocks(
+        &self,
+        src: u64,
+        src_idx: u64,
+        dst: u64,
+        dst_idx: u64,
+        n: usize,
+        block_floats: usize,
+    ) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.launch(
+            "copy_blocks",
+            &self.copy_blocks,
+            per_row(n)?,
+            &[
+                Arg::Ptr(src),
+                Arg::Ptr(src_idx),
+                Arg::Ptr(dst),
+                Arg::Ptr(dst_idx),
+                Arg::I64(block_floats as i64),
+            ],
+        )
+    }
+
     pub(crate) fn silu_mul(&self, gu: u64, act: u64, n_tok: usize, ffn: usize) -> Result<()> {
         self.launch(
             "silu_mul",
@@ -1212,8 +1253,9 @@ mod tests {
     /// SiLU-and-multiply against the CPU model's formulas; both attention
     /// kernels over shuffled paged KV (decode rows, prompt chunks in tiles,
     /// head sizes 32 to 128, grouped and plain heads); `kv_write` into the
-    /// layout attention reads; `argmax_rows` and `topk_rows` with ties,
-    /// signed zeros and -inf rows. It catches wrong
+    /// layout attention reads; `copy_blocks` gathering and scattering KV
+    /// blocks; `argmax_rows` and `topk_rows` with ties, signed zeros and
+    /// -inf rows. It catches wrong
     /// indexing, synchronisation or tie rules without a GPU; what only
     /// hardware shows (speed, the GPU compiler) is the GPU check's. Needs a
     /// C++20 compiler (`$CXX`, else `c++`: Debian's g++, which the setup
@@ -1254,7 +1296,7 @@ mod tests {
             String::from_utf8_lossy(&ran.stderr)
         );
         assert!(
-            report.lines().filter(|l| l.starts_with("ok")).count() >= 17,
+            report.lines().filter(|l| l.starts_with("ok")).count() >= 18,
             "fewer checks than expected ran:\n{report}"
         );
     }
@@ -1273,7 +1315,7 @@ mod tests {
             "NVRTC (libnvrtc.so.12) is not loadable: put its directory on LD_LIBRARY_PATH"
         );
         let names = declared_kernels();
-        assert_eq!(names.len(), 13, "{names:?}");
+        assert_eq!(names.len(), 14, "{names:?}");
         for arch in ["sm_80", "sm_86", "sm_89", "sm_90"] {
             let cubin = compile_cubin(&format!("--gpu-architecture={arch}"))
                 .unwrap_or_else(|e| panic!("{arch}: {e}"));

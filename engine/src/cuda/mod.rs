@@ -18,7 +18,9 @@
 //!   into shared memory (prompt chunks; see `kernels::AttentionPlan`).
 //! - The paged KV cache lives in device memory, per layer, in exactly the
 //!   [`KvLayout`] of the CPU pool, so installing and gathering KV are plain
-//!   copies. The scheduler's [`KvPool`] only allocates block ids (a
+//!   copies: per layer, one copy across the bus of all the sequence's
+//!   blocks and one kernel that scatters (or gathers) them by block id. The
+//!   scheduler's [`KvPool`] only allocates block ids (a
 //!   [`KvPool::new_tracking`] pool is enough); copy-on-write copies it makes
 //!   are recorded ([`KvPool::record_copies`]) and repeated on the device
 //!   before each step.
@@ -399,6 +401,9 @@ struct Scratch {
     top_meta: Option<CudaSlice<i32>>,
     top_vals: Option<CudaSlice<f32>>,
     top_ids: Option<CudaSlice<i32>>,
+    /// Block ids and one layer's blocks, for moving KV to and from the host.
+    block_ids: Option<CudaSlice<i32>>,
+    block_buf: Option<CudaSlice<f32>>,
     meta: Option<CudaSlice<i32>>,
 }
 
@@ -1322,34 +1327,70 @@ impl CudaModel {
 
     /// Host copies of `blocks` of the bound pool, as staging (layer-major,
     /// block `i` = `blocks[i]`).
-    fn download_blocks(&self, st: &State, pool: &KvPool, blocks: &[BlockId]) -> Result<KvStaging> {
-        let kv = self.kv_of(st, pool)?;
+    fn download_blocks(
+        &self,
+        st: &mut State,
+        pool: &KvPool,
+        blocks: &[BlockId],
+    ) -> Result<KvStaging> {
         let layout = *pool.layout();
-        let n = layout.block_floats();
         let mut staging = KvStaging::new(layout, blocks.len() * layout.block_size);
-        for (li, layer) in kv.layers.iter().enumerate() {
-            let base = ptr(layer, &self.dev.stream);
-            for (bi, &b) in blocks.iter().enumerate() {
-                if b as usize >= kv.n_blocks {
-                    return Err(EngineError::Cuda(format!(
-                        "block {b} outside {} blocks",
-                        kv.n_blocks
-                    )));
-                }
-                // SAFETY: the region lies inside the layer's buffer (checked
-                // above) and the destination holds exactly one region.
-                unsafe {
-                    cudarc::driver::result::memcpy_dtoh_async(
-                        staging.region_mut(li, bi),
-                        base + (b as usize * n * 4) as u64,
-                        self.dev.stream.cu_stream(),
-                    )
-                }
-                .map_err(|e| cuda_err("downloading KV", e))?;
+        if blocks.is_empty() {
+            return Ok(staging);
+        }
+        let (layers, ids, buf) = self.block_transfer(st, pool, blocks)?;
+        let n = blocks.len() * layout.block_floats();
+        let s = &self.dev.stream;
+        for (li, layer) in layers.into_iter().enumerate() {
+            // Gather the blocks into the buffer, then one copy to the host.
+            self.dev
+                .k
+                .copy_blocks(layer, ids, buf, 0, blocks.len(), layout.block_floats())?;
+            // SAFETY: the buffer holds n floats (block_transfer), the
+            // layer's slice of the staging exactly n; the copy to pageable
+            // memory completes before the call returns, so before the next
+            // gather rewrites the buffer.
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(staging.layer_mut(li), buf, s.cu_stream())
             }
+            .map_err(|e| cuda_err("downloading KV", e))?;
+            debug_assert_eq!(staging.layer_mut(li).len(), n);
         }
         self.dev.sync("downloading KV")?;
         Ok(staging)
+    }
+
+    /// What moving `blocks` of every layer between the bound device KV and
+    /// the host needs: each layer's device address, the block ids on the
+    /// device, and a device buffer for one layer's worth of them. Checks
+    /// every id first. Moving a layer is then one copy across the bus and
+    /// one `copy_blocks` kernel, not a copy per block (thousands of small
+    /// copies from pageable memory for a long prompt).
+    fn block_transfer(
+        &self,
+        st: &mut State,
+        pool: &KvPool,
+        blocks: &[BlockId],
+    ) -> Result<(Vec<u64>, u64, u64)> {
+        let kv = self.kv_of(st, pool)?;
+        if let Some(&b) = blocks.iter().find(|&&b| b as usize >= kv.n_blocks) {
+            return Err(EngineError::Cuda(format!(
+                "block {b} outside {} blocks",
+                kv.n_blocks
+            )));
+        }
+        let s = &self.dev.stream;
+        let layers: Vec<u64> = kv.layers.iter().map(|l| ptr(l, s)).collect();
+        let ids: Vec<i32> = blocks.iter().map(|&b| b as i32).collect();
+        let floats = blocks.len() * pool.layout().block_floats();
+        let sc = &mut st.scratch;
+        let ids_d = ensure(&self.dev, &mut sc.block_ids, ids.len(), "KV block ids")?;
+        let buf = ensure(&self.dev, &mut sc.block_buf, floats, "KV transfer buffer")?;
+        // SAFETY: the buffer holds at least ids.len() ints; the upload from
+        // pageable memory completes before the call returns.
+        unsafe { cudarc::driver::result::memcpy_htod_async(ids_d, &ids, s.cu_stream()) }
+            .map_err(|e| cuda_err("uploading KV block ids", e))?;
+        Ok((layers, ids_d, buf))
     }
 }
 
@@ -1386,8 +1427,8 @@ impl Executor for CudaModel {
         let (ids, views) = written_blocks(batch, &before, pool.layout().block_size);
         let staged = {
             self.dev.bind()?;
-            let st = self.lock();
-            self.download_blocks(&st, pool, &ids)?
+            let mut st = self.lock();
+            self.download_blocks(&mut st, pool, &ids)?
         };
         let copy = staged.into_pool();
         show_written(on_layer, &copy, &views, &before, self.config.n_layers);
@@ -1408,7 +1449,6 @@ impl Executor for CudaModel {
         self.dev.bind()?;
         let mut st = self.lock();
         self.bind_pool(&mut st, pool)?;
-        let dkv = self.kv_of(&st, pool)?;
         let layout = *pool.layout();
         if *staging.layout() != layout {
             return Err(EngineError::Cuda(format!(
@@ -1417,35 +1457,36 @@ impl Executor for CudaModel {
             )));
         }
         let nb = kv.blocks.len().min(staging.n_blocks());
-        let n = layout.block_floats();
-        for (li, layer) in dkv.layers.iter().enumerate() {
-            let base = ptr(layer, &self.dev.stream);
-            for (bi, &b) in kv.blocks[..nb].iter().enumerate() {
-                if b as usize >= dkv.n_blocks {
-                    return Err(EngineError::Cuda(format!(
-                        "block {b} outside {} blocks",
-                        dkv.n_blocks
-                    )));
-                }
-                // SAFETY: the region lies inside the layer's buffer; the
-                // copy from pageable memory completes before the call returns.
-                unsafe {
-                    cudarc::driver::result::memcpy_htod_async(
-                        base + (b as usize * n * 4) as u64,
-                        staging.region(li, bi),
-                        self.dev.stream.cu_stream(),
-                    )
-                }
-                .map_err(|e| cuda_err("uploading KV", e))?;
+        if nb == 0 {
+            return Ok(());
+        }
+        let (layers, ids, buf) = self.block_transfer(&mut st, pool, &kv.blocks[..nb])?;
+        let n = nb * layout.block_floats();
+        for (li, layer) in layers.into_iter().enumerate() {
+            // One copy of the layer's staged blocks, then scatter them.
+            // SAFETY: the buffer holds n floats (block_transfer) and the
+            // staging's layer at least n; the copy from pageable memory is
+            // stream-ordered after the previous layer's scatter, which reads
+            // the buffer.
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(
+                    buf,
+                    &staging.layer(li)[..n],
+                    self.dev.stream.cu_stream(),
+                )
             }
+            .map_err(|e| cuda_err("uploading KV", e))?;
+            self.dev
+                .k
+                .copy_blocks(buf, 0, layer, ids, nb, layout.block_floats())?;
         }
         self.dev.sync("installing KV")
     }
 
     fn gather(&self, pool: &KvPool, blocks: &[BlockId]) -> Result<Option<KvStaging>> {
         self.dev.bind()?;
-        let st = self.lock();
-        self.download_blocks(&st, pool, blocks).map(Some)
+        let mut st = self.lock();
+        self.download_blocks(&mut st, pool, blocks).map(Some)
     }
 
     fn prepare_pool(&self, pool: &mut KvPool) {

@@ -283,8 +283,30 @@ static void row_cases() {
     check(d <= 1e-5, "silu_mul: silu(gate) * up", d);
 }
 
+// copy_blocks: a gather by block ids into a contiguous buffer, then a
+// scatter of it to other ids, moves each block whole.
+static void copy_blocks_case() {
+    long bf = 24;
+    int pool = 9;
+    std::vector<float> src(pool * bf), buf(4 * bf, NAN), dst(pool * bf, -1.0f);
+    for (size_t i = 0; i < src.size(); ++i) src[i] = (float)i;
+    std::vector<int> from = {7, 2, 2, 5}, to = {0, 8, 3, 4};
+    launch({4, 1, 1}, 256, 0, [&] { copy_blocks(src.data(), from.data(), buf.data(), nullptr, bf); });
+    launch({4, 1, 1}, 256, 0, [&] { copy_blocks(buf.data(), nullptr, dst.data(), to.data(), bf); });
+    int bad = 0;
+    for (int b = 0; b < 4; ++b)
+        for (long i = 0; i < bf; ++i) {
+            bad += buf[b * bf + i] != src[from[b] * bf + i];
+            bad += dst[to[b] * bf + i] != src[from[b] * bf + i];
+        }
+    for (int b : {1, 2, 5, 6, 7})
+        for (long i = 0; i < bf; ++i) bad += dst[b * bf + i] != -1.0f;
+    check(bad == 0, "copy_blocks: gather by ids, scatter to ids, nothing else written", bad);
+}
+
 int main() {
     row_cases();
+    copy_blocks_case();
     attention_case(64, 4, 2, 16);
     attention_case(128, 2, 1, 8);
     attention_case(32, 3, 3, 4);
