@@ -1109,10 +1109,21 @@ pub(crate) fn written_blocks(
     before: &[usize],
     block_size: usize,
 ) -> (Vec<BlockId>, Vec<SeqKv>) {
+    let after: Vec<usize> = batch.iter().map(|q| q.kv.len).collect();
+    written_blocks_between(batch, before, &after, block_size)
+}
+
+/// [`written_blocks`] for positions `before[i]..after[i]` of sequence `i`
+/// (its blocks reserved), before or after the step that writes them.
+pub(crate) fn written_blocks_between(
+    batch: &[SeqStep<'_>],
+    before: &[usize],
+    after: &[usize],
+    block_size: usize,
+) -> (Vec<BlockId>, Vec<SeqKv>) {
     let mut ids = Vec::new();
     let mut views = Vec::with_capacity(batch.len());
-    for (q, &p0) in batch.iter().zip(before) {
-        let p1 = q.kv.len;
+    for ((q, &p0), &p1) in batch.iter().zip(before).zip(after) {
         let written = p0 / block_size..=(p1 - 1) / block_size;
         let mut blocks = vec![0; q.kv.blocks.len()];
         for (slot, &b) in blocks[written.clone()]

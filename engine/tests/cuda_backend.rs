@@ -22,6 +22,8 @@
 //! - decode steps replayed from CUDA graphs (padded to their batch bucket)
 //!   against the same steps run kernel by kernel: within [`TOL_F32`], and
 //!   greedy ids picked in the graph equal to its logits' argmax;
+//! - an observed step (KV export) streams each layer's written KV like
+//!   the CPU's: same calls, positions, and K/V within [`TOL_F32`];
 //! - BF16 weights: logits within [`TOL_BF16_REL`] of the largest CPU logit;
 //! - the committed synthetic checkpoints (llama, qwen2 with QKV bias, MQA
 //!   with an untied head, safetensors with NeoX RoPE): every position's
@@ -546,6 +548,82 @@ fn decode_graphs_match_eager_steps() {
                 }
             }
         }
+    }
+}
+
+/// What an observer of a step (a prefill worker's KV export) sees, layer
+/// by layer, on the GPU (each layer copied out as the device writes it,
+/// while the later layers compute) and on the CPU: the same calls in the
+/// same order (layer-major, then sequence), the same positions, and every
+/// written token's K and V within [`TOL_F32`]; the step's logits too.
+#[test]
+fn observed_steps_stream_each_layer_like_the_cpu() {
+    let _serial = serial();
+    let (gpu, cpu) = (gpu_model(), cpu_model());
+    let cut = 11;
+    let prompts: Vec<Vec<u32>> = golden_prompts()
+        .into_iter()
+        .map(|(_, p)| p)
+        .filter(|p| p.len() > cut)
+        .take(2)
+        .collect();
+    assert_eq!(
+        prompts.len(),
+        2,
+        "two golden prompts longer than {cut} tokens"
+    );
+    type Seen = Vec<(usize, usize, std::ops::Range<usize>, Vec<f32>)>;
+    let observe = |m: &dyn Executor| -> (Seen, Vec<Vec<f32>>) {
+        let total: usize = prompts.iter().map(|p| p.len() + 16).sum();
+        let mut pool = m.pool_for_tokens(total, 16);
+        let mut kvs: Vec<SeqKv> = prompts.iter().map(|_| SeqKv::default()).collect();
+        let mut seen: Seen = Vec::new();
+        let mut logits = Vec::new();
+        // Two chunks per prompt, both observed: the second starts mid-block.
+        for chunk in [0..cut, cut..usize::MAX] {
+            let mut b: Vec<SeqStep<'_>> = kvs
+                .iter_mut()
+                .zip(&prompts)
+                .map(|(kv, p)| SeqStep {
+                    kv,
+                    tokens: &p[chunk.start..chunk.end.min(p.len())],
+                    logits: Logits::Last,
+                })
+                .collect();
+            let mut on_layer = |l: tandem_engine::model::LayerKv<'_>| {
+                let layout = *l.pool.layout();
+                let mut kv = Vec::new();
+                for pos in l.positions.clone() {
+                    let region = l.pool.region(l.layer, l.kv.blocks[pos / layout.block_size]);
+                    kv.extend(token_kv(&layout, region, pos));
+                }
+                seen.push((l.layer, l.seq, l.positions.clone(), kv));
+            };
+            logits = m
+                .forward_observed(&mut pool, &mut b, &mut on_layer)
+                .expect("observed step");
+        }
+        (seen, logits)
+    };
+    let (g, gl) = observe(gpu);
+    let (c, cl) = observe(cpu);
+    assert_eq!(g.len(), c.len(), "observer calls");
+    let mut worst = 0f32;
+    for (a, b) in g.iter().zip(&c) {
+        assert_eq!(
+            (a.0, a.1, &a.2),
+            (b.0, b.1, &b.2),
+            "call order and positions"
+        );
+        worst = worst.max(max_abs_diff(&a.3, &b.3));
+    }
+    eprintln!("observed KV, GPU vs CPU: max abs diff {worst:.2e}");
+    assert!(
+        worst <= TOL_F32,
+        "observed KV differs from the CPU's by {worst}"
+    );
+    for (a, b) in gl.iter().zip(&cl) {
+        assert!(max_abs_diff(a, b) <= TOL_F32, "observed step logits");
     }
 }
 

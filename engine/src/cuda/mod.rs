@@ -76,9 +76,7 @@ use crate::cpu::{ExpandWeights, PackedMatrix};
 use crate::error::{EngineError, Result};
 use crate::executor::Executor;
 use crate::kv::{BlockId, KvDtype, KvLayout, KvPool, KvStaging, SeqKv};
-use crate::model::{
-    check_step, show_written, written_blocks, LayerKv, Logits, Model, SeqStep, StepRows,
-};
+use crate::model::{check_step, written_blocks_between, LayerKv, Logits, Model, SeqStep, StepRows};
 
 use graphs::{Graph, GraphBuffers, GraphSet};
 use kernels::{int, AttentionArgs, AttentionPlan, Kernels};
@@ -161,6 +159,9 @@ fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
 struct Device {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    /// Copies KV out to the host while `stream` computes (an observed
+    /// step's layers, see `CudaModel::stream_layers`).
+    copies: Arc<CudaStream>,
     blas: CudaBlas,
     /// cuBLAS's workspace, set explicitly so that a multiply captured into
     /// a graph never allocates (declared after `blas`: dropped after it).
@@ -187,6 +188,9 @@ impl Device {
         let stream = ctx
             .new_stream()
             .map_err(|e| cuda_err("creating a stream", e))?;
+        let copies = ctx
+            .new_stream()
+            .map_err(|e| cuda_err("creating the copy stream", e))?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| cuda_err("creating cuBLAS", e))?;
         let workspace = stream
             .alloc_zeros::<u8>(BLAS_WORKSPACE_BYTES)
@@ -207,6 +211,7 @@ impl Device {
         Ok(Self {
             ctx,
             stream,
+            copies,
             blas,
             _blas_workspace: workspace,
             k,
@@ -347,6 +352,24 @@ struct DeviceKv {
     graphs: GraphSet,
 }
 
+/// The blocks an observed step writes, and where their KV goes as each
+/// layer is written (see [`CudaModel::stream_layers`]).
+struct ExportTap {
+    /// Pool blocks written, in `written_blocks` order, and on the device.
+    ids: Vec<BlockId>,
+    ids_d: u64,
+    /// `n_layers × ids.len()` blocks, layer-major.
+    buf: u64,
+    block_floats: usize,
+    /// Recorded once a layer's blocks are in `buf`.
+    written: Vec<cudarc::driver::CudaEvent>,
+    /// Per sequence: its blocks renumbered into the host copy, and the
+    /// positions the step writes.
+    views: Vec<SeqKv>,
+    positions: Vec<std::ops::Range<usize>>,
+    layout: KvLayout,
+}
+
 /// Device addresses of one forward pass's buffers and metadata, and its
 /// counts (see [`CudaModel::enqueue`]).
 struct Pass {
@@ -404,6 +427,8 @@ struct Scratch {
     /// Block ids and one layer's blocks, for moving KV to and from the host.
     block_ids: Option<CudaSlice<i32>>,
     block_buf: Option<CudaSlice<f32>>,
+    /// Every layer of the blocks an observed step writes.
+    export_buf: Option<CudaSlice<f32>>,
     meta: Option<CudaSlice<i32>>,
 }
 
@@ -858,7 +883,12 @@ impl CudaModel {
     /// One step (see [`Executor::forward_observed`]), without observers:
     /// replayed from a CUDA graph when it is a decode step of a bucket's
     /// size (see `graphs`), else launched kernel by kernel.
-    fn step(&self, pool: &mut KvPool, batch: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
+    fn step(
+        &self,
+        pool: &mut KvPool,
+        batch: &mut [SeqStep<'_>],
+        mut export: Option<&mut dyn FnMut(LayerKv<'_>)>,
+    ) -> Result<Vec<Vec<f32>>> {
         check_step(&self.config, batch)?;
         if batch.is_empty() {
             return Ok(Vec::new());
@@ -868,6 +898,12 @@ impl CudaModel {
         let mut guard = self.lock();
         let st = &mut *guard;
         self.bind_pool(st, pool)?;
+        // The blocks the step writes, gathered on the device layer by
+        // layer as each is written, when an observer wants them.
+        let tap = match export {
+            Some(_) => Some(self.export_tap(st, pool, batch)?),
+            None => None,
+        };
         let picks = RowPicks::of(batch);
         let greedy = &picks.greedy;
         let n_want = StepRows::of(batch).logit_rows(batch).len();
@@ -875,7 +911,7 @@ impl CudaModel {
         let mut full = vec![0f32; picks.n_full(n_want) * vocab];
         let mut ids = vec![0i32; greedy.len()];
         let graph_rows = graphs::bucket(batch.len())
-            .filter(|_| self.graphs_enabled() && graphs::replayable(batch));
+            .filter(|_| self.graphs_enabled() && graphs::replayable(batch) && tap.is_none());
         let replayed = match graph_rows {
             Some(b) => self.replay_decode(st, pool, batch, b)?,
             None => None,
@@ -883,8 +919,13 @@ impl CudaModel {
         let from_graph = replayed.is_some();
         let (logits, ids_d) = match replayed {
             Some(out) => out,
-            None => self.run_eager(st, pool, batch, greedy)?,
+            None => self.run_eager(st, pool, batch, greedy, tap.as_ref())?,
         };
+        // While the device goes on with the later layers, hand each layer's
+        // new KV to the observer as soon as it is written and copied out.
+        if let (Some(tap), Some(on_layer)) = (tap, export.as_mut()) {
+            self.stream_layers(tap, &mut **on_layer)?;
+        }
         let stream = self.dev.stream.cu_stream();
         // Greedy rows: their ids, not their logits, come back.
         if !greedy.is_empty() {
@@ -993,6 +1034,7 @@ impl CudaModel {
         pool: &KvPool,
         batch: &[SeqStep<'_>],
         greedy: &[usize],
+        tap: Option<&ExportTap>,
     ) -> Result<(u64, u64)> {
         let c = &self.config;
         let (h, hd, nh, nkv, ffn) = (c.hidden, c.head_dim, c.n_heads, c.n_kv_heads, c.ffn);
@@ -1103,7 +1145,7 @@ impl CudaModel {
             ids: ensure(dev, &mut sc.ids, greedy.len(), "greedy ids")?,
         };
         let kvs = self.kv_of(st, pool)?;
-        self.enqueue(kvs, &pass, bs)?;
+        self.enqueue(kvs, &pass, bs, tap)?;
         Ok((pass.logits, pass.ids))
     }
 
@@ -1242,7 +1284,7 @@ impl CudaModel {
         let s = &self.dev.stream;
         s.begin_capture(graphs::CAPTURE_MODE)
             .map_err(|e| cuda_err("starting a graph capture", e))?;
-        let queued = self.enqueue(kvs, pass, bs);
+        let queued = self.enqueue(kvs, pass, bs, None);
         let captured = s.end_capture(graphs::instantiate_flags());
         queued?;
         captured
@@ -1253,7 +1295,9 @@ impl CudaModel {
     /// Queues one forward pass on the stream: every kernel and multiply,
     /// no copy to or from the host and no wait, so that it can be captured
     /// into a graph as well as run.
-    fn enqueue(&self, kvs: &DeviceKv, p: &Pass, bs: usize) -> Result<()> {
+    /// `tap`: after each layer's KV write, its written blocks are gathered
+    /// into the tap's buffer and the layer's event recorded.
+    fn enqueue(&self, kvs: &DeviceKv, p: &Pass, bs: usize, tap: Option<&ExportTap>) -> Result<()> {
         let c = &self.config;
         let (h, hd, nh, nkv, ffn) = (c.hidden, c.head_dim, c.n_heads, c.n_kv_heads, c.ffn);
         let (qd, kvd) = (nh * hd, nkv * hd);
@@ -1295,6 +1339,20 @@ impl CudaModel {
             )?;
             let kv = ptr(&kvs.layers[li], s);
             k.kv_write(p.qkv, p.pos, p.blk, kv, n_tok, row_len, qd, nkv, hd, bs)?;
+            if let Some(t) = tap {
+                let floats = t.ids.len() * t.block_floats;
+                k.copy_blocks(
+                    kv,
+                    t.ids_d,
+                    t.buf + (li * floats * 4) as u64,
+                    0,
+                    t.ids.len(),
+                    t.block_floats,
+                )?;
+                t.written[li]
+                    .record(s)
+                    .map_err(|e| cuda_err("recording a layer's event", e))?;
+            }
             let args = AttentionArgs { kv, ..att.clone() };
             if p.n_att_rows > 0 {
                 k.attention(&args, p.att_rows, p.n_att_rows)?;
@@ -1338,7 +1396,8 @@ impl CudaModel {
         if blocks.is_empty() {
             return Ok(staging);
         }
-        let (layers, ids, buf) = self.block_transfer(st, pool, blocks)?;
+        let (layers, ids) = self.block_ids(st, pool, blocks)?;
+        let buf = self.layer_buffer(st, pool, blocks.len())?;
         let n = blocks.len() * layout.block_floats();
         let s = &self.dev.stream;
         for (li, layer) in layers.into_iter().enumerate() {
@@ -1346,7 +1405,7 @@ impl CudaModel {
             self.dev
                 .k
                 .copy_blocks(layer, ids, buf, 0, blocks.len(), layout.block_floats())?;
-            // SAFETY: the buffer holds n floats (block_transfer), the
+            // SAFETY: the buffer holds n floats (layer_buffer), the
             // layer's slice of the staging exactly n; the copy to pageable
             // memory completes before the call returns, so before the next
             // gather rewrites the buffer.
@@ -1360,18 +1419,98 @@ impl CudaModel {
         Ok(staging)
     }
 
+    /// The tap of an observed step: which blocks it writes (its blocks are
+    /// reserved), their ids on the device, a device buffer for all layers
+    /// of them, and one event per layer.
+    fn export_tap(
+        &self,
+        st: &mut State,
+        pool: &KvPool,
+        batch: &[SeqStep<'_>],
+    ) -> Result<ExportTap> {
+        let layout = *pool.layout();
+        let before: Vec<usize> = batch.iter().map(|s| s.kv.len).collect();
+        let after: Vec<usize> = batch.iter().map(|s| s.kv.len + s.tokens.len()).collect();
+        let (ids, views) = written_blocks_between(batch, &before, &after, layout.block_size);
+        let (_, ids_d) = self.block_ids(st, pool, &ids)?;
+        let floats = layout.n_layers * ids.len() * layout.block_floats();
+        let buf = ensure(
+            &self.dev,
+            &mut st.scratch.export_buf,
+            floats,
+            "KV export buffer",
+        )?;
+        let written = (0..layout.n_layers)
+            .map(|_| {
+                self.dev
+                    .ctx
+                    .new_event(None)
+                    .map_err(|e| cuda_err("creating a layer event", e))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ExportTap {
+            ids,
+            ids_d,
+            buf,
+            block_floats: layout.block_floats(),
+            written,
+            views,
+            positions: before.iter().zip(&after).map(|(&a, &b)| a..b).collect(),
+            layout,
+        })
+    }
+
+    /// Hands `on_layer` each layer of the tap in order, as soon as the
+    /// device has written it: waits for the layer's event, copies the
+    /// layer's blocks to the host on the copy stream (the compute stream
+    /// goes on meanwhile) and shows them through a small host pool.
+    fn stream_layers(&self, tap: ExportTap, on_layer: &mut dyn FnMut(LayerKv<'_>)) -> Result<()> {
+        let n = tap.ids.len();
+        let floats = n * tap.block_floats;
+        let mut layer_host = vec![0f32; floats];
+        let mut copy = KvStaging::new(tap.layout, n * tap.layout.block_size).into_pool();
+        for (li, done) in tap.written.iter().enumerate() {
+            done.synchronize()
+                .map_err(|e| cuda_err(&format!("waiting for layer {li}"), e))?;
+            // SAFETY: the tap's buffer holds n_layers × floats floats and the
+            // host buffer `floats`; the copy to pageable memory completes
+            // before the call returns.
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(
+                    &mut layer_host,
+                    tap.buf + (li * floats * 4) as u64,
+                    self.dev.copies.cu_stream(),
+                )
+            }
+            .map_err(|e| cuda_err("copying a layer's KV out", e))?;
+            for b in 0..n {
+                copy.region_mut(li, b as BlockId)
+                    .copy_from_slice(&layer_host[b * tap.block_floats..(b + 1) * tap.block_floats]);
+            }
+            for (si, view) in tap.views.iter().enumerate() {
+                on_layer(LayerKv {
+                    seq: si,
+                    layer: li,
+                    pool: &copy,
+                    kv: view,
+                    positions: tap.positions[si].clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// What moving `blocks` of every layer between the bound device KV and
-    /// the host needs: each layer's device address, the block ids on the
-    /// device, and a device buffer for one layer's worth of them. Checks
-    /// every id first. Moving a layer is then one copy across the bus and
-    /// one `copy_blocks` kernel, not a copy per block (thousands of small
-    /// copies from pageable memory for a long prompt).
-    fn block_transfer(
+    /// the host needs: each layer's device address and the block ids on
+    /// the device (checked first). Moving a layer is then one copy across
+    /// the bus and one `copy_blocks` kernel, not a copy per block
+    /// (thousands of small copies from pageable memory for a long prompt).
+    fn block_ids(
         &self,
         st: &mut State,
         pool: &KvPool,
         blocks: &[BlockId],
-    ) -> Result<(Vec<u64>, u64, u64)> {
+    ) -> Result<(Vec<u64>, u64)> {
         let kv = self.kv_of(st, pool)?;
         if let Some(&b) = blocks.iter().find(|&&b| b as usize >= kv.n_blocks) {
             return Err(EngineError::Cuda(format!(
@@ -1382,15 +1521,28 @@ impl CudaModel {
         let s = &self.dev.stream;
         let layers: Vec<u64> = kv.layers.iter().map(|l| ptr(l, s)).collect();
         let ids: Vec<i32> = blocks.iter().map(|&b| b as i32).collect();
-        let floats = blocks.len() * pool.layout().block_floats();
-        let sc = &mut st.scratch;
-        let ids_d = ensure(&self.dev, &mut sc.block_ids, ids.len(), "KV block ids")?;
-        let buf = ensure(&self.dev, &mut sc.block_buf, floats, "KV transfer buffer")?;
+        let ids_d = ensure(
+            &self.dev,
+            &mut st.scratch.block_ids,
+            ids.len(),
+            "KV block ids",
+        )?;
         // SAFETY: the buffer holds at least ids.len() ints; the upload from
         // pageable memory completes before the call returns.
         unsafe { cudarc::driver::result::memcpy_htod_async(ids_d, &ids, s.cu_stream()) }
             .map_err(|e| cuda_err("uploading KV block ids", e))?;
-        Ok((layers, ids_d, buf))
+        Ok((layers, ids_d))
+    }
+
+    /// A device buffer for one layer's worth of `n` blocks.
+    fn layer_buffer(&self, st: &mut State, pool: &KvPool, n: usize) -> Result<u64> {
+        let floats = n * pool.layout().block_floats();
+        ensure(
+            &self.dev,
+            &mut st.scratch.block_buf,
+            floats,
+            "KV transfer buffer",
+        )
     }
 }
 
@@ -1409,10 +1561,15 @@ impl Executor for CudaModel {
         }
     }
 
-    /// After the whole step (not layer by layer), `on_layer` sees each
+    /// Layer by layer, as the device writes them, `on_layer` sees each
     /// layer's new KV through a host copy of just the blocks the step
     /// wrote, renumbered into a small pool of their own (what a sharded
-    /// worker does too); [`Executor::forward`] copies nothing.
+    /// worker does too): after its KV write, each layer's written blocks
+    /// are gathered on the device and an event recorded; the host waits for
+    /// layer L's event, copies it out on a second stream and calls
+    /// `on_layer` while the device computes the layers after L (the
+    /// decode-step graphs are not used for such a step).
+    /// [`Executor::forward`] copies nothing.
     fn forward_observed(
         &self,
         pool: &mut KvPool,
@@ -1422,21 +1579,11 @@ impl Executor for CudaModel {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let before: Vec<usize> = batch.iter().map(|s| s.kv.len).collect();
-        let logits = self.step(pool, batch)?;
-        let (ids, views) = written_blocks(batch, &before, pool.layout().block_size);
-        let staged = {
-            self.dev.bind()?;
-            let mut st = self.lock();
-            self.download_blocks(&mut st, pool, &ids)?
-        };
-        let copy = staged.into_pool();
-        show_written(on_layer, &copy, &views, &before, self.config.n_layers);
-        Ok(logits)
+        self.step(pool, batch, Some(on_layer))
     }
 
     fn forward(&self, pool: &mut KvPool, batch: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
-        self.step(pool, batch)
+        self.step(pool, batch, None)
     }
 
     /// The KV lives in device memory: received into a host staging buffer,
@@ -1460,11 +1607,12 @@ impl Executor for CudaModel {
         if nb == 0 {
             return Ok(());
         }
-        let (layers, ids, buf) = self.block_transfer(&mut st, pool, &kv.blocks[..nb])?;
+        let (layers, ids) = self.block_ids(&mut st, pool, &kv.blocks[..nb])?;
+        let buf = self.layer_buffer(&mut st, pool, nb)?;
         let n = nb * layout.block_floats();
         for (li, layer) in layers.into_iter().enumerate() {
             // One copy of the layer's staged blocks, then scatter them.
-            // SAFETY: the buffer holds n floats (block_transfer) and the
+            // SAFETY: the buffer holds n floats (layer_buffer) and the
             // staging's layer at least n; the copy from pageable memory is
             // stream-ordered after the previous layer's scatter, which reads
             // the buffer.
