@@ -405,7 +405,13 @@ impl Engine {
         let context_length = model.config().context_length;
         let total_blocks = pool.n_blocks();
         let reserve_wait = cfg.reserve_wait;
+        let max_batch = cfg.scheduler.max_running;
         let mut sched = Scheduler::new(cfg.scheduler, pool, context_length);
+        // Before the first request, so that it does not pay for it; a
+        // failure only loses the head start.
+        if let Err(e) = model.warm_up(sched.pool_mut(), max_batch) {
+            tracing::warn!(error = %e, "warming the executor up failed; serving without it");
+        }
         let stats = Arc::new(Mutex::new(sched.stats()));
         let (tx, rx) = mpsc::channel::<Command>();
         let stats_w = stats.clone();

@@ -86,6 +86,14 @@ pub trait Executor: Send + Sync {
     fn forward(&self, pool: &mut KvPool, batch: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
         self.forward_observed(pool, batch, &mut |_: LayerKv<'_>| {})
     }
+
+    /// Prepares, once before serving from `pool`, what the first steps
+    /// would otherwise pay for: a device executor captures its decode-step
+    /// graphs for batches of up to `max_batch` sequences. Nothing by
+    /// default. Writes nothing a sequence reads.
+    fn warm_up(&self, _pool: &mut KvPool, _max_batch: usize) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl Executor for crate::model::Model {

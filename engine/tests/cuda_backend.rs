@@ -22,6 +22,8 @@
 //! - decode steps replayed from CUDA graphs (padded to their batch bucket)
 //!   against the same steps run kernel by kernel: within [`TOL_F32`], and
 //!   greedy ids picked in the graph equal to its logits' argmax;
+//! - warming up captures the decode graphs up to the largest batch's
+//!   bucket and changes no output;
 //! - an observed step (KV export) streams each layer's written KV like
 //!   the CPU's: same calls, positions, and K/V within [`TOL_F32`];
 //! - BF16 weights: logits within [`TOL_BF16_REL`] of the largest CPU logit;
@@ -450,15 +452,20 @@ fn greedy_and_top_k_rows_are_picked_from_the_logits_they_replace() {
 
 /// Prefills `prompts` (one batch), then runs `steps` decode steps in one
 /// batch with fixed tokens, sequence `i` asking for `kinds[i]`; returns
-/// each decode step's rows.
+/// each decode step's rows. `warm`: warm the model up on the fresh pool
+/// first, for batches of up to that many sequences.
 fn decode_steps(
     m: &CudaModel,
     prompts: &[Vec<u32>],
     steps: usize,
     kinds: &[Logits],
+    warm: Option<usize>,
 ) -> Vec<Vec<Vec<f32>>> {
     let total: usize = prompts.iter().map(|p| p.len() + steps + 16).sum();
     let mut pool = m.pool_for_tokens(total, 16);
+    if let Some(n) = warm {
+        m.warm_up(&mut pool, n).expect("warm-up");
+    }
     let mut kvs: Vec<SeqKv> = prompts.iter().map(|_| SeqKv::default()).collect();
     let mut b: Vec<SeqStep<'_>> = kvs
         .iter_mut()
@@ -516,10 +523,10 @@ fn decode_graphs_match_eager_steps() {
             })
             .collect();
         m.set_graphs(false);
-        let eager = decode_steps(m, set, steps, &last);
+        let eager = decode_steps(m, set, steps, &last, None);
         m.set_graphs(true);
-        let graphed = decode_steps(m, set, steps, &last);
-        let picked = decode_steps(m, set, steps, &mixed);
+        let graphed = decode_steps(m, set, steps, &last, None);
+        let picked = decode_steps(m, set, steps, &mixed, None);
         for step in 0..steps {
             for i in 0..set.len() {
                 let d = max_abs_diff(&graphed[step][i], &eager[step][i]);
@@ -547,6 +554,45 @@ fn decode_graphs_match_eager_steps() {
                     assert_eq!(picked[step][i], graphed[step][i], "step {step} seq {i}");
                 }
             }
+        }
+    }
+}
+
+/// Warming up captures the decode graph of every bucket up to the one that
+/// holds the largest batch, before any step, and writes nothing a sequence
+/// reads: decoding afterwards gives what a pool never warmed gives.
+#[test]
+fn warming_up_captures_the_graphs_and_changes_no_output() {
+    let _serial = serial();
+    let m = gpu_model();
+    m.set_graphs(true);
+    let prompts: Vec<Vec<u32>> = golden_prompts()
+        .into_iter()
+        .map(|(_, p)| p)
+        .take(3)
+        .collect();
+    let last = vec![Logits::Last; prompts.len()];
+    let cold = decode_steps(m, &prompts, 3, &last, None);
+    // Another pool size: fresh device KV, no graph left from before.
+    let mut longer = prompts.clone();
+    longer[0].extend(15..55u32);
+    let warm = decode_steps(m, &longer, 3, &last, Some(6));
+    assert_eq!(
+        m.captured_graph_buckets(),
+        vec![1, 2, 4, 8],
+        "buckets up to the one holding 6"
+    );
+    let cold_longer = {
+        m.set_graphs(false);
+        let out = decode_steps(m, &longer, 3, &last, None);
+        m.set_graphs(true);
+        out
+    };
+    for step in 0..3 {
+        for i in 0..prompts.len() {
+            let d = max_abs_diff(&warm[step][i], &cold_longer[step][i]);
+            assert!(d <= TOL_F32, "warmed step {step} seq {i} differs by {d}");
+            assert_eq!(warm[step][i].len(), cold[step][i].len());
         }
     }
 }

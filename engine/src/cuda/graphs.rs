@@ -92,7 +92,8 @@ pub(super) fn padded_meta(
     block_size: usize,
     sink: BlockId,
 ) -> Result<Vec<i32>> {
-    if batch.len() > b || !replayable(batch) {
+    // An empty batch is all padding: what warming up captures with.
+    if batch.len() > b || !(batch.is_empty() || replayable(batch)) {
         return Err(EngineError::Cuda(format!(
             "a graph of {b} rows cannot replay this step of {} sequences",
             batch.len()
@@ -229,6 +230,9 @@ mod tests {
         assert_eq!(m.len(), l.words(7));
         // Too many rows, or a prefill among them: not for a graph.
         assert!(padded_meta(&batch, 2, bs, 100).is_err());
+        // No rows: all padding (warming up), reading and writing the sink.
+        let empty = padded_meta(&[], 2, bs, 100).unwrap();
+        assert_eq!(empty, vec![0, 0, 0, 0, 0, 1, 100, 100, 0, 0, 100]);
         drop(batch);
         let mut kv = SeqKv::default();
         let prefill = [SeqStep {

@@ -1020,6 +1020,22 @@ impl CudaModel {
         self.graphs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// The batch buckets whose decode graph is captured, smallest first.
+    fn captured_graphs(&self, st: &State) -> Vec<usize> {
+        let mut b: Vec<usize> = st
+            .kv
+            .as_ref()
+            .map(|kv| kv.graphs.graphs.keys().copied().collect())
+            .unwrap_or_default();
+        b.sort_unstable();
+        b
+    }
+
+    /// [`CudaModel::captured_graphs`] of the bound device KV (tests).
+    pub fn captured_graph_buckets(&self) -> Vec<usize> {
+        self.captured_graphs(&self.lock())
+    }
+
     /// Turns graph replay of decode steps on or off (tests compare both).
     pub fn set_graphs(&self, on: bool) {
         self.graphs.store(on, std::sync::atomic::Ordering::Relaxed);
@@ -1639,6 +1655,35 @@ impl Executor for CudaModel {
 
     fn prepare_pool(&self, pool: &mut KvPool) {
         pool.record_copies();
+    }
+
+    /// Captures (and runs once, on padding rows that touch only the sink
+    /// block) the decode graph of every bucket up to the one that holds
+    /// `max_batch` sequences.
+    fn warm_up(&self, pool: &mut KvPool, max_batch: usize) -> Result<()> {
+        if !self.graphs_enabled() {
+            return Ok(());
+        }
+        let Some(top) =
+            graphs::bucket(max_batch.clamp(1, graphs::BUCKETS[graphs::BUCKETS.len() - 1]))
+        else {
+            return Ok(());
+        };
+        self.dev.bind()?;
+        let mut st = self.lock();
+        self.bind_pool(&mut st, pool)?;
+        // Largest first: its buffers then serve every smaller bucket.
+        for &b in graphs::BUCKETS.iter().rev().filter(|&&b| b <= top) {
+            if self.replay_decode(&mut st, pool, &[], b)?.is_none() {
+                break; // capture failed: graphs are off, with a warning
+            }
+        }
+        self.dev.sync("warming up the decode graphs")?;
+        tracing::info!(
+            buckets = ?self.captured_graphs(&st),
+            "decode step graphs captured"
+        );
+        Ok(())
     }
 
     /// A tracking pool: the KV lives on the device.
