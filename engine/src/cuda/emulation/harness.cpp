@@ -304,8 +304,41 @@ static void copy_blocks_case() {
     check(bad == 0, "copy_blocks: gather by ids, scatter to ids, nothing else written", bad);
 }
 
+// f32_to_bf16 rounds to nearest, ties to even, as the host's `half` does:
+// known cases at and around the ties, signed zero, infinities, overflow,
+// and NaN kept a (quiet) NaN.
+static void bf16_case() {
+    struct Case {
+        unsigned in;
+        unsigned short out;
+    } cases[] = {
+        {0x3F800000u, 0x3F80}, // 1
+        {0x3F808000u, 0x3F80}, // 1 + half an ulp: tie, to even (down)
+        {0x3F818000u, 0x3F82}, // tie, to even (up)
+        {0x3F808001u, 0x3F81}, // just above the tie
+        {0x3F807FFFu, 0x3F80}, // just below it
+        {0xBF808001u, 0xBF81}, // negative, above the tie
+        {0x80000000u, 0x8000}, // -0
+        {0x7F800000u, 0x7F80}, // +inf
+        {0xFF800000u, 0xFF80}, // -inf
+        {0x7F7FFFFFu, 0x7F80}, // largest float rounds to +inf
+        {0x00000001u, 0x0000}, // smallest subnormal rounds to 0
+    };
+    int n = sizeof cases / sizeof cases[0];
+    std::vector<float> x(n + 1);
+    for (int i = 0; i < n; ++i) x[i] = __uint_as_float(cases[i].in);
+    x[n] = __uint_as_float(0x7FA00000u); // a signalling NaN
+    std::vector<unsigned short> y(n + 1, 0x1234);
+    launch({1, 1, 1}, 256, 0, [&] { f32_to_bf16(x.data(), y.data(), n + 1); });
+    int bad = 0;
+    for (int i = 0; i < n; ++i) bad += y[i] != cases[i].out;
+    bad += (y[n] & 0x7F80) != 0x7F80 || (y[n] & 0x007F) == 0 || !(y[n] & 0x0040);
+    check(bad == 0, "f32_to_bf16: nearest, ties to even; NaN stays a quiet NaN", bad);
+}
+
 int main() {
     row_cases();
+    bf16_case();
     copy_blocks_case();
     attention_case(64, 4, 2, 16);
     attention_case(128, 2, 1, 8);
