@@ -207,16 +207,7 @@ mod tests {
         ];
         let toks = [[11u32], [12], [13]];
         let kinds = [Logits::Greedy, Logits::Last, Logits::TopK(3)];
-        let batch: Vec<SeqStep<'_>> = kvs
-            .iter_mut()
-            .zip(&toks)
-            .zip(kinds)
-            .map(|((kv, t), logits)| SeqStep {
-                kv,
-                tokens: t,
-                logits,
-            })
-            .collect();
+        let batch = super::super::test_steps(&mut kvs, &toks, &kinds);
         assert!(replayable(&batch));
         let m = padded_meta(&batch, 4, bs, 100).unwrap();
         let l = MetaLayout { b: 4 };

@@ -1895,6 +1895,24 @@ pub fn paged_attention(
     Ok(out)
 }
 
+/// A step of sequence `i` bringing `toks[i]` and asking for `kinds[i]`.
+#[cfg(test)]
+fn test_steps<'a, T: AsRef<[u32]>>(
+    kvs: &'a mut [SeqKv],
+    toks: &'a [T],
+    kinds: &[Logits],
+) -> Vec<SeqStep<'a>> {
+    kvs.iter_mut()
+        .zip(toks)
+        .zip(kinds)
+        .map(|((kv, t), &logits)| SeqStep {
+            kv,
+            tokens: t.as_ref(),
+            logits,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1921,16 +1939,7 @@ mod tests {
             Logits::TopK(2),
             Logits::Greedy,
         ];
-        let batch: Vec<SeqStep<'_>> = kvs
-            .iter_mut()
-            .zip(&toks)
-            .zip(kinds)
-            .map(|((kv, t), logits)| SeqStep {
-                kv,
-                tokens: t,
-                logits,
-            })
-            .collect();
+        let batch = test_steps(&mut kvs, &toks, &kinds);
         // Logit rows: 0 greedy, 1..4 All, 4 Last, 5 top-2, 6 greedy.
         let picks = RowPicks::of(&batch);
         assert_eq!(picks.greedy, vec![0, 6]);
