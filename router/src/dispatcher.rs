@@ -7,7 +7,8 @@
 //! - a full worker (bounded queue) makes the request try the next one, and
 //!   when all are full the client gets 503 with `Retry-After`;
 //! - a remote prefill that fails before the first token is retried on
-//!   another prefill worker, or prefilled on the decode worker itself;
+//!   another prefill worker, or prefilled on the decode worker itself, and
+//!   that prefill→decode pair is kept apart for a while ([`PairHealth`]);
 //! - a decode worker that dies mid-stream is replaced: the request is
 //!   resumed on another decode worker with the tokens already sent
 //!   (re-prefilled there, counted as output), so the client sees one
@@ -35,6 +36,7 @@ use crate::dispatch::{
     Backend, BoxFuture, DispatchError, Finish, GenerationInput, SampledToken, TokenEvent,
     TokenStream,
 };
+use crate::pairs::PairHealth;
 use crate::policy::{block_hashes, DisaggPolicy, Picker, PrefixIndex, RoutePolicy};
 use crate::workers::{self, ConnectError, InFlightGuard, Worker};
 
@@ -70,6 +72,8 @@ struct Shared {
     drain: Drain,
     shutdown: CancellationToken,
     block_size: AtomicUsize,
+    /// Prefill→decode pairs whose KV hand-over failed lately.
+    pairs: PairHealth,
 }
 
 pub struct Dispatcher {
@@ -89,6 +93,7 @@ impl Dispatcher {
                 drain,
                 shutdown,
                 block_size: AtomicUsize::new(16),
+                pairs: PairHealth::default(),
             }),
         }
     }
@@ -372,6 +377,18 @@ struct Opened {
     guards: (InFlightGuard, Option<InFlightGuard>),
 }
 
+impl Opened {
+    /// The first token arrived: the prefill leg is over (its in-flight
+    /// count released), and its hand-over worked.
+    fn prefill_done(&mut self, pairs: &PairHealth) {
+        if self.guards.1.take().is_some() {
+            if let Some(p) = &self.prefill {
+                pairs.succeeded(p.addr, self.decode.addr);
+            }
+        }
+    }
+}
+
 /// Failures that say "this worker is gone", as opposed to "this request is bad".
 fn is_connection_failure(s: &tonic::Status) -> bool {
     use tonic::Code;
@@ -401,7 +418,14 @@ impl Shared {
         let prefill = if local {
             None
         } else {
-            self.picker.prefill(&prefill, matched).cloned()
+            // Not a prefill worker whose hand-over to this decode worker
+            // failed lately; with none left, the decode worker prefills.
+            let now = Instant::now();
+            let reachable: Vec<Arc<Worker>> = prefill
+                .into_iter()
+                .filter(|p| !self.pairs.avoided(p.addr, decode.addr, now))
+                .collect();
+            self.picker.prefill(&reachable, matched).cloned()
         };
         Some((decode, prefill))
     }
@@ -565,7 +589,7 @@ impl Relay {
                 self.generated.push(t.token_id);
                 if let Some(o) = self.opened.as_mut() {
                     // The prefill leg is over once a token arrives.
-                    o.guards.1 = None;
+                    o.prefill_done(&self.shared.pairs);
                 }
                 Next::Forward(token_event(&t))
             }
@@ -664,8 +688,9 @@ fn finished_event(f: &pb::Finished) -> TokenEvent {
 }
 
 /// The prefill leg failed before any token: marks that prefill worker down
-/// and opens the request again, on another prefill worker or, with none
-/// left, prefilling on a decode worker. Shared by the one-choice and the
+/// (until the next load poll) and the pair apart (see [`PairHealth`]), and
+/// opens the request again, on another prefill worker or, with none left,
+/// prefilling on a decode worker. Shared by the one-choice and the
 /// parallel relays.
 async fn reopen_after_prefill_failure(
     shared: &Shared,
@@ -673,11 +698,13 @@ async fn reopen_after_prefill_failure(
     opened: &mut Option<Opened>,
     why: String,
 ) -> Result<(), DispatchError> {
-    let failed = opened.take().and_then(|o| o.prefill);
-    if let Some(p) = &failed {
-        tracing::warn!(request = %attempt.req.request_id, prefill = %p.addr, error = %why, "prefill failed; retrying elsewhere");
-        p.mark_down();
-        attempt.failed.push(p.addr);
+    if let Some(o) = opened.take() {
+        if let Some(p) = &o.prefill {
+            tracing::warn!(request = %attempt.req.request_id, prefill = %p.addr, decode = %o.decode.addr, error = %why, "prefill failed; retrying elsewhere");
+            p.mark_down();
+            shared.pairs.failed(p.addr, o.decode.addr, Instant::now());
+            attempt.failed.push(p.addr);
+        }
     }
     metrics::counter!(tandem_cluster::metrics::ROUTER_PREFILL_RETRIES).increment(1);
     *opened = Some(shared.open(attempt).await?);
@@ -786,7 +813,7 @@ impl ParallelRelay {
             pb::DecodeEventKind::Token(t) => {
                 if let Some(o) = self.opened.as_mut() {
                     // The prefill leg is over once a token arrives.
-                    o.guards.1 = None;
+                    o.prefill_done(&self.shared.pairs);
                 }
                 if self.choices[i].done {
                     return Ok(());

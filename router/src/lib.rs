@@ -5,5 +5,6 @@ pub mod api;
 pub mod dashboard;
 pub mod dispatch;
 pub mod dispatcher;
+pub mod pairs;
 pub mod policy;
 pub mod workers;

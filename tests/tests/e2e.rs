@@ -885,6 +885,60 @@ fn a_decode_worker_told_to_recompute_computes_a_prompt_whose_kv_never_came() {
     });
 }
 
+/// A prefill worker that cannot hand KV to one decode worker (here their
+/// KV layouts differ: 32-token blocks against 16, refused at the
+/// handshake) is kept apart from it: the first request fails over to a
+/// prefill on the decode worker, and later ones go there straight away,
+/// even after the prefill worker is back in the router's list (load polls
+/// every 100 ms revive a worker marked down), instead of failing over
+/// again each time. Every completion is the plain path's.
+#[test]
+fn a_prefill_worker_that_cannot_reach_a_decode_worker_is_not_paired_with_it_again() {
+    let cluster = Cluster::start_spec(ClusterSpec {
+        prefill: 1,
+        decode: 1,
+        threads: 1,
+        prefill_args: vec!["--block-size".into(), "32".into()],
+        ..Default::default()
+    });
+    let rt = rt();
+    let prompts = [
+        "The three primary colours are",
+        "A short story about a lighthouse keeper:",
+        "The capital of France is",
+    ];
+    let mut client = rt.block_on(grpc_client(&cluster));
+    for (i, prompt) in prompts.iter().enumerate() {
+        let reply = rt
+            .block_on(client.generate(greedy_request(prompt)))
+            .unwrap_or_else(|e| panic!("request {i}: {e}"))
+            .into_inner();
+        let (text, ids, _) = generate_plain(prompt, false);
+        assert_eq!(reply.token_ids, ids, "request {i}");
+        assert_eq!(reply.text, text, "request {i}");
+        if i == 0 {
+            // Long enough for the router to see the prefill worker alive again.
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    rt.block_on(async {
+        assert_eq!(
+            counter(&cluster.router, "tandem_router_prefill_retries_total").await,
+            1.0,
+            "only the first request tried the broken pair"
+        );
+        assert_eq!(
+            counter(
+                &cluster.router,
+                "tandem_router_dispatched_total{prefill=\"local\"}"
+            )
+            .await,
+            3.0,
+            "the decode worker prefilled all three"
+        );
+    });
+}
+
 /// A series from a node's /metrics, 0 when absent. `series` is `name` or
 /// `name{k="v",...}`: lines of that name whose labels include the given
 /// ones (the node labels `model`, `role`, `worker_id` and any others are

@@ -1,0 +1,116 @@
+//! Prefill→decode pairs whose KV hand-over failed, kept apart for a while.
+//!
+//! A decode worker that reports `prefill_failed` cannot say whether the
+//! prefill worker is broken for everyone or only unreachable from it (a
+//! firewall, a wrong advertised address, a mismatched layout). The
+//! dispatcher marks the prefill worker down, which only lasts until the next
+//! load poll finds it alive; this table keeps the failing *pair* apart
+//! beyond that, so a prefill worker that serves every other decode worker
+//! is not paired again and again with the one it cannot reach. A pair
+//! waits [`FIRST_BACKOFF`] after its first failure, twice as long after each
+//! failure that follows within [`MAX_BACKOFF`] of the last, up to
+//! [`MAX_BACKOFF`]; a hand-over that works clears it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How long a pair is avoided after its first failure.
+pub const FIRST_BACKOFF: Duration = Duration::from_secs(30);
+/// The longest a pair is avoided, and how long its record lasts.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Clone, Copy)]
+struct Strike {
+    failed_at: Instant,
+    backoff: Duration,
+}
+
+/// Failing (prefill, decode) pairs and how long each is avoided.
+#[derive(Debug, Default)]
+pub struct PairHealth {
+    strikes: Mutex<HashMap<(SocketAddr, SocketAddr), Strike>>,
+}
+
+impl PairHealth {
+    /// The hand-over from `prefill` to `decode` failed at `now`.
+    pub fn failed(&self, prefill: SocketAddr, decode: SocketAddr, now: Instant) {
+        let mut m = self.strikes.lock().unwrap_or_else(|e| e.into_inner());
+        // Forget what is long over, so the table stays small.
+        m.retain(|_, s| now.saturating_duration_since(s.failed_at) < MAX_BACKOFF);
+        let backoff = match m.get(&(prefill, decode)) {
+            Some(s) => (s.backoff * 2).min(MAX_BACKOFF),
+            None => FIRST_BACKOFF,
+        };
+        m.insert(
+            (prefill, decode),
+            Strike {
+                failed_at: now,
+                backoff,
+            },
+        );
+        tracing::warn!(%prefill, %decode, backoff_secs = backoff.as_secs(), "KV hand-over failed; pair avoided");
+    }
+
+    /// A hand-over from `prefill` to `decode` worked: the pair is healthy.
+    pub fn succeeded(&self, prefill: SocketAddr, decode: SocketAddr) {
+        let mut m = self.strikes.lock().unwrap_or_else(|e| e.into_inner());
+        m.remove(&(prefill, decode));
+    }
+
+    /// Whether `prefill` should not hand KV to `decode` at `now`.
+    pub fn avoided(&self, prefill: SocketAddr, decode: SocketAddr, now: Instant) -> bool {
+        let m = self.strikes.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(&(prefill, decode))
+            .is_some_and(|s| now.saturating_duration_since(s.failed_at) < s.backoff)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn a_failed_pair_is_avoided_for_a_doubling_while_and_cleared_by_success() {
+        let h = PairHealth::default();
+        let (p, d, other) = (addr(1), addr(2), addr(3));
+        let t0 = Instant::now();
+        assert!(!h.avoided(p, d, t0));
+        h.failed(p, d, t0);
+        // Only that pair, only for the first backoff.
+        assert!(h.avoided(p, d, t0 + FIRST_BACKOFF / 2));
+        assert!(!h.avoided(p, other, t0));
+        assert!(!h.avoided(other, d, t0));
+        assert!(!h.avoided(p, d, t0 + FIRST_BACKOFF));
+        // Failing again soon after: twice as long, then four times.
+        let t1 = t0 + FIRST_BACKOFF;
+        h.failed(p, d, t1);
+        assert!(h.avoided(p, d, t1 + FIRST_BACKOFF * 3 / 2));
+        assert!(!h.avoided(p, d, t1 + FIRST_BACKOFF * 2));
+        let t2 = t1 + FIRST_BACKOFF * 2;
+        h.failed(p, d, t2);
+        assert!(h.avoided(p, d, t2 + FIRST_BACKOFF * 3));
+        // Capped.
+        let mut t = t2;
+        for _ in 0..10 {
+            t += Duration::from_secs(1);
+            h.failed(p, d, t);
+        }
+        assert!(h.avoided(p, d, t + MAX_BACKOFF - Duration::from_secs(1)));
+        assert!(!h.avoided(p, d, t + MAX_BACKOFF));
+        // A hand-over that works clears it at once.
+        h.succeeded(p, d);
+        assert!(!h.avoided(p, d, t));
+        // A failure long after the last starts over at the first backoff.
+        h.failed(p, d, t);
+        let later = t + MAX_BACKOFF;
+        h.failed(p, d, later);
+        assert!(h.avoided(p, d, later + FIRST_BACKOFF / 2));
+        assert!(!h.avoided(p, d, later + FIRST_BACKOFF));
+    }
+}
