@@ -71,9 +71,11 @@ pub enum KvFailurePolicy {
     #[default]
     Fail,
     /// Compute the prompt here instead, with a warning and
-    /// `tandem_kv_recomputed_total`: no round trip through the router, but
-    /// the prefill worker is not marked down, and every recomputed prompt
-    /// costs this worker's decode batch a prefill.
+    /// `tandem_kv_recomputed_total`: no round trip through the router, and
+    /// the prefill worker is not marked down, but the router is told
+    /// (`PrefillRecomputed`) and keeps that prefill worker away from this
+    /// one for a while; every recomputed prompt costs this worker's decode
+    /// batch a prefill.
     Recompute,
 }
 
@@ -437,6 +439,15 @@ impl Inner {
                     );
                     metrics::counter!(metrics_names::KV_RECOMPUTED).increment(1);
                     prefilled_remotely = false;
+                    // Tell the router, so that it keeps this pair apart.
+                    let _ = out
+                        .send(Ok(pb::DecodeEvent {
+                            kind: Some(pb::DecodeEventKind::Recomputed(pb::PrefillRecomputed {
+                                reason: s.message().to_string(),
+                            })),
+                            index: 0,
+                        }))
+                        .await;
                     self.engine.submit(spec).map_err(convert::engine_status)
                 }
                 (r, _) => r,

@@ -41,7 +41,8 @@ pub mod worker {
     pub use crate::pb::{
         Admitted, CachedPrefixRequest, CachedPrefixResponse, CancelRequest, CancelResponse,
         DecodeEvent, DecodeRequest, Finished, InfoRequest, LoadReport, LoadRequest, NodeInfo,
-        PrefillRequest, PrefillResponse, Role, SampledToken, WorkerError, WorkerSampling,
+        PrefillRecomputed, PrefillRequest, PrefillResponse, Role, SampledToken, WorkerError,
+        WorkerSampling,
     };
     pub use crate::pb::{FinishReason, TokenLogprob};
 

@@ -375,16 +375,29 @@ struct Opened {
     decode: Arc<Worker>,
     prefill: Option<Arc<Worker>>,
     guards: (InFlightGuard, Option<InFlightGuard>),
+    /// The decode worker computed the prompt itself (`PrefillRecomputed`).
+    recomputed: bool,
 }
 
 impl Opened {
     /// The first token arrived: the prefill leg is over (its in-flight
-    /// count released), and its hand-over worked.
+    /// count released), and its hand-over worked unless the decode worker
+    /// said it computed the prompt itself.
     fn prefill_done(&mut self, pairs: &PairHealth) {
-        if self.guards.1.take().is_some() {
+        if self.guards.1.take().is_some() && !self.recomputed {
             if let Some(p) = &self.prefill {
                 pairs.succeeded(p.addr, self.decode.addr);
             }
+        }
+    }
+
+    /// The decode worker computes the prompt itself: the hand-over from
+    /// the prefill worker failed, though the request goes on.
+    fn recomputed(&mut self, pairs: &PairHealth, why: &str) {
+        self.recomputed = true;
+        if let Some(p) = &self.prefill {
+            tracing::warn!(prefill = %p.addr, decode = %self.decode.addr, error = %why, "the decode worker recomputed a prompt whose KV did not arrive");
+            pairs.failed(p.addr, self.decode.addr, Instant::now());
         }
     }
 }
@@ -478,6 +491,7 @@ impl Shared {
                         decode,
                         prefill,
                         guards,
+                        recomputed: false,
                     });
                 }
                 Ok((
@@ -594,6 +608,12 @@ impl Relay {
                 Next::Forward(token_event(&t))
             }
             pb::DecodeEventKind::Finished(f) => Next::Forward(finished_event(&f)),
+            pb::DecodeEventKind::Recomputed(r) => {
+                if let Some(o) = self.opened.as_mut() {
+                    o.recomputed(&self.shared.pairs, &r.reason);
+                }
+                Next::Skip
+            }
             pb::DecodeEventKind::Error(e)
                 if e.code == "prefill_failed" && self.generated.is_empty() =>
             {
@@ -801,15 +821,22 @@ impl ParallelRelay {
         let Some(kind) = ev.kind else {
             return Ok(());
         };
-        if let pb::DecodeEventKind::Admitted(_) = kind {
-            return Ok(());
+        match &kind {
+            pb::DecodeEventKind::Admitted(_) => return Ok(()),
+            pb::DecodeEventKind::Recomputed(r) => {
+                if let Some(o) = self.opened.as_mut() {
+                    o.recomputed(&self.shared.pairs, &r.reason);
+                }
+                return Ok(());
+            }
+            _ => {}
         }
         if i >= self.choices.len() {
             tracing::warn!(request = %self.attempt.req.request_id, index = i, "event for a choice that does not exist");
             return Ok(());
         }
         let out = match kind {
-            pb::DecodeEventKind::Admitted(_) => return Ok(()),
+            pb::DecodeEventKind::Admitted(_) | pb::DecodeEventKind::Recomputed(_) => return Ok(()),
             pb::DecodeEventKind::Token(t) => {
                 if let Some(o) = self.opened.as_mut() {
                     // The prefill leg is over once a token arrives.

@@ -887,56 +887,69 @@ fn a_decode_worker_told_to_recompute_computes_a_prompt_whose_kv_never_came() {
 
 /// A prefill worker that cannot hand KV to one decode worker (here their
 /// KV layouts differ: 32-token blocks against 16, refused at the
-/// handshake) is kept apart from it: the first request fails over to a
-/// prefill on the decode worker, and later ones go there straight away,
-/// even after the prefill worker is back in the router's list (load polls
-/// every 100 ms revive a worker marked down), instead of failing over
-/// again each time. Every completion is the plain path's.
+/// handshake) is kept apart from it. With the default `fail`, the first
+/// request fails over to a prefill on the decode worker; with `recompute`,
+/// the decode worker computes it and tells the router. Either way later
+/// requests are prefilled there straight away, even after the prefill
+/// worker is back in the router's list (load polls every 100 ms revive a
+/// worker marked down), instead of failing over, or being recomputed, each
+/// time. Every completion is the plain path's.
 #[test]
 fn a_prefill_worker_that_cannot_reach_a_decode_worker_is_not_paired_with_it_again() {
-    let cluster = Cluster::start_spec(ClusterSpec {
-        prefill: 1,
-        decode: 1,
-        threads: 1,
-        prefill_args: vec!["--block-size".into(), "32".into()],
-        ..Default::default()
-    });
-    let rt = rt();
     let prompts = [
         "The three primary colours are",
         "A short story about a lighthouse keeper:",
         "The capital of France is",
     ];
-    let mut client = rt.block_on(grpc_client(&cluster));
-    for (i, prompt) in prompts.iter().enumerate() {
-        let reply = rt
-            .block_on(client.generate(greedy_request(prompt)))
-            .unwrap_or_else(|e| panic!("request {i}: {e}"))
-            .into_inner();
-        let (text, ids, _) = generate_plain(prompt, false);
-        assert_eq!(reply.token_ids, ids, "request {i}");
-        assert_eq!(reply.text, text, "request {i}");
-        if i == 0 {
-            // Long enough for the router to see the prefill worker alive again.
-            std::thread::sleep(Duration::from_secs(1));
+    let plain: Vec<(String, Vec<u32>)> = prompts
+        .iter()
+        .map(|p| {
+            let (text, ids, _) = generate_plain(p, false);
+            (text, ids)
+        })
+        .collect();
+    for policy in ["fail", "recompute"] {
+        let cluster = Cluster::start_spec(ClusterSpec {
+            prefill: 1,
+            decode: 1,
+            threads: 1,
+            prefill_args: vec!["--block-size".into(), "32".into()],
+            decode_args: vec!["--on-kv-failure".into(), policy.into()],
+            ..Default::default()
+        });
+        let rt = rt();
+        let mut client = rt.block_on(grpc_client(&cluster));
+        for (i, prompt) in prompts.iter().enumerate() {
+            let reply = rt
+                .block_on(client.generate(greedy_request(prompt)))
+                .unwrap_or_else(|e| panic!("{policy}: request {i}: {e}"))
+                .into_inner();
+            assert_eq!(reply.token_ids, plain[i].1, "{policy}: request {i}");
+            assert_eq!(reply.text, plain[i].0, "{policy}: request {i}");
+            if i == 0 {
+                // Long enough for the router to see the prefill worker alive again.
+                std::thread::sleep(Duration::from_secs(1));
+            }
         }
+        rt.block_on(async {
+            let router = &cluster.router;
+            let retries = counter(router, "tandem_router_prefill_retries_total").await;
+            let recomputed = counter(&cluster.decode[0], "tandem_kv_recomputed_total").await;
+            let (want_retries, want_recomputed) = if policy == "fail" {
+                (1.0, 0.0)
+            } else {
+                (0.0, 1.0)
+            };
+            assert_eq!(retries, want_retries, "{policy}: router retries");
+            assert_eq!(recomputed, want_recomputed, "{policy}: prompts recomputed");
+            let remote = r#"tandem_router_dispatched_total{prefill="remote"}"#;
+            assert_eq!(
+                counter(router, remote).await,
+                1.0,
+                "{policy}: only the first tried the pair"
+            );
+        });
     }
-    rt.block_on(async {
-        assert_eq!(
-            counter(&cluster.router, "tandem_router_prefill_retries_total").await,
-            1.0,
-            "only the first request tried the broken pair"
-        );
-        assert_eq!(
-            counter(
-                &cluster.router,
-                "tandem_router_dispatched_total{prefill=\"local\"}"
-            )
-            .await,
-            3.0,
-            "the decode worker prefilled all three"
-        );
-    });
 }
 
 /// A series from a node's /metrics, 0 when absent. `series` is `name` or
