@@ -212,8 +212,8 @@ fn draw(params: &SamplingParams, l: &[f32], pos: u64) -> u32 {
 }
 
 /// The `k` largest logits of `l` as `(id, logit)`, largest first, ties to
-/// the lower id (the order [`draw`] ranks top-k candidates in; a device
-/// that selects them the same way hands [`draw_top_k`] the same list).
+/// the lower id: the order sampling ranks top-k candidates in, so a device
+/// that selects them the same way hands [`sample_top_k`] the same list.
 pub fn top_k_of(l: &[f32], k: usize) -> Vec<(u32, f32)> {
     let k = k.min(l.len());
     if k == 0 {

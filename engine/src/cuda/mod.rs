@@ -1031,7 +1031,8 @@ impl CudaModel {
         b
     }
 
-    /// [`CudaModel::captured_graphs`] of the bound device KV (tests).
+    /// The batch buckets whose decode graph is captured on the bound device
+    /// KV, smallest first (tests).
     pub fn captured_graph_buckets(&self) -> Vec<usize> {
         self.captured_graphs(&self.lock())
     }
