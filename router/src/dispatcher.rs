@@ -386,7 +386,7 @@ impl Opened {
     fn prefill_done(&mut self, pairs: &PairHealth) {
         if self.guards.1.take().is_some() && !self.recomputed {
             if let Some(p) = &self.prefill {
-                pairs.succeeded(p.addr, self.decode.addr);
+                pairs.succeeded(p.peer(), self.decode.peer());
             }
         }
     }
@@ -397,7 +397,7 @@ impl Opened {
         self.recomputed = true;
         if let Some(p) = &self.prefill {
             tracing::warn!(prefill = %p.addr, decode = %self.decode.addr, error = %why, "the decode worker recomputed a prompt whose KV did not arrive");
-            pairs.failed(p.addr, self.decode.addr, Instant::now());
+            pairs.failed(p.peer(), self.decode.peer(), Instant::now());
         }
     }
 }
@@ -436,7 +436,7 @@ impl Shared {
             let now = Instant::now();
             let reachable: Vec<Arc<Worker>> = prefill
                 .into_iter()
-                .filter(|p| !self.pairs.avoided(p.addr, decode.addr, now))
+                .filter(|p| !self.pairs.avoided(p.peer(), decode.peer(), now))
                 .collect();
             self.picker.prefill(&reachable, matched).cloned()
         };
@@ -722,7 +722,9 @@ async fn reopen_after_prefill_failure(
         if let Some(p) = &o.prefill {
             tracing::warn!(request = %attempt.req.request_id, prefill = %p.addr, decode = %o.decode.addr, error = %why, "prefill failed; retrying elsewhere");
             p.mark_down();
-            shared.pairs.failed(p.addr, o.decode.addr, Instant::now());
+            shared
+                .pairs
+                .failed(p.peer(), o.decode.peer(), Instant::now());
             attempt.failed.push(p.addr);
         }
     }

@@ -9,7 +9,10 @@
 //! is not paired again and again with the one it cannot reach. A pair
 //! waits [`FIRST_BACKOFF`] after its first failure, twice as long after each
 //! failure that follows within [`MAX_BACKOFF`] of the last, up to
-//! [`MAX_BACKOFF`]; a hand-over that works clears it.
+//! [`MAX_BACKOFF`]; a hand-over that works clears it, and so does either
+//! worker coming back after its load polls failed (restarted, or back on
+//! the network: [`Peer::returns`]), since whatever broke the pair may be
+//! gone with that.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,10 +24,20 @@ pub const FIRST_BACKOFF: Duration = Duration::from_secs(30);
 /// The longest a pair is avoided, and how long its record lasts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(600);
 
+/// One life of a worker: its address, and how many times the router saw
+/// it come back after failed load polls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub returns: u64,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Strike {
     failed_at: Instant,
     backoff: Duration,
+    /// The two workers' lives when it failed.
+    lives: (u64, u64),
 }
 
 /// Failing (prefill, decode) pairs and how long each is avoided.
@@ -35,35 +48,41 @@ pub struct PairHealth {
 
 impl PairHealth {
     /// The hand-over from `prefill` to `decode` failed at `now`.
-    pub fn failed(&self, prefill: SocketAddr, decode: SocketAddr, now: Instant) {
+    pub fn failed(&self, prefill: Peer, decode: Peer, now: Instant) {
         let mut m = self.strikes.lock().unwrap_or_else(|e| e.into_inner());
         // Forget what is long over, so the table stays small.
         m.retain(|_, s| now.saturating_duration_since(s.failed_at) < MAX_BACKOFF);
-        let backoff = match m.get(&(prefill, decode)) {
-            Some(s) => (s.backoff * 2).min(MAX_BACKOFF),
-            None => FIRST_BACKOFF,
+        let lives = (prefill.returns, decode.returns);
+        let backoff = match m.get(&(prefill.addr, decode.addr)) {
+            Some(s) if s.lives == lives => (s.backoff * 2).min(MAX_BACKOFF),
+            _ => FIRST_BACKOFF,
         };
         m.insert(
-            (prefill, decode),
+            (prefill.addr, decode.addr),
             Strike {
                 failed_at: now,
                 backoff,
+                lives,
             },
         );
+        let (prefill, decode) = (prefill.addr, decode.addr);
         tracing::warn!(%prefill, %decode, backoff_secs = backoff.as_secs(), "KV hand-over failed; pair avoided");
     }
 
     /// A hand-over from `prefill` to `decode` worked: the pair is healthy.
-    pub fn succeeded(&self, prefill: SocketAddr, decode: SocketAddr) {
+    pub fn succeeded(&self, prefill: Peer, decode: Peer) {
         let mut m = self.strikes.lock().unwrap_or_else(|e| e.into_inner());
-        m.remove(&(prefill, decode));
+        m.remove(&(prefill.addr, decode.addr));
     }
 
-    /// Whether `prefill` should not hand KV to `decode` at `now`.
-    pub fn avoided(&self, prefill: SocketAddr, decode: SocketAddr, now: Instant) -> bool {
+    /// Whether `prefill` should not hand KV to `decode` at `now`: their
+    /// pair failed within its backoff, and neither has come back since.
+    pub fn avoided(&self, prefill: Peer, decode: Peer, now: Instant) -> bool {
         let m = self.strikes.lock().unwrap_or_else(|e| e.into_inner());
-        m.get(&(prefill, decode))
-            .is_some_and(|s| now.saturating_duration_since(s.failed_at) < s.backoff)
+        m.get(&(prefill.addr, decode.addr)).is_some_and(|s| {
+            s.lives == (prefill.returns, decode.returns)
+                && now.saturating_duration_since(s.failed_at) < s.backoff
+        })
     }
 }
 
@@ -71,8 +90,11 @@ impl PairHealth {
 mod tests {
     use super::*;
 
-    fn addr(port: u16) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], port))
+    fn addr(port: u16) -> Peer {
+        Peer {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            returns: 0,
+        }
     }
 
     #[test]
@@ -112,5 +134,24 @@ mod tests {
         h.failed(p, d, later);
         assert!(h.avoided(p, d, later + FIRST_BACKOFF / 2));
         assert!(!h.avoided(p, d, later + FIRST_BACKOFF));
+    }
+
+    /// A worker that comes back after its polls failed (restarted) is not
+    /// held to its old life's failures, on either side of the pair; its next
+    /// failure starts over at the first backoff.
+    #[test]
+    fn a_worker_that_came_back_starts_over() {
+        let h = PairHealth::default();
+        let (p, d) = (addr(1), addr(2));
+        let t = Instant::now();
+        h.failed(p, d, t);
+        h.failed(p, d, t + Duration::from_secs(1));
+        let back = Peer { returns: 1, ..p };
+        assert!(h.avoided(p, d, t + FIRST_BACKOFF));
+        assert!(!h.avoided(back, d, t + Duration::from_secs(2)));
+        assert!(!h.avoided(p, Peer { returns: 3, ..d }, t + Duration::from_secs(2)));
+        h.failed(back, d, t + Duration::from_secs(2));
+        assert!(h.avoided(back, d, t + Duration::from_secs(2) + FIRST_BACKOFF / 2));
+        assert!(!h.avoided(back, d, t + Duration::from_secs(2) + FIRST_BACKOFF));
     }
 }

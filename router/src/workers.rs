@@ -4,7 +4,7 @@
 //! counts (the poll lags; the counts do not).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,6 +26,11 @@ pub struct Worker {
     healthy: std::sync::atomic::AtomicBool,
     /// Set when the worker leaves the cluster: its poll stops.
     removed: std::sync::atomic::AtomicBool,
+    /// The last load poll failed (the worker did not answer at all).
+    poll_failed: std::sync::atomic::AtomicBool,
+    /// Times a load poll succeeded after one failed: the worker was gone
+    /// (died, restarted, unreachable) and is back.
+    returns: AtomicU64,
 }
 
 /// A snapshot for routing decisions.
@@ -61,6 +66,15 @@ impl Worker {
         if self.healthy.swap(false, Ordering::Relaxed) {
             tracing::warn!(worker = %self.addr, "marked down");
             metrics::counter!(tandem_cluster::metrics::ROUTER_WORKERS_MARKED_DOWN).increment(1);
+        }
+    }
+
+    /// Which life of the worker this is: its address, and how many times
+    /// it came back after a load poll found it gone (see [`crate::pairs`]).
+    pub fn peer(&self) -> crate::pairs::Peer {
+        crate::pairs::Peer {
+            addr: self.addr,
+            returns: self.returns.load(Ordering::Relaxed),
         }
     }
 
@@ -183,6 +197,8 @@ pub async fn connect(
         in_flight: AtomicU32::new(0),
         healthy: true.into(),
         removed: false.into(),
+        poll_failed: false.into(),
+        returns: AtomicU64::new(0),
     }))
 }
 
@@ -204,8 +220,12 @@ pub fn spawn_load_poll(
                         *l = r.into_inner();
                     }
                     w.healthy.store(!w.is_removed(), Ordering::Relaxed);
+                    if w.poll_failed.swap(false, Ordering::Relaxed) {
+                        w.returns.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 Err(e) => {
+                    w.poll_failed.store(true, Ordering::Relaxed);
                     if w.healthy.swap(false, Ordering::Relaxed) {
                         tracing::warn!(worker = %w.addr, error = %e.message(), "load poll failed");
                     }
