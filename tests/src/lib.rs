@@ -58,9 +58,16 @@ impl Node {
     }
 
     pub fn start_with_env(role: Role, args: &[&str], env: &[(&str, &str)]) -> Node {
+        Self::start_at(role, 0, args, env)
+    }
+
+    /// [`Node::start_with_env`] on `port` (0: any free one), as a node
+    /// restarted where it was.
+    pub fn start_at(role: Role, port: u16, args: &[&str], env: &[(&str, &str)]) -> Node {
+        let port = port.to_string();
         let mut cmd = Command::new(tandem_bin());
         cmd.arg(role.as_str())
-            .args(["--port", "0", "--host", "127.0.0.1"])
+            .args(["--port", &port, "--host", "127.0.0.1"])
             .args(args)
             .env("TANDEM_CLUSTER_SECRET", SECRET)
             .env_remove("TANDEM_API_KEY")

@@ -949,6 +949,49 @@ fn a_prefill_worker_that_cannot_reach_a_decode_worker_is_not_paired_with_it_agai
                 "{policy}: only the first tried the pair"
             );
         });
+        if policy == "recompute" {
+            continue;
+        }
+        // The operator fixes the prefill worker and restarts it where it
+        // was: the router sees it gone, then back, and pairs it again.
+        let mut cluster = cluster;
+        let port = cluster.prefill[0].addr().port();
+        cluster.prefill[0].kill();
+        std::thread::sleep(Duration::from_secs(1));
+        let model = model_path().to_string_lossy().into_owned();
+        cluster.prefill[0] = Node::start_at(
+            tandem_cluster::Role::Prefill,
+            port,
+            &[
+                "--model",
+                &model,
+                "--threads",
+                "1",
+                "--kv-cache-memory",
+                "256MiB",
+            ],
+            &[],
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        let reply = rt
+            .block_on(client.generate(greedy_request(prompts[0])))
+            .expect("after the restart")
+            .into_inner();
+        assert_eq!(reply.token_ids, plain[0].1, "after the restart");
+        rt.block_on(async {
+            let router = &cluster.router;
+            let remote = r#"tandem_router_dispatched_total{prefill="remote"}"#;
+            assert_eq!(
+                counter(router, remote).await,
+                2.0,
+                "the restarted worker prefills again"
+            );
+            assert_eq!(
+                counter(router, "tandem_router_prefill_retries_total").await,
+                1.0,
+                "and its hand-over works"
+            );
+        });
     }
 }
 
