@@ -202,6 +202,11 @@ pub enum Logits {
 /// [`Logits::Greedy`] or [`Logits::TopK`] row.
 pub(crate) const MAX_ID_VOCAB: usize = 1 << 24;
 
+/// The [`Logits::Greedy`] row carrying `id`.
+pub fn encode_greedy(id: u32) -> Vec<f32> {
+    vec![id as f32]
+}
+
 /// A [`Logits::TopK`] row of `(id, logit)` pairs.
 pub fn encode_top_k(top: &[(u32, f32)]) -> Vec<f32> {
     top.iter().flat_map(|&(i, v)| [i as f32, v]).collect()
@@ -492,7 +497,7 @@ pub(crate) fn split_logits(batch: &[SeqStep<'_>], logits: &[f32], vocab: usize) 
         };
         let rows = &logits[off * vocab..(off + n) * vocab];
         out.push(match s.logits {
-            Logits::Greedy => vec![crate::sampler::argmax(rows) as f32],
+            Logits::Greedy => encode_greedy(crate::sampler::argmax(rows)),
             Logits::TopK(k) => encode_top_k(&crate::sampler::top_k_of(rows, k)),
             _ => rows.to_vec(),
         });

@@ -152,6 +152,18 @@ pub struct Sampled {
 /// ([`SamplingParams::top_k_only_at`]); larger ones get whole logits.
 pub const MAX_DEVICE_TOP_K: usize = 256;
 
+impl Sampled {
+    /// A token with nothing reported about it: what [`sample`] returns
+    /// when no log-probability is asked for.
+    pub fn bare(token: u32) -> Self {
+        Self {
+            token,
+            logprob: 0.0,
+            top: Vec::new(),
+        }
+    }
+}
+
 /// SplitMix64 finaliser: a strong 64-bit mix.
 fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -336,11 +348,7 @@ fn draw_among(
 /// says so, from the top-k candidates alone ([`top_k_of`]'s list, as an
 /// executor selected them).
 pub fn sample_top_k(params: &SamplingParams, top: &[(u32, f32)], pos: u64) -> Sampled {
-    Sampled {
-        token: draw_top_k(params, top, pos),
-        logprob: 0.0,
-        top: Vec::new(),
-    }
+    Sampled::bare(draw_top_k(params, top, pos))
 }
 
 /// Samples the token for output position `pos`.
@@ -422,19 +430,9 @@ pub fn sample(
         let lp = log_softmax_at(logits, max, log_z, token);
         let mut top = Vec::new();
         if params.top_logprobs > 0 {
-            let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-            let n = params.top_logprobs.min(idx.len());
-            let cmp = |a: &u32, b: &u32| {
-                logits[*b as usize]
-                    .total_cmp(&logits[*a as usize])
-                    .then(a.cmp(b))
-            };
-            idx.select_nth_unstable_by(n - 1, cmp);
-            idx.truncate(n);
-            idx.sort_unstable_by(cmp);
-            top = idx
-                .iter()
-                .map(|&i| (i, log_softmax_at(logits, max, log_z, i)))
+            top = top_k_of(logits, params.top_logprobs)
+                .into_iter()
+                .map(|(i, _)| (i, log_softmax_at(logits, max, log_z, i)))
                 .collect();
         }
         (lp, top)

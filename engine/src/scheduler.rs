@@ -1036,12 +1036,8 @@ fn sample_next(
     let sampled = match kind {
         Logits::Greedy => {
             debug_assert!(s.req.params.is_plain_greedy_at(pos));
-            Sampled {
-                // An executor that sent the whole row anyway is read the same way.
-                token: greedy_token(logits).unwrap_or_else(|| argmax(logits)),
-                logprob: 0.0,
-                top: Vec::new(),
-            }
+            // An executor that sent the whole row anyway is read the same way.
+            Sampled::bare(greedy_token(logits).unwrap_or_else(|| argmax(logits)))
         }
         Logits::TopK(_) => sample_top_k(&s.req.params, &top_k_candidates(logits), pos),
         _ => sample(&s.req.params, logits, &s.tokens, s.n_prompt, pos),

@@ -76,7 +76,10 @@ use crate::cpu::{ExpandWeights, PackedMatrix};
 use crate::error::{EngineError, Result};
 use crate::executor::Executor;
 use crate::kv::{BlockId, KvDtype, KvLayout, KvPool, KvStaging, SeqKv};
-use crate::model::{check_step, written_blocks_between, LayerKv, Logits, Model, SeqStep, StepRows};
+use crate::model::{
+    check_step, encode_greedy, encode_top_k, written_blocks_between, LayerKv, Logits, Model,
+    SeqStep, StepRows,
+};
 
 use graphs::{Graph, GraphBuffers, GraphSet};
 use kernels::{int, AttentionArgs, AttentionPlan, Kernels};
@@ -355,12 +358,12 @@ struct DeviceKv {
 /// The blocks an observed step writes, and where their KV goes as each
 /// layer is written (see [`CudaModel::stream_layers`]).
 struct ExportTap {
-    /// Pool blocks written, in `written_blocks` order, and on the device.
-    ids: Vec<BlockId>,
+    /// How many pool blocks the step writes, and their ids (in
+    /// `written_blocks` order) on the device.
+    n_blocks: usize,
     ids_d: u64,
-    /// `n_layers × ids.len()` blocks, layer-major.
+    /// `n_layers × n_blocks` blocks, layer-major.
     buf: u64,
-    block_floats: usize,
     /// Recorded once a layer's blocks are in `buf`.
     written: Vec<cudarc::driver::CudaEvent>,
     /// Per sequence: its blocks renumbered into the host copy, and the
@@ -368,6 +371,34 @@ struct ExportTap {
     views: Vec<SeqKv>,
     positions: Vec<std::ops::Range<usize>>,
     layout: KvLayout,
+}
+
+/// Per-token floats of a pass's activation buffers, as
+/// [`CudaModel::enqueue`] reads and writes them: the eager scratch and the
+/// graph buffers both size theirs from this.
+#[derive(Debug, Clone, Copy)]
+struct Widths {
+    hidden: usize,
+    /// A token's Q, K and V.
+    qkv: usize,
+    /// The attention output: every query head.
+    attn: usize,
+    ffn: usize,
+    /// The widest input of a multiply (its BF16 copy).
+    gemm_in: usize,
+}
+
+impl Widths {
+    fn of(c: &ModelConfig) -> Self {
+        let attn = c.n_heads * c.head_dim;
+        Self {
+            hidden: c.hidden,
+            qkv: attn + 2 * c.n_kv_heads * c.head_dim,
+            attn,
+            ffn: c.ffn,
+            gemm_in: c.hidden.max(attn).max(c.ffn),
+        }
+    }
 }
 
 /// Device addresses of one forward pass's buffers and metadata, and its
@@ -943,47 +974,7 @@ impl CudaModel {
             }
         }
         // Top-k rows: their candidates, selected where the logits are.
-        let n_top = picks.top_k.len();
-        let mut top_ids = vec![0i32; n_top * kernels::TOPK_MAX];
-        let mut top_vals = vec![0f32; n_top * kernels::TOPK_MAX];
-        if n_top > 0 {
-            let mut meta: Vec<i32> = Vec::with_capacity(2 * n_top);
-            for &(r, _) in &picks.top_k {
-                meta.push(int(r, "top-k row")?);
-            }
-            for &(_, k) in &picks.top_k {
-                if k == 0 || k > kernels::TOPK_MAX || k > vocab {
-                    return Err(EngineError::Cuda(format!("top-{k} of {vocab} logits")));
-                }
-                meta.push(int(k, "top-k")?);
-            }
-            let dev = &self.dev;
-            let sc = &mut st.scratch;
-            let meta_d = ensure(dev, &mut sc.top_meta, meta.len(), "top-k metadata")?;
-            let vals_d = ensure(dev, &mut sc.top_vals, top_vals.len(), "top-k values")?;
-            let ids_d = ensure(dev, &mut sc.top_ids, top_ids.len(), "top-k ids")?;
-            // SAFETY: each buffer holds at least as many elements as its
-            // host side (ensured above); the upload from pageable memory
-            // completes before the call returns.
-            unsafe { cudarc::driver::result::memcpy_htod_async(meta_d, &meta, stream) }
-                .map_err(|e| cuda_err("uploading top-k metadata", e))?;
-            dev.k.topk_rows(
-                logits,
-                meta_d,
-                meta_d + (n_top * 4) as u64,
-                n_top,
-                vocab,
-                vals_d,
-                ids_d,
-            )?;
-            // SAFETY: as above.
-            unsafe {
-                cudarc::driver::result::memcpy_dtoh_async(&mut top_ids, ids_d, stream).and_then(
-                    |()| cudarc::driver::result::memcpy_dtoh_async(&mut top_vals, vals_d, stream),
-                )
-            }
-            .map_err(|e| cuda_err("downloading top-k candidates", e))?;
-        }
+        let (top_ids, top_vals) = self.select_top_k(st, logits, &picks.top_k)?;
         // The other rows, a run of consecutive ones per copy.
         let mut dst = 0;
         for run in picks.full_row_runs(n_want) {
@@ -1012,6 +1003,61 @@ impl CudaModel {
             (&top_ids, &top_vals),
             vocab,
         ))
+    }
+
+    /// The `TOPK_MAX` candidate slots (ids, then values) of each `(row, k)`
+    /// of `top_k`, selected on the device from the step's `logits`.
+    fn select_top_k(
+        &self,
+        st: &mut State,
+        logits: u64,
+        top_k: &[(usize, usize)],
+    ) -> Result<(Vec<i32>, Vec<f32>)> {
+        let vocab = self.config.vocab_size;
+        let stream = self.dev.stream.cu_stream();
+        let n_top = top_k.len();
+        if n_top == 0 {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let mut top_ids = vec![0i32; n_top * kernels::TOPK_MAX];
+        let mut top_vals = vec![0f32; n_top * kernels::TOPK_MAX];
+        let mut meta: Vec<i32> = Vec::with_capacity(2 * n_top);
+        for &(r, _) in top_k {
+            meta.push(int(r, "top-k row")?);
+        }
+        for &(_, k) in top_k {
+            if k == 0 || k > kernels::TOPK_MAX || k > vocab {
+                return Err(EngineError::Cuda(format!("top-{k} of {vocab} logits")));
+            }
+            meta.push(int(k, "top-k")?);
+        }
+        let dev = &self.dev;
+        let sc = &mut st.scratch;
+        let meta_d = ensure(dev, &mut sc.top_meta, meta.len(), "top-k metadata")?;
+        let vals_d = ensure(dev, &mut sc.top_vals, top_vals.len(), "top-k values")?;
+        let ids_d = ensure(dev, &mut sc.top_ids, top_ids.len(), "top-k ids")?;
+        // SAFETY: each buffer holds at least as many elements as its
+        // host side (ensured above); the upload from pageable memory
+        // completes before the call returns.
+        unsafe { cudarc::driver::result::memcpy_htod_async(meta_d, &meta, stream) }
+            .map_err(|e| cuda_err("uploading top-k metadata", e))?;
+        dev.k.topk_rows(
+            logits,
+            meta_d,
+            meta_d + (n_top * 4) as u64,
+            n_top,
+            vocab,
+            vals_d,
+            ids_d,
+        )?;
+        // SAFETY: as above.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(&mut top_ids, ids_d, stream).and_then(|()| {
+                cudarc::driver::result::memcpy_dtoh_async(&mut top_vals, vals_d, stream)
+            })
+        }
+        .map_err(|e| cuda_err("downloading top-k candidates", e))?;
+        Ok((top_ids, top_vals))
     }
 
     /// Whether decode steps replay CUDA graphs (on unless
@@ -1054,9 +1100,7 @@ impl CudaModel {
         tap: Option<&ExportTap>,
     ) -> Result<(u64, u64)> {
         let c = &self.config;
-        let (h, hd, nh, nkv, ffn) = (c.hidden, c.head_dim, c.n_heads, c.n_kv_heads, c.ffn);
-        let (qd, kvd) = (nh * hd, nkv * hd);
-        let row_len = qd + 2 * kvd;
+        let w = Widths::of(c);
         let bs = pool.layout().block_size;
 
         let rows = StepRows::of(batch);
@@ -1103,7 +1147,7 @@ impl CudaModel {
             .enumerate()
             .flat_map(|(si, s)| std::iter::repeat_n(si, s.tokens.len()))
             .collect();
-        let plan = AttentionPlan::of(&tok_seq, &rows.tok_pos, hd)?;
+        let plan = AttentionPlan::of(&tok_seq, &rows.tok_pos, c.head_dim)?;
         let o_tiles = meta.len();
         meta.extend(&plan.tiles);
         let o_att_rows = meta.len();
@@ -1115,8 +1159,6 @@ impl CudaModel {
 
         let dev = &self.dev;
         let sc = &mut st.scratch;
-        let kb = self.weights == Weights::Bf16;
-        let max_k = h.max(qd).max(ffn);
         let meta_base = ensure(dev, &mut sc.meta, meta.len(), "step metadata")?;
         // SAFETY: the buffer holds at least meta.len() ints (ensured above);
         // the copy from pageable memory completes before the call returns.
@@ -1132,15 +1174,15 @@ impl CudaModel {
         };
         let pass = Pass {
             n_tok,
-            x: ensure(dev, &mut sc.x, n_tok * h, "activations")?,
-            xn: ensure(dev, &mut sc.xn, n_tok * h, "activations")?,
-            qkv: ensure(dev, &mut sc.qkv, n_tok * row_len, "activations")?,
-            attn: ensure(dev, &mut sc.attn, n_tok * qd, "activations")?,
-            proj: ensure(dev, &mut sc.proj, n_tok * h, "activations")?,
-            gate_up: ensure(dev, &mut sc.gate_up, n_tok * 2 * ffn, "activations")?,
-            act: ensure(dev, &mut sc.act, n_tok * ffn, "activations")?,
-            xb: if kb {
-                ensure(dev, &mut sc.xb, n_tok * max_k, "bf16 activations")?
+            x: ensure(dev, &mut sc.x, n_tok * w.hidden, "activations")?,
+            xn: ensure(dev, &mut sc.xn, n_tok * w.hidden, "activations")?,
+            qkv: ensure(dev, &mut sc.qkv, n_tok * w.qkv, "activations")?,
+            attn: ensure(dev, &mut sc.attn, n_tok * w.attn, "activations")?,
+            proj: ensure(dev, &mut sc.proj, n_tok * w.hidden, "activations")?,
+            gate_up: ensure(dev, &mut sc.gate_up, n_tok * 2 * w.ffn, "activations")?,
+            act: ensure(dev, &mut sc.act, n_tok * w.ffn, "activations")?,
+            xb: if self.weights == Weights::Bf16 {
+                ensure(dev, &mut sc.xb, n_tok * w.gemm_in, "bf16 activations")?
             } else {
                 0
             },
@@ -1179,9 +1221,7 @@ impl CudaModel {
         b: usize,
     ) -> Result<Option<(u64, u64)>> {
         let c = &self.config;
-        let (h, hd, nh, nkv, ffn) = (c.hidden, c.head_dim, c.n_heads, c.n_kv_heads, c.ffn);
-        let (qd, kvd) = (nh * hd, nkv * hd);
-        let row_len = qd + 2 * kvd;
+        let w = Widths::of(c);
         let bs = pool.layout().block_size;
         let kvs = match st.kv.as_mut() {
             Some(kv) if kv.pool_id == pool.id() => kv,
@@ -1206,18 +1246,17 @@ impl CudaModel {
             kvs.graphs.graphs.clear();
             kvs.graphs.buffers = None;
             let kb = self.weights == Weights::Bf16;
-            let max_k = h.max(qd).max(ffn);
             kvs.graphs.buffers = Some(GraphBuffers {
                 rows: b,
                 meta_words,
-                x: dev.zeros(b * h, "graph activations")?,
-                xn: dev.zeros(b * h, "graph activations")?,
-                qkv: dev.zeros(b * row_len, "graph activations")?,
-                attn: dev.zeros(b * qd, "graph activations")?,
-                proj: dev.zeros(b * h, "graph activations")?,
-                gate_up: dev.zeros(b * 2 * ffn, "graph activations")?,
-                act: dev.zeros(b * ffn, "graph activations")?,
-                xb: dev.zeros(if kb { b * max_k } else { 1 }, "graph bf16 activations")?,
+                x: dev.zeros(b * w.hidden, "graph activations")?,
+                xn: dev.zeros(b * w.hidden, "graph activations")?,
+                qkv: dev.zeros(b * w.qkv, "graph activations")?,
+                attn: dev.zeros(b * w.attn, "graph activations")?,
+                proj: dev.zeros(b * w.hidden, "graph activations")?,
+                gate_up: dev.zeros(b * 2 * w.ffn, "graph activations")?,
+                act: dev.zeros(b * w.ffn, "graph activations")?,
+                xb: dev.zeros(if kb { b * w.gemm_in } else { 1 }, "graph bf16 activations")?,
                 logits: dev.zeros(b * c.vocab_size, "graph logits")?,
                 ids: dev.zeros(b, "graph greedy ids")?,
                 meta: dev.zeros(meta_words, "graph metadata")?,
@@ -1316,9 +1355,9 @@ impl CudaModel {
     /// into the tap's buffer and the layer's event recorded.
     fn enqueue(&self, kvs: &DeviceKv, p: &Pass, bs: usize, tap: Option<&ExportTap>) -> Result<()> {
         let c = &self.config;
+        let w = Widths::of(c);
         let (h, hd, nh, nkv, ffn) = (c.hidden, c.head_dim, c.n_heads, c.n_kv_heads, c.ffn);
-        let (qd, kvd) = (nh * hd, nkv * hd);
-        let row_len = qd + 2 * kvd;
+        let (qd, row_len) = (w.attn, w.qkv);
         let n_tok = p.n_tok;
         let k = &self.dev.k;
         let s = &self.dev.stream;
@@ -1357,15 +1396,9 @@ impl CudaModel {
             let kv = ptr(&kvs.layers[li], s);
             k.kv_write(p.qkv, p.pos, p.blk, kv, n_tok, row_len, qd, nkv, hd, bs)?;
             if let Some(t) = tap {
-                let floats = t.ids.len() * t.block_floats;
-                k.copy_blocks(
-                    kv,
-                    t.ids_d,
-                    t.buf + (li * floats * 4) as u64,
-                    0,
-                    t.ids.len(),
-                    t.block_floats,
-                )?;
+                let bf = t.layout.block_floats();
+                let layer_buf = t.buf + (li * t.n_blocks * bf * 4) as u64;
+                k.copy_blocks(kv, t.ids_d, layer_buf, 0, t.n_blocks, bf)?;
                 t.written[li]
                     .record(s)
                     .map_err(|e| cuda_err("recording a layer's event", e))?;
@@ -1466,10 +1499,9 @@ impl CudaModel {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(ExportTap {
-            ids,
+            n_blocks: ids.len(),
             ids_d,
             buf,
-            block_floats: layout.block_floats(),
             written,
             views,
             positions: before.iter().zip(&after).map(|(&a, &b)| a..b).collect(),
@@ -1482,8 +1514,8 @@ impl CudaModel {
     /// layer's blocks to the host on the copy stream (the compute stream
     /// goes on meanwhile) and shows them through a small host pool.
     fn stream_layers(&self, tap: ExportTap, on_layer: &mut dyn FnMut(LayerKv<'_>)) -> Result<()> {
-        let n = tap.ids.len();
-        let floats = n * tap.block_floats;
+        let (n, bf) = (tap.n_blocks, tap.layout.block_floats());
+        let floats = n * bf;
         let mut layer_host = vec![0f32; floats];
         let mut copy = KvStaging::new(tap.layout, n * tap.layout.block_size).into_pool();
         for (li, done) in tap.written.iter().enumerate() {
@@ -1500,9 +1532,8 @@ impl CudaModel {
                 )
             }
             .map_err(|e| cuda_err("copying a layer's KV out", e))?;
-            for b in 0..n {
-                copy.region_mut(li, b as BlockId)
-                    .copy_from_slice(&layer_host[b * tap.block_floats..(b + 1) * tap.block_floats]);
+            for (b, region) in layer_host.chunks_exact(bf).enumerate() {
+                copy.region_mut(li, b as BlockId).copy_from_slice(region);
             }
             for (si, view) in tap.views.iter().enumerate() {
                 on_layer(LayerKv {
@@ -1665,11 +1696,9 @@ impl Executor for CudaModel {
         if !self.graphs_enabled() {
             return Ok(());
         }
-        let Some(top) =
-            graphs::bucket(max_batch.clamp(1, graphs::BUCKETS[graphs::BUCKETS.len() - 1]))
-        else {
-            return Ok(());
-        };
+        // The largest bucket when the batch is larger still.
+        let largest = graphs::BUCKETS[graphs::BUCKETS.len() - 1];
+        let top = graphs::bucket(max_batch.max(1)).unwrap_or(largest);
         self.dev.bind()?;
         let mut st = self.lock();
         self.bind_pool(&mut st, pool)?;
@@ -1766,14 +1795,15 @@ fn assemble_rows(
             Logits::None => Vec::new(),
             Logits::Greedy => {
                 g += 1;
-                vec![ids[g - 1] as f32]
+                encode_greedy(ids[g - 1] as u32)
             }
             Logits::TopK(k) => {
                 let base = t * kernels::TOPK_MAX;
                 t += 1;
-                (base..base + k)
-                    .flat_map(|i| [top.0[i] as f32, top.1[i]])
-                    .collect()
+                let pairs: Vec<(u32, f32)> = (base..base + k)
+                    .map(|i| (top.0[i] as u32, top.1[i]))
+                    .collect();
+                encode_top_k(&pairs)
             }
             Logits::Last | Logits::All => {
                 let n = if s.logits == Logits::Last {
