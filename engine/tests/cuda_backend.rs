@@ -358,6 +358,12 @@ fn fp32_logits_and_greedy_match_the_cpu() {
     eprintln!("FP32 vs CPU: worst logit difference {worst:.2e} (tolerance {TOL_F32:.0e}); {compared} greedy steps identical");
 }
 
+/// The token decode step `step` feeds sequence `i` (fixed, not sampled:
+/// the runs compared must take the same steps).
+fn fed_token(step: usize, i: usize) -> u32 {
+    ((step * 31 + i * 7 + 5) % 1000) as u32 + 10
+}
+
 /// Prefills `prompts` (each with its own token count) then decodes
 /// `decode` steps with fixed tokens, all in one batch per step; returns
 /// each sequence's logits of every step, concatenated.
@@ -382,7 +388,7 @@ fn batched(m: &dyn Executor, prompts: &[Vec<u32>], decode: usize) -> Vec<Vec<f32
             o.extend(l);
         }
         feed = (0..prompts.len())
-            .map(|i| vec![((step * 31 + i * 7 + 5) % 1000) as u32 + 10])
+            .map(|i| vec![fed_token(step, i)])
             .collect();
     }
     out
@@ -480,9 +486,7 @@ fn decode_steps(
     drop(b);
     let mut out = Vec::new();
     for step in 0..steps {
-        let feed: Vec<[u32; 1]> = (0..prompts.len())
-            .map(|i| [((step * 31 + i * 7 + 5) % 1000) as u32 + 10])
-            .collect();
+        let feed: Vec<[u32; 1]> = (0..prompts.len()).map(|i| [fed_token(step, i)]).collect();
         let mut b: Vec<SeqStep<'_>> = kvs
             .iter_mut()
             .zip(&feed)
