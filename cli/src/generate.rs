@@ -45,6 +45,10 @@ pub struct GenerateArgs {
     pub repetition_penalty: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Added to a token's logit before sampling, as `ID=BIAS` (repeatable;
+    /// OpenAI's `logit_bias`, BIAS in [-100, 100]).
+    #[arg(long = "logit-bias", value_name = "ID=BIAS", value_parser = parse_bias)]
+    pub logit_bias: Vec<(u32, f32)>,
     /// Worker threads (default: all cores).
     #[arg(long, env = "TANDEM_THREADS")]
     pub threads: Option<usize>,
@@ -116,8 +120,25 @@ fn params(args: &GenerateArgs) -> SamplingParams {
         min_p: args.min_p,
         repetition_penalty: args.repetition_penalty,
         seed: args.seed,
+        logit_bias: args.logit_bias.clone(),
         ..Default::default()
     }
+}
+
+/// `ID=BIAS` of `--logit-bias`.
+fn parse_bias(s: &str) -> Result<(u32, f32), String> {
+    let (id, bias) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected ID=BIAS, got '{s}'"))?;
+    let id = id
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{id}' is not a token id"))?;
+    let bias = bias
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{bias}' is not a number"))?;
+    Ok((id, bias))
 }
 
 /// Generates from `prompt_text`, streaming text to stdout unless `json`.

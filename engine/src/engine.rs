@@ -332,6 +332,7 @@ pub struct Engine {
     thread: Option<JoinHandle<()>>,
     next_id: AtomicU64,
     context_length: usize,
+    vocab_size: usize,
     pool_tokens: usize,
     layout: KvLayout,
     total_blocks: usize,
@@ -403,6 +404,7 @@ impl Engine {
         let in_place = model.receives_in_pool() && pool.holds_kv() && *pool.layout() == layout;
         let pool_tokens = pool.n_blocks() * cfg.block_size;
         let context_length = model.config().context_length;
+        let vocab_size = model.config().vocab_size;
         let total_blocks = pool.n_blocks();
         let reserve_wait = cfg.reserve_wait;
         let max_batch = cfg.scheduler.max_running;
@@ -547,6 +549,7 @@ impl Engine {
             thread: Some(thread),
             next_id: AtomicU64::new(1),
             context_length,
+            vocab_size,
             pool_tokens,
             layout,
             total_blocks,
@@ -578,6 +581,7 @@ impl Engine {
             generated: spec.generated,
         };
         Scheduler::validate(&req, self.context_length, self.pool_tokens)?;
+        req.params.validate_vocab(self.vocab_size)?;
         Ok(req)
     }
 

@@ -66,6 +66,7 @@ pub fn generate(
     mut on_token: impl FnMut(&Sampled) -> bool,
 ) -> Result<Generation> {
     req.params.validate()?;
+    req.params.validate_vocab(model.config().vocab_size)?;
     let ctx = model.config().context_length;
     if req.prompt.is_empty() {
         return Err(EngineError::EmptyPrompt);

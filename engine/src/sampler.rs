@@ -38,7 +38,14 @@ pub struct SamplingParams {
     /// with the sampling parameters because a prefill worker samples the
     /// first token without knowing the request's stop tokens otherwise.
     pub min_tokens_masked: Vec<u32>,
+    /// Added to a token's logit before sampling (OpenAI's `logit_bias`):
+    /// `(token id, bias in [-100, 100])`, each id once. As with the
+    /// penalties, reported log-probabilities are the model's, unbiased.
+    pub logit_bias: Vec<(u32, f32)>,
 }
+
+/// Largest bias magnitude [`SamplingParams::logit_bias`] accepts (OpenAI's).
+pub const MAX_LOGIT_BIAS: f32 = 100.0;
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -56,6 +63,7 @@ impl Default for SamplingParams {
             logprobs: false,
             min_tokens: 0,
             min_tokens_masked: Vec::new(),
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -96,6 +104,7 @@ impl SamplingParams {
             && self.repetition_penalty == 1.0
             && self.presence_penalty == 0.0
             && self.frequency_penalty == 0.0
+            && self.logit_bias.is_empty()
             && (pos >= self.min_tokens as u64 || self.min_tokens_masked.is_empty())
     }
 
@@ -128,6 +137,18 @@ impl SamplingParams {
                 return bad(format!("{name} must be in [-2, 2], got {v}"));
             }
         }
+        for &(id, b) in &self.logit_bias {
+            if !(b.is_finite() && (-MAX_LOGIT_BIAS..=MAX_LOGIT_BIAS).contains(&b)) {
+                return bad(format!(
+                    "logit_bias for token {id} must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], got {b}"
+                ));
+            }
+        }
+        let mut ids: Vec<u32> = self.logit_bias.iter().map(|&(id, _)| id).collect();
+        ids.sort_unstable();
+        if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+            return bad(format!("logit_bias names token {} twice", w[0]));
+        }
         if self.top_logprobs > 20 {
             return bad(format!(
                 "top_logprobs must be at most 20, got {}",
@@ -135,6 +156,21 @@ impl SamplingParams {
             ));
         }
         Ok(())
+    }
+
+    /// Rejects token ids that the model's vocabulary (`vocab` ids) lacks.
+    pub fn validate_vocab(&self, vocab: usize) -> Result<()> {
+        let outside = self
+            .logit_bias
+            .iter()
+            .map(|&(id, _)| id)
+            .find(|&id| id as usize >= vocab);
+        match outside {
+            Some(id) => Err(EngineError::Sampling(format!(
+                "token id {id} is outside the vocabulary (size {vocab})"
+            ))),
+            None => Ok(()),
+        }
     }
 }
 
@@ -382,7 +418,8 @@ pub fn sample(
     let masked = pos < params.min_tokens as u64 && !params.min_tokens_masked.is_empty();
     let penalised = params.repetition_penalty != 1.0
         || params.presence_penalty != 0.0
-        || params.frequency_penalty != 0.0;
+        || params.frequency_penalty != 0.0
+        || !params.logit_bias.is_empty();
     let mut work: Vec<f32>;
     let l: &[f32] = if penalised || masked {
         work = logits.to_vec();
@@ -413,6 +450,13 @@ pub fn sample(
             }
             for (t, n) in counts {
                 work[t as usize] -= params.presence_penalty + params.frequency_penalty * n as f32;
+            }
+        }
+        // After the penalties, as vLLM orders them; ids were checked
+        // against the vocabulary at admission.
+        for &(t, b) in &params.logit_bias {
+            if let Some(v) = work.get_mut(t as usize) {
+                *v += b;
             }
         }
         &work
@@ -864,5 +908,81 @@ mod tests {
             .to_string()
             .contains("temperature"));
         assert!(SamplingParams::default().validate().is_ok());
+    }
+
+    #[test]
+    fn logit_bias_shifts_the_draw_but_not_the_reported_logprobs() {
+        let l = logits();
+        let plain = sample(&SamplingParams::greedy(), &l, &[], 0, 0);
+        assert_eq!(plain.token, 1);
+        // Banning the greedy pick (and its tie) leaves the next best.
+        let p = SamplingParams {
+            logit_bias: vec![(1, -100.0), (3, -100.0)],
+            logprobs: true,
+            top_logprobs: 2,
+            ..Default::default()
+        };
+        assert!(!p.is_plain_greedy_at(0));
+        let s = sample(&p, &l, &[], 0, 0);
+        assert_eq!(s.token, 2);
+        // Reported log-probabilities are the model's: token 1 still tops them.
+        let unbiased = sample(
+            &SamplingParams {
+                logprobs: true,
+                top_logprobs: 2,
+                ..Default::default()
+            },
+            &l,
+            &[],
+            0,
+            0,
+        );
+        assert_eq!(s.top, unbiased.top);
+        let lp2 = unbiased.top[0].1 - (3.0 - 2.0);
+        assert!((s.logprob - lp2).abs() < 1e-6, "{} vs {lp2}", s.logprob);
+        // A large positive bias forces a token, at any temperature, in a
+        // top-k draw too (the bias applies before the top-k cut).
+        for (temperature, top_k) in [(0.0, 0), (1.5, 0), (1.0, 2)] {
+            let p = SamplingParams {
+                temperature,
+                top_k,
+                seed: 9,
+                logit_bias: vec![(4, 100.0)],
+                ..Default::default()
+            };
+            assert_eq!(p.top_k_only_at(0, l.len()), None);
+            for pos in 0..32 {
+                assert_eq!(sample(&p, &l, &[], 0, pos).token, 4);
+            }
+        }
+        // Bias and penalties add up: -1 on token 1 and a presence penalty
+        // of 1 on token 3 (in the output) leave token 2 (2.0) on top.
+        let p = SamplingParams {
+            logit_bias: vec![(1, -1.5)],
+            presence_penalty: 1.5,
+            ..Default::default()
+        };
+        assert_eq!(sample(&p, &l, &[3], 0, 0).token, 2);
+    }
+
+    #[test]
+    fn logit_bias_is_checked() {
+        let with = |b: Vec<(u32, f32)>| SamplingParams {
+            logit_bias: b,
+            ..Default::default()
+        };
+        for bad in [
+            vec![(1, 100.5)],
+            vec![(1, f32::NAN)],
+            vec![(1, f32::NEG_INFINITY)],
+            vec![(2, 1.0), (2, -1.0)],
+        ] {
+            let e = with(bad.clone()).validate().unwrap_err().to_string();
+            assert!(e.contains("logit_bias"), "{bad:?}: {e}");
+        }
+        assert!(with(vec![(5, -100.0), (6, 100.0)]).validate().is_ok());
+        assert!(with(vec![(5, 1.0)]).validate_vocab(6).is_ok());
+        let e = with(vec![(6, 1.0)]).validate_vocab(6).unwrap_err();
+        assert!(e.to_string().contains("token id 6"), "{e}");
     }
 }

@@ -17,7 +17,7 @@ pub mod generate {
     pub use crate::pb::generate_server::{Generate, GenerateServer};
     pub use crate::pb::{
         ChatMessage, ChatMessages, FinishReason, GenerateRequest, GenerateResponse,
-        GenerateStreamResponse, SamplingParams, TokenIds, TokenLogprob, Usage,
+        GenerateStreamResponse, SamplingParams, TokenBias, TokenIds, TokenLogprob, Usage,
     };
 }
 
@@ -44,7 +44,7 @@ pub mod worker {
         PrefillRecomputed, PrefillRequest, PrefillResponse, Role, SampledToken, WorkerError,
         WorkerSampling,
     };
-    pub use crate::pb::{FinishReason, TokenLogprob};
+    pub use crate::pb::{FinishReason, TokenBias, TokenLogprob};
 
     /// Metadata key carrying the cluster secret on every worker call.
     pub const SECRET_METADATA: &str = "x-tandem-cluster-secret";

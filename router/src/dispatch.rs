@@ -30,6 +30,8 @@ pub struct Sampling {
     pub min_tokens: u32,
     /// The stop token ids, masked before `min_tokens`.
     pub min_tokens_masked: Vec<u32>,
+    /// `(token id, bias)`, ids ascending and distinct.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for Sampling {
@@ -48,6 +50,7 @@ impl Default for Sampling {
             top_logprobs: 0,
             min_tokens: 0,
             min_tokens_masked: Vec::new(),
+            logit_bias: Vec::new(),
         }
     }
 }

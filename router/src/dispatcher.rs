@@ -956,6 +956,11 @@ pub fn sampling_to_proto(s: &crate::dispatch::Sampling) -> pb::WorkerSampling {
         top_logprobs: s.top_logprobs,
         min_tokens: s.min_tokens,
         min_tokens_masked: s.min_tokens_masked.clone(),
+        logit_bias: s
+            .logit_bias
+            .iter()
+            .map(|&(token_id, bias)| pb::TokenBias { token_id, bias })
+            .collect(),
     }
 }
 

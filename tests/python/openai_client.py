@@ -49,6 +49,21 @@ again = client.completions.create(
 )
 assert [x.text for x in again.choices] == [x.text for x in c.choices], "seeded sampling is not reproducible"
 
+# A batch of prompts: choice i answers prompt i // n, as each prompt alone would.
+prompts = ["The quick brown fox", "Once upon a time"]
+b = client.completions.create(model=model, prompt=prompts, max_tokens=6, n=2, temperature=0)
+assert [x.index for x in b.choices] == [0, 1, 2, 3], b
+for i, x in enumerate(b.choices):
+    alone = client.completions.create(model=model, prompt=prompts[i // 2], max_tokens=6, temperature=0)
+    assert x.text == alone.choices[0].text, (i, x.text, alone.choices[0].text)
+
+# logit_bias: a token biased by +100 is the only one produced.
+def hello(**kw):
+    return client.completions.create(model=model, prompt="Hello", max_tokens=3, temperature=0, logprobs=0, **kw)
+plain = hello().choices[0].logprobs.tokens
+forced = hello(logit_bias={"42": 100}).choices[0].logprobs.tokens
+assert len(forced) == 3 and len(set(forced)) == 1 and forced != plain, (forced, plain)
+
 lp = client.chat.completions.create(
     model=model, messages=question, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3
 )

@@ -42,6 +42,11 @@ fn prompts() -> Vec<String> {
 
 /// `tandem generate --json` on the same model: the plain path.
 fn generate_plain(prompt: &str, chat: bool) -> (String, Vec<u32>, u64) {
+    generate_plain_with(prompt, chat, &[])
+}
+
+/// [`generate_plain`] with more `tandem generate` arguments.
+fn generate_plain_with(prompt: &str, chat: bool, extra: &[String]) -> (String, Vec<u32>, u64) {
     let model = model_path();
     let mut cmd = Command::new(tandem_bin());
     cmd.args(["generate", "--json", "--threads", "1", "--max-tokens"])
@@ -52,6 +57,7 @@ fn generate_plain(prompt: &str, chat: bool) -> (String, Vec<u32>, u64) {
     if chat {
         cmd.arg("--chat");
     }
+    cmd.args(extra);
     let out = cmd.output().expect("running tandem generate");
     assert!(
         out.status.success(),
@@ -125,6 +131,24 @@ fn greedy_output_is_the_same_disaggregated_colocated_and_in_process() {
     let d = rt.block_on(via_grpc(&disagg, &prompts));
     // Run them again: now the prefill worker's prefix cache holds them.
     let d2 = rt.block_on(via_grpc(&disagg, &prompts));
+    // All of them as one batch of prompts over the OpenAI API, echoed.
+    let batch: Value = rt.block_on(async {
+        let body = json!({
+            "model": model_name(),
+            "prompt": prompts,
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+            "echo": true,
+        });
+        let r = reqwest::Client::new()
+            .post(format!("{}/completions", disagg.base_url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json().await.unwrap()
+    });
     drop(disagg);
     // One prefill and one decode worker, the decode worker started with `args`.
     let disagg_with = |args: [&str; 2]| {
@@ -173,6 +197,12 @@ fn greedy_output_is_the_same_disaggregated_colocated_and_in_process() {
         assert_eq!(&g[i].1, ids, "tokens differ with KV over gRPC for {p:?}");
         assert_eq!(&c[i].1, ids, "colocated tokens differ for {p:?}");
         assert_eq!(&d[i].0, text, "disaggregated text differs for {p:?}");
+        assert_eq!(batch["choices"][i]["index"], i);
+        assert_eq!(
+            batch["choices"][i]["text"],
+            format!("{p}{text}"),
+            "batched text differs for {p:?}"
+        );
         assert_eq!(d[i].2 as u64, *n_prompt, "prompt token count for {p:?}");
     }
 }
@@ -459,16 +489,16 @@ fn bad_requests_get_openai_errors_not_500s() {
             Some("tools"),
         ),
         (
-            "logit_bias unsupported",
+            "logit_bias out of range",
             &chat,
-            json!({"model": m, "messages": msgs, "logit_bias": {"1": 5}}),
+            json!({"model": m, "messages": msgs, "logit_bias": {"1": 500}}),
             400,
             Some("logit_bias"),
         ),
         (
-            "echo unsupported",
+            "echo with logprobs unsupported",
             &compl,
-            json!({"model": m, "prompt": "a", "echo": true}),
+            json!({"model": m, "prompt": "a", "echo": true, "logprobs": 1}),
             400,
             Some("echo"),
         ),
@@ -1050,6 +1080,72 @@ fn short_prompts_skip_the_prefill_tier_and_long_ones_use_it() {
         assert_eq!(ask(long).await.unwrap().status(), 200);
         assert_eq!(counter(&cluster.router, remote).await, 1.0);
         assert_eq!(counter(&cluster.router, local).await, 1.0);
+    });
+}
+
+/// `logit_bias` is applied where each token is sampled: by the prefill
+/// worker for the first token, by the decode worker for the rest. Both
+/// agree with the plain path given the same bias.
+#[test]
+fn logit_bias_steers_both_tiers_as_on_the_plain_path() {
+    let prompt = prompts()[1].clone();
+    let (_, greedy, _) = generate_plain(&prompt, false);
+    assert!(greedy.len() > 2);
+    // Ban the greedy first token; force a token the model never picked.
+    let banned = greedy[0];
+    let forced = (100..)
+        .find(|t| !greedy.contains(t))
+        .expect("a token outside the greedy output");
+    let cases = [vec![(banned, -100.0f32)], vec![(forced, 100.0)]];
+    let plain: Vec<_> = cases
+        .iter()
+        .map(|bias| {
+            let args: Vec<String> = bias
+                .iter()
+                .flat_map(|(id, b)| ["--logit-bias".to_string(), format!("{id}={b}")])
+                .collect();
+            generate_plain_with(&prompt, false, &args)
+        })
+        .collect();
+    assert!(!plain[0].1.contains(&banned), "{:?}", plain[0].1);
+    assert_ne!(plain[0].1, greedy);
+    assert_eq!(plain[1].1, vec![forced; MAX_TOKENS as usize]);
+
+    // Every request goes to the prefill tier, even once the decode worker
+    // caches the prompt.
+    let cluster = Cluster::start(1, 1, 1, &["--disagg-max-cached-fraction", "1"]);
+    rt().block_on(async {
+        let mut client = grpc_client(&cluster).await;
+        for (bias, (text, ids, _)) in cases.iter().zip(&plain) {
+            let mut req = greedy_request(&prompt);
+            req.sampling.as_mut().unwrap().logit_bias = bias
+                .iter()
+                .map(|&(token_id, bias)| g::TokenBias { token_id, bias })
+                .collect();
+            let r = client.generate(req).await.expect("Generate").into_inner();
+            assert_eq!(&r.token_ids, ids, "gRPC with {bias:?}");
+            // The same over the OpenAI API, where ids are the keys of an object.
+            let body = json!({
+                "model": model_name(),
+                "prompt": prompt,
+                "max_tokens": MAX_TOKENS,
+                "temperature": 0,
+                "logit_bias": bias.iter().map(|(id, b)| (id.to_string(), json!(b)))
+                    .collect::<serde_json::Map<_, _>>(),
+            });
+            let r = reqwest::Client::new()
+                .post(format!("{}/completions", cluster.base_url()))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(v["choices"][0]["text"], text.as_str(), "HTTP with {bias:?}");
+        }
+        // Every request's first token came from the prefill worker.
+        let remote = r#"tandem_router_dispatched_total{prefill="remote"}"#;
+        assert_eq!(counter(&cluster.router, remote).await, 4.0);
     });
 }
 

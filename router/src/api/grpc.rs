@@ -137,6 +137,11 @@ impl GenerateApi {
             logprobs: (s.logprobs > 0).then_some(s.logprobs),
             ignore_eos: s.ignore_eos,
             min_tokens: s.min_tokens.map(i64::from),
+            logit_bias: s
+                .logit_bias
+                .iter()
+                .map(|b| (b.token_id, f64::from(b.bias)))
+                .collect(),
         };
         let request_id = if req.request_id.is_empty() {
             format!("gen-{}", random_id())

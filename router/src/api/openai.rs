@@ -149,7 +149,14 @@ async fn tokenize(
         let tokens = if field(&m, "messages").is_some() {
             state.chat_prompt(&parse_messages(&m)?)?
         } else {
-            parse_prompt(&state, &m)?
+            let mut prompts = parse_prompts(&state, &m)?;
+            if prompts.len() != 1 {
+                return Err(ApiError::bad_param(
+                    "prompt",
+                    format!("one prompt at a time, got {}", prompts.len()),
+                ));
+            }
+            prompts.swap_remove(0).ids
         };
         Ok(json!({
             "count": tokens.len(),
@@ -393,13 +400,8 @@ const CHAT_FIELDS: &[&str] = &[
 const COMPLETION_FIELDS: &[&str] = &["prompt", "echo", "best_of", "suffix"];
 
 /// 400 for known OpenAI fields that tandem does not support (their harmless
-/// values, e.g. `echo: false` or an empty `logit_bias`, pass).
+/// values, e.g. `best_of: 1` or `suffix: ""`, pass).
 fn check_unsupported(m: &Map<String, Value>, ep: Endpoint) -> Result<(), ApiError> {
-    if let Some(v) = field(m, "logit_bias") {
-        if !v.as_object().is_some_and(|o| o.is_empty()) {
-            return Err(ApiError::unsupported("logit_bias", ""));
-        }
-    }
     match ep {
         Endpoint::Chat => {
             for k in [
@@ -446,11 +448,6 @@ fn check_unsupported(m: &Map<String, Value>, ep: Endpoint) -> Result<(), ApiErro
             }
         }
         Endpoint::Completions => {
-            if let Some(v) = field(m, "echo") {
-                if v.as_bool() != Some(false) {
-                    return Err(ApiError::unsupported("echo", ""));
-                }
-            }
             if let Some(v) = field(m, "best_of") {
                 if as_int(v) != Some(1) {
                     return Err(ApiError::unsupported("best_of", " (only 1)"));
@@ -537,6 +534,25 @@ fn parse_common(m: &Map<String, Value>, ep: Endpoint) -> Result<Common, ApiError
         Some(v) => return Err(wrong_type("stop_token_ids", "an array of token ids", v)),
     };
     p.n = int(m, "n")?;
+    p.logit_bias = match field(m, "logit_bias") {
+        None => Vec::new(),
+        Some(Value::Object(o)) => o
+            .iter()
+            .map(|(k, v)| {
+                let id = k.trim().parse::<u32>().map_err(|_| {
+                    ApiError::bad_param(
+                        "logit_bias",
+                        format!("'logit_bias' keys must be token ids, got '{k}'"),
+                    )
+                })?;
+                let bias = v
+                    .as_f64()
+                    .ok_or_else(|| wrong_type("logit_bias", "an object of numbers", v))?;
+                Ok((id, bias))
+            })
+            .collect::<Result<_, ApiError>>()?,
+        Some(v) => return Err(wrong_type("logit_bias", "an object", v)),
+    };
     match ep {
         Endpoint::Chat => {
             let lp = boolean(m, "logprobs")?.unwrap_or(false);
@@ -690,38 +706,66 @@ fn parse_messages(m: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> 
     Ok(out)
 }
 
-/// `prompt`: a string, an array of one string, token ids, or an array of one
-/// token-id array.
-fn parse_prompt(state: &ApiState, m: &Map<String, Value>) -> Result<Vec<u32>, ApiError> {
+/// Most prompts in one `/v1/completions` request.
+pub const MAX_PROMPTS: usize = 64;
+/// Most choices in one request: prompts × `n`.
+pub const MAX_CHOICES: usize = 128;
+
+/// One prompt of a completions request.
+struct PromptIn {
+    ids: Vec<u32>,
+    /// The prompt as the client wrote it, when it came as text (for `echo`).
+    text: Option<String>,
+}
+
+/// `prompt`: a string, token ids, or a batch: an array of strings or of
+/// token-id arrays (each its own prompt, as in OpenAI's API).
+fn parse_prompts(state: &ApiState, m: &Map<String, Value>) -> Result<Vec<PromptIn>, ApiError> {
     let v = field(m, "prompt")
         .ok_or_else(|| ApiError::invalid("'prompt' is required", Some("prompt")))?;
+    let want = "a string, token ids, or an array of either";
     let ids = |a: &[Value]| -> Result<Vec<u32>, ApiError> {
         a.iter()
             .map(|x| {
                 x.as_u64()
                     .filter(|&i| i <= u32::MAX as u64)
                     .map(|i| i as u32)
-                    .ok_or_else(|| wrong_type("prompt", "a string or token ids", x))
+                    .ok_or_else(|| wrong_type("prompt", want, x))
             })
             .collect()
     };
+    let one = |v: &Value| -> Result<PromptIn, ApiError> {
+        match v {
+            Value::String(s) => Ok(PromptIn {
+                ids: state.text_prompt(s)?,
+                text: Some(s.clone()),
+            }),
+            Value::Array(a) => Ok(PromptIn {
+                ids: ids(a)?,
+                text: None,
+            }),
+            other => Err(wrong_type("prompt", want, other)),
+        }
+    };
     match v {
-        Value::String(s) => state.text_prompt(s),
         Value::Array(a) if a.is_empty() => Err(ApiError::bad_param("prompt", "'prompt' is empty")),
-        Value::Array(a) => match &a[0] {
-            Value::String(_) | Value::Array(_) if a.len() > 1 => Err(ApiError::bad_param(
-                "prompt",
-                format!(
-                    "batched prompts are not supported (got {}); send one prompt per request",
-                    a.len()
-                ),
-            )),
-            Value::String(s) => state.text_prompt(s),
-            Value::Array(inner) => ids(inner),
-            Value::Number(_) => ids(a),
-            other => Err(wrong_type("prompt", "a string or token ids", other)),
-        },
-        other => Err(wrong_type("prompt", "a string or token ids", other)),
+        // Token ids of one prompt.
+        Value::Array(a) if a[0].is_number() => Ok(vec![one(v)?]),
+        Value::Array(a) => {
+            if a.len() > MAX_PROMPTS {
+                return Err(ApiError::bad_param(
+                    "prompt",
+                    format!("at most {MAX_PROMPTS} prompts per request, got {}", a.len()),
+                ));
+            }
+            a.iter()
+                .map(|p| match p {
+                    Value::String(_) | Value::Array(_) => one(p),
+                    other => Err(wrong_type("prompt", want, other)),
+                })
+                .collect()
+        }
+        other => Ok(vec![one(other)?]),
     }
 }
 
@@ -765,18 +809,19 @@ pub(crate) async fn start_all(
         .map_err(ApiError::from)
 }
 
+/// Adds the decoded choices of one prompt to `all`, numbered from `first`.
 fn decoders(
     state: &ApiState,
     prepared: &Prepared,
     streams: Vec<TokenStream>,
-) -> SelectAll<ChoiceStream> {
-    let mut all = SelectAll::new();
+    first: usize,
+    all: &mut SelectAll<ChoiceStream>,
+) {
     for (i, ts) in streams.into_iter().enumerate() {
         let dec = ChoiceDecoder::new(state.tokenizer.clone(), &prepared.stop)
             .with_min_tokens(prepared.min_tokens);
-        all.push(choice_stream(i, ts, dec));
+        all.push(choice_stream(first + i, ts, dec));
     }
-    all
 }
 
 /// One finished choice.
@@ -797,8 +842,18 @@ struct Ctx {
     logprobs: Option<u32>,
     include_usage: bool,
     prompt_tokens: usize,
+    /// Choices per prompt: choice `i` answers prompt `i / per_prompt`.
+    per_prompt: usize,
+    /// Per prompt, the text its choices begin with (`echo`), else empty.
+    echo: Vec<String>,
     tokenizer: Arc<Tokenizer>,
     start: Instant,
+}
+
+impl Ctx {
+    fn prompts(&self) -> usize {
+        self.echo.len()
+    }
 }
 
 fn usage_json(prompt: usize, completion: u64, cached: u32) -> Value {
@@ -913,57 +968,107 @@ async fn run(
     check_unsupported(&m, ep)?;
     let common = parse_common(&m, ep)?;
     check_model_field(&state, &m)?;
-    let (prompt, prompt_param, tokenizing) = match ep {
+    let (prompts, prompt_param, tokenizing) = match ep {
         Endpoint::Chat => {
             let messages = parse_messages(&m)?;
             let t = Instant::now();
-            (state.chat_prompt(&messages)?, "messages", t.elapsed())
+            let ids = state.chat_prompt(&messages)?;
+            (vec![PromptIn { ids, text: None }], "messages", t.elapsed())
         }
         Endpoint::Completions => {
             let t = Instant::now();
-            (parse_prompt(&state, &m)?, "prompt", t.elapsed())
+            (parse_prompts(&state, &m)?, "prompt", t.elapsed())
         }
     };
+    let echo = ep == Endpoint::Completions && boolean(&m, "echo")?.unwrap_or(false);
+    if echo && common.params.logprobs.is_some() {
+        return Err(ApiError::unsupported(
+            "echo",
+            " together with 'logprobs' (the prompt's log-probabilities are not computed)",
+        ));
+    }
     let start = Instant::now();
     let id = match ep {
         Endpoint::Chat => format!("chatcmpl-{}", random_id()),
         Endpoint::Completions => format!("cmpl-{}", random_id()),
     };
-    let mut prepared = common.params.build(&state, prompt, &id, prompt_param)?;
     // The router's own time so far: everything but the template and tokenizer.
     let own = accepted.elapsed().saturating_sub(tokenizing);
-    for input in &mut prepared.inputs {
-        input.frontend_time = own;
+    let batch = prompts.len() > 1;
+    let mut groups = Vec::with_capacity(prompts.len());
+    let mut echoes = Vec::with_capacity(prompts.len());
+    for (p, prompt) in prompts.into_iter().enumerate() {
+        let echoed = match (echo, prompt.text) {
+            (false, _) => String::new(),
+            (true, Some(text)) => text,
+            (true, None) => state
+                .tokenizer
+                .decode(&prompt.ids, false)
+                .map_err(|e| ApiError::internal(format!("detokenizing the prompt: {e}")))?,
+        };
+        // Choice ids stay `{id}-{choice}` for one prompt, as before.
+        let base = if batch {
+            format!("{id}-{p}")
+        } else {
+            id.clone()
+        };
+        let mut prepared = common
+            .params
+            .build(&state, prompt.ids, &base, prompt_param)?;
+        for input in &mut prepared.inputs {
+            input.frontend_time = own;
+        }
+        groups.push(prepared);
+        echoes.push(echoed);
     }
+    let per_prompt = groups[0].inputs.len();
+    if groups.len() * per_prompt > MAX_CHOICES {
+        return Err(ApiError::bad_param(
+            "n",
+            format!(
+                "at most {MAX_CHOICES} choices per request (prompts × n), got {}",
+                groups.len() * per_prompt
+            ),
+        ));
+    }
+    let prompt_tokens: usize = groups.iter().map(|g| g.prompt_tokens).sum();
     metrics::counter!(tandem_cluster::metrics::PROMPT_TOKENS, "endpoint" => ep.label())
-        .increment(prepared.prompt_tokens as u64);
-    let streams = start_all(&state, &prepared).await?;
+        .increment(prompt_tokens as u64);
+    // All or nothing: if one prompt is refused, the admitted ones are
+    // dropped, which cancels them.
+    let streams =
+        futures_util::future::try_join_all(groups.iter().map(|g| start_all(&state, g))).await?;
     let ctx = Ctx {
         id,
         created: unix_now(),
         model: state.served_model_name.clone(),
         endpoint: ep,
-        logprobs: prepared.logprobs,
+        logprobs: groups[0].logprobs,
         include_usage: common.include_usage,
-        prompt_tokens: prepared.prompt_tokens,
+        prompt_tokens,
+        per_prompt,
+        echo: echoes,
         tokenizer: state.tokenizer.clone(),
         start,
     };
-    let choices = decoders(&state, &prepared, streams);
+    let mut choices = SelectAll::new();
+    for (p, (g, s)) in groups.iter().zip(streams).enumerate() {
+        decoders(&state, g, s, p * per_prompt, &mut choices);
+    }
     let ttft = Ttft::new(start, ep.label());
     if common.stream {
         Ok(sse_response(ctx, choices, ttft))
     } else {
-        complete(ctx, choices, prepared.inputs.len(), ttft).await
+        complete(ctx, choices, ttft).await
     }
 }
 
 async fn complete(
     ctx: Ctx,
     mut choices: SelectAll<ChoiceStream>,
-    n: usize,
     ttft: Arc<Ttft>,
 ) -> Result<Response, ApiError> {
+    let n = ctx.prompts() * ctx.per_prompt;
     let mut got: Vec<Collected> = (0..n).map(|_| Collected::default()).collect();
     while let Some((i, out)) = choices.next().await {
         match out {
@@ -985,7 +1090,11 @@ async fn complete(
     }
     drop(choices);
     let completion: u64 = got.iter().map(|c| c.completion_tokens as u64).sum();
-    let cached = got.iter().map(|c| c.cached_tokens).max().unwrap_or(0);
+    // The choices of a prompt share its cached prefix: counted once each.
+    let cached = got
+        .chunks(ctx.per_prompt)
+        .map(|g| g.iter().map(|c| c.cached_tokens).max().unwrap_or(0))
+        .sum();
     let choices_json: Vec<Value> = got
         .iter()
         .enumerate()
@@ -1001,7 +1110,7 @@ async fn complete(
                 }),
                 Endpoint::Completions => json!({
                     "index": i,
-                    "text": c.text,
+                    "text": format!("{}{}", ctx.echo[i / ctx.per_prompt], c.text),
                     "logprobs": lp,
                     "finish_reason": finish,
                 }),
@@ -1034,7 +1143,8 @@ struct Sse {
     choices: SelectAll<ChoiceStream>,
     queue: VecDeque<(Bytes, Option<Instant>)>,
     completion_tokens: u64,
-    cached_tokens: u32,
+    /// Per prompt, the longest cached prefix its choices reported.
+    cached_tokens: Vec<u32>,
     ttft: Arc<Ttft>,
     done: bool,
 }
@@ -1077,7 +1187,8 @@ impl Sse {
         }
         if let Some(_f) = d.finish {
             self.completion_tokens += d.completion_tokens as u64;
-            self.cached_tokens = self.cached_tokens.max(d.cached_tokens);
+            let c = &mut self.cached_tokens[index / self.ctx.per_prompt];
+            *c = (*c).max(d.cached_tokens);
         }
         let lp = if wants_lp {
             logprobs_json(&self.ctx, &d.tokens)
@@ -1109,7 +1220,7 @@ impl Sse {
             v["usage"] = usage_json(
                 self.ctx.prompt_tokens,
                 self.completion_tokens,
-                self.cached_tokens,
+                self.cached_tokens.iter().sum(),
             );
             self.queue.push_back((sse_event(&v), None));
         }
@@ -1140,25 +1251,34 @@ impl Sse {
 fn sse_response(ctx: Ctx, choices: SelectAll<ChoiceStream>, ttft: Arc<Ttft>) -> Response {
     let n = choices.len();
     let mut s = Sse {
+        cached_tokens: vec![0; ctx.prompts()],
         ctx,
         choices,
         queue: VecDeque::new(),
         completion_tokens: 0,
-        cached_tokens: 0,
         ttft,
         done: false,
     };
-    if s.ctx.endpoint == Endpoint::Chat {
-        for i in 0..n {
-            let c = json!({
+    for i in 0..n {
+        // Chat opens each choice with its role; an echoed completion with
+        // its prompt.
+        let c = match s.ctx.endpoint {
+            Endpoint::Chat => json!({
                 "index": i,
                 "delta": {"role": "assistant", "content": ""},
                 "logprobs": null,
                 "finish_reason": null,
-            });
-            let b = sse_event(&s.chunk(c));
-            s.queue.push_back((b, None));
-        }
+            }),
+            Endpoint::Completions => {
+                let echo = &s.ctx.echo[i / s.ctx.per_prompt];
+                if echo.is_empty() {
+                    continue;
+                }
+                json!({"index": i, "text": echo, "logprobs": null, "finish_reason": null})
+            }
+        };
+        let b = sse_event(&s.chunk(c));
+        s.queue.push_back((b, None));
     }
     let stream = futures_util::stream::unfold(s, |mut s| async move {
         loop {

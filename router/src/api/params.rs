@@ -37,7 +37,12 @@ pub struct GenParams {
     pub ignore_eos: bool,
     /// The completion has at least this many tokens (vLLM's `min_tokens`).
     pub min_tokens: Option<i64>,
+    /// `(token id, bias)` as given (OpenAI's `logit_bias`).
+    pub logit_bias: Vec<(u32, f64)>,
 }
+
+/// Largest bias magnitude `logit_bias` accepts (OpenAI's range).
+pub const MAX_LOGIT_BIAS: f64 = 100.0;
 
 /// Validated parameters, ready to run.
 #[derive(Debug, Clone)]
@@ -134,6 +139,31 @@ impl GenParams {
             return Err(ApiError::bad_param(
                 "stop_token_ids",
                 format!("token id {bad} is outside the vocabulary (size {vocab})"),
+            ));
+        }
+        let mut logit_bias = Vec::with_capacity(self.logit_bias.len());
+        for &(id, b) in &self.logit_bias {
+            if id as usize >= vocab {
+                return Err(ApiError::bad_param(
+                    "logit_bias",
+                    format!("token id {id} is outside the vocabulary (size {vocab})"),
+                ));
+            }
+            if !(b.is_finite() && (-MAX_LOGIT_BIAS..=MAX_LOGIT_BIAS).contains(&b)) {
+                return Err(ApiError::bad_param(
+                    "logit_bias",
+                    format!(
+                        "the bias for token {id} must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], got {b}"
+                    ),
+                ));
+            }
+            logit_bias.push((id, b as f32));
+        }
+        logit_bias.sort_unstable_by_key(|&(id, _)| id);
+        if let Some(w) = logit_bias.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(ApiError::bad_param(
+                "logit_bias",
+                format!("token id {} is given more than one bias", w[0].0),
             ));
         }
         let max_tokens = match self.max_tokens {
@@ -254,6 +284,7 @@ impl GenParams {
             } else {
                 Vec::new()
             },
+            logit_bias,
         };
         let inputs = (0..n as u64)
             .map(|i| GenerationInput {

@@ -412,6 +412,21 @@ async fn bad_inputs_are_400_with_param() {
         ),
         (
             chat,
+            chat_body(json!({"logit_bias": {"7": 100.5}})),
+            Some("logit_bias"),
+        ),
+        (
+            chat,
+            chat_body(json!({"logit_bias": {"seven": 1}})),
+            Some("logit_bias"),
+        ),
+        (
+            chat,
+            chat_body(json!({"logit_bias": [[7, 1]]})),
+            Some("logit_bias"),
+        ),
+        (
+            chat,
             chat_body(json!({"parallel_tool_calls": false})),
             Some("parallel_tool_calls"),
         ),
@@ -440,22 +455,37 @@ async fn bad_inputs_are_400_with_param() {
             chat_body(json!({"messages": [{"role": "user", "content": long_prompt}]})),
             Some("messages"),
         ),
-        (cmpl, cmpl_body(json!({"echo": true})), Some("echo")),
+        (
+            cmpl,
+            cmpl_body(json!({"echo": true, "logprobs": 1})),
+            Some("echo"),
+        ),
         (cmpl, cmpl_body(json!({"best_of": 2})), Some("best_of")),
         (cmpl, cmpl_body(json!({"suffix": "end"})), Some("suffix")),
         (
             cmpl,
-            cmpl_body(json!({"logit_bias": {"1": 1}})),
+            cmpl_body(json!({"logit_bias": {"1": "high"}})),
             Some("logit_bias"),
         ),
         (cmpl, cmpl_body(json!({"logprobs": 6})), Some("logprobs")),
         (cmpl, cmpl_body(json!({"logprobs": true})), Some("logprobs")),
         (cmpl, json!({"model": MODEL}), Some("prompt")),
         (cmpl, cmpl_body(json!({"prompt": []})), Some("prompt")),
+        (cmpl, cmpl_body(json!({"prompt": ["a", 5]})), Some("prompt")),
         (
             cmpl,
-            cmpl_body(json!({"prompt": ["a", "b"]})),
+            cmpl_body(json!({"prompt": [[1, 2], "b", {"x": 1}]})),
             Some("prompt"),
+        ),
+        (
+            cmpl,
+            cmpl_body(json!({"prompt": vec!["a"; 65]})),
+            Some("prompt"),
+        ),
+        (
+            cmpl,
+            cmpl_body(json!({"prompt": vec!["a"; 9], "n": 16})),
+            Some("n"),
         ),
         (
             cmpl,
@@ -1054,6 +1084,105 @@ async fn length_finish_and_max_tokens() {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["choices"][0]["finish_reason"], "length");
     assert_eq!(v["usage"]["completion_tokens"], 2);
+}
+
+#[tokio::test]
+async fn a_batch_of_prompts_gets_prompts_times_n_choices_in_order() {
+    let backend = Scripted::new(text_script(" and so on"));
+    let app = openai_routes(state_with(backend.clone(), None));
+    let prompts = ["One", "Two two", "Three three three"];
+    let body = cmpl_body(json!({"prompt": prompts, "n": 2, "echo": true}));
+    let (s, v) = post(&app, "/v1/completions", body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 6);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        // Choice i answers prompt i / n, which it echoes.
+        assert_eq!(c["text"], format!("{} and so on", prompts[i / 2]));
+    }
+    let inputs = backend.inputs();
+    assert_eq!(inputs.len(), 6);
+    let mut prompt_tokens = 0;
+    for (p, text) in prompts.iter().enumerate() {
+        let ids = ids(text);
+        for i in 0..2 {
+            let inp = &inputs[p * 2 + i];
+            assert_eq!(inp.prompt, ids, "choice {i} of prompt {p}");
+            assert!(
+                inp.request_id.ends_with(&format!("-{p}-{i}")),
+                "{}",
+                inp.request_id
+            );
+        }
+        prompt_tokens += ids.len();
+    }
+    assert_eq!(v["usage"]["prompt_tokens"], prompt_tokens);
+    assert_eq!(v["usage"]["completion_tokens"], 6 * ids(" and so on").len());
+
+    // Streamed, each echoed prompt comes first, then its completion.
+    let body =
+        cmpl_body(json!({"prompt": [ids("One"), ids("Two two")], "echo": true, "stream": true}));
+    let (s, _, text) = call(
+        &app,
+        "POST",
+        "/v1/completions",
+        Some(&body.to_string()),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let mut per_choice = [String::new(), String::new()];
+    for ev in sse_events(&text).iter().filter(|e| *e != "[DONE]") {
+        let ev: Value = serde_json::from_str(ev).unwrap();
+        if let Some(c) = ev["choices"].as_array().and_then(|a| a.first()) {
+            per_choice[c["index"].as_u64().unwrap() as usize] += c["text"].as_str().unwrap();
+        }
+    }
+    assert_eq!(per_choice, ["One and so on", "Two two and so on"]);
+
+    // One prompt in an array is one prompt, with the request's own ids.
+    let (s, v) = post(
+        &app,
+        "/v1/completions",
+        cmpl_body(json!({"prompt": ["Solo"]})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["choices"].as_array().unwrap().len(), 1);
+    let last = backend.inputs().pop().unwrap();
+    assert!(last.request_id.ends_with("-0") && !last.request_id.contains("-0-"));
+}
+
+#[tokio::test]
+async fn logit_bias_reaches_the_workers_sorted_by_id() {
+    let backend = Scripted::new(text_script("Hello"));
+    let app = openai_routes(state_with(backend.clone(), None));
+    let (s, v) = post(
+        &app,
+        "/v1/chat/completions",
+        chat_body(json!({"logit_bias": {"300": -100, " 7": 2.5, "12": 0}})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let inp = backend.inputs().pop().unwrap();
+    assert_eq!(
+        inp.sampling.logit_bias,
+        vec![(7, 2.5), (12, 0.0), (300, -100.0)]
+    );
+
+    // Without the field, nothing is biased; an empty object is the same.
+    for body in [cmpl_body(json!({})), cmpl_body(json!({"logit_bias": {}}))] {
+        let (s, _) = post(&app, "/v1/completions", body).await;
+        assert_eq!(s, StatusCode::OK);
+        assert!(backend
+            .inputs()
+            .pop()
+            .unwrap()
+            .sampling
+            .logit_bias
+            .is_empty());
+    }
 }
 
 #[tokio::test]
