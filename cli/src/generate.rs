@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use tandem_engine::cpu::ExpandWeights;
 use tandem_engine::executor::Executor;
-use tandem_engine::generate::GenerateRequest;
+use tandem_engine::generate::{generate_with_texts, GenerateRequest};
+use tandem_engine::json_output::TokenTexts;
 use tandem_engine::sampler::SamplingParams;
 use tandem_model::chat::{ChatMessage, ChatTemplate};
 use tandem_model::detok::IncrementalDecoder;
@@ -49,6 +50,10 @@ pub struct GenerateArgs {
     /// OpenAI's `logit_bias`, BIAS in [-100, 100]).
     #[arg(long = "logit-bias", value_name = "ID=BIAS", value_parser = parse_bias)]
     pub logit_bias: Vec<(u32, f32)>,
+    /// JSON mode: the output is held to a JSON object (OpenAI's
+    /// `response_format: {"type": "json_object"}`).
+    #[arg(long)]
+    pub json_object: bool,
     /// Worker threads (default: all cores).
     #[arg(long, env = "TANDEM_THREADS")]
     pub threads: Option<usize>,
@@ -121,6 +126,7 @@ fn params(args: &GenerateArgs) -> SamplingParams {
         repetition_penalty: args.repetition_penalty,
         seed: args.seed,
         logit_bias: args.logit_bias.clone(),
+        json_object: args.json_object,
         ..Default::default()
     }
 }
@@ -165,7 +171,10 @@ fn complete(
     // Streams whole characters only: byte-level BPE splits them across tokens.
     let mut detok = IncrementalDecoder::new(&l.tokenizer, true);
     let stream = !args.json;
-    let gen = tandem_engine::generate::generate(l.model.as_ref(), &req, |s| {
+    let texts = args
+        .json_object
+        .then(|| TokenTexts::from_tokenizer(&l.tokenizer));
+    let gen = generate_with_texts(l.model.as_ref(), &req, texts.as_deref(), |s| {
         if stream && !req.stop_tokens.contains(&s.token) {
             if let Ok(piece) = detok.push(s.token) {
                 let _ = out.write_all(piece.as_bytes());

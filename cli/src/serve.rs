@@ -14,6 +14,7 @@ use tandem_cluster::{
 };
 use tandem_engine::engine::{Engine, EngineConfig};
 use tandem_engine::executor::Executor;
+use tandem_engine::json_output::TokenTexts;
 use tandem_engine::scheduler::SchedulerConfig;
 use tandem_engine::shard::ShardedModel;
 use tandem_kv_transfer::TransferConfig;
@@ -394,6 +395,7 @@ fn start_engine(args: &WorkerArgs) -> Result<Started> {
             block_size: args.block_size,
             kv_cache_bytes: kv_bytes,
             reserve_wait: Duration::from_secs(args.kv_reserve_timeout_secs),
+            token_texts: Some(TokenTexts::from_tokenizer(&tokenizer)),
         },
     );
     if engine.stats().total_blocks == 0 {

@@ -3,9 +3,10 @@
 
 use crate::error::{EngineError, Result};
 use crate::executor::Executor;
+use crate::json_output::{allowed_tokens, TokenTexts};
 use crate::kv::SeqKv;
 use crate::model::{Logits, Model, SeqStep};
-use crate::sampler::{sample, Sampled, SamplingParams};
+use crate::sampler::{sample_masked, Sampled, SamplingParams};
 
 /// Prompt tokens per forward call while prefilling; bounds activation memory.
 pub const PREFILL_CHUNK: usize = 256;
@@ -63,9 +64,25 @@ impl Model {
 pub fn generate(
     model: &dyn Executor,
     req: &GenerateRequest,
+    on_token: impl FnMut(&Sampled) -> bool,
+) -> Result<Generation> {
+    generate_with_texts(model, req, None, on_token)
+}
+
+/// [`generate`], with what each token writes for JSON mode (a request
+/// asking for it without `texts` is refused).
+pub fn generate_with_texts(
+    model: &dyn Executor,
+    req: &GenerateRequest,
+    texts: Option<&TokenTexts>,
     mut on_token: impl FnMut(&Sampled) -> bool,
 ) -> Result<Generation> {
     req.params.validate()?;
+    if req.params.json_object && texts.is_none() {
+        return Err(EngineError::Unsupported(
+            "JSON mode needs what each token writes (the token texts)".into(),
+        ));
+    }
     req.params.validate_vocab(model.config().vocab_size)?;
     let ctx = model.config().context_length;
     if req.prompt.is_empty() {
@@ -117,12 +134,24 @@ pub fn generate(
     let mut sampled = Vec::new();
     let mut finish = FinishReason::Length;
     while tokens.len() < max_tokens {
-        let s = sample(
+        // JSON mode: the same mask as the scheduler's.
+        let allowed = match texts.filter(|_| req.params.json_object) {
+            Some(t) => match allowed_tokens(t, &tokens, &req.stop_tokens) {
+                Some(a) if a.contains(&true) => Some(a),
+                _ => {
+                    finish = FinishReason::Stop;
+                    break;
+                }
+            },
+            None => None,
+        };
+        let s = sample_masked(
             &req.params,
             &last,
             &context,
             req.prompt.len(),
             tokens.len() as u64,
+            allowed.as_deref(),
         );
         let keep_going = on_token(&s);
         let tok = s.token;

@@ -42,6 +42,9 @@ pub struct SamplingParams {
     /// `(token id, bias in [-100, 100])`, each id once. As with the
     /// penalties, reported log-probabilities are the model's, unbiased.
     pub logit_bias: Vec<(u32, f32)>,
+    /// JSON mode: the output is held to a JSON object
+    /// ([`crate::json_output`]); the engine masks what would break it.
+    pub json_object: bool,
 }
 
 /// Largest bias magnitude [`SamplingParams::logit_bias`] accepts (OpenAI's).
@@ -64,6 +67,7 @@ impl Default for SamplingParams {
             min_tokens: 0,
             min_tokens_masked: Vec::new(),
             logit_bias: Vec::new(),
+            json_object: false,
         }
     }
 }
@@ -105,6 +109,7 @@ impl SamplingParams {
             && self.presence_penalty == 0.0
             && self.frequency_penalty == 0.0
             && self.logit_bias.is_empty()
+            && !self.json_object
             && (pos >= self.min_tokens as u64 || self.min_tokens_masked.is_empty())
     }
 
@@ -398,6 +403,20 @@ pub fn sample(
     output_start: usize,
     pos: u64,
 ) -> Sampled {
+    sample_masked(params, logits, context, output_start, pos, None)
+}
+
+/// [`sample`] among the ids that `allowed` marks alone (JSON mode's mask;
+/// ids past its end are not allowed). At least one must be. Reported
+/// log-probabilities stay the model's, as with the penalties.
+pub fn sample_masked(
+    params: &SamplingParams,
+    logits: &[f32],
+    context: &[u32],
+    output_start: usize,
+    pos: u64,
+    allowed: Option<&[bool]>,
+) -> Sampled {
     // Raw log-probabilities for reporting.
     let want_lp = params.logprobs || params.top_logprobs > 0;
     let max = if want_lp {
@@ -421,8 +440,15 @@ pub fn sample(
         || params.frequency_penalty != 0.0
         || !params.logit_bias.is_empty();
     let mut work: Vec<f32>;
-    let l: &[f32] = if penalised || masked {
+    let l: &[f32] = if penalised || masked || allowed.is_some() {
         work = logits.to_vec();
+        if let Some(allowed) = allowed {
+            for (i, v) in work.iter_mut().enumerate() {
+                if !allowed.get(i).copied().unwrap_or(false) {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+        }
         if masked {
             for &t in &params.min_tokens_masked {
                 if let Some(v) = work.get_mut(t as usize) {

@@ -29,14 +29,16 @@
 //! dedicated thread behind channels.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use crate::error::{EngineError, Result};
 use crate::executor::Executor;
 use crate::generate::FinishReason;
+use crate::json_output::{self, TokenTexts};
 use crate::kv::{KvPool, SeqKv};
 use crate::model::{greedy_token, top_k_candidates, LayerKv, Logits, SeqStep};
 use crate::prefix_cache::{PrefixCache, PrefixStats};
-use crate::sampler::{argmax, sample, sample_top_k, Sampled, SamplingParams};
+use crate::sampler::{argmax, sample, sample_masked, sample_top_k, Sampled, SamplingParams};
 
 /// Most choices (parallel samples) one request may ask for.
 pub const MAX_CHOICES: usize = 64;
@@ -204,6 +206,8 @@ pub struct Scheduler {
     stats: SchedulerStats,
     /// See [`Scheduler::set_transfers_waiting`].
     transfers_waiting: usize,
+    /// What each token writes, for JSON mode (see [`Scheduler::set_token_texts`]).
+    token_texts: Option<Arc<TokenTexts>>,
 }
 
 impl Scheduler {
@@ -219,7 +223,14 @@ impl Scheduler {
             context_length,
             stats: SchedulerStats::default(),
             transfers_waiting: 0,
+            token_texts: None,
         }
+    }
+
+    /// Lets requests ask for JSON mode ([`SamplingParams::json_object`]):
+    /// its mask needs the bytes each token writes.
+    pub fn set_token_texts(&mut self, texts: Arc<TokenTexts>) {
+        self.token_texts = Some(texts);
     }
 
     /// Tokens one sequence can ever hold: the context, or the whole pool if smaller.
@@ -868,14 +879,16 @@ impl Scheduler {
             // Parallel sampling: the other choices branch off here, sharing
             // the prompt's blocks, and sample their first token from the
             // same logits with their own key.
+            let texts = self.token_texts.clone();
+            let texts = texts.as_deref();
             for mut c in self.fork_choices(idx) {
-                match sample_next(&mut c, &logits[k], wants[k], &mut self.stats) {
+                match sample_next(&mut c, &logits[k], wants[k], texts, &mut self.stats) {
                     Some(reason) => self.retire(c, reason),
                     None => forked.push(c),
                 }
             }
             let s = &mut self.running[idx];
-            if let Some(reason) = sample_next(s, &logits[k], wants[k], &mut self.stats) {
+            if let Some(reason) = sample_next(s, &logits[k], wants[k], texts, &mut self.stats) {
                 finished.push((idx, Some(reason)));
             }
         }
@@ -1028,9 +1041,30 @@ fn sample_next(
     s: &mut Seq,
     logits: &[f32],
     kind: Logits,
+    texts: Option<&TokenTexts>,
     stats: &mut SchedulerStats,
 ) -> Option<FinishReason> {
     let pos = s.generated() as u64;
+    if s.req.params.json_object {
+        // JSON mode: only what keeps the output a JSON object's start; a
+        // complete object leaves only the stop tokens (or, without any,
+        // nothing: the sequence ends there).
+        let output = &s.tokens[s.n_prompt..];
+        let allowed =
+            texts.and_then(|t| json_output::allowed_tokens(t, output, &s.req.stop_tokens));
+        let Some(allowed) = allowed.filter(|a| a.contains(&true)) else {
+            return Some(FinishReason::Stop);
+        };
+        let sampled = sample_masked(
+            &s.req.params,
+            logits,
+            &s.tokens,
+            s.n_prompt,
+            pos,
+            Some(&allowed),
+        );
+        return emit(s, sampled, stats);
+    }
     // The step asked for less than the whole row where `sample` would
     // read no more: the greedy id, or the top-k candidates.
     let sampled = match kind {
@@ -1042,6 +1076,11 @@ fn sample_next(
         Logits::TopK(_) => sample_top_k(&s.req.params, &top_k_candidates(logits), pos),
         _ => sample(&s.req.params, logits, &s.tokens, s.n_prompt, pos),
     };
+    emit(s, sampled, stats)
+}
+
+/// Ends `s` on a stop token, else appends `sampled` and sends it on.
+fn emit(s: &mut Seq, sampled: Sampled, stats: &mut SchedulerStats) -> Option<FinishReason> {
     let tok = sampled.token;
     if s.req.stop_tokens.contains(&tok) {
         return Some(FinishReason::Stop);

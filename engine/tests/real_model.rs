@@ -1678,4 +1678,118 @@ mod batching {
             })
             .is_err());
     }
+
+    /// JSON mode in the engine (batched, first token sampled in the prefill
+    /// step) gives the plain path's tokens, and what it writes is a JSON
+    /// object's start, a whole object when it stops.
+    #[test]
+    fn json_mode_matches_the_plain_path_and_writes_json() {
+        use std::sync::Arc;
+        use tandem_engine::engine::{Engine, EngineConfig, RequestSpec};
+        use tandem_engine::generate::generate_with_texts;
+        use tandem_engine::json_output::{JsonMachine, TokenTexts};
+        let tok = source().tokenizer().unwrap();
+        let texts = TokenTexts::from_tokenizer(&tok);
+        let stop = tok.eos_ids().to_vec();
+        let m = Arc::new(Model::load(source(), 2).unwrap());
+        let config = EngineConfig {
+            kv_cache_bytes: 64 << 20,
+            ..Default::default()
+        };
+        // Without the token texts, JSON mode is refused, not ignored.
+        let bare = Engine::start(m.clone(), config.clone());
+        let json = |params: SamplingParams| SamplingParams {
+            json_object: true,
+            ..params
+        };
+        let refused = bare.submit(RequestSpec {
+            prompt: vec![1, 2, 3],
+            params: json(SamplingParams::greedy()),
+            ..Default::default()
+        });
+        let Err(err) = refused else {
+            panic!("JSON mode without token texts was accepted");
+        };
+        assert!(matches!(err, EngineError::Unsupported(_)), "{err}");
+        drop(bare);
+
+        let engine = Engine::start(
+            m.clone(),
+            EngineConfig {
+                token_texts: Some(texts.clone()),
+                ..config
+            },
+        );
+        let asks = [
+            "A JSON object describing a cat, with its name and age:",
+            "Reply in JSON. What are the three primary colours?",
+            "The weather in Paris today, as JSON:",
+        ];
+        let sampled = SamplingParams {
+            temperature: 0.9,
+            top_p: 0.95,
+            seed: 5,
+            ..Default::default()
+        };
+        let cases: Vec<(Vec<u32>, SamplingParams)> = asks
+            .iter()
+            .flat_map(|a| {
+                let p = tok.encode(a, true).unwrap();
+                [
+                    (p.clone(), json(SamplingParams::greedy())),
+                    (p, json(sampled.clone())),
+                ]
+            })
+            .collect();
+        // All at once, so that they share steps.
+        let handles: Vec<_> = cases
+            .iter()
+            .map(|(p, params)| {
+                engine
+                    .submit(RequestSpec {
+                        prompt: p.clone(),
+                        params: params.clone(),
+                        max_tokens: Some(48),
+                        stop_tokens: stop.clone(),
+                        ..Default::default()
+                    })
+                    .unwrap()
+            })
+            .collect();
+        let mut stopped = 0;
+        for ((p, params), mut h) in cases.iter().zip(handles) {
+            let mut got = Vec::new();
+            let finish = loop {
+                match h.events.blocking_recv().expect("stream ends with Finished") {
+                    Event::Token(s) => got.push(s.token),
+                    Event::Finished { reason, .. } => break reason,
+                    Event::Error(e) => panic!("{e}"),
+                }
+            };
+            let req = GenerateRequest {
+                prompt: p.clone(),
+                params: params.clone(),
+                max_tokens: Some(48),
+                stop_tokens: stop.clone(),
+            };
+            let plain = generate_with_texts(m.as_ref(), &req, Some(&texts), |_| true).unwrap();
+            assert_eq!(got, plain.tokens, "{params:?}");
+            assert_eq!(finish, plain.finish);
+            let bytes: Vec<u8> = got
+                .iter()
+                .flat_map(|&t| tok.token_bytes(t).unwrap().to_vec())
+                .collect();
+            let text = String::from_utf8_lossy(&bytes);
+            let machine = JsonMachine::after(&bytes);
+            assert!(machine.is_some(), "not a JSON object's start: {text:?}");
+            if finish == FinishReason::Stop {
+                stopped += 1;
+                assert!(machine.unwrap().is_complete(), "{text:?}");
+                let v: Value = serde_json::from_str(&text).expect("a whole JSON text");
+                assert!(v.is_object(), "{text:?}");
+            }
+        }
+        // Most of these end as whole objects within 48 tokens.
+        assert!(stopped >= 3, "only {stopped} of 6 completed their object");
+    }
 }

@@ -31,6 +31,7 @@ pub fn sampling(s: Option<&pb::WorkerSampling>) -> Result<SamplingParams, Status
         min_tokens: s.min_tokens,
         min_tokens_masked: s.min_tokens_masked.clone(),
         logit_bias: s.logit_bias.iter().map(|b| (b.token_id, b.bias)).collect(),
+        json_object: s.json_object,
     })
 }
 

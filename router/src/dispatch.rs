@@ -32,6 +32,8 @@ pub struct Sampling {
     pub min_tokens_masked: Vec<u32>,
     /// `(token id, bias)`, ids ascending and distinct.
     pub logit_bias: Vec<(u32, f32)>,
+    /// JSON mode: the output is held to a JSON object.
+    pub json_object: bool,
 }
 
 impl Default for Sampling {
@@ -51,6 +53,7 @@ impl Default for Sampling {
             min_tokens: 0,
             min_tokens_masked: Vec::new(),
             logit_bias: Vec::new(),
+            json_object: false,
         }
     }
 }

@@ -961,6 +961,7 @@ pub fn sampling_to_proto(s: &crate::dispatch::Sampling) -> pb::WorkerSampling {
             .iter()
             .map(|&(token_id, bias)| pb::TokenBias { token_id, bias })
             .collect(),
+        json_object: s.json_object,
     }
 }
 

@@ -4,6 +4,7 @@ Usage: openai_client.py BASE_URL MODEL API_KEY
 Exits non-zero (with the failing check) if anything is off.
 """
 
+import json
 import sys
 
 import openai
@@ -63,6 +64,17 @@ def hello(**kw):
 plain = hello().choices[0].logprobs.tokens
 forced = hello(logit_bias={"42": 100}).choices[0].logprobs.tokens
 assert len(forced) == 3 and len(set(forced)) == 1 and forced != plain, (forced, plain)
+
+# JSON mode: a whole JSON object comes back.
+j = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": 'Return a JSON object with the key "city" set to the capital of France.'}],
+    max_tokens=64,
+    temperature=0,
+    response_format={"type": "json_object"},
+)
+assert j.choices[0].finish_reason == "stop", j
+assert isinstance(json.loads(j.choices[0].message.content), dict), j
 
 lp = client.chat.completions.create(
     model=model, messages=question, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3

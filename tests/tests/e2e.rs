@@ -42,15 +42,21 @@ fn prompts() -> Vec<String> {
 
 /// `tandem generate --json` on the same model: the plain path.
 fn generate_plain(prompt: &str, chat: bool) -> (String, Vec<u32>, u64) {
-    generate_plain_with(prompt, chat, &[])
+    generate_plain_with(prompt, chat, MAX_TOKENS, &[])
 }
 
-/// [`generate_plain`] with more `tandem generate` arguments.
-fn generate_plain_with(prompt: &str, chat: bool, extra: &[String]) -> (String, Vec<u32>, u64) {
+/// [`generate_plain`] with up to `max_tokens` and more `tandem generate`
+/// arguments.
+fn generate_plain_with(
+    prompt: &str,
+    chat: bool,
+    max_tokens: u32,
+    extra: &[String],
+) -> (String, Vec<u32>, u64) {
     let model = model_path();
     let mut cmd = Command::new(tandem_bin());
     cmd.args(["generate", "--json", "--threads", "1", "--max-tokens"])
-        .arg(MAX_TOKENS.to_string())
+        .arg(max_tokens.to_string())
         .arg("--model")
         .arg(&model)
         .args(["--prompt", prompt]);
@@ -1104,7 +1110,7 @@ fn logit_bias_steers_both_tiers_as_on_the_plain_path() {
                 .iter()
                 .flat_map(|(id, b)| ["--logit-bias".to_string(), format!("{id}={b}")])
                 .collect();
-            generate_plain_with(&prompt, false, &args)
+            generate_plain_with(&prompt, false, MAX_TOKENS, &args)
         })
         .collect();
     assert!(!plain[0].1.contains(&banned), "{:?}", plain[0].1);
@@ -1146,6 +1152,72 @@ fn logit_bias_steers_both_tiers_as_on_the_plain_path() {
         // Every request's first token came from the prefill worker.
         let remote = r#"tandem_router_dispatched_total{prefill="remote"}"#;
         assert_eq!(counter(&cluster.router, remote).await, 4.0);
+    });
+}
+
+/// JSON mode through the cluster: the prefill worker samples the first
+/// token under the mask, the decode worker the rest; the text is the plain
+/// path's, streamed or not, and a whole JSON object when it stops.
+#[test]
+fn json_mode_writes_the_plain_paths_json_on_both_tiers() {
+    const JSON_TOKENS: u32 = 64;
+    // The first two complete their object; the last runs out of tokens.
+    let asks = [
+        "Give me a JSON object describing a cat with its name and age.",
+        "Return a JSON object with the key \"city\" set to the capital of France.",
+        "Give the capital cities of France and Spain in JSON.",
+    ];
+    let plain: Vec<_> = asks
+        .iter()
+        .map(|q| generate_plain_with(q, true, JSON_TOKENS, &["--json-object".to_string()]))
+        .collect();
+    let cluster = Cluster::start(1, 1, 1, &["--disagg-max-cached-fraction", "1"]);
+    rt().block_on(async {
+        let http = reqwest::Client::new();
+        let url = format!("{}/chat/completions", cluster.base_url());
+        let mut whole = 0;
+        for (q, (text, _, _)) in asks.iter().zip(&plain) {
+            let body = |stream: bool| {
+                json!({
+                    "model": model_name(),
+                    "messages": [{"role": "user", "content": q}],
+                    "max_tokens": JSON_TOKENS,
+                    "temperature": 0,
+                    "response_format": {"type": "json_object"},
+                    "stream": stream,
+                })
+            };
+            let r = http.post(&url).json(&body(false)).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let v: Value = r.json().await.unwrap();
+            let got = v["choices"][0]["message"]["content"].as_str().unwrap();
+            assert_eq!(got, text.trim_start_matches(' '), "{q}");
+            let finish = v["choices"][0]["finish_reason"].as_str().unwrap();
+            let head = got.trim_start();
+            assert!(head.starts_with('{'), "{got:?}");
+            if finish == "stop" {
+                whole += 1;
+                let parsed: Value = serde_json::from_str(got).expect("a whole JSON text");
+                assert!(parsed.is_object(), "{got:?}");
+            }
+            // Streamed, the same text.
+            let r = http.post(&url).json(&body(true)).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let mut streamed = String::new();
+            for ev in sse_events(r).await {
+                if ev == "[DONE]" {
+                    continue;
+                }
+                let c: Value = serde_json::from_str(&ev).unwrap();
+                if let Some(t) = c["choices"][0]["delta"]["content"].as_str() {
+                    streamed += t;
+                }
+            }
+            assert_eq!(streamed, got, "{q}");
+        }
+        assert_eq!(whole, 2, "JSON objects completed");
+        let remote = r#"tandem_router_dispatched_total{prefill="remote"}"#;
+        assert_eq!(counter(&cluster.router, remote).await, 6.0);
     });
 }
 

@@ -142,6 +142,7 @@ impl GenerateApi {
                 .iter()
                 .map(|b| (b.token_id, f64::from(b.bias)))
                 .collect(),
+            json_object: s.json_object,
         };
         let request_id = if req.request_id.is_empty() {
             format!("gen-{}", random_id())

@@ -379,6 +379,7 @@ const COMMON_FIELDS: &[&str] = &[
     "logit_bias",
     "ignore_eos",
     "min_tokens",
+    "response_format",
 ];
 const CHAT_FIELDS: &[&str] = &[
     "messages",
@@ -388,7 +389,6 @@ const CHAT_FIELDS: &[&str] = &[
     "tool_choice",
     "functions",
     "function_call",
-    "response_format",
     "parallel_tool_calls",
     "audio",
     "modalities",
@@ -423,19 +423,6 @@ fn check_unsupported(m: &Map<String, Value>, ep: Endpoint) -> Result<(), ApiErro
                     if v.as_str() != Some("none") {
                         return Err(ApiError::unsupported(k, " (tool calls are not available)"));
                     }
-                }
-            }
-            if let Some(v) = field(m, "response_format") {
-                let is_text = v
-                    .as_object()
-                    .and_then(|o| o.get("type"))
-                    .and_then(Value::as_str)
-                    == Some("text");
-                if !is_text {
-                    return Err(ApiError::unsupported(
-                        "response_format",
-                        " (only {\"type\": \"text\"})",
-                    ));
                 }
             }
             if let Some(v) = field(m, "modalities") {
@@ -534,6 +521,27 @@ fn parse_common(m: &Map<String, Value>, ep: Endpoint) -> Result<Common, ApiError
         Some(v) => return Err(wrong_type("stop_token_ids", "an array of token ids", v)),
     };
     p.n = int(m, "n")?;
+    // vLLM takes it on completions too.
+    p.json_object = match field(m, "response_format") {
+        None => false,
+        Some(Value::Object(o)) => match o.get("type").and_then(Value::as_str) {
+            Some("text") => false,
+            Some("json_object") => true,
+            Some("json_schema") => {
+                return Err(ApiError::unsupported(
+                    "response_format",
+                    " ('json_schema'; only 'text' and 'json_object')",
+                ))
+            }
+            _ => {
+                return Err(ApiError::bad_param(
+                    "response_format",
+                    "'response_format.type' must be 'text', 'json_object' or 'json_schema'",
+                ))
+            }
+        },
+        Some(v) => return Err(wrong_type("response_format", "an object", v)),
+    };
     p.logit_bias = match field(m, "logit_bias") {
         None => Vec::new(),
         Some(Value::Object(o)) => o

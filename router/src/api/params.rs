@@ -39,6 +39,8 @@ pub struct GenParams {
     pub min_tokens: Option<i64>,
     /// `(token id, bias)` as given (OpenAI's `logit_bias`).
     pub logit_bias: Vec<(u32, f64)>,
+    /// JSON mode (`response_format: {"type": "json_object"}`).
+    pub json_object: bool,
 }
 
 /// Largest bias magnitude `logit_bias` accepts (OpenAI's range).
@@ -285,6 +287,7 @@ impl GenParams {
                 Vec::new()
             },
             logit_bias,
+            json_object: self.json_object,
         };
         let inputs = (0..n as u64)
             .map(|i| GenerationInput {

@@ -402,7 +402,17 @@ async fn bad_inputs_are_400_with_param() {
         ),
         (
             chat,
-            chat_body(json!({"response_format": {"type": "json_object"}})),
+            chat_body(json!({"response_format": {"type": "json_schema", "json_schema": {}}})),
+            Some("response_format"),
+        ),
+        (
+            chat,
+            chat_body(json!({"response_format": {"type": "yaml"}})),
+            Some("response_format"),
+        ),
+        (
+            cmpl,
+            cmpl_body(json!({"response_format": "json"})),
             Some("response_format"),
         ),
         (
@@ -1152,6 +1162,35 @@ async fn a_batch_of_prompts_gets_prompts_times_n_choices_in_order() {
     assert_eq!(v["choices"].as_array().unwrap().len(), 1);
     let last = backend.inputs().pop().unwrap();
     assert!(last.request_id.ends_with("-0") && !last.request_id.contains("-0-"));
+}
+
+#[tokio::test]
+async fn json_mode_reaches_the_workers_from_either_endpoint() {
+    let backend = Scripted::new(text_script("{}"));
+    let app = openai_routes(state_with(backend.clone(), None));
+    for (uri, body, want) in [
+        (
+            "/v1/chat/completions",
+            chat_body(json!({"response_format": {"type": "json_object"}})),
+            true,
+        ),
+        (
+            "/v1/completions",
+            cmpl_body(json!({"response_format": {"type": "json_object"}})),
+            true,
+        ),
+        (
+            "/v1/chat/completions",
+            chat_body(json!({"response_format": {"type": "text"}})),
+            false,
+        ),
+        ("/v1/completions", cmpl_body(json!({})), false),
+    ] {
+        let (s, v) = post(&app, uri, body.clone()).await;
+        assert_eq!(s, StatusCode::OK, "{body}: {v}");
+        let inp = backend.inputs().pop().unwrap();
+        assert_eq!(inp.sampling.json_object, want, "{body}");
+    }
 }
 
 #[tokio::test]
