@@ -151,6 +151,7 @@ fn prefix_ttft(model: &Model, shared: usize, runs: usize) -> Result<(f64, f64)> 
             stop_tokens: vec![],
             priority: 0,
             generated: vec![],
+            guide: None,
         };
         let t0 = Instant::now();
         sched.add(req, Box::new(tx))?;

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use tandem_engine::cpu::ExpandWeights;
 use tandem_engine::executor::Executor;
-use tandem_engine::generate::{generate_with_texts, GenerateRequest};
-use tandem_engine::json_output::TokenTexts;
+use tandem_engine::generate::{generate_guided, GenerateRequest};
+use tandem_engine::guided::{Grammars, ResponseFormat};
 use tandem_engine::sampler::SamplingParams;
 use tandem_model::chat::{ChatMessage, ChatTemplate};
 use tandem_model::detok::IncrementalDecoder;
@@ -52,8 +52,11 @@ pub struct GenerateArgs {
     pub logit_bias: Vec<(u32, f32)>,
     /// JSON mode: the output is held to a JSON object (OpenAI's
     /// `response_format: {"type": "json_object"}`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "json_schema")]
     pub json_object: bool,
+    /// The output is held to JSON valid against this schema (its JSON text).
+    #[arg(long, value_name = "SCHEMA")]
+    pub json_schema: Option<String>,
     /// Worker threads (default: all cores).
     #[arg(long, env = "TANDEM_THREADS")]
     pub threads: Option<usize>,
@@ -126,7 +129,11 @@ fn params(args: &GenerateArgs) -> SamplingParams {
         repetition_penalty: args.repetition_penalty,
         seed: args.seed,
         logit_bias: args.logit_bias.clone(),
-        json_object: args.json_object,
+        response_format: match (&args.json_schema, args.json_object) {
+            (Some(schema), _) => ResponseFormat::JsonSchema(schema.clone()),
+            (None, true) => ResponseFormat::JsonObject,
+            (None, false) => ResponseFormat::Text,
+        },
         ..Default::default()
     }
 }
@@ -171,10 +178,12 @@ fn complete(
     // Streams whole characters only: byte-level BPE splits them across tokens.
     let mut detok = IncrementalDecoder::new(&l.tokenizer, true);
     let stream = !args.json;
-    let texts = args
-        .json_object
-        .then(|| TokenTexts::from_tokenizer(&l.tokenizer));
-    let gen = generate_with_texts(l.model.as_ref(), &req, texts.as_deref(), |s| {
+    let grammars = if req.params.response_format.is_text() {
+        None
+    } else {
+        Some(Grammars::from_tokenizer(&l.tokenizer)?)
+    };
+    let gen = generate_guided(l.model.as_ref(), &req, grammars.as_deref(), |s| {
         if stream && !req.stop_tokens.contains(&s.token) {
             if let Ok(piece) = detok.push(s.token) {
                 let _ = out.write_all(piece.as_bytes());

@@ -14,7 +14,7 @@ use tandem_cluster::{
 };
 use tandem_engine::engine::{Engine, EngineConfig};
 use tandem_engine::executor::Executor;
-use tandem_engine::json_output::TokenTexts;
+use tandem_engine::guided::Grammars;
 use tandem_engine::scheduler::SchedulerConfig;
 use tandem_engine::shard::ShardedModel;
 use tandem_kv_transfer::TransferConfig;
@@ -395,7 +395,10 @@ fn start_engine(args: &WorkerArgs) -> Result<Started> {
             block_size: args.block_size,
             kv_cache_bytes: kv_bytes,
             reserve_wait: Duration::from_secs(args.kv_reserve_timeout_secs),
-            token_texts: Some(TokenTexts::from_tokenizer(&tokenizer)),
+            grammars: Some(
+                Grammars::from_tokenizer(&tokenizer)
+                    .context("building the grammars' vocabulary")?,
+            ),
         },
     );
     if engine.stats().total_blocks == 0 {

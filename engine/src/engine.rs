@@ -31,7 +31,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::error::{EngineError, Result};
 use crate::executor::Executor;
-use crate::json_output::TokenTexts;
+use crate::guided::Grammars;
 use crate::kv::{BlockWriter, KvLayout, KvStaging, SeqKv};
 use crate::sampler::{Sampled, SamplingParams};
 use crate::scheduler::{
@@ -50,9 +50,10 @@ pub struct EngineConfig {
     /// yet (they come back as running sequences finish) before it fails
     /// with `OutOfBlocks`.
     pub reserve_wait: Duration,
-    /// What each token writes: JSON mode's mask needs it
-    /// ([`SamplingParams::json_object`]); without it, such requests are refused.
-    pub token_texts: Option<Arc<TokenTexts>>,
+    /// The model's vocabulary as grammars see it: guided decoding
+    /// ([`SamplingParams::response_format`]) needs it; without it, such
+    /// requests are refused.
+    pub grammars: Option<Arc<Grammars>>,
 }
 
 impl Default for EngineConfig {
@@ -62,7 +63,7 @@ impl Default for EngineConfig {
             block_size: 16,
             kv_cache_bytes: 1 << 30,
             reserve_wait: Duration::from_secs(60),
-            token_texts: None,
+            grammars: None,
         }
     }
 }
@@ -338,8 +339,8 @@ pub struct Engine {
     next_id: AtomicU64,
     context_length: usize,
     vocab_size: usize,
-    /// Whether JSON mode can be served (the token texts were given).
-    json_mode: bool,
+    /// For guided decoding, if it can be served.
+    grammars: Option<Arc<Grammars>>,
     pool_tokens: usize,
     layout: KvLayout,
     total_blocks: usize,
@@ -415,11 +416,8 @@ impl Engine {
         let total_blocks = pool.n_blocks();
         let reserve_wait = cfg.reserve_wait;
         let max_batch = cfg.scheduler.max_running;
-        let json_mode = cfg.token_texts.is_some();
+        let grammars = cfg.grammars;
         let mut sched = Scheduler::new(cfg.scheduler, pool, context_length);
-        if let Some(texts) = cfg.token_texts {
-            sched.set_token_texts(texts);
-        }
         // Before the first request, so that it does not pay for it; a
         // failure only loses the head start.
         if let Err(e) = model.warm_up(sched.pool_mut(), max_batch) {
@@ -561,7 +559,7 @@ impl Engine {
             next_id: AtomicU64::new(1),
             context_length,
             vocab_size,
-            json_mode,
+            grammars,
             pool_tokens,
             layout,
             total_blocks,
@@ -583,7 +581,7 @@ impl Engine {
             ));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let req = Request {
+        let mut req = Request {
             id,
             prompt: spec.prompt,
             params: spec.params,
@@ -591,14 +589,19 @@ impl Engine {
             stop_tokens: spec.stop_tokens,
             priority: spec.priority,
             generated: spec.generated,
+            guide: None,
+        };
+        req.guide = match &self.grammars {
+            Some(g) => g.guide(&req.params.response_format, &req.generated)?,
+            None if req.params.response_format.is_text() => None,
+            None => {
+                return Err(EngineError::Unsupported(
+                    "guided decoding (response_format) needs the model's vocabulary; this engine was started without it".into(),
+                ))
+            }
         };
         Scheduler::validate(&req, self.context_length, self.pool_tokens)?;
         req.params.validate_vocab(self.vocab_size)?;
-        if req.params.json_object && !self.json_mode {
-            return Err(EngineError::Unsupported(
-                "JSON mode needs the engine to know what each token writes; it was started without the token texts".into(),
-            ));
-        }
         Ok(req)
     }
 

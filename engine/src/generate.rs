@@ -3,7 +3,7 @@
 
 use crate::error::{EngineError, Result};
 use crate::executor::Executor;
-use crate::json_output::{allowed_tokens, TokenTexts};
+use crate::guided::Grammars;
 use crate::kv::SeqKv;
 use crate::model::{Logits, Model, SeqStep};
 use crate::sampler::{sample_masked, Sampled, SamplingParams};
@@ -66,23 +66,27 @@ pub fn generate(
     req: &GenerateRequest,
     on_token: impl FnMut(&Sampled) -> bool,
 ) -> Result<Generation> {
-    generate_with_texts(model, req, None, on_token)
+    generate_guided(model, req, None, on_token)
 }
 
-/// [`generate`], with what each token writes for JSON mode (a request
-/// asking for it without `texts` is refused).
-pub fn generate_with_texts(
+/// [`generate`] with the model's grammars, for a request with a
+/// `response_format` (refused without them).
+pub fn generate_guided(
     model: &dyn Executor,
     req: &GenerateRequest,
-    texts: Option<&TokenTexts>,
+    grammars: Option<&Grammars>,
     mut on_token: impl FnMut(&Sampled) -> bool,
 ) -> Result<Generation> {
     req.params.validate()?;
-    if req.params.json_object && texts.is_none() {
-        return Err(EngineError::Unsupported(
-            "JSON mode needs what each token writes (the token texts)".into(),
-        ));
-    }
+    let mut guide = match grammars {
+        Some(g) => g.guide(&req.params.response_format, &[])?,
+        None if req.params.response_format.is_text() => None,
+        None => {
+            return Err(EngineError::Unsupported(
+                "guided decoding (response_format) needs the model's vocabulary".into(),
+            ))
+        }
+    };
     req.params.validate_vocab(model.config().vocab_size)?;
     let ctx = model.config().context_length;
     if req.prompt.is_empty() {
@@ -134,15 +138,16 @@ pub fn generate_with_texts(
     let mut sampled = Vec::new();
     let mut finish = FinishReason::Length;
     while tokens.len() < max_tokens {
-        // JSON mode: the same mask as the scheduler's.
-        let allowed = match texts.filter(|_| req.params.json_object) {
-            Some(t) => match allowed_tokens(t, &tokens, &req.stop_tokens) {
-                Some(a) if a.contains(&true) => Some(a),
-                _ => {
+        // Guided: the same mask as the scheduler's.
+        let allowed = match guide.as_mut() {
+            Some(g) => {
+                let a = g.allowed(&req.stop_tokens)?;
+                if !a.contains(&true) {
                     finish = FinishReason::Stop;
                     break;
                 }
-            },
+                Some(a)
+            }
             None => None,
         };
         let s = sample_masked(
@@ -158,6 +163,9 @@ pub fn generate_with_texts(
         if req.stop_tokens.contains(&tok) {
             finish = FinishReason::Stop;
             break;
+        }
+        if let Some(g) = guide.as_mut() {
+            g.advance(tok)?;
         }
         tokens.push(tok);
         context.push(tok);

@@ -11,7 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod executor;
 pub mod generate;
-pub mod json_output;
+pub mod guided;
 pub mod kv;
 pub mod model;
 pub mod ops;

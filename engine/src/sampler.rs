@@ -6,6 +6,7 @@
 //! whatever the batch, after preemption, or when another worker resumes it.
 
 use crate::error::{EngineError, Result};
+use crate::guided::ResponseFormat;
 
 /// What a request asks of the sampler. Defaults are the neutral values.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -42,9 +43,9 @@ pub struct SamplingParams {
     /// `(token id, bias in [-100, 100])`, each id once. As with the
     /// penalties, reported log-probabilities are the model's, unbiased.
     pub logit_bias: Vec<(u32, f32)>,
-    /// JSON mode: the output is held to a JSON object
-    /// ([`crate::json_output`]); the engine masks what would break it.
-    pub json_object: bool,
+    /// What the output must look like (OpenAI's `response_format`): held
+    /// to it by [`crate::guided`]'s mask.
+    pub response_format: ResponseFormat,
 }
 
 /// Largest bias magnitude [`SamplingParams::logit_bias`] accepts (OpenAI's).
@@ -67,7 +68,7 @@ impl Default for SamplingParams {
             min_tokens: 0,
             min_tokens_masked: Vec::new(),
             logit_bias: Vec::new(),
-            json_object: false,
+            response_format: ResponseFormat::Text,
         }
     }
 }
@@ -109,7 +110,7 @@ impl SamplingParams {
             && self.presence_penalty == 0.0
             && self.frequency_penalty == 0.0
             && self.logit_bias.is_empty()
-            && !self.json_object
+            && self.response_format.is_text()
             && (pos >= self.min_tokens as u64 || self.min_tokens_masked.is_empty())
     }
 
@@ -406,7 +407,7 @@ pub fn sample(
     sample_masked(params, logits, context, output_start, pos, None)
 }
 
-/// [`sample`] among the ids that `allowed` marks alone (JSON mode's mask;
+/// [`sample`] among the ids that `allowed` marks alone (a guide's mask;
 /// ids past its end are not allowed). At least one must be. Reported
 /// log-probabilities stay the model's, as with the penalties.
 pub fn sample_masked(

@@ -29,12 +29,11 @@
 //! dedicated thread behind channels.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 
 use crate::error::{EngineError, Result};
 use crate::executor::Executor;
 use crate::generate::FinishReason;
-use crate::json_output::{self, TokenTexts};
+use crate::guided::Guide;
 use crate::kv::{KvPool, SeqKv};
 use crate::model::{greedy_token, top_k_candidates, LayerKv, Logits, SeqStep};
 use crate::prefix_cache::{PrefixCache, PrefixStats};
@@ -81,6 +80,9 @@ pub struct Request {
     /// as output, so sampling positions, penalties and `max_tokens` carry on
     /// exactly where the stream stopped.
     pub generated: Vec<u32>,
+    /// Holds the output to `params.response_format` (guided decoding),
+    /// advanced past `generated`; `None` for free text.
+    pub guide: Option<Guide>,
 }
 
 /// What a request's stream carries.
@@ -206,8 +208,6 @@ pub struct Scheduler {
     stats: SchedulerStats,
     /// See [`Scheduler::set_transfers_waiting`].
     transfers_waiting: usize,
-    /// What each token writes, for JSON mode (see [`Scheduler::set_token_texts`]).
-    token_texts: Option<Arc<TokenTexts>>,
 }
 
 impl Scheduler {
@@ -223,14 +223,7 @@ impl Scheduler {
             context_length,
             stats: SchedulerStats::default(),
             transfers_waiting: 0,
-            token_texts: None,
         }
-    }
-
-    /// Lets requests ask for JSON mode ([`SamplingParams::json_object`]):
-    /// its mask needs the bytes each token writes.
-    pub fn set_token_texts(&mut self, texts: Arc<TokenTexts>) {
-        self.token_texts = Some(texts);
     }
 
     /// Tokens one sequence can ever hold: the context, or the whole pool if smaller.
@@ -243,6 +236,11 @@ impl Scheduler {
     /// now, with the reason, instead of starving in the queue.
     pub fn validate(req: &Request, context_length: usize, pool_tokens: usize) -> Result<usize> {
         req.params.validate()?;
+        if !req.params.response_format.is_text() && req.guide.is_none() {
+            return Err(EngineError::Unsupported(
+                "a guided request (response_format) came without its guide".into(),
+            ));
+        }
         if req.prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
@@ -474,6 +472,16 @@ impl Scheduler {
             } else {
                 None
             };
+            // A guided choice's grammar moves past the first token too.
+            let mut guide = req.guide.clone();
+            if let (false, Some(g)) = (stop, guide.as_mut()) {
+                if let Err(e) = g.advance(first.token) {
+                    sink.send(Event::Error(format!(
+                        "the prefilled first token breaks the response format: {e}"
+                    )));
+                    continue;
+                }
+            }
             let listening = stop || sink.send(Event::Token(first));
             let reason = finished.or(if listening {
                 None
@@ -491,6 +499,7 @@ impl Scheduler {
             }
             let mut creq = req.clone();
             creq.params.request_key = key_base.wrapping_add(choice as u64);
+            creq.guide = guide;
             self.clock += 1;
             // Each running choice holds its own reference to every block.
             let ckv = self.pool.fork(&kv);
@@ -879,16 +888,14 @@ impl Scheduler {
             // Parallel sampling: the other choices branch off here, sharing
             // the prompt's blocks, and sample their first token from the
             // same logits with their own key.
-            let texts = self.token_texts.clone();
-            let texts = texts.as_deref();
             for mut c in self.fork_choices(idx) {
-                match sample_next(&mut c, &logits[k], wants[k], texts, &mut self.stats) {
+                match sample_next(&mut c, &logits[k], wants[k], &mut self.stats) {
                     Some(reason) => self.retire(c, reason),
                     None => forked.push(c),
                 }
             }
             let s = &mut self.running[idx];
-            if let Some(reason) = sample_next(s, &logits[k], wants[k], texts, &mut self.stats) {
+            if let Some(reason) = sample_next(s, &logits[k], wants[k], &mut self.stats) {
                 finished.push((idx, Some(reason)));
             }
         }
@@ -1041,19 +1048,20 @@ fn sample_next(
     s: &mut Seq,
     logits: &[f32],
     kind: Logits,
-    texts: Option<&TokenTexts>,
     stats: &mut SchedulerStats,
 ) -> Option<FinishReason> {
     let pos = s.generated() as u64;
-    if s.req.params.json_object {
-        // JSON mode: only what keeps the output a JSON object's start; a
-        // complete object leaves only the stop tokens (or, without any,
+    if let Some(guide) = s.req.guide.as_mut() {
+        // Guided: only what keeps the output inside the grammar; a
+        // finished grammar leaves only the stop tokens (or, without any,
         // nothing: the sequence ends there).
-        let output = &s.tokens[s.n_prompt..];
-        let allowed =
-            texts.and_then(|t| json_output::allowed_tokens(t, output, &s.req.stop_tokens));
-        let Some(allowed) = allowed.filter(|a| a.contains(&true)) else {
-            return Some(FinishReason::Stop);
+        let allowed = match guide.allowed(&s.req.stop_tokens) {
+            Ok(a) if a.contains(&true) => a,
+            Ok(_) => return Some(FinishReason::Stop),
+            Err(e) => {
+                s.sink.send(Event::Error(e.to_string()));
+                return Some(FinishReason::Stop);
+            }
         };
         let sampled = sample_masked(
             &s.req.params,
@@ -1063,6 +1071,12 @@ fn sample_next(
             pos,
             Some(&allowed),
         );
+        if !s.req.stop_tokens.contains(&sampled.token) {
+            if let Err(e) = guide.advance(sampled.token) {
+                s.sink.send(Event::Error(e.to_string()));
+                return Some(FinishReason::Stop);
+            }
+        }
         return emit(s, sampled, stats);
     }
     // The step asked for less than the whole row where `sample` would

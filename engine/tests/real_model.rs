@@ -419,6 +419,7 @@ mod batching {
             stop_tokens: vec![],
             priority: 0,
             generated: vec![],
+            guide: None,
         }
     }
 
@@ -1679,27 +1680,27 @@ mod batching {
             .is_err());
     }
 
-    /// JSON mode in the engine (batched, first token sampled in the prefill
-    /// step) gives the plain path's tokens, and what it writes is a JSON
-    /// object's start, a whole object when it stops.
+    /// Guided decoding (JSON mode) in the engine (batched, first token
+    /// sampled in the prefill step) gives the plain path's tokens, and what
+    /// it writes is a JSON object's start, a whole object when it stops.
     #[test]
     fn json_mode_matches_the_plain_path_and_writes_json() {
         use std::sync::Arc;
         use tandem_engine::engine::{Engine, EngineConfig, RequestSpec};
-        use tandem_engine::generate::generate_with_texts;
-        use tandem_engine::json_output::{JsonMachine, TokenTexts};
+        use tandem_engine::generate::generate_guided;
+        use tandem_engine::guided::{Grammars, ResponseFormat};
         let tok = source().tokenizer().unwrap();
-        let texts = TokenTexts::from_tokenizer(&tok);
+        let grammars = Grammars::from_tokenizer(&tok).unwrap();
         let stop = tok.eos_ids().to_vec();
         let m = Arc::new(Model::load(source(), 2).unwrap());
         let config = EngineConfig {
             kv_cache_bytes: 64 << 20,
             ..Default::default()
         };
-        // Without the token texts, JSON mode is refused, not ignored.
+        // Without the grammars, JSON mode is refused, not ignored.
         let bare = Engine::start(m.clone(), config.clone());
         let json = |params: SamplingParams| SamplingParams {
-            json_object: true,
+            response_format: ResponseFormat::JsonObject,
             ..params
         };
         let refused = bare.submit(RequestSpec {
@@ -1708,7 +1709,7 @@ mod batching {
             ..Default::default()
         });
         let Err(err) = refused else {
-            panic!("JSON mode without token texts was accepted");
+            panic!("JSON mode without grammars was accepted");
         };
         assert!(matches!(err, EngineError::Unsupported(_)), "{err}");
         drop(bare);
@@ -1716,7 +1717,7 @@ mod batching {
         let engine = Engine::start(
             m.clone(),
             EngineConfig {
-                token_texts: Some(texts.clone()),
+                grammars: Some(grammars.clone()),
                 ..config
             },
         );
@@ -1731,7 +1732,7 @@ mod batching {
             seed: 5,
             ..Default::default()
         };
-        let cases: Vec<(Vec<u32>, SamplingParams)> = asks
+        let mut cases: Vec<(Vec<u32>, SamplingParams)> = asks
             .iter()
             .flat_map(|a| {
                 let p = tok.encode(a, true).unwrap();
@@ -1741,6 +1742,17 @@ mod batching {
                 ]
             })
             .collect();
+        // A schema: these keys, these types, nothing else.
+        let schema = r#"{"type": "object", "properties": {"name": {"type": "string"},
+            "age": {"type": "integer"}}, "required": ["name", "age"],
+            "additionalProperties": false}"#;
+        cases.push((
+            tok.encode(asks[0], true).unwrap(),
+            SamplingParams {
+                response_format: ResponseFormat::JsonSchema(schema.into()),
+                ..SamplingParams::greedy()
+            },
+        ));
         // All at once, so that they share steps.
         let handles: Vec<_> = cases
             .iter()
@@ -1772,7 +1784,7 @@ mod batching {
                 max_tokens: Some(48),
                 stop_tokens: stop.clone(),
             };
-            let plain = generate_with_texts(m.as_ref(), &req, Some(&texts), |_| true).unwrap();
+            let plain = generate_guided(m.as_ref(), &req, Some(&grammars), |_| true).unwrap();
             assert_eq!(got, plain.tokens, "{params:?}");
             assert_eq!(finish, plain.finish);
             let bytes: Vec<u8> = got
@@ -1780,16 +1792,57 @@ mod batching {
                 .flat_map(|&t| tok.token_bytes(t).unwrap().to_vec())
                 .collect();
             let text = String::from_utf8_lossy(&bytes);
-            let machine = JsonMachine::after(&bytes);
-            assert!(machine.is_some(), "not a JSON object's start: {text:?}");
+            assert!(text.trim_start().starts_with('{'), "{text:?}");
             if finish == FinishReason::Stop {
                 stopped += 1;
-                assert!(machine.unwrap().is_complete(), "{text:?}");
                 let v: Value = serde_json::from_str(&text).expect("a whole JSON text");
                 assert!(v.is_object(), "{text:?}");
+                if let ResponseFormat::JsonSchema(_) = params.response_format {
+                    let o = v.as_object().unwrap();
+                    assert_eq!(o.len(), 2, "{text:?}");
+                    assert!(o["name"].is_string() && o["age"].is_i64(), "{text:?}");
+                }
+            } else {
+                // Cut by max_tokens: still the start of an object, which
+                // serde_json reads as far as it goes.
+                let e = serde_json::from_str::<Value>(&text).unwrap_err();
+                assert!(e.is_eof(), "{text:?}: {e}");
             }
         }
         // Most of these end as whole objects within 48 tokens.
-        assert!(stopped >= 3, "only {stopped} of 6 completed their object");
+        assert!(stopped >= 4, "only {stopped} of 7 completed their object");
+        // A guided stream resumed elsewhere continues exactly.
+        let (p, params) = &cases[6];
+        let spec = RequestSpec {
+            prompt: p.clone(),
+            params: params.clone(),
+            max_tokens: Some(48),
+            stop_tokens: stop.clone(),
+            ..Default::default()
+        };
+        let collect = |spec: RequestSpec| {
+            let mut h = engine.submit(spec).unwrap();
+            let mut got = Vec::new();
+            loop {
+                match h.events.blocking_recv().expect("stream ends with Finished") {
+                    Event::Token(s) => got.push(s.token),
+                    Event::Finished { .. } => return got,
+                    Event::Error(e) => panic!("{e}"),
+                }
+            }
+        };
+        let full = collect(spec.clone());
+        assert!(full.len() > 6);
+        let rest = collect(RequestSpec {
+            generated: full[..5].to_vec(),
+            ..spec.clone()
+        });
+        assert_eq!(rest, full[5..]);
+        // A resumed stream whose tokens break the grammar is refused.
+        let broken = engine.submit(RequestSpec {
+            generated: tok.encode("not json", false).unwrap(),
+            ..spec
+        });
+        assert!(broken.is_err());
     }
 }

@@ -1535,8 +1535,29 @@ fn tokenizer_config(spec: &SynthSpec, v: &Vocab) -> serde_json::Value {
     })
 }
 
+/// `v` with every object's keys in sorted order, so that the files written
+/// are the same bytes whether or not serde_json keeps insertion order (a
+/// feature any crate in the build may switch on).
+fn sorted_keys(v: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            Value::Object(
+                keys.into_iter()
+                    .map(|k| (k.clone(), sorted_keys(&m[k])))
+                    .collect(),
+            )
+        }
+        Value::Array(a) => Value::Array(a.iter().map(sorted_keys).collect()),
+        other => other.clone(),
+    }
+}
+
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(v).map_err(|e| ModelError::Other(e.to_string()))?;
+    let text = serde_json::to_string_pretty(&sorted_keys(v))
+        .map_err(|e| ModelError::Other(e.to_string()))?;
     std::fs::write(path, text + "\n").map_err(|e| io_err(path, e))
 }
 
@@ -1613,7 +1634,7 @@ fn write_hf_dir(
             off += sizes[i];
             weight_map.insert(t.hf.clone(), file_name(k).into());
         }
-        let mut h = serde_json::to_vec(&serde_json::Value::Object(header))
+        let mut h = serde_json::to_vec(&sorted_keys(&serde_json::Value::Object(header)))
             .map_err(|e| ModelError::Other(e.to_string()))?;
         while h.len() % 8 != 0 {
             h.push(b' ');

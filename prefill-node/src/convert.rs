@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tandem_cluster::{Role, PROTOCOL_VERSION};
 use tandem_engine::engine::Engine;
 use tandem_engine::generate::FinishReason;
+use tandem_engine::guided::ResponseFormat;
 use tandem_engine::sampler::{Sampled, SamplingParams};
 use tandem_engine::scheduler::Event;
 use tandem_engine::EngineError;
@@ -31,7 +32,13 @@ pub fn sampling(s: Option<&pb::WorkerSampling>) -> Result<SamplingParams, Status
         min_tokens: s.min_tokens,
         min_tokens_masked: s.min_tokens_masked.clone(),
         logit_bias: s.logit_bias.iter().map(|b| (b.token_id, b.bias)).collect(),
-        json_object: s.json_object,
+        response_format: if !s.json_schema.is_empty() {
+            ResponseFormat::JsonSchema(s.json_schema.clone())
+        } else if s.json_object {
+            ResponseFormat::JsonObject
+        } else {
+            ResponseFormat::Text
+        },
     })
 }
 

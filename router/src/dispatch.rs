@@ -34,6 +34,8 @@ pub struct Sampling {
     pub logit_bias: Vec<(u32, f32)>,
     /// JSON mode: the output is held to a JSON object.
     pub json_object: bool,
+    /// The output is held to JSON valid against this schema (JSON text).
+    pub json_schema: Option<String>,
 }
 
 impl Default for Sampling {
@@ -54,6 +56,7 @@ impl Default for Sampling {
             min_tokens_masked: Vec::new(),
             logit_bias: Vec::new(),
             json_object: false,
+            json_schema: None,
         }
     }
 }

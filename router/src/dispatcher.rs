@@ -962,6 +962,7 @@ pub fn sampling_to_proto(s: &crate::dispatch::Sampling) -> pb::WorkerSampling {
             .map(|&(token_id, bias)| pb::TokenBias { token_id, bias })
             .collect(),
         json_object: s.json_object,
+        json_schema: s.json_schema.clone().unwrap_or_default(),
     }
 }
 

@@ -1216,8 +1216,41 @@ fn json_mode_writes_the_plain_paths_json_on_both_tiers() {
             assert_eq!(streamed, got, "{q}");
         }
         assert_eq!(whole, 2, "JSON objects completed");
+        // A schema, over gRPC: the plain path's tokens, valid against it.
+        let schema = r#"{"type": "object", "properties": {"name": {"type": "string"},
+            "age": {"type": "integer"}}, "required": ["name", "age"],
+            "additionalProperties": false}"#;
+        let (text, ids, _) = generate_plain_with(
+            asks[0],
+            true,
+            JSON_TOKENS,
+            &["--json-schema".to_string(), schema.to_string()],
+        );
+        let mut client = grpc_client(&cluster).await;
+        let req = g::GenerateRequest {
+            model: String::new(),
+            input: Some(g::Input::Messages(g::ChatMessages {
+                messages: vec![g::ChatMessage {
+                    role: "user".into(),
+                    content: asks[0].into(),
+                }],
+            })),
+            sampling: Some(g::SamplingParams {
+                max_tokens: Some(JSON_TOKENS),
+                temperature: Some(0.0),
+                json_schema: schema.into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        };
+        let r = client.generate(req).await.expect("Generate").into_inner();
+        assert_eq!(r.token_ids, ids);
+        let v: Value = serde_json::from_str(&r.text).expect("whole JSON");
+        let o = v.as_object().unwrap();
+        assert_eq!(o.len(), 2, "{text}");
+        assert!(o["name"].is_string() && o["age"].is_i64(), "{text}");
         let remote = r#"tandem_router_dispatched_total{prefill="remote"}"#;
-        assert_eq!(counter(&cluster.router, remote).await, 6.0);
+        assert_eq!(counter(&cluster.router, remote).await, 7.0);
     });
 }
 

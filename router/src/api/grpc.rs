@@ -143,6 +143,7 @@ impl GenerateApi {
                 .map(|b| (b.token_id, f64::from(b.bias)))
                 .collect(),
             json_object: s.json_object,
+            json_schema: (!s.json_schema.is_empty()).then_some(s.json_schema),
         };
         let request_id = if req.request_id.is_empty() {
             format!("gen-{}", random_id())

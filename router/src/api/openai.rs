@@ -522,16 +522,25 @@ fn parse_common(m: &Map<String, Value>, ep: Endpoint) -> Result<Common, ApiError
     };
     p.n = int(m, "n")?;
     // vLLM takes it on completions too.
-    p.json_object = match field(m, "response_format") {
-        None => false,
+    match field(m, "response_format") {
+        None => {}
         Some(Value::Object(o)) => match o.get("type").and_then(Value::as_str) {
-            Some("text") => false,
-            Some("json_object") => true,
+            Some("text") => {}
+            Some("json_object") => p.json_object = true,
             Some("json_schema") => {
-                return Err(ApiError::unsupported(
-                    "response_format",
-                    " ('json_schema'; only 'text' and 'json_object')",
-                ))
+                // {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}
+                let schema = o
+                    .get("json_schema")
+                    .and_then(Value::as_object)
+                    .and_then(|j| j.get("schema"))
+                    .filter(|s| s.is_object() || s.is_boolean())
+                    .ok_or_else(|| {
+                        ApiError::bad_param(
+                            "response_format",
+                            "'response_format.json_schema.schema' must be a JSON schema object",
+                        )
+                    })?;
+                p.json_schema = Some(schema.to_string());
             }
             _ => {
                 return Err(ApiError::bad_param(
@@ -541,7 +550,7 @@ fn parse_common(m: &Map<String, Value>, ep: Endpoint) -> Result<Common, ApiError
             }
         },
         Some(v) => return Err(wrong_type("response_format", "an object", v)),
-    };
+    }
     p.logit_bias = match field(m, "logit_bias") {
         None => Vec::new(),
         Some(Value::Object(o)) => o

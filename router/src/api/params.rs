@@ -41,6 +41,8 @@ pub struct GenParams {
     pub logit_bias: Vec<(u32, f64)>,
     /// JSON mode (`response_format: {"type": "json_object"}`).
     pub json_object: bool,
+    /// Structured output: the schema's JSON text.
+    pub json_schema: Option<String>,
 }
 
 /// Largest bias magnitude `logit_bias` accepts (OpenAI's range).
@@ -288,6 +290,7 @@ impl GenParams {
             },
             logit_bias,
             json_object: self.json_object,
+            json_schema: self.json_schema.clone(),
         };
         let inputs = (0..n as u64)
             .map(|i| GenerationInput {

@@ -1190,7 +1190,18 @@ async fn json_mode_reaches_the_workers_from_either_endpoint() {
         assert_eq!(s, StatusCode::OK, "{body}: {v}");
         let inp = backend.inputs().pop().unwrap();
         assert_eq!(inp.sampling.json_object, want, "{body}");
+        assert_eq!(inp.sampling.json_schema, None);
     }
+    // A schema travels as its JSON text.
+    let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+    let body = chat_body(json!({"response_format": {"type": "json_schema",
+        "json_schema": {"name": "thing", "schema": schema, "strict": true}}}));
+    let (s, v) = post(&app, "/v1/chat/completions", body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let inp = backend.inputs().pop().unwrap();
+    let sent: Value = serde_json::from_str(inp.sampling.json_schema.as_deref().unwrap()).unwrap();
+    assert_eq!(sent, schema);
+    assert!(!inp.sampling.json_object);
 }
 
 #[tokio::test]

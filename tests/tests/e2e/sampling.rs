@@ -63,6 +63,7 @@ async fn reference(cluster: &Cluster, prompt: &[u32], stops: &[u32], key: u64) -
             min_tokens_masked: Vec::new(),
             logit_bias: Vec::new(),
             json_object: false,
+            json_schema: String::new(),
         }),
         max_tokens: Some(MAX),
         stop_token_ids: stops.to_vec(),

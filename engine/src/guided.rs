@@ -1,0 +1,322 @@
+//! Guided decoding: OpenAI's `response_format` (`json_object` and
+//! `json_schema`). At every position the sampler may only pick a token that
+//! keeps the output a prefix of some text the grammar accepts, and the
+//! request's stop tokens only where the grammar may end; so a guided
+//! completion that stops is whole, valid JSON.
+//!
+//! The grammars and the token masks are llguidance's (the structured-output
+//! engine vLLM and llama.cpp use): it compiles a JSON schema into a grammar
+//! over the model's token trie and computes a position's mask in tens of
+//! microseconds. A request's [`Guide`] holds its parser, advanced by every
+//! token the request emits; a resumed request replays its tokens into a
+//! fresh one, so that any worker can continue it.
+
+use std::sync::Arc;
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{ApproximateTokEnv, TokEnv, TokRxInfo, TokTrie};
+use llguidance::{Matcher, ParserFactory};
+
+use crate::error::{EngineError, Result};
+
+/// What a completion must look like.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ResponseFormat {
+    /// Free text.
+    #[default]
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    /// JSON valid against this schema (JSON text of the schema).
+    JsonSchema(String),
+}
+
+impl ResponseFormat {
+    pub fn is_text(&self) -> bool {
+        *self == ResponseFormat::Text
+    }
+
+    fn grammar(&self) -> Result<Option<TopLevelGrammar>> {
+        Ok(match self {
+            ResponseFormat::Text => None,
+            ResponseFormat::JsonObject => Some(TopLevelGrammar::from_json_schema(
+                serde_json::json!({"type": "object"}),
+            )),
+            ResponseFormat::JsonSchema(s) => {
+                let schema: serde_json::Value = serde_json::from_str(s).map_err(|e| {
+                    EngineError::Sampling(format!("the JSON schema is not JSON: {e}"))
+                })?;
+                if !(schema.is_object() || schema.is_boolean()) {
+                    return Err(EngineError::Sampling(
+                        "a JSON schema is an object (or true/false)".into(),
+                    ));
+                }
+                Some(TopLevelGrammar::from_json_schema(schema))
+            }
+        })
+    }
+}
+
+/// The model's vocabulary as the grammars see it, and the factory that
+/// compiles them. Built once per engine.
+pub struct Grammars {
+    factory: ParserFactory,
+    /// The id the token trie treats as "the grammar may end here".
+    end: u32,
+    vocab: usize,
+}
+
+impl std::fmt::Debug for Grammars {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Grammars")
+            .field("vocab", &self.vocab)
+            .finish()
+    }
+}
+
+impl Grammars {
+    /// From what each token writes (`None`: a special token that writes
+    /// no text, which no grammar matches) and an end-of-sequence id.
+    pub fn new(texts: Vec<Option<Vec<u8>>>, end: u32) -> Result<Arc<Self>> {
+        let vocab = texts.len();
+        if end as usize >= vocab {
+            return Err(EngineError::Sampling(format!(
+                "end-of-sequence id {end} is outside the vocabulary of {vocab}"
+            )));
+        }
+        // Special tokens start with the trie's marker byte, which no text
+        // contains, so grammars never produce them.
+        let words: Vec<Vec<u8>> = texts
+            .into_iter()
+            .enumerate()
+            .map(|(id, t)| match t {
+                Some(t) if !t.is_empty() => t,
+                _ => {
+                    let mut w = vec![TokTrie::SPECIAL_TOKEN_MARKER];
+                    w.extend_from_slice(format!("<special {id}>").as_bytes());
+                    w
+                }
+            })
+            .collect();
+        let info = TokRxInfo::new(vocab as u32, end);
+        let trie = TokTrie::from(&info, &words);
+        let env: TokEnv = Arc::new(ApproximateTokEnv::new(trie));
+        let mut factory = ParserFactory::new_simple(&env)
+            .map_err(|e| EngineError::Sampling(format!("building the grammar factory: {e}")))?;
+        factory.quiet();
+        Ok(Arc::new(Self {
+            factory,
+            end,
+            vocab,
+        }))
+    }
+
+    /// From a model's tokenizer: its special tokens write no text.
+    pub fn from_tokenizer(tok: &tandem_model::tokenizer::Tokenizer) -> Result<Arc<Self>> {
+        let end = tok.eos_ids().first().copied().ok_or_else(|| {
+            EngineError::Unsupported("guided decoding needs an end-of-sequence token".into())
+        })?;
+        let texts = (0..tok.vocab_size() as u32)
+            .map(|id| {
+                (!tok.is_special(id))
+                    .then(|| tok.token_bytes(id).map(<[u8]>::to_vec))
+                    .flatten()
+            })
+            .collect();
+        Self::new(texts, end)
+    }
+
+    /// The guide of a request asking for `format`, advanced past the
+    /// tokens it already generated; `None` for free text.
+    pub fn guide(&self, format: &ResponseFormat, generated: &[u32]) -> Result<Option<Guide>> {
+        let Some(grammar) = format.grammar()? else {
+            return Ok(None);
+        };
+        let parser = self
+            .factory
+            .create_parser(grammar)
+            .map_err(|e| EngineError::Sampling(format!("invalid response format: {e}")))?;
+        let mut guide = Guide {
+            matcher: Matcher::new(Ok(parser)),
+            end: self.end,
+            vocab: self.vocab,
+        };
+        for &t in generated {
+            guide.advance(t)?;
+        }
+        Ok(Some(guide))
+    }
+}
+
+/// One request's place in its grammar.
+pub struct Guide {
+    matcher: Matcher,
+    end: u32,
+    vocab: usize,
+}
+
+impl std::fmt::Debug for Guide {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guide")
+            .field("stopped", &self.matcher.is_stopped())
+            .finish()
+    }
+}
+
+impl Clone for Guide {
+    /// An independent copy (a parallel choice forks its own).
+    fn clone(&self) -> Self {
+        Self {
+            matcher: self.matcher.deep_clone(),
+            end: self.end,
+            vocab: self.vocab,
+        }
+    }
+}
+
+fn guide_error(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Sampling(format!("guided decoding: {e}"))
+}
+
+impl Guide {
+    /// `allowed[id]` for the next position: what keeps the output inside
+    /// the grammar, and `stop`'s ids where the grammar may end. Ids past
+    /// the tokenizer's vocabulary (padding rows of the model) are never
+    /// allowed.
+    pub fn allowed(&mut self, stop: &[u32]) -> Result<Vec<bool>> {
+        let mask = self.matcher.compute_mask_or_eos().map_err(guide_error)?;
+        let may_end = mask.is_allowed(self.end);
+        let mut allowed: Vec<bool> = (0..self.vocab as u32)
+            .map(|id| mask.is_allowed(id))
+            .collect();
+        // The trie's end id stands for "may end"; the request's own stop
+        // tokens are what ends it.
+        allowed[self.end as usize] = false;
+        for &s in stop {
+            if let Some(a) = allowed.get_mut(s as usize) {
+                *a = may_end;
+            }
+        }
+        Ok(allowed)
+    }
+
+    /// Moves past `token` (one that [`Guide::allowed`] allowed, or one of a
+    /// resumed request's tokens).
+    pub fn advance(&mut self, token: u32) -> Result<()> {
+        self.matcher.consume_token(token).map_err(guide_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny byte-level vocabulary: every ASCII character, a few words,
+    /// and a special end token.
+    fn grammars() -> (Arc<Grammars>, Vec<String>, u32) {
+        let mut words: Vec<String> = (32u8..127).map(|b| (b as char).to_string()).collect();
+        words.extend(["\n", "{\"", "\":", "true", "name", "\"}"].map(String::from));
+        let end = words.len() as u32;
+        let mut texts: Vec<Option<Vec<u8>>> =
+            words.iter().map(|w| Some(w.as_bytes().to_vec())).collect();
+        texts.push(None);
+        words.push("<end>".into());
+        (Grammars::new(texts, end).unwrap(), words, end)
+    }
+
+    fn id(words: &[String], w: &str) -> u32 {
+        words.iter().position(|x| x == w).unwrap() as u32
+    }
+
+    /// Writes `text` greedily by the longest allowed token, checking each
+    /// is allowed, then says whether the stop token is allowed.
+    fn write(g: &mut Guide, words: &[String], text: &str, stop: u32) -> bool {
+        let mut rest = text;
+        while !rest.is_empty() {
+            let allowed = g.allowed(&[stop]).unwrap();
+            let (tok, w) = words
+                .iter()
+                .enumerate()
+                .filter(|(i, w)| allowed[*i] && !w.is_empty() && rest.starts_with(w.as_str()))
+                .max_by_key(|(_, w)| w.len())
+                .unwrap_or_else(|| panic!("nothing allowed at {rest:?} of {text:?}"));
+            g.advance(tok as u32).unwrap();
+            rest = &rest[w.len()..];
+        }
+        g.allowed(&[stop]).unwrap()[stop as usize]
+    }
+
+    #[test]
+    fn json_object_mode_allows_json_and_ends_only_after_a_whole_object() {
+        let (gr, words, end) = grammars();
+        let mut g = gr.guide(&ResponseFormat::JsonObject, &[]).unwrap().unwrap();
+        let first = g.allowed(&[end]).unwrap();
+        assert!(first[id(&words, "{") as usize]);
+        assert!(first[id(&words, "{\"") as usize]);
+        assert!(!first[id(&words, "x") as usize]);
+        assert!(
+            !first[id(&words, "[") as usize],
+            "the top level is an object"
+        );
+        assert!(!first[end as usize]);
+        assert!(!write(&mut g, &words, "{\"a\": [1, 2.5, true", end));
+        assert!(write(&mut g, &words, "], \"b\": {}}", end));
+        // Free text has no guide.
+        assert!(gr.guide(&ResponseFormat::Text, &[]).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_schema_holds_keys_and_types() {
+        let (gr, words, end) = grammars();
+        let schema = r#"{"type": "object", "properties": {"name": {"type": "string"},
+            "ok": {"type": "boolean"}}, "required": ["name", "ok"], "additionalProperties": false}"#;
+        let format = ResponseFormat::JsonSchema(schema.into());
+        let mut g = gr.guide(&format, &[]).unwrap().unwrap();
+        assert!(!write(&mut g, &words, "{\"name\": \"Ada\", \"ok\": ", end));
+        // A boolean only.
+        let allowed = g.allowed(&[end]).unwrap();
+        assert!(allowed[id(&words, "t") as usize] && allowed[id(&words, "true") as usize]);
+        assert!(!allowed[id(&words, "1") as usize] && !allowed[id(&words, "\"") as usize]);
+        assert!(write(&mut g, &words, "true}", end));
+        // A missing required key cannot be closed.
+        let mut g = gr.guide(&format, &[]).unwrap().unwrap();
+        write(&mut g, &words, "{\"name\": \"x\"", end);
+        assert!(!g.allowed(&[end]).unwrap()[id(&words, "}") as usize]);
+    }
+
+    #[test]
+    fn a_resumed_guide_continues_where_the_tokens_left_it() {
+        let (gr, words, end) = grammars();
+        let toks: Vec<u32> = ["{\"", "name", "\":"]
+            .iter()
+            .map(|w| id(&words, w))
+            .collect();
+        let mut g = gr
+            .guide(&ResponseFormat::JsonObject, &toks)
+            .unwrap()
+            .unwrap();
+        let allowed = g.allowed(&[end]).unwrap();
+        assert!(allowed[id(&words, "true") as usize]);
+        assert!(!allowed[id(&words, "}") as usize]);
+        // A forked copy moves on its own.
+        let mut fork = g.clone();
+        fork.advance(id(&words, "1")).unwrap();
+        assert!(!g.allowed(&[end]).unwrap()[id(&words, "}") as usize]);
+        assert!(fork.allowed(&[end]).unwrap()[id(&words, "}") as usize]);
+        // Tokens the grammar refuses are an error, not a silent skip.
+        assert!(gr
+            .guide(&ResponseFormat::JsonObject, &[id(&words, "x")])
+            .is_err());
+    }
+
+    #[test]
+    fn bad_schemas_are_clear_errors() {
+        let (gr, _, _) = grammars();
+        for bad in ["{not json", "42", r#"{"type": "no-such-type"}"#] {
+            let e = gr
+                .guide(&ResponseFormat::JsonSchema(bad.into()), &[])
+                .unwrap_err();
+            assert!(matches!(e, EngineError::Sampling(_)), "{bad}: {e}");
+        }
+    }
+}
