@@ -55,8 +55,14 @@ pub struct GenerateArgs {
     #[arg(long, conflicts_with = "json_schema")]
     pub json_object: bool,
     /// The output is held to JSON valid against this schema (its JSON text).
-    #[arg(long, value_name = "SCHEMA")]
+    #[arg(long, value_name = "SCHEMA", conflicts_with_all = ["regex", "choice"])]
     pub json_schema: Option<String>,
+    /// The output is text matching this regular expression, whole.
+    #[arg(long, value_name = "REGEX", conflicts_with_all = ["json_object", "choice"])]
+    pub regex: Option<String>,
+    /// The output is exactly one of these strings (repeat the flag).
+    #[arg(long, value_name = "TEXT", conflicts_with = "json_object")]
+    pub choice: Vec<String>,
     /// Worker threads (default: all cores).
     #[arg(long, env = "TANDEM_THREADS")]
     pub threads: Option<usize>,
@@ -129,10 +135,16 @@ fn params(args: &GenerateArgs) -> SamplingParams {
         repetition_penalty: args.repetition_penalty,
         seed: args.seed,
         logit_bias: args.logit_bias.clone(),
-        response_format: match (&args.json_schema, args.json_object) {
-            (Some(schema), _) => ResponseFormat::JsonSchema(schema.clone()),
-            (None, true) => ResponseFormat::JsonObject,
-            (None, false) => ResponseFormat::Text,
+        response_format: if let Some(schema) = &args.json_schema {
+            ResponseFormat::JsonSchema(schema.clone())
+        } else if let Some(rx) = &args.regex {
+            ResponseFormat::Regex(rx.clone())
+        } else if !args.choice.is_empty() {
+            ResponseFormat::Choice(args.choice.clone())
+        } else if args.json_object {
+            ResponseFormat::JsonObject
+        } else {
+            ResponseFormat::Text
         },
         ..Default::default()
     }

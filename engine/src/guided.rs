@@ -29,6 +29,10 @@ pub enum ResponseFormat {
     JsonObject,
     /// JSON valid against this schema (JSON text of the schema).
     JsonSchema(String),
+    /// Text matching this regular expression, whole (vLLM's `guided_regex`).
+    Regex(String),
+    /// One of these strings, exactly (vLLM's `guided_choice`).
+    Choice(Vec<String>),
 }
 
 impl ResponseFormat {
@@ -52,6 +56,23 @@ impl ResponseFormat {
                     ));
                 }
                 Some(TopLevelGrammar::from_json_schema(schema))
+            }
+            ResponseFormat::Regex(rx) => Some(TopLevelGrammar::from_regex(rx)),
+            ResponseFormat::Choice(choices) => {
+                if choices.is_empty() {
+                    return Err(EngineError::Sampling(
+                        "a choice needs at least one option".into(),
+                    ));
+                }
+                // Lark string literals take JSON's escapes.
+                let alternatives: Vec<String> = choices
+                    .iter()
+                    .map(|c| serde_json::Value::from(c.as_str()).to_string())
+                    .collect();
+                Some(TopLevelGrammar::from_lark(format!(
+                    "start: {}",
+                    alternatives.join(" | ")
+                )))
             }
         })
     }
@@ -307,6 +328,35 @@ mod tests {
         assert!(gr
             .guide(&ResponseFormat::JsonObject, &[id(&words, "x")])
             .is_err());
+    }
+
+    #[test]
+    fn regexes_and_choices_hold_the_whole_text() {
+        let (gr, words, end) = grammars();
+        let phone = ResponseFormat::Regex(r"\d{3}-\d{4}".into());
+        let mut g = gr.guide(&phone, &[]).unwrap().unwrap();
+        let allowed = g.allowed(&[end]).unwrap();
+        assert!(allowed[id(&words, "5") as usize] && !allowed[id(&words, "-") as usize]);
+        assert!(!write(&mut g, &words, "555-12", end));
+        assert!(write(&mut g, &words, "34", end));
+        // Nothing but the end after the last digit.
+        assert_eq!(g.allowed(&[end]).unwrap().iter().filter(|&&a| a).count(), 1);
+
+        let choice = ResponseFormat::Choice(vec!["yes".into(), "no".into(), "a \"q\"".into()]);
+        let mut g = gr.guide(&choice, &[]).unwrap().unwrap();
+        let allowed = g.allowed(&[end]).unwrap();
+        let firsts: Vec<&str> = words
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| allowed[*i])
+            .map(|(_, w)| w.as_str())
+            .collect();
+        assert_eq!(firsts, ["a", "n", "y"]);
+        assert!(write(&mut g, &words, "no", end));
+        let mut g = gr.guide(&choice, &[]).unwrap().unwrap();
+        assert!(write(&mut g, &words, "a \"q\"", end));
+        assert!(gr.guide(&ResponseFormat::Choice(vec![]), &[]).is_err());
+        assert!(gr.guide(&ResponseFormat::Regex("(".into()), &[]).is_err());
     }
 
     #[test]

@@ -34,6 +34,10 @@ pub fn sampling(s: Option<&pb::WorkerSampling>) -> Result<SamplingParams, Status
         logit_bias: s.logit_bias.iter().map(|b| (b.token_id, b.bias)).collect(),
         response_format: if !s.json_schema.is_empty() {
             ResponseFormat::JsonSchema(s.json_schema.clone())
+        } else if !s.regex.is_empty() {
+            ResponseFormat::Regex(s.regex.clone())
+        } else if !s.choice.is_empty() {
+            ResponseFormat::Choice(s.choice.clone())
         } else if s.json_object {
             ResponseFormat::JsonObject
         } else {

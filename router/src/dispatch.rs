@@ -36,6 +36,10 @@ pub struct Sampling {
     pub json_object: bool,
     /// The output is held to JSON valid against this schema (JSON text).
     pub json_schema: Option<String>,
+    /// The output is text matching this regular expression, whole.
+    pub regex: Option<String>,
+    /// The output is exactly one of these strings (none: no such constraint).
+    pub choice: Vec<String>,
 }
 
 impl Default for Sampling {
@@ -57,6 +61,8 @@ impl Default for Sampling {
             logit_bias: Vec::new(),
             json_object: false,
             json_schema: None,
+            regex: None,
+            choice: Vec::new(),
         }
     }
 }

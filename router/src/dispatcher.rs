@@ -963,6 +963,8 @@ pub fn sampling_to_proto(s: &crate::dispatch::Sampling) -> pb::WorkerSampling {
             .collect(),
         json_object: s.json_object,
         json_schema: s.json_schema.clone().unwrap_or_default(),
+        regex: s.regex.clone().unwrap_or_default(),
+        choice: s.choice.clone(),
     }
 }
 

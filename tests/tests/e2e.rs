@@ -1155,11 +1155,12 @@ fn logit_bias_steers_both_tiers_as_on_the_plain_path() {
     });
 }
 
-/// JSON mode through the cluster: the prefill worker samples the first
-/// token under the mask, the decode worker the rest; the text is the plain
-/// path's, streamed or not, and a whole JSON object when it stops.
+/// Structured output through the cluster: the prefill worker samples the
+/// first token under the grammar's mask, the decode worker the rest; the
+/// text is the plain path's, streamed or not, and whole JSON (matching the
+/// schema) when it stops.
 #[test]
-fn json_mode_writes_the_plain_paths_json_on_both_tiers() {
+fn structured_output_is_the_plain_paths_on_both_tiers() {
     const JSON_TOKENS: u32 = 64;
     // The first two complete their object; the last runs out of tokens.
     let asks = [
@@ -1251,6 +1252,89 @@ fn json_mode_writes_the_plain_paths_json_on_both_tiers() {
         assert!(o["name"].is_string() && o["age"].is_i64(), "{text}");
         let remote = r#"tandem_router_dispatched_total{prefill="remote"}"#;
         assert_eq!(counter(&cluster.router, remote).await, 7.0);
+
+        // vLLM's guided_choice (chat) and guided_regex (a short completion,
+        // prefilled on the decode worker): the plain path's text, held to
+        // the constraint.
+        let yes_no = "Is the sky blue? Answer yes or no.";
+        let (plain_choice, _, _) = generate_plain_with(
+            yes_no,
+            true,
+            JSON_TOKENS,
+            &["--choice", "yes", "--choice", "no"].map(String::from),
+        );
+        let body = json!({
+            "model": model_name(),
+            "messages": [{"role": "user", "content": yes_no}],
+            "max_tokens": JSON_TOKENS,
+            "temperature": 0,
+            "guided_choice": ["yes", "no"],
+        });
+        let v: Value = http
+            .post(&url)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let got = v["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(got == "yes" || got == "no", "{v}");
+        assert_eq!(got, plain_choice);
+        let rx = "[0-9]{3}-[0-9]{4}";
+        let (plain_rx, _, _) = generate_plain_with(
+            "My phone number is",
+            false,
+            JSON_TOKENS,
+            &["--regex".into(), rx.into()],
+        );
+        let body = json!({
+            "model": model_name(),
+            "prompt": "My phone number is",
+            "max_tokens": JSON_TOKENS,
+            "temperature": 0,
+            "structured_outputs": {"regex": rx},
+        });
+        let v: Value = http
+            .post(format!("{}/completions", cluster.base_url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let got = v["choices"][0]["text"].as_str().unwrap();
+        assert_eq!(got, plain_rx);
+        let b = got.as_bytes();
+        assert!(
+            b.len() == 8
+                && b[3] == b'-'
+                && b.iter()
+                    .enumerate()
+                    .all(|(i, c)| i == 3 || c.is_ascii_digit()),
+            "{got:?}"
+        );
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+
+        // A schema the grammar compiler refuses is the client's error.
+        let body = json!({
+            "model": model_name(),
+            "messages": [{"role": "user", "content": asks[0]}],
+            "response_format": {"type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}},
+        });
+        let r = http.post(&url).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 400);
+        let v: Value = r.json().await.unwrap();
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("no-such-type"),
+            "{v}"
+        );
     });
 }
 

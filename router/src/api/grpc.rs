@@ -144,6 +144,8 @@ impl GenerateApi {
                 .collect(),
             json_object: s.json_object,
             json_schema: (!s.json_schema.is_empty()).then_some(s.json_schema),
+            regex: (!s.regex.is_empty()).then_some(s.regex),
+            choice: s.choice,
         };
         let request_id = if req.request_id.is_empty() {
             format!("gen-{}", random_id())

@@ -380,6 +380,10 @@ const COMMON_FIELDS: &[&str] = &[
     "ignore_eos",
     "min_tokens",
     "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "structured_outputs",
 ];
 const CHAT_FIELDS: &[&str] = &[
     "messages",
@@ -464,6 +468,64 @@ struct Common {
     params: GenParams,
     stream: bool,
     include_usage: bool,
+}
+
+/// vLLM's structured-output extensions: `guided_json`, `guided_regex`,
+/// `guided_choice`, or the same under `structured_outputs` (`json`,
+/// `regex`, `choice`). At most one constraint per request, counting
+/// `response_format`.
+fn guided_extensions(m: &Map<String, Value>, p: &mut GenParams) -> Result<(), ApiError> {
+    let nested = match field(m, "structured_outputs") {
+        None => None,
+        Some(Value::Object(o)) => Some(o),
+        Some(v) => return Err(wrong_type("structured_outputs", "an object", v)),
+    };
+    let pick = |flat: &'static str, key: &str| -> Option<(&'static str, &Value)> {
+        field(m, flat)
+            .or_else(|| nested.and_then(|o| field(o, key)))
+            .map(|v| (flat, v))
+    };
+    let mut given = usize::from(p.json_object || p.json_schema.is_some());
+    if let Some((param, v)) = pick("guided_json", "json") {
+        given += 1;
+        let schema = match v {
+            Value::String(s) => serde_json::from_str::<Value>(s)
+                .map_err(|e| ApiError::bad_param(param, format!("'{param}' is not JSON: {e}")))?,
+            other => other.clone(),
+        };
+        if !(schema.is_object() || schema.is_boolean()) {
+            return Err(wrong_type(param, "a JSON schema object", &schema));
+        }
+        p.json_schema = Some(schema.to_string());
+    }
+    if let Some((param, v)) = pick("guided_regex", "regex") {
+        given += 1;
+        let rx = v.as_str().ok_or_else(|| wrong_type(param, "a string", v))?;
+        p.regex = Some(rx.to_string());
+    }
+    if let Some((param, v)) = pick("guided_choice", "choice") {
+        given += 1;
+        let want = "a non-empty array of strings";
+        let choice: Vec<String> = v
+            .as_array()
+            .filter(|a| !a.is_empty())
+            .ok_or_else(|| wrong_type(param, want, v))?
+            .iter()
+            .map(|c| {
+                c.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| wrong_type(param, want, c))
+            })
+            .collect::<Result<_, _>>()?;
+        p.choice = choice;
+    }
+    if given > 1 {
+        return Err(ApiError::bad_param(
+            "response_format",
+            "give one output constraint: response_format, guided_json, guided_regex or guided_choice",
+        ));
+    }
+    Ok(())
 }
 
 fn parse_common(m: &Map<String, Value>, ep: Endpoint) -> Result<Common, ApiError> {
@@ -551,6 +613,7 @@ fn parse_common(m: &Map<String, Value>, ep: Endpoint) -> Result<Common, ApiError
         },
         Some(v) => return Err(wrong_type("response_format", "an object", v)),
     }
+    guided_extensions(m, &mut p)?;
     p.logit_bias = match field(m, "logit_bias") {
         None => Vec::new(),
         Some(Value::Object(o)) => o

@@ -43,6 +43,10 @@ pub struct GenParams {
     pub json_object: bool,
     /// Structured output: the schema's JSON text.
     pub json_schema: Option<String>,
+    /// vLLM's `guided_regex`.
+    pub regex: Option<String>,
+    /// vLLM's `guided_choice`.
+    pub choice: Vec<String>,
 }
 
 /// Largest bias magnitude `logit_bias` accepts (OpenAI's range).
@@ -291,6 +295,8 @@ impl GenParams {
             logit_bias,
             json_object: self.json_object,
             json_schema: self.json_schema.clone(),
+            regex: self.regex.clone(),
+            choice: self.choice.clone(),
         };
         let inputs = (0..n as u64)
             .map(|i| GenerationInput {

@@ -17,7 +17,7 @@ use tower::ServiceExt;
 
 use super::*;
 use crate::dispatch::{
-    Backend, BoxFuture, DispatchError, Finish, GenerationInput, SampledToken, TokenEvent,
+    Backend, BoxFuture, DispatchError, Finish, GenerationInput, SampledToken, Sampling, TokenEvent,
     TokenStream,
 };
 
@@ -1202,6 +1202,58 @@ async fn json_mode_reaches_the_workers_from_either_endpoint() {
     let sent: Value = serde_json::from_str(inp.sampling.json_schema.as_deref().unwrap()).unwrap();
     assert_eq!(sent, schema);
     assert!(!inp.sampling.json_object);
+
+    // vLLM's extensions, flat or under `structured_outputs`.
+    for (body, check) in [
+        (
+            cmpl_body(json!({"guided_regex": "[0-9]+"})),
+            Box::new(|s: &Sampling| s.regex.as_deref() == Some("[0-9]+"))
+                as Box<dyn Fn(&Sampling) -> bool>,
+        ),
+        (
+            cmpl_body(json!({"structured_outputs": {"choice": ["yes", "no"]}})),
+            Box::new(|s: &Sampling| s.choice == ["yes", "no"]),
+        ),
+        (
+            chat_body(json!({"guided_json": "{\"type\": \"object\"}"})),
+            Box::new(|s: &Sampling| s.json_schema.as_deref() == Some("{\"type\":\"object\"}")),
+        ),
+    ] {
+        let uri = if body.get("messages").is_some() {
+            "/v1/chat/completions"
+        } else {
+            "/v1/completions"
+        };
+        let (s, v) = post(&app, uri, body.clone()).await;
+        assert_eq!(s, StatusCode::OK, "{body}: {v}");
+        assert!(check(&backend.inputs().pop().unwrap().sampling), "{body}");
+    }
+    for (body, param) in [
+        (
+            cmpl_body(json!({"guided_regex": "a", "guided_choice": ["a"]})),
+            "response_format",
+        ),
+        (
+            chat_body(json!({"response_format": {"type": "json_object"}, "guided_regex": "a"})),
+            "response_format",
+        ),
+        (cmpl_body(json!({"guided_choice": []})), "guided_choice"),
+        (cmpl_body(json!({"guided_choice": [1]})), "guided_choice"),
+        (cmpl_body(json!({"guided_json": "{oops"})), "guided_json"),
+        (
+            cmpl_body(json!({"structured_outputs": "regex"})),
+            "structured_outputs",
+        ),
+    ] {
+        let (s, v) = post(&app, "/v1/completions", body.clone()).await;
+        assert_error(
+            s,
+            &v,
+            StatusCode::BAD_REQUEST,
+            Some(param),
+            &body.to_string(),
+        );
+    }
 }
 
 #[tokio::test]

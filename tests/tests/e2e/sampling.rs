@@ -64,6 +64,8 @@ async fn reference(cluster: &Cluster, prompt: &[u32], stops: &[u32], key: u64) -
             logit_bias: Vec::new(),
             json_object: false,
             json_schema: String::new(),
+            regex: String::new(),
+            choice: Vec::new(),
         }),
         max_tokens: Some(MAX),
         stop_token_ids: stops.to_vec(),
