@@ -43,19 +43,20 @@ impl ResponseFormat {
     fn grammar(&self) -> Result<Option<TopLevelGrammar>> {
         Ok(match self {
             ResponseFormat::Text => None,
-            ResponseFormat::JsonObject => Some(TopLevelGrammar::from_json_schema(
-                serde_json::json!({"type": "object"}),
-            )),
+            ResponseFormat::JsonObject => Some(json_grammar(serde_json::json!({"type": "object"}))),
             ResponseFormat::JsonSchema(s) => {
                 let schema: serde_json::Value = serde_json::from_str(s).map_err(|e| {
                     EngineError::Sampling(format!("the JSON schema is not JSON: {e}"))
                 })?;
-                if !(schema.is_object() || schema.is_boolean()) {
-                    return Err(EngineError::Sampling(
-                        "a JSON schema is an object (or true/false)".into(),
-                    ));
+                match schema {
+                    serde_json::Value::Object(_) => Some(json_grammar(schema)),
+                    serde_json::Value::Bool(_) => Some(TopLevelGrammar::from_json_schema(schema)),
+                    _ => {
+                        return Err(EngineError::Sampling(
+                            "a JSON schema is an object (or true/false)".into(),
+                        ))
+                    }
                 }
-                Some(TopLevelGrammar::from_json_schema(schema))
             }
             ResponseFormat::Regex(rx) => Some(TopLevelGrammar::from_regex(rx)),
             ResponseFormat::Choice(choices) => {
@@ -76,6 +77,26 @@ impl ResponseFormat {
             }
         })
     }
+}
+
+/// Longest run of whitespace between two JSON tokens. Unbounded, a model
+/// can stall in the one place JSON leaves free (a known failure of JSON
+/// modes: newline after newline until `max_tokens`); 40 still allows
+/// pretty printing at any usual depth.
+pub const MAX_JSON_WHITESPACE: usize = 40;
+
+/// The grammar of JSON valid against `schema` (an object), with
+/// [`MAX_JSON_WHITESPACE`] unless the schema sets llguidance's options
+/// (`x-guidance`) itself.
+fn json_grammar(mut schema: serde_json::Value) -> TopLevelGrammar {
+    if let Some(o) = schema.as_object_mut() {
+        o.entry("x-guidance").or_insert_with(|| {
+            serde_json::json!({
+                "whitespace_pattern": format!(r"[\x20\x0A\x0D\x09]{{1,{MAX_JSON_WHITESPACE}}}")
+            })
+        });
+    }
+    TopLevelGrammar::from_json_schema(schema)
 }
 
 /// The model's vocabulary as the grammars see it, and the factory that
@@ -282,6 +303,13 @@ mod tests {
         assert!(!first[end as usize]);
         assert!(!write(&mut g, &words, "{\"a\": [1, 2.5, true", end));
         assert!(write(&mut g, &words, "], \"b\": {}}", end));
+        // Whitespace between tokens is bounded.
+        let mut g = gr.guide(&ResponseFormat::JsonObject, &[]).unwrap().unwrap();
+        let spaces = " ".repeat(MAX_JSON_WHITESPACE);
+        write(&mut g, &words, &format!("{{{spaces}"), end);
+        let allowed = g.allowed(&[end]).unwrap();
+        assert!(!allowed[id(&words, " ") as usize]);
+        assert!(allowed[id(&words, "}") as usize]);
         // Free text has no guide.
         assert!(gr.guide(&ResponseFormat::Text, &[]).unwrap().is_none());
     }
