@@ -395,10 +395,13 @@ fn start_engine(args: &WorkerArgs) -> Result<Started> {
             block_size: args.block_size,
             kv_cache_bytes: kv_bytes,
             reserve_wait: Duration::from_secs(args.kv_reserve_timeout_secs),
-            grammars: Some(
-                Grammars::from_tokenizer(&tokenizer)
-                    .context("building the grammars' vocabulary")?,
-            ),
+            // Without them the worker still serves free text; requests with
+            // a response_format are then refused, saying why.
+            grammars: Grammars::from_tokenizer(&tokenizer)
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e, "structured output is unavailable for this model")
+                })
+                .ok(),
         },
     );
     if engine.stats().total_blocks == 0 {

@@ -1365,16 +1365,21 @@ mod faults {
     }
 
     /// One streamed completion (sampled, seeded): its text, or the error.
+    /// Odd seeds ask for JSON mode, so that a stream resumed on another
+    /// worker resumes its grammar too.
     async fn stream_text(
         http: &reqwest::Client,
         base: &str,
         prompt: &str,
         seed: u64,
     ) -> Result<String, String> {
-        let body = json!({
+        let mut body = json!({
             "model": model_name(), "prompt": prompt, "max_tokens": TOKENS,
             "temperature": 0.8, "seed": seed, "stream": true,
         });
+        if seed % 2 == 1 {
+            body["response_format"] = json!({"type": "json_object"});
+        }
         let r = http
             .post(format!("{base}/completions"))
             .json(&body)
@@ -1433,6 +1438,12 @@ mod faults {
             }
             v
         });
+        for json in expected.iter().skip(1).step_by(2) {
+            assert!(
+                json.trim_start().starts_with('{'),
+                "JSON mode wrote {json:?}"
+            );
+        }
         let done = Arc::new(AtomicUsize::new(0));
         let failed = Arc::new(AtomicUsize::new(0));
         let next = Arc::new(AtomicUsize::new(0));
