@@ -1078,6 +1078,19 @@ async fn run(
     let mut groups = Vec::with_capacity(prompts.len());
     let mut echoes = Vec::with_capacity(prompts.len());
     for (p, prompt) in prompts.into_iter().enumerate() {
+        // Choice ids stay `{id}-{choice}` for one prompt, as before.
+        let base = if batch {
+            format!("{id}-{p}")
+        } else {
+            id.clone()
+        };
+        // Checked (ids in the vocabulary) before they are echoed.
+        let mut prepared = common
+            .params
+            .build(&state, prompt.ids.clone(), &base, prompt_param)?;
+        for input in &mut prepared.inputs {
+            input.frontend_time = own;
+        }
         let echoed = match (echo, prompt.text) {
             (false, _) => String::new(),
             (true, Some(text)) => text,
@@ -1086,18 +1099,6 @@ async fn run(
                 .decode(&prompt.ids, false)
                 .map_err(|e| ApiError::internal(format!("detokenizing the prompt: {e}")))?,
         };
-        // Choice ids stay `{id}-{choice}` for one prompt, as before.
-        let base = if batch {
-            format!("{id}-{p}")
-        } else {
-            id.clone()
-        };
-        let mut prepared = common
-            .params
-            .build(&state, prompt.ids, &base, prompt_param)?;
-        for input in &mut prepared.inputs {
-            input.frontend_time = own;
-        }
         groups.push(prepared);
         echoes.push(echoed);
     }

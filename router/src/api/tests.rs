@@ -494,6 +494,11 @@ async fn bad_inputs_are_400_with_param() {
         ),
         (
             cmpl,
+            cmpl_body(json!({"prompt": [[1, 2], [99_999_999]], "echo": true})),
+            Some("prompt"),
+        ),
+        (
+            cmpl,
             cmpl_body(json!({"prompt": vec!["a"; 9], "n": 16})),
             Some("n"),
         ),
