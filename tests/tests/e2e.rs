@@ -138,23 +138,16 @@ fn greedy_output_is_the_same_disaggregated_colocated_and_in_process() {
     // Run them again: now the prefill worker's prefix cache holds them.
     let d2 = rt.block_on(via_grpc(&disagg, &prompts));
     // All of them as one batch of prompts over the OpenAI API, echoed.
-    let batch: Value = rt.block_on(async {
-        let body = json!({
+    let batch = rt.block_on(completions_json(
+        &disagg,
+        &json!({
             "model": model_name(),
             "prompt": prompts,
             "max_tokens": MAX_TOKENS,
             "temperature": 0,
             "echo": true,
-        });
-        let r = reqwest::Client::new()
-            .post(format!("{}/completions", disagg.base_url()))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        r.json().await.unwrap()
-    });
+        }),
+    ));
     drop(disagg);
     // One prefill and one decode worker, the decode worker started with `args`.
     let disagg_with = |args: [&str; 2]| {
@@ -289,6 +282,18 @@ fn model_name() -> String {
         .unwrap()
         .to_string_lossy()
         .into_owned()
+}
+
+/// A non-streamed `/v1/completions` answer, which must be 200.
+async fn completions_json(c: &Cluster, body: &Value) -> Value {
+    let r = reqwest::Client::new()
+        .post(format!("{}/completions", c.base_url()))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{body}");
+    r.json().await.unwrap()
 }
 
 /// The `data:` payloads of an SSE response, in order.
@@ -1139,14 +1144,7 @@ fn logit_bias_steers_both_tiers_as_on_the_plain_path() {
                 "logit_bias": bias.iter().map(|(id, b)| (id.to_string(), json!(b)))
                     .collect::<serde_json::Map<_, _>>(),
             });
-            let r = reqwest::Client::new()
-                .post(format!("{}/completions", cluster.base_url()))
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-            let v: Value = r.json().await.unwrap();
+            let v = completions_json(&cluster, &body).await;
             assert_eq!(v["choices"][0]["text"], text.as_str(), "HTTP with {bias:?}");
         }
         // Every request's first token came from the prefill worker.
@@ -1296,15 +1294,7 @@ fn structured_output_is_the_plain_paths_on_both_tiers() {
             "temperature": 0,
             "structured_outputs": {"regex": rx},
         });
-        let v: Value = http
-            .post(format!("{}/completions", cluster.base_url()))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = completions_json(&cluster, &body).await;
         let got = v["choices"][0]["text"].as_str().unwrap();
         assert_eq!(got, plain_rx);
         let b = got.as_bytes();
