@@ -472,8 +472,8 @@ struct Common {
 
 /// vLLM's structured-output extensions: `guided_json`, `guided_regex`,
 /// `guided_choice`, or the same under `structured_outputs` (`json`,
-/// `regex`, `choice`). At most one constraint per request, counting
-/// `response_format`.
+/// `regex`, `choice`). [`GenParams::build`] refuses more than one
+/// constraint, counting `response_format`.
 fn guided_extensions(m: &Map<String, Value>, p: &mut GenParams) -> Result<(), ApiError> {
     let nested = match field(m, "structured_outputs") {
         None => None,
@@ -485,9 +485,13 @@ fn guided_extensions(m: &Map<String, Value>, p: &mut GenParams) -> Result<(), Ap
             .or_else(|| nested.and_then(|o| field(o, key)))
             .map(|v| (flat, v))
     };
-    let mut given = usize::from(p.json_object || p.json_schema.is_some());
     if let Some((param, v)) = pick("guided_json", "json") {
-        given += 1;
+        if p.json_object || p.json_schema.is_some() {
+            return Err(ApiError::bad_param(
+                param,
+                format!("give either 'response_format' or '{param}', not both"),
+            ));
+        }
         let schema = match v {
             Value::String(s) => serde_json::from_str::<Value>(s)
                 .map_err(|e| ApiError::bad_param(param, format!("'{param}' is not JSON: {e}")))?,
@@ -499,12 +503,10 @@ fn guided_extensions(m: &Map<String, Value>, p: &mut GenParams) -> Result<(), Ap
         p.json_schema = Some(schema.to_string());
     }
     if let Some((param, v)) = pick("guided_regex", "regex") {
-        given += 1;
         let rx = v.as_str().ok_or_else(|| wrong_type(param, "a string", v))?;
         p.regex = Some(rx.to_string());
     }
     if let Some((param, v)) = pick("guided_choice", "choice") {
-        given += 1;
         let want = "a non-empty array of strings";
         let choice: Vec<String> = v
             .as_array()
@@ -518,12 +520,6 @@ fn guided_extensions(m: &Map<String, Value>, p: &mut GenParams) -> Result<(), Ap
             })
             .collect::<Result<_, _>>()?;
         p.choice = choice;
-    }
-    if given > 1 {
-        return Err(ApiError::bad_param(
-            "response_format",
-            "give one output constraint: response_format, guided_json, guided_regex or guided_choice",
-        ));
     }
     Ok(())
 }

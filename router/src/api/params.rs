@@ -174,6 +174,16 @@ impl GenParams {
                 format!("token id {} is given more than one bias", w[0].0),
             ));
         }
+        let constraints = usize::from(self.json_object)
+            + usize::from(self.json_schema.is_some())
+            + usize::from(self.regex.is_some())
+            + usize::from(!self.choice.is_empty());
+        if constraints > 1 {
+            return Err(ApiError::bad_param(
+                "response_format",
+                "give one output constraint: response_format, guided_json, guided_regex or guided_choice",
+            ));
+        }
         let max_tokens = match self.max_tokens {
             None => None,
             Some(m) if m <= 0 => {

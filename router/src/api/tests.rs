@@ -272,6 +272,15 @@ fn chat_body(extra: Value) -> Value {
     b
 }
 
+/// The endpoint a test body is for: chat if it has messages.
+fn route_of(body: &Value) -> &'static str {
+    if body.get("messages").is_some() {
+        "/v1/chat/completions"
+    } else {
+        "/v1/completions"
+    }
+}
+
 fn cmpl_body(extra: Value) -> Value {
     let mut b = json!({"model": MODEL, "prompt": "Once upon a time"});
     for (k, v) in extra.as_object().unwrap() {
@@ -1224,11 +1233,7 @@ async fn json_mode_reaches_the_workers_from_either_endpoint() {
             Box::new(|s: &Sampling| s.json_schema.as_deref() == Some("{\"type\":\"object\"}")),
         ),
     ] {
-        let uri = if body.get("messages").is_some() {
-            "/v1/chat/completions"
-        } else {
-            "/v1/completions"
-        };
+        let uri = route_of(&body);
         let (s, v) = post(&app, uri, body.clone()).await;
         assert_eq!(s, StatusCode::OK, "{body}: {v}");
         assert!(check(&backend.inputs().pop().unwrap().sampling), "{body}");
@@ -1242,6 +1247,10 @@ async fn json_mode_reaches_the_workers_from_either_endpoint() {
             chat_body(json!({"response_format": {"type": "json_object"}, "guided_regex": "a"})),
             "response_format",
         ),
+        (
+            chat_body(json!({"response_format": {"type": "json_object"}, "guided_json": {}})),
+            "guided_json",
+        ),
         (cmpl_body(json!({"guided_choice": []})), "guided_choice"),
         (cmpl_body(json!({"guided_choice": [1]})), "guided_choice"),
         (cmpl_body(json!({"guided_json": "{oops"})), "guided_json"),
@@ -1250,7 +1259,8 @@ async fn json_mode_reaches_the_workers_from_either_endpoint() {
             "structured_outputs",
         ),
     ] {
-        let (s, v) = post(&app, "/v1/completions", body.clone()).await;
+        let uri = route_of(&body);
+        let (s, v) = post(&app, uri, body.clone()).await;
         assert_error(
             s,
             &v,
