@@ -76,6 +76,27 @@ j = client.chat.completions.create(
 assert j.choices[0].finish_reason == "stop", j
 assert isinstance(json.loads(j.choices[0].message.content), dict), j
 
+# Structured output through the SDK's own helper: a Pydantic model becomes
+# a strict JSON schema, and the answer parses back into it.
+from pydantic import BaseModel
+
+
+class Cat(BaseModel):
+    name: str
+    age: int
+    indoor: bool
+
+
+parsed = client.beta.chat.completions.parse(
+    model=model,
+    messages=[{"role": "user", "content": "Describe a cat named Tom, 3 years old, who lives indoors."}],
+    response_format=Cat,
+    max_tokens=80,
+    temperature=0,
+)
+cat = parsed.choices[0].message.parsed
+assert isinstance(cat, Cat), parsed
+
 lp = client.chat.completions.create(
     model=model, messages=question, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3
 )
