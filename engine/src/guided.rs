@@ -65,14 +65,14 @@ impl ResponseFormat {
                         "a choice needs at least one option".into(),
                     ));
                 }
-                // Lark string literals take JSON's escapes.
-                let alternatives: Vec<String> = choices
-                    .iter()
-                    .map(|c| serde_json::Value::from(c.as_str()).to_string())
-                    .collect();
-                Some(TopLevelGrammar::from_lark(format!(
-                    "start: {}",
-                    alternatives.join(" | ")
+                // One regex of the escaped options: a single lexeme, however
+                // many options (as grammar alternatives, each would be a
+                // parser item, and thousands exceed the parser's row limit).
+                let alternatives: Vec<String> =
+                    choices.iter().map(|c| regex_syntax::escape(c)).collect();
+                Some(TopLevelGrammar::from_regex(&format!(
+                    "(?:{})",
+                    alternatives.join("|")
                 )))
             }
         })
@@ -186,6 +186,13 @@ impl Grammars {
         for &t in generated {
             guide.advance(t)?;
         }
+        // A grammar the parser cannot run (too large a row, say) fails its
+        // first mask: better at admission, as the client's error, than as
+        // a failed stream.
+        guide
+            .matcher
+            .compute_mask_or_eos()
+            .map_err(|e| EngineError::Sampling(format!("invalid response format: {e}")))?;
         Ok(Some(guide))
     }
 }
@@ -384,6 +391,20 @@ mod tests {
         let mut g = gr.guide(&choice, &[]).unwrap().unwrap();
         assert!(write(&mut g, &words, "a \"q\"", end));
         assert!(gr.guide(&ResponseFormat::Choice(vec![]), &[]).is_err());
+        // Thousands of options, with regex metacharacters in them.
+        let many: Vec<String> = (0..5000).map(|i| format!("o{i}.*")).collect();
+        let mut g = gr
+            .guide(&ResponseFormat::Choice(many), &[])
+            .unwrap()
+            .unwrap();
+        assert!(write(&mut g, &words, "o4999.*", end));
+        let mut g = gr
+            .guide(&ResponseFormat::Choice(vec!["a.c".into()]), &[])
+            .unwrap()
+            .unwrap();
+        write(&mut g, &words, "a", end);
+        let allowed = g.allowed(&[end]).unwrap();
+        assert!(allowed[id(&words, ".") as usize] && !allowed[id(&words, "b") as usize]);
         assert!(gr.guide(&ResponseFormat::Regex("(".into()), &[]).is_err());
     }
 

@@ -504,6 +504,9 @@ fn guided_extensions(m: &Map<String, Value>, p: &mut GenParams) -> Result<(), Ap
     }
     if let Some((param, v)) = pick("guided_regex", "regex") {
         let rx = v.as_str().ok_or_else(|| wrong_type(param, "a string", v))?;
+        if rx.is_empty() {
+            return Err(ApiError::bad_param(param, format!("'{param}' is empty")));
+        }
         p.regex = Some(rx.to_string());
     }
     if let Some((param, v)) = pick("guided_choice", "choice") {

@@ -1252,6 +1252,7 @@ async fn json_mode_reaches_the_workers_from_either_endpoint() {
             "guided_json",
         ),
         (cmpl_body(json!({"guided_choice": []})), "guided_choice"),
+        (cmpl_body(json!({"guided_regex": ""})), "guided_regex"),
         (cmpl_body(json!({"guided_choice": [1]})), "guided_choice"),
         (cmpl_body(json!({"guided_json": "{oops"})), "guided_json"),
         (
