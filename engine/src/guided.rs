@@ -1,8 +1,9 @@
 //! Guided decoding: OpenAI's `response_format` (`json_object` and
-//! `json_schema`). At every position the sampler may only pick a token that
-//! keeps the output a prefix of some text the grammar accepts, and the
-//! request's stop tokens only where the grammar may end; so a guided
-//! completion that stops is whole, valid JSON.
+//! `json_schema`) and vLLM's regex and choice constraints. At every position
+//! the sampler may only pick a token that keeps the output a prefix of some
+//! text the grammar accepts, and the request's stop tokens only where the
+//! grammar may end; so a guided completion that stops is whole and valid
+//! (JSON matching the schema, a full regex match, one of the choices).
 //!
 //! The grammars and the token masks are llguidance's (the structured-output
 //! engine vLLM and llama.cpp use): it compiles a JSON schema into a grammar
