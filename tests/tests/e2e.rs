@@ -1251,6 +1251,57 @@ fn structured_output_is_the_plain_paths_on_both_tiers() {
         let remote = r#"tandem_router_dispatched_total{prefill="remote"}"#;
         assert_eq!(counter(&cluster.router, remote).await, 7.0);
 
+        // Parallel sampled choices each keep their own grammar: every one is
+        // a JSON object's start (whole when it stops), and choice 0 is what
+        // the same seed gives alone.
+        let sampled = |n: usize| {
+            json!({
+                "model": model_name(),
+                "messages": [{"role": "user", "content": asks[0]}],
+                "max_tokens": JSON_TOKENS,
+                "temperature": 1.0,
+                "seed": 11,
+                "n": n,
+                "response_format": {"type": "json_object"},
+            })
+        };
+        let v: Value = http
+            .post(&url)
+            .json(&sampled(3))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let choices = v["choices"].as_array().expect("choices");
+        assert_eq!(choices.len(), 3, "{v}");
+        let texts: Vec<&str> = choices
+            .iter()
+            .map(|c| c["message"]["content"].as_str().unwrap())
+            .collect();
+        for (c, t) in choices.iter().zip(&texts) {
+            assert!(t.trim_start().starts_with('{'), "{t:?}");
+            if c["finish_reason"] == "stop" {
+                let parsed: Value = serde_json::from_str(t).expect("a whole JSON text");
+                assert!(parsed.is_object(), "{t:?}");
+            }
+        }
+        assert!(texts[1..].iter().any(|t| t != &texts[0]), "{texts:?}");
+        let alone: Value = http
+            .post(&url)
+            .json(&sampled(1))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            alone["choices"][0]["message"]["content"].as_str().unwrap(),
+            texts[0]
+        );
+
         // vLLM's guided_choice (chat) and guided_regex (a short completion,
         // prefilled on the decode worker): the plain path's text, held to
         // the constraint.
