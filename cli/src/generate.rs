@@ -135,17 +135,12 @@ fn params(args: &GenerateArgs) -> SamplingParams {
         repetition_penalty: args.repetition_penalty,
         seed: args.seed,
         logit_bias: args.logit_bias.clone(),
-        response_format: if let Some(schema) = &args.json_schema {
-            ResponseFormat::JsonSchema(schema.clone())
-        } else if let Some(rx) = &args.regex {
-            ResponseFormat::Regex(rx.clone())
-        } else if !args.choice.is_empty() {
-            ResponseFormat::Choice(args.choice.clone())
-        } else if args.json_object {
-            ResponseFormat::JsonObject
-        } else {
-            ResponseFormat::Text
-        },
+        response_format: ResponseFormat::from_fields(
+            args.json_object,
+            args.json_schema.clone(),
+            args.regex.clone(),
+            args.choice.clone(),
+        ),
         ..Default::default()
     }
 }

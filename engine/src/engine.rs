@@ -591,15 +591,11 @@ impl Engine {
             generated: spec.generated,
             guide: None,
         };
-        req.guide = match &self.grammars {
-            Some(g) => g.guide(&req.params.response_format, &req.generated)?,
-            None if req.params.response_format.is_text() => None,
-            None => {
-                return Err(EngineError::Unsupported(
-                    "guided decoding (response_format) needs the model's vocabulary; this engine was started without it".into(),
-                ))
-            }
-        };
+        req.guide = Grammars::guide_for(
+            self.grammars.as_deref(),
+            &req.params.response_format,
+            &req.generated,
+        )?;
         Scheduler::validate(&req, self.context_length, self.pool_tokens)?;
         req.params.validate_vocab(self.vocab_size)?;
         Ok(req)

@@ -78,15 +78,7 @@ pub fn generate_guided(
     mut on_token: impl FnMut(&Sampled) -> bool,
 ) -> Result<Generation> {
     req.params.validate()?;
-    let mut guide = match grammars {
-        Some(g) => g.guide(&req.params.response_format, &[])?,
-        None if req.params.response_format.is_text() => None,
-        None => {
-            return Err(EngineError::Unsupported(
-                "guided decoding (response_format) needs the model's vocabulary".into(),
-            ))
-        }
-    };
+    let mut guide = Grammars::guide_for(grammars, &req.params.response_format, &[])?;
     req.params.validate_vocab(model.config().vocab_size)?;
     let ctx = model.config().context_length;
     if req.prompt.is_empty() {
@@ -140,14 +132,13 @@ pub fn generate_guided(
     while tokens.len() < max_tokens {
         // Guided: the same mask as the scheduler's.
         let allowed = match guide.as_mut() {
-            Some(g) => {
-                let a = g.allowed(&req.stop_tokens)?;
-                if !a.contains(&true) {
+            Some(g) => match g.next_allowed(&req.stop_tokens)? {
+                Some(a) => Some(a),
+                None => {
                     finish = FinishReason::Stop;
                     break;
                 }
-                Some(a)
-            }
+            },
             None => None,
         };
         let s = sample_masked(

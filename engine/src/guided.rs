@@ -15,7 +15,7 @@
 use std::sync::Arc;
 
 use llguidance::api::TopLevelGrammar;
-use llguidance::toktrie::{ApproximateTokEnv, TokEnv, TokRxInfo, TokTrie};
+use llguidance::toktrie::{ApproximateTokEnv, SimpleVob, TokEnv, TokRxInfo, TokTrie};
 use llguidance::{Matcher, ParserFactory};
 
 use crate::error::{EngineError, Result};
@@ -39,6 +39,28 @@ pub enum ResponseFormat {
 impl ResponseFormat {
     pub fn is_text(&self) -> bool {
         *self == ResponseFormat::Text
+    }
+
+    /// From the wire's separate fields (the router lets through at most
+    /// one); if several came anyway, a schema wins over a regex, a regex
+    /// over a choice, and any of them over plain JSON mode.
+    pub fn from_fields(
+        json_object: bool,
+        json_schema: Option<String>,
+        regex: Option<String>,
+        choice: Vec<String>,
+    ) -> Self {
+        if let Some(schema) = json_schema {
+            ResponseFormat::JsonSchema(schema)
+        } else if let Some(rx) = regex {
+            ResponseFormat::Regex(rx)
+        } else if !choice.is_empty() {
+            ResponseFormat::Choice(choice)
+        } else if json_object {
+            ResponseFormat::JsonObject
+        } else {
+            ResponseFormat::Text
+        }
     }
 
     fn grammar(&self) -> Result<Option<TopLevelGrammar>> {
@@ -170,6 +192,24 @@ impl Grammars {
     }
 
     /// The guide of a request asking for `format`, advanced past the
+    /// tokens it already generated; `None` for free text. Without
+    /// `grammars` (an engine started without the vocabulary), a request
+    /// that asks for a format is refused.
+    pub fn guide_for(
+        grammars: Option<&Grammars>,
+        format: &ResponseFormat,
+        generated: &[u32],
+    ) -> Result<Option<Guide>> {
+        match grammars {
+            Some(g) => g.guide(format, generated),
+            None if format.is_text() => Ok(None),
+            None => Err(EngineError::Unsupported(
+                "guided decoding (response_format) needs the model's vocabulary; this engine was started without it".into(),
+            )),
+        }
+    }
+
+    /// The guide of a request asking for `format`, advanced past the
     /// tokens it already generated; `None` for free text.
     pub fn guide(&self, format: &ResponseFormat, generated: &[u32]) -> Result<Option<Guide>> {
         let Some(grammar) = format.grammar()? else {
@@ -183,17 +223,20 @@ impl Grammars {
             matcher: Matcher::new(Ok(parser)),
             end: self.end,
             vocab: self.vocab,
+            mask: None,
         };
         for &t in generated {
             guide.advance(t)?;
         }
         // A grammar the parser cannot run (too large a row, say) fails its
         // first mask: better at admission, as the client's error, than as
-        // a failed stream.
-        guide
-            .matcher
-            .compute_mask_or_eos()
-            .map_err(|e| EngineError::Sampling(format!("invalid response format: {e}")))?;
+        // a failed stream. The mask is kept for the first position.
+        guide.mask = Some(
+            guide
+                .matcher
+                .compute_mask_or_eos()
+                .map_err(|e| EngineError::Sampling(format!("invalid response format: {e}")))?,
+        );
         Ok(Some(guide))
     }
 }
@@ -203,6 +246,9 @@ pub struct Guide {
     matcher: Matcher,
     end: u32,
     vocab: usize,
+    /// The mask of the current position, when already computed (at
+    /// admission); cleared by every token consumed.
+    mask: Option<SimpleVob>,
 }
 
 impl std::fmt::Debug for Guide {
@@ -220,6 +266,7 @@ impl Clone for Guide {
             matcher: self.matcher.deep_clone(),
             end: self.end,
             vocab: self.vocab,
+            mask: self.mask.clone(),
         }
     }
 }
@@ -234,7 +281,10 @@ impl Guide {
     /// the tokenizer's vocabulary (padding rows of the model) are never
     /// allowed.
     pub fn allowed(&mut self, stop: &[u32]) -> Result<Vec<bool>> {
-        let mask = self.matcher.compute_mask_or_eos().map_err(guide_error)?;
+        let mask = match self.mask.take() {
+            Some(m) => m,
+            None => self.matcher.compute_mask_or_eos().map_err(guide_error)?,
+        };
         let may_end = mask.is_allowed(self.end);
         let mut allowed: Vec<bool> = (0..self.vocab as u32)
             .map(|id| mask.is_allowed(id))
@@ -250,9 +300,18 @@ impl Guide {
         Ok(allowed)
     }
 
+    /// [`Guide::allowed`] for a sampler: `None` when nothing may come next
+    /// (a finished grammar and no stop token to end on), which ends the
+    /// sequence there.
+    pub fn next_allowed(&mut self, stop: &[u32]) -> Result<Option<Vec<bool>>> {
+        let allowed = self.allowed(stop)?;
+        Ok(allowed.contains(&true).then_some(allowed))
+    }
+
     /// Moves past `token` (one that [`Guide::allowed`] allowed, or one of a
     /// resumed request's tokens).
     pub fn advance(&mut self, token: u32) -> Result<()> {
+        self.mask = None;
         self.matcher.consume_token(token).map_err(guide_error)
     }
 }

@@ -1055,9 +1055,9 @@ fn sample_next(
         // Guided: only what keeps the output inside the grammar; a
         // finished grammar leaves only the stop tokens (or, without any,
         // nothing: the sequence ends there).
-        let allowed = match guide.allowed(&s.req.stop_tokens) {
-            Ok(a) if a.contains(&true) => a,
-            Ok(_) => return Some(FinishReason::Stop),
+        let allowed = match guide.next_allowed(&s.req.stop_tokens) {
+            Ok(Some(a)) => a,
+            Ok(None) => return Some(FinishReason::Stop),
             Err(e) => {
                 s.sink.send(Event::Error(e.to_string()));
                 return Some(FinishReason::Stop);

@@ -32,17 +32,13 @@ pub fn sampling(s: Option<&pb::WorkerSampling>) -> Result<SamplingParams, Status
         min_tokens: s.min_tokens,
         min_tokens_masked: s.min_tokens_masked.clone(),
         logit_bias: s.logit_bias.iter().map(|b| (b.token_id, b.bias)).collect(),
-        response_format: if !s.json_schema.is_empty() {
-            ResponseFormat::JsonSchema(s.json_schema.clone())
-        } else if !s.regex.is_empty() {
-            ResponseFormat::Regex(s.regex.clone())
-        } else if !s.choice.is_empty() {
-            ResponseFormat::Choice(s.choice.clone())
-        } else if s.json_object {
-            ResponseFormat::JsonObject
-        } else {
-            ResponseFormat::Text
-        },
+        // Empty strings are unset fields on the wire.
+        response_format: ResponseFormat::from_fields(
+            s.json_object,
+            (!s.json_schema.is_empty()).then(|| s.json_schema.clone()),
+            (!s.regex.is_empty()).then(|| s.regex.clone()),
+            s.choice.clone(),
+        ),
     })
 }
 

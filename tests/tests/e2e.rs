@@ -138,8 +138,9 @@ fn greedy_output_is_the_same_disaggregated_colocated_and_in_process() {
     // Run them again: now the prefill worker's prefix cache holds them.
     let d2 = rt.block_on(via_grpc(&disagg, &prompts));
     // All of them as one batch of prompts over the OpenAI API, echoed.
-    let batch = rt.block_on(completions_json(
+    let batch = rt.block_on(api_json(
         &disagg,
+        "completions",
         &json!({
             "model": model_name(),
             "prompt": prompts,
@@ -284,16 +285,29 @@ fn model_name() -> String {
         .into_owned()
 }
 
-/// A non-streamed `/v1/completions` answer, which must be 200.
-async fn completions_json(c: &Cluster, body: &Value) -> Value {
+/// A non-streamed answer of the OpenAI API at `route` (`completions` or
+/// `chat/completions`), which must be 200.
+async fn api_json(c: &Cluster, route: &str, body: &Value) -> Value {
     let r = reqwest::Client::new()
-        .post(format!("{}/completions", c.base_url()))
+        .post(format!("{}/{route}", c.base_url()))
         .json(body)
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "{body}");
     r.json().await.unwrap()
+}
+
+/// Checks JSON-mode output: an object's start, and a whole object when it
+/// stopped (`finish`). Returns whether it was whole.
+fn check_json_object(text: &str, finish: &Value) -> bool {
+    assert!(text.trim_start().starts_with('{'), "{text:?}");
+    if finish != "stop" {
+        return false;
+    }
+    let parsed: Value = serde_json::from_str(text).expect("a whole JSON text");
+    assert!(parsed.is_object(), "{text:?}");
+    true
 }
 
 /// The `data:` payloads of an SSE response, in order.
@@ -1144,7 +1158,7 @@ fn logit_bias_steers_both_tiers_as_on_the_plain_path() {
                 "logit_bias": bias.iter().map(|(id, b)| (id.to_string(), json!(b)))
                     .collect::<serde_json::Map<_, _>>(),
             });
-            let v = completions_json(&cluster, &body).await;
+            let v = api_json(&cluster, "completions", &body).await;
             assert_eq!(v["choices"][0]["text"], text.as_str(), "HTTP with {bias:?}");
         }
         // Every request's first token came from the prefill worker.
@@ -1186,18 +1200,11 @@ fn structured_output_is_the_plain_paths_on_both_tiers() {
                     "stream": stream,
                 })
             };
-            let r = http.post(&url).json(&body(false)).send().await.unwrap();
-            assert_eq!(r.status(), 200);
-            let v: Value = r.json().await.unwrap();
+            let v = api_json(&cluster, "chat/completions", &body(false)).await;
             let got = v["choices"][0]["message"]["content"].as_str().unwrap();
             assert_eq!(got, text.trim_start_matches(' '), "{q}");
-            let finish = v["choices"][0]["finish_reason"].as_str().unwrap();
-            let head = got.trim_start();
-            assert!(head.starts_with('{'), "{got:?}");
-            if finish == "stop" {
+            if check_json_object(got, &v["choices"][0]["finish_reason"]) {
                 whole += 1;
-                let parsed: Value = serde_json::from_str(got).expect("a whole JSON text");
-                assert!(parsed.is_object(), "{got:?}");
             }
             // Streamed, the same text.
             let r = http.post(&url).json(&body(true)).send().await.unwrap();
@@ -1265,15 +1272,7 @@ fn structured_output_is_the_plain_paths_on_both_tiers() {
                 "response_format": {"type": "json_object"},
             })
         };
-        let v: Value = http
-            .post(&url)
-            .json(&sampled(3))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = api_json(&cluster, "chat/completions", &sampled(3)).await;
         let choices = v["choices"].as_array().expect("choices");
         assert_eq!(choices.len(), 3, "{v}");
         let texts: Vec<&str> = choices
@@ -1281,22 +1280,10 @@ fn structured_output_is_the_plain_paths_on_both_tiers() {
             .map(|c| c["message"]["content"].as_str().unwrap())
             .collect();
         for (c, t) in choices.iter().zip(&texts) {
-            assert!(t.trim_start().starts_with('{'), "{t:?}");
-            if c["finish_reason"] == "stop" {
-                let parsed: Value = serde_json::from_str(t).expect("a whole JSON text");
-                assert!(parsed.is_object(), "{t:?}");
-            }
+            check_json_object(t, &c["finish_reason"]);
         }
         assert!(texts[1..].iter().any(|t| t != &texts[0]), "{texts:?}");
-        let alone: Value = http
-            .post(&url)
-            .json(&sampled(1))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let alone = api_json(&cluster, "chat/completions", &sampled(1)).await;
         assert_eq!(
             alone["choices"][0]["message"]["content"].as_str().unwrap(),
             texts[0]
@@ -1319,15 +1306,7 @@ fn structured_output_is_the_plain_paths_on_both_tiers() {
             "temperature": 0,
             "guided_choice": ["yes", "no"],
         });
-        let v: Value = http
-            .post(&url)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = api_json(&cluster, "chat/completions", &body).await;
         let got = v["choices"][0]["message"]["content"].as_str().unwrap();
         assert!(got == "yes" || got == "no", "{v}");
         assert_eq!(got, plain_choice);
@@ -1345,7 +1324,7 @@ fn structured_output_is_the_plain_paths_on_both_tiers() {
             "temperature": 0,
             "structured_outputs": {"regex": rx},
         });
-        let v = completions_json(&cluster, &body).await;
+        let v = api_json(&cluster, "completions", &body).await;
         let got = v["choices"][0]["text"].as_str().unwrap();
         assert_eq!(got, plain_rx);
         let b = got.as_bytes();
