@@ -63,6 +63,12 @@ pub struct GenerateArgs {
     /// The output is exactly one of these strings (repeat the flag).
     #[arg(long, value_name = "TEXT", conflicts_with = "json_object")]
     pub choice: Vec<String>,
+    /// Score the prompt: each prompt token's log-probability given the ones
+    /// before it, with this many top alternatives (at most 20). Printed to
+    /// stderr, or as `prompt_logprobs` with `--json`. `--max-tokens 0`
+    /// scores the prompt alone.
+    #[arg(long, value_name = "K")]
+    pub prompt_logprobs: Option<usize>,
     /// Worker threads (default: all cores).
     #[arg(long, env = "TANDEM_THREADS")]
     pub threads: Option<usize>,
@@ -135,6 +141,7 @@ fn params(args: &GenerateArgs) -> SamplingParams {
         repetition_penalty: args.repetition_penalty,
         seed: args.seed,
         logit_bias: args.logit_bias.clone(),
+        prompt_logprobs: args.prompt_logprobs,
         response_format: ResponseFormat::from_fields(
             args.json_object,
             args.json_schema.clone(),
@@ -176,7 +183,7 @@ fn complete(
         bail!("the prompt is empty after tokenisation");
     }
     let req = GenerateRequest {
-        prompt,
+        prompt: prompt.clone(),
         params: params(args),
         max_tokens: args.max_tokens,
         stop_tokens: l.tokenizer.eos_ids().to_vec(),
@@ -200,15 +207,48 @@ fn complete(
         true
     })?;
     let text = l.tokenizer.decode(&gen.tokens, true)?;
+    // Prompt token i is scored by entry i - 1.
+    let scores = gen.prompt_logprobs.as_ref().map(|lp| {
+        prompt
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| {
+                let s = i.checked_sub(1).and_then(|j| lp.get(j));
+                (id, s)
+            })
+            .collect::<Vec<_>>()
+    });
     if args.json {
-        let line = serde_json::json!({
+        let mut line = serde_json::json!({
             "text": text,
             "token_ids": gen.tokens,
             "prompt_tokens": gen.prompt_tokens,
             "finish_reason": gen.finish.as_str(),
         });
+        if let Some(scores) = &scores {
+            line["prompt_logprobs"] = scores
+                .iter()
+                .map(|(id, s)| {
+                    serde_json::json!({
+                        "token_id": id,
+                        "logprob": s.map(|s| s.logprob),
+                        "top": s.map(|s| s.top.clone()).unwrap_or_default(),
+                    })
+                })
+                .collect();
+        }
         writeln!(out, "{line}")?;
     } else {
+        if let Some(scores) = &scores {
+            // A table on stderr, so that stdout stays the completion.
+            for (id, s) in scores {
+                let piece = l.tokenizer.decode(&[*id], false).unwrap_or_default();
+                match s {
+                    Some(s) => eprintln!("{id}\t{:.6}\t{piece:?}", s.logprob),
+                    None => eprintln!("{id}\t-\t{piece:?}"),
+                }
+            }
+        }
         out.write_all(detok.finish().as_bytes())?;
         writeln!(out)?;
     }

@@ -351,8 +351,12 @@ impl Inner {
                 spec.choices()
             )));
         }
+        let scores = reply
+            .prompt_logprobs
+            .as_ref()
+            .map(convert::prompt_logprobs_from_proto);
         self.engine
-            .install(reservation, spec, firsts)
+            .install(reservation, spec, firsts, scores)
             .await
             .map_err(convert::engine_status)
     }
@@ -505,7 +509,11 @@ impl Inner {
             if index == 0 {
                 record_event(&mut timer, &ev, prefilled_remotely);
             }
-            let last = !matches!(ev, tandem_engine::scheduler::Event::Token(_));
+            let last = matches!(
+                ev,
+                tandem_engine::scheduler::Event::Finished { .. }
+                    | tandem_engine::scheduler::Event::Error(_)
+            );
             if last {
                 choices.remove(&index);
             }
@@ -537,7 +545,7 @@ fn record_event(timer: &mut RequestTimer, ev: &tandem_engine::scheduler::Event, 
                 metrics::histogram!(metrics_names::REQUEST_DURATION).record(total.as_secs_f64());
             }
         }
-        Event::Error(_) => {}
+        Event::PromptLogprobs(_) | Event::Error(_) => {}
     }
 }
 

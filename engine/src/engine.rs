@@ -693,7 +693,10 @@ impl Engine {
     /// KV having been written through `reservation` (copied in from the
     /// staging buffer, where it was not written in place); `firsts` are the
     /// tokens the prefill worker sampled, one per choice (`spec.n` of
-    /// them), each the first event of its choice's stream.
+    /// them), each the first event of its choice's stream. A request that
+    /// scores its prompt (`spec.params.prompt_logprobs`) brings the scores
+    /// the prefill worker computed, one per prompt token after the first:
+    /// every choice's stream opens with them.
     /// `spec.prompt.len()` must equal `reservation.tokens()`; otherwise, or
     /// if the request is invalid, an error is returned and the blocks are
     /// freed.
@@ -702,8 +705,25 @@ impl Engine {
         mut reservation: Reservation,
         spec: RequestSpec,
         firsts: Vec<Sampled>,
+        prompt_logprobs: Option<Vec<Sampled>>,
     ) -> Result<RequestHandle> {
         let tokens = reservation.tokens;
+        let scored = prompt_logprobs.as_ref().map(Vec::len);
+        let wanted = spec
+            .params
+            .prompt_logprobs
+            .map(|_| tokens.saturating_sub(1));
+        if scored != wanted {
+            return Err(EngineError::Unsupported(format!(
+                "install: {} prompt log-probabilities for a prompt of {tokens} tokens that {}",
+                scored.map_or("no".to_string(), |n| n.to_string()),
+                if wanted.is_some() {
+                    "asks for them"
+                } else {
+                    "does not ask for them"
+                }
+            )));
+        }
         if firsts.len() != spec.choices() {
             return Err(EngineError::Unsupported(format!(
                 "install: {} first tokens for {} choices",
@@ -720,6 +740,12 @@ impl Engine {
         // Errors above drop `reservation`, which releases the blocks.
         let (txs, events, more) = choice_channels(spec.choices());
         let req = self.request(spec)?;
+        if let Some(lp) = prompt_logprobs {
+            // Ahead of anything the engine thread sends on these streams.
+            for t in &txs {
+                let _ = t.send(Event::PromptLogprobs(lp.clone()));
+            }
+        }
         let id = req.id;
         let (reply, answer) = tokio::sync::oneshot::channel();
         // The writer is dropped here, before the engine thread is told.

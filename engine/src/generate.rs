@@ -6,7 +6,7 @@ use crate::executor::Executor;
 use crate::guided::Grammars;
 use crate::kv::SeqKv;
 use crate::model::{Logits, Model, SeqStep};
-use crate::sampler::{sample_masked, Sampled, SamplingParams};
+use crate::sampler::{sample_masked, score, Sampled, SamplingParams};
 
 /// Prompt tokens per forward call while prefilling; bounds activation memory.
 pub const PREFILL_CHUNK: usize = 256;
@@ -46,6 +46,9 @@ pub struct Generation {
     pub prompt_tokens: usize,
     /// Logits of the last prompt position (the first sampled distribution).
     pub prompt_logits: Vec<f32>,
+    /// The prompt's log-probabilities, when `params.prompt_logprobs` asks
+    /// for them: one per prompt token after the first.
+    pub prompt_logprobs: Option<Vec<Sampled>>,
 }
 
 impl Model {
@@ -107,9 +110,14 @@ pub fn generate_guided(
     let mut pool = model.pool_for_tokens(req.prompt.len() + max_tokens, 16);
     let mut kv = SeqKv::default();
     let mut last = Vec::new();
+    let mut prompt_logprobs = req.params.prompt_logprobs.map(|_| Vec::new());
+    let vocab = model.config().vocab_size;
     let chunks: Vec<&[u32]> = req.prompt.chunks(PREFILL_CHUNK).collect();
     for (i, chunk) in chunks.iter().enumerate() {
-        let want = if i + 1 == chunks.len() {
+        let start = i * PREFILL_CHUNK;
+        let want = if prompt_logprobs.is_some() {
+            Logits::All
+        } else if i + 1 == chunks.len() {
             Logits::Last
         } else {
             Logits::None
@@ -123,6 +131,15 @@ pub fn generate_guided(
             .forward(&mut pool, &mut step)?
             .pop()
             .unwrap_or_default();
+        if let (Some(lp), Some(top)) = (prompt_logprobs.as_mut(), req.params.prompt_logprobs) {
+            // Row j scores the prompt token after chunk position j.
+            for (j, row) in last.chunks_exact(vocab).enumerate() {
+                if let Some(&next) = req.prompt.get(start + j + 1) {
+                    lp.push(score(row, next, top));
+                }
+            }
+            last.drain(..last.len() - vocab);
+        }
     }
     let prompt_logits = last.clone();
     let mut context = req.prompt.clone();
@@ -184,5 +201,6 @@ pub fn generate_guided(
         finish,
         prompt_tokens: req.prompt.len(),
         prompt_logits,
+        prompt_logprobs,
     })
 }

@@ -46,7 +46,17 @@ pub struct SamplingParams {
     /// What the output must look like (OpenAI's `response_format`): held
     /// to it by [`crate::guided`]'s mask.
     pub response_format: ResponseFormat,
+    /// Score the prompt: report each prompt token's log-probability given
+    /// the tokens before it, with this many top alternatives per position
+    /// (vLLM's `prompt_logprobs`; OpenAI's `echo` with `logprobs`). Such a
+    /// prompt is computed whole, not taken from the prefix cache, since
+    /// cached blocks carry no logits.
+    pub prompt_logprobs: Option<usize>,
 }
+
+/// Most alternatives reported per position ([`SamplingParams::top_logprobs`],
+/// [`SamplingParams::prompt_logprobs`]), as OpenAI allows.
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// Largest bias magnitude [`SamplingParams::logit_bias`] accepts (OpenAI's).
 pub const MAX_LOGIT_BIAS: f32 = 100.0;
@@ -69,6 +79,7 @@ impl Default for SamplingParams {
             min_tokens_masked: Vec::new(),
             logit_bias: Vec::new(),
             response_format: ResponseFormat::Text,
+            prompt_logprobs: None,
         }
     }
 }
@@ -155,10 +166,15 @@ impl SamplingParams {
         if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
             return bad(format!("logit_bias names token {} twice", w[0]));
         }
-        if self.top_logprobs > 20 {
+        if self.top_logprobs > MAX_TOP_LOGPROBS {
             return bad(format!(
-                "top_logprobs must be at most 20, got {}",
+                "top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {}",
                 self.top_logprobs
+            ));
+        }
+        if let Some(k) = self.prompt_logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
+            return bad(format!(
+                "prompt_logprobs must be at most {MAX_TOP_LOGPROBS}, got {k}"
             ));
         }
         Ok(())
@@ -188,6 +204,9 @@ pub struct Sampled {
     pub logprob: f32,
     /// `(token, logprob)`, most likely first.
     pub top: Vec<(u32, f32)>,
+    /// Where it was computed (a prompt's scores): `token`'s 1-based rank
+    /// in the distribution, one more than the number of likelier tokens.
+    pub rank: Option<u32>,
 }
 
 /// Largest top-k a step asks an executor to select for the sampler
@@ -202,6 +221,7 @@ impl Sampled {
             token,
             logprob: 0.0,
             top: Vec::new(),
+            rank: None,
         }
     }
 }
@@ -230,6 +250,37 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 fn log_softmax_at(logits: &[f32], max: f32, log_z: f64, id: u32) -> f32 {
     ((logits[id as usize] - max) as f64 - log_z) as f32
+}
+
+/// The largest logit and the log of the softmax normaliser relative to it:
+/// what [`log_softmax_at`] needs.
+fn log_normaliser(logits: &[f32]) -> (f32, f64) {
+    let max = crate::ops::max_value(logits);
+    let log_z = logits
+        .iter()
+        .map(|&v| ((v - max) as f64).exp())
+        .sum::<f64>()
+        .ln();
+    (max, log_z)
+}
+
+/// How likely the model found `token` after a position whose raw logits
+/// are `logits`, with its `top` most likely tokens: one entry of a
+/// prompt's log-probabilities ([`SamplingParams::prompt_logprobs`]). The
+/// same numbers [`sample`] reports for a sampled token, and its rank.
+pub fn score(logits: &[f32], token: u32, top: usize) -> Sampled {
+    let (max, log_z) = log_normaliser(logits);
+    let own = logits[token as usize];
+    let likelier = logits.iter().filter(|&&v| v > own).count();
+    Sampled {
+        token,
+        logprob: log_softmax_at(logits, max, log_z, token),
+        top: top_k_of(logits, top)
+            .into_iter()
+            .map(|(i, _)| (i, log_softmax_at(logits, max, log_z, i)))
+            .collect(),
+        rank: Some(likelier as u32 + 1),
+    }
 }
 
 /// Orders candidates by weight, heaviest first, ties by id: a total order.
@@ -273,12 +324,40 @@ pub fn top_k_of(l: &[f32], k: usize) -> Vec<(u32, f32)> {
     if k == 0 {
         return Vec::new();
     }
+    if k <= SMALL_TOP_K {
+        return small_top_k(l, k);
+    }
     let mut idx: Vec<u32> = (0..l.len() as u32).collect();
     let by_logit = |a: &u32, b: &u32| l[*b as usize].total_cmp(&l[*a as usize]).then(a.cmp(b));
     idx.select_nth_unstable_by(k - 1, by_logit);
     idx.truncate(k);
     idx.sort_unstable_by(by_logit);
     idx.into_iter().map(|i| (i, l[i as usize])).collect()
+}
+
+/// Up to this `k`, [`top_k_of`] keeps its candidates in one pass instead of
+/// selecting among the indices of the whole row.
+const SMALL_TOP_K: usize = 64;
+
+/// [`top_k_of`] for a small `k`: one pass over the row keeping the `k`
+/// best in order. Most values lose one comparison against the worst kept,
+/// so a 49k vocabulary costs tens of microseconds, where selecting among
+/// its indices allocates and shuffles them all (scoring a prompt does this
+/// for every position). Ids arrive in ascending order, so a later equal
+/// value ranks after the ones kept: ties go to the lower id, as in the
+/// select.
+fn small_top_k(l: &[f32], k: usize) -> Vec<(u32, f32)> {
+    use std::cmp::Ordering::{Greater, Less};
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    for (i, &v) in l.iter().enumerate() {
+        if top.len() == k && v.total_cmp(&top[k - 1].1) != Greater {
+            continue;
+        }
+        let at = top.partition_point(|&(_, w)| w.total_cmp(&v) != Less);
+        top.insert(at, (i as u32, v));
+        top.truncate(k);
+    }
+    top
 }
 
 /// [`draw`] after top-k: from the candidates `top` ([`top_k_of`]'s list,
@@ -420,19 +499,10 @@ pub fn sample_masked(
 ) -> Sampled {
     // Raw log-probabilities for reporting.
     let want_lp = params.logprobs || params.top_logprobs > 0;
-    let max = if want_lp {
-        crate::ops::max_value(logits)
+    let (max, log_z) = if want_lp {
+        log_normaliser(logits)
     } else {
-        0.0
-    };
-    let log_z = if want_lp {
-        logits
-            .iter()
-            .map(|&v| ((v - max) as f64).exp())
-            .sum::<f64>()
-            .ln()
-    } else {
-        0.0
+        (0.0, 0.0)
     };
 
     let masked = pos < params.min_tokens as u64 && !params.min_tokens_masked.is_empty();
@@ -514,6 +584,7 @@ pub fn sample_masked(
         token,
         logprob,
         top,
+        rank: None,
     }
 }
 
@@ -774,14 +845,7 @@ mod tests {
         // Past min_tokens: plain.
         assert!(plain.is_plain_greedy_at(2));
         let s = sample(&plain, &l, &ctx, 1, 2);
-        assert_eq!(
-            s,
-            Sampled {
-                token: argmax(&l),
-                logprob: 0.0,
-                top: Vec::new()
-            }
-        );
+        assert_eq!(s, Sampled::bare(argmax(&l)));
         // Below it the stop id is masked: not plain, and not the argmax.
         assert!(!plain.is_plain_greedy_at(1));
         assert_ne!(sample(&plain, &l, &ctx, 1, 1).token, argmax(&l));
@@ -916,6 +980,34 @@ mod tests {
             top_k_of(&tied, 4),
             vec![(1, 3.0), (3, 3.0), (2, 2.0), (4, 2.0)]
         );
+    }
+
+    proptest::proptest! {
+        /// The one-pass top-k of small `k` and the select of larger ones
+        /// both give the head of the whole row sorted (by value, largest
+        /// first, ties to the lower id), with ties, infinities and NaN.
+        #[test]
+        fn top_k_is_the_head_of_the_sorted_row(
+            raw in proptest::collection::vec(0u8..12, 1..300),
+            k in 1usize..120,
+        ) {
+            let l: Vec<f32> = raw
+                .iter()
+                .map(|&b| match b {
+                    0 => f32::NEG_INFINITY,
+                    1 => f32::INFINITY,
+                    2 => f32::NAN,
+                    b => b as f32 * 0.5 - 2.0,
+                })
+                .collect();
+            let mut sorted: Vec<(u32, f32)> =
+                l.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
+            sorted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            sorted.truncate(k);
+            let got = top_k_of(&l, k);
+            let bits = |v: &[(u32, f32)]| v.iter().map(|&(i, x)| (i, x.to_bits())).collect::<Vec<_>>();
+            proptest::prop_assert_eq!(bits(&got), bits(&sorted));
+        }
     }
 
     #[test]

@@ -37,10 +37,16 @@ use crate::guided::Guide;
 use crate::kv::{KvPool, SeqKv};
 use crate::model::{greedy_token, top_k_candidates, LayerKv, Logits, SeqStep};
 use crate::prefix_cache::{PrefixCache, PrefixStats};
-use crate::sampler::{argmax, sample, sample_masked, sample_top_k, Sampled, SamplingParams};
+use crate::sampler::{argmax, sample, sample_masked, sample_top_k, score, Sampled, SamplingParams};
 
 /// Most choices (parallel samples) one request may ask for.
 pub const MAX_CHOICES: usize = 64;
+
+/// Most prompt positions scored ([`SamplingParams::prompt_logprobs`]) in
+/// one step: each brings a whole vocabulary row of logits (~200 KB for a
+/// 49k vocabulary), so a long scored prompt is computed in chunks of at
+/// most this many tokens whatever the step budget.
+pub const MAX_SCORED_ROWS: usize = 512;
 
 /// Tunables of the scheduler.
 #[derive(Debug, Clone)]
@@ -88,6 +94,11 @@ pub struct Request {
 /// What a request's stream carries.
 #[derive(Debug, Clone)]
 pub enum Event {
+    /// The prompt's log-probabilities, when the request asked for them
+    /// ([`SamplingParams::prompt_logprobs`]): one entry per prompt token
+    /// after the first (the first has no context to be scored in), sent
+    /// once the prompt is computed, before the first token.
+    PromptLogprobs(Vec<Sampled>),
     Token(Sampled),
     Finished {
         reason: FinishReason,
@@ -170,6 +181,9 @@ struct Seq {
     /// Tokens obtained from the prefix cache at the last admission that the
     /// exporter has not seen yet.
     export_cached: usize,
+    /// The prompt's log-probabilities so far, while they are wanted and not
+    /// yet sent ([`SamplingParams::prompt_logprobs`]).
+    prompt_lp: Option<Vec<Sampled>>,
 }
 
 impl Seq {
@@ -320,6 +334,9 @@ impl Scheduler {
         }
         let mut sinks = sinks.into_iter();
         let sink = sinks.next().expect("validated: at least one choice");
+        // A resumed stream sent its prompt's log-probabilities before.
+        let prompt_lp =
+            (req.params.prompt_logprobs.is_some() && req.generated.is_empty()).then(Vec::new);
         let seq = Seq {
             uid: self.clock,
             choice: 0,
@@ -336,6 +353,7 @@ impl Scheduler {
             prompt_cached: false,
             export,
             export_cached: 0,
+            prompt_lp,
         };
         self.enqueue(seq);
         Ok(())
@@ -519,6 +537,7 @@ impl Scheduler {
                 prompt_cached: false,
                 export: None,
                 export_cached: 0,
+                prompt_lp: None,
             });
         }
         // The reservation's own references (the choices hold theirs).
@@ -659,7 +678,7 @@ impl Scheduler {
             .layout()
             .blocks_for(seq.kv.len + tokens)
             .saturating_sub(seq.kv.blocks.len());
-        let cow = seq.kv.len % bs != 0
+        let cow = !seq.kv.len.is_multiple_of(bs)
             && tokens > 0
             && self.pool.refcount(seq.kv.blocks[seq.kv.len / bs]) > 1;
         need + usize::from(cow)
@@ -673,7 +692,8 @@ impl Scheduler {
             let Some(mut s) = self.waiting.pop_front() else {
                 break;
             };
-            if s.kv.blocks.is_empty() && self.cfg.prefix_cache {
+            // A prompt being scored computes every position's logits.
+            if s.kv.blocks.is_empty() && self.cfg.prefix_cache && s.prompt_lp.is_none() {
                 // Share cached whole blocks, but always compute the last token
                 // (its logits start generation).
                 let upto = s.tokens.len() - 1;
@@ -745,8 +765,10 @@ impl Scheduler {
             }
         }
         // 2. Prefill chunks, oldest first, with what budget and memory allow;
-        //    a prefill never preempts anyone.
+        //    a prefill never preempts anyone. Prompts being scored take
+        //    chunks that keep the step's logits rows bounded.
         let bs = self.pool.layout().block_size;
+        let mut scored_rows = MAX_SCORED_ROWS;
         for id in by_age(&self.running, false) {
             if budget == 0 {
                 break;
@@ -756,7 +778,14 @@ impl Scheduler {
                 .iter()
                 .position(|s| s.uid == id)
                 .expect("running");
+            let scoring = self.running[idx].prompt_lp.is_some();
+            if scoring && scored_rows == 0 {
+                continue;
+            }
             let mut take = self.running[idx].pending().min(budget);
+            if scoring {
+                take = take.min(scored_rows);
+            }
             while take > 0 {
                 let need = self.blocks_needed(&self.running[idx], take);
                 if self.make_room(need) {
@@ -772,6 +801,9 @@ impl Scheduler {
                 self.pool.reserve(&mut self.running[idx].kv, take)?;
                 plan_ids.push((id, take));
                 budget -= take;
+                if scoring {
+                    scored_rows -= take;
+                }
             }
         }
         let mut plan: Vec<(usize, usize)> = plan_ids
@@ -813,7 +845,9 @@ impl Scheduler {
                 let last = start + take == s.tokens.len();
                 let pos = s.generated() as u64;
                 let vocab = model.config().vocab_size;
+                let scoring = s.prompt_lp.is_some() && start < s.n_prompt;
                 let want = match last {
+                    _ if scoring => Logits::All,
                     false => Logits::None,
                     true if s.req.params.is_plain_greedy_at(pos) => Logits::Greedy,
                     true => match s.req.params.top_k_only_at(pos, vocab) {
@@ -880,6 +914,31 @@ impl Scheduler {
             if wants[k] == Logits::None {
                 continue;
             }
+            let mut row = &logits[k][..];
+            if wants[k] == Logits::All {
+                // One row per computed token: rows score the prompt tokens
+                // that follow them; the last row starts generation.
+                let vocab = row.len() / take;
+                let start = s.kv.len - take;
+                if let (Some(lp), Some(top)) = (s.prompt_lp.as_mut(), s.req.params.prompt_logprobs)
+                {
+                    for (j, r) in row.chunks_exact(vocab).enumerate() {
+                        if let Some(&next) = s.tokens[..s.n_prompt].get(start + j + 1) {
+                            lp.push(score(r, next, top));
+                        }
+                    }
+                }
+                if s.kv.len < s.tokens.len() {
+                    continue;
+                }
+                row = &row[row.len() - vocab..];
+                if let Some(lp) = s.prompt_lp.take() {
+                    for (_, sink) in s.fork.iter_mut() {
+                        sink.send(Event::PromptLogprobs(lp.clone()));
+                    }
+                    s.sink.send(Event::PromptLogprobs(lp));
+                }
+            }
             if !s.prompt_cached && self.cfg.prefix_cache && s.kv.len >= s.n_prompt {
                 self.cache
                     .insert(&mut self.pool, &s.tokens[..s.n_prompt], &s.kv.blocks);
@@ -889,13 +948,13 @@ impl Scheduler {
             // the prompt's blocks, and sample their first token from the
             // same logits with their own key.
             for mut c in self.fork_choices(idx) {
-                match sample_next(&mut c, &logits[k], wants[k], &mut self.stats) {
+                match sample_next(&mut c, row, wants[k], &mut self.stats) {
                     Some(reason) => self.retire(c, reason),
                     None => forked.push(c),
                 }
             }
             let s = &mut self.running[idx];
-            if let Some(reason) = sample_next(s, &logits[k], wants[k], &mut self.stats) {
+            if let Some(reason) = sample_next(s, row, wants[k], &mut self.stats) {
                 finished.push((idx, Some(reason)));
             }
         }
@@ -963,6 +1022,7 @@ impl Scheduler {
                 // The prompt's KV is exported once, by the parent.
                 export: None,
                 export_cached: 0,
+                prompt_lp: None,
             });
         }
         out
@@ -1032,6 +1092,10 @@ impl Scheduler {
         let mut s = self.running.remove(idx);
         self.pool.free_seq(&mut s.kv);
         s.prompt_cached = false;
+        if let Some(lp) = s.prompt_lp.as_mut() {
+            // Scored again as the prompt is recomputed.
+            lp.clear();
+        }
         self.stats.preemptions += 1;
         tracing::debug!(
             id = s.req.id,

@@ -399,6 +399,7 @@ mod batching {
             while let Ok(e) = r.rx.try_recv() {
                 match e {
                     Event::Token(s) => r.tokens.push(s.token),
+                    Event::PromptLogprobs(_) => panic!("prompt scores were not asked for"),
                     Event::Finished {
                         reason,
                         cached_tokens,
@@ -762,6 +763,157 @@ mod batching {
         drop(rx);
     }
 
+    /// Scored prompts (`prompt_logprobs`) in a batch under memory pressure,
+    /// with prompts chunked across steps, a warm prefix cache and parallel
+    /// choices: each choice's stream opens with the prompt's scores, once,
+    /// bit for bit the plain path's, and then carries the plain path's
+    /// tokens. Each score is what the model gives the next prompt token:
+    /// the top alternatives equal the ones reported for the first token
+    /// generated from the prompt cut there.
+    #[test]
+    fn scored_prompts_batched_equal_the_plain_path() {
+        use tandem_engine::sampler::Sampled;
+        let ps: Vec<Vec<u32>> = prompts().into_iter().take(8).collect();
+        let params = |i: usize| SamplingParams {
+            temperature: if i.is_multiple_of(2) { 0.0 } else { 0.9 },
+            seed: 11,
+            request_key: i as u64 * 100,
+            prompt_logprobs: (i % 4 != 3).then_some(i % 3),
+            ..Default::default()
+        };
+        let n_tokens = 6;
+        let plain: Vec<_> = ps
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let req = GenerateRequest {
+                    prompt: p.clone(),
+                    params: params(i),
+                    max_tokens: Some(n_tokens),
+                    stop_tokens: vec![],
+                };
+                model().generate(&req, |_| true).unwrap()
+            })
+            .collect();
+        let mut s = scheduler(20, 40, true);
+        // Warm the prefix cache with every prompt, unscored.
+        let warm: Vec<_> = ps
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let (tx, rx) = channel();
+                s.add(
+                    request(100 + i as u64, p, &SamplingParams::greedy(), 1),
+                    Box::new(tx),
+                )
+                .unwrap();
+                rx
+            })
+            .collect();
+        while s.has_work() {
+            s.step(model()).unwrap();
+        }
+        drop(warm);
+        assert!(
+            s.stats().cached_blocks > 0,
+            "the prefix cache was meant to be warm"
+        );
+        // Two choices per request: both get the scores.
+        let mut streams: Vec<Vec<Receiver<Event>>> = Vec::new();
+        for (i, p) in ps.iter().enumerate() {
+            let (txs, rxs): (Vec<_>, Vec<_>) = (0..2).map(|_| channel()).unzip();
+            let mut req = request(i as u64, p, &params(i), n_tokens);
+            req.params = params(i);
+            s.add_parallel(
+                req,
+                txs.into_iter()
+                    .map(|t| Box::new(t) as Box<dyn tandem_engine::scheduler::EventSink>)
+                    .collect(),
+                None,
+            )
+            .unwrap();
+            streams.push(rxs);
+        }
+        let mut steps = 0;
+        while s.has_work() {
+            s.step(model()).unwrap();
+            steps += 1;
+            assert!(steps < 20_000);
+        }
+        assert!(
+            s.stats().preemptions > 0,
+            "the pool was meant to be too small"
+        );
+        for (i, rxs) in streams.iter().enumerate() {
+            for (c, rx) in rxs.iter().enumerate() {
+                let mut scores: Option<Vec<Sampled>> = None;
+                let mut tokens = Vec::new();
+                while let Ok(e) = rx.try_recv() {
+                    match e {
+                        Event::PromptLogprobs(lp) => {
+                            assert!(scores.is_none(), "request {i}: scores sent twice");
+                            assert!(tokens.is_empty(), "request {i}: scores after a token");
+                            scores = Some(lp);
+                        }
+                        Event::Token(t) => tokens.push(t.token),
+                        Event::Finished { .. } => {}
+                        Event::Error(m) => panic!("request {i} failed: {m}"),
+                    }
+                }
+                assert_eq!(scores, plain[i].prompt_logprobs, "request {i} choice {c}");
+                if c == 0 {
+                    assert_eq!(tokens, plain[i].tokens, "request {i} tokens");
+                }
+                if let Some(lp) = &scores {
+                    assert_eq!(lp.len(), ps[i].len() - 1);
+                    for (j, e) in lp.iter().enumerate() {
+                        assert_eq!(e.token, ps[i][j + 1]);
+                        assert!(e.logprob <= 0.0 && e.logprob.is_finite());
+                        assert_eq!(e.top.len(), params(i).prompt_logprobs.unwrap());
+                        // Every likelier token is in the top when the token is.
+                        let rank = e.rank.expect("a rank") as usize;
+                        let likelier_in_top = e.top.iter().filter(|t| t.1 > e.logprob).count();
+                        match e.top.iter().any(|t| t.0 == e.token) {
+                            true => assert_eq!(rank, likelier_in_top + 1),
+                            false => assert!(rank > likelier_in_top),
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            s.pool().free_blocks() + s.stats().cached_blocks,
+            s.pool().n_blocks()
+        );
+        // What a score means, on the longest scored prompt: the first
+        // generated token's report from the prompt cut at each position.
+        let (i, p) = ps
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| params(*i).prompt_logprobs == Some(2))
+            .max_by_key(|(_, p)| p.len())
+            .unwrap();
+        let lp = plain[i].prompt_logprobs.as_ref().unwrap();
+        for j in [0, p.len() / 2, p.len() - 2] {
+            let req = GenerateRequest {
+                prompt: p[..j + 1].to_vec(),
+                params: SamplingParams {
+                    logprobs: true,
+                    top_logprobs: 2,
+                    logit_bias: vec![(p[j + 1], 100.0)],
+                    ..Default::default()
+                },
+                max_tokens: Some(1),
+                stop_tokens: vec![],
+            };
+            let g = model().generate(&req, |_| true).unwrap();
+            // Forced by the bias; reported as the model sees it.
+            assert_eq!(g.sampled[0].token, p[j + 1]);
+            assert_eq!(g.sampled[0].logprob, lp[j].logprob, "position {}", j + 1);
+            assert_eq!(g.sampled[0].top, lp[j].top, "position {}", j + 1);
+        }
+    }
+
     /// The disaggregation primitives in one process: a "prefill" pool computes
     /// the prompt and hands each layer's blocks over as soon as the layer is
     /// done; a "decode" scheduler reserves blocks, receives them, and
@@ -849,6 +1001,7 @@ mod batching {
         impl EventSink for Sink {
             fn send(&mut self, e: Event) -> bool {
                 let what = match e {
+                    Event::PromptLogprobs(_) => "prompt scores",
                     Event::Token(_) => "token",
                     Event::Finished { .. } => "finished",
                     Event::Error(_) => "error",
@@ -1016,6 +1169,7 @@ mod batching {
             let mut got = Vec::new();
             loop {
                 match h.events.blocking_recv().expect("stream ends with Finished") {
+                    Event::PromptLogprobs(_) => panic!("prompt scores were not asked for"),
                     Event::Token(s) => got.push(s),
                     Event::Finished { cached_tokens, .. } => return (got, cached_tokens),
                     Event::Error(e) => panic!("request failed: {e}"),
@@ -1075,7 +1229,7 @@ mod batching {
             assert_eq!(r.tokens(), p.len());
             assert!(r.in_place(), "a host pool takes KV in place: {r:?}");
             r.fill_from(&staging).unwrap();
-            let mut h = block_on(dec.install(r, spec(p, n), vec![first])).unwrap();
+            let mut h = block_on(dec.install(r, spec(p, n), vec![first], None)).unwrap();
             collect(&mut h).0.iter().map(|s| s.token).collect()
         }
 
@@ -1202,7 +1356,7 @@ mod batching {
             let staged = rx.recv_timeout(Duration::from_secs(60)).unwrap();
             let mut r = block_on(dec.reserve(p.len())).unwrap();
             r.fill_from(&staged.staging).unwrap();
-            let h = block_on(dec.install(r, with(n, 40, 10), firsts)).unwrap();
+            let h = block_on(dec.install(r, with(n, 40, 10), firsts, None)).unwrap();
             let got = collect_all(h);
             for (i, g) in got.iter().enumerate() {
                 let want = collect_all(reference.submit(with(1, 40 + i as u64, 10)).unwrap());
@@ -1311,15 +1465,12 @@ mod batching {
             drop(r);
             wait_until("blocks back after a bad fill", || free() == all);
             let p = prompt(40, 4);
-            let first = Sampled {
-                token: 5,
-                logprob: 0.0,
-                top: vec![],
-            };
+            let first = Sampled::bare(5);
 
             // A prompt that does not match the reservation.
             let r = block_on(dec.reserve(40)).unwrap();
-            let e = block_on(dec.install(r, spec(&p[..39], 4), vec![first.clone()])).unwrap_err();
+            let e =
+                block_on(dec.install(r, spec(&p[..39], 4), vec![first.clone()], None)).unwrap_err();
             assert!(e.to_string().contains("39"), "{e}");
             wait_until("blocks back after a mismatched prompt", || free() == all);
 
@@ -1327,7 +1478,7 @@ mod batching {
             let r = block_on(dec.reserve(40)).unwrap();
             let mut bad = spec(&p, 4);
             bad.params.top_p = 2.0;
-            assert!(block_on(dec.install(r, bad, vec![first])).is_err());
+            assert!(block_on(dec.install(r, bad, vec![first], None)).is_err());
             wait_until("blocks back after an invalid request", || free() == all);
         }
     }
@@ -1598,6 +1749,7 @@ mod batching {
         let mut got = Vec::new();
         loop {
             match h.events.blocking_recv().expect("stream ends with Finished") {
+                Event::PromptLogprobs(_) => panic!("prompt scores were not asked for"),
                 Event::Token(s) => got.push(s.token),
                 Event::Finished {
                     completion_tokens, ..
@@ -1638,6 +1790,7 @@ mod batching {
             let mut got = Vec::new();
             loop {
                 match h.events.blocking_recv().expect("stream ends with Finished") {
+                    Event::PromptLogprobs(_) => panic!("prompt scores were not asked for"),
                     Event::Token(s) => got.push(s.token),
                     Event::Finished {
                         completion_tokens, ..
@@ -1773,6 +1926,7 @@ mod batching {
             let mut got = Vec::new();
             let finish = loop {
                 match h.events.blocking_recv().expect("stream ends with Finished") {
+                    Event::PromptLogprobs(_) => panic!("prompt scores were not asked for"),
                     Event::Token(s) => got.push(s.token),
                     Event::Finished { reason, .. } => break reason,
                     Event::Error(e) => panic!("{e}"),
@@ -1825,6 +1979,7 @@ mod batching {
             let mut got = Vec::new();
             loop {
                 match h.events.blocking_recv().expect("stream ends with Finished") {
+                    Event::PromptLogprobs(_) => panic!("prompt scores were not asked for"),
                     Event::Token(s) => got.push(s.token),
                     Event::Finished { .. } => return got,
                     Event::Error(e) => panic!("{e}"),

@@ -274,7 +274,7 @@ fn disaggregated(
     // scatter at install. A single process's pool takes the KV in place.
     assert_eq!(r.in_place(), dec_in_place, "{r:?}");
     r.fill_from(&staging).unwrap();
-    let h = block_on(dec.install(r, greedy_spec(prompt, n), first)).unwrap();
+    let h = block_on(dec.install(r, greedy_spec(prompt, n), first, None)).unwrap();
     collect_all(h).remove(0).iter().map(|s| s.token).collect()
 }
 

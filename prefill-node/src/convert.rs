@@ -39,6 +39,7 @@ pub fn sampling(s: Option<&pb::WorkerSampling>) -> Result<SamplingParams, Status
             (!s.regex.is_empty()).then(|| s.regex.clone()),
             s.choice.clone(),
         ),
+        prompt_logprobs: s.prompt_logprobs.map(|k| k as usize),
     })
 }
 
@@ -51,7 +52,18 @@ pub fn sampled_to_proto(s: &Sampled) -> pb::SampledToken {
             .iter()
             .map(|&(token_id, logprob)| pb::TokenLogprob { token_id, logprob })
             .collect(),
+        rank: s.rank,
     }
+}
+
+pub fn prompt_logprobs_to_proto(lp: &[Sampled]) -> pb::PromptLogprobs {
+    pb::PromptLogprobs {
+        tokens: lp.iter().map(sampled_to_proto).collect(),
+    }
+}
+
+pub fn prompt_logprobs_from_proto(lp: &pb::PromptLogprobs) -> Vec<Sampled> {
+    lp.tokens.iter().map(sampled_from_proto).collect()
 }
 
 pub fn sampled_from_proto(s: &pb::SampledToken) -> Sampled {
@@ -59,6 +71,7 @@ pub fn sampled_from_proto(s: &pb::SampledToken) -> Sampled {
         token: s.token_id,
         logprob: s.logprob,
         top: s.top.iter().map(|t| (t.token_id, t.logprob)).collect(),
+        rank: s.rank,
     }
 }
 
@@ -76,6 +89,7 @@ pub fn engine_status(e: EngineError) -> Status {
 pub fn event_to_proto(e: Event) -> pb::DecodeEvent {
     use pb::DecodeEventKind as K;
     let kind = match e {
+        Event::PromptLogprobs(lp) => K::PromptLogprobs(prompt_logprobs_to_proto(&lp)),
         Event::Token(s) => K::Token(sampled_to_proto(&s)),
         Event::Finished {
             reason,

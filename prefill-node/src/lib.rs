@@ -189,11 +189,18 @@ impl PrefillService {
             // Choice by choice (the channels buffer the others meanwhile).
             let mut firsts = Vec::with_capacity(n);
             let mut cached = 0;
+            let mut scores = None;
             let choices = std::iter::once(&mut handle.events).chain(handle.more.iter_mut());
             for (i, rx) in choices.enumerate() {
                 let mut first = None;
                 loop {
                     match rx.recv().await {
+                        // Every choice gets the same; choice 0's are kept.
+                        Some(Event::PromptLogprobs(lp)) => {
+                            if i == 0 {
+                                scores = Some(lp);
+                            }
+                        }
                         Some(Event::Token(s)) => first = Some(s),
                         Some(Event::Finished { cached_tokens, .. }) => {
                             if i == 0 {
@@ -214,10 +221,10 @@ impl PrefillService {
                     }
                 }
             }
-            Ok((firsts, cached))
+            Ok((firsts, cached, scores))
         };
         let (shipped, sampled) = tokio::join!(ship, events);
-        let (firsts, cached) = sampled?;
+        let (firsts, cached, scores) = sampled?;
         let summary = shipped.map_err(|e| {
             metrics::counter!(metrics_names::KV_TRANSFER_FAILURES, "direction" => "sent")
                 .increment(1);
@@ -238,6 +245,7 @@ impl PrefillService {
             } else {
                 Vec::new()
             },
+            prompt_logprobs: scores.as_deref().map(convert::prompt_logprobs_to_proto),
         })
     }
 }

@@ -17,7 +17,8 @@ pub mod generate {
     pub use crate::pb::generate_server::{Generate, GenerateServer};
     pub use crate::pb::{
         ChatMessage, ChatMessages, FinishReason, GenerateRequest, GenerateResponse,
-        GenerateStreamResponse, SamplingParams, TokenBias, TokenIds, TokenLogprob, Usage,
+        GenerateStreamResponse, PromptTokenLogprob, SamplingParams, TokenBias, TokenIds,
+        TokenLogprob, Usage,
     };
 }
 
@@ -41,8 +42,8 @@ pub mod worker {
     pub use crate::pb::{
         Admitted, CachedPrefixRequest, CachedPrefixResponse, CancelRequest, CancelResponse,
         DecodeEvent, DecodeRequest, Finished, InfoRequest, LoadReport, LoadRequest, NodeInfo,
-        PrefillRecomputed, PrefillRequest, PrefillResponse, Role, SampledToken, WorkerError,
-        WorkerSampling,
+        PrefillRecomputed, PrefillRequest, PrefillResponse, PromptLogprobs, Role, SampledToken,
+        WorkerError, WorkerSampling,
     };
     pub use crate::pb::{FinishReason, TokenBias, TokenLogprob};
 

@@ -40,6 +40,9 @@ pub struct Sampling {
     pub regex: Option<String>,
     /// The output is exactly one of these strings (none: no such constraint).
     pub choice: Vec<String>,
+    /// Score the prompt, with this many top alternatives per position: the
+    /// stream opens with [`TokenEvent::PromptLogprobs`].
+    pub prompt_logprobs: Option<u32>,
 }
 
 impl Default for Sampling {
@@ -63,6 +66,7 @@ impl Default for Sampling {
             json_schema: None,
             regex: None,
             choice: Vec::new(),
+            prompt_logprobs: None,
         }
     }
 }
@@ -99,10 +103,16 @@ pub struct SampledToken {
     pub logprob: f32,
     /// `(token, logprob)`, most likely first; empty unless asked for.
     pub top: Vec<(u32, f32)>,
+    /// The token's 1-based rank in the distribution, where the worker
+    /// computed it (a prompt's scores).
+    pub rank: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum TokenEvent {
+    /// The prompt's log-probabilities ([`Sampling::prompt_logprobs`]): one
+    /// per prompt token after the first, before the first token.
+    PromptLogprobs(Vec<SampledToken>),
     Token(SampledToken),
     Finished {
         reason: Finish,
@@ -112,6 +122,13 @@ pub enum TokenEvent {
     },
     /// The generation failed after it started; nothing follows.
     Error(DispatchError),
+}
+
+impl TokenEvent {
+    /// Whether nothing follows this event on its stream.
+    pub fn ends_stream(&self) -> bool {
+        matches!(self, TokenEvent::Finished { .. } | TokenEvent::Error(_))
+    }
 }
 
 /// Failures the front ends turn into status codes.

@@ -229,6 +229,7 @@ impl Dispatcher {
             attempt,
             opened: Some(opened),
             generated: Vec::new(),
+            scored: false,
             resumes: 0,
             cancel: cancel.clone(),
             tx,
@@ -305,6 +306,7 @@ impl Dispatcher {
                 tx,
                 cancel,
                 generated: Vec::new(),
+                scored: false,
                 done: false,
             });
         }
@@ -425,7 +427,16 @@ impl Shared {
             return Some((decode, None));
         }
         let n = a.req.prompt.len();
-        let cached = self.index.matched(&a.hashes, decode.addr) * self.block_size();
+        // A scored prompt is computed whole wherever it runs.
+        let scored = a
+            .req
+            .sampling
+            .as_ref()
+            .is_some_and(|s| s.prompt_logprobs.is_some());
+        let cached = match scored {
+            true => 0,
+            false => self.index.matched(&a.hashes, decode.addr) * self.block_size(),
+        };
         let local = n < self.disagg.min_prompt_tokens
             || cached as f32 >= self.disagg.max_cached_fraction * n as f32;
         let prefill = if local {
@@ -543,6 +554,8 @@ struct Relay {
     opened: Option<Opened>,
     /// Tokens sent to the front end so far.
     generated: Vec<u32>,
+    /// See [`ChoiceSlot::scored`].
+    scored: bool,
     resumes: usize,
     cancel: CancellationToken,
     tx: mpsc::Sender<TokenEvent>,
@@ -589,7 +602,7 @@ impl Relay {
                     Err(e) => TokenEvent::Error(e),
                 },
             };
-            let last = !matches!(out, TokenEvent::Token(_));
+            let last = out.ends_stream();
             if self.tx.send(out).await.is_err() || last {
                 return;
             }
@@ -599,6 +612,11 @@ impl Relay {
     fn on_event(&mut self, k: pb::DecodeEventKind) -> Next {
         match k {
             pb::DecodeEventKind::Admitted(_) => Next::Skip,
+            pb::DecodeEventKind::PromptLogprobs(_) if self.scored => Next::Skip,
+            pb::DecodeEventKind::PromptLogprobs(lp) => {
+                self.scored = true;
+                Next::Forward(prompt_logprobs_event(&lp))
+            }
             pb::DecodeEventKind::Token(t) => {
                 self.generated.push(t.token_id);
                 if let Some(o) = self.opened.as_mut() {
@@ -680,17 +698,30 @@ struct ChoiceSlot {
     cancel: CancellationToken,
     /// Tokens sent to the front end so far.
     generated: Vec<u32>,
+    /// The prompt's log-probabilities were sent (a worker that takes over
+    /// before the first token computes them again).
+    scored: bool,
     /// Finished, failed, or given up by the front end: nothing more to send.
     done: bool,
 }
 
 /// A worker's sampled token as the front ends see it.
 fn token_event(t: &pb::SampledToken) -> TokenEvent {
-    TokenEvent::Token(SampledToken {
+    TokenEvent::Token(sampled_token(t))
+}
+
+fn sampled_token(t: &pb::SampledToken) -> SampledToken {
+    SampledToken {
         id: t.token_id,
         logprob: t.logprob,
         top: t.top.iter().map(|x| (x.token_id, x.logprob)).collect(),
-    })
+        rank: t.rank,
+    }
+}
+
+/// A prompt's scores as the front ends see them.
+fn prompt_logprobs_event(lp: &pb::PromptLogprobs) -> TokenEvent {
+    TokenEvent::PromptLogprobs(lp.tokens.iter().map(sampled_token).collect())
 }
 
 /// A worker's end of a choice as the front ends see it.
@@ -850,6 +881,12 @@ impl ParallelRelay {
                 self.choices[i].generated.push(t.token_id);
                 token_event(&t)
             }
+            pb::DecodeEventKind::PromptLogprobs(lp) => {
+                if std::mem::replace(&mut self.choices[i].scored, true) {
+                    return Ok(());
+                }
+                prompt_logprobs_event(&lp)
+            }
             pb::DecodeEventKind::Finished(f) => finished_event(&f),
             pb::DecodeEventKind::Error(e)
                 if e.code == "prefill_failed"
@@ -866,7 +903,7 @@ impl ParallelRelay {
         if c.done {
             return Ok(());
         }
-        let last = !matches!(out, TokenEvent::Token(_));
+        let last = out.ends_stream();
         if c.tx.send(out).await.is_err() || last {
             c.done = true;
         }
@@ -920,6 +957,7 @@ impl ParallelRelay {
                 },
                 opened: None,
                 generated: c.generated,
+                scored: c.scored,
                 resumes: 1,
                 cancel: c.cancel,
                 tx: c.tx,
@@ -965,6 +1003,7 @@ pub fn sampling_to_proto(s: &crate::dispatch::Sampling) -> pb::WorkerSampling {
         json_schema: s.json_schema.clone().unwrap_or_default(),
         regex: s.regex.clone().unwrap_or_default(),
         choice: s.choice.clone(),
+        prompt_logprobs: s.prompt_logprobs,
     }
 }
 

@@ -58,6 +58,21 @@ for i, x in enumerate(b.choices):
     alone = client.completions.create(model=model, prompt=prompts[i // 2], max_tokens=6, temperature=0)
     assert x.text == alone.choices[0].text, (i, x.text, alone.choices[0].text)
 
+# Scoring text as lm-evaluation-harness does: the prompt echoed with its
+# log-probabilities (the first token unscored), `max_tokens=0` for the
+# prompt alone.
+def last_token_logprob(text):
+    r = client.completions.create(model=model, prompt=text, echo=True, logprobs=1, max_tokens=0, temperature=0)
+    ch = r.choices[0]
+    assert ch.text == text and ch.finish_reason == "length" and r.usage.completion_tokens == 0, r
+    lps = ch.logprobs.token_logprobs
+    assert len(lps) == r.usage.prompt_tokens and lps[0] is None, ch.logprobs
+    assert all(x <= 0 for x in lps[1:]) and all(len(t) == 1 for t in ch.logprobs.top_logprobs[1:]), ch.logprobs
+    return lps[-1]
+
+
+assert last_token_logprob("The capital of France is Paris") > last_token_logprob("The capital of France is London")
+
 # logit_bias: a token biased by +100 is the only one produced.
 def hello(**kw):
     return client.completions.create(model=model, prompt="Hello", max_tokens=3, temperature=0, logprobs=0, **kw)

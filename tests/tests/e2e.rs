@@ -1167,6 +1167,216 @@ fn logit_bias_steers_both_tiers_as_on_the_plain_path() {
     });
 }
 
+/// One prompt token's score from `tandem generate --json`: its id, its
+/// log-probability (`None` for the first) and the top alternatives.
+type Score = (u32, Option<f64>, Value);
+
+/// `tandem generate --json --prompt-logprobs K` on `prompt`: the prompt's
+/// scores, and the ids generated after it.
+fn scores_plain(prompt: &str, k: u32, max_tokens: u32) -> (Vec<Score>, Vec<u32>) {
+    let mut cmd = Command::new(tandem_bin());
+    cmd.args(["generate", "--json", "--threads", "1", "--max-tokens"])
+        .arg(max_tokens.to_string())
+        .args(["--prompt-logprobs", &k.to_string()])
+        .arg("--model")
+        .arg(model_path())
+        .args(["--prompt", prompt]);
+    let out = cmd.output().expect("running tandem generate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("generate --json output");
+    let scores = v["prompt_logprobs"]
+        .as_array()
+        .expect("prompt_logprobs")
+        .iter()
+        .map(|e| {
+            (
+                e["token_id"].as_u64().unwrap() as u32,
+                e["logprob"].as_f64(),
+                e["top"].clone(),
+            )
+        })
+        .collect();
+    let ids = v["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect();
+    (scores, ids)
+}
+
+/// Scoring prompts (OpenAI's `echo` with `logprobs`, as
+/// lm-evaluation-harness sends it; `prompt_logprobs` over gRPC) through
+/// the cluster: a long prompt is scored on the prefill tier and its scores
+/// travel with the KV to the decode worker, a short one is scored on the
+/// decode worker; both are the plain path's, bit for bit, with or without
+/// a completion after them, and the prefix cache (warm with these prompts)
+/// changes nothing.
+#[test]
+fn prompt_scores_are_the_plain_paths_on_both_tiers() {
+    let ps = [prompts()[1].clone(), prompts()[0].clone()];
+    let plain: Vec<_> = ps.iter().map(|p| scores_plain(p, 1, 4)).collect();
+    assert!(plain[0].0.len() > 16 && plain[1].0.len() < 16);
+    let cluster = Cluster::start(1, 1, 1, &["--disagg-min-tokens", "16"]);
+    rt().block_on(async {
+        // Warm every cache with the prompts.
+        for p in &ps {
+            let body = json!({"model": model_name(), "prompt": p, "max_tokens": 1});
+            api_json(&cluster, "completions", &body).await;
+        }
+        let remote = r#"tandem_router_dispatched_total{prefill="remote"}"#;
+        let local = r#"tandem_router_dispatched_total{prefill="local"}"#;
+        let before = (counter(&cluster.router, remote).await, counter(&cluster.router, local).await);
+        for max_tokens in [0, 4] {
+            for stream in [false, true] {
+                // Both prompts in one request, as lm-evaluation-harness batches them.
+                let body = json!({
+                    "model": model_name(),
+                    "prompt": ps,
+                    "echo": true,
+                    "logprobs": 1,
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "stream": stream,
+                });
+                let choices: Vec<Value> = if stream {
+                    let r = reqwest::Client::new()
+                        .post(format!("{}/completions", cluster.base_url()))
+                        .json(&body)
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 200);
+                    // Per choice: the texts and the logprobs arrays joined.
+                    let mut joined = vec![json!({"text": "", "logprobs": {"tokens": [], "token_logprobs": [], "top_logprobs": []}}); 2];
+                    for ev in sse_events(r).await.iter().filter(|e| *e != "[DONE]") {
+                        let ev: Value = serde_json::from_str(ev).unwrap();
+                        let c = &ev["choices"][0];
+                        let j = &mut joined[c["index"].as_u64().unwrap() as usize];
+                        j["text"] = json!(format!("{}{}", j["text"].as_str().unwrap(), c["text"].as_str().unwrap()));
+                        if c["logprobs"].is_object() {
+                            for key in ["tokens", "token_logprobs", "top_logprobs"] {
+                                let more = c["logprobs"][key].as_array().unwrap().clone();
+                                j["logprobs"][key].as_array_mut().unwrap().extend(more);
+                            }
+                        }
+                        if !c["finish_reason"].is_null() {
+                            j["finish_reason"] = c["finish_reason"].clone();
+                        }
+                    }
+                    joined
+                } else {
+                    let v = api_json(&cluster, "completions", &body).await;
+                    let n: u64 = plain.iter().map(|p| p.0.len() as u64).sum();
+                    assert_eq!(v["usage"]["prompt_tokens"], n);
+                    assert_eq!(v["usage"]["completion_tokens"], 2 * max_tokens);
+                    v["choices"].as_array().unwrap().clone()
+                };
+                for (i, (c, (scores, ids))) in choices.iter().zip(&plain).enumerate() {
+                    let what = format!("prompt {i}, max_tokens {max_tokens}, stream {stream}");
+                    let lp = &c["logprobs"];
+                    let got = lp["token_logprobs"].as_array().unwrap();
+                    assert_eq!(got.len(), scores.len() + max_tokens as usize, "{what}");
+                    for (j, (_, want, top)) in scores.iter().enumerate() {
+                        assert_eq!(got[j].as_f64(), *want, "{what}: position {j}");
+                        // The one alternative asked for, as the plain path has it.
+                        let t = &lp["top_logprobs"][j];
+                        match top.as_array().and_then(|a| a.first()) {
+                            None => assert!(t.is_null(), "{what}: position {j}"),
+                            Some(best) => {
+                                let vals: Vec<f64> = t.as_object().unwrap().values().map(|x| x.as_f64().unwrap()).collect();
+                                assert_eq!(vals, vec![best[1].as_f64().unwrap()], "{what}: position {j}");
+                            }
+                        }
+                    }
+                    let text = c["text"].as_str().unwrap();
+                    assert!(text.starts_with(ps[i].as_str()), "{what}: {text:?}");
+                    let tail = &text[ps[i].len()..];
+                    let (want_tail, _, _) = generate_plain_with(&ps[i], false, 4, &[]);
+                    if max_tokens == 0 {
+                        assert_eq!(tail, "", "{what}");
+                        assert_eq!(c["finish_reason"], "length", "{what}");
+                    } else {
+                        assert_eq!(tail, want_tail, "{what}");
+                        assert_eq!(ids.len(), 4);
+                    }
+                }
+            }
+        }
+        // The long prompt went to the prefill tier each time, cache or
+        // not; the short one was scored on the decode worker.
+        assert_eq!(counter(&cluster.router, remote).await - before.0, 4.0);
+        assert_eq!(counter(&cluster.router, local).await - before.1, 4.0);
+
+        // gRPC: every prompt token, the first unscored, two alternatives.
+        let (scores, ids) = scores_plain(&ps[0], 2, 3);
+        let mut client = grpc_client(&cluster).await;
+        let mut req = greedy_request(&ps[0]);
+        let s = req.sampling.as_mut().unwrap();
+        s.prompt_logprobs = Some(2);
+        s.max_tokens = Some(3);
+        let r = client.generate(req).await.expect("Generate").into_inner();
+        assert_eq!(r.token_ids, ids);
+        assert_eq!(r.prompt_logprobs.len(), scores.len());
+        for (j, (e, (id, want, top))) in r.prompt_logprobs.iter().zip(&scores).enumerate() {
+            assert_eq!(e.token_id, *id, "position {j}");
+            // JSON carries the f32 values as f64 text (parsed to the nearest
+            // f32, they are exact).
+            assert_eq!(e.logprob, want.map(|w| w as f32), "position {j}");
+            let top: Vec<(u32, f32)> = top
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap() as f32))
+                .collect();
+            let got: Vec<(u32, f32)> = e.top.iter().map(|t| (t.token_id, t.logprob)).collect();
+            assert_eq!(got, top, "position {j}");
+            // The rank agrees with the alternatives: 1 + the likelier ones.
+            if j > 0 {
+                let rank = e.rank.expect("a rank") as usize;
+                match top.iter().position(|t| t.0 == *id) {
+                    Some(at) => assert_eq!(rank, at + 1, "position {j}"),
+                    None => assert!(rank > top.len(), "position {j}"),
+                }
+            }
+        }
+        // vLLM's shape over HTTP: the same numbers, keyed by token id.
+        let body = json!({
+            "model": model_name(), "prompt": ps[0], "max_tokens": 3,
+            "temperature": 0, "prompt_logprobs": 2,
+        });
+        let v = api_json(&cluster, "completions", &body).await;
+        let pl = v["choices"][0]["prompt_logprobs"].as_array().unwrap();
+        assert_eq!(pl.len(), scores.len());
+        assert!(pl[0].is_null());
+        for (j, (e, (id, want, _))) in pl.iter().zip(&scores).enumerate().skip(1) {
+            let own = &e[id.to_string()];
+            assert_eq!(own["logprob"].as_f64().map(|x| x as f32), want.map(|w| w as f32), "position {j}");
+            assert_eq!(own["rank"], r.prompt_logprobs[j].rank.unwrap(), "position {j}");
+        }
+        // Streamed, the scores come on one message before the first token.
+        let mut req = greedy_request(&ps[0]);
+        let s = req.sampling.as_mut().unwrap();
+        s.prompt_logprobs = Some(2);
+        s.max_tokens = Some(3);
+        let mut st = client.generate_stream(req).await.expect("GenerateStream").into_inner();
+        let mut msgs = Vec::new();
+        while let Some(m) = st.message().await.expect("stream message") {
+            msgs.push(m);
+        }
+        let first = msgs.iter().position(|m| !m.prompt_logprobs.is_empty()).expect("scores sent");
+        assert_eq!(msgs[first].prompt_logprobs, r.prompt_logprobs);
+        assert!(msgs[..=first].iter().all(|m| m.token_ids.is_empty()), "scores before tokens");
+        assert_eq!(msgs.iter().filter(|m| !m.prompt_logprobs.is_empty()).count(), 1);
+        let streamed: Vec<u32> = msgs.iter().flat_map(|m| m.token_ids.clone()).collect();
+        assert_eq!(streamed, ids);
+    });
+}
+
 /// Structured output through the cluster: the prefill worker samples the
 /// first token under the grammar's mask, the decode worker the rest; the
 /// text is the plain path's, streamed or not, and whole JSON (matching the
@@ -1386,7 +1596,9 @@ mod faults {
 
     /// One streamed completion (sampled, seeded): its text, or the error.
     /// Odd seeds ask for JSON mode, so that a stream resumed on another
-    /// worker resumes its grammar too.
+    /// worker resumes its grammar too; seeds 2 mod 4 for the prompt echoed
+    /// with its scores, which a stream resumed before its first token must
+    /// not send twice.
     async fn stream_text(
         http: &reqwest::Client,
         base: &str,
@@ -1399,6 +1611,10 @@ mod faults {
         });
         if seed % 2 == 1 {
             body["response_format"] = json!({"type": "json_object"});
+        }
+        if seed % 4 == 2 {
+            body["echo"] = json!(true);
+            body["logprobs"] = json!(1);
         }
         let r = http
             .post(format!("{base}/completions"))
@@ -1427,6 +1643,16 @@ mod faults {
             if let Some(t) = v["choices"][0]["text"].as_str() {
                 text.push_str(t);
             }
+            // The echoed prompt's scores start with the unscored first token.
+            let first = &v["choices"][0]["logprobs"]["token_logprobs"][0];
+            if first.is_null() && seed % 4 == 2 && v["choices"][0]["logprobs"].is_object() {
+                text.push_str("<scored>");
+            }
+        }
+        if seed % 4 == 2 && !text.starts_with(&format!("{prompt}<scored>")) {
+            return Err(format!(
+                "the prompt was not echoed once with its scores: {text:?}"
+            ));
         }
         if !done {
             return Err("stream ended without [DONE]".into());

@@ -51,6 +51,7 @@ pub fn collect_all(h: RequestHandle) -> Vec<Vec<Sampled>> {
         loop {
             match rx.blocking_recv().expect("stream ends with Finished") {
                 Event::Token(s) => got.push(s),
+                Event::PromptLogprobs(_) => panic!("prompt scores were not asked for"),
                 Event::Finished { .. } => break,
                 Event::Error(e) => panic!("request failed: {e}"),
             }

@@ -9,7 +9,7 @@ use futures_util::Stream;
 use tandem_model::detok::{IncrementalDecoder, StopMatcher};
 use tandem_model::tokenizer::Tokenizer;
 
-use crate::dispatch::{DispatchError, Finish, TokenEvent, TokenStream};
+use crate::dispatch::{DispatchError, Finish, SampledToken, TokenEvent, TokenStream};
 
 /// Why a choice ended, as the client sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +46,9 @@ pub struct ChoiceDelta {
     pub text: String,
     /// Tokens consumed by this event (zero or one).
     pub tokens: Vec<TokenInfo>,
+    /// The prompt's log-probabilities, on the delta that brings them (one
+    /// per prompt token after the first).
+    pub prompt_logprobs: Option<Vec<SampledToken>>,
     /// Set on the last delta of the choice.
     pub finish: Option<FinishReason>,
     /// Completion tokens of the whole choice (meaningful with `finish`).
@@ -59,7 +62,10 @@ pub struct ChoiceDelta {
 impl ChoiceDelta {
     /// Nothing to tell the client.
     pub fn is_empty(&self) -> bool {
-        self.text.is_empty() && self.tokens.is_empty() && self.finish.is_none()
+        self.text.is_empty()
+            && self.tokens.is_empty()
+            && self.finish.is_none()
+            && self.prompt_logprobs.is_none()
     }
 }
 
@@ -74,6 +80,9 @@ pub struct ChoiceDecoder {
     finished: Option<FinishReason>,
     /// Stop strings are matched only in the text of later tokens.
     min_tokens: usize,
+    /// Only the prompt is wanted (`max_tokens: 0` with its scores): the
+    /// choice ends, with no output, where the first token would come.
+    score_only: bool,
 }
 
 impl ChoiceDecoder {
@@ -85,7 +94,15 @@ impl ChoiceDecoder {
             token_ids: Vec::new(),
             finished: None,
             min_tokens: 0,
+            score_only: false,
         }
+    }
+
+    /// See [`ChoiceDecoder::score_only`]: the worker generates one token,
+    /// which is dropped here.
+    pub fn score_only(mut self, yes: bool) -> Self {
+        self.score_only = yes;
+        self
     }
 
     /// The first `n` tokens' text is sent as it is: a stop string can only
@@ -111,6 +128,7 @@ impl ChoiceDecoder {
         let mut delta = ChoiceDelta {
             text: String::new(),
             tokens: Vec::new(),
+            prompt_logprobs: None,
             finish: None,
             completion_tokens: self.token_ids.len() as u32,
             cached_tokens: 0,
@@ -121,6 +139,13 @@ impl ChoiceDecoder {
             return Ok(delta);
         }
         match event {
+            TokenEvent::PromptLogprobs(lp) => delta.prompt_logprobs = Some(lp),
+            TokenEvent::Token(_) | TokenEvent::Finished { .. } if self.score_only => {
+                // The prompt is all there is: its length was the limit.
+                self.finished = Some(FinishReason::Length);
+                delta.finish = self.finished;
+                delta.completion_tokens = 0;
+            }
             TokenEvent::Token(t) => {
                 let piece = self
                     .detok

@@ -9,7 +9,7 @@ use futures_util::{Stream, StreamExt};
 use tandem_model::chat::ChatMessage;
 use tandem_proto::generate::{
     FinishReason as PbFinish, Generate, GenerateRequest, GenerateResponse, GenerateServer,
-    GenerateStreamResponse, Input, TokenLogprob, Usage,
+    GenerateStreamResponse, Input, PromptTokenLogprob, TokenLogprob, Usage,
 };
 use tonic::{Request, Response, Status};
 
@@ -18,6 +18,7 @@ use super::openai::{start_all, Ttft};
 use super::params::{GenParams, Prepared};
 use super::relay::record_relay;
 use super::{random_id, ApiError, ApiState, FinishReason};
+use crate::dispatch::SampledToken;
 
 /// The `tandem.v1.Generate` implementation.
 #[derive(Debug, Clone)]
@@ -55,6 +56,8 @@ fn count(endpoint: &'static str, code: tonic::Code) {
 
 struct Started {
     request_id: String,
+    /// The prompt's token ids (its scores name them).
+    prompt: Vec<u32>,
     prepared: Prepared,
     choice: ChoiceStream,
     start: Instant,
@@ -146,6 +149,7 @@ impl GenerateApi {
             json_schema: (!s.json_schema.is_empty()).then_some(s.json_schema),
             regex: (!s.regex.is_empty()).then_some(s.regex),
             choice: s.choice,
+            prompt_logprobs: s.prompt_logprobs,
         };
         let request_id = if req.request_id.is_empty() {
             format!("gen-{}", random_id())
@@ -153,7 +157,7 @@ impl GenerateApi {
             req.request_id
         };
         let start = Instant::now();
-        let prepared = params.build(state, prompt, &request_id, prompt_param)?;
+        let prepared = params.build(state, prompt.clone(), &request_id, prompt_param)?;
         metrics::counter!(tandem_cluster::metrics::PROMPT_TOKENS, "endpoint" => "grpc")
             .increment(prepared.prompt_tokens as u64);
         let mut streams = start_all(state, &prepared).await?;
@@ -164,15 +168,42 @@ impl GenerateApi {
             0,
             ts,
             ChoiceDecoder::new(state.tokenizer.clone(), &prepared.stop)
-                .with_min_tokens(prepared.min_tokens),
+                .with_min_tokens(prepared.min_tokens)
+                .score_only(prepared.score_only),
         );
         Ok(Started {
             request_id,
+            prompt,
             prepared,
             choice,
             start,
         })
     }
+}
+
+/// A prompt's scores on the wire: one entry per prompt token, the first
+/// unscored.
+fn prompt_scores(prompt: &[u32], scores: &[SampledToken]) -> Vec<PromptTokenLogprob> {
+    prompt
+        .iter()
+        .enumerate()
+        .map(|(i, &token_id)| {
+            let s = i.checked_sub(1).and_then(|j| scores.get(j));
+            PromptTokenLogprob {
+                token_id,
+                logprob: s.map(|s| s.logprob),
+                rank: s.and_then(|s| s.rank),
+                top: s
+                    .map(|s| {
+                        s.top
+                            .iter()
+                            .map(|&(token_id, logprob)| TokenLogprob { token_id, logprob })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            }
+        })
+        .collect()
 }
 
 fn usage(prompt: usize, completion: u32) -> Usage {
@@ -199,6 +230,7 @@ impl Generate for GenerateApi {
             let mut ids = Vec::new();
             let mut finish = None;
             let mut completion = 0;
+            let mut scored = Vec::new();
             while let Some((_, out)) = st.choice.next().await {
                 match out {
                     ChoiceOut::Error(e) => return Err(ApiError::from(e)),
@@ -206,6 +238,9 @@ impl Generate for GenerateApi {
                         ttft.mark();
                         metrics::counter!(tandem_cluster::metrics::GENERATED_TOKENS, "endpoint" => "grpc")
                             .increment(d.tokens.len() as u64);
+                        if let Some(lp) = &d.prompt_logprobs {
+                            scored = prompt_scores(&st.prompt, lp);
+                        }
                         text.push_str(&d.text);
                         ids.extend(d.tokens.iter().map(|t| t.id));
                         if d.finish.is_some() {
@@ -223,6 +258,7 @@ impl Generate for GenerateApi {
                 token_ids: ids,
                 finish_reason: pb_finish(finish),
                 usage: Some(usage(st.prepared.prompt_tokens, completion)),
+                prompt_logprobs: scored,
             })
         }
         .await;
@@ -263,6 +299,7 @@ impl Generate for GenerateApi {
         let prompt_tokens = st.prepared.prompt_tokens;
         let want_lp = st.prepared.logprobs.is_some();
         let request_id = st.request_id;
+        let prompt = st.prompt;
         let stream = st.choice.map(move |(_, out)| match out {
             ChoiceOut::Error(e) => Err(ApiError::from(e).to_status()),
             ChoiceOut::Delta(d) => {
@@ -295,6 +332,11 @@ impl Generate for GenerateApi {
                     logprobs,
                     finish_reason: pb_finish(d.finish),
                     usage: d.finish.map(|_| usage(prompt_tokens, d.completion_tokens)),
+                    prompt_logprobs: d
+                        .prompt_logprobs
+                        .as_deref()
+                        .map(|lp| prompt_scores(&prompt, lp))
+                        .unwrap_or_default(),
                 };
                 record_relay(d.received);
                 if d.finish.is_some() {

@@ -28,7 +28,7 @@ use super::choice::{choice_stream, ChoiceDecoder, ChoiceOut, ChoiceStream, Token
 use super::params::{GenParams, Prepared};
 use super::relay::record_relay;
 use super::{random_id, unix_now, ApiError, ApiState, FinishReason};
-use crate::dispatch::{DispatchError, TokenStream};
+use crate::dispatch::{DispatchError, SampledToken, TokenStream};
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 32 << 20;
@@ -375,6 +375,7 @@ const COMMON_FIELDS: &[&str] = &[
     "stream",
     "stream_options",
     "logprobs",
+    "prompt_logprobs",
     "user",
     "logit_bias",
     "ignore_eos",
@@ -898,7 +899,8 @@ fn decoders(
 ) {
     for (i, ts) in streams.into_iter().enumerate() {
         let dec = ChoiceDecoder::new(state.tokenizer.clone(), &prepared.stop)
-            .with_min_tokens(prepared.min_tokens);
+            .with_min_tokens(prepared.min_tokens)
+            .score_only(prepared.score_only);
         all.push(choice_stream(first + i, ts, dec));
     }
 }
@@ -908,6 +910,8 @@ fn decoders(
 struct Collected {
     text: String,
     tokens: Vec<TokenInfo>,
+    /// The prompt's log-probabilities (echo with logprobs).
+    prompt_logprobs: Option<Vec<SampledToken>>,
     finish: Option<FinishReason>,
     completion_tokens: u32,
     cached_tokens: u32,
@@ -925,6 +929,15 @@ struct Ctx {
     per_prompt: usize,
     /// Per prompt, the text its choices begin with (`echo`), else empty.
     echo: Vec<String>,
+    /// Per prompt, its token ids, when its scores were asked for (`echo`
+    /// with `logprobs`, or `prompt_logprobs`); else empty.
+    scored_prompts: Vec<Vec<u32>>,
+    /// The echoed prompt comes with its scores in `logprobs` (OpenAI's
+    /// legacy `echo` with `logprobs`).
+    echo_scored: bool,
+    /// vLLM's `prompt_logprobs`: the prompt's scores in vLLM's shape, with
+    /// this many alternatives per position.
+    prompt_logprobs: Option<u32>,
     tokenizer: Arc<Tokenizer>,
     start: Instant,
 }
@@ -954,7 +967,9 @@ fn token_bytes(tok: &Tokenizer, id: u32) -> Vec<u8> {
         .unwrap_or_else(|| token_str(tok, id).into_bytes())
 }
 
-fn logprobs_json(ctx: &Ctx, tokens: &[TokenInfo]) -> Value {
+/// `logprobs` for generated tokens; completions count text offsets from
+/// `base_offset` (the echoed prompt's length).
+fn logprobs_json(ctx: &Ctx, tokens: &[TokenInfo], base_offset: usize) -> Value {
     let Some(k) = ctx.logprobs else {
         return Value::Null;
     };
@@ -983,24 +998,126 @@ fn logprobs_json(ctx: &Ctx, tokens: &[TokenInfo]) -> Value {
             json!({"content": content, "refusal": null})
         }
         Endpoint::Completions => {
-            let top: Vec<Value> = tokens
+            let entries: Vec<LpEntry> = tokens
                 .iter()
-                .map(|t| {
-                    let mut m = Map::new();
-                    for &(id, lp) in t.top.iter().take(k as usize) {
-                        m.entry(token_str(tok, id)).or_insert(json!(lp));
-                    }
-                    Value::Object(m)
+                .map(|t| LpEntry {
+                    id: t.id,
+                    scored: Some((t.logprob, &t.top[..])),
+                    text_offset: base_offset + t.text_offset,
                 })
                 .collect();
-            json!({
-                "tokens": tokens.iter().map(|t| token_str(tok, t.id)).collect::<Vec<_>>(),
-                "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
-                "top_logprobs": if k > 0 { Value::Array(top) } else { Value::Null },
-                "text_offset": tokens.iter().map(|t| t.text_offset).collect::<Vec<_>>(),
-            })
+            completion_logprobs(tok, k, &entries)
         }
     }
+}
+
+/// One position of a completion's `logprobs` object.
+struct LpEntry<'a> {
+    id: u32,
+    /// Its log-probability and the top alternatives; `None` for the first
+    /// prompt token, which nothing before it scores.
+    scored: Option<(f32, &'a [(u32, f32)])>,
+    /// Characters of text before it.
+    text_offset: usize,
+}
+
+/// OpenAI's legacy `logprobs` object: parallel arrays, `null` where a
+/// position has no score.
+fn completion_logprobs(tok: &Tokenizer, k: u32, entries: &[LpEntry<'_>]) -> Value {
+    let top: Vec<Value> = entries
+        .iter()
+        .map(|e| match e.scored {
+            None => Value::Null,
+            Some((_, top)) => {
+                let mut m = Map::new();
+                for &(id, lp) in top.iter().take(k as usize) {
+                    m.entry(token_str(tok, id)).or_insert(json!(lp));
+                }
+                Value::Object(m)
+            }
+        })
+        .collect();
+    json!({
+        "tokens": entries.iter().map(|e| token_str(tok, e.id)).collect::<Vec<_>>(),
+        "token_logprobs": entries.iter().map(|e| e.scored.map(|s| s.0)).collect::<Vec<_>>(),
+        "top_logprobs": if k > 0 { Value::Array(top) } else { Value::Null },
+        "text_offset": entries.iter().map(|e| e.text_offset).collect::<Vec<_>>(),
+    })
+}
+
+/// The `logprobs` of an echoed prompt (`echo` with `logprobs`): its tokens,
+/// the first unscored, each scored by the model given the ones before it.
+fn prompt_logprobs_json(ctx: &Ctx, prompt: usize, scores: &[SampledToken]) -> Value {
+    let tok = &*ctx.tokenizer;
+    let ids = &ctx.scored_prompts[prompt];
+    // Offsets as the decoder writes the prompt out, special tokens skipped.
+    let mut detok = tandem_model::detok::IncrementalDecoder::new(tok, true);
+    let mut chars = 0;
+    let entries: Vec<LpEntry> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| {
+            let text_offset = chars;
+            chars += detok.push(id).map(|p| p.chars().count()).unwrap_or(0);
+            LpEntry {
+                id,
+                scored: i
+                    .checked_sub(1)
+                    .and_then(|j| scores.get(j))
+                    .map(|s| (s.logprob, &s.top[..])),
+                text_offset,
+            }
+        })
+        .collect();
+    completion_logprobs(tok, ctx.logprobs.unwrap_or(0), &entries)
+}
+
+/// vLLM's `prompt_logprobs` parameter: 0 to 20 alternatives per position.
+fn prompt_logprobs_param(m: &Map<String, Value>) -> Result<Option<u32>, ApiError> {
+    match int(m, "prompt_logprobs")? {
+        None => Ok(None),
+        Some(k) if (0..=20).contains(&k) => Ok(Some(k as u32)),
+        Some(k) => Err(ApiError::bad_param(
+            "prompt_logprobs",
+            format!("'prompt_logprobs' must be between 0 and 20, got {k}"),
+        )),
+    }
+}
+
+/// A prompt's scores in vLLM's shape: per prompt token, `null` for the
+/// first, else an object keyed by token id (as a string) holding the
+/// prompt token and the top alternatives, each with its `logprob`, its
+/// 1-based `rank` and its `decoded_token`.
+fn vllm_prompt_logprobs(ctx: &Ctx, scores: Option<&[SampledToken]>) -> Value {
+    let (Some(k), Some(scores)) = (ctx.prompt_logprobs, scores) else {
+        return Value::Null;
+    };
+    let tok = &*ctx.tokenizer;
+    let entry = |id: u32, lp: f32, rank: Option<u32>| json!({"logprob": lp, "rank": rank, "decoded_token": token_str(tok, id)});
+    let mut out = vec![Value::Null];
+    for s in scores {
+        let mut m = Map::new();
+        m.insert(s.id.to_string(), entry(s.id, s.logprob, s.rank));
+        for (r, &(id, lp)) in s.top.iter().take(k as usize).enumerate() {
+            m.entry(id.to_string())
+                .or_insert_with(|| entry(id, lp, Some(r as u32 + 1)));
+        }
+        out.push(Value::Object(m));
+    }
+    Value::Array(out)
+}
+
+/// `logprobs` for a whole echoed completion: the prompt's, then the output's.
+fn echoed_logprobs_json(ctx: &Ctx, prompt: usize, c: &Collected) -> Value {
+    let mut v = prompt_logprobs_json(ctx, prompt, c.prompt_logprobs.as_deref().unwrap_or(&[]));
+    let base = ctx.echo[prompt].chars().count();
+    let out = logprobs_json(ctx, &c.tokens, base);
+    for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        if let (Some(Value::Array(a)), Some(Value::Array(b))) = (v.get_mut(key), out.get(key)) {
+            a.extend(b.iter().cloned());
+        }
+    }
+    v
 }
 
 async fn chat_completions(
@@ -1060,12 +1177,16 @@ async fn run(
         }
     };
     let echo = ep == Endpoint::Completions && boolean(&m, "echo")?.unwrap_or(false);
-    if echo && common.params.logprobs.is_some() {
-        return Err(ApiError::unsupported(
-            "echo",
-            " together with 'logprobs' (the prompt's log-probabilities are not computed)",
-        ));
-    }
+    // An echoed prompt comes with its log-probabilities when they are asked
+    // for (lm-evaluation-harness scores continuations this way); vLLM's
+    // `prompt_logprobs` asks for them in its own shape. The workers score
+    // with the larger of the two counts; each output takes its own.
+    let mut common = common;
+    let echo_scored = echo && common.params.logprobs.is_some();
+    let vllm_scores = prompt_logprobs_param(&m)?;
+    let echo_k = common.params.logprobs.filter(|_| echo_scored);
+    common.params.prompt_logprobs = echo_k.max(vllm_scores);
+    let mut scored_prompts = Vec::new();
     let start = Instant::now();
     let id = match ep {
         Endpoint::Chat => format!("chatcmpl-{}", random_id()),
@@ -1089,6 +1210,9 @@ async fn run(
             .build(&state, prompt.ids.clone(), &base, prompt_param)?;
         for input in &mut prepared.inputs {
             input.frontend_time = own;
+        }
+        if common.params.prompt_logprobs.is_some() {
+            scored_prompts.push(prompt.ids.clone());
         }
         let echoed = match (echo, prompt.text) {
             (false, _) => String::new(),
@@ -1128,6 +1252,9 @@ async fn run(
         prompt_tokens,
         per_prompt,
         echo: echoes,
+        scored_prompts,
+        echo_scored,
+        prompt_logprobs: vllm_scores,
         tokenizer: state.tokenizer.clone(),
         start,
     };
@@ -1160,6 +1287,9 @@ async fn complete(
                 let c = &mut got[i];
                 c.text.push_str(&d.text);
                 c.tokens.extend(d.tokens);
+                if d.prompt_logprobs.is_some() {
+                    c.prompt_logprobs = d.prompt_logprobs;
+                }
                 if d.finish.is_some() {
                     c.finish = d.finish;
                     c.completion_tokens = d.completion_tokens;
@@ -1180,7 +1310,12 @@ async fn complete(
         .enumerate()
         .map(|(i, c)| {
             let finish = c.finish.map(FinishReason::as_str);
-            let lp = logprobs_json(&ctx, &c.tokens);
+            let p = i / ctx.per_prompt;
+            let lp = if ctx.echo_scored {
+                echoed_logprobs_json(&ctx, p, c)
+            } else {
+                logprobs_json(&ctx, &c.tokens, 0)
+            };
             match ctx.endpoint {
                 Endpoint::Chat => json!({
                     "index": i,
@@ -1188,12 +1323,19 @@ async fn complete(
                     "logprobs": lp,
                     "finish_reason": finish,
                 }),
-                Endpoint::Completions => json!({
-                    "index": i,
-                    "text": format!("{}{}", ctx.echo[i / ctx.per_prompt], c.text),
-                    "logprobs": lp,
-                    "finish_reason": finish,
-                }),
+                Endpoint::Completions => {
+                    let mut v = json!({
+                        "index": i,
+                        "text": format!("{}{}", ctx.echo[p], c.text),
+                        "logprobs": lp,
+                        "finish_reason": finish,
+                    });
+                    if ctx.prompt_logprobs.is_some() {
+                        v["prompt_logprobs"] =
+                            vllm_prompt_logprobs(&ctx, c.prompt_logprobs.as_deref());
+                    }
+                    v
+                }
             }
         })
         .collect();
@@ -1203,7 +1345,7 @@ async fn complete(
     };
     metrics::histogram!(tandem_cluster::metrics::REQUEST_DURATION, "endpoint" => ctx.endpoint.label())
         .record(ctx.start.elapsed().as_secs_f64());
-    Ok(axum::Json(json!({
+    let mut body = json!({
         "id": ctx.id,
         "object": object,
         "created": ctx.created,
@@ -1211,8 +1353,12 @@ async fn complete(
         "system_fingerprint": null,
         "choices": choices_json,
         "usage": usage_json(ctx.prompt_tokens, completion, cached),
-    }))
-    .into_response())
+    });
+    // vLLM puts a chat's prompt scores beside its choices (one prompt).
+    if ctx.endpoint == Endpoint::Chat && ctx.prompt_logprobs.is_some() {
+        body["prompt_logprobs"] = vllm_prompt_logprobs(&ctx, got[0].prompt_logprobs.as_deref());
+    }
+    Ok(axum::Json(body).into_response())
 }
 
 // ---------------------------------------------------------------------------
@@ -1261,6 +1407,28 @@ impl Sse {
     fn on_delta(&mut self, index: usize, d: super::ChoiceDelta) {
         metrics::counter!(tandem_cluster::metrics::GENERATED_TOKENS, "endpoint" => self.ctx.endpoint.label())
             .increment(d.tokens.len() as u64);
+        let p = index / self.ctx.per_prompt;
+        if let Some(scores) = &d.prompt_logprobs {
+            // The prompt's scores open the choice: an echoed prompt with
+            // them, and vLLM's `prompt_logprobs` beside.
+            let mut c = match self.ctx.endpoint {
+                Endpoint::Chat => {
+                    json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": null})
+                }
+                Endpoint::Completions if self.ctx.echo_scored => {
+                    let lp = prompt_logprobs_json(&self.ctx, p, scores);
+                    json!({"index": index, "text": self.ctx.echo[p], "logprobs": lp, "finish_reason": null})
+                }
+                Endpoint::Completions => {
+                    json!({"index": index, "text": "", "logprobs": null, "finish_reason": null})
+                }
+            };
+            if self.ctx.prompt_logprobs.is_some() {
+                c["prompt_logprobs"] = vllm_prompt_logprobs(&self.ctx, Some(scores));
+            }
+            let bytes = sse_event(&self.chunk(c));
+            self.queue.push_back((bytes, Some(d.received)));
+        }
         let wants_lp = self.ctx.logprobs.is_some() && !d.tokens.is_empty();
         if d.text.is_empty() && d.finish.is_none() && !wants_lp {
             return;
@@ -1271,7 +1439,12 @@ impl Sse {
             *c = (*c).max(d.cached_tokens);
         }
         let lp = if wants_lp {
-            logprobs_json(&self.ctx, &d.tokens)
+            // Offsets in an echoed completion count the prompt's text.
+            let base = match self.ctx.echo_scored {
+                true => self.ctx.echo[p].chars().count(),
+                false => 0,
+            };
+            logprobs_json(&self.ctx, &d.tokens, base)
         } else {
             Value::Null
         };
@@ -1351,7 +1524,8 @@ fn sse_response(ctx: Ctx, choices: SelectAll<ChoiceStream>, ttft: Arc<Ttft>) -> 
             }),
             Endpoint::Completions => {
                 let echo = &s.ctx.echo[i / s.ctx.per_prompt];
-                if echo.is_empty() {
+                // A scored prompt is echoed with its scores, once they come.
+                if echo.is_empty() || s.ctx.echo_scored {
                     continue;
                 }
                 json!({"index": i, "text": echo, "logprobs": null, "finish_reason": null})

@@ -47,6 +47,10 @@ pub struct GenParams {
     pub regex: Option<String>,
     /// vLLM's `guided_choice`.
     pub choice: Vec<String>,
+    /// Score the prompt with the top `k` alternatives per position (OpenAI's
+    /// `echo` with `logprobs`). With it, `max_tokens` may be 0: the prompt
+    /// alone is scored.
+    pub prompt_logprobs: Option<u32>,
 }
 
 /// Largest bias magnitude `logit_bias` accepts (OpenAI's range).
@@ -61,6 +65,9 @@ pub struct Prepared {
     pub logprobs: Option<u32>,
     /// Tokens before which stop strings are not matched.
     pub min_tokens: usize,
+    /// `max_tokens: 0` on a scored prompt: the workers generate one token,
+    /// which the front end drops ([`super::ChoiceDecoder::score_only`]).
+    pub score_only: bool,
 }
 
 fn check_range(
@@ -184,8 +191,10 @@ impl GenParams {
                 "give one output constraint: response_format, guided_json, guided_regex or guided_choice",
             ));
         }
+        let score_only = self.max_tokens == Some(0) && self.prompt_logprobs.is_some();
         let max_tokens = match self.max_tokens {
             None => None,
+            Some(0) if score_only => Some(1),
             Some(m) if m <= 0 => {
                 return Err(ApiError::bad_param(
                     mt_param,
@@ -268,6 +277,12 @@ impl GenParams {
                 ));
             }
         }
+        if let Some(k) = self.prompt_logprobs.filter(|&k| k > 20) {
+            return Err(ApiError::bad_param(
+                "prompt_logprobs",
+                format!("at most 20 top log-probabilities are supported, got {k}"),
+            ));
+        }
 
         // Same seed, same output: the key base only varies without a seed.
         let (seed, key_base) = match self.seed {
@@ -307,6 +322,7 @@ impl GenParams {
             json_schema: self.json_schema.clone(),
             regex: self.regex.clone(),
             choice: self.choice.clone(),
+            prompt_logprobs: self.prompt_logprobs,
         };
         let inputs = (0..n as u64)
             .map(|i| GenerationInput {
@@ -332,6 +348,7 @@ impl GenParams {
                 .collect(),
             logprobs: self.logprobs,
             min_tokens: min_tokens as usize,
+            score_only,
         })
     }
 }

@@ -111,6 +111,20 @@ impl Backend for Scripted {
             let extra = self.script.extra_completion;
             let top_n = input.sampling.top_logprobs as usize;
             let prompt_len = input.prompt.len() as u32;
+            // Scores -1, -2, ... for the prompt's tokens after the first,
+            // each with `k` alternatives.
+            let scores = input.sampling.prompt_logprobs.map(|k| {
+                input.prompt[1..]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &id)| SampledToken {
+                        id,
+                        logprob: -1.0 - i as f32,
+                        top: (0..k).map(|j| (id + j, -0.5 - j as f32)).collect(),
+                        rank: Some(i as u32 + 1),
+                    })
+                    .collect::<Vec<_>>()
+            });
             let max = input.max_tokens.map(|m| m as usize);
             // Counts generations dropped before they finished.
             let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -125,6 +139,11 @@ impl Backend for Scripted {
             }
             tokio::spawn(async move {
                 let run = async {
+                    if let Some(lp) = scores {
+                        if tx.send(TokenEvent::PromptLogprobs(lp)).await.is_err() {
+                            return;
+                        }
+                    }
                     let mut sent = 0usize;
                     for (i, &id) in toks.iter().enumerate() {
                         if let Some((after, e)) = &error_after {
@@ -143,6 +162,7 @@ impl Backend for Scripted {
                             id,
                             logprob: -0.25,
                             top,
+                            rank: None,
                         });
                         if tx.send(ev).await.is_err() {
                             return;
@@ -474,10 +494,21 @@ async fn bad_inputs_are_400_with_param() {
             chat_body(json!({"messages": [{"role": "user", "content": long_prompt}]})),
             Some("messages"),
         ),
+        // Scoring the prompt alone needs the prompt's scores.
         (
             cmpl,
-            cmpl_body(json!({"echo": true, "logprobs": 1})),
-            Some("echo"),
+            cmpl_body(json!({"max_tokens": 0})),
+            Some("max_tokens"),
+        ),
+        (
+            cmpl,
+            cmpl_body(json!({"max_tokens": 0, "logprobs": 1})),
+            Some("max_tokens"),
+        ),
+        (
+            cmpl,
+            cmpl_body(json!({"max_tokens": -1, "echo": true, "logprobs": 1})),
+            Some("max_tokens"),
         ),
         (cmpl, cmpl_body(json!({"best_of": 2})), Some("best_of")),
         (cmpl, cmpl_body(json!({"suffix": "end"})), Some("suffix")),
@@ -1108,6 +1139,221 @@ async fn length_finish_and_max_tokens() {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["choices"][0]["finish_reason"], "length");
     assert_eq!(v["usage"]["completion_tokens"], 2);
+}
+
+/// `echo` with `logprobs` (how lm-evaluation-harness scores text): the
+/// prompt's tokens come first in `logprobs`, the first unscored, then the
+/// completion's, with text offsets running through both; `max_tokens: 0`
+/// scores the prompt alone.
+#[tokio::test]
+async fn echo_with_logprobs_scores_the_prompt() {
+    let backend = Scripted::new(text_script(" and so on"));
+    let app = openai_routes(state_with(backend.clone(), None));
+    let prompt = "Once upon a time";
+    let p_ids = ids(prompt);
+    let out = ids(" and so on");
+    let body = cmpl_body(json!({"prompt": prompt, "echo": true, "logprobs": 2, "max_tokens": 3}));
+    let (s, v) = post(&app, "/v1/completions", body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let c = &v["choices"][0];
+    let lp = &c["logprobs"];
+    let n = p_ids.len() + 3;
+    let tokens: Vec<String> = p_ids
+        .iter()
+        .chain(&out[..3])
+        .map(|&id| tokenizer().decode(&[id], false).unwrap())
+        .collect();
+    assert_eq!(lp["tokens"], json!(tokens));
+    let mut want_lp = vec![Value::Null];
+    want_lp.extend((0..p_ids.len() - 1).map(|i| json!(-1.0 - i as f32)));
+    want_lp.extend(std::iter::repeat_n(json!(-0.25), 3));
+    assert_eq!(lp["token_logprobs"], Value::Array(want_lp));
+    let top = lp["top_logprobs"].as_array().unwrap();
+    assert_eq!(top.len(), n);
+    assert_eq!(top[0], Value::Null);
+    assert!(
+        top[1..].iter().all(|t| t.as_object().unwrap().len() == 2),
+        "{lp}"
+    );
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets[0], 0);
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{offsets:?}");
+    assert_eq!(offsets[p_ids.len()] as usize, prompt.chars().count());
+    let text = c["text"].as_str().unwrap();
+    for (t, &o) in tokens.iter().zip(&offsets) {
+        assert!(
+            text[o as usize..].starts_with(t.as_str()),
+            "{t:?} at {o} of {text:?}"
+        );
+    }
+    let inp = backend.inputs().pop().unwrap();
+    assert_eq!(inp.sampling.prompt_logprobs, Some(2));
+
+    // The prompt alone.
+    let body = cmpl_body(json!({"prompt": prompt, "echo": true, "logprobs": 1, "max_tokens": 0}));
+    let (s, v) = post(&app, "/v1/completions", body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let c = &v["choices"][0];
+    assert_eq!(c["text"], prompt);
+    assert_eq!(c["finish_reason"], "length");
+    assert_eq!(
+        c["logprobs"]["tokens"].as_array().unwrap().len(),
+        p_ids.len()
+    );
+    assert_eq!(v["usage"]["completion_tokens"], 0);
+    assert_eq!(v["usage"]["prompt_tokens"], p_ids.len());
+    let inp = backend.inputs().pop().unwrap();
+    assert_eq!(
+        (inp.max_tokens, inp.sampling.prompt_logprobs),
+        (Some(1), Some(1))
+    );
+
+    // Streamed: the echoed prompt opens the choice with its scores.
+    let body = cmpl_body(
+        json!({"prompt": prompt, "echo": true, "logprobs": 1, "max_tokens": 2, "stream": true}),
+    );
+    let (s, _, text) = call(
+        &app,
+        "POST",
+        "/v1/completions",
+        Some(&body.to_string()),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let chunks: Vec<Value> = sse_events(&text)
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let first = &chunks[0]["choices"][0];
+    assert_eq!(first["text"], prompt);
+    assert_eq!(first["logprobs"]["token_logprobs"][0], Value::Null);
+    assert_eq!(
+        first["logprobs"]["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        p_ids.len()
+    );
+    let all: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(
+        all,
+        format!("{prompt}{}", tokenizer().decode(&out[..2], false).unwrap())
+    );
+    let second = &chunks[1]["choices"][0]["logprobs"]["text_offset"][0];
+    assert_eq!(second.as_u64().unwrap() as usize, prompt.chars().count());
+}
+
+/// vLLM's `prompt_logprobs`: per prompt token, `null` for the first, then
+/// an object keyed by token id holding the prompt token (with its rank) and
+/// the top alternatives; per choice on completions, beside the choices on
+/// chat; with `echo` and `logprobs` too, each output keeps its own count.
+#[tokio::test]
+async fn vllm_prompt_logprobs_come_in_vllms_shape() {
+    let backend = Scripted::new(text_script(" and so on"));
+    let app = openai_routes(state_with(backend.clone(), None));
+    let prompt = "Once upon a time";
+    let p_ids = ids(prompt);
+    let check = |pl: &Value, k: usize| {
+        let a = pl.as_array().unwrap_or_else(|| panic!("{pl}"));
+        assert_eq!(a.len(), p_ids.len());
+        assert_eq!(a[0], Value::Null);
+        for (i, e) in a[1..].iter().enumerate() {
+            let id = p_ids[i + 1];
+            let own = &e[id.to_string()];
+            assert_eq!(own["logprob"], json!(-1.0 - i as f32), "{e}");
+            assert_eq!(own["rank"], i + 1, "{e}");
+            assert_eq!(
+                own["decoded_token"],
+                tokenizer().decode(&[id], false).unwrap()
+            );
+            // The prompt token is the first alternative too (id + 0).
+            assert_eq!(e.as_object().unwrap().len(), k.max(1), "{e}");
+        }
+    };
+    let (s, v) = post(
+        &app,
+        "/v1/completions",
+        cmpl_body(json!({"prompt": prompt, "prompt_logprobs": 3, "max_tokens": 2})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    check(&v["choices"][0]["prompt_logprobs"], 3);
+    assert_eq!(v["choices"][0]["logprobs"], Value::Null);
+    assert_eq!(
+        backend.inputs().pop().unwrap().sampling.prompt_logprobs,
+        Some(3)
+    );
+
+    // Both shapes at once: the workers score with the larger count.
+    let body = cmpl_body(
+        json!({"prompt": prompt, "prompt_logprobs": 1, "echo": true, "logprobs": 2, "max_tokens": 1}),
+    );
+    let (s, v) = post(&app, "/v1/completions", body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    check(&v["choices"][0]["prompt_logprobs"], 1);
+    assert_eq!(
+        v["choices"][0]["logprobs"]["top_logprobs"][1]
+            .as_object()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(
+        backend.inputs().pop().unwrap().sampling.prompt_logprobs,
+        Some(2)
+    );
+
+    // Chat: beside the choices, for the templated prompt.
+    let (s, v) = post(
+        &app,
+        "/v1/chat/completions",
+        chat_body(json!({"prompt_logprobs": 0, "max_tokens": 2})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let templated = backend.inputs().pop().unwrap().prompt;
+    assert_eq!(
+        v["prompt_logprobs"].as_array().unwrap().len(),
+        templated.len()
+    );
+    assert_eq!(v["prompt_logprobs"][0], Value::Null);
+
+    // Streamed, the scores come first, on a chunk of their own.
+    let body =
+        cmpl_body(json!({"prompt": prompt, "prompt_logprobs": 3, "max_tokens": 2, "stream": true}));
+    let (s, _, text) = call(
+        &app,
+        "POST",
+        "/v1/completions",
+        Some(&body.to_string()),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let first: Value = serde_json::from_str(&sse_events(&text)[0]).unwrap();
+    check(&first["choices"][0]["prompt_logprobs"], 3);
+    assert_eq!(first["choices"][0]["text"], "");
+
+    for bad in [json!(21), json!(-1), json!("3")] {
+        let (s, v) = post(
+            &app,
+            "/v1/completions",
+            cmpl_body(json!({"prompt_logprobs": bad})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert_eq!(v["error"]["param"], "prompt_logprobs", "{v}");
+    }
 }
 
 #[tokio::test]

@@ -66,6 +66,7 @@ async fn reference(cluster: &Cluster, prompt: &[u32], stops: &[u32], key: u64) -
             json_schema: String::new(),
             regex: String::new(),
             choice: Vec::new(),
+            prompt_logprobs: None,
         }),
         max_tokens: Some(MAX),
         stop_token_ids: stops.to_vec(),
