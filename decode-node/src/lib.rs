@@ -247,7 +247,8 @@ impl Inner {
             // A prefill worker that stops answering fails the call in ~15 s.
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(10));
-        let c = pb::WorkerClient::new(ep.connect_lazy());
+        let c =
+            pb::WorkerClient::new(ep.connect_lazy()).max_decoding_message_size(pb::MAX_REPLY_BYTES);
         map.insert(addr.to_string(), c.clone());
         Ok(c)
     }

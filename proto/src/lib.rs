@@ -49,6 +49,11 @@ pub mod worker {
 
     /// Metadata key carrying the cluster secret on every worker call.
     pub const SECRET_METADATA: &str = "x-tandem-cluster-secret";
+
+    /// Largest worker reply a worker client accepts. tonic's 4 MiB default
+    /// is below a long prompt's scores (`PromptLogprobs`: ~200 bytes per
+    /// token with 20 alternatives, so 32k tokens are ~7 MB).
+    pub const MAX_REPLY_BYTES: usize = 256 << 20;
 }
 
 /// HTTP/2 settings of every endpoint that carries KV over gRPC: a node's

@@ -156,7 +156,7 @@ pub async fn connect(
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     };
-    let mut client = pb::WorkerClient::new(channel);
+    let mut client = pb::WorkerClient::new(channel).max_decoding_message_size(pb::MAX_REPLY_BYTES);
     let info = client
         .info(secret.attach(tonic::Request::new(pb::InfoRequest {})))
         .await

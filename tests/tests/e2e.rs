@@ -521,11 +521,18 @@ fn bad_requests_get_openai_errors_not_500s() {
             Some("logit_bias"),
         ),
         (
-            "echo with logprobs unsupported",
+            "max_tokens 0 without the prompt's scores",
             &compl,
-            json!({"model": m, "prompt": "a", "echo": true, "logprobs": 1}),
+            json!({"model": m, "prompt": "a b", "max_tokens": 0, "logprobs": 1}),
             400,
-            Some("echo"),
+            Some("max_tokens"),
+        ),
+        (
+            "prompt_logprobs out of range",
+            &compl,
+            json!({"model": m, "prompt": "a b", "prompt_logprobs": 50}),
+            400,
+            Some("prompt_logprobs"),
         ),
     ];
     rt().block_on(async {
