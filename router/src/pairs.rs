@@ -9,7 +9,11 @@
 //! is not paired again and again with the one it cannot reach. A pair
 //! waits [`FIRST_BACKOFF`] after its first failure, twice as long after each
 //! failure that follows within [`MAX_BACKOFF`] of the last, up to
-//! [`MAX_BACKOFF`]; a hand-over that works clears it, and so does either
+//! [`MAX_BACKOFF`]. Failures while the pair is avoided count as the one
+//! that started it: no new hand-over is sent to an avoided pair, so they
+//! belong to requests dispatched before it (one broken link fails every
+//! transfer in flight on it at once, which would otherwise double the wait
+//! once per request). A hand-over that works clears it, and so does either
 //! worker coming back after its load polls failed (restarted, or back on
 //! the network: [`Peer::returns`]), since whatever broke the pair may be
 //! gone with that.
@@ -54,6 +58,8 @@ impl PairHealth {
         m.retain(|_, s| now.saturating_duration_since(s.failed_at) < MAX_BACKOFF);
         let lives = (prefill.returns, decode.returns);
         let backoff = match m.get(&(prefill.addr, decode.addr)) {
+            // The incident that started the wait (see the module docs).
+            Some(s) if s.lives == lives && now < s.failed_at + s.backoff => return,
             Some(s) if s.lives == lives => (s.backoff * 2).min(MAX_BACKOFF),
             _ => FIRST_BACKOFF,
         };
@@ -117,12 +123,14 @@ mod tests {
         let t2 = t1 + FIRST_BACKOFF * 2;
         h.failed(p, d, t2);
         assert!(h.avoided(p, d, t2 + FIRST_BACKOFF * 3));
-        // Capped.
-        let mut t = t2;
-        for _ in 0..10 {
-            t += Duration::from_secs(1);
+        // Capped: each failure right after the wait before it ran out.
+        let (mut t, mut wait) = (t2, FIRST_BACKOFF * 4);
+        for _ in 0..3 {
+            t += wait;
             h.failed(p, d, t);
+            wait = (wait * 2).min(MAX_BACKOFF);
         }
+        assert_eq!(wait, MAX_BACKOFF);
         assert!(h.avoided(p, d, t + MAX_BACKOFF - Duration::from_secs(1)));
         assert!(!h.avoided(p, d, t + MAX_BACKOFF));
         // A hand-over that works clears it at once.
@@ -136,6 +144,24 @@ mod tests {
         assert!(!h.avoided(p, d, later + FIRST_BACKOFF));
     }
 
+    /// Transfers in flight on a pair when it broke all fail at once: the
+    /// pair waits the first backoff, not one doubling per transfer.
+    #[test]
+    fn failures_while_avoided_are_one_incident() {
+        let h = PairHealth::default();
+        let (p, d) = (addr(1), addr(2));
+        let t = Instant::now();
+        for i in 0..8 {
+            h.failed(p, d, t + Duration::from_millis(i));
+        }
+        assert!(h.avoided(p, d, t + FIRST_BACKOFF - Duration::from_secs(1)));
+        assert!(!h.avoided(p, d, t + FIRST_BACKOFF));
+        // Failing again once the wait is over doubles it.
+        h.failed(p, d, t + FIRST_BACKOFF);
+        assert!(h.avoided(p, d, t + FIRST_BACKOFF * 3 - Duration::from_secs(1)));
+        assert!(!h.avoided(p, d, t + FIRST_BACKOFF * 3));
+    }
+
     /// A worker that comes back after its polls failed (restarted) is not
     /// held to its old life's failures, on either side of the pair; its next
     /// failure starts over at the first backoff.
@@ -143,9 +169,10 @@ mod tests {
     fn a_worker_that_came_back_starts_over() {
         let h = PairHealth::default();
         let (p, d) = (addr(1), addr(2));
-        let t = Instant::now();
+        let t0 = Instant::now();
+        h.failed(p, d, t0);
+        let t = t0 + FIRST_BACKOFF;
         h.failed(p, d, t);
-        h.failed(p, d, t + Duration::from_secs(1));
         let back = Peer { returns: 1, ..p };
         assert!(h.avoided(p, d, t + FIRST_BACKOFF));
         assert!(!h.avoided(back, d, t + Duration::from_secs(2)));

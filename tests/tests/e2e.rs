@@ -1830,6 +1830,38 @@ mod faults {
         // Reservations for transfers that died with the worker were freed.
         decode_workers_idle(&cluster, &[0, 1]);
     }
+
+    /// Stops a node's process (SIGSTOP): it keeps its sockets open and
+    /// answers nothing, as a hung machine or a long GC pause would.
+    fn freeze(node: &Node) {
+        let pid = node.child.id() as i32;
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { super::libc_kill(pid, 19) }, 0, "SIGSTOP");
+    }
+
+    /// A decode worker that hangs without closing its connections: the
+    /// router's HTTP/2 keep-alive finds it silent, and its streams resume
+    /// on the other decode worker, exactly.
+    #[test]
+    fn a_frozen_decode_worker_loses_no_request() {
+        let (_etcd, mut cluster) = etcd_cluster("/e2e-freeze-decode");
+        let (ok, bad) = load_with_fault(&mut cluster, 40, |c| freeze(&c.decode[1]));
+        assert_eq!(ok + bad, REQUESTS);
+        assert_eq!(bad, 0, "requests failed after a decode worker froze");
+        decode_workers_idle(&cluster, &[0]);
+    }
+
+    /// A prefill worker that hangs mid-transfer: the decode workers' calls
+    /// to it time out on keep-alive, their reserved blocks are freed, and
+    /// the router prefills those prompts elsewhere.
+    #[test]
+    fn a_frozen_prefill_worker_loses_no_request() {
+        let (_etcd, mut cluster) = etcd_cluster("/e2e-freeze-prefill");
+        let (ok, bad) = load_with_fault(&mut cluster, 40, |c| freeze(&c.prefill[1]));
+        assert_eq!(ok + bad, REQUESTS);
+        assert_eq!(bad, 0, "requests failed after a prefill worker froze");
+        decode_workers_idle(&cluster, &[0, 1]);
+    }
 }
 
 /// Every role's /metrics passes `promtool check metrics` (Debian
