@@ -267,17 +267,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let l = load(&args)?;
     let mut messages = Vec::new();
     if let Some(s) = &args.system {
-        messages.push(ChatMessage {
-            role: "system".into(),
-            content: s.clone(),
-        });
+        messages.push(ChatMessage::new("system", s.clone()));
     }
     if let Some(p) = &args.prompt {
         if args.chat {
-            messages.push(ChatMessage {
-                role: "user".into(),
-                content: p.clone(),
-            });
+            messages.push(ChatMessage::new("user", p.clone()));
             complete(&l, &args, &render(&l, &messages)?, false)?;
         } else {
             complete(&l, &args, p, true)?;
@@ -307,15 +301,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
             break;
         }
-        messages.push(ChatMessage {
-            role: "user".into(),
-            content: line.trim_end().to_string(),
-        });
+        messages.push(ChatMessage::new("user", line.trim_end().to_string()));
         let reply = complete(&l, &args, &render(&l, &messages)?, false)?;
-        messages.push(ChatMessage {
-            role: "assistant".into(),
-            content: reply,
-        });
+        messages.push(ChatMessage::new("assistant", reply));
     }
     Ok(())
 }

@@ -14,17 +14,27 @@
 //!   separators, no ASCII or HTML escaping, optional `indent`);
 //! * `strftime_now(fmt)` (UTC);
 //! * variables `messages`, `add_generation_prompt`, `bos_token`,
-//!   `eos_token` (and `tools`/`documents` as `none`, like transformers).
+//!   `eos_token`, `tools` (the request's tool definitions, or `none`) and
+//!   `documents` (`none`), like transformers.
 
 use minijinja::value::{Kwargs, Value, ValueKind};
 use minijinja::{Environment, Error, ErrorKind};
 
 use crate::error::{ModelError, Result};
 
+/// One turn of a conversation, as templates read it: `role` and
+/// `content`, plus, on tool-calling turns, the assistant's `tool_calls`
+/// (OpenAI's shape, `arguments` as an object, as transformers expects) or
+/// the `tool_call_id` a tool's answer replies to. Absent fields are not
+/// defined in the template at all, so `is defined` tests work.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -32,6 +42,8 @@ impl ChatMessage {
         Self {
             role: role.into(),
             content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
         }
     }
 }
@@ -89,13 +101,25 @@ impl ChatTemplate {
 
     /// Renders the conversation; `add_generation_prompt` appends the assistant header.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// [`ChatTemplate::render`] with the tools the model may call (OpenAI's
+    /// `tools` array: `{"type": "function", "function": {...}}` each), for
+    /// templates that describe them to the model; others ignore them.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let tmpl = self.env.get_template(TEMPLATE_NAME).map_err(template_err)?;
         tmpl.render(minijinja::context! {
             messages => Value::from_serialize(messages),
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
-            tools => Value::from(()),
+            tools => tools.map_or(Value::from(()), Value::from_serialize),
             documents => Value::from(()),
         })
         .map_err(template_err)
@@ -398,6 +422,31 @@ mod tests {
                 (_, _, got) => panic!("{}: unexpected result {got:?}", c.name),
             }
         }
+    }
+
+    /// Tools reach the template as `tools`; a tool-calling turn's calls and
+    /// a tool's answer reach it as fields that exist only where given.
+    #[test]
+    fn tools_and_tool_turns_reach_the_template() {
+        let src = "{% if tools %}[{% for t in tools %}{{ t.function.name }};{% endfor %}]{% endif %}\
+            {% for m in messages %}{{ m.role }}:{% if m.tool_calls is defined %}\
+            {% for c in m.tool_calls %}{{ c.function.name }}({{ c.function.arguments | tojson }}){% endfor %}\
+            {% else %}{{ m.content }}{% endif %}{% if m.tool_call_id is defined %}#{{ m.tool_call_id }}{% endif %}|{% endfor %}";
+        let t = ChatTemplate::new(src, "", "").unwrap();
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "get_weather"}}]);
+        let mut call = ChatMessage::new("assistant", "");
+        call.tool_calls = Some(serde_json::json!([
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+        ]));
+        let mut answer = ChatMessage::new("tool", "sunny");
+        answer.tool_call_id = Some("c1".into());
+        let msgs = [ChatMessage::new("user", "Weather?"), call, answer];
+        assert_eq!(
+            t.render_with_tools(&msgs, Some(&tools), false).unwrap(),
+            "[get_weather;]user:Weather?|assistant:get_weather({\"city\": \"Paris\"})|tool:sunny#c1|"
+        );
+        // Without tools, `tools` is none.
+        assert!(t.render(&msgs[..1], false).unwrap().starts_with("user:"));
     }
 
     #[test]

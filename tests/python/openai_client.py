@@ -112,6 +112,51 @@ parsed = client.beta.chat.completions.parse(
 cat = parsed.choices[0].message.parsed
 assert isinstance(cat, Cat), parsed
 
+# Tool calls: a named function and "required" come back as calls whose
+# arguments parse and follow the function's schema; the tool's answer goes
+# back in the conversation.
+tools = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The current weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    }
+]
+ask = [{"role": "user", "content": "What is the weather like in Paris?"}]
+named = {"type": "function", "function": {"name": "get_weather"}}
+t = client.chat.completions.create(model=model, messages=ask, tools=tools, tool_choice=named, max_tokens=96, temperature=0)
+msg = t.choices[0].message
+assert msg.tool_calls and msg.tool_calls[0].function.name == "get_weather", t
+args = json.loads(msg.tool_calls[0].function.arguments)
+assert isinstance(args["city"], str), args
+streamed_args = ""
+for chunk in client.chat.completions.create(
+    model=model, messages=ask, tools=tools, tool_choice=named, max_tokens=96, temperature=0, stream=True
+):
+    for call in chunk.choices[0].delta.tool_calls or [] if chunk.choices else []:
+        streamed_args += call.function.arguments or ""
+assert streamed_args == msg.tool_calls[0].function.arguments, (streamed_args, msg)
+req = client.chat.completions.create(model=model, messages=ask, tools=tools, tool_choice="required", max_tokens=96, temperature=0)
+assert req.choices[0].finish_reason == "tool_calls", req
+assert all(c.function.name == "get_weather" for c in req.choices[0].message.tool_calls), req
+after = client.chat.completions.create(
+    model=model,
+    messages=ask + [msg, {"role": "tool", "tool_call_id": msg.tool_calls[0].id, "content": "Sunny, 21 C"}],
+    tools=tools,
+    tool_choice="none",
+    max_tokens=16,
+    temperature=0,
+)
+assert after.choices[0].message.content, after
+
 lp = client.chat.completions.create(
     model=model, messages=question, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3
 )

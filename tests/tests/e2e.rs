@@ -507,11 +507,11 @@ fn bad_requests_get_openai_errors_not_500s() {
             None,
         ),
         (
-            "tools unsupported",
+            "tool_choice auto refused",
             &chat,
             json!({"model": m, "messages": msgs, "tools": [{"type": "function", "function": {"name": "f"}}]}),
             400,
-            Some("tools"),
+            Some("tool_choice"),
         ),
         (
             "logit_bias out of range",
@@ -1177,6 +1177,81 @@ fn logit_bias_steers_both_tiers_as_on_the_plain_path() {
 /// One prompt token's score from `tandem generate --json`: its id, its
 /// log-probability (`None` for the first) and the top alternatives.
 type Score = (u32, Option<f64>, Value);
+
+/// A named tool call through the cluster is the function's schema held on
+/// both tiers: its arguments are what `tandem generate --chat
+/// --json-schema <parameters>` writes (the default model's template does
+/// not show tools to the model, so the prompt is the same), streamed or
+/// not; `required` gives calls that parse, each of a defined function.
+#[test]
+fn tool_calls_are_the_plain_paths_schema_output() {
+    let params = json!({
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+        "required": ["city", "days"],
+        "additionalProperties": false,
+    });
+    let tools = json!([
+        {"type": "function", "function": {"name": "forecast", "parameters": params}},
+        {"type": "function", "function": {"name": "get_time"}},
+    ]);
+    let ask = "What will the weather be in Paris for the next three days?";
+    let (want, _, _) =
+        generate_plain_with(ask, true, 96, &["--json-schema".into(), params.to_string()]);
+    let args: Value = serde_json::from_str(&want).expect("the plain path wrote whole JSON");
+    assert!(args["city"].is_string() && args["days"].is_i64(), "{want}");
+    let cluster = Cluster::start(1, 1, 1, &[]);
+    rt().block_on(async {
+        let body = |choice: Value, stream: bool| {
+            json!({
+                "model": model_name(),
+                "messages": [{"role": "user", "content": ask}],
+                "tools": tools, "tool_choice": choice,
+                "max_tokens": 96, "temperature": 0, "stream": stream,
+            })
+        };
+        let named = json!({"type": "function", "function": {"name": "forecast"}});
+        let v = api_json(&cluster, "chat/completions", &body(named.clone(), false)).await;
+        let call = &v["choices"][0]["message"]["tool_calls"][0];
+        assert_eq!(call["function"]["name"], "forecast");
+        assert_eq!(call["function"]["arguments"], want.as_str());
+        // Streamed, the arguments arrive in pieces that add up to the same.
+        let r = reqwest::Client::new()
+            .post(format!("{}/chat/completions", cluster.base_url()))
+            .json(&body(named, true))
+            .send()
+            .await
+            .unwrap();
+        let mut streamed = String::new();
+        for ev in sse_events(r).await.iter().filter(|e| *e != "[DONE]") {
+            let ev: Value = serde_json::from_str(ev).unwrap();
+            if let Some(a) =
+                ev["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str()
+            {
+                streamed.push_str(a);
+            }
+        }
+        assert_eq!(streamed, want);
+        // Required: one or more calls of the defined functions.
+        let v = api_json(
+            &cluster,
+            "chat/completions",
+            &body(json!("required"), false),
+        )
+        .await;
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+        for call in v["choices"][0]["message"]["tool_calls"].as_array().unwrap() {
+            let name = call["function"]["name"].as_str().unwrap();
+            let args: Value =
+                serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+            match name {
+                "forecast" => assert!(args["city"].is_string() && args["days"].is_i64(), "{args}"),
+                "get_time" => assert!(args.is_object(), "{args}"),
+                other => panic!("a call of an undefined function {other}"),
+            }
+        }
+    });
+}
 
 /// `tandem generate --json --prompt-logprobs K` on `prompt`: the prompt's
 /// scores, and the ids generated after it.

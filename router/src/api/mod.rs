@@ -23,6 +23,7 @@ pub mod grpc;
 pub mod openai;
 pub mod params;
 pub mod relay;
+pub mod tools;
 
 #[cfg(test)]
 mod tests;
@@ -140,6 +141,15 @@ impl ApiState {
     /// exactly as `tandem generate --chat` does (`encode(text, false)`: the
     /// template writes its own special tokens).
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, ApiError> {
+        self.chat_prompt_with_tools(messages, None)
+    }
+
+    /// [`ApiState::chat_prompt`] with the request's `tools` for the template.
+    pub fn chat_prompt_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+    ) -> Result<Vec<u32>, ApiError> {
         let t = self.chat_template.as_ref().ok_or_else(|| {
             ApiError::invalid(
                 "this model has no chat template; use /v1/completions",
@@ -147,7 +157,7 @@ impl ApiState {
             )
         })?;
         let text = t
-            .render(messages, true)
+            .render_with_tools(messages, tools, true)
             .map_err(|e| ApiError::invalid(format!("{e}"), Some("messages")))?;
         self.tokenizer
             .encode(&text, false)

@@ -232,7 +232,7 @@ fn model_card(state: &ApiState) -> Value {
 // ---------------------------------------------------------------------------
 // Request parsing helpers
 
-fn field<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a Value> {
+pub(super) fn field<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a Value> {
     m.get(k).filter(|v| !v.is_null())
 }
 
@@ -247,7 +247,7 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-fn wrong_type(param: &str, want: &str, got: &Value) -> ApiError {
+pub(super) fn wrong_type(param: &str, want: &str, got: &Value) -> ApiError {
     ApiError::bad_param(
         param,
         format!("'{param}' must be {want}, got {}", type_name(got)),
@@ -409,25 +409,21 @@ const COMPLETION_FIELDS: &[&str] = &["prompt", "echo", "best_of", "suffix"];
 fn check_unsupported(m: &Map<String, Value>, ep: Endpoint) -> Result<(), ApiError> {
     match ep {
         Endpoint::Chat => {
-            for k in [
-                "tools",
-                "functions",
-                "parallel_tool_calls",
-                "audio",
-                "prediction",
-            ] {
+            for k in ["functions", "audio", "prediction"] {
                 if field(m, k).is_some() {
                     return Err(ApiError::unsupported(
                         k,
-                        " (tool calls, audio and predicted outputs are not available)",
+                        " (legacy functions, audio and predicted outputs are not available; \
+                         'tools' are)",
                     ));
                 }
             }
-            for k in ["tool_choice", "function_call"] {
-                if let Some(v) = field(m, k) {
-                    if v.as_str() != Some("none") {
-                        return Err(ApiError::unsupported(k, " (tool calls are not available)"));
-                    }
+            if let Some(v) = field(m, "function_call") {
+                if v.as_str() != Some("none") {
+                    return Err(ApiError::unsupported(
+                        "function_call",
+                        " (legacy functions; use 'tools' and 'tool_choice')",
+                    ));
                 }
             }
             if let Some(v) = field(m, "modalities") {
@@ -714,26 +710,44 @@ fn parse_messages(m: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> 
         let role = match role {
             "system" | "user" | "assistant" => role,
             "developer" => "system",
-            "tool" | "function" => {
+            "tool" => "tool",
+            "function" => {
                 return Err(ApiError::unsupported(
                     &rp,
-                    " (tool and function messages are not available)",
+                    " (legacy function messages; use 'tool' messages)",
                 ))
             }
             other => {
                 return Err(ApiError::bad_param(
                     &rp,
                     format!(
-                        "'{rp}' must be one of system, developer, user, assistant; got '{other}'"
-                    ),
+                    "'{rp}' must be one of system, developer, user, assistant, tool; got '{other}'"
+                ),
                 ))
             }
         };
-        for k in ["tool_calls", "function_call", "audio"] {
+        for k in ["function_call", "audio"] {
             if field(o, k).is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
                 return Err(ApiError::unsupported(&format!("{p}.{k}"), ""));
             }
         }
+        // An assistant's earlier calls, and the answer a tool gave.
+        let tp = format!("{p}.tool_calls");
+        let tool_calls = match field(o, "tool_calls") {
+            Some(v) if role == "assistant" => Some(super::tools::history_calls(&tp, v)?),
+            Some(_) => {
+                return Err(ApiError::bad_param(
+                    &tp,
+                    format!("only assistant messages carry '{tp}'"),
+                ))
+            }
+            None => None,
+        };
+        let tool_call_id = match field(o, "tool_call_id") {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(v) => return Err(wrong_type(&format!("{p}.tool_call_id"), "a string", v)),
+            None => None,
+        };
         let cp = format!("{p}.content");
         let content = match o.get("content") {
             None | Some(Value::Null) => {
@@ -781,7 +795,10 @@ fn parse_messages(m: &Map<String, Value>) -> Result<Vec<ChatMessage>, ApiError> 
             }
             Some(v) => return Err(wrong_type(&cp, "a string or an array of content parts", v)),
         };
-        out.push(ChatMessage::new(role, content));
+        let mut msg = ChatMessage::new(role, content);
+        msg.tool_calls = tool_calls;
+        msg.tool_call_id = tool_call_id;
+        out.push(msg);
     }
     Ok(out)
 }
@@ -938,6 +955,8 @@ struct Ctx {
     /// vLLM's `prompt_logprobs`: the prompt's scores in vLLM's shape, with
     /// this many alternatives per position.
     prompt_logprobs: Option<u32>,
+    /// The output is a tool call (chat with `tool_choice` required or named).
+    tools: Option<super::tools::Tools>,
     tokenizer: Arc<Tokenizer>,
     start: Instant,
 }
@@ -1072,6 +1091,34 @@ fn prompt_logprobs_json(ctx: &Ctx, prompt: usize, scores: &[SampledToken]) -> Va
     completion_logprobs(tok, ctx.logprobs.unwrap_or(0), &entries)
 }
 
+/// A finished chat choice's message and finish reason: the tool calls when
+/// the request asked for a call, else the text. As in vLLM, a required
+/// call that completes finishes with `tool_calls`, a named one with `stop`.
+fn chat_message(ctx: &Ctx, c: &Collected) -> (Value, Option<&'static str>) {
+    let finish = c.finish.map(FinishReason::as_str);
+    let tools = ctx.tools.as_ref();
+    match tools.and_then(|t| t.parse_calls(&c.text)) {
+        Some(calls) => {
+            let named = tools.is_some_and(|t| t.named().is_some());
+            let finish = match c.finish {
+                Some(FinishReason::Stop) if !named => Some("tool_calls"),
+                _ => finish,
+            };
+            let message = json!({
+                "role": "assistant",
+                "content": null,
+                "refusal": null,
+                "tool_calls": super::tools::calls_json(&calls, false),
+            });
+            (message, finish)
+        }
+        None => (
+            json!({"role": "assistant", "content": c.text, "refusal": null}),
+            finish,
+        ),
+    }
+}
+
 /// vLLM's `prompt_logprobs` parameter: 0 to 20 alternatives per position.
 fn prompt_logprobs_param(m: &Map<String, Value>) -> Result<Option<u32>, ApiError> {
     match int(m, "prompt_logprobs")? {
@@ -1164,11 +1211,27 @@ async fn run(
     check_unsupported(&m, ep)?;
     let common = parse_common(&m, ep)?;
     check_model_field(&state, &m)?;
+    let tools = match ep {
+        Endpoint::Chat => super::tools::parse(&m)?,
+        Endpoint::Completions => None,
+    };
+    let mut common = common;
+    if let Some(schema) = tools.as_ref().and_then(|t| t.schema()) {
+        // A call is held to its JSON: the one output constraint there is.
+        let p = &common.params;
+        if p.json_object || p.json_schema.is_some() || p.regex.is_some() || !p.choice.is_empty() {
+            return Err(ApiError::bad_param(
+                "tool_choice",
+                "a tool call cannot be combined with response_format or a guided output",
+            ));
+        }
+        common.params.json_schema = Some(schema);
+    }
     let (prompts, prompt_param, tokenizing) = match ep {
         Endpoint::Chat => {
             let messages = parse_messages(&m)?;
             let t = Instant::now();
-            let ids = state.chat_prompt(&messages)?;
+            let ids = state.chat_prompt_with_tools(&messages, tools.as_ref().map(|t| &t.defs))?;
             (vec![PromptIn { ids, text: None }], "messages", t.elapsed())
         }
         Endpoint::Completions => {
@@ -1181,7 +1244,6 @@ async fn run(
     // for (lm-evaluation-harness scores continuations this way); vLLM's
     // `prompt_logprobs` asks for them in its own shape. The workers score
     // with the larger of the two counts; each output takes its own.
-    let mut common = common;
     let echo_scored = echo && common.params.logprobs.is_some();
     let vllm_scores = prompt_logprobs_param(&m)?;
     let echo_k = common.params.logprobs.filter(|_| echo_scored);
@@ -1255,6 +1317,7 @@ async fn run(
         scored_prompts,
         echo_scored,
         prompt_logprobs: vllm_scores,
+        tools: tools.filter(|t| t.calls()),
         tokenizer: state.tokenizer.clone(),
         start,
     };
@@ -1317,12 +1380,10 @@ async fn complete(
                 logprobs_json(&ctx, &c.tokens, 0)
             };
             match ctx.endpoint {
-                Endpoint::Chat => json!({
-                    "index": i,
-                    "message": {"role": "assistant", "content": c.text, "refusal": null},
-                    "logprobs": lp,
-                    "finish_reason": finish,
-                }),
+                Endpoint::Chat => {
+                    let (message, finish) = chat_message(&ctx, c);
+                    json!({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
+                }
                 Endpoint::Completions => {
                     let mut v = json!({
                         "index": i,
@@ -1367,6 +1428,11 @@ async fn complete(
 struct Sse {
     ctx: Ctx,
     choices: SelectAll<ChoiceStream>,
+    /// Per choice, when the output is a tool call: a named call's id once
+    /// its first piece went out; a required call's text so far (sent as
+    /// the calls once whole).
+    call_ids: Vec<Option<String>>,
+    call_text: Vec<String>,
     queue: VecDeque<(Bytes, Option<Instant>)>,
     completion_tokens: u64,
     /// Per prompt, the longest cached prefix its choices reported.
@@ -1450,6 +1516,15 @@ impl Sse {
         };
         let finish = d.finish.map(FinishReason::as_str);
         let choice = match self.ctx.endpoint {
+            Endpoint::Chat if self.ctx.tools.is_some() => {
+                let (delta, finish) = self.call_delta(index, &d.text, d.finish);
+                let quiet = delta.as_object().is_some_and(Map::is_empty) && lp.is_null();
+                if quiet && finish.is_none() {
+                    // A required call's text, held until it is whole.
+                    return;
+                }
+                json!({"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish})
+            }
             Endpoint::Chat => {
                 let delta = if d.text.is_empty() && d.finish.is_some() {
                     json!({})
@@ -1464,6 +1539,51 @@ impl Sse {
         };
         let bytes = sse_event(&self.chunk(choice));
         self.queue.push_back((bytes, Some(d.received)));
+    }
+
+    /// The delta of a tool-call choice: a named call streams its
+    /// `arguments` (id, type and name on the first piece); a required call's
+    /// calls go out whole when the choice finishes (as text if they do not
+    /// parse, e.g. cut by `max_tokens`).
+    fn call_delta(
+        &mut self,
+        index: usize,
+        text: &str,
+        finish: Option<FinishReason>,
+    ) -> (Value, Option<&'static str>) {
+        let tools = self.ctx.tools.as_ref().expect("a tool-call request");
+        let reason = finish.map(FinishReason::as_str);
+        if let Some(name) = tools.named() {
+            if text.is_empty() {
+                return (json!({}), reason);
+            }
+            let call = match &self.call_ids[index] {
+                Some(_) => json!({"index": 0, "function": {"arguments": text}}),
+                None => {
+                    let id = super::tools::call_id();
+                    self.call_ids[index] = Some(id.clone());
+                    json!({"index": 0, "id": id, "type": "function",
+                           "function": {"name": name, "arguments": text}})
+                }
+            };
+            return (json!({"tool_calls": [call]}), reason);
+        }
+        self.call_text[index].push_str(text);
+        if finish.is_none() {
+            return (json!({}), None);
+        }
+        let whole = std::mem::take(&mut self.call_text[index]);
+        match tools.parse_calls(&whole) {
+            Some(calls) => {
+                let reason = match finish {
+                    Some(FinishReason::Stop) => Some("tool_calls"),
+                    _ => reason,
+                };
+                let calls = super::tools::calls_json(&calls, true);
+                (json!({"tool_calls": calls}), reason)
+            }
+            None => (json!({"content": whole}), reason),
+        }
     }
 
     fn on_end(&mut self) {
@@ -1504,6 +1624,8 @@ impl Sse {
 fn sse_response(ctx: Ctx, choices: SelectAll<ChoiceStream>, ttft: Arc<Ttft>) -> Response {
     let n = choices.len();
     let mut s = Sse {
+        call_ids: vec![None; n],
+        call_text: vec![String::new(); n],
         cached_tokens: vec![0; ctx.prompts()],
         ctx,
         choices,

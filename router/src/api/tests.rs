@@ -409,10 +409,42 @@ async fn bad_inputs_are_400_with_param() {
             ),
             Some("messages[0].content[0].type"),
         ),
+        // Tools: "auto" (the default) is refused, saying what to send.
         (
             chat,
             chat_body(json!({"tools": [{"type": "function", "function": {"name": "f"}}]})),
-            Some("tools"),
+            Some("tool_choice"),
+        ),
+        (
+            chat,
+            chat_body(json!({"tools": [{"type": "retrieval"}], "tool_choice": "required"})),
+            Some("tools[0].type"),
+        ),
+        (
+            chat,
+            chat_body(
+                json!({"tools": [{"type": "function", "function": {"name": "no spaces"}}], "tool_choice": "required"}),
+            ),
+            Some("tools[0].function.name"),
+        ),
+        (
+            chat,
+            chat_body(
+                json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+            ),
+            Some("tool_choice"),
+        ),
+        (
+            chat,
+            chat_body(
+                json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required", "response_format": {"type": "json_object"}}),
+            ),
+            Some("tool_choice"),
+        ),
+        (
+            chat,
+            chat_body(json!({"messages": [{"role": "user", "content": "x", "tool_calls": []}]})),
+            Some("messages[0].tool_calls"),
         ),
         (
             chat,
@@ -463,11 +495,6 @@ async fn bad_inputs_are_400_with_param() {
             chat,
             chat_body(json!({"logit_bias": [[7, 1]]})),
             Some("logit_bias"),
-        ),
-        (
-            chat,
-            chat_body(json!({"parallel_tool_calls": false})),
-            Some("parallel_tool_calls"),
         ),
         (
             chat,
@@ -1251,6 +1278,197 @@ async fn echo_with_logprobs_scores_the_prompt() {
     );
     let second = &chunks[1]["choices"][0]["logprobs"]["text_offset"][0];
     assert_eq!(second.as_u64().unwrap() as usize, prompt.chars().count());
+}
+
+fn weather_tools() -> Value {
+    json!([
+        {"type": "function", "function": {
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        }},
+        {"type": "function", "function": {"name": "get_time"}},
+    ])
+}
+
+/// A named tool choice: the output is the call's arguments, held to the
+/// function's schema, and comes back (and streams) as a tool call.
+#[tokio::test]
+async fn a_named_tool_choice_comes_back_as_its_call() {
+    let args = r#"{"city": "Paris"}"#;
+    let backend = Scripted::new(text_script(args));
+    let app = openai_routes(state_with(backend.clone(), None));
+    let choice = json!({"type": "function", "function": {"name": "get_weather"}});
+    let body = chat_body(json!({"tools": weather_tools(), "tool_choice": choice}));
+    let (s, v) = post(&app, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let c = &v["choices"][0];
+    assert_eq!(c["message"]["content"], Value::Null);
+    let tc = &c["message"]["tool_calls"][0];
+    assert_eq!(tc["type"], "function");
+    assert!(tc["id"].as_str().unwrap().starts_with("call_"), "{tc}");
+    assert_eq!(tc["function"]["name"], "get_weather");
+    assert_eq!(tc["function"]["arguments"], args);
+    assert_eq!(c["finish_reason"], "stop");
+    // Held to the function's parameters.
+    let schema = backend
+        .inputs()
+        .pop()
+        .unwrap()
+        .sampling
+        .json_schema
+        .unwrap();
+    let schema: Value = serde_json::from_str(&schema).unwrap();
+    assert_eq!(schema, weather_tools()[0]["function"]["parameters"]);
+
+    // Streamed: the arguments in pieces, the call's id and name first.
+    let mut body = body;
+    body["stream"] = json!(true);
+    let (s, _, text) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(&body.to_string()),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (mut streamed, mut ids, mut finish) = (String::new(), Vec::new(), None);
+    for ev in sse_events(&text).iter().filter(|e| *e != "[DONE]") {
+        let ev: Value = serde_json::from_str(ev).unwrap();
+        let ch = &ev["choices"][0];
+        assert!(
+            ch["delta"]
+                .get("content")
+                .is_none_or(|c| c == "" || c.is_null()),
+            "{ch}"
+        );
+        if let Some(calls) = ch["delta"]["tool_calls"].as_array() {
+            let t = &calls[0];
+            assert_eq!(t["index"], 0);
+            if let Some(id) = t["id"].as_str() {
+                ids.push(id.to_string());
+                assert_eq!(t["function"]["name"], "get_weather");
+            }
+            streamed += t["function"]["arguments"].as_str().unwrap();
+        }
+        if !ch["finish_reason"].is_null() {
+            finish = Some(ch["finish_reason"].clone());
+        }
+    }
+    assert_eq!(streamed, args);
+    assert_eq!(ids.len(), 1, "the id comes once");
+    assert_eq!(finish, Some(json!("stop")));
+
+    // "none": text, free.
+    let body = chat_body(json!({"tools": weather_tools(), "tool_choice": "none"}));
+    let (s, v) = post(&app, "/v1/chat/completions", body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], args);
+    assert!(v["choices"][0]["message"].get("tool_calls").is_none());
+    assert_eq!(backend.inputs().pop().unwrap().sampling.json_schema, None);
+}
+
+/// `tool_choice: "required"`: the output is an array of calls, held to
+/// each function's schema, sent as the calls (whole when streamed).
+#[tokio::test]
+async fn a_required_tool_choice_comes_back_as_calls() {
+    let out = r#"[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", "arguments": {}}]"#;
+    let backend = Scripted::new(text_script(out));
+    let app = openai_routes(state_with(backend.clone(), None));
+    let body = chat_body(json!({"tools": weather_tools(), "tool_choice": "required"}));
+    let (s, v) = post(&app, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let c = &v["choices"][0];
+    assert_eq!(c["finish_reason"], "tool_calls");
+    let calls = c["message"]["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[0]["function"]["name"], "get_weather");
+    let a: Value =
+        serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(a, json!({"city": "Paris"}));
+    assert_eq!(calls[1]["function"]["name"], "get_time");
+    assert_ne!(calls[0]["id"], calls[1]["id"]);
+    let schema = backend
+        .inputs()
+        .pop()
+        .unwrap()
+        .sampling
+        .json_schema
+        .unwrap();
+    let schema: Value = serde_json::from_str(&schema).unwrap();
+    assert_eq!(schema["type"], "array");
+    assert_eq!(schema["items"]["anyOf"].as_array().unwrap().len(), 2);
+    assert!(schema.get("maxItems").is_none());
+
+    // One call at most without parallel calls.
+    let mut one = body.clone();
+    one["parallel_tool_calls"] = json!(false);
+    let (s, _) = post(&app, "/v1/chat/completions", one).await;
+    assert_eq!(s, StatusCode::OK);
+    let schema = backend
+        .inputs()
+        .pop()
+        .unwrap()
+        .sampling
+        .json_schema
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&schema).unwrap()["maxItems"],
+        1
+    );
+
+    // Streamed: the calls in one delta once whole.
+    let mut body = body;
+    body["stream"] = json!(true);
+    let (s, _, text) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(&body.to_string()),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let with_calls: Vec<Value> = sse_events(&text)
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter(|e| e["choices"][0]["delta"].get("tool_calls").is_some())
+        .collect();
+    assert_eq!(with_calls.len(), 1, "{text}");
+    let ch = &with_calls[0]["choices"][0];
+    assert_eq!(ch["finish_reason"], "tool_calls");
+    assert_eq!(ch["delta"]["tool_calls"][1]["index"], 1);
+    assert_eq!(ch["delta"]["tool_calls"][1]["function"]["name"], "get_time");
+}
+
+/// A conversation that went through a call: the assistant's call and the
+/// tool's answer reach the template, and the model answers in text.
+#[tokio::test]
+async fn tool_results_go_back_to_the_model() {
+    let backend = Scripted::new(text_script("It is sunny in Paris."));
+    let app = openai_routes(state_with(backend.clone(), None));
+    let body = chat_body(json!({
+        "tools": weather_tools(),
+        "tool_choice": "none",
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+        ],
+    }));
+    let (s, v) = post(&app, "/v1/chat/completions", body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "It is sunny in Paris."
+    );
+    let prompt = backend.inputs().pop().unwrap().prompt;
+    let text = tokenizer().decode(&prompt, false).unwrap();
+    assert!(text.contains("sunny, 21 C"), "{text}");
 }
 
 /// vLLM's `prompt_logprobs`: per prompt token, `null` for the first, then

@@ -1,0 +1,293 @@
+//! Tool calling (OpenAI's `tools` and `tool_choice` on chat) by guided
+//! decoding, as vLLM does it for a forced choice: the output is held to the
+//! JSON a call needs, so every model can call tools, whatever format it was
+//! trained on, and the calls always parse.
+//!
+//! * a named function (`{"type": "function", "function": {"name": …}}`):
+//!   the output is that function's `arguments`, held to its `parameters`
+//!   schema, and streams as the call's `arguments`;
+//! * `"required"`: the output is a JSON array of one or more
+//!   `{"name", "arguments"}` (one when `parallel_tool_calls` is false),
+//!   each held to its function's schema, sent as the calls once complete;
+//! * `"none"`: plain text (the tools still reach the chat template);
+//! * `"auto"` (OpenAI's default when tools are given) lets the model choose
+//!   between text and a call in its own format, which needs a parser per
+//!   model family: refused with a 400 that says what to send instead.
+//!
+//! The tools go to the chat template as `tools`, as transformers passes
+//! them, for templates that describe them to the model.
+
+use serde_json::{json, Map, Value};
+
+use super::openai::{field, wrong_type};
+use super::ApiError;
+
+/// What `tool_choice` asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ToolChoice {
+    /// Text, as without tools.
+    None,
+    /// A call of this function, and nothing else.
+    Named(String),
+    /// One call or more (`parallel`) of any of the functions.
+    Required { parallel: bool },
+}
+
+/// A request's tools.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    /// The `tools` array as given, for the chat template.
+    pub defs: Value,
+    /// `(name, parameters schema)` per function, in order.
+    functions: Vec<(String, Value)>,
+    pub choice: ToolChoice,
+}
+
+/// Longest function name OpenAI accepts (`^[a-zA-Z0-9_-]{1,64}$`).
+const MAX_NAME: usize = 64;
+
+/// Reads `tools`, `tool_choice` and `parallel_tool_calls`. `None` when the
+/// request has no tools.
+pub fn parse(m: &Map<String, Value>) -> Result<Option<Tools>, ApiError> {
+    let choice = field(m, "tool_choice");
+    let Some(tools) = field(m, "tools") else {
+        return match choice {
+            None => Ok(None),
+            Some(Value::String(s)) if s == "none" => Ok(None),
+            Some(_) => Err(ApiError::bad_param(
+                "tool_choice",
+                "'tool_choice' needs 'tools' to choose from",
+            )),
+        };
+    };
+    let arr = tools
+        .as_array()
+        .ok_or_else(|| wrong_type("tools", "an array", tools))?;
+    if arr.is_empty() {
+        return Err(ApiError::bad_param("tools", "'tools' must not be empty"));
+    }
+    let mut functions: Vec<(String, Value)> = Vec::with_capacity(arr.len());
+    for (i, t) in arr.iter().enumerate() {
+        let p = format!("tools[{i}]");
+        let o = t
+            .as_object()
+            .ok_or_else(|| wrong_type(&p, "an object", t))?;
+        if o.get("type").and_then(Value::as_str) != Some("function") {
+            return Err(ApiError::bad_param(
+                &format!("{p}.type"),
+                format!("'{p}.type' must be \"function\""),
+            ));
+        }
+        let fp = format!("{p}.function");
+        let f = o
+            .get("function")
+            .and_then(Value::as_object)
+            .ok_or_else(|| ApiError::bad_param(&fp, format!("'{fp}' must be an object")))?;
+        let np = format!("{fp}.name");
+        let name = f.get("name").and_then(Value::as_str).unwrap_or_default();
+        let valid = (1..=MAX_NAME).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !valid {
+            return Err(ApiError::bad_param(
+                &np,
+                format!("'{np}' must be 1 to {MAX_NAME} letters, digits, '_' or '-'"),
+            ));
+        }
+        if functions.iter().any(|(n, _)| n == name) {
+            return Err(ApiError::bad_param(
+                &np,
+                format!("function '{name}' is defined twice"),
+            ));
+        }
+        let params = match f.get("parameters") {
+            None | Some(Value::Null) => json!({"type": "object", "properties": {}}),
+            Some(v @ Value::Object(_)) => v.clone(),
+            Some(v) => return Err(wrong_type(&format!("{fp}.parameters"), "an object", v)),
+        };
+        functions.push((name.to_string(), params));
+    }
+    let parallel = match field(m, "parallel_tool_calls") {
+        None => true,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => return Err(wrong_type("parallel_tool_calls", "a boolean", v)),
+    };
+    let choice = match choice {
+        Some(Value::String(s)) if s == "none" => ToolChoice::None,
+        Some(Value::String(s)) if s == "required" => ToolChoice::Required { parallel },
+        None => return Err(auto_refused()),
+        Some(Value::String(s)) if s == "auto" => return Err(auto_refused()),
+        Some(Value::Object(o)) => {
+            let name = o
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .filter(|_| o.get("type").and_then(Value::as_str) == Some("function"))
+                .ok_or_else(|| {
+                    ApiError::bad_param(
+                        "tool_choice",
+                        "'tool_choice' must be \"none\", \"auto\", \"required\" or \
+                         {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                    )
+                })?;
+            if !functions.iter().any(|(n, _)| n == name) {
+                return Err(ApiError::bad_param(
+                    "tool_choice",
+                    format!("'tool_choice' names function '{name}', which 'tools' does not define"),
+                ));
+            }
+            ToolChoice::Named(name.to_string())
+        }
+        Some(v) => {
+            return Err(wrong_type(
+                "tool_choice",
+                "\"none\", \"auto\", \"required\" or an object",
+                v,
+            ))
+        }
+    };
+    Ok(Some(Tools {
+        defs: tools.clone(),
+        functions,
+        choice,
+    }))
+}
+
+fn auto_refused() -> ApiError {
+    ApiError::unsupported(
+        "tool_choice",
+        " as \"auto\", the default when 'tools' are given (the model's own tool-call \
+         format is not parsed): send \"required\" or {\"type\": \"function\", \
+         \"function\": {\"name\": ...}} to have a call, or \"none\" for text",
+    )
+}
+
+impl Tools {
+    /// Whether the output is a call (not text).
+    pub fn calls(&self) -> bool {
+        self.choice != ToolChoice::None
+    }
+
+    /// The JSON schema (as text) the output is held to, when it is a call.
+    pub fn schema(&self) -> Option<String> {
+        let params = |name: &str| {
+            self.functions
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, p)| p.clone())
+                .unwrap_or_else(|| json!({"type": "object"}))
+        };
+        let schema = match &self.choice {
+            ToolChoice::None => return None,
+            ToolChoice::Named(name) => params(name),
+            ToolChoice::Required { parallel } => {
+                let one: Vec<Value> = self
+                    .functions
+                    .iter()
+                    .map(|(name, p)| {
+                        json!({
+                            "type": "object",
+                            "properties": {"name": {"const": name}, "arguments": p},
+                            "required": ["name", "arguments"],
+                            "additionalProperties": false,
+                        })
+                    })
+                    .collect();
+                let mut s = json!({"type": "array", "minItems": 1, "items": {"anyOf": one}});
+                if !parallel {
+                    s["maxItems"] = json!(1);
+                }
+                s
+            }
+        };
+        Some(schema.to_string())
+    }
+
+    /// The calls in a finished output: `(function name, arguments JSON)`.
+    /// A named call's output is its arguments, whole or not (a completion
+    /// cut by `max_tokens` keeps what it wrote, as OpenAI's does); a
+    /// required one's is parsed, and `None` when it does not parse (cut
+    /// short): the text then goes out as content.
+    pub fn parse_calls(&self, text: &str) -> Option<Vec<(String, String)>> {
+        match &self.choice {
+            ToolChoice::None => None,
+            ToolChoice::Named(name) => Some(vec![(name.clone(), text.to_string())]),
+            ToolChoice::Required { .. } => {
+                let v: Value = serde_json::from_str(text).ok()?;
+                v.as_array()?
+                    .iter()
+                    .map(|c| {
+                        let name = c.get("name")?.as_str()?.to_string();
+                        Some((name, c.get("arguments")?.to_string()))
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The function a named choice calls.
+    pub fn named(&self) -> Option<&str> {
+        match &self.choice {
+            ToolChoice::Named(n) => Some(n),
+            _ => None,
+        }
+    }
+}
+
+/// OpenAI's `tool_calls` entries, with fresh ids; `index` for stream deltas.
+pub fn calls_json(calls: &[(String, String)], with_index: bool) -> Value {
+    Value::Array(
+        calls
+            .iter()
+            .enumerate()
+            .map(|(i, (name, args))| {
+                let mut c = json!({
+                    "id": call_id(),
+                    "type": "function",
+                    "function": {"name": name, "arguments": args},
+                });
+                if with_index {
+                    c["index"] = json!(i);
+                }
+                c
+            })
+            .collect(),
+    )
+}
+
+/// A tool call's id, as OpenAI shapes them.
+pub fn call_id() -> String {
+    format!("call_{}", super::random_id())
+}
+
+/// An assistant turn's `tool_calls` for the chat template: checked, with
+/// each call's `arguments` parsed from its JSON text into an object, as
+/// transformers' templates expect (vLLM does the same).
+pub fn history_calls(p: &str, v: &Value) -> Result<Value, ApiError> {
+    let arr = v.as_array().ok_or_else(|| wrong_type(p, "an array", v))?;
+    let mut out = Vec::with_capacity(arr.len());
+    for (i, c) in arr.iter().enumerate() {
+        let cp = format!("{p}[{i}]");
+        let mut c = c.clone();
+        let f = c
+            .get_mut("function")
+            .and_then(Value::as_object_mut)
+            .ok_or_else(|| {
+                ApiError::bad_param(&cp, format!("'{cp}.function' must be an object"))
+            })?;
+        if !f.get("name").is_some_and(Value::is_string) {
+            return Err(ApiError::bad_param(
+                &cp,
+                format!("'{cp}.function.name' must be a string"),
+            ));
+        }
+        if let Some(Value::String(args)) = f.get("arguments") {
+            if let Ok(parsed) = serde_json::from_str::<Value>(args) {
+                f.insert("arguments".into(), parsed);
+            }
+        }
+        out.push(c);
+    }
+    Ok(Value::Array(out))
+}
