@@ -56,6 +56,7 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    source: String,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -96,7 +97,14 @@ impl ChatTemplate {
             env,
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
+            source: source.to_string(),
         })
+    }
+
+    /// The template's Jinja source (what it teaches the model, e.g. the
+    /// format of its tool calls).
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Renders the conversation; `add_generation_prompt` appends the assistant header.

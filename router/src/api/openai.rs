@@ -1092,13 +1092,14 @@ fn prompt_logprobs_json(ctx: &Ctx, prompt: usize, scores: &[SampledToken]) -> Va
 }
 
 /// A finished chat choice's message and finish reason: the tool calls when
-/// the request asked for a call, else the text. As in vLLM, a required
-/// call that completes finishes with `tool_calls`, a named one with `stop`.
+/// the output holds any, else the text. As in vLLM, calls the model chose
+/// (required or auto) that complete finish with `tool_calls`, a named one
+/// with `stop`.
 fn chat_message(ctx: &Ctx, c: &Collected) -> (Value, Option<&'static str>) {
     let finish = c.finish.map(FinishReason::as_str);
     let tools = ctx.tools.as_ref();
     match tools.and_then(|t| t.parse_calls(&c.text)) {
-        Some(calls) => {
+        Some(out) => {
             let named = tools.is_some_and(|t| t.named().is_some());
             let finish = match c.finish {
                 Some(FinishReason::Stop) if !named => Some("tool_calls"),
@@ -1106,9 +1107,9 @@ fn chat_message(ctx: &Ctx, c: &Collected) -> (Value, Option<&'static str>) {
             };
             let message = json!({
                 "role": "assistant",
-                "content": null,
+                "content": out.content,
                 "refusal": null,
-                "tool_calls": super::tools::calls_json(&calls, false),
+                "tool_calls": super::tools::calls_json(&out.calls, false),
             });
             (message, finish)
         }
@@ -1212,7 +1213,13 @@ async fn run(
     let common = parse_common(&m, ep)?;
     check_model_field(&state, &m)?;
     let tools = match ep {
-        Endpoint::Chat => super::tools::parse(&m)?,
+        Endpoint::Chat => {
+            let hermes = state
+                .chat_template
+                .as_ref()
+                .is_some_and(|t| super::tools::writes_hermes_calls(t.source()));
+            super::tools::parse(&m, hermes)?
+        }
         Endpoint::Completions => None,
     };
     let mut common = common;
@@ -1429,10 +1436,13 @@ struct Sse {
     ctx: Ctx,
     choices: SelectAll<ChoiceStream>,
     /// Per choice, when the output is a tool call: a named call's id once
-    /// its first piece went out; a required call's text so far (sent as
-    /// the calls once whole).
+    /// its first piece went out; text held back (a required call's so far,
+    /// sent as the calls once whole; an auto choice's from its first
+    /// `<tool_call>`, or what may be the start of one).
     call_ids: Vec<Option<String>>,
     call_text: Vec<String>,
+    /// Per auto choice: a call has begun (the rest is held).
+    in_call: Vec<bool>,
     queue: VecDeque<(Bytes, Option<Instant>)>,
     completion_tokens: u64,
     /// Per prompt, the longest cached prefix its choices reported.
@@ -1568,22 +1578,62 @@ impl Sse {
             };
             return (json!({"tool_calls": [call]}), reason);
         }
+        let auto = tools.choice == super::tools::ToolChoice::Auto;
         self.call_text[index].push_str(text);
         if finish.is_none() {
-            return (json!({}), None);
+            if !auto || self.in_call[index] {
+                return (json!({}), None);
+            }
+            // Auto: text streams as content up to a call, holding back
+            // what may be the start of `<tool_call>`.
+            let held = &mut self.call_text[index];
+            let open = super::tools::CALL_OPEN;
+            let send = match held.find(open) {
+                Some(at) => {
+                    self.in_call[index] = true;
+                    at
+                }
+                None => (1..open.len())
+                    .rev()
+                    .find(|&k| held.ends_with(&open[..k]))
+                    .map_or(held.len(), |k| held.len() - k),
+            };
+            let out: String = held.drain(..send).collect();
+            return match out.is_empty() {
+                true => (json!({}), None),
+                false => (json!({"content": out}), None),
+            };
         }
         let whole = std::mem::take(&mut self.call_text[index]);
-        match tools.parse_calls(&whole) {
-            Some(calls) => {
-                let reason = match finish {
+        // Auto: text before a call not yet sent goes with the calls.
+        let at = match auto && !self.in_call[index] {
+            true => whole.find(super::tools::CALL_OPEN).unwrap_or(whole.len()),
+            false => 0,
+        };
+        let (text, rest) = whole.split_at(at);
+        let mut delta = Map::new();
+        let reason = match tools.parse_calls(rest) {
+            Some(out) => {
+                let calls = super::tools::calls_json(&out.calls, true);
+                delta.insert("tool_calls".into(), calls);
+                match finish {
                     Some(FinishReason::Stop) => Some("tool_calls"),
                     _ => reason,
-                };
-                let calls = super::tools::calls_json(&calls, true);
-                (json!({"tool_calls": calls}), reason)
+                }
             }
-            None => (json!({"content": whole}), reason),
+            None => {
+                // No call after all (or one cut short): text.
+                delta.insert("content".into(), json!(whole));
+                return match whole.is_empty() {
+                    true => (json!({}), reason),
+                    false => (Value::Object(delta), reason),
+                };
+            }
+        };
+        if !text.is_empty() {
+            delta.insert("content".into(), json!(text));
         }
+        (Value::Object(delta), reason)
     }
 
     fn on_end(&mut self) {
@@ -1626,6 +1676,7 @@ fn sse_response(ctx: Ctx, choices: SelectAll<ChoiceStream>, ttft: Arc<Ttft>) -> 
     let mut s = Sse {
         call_ids: vec![None; n],
         call_text: vec![String::new(); n],
+        in_call: vec![false; n],
         cached_tokens: vec![0; ctx.prompts()],
         ctx,
         choices,

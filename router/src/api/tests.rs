@@ -1443,6 +1443,127 @@ async fn a_required_tool_choice_comes_back_as_calls() {
     assert_eq!(ch["delta"]["tool_calls"][1]["function"]["name"], "get_time");
 }
 
+/// A Qwen 2.5-style template: it shows the tools and asks for Hermes calls.
+const HERMES_TEMPLATE: &str = "{%- if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools>\nCall a function with <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>.<|im_end|>\n{%- endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+fn hermes_app(script: Script) -> (Arc<Scripted>, axum::Router) {
+    let backend = Scripted::new(script);
+    let mut state =
+        ApiState::new(backend.clone(), tokenizer(), MODEL.to_string(), CTX, None).unwrap();
+    state.chat_template =
+        Some(tandem_model::chat::ChatTemplate::new(HERMES_TEMPLATE, "", "<|im_end|>").unwrap());
+    (backend, openai_routes(Arc::new(state)))
+}
+
+/// `tool_choice: "auto"` (or none given) with a model whose template writes
+/// Hermes calls: the model decides; text before a call is content, the
+/// calls come back parsed, streamed without a piece of `<tool_call>`
+/// leaking into the content; a call cut short stays text.
+#[tokio::test]
+async fn auto_tool_choice_reads_hermes_calls() {
+    let said = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+    let (backend, app) = hermes_app(text_script(said));
+    let body = chat_body(json!({"tools": weather_tools()}));
+    let (s, v) = post(&app, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let c = &v["choices"][0];
+    assert_eq!(c["finish_reason"], "tool_calls");
+    assert_eq!(c["message"]["content"], "Let me check.");
+    let calls = c["message"]["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0]["function"]["name"], "get_weather");
+    let a: Value =
+        serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(a, json!({"city": "Paris"}));
+    // Free output, with the tools shown to the model.
+    let inp = backend.inputs().pop().unwrap();
+    assert_eq!(inp.sampling.json_schema, None);
+    let prompt = tokenizer().decode(&inp.prompt, false).unwrap();
+    assert!(prompt.contains("\"name\": \"get_weather\""), "{prompt}");
+
+    // Streamed: the text, then the call; no `<tool_call>` in the content.
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    sbody["tool_choice"] = json!("auto");
+    let (s, _, text) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(&sbody.to_string()),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (mut content, mut calls, mut finish) = (String::new(), Vec::new(), None);
+    for ev in sse_events(&text).iter().filter(|e| *e != "[DONE]") {
+        let ev: Value = serde_json::from_str(ev).unwrap();
+        let ch = &ev["choices"][0];
+        content += ch["delta"]["content"].as_str().unwrap_or("");
+        if let Some(t) = ch["delta"]["tool_calls"].as_array() {
+            calls.extend(t.iter().cloned());
+        }
+        if !ch["finish_reason"].is_null() {
+            finish = Some(ch["finish_reason"].clone());
+        }
+    }
+    assert_eq!(content.trim(), "Let me check.");
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0]["function"]["name"], "get_weather");
+    assert_eq!(finish, Some(json!("tool_calls")));
+
+    // No call: text, as without tools.
+    let (_, app) = hermes_app(text_script("Paris is sunny."));
+    let (s, v) = post(&app, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], "Paris is sunny.");
+    assert!(v["choices"][0]["message"].get("tool_calls").is_none());
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+
+    // A call cut by max_tokens stays text, streamed or not.
+    let (_, app) = hermes_app(text_script(said));
+    let mut cut = body;
+    cut["max_tokens"] = json!(16);
+    let (s, v) = post(&app, "/v1/chat/completions", cut.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let c = &v["choices"][0];
+    assert_eq!(c["finish_reason"], "length");
+    assert!(
+        c["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("<tool_call>"),
+        "{c}"
+    );
+    assert!(c["message"].get("tool_calls").is_none());
+    cut["stream"] = json!(true);
+    let (_, _, text) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(&cut.to_string()),
+        None,
+    )
+    .await;
+    let content: String = sse_events(&text)
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|e| {
+            e["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(
+        content,
+        c["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+            .trim_end_matches('\n')
+    );
+}
+
 /// A conversation that went through a call: the assistant's call and the
 /// tool's answer reach the template, and the model answers in text.
 #[tokio::test]

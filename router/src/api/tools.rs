@@ -11,8 +11,11 @@
 //!   each held to its function's schema, sent as the calls once complete;
 //! * `"none"`: plain text (the tools still reach the chat template);
 //! * `"auto"` (OpenAI's default when tools are given) lets the model choose
-//!   between text and a call in its own format, which needs a parser per
-//!   model family: refused with a 400 that says what to send instead.
+//!   between text and calls written in its own format. That needs the
+//!   model family's format: the Hermes one (`<tool_call>{"name": …,
+//!   "arguments": …}</tool_call>`, Qwen 2.5's and Hermes' templates) is
+//!   read when the chat template writes it; with other templates "auto" is
+//!   refused with a 400 that says what to send instead.
 //!
 //! The tools go to the chat template as `tools`, as transformers passes
 //! them, for templates that describe them to the model.
@@ -31,6 +34,25 @@ pub enum ToolChoice {
     Named(String),
     /// One call or more (`parallel`) of any of the functions.
     Required { parallel: bool },
+    /// Text, calls in the Hermes format, or both: the model decides.
+    Auto,
+}
+
+/// The Hermes format's call delimiters.
+pub const CALL_OPEN: &str = "<tool_call>";
+pub const CALL_CLOSE: &str = "</tool_call>";
+
+/// Whether a chat template teaches the Hermes tool-call format.
+pub fn writes_hermes_calls(template_source: &str) -> bool {
+    template_source.contains(CALL_OPEN)
+}
+
+/// What a finished output says: text before any call, and the calls as
+/// `(function name, arguments JSON)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    pub content: Option<String>,
+    pub calls: Vec<(String, String)>,
 }
 
 /// A request's tools.
@@ -47,8 +69,9 @@ pub struct Tools {
 const MAX_NAME: usize = 64;
 
 /// Reads `tools`, `tool_choice` and `parallel_tool_calls`. `None` when the
-/// request has no tools.
-pub fn parse(m: &Map<String, Value>) -> Result<Option<Tools>, ApiError> {
+/// request has no tools. `hermes`: the model writes Hermes calls, so
+/// `"auto"` can be served.
+pub fn parse(m: &Map<String, Value>, hermes: bool) -> Result<Option<Tools>, ApiError> {
     let choice = field(m, "tool_choice");
     let Some(tools) = field(m, "tools") else {
         return match choice {
@@ -116,6 +139,8 @@ pub fn parse(m: &Map<String, Value>) -> Result<Option<Tools>, ApiError> {
     let choice = match choice {
         Some(Value::String(s)) if s == "none" => ToolChoice::None,
         Some(Value::String(s)) if s == "required" => ToolChoice::Required { parallel },
+        None if hermes => ToolChoice::Auto,
+        Some(Value::String(s)) if s == "auto" && hermes => ToolChoice::Auto,
         None => return Err(auto_refused()),
         Some(Value::String(s)) if s == "auto" => return Err(auto_refused()),
         Some(Value::Object(o)) => {
@@ -157,14 +182,15 @@ pub fn parse(m: &Map<String, Value>) -> Result<Option<Tools>, ApiError> {
 fn auto_refused() -> ApiError {
     ApiError::unsupported(
         "tool_choice",
-        " as \"auto\", the default when 'tools' are given (the model's own tool-call \
-         format is not parsed): send \"required\" or {\"type\": \"function\", \
-         \"function\": {\"name\": ...}} to have a call, or \"none\" for text",
+        " as \"auto\", the default when 'tools' are given, for this model (its chat \
+         template does not write calls in a format tandem reads): send \"required\" or \
+         {\"type\": \"function\", \"function\": {\"name\": ...}} to have a call, or \
+         \"none\" for text",
     )
 }
 
 impl Tools {
-    /// Whether the output is a call (not text).
+    /// Whether the output may be a call (not text alone).
     pub fn calls(&self) -> bool {
         self.choice != ToolChoice::None
     }
@@ -179,7 +205,7 @@ impl Tools {
                 .unwrap_or_else(|| json!({"type": "object"}))
         };
         let schema = match &self.choice {
-            ToolChoice::None => return None,
+            ToolChoice::None | ToolChoice::Auto => return None,
             ToolChoice::Named(name) => params(name),
             ToolChoice::Required { parallel } => {
                 let one: Vec<Value> = self
@@ -204,24 +230,42 @@ impl Tools {
         Some(schema.to_string())
     }
 
-    /// The calls in a finished output: `(function name, arguments JSON)`.
-    /// A named call's output is its arguments, whole or not (a completion
-    /// cut by `max_tokens` keeps what it wrote, as OpenAI's does); a
-    /// required one's is parsed, and `None` when it does not parse (cut
-    /// short): the text then goes out as content.
-    pub fn parse_calls(&self, text: &str) -> Option<Vec<(String, String)>> {
+    /// The calls in a finished output. A named call's output is its
+    /// arguments, whole or not (a completion cut by `max_tokens` keeps what
+    /// it wrote, as OpenAI's does); a required one's is parsed; an auto
+    /// one's is text with Hermes calls after it. `None` when there is no
+    /// call, or what should be one does not parse (cut short): the text
+    /// then goes out as content.
+    pub fn parse_calls(&self, text: &str) -> Option<Output> {
+        let calls = |v: &[Value]| -> Option<Vec<(String, String)>> {
+            v.iter()
+                .map(|c| {
+                    let name = c.get("name")?.as_str()?.to_string();
+                    Some((name, c.get("arguments")?.to_string()))
+                })
+                .collect()
+        };
         match &self.choice {
             ToolChoice::None => None,
-            ToolChoice::Named(name) => Some(vec![(name.clone(), text.to_string())]),
+            ToolChoice::Named(name) => Some(Output {
+                content: None,
+                calls: vec![(name.clone(), text.to_string())],
+            }),
             ToolChoice::Required { .. } => {
                 let v: Value = serde_json::from_str(text).ok()?;
-                v.as_array()?
-                    .iter()
-                    .map(|c| {
-                        let name = c.get("name")?.as_str()?.to_string();
-                        Some((name, c.get("arguments")?.to_string()))
-                    })
-                    .collect()
+                Some(Output {
+                    content: None,
+                    calls: calls(v.as_array()?)?,
+                })
+            }
+            ToolChoice::Auto => {
+                let at = text.find(CALL_OPEN)?;
+                let blocks = hermes_blocks(&text[at..])?;
+                let content = text[..at].trim();
+                Some(Output {
+                    content: (!content.is_empty()).then(|| content.to_string()),
+                    calls: calls(&blocks)?,
+                })
             }
         }
     }
@@ -232,6 +276,23 @@ impl Tools {
             ToolChoice::Named(n) => Some(n),
             _ => None,
         }
+    }
+}
+
+/// The JSON of each `<tool_call>…</tool_call>` in `text` (which starts
+/// with one); the last may lack its closing tag (the model stopped right
+/// after it). `None` if anything else is there, or a call is not JSON.
+fn hermes_blocks(mut text: &str) -> Option<Vec<Value>> {
+    let mut out = Vec::new();
+    loop {
+        text = text.trim_start();
+        if text.is_empty() {
+            return Some(out);
+        }
+        let body = text.strip_prefix(CALL_OPEN)?;
+        let (json, rest) = body.split_once(CALL_CLOSE).unwrap_or((body, ""));
+        out.push(serde_json::from_str(json.trim()).ok()?);
+        text = rest;
     }
 }
 
@@ -290,4 +351,52 @@ pub fn history_calls(p: &str, v: &Value) -> Result<Value, ApiError> {
         out.push(c);
     }
     Ok(Value::Array(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auto() -> Tools {
+        Tools {
+            defs: json!([]),
+            functions: vec![("f".into(), json!({"type": "object"}))],
+            choice: ToolChoice::Auto,
+        }
+    }
+
+    #[test]
+    fn hermes_calls_parse_with_or_without_text_and_closing_tags() {
+        let t = auto();
+        let two = "Sure.\n<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>\n<tool_call>{\"name\": \"g\", \"arguments\": {}}";
+        assert_eq!(
+            t.parse_calls(two),
+            Some(Output {
+                content: Some("Sure.".into()),
+                calls: vec![("f".into(), r#"{"a":1}"#.into()), ("g".into(), "{}".into())],
+            })
+        );
+        let bare = "<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>";
+        assert_eq!(t.parse_calls(bare).unwrap().content, None);
+        // Not calls: no tag, text after a call, a call that is not JSON or
+        // lacks its name or arguments.
+        for text in [
+            "plain text",
+            "<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call> and more",
+            "<tool_call>{\"name\": \"f\", \"argu",
+            "<tool_call>{\"arguments\": {}}</tool_call>",
+        ] {
+            assert_eq!(t.parse_calls(text), None, "{text}");
+        }
+    }
+
+    #[test]
+    fn hermes_templates_are_recognised() {
+        assert!(writes_hermes_calls(
+            "... within <tool_call></tool_call> XML tags ..."
+        ));
+        assert!(!writes_hermes_calls(
+            "{% for m in messages %}{{ m.content }}{% endfor %}"
+        ));
+    }
 }
