@@ -98,8 +98,9 @@ impl ChoiceDecoder {
         }
     }
 
-    /// See [`ChoiceDecoder::score_only`]: the worker generates one token,
-    /// which is dropped here.
+    /// Only the prompt is wanted (`max_tokens: 0` with its scores): the
+    /// workers generate one token, which is dropped here, and the choice
+    /// ends with `length` and no output.
     pub fn score_only(mut self, yes: bool) -> Self {
         self.score_only = yes;
         self

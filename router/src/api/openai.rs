@@ -955,7 +955,8 @@ struct Ctx {
     /// vLLM's `prompt_logprobs`: the prompt's scores in vLLM's shape, with
     /// this many alternatives per position.
     prompt_logprobs: Option<u32>,
-    /// The output is a tool call (chat with `tool_choice` required or named).
+    /// The output may hold tool calls (chat with `tools`, unless
+    /// `tool_choice` is `"none"`).
     tools: Option<super::tools::Tools>,
     tokenizer: Arc<Tokenizer>,
     start: Instant,
@@ -1553,8 +1554,9 @@ impl Sse {
 
     /// The delta of a tool-call choice: a named call streams its
     /// `arguments` (id, type and name on the first piece); a required call's
-    /// calls go out whole when the choice finishes (as text if they do not
-    /// parse, e.g. cut by `max_tokens`).
+    /// calls go out whole when the choice finishes; an auto choice streams
+    /// its text up to a `<tool_call>` and its calls when it finishes. Calls
+    /// that do not parse (cut by `max_tokens`) go out as text.
     fn call_delta(
         &mut self,
         index: usize,
