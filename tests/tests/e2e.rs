@@ -53,12 +53,32 @@ fn generate_plain_with(
     max_tokens: u32,
     extra: &[String],
 ) -> (String, Vec<u32>, u64) {
-    let model = model_path();
+    let v = generate_json(prompt, chat, max_tokens, extra);
+    let ids = token_ids(&v);
+    (
+        v["text"].as_str().unwrap().to_string(),
+        ids,
+        v["prompt_tokens"].as_u64().unwrap(),
+    )
+}
+
+/// The `token_ids` of `tandem generate --json`'s output.
+fn token_ids(v: &Value) -> Vec<u32> {
+    v["token_ids"]
+        .as_array()
+        .expect("token_ids")
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// What `tandem generate --json` prints for `prompt` (one thread).
+fn generate_json(prompt: &str, chat: bool, max_tokens: u32, extra: &[String]) -> Value {
     let mut cmd = Command::new(tandem_bin());
     cmd.args(["generate", "--json", "--threads", "1", "--max-tokens"])
         .arg(max_tokens.to_string())
         .arg("--model")
-        .arg(&model)
+        .arg(model_path())
         .args(["--prompt", prompt]);
     if chat {
         cmd.arg("--chat");
@@ -70,18 +90,7 @@ fn generate_plain_with(
         "tandem generate failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("generate --json output");
-    let ids = v["token_ids"]
-        .as_array()
-        .expect("token_ids")
-        .iter()
-        .map(|t| t.as_u64().unwrap() as u32)
-        .collect();
-    (
-        v["text"].as_str().unwrap().to_string(),
-        ids,
-        v["prompt_tokens"].as_u64().unwrap(),
-    )
+    serde_json::from_slice(&out.stdout).expect("generate --json output")
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -288,6 +297,11 @@ fn model_name() -> String {
 /// A non-streamed answer of the OpenAI API at `route` (`completions` or
 /// `chat/completions`), which must be 200.
 async fn api_json(c: &Cluster, route: &str, body: &Value) -> Value {
+    api_post(c, route, body).await.json().await.unwrap()
+}
+
+/// Posts `body` to the OpenAI API at `route`; the answer must be 200.
+async fn api_post(c: &Cluster, route: &str, body: &Value) -> reqwest::Response {
     let r = reqwest::Client::new()
         .post(format!("{}/{route}", c.base_url()))
         .json(body)
@@ -295,7 +309,18 @@ async fn api_json(c: &Cluster, route: &str, body: &Value) -> Value {
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "{body}");
-    r.json().await.unwrap()
+    r
+}
+
+/// The chunks of a streamed answer of the OpenAI API at `route`, which
+/// must be 200, parsed, without the closing `[DONE]`.
+async fn api_chunks(c: &Cluster, route: &str, body: &Value) -> Vec<Value> {
+    sse_events(api_post(c, route, body).await)
+        .await
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect()
 }
 
 /// Checks JSON-mode output: an object's start, and a whole object when it
@@ -1216,15 +1241,8 @@ fn tool_calls_are_the_plain_paths_schema_output() {
         assert_eq!(call["function"]["name"], "forecast");
         assert_eq!(call["function"]["arguments"], want.as_str());
         // Streamed, the arguments arrive in pieces that add up to the same.
-        let r = reqwest::Client::new()
-            .post(format!("{}/chat/completions", cluster.base_url()))
-            .json(&body(named, true))
-            .send()
-            .await
-            .unwrap();
         let mut streamed = String::new();
-        for ev in sse_events(r).await.iter().filter(|e| *e != "[DONE]") {
-            let ev: Value = serde_json::from_str(ev).unwrap();
+        for ev in api_chunks(&cluster, "chat/completions", &body(named, true)).await {
             if let Some(a) =
                 ev["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str()
             {
@@ -1256,20 +1274,12 @@ fn tool_calls_are_the_plain_paths_schema_output() {
 /// `tandem generate --json --prompt-logprobs K` on `prompt`: the prompt's
 /// scores, and the ids generated after it.
 fn scores_plain(prompt: &str, k: u32, max_tokens: u32) -> (Vec<Score>, Vec<u32>) {
-    let mut cmd = Command::new(tandem_bin());
-    cmd.args(["generate", "--json", "--threads", "1", "--max-tokens"])
-        .arg(max_tokens.to_string())
-        .args(["--prompt-logprobs", &k.to_string()])
-        .arg("--model")
-        .arg(model_path())
-        .args(["--prompt", prompt]);
-    let out = cmd.output().expect("running tandem generate");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let v = generate_json(
+        prompt,
+        false,
+        max_tokens,
+        &["--prompt-logprobs".into(), k.to_string()],
     );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("generate --json output");
     let scores = v["prompt_logprobs"]
         .as_array()
         .expect("prompt_logprobs")
@@ -1282,13 +1292,7 @@ fn scores_plain(prompt: &str, k: u32, max_tokens: u32) -> (Vec<Score>, Vec<u32>)
             )
         })
         .collect();
-    let ids = v["token_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_u64().unwrap() as u32)
-        .collect();
-    (scores, ids)
+    (scores, token_ids(&v))
 }
 
 /// Scoring prompts (OpenAI's `echo` with `logprobs`, as
@@ -1326,17 +1330,9 @@ fn prompt_scores_are_the_plain_paths_on_both_tiers() {
                     "stream": stream,
                 });
                 let choices: Vec<Value> = if stream {
-                    let r = reqwest::Client::new()
-                        .post(format!("{}/completions", cluster.base_url()))
-                        .json(&body)
-                        .send()
-                        .await
-                        .unwrap();
-                    assert_eq!(r.status(), 200);
                     // Per choice: the texts and the logprobs arrays joined.
                     let mut joined = vec![json!({"text": "", "logprobs": {"tokens": [], "token_logprobs": [], "top_logprobs": []}}); 2];
-                    for ev in sse_events(r).await.iter().filter(|e| *e != "[DONE]") {
-                        let ev: Value = serde_json::from_str(ev).unwrap();
+                    for ev in api_chunks(&cluster, "completions", &body).await {
                         let c = &ev["choices"][0];
                         let j = &mut joined[c["index"].as_u64().unwrap() as usize];
                         j["text"] = json!(format!("{}{}", j["text"].as_str().unwrap(), c["text"].as_str().unwrap()));
@@ -1887,23 +1883,33 @@ mod faults {
         });
     }
 
-    #[test]
-    fn a_decode_worker_killed_mid_run_loses_no_request() {
-        let (_etcd, mut cluster) = etcd_cluster("/e2e-kill-decode");
-        let (ok, bad) = load_with_fault(&mut cluster, 40, |c| c.decode[1].kill());
+    /// Runs the load with `fault` on a two-by-two cluster: every request
+    /// completes with its fault-free answer, and the decode workers in
+    /// `idle` end with nothing running and no KV block held.
+    fn loses_no_request(
+        prefix: &str,
+        what: &str,
+        fault: impl FnOnce(&mut Cluster),
+        idle: &[usize],
+    ) {
+        let (_etcd, mut cluster) = etcd_cluster(prefix);
+        let (ok, bad) = load_with_fault(&mut cluster, 40, fault);
         assert_eq!(ok + bad, REQUESTS);
-        assert_eq!(bad, 0, "requests failed after a decode worker died");
-        decode_workers_idle(&cluster, &[0]);
+        assert_eq!(bad, 0, "requests failed after {what}");
+        decode_workers_idle(&cluster, idle);
     }
 
     #[test]
+    fn a_decode_worker_killed_mid_run_loses_no_request() {
+        let fault = |c: &mut Cluster| c.decode[1].kill();
+        loses_no_request("/e2e-kill-decode", "a decode worker died", fault, &[0]);
+    }
+
+    /// Reservations for transfers that died with the worker are freed.
+    #[test]
     fn a_prefill_worker_killed_mid_run_loses_no_request() {
-        let (_etcd, mut cluster) = etcd_cluster("/e2e-kill-prefill");
-        let (ok, bad) = load_with_fault(&mut cluster, 40, |c| c.prefill[1].kill());
-        assert_eq!(ok + bad, REQUESTS);
-        assert_eq!(bad, 0, "requests failed after a prefill worker died");
-        // Reservations for transfers that died with the worker were freed.
-        decode_workers_idle(&cluster, &[0, 1]);
+        let fault = |c: &mut Cluster| c.prefill[1].kill();
+        loses_no_request("/e2e-kill-prefill", "a prefill worker died", fault, &[0, 1]);
     }
 
     /// Stops a node's process (SIGSTOP): it keeps its sockets open and
@@ -1919,11 +1925,8 @@ mod faults {
     /// on the other decode worker, exactly.
     #[test]
     fn a_frozen_decode_worker_loses_no_request() {
-        let (_etcd, mut cluster) = etcd_cluster("/e2e-freeze-decode");
-        let (ok, bad) = load_with_fault(&mut cluster, 40, |c| freeze(&c.decode[1]));
-        assert_eq!(ok + bad, REQUESTS);
-        assert_eq!(bad, 0, "requests failed after a decode worker froze");
-        decode_workers_idle(&cluster, &[0]);
+        let fault = |c: &mut Cluster| freeze(&c.decode[1]);
+        loses_no_request("/e2e-freeze-decode", "a decode worker froze", fault, &[0]);
     }
 
     /// A prefill worker that hangs mid-transfer: the decode workers' calls
@@ -1931,11 +1934,13 @@ mod faults {
     /// the router prefills those prompts elsewhere.
     #[test]
     fn a_frozen_prefill_worker_loses_no_request() {
-        let (_etcd, mut cluster) = etcd_cluster("/e2e-freeze-prefill");
-        let (ok, bad) = load_with_fault(&mut cluster, 40, |c| freeze(&c.prefill[1]));
-        assert_eq!(ok + bad, REQUESTS);
-        assert_eq!(bad, 0, "requests failed after a prefill worker froze");
-        decode_workers_idle(&cluster, &[0, 1]);
+        let fault = |c: &mut Cluster| freeze(&c.prefill[1]);
+        loses_no_request(
+            "/e2e-freeze-prefill",
+            "a prefill worker froze",
+            fault,
+            &[0, 1],
+        );
     }
 }
 

@@ -256,6 +256,18 @@ async fn post(app: &axum::Router, uri: &str, body: Value) -> (StatusCode, Value)
     (s, serde_json::from_str(&b).unwrap_or(Value::String(b)))
 }
 
+/// Posts a streaming request, which must be answered 200, and returns its
+/// SSE chunks parsed, without the closing `[DONE]`.
+async fn stream_chunks(app: &axum::Router, uri: &str, body: &Value) -> Vec<Value> {
+    let (s, _, text) = call(app, "POST", uri, Some(&body.to_string()), None).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    sse_events(&text)
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect()
+}
+
 /// SSE `data:` payloads (the last one may be `[DONE]`).
 fn sse_events(body: &str) -> Vec<String> {
     body.split("\n\n")
@@ -1244,20 +1256,7 @@ async fn echo_with_logprobs_scores_the_prompt() {
     let body = cmpl_body(
         json!({"prompt": prompt, "echo": true, "logprobs": 1, "max_tokens": 2, "stream": true}),
     );
-    let (s, _, text) = call(
-        &app,
-        "POST",
-        "/v1/completions",
-        Some(&body.to_string()),
-        None,
-    )
-    .await;
-    assert_eq!(s, StatusCode::OK);
-    let chunks: Vec<Value> = sse_events(&text)
-        .iter()
-        .filter(|e| *e != "[DONE]")
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let chunks = stream_chunks(&app, "/v1/completions", &body).await;
     let first = &chunks[0]["choices"][0];
     assert_eq!(first["text"], prompt);
     assert_eq!(first["logprobs"]["token_logprobs"][0], Value::Null);
@@ -1278,6 +1277,12 @@ async fn echo_with_logprobs_scores_the_prompt() {
     );
     let second = &chunks[1]["choices"][0]["logprobs"]["text_offset"][0];
     assert_eq!(second.as_u64().unwrap() as usize, prompt.chars().count());
+}
+
+/// The JSON schema the last generation was held to.
+fn last_schema(backend: &Scripted) -> Value {
+    let input = backend.inputs().pop().expect("a generation");
+    serde_json::from_str(&input.sampling.json_schema.expect("a schema")).unwrap()
 }
 
 fn weather_tools() -> Value {
@@ -1311,31 +1316,15 @@ async fn a_named_tool_choice_comes_back_as_its_call() {
     assert_eq!(tc["function"]["arguments"], args);
     assert_eq!(c["finish_reason"], "stop");
     // Held to the function's parameters.
-    let schema = backend
-        .inputs()
-        .pop()
-        .unwrap()
-        .sampling
-        .json_schema
-        .unwrap();
-    let schema: Value = serde_json::from_str(&schema).unwrap();
+    let schema = last_schema(&backend);
     assert_eq!(schema, weather_tools()[0]["function"]["parameters"]);
 
     // Streamed: the arguments in pieces, the call's id and name first.
     let mut body = body;
     body["stream"] = json!(true);
-    let (s, _, text) = call(
-        &app,
-        "POST",
-        "/v1/chat/completions",
-        Some(&body.to_string()),
-        None,
-    )
-    .await;
-    assert_eq!(s, StatusCode::OK);
+    let chunks = stream_chunks(&app, "/v1/chat/completions", &body).await;
     let (mut streamed, mut ids, mut finish) = (String::new(), Vec::new(), None);
-    for ev in sse_events(&text).iter().filter(|e| *e != "[DONE]") {
-        let ev: Value = serde_json::from_str(ev).unwrap();
+    for ev in &chunks {
         let ch = &ev["choices"][0];
         assert!(
             ch["delta"]
@@ -1389,14 +1378,7 @@ async fn a_required_tool_choice_comes_back_as_calls() {
     assert_eq!(a, json!({"city": "Paris"}));
     assert_eq!(calls[1]["function"]["name"], "get_time");
     assert_ne!(calls[0]["id"], calls[1]["id"]);
-    let schema = backend
-        .inputs()
-        .pop()
-        .unwrap()
-        .sampling
-        .json_schema
-        .unwrap();
-    let schema: Value = serde_json::from_str(&schema).unwrap();
+    let schema = last_schema(&backend);
     assert_eq!(schema["type"], "array");
     assert_eq!(schema["items"]["anyOf"].as_array().unwrap().len(), 2);
     assert!(schema.get("maxItems").is_none());
@@ -1406,37 +1388,17 @@ async fn a_required_tool_choice_comes_back_as_calls() {
     one["parallel_tool_calls"] = json!(false);
     let (s, _) = post(&app, "/v1/chat/completions", one).await;
     assert_eq!(s, StatusCode::OK);
-    let schema = backend
-        .inputs()
-        .pop()
-        .unwrap()
-        .sampling
-        .json_schema
-        .unwrap();
-    assert_eq!(
-        serde_json::from_str::<Value>(&schema).unwrap()["maxItems"],
-        1
-    );
+    assert_eq!(last_schema(&backend)["maxItems"], 1);
 
     // Streamed: the calls in one delta once whole.
     let mut body = body;
     body["stream"] = json!(true);
-    let (s, _, text) = call(
-        &app,
-        "POST",
-        "/v1/chat/completions",
-        Some(&body.to_string()),
-        None,
-    )
-    .await;
-    assert_eq!(s, StatusCode::OK);
-    let with_calls: Vec<Value> = sse_events(&text)
+    let chunks = stream_chunks(&app, "/v1/chat/completions", &body).await;
+    let with_calls: Vec<&Value> = chunks
         .iter()
-        .filter(|e| *e != "[DONE]")
-        .map(|e| serde_json::from_str::<Value>(e).unwrap())
         .filter(|e| e["choices"][0]["delta"].get("tool_calls").is_some())
         .collect();
-    assert_eq!(with_calls.len(), 1, "{text}");
+    assert_eq!(with_calls.len(), 1, "{chunks:?}");
     let ch = &with_calls[0]["choices"][0];
     assert_eq!(ch["finish_reason"], "tool_calls");
     assert_eq!(ch["delta"]["tool_calls"][1]["index"], 1);
@@ -1485,18 +1447,9 @@ async fn auto_tool_choice_reads_hermes_calls() {
     let mut sbody = body.clone();
     sbody["stream"] = json!(true);
     sbody["tool_choice"] = json!("auto");
-    let (s, _, text) = call(
-        &app,
-        "POST",
-        "/v1/chat/completions",
-        Some(&sbody.to_string()),
-        None,
-    )
-    .await;
-    assert_eq!(s, StatusCode::OK);
+    let chunks = stream_chunks(&app, "/v1/chat/completions", &sbody).await;
     let (mut content, mut calls, mut finish) = (String::new(), Vec::new(), None);
-    for ev in sse_events(&text).iter().filter(|e| *e != "[DONE]") {
-        let ev: Value = serde_json::from_str(ev).unwrap();
+    for ev in &chunks {
         let ch = &ev["choices"][0];
         content += ch["delta"]["content"].as_str().unwrap_or("");
         if let Some(t) = ch["delta"]["tool_calls"].as_array() {
@@ -1536,18 +1489,9 @@ async fn auto_tool_choice_reads_hermes_calls() {
     );
     assert!(c["message"].get("tool_calls").is_none());
     cut["stream"] = json!(true);
-    let (_, _, text) = call(
-        &app,
-        "POST",
-        "/v1/chat/completions",
-        Some(&cut.to_string()),
-        None,
-    )
-    .await;
-    let content: String = sse_events(&text)
+    let chunks = stream_chunks(&app, "/v1/chat/completions", &cut).await;
+    let content: String = chunks
         .iter()
-        .filter(|e| *e != "[DONE]")
-        .map(|e| serde_json::from_str::<Value>(e).unwrap())
         .filter_map(|e| {
             e["choices"][0]["delta"]["content"]
                 .as_str()
@@ -1670,16 +1614,8 @@ async fn vllm_prompt_logprobs_come_in_vllms_shape() {
     // Streamed, the scores come first, on a chunk of their own.
     let body =
         cmpl_body(json!({"prompt": prompt, "prompt_logprobs": 3, "max_tokens": 2, "stream": true}));
-    let (s, _, text) = call(
-        &app,
-        "POST",
-        "/v1/completions",
-        Some(&body.to_string()),
-        None,
-    )
-    .await;
-    assert_eq!(s, StatusCode::OK);
-    let first: Value = serde_json::from_str(&sse_events(&text)[0]).unwrap();
+    let chunks = stream_chunks(&app, "/v1/completions", &body).await;
+    let first = &chunks[0];
     check(&first["choices"][0]["prompt_logprobs"], 3);
     assert_eq!(first["choices"][0]["text"], "");
 
@@ -1732,18 +1668,9 @@ async fn a_batch_of_prompts_gets_prompts_times_n_choices_in_order() {
     // Streamed, each echoed prompt comes first, then its completion.
     let body =
         cmpl_body(json!({"prompt": [ids("One"), ids("Two two")], "echo": true, "stream": true}));
-    let (s, _, text) = call(
-        &app,
-        "POST",
-        "/v1/completions",
-        Some(&body.to_string()),
-        None,
-    )
-    .await;
-    assert_eq!(s, StatusCode::OK);
+    let chunks = stream_chunks(&app, "/v1/completions", &body).await;
     let mut per_choice = [String::new(), String::new()];
-    for ev in sse_events(&text).iter().filter(|e| *e != "[DONE]") {
-        let ev: Value = serde_json::from_str(ev).unwrap();
+    for ev in &chunks {
         if let Some(c) = ev["choices"].as_array().and_then(|a| a.first()) {
             per_choice[c["index"].as_u64().unwrap() as usize] += c["text"].as_str().unwrap();
         }
