@@ -1215,11 +1215,11 @@ async fn run(
     check_model_field(&state, &m)?;
     let tools = match ep {
         Endpoint::Chat => {
-            let hermes = state
+            let format = state
                 .chat_template
                 .as_ref()
-                .is_some_and(|t| super::tools::writes_hermes_calls(t.source()));
-            super::tools::parse(&m, hermes)?
+                .and_then(|t| super::tools::CallFormat::of_template(t.source()));
+            super::tools::parse(&m, format)?
         }
         Endpoint::Completions => None,
     };
@@ -1436,14 +1436,11 @@ async fn complete(
 struct Sse {
     ctx: Ctx,
     choices: SelectAll<ChoiceStream>,
-    /// Per choice, when the output is a tool call: a named call's id once
-    /// its first piece went out; text held back (a required call's so far,
-    /// sent as the calls once whole; an auto choice's from its first
-    /// `<tool_call>`, or what may be the start of one).
+    /// Per choice, when the output may hold tool calls: a named call's id
+    /// once its first piece went out; what a required or auto choice holds
+    /// back.
     call_ids: Vec<Option<String>>,
-    call_text: Vec<String>,
-    /// Per auto choice: a call has begun (the rest is held).
-    in_call: Vec<bool>,
+    call_streams: Vec<super::tools::CallStream>,
     queue: VecDeque<(Bytes, Option<Instant>)>,
     completion_tokens: u64,
     /// Per prompt, the longest cached prefix its choices reported.
@@ -1580,60 +1577,22 @@ impl Sse {
             };
             return (json!({"tool_calls": [call]}), reason);
         }
-        let auto = tools.choice == super::tools::ToolChoice::Auto;
-        self.call_text[index].push_str(text);
-        if finish.is_none() {
-            if !auto || self.in_call[index] {
-                return (json!({}), None);
-            }
-            // Auto: text streams as content up to a call, holding back
-            // what may be the start of `<tool_call>`.
-            let held = &mut self.call_text[index];
-            let open = super::tools::CALL_OPEN;
-            let send = match held.find(open) {
-                Some(at) => {
-                    self.in_call[index] = true;
-                    at
-                }
-                None => (1..open.len())
-                    .rev()
-                    .find(|&k| held.ends_with(&open[..k]))
-                    .map_or(held.len(), |k| held.len() - k),
-            };
-            let out: String = held.drain(..send).collect();
-            return match out.is_empty() {
-                true => (json!({}), None),
-                false => (json!({"content": out}), None),
-            };
-        }
-        let whole = std::mem::take(&mut self.call_text[index]);
-        // Auto: text before a call not yet sent goes with the calls.
-        let at = match auto && !self.in_call[index] {
-            true => whole.find(super::tools::CALL_OPEN).unwrap_or(whole.len()),
-            false => 0,
-        };
-        let (text, rest) = whole.split_at(at);
+        let stream = &mut self.call_streams[index];
+        let mut content = stream.push(tools, text);
         let mut delta = Map::new();
-        let reason = match tools.parse_calls(rest) {
-            Some(out) => {
-                let calls = super::tools::calls_json(&out.calls, true);
-                delta.insert("tool_calls".into(), calls);
-                match finish {
-                    Some(FinishReason::Stop) => Some("tool_calls"),
-                    _ => reason,
+        let mut reason = reason;
+        if finish.is_some() {
+            let (rest, calls) = stream.finish(tools);
+            content.push_str(&rest);
+            if let Some(calls) = calls {
+                delta.insert("tool_calls".into(), super::tools::calls_json(&calls, true));
+                if finish == Some(FinishReason::Stop) {
+                    reason = Some("tool_calls");
                 }
             }
-            None => {
-                // No call after all (or one cut short): text.
-                delta.insert("content".into(), json!(whole));
-                return match whole.is_empty() {
-                    true => (json!({}), reason),
-                    false => (Value::Object(delta), reason),
-                };
-            }
-        };
-        if !text.is_empty() {
-            delta.insert("content".into(), json!(text));
+        }
+        if !content.is_empty() {
+            delta.insert("content".into(), json!(content));
         }
         (Value::Object(delta), reason)
     }
@@ -1677,8 +1636,7 @@ fn sse_response(ctx: Ctx, choices: SelectAll<ChoiceStream>, ttft: Arc<Ttft>) -> 
     let n = choices.len();
     let mut s = Sse {
         call_ids: vec![None; n],
-        call_text: vec![String::new(); n],
-        in_call: vec![false; n],
+        call_streams: (0..n).map(|_| Default::default()).collect(),
         cached_tokens: vec![0; ctx.prompts()],
         ctx,
         choices,

@@ -1408,13 +1408,68 @@ async fn a_required_tool_choice_comes_back_as_calls() {
 /// A Qwen 2.5-style template: it shows the tools and asks for Hermes calls.
 const HERMES_TEMPLATE: &str = "{%- if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools>\nCall a function with <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>.<|im_end|>\n{%- endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
-fn hermes_app(script: Script) -> (Arc<Scripted>, axum::Router) {
+/// A Llama 3.1-style template: JSON calls, `<|python_tag|>` before them.
+const LLAMA_TEMPLATE: &str = "{%- if tools %}Respond in the format {\"name\": function name, \"parameters\": dictionary of argument name and its value}.{% for t in tools %}{{ t | tojson }}{% endfor %}{%- endif %}{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% if m.tool_calls is defined %}<|python_tag|>{% endif %}{% endfor %}assistant: ";
+
+fn app_with_template(script: Script, template: &str) -> (Arc<Scripted>, axum::Router) {
     let backend = Scripted::new(script);
     let mut state =
         ApiState::new(backend.clone(), tokenizer(), MODEL.to_string(), CTX, None).unwrap();
     state.chat_template =
-        Some(tandem_model::chat::ChatTemplate::new(HERMES_TEMPLATE, "", "<|im_end|>").unwrap());
+        Some(tandem_model::chat::ChatTemplate::new(template, "", "<|im_end|>").unwrap());
     (backend, openai_routes(Arc::new(state)))
+}
+
+fn hermes_app(script: Script) -> (Arc<Scripted>, axum::Router) {
+    app_with_template(script, HERMES_TEMPLATE)
+}
+
+/// Auto with a Llama 3.1-style template: an output that is JSON calls
+/// (`parameters` for the arguments) comes back as calls, whole when
+/// streamed; an answer in text stays text, streamed as it comes.
+#[tokio::test]
+async fn auto_tool_choice_reads_llama_json_calls() {
+    let said = r#"{"name": "get_weather", "parameters": {"city": "Paris"}}"#;
+    let (_, app) = app_with_template(text_script(said), LLAMA_TEMPLATE);
+    let body = chat_body(json!({"tools": weather_tools()}));
+    let (s, v) = post(&app, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let c = &v["choices"][0];
+    assert_eq!(c["finish_reason"], "tool_calls");
+    assert_eq!(c["message"]["content"], Value::Null);
+    let tc = &c["message"]["tool_calls"][0];
+    assert_eq!(tc["function"]["name"], "get_weather");
+    assert_eq!(tc["function"]["arguments"], r#"{"city":"Paris"}"#);
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let chunks = stream_chunks(&app, "/v1/chat/completions", &sbody).await;
+    let content: String = chunks
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, "");
+    let calls: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["tool_calls"].as_array())
+        .flatten()
+        .collect();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0]["function"]["arguments"], r#"{"city":"Paris"}"#);
+
+    let answer = "Paris is sunny: {\"temp\": 21}";
+    let (_, app) = app_with_template(text_script(answer), LLAMA_TEMPLATE);
+    let (s, v) = post(&app, "/v1/chat/completions", body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], answer);
+    assert!(v["choices"][0]["message"].get("tool_calls").is_none());
+    let chunks = stream_chunks(&app, "/v1/chat/completions", &sbody).await;
+    let pieces: Vec<&str> = chunks
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .filter(|c| !c.is_empty())
+        .collect();
+    assert!(pieces.len() > 1, "streamed as it comes: {pieces:?}");
+    assert_eq!(pieces.concat(), answer);
 }
 
 /// `tool_choice: "auto"` (or none given) with a model whose template writes

@@ -11,11 +11,9 @@
 //!   each held to its function's schema, sent as the calls once complete;
 //! * `"none"`: plain text (the tools still reach the chat template);
 //! * `"auto"` (OpenAI's default when tools are given) lets the model choose
-//!   between text and calls written in its own format. That needs the
-//!   model family's format: the Hermes one (`<tool_call>{"name": …,
-//!   "arguments": …}</tool_call>`, Qwen 2.5's and Hermes' templates) is
-//!   read when the chat template writes it; with other templates "auto" is
-//!   refused with a 400 that says what to send instead.
+//!   between text and calls written in its own format ([`CallFormat`]),
+//!   read where the chat template teaches one tandem knows; with other
+//!   templates "auto" is refused with a 400 that says what to send instead.
 //!
 //! The tools go to the chat template as `tools`, as transformers passes
 //! them, for templates that describe them to the model.
@@ -34,17 +32,62 @@ pub enum ToolChoice {
     Named(String),
     /// One call or more (`parallel`) of any of the functions.
     Required { parallel: bool },
-    /// Text, calls in the Hermes format, or both: the model decides.
-    Auto,
+    /// Text, calls in the model's format, or both: the model decides.
+    Auto(CallFormat),
 }
 
 /// The Hermes format's call delimiters.
 pub const CALL_OPEN: &str = "<tool_call>";
 pub const CALL_CLOSE: &str = "</tool_call>";
 
-/// Whether a chat template teaches the Hermes tool-call format.
-pub fn writes_hermes_calls(template_source: &str) -> bool {
-    template_source.contains(CALL_OPEN)
+/// How a model family writes the calls it chooses to make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallFormat {
+    /// `<tool_call>{"name": …, "arguments": …}</tool_call>` blocks, after
+    /// any text (Hermes, Qwen 2.5).
+    Hermes,
+    /// The whole output is a call: `{"name": …, "parameters": …}`, several
+    /// separated by `;` (Llama 3.1 to 3.3's JSON tool calls; the
+    /// `<|python_tag|>` before them is a control token, which the
+    /// detokeniser skips).
+    Llama3Json,
+}
+
+impl CallFormat {
+    /// The format a chat template teaches the model, if tandem knows it.
+    pub fn of_template(source: &str) -> Option<Self> {
+        if source.contains(CALL_OPEN) {
+            Some(Self::Hermes)
+        } else if source.contains("<|python_tag|>")
+            || source.contains("\"parameters\": dictionary of argument name")
+        {
+            Some(Self::Llama3Json)
+        } else {
+            None
+        }
+    }
+
+    /// Where a call begins in `text` (output not sent yet), if it does;
+    /// `prose`: text went out before it.
+    fn call_start(self, text: &str, prose: bool) -> Option<usize> {
+        match self {
+            Self::Hermes => text.find(CALL_OPEN),
+            Self::Llama3Json => (!prose && text.trim_start().starts_with('{')).then_some(0),
+        }
+    }
+
+    /// How much of `text` (no call begins in it) can go out as content
+    /// now: all but what may still turn out to begin one.
+    fn settled(self, text: &str, prose: bool) -> usize {
+        match self {
+            Self::Hermes => (1..CALL_OPEN.len())
+                .rev()
+                .find(|&k| text.ends_with(&CALL_OPEN[..k]))
+                .map_or(text.len(), |k| text.len() - k),
+            Self::Llama3Json if prose || !text.trim().is_empty() => text.len(),
+            Self::Llama3Json => 0,
+        }
+    }
 }
 
 /// What a finished output says: text before any call, and the calls as
@@ -69,9 +112,12 @@ pub struct Tools {
 const MAX_NAME: usize = 64;
 
 /// Reads `tools`, `tool_choice` and `parallel_tool_calls`. `None` when the
-/// request has no tools. `hermes`: the model writes Hermes calls, so
-/// `"auto"` can be served.
-pub fn parse(m: &Map<String, Value>, hermes: bool) -> Result<Option<Tools>, ApiError> {
+/// request has no tools. `format`: how the model writes calls (from its
+/// chat template), without which `"auto"` cannot be served.
+pub fn parse(
+    m: &Map<String, Value>,
+    format: Option<CallFormat>,
+) -> Result<Option<Tools>, ApiError> {
     let choice = field(m, "tool_choice");
     let Some(tools) = field(m, "tools") else {
         return match choice {
@@ -139,10 +185,14 @@ pub fn parse(m: &Map<String, Value>, hermes: bool) -> Result<Option<Tools>, ApiE
     let choice = match choice {
         Some(Value::String(s)) if s == "none" => ToolChoice::None,
         Some(Value::String(s)) if s == "required" => ToolChoice::Required { parallel },
-        None if hermes => ToolChoice::Auto,
-        Some(Value::String(s)) if s == "auto" && hermes => ToolChoice::Auto,
-        None => return Err(auto_refused()),
-        Some(Value::String(s)) if s == "auto" => return Err(auto_refused()),
+        None => ToolChoice::Auto(format.ok_or_else(auto_refused)?),
+        Some(Value::String(s)) if s == "auto" => ToolChoice::Auto(format.ok_or_else(auto_refused)?),
+        Some(Value::String(s)) => return Err(ApiError::bad_param(
+            "tool_choice",
+            format!(
+                "'tool_choice' must be \"none\", \"auto\", \"required\" or an object, got '{s}'"
+            ),
+        )),
         Some(Value::Object(o)) => {
             let name = o
                 .get("function")
@@ -205,7 +255,7 @@ impl Tools {
                 .unwrap_or_else(|| json!({"type": "object"}))
         };
         let schema = match &self.choice {
-            ToolChoice::None | ToolChoice::Auto => return None,
+            ToolChoice::None | ToolChoice::Auto(_) => return None,
             ToolChoice::Named(name) => params(name),
             ToolChoice::Required { parallel } => {
                 let one: Vec<Value> = self
@@ -233,15 +283,17 @@ impl Tools {
     /// The calls in a finished output. A named call's output is its
     /// arguments, whole or not (a completion cut by `max_tokens` keeps what
     /// it wrote, as OpenAI's does); a required one's is parsed; an auto
-    /// one's is text with Hermes calls after it. `None` when there is no
-    /// call, or what should be one does not parse (cut short): the text
-    /// then goes out as content.
+    /// one's is in the model's format ([`CallFormat`]). `None` when there
+    /// is no call, or what should be one does not parse (cut short): the
+    /// text then goes out as content.
     pub fn parse_calls(&self, text: &str) -> Option<Output> {
+        // Llama names the arguments `parameters`.
         let calls = |v: &[Value]| -> Option<Vec<(String, String)>> {
             v.iter()
                 .map(|c| {
                     let name = c.get("name")?.as_str()?.to_string();
-                    Some((name, c.get("arguments")?.to_string()))
+                    let args = c.get("arguments").or_else(|| c.get("parameters"))?;
+                    Some((name, args.to_string()))
                 })
                 .collect()
         };
@@ -258,7 +310,7 @@ impl Tools {
                     calls: calls(v.as_array()?)?,
                 })
             }
-            ToolChoice::Auto => {
+            ToolChoice::Auto(CallFormat::Hermes) => {
                 let at = text.find(CALL_OPEN)?;
                 let blocks = hermes_blocks(&text[at..])?;
                 let content = text[..at].trim();
@@ -267,6 +319,10 @@ impl Tools {
                     calls: calls(&blocks)?,
                 })
             }
+            ToolChoice::Auto(CallFormat::Llama3Json) => Some(Output {
+                content: None,
+                calls: calls(&json_objects(text)?)?,
+            }),
         }
     }
 
@@ -293,6 +349,82 @@ fn hermes_blocks(mut text: &str) -> Option<Vec<Value>> {
         let (json, rest) = body.split_once(CALL_CLOSE).unwrap_or((body, ""));
         out.push(serde_json::from_str(json.trim()).ok()?);
         text = rest;
+    }
+}
+
+/// The JSON objects `text` consists of, separated by `;` (Llama's calls).
+/// `None` if anything else is there.
+fn json_objects(text: &str) -> Option<Vec<Value>> {
+    let mut out = Vec::new();
+    let mut rest = text.trim_start();
+    if !rest.starts_with('{') {
+        return None;
+    }
+    while !rest.is_empty() {
+        let mut values = serde_json::Deserializer::from_str(rest).into_iter::<Value>();
+        let v = values.next()?.ok()?;
+        if !v.is_object() {
+            return None;
+        }
+        out.push(v);
+        rest = rest[values.byte_offset()..].trim_start();
+        if let Some(next) = rest.strip_prefix(';') {
+            rest = next.trim_start();
+        }
+    }
+    Some(out)
+}
+
+/// A streamed tool-call choice's output, held back as far as a call may be
+/// in it: a required call's until it is whole; an auto choice's from where
+/// a call begins, or may yet begin, its text before that going out as it
+/// comes.
+#[derive(Debug, Default)]
+pub struct CallStream {
+    held: String,
+    /// A call has begun: the rest is held.
+    in_call: bool,
+    /// Text went out as content.
+    prose: bool,
+}
+
+impl CallStream {
+    /// Takes the next piece of output; returns what goes out as content now.
+    pub fn push(&mut self, tools: &Tools, text: &str) -> String {
+        self.held.push_str(text);
+        let ToolChoice::Auto(format) = tools.choice else {
+            return String::new();
+        };
+        if self.in_call {
+            return String::new();
+        }
+        let n = match format.call_start(&self.held, self.prose) {
+            Some(at) => {
+                self.in_call = true;
+                at
+            }
+            None => format.settled(&self.held, self.prose),
+        };
+        let out: String = self.held.drain(..n).collect();
+        self.prose |= !out.is_empty();
+        out
+    }
+
+    /// At the end: the content not sent yet, and the calls, if the output
+    /// holds any that parse (if not, all of it is content).
+    pub fn finish(&mut self, tools: &Tools) -> (String, Option<Vec<(String, String)>>) {
+        let whole = std::mem::take(&mut self.held);
+        let at = match tools.choice {
+            ToolChoice::Auto(format) if !self.in_call => {
+                format.call_start(&whole, self.prose).unwrap_or(whole.len())
+            }
+            _ => 0,
+        };
+        let (text, rest) = whole.split_at(at);
+        match tools.parse_calls(rest) {
+            Some(out) if !out.calls.is_empty() => (text.to_string(), Some(out.calls)),
+            _ => (whole, None),
+        }
     }
 }
 
@@ -357,17 +489,17 @@ pub fn history_calls(p: &str, v: &Value) -> Result<Value, ApiError> {
 mod tests {
     use super::*;
 
-    fn auto() -> Tools {
+    fn auto(format: CallFormat) -> Tools {
         Tools {
             defs: json!([]),
             functions: vec![("f".into(), json!({"type": "object"}))],
-            choice: ToolChoice::Auto,
+            choice: ToolChoice::Auto(format),
         }
     }
 
     #[test]
     fn hermes_calls_parse_with_or_without_text_and_closing_tags() {
-        let t = auto();
+        let t = auto(CallFormat::Hermes);
         let two = "Sure.\n<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>\n<tool_call>{\"name\": \"g\", \"arguments\": {}}";
         assert_eq!(
             t.parse_calls(two),
@@ -391,12 +523,89 @@ mod tests {
     }
 
     #[test]
-    fn hermes_templates_are_recognised() {
-        assert!(writes_hermes_calls(
-            "... within <tool_call></tool_call> XML tags ..."
-        ));
-        assert!(!writes_hermes_calls(
-            "{% for m in messages %}{{ m.content }}{% endfor %}"
-        ));
+    fn llama_calls_are_the_whole_output() {
+        let t = auto(CallFormat::Llama3Json);
+        let two =
+            " {\"name\": \"f\", \"parameters\": {\"a\": 1}}; {\"name\": \"g\", \"parameters\": {}}";
+        assert_eq!(
+            t.parse_calls(two),
+            Some(Output {
+                content: None,
+                calls: vec![("f".into(), r#"{"a":1}"#.into()), ("g".into(), "{}".into())],
+            })
+        );
+        for text in [
+            "The answer is {\"name\": \"f\", \"parameters\": {}}",
+            "{\"name\": \"f\", \"parameters\": {}} and text",
+            "{\"name\": \"f\", \"param",
+            "[1, 2]",
+        ] {
+            assert_eq!(t.parse_calls(text), None, "{text}");
+        }
+    }
+
+    /// Streamed, text goes out as it comes up to a call, never a piece of
+    /// what begins one; what is held comes out at the end, as calls if it
+    /// parses, else as text.
+    #[test]
+    fn streams_hold_back_what_may_begin_a_call() {
+        let run = |t: &Tools, pieces: &[&str]| {
+            let mut s = CallStream::default();
+            let sent: Vec<String> = pieces.iter().map(|p| s.push(t, p)).collect();
+            (sent, s.finish(t))
+        };
+        let hermes = auto(CallFormat::Hermes);
+        let (sent, (rest, calls)) = run(
+            &hermes,
+            &[
+                "Sure",
+                ". <tool",
+                "_call>{\"name\": \"f\", ",
+                "\"arguments\": {}}</tool_call>",
+            ],
+        );
+        assert_eq!(sent, ["Sure", ". ", "", ""]);
+        assert_eq!(rest, "");
+        assert_eq!(calls, Some(vec![("f".into(), "{}".into())]));
+        // `<tool` that turns out to be text is sent once it is clear.
+        let (sent, (rest, calls)) = run(&hermes, &["a <tool", "box> b"]);
+        assert_eq!(sent.concat() + &rest, "a <toolbox> b");
+        assert_eq!(calls, None);
+        let llama = auto(CallFormat::Llama3Json);
+        let (sent, (rest, calls)) =
+            run(&llama, &["  ", "{\"name\": \"f\",", " \"parameters\": {}}"]);
+        assert_eq!(sent.concat() + &rest, "");
+        assert_eq!(calls, Some(vec![("f".into(), "{}".into())]));
+        // Text first: all text, even JSON later in it.
+        let (sent, (rest, calls)) =
+            run(&llama, &["Here: ", "{\"name\": \"f\", \"parameters\": {}}"]);
+        assert_eq!(
+            sent.concat() + &rest,
+            "Here: {\"name\": \"f\", \"parameters\": {}}"
+        );
+        assert_eq!(calls, None);
+        // A call cut short is text.
+        let (sent, (rest, calls)) = run(&llama, &["{\"name\": \"f\", \"par"]);
+        assert_eq!(
+            (sent.concat() + &rest, calls),
+            ("{\"name\": \"f\", \"par".into(), None)
+        );
+    }
+
+    #[test]
+    fn call_formats_are_recognised_from_templates() {
+        let of = CallFormat::of_template;
+        assert_eq!(
+            of("... within <tool_call></tool_call> XML tags ..."),
+            Some(CallFormat::Hermes)
+        );
+        assert_eq!(
+            of("{{- '<|python_tag|>' + tool_call.name }}"),
+            Some(CallFormat::Llama3Json)
+        );
+        assert_eq!(
+            of("{% for m in messages %}{{ m.content }}{% endfor %}"),
+            None
+        );
     }
 }
