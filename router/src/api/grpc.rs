@@ -150,6 +150,7 @@ impl GenerateApi {
             regex: (!s.regex.is_empty()).then_some(s.regex),
             choice: s.choice,
             prompt_logprobs: s.prompt_logprobs,
+            echo: false,
         };
         let request_id = if req.request_id.is_empty() {
             format!("gen-{}", random_id())

@@ -946,9 +946,10 @@ struct Ctx {
     per_prompt: usize,
     /// Per prompt, the text its choices begin with (`echo`), else empty.
     echo: Vec<String>,
-    /// Per prompt, its token ids, when its scores were asked for (`echo`
-    /// with `logprobs`, or `prompt_logprobs`); else empty.
-    scored_prompts: Vec<Vec<u32>>,
+    /// Per prompt, when its scores were asked for (`echo` with `logprobs`,
+    /// or `prompt_logprobs`), its token ids and whether it came as text;
+    /// else empty.
+    scored_prompts: Vec<(Vec<u32>, bool)>,
     /// The echoed prompt comes with its scores in `logprobs` (OpenAI's
     /// legacy `echo` with `logprobs`).
     echo_scored: bool,
@@ -1069,9 +1070,11 @@ fn completion_logprobs(tok: &Tokenizer, k: u32, entries: &[LpEntry<'_>]) -> Valu
 /// the first unscored, each scored by the model given the ones before it.
 fn prompt_logprobs_json(ctx: &Ctx, prompt: usize, scores: &[SampledToken]) -> Value {
     let tok = &*ctx.tokenizer;
-    let ids = &ctx.scored_prompts[prompt];
-    // Offsets as the decoder writes the prompt out, special tokens skipped.
-    let mut detok = tandem_model::detok::IncrementalDecoder::new(tok, true);
+    let (ids, as_text) = &ctx.scored_prompts[prompt];
+    // Offsets into the echoed text: the client's own (special tokens the
+    // tokenizer added, such as BOS, are not in it), or the ids decoded with
+    // their special tokens.
+    let mut detok = tandem_model::detok::IncrementalDecoder::new(tok, *as_text);
     let mut chars = 0;
     let entries: Vec<LpEntry> = ids
         .iter()
@@ -1256,6 +1259,7 @@ async fn run(
     let vllm_scores = prompt_logprobs_param(&m)?;
     let echo_k = common.params.logprobs.filter(|_| echo_scored);
     common.params.prompt_logprobs = echo_k.max(vllm_scores);
+    common.params.echo = echo;
     let mut scored_prompts = Vec::new();
     let start = Instant::now();
     let id = match ep {
@@ -1282,7 +1286,7 @@ async fn run(
             input.frontend_time = own;
         }
         if common.params.prompt_logprobs.is_some() {
-            scored_prompts.push(prompt.ids.clone());
+            scored_prompts.push((prompt.ids.clone(), prompt.text.is_some()));
         }
         let echoed = match (echo, prompt.text) {
             (false, _) => String::new(),

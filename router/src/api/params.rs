@@ -51,6 +51,9 @@ pub struct GenParams {
     /// `echo` with `logprobs`). With it, `max_tokens` may be 0: the prompt
     /// alone is scored.
     pub prompt_logprobs: Option<u32>,
+    /// The answer repeats the prompt (completions' `echo`): with it too,
+    /// `max_tokens` may be 0, and the prompt is all that comes back.
+    pub echo: bool,
 }
 
 /// Largest bias magnitude `logit_bias` accepts (OpenAI's range).
@@ -65,8 +68,9 @@ pub struct Prepared {
     pub logprobs: Option<u32>,
     /// Tokens before which stop strings are not matched.
     pub min_tokens: usize,
-    /// `max_tokens: 0` on a scored prompt: the workers generate one token,
-    /// which the front end drops ([`super::ChoiceDecoder::score_only`]).
+    /// `max_tokens: 0` on a scored or echoed prompt: the workers generate
+    /// one token, which the front end drops
+    /// ([`super::ChoiceDecoder::score_only`]).
     pub score_only: bool,
 }
 
@@ -191,7 +195,8 @@ impl GenParams {
                 "give one output constraint: response_format, guided_json, guided_regex or guided_choice",
             ));
         }
-        let score_only = self.max_tokens == Some(0) && self.prompt_logprobs.is_some();
+        let score_only =
+            self.max_tokens == Some(0) && (self.prompt_logprobs.is_some() || self.echo);
         let max_tokens = match self.max_tokens {
             None => None,
             Some(0) if score_only => Some(1),

@@ -533,7 +533,7 @@ async fn bad_inputs_are_400_with_param() {
             chat_body(json!({"messages": [{"role": "user", "content": long_prompt}]})),
             Some("messages"),
         ),
-        // Scoring the prompt alone needs the prompt's scores.
+        // No output at all needs the prompt echoed or scored.
         (
             cmpl,
             cmpl_body(json!({"max_tokens": 0})),
@@ -1233,7 +1233,14 @@ async fn echo_with_logprobs_scores_the_prompt() {
     let inp = backend.inputs().pop().unwrap();
     assert_eq!(inp.sampling.prompt_logprobs, Some(2));
 
-    // The prompt alone.
+    // The prompt alone, echoed without scores (OpenAI's legacy API allowed
+    // that too), then with them.
+    let body = cmpl_body(json!({"prompt": prompt, "echo": true, "max_tokens": 0}));
+    let (s, v) = post(&app, "/v1/completions", body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["text"], prompt);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 0);
     let body = cmpl_body(json!({"prompt": prompt, "echo": true, "logprobs": 1, "max_tokens": 0}));
     let (s, v) = post(&app, "/v1/completions", body).await;
     assert_eq!(s, StatusCode::OK, "{v}");
@@ -1277,6 +1284,28 @@ async fn echo_with_logprobs_scores_the_prompt() {
     );
     let second = &chunks[1]["choices"][0]["logprobs"]["text_offset"][0];
     assert_eq!(second.as_u64().unwrap() as usize, prompt.chars().count());
+
+    // Token ids with a special token: echoed with it, and the offsets
+    // index that text.
+    let special = tokenizer().encode("<|im_start|>", false).unwrap();
+    assert!(special.len() == 1 && tokenizer().is_special(special[0]));
+    let ids_in: Vec<u32> = special.iter().copied().chain(p_ids.clone()).collect();
+    let body = cmpl_body(json!({"prompt": ids_in, "echo": true, "logprobs": 1, "max_tokens": 1}));
+    let (s, v) = post(&app, "/v1/completions", body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let c = &v["choices"][0];
+    let text = c["text"].as_str().unwrap();
+    assert!(text.starts_with("<|im_start|>Once upon"), "{text}");
+    let lp = &c["logprobs"];
+    for (t, o) in lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(lp["text_offset"].as_array().unwrap())
+    {
+        let (t, o) = (t.as_str().unwrap(), o.as_u64().unwrap() as usize);
+        assert!(text[o..].starts_with(t), "{t:?} at {o} of {text:?}");
+    }
 }
 
 /// The JSON schema the last generation was held to.

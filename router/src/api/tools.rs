@@ -187,12 +187,14 @@ pub fn parse(
         Some(Value::String(s)) if s == "required" => ToolChoice::Required { parallel },
         None => ToolChoice::Auto(format.ok_or_else(auto_refused)?),
         Some(Value::String(s)) if s == "auto" => ToolChoice::Auto(format.ok_or_else(auto_refused)?),
-        Some(Value::String(s)) => return Err(ApiError::bad_param(
-            "tool_choice",
-            format!(
+        Some(Value::String(s)) => {
+            return Err(ApiError::bad_param(
+                "tool_choice",
+                format!(
                 "'tool_choice' must be \"none\", \"auto\", \"required\" or an object, got '{s}'"
             ),
-        )),
+            ))
+        }
         Some(Value::Object(o)) => {
             let name = o
                 .get("function")
