@@ -1166,15 +1166,8 @@ mod batching {
 
         /// Every event of a stream, until `Finished`.
         fn collect(h: &mut RequestHandle) -> (Vec<Sampled>, usize) {
-            let mut got = Vec::new();
-            loop {
-                match h.events.blocking_recv().expect("stream ends with Finished") {
-                    Event::PromptLogprobs(_) => panic!("prompt scores were not asked for"),
-                    Event::Token(s) => got.push(s),
-                    Event::Finished { cached_tokens, .. } => return (got, cached_tokens),
-                    Event::Error(e) => panic!("request failed: {e}"),
-                }
-            }
+            let (got, end) = crate::common::drain(&mut h.events);
+            (got, end.cached_tokens)
         }
 
         fn spec(p: &[u32], n: usize) -> RequestSpec {
@@ -1746,20 +1739,9 @@ mod batching {
                 ..Default::default()
             })
             .unwrap();
-        let mut got = Vec::new();
-        loop {
-            match h.events.blocking_recv().expect("stream ends with Finished") {
-                Event::PromptLogprobs(_) => panic!("prompt scores were not asked for"),
-                Event::Token(s) => got.push(s.token),
-                Event::Finished {
-                    completion_tokens, ..
-                } => {
-                    assert_eq!(completion_tokens, 6);
-                    break;
-                }
-                Event::Error(e) => panic!("{e}"),
-            }
-        }
+        let (got, end) = crate::common::drain(&mut h.events);
+        assert_eq!(end.completion_tokens, 6);
+        let got: Vec<u32> = got.iter().map(|s| s.token).collect();
         assert_eq!(got, alone(&p, &SamplingParams::greedy(), 6));
         assert!(engine.cached_prefix_len(p.clone()) >= p.len() / 16 * 16);
         let too_big = engine.submit(RequestSpec {
@@ -1787,17 +1769,8 @@ mod batching {
         );
         let run = |spec: RequestSpec| -> (Vec<u32>, usize) {
             let mut h = engine.submit(spec).unwrap();
-            let mut got = Vec::new();
-            loop {
-                match h.events.blocking_recv().expect("stream ends with Finished") {
-                    Event::PromptLogprobs(_) => panic!("prompt scores were not asked for"),
-                    Event::Token(s) => got.push(s.token),
-                    Event::Finished {
-                        completion_tokens, ..
-                    } => return (got, completion_tokens),
-                    Event::Error(e) => panic!("{e}"),
-                }
-            }
+            let (got, end) = crate::common::drain(&mut h.events);
+            (got.iter().map(|s| s.token).collect(), end.completion_tokens)
         };
         let params = SamplingParams {
             temperature: 0.9,
@@ -1923,15 +1896,9 @@ mod batching {
             .collect();
         let mut stopped = 0;
         for ((p, params), mut h) in cases.iter().zip(handles) {
-            let mut got = Vec::new();
-            let finish = loop {
-                match h.events.blocking_recv().expect("stream ends with Finished") {
-                    Event::PromptLogprobs(_) => panic!("prompt scores were not asked for"),
-                    Event::Token(s) => got.push(s.token),
-                    Event::Finished { reason, .. } => break reason,
-                    Event::Error(e) => panic!("{e}"),
-                }
-            };
+            let (got, end) = crate::common::drain(&mut h.events);
+            let got: Vec<u32> = got.iter().map(|s| s.token).collect();
+            let finish = end.reason;
             let req = GenerateRequest {
                 prompt: p.clone(),
                 params: params.clone(),
@@ -1974,17 +1941,10 @@ mod batching {
             stop_tokens: stop.clone(),
             ..Default::default()
         };
-        let collect = |spec: RequestSpec| {
+        let collect = |spec: RequestSpec| -> Vec<u32> {
             let mut h = engine.submit(spec).unwrap();
-            let mut got = Vec::new();
-            loop {
-                match h.events.blocking_recv().expect("stream ends with Finished") {
-                    Event::PromptLogprobs(_) => panic!("prompt scores were not asked for"),
-                    Event::Token(s) => got.push(s.token),
-                    Event::Finished { .. } => return got,
-                    Event::Error(e) => panic!("{e}"),
-                }
-            }
+            let (got, _) = crate::common::drain(&mut h.events);
+            got.iter().map(|s| s.token).collect()
         };
         let full = collect(spec.clone());
         assert!(full.len() > 6);

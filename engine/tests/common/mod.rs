@@ -7,8 +7,10 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use tandem_engine::engine::RequestHandle;
+use tandem_engine::generate::FinishReason;
 use tandem_engine::sampler::Sampled;
 use tandem_engine::scheduler::Event;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 /// The installed default model; fails loudly when it is missing.
 pub fn model_path() -> PathBuf {
@@ -43,20 +45,44 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     }
 }
 
+/// How a stream ended: its `Finished` event.
+#[allow(dead_code)] // not every test file reads every field
+pub struct Ended {
+    pub reason: FinishReason,
+    pub completion_tokens: usize,
+    pub cached_tokens: usize,
+}
+
+/// One choice's tokens until its `Finished` event. The request must not
+/// fail, nor have asked for its prompt's scores.
+pub fn drain(rx: &mut UnboundedReceiver<Event>) -> (Vec<Sampled>, Ended) {
+    let mut got = Vec::new();
+    loop {
+        match rx.blocking_recv().expect("stream ends with Finished") {
+            Event::Token(s) => got.push(s),
+            Event::PromptLogprobs(_) => panic!("prompt scores were not asked for"),
+            Event::Finished {
+                reason,
+                completion_tokens,
+                cached_tokens,
+                ..
+            } => {
+                let end = Ended {
+                    reason,
+                    completion_tokens,
+                    cached_tokens,
+                };
+                return (got, end);
+            }
+            Event::Error(e) => panic!("request failed: {e}"),
+        }
+    }
+}
+
 /// Every choice's events until `Finished`, choice by choice.
 pub fn collect_all(h: RequestHandle) -> Vec<Vec<Sampled>> {
-    let mut out = Vec::new();
-    for mut rx in std::iter::once(h.events).chain(h.more) {
-        let mut got = Vec::new();
-        loop {
-            match rx.blocking_recv().expect("stream ends with Finished") {
-                Event::Token(s) => got.push(s),
-                Event::PromptLogprobs(_) => panic!("prompt scores were not asked for"),
-                Event::Finished { .. } => break,
-                Event::Error(e) => panic!("request failed: {e}"),
-            }
-        }
-        out.push(got);
-    }
-    out
+    std::iter::once(h.events)
+        .chain(h.more)
+        .map(|mut rx| drain(&mut rx).0)
+        .collect()
 }
