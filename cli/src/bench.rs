@@ -20,6 +20,8 @@ pub enum BenchCommand {
     Serve(Box<serve::ServeArgs>),
     /// The CPU communicator's all-reduce latency against a raw loopback socket.
     Comm(comm::CommArgs),
+    /// Prompt-lookup speculative decoding against plain decoding, greedy.
+    Speculative(spec::SpecArgs),
 }
 
 #[path = "bench_comm.rs"]
@@ -28,6 +30,8 @@ mod comm;
 mod kv;
 #[path = "bench_serve.rs"]
 mod serve;
+#[path = "bench_spec.rs"]
+mod spec;
 
 #[derive(clap::Args)]
 pub struct EngineArgs {
@@ -64,6 +68,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::KvTransfer(a) => kv::run(a),
         BenchCommand::Serve(a) => serve::run(*a),
         BenchCommand::Comm(a) => comm::run(a),
+        BenchCommand::Speculative(a) => spec::run(a),
     }
 }
 

@@ -17,6 +17,7 @@ use tandem_engine::executor::Executor;
 use tandem_engine::guided::Grammars;
 use tandem_engine::scheduler::SchedulerConfig;
 use tandem_engine::shard::ShardedModel;
+use tandem_engine::speculative::SpeculativeConfig;
 use tandem_kv_transfer::TransferConfig;
 use tandem_model::weights::ModelSource;
 use tandem_proto::worker::WorkerServer;
@@ -144,6 +145,89 @@ pub struct WorkerArgs {
     /// router moves on to another decode worker.
     #[arg(long, env = "TANDEM_KV_RESERVE_TIMEOUT_SECS", default_value_t = 60)]
     pub kv_reserve_timeout_secs: u64,
+    #[command(flatten)]
+    pub speculative: SpeculativeArgs,
+}
+
+/// Speculative decoding by prompt lookup (the output is the same with or
+/// without it; see `tandem bench speculative` for what it gains).
+#[derive(clap::Args, Clone, Debug)]
+pub struct SpeculativeArgs {
+    /// Draft tokens a decoding sequence may verify per step, taken from
+    /// what followed an earlier occurrence of its last tokens (0: off).
+    /// Pays off where answers repeat their prompt (edits, extraction,
+    /// code). On CPUs keep it at 7 or less (steps of up to 8 tokens run
+    /// the one-pass kernel).
+    #[arg(long, env = "TANDEM_SPECULATIVE_TOKENS", default_value_t = 0)]
+    pub speculative_tokens: usize,
+    /// Draft only while at most this many sequences decode.
+    #[arg(long, env = "TANDEM_SPECULATIVE_MAX_BATCH", default_value_t = 4)]
+    pub speculative_max_batch: usize,
+    /// Shortest and longest suffix looked up, as MIN..MAX.
+    #[arg(long, env = "TANDEM_SPECULATIVE_NGRAM", default_value = "2..4", value_parser = parse_ngram)]
+    pub speculative_ngram: (usize, usize),
+    /// What one more token costs a step, as a share of a one-token step;
+    /// with each sequence's acceptance rate it sets the draft length
+    /// (default: 0.35 on CPUs, 0.05 on GPUs).
+    #[arg(long, env = "TANDEM_SPECULATIVE_TOKEN_COST")]
+    pub speculative_token_cost: Option<f32>,
+}
+
+fn parse_ngram(s: &str) -> std::result::Result<(usize, usize), String> {
+    let (lo, hi) = s
+        .split_once("..")
+        .ok_or_else(|| format!("expected MIN..MAX, got {s:?}"))?;
+    let num = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("expected MIN..MAX with whole numbers, got {s:?}"))
+    };
+    let (lo, hi) = (num(lo)?, num(hi)?);
+    if lo == 0 || hi < lo || hi > 64 {
+        return Err(format!("need 1 <= MIN <= MAX <= 64, got {s:?}"));
+    }
+    Ok((lo, hi))
+}
+
+impl SpeculativeArgs {
+    /// The same settings as command-line flags (for the workers `up` starts).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut v = vec![
+            "--speculative-tokens".to_string(),
+            self.speculative_tokens.to_string(),
+            "--speculative-max-batch".into(),
+            self.speculative_max_batch.to_string(),
+            "--speculative-ngram".into(),
+            format!("{}..{}", self.speculative_ngram.0, self.speculative_ngram.1),
+        ];
+        if let Some(c) = self.speculative_token_cost {
+            v.extend(["--speculative-token-cost".into(), c.to_string()]);
+        }
+        v
+    }
+
+    pub fn config(&self, device: crate::device::Device) -> Result<SpeculativeConfig> {
+        let token_cost = self.speculative_token_cost.unwrap_or(match device {
+            crate::device::Device::Cpu => 0.35,
+            crate::device::Device::Cuda { .. } => 0.05,
+        });
+        if !(0.0..=10.0).contains(&token_cost) {
+            bail!("--speculative-token-cost must be between 0 and 10, got {token_cost}");
+        }
+        if self.speculative_tokens > 64 {
+            bail!(
+                "--speculative-tokens must be at most 64, got {}",
+                self.speculative_tokens
+            );
+        }
+        Ok(SpeculativeConfig {
+            tokens: self.speculative_tokens,
+            ngram_min: self.speculative_ngram.0,
+            ngram_max: self.speculative_ngram.1,
+            max_batch: self.speculative_max_batch,
+            token_cost,
+        })
+    }
 }
 
 /// `--kv-transport`.
@@ -281,6 +365,9 @@ async fn publish_engine_stats(engine: Arc<Engine>, shutdown: CancellationToken) 
         metrics::counter!(tandem_cluster::metrics::GENERATED_TOKENS).absolute(s.generated_tokens);
         metrics::counter!(tandem_cluster::metrics::PROMPT_TOKENS_COMPUTED)
             .absolute(s.prompt_tokens_computed);
+        metrics::counter!(tandem_cluster::metrics::SPEC_DRAFT_TOKENS).absolute(s.draft_tokens);
+        metrics::counter!(tandem_cluster::metrics::SPEC_ACCEPTED_TOKENS)
+            .absolute(s.accepted_draft_tokens);
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -390,6 +477,7 @@ fn start_engine(args: &WorkerArgs) -> Result<Started> {
             scheduler: SchedulerConfig {
                 max_step_tokens: args.max_step_tokens,
                 max_running: args.max_running,
+                speculative: args.speculative.config(args.device)?,
                 ..Default::default()
             },
             block_size: args.block_size,

@@ -75,6 +75,10 @@ pub struct UpArgs {
     /// `tandem decode --help`).
     #[arg(long, env = "TANDEM_ON_KV_FAILURE", value_enum, default_value_t = KvFailureArg::Fail)]
     pub on_kv_failure: KvFailureArg,
+    /// Speculative decoding on the decode (or colocated) workers (see
+    /// `tandem decode --help`).
+    #[command(flatten)]
+    pub speculative: crate::serve::SpeculativeArgs,
 }
 
 /// Threads for each prefill and each decode worker. Prefill is compute
@@ -287,6 +291,7 @@ pub fn run(args: UpArgs) -> Result<()> {
             "--on-kv-failure".into(),
             args.on_kv_failure.as_str().into(),
         ]);
+        decode_args.extend(args.speculative.to_args());
         nodes.push(Supervised::start(
             Role::Decode,
             decode_args,

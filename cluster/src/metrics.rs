@@ -47,6 +47,10 @@ pub const GENERATED_TOKENS: &str = "tandem_generated_tokens_total";
 pub const PROMPT_TOKENS_COMPUTED: &str = "tandem_prompt_tokens_computed_total";
 /// Prefill worker: prompt tokens prefilled for decode workers.
 pub const PREFILL_PROMPT_TOKENS: &str = "tandem_prefill_prompt_tokens_total";
+/// Workers: draft tokens verified by speculative decoding, and those kept
+/// (their ratio is the acceptance rate).
+pub const SPEC_DRAFT_TOKENS: &str = "tandem_spec_decode_draft_tokens_total";
+pub const SPEC_ACCEPTED_TOKENS: &str = "tandem_spec_decode_accepted_tokens_total";
 
 // Router internals.
 pub const ROUTER_RELAY: &str = "tandem_router_relay_seconds";
@@ -172,6 +176,14 @@ pub fn describe() {
     c(
         PREFILL_PROMPT_TOKENS,
         "Prompt tokens prefilled for decode workers",
+    );
+    c(
+        SPEC_DRAFT_TOKENS,
+        "Draft tokens verified by speculative decoding",
+    );
+    c(
+        SPEC_ACCEPTED_TOKENS,
+        "Draft tokens kept by speculative decoding (each one a token without a step of its own)",
     );
     c(
         ROUTER_DISPATCHED,

@@ -369,6 +369,20 @@ impl KvPool {
         seq.len = 0;
     }
 
+    /// Keeps the first `len` tokens of `seq` (rejected draft tokens go) and
+    /// releases the blocks past them. The slots past `len` in its last block
+    /// are written again before anything reads them.
+    pub fn truncate(&mut self, seq: &mut SeqKv, len: usize) {
+        if len >= seq.len {
+            return;
+        }
+        seq.len = len;
+        let keep = self.layout.blocks_for(len);
+        for b in seq.blocks.drain(keep..) {
+            self.release(b);
+        }
+    }
+
     /// Makes `seq` able to hold `new_tokens` more tokens, exclusively owning
     /// every block those tokens will be written to (copy-on-write of a shared
     /// partial last block). On failure nothing changes.

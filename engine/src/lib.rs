@@ -19,5 +19,6 @@ pub mod prefix_cache;
 pub mod sampler;
 pub mod scheduler;
 pub mod shard;
+pub mod speculative;
 
 pub use error::EngineError;

@@ -25,6 +25,14 @@
 //! ordinary sequence: it is preempted, recomputed, cancelled and finished on
 //! its own.
 //!
+//! With speculation on ([`SchedulerConfig::speculative`]), a decoding
+//! sequence may add draft tokens from prompt lookup to its step while few
+//! sequences decode: the step computes them as a short chunk with every
+//! row's logits, the sequence samples row by row and keeps draft tokens
+//! while they are what it samples, and the KV of the rest is dropped
+//! ([`KvPool::truncate`]). Output is unchanged by construction (see
+//! [`crate::speculative`]).
+//!
 //! The scheduler is synchronous and owns its state; `engine` runs it on a
 //! dedicated thread behind channels.
 
@@ -38,6 +46,7 @@ use crate::kv::{KvPool, SeqKv};
 use crate::model::{greedy_token, top_k_candidates, LayerKv, Logits, SeqStep};
 use crate::prefix_cache::{PrefixCache, PrefixStats};
 use crate::sampler::{argmax, sample, sample_masked, sample_top_k, score, Sampled, SamplingParams};
+use crate::speculative::{self, propose_ngram, SpeculativeConfig};
 
 /// Most choices (parallel samples) one request may ask for.
 pub const MAX_CHOICES: usize = 64;
@@ -57,6 +66,9 @@ pub struct SchedulerConfig {
     pub max_running: usize,
     /// Share prompt prefixes through the radix cache.
     pub prefix_cache: bool,
+    /// Draft tokens by prompt lookup and verify them in the decode step
+    /// (off by default; the output is the same either way).
+    pub speculative: SpeculativeConfig,
 }
 
 impl Default for SchedulerConfig {
@@ -65,6 +77,7 @@ impl Default for SchedulerConfig {
             max_step_tokens: 512,
             max_running: 256,
             prefix_cache: true,
+            speculative: SpeculativeConfig::OFF,
         }
     }
 }
@@ -184,6 +197,8 @@ struct Seq {
     /// The prompt's log-probabilities so far, while they are wanted and not
     /// yet sent ([`SamplingParams::prompt_logprobs`]).
     prompt_lp: Option<Vec<Sampled>>,
+    /// How often its draft tokens are kept (speculative decoding).
+    draft_rate: f32,
 }
 
 impl Seq {
@@ -209,6 +224,10 @@ pub struct SchedulerStats {
     pub prompt_tokens_computed: u64,
     pub generated_tokens: u64,
     pub prefix: PrefixStats,
+    /// Draft tokens verified (speculative decoding), and how many of them
+    /// the model agreed with (each one a token without a step of its own).
+    pub draft_tokens: u64,
+    pub accepted_draft_tokens: u64,
 }
 
 pub struct Scheduler {
@@ -354,6 +373,7 @@ impl Scheduler {
             export,
             export_cached: 0,
             prompt_lp,
+            draft_rate: speculative::INITIAL_ACCEPTANCE,
         };
         self.enqueue(seq);
         Ok(())
@@ -538,6 +558,7 @@ impl Scheduler {
                 export: None,
                 export_cached: 0,
                 prompt_lp: None,
+                draft_rate: speculative::INITIAL_ACCEPTANCE,
             });
         }
         // The reservation's own references (the choices hold theirs).
@@ -764,6 +785,44 @@ impl Scheduler {
                 }
             }
         }
+        // 1b. Speculation: while few sequences decode, each may add draft
+        //     tokens to its step, if budget and free blocks allow (a draft
+        //     never preempts, waits, or evicts a cached prefix).
+        let mut drafts: Vec<(u64, Vec<u32>)> = Vec::new();
+        // Sequences whose draft was not worth verifying: the draft's first
+        // token, to compare with what they sample.
+        let mut shadows: Vec<(u64, u32)> = Vec::new();
+        let spec = self.cfg.speculative;
+        if spec.enabled() && plan_ids.len() <= spec.max_batch {
+            for (id, take) in plan_ids.iter_mut() {
+                let id = *id;
+                let Some(idx) = self.running.iter().position(|s| s.uid == id) else {
+                    continue;
+                };
+                let s = &self.running[idx];
+                // Room for the drafts and the token after them.
+                let room = s.limit.saturating_sub(s.tokens.len() + 1);
+                let k = spec.tokens.min(budget).min(room);
+                let draft = propose_ngram(&s.tokens, spec.ngram_min, spec.ngram_max, k);
+                let Some(&first) = draft.first() else {
+                    continue;
+                };
+                let d = speculative::draft_len(s.draft_rate, spec.token_cost, draft.len());
+                if d == 0 {
+                    shadows.push((id, first));
+                    continue;
+                }
+                let draft = draft[..d].to_vec();
+                if self.blocks_needed(s, 1 + draft.len()) > self.pool.free_blocks() {
+                    continue;
+                }
+                self.pool
+                    .reserve(&mut self.running[idx].kv, 1 + draft.len())?;
+                *take += draft.len();
+                budget -= draft.len();
+                drafts.push((id, draft));
+            }
+        }
         // 2. Prefill chunks, oldest first, with what budget and memory allow;
         //    a prefill never preempts anyone. Prompts being scored take
         //    chunks that keep the step's logits rows bounded.
@@ -835,19 +894,27 @@ impl Scheduler {
         // writes prompt positions of a sequence that exports.
         let mut exporters: Vec<Option<(&mut Box<dyn KvExport>, usize)>> =
             Vec::with_capacity(plan.len());
+        // Per batch entry: the draft tokens its step verifies (empty: none).
+        let mut step_drafts: Vec<Vec<u32>> = Vec::with_capacity(plan.len());
         {
             let mut rest: &mut [Seq] = &mut self.running;
             let mut base = 0;
             for &(idx, take) in &plan {
                 let (_, tail) = rest.split_at_mut(idx - base);
                 let (s, tail2) = tail.split_first_mut().expect("planned index");
+                // The drafts ride in `tokens` for the forward call alone.
+                let draft = match drafts.iter().position(|(id, _)| *id == s.uid) {
+                    Some(i) => drafts.swap_remove(i).1,
+                    None => Vec::new(),
+                };
+                s.tokens.extend_from_slice(&draft);
                 let start = s.kv.len;
                 let last = start + take == s.tokens.len();
                 let pos = s.generated() as u64;
                 let vocab = model.config().vocab_size;
                 let scoring = s.prompt_lp.is_some() && start < s.n_prompt;
                 let want = match last {
-                    _ if scoring => Logits::All,
+                    _ if scoring || !draft.is_empty() => Logits::All,
                     false => Logits::None,
                     true if s.req.params.is_plain_greedy_at(pos) => Logits::Greedy,
                     true => match s.req.params.top_k_only_at(pos, vocab) {
@@ -860,6 +927,7 @@ impl Scheduler {
                     Some(e) if start < s.n_prompt => Some((e, s.n_prompt)),
                     _ => None,
                 });
+                step_drafts.push(draft);
                 steps.push(SeqStep {
                     kv: &mut s.kv,
                     tokens: &s.tokens[start..start + take],
@@ -891,12 +959,18 @@ impl Scheduler {
                     abandoned[l.seq] = true;
                 }
             };
-            model.forward_observed(&mut self.pool, &mut steps, &mut on_layer)?
+            model.forward_observed(&mut self.pool, &mut steps, &mut on_layer)
         } else {
-            model.forward(&mut self.pool, &mut steps)?
+            model.forward(&mut self.pool, &mut steps)
         };
         drop(steps);
         drop(exporters);
+        // The drafts leave `tokens` again, whatever the step did.
+        for (&(idx, _), draft) in plan.iter().zip(&step_drafts) {
+            let s = &mut self.running[idx];
+            s.tokens.truncate(s.tokens.len() - draft.len());
+        }
+        let logits = logits?;
         self.stats.steps += 1;
 
         // Sample, emit, retire.
@@ -915,6 +989,14 @@ impl Scheduler {
                 continue;
             }
             let mut row = &logits[k][..];
+            if !step_drafts[k].is_empty() {
+                let reason =
+                    verify_drafts(s, row, &step_drafts[k], &mut self.pool, &mut self.stats);
+                if let Some(reason) = reason {
+                    finished.push((idx, Some(reason)));
+                }
+                continue;
+            }
             if wants[k] == Logits::All {
                 // One row per computed token: rows score the prompt tokens
                 // that follow them; the last row starts generation.
@@ -954,7 +1036,14 @@ impl Scheduler {
                 }
             }
             let s = &mut self.running[idx];
-            if let Some(reason) = sample_next(s, row, wants[k], &mut self.stats) {
+            let before = s.tokens.len();
+            let reason = sample_next(s, row, wants[k], &mut self.stats);
+            if let Some(&(_, first)) = shadows.iter().find(|(id, _)| *id == s.uid) {
+                if s.tokens.len() > before {
+                    s.draft_rate = speculative::observe(s.draft_rate, s.tokens[before] == first);
+                }
+            }
+            if let Some(reason) = reason {
                 finished.push((idx, Some(reason)));
             }
         }
@@ -1023,6 +1112,7 @@ impl Scheduler {
                 export: None,
                 export_cached: 0,
                 prompt_lp: None,
+                draft_rate: speculative::INITIAL_ACCEPTANCE,
             });
         }
         out
@@ -1155,6 +1245,44 @@ fn sample_next(
         _ => sample(&s.req.params, logits, &s.tokens, s.n_prompt, pos),
     };
     emit(s, sampled, stats)
+}
+
+/// Samples `s`'s tokens from the rows of a step that verified `draft`
+/// (one row after each of its last token and the draft tokens), keeping
+/// draft tokens while the sampled token is the draft's, then releases the
+/// KV of the rejected ones. Returns why the sequence ends, if it does.
+fn verify_drafts(
+    s: &mut Seq,
+    rows: &[f32],
+    draft: &[u32],
+    pool: &mut KvPool,
+    stats: &mut SchedulerStats,
+) -> Option<FinishReason> {
+    let vocab = rows.len() / (draft.len() + 1);
+    // The step wrote the last token's KV and the draft's after it.
+    let base = s.kv.len - draft.len() - 1;
+    let mut accepted = 0;
+    let mut reason = None;
+    for (j, row) in rows.chunks_exact(vocab).enumerate() {
+        let before = s.tokens.len();
+        reason = sample_next(s, row, Logits::Last, stats);
+        let sampled = s.tokens.len() > before;
+        let kept = sampled && draft.get(j) == s.tokens.last();
+        if sampled && j < draft.len() {
+            s.draft_rate = speculative::observe(s.draft_rate, kept);
+        }
+        if reason.is_some() || !kept {
+            break;
+        }
+        accepted += 1;
+    }
+    stats.draft_tokens += draft.len() as u64;
+    stats.accepted_draft_tokens += accepted as u64;
+    // KV stays for the last token and the accepted drafts; never past the
+    // tokens (a sequence that ends on a stop token may hold all of them).
+    let valid = (base + 1 + accepted).min(s.tokens.len());
+    pool.truncate(&mut s.kv, valid);
+    reason
 }
 
 /// Ends `s` on a stop token, else appends `sampled` and sends it on.

@@ -11,7 +11,7 @@ use serde_json::Value;
 use tandem_engine::generate::GenerateRequest;
 use tandem_engine::kv::SeqKv;
 use tandem_engine::model::{greedy_token, top_k_candidates, Logits, Model, SeqStep};
-use tandem_engine::sampler::{argmax, top_k_of, SamplingParams};
+use tandem_engine::sampler::{argmax, top_k_of, Sampled, SamplingParams};
 use tandem_engine::EngineError;
 use tandem_model::weights::ModelSource;
 
@@ -359,6 +359,7 @@ mod batching {
     use tandem_engine::generate::FinishReason;
     use tandem_engine::kv::KvPool;
     use tandem_engine::scheduler::{Event, Request, Scheduler, SchedulerConfig};
+    use tandem_engine::speculative::SpeculativeConfig;
 
     /// 16 distinct prompts of 3..60 tokens, some sharing a 20-token prefix.
     fn prompts() -> Vec<Vec<u32>> {
@@ -386,6 +387,19 @@ mod batching {
             stop_tokens: vec![],
         };
         model().generate(&req, |_| true).unwrap().tokens
+    }
+
+    /// [`alone`] for each prompt, with its index as request key (as
+    /// the batched runs give them).
+    fn alone_each(ps: &[Vec<u32>], params: &SamplingParams, n: usize) -> Vec<Vec<u32>> {
+        ps.iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let mut pr = params.clone();
+                pr.request_key = i as u64;
+                alone(p, &pr, n)
+            })
+            .collect()
     }
 
     struct Run {
@@ -471,8 +485,205 @@ mod batching {
             max_step_tokens: step_tokens,
             max_running: 64,
             prefix_cache,
+            ..Default::default()
         };
         Scheduler::new(cfg, pool, model().config.context_length)
+    }
+
+    /// Runs `prompts` (all added at once, request key = index) to the end
+    /// and returns each one's events as sampled, with the scheduler.
+    fn run_all(
+        s: &mut Scheduler,
+        prompts: &[Vec<u32>],
+        params: &SamplingParams,
+        n: usize,
+    ) -> Vec<Vec<Sampled>> {
+        let mut rxs = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            let (tx, rx) = channel();
+            let mut pr = params.clone();
+            pr.request_key = i as u64;
+            s.add(request(i as u64, p, &pr, n), Box::new(tx)).unwrap();
+            rxs.push(rx);
+        }
+        let mut steps = 0;
+        while s.has_work() {
+            s.step(model()).unwrap();
+            steps += 1;
+            assert!(steps < 20_000, "scheduler made no progress");
+        }
+        rxs.iter()
+            .map(|rx| {
+                let mut out = Vec::new();
+                for e in rx.try_iter() {
+                    match e {
+                        Event::Token(t) => out.push(t),
+                        Event::Finished { .. } => {}
+                        e => panic!("unexpected event {e:?}"),
+                    }
+                }
+                out
+            })
+            .collect()
+    }
+
+    /// Prompt-lookup speculation changes no token and no log-probability:
+    /// greedy, seeded sampling, penalties and log-probabilities alike, in
+    /// batches, under memory pressure (drafts are dropped when blocks are
+    /// short, sequences preempted and recomputed), and with stop tokens
+    /// and lengths that end a sequence in the middle of a draft. Prompts
+    /// that repeat themselves get drafts accepted; every block comes back.
+    #[test]
+    fn speculation_never_changes_the_output() {
+        let mut ps = prompts();
+        ps.truncate(8);
+        // Patterns the model continues: a 12-token phrase three times,
+        // and a count-like run, cut at different points.
+        let phrase: Vec<u32> = (0..12u32).map(|i| 400 + i * 37).collect();
+        for cut in [0, 5, 9] {
+            let mut p: Vec<u32> = phrase.iter().cycle().take(36 + cut).copied().collect();
+            p.insert(0, 1);
+            ps.push(p);
+        }
+        // A token cost of 0 drafts whenever a draft exists (the most
+        // verification); 0.25 lets acceptance rates pick the lengths.
+        let spec = |tokens, max_batch, token_cost| SpeculativeConfig {
+            tokens,
+            ngram_min: 1,
+            ngram_max: 3,
+            max_batch,
+            token_cost,
+        };
+        let params = [
+            SamplingParams::greedy(),
+            SamplingParams {
+                temperature: 0.7,
+                top_p: 0.9,
+                seed: 11,
+                ..Default::default()
+            },
+            SamplingParams {
+                repetition_penalty: 1.15,
+                frequency_penalty: 0.3,
+                logprobs: true,
+                top_logprobs: 3,
+                ..Default::default()
+            },
+        ];
+        for (pi, params) in params.iter().enumerate() {
+            let n = 28;
+            let want = alone_each(&ps, params, n);
+            let mut plain = scheduler(512, 256, true);
+            let base = run_all(&mut plain, &ps, params, n);
+            // Drafts whenever a lookup matches, in a roomy pool; drafts
+            // sized by acceptance rates, in a pool that forces
+            // preemptions; drafts only while at most 2 sequences decode.
+            for (blocks, cfg) in [
+                (512, spec(5, 64, 0.0)),
+                (14, spec(7, 64, 0.25)),
+                (512, spec(3, 2, 0.0)),
+            ] {
+                let pool = KvPool::new(model().kv_layout(16), blocks);
+                let mut s = Scheduler::new(
+                    SchedulerConfig {
+                        max_step_tokens: 128,
+                        max_running: 64,
+                        prefix_cache: true,
+                        speculative: cfg,
+                    },
+                    pool,
+                    model().config.context_length,
+                );
+                let got = run_all(&mut s, &ps, params, n);
+                for (i, (g, b)) in got.iter().zip(&base).enumerate() {
+                    assert_eq!(g, b, "params {pi}, pool {blocks}, {cfg:?}: request {i}");
+                    let ids: Vec<u32> = g.iter().map(|t| t.token).collect();
+                    assert_eq!(
+                        ids, want[i],
+                        "params {pi}: request {i} against the plain path"
+                    );
+                }
+                let st = s.stats();
+                // (With a batch limit of 2, 11 requests mostly decode
+                // together: drafts are then rare, and that is the point.)
+                assert!(st.draft_tokens > 0 || cfg.max_batch < ps.len(), "{st:?}");
+                if pi == 0 && cfg.max_batch >= ps.len() && cfg.token_cost == 0.0 {
+                    assert!(
+                        st.accepted_draft_tokens * 4 > st.draft_tokens,
+                        "greedy continuations of repeated text should mostly be drafted right: {st:?}"
+                    );
+                }
+                if blocks < 512 {
+                    assert!(st.preemptions > 0, "the pool was meant to be short: {st:?}");
+                }
+                s.clear_prefix_cache();
+                assert_eq!(s.pool().free_blocks(), s.pool().n_blocks(), "{cfg:?}");
+            }
+        }
+    }
+
+    /// A stop token or `max_tokens` reached inside an accepted draft ends
+    /// the sequence right there, as without speculation.
+    #[test]
+    fn a_draft_cut_by_a_stop_or_the_length_ends_where_the_plain_path_does() {
+        let phrase: Vec<u32> = (0..10u32).map(|i| 500 + i * 41).collect();
+        let p: Vec<u32> = phrase.iter().cycle().take(40).copied().collect();
+        let params = SamplingParams::greedy();
+        let free_run = alone(&p, &params, 30);
+        for n in [1, 2, 3, 7, 13] {
+            for stop_at in [None, Some(4usize), Some(9)] {
+                let stop_tokens: Vec<u32> = stop_at.map(|k| vec![free_run[k]]).unwrap_or_default();
+                let req = GenerateRequest {
+                    prompt: p.clone(),
+                    params: params.clone(),
+                    max_tokens: Some(n),
+                    stop_tokens: stop_tokens.clone(),
+                };
+                let want = model().generate(&req, |_| true).unwrap();
+                let pool = KvPool::new(model().kv_layout(16), 64);
+                let mut s = Scheduler::new(
+                    SchedulerConfig {
+                        speculative: SpeculativeConfig::ngram(8),
+                        ..Default::default()
+                    },
+                    pool,
+                    model().config.context_length,
+                );
+                let (tx, rx) = channel();
+                let mut r = request(0, &p, &params, n);
+                r.stop_tokens = stop_tokens;
+                s.add(r, Box::new(tx)).unwrap();
+                while s.has_work() {
+                    s.step(model()).unwrap();
+                }
+                let mut got = Vec::new();
+                let mut end = None;
+                for e in rx.try_iter() {
+                    match e {
+                        Event::Token(t) => got.push(t.token),
+                        Event::Finished {
+                            reason,
+                            completion_tokens,
+                            ..
+                        } => end = Some((reason, completion_tokens)),
+                        e => panic!("{e:?}"),
+                    }
+                }
+                assert_eq!(got, want.tokens, "max_tokens {n}, stop {stop_at:?}");
+                assert_eq!(
+                    end,
+                    Some((want.finish, want.tokens.len())),
+                    "max_tokens {n}, stop {stop_at:?}"
+                );
+                assert!(
+                    s.stats().accepted_draft_tokens > 0 || n < 3,
+                    "{:?}",
+                    s.stats()
+                );
+                s.clear_prefix_cache();
+                assert_eq!(s.pool().free_blocks(), s.pool().n_blocks());
+            }
+        }
     }
 
     #[test]
@@ -615,15 +826,7 @@ mod batching {
             },
         ] {
             let n = 24;
-            let want: Vec<Vec<u32>> = ps
-                .iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    let mut pr = params.clone();
-                    pr.request_key = i as u64;
-                    alone(p, &pr, n)
-                })
-                .collect();
+            let want = alone_each(&ps, &params, n);
             // 16 requests need ~80 blocks at once; give the pool 14.
             let mut s = scheduler(14, 64, false);
             let mut runs: Vec<Run> = Vec::new();

@@ -216,6 +216,91 @@ fn greedy_output_is_the_same_disaggregated_colocated_and_in_process() {
     }
 }
 
+/// Speculative decoding on the decode worker changes no token: greedy
+/// prompts over gRPC, a chat answer that repeats its prompt (where drafts
+/// are kept), and a seeded sampled answer all equal `tandem generate`; the
+/// decode worker reports the drafts it verified and kept.
+#[test]
+fn speculative_decoding_gives_the_plain_paths_tokens() {
+    let prompts = prompts();
+    let plain: Vec<_> = prompts.iter().map(|p| generate_plain(p, false)).collect();
+    let echo = "Repeat this sentence three times, one per line: The river flows \
+                quietly past the old stone mill.";
+    let (echo_text, echo_ids, _) = generate_plain_with(echo, true, 64, &[]);
+    let sampled_args = ["--temperature", "0.8", "--seed", "5"].map(String::from);
+    let (sampled_text, _, _) = generate_plain_with(echo, true, 64, &sampled_args);
+    let rt = rt();
+    let cluster = Cluster::start_spec(ClusterSpec {
+        prefill: 1,
+        decode: 1,
+        threads: 1,
+        decode_args: ["--speculative-tokens", "5", "--speculative-ngram", "1..3"]
+            .map(String::from)
+            .to_vec(),
+        ..Default::default()
+    });
+    let got = rt.block_on(via_grpc(&cluster, &prompts));
+    for (i, p) in prompts.iter().enumerate() {
+        assert_eq!(got[i].1, plain[i].1, "tokens differ for {p:?}");
+    }
+    rt.block_on(async {
+        let chat = |extra: Value| {
+            let mut body = json!({
+                "model": model_name(),
+                "messages": [{"role": "user", "content": echo}],
+                "max_tokens": 64,
+            });
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            body
+        };
+        let v = api_json(
+            &cluster,
+            "chat/completions",
+            &chat(json!({"temperature": 0})),
+        )
+        .await;
+        assert_eq!(v["choices"][0]["message"]["content"], echo_text.as_str());
+        assert_eq!(v["usage"]["completion_tokens"], echo_ids.len());
+        // Streamed, the pieces of a step with kept drafts still add up.
+        let chunks = api_chunks(
+            &cluster,
+            "chat/completions",
+            &chat(json!({"temperature": 0, "stream": true})),
+        )
+        .await;
+        let streamed: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(streamed, echo_text);
+        let v = api_json(
+            &cluster,
+            "chat/completions",
+            &chat(json!({"temperature": 0.8, "seed": 5})),
+        )
+        .await;
+        assert_eq!(v["choices"][0]["message"]["content"], sampled_text.as_str());
+        // Workers publish engine counters once a second.
+        let decode = &cluster.decode[0];
+        let (mut drafted, mut kept) = (0.0, 0.0);
+        for _ in 0..30 {
+            drafted = counter(decode, "tandem_spec_decode_draft_tokens_total").await;
+            kept = counter(decode, "tandem_spec_decode_accepted_tokens_total").await;
+            if kept > 0.0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        assert!(
+            drafted > 0.0 && kept > 0.0,
+            "drafted {drafted}, kept {kept}"
+        );
+        assert!(kept <= drafted);
+    });
+}
+
 #[test]
 fn chat_over_http_matches_generate_and_streaming_matches_unary() {
     let q = "What is the tallest mountain on Earth?";

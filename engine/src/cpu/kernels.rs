@@ -381,11 +381,9 @@ unsafe fn fused_panels<I: Isa, F: Fmt>(
         let valid = PANEL.min(rows - p * PANEL);
         let mut t = 0;
         while t < tokens {
-            let nt = match tokens - t {
-                n if n >= 4 => 4,
-                2 | 3 => 2,
-                _ => 1,
-            };
+            // Each pass expands the panel's weights once for its tokens:
+            // three tokens take one pass of three, not two passes (2 + 1).
+            let nt = (tokens - t).min(4);
             let (o, ldo) = if valid == PANEL {
                 (out.add(t * rows + p * PANEL), rows)
             } else {
@@ -398,6 +396,8 @@ unsafe fn fused_panels<I: Isa, F: Fmt>(
             match (nt, I::WIDE) {
                 (4, true) => fused_panel::<I, F, 4, 4>(panel, bias, xt, cols, o, ldo),
                 (4, false) => fused_panel::<I, F, 4, 1>(panel, bias, xt, cols, o, ldo),
+                (3, true) => fused_panel::<I, F, 3, 4>(panel, bias, xt, cols, o, ldo),
+                (3, false) => fused_panel::<I, F, 3, 1>(panel, bias, xt, cols, o, ldo),
                 (2, true) => fused_panel::<I, F, 2, 4>(panel, bias, xt, cols, o, ldo),
                 (2, false) => fused_panel::<I, F, 2, 2>(panel, bias, xt, cols, o, ldo),
                 _ => fused_panel::<I, F, 1, 4>(panel, bias, xt, cols, o, ldo),
