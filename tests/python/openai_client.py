@@ -168,6 +168,48 @@ s = client.chat.completions.create(
 )
 assert "Paris" not in s.choices[0].message.content, s
 
+# The Responses API: the chat answer to the same question, whole or as
+# typed events; a function call, and its output sent back as input items.
+resp = client.responses.create(
+    model=model, input=question[0]["content"], max_output_tokens=16, temperature=0
+)
+assert resp.output_text == text, (resp.output_text, text)
+assert resp.usage.output_tokens == r.usage.completion_tokens, resp.usage
+events = list(
+    client.responses.create(
+        model=model, input=question[0]["content"], max_output_tokens=16, temperature=0, stream=True
+    )
+)
+streamed = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+assert streamed == text, (streamed, text)
+assert events[-1].type in ("response.completed", "response.incomplete"), events[-1]
+assert events[-1].response.output_text == text, events[-1]
+flat_tools = [{"type": "function", **tools[0]["function"]}]
+called = client.responses.create(
+    model=model,
+    input=ask[0]["content"],
+    tools=flat_tools,
+    tool_choice={"type": "function", "name": "get_weather"},
+    max_output_tokens=96,
+    temperature=0,
+)
+fc = next(o for o in called.output if o.type == "function_call")
+assert fc.name == "get_weather" and isinstance(json.loads(fc.arguments)["city"], str), called
+answered = client.responses.create(
+    model=model,
+    input=ask + [fc, {"type": "function_call_output", "call_id": fc.call_id, "output": "Sunny, 21 C"}],
+    tools=flat_tools,
+    tool_choice="none",
+    max_output_tokens=16,
+    temperature=0,
+)
+assert answered.output_text, answered
+try:
+    client.responses.create(model=model, input="Hi", previous_response_id=resp.id)
+    raise SystemExit("previous_response_id was accepted without stored responses")
+except openai.BadRequestError as e:
+    assert e.status_code == 400
+
 # Errors arrive as the client's typed exceptions.
 try:
     client.chat.completions.create(model=model, messages=question, max_tokens=0)

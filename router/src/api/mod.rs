@@ -7,7 +7,8 @@
 //! * [`params`]: one validation path turning parsed parameters into
 //!   [`crate::dispatch::GenerationInput`]s (HTTP and gRPC share it);
 //! * [`choice`]: [`ChoiceDecoder`], detokenisation + stop strings of one choice;
-//! * [`openai`]: the axum routes; [`grpc`]: the tonic service;
+//! * [`openai`]: the axum routes ([`responses`]: OpenAI's Responses API as
+//!   a translation of chat); [`grpc`]: the tonic service;
 //! * [`relay`]: the router's own per-token relay latency.
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ pub mod grpc;
 pub mod openai;
 pub mod params;
 pub mod relay;
+pub mod responses;
 pub mod tools;
 
 #[cfg(test)]

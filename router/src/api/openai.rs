@@ -1,5 +1,6 @@
 //! The OpenAI-compatible HTTP API: `POST /v1/chat/completions`,
-//! `POST /v1/completions`, `GET /v1/models`, `GET /v1/models/{model}`.
+//! `POST /v1/completions`, `GET /v1/models`, `GET /v1/models/{model}`
+//! (and `POST /v1/responses`, translated to chat in [`super::responses`]).
 //!
 //! Request bodies are parsed by hand (not with axum's `Json`) so every bad
 //! input becomes a 400 in OpenAI's error shape naming the offending `param`.
@@ -46,6 +47,7 @@ pub fn openai_routes(state: Arc<ApiState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*model}", get(get_model))
+        .route("/v1/responses", post(super::responses::create))
         .route("/v1/{*rest}", any(unknown_route))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
@@ -83,6 +85,7 @@ fn endpoint_of(path: &str) -> &'static str {
     match path {
         "/v1/chat/completions" => "chat_completions",
         "/v1/completions" => "completions",
+        "/v1/responses" => "responses",
         p if p.starts_with("/v1/models") => "models",
         "/tokenize" => "tokenize",
         "/detokenize" => "detokenize",
@@ -90,7 +93,7 @@ fn endpoint_of(path: &str) -> &'static str {
     }
 }
 
-fn count_request(endpoint: &'static str, status: StatusCode) {
+pub(super) fn count_request(endpoint: &'static str, status: StatusCode) {
     metrics::counter!(
         tandem_cluster::metrics::REQUESTS,
         "endpoint" => endpoint,
@@ -307,7 +310,9 @@ fn string<'a>(m: &'a Map<String, Value>, k: &str) -> Result<Option<&'a str>, Api
     }
 }
 
-fn parse_object(body: Result<Bytes, BytesRejection>) -> Result<Map<String, Value>, ApiError> {
+pub(super) fn parse_object(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Map<String, Value>, ApiError> {
     let bytes = body.map_err(|e| {
         let mut err = ApiError::invalid(format!("could not read the request body: {e}"), None);
         err.status = e.status();
@@ -1186,6 +1191,17 @@ async fn completions(
     handle(state, body, Endpoint::Completions).await
 }
 
+/// Runs a chat request given as its parsed body (the Responses API's
+/// translation) and returns the chat answer, streamed or whole.
+pub(super) async fn chat(
+    state: Arc<ApiState>,
+    m: Map<String, Value>,
+) -> Result<Response, ApiError> {
+    let body = serde_json::to_vec(&m)
+        .map_err(|e| ApiError::internal(format!("encoding the chat request: {e}")))?;
+    run(state, Ok(Bytes::from(body)), Endpoint::Chat).await
+}
+
 async fn handle(
     state: Arc<ApiState>,
     body: Result<Bytes, BytesRejection>,
@@ -1698,7 +1714,14 @@ fn sse_response(ctx: Ctx, choices: SelectAll<ChoiceStream>, ttft: Arc<Ttft>) -> 
             }
         }
     });
-    let mut resp = Response::new(Body::from_stream(stream));
+    sse_body(stream)
+}
+
+/// An event-stream response over `events` (unbuffered by proxies).
+pub(super) fn sse_body(
+    events: impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static,
+) -> Response {
+    let mut resp = Response::new(Body::from_stream(events));
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,

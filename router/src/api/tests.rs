@@ -2521,3 +2521,298 @@ async fn tokenize_and_detokenize_agree_with_the_generation_routes() {
     let (s, v) = post(&app, "/tokenize", json!({"model": "other", "prompt": "x"})).await;
     assert_error(s, &v, StatusCode::NOT_FOUND, Some("model"), "wrong model");
 }
+
+/// Typed Responses events (`event:` and `data:` lines), in order.
+fn response_events(body: &str) -> Vec<Value> {
+    body.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            let mut lines = e.lines();
+            let kind = lines.next().and_then(|l| l.strip_prefix("event: "));
+            let data = lines.next().and_then(|l| l.strip_prefix("data: "));
+            let v: Value = serde_json::from_str(data.unwrap_or_else(|| panic!("{e:?}"))).unwrap();
+            assert_eq!(kind, v["type"].as_str(), "{e}");
+            v
+        })
+        .collect()
+}
+
+/// `/v1/responses` is the chat request it stands for: the same messages
+/// (instructions first, items in order, earlier calls and their outputs
+/// as tool turns), the same limits and format, and its answer as a
+/// response object or as typed events that add up to it.
+#[tokio::test]
+async fn responses_are_chat_in_the_responses_shape() {
+    let backend = Scripted::new(text_script("Paris is the capital."));
+    let app = openai_routes(state_with(backend.clone(), None));
+    let body = json!({
+        "model": MODEL,
+        "instructions": "Be brief.",
+        "input": "What is the capital of France?",
+        "max_output_tokens": 12,
+        "temperature": 0,
+    });
+    let (s, v) = post(&app, "/v1/responses", body.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["object"], "response");
+    assert!(v["id"].as_str().unwrap().starts_with("resp_"), "{v}");
+    assert_eq!(v["status"], "completed");
+    assert_eq!(v["store"], false);
+    assert_eq!(v["instructions"], "Be brief.");
+    let item = &v["output"][0];
+    assert_eq!(item["type"], "message");
+    assert_eq!(item["role"], "assistant");
+    assert_eq!(item["content"][0]["type"], "output_text");
+    assert_eq!(item["content"][0]["text"], "Paris is the capital.");
+    let u = &v["usage"];
+    assert_eq!(
+        u["total_tokens"].as_u64().unwrap(),
+        u["input_tokens"].as_u64().unwrap() + u["output_tokens"].as_u64().unwrap()
+    );
+    // The same prompt and limits as the chat request.
+    let (s, c) = post(
+        &app,
+        "/v1/chat/completions",
+        chat_body(json!({
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "What is the capital of France?"},
+            ],
+            "max_tokens": 12,
+            "temperature": 0,
+        })),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{c}");
+    let inputs = backend.inputs();
+    let (r, ch) = (&inputs[inputs.len() - 2], &inputs[inputs.len() - 1]);
+    assert_eq!(r.prompt, ch.prompt);
+    assert_eq!(r.max_tokens, ch.max_tokens);
+    assert_eq!(u["input_tokens"], c["usage"]["prompt_tokens"]);
+
+    // Streamed: typed events in order, whose deltas add up to the text.
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let (s, _, text) = call(&app, "POST", "/v1/responses", Some(&sb.to_string()), None).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    let events = response_events(&text);
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds[..4],
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added"
+        ]
+    );
+    assert_eq!(
+        kinds[kinds.len() - 4..],
+        [
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed"
+        ]
+    );
+    let seqs: Vec<u64> = events
+        .iter()
+        .map(|e| e["sequence_number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (0..events.len() as u64).collect::<Vec<_>>());
+    let deltas: String = events
+        .iter()
+        .filter(|e| e["type"] == "response.output_text.delta")
+        .map(|e| e["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(deltas, "Paris is the capital.");
+    let done = &events.last().unwrap()["response"];
+    assert_eq!(done["output"][0]["content"][0]["text"], deltas);
+    assert_eq!(done["usage"]["output_tokens"], v["usage"]["output_tokens"]);
+
+    // Cut by max_output_tokens: incomplete, as OpenAI says it.
+    let short = Scripted::new(Script {
+        tokens: vec![ids("one two three four five six")],
+        ..Default::default()
+    });
+    let app2 = openai_routes(state_with(short, None));
+    let (s, v) = post(
+        &app2,
+        "/v1/responses",
+        json!({"model": MODEL, "input": "Count", "max_output_tokens": 2}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["status"], "incomplete");
+    assert_eq!(v["incomplete_details"]["reason"], "max_output_tokens");
+    assert_eq!(v["output"][0]["status"], "incomplete");
+}
+
+#[tokio::test]
+async fn responses_items_tools_and_formats_become_chat() {
+    let args = r#"{"city": "Paris"}"#;
+    let backend = Scripted::new(text_script(args));
+    let app = openai_routes(state_with(backend.clone(), None));
+    let tools = json!([{
+        "type": "function", "name": "get_weather", "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    }]);
+    let body = json!({
+        "model": MODEL,
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"}]}],
+        "tools": tools,
+        "tool_choice": {"type": "function", "name": "get_weather"},
+    });
+    let (s, v) = post(&app, "/v1/responses", body.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let call = &v["output"][0];
+    assert_eq!(call["type"], "function_call", "{v}");
+    assert_eq!(call["name"], "get_weather");
+    assert_eq!(call["arguments"], args);
+    assert!(
+        call["call_id"].as_str().unwrap().starts_with("call_"),
+        "{call}"
+    );
+    assert_eq!(last_schema(&backend), tools[0]["parameters"]);
+    // Streamed, the call comes whole at the end, with its arguments.
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let (_, _, text) = call_text(&app, &sb).await;
+    let events = response_events(&text);
+    let args_done: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["type"] == "response.function_call_arguments.done")
+        .collect();
+    assert_eq!(args_done.len(), 1, "{text}");
+    assert_eq!(args_done[0]["arguments"], args);
+    let done = &events.last().unwrap()["response"];
+    assert_eq!(done["output"][0]["type"], "function_call");
+
+    // The call and its output go back as the chat turns they are.
+    let follow = json!({
+        "model": MODEL,
+        "input": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": args},
+            {"type": "function_call_output", "call_id": "call_1", "output": "Sunny"},
+        ],
+        "tools": tools,
+        "tool_choice": "none",
+    });
+    let (s, v) = post(&app, "/v1/responses", follow).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let chat = chat_body(json!({
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": args}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"},
+        ],
+        "tools": weather_tools().as_array().unwrap()[..1].to_vec(),
+        "tool_choice": "none",
+    }));
+    let (s, c) = post(&app, "/v1/chat/completions", chat).await;
+    assert_eq!(s, StatusCode::OK, "{c}");
+    let inputs = backend.inputs();
+    assert_eq!(
+        inputs[inputs.len() - 2].prompt,
+        inputs[inputs.len() - 1].prompt
+    );
+
+    // text.format json_schema is the chat response_format.
+    let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+    let (s, v) = post(
+        &app,
+        "/v1/responses",
+        json!({"model": MODEL, "input": "x", "text": {"format": {"type": "json_schema", "name": "t", "schema": schema}}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(last_schema(&backend), schema);
+}
+
+async fn call_text(
+    app: &axum::Router,
+    body: &Value,
+) -> (StatusCode, axum::http::HeaderMap, String) {
+    call(app, "POST", "/v1/responses", Some(&body.to_string()), None).await
+}
+
+#[tokio::test]
+async fn responses_refuse_what_they_cannot_do_naming_the_field() {
+    let app = openai_routes(state_with(Scripted::new(text_script("Hi")), None));
+    let cases = [
+        (json!({"model": MODEL}), Some("input")),
+        (json!({"model": MODEL, "input": 3}), Some("input")),
+        (
+            json!({"model": MODEL, "input": "x", "previous_response_id": "resp_1"}),
+            Some("previous_response_id"),
+        ),
+        (
+            json!({"model": MODEL, "input": "x", "background": true}),
+            Some("background"),
+        ),
+        (
+            json!({"model": MODEL, "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}),
+            Some("input[0].content[0].type"),
+        ),
+        (
+            json!({"model": MODEL, "input": [{"type": "file_search_call"}]}),
+            Some("input[0].type"),
+        ),
+        (
+            json!({"model": MODEL, "input": "x", "tools": [{"type": "web_search"}]}),
+            Some("tools[0].type"),
+        ),
+        (
+            json!({"model": MODEL, "input": "x", "max_output_tokens": 0}),
+            Some("max_output_tokens"),
+        ),
+        (
+            json!({"model": MODEL, "input": "x", "temperature": "hot"}),
+            Some("temperature"),
+        ),
+        (json!({"model": MODEL, "input": []}), Some("input")),
+        (
+            json!({"model": MODEL, "input": "x", "text": {"format": {"type": "yaml"}}}),
+            Some("text.format.type"),
+        ),
+        (
+            json!({"model": MODEL, "input": "x", "tools": [{"type": "function", "name": "bad name!"}]}),
+            Some("tools[0].name"),
+        ),
+        (
+            json!({"model": MODEL, "input": [{"role": "user"}]}),
+            Some("input[0].content"),
+        ),
+    ];
+    for (body, param) in cases {
+        let (s, v) = post(&app, "/v1/responses", body.clone()).await;
+        assert_error(s, &v, StatusCode::BAD_REQUEST, param, &body.to_string());
+    }
+    let (s, v) = post(
+        &app,
+        "/v1/responses",
+        json!({"model": "nope", "input": "x"}),
+    )
+    .await;
+    assert_error(s, &v, StatusCode::NOT_FOUND, Some("model"), "unknown model");
+}
+
+#[tokio::test]
+async fn a_responses_stream_that_fails_ends_with_response_failed() {
+    let backend = Scripted::new(Script {
+        tokens: vec![ids("Some words before the failure happens")],
+        error_after: Some((3, DispatchError::Internal("worker died".into()))),
+        ..Default::default()
+    });
+    let app = openai_routes(state_with(backend, None));
+    let (s, _, text) =
+        call_text(&app, &json!({"model": MODEL, "input": "x", "stream": true})).await;
+    assert_eq!(s, StatusCode::OK);
+    let events = response_events(&text);
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "response.failed", "{text}");
+    assert_eq!(last["response"]["status"], "failed");
+    assert_eq!(last["response"]["error"]["message"], "worker died");
+}

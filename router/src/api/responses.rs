@@ -1,0 +1,726 @@
+//! OpenAI's Responses API (`POST /v1/responses`), served as a translation
+//! of chat completions: the request becomes a chat request (input items
+//! become messages, `instructions` the system message, `text.format` the
+//! `response_format`, flat function tools chat tools), runs through the
+//! chat path (template, validation, routing, tool calls, streaming), and
+//! its answer is rewritten as a response object, or as the Responses
+//! stream's typed events. One generation path serves both APIs, so a
+//! response says exactly what the same chat request would.
+//!
+//! Responses are not stored: `previous_response_id` and `background` are
+//! refused with a 400 saying so (send the conversation in `input`, as with
+//! `store: false`), and the object says `"store": false`.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use serde_json::{json, Map, Value};
+
+use super::{random_id, unix_now, ApiError, ApiState};
+
+/// Chat-request fields the Responses API names differently, for errors the
+/// chat path reports.
+const RENAMED: &[(&str, &str)] = &[
+    ("messages", "input"),
+    ("max_completion_tokens", "max_output_tokens"),
+    ("response_format", "text.format"),
+];
+
+fn wrong_type(param: &str, want: &str) -> ApiError {
+    ApiError::invalid(format!("'{param}' must be {want}"), Some(param)).with_code("invalid_type")
+}
+
+/// The text of a content part list (`input_text`, `output_text`, `text`).
+fn content_text(v: &Value, param: &str) -> Result<Value, ApiError> {
+    match v {
+        Value::String(_) => Ok(v.clone()),
+        Value::Array(parts) => {
+            let mut out = Vec::with_capacity(parts.len());
+            for (j, part) in parts.iter().enumerate() {
+                let p = format!("{param}[{j}]");
+                let kind = part.get("type").and_then(Value::as_str).unwrap_or("");
+                match kind {
+                    "input_text" | "output_text" | "text" => {
+                        let text = part
+                            .get("text")
+                            .and_then(Value::as_str)
+                            .ok_or_else(|| wrong_type(&format!("{p}.text"), "a string"))?;
+                        out.push(json!({"type": "text", "text": text}));
+                    }
+                    "refusal" => {
+                        let text = part.get("refusal").and_then(Value::as_str).unwrap_or("");
+                        out.push(json!({"type": "text", "text": text}));
+                    }
+                    other => {
+                        return Err(ApiError::unsupported(
+                            &format!("{p}.type"),
+                            &format!(" (content part type '{other}'; only text)"),
+                        ))
+                    }
+                }
+            }
+            Ok(Value::Array(out))
+        }
+        _ => Err(wrong_type(param, "a string or an array of content parts")),
+    }
+}
+
+/// `input` (a string, or a list of items) as chat messages.
+fn input_messages(input: &Value) -> Result<Vec<Value>, ApiError> {
+    let items = match input {
+        Value::String(s) => return Ok(vec![json!({"role": "user", "content": s})]),
+        Value::Array(items) => items,
+        _ => return Err(wrong_type("input", "a string or an array of input items")),
+    };
+    let mut out: Vec<Value> = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let p = format!("input[{i}]");
+        let o = item
+            .as_object()
+            .ok_or_else(|| wrong_type(&p, "an object"))?;
+        let kind = o.get("type").and_then(Value::as_str).unwrap_or("message");
+        match kind {
+            "message" => {
+                let role = o
+                    .get("role")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| wrong_type(&format!("{p}.role"), "a string"))?;
+                let content = o.get("content").ok_or_else(|| {
+                    ApiError::invalid(
+                        format!("'{p}.content' is required"),
+                        Some(&format!("{p}.content")),
+                    )
+                })?;
+                out.push(json!({"role": role, "content": content_text(content, &format!("{p}.content"))?}));
+            }
+            "function_call" => {
+                let s = |k: &str| -> Result<&str, ApiError> {
+                    o.get(k)
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| wrong_type(&format!("{p}.{k}"), "a string"))
+                };
+                let call = json!({
+                    "id": s("call_id")?,
+                    "type": "function",
+                    "function": {"name": s("name")?, "arguments": s("arguments")?},
+                });
+                // Consecutive calls are one assistant turn.
+                match out.last_mut() {
+                    Some(last)
+                        if last["role"] == "assistant" && last.get("tool_calls").is_some() =>
+                    {
+                        last["tool_calls"]
+                            .as_array_mut()
+                            .expect("an array")
+                            .push(call);
+                    }
+                    _ => out
+                        .push(json!({"role": "assistant", "content": null, "tool_calls": [call]})),
+                }
+            }
+            "function_call_output" => {
+                let call_id = o
+                    .get("call_id")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| wrong_type(&format!("{p}.call_id"), "a string"))?;
+                let output = match o.get("output") {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(v @ Value::Array(_)) => match content_text(v, &format!("{p}.output"))? {
+                        Value::Array(parts) => parts
+                            .iter()
+                            .filter_map(|x| x["text"].as_str())
+                            .collect::<String>(),
+                        other => other.as_str().unwrap_or_default().to_string(),
+                    },
+                    _ => return Err(wrong_type(&format!("{p}.output"), "a string")),
+                };
+                out.push(json!({"role": "tool", "tool_call_id": call_id, "content": output}));
+            }
+            // Earlier reasoning carries nothing this server reads back.
+            "reasoning" => {}
+            other => {
+                return Err(ApiError::unsupported(
+                    &format!("{p}.type"),
+                    &format!(" (input item type '{other}'; messages and function calls are)"),
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The chat request a Responses request stands for.
+fn chat_request(m: &Map<String, Value>) -> Result<Map<String, Value>, ApiError> {
+    for (k, why) in [
+        (
+            "previous_response_id",
+            " (responses are not stored: send the whole conversation in 'input')",
+        ),
+        (
+            "conversation",
+            " (responses are not stored: send the whole conversation in 'input')",
+        ),
+        ("background", " (responses run in the foreground)"),
+        ("prompt", " (stored prompt templates are not available)"),
+    ] {
+        match m.get(k) {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+            Some(_) => return Err(ApiError::unsupported(k, why)),
+        }
+    }
+    let mut c = Map::new();
+    let mut messages = Vec::new();
+    match m.get("instructions") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => messages.push(json!({"role": "system", "content": s})),
+        Some(_) => return Err(wrong_type("instructions", "a string")),
+    }
+    let input = m
+        .get("input")
+        .ok_or_else(|| ApiError::invalid("'input' is required", Some("input")))?;
+    messages.extend(input_messages(input)?);
+    c.insert("messages".into(), Value::Array(messages));
+    for k in [
+        "model",
+        "temperature",
+        "top_p",
+        "stream",
+        "parallel_tool_calls",
+        "seed",
+        "user",
+    ] {
+        if let Some(v) = m.get(k) {
+            c.insert(k.into(), v.clone());
+        }
+    }
+    if let Some(v) = m.get("max_output_tokens").filter(|v| !v.is_null()) {
+        c.insert("max_completion_tokens".into(), v.clone());
+    }
+    if let Some(n) = m
+        .get("top_logprobs")
+        .and_then(Value::as_u64)
+        .filter(|&n| n > 0)
+    {
+        c.insert("logprobs".into(), json!(true));
+        c.insert("top_logprobs".into(), json!(n));
+    }
+    if c.get("stream").and_then(Value::as_bool) == Some(true) {
+        c.insert("stream_options".into(), json!({"include_usage": true}));
+    }
+    if let Some(format) = m.get("text").and_then(|t| t.get("format")) {
+        let kind = format.get("type").and_then(Value::as_str).unwrap_or("");
+        match kind {
+            "text" => {}
+            "json_object" => {
+                c.insert("response_format".into(), json!({"type": "json_object"}));
+            }
+            "json_schema" => {
+                let mut schema = Map::new();
+                for k in ["name", "schema", "strict", "description"] {
+                    if let Some(v) = format.get(k) {
+                        schema.insert(k.into(), v.clone());
+                    }
+                }
+                c.insert(
+                    "response_format".into(),
+                    json!({"type": "json_schema", "json_schema": schema}),
+                );
+            }
+            other => {
+                return Err(ApiError::unsupported(
+                    "text.format.type",
+                    &format!(" ('{other}'; text, json_object or json_schema)"),
+                ))
+            }
+        }
+    }
+    if let Some(tools) = m.get("tools").filter(|v| !v.is_null()) {
+        let arr = tools
+            .as_array()
+            .ok_or_else(|| wrong_type("tools", "an array"))?;
+        let mut out = Vec::with_capacity(arr.len());
+        for (i, t) in arr.iter().enumerate() {
+            let kind = t.get("type").and_then(Value::as_str).unwrap_or("");
+            if kind != "function" {
+                return Err(ApiError::unsupported(
+                    &format!("tools[{i}].type"),
+                    &format!(" (tool type '{kind}'; only function tools)"),
+                ));
+            }
+            let mut f = Map::new();
+            for k in ["name", "description", "parameters", "strict"] {
+                if let Some(v) = t.get(k).filter(|v| !v.is_null()) {
+                    f.insert(k.into(), v.clone());
+                }
+            }
+            out.push(json!({"type": "function", "function": f}));
+        }
+        if !out.is_empty() {
+            c.insert("tools".into(), Value::Array(out));
+        }
+    }
+    match m.get("tool_choice") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => {
+            c.insert("tool_choice".into(), json!(s));
+        }
+        Some(v) if v.get("type").and_then(Value::as_str) == Some("function") => {
+            let name = v
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| wrong_type("tool_choice.name", "a string"))?;
+            c.insert(
+                "tool_choice".into(),
+                json!({"type": "function", "function": {"name": name}}),
+            );
+        }
+        Some(_) => {
+            return Err(ApiError::unsupported(
+                "tool_choice",
+                " (\"auto\", \"none\", \"required\" or a function)",
+            ))
+        }
+    }
+    Ok(c)
+}
+
+/// What a response object repeats of its request.
+struct Echo {
+    id: String,
+    created_at: u64,
+    model: String,
+    request: Map<String, Value>,
+}
+
+impl Echo {
+    /// The response object with `status`, `output` and `usage`.
+    fn object(&self, status: &str, output: Vec<Value>, usage: Value, incomplete: Value) -> Value {
+        let r = &self.request;
+        let get = |k: &str, default: Value| r.get(k).cloned().unwrap_or(default);
+        json!({
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "error": null,
+            "incomplete_details": incomplete,
+            "instructions": get("instructions", Value::Null),
+            "max_output_tokens": get("max_output_tokens", Value::Null),
+            "model": self.model,
+            "output": output,
+            "parallel_tool_calls": get("parallel_tool_calls", json!(true)),
+            "previous_response_id": null,
+            "reasoning": {"effort": null, "summary": null},
+            "store": false,
+            "temperature": get("temperature", json!(1.0)),
+            "text": get("text", json!({"format": {"type": "text"}})),
+            "tool_choice": get("tool_choice", json!("auto")),
+            "tools": get("tools", json!([])),
+            "top_p": get("top_p", json!(1.0)),
+            "truncation": "disabled",
+            "usage": usage,
+            "user": get("user", Value::Null),
+            "metadata": get("metadata", json!({})),
+        })
+    }
+}
+
+/// A chat answer's usage as Responses usage.
+fn usage(u: &Value) -> Value {
+    if u.is_null() {
+        return Value::Null;
+    }
+    let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let cached = u
+        .pointer("/prompt_tokens_details/cached_tokens")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    json!({
+        "input_tokens": n("prompt_tokens"),
+        "input_tokens_details": {"cached_tokens": cached},
+        "output_tokens": n("completion_tokens"),
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": n("total_tokens"),
+    })
+}
+
+/// `status` and `incomplete_details` for a chat finish reason.
+fn status_of(finish: Option<&str>) -> (&'static str, Value) {
+    match finish {
+        Some("length") => ("incomplete", json!({"reason": "max_output_tokens"})),
+        _ => ("completed", Value::Null),
+    }
+}
+
+fn message_item(id: &str, text: &str, status: &str, logprobs: Value) -> Value {
+    json!({
+        "type": "message",
+        "id": id,
+        "status": status,
+        "role": "assistant",
+        "content": [text_part(text, logprobs)],
+    })
+}
+
+fn text_part(text: &str, logprobs: Value) -> Value {
+    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs})
+}
+
+fn call_item(call: &Value, status: &str) -> Value {
+    let call_id = call["id"].as_str().unwrap_or_default();
+    json!({
+        "type": "function_call",
+        "id": format!("fc_{}", call_id.trim_start_matches("call_")),
+        "call_id": call_id,
+        "name": call["function"]["name"],
+        "arguments": call["function"]["arguments"],
+        "status": status,
+    })
+}
+
+/// Chat's per-token log-probabilities as Responses ones.
+fn logprobs(lp: &Value) -> Value {
+    let Some(content) = lp.get("content").and_then(Value::as_array) else {
+        return json!([]);
+    };
+    Value::Array(
+        content
+            .iter()
+            .map(|t| {
+                json!({
+                    "token": t["token"],
+                    "logprob": t["logprob"],
+                    "bytes": t["bytes"],
+                    "top_logprobs": t["top_logprobs"],
+                })
+            })
+            .collect(),
+    )
+}
+
+/// The output items of a whole chat message; `status` is the message
+/// item's (`incomplete` when the output was cut).
+fn output_items(id: &str, message: &Value, lp: Value, status: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let text = message["content"].as_str().unwrap_or_default();
+    let calls = message["tool_calls"].as_array();
+    if !text.is_empty() || calls.is_none_or(|c| c.is_empty()) {
+        out.push(message_item(&format!("msg_{id}"), text, status, lp));
+    }
+    for call in calls.into_iter().flatten() {
+        out.push(call_item(call, "completed"));
+    }
+    out
+}
+
+pub(super) async fn create(
+    State(state): State<Arc<ApiState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let resp = match run(state, body).await {
+        Ok(r) => r,
+        Err(mut e) => {
+            if let Some(p) = e.param.clone() {
+                let renamed = RENAMED.iter().find_map(|(from, to)| {
+                    p.strip_prefix(from)
+                        .map(|rest| (*from, format!("{to}{rest}")))
+                });
+                if let Some((from, to)) = renamed {
+                    e.message = e
+                        .message
+                        .replace(from, to.split(['[', '.']).next().unwrap_or(""));
+                    e.param = Some(to);
+                } else if p.starts_with("tools[") || p.starts_with("tool_choice") {
+                    // Function tools are flat here: no `function` object.
+                    e.param = Some(p.replacen(".function", "", 1));
+                    e.message = e.message.replacen(".function", "", 1);
+                }
+            }
+            e.into_response()
+        }
+    };
+    super::openai::count_request("responses", resp.status());
+    resp
+}
+
+async fn run(
+    state: Arc<ApiState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let m = super::openai::parse_object(body)?;
+    let chat = chat_request(&m)?;
+    let stream = chat.get("stream").and_then(Value::as_bool) == Some(true);
+    let answer = super::openai::chat(state.clone(), chat).await?;
+    let echo = Echo {
+        id: format!("resp_{}", random_id()),
+        created_at: unix_now(),
+        model: state.served_model_name.clone(),
+        request: m,
+    };
+    if stream {
+        return Ok(stream_response(echo, answer));
+    }
+    let bytes = axum::body::to_bytes(answer.into_body(), usize::MAX)
+        .await
+        .map_err(|e| ApiError::internal(format!("reading the chat answer: {e}")))?;
+    let c: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::internal(format!("parsing the chat answer: {e}")))?;
+    let choice = &c["choices"][0];
+    let (status, incomplete) = status_of(choice["finish_reason"].as_str());
+    let item_id = echo.id.trim_start_matches("resp_").to_string();
+    let output = output_items(
+        &item_id,
+        &choice["message"],
+        logprobs(&choice["logprobs"]),
+        status,
+    );
+    Ok(axum::Json(echo.object(status, output, usage(&c["usage"]), incomplete)).into_response())
+}
+
+/// A tool call assembled from chat stream pieces.
+#[derive(Default)]
+struct CallParts {
+    id: String,
+    name: String,
+    arguments: String,
+}
+
+/// Rewrites a chat SSE stream as the Responses stream's events.
+struct Events {
+    echo: Echo,
+    seq: u64,
+    msg_id: String,
+    /// The message item was opened (`output_item.added` sent).
+    opened: bool,
+    text: String,
+    logprobs: Vec<Value>,
+    calls: Vec<CallParts>,
+    finish: Option<String>,
+    usage: Value,
+    out: VecDeque<Bytes>,
+}
+
+impl Events {
+    fn emit(&mut self, kind: &str, mut v: Value) {
+        v["type"] = json!(kind);
+        v["sequence_number"] = json!(self.seq);
+        self.seq += 1;
+        self.out
+            .push_back(Bytes::from(format!("event: {kind}\ndata: {v}\n\n")));
+    }
+
+    fn open_message(&mut self) {
+        if self.opened {
+            return;
+        }
+        self.opened = true;
+        let item = json!({"type": "message", "id": self.msg_id, "status": "in_progress", "role": "assistant", "content": []});
+        self.emit(
+            "response.output_item.added",
+            json!({"output_index": 0, "item": item}),
+        );
+        self.emit(
+            "response.content_part.added",
+            json!({"item_id": self.msg_id, "output_index": 0, "content_index": 0, "part": text_part("", json!([]))}),
+        );
+    }
+
+    /// One chat chunk (`data:` payload).
+    fn on_chunk(&mut self, c: &Value) {
+        if let Some(e) = c.get("error") {
+            let failed = {
+                let mut r = self
+                    .echo
+                    .object("failed", Vec::new(), Value::Null, Value::Null);
+                r["error"] = json!({
+                    "code": e["code"].as_str().unwrap_or("server_error"),
+                    "message": e["message"],
+                });
+                r
+            };
+            self.emit("response.failed", json!({"response": failed}));
+            return;
+        }
+        if !c["usage"].is_null() {
+            self.usage = usage(&c["usage"]);
+        }
+        let Some(choice) = c["choices"].get(0) else {
+            return;
+        };
+        let delta = &choice["delta"];
+        if let Some(text) = delta["content"].as_str().filter(|t| !t.is_empty()) {
+            self.open_message();
+            self.text.push_str(text);
+            let lp = logprobs(&choice["logprobs"]);
+            if let Some(a) = lp.as_array() {
+                self.logprobs.extend(a.iter().cloned());
+            }
+            let v = json!({"item_id": self.msg_id, "output_index": 0, "content_index": 0, "delta": text, "logprobs": lp});
+            self.emit("response.output_text.delta", v);
+        }
+        for call in delta["tool_calls"].as_array().into_iter().flatten() {
+            let i = call["index"].as_u64().unwrap_or(0) as usize;
+            if self.calls.len() <= i {
+                self.calls.resize_with(i + 1, CallParts::default);
+            }
+            let parts = &mut self.calls[i];
+            if let Some(id) = call["id"].as_str() {
+                parts.id = id.to_string();
+            }
+            if let Some(name) = call["function"]["name"].as_str() {
+                parts.name.push_str(name);
+            }
+            if let Some(a) = call["function"]["arguments"].as_str() {
+                parts.arguments.push_str(a);
+            }
+        }
+        if let Some(f) = choice["finish_reason"].as_str() {
+            self.finish = Some(f.to_string());
+        }
+    }
+
+    /// Closes the items and the response, after the chat stream's end.
+    fn on_end(&mut self) {
+        let mut output = Vec::new();
+        let lp = Value::Array(std::mem::take(&mut self.logprobs));
+        let (status, incomplete) = status_of(self.finish.as_deref());
+        if self.opened || self.calls.is_empty() {
+            self.open_message();
+            let text = self.text.clone();
+            let item = message_item(&self.msg_id, &text, status, lp.clone());
+            self.emit(
+                "response.output_text.done",
+                json!({"item_id": self.msg_id, "output_index": 0, "content_index": 0, "text": text, "logprobs": lp}),
+            );
+            self.emit(
+                "response.content_part.done",
+                json!({"item_id": self.msg_id, "output_index": 0, "content_index": 0, "part": item["content"][0]}),
+            );
+            self.emit(
+                "response.output_item.done",
+                json!({"output_index": 0, "item": item}),
+            );
+            output.push(item);
+        }
+        for call in std::mem::take(&mut self.calls) {
+            let index = output.len();
+            let chat_call = json!({"id": call.id, "function": {"name": call.name, "arguments": call.arguments}});
+            let mut item = call_item(&chat_call, "in_progress");
+            item["arguments"] = json!("");
+            let item_id = item["id"].clone();
+            self.emit(
+                "response.output_item.added",
+                json!({"output_index": index, "item": item}),
+            );
+            self.emit(
+                "response.function_call_arguments.delta",
+                json!({"item_id": item_id, "output_index": index, "delta": call.arguments}),
+            );
+            self.emit(
+                "response.function_call_arguments.done",
+                json!({"item_id": item_id, "output_index": index, "arguments": call.arguments}),
+            );
+            let done = call_item(&chat_call, "completed");
+            self.emit(
+                "response.output_item.done",
+                json!({"output_index": index, "item": done}),
+            );
+            output.push(done);
+        }
+        let usage = std::mem::take(&mut self.usage);
+        let r = self.echo.object(status, output, usage, incomplete);
+        let kind = if status == "incomplete" {
+            "response.incomplete"
+        } else {
+            "response.completed"
+        };
+        self.emit(kind, json!({"response": r}));
+    }
+}
+
+/// The Responses stream over a chat SSE answer. Dropping it (the client
+/// hung up) drops the chat body, which cancels the generation.
+fn stream_response(echo: Echo, answer: Response) -> Response {
+    let msg_id = format!("msg_{}", echo.id.trim_start_matches("resp_"));
+    let mut ev = Events {
+        echo,
+        seq: 0,
+        msg_id,
+        opened: false,
+        text: String::new(),
+        logprobs: Vec::new(),
+        calls: Vec::new(),
+        finish: None,
+        usage: Value::Null,
+        out: VecDeque::new(),
+    };
+    let created = ev
+        .echo
+        .object("in_progress", Vec::new(), Value::Null, Value::Null);
+    ev.emit("response.created", json!({"response": created.clone()}));
+    ev.emit("response.in_progress", json!({"response": created}));
+    struct St {
+        ev: Events,
+        body: axum::body::BodyDataStream,
+        buf: Vec<u8>,
+        done: bool,
+    }
+    let st = St {
+        ev,
+        body: answer.into_body().into_data_stream(),
+        buf: Vec::new(),
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(st, |mut st| async move {
+        loop {
+            if let Some(b) = st.ev.out.pop_front() {
+                return Some((Ok::<Bytes, std::convert::Infallible>(b), st));
+            }
+            if st.done {
+                return None;
+            }
+            // The chat stream's events end with a blank line.
+            if let Some(end) = st.buf.windows(2).position(|w| w == b"\n\n") {
+                let event: Vec<u8> = st.buf.drain(..end + 2).collect();
+                let text = String::from_utf8_lossy(&event);
+                for line in text.lines() {
+                    let Some(data) = line.strip_prefix("data: ") else {
+                        continue;
+                    };
+                    if data == "[DONE]" {
+                        st.ev.on_end();
+                        st.done = true;
+                    } else if let Ok(v) = serde_json::from_str::<Value>(data) {
+                        st.ev.on_chunk(&v);
+                        if v.get("error").is_some() {
+                            st.done = true;
+                        }
+                    }
+                }
+                continue;
+            }
+            match st.body.next().await {
+                Some(Ok(b)) => st.buf.extend_from_slice(&b),
+                Some(Err(e)) => {
+                    let err = ApiError::internal(format!("the chat stream broke: {e}"));
+                    st.ev.on_chunk(&err.body());
+                    st.done = true;
+                }
+                None => {
+                    // Ended without [DONE] (and without an error event).
+                    if !st.done {
+                        let err = ApiError::internal("the chat stream ended early");
+                        st.ev.on_chunk(&err.body());
+                        st.done = true;
+                    }
+                }
+            }
+        }
+    });
+    super::openai::sse_body(stream)
+}
