@@ -125,8 +125,10 @@ fn decode_alone(
             },
             Box::new(tx),
         )?;
-        // The prompt's step (and the first token) is not decoding.
-        sched.step(model)?;
+        // The prompt's steps (and the first token) are not decoding.
+        while sched.has_work() && sched.stats().generated_tokens == 0 {
+            sched.step(model)?;
+        }
         let t0 = Instant::now();
         let steps0 = sched.stats().steps;
         while sched.has_work() {

@@ -1816,6 +1816,40 @@ mod batching {
             }
         }
 
+        /// Choices that share a partial last block and draft into it
+        /// (each draft copies it on write first) give the tokens of
+        /// separate requests, and leave no block behind.
+        #[test]
+        fn speculating_choices_equal_separate_requests() {
+            let params = params();
+            let max = 24;
+            let phrase = prompt(9);
+            let p: Vec<u32> = phrase.iter().cycle().take(37).copied().collect();
+            let pool = KvPool::new(model().kv_layout(16), 256);
+            let mut s = Scheduler::new(
+                SchedulerConfig {
+                    speculative: SpeculativeConfig {
+                        token_cost: 0.0,
+                        max_batch: 64,
+                        ..SpeculativeConfig::ngram(4)
+                    },
+                    ..Default::default()
+                },
+                pool,
+                model().config.context_length,
+            );
+            let (sinks, mut got) = runs(N);
+            s.add_parallel(request(1, &p, &params, max), sinks, None)
+                .unwrap();
+            run_to_end(&mut s, &mut got);
+            for (i, r) in got.iter().enumerate() {
+                assert_eq!(r.tokens, alone(&p, &keyed(&params, i), max), "choice {i}");
+            }
+            assert!(s.stats().draft_tokens > 0, "{:?}", s.stats());
+            s.clear_prefix_cache();
+            assert_eq!(s.pool().free_blocks(), s.pool().n_blocks(), "no leak");
+        }
+
         #[test]
         fn one_token_choices_finish_at_the_fork() {
             let params = params();

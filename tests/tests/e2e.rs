@@ -909,8 +909,9 @@ fn a_worker_without_the_secret_is_refused_and_a_router_without_workers_fails_cle
     );
 }
 
-/// The venv with the official OpenAI client (`scripts/test.sh` installs it).
-fn openai_python() -> std::path::PathBuf {
+/// The venv with the official OpenAI and Anthropic clients
+/// (`scripts/test.sh` installs them).
+fn client_python() -> std::path::PathBuf {
     let dir = std::env::var_os("TANDEM_PYCLIENT")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| {
@@ -920,30 +921,40 @@ fn openai_python() -> std::path::PathBuf {
     let py = dir.join("bin/python");
     assert!(
         py.exists(),
-        "the OpenAI Python client is not installed at {}; scripts/test.sh installs it (tests/python/requirements.txt)",
+        "the Python clients are not installed at {}; scripts/test.sh installs them (tests/python/requirements.txt)",
         dir.display()
     );
     py
 }
 
+/// The official OpenAI client (chat, completions, the Responses API) and
+/// Anthropic's (the Messages API) drive one cluster, unmodified.
 #[test]
-fn the_official_openai_python_client_works_unmodified() {
-    let py = openai_python();
+fn the_official_openai_and_anthropic_python_clients_work_unmodified() {
+    let py = client_python();
     let cluster = Cluster::start(1, 1, 1, &["--api-key", "sk-e2e"]);
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/openai_client.py");
-    let out = Command::new(py)
-        .arg(script)
-        .arg(cluster.base_url())
-        .arg(model_name())
-        .arg("sk-e2e")
-        .output()
-        .expect("running the OpenAI client script");
-    assert!(
-        out.status.success(),
-        "the OpenAI client failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let root = format!("http://{}", cluster.router.addr());
+    for (script, base) in [
+        ("openai_client.py", cluster.base_url()),
+        ("anthropic_client.py", root),
+    ] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("python")
+            .join(script);
+        let out = Command::new(&py)
+            .arg(path)
+            .arg(base)
+            .arg(model_name())
+            .arg("sk-e2e")
+            .output()
+            .expect("running a Python client script");
+        assert!(
+            out.status.success(),
+            "{script} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 /// Polls a worker until `done(load)` holds, for at most `within`.

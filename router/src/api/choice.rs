@@ -55,6 +55,8 @@ pub struct ChoiceDelta {
     pub completion_tokens: u32,
     /// Prompt tokens served from a prefix cache (meaningful with `finish`).
     pub cached_tokens: u32,
+    /// The stop string that ended the choice (with `finish`), if one did.
+    pub stop_string: Option<String>,
     /// When the event arrived from the backend (relay latency starts here).
     pub received: Instant,
 }
@@ -75,6 +77,7 @@ impl ChoiceDelta {
 pub struct ChoiceDecoder {
     detok: IncrementalDecoder<Arc<Tokenizer>>,
     stop: StopMatcher,
+    stops: Vec<String>,
     decoded_chars: usize,
     token_ids: Vec<u32>,
     finished: Option<FinishReason>,
@@ -90,6 +93,7 @@ impl ChoiceDecoder {
         Self {
             detok: IncrementalDecoder::new(tokenizer, true),
             stop: StopMatcher::new(stops),
+            stops: stops.to_vec(),
             decoded_chars: 0,
             token_ids: Vec::new(),
             finished: None,
@@ -133,6 +137,7 @@ impl ChoiceDecoder {
             finish: None,
             completion_tokens: self.token_ids.len() as u32,
             cached_tokens: 0,
+            stop_string: None,
             received,
         };
         if let Some(f) = self.finished {
@@ -168,9 +173,10 @@ impl ChoiceDecoder {
                 }
                 let step = self.stop.push(&piece);
                 delta.text = step.text;
-                if step.stopped.is_some() {
+                if let Some(i) = step.stopped {
                     self.finished = Some(FinishReason::Stop);
                     delta.finish = self.finished;
+                    delta.stop_string = self.stops.get(i).cloned();
                 }
             }
             TokenEvent::Finished {
@@ -182,7 +188,8 @@ impl ChoiceDecoder {
                 let tail = self.detok.finish();
                 let step = self.stop.push(&tail);
                 delta.text = step.text;
-                let reason = if step.stopped.is_some() {
+                let reason = if let Some(i) = step.stopped {
+                    delta.stop_string = self.stops.get(i).cloned();
                     FinishReason::Stop
                 } else {
                     delta.text.push_str(&self.stop.finish());

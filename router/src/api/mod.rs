@@ -7,8 +7,9 @@
 //! * [`params`]: one validation path turning parsed parameters into
 //!   [`crate::dispatch::GenerationInput`]s (HTTP and gRPC share it);
 //! * [`choice`]: [`ChoiceDecoder`], detokenisation + stop strings of one choice;
-//! * [`openai`]: the axum routes ([`responses`]: OpenAI's Responses API as
-//!   a translation of chat); [`grpc`]: the tonic service;
+//! * [`openai`]: the axum routes ([`responses`]: OpenAI's Responses API,
+//!   [`messages`]: Anthropic's Messages API, both translations of chat);
+//!   [`grpc`]: the tonic service;
 //! * [`relay`]: the router's own per-token relay latency.
 
 use std::sync::Arc;
@@ -21,10 +22,12 @@ use crate::dispatch::Backend;
 pub mod choice;
 pub mod error;
 pub mod grpc;
+pub mod messages;
 pub mod openai;
 pub mod params;
 pub mod relay;
 pub mod responses;
+mod rewrite;
 pub mod tools;
 
 #[cfg(test)]
@@ -184,6 +187,16 @@ impl ApiState {
     }
 
     /// Constant-time check of a `Bearer` credential against the API key.
+    /// Checks an `x-api-key` header (Anthropic's clients send the key so).
+    pub fn check_api_key(&self, given: &str) -> Result<(), ApiError> {
+        match &self.api_key {
+            Some(key) if !ct_eq(given.trim().as_bytes(), key.as_bytes()) => {
+                Err(ApiError::unauthorized("Incorrect API key provided."))
+            }
+            _ => Ok(()),
+        }
+    }
+
     pub fn check_bearer(&self, authorization: Option<&str>) -> Result<(), ApiError> {
         let Some(key) = &self.api_key else {
             return Ok(());

@@ -1,6 +1,7 @@
 //! The OpenAI-compatible HTTP API: `POST /v1/chat/completions`,
 //! `POST /v1/completions`, `GET /v1/models`, `GET /v1/models/{model}`
-//! (and `POST /v1/responses`, translated to chat in [`super::responses`]).
+//! (and `POST /v1/responses` and `POST /v1/messages`, translated to chat
+//! in [`super::responses`] and [`super::messages`]).
 //!
 //! Request bodies are parsed by hand (not with axum's `Json`) so every bad
 //! input becomes a 400 in OpenAI's error shape naming the offending `param`.
@@ -48,6 +49,7 @@ pub fn openai_routes(state: Arc<ApiState>) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*model}", get(get_model))
         .route("/v1/responses", post(super::responses::create))
+        .route("/v1/messages", post(super::messages::create))
         .route("/v1/{*rest}", any(unknown_route))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
@@ -68,14 +70,21 @@ async fn body_idle_timeout(req: Request) -> Request {
 }
 
 async fn require_api_key(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
-    let auth = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    match state.check_bearer(auth) {
+    let h = req.headers();
+    let auth = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let x_api_key = h.get("x-api-key").and_then(|v| v.to_str().ok());
+    let checked = match (auth, x_api_key) {
+        (None, Some(key)) => state.check_api_key(key),
+        (auth, _) => state.check_bearer(auth),
+    };
+    match checked {
         Ok(()) => next.run(req).await,
         Err(e) => {
-            count_request(endpoint_of(req.uri().path()), e.status);
+            let endpoint = endpoint_of(req.uri().path());
+            count_request(endpoint, e.status);
+            if endpoint == "messages" {
+                return super::messages::error_response(&e);
+            }
             e.into_response()
         }
     }
@@ -86,6 +95,7 @@ fn endpoint_of(path: &str) -> &'static str {
         "/v1/chat/completions" => "chat_completions",
         "/v1/completions" => "completions",
         "/v1/responses" => "responses",
+        "/v1/messages" => "messages",
         p if p.starts_with("/v1/models") => "models",
         "/tokenize" => "tokenize",
         "/detokenize" => "detokenize",
@@ -935,6 +945,8 @@ struct Collected {
     /// The prompt's log-probabilities (echo with logprobs).
     prompt_logprobs: Option<Vec<SampledToken>>,
     finish: Option<FinishReason>,
+    /// The stop string that ended it, if one did.
+    stop_string: Option<String>,
     completion_tokens: u32,
     cached_tokens: u32,
 }
@@ -1383,6 +1395,7 @@ async fn complete(
                 }
                 if d.finish.is_some() {
                     c.finish = d.finish;
+                    c.stop_string = d.stop_string;
                     c.completion_tokens = d.completion_tokens;
                     c.cached_tokens = d.cached_tokens;
                 }
@@ -1407,10 +1420,12 @@ async fn complete(
             } else {
                 logprobs_json(&ctx, &c.tokens, 0)
             };
+            // vLLM's `stop_reason`: the stop string that ended the choice.
             match ctx.endpoint {
                 Endpoint::Chat => {
                     let (message, finish) = chat_message(&ctx, c);
-                    json!({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
+                    json!({"index": i, "message": message, "logprobs": lp,
+                           "finish_reason": finish, "stop_reason": c.stop_string})
                 }
                 Endpoint::Completions => {
                     let mut v = json!({
@@ -1418,6 +1433,7 @@ async fn complete(
                         "text": format!("{}{}", ctx.echo[p], c.text),
                         "logprobs": lp,
                         "finish_reason": finish,
+                        "stop_reason": c.stop_string,
                     });
                     if ctx.prompt_logprobs.is_some() {
                         v["prompt_logprobs"] =
@@ -1565,6 +1581,10 @@ impl Sse {
                 json!({"index": index, "text": d.text, "logprobs": lp, "finish_reason": finish})
             }
         };
+        let mut choice = choice;
+        if d.finish.is_some() {
+            choice["stop_reason"] = json!(d.stop_string);
+        }
         let bytes = sse_event(&self.chunk(choice));
         self.queue.push_back((bytes, Some(d.received)));
     }

@@ -18,9 +18,9 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use futures_util::StreamExt;
 use serde_json::{json, Map, Value};
 
+use super::rewrite::CallParts;
 use super::{random_id, unix_now, ApiError, ApiState};
 
 /// Chat-request fields the Responses API names differently, for errors the
@@ -425,22 +425,7 @@ pub(super) async fn create(
     let resp = match run(state, body).await {
         Ok(r) => r,
         Err(mut e) => {
-            if let Some(p) = e.param.clone() {
-                let renamed = RENAMED.iter().find_map(|(from, to)| {
-                    p.strip_prefix(from)
-                        .map(|rest| (*from, format!("{to}{rest}")))
-                });
-                if let Some((from, to)) = renamed {
-                    e.message = e
-                        .message
-                        .replace(from, to.split(['[', '.']).next().unwrap_or(""));
-                    e.param = Some(to);
-                } else if p.starts_with("tools[") || p.starts_with("tool_choice") {
-                    // Function tools are flat here: no `function` object.
-                    e.param = Some(p.replacen(".function", "", 1));
-                    e.message = e.message.replacen(".function", "", 1);
-                }
-            }
+            super::rewrite::rename_param(&mut e, RENAMED);
             e.into_response()
         }
     };
@@ -465,11 +450,7 @@ async fn run(
     if stream {
         return Ok(stream_response(echo, answer));
     }
-    let bytes = axum::body::to_bytes(answer.into_body(), usize::MAX)
-        .await
-        .map_err(|e| ApiError::internal(format!("reading the chat answer: {e}")))?;
-    let c: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::internal(format!("parsing the chat answer: {e}")))?;
+    let c = super::rewrite::chat_json(answer).await?;
     let choice = &c["choices"][0];
     let (status, incomplete) = status_of(choice["finish_reason"].as_str());
     let item_id = echo.id.trim_start_matches("resp_").to_string();
@@ -480,14 +461,6 @@ async fn run(
         status,
     );
     Ok(axum::Json(echo.object(status, output, usage(&c["usage"]), incomplete)).into_response())
-}
-
-/// A tool call assembled from chat stream pieces.
-#[derive(Default)]
-struct CallParts {
-    id: String,
-    name: String,
-    arguments: String,
 }
 
 /// Rewrites a chat SSE stream as the Responses stream's events.
@@ -563,22 +536,7 @@ impl Events {
             let v = json!({"item_id": self.msg_id, "output_index": 0, "content_index": 0, "delta": text, "logprobs": lp});
             self.emit("response.output_text.delta", v);
         }
-        for call in delta["tool_calls"].as_array().into_iter().flatten() {
-            let i = call["index"].as_u64().unwrap_or(0) as usize;
-            if self.calls.len() <= i {
-                self.calls.resize_with(i + 1, CallParts::default);
-            }
-            let parts = &mut self.calls[i];
-            if let Some(id) = call["id"].as_str() {
-                parts.id = id.to_string();
-            }
-            if let Some(name) = call["function"]["name"].as_str() {
-                parts.name.push_str(name);
-            }
-            if let Some(a) = call["function"]["arguments"].as_str() {
-                parts.arguments.push_str(a);
-            }
-        }
+        super::rewrite::absorb_calls(&mut self.calls, delta);
         if let Some(f) = choice["finish_reason"].as_str() {
             self.finish = Some(f.to_string());
         }
@@ -643,8 +601,19 @@ impl Events {
     }
 }
 
-/// The Responses stream over a chat SSE answer. Dropping it (the client
-/// hung up) drops the chat body, which cancels the generation.
+impl super::rewrite::ChatEvents for Events {
+    fn chunk(&mut self, c: &Value) {
+        self.on_chunk(c);
+    }
+    fn end(&mut self) {
+        self.on_end();
+    }
+    fn next_event(&mut self) -> Option<Bytes> {
+        self.out.pop_front()
+    }
+}
+
+/// The Responses stream over a chat SSE answer.
 fn stream_response(echo: Echo, answer: Response) -> Response {
     let msg_id = format!("msg_{}", echo.id.trim_start_matches("resp_"));
     let mut ev = Events {
@@ -664,63 +633,5 @@ fn stream_response(echo: Echo, answer: Response) -> Response {
         .object("in_progress", Vec::new(), Value::Null, Value::Null);
     ev.emit("response.created", json!({"response": created.clone()}));
     ev.emit("response.in_progress", json!({"response": created}));
-    struct St {
-        ev: Events,
-        body: axum::body::BodyDataStream,
-        buf: Vec<u8>,
-        done: bool,
-    }
-    let st = St {
-        ev,
-        body: answer.into_body().into_data_stream(),
-        buf: Vec::new(),
-        done: false,
-    };
-    let stream = futures_util::stream::unfold(st, |mut st| async move {
-        loop {
-            if let Some(b) = st.ev.out.pop_front() {
-                return Some((Ok::<Bytes, std::convert::Infallible>(b), st));
-            }
-            if st.done {
-                return None;
-            }
-            // The chat stream's events end with a blank line.
-            if let Some(end) = st.buf.windows(2).position(|w| w == b"\n\n") {
-                let event: Vec<u8> = st.buf.drain(..end + 2).collect();
-                let text = String::from_utf8_lossy(&event);
-                for line in text.lines() {
-                    let Some(data) = line.strip_prefix("data: ") else {
-                        continue;
-                    };
-                    if data == "[DONE]" {
-                        st.ev.on_end();
-                        st.done = true;
-                    } else if let Ok(v) = serde_json::from_str::<Value>(data) {
-                        st.ev.on_chunk(&v);
-                        if v.get("error").is_some() {
-                            st.done = true;
-                        }
-                    }
-                }
-                continue;
-            }
-            match st.body.next().await {
-                Some(Ok(b)) => st.buf.extend_from_slice(&b),
-                Some(Err(e)) => {
-                    let err = ApiError::internal(format!("the chat stream broke: {e}"));
-                    st.ev.on_chunk(&err.body());
-                    st.done = true;
-                }
-                None => {
-                    // Ended without [DONE] (and without an error event).
-                    if !st.done {
-                        let err = ApiError::internal("the chat stream ended early");
-                        st.ev.on_chunk(&err.body());
-                        st.done = true;
-                    }
-                }
-            }
-        }
-    });
-    super::openai::sse_body(stream)
+    super::rewrite::rewrite_chat_stream(answer, ev)
 }

@@ -1021,18 +1021,21 @@ async fn stop_string_across_tokens_is_held_back_and_cut() {
             want
         );
         assert_eq!(ch["finish_reason"], "stop");
+        // vLLM's `stop_reason` names the stop string.
+        assert_eq!(ch["stop_reason"], "forty-two");
         let mut sb = body;
         sb["stream"] = json!(true);
         let (streamed, chunks) = stream_text(&app, uri, sb).await;
         assert_eq!(streamed, want);
         for c in &chunks {
+            let mut c = c.clone();
+            c["choices"][0]["stop_reason"] = Value::Null;
             let s = c.to_string();
             assert!(!s.contains("forty") && !s.contains("-two"), "{s}");
         }
-        assert_eq!(
-            chunks.last().unwrap()["choices"][0]["finish_reason"],
-            "stop"
-        );
+        let last = &chunks.last().unwrap()["choices"][0];
+        assert_eq!(last["finish_reason"], "stop");
+        assert_eq!(last["stop_reason"], "forty-two");
     }
     // Each generation was cancelled when the stop string matched.
     tokio::time::timeout(Duration::from_secs(5), async {
@@ -2537,6 +2540,19 @@ fn response_events(body: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Sends the chat request with `extra` and checks that the workers got the
+/// prompt and limit of the request before it (a translated API's); returns
+/// the chat answer.
+async fn same_as_chat(app: &axum::Router, backend: &Scripted, extra: Value) -> Value {
+    let (s, c) = post(app, "/v1/chat/completions", chat_body(extra)).await;
+    assert_eq!(s, StatusCode::OK, "{c}");
+    let inputs = backend.inputs();
+    let (translated, chat) = (&inputs[inputs.len() - 2], &inputs[inputs.len() - 1]);
+    assert_eq!(translated.prompt, chat.prompt);
+    assert_eq!(translated.max_tokens, chat.max_tokens);
+    c
+}
+
 /// `/v1/responses` is the chat request it stands for: the same messages
 /// (instructions first, items in order, earlier calls and their outputs
 /// as tool turns), the same limits and format, and its answer as a
@@ -2570,24 +2586,15 @@ async fn responses_are_chat_in_the_responses_shape() {
         u["input_tokens"].as_u64().unwrap() + u["output_tokens"].as_u64().unwrap()
     );
     // The same prompt and limits as the chat request.
-    let (s, c) = post(
+    let c = same_as_chat(
         &app,
-        "/v1/chat/completions",
-        chat_body(json!({
-            "messages": [
-                {"role": "system", "content": "Be brief."},
-                {"role": "user", "content": "What is the capital of France?"},
-            ],
-            "max_tokens": 12,
-            "temperature": 0,
-        })),
+        &backend,
+        json!({"messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is the capital of France?"},
+        ], "max_tokens": 12, "temperature": 0}),
     )
     .await;
-    assert_eq!(s, StatusCode::OK, "{c}");
-    let inputs = backend.inputs();
-    let (r, ch) = (&inputs[inputs.len() - 2], &inputs[inputs.len() - 1]);
-    assert_eq!(r.prompt, ch.prompt);
-    assert_eq!(r.max_tokens, ch.max_tokens);
     assert_eq!(u["input_tokens"], c["usage"]["prompt_tokens"]);
 
     // Streamed: typed events in order, whose deltas add up to the text.
@@ -2701,7 +2708,10 @@ async fn responses_items_tools_and_formats_become_chat() {
     });
     let (s, v) = post(&app, "/v1/responses", follow).await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    let chat = chat_body(json!({
+    same_as_chat(
+        &app,
+        &backend,
+        json!({
         "messages": [
             {"role": "user", "content": "Weather in Paris?"},
             {"role": "assistant", "content": null, "tool_calls": [
@@ -2710,14 +2720,9 @@ async fn responses_items_tools_and_formats_become_chat() {
         ],
         "tools": weather_tools().as_array().unwrap()[..1].to_vec(),
         "tool_choice": "none",
-    }));
-    let (s, c) = post(&app, "/v1/chat/completions", chat).await;
-    assert_eq!(s, StatusCode::OK, "{c}");
-    let inputs = backend.inputs();
-    assert_eq!(
-        inputs[inputs.len() - 2].prompt,
-        inputs[inputs.len() - 1].prompt
-    );
+    }),
+    )
+    .await;
 
     // text.format json_schema is the chat response_format.
     let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
@@ -2815,4 +2820,280 @@ async fn a_responses_stream_that_fails_ends_with_response_failed() {
     assert_eq!(last["type"], "response.failed", "{text}");
     assert_eq!(last["response"]["status"], "failed");
     assert_eq!(last["response"]["error"]["message"], "worker died");
+}
+
+/// Anthropic's events (`event:` and `data:` lines, the type in both).
+fn message_events(body: &str) -> Vec<Value> {
+    response_events(body)
+}
+
+async fn post_messages(
+    app: &axum::Router,
+    body: &Value,
+    key: Option<&str>,
+) -> (StatusCode, String) {
+    let mut b = Request::builder()
+        .method("POST")
+        .uri("/v1/messages")
+        .header("content-type", "application/json")
+        .header("anthropic-version", "2023-06-01");
+    if let Some(k) = key {
+        b = b.header("x-api-key", k);
+    }
+    let resp = app
+        .clone()
+        .oneshot(b.body(Body::from(body.to_string())).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+fn anthropic_error(status: StatusCode, body: &str, want: StatusCode, kind: &str, ctx: &str) {
+    assert_eq!(status, want, "{ctx}: {body}");
+    let v: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(v["type"], "error", "{ctx}: {v}");
+    assert_eq!(v["error"]["type"], kind, "{ctx}: {v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{ctx}: {v}"
+    );
+}
+
+/// `/v1/messages` is the chat request it stands for (system first, the
+/// same limits), answered as a message with content blocks, a stop reason
+/// (a stop sequence named) and usage, or as Anthropic's events.
+#[tokio::test]
+async fn anthropic_messages_are_chat_in_the_messages_shape() {
+    let backend = Scripted::new(text_script("Paris. It is lovely."));
+    let app = openai_routes(state_with(backend.clone(), None));
+    let body = json!({
+        "model": MODEL,
+        "system": "Be brief.",
+        "messages": [{"role": "user", "content": "Capital of France?"}],
+        "max_tokens": 12,
+        "temperature": 0,
+    });
+    let (s, text) = post_messages(&app, &body, None).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["type"], "message");
+    assert_eq!(v["role"], "assistant");
+    assert!(v["id"].as_str().unwrap().starts_with("msg_"), "{v}");
+    assert_eq!(
+        v["content"],
+        json!([{"type": "text", "text": "Paris. It is lovely."}])
+    );
+    assert_eq!(v["stop_reason"], "end_turn");
+    assert_eq!(v["stop_sequence"], Value::Null);
+    let c = same_as_chat(
+        &app,
+        &backend,
+        json!({"messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Capital of France?"},
+        ], "max_tokens": 12, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(v["usage"]["input_tokens"], c["usage"]["prompt_tokens"]);
+    assert_eq!(v["usage"]["output_tokens"], c["usage"]["completion_tokens"]);
+
+    // A stop sequence ends it and is named.
+    let mut stop = body.clone();
+    stop["stop_sequences"] = json!(["."]);
+    let (s, text) = post_messages(&app, &stop, None).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["content"][0]["text"], "Paris");
+    assert_eq!(v["stop_reason"], "stop_sequence");
+    assert_eq!(v["stop_sequence"], ".");
+
+    // Streamed: the events in order, the deltas adding up to the text.
+    let mut sb = stop.clone();
+    sb["stream"] = json!(true);
+    let (s, text) = post_messages(&app, &sb, None).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    let events = message_events(&text);
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds[..2], ["message_start", "content_block_start"]);
+    assert_eq!(
+        kinds[kinds.len() - 3..],
+        ["content_block_stop", "message_delta", "message_stop"]
+    );
+    let streamed: String = events
+        .iter()
+        .filter(|e| e["type"] == "content_block_delta")
+        .map(|e| e["delta"]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(streamed, "Paris");
+    let delta = &events[events.len() - 2];
+    assert_eq!(delta["delta"]["stop_reason"], "stop_sequence");
+    assert_eq!(delta["delta"]["stop_sequence"], ".");
+    assert!(
+        delta["usage"]["output_tokens"].as_u64().unwrap() > 0,
+        "{delta}"
+    );
+
+    // Cut by max_tokens.
+    let mut short = body.clone();
+    short["max_tokens"] = json!(2);
+    let (_, text) = post_messages(&app, &short, None).await;
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["stop_reason"], "max_tokens", "{v}");
+}
+
+#[tokio::test]
+async fn anthropic_tools_are_chat_tools() {
+    let args = r#"{"city": "Paris"}"#;
+    let backend = Scripted::new(text_script(args));
+    let app = openai_routes(state_with(backend.clone(), None));
+    let tools = json!([{
+        "name": "get_weather", "description": "The weather in a city.",
+        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    }]);
+    let body = json!({
+        "model": MODEL, "max_tokens": 64,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]}],
+        "tools": tools, "tool_choice": {"type": "tool", "name": "get_weather"},
+    });
+    let (s, text) = post_messages(&app, &body, None).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let block = &v["content"][0];
+    assert_eq!(block["type"], "tool_use", "{v}");
+    assert_eq!(block["name"], "get_weather");
+    assert_eq!(block["input"], json!({"city": "Paris"}));
+    assert_eq!(v["stop_reason"], "tool_use");
+    assert_eq!(last_schema(&backend), tools[0]["input_schema"]);
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let (_, text) = post_messages(&app, &sb, None).await;
+    let events = message_events(&text);
+    let partial: String = events
+        .iter()
+        .filter(|e| e["delta"]["type"] == "input_json_delta")
+        .map(|e| e["delta"]["partial_json"].as_str().unwrap())
+        .collect();
+    assert_eq!(partial, args);
+    assert_eq!(events[events.len() - 2]["delta"]["stop_reason"], "tool_use");
+
+    // tool_use and tool_result blocks go back as the chat turns they are.
+    let id = block["id"].as_str().unwrap();
+    let follow = json!({
+        "model": MODEL, "max_tokens": 16,
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": [block.clone()]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": id, "content": "Sunny"}]},
+        ],
+        "tools": tools, "tool_choice": {"type": "none"},
+    });
+    let (s, text) = post_messages(&app, &follow, None).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    same_as_chat(
+        &app,
+        &backend,
+        json!({
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": id, "type": "function", "function": {"name": "get_weather", "arguments": block["input"].to_string()}}]},
+            {"role": "tool", "tool_call_id": id, "content": "Sunny"},
+        ],
+        "max_tokens": 16,
+        "tools": weather_tools().as_array().unwrap()[..1].to_vec(),
+        "tool_choice": "none",
+    }),
+    )
+    .await;
+
+    // output_config.format is the chat response_format.
+    let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+    let body = json!({
+        "model": MODEL, "max_tokens": 16, "messages": [{"role": "user", "content": "x"}],
+        "output_config": {"format": {"type": "json_schema", "schema": schema}},
+    });
+    let (s, text) = post_messages(&app, &body, None).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    assert_eq!(last_schema(&backend), schema);
+}
+
+#[tokio::test]
+async fn anthropic_errors_come_in_anthropics_shape() {
+    let app = openai_routes(state_with(
+        Scripted::new(text_script("Hi")),
+        Some("sk-test"),
+    ));
+    let ok =
+        json!({"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]});
+    let (s, text) = post_messages(&app, &ok, Some("sk-test")).await;
+    assert_eq!(s, StatusCode::OK, "x-api-key is accepted: {text}");
+    let (s, text) = post_messages(&app, &ok, Some("wrong")).await;
+    anthropic_error(
+        s,
+        &text,
+        StatusCode::UNAUTHORIZED,
+        "authentication_error",
+        "wrong key",
+    );
+    let (s, text) = post_messages(&app, &ok, None).await;
+    anthropic_error(
+        s,
+        &text,
+        StatusCode::UNAUTHORIZED,
+        "authentication_error",
+        "no key",
+    );
+    let bad = [
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}),
+        json!({"model": MODEL, "max_tokens": 0, "messages": [{"role": "user", "content": "Hi"}]}),
+        json!({"model": MODEL, "max_tokens": 4, "messages": []}),
+        json!({"model": MODEL, "max_tokens": 4, "messages": [{"role": "system", "content": "Hi"}]}),
+        json!({"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}),
+        json!({"model": MODEL, "max_tokens": 4, "thinking": {"type": "enabled", "budget_tokens": 1024}, "messages": [{"role": "user", "content": "Hi"}]}),
+        json!({"model": MODEL, "max_tokens": 4, "tools": [{"type": "web_search_20250305", "name": "web_search"}], "messages": [{"role": "user", "content": "Hi"}]}),
+        json!({"model": MODEL, "max_tokens": 4, "stop_sequences": ["a", "b", "c", "d", "e"], "messages": [{"role": "user", "content": "Hi"}]}),
+    ];
+    for body in bad {
+        let (s, text) = post_messages(&app, &body, Some("sk-test")).await;
+        anthropic_error(
+            s,
+            &text,
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            &body.to_string(),
+        );
+    }
+    let mut unknown = ok.clone();
+    unknown["model"] = json!("claude-nope");
+    let (s, text) = post_messages(&app, &unknown, Some("sk-test")).await;
+    anthropic_error(
+        s,
+        &text,
+        StatusCode::NOT_FOUND,
+        "not_found_error",
+        "unknown model",
+    );
+}
+
+#[tokio::test]
+async fn an_anthropic_stream_that_fails_ends_with_an_error_event() {
+    let backend = Scripted::new(Script {
+        tokens: vec![ids("Some words before the failure happens")],
+        error_after: Some((3, DispatchError::Internal("worker died".into()))),
+        ..Default::default()
+    });
+    let app = openai_routes(state_with(backend, None));
+    let body = json!({"model": MODEL, "max_tokens": 16, "stream": true,
+                      "messages": [{"role": "user", "content": "Hi"}]});
+    let (s, text) = post_messages(&app, &body, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let events = message_events(&text);
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "error", "{text}");
+    assert_eq!(last["error"]["type"], "api_error");
+    assert_eq!(last["error"]["message"], "worker died");
 }

@@ -1,0 +1,524 @@
+//! Anthropic's Messages API (`POST /v1/messages`), for clients written
+//! against it (Anthropic's SDKs, and tools that speak it to local models),
+//! served like the Responses API as a translation of chat completions: the
+//! request becomes the chat request it stands for (`system` the system
+//! message, content blocks text, `tool_use` / `tool_result` blocks the
+//! chat tool turns, `input_schema` tools chat tools), and the chat answer
+//! becomes a message with content blocks, a `stop_reason` and usage, or
+//! the Messages stream's events. Errors come in Anthropic's shape.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Map, Value};
+
+use super::rewrite::CallParts;
+use super::{random_id, ApiError, ApiState};
+
+/// Chat-request fields the Messages API names differently.
+const RENAMED: &[(&str, &str)] = &[
+    ("max_completion_tokens", "max_tokens"),
+    ("stop", "stop_sequences"),
+    ("response_format", "output_config.format"),
+];
+
+/// An error in Anthropic's shape, with the status of the OpenAI one.
+pub(super) fn error_response(e: &ApiError) -> Response {
+    let kind = match e.status {
+        StatusCode::UNAUTHORIZED => "authentication_error",
+        StatusCode::FORBIDDEN => "permission_error",
+        StatusCode::NOT_FOUND => "not_found_error",
+        StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
+        StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+        StatusCode::SERVICE_UNAVAILABLE => "overloaded_error",
+        s if s.is_client_error() => "invalid_request_error",
+        _ => "api_error",
+    };
+    let message = match &e.param {
+        Some(p) if !e.message.contains(p.as_str()) => format!("{p}: {}", e.message),
+        _ => e.message.clone(),
+    };
+    let body = json!({"type": "error", "error": {"type": kind, "message": message}});
+    (e.status, axum::Json(body)).into_response()
+}
+
+fn wrong_type(param: &str, want: &str) -> ApiError {
+    ApiError::invalid(format!("'{param}' must be {want}"), Some(param)).with_code("invalid_type")
+}
+
+/// The text of a string or a list of text blocks.
+fn blocks_text(v: &Value, param: &str) -> Result<String, ApiError> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(blocks) => {
+            let mut out = String::new();
+            for (j, b) in blocks.iter().enumerate() {
+                match b.get("type").and_then(Value::as_str) {
+                    Some("text") => out.push_str(
+                        b.get("text")
+                            .and_then(Value::as_str)
+                            .ok_or_else(|| wrong_type(&format!("{param}[{j}].text"), "a string"))?,
+                    ),
+                    other => {
+                        return Err(ApiError::unsupported(
+                            &format!("{param}[{j}].type"),
+                            &format!(" (block type '{}'; only text here)", other.unwrap_or("")),
+                        ))
+                    }
+                }
+            }
+            Ok(out)
+        }
+        _ => Err(wrong_type(param, "a string or an array of text blocks")),
+    }
+}
+
+/// One Messages message as chat messages (a user turn with tool results
+/// becomes one `tool` message per result, then the rest of its text).
+fn chat_messages(i: usize, msg: &Value, out: &mut Vec<Value>) -> Result<(), ApiError> {
+    let p = format!("messages[{i}]");
+    let role = msg
+        .get("role")
+        .and_then(Value::as_str)
+        .ok_or_else(|| wrong_type(&format!("{p}.role"), "a string"))?;
+    if role != "user" && role != "assistant" {
+        return Err(ApiError::bad_param(
+            &format!("{p}.role"),
+            format!("'{p}.role' must be \"user\" or \"assistant\", got {role:?}"),
+        ));
+    }
+    let content = msg.get("content").ok_or_else(|| {
+        ApiError::invalid(
+            format!("'{p}.content' is required"),
+            Some(&format!("{p}.content")),
+        )
+    })?;
+    let blocks = match content {
+        Value::String(s) => {
+            out.push(json!({"role": role, "content": s}));
+            return Ok(());
+        }
+        Value::Array(b) => b,
+        _ => {
+            return Err(wrong_type(
+                &format!("{p}.content"),
+                "a string or an array of blocks",
+            ))
+        }
+    };
+    let mut text = String::new();
+    let mut calls = Vec::new();
+    for (j, b) in blocks.iter().enumerate() {
+        let bp = format!("{p}.content[{j}]");
+        match b.get("type").and_then(Value::as_str).unwrap_or("") {
+            "text" => text.push_str(
+                b.get("text")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| wrong_type(&format!("{bp}.text"), "a string"))?,
+            ),
+            "tool_use" if role == "assistant" => {
+                let s = |k: &str| {
+                    b.get(k)
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| wrong_type(&format!("{bp}.{k}"), "a string"))
+                };
+                let input = b.get("input").cloned().unwrap_or_else(|| json!({}));
+                calls.push(json!({
+                    "id": s("id")?,
+                    "type": "function",
+                    "function": {"name": s("name")?, "arguments": input.to_string()},
+                }));
+            }
+            "tool_result" if role == "user" => {
+                let id = b
+                    .get("tool_use_id")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| wrong_type(&format!("{bp}.tool_use_id"), "a string"))?;
+                let result = match b.get("content") {
+                    None | Some(Value::Null) => String::new(),
+                    Some(c) => blocks_text(c, &format!("{bp}.content"))?,
+                };
+                out.push(json!({"role": "tool", "tool_call_id": id, "content": result}));
+            }
+            // Earlier reasoning carries nothing this server reads back.
+            "thinking" | "redacted_thinking" => {}
+            other => {
+                return Err(ApiError::unsupported(
+                    &format!("{bp}.type"),
+                    &format!(" (block type '{other}' in a {role} message)"),
+                ))
+            }
+        }
+    }
+    if !calls.is_empty() {
+        let content = if text.is_empty() {
+            Value::Null
+        } else {
+            json!(text)
+        };
+        out.push(json!({"role": "assistant", "content": content, "tool_calls": calls}));
+    } else if !text.is_empty() || blocks.is_empty() {
+        out.push(json!({"role": role, "content": text}));
+    }
+    Ok(())
+}
+
+/// The chat request a Messages request stands for.
+fn chat_request(m: &Map<String, Value>) -> Result<Map<String, Value>, ApiError> {
+    if let Some(t) = m.get("thinking") {
+        if t.get("type").and_then(Value::as_str) != Some("disabled") {
+            return Err(ApiError::unsupported(
+                "thinking",
+                " (extended thinking is not available)",
+            ));
+        }
+    }
+    let mut c = Map::new();
+    let mut messages = Vec::new();
+    match m.get("system") {
+        None | Some(Value::Null) => {}
+        Some(v) => messages.push(json!({"role": "system", "content": blocks_text(v, "system")?})),
+    }
+    let arr = m
+        .get("messages")
+        .ok_or_else(|| ApiError::invalid("'messages' is required", Some("messages")))?
+        .as_array()
+        .ok_or_else(|| wrong_type("messages", "an array"))?;
+    if arr.is_empty() {
+        return Err(ApiError::bad_param(
+            "messages",
+            "'messages' must contain at least one message",
+        ));
+    }
+    for (i, msg) in arr.iter().enumerate() {
+        chat_messages(i, msg, &mut messages)?;
+    }
+    c.insert("messages".into(), Value::Array(messages));
+    let max = m
+        .get("max_tokens")
+        .ok_or_else(|| ApiError::invalid("'max_tokens' is required", Some("max_tokens")))?;
+    c.insert("max_completion_tokens".into(), max.clone());
+    for k in ["model", "temperature", "top_p", "top_k", "stream"] {
+        if let Some(v) = m.get(k).filter(|v| !v.is_null()) {
+            c.insert(k.into(), v.clone());
+        }
+    }
+    // Structured output: `output_config.format` (a JSON schema); `effort`
+    // has no meaning here.
+    let format = m.get("output_config").and_then(|o| o.get("format"));
+    if let Some(format) = format.filter(|v| !v.is_null()) {
+        match format.get("type").and_then(Value::as_str) {
+            Some("json_schema") => {
+                let schema = format.get("schema").ok_or_else(|| {
+                    ApiError::invalid(
+                        "'output_config.format.schema' is required",
+                        Some("output_config.format.schema"),
+                    )
+                })?;
+                c.insert(
+                    "response_format".into(),
+                    json!({"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}),
+                );
+            }
+            other => {
+                return Err(ApiError::unsupported(
+                    "output_config.format.type",
+                    &format!(" ({:?}; only json_schema)", other.unwrap_or("")),
+                ))
+            }
+        }
+    }
+    if let Some(v) = m.get("stop_sequences").filter(|v| !v.is_null()) {
+        c.insert("stop".into(), v.clone());
+    }
+    if c.get("stream").and_then(Value::as_bool) == Some(true) {
+        c.insert("stream_options".into(), json!({"include_usage": true}));
+    }
+    if let Some(tools) = m.get("tools").filter(|v| !v.is_null()) {
+        let arr = tools
+            .as_array()
+            .ok_or_else(|| wrong_type("tools", "an array"))?;
+        let mut out = Vec::with_capacity(arr.len());
+        for (i, t) in arr.iter().enumerate() {
+            // Server tools (web search, code execution, …) carry a type.
+            if let Some(kind) = t
+                .get("type")
+                .and_then(Value::as_str)
+                .filter(|k| *k != "custom")
+            {
+                return Err(ApiError::unsupported(
+                    &format!("tools[{i}].type"),
+                    &format!(" (tool type '{kind}'; only client tools with an input_schema)"),
+                ));
+            }
+            let mut f = Map::new();
+            if let Some(v) = t.get("name") {
+                f.insert("name".into(), v.clone());
+            }
+            if let Some(v) = t.get("description") {
+                f.insert("description".into(), v.clone());
+            }
+            if let Some(v) = t.get("input_schema") {
+                f.insert("parameters".into(), v.clone());
+            }
+            out.push(json!({"type": "function", "function": f}));
+        }
+        if !out.is_empty() {
+            c.insert("tools".into(), Value::Array(out));
+        }
+    }
+    if let Some(tc) = m.get("tool_choice").filter(|v| !v.is_null()) {
+        let choice = match tc.get("type").and_then(Value::as_str) {
+            Some("auto") => json!("auto"),
+            Some("any") => json!("required"),
+            Some("none") => json!("none"),
+            Some("tool") => {
+                let name = tc
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| wrong_type("tool_choice.name", "a string"))?;
+                json!({"type": "function", "function": {"name": name}})
+            }
+            _ => {
+                return Err(ApiError::unsupported(
+                    "tool_choice",
+                    " (auto, any, tool or none)",
+                ))
+            }
+        };
+        c.insert("tool_choice".into(), choice);
+        if tc.get("disable_parallel_tool_use").and_then(Value::as_bool) == Some(true) {
+            c.insert("parallel_tool_calls".into(), json!(false));
+        }
+    }
+    Ok(c)
+}
+
+/// A tool call's `input`: its arguments as JSON (a call cut short stays
+/// text under `input.arguments`, which does not occur for whole calls).
+fn call_input(arguments: &str) -> Value {
+    serde_json::from_str(arguments).unwrap_or_else(|_| json!({"arguments": arguments}))
+}
+
+fn tool_use_block(call: &Value) -> Value {
+    json!({
+        "type": "tool_use",
+        "id": call["id"],
+        "name": call["function"]["name"],
+        "input": call_input(call["function"]["arguments"].as_str().unwrap_or("")),
+    })
+}
+
+/// `stop_reason` and `stop_sequence` for a chat choice's finish (and
+/// whether the answer holds tool calls).
+fn stop_of(finish: Option<&str>, stop_string: &Value, calls: bool) -> (&'static str, Value) {
+    match finish {
+        Some("length") => ("max_tokens", Value::Null),
+        _ if calls => ("tool_use", Value::Null),
+        _ if stop_string.is_string() => ("stop_sequence", stop_string.clone()),
+        _ => ("end_turn", Value::Null),
+    }
+}
+
+fn usage(u: &Value) -> Value {
+    let n = |p: &str| u.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+    json!({
+        "input_tokens": n("/prompt_tokens"),
+        "output_tokens": n("/completion_tokens"),
+        "cache_read_input_tokens": n("/prompt_tokens_details/cached_tokens"),
+        "cache_creation_input_tokens": 0,
+    })
+}
+
+pub(super) async fn create(
+    State(state): State<Arc<ApiState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let resp = match run(state, body).await {
+        Ok(r) => r,
+        Err(mut e) => {
+            super::rewrite::rename_param(&mut e, RENAMED);
+            if let Some(p) = e.param.as_mut().filter(|p| p.starts_with("tools[")) {
+                *p = p.replace(".parameters", ".input_schema");
+            }
+            error_response(&e)
+        }
+    };
+    super::openai::count_request("messages", resp.status());
+    resp
+}
+
+async fn run(
+    state: Arc<ApiState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let m = super::openai::parse_object(body)?;
+    let chat = chat_request(&m)?;
+    let stream = chat.get("stream").and_then(Value::as_bool) == Some(true);
+    let answer = super::openai::chat(state.clone(), chat).await?;
+    let id = format!("msg_{}", random_id());
+    let model = state.served_model_name.clone();
+    if stream {
+        return Ok(stream_response(id, model, answer));
+    }
+    let c = super::rewrite::chat_json(answer).await?;
+    let choice = &c["choices"][0];
+    let message = &choice["message"];
+    let mut content = Vec::new();
+    if let Some(text) = message["content"].as_str().filter(|t| !t.is_empty()) {
+        content.push(json!({"type": "text", "text": text}));
+    }
+    for call in message["tool_calls"].as_array().into_iter().flatten() {
+        content.push(tool_use_block(call));
+    }
+    let calls = content.iter().any(|b| b["type"] == "tool_use");
+    let (stop_reason, stop_sequence) = stop_of(
+        choice["finish_reason"].as_str(),
+        &choice["stop_reason"],
+        calls,
+    );
+    Ok(axum::Json(json!({
+        "id": id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": stop_reason,
+        "stop_sequence": stop_sequence,
+        "usage": usage(&c["usage"]),
+    }))
+    .into_response())
+}
+
+/// Rewrites a chat SSE stream as the Messages stream's events.
+struct Events {
+    /// The open text block's index, once one is open.
+    text_block: Option<usize>,
+    blocks: usize,
+    calls: Vec<CallParts>,
+    finish: Option<String>,
+    stop_string: Value,
+    usage: Value,
+    out: VecDeque<Bytes>,
+}
+
+impl Events {
+    fn emit(&mut self, kind: &str, mut v: Value) {
+        v["type"] = json!(kind);
+        self.out
+            .push_back(Bytes::from(format!("event: {kind}\ndata: {v}\n\n")));
+    }
+
+    fn on_chunk(&mut self, c: &Value) {
+        if let Some(e) = c.get("error") {
+            let kind = match e["type"].as_str() {
+                Some("invalid_request_error") => "invalid_request_error",
+                _ => "api_error",
+            };
+            self.emit(
+                "error",
+                json!({"error": {"type": kind, "message": e["message"]}}),
+            );
+            return;
+        }
+        if !c["usage"].is_null() {
+            self.usage = usage(&c["usage"]);
+        }
+        let Some(choice) = c["choices"].get(0) else {
+            return;
+        };
+        if let Some(text) = choice["delta"]["content"]
+            .as_str()
+            .filter(|t| !t.is_empty())
+        {
+            let index = match self.text_block {
+                Some(i) => i,
+                None => {
+                    let i = self.blocks;
+                    self.blocks += 1;
+                    self.text_block = Some(i);
+                    self.emit(
+                        "content_block_start",
+                        json!({"index": i, "content_block": {"type": "text", "text": ""}}),
+                    );
+                    i
+                }
+            };
+            self.emit(
+                "content_block_delta",
+                json!({"index": index, "delta": {"type": "text_delta", "text": text}}),
+            );
+        }
+        super::rewrite::absorb_calls(&mut self.calls, &choice["delta"]);
+        if let Some(f) = choice["finish_reason"].as_str() {
+            self.finish = Some(f.to_string());
+            self.stop_string = choice["stop_reason"].clone();
+        }
+    }
+
+    fn on_end(&mut self) {
+        if let Some(i) = self.text_block.take() {
+            self.emit("content_block_stop", json!({"index": i}));
+        }
+        let calls = !self.calls.is_empty();
+        for call in std::mem::take(&mut self.calls) {
+            let i = self.blocks;
+            self.blocks += 1;
+            let block = json!({"type": "tool_use", "id": call.id, "name": call.name, "input": {}});
+            self.emit(
+                "content_block_start",
+                json!({"index": i, "content_block": block}),
+            );
+            self.emit(
+                "content_block_delta",
+                json!({"index": i, "delta": {"type": "input_json_delta", "partial_json": call.arguments}}),
+            );
+            self.emit("content_block_stop", json!({"index": i}));
+        }
+        let (stop_reason, stop_sequence) =
+            stop_of(self.finish.as_deref(), &self.stop_string, calls);
+        let usage = std::mem::take(&mut self.usage);
+        self.emit(
+            "message_delta",
+            json!({"delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence}, "usage": usage}),
+        );
+        self.emit("message_stop", json!({}));
+    }
+}
+
+impl super::rewrite::ChatEvents for Events {
+    fn chunk(&mut self, c: &Value) {
+        self.on_chunk(c);
+    }
+    fn end(&mut self) {
+        self.on_end();
+    }
+    fn next_event(&mut self) -> Option<Bytes> {
+        self.out.pop_front()
+    }
+}
+
+/// The Messages stream over a chat SSE answer.
+fn stream_response(id: String, model: String, answer: Response) -> Response {
+    let mut ev = Events {
+        text_block: None,
+        blocks: 0,
+        calls: Vec::new(),
+        finish: None,
+        stop_string: Value::Null,
+        usage: Value::Null,
+        out: VecDeque::new(),
+    };
+    let start = json!({
+        "id": id, "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": null, "stop_sequence": null,
+        "usage": {"input_tokens": 0, "output_tokens": 0},
+    });
+    ev.emit("message_start", json!({"message": start}));
+    super::rewrite::rewrite_chat_stream(answer, ev)
+}

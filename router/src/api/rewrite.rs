@@ -1,0 +1,135 @@
+//! What the APIs served as translations of chat (Responses, Messages)
+//! share: reading a chat SSE answer back, chunk by chunk, and sending
+//! their own events in its place.
+
+use std::convert::Infallible;
+
+use axum::body::Bytes;
+use axum::response::Response;
+use futures_util::StreamExt;
+use serde_json::Value;
+
+use super::ApiError;
+
+/// Another API's view of a chat stream.
+pub(super) trait ChatEvents: Send + 'static {
+    /// One chat chunk (a `data:` payload). An error chunk (`{"error":…}`)
+    /// ends the stream after this call.
+    fn chunk(&mut self, c: &Value);
+    /// The chat stream's `[DONE]`: close what is open.
+    fn end(&mut self);
+    /// The next event ready to send.
+    fn next_event(&mut self) -> Option<Bytes>;
+}
+
+/// The event-stream response that rewrites `answer` (a chat SSE response)
+/// through `events`. Dropping it (the client hung up) drops the chat body,
+/// which cancels the generation.
+pub(super) fn rewrite_chat_stream(answer: Response, events: impl ChatEvents) -> Response {
+    struct St<E> {
+        ev: E,
+        body: axum::body::BodyDataStream,
+        buf: Vec<u8>,
+        done: bool,
+    }
+    let st = St {
+        ev: events,
+        body: answer.into_body().into_data_stream(),
+        buf: Vec::new(),
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(st, |mut st| async move {
+        loop {
+            if let Some(b) = st.ev.next_event() {
+                return Some((Ok::<Bytes, Infallible>(b), st));
+            }
+            if st.done {
+                return None;
+            }
+            // The chat stream's events end with a blank line.
+            if let Some(end) = st.buf.windows(2).position(|w| w == b"\n\n") {
+                let event: Vec<u8> = st.buf.drain(..end + 2).collect();
+                let text = String::from_utf8_lossy(&event);
+                for data in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
+                    if data == "[DONE]" {
+                        st.ev.end();
+                        st.done = true;
+                    } else if let Ok(v) = serde_json::from_str::<Value>(data) {
+                        st.ev.chunk(&v);
+                        st.done |= v.get("error").is_some();
+                    }
+                }
+                continue;
+            }
+            let broken = match st.body.next().await {
+                Some(Ok(b)) => {
+                    st.buf.extend_from_slice(&b);
+                    continue;
+                }
+                Some(Err(e)) => format!("the chat stream broke: {e}"),
+                None => "the chat stream ended early".to_string(),
+            };
+            st.ev.chunk(&ApiError::internal(broken).body());
+            st.done = true;
+        }
+    });
+    super::openai::sse_body(stream)
+}
+
+/// A whole (not streamed) chat answer, parsed.
+pub(super) async fn chat_json(answer: Response) -> Result<Value, ApiError> {
+    let bytes = axum::body::to_bytes(answer.into_body(), usize::MAX)
+        .await
+        .map_err(|e| ApiError::internal(format!("reading the chat answer: {e}")))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::internal(format!("parsing the chat answer: {e}")))
+}
+
+/// Reports an error the chat path found under the translated API's names:
+/// `renamed` maps chat fields (and what is under them) to the API's, and
+/// tools are flat there (no `function` object).
+pub(super) fn rename_param(e: &mut ApiError, renamed: &[(&str, &str)]) {
+    let Some(p) = e.param.clone() else {
+        return;
+    };
+    let found = renamed.iter().find(|(from, _)| {
+        p == *from || p.starts_with(&format!("{from}[")) || p.starts_with(&format!("{from}."))
+    });
+    if let Some((from, to)) = found {
+        let to_param = p.replacen(from, to, 1);
+        // Messages quote the fields they name.
+        e.message = e.message.replace(&format!("'{from}"), &format!("'{to}"));
+        e.param = Some(to_param);
+    } else if p.starts_with("tools[") || p.starts_with("tool_choice") {
+        e.param = Some(p.replacen(".function", "", 1));
+        e.message = e.message.replacen(".function", "", 1);
+    }
+}
+
+/// A tool call assembled from a chat stream's pieces.
+#[derive(Default)]
+pub(super) struct CallParts {
+    pub id: String,
+    pub name: String,
+    pub arguments: String,
+}
+
+/// Adds the tool-call pieces of a chat stream delta to `calls` (by index).
+pub(super) fn absorb_calls(calls: &mut Vec<CallParts>, delta: &Value) {
+    for call in delta["tool_calls"].as_array().into_iter().flatten() {
+        let i = call["index"].as_u64().unwrap_or(0) as usize;
+        if calls.len() <= i {
+            calls.resize_with(i + 1, CallParts::default);
+        }
+        let parts = &mut calls[i];
+        if let Some(id) = call["id"].as_str() {
+            parts.id = id.to_string();
+        }
+        if let Some(name) = call["function"]["name"].as_str() {
+            parts.name.push_str(name);
+        }
+        if let Some(a) = call["function"]["arguments"].as_str() {
+            parts.arguments.push_str(a);
+        }
+    }
+}
