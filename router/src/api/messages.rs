@@ -170,7 +170,7 @@ fn chat_messages(i: usize, msg: &Value, out: &mut Vec<Value>) -> Result<(), ApiE
 
 /// The chat request a Messages request stands for.
 fn chat_request(m: &Map<String, Value>) -> Result<Map<String, Value>, ApiError> {
-    if let Some(t) = m.get("thinking") {
+    if let Some(t) = m.get("thinking").filter(|t| !t.is_null()) {
         if t.get("type").and_then(Value::as_str) != Some("disabled") {
             return Err(ApiError::unsupported(
                 "thinking",

@@ -3031,6 +3031,12 @@ async fn anthropic_errors_come_in_anthropics_shape() {
         json!({"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]});
     let (s, text) = post_messages(&app, &ok, Some("sk-test")).await;
     assert_eq!(s, StatusCode::OK, "x-api-key is accepted: {text}");
+    for thinking in [Value::Null, json!({"type": "disabled"})] {
+        let mut body = ok.clone();
+        body["thinking"] = thinking;
+        let (s, text) = post_messages(&app, &body, Some("sk-test")).await;
+        assert_eq!(s, StatusCode::OK, "thinking off is fine: {text}");
+    }
     let (s, text) = post_messages(&app, &ok, Some("wrong")).await;
     anthropic_error(
         s,
