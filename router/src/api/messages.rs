@@ -17,6 +17,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 
+use super::openai::{field, wrong_type};
+use super::rewrite::expect;
 use super::rewrite::CallParts;
 use super::{random_id, ApiError, ApiState};
 
@@ -47,10 +49,6 @@ pub(super) fn error_response(e: &ApiError) -> Response {
     (e.status, axum::Json(body)).into_response()
 }
 
-fn wrong_type(param: &str, want: &str) -> ApiError {
-    ApiError::invalid(format!("'{param}' must be {want}"), Some(param)).with_code("invalid_type")
-}
-
 /// The text of a string or a list of text blocks.
 fn blocks_text(v: &Value, param: &str) -> Result<String, ApiError> {
     match v {
@@ -59,11 +57,12 @@ fn blocks_text(v: &Value, param: &str) -> Result<String, ApiError> {
             let mut out = String::new();
             for (j, b) in blocks.iter().enumerate() {
                 match b.get("type").and_then(Value::as_str) {
-                    Some("text") => out.push_str(
-                        b.get("text")
-                            .and_then(Value::as_str)
-                            .ok_or_else(|| wrong_type(&format!("{param}[{j}].text"), "a string"))?,
-                    ),
+                    Some("text") => out.push_str(expect(
+                        b.get("text"),
+                        &format!("{param}[{j}].text"),
+                        "a string",
+                        Value::as_str,
+                    )?),
                     other => {
                         return Err(ApiError::unsupported(
                             &format!("{param}[{j}].type"),
@@ -74,7 +73,7 @@ fn blocks_text(v: &Value, param: &str) -> Result<String, ApiError> {
             }
             Ok(out)
         }
-        _ => Err(wrong_type(param, "a string or an array of text blocks")),
+        _ => Err(wrong_type(param, "a string or an array of text blocks", v)),
     }
 }
 
@@ -82,10 +81,12 @@ fn blocks_text(v: &Value, param: &str) -> Result<String, ApiError> {
 /// becomes one `tool` message per result, then the rest of its text).
 fn chat_messages(i: usize, msg: &Value, out: &mut Vec<Value>) -> Result<(), ApiError> {
     let p = format!("messages[{i}]");
-    let role = msg
-        .get("role")
-        .and_then(Value::as_str)
-        .ok_or_else(|| wrong_type(&format!("{p}.role"), "a string"))?;
+    let role = expect(
+        msg.get("role"),
+        &format!("{p}.role"),
+        "a string",
+        Value::as_str,
+    )?;
     if role != "user" && role != "assistant" {
         return Err(ApiError::bad_param(
             &format!("{p}.role"),
@@ -108,6 +109,7 @@ fn chat_messages(i: usize, msg: &Value, out: &mut Vec<Value>) -> Result<(), ApiE
             return Err(wrong_type(
                 &format!("{p}.content"),
                 "a string or an array of blocks",
+                content,
             ))
         }
     };
@@ -116,17 +118,14 @@ fn chat_messages(i: usize, msg: &Value, out: &mut Vec<Value>) -> Result<(), ApiE
     for (j, b) in blocks.iter().enumerate() {
         let bp = format!("{p}.content[{j}]");
         match b.get("type").and_then(Value::as_str).unwrap_or("") {
-            "text" => text.push_str(
-                b.get("text")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| wrong_type(&format!("{bp}.text"), "a string"))?,
-            ),
+            "text" => text.push_str(expect(
+                b.get("text"),
+                &format!("{bp}.text"),
+                "a string",
+                Value::as_str,
+            )?),
             "tool_use" if role == "assistant" => {
-                let s = |k: &str| {
-                    b.get(k)
-                        .and_then(Value::as_str)
-                        .ok_or_else(|| wrong_type(&format!("{bp}.{k}"), "a string"))
-                };
+                let s = |k: &str| expect(b.get(k), &format!("{bp}.{k}"), "a string", Value::as_str);
                 let input = b.get("input").cloned().unwrap_or_else(|| json!({}));
                 calls.push(json!({
                     "id": s("id")?,
@@ -135,10 +134,12 @@ fn chat_messages(i: usize, msg: &Value, out: &mut Vec<Value>) -> Result<(), ApiE
                 }));
             }
             "tool_result" if role == "user" => {
-                let id = b
-                    .get("tool_use_id")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| wrong_type(&format!("{bp}.tool_use_id"), "a string"))?;
+                let id = expect(
+                    b.get("tool_use_id"),
+                    &format!("{bp}.tool_use_id"),
+                    "a string",
+                    Value::as_str,
+                )?;
                 let result = match b.get("content") {
                     None | Some(Value::Null) => String::new(),
                     Some(c) => blocks_text(c, &format!("{bp}.content"))?,
@@ -170,7 +171,7 @@ fn chat_messages(i: usize, msg: &Value, out: &mut Vec<Value>) -> Result<(), ApiE
 
 /// The chat request a Messages request stands for.
 fn chat_request(m: &Map<String, Value>) -> Result<Map<String, Value>, ApiError> {
-    if let Some(t) = m.get("thinking").filter(|t| !t.is_null()) {
+    if let Some(t) = field(m, "thinking") {
         if t.get("type").and_then(Value::as_str) != Some("disabled") {
             return Err(ApiError::unsupported(
                 "thinking",
@@ -180,15 +181,16 @@ fn chat_request(m: &Map<String, Value>) -> Result<Map<String, Value>, ApiError> 
     }
     let mut c = Map::new();
     let mut messages = Vec::new();
-    match m.get("system") {
-        None | Some(Value::Null) => {}
+    match field(m, "system") {
+        None => {}
         Some(v) => messages.push(json!({"role": "system", "content": blocks_text(v, "system")?})),
     }
-    let arr = m
+    let given = m
         .get("messages")
-        .ok_or_else(|| ApiError::invalid("'messages' is required", Some("messages")))?
+        .ok_or_else(|| ApiError::invalid("'messages' is required", Some("messages")))?;
+    let arr = given
         .as_array()
-        .ok_or_else(|| wrong_type("messages", "an array"))?;
+        .ok_or_else(|| wrong_type("messages", "an array", given))?;
     if arr.is_empty() {
         return Err(ApiError::bad_param(
             "messages",
@@ -204,13 +206,13 @@ fn chat_request(m: &Map<String, Value>) -> Result<Map<String, Value>, ApiError> 
         .ok_or_else(|| ApiError::invalid("'max_tokens' is required", Some("max_tokens")))?;
     c.insert("max_completion_tokens".into(), max.clone());
     for k in ["model", "temperature", "top_p", "top_k", "stream"] {
-        if let Some(v) = m.get(k).filter(|v| !v.is_null()) {
+        if let Some(v) = field(m, k) {
             c.insert(k.into(), v.clone());
         }
     }
     // Structured output: `output_config.format` (a JSON schema); `effort`
     // has no meaning here.
-    let format = m.get("output_config").and_then(|o| o.get("format"));
+    let format = field(m, "output_config").and_then(|o| o.get("format"));
     if let Some(format) = format.filter(|v| !v.is_null()) {
         match format.get("type").and_then(Value::as_str) {
             Some("json_schema") => {
@@ -233,16 +235,16 @@ fn chat_request(m: &Map<String, Value>) -> Result<Map<String, Value>, ApiError> 
             }
         }
     }
-    if let Some(v) = m.get("stop_sequences").filter(|v| !v.is_null()) {
+    if let Some(v) = field(m, "stop_sequences") {
         c.insert("stop".into(), v.clone());
     }
     if c.get("stream").and_then(Value::as_bool) == Some(true) {
         c.insert("stream_options".into(), json!({"include_usage": true}));
     }
-    if let Some(tools) = m.get("tools").filter(|v| !v.is_null()) {
+    if let Some(tools) = field(m, "tools") {
         let arr = tools
             .as_array()
-            .ok_or_else(|| wrong_type("tools", "an array"))?;
+            .ok_or_else(|| wrong_type("tools", "an array", tools))?;
         let mut out = Vec::with_capacity(arr.len());
         for (i, t) in arr.iter().enumerate() {
             // Server tools (web search, code execution, …) carry a type.
@@ -272,16 +274,18 @@ fn chat_request(m: &Map<String, Value>) -> Result<Map<String, Value>, ApiError> 
             c.insert("tools".into(), Value::Array(out));
         }
     }
-    if let Some(tc) = m.get("tool_choice").filter(|v| !v.is_null()) {
+    if let Some(tc) = field(m, "tool_choice") {
         let choice = match tc.get("type").and_then(Value::as_str) {
             Some("auto") => json!("auto"),
             Some("any") => json!("required"),
             Some("none") => json!("none"),
             Some("tool") => {
-                let name = tc
-                    .get("name")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| wrong_type("tool_choice.name", "a string"))?;
+                let name = expect(
+                    tc.get("name"),
+                    "tool_choice.name",
+                    "a string",
+                    Value::as_str,
+                )?;
                 json!({"type": "function", "function": {"name": name}})
             }
             _ => {
@@ -357,10 +361,7 @@ async fn run(
     state: Arc<ApiState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let m = super::openai::parse_object(body)?;
-    let chat = chat_request(&m)?;
-    let stream = chat.get("stream").and_then(Value::as_bool) == Some(true);
-    let answer = super::openai::chat(state.clone(), chat).await?;
+    let (_, stream, answer) = super::rewrite::run_as_chat(&state, body, chat_request).await?;
     let id = format!("msg_{}", random_id());
     let model = state.served_model_name.clone();
     if stream {

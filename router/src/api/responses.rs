@@ -20,6 +20,8 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 
+use super::openai::{field, wrong_type};
+use super::rewrite::expect;
 use super::rewrite::CallParts;
 use super::{random_id, unix_now, ApiError, ApiState};
 
@@ -30,10 +32,6 @@ const RENAMED: &[(&str, &str)] = &[
     ("max_completion_tokens", "max_output_tokens"),
     ("response_format", "text.format"),
 ];
-
-fn wrong_type(param: &str, want: &str) -> ApiError {
-    ApiError::invalid(format!("'{param}' must be {want}"), Some(param)).with_code("invalid_type")
-}
 
 /// The text of a content part list (`input_text`, `output_text`, `text`).
 fn content_text(v: &Value, param: &str) -> Result<Value, ApiError> {
@@ -46,10 +44,12 @@ fn content_text(v: &Value, param: &str) -> Result<Value, ApiError> {
                 let kind = part.get("type").and_then(Value::as_str).unwrap_or("");
                 match kind {
                     "input_text" | "output_text" | "text" => {
-                        let text = part
-                            .get("text")
-                            .and_then(Value::as_str)
-                            .ok_or_else(|| wrong_type(&format!("{p}.text"), "a string"))?;
+                        let text = expect(
+                            part.get("text"),
+                            &format!("{p}.text"),
+                            "a string",
+                            Value::as_str,
+                        )?;
                         out.push(json!({"type": "text", "text": text}));
                     }
                     "refusal" => {
@@ -66,7 +66,11 @@ fn content_text(v: &Value, param: &str) -> Result<Value, ApiError> {
             }
             Ok(Value::Array(out))
         }
-        _ => Err(wrong_type(param, "a string or an array of content parts")),
+        _ => Err(wrong_type(
+            param,
+            "a string or an array of content parts",
+            v,
+        )),
     }
 }
 
@@ -75,21 +79,29 @@ fn input_messages(input: &Value) -> Result<Vec<Value>, ApiError> {
     let items = match input {
         Value::String(s) => return Ok(vec![json!({"role": "user", "content": s})]),
         Value::Array(items) => items,
-        _ => return Err(wrong_type("input", "a string or an array of input items")),
+        _ => {
+            return Err(wrong_type(
+                "input",
+                "a string or an array of input items",
+                input,
+            ))
+        }
     };
     let mut out: Vec<Value> = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let p = format!("input[{i}]");
         let o = item
             .as_object()
-            .ok_or_else(|| wrong_type(&p, "an object"))?;
+            .ok_or_else(|| wrong_type(&p, "an object", item))?;
         let kind = o.get("type").and_then(Value::as_str).unwrap_or("message");
         match kind {
             "message" => {
-                let role = o
-                    .get("role")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| wrong_type(&format!("{p}.role"), "a string"))?;
+                let role = expect(
+                    o.get("role"),
+                    &format!("{p}.role"),
+                    "a string",
+                    Value::as_str,
+                )?;
                 let content = o.get("content").ok_or_else(|| {
                     ApiError::invalid(
                         format!("'{p}.content' is required"),
@@ -100,9 +112,7 @@ fn input_messages(input: &Value) -> Result<Vec<Value>, ApiError> {
             }
             "function_call" => {
                 let s = |k: &str| -> Result<&str, ApiError> {
-                    o.get(k)
-                        .and_then(Value::as_str)
-                        .ok_or_else(|| wrong_type(&format!("{p}.{k}"), "a string"))
+                    expect(o.get(k), &format!("{p}.{k}"), "a string", Value::as_str)
                 };
                 let call = json!({
                     "id": s("call_id")?,
@@ -124,10 +134,12 @@ fn input_messages(input: &Value) -> Result<Vec<Value>, ApiError> {
                 }
             }
             "function_call_output" => {
-                let call_id = o
-                    .get("call_id")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| wrong_type(&format!("{p}.call_id"), "a string"))?;
+                let call_id = expect(
+                    o.get("call_id"),
+                    &format!("{p}.call_id"),
+                    "a string",
+                    Value::as_str,
+                )?;
                 let output = match o.get("output") {
                     Some(Value::String(s)) => s.clone(),
                     Some(v @ Value::Array(_)) => match content_text(v, &format!("{p}.output"))? {
@@ -137,7 +149,10 @@ fn input_messages(input: &Value) -> Result<Vec<Value>, ApiError> {
                             .collect::<String>(),
                         other => other.as_str().unwrap_or_default().to_string(),
                     },
-                    _ => return Err(wrong_type(&format!("{p}.output"), "a string")),
+                    other => {
+                        let got = other.unwrap_or(&Value::Null);
+                        return Err(wrong_type(&format!("{p}.output"), "a string", got));
+                    }
                 };
                 out.push(json!({"role": "tool", "tool_call_id": call_id, "content": output}));
             }
@@ -175,10 +190,10 @@ fn chat_request(m: &Map<String, Value>) -> Result<Map<String, Value>, ApiError> 
     }
     let mut c = Map::new();
     let mut messages = Vec::new();
-    match m.get("instructions") {
-        None | Some(Value::Null) => {}
+    match field(m, "instructions") {
+        None => {}
         Some(Value::String(s)) => messages.push(json!({"role": "system", "content": s})),
-        Some(_) => return Err(wrong_type("instructions", "a string")),
+        Some(v) => return Err(wrong_type("instructions", "a string", v)),
     }
     let input = m
         .get("input")
@@ -194,11 +209,11 @@ fn chat_request(m: &Map<String, Value>) -> Result<Map<String, Value>, ApiError> 
         "seed",
         "user",
     ] {
-        if let Some(v) = m.get(k) {
+        if let Some(v) = field(m, k) {
             c.insert(k.into(), v.clone());
         }
     }
-    if let Some(v) = m.get("max_output_tokens").filter(|v| !v.is_null()) {
+    if let Some(v) = field(m, "max_output_tokens") {
         c.insert("max_completion_tokens".into(), v.clone());
     }
     if let Some(n) = m
@@ -212,7 +227,8 @@ fn chat_request(m: &Map<String, Value>) -> Result<Map<String, Value>, ApiError> 
     if c.get("stream").and_then(Value::as_bool) == Some(true) {
         c.insert("stream_options".into(), json!({"include_usage": true}));
     }
-    if let Some(format) = m.get("text").and_then(|t| t.get("format")) {
+    let format = field(m, "text").and_then(|t| t.get("format"));
+    if let Some(format) = format.filter(|v| !v.is_null()) {
         let kind = format.get("type").and_then(Value::as_str).unwrap_or("");
         match kind {
             "text" => {}
@@ -239,10 +255,10 @@ fn chat_request(m: &Map<String, Value>) -> Result<Map<String, Value>, ApiError> 
             }
         }
     }
-    if let Some(tools) = m.get("tools").filter(|v| !v.is_null()) {
+    if let Some(tools) = field(m, "tools") {
         let arr = tools
             .as_array()
-            .ok_or_else(|| wrong_type("tools", "an array"))?;
+            .ok_or_else(|| wrong_type("tools", "an array", tools))?;
         let mut out = Vec::with_capacity(arr.len());
         for (i, t) in arr.iter().enumerate() {
             let kind = t.get("type").and_then(Value::as_str).unwrap_or("");
@@ -264,16 +280,13 @@ fn chat_request(m: &Map<String, Value>) -> Result<Map<String, Value>, ApiError> 
             c.insert("tools".into(), Value::Array(out));
         }
     }
-    match m.get("tool_choice") {
-        None | Some(Value::Null) => {}
+    match field(m, "tool_choice") {
+        None => {}
         Some(Value::String(s)) => {
             c.insert("tool_choice".into(), json!(s));
         }
         Some(v) if v.get("type").and_then(Value::as_str) == Some("function") => {
-            let name = v
-                .get("name")
-                .and_then(Value::as_str)
-                .ok_or_else(|| wrong_type("tool_choice.name", "a string"))?;
+            let name = expect(v.get("name"), "tool_choice.name", "a string", Value::as_str)?;
             c.insert(
                 "tool_choice".into(),
                 json!({"type": "function", "function": {"name": name}}),
@@ -437,10 +450,7 @@ async fn run(
     state: Arc<ApiState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let m = super::openai::parse_object(body)?;
-    let chat = chat_request(&m)?;
-    let stream = chat.get("stream").and_then(Value::as_bool) == Some(true);
-    let answer = super::openai::chat(state.clone(), chat).await?;
+    let (m, stream, answer) = super::rewrite::run_as_chat(&state, body, chat_request).await?;
     let echo = Echo {
         id: format!("resp_{}", random_id()),
         created_at: unix_now(),

@@ -3,13 +3,15 @@
 //! their own events in its place.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::response::Response;
 use futures_util::StreamExt;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
-use super::ApiError;
+use super::{ApiError, ApiState};
 
 /// Another API's view of a chat stream.
 pub(super) trait ChatEvents: Send + 'static {
@@ -74,6 +76,36 @@ pub(super) fn rewrite_chat_stream(answer: Response, events: impl ChatEvents) -> 
         }
     });
     super::openai::sse_body(stream)
+}
+
+/// `v`, found at `param` (`None`: missing), read by `as_t`, else the
+/// invalid-type error naming `param`, what it must be, and what it was.
+pub(super) fn expect<'a, T>(
+    v: Option<&'a Value>,
+    param: &str,
+    want: &str,
+    as_t: impl Fn(&'a Value) -> Option<T>,
+) -> Result<T, ApiError> {
+    let got = v.unwrap_or(&Value::Null);
+    as_t(got).ok_or_else(|| super::openai::wrong_type(param, want, got))
+}
+
+/// A JSON object (a request body).
+type Object = Map<String, Value>;
+
+/// Parses a translated API's request, runs the chat request `to_chat`
+/// makes of it, and returns the request, whether the answer streams, and
+/// the chat answer.
+pub(super) async fn run_as_chat(
+    state: &Arc<ApiState>,
+    body: Result<Bytes, BytesRejection>,
+    to_chat: fn(&Object) -> Result<Object, ApiError>,
+) -> Result<(Object, bool, Response), ApiError> {
+    let m = super::openai::parse_object(body)?;
+    let chat = to_chat(&m)?;
+    let stream = chat.get("stream").and_then(Value::as_bool) == Some(true);
+    let answer = super::openai::chat(state.clone(), chat).await?;
+    Ok((m, stream, answer))
 }
 
 /// A whole (not streamed) chat answer, parsed.
