@@ -49,7 +49,9 @@ m = client.messages.create(
 assert m.content[0].type == "text" and m.content[0].text == want_text, (m, want_text)
 assert m.stop_reason in ("end_turn", "max_tokens"), m
 assert m.usage.output_tokens == want["usage"]["completion_tokens"], m.usage
-assert m.usage.input_tokens == want["usage"]["prompt_tokens"], m.usage
+# Anthropic counts the prompt's cached tokens apart from the rest.
+prompt_tokens = m.usage.input_tokens + (m.usage.cache_read_input_tokens or 0)
+assert prompt_tokens == want["usage"]["prompt_tokens"], m.usage
 
 # Streaming: the SDK's own accumulator gives the same message.
 with client.messages.stream(
@@ -63,6 +65,9 @@ with client.messages.stream(
     final = stream.get_final_message()
 assert pieces == want_text, (pieces, want_text)
 assert final.content[0].text == want_text and final.stop_reason == m.stop_reason, final
+# message_start already knew the prompt's size; the SDK keeps it.
+streamed_prompt = final.usage.input_tokens + (final.usage.cache_read_input_tokens or 0)
+assert streamed_prompt == want["usage"]["prompt_tokens"], final.usage
 
 # A stop sequence ends the answer and is named.
 s = client.messages.create(

@@ -955,6 +955,14 @@ fn the_official_openai_and_anthropic_python_clients_work_unmodified() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // The translated APIs count their own tokens, under their own names.
+    rt().block_on(async {
+        for endpoint in ["responses", "messages"] {
+            let series = format!("tandem_generated_tokens_total{{endpoint=\"{endpoint}\"}}");
+            let n = counter(&cluster.router, &series).await;
+            assert!(n > 0.0, "{series} is {n}");
+        }
+    });
 }
 
 /// Polls a worker until `done(load)` holds, for at most `within`.

@@ -239,7 +239,11 @@ fn chat_request(m: &Map<String, Value>) -> Result<Map<String, Value>, ApiError> 
         c.insert("stop".into(), v.clone());
     }
     if c.get("stream").and_then(Value::as_bool) == Some(true) {
-        c.insert("stream_options".into(), json!({"include_usage": true}));
+        // Usage on every chunk: `message_start` reports the prompt's size.
+        c.insert(
+            "stream_options".into(),
+            json!({"include_usage": true, "continuous_usage_stats": true}),
+        );
     }
     if let Some(tools) = field(m, "tools") {
         let arr = tools
@@ -329,12 +333,16 @@ fn stop_of(finish: Option<&str>, stop_string: &Value, calls: bool) -> (&'static 
     }
 }
 
+/// Anthropic's usage of a chat usage. Its `input_tokens` are the prompt
+/// tokens not read from the cache: clients add the three input counts up
+/// for the prompt's size.
 fn usage(u: &Value) -> Value {
     let n = |p: &str| u.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+    let cached = n("/prompt_tokens_details/cached_tokens");
     json!({
-        "input_tokens": n("/prompt_tokens"),
+        "input_tokens": n("/prompt_tokens").saturating_sub(cached),
         "output_tokens": n("/completion_tokens"),
-        "cache_read_input_tokens": n("/prompt_tokens_details/cached_tokens"),
+        "cache_read_input_tokens": cached,
         "cache_creation_input_tokens": 0,
     })
 }
@@ -361,7 +369,8 @@ async fn run(
     state: Arc<ApiState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (_, stream, answer) = super::rewrite::run_as_chat(&state, body, chat_request).await?;
+    let (_, stream, answer) =
+        super::rewrite::run_as_chat(&state, body, "messages", chat_request).await?;
     let id = format!("msg_{}", random_id());
     let model = state.served_model_name.clone();
     if stream {
@@ -398,6 +407,8 @@ async fn run(
 
 /// Rewrites a chat SSE stream as the Messages stream's events.
 struct Events {
+    /// `message_start` without its usage, until the first chunk brings it.
+    start: Option<Value>,
     /// The open text block's index, once one is open.
     text_block: Option<usize>,
     blocks: usize,
@@ -415,8 +426,22 @@ impl Events {
             .push_back(Bytes::from(format!("event: {kind}\ndata: {v}\n\n")));
     }
 
+    /// Sends `message_start` if it has not gone out yet.
+    fn started(&mut self, usage: &Value) {
+        if let Some(mut message) = self.start.take() {
+            message["usage"] = json!({
+                "input_tokens": usage["input_tokens"].as_u64().unwrap_or(0),
+                "output_tokens": 0,
+                "cache_read_input_tokens": usage["cache_read_input_tokens"].as_u64().unwrap_or(0),
+                "cache_creation_input_tokens": 0,
+            });
+            self.emit("message_start", json!({"message": message}));
+        }
+    }
+
     fn on_chunk(&mut self, c: &Value) {
         if let Some(e) = c.get("error") {
+            self.started(&Value::Null);
             let kind = match e["type"].as_str() {
                 Some("invalid_request_error") => "invalid_request_error",
                 _ => "api_error",
@@ -430,6 +455,8 @@ impl Events {
         if !c["usage"].is_null() {
             self.usage = usage(&c["usage"]);
         }
+        let u = self.usage.clone();
+        self.started(&u);
         let Some(choice) = c["choices"].get(0) else {
             return;
         };
@@ -463,6 +490,8 @@ impl Events {
     }
 
     fn on_end(&mut self) {
+        let u = self.usage.clone();
+        self.started(&u);
         if let Some(i) = self.text_block.take() {
             self.emit("content_block_stop", json!({"index": i}));
         }
@@ -506,7 +535,12 @@ impl super::rewrite::ChatEvents for Events {
 
 /// The Messages stream over a chat SSE answer.
 fn stream_response(id: String, model: String, answer: Response) -> Response {
-    let mut ev = Events {
+    let start = json!({
+        "id": id, "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": null, "stop_sequence": null,
+    });
+    let ev = Events {
+        start: Some(start),
         text_block: None,
         blocks: 0,
         calls: Vec::new(),
@@ -515,11 +549,5 @@ fn stream_response(id: String, model: String, answer: Response) -> Response {
         usage: Value::Null,
         out: VecDeque::new(),
     };
-    let start = json!({
-        "id": id, "type": "message", "role": "assistant", "model": model, "content": [],
-        "stop_reason": null, "stop_sequence": null,
-        "usage": {"input_tokens": 0, "output_tokens": 0},
-    });
-    ev.emit("message_start", json!({"message": start}));
     super::rewrite::rewrite_chat_stream(answer, ev)
 }

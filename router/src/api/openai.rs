@@ -480,6 +480,8 @@ struct Common {
     params: GenParams,
     stream: bool,
     include_usage: bool,
+    /// vLLM's `continuous_usage_stats`: every chunk carries the usage so far.
+    continuous_usage: bool,
 }
 
 /// vLLM's structured-output extensions: `guided_json`, `guided_regex`,
@@ -677,15 +679,21 @@ fn parse_common(m: &Map<String, Value>, ep: Endpoint) -> Result<Common, ApiError
         }
     }
     let stream = boolean(m, "stream")?.unwrap_or(false);
-    let include_usage = match field(m, "stream_options") {
-        None => false,
-        Some(Value::Object(o)) => boolean(o, "include_usage")?.unwrap_or(false),
+    let (include_usage, continuous_usage) = match field(m, "stream_options") {
+        None => (false, false),
+        Some(Value::Object(o)) => {
+            let include = boolean(o, "include_usage")?.unwrap_or(false);
+            // As in vLLM, continuous stats need `include_usage`.
+            let continuous = boolean(o, "continuous_usage_stats")?.unwrap_or(false);
+            (include, include && continuous)
+        }
         Some(v) => return Err(wrong_type("stream_options", "an object", v)),
     };
     Ok(Common {
         params: p,
         stream,
         include_usage,
+        continuous_usage,
     })
 }
 
@@ -956,8 +964,11 @@ struct Ctx {
     created: u64,
     model: String,
     endpoint: Endpoint,
+    /// The API the request came in by, as the metrics label it.
+    label: &'static str,
     logprobs: Option<u32>,
     include_usage: bool,
+    continuous_usage: bool,
     prompt_tokens: usize,
     /// Choices per prompt: choice `i` answers prompt `i / per_prompt`.
     per_prompt: usize,
@@ -1203,15 +1214,17 @@ async fn completions(
     handle(state, body, Endpoint::Completions).await
 }
 
-/// Runs a chat request given as its parsed body (the Responses API's
-/// translation) and returns the chat answer, streamed or whole.
+/// Runs a chat request given as its parsed body (a translated API's
+/// request) and returns the chat answer, streamed or whole; its token and
+/// latency metrics carry the translated API's `endpoint` label.
 pub(super) async fn chat(
     state: Arc<ApiState>,
     m: Map<String, Value>,
+    endpoint: &'static str,
 ) -> Result<Response, ApiError> {
     let body = serde_json::to_vec(&m)
         .map_err(|e| ApiError::internal(format!("encoding the chat request: {e}")))?;
-    run(state, Ok(Bytes::from(body)), Endpoint::Chat).await
+    run(state, Ok(Bytes::from(body)), Endpoint::Chat, endpoint).await
 }
 
 async fn handle(
@@ -1219,7 +1232,7 @@ async fn handle(
     body: Result<Bytes, BytesRejection>,
     ep: Endpoint,
 ) -> Response {
-    let resp = match run(state, body, ep).await {
+    let resp = match run(state, body, ep, ep.label()).await {
         Ok(r) => r,
         Err(e) => {
             if e.status.is_server_error() {
@@ -1234,10 +1247,13 @@ async fn handle(
     resp
 }
 
+/// Runs a chat or completions request; `label` names the API it came in
+/// by in the token and latency metrics.
 async fn run(
     state: Arc<ApiState>,
     body: Result<Bytes, BytesRejection>,
     ep: Endpoint,
+    label: &'static str,
 ) -> Result<Response, ApiError> {
     let accepted = Instant::now();
     let m = parse_object(body)?;
@@ -1338,7 +1354,7 @@ async fn run(
         ));
     }
     let prompt_tokens: usize = groups.iter().map(|g| g.prompt_tokens).sum();
-    metrics::counter!(tandem_cluster::metrics::PROMPT_TOKENS, "endpoint" => ep.label())
+    metrics::counter!(tandem_cluster::metrics::PROMPT_TOKENS, "endpoint" => label)
         .increment(prompt_tokens as u64);
     // All or nothing: if one prompt is refused, the admitted ones are
     // dropped, which cancels them.
@@ -1349,8 +1365,10 @@ async fn run(
         created: unix_now(),
         model: state.served_model_name.clone(),
         endpoint: ep,
+        label,
         logprobs: groups[0].logprobs,
         include_usage: common.include_usage,
+        continuous_usage: common.continuous_usage,
         prompt_tokens,
         per_prompt,
         echo: echoes,
@@ -1365,7 +1383,7 @@ async fn run(
     for (p, (g, s)) in groups.iter().zip(streams).enumerate() {
         decoders(&state, g, s, p * per_prompt, &mut choices);
     }
-    let ttft = Ttft::new(start, ep.label());
+    let ttft = Ttft::new(start, label);
     if common.stream {
         Ok(sse_response(ctx, choices, ttft))
     } else {
@@ -1385,7 +1403,7 @@ async fn complete(
             ChoiceOut::Error(e) => return Err(ApiError::from(e)),
             ChoiceOut::Delta(d) => {
                 ttft.mark();
-                metrics::counter!(tandem_cluster::metrics::GENERATED_TOKENS, "endpoint" => ctx.endpoint.label())
+                metrics::counter!(tandem_cluster::metrics::GENERATED_TOKENS, "endpoint" => ctx.label)
                     .increment(d.tokens.len() as u64);
                 let c = &mut got[i];
                 c.text.push_str(&d.text);
@@ -1448,7 +1466,7 @@ async fn complete(
         Endpoint::Chat => "chat.completion",
         Endpoint::Completions => "text_completion",
     };
-    metrics::histogram!(tandem_cluster::metrics::REQUEST_DURATION, "endpoint" => ctx.endpoint.label())
+    metrics::histogram!(tandem_cluster::metrics::REQUEST_DURATION, "endpoint" => ctx.label)
         .record(ctx.start.elapsed().as_secs_f64());
     let mut body = json!({
         "id": ctx.id,
@@ -1479,6 +1497,9 @@ struct Sse {
     call_streams: Vec<super::tools::CallStream>,
     queue: VecDeque<(Bytes, Option<Instant>)>,
     completion_tokens: u64,
+    /// Per choice, the tokens generated so far (its final count once it
+    /// finished), for `continuous_usage_stats`.
+    generated: Vec<u64>,
     /// Per prompt, the longest cached prefix its choices reported.
     cached_tokens: Vec<u32>,
     ttft: Arc<Ttft>,
@@ -1507,7 +1528,13 @@ impl Sse {
             "system_fingerprint": null,
             "choices": [choice],
         });
-        if self.ctx.include_usage {
+        if self.ctx.continuous_usage {
+            v["usage"] = usage_json(
+                self.ctx.prompt_tokens,
+                self.generated.iter().sum(),
+                self.cached_tokens.iter().sum(),
+            );
+        } else if self.ctx.include_usage {
             v["usage"] = Value::Null;
         }
         v
@@ -1515,8 +1542,12 @@ impl Sse {
 
     /// Queues the chunk of one delta (none when it carries nothing visible).
     fn on_delta(&mut self, index: usize, d: super::ChoiceDelta) {
-        metrics::counter!(tandem_cluster::metrics::GENERATED_TOKENS, "endpoint" => self.ctx.endpoint.label())
+        metrics::counter!(tandem_cluster::metrics::GENERATED_TOKENS, "endpoint" => self.ctx.label)
             .increment(d.tokens.len() as u64);
+        self.generated[index] += d.tokens.len() as u64;
+        if d.finish.is_some() {
+            self.generated[index] = d.completion_tokens as u64;
+        }
         let p = index / self.ctx.per_prompt;
         if let Some(scores) = &d.prompt_logprobs {
             // The prompt's scores open the choice: an echoed prompt with
@@ -1664,7 +1695,7 @@ impl Sse {
     }
 
     fn finish_metrics(&self) {
-        metrics::histogram!(tandem_cluster::metrics::REQUEST_DURATION, "endpoint" => self.ctx.endpoint.label())
+        metrics::histogram!(tandem_cluster::metrics::REQUEST_DURATION, "endpoint" => self.ctx.label)
             .record(self.ctx.start.elapsed().as_secs_f64());
     }
 }
@@ -1677,6 +1708,7 @@ fn sse_response(ctx: Ctx, choices: SelectAll<ChoiceStream>, ttft: Arc<Ttft>) -> 
     let mut s = Sse {
         call_ids: vec![None; n],
         call_streams: (0..n).map(|_| Default::default()).collect(),
+        generated: vec![0; n],
         cached_tokens: vec![0; ctx.prompts()],
         ctx,
         choices,

@@ -450,7 +450,8 @@ async fn run(
     state: Arc<ApiState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (m, stream, answer) = super::rewrite::run_as_chat(&state, body, chat_request).await?;
+    let (m, stream, answer) =
+        super::rewrite::run_as_chat(&state, body, "responses", chat_request).await?;
     let echo = Echo {
         id: format!("resp_{}", random_id()),
         created_at: unix_now(),

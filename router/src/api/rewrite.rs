@@ -95,16 +95,17 @@ type Object = Map<String, Value>;
 
 /// Parses a translated API's request, runs the chat request `to_chat`
 /// makes of it, and returns the request, whether the answer streams, and
-/// the chat answer.
+/// the chat answer. Its token and latency metrics carry `endpoint`.
 pub(super) async fn run_as_chat(
     state: &Arc<ApiState>,
     body: Result<Bytes, BytesRejection>,
+    endpoint: &'static str,
     to_chat: fn(&Object) -> Result<Object, ApiError>,
 ) -> Result<(Object, bool, Response), ApiError> {
     let m = super::openai::parse_object(body)?;
     let chat = to_chat(&m)?;
     let stream = chat.get("stream").and_then(Value::as_bool) == Some(true);
-    let answer = super::openai::chat(state.clone(), chat).await?;
+    let answer = super::openai::chat(state.clone(), chat, endpoint).await?;
     Ok((m, stream, answer))
 }
 

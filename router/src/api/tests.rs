@@ -971,6 +971,33 @@ async fn include_usage_chunk_is_last() {
         assert!(c.as_object().unwrap().contains_key("usage"));
         assert!(c["usage"].is_null(), "{c}");
     }
+    // vLLM's continuous_usage_stats: every chunk counts what went out so
+    // far, never fewer than before, and the last says it all.
+    let (_, chunks) = stream_text(
+        &app,
+        "/v1/chat/completions",
+        chat_body(json!({"stream": true, "n": 2,
+            "stream_options": {"include_usage": true, "continuous_usage_stats": true}})),
+    )
+    .await;
+    let (last, rest) = chunks.split_last().unwrap();
+    assert_eq!(
+        last["usage"]["completion_tokens"],
+        json!(2 * ids("Hello there, friend").len())
+    );
+    let prompt = last["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt > 0);
+    let mut before = 0;
+    for c in rest {
+        let u = &c["usage"];
+        assert_eq!(u["prompt_tokens"].as_u64(), Some(prompt), "{c}");
+        let now = u["completion_tokens"].as_u64().unwrap();
+        assert!(now >= before, "{c}");
+        assert_eq!(u["total_tokens"].as_u64(), Some(prompt + now), "{c}");
+        before = now;
+    }
+    assert_eq!(rest[0]["usage"]["completion_tokens"], 0);
+    assert!(before > 0);
     // Without include_usage: no usage key, no usage chunk.
     let (_, chunks) = stream_text(
         &app,
@@ -2898,8 +2925,15 @@ async fn anthropic_messages_are_chat_in_the_messages_shape() {
         ], "max_tokens": 12, "temperature": 0}),
     )
     .await;
-    assert_eq!(v["usage"]["input_tokens"], c["usage"]["prompt_tokens"]);
-    assert_eq!(v["usage"]["output_tokens"], c["usage"]["completion_tokens"]);
+    // Anthropic counts the cached part of the prompt apart.
+    let u = &v["usage"];
+    assert_eq!(
+        u["input_tokens"].as_u64().unwrap() + u["cache_read_input_tokens"].as_u64().unwrap(),
+        c["usage"]["prompt_tokens"].as_u64().unwrap(),
+        "{u}"
+    );
+    assert_eq!(u["output_tokens"], c["usage"]["completion_tokens"]);
+    let prompt_tokens = c["usage"]["prompt_tokens"].as_u64().unwrap();
 
     // A stop sequence ends it and is named.
     let mut stop = body.clone();
@@ -2919,6 +2953,14 @@ async fn anthropic_messages_are_chat_in_the_messages_shape() {
     let events = message_events(&text);
     let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
     assert_eq!(kinds[..2], ["message_start", "content_block_start"]);
+    // The prompt's size is known from the start.
+    let su = &events[0]["message"]["usage"];
+    assert_eq!(
+        su["input_tokens"].as_u64().unwrap() + su["cache_read_input_tokens"].as_u64().unwrap(),
+        prompt_tokens,
+        "{su}"
+    );
+    assert_eq!(su["output_tokens"], 0);
     assert_eq!(
         kinds[kinds.len() - 3..],
         ["content_block_stop", "message_delta", "message_stop"]
