@@ -302,6 +302,11 @@ pub struct RouterArgs {
     /// Longest wait for the workers at start.
     #[arg(long, default_value_t = 120)]
     pub connect_timeout_secs: u64,
+    /// Longest a request waits for a decode worker when none is left to
+    /// take it (all gone or failed it, as while the only one restarts):
+    /// a stream cut by a dying worker resumes on the restarted one.
+    #[arg(long, env = "TANDEM_WORKER_WAIT_SECS", default_value_t = 10.0)]
+    pub worker_wait_secs: f64,
 }
 
 fn secret(node: &NodeArgs) -> Result<ClusterSecret> {
@@ -758,6 +763,8 @@ pub fn run_router(args: RouterArgs) -> Result<()> {
             fingerprint: fingerprint.clone(),
             connect_timeout: Duration::from_secs(args.connect_timeout_secs),
             load_poll: Duration::from_millis(100),
+            worker_wait: Duration::try_from_secs_f64(args.worker_wait_secs)
+                .context("--worker-wait-secs")?,
         };
         let (dispatcher, context) = match &peers {
             Some(peers) => {

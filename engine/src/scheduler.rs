@@ -492,6 +492,12 @@ impl Scheduler {
                 req.prompt.len()
             )));
         }
+        // The transferred prompt is cached here as a locally computed one
+        // would be, also when every choice ends with its first token (the
+        // router expects it here next time).
+        if self.cfg.prefix_cache {
+            self.cache.insert(&mut self.pool, &req.prompt, &kv.blocks);
+        }
         self.clock += 1;
         let arrival = self.clock;
         let n_prompt = req.prompt.len();
@@ -554,7 +560,7 @@ impl Scheduler {
                 admitted_at: self.clock,
                 arrival,
                 sink,
-                prompt_cached: false,
+                prompt_cached: self.cfg.prefix_cache,
                 export: None,
                 export_cached: 0,
                 prompt_lp: None,

@@ -1461,6 +1461,29 @@ mod batching {
             assert!(pre.stats().steps > 0);
         }
 
+        /// A transferred prompt joins the receiver's prefix cache, also
+        /// when the request ends with the prefill worker's first token
+        /// (`max_tokens` 1: it never decodes there), so the next request
+        /// with that prompt finds it cached where the router sends it.
+        #[test]
+        fn an_installed_prompt_is_cached_even_when_its_request_ends_at_once() {
+            let pre = engine(512, 64 << 20);
+            let dec = engine(512, 64 << 20);
+            let p = prompt(40, 21);
+            let (first, staging, _) = prefill(&pre, &p);
+            assert_eq!(dec.cached_prefix_len(p.clone()), 0);
+            assert_eq!(decode(&dec, &p, first, staging, 1).len(), 1);
+            assert_eq!(dec.cached_prefix_len(p.clone()), 32, "two whole blocks");
+            // And the cached blocks hold the right KV: the same tokens as
+            // computing the prompt from scratch.
+            let reference = engine(512, 64 << 20);
+            let mut h = dec.submit(spec(&p, 8)).unwrap();
+            let (toks, cached) = collect(&mut h);
+            assert_eq!(cached, 32);
+            let got: Vec<u32> = toks.iter().map(|s| s.token).collect();
+            assert_eq!(got, plain(&reference, &p, 8));
+        }
+
         /// KV written in place into reserved blocks while the engine decodes
         /// another sequence from the same pool: both give the tokens of
         /// plain generation (the writer touches only its blocks, the engine

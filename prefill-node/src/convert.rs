@@ -140,9 +140,21 @@ pub fn node_info(
     }
 }
 
+/// This process's `LoadReport::instance`: random, never 0.
+fn instance() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static ID: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *ID.get_or_init(|| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.finish().max(1)
+    })
+}
+
 pub fn load_report(engine: &Engine, in_flight: u32) -> pb::LoadReport {
     let s = engine.stats();
     pb::LoadReport {
+        instance: instance(),
         waiting: s.waiting as u32,
         running: s.running as u32,
         free_blocks: s.free_blocks as u32,

@@ -36,12 +36,15 @@ use crate::dispatch::{
     Backend, BoxFuture, DispatchError, Finish, GenerationInput, SampledToken, TokenEvent,
     TokenStream,
 };
-use crate::pairs::PairHealth;
+use crate::pairs::{PairHealth, Peer};
 use crate::policy::{block_hashes, DisaggPolicy, Picker, PrefixIndex, RoutePolicy};
 use crate::workers::{self, ConnectError, InFlightGuard, Worker};
 
 /// Decode workers tried for one request (admission and resumption each).
 const MAX_ATTEMPTS: usize = 3;
+
+/// How often a request waiting for a decode worker looks again.
+const WORKER_WAIT_POLL: Duration = Duration::from_millis(50);
 
 /// How the dispatcher finds and uses its workers.
 #[derive(Debug, Clone)]
@@ -54,6 +57,10 @@ pub struct DispatcherConfig {
     /// Longest wait for a worker to come up when it is added.
     pub connect_timeout: Duration,
     pub load_poll: Duration,
+    /// Longest a request waits for a decode worker when every one is gone
+    /// or failed it (a restart): it opens, or resumes, on the worker's
+    /// next life instead of failing at once.
+    pub worker_wait: Duration,
 }
 
 /// The router's workers, which may change while it serves.
@@ -144,6 +151,8 @@ impl Dispatcher {
             list[old].remove();
             list.remove(old);
         }
+        // A worker that joins has an empty cache, whatever ran there before.
+        s.index.forget(addr);
         list.push(w);
         publish_counts(&m);
         tracing::info!(%addr, %role, "worker joined");
@@ -365,8 +374,9 @@ fn publish_counts(m: &Members) {
 struct Attempt {
     req: pb::DecodeRequest,
     hashes: Vec<u64>,
-    /// Workers that failed this request: not tried again for it.
-    failed: Vec<SocketAddr>,
+    /// Workers that failed this request: not tried again for it in that
+    /// life (a restarted one may take it).
+    failed: Vec<Peer>,
     /// Accepted-at and front-end time, for the first dispatch only.
     timing: Option<(Instant, Duration)>,
 }
@@ -416,11 +426,11 @@ fn is_connection_failure(s: &tonic::Status) -> bool {
 impl Shared {
     fn pick(&self, a: &Attempt) -> Option<(Arc<Worker>, Option<Arc<Worker>>)> {
         let m = self.members.read().ok()?;
-        let ok = |w: &&Arc<Worker>| !a.failed.contains(&w.addr);
+        let ok = |w: &&Arc<Worker>| !a.failed.contains(&w.peer());
         let decode: Vec<Arc<Worker>> = m.decode.iter().filter(ok).cloned().collect();
         let prefill: Vec<Arc<Worker>> = m.prefill.iter().filter(ok).cloned().collect();
         drop(m);
-        let matched = |w: &Worker| self.index.matched(&a.hashes, w.addr);
+        let matched = |w: &Worker| self.index.matched(&a.hashes, w.peer());
         let decode = self.picker.decode(&decode, matched)?.clone();
         // A resumed stream is prefilled where it resumes.
         if !a.req.generated.is_empty() {
@@ -435,7 +445,7 @@ impl Shared {
             .is_some_and(|s| s.prompt_logprobs.is_some());
         let cached = match scored {
             true => 0,
-            false => self.index.matched(&a.hashes, decode.addr) * self.block_size(),
+            false => self.index.matched(&a.hashes, decode.peer()) * self.block_size(),
         };
         let local = n < self.disagg.min_prompt_tokens
             || cached as f32 >= self.disagg.max_cached_fraction * n as f32;
@@ -462,10 +472,21 @@ impl Shared {
     /// unreachable or full.
     async fn open(&self, a: &mut Attempt) -> Result<Opened, DispatchError> {
         let mut last = DispatchError::Unavailable("no decode workers".into());
-        for _ in 0..MAX_ATTEMPTS {
+        // Every decode worker gone, or gone for this request (it failed it):
+        // wait a while for one to come back (a restart) before giving up.
+        let mut gone = true;
+        let wait_until = Instant::now() + self.cfg.worker_wait;
+        let mut tries = 0;
+        while tries < MAX_ATTEMPTS {
             let Some((decode, prefill)) = self.pick(a) else {
-                break;
+                if !gone || Instant::now() >= wait_until || self.shutdown.is_cancelled() {
+                    break;
+                }
+                tokio::time::sleep(WORKER_WAIT_POLL).await;
+                continue;
             };
+            tries += 1;
+            gone = false;
             a.req.prefill_address = prefill
                 .as_ref()
                 .map(|p| p.addr.to_string())
@@ -493,9 +514,9 @@ impl Shared {
                         ..
                     }),
                 )) => {
-                    self.index.record(&a.hashes, decode.addr);
+                    self.index.record(&a.hashes, decode.peer());
                     if let Some(p) = &prefill {
-                        self.index.record(&a.hashes, p.addr);
+                        self.index.record(&a.hashes, p.peer());
                     }
                     return Ok(Opened {
                         stream,
@@ -521,6 +542,7 @@ impl Shared {
                 }
                 Ok((_, None)) => {
                     decode.mark_down();
+                    gone = true;
                     last = DispatchError::Unavailable(format!(
                         "decode worker {} closed the stream",
                         decode.addr
@@ -531,6 +553,7 @@ impl Shared {
                 }
                 Err(s) if is_connection_failure(&s) => {
                     decode.mark_down();
+                    gone = true;
                     last = DispatchError::Unavailable(format!(
                         "decode worker {}: {}",
                         decode.addr,
@@ -539,7 +562,7 @@ impl Shared {
                 }
                 Err(s) => return Err(status_error(s)),
             }
-            a.failed.push(decode.addr);
+            a.failed.push(decode.peer());
         }
         metrics::counter!(tandem_cluster::metrics::ROUTER_UNAVAILABLE).increment(1);
         Err(last)
@@ -654,7 +677,7 @@ impl Relay {
             return Err(DispatchError::Internal(why));
         };
         dead.decode.mark_down();
-        self.attempt.failed.push(dead.decode.addr);
+        self.attempt.failed.push(dead.decode.peer());
         if self.resumes >= MAX_ATTEMPTS {
             return Err(DispatchError::Internal(format!(
                 "decode worker {} failed ({why}) and {} resumptions were used up",
@@ -756,7 +779,7 @@ async fn reopen_after_prefill_failure(
             shared
                 .pairs
                 .failed(p.peer(), o.decode.peer(), Instant::now());
-            attempt.failed.push(p.addr);
+            attempt.failed.push(p.peer());
         }
     }
     metrics::counter!(tandem_cluster::metrics::ROUTER_PREFILL_RETRIES).increment(1);
@@ -932,7 +955,7 @@ impl ParallelRelay {
             return;
         };
         dead.decode.mark_down();
-        self.attempt.failed.push(dead.decode.addr);
+        self.attempt.failed.push(dead.decode.peer());
         let why = format!("decode worker {}: {why}", dead.decode.addr);
         drop(dead);
         let base = &self.attempt.req;

@@ -7,12 +7,15 @@
 //! names its whole prefix) and remembers which workers last received each
 //! hash. That costs microseconds and no round trip; it is approximate
 //! (a worker may have evicted the blocks since), which only costs a cache
-//! miss, never a wrong answer.
+//! miss, never a wrong answer. It is kept per life of a worker
+//! ([`Peer`]): a worker that restarted has an empty cache, and what it
+//! held before must not draw prompts to it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::pairs::Peer;
 use crate::workers::{Worker, WorkerLoad};
 
 /// How workers are chosen (`--route-policy`).
@@ -85,8 +88,8 @@ pub struct PrefixIndex {
 
 #[derive(Default)]
 struct IndexInner {
-    /// Hash → (worker address, tick) for each worker holding it.
-    map: HashMap<u64, Vec<(std::net::SocketAddr, u64)>>,
+    /// Hash → (worker life, tick) for each worker holding it.
+    map: HashMap<u64, Vec<(Peer, u64)>>,
     tick: u64,
 }
 
@@ -98,8 +101,8 @@ impl PrefixIndex {
         }
     }
 
-    /// Leading blocks of `hashes` that `worker` was sent.
-    pub fn matched(&self, hashes: &[u64], worker: std::net::SocketAddr) -> usize {
+    /// Leading blocks of `hashes` that `worker` was sent in this life.
+    pub fn matched(&self, hashes: &[u64], worker: Peer) -> usize {
         let Ok(g) = self.inner.lock() else { return 0 };
         hashes
             .iter()
@@ -111,8 +114,18 @@ impl PrefixIndex {
             .count()
     }
 
+    /// Forgets every block of a worker's earlier lives at `addr` (a worker
+    /// joined there afresh).
+    pub fn forget(&self, addr: std::net::SocketAddr) {
+        let Ok(mut g) = self.inner.lock() else { return };
+        g.map.retain(|_, v| {
+            v.retain(|(p, _)| p.addr != addr);
+            !v.is_empty()
+        });
+    }
+
     /// Notes that `worker` now holds these blocks.
-    pub fn record(&self, hashes: &[u64], worker: std::net::SocketAddr) {
+    pub fn record(&self, hashes: &[u64], worker: Peer) {
         let Ok(mut g) = self.inner.lock() else { return };
         g.tick += 1;
         let tick = g.tick;
@@ -254,16 +267,25 @@ mod tests {
     #[test]
     fn index_tracks_per_worker_prefixes_and_stays_bounded() {
         let idx = PrefixIndex::new(100);
-        let (w1, w2) = (
-            "127.0.0.1:1".parse().unwrap(),
-            "127.0.0.1:2".parse().unwrap(),
-        );
+        let life = |port: u16, returns: u64| Peer {
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            returns,
+        };
+        let (w1, w2) = (life(1, 0), life(2, 0));
         let p: Vec<u32> = (0..160).collect();
         let h = block_hashes(&p, 16);
         idx.record(&h[..6], w1);
         idx.record(&h, w2);
         assert_eq!(idx.matched(&h, w1), 6);
         assert_eq!(idx.matched(&h, w2), 10);
+        // A worker's next life starts with nothing cached; forgetting an
+        // address drops all of its lives.
+        assert_eq!(idx.matched(&h, life(2, 1)), 0);
+        idx.record(&h[..2], life(2, 1));
+        idx.forget(w2.addr);
+        assert_eq!(idx.matched(&h, w2), 0);
+        assert_eq!(idx.matched(&h, life(2, 1)), 0);
+        assert_eq!(idx.matched(&h, w1), 6);
         for i in 0..50u32 {
             let q: Vec<u32> = (0..64).map(|t| t + 1000 * (i + 1)).collect();
             idx.record(&block_hashes(&q, 16), w1);

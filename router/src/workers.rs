@@ -216,11 +216,16 @@ pub fn spawn_load_poll(
             req.set_timeout(Duration::from_secs(2));
             match client.load(req).await {
                 Ok(r) => {
+                    let r = r.into_inner();
+                    // A new process at the address, even one that came
+                    // back between two polls, is a new life.
+                    let mut restarted = false;
                     if let Ok(mut l) = w.load.lock() {
-                        *l = r.into_inner();
+                        restarted = l.instance != 0 && l.instance != r.instance;
+                        *l = r;
                     }
                     w.healthy.store(!w.is_removed(), Ordering::Relaxed);
-                    if w.poll_failed.swap(false, Ordering::Relaxed) {
+                    if w.poll_failed.swap(false, Ordering::Relaxed) | restarted {
                         w.returns.fetch_add(1, Ordering::Relaxed);
                     }
                 }

@@ -965,6 +965,159 @@ fn the_official_openai_and_anthropic_python_clients_work_unmodified() {
     });
 }
 
+/// A prompt prefilled remotely joins the decode worker's prefix cache even
+/// when its request ends with the first token (`max_tokens` 1), so the
+/// router rightly serves the next one there without the prefill tier; a
+/// decode worker restarted at the same address has lost that cache, and
+/// the router, which sees the new process, sends the prompt back to the
+/// prefill tier instead of having the decode worker recompute it.
+#[test]
+fn the_router_knows_what_a_decode_worker_caches_across_its_restarts() {
+    let mut cluster = Cluster::start(1, 1, 1, &[]);
+    let prompt: Vec<u32> = (0..200u32).map(|i| 1000 + (i * 7919) % 30000).collect();
+    let url = format!("{}/completions", cluster.base_url());
+    let rt = rt();
+    let ask = || {
+        rt.block_on(async {
+            let v: Value = reqwest::Client::new()
+                .post(&url)
+                .json(&json!({
+                    "model": model_name(), "prompt": prompt, "max_tokens": 1, "temperature": 0,
+                }))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let text = v["choices"][0]["text"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{v}"));
+            let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64();
+            (text.to_string(), cached.unwrap())
+        })
+    };
+    let dispatched = |how: &str| {
+        let series = format!("tandem_router_dispatched_total{{prefill=\"{how}\"}}");
+        rt.block_on(counter(&cluster.router, &series))
+    };
+    let (first, _) = ask();
+    assert_eq!(dispatched("remote"), 1.0);
+    let (again, cached) = ask();
+    assert_eq!(again, first);
+    assert_eq!(
+        dispatched("local"),
+        1.0,
+        "served where the prompt is cached"
+    );
+    assert_eq!(
+        cached, 192,
+        "12 whole blocks from the decode worker's cache"
+    );
+
+    let port = cluster.decode[0].addr().port();
+    cluster.decode[0].kill();
+    let model = model_path().to_string_lossy().into_owned();
+    cluster.decode[0] = Node::start_at(
+        tandem_cluster::Role::Decode,
+        port,
+        &[
+            "--model",
+            &model,
+            "--threads",
+            "1",
+            "--kv-cache-memory",
+            "256MiB",
+        ],
+        &[],
+    );
+    // Load polls (every 100 ms here) see the new process.
+    std::thread::sleep(Duration::from_millis(600));
+    let (after, _) = ask();
+    assert_eq!(after, first, "after the restart");
+    assert_eq!(dispatched("remote"), 2.0, "back to the prefill tier");
+    assert_eq!(
+        dispatched("local"),
+        1.0,
+        "not recomputed on the restarted worker"
+    );
+}
+
+/// The only decode worker dies mid-stream and comes back at its address
+/// (as `tandem up` or Kubernetes restarts it): the router waits for it and
+/// resumes the stream there, and the client sees one unbroken answer, the
+/// same as without the fault.
+#[test]
+fn a_stream_whose_only_decode_worker_restarts_resumes_on_it() {
+    let mut cluster = Cluster::start(1, 1, 1, &[]);
+    let rt = rt();
+    let http = reqwest::Client::new();
+    let url = format!("{}/completions", cluster.base_url());
+    let body = json!({
+        "model": model_name(), "prompt": "The history of the lighthouse begins",
+        "max_tokens": 240, "temperature": 0, "ignore_eos": true,
+    });
+    let plain: Value = rt.block_on(async {
+        let r = http.post(&url).json(&body).send().await.unwrap();
+        r.json().await.unwrap()
+    });
+    let want = plain["choices"][0]["text"].as_str().unwrap().to_string();
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let mut stream = rt.block_on(async {
+        let r = http.post(&url).json(&sb).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes_stream()
+    });
+    let mut raw = Vec::new();
+    let mut read_until = |raw: &mut Vec<u8>, events: Option<usize>| {
+        rt.block_on(async {
+            while events.is_none_or(|n| raw.windows(2).filter(|w| w == b"\n\n").count() < n) {
+                match stream.next().await {
+                    Some(b) => raw.extend_from_slice(&b.unwrap()),
+                    None => return,
+                }
+            }
+        })
+    };
+    read_until(&mut raw, Some(10));
+    let port = cluster.decode[0].addr().port();
+    cluster.decode[0].kill();
+    let model = model_path().to_string_lossy().into_owned();
+    cluster.decode[0] = Node::start_at(
+        tandem_cluster::Role::Decode,
+        port,
+        &[
+            "--model",
+            &model,
+            "--threads",
+            "1",
+            "--kv-cache-memory",
+            "256MiB",
+        ],
+        &[],
+    );
+    read_until(&mut raw, None);
+    let raw = String::from_utf8(raw).unwrap();
+    let events: Vec<&str> = raw
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{raw}");
+    let mut got = String::new();
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).unwrap();
+        assert!(v.get("error").is_none(), "the stream failed: {v}");
+        got.push_str(v["choices"][0]["text"].as_str().unwrap_or(""));
+    }
+    assert_eq!(
+        got, want,
+        "the resumed stream differs from the plain answer"
+    );
+    let resumed = rt.block_on(counter(&cluster.router, "tandem_router_resumed_total"));
+    assert!(resumed >= 1.0, "the stream was never resumed ({resumed})");
+}
+
 /// Polls a worker until `done(load)` holds, for at most `within`.
 async fn wait_load(
     node: &Node,

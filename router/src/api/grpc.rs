@@ -126,6 +126,8 @@ impl GenerateApi {
         let params = GenParams {
             max_tokens: s.max_tokens.map(i64::from),
             max_tokens_param: "max_tokens",
+            // Absent: the rest of the context.
+            default_max_tokens: None,
             temperature: s.temperature.map(f64::from),
             top_p: s.top_p.map(f64::from),
             top_k: s.top_k.map(i64::from),

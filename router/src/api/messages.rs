@@ -307,10 +307,14 @@ fn chat_request(m: &Map<String, Value>) -> Result<Map<String, Value>, ApiError> 
     Ok(c)
 }
 
-/// A tool call's `input`: its arguments as JSON (a call cut short stays
-/// text under `input.arguments`, which does not occur for whole calls).
+/// A tool call's `input`: its arguments, which are a JSON object for a
+/// whole call; a call cut short by `max_tokens` (`stop_reason` says so)
+/// has the empty input, never keys its tool does not take.
 fn call_input(arguments: &str) -> Value {
-    serde_json::from_str(arguments).unwrap_or_else(|_| json!({"arguments": arguments}))
+    match serde_json::from_str(arguments) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => json!({}),
+    }
 }
 
 fn tool_use_block(call: &Value) -> Value {

@@ -146,14 +146,16 @@ impl ApiState {
     /// exactly as `tandem generate --chat` does (`encode(text, false)`: the
     /// template writes its own special tokens).
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, ApiError> {
-        self.chat_prompt_with_tools(messages, None)
+        self.chat_prompt_with_tools(messages, None, true)
     }
 
-    /// [`ApiState::chat_prompt`] with the request's `tools` for the template.
+    /// [`ApiState::chat_prompt`] with the request's `tools` for the
+    /// template; `add_generation_prompt` opens the assistant's turn.
     pub fn chat_prompt_with_tools(
         &self,
         messages: &[ChatMessage],
         tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
     ) -> Result<Vec<u32>, ApiError> {
         let t = self.chat_template.as_ref().ok_or_else(|| {
             ApiError::invalid(
@@ -162,7 +164,7 @@ impl ApiState {
             )
         })?;
         let text = t
-            .render_with_tools(messages, tools, true)
+            .render_with_tools(messages, tools, add_generation_prompt)
             .map_err(|e| ApiError::invalid(format!("{e}"), Some("messages")))?;
         self.tokenizer
             .encode(&text, false)

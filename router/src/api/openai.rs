@@ -160,7 +160,8 @@ async fn tokenize(
 ) -> Response {
     let answer = request_object(&state, body).and_then(|m| {
         let tokens = if field(&m, "messages").is_some() {
-            state.chat_prompt(&parse_messages(&m)?)?
+            let open = boolean(&m, "add_generation_prompt")?.unwrap_or(true);
+            state.chat_prompt_with_tools(&parse_messages(&m)?, None, open)?
         } else {
             let mut prompts = parse_prompts(&state, &m)?;
             if prompts.len() != 1 {
@@ -416,12 +417,45 @@ const CHAT_FIELDS: &[&str] = &[
     "metadata",
     "store",
     "service_tier",
+    "add_generation_prompt",
 ];
 const COMPLETION_FIELDS: &[&str] = &["prompt", "echo", "best_of", "suffix"];
 
 /// 400 for known OpenAI fields that tandem does not support (their harmless
 /// values, e.g. `best_of: 1` or `suffix: ""`, pass).
 fn check_unsupported(m: &Map<String, Value>, ep: Endpoint) -> Result<(), ApiError> {
+    // vLLM's other output constraints: refused, never silently dropped.
+    for k in [
+        "guided_grammar",
+        "guided_decoding_backend",
+        "guided_whitespace_pattern",
+    ] {
+        if field(m, k).is_some() {
+            return Err(ApiError::unsupported(
+                k,
+                " (the output constraints are response_format, guided_json, guided_regex \
+                 and guided_choice)",
+            ));
+        }
+    }
+    if let Some(Value::Object(o)) = field(m, "structured_outputs") {
+        for k in o.keys() {
+            if !["json", "regex", "choice", "json_object"].contains(&k.as_str())
+                && field(o, k).is_some()
+            {
+                let p = format!("structured_outputs.{k}");
+                return Err(ApiError::unsupported(
+                    &p,
+                    " (structured_outputs takes json, regex, choice or json_object)",
+                ));
+            }
+        }
+    }
+    if let Some(v) = field(m, "best_of") {
+        if as_int(v) != Some(1) {
+            return Err(ApiError::unsupported("best_of", " (only 1)"));
+        }
+    }
     match ep {
         Endpoint::Chat => {
             for k in ["functions", "audio", "prediction"] {
@@ -451,11 +485,6 @@ fn check_unsupported(m: &Map<String, Value>, ep: Endpoint) -> Result<(), ApiErro
             }
         }
         Endpoint::Completions => {
-            if let Some(v) = field(m, "best_of") {
-                if as_int(v) != Some(1) {
-                    return Err(ApiError::unsupported("best_of", " (only 1)"));
-                }
-            }
             if let Some(v) = field(m, "suffix") {
                 if v.as_str() != Some("") {
                     return Err(ApiError::unsupported("suffix", ""));
@@ -486,7 +515,7 @@ struct Common {
 
 /// vLLM's structured-output extensions: `guided_json`, `guided_regex`,
 /// `guided_choice`, or the same under `structured_outputs` (`json`,
-/// `regex`, `choice`). [`GenParams::build`] refuses more than one
+/// `regex`, `choice`, and `json_object`). [`GenParams::build`] refuses more than one
 /// constraint, counting `response_format`.
 fn guided_extensions(m: &Map<String, Value>, p: &mut GenParams) -> Result<(), ApiError> {
     let nested = match field(m, "structured_outputs") {
@@ -538,8 +567,17 @@ fn guided_extensions(m: &Map<String, Value>, p: &mut GenParams) -> Result<(), Ap
             .collect::<Result<_, _>>()?;
         p.choice = choice;
     }
+    let json_object = nested.and_then(|o| field(o, "json_object"));
+    match json_object {
+        None | Some(Value::Bool(false)) => {}
+        Some(Value::Bool(true)) => p.json_object = true,
+        Some(v) => return Err(wrong_type("structured_outputs.json_object", "a boolean", v)),
+    }
     Ok(())
 }
+
+/// `max_tokens` of a completion that does not give it.
+const DEFAULT_COMPLETION_TOKENS: i64 = 16;
 
 fn parse_common(m: &Map<String, Value>, ep: Endpoint) -> Result<Common, ApiError> {
     let mut p = GenParams::default();
@@ -549,7 +587,12 @@ fn parse_common(m: &Map<String, Value>, ep: Endpoint) -> Result<Common, ApiError
         p.max_tokens = mct;
         p.max_tokens_param = "max_completion_tokens";
     } else {
+        // Legacy completions default to 16 tokens, as OpenAI's and vLLM's
+        // do; chat runs to the end of the context.
         p.max_tokens = mt;
+        if ep == Endpoint::Completions {
+            p.default_max_tokens = Some(DEFAULT_COMPLETION_TOKENS);
+        }
         p.max_tokens_param = "max_tokens";
     }
     p.ignore_eos = boolean(m, "ignore_eos")?.unwrap_or(false);
@@ -1286,7 +1329,11 @@ async fn run(
         Endpoint::Chat => {
             let messages = parse_messages(&m)?;
             let t = Instant::now();
-            let ids = state.chat_prompt_with_tools(&messages, tools.as_ref().map(|t| &t.defs))?;
+            // vLLM's `add_generation_prompt: false` leaves the assistant's
+            // turn unopened (the last message is continued as it stands).
+            let open = boolean(&m, "add_generation_prompt")?.unwrap_or(true);
+            let ids =
+                state.chat_prompt_with_tools(&messages, tools.as_ref().map(|t| &t.defs), open)?;
             (vec![PromptIn { ids, text: None }], "messages", t.elapsed())
         }
         Endpoint::Completions => {
@@ -1687,8 +1734,12 @@ impl Sse {
     fn on_error(&mut self, e: DispatchError) {
         let err = ApiError::from(e);
         tracing::warn!(id = %self.ctx.id, error = %err.message, "generation failed mid-stream");
-        // The openai client raises APIError on an event with an `error` key.
+        // The openai client raises APIError on an event with an `error` key;
+        // `[DONE]` still closes the stream, as vLLM's does, for clients
+        // that wait for it.
         self.queue.push_back((sse_event(&err.body()), None));
+        self.queue
+            .push_back((Bytes::from_static(b"data: [DONE]\n\n"), None));
         // Cancel the other choices now.
         self.choices = SelectAll::new();
         self.finish_metrics();

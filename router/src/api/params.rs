@@ -18,6 +18,10 @@ pub struct GenParams {
     pub max_tokens: Option<i64>,
     /// Name of the field `max_tokens` came from (for error `param`s).
     pub max_tokens_param: &'static str,
+    /// `max_tokens` when the request does not give it (legacy completions'
+    /// 16), at most what the context leaves; without it, the rest of the
+    /// context.
+    pub default_max_tokens: Option<i64>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
     pub top_k: Option<i64>,
@@ -81,7 +85,11 @@ fn check_range(
     hi: f64,
     lo_open: bool,
 ) -> Result<(), ApiError> {
-    let Some(v) = v else { return Ok(()) };
+    // Checked as the workers will see it: a value that rounds to 0 in
+    // single precision is 0.
+    let Some(v) = v.map(|v| v as f32 as f64) else {
+        return Ok(());
+    };
     let ok = v.is_finite() && (if lo_open { v > lo } else { v >= lo }) && v <= hi;
     if ok {
         Ok(())
@@ -222,6 +230,11 @@ impl GenParams {
         }
         let ctx = state.context_length;
         let p = prompt.len();
+        let max_tokens = max_tokens.or_else(|| {
+            self.default_max_tokens
+                .filter(|_| p < ctx)
+                .map(|d| d.min((ctx - p) as i64))
+        });
         let exceeded = match max_tokens {
             Some(m) => (p as i64).saturating_add(m) > ctx as i64,
             None => p >= ctx,
@@ -232,7 +245,7 @@ impl GenParams {
                     "This model's maximum context length is {ctx} tokens. However, you requested \
                      {} tokens ({p} in the prompt, {m} in the completion). Please reduce the \
                      length of the prompt or the completion.",
-                    p as i64 + m
+                    (p as i64).saturating_add(m)
                 ),
                 None => format!(
                     "This model's maximum context length is {ctx} tokens. However, your prompt \

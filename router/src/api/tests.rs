@@ -313,8 +313,10 @@ fn route_of(body: &Value) -> &'static str {
     }
 }
 
+/// A completion long enough for any script here (without `max_tokens`
+/// completions stop at 16 tokens).
 fn cmpl_body(extra: Value) -> Value {
-    let mut b = json!({"model": MODEL, "prompt": "Once upon a time"});
+    let mut b = json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 256});
     for (k, v) in extra.as_object().unwrap() {
         b[k] = v.clone();
     }
@@ -753,8 +755,8 @@ async fn prompts_tokenize_like_tandem_generate() {
         inputs[1].prompt,
         t.encode("The capital of France", true).unwrap()
     );
-    // Omitted max_tokens: until the context is full; default temperature 1.
-    assert_eq!(inputs[1].max_tokens, None);
+    // Omitted max_tokens: OpenAI's 16 for completions; default temperature 1.
+    assert_eq!(inputs[1].max_tokens, Some(16));
     assert_eq!(inputs[1].sampling.temperature, 1.0);
     assert_eq!(inputs[1].sampling.top_p, 1.0);
 }
@@ -2041,6 +2043,8 @@ async fn error_mid_stream() {
     .await;
     assert_eq!(s, StatusCode::OK);
     let events = sse_events(&b);
+    let (done, events) = events.split_last().unwrap();
+    assert_eq!(done, "[DONE]", "{b}");
     let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
     assert_eq!(last["error"]["message"], "worker died");
     assert_eq!(last["error"]["type"], "server_error");
@@ -3144,4 +3148,128 @@ async fn an_anthropic_stream_that_fails_ends_with_an_error_event() {
     assert_eq!(last["type"], "error", "{text}");
     assert_eq!(last["error"]["type"], "api_error");
     assert_eq!(last["error"]["message"], "worker died");
+}
+
+/// Requests clients send without thinking twice: a completion without
+/// `max_tokens` gets OpenAI's 16 (less where the context ends sooner),
+/// vLLM constraints tandem lacks are refused by name, `json_object` under
+/// `structured_outputs` is the JSON mode, and a value the workers would see
+/// as 0 is refused as 0 here.
+#[tokio::test]
+async fn defaults_and_refusals_match_what_clients_expect() {
+    let backend = Scripted::new(text_script("Hello there, friend"));
+    let app = openai_routes(state_with(backend.clone(), None));
+    let (s, v) = post(
+        &app,
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": "Once upon a time"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(backend.inputs().last().unwrap().max_tokens, Some(16));
+    let near_end: Vec<u32> = vec![42; CTX - 5];
+    let (s, v) = post(
+        &app,
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": near_end}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(backend.inputs().last().unwrap().max_tokens, Some(5));
+    // Chat keeps the rest of the context.
+    let (s, _) = post(&app, "/v1/chat/completions", chat_body(json!({}))).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(backend.inputs().last().unwrap().max_tokens, None);
+
+    for (uri, extra, param) in [
+        (
+            "/v1/chat/completions",
+            json!({"guided_grammar": "root ::= \"a\""}),
+            "guided_grammar",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"structured_outputs": {"grammar": "root ::= \"a\""}}),
+            "structured_outputs.grammar",
+        ),
+        (
+            "/v1/completions",
+            json!({"structured_outputs": {"structural_tag": "{}"}}),
+            "structured_outputs.structural_tag",
+        ),
+        ("/v1/chat/completions", json!({"best_of": 2}), "best_of"),
+        ("/v1/chat/completions", json!({"top_p": 1e-300}), "top_p"),
+        (
+            "/v1/chat/completions",
+            json!({"repetition_penalty": 1e-300}),
+            "repetition_penalty",
+        ),
+    ] {
+        let mut body = match uri {
+            "/v1/completions" => json!({"model": MODEL, "prompt": "Hi"}),
+            _ => chat_body(json!({})),
+        };
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (s, v) = post(&app, uri, body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{extra}: {v}");
+        assert_eq!(v["error"]["param"], param, "{extra}: {v}");
+    }
+
+    let (s, v) = post(
+        &app,
+        "/v1/chat/completions",
+        chat_body(json!({"structured_outputs": {"json_object": true}})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(backend.inputs().last().unwrap().sampling.json_object);
+
+    // A limit past any context says so without wrapping around.
+    let (s, v) = post(
+        &app,
+        "/v1/chat/completions",
+        chat_body(json!({"max_tokens": 9223372036854775777i64})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(!msg.contains('-'), "{msg}");
+}
+
+/// `/tokenize` with `add_generation_prompt: false` leaves the assistant's
+/// turn unopened, as the chat request with the same flag does.
+#[tokio::test]
+async fn tokenize_honours_add_generation_prompt() {
+    let backend = Scripted::new(text_script("Hi"));
+    let app = openai_routes(state_with(backend.clone(), None));
+    let messages = json!([{"role": "user", "content": "hi"}]);
+    let count = |open: Value| {
+        let app = app.clone();
+        let messages = messages.clone();
+        async move {
+            let mut body = json!({"model": MODEL, "messages": messages});
+            if !open.is_null() {
+                body["add_generation_prompt"] = open;
+            }
+            let (s, v) = post(&app, "/tokenize", body).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            v["tokens"].as_array().unwrap().clone()
+        }
+    };
+    let open = count(Value::Null).await;
+    assert_eq!(count(json!(true)).await, open);
+    let closed = count(json!(false)).await;
+    assert!(closed.len() < open.len(), "{closed:?} vs {open:?}");
+    assert_eq!(closed[..], open[..closed.len()]);
+    let (s, _) = post(
+        &app,
+        "/v1/chat/completions",
+        chat_body(json!({"messages": messages, "add_generation_prompt": false})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let ids: Vec<u32> = closed.iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    assert_eq!(backend.inputs().last().unwrap().prompt, ids);
 }

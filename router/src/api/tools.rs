@@ -170,10 +170,28 @@ pub fn parse(
                 format!("function '{name}' is defined twice"),
             ));
         }
+        let pp = format!("{fp}.parameters");
         let params = match f.get("parameters") {
             None | Some(Value::Null) => json!({"type": "object", "properties": {}}),
-            Some(v @ Value::Object(_)) => v.clone(),
-            Some(v) => return Err(wrong_type(&format!("{fp}.parameters"), "an object", v)),
+            // Arguments are an object: a schema without a type (`{}`
+            // included) describes one.
+            Some(Value::Object(o)) => match o.get("type") {
+                None => {
+                    let mut o = o.clone();
+                    o.insert("type".into(), json!("object"));
+                    Value::Object(o)
+                }
+                Some(t) if t == "object" => Value::Object(o.clone()),
+                Some(t) => {
+                    return Err(ApiError::bad_param(
+                        &pp,
+                        format!(
+                            "'{pp}' must describe an object (\"type\": \"object\"), got type {t}"
+                        ),
+                    ))
+                }
+            },
+            Some(v) => return Err(wrong_type(&pp, "an object", v)),
         };
         functions.push((name.to_string(), params));
     }
@@ -306,10 +324,15 @@ impl Tools {
                 calls: vec![(name.clone(), text.to_string())],
             }),
             ToolChoice::Required { .. } => {
-                let v: Value = serde_json::from_str(text).ok()?;
+                // A list cut short (by `max_tokens`) keeps its whole calls.
+                let items = match serde_json::from_str::<Value>(text) {
+                    Ok(Value::Array(v)) => v,
+                    Ok(_) => return None,
+                    Err(_) => whole_items(text)?,
+                };
                 Some(Output {
                     content: None,
-                    calls: calls(v.as_array()?)?,
+                    calls: calls(&items)?,
                 })
             }
             ToolChoice::Auto(CallFormat::Hermes) => {
@@ -356,6 +379,24 @@ fn hermes_blocks(mut text: &str) -> Option<Vec<Value>> {
 
 /// The JSON objects `text` consists of, separated by `;` (Llama's calls).
 /// `None` if anything else is there.
+/// The whole items at the start of a JSON array cut short; `None` when
+/// there are none.
+fn whole_items(text: &str) -> Option<Vec<Value>> {
+    let mut rest = text.trim_start().strip_prefix('[')?;
+    let mut out = Vec::new();
+    loop {
+        let mut values = serde_json::Deserializer::from_str(rest).into_iter::<Value>();
+        let Some(Ok(v)) = values.next() else { break };
+        out.push(v);
+        rest = rest[values.byte_offset()..].trim_start();
+        match rest.strip_prefix(',') {
+            Some(next) => rest = next,
+            None => break,
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
 fn json_objects(text: &str) -> Option<Vec<Value>> {
     let mut out = Vec::new();
     let mut rest = text.trim_start();
@@ -522,6 +563,59 @@ mod tests {
         ] {
             assert_eq!(t.parse_calls(text), None, "{text}");
         }
+    }
+
+    #[test]
+    fn a_required_list_cut_short_keeps_its_whole_calls() {
+        let t = Tools {
+            choice: ToolChoice::Required { parallel: true },
+            ..auto(CallFormat::Hermes)
+        };
+        let call = r#"{"name": "f", "arguments": {"city": "Paris"}}"#;
+        let whole = Some(Output {
+            content: None,
+            calls: vec![("f".into(), r#"{"city":"Paris"}"#.into()); 2],
+        });
+        assert_eq!(t.parse_calls(&format!("[{call}, {call}]")), whole);
+        assert_eq!(
+            t.parse_calls(&format!(
+                "[\n{call}\n\n,\n{call} ,\n{{\"name\": \"f\", \"argu"
+            )),
+            whole
+        );
+        assert_eq!(t.parse_calls(&format!("[{call},{call}")), whole);
+        for text in [
+            "[",
+            "[{\"name\": \"f\"",
+            "",
+            "{}",
+            "[{\"name\": 1, \"arguments\": {}}]",
+        ] {
+            assert_eq!(t.parse_calls(text), None, "{text}");
+        }
+    }
+
+    #[test]
+    fn parameters_describe_an_object() {
+        let tools = |params: Value| {
+            let mut m = Map::new();
+            m.insert(
+                "tools".into(),
+                json!([{"type": "function", "function": {"name": "f", "parameters": params}}]),
+            );
+            m.insert("tool_choice".into(), json!("required"));
+            parse(&m, None)
+        };
+        for typeless in [json!({}), json!({"properties": {"a": {"type": "string"}}})] {
+            let t = tools(typeless.clone()).unwrap().unwrap();
+            assert_eq!(t.functions[0].1["type"], "object", "{typeless}");
+        }
+        let e = tools(json!({"type": "string"})).unwrap_err();
+        assert!(
+            e.message.contains("must describe an object"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
