@@ -218,7 +218,7 @@ impl Grammars {
         let parser = self
             .factory
             .create_parser(grammar)
-            .map_err(|e| EngineError::Sampling(format!("invalid response format: {e}")))?;
+            .map_err(|e| format_error(&e.to_string()))?;
         let mut guide = Guide {
             matcher: Matcher::new(Ok(parser)),
             end: self.end,
@@ -235,10 +235,24 @@ impl Grammars {
             guide
                 .matcher
                 .compute_mask_or_eos()
-                .map_err(|e| EngineError::Sampling(format!("invalid response format: {e}")))?,
+                .map_err(|e| format_error(&e.to_string()))?,
         );
         Ok(Some(guide))
     }
+}
+
+/// A client's error for a format the parser refuses: the parser's own
+/// first line, without the dump of its state that follows it.
+fn format_error(parser: &str) -> EngineError {
+    let first = parser.lines().next().unwrap_or_default().trim();
+    let why = match first {
+        "NoExtensionBias" | "NoExtension" => {
+            "no output can match it (a schema or pattern that admits no text)"
+        }
+        "" => "the grammar parser refused it",
+        other => other,
+    };
+    EngineError::Sampling(format!("invalid response format: {why}"))
 }
 
 /// One request's place in its grammar.
@@ -398,6 +412,26 @@ mod tests {
         let mut g = gr.guide(&format, &[]).unwrap().unwrap();
         write(&mut g, &words, "{\"name\": \"x\"", end);
         assert!(!g.allowed(&[end]).unwrap()[id(&words, "}") as usize]);
+    }
+
+    /// A format the parser refuses is a one-line error that says why, not
+    /// a dump of the parser's state.
+    #[test]
+    fn refused_formats_say_why_in_one_line() {
+        let (gr, _, _) = grammars();
+        for format in [
+            ResponseFormat::JsonSchema(r##"{"$ref": "#"}"##.into()),
+            ResponseFormat::JsonSchema(r#"{"type": "nonsense"}"#.into()),
+            ResponseFormat::Regex("(".into()),
+        ] {
+            let Err(e) = gr.guide(&format, &[]) else {
+                panic!("{format:?} was accepted");
+            };
+            let msg = e.to_string();
+            assert!(!msg.contains('\n') && !msg.contains("<state>"), "{msg}");
+            assert!(msg.contains("invalid response format: "), "{msg}");
+            assert!(msg.len() > "invalid response format: ".len() + 5, "{msg}");
+        }
     }
 
     #[test]

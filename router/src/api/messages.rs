@@ -118,12 +118,18 @@ fn chat_messages(i: usize, msg: &Value, out: &mut Vec<Value>) -> Result<(), ApiE
     for (j, b) in blocks.iter().enumerate() {
         let bp = format!("{p}.content[{j}]");
         match b.get("type").and_then(Value::as_str).unwrap_or("") {
-            "text" => text.push_str(expect(
-                b.get("text"),
-                &format!("{bp}.text"),
-                "a string",
-                Value::as_str,
-            )?),
+            "text" => {
+                let tp = format!("{bp}.text");
+                let t = expect(b.get("text"), &tp, "a string", Value::as_str)?;
+                if t.is_empty() {
+                    // As Anthropic's API says it.
+                    return Err(ApiError::bad_param(
+                        &tp,
+                        format!("'{tp}': text content blocks must be non-empty"),
+                    ));
+                }
+                text.push_str(t);
+            }
             "tool_use" if role == "assistant" => {
                 let s = |k: &str| expect(b.get(k), &format!("{bp}.{k}"), "a string", Value::as_str);
                 let input = b.get("input").cloned().unwrap_or_else(|| json!({}));
@@ -359,6 +365,15 @@ pub(super) async fn create(
         Ok(r) => r,
         Err(mut e) => {
             super::rewrite::rename_param(&mut e, RENAMED);
+            super::rewrite::respell_choices(
+                &mut e,
+                [
+                    "{\"type\": \"auto\"}",
+                    "{\"type\": \"any\"}",
+                    "{\"type\": \"tool\", \"name\": ...}",
+                    "{\"type\": \"none\"}",
+                ],
+            );
             if let Some(p) = e.param.as_mut().filter(|p| p.starts_with("tools[")) {
                 *p = p.replace(".parameters", ".input_schema");
             }

@@ -79,10 +79,15 @@ async fn require_api_key(State(state): State<Arc<ApiState>>, req: Request, next:
     };
     match checked {
         Ok(()) => next.run(req).await,
-        Err(e) => {
+        Err(mut e) => {
             let endpoint = endpoint_of(req.uri().path());
             count_request(endpoint, e.status);
             if endpoint == "messages" {
+                // Anthropic's clients send the key as `x-api-key`.
+                e.message = e.message.replace(
+                    "Pass it as 'Authorization: Bearer KEY'",
+                    "Pass it as 'x-api-key: KEY' (or 'Authorization: Bearer KEY')",
+                );
                 return super::messages::error_response(&e);
             }
             e.into_response()
@@ -972,6 +977,33 @@ pub(crate) async fn start_all(
         .map_err(ApiError::from)
 }
 
+/// A worker's refusal of the request's output constraint (its grammar
+/// does not compile) names the field it came from: the tools'
+/// `parameters` when a call is forced, else the constraint given.
+fn name_constraint(mut e: ApiError, m: &Map<String, Value>, forced_call: bool) -> ApiError {
+    const REFUSED: &str = "invalid response format: ";
+    let Some(at) = e.message.find(REFUSED).filter(|_| e.param.is_none()) else {
+        return e;
+    };
+    let why = e.message[at + REFUSED.len()..].to_string();
+    let given = [
+        "response_format",
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+    ]
+    .into_iter()
+    .find(|k| field(m, k).is_some())
+    .unwrap_or("structured_outputs");
+    let (param, what) = match forced_call {
+        true => ("tools", "a tool's 'parameters' schema"),
+        false => (given, "the output format"),
+    };
+    e.message = format!("{what} cannot be used: {why}");
+    e.param = Some(param.to_string());
+    e
+}
+
 /// Adds the decoded choices of one prompt to `all`, numbered from `first`.
 fn decoders(
     state: &ApiState,
@@ -1405,8 +1437,11 @@ async fn run(
         .increment(prompt_tokens as u64);
     // All or nothing: if one prompt is refused, the admitted ones are
     // dropped, which cancels them.
-    let streams =
-        futures_util::future::try_join_all(groups.iter().map(|g| start_all(&state, g))).await?;
+    let streams = futures_util::future::try_join_all(groups.iter().map(|g| start_all(&state, g)))
+        .await
+        .map_err(|e| {
+            name_constraint(e, &m, tools.as_ref().is_some_and(|t| t.schema().is_some()))
+        })?;
     let ctx = Ctx {
         id,
         created: unix_now(),

@@ -439,6 +439,15 @@ pub(super) async fn create(
         Ok(r) => r,
         Err(mut e) => {
             super::rewrite::rename_param(&mut e, RENAMED);
+            super::rewrite::respell_choices(
+                &mut e,
+                [
+                    "\"auto\"",
+                    "\"required\"",
+                    "{\"type\": \"function\", \"name\": ...}",
+                    "\"none\"",
+                ],
+            );
             e.into_response()
         }
     };

@@ -125,6 +125,10 @@ pub(super) fn rename_param(e: &mut ApiError, renamed: &[(&str, &str)]) {
     let Some(p) = e.param.clone() else {
         return;
     };
+    if p == "tool_choice" && e.message.contains(CHAT_CHOICES) {
+        // The API's own spelling of the choices is the translation's to say.
+        return;
+    }
     let found = renamed.iter().find(|(from, _)| {
         p == *from || p.starts_with(&format!("{from}[")) || p.starts_with(&format!("{from}."))
     });
@@ -137,6 +141,27 @@ pub(super) fn rename_param(e: &mut ApiError, renamed: &[(&str, &str)]) {
         e.param = Some(p.replacen(".function", "", 1));
         e.message = e.message.replacen(".function", "", 1);
     }
+}
+
+/// How chat's refusals of `tool_choice` spell the choices to send instead.
+pub(super) const CHAT_CHOICES: &str = "{\"type\": \"function\", \"function\": {\"name\": ...}}";
+
+/// Rewrites chat's refusal of `tool_choice` with the translated API's
+/// spelling of the choices: `[auto, any, named, none]` for chat's
+/// `"auto"`, `"required"`, a named function and `"none"`.
+pub(super) fn respell_choices(e: &mut ApiError, [auto, any, named, none]: [&str; 4]) {
+    if e.param.as_deref() != Some("tool_choice") || !e.message.contains(CHAT_CHOICES) {
+        return;
+    }
+    e.message = e
+        .message
+        .replace(
+            &format!("\"required\" or {CHAT_CHOICES}"),
+            &format!("{any} or {named}"),
+        )
+        .replace(CHAT_CHOICES, named)
+        .replace("\"none\" for text", &format!("{none} for text"))
+        .replace("as \"auto\"", &format!("as {auto}"));
 }
 
 /// A tool call assembled from a chat stream's pieces.

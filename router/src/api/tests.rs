@@ -3273,3 +3273,85 @@ async fn tokenize_honours_add_generation_prompt() {
     let ids: Vec<u32> = closed.iter().map(|v| v.as_u64().unwrap() as u32).collect();
     assert_eq!(backend.inputs().last().unwrap().prompt, ids);
 }
+
+/// A constraint the workers cannot compile is the client's error, naming
+/// the field it came from.
+#[tokio::test]
+async fn a_refused_constraint_names_its_field() {
+    let why = "invalid sampling parameter: invalid response format: no output can match it";
+    let backend = Scripted::new(Script {
+        refuse: Some(DispatchError::Invalid(why.into())),
+        ..Default::default()
+    });
+    let app = openai_routes(state_with(backend, None));
+    let tool =
+        json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+    for (extra, param) in [
+        (json!({"guided_regex": "a"}), "guided_regex"),
+        (
+            json!({"response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+        (
+            json!({"structured_outputs": {"regex": "a"}}),
+            "structured_outputs",
+        ),
+        (json!({"tools": tool, "tool_choice": "required"}), "tools"),
+    ] {
+        let (s, v) = post(&app, "/v1/chat/completions", chat_body(extra.clone())).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{extra}: {v}");
+        assert_eq!(v["error"]["param"], param, "{extra}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.ends_with("no output can match it"), "{msg}");
+    }
+}
+
+/// The translated APIs' refusals speak their own API: Anthropic's and the
+/// Responses API's spelling of the tool choices to send instead, and
+/// Anthropic's header for the key.
+#[tokio::test]
+async fn translated_refusals_speak_their_own_api() {
+    let backend = Scripted::new(text_script("Hi"));
+    let app = openai_routes(state_with(backend.clone(), None));
+    let body = json!({
+        "model": MODEL, "max_tokens": 8,
+        "messages": [{"role": "user", "content": "Weather?"}],
+        "tools": [{"name": "w", "input_schema": {"type": "object"}}],
+    });
+    let (s, text) = post_messages(&app, &body, None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains(r#"{"type": "any"} or {"type": "tool", "name": ...}"#)
+            && msg.contains(r#"{"type": "none"} for text"#)
+            && msg.contains(r#"as {"type": "auto"}"#),
+        "{msg}"
+    );
+    assert!(!msg.contains("\"function\""), "{msg}");
+
+    let (s, v) = post(
+        &app,
+        "/v1/responses",
+        json!({"model": MODEL, "input": "Weather?",
+               "tools": [{"type": "function", "name": "w", "parameters": {"type": "object"}}]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains(r#""required" or {"type": "function", "name": ...}"#),
+        "{msg}"
+    );
+
+    let mut empty = body.clone();
+    empty["messages"] = json!([{"role": "user", "content": [{"type": "text", "text": ""}]}]);
+    let (s, text) = post_messages(&app, &empty, None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(text.contains("messages[0].content[0].text"), "{text}");
+
+    let locked = openai_routes(state_with(backend, Some("sk-x")));
+    let (s, text) = post_messages(&locked, &body, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(text.contains("x-api-key"), "{text}");
+}
