@@ -135,6 +135,27 @@ assert j.stop_reason == "end_turn", j
 obj = json.loads(j.content[0].text)
 assert set(obj) == {"city", "country"}, obj
 
+# A prefilled answer (a final assistant message) is continued: the reply is
+# what the model adds to it, as a completion of the same prompt gives it.
+begun = [{"role": "user", "content": question}, {"role": "assistant", "content": "The capital of France is"}]
+p = client.messages.create(model=model, messages=begun, max_tokens=8, extra_body=GREEDY)
+
+
+def post(path, body):
+    req = urllib.request.Request(
+        base_url + path,
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json", "authorization": "Bearer " + api_key},
+    )
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.load(r)
+
+
+ids = post("/tokenize", {"model": model, "messages": begun, "continue_final_message": True})["tokens"]
+same = post("/v1/completions", {"model": model, "prompt": ids, "max_tokens": 8, "temperature": 0})
+assert p.content[0].text == same["choices"][0]["text"], (p, same)
+assert p.usage.input_tokens + (p.usage.cache_read_input_tokens or 0) == len(ids), (p.usage, len(ids))
+
 # Errors arrive as the client's typed exceptions.
 try:
     client.messages.create(model=model, messages=[], max_tokens=4)

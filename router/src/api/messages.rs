@@ -206,6 +206,16 @@ fn chat_request(m: &Map<String, Value>) -> Result<Map<String, Value>, ApiError> 
     for (i, msg) in arr.iter().enumerate() {
         chat_messages(i, msg, &mut messages)?;
     }
+    // A final assistant message is the start of the answer (Anthropic's
+    // "prefill"): the model continues it, and the answer holds only what
+    // it adds.
+    let prefilled = messages.last().is_some_and(|l| {
+        l["role"] == "assistant" && l.get("tool_calls").is_none() && l["content"].is_string()
+    });
+    if prefilled {
+        c.insert("add_generation_prompt".into(), json!(false));
+        c.insert("continue_final_message".into(), json!(true));
+    }
     c.insert("messages".into(), Value::Array(messages));
     let max = m
         .get("max_tokens")

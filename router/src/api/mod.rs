@@ -38,6 +38,18 @@ pub use error::ApiError;
 pub use grpc::{generate_service, GenerateApi};
 pub use openai::openai_routes;
 pub use params::GenParams;
+
+/// How a chat prompt ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TurnEnd {
+    /// The assistant's turn opened (`add_generation_prompt`, the default).
+    Open,
+    /// After the last message, as the template closes it.
+    Closed,
+    /// Inside the last message, right after its text: the model goes on
+    /// with it (an answer the client began).
+    ContinueFinal,
+}
 pub use relay::relay_latency_summary;
 
 /// End-of-turn tokens of common chat formats: when the template writes one
@@ -146,16 +158,16 @@ impl ApiState {
     /// exactly as `tandem generate --chat` does (`encode(text, false)`: the
     /// template writes its own special tokens).
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, ApiError> {
-        self.chat_prompt_with_tools(messages, None, true)
+        self.chat_prompt_with_tools(messages, None, TurnEnd::Open)
     }
 
     /// [`ApiState::chat_prompt`] with the request's `tools` for the
-    /// template; `add_generation_prompt` opens the assistant's turn.
+    /// template, ending as `end` says.
     pub fn chat_prompt_with_tools(
         &self,
         messages: &[ChatMessage],
         tools: Option<&serde_json::Value>,
-        add_generation_prompt: bool,
+        end: TurnEnd,
     ) -> Result<Vec<u32>, ApiError> {
         let t = self.chat_template.as_ref().ok_or_else(|| {
             ApiError::invalid(
@@ -163,12 +175,46 @@ impl ApiState {
                 Some("messages"),
             )
         })?;
-        let text = t
-            .render_with_tools(messages, tools, add_generation_prompt)
+        let mut text = t
+            .render_with_tools(messages, tools, end == TurnEnd::Open)
             .map_err(|e| ApiError::invalid(format!("{e}"), Some("messages")))?;
+        if end == TurnEnd::ContinueFinal {
+            // Cut after the final message's text, as transformers'
+            // `continue_final_message` does: whatever closes the turn goes.
+            let last = messages.last().map(|m| m.content.trim()).unwrap_or("");
+            if last.is_empty() {
+                return Err(ApiError::bad_param(
+                    "messages",
+                    "continuing the final message needs one with text",
+                ));
+            }
+            let at = text.rfind(last).ok_or_else(|| {
+                ApiError::bad_param(
+                    "messages",
+                    "the chat template does not write the final message as given, so it cannot be continued",
+                )
+            })?;
+            text.truncate(at + last.len());
+        }
         self.tokenizer
             .encode(&text, false)
             .map_err(|e| ApiError::internal(format!("tokenizing the prompt: {e}")))
+    }
+
+    /// How a chat prompt ends: how `add_generation_prompt` and
+    /// `continue_final_message` (vLLM's, from transformers) ask for it.
+    pub fn turn_end(m: &serde_json::Map<String, serde_json::Value>) -> Result<TurnEnd, ApiError> {
+        let open = openai::boolean(m, "add_generation_prompt")?;
+        let cont = openai::boolean(m, "continue_final_message")?.unwrap_or(false);
+        match (cont, open) {
+            (true, Some(true)) => Err(ApiError::bad_param(
+                "continue_final_message",
+                "'continue_final_message' and 'add_generation_prompt' cannot both be true",
+            )),
+            (true, _) => Ok(TurnEnd::ContinueFinal),
+            (false, Some(false)) => Ok(TurnEnd::Closed),
+            (false, _) => Ok(TurnEnd::Open),
+        }
     }
 
     /// Tokenizes a raw prompt exactly as `tandem generate --prompt` does

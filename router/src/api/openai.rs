@@ -165,8 +165,8 @@ async fn tokenize(
 ) -> Response {
     let answer = request_object(&state, body).and_then(|m| {
         let tokens = if field(&m, "messages").is_some() {
-            let open = boolean(&m, "add_generation_prompt")?.unwrap_or(true);
-            state.chat_prompt_with_tools(&parse_messages(&m)?, None, open)?
+            let end = ApiState::turn_end(&m)?;
+            state.chat_prompt_with_tools(&parse_messages(&m)?, None, end)?
         } else {
             let mut prompts = parse_prompts(&state, &m)?;
             if prompts.len() != 1 {
@@ -306,7 +306,7 @@ fn int(m: &Map<String, Value>, k: &str) -> Result<Option<i64>, ApiError> {
     }
 }
 
-fn boolean(m: &Map<String, Value>, k: &str) -> Result<Option<bool>, ApiError> {
+pub(super) fn boolean(m: &Map<String, Value>, k: &str) -> Result<Option<bool>, ApiError> {
     match field(m, k) {
         None => Ok(None),
         Some(v) => v
@@ -423,6 +423,7 @@ const CHAT_FIELDS: &[&str] = &[
     "store",
     "service_tier",
     "add_generation_prompt",
+    "continue_final_message",
 ];
 const COMPLETION_FIELDS: &[&str] = &["prompt", "echo", "best_of", "suffix"];
 
@@ -1362,10 +1363,11 @@ async fn run(
             let messages = parse_messages(&m)?;
             let t = Instant::now();
             // vLLM's `add_generation_prompt: false` leaves the assistant's
-            // turn unopened (the last message is continued as it stands).
-            let open = boolean(&m, "add_generation_prompt")?.unwrap_or(true);
+            // turn unopened; `continue_final_message` continues the last
+            // message (an assistant's answer begun by the client).
+            let end = ApiState::turn_end(&m)?;
             let ids =
-                state.chat_prompt_with_tools(&messages, tools.as_ref().map(|t| &t.defs), open)?;
+                state.chat_prompt_with_tools(&messages, tools.as_ref().map(|t| &t.defs), end)?;
             (vec![PromptIn { ids, text: None }], "messages", t.elapsed())
         }
         Endpoint::Completions => {

@@ -5,8 +5,9 @@ use crate::dispatch::{GenerationInput, Sampling};
 
 use super::{ApiError, ApiState};
 
-/// Most stop strings per request (OpenAI's limit).
-pub const MAX_STOP: usize = 4;
+/// Most stop strings per request: OpenAI takes 4, but vLLM and Anthropic
+/// set no limit and agent frameworks send more; this bounds the matching.
+pub const MAX_STOP: usize = 64;
 /// Most choices per request.
 pub const MAX_N: i64 = 16;
 

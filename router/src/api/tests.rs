@@ -381,7 +381,7 @@ async fn bad_inputs_are_400_with_param() {
         (chat, chat_body(json!({"n": 17})), Some("n")),
         (
             chat,
-            chat_body(json!({"stop": ["a", "b", "c", "d", "e"]})),
+            chat_body(json!({"stop": (0..65).map(|i| i.to_string()).collect::<Vec<_>>()})),
             Some("stop"),
         ),
         (chat, chat_body(json!({"stop": 5})), Some("stop")),
@@ -2325,7 +2325,7 @@ mod grpc_tests {
             ),
             (
                 SamplingParams {
-                    stop: vec!["a".into(); 5],
+                    stop: vec!["a".into(); 65],
                     ..Default::default()
                 },
                 "stop",
@@ -3107,7 +3107,7 @@ async fn anthropic_errors_come_in_anthropics_shape() {
         json!({"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}),
         json!({"model": MODEL, "max_tokens": 4, "thinking": {"type": "enabled", "budget_tokens": 1024}, "messages": [{"role": "user", "content": "Hi"}]}),
         json!({"model": MODEL, "max_tokens": 4, "tools": [{"type": "web_search_20250305", "name": "web_search"}], "messages": [{"role": "user", "content": "Hi"}]}),
-        json!({"model": MODEL, "max_tokens": 4, "stop_sequences": ["a", "b", "c", "d", "e"], "messages": [{"role": "user", "content": "Hi"}]}),
+        json!({"model": MODEL, "max_tokens": 4, "stop_sequences": vec!["a"; 65], "messages": [{"role": "user", "content": "Hi"}]}),
     ];
     for body in bad {
         let (s, text) = post_messages(&app, &body, Some("sk-test")).await;
@@ -3354,4 +3354,69 @@ async fn translated_refusals_speak_their_own_api() {
     let (s, text) = post_messages(&locked, &body, None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert!(text.contains("x-api-key"), "{text}");
+}
+
+/// vLLM's `continue_final_message` (and Anthropic's prefilled answer, a
+/// final assistant message): the prompt ends right after the final
+/// message's text, inside its turn, so the model goes on with it.
+#[tokio::test]
+async fn a_final_message_can_be_continued() {
+    let backend = Scripted::new(text_script(" Paris."));
+    let app = openai_routes(state_with(backend.clone(), None));
+    let st = state_with(Scripted::new(Script::default()), None);
+    let convo = [
+        ChatMessage::new("user", "Capital of France?"),
+        ChatMessage::new("assistant", "The capital is"),
+    ];
+    let rendered = st
+        .chat_template
+        .as_ref()
+        .unwrap()
+        .render(&convo, false)
+        .unwrap();
+    let cut = &rendered[..rendered.rfind("The capital is").unwrap() + "The capital is".len()];
+    assert!(rendered.len() > cut.len(), "the template closes the turn");
+    let want = tokenizer().encode(cut, false).unwrap();
+    let messages = json!([
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "The capital is"},
+    ]);
+    let (s, v) = post(
+        &app,
+        "/v1/chat/completions",
+        chat_body(json!({"messages": messages, "continue_final_message": true})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(backend.inputs().last().unwrap().prompt, want);
+    assert_eq!(v["choices"][0]["message"]["content"], " Paris.");
+    // /tokenize counts the same prompt.
+    let (_, t) = post(
+        &app,
+        "/tokenize",
+        json!({"messages": messages, "continue_final_message": true}),
+    )
+    .await;
+    assert_eq!(t["count"].as_u64(), Some(want.len() as u64), "{t}");
+    // Both flags on is a contradiction, as in vLLM.
+    let (s, v) = post(
+        &app,
+        "/v1/chat/completions",
+        chat_body(json!({"messages": messages, "continue_final_message": true,
+                         "add_generation_prompt": true})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(v["error"]["param"], "continue_final_message");
+
+    // Anthropic's prefill: the final assistant message is continued.
+    let body = json!({"model": MODEL, "max_tokens": 8, "messages": [
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "The capital is"}]},
+    ]});
+    let (s, text) = post_messages(&app, &body, None).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    assert_eq!(backend.inputs().last().unwrap().prompt, want);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["content"][0]["text"], " Paris.");
 }
