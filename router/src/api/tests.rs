@@ -3420,3 +3420,35 @@ async fn a_final_message_can_be_continued() {
     let v: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["content"][0]["text"], " Paris.");
 }
+
+/// A schema reaches the workers with its properties in the client's order:
+/// the grammar writes keys in that order, as OpenAI's structured outputs do.
+#[tokio::test]
+async fn schemas_keep_their_property_order() {
+    let backend = Scripted::new(text_script("{}"));
+    let app = openai_routes(state_with(backend.clone(), None));
+    let schema = json!({"type": "object", "properties": {
+        "zeta": {"type": "integer"}, "alpha": {"type": "integer"}, "mid": {"type": "string"},
+    }, "required": ["zeta", "alpha", "mid"]});
+    for body in [
+        chat_body(json!({"response_format": {"type": "json_schema",
+            "json_schema": {"name": "s", "schema": schema}}})),
+        chat_body(json!({"guided_json": schema})),
+    ] {
+        let (s, v) = post(&app, "/v1/chat/completions", body).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let sent = backend
+            .inputs()
+            .last()
+            .unwrap()
+            .sampling
+            .json_schema
+            .clone()
+            .unwrap();
+        let at = |k: &str| sent.find(&format!("\"{k}\"")).unwrap();
+        assert!(
+            at("zeta") < at("alpha") && at("alpha") < at("mid"),
+            "{sent}"
+        );
+    }
+}
