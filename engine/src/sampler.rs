@@ -532,8 +532,10 @@ pub fn sample_masked(
             for &t in context {
                 if seen.insert(t) {
                     let v = &mut work[t as usize];
+                    // A penalty near 0 favours seen tokens without bound:
+                    // the largest finite logit, so the softmax stays finite.
                     *v = if *v > 0.0 {
-                        *v / params.repetition_penalty
+                        (*v / params.repetition_penalty).min(f32::MAX)
                     } else {
                         *v * params.repetition_penalty
                     };
@@ -681,6 +683,29 @@ mod tests {
         assert_eq!(sample(&freq, &logits(), &[1, 1, 3, 3], 0, 0).token, 2);
         // Prompt tokens do not count for frequency penalties.
         assert_eq!(sample(&freq, &logits(), &[1, 1, 3, 3], 4, 0).token, 1);
+    }
+
+    /// A tiny repetition penalty (accepted: it is > 0) favours the seen
+    /// tokens as hard as floats allow, without infinities or NaNs.
+    #[test]
+    fn a_tiny_repetition_penalty_stays_finite() {
+        for temperature in [0.0, 1.0] {
+            let p = SamplingParams {
+                temperature,
+                repetition_penalty: 1e-40,
+                logprobs: true,
+                ..Default::default()
+            };
+            for key in 0..20 {
+                let p = SamplingParams {
+                    seed: key,
+                    ..p.clone()
+                };
+                let s = sample(&p, &logits(), &[2, 3], 0, key);
+                assert!([2, 3].contains(&s.token), "{s:?}");
+                assert!(s.logprob.is_finite(), "{s:?}");
+            }
+        }
     }
 
     #[test]
