@@ -19,7 +19,6 @@ use serde_json::{json, Map, Value};
 
 use super::openai::{field, wrong_type};
 use super::rewrite::expect;
-use super::rewrite::CallParts;
 use super::{random_id, ApiError, ApiState};
 
 /// Chat-request fields the Messages API names differently.
@@ -434,14 +433,18 @@ async fn run(
     .into_response())
 }
 
-/// Rewrites a chat SSE stream as the Messages stream's events.
+/// Rewrites a chat SSE stream as the Messages stream's events: text
+/// blocks as the text comes, a `tool_use` block per call as its pieces
+/// come (its `input` as `input_json_delta`s).
 struct Events {
     /// `message_start` without its usage, until the first chunk brings it.
     start: Option<Value>,
-    /// The open text block's index, once one is open.
-    text_block: Option<usize>,
+    /// The open block's index, and the chat call index of an open
+    /// `tool_use` block (`None` for a text block).
+    open: Option<(usize, Option<u64>)>,
     blocks: usize,
-    calls: Vec<CallParts>,
+    /// A `tool_use` block went out.
+    calls: bool,
     finish: Option<String>,
     stop_string: Value,
     usage: Value,
@@ -468,6 +471,31 @@ impl Events {
         }
     }
 
+    fn close_block(&mut self) {
+        if let Some((i, _)) = self.open.take() {
+            self.emit("content_block_stop", json!({"index": i}));
+        }
+    }
+
+    /// The open block if it is `want` (a text block, or the tool_use block
+    /// of chat call `want`), else a new one that `block` describes.
+    fn block(&mut self, want: Option<u64>, block: impl FnOnce() -> Value) -> usize {
+        match self.open {
+            Some((i, open)) if open == want => i,
+            _ => {
+                self.close_block();
+                let i = self.blocks;
+                self.blocks += 1;
+                self.open = Some((i, want));
+                self.emit(
+                    "content_block_start",
+                    json!({"index": i, "content_block": block()}),
+                );
+                i
+            }
+        }
+    }
+
     fn on_chunk(&mut self, c: &Value) {
         if let Some(e) = c.get("error") {
             self.started(&Value::Null);
@@ -489,29 +517,29 @@ impl Events {
         let Some(choice) = c["choices"].get(0) else {
             return;
         };
-        if let Some(text) = choice["delta"]["content"]
-            .as_str()
-            .filter(|t| !t.is_empty())
-        {
-            let index = match self.text_block {
-                Some(i) => i,
-                None => {
-                    let i = self.blocks;
-                    self.blocks += 1;
-                    self.text_block = Some(i);
-                    self.emit(
-                        "content_block_start",
-                        json!({"index": i, "content_block": {"type": "text", "text": ""}}),
-                    );
-                    i
-                }
-            };
+        let delta = &choice["delta"];
+        if let Some(text) = delta["content"].as_str().filter(|t| !t.is_empty()) {
+            let index = self.block(None, || json!({"type": "text", "text": ""}));
             self.emit(
                 "content_block_delta",
                 json!({"index": index, "delta": {"type": "text_delta", "text": text}}),
             );
         }
-        super::rewrite::absorb_calls(&mut self.calls, &choice["delta"]);
+        for call in delta["tool_calls"].as_array().into_iter().flatten() {
+            let n = call["index"].as_u64().unwrap_or(0);
+            let f = &call["function"];
+            let index = self.block(
+                Some(n),
+                || json!({"type": "tool_use", "id": call["id"], "name": f["name"], "input": {}}),
+            );
+            self.calls = true;
+            if let Some(args) = f["arguments"].as_str().filter(|a| !a.is_empty()) {
+                self.emit(
+                    "content_block_delta",
+                    json!({"index": index, "delta": {"type": "input_json_delta", "partial_json": args}}),
+                );
+            }
+        }
         if let Some(f) = choice["finish_reason"].as_str() {
             self.finish = Some(f.to_string());
             self.stop_string = choice["stop_reason"].clone();
@@ -521,26 +549,9 @@ impl Events {
     fn on_end(&mut self) {
         let u = self.usage.clone();
         self.started(&u);
-        if let Some(i) = self.text_block.take() {
-            self.emit("content_block_stop", json!({"index": i}));
-        }
-        let calls = !self.calls.is_empty();
-        for call in std::mem::take(&mut self.calls) {
-            let i = self.blocks;
-            self.blocks += 1;
-            let block = json!({"type": "tool_use", "id": call.id, "name": call.name, "input": {}});
-            self.emit(
-                "content_block_start",
-                json!({"index": i, "content_block": block}),
-            );
-            self.emit(
-                "content_block_delta",
-                json!({"index": i, "delta": {"type": "input_json_delta", "partial_json": call.arguments}}),
-            );
-            self.emit("content_block_stop", json!({"index": i}));
-        }
+        self.close_block();
         let (stop_reason, stop_sequence) =
-            stop_of(self.finish.as_deref(), &self.stop_string, calls);
+            stop_of(self.finish.as_deref(), &self.stop_string, self.calls);
         let usage = std::mem::take(&mut self.usage);
         self.emit(
             "message_delta",
@@ -570,9 +581,9 @@ fn stream_response(id: String, model: String, answer: Response) -> Response {
     });
     let ev = Events {
         start: Some(start),
-        text_block: None,
+        open: None,
         blocks: 0,
-        calls: Vec::new(),
+        calls: false,
         finish: None,
         stop_string: Value::Null,
         usage: Value::Null,

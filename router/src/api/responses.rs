@@ -22,7 +22,6 @@ use serde_json::{json, Map, Value};
 
 use super::openai::{field, wrong_type};
 use super::rewrite::expect;
-use super::rewrite::CallParts;
 use super::{random_id, unix_now, ApiError, ApiState};
 
 /// Chat-request fields the Responses API names differently, for errors the
@@ -483,19 +482,36 @@ async fn run(
     Ok(axum::Json(echo.object(status, output, usage(&c["usage"]), incomplete)).into_response())
 }
 
-/// Rewrites a chat SSE stream as the Responses stream's events.
+/// Rewrites a chat SSE stream as the Responses stream's events: a message
+/// item while text comes, a function call item per call as its pieces
+/// come; each item is done when the next begins.
 struct Events {
     echo: Echo,
     seq: u64,
     msg_id: String,
-    /// The message item was opened (`output_item.added` sent).
-    opened: bool,
+    /// The item being written.
+    open: Option<OpenItem>,
+    /// The items done.
+    output: Vec<Value>,
     text: String,
     logprobs: Vec<Value>,
-    calls: Vec<CallParts>,
     finish: Option<String>,
     usage: Value,
     out: VecDeque<Bytes>,
+}
+
+enum OpenItem {
+    Message {
+        index: usize,
+        id: String,
+    },
+    /// Chat call `chat`, as chat shapes it (`id`, `function.name`,
+    /// `function.arguments` so far).
+    Call {
+        chat: u64,
+        index: usize,
+        call: Value,
+    },
 }
 
 impl Events {
@@ -507,20 +523,94 @@ impl Events {
             .push_back(Bytes::from(format!("event: {kind}\ndata: {v}\n\n")));
     }
 
-    fn open_message(&mut self) {
-        if self.opened {
-            return;
+    /// The open message item, opened if need be: its output index and id.
+    fn open_message(&mut self) -> (usize, String) {
+        if let Some(OpenItem::Message { index, id }) = &self.open {
+            return (*index, id.clone());
         }
-        self.opened = true;
-        let item = json!({"type": "message", "id": self.msg_id, "status": "in_progress", "role": "assistant", "content": []});
+        self.close_item("completed");
+        let index = self.output.len();
+        let id = match index {
+            0 => self.msg_id.clone(),
+            n => format!("{}_{n}", self.msg_id),
+        };
+        let item = json!({"type": "message", "id": id, "status": "in_progress", "role": "assistant", "content": []});
         self.emit(
             "response.output_item.added",
-            json!({"output_index": 0, "item": item}),
+            json!({"output_index": index, "item": item}),
         );
         self.emit(
             "response.content_part.added",
-            json!({"item_id": self.msg_id, "output_index": 0, "content_index": 0, "part": text_part("", json!([]))}),
+            json!({"item_id": id, "output_index": index, "content_index": 0, "part": text_part("", json!([]))}),
         );
+        self.open = Some(OpenItem::Message {
+            index,
+            id: id.clone(),
+        });
+        (index, id)
+    }
+
+    /// The open item of chat call `chat`, opened if need be: its output
+    /// index and item id.
+    fn open_call(&mut self, chat: u64, id: &Value, name: &Value) -> (usize, Value) {
+        if let Some(OpenItem::Call {
+            chat: c,
+            index,
+            call,
+        }) = &self.open
+        {
+            if *c == chat {
+                return (*index, call_item(call, "in_progress")["id"].clone());
+            }
+        }
+        self.close_item("completed");
+        let index = self.output.len();
+        let call = json!({"id": id, "function": {"name": name, "arguments": ""}});
+        let item = call_item(&call, "in_progress");
+        let item_id = item["id"].clone();
+        self.emit(
+            "response.output_item.added",
+            json!({"output_index": index, "item": item}),
+        );
+        self.open = Some(OpenItem::Call { chat, index, call });
+        (index, item_id)
+    }
+
+    /// Finishes the open item, if any, as `status`.
+    fn close_item(&mut self, status: &str) {
+        match self.open.take() {
+            None => {}
+            Some(OpenItem::Message { index, id }) => {
+                let text = std::mem::take(&mut self.text);
+                let lp = Value::Array(std::mem::take(&mut self.logprobs));
+                let item = message_item(&id, &text, status, lp.clone());
+                self.emit(
+                    "response.output_text.done",
+                    json!({"item_id": id, "output_index": index, "content_index": 0, "text": text, "logprobs": lp}),
+                );
+                self.emit(
+                    "response.content_part.done",
+                    json!({"item_id": id, "output_index": index, "content_index": 0, "part": item["content"][0]}),
+                );
+                self.emit(
+                    "response.output_item.done",
+                    json!({"output_index": index, "item": item}),
+                );
+                self.output.push(item);
+            }
+            Some(OpenItem::Call { index, call, .. }) => {
+                let done = call_item(&call, "completed");
+                self.emit(
+                    "response.function_call_arguments.done",
+                    json!({"item_id": done["id"], "output_index": index, "arguments": done["arguments"]}),
+                );
+                self.emit(
+                    "response.output_item.done",
+                    json!({"output_index": index, "item": done}),
+                );
+                self.output.push(done);
+            }
+        }
     }
 
     /// One chat chunk (`data:` payload).
@@ -547,16 +637,30 @@ impl Events {
         };
         let delta = &choice["delta"];
         if let Some(text) = delta["content"].as_str().filter(|t| !t.is_empty()) {
-            self.open_message();
+            let (index, id) = self.open_message();
             self.text.push_str(text);
             let lp = logprobs(&choice["logprobs"]);
             if let Some(a) = lp.as_array() {
                 self.logprobs.extend(a.iter().cloned());
             }
-            let v = json!({"item_id": self.msg_id, "output_index": 0, "content_index": 0, "delta": text, "logprobs": lp});
+            let v = json!({"item_id": id, "output_index": index, "content_index": 0, "delta": text, "logprobs": lp});
             self.emit("response.output_text.delta", v);
         }
-        super::rewrite::absorb_calls(&mut self.calls, delta);
+        for call in delta["tool_calls"].as_array().into_iter().flatten() {
+            let n = call["index"].as_u64().unwrap_or(0);
+            let f = &call["function"];
+            let (index, item_id) = self.open_call(n, &call["id"], &f["name"]);
+            if let Some(args) = f["arguments"].as_str().filter(|a| !a.is_empty()) {
+                if let Some(OpenItem::Call { call, .. }) = &mut self.open {
+                    let so_far = call["function"]["arguments"].as_str().unwrap_or_default();
+                    call["function"]["arguments"] = json!(format!("{so_far}{args}"));
+                }
+                self.emit(
+                    "response.function_call_arguments.delta",
+                    json!({"item_id": item_id, "output_index": index, "delta": args}),
+                );
+            }
+        }
         if let Some(f) = choice["finish_reason"].as_str() {
             self.finish = Some(f.to_string());
         }
@@ -564,52 +668,13 @@ impl Events {
 
     /// Closes the items and the response, after the chat stream's end.
     fn on_end(&mut self) {
-        let mut output = Vec::new();
-        let lp = Value::Array(std::mem::take(&mut self.logprobs));
         let (status, incomplete) = status_of(self.finish.as_deref());
-        if self.opened || self.calls.is_empty() {
+        if self.open.is_none() && self.output.is_empty() {
+            // Nothing at all: an empty message.
             self.open_message();
-            let text = self.text.clone();
-            let item = message_item(&self.msg_id, &text, status, lp.clone());
-            self.emit(
-                "response.output_text.done",
-                json!({"item_id": self.msg_id, "output_index": 0, "content_index": 0, "text": text, "logprobs": lp}),
-            );
-            self.emit(
-                "response.content_part.done",
-                json!({"item_id": self.msg_id, "output_index": 0, "content_index": 0, "part": item["content"][0]}),
-            );
-            self.emit(
-                "response.output_item.done",
-                json!({"output_index": 0, "item": item}),
-            );
-            output.push(item);
         }
-        for call in std::mem::take(&mut self.calls) {
-            let index = output.len();
-            let chat_call = json!({"id": call.id, "function": {"name": call.name, "arguments": call.arguments}});
-            let mut item = call_item(&chat_call, "in_progress");
-            item["arguments"] = json!("");
-            let item_id = item["id"].clone();
-            self.emit(
-                "response.output_item.added",
-                json!({"output_index": index, "item": item}),
-            );
-            self.emit(
-                "response.function_call_arguments.delta",
-                json!({"item_id": item_id, "output_index": index, "delta": call.arguments}),
-            );
-            self.emit(
-                "response.function_call_arguments.done",
-                json!({"item_id": item_id, "output_index": index, "arguments": call.arguments}),
-            );
-            let done = call_item(&chat_call, "completed");
-            self.emit(
-                "response.output_item.done",
-                json!({"output_index": index, "item": done}),
-            );
-            output.push(done);
-        }
+        self.close_item(status);
+        let output = std::mem::take(&mut self.output);
         let usage = std::mem::take(&mut self.usage);
         let r = self.echo.object(status, output, usage, incomplete);
         let kind = if status == "incomplete" {
@@ -640,10 +705,10 @@ fn stream_response(echo: Echo, answer: Response) -> Response {
         echo,
         seq: 0,
         msg_id,
-        opened: false,
+        open: None,
+        output: Vec::new(),
         text: String::new(),
         logprobs: Vec::new(),
-        calls: Vec::new(),
         finish: None,
         usage: Value::Null,
         out: VecDeque::new(),

@@ -163,31 +163,3 @@ pub(super) fn respell_choices(e: &mut ApiError, [auto, any, named, none]: [&str;
         .replace("\"none\" for text", &format!("{none} for text"))
         .replace("as \"auto\"", &format!("as {auto}"));
 }
-
-/// A tool call assembled from a chat stream's pieces.
-#[derive(Default)]
-pub(super) struct CallParts {
-    pub id: String,
-    pub name: String,
-    pub arguments: String,
-}
-
-/// Adds the tool-call pieces of a chat stream delta to `calls` (by index).
-pub(super) fn absorb_calls(calls: &mut Vec<CallParts>, delta: &Value) {
-    for call in delta["tool_calls"].as_array().into_iter().flatten() {
-        let i = call["index"].as_u64().unwrap_or(0) as usize;
-        if calls.len() <= i {
-            calls.resize_with(i + 1, CallParts::default);
-        }
-        let parts = &mut calls[i];
-        if let Some(id) = call["id"].as_str() {
-            parts.id = id.to_string();
-        }
-        if let Some(name) = call["function"]["name"].as_str() {
-            parts.name.push_str(name);
-        }
-        if let Some(a) = call["function"]["arguments"].as_str() {
-            parts.arguments.push_str(a);
-        }
-    }
-}

@@ -2712,19 +2712,35 @@ async fn responses_items_tools_and_formats_become_chat() {
         "{call}"
     );
     assert_eq!(last_schema(&backend), tools[0]["parameters"]);
-    // Streamed, the call comes whole at the end, with its arguments.
+    // Streamed, the call's arguments come as they are written (one delta
+    // per token), in one item, then whole.
     let mut sb = body.clone();
     sb["stream"] = json!(true);
     let (_, _, text) = call_text(&app, &sb).await;
     let events = response_events(&text);
-    let args_done: Vec<&Value> = events
-        .iter()
-        .filter(|e| e["type"] == "response.function_call_arguments.done")
-        .collect();
+    let of = |kind: &str| -> Vec<&Value> { events.iter().filter(|e| e["type"] == kind).collect() };
+    let args_done = of("response.function_call_arguments.done");
     assert_eq!(args_done.len(), 1, "{text}");
     assert_eq!(args_done[0]["arguments"], args);
+    let deltas = of("response.function_call_arguments.delta");
+    assert_eq!(deltas.len(), ids(args).len(), "{text}");
+    let streamed: String = deltas
+        .iter()
+        .map(|d| d["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(streamed, args);
+    let added = of("response.output_item.added");
+    assert_eq!(added.len(), 1, "{text}");
+    assert_eq!(added[0]["item"]["name"], "get_weather");
+    assert_eq!(added[0]["item"]["id"], args_done[0]["item_id"]);
     let done = &events.last().unwrap()["response"];
     assert_eq!(done["output"][0]["type"], "function_call");
+    assert_eq!(done["output"].as_array().unwrap().len(), 1);
+    let seq: Vec<u64> = events
+        .iter()
+        .map(|e| e["sequence_number"].as_u64().unwrap())
+        .collect();
+    assert!(seq.windows(2).all(|w| w[1] == w[0] + 1), "{seq:?}");
 
     // The call and its output go back as the chat turns they are.
     let follow = json!({
@@ -3024,6 +3040,18 @@ async fn anthropic_tools_are_chat_tools() {
         .map(|e| e["delta"]["partial_json"].as_str().unwrap())
         .collect();
     assert_eq!(partial, args);
+    // The input streams as it is written: one delta per token, in one block.
+    let pieces = events
+        .iter()
+        .filter(|e| e["delta"]["type"] == "input_json_delta")
+        .count();
+    assert_eq!(pieces, ids(args).len(), "{text}");
+    let starts: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["type"] == "content_block_start")
+        .collect();
+    assert_eq!(starts.len(), 1, "{text}");
+    assert_eq!(starts[0]["content_block"]["name"], "get_weather");
     assert_eq!(events[events.len() - 2]["delta"]["stop_reason"], "tool_use");
 
     // tool_use and tool_result blocks go back as the chat turns they are.
