@@ -147,6 +147,16 @@ assert streamed_args == msg.tool_calls[0].function.arguments, (streamed_args, ms
 req = client.chat.completions.create(model=model, messages=ask, tools=tools, tool_choice="required", max_tokens=96, temperature=0)
 assert req.choices[0].finish_reason == "tool_calls", req
 assert all(c.function.name == "get_weather" for c in req.choices[0].message.tool_calls), req
+# Streamed, the same calls arrive piece by piece, by index.
+parts = {}
+for chunk in client.chat.completions.create(
+    model=model, messages=ask, tools=tools, tool_choice="required", max_tokens=96, temperature=0, stream=True
+):
+    for call in chunk.choices[0].delta.tool_calls or [] if chunk.choices else []:
+        name, so_far = parts.get(call.index, ("", ""))
+        parts[call.index] = (name + (call.function.name or ""), so_far + (call.function.arguments or ""))
+whole = [(c.function.name, json.loads(c.function.arguments)) for c in req.choices[0].message.tool_calls]
+assert [(n, json.loads(a)) for _, (n, a) in sorted(parts.items())] == whole, (parts, whole)
 after = client.chat.completions.create(
     model=model,
     messages=ask + [msg, {"role": "tool", "tool_call_id": msg.tool_calls[0].id, "content": "Sunny, 21 C"}],

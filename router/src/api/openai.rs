@@ -29,6 +29,7 @@ use tower_http::timeout::{TimeoutBody, TimeoutError};
 use super::choice::{choice_stream, ChoiceDecoder, ChoiceOut, ChoiceStream, TokenInfo};
 use super::params::{GenParams, Prepared};
 use super::relay::record_relay;
+use super::tools::{CallPiece, ToolChoice};
 use super::{random_id, unix_now, ApiError, ApiState, FinishReason};
 use crate::dispatch::{DispatchError, SampledToken, TokenStream};
 
@@ -1579,6 +1580,8 @@ struct Sse {
     /// back.
     call_ids: Vec<Option<String>>,
     call_streams: Vec<super::tools::CallStream>,
+    /// Per choice, the calls of a required choice as they are written.
+    call_scanners: Vec<super::tools::CallScanner>,
     queue: VecDeque<(Bytes, Option<Instant>)>,
     completion_tokens: u64,
     /// Per choice, the tokens generated so far (its final count once it
@@ -1705,10 +1708,12 @@ impl Sse {
     }
 
     /// The delta of a tool-call choice: a named call streams its
-    /// `arguments` (id, type and name on the first piece); a required call's
-    /// calls go out whole when the choice finishes; an auto choice streams
-    /// its text up to a `<tool_call>` and its calls when it finishes. Calls
-    /// that do not parse (cut by `max_tokens`) go out as text.
+    /// `arguments` (id, type and name on the first piece); a required
+    /// choice streams each call as it is written (its name once known,
+    /// then its arguments); an auto choice streams its text up to a
+    /// `<tool_call>` and its calls when it finishes. Calls that do not
+    /// parse (cut by `max_tokens`) go out as text, except a required
+    /// choice's, which went out as they came.
     fn call_delta(
         &mut self,
         index: usize,
@@ -1736,6 +1741,31 @@ impl Sse {
         let mut content = stream.push(tools, text);
         let mut delta = Map::new();
         let mut reason = reason;
+        if let ToolChoice::Required { .. } = tools.choice {
+            let scan = &mut self.call_scanners[index];
+            let calls: Vec<Value> = scan
+                .push(text)
+                .into_iter()
+                .map(|p| match p {
+                    CallPiece::Start { index, name } => json!({
+                        "index": index, "id": super::tools::call_id(), "type": "function",
+                        "function": {"name": name, "arguments": ""},
+                    }),
+                    CallPiece::Args { index, text } => {
+                        json!({"index": index, "function": {"arguments": text}})
+                    }
+                })
+                .collect();
+            if !calls.is_empty() {
+                delta.insert("tool_calls".into(), Value::Array(calls));
+            }
+            if scan.started() > 0 {
+                if finish == Some(FinishReason::Stop) {
+                    reason = Some("tool_calls");
+                }
+                return (Value::Object(delta), reason);
+            }
+        }
         if finish.is_some() {
             let (rest, calls) = stream.finish(tools);
             content.push_str(&rest);
@@ -1796,6 +1826,7 @@ fn sse_response(ctx: Ctx, choices: SelectAll<ChoiceStream>, ttft: Arc<Ttft>) -> 
     let mut s = Sse {
         call_ids: vec![None; n],
         call_streams: (0..n).map(|_| Default::default()).collect(),
+        call_scanners: (0..n).map(|_| Default::default()).collect(),
         generated: vec![0; n],
         cached_tokens: vec![0; ctx.prompts()],
         ctx,

@@ -1451,19 +1451,47 @@ async fn a_required_tool_choice_comes_back_as_calls() {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(last_schema(&backend)["maxItems"], 1);
 
-    // Streamed: the calls in one delta once whole.
+    // Streamed: each call as it is written, its name first (with its id),
+    // then its arguments, piece by piece; they add up to the calls.
     let mut body = body;
     body["stream"] = json!(true);
     let chunks = stream_chunks(&app, "/v1/chat/completions", &body).await;
-    let with_calls: Vec<&Value> = chunks
+    let mut calls: Vec<(String, String, String)> = Vec::new();
+    let mut pieces = 0;
+    for ch in &chunks {
+        for c in ch["choices"][0]["delta"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let i = c["index"].as_u64().unwrap() as usize;
+            if let Some(name) = c["function"]["name"].as_str() {
+                assert_eq!(i, calls.len(), "{ch}");
+                calls.push((c["id"].as_str().unwrap().into(), name.into(), String::new()));
+            }
+            let args = c["function"]["arguments"].as_str().unwrap();
+            calls[i].2.push_str(args);
+            pieces += usize::from(!args.is_empty());
+        }
+    }
+    assert_eq!(calls.len(), 2, "{chunks:?}");
+    assert_eq!(
+        (calls[0].1.as_str(), calls[1].1.as_str()),
+        ("get_weather", "get_time")
+    );
+    assert_ne!(calls[0].0, calls[1].0);
+    let args: Vec<Value> = calls
         .iter()
-        .filter(|e| e["choices"][0]["delta"].get("tool_calls").is_some())
+        .map(|c| serde_json::from_str(&c.2).unwrap())
         .collect();
-    assert_eq!(with_calls.len(), 1, "{chunks:?}");
-    let ch = &with_calls[0]["choices"][0];
-    assert_eq!(ch["finish_reason"], "tool_calls");
-    assert_eq!(ch["delta"]["tool_calls"][1]["index"], 1);
-    assert_eq!(ch["delta"]["tool_calls"][1]["function"]["name"], "get_time");
+    assert_eq!(args, [json!({"city": "Paris"}), json!({})]);
+    assert!(pieces > 2, "arguments came whole: {chunks:?}");
+    let last = chunks
+        .iter()
+        .rev()
+        .find(|c| !c["choices"][0]["finish_reason"].is_null())
+        .unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "tool_calls");
 }
 
 /// A Qwen 2.5-style template: it shows the tools and asks for Hermes calls.

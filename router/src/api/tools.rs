@@ -472,6 +472,245 @@ impl CallStream {
 }
 
 /// OpenAI's `tool_calls` entries, with fresh ids; `index` for stream deltas.
+/// A piece of a call list being written, for streaming it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallPiece {
+    /// Call `index` begins: its function's name is known.
+    Start { index: usize, name: String },
+    /// More of call `index`'s arguments JSON.
+    Args { index: usize, text: String },
+}
+
+/// Reads calls as they are written (the `[{"name": …, "arguments": …}, …]`
+/// of a required choice, or bare call objects), so that each call's name
+/// goes out once known and its arguments as they come, as OpenAI streams
+/// them. A call object is one at the top level or in a top-level array;
+/// its `name` and its `arguments` (or `parameters`) are read in either
+/// order (arguments wait for the name).
+#[derive(Debug, Default)]
+pub struct CallScanner {
+    /// Open containers (`{` or `[`).
+    stack: Vec<u8>,
+    in_string: bool,
+    escaped: bool,
+    /// The depth of the call object being read.
+    call_depth: Option<usize>,
+    field: Field,
+    /// The key, or the `name` value, being read (raw, with its quotes).
+    token: String,
+    name: Option<String>,
+    /// Arguments not sent yet (all of them until the name is known).
+    args: String,
+    /// Whitespace after the arguments so far, sent only if more follows.
+    trailing: String,
+    started: usize,
+    /// The current call's `Start` went out.
+    open: bool,
+}
+
+#[derive(Debug, Default, Clone, PartialEq)]
+enum Field {
+    #[default]
+    Key,
+    InKey,
+    Colon(String),
+    Value(String),
+    InName,
+    /// Inside a value; `true` for the arguments.
+    InValue(bool),
+}
+
+impl CallScanner {
+    /// Calls begun so far.
+    pub fn started(&self) -> usize {
+        self.started
+    }
+
+    pub fn push(&mut self, text: &str) -> Vec<CallPiece> {
+        let mut out = Vec::new();
+        for c in text.chars() {
+            self.step(c, &mut out);
+        }
+        self.flush(&mut out);
+        // One piece per call and kind in a row.
+        let mut merged: Vec<CallPiece> = Vec::with_capacity(out.len());
+        for p in out {
+            match (merged.last_mut(), p) {
+                (
+                    Some(CallPiece::Args { index: a, text }),
+                    CallPiece::Args { index: b, text: t },
+                ) if *a == b => text.push_str(&t),
+                (_, p) => merged.push(p),
+            }
+        }
+        merged
+    }
+
+    fn flush(&mut self, out: &mut Vec<CallPiece>) {
+        if self.open && !self.args.is_empty() {
+            out.push(CallPiece::Args {
+                index: self.started - 1,
+                text: std::mem::take(&mut self.args),
+            });
+        }
+    }
+
+    fn step(&mut self, c: char, out: &mut Vec<CallPiece>) {
+        let depth = self.stack.len();
+        let at_call = self.call_depth == Some(depth);
+        // Characters of a value below the call object's own level.
+        if let (Some(d), Field::InValue(args)) = (self.call_depth, &self.field) {
+            let args = *args;
+            if depth > d || self.in_string {
+                self.lex(c);
+                if args {
+                    self.arg(c);
+                }
+                return;
+            }
+            // At the call's level: the value goes on or ends here.
+            match c {
+                ',' | '}' => {
+                    self.trailing.clear();
+                    self.field = Field::Key;
+                }
+                c if c.is_whitespace() => {
+                    if args {
+                        self.trailing.push(c);
+                    }
+                    return;
+                }
+                c => {
+                    self.lex(c);
+                    if args {
+                        self.arg(c);
+                    }
+                    return;
+                }
+            }
+        }
+        if self.in_string {
+            self.lex(c);
+            match (&self.field, self.in_string) {
+                (Field::InKey | Field::InName, _) => self.token.push(c),
+                _ => {}
+            }
+            if !self.in_string && at_call {
+                let token = std::mem::take(&mut self.token);
+                match self.field {
+                    Field::InKey => {
+                        let key = serde_json::from_str::<String>(&token).unwrap_or_default();
+                        self.field = Field::Colon(key);
+                    }
+                    Field::InName => {
+                        if let Ok(name) = serde_json::from_str::<String>(&token) {
+                            self.begin(name, out);
+                        }
+                        self.field = Field::Value(String::new());
+                    }
+                    _ => {}
+                }
+            }
+            return;
+        }
+        if at_call {
+            match (&self.field, c) {
+                (Field::Key, '"') => {
+                    self.token.push(c);
+                    self.field = Field::InKey;
+                    self.lex(c);
+                    return;
+                }
+                (Field::Colon(key), ':') => {
+                    self.field = Field::Value(key.clone());
+                    return;
+                }
+                // After the name's value.
+                (Field::Value(key), ',') if key.is_empty() => {
+                    self.field = Field::Key;
+                    return;
+                }
+                (Field::Value(key), c) if !c.is_whitespace() && !key.is_empty() => {
+                    let key = key.clone();
+                    if key == "name" && c == '"' {
+                        self.token.push(c);
+                        self.field = Field::InName;
+                        self.lex(c);
+                        return;
+                    }
+                    let args = key == "arguments" || key == "parameters";
+                    self.field = Field::InValue(args);
+                    self.lex(c);
+                    if args {
+                        self.arg(c);
+                    }
+                    return;
+                }
+                _ => {}
+            }
+        }
+        // Structure outside the fields of a call.
+        let opens_call = c == '{'
+            && !self.in_string
+            && self.call_depth.is_none()
+            && (self.stack.is_empty() || self.stack == [b'[']);
+        self.lex(c);
+        if opens_call {
+            self.call_depth = Some(self.stack.len());
+            self.field = Field::Key;
+            self.name = None;
+            self.open = false;
+            self.args.clear();
+            self.trailing.clear();
+        } else if c == '}' && at_call {
+            // The call is whole: what is left of its arguments goes now.
+            self.flush(out);
+            self.call_depth = None;
+        }
+    }
+
+    /// Tracks strings and nesting.
+    fn lex(&mut self, c: char) {
+        if self.in_string {
+            match (self.escaped, c) {
+                (true, _) => self.escaped = false,
+                (false, '\\') => self.escaped = true,
+                (false, '"') => self.in_string = false,
+                _ => {}
+            }
+            return;
+        }
+        match c {
+            '"' => self.in_string = true,
+            '{' => self.stack.push(b'{'),
+            '[' => self.stack.push(b'['),
+            '}' | ']' => {
+                self.stack.pop();
+            }
+            _ => {}
+        }
+    }
+
+    fn arg(&mut self, c: char) {
+        let ws = std::mem::take(&mut self.trailing);
+        self.args.push_str(&ws);
+        self.args.push(c);
+    }
+
+    fn begin(&mut self, name: String, out: &mut Vec<CallPiece>) {
+        if self.open {
+            return;
+        }
+        self.name = Some(name.clone());
+        self.open = true;
+        self.started += 1;
+        out.push(CallPiece::Start {
+            index: self.started - 1,
+            name,
+        });
+    }
+}
+
 pub fn calls_json(calls: &[(String, String)], with_index: bool) -> Value {
     Value::Array(
         calls
@@ -592,6 +831,60 @@ mod tests {
             "[{\"name\": 1, \"arguments\": {}}]",
         ] {
             assert_eq!(t.parse_calls(text), None, "{text}");
+        }
+    }
+
+    /// Calls stream as written: each name once known, the arguments as
+    /// they come, whatever the pieces' boundaries; what the pieces add up
+    /// to is the list's calls.
+    #[test]
+    fn a_call_list_streams_as_it_is_written() {
+        let text = "[\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Pa\\\"ris\", \"n\": [1, {\"a\": \"}\"}]}  }\n, {\"arguments\": {}, \"name\": \"now\"}, {\"name\": \"x\", \"arguments\": null}]";
+        let want: Vec<(String, String)> = {
+            let v: Vec<Value> = serde_json::from_str(text).unwrap();
+            v.iter()
+                .map(|c| {
+                    (
+                        c["name"].as_str().unwrap().to_string(),
+                        c["arguments"].to_string(),
+                    )
+                })
+                .collect()
+        };
+        for size in [1, 2, 3, 7, 1000] {
+            let mut scan = CallScanner::default();
+            let chars: Vec<char> = text.chars().collect();
+            let mut got: Vec<(String, String)> = Vec::new();
+            let mut first_args_at = None;
+            for (k, piece) in chars.chunks(size).enumerate() {
+                for p in scan.push(&piece.iter().collect::<String>()) {
+                    match p {
+                        CallPiece::Start { index, name } => {
+                            assert_eq!(index, got.len());
+                            got.push((name, String::new()));
+                        }
+                        CallPiece::Args { index, text } => {
+                            first_args_at.get_or_insert(k);
+                            got[index].1.push_str(&text);
+                        }
+                    }
+                }
+            }
+            assert_eq!(scan.started(), 3);
+            let parsed: Vec<(String, String)> = got
+                .iter()
+                .map(|(n, a)| {
+                    (
+                        n.clone(),
+                        serde_json::from_str::<Value>(a).unwrap().to_string(),
+                    )
+                })
+                .collect();
+            assert_eq!(parsed, want, "pieces of {size}");
+            // Streamed: the first arguments went out long before the end.
+            if size < 10 {
+                assert!(first_args_at.unwrap() * size < text.len() / 2, "{size}");
+            }
         }
     }
 
