@@ -965,6 +965,23 @@ fn the_official_openai_and_anthropic_python_clients_work_unmodified() {
     });
 }
 
+/// Kills decode worker `i` (SIGKILL, as a crash) and starts a new one at
+/// its address, as `tandem up` or Kubernetes would.
+fn restart_decode_worker(cluster: &mut Cluster, i: usize) {
+    let port = cluster.decode[i].addr().port();
+    cluster.decode[i].kill();
+    let model = model_path().to_string_lossy().into_owned();
+    let args = [
+        "--model",
+        &model,
+        "--threads",
+        "1",
+        "--kv-cache-memory",
+        "256MiB",
+    ];
+    cluster.decode[i] = Node::start_at(tandem_cluster::Role::Decode, port, &args, &[]);
+}
+
 /// A prompt prefilled remotely joins the decode worker's prefix cache even
 /// when its request ends with the first token (`max_tokens` 1), so the
 /// router rightly serves the next one there without the prefill tier; a
@@ -997,9 +1014,10 @@ fn the_router_knows_what_a_decode_worker_caches_across_its_restarts() {
             (text.to_string(), cached.unwrap())
         })
     };
+    let router = cluster.router.addr();
     let dispatched = |how: &str| {
         let series = format!("tandem_router_dispatched_total{{prefill=\"{how}\"}}");
-        rt.block_on(counter(&cluster.router, &series))
+        rt.block_on(counter_at(router, &series))
     };
     let (first, _) = ask();
     assert_eq!(dispatched("remote"), 1.0);
@@ -1015,22 +1033,7 @@ fn the_router_knows_what_a_decode_worker_caches_across_its_restarts() {
         "12 whole blocks from the decode worker's cache"
     );
 
-    let port = cluster.decode[0].addr().port();
-    cluster.decode[0].kill();
-    let model = model_path().to_string_lossy().into_owned();
-    cluster.decode[0] = Node::start_at(
-        tandem_cluster::Role::Decode,
-        port,
-        &[
-            "--model",
-            &model,
-            "--threads",
-            "1",
-            "--kv-cache-memory",
-            "256MiB",
-        ],
-        &[],
-    );
+    restart_decode_worker(&mut cluster, 0);
     // Load polls (every 100 ms here) see the new process.
     std::thread::sleep(Duration::from_millis(600));
     let (after, _) = ask();
@@ -1081,22 +1084,7 @@ fn a_stream_whose_only_decode_worker_restarts_resumes_on_it() {
         })
     };
     read_until(&mut raw, Some(10));
-    let port = cluster.decode[0].addr().port();
-    cluster.decode[0].kill();
-    let model = model_path().to_string_lossy().into_owned();
-    cluster.decode[0] = Node::start_at(
-        tandem_cluster::Role::Decode,
-        port,
-        &[
-            "--model",
-            &model,
-            "--threads",
-            "1",
-            "--kv-cache-memory",
-            "256MiB",
-        ],
-        &[],
-    );
+    restart_decode_worker(&mut cluster, 0);
     read_until(&mut raw, None);
     let raw = String::from_utf8(raw).unwrap();
     let events: Vec<&str> = raw
@@ -1344,7 +1332,12 @@ fn a_prefill_worker_that_cannot_reach_a_decode_worker_is_not_paired_with_it_agai
 /// ones (the node labels `model`, `role`, `worker_id` and any others are
 /// ignored) are summed.
 async fn counter(node: &Node, series: &str) -> f64 {
-    let text = reqwest::get(format!("http://{}/metrics", node.addr()))
+    counter_at(node.addr(), series).await
+}
+
+/// [`counter`] of the node at `addr`.
+async fn counter_at(addr: std::net::SocketAddr, series: &str) -> f64 {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
         .await
         .unwrap()
         .text()

@@ -591,9 +591,8 @@ impl CallScanner {
         }
         if self.in_string {
             self.lex(c);
-            match (&self.field, self.in_string) {
-                (Field::InKey | Field::InName, _) => self.token.push(c),
-                _ => {}
+            if matches!(self.field, Field::InKey | Field::InName) {
+                self.token.push(c);
             }
             if !self.in_string && at_call {
                 let token = std::mem::take(&mut self.token);
