@@ -965,11 +965,13 @@ fn the_official_openai_and_anthropic_python_clients_work_unmodified() {
     });
 }
 
-/// Kills decode worker `i` (SIGKILL, as a crash) and starts a new one at
-/// its address, as `tandem up` or Kubernetes would.
-fn restart_decode_worker(cluster: &mut Cluster, i: usize) {
-    let port = cluster.decode[i].addr().port();
-    cluster.decode[i].kill();
+/// Kills a worker (SIGKILL, as a crash), waits `down`, and starts a new
+/// one of `role` at its address, as an operator, `tandem up` or
+/// Kubernetes would.
+fn restart_worker(node: &mut Node, role: tandem_cluster::Role, down: Duration) {
+    let port = node.addr().port();
+    node.kill();
+    std::thread::sleep(down);
     let model = model_path().to_string_lossy().into_owned();
     let args = [
         "--model",
@@ -979,7 +981,7 @@ fn restart_decode_worker(cluster: &mut Cluster, i: usize) {
         "--kv-cache-memory",
         "256MiB",
     ];
-    cluster.decode[i] = Node::start_at(tandem_cluster::Role::Decode, port, &args, &[]);
+    *node = Node::start_at(role, port, &args, &[]);
 }
 
 /// A prompt prefilled remotely joins the decode worker's prefix cache even
@@ -1033,7 +1035,11 @@ fn the_router_knows_what_a_decode_worker_caches_across_its_restarts() {
         "12 whole blocks from the decode worker's cache"
     );
 
-    restart_decode_worker(&mut cluster, 0);
+    restart_worker(
+        &mut cluster.decode[0],
+        tandem_cluster::Role::Decode,
+        Duration::ZERO,
+    );
     // Load polls (every 100 ms here) see the new process.
     std::thread::sleep(Duration::from_millis(600));
     let (after, _) = ask();
@@ -1084,7 +1090,11 @@ fn a_stream_whose_only_decode_worker_restarts_resumes_on_it() {
         })
     };
     read_until(&mut raw, Some(10));
-    restart_decode_worker(&mut cluster, 0);
+    restart_worker(
+        &mut cluster.decode[0],
+        tandem_cluster::Role::Decode,
+        Duration::ZERO,
+    );
     read_until(&mut raw, None);
     let raw = String::from_utf8(raw).unwrap();
     let events: Vec<&str> = raw
@@ -1287,23 +1297,8 @@ fn a_prefill_worker_that_cannot_reach_a_decode_worker_is_not_paired_with_it_agai
         // The operator fixes the prefill worker and restarts it where it
         // was: the router sees it gone, then back, and pairs it again.
         let mut cluster = cluster;
-        let port = cluster.prefill[0].addr().port();
-        cluster.prefill[0].kill();
-        std::thread::sleep(Duration::from_secs(1));
-        let model = model_path().to_string_lossy().into_owned();
-        cluster.prefill[0] = Node::start_at(
-            tandem_cluster::Role::Prefill,
-            port,
-            &[
-                "--model",
-                &model,
-                "--threads",
-                "1",
-                "--kv-cache-memory",
-                "256MiB",
-            ],
-            &[],
-        );
+        let down = Duration::from_secs(1);
+        restart_worker(&mut cluster.prefill[0], tandem_cluster::Role::Prefill, down);
         std::thread::sleep(Duration::from_secs(1));
         let reply = rt
             .block_on(client.generate(greedy_request(prompts[0])))
