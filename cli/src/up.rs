@@ -383,31 +383,40 @@ impl Supervised {
     }
 
     /// Starts the node again, on the port it had, after it exited with
-    /// `status`; an error when it has died too often to go on.
+    /// `status`; an error when it has died too often to go on. A new
+    /// process that dies before it is ready is one more death, and is
+    /// started again under the same rule.
     fn restart(&mut self, status: std::process::ExitStatus, secret: &str) -> Result<()> {
         let role = self.node.role;
-        let now = Instant::now();
-        while self
-            .restarts
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW)
-        {
-            self.restarts.pop_front();
-        }
-        if self.restarts.len() >= MAX_RESTARTS {
-            bail!(
-                "the {role} node exited ({status}), its {}th time within {} s; stopped the cluster",
-                MAX_RESTARTS + 1,
-                RESTART_WINDOW.as_secs()
-            );
-        }
-        self.restarts.push_back(now);
         let port = self.node.ready.addr.port();
-        eprintln!("tandem up: the {role} node exited ({status}); starting it again on port {port}");
-        let args = with_port(&self.args, port);
-        self.node = spawn(role, &args, secret, &self.log_prefix)
-            .with_context(|| format!("restarting the {role} node on port {port}"))?;
-        Ok(())
+        let mut why = format!("exited ({status})");
+        loop {
+            let now = Instant::now();
+            while self
+                .restarts
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW)
+            {
+                self.restarts.pop_front();
+            }
+            if self.restarts.len() >= MAX_RESTARTS {
+                bail!(
+                    "the {role} node {why}, its {}th time within {} s; stopped the cluster",
+                    MAX_RESTARTS + 1,
+                    RESTART_WINDOW.as_secs()
+                );
+            }
+            self.restarts.push_back(now);
+            eprintln!("tandem up: the {role} node {why}; starting it again on port {port}");
+            let args = with_port(&self.args, port);
+            match spawn(role, &args, secret, &self.log_prefix) {
+                Ok(node) => {
+                    self.node = node;
+                    return Ok(());
+                }
+                Err(e) => why = format!("failed to start again ({e:#})"),
+            }
+        }
     }
 }
 

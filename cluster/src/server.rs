@@ -114,9 +114,14 @@ impl NodeServer {
         reporter
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
-        let reflection =
-            tandem_proto::reflection_service().map_err(|e| std::io::Error::other(e.to_string()))?;
-        let grpc = grpc.add_service(health).add_service(reflection).prepare();
+        let (reflection, reflection_v1alpha) =
+            tandem_proto::reflection_services(&[tonic_health::pb::FILE_DESCRIPTOR_SET])
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let grpc = grpc
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(reflection_v1alpha)
+            .prepare();
         let grpc_router = grpc.into_axum_router();
         let metrics = metrics_handle();
         let r = readiness.clone();

@@ -242,15 +242,16 @@ impl Grammars {
 }
 
 /// A client's error for a format the parser refuses: the parser's own
-/// first line, without the dump of its state that follows it.
+/// words on one line, without the dump of its state that may follow them.
 fn format_error(parser: &str) -> EngineError {
-    let first = parser.lines().next().unwrap_or_default().trim();
-    let why = match first {
+    let said = parser.split("<state>").next().unwrap_or_default();
+    let said = said.split_whitespace().collect::<Vec<_>>().join(" ");
+    let why = match said.as_str() {
         "NoExtensionBias" | "NoExtension" => {
-            "no output can match it (a schema or pattern that admits no text)"
+            "no output can match it (a schema or pattern that admits no text)".to_string()
         }
-        "" => "the grammar parser refused it",
-        other => other,
+        "" => "the grammar parser refused it".to_string(),
+        _ => said,
     };
     EngineError::Sampling(format!("invalid response format: {why}"))
 }
@@ -432,6 +433,12 @@ mod tests {
             assert!(msg.contains("invalid response format: "), "{msg}");
             assert!(msg.len() > "invalid response format: ".len() + 5, "{msg}");
         }
+        // The parser's detail is kept.
+        let e = gr
+            .guide(&ResponseFormat::Regex("(((".into()), &[])
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("unclosed group"), "{e}");
     }
 
     #[test]

@@ -73,17 +73,32 @@ pub mod http2 {
 /// Encoded `FileDescriptorSet` of every tandem.v1 file, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tandem_v1_descriptor");
 
-/// The gRPC server reflection service (v1) describing tandem.v1, so tools
-/// such as grpcurl work against any node without local .proto files.
-pub fn reflection_service() -> Result<
-    tonic_reflection::server::v1::ServerReflectionServer<
-        impl tonic_reflection::server::v1::ServerReflection,
-    >,
+/// The gRPC server reflection services describing tandem.v1 and the
+/// `extra` encoded descriptor sets (health checking, say), so tools such
+/// as grpcurl work against any node without local .proto files: v1, and
+/// v1alpha, which grpcio's reflection client and older tools still ask.
+#[allow(clippy::type_complexity)]
+pub fn reflection_services(
+    extra: &[&'static [u8]],
+) -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
     tonic_reflection::server::Error,
 > {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .build_v1()
+    let builder = || {
+        extra.iter().fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET),
+            |b, set| b.register_encoded_file_descriptor_set(set),
+        )
+    };
+    Ok((builder().build_v1()?, builder().build_v1alpha()?))
 }
 
 #[cfg(test)]
@@ -103,7 +118,7 @@ mod tests {
         ] {
             assert!(set.contains(name), "{name} missing from the descriptor set");
         }
-        assert!(super::reflection_service().is_ok());
+        assert!(super::reflection_services(&[]).is_ok());
     }
 
     /// Cheap check without prost-types: the names appear in the encoded set.

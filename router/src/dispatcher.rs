@@ -757,7 +757,10 @@ fn finished_event(f: &pb::Finished) -> TokenEvent {
         },
         prompt_tokens: f.prompt_tokens,
         completion_tokens: f.completion_tokens,
-        cached_tokens: f.cached_tokens,
+        // A resumed request's worker prefilled the prompt and the tokens
+        // already sent, and counts its cache hits over both: only the
+        // prompt's count as cached prompt tokens.
+        cached_tokens: f.cached_tokens.min(f.prompt_tokens),
     }
 }
 

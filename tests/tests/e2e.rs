@@ -457,7 +457,64 @@ fn grpc_streaming_and_unary_agree() {
             unary.usage.unwrap().completion_tokens as usize,
             unary.token_ids.len()
         );
+        // Server reflection, v1 and v1alpha (grpcurl, grpcio's client),
+        // lists the API and the health service.
+        let url = format!("http://{}", cluster.router.addr());
+        let services = reflected_services(&url).await;
+        for want in ["tandem.v1.Generate", "grpc.health.v1.Health"] {
+            assert!(
+                services.iter().all(|s| s.contains(&want.to_string())),
+                "{services:?}"
+            );
+        }
     });
+}
+
+/// The services server reflection lists at `url`, as v1 and as v1alpha.
+async fn reflected_services(url: &str) -> [Vec<String>; 2] {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let ask = v1::ServerReflectionRequest {
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+        ..Default::default()
+    };
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let mut r = c
+        .server_reflection_info(futures_util::stream::iter([ask]))
+        .await
+        .unwrap()
+        .into_inner();
+    let names_v1 = match r.message().await.unwrap().unwrap().message_response {
+        Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(l)) => {
+            l.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("v1 reflection answered {other:?}"),
+    };
+    let ask = v1alpha::ServerReflectionRequest {
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+        ..Default::default()
+    };
+    let mut c = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let mut r = c
+        .server_reflection_info(futures_util::stream::iter([ask]))
+        .await
+        .unwrap()
+        .into_inner();
+    let names_v1alpha = match r.message().await.unwrap().unwrap().message_response {
+        Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(l)) => {
+            l.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("v1alpha reflection answered {other:?}"),
+    };
+    [names_v1, names_v1alpha]
 }
 
 /// Load of a worker, asked directly with the cluster secret.
@@ -830,6 +887,21 @@ fn tandem_up_serves_the_openai_api() {
     unsafe {
         libc_kill(first as i32, 9);
     }
+    // Its replacement dies too, before it is ready: one more death, and
+    // started again (the fourth within a minute would stop the cluster).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let replacement = loop {
+        match decode_pid(up.0.id()) {
+            Some(p) if p != first => break p,
+            _ => {
+                assert!(Instant::now() < deadline, "no replacement decode worker");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    };
+    unsafe {
+        libc_kill(replacement as i32, 9);
+    }
     rt().block_on(async {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -846,7 +918,7 @@ fn tandem_up_serves_the_openai_api() {
         }
     });
     let second = decode_pid(up.0.id()).expect("the decode worker started again");
-    assert_ne!(first, second);
+    assert!(second != first && second != replacement);
     assert!(
         up.0.try_wait().unwrap().is_none(),
         "tandem up stopped when one worker died"
@@ -1073,6 +1145,7 @@ fn a_stream_whose_only_decode_worker_restarts_resumes_on_it() {
     let want = plain["choices"][0]["text"].as_str().unwrap().to_string();
     let mut sb = body.clone();
     sb["stream"] = json!(true);
+    sb["stream_options"] = json!({"include_usage": true});
     let mut stream = rt.block_on(async {
         let r = http.post(&url).json(&sb).send().await.unwrap();
         assert_eq!(r.status(), 200);
@@ -1112,6 +1185,18 @@ fn a_stream_whose_only_decode_worker_restarts_resumes_on_it() {
         got, want,
         "the resumed stream differs from the plain answer"
     );
+    // The usage counts the prompt once, however often it was computed.
+    let usage: Value = serde_json::from_str(events[events.len() - 2]).unwrap();
+    let u = &usage["usage"];
+    assert_eq!(
+        u["prompt_tokens"], plain["usage"]["prompt_tokens"],
+        "{usage}"
+    );
+    assert_eq!(u["completion_tokens"], 240, "{usage}");
+    let cached = u["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached <= u["prompt_tokens"].as_u64().unwrap(), "{usage}");
     let resumed = rt.block_on(counter(&cluster.router, "tandem_router_resumed_total"));
     assert!(resumed >= 1.0, "the stream was never resumed ({resumed})");
 }

@@ -499,8 +499,10 @@ impl Events {
     fn on_chunk(&mut self, c: &Value) {
         if let Some(e) = c.get("error") {
             self.started(&Value::Null);
-            let kind = match e["type"].as_str() {
-                Some("invalid_request_error") => "invalid_request_error",
+            // As the same failure before the stream would be named.
+            let kind = match (e["type"].as_str(), e["code"].as_str()) {
+                (Some("invalid_request_error"), _) => "invalid_request_error",
+                (_, Some("service_unavailable")) => "overloaded_error",
                 _ => "api_error",
             };
             self.emit(

@@ -1208,6 +1208,11 @@ fn chat_message(ctx: &Ctx, c: &Collected) -> (Value, Option<&'static str>) {
     let finish = c.finish.map(FinishReason::as_str);
     let tools = ctx.tools.as_ref();
     match tools.and_then(|t| t.parse_calls(&c.text)) {
+        // A required choice cut before its first call's name.
+        Some(out) if out.calls.is_empty() => (
+            json!({"role": "assistant", "content": null, "refusal": null}),
+            finish,
+        ),
         Some(out) => {
             let named = tools.is_some_and(|t| t.named().is_some());
             let finish = match c.finish {

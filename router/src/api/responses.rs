@@ -415,17 +415,20 @@ fn logprobs(lp: &Value) -> Value {
     )
 }
 
-/// The output items of a whole chat message; `status` is the message
-/// item's (`incomplete` when the output was cut).
+/// The output items of a whole chat message; `status` is the last
+/// item's (`incomplete` when the output was cut), the others' `completed`.
 fn output_items(id: &str, message: &Value, lp: Value, status: &str) -> Vec<Value> {
     let mut out = Vec::new();
     let text = message["content"].as_str().unwrap_or_default();
-    let calls = message["tool_calls"].as_array();
-    if !text.is_empty() || calls.is_none_or(|c| c.is_empty()) {
+    let calls = message["tool_calls"].as_array().filter(|c| !c.is_empty());
+    if !text.is_empty() || calls.is_none() {
+        let status = if calls.is_some() { "completed" } else { status };
         out.push(message_item(&format!("msg_{id}"), text, status, lp));
     }
-    for call in calls.into_iter().flatten() {
-        out.push(call_item(call, "completed"));
+    let calls = calls.map(Vec::as_slice).unwrap_or_default();
+    for (i, call) in calls.iter().enumerate() {
+        let last = i + 1 == calls.len();
+        out.push(call_item(call, if last { status } else { "completed" }));
     }
     out
 }
@@ -599,7 +602,7 @@ impl Events {
                 self.output.push(item);
             }
             Some(OpenItem::Call { index, call, .. }) => {
-                let done = call_item(&call, "completed");
+                let done = call_item(&call, status);
                 self.emit(
                     "response.function_call_arguments.done",
                     json!({"item_id": done["id"], "output_index": index, "arguments": done["arguments"]}),

@@ -323,18 +323,30 @@ impl Tools {
                 content: None,
                 calls: vec![(name.clone(), text.to_string())],
             }),
-            ToolChoice::Required { .. } => {
-                // A list cut short (by `max_tokens`) keeps its whole calls.
-                let items = match serde_json::from_str::<Value>(text) {
-                    Ok(Value::Array(v)) => v,
-                    Ok(_) => return None,
-                    Err(_) => whole_items(text)?,
-                };
-                Some(Output {
+            ToolChoice::Required { .. } => match serde_json::from_str::<Value>(text) {
+                Ok(Value::Array(items)) => Some(Output {
                     content: None,
                     calls: calls(&items)?,
-                })
-            }
+                }),
+                Ok(_) => None,
+                // A list cut short (by `max_tokens`): its calls as far as
+                // they were written, the last one's arguments cut as a
+                // named call's are (what streaming sent); none at all if
+                // no name was written.
+                Err(_) => {
+                    let mut out: Vec<(String, String)> = Vec::new();
+                    for piece in CallScanner::default().push(text) {
+                        match piece {
+                            CallPiece::Start { name, .. } => out.push((name, String::new())),
+                            CallPiece::Args { index, text } => out[index].1.push_str(&text),
+                        }
+                    }
+                    Some(Output {
+                        content: None,
+                        calls: out,
+                    })
+                }
+            },
             ToolChoice::Auto(CallFormat::Hermes) => {
                 let at = text.find(CALL_OPEN)?;
                 let blocks = hermes_blocks(&text[at..])?;
@@ -379,24 +391,6 @@ fn hermes_blocks(mut text: &str) -> Option<Vec<Value>> {
 
 /// The JSON objects `text` consists of, separated by `;` (Llama's calls).
 /// `None` if anything else is there.
-/// The whole items at the start of a JSON array cut short; `None` when
-/// there are none.
-fn whole_items(text: &str) -> Option<Vec<Value>> {
-    let mut rest = text.trim_start().strip_prefix('[')?;
-    let mut out = Vec::new();
-    loop {
-        let mut values = serde_json::Deserializer::from_str(rest).into_iter::<Value>();
-        let Some(Ok(v)) = values.next() else { break };
-        out.push(v);
-        rest = rest[values.byte_offset()..].trim_start();
-        match rest.strip_prefix(',') {
-            Some(next) => rest = next,
-            None => break,
-        }
-    }
-    (!out.is_empty()).then_some(out)
-}
-
 fn json_objects(text: &str) -> Option<Vec<Value>> {
     let mut out = Vec::new();
     let mut rest = text.trim_start();
@@ -466,12 +460,13 @@ impl CallStream {
         let (text, rest) = whole.split_at(at);
         match tools.parse_calls(rest) {
             Some(out) if !out.calls.is_empty() => (text.to_string(), Some(out.calls)),
+            // A required choice's output is calls, never text.
+            Some(_) if matches!(tools.choice, ToolChoice::Required { .. }) => (String::new(), None),
             _ => (whole, None),
         }
     }
 }
 
-/// OpenAI's `tool_calls` entries, with fresh ids; `index` for stream deltas.
 /// A piece of a call list being written, for streaming it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CallPiece {
@@ -710,6 +705,7 @@ impl CallScanner {
     }
 }
 
+/// OpenAI's `tool_calls` entries, with fresh ids; `index` for stream deltas.
 pub fn calls_json(calls: &[(String, String)], with_index: bool) -> Value {
     Value::Array(
         calls
@@ -804,31 +800,39 @@ mod tests {
     }
 
     #[test]
-    fn a_required_list_cut_short_keeps_its_whole_calls() {
+    fn a_required_list_cut_short_keeps_its_calls_as_written() {
         let t = Tools {
             choice: ToolChoice::Required { parallel: true },
             ..auto(CallFormat::Hermes)
         };
         let call = r#"{"name": "f", "arguments": {"city": "Paris"}}"#;
-        let whole = Some(Output {
-            content: None,
-            calls: vec![("f".into(), r#"{"city":"Paris"}"#.into()); 2],
-        });
-        assert_eq!(t.parse_calls(&format!("[{call}, {call}]")), whole);
+        let calls = |text: &str| -> Vec<(String, Option<Value>)> {
+            let out = t.parse_calls(text).unwrap_or_else(|| panic!("{text}"));
+            assert_eq!(out.content, None);
+            out.calls
+                .into_iter()
+                .map(|(n, a)| (n, serde_json::from_str(&a).ok()))
+                .collect()
+        };
+        let paris = || ("f".to_string(), Some(json!({"city": "Paris"})));
+        assert_eq!(calls(&format!("[{call}, {call}]")), [paris(), paris()]);
         assert_eq!(
-            t.parse_calls(&format!(
+            calls(&format!(
                 "[\n{call}\n\n,\n{call} ,\n{{\"name\": \"f\", \"argu"
             )),
-            whole
+            [paris(), paris(), ("f".to_string(), None)]
         );
-        assert_eq!(t.parse_calls(&format!("[{call},{call}")), whole);
-        for text in [
-            "[",
-            "[{\"name\": \"f\"",
-            "",
-            "{}",
-            "[{\"name\": 1, \"arguments\": {}}]",
-        ] {
+        assert_eq!(calls(&format!("[{call},{call}")), [paris(), paris()]);
+        // The last call's arguments as far as they go.
+        let cut = t
+            .parse_calls(r#"[{"name": "f", "arguments": {"ci"#)
+            .unwrap();
+        assert_eq!(cut.calls, [("f".to_string(), r#"{"ci"#.to_string())]);
+        // No name written: no call, and no text either.
+        for text in ["[", "[{\"na", ""] {
+            assert_eq!(calls(text), [], "{text}");
+        }
+        for text in ["{}", "[{\"name\": 1, \"arguments\": {}}]"] {
             assert_eq!(t.parse_calls(text), None, "{text}");
         }
     }
