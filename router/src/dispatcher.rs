@@ -619,11 +619,20 @@ impl Relay {
                     Ok(()) => continue,
                     Err(e) => TokenEvent::Error(e),
                 },
-                Next::Resume(why) => match self.resume(why).await {
-                    Ok(None) => continue,
-                    Ok(Some(done)) => done,
-                    Err(e) => TokenEvent::Error(e),
-                },
+                // A client that hangs up while the request waits for a
+                // decode worker to come back ends the wait.
+                Next::Resume(why) => {
+                    let cancel = self.cancel.clone();
+                    let resumed = tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        r = self.resume(why) => r,
+                    };
+                    match resumed {
+                        Ok(None) => continue,
+                        Ok(Some(done)) => done,
+                        Err(e) => TokenEvent::Error(e),
+                    }
+                }
             };
             let last = out.ends_stream();
             if self.tx.send(out).await.is_err() || last {

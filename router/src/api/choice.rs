@@ -86,6 +86,8 @@ pub struct ChoiceDecoder {
     /// Only the prompt is wanted (`max_tokens: 0` with its scores): the
     /// choice ends, with no output, where the first token would come.
     score_only: bool,
+    /// The stop string that ends the choice stays in its text.
+    keep_stop: bool,
 }
 
 impl ChoiceDecoder {
@@ -99,6 +101,15 @@ impl ChoiceDecoder {
             finished: None,
             min_tokens: 0,
             score_only: false,
+            keep_stop: false,
+        }
+    }
+
+    /// Puts the stop string that ended the choice back at the end of its
+    /// text, when asked to.
+    fn keep(&self, delta: &mut ChoiceDelta) {
+        if let (true, Some(s)) = (self.keep_stop, &delta.stop_string) {
+            delta.text.push_str(s);
         }
     }
 
@@ -107,6 +118,13 @@ impl ChoiceDecoder {
     /// ends with `length` and no output.
     pub fn score_only(mut self, yes: bool) -> Self {
         self.score_only = yes;
+        self
+    }
+
+    /// The stop string that ends the choice stays at the end of its text
+    /// (vLLM's `include_stop_str_in_output`).
+    pub fn keep_stop_string(mut self, yes: bool) -> Self {
+        self.keep_stop = yes;
         self
     }
 
@@ -177,6 +195,7 @@ impl ChoiceDecoder {
                     self.finished = Some(FinishReason::Stop);
                     delta.finish = self.finished;
                     delta.stop_string = self.stops.get(i).cloned();
+                    self.keep(&mut delta);
                 }
             }
             TokenEvent::Finished {
@@ -190,6 +209,7 @@ impl ChoiceDecoder {
                 delta.text = step.text;
                 let reason = if let Some(i) = step.stopped {
                     delta.stop_string = self.stops.get(i).cloned();
+                    self.keep(&mut delta);
                     FinishReason::Stop
                 } else {
                     delta.text.push_str(&self.stop.finish());

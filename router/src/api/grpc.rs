@@ -128,6 +128,7 @@ impl GenerateApi {
             max_tokens_param: "max_tokens",
             // Absent: the rest of the context.
             default_max_tokens: None,
+            stop_in_output: false,
             temperature: s.temperature.map(f64::from),
             top_p: s.top_p.map(f64::from),
             top_k: s.top_k.map(i64::from),

@@ -401,6 +401,7 @@ const COMMON_FIELDS: &[&str] = &[
     "user",
     "logit_bias",
     "ignore_eos",
+    "include_stop_str_in_output",
     "min_tokens",
     "response_format",
     "guided_json",
@@ -603,6 +604,7 @@ fn parse_common(m: &Map<String, Value>, ep: Endpoint) -> Result<Common, ApiError
         p.max_tokens_param = "max_tokens";
     }
     p.ignore_eos = boolean(m, "ignore_eos")?.unwrap_or(false);
+    p.stop_in_output = boolean(m, "include_stop_str_in_output")?.unwrap_or(false);
     p.min_tokens = int(m, "min_tokens")?;
     p.temperature = num(m, "temperature")?;
     p.top_p = num(m, "top_p")?;
@@ -1017,6 +1019,7 @@ fn decoders(
     for (i, ts) in streams.into_iter().enumerate() {
         let dec = ChoiceDecoder::new(state.tokenizer.clone(), &prepared.stop)
             .with_min_tokens(prepared.min_tokens)
+            .keep_stop_string(prepared.stop_in_output)
             .score_only(prepared.score_only);
         all.push(choice_stream(first + i, ts, dec));
     }

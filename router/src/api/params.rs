@@ -23,6 +23,9 @@ pub struct GenParams {
     /// 16), at most what the context leaves; without it, the rest of the
     /// context.
     pub default_max_tokens: Option<i64>,
+    /// vLLM's `include_stop_str_in_output`: the stop string that ends a
+    /// choice is part of its text.
+    pub stop_in_output: bool,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
     pub top_k: Option<i64>,
@@ -73,6 +76,8 @@ pub struct Prepared {
     pub logprobs: Option<u32>,
     /// Tokens before which stop strings are not matched.
     pub min_tokens: usize,
+    /// The stop string that ends a choice stays in its text.
+    pub stop_in_output: bool,
     /// `max_tokens: 0` on a scored or echoed prompt: the workers generate
     /// one token, which the front end drops
     /// ([`super::ChoiceDecoder::score_only`]).
@@ -367,6 +372,7 @@ impl GenParams {
                 .collect(),
             logprobs: self.logprobs,
             min_tokens: min_tokens as usize,
+            stop_in_output: self.stop_in_output,
             score_only,
         })
     }

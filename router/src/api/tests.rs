@@ -1074,6 +1074,25 @@ async fn stop_string_across_tokens_is_held_back_and_cut() {
     })
     .await
     .expect("the stop string did not cancel the generations");
+    // vLLM's include_stop_str_in_output keeps it, streamed or not.
+    for stream in [false, true] {
+        let body = chat_body(json!({"stop": [stop], "include_stop_str_in_output": true}));
+        let got = match stream {
+            false => {
+                let (_, v) = post(&app, "/v1/chat/completions", body).await;
+                v["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            }
+            true => {
+                let mut sb = body;
+                sb["stream"] = json!(true);
+                stream_text(&app, "/v1/chat/completions", sb).await.0
+            }
+        };
+        assert_eq!(got, "I think the answer is forty-two", "stream {stream}");
+    }
 }
 
 #[tokio::test]
