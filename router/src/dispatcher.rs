@@ -81,6 +81,8 @@ struct Shared {
     block_size: AtomicUsize,
     /// Prefill→decode pairs whose KV hand-over failed lately.
     pairs: PairHealth,
+    /// Held while a request picks its workers and counts itself on them.
+    picking: std::sync::Mutex<()>,
 }
 
 pub struct Dispatcher {
@@ -101,6 +103,7 @@ impl Dispatcher {
                 shutdown,
                 block_size: AtomicUsize::new(16),
                 pairs: PairHealth::default(),
+                picking: std::sync::Mutex::new(()),
             }),
         }
     }
@@ -464,6 +467,24 @@ impl Shared {
         Some((decode, prefill))
     }
 
+    /// [`Shared::pick`], with the picked workers' in-flight counts raised
+    /// before another request picks: requests arriving together see each
+    /// other's choices and spread over the workers.
+    #[allow(clippy::type_complexity)]
+    fn pick_and_track(
+        &self,
+        a: &Attempt,
+    ) -> Option<(
+        Arc<Worker>,
+        Option<Arc<Worker>>,
+        (InFlightGuard, Option<InFlightGuard>),
+    )> {
+        let _one_at_a_time = self.picking.lock().unwrap_or_else(|e| e.into_inner());
+        let (decode, prefill) = self.pick(a)?;
+        let guards = (decode.track(), prefill.as_ref().map(|p| p.track()));
+        Some((decode, prefill, guards))
+    }
+
     fn block_size(&self) -> usize {
         self.block_size.load(Ordering::Relaxed)
     }
@@ -478,7 +499,7 @@ impl Shared {
         let wait_until = Instant::now() + self.cfg.worker_wait;
         let mut tries = 0;
         while tries < MAX_ATTEMPTS {
-            let Some((decode, prefill)) = self.pick(a) else {
+            let Some((decode, prefill, guards)) = self.pick_and_track(a) else {
                 if !gone || Instant::now() >= wait_until || self.shutdown.is_cancelled() {
                     break;
                 }
@@ -491,7 +512,6 @@ impl Shared {
                 .as_ref()
                 .map(|p| p.addr.to_string())
                 .unwrap_or_default();
-            let guards = (decode.track(), prefill.as_ref().map(|p| p.track()));
             let mut client = decode.client.clone();
             let call = self.cfg.secret.attach(tonic::Request::new(a.req.clone()));
             if let Some((t0, front)) = a.timing.take() {
