@@ -28,6 +28,15 @@ const RENAMED: &[(&str, &str)] = &[
     ("response_format", "output_config.format"),
 ];
 
+/// Anthropic's spelling of chat's tool choices `"auto"`, `"required"`, a
+/// named function and `"none"`.
+const TOOL_CHOICES: [&str; 4] = [
+    "{\"type\": \"auto\"}",
+    "{\"type\": \"any\"}",
+    "{\"type\": \"tool\", \"name\": ...}",
+    "{\"type\": \"none\"}",
+];
+
 /// An error in Anthropic's shape, with the status of the OpenAI one.
 pub(super) fn error_response(e: &ApiError) -> Response {
     let kind = match e.status {
@@ -373,16 +382,7 @@ pub(super) async fn create(
     let resp = match run(state, body).await {
         Ok(r) => r,
         Err(mut e) => {
-            super::rewrite::rename_param(&mut e, RENAMED);
-            super::rewrite::respell_choices(
-                &mut e,
-                [
-                    "{\"type\": \"auto\"}",
-                    "{\"type\": \"any\"}",
-                    "{\"type\": \"tool\", \"name\": ...}",
-                    "{\"type\": \"none\"}",
-                ],
-            );
+            super::rewrite::rename_param(&mut e, RENAMED, TOOL_CHOICES);
             if let Some(p) = e.param.as_mut().filter(|p| p.starts_with("tools[")) {
                 *p = p.replace(".parameters", ".input_schema");
             }

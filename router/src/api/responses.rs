@@ -32,6 +32,15 @@ const RENAMED: &[(&str, &str)] = &[
     ("response_format", "text.format"),
 ];
 
+/// The Responses API's spelling of chat's tool choices `"auto"`,
+/// `"required"`, a named function and `"none"`.
+const TOOL_CHOICES: [&str; 4] = [
+    "\"auto\"",
+    "\"required\"",
+    "{\"type\": \"function\", \"name\": ...}",
+    "\"none\"",
+];
+
 /// The text of a content part list (`input_text`, `output_text`, `text`).
 fn content_text(v: &Value, param: &str) -> Result<Value, ApiError> {
     match v {
@@ -440,16 +449,7 @@ pub(super) async fn create(
     let resp = match run(state, body).await {
         Ok(r) => r,
         Err(mut e) => {
-            super::rewrite::rename_param(&mut e, RENAMED);
-            super::rewrite::respell_choices(
-                &mut e,
-                [
-                    "\"auto\"",
-                    "\"required\"",
-                    "{\"type\": \"function\", \"name\": ...}",
-                    "\"none\"",
-                ],
-            );
+            super::rewrite::rename_param(&mut e, RENAMED, TOOL_CHOICES);
             e.into_response()
         }
     };

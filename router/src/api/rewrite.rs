@@ -119,14 +119,15 @@ pub(super) async fn chat_json(answer: Response) -> Result<Value, ApiError> {
 }
 
 /// Reports an error the chat path found under the translated API's names:
-/// `renamed` maps chat fields (and what is under them) to the API's, and
-/// tools are flat there (no `function` object).
-pub(super) fn rename_param(e: &mut ApiError, renamed: &[(&str, &str)]) {
+/// `renamed` maps chat fields (and what is under them) to the API's, tools
+/// are flat there (no `function` object), and `choices` spells the tool
+/// choices (see [`respell_choices`]).
+pub(super) fn rename_param(e: &mut ApiError, renamed: &[(&str, &str)], choices: [&str; 4]) {
     let Some(p) = e.param.clone() else {
         return;
     };
     if p == "tool_choice" && e.message.contains(CHAT_CHOICES) {
-        // The API's own spelling of the choices is the translation's to say.
+        respell_choices(e, choices);
         return;
     }
     let found = renamed.iter().find(|(from, _)| {
@@ -149,10 +150,7 @@ pub(super) const CHAT_CHOICES: &str = "{\"type\": \"function\", \"function\": {\
 /// Rewrites chat's refusal of `tool_choice` with the translated API's
 /// spelling of the choices: `[auto, any, named, none]` for chat's
 /// `"auto"`, `"required"`, a named function and `"none"`.
-pub(super) fn respell_choices(e: &mut ApiError, [auto, any, named, none]: [&str; 4]) {
-    if e.param.as_deref() != Some("tool_choice") || !e.message.contains(CHAT_CHOICES) {
-        return;
-    }
+fn respell_choices(e: &mut ApiError, [auto, any, named, none]: [&str; 4]) {
     e.message = e
         .message
         .replace(
