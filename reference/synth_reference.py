@@ -72,6 +72,12 @@ def load(path: str):
 
     kwargs = dict(dtype=torch.float32, attn_implementation="eager")
     if os.path.isfile(path):
+        # transformers' GGUF loader ignores the head dimension for some
+        # architectures (qwen3: it keeps the config default of 128), so the
+        # file's own value is passed on where it has one.
+        head_dim = gguf_head_dim(path)
+        if head_dim is not None:
+            kwargs["head_dim"] = head_dim
         model = AutoModelForCausalLM.from_pretrained(
             os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path), **kwargs
         )
@@ -79,6 +85,17 @@ def load(path: str):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.eval()
     return model
+
+
+def gguf_head_dim(path: str) -> int | None:
+    """`{arch}.attention.key_length` of a GGUF file, where it is written."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(path)
+    arch = r.fields["general.architecture"]
+    arch = bytes(arch.parts[arch.data[0]]).decode()
+    f = r.fields.get(f"{arch}.attention.key_length")
+    return None if f is None else int(f.parts[f.data[0]][0])
 
 
 def top(logits, k: int):

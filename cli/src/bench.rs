@@ -55,10 +55,10 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 1000)]
     pub prefix_tokens: usize,
     /// Repetitions of each measurement; the median is reported.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = crate::positive)]
     pub runs: usize,
     /// Also write the figures as JSON here.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::output_file)]
     pub json: Option<PathBuf>,
 }
 

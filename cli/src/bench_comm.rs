@@ -62,7 +62,7 @@ pub struct CommArgs {
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
     /// Also write the figures as JSON here.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::output_file)]
     pub json: Option<PathBuf>,
 }
 

@@ -38,13 +38,13 @@ pub struct KvArgs {
     #[arg(long)]
     pub transport: Option<Transport>,
     /// Prompt tokens whose KV is sent.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, value_parser = crate::positive)]
     pub tokens: usize,
     /// Transfers per measurement; the best is reported.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = crate::positive)]
     pub runs: usize,
     /// Also write the figures as JSON here.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::output_file)]
     pub json: Option<PathBuf>,
 }
 
@@ -236,6 +236,7 @@ fn transfer(
                 readiness.set(true);
                 tokio::spawn(node.serve(
                     tonic::service::Routes::new(svc),
+                    vec![tandem_proto::kv::SERVICE],
                     axum::Router::new(),
                     readiness,
                     cancel.clone(),

@@ -141,7 +141,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub pin: bool,
     /// Write the figures as JSON here.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::output_file)]
     pub json: Option<PathBuf>,
     /// Write PNG plots here (latency CDFs; goodput against offered load).
     #[arg(long)]

@@ -32,10 +32,10 @@ pub struct SpecArgs {
     #[arg(long, default_value_t = 160)]
     pub max_tokens: usize,
     /// Repetitions; each figure is the median.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = crate::positive)]
     pub runs: usize,
     /// Also write the figures as JSON here.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::output_file)]
     pub json: Option<PathBuf>,
 }
 

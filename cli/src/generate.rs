@@ -69,7 +69,7 @@ pub struct GenerateArgs {
     /// scores the prompt alone.
     #[arg(long, value_name = "K")]
     pub prompt_logprobs: Option<usize>,
-    /// Worker threads (default: all cores).
+    /// Worker threads (default, or 0: all cores).
     #[arg(long, env = "TANDEM_THREADS")]
     pub threads: Option<usize>,
     /// Tensor-parallel ranks (one process each; the output is the same bits).
@@ -97,8 +97,7 @@ struct Loaded {
 
 fn load(args: &GenerateArgs) -> Result<Loaded> {
     let path = crate::model_path(args.model.clone())?;
-    let src =
-        ModelSource::open(&path).with_context(|| format!("loading model {}", path.display()))?;
+    let src = ModelSource::open(&path).context("loading the model")?;
     let tokenizer = src.tokenizer().context("building the tokenizer")?;
     let template = match tokenizer.chat_template() {
         Some(t) => {

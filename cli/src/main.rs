@@ -63,15 +63,57 @@ enum ModelCommand {
     Synth(synth::SynthArgs),
 }
 
+/// Where [`notice`]s go in JSON mode: always shown, whatever `TANDEM_LOG`.
+const NOTICE_TARGET: &str = "tandem_notice";
+
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    use std::io::IsTerminal;
+    let (filter, bad) = match tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG") {
+        Ok(f) => (f, None),
+        Err(e) => (
+            tracing_subscriber::EnvFilter::new("warn"),
+            std::env::var("TANDEM_LOG").ok().map(|v| (v, e)),
+        ),
+    };
+    let filter = filter.add_directive(
+        format!("{NOTICE_TARGET}=info")
+            .parse()
+            .expect("a valid directive"),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Json => {
+            builder.json().init();
+            JSON_LOGS.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    // Nodes that `tandem up` or a sharded worker starts log the same way.
+    std::env::set_var(
+        "TANDEM_LOG_FORMAT",
+        match format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        },
+    );
+    if let Some((value, e)) = bad {
+        tracing::warn!("ignoring TANDEM_LOG={value:?} ({e}); logging warnings and errors");
+    }
+}
+
+/// A message for the person running the command (`tandem up`'s notices,
+/// the final error): plain on stderr, or a JSON line like every other
+/// under `--log-format json`.
+pub fn notice(msg: &str) {
+    if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
+        tracing::info!(target: NOTICE_TARGET, "{msg}");
+    } else {
+        eprintln!("{msg}");
     }
 }
 
@@ -108,7 +150,11 @@ fn main() {
         Command::Rank(args) => shard::run_rank(args),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
+            tracing::error!(target: NOTICE_TARGET, "{e:#}");
+        } else {
+            eprintln!("error: {e:#}");
+        }
         std::process::exit(1);
     }
 }
@@ -131,6 +177,29 @@ pub fn model_path(arg: Option<std::path::PathBuf>) -> Result<std::path::PathBuf>
 }
 
 /// Threads to use: `--threads`, else every core.
+/// Parses a count that must be at least 1 (a clap value parser).
+pub fn positive(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A file a benchmark will write its figures to: refused before the run
+/// when its directory does not exist, not after minutes of measuring.
+pub fn output_file(s: &str) -> std::result::Result<std::path::PathBuf, String> {
+    let p = std::path::PathBuf::from(s);
+    let dir = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        return Err(format!("directory {} does not exist", dir.display()));
+    }
+    Ok(p)
+}
+
 pub fn thread_count(arg: Option<usize>) -> usize {
     arg.filter(|&n| n > 0).unwrap_or_else(|| {
         std::thread::available_parallelism()

@@ -30,8 +30,8 @@ pub struct NodeArgs {
     /// A .gguf file or a Hugging Face directory (default: the installed default model).
     #[arg(long, env = "TANDEM_MODEL")]
     pub model: Option<PathBuf>,
-    /// Address to listen on.
-    #[arg(long, env = "TANDEM_HOST", default_value = "127.0.0.1")]
+    /// Address to listen on (an IP address, or a name such as localhost).
+    #[arg(long, env = "TANDEM_HOST", default_value = "127.0.0.1", value_parser = tandem_cluster::peers::resolve_host)]
     pub host: IpAddr,
     /// The node's one port, gRPC and HTTP (0 picks a free one and announces it).
     #[arg(long, env = "TANDEM_PORT", default_value_t = 0)]
@@ -39,7 +39,8 @@ pub struct NodeArgs {
     /// Shared by every node of the cluster; worker and KV ports refuse callers without it.
     #[arg(long, env = "TANDEM_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<String>,
-    /// Static peers, `ROLE=HOST:PORT,...` (the router's view of the cluster).
+    /// Static peers, `ROLE=HOST:PORT,...` (the router's view of the
+    /// cluster; a host name is looked up once, at start).
     #[arg(long, env = "TANDEM_PEERS")]
     pub peers: Option<PeerList>,
     /// etcd endpoints for discovery, `URL[,URL...]`: workers register there
@@ -83,7 +84,7 @@ pub struct NodeArgs {
 pub struct WorkerArgs {
     #[command(flatten)]
     pub node: NodeArgs,
-    /// Compute threads (default: all cores).
+    /// Compute threads (default, or 0: all cores).
     #[arg(long, env = "TANDEM_THREADS")]
     pub threads: Option<usize>,
     /// Keep an f32 copy of the weights for batched steps (auto|on|off): faster
@@ -137,7 +138,7 @@ pub struct WorkerArgs {
     #[arg(long, env = "TANDEM_ON_KV_FAILURE", value_enum, default_value_t = KvFailureArg::Fail)]
     pub on_kv_failure: KvFailureArg,
     /// Decode workers refuse new requests while this many wait for the batch (bounded queue).
-    #[arg(long, env = "TANDEM_MAX_WAITING", default_value_t = 256)]
+    #[arg(long, env = "TANDEM_MAX_WAITING", default_value_t = 256, value_parser = crate::positive)]
     pub max_waiting: usize,
     /// How long a decode worker keeps a transfer waiting for KV blocks its
     /// pool cannot spare yet (running sequences give them back as they
@@ -446,6 +447,40 @@ pub fn parse_size(s: &str) -> Result<usize> {
     Ok(bytes as usize)
 }
 
+/// Refuses a KV cache the machine cannot hold beside the weights. Each
+/// rank allocates its pool whole at start: more than the memory left
+/// would abort the process or, zero-filled page by page, push the machine
+/// into the OOM killer.
+fn check_memory(args: &WorkerArgs, kv_bytes: usize, model: &std::path::Path) -> Result<()> {
+    const GIB: f64 = (1u64 << 30) as f64;
+    let Some(avail) = tandem_engine::cpu::available_memory() else {
+        return Ok(());
+    };
+    // The weights, about their file's size (a directory's shards are not
+    // counted: the check is for gross mistakes, not a tight fit).
+    let weights = std::fs::metadata(model)
+        .ok()
+        .filter(|m| m.is_file())
+        .map_or(0, |m| m.len());
+    let ranks = (args.tp * args.pp) as u64;
+    let need = kv_bytes as u64 * ranks + weights;
+    if need > avail {
+        let each = if ranks > 1 {
+            format!(" for each of {ranks} ranks")
+        } else {
+            String::new()
+        };
+        bail!(
+            "--kv-cache-memory {}{each} ({:.2} GiB in all, with {:.2} GiB of weights) is more than the {:.2} GiB of memory available",
+            args.kv_cache_memory,
+            need as f64 / GIB,
+            weights as f64 / GIB,
+            avail as f64 / GIB,
+        );
+    }
+    Ok(())
+}
+
 /// A worker's engine, and what keeps a sharded one running.
 struct Started {
     engine: Arc<Engine>,
@@ -462,8 +497,8 @@ fn start_engine(args: &WorkerArgs) -> Result<Started> {
     }
     let kv_bytes = parse_size(&args.kv_cache_memory)?;
     let path = crate::model_path(args.node.model.clone())?;
-    let src =
-        ModelSource::open(&path).with_context(|| format!("loading model {}", path.display()))?;
+    check_memory(args, kv_bytes, &path)?;
+    let src = ModelSource::open(&path).context("loading the model")?;
     let tokenizer = src.tokenizer().context("building the tokenizer")?;
     let fingerprint = tandem_model::fingerprint::fingerprint(&src, &tokenizer);
     let threads = crate::thread_count(args.threads);
@@ -497,9 +532,18 @@ fn start_engine(args: &WorkerArgs) -> Result<Started> {
                 .ok(),
         },
     );
-    if engine.stats().total_blocks == 0 {
+    let blocks = engine.stats().total_blocks;
+    if blocks == 0 {
         bail!(
             "--kv-cache-memory {} holds no KV block of this model",
+            args.kv_cache_memory
+        );
+    }
+    let tokens = blocks * args.block_size;
+    let context = src.config.context_length;
+    if tokens < context {
+        tracing::warn!(
+            "--kv-cache-memory {} holds {tokens} tokens, less than the model's context of {context}: longer requests are refused",
             args.kv_cache_memory
         );
     }
@@ -625,7 +669,7 @@ pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
             ..TransferConfig::default()
         };
         let check = SecretCheck(secret.clone());
-        let (routes, kv) = match role {
+        let (routes, services, kv) = match role {
             Role::Prefill => {
                 let svc = tandem_prefill::PrefillService::new(
                     engine.clone(),
@@ -640,6 +684,7 @@ pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
                 );
                 (
                     tonic::service::Routes::new(WorkerServer::with_interceptor(svc, check)),
+                    vec![tandem_proto::worker::SERVICE],
                     None,
                 )
             }
@@ -669,16 +714,19 @@ pub fn run_worker(role: Role, args: WorkerArgs) -> Result<()> {
                 let kv_service = svc.take_kv_service();
                 let mut routes =
                     tonic::service::Routes::new(WorkerServer::with_interceptor(svc, check));
+                let mut services = vec![tandem_proto::worker::SERVICE];
                 if let Some(k) = kv_service {
                     routes = routes.add_service(k);
+                    services.push(tandem_proto::kv::SERVICE);
                 }
-                (routes, Some(kv))
+                (routes, services, Some(kv))
             }
             Role::Router => unreachable!("workers only"),
         };
         record.kv_addr = kv;
         let serve = tokio::spawn(server.serve(
             routes,
+            services,
             axum::Router::new(),
             readiness.clone(),
             shutdown.clone(),
@@ -727,8 +775,7 @@ pub fn run_router(args: RouterArgs) -> Result<()> {
         bail!("--disagg-max-cached-fraction must be in [0, 1]");
     }
     let path = crate::model_path(args.node.model.clone())?;
-    let src =
-        ModelSource::open(&path).with_context(|| format!("loading model {}", path.display()))?;
+    let src = ModelSource::open(&path).context("loading the model")?;
     let tokenizer = src.tokenizer().context("building the tokenizer")?;
     let fingerprint = tandem_model::fingerprint::fingerprint(&src, &tokenizer);
     let context_length = src.config.context_length;
@@ -794,9 +841,26 @@ pub fn run_router(args: RouterArgs) -> Result<()> {
         );
         let routes =
             tonic::service::Routes::new(tandem_router::api::generate_service(state.clone()));
+        // Ready only while some decode worker answers: a router without
+        // one could only refuse (or hold) requests, so a load balancer
+        // should send them elsewhere. The check also keeps
+        // `tandem_router_workers_healthy` current (the health task polls it).
+        readiness.require({
+            let d = dispatcher.clone();
+            move || match d.healthy_workers() {
+                (0, _) => Err("no decode worker is available"),
+                _ => Ok(()),
+            }
+        });
         let http = tandem_router::api::openai_routes(state)
             .merge(tandem_router::dashboard::dashboard_routes(dispatcher));
-        let serve = tokio::spawn(server.serve(routes, http, readiness.clone(), shutdown.clone()));
+        let serve = tokio::spawn(server.serve(
+            routes,
+            vec![tandem_proto::generate::SERVICE],
+            http,
+            readiness.clone(),
+            shutdown.clone(),
+        ));
         let registration = match etcd {
             Some(cfg) => {
                 let mut record =

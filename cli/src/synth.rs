@@ -20,7 +20,7 @@ pub enum Format {
 
 #[derive(clap::Args, Debug)]
 pub struct SynthArgs {
-    /// Architecture: llama or qwen2.
+    /// Architecture: llama, qwen2 or qwen3 (per-head query/key norms).
     #[arg(long, env = "TANDEM_SYNTH_ARCH")]
     pub arch: String,
     /// Shape preset: tiny, tiny-mqa, smollm2-135m, llama3-8b.

@@ -37,13 +37,14 @@ pub struct UpArgs {
     /// The router's port (the OpenAI API is at http://HOST:PORT/v1).
     #[arg(long, env = "TANDEM_PORT", default_value_t = 8000)]
     pub port: u16,
-    #[arg(long, env = "TANDEM_HOST", default_value = "127.0.0.1")]
+    /// Address the router listens on (an IP address, or a name such as localhost).
+    #[arg(long, env = "TANDEM_HOST", default_value = "127.0.0.1", value_parser = tandem_cluster::peers::resolve_host)]
     pub host: std::net::IpAddr,
     /// Bearer key clients must present.
     #[arg(long, env = "TANDEM_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// Cores to use in all (default: every core).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::positive)]
     pub cores: Option<usize>,
     /// KV cache per worker (see `tandem decode --help`).
     #[arg(long, default_value = "1GiB")]
@@ -238,6 +239,12 @@ pub fn run(args: UpArgs) -> Result<()> {
     let prefill = if args.colocated { 0 } else { args.prefill };
     let model = crate::model_path(args.model.clone())?;
     let cores = args.cores.unwrap_or_else(|| crate::thread_count(None));
+    let here = crate::thread_count(None);
+    if cores > here {
+        tracing::warn!(
+            "--cores {cores} is more than the {here} this machine has: the workers' threads will compete for them"
+        );
+    }
     let (p_threads, d_threads) = split_cores(cores, prefill, args.decode);
     let secret = std::env::var("TANDEM_CLUSTER_SECRET")
         .ok()
@@ -264,15 +271,15 @@ pub fn run(args: UpArgs) -> Result<()> {
         ]
     };
     if prefill > 0 {
-        eprintln!(
+        crate::notice(&format!(
             "tandem up: {cores} cores: {prefill} prefill worker(s) x {p_threads} thread(s), {} decode worker(s) x {d_threads} thread(s)",
             args.decode
-        );
+        ));
     } else {
-        eprintln!(
+        crate::notice(&format!(
             "tandem up: {cores} cores: {} colocated worker(s) x {d_threads} thread(s)",
             args.decode
-        );
+        ));
     }
     let mut nodes: Vec<Supervised> = Vec::new();
     for i in 0..prefill {
@@ -336,7 +343,7 @@ pub fn run(args: UpArgs) -> Result<()> {
     let stop_nodes = |nodes: Vec<Supervised>| stop_all(nodes.into_iter().map(|n| n.node).collect());
     loop {
         if stop.load(std::sync::atomic::Ordering::Relaxed) {
-            eprintln!("tandem up: stopping");
+            crate::notice("tandem up: stopping");
             stop_nodes(nodes);
             return Ok(());
         }
@@ -407,7 +414,9 @@ impl Supervised {
                 );
             }
             self.restarts.push_back(now);
-            eprintln!("tandem up: the {role} node {why}; starting it again on port {port}");
+            crate::notice(&format!(
+                "tandem up: the {role} node {why}; starting it again on port {port}"
+            ));
             let args = with_port(&self.args, port);
             match spawn(role, &args, secret, &self.log_prefix) {
                 Ok(node) => {

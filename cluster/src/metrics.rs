@@ -61,6 +61,9 @@ pub const ROUTER_RESUMED: &str = "tandem_router_resumed_total";
 pub const ROUTER_PREFILL_RETRIES: &str = "tandem_router_prefill_retries_total";
 /// Workers the router routes to (label `worker_role`: prefill|decode).
 pub const ROUTER_WORKERS: &str = "tandem_router_workers";
+/// Of those, the ones the router may send work to now: the last call and
+/// load poll worked (label `worker_role`).
+pub const ROUTER_WORKERS_HEALTHY: &str = "tandem_router_workers_healthy";
 pub const ROUTER_WORKERS_MARKED_DOWN: &str = "tandem_router_workers_marked_down_total";
 
 // Worker engine state.
@@ -235,6 +238,10 @@ pub fn describe() {
     g(
         ROUTER_WORKERS,
         "Workers the router routes to, by worker role",
+    );
+    g(
+        ROUTER_WORKERS_HEALTHY,
+        "Workers the router routes to that answer (not marked down), by worker role",
     );
     g(
         WAITING_SEQUENCES,

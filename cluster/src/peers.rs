@@ -31,13 +31,43 @@ impl std::str::FromStr for PeerList {
                 .split_once('=')
                 .ok_or_else(|| format!("peer {item:?} is not ROLE=HOST:PORT"))?;
             let role: Role = role.parse()?;
-            let addr = addr
-                .parse()
-                .map_err(|e| format!("peer {item:?}: bad address: {e}"))?;
+            let addr = resolve(addr).map_err(|e| format!("peer {item:?}: {e}"))?;
             out.push(Peer { role, addr });
         }
         Ok(Self(out))
     }
+}
+
+/// `HOST:PORT` as an address: an IP address as written, or a name (a
+/// Kubernetes Service, `localhost`) looked up once, now, taking its first
+/// address.
+pub fn resolve(hostport: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = hostport.parse() {
+        return Ok(a);
+    }
+    if hostport
+        .rsplit_once(':')
+        .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+    {
+        return Err(format!("{hostport:?} is not HOST:PORT"));
+    }
+    hostport
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {hostport:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{hostport:?} resolves to no address"))
+}
+
+/// A host to listen on: an IP address, or a name resolved to its first
+/// address (`localhost`).
+pub fn resolve_host(host: &str) -> Result<std::net::IpAddr, String> {
+    if let Ok(ip) = host.parse() {
+        return Ok(ip);
+    }
+    resolve(&format!("{host}:0"))
+        .map(|a| a.ip())
+        .map_err(|_| format!("{host:?} is neither an IP address nor a name that resolves"))
 }
 
 impl std::fmt::Display for PeerList {
@@ -65,5 +95,16 @@ mod tests {
         assert!("prefill:127.0.0.1:1".parse::<PeerList>().is_err());
         assert!("gpu=127.0.0.1:1".parse::<PeerList>().is_err());
         assert!("decode=localhost".parse::<PeerList>().is_err());
+        assert!("decode=:80".parse::<PeerList>().is_err());
+        // Names are looked up (here in /etc/hosts).
+        let named: PeerList = "decode=localhost:7002".parse().unwrap();
+        assert!(named.0[0].addr.ip().is_loopback());
+        assert_eq!(named.0[0].addr.port(), 7002);
+        assert!(resolve_host("localhost").unwrap().is_loopback());
+        assert_eq!(
+            resolve_host("::1").unwrap(),
+            std::net::IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1])
+        );
+        assert!(resolve_host("no such host!").is_err());
     }
 }

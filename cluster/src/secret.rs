@@ -39,15 +39,30 @@ pub struct SecretCheck(pub ClusterSecret);
 
 impl tonic::service::Interceptor for SecretCheck {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        match req.metadata().get(SECRET_METADATA) {
-            Some(v) if self.0.matches(v.as_bytes()) => Ok(req),
-            Some(_) => Err(Status::unauthenticated("wrong cluster secret")),
-            None => Err(Status::unauthenticated(format!(
-                "missing cluster secret ({SECRET_METADATA} metadata)"
-            ))),
-        }
+        let why = match req.metadata().get(SECRET_METADATA) {
+            Some(v) if self.0.matches(v.as_bytes()) => return Ok(req),
+            Some(_) => "wrong cluster secret".to_string(),
+            None => format!("missing cluster secret ({SECRET_METADATA} metadata)"),
+        };
+        warn_refused(&why, req.remote_addr());
+        Err(Status::unauthenticated(why))
     }
 }
+
+/// Logs a refused caller, at most once per [`REFUSAL_LOG_EVERY`]: a
+/// misconfigured router polls every second or so.
+fn warn_refused(why: &str, from: Option<std::net::SocketAddr>) {
+    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    let Ok(mut last) = LAST.lock() else { return };
+    if last.is_some_and(|t| t.elapsed() < REFUSAL_LOG_EVERY) {
+        return;
+    }
+    *last = Some(std::time::Instant::now());
+    let from = from.map_or_else(|| "unknown".to_string(), |a| a.to_string());
+    tracing::warn!(%from, "refused a caller: {why} (is TANDEM_CLUSTER_SECRET the same on every node?)");
+}
+
+const REFUSAL_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {

@@ -19,15 +19,48 @@ use tower::ServiceExt;
 
 /// Whether the node takes work (`/ready`, gRPC health). Liveness
 /// (`/health`) is simply "the process answers".
-#[derive(Clone, Default, Debug)]
-pub struct Readiness(Arc<AtomicBool>);
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<ReadinessState>);
+
+#[derive(Default)]
+struct ReadinessState {
+    /// Serving and not draining.
+    up: AtomicBool,
+    /// What else the node needs to do its job (a router: a decode worker
+    /// to send requests to), with what to say while it lacks it.
+    needs: OnceLock<Box<dyn Fn() -> Result<(), &'static str> + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Readiness").field(&self.check()).finish()
+    }
+}
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Release);
+        self.0.up.store(ready, Ordering::Release);
     }
+
+    /// Makes readiness also depend on `check` (the first call wins), which
+    /// says why the node cannot take work when it cannot.
+    pub fn require(&self, check: impl Fn() -> Result<(), &'static str> + Send + Sync + 'static) {
+        let _ = self.0.needs.set(Box::new(check));
+    }
+
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.check().is_ok()
+    }
+
+    /// Ready, or why not.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if !self.0.up.load(Ordering::Acquire) {
+            return Err("not ready");
+        }
+        match self.0.needs.get() {
+            Some(check) => check(),
+            None => Ok(()),
+        }
     }
 }
 
@@ -103,9 +136,11 @@ impl NodeServer {
     }
 
     /// Serves until `shutdown`, then lets in-flight requests finish.
+    /// `services` names the gRPC services in `grpc`, which reflection lists.
     pub async fn serve(
         self,
         grpc: tonic::service::Routes,
+        services: Vec<&'static str>,
         http: axum::Router,
         readiness: Readiness,
         shutdown: CancellationToken,
@@ -115,7 +150,7 @@ impl NodeServer {
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
         let (reflection, reflection_v1alpha) =
-            tandem_proto::reflection_services(&[tonic_health::pb::FILE_DESCRIPTOR_SET])
+            tandem_proto::reflection_services(&services, &[tonic_health::pb::FILE_DESCRIPTOR_SET])
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
         let grpc = grpc
             .add_service(health)
@@ -130,12 +165,11 @@ impl NodeServer {
             .route(
                 "/ready",
                 get(move || {
-                    let ready = r.is_ready();
+                    let ready = r.check();
                     async move {
-                        if ready {
-                            (StatusCode::OK, "ready\n")
-                        } else {
-                            (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                        match ready {
+                            Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                            Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
                         }
                     }
                 }),
@@ -295,6 +329,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let serving = tokio::spawn(server.serve(
             tonic::service::Routes::default(),
+            Vec::new(),
             axum::Router::new(),
             Readiness::default(),
             shutdown.clone(),

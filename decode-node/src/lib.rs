@@ -47,7 +47,8 @@ pub struct DecodeConfig {
     pub secret: ClusterSecret,
     pub transfer: TransferConfig,
     pub threads: u32,
-    /// Longest a remote prefill (compute plus transfer) may take.
+    /// Longest a remote prefill (compute plus transfer) may take, plus
+    /// `tandem_kv_transfer::PREFILL_ALLOWANCE_PER_TOKEN` per prompt token.
     pub prefill_timeout: Duration,
     /// New requests are refused (the router tries another worker or answers
     /// 503) while this many wait for a place in the batch: the queue stays
@@ -133,6 +134,11 @@ impl DecodeService {
         drain: Drain,
         shutdown: CancellationToken,
     ) -> Result<Self, tandem_kv_transfer::KvTransferError> {
+        // Failure counters read 0 from the start, not "no data" until the
+        // first failure (dashboards and alerts on their rate need them).
+        metrics::counter!(metrics_names::KV_TRANSFER_FAILURES, "direction" => "received")
+            .absolute(0);
+        metrics::counter!(metrics_names::KV_RECOMPUTED).absolute(0);
         let expected = LayoutDescriptor::new(cfg.model_fingerprint.clone(), engine.kv_layout());
         let receiver = ReceiverConfig {
             expected,
@@ -278,12 +284,15 @@ impl Inner {
             transfer_id,
             n: spec.choices() as u32,
         });
-        call.set_timeout(self.cfg.prefill_timeout);
+        let prefill_timeout = self.cfg.prefill_timeout
+            + tandem_kv_transfer::PREFILL_ALLOWANCE_PER_TOKEN
+                * spec.prompt.len().min(u32::MAX as usize) as u32;
+        call.set_timeout(prefill_timeout);
         let call = self.cfg.secret.attach(call);
         // Never cancelled: the select below drops the receive instead.
         let cancel = CancellationToken::new();
         let receive = async {
-            let receiver = tokio::time::timeout(self.cfg.prefill_timeout, rx)
+            let receiver = tokio::time::timeout(prefill_timeout, rx)
                 .await
                 .map_err(|_| Status::unavailable("the prefill worker never connected"))?
                 .map_err(|_| Status::internal("KV listener gone"))?;

@@ -168,10 +168,19 @@ struct Layer {
     attn_norm: Vec<f32>,
     qkv: Proj,
     qkv_bias: Option<Vec<f32>>,
+    /// Per-head RMSNorm weights of the queries and the keys (qwen3).
+    qk_norm: Option<QkNorm>,
     wo: RowProj,
     ffn_norm: Vec<f32>,
     gate_up: Proj,
     down: RowProj,
+}
+
+/// Per-head RMSNorm weights of the queries and the keys, one per head
+/// dimension, applied to every head before RoPE.
+struct QkNorm {
+    q: Vec<f32>,
+    k: Vec<f32>,
 }
 
 /// Which logits a sequence wants from a step.
@@ -644,6 +653,14 @@ impl Model {
             } else {
                 None
             };
+            let qk_norm = if cfg.qk_norm {
+                Some(QkNorm {
+                    q: vec("attn_q_norm.weight", hd)?,
+                    k: vec("attn_k_norm.weight", hd)?,
+                })
+            } else {
+                None
+            };
             let (wq, wk, wv) = (
                 t("attn_q.weight", &[qd, h])?,
                 t("attn_k.weight", &[kvd, h])?,
@@ -665,6 +682,7 @@ impl Model {
                 attn_norm: vec("attn_norm.weight", h)?,
                 qkv: Proj::new(&[q.tensor(), k.tensor(), v.tensor()])?,
                 qkv_bias,
+                qk_norm,
                 wo: if whole {
                     RowProj::Whole(Proj::new(&[wo])?)
                 } else {
@@ -903,6 +921,15 @@ impl Model {
                 if let Some(b) = &layer.qkv_bias {
                     for (v, bi) in row.iter_mut().zip(b) {
                         *v += bi;
+                    }
+                }
+                if let Some(n) = &layer.qk_norm {
+                    let (q, k) = row[..qd + kvd].split_at_mut(qd);
+                    for head in q.chunks_exact_mut(hd) {
+                        ops::rms_norm_in_place(head, &n.q, c.rms_eps);
+                    }
+                    for head in k.chunks_exact_mut(hd) {
+                        ops::rms_norm_in_place(head, &n.k, c.rms_eps);
                     }
                 }
                 let (cs, sn) = (

@@ -91,6 +91,16 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// [`rms_norm`] of `x` into itself (a query or key head, say).
+#[inline(always)]
+pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let mean = sum_squares(x) / x.len() as f32;
+    let r = 1.0 / (mean + eps).sqrt();
+    for (xi, wi) in x.iter_mut().zip(w) {
+        *xi = wi * (*xi * r);
+    }
+}
+
 /// `gate ← silu(gate) · up`, with `silu(g) = g / (1 + e^-g)`.
 #[inline(always)]
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {

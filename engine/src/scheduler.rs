@@ -401,14 +401,22 @@ impl Scheduler {
     /// `Ok(None)` when the pool cannot spare them now: the caller waits
     /// (see [`Scheduler::set_transfers_waiting`]) and asks again. The rule
     /// is admission's: room for the whole prompt plus a block for each
-    /// running sequence to grow into, so a transfer does not land only to
-    /// have the batch's growth preempt it. The caller writes the blocks
+    /// running sequence to grow into (the rest of its prompt, for one
+    /// still computing it), so a transfer does not land only to have the
+    /// batch's growth preempt it. The caller writes the blocks
     /// (see `KvPool::transfer_writer`), then hands them over with
     /// [`Scheduler::add_prefilled`], or gives them back with
     /// [`Scheduler::release`] if the transfer fails.
     pub fn reserve_for_transfer(&mut self, prompt_tokens: usize) -> Result<Option<SeqKv>> {
         let need = self.pool.layout().blocks_for(prompt_tokens);
-        if !self.make_room(need + self.running.len()) {
+        // A prompt admitted and still computing was promised room for the
+        // rest of it: a reservation must not take that room away.
+        let promised: usize = self
+            .running
+            .iter()
+            .map(|s| self.blocks_needed(s, s.pending()).max(1))
+            .sum();
+        if !self.make_room(need + promised) {
             return Ok(None);
         }
         let mut kv = SeqKv::default();
@@ -884,12 +892,18 @@ impl Scheduler {
             })
             .collect();
         if plan.is_empty() {
-            // Everything is blocked on memory with nobody to preempt: the
-            // admission check makes this impossible for a single request.
-            return Err(EngineError::OutOfBlocks {
-                needed: 1,
-                free: self.pool.free_blocks(),
-            });
+            // Nothing can run: the decodes preempted one another down to
+            // none, or the prompts still computing found no block. Blocks
+            // held outside the batch (reservations for transfers in
+            // flight, which end in an install or a release) or by prompts
+            // that were all admitted against the same free blocks cause
+            // it. Not a failure: the youngest gives its blocks back and
+            // waits to be admitted again, so the others (or, once a
+            // transfer lands, the pool) move on.
+            if let Some(v) = self.youngest_except(&[]) {
+                self.preempt(v);
+            }
+            return Ok(true);
         }
         plan.sort_by_key(|(o, _)| *o);
 

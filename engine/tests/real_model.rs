@@ -768,6 +768,86 @@ mod batching {
         assert_eq!(s.pool().free_blocks(), s.pool().n_blocks());
     }
 
+    /// A sequence that outgrows what a transfer's reservation left of the
+    /// pool is preempted, not failed (a step that can plan nothing is not
+    /// an error), and once the reservation is given back it finishes with
+    /// the tokens it has alone.
+    #[test]
+    fn a_sequence_squeezed_by_a_reservation_waits_instead_of_failing() {
+        let params = SamplingParams::greedy();
+        let m = model();
+        let mut s = scheduler(8, 256, false); // 8 blocks of 16 tokens
+        let p: Vec<u32> = (0..40).map(|i| 100 + (i * 97 + 3) % 20000).collect();
+        let (tx, rx) = channel();
+        s.add(request(1, &p, &params, 40), Box::new(tx)).unwrap();
+        s.step(m).unwrap(); // prefilled: 3 blocks
+        let kv = s
+            .reserve_for_transfer(64)
+            .unwrap()
+            .expect("4 blocks + 1 headroom of 5 free");
+        // It grows into the last free block (at 48 tokens), then has
+        // nowhere to go at 64.
+        for _ in 0..40 {
+            s.step(m).expect("a squeezed batch waits");
+        }
+        assert!(s.stats().preemptions >= 1, "{:?}", s.stats());
+        assert_eq!(s.stats().running, 0, "it waits for the reservation");
+        let mut runs = vec![Run {
+            rx,
+            tokens: vec![],
+            finished: None,
+        }];
+        drain(&mut runs);
+        assert!(runs[0].finished.is_none(), "not failed, not finished");
+        s.release(kv);
+        let mut steps = 0;
+        while s.has_work() {
+            s.step(m).unwrap();
+            steps += 1;
+            assert!(steps < 1_000, "no progress after the release");
+        }
+        drain(&mut runs);
+        assert_eq!(runs[0].tokens, alone(&p, &params, 40));
+        assert_eq!(runs[0].finished.map(|f| f.0), Some(FinishReason::Length));
+        assert_eq!(s.pool().free_blocks(), s.pool().n_blocks());
+    }
+
+    /// A reservation leaves a prompt that is still computing the room it
+    /// was admitted with.
+    #[test]
+    fn a_reservation_keeps_the_room_of_a_prompt_being_computed() {
+        let params = SamplingParams::greedy();
+        let m = model();
+        // 8 blocks, 16-token chunks: a 64-token prompt (4 blocks) takes
+        // four steps to compute.
+        let mut s = scheduler(8, 16, false);
+        let p: Vec<u32> = (0..64).map(|i| 100 + (i * 89 + 5) % 20000).collect();
+        let (tx, rx) = channel();
+        s.add(request(1, &p, &params, 8), Box::new(tx)).unwrap();
+        s.step(m).unwrap(); // one chunk in: 1 block held, 3 to come
+        assert!(
+            s.reserve_for_transfer(80).unwrap().is_none(),
+            "5 blocks + the prompt's 3 of 7 free"
+        );
+        let kv = s
+            .reserve_for_transfer(48)
+            .unwrap()
+            .expect("3 blocks + the prompt's 3 of 7 free");
+        let mut runs = vec![Run {
+            rx,
+            tokens: vec![],
+            finished: None,
+        }];
+        while s.has_work() {
+            s.step(m).unwrap();
+        }
+        drain(&mut runs);
+        assert_eq!(runs[0].tokens, alone(&p, &params, 8));
+        assert_eq!(s.stats().preemptions, 0, "it was never squeezed");
+        s.release(kv);
+        assert_eq!(s.pool().free_blocks(), s.pool().n_blocks());
+    }
+
     #[test]
     fn prefix_cache_hits_give_the_same_tokens() {
         let ps = prompts();

@@ -148,6 +148,32 @@ fn replicated_kv_heads_match_the_single_process() {
     check_shape(&path, &reference, 2, 1, 12);
 }
 
+/// qwen3's per-head query/key norms on the heads each rank holds.
+#[test]
+fn qwen3_shards_match_the_single_process() {
+    use tandem_model::quant::GgmlType;
+    use tandem_model::synth::{synth, Arch, SynthFormat, SynthShape, SynthSpec, SynthTokenizer};
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("sharded-qwen3-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tiny-qwen3-q8_0.gguf");
+    let spec = SynthSpec {
+        arch: Arch::Qwen3,
+        shape: SynthShape::preset("tiny").unwrap(),
+        seed: 1,
+        format: SynthFormat::Gguf {
+            weight_type: GgmlType::Q8_0,
+        },
+        tokenizer: SynthTokenizer::Gpt2,
+    };
+    synth(&spec, &path).unwrap();
+    let reference = single(&path);
+    for (tp, pp) in [(2, 1), (2, 2)] {
+        check_shape(&path, &reference, tp, pp, 12);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn shapes_that_cannot_be_exact_are_refused() {
     let src = ModelSource::open(&default_model()).unwrap();

@@ -5,8 +5,8 @@
 //! trips, and a check that the generator still reproduces every committed
 //! checkpoint byte for byte and the checkpoint the JSON was computed on.
 //!
-//! Together they cover what the one real model does not: llama and qwen2
-//! (Q/K/V biases), GGUF and sharded safetensors, MQA with a separate LM
+//! Together they cover what the one real model does not: llama, qwen2
+//! (Q/K/V biases) and qwen3 (per-head query/key norms), GGUF and sharded safetensors, MQA with a separate LM
 //! head, the K-quants Q4_K/Q5_K/Q6_K, Q4_0, Q8_0, F16 and BF16, and both
 //! tokenizer families.
 
@@ -44,7 +44,7 @@ fn gguf(weight_type: GgmlType) -> SynthFormat {
 
 /// Must match the commands in `fixtures/synth/README.md`.
 fn fixtures() -> Vec<Fixture> {
-    use Arch::{Llama, Qwen2};
+    use Arch::{Llama, Qwen2, Qwen3};
     use SynthTokenizer::{Gpt2, SentencePiece};
     let f = |file, arch, shape, format, tokenizer, committed| Fixture {
         file,
@@ -111,6 +111,25 @@ fn fixtures() -> Vec<Fixture> {
             Llama,
             "tiny",
             gguf(GgmlType::F16),
+            Gpt2,
+            false,
+        ),
+        f(
+            "tiny-qwen3-q8_0.gguf",
+            Qwen3,
+            "tiny",
+            gguf(GgmlType::Q8_0),
+            Gpt2,
+            false,
+        ),
+        f(
+            "tiny-qwen3-bf16",
+            Qwen3,
+            "tiny",
+            SynthFormat::Safetensors {
+                dtype: GgmlType::BF16,
+                shards: 1,
+            },
             Gpt2,
             false,
         ),

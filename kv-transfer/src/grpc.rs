@@ -108,9 +108,11 @@ pub async fn serve(
     let (svc, rx) = kv_service(cfg);
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<GrpcKvService>().await;
-    let (reflection, reflection_v1alpha) =
-        tandem_proto::reflection_services(&[tonic_health::pb::FILE_DESCRIPTOR_SET])
-            .map_err(|e| KvTransferError::Grpc(e.to_string()))?;
+    let (reflection, reflection_v1alpha) = tandem_proto::reflection_services(
+        &[tandem_proto::kv::SERVICE],
+        &[tonic_health::pb::FILE_DESCRIPTOR_SET],
+    )
+    .map_err(|e| KvTransferError::Grpc(e.to_string()))?;
     let task = tokio::spawn(async move {
         server_builder()
             .add_service(health)

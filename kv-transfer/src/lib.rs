@@ -39,6 +39,7 @@ pub use tcp::{PendingKv, TcpKvListener, TcpSender, TcpTransport};
 pub use tokio_util::sync::CancellationToken;
 pub use transport::{
     BlockRegion, KvReceiver, KvSender, KvTransport, ReceiverConfig, TransferConfig,
+    PREFILL_ALLOWANCE_PER_TOKEN,
 };
 
 #[cfg(feature = "cuda")]

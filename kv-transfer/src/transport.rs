@@ -28,7 +28,9 @@ pub struct TransferConfig {
     /// Longest wait for any single read or write (a stalled peer fails here).
     pub io_timeout: Duration,
     /// Longest a whole transfer may take (a transfer that never completes
-    /// must not hold reserved blocks forever).
+    /// must not hold reserved blocks forever), plus
+    /// [`PREFILL_ALLOWANCE_PER_TOKEN`] for each prompt token: see
+    /// [`TransferConfig::deadline_for`].
     pub transfer_timeout: Duration,
     /// Each side holds its part of a transfer (the sender its computed
     /// layers, the receiver its reserved blocks) under a lease that the
@@ -131,7 +133,8 @@ impl KvReceiver {
         cancel: &CancellationToken,
     ) -> Result<TransferSummary> {
         let layout = self.handshake.layout.layout;
-        let (deadline, tokens) = (self.cfg.transfer_timeout, self.handshake.tokens);
+        let tokens = self.handshake.tokens;
+        let deadline = self.cfg.deadline_for(tokens as usize);
         let work = async move {
             match self.inner {
                 ReceiverInner::Tcp(t) => t.receive(layout, tokens, &self.cfg, sink).await,
@@ -148,7 +151,20 @@ impl KvReceiver {
     }
 }
 
+/// Time allowed per prompt token on top of a fixed deadline, for a
+/// transfer that streams while its prompt is computed: a long prompt on a
+/// busy CPU worker takes minutes, and failing it at a fixed deadline
+/// throws the work away and marks a healthy worker down. 25 ms is a
+/// prefill of 40 tokens/s, far below any worker's (a dead or hung peer is
+/// caught sooner by the lease).
+pub const PREFILL_ALLOWANCE_PER_TOKEN: Duration = Duration::from_millis(25);
+
 impl TransferConfig {
+    /// The whole-transfer deadline for a prompt of `tokens`.
+    pub fn deadline_for(&self, tokens: usize) -> Duration {
+        self.transfer_timeout + PREFILL_ALLOWANCE_PER_TOKEN * tokens.min(u32::MAX as usize) as u32
+    }
+
     /// How often a side with nothing to send says it is still there.
     pub fn heartbeat_every(&self) -> Duration {
         (self.lease / 3).max(Duration::from_millis(1))
@@ -164,4 +180,21 @@ pub(crate) async fn with_deadline<T>(
     tokio::time::timeout(after, f)
         .await
         .unwrap_or(Err(KvTransferError::Timeout { what, after }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_longer_prompt_gets_a_longer_deadline() {
+        let cfg = TransferConfig::default();
+        assert_eq!(cfg.deadline_for(0), cfg.transfer_timeout);
+        assert_eq!(
+            cfg.deadline_for(8_000),
+            cfg.transfer_timeout + Duration::from_secs(200)
+        );
+        // A peer's absurd token count cannot overflow the arithmetic.
+        assert!(cfg.deadline_for(usize::MAX) > cfg.transfer_timeout);
+    }
 }

@@ -9,6 +9,9 @@ use crate::gguf::GgufFile;
 pub enum Arch {
     Llama,
     Qwen2,
+    /// Qwen2's layout without the Q/K/V bias, with each query and key head
+    /// RMS-normalised before RoPE.
+    Qwen3,
 }
 
 impl Arch {
@@ -16,6 +19,7 @@ impl Arch {
         match name {
             "llama" | "mistral" => Ok(Arch::Llama),
             "qwen2" => Ok(Arch::Qwen2),
+            "qwen3" => Ok(Arch::Qwen3),
             other => Err(ModelError::UnsupportedArchitecture(other.to_string())),
         }
     }
@@ -23,6 +27,7 @@ impl Arch {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
         }
     }
 }
@@ -76,6 +81,10 @@ pub struct ModelConfig {
     pub tie_embeddings: bool,
     /// Q/K/V projections carry a bias (qwen2).
     pub qkv_bias: bool,
+    /// Each query and key head is RMS-normalised (its own weights, one per
+    /// head dimension, shared by the heads) before RoPE (qwen3).
+    #[serde(default)]
+    pub qk_norm: bool,
 }
 
 impl ModelConfig {
@@ -176,7 +185,7 @@ impl ModelConfig {
             },
             rope_style: match arch {
                 Arch::Llama => RopeStyle::Interleaved,
-                Arch::Qwen2 => RopeStyle::Neox,
+                Arch::Qwen2 | Arch::Qwen3 => RopeStyle::Neox,
             },
             rope_scaling,
             rms_eps: meta_f32(file, &k("attention.layer_norm_rms_epsilon"))?,
@@ -184,6 +193,7 @@ impl ModelConfig {
             context_length: meta_usize(file, &k("context_length"))?,
             tie_embeddings: file.tensor_info("output.weight").is_none(),
             qkv_bias: file.tensor_info("blk.0.attn_q.bias").is_some(),
+            qk_norm: file.tensor_info("blk.0.attn_q_norm.weight").is_some(),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -254,6 +264,17 @@ impl ModelConfig {
                 }
             }
         };
+        // Llama's and Qwen3's optional biases also add one to the output
+        // projection (and the MLP's): weights the forward pass has no
+        // place for, so refused rather than silently dropped.
+        for key in ["attention_bias", "mlp_bias"] {
+            if arch != Arch::Qwen2 && v.get(key).and_then(|x| x.as_bool()) == Some(true) {
+                return Err(ModelError::Config(format!(
+                    "config.json: '{key}: true' (projection biases) is not supported for {}",
+                    arch.name()
+                )));
+            }
+        }
         let tie = v
             .get("tie_word_embeddings")
             .and_then(|x| x.as_bool())
@@ -275,6 +296,7 @@ impl ModelConfig {
             context_length: num("max_position_embeddings")?,
             tie_embeddings: tie,
             qkv_bias: arch == Arch::Qwen2,
+            qk_norm: arch == Arch::Qwen3,
         };
         cfg.validate()?;
         Ok(cfg)

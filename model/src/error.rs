@@ -6,11 +6,18 @@ use std::path::PathBuf;
 /// the file or tensor involved so the message is actionable on its own.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("cannot open model file {path}: {source}")]
+    // The OS error is in the message and not also the error's source (a
+    // field named `source` would be one), so a chain printed whole (`{:#}`)
+    // says it once.
+    #[error("cannot open model file {path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
+    },
+    #[error("cannot write {path}: {cause}")]
+    Write {
+        path: PathBuf,
+        cause: std::io::Error,
     },
     #[error("{path}: not a valid GGUF file: {reason}")]
     InvalidGguf { path: PathBuf, reason: String },
@@ -18,7 +25,7 @@ pub enum ModelError {
     Truncated { path: PathBuf, reason: String },
     #[error("unsupported tensor type {0} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K)")]
     UnsupportedType(String),
-    #[error("unsupported architecture '{0}' (supported: llama, mistral, qwen2)")]
+    #[error("unsupported architecture '{0}' (supported: llama, mistral, qwen2, qwen3)")]
     UnsupportedArchitecture(String),
     #[error("missing metadata key '{0}'")]
     MissingMetadata(String),

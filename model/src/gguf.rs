@@ -341,7 +341,7 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let io = |source| ModelError::Io {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         };
         let file = std::fs::File::open(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
@@ -719,7 +719,7 @@ pub fn write_gguf(
 
     let io = |source| ModelError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     };
     let file = std::fs::File::create(path).map_err(io)?;
     let mut w = std::io::BufWriter::new(file);

@@ -80,7 +80,7 @@ impl std::fmt::Debug for HfDir {
 fn io_err(path: &Path, source: std::io::Error) -> ModelError {
     ModelError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     }
 }
 

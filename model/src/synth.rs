@@ -254,6 +254,7 @@ impl SynthSpec {
             context_length: s.context_length,
             tie_embeddings: s.tie_embeddings,
             qkv_bias: self.arch == Arch::Qwen2,
+            qk_norm: self.arch == Arch::Qwen3,
         }
     }
 
@@ -474,6 +475,22 @@ fn plan(spec: &SynthSpec) -> Vec<Planned> {
                 false,
             );
         }
+        if spec.arch == Arch::Qwen3 {
+            push(
+                "attn_q_norm.weight",
+                "self_attn.q_norm.weight",
+                vec![s.head_dim],
+                Init::Norm,
+                false,
+            );
+            push(
+                "attn_k_norm.weight",
+                "self_attn.k_norm.weight",
+                vec![s.head_dim],
+                Init::Norm,
+                false,
+            );
+        }
         push(
             "attn_output.weight",
             "self_attn.o_proj.weight",
@@ -637,9 +654,9 @@ fn write_tensor_data(w: &mut dyn Write, seed: u64, t: &Planned, path: &Path) -> 
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> ModelError {
-    ModelError::Io {
+    ModelError::Write {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     }
 }
 
@@ -1216,7 +1233,9 @@ fn gguf_metadata(spec: &SynthSpec, v: &Vocab, weight_type: GgmlType) -> Vec<(Str
         (format!("{a}.vocab_size"), u32v(s.vocab_size)),
         (format!("{a}.rope.dimension_count"), u32v(s.head_dim)),
     ];
-    if s.n_heads * s.head_dim != s.hidden {
+    // Qwen3's readers (transformers among them) take a default head
+    // dimension of 128 unless told, so its converter always writes it.
+    if s.n_heads * s.head_dim != s.hidden || spec.arch == Arch::Qwen3 {
         m.push((format!("{a}.attention.key_length"), u32v(s.head_dim)));
         m.push((format!("{a}.attention.value_length"), u32v(s.head_dim)));
     }
@@ -1227,7 +1246,7 @@ fn gguf_metadata(spec: &SynthSpec, v: &Vocab, weight_type: GgmlType) -> Vec<(Str
         SynthTokenizer::Gpt2 => {
             let pre = match spec.arch {
                 Arch::Llama => "smollm",
-                Arch::Qwen2 => "qwen2",
+                Arch::Qwen2 | Arch::Qwen3 => "qwen2",
             };
             m.push((
                 "tokenizer.ggml.model".into(),
@@ -1465,7 +1484,7 @@ fn hf_config(spec: &SynthSpec, v: &Vocab, dtype: GgmlType) -> serde_json::Value 
     let s = &spec.shape;
     let (_, torch) = st_dtype(dtype);
     let mut c = serde_json::json!({
-        "architectures": [match spec.arch { Arch::Llama => "LlamaForCausalLM", Arch::Qwen2 => "Qwen2ForCausalLM" }],
+        "architectures": [match spec.arch { Arch::Llama => "LlamaForCausalLM", Arch::Qwen2 => "Qwen2ForCausalLM", Arch::Qwen3 => "Qwen3ForCausalLM" }],
         "model_type": spec.arch.name(),
         "hidden_size": s.hidden,
         "intermediate_size": s.ffn,
@@ -1491,6 +1510,12 @@ fn hf_config(spec: &SynthSpec, v: &Vocab, dtype: GgmlType) -> serde_json::Value 
         Arch::Llama => {
             o.insert("attention_bias".into(), false.into());
             o.insert("mlp_bias".into(), false.into());
+        }
+        Arch::Qwen3 => {
+            o.insert("attention_bias".into(), false.into());
+            o.insert("use_sliding_window".into(), false.into());
+            o.insert("sliding_window".into(), serde_json::Value::Null);
+            o.insert("max_window_layers".into(), s.n_layers.into());
         }
         Arch::Qwen2 => {
             o.insert("use_sliding_window".into(), false.into());

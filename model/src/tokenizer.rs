@@ -837,7 +837,7 @@ fn read_json_opt(path: &Path) -> Result<Option<serde_json::Value>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(ModelError::Io {
             path: path.to_path_buf(),
-            source: e,
+            cause: e,
         }),
     }
 }

@@ -102,6 +102,8 @@ impl PrefillService {
     /// `drain` counts the prefills in flight and refuses new ones once the
     /// node drains.
     pub fn new(engine: Arc<Engine>, cfg: PrefillConfig, drain: Drain) -> Self {
+        // Reads 0 from the start, not "no data" until the first failure.
+        metrics::counter!(metrics_names::KV_TRANSFER_FAILURES, "direction" => "sent").absolute(0);
         let layout = LayoutDescriptor::new(cfg.model_fingerprint.clone(), engine.kv_layout());
         Self {
             engine,

@@ -15,6 +15,8 @@ pub mod generate {
     pub use crate::pb::generate_client::GenerateClient;
     pub use crate::pb::generate_request::Input;
     pub use crate::pb::generate_server::{Generate, GenerateServer};
+    /// The service's full name, as reflection lists it.
+    pub const SERVICE: &str = crate::pb::generate_server::SERVICE_NAME;
     pub use crate::pb::{
         ChatMessage, ChatMessages, FinishReason, GenerateRequest, GenerateResponse,
         GenerateStreamResponse, PromptTokenLogprob, SamplingParams, TokenBias, TokenIds,
@@ -28,6 +30,8 @@ pub mod kv {
     pub use crate::pb::kv_reply::Kind as ReplyKind;
     pub use crate::pb::kv_transfer_client::KvTransferClient;
     pub use crate::pb::kv_transfer_server::{KvTransfer, KvTransferServer};
+    /// The service's full name, as reflection lists it.
+    pub const SERVICE: &str = crate::pb::kv_transfer_server::SERVICE_NAME;
     pub use crate::pb::{
         KvBlock, KvBlocks, KvDone, KvEnd, KvFailed, KvFrame, KvHandshake, KvLayout, KvRefused,
         KvReply, SharedMemoryOffer,
@@ -39,6 +43,8 @@ pub mod worker {
     pub use crate::pb::decode_event::Kind as DecodeEventKind;
     pub use crate::pb::worker_client::WorkerClient;
     pub use crate::pb::worker_server::{Worker, WorkerServer};
+    /// The service's full name, as reflection lists it.
+    pub const SERVICE: &str = crate::pb::worker_server::SERVICE_NAME;
     pub use crate::pb::{
         Admitted, CachedPrefixRequest, CachedPrefixResponse, CancelRequest, CancelResponse,
         DecodeEvent, DecodeRequest, Finished, InfoRequest, LoadReport, LoadRequest, NodeInfo,
@@ -73,12 +79,16 @@ pub mod http2 {
 /// Encoded `FileDescriptorSet` of every tandem.v1 file, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tandem_v1_descriptor");
 
-/// The gRPC server reflection services describing tandem.v1 and the
-/// `extra` encoded descriptor sets (health checking, say), so tools such
-/// as grpcurl work against any node without local .proto files: v1, and
-/// v1alpha, which grpcio's reflection client and older tools still ask.
+/// The gRPC server reflection services of a node that serves `services`
+/// (full names, such as [`generate::SERVICE`]), described by tandem.v1 and
+/// the `extra` encoded descriptor sets (health checking, say), so tools
+/// such as grpcurl work against any node without local .proto files: v1,
+/// and v1alpha, which grpcio's reflection client and older tools still
+/// ask. Only what the node serves is listed (every role shares one
+/// descriptor set), with health checking and reflection itself.
 #[allow(clippy::type_complexity)]
 pub fn reflection_services(
+    services: &[&str],
     extra: &[&'static [u8]],
 ) -> Result<
     (
@@ -92,14 +102,26 @@ pub fn reflection_services(
     tonic_reflection::server::Error,
 > {
     let builder = || {
-        extra.iter().fold(
+        let b = extra.iter().fold(
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET),
             |b, set| b.register_encoded_file_descriptor_set(set),
-        )
+        );
+        services
+            .iter()
+            .copied()
+            .chain(ALWAYS_SERVED)
+            .fold(b, |b, name| b.with_service_name(name))
     };
     Ok((builder().build_v1()?, builder().build_v1alpha()?))
 }
+
+/// What every node serves besides its own services.
+const ALWAYS_SERVED: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
 
 #[cfg(test)]
 mod tests {
@@ -118,7 +140,7 @@ mod tests {
         ] {
             assert!(set.contains(name), "{name} missing from the descriptor set");
         }
-        assert!(super::reflection_services(&[]).is_ok());
+        assert!(super::reflection_services(&[super::generate::SERVICE], &[]).is_ok());
     }
 
     /// Cheap check without prost-types: the names appear in the encoded set.

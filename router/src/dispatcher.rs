@@ -180,6 +180,21 @@ impl Dispatcher {
         publish_counts(m);
     }
 
+    /// Decode and prefill workers that answer (not marked down), as
+    /// `tandem_router_workers_healthy` publishes them.
+    pub fn healthy_workers(&self) -> (usize, usize) {
+        let m = self.shared.members.read().expect("members lock");
+        let up = |l: &[Arc<Worker>]| l.iter().filter(|w| w.load().healthy).count();
+        let counts = (up(&m.decode), up(&m.prefill));
+        let gauge = |role: &'static str, n: usize| {
+            metrics::gauge!(tandem_cluster::metrics::ROUTER_WORKERS_HEALTHY, "worker_role" => role)
+                .set(n as f64)
+        };
+        gauge("decode", counts.0);
+        gauge("prefill", counts.1);
+        counts
+    }
+
     /// Longest prompt + completion every decode worker can hold (0 with none).
     pub fn max_sequence_tokens(&self) -> usize {
         let m = self.shared.members.read().expect("members lock");

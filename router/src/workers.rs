@@ -129,6 +129,33 @@ pub enum ConnectError {
 
 /// Connects to a worker and checks that it can serve for this router:
 /// same protocol version, same model, the expected role.
+/// How often a router waiting for a worker at start says so.
+const CONNECT_WAIT_LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// An error and its causes on one line: tonic's own text ("transport
+/// error") leaves out what went wrong ("Connection refused").
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let s = c.to_string();
+        if !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+/// A failed call's message, with its transport cause where it has one.
+fn status_text(s: &tonic::Status) -> String {
+    match std::error::Error::source(s) {
+        Some(cause) => format!("{}: {}", s.message(), error_chain(cause)),
+        None => s.message().to_string(),
+    }
+}
+
 pub async fn connect(
     addr: SocketAddr,
     expected: Role,
@@ -146,22 +173,55 @@ pub async fn connect(
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
-    let deadline = tokio::time::Instant::now() + timeout;
+    let started = tokio::time::Instant::now();
+    let deadline = started + timeout;
+    let mut warned = started;
     let channel = loop {
         match ep.connect().await {
             Ok(c) => break c,
             Err(e) if tokio::time::Instant::now() >= deadline => {
-                return Err(unreachable(e.to_string()))
+                return Err(unreachable(format!(
+                    "{} (gave up after {:.0?})",
+                    error_chain(&e),
+                    started.elapsed()
+                )))
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => {
+                // Say what the wait is for, now and then: a router started
+                // before its workers is normal, one pointed at a wrong
+                // address should not look hung.
+                if warned.elapsed() >= CONNECT_WAIT_LOG_EVERY {
+                    warned = tokio::time::Instant::now();
+                    tracing::warn!(
+                        worker = %addr,
+                        role = %expected,
+                        error = %error_chain(&e),
+                        "waiting for the worker to answer"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
         }
     };
     let mut client = pb::WorkerClient::new(channel).max_decoding_message_size(pb::MAX_REPLY_BYTES);
-    let info = client
-        .info(secret.attach(tonic::Request::new(pb::InfoRequest {})))
-        .await
-        .map_err(|s| unreachable(s.message().to_string()))?
-        .into_inner();
+    // Something that accepts connections but does not answer (not a
+    // tandem worker, a stopped process) fails within the timeout too.
+    let left = deadline
+        .saturating_duration_since(tokio::time::Instant::now())
+        .max(Duration::from_secs(2));
+    let info = tokio::time::timeout(
+        left,
+        client.info(secret.attach(tonic::Request::new(pb::InfoRequest {}))),
+    )
+    .await
+    .map_err(|_| {
+        unreachable(format!(
+            "no answer to a tandem worker's Info call within {:.0?} (is it a tandem {expected} worker?)",
+            started.elapsed()
+        ))
+    })?
+    .map_err(|s| unreachable(status_text(&s)))?
+    .into_inner();
     if info.protocol_version != PROTOCOL_VERSION {
         return Err(ConnectError::Version {
             addr,
@@ -232,7 +292,7 @@ pub fn spawn_load_poll(
                 Err(e) => {
                     w.poll_failed.store(true, Ordering::Relaxed);
                     if w.healthy.swap(false, Ordering::Relaxed) {
-                        tracing::warn!(worker = %w.addr, error = %e.message(), "load poll failed");
+                        tracing::warn!(worker = %w.addr, error = %status_text(&e), "load poll failed");
                     }
                 }
             }

@@ -86,8 +86,12 @@ impl Node {
         self.ready.addr
     }
 
-    /// SIGKILL, as a crash would.
+    /// SIGKILL, as a crash would, and reaps it; a node already gone is
+    /// left be.
     pub fn kill(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
         self.child.kill().expect("killing a node");
         self.child.wait().expect("reaping a node");
     }

@@ -458,14 +458,24 @@ fn grpc_streaming_and_unary_agree() {
             unary.token_ids.len()
         );
         // Server reflection, v1 and v1alpha (grpcurl, grpcio's client),
-        // lists the API and the health service.
-        let url = format!("http://{}", cluster.router.addr());
-        let services = reflected_services(&url).await;
-        for want in ["tandem.v1.Generate", "grpc.health.v1.Health"] {
-            assert!(
-                services.iter().all(|s| s.contains(&want.to_string())),
-                "{services:?}"
-            );
+        // lists what each node serves: the API on the router, the worker
+        // protocol on a worker; health checking and reflection on both.
+        let common = [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ];
+        for (node, own) in [
+            (&cluster.router, "tandem.v1.Generate"),
+            (&cluster.decode[0], "tandem.v1.Worker"),
+        ] {
+            let mut want: Vec<String> =
+                common.iter().chain([&own]).map(|s| s.to_string()).collect();
+            want.sort();
+            for mut listed in reflected_services(&format!("http://{}", node.addr())).await {
+                listed.sort();
+                assert_eq!(listed, want);
+            }
         }
     });
 }
@@ -1199,6 +1209,69 @@ fn a_stream_whose_only_decode_worker_restarts_resumes_on_it() {
     assert!(cached <= u["prompt_tokens"].as_u64().unwrap(), "{usage}");
     let resumed = rt.block_on(counter(&cluster.router, "tandem_router_resumed_total"));
     assert!(resumed >= 1.0, "the stream was never resumed ({resumed})");
+}
+
+/// A router with no decode worker that answers is not ready (a load
+/// balancer sends its clients elsewhere), says why, and counts no healthy
+/// decode worker; it is ready again once one answers. Failure counters
+/// read 0 before any failure (dashboards plot them from the start).
+#[test]
+fn a_router_without_a_decode_worker_is_not_ready() {
+    let mut cluster = Cluster::start(0, 1, 1, &[]);
+    let rt = rt();
+    let ready = |addr: std::net::SocketAddr| {
+        rt.block_on(async {
+            let r = reqwest::get(format!("http://{addr}/ready")).await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        })
+    };
+    let healthy_decode = "tandem_router_workers_healthy{worker_role=\"decode\"}";
+    let router = cluster.router.addr();
+    assert_eq!(ready(router).0, 200);
+    assert_eq!(rt.block_on(counter_at(router, healthy_decode)), 1.0);
+    let decode = cluster.decode[0].addr();
+    let metrics = rt.block_on(async {
+        reqwest::get(format!("http://{decode}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    for series in [
+        "tandem_kv_recomputed_total{",
+        "tandem_kv_transfer_failures_total{",
+    ] {
+        assert!(metrics.contains(series), "{series} missing:\n{metrics}");
+    }
+
+    cluster.decode[0].kill();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (code, why) = loop {
+        let r = ready(router);
+        if r.0 != 200 || Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(code, 503, "still ready without its decode worker");
+    assert!(why.contains("no decode worker"), "{why}");
+    assert_eq!(rt.block_on(counter_at(router, healthy_decode)), 0.0);
+
+    restart_worker(
+        &mut cluster.decode[0],
+        tandem_cluster::Role::Decode,
+        Duration::ZERO,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ready(router).0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "not ready again after the worker came back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(rt.block_on(counter_at(router, healthy_decode)), 1.0);
 }
 
 /// Polls a worker until `done(load)` holds, for at most `within`.

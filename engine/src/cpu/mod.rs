@@ -127,12 +127,25 @@ impl std::str::FromStr for ExpandWeights {
     }
 }
 
-/// `MemAvailable` from `/proc/meminfo`, in bytes (Linux only).
-fn available_memory() -> Option<u64> {
+/// Memory this process may still take, in bytes (Linux only): the
+/// system's `MemAvailable`, or less where a cgroup v2 limit (a container's
+/// memory limit) leaves less room.
+pub fn available_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    let system = kib * 1024;
+    let read = |f: &str| -> Option<u64> {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/{f}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    // "max" (no limit) does not parse, and neither does a cgroup v1 host.
+    let cgroup =
+        read("memory.max").map(|max| max.saturating_sub(read("memory.current").unwrap_or(0)));
+    Some(cgroup.map_or(system, |c| c.min(system)))
 }
 
 /// Storage of one panel's weights.

@@ -542,6 +542,13 @@ impl CudaModel {
                 "the CUDA backend runs whole models, not shards".into(),
             ));
         }
+        if m.config.qk_norm {
+            // No per-head norm kernel yet: refused rather than run wrong.
+            return Err(EngineError::Unsupported(format!(
+                "the CUDA backend does not run {} models (per-head query/key norms) yet; run them on the CPU",
+                m.config.arch.name()
+            )));
+        }
         let dev = Device::open(ordinal)?;
         dev.bind()?;
         let c = m.config.clone();
