@@ -127,8 +127,6 @@ pub enum ConnectError {
     },
 }
 
-/// Connects to a worker and checks that it can serve for this router:
-/// same protocol version, same model, the expected role.
 /// How often a router waiting for a worker at start says so.
 const CONNECT_WAIT_LOG_EVERY: Duration = Duration::from_secs(5);
 
@@ -156,6 +154,8 @@ fn status_text(s: &tonic::Status) -> String {
     }
 }
 
+/// Connects to a worker and checks that it can serve for this router:
+/// same protocol version, same model, the expected role.
 pub async fn connect(
     addr: SocketAddr,
     expected: Role,
