@@ -99,13 +99,13 @@ pub struct WorkerArgs {
     #[arg(long, env = "TANDEM_KV_CACHE_MEMORY", default_value = "1GiB")]
     pub kv_cache_memory: String,
     /// Tokens per KV block.
-    #[arg(long, env = "TANDEM_BLOCK_SIZE", default_value_t = 16)]
+    #[arg(long, env = "TANDEM_BLOCK_SIZE", default_value_t = 16, value_parser = crate::positive)]
     pub block_size: usize,
     /// Tokens per forward step (decodes plus prefill chunks).
-    #[arg(long, env = "TANDEM_MAX_STEP_TOKENS", default_value_t = 512)]
+    #[arg(long, env = "TANDEM_MAX_STEP_TOKENS", default_value_t = 512, value_parser = crate::positive)]
     pub max_step_tokens: usize,
     /// Sequences in the running batch at most.
-    #[arg(long, env = "TANDEM_MAX_RUNNING", default_value_t = 256)]
+    #[arg(long, env = "TANDEM_MAX_RUNNING", default_value_t = 256, value_parser = crate::positive)]
     pub max_running: usize,
     /// Tensor-parallel ranks: one process each, started by this one, which
     /// speaks for the worker (--threads are shared among all ranks).
@@ -492,9 +492,6 @@ struct Started {
 
 /// Loads the model and starts the engine of a worker.
 fn start_engine(args: &WorkerArgs) -> Result<Started> {
-    if args.block_size == 0 || args.max_step_tokens == 0 || args.max_running == 0 {
-        bail!("--block-size, --max-step-tokens and --max-running must be positive");
-    }
     let kv_bytes = parse_size(&args.kv_cache_memory)?;
     let path = crate::model_path(args.node.model.clone())?;
     check_memory(args, kv_bytes, &path)?;

@@ -408,6 +408,17 @@ mod batching {
         finished: Option<(FinishReason, usize)>,
     }
 
+    impl Run {
+        /// A stream not read yet.
+        fn of(rx: Receiver<Event>) -> Self {
+            Self {
+                rx,
+                tokens: vec![],
+                finished: None,
+            }
+        }
+    }
+
     fn drain(runs: &mut [Run]) {
         for r in runs.iter_mut() {
             while let Ok(e) = r.rx.try_recv() {
@@ -461,11 +472,7 @@ mod batching {
                                 Box::new(tx),
                             )
                             .unwrap();
-                        runs.push(Run {
-                            rx,
-                            tokens: vec![],
-                            finished: None,
-                        });
+                        runs.push(Run::of(rx));
                         next += 1;
                     }
                 }
@@ -742,18 +749,7 @@ mod batching {
             .unwrap()
             .expect("room once the batch is done");
         s.set_transfers_waiting(0);
-        let mut runs = vec![
-            Run {
-                rx: rx_p,
-                tokens: vec![],
-                finished: None,
-            },
-            Run {
-                rx: rx_q,
-                tokens: vec![],
-                finished: None,
-            },
-        ];
+        let mut runs = vec![Run::of(rx_p), Run::of(rx_q)];
         while s.has_work() {
             s.step(m).unwrap();
         }
@@ -792,11 +788,7 @@ mod batching {
         }
         assert!(s.stats().preemptions >= 1, "{:?}", s.stats());
         assert_eq!(s.stats().running, 0, "it waits for the reservation");
-        let mut runs = vec![Run {
-            rx,
-            tokens: vec![],
-            finished: None,
-        }];
+        let mut runs = vec![Run::of(rx)];
         drain(&mut runs);
         assert!(runs[0].finished.is_none(), "not failed, not finished");
         s.release(kv);
@@ -833,11 +825,7 @@ mod batching {
             .reserve_for_transfer(48)
             .unwrap()
             .expect("3 blocks + the prompt's 3 of 7 free");
-        let mut runs = vec![Run {
-            rx,
-            tokens: vec![],
-            finished: None,
-        }];
+        let mut runs = vec![Run::of(rx)];
         while s.has_work() {
             s.step(m).unwrap();
         }
@@ -915,11 +903,7 @@ mod batching {
                 let mut pr = params.clone();
                 pr.request_key = i as u64;
                 s.add(request(i as u64, p, &pr, n), Box::new(tx)).unwrap();
-                runs.push(Run {
-                    rx,
-                    tokens: vec![],
-                    finished: None,
-                });
+                runs.push(Run::of(rx));
             }
             let mut steps = 0;
             while s.has_work() {
@@ -958,11 +942,7 @@ mod batching {
         let add = |s: &mut Scheduler, id: u64, p: &[u32], n: usize, runs: &mut Vec<Run>| {
             let (tx, rx) = channel();
             s.add(request(id, p, &params, n), Box::new(tx)).unwrap();
-            runs.push(Run {
-                rx,
-                tokens: vec![],
-                finished: None,
-            });
+            runs.push(Run::of(rx));
         };
         for (i, p) in short.iter().enumerate() {
             add(&mut s, i as u64, p, 88, &mut runs);
@@ -1257,11 +1237,7 @@ mod batching {
             let (tx, rx) = channel();
             let req = request(i as u64, p, &params, 10);
             s.add_prefilled(req, kv, first, Box::new(tx)).unwrap();
-            let mut runs = vec![Run {
-                rx,
-                tokens: vec![],
-                finished: None,
-            }];
+            let mut runs = vec![Run::of(rx)];
             while s.has_work() {
                 s.step(m).unwrap();
             }
@@ -1814,14 +1790,7 @@ mod batching {
             (0..n)
                 .map(|_| {
                     let (tx, rx) = channel();
-                    (
-                        Box::new(tx) as Box<dyn EventSink>,
-                        Run {
-                            rx,
-                            tokens: vec![],
-                            finished: None,
-                        },
-                    )
+                    (Box::new(tx) as Box<dyn EventSink>, Run::of(rx))
                 })
                 .unzip()
         }
@@ -1869,11 +1838,7 @@ mod batching {
                             Box::new(tx),
                         )
                         .unwrap();
-                    want.push(Run {
-                        rx,
-                        tokens: vec![],
-                        finished: None,
-                    });
+                    want.push(Run::of(rx));
                 }
                 let separate_peak = run_to_end(&mut separate, &mut want);
 

@@ -180,8 +180,9 @@ impl Dispatcher {
         publish_counts(m);
     }
 
-    /// Decode and prefill workers that answer (not marked down), as
-    /// `tandem_router_workers_healthy` publishes them.
+    /// Decode and prefill workers that answer (not marked down); also sets
+    /// `tandem_router_workers_healthy` to them (the router's readiness
+    /// check calls this, every 100 ms from the health task).
     pub fn healthy_workers(&self) -> (usize, usize) {
         let m = self.shared.members.read().expect("members lock");
         let up = |l: &[Arc<Worker>]| l.iter().filter(|w| w.load().healthy).count();

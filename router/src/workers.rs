@@ -133,8 +133,16 @@ const CONNECT_WAIT_LOG_EVERY: Duration = Duration::from_secs(5);
 /// An error and its causes on one line: tonic's own text ("transport
 /// error") leaves out what went wrong ("Connection refused").
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
+    with_causes(e.to_string(), e.source())
+}
+
+/// A failed call's message, with its transport cause where it has one.
+fn status_text(s: &tonic::Status) -> String {
+    with_causes(s.message().to_string(), std::error::Error::source(s))
+}
+
+/// `text`, then each cause in turn that it does not already say.
+fn with_causes(mut text: String, mut cause: Option<&(dyn std::error::Error + 'static)>) -> String {
     while let Some(c) = cause {
         let s = c.to_string();
         if !text.contains(&s) {
@@ -144,14 +152,6 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cause = c.source();
     }
     text
-}
-
-/// A failed call's message, with its transport cause where it has one.
-fn status_text(s: &tonic::Status) -> String {
-    match std::error::Error::source(s) {
-        Some(cause) => format!("{}: {}", s.message(), error_chain(cause)),
-        None => s.message().to_string(),
-    }
 }
 
 /// Connects to a worker and checks that it can serve for this router:
