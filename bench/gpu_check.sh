@@ -11,15 +11,9 @@
 # tables down to ~3 MB) into an ignored folder so that it can be carried:
 #   mkdir -p target/gpu && strip -o target/gpu/cuda_backend <that path>
 # The FP32/BF16 checks also need the default model (98 MB, more than one
-# carry of 64 MiB allows): split it into ignored parts and carry them over
-# two calls on the same warm machine (carried files stay there between
-# calls):
-#   mkdir -p models/parts && split -b 30M ~/.cache/tandem/models/SmolLM2-135M-Instruct.Q4_1.gguf \
-#       models/parts/SmolLM2-135M-Instruct.Q4_1.gguf.part-
-#   call 1 carries models/parts/...part-aa and part-ab (and runs `true`),
-#   call 2 carries target/gpu and models/parts/...part-ac and part-ad (with
-#   the ~24 MB tandem binary of gpu_disagg_check.sh too, 61 MiB in all)
-#   and runs this script.
+# carry of 64 MiB allows, working tree included): it travels as xz parts
+# over two calls on one warm machine (carried files stay there between
+# calls), as bench/gpu_session.sh does with this script and the others.
 # The script joins the parts into models/ and checks the sha256. Without
 # the model, the tests that need it fail, saying so; the others still run.
 #

@@ -7,9 +7,8 @@
 # the TCP transport's shared-memory ring; the prefill worker's debug log
 # names the data plane of every transfer, and the check counts them.
 #
-# Build where the toolchain is (no GPU needed), strip (about 24 MB), and
-# carry target/gpu with the model parts in the second call, as described
-# in gpu_check.sh (the two scripts can run in that one call):
+# Build where the toolchain is (no GPU needed), strip (about 28 MB), and
+# carry it with the model, as bench/gpu_session.sh does:
 #   cargo build --release --locked -p tandem --features cuda
 #   mkdir -p target/gpu && strip -o target/gpu/tandem <target>/release/tandem
 #

@@ -27,6 +27,8 @@
 //! - an observed step (KV export) streams each layer's written KV like
 //!   the CPU's: same calls, positions, and K/V within [`TOL_F32`];
 //! - BF16 weights: logits within [`TOL_BF16_REL`] of the largest CPU logit;
+//!   the matrix-vector kernel of BF16 decode steps and cuBLAS against an
+//!   f64 reference of the same rounded inputs;
 //! - the committed synthetic checkpoints (llama, qwen2 with QKV bias, MQA
 //!   with an untied head, safetensors with NeoX RoPE): every position's
 //!   logits within [`TOL_F32`] of the CPU's.
@@ -55,6 +57,9 @@ const TOL_ATTN: f32 = 1e-4;
 /// weights and differ only in summation order over 30 layers (the golden
 /// fixture puts such float32 noise near 5e-5 on logits of magnitude ~20).
 const TOL_F32: f32 = 1e-3;
+/// Relative to the largest logit, for synthetic checkpoints whose logits
+/// have no typical size: the default model's [`TOL_F32`] over its ~20.
+const TOL_REL: f32 = 5e-5;
 /// BF16 weights and activations (8-bit mantissas): max abs logit
 /// difference as a fraction of the largest CPU logit magnitude.
 const TOL_BF16_REL: f32 = 0.1;
@@ -358,10 +363,15 @@ fn fp32_logits_and_greedy_match_the_cpu() {
     eprintln!("FP32 vs CPU: worst logit difference {worst:.2e} (tolerance {TOL_F32:.0e}); {compared} greedy steps identical");
 }
 
-/// The token decode step `step` feeds sequence `i` (fixed, not sampled:
-/// the runs compared must take the same steps).
-fn fed_token(step: usize, i: usize) -> u32 {
-    ((step * 31 + i * 7 + 5) % 1000) as u32 + 10
+/// The token decode step `step` feeds the sequence of `prompt` (fixed,
+/// not sampled: the runs compared must take the same steps), below
+/// `vocab`. A function of the prompt, not of its place in a batch: a
+/// sequence run alone is fed what it is fed in a batch.
+fn fed_token(step: usize, prompt: &[u32], vocab: usize) -> u32 {
+    let seed = prompt.iter().fold(prompt.len(), |h, &t| {
+        h.wrapping_mul(31).wrapping_add(t as usize)
+    });
+    ((step * 31 + seed % 997 + 5) % (vocab.min(1010) - 10)) as u32 + 10
 }
 
 /// Prefills `prompts` (each with its own token count) then decodes
@@ -387,8 +397,9 @@ fn batched(m: &dyn Executor, prompts: &[Vec<u32>], decode: usize) -> Vec<Vec<f32
         for (o, l) in out.iter_mut().zip(logits) {
             o.extend(l);
         }
-        feed = (0..prompts.len())
-            .map(|i| vec![fed_token(step, i)])
+        feed = prompts
+            .iter()
+            .map(|p| vec![fed_token(step, p, m.config().vocab_size)])
             .collect();
     }
     out
@@ -486,7 +497,10 @@ fn decode_steps(
     drop(b);
     let mut out = Vec::new();
     for step in 0..steps {
-        let feed: Vec<[u32; 1]> = (0..prompts.len()).map(|i| [fed_token(step, i)]).collect();
+        let feed: Vec<[u32; 1]> = prompts
+            .iter()
+            .map(|p| [fed_token(step, p, m.config().vocab_size)])
+            .collect();
         let mut b: Vec<SeqStep<'_>> = kvs
             .iter_mut()
             .zip(&feed)
@@ -938,6 +952,135 @@ fn synthetic_checkpoints_match_the_cpu() {
         );
         assert!(d <= TOL_F32, "{name}: logits differ from the CPU's by {d}");
     }
+}
+
+/// The BF16 matrix-vector kernel (decode steps of up to 8 tokens) and
+/// cuBLAS against an f64 reference of the same BF16-rounded inputs, on
+/// shapes of the default model and of larger ones, rows that do not fill
+/// the kernel's last block, and widths it does not take (cuBLAS then).
+#[test]
+fn bf16_gemv_matches_cublas_and_a_reference() {
+    let _serial = serial();
+    require_gpu();
+    let bf = |v: f32| half::bf16::from_f32(v).to_f32();
+    let mut rng = Lcg(5);
+    for &(rows, cols, t) in &[
+        (576, 576, 1),
+        (3072, 576, 3),
+        (4099, 4096, 8),
+        (1000, 14336, 2),
+        (300, 100, 4),
+        (512, 1024, 9),
+    ] {
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.next()).collect();
+        let x: Vec<f32> = (0..t * cols).map(|_| rng.next()).collect();
+        let want: Vec<f64> = (0..t)
+            .flat_map(|ti| {
+                let (w, x) = (&w, &x);
+                (0..rows).map(move |r| {
+                    (0..cols)
+                        .map(|j| bf(w[r * cols + j]) as f64 * bf(x[ti * cols + j]) as f64)
+                        .sum()
+                })
+            })
+            .collect();
+        let tol = 1e-4 * (cols as f32 / 1000.0).max(1.0);
+        for gemv in [true, false] {
+            let got = cuda::bf16_matmul(GPU, &w, rows, cols, &x, gemv).expect("bf16 matmul");
+            let d = got
+                .iter()
+                .zip(&want)
+                .map(|(&g, &w)| (g as f64 - w).abs() as f32)
+                .fold(0f32, f32::max);
+            eprintln!("bf16 matmul [{rows}, {cols}] x {t} rows, gemv={gemv}: max abs diff {d:.2e}");
+            assert!(
+                d <= tol,
+                "[{rows}, {cols}] x {t}, gemv={gemv}: differs from the reference by {d} (tolerance {tol})"
+            );
+        }
+    }
+}
+
+/// A batch of prompts of different lengths (a one-token prompt, short
+/// ones per token, longer ones in tiles, then decode steps that cross
+/// block boundaries) against each prompt alone and against the CPU, every
+/// step's logits, with decode graphs off and on; on a committed synthetic
+/// checkpoint and on one of the default model's shape with random weights
+/// (written here), so that it needs no model file.
+#[test]
+fn batches_match_single_runs_on_synthetic_checkpoints() {
+    use tandem_model::config::Arch;
+    use tandem_model::quant::GgmlType;
+    use tandem_model::synth::{synth, SynthFormat, SynthShape, SynthSpec, SynthTokenizer};
+    let _serial = serial();
+    require_gpu();
+    let dir = std::env::temp_dir().join(format!("tandem-cuda-batches-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a scratch folder");
+    let smol = dir.join("smollm2-shape-q8_0.gguf");
+    synth(
+        &SynthSpec {
+            arch: Arch::Llama,
+            shape: SynthShape::preset("smollm2-135m").expect("preset"),
+            seed: 5,
+            format: SynthFormat::Gguf {
+                weight_type: GgmlType::Q8_0,
+            },
+            tokenizer: SynthTokenizer::Gpt2,
+        },
+        &smol,
+    )
+    .expect("writing a synthetic checkpoint");
+    let decode = 4;
+    let mut failures = Vec::new();
+    for path in [fixtures_dir().join("synth/tiny-llama-q4_k.gguf"), smol] {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let src = ModelSource::open(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let cpu = Model::load(&src, 2).unwrap_or_else(|e| panic!("{name} on the CPU: {e}"));
+        let gpu = CudaModel::from_model(&cpu, GPU, Weights::F32)
+            .unwrap_or_else(|e| panic!("{name} on the GPU: {e}"));
+        let vocab = cpu.config.vocab_size;
+        let mut rng = Lcg(11);
+        let prompts: Vec<Vec<u32>> = [1usize, 5, 14, 23, 32, 40]
+            .iter()
+            .map(|&n| (0..n).map(|_| rng.below(vocab) as u32).collect())
+            .collect();
+        let on_cpu: Vec<Vec<f32>> = prompts
+            .iter()
+            .map(|p| batched(&cpu, std::slice::from_ref(p), decode).remove(0))
+            .collect();
+        for graphs in [false, true] {
+            gpu.set_graphs(graphs);
+            let together = batched(&gpu, &prompts, decode);
+            for (i, p) in prompts.iter().enumerate() {
+                let alone = batched(&gpu, std::slice::from_ref(p), decode).remove(0);
+                for step in 0..=decode {
+                    let r = step * vocab..(step + 1) * vocab;
+                    let scale = on_cpu[i][r.clone()]
+                        .iter()
+                        .fold(1f32, |m, x| m.max(x.abs()));
+                    let tol = TOL_REL * scale;
+                    let d_alone = max_abs_diff(&together[i][r.clone()], &alone[r.clone()]);
+                    let d_cpu = max_abs_diff(&together[i][r.clone()], &on_cpu[i][r.clone()]);
+                    eprintln!(
+                        "{name} graphs={graphs} prompt {i} ({} tokens) step {step}: \
+                         batch vs alone {d_alone:.2e}, vs CPU {d_cpu:.2e} (tolerance {tol:.2e})",
+                        p.len()
+                    );
+                    if d_alone > tol || d_cpu > tol {
+                        failures.push(format!(
+                            "{name} graphs={graphs} prompt {i} step {step}: alone {d_alone}, CPU {d_cpu}"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        failures.is_empty(),
+        "batched steps differ:\n{}",
+        failures.join("\n")
+    );
 }
 
 /// Speed figures (see `tandem_engine::cuda::bench`): prints one line

@@ -160,9 +160,11 @@ async fn two_process_transfer_is_bit_exact_or_refused_on_one_gpu() {
     // Reads to the end, so the peer never writes into a closed pipe.
     let peer = std::thread::spawn(move || {
         let lines: Vec<String> = BufReader::new(out).lines().map_while(|l| l.ok()).collect();
+        // libtest prints `test peer_process ... ` before the test's own
+        // output, on the same line.
         lines
             .into_iter()
-            .find(|l| l.starts_with("PEER_"))
+            .find_map(|l| l.find("PEER_").map(|i| l[i..].to_string()))
             .unwrap_or_else(|| "PEER_SILENT".into())
     });
     let accepted = tokio::time::timeout(Duration::from_secs(60), listener.accept())

@@ -96,6 +96,9 @@ pub struct DecodeMode {
     pub graphs: bool,
     /// Only the greedy id of each sequence comes back (else its logits).
     pub greedy_on_device: bool,
+    /// Multiplies of up to `GEMV_MAX_T` tokens by the matrix-vector
+    /// kernel (else by cuBLAS).
+    pub gemv: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -125,6 +128,10 @@ pub struct PrefillResult {
     /// (matmul + attention FLOPs) / time, in TFLOP/s.
     pub tflops: f64,
     pub matmul_tflops: f64,
+    /// The layers' multiplies of the prompt alone, timed on their own:
+    /// what cuBLAS reaches on these shapes, apart from the rest of a step.
+    pub matmuls_alone_seconds: f64,
+    pub matmuls_alone_tflops: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -178,6 +185,7 @@ pub fn decode(
     copy_gb_per_s: f64,
 ) -> Result<DecodeResult> {
     model.set_graphs(mode.graphs);
+    model.set_gemv(mode.gemv);
     let logits = if mode.greedy_on_device {
         Logits::Greedy
     } else {
@@ -272,6 +280,7 @@ pub fn prefill(model: &CudaModel, opts: &BenchOptions) -> Result<PrefillResult> 
     // QKᵀ and PV: 2 FLOPs per multiply-add, over keys 0..=p for each position p.
     let pairs = t as f64 * (t as f64 + 1.0) / 2.0;
     let attention = 4.0 * (c.n_layers * c.n_heads * c.head_dim) as f64 * pairs;
+    let (alone_s, alone_flops) = matmuls_alone(model, t, runs)?;
     Ok(PrefillResult {
         tokens: t,
         runs,
@@ -281,7 +290,48 @@ pub fn prefill(model: &CudaModel, opts: &BenchOptions) -> Result<PrefillResult> 
         attention_flops: attention,
         tflops: (matmul + attention) / secs / 1e12,
         matmul_tflops: matmul / secs / 1e12,
+        matmuls_alone_seconds: alone_s,
+        matmuls_alone_tflops: alone_flops / alone_s / 1e12,
     })
+}
+
+/// Seconds per pass of every layer's multiplies for `t` tokens (random
+/// activations), and their FLOPs: the prefill's multiplies without the
+/// attention, norms and other kernels between them.
+fn matmuls_alone(model: &CudaModel, t: usize, runs: usize) -> Result<(f64, f64)> {
+    let dev = &model.dev;
+    dev.bind()?;
+    let widest = model
+        .layers
+        .iter()
+        .flat_map(|l| [&l.qkv, &l.wo, &l.gate_up, &l.down])
+        .map(|m| m.rows.max(m.cols))
+        .max()
+        .unwrap_or(0);
+    let x = dev.zeros::<f32>(t * widest, "activations")?;
+    let out = dev.zeros::<f32>(t * widest, "products")?;
+    let xb = dev.zeros::<u16>(t * widest, "bf16 activations")?;
+    let s = &dev.stream;
+    dev.k.fill_uniform_f32(ptr(&x, s), t * widest, 7, 1.0)?;
+    let pass = || -> Result<f64> {
+        let mut flops = 0.0;
+        for l in &model.layers {
+            for m in [&l.qkv, &l.wo, &l.gate_up, &l.down] {
+                model.gemm(m, ptr(&x, s), t, ptr(&out, s), ptr(&xb, s))?;
+                flops += 2.0 * (t * m.rows * m.cols) as f64;
+            }
+        }
+        Ok(flops)
+    };
+    pass()?;
+    dev.sync("multiplies warm-up")?;
+    let t0 = Instant::now();
+    let mut flops = 0.0;
+    for _ in 0..runs {
+        flops = pass()?;
+    }
+    dev.sync("multiplies")?;
+    Ok((t0.elapsed().as_secs_f64() / runs as f64, flops))
 }
 
 /// The whole benchmark on GPU `ordinal` (about 20 GB of device memory at
@@ -294,10 +344,17 @@ pub fn run(ordinal: usize, opts: BenchOptions) -> Result<BenchReport> {
         DecodeMode {
             graphs: true,
             greedy_on_device: true,
+            gemv: true,
+        },
+        DecodeMode {
+            graphs: true,
+            greedy_on_device: true,
+            gemv: false,
         },
         DecodeMode {
             graphs: false,
             greedy_on_device: false,
+            gemv: true,
         },
     ];
     for &b in &opts.decode_batches {
@@ -305,7 +362,9 @@ pub fn run(ordinal: usize, opts: BenchOptions) -> Result<BenchReport> {
             dec.push(decode(&model, b, mode, &opts, copy.gb_per_s)?);
         }
     }
+    // Prefill as a server runs it (the one logits row by cuBLAS).
     model.set_graphs(true);
+    model.set_gemv(false);
     let pre = prefill(&model, &opts)?;
     Ok(BenchReport {
         device: model.device_name(),
@@ -319,6 +378,7 @@ pub fn run(ordinal: usize, opts: BenchOptions) -> Result<BenchReport> {
             "copy gb_per_s counts bytes read plus bytes written",
             "decode steps include moving each sequence's greedy id (mode.greedy_on_device) or its logits (128256 floats) to the host",
             "mode.graphs: the step replayed from a CUDA graph captured at its batch size (during warm-up)",
+            "mode.gemv: multiplies of up to 8 tokens by tandem's matrix-vector kernel, else by cuBLAS",
             "roofline_fraction = (weight bytes + KV bytes read) / step time / copy gb_per_s",
             "prefill tflops = (2 x matmul params x tokens + causal attention FLOPs) / time",
         ],

@@ -35,6 +35,11 @@ pub(crate) const TILE_MAX_HEAD_DIM: usize = 128;
 /// tokens) keep one thread block per token, which spreads a long context
 /// over more threads.
 pub(crate) const TILE_MIN_RUN: usize = 8;
+/// Token rows the BF16 matrix-vector kernel takes (its `GEMV_MAX_T`):
+/// decode steps of up to this many tokens can skip cuBLAS.
+pub(crate) const GEMV_MAX_T: usize = 8;
+/// Weight rows per block of the matrix-vector kernel (one warp each).
+const GEMV_ROWS: usize = 8;
 /// Candidates per row of the top-k kernel (its `TOPK_MAX`): the most a
 /// step asks for, `sampler::MAX_DEVICE_TOP_K`.
 pub(crate) const TOPK_MAX: usize = 256;
@@ -545,6 +550,71 @@ extern "C" __global__ void f32_to_bf16(const float* x, unsigned short* y, long l
         y[i] = f32_to_bf16_bits(x[i]);
 }
 
+/* out[t][r] = sum_j w[r][j] x[t][j] for the n_t <= GEMV_MAX_T token rows of
+   a decode step: BF16 weights (m rows of k, k a multiple of 8, rows 16-byte
+   aligned), BF16 activations (what cuBLAS multiplies on this path), f32
+   products and sums. A step of few tokens reads every weight once and does
+   little else, so it is bound by memory bandwidth: one warp per weight row
+   streams it in 16-byte loads that bypass L1 (each weight is used once),
+   every load serving all the step's tokens; GEMV_ROWS rows per block.
+   Grid (ceil(m / GEMV_ROWS)), GEMV_ROWS * 32 threads. */
+#define GEMV_MAX_T 8
+#define GEMV_ROWS 8
+#ifndef TANDEM_EMULATION
+/* 16 bytes read once: through the non-coherent path, not kept in L1. */
+__device__ uint4 load_stream(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+#endif
+
+__device__ void bf16x8_to_f32(uint4 v, float* f) {
+    unsigned int u[4] = {v.x, v.y, v.z, v.w};
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __uint_as_float(u[i] << 16);
+        f[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
+    }
+}
+
+extern "C" __global__ void gemv_bf16(const unsigned short* w, const unsigned short* x,
+                                     float* out, int m, int k, int n_t) {
+    int lane = threadIdx.x & 31;
+    int r = blockIdx.x * GEMV_ROWS + (threadIdx.x >> 5);
+    if (r >= m) return;
+    const uint4* wr = (const uint4*)(w + (u64)r * k);
+    int chunks = k >> 3;
+    float acc[GEMV_MAX_T];
+    #pragma unroll
+    for (int t = 0; t < GEMV_MAX_T; ++t) acc[t] = 0.0f;
+    #pragma unroll 4
+    for (int c = lane; c < chunks; c += 32) {
+        float wf[8];
+        bf16x8_to_f32(load_stream(wr + c), wf);
+        #pragma unroll
+        for (int t = 0; t < GEMV_MAX_T; ++t) {
+            if (t < n_t) {
+                float xf[8];
+                bf16x8_to_f32(((const uint4*)(x + (u64)t * k))[c], xf);
+                float a = acc[t];
+                #pragma unroll
+                for (int i = 0; i < 8; ++i) a = fmaf(wf[i], xf[i], a);
+                acc[t] = a;
+            }
+        }
+    }
+    #pragma unroll
+    for (int t = 0; t < GEMV_MAX_T; ++t) {
+        if (t < n_t) {
+            float v = warp_sum(acc[t]);
+            if (lane == 0) out[(u64)t * m + r] = v;
+        }
+    }
+}
+
 __device__ float hash_uniform(unsigned long long seed, long long i) {
     unsigned long long z = seed + (unsigned long long)i * 0x9e3779b97f4a7c15ull;
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -634,6 +704,16 @@ pub(crate) struct AttentionPlan {
     pub rows: Vec<i32>,
 }
 
+/// Whether prompt chunks go to the tiled kernel: yes, unless
+/// `TANDEM_CUDA_ATTENTION=per-token` says to run every token through the
+/// per-token kernel (to tell a kernel's fault from the rest of a step's).
+fn tiles_wanted() -> bool {
+    static WANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WANTED.get_or_init(|| {
+        std::env::var("TANDEM_CUDA_ATTENTION").map_or(true, |v| v.trim() != "per-token")
+    })
+}
+
 impl AttentionPlan {
     pub(crate) fn of(tok_seq: &[usize], tok_pos: &[usize], head_dim: usize) -> Result<Self> {
         let mut plan = Self::default();
@@ -643,7 +723,7 @@ impl AttentionPlan {
             while end < tok_seq.len() && tok_seq[end] == tok_seq[start] {
                 end += 1;
             }
-            if end - start >= TILE_MIN_RUN && head_dim <= TILE_MAX_HEAD_DIM {
+            if end - start >= TILE_MIN_RUN && head_dim <= TILE_MAX_HEAD_DIM && tiles_wanted() {
                 for t0 in (start..end).step_by(TILE_Q) {
                     let t1 = (t0 + TILE_Q).min(end);
                     let keys = tok_pos[t0..t1].iter().max().map_or(0, |&p| p + 1);
@@ -682,6 +762,7 @@ pub(crate) struct Kernels {
     silu_mul: CudaFunction,
     add_in_place: CudaFunction,
     f32_to_bf16: CudaFunction,
+    gemv_bf16: CudaFunction,
     fill_uniform_f32: CudaFunction,
     fill_uniform_bf16: CudaFunction,
     stream: Arc<CudaStream>,
@@ -830,6 +911,7 @@ impl Kernels {
             silu_mul: f("silu_mul")?,
             add_in_place: f("add_in_place")?,
             f32_to_bf16: f("f32_to_bf16")?,
+            gemv_bf16: f("gemv_bf16")?,
             fill_uniform_f32: f("fill_uniform_f32")?,
             fill_uniform_bf16: f("fill_uniform_bf16")?,
             stream,
@@ -1135,6 +1217,50 @@ impl Kernels {
         )
     }
 
+    /// Whether [`Kernels::gemv_bf16`] takes a `[rows, cols]` BF16 matrix
+    /// times `t` token rows: few enough tokens, and rows of whole 16-byte
+    /// loads.
+    pub(crate) fn gemv_fits(cols: usize, t: usize) -> bool {
+        (1..=GEMV_MAX_T).contains(&t) && cols.is_multiple_of(8)
+    }
+
+    /// `out[t][r] = Σ_j w[r][j]·x[t][j]` for `t` token rows (see
+    /// [`Kernels::gemv_fits`]): `w` is `[rows, cols]` BF16, `x` `[t, cols]`
+    /// BF16, `out` `[t, rows]` f32.
+    pub(crate) fn gemv_bf16(
+        &self,
+        w: u64,
+        x: u64,
+        out: u64,
+        rows: usize,
+        cols: usize,
+        t: usize,
+    ) -> Result<()> {
+        if !Self::gemv_fits(cols, t) || !w.is_multiple_of(16) || !x.is_multiple_of(16) {
+            return Err(EngineError::Cuda(format!(
+                "gemv_bf16: {t} rows of {cols} (or an unaligned buffer) do not fit the kernel"
+            )));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (int(rows.div_ceil(GEMV_ROWS), "matrix rows")? as u32, 1, 1),
+            block_dim: (GEMV_ROWS as u32 * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            "gemv_bf16",
+            &self.gemv_bf16,
+            cfg,
+            &[
+                Arg::Ptr(w),
+                Arg::Ptr(x),
+                Arg::Ptr(out),
+                Arg::I32(int(rows, "matrix rows")?),
+                Arg::I32(int(cols, "matrix cols")?),
+                Arg::I32(int(t, "tokens")?),
+            ],
+        )
+    }
+
     pub(crate) fn fill_uniform_f32(&self, y: u64, n: usize, seed: u64, scale: f32) -> Result<()> {
         self.launch(
             "fill_uniform_f32",
@@ -1256,7 +1382,7 @@ mod tests {
     /// head sizes 32 to 128, grouped and plain heads); `kv_write` into the
     /// layout attention reads; `copy_blocks` gathering and scattering KV
     /// blocks; `argmax_rows` and `topk_rows` with ties, signed zeros and
-    /// -inf rows. It catches wrong
+    /// -inf rows; `gemv_bf16` against a double reference. It catches wrong
     /// indexing, synchronisation or tie rules without a GPU; what only
     /// hardware shows (speed, the GPU compiler) is the GPU check's. Needs a
     /// C++20 compiler (`$CXX`, else `c++`: Debian's g++, which the setup
@@ -1297,7 +1423,7 @@ mod tests {
             String::from_utf8_lossy(&ran.stderr)
         );
         assert!(
-            report.lines().filter(|l| l.starts_with("ok")).count() >= 19,
+            report.lines().filter(|l| l.starts_with("ok")).count() >= 20,
             "fewer checks than expected ran:\n{report}"
         );
     }
@@ -1316,7 +1442,7 @@ mod tests {
             "NVRTC (libnvrtc.so.12) is not loadable: put its directory on LD_LIBRARY_PATH"
         );
         let names = declared_kernels();
-        assert_eq!(names.len(), 14, "{names:?}");
+        assert_eq!(names.len(), 15, "{names:?}");
         for arch in ["sm_80", "sm_86", "sm_89", "sm_90"] {
             let cubin = compile_cubin(&format!("--gpu-architecture={arch}"))
                 .unwrap_or_else(|e| panic!("{arch}: {e}"));

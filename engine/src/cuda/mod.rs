@@ -151,6 +151,14 @@ fn graphs_wanted() -> bool {
     std::env::var("TANDEM_CUDA_GRAPHS").map_or(true, |v| v.trim() != "0")
 }
 
+/// Whether BF16 decode multiplies use the matrix-vector kernel: only when
+/// `TANDEM_CUDA_GEMV=1` asks. On an H200 it is slower than cuBLAS so far
+/// (a batch-1 step of the Llama-3-8B shape: 16.7 ms against 12.9 ms, see
+/// BENCHMARKS.md), though closer to exact; the benchmark times both.
+fn gemv_wanted() -> bool {
+    std::env::var("TANDEM_CUDA_GEMV").is_ok_and(|v| v.trim() == "1")
+}
+
 /// A device address for a kernel or cuBLAS argument. Event tracking is off
 /// and everything runs on one stream, so stream order alone keeps reads
 /// after writes: the guard cudarc returns has nothing to do.
@@ -219,6 +227,88 @@ impl Device {
             _blas_workspace: workspace,
             k,
         })
+    }
+
+    /// `out = x · Wᵀ` for `t` rows of `x` (`[t, w.cols]` f32) into `out`
+    /// (`[t, w.rows]` f32), by cuBLAS, or for BF16 weights and a decode
+    /// step of few tokens by the matrix-vector kernel when `gemv` says so
+    /// (an attempt at the memory bandwidth cuBLAS leaves unused on such
+    /// shapes; see `gemv_wanted`).
+    /// `xb`: BF16 scratch of at least `t * w.cols`.
+    fn matmul(&self, w: &DevMatrix, x: u64, t: usize, out: u64, xb: u64, gemv: bool) -> Result<()> {
+        if t == 0 {
+            return Ok(());
+        }
+        let (m, n, k) = (
+            int(w.rows, "matrix rows")?,
+            int(t, "tokens")?,
+            int(w.cols, "matrix cols")?,
+        );
+        let (alpha, beta) = (1f32, 0f32);
+        let handle = *self.blas.handle();
+        // Row-major out[t][r] = Σ_k W[r][k]·x[t][k] is, column-major,
+        // out (m × n) = Wᵀ-as-stored (k × m, transposed) · x (k × n).
+        let op_t = blas_sys::cublasOperation_t::CUBLAS_OP_T;
+        let op_n = blas_sys::cublasOperation_t::CUBLAS_OP_N;
+        match &w.data {
+            DevData::F32(wd) => {
+                let wp = ptr(wd, &self.stream);
+                // SAFETY: shapes checked at load and by the callers' buffer sizes.
+                unsafe {
+                    blas::sgemm(
+                        handle,
+                        op_t,
+                        op_n,
+                        m,
+                        n,
+                        k,
+                        &alpha,
+                        wp as *const f32,
+                        k,
+                        x as *const f32,
+                        k,
+                        &beta,
+                        out as *mut f32,
+                        m,
+                    )
+                }
+                .map_err(|e| cuda_err("cuBLAS sgemm", e))
+            }
+            DevData::Bf16(wd) => {
+                self.k.f32_to_bf16(x, xb, t * w.cols)?;
+                let wp = ptr(wd, &self.stream);
+                if gemv && Kernels::gemv_fits(w.cols, t) {
+                    return self.k.gemv_bf16(wp, xb, out, w.rows, w.cols, t);
+                }
+                let bf16 = blas_sys::cudaDataType::CUDA_R_16BF;
+                // SAFETY: as above; alpha and beta are f32 host values, as
+                // CUBLAS_COMPUTE_32F expects.
+                unsafe {
+                    blas::gemm_ex(
+                        handle,
+                        op_t,
+                        op_n,
+                        m,
+                        n,
+                        k,
+                        &alpha as *const f32 as *const _,
+                        wp as *const _,
+                        bf16,
+                        k,
+                        xb as *const _,
+                        bf16,
+                        k,
+                        &beta as *const f32 as *const _,
+                        out as *mut _,
+                        blas_sys::cudaDataType::CUDA_R_32F,
+                        m,
+                        blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+                    )
+                }
+                .map_err(|e| cuda_err("cuBLAS GemmEx (bf16)", e))
+            }
+        }
     }
 
     fn bind(&self) -> Result<()> {
@@ -486,6 +576,9 @@ pub struct CudaModel {
     state: Mutex<State>,
     /// Replay decode steps from CUDA graphs (see `graphs`).
     graphs: std::sync::atomic::AtomicBool,
+    /// BF16 multiplies of few tokens by the matrix-vector kernel (off
+    /// unless asked, see `gemv_wanted`).
+    gemv: std::sync::atomic::AtomicBool,
 }
 
 /// `[rows, cols]` f32 of matrices stacked by rows, exactly as the CPU
@@ -598,6 +691,7 @@ impl CudaModel {
             inv_freq,
             state: Mutex::new(State::default()),
             graphs: std::sync::atomic::AtomicBool::new(graphs_wanted()),
+            gemv: std::sync::atomic::AtomicBool::new(gemv_wanted()),
         };
         model.check_shapes()?;
         model.dev.sync("uploading the weights")?;
@@ -657,6 +751,7 @@ impl CudaModel {
             dev,
             state: Mutex::new(State::default()),
             graphs: std::sync::atomic::AtomicBool::new(graphs_wanted()),
+            gemv: std::sync::atomic::AtomicBool::new(gemv_wanted()),
         };
         model.check_shapes()?;
         model.dev.sync("generating the weights")?;
@@ -846,76 +941,7 @@ impl CudaModel {
     /// `out = x · Wᵀ` for `t` rows of `x` (`[t, w.cols]` f32) into `out`
     /// (`[t, w.rows]` f32). `xb`: BF16 scratch of at least `t * w.cols`.
     fn gemm(&self, w: &DevMatrix, x: u64, t: usize, out: u64, xb: u64) -> Result<()> {
-        if t == 0 {
-            return Ok(());
-        }
-        let (m, n, k) = (
-            int(w.rows, "matrix rows")?,
-            int(t, "tokens")?,
-            int(w.cols, "matrix cols")?,
-        );
-        let (alpha, beta) = (1f32, 0f32);
-        let handle = *self.dev.blas.handle();
-        // Row-major out[t][r] = Σ_k W[r][k]·x[t][k] is, column-major,
-        // out (m × n) = Wᵀ-as-stored (k × m, transposed) · x (k × n).
-        let op_t = blas_sys::cublasOperation_t::CUBLAS_OP_T;
-        let op_n = blas_sys::cublasOperation_t::CUBLAS_OP_N;
-        match &w.data {
-            DevData::F32(wd) => {
-                let wp = ptr(wd, &self.dev.stream);
-                // SAFETY: shapes checked at load and by the callers' buffer sizes.
-                unsafe {
-                    blas::sgemm(
-                        handle,
-                        op_t,
-                        op_n,
-                        m,
-                        n,
-                        k,
-                        &alpha,
-                        wp as *const f32,
-                        k,
-                        x as *const f32,
-                        k,
-                        &beta,
-                        out as *mut f32,
-                        m,
-                    )
-                }
-                .map_err(|e| cuda_err("cuBLAS sgemm", e))
-            }
-            DevData::Bf16(wd) => {
-                self.dev.k.f32_to_bf16(x, xb, t * w.cols)?;
-                let wp = ptr(wd, &self.dev.stream);
-                let bf16 = blas_sys::cudaDataType::CUDA_R_16BF;
-                // SAFETY: as above; alpha and beta are f32 host values, as
-                // CUBLAS_COMPUTE_32F expects.
-                unsafe {
-                    blas::gemm_ex(
-                        handle,
-                        op_t,
-                        op_n,
-                        m,
-                        n,
-                        k,
-                        &alpha as *const f32 as *const _,
-                        wp as *const _,
-                        bf16,
-                        k,
-                        xb as *const _,
-                        bf16,
-                        k,
-                        &beta as *const f32 as *const _,
-                        out as *mut _,
-                        blas_sys::cudaDataType::CUDA_R_32F,
-                        m,
-                        blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                        blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
-                    )
-                }
-                .map_err(|e| cuda_err("cuBLAS GemmEx (bf16)", e))
-            }
-        }
+        self.dev.matmul(w, x, t, out, xb, self.gemv_enabled())
     }
 
     /// One step (see [`Executor::forward_observed`]), without observers:
@@ -1093,6 +1119,22 @@ impl CudaModel {
     /// Turns graph replay of decode steps on or off (tests compare both).
     pub fn set_graphs(&self, on: bool) {
         self.graphs.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn gemv_enabled(&self) -> bool {
+        self.gemv.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Turns the matrix-vector kernel for BF16 decode multiplies on or off
+    /// (the benchmark compares it with cuBLAS). Graphs captured with the
+    /// other choice are dropped.
+    pub fn set_gemv(&self, on: bool) {
+        let mut st = self.lock();
+        if self.gemv.swap(on, std::sync::atomic::Ordering::Relaxed) != on {
+            if let Some(kv) = st.kv.as_mut() {
+                kv.graphs.graphs.clear();
+            }
+        }
     }
 
     /// Launches `batch` kernel by kernel on the step's scratch buffers;
@@ -1931,6 +1973,40 @@ pub fn paged_attention(
         .map_err(|e| cuda_err("downloading the attention output", e))?;
     dev.sync("paged attention")?;
     Ok(out)
+}
+
+/// Runs one BF16 multiply alone (tests compare the two ways with a
+/// reference): `w` `[rows, cols]` rounded to BF16 on upload, `x` `[t,
+/// cols]` f32 (rounded to BF16 on the device, as a step does); returns
+/// `[t, rows]`. `gemv`: by the matrix-vector kernel where it fits, else by
+/// cuBLAS.
+pub fn bf16_matmul(
+    ordinal: usize,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    gemv: bool,
+) -> Result<Vec<f32>> {
+    if cols == 0 || !x.len().is_multiple_of(cols) {
+        return Err(EngineError::Cuda(
+            "bf16_matmul: x is not whole rows of cols".into(),
+        ));
+    }
+    let t = x.len() / cols;
+    let dev = Device::open(ordinal)?;
+    dev.bind()?;
+    let m = DevMatrix::from_host(&dev, rows, cols, w, Weights::Bf16)?;
+    let x_d = dev.upload(x, "activations")?;
+    let xb = dev.zeros::<u16>(t * cols, "bf16 activations")?;
+    let out = dev.zeros::<f32>(t * rows, "output")?;
+    let s = &dev.stream;
+    dev.matmul(&m, ptr(&x_d, s), t, ptr(&out, s), ptr(&xb, s), gemv)?;
+    let host = s
+        .clone_dtoh(&out)
+        .map_err(|e| cuda_err("downloading the product", e))?;
+    dev.sync("bf16 matmul")?;
+    Ok(host)
 }
 
 /// A step of sequence `i` bringing `toks[i]` and asking for `kinds[i]`.

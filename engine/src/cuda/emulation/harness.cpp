@@ -336,7 +336,34 @@ static void bf16_case() {
     check(bad == 0, "f32_to_bf16: nearest, ties to even; NaN stays a quiet NaN", bad);
 }
 
+// gemv_bf16 against a double reference of the same BF16 values: rows
+// that do not fill the last block, one to GEMV_MAX_T token rows.
+static void gemv_case() {
+    auto bf16 = [](float f) { return (unsigned short)(__float_as_uint(f) >> 16); };
+    auto back = [](unsigned short b) { return __uint_as_float((unsigned)b << 16); };
+    int m = 19, k = 200;
+    std::vector<unsigned short> w((size_t)m * k);
+    for (auto& v : w) v = bf16(uniform(-1, 1));
+    double worst = 0;
+    for (int nt : {1, 3, 8}) {
+        std::vector<unsigned short> x((size_t)nt * k);
+        for (auto& v : x) v = bf16(uniform(-1, 1));
+        std::vector<float> out((size_t)nt * m + 1, -7.0f);
+        launch({(unsigned)((m + GEMV_ROWS - 1) / GEMV_ROWS), 1, 1}, GEMV_ROWS * 32, 0,
+               [&] { gemv_bf16(w.data(), x.data(), out.data(), m, k, nt); });
+        for (int t = 0; t < nt; ++t)
+            for (int r = 0; r < m; ++r) {
+                double want = 0;
+                for (int j = 0; j < k; ++j) want += (double)back(w[(size_t)r * k + j]) * back(x[(size_t)t * k + j]);
+                worst = std::max(worst, std::abs(want - out[(size_t)t * m + r]));
+            }
+        worst = std::max(worst, out[(size_t)nt * m] == -7.0f ? 0.0 : 1e9);
+    }
+    check(worst <= 1e-4, "gemv_bf16: every row of 1, 3 and 8 tokens, nothing past them written", worst);
+}
+
 int main() {
+    gemv_case();
     row_cases();
     bf16_case();
     copy_blocks_case();

@@ -26,6 +26,12 @@ std::barrier<>* g_warp[32];
 float g_fslot[32][32];
 int g_islot[32][32];
 
+#define TANDEM_EMULATION
+struct uint4 {
+    unsigned x, y, z, w;
+};
+inline uint4 load_stream(const uint4* p) { return *p; }
+
 #define __global__
 #define __device__
 #define __shared__ static
