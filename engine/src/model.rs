@@ -1038,6 +1038,8 @@ pub(crate) struct LayerWeights<'a> {
     /// Q, K and V stacked by rows (one or more matrices, in row order).
     pub qkv: &'a [PackedMatrix],
     pub qkv_bias: Option<&'a [f32]>,
+    /// Per-head query and key norm weights (Qwen3), `head_dim` each.
+    pub qk_norm: Option<(&'a [f32], &'a [f32])>,
     pub wo: &'a [PackedMatrix],
     pub ffn_norm: &'a [f32],
     /// Gate then up, stacked by rows.
@@ -1065,6 +1067,7 @@ impl Model {
             attn_norm: &layer.attn_norm,
             qkv: &layer.qkv.parts,
             qkv_bias: layer.qkv_bias.as_deref(),
+            qk_norm: layer.qk_norm.as_ref().map(|n| (&n.q[..], &n.k[..])),
             wo: whole(&layer.wo)?,
             ffn_norm: &layer.ffn_norm,
             gate_up: &layer.gate_up.parts,

@@ -1005,8 +1005,8 @@ fn bf16_gemv_matches_cublas_and_a_reference() {
 /// ones per token, longer ones in tiles, then decode steps that cross
 /// block boundaries) against each prompt alone and against the CPU, every
 /// step's logits, with decode graphs off and on; on a committed synthetic
-/// checkpoint and on one of the default model's shape with random weights
-/// (written here), so that it needs no model file.
+/// checkpoint, a Qwen3 one and one of the default model's shape with
+/// random weights (both written here), so that it needs no model file.
 #[test]
 fn batches_match_single_runs_on_synthetic_checkpoints() {
     use tandem_model::config::Arch;
@@ -1030,9 +1030,28 @@ fn batches_match_single_runs_on_synthetic_checkpoints() {
         &smol,
     )
     .expect("writing a synthetic checkpoint");
+    // Qwen3: per-head query and key norms before RoPE.
+    let qwen3 = dir.join("tiny-qwen3-q8_0.gguf");
+    synth(
+        &SynthSpec {
+            arch: Arch::Qwen3,
+            shape: SynthShape::preset("tiny").expect("preset"),
+            seed: 1,
+            format: SynthFormat::Gguf {
+                weight_type: GgmlType::Q8_0,
+            },
+            tokenizer: SynthTokenizer::Gpt2,
+        },
+        &qwen3,
+    )
+    .expect("writing a synthetic checkpoint");
     let decode = 4;
     let mut failures = Vec::new();
-    for path in [fixtures_dir().join("synth/tiny-llama-q4_k.gguf"), smol] {
+    for path in [
+        fixtures_dir().join("synth/tiny-llama-q4_k.gguf"),
+        qwen3,
+        smol,
+    ] {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let src = ModelSource::open(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
         let cpu = Model::load(&src, 2).unwrap_or_else(|e| panic!("{name} on the CPU: {e}"));

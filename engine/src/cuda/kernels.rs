@@ -172,6 +172,21 @@ __device__ float warp_max(float v) {
     return v;
 }
 
+/* RMSNorm of each query head (by q_w) and each key head (by k_w) of every
+   token's QKV row, in place: the per-head norms of Qwen3, before RoPE (such
+   models have no QKV bias). Grid (tokens, n_heads + n_kv), one warp each. */
+extern "C" __global__ void head_norm(float* qkv, const float* q_w, const float* k_w, int row_len,
+                                     int n_heads, int hd, float eps) {
+    int t = blockIdx.x, h = blockIdx.y;
+    float* x = qkv + (u64)t * row_len + (u64)h * hd;
+    const float* w = h < n_heads ? q_w : k_w;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < hd; i += 32) s = fmaf(x[i], x[i], s);
+    s = warp_sum(s);
+    float rs = 1.0f / sqrtf(s / (float)hd + eps);
+    for (int i = threadIdx.x; i < hd; i += 32) x[i] = w[i] * (x[i] * rs);
+}
+
 /* Causal attention of one query token and one query head over the keys
    0..=pos of its sequence, read through the sequence's block table: token
    rows[blockIdx.x] (blockIdx.x when rows is null).
@@ -752,6 +767,7 @@ impl AttentionPlan {
 pub(crate) struct Kernels {
     embed: CudaFunction,
     rms_norm: CudaFunction,
+    head_norm: CudaFunction,
     bias_rope: CudaFunction,
     kv_write: CudaFunction,
     attention: CudaFunction,
@@ -901,6 +917,7 @@ impl Kernels {
         Ok(Self {
             embed: f("embed")?,
             rms_norm: f("rms_norm")?,
+            head_norm: f("head_norm")?,
             bias_rope: f("bias_rope")?,
             kv_write: f("kv_write")?,
             attention: f("attention")?,
@@ -971,6 +988,46 @@ impl Kernels {
                 Arg::Ptr(w),
                 Arg::Ptr(out),
                 Arg::I32(int(h, "hidden")?),
+                Arg::F32(eps),
+            ],
+        )
+    }
+
+    /// RMSNorm of each of the `n_heads` query and `n_kv` key heads of the
+    /// `n_tok` rows of `qkv`, in place (by `q_w` and `k_w`, `hd` each).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn head_norm(
+        &self,
+        qkv: u64,
+        q_w: u64,
+        k_w: u64,
+        n_tok: usize,
+        row_len: usize,
+        n_heads: usize,
+        n_kv: usize,
+        hd: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (
+                int(n_tok.max(1), "tokens")? as u32,
+                int(n_heads + n_kv, "heads")? as u32,
+                1,
+            ),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            "head_norm",
+            &self.head_norm,
+            cfg,
+            &[
+                Arg::Ptr(qkv),
+                Arg::Ptr(q_w),
+                Arg::Ptr(k_w),
+                Arg::I32(int(row_len, "qkv row")?),
+                Arg::I32(int(n_heads, "heads")?),
+                Arg::I32(int(hd, "head_dim")?),
                 Arg::F32(eps),
             ],
         )
@@ -1382,7 +1439,8 @@ mod tests {
     /// head sizes 32 to 128, grouped and plain heads); `kv_write` into the
     /// layout attention reads; `copy_blocks` gathering and scattering KV
     /// blocks; `argmax_rows` and `topk_rows` with ties, signed zeros and
-    /// -inf rows; `gemv_bf16` against a double reference. It catches wrong
+    /// -inf rows; `gemv_bf16` against a double reference; `head_norm` per
+    /// query and key head. It catches wrong
     /// indexing, synchronisation or tie rules without a GPU; what only
     /// hardware shows (speed, the GPU compiler) is the GPU check's. Needs a
     /// C++20 compiler (`$CXX`, else `c++`: Debian's g++, which the setup
@@ -1423,7 +1481,7 @@ mod tests {
             String::from_utf8_lossy(&ran.stderr)
         );
         assert!(
-            report.lines().filter(|l| l.starts_with("ok")).count() >= 20,
+            report.lines().filter(|l| l.starts_with("ok")).count() >= 21,
             "fewer checks than expected ran:\n{report}"
         );
     }
@@ -1442,7 +1500,7 @@ mod tests {
             "NVRTC (libnvrtc.so.12) is not loadable: put its directory on LD_LIBRARY_PATH"
         );
         let names = declared_kernels();
-        assert_eq!(names.len(), 15, "{names:?}");
+        assert_eq!(names.len(), 16, "{names:?}");
         for arch in ["sm_80", "sm_86", "sm_89", "sm_90"] {
             let cubin = compile_cubin(&format!("--gpu-architecture={arch}"))
                 .unwrap_or_else(|e| panic!("{arch}: {e}"));

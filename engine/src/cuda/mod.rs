@@ -426,6 +426,8 @@ struct DevLayer {
     attn_norm: CudaSlice<f32>,
     qkv: DevMatrix,
     qkv_bias: Option<CudaSlice<f32>>,
+    /// Per-head query and key norms (Qwen3), applied before RoPE.
+    qk_norm: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
     wo: DevMatrix,
     ffn_norm: CudaSlice<f32>,
     gate_up: DevMatrix,
@@ -635,13 +637,6 @@ impl CudaModel {
                 "the CUDA backend runs whole models, not shards".into(),
             ));
         }
-        if m.config.qk_norm {
-            // No per-head norm kernel yet: refused rather than run wrong.
-            return Err(EngineError::Unsupported(format!(
-                "the CUDA backend does not run {} models (per-head query/key norms) yet; run them on the CPU",
-                m.config.arch.name()
-            )));
-        }
         let dev = Device::open(ordinal)?;
         dev.bind()?;
         let c = m.config.clone();
@@ -670,6 +665,13 @@ impl CudaModel {
                 qkv: mat(lw.qkv, "qkv")?,
                 qkv_bias: match lw.qkv_bias {
                     Some(b) => Some(dev.upload(b, "the qkv bias")?),
+                    None => None,
+                },
+                qk_norm: match lw.qk_norm {
+                    Some((q, k)) => Some((
+                        dev.upload(q, "the query norm")?,
+                        dev.upload(k, "the key norm")?,
+                    )),
                     None => None,
                 },
                 wo: mat(lw.wo, "attn_output")?,
@@ -729,6 +731,10 @@ impl CudaModel {
                 attn_norm: ones(h)?,
                 qkv: DevMatrix::random(&dev, qd + 2 * kvd, h, weights, next(), scale(h))?,
                 qkv_bias: None,
+                qk_norm: match c.qk_norm {
+                    true => Some((ones(c.head_dim)?, ones(c.head_dim)?)),
+                    false => None,
+                },
                 wo: DevMatrix::random(&dev, h, qd, weights, next(), scale(qd))?,
                 ffn_norm: ones(h)?,
                 gate_up: DevMatrix::random(&dev, 2 * ffn, h, weights, next(), scale(h))?,
@@ -787,6 +793,20 @@ impl CudaModel {
             want(&l.down, h, ffn, &format!("layer {i} ffn_down"))?;
             if l.qkv_bias.as_ref().is_some_and(|b| b.len() != qd + 2 * kvd) {
                 return Err(EngineError::Cuda(format!("layer {i}: qkv bias length")));
+            }
+            if let Some((q, k)) = &l.qk_norm {
+                if q.len() != c.head_dim || k.len() != c.head_dim {
+                    return Err(EngineError::Cuda(format!(
+                        "layer {i}: query/key norm length"
+                    )));
+                }
+                // The bias would have to come before the norms, and the
+                // kernels add it with RoPE, after them: no such model exists.
+                if l.qkv_bias.is_some() {
+                    return Err(EngineError::Unsupported(format!(
+                        "layer {i}: a QKV bias with per-head query/key norms"
+                    )));
+                }
             }
         }
         want(&self.head, c.vocab_size, h, "output")?;
@@ -1430,6 +1450,19 @@ impl CudaModel {
         for (li, l) in self.layers.iter().enumerate() {
             k.rms_norm(p.x, 0, ptr(&l.attn_norm, s), p.xn, n_tok, h, c.rms_eps)?;
             self.gemm(&l.qkv, p.xn, n_tok, p.qkv, p.xb)?;
+            if let Some((qn, kn)) = &l.qk_norm {
+                k.head_norm(
+                    p.qkv,
+                    ptr(qn, s),
+                    ptr(kn, s),
+                    n_tok,
+                    row_len,
+                    nh,
+                    nkv,
+                    hd,
+                    c.rms_eps,
+                )?;
+            }
             let bias = l.qkv_bias.as_ref().map_or(0, |b| ptr(b, s));
             k.bias_rope(
                 p.qkv,

@@ -362,8 +362,37 @@ static void gemv_case() {
     check(worst <= 1e-4, "gemv_bf16: every row of 1, 3 and 8 tokens, nothing past them written", worst);
 }
 
+// head_norm: each query and key head of every row normalised by its own
+// weights (the CPU model's rms_norm_in_place per head); values untouched.
+static void head_norm_case() {
+    int nt = 3, nh = 4, nkv = 2, hd = 64, row_len = (nh + 2 * nkv) * hd;
+    float eps = 1e-6f;
+    std::vector<float> qkv((size_t)nt * row_len), qw(hd), kw(hd);
+    for (auto& v : qkv) v = uniform(-3, 3);
+    for (auto& v : qw) v = uniform(0.5f, 1.5f);
+    for (auto& v : kw) v = uniform(0.5f, 1.5f);
+    std::vector<float> before = qkv;
+    launch({(unsigned)nt, (unsigned)(nh + nkv), 1}, 32, 0,
+           [&] { head_norm(qkv.data(), qw.data(), kw.data(), row_len, nh, hd, eps); });
+    double d = 0;
+    for (int t = 0; t < nt; ++t)
+        for (int h = 0; h < nh + 2 * nkv; ++h) {
+            const float* x = &before[(size_t)t * row_len + h * hd];
+            const float* got = &qkv[(size_t)t * row_len + h * hd];
+            double ss = 0;
+            for (int i = 0; i < hd; ++i) ss += (double)x[i] * x[i];
+            double r = 1.0 / std::sqrt(ss / hd + eps);
+            for (int i = 0; i < hd; ++i) {
+                double want = h < nh ? qw[i] * x[i] * r : h < nh + nkv ? kw[i] * x[i] * r : x[i];
+                d = std::max(d, std::abs(want - got[i]));
+            }
+        }
+    check(d <= 1e-5, "head_norm: query heads by q_w, key heads by k_w, values untouched", d);
+}
+
 int main() {
     gemv_case();
+    head_norm_case();
     row_cases();
     bf16_case();
     copy_blocks_case();
