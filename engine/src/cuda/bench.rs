@@ -11,11 +11,13 @@
 //! in the same run (bytes read + bytes written per second, what a device
 //! copy can stream) is how close decode is to memory-bound.
 //!
-//! Each decode batch runs two ways: replayed from a CUDA graph with the
+//! Each decode batch runs three ways: replayed from a CUDA graph with the
 //! greedy choice picked on the device (one id per sequence comes back:
-//! what a greedy request costs), and launched kernel by kernel with every
+//! what a greedy request costs), the same with tandem's matrix-vector
+//! kernel instead of cuBLAS, and launched kernel by kernel with every
 //! sequence's logits moved to the host (what a sampled request costs
-//! without graphs).
+//! without graphs). The steps' multiplies, and the prefill's, are also
+//! timed alone, which says how much of a step is theirs.
 
 use std::time::Instant;
 
@@ -142,6 +144,8 @@ pub struct BenchReport {
     pub options: BenchOptions,
     pub copy: CopyResult,
     pub decode: Vec<DecodeResult>,
+    /// The multiplies of the decode steps above, timed alone.
+    pub decode_matmuls: Vec<DecodeMatmuls>,
     pub prefill: PrefillResult,
     pub notes: Vec<&'static str>,
 }
@@ -280,7 +284,7 @@ pub fn prefill(model: &CudaModel, opts: &BenchOptions) -> Result<PrefillResult> 
     // QKᵀ and PV: 2 FLOPs per multiply-add, over keys 0..=p for each position p.
     let pairs = t as f64 * (t as f64 + 1.0) / 2.0;
     let attention = 4.0 * (c.n_layers * c.n_heads * c.head_dim) as f64 * pairs;
-    let (alone_s, alone_flops) = matmuls_alone(model, t, runs)?;
+    let alone = matmuls_alone(model, t, runs, false)?;
     Ok(PrefillResult {
         tokens: t,
         runs,
@@ -290,48 +294,95 @@ pub fn prefill(model: &CudaModel, opts: &BenchOptions) -> Result<PrefillResult> 
         attention_flops: attention,
         tflops: (matmul + attention) / secs / 1e12,
         matmul_tflops: matmul / secs / 1e12,
-        matmuls_alone_seconds: alone_s,
-        matmuls_alone_tflops: alone_flops / alone_s / 1e12,
+        matmuls_alone_seconds: alone.seconds,
+        matmuls_alone_tflops: alone.flops / alone.seconds / 1e12,
     })
 }
 
+/// The multiplies of one pass timed alone.
+struct MatmulTiming {
+    seconds: f64,
+    flops: f64,
+    /// Weight bytes read.
+    bytes: f64,
+}
+
 /// Seconds per pass of every layer's multiplies for `t` tokens (random
-/// activations), and their FLOPs: the prefill's multiplies without the
-/// attention, norms and other kernels between them.
-fn matmuls_alone(model: &CudaModel, t: usize, runs: usize) -> Result<(f64, f64)> {
+/// activations; with the LM head when `head`), their FLOPs and weight
+/// bytes: a step's multiplies without the attention, norms and other
+/// kernels between them. Runs as `model`'s multiplies run (its GEMV
+/// setting), `runs` passes after one warm-up.
+fn matmuls_alone(model: &CudaModel, t: usize, runs: usize, head: bool) -> Result<MatmulTiming> {
     let dev = &model.dev;
     dev.bind()?;
-    let widest = model
+    let mut mats: Vec<&super::DevMatrix> = model
         .layers
         .iter()
         .flat_map(|l| [&l.qkv, &l.wo, &l.gate_up, &l.down])
-        .map(|m| m.rows.max(m.cols))
-        .max()
-        .unwrap_or(0);
+        .collect();
+    if head {
+        mats.push(&model.head);
+    }
+    let widest = mats.iter().map(|m| m.rows.max(m.cols)).max().unwrap_or(0);
     let x = dev.zeros::<f32>(t * widest, "activations")?;
     let out = dev.zeros::<f32>(t * widest, "products")?;
     let xb = dev.zeros::<u16>(t * widest, "bf16 activations")?;
     let s = &dev.stream;
     dev.k.fill_uniform_f32(ptr(&x, s), t * widest, 7, 1.0)?;
-    let pass = || -> Result<f64> {
-        let mut flops = 0.0;
-        for l in &model.layers {
-            for m in [&l.qkv, &l.wo, &l.gate_up, &l.down] {
-                model.gemm(m, ptr(&x, s), t, ptr(&out, s), ptr(&xb, s))?;
-                flops += 2.0 * (t * m.rows * m.cols) as f64;
-            }
+    let pass = || -> Result<()> {
+        for m in &mats {
+            model.gemm(m, ptr(&x, s), t, ptr(&out, s), ptr(&xb, s))?;
         }
-        Ok(flops)
+        Ok(())
     };
     pass()?;
     dev.sync("multiplies warm-up")?;
     let t0 = Instant::now();
-    let mut flops = 0.0;
-    for _ in 0..runs {
-        flops = pass()?;
+    for _ in 0..runs.max(1) {
+        pass()?;
     }
     dev.sync("multiplies")?;
-    Ok((t0.elapsed().as_secs_f64() / runs as f64, flops))
+    Ok(MatmulTiming {
+        seconds: t0.elapsed().as_secs_f64() / runs.max(1) as f64,
+        flops: mats
+            .iter()
+            .map(|m| 2.0 * (t * m.rows * m.cols) as f64)
+            .sum(),
+        bytes: mats.iter().map(|m| m.nbytes() as f64).sum(),
+    })
+}
+
+/// A decode step's multiplies (every layer's and the LM head) timed alone:
+/// how much of a step they take, and how close they read the weights to
+/// the copy bandwidth.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodeMatmuls {
+    pub tokens: usize,
+    /// By tandem's matrix-vector kernel (else cuBLAS).
+    pub gemv: bool,
+    pub ms: f64,
+    pub weight_gb_per_s: f64,
+    /// `weight_gb_per_s / copy.gb_per_s`.
+    pub roofline_fraction: f64,
+}
+
+fn decode_matmuls(
+    model: &CudaModel,
+    tokens: usize,
+    gemv: bool,
+    opts: &BenchOptions,
+    copy_gb_per_s: f64,
+) -> Result<DecodeMatmuls> {
+    model.set_gemv(gemv);
+    let m = matmuls_alone(model, tokens, opts.decode_steps, true)?;
+    let gb = m.bytes / m.seconds / 1e9;
+    Ok(DecodeMatmuls {
+        tokens,
+        gemv,
+        ms: m.seconds * 1e3,
+        weight_gb_per_s: gb,
+        roofline_fraction: gb / copy_gb_per_s,
+    })
 }
 
 /// The whole benchmark on GPU `ordinal` (about 20 GB of device memory at
@@ -340,26 +391,36 @@ pub fn run(ordinal: usize, opts: BenchOptions) -> Result<BenchReport> {
     let model = CudaModel::synthetic(llama3_8b_config(), ordinal, Weights::Bf16, opts.seed)?;
     let copy = copy_bandwidth(&model, opts.copy_bytes, 20)?;
     let mut dec = Vec::new();
+    // What a server runs first (cuBLAS), then the matrix-vector kernel.
     let modes = [
-        DecodeMode {
-            graphs: true,
-            greedy_on_device: true,
-            gemv: true,
-        },
         DecodeMode {
             graphs: true,
             greedy_on_device: true,
             gemv: false,
         },
         DecodeMode {
+            graphs: true,
+            greedy_on_device: true,
+            gemv: true,
+        },
+        DecodeMode {
             graphs: false,
             greedy_on_device: false,
-            gemv: true,
+            gemv: false,
         },
     ];
     for &b in &opts.decode_batches {
         for mode in modes {
             dec.push(decode(&model, b, mode, &opts, copy.gb_per_s)?);
+        }
+    }
+    let mut dm = Vec::new();
+    for &b in &opts.decode_batches {
+        for gemv in [false, true] {
+            if gemv && b > super::kernels::GEMV_MAX_T {
+                continue;
+            }
+            dm.push(decode_matmuls(&model, b, gemv, &opts, copy.gb_per_s)?);
         }
     }
     // Prefill as a server runs it (the one logits row by cuBLAS).
@@ -373,12 +434,14 @@ pub fn run(ordinal: usize, opts: BenchOptions) -> Result<BenchReport> {
         options: opts,
         copy,
         decode: dec,
+        decode_matmuls: dm,
         prefill: pre,
         notes: vec![
             "copy gb_per_s counts bytes read plus bytes written",
             "decode steps include moving each sequence's greedy id (mode.greedy_on_device) or its logits (128256 floats) to the host",
             "mode.graphs: the step replayed from a CUDA graph captured at its batch size (during warm-up)",
             "mode.gemv: multiplies of up to 8 tokens by tandem's matrix-vector kernel, else by cuBLAS",
+            "decode_matmuls: the same steps' multiplies (LM head included) alone, weight bytes read / time",
             "roofline_fraction = (weight bytes + KV bytes read) / step time / copy gb_per_s",
             "prefill tflops = (2 x matmul params x tokens + causal attention FLOPs) / time",
         ],
