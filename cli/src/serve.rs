@@ -901,7 +901,7 @@ async fn follow_membership(mut m: Membership, d: Arc<Dispatcher>, fingerprint: S
                     continue;
                 }
                 if let Some(old) = known.insert((rec.role, rec.id.clone()), rec.addr) {
-                    if old != rec.addr {
+                    if old != rec.addr && !known.values().any(|a| *a == old) {
                         d.remove(old);
                     }
                 }
@@ -913,8 +913,12 @@ async fn follow_membership(mut m: Membership, d: Arc<Dispatcher>, fingerprint: S
                 });
             }
             MembershipEvent::Down { role, id } => {
+                // Not when another node took the address meanwhile (a
+                // restart under a new name, before the old lease ran out).
                 if let Some(addr) = known.remove(&(role, id)) {
-                    d.remove(addr);
+                    if !known.values().any(|a| *a == addr) {
+                        d.remove(addr);
+                    }
                 }
             }
             MembershipEvent::Up(_) => {}

@@ -237,6 +237,46 @@ async fn put_record(
     Ok(())
 }
 
+/// Whether this node's key is still its own, when read under `lease`.
+enum KeyOwner {
+    Ours,
+    /// Nobody's (deleted, or its lease ran out): ours to write again.
+    Free,
+    /// Another live node's, at another address: two nodes were given one
+    /// `--node-id`, and the second would silently hide the first.
+    Other(std::net::SocketAddr),
+}
+
+async fn key_owner(
+    client: &mut etcd_client::Client,
+    cfg: &EtcdConfig,
+    record: &NodeRecord,
+    lease: i64,
+) -> Result<KeyOwner, String> {
+    let resp = bounded("get", client.get(record.key(&cfg.prefix), None)).await?;
+    let Some(kv) = resp.kvs().first() else {
+        return Ok(KeyOwner::Free);
+    };
+    if kv.lease() == lease {
+        return Ok(KeyOwner::Ours);
+    }
+    // The same address under another lease is this node's earlier life
+    // (a restart before the old lease ran out): it is ours to take.
+    Ok(match NodeRecord::from_json(kv.value()) {
+        Ok(other) if other.addr != record.addr => KeyOwner::Other(other.addr),
+        _ => KeyOwner::Free,
+    })
+}
+
+/// The error for a key [`KeyOwner::Other`] holds.
+fn taken(record: &NodeRecord, other: std::net::SocketAddr) -> String {
+    format!(
+        "node id {:?} is registered by another live node at {other}: give each node its own \
+         --node-id (waiting for that one to leave)",
+        record.id
+    )
+}
+
 async fn registration_session(
     cfg: &EtcdConfig,
     record: &mut NodeRecord,
@@ -276,6 +316,9 @@ async fn registration_session(
         }
     };
     let id = keeper.id();
+    if let KeyOwner::Other(addr) = key_owner(&mut client, cfg, record, id).await? {
+        return Err(taken(record, addr));
+    }
     put_record(&mut client, cfg, record, id, written_key).await?;
     registered.store(true, Ordering::SeqCst);
     backoff.reset();
@@ -296,6 +339,17 @@ async fn registration_session(
                 }
                 keeper.keep_alive().await.map_err(|e| format!("etcd lease keep-alive: {e}"))?;
                 unanswered.get_or_insert_with(tokio::time::Instant::now);
+                // A record deleted by hand, or by a node that took the
+                // key and left, is written again; one another live node
+                // holds is its until it leaves.
+                match key_owner(&mut client, cfg, record, id).await? {
+                    KeyOwner::Ours => {}
+                    KeyOwner::Free => {
+                        warn!(key = %record.key(&cfg.prefix), "this node's etcd record was gone; registering again");
+                        put_record(&mut client, cfg, record, id, written_key).await?;
+                    }
+                    KeyOwner::Other(addr) => return Err(taken(record, addr)),
+                }
             }
             msg = stream.message() => match msg {
                 Ok(Some(resp)) => {

@@ -135,17 +135,23 @@ impl Dispatcher {
             s.cfg.connect_timeout,
         )
         .await?;
-        workers::spawn_load_poll(
-            w.clone(),
-            s.cfg.secret.clone(),
-            s.cfg.load_poll,
-            s.shutdown.clone(),
-        );
+        let mut m = s.members.write().expect("members lock");
+        // KV moves between the roles block by block: a worker whose blocks
+        // differ in size from the others' could take no hand-over, and
+        // its refusals would be blamed on the healthy workers it pairs with.
+        let other = m.decode.iter().chain(&m.prefill).find(|x| x.addr != addr);
+        if let Some(o) = other.filter(|o| o.info.block_size != w.info.block_size) {
+            return Err(ConnectError::BlockSize {
+                addr,
+                theirs: w.info.block_size,
+                ours: o.info.block_size,
+                other: o.addr,
+            });
+        }
         if role == Role::Decode {
             s.block_size
                 .store((w.info.block_size as usize).max(1), Ordering::Relaxed);
         }
-        let mut m = s.members.write().expect("members lock");
         let list = match role {
             Role::Decode => &mut m.decode,
             _ => &mut m.prefill,
@@ -156,6 +162,12 @@ impl Dispatcher {
         }
         // A worker that joins has an empty cache, whatever ran there before.
         s.index.forget(addr);
+        workers::spawn_load_poll(
+            w.clone(),
+            s.cfg.secret.clone(),
+            s.cfg.load_poll,
+            s.shutdown.clone(),
+        );
         list.push(w);
         publish_counts(&m);
         tracing::info!(%addr, %role, "worker joined");
@@ -196,13 +208,14 @@ impl Dispatcher {
         counts
     }
 
-    /// Longest prompt + completion every decode worker can hold (0 with none).
+    /// Longest prompt + completion some decode worker can hold (0 with
+    /// none): a request is sent to one that can hold it.
     pub fn max_sequence_tokens(&self) -> usize {
         let m = self.shared.members.read().expect("members lock");
         m.decode
             .iter()
             .map(|w| w.info.max_sequence_tokens as usize)
-            .min()
+            .max()
             .unwrap_or(0)
     }
 
@@ -446,7 +459,16 @@ impl Shared {
     fn pick(&self, a: &Attempt) -> Option<(Arc<Worker>, Option<Arc<Worker>>)> {
         let m = self.members.read().ok()?;
         let ok = |w: &&Arc<Worker>| !a.failed.contains(&w.peer());
-        let decode: Vec<Arc<Worker>> = m.decode.iter().filter(ok).cloned().collect();
+        let mut decode: Vec<Arc<Worker>> = m.decode.iter().filter(ok).cloned().collect();
+        // Not a decode worker whose pool can never hold the request while
+        // another can: with none that can, any, whose refusal says why.
+        let wanted = a.req.prompt.len() + a.req.max_tokens.unwrap_or(1) as usize;
+        if decode
+            .iter()
+            .any(|w| w.info.max_sequence_tokens as usize >= wanted)
+        {
+            decode.retain(|w| w.info.max_sequence_tokens as usize >= wanted);
+        }
         let prefill: Vec<Arc<Worker>> = m.prefill.iter().filter(ok).cloned().collect();
         drop(m);
         let matched = |w: &Worker| self.index.matched(&a.hashes, w.peer());

@@ -28,12 +28,21 @@ pub const FIRST_BACKOFF: Duration = Duration::from_secs(30);
 /// The longest a pair is avoided, and how long its record lasts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(600);
 
-/// One life of a worker: its address, and how many times the router saw
-/// it come back after failed load polls.
+/// One life of a worker: its address, which connection of the router's
+/// it is (a worker that joins again at the address, through discovery,
+/// is a new one), and how many times the router saw it come back after
+/// failed load polls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Peer {
     pub addr: SocketAddr,
+    pub joined: u64,
     pub returns: u64,
+}
+
+impl Peer {
+    fn life(self) -> (u64, u64) {
+        (self.joined, self.returns)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -41,7 +50,7 @@ struct Strike {
     failed_at: Instant,
     backoff: Duration,
     /// The two workers' lives when it failed.
-    lives: (u64, u64),
+    lives: ((u64, u64), (u64, u64)),
 }
 
 /// Failing (prefill, decode) pairs and how long each is avoided.
@@ -56,7 +65,7 @@ impl PairHealth {
         let mut m = self.strikes.lock().unwrap_or_else(|e| e.into_inner());
         // Forget what is long over, so the table stays small.
         m.retain(|_, s| now.saturating_duration_since(s.failed_at) < MAX_BACKOFF);
-        let lives = (prefill.returns, decode.returns);
+        let lives = (prefill.life(), decode.life());
         let backoff = match m.get(&(prefill.addr, decode.addr)) {
             // The incident that started the wait (see the module docs).
             Some(s) if s.lives == lives && now < s.failed_at + s.backoff => return,
@@ -86,7 +95,7 @@ impl PairHealth {
     pub fn avoided(&self, prefill: Peer, decode: Peer, now: Instant) -> bool {
         let m = self.strikes.lock().unwrap_or_else(|e| e.into_inner());
         m.get(&(prefill.addr, decode.addr)).is_some_and(|s| {
-            s.lives == (prefill.returns, decode.returns)
+            s.lives == (prefill.life(), decode.life())
                 && now.saturating_duration_since(s.failed_at) < s.backoff
         })
     }
@@ -99,6 +108,7 @@ mod tests {
     fn addr(port: u16) -> Peer {
         Peer {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            joined: 0,
             returns: 0,
         }
     }

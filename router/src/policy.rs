@@ -269,6 +269,7 @@ mod tests {
         let idx = PrefixIndex::new(100);
         let life = |port: u16, returns: u64| Peer {
             addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            joined: 0,
             returns,
         };
         let (w1, w2) = (life(1, 0), life(2, 0));

@@ -28,10 +28,17 @@ pub struct Worker {
     removed: std::sync::atomic::AtomicBool,
     /// The last load poll failed (the worker did not answer at all).
     poll_failed: std::sync::atomic::AtomicBool,
+    /// Which of the router's connections to a worker this is (see
+    /// [`crate::pairs::Peer`]).
+    joined: u64,
     /// Times a load poll succeeded after one failed: the worker was gone
     /// (died, restarted, unreachable) and is back.
     returns: AtomicU64,
 }
+
+/// Numbers each connection to a worker, so that one which joins again at
+/// an address is not mistaken for the one that was there.
+static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
 
 /// A snapshot for routing decisions.
 #[derive(Debug, Clone, Copy)]
@@ -74,6 +81,7 @@ impl Worker {
     pub fn peer(&self) -> crate::pairs::Peer {
         crate::pairs::Peer {
             addr: self.addr,
+            joined: self.joined,
             returns: self.returns.load(Ordering::Relaxed),
         }
     }
@@ -118,6 +126,13 @@ pub enum ConnectError {
         addr: SocketAddr,
         theirs: String,
         ours: String,
+    },
+    #[error("worker {addr} keeps KV in blocks of {theirs} tokens, worker {other} in blocks of {ours}: start every worker of a cluster with the same --block-size")]
+    BlockSize {
+        addr: SocketAddr,
+        theirs: u32,
+        ours: u32,
+        other: SocketAddr,
     },
     #[error("worker {addr} is a {theirs:?} worker, expected {expected}")]
     Role {
@@ -258,6 +273,7 @@ pub async fn connect(
         healthy: true.into(),
         removed: false.into(),
         poll_failed: false.into(),
+        joined: CONNECTIONS.fetch_add(1, Ordering::Relaxed),
         returns: AtomicU64::new(0),
     }))
 }

@@ -223,6 +223,12 @@ impl Cluster {
 
     /// Starts one more worker as `spec` describes (it joins through etcd).
     pub fn worker(spec: &ClusterSpec, role: Role) -> Node {
+        Self::worker_at(spec, role, 0)
+    }
+
+    /// [`Cluster::worker`] on `port` (0: any free one), as a worker
+    /// restarted where it was.
+    pub fn worker_at(spec: &ClusterSpec, role: Role, port: u16) -> Node {
         let model = model_path().to_string_lossy().into_owned();
         let mut args: Vec<String> = vec![
             "--model".into(),
@@ -253,7 +259,7 @@ impl Cluster {
         args.extend(spec.worker_args.iter().cloned());
         args.extend(own.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Node::start(role, &args)
+        Node::start_at(role, port, &args, &[])
     }
 
     pub fn base_url(&self) -> String {

@@ -751,6 +751,43 @@ fn bad_requests_get_openai_errors_not_500s() {
             .unwrap();
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["data"][0]["id"], m);
+
+        // Prompts of megabytes (two, one per async worker of the router)
+        // are tokenized without holding up the rest: a health check sent
+        // while they are read answers before they do. Before, it waited
+        // for them.
+        let mega = "word ".repeat(1_500_000);
+        let bodies = [
+            (
+                &chat,
+                json!({"model": m, "messages": [{"role": "user", "content": mega}]}),
+            ),
+            (&compl, json!({"model": m, "prompt": mega})),
+        ];
+        let mut big = Vec::new();
+        for (url, body) in bodies {
+            let (http, url) = (http.clone(), url.clone());
+            big.push(tokio::spawn(async move {
+                let r = http.post(&url).json(&body).send().await.unwrap();
+                (r.status(), Instant::now())
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let health = http
+            .get(format!("http://{}/health", cluster.router.addr()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(health.status(), 200);
+        let answered = Instant::now();
+        for b in big {
+            let (status, at) = b.await.unwrap();
+            assert_eq!(status, 400, "a prompt beyond the context");
+            assert!(
+                at > answered,
+                "the health check waited for the large prompts"
+            );
+        }
     });
 }
 
@@ -1141,6 +1178,19 @@ fn the_router_knows_what_a_decode_worker_caches_across_its_restarts() {
 #[test]
 fn a_stream_whose_only_decode_worker_restarts_resumes_on_it() {
     let mut cluster = Cluster::start(1, 1, 1, &[]);
+    stream_across_a_restart(&mut cluster, |c| {
+        restart_worker(
+            &mut c.decode[0],
+            tandem_cluster::Role::Decode,
+            Duration::ZERO,
+        )
+    });
+}
+
+/// Streams a long greedy completion, calls `restart` (which kills and
+/// starts again the only decode worker) after its first tokens, and checks
+/// that the client saw one unbroken answer, the plain one.
+fn stream_across_a_restart(cluster: &mut Cluster, restart: impl FnOnce(&mut Cluster)) {
     let rt = rt();
     let http = reqwest::Client::new();
     let url = format!("{}/completions", cluster.base_url());
@@ -1173,11 +1223,7 @@ fn a_stream_whose_only_decode_worker_restarts_resumes_on_it() {
         })
     };
     read_until(&mut raw, Some(10));
-    restart_worker(
-        &mut cluster.decode[0],
-        tandem_cluster::Role::Decode,
-        Duration::ZERO,
-    );
+    restart(cluster);
     read_until(&mut raw, None);
     let raw = String::from_utf8(raw).unwrap();
     let events: Vec<&str> = raw

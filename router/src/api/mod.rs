@@ -175,9 +175,11 @@ impl ApiState {
                 Some("messages"),
             )
         })?;
-        let mut text = t
-            .render_with_tools(messages, tools, end == TurnEnd::Open)
-            .map_err(|e| ApiError::invalid(format!("{e}"), Some("messages")))?;
+        let size: usize = messages.iter().map(|m| m.content.len()).sum();
+        let mut text = off_the_runtime(size, || {
+            t.render_with_tools(messages, tools, end == TurnEnd::Open)
+        })
+        .map_err(|e| ApiError::invalid(format!("{e}"), Some("messages")))?;
         if end == TurnEnd::ContinueFinal {
             // Cut after the final message's text, as transformers'
             // `continue_final_message` does: whatever closes the turn goes.
@@ -196,8 +198,7 @@ impl ApiState {
             })?;
             text.truncate(at + last.len());
         }
-        self.tokenizer
-            .encode(&text, false)
+        off_the_runtime(text.len(), || self.tokenizer.encode(&text, false))
             .map_err(|e| ApiError::internal(format!("tokenizing the prompt: {e}")))
     }
 
@@ -220,8 +221,7 @@ impl ApiState {
     /// Tokenizes a raw prompt exactly as `tandem generate --prompt` does
     /// (`encode(text, true)`: BOS when the model asks for it).
     pub fn text_prompt(&self, text: &str) -> Result<Vec<u32>, ApiError> {
-        self.tokenizer
-            .encode(text, true)
+        off_the_runtime(text.len(), || self.tokenizer.encode(text, true))
             .map_err(|e| ApiError::internal(format!("tokenizing the prompt: {e}")))
     }
 
@@ -284,4 +284,25 @@ pub(crate) fn unix_now() -> u64 {
 /// A random id suffix (24 hex digits).
 pub(crate) fn random_id() -> String {
     format!("{:024x}", rand::random::<u128>() >> 32)
+}
+
+/// Texts from this many bytes up are rendered and tokenized off the async
+/// workers.
+const BLOCKING_TEXT_BYTES: usize = 64 << 10;
+
+/// Runs `f`, which works through `bytes` of text, where it cannot hold up
+/// other requests: a prompt of megabytes takes seconds to tokenize, and
+/// on the router's few async workers that would stall every other request
+/// and the health checks with it. Small texts run in place (handing the
+/// worker over costs more than they take).
+fn off_the_runtime<R>(bytes: usize, f: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h)
+            if bytes >= BLOCKING_TEXT_BYTES && h.runtime_flavor() == RuntimeFlavor::MultiThread =>
+        {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
 }

@@ -247,6 +247,14 @@ impl GenParams {
         };
         if exceeded {
             let message = match max_tokens {
+                // Scoring computes the prompt as a step that would sample
+                // one token: the prompt must leave room for it.
+                Some(_) if score_only => format!(
+                    "This model's maximum context length is {ctx} tokens. However, your prompt \
+                     has {p} tokens; a prompt scored with max_tokens 0 may have at most {} \
+                     tokens.",
+                    ctx - 1
+                ),
                 Some(m) => format!(
                     "This model's maximum context length is {ctx} tokens. However, you requested \
                      {} tokens ({p} in the prompt, {m} in the completion). Please reduce the \

@@ -633,6 +633,19 @@ async fn bad_inputs_are_400_with_param() {
     let (s, v) = post(&app, chat, chat_body(json!({"max_tokens": 100000}))).await;
     assert_error(s, &v, StatusCode::BAD_REQUEST, Some("max_tokens"), "ctx");
     assert_eq!(v["error"]["code"], "context_length_exceeded");
+    // A scored prompt as long as the context: the message speaks of the
+    // prompt, not of a completion the client did not ask for.
+    let whole: Vec<u32> = vec![1; CTX];
+    let body = cmpl_body(json!({"prompt": whole, "max_tokens": 0, "echo": true, "logprobs": 1}));
+    let (s, v) = post(&app, cmpl, body).await;
+    assert_error(s, &v, StatusCode::BAD_REQUEST, Some("prompt"), "scored");
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("at most {} tokens", CTX - 1)),
+        "{message}"
+    );
+    assert!(!message.contains("completion"), "{message}");
 
     // Bodies that are not JSON objects, or not JSON at all: 400, never 422.
     for raw in ["{not json", "[1,2]", "", "null", "\"x\""] {

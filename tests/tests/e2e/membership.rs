@@ -227,3 +227,46 @@ async fn other_protocol_versions_are_not_reported() {
     ra.deregister(Duration::from_secs(2));
     rg.deregister(Duration::from_secs(2));
 }
+
+/// Two nodes given one `--node-id`: the second waits instead of hiding the
+/// first (whose record would vanish with the second's lease), and takes
+/// the id once the first has left. A node restarted at its own address
+/// takes its key back at once, old lease or not.
+#[tokio::test]
+async fn a_node_id_is_held_by_one_live_node() {
+    let etcd = Etcd::start();
+    let cfg = etcd.config("/t-dup", Duration::from_secs(2));
+    let first = record(Role::Decode, "dup", 7701);
+    let second = record(Role::Decode, "dup", 7801);
+    let r1 = Registration::start(cfg.clone(), first.clone());
+    wait_registered(&r1, Duration::from_secs(10)).await;
+    let mut m = Membership::watch(cfg.clone());
+    events_until(&mut m, Duration::from_secs(10), |s| {
+        s.contains(&MembershipEvent::Up(first.clone()))
+    })
+    .await;
+
+    let r2 = Registration::start(cfg.clone(), second.clone());
+    // Several of the first's keep-alive periods: the second never writes.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!r2.is_registered());
+    assert_eq!(next_event(&mut m, Duration::from_millis(100)).await, None);
+    assert_eq!(m.current(), vec![first.clone()]);
+
+    r1.deregister(Duration::from_secs(2));
+    let seen = events_until(&mut m, Duration::from_secs(10), |s| {
+        s.contains(&MembershipEvent::Up(second.clone()))
+    })
+    .await;
+    assert!(seen.iter().any(|e| is_down(e, "dup")), "{seen:#?}");
+    wait_registered(&r2, Duration::from_secs(5)).await;
+
+    // The second dies (its lease lives on) and restarts at its address.
+    r2.abandon();
+    let again = Registration::start(cfg.clone(), second.clone());
+    wait_registered(&again, Duration::from_secs(5)).await;
+    // Past the old lease's end, the record is still there.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(m.current(), vec![second.clone()]);
+    again.deregister(Duration::from_secs(2));
+}

@@ -95,35 +95,45 @@ fn first_traffic(
     })
 }
 
-#[test]
-fn etcd_outage_loses_no_request_and_new_workers_get_traffic_within_2s() {
+/// A real etcd, and one prefill and one decode worker of a thread each
+/// that find each other and their router through it, under `prefix`.
+fn etcd_cluster(prefix: &str, router_args: &[&str]) -> (Etcd, ClusterSpec, Cluster) {
     let etcd = {
         let _turn = tandem_tests::one_at_a_time();
         Etcd::start()
     };
-    let mut etcd = etcd;
     let spec = ClusterSpec {
         prefill: 1,
         decode: 1,
         threads: 1,
-        etcd: Some((etcd.endpoint(), "/e2e-outage".into())),
+        etcd: Some((etcd.endpoint(), prefix.into())),
+        router_args: router_args.iter().map(|a| a.to_string()).collect(),
         ..Default::default()
     };
     let cluster = Cluster::start_spec(spec.clone());
+    (etcd, spec, cluster)
+}
+
+/// Waits until the router at `base`, which learns its workers from etcd,
+/// serves a request.
+async fn until_served(base: &str) {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while complete(&http, base, "Hello", 2).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the router never saw its workers"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn etcd_outage_loses_no_request_and_new_workers_get_traffic_within_2s() {
+    let (mut etcd, spec, cluster) = etcd_cluster("/e2e-outage", &[]);
     let rt = rt();
     let base = cluster.base_url();
-    // The router learns its workers from etcd.
-    rt.block_on(async {
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while complete(&http, &base, "Hello", 2).await.is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the router never saw its workers"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
+    rt.block_on(until_served(&base));
     let stop = Arc::new(AtomicBool::new(false));
     let (load, ok) = traffic(&rt, base.clone(), 3, stop.clone());
     std::thread::sleep(Duration::from_secs(1));
@@ -155,6 +165,114 @@ fn etcd_outage_loses_no_request_and_new_workers_get_traffic_within_2s() {
         "served {} requests, {served_in_outage} of them while etcd was down",
         ok.load(Ordering::SeqCst)
     );
+}
+
+/// The only decode worker dies mid-stream and a new process takes its
+/// address, announcing itself through etcd (its record differs: the KV
+/// port is new), so the router connects to it afresh: the stream resumes
+/// there, where before the router took the new connection for the one
+/// that had failed the request and gave up after `--worker-wait-secs`.
+#[test]
+fn a_stream_resumes_on_a_decode_worker_restarted_through_etcd() {
+    let (_etcd, spec, mut cluster) = etcd_cluster("/e2e-restart", &[]);
+    rt().block_on(until_served(&cluster.base_url()));
+    super::stream_across_a_restart(&mut cluster, |c| {
+        let port = c.decode[0].addr().port();
+        c.decode[0].kill();
+        c.decode[0] = Cluster::worker_at(&spec, Role::Decode, port);
+    });
+}
+
+/// Decode workers that join through etcd but could not serve every
+/// request: one whose KV pool holds fewer tokens than a request needs
+/// gets no such request while another can hold it (before, the least
+/// loaded was picked and the client got its 400), though it still serves
+/// those it can hold; one whose KV blocks differ in size from the
+/// cluster's is refused at join (before, it was routed to, and its
+/// refused hand-overs marked the healthy prefill worker down).
+#[test]
+fn decode_workers_get_only_requests_they_can_serve() {
+    let (_etcd, spec, cluster) = etcd_cluster("/e2e-fit", &["--disagg-min-tokens", "16"]);
+    let tiny_spec = ClusterSpec {
+        decode_args: vec!["--kv-cache-memory".into(), "3MiB".into()],
+        ..spec.clone()
+    };
+    let tiny = Cluster::worker(&tiny_spec, Role::Decode);
+    let odd_spec = ClusterSpec {
+        decode_args: vec!["--block-size".into(), "32".into()],
+        ..spec.clone()
+    };
+    let odd = Cluster::worker(&odd_spec, Role::Decode);
+    let rt = rt();
+    let tiny_tokens = rt.block_on(worker_load(&tiny)).total_blocks * 16;
+    assert!(
+        tiny_tokens < 100,
+        "the small pool holds {tiny_tokens} tokens"
+    );
+    let router = cluster.router.addr();
+    let decode_members = r#"tandem_router_workers{worker_role="decode"}"#;
+    rt.block_on(async {
+        // The router has seen both joins: the small one is in, the odd one out.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while super::counter_at(router, decode_members).await != 2.0 {
+            assert!(Instant::now() < deadline, "the small worker never joined");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(super::counter_at(router, decode_members).await, 2.0);
+
+        let http = reqwest::Client::new();
+        let base = cluster.base_url();
+        // Long enough for the prefill tier, too long for the small pool;
+        // sent together, so the idle small worker is the least loaded.
+        let prompt = "Tell me a long story about a lighthouse keeper and the ships \
+                      that pass by the rocks at night, with the storms of winter.";
+        let mut tasks = Vec::new();
+        for i in 0..6 {
+            let (http, base) = (http.clone(), base.clone());
+            let p = format!("{i}. {prompt}");
+            tasks.push(tokio::spawn(async move {
+                let body = json!({"model": model_name(), "prompt": p, "max_tokens": 80,
+                                  "temperature": 0, "ignore_eos": true});
+                let r = http
+                    .post(format!("{base}/completions"))
+                    .json(&body)
+                    .send()
+                    .await;
+                let r = r.unwrap();
+                (r.status(), r.json::<Value>().await.unwrap())
+            }));
+        }
+        for t in tasks {
+            let (status, v) = t.await.unwrap();
+            assert_eq!(status, 200, "{v}");
+            assert_eq!(v["usage"]["completion_tokens"], 80, "{v}");
+        }
+        // Short ones still go to the small worker too.
+        let mut tasks = Vec::new();
+        for i in 0..4 {
+            let (http, base) = (http.clone(), base.clone());
+            tasks.push(tokio::spawn(async move {
+                complete(&http, &base, &format!("Hi {i}"), 8).await
+            }));
+        }
+        for t in tasks {
+            t.await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("a short request failed: {e}"));
+        }
+        // Workers publish their engine's counters once a second.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let served =
+            |n: &tandem_tests::Node| super::counter_at(n.addr(), "tandem_generated_tokens_total");
+        assert!(
+            served(&tiny).await >= 1.0,
+            "the small worker served nothing"
+        );
+        assert_eq!(served(&odd).await, 0.0, "the odd worker was routed to");
+        let down = super::counter_at(router, "tandem_router_workers_marked_down_total").await;
+        assert_eq!(down, 0.0, "a worker was marked down");
+    });
 }
 
 #[test]
