@@ -288,6 +288,11 @@ pub struct RouterArgs {
     /// Bearer key clients must present on /v1 (and gRPC Generate).
     #[arg(long, env = "TANDEM_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Web origins whose pages may call the API from a browser (CORS):
+    /// `https://app.example.com`, or `*` for any; comma-separated or
+    /// repeated. None by default.
+    #[arg(long, env = "TANDEM_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
+    pub cors_allow_origin: Vec<String>,
     /// The model name clients use (default: the model file's stem).
     #[arg(long, env = "TANDEM_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
@@ -771,6 +776,8 @@ pub fn run_router(args: RouterArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&args.disagg_max_cached_fraction) {
         bail!("--disagg-max-cached-fraction must be in [0, 1]");
     }
+    let cors = tandem_router::api::cors(&args.cors_allow_origin)
+        .map_err(|e| anyhow::anyhow!("--cors-allow-origin: {e}"))?;
     let path = crate::model_path(args.node.model.clone())?;
     let src = ModelSource::open(&path).context("loading the model")?;
     let tokenizer = src.tokenizer().context("building the tokenizer")?;
@@ -849,8 +856,11 @@ pub fn run_router(args: RouterArgs) -> Result<()> {
                 _ => Ok(()),
             }
         });
-        let http = tandem_router::api::openai_routes(state)
-            .merge(tandem_router::dashboard::dashboard_routes(dispatcher));
+        let mut http = tandem_router::api::openai_routes(state);
+        if let Some(cors) = cors {
+            http = http.layer(cors);
+        }
+        let http = http.merge(tandem_router::dashboard::dashboard_routes(dispatcher));
         let serve = tokio::spawn(server.serve(
             routes,
             vec![tandem_proto::generate::SERVICE],

@@ -229,6 +229,15 @@ fn chat_request(m: &Map<String, Value>) -> Result<Map<String, Value>, ApiError> 
         .get("max_tokens")
         .ok_or_else(|| ApiError::invalid("'max_tokens' is required", Some("max_tokens")))?;
     c.insert("max_completion_tokens".into(), max.clone());
+    // Anthropic's range, narrower than chat's 0 to 2.
+    if let Some(t) = field(m, "temperature") {
+        if t.as_f64().is_some_and(|t| !(0.0..=1.0).contains(&t)) {
+            return Err(ApiError::bad_param(
+                "temperature",
+                format!("'temperature' must be between 0 and 1, got {t}"),
+            ));
+        }
+    }
     for k in ["model", "temperature", "top_p", "top_k", "stream"] {
         if let Some(v) = field(m, k) {
             c.insert(k.into(), v.clone());
@@ -375,19 +384,43 @@ fn usage(u: &Value) -> Value {
     })
 }
 
+/// A refusal the chat path found, under the Messages API's names.
+fn refusal(mut e: ApiError) -> Response {
+    super::rewrite::rename_param(&mut e, RENAMED, TOOL_CHOICES);
+    if let Some(p) = e.param.as_mut().filter(|p| p.starts_with("tools[")) {
+        *p = p.replace(".parameters", ".input_schema");
+    }
+    error_response(&e)
+}
+
+/// Anthropic's `count_tokens`: the prompt a Messages request would have
+/// (system, messages, tools), without running it.
+pub(super) async fn count_tokens(
+    State(state): State<Arc<ApiState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let counted = super::openai::parse_object(body).and_then(|mut m| {
+        // Only a request to run needs to say how long its answer may be.
+        m.entry("max_tokens").or_insert(json!(1));
+        let chat = chat_request(&m)?;
+        let tokens = super::openai::chat_prompt_of(&state, &chat)?;
+        Ok(json!({"input_tokens": tokens.len()}))
+    });
+    let resp = match counted {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => refusal(e),
+    };
+    super::openai::count_request("messages_count_tokens", resp.status());
+    resp
+}
+
 pub(super) async fn create(
     State(state): State<Arc<ApiState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let resp = match run(state, body).await {
         Ok(r) => r,
-        Err(mut e) => {
-            super::rewrite::rename_param(&mut e, RENAMED, TOOL_CHOICES);
-            if let Some(p) = e.param.as_mut().filter(|p| p.starts_with("tools[")) {
-                *p = p.replace(".parameters", ".input_schema");
-            }
-            error_response(&e)
-        }
+        Err(e) => refusal(e),
     };
     super::openai::count_request("messages", resp.status());
     resp

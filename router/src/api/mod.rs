@@ -306,3 +306,48 @@ fn off_the_runtime<R>(bytes: usize, f: impl FnOnce() -> R) -> R {
         _ => f(),
     }
 }
+
+/// The CORS layer that lets browsers call the API from `origins` (`*`:
+/// from anywhere; else exact origins such as `https://app.example.com`).
+/// `None` without origins: browsers may then call it only from its own.
+/// A preflight is answered before the API key is checked, as browsers send
+/// none with it; the request that follows still needs the key.
+pub fn cors(origins: &[String]) -> Result<Option<tower_http::cors::CorsLayer>, String> {
+    use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+    let origins: Vec<&str> = origins
+        .iter()
+        .map(|o| o.trim())
+        .filter(|o| !o.is_empty())
+        .collect();
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let allow = if origins.contains(&"*") {
+        AllowOrigin::any()
+    } else {
+        let list = origins
+            .iter()
+            .map(|o| {
+                let ok = (o.starts_with("http://") || o.starts_with("https://"))
+                    && !o
+                        .trim_end_matches('/')
+                        .contains(|c: char| c.is_whitespace());
+                let value = axum::http::HeaderValue::from_str(o.trim_end_matches('/'));
+                match value {
+                    Ok(v) if ok => Ok(v),
+                    _ => Err(format!(
+                        "CORS origin {o:?} is not an origin (scheme://host[:port], or *)"
+                    )),
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        AllowOrigin::list(list)
+    };
+    Ok(Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods(Any)
+            .allow_headers(Any)
+            .max_age(std::time::Duration::from_secs(600)),
+    ))
+}

@@ -51,6 +51,10 @@ pub fn openai_routes(state: Arc<ApiState>) -> Router {
         .route("/v1/models/{*model}", get(get_model))
         .route("/v1/responses", post(super::responses::create))
         .route("/v1/messages", post(super::messages::create))
+        .route(
+            "/v1/messages/count_tokens",
+            post(super::messages::count_tokens),
+        )
         .route("/v1/{*rest}", any(unknown_route))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
@@ -733,6 +737,14 @@ fn parse_common(m: &Map<String, Value>, ep: Endpoint) -> Result<Common, ApiError
     let stream = boolean(m, "stream")?.unwrap_or(false);
     let (include_usage, continuous_usage) = match field(m, "stream_options") {
         None => (false, false),
+        // As OpenAI and vLLM refuse it: options for a stream not asked for
+        // are a client's mistake, not something to ignore.
+        Some(_) if !stream => {
+            return Err(ApiError::bad_param(
+                "stream_options",
+                "'stream_options' is only allowed when 'stream' is true",
+            ))
+        }
         Some(Value::Object(o)) => {
             let include = boolean(o, "include_usage")?.unwrap_or(false);
             // As in vLLM, continuous stats need `include_usage`.
@@ -1330,6 +1342,22 @@ async fn handle(
     };
     count_request(ep.label(), resp.status());
     resp
+}
+
+/// The prompt a chat request's `messages` (and `tools`) make, as the chat
+/// route would compute it, without running it.
+pub(super) fn chat_prompt_of(
+    state: &ApiState,
+    m: &Map<String, Value>,
+) -> Result<Vec<u32>, ApiError> {
+    check_model_field(state, m)?;
+    let format = state
+        .chat_template
+        .as_ref()
+        .and_then(|t| super::tools::CallFormat::of_template(t.source()));
+    let tools = super::tools::parse(m, format)?;
+    let end = ApiState::turn_end(m)?;
+    state.chat_prompt_with_tools(&parse_messages(m)?, tools.as_ref().map(|t| &t.defs), end)
 }
 
 /// Runs a chat or completions request; `label` names the API it came in

@@ -327,6 +327,8 @@ impl Echo {
             "id": self.id,
             "object": "response",
             "created_at": self.created_at,
+            // When it ended; a response in progress or cut short has none.
+            "completed_at": (status == "completed").then(super::unix_now),
             "status": status,
             "error": null,
             "incomplete_details": incomplete,

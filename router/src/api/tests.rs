@@ -613,6 +613,11 @@ async fn bad_inputs_are_400_with_param() {
             cmpl_body(json!({"stream_options": 3})),
             Some("stream_options"),
         ),
+        (
+            chat,
+            chat_body(json!({"stream_options": {"include_usage": true}})),
+            Some("stream_options"),
+        ),
     ];
     for (uri, body, param) in cases {
         let ctx = format!("{uri} {body}");
@@ -2664,6 +2669,8 @@ async fn responses_are_chat_in_the_responses_shape() {
     assert_eq!(v["object"], "response");
     assert!(v["id"].as_str().unwrap().starts_with("resp_"), "{v}");
     assert_eq!(v["status"], "completed");
+    let (created, completed) = (v["created_at"].as_u64(), v["completed_at"].as_u64());
+    assert!(created.is_some() && completed >= created, "{v}");
     assert_eq!(v["store"], false);
     assert_eq!(v["instructions"], "Be brief.");
     let item = &v["output"][0];
@@ -2742,6 +2749,7 @@ async fn responses_are_chat_in_the_responses_shape() {
     .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["status"], "incomplete");
+    assert_eq!(v["completed_at"], Value::Null);
     assert_eq!(v["incomplete_details"]["reason"], "max_output_tokens");
     assert_eq!(v["output"][0]["status"], "incomplete");
 }
@@ -2939,9 +2947,18 @@ async fn post_messages(
     body: &Value,
     key: Option<&str>,
 ) -> (StatusCode, String) {
+    post_anthropic(app, "/v1/messages", body, key).await
+}
+
+async fn post_anthropic(
+    app: &axum::Router,
+    uri: &str,
+    body: &Value,
+    key: Option<&str>,
+) -> (StatusCode, String) {
     let mut b = Request::builder()
         .method("POST")
-        .uri("/v1/messages")
+        .uri(uri)
         .header("content-type", "application/json")
         .header("anthropic-version", "2023-06-01");
     if let Some(k) = key {
@@ -3014,6 +3031,35 @@ async fn anthropic_messages_are_chat_in_the_messages_shape() {
     );
     assert_eq!(u["output_tokens"], c["usage"]["completion_tokens"]);
     let prompt_tokens = c["usage"]["prompt_tokens"].as_u64().unwrap();
+
+    // count_tokens: the same prompt's size, without running it (no
+    // max_tokens needed); a bad request is refused in Anthropic's shape.
+    let requests = backend.inputs().len();
+    let mut count = body.clone();
+    count.as_object_mut().unwrap().remove("max_tokens");
+    let (s, text) = post_anthropic(&app, "/v1/messages/count_tokens", &count, None).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v, json!({"input_tokens": prompt_tokens}));
+    assert_eq!(
+        backend.inputs().len(),
+        requests,
+        "count_tokens ran a request"
+    );
+    let (s, text) = post_anthropic(
+        &app,
+        "/v1/messages/count_tokens",
+        &json!({"model": MODEL}),
+        None,
+    )
+    .await;
+    anthropic_error(
+        s,
+        &text,
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        "count_tokens",
+    );
 
     // A stop sequence ends it and is named.
     let mut stop = body.clone();
@@ -3196,6 +3242,7 @@ async fn anthropic_errors_come_in_anthropics_shape() {
         json!({"model": MODEL, "max_tokens": 4, "thinking": {"type": "enabled", "budget_tokens": 1024}, "messages": [{"role": "user", "content": "Hi"}]}),
         json!({"model": MODEL, "max_tokens": 4, "tools": [{"type": "web_search_20250305", "name": "web_search"}], "messages": [{"role": "user", "content": "Hi"}]}),
         json!({"model": MODEL, "max_tokens": 4, "stop_sequences": vec!["a"; 65], "messages": [{"role": "user", "content": "Hi"}]}),
+        json!({"model": MODEL, "max_tokens": 4, "temperature": 1.5, "messages": [{"role": "user", "content": "Hi"}]}),
     ];
     for body in bad {
         let (s, text) = post_messages(&app, &body, Some("sk-test")).await;
@@ -3538,5 +3585,68 @@ async fn schemas_keep_their_property_order() {
             at("zeta") < at("alpha") && at("alpha") < at("mid"),
             "{sent}"
         );
+    }
+}
+
+/// With `--cors-allow-origin`, a page from a listed origin may call the
+/// API: its preflight is answered without the API key (browsers send
+/// none), the answers carry the origin, and the key is still required;
+/// other origins get no such header. Without origins there is no CORS.
+#[tokio::test]
+async fn cors_lets_listed_origins_call_from_a_browser() {
+    let origin = "https://app.example.com";
+    let app = openai_routes(state_with(Scripted::new(text_script("Hi")), Some("k")))
+        .layer(super::cors(&[format!("{origin}/")]).unwrap().unwrap());
+    let ask = |method: &str, from: &str, key: Option<&str>| {
+        let mut b = Request::builder()
+            .method(method)
+            .uri("/v1/chat/completions")
+            .header("origin", from)
+            .header("content-type", "application/json");
+        if method == "OPTIONS" {
+            b = b.header("access-control-request-method", "POST").header(
+                "access-control-request-headers",
+                "authorization,content-type",
+            );
+        }
+        if let Some(k) = key {
+            b = b.header("authorization", format!("Bearer {k}"));
+        }
+        let body = match method {
+            "POST" => Body::from(chat_body(json!({})).to_string()),
+            _ => Body::empty(),
+        };
+        let app = app.clone();
+        let req = b.body(body).unwrap();
+        async move {
+            let r = app.oneshot(req).await.unwrap();
+            let allowed = r
+                .headers()
+                .get("access-control-allow-origin")
+                .map(|v| v.to_str().unwrap().to_string());
+            (r.status(), allowed)
+        }
+    };
+    let (s, allowed) = ask("OPTIONS", origin, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(allowed.as_deref(), Some(origin));
+    assert_eq!(
+        ask("POST", origin, None).await,
+        (StatusCode::UNAUTHORIZED, Some(origin.into()))
+    );
+    assert_eq!(
+        ask("POST", origin, Some("k")).await,
+        (StatusCode::OK, Some(origin.into()))
+    );
+    assert_eq!(ask("POST", "https://evil.example", Some("k")).await.1, None);
+    assert_eq!(ask("OPTIONS", "https://evil.example", None).await.1, None);
+
+    assert!(super::cors(&[]).unwrap().is_none());
+    assert!(super::cors(&["*".into()]).unwrap().is_some());
+    for bad in ["ftp://x", "app.example.com", "https://a b"] {
+        let e = super::cors(&[bad.into()])
+            .err()
+            .unwrap_or_else(|| panic!("{bad} taken"));
+        assert!(e.contains(bad), "{e}");
     }
 }
