@@ -8,8 +8,10 @@ use super::{ApiError, ApiState};
 /// Most stop strings per request: OpenAI takes 4, but vLLM and Anthropic
 /// set no limit and agent frameworks send more; this bounds the matching.
 pub const MAX_STOP: usize = 64;
-/// Most choices per request.
-pub const MAX_N: i64 = 16;
+/// Most choices of one prompt: what a worker forks from one prompt's KV
+/// (the engine's `MAX_CHOICES`). A request's prompts × n are held to
+/// [`super::openai::MAX_CHOICES`].
+pub const MAX_N: i64 = 64;
 
 /// Generation parameters as the client gave them (`None` = default).
 /// Ranges are checked by [`GenParams::build`].

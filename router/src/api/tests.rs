@@ -378,7 +378,7 @@ async fn bad_inputs_are_400_with_param() {
             Some("max_completion_tokens"),
         ),
         (chat, chat_body(json!({"n": 0})), Some("n")),
-        (chat, chat_body(json!({"n": 17})), Some("n")),
+        (chat, chat_body(json!({"n": 65})), Some("n")),
         (
             chat,
             chat_body(json!({"stop": (0..65).map(|i| i.to_string()).collect::<Vec<_>>()})),
