@@ -902,7 +902,11 @@ pub fn run_router(args: RouterArgs) -> Result<()> {
 /// connected (and checked) and routed to; workers that leave or whose lease
 /// expires are dropped at once.
 async fn follow_membership(mut m: Membership, d: Arc<Dispatcher>, fingerprint: String) {
-    let mut known: std::collections::HashMap<(Role, String), SocketAddr> = Default::default();
+    // Each known worker's address, and what stops its connection attempt
+    // (one to a worker that left, or announced itself anew, is given up
+    // rather than left retrying until its timeout).
+    let mut known: std::collections::HashMap<(Role, String), (SocketAddr, CancellationToken)> =
+        Default::default();
     while let Some(ev) = m.events().recv().await {
         match ev {
             MembershipEvent::Up(rec) if rec.role != Role::Router => {
@@ -910,23 +914,30 @@ async fn follow_membership(mut m: Membership, d: Arc<Dispatcher>, fingerprint: S
                     tracing::warn!(node = %rec.id, "ignoring a worker that serves another model");
                     continue;
                 }
-                if let Some(old) = known.insert((rec.role, rec.id.clone()), rec.addr) {
-                    if old != rec.addr && !known.values().any(|a| *a == old) {
+                let stop = CancellationToken::new();
+                let key = (rec.role, rec.id.clone());
+                if let Some((old, connecting)) = known.insert(key, (rec.addr, stop.clone())) {
+                    connecting.cancel();
+                    if old != rec.addr && !known.values().any(|(a, _)| *a == old) {
                         d.remove(old);
                     }
                 }
                 let d = d.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = d.add(rec.addr, rec.role).await {
-                        tracing::warn!(node = %rec.id, error = %e, "cannot use a worker that joined");
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        r = d.add(rec.addr, rec.role) => if let Err(e) = r {
+                            tracing::warn!(node = %rec.id, error = %e, "cannot use a worker that joined");
+                        },
                     }
                 });
             }
             MembershipEvent::Down { role, id } => {
                 // Not when another node took the address meanwhile (a
                 // restart under a new name, before the old lease ran out).
-                if let Some(addr) = known.remove(&(role, id)) {
-                    if !known.values().any(|a| *a == addr) {
+                if let Some((addr, connecting)) = known.remove(&(role, id)) {
+                    connecting.cancel();
+                    if !known.values().any(|(a, _)| *a == addr) {
                         d.remove(addr);
                     }
                 }
