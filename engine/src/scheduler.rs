@@ -119,6 +119,9 @@ pub enum Event {
         completion_tokens: usize,
         /// Prompt tokens served from the prefix cache (at the last admission).
         cached_tokens: usize,
+        /// The stop token that ended it, which is not sent as a token
+        /// (vLLM's `stop_reason` names one the client asked to stop at).
+        stop_token: Option<u32>,
     },
     Error(String),
 }
@@ -199,6 +202,8 @@ struct Seq {
     prompt_lp: Option<Vec<Sampled>>,
     /// How often its draft tokens are kept (speculative decoding).
     draft_rate: f32,
+    /// The stop token it sampled, once it has (see [`Event::Finished`]).
+    stop_token: Option<u32>,
 }
 
 impl Seq {
@@ -374,6 +379,7 @@ impl Scheduler {
             export_cached: 0,
             prompt_lp,
             draft_rate: speculative::INITIAL_ACCEPTANCE,
+            stop_token: None,
         };
         self.enqueue(seq);
         Ok(())
@@ -512,7 +518,8 @@ impl Scheduler {
         let key_base = req.params.request_key;
         for (choice, (first, mut sink)) in firsts.into_iter().zip(sinks).enumerate() {
             let mut tokens = req.prompt.clone();
-            let stop = req.stop_tokens.contains(&first.token);
+            let first_token = first.token;
+            let stop = req.stop_tokens.contains(&first_token);
             if !stop {
                 tokens.push(first.token);
                 self.stats.generated_tokens += 1;
@@ -546,6 +553,7 @@ impl Scheduler {
                     prompt_tokens: n_prompt,
                     completion_tokens: tokens.len() - n_prompt,
                     cached_tokens: 0,
+                    stop_token: stop.then_some(first_token),
                 });
                 continue;
             }
@@ -573,6 +581,7 @@ impl Scheduler {
                 export_cached: 0,
                 prompt_lp: None,
                 draft_rate: speculative::INITIAL_ACCEPTANCE,
+                stop_token: None,
             });
         }
         // The reservation's own references (the choices hold theirs).
@@ -1096,6 +1105,7 @@ impl Scheduler {
             prompt_tokens: s.n_prompt,
             completion_tokens: s.generated(),
             cached_tokens: s.cached_tokens,
+            stop_token: s.stop_token,
         };
         s.sink.send(done);
         // `s` (and its exporter) drops here, after `Finished`.
@@ -1133,6 +1143,7 @@ impl Scheduler {
                 export_cached: 0,
                 prompt_lp: None,
                 draft_rate: speculative::INITIAL_ACCEPTANCE,
+                stop_token: None,
             });
         }
         out
@@ -1309,6 +1320,7 @@ fn verify_drafts(
 fn emit(s: &mut Seq, sampled: Sampled, stats: &mut SchedulerStats) -> Option<FinishReason> {
     let tok = sampled.token;
     if s.req.stop_tokens.contains(&tok) {
+        s.stop_token = Some(tok);
         return Some(FinishReason::Stop);
     }
     s.tokens.push(tok);

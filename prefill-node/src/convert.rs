@@ -96,6 +96,7 @@ pub fn event_to_proto(e: Event) -> pb::DecodeEvent {
             prompt_tokens,
             completion_tokens,
             cached_tokens,
+            stop_token,
         } => K::Finished(pb::Finished {
             reason: match reason {
                 FinishReason::Stop => pb::FinishReason::Stop,
@@ -104,6 +105,7 @@ pub fn event_to_proto(e: Event) -> pb::DecodeEvent {
             prompt_tokens: prompt_tokens as u32,
             completion_tokens: completion_tokens as u32,
             cached_tokens: cached_tokens as u32,
+            stop_token,
         }),
         Event::Error(message) => K::Error(pb::WorkerError {
             code: "internal".into(),

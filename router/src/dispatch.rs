@@ -119,6 +119,8 @@ pub enum TokenEvent {
         prompt_tokens: u32,
         completion_tokens: u32,
         cached_tokens: u32,
+        /// The stop token that ended it (not sent as a token), if one did.
+        stop_token: Option<u32>,
     },
     /// The generation failed after it started; nothing follows.
     Error(DispatchError),

@@ -770,6 +770,7 @@ impl Relay {
                 prompt_tokens: req.prompt.len() as u32,
                 completion_tokens: n as u32,
                 cached_tokens: 0,
+                stop_token: None,
             }));
         }
         tracing::warn!(request = %req.request_id, sent = n, error = %why, "resuming elsewhere");
@@ -828,6 +829,7 @@ fn finished_event(f: &pb::Finished) -> TokenEvent {
         // already sent, and counts its cache hits over both: only the
         // prompt's count as cached prompt tokens.
         cached_tokens: f.cached_tokens.min(f.prompt_tokens),
+        stop_token: f.stop_token,
     }
 }
 

@@ -57,6 +57,9 @@ pub struct ChoiceDelta {
     pub cached_tokens: u32,
     /// The stop string that ended the choice (with `finish`), if one did.
     pub stop_string: Option<String>,
+    /// The token of the request's `stop_token_ids` that ended it, if one
+    /// did (not the model's own end-of-text tokens).
+    pub stop_token: Option<u32>,
     /// When the event arrived from the backend (relay latency starts here).
     pub received: Instant,
 }
@@ -88,6 +91,8 @@ pub struct ChoiceDecoder {
     score_only: bool,
     /// The stop string that ends the choice stays in its text.
     keep_stop: bool,
+    /// The request's own stop tokens (see [`ChoiceDelta::stop_token`]).
+    stop_token_ids: Vec<u32>,
 }
 
 impl ChoiceDecoder {
@@ -102,6 +107,7 @@ impl ChoiceDecoder {
             min_tokens: 0,
             score_only: false,
             keep_stop: false,
+            stop_token_ids: Vec::new(),
         }
     }
 
@@ -125,6 +131,13 @@ impl ChoiceDecoder {
     /// (vLLM's `include_stop_str_in_output`).
     pub fn keep_stop_string(mut self, yes: bool) -> Self {
         self.keep_stop = yes;
+        self
+    }
+
+    /// The request's `stop_token_ids`: one that ends the choice is named
+    /// as its stop reason.
+    pub fn with_stop_token_ids(mut self, ids: &[u32]) -> Self {
+        self.stop_token_ids = ids.to_vec();
         self
     }
 
@@ -156,6 +169,7 @@ impl ChoiceDecoder {
             completion_tokens: self.token_ids.len() as u32,
             cached_tokens: 0,
             stop_string: None,
+            stop_token: None,
             received,
         };
         if let Some(f) = self.finished {
@@ -202,6 +216,7 @@ impl ChoiceDecoder {
                 reason,
                 completion_tokens,
                 cached_tokens,
+                stop_token,
                 ..
             } => {
                 let tail = self.detok.finish();
@@ -213,6 +228,7 @@ impl ChoiceDecoder {
                     FinishReason::Stop
                 } else {
                     delta.text.push_str(&self.stop.finish());
+                    delta.stop_token = stop_token.filter(|t| self.stop_token_ids.contains(t));
                     match reason {
                         Finish::Stop => FinishReason::Stop,
                         Finish::Length => FinishReason::Length,

@@ -1032,8 +1032,20 @@ fn decoders(
         let dec = ChoiceDecoder::new(state.tokenizer.clone(), &prepared.stop)
             .with_min_tokens(prepared.min_tokens)
             .keep_stop_string(prepared.stop_in_output)
+            .with_stop_token_ids(&prepared.stop_token_ids)
             .score_only(prepared.score_only);
         all.push(choice_stream(first + i, ts, dec));
+    }
+}
+
+/// vLLM's `stop_reason` of a choice's last delta: the stop string that
+/// ended it, or the token of the request's `stop_token_ids`; `null` for
+/// the model's own end of text or a length limit.
+fn stop_reason(d: &super::ChoiceDelta) -> Value {
+    match (&d.stop_string, d.stop_token) {
+        (Some(s), _) => json!(s),
+        (None, Some(t)) => json!(t),
+        (None, None) => Value::Null,
     }
 }
 
@@ -1045,8 +1057,8 @@ struct Collected {
     /// The prompt's log-probabilities (echo with logprobs).
     prompt_logprobs: Option<Vec<SampledToken>>,
     finish: Option<FinishReason>,
-    /// The stop string that ended it, if one did.
-    stop_string: Option<String>,
+    /// vLLM's `stop_reason`: the stop string or token that ended it.
+    stop_reason: Value,
     completion_tokens: u32,
     cached_tokens: u32,
 }
@@ -1527,6 +1539,9 @@ async fn complete(
                 metrics::counter!(tandem_cluster::metrics::GENERATED_TOKENS, "endpoint" => ctx.label)
                     .increment(d.tokens.len() as u64);
                 let c = &mut got[i];
+                if d.finish.is_some() {
+                    c.stop_reason = stop_reason(&d);
+                }
                 c.text.push_str(&d.text);
                 c.tokens.extend(d.tokens);
                 if d.prompt_logprobs.is_some() {
@@ -1534,7 +1549,6 @@ async fn complete(
                 }
                 if d.finish.is_some() {
                     c.finish = d.finish;
-                    c.stop_string = d.stop_string;
                     c.completion_tokens = d.completion_tokens;
                     c.cached_tokens = d.cached_tokens;
                 }
@@ -1559,12 +1573,11 @@ async fn complete(
             } else {
                 logprobs_json(&ctx, &c.tokens, 0)
             };
-            // vLLM's `stop_reason`: the stop string that ended the choice.
             match ctx.endpoint {
                 Endpoint::Chat => {
                     let (message, finish) = chat_message(&ctx, c);
                     json!({"index": i, "message": message, "logprobs": lp,
-                           "finish_reason": finish, "stop_reason": c.stop_string})
+                           "finish_reason": finish, "stop_reason": c.stop_reason})
                 }
                 Endpoint::Completions => {
                     let mut v = json!({
@@ -1572,7 +1585,7 @@ async fn complete(
                         "text": format!("{}{}", ctx.echo[p], c.text),
                         "logprobs": lp,
                         "finish_reason": finish,
-                        "stop_reason": c.stop_string,
+                        "stop_reason": c.stop_reason,
                     });
                     if ctx.prompt_logprobs.is_some() {
                         v["prompt_logprobs"] =
@@ -1737,7 +1750,7 @@ impl Sse {
         };
         let mut choice = choice;
         if d.finish.is_some() {
-            choice["stop_reason"] = json!(d.stop_string);
+            choice["stop_reason"] = stop_reason(&d);
         }
         let bytes = sse_event(&self.chunk(choice));
         self.queue.push_back((bytes, Some(d.received)));

@@ -80,6 +80,9 @@ pub struct Prepared {
     pub min_tokens: usize,
     /// The stop string that ends a choice stays in its text.
     pub stop_in_output: bool,
+    /// The request's own `stop_token_ids` (the model's end-of-text
+    /// tokens not among them).
+    pub stop_token_ids: Vec<u32>,
     /// `max_tokens: 0` on a scored or echoed prompt: the workers generate
     /// one token, which the front end drops
     /// ([`super::ChoiceDecoder::score_only`]).
@@ -383,6 +386,7 @@ impl GenParams {
             logprobs: self.logprobs,
             min_tokens: min_tokens as usize,
             stop_in_output: self.stop_in_output,
+            stop_token_ids: self.stop_token_ids.clone(),
             score_only,
         })
     }

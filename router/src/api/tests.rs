@@ -57,6 +57,8 @@ struct Script {
     hang: bool,
     /// Extra completion tokens the backend reports (e.g. an EOS).
     extra_completion: u32,
+    /// The stop token the backend reports ending on.
+    stop_token: Option<u32>,
 }
 
 struct Scripted {
@@ -109,6 +111,7 @@ impl Backend for Scripted {
             let error_after = self.script.error_after.clone();
             let hang = self.script.hang;
             let extra = self.script.extra_completion;
+            let stop_token = self.script.stop_token;
             let top_n = input.sampling.top_logprobs as usize;
             let prompt_len = input.prompt.len() as u32;
             // Scores -1, -2, ... for the prompt's tokens after the first,
@@ -184,6 +187,7 @@ impl Backend for Scripted {
                             prompt_tokens: prompt_len,
                             completion_tokens: sent as u32 + extra,
                             cached_tokens: 0,
+                            stop_token: (reason == Finish::Stop).then_some(stop_token).flatten(),
                         })
                         .await;
                 };
@@ -1993,6 +1997,42 @@ async fn logit_bias_reaches_the_workers_sorted_by_id() {
             .sampling
             .logit_bias
             .is_empty());
+    }
+}
+
+/// vLLM's `stop_reason` names the token of the client's `stop_token_ids`
+/// that ended a choice, streamed or not, on chat and completions; the
+/// model's own end of text leaves it `null`.
+#[tokio::test]
+async fn a_stop_token_the_client_named_is_the_stop_reason() {
+    let eos = tokenizer().eos_ids()[0];
+    for (ended_on, asked, want) in [(7, json!([7]), json!(7)), (eos, json!([7]), Value::Null)] {
+        let backend = Scripted::new(Script {
+            stop_token: Some(ended_on),
+            extra_completion: 1,
+            ..text_script("Blue")
+        });
+        let app = openai_routes(state_with(backend, None));
+        let extra = json!({"stop_token_ids": asked});
+        let (s, v) = post(&app, "/v1/chat/completions", chat_body(extra.clone())).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["choices"][0]["stop_reason"], want, "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+        let (s, v) = post(&app, "/v1/completions", cmpl_body(extra.clone())).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["choices"][0]["stop_reason"], want, "{v}");
+        let mut streamed = chat_body(extra);
+        streamed["stream"] = json!(true);
+        let chunks = stream_chunks(&app, "/v1/chat/completions", &streamed).await;
+        let last = chunks
+            .iter()
+            .rev()
+            .find(|c| !c["choices"][0]["finish_reason"].is_null());
+        assert_eq!(
+            last.unwrap()["choices"][0]["stop_reason"],
+            want,
+            "{chunks:?}"
+        );
     }
 }
 
