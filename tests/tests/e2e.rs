@@ -1431,9 +1431,9 @@ fn a_decode_worker_told_to_recompute_computes_a_prompt_whose_kv_never_came() {
     });
 }
 
-/// A prefill worker that cannot hand KV to one decode worker (here their
-/// KV layouts differ: 32-token blocks against 16, refused at the
-/// handshake) is kept apart from it. With the default `fail`, the first
+/// A prefill worker that cannot hand KV to one decode worker (here the
+/// decode worker announces a KV address nobody answers at, as a wrong
+/// `--advertise-host` would) is kept apart from it. With the default `fail`, the first
 /// request fails over to a prefill on the decode worker; with `recompute`,
 /// the decode worker computes it and tells the router. Either way later
 /// requests are prefilled there straight away, even after the prefill
@@ -1459,8 +1459,12 @@ fn a_prefill_worker_that_cannot_reach_a_decode_worker_is_not_paired_with_it_agai
             prefill: 1,
             decode: 1,
             threads: 1,
-            prefill_args: vec!["--block-size".into(), "32".into()],
-            decode_args: vec!["--on-kv-failure".into(), policy.into()],
+            // Bound to 127.0.0.1, where the router reaches it; its KV
+            // port announced at 127.0.0.2, where nothing listens.
+            decode_args: ["--on-kv-failure", policy, "--advertise-host", "127.0.0.2"]
+                .iter()
+                .map(|a| a.to_string())
+                .collect(),
             ..Default::default()
         });
         let rt = rt();
@@ -1498,11 +1502,12 @@ fn a_prefill_worker_that_cannot_reach_a_decode_worker_is_not_paired_with_it_agai
         if policy == "recompute" {
             continue;
         }
-        // The operator fixes the prefill worker and restarts it where it
-        // was: the router sees it gone, then back, and pairs it again.
+        // The operator fixes the decode worker's address and restarts it
+        // where it was: the router sees it gone, then back, and pairs it
+        // again.
         let mut cluster = cluster;
         let down = Duration::from_secs(1);
-        restart_worker(&mut cluster.prefill[0], tandem_cluster::Role::Prefill, down);
+        restart_worker(&mut cluster.decode[0], tandem_cluster::Role::Decode, down);
         std::thread::sleep(Duration::from_secs(1));
         let reply = rt
             .block_on(client.generate(greedy_request(prompts[0])))
