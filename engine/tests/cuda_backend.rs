@@ -305,7 +305,12 @@ fn paged_attention_matches_naive_reference() {
             .collect();
         let want = naive_attention(&layout, n_heads, &q, &kv, &tables, &tok_seq, &tok_pos);
         let mut outs = Vec::new();
-        for kernel in [AttentionKernel::PerToken, AttentionKernel::Planned] {
+        let kernels = [
+            AttentionKernel::PerToken,
+            AttentionKernel::Split,
+            AttentionKernel::Planned,
+        ];
+        for kernel in kernels {
             let got = cuda::paged_attention(
                 kernel, GPU, &layout, n_heads, &q, &kv, &tables, &tok_seq, &tok_pos,
             )
@@ -320,10 +325,39 @@ fn paged_attention_matches_naive_reference() {
             );
             outs.push(got);
         }
-        let d = max_abs_diff(&outs[0], &outs[1]);
+        for (kernel, out) in kernels.iter().zip(&outs).skip(1) {
+            let d = max_abs_diff(&outs[0], out);
+            assert!(
+                d <= TOL_ATTN,
+                "{kernel:?} and per-token attention differ by {d} (tolerance {TOL_ATTN})"
+            );
+        }
+        // The split kernel cuts keys by position alone: the last decode
+        // row of the 300-key sequence alone gives the same bits as among
+        // the other rows.
+        let qd = n_heads * hd;
+        let row = tok_seq
+            .iter()
+            .position(|&s| s == 4)
+            .expect("a row of sequence 4");
+        let alone = cuda::paged_attention(
+            AttentionKernel::Split,
+            GPU,
+            &layout,
+            n_heads,
+            &q[row * qd..(row + 1) * qd],
+            &kv,
+            &tables,
+            &tok_seq[row..row + 1],
+            &tok_pos[row..row + 1],
+        )
+        .expect("split attention of one row");
         assert!(
-            d <= TOL_ATTN,
-            "tiled and per-token attention differ by {d} (tolerance {TOL_ATTN})"
+            alone
+                .iter()
+                .zip(&outs[1][row * qd..(row + 1) * qd])
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "a row's split attention differs alone from among others"
         );
     }
 }

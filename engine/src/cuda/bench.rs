@@ -11,13 +11,15 @@
 //! in the same run (bytes read + bytes written per second, what a device
 //! copy can stream) is how close decode is to memory-bound.
 //!
-//! Each decode batch runs three ways: replayed from a CUDA graph with the
+//! Each decode batch runs four ways: replayed from a CUDA graph with the
 //! greedy choice picked on the device (one id per sequence comes back:
-//! what a greedy request costs), the same with tandem's matrix-vector
+//! what a greedy request costs), the same with the per-token attention
+//! kernel instead of the split one, the same with tandem's matrix-vector
 //! kernel instead of cuBLAS, and launched kernel by kernel with every
 //! sequence's logits moved to the host (what a sampled request costs
 //! without graphs). The steps' multiplies, and the prefill's, are also
-//! timed alone, which says how much of a step is theirs.
+//! timed alone, which says how much of a step is theirs, and one step per
+//! batch size is profiled kernel by kernel.
 
 use std::time::Instant;
 
@@ -101,6 +103,9 @@ pub struct DecodeMode {
     /// Multiplies of up to `GEMV_MAX_T` tokens by the matrix-vector
     /// kernel (else by cuBLAS).
     pub gemv: bool,
+    /// Attention by the split (flash-decoding) kernel (else one block per
+    /// token and head).
+    pub split_attention: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -146,6 +151,8 @@ pub struct BenchReport {
     pub decode: Vec<DecodeResult>,
     /// The multiplies of the decode steps above, timed alone.
     pub decode_matmuls: Vec<DecodeMatmuls>,
+    /// One decode step per batch size and the prefill, kernel by kernel.
+    pub profiles: Vec<PassProfile>,
     pub prefill: PrefillResult,
     pub notes: Vec<&'static str>,
 }
@@ -179,8 +186,59 @@ pub fn copy_bandwidth(model: &CudaModel, bytes: usize, copies: usize) -> Result<
     })
 }
 
-/// Decode at `batch` sequences of `opts.context` tokens (KV contents are
-/// whatever the device holds: speed does not depend on them).
+/// `batch` sequences of `opts.context` tokens each (KV contents are
+/// whatever the device holds: speed does not depend on them), with room
+/// for `steps` more tokens, and the token each of them decodes.
+struct DecodeFixture {
+    pool: KvPool,
+    seqs: Vec<SeqKv>,
+    toks: Vec<u32>,
+    logits: Logits,
+}
+
+impl DecodeFixture {
+    fn new(
+        model: &CudaModel,
+        batch: usize,
+        steps: usize,
+        logits: Logits,
+        opts: &BenchOptions,
+    ) -> Result<Self> {
+        let layout = model.kv_layout(opts.block_size);
+        let per_seq = layout.blocks_for(opts.context + steps);
+        let mut pool = KvPool::new_tracking(layout, batch * per_seq);
+        let mut seqs: Vec<SeqKv> = (0..batch).map(|_| SeqKv::default()).collect();
+        for s in seqs.iter_mut() {
+            pool.reserve(s, opts.context)?;
+            s.len = opts.context;
+        }
+        let vocab = model.config.vocab_size as u32;
+        let toks = (0..batch as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+        Ok(Self {
+            pool,
+            seqs,
+            toks,
+            logits,
+        })
+    }
+
+    /// One decode step of every sequence.
+    fn step(&mut self, model: &CudaModel) -> Result<()> {
+        let mut b: Vec<SeqStep<'_>> = self
+            .seqs
+            .iter_mut()
+            .zip(&self.toks)
+            .map(|(kv, t)| SeqStep {
+                kv,
+                tokens: std::slice::from_ref(t),
+                logits: self.logits,
+            })
+            .collect();
+        model.forward(&mut self.pool, &mut b).map(|_| ())
+    }
+}
+
+/// Decode at `batch` sequences of `opts.context` tokens.
 pub fn decode(
     model: &CudaModel,
     batch: usize,
@@ -190,41 +248,22 @@ pub fn decode(
 ) -> Result<DecodeResult> {
     model.set_graphs(mode.graphs);
     model.set_gemv(mode.gemv);
+    model.set_split_attention(mode.split_attention);
     let logits = if mode.greedy_on_device {
         Logits::Greedy
     } else {
         Logits::Last
     };
     let warmup = 2;
-    let layout = model.kv_layout(opts.block_size);
-    let per_seq = layout.blocks_for(opts.context + warmup + opts.decode_steps);
-    let mut pool = KvPool::new_tracking(layout, batch * per_seq);
-    let mut seqs: Vec<SeqKv> = (0..batch).map(|_| SeqKv::default()).collect();
-    for s in seqs.iter_mut() {
-        pool.reserve(s, opts.context)?;
-        s.len = opts.context;
-    }
-    let vocab = model.config.vocab_size as u32;
-    let toks: Vec<u32> = (0..batch as u32).map(|i| (i * 7919 + 13) % vocab).collect();
-    let step = |pool: &mut KvPool, seqs: &mut [SeqKv]| -> Result<()> {
-        let mut b: Vec<SeqStep<'_>> = seqs
-            .iter_mut()
-            .zip(&toks)
-            .map(|(kv, t)| SeqStep {
-                kv,
-                tokens: std::slice::from_ref(t),
-                logits,
-            })
-            .collect();
-        model.forward(pool, &mut b).map(|_| ())
-    };
+    let mut fx = DecodeFixture::new(model, batch, warmup + opts.decode_steps, logits, opts)?;
+    let layout = *fx.pool.layout();
     for _ in 0..warmup {
-        step(&mut pool, &mut seqs)?;
+        fx.step(model)?;
     }
-    let len0 = seqs[0].len;
+    let len0 = fx.seqs[0].len;
     let t0 = Instant::now();
     for _ in 0..opts.decode_steps {
-        step(&mut pool, &mut seqs)?;
+        fx.step(model)?;
     }
     let seconds = t0.elapsed().as_secs_f64();
     let steps = opts.decode_steps.max(1) as f64;
@@ -248,14 +287,92 @@ pub fn decode(
     })
 }
 
-/// Prefill of one prompt of `opts.prefill_tokens` tokens (last logits only).
-pub fn prefill(model: &CudaModel, opts: &BenchOptions) -> Result<PrefillResult> {
+/// Device time of one kernel or multiply (every layer's calls together).
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelTime {
+    pub name: &'static str,
+    pub ms: f64,
+    pub calls: usize,
+}
+
+/// One pass launched kernel by kernel, each launch between two timing
+/// events: where its time goes.
+#[derive(Debug, Clone, Serialize)]
+pub struct PassProfile {
+    /// "decode step" (greedy on the device, multiplies by cuBLAS) or
+    /// "prefill".
+    pub pass: &'static str,
+    pub sequences: usize,
+    pub tokens: usize,
+    pub split_attention: bool,
+    /// Wall time of the profiled pass (the events add a little).
+    pub ms: f64,
+    /// The kernels' device times summed: the rest of `ms` is the host and
+    /// the gaps between launches.
+    pub kernels_ms: f64,
+    /// Largest first.
+    pub kernels: Vec<KernelTime>,
+}
+
+/// Runs `pass` (eager: graphs off) with every launch timed.
+fn profiled(
+    model: &CudaModel,
+    what: (&'static str, usize, usize),
+    pass: impl FnOnce() -> Result<()>,
+) -> Result<PassProfile> {
+    let k = &model.dev.k;
+    k.start_profile();
+    let t0 = Instant::now();
+    let ran = pass();
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    let times = k.end_profile()?;
+    ran?;
+    let mut kernels: Vec<KernelTime> = times
+        .into_iter()
+        .map(|(name, ms, calls)| KernelTime { name, ms, calls })
+        .collect();
+    kernels.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    Ok(PassProfile {
+        pass: what.0,
+        sequences: what.1,
+        tokens: what.2,
+        split_attention: model.split_enabled(),
+        ms,
+        kernels_ms: kernels.iter().map(|k| k.ms).sum(),
+        kernels,
+    })
+}
+
+/// One decode step of `batch` sequences, profiled.
+pub fn profile_step(
+    model: &CudaModel,
+    batch: usize,
+    split_attention: bool,
+    opts: &BenchOptions,
+) -> Result<PassProfile> {
+    model.set_graphs(false);
+    model.set_gemv(false);
+    model.set_split_attention(split_attention);
+    let warmup = 2;
+    let mut fx = DecodeFixture::new(model, batch, warmup + 1, Logits::Greedy, opts)?;
+    for _ in 0..warmup {
+        fx.step(model)?;
+    }
+    profiled(model, ("decode step", batch, batch), || fx.step(model))
+}
+
+/// A run of the prefill of one prompt of `opts.prefill_tokens` tokens
+/// (last logits only): its seconds.
+fn prefill_runner<'m>(
+    model: &'m CudaModel,
+    opts: &BenchOptions,
+) -> impl FnMut() -> Result<f64> + 'm {
     let t = opts.prefill_tokens;
     let layout = model.kv_layout(opts.block_size);
     let mut pool = KvPool::new_tracking(layout, layout.blocks_for(t));
     let vocab = model.config.vocab_size as u32;
     let prompt: Vec<u32> = (0..t as u32).map(|i| (i * 7919 + 13) % vocab).collect();
-    let mut run = || -> Result<f64> {
+    move || -> Result<f64> {
         let mut kv = SeqKv::default();
         let t0 = Instant::now();
         model.forward(
@@ -269,7 +386,21 @@ pub fn prefill(model: &CudaModel, opts: &BenchOptions) -> Result<PrefillResult> 
         let s = t0.elapsed().as_secs_f64();
         pool.free_seq(&mut kv);
         Ok(s)
-    };
+    }
+}
+
+/// One prefill (after a warm-up), profiled.
+fn prefill_profile(model: &CudaModel, opts: &BenchOptions) -> Result<PassProfile> {
+    let mut run = prefill_runner(model, opts);
+    run()?;
+    let t = opts.prefill_tokens;
+    profiled(model, ("prefill", 1, t), || run().map(|_| ()))
+}
+
+/// Prefill of one prompt of `opts.prefill_tokens` tokens (last logits only).
+pub fn prefill(model: &CudaModel, opts: &BenchOptions) -> Result<PrefillResult> {
+    let t = opts.prefill_tokens;
+    let mut run = prefill_runner(model, opts);
     run()?;
     let runs = opts.prefill_runs.max(1);
     let mut total = 0.0;
@@ -331,7 +462,7 @@ fn matmuls_alone(model: &CudaModel, t: usize, runs: usize, head: bool) -> Result
     dev.k.fill_uniform_f32(ptr(&x, s), t * widest, 7, 1.0)?;
     let pass = || -> Result<()> {
         for m in &mats {
-            model.gemm(m, ptr(&x, s), t, ptr(&out, s), ptr(&xb, s))?;
+            model.gemm("matmul", m, ptr(&x, s), t, ptr(&out, s), ptr(&xb, s))?;
         }
         Ok(())
     };
@@ -391,22 +522,28 @@ pub fn run(ordinal: usize, opts: BenchOptions) -> Result<BenchReport> {
     let model = CudaModel::synthetic(llama3_8b_config(), ordinal, Weights::Bf16, opts.seed)?;
     let copy = copy_bandwidth(&model, opts.copy_bytes, 20)?;
     let mut dec = Vec::new();
-    // What a server runs first (cuBLAS), then the matrix-vector kernel.
+    // What a server runs first (cuBLAS, split attention), then the
+    // per-token attention kernel, the matrix-vector kernel, and no graphs.
+    let server = DecodeMode {
+        graphs: true,
+        greedy_on_device: true,
+        gemv: false,
+        split_attention: true,
+    };
     let modes = [
+        server,
         DecodeMode {
-            graphs: true,
-            greedy_on_device: true,
-            gemv: false,
+            split_attention: false,
+            ..server
         },
         DecodeMode {
-            graphs: true,
-            greedy_on_device: true,
             gemv: true,
+            ..server
         },
         DecodeMode {
             graphs: false,
             greedy_on_device: false,
-            gemv: false,
+            ..server
         },
     ];
     for &b in &opts.decode_batches {
@@ -423,10 +560,19 @@ pub fn run(ordinal: usize, opts: BenchOptions) -> Result<BenchReport> {
             dm.push(decode_matmuls(&model, b, gemv, &opts, copy.gb_per_s)?);
         }
     }
+    let mut profiles = Vec::new();
+    for &b in &opts.decode_batches {
+        for split in [true, false] {
+            profiles.push(profile_step(&model, b, split, &opts)?);
+        }
+    }
     // Prefill as a server runs it (the one logits row by cuBLAS).
     model.set_graphs(true);
     model.set_gemv(false);
+    model.set_split_attention(true);
     let pre = prefill(&model, &opts)?;
+    model.set_graphs(false);
+    profiles.push(prefill_profile(&model, &opts)?);
     Ok(BenchReport {
         device: model.device_name(),
         weights: "bf16 (random, generated on the device), f32 activations and KV",
@@ -435,12 +581,15 @@ pub fn run(ordinal: usize, opts: BenchOptions) -> Result<BenchReport> {
         copy,
         decode: dec,
         decode_matmuls: dm,
+        profiles,
         prefill: pre,
         notes: vec![
             "copy gb_per_s counts bytes read plus bytes written",
             "decode steps include moving each sequence's greedy id (mode.greedy_on_device) or its logits (128256 floats) to the host",
             "mode.graphs: the step replayed from a CUDA graph captured at its batch size (during warm-up)",
             "mode.gemv: multiplies of up to 8 tokens by tandem's matrix-vector kernel, else by cuBLAS",
+            "mode.split_attention: decode attention by the split (flash-decoding) kernel, else one block per token and head",
+            "profiles: one eager decode step per batch, with each attention kernel, and one prefill, every launch between timing events; multiplies include their bf16 copy of the input",
             "decode_matmuls: the same steps' multiplies (LM head included) alone, weight bytes read / time",
             "roofline_fraction = (weight bytes + KV bytes read) / step time / copy gb_per_s",
             "prefill tflops = (2 x matmul params x tokens + causal attention FLOPs) / time",

@@ -145,6 +145,9 @@ pub(super) struct GraphBuffers {
     pub logits: CudaSlice<f32>,
     pub ids: CudaSlice<i32>,
     pub meta: CudaSlice<i32>,
+    /// Partial outputs of the split attention kernel (one element when the
+    /// per-token kernel runs instead).
+    pub att_part: CudaSlice<f32>,
 }
 
 /// A captured graph. cudarc leaves `CudaGraph` neither `Send` nor `Sync`

@@ -1,10 +1,12 @@
 //! The CUDA C kernels of the forward pass, compiled at load with NVRTC, and
 //! their launchers.
 //!
-//! Every kernel is written for being obviously right rather than fast: one
+//! Most kernels are written for being obviously right rather than fast: one
 //! thread block per row (or per token and head), grid-stride loops for the
 //! element-wise ones, f32 everywhere except the BF16 copies of activations
-//! that feed cuBLAS. The source uses no headers (NVRTC then needs no include
+//! that feed cuBLAS. Those that hold a decode step's time are written for
+//! the memory system (the split attention kernel, the matrix-vector one)
+//! and checked against the plain ones. The source uses no headers (NVRTC then needs no include
 //! path) and converts BF16 by hand (round to nearest even, as `half` does on
 //! the host). Products that the CPU computes as separate multiplies (RoPE)
 //! use `__fmul_rn`, so the compiler cannot contract them into FMAs and move
@@ -35,6 +37,22 @@ pub(crate) const TILE_MAX_HEAD_DIM: usize = 128;
 /// tokens) keep one thread block per token, which spreads a long context
 /// over more threads.
 pub(crate) const TILE_MIN_RUN: usize = 8;
+/// Most parts the split (flash-decoding) attention kernel cuts a decode
+/// row's keys into (its `SPLIT_MAX_PARTS`): its scratch is this many
+/// partial outputs per row and head.
+pub(crate) const SPLIT_MAX_PARTS: usize = 128;
+/// Keys per tile of the split kernel (its `SPLIT_TK`), the smallest part.
+const SPLIT_TK: usize = 32;
+/// Query heads of one KV head a block of the split kernel takes (its
+/// `SPLIT_G`).
+const SPLIT_G: usize = 8;
+/// Threads of the split kernel (`SPLIT_WARPS` warps).
+const SPLIT_THREADS: u32 = 128;
+/// The split kernel's lanes own up to 8 output dimensions each.
+pub(crate) const SPLIT_MAX_HEAD_DIM: usize = 256;
+/// Thread blocks the split kernel aims at per multiprocessor: enough
+/// independent loads in flight to cover the memory's latency.
+const SPLIT_BLOCKS_PER_SM: usize = 4;
 /// Token rows the BF16 matrix-vector kernel takes (its `GEMV_MAX_T`):
 /// decode steps of up to this many tokens can skip cuBLAS.
 pub(crate) const GEMV_MAX_T: usize = 8;
@@ -250,6 +268,209 @@ extern "C" __global__ void attention(const int* rows, const float* qkv, const fl
     for (int i = 0; i < ATT_DIMS; ++i) {
         int d = threadIdx.x + i * blockDim.x;
         if (d < hd) o[d] = acc[i] / l;
+    }
+}
+
+/* Flash-decoding: the attention of decode rows (one query token each, or a
+   few draft tokens) with a sequence's keys cut into fixed parts of `chunk`
+   keys, each part computed by its own thread block, then merged by
+   attention_combine. The per-token kernel gives one block to a whole
+   context, a long chain of dependent loads on a few of the card's
+   multiprocessors; here a step of one sequence still fills the card.
+   The parts depend only on the position (never on the batch or the grid),
+   and are merged in order, so a row's output is the same whatever else
+   the step holds.
+   Grid (rows, n_kv * ceil(G / SPLIT_G), Z), SPLIT_WARPS warps: a block
+   takes up to SPLIT_G query heads of one KV head (G = n_heads / n_kv: the
+   heads that share K and V, which it reads once for all of them) and the
+   parts z, z + Z, z + 2 Z, .. of row rows[blockIdx.x] (blockIdx.x when rows
+   is null). Per tile of SPLIT_TK keys: lane j of every warp dots key j with
+   the queries over a quarter of the dimensions, the quarters are summed
+   in shared memory, warp w takes the softmax of heads w, w + 4, .. (online,
+   as the per-token kernel's), then warp w accumulates values of keys
+   w, w + 4, .. over dimensions lane + 32 i; at the end of a part the warps'
+   sums are added. part[((r n_heads + h) max_parts + p) (hd + 2) ..] =
+   (max score, sum of exponentials, unnormalised output).
+   Dynamic shared memory: ge (hd + (SPLIT_WARPS + 1) SPLIT_TK + 3
+   + SPLIT_WARPS hd) floats, ge = min(G, SPLIT_G). */
+#define SPLIT_WARPS 4
+#define SPLIT_TK 32
+#define SPLIT_G 8
+#define SPLIT_DIMS 8
+extern "C" __global__ void attention_split(const int* rows, const float* qkv, const float* kv,
+                                           const int* tok_seq, const int* pos, const int* tables,
+                                           const int* table_off, float* part, int row_len,
+                                           int n_heads, int n_kv, int hd, int bs, float scale,
+                                           int chunk, int max_parts) {
+    extern __shared__ float sh[];
+    int G = n_heads / n_kv;
+    int ge = G < SPLIT_G ? G : SPLIT_G;
+    int gchunks = (G + SPLIT_G - 1) / SPLIT_G;
+    float* q = sh;                               /* [ge][hd] */
+    float* sdot = q + ge * hd;                   /* [SPLIT_WARPS][ge][SPLIT_TK] */
+    float* p = sdot + SPLIT_WARPS * ge * SPLIT_TK; /* [ge][SPLIT_TK] */
+    float* m_run = p + ge * SPLIT_TK;            /* [ge] */
+    float* l_run = m_run + ge;                   /* [ge] */
+    float* corr = l_run + ge;                    /* [ge] */
+    float* wacc = corr + ge;                     /* [SPLIT_WARPS][ge][hd] */
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int r = blockIdx.x;
+    int t = rows ? rows[r] : r;
+    int kvh = blockIdx.y / gchunks;
+    int h0 = kvh * G + (blockIdx.y % gchunks) * SPLIT_G;
+    int ng = kvh * G + G - h0;
+    if (ng > SPLIT_G) ng = SPLIT_G;
+    int n_keys = pos[t] + 1;
+    int n_parts = (n_keys + chunk - 1) / chunk;
+    if (n_parts > max_parts) n_parts = max_parts; /* past the context: never written beyond */
+    const int* table = tables + table_off[tok_seq[t]];
+    u64 bf = (u64)2 * n_kv * hd * bs;
+    u64 k_off = (u64)kvh * hd * bs;
+    u64 v_off = (u64)(n_kv + kvh) * hd * bs;
+    for (int i = threadIdx.x; i < ng * hd; i += blockDim.x)
+        q[i] = qkv[(u64)t * row_len + (u64)h0 * hd + i];
+    int dpw = (hd + SPLIT_WARPS - 1) / SPLIT_WARPS;
+    int d0 = warp * dpw, d1 = d0 + dpw < hd ? d0 + dpw : hd;
+    for (int pi = blockIdx.z; pi < n_parts; pi += gridDim.z) {
+        int k_begin = pi * chunk;
+        int k_end = k_begin + chunk < n_keys ? k_begin + chunk : n_keys;
+        if ((int)threadIdx.x < ng) {
+            m_run[threadIdx.x] = NEG_INF;
+            l_run[threadIdx.x] = 0.0f;
+        }
+        float acc[SPLIT_G][SPLIT_DIMS];
+        #pragma unroll
+        for (int g = 0; g < SPLIT_G; ++g)
+            #pragma unroll
+            for (int i = 0; i < SPLIT_DIMS; ++i) acc[g][i] = 0.0f;
+        for (int k0 = k_begin; k0 < k_end; k0 += SPLIT_TK) {
+            int n_tile = k_end - k0 < SPLIT_TK ? k_end - k0 : SPLIT_TK;
+            __syncthreads(); /* q written; the previous tile's p and corr consumed */
+            float dot[SPLIT_G];
+            #pragma unroll
+            for (int g = 0; g < SPLIT_G; ++g) dot[g] = 0.0f;
+            if (lane < n_tile) {
+                int k = k0 + lane;
+                /* K is [dim][slot] in a block: lanes read consecutive slots. */
+                const float* kp = kv + (u64)table[k / bs] * bf + k_off + (k % bs);
+                #pragma unroll 8
+                for (int d = d0; d < d1; ++d) {
+                    float kd = kp[(u64)d * bs];
+                    #pragma unroll
+                    for (int g = 0; g < SPLIT_G; ++g)
+                        if (g < ng) dot[g] = fmaf(q[g * hd + d], kd, dot[g]);
+                }
+            }
+            #pragma unroll
+            for (int g = 0; g < SPLIT_G; ++g)
+                if (g < ng) sdot[(warp * ge + g) * SPLIT_TK + lane] = dot[g];
+            __syncthreads();
+            for (int g = warp; g < ng; g += SPLIT_WARPS) {
+                float s = NEG_INF;
+                if (lane < n_tile) {
+                    float d = 0.0f;
+                    for (int w = 0; w < SPLIT_WARPS; ++w) d += sdot[(w * ge + g) * SPLIT_TK + lane];
+                    s = d * scale;
+                }
+                /* Key k0 is in the tile, so the new maximum is finite. */
+                float m_old = m_run[g];
+                float m_new = fmaxf(m_old, warp_max(s));
+                float e = lane < n_tile ? expf(s - m_new) : 0.0f;
+                p[g * SPLIT_TK + lane] = e;
+                float tile_sum = warp_sum(e);
+                if (lane == 0) {
+                    float c = expf(m_old - m_new);
+                    corr[g] = c;
+                    m_run[g] = m_new;
+                    l_run[g] = l_run[g] * c + tile_sum;
+                }
+            }
+            __syncthreads();
+            #pragma unroll
+            for (int g = 0; g < SPLIT_G; ++g) {
+                if (g < ng) {
+                    float c = corr[g];
+                    #pragma unroll
+                    for (int i = 0; i < SPLIT_DIMS; ++i) acc[g][i] *= c;
+                }
+            }
+            /* V is [slot][dim]: lanes read consecutive dimensions. */
+            for (int j = warp; j < n_tile; j += SPLIT_WARPS) {
+                int kk = k0 + j;
+                const float* vp = kv + (u64)table[kk / bs] * bf + v_off + (u64)(kk % bs) * hd;
+                float v[SPLIT_DIMS];
+                #pragma unroll
+                for (int i = 0; i < SPLIT_DIMS; ++i) {
+                    int d = lane + 32 * i;
+                    v[i] = d < hd ? vp[d] : 0.0f;
+                }
+                #pragma unroll
+                for (int g = 0; g < SPLIT_G; ++g) {
+                    if (g < ng) {
+                        float pj = p[g * SPLIT_TK + j];
+                        #pragma unroll
+                        for (int i = 0; i < SPLIT_DIMS; ++i) acc[g][i] = fmaf(pj, v[i], acc[g][i]);
+                    }
+                }
+            }
+        }
+        #pragma unroll
+        for (int g = 0; g < SPLIT_G; ++g) {
+            if (g < ng) {
+                #pragma unroll
+                for (int i = 0; i < SPLIT_DIMS; ++i) {
+                    int d = lane + 32 * i;
+                    if (d < hd) wacc[(warp * ge + g) * hd + d] = acc[g][i];
+                }
+            }
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < ng * hd; i += blockDim.x) {
+            int g = i / hd, d = i % hd;
+            float a = 0.0f;
+            for (int w = 0; w < SPLIT_WARPS; ++w) a += wacc[(w * ge + g) * hd + d];
+            float* pp = part + (((u64)r * n_heads + h0 + g) * max_parts + pi) * (hd + 2);
+            pp[2 + d] = a;
+            if (d == 0) {
+                pp[0] = m_run[g];
+                pp[1] = l_run[g];
+            }
+        }
+        __syncthreads(); /* wacc and the running statistics are read */
+    }
+}
+
+/* The output of each decode row and query head from its parts (see
+   attention_split), merged in order: out = sum_p e^(m_p - M) acc_p /
+   sum_p e^(m_p - M) l_p, M the largest m_p. Grid (rows, heads), ATT_THREADS
+   threads; static shared memory for the parts' weights. */
+#define SPLIT_MAX_PARTS 128
+extern "C" __global__ void attention_combine(const int* rows, const int* pos, const float* part,
+                                             float* out, int n_heads, int hd, int chunk,
+                                             int max_parts) {
+    __shared__ float wt[SPLIT_MAX_PARTS];
+    int r = blockIdx.x, h = blockIdx.y;
+    int t = rows ? rows[r] : r;
+    int n_parts = (pos[t] + 1 + chunk - 1) / chunk;
+    if (n_parts > max_parts) n_parts = max_parts;
+    const float* pp = part + ((u64)r * n_heads + h) * max_parts * (hd + 2);
+    if (threadIdx.x == 0) {
+        float mx = NEG_INF;
+        for (int i = 0; i < n_parts; ++i) mx = fmaxf(mx, pp[(u64)i * (hd + 2)]);
+        float l = 0.0f;
+        for (int i = 0; i < n_parts; ++i) {
+            float w = expf(pp[(u64)i * (hd + 2)] - mx);
+            wt[i] = w;
+            l += w * pp[(u64)i * (hd + 2) + 1];
+        }
+        for (int i = 0; i < n_parts; ++i) wt[i] /= l;
+    }
+    __syncthreads();
+    float* o = out + (u64)t * n_heads * hd + (u64)h * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float a = 0.0f;
+        for (int i = 0; i < n_parts; ++i) a = fmaf(wt[i], pp[(u64)i * (hd + 2) + 2 + d], a);
+        o[d] = a;
     }
 }
 
@@ -662,7 +883,7 @@ pub(crate) enum Arg {
     F32(f32),
 }
 
-/// The arguments both attention kernels share (device addresses as `u64`).
+/// The arguments the attention kernels share (device addresses as `u64`).
 #[derive(Clone)]
 pub(crate) struct AttentionArgs {
     /// `[tokens, row_len]`: each token's Q (then K and V) after RoPE.
@@ -729,6 +950,13 @@ fn tiles_wanted() -> bool {
     })
 }
 
+/// Whether decode rows go to the split kernel: where the model's heads fit
+/// it, unless `TANDEM_CUDA_ATTENTION=per-token` asks for the per-token
+/// kernel everywhere.
+pub(crate) fn split_wanted(c: &tandem_model::config::ModelConfig) -> bool {
+    tiles_wanted() && SplitPlan::fits(c.head_dim)
+}
+
 impl AttentionPlan {
     pub(crate) fn of(tok_seq: &[usize], tok_pos: &[usize], head_dim: usize) -> Result<Self> {
         let mut plan = Self::default();
@@ -763,6 +991,53 @@ impl AttentionPlan {
     }
 }
 
+/// How the split attention kernel cuts a decode row's keys: parts of
+/// `chunk` keys, at most `max_parts` of them for the model's context. The
+/// cut depends on the model alone, so a row's output does not depend on
+/// the batch it runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SplitPlan {
+    pub chunk: usize,
+    pub max_parts: usize,
+}
+
+impl SplitPlan {
+    /// Parts of one key tile, or longer ones where a context of
+    /// `context` tokens would need more than [`SPLIT_MAX_PARTS`].
+    pub(crate) fn for_context(context: usize) -> Self {
+        let chunk = context
+            .div_ceil(SPLIT_MAX_PARTS)
+            .next_multiple_of(SPLIT_TK)
+            .max(SPLIT_TK);
+        Self {
+            chunk,
+            max_parts: context.div_ceil(chunk).max(1),
+        }
+    }
+
+    /// Floats of the partial outputs of `rows` decode rows.
+    pub(crate) fn part_floats(&self, rows: usize, n_heads: usize, head_dim: usize) -> usize {
+        rows * n_heads * self.max_parts * (head_dim + 2)
+    }
+
+    /// Whether the split kernel takes heads of `head_dim`.
+    pub(crate) fn fits(head_dim: usize) -> bool {
+        head_dim <= SPLIT_MAX_HEAD_DIM
+    }
+}
+
+/// Timing events of a profile (see [`Kernels::start_profile`]).
+#[derive(Default)]
+struct Profile {
+    /// Timed calls now open: only the outermost is timed.
+    depth: usize,
+    marks: Vec<(
+        &'static str,
+        cudarc::driver::CudaEvent,
+        cudarc::driver::CudaEvent,
+    )>,
+}
+
 /// The compiled kernels.
 pub(crate) struct Kernels {
     embed: CudaFunction,
@@ -772,6 +1047,8 @@ pub(crate) struct Kernels {
     kv_write: CudaFunction,
     attention: CudaFunction,
     attention_tiled: CudaFunction,
+    attention_split: CudaFunction,
+    attention_combine: CudaFunction,
     argmax_rows: CudaFunction,
     topk_rows: CudaFunction,
     copy_blocks: CudaFunction,
@@ -782,6 +1059,10 @@ pub(crate) struct Kernels {
     fill_uniform_f32: CudaFunction,
     fill_uniform_bf16: CudaFunction,
     stream: Arc<CudaStream>,
+    /// The device's multiprocessors (the split kernel sizes its grid by them).
+    sms: usize,
+    /// On while a benchmark profiles a step.
+    profile: std::sync::Mutex<Option<Profile>>,
 }
 
 fn cuda_err(what: &str, e: impl std::fmt::Debug) -> EngineError {
@@ -884,6 +1165,12 @@ impl Kernels {
                 "compute capability {major}.{minor} is too old: the CUDA backend needs 8.0 or newer"
             )));
         }
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|e| cuda_err("reading the multiprocessor count", e))?
+            .max(1) as usize;
         let cubin = compile_cubin(&format!("--gpu-architecture=sm_{major}{minor}"));
         let module = match cubin {
             Ok(bin) => ctx
@@ -922,6 +1209,8 @@ impl Kernels {
             kv_write: f("kv_write")?,
             attention: f("attention")?,
             attention_tiled: f("attention_tiled")?,
+            attention_split: f("attention_split")?,
+            attention_combine: f("attention_combine")?,
             argmax_rows: f("argmax_rows")?,
             topk_rows: f("topk_rows")?,
             copy_blocks: f("copy_blocks")?,
@@ -932,10 +1221,95 @@ impl Kernels {
             fill_uniform_f32: f("fill_uniform_f32")?,
             fill_uniform_bf16: f("fill_uniform_bf16")?,
             stream,
+            sms,
+            profile: std::sync::Mutex::new(None),
         })
     }
 
-    fn launch(&self, name: &str, f: &CudaFunction, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+    /// Starts timing every launch and multiply on the stream (kernel by
+    /// kernel: not while a graph is captured), until [`Kernels::end_profile`].
+    pub(crate) fn start_profile(&self) {
+        *self.profile_lock() = Some(Profile::default());
+    }
+
+    /// Ends a profile: device milliseconds and count of each name, summed,
+    /// in the order first seen. Waits for the stream.
+    pub(crate) fn end_profile(&self) -> Result<Vec<(&'static str, f64, usize)>> {
+        let Some(profile) = self.profile_lock().take() else {
+            return Ok(Vec::new());
+        };
+        let mut sums: Vec<(&'static str, f64, usize)> = Vec::new();
+        for (name, start, end) in &profile.marks {
+            let ms = start
+                .elapsed_ms(end)
+                .map_err(|e| cuda_err("reading a profile event", e))? as f64;
+            match sums.iter_mut().find(|(n, _, _)| n == name) {
+                Some(s) => {
+                    s.1 += ms;
+                    s.2 += 1;
+                }
+                None => sums.push((name, ms, 1)),
+            }
+        }
+        Ok(sums)
+    }
+
+    fn profile_lock(&self) -> std::sync::MutexGuard<'_, Option<Profile>> {
+        self.profile.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f`, which queues work on the stream, between two timing events
+    /// when a profile is on (only the outermost of nested calls: a
+    /// multiply's BF16 copy counts as the multiply's).
+    pub(crate) fn timed<T>(&self, name: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let timing = || {
+            self.stream
+                .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| cuda_err("recording a profile event", e))
+        };
+        let start = match self.profile_lock().as_mut() {
+            None => return f(),
+            Some(p) => {
+                p.depth += 1;
+                if p.depth == 1 {
+                    Some(timing()?)
+                } else {
+                    None
+                }
+            }
+        };
+        let out = f();
+        let end = start.as_ref().map(|_| timing());
+        if let Some(p) = self.profile_lock().as_mut() {
+            p.depth = p.depth.saturating_sub(1);
+            match (start, end) {
+                (Some(start), Some(Ok(end))) => p.marks.push((name, start, end)),
+                (_, Some(Err(e))) => {
+                    tracing::warn!(kernel = name, error = %e, "profile event lost")
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    fn launch(
+        &self,
+        name: &'static str,
+        f: &CudaFunction,
+        cfg: LaunchConfig,
+        args: &[Arg],
+    ) -> Result<()> {
+        self.timed(name, || self.launch_untimed(name, f, cfg, args))
+    }
+
+    fn launch_untimed(
+        &self,
+        name: &str,
+        f: &CudaFunction,
+        cfg: LaunchConfig,
+        args: &[Arg],
+    ) -> Result<()> {
         let mut b = self.stream.launch_builder(f);
         for a in args {
             match a {
@@ -1150,6 +1524,78 @@ impl Kernels {
         let mut args = vec![Arg::Ptr(tiles)];
         args.extend(a.args()?);
         self.launch("attention_tiled", &self.attention_tiled, cfg, &args)
+    }
+
+    /// The split (flash-decoding) kernel and its merge over `n_rows`
+    /// tokens: those listed at `rows`, or tokens `0..n_rows` when `rows`
+    /// is 0. `part`: scratch of `plan.part_floats(n_rows, ..)` floats.
+    pub(crate) fn attention_split(
+        &self,
+        a: &AttentionArgs,
+        rows: u64,
+        n_rows: usize,
+        part: u64,
+        plan: SplitPlan,
+    ) -> Result<()> {
+        if n_rows == 0 {
+            return Ok(());
+        }
+        if !SplitPlan::fits(a.hd) || plan.max_parts > SPLIT_MAX_PARTS {
+            return Err(EngineError::Cuda(format!(
+                "head_dim {} (or {} parts) exceeds the split attention kernel's {SPLIT_MAX_HEAD_DIM} ({SPLIT_MAX_PARTS})",
+                a.hd, plan.max_parts
+            )));
+        }
+        let group = a.n_heads / a.n_kv;
+        let ge = group.min(SPLIT_G);
+        let y = a.n_kv * group.div_ceil(SPLIT_G);
+        // Enough blocks to fill the card: a part each, or several parts a
+        // block when the rows alone fill it (blocks past a row's parts
+        // return at once).
+        let z = (SPLIT_BLOCKS_PER_SM * self.sms)
+            .div_ceil(n_rows * y)
+            .clamp(1, plan.max_parts);
+        let floats = ge * (5 * a.hd + 5 * SPLIT_TK + 3);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                int(n_rows, "tokens")? as u32,
+                int(y, "head groups")? as u32,
+                z as u32,
+            ),
+            block_dim: (SPLIT_THREADS, 1, 1),
+            shared_mem_bytes: (floats * 4) as u32,
+        };
+        let mut args = vec![Arg::Ptr(rows)];
+        let mut shared = a.args()?.to_vec();
+        shared[6] = Arg::Ptr(part);
+        args.extend(shared);
+        args.push(Arg::I32(int(plan.chunk, "keys per part")?));
+        args.push(Arg::I32(int(plan.max_parts, "parts")?));
+        self.launch("attention_split", &self.attention_split, cfg, &args)?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                int(n_rows, "tokens")? as u32,
+                int(a.n_heads, "heads")? as u32,
+                1,
+            ),
+            block_dim: (ATT_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            "attention_combine",
+            &self.attention_combine,
+            cfg,
+            &[
+                Arg::Ptr(rows),
+                Arg::Ptr(a.pos),
+                Arg::Ptr(part),
+                Arg::Ptr(a.out),
+                Arg::I32(int(a.n_heads, "heads")?),
+                Arg::I32(int(a.hd, "head_dim")?),
+                Arg::I32(int(plan.chunk, "keys per part")?),
+                Arg::I32(int(plan.max_parts, "parts")?),
+            ],
+        )
     }
 
     /// `ids[r]` = the greedy choice of logits row `rows[r]` (row `r` when
@@ -1375,6 +1821,48 @@ mod tests {
     }
 
     #[test]
+    fn split_parts_cover_the_context_in_whole_tiles() {
+        for context in [
+            1,
+            31,
+            32,
+            33,
+            2048,
+            4096,
+            4097,
+            8192,
+            32768,
+            131072,
+            1 << 20,
+        ] {
+            let p = SplitPlan::for_context(context);
+            assert!(p.chunk.is_multiple_of(SPLIT_TK), "{context}: {p:?}");
+            assert!(p.chunk * p.max_parts >= context, "{context}: {p:?}");
+            assert!(
+                (1..=SPLIT_MAX_PARTS).contains(&p.max_parts),
+                "{context}: {p:?}"
+            );
+            // No longer parts than the cap asks for.
+            assert!(p.chunk == SPLIT_TK || p.chunk < context.div_ceil(SPLIT_MAX_PARTS) + SPLIT_TK);
+        }
+        assert_eq!(
+            SplitPlan::for_context(8192),
+            SplitPlan {
+                chunk: 64,
+                max_parts: 128
+            }
+        );
+        assert_eq!(
+            SplitPlan::for_context(2048),
+            SplitPlan {
+                chunk: 32,
+                max_parts: 64
+            }
+        );
+        assert!(SplitPlan::fits(256) && !SplitPlan::fits(257));
+    }
+
+    #[test]
     fn attention_plan_tiles_long_runs_and_leaves_short_ones_per_token() {
         // Sequence 0 decodes one token; sequence 1 brings a 40-token prompt
         // chunk at positions 100..140; sequence 2 three draft tokens;
@@ -1434,9 +1922,11 @@ mod tests {
     /// shuffles) against the plain references of `emulation/harness.cpp`:
     /// the embedding lookup, RMSNorm, bias and RoPE (both pairings) and
     /// SiLU-and-multiply against the CPU model's formulas; the BF16
-    /// rounding of activations at its ties; both attention
+    /// rounding of activations at its ties; the three attention
     /// kernels over shuffled paged KV (decode rows, prompt chunks in tiles,
-    /// head sizes 32 to 128, grouped and plain heads); `kv_write` into the
+    /// head sizes 32 to 128, grouped and plain heads; the split kernel also
+    /// with 256 and with 18 query heads a KV head, on several grids, the
+    /// same bits for a row alone); `kv_write` into the
     /// layout attention reads; `copy_blocks` gathering and scattering KV
     /// blocks; `argmax_rows` and `topk_rows` with ties, signed zeros and
     /// -inf rows; `gemv_bf16` against a double reference; `head_norm` per
@@ -1481,7 +1971,7 @@ mod tests {
             String::from_utf8_lossy(&ran.stderr)
         );
         assert!(
-            report.lines().filter(|l| l.starts_with("ok")).count() >= 21,
+            report.lines().filter(|l| l.starts_with("ok")).count() >= 29,
             "fewer checks than expected ran:\n{report}"
         );
     }
@@ -1500,7 +1990,7 @@ mod tests {
             "NVRTC (libnvrtc.so.12) is not loadable: put its directory on LD_LIBRARY_PATH"
         );
         let names = declared_kernels();
-        assert_eq!(names.len(), 16, "{names:?}");
+        assert_eq!(names.len(), 18, "{names:?}");
         for arch in ["sm_80", "sm_86", "sm_89", "sm_90"] {
             let cubin = compile_cubin(&format!("--gpu-architecture={arch}"))
                 .unwrap_or_else(|e| panic!("{arch}: {e}"));
@@ -1523,6 +2013,45 @@ mod tests {
                     "the {arch} PTX has no entry {n}"
                 );
             }
+        }
+    }
+
+    /// No kernel spills registers to local memory on Hopper (what ptxas
+    /// reports when NVRTC compiles with `-v`): a spill in a kernel's loop
+    /// would be local-memory traffic on every key or weight, and a kernel
+    /// edit that adds one should be seen here, not on a lent card.
+    #[test]
+    fn kernels_do_not_spill_registers() {
+        use cudarc::nvrtc::result as nv;
+        let src = std::ffi::CString::new(SOURCE).unwrap();
+        let prog = nv::create_program(&src, Some(c"tandem_kernels.cu")).unwrap();
+        let opts = ["--gpu-architecture=sm_90", "--ptxas-options=-v"].map(String::from);
+        // SAFETY: `prog` is live until destroyed below.
+        let (compiled, log) = unsafe {
+            let compiled = nv::compile_program(prog, &opts);
+            let log = nv::get_program_log(prog).expect("NVRTC's log");
+            let _ = nv::destroy_program(prog);
+            (compiled, log)
+        };
+        let log: Vec<u8> = log
+            .iter()
+            .map(|&c| c as u8)
+            .take_while(|&b| b != 0)
+            .collect();
+        let log = String::from_utf8_lossy(&log);
+        assert!(compiled.is_ok(), "{compiled:?}: {log}");
+        let entries = log
+            .lines()
+            .filter(|l| l.contains("Compiling entry function"))
+            .count();
+        assert_eq!(entries, declared_kernels().len(), "{log}");
+        let properties: Vec<&str> = log.lines().filter(|l| l.contains("spill stores")).collect();
+        assert!(properties.len() >= entries, "{log}");
+        for line in properties {
+            assert!(
+                line.contains(" 0 bytes spill stores, 0 bytes spill loads"),
+                "a kernel spills: {line}\n{log}"
+            );
         }
     }
 }

@@ -12,10 +12,15 @@
 //! - Everything else is a handful of small kernels compiled with NVRTC at
 //!   load (see `kernels`): embedding lookup, RMSNorm, bias + RoPE (both
 //!   styles), the KV write, paged attention, SiLU-and-multiply, residual add.
-//!   Attention has two kernels over the same block tables: one thread
-//!   block per query token (decode, a few draft tokens), and flash-style
-//!   tiles of 16 query tokens that share each tile of keys and values read
-//!   into shared memory (prompt chunks; see `kernels::AttentionPlan`).
+//!   Attention has three kernels over the same block tables: for decode
+//!   rows (a step's one token, a few draft tokens), flash-decoding: a
+//!   row's keys cut into fixed parts by position, a thread block per part
+//!   and KV head (its query heads together), merged in order, so a row's
+//!   output does not depend on its batch (`kernels::SplitPlan`); one
+//!   thread block per query token, the reference it is checked against
+//!   (and what heads wider than 256 use); and flash-style tiles of 16
+//!   query tokens that share each tile of keys and values read into
+//!   shared memory (prompt chunks; see `kernels::AttentionPlan`).
 //! - The paged KV cache lives in device memory, per layer, in exactly the
 //!   [`KvLayout`] of the CPU pool, so installing and gathering KV are plain
 //!   copies: per layer, one copy across the bus of all the sequence's
@@ -82,7 +87,7 @@ use crate::model::{
 };
 
 use graphs::{Graph, GraphBuffers, GraphSet};
-use kernels::{int, AttentionArgs, AttentionPlan, Kernels};
+use kernels::{int, AttentionArgs, AttentionPlan, Kernels, SplitPlan};
 
 /// How the device holds the weight matrices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -522,6 +527,9 @@ struct Pass {
     n_att_rows: usize,
     tiles: u64,
     n_tiles: usize,
+    /// Scratch of the split attention kernel, which then takes the
+    /// per-token rows (0: the per-token kernel takes them).
+    att_part: u64,
     /// Rows of `logits` whose argmax goes to `ids` (0: rows `0..n_greedy`).
     greedy_rows: u64,
     n_greedy: usize,
@@ -553,6 +561,8 @@ struct Scratch {
     /// Every layer of the blocks an observed step writes.
     export_buf: Option<CudaSlice<f32>>,
     meta: Option<CudaSlice<i32>>,
+    /// Partial outputs of the split attention kernel.
+    att_part: Option<CudaSlice<f32>>,
 }
 
 /// Mutable device state, behind the executor's lock.
@@ -581,6 +591,10 @@ pub struct CudaModel {
     /// BF16 multiplies of few tokens by the matrix-vector kernel (off
     /// unless asked, see `gemv_wanted`).
     gemv: std::sync::atomic::AtomicBool,
+    /// Decode rows' attention by the split kernel (see
+    /// `kernels::split_wanted`), cut as `split_plan` says.
+    split: std::sync::atomic::AtomicBool,
+    split_plan: SplitPlan,
 }
 
 /// `[rows, cols]` f32 of matrices stacked by rows, exactly as the CPU
@@ -682,6 +696,10 @@ impl CudaModel {
         }
         let out_norm = dev.upload(m.output_norm(), "the output norm")?;
         let inv_freq = dev.upload(m.rope_inv_freq(), "the RoPE frequencies")?;
+        let (split_on, split_plan) = (
+            kernels::split_wanted(&c),
+            SplitPlan::for_context(c.context_length),
+        );
         let model = Self {
             config: c,
             weights,
@@ -694,6 +712,8 @@ impl CudaModel {
             state: Mutex::new(State::default()),
             graphs: std::sync::atomic::AtomicBool::new(graphs_wanted()),
             gemv: std::sync::atomic::AtomicBool::new(gemv_wanted()),
+            split: std::sync::atomic::AtomicBool::new(split_on),
+            split_plan,
         };
         model.check_shapes()?;
         model.dev.sync("uploading the weights")?;
@@ -746,6 +766,10 @@ impl CudaModel {
         let inv: Vec<f32> = (0..hd / 2)
             .map(|i| 1.0 / c.rope_theta.powf((2 * i) as f32 / hd as f32))
             .collect();
+        let (split_on, split_plan) = (
+            kernels::split_wanted(&c),
+            SplitPlan::for_context(c.context_length),
+        );
         let model = Self {
             out_norm: ones(h)?,
             inv_freq: dev.upload(&inv, "the RoPE frequencies")?,
@@ -758,6 +782,8 @@ impl CudaModel {
             state: Mutex::new(State::default()),
             graphs: std::sync::atomic::AtomicBool::new(graphs_wanted()),
             gemv: std::sync::atomic::AtomicBool::new(gemv_wanted()),
+            split: std::sync::atomic::AtomicBool::new(split_on),
+            split_plan,
         };
         model.check_shapes()?;
         model.dev.sync("generating the weights")?;
@@ -960,8 +986,20 @@ impl CudaModel {
 
     /// `out = x · Wᵀ` for `t` rows of `x` (`[t, w.cols]` f32) into `out`
     /// (`[t, w.rows]` f32). `xb`: BF16 scratch of at least `t * w.cols`.
-    fn gemm(&self, w: &DevMatrix, x: u64, t: usize, out: u64, xb: u64) -> Result<()> {
-        self.dev.matmul(w, x, t, out, xb, self.gemv_enabled())
+    /// `what` names the multiply in a profile (its BF16 copy of `x`
+    /// included).
+    fn gemm(
+        &self,
+        what: &'static str,
+        w: &DevMatrix,
+        x: u64,
+        t: usize,
+        out: u64,
+        xb: u64,
+    ) -> Result<()> {
+        self.dev.k.timed(what, || {
+            self.dev.matmul(w, x, t, out, xb, self.gemv_enabled())
+        })
     }
 
     /// One step (see [`Executor::forward_observed`]), without observers:
@@ -1157,6 +1195,24 @@ impl CudaModel {
         }
     }
 
+    pub(crate) fn split_enabled(&self) -> bool {
+        self.split.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Turns the split (flash-decoding) attention kernel for decode rows
+    /// on or off, where the model's heads fit it (the benchmark compares
+    /// it with the per-token kernel). Graphs captured with the other
+    /// choice are dropped.
+    pub fn set_split_attention(&self, on: bool) {
+        let on = on && SplitPlan::fits(self.config.head_dim);
+        let mut st = self.lock();
+        if self.split.swap(on, std::sync::atomic::Ordering::Relaxed) != on {
+            if let Some(kv) = st.kv.as_mut() {
+                kv.graphs.graphs.clear();
+            }
+        }
+    }
+
     /// Launches `batch` kernel by kernel on the step's scratch buffers;
     /// returns the device addresses of its logits (the wanted rows, in
     /// order) and of the greedy rows' ids.
@@ -1268,6 +1324,14 @@ impl CudaModel {
             n_att_rows,
             tiles: at(o_tiles),
             n_tiles: plan.n_tiles(),
+            att_part: if self.split_enabled() && n_att_rows > 0 {
+                let n = self
+                    .split_plan
+                    .part_floats(n_att_rows, c.n_heads, c.head_dim);
+                ensure(dev, &mut sc.att_part, n, "attention parts")?
+            } else {
+                0
+            },
             greedy_rows: at(o_greedy),
             n_greedy: greedy.len(),
             ids: ensure(dev, &mut sc.ids, greedy.len(), "greedy ids")?,
@@ -1304,12 +1368,15 @@ impl CudaModel {
         let meta_words = layout
             .words(b * c.context_length.div_ceil(bs) + 1)
             .max(meta.len());
+        let part_floats = if self.split_enabled() {
+            self.split_plan.part_floats(b, c.n_heads, c.head_dim)
+        } else {
+            1
+        };
         let dev = &self.dev;
-        let fits = kvs
-            .graphs
-            .buffers
-            .as_ref()
-            .is_some_and(|g| g.rows >= b && g.meta_words >= meta_words);
+        let fits = kvs.graphs.buffers.as_ref().is_some_and(|g| {
+            g.rows >= b && g.meta_words >= meta_words && g.att_part.len() >= part_floats
+        });
         if !fits {
             // New buffers: graphs captured with the old ones go first.
             kvs.graphs.graphs.clear();
@@ -1329,6 +1396,7 @@ impl CudaModel {
                 logits: dev.zeros(b * c.vocab_size, "graph logits")?,
                 ids: dev.zeros(b, "graph greedy ids")?,
                 meta: dev.zeros(meta_words, "graph metadata")?,
+                att_part: dev.zeros(part_floats, "graph attention parts")?,
             });
         }
         let Some(bufs) = kvs.graphs.buffers.as_ref() else {
@@ -1371,6 +1439,11 @@ impl CudaModel {
                 n_att_rows: b,
                 tiles: 0,
                 n_tiles: 0,
+                att_part: if self.split_enabled() {
+                    ptr(&bufs.att_part, s)
+                } else {
+                    0
+                },
                 greedy_rows: 0,
                 n_greedy: b,
                 ids: ptr(&bufs.ids, s),
@@ -1449,7 +1522,7 @@ impl CudaModel {
         };
         for (li, l) in self.layers.iter().enumerate() {
             k.rms_norm(p.x, 0, ptr(&l.attn_norm, s), p.xn, n_tok, h, c.rms_eps)?;
-            self.gemm(&l.qkv, p.xn, n_tok, p.qkv, p.xb)?;
+            self.gemm("matmul qkv", &l.qkv, p.xn, n_tok, p.qkv, p.xb)?;
             if let Some((qn, kn)) = &l.qk_norm {
                 k.head_norm(
                     p.qkv,
@@ -1486,16 +1559,18 @@ impl CudaModel {
                     .map_err(|e| cuda_err("recording a layer's event", e))?;
             }
             let args = AttentionArgs { kv, ..att.clone() };
-            if p.n_att_rows > 0 {
+            if p.att_part != 0 {
+                k.attention_split(&args, p.att_rows, p.n_att_rows, p.att_part, self.split_plan)?;
+            } else if p.n_att_rows > 0 {
                 k.attention(&args, p.att_rows, p.n_att_rows)?;
             }
             k.attention_tiled(&args, p.tiles, p.n_tiles)?;
-            self.gemm(&l.wo, p.attn, n_tok, p.proj, p.xb)?;
+            self.gemm("matmul o", &l.wo, p.attn, n_tok, p.proj, p.xb)?;
             k.add_in_place(p.x, p.proj, n_tok * h)?;
             k.rms_norm(p.x, 0, ptr(&l.ffn_norm, s), p.xn, n_tok, h, c.rms_eps)?;
-            self.gemm(&l.gate_up, p.xn, n_tok, p.gate_up, p.xb)?;
+            self.gemm("matmul gate_up", &l.gate_up, p.xn, n_tok, p.gate_up, p.xb)?;
             k.silu_mul(p.gate_up, p.act, n_tok, ffn)?;
-            self.gemm(&l.down, p.act, n_tok, p.proj, p.xb)?;
+            self.gemm("matmul down", &l.down, p.act, n_tok, p.proj, p.xb)?;
             k.add_in_place(p.x, p.proj, n_tok * h)?;
         }
         if p.n_want > 0 {
@@ -1509,7 +1584,7 @@ impl CudaModel {
                 h,
                 c.rms_eps,
             )?;
-            self.gemm(&self.head, p.xn, p.n_want, p.logits, p.xb)?;
+            self.gemm("matmul head", &self.head, p.xn, p.n_want, p.logits, p.xb)?;
             k.argmax_rows(p.logits, p.greedy_rows, p.ids, p.n_greedy, c.vocab_size)?;
         }
         Ok(())
@@ -1905,8 +1980,11 @@ fn assemble_rows(
 pub enum AttentionKernel {
     /// One thread block per query token, for every token.
     PerToken,
+    /// The split (flash-decoding) kernel and its merge, for every token.
+    Split,
     /// What a forward step runs: runs of consecutive tokens of one
-    /// sequence (prompt chunks) in flash-style tiles, the rest per token.
+    /// sequence (prompt chunks) in flash-style tiles, the rest by the
+    /// split kernel where the heads fit it, else per token.
     Planned,
 }
 
@@ -1992,10 +2070,22 @@ pub fn paged_attention(
         bs,
         scale: 1.0 / (hd as f32).sqrt(),
     };
+    // Cut as a model whose context is these tables' would cut it.
+    let longest = tables.iter().map(|t| t.len() * bs).max().unwrap_or(bs);
+    let split = SplitPlan::for_context(longest);
+    let part = dev.zeros::<f32>(
+        split.part_floats(n_tok.max(1), n_heads, hd),
+        "attention parts",
+    )?;
+    let part = ptr(&part, s);
     match kernel {
         AttentionKernel::PerToken => dev.k.attention(&args, 0, n_tok)?,
+        AttentionKernel::Split => dev.k.attention_split(&args, 0, n_tok, part, split)?,
         AttentionKernel::Planned => {
-            if !plan.rows.is_empty() {
+            if SplitPlan::fits(hd) {
+                dev.k
+                    .attention_split(&args, at(o_rows), plan.rows.len(), part, split)?;
+            } else if !plan.rows.is_empty() {
                 dev.k.attention(&args, at(o_rows), plan.rows.len())?;
             }
             dev.k.attention_tiled(&args, at(o_tiles), plan.n_tiles())?;

@@ -17,10 +17,12 @@ static void check(bool ok, const char* what, double detail) {
 static std::mt19937 rng(7);
 static float uniform(float lo, float hi) { return std::uniform_real_distribution<float>(lo, hi)(rng); }
 
-// The per-token kernel for every token, and the plan a step uses (runs of
-// at least 8 tokens of one sequence in tiles of 16, the rest per token),
-// against causal attention in double over the same paged KV.
-static void attention_case(int hd, int nh, int nkv, int bs) {
+// Against causal attention in double over the same paged KV: the per-token
+// kernel for every token and the plan a step uses (runs of at least 8
+// tokens of one sequence in tiles of 16, the rest per token), unless
+// `split_only`; then the split kernel for the decode rows, on several grids
+// and alone when `all_grids` (slow under emulation: once).
+static void attention_case(int hd, int nh, int nkv, int bs, bool split_only, bool all_grids) {
     std::vector<int> lens = {1, 17, 40, 70};
     int n_blocks = 2;
     for (int n : lens) n_blocks += (n + bs - 1) / bs;
@@ -41,6 +43,7 @@ static void attention_case(int hd, int nh, int nkv, int bs) {
         for (int p = std::max(0, lens[s] - 3); p < lens[s]; ++p) seq.push_back(s), pos.push_back(p);
         seq.push_back(s), pos.push_back(lens[s] / 2);
     }
+    int n_dec = (int)seq.size();
     for (int p = 10; p < 40; ++p) seq.push_back(2), pos.push_back(p);
     for (int p = 0; p < 70; ++p) seq.push_back(3), pos.push_back(p);
     int nt = (int)seq.size(), qd = nh * hd;
@@ -74,42 +77,103 @@ static void attention_case(int hd, int nh, int nkv, int bs) {
         for (size_t i = 0; i < want.size(); ++i) d = std::max(d, std::isnan(got[i]) ? 1e9 : std::fabs(got[i] - want[i]));
         return d;
     };
-    std::vector<float> per_token((size_t)nt * qd, NAN), planned((size_t)nt * qd, NAN);
-    launch({(unsigned)nt, (unsigned)nh, 1}, 128, hd + 128 + 32, [&] {
-        attention(nullptr, q.data(), kv.data(), seq.data(), pos.data(), tables.data(), toff.data(),
-                  per_token.data(), qd, nh, nkv, hd, bs, scale);
-    });
-    std::vector<int> tiles, rows;
-    for (int s0 = 0; s0 < nt;) {
-        int e = s0 + 1;
-        while (e < nt && seq[e] == seq[s0]) ++e;
-        if (e - s0 >= 8) {
-            for (int t0 = s0; t0 < e; t0 += 16) {
-                int t1 = std::min(t0 + 16, e), keys = 0;
-                for (int t = t0; t < t1; ++t) keys = std::max(keys, pos[t] + 1);
-                tiles.insert(tiles.end(), {t0, t1 - t0, keys});
+    char what[200];
+    double d;
+    if (!split_only) {
+        std::vector<float> per_token((size_t)nt * qd, NAN), planned((size_t)nt * qd, NAN);
+        launch({(unsigned)nt, (unsigned)nh, 1}, 128, hd + 128 + 32, [&] {
+            attention(nullptr, q.data(), kv.data(), seq.data(), pos.data(), tables.data(), toff.data(),
+                      per_token.data(), qd, nh, nkv, hd, bs, scale);
+        });
+        std::vector<int> tiles, rows;
+        for (int s0 = 0; s0 < nt;) {
+            int e = s0 + 1;
+            while (e < nt && seq[e] == seq[s0]) ++e;
+            if (e - s0 >= 8) {
+                for (int t0 = s0; t0 < e; t0 += 16) {
+                    int t1 = std::min(t0 + 16, e), keys = 0;
+                    for (int t = t0; t < t1; ++t) keys = std::max(keys, pos[t] + 1);
+                    tiles.insert(tiles.end(), {t0, t1 - t0, keys});
+                }
+            } else {
+                for (int t = s0; t < e; ++t) rows.push_back(t);
             }
-        } else {
-            for (int t = s0; t < e; ++t) rows.push_back(t);
+            s0 = e;
         }
-        s0 = e;
+        launch({(unsigned)rows.size(), (unsigned)nh, 1}, 128, hd + 128 + 32, [&] {
+            attention(rows.data(), q.data(), kv.data(), seq.data(), pos.data(), tables.data(), toff.data(),
+                      planned.data(), qd, nh, nkv, hd, bs, scale);
+        });
+        launch({(unsigned)(tiles.size() / 3), (unsigned)nh, 1}, 128, 16 * hd + 32 * (hd + 1) + 32 * hd, [&] {
+            attention_tiled(tiles.data(), q.data(), kv.data(), seq.data(), pos.data(), tables.data(),
+                            toff.data(), planned.data(), qd, nh, nkv, hd, bs, scale);
+        });
+        snprintf(what, sizeof what, "attention per token, hd %d, heads %d/%d, block %d", hd, nh, nkv, bs);
+        d = diff(per_token);
+        check(d <= 1e-5, what, d);
+        snprintf(what, sizeof what, "attention planned (%zu tiles, %zu rows), hd %d, heads %d/%d, block %d",
+                 tiles.size() / 3, rows.size(), hd, nh, nkv, bs);
+        d = diff(planned);
+        check(d <= 1e-5 && tiles.size() >= 3 && !rows.empty(), what, d);
     }
-    launch({(unsigned)rows.size(), (unsigned)nh, 1}, 128, hd + 128 + 32, [&] {
-        attention(rows.data(), q.data(), kv.data(), seq.data(), pos.data(), tables.data(), toff.data(),
-                  planned.data(), qd, nh, nkv, hd, bs, scale);
-    });
-    launch({(unsigned)(tiles.size() / 3), (unsigned)nh, 1}, 128, 16 * hd + 32 * (hd + 1) + 32 * hd, [&] {
-        attention_tiled(tiles.data(), q.data(), kv.data(), seq.data(), pos.data(), tables.data(),
-                        toff.data(), planned.data(), qd, nh, nkv, hd, bs, scale);
-    });
-    char what[160];
-    snprintf(what, sizeof what, "attention per token, hd %d, heads %d/%d, block %d", hd, nh, nkv, bs);
-    double d = diff(per_token);
-    check(d <= 1e-5, what, d);
-    snprintf(what, sizeof what, "attention planned (%zu tiles, %zu rows), hd %d, heads %d/%d, block %d",
-             tiles.size() / 3, rows.size(), hd, nh, nkv, bs);
-    d = diff(planned);
-    check(d <= 1e-5 && tiles.size() >= 3 && !rows.empty(), what, d);
+
+    // The split kernel and its merge over the decode-like rows (the last
+    // positions of each sequence and one in the middle), parts of 32 keys
+    // (one tile) or 64, grids of one block per row and head group or one
+    // per part: within 1e-5 of the reference, and the same bits whatever
+    // the grid and whether a row runs alone or among others (its output
+    // depends on its position only).
+    int longest = *std::max_element(lens.begin(), lens.end());
+    int G = nh / nkv, ge = std::min(G, 8), gy = nkv * ((G + 7) / 8);
+    size_t shared = (size_t)ge * (5 * hd + 5 * 32 + 3);
+    std::vector<int> dec;
+    for (int t = 0; t < n_dec; ++t) dec.push_back(t);
+    auto diff_rows = [&](const std::vector<float>& got) {
+        double d = 0;
+        for (int t : dec)
+            for (int i = 0; i < qd; ++i) {
+                size_t j = (size_t)t * qd + i;
+                d = std::max(d, std::isnan(got[j]) ? 1e9 : std::fabs(got[j] - want[j]));
+            }
+        return d;
+    };
+    int nd = (int)dec.size();
+    for (int chunk : {32, 64}) {
+        if (chunk != 32 && !all_grids) continue;
+        int max_parts = (longest + chunk - 1) / chunk;
+        std::vector<float> first;
+        bool same = true;
+        for (int z : {max_parts, 1}) {
+            if ((chunk != 32 || !all_grids) && z != max_parts) continue;
+            std::vector<float> part((size_t)nd * nh * max_parts * (hd + 2), NAN), split((size_t)nt * qd, NAN);
+            launch({(unsigned)nd, (unsigned)gy, (unsigned)z}, 128, shared, [&] {
+                attention_split(dec.data(), q.data(), kv.data(), seq.data(), pos.data(), tables.data(),
+                                toff.data(), part.data(), qd, nh, nkv, hd, bs, scale, chunk, max_parts);
+            });
+            launch({(unsigned)nd, (unsigned)nh, 1}, 128, 0, [&] {
+                attention_combine(dec.data(), pos.data(), part.data(), split.data(), nh, hd, chunk, max_parts);
+            });
+            snprintf(what, sizeof what, "attention split, %d rows, parts of %d keys, grid z %d, hd %d, heads %d/%d, block %d",
+                     nd, chunk, z, hd, nh, nkv, bs);
+            d = diff_rows(split);
+            check(d <= 1e-5, what, d);
+            if (first.empty()) first = split;
+            for (int t : dec) same = same && memcmp(&first[(size_t)t * qd], &split[(size_t)t * qd], (size_t)qd * 4) == 0;
+        }
+        if (chunk != 32 || !all_grids) continue;
+        // The last row of the longest sequence alone.
+        int t = dec[nd - 1];
+        std::vector<float> part((size_t)nh * max_parts * (hd + 2), NAN), alone((size_t)nt * qd, NAN);
+        launch({1, (unsigned)gy, 2}, 128, shared, [&] {
+            attention_split(&t, q.data(), kv.data(), seq.data(), pos.data(), tables.data(), toff.data(),
+                            part.data(), qd, nh, nkv, hd, bs, scale, chunk, max_parts);
+        });
+        launch({1, (unsigned)nh, 1}, 128, 0, [&] {
+            attention_combine(&t, pos.data(), part.data(), alone.data(), nh, hd, chunk, max_parts);
+        });
+        same = same && memcmp(&first[(size_t)t * qd], &alone[(size_t)t * qd], (size_t)qd * 4) == 0;
+        check(same, "attention split: the same bits for every grid and for a row alone", 0);
+    }
 }
 
 // kv_write puts each token's K and V where attention reads them: a prompt
@@ -396,9 +460,11 @@ int main() {
     row_cases();
     bf16_case();
     copy_blocks_case();
-    attention_case(64, 4, 2, 16);
-    attention_case(128, 2, 1, 8);
-    attention_case(32, 3, 3, 4);
+    attention_case(64, 4, 2, 16, false, true);
+    attention_case(128, 2, 1, 8, false, false);
+    attention_case(32, 3, 3, 4, false, false);
+    attention_case(64, 18, 1, 16, true, false); // a group of 18 query heads: blocks of at most 8
+    attention_case(256, 4, 2, 16, true, false); // 8 dimensions per lane
     kv_write_case();
     pick_cases();
     return failures ? 1 : 0;
