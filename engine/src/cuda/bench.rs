@@ -462,7 +462,14 @@ fn matmuls_alone(model: &CudaModel, t: usize, runs: usize, head: bool) -> Result
     dev.k.fill_uniform_f32(ptr(&x, s), t * widest, 7, 1.0)?;
     let pass = || -> Result<()> {
         for m in &mats {
-            model.gemm("matmul", m, ptr(&x, s), t, ptr(&out, s), ptr(&xb, s))?;
+            model.gemm(
+                "matmul",
+                m,
+                ptr(&x, s),
+                t,
+                ptr(&out, s),
+                (ptr(&xb, s), false),
+            )?;
         }
         Ok(())
     };

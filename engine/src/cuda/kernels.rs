@@ -123,19 +123,36 @@ extern "C" __global__ void embed(const int* tok, const float* table, float* x, i
     for (int i = threadIdx.x; i < h; i += blockDim.x) out[i] = row[i];
 }
 
-/* out[r] = w * x[src] / sqrt(mean(x[src]^2) + eps), src = rows ? rows[r] : r. One block per row. */
-extern "C" __global__ void rms_norm(const float* x, const int* rows, const float* w, float* out,
-                                    int h, float eps) {
+/* out[r] = w * x[src] / sqrt(mean(x[src]^2) + eps), src = rows ? rows[r] : r.
+   With `add`, first x[src] += add[src] (the residual add before the norm,
+   written back: one launch for both). With `out_bf16`, the output is also
+   rounded to BF16 there (the input of the multiply that follows). One
+   block per row. */
+extern "C" __global__ void rms_norm(float* x, const int* rows, const float* add, const float* w,
+                                    float* out, unsigned short* out_bf16, int h, float eps) {
     __shared__ float red[32];
     int r = blockIdx.x;
     int src = rows ? rows[r] : r;
-    const float* xr = x + (u64)src * h;
+    float* xr = x + (u64)src * h;
+    const float* ar = add ? add + (u64)src * h : 0;
     float s = 0.0f;
-    for (int i = threadIdx.x; i < h; i += blockDim.x) { float v = xr[i]; s = fmaf(v, v, s); }
+    for (int i = threadIdx.x; i < h; i += blockDim.x) {
+        float v = xr[i];
+        if (ar) {
+            v += ar[i];
+            xr[i] = v; /* this thread's own element: read back below by it alone */
+        }
+        s = fmaf(v, v, s);
+    }
     s = block_sum(s, red);
     float rs = 1.0f / sqrtf(s / (float)h + eps);
     float* o = out + (u64)r * h;
-    for (int i = threadIdx.x; i < h; i += blockDim.x) o[i] = w[i] * (xr[i] * rs);
+    unsigned short* ob = out_bf16 ? out_bf16 + (u64)r * h : 0;
+    for (int i = threadIdx.x; i < h; i += blockDim.x) {
+        float v = w[i] * (xr[i] * rs);
+        o[i] = v;
+        if (ob) ob[i] = f32_to_bf16_bits(v);
+    }
 }
 
 /* Adds the QKV bias (if any), then rotates the first n_rot_heads heads of each
@@ -761,15 +778,19 @@ extern "C" __global__ void copy_blocks(const float* src, const int* src_idx, flo
     for (long long i = threadIdx.x; i < bf; i += blockDim.x) d[i] = s[i];
 }
 
-/* act[t][j] = silu(gu[t][j]) * gu[t][ffn + j], silu(g) = g / (1 + e^-g). */
-extern "C" __global__ void silu_mul(const float* gu, float* act, long long n_tok, int ffn) {
+/* act[t][j] = silu(gu[t][j]) * gu[t][ffn + j], silu(g) = g / (1 + e^-g);
+   with `act_bf16`, also rounded to BF16 there (the down projection's input). */
+extern "C" __global__ void silu_mul(const float* gu, float* act, unsigned short* act_bf16,
+                                    long long n_tok, int ffn) {
     long long n = n_tok * (long long)ffn;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         long long t = i / ffn, j = i % ffn;
         float g = gu[t * 2 * ffn + j], u = gu[t * 2 * ffn + ffn + j];
         float s = g / (1.0f + expf(-g));
-        act[i] = s * u;
+        float a = s * u;
+        act[i] = a;
+        if (act_bf16) act_bf16[i] = f32_to_bf16_bits(a);
     }
 }
 
@@ -1342,12 +1363,17 @@ impl Kernels {
 
     /// `rows`: 0 for rows `0..n_rows` of `x`, else a device array of row indices.
     #[allow(clippy::too_many_arguments)]
+    /// RMSNorm of `n_rows` rows of `x` (those at `rows`, or `0..n_rows`
+    /// when 0) into `out`, after adding `add` to them in place when it is
+    /// not 0, and into `out_bf16` as BF16 too when that is not 0.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn rms_norm(
         &self,
         x: u64,
         rows: u64,
+        add: u64,
         w: u64,
-        out: u64,
+        (out, out_bf16): (u64, u64),
         n_rows: usize,
         h: usize,
         eps: f32,
@@ -1359,8 +1385,10 @@ impl Kernels {
             &[
                 Arg::Ptr(x),
                 Arg::Ptr(rows),
+                Arg::Ptr(add),
                 Arg::Ptr(w),
                 Arg::Ptr(out),
+                Arg::Ptr(out_bf16),
                 Arg::I32(int(h, "hidden")?),
                 Arg::F32(eps),
             ],
@@ -1688,7 +1716,15 @@ impl Kernels {
         )
     }
 
-    pub(crate) fn silu_mul(&self, gu: u64, act: u64, n_tok: usize, ffn: usize) -> Result<()> {
+    /// SiLU-and-multiply of `n_tok` rows into `act`, and into `act_bf16`
+    /// as BF16 too when that is not 0.
+    pub(crate) fn silu_mul(
+        &self,
+        gu: u64,
+        (act, act_bf16): (u64, u64),
+        n_tok: usize,
+        ffn: usize,
+    ) -> Result<()> {
         self.launch(
             "silu_mul",
             &self.silu_mul,
@@ -1696,6 +1732,7 @@ impl Kernels {
             &[
                 Arg::Ptr(gu),
                 Arg::Ptr(act),
+                Arg::Ptr(act_bf16),
                 Arg::I64(n_tok as i64),
                 Arg::I32(int(ffn, "ffn")?),
             ],
@@ -1971,7 +2008,7 @@ mod tests {
             String::from_utf8_lossy(&ran.stderr)
         );
         assert!(
-            report.lines().filter(|l| l.starts_with("ok")).count() >= 29,
+            report.lines().filter(|l| l.starts_with("ok")).count() >= 30,
             "fewer checks than expected ran:\n{report}"
         );
     }

@@ -239,8 +239,19 @@ impl Device {
     /// step of few tokens by the matrix-vector kernel when `gemv` says so
     /// (an attempt at the memory bandwidth cuBLAS leaves unused on such
     /// shapes; see `gemv_wanted`).
-    /// `xb`: BF16 scratch of at least `t * w.cols`.
-    fn matmul(&self, w: &DevMatrix, x: u64, t: usize, out: u64, xb: u64, gemv: bool) -> Result<()> {
+    /// `xb`: BF16 scratch of at least `t * w.cols`, which holds `x` in
+    /// BF16 already when `x_in_xb` (the kernel that wrote `x` wrote it
+    /// there too: no copy then).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &self,
+        w: &DevMatrix,
+        x: u64,
+        t: usize,
+        out: u64,
+        (xb, x_in_xb): (u64, bool),
+        gemv: bool,
+    ) -> Result<()> {
         if t == 0 {
             return Ok(());
         }
@@ -280,7 +291,9 @@ impl Device {
                 .map_err(|e| cuda_err("cuBLAS sgemm", e))
             }
             DevData::Bf16(wd) => {
-                self.k.f32_to_bf16(x, xb, t * w.cols)?;
+                if !x_in_xb {
+                    self.k.f32_to_bf16(x, xb, t * w.cols)?;
+                }
                 let wp = ptr(wd, &self.stream);
                 if gemv && Kernels::gemv_fits(w.cols, t) {
                     return self.k.gemv_bf16(wp, xb, out, w.rows, w.cols, t);
@@ -987,7 +1000,8 @@ impl CudaModel {
     /// `out = x · Wᵀ` for `t` rows of `x` (`[t, w.cols]` f32) into `out`
     /// (`[t, w.rows]` f32). `xb`: BF16 scratch of at least `t * w.cols`.
     /// `what` names the multiply in a profile (its BF16 copy of `x`
-    /// included).
+    /// included). `x_in_xb`: see [`Device::matmul`].
+    #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
         what: &'static str,
@@ -995,7 +1009,7 @@ impl CudaModel {
         x: u64,
         t: usize,
         out: u64,
-        xb: u64,
+        xb: (u64, bool),
     ) -> Result<()> {
         self.dev.k.timed(what, || {
             self.dev.matmul(w, x, t, out, xb, self.gemv_enabled())
@@ -1520,9 +1534,16 @@ impl CudaModel {
             bs,
             scale: 1.0 / (hd as f32).sqrt(),
         };
+        // Kernels that feed a multiply write its BF16 input too (BF16
+        // weights: `xb` is not 0), and a residual add goes into the norm
+        // after it.
+        let fed = (p.xb, p.xb != 0);
         for (li, l) in self.layers.iter().enumerate() {
-            k.rms_norm(p.x, 0, ptr(&l.attn_norm, s), p.xn, n_tok, h, c.rms_eps)?;
-            self.gemm("matmul qkv", &l.qkv, p.xn, n_tok, p.qkv, p.xb)?;
+            // The previous layer's FFN output joins the residual here.
+            let add = if li == 0 { 0 } else { p.proj };
+            let norm = ptr(&l.attn_norm, s);
+            k.rms_norm(p.x, 0, add, norm, (p.xn, p.xb), n_tok, h, c.rms_eps)?;
+            self.gemm("matmul qkv", &l.qkv, p.xn, n_tok, p.qkv, fed)?;
             if let Some((qn, kn)) = &l.qk_norm {
                 k.head_norm(
                     p.qkv,
@@ -1565,26 +1586,22 @@ impl CudaModel {
                 k.attention(&args, p.att_rows, p.n_att_rows)?;
             }
             k.attention_tiled(&args, p.tiles, p.n_tiles)?;
-            self.gemm("matmul o", &l.wo, p.attn, n_tok, p.proj, p.xb)?;
-            k.add_in_place(p.x, p.proj, n_tok * h)?;
-            k.rms_norm(p.x, 0, ptr(&l.ffn_norm, s), p.xn, n_tok, h, c.rms_eps)?;
-            self.gemm("matmul gate_up", &l.gate_up, p.xn, n_tok, p.gate_up, p.xb)?;
-            k.silu_mul(p.gate_up, p.act, n_tok, ffn)?;
-            self.gemm("matmul down", &l.down, p.act, n_tok, p.proj, p.xb)?;
+            self.gemm("matmul o", &l.wo, p.attn, n_tok, p.proj, (p.xb, false))?;
+            let norm = ptr(&l.ffn_norm, s);
+            k.rms_norm(p.x, 0, p.proj, norm, (p.xn, p.xb), n_tok, h, c.rms_eps)?;
+            self.gemm("matmul gate_up", &l.gate_up, p.xn, n_tok, p.gate_up, fed)?;
+            k.silu_mul(p.gate_up, (p.act, p.xb), n_tok, ffn)?;
+            self.gemm("matmul down", &l.down, p.act, n_tok, p.proj, fed)?;
+        }
+        if !self.layers.is_empty() {
             k.add_in_place(p.x, p.proj, n_tok * h)?;
         }
         if p.n_want > 0 {
             // The final norm of the wanted rows only, into `xn`'s first rows.
-            k.rms_norm(
-                p.x,
-                p.want_rows,
-                ptr(&self.out_norm, s),
-                p.xn,
-                p.n_want,
-                h,
-                c.rms_eps,
-            )?;
-            self.gemm("matmul head", &self.head, p.xn, p.n_want, p.logits, p.xb)?;
+            let norm = ptr(&self.out_norm, s);
+            let rows = p.want_rows;
+            k.rms_norm(p.x, rows, 0, norm, (p.xn, p.xb), p.n_want, h, c.rms_eps)?;
+            self.gemm("matmul head", &self.head, p.xn, p.n_want, p.logits, fed)?;
             k.argmax_rows(p.logits, p.greedy_rows, p.ids, p.n_greedy, c.vocab_size)?;
         }
         Ok(())
@@ -2124,7 +2141,14 @@ pub fn bf16_matmul(
     let xb = dev.zeros::<u16>(t * cols, "bf16 activations")?;
     let out = dev.zeros::<f32>(t * rows, "output")?;
     let s = &dev.stream;
-    dev.matmul(&m, ptr(&x_d, s), t, ptr(&out, s), ptr(&xb, s), gemv)?;
+    dev.matmul(
+        &m,
+        ptr(&x_d, s),
+        t,
+        ptr(&out, s),
+        (ptr(&xb, s), false),
+        gemv,
+    )?;
     let host = s
         .clone_dtoh(&out)
         .map_err(|e| cuda_err("downloading the product", e))?;

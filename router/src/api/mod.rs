@@ -202,6 +202,19 @@ impl ApiState {
             .map_err(|e| ApiError::internal(format!("tokenizing the prompt: {e}")))
     }
 
+    /// The request's `tools`, `tool_choice` and `parallel_tool_calls`,
+    /// read for the call format of the model's chat template.
+    pub(crate) fn request_tools(
+        &self,
+        m: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Option<tools::Tools>, ApiError> {
+        let format = self
+            .chat_template
+            .as_ref()
+            .and_then(|t| tools::CallFormat::of_template(t.source()));
+        tools::parse(m, format)
+    }
+
     /// How a chat prompt ends: how `add_generation_prompt` and
     /// `continue_final_message` (vLLM's, from transformers) ask for it.
     pub fn turn_end(m: &serde_json::Map<String, serde_json::Value>) -> Result<TurnEnd, ApiError> {

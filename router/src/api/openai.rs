@@ -1363,11 +1363,7 @@ pub(super) fn chat_prompt_of(
     m: &Map<String, Value>,
 ) -> Result<Vec<u32>, ApiError> {
     check_model_field(state, m)?;
-    let format = state
-        .chat_template
-        .as_ref()
-        .and_then(|t| super::tools::CallFormat::of_template(t.source()));
-    let tools = super::tools::parse(m, format)?;
+    let tools = state.request_tools(m)?;
     let end = ApiState::turn_end(m)?;
     state.chat_prompt_with_tools(&parse_messages(m)?, tools.as_ref().map(|t| &t.defs), end)
 }
@@ -1386,13 +1382,7 @@ async fn run(
     let common = parse_common(&m, ep)?;
     check_model_field(&state, &m)?;
     let tools = match ep {
-        Endpoint::Chat => {
-            let format = state
-                .chat_template
-                .as_ref()
-                .and_then(|t| super::tools::CallFormat::of_template(t.source()));
-            super::tools::parse(&m, format)?
-        }
+        Endpoint::Chat => state.request_tools(&m)?,
         Endpoint::Completions => None,
     };
     let mut common = common;

@@ -292,7 +292,9 @@ static void row_cases() {
     std::vector<int> rows = {4, 1};
     std::vector<float> out(2 * h, NAN);
     float eps = 1e-5f;
-    launch({2, 1, 1}, 256, 0, [&] { rms_norm(x.data(), rows.data(), w.data(), out.data(), h, eps); });
+    launch({2, 1, 1}, 256, 0, [&] {
+        rms_norm(x.data(), rows.data(), nullptr, w.data(), out.data(), nullptr, h, eps);
+    });
     double d = 0;
     for (int r = 0; r < 2; ++r) {
         const float* xr = &x[rows[r] * h];
@@ -302,6 +304,27 @@ static void row_cases() {
         for (int i = 0; i < h; ++i) d = std::max(d, std::fabs(out[r * h + i] - w[i] * xr[i] * rs));
     }
     check(d <= 1e-5, "rms_norm of listed rows", d);
+
+    // The residual add before the norm, and a BF16 copy of the output: the
+    // sum is written back to every row, exactly x + add, and the norm and
+    // its copy are the plain kernel's on that sum.
+    {
+        std::vector<float> add(nt * h), summed = x, plain(nt * h, NAN), fused(nt * h, NAN);
+        std::vector<unsigned short> fused_bf16(nt * h, 0xffff);
+        for (auto& v : add) v = uniform(-1, 1);
+        for (int i = 0; i < nt * h; ++i) summed[i] = x[i] + add[i];
+        std::vector<float> x2 = x;
+        launch({(unsigned)nt, 1, 1}, 256, 0, [&] {
+            rms_norm(summed.data(), nullptr, nullptr, w.data(), plain.data(), nullptr, h, eps);
+        });
+        launch({(unsigned)nt, 1, 1}, 256, 0, [&] {
+            rms_norm(x2.data(), nullptr, add.data(), w.data(), fused.data(), fused_bf16.data(), h, eps);
+        });
+        int wrong = 0;
+        for (int i = 0; i < nt * h; ++i)
+            wrong += x2[i] != summed[i] || fused[i] != plain[i] || fused_bf16[i] != f32_to_bf16_bits(plain[i]);
+        check(wrong == 0, "rms_norm with the residual add and a BF16 copy: the plain kernel's bits", wrong);
+    }
 
     int hd = 16, nrot = 3, row_len = 4 * hd, half = hd / 2;
     std::vector<float> inv_freq(half), bias(row_len);
@@ -337,14 +360,17 @@ static void row_cases() {
     int ffn = 40;
     std::vector<float> gu(nt * 2 * ffn), act(nt * ffn, NAN);
     for (auto& v : gu) v = uniform(-4, 4);
-    launch({1, 1, 1}, 256, 0, [&] { silu_mul(gu.data(), act.data(), nt, ffn); });
+    std::vector<unsigned short> act_bf16(nt * ffn, 0xffff);
+    launch({1, 1, 1}, 256, 0, [&] { silu_mul(gu.data(), act.data(), act_bf16.data(), nt, ffn); });
     d = 0;
+    int wrong = 0;
     for (int t = 0; t < nt; ++t)
         for (int j = 0; j < ffn; ++j) {
             double g = gu[t * 2 * ffn + j], u = gu[t * 2 * ffn + ffn + j];
             d = std::max(d, std::fabs(act[t * ffn + j] - g / (1 + std::exp(-g)) * u));
+            wrong += act_bf16[t * ffn + j] != f32_to_bf16_bits(act[t * ffn + j]);
         }
-    check(d <= 1e-5, "silu_mul: silu(gate) * up", d);
+    check(d <= 1e-5 && wrong == 0, "silu_mul: silu(gate) * up, and its BF16 copy", d);
 }
 
 // copy_blocks: a gather by block ids into a contiguous buffer, then a
