@@ -498,9 +498,14 @@ extern "C" __global__ void attention_combine(const int* rows, const int* pos, co
    prefix once per query. tiles[3 b ..] = (first row, rows, keys: the
    largest position + 1). Grid (tiles, heads), TILE_THREADS threads = 4
    warps: warp w owns query rows w, w + 4, w + 8, w + 12; lane j scores key
-   j of the key tile and owns output dimensions lane + 32 i (hd <= 128).
-   The online softmax is the per-token kernel's, per row.
-   Dynamic shared memory: (TILE_Q hd + TILE_K (hd + 1) + TILE_K hd) floats. */
+   j of the key tile and owns output dimensions lane + 32 i (hd <= 128, a
+   multiple of 4). The online softmax is the per-token kernel's, per row.
+   Shared memory bounds the kernel, so each value read from it serves all
+   four rows of a warp: a key's four dimensions (K is kept [dim][key],
+   lanes reading consecutive words) meet the rows' queries read four at a
+   time, and a value's dimensions meet every row's weight of that key.
+   Dynamic shared memory: (TILE_Q hd + 2 TILE_K hd + 4 TILE_K) floats (the
+   last, where each key of the tile begins). */
 #define TILE_Q 16
 #define TILE_K 32
 #define TILE_ROWS (TILE_Q / 4)
@@ -510,10 +515,11 @@ extern "C" __global__ void attention_tiled(const int* tiles, const float* qkv, c
                                            int row_len, int n_heads, int n_kv, int hd, int bs,
                                            float scale) {
     extern __shared__ float sh[];
-    int ks_stride = hd + 1; /* odd: lanes reading one dimension of 32 keys hit 32 banks */
     float* qs = sh;                    /* [TILE_Q][hd] */
-    float* ks = qs + TILE_Q * hd;      /* [TILE_K][hd + 1] */
-    float* vs = ks + TILE_K * ks_stride; /* [TILE_K][hd] */
+    float* ks = qs + TILE_Q * hd;      /* [hd][TILE_K] */
+    float* vs = ks + TILE_K * hd;      /* [TILE_K][hd] */
+    u64* k_at = (u64*)(vs + TILE_K * hd); /* [TILE_K]: ~0 past the keys */
+    u64* v_at = k_at + TILE_K;             /* [TILE_K] */
     const int* tile = tiles + 3 * blockIdx.x;
     int t0 = tile[0], nq = tile[1], n_keys = tile[2];
     int h = blockIdx.y, g = h / (n_heads / n_kv);
@@ -539,51 +545,79 @@ extern "C" __global__ void attention_tiled(const int* tiles, const float* qkv, c
     }
     for (int k0 = 0; k0 < n_keys; k0 += TILE_K) {
         __syncthreads(); /* the previous key tile is consumed (and qs written) */
-        /* K is [dim][slot] in a block: consecutive threads, consecutive slots. */
-        for (int i = threadIdx.x; i < TILE_K * hd; i += blockDim.x) {
-            int j = i % TILE_K, d = i / TILE_K, k = k0 + j;
-            ks[j * ks_stride + d] =
-                k < n_keys ? kv[(u64)table[k / bs] * bf + k_off + (u64)d * bs + k % bs] : 0.0f;
+        if (threadIdx.x < TILE_K) {
+            /* Where key k0 + j's K and V begin: one table lookup a key. */
+            int k = k0 + threadIdx.x;
+            u64 base = k < n_keys ? (u64)table[k / bs] * bf : 0;
+            k_at[threadIdx.x] = k < n_keys ? base + k_off + k % bs : ~0ull;
+            v_at[threadIdx.x] = k < n_keys ? base + v_off + (u64)(k % bs) * hd : ~0ull;
         }
-        /* V is [slot][dim]: consecutive threads, consecutive dimensions. */
-        for (int i = threadIdx.x; i < TILE_K * hd; i += blockDim.x) {
-            int j = i / hd, d = i % hd, k = k0 + j;
-            vs[i] = k < n_keys ? kv[(u64)table[k / bs] * bf + v_off + (u64)(k % bs) * hd + d]
-                               : 0.0f;
+        __syncthreads();
+        /* K is [dim][slot] in a block, and [dim][key] here: lane j reads
+           key j (consecutive slots), writes consecutive words. */
+        for (int d = warp; d < hd; d += 4) {
+            u64 at = k_at[lane];
+            ks[d * TILE_K + lane] = at != ~0ull ? kv[at + (u64)d * bs] : 0.0f;
+        }
+        /* V is [slot][dim]: lanes read consecutive dimensions. */
+        for (int j = warp; j < TILE_K; j += 4) {
+            u64 at = v_at[j];
+            for (int d = lane; d < hd; d += 32) vs[j * hd + d] = at != ~0ull ? kv[at + d] : 0.0f;
         }
         __syncthreads();
         int k = k0 + lane;
+        /* The scores of key k for the warp's rows, dimensions in order. */
+        float dot[TILE_ROWS];
+        #pragma unroll
+        for (int rr = 0; rr < TILE_ROWS; ++rr) dot[rr] = 0.0f;
+        #pragma unroll 2
+        for (int d = 0; d < hd; d += 4) {
+            float k_0 = ks[(d + 0) * TILE_K + lane], k_1 = ks[(d + 1) * TILE_K + lane];
+            float k_2 = ks[(d + 2) * TILE_K + lane], k_3 = ks[(d + 3) * TILE_K + lane];
+            #pragma unroll
+            for (int rr = 0; rr < TILE_ROWS; ++rr) {
+                float4 q = *(const float4*)(qs + (warp + 4 * rr) * hd + d);
+                float a = dot[rr];
+                a = fmaf(q.x, k_0, a);
+                a = fmaf(q.y, k_1, a);
+                a = fmaf(q.z, k_2, a);
+                a = fmaf(q.w, k_3, a);
+                dot[rr] = a;
+            }
+        }
+        float p[TILE_ROWS];
         #pragma unroll
         for (int rr = 0; rr < TILE_ROWS; ++rr) {
+            p[rr] = 0.0f;
             /* Uniform across the warp: no row, or no key of this tile visible. */
             if (qpos[rr] < k0) continue;
-            int r = warp + 4 * rr;
             bool visible = k <= qpos[rr];
-            float s = NEG_INF;
-            if (visible) {
-                const float* qr = qs + r * hd;
-                const float* kr = ks + lane * ks_stride;
-                float dot = 0.0f;
-                for (int d = 0; d < hd; ++d) dot = fmaf(qr[d], kr[d], dot);
-                s = dot * scale;
-            }
+            float s = visible ? dot[rr] * scale : NEG_INF;
             /* Key k0 is visible, so the new maximum is finite. */
             float m_new = fmaxf(m[rr], warp_max(s));
-            float p = visible ? expf(s - m_new) : 0.0f;
+            p[rr] = visible ? expf(s - m_new) : 0.0f;
             float corr = expf(m[rr] - m_new);
-            l[rr] = l[rr] * corr + warp_sum(p);
+            l[rr] = l[rr] * corr + warp_sum(p[rr]);
             #pragma unroll
             for (int i = 0; i < 4; ++i) acc[rr][i] *= corr;
-            #pragma unroll 8
-            for (int j = 0; j < TILE_K; ++j) {
-                float pj = __shfl_sync(0xffffffffu, p, j);
-                #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    int d = lane + 32 * i;
-                    if (d < hd) acc[rr][i] = fmaf(pj, vs[j * hd + d], acc[rr][i]);
-                }
-            }
             m[rr] = m_new;
+        }
+        /* Rows without a visible key here add p = 0 times a value: their
+           sums stay as they were. */
+        #pragma unroll 4
+        for (int j = 0; j < TILE_K; ++j) {
+            float v[4];
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                int d = lane + 32 * i;
+                v[i] = d < hd ? vs[j * hd + d] : 0.0f;
+            }
+            #pragma unroll
+            for (int rr = 0; rr < TILE_ROWS; ++rr) {
+                float pj = __shfl_sync(0xffffffffu, p[rr], j);
+                #pragma unroll
+                for (int i = 0; i < 4; ++i) acc[rr][i] = fmaf(pj, v[i], acc[rr][i]);
+            }
         }
     }
     #pragma unroll
@@ -971,6 +1005,12 @@ fn tiles_wanted() -> bool {
     })
 }
 
+/// Whether the tiled kernel takes heads of `head_dim`: its lanes own four
+/// dimensions each and read queries four at a time.
+fn tiles_fit(head_dim: usize) -> bool {
+    head_dim <= TILE_MAX_HEAD_DIM && head_dim.is_multiple_of(4)
+}
+
 /// Whether decode rows go to the split kernel: where the model's heads fit
 /// it, unless `TANDEM_CUDA_ATTENTION=per-token` asks for the per-token
 /// kernel everywhere.
@@ -987,7 +1027,7 @@ impl AttentionPlan {
             while end < tok_seq.len() && tok_seq[end] == tok_seq[start] {
                 end += 1;
             }
-            if end - start >= TILE_MIN_RUN && head_dim <= TILE_MAX_HEAD_DIM && tiles_wanted() {
+            if end - start >= TILE_MIN_RUN && tiles_fit(head_dim) && tiles_wanted() {
                 for t0 in (start..end).step_by(TILE_Q) {
                     let t1 = (t0 + TILE_Q).min(end);
                     let keys = tok_pos[t0..t1].iter().max().map_or(0, |&p| p + 1);
@@ -1533,13 +1573,13 @@ impl Kernels {
         if n_tiles == 0 {
             return Ok(());
         }
-        if a.hd > TILE_MAX_HEAD_DIM {
+        if !tiles_fit(a.hd) {
             return Err(EngineError::Cuda(format!(
-                "head_dim {} exceeds the tiled attention kernel's {TILE_MAX_HEAD_DIM}",
+                "head_dim {} does not fit the tiled attention kernel (a multiple of 4 up to {TILE_MAX_HEAD_DIM})",
                 a.hd
             )));
         }
-        let floats = TILE_Q * a.hd + TILE_K * (a.hd + 1) + TILE_K * a.hd;
+        let floats = TILE_Q * a.hd + 2 * TILE_K * a.hd + 4 * TILE_K;
         let cfg = LaunchConfig {
             grid_dim: (
                 int(n_tiles, "tiles")? as u32,
@@ -1943,6 +1983,10 @@ mod tests {
         let wide = AttentionPlan::of(&seq, &pos, TILE_MAX_HEAD_DIM + 32).unwrap();
         assert!(wide.tiles.is_empty());
         assert_eq!(wide.rows.len(), seq.len());
+        // And heads whose queries cannot be read four dimensions at a time.
+        let odd = AttentionPlan::of(&seq, &pos, 66).unwrap();
+        assert!(odd.tiles.is_empty());
+        assert_eq!(odd.rows.len(), seq.len());
     }
 
     /// [`SOURCE`] as C++ for the CPU emulation: `shim.h` supplies CUDA's

@@ -104,7 +104,7 @@ static void attention_case(int hd, int nh, int nkv, int bs, bool split_only, boo
             attention(rows.data(), q.data(), kv.data(), seq.data(), pos.data(), tables.data(), toff.data(),
                       planned.data(), qd, nh, nkv, hd, bs, scale);
         });
-        launch({(unsigned)(tiles.size() / 3), (unsigned)nh, 1}, 128, 16 * hd + 32 * (hd + 1) + 32 * hd, [&] {
+        launch({(unsigned)(tiles.size() / 3), (unsigned)nh, 1}, 128, 16 * hd + 2 * 32 * hd + 4 * 32, [&] {
             attention_tiled(tiles.data(), q.data(), kv.data(), seq.data(), pos.data(), tables.data(),
                             toff.data(), planned.data(), qd, nh, nkv, hd, bs, scale);
         });
@@ -191,7 +191,7 @@ static void kv_write_case() {
     });
     std::vector<float> out((size_t)n * qd, NAN);
     std::vector<int> tiles = {0, 16, 16, 16, n - 16, n};
-    launch({2, (unsigned)nh, 1}, 128, 16 * hd + 32 * (hd + 1) + 32 * hd, [&] {
+    launch({2, (unsigned)nh, 1}, 128, 16 * hd + 2 * 32 * hd + 4 * 32, [&] {
         attention_tiled(tiles.data(), qkv.data(), kv.data(), seq.data(), pos.data(), table.data(),
                         toff.data(), out.data(), row_len, nh, nkv, hd, bs, 1.0f / std::sqrt((float)hd));
     });

@@ -30,6 +30,9 @@ int g_islot[32][32];
 struct uint4 {
     unsigned x, y, z, w;
 };
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
 inline uint4 load_stream(const uint4* p) { return *p; }
 
 #define __global__
