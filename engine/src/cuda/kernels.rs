@@ -851,13 +851,15 @@ extern "C" __global__ void f32_to_bf16(const float* x, unsigned short* y, long l
    Grid (ceil(m / GEMV_ROWS)), GEMV_ROWS * 32 threads. */
 #define GEMV_MAX_T 8
 #define GEMV_ROWS 8
+#define GEMV_LOADS 4
 #ifndef TANDEM_EMULATION
 /* 16 bytes read once: through the non-coherent path, not kept in L1. */
 __device__ uint4 load_stream(const uint4* p) {
     uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
+    /* Not volatile: the loads may be scheduled ahead like any other. */
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
     return v;
 }
 #endif
@@ -881,19 +883,31 @@ extern "C" __global__ void gemv_bf16(const unsigned short* w, const unsigned sho
     float acc[GEMV_MAX_T];
     #pragma unroll
     for (int t = 0; t < GEMV_MAX_T; ++t) acc[t] = 0.0f;
-    #pragma unroll 4
-    for (int c = lane; c < chunks; c += 32) {
-        float wf[8];
-        bf16x8_to_f32(load_stream(wr + c), wf);
+    /* GEMV_LOADS loads of each lane issued before any is used: the bytes
+       in flight are what a memory-bound kernel's speed is made of. */
+    for (int c0 = lane; c0 < chunks; c0 += 32 * GEMV_LOADS) {
+        uint4 wv[GEMV_LOADS];
         #pragma unroll
-        for (int t = 0; t < GEMV_MAX_T; ++t) {
-            if (t < n_t) {
-                float xf[8];
-                bf16x8_to_f32(((const uint4*)(x + (u64)t * k))[c], xf);
-                float a = acc[t];
-                #pragma unroll
-                for (int i = 0; i < 8; ++i) a = fmaf(wf[i], xf[i], a);
-                acc[t] = a;
+        for (int u = 0; u < GEMV_LOADS; ++u) {
+            int c = c0 + 32 * u;
+            if (c < chunks) wv[u] = load_stream(wr + c);
+        }
+        #pragma unroll
+        for (int u = 0; u < GEMV_LOADS; ++u) {
+            int c = c0 + 32 * u;
+            if (c >= chunks) break;
+            float wf[8];
+            bf16x8_to_f32(wv[u], wf);
+            #pragma unroll
+            for (int t = 0; t < GEMV_MAX_T; ++t) {
+                if (t < n_t) {
+                    float xf[8];
+                    bf16x8_to_f32(((const uint4*)(x + (u64)t * k))[c], xf);
+                    float a = acc[t];
+                    #pragma unroll
+                    for (int i = 0; i < 8; ++i) a = fmaf(wf[i], xf[i], a);
+                    acc[t] = a;
+                }
             }
         }
     }

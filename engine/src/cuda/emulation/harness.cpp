@@ -431,11 +431,14 @@ static void bf16_case() {
 static void gemv_case() {
     auto bf16 = [](float f) { return (unsigned short)(__float_as_uint(f) >> 16); };
     auto back = [](unsigned short b) { return __uint_as_float((unsigned)b << 16); };
-    int m = 19, k = 200;
-    std::vector<unsigned short> w((size_t)m * k);
-    for (auto& v : w) v = bf16(uniform(-1, 1));
+    int m = 19;
     double worst = 0;
+    // Rows of 25 loads of 16 bytes (fewer than a warp's lanes) and of 300
+    // (three rounds of a lane's batched loads, the last one partial).
+    for (int k : {200, 2400})
     for (int nt : {1, 3, 8}) {
+        std::vector<unsigned short> w((size_t)m * k);
+        for (auto& v : w) v = bf16(uniform(-1, 1));
         std::vector<unsigned short> x((size_t)nt * k);
         for (auto& v : x) v = bf16(uniform(-1, 1));
         std::vector<float> out((size_t)nt * m + 1, -7.0f);
@@ -449,7 +452,7 @@ static void gemv_case() {
             }
         worst = std::max(worst, out[(size_t)nt * m] == -7.0f ? 0.0 : 1e9);
     }
-    check(worst <= 1e-4, "gemv_bf16: every row of 1, 3 and 8 tokens, nothing past them written", worst);
+    check(worst <= 1e-4, "gemv_bf16: every row of 1, 3 and 8 tokens, rows of 200 and 2400, nothing past them written", worst);
 }
 
 // head_norm: each query and key head of every row normalised by its own
