@@ -4,11 +4,11 @@
 //! Most kernels are written for being obviously right rather than fast: one
 //! thread block per row (or per token and head), grid-stride loops for the
 //! element-wise ones, f32 everywhere except the BF16 copies of activations
-//! that feed cuBLAS. Those that hold a decode step's time are written for
-//! the memory system (the split attention kernel, the matrix-vector one)
-//! and checked against the plain ones. The source uses no headers (NVRTC then needs no include
-//! path) and converts BF16 by hand (round to nearest even, as `half` does on
-//! the host). Products that the CPU computes as separate multiplies (RoPE)
+//! that feed cuBLAS. Those that hold a step's time are written for the
+//! memory system (the split and tiled attention kernels, the matrix-vector
+//! one) and checked against the plain ones. The source uses no headers
+//! (NVRTC then needs no include path) and converts BF16 by hand (round to
+//! nearest even, as `half` does on the host). Products that the CPU computes as separate multiplies (RoPE)
 //! use `__fmul_rn`, so the compiler cannot contract them into FMAs and move
 //! the result away from the CPU's.
 
