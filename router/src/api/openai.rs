@@ -1165,26 +1165,31 @@ fn logprobs_json(ctx: &Ctx, tokens: &[TokenInfo], base_offset: usize) -> Value {
 }
 
 /// One position of a completion's `logprobs` object.
-struct LpEntry<'a> {
-    id: u32,
+pub(super) struct LpEntry<'a> {
+    pub id: u32,
     /// Its log-probability and the top alternatives; `None` for the first
     /// prompt token, which nothing before it scores.
-    scored: Option<(f32, &'a [(u32, f32)])>,
+    pub scored: Option<(f32, &'a [(u32, f32)])>,
     /// Characters of text before it.
-    text_offset: usize,
+    pub text_offset: usize,
 }
 
 /// OpenAI's legacy `logprobs` object: parallel arrays, `null` where a
-/// position has no score.
-fn completion_logprobs(tok: &Tokenizer, k: u32, entries: &[LpEntry<'_>]) -> Value {
+/// position has no score. Each `top_logprobs` holds the `k` likeliest
+/// tokens and the position's own token (sampled or echoed) when it is not
+/// among them: "up to logprobs + 1 elements", as OpenAI's and vLLM's do.
+pub(super) fn completion_logprobs(tok: &Tokenizer, k: u32, entries: &[LpEntry<'_>]) -> Value {
     let top: Vec<Value> = entries
         .iter()
         .map(|e| match e.scored {
             None => Value::Null,
-            Some((_, top)) => {
+            Some((own, top)) => {
                 let mut m = Map::new();
                 for &(id, lp) in top.iter().take(k as usize) {
                     m.entry(token_str(tok, id)).or_insert(json!(lp));
+                }
+                if !top.iter().take(k as usize).any(|&(id, _)| id == e.id) {
+                    m.entry(token_str(tok, e.id)).or_insert(json!(own));
                 }
                 Value::Object(m)
             }

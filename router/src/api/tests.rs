@@ -1253,6 +1253,48 @@ async fn length_finish_and_max_tokens() {
     assert_eq!(v["usage"]["completion_tokens"], 2);
 }
 
+/// A legacy `top_logprobs` object holds the `k` likeliest tokens and the
+/// position's own token (sampled or echoed) when it is not among them:
+/// "up to logprobs + 1 elements", as OpenAI and vLLM answer.
+#[test]
+fn legacy_top_logprobs_hold_the_chosen_token() {
+    use super::openai::{completion_logprobs, LpEntry};
+    let tok = tokenizer();
+    let [own, a, b] = [" cat", " dog", " bird"].map(|w| ids(w)[0]);
+    let top = [(a, -0.1f32), (b, -0.7)];
+    let among = [(own, -0.3f32), (a, -0.4)];
+    let entries = [
+        LpEntry {
+            id: own,
+            scored: None,
+            text_offset: 0,
+        },
+        LpEntry {
+            id: own,
+            scored: Some((-2.5, &top[..])),
+            text_offset: 4,
+        },
+        LpEntry {
+            id: own,
+            scored: Some((-0.3, &among[..])),
+            text_offset: 8,
+        },
+    ];
+    let name = |id: u32| tok.decode(&[id], false).unwrap();
+    for k in [1u32, 2] {
+        let v = completion_logprobs(&tok, k, &entries);
+        let tops = v["top_logprobs"].as_array().unwrap();
+        assert_eq!(tops[0], Value::Null);
+        let outside = tops[1].as_object().unwrap();
+        assert_eq!(outside.len(), k as usize + 1, "{v}");
+        assert_eq!(outside[&name(own)], json!(-2.5f32), "{v}");
+        assert_eq!(outside[&name(a)], json!(-0.1f32), "{v}");
+        let inside = tops[2].as_object().unwrap();
+        assert_eq!(inside.len(), k as usize, "{v}");
+        assert_eq!(inside[&name(own)], json!(-0.3f32), "{v}");
+    }
+}
+
 /// `echo` with `logprobs` (how lm-evaluation-harness scores text): the
 /// prompt's tokens come first in `logprobs`, the first unscored, then the
 /// completion's, with text offsets running through both; `max_tokens: 0`
