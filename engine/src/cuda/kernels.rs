@@ -1344,13 +1344,14 @@ impl Kernels {
         };
         let start = match self.profile_lock().as_mut() {
             None => return f(),
-            Some(p) => {
+            Some(p) if p.depth > 0 => {
                 p.depth += 1;
-                if p.depth == 1 {
-                    Some(timing()?)
-                } else {
-                    None
-                }
+                None
+            }
+            Some(p) => {
+                let start = timing()?;
+                p.depth = 1;
+                Some(start)
             }
         };
         let out = f();
@@ -1647,10 +1648,16 @@ impl Kernels {
             block_dim: (SPLIT_THREADS, 1, 1),
             shared_mem_bytes: (floats * 4) as u32,
         };
+        // The kernel's parameters are the others', with the parts where
+        // they write their output.
         let mut args = vec![Arg::Ptr(rows)];
-        let mut shared = a.args()?.to_vec();
-        shared[6] = Arg::Ptr(part);
-        args.extend(shared);
+        args.extend(
+            AttentionArgs {
+                out: part,
+                ..a.clone()
+            }
+            .args()?,
+        );
         args.push(Arg::I32(int(plan.chunk, "keys per part")?));
         args.push(Arg::I32(int(plan.max_parts, "parts")?));
         self.launch("attention_split", &self.attention_split, cfg, &args)?;
