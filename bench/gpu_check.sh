@@ -102,6 +102,18 @@ json.dump({
     "bench": bench,
 }, open(os.path.join(out, "gpu_check.json"), "w"), indent=2)
 print("wrote", os.path.join(out, "gpu_check.json"))
+# The figures at a glance: decode per mode, then where each profiled pass
+# spends its time (the five costliest kernels).
+if isinstance(bench, dict) and "decode" in bench:
+    for d in bench["decode"]:
+        m = d["mode"]
+        print("decode b%-3d graphs=%d greedy=%d gemv=%d split=%d: %.2f ms, %.1f tok/s, %.1f%% of copy bandwidth" % (
+            d["batch"], m["graphs"], m["greedy_on_device"], m["gemv"], m.get("split_attention", 0),
+            d["step_ms"], d["tok_per_s"], 100 * d["roofline_fraction"]))
+    for p in bench.get("profiles", []):
+        top = ", ".join("%s %.2f" % (k["name"], k["ms"]) for k in p["kernels"][:5])
+        print("profile %s b%d split=%d: %.2f ms, kernels %.2f ms: %s" % (
+            p["pass"], p["sequences"], p["split_attention"], p["ms"], p["kernels_ms"], top))
 EOF
 if [[ $test_rc -ne 0 ]]; then exit "$test_rc"; fi
 exit "$bench_rc"
