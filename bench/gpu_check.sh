@@ -105,10 +105,12 @@ print("wrote", os.path.join(out, "gpu_check.json"))
 # The figures at a glance: decode per mode, then where each profiled pass
 # spends its time (the five costliest kernels).
 if isinstance(bench, dict) and "decode" in bench:
-    for d in bench["decode"]:
+    print(bench.get("weights", ""))
+    runs = [(d, "") for d in bench["decode"]] + [(d, " f32 KV") for d in bench.get("decode_f32_kv", [])]
+    for d, kv in runs:
         m = d["mode"]
-        print("decode b%-3d graphs=%d greedy=%d gemv=%d split=%d: %.2f ms, %.1f tok/s, %.1f%% of copy bandwidth" % (
-            d["batch"], m["graphs"], m["greedy_on_device"], m["gemv"], m.get("split_attention", 0),
+        print("decode b%-3d graphs=%d greedy=%d gemv=%d split=%d%s: %.2f ms, %.1f tok/s, %.1f%% of copy bandwidth" % (
+            d["batch"], m["graphs"], m["greedy_on_device"], m["gemv"], m.get("split_attention", 0), kv,
             d["step_ms"], d["tok_per_s"], 100 * d["roofline_fraction"]))
     for p in bench.get("profiles", []):
         top = ", ".join("%s %.2f" % (k["name"], k["ms"]) for k in p["kernels"][:5])

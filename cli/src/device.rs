@@ -14,8 +14,9 @@ pub enum Device {
     /// The CPU kernels (the default).
     Cpu,
     /// GPU `ordinal` through the CUDA backend (binary built with the `cuda`
-    /// feature): f32 weights, compared token for token with the CPU, or
-    /// BF16 weights, the faster opt-in path with looser logits.
+    /// feature): f32 weights and KV, compared token for token with the
+    /// CPU, or BF16 weights and KV (see `KvPrecision::for_weights`), the
+    /// faster opt-in path with looser logits.
     Cuda { ordinal: usize, bf16: bool },
 }
 

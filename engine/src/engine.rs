@@ -404,7 +404,7 @@ fn install(
 impl Engine {
     /// Sizes the KV pool and starts the engine thread.
     pub fn start(model: Arc<dyn Executor>, cfg: EngineConfig) -> Self {
-        let block_bytes = model.kv_layout(cfg.block_size).block_bytes();
+        let block_bytes = model.kv_block_bytes(cfg.block_size).max(1);
         let pool = model.new_pool(cfg.block_size, (cfg.kv_cache_bytes / block_bytes).max(1));
         let layout = model.wire_layout(cfg.block_size);
         // Received KV goes straight into the reserved blocks where the pool

@@ -15,6 +15,14 @@ pub trait Executor: Send + Sync {
     /// Block layout of this executor's KV cache.
     fn kv_layout(&self, block_size: usize) -> KvLayout;
 
+    /// Bytes one block of `block_size` tokens takes where this executor
+    /// keeps its KV (what a KV memory budget is divided by): the layout's
+    /// by default; less on a device that holds KV in a narrower type than
+    /// the layout it exchanges.
+    fn kv_block_bytes(&self, block_size: usize) -> usize {
+        self.kv_layout(block_size).block_bytes()
+    }
+
     /// One step over a batch (see `Model::forward_observed` for the contract:
     /// bit-identical per sequence whatever the batch; `on_layer` sees each
     /// layer's new KV as soon as it is written).

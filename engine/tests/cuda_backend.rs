@@ -6,8 +6,10 @@
 //! What is checked, and the tolerances:
 //! - paged attention against a naive f64 reference on random inputs
 //!   (several sequences, shuffled block tables, more keys than one tile),
-//!   both the per-token kernel alone and the step's plan (prompt chunks
-//!   through the flash-style tiled kernel): max abs difference [`TOL_ATTN`];
+//!   the per-token kernel, the split kernel and the step's plan (prompt
+//!   chunks through the flash-style tiled kernel), with the KV in f32 and
+//!   in BF16 (the reference reading the rounded values): max abs
+//!   difference [`TOL_ATTN`];
 //! - FP32 logits against the CPU model on the default model's golden
 //!   prompts: max abs difference over the whole vocabulary [`TOL_F32`];
 //!   greedy continuations of [`GREEDY_STEPS`] tokens identical (up to a
@@ -26,7 +28,9 @@
 //!   bucket and changes no output;
 //! - an observed step (KV export) streams each layer's written KV like
 //!   the CPU's: same calls, positions, and K/V within [`TOL_F32`];
-//! - BF16 weights: logits within [`TOL_BF16_REL`] of the largest CPU logit;
+//! - BF16 weights, with the KV in BF16 and in f32: logits of a prompt and
+//!   of eight decode steps after it within [`TOL_BF16_REL`] of the largest
+//!   CPU logit;
 //!   the matrix-vector kernel of BF16 decode steps and cuBLAS against an
 //!   f64 reference of the same rounded inputs;
 //! - the committed synthetic checkpoints (llama, qwen2 with QKV bias, MQA
@@ -40,7 +44,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use serde_json::Value;
-use tandem_engine::cuda::{self, AttentionKernel, CudaModel, Weights};
+use tandem_engine::cuda::{self, AttentionKernel, CudaModel, KvPrecision, Weights};
 use tandem_engine::executor::Executor;
 use tandem_engine::kv::{KvDtype, KvLayout, KvPool, SeqKv};
 use tandem_engine::model::{top_k_candidates, Logits, Model, SeqStep};
@@ -167,6 +171,29 @@ fn run_prompt(m: &dyn Executor, prompt: &[u32], logits: Logits) -> Vec<f32> {
         .expect("forward")
         .pop()
         .expect("one sequence")
+}
+
+/// The last logits after `prompt` as one prefill, then `more` one decode
+/// step at a time (the decode path reads the KV the prefill wrote).
+fn run_decoded(m: &dyn Executor, prompt: &[u32], more: &[u32]) -> Vec<f32> {
+    let mut pool = m.pool_for_tokens(prompt.len() + more.len() + 1, 16);
+    let mut kv = SeqKv::default();
+    let mut run = |tokens: &[u32]| {
+        let mut step = [SeqStep {
+            kv: &mut kv,
+            tokens,
+            logits: Logits::Last,
+        }];
+        m.forward(&mut pool, &mut step)
+            .expect("forward")
+            .pop()
+            .expect("one sequence")
+    };
+    let mut last = run(prompt);
+    for t in more {
+        last = run(std::slice::from_ref(t));
+    }
+    last
 }
 
 /// Greedy continuation and, per step, the top-2 margin of its logits.
@@ -303,34 +330,54 @@ fn paged_attention_matches_naive_reference() {
         let q: Vec<f32> = (0..tok_seq.len() * n_heads * hd)
             .map(|_| rng.next() * 2.0)
             .collect();
-        let want = naive_attention(&layout, n_heads, &q, &kv, &tables, &tok_seq, &tok_pos);
-        let mut outs = Vec::new();
         let kernels = [
             AttentionKernel::PerToken,
             AttentionKernel::Split,
             AttentionKernel::Planned,
         ];
-        for kernel in kernels {
-            let got = cuda::paged_attention(
-                kernel, GPU, &layout, n_heads, &q, &kv, &tables, &tok_seq, &tok_pos,
-            )
-            .expect("paged attention on the GPU");
-            let d = max_abs_diff(&got, &want);
-            eprintln!(
-                "paged attention {kernel:?} hd={hd} heads={n_heads}/{nkv} bs={bs}: max abs diff {d:.2e}"
-            );
-            assert!(
-                d <= TOL_ATTN,
-                "{kernel:?} paged attention differs by {d} (tolerance {TOL_ATTN})"
-            );
-            outs.push(got);
-        }
-        for (kernel, out) in kernels.iter().zip(&outs).skip(1) {
-            let d = max_abs_diff(&outs[0], out);
-            assert!(
-                d <= TOL_ATTN,
-                "{kernel:?} and per-token attention differ by {d} (tolerance {TOL_ATTN})"
-            );
+        let mut outs = Vec::new();
+        // With BF16 KV the device rounds the values as it takes them in
+        // (nearest even, as `half` rounds): the reference reads the same.
+        for kvp in [KvPrecision::F32, KvPrecision::Bf16] {
+            let held: Vec<f32> = match kvp {
+                KvPrecision::F32 => kv.clone(),
+                KvPrecision::Bf16 => kv
+                    .iter()
+                    .map(|&v| half::bf16::from_f32(v).to_f32())
+                    .collect(),
+            };
+            let want = naive_attention(&layout, n_heads, &q, &held, &tables, &tok_seq, &tok_pos);
+            let first = outs.len();
+            for kernel in kernels {
+                let got = cuda::paged_attention(
+                    (kernel, kvp),
+                    GPU,
+                    &layout,
+                    n_heads,
+                    &q,
+                    &kv,
+                    &tables,
+                    &tok_seq,
+                    &tok_pos,
+                )
+                .expect("paged attention on the GPU");
+                let d = max_abs_diff(&got, &want);
+                eprintln!(
+                    "paged attention {kernel:?}, {kvp:?} KV, hd={hd} heads={n_heads}/{nkv} bs={bs}: max abs diff {d:.2e}"
+                );
+                assert!(
+                    d <= TOL_ATTN,
+                    "{kernel:?} paged attention ({kvp:?} KV) differs by {d} (tolerance {TOL_ATTN})"
+                );
+                outs.push(got);
+            }
+            for (kernel, out) in kernels.iter().zip(&outs[first..]).skip(1) {
+                let d = max_abs_diff(&outs[first], out);
+                assert!(
+                    d <= TOL_ATTN,
+                    "{kernel:?} and per-token attention ({kvp:?} KV) differ by {d} (tolerance {TOL_ATTN})"
+                );
+            }
         }
         // The split kernel cuts keys by position alone: the last decode
         // row of the 300-key sequence alone gives the same bits as among
@@ -341,7 +388,7 @@ fn paged_attention_matches_naive_reference() {
             .position(|&s| s == 4)
             .expect("a row of sequence 4");
         let alone = cuda::paged_attention(
-            AttentionKernel::Split,
+            (AttentionKernel::Split, KvPrecision::F32),
             GPU,
             &layout,
             n_heads,
@@ -932,31 +979,48 @@ fn batch_chunks_and_forks_match_single_runs() {
     );
 }
 
+/// BF16 weights, with the KV in BF16 (what `cuda-bf16` serves with) and
+/// in f32 (`TANDEM_CUDA_KV=f32`): both within [`TOL_BF16_REL`].
 #[test]
 fn bf16_logits_within_tolerance() {
     let _serial = serial();
     require_gpu();
     let cpu = cpu_model();
-    let gpu = CudaModel::from_model(cpu, GPU, Weights::Bf16).expect("BF16 model on the GPU");
-    let mut worst_rel = 0f32;
-    let mut top1_same = 0;
     let prompts = golden_prompts();
-    for (name, prompt) in &prompts {
-        let want = run_prompt(cpu, prompt, Logits::Last);
-        let got = run_prompt(&gpu, prompt, Logits::Last);
-        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1.0);
-        let rel = max_abs_diff(&got, &want) / scale;
-        worst_rel = worst_rel.max(rel);
-        top1_same += usize::from(argmax(&got) == argmax(&want));
-        assert!(
-            rel <= TOL_BF16_REL,
-            "{name}: BF16 logits differ by {rel} of the largest logit (tolerance {TOL_BF16_REL})"
+    for kvp in [KvPrecision::Bf16, KvPrecision::F32] {
+        let gpu = CudaModel::from_model_with_kv(cpu, GPU, Weights::Bf16, kvp)
+            .expect("BF16 model on the GPU");
+        assert_eq!(gpu.kv_precision(), kvp);
+        let mut worst_rel = 0f32;
+        let mut top1_same = 0;
+        for (name, prompt) in &prompts {
+            let want = run_prompt(cpu, prompt, Logits::Last);
+            let got = run_prompt(&gpu, prompt, Logits::Last);
+            // And eight decode steps after it (the prompt's first tokens
+            // again), against the CPU's prefill of the whole.
+            let more = &prompt[..prompt.len().min(8)];
+            let whole: Vec<u32> = prompt.iter().chain(more).copied().collect();
+            let want_decoded = run_prompt(cpu, &whole, Logits::Last);
+            let got_decoded = run_decoded(&gpu, prompt, more);
+            for (what, got, want) in [
+                ("prefill", got, want),
+                ("decode", got_decoded, want_decoded),
+            ] {
+                let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1.0);
+                let rel = max_abs_diff(&got, &want) / scale;
+                worst_rel = worst_rel.max(rel);
+                top1_same += usize::from(argmax(&got) == argmax(&want));
+                assert!(
+                    rel <= TOL_BF16_REL,
+                    "{name}, {what}: BF16 logits ({kvp:?} KV) differ by {rel} of the largest logit (tolerance {TOL_BF16_REL})"
+                );
+            }
+        }
+        eprintln!(
+            "BF16 vs CPU, {kvp:?} KV: worst max-abs-diff / max|logit| {worst_rel:.3e}; top-1 agrees on {top1_same}/{} (prefills and decodes)",
+            2 * prompts.len()
         );
     }
-    eprintln!(
-        "BF16 vs CPU: worst max-abs-diff / max|logit| {worst_rel:.3e}; top-1 agrees on {top1_same}/{}",
-        prompts.len()
-    );
 }
 
 #[test]

@@ -17,7 +17,8 @@
 //! kernel instead of the split one, the same with tandem's matrix-vector
 //! kernel instead of cuBLAS, and launched kernel by kernel with every
 //! sequence's logits moved to the host (what a sampled request costs
-//! without graphs). The steps' multiplies, and the prefill's, are also
+//! without graphs); the first way once more with f32 KV instead of BF16
+//! (a second model). The steps' multiplies, and the prefill's, are also
 //! timed alone, which says how much of a step is theirs, and one step per
 //! batch size is profiled kernel by kernel.
 
@@ -28,7 +29,7 @@ use tandem_model::config::{Arch, ModelConfig};
 use tandem_model::quant::GgmlType;
 use tandem_model::synth::{SynthFormat, SynthShape, SynthSpec, SynthTokenizer};
 
-use super::{cuda_err, ptr, CudaModel, Weights};
+use super::{cuda_err, ptr, CudaModel, KvPrecision, Weights};
 use crate::error::Result;
 use crate::executor::Executor;
 use crate::kv::{KvPool, SeqKv};
@@ -144,11 +145,14 @@ pub struct PrefillResult {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub device: String,
-    pub weights: &'static str,
+    pub weights: String,
     pub model: &'static str,
     pub options: BenchOptions,
     pub copy: CopyResult,
     pub decode: Vec<DecodeResult>,
+    /// The server's decode mode again on the same shape with f32 KV (the
+    /// KV bytes a step reads doubled), for the difference BF16 KV makes.
+    pub decode_f32_kv: Vec<DecodeResult>,
     /// The multiplies of the decode steps above, timed alone.
     pub decode_matmuls: Vec<DecodeMatmuls>,
     /// One decode step per batch size and the prefill, kernel by kernel.
@@ -156,6 +160,15 @@ pub struct BenchReport {
     pub prefill: PrefillResult,
     pub notes: Vec<&'static str>,
 }
+
+/// How a server decodes: graphs, greedy ids picked on the device, cuBLAS,
+/// split attention.
+const SERVER: DecodeMode = DecodeMode {
+    graphs: true,
+    greedy_on_device: true,
+    gemv: false,
+    split_attention: true,
+};
 
 /// Device-to-device copy bandwidth on `model`'s device.
 pub fn copy_bandwidth(model: &CudaModel, bytes: usize, copies: usize) -> Result<CopyResult> {
@@ -270,7 +283,8 @@ pub fn decode(
     let step_s = seconds / steps;
     // Keys read by a step: every sequence's length after its new token.
     let mean_len = len0 as f64 + (steps + 1.0) / 2.0;
-    let kv_bytes = batch as f64 * mean_len * layout.token_bytes() as f64;
+    let kv_bytes = batch as f64 * mean_len * model.kv_block_bytes(layout.block_size) as f64
+        / layout.block_size as f64;
     let weight_bytes = model.weight_bytes();
     let achieved = (weight_bytes as f64 + kv_bytes) / step_s / 1e9;
     Ok(DecodeResult {
@@ -525,18 +539,33 @@ fn decode_matmuls(
 
 /// The whole benchmark on GPU `ordinal` (about 20 GB of device memory at
 /// the defaults: 16 GB of BF16 weights, a 2 GB f32 embedding, the KV).
+/// The KV is BF16, as a server with BF16 weights keeps it; the server's
+/// decode mode is timed once more with f32 KV on a second model.
 pub fn run(ordinal: usize, opts: BenchOptions) -> Result<BenchReport> {
-    let model = CudaModel::synthetic(llama3_8b_config(), ordinal, Weights::Bf16, opts.seed)?;
+    let mut f32_kv = Vec::new();
+    {
+        let model = CudaModel::synthetic(
+            llama3_8b_config(),
+            ordinal,
+            (Weights::Bf16, KvPrecision::F32),
+            opts.seed,
+        )?;
+        let copy = copy_bandwidth(&model, opts.copy_bytes, 20)?;
+        for &b in &opts.decode_batches {
+            f32_kv.push(decode(&model, b, SERVER, &opts, copy.gb_per_s)?);
+        }
+    }
+    let model = CudaModel::synthetic(
+        llama3_8b_config(),
+        ordinal,
+        (Weights::Bf16, KvPrecision::Bf16),
+        opts.seed,
+    )?;
     let copy = copy_bandwidth(&model, opts.copy_bytes, 20)?;
     let mut dec = Vec::new();
     // What a server runs first (cuBLAS, split attention), then the
     // per-token attention kernel, the matrix-vector kernel, and no graphs.
-    let server = DecodeMode {
-        graphs: true,
-        greedy_on_device: true,
-        gemv: false,
-        split_attention: true,
-    };
+    let server = SERVER;
     let modes = [
         server,
         DecodeMode {
@@ -582,11 +611,16 @@ pub fn run(ordinal: usize, opts: BenchOptions) -> Result<BenchReport> {
     profiles.push(prefill_profile(&model, &opts)?);
     Ok(BenchReport {
         device: model.device_name(),
-        weights: "bf16 (random, generated on the device), f32 activations and KV",
+        weights: format!(
+            "bf16 (random, generated on the device), f32 activations, {:?} KV",
+            model.kv_precision()
+        )
+        .to_lowercase(),
         model: "llama-3-8b shape",
         options: opts,
         copy,
         decode: dec,
+        decode_f32_kv: f32_kv,
         decode_matmuls: dm,
         profiles,
         prefill: pre,

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::CompileOptions;
 
+use super::KvPrecision;
 use crate::error::{EngineError, Result};
 
 /// Threads per block of the attention kernel (also its keys per tile).
@@ -115,6 +116,22 @@ __device__ unsigned short f32_to_bf16_bits(float f) {
     return (unsigned short)(b >> 16);
 }
 
+/* The element of the device KV: f32 (the default, and the path compared
+   token for token with the CPU), or BF16 when compiled with TANDEM_KV_BF16
+   (half the bytes a decode step reads and the device holds; rounded to
+   nearest even as it is written). Kernels read it through kv_load and
+   write it through kv_store; the host's layout stays f32 (kv_export,
+   kv_import). */
+#ifdef TANDEM_KV_BF16
+typedef unsigned short kv_t;
+__device__ float kv_load(kv_t v) { return __uint_as_float((unsigned int)v << 16); }
+__device__ kv_t kv_store(float f) { return f32_to_bf16_bits(f); }
+#else
+typedef float kv_t;
+__device__ float kv_load(kv_t v) { return v; }
+__device__ kv_t kv_store(float f) { return f; }
+#endif
+
 /* x[t] = table[tok[t]]: one block per token. */
 extern "C" __global__ void embed(const int* tok, const float* table, float* x, int h) {
     int t = blockIdx.x;
@@ -183,17 +200,17 @@ extern "C" __global__ void bias_rope(float* qkv, const float* bias, const int* p
 
 /* Writes each token's K and V into its block of one layer's KV (the KvLayout:
    per block K [head][dim][slot], then V [head][slot][dim]). One block per token. */
-extern "C" __global__ void kv_write(const float* qkv, const int* pos, const int* blk, float* kv,
+extern "C" __global__ void kv_write(const float* qkv, const int* pos, const int* blk, kv_t* kv,
                                     int row_len, int qd, int n_kv, int hd, int bs) {
     int t = blockIdx.x;
     const float* row = qkv + (u64)t * row_len;
     int slot = pos[t] % bs;
-    float* region = kv + (u64)blk[t] * (u64)(2 * n_kv * hd * bs);
+    kv_t* region = kv + (u64)blk[t] * (u64)(2 * n_kv * hd * bs);
     int kvd = n_kv * hd;
     for (int j = threadIdx.x; j < kvd; j += blockDim.x) {
         int h = j / hd, d = j % hd;
-        region[(u64)h * hd * bs + (u64)d * bs + slot] = row[qd + j];
-        region[(u64)(n_kv + h) * hd * bs + (u64)slot * hd + d] = row[qd + kvd + j];
+        region[(u64)h * hd * bs + (u64)d * bs + slot] = kv_store(row[qd + j]);
+        region[(u64)(n_kv + h) * hd * bs + (u64)slot * hd + d] = kv_store(row[qd + kvd + j]);
     }
 }
 
@@ -229,7 +246,7 @@ extern "C" __global__ void head_norm(float* qkv, const float* q_w, const float* 
    gets one score per thread, then an online softmax (running max and sum in
    f32) rescales the accumulated output, whose dimensions the threads share.
    Dynamic shared memory: (hd + ATT_THREADS + 32) floats. */
-extern "C" __global__ void attention(const int* rows, const float* qkv, const float* kv,
+extern "C" __global__ void attention(const int* rows, const float* qkv, const kv_t* kv,
                                      const int* tok_seq, const int* pos, const int* tables,
                                      const int* table_off, float* out, int row_len, int n_heads,
                                      int n_kv, int hd, int bs, float scale) {
@@ -254,9 +271,9 @@ extern "C" __global__ void attention(const int* rows, const float* qkv, const fl
         int k = k0 + threadIdx.x;
         float s = NEG_INF;
         if (k < n_keys) {
-            const float* kp = kv + (u64)table[k / bs] * bf + k_off + (k % bs);
+            const kv_t* kp = kv + (u64)table[k / bs] * bf + k_off + (k % bs);
             float dot = 0.0f;
-            for (int d = 0; d < hd; ++d) dot = fmaf(q[d], kp[(u64)d * bs], dot);
+            for (int d = 0; d < hd; ++d) dot = fmaf(q[d], kv_load(kp[(u64)d * bs]), dot);
             s = dot * scale;
         }
         float m_new = fmaxf(m, block_max(s, red));
@@ -272,8 +289,8 @@ extern "C" __global__ void attention(const int* rows, const float* qkv, const fl
                 float a = acc[i] * corr;
                 for (int j = 0; j < n_tile; ++j) {
                     int kk = k0 + j;
-                    const float* vp = kv + (u64)table[kk / bs] * bf + v_off + (u64)(kk % bs) * hd;
-                    a = fmaf(p[j], vp[d], a);
+                    const kv_t* vp = kv + (u64)table[kk / bs] * bf + v_off + (u64)(kk % bs) * hd;
+                    a = fmaf(p[j], kv_load(vp[d]), a);
                 }
                 acc[i] = a;
             }
@@ -314,7 +331,7 @@ extern "C" __global__ void attention(const int* rows, const float* qkv, const fl
 #define SPLIT_TK 32
 #define SPLIT_G 8
 #define SPLIT_DIMS 8
-extern "C" __global__ void attention_split(const int* rows, const float* qkv, const float* kv,
+extern "C" __global__ void attention_split(const int* rows, const float* qkv, const kv_t* kv,
                                            const int* tok_seq, const int* pos, const int* tables,
                                            const int* table_off, float* part, int row_len,
                                            int n_heads, int n_kv, int hd, int bs, float scale,
@@ -369,10 +386,10 @@ extern "C" __global__ void attention_split(const int* rows, const float* qkv, co
             if (lane < n_tile) {
                 int k = k0 + lane;
                 /* K is [dim][slot] in a block: lanes read consecutive slots. */
-                const float* kp = kv + (u64)table[k / bs] * bf + k_off + (k % bs);
+                const kv_t* kp = kv + (u64)table[k / bs] * bf + k_off + (k % bs);
                 #pragma unroll 8
                 for (int d = d0; d < d1; ++d) {
-                    float kd = kp[(u64)d * bs];
+                    float kd = kv_load(kp[(u64)d * bs]);
                     #pragma unroll
                     for (int g = 0; g < SPLIT_G; ++g)
                         if (g < ng) dot[g] = fmaf(q[g * hd + d], kd, dot[g]);
@@ -414,12 +431,12 @@ extern "C" __global__ void attention_split(const int* rows, const float* qkv, co
             /* V is [slot][dim]: lanes read consecutive dimensions. */
             for (int j = warp; j < n_tile; j += SPLIT_WARPS) {
                 int kk = k0 + j;
-                const float* vp = kv + (u64)table[kk / bs] * bf + v_off + (u64)(kk % bs) * hd;
+                const kv_t* vp = kv + (u64)table[kk / bs] * bf + v_off + (u64)(kk % bs) * hd;
                 float v[SPLIT_DIMS];
                 #pragma unroll
                 for (int i = 0; i < SPLIT_DIMS; ++i) {
                     int d = lane + 32 * i;
-                    v[i] = d < hd ? vp[d] : 0.0f;
+                    v[i] = d < hd ? kv_load(vp[d]) : 0.0f;
                 }
                 #pragma unroll
                 for (int g = 0; g < SPLIT_G; ++g) {
@@ -509,7 +526,7 @@ extern "C" __global__ void attention_combine(const int* rows, const int* pos, co
 #define TILE_Q 16
 #define TILE_K 32
 #define TILE_ROWS (TILE_Q / 4)
-extern "C" __global__ void attention_tiled(const int* tiles, const float* qkv, const float* kv,
+extern "C" __global__ void attention_tiled(const int* tiles, const float* qkv, const kv_t* kv,
                                            const int* tok_seq, const int* pos,
                                            const int* tables, const int* table_off, float* out,
                                            int row_len, int n_heads, int n_kv, int hd, int bs,
@@ -557,12 +574,12 @@ extern "C" __global__ void attention_tiled(const int* tiles, const float* qkv, c
            key j (consecutive slots), writes consecutive words. */
         for (int d = warp; d < hd; d += 4) {
             u64 at = k_at[lane];
-            ks[d * TILE_K + lane] = at != ~0ull ? kv[at + (u64)d * bs] : 0.0f;
+            ks[d * TILE_K + lane] = at != ~0ull ? kv_load(kv[at + (u64)d * bs]) : 0.0f;
         }
         /* V is [slot][dim]: lanes read consecutive dimensions. */
         for (int j = warp; j < TILE_K; j += 4) {
             u64 at = v_at[j];
-            for (int d = lane; d < hd; d += 32) vs[j * hd + d] = at != ~0ull ? kv[at + d] : 0.0f;
+            for (int d = lane; d < hd; d += 32) vs[j * hd + d] = at != ~0ull ? kv_load(kv[at + d]) : 0.0f;
         }
         __syncthreads();
         int k = k0 + lane;
@@ -802,14 +819,23 @@ extern "C" __global__ void topk_rows(const float* logits, const int* rows, const
 }
 
 /* KV block dst_idx[b] (b when null) of dst = block src_idx[b] (b when null)
-   of src, bf floats each: one thread block per KV block. Gathers a
-   sequence's blocks into a contiguous buffer, or scatters them back. */
-extern "C" __global__ void copy_blocks(const float* src, const int* src_idx, float* dst,
-                                       const int* dst_idx, long long bf) {
+   of src, bf values each: one thread block per KV block. kv_export gathers
+   a sequence's blocks of the device KV into a contiguous f32 buffer (the
+   host's layout), kv_import scatters such a buffer into it. */
+extern "C" __global__ void kv_export(const kv_t* src, const int* src_idx, float* dst,
+                                     const int* dst_idx, long long bf) {
+    int b = blockIdx.x;
+    const kv_t* s = src + (u64)(src_idx ? src_idx[b] : b) * (u64)bf;
+    float* d = dst + (u64)(dst_idx ? dst_idx[b] : b) * (u64)bf;
+    for (long long i = threadIdx.x; i < bf; i += blockDim.x) d[i] = kv_load(s[i]);
+}
+
+extern "C" __global__ void kv_import(const float* src, const int* src_idx, kv_t* dst,
+                                     const int* dst_idx, long long bf) {
     int b = blockIdx.x;
     const float* s = src + (u64)(src_idx ? src_idx[b] : b) * (u64)bf;
-    float* d = dst + (u64)(dst_idx ? dst_idx[b] : b) * (u64)bf;
-    for (long long i = threadIdx.x; i < bf; i += blockDim.x) d[i] = s[i];
+    kv_t* d = dst + (u64)(dst_idx ? dst_idx[b] : b) * (u64)bf;
+    for (long long i = threadIdx.x; i < bf; i += blockDim.x) d[i] = kv_store(s[i]);
 }
 
 /* act[t][j] = silu(gu[t][j]) * gu[t][ffn + j], silu(g) = g / (1 + e^-g);
@@ -1126,7 +1152,8 @@ pub(crate) struct Kernels {
     attention_combine: CudaFunction,
     argmax_rows: CudaFunction,
     topk_rows: CudaFunction,
-    copy_blocks: CudaFunction,
+    kv_export: CudaFunction,
+    kv_import: CudaFunction,
     silu_mul: CudaFunction,
     add_in_place: CudaFunction,
     f32_to_bf16: CudaFunction,
@@ -1149,9 +1176,18 @@ pub(crate) fn int(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| EngineError::Cuda(format!("{what} = {v} exceeds a 32-bit int")))
 }
 
-/// A CUBIN of [`SOURCE`] for the architecture option `arch`, or NVRTC's
-/// error and log.
-fn compile_cubin(arch: &str) -> std::result::Result<Vec<u8>, String> {
+/// NVRTC options beside the architecture that compile [`SOURCE`] for a
+/// device KV of `kv`.
+fn source_options(kv: KvPrecision) -> Vec<String> {
+    match kv {
+        KvPrecision::F32 => vec![],
+        KvPrecision::Bf16 => vec!["-DTANDEM_KV_BF16".into()],
+    }
+}
+
+/// A CUBIN of [`SOURCE`] for the architecture option `arch` and a device
+/// KV of `kv`, or NVRTC's error and log.
+fn compile_cubin(arch: &str, kv: KvPrecision) -> std::result::Result<Vec<u8>, String> {
     use cudarc::nvrtc::{result as nv, sys as nvsys};
     let src = std::ffi::CString::new(SOURCE).map_err(|e| e.to_string())?;
     let name = c"tandem_kernels.cu";
@@ -1159,7 +1195,9 @@ fn compile_cubin(arch: &str) -> std::result::Result<Vec<u8>, String> {
     // SAFETY: `prog` is live until destroyed at the end; the buffers are
     // sized by NVRTC's own size queries.
     let out = unsafe {
-        match nv::compile_program(prog, &[arch.to_string()]) {
+        let mut opts = source_options(kv);
+        opts.push(arch.to_string());
+        match nv::compile_program(prog, &opts) {
             Err(e) => {
                 let log = nv::get_program_log(prog)
                     .map(|l| {
@@ -1190,16 +1228,19 @@ fn compile_cubin(arch: &str) -> std::result::Result<Vec<u8>, String> {
     out
 }
 
-/// PTX of [`SOURCE`] for the virtual architecture `arch` (`compute_80`),
-/// which the driver compiles for the device at load.
+/// PTX of [`SOURCE`] for the virtual architecture `arch` (`compute_80`)
+/// and a device KV of `kv`, which the driver compiles for the device at
+/// load.
 fn compile_ptx(
     arch: &'static str,
+    kv: KvPrecision,
 ) -> std::result::Result<cudarc::nvrtc::Ptx, cudarc::nvrtc::CompileError> {
     cudarc::nvrtc::compile_ptx_with_opts(
         SOURCE,
         CompileOptions {
             arch: Some(arch),
             name: Some("tandem_kernels.cu".into()),
+            options: source_options(kv),
             ..Default::default()
         },
     )
@@ -1230,8 +1271,13 @@ impl Kernels {
     /// device's exact architecture when NVRTC knows it (no JIT by the
     /// driver, so an NVRTC newer than the driver works, as CUDA's minor
     /// version compatibility allows), else PTX for a virtual architecture
-    /// that the driver JIT-compiles.
-    pub(crate) fn load(ctx: &Arc<CudaContext>, stream: Arc<CudaStream>) -> Result<Self> {
+    /// that the driver JIT-compiles. `kv`: the element of the device KV
+    /// that the KV kernels read and write.
+    pub(crate) fn load(
+        ctx: &Arc<CudaContext>,
+        stream: Arc<CudaStream>,
+        kv: KvPrecision,
+    ) -> Result<Self> {
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| cuda_err("reading the compute capability", e))?;
@@ -1246,7 +1292,7 @@ impl Kernels {
             )
             .map_err(|e| cuda_err("reading the multiprocessor count", e))?
             .max(1) as usize;
-        let cubin = compile_cubin(&format!("--gpu-architecture=sm_{major}{minor}"));
+        let cubin = compile_cubin(&format!("--gpu-architecture=sm_{major}{minor}"), kv);
         let module = match cubin {
             Ok(bin) => ctx
                 .load_module(cudarc::nvrtc::Ptx::from_binary(bin))
@@ -1258,7 +1304,7 @@ impl Kernels {
                 } else {
                     "compute_80"
                 };
-                let ptx = compile_ptx(arch).map_err(|e| {
+                let ptx = compile_ptx(arch, kv).map_err(|e| {
                     EngineError::Cuda(format!(
                         "compiling the kernels with NVRTC: for sm_{major}{minor}: {cubin_err}; for {arch}: {e:?}"
                     ))
@@ -1288,7 +1334,8 @@ impl Kernels {
             attention_combine: f("attention_combine")?,
             argmax_rows: f("argmax_rows")?,
             topk_rows: f("topk_rows")?,
-            copy_blocks: f("copy_blocks")?,
+            kv_export: f("kv_export")?,
+            kv_import: f("kv_import")?,
             silu_mul: f("silu_mul")?,
             add_in_place: f("add_in_place")?,
             f32_to_bf16: f("f32_to_bf16")?,
@@ -1749,9 +1796,10 @@ impl Kernels {
         )
     }
 
-    /// `n` KV blocks of `block_floats` floats: block `dst_idx[b]` of `dst`
-    /// (`b` when 0) = block `src_idx[b]` of `src` (`b` when 0).
-    pub(crate) fn copy_blocks(
+    /// `n` KV blocks of `block_floats` values from the device KV `src`
+    /// into the f32 buffer `dst`: block `dst_idx[b]` of `dst` (`b` when 0)
+    /// = block `src_idx[b]` of `src` (`b` when 0).
+    pub(crate) fn kv_export(
         &self,
         src: u64,
         src_idx: u64,
@@ -1760,12 +1808,49 @@ impl Kernels {
         n: usize,
         block_floats: usize,
     ) -> Result<()> {
+        self.copy_blocks(
+            "kv_export",
+            &self.kv_export,
+            [src, src_idx, dst, dst_idx],
+            n,
+            block_floats,
+        )
+    }
+
+    /// As [`Kernels::kv_export`], from the f32 buffer `src` into the
+    /// device KV `dst`.
+    pub(crate) fn kv_import(
+        &self,
+        src: u64,
+        src_idx: u64,
+        dst: u64,
+        dst_idx: u64,
+        n: usize,
+        block_floats: usize,
+    ) -> Result<()> {
+        self.copy_blocks(
+            "kv_import",
+            &self.kv_import,
+            [src, src_idx, dst, dst_idx],
+            n,
+            block_floats,
+        )
+    }
+
+    fn copy_blocks(
+        &self,
+        name: &'static str,
+        f: &CudaFunction,
+        [src, src_idx, dst, dst_idx]: [u64; 4],
+        n: usize,
+        block_floats: usize,
+    ) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
         self.launch(
-            "copy_blocks",
-            &self.copy_blocks,
+            name,
+            f,
             per_row(n)?,
             &[
                 Arg::Ptr(src),
@@ -2029,8 +2114,9 @@ mod tests {
     /// head sizes 32 to 128, grouped and plain heads; the split kernel also
     /// with 256 and with 18 query heads a KV head, on several grids, the
     /// same bits for a row alone); `kv_write` into the
-    /// layout attention reads; `copy_blocks` gathering and scattering KV
-    /// blocks; `argmax_rows` and `topk_rows` with ties, signed zeros and
+    /// layout attention reads; `kv_export` and `kv_import` gathering and
+    /// scattering KV blocks; the attention, KV write and KV copy checks
+    /// once more with the KV in BF16 (a second build); `argmax_rows` and `topk_rows` with ties, signed zeros and
     /// -inf rows; `gemv_bf16` against a double reference; `head_norm` per
     /// query and key head. It catches wrong
     /// indexing, synchronisation or tie rules without a GPU; what only
@@ -2050,32 +2136,54 @@ mod tests {
         .unwrap();
         std::fs::write(dir.join("kernels.h"), emulated_source()).unwrap();
         let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-        let built = std::process::Command::new(&cxx)
-            .args(["-O2", "-std=c++20", "-pthread", "-Wno-unknown-pragmas"])
-            .args(["-o", "harness", "harness.cpp"])
-            .current_dir(&dir)
-            .output()
-            .unwrap_or_else(|e| panic!("running the C++ compiler {cxx:?}: {e}"));
-        assert!(
-            built.status.success(),
-            "compiling the emulation: {}",
-            String::from_utf8_lossy(&built.stderr)
-        );
-        let ran = std::process::Command::new(dir.join("harness"))
-            .output()
-            .expect("running the emulation");
-        let report = String::from_utf8_lossy(&ran.stdout).into_owned();
+        // The default build, and the KV checks again with BF16 KV; both
+        // built, then run side by side.
+        let builds = [
+            ("harness", None, 30),
+            ("harness_bf16", Some("-DTANDEM_KV_BF16"), 15),
+        ];
+        for (name, define, _) in builds {
+            let built = std::process::Command::new(&cxx)
+                .args(["-O2", "-std=c++20", "-pthread", "-Wno-unknown-pragmas"])
+                .args(define)
+                .args(["-o", name, "harness.cpp"])
+                .current_dir(&dir)
+                .output()
+                .unwrap_or_else(|e| panic!("running the C++ compiler {cxx:?}: {e}"));
+            assert!(
+                built.status.success(),
+                "compiling the emulation ({name}): {}",
+                String::from_utf8_lossy(&built.stderr)
+            );
+        }
+        let running: Vec<_> = builds
+            .iter()
+            .map(|(name, _, _)| {
+                std::process::Command::new(dir.join(name))
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("running the emulation")
+            })
+            .collect();
+        let ran: Vec<_> = running
+            .into_iter()
+            .map(|c| c.wait_with_output().expect("waiting for the emulation"))
+            .collect();
         let _ = std::fs::remove_dir_all(&dir);
-        eprintln!("{report}");
-        assert!(
-            ran.status.success(),
-            "kernels differ from their references under emulation:\n{report}{}",
-            String::from_utf8_lossy(&ran.stderr)
-        );
-        assert!(
-            report.lines().filter(|l| l.starts_with("ok")).count() >= 30,
-            "fewer checks than expected ran:\n{report}"
-        );
+        for ((name, _, at_least), ran) in builds.iter().zip(ran) {
+            let report = String::from_utf8_lossy(&ran.stdout).into_owned();
+            eprintln!("{name}:\n{report}");
+            assert!(
+                ran.status.success(),
+                "kernels differ from their references under emulation ({name}):\n{report}{}",
+                String::from_utf8_lossy(&ran.stderr)
+            );
+            assert!(
+                report.lines().filter(|l| l.starts_with("ok")).count() >= *at_least,
+                "fewer checks than expected ran ({name}):\n{report}"
+            );
+        }
     }
 
     /// The kernels compile with NVRTC, as [`Kernels::load`] asks for them on
@@ -2092,27 +2200,34 @@ mod tests {
             "NVRTC (libnvrtc.so.12) is not loadable: put its directory on LD_LIBRARY_PATH"
         );
         let names = declared_kernels();
-        assert_eq!(names.len(), 18, "{names:?}");
-        for arch in ["sm_80", "sm_86", "sm_89", "sm_90"] {
-            let cubin = compile_cubin(&format!("--gpu-architecture={arch}"))
-                .unwrap_or_else(|e| panic!("{arch}: {e}"));
+        assert_eq!(names.len(), 19, "{names:?}");
+        let kvs = [KvPrecision::F32, KvPrecision::Bf16];
+        for (arch, kv) in ["sm_80", "sm_86", "sm_89", "sm_90"]
+            .into_iter()
+            .flat_map(|a| kvs.map(|kv| (a, kv)))
+        {
+            let cubin = compile_cubin(&format!("--gpu-architecture={arch}"), kv)
+                .unwrap_or_else(|e| panic!("{arch}, {kv:?} KV: {e}"));
             for n in &names {
                 assert!(
                     cubin
                         .windows(n.len() + 1)
                         .any(|w| &w[..n.len()] == n.as_bytes() && w[n.len()] == 0),
-                    "the {arch} CUBIN has no symbol {n}"
+                    "the {arch} CUBIN ({kv:?} KV) has no symbol {n}"
                 );
             }
         }
-        for arch in ["compute_80", "compute_90"] {
-            let ptx = compile_ptx(arch)
-                .unwrap_or_else(|e| panic!("{arch}: {e:?}"))
+        for (arch, kv) in ["compute_80", "compute_90"]
+            .into_iter()
+            .flat_map(|a| kvs.map(|kv| (a, kv)))
+        {
+            let ptx = compile_ptx(arch, kv)
+                .unwrap_or_else(|e| panic!("{arch}, {kv:?} KV: {e:?}"))
                 .to_src();
             for n in &names {
                 assert!(
                     ptx.contains(&format!(".entry {n}(")),
-                    "the {arch} PTX has no entry {n}"
+                    "the {arch} PTX ({kv:?} KV) has no entry {n}"
                 );
             }
         }
@@ -2125,35 +2240,39 @@ mod tests {
     #[test]
     fn kernels_do_not_spill_registers() {
         use cudarc::nvrtc::result as nv;
-        let src = std::ffi::CString::new(SOURCE).unwrap();
-        let prog = nv::create_program(&src, Some(c"tandem_kernels.cu")).unwrap();
-        let opts = ["--gpu-architecture=sm_90", "--ptxas-options=-v"].map(String::from);
-        // SAFETY: `prog` is live until destroyed below.
-        let (compiled, log) = unsafe {
-            let compiled = nv::compile_program(prog, &opts);
-            let log = nv::get_program_log(prog).expect("NVRTC's log");
-            let _ = nv::destroy_program(prog);
-            (compiled, log)
-        };
-        let log: Vec<u8> = log
-            .iter()
-            .map(|&c| c as u8)
-            .take_while(|&b| b != 0)
-            .collect();
-        let log = String::from_utf8_lossy(&log);
-        assert!(compiled.is_ok(), "{compiled:?}: {log}");
-        let entries = log
-            .lines()
-            .filter(|l| l.contains("Compiling entry function"))
-            .count();
-        assert_eq!(entries, declared_kernels().len(), "{log}");
-        let properties: Vec<&str> = log.lines().filter(|l| l.contains("spill stores")).collect();
-        assert!(properties.len() >= entries, "{log}");
-        for line in properties {
-            assert!(
-                line.contains(" 0 bytes spill stores, 0 bytes spill loads"),
-                "a kernel spills: {line}\n{log}"
-            );
+        for kv in [KvPrecision::F32, KvPrecision::Bf16] {
+            let src = std::ffi::CString::new(SOURCE).unwrap();
+            let prog = nv::create_program(&src, Some(c"tandem_kernels.cu")).unwrap();
+            let mut opts = source_options(kv);
+            opts.extend(["--gpu-architecture=sm_90", "--ptxas-options=-v"].map(String::from));
+            // SAFETY: `prog` is live until destroyed below.
+            let (compiled, log) = unsafe {
+                let compiled = nv::compile_program(prog, &opts);
+                let log = nv::get_program_log(prog).expect("NVRTC's log");
+                let _ = nv::destroy_program(prog);
+                (compiled, log)
+            };
+            let log: Vec<u8> = log
+                .iter()
+                .map(|&c| c as u8)
+                .take_while(|&b| b != 0)
+                .collect();
+            let log = String::from_utf8_lossy(&log);
+            assert!(compiled.is_ok(), "{kv:?} KV: {compiled:?}: {log}");
+            let entries = log
+                .lines()
+                .filter(|l| l.contains("Compiling entry function"))
+                .count();
+            assert_eq!(entries, declared_kernels().len(), "{log}");
+            let properties: Vec<&str> =
+                log.lines().filter(|l| l.contains("spill stores")).collect();
+            assert!(properties.len() >= entries, "{log}");
+            for line in properties {
+                assert!(
+                    line.contains(" 0 bytes spill stores, 0 bytes spill loads"),
+                    "a kernel spills with {kv:?} KV: {line}\n{log}"
+                );
+            }
         }
     }
 }

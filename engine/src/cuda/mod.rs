@@ -21,10 +21,12 @@
 //!   (and what heads wider than 256 use); and flash-style tiles of 16
 //!   query tokens that share each tile of keys and values read into
 //!   shared memory (prompt chunks; see `kernels::AttentionPlan`).
-//! - The paged KV cache lives in device memory, per layer, in exactly the
-//!   [`KvLayout`] of the CPU pool, so installing and gathering KV are plain
-//!   copies: per layer, one copy across the bus of all the sequence's
-//!   blocks and one kernel that scatters (or gathers) them by block id. The
+//! - The paged KV cache lives in device memory, per layer, in the
+//!   [`KvLayout`] of the CPU pool, its values f32 or, beside BF16 weights,
+//!   BF16 ([`KvPrecision`]: half the bytes a decode step reads). Installing
+//!   and gathering KV are per layer one copy across the bus of all the
+//!   sequence's blocks (f32, the layout peers exchange) and one kernel that
+//!   scatters (or gathers) them by block id, converting. The
 //!   scheduler's [`KvPool`] only allocates block ids (a
 //!   [`KvPool::new_tracking`] pool is enough); copy-on-write copies it makes
 //!   are recorded ([`KvPool::record_copies`]) and repeated on the device
@@ -109,6 +111,41 @@ impl Weights {
     }
 }
 
+/// How the device holds the paged KV cache. The host's layout (transfers,
+/// gathers, the CPU pool) is f32 either way: KV crosses between the two
+/// through a kernel that converts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvPrecision {
+    /// f32: what the FP32 path keeps, so that it matches the CPU.
+    F32,
+    /// BF16, rounded to nearest even as each token's K and V are written
+    /// (or installed): half the bytes a decode step reads, and twice the
+    /// tokens in the same device memory; attention still computes in f32.
+    Bf16,
+}
+
+impl KvPrecision {
+    /// What a model with `weights` keeps its KV in: the weights'
+    /// precision, unless `TANDEM_CUDA_KV=f32` keeps f32 KV beside BF16
+    /// weights (BF16 KV beside f32 weights is never chosen: that path is
+    /// the one compared with the CPU).
+    pub fn for_weights(weights: Weights) -> Self {
+        let f32_asked = std::env::var("TANDEM_CUDA_KV").is_ok_and(|v| v.trim() == "f32");
+        match weights {
+            Weights::Bf16 if !f32_asked => KvPrecision::Bf16,
+            _ => KvPrecision::F32,
+        }
+    }
+
+    /// Bytes of one value.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvPrecision::F32 => 4,
+            KvPrecision::Bf16 => 2,
+        }
+    }
+}
+
 fn cuda_err(what: &str, e: impl std::fmt::Debug) -> EngineError {
     EngineError::Cuda(format!("{what}: {e:?}"))
 }
@@ -189,7 +226,8 @@ struct Device {
 const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
 impl Device {
-    fn open(ordinal: usize) -> Result<Self> {
+    /// Opens GPU `ordinal` with kernels for a device KV of `kv`.
+    fn open(ordinal: usize, kv: KvPrecision) -> Result<Self> {
         check_available()?;
         let n = CudaContext::device_count().map_err(|e| cuda_err("counting GPUs", e))?;
         if ordinal >= n.max(0) as usize {
@@ -223,7 +261,7 @@ impl Device {
         }
         .result()
         .map_err(|e| cuda_err("setting the cuBLAS workspace", e))?;
-        let k = Kernels::load(&ctx, stream.clone())?;
+        let k = Kernels::load(&ctx, stream.clone(), kv)?;
         Ok(Self {
             ctx,
             stream,
@@ -453,14 +491,16 @@ struct DevLayer {
 }
 
 /// The device KV of the bound pool: per layer, `n_blocks` regions of
-/// `layout.block_floats()` floats in the [`KvLayout`].
+/// `layout.block_floats()` values (of the model's [`KvPrecision`]) in the
+/// [`KvLayout`].
 struct DeviceKv {
     pool_id: u64,
     /// Blocks of the pool; each layer's buffer has one more, the sink that
     /// padding rows of a decode graph write to.
     n_blocks: usize,
     block_size: usize,
-    layers: Vec<CudaSlice<f32>>,
+    /// Raw bytes: f32 or BF16 values, as the kernels were compiled.
+    layers: Vec<CudaSlice<u8>>,
     /// Decode graphs captured over these buffers.
     graphs: GraphSet,
 }
@@ -591,6 +631,7 @@ struct State {
 pub struct CudaModel {
     config: ModelConfig,
     weights: Weights,
+    kv_precision: KvPrecision,
     dev: Device,
     /// f32 always (a lookup reads a few rows).
     embd: CudaSlice<f32>,
@@ -657,14 +698,25 @@ impl CudaModel {
         Self::from_model(&cpu, ordinal, weights)
     }
 
-    /// The CPU model's weights on GPU `ordinal` (a whole model, not a shard).
+    /// The CPU model's weights on GPU `ordinal` (a whole model, not a
+    /// shard), its KV kept as [`KvPrecision::for_weights`] says.
     pub fn from_model(m: &Model, ordinal: usize, weights: Weights) -> Result<Self> {
+        Self::from_model_with_kv(m, ordinal, weights, KvPrecision::for_weights(weights))
+    }
+
+    /// [`CudaModel::from_model`] with the device KV in `kv_precision`.
+    pub fn from_model_with_kv(
+        m: &Model,
+        ordinal: usize,
+        weights: Weights,
+        kv_precision: KvPrecision,
+    ) -> Result<Self> {
         if m.shard().world() != 1 {
             return Err(EngineError::Unsupported(
                 "the CUDA backend runs whole models, not shards".into(),
             ));
         }
-        let dev = Device::open(ordinal)?;
+        let dev = Device::open(ordinal, kv_precision)?;
         dev.bind()?;
         let c = m.config.clone();
         let embd_m = m.embedding_matrix().ok_or_else(|| {
@@ -716,6 +768,7 @@ impl CudaModel {
         let model = Self {
             config: c,
             weights,
+            kv_precision,
             dev,
             embd,
             layers,
@@ -740,11 +793,11 @@ impl CudaModel {
     pub fn synthetic(
         config: ModelConfig,
         ordinal: usize,
-        weights: Weights,
+        (weights, kv_precision): (Weights, KvPrecision),
         seed: u64,
     ) -> Result<Self> {
         config.validate()?;
-        let dev = Device::open(ordinal)?;
+        let dev = Device::open(ordinal, kv_precision)?;
         dev.bind()?;
         let c = config;
         let (h, qd, kvd, ffn) = (c.hidden, c.q_dim(), c.kv_dim(), c.ffn);
@@ -788,6 +841,7 @@ impl CudaModel {
             inv_freq: dev.upload(&inv, "the RoPE frequencies")?,
             config: c,
             weights,
+            kv_precision,
             embd,
             layers,
             head,
@@ -868,6 +922,11 @@ impl CudaModel {
         self.weights
     }
 
+    /// How the device holds the KV cache.
+    pub fn kv_precision(&self) -> KvPrecision {
+        self.kv_precision
+    }
+
     /// The device's name.
     pub fn device_name(&self) -> String {
         self.dev
@@ -932,8 +991,9 @@ impl CudaModel {
         }
         if st.kv.is_none() {
             // One block more than the pool's: the sink.
-            let per_layer = (pool.n_blocks() + 1) * layout.block_floats();
-            let need = per_layer * 4 * layout.n_layers;
+            let per_layer =
+                (pool.n_blocks() + 1) * layout.block_floats() * self.kv_precision.bytes();
+            let need = per_layer * layout.n_layers;
             let (free, _) = self
                 .dev
                 .ctx
@@ -948,7 +1008,7 @@ impl CudaModel {
                 )));
             }
             let layers = (0..layout.n_layers)
-                .map(|_| self.dev.zeros::<f32>(per_layer, "device KV"))
+                .map(|_| self.dev.zeros::<u8>(per_layer, "device KV"))
                 .collect::<Result<Vec<_>>>()?;
             st.kv = Some(DeviceKv {
                 pool_id: id,
@@ -960,7 +1020,7 @@ impl CudaModel {
         }
         let copies = pool.take_copies();
         if let Some(kv) = &st.kv {
-            let n = layout.block_floats();
+            let n = layout.block_floats() * self.kv_precision.bytes();
             for (from, to) in copies {
                 if from as usize >= kv.n_blocks || to as usize >= kv.n_blocks {
                     return Err(EngineError::Cuda(format!(
@@ -973,9 +1033,9 @@ impl CudaModel {
                     // SAFETY: both regions lie inside the layer's buffer (checked above).
                     unsafe {
                         cudarc::driver::result::memcpy_dtod_async(
-                            base + (to as usize * n * 4) as u64,
-                            base + (from as usize * n * 4) as u64,
-                            n * 4,
+                            base + (to as usize * n) as u64,
+                            base + (from as usize * n) as u64,
+                            n,
                             self.dev.stream.cu_stream(),
                         )
                     }
@@ -1574,7 +1634,7 @@ impl CudaModel {
             if let Some(t) = tap {
                 let bf = t.layout.block_floats();
                 let layer_buf = t.buf + (li * t.n_blocks * bf * 4) as u64;
-                k.copy_blocks(kv, t.ids_d, layer_buf, 0, t.n_blocks, bf)?;
+                k.kv_export(kv, t.ids_d, layer_buf, 0, t.n_blocks, bf)?;
                 t.written[li]
                     .record(s)
                     .map_err(|e| cuda_err("recording a layer's event", e))?;
@@ -1628,7 +1688,7 @@ impl CudaModel {
             // Gather the blocks into the buffer, then one copy to the host.
             self.dev
                 .k
-                .copy_blocks(layer, ids, buf, 0, blocks.len(), layout.block_floats())?;
+                .kv_export(layer, ids, buf, 0, blocks.len(), layout.block_floats())?;
             // SAFETY: the buffer holds n floats (layer_buffer), the
             // layer's slice of the staging exactly n; the copy to pageable
             // memory completes before the call returns, so before the next
@@ -1725,7 +1785,7 @@ impl CudaModel {
     /// What moving `blocks` of every layer between the bound device KV and
     /// the host needs: each layer's device address and the block ids on
     /// the device (checked first). Moving a layer is then one copy across
-    /// the bus and one `copy_blocks` kernel, not a copy per block
+    /// the bus and one kernel (`kv_import`, `kv_export`), not a copy per block
     /// (thousands of small copies from pageable memory for a long prompt).
     fn block_ids(
         &self,
@@ -1781,6 +1841,10 @@ impl Executor for CudaModel {
             head_dim: self.config.head_dim,
             block_size,
         }
+    }
+
+    fn kv_block_bytes(&self, block_size: usize) -> usize {
+        self.kv_layout(block_size).block_floats() * self.config.n_layers * self.kv_precision.bytes()
     }
 
     /// Layer by layer, as the device writes them, `on_layer` sees each
@@ -1848,7 +1912,7 @@ impl Executor for CudaModel {
             .map_err(|e| cuda_err("uploading KV", e))?;
             self.dev
                 .k
-                .copy_blocks(buf, 0, layer, ids, nb, layout.block_floats())?;
+                .kv_import(buf, 0, layer, ids, nb, layout.block_floats())?;
         }
         self.dev.sync("installing KV")
     }
@@ -2007,12 +2071,13 @@ pub enum AttentionKernel {
 
 /// Runs the paged-attention kernels alone (tests compare them with a naive
 /// reference): `q` is `[tokens, n_heads * head_dim]`, `kv` one layer's
-/// blocks in `layout`, `tables[s]` sequence `s`'s block table, and query
-/// token `t` of sequence `tok_seq[t]` attends to its keys `0..=tok_pos[t]`.
-/// Returns `[tokens, n_heads * head_dim]`.
+/// blocks in `layout` (held on the device in `kv_precision`: rounded to
+/// BF16 there, as an install would), `tables[s]` sequence `s`'s block
+/// table, and query token `t` of sequence `tok_seq[t]` attends to its keys
+/// `0..=tok_pos[t]`. Returns `[tokens, n_heads * head_dim]`.
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention(
-    kernel: AttentionKernel,
+    (kernel, kv_precision): (AttentionKernel, KvPrecision),
     ordinal: usize,
     layout: &KvLayout,
     n_heads: usize,
@@ -2041,7 +2106,7 @@ pub fn paged_attention(
             return bad(format!("token {t}: position or block out of range"));
         }
     }
-    let dev = Device::open(ordinal)?;
+    let dev = Device::open(ordinal, kv_precision)?;
     dev.bind()?;
     let mut meta: Vec<i32> = Vec::new();
     for &s in tok_seq {
@@ -2068,7 +2133,16 @@ pub fn paged_attention(
     let s = &dev.stream;
     let meta_d = dev.upload(&meta, "metadata")?;
     let q_d = dev.upload(q, "queries")?;
-    let kv_d = dev.upload(kv, "KV")?;
+    let kv_f32 = dev.upload(kv, "KV")?;
+    let kv_d = dev.zeros::<u8>(kv.len() * kv_precision.bytes(), "device KV")?;
+    dev.k.kv_import(
+        ptr(&kv_f32, s),
+        0,
+        ptr(&kv_d, s),
+        0,
+        n_blocks,
+        layout.block_floats(),
+    )?;
     let out_d = dev.zeros::<f32>(n_tok * qd, "output")?;
     let m = ptr(&meta_d, s);
     let at = |o: usize| m + (o * 4) as u64;
@@ -2134,7 +2208,7 @@ pub fn bf16_matmul(
         ));
     }
     let t = x.len() / cols;
-    let dev = Device::open(ordinal)?;
+    let dev = Device::open(ordinal, KvPrecision::F32)?;
     dev.bind()?;
     let m = DevMatrix::from_host(&dev, rows, cols, w, Weights::Bf16)?;
     let x_d = dev.upload(x, "activations")?;

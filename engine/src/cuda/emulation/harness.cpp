@@ -1,6 +1,9 @@
 // Runs the backend's kernels (kernels.h: their CUDA source, as the test
 // writes it) under shim.h's emulation and checks each against a plain
 // reference written here. Prints one line per check; exits 1 if any fails.
+// Built once as the kernels are by default and once with TANDEM_KV_BF16
+// (the device KV in BF16): that build runs the checks that touch the KV,
+// whose references read the KV's own (rounded) values.
 #include "kernels.h"
 
 #include <algorithm>
@@ -36,8 +39,8 @@ static void attention_case(int hd, int nh, int nkv, int bs, bool split_only, boo
         for (int b = 0; b < (n + bs - 1) / bs; ++b) tables.push_back(ids[next++]);
     }
     long bf = 2L * nkv * hd * bs;
-    std::vector<float> kv(n_blocks * bf);
-    for (auto& v : kv) v = uniform(-1, 1);
+    std::vector<kv_t> kv(n_blocks * bf);
+    for (auto& v : kv) v = kv_store(uniform(-1, 1));
     std::vector<int> seq, pos;
     for (int s = 0; s < (int)lens.size(); ++s) {
         for (int p = std::max(0, lens[s] - 3); p < lens[s]; ++p) seq.push_back(s), pos.push_back(p);
@@ -54,8 +57,8 @@ static void attention_case(int hd, int nh, int nkv, int bs, bool split_only, boo
         for (int h = 0; h < nh; ++h) {
             int g = h / (nh / nkv), n = pos[t] + 1;
             const int* tb = &tables[toff[seq[t]]];
-            auto key = [&](int k, int d) { return (double)kv[tb[k / bs] * bf + (long)g * hd * bs + (long)d * bs + k % bs]; };
-            auto val = [&](int k, int d) { return (double)kv[tb[k / bs] * bf + (long)(nkv + g) * hd * bs + (long)(k % bs) * hd + d]; };
+            auto key = [&](int k, int d) { return (double)kv_load(kv[tb[k / bs] * bf + (long)g * hd * bs + (long)d * bs + k % bs]); };
+            auto val = [&](int k, int d) { return (double)kv_load(kv[tb[k / bs] * bf + (long)(nkv + g) * hd * bs + (long)(k % bs) * hd + d]); };
             std::vector<double> w(n);
             double mx = -1e300, sum = 0;
             for (int k = 0; k < n; ++k) {
@@ -182,8 +185,11 @@ static void kv_write_case() {
     int hd = 32, nh = 4, nkv = 2, bs = 8, n = 30, qd = nh * hd, row_len = qd + 2 * nkv * hd;
     std::vector<int> table = {5, 0, 3, 6};
     long bf = 2L * nkv * hd * bs;
-    std::vector<float> kv(7 * bf, NAN), qkv((size_t)n * row_len);
+    std::vector<kv_t> kv(7 * bf, kv_store(NAN));
+    std::vector<float> qkv((size_t)n * row_len);
     for (auto& v : qkv) v = uniform(-1, 1);
+    // What the KV holds of a K or V value of a row.
+    auto stored = [&](int t, int i) { return (double)kv_load(kv_store(qkv[(size_t)t * row_len + i])); };
     std::vector<int> pos(n), blk(n), seq(n, 0), toff = {0};
     for (int t = 0; t < n; ++t) pos[t] = t, blk[t] = table[t / bs];
     launch({(unsigned)n, 1, 1}, 256, 0, [&] {
@@ -204,14 +210,14 @@ static void kv_write_case() {
             double mx = -1e300, sum = 0;
             for (int k = 0; k <= t; ++k) {
                 double dot = 0;
-                for (int i = 0; i < hd; ++i) dot += qr[i] * (double)qkv[(size_t)k * row_len + qd + g * hd + i];
+                for (int i = 0; i < hd; ++i) dot += qr[i] * stored(k, qd + g * hd + i);
                 w[k] = dot / std::sqrt((double)hd);
                 mx = std::max(mx, w[k]);
             }
             for (auto& x : w) sum += (x = std::exp(x - mx));
             for (int i = 0; i < hd; ++i) {
                 double o = 0;
-                for (int k = 0; k <= t; ++k) o += w[k] * qkv[(size_t)k * row_len + qd + nkv * hd + g * hd + i];
+                for (int k = 0; k <= t; ++k) o += w[k] * stored(k, qd + nkv * hd + g * hd + i);
                 double e = std::fabs(out[(size_t)t * qd + h * hd + i] - o / sum);
                 d = std::max(d, std::isnan(e) ? 1e9 : e);
             }
@@ -373,25 +379,40 @@ static void row_cases() {
     check(d <= 1e-5 && wrong == 0, "silu_mul: silu(gate) * up, and its BF16 copy", d);
 }
 
-// copy_blocks: a gather by block ids into a contiguous buffer, then a
-// scatter of it to other ids, moves each block whole.
-static void copy_blocks_case() {
+// kv_export gathers device KV blocks by id into a contiguous f32 buffer,
+// kv_import scatters such a buffer to other ids: each block moves whole,
+// its values converted as kv_store and kv_load do (exactly, for f32 KV),
+// and nothing else is written.
+static void kv_copy_case() {
     long bf = 24;
     int pool = 9;
-    std::vector<float> src(pool * bf), buf(4 * bf, NAN), dst(pool * bf, -1.0f);
-    for (size_t i = 0; i < src.size(); ++i) src[i] = (float)i;
-    std::vector<int> from = {7, 2, 2, 5}, to = {0, 8, 3, 4};
-    launch({4, 1, 1}, 256, 0, [&] { copy_blocks(src.data(), from.data(), buf.data(), nullptr, bf); });
-    launch({4, 1, 1}, 256, 0, [&] { copy_blocks(buf.data(), nullptr, dst.data(), to.data(), bf); });
+    std::vector<float> host(4 * bf), buf(4 * bf, NAN);
+    for (auto& v : host) v = uniform(-100, 100);
+    std::vector<kv_t> src(pool * bf, kv_store(-1.0f)), dst(pool * bf, kv_store(-1.0f));
+    std::vector<int> ids = {7, 2, 3, 5}, from = {7, 2, 2, 5}, to = {0, 8, 3, 4};
+    launch({4, 1, 1}, 256, 0, [&] { kv_import(host.data(), nullptr, src.data(), ids.data(), bf); });
+    launch({4, 1, 1}, 256, 0, [&] { kv_export(src.data(), from.data(), buf.data(), nullptr, bf); });
+    launch({4, 1, 1}, 256, 0, [&] { kv_import(buf.data(), nullptr, dst.data(), to.data(), bf); });
     int bad = 0;
+    auto held = [&](int b, long i) { return kv_load(kv_store(host[b * bf + i])); };
     for (int b = 0; b < 4; ++b)
         for (long i = 0; i < bf; ++i) {
-            bad += buf[b * bf + i] != src[from[b] * bf + i];
-            bad += dst[to[b] * bf + i] != src[from[b] * bf + i];
+            int from_b = from[b] == 7 ? 0 : from[b] == 2 ? 1 : 3; // where host put block from[b]
+            bad += kv_load(src[ids[b] * bf + i]) != held(b, i);
+            bad += buf[b * bf + i] != held(from_b, i);
+            bad += kv_load(dst[to[b] * bf + i]) != held(from_b, i);
         }
     for (int b : {1, 2, 5, 6, 7})
-        for (long i = 0; i < bf; ++i) bad += dst[b * bf + i] != -1.0f;
-    check(bad == 0, "copy_blocks: gather by ids, scatter to ids, nothing else written", bad);
+        for (long i = 0; i < bf; ++i) bad += kv_load(dst[b * bf + i]) != -1.0f;
+#ifdef TANDEM_KV_BF16
+    // Rounded to BF16 as f32_to_bf16 rounds (nearest, ties to even).
+    for (long i = 0; i < 4 * bf; ++i) bad += kv_store(host[i]) != f32_to_bf16_bits(host[i]);
+    const char* what = "kv_export and kv_import (BF16 KV): blocks by ids, rounded once, nothing else written";
+#else
+    for (long i = 0; i < 4 * bf; ++i) bad += held(i / bf, i % bf) != host[i];
+    const char* what = "kv_export and kv_import (f32 KV): blocks by ids, exact, nothing else written";
+#endif
+    check(bad == 0, what, bad);
 }
 
 // f32_to_bf16 rounds to nearest, ties to even, as the host's `half` does:
@@ -484,17 +505,21 @@ static void head_norm_case() {
 }
 
 int main() {
+#ifndef TANDEM_KV_BF16
     gemv_case();
     head_norm_case();
     row_cases();
     bf16_case();
-    copy_blocks_case();
+#endif
+    kv_copy_case();
     attention_case(64, 4, 2, 16, false, true);
     attention_case(128, 2, 1, 8, false, false);
     attention_case(32, 3, 3, 4, false, false);
     attention_case(64, 18, 1, 16, true, false); // a group of 18 query heads: blocks of at most 8
     attention_case(256, 4, 2, 16, true, false); // 8 dimensions per lane
     kv_write_case();
+#ifndef TANDEM_KV_BF16
     pick_cases();
+#endif
     return failures ? 1 : 0;
 }
