@@ -112,6 +112,10 @@ if isinstance(bench, dict) and "decode" in bench:
         print("decode b%-3d graphs=%d greedy=%d gemv=%d split=%d%s: %.2f ms, %.1f tok/s, %.1f%% of copy bandwidth" % (
             d["batch"], m["graphs"], m["greedy_on_device"], m["gemv"], m.get("split_attention", 0), kv,
             d["step_ms"], d["tok_per_s"], 100 * d["roofline_fraction"]))
+    for name in ("prefill", "prefill_cuda_cores"):
+        p = bench.get(name)
+        if isinstance(p, dict):
+            print("%s of %d tokens: %.1f ms, %.1f TFLOP/s" % (name, p["tokens"], 1e3 * p["seconds_per_run"], p["tflops"]))
     for p in bench.get("profiles", []):
         top = ", ".join("%s %.2f" % (k["name"], k["ms"]) for k in p["kernels"][:5])
         print("profile %s b%d split=%d: %.2f ms, kernels %.2f ms: %s" % (

@@ -9,7 +9,9 @@
 //!   the per-token kernel, the split kernel and the step's plan (prompt
 //!   chunks through the flash-style tiled kernel), with the KV in f32 and
 //!   in BF16 (the reference reading the rounded values): max abs
-//!   difference [`TOL_ATTN`];
+//!   difference [`TOL_ATTN`]; the tensor-core kernel of BF16 models'
+//!   prompt tiles against the reference of rounded queries and KV:
+//!   [`TOL_ATTN_MMA`];
 //! - FP32 logits against the CPU model on the default model's golden
 //!   prompts: max abs difference over the whole vocabulary [`TOL_F32`];
 //!   greedy continuations of [`GREEDY_STEPS`] tokens identical (up to a
@@ -57,6 +59,10 @@ use common::model_path;
 
 /// Attention output against the f64 reference (values of order 1).
 const TOL_ATTN: f32 = 1e-4;
+/// The tensor-core kernel against the f64 reference of its BF16-rounded
+/// queries and KV: it also rounds the softmax weights to BF16, which moves
+/// a weighted mean of values within 1 by 2^-8 at most.
+const TOL_ATTN_MMA: f32 = 1e-2;
 /// FP32 device logits against the CPU's: both multiply by the same f32
 /// weights and differ only in summation order over 30 layers (the golden
 /// fixture puts such float32 noise near 5e-5 on logits of magnitude ~20).
@@ -378,6 +384,34 @@ fn paged_attention_matches_naive_reference() {
                     "{kernel:?} and per-token attention ({kvp:?} KV) differ by {d} (tolerance {TOL_ATTN})"
                 );
             }
+            // The prompt tiles on the tensor cores, against the reference
+            // of the rounded queries and KV.
+            let bf = |v: &f32| half::bf16::from_f32(*v).to_f32();
+            let q_bf: Vec<f32> = q.iter().map(bf).collect();
+            let held_bf: Vec<f32> = held.iter().map(bf).collect();
+            let want_bf = naive_attention(
+                &layout, n_heads, &q_bf, &held_bf, &tables, &tok_seq, &tok_pos,
+            );
+            let got = cuda::paged_attention(
+                (AttentionKernel::TensorCore, kvp),
+                GPU,
+                &layout,
+                n_heads,
+                &q,
+                &kv,
+                &tables,
+                &tok_seq,
+                &tok_pos,
+            )
+            .expect("tensor-core attention on the GPU");
+            let d = max_abs_diff(&got, &want_bf);
+            eprintln!(
+                "paged attention TensorCore, {kvp:?} KV, hd={hd} heads={n_heads}/{nkv} bs={bs}: max abs diff {d:.2e}"
+            );
+            assert!(
+                d <= TOL_ATTN_MMA,
+                "tensor-core attention ({kvp:?} KV) differs by {d} (tolerance {TOL_ATTN_MMA})"
+            );
         }
         // The split kernel cuts keys by position alone: the last decode
         // row of the 300-key sequence alone gives the same bits as among

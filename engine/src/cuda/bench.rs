@@ -157,7 +157,11 @@ pub struct BenchReport {
     pub decode_matmuls: Vec<DecodeMatmuls>,
     /// One decode step per batch size and the prefill, kernel by kernel.
     pub profiles: Vec<PassProfile>,
+    /// Prefill with the prompt's attention on tensor cores (what a BF16
+    /// model runs).
     pub prefill: PrefillResult,
+    /// The same prefill with it on the f32 tiled kernel.
+    pub prefill_cuda_cores: PrefillResult,
     pub notes: Vec<&'static str>,
 }
 
@@ -313,8 +317,8 @@ pub struct KernelTime {
 /// events: where its time goes.
 #[derive(Debug, Clone, Serialize)]
 pub struct PassProfile {
-    /// "decode step" (greedy on the device, multiplies by cuBLAS) or
-    /// "prefill".
+    /// "decode step" (greedy on the device, multiplies by cuBLAS),
+    /// "prefill" or "prefill, attention on CUDA cores".
     pub pass: &'static str,
     pub sequences: usize,
     pub tokens: usize,
@@ -404,11 +408,15 @@ fn prefill_runner<'m>(
 }
 
 /// One prefill (after a warm-up), profiled.
-fn prefill_profile(model: &CudaModel, opts: &BenchOptions) -> Result<PassProfile> {
+fn prefill_profile(
+    model: &CudaModel,
+    opts: &BenchOptions,
+    name: &'static str,
+) -> Result<PassProfile> {
     let mut run = prefill_runner(model, opts);
     run()?;
     let t = opts.prefill_tokens;
-    profiled(model, ("prefill", 1, t), || run().map(|_| ()))
+    profiled(model, (name, 1, t), || run().map(|_| ()))
 }
 
 /// Prefill of one prompt of `opts.prefill_tokens` tokens (last logits only).
@@ -607,8 +615,18 @@ pub fn run(ordinal: usize, opts: BenchOptions) -> Result<BenchReport> {
     model.set_gemv(false);
     model.set_split_attention(true);
     let pre = prefill(&model, &opts)?;
+    // And with the prompt's attention on the f32 tiled kernel instead of
+    // the tensor cores.
+    model.set_tensor_core_attention(false);
+    let pre_cuda_cores = prefill(&model, &opts)?;
     model.set_graphs(false);
-    profiles.push(prefill_profile(&model, &opts)?);
+    profiles.push(prefill_profile(
+        &model,
+        &opts,
+        "prefill, attention on CUDA cores",
+    )?);
+    model.set_tensor_core_attention(true);
+    profiles.push(prefill_profile(&model, &opts, "prefill")?);
     Ok(BenchReport {
         device: model.device_name(),
         weights: format!(
@@ -624,6 +642,7 @@ pub fn run(ordinal: usize, opts: BenchOptions) -> Result<BenchReport> {
         decode_matmuls: dm,
         profiles,
         prefill: pre,
+        prefill_cuda_cores: pre_cuda_cores,
         notes: vec![
             "copy gb_per_s counts bytes read plus bytes written",
             "decode steps include moving each sequence's greedy id (mode.greedy_on_device) or its logits (128256 floats) to the host",
@@ -634,6 +653,7 @@ pub fn run(ordinal: usize, opts: BenchOptions) -> Result<BenchReport> {
             "decode_matmuls: the same steps' multiplies (LM head included) alone, weight bytes read / time",
             "roofline_fraction = (weight bytes + KV bytes read) / step time / copy gb_per_s",
             "prefill tflops = (2 x matmul params x tokens + causal attention FLOPs) / time",
+            "prefill: the prompt's attention on tensor cores (bf16 inputs and softmax weights, f32 sums); prefill_cuda_cores: on the f32 tiled kernel",
         ],
     })
 }

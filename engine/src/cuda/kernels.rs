@@ -6,7 +6,11 @@
 //! element-wise ones, f32 everywhere except the BF16 copies of activations
 //! that feed cuBLAS. Those that hold a step's time are written for the
 //! memory system (the split and tiled attention kernels, the matrix-vector
-//! one) and checked against the plain ones. The source uses no headers
+//! one) or for the tensor cores (the BF16 models' prompt attention, through
+//! `mma.sync` in inline PTX, which the CPU emulation replaces with a
+//! warp-wide multiply of the documented fragment layouts) and checked
+//! against the plain ones. The KV kernels are compiled for an f32 or a BF16
+//! device KV (`TANDEM_KV_BF16`). The source uses no headers
 //! (NVRTC then needs no include path) and converts BF16 by hand (round to
 //! nearest even, as `half` does on the host). Products that the CPU computes as separate multiplies (RoPE)
 //! use `__fmul_rn`, so the compiler cannot contract them into FMAs and move
@@ -33,6 +37,13 @@ const TILE_K: usize = 32;
 const TILE_THREADS: u32 = 128;
 /// The tiled kernel's lanes own 4 output dimensions each.
 pub(crate) const TILE_MAX_HEAD_DIM: usize = 128;
+/// Keys per tile of the tensor-core attention kernel (its `MMA_TK`).
+const MMA_TK: usize = 64;
+/// Warps of the tensor-core attention kernel (its `MMA_WARPS`): query
+/// heads of one KV head a block takes.
+const MMA_WARPS: usize = 4;
+/// Widest head the tensor-core kernel takes (its `MMA_MAX_HD`).
+const MMA_MAX_HEAD_DIM: usize = 128;
 /// A sequence's run of new tokens goes to the tiled kernel from this
 /// length on (a prompt chunk); shorter runs (decode steps, a few draft
 /// tokens) keep one thread block per token, which spreads a long context
@@ -650,6 +661,214 @@ extern "C" __global__ void attention_tiled(const int* tiles, const float* qkv, c
     }
 }
 
+/* Two floats as the BF16 pair of one 32-bit register of an mma fragment:
+   lo in the low half (the lower index), hi in the high half. */
+__device__ unsigned int pack_bf16(float lo, float hi) {
+    return (unsigned int)f32_to_bf16_bits(lo) | ((unsigned int)f32_to_bf16_bits(hi) << 16);
+}
+
+/* d += a b, one warp's m16n8k16 tensor-core multiply of BF16 with f32
+   accumulation. Fragments as PTX lays them out, g = lane / 4, c = lane % 4:
+   a[r] holds A[g + 8 (r % 2)][2 c + 8 (r / 2) + {0, 1}] (16 x 16, rows);
+   b[r] holds B[2 c + 8 r + {0, 1}][g] (16 x 8, by column);
+   d[r] is D[g + 8 (r / 2)][2 c + (r % 2)] (16 x 8). */
+__device__ void mma_bf16_16816(float* d, const unsigned int* a, const unsigned int* b) {
+#ifdef TANDEM_EMULATION
+    emulated_mma_bf16_16816(d, a, b);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+/* The prompt tiles of attention_tiled (the same tiles, causal rule and
+   online softmax) on the tensor cores, for models with BF16 weights:
+   queries, keys, values and the softmax weights rounded to BF16, products
+   summed in f32 by mma.sync m16n8k16, the softmax itself in f32.
+   Grid (tiles, n_kv * ceil(G / MMA_WARPS)), MMA_WARPS warps: the block
+   reads each tile of MMA_TK keys and values of one KV head into shared
+   memory once, as BF16, and warp w computes query head h0 + w (the G
+   query heads share the KV head) for the tile's up to 16 rows, one row of
+   the multiplies' M; a warp without a head only loads. Per key tile,
+   S = Q K^T (scores of 8 keys an mma), masked and scaled, the running
+   maxima and sums updated, then O += P V with P taken straight from S's
+   registers (its layout is the A operand's). hd: a multiple of 16, at most
+   MMA_MAX_HD. Dynamic shared memory: K [key][dim] (MMA_TK (hd + 8) BF16,
+   pairs of dimensions one word) and V [dim][key] (hd (MMA_TK + 8) BF16,
+   pairs of keys one word), then 2 MMA_TK u64 (where each key begins). */
+#define MMA_WARPS 4
+#define MMA_TK 64
+#define MMA_MAX_HD 128
+extern "C" __global__ void attention_mma(const int* tiles, const float* qkv, const kv_t* kv,
+                                         const int* tok_seq, const int* pos, const int* tables,
+                                         const int* table_off, float* out, int row_len,
+                                         int n_heads, int n_kv, int hd, int bs, float scale) {
+    extern __shared__ float sh[];
+    int kst = hd + 8, vst = MMA_TK + 8;
+    unsigned short* ks = (unsigned short*)sh; /* [MMA_TK][kst] */
+    unsigned short* vs = ks + MMA_TK * kst;   /* [hd][vst] */
+    u64* k_at = (u64*)(vs + hd * vst);        /* [MMA_TK]: ~0 past the keys */
+    u64* v_at = k_at + MMA_TK;
+    const int* tile = tiles + 3 * blockIdx.x;
+    int t0 = tile[0], nq = tile[1], n_keys = tile[2];
+    int G = n_heads / n_kv;
+    int gchunks = (G + MMA_WARPS - 1) / MMA_WARPS;
+    int kvh = blockIdx.y / gchunks;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int h = kvh * G + (blockIdx.y % gchunks) * MMA_WARPS + warp;
+    bool has_head = h < kvh * G + G; /* the same for the whole warp */
+    int g = lane >> 2, c = lane & 3;
+    const int* table = tables + table_off[tok_seq[t0]];
+    u64 bf = (u64)2 * n_kv * hd * bs;
+    u64 k_off = (u64)kvh * hd * bs;
+    u64 v_off = (u64)(n_kv + kvh) * hd * bs;
+    /* This lane's two rows of the tile, g and g + 8: their positions
+       (-1: no such row, nothing visible). */
+    int qp[2];
+    qp[0] = g < nq ? pos[t0 + g] : -1;
+    qp[1] = g + 8 < nq ? pos[t0 + g + 8] : -1;
+    /* The queries as A fragments, k-step s over dimensions 16 s ..; rows
+       past the tile are zeros. */
+    unsigned int qa[MMA_MAX_HD / 16][4];
+    #pragma unroll
+    for (int st = 0; st < MMA_MAX_HD / 16; ++st) {
+        #pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            int row = g + 8 * (r % 2), d = 16 * st + 2 * c + 8 * (r / 2);
+            float lo = 0.0f, hi = 0.0f;
+            if (has_head && row < nq && d < hd) {
+                const float* q = qkv + (u64)(t0 + row) * row_len + (u64)h * hd + d;
+                lo = q[0];
+                hi = q[1];
+            }
+            qa[st][r] = pack_bf16(lo, hi);
+        }
+    }
+    float o[MMA_MAX_HD / 8][4];
+    #pragma unroll
+    for (int n = 0; n < MMA_MAX_HD / 8; ++n)
+        #pragma unroll
+        for (int r = 0; r < 4; ++r) o[n][r] = 0.0f;
+    /* Running maximum (whole row) and sum (this lane's columns) of rows
+       g and g + 8. */
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
+    for (int k0 = 0; k0 < n_keys; k0 += MMA_TK) {
+        __syncthreads(); /* the previous key tile is consumed */
+        if (threadIdx.x < MMA_TK) {
+            int k = k0 + threadIdx.x;
+            u64 base = k < n_keys ? (u64)table[k / bs] * bf : 0;
+            k_at[threadIdx.x] = k < n_keys ? base + k_off + k % bs : ~0ull;
+            v_at[threadIdx.x] = k < n_keys ? base + v_off + (u64)(k % bs) * hd : ~0ull;
+        }
+        __syncthreads();
+        /* K is [dim][slot] in a block: consecutive threads read consecutive
+           keys. Keys past the context are zeros (and masked below). */
+        for (int i = threadIdx.x; i < MMA_TK * hd; i += blockDim.x) {
+            int d = i / MMA_TK, j = i % MMA_TK;
+            u64 at = k_at[j];
+            float v = at != ~0ull ? kv_load(kv[at + (u64)d * bs]) : 0.0f;
+            ks[j * kst + d] = f32_to_bf16_bits(v);
+        }
+        /* V is [slot][dim]: consecutive threads read consecutive dimensions. */
+        for (int i = threadIdx.x; i < MMA_TK * hd; i += blockDim.x) {
+            int j = i / hd, d = i % hd;
+            u64 at = v_at[j];
+            float v = at != ~0ull ? kv_load(kv[at + d]) : 0.0f;
+            vs[d * vst + j] = f32_to_bf16_bits(v);
+        }
+        __syncthreads();
+        if (!has_head) continue;
+        float sc[MMA_TK / 8][4];
+        #pragma unroll
+        for (int n = 0; n < MMA_TK / 8; ++n) {
+            #pragma unroll
+            for (int r = 0; r < 4; ++r) sc[n][r] = 0.0f;
+            const unsigned short* kr = ks + (n * 8 + g) * kst + 2 * c;
+            #pragma unroll
+            for (int st = 0; st < MMA_MAX_HD / 16; ++st) {
+                if (16 * st < hd) {
+                    unsigned int b[2];
+                    b[0] = *(const unsigned int*)(kr + 16 * st);
+                    b[1] = *(const unsigned int*)(kr + 16 * st + 8);
+                    mma_bf16_16816(sc[n], qa[st], b);
+                }
+            }
+        }
+        /* Mask, scale, and the new row maxima (over the 4 lanes of a row). */
+        float mx[2] = {NEG_INF, NEG_INF};
+        #pragma unroll
+        for (int n = 0; n < MMA_TK / 8; ++n) {
+            #pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                int key = k0 + 8 * n + 2 * c + (r % 2);
+                float v = key <= qp[r / 2] ? sc[n][r] * scale : NEG_INF;
+                sc[n][r] = v;
+                mx[r / 2] = fmaxf(mx[r / 2], v);
+            }
+        }
+        float base[2], corr[2];
+        #pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+            float m_new = fmaxf(m[i], mx[i]);
+            /* A row with nothing visible yet keeps weights 0, not NaN. */
+            base[i] = m_new == NEG_INF ? 0.0f : m_new;
+            corr[i] = expf(m[i] - base[i]);
+            m[i] = m_new;
+            l[i] *= corr[i];
+        }
+        #pragma unroll
+        for (int n = 0; n < MMA_MAX_HD / 8; ++n) {
+            #pragma unroll
+            for (int r = 0; r < 4; ++r) o[n][r] *= corr[r / 2];
+        }
+        /* P in BF16, as the A fragments of k-steps of 16 keys: the scores
+           of keys 16 s .. 16 s + 7 (sc[2 s]) and the next 8 (sc[2 s + 1]);
+           the sums add the rounded weights that multiply V. */
+        #pragma unroll
+        for (int st = 0; st < MMA_TK / 16; ++st) {
+            unsigned int pa[4];
+            #pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                int row = r % 2; /* a[r]: row g + 8 (r % 2), keys + 8 (r / 2) */
+                float lo = expf(sc[2 * st + r / 2][2 * row] - base[row]);
+                float hi = expf(sc[2 * st + r / 2][2 * row + 1] - base[row]);
+                pa[r] = pack_bf16(lo, hi);
+                l[row] += __uint_as_float(pa[r] << 16) + __uint_as_float(pa[r] & 0xffff0000u);
+            }
+            #pragma unroll
+            for (int n = 0; n < MMA_MAX_HD / 8; ++n) {
+                if (8 * n < hd) {
+                    const unsigned short* vr = vs + (n * 8 + g) * vst + 16 * st + 2 * c;
+                    unsigned int b[2];
+                    b[0] = *(const unsigned int*)vr;
+                    b[1] = *(const unsigned int*)(vr + 8);
+                    mma_bf16_16816(o[n], pa, b);
+                }
+            }
+        }
+    }
+    if (!has_head) return;
+    #pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+    }
+    #pragma unroll
+    for (int n = 0; n < MMA_MAX_HD / 8; ++n) {
+        #pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            int row = g + 8 * (r / 2), d = 8 * n + 2 * c + (r % 2);
+            if (row < nq && d < hd)
+                out[(u64)(t0 + row) * n_heads * hd + (u64)h * hd + d] = o[n][r] / l[r / 2];
+        }
+    }
+}
+
 /* ids[r] = the first index of the largest value of logits row rows[r]
    (row r when rows is null; `vocab` values each), as the host's argmax:
    one block per row; each
@@ -1051,6 +1270,19 @@ fn tiles_fit(head_dim: usize) -> bool {
     head_dim <= TILE_MAX_HEAD_DIM && head_dim.is_multiple_of(4)
 }
 
+/// Whether the tensor-core kernel takes heads of `head_dim`: whole k-steps
+/// of 16 dimensions, at most [`MMA_MAX_HEAD_DIM`] (its registers).
+pub(crate) fn mma_fits(head_dim: usize) -> bool {
+    head_dim.is_multiple_of(16) && head_dim <= MMA_MAX_HEAD_DIM && tiles_fit(head_dim)
+}
+
+/// Whether a BF16 model's prompt chunks take the tensor-core kernel: yes,
+/// unless `TANDEM_CUDA_ATTENTION=cuda-cores` keeps them on the f32 tiled
+/// kernel (or `per-token` sends everything to the per-token kernel).
+pub(crate) fn tensor_cores_wanted() -> bool {
+    std::env::var("TANDEM_CUDA_ATTENTION").map_or(true, |v| v.trim() != "cuda-cores")
+}
+
 /// Whether decode rows go to the split kernel: where the model's heads fit
 /// it, unless `TANDEM_CUDA_ATTENTION=per-token` asks for the per-token
 /// kernel everywhere.
@@ -1150,6 +1382,7 @@ pub(crate) struct Kernels {
     attention_tiled: CudaFunction,
     attention_split: CudaFunction,
     attention_combine: CudaFunction,
+    attention_mma: CudaFunction,
     argmax_rows: CudaFunction,
     topk_rows: CudaFunction,
     kv_export: CudaFunction,
@@ -1332,6 +1565,7 @@ impl Kernels {
             attention_tiled: f("attention_tiled")?,
             attention_split: f("attention_split")?,
             attention_combine: f("attention_combine")?,
+            attention_mma: f("attention_mma")?,
             argmax_rows: f("argmax_rows")?,
             topk_rows: f("topk_rows")?,
             kv_export: f("kv_export")?,
@@ -1654,6 +1888,39 @@ impl Kernels {
         let mut args = vec![Arg::Ptr(tiles)];
         args.extend(a.args()?);
         self.launch("attention_tiled", &self.attention_tiled, cfg, &args)
+    }
+
+    /// The prompt tiles of [`Kernels::attention_tiled`] on the tensor
+    /// cores (BF16 inputs, f32 sums; see `attention_mma`).
+    pub(crate) fn attention_mma(
+        &self,
+        a: &AttentionArgs,
+        tiles: u64,
+        n_tiles: usize,
+    ) -> Result<()> {
+        if n_tiles == 0 {
+            return Ok(());
+        }
+        if !mma_fits(a.hd) || a.n_kv == 0 || !a.n_heads.is_multiple_of(a.n_kv) {
+            return Err(EngineError::Cuda(format!(
+                "head_dim {} (heads {}/{}) does not fit the tensor-core attention kernel (a multiple of 16 up to {MMA_MAX_HEAD_DIM})",
+                a.hd, a.n_heads, a.n_kv
+            )));
+        }
+        let groups = (a.n_heads / a.n_kv).div_ceil(MMA_WARPS);
+        let halves = MMA_TK * (a.hd + 8) + a.hd * (MMA_TK + 8);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                int(n_tiles, "tiles")? as u32,
+                int(a.n_kv * groups, "head groups")? as u32,
+                1,
+            ),
+            block_dim: (32 * MMA_WARPS as u32, 1, 1),
+            shared_mem_bytes: (halves * 2 + 2 * MMA_TK * 8) as u32,
+        };
+        let mut args = vec![Arg::Ptr(tiles)];
+        args.extend(a.args()?);
+        self.launch("attention_mma", &self.attention_mma, cfg, &args)
     }
 
     /// The split (flash-decoding) kernel and its merge over `n_rows`
@@ -2200,7 +2467,7 @@ mod tests {
             "NVRTC (libnvrtc.so.12) is not loadable: put its directory on LD_LIBRARY_PATH"
         );
         let names = declared_kernels();
-        assert_eq!(names.len(), 19, "{names:?}");
+        assert_eq!(names.len(), 20, "{names:?}");
         let kvs = [KvPrecision::F32, KvPrecision::Bf16];
         for (arch, kv) in ["sm_80", "sm_86", "sm_89", "sm_90"]
             .into_iter()

@@ -12,7 +12,7 @@
 //! - Everything else is a handful of small kernels compiled with NVRTC at
 //!   load (see `kernels`): embedding lookup, RMSNorm, bias + RoPE (both
 //!   styles), the KV write, paged attention, SiLU-and-multiply, residual add.
-//!   Attention has three kernels over the same block tables: for decode
+//!   Attention has four kernels over the same block tables: for decode
 //!   rows (a step's one token, a few draft tokens), flash-decoding: a
 //!   row's keys cut into fixed parts by position, a thread block per part
 //!   and KV head (its query heads together), merged in order, so a row's
@@ -20,7 +20,11 @@
 //!   thread block per query token, the reference it is checked against
 //!   (and what heads wider than 256 use); and flash-style tiles of 16
 //!   query tokens that share each tile of keys and values read into
-//!   shared memory (prompt chunks; see `kernels::AttentionPlan`).
+//!   shared memory (prompt chunks; see `kernels::AttentionPlan`), in f32
+//!   on the CUDA cores for the f32 path, on the tensor cores for BF16
+//!   models (`mma.sync` on BF16 queries, keys, values and softmax
+//!   weights, f32 sums; `TANDEM_CUDA_ATTENTION=cuda-cores` keeps the f32
+//!   kernel).
 //! - The paged KV cache lives in device memory, per layer, in the
 //!   [`KvLayout`] of the CPU pool, its values f32 or, beside BF16 weights,
 //!   BF16 ([`KvPrecision`]: half the bytes a decode step reads). Installing
@@ -649,6 +653,9 @@ pub struct CudaModel {
     /// `kernels::split_wanted`), cut as `split_plan` says.
     split: std::sync::atomic::AtomicBool,
     split_plan: SplitPlan,
+    /// Prompt tiles by the tensor-core kernel (BF16 models whose heads fit
+    /// it, see `kernels::tensor_cores_wanted`).
+    tensor_cores: std::sync::atomic::AtomicBool,
 }
 
 /// `[rows, cols]` f32 of matrices stacked by rows, exactly as the CPU
@@ -765,6 +772,9 @@ impl CudaModel {
             kernels::split_wanted(&c),
             SplitPlan::for_context(c.context_length),
         );
+        let tensor_cores_on = weights == Weights::Bf16
+            && kernels::mma_fits(c.head_dim)
+            && kernels::tensor_cores_wanted();
         let model = Self {
             config: c,
             weights,
@@ -779,6 +789,7 @@ impl CudaModel {
             graphs: std::sync::atomic::AtomicBool::new(graphs_wanted()),
             gemv: std::sync::atomic::AtomicBool::new(gemv_wanted()),
             split: std::sync::atomic::AtomicBool::new(split_on),
+            tensor_cores: std::sync::atomic::AtomicBool::new(tensor_cores_on),
             split_plan,
         };
         model.check_shapes()?;
@@ -836,6 +847,9 @@ impl CudaModel {
             kernels::split_wanted(&c),
             SplitPlan::for_context(c.context_length),
         );
+        let tensor_cores_on = weights == Weights::Bf16
+            && kernels::mma_fits(c.head_dim)
+            && kernels::tensor_cores_wanted();
         let model = Self {
             out_norm: ones(h)?,
             inv_freq: dev.upload(&inv, "the RoPE frequencies")?,
@@ -850,6 +864,7 @@ impl CudaModel {
             graphs: std::sync::atomic::AtomicBool::new(graphs_wanted()),
             gemv: std::sync::atomic::AtomicBool::new(gemv_wanted()),
             split: std::sync::atomic::AtomicBool::new(split_on),
+            tensor_cores: std::sync::atomic::AtomicBool::new(tensor_cores_on),
             split_plan,
         };
         model.check_shapes()?;
@@ -1287,6 +1302,15 @@ impl CudaModel {
         }
     }
 
+    /// Turns the tensor-core attention of prompt tiles on or off, where the
+    /// model is BF16 and its heads fit the kernel (the benchmark compares
+    /// it with the f32 tiled kernel). Decode graphs hold no prompt tiles.
+    pub fn set_tensor_core_attention(&self, on: bool) {
+        let on = on && self.weights == Weights::Bf16 && kernels::mma_fits(self.config.head_dim);
+        self.tensor_cores
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Launches `batch` kernel by kernel on the step's scratch buffers;
     /// returns the device addresses of its logits (the wanted rows, in
     /// order) and of the greedy rows' ids.
@@ -1645,7 +1669,11 @@ impl CudaModel {
             } else if p.n_att_rows > 0 {
                 k.attention(&args, p.att_rows, p.n_att_rows)?;
             }
-            k.attention_tiled(&args, p.tiles, p.n_tiles)?;
+            if self.tensor_cores.load(std::sync::atomic::Ordering::Relaxed) {
+                k.attention_mma(&args, p.tiles, p.n_tiles)?;
+            } else {
+                k.attention_tiled(&args, p.tiles, p.n_tiles)?;
+            }
             self.gemm("matmul o", &l.wo, p.attn, n_tok, p.proj, (p.xb, false))?;
             let norm = ptr(&l.ffn_norm, s);
             k.rms_norm(p.x, 0, p.proj, norm, (p.xn, p.xb), n_tok, h, c.rms_eps)?;
@@ -2067,6 +2095,9 @@ pub enum AttentionKernel {
     /// sequence (prompt chunks) in flash-style tiles, the rest by the
     /// split kernel where the heads fit it, else per token.
     Planned,
+    /// As `Planned`, with the tiles on the tensor cores (what a BF16
+    /// model runs): BF16 inputs and softmax weights, f32 sums.
+    TensorCore,
 }
 
 /// Runs the paged-attention kernels alone (tests compare them with a naive
@@ -2172,14 +2203,18 @@ pub fn paged_attention(
     match kernel {
         AttentionKernel::PerToken => dev.k.attention(&args, 0, n_tok)?,
         AttentionKernel::Split => dev.k.attention_split(&args, 0, n_tok, part, split)?,
-        AttentionKernel::Planned => {
+        AttentionKernel::Planned | AttentionKernel::TensorCore => {
             if SplitPlan::fits(hd) {
                 dev.k
                     .attention_split(&args, at(o_rows), plan.rows.len(), part, split)?;
             } else if !plan.rows.is_empty() {
                 dev.k.attention(&args, at(o_rows), plan.rows.len())?;
             }
-            dev.k.attention_tiled(&args, at(o_tiles), plan.n_tiles())?;
+            if kernel == AttentionKernel::TensorCore {
+                dev.k.attention_mma(&args, at(o_tiles), plan.n_tiles())?;
+            } else {
+                dev.k.attention_tiled(&args, at(o_tiles), plan.n_tiles())?;
+            }
         }
     }
     let out = s

@@ -52,18 +52,22 @@ static void attention_case(int hd, int nh, int nkv, int bs, bool split_only, boo
     int nt = (int)seq.size(), qd = nh * hd;
     std::vector<float> q((size_t)nt * qd);
     for (auto& v : q) v = uniform(-2, 2);
-    std::vector<double> want((size_t)nt * qd);
-    for (int t = 0; t < nt; ++t)
+    // Causal attention in double; `bf16`: of the queries and KV rounded
+    // to BF16, as the tensor-core kernel reads them.
+    auto reference = [&](bool bf16) {
+        auto r = [&](float v) { return bf16 ? (double)__uint_as_float((unsigned)f32_to_bf16_bits(v) << 16) : (double)v; };
+        std::vector<double> want((size_t)nt * qd);
+        for (int t = 0; t < nt; ++t)
         for (int h = 0; h < nh; ++h) {
             int g = h / (nh / nkv), n = pos[t] + 1;
             const int* tb = &tables[toff[seq[t]]];
-            auto key = [&](int k, int d) { return (double)kv_load(kv[tb[k / bs] * bf + (long)g * hd * bs + (long)d * bs + k % bs]); };
-            auto val = [&](int k, int d) { return (double)kv_load(kv[tb[k / bs] * bf + (long)(nkv + g) * hd * bs + (long)(k % bs) * hd + d]); };
+            auto key = [&](int k, int d) { return r(kv_load(kv[tb[k / bs] * bf + (long)g * hd * bs + (long)d * bs + k % bs])); };
+            auto val = [&](int k, int d) { return r(kv_load(kv[tb[k / bs] * bf + (long)(nkv + g) * hd * bs + (long)(k % bs) * hd + d])); };
             std::vector<double> w(n);
             double mx = -1e300, sum = 0;
             for (int k = 0; k < n; ++k) {
                 double dot = 0;
-                for (int d = 0; d < hd; ++d) dot += q[(size_t)t * qd + h * hd + d] * key(k, d);
+                for (int d = 0; d < hd; ++d) dot += r(q[(size_t)t * qd + h * hd + d]) * key(k, d);
                 w[k] = dot / std::sqrt((double)hd);
                 mx = std::max(mx, w[k]);
             }
@@ -74,6 +78,9 @@ static void attention_case(int hd, int nh, int nkv, int bs, bool split_only, boo
                 want[(size_t)t * qd + h * hd + d] = o / sum;
             }
         }
+        return want;
+    };
+    std::vector<double> want = reference(false);
     float scale = 1.0f / std::sqrt((float)hd);
     auto diff = [&](const std::vector<float>& got) {
         double d = 0;
@@ -118,6 +125,39 @@ static void attention_case(int hd, int nh, int nkv, int bs, bool split_only, boo
                  tiles.size() / 3, rows.size(), hd, nh, nkv, bs);
         d = diff(planned);
         check(d <= 1e-5 && tiles.size() >= 3 && !rows.empty(), what, d);
+        if (hd % 16 == 0 && hd <= 128) {
+            // The tensor-core kernel over the same tiles, against the
+            // reference of rounded inputs: within what rounding the
+            // softmax weights to BF16 moves a weighted mean of values in
+            // [-1, 1] (2^-8 of them, at most). Rows outside the tiles stay
+            // NaN: it writes nothing else.
+            std::vector<float> mma((size_t)nt * qd, NAN);
+            int G = nh / nkv, gy = nkv * ((G + 3) / 4);
+            size_t shared_halves = (size_t)64 * (hd + 8) + (size_t)hd * (64 + 8) + 4 * 2 * 64;
+            launch({(unsigned)(tiles.size() / 3), (unsigned)gy, 1}, 128, shared_halves / 2, [&] {
+                attention_mma(tiles.data(), q.data(), kv.data(), seq.data(), pos.data(), tables.data(),
+                              toff.data(), mma.data(), qd, nh, nkv, hd, bs, scale);
+            });
+            std::vector<double> want_bf16 = reference(true);
+            double dm = 0;
+            int untouched = 0, in_tiles = 0;
+            std::vector<bool> tiled(nt, false);
+            for (size_t i = 0; i < tiles.size(); i += 3)
+                for (int t = tiles[i]; t < tiles[i] + tiles[i + 1]; ++t) tiled[t] = true;
+            for (int t = 0; t < nt; ++t)
+                for (int i = 0; i < qd; ++i) {
+                    float v = mma[(size_t)t * qd + i];
+                    if (!tiled[t]) {
+                        untouched += std::isnan(v);
+                        continue;
+                    }
+                    ++in_tiles;
+                    dm = std::max(dm, std::isnan(v) ? 1e9 : std::fabs(v - want_bf16[(size_t)t * qd + i]));
+                }
+            snprintf(what, sizeof what, "attention on tensor cores (%zu tiles), hd %d, heads %d/%d, block %d",
+                     tiles.size() / 3, hd, nh, nkv, bs);
+            check(dm <= 4e-3 && in_tiles > 0 && untouched == (nt - in_tiles / qd) * qd, what, dm);
+        }
     }
 
     // The split kernel and its merge over the decode-like rows (the last
@@ -515,6 +555,7 @@ int main() {
     attention_case(64, 4, 2, 16, false, true);
     attention_case(128, 2, 1, 8, false, false);
     attention_case(32, 3, 3, 4, false, false);
+    attention_case(32, 9, 1, 8, false, false); // 9 query heads a KV head: 3 blocks of the tensor-core kernel's 4 warps
     attention_case(64, 18, 1, 16, true, false); // a group of 18 query heads: blocks of at most 8
     attention_case(256, 4, 2, 16, true, false); // 8 dimensions per lane
     kv_write_case();

@@ -67,6 +67,36 @@ inline unsigned __float_as_uint(float f) {
     memcpy(&u, &f, 4);
     return u;
 }
+// mma.sync m16n8k16 BF16 -> f32 of one warp: every lane's fragments
+// through per-warp slots, then each lane's four outputs, from the layout
+// PTX documents (see mma_bf16_16816 in the kernels).
+unsigned g_mma_a[32][32][4], g_mma_b[32][32][2];
+inline void emulated_mma_bf16_16816(float* d, const unsigned* a, const unsigned* b) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    g_warp[w]->arrive_and_wait();
+    for (int i = 0; i < 4; ++i) g_mma_a[w][lane][i] = a[i];
+    for (int i = 0; i < 2; ++i) g_mma_b[w][lane][i] = b[i];
+    g_warp[w]->arrive_and_wait();
+    auto half = [](unsigned word, int k) {
+        unsigned bits = (k % 2 ? word >> 16 : word & 0xffffu) << 16;
+        float f;
+        memcpy(&f, &bits, 4);
+        return f;
+    };
+    // A[row][k]: lane (row % 8) * 4 + (k % 8) / 2, register row / 8 + 2 (k / 8).
+    auto A = [&](int row, int k) { return half(g_mma_a[w][(row % 8) * 4 + (k % 8) / 2][row / 8 + 2 * (k / 8)], k); };
+    // B[k][n]: lane n * 4 + (k % 8) / 2, register k / 8.
+    auto B = [&](int k, int n) { return half(g_mma_b[w][n * 4 + (k % 8) / 2][k / 8], k); };
+    int g = lane >> 2, c = lane & 3;
+    for (int i = 0; i < 4; ++i) {
+        int row = g + 8 * (i / 2), col = 2 * c + i % 2;
+        float acc = d[i];
+        for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+        d[i] = acc;
+    }
+    g_warp[w]->arrive_and_wait(); // every lane has read the slots
+}
+
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
