@@ -658,6 +658,17 @@ pub struct CudaModel {
     tensor_cores: std::sync::atomic::AtomicBool,
 }
 
+/// Which attention kernels a model of `c` with `weights` starts with:
+/// whether decode rows take the split kernel and how it cuts them, and
+/// whether prompt tiles take the tensor cores.
+fn attention_choices(c: &ModelConfig, weights: Weights) -> (bool, SplitPlan, bool) {
+    (
+        kernels::split_wanted(c),
+        SplitPlan::for_context(c.context_length),
+        weights == Weights::Bf16 && kernels::mma_fits(c.head_dim) && kernels::tensor_cores_wanted(),
+    )
+}
+
 /// `[rows, cols]` f32 of matrices stacked by rows, exactly as the CPU
 /// kernels decode them.
 fn dequantise(parts: &[PackedMatrix], what: &str) -> Result<(usize, usize, Vec<f32>)> {
@@ -768,13 +779,7 @@ impl CudaModel {
         }
         let out_norm = dev.upload(m.output_norm(), "the output norm")?;
         let inv_freq = dev.upload(m.rope_inv_freq(), "the RoPE frequencies")?;
-        let (split_on, split_plan) = (
-            kernels::split_wanted(&c),
-            SplitPlan::for_context(c.context_length),
-        );
-        let tensor_cores_on = weights == Weights::Bf16
-            && kernels::mma_fits(c.head_dim)
-            && kernels::tensor_cores_wanted();
+        let (split_on, split_plan, tensor_cores_on) = attention_choices(&c, weights);
         let model = Self {
             config: c,
             weights,
@@ -843,13 +848,7 @@ impl CudaModel {
         let inv: Vec<f32> = (0..hd / 2)
             .map(|i| 1.0 / c.rope_theta.powf((2 * i) as f32 / hd as f32))
             .collect();
-        let (split_on, split_plan) = (
-            kernels::split_wanted(&c),
-            SplitPlan::for_context(c.context_length),
-        );
-        let tensor_cores_on = weights == Weights::Bf16
-            && kernels::mma_fits(c.head_dim)
-            && kernels::tensor_cores_wanted();
+        let (split_on, split_plan, tensor_cores_on) = attention_choices(&c, weights);
         let model = Self {
             out_norm: ones(h)?,
             inv_freq: dev.upload(&inv, "the RoPE frequencies")?,
