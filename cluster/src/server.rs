@@ -160,7 +160,7 @@ impl NodeServer {
         let grpc_router = grpc.into_axum_router();
         let metrics = metrics_handle();
         let r = readiness.clone();
-        let http = http
+        let ops = axum::Router::new()
             .route("/health", get(|| async { "ok\n" }))
             .route(
                 "/ready",
@@ -181,19 +181,30 @@ impl NodeServer {
                     async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text) }
                 }),
             )
-            .fallback(move |req: Request| {
-                let grpc = grpc_router.clone();
-                async move {
-                    if is_grpc(&req) {
-                        match grpc.oneshot(req).await {
-                            Ok(r) => r,
-                            Err(e) => match e {},
-                        }
-                    } else {
-                        not_found(&req)
-                    }
-                }
+            .method_not_allowed_fallback(|req: Request| async move {
+                error_response(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    format!(
+                        "Method {} is not allowed on {}",
+                        req.method(),
+                        req.uri().path()
+                    ),
+                )
             });
+        let http = http.merge(ops).fallback(move |req: Request| {
+            let grpc = grpc_router.clone();
+            async move {
+                if is_grpc(&req) {
+                    match grpc.oneshot(req).await {
+                        Ok(r) => r,
+                        Err(e) => match e {},
+                    }
+                } else {
+                    not_found(&req)
+                }
+            }
+        });
         // Report gRPC health from the readiness flag.
         let health_task = {
             let readiness = readiness.clone();
@@ -296,19 +307,28 @@ fn is_grpc(req: &Request) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
-/// 404 in OpenAI's error shape (the router's clients expect it; for the
-/// workers it is as good as any).
+/// 404 in OpenAI's error shape and words (the router's clients expect
+/// them; for the workers they are as good as any).
 fn not_found(req: &Request) -> Response {
+    error_response(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("Unknown request URL: {} {}", req.method(), req.uri().path()),
+    )
+}
+
+/// An error of the node's own routes in OpenAI's shape.
+fn error_response(status: StatusCode, code: &str, message: String) -> Response {
     let body = serde_json::json!({
         "error": {
-            "message": format!("no route for {} {}", req.method(), req.uri().path()),
+            "message": message,
             "type": "invalid_request_error",
             "param": null,
-            "code": "not_found",
+            "code": code,
         }
     });
     (
-        StatusCode::NOT_FOUND,
+        status,
         [(header::CONTENT_TYPE, "application/json")],
         Body::from(body.to_string()),
     )
@@ -360,6 +380,60 @@ mod tests {
             String::from_utf8_lossy(&buf[..n])
         );
         assert!(started.elapsed() >= HEADER_READ_TIMEOUT);
+        shutdown.cancel();
+        serving.await.unwrap().unwrap();
+    }
+
+    /// The node's own routes answer a wrong method 405 and an unknown path
+    /// 404, both as JSON errors in OpenAI's shape.
+    #[tokio::test]
+    async fn wrong_methods_and_paths_get_json_errors() {
+        let server = NodeServer::bind(([127, 0, 0, 1], 0).into()).await.unwrap();
+        let addr = server.local_addr();
+        let shutdown = CancellationToken::new();
+        let serving = tokio::spawn(server.serve(
+            tonic::service::Routes::default(),
+            Vec::new(),
+            axum::Router::new(),
+            Readiness::default(),
+            shutdown.clone(),
+        ));
+        for (request, status, code, words) in [
+            (
+                "PATCH /health",
+                "405",
+                "method_not_allowed",
+                "Method PATCH is not allowed on /health",
+            ),
+            (
+                "POST /metrics",
+                "405",
+                "method_not_allowed",
+                "Method POST is not allowed on /metrics",
+            ),
+            (
+                "GET /nowhere",
+                "404",
+                "not_found",
+                "Unknown request URL: GET /nowhere",
+            ),
+        ] {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let head = format!(
+                "{request} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            c.write_all(head.as_bytes()).await.unwrap();
+            let mut answer = String::new();
+            c.read_to_string(&mut answer).await.unwrap();
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {status}")),
+                "{answer}"
+            );
+            let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_str(body).expect(&answer);
+            assert_eq!(v["error"]["code"], code, "{answer}");
+            assert_eq!(v["error"]["message"], words, "{answer}");
+        }
         shutdown.cancel();
         serving.await.unwrap().unwrap();
     }

@@ -593,18 +593,16 @@ impl Shared {
                 )) if e.code != "overloaded" => return Err(worker_error(&e)),
                 Ok((_, Some(pb::DecodeEvent { kind: Some(_), .. })))
                 | Ok((_, Some(pb::DecodeEvent { kind: None, .. }))) => {
-                    last = DispatchError::Unavailable(format!(
-                        "decode worker {} is full",
-                        decode.addr
-                    ));
+                    // The client hears why, not where: worker addresses
+                    // are the operator's (the log has them).
+                    tracing::debug!(worker = %decode.addr, "decode worker full");
+                    last = DispatchError::Unavailable("the decode workers are full".into());
                 }
                 Ok((_, None)) => {
                     decode.mark_down();
                     gone = true;
-                    last = DispatchError::Unavailable(format!(
-                        "decode worker {} closed the stream",
-                        decode.addr
-                    ));
+                    tracing::warn!(worker = %decode.addr, "decode worker closed the stream");
+                    last = DispatchError::Unavailable("a decode worker closed the stream".into());
                 }
                 Err(s) if s.code() == tonic::Code::ResourceExhausted => {
                     last = DispatchError::Unavailable(s.message().to_string());
@@ -612,11 +610,8 @@ impl Shared {
                 Err(s) if is_connection_failure(&s) => {
                     decode.mark_down();
                     gone = true;
-                    last = DispatchError::Unavailable(format!(
-                        "decode worker {}: {}",
-                        decode.addr,
-                        s.message()
-                    ));
+                    tracing::warn!(worker = %decode.addr, error = %s.message(), "decode worker unreachable");
+                    last = DispatchError::Unavailable("a decode worker is unreachable".into());
                 }
                 Err(s) => return Err(status_error(s)),
             }
@@ -745,14 +740,15 @@ impl Relay {
         };
         dead.decode.mark_down();
         self.attempt.failed.push(dead.decode.peer());
+        tracing::warn!(worker = %dead.decode.addr, error = %why, "decode worker failed mid-stream");
         if self.resumes >= MAX_ATTEMPTS {
             return Err(DispatchError::Internal(format!(
-                "decode worker {} failed ({why}) and {} resumptions were used up",
-                dead.decode.addr, self.resumes
+                "a decode worker failed ({why}) and {} resumptions were used up",
+                self.resumes
             )));
         }
         self.resumes += 1;
-        let why = format!("decode worker {}: {why}", dead.decode.addr);
+        let why = format!("a decode worker failed: {why}");
         drop(dead);
         self.continue_elsewhere(&why).await
     }
@@ -1028,7 +1024,8 @@ impl ParallelRelay {
         };
         dead.decode.mark_down();
         self.attempt.failed.push(dead.decode.peer());
-        let why = format!("decode worker {}: {why}", dead.decode.addr);
+        tracing::warn!(worker = %dead.decode.addr, error = %why, "decode worker failed mid-stream");
+        let why = format!("a decode worker failed: {why}");
         drop(dead);
         let base = &self.attempt.req;
         let key = base.sampling.as_ref().map(|s| s.request_key).unwrap_or(0);

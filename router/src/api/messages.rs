@@ -400,8 +400,18 @@ pub(super) async fn count_tokens(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let counted = super::openai::parse_object(body).and_then(|mut m| {
-        // Only a request to run needs to say how long its answer may be.
+        // Only a request to run needs to say how long its answer may be,
+        // or how its tools may be chosen: the tools are in the prompt
+        // whatever the choice ("auto", which a run may refuse, counts as
+        // "any" does).
         m.entry("max_tokens").or_insert(json!(1));
+        let auto = match m.get("tool_choice") {
+            None | Some(Value::Null) => true,
+            Some(c) => c.get("type").and_then(Value::as_str) == Some("auto"),
+        };
+        if auto && m.contains_key("tools") {
+            m.insert("tool_choice".into(), json!({"type": "any"}));
+        }
         let chat = chat_request(&m)?;
         let tokens = super::openai::chat_prompt_of(&state, &chat)?;
         Ok(json!({"input_tokens": tokens.len()}))

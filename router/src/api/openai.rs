@@ -64,8 +64,53 @@ pub fn openai_routes(state: Arc<ApiState>) -> Router {
             require_api_key,
         ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(refuse_unreadable_bodies))
         .layer(middleware::map_request(body_idle_timeout))
         .with_state(state)
+}
+
+/// Refuses, before reading any of it, a body that cannot be taken: one
+/// whose `content-length` already exceeds [`MAX_BODY_BYTES`] (413 at once:
+/// the body limit alone would only see it while reading, after the client
+/// had sent it all, or never, for a client that waits for an answer
+/// first), and a compressed one (415: the JSON parser would only call it
+/// malformed).
+async fn refuse_unreadable_bodies(req: Request, next: Next) -> Response {
+    let h = req.headers();
+    let declared = h
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let encoding = h
+        .get(header::CONTENT_ENCODING)
+        .map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .filter(|e| !e.is_empty() && e != "identity");
+    let mut e = match (declared, encoding) {
+        (Some(n), _) if n > MAX_BODY_BYTES as u64 => ApiError::invalid(
+            format!("the request body is {n} bytes; at most {MAX_BODY_BYTES} are accepted"),
+            None,
+        ),
+        (_, Some(enc)) => ApiError::invalid(
+            format!("content-encoding '{enc}' is not supported: send the body uncompressed"),
+            None,
+        ),
+        _ => return next.run(req).await,
+    };
+    e.status = if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        StatusCode::PAYLOAD_TOO_LARGE
+    } else {
+        StatusCode::UNSUPPORTED_MEDIA_TYPE
+    };
+    let endpoint = endpoint_of(req.uri().path());
+    count_request(endpoint, e.status);
+    if endpoint == "messages" {
+        return super::messages::error_response(&e);
+    }
+    e.into_response()
 }
 
 /// Fails the request body (the request is answered 400 and the connection
@@ -204,13 +249,14 @@ async fn detokenize(
             .as_array()
             .ok_or_else(|| wrong_type("tokens", "an array of token ids", v))?
             .iter()
-            .map(|x| match x.as_u64() {
+            .enumerate()
+            .map(|(i, x)| match x.as_u64() {
                 Some(id) if id < vocab as u64 => Ok(id as u32),
                 Some(id) => Err(ApiError::bad_param(
                     "tokens",
                     format!("token id {id} is outside the vocabulary (size {vocab})"),
                 )),
-                None => Err(wrong_type("tokens", "an array of token ids", x)),
+                None => Err(bad_token_id("tokens", i, x)),
             })
             .collect::<Result<Vec<u32>, ApiError>>()?;
         let text = state
@@ -269,6 +315,19 @@ fn type_name(v: &Value) -> &'static str {
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
     }
+}
+
+/// Element `i` of the array `param` is not a token id: says which, and
+/// what it is (a negative or fractional number, a string).
+fn bad_token_id(param: &str, i: usize, got: &Value) -> ApiError {
+    ApiError::bad_param(
+        param,
+        format!(
+            "'{param}[{i}]' must be a token id (an integer from 0 to {}), got {got}",
+            u32::MAX
+        ),
+    )
+    .with_code("invalid_type")
 }
 
 pub(super) fn wrong_type(param: &str, want: &str, got: &Value) -> ApiError {
@@ -642,11 +701,12 @@ fn parse_common(m: &Map<String, Value>, ep: Endpoint) -> Result<Common, ApiError
         None => Vec::new(),
         Some(Value::Array(a)) => a
             .iter()
-            .map(|x| {
+            .enumerate()
+            .map(|(i, x)| {
                 x.as_u64()
-                    .filter(|&i| i <= u32::MAX as u64)
-                    .map(|i| i as u32)
-                    .ok_or_else(|| wrong_type("stop_token_ids", "an array of token ids", x))
+                    .filter(|&id| id <= u32::MAX as u64)
+                    .map(|id| id as u32)
+                    .ok_or_else(|| bad_token_id("stop_token_ids", i, x))
             })
             .collect::<Result<_, _>>()?,
         Some(v) => return Err(wrong_type("stop_token_ids", "an array of token ids", v)),
@@ -910,11 +970,12 @@ fn parse_prompts(state: &ApiState, m: &Map<String, Value>) -> Result<Vec<PromptI
     let want = "a string, token ids, or an array of either";
     let ids = |a: &[Value]| -> Result<Vec<u32>, ApiError> {
         a.iter()
-            .map(|x| {
+            .enumerate()
+            .map(|(i, x)| {
                 x.as_u64()
-                    .filter(|&i| i <= u32::MAX as u64)
-                    .map(|i| i as u32)
-                    .ok_or_else(|| wrong_type("prompt", want, x))
+                    .filter(|&id| id <= u32::MAX as u64)
+                    .map(|id| id as u32)
+                    .ok_or_else(|| bad_token_id("prompt", i, x))
             })
             .collect()
     };
@@ -1177,7 +1238,8 @@ pub(super) struct LpEntry<'a> {
 /// OpenAI's legacy `logprobs` object: parallel arrays, `null` where a
 /// position has no score. Each `top_logprobs` holds the `k` likeliest
 /// tokens and the position's own token (sampled or echoed) when it is not
-/// among them: "up to logprobs + 1 elements", as OpenAI's and vLLM's do.
+/// among them: "up to logprobs + 1 elements", as OpenAI documents it (so
+/// `logprobs: 0` gives the own token alone).
 pub(super) fn completion_logprobs(tok: &Tokenizer, k: u32, entries: &[LpEntry<'_>]) -> Value {
     let top: Vec<Value> = entries
         .iter()
@@ -1198,7 +1260,7 @@ pub(super) fn completion_logprobs(tok: &Tokenizer, k: u32, entries: &[LpEntry<'_
     json!({
         "tokens": entries.iter().map(|e| token_str(tok, e.id)).collect::<Vec<_>>(),
         "token_logprobs": entries.iter().map(|e| e.scored.map(|s| s.0)).collect::<Vec<_>>(),
-        "top_logprobs": if k > 0 { Value::Array(top) } else { Value::Null },
+        "top_logprobs": top,
         "text_offset": entries.iter().map(|e| e.text_offset).collect::<Vec<_>>(),
     })
 }

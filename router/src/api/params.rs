@@ -98,9 +98,10 @@ fn check_range(
 ) -> Result<(), ApiError> {
     // Checked as the workers will see it: a value that rounds to 0 in
     // single precision is 0.
-    let Some(v) = v.map(|v| v as f32 as f64) else {
+    let Some(given) = v else {
         return Ok(());
     };
+    let v = given as f32 as f64;
     let ok = v.is_finite() && (if lo_open { v > lo } else { v >= lo }) && v <= hi;
     if ok {
         Ok(())
@@ -108,7 +109,7 @@ fn check_range(
         let lb = if lo_open { "(" } else { "[" };
         Err(ApiError::bad_param(
             param,
-            format!("'{param}' must be in {lb}{lo}, {hi}], got {v}"),
+            format!("'{param}' must be in {lb}{lo}, {hi}], got {given}"),
         ))
     }
 }
@@ -374,15 +375,23 @@ impl GenParams {
                 frontend_time: std::time::Duration::ZERO,
             })
             .collect();
-        Ok(Prepared {
-            inputs,
-            prompt_tokens: p,
-            stop: self
-                .stop
+        // Constrained output (a response format, guided output, forced
+        // tool calls) ends where its grammar does: a stop string could only
+        // cut it into text that does not parse, under a finish reason that
+        // says it is whole.
+        let stop = if constraints > 0 {
+            Vec::new()
+        } else {
+            self.stop
                 .iter()
                 .filter(|s| !s.is_empty())
                 .cloned()
-                .collect(),
+                .collect()
+        };
+        Ok(Prepared {
+            inputs,
+            prompt_tokens: p,
+            stop,
             logprobs: self.logprobs,
             min_tokens: min_tokens as usize,
             stop_in_output: self.stop_in_output,

@@ -656,6 +656,35 @@ async fn bad_inputs_are_400_with_param() {
     );
     assert!(!message.contains("completion"), "{message}");
 
+    // A bad token id is named by its place, and the message gives the
+    // value as sent (not rounded to the workers' single precision).
+    for (uri, body, param, words) in [
+        (
+            cmpl,
+            cmpl_body(json!({"prompt": [504, -3]})),
+            "prompt",
+            "'prompt[1]' must be a token id",
+        ),
+        (
+            cmpl,
+            cmpl_body(json!({"stop_token_ids": [1.5]})),
+            "stop_token_ids",
+            "'stop_token_ids[0]'",
+        ),
+        (
+            "/detokenize",
+            json!({"tokens": [7, 8, -1]}),
+            "tokens",
+            "'tokens[2]' must be a token id",
+        ),
+        (chat, chat_body(json!({"top_p": -0.1})), "top_p", "got -0.1"),
+    ] {
+        let (s, v) = post(&app, uri, body).await;
+        assert_error(s, &v, StatusCode::BAD_REQUEST, Some(param), words);
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(words), "{message}");
+    }
+
     // Bodies that are not JSON objects, or not JSON at all: 400, never 422.
     for raw in ["{not json", "[1,2]", "", "null", "\"x\""] {
         for uri in [chat, cmpl] {
@@ -1281,16 +1310,19 @@ fn legacy_top_logprobs_hold_the_chosen_token() {
         },
     ];
     let name = |id: u32| tok.decode(&[id], false).unwrap();
-    for k in [1u32, 2] {
+    for k in [0u32, 1, 2] {
         let v = completion_logprobs(&tok, k, &entries);
         let tops = v["top_logprobs"].as_array().unwrap();
         assert_eq!(tops[0], Value::Null);
         let outside = tops[1].as_object().unwrap();
         assert_eq!(outside.len(), k as usize + 1, "{v}");
         assert_eq!(outside[&name(own)], json!(-2.5f32), "{v}");
-        assert_eq!(outside[&name(a)], json!(-0.1f32), "{v}");
+        if k > 0 {
+            assert_eq!(outside[&name(a)], json!(-0.1f32), "{v}");
+        }
+        // The own token is the likeliest here: `logprobs: 0` still names it.
         let inside = tops[2].as_object().unwrap();
-        assert_eq!(inside.len(), k as usize, "{v}");
+        assert_eq!(inside.len(), (k as usize).max(1), "{v}");
         assert_eq!(inside[&name(own)], json!(-0.3f32), "{v}");
     }
 }
@@ -1502,6 +1534,75 @@ async fn a_named_tool_choice_comes_back_as_its_call() {
     assert_eq!(backend.inputs().pop().unwrap().sampling.json_schema, None);
 }
 
+/// A stop string does not cut constrained output: forced tool calls and
+/// a JSON schema come back whole, streamed or not, though the text holds
+/// the stop string; free text is still cut by it.
+#[tokio::test]
+async fn stop_strings_leave_constrained_output_whole() {
+    let out = r#"[{"name": "get_weather", "arguments": {"city": "Paris"}}]"#;
+    let backend = Scripted::new(text_script(out));
+    let app = openai_routes(state_with(backend.clone(), None));
+    let forced =
+        chat_body(json!({"tools": weather_tools(), "tool_choice": "required", "stop": ["Paris"]}));
+    for stream in [false, true] {
+        let mut body = forced.clone();
+        body["stream"] = json!(stream);
+        let (finish, args) = if stream {
+            let chunks = stream_chunks(&app, "/v1/chat/completions", &body).await;
+            let mut args = String::new();
+            let mut finish = Value::Null;
+            for ch in &chunks {
+                for c in ch["choices"][0]["delta"]["tool_calls"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                {
+                    args.push_str(c["function"]["arguments"].as_str().unwrap());
+                }
+                if !ch["choices"][0]["finish_reason"].is_null() {
+                    finish = ch["choices"][0]["finish_reason"].clone();
+                }
+            }
+            (finish, args)
+        } else {
+            let (s, v) = post(&app, "/v1/chat/completions", body).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            let c = &v["choices"][0];
+            let args = c["message"]["tool_calls"][0]["function"]["arguments"]
+                .as_str()
+                .unwrap();
+            (c["finish_reason"].clone(), args.to_string())
+        };
+        assert_eq!(finish, "tool_calls", "streamed: {stream}");
+        let parsed: Value = serde_json::from_str(&args).expect("whole arguments");
+        assert_eq!(parsed, json!({"city": "Paris"}), "streamed: {stream}");
+    }
+    let schema = json!({"type": "object", "properties": {"city": {"type": "string"}}});
+    let backend = Scripted::new(text_script(r#"{"city": "Paris"}"#));
+    let app = openai_routes(state_with(backend, None));
+    let body = chat_body(json!({"stop": ["Paris"], "response_format":
+        {"type": "json_schema", "json_schema": {"name": "w", "schema": schema}}}));
+    let (s, v) = post(&app, "/v1/chat/completions", body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["choices"][0]["message"]["content"], r#"{"city": "Paris"}"#,
+        "{v}"
+    );
+    // Free text: cut where the stop string begins.
+    let (s, v) = post(
+        &app,
+        "/v1/chat/completions",
+        chat_body(json!({"stop": ["Paris"]})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["choices"][0]["message"]["content"], r#"{"city": ""#,
+        "{v}"
+    );
+    assert_eq!(v["choices"][0]["stop_reason"], "Paris", "{v}");
+}
+
 /// `tool_choice: "required"`: the output is an array of calls, held to
 /// each function's schema, sent as the calls (whole when streamed).
 #[tokio::test]
@@ -1569,6 +1670,15 @@ async fn a_required_tool_choice_comes_back_as_calls() {
         .collect();
     assert_eq!(args, [json!({"city": "Paris"}), json!({})]);
     assert!(pieces > 2, "arguments came whole: {chunks:?}");
+    // The same strings as the whole answer's: the arguments as written.
+    let whole: Vec<&str> = v["choices"][0]["message"]["tool_calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["function"]["arguments"].as_str().unwrap())
+        .collect();
+    assert_eq!(whole, [calls[0].2.as_str(), calls[1].2.as_str()]);
+    assert_eq!(whole[0], r#"{"city": "Paris"}"#);
     let last = chunks
         .iter()
         .rev()
@@ -2580,6 +2690,60 @@ mod grpc_tests {
     }
 }
 
+/// A body declared larger than the limit is refused 413 before it is read
+/// (here it never comes: the answer must not wait for it); a compressed
+/// one 415.
+#[tokio::test(start_paused = true)]
+async fn a_body_declared_too_large_is_refused_at_once() {
+    let app = openai_routes(state_with(Scripted::new(text_script("Hello")), None));
+    for uri in ["/v1/completions", "/v1/messages"] {
+        let (_tx, rx) = mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(1);
+        let req = Request::builder()
+            .method("POST")
+            .uri(uri)
+            .header("content-type", "application/json")
+            .header(
+                "content-length",
+                (openai::MAX_BODY_BYTES as u64 + 1).to_string(),
+            )
+            .body(Body::from_stream(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            ))
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(1), app.clone().oneshot(req))
+            .await
+            .expect("answered without reading the body")
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE, "{uri}");
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("at most"),
+            "{v}"
+        );
+    }
+    // A compressed body: 415, saying so, not "invalid JSON".
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/completions")
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(Body::from(vec![0x1f, 0x8b, 8, 0]))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("gzip"),
+        "{v}"
+    );
+}
+
 /// A request body that stalls is answered 408 once it has been idle for
 /// `BODY_IDLE_TIMEOUT`; one that is slow but keeps coming is served.
 #[tokio::test(start_paused = true)]
@@ -3128,6 +3292,26 @@ async fn anthropic_messages_are_chat_in_the_messages_shape() {
         requests,
         "count_tokens ran a request"
     );
+    // With tools and no tool choice (a run's "auto"): counted as with
+    // any choice, the tools being in the prompt either way.
+    let tools = json!([{"name": "f", "input_schema": {"type": "object"}}]);
+    let mut counts = Vec::new();
+    for choice in [
+        None,
+        Some(json!({"type": "auto"})),
+        Some(json!({"type": "any"})),
+    ] {
+        let mut c = count.clone();
+        c["tools"] = tools.clone();
+        if let Some(choice) = choice {
+            c["tool_choice"] = choice;
+        }
+        let (s, text) = post_anthropic(&app, "/v1/messages/count_tokens", &c, None).await;
+        assert_eq!(s, StatusCode::OK, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        counts.push(v["input_tokens"].as_u64().expect("a count"));
+    }
+    assert!(counts.iter().all(|&c| c == counts[2]), "{counts:?}");
     let (s, text) = post_anthropic(
         &app,
         "/v1/messages/count_tokens",

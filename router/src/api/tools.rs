@@ -324,28 +324,32 @@ impl Tools {
                 calls: vec![(name.clone(), text.to_string())],
             }),
             ToolChoice::Required { .. } => match serde_json::from_str::<Value>(text) {
-                Ok(Value::Array(items)) => Some(Output {
-                    content: None,
-                    calls: calls(&items)?,
-                }),
+                Ok(Value::Array(items)) => {
+                    // The arguments as the model wrote them (what streaming
+                    // sent), where they read as the parsed calls do; else
+                    // the parsed ones, serialised.
+                    let parsed = calls(&items)?;
+                    let written = scanned_calls(text);
+                    let same = written.len() == parsed.len()
+                        && written.iter().zip(&parsed).all(|(w, p)| {
+                            w.0 == p.0
+                                && serde_json::from_str::<Value>(&w.1).ok()
+                                    == serde_json::from_str::<Value>(&p.1).ok()
+                        });
+                    Some(Output {
+                        content: None,
+                        calls: if same { written } else { parsed },
+                    })
+                }
                 Ok(_) => None,
                 // A list cut short (by `max_tokens`): its calls as far as
                 // they were written, the last one's arguments cut as a
                 // named call's are (what streaming sent); none at all if
                 // no name was written.
-                Err(_) => {
-                    let mut out: Vec<(String, String)> = Vec::new();
-                    for piece in CallScanner::default().push(text) {
-                        match piece {
-                            CallPiece::Start { name, .. } => out.push((name, String::new())),
-                            CallPiece::Args { index, text } => out[index].1.push_str(&text),
-                        }
-                    }
-                    Some(Output {
-                        content: None,
-                        calls: out,
-                    })
-                }
+                Err(_) => Some(Output {
+                    content: None,
+                    calls: scanned_calls(text),
+                }),
             },
             ToolChoice::Auto(CallFormat::Hermes) => {
                 let at = text.find(CALL_OPEN)?;
@@ -370,6 +374,19 @@ impl Tools {
             _ => None,
         }
     }
+}
+
+/// The calls of a required choice's output as [`CallScanner`] reads them
+/// while streaming: each name, and its arguments' text as written.
+fn scanned_calls(text: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for piece in CallScanner::default().push(text) {
+        match piece {
+            CallPiece::Start { name, .. } => out.push((name, String::new())),
+            CallPiece::Args { index, text } => out[index].1.push_str(&text),
+        }
+    }
+    out
 }
 
 /// The JSON of each `<tool_call>…</tool_call>` in `text` (which starts
