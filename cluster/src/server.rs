@@ -340,10 +340,13 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A client that stops halfway through its request headers is cut off
-    /// after `HEADER_READ_TIMEOUT`; a whole request is still answered.
-    #[tokio::test(start_paused = true)]
-    async fn a_client_stalled_in_its_headers_is_cut_off() {
+    /// A node with no services of its own, serving on a loopback port
+    /// until the token is cancelled.
+    async fn bare_node() -> (
+        std::net::SocketAddr,
+        CancellationToken,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
         let server = NodeServer::bind(([127, 0, 0, 1], 0).into()).await.unwrap();
         let addr = server.local_addr();
         let shutdown = CancellationToken::new();
@@ -354,6 +357,14 @@ mod tests {
             Readiness::default(),
             shutdown.clone(),
         ));
+        (addr, shutdown, serving)
+    }
+
+    /// A client that stops halfway through its request headers is cut off
+    /// after `HEADER_READ_TIMEOUT`; a whole request is still answered.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_stalled_in_its_headers_is_cut_off() {
+        let (addr, shutdown, serving) = bare_node().await;
         let mut whole = tokio::net::TcpStream::connect(addr).await.unwrap();
         whole
             .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -388,16 +399,7 @@ mod tests {
     /// 404, both as JSON errors in OpenAI's shape.
     #[tokio::test]
     async fn wrong_methods_and_paths_get_json_errors() {
-        let server = NodeServer::bind(([127, 0, 0, 1], 0).into()).await.unwrap();
-        let addr = server.local_addr();
-        let shutdown = CancellationToken::new();
-        let serving = tokio::spawn(server.serve(
-            tonic::service::Routes::default(),
-            Vec::new(),
-            axum::Router::new(),
-            Readiness::default(),
-            shutdown.clone(),
-        ));
+        let (addr, shutdown, serving) = bare_node().await;
         for (request, status, code, words) in [
             (
                 "PATCH /health",

@@ -353,8 +353,8 @@ fn paged_attention_matches_naive_reference() {
                     .collect(),
             };
             let want = naive_attention(&layout, n_heads, &q, &held, &tables, &tok_seq, &tok_pos);
-            let first = outs.len();
-            for kernel in kernels {
+            // `kernel` on this KV against `want`, within `tol`.
+            let checked = |kernel: AttentionKernel, want: &[f32], tol: f32| {
                 let got = cuda::paged_attention(
                     (kernel, kvp),
                     GPU,
@@ -367,15 +367,19 @@ fn paged_attention_matches_naive_reference() {
                     &tok_pos,
                 )
                 .expect("paged attention on the GPU");
-                let d = max_abs_diff(&got, &want);
+                let d = max_abs_diff(&got, want);
                 eprintln!(
                     "paged attention {kernel:?}, {kvp:?} KV, hd={hd} heads={n_heads}/{nkv} bs={bs}: max abs diff {d:.2e}"
                 );
                 assert!(
-                    d <= TOL_ATTN,
-                    "{kernel:?} paged attention ({kvp:?} KV) differs by {d} (tolerance {TOL_ATTN})"
+                    d <= tol,
+                    "{kernel:?} paged attention ({kvp:?} KV) differs by {d} (tolerance {tol})"
                 );
-                outs.push(got);
+                got
+            };
+            let first = outs.len();
+            for kernel in kernels {
+                outs.push(checked(kernel, &want, TOL_ATTN));
             }
             for (kernel, out) in kernels.iter().zip(&outs[first..]).skip(1) {
                 let d = max_abs_diff(&outs[first], out);
@@ -392,26 +396,7 @@ fn paged_attention_matches_naive_reference() {
             let want_bf = naive_attention(
                 &layout, n_heads, &q_bf, &held_bf, &tables, &tok_seq, &tok_pos,
             );
-            let got = cuda::paged_attention(
-                (AttentionKernel::TensorCore, kvp),
-                GPU,
-                &layout,
-                n_heads,
-                &q,
-                &kv,
-                &tables,
-                &tok_seq,
-                &tok_pos,
-            )
-            .expect("tensor-core attention on the GPU");
-            let d = max_abs_diff(&got, &want_bf);
-            eprintln!(
-                "paged attention TensorCore, {kvp:?} KV, hd={hd} heads={n_heads}/{nkv} bs={bs}: max abs diff {d:.2e}"
-            );
-            assert!(
-                d <= TOL_ATTN_MMA,
-                "tensor-core attention ({kvp:?} KV) differs by {d} (tolerance {TOL_ATTN_MMA})"
-            );
+            checked(AttentionKernel::TensorCore, &want_bf, TOL_ATTN_MMA);
         }
         // The split kernel cuts keys by position alone: the last decode
         // row of the 300-key sequence alone gives the same bits as among

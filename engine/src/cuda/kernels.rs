@@ -1371,6 +1371,15 @@ struct Profile {
     )>,
 }
 
+/// Which way [`Kernels::kv_copy`] moves KV blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KvCopy {
+    /// From the device KV into an f32 buffer (the host's layout).
+    Export,
+    /// From an f32 buffer into the device KV (rounded to its element).
+    Import,
+}
+
 /// The compiled kernels.
 pub(crate) struct Kernels {
     embed: CudaFunction,
@@ -2063,45 +2072,24 @@ impl Kernels {
         )
     }
 
-    /// `n` KV blocks of `block_floats` values from the device KV `src`
-    /// into the f32 buffer `dst`: block `dst_idx[b]` of `dst` (`b` when 0)
+    /// `n` KV blocks of `block_floats` values between the device KV and an
+    /// f32 buffer, as `dir` says: block `dst_idx[b]` of `dst` (`b` when 0)
     /// = block `src_idx[b]` of `src` (`b` when 0).
-    pub(crate) fn kv_export(
+    pub(crate) fn kv_copy(
         &self,
-        src: u64,
-        src_idx: u64,
-        dst: u64,
-        dst_idx: u64,
+        dir: KvCopy,
+        blocks: [u64; 4],
         n: usize,
         block_floats: usize,
     ) -> Result<()> {
-        self.copy_blocks(
-            "kv_export",
-            &self.kv_export,
-            [src, src_idx, dst, dst_idx],
-            n,
-            block_floats,
-        )
-    }
-
-    /// As [`Kernels::kv_export`], from the f32 buffer `src` into the
-    /// device KV `dst`.
-    pub(crate) fn kv_import(
-        &self,
-        src: u64,
-        src_idx: u64,
-        dst: u64,
-        dst_idx: u64,
-        n: usize,
-        block_floats: usize,
-    ) -> Result<()> {
-        self.copy_blocks(
-            "kv_import",
-            &self.kv_import,
-            [src, src_idx, dst, dst_idx],
-            n,
-            block_floats,
-        )
+        match dir {
+            KvCopy::Export => {
+                self.copy_blocks("kv_export", &self.kv_export, blocks, n, block_floats)
+            }
+            KvCopy::Import => {
+                self.copy_blocks("kv_import", &self.kv_import, blocks, n, block_floats)
+            }
+        }
     }
 
     fn copy_blocks(

@@ -93,7 +93,7 @@ use crate::model::{
 };
 
 use graphs::{Graph, GraphBuffers, GraphSet};
-use kernels::{int, AttentionArgs, AttentionPlan, Kernels, SplitPlan};
+use kernels::{int, AttentionArgs, AttentionPlan, Kernels, KvCopy, SplitPlan};
 
 /// How the device holds the weight matrices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1657,7 +1657,7 @@ impl CudaModel {
             if let Some(t) = tap {
                 let bf = t.layout.block_floats();
                 let layer_buf = t.buf + (li * t.n_blocks * bf * 4) as u64;
-                k.kv_export(kv, t.ids_d, layer_buf, 0, t.n_blocks, bf)?;
+                k.kv_copy(KvCopy::Export, [kv, t.ids_d, layer_buf, 0], t.n_blocks, bf)?;
                 t.written[li]
                     .record(s)
                     .map_err(|e| cuda_err("recording a layer's event", e))?;
@@ -1713,9 +1713,12 @@ impl CudaModel {
         let s = &self.dev.stream;
         for (li, layer) in layers.into_iter().enumerate() {
             // Gather the blocks into the buffer, then one copy to the host.
-            self.dev
-                .k
-                .kv_export(layer, ids, buf, 0, blocks.len(), layout.block_floats())?;
+            self.dev.k.kv_copy(
+                KvCopy::Export,
+                [layer, ids, buf, 0],
+                blocks.len(),
+                layout.block_floats(),
+            )?;
             // SAFETY: the buffer holds n floats (layer_buffer), the
             // layer's slice of the staging exactly n; the copy to pageable
             // memory completes before the call returns, so before the next
@@ -1937,9 +1940,12 @@ impl Executor for CudaModel {
                 )
             }
             .map_err(|e| cuda_err("uploading KV", e))?;
-            self.dev
-                .k
-                .kv_import(buf, 0, layer, ids, nb, layout.block_floats())?;
+            self.dev.k.kv_copy(
+                KvCopy::Import,
+                [buf, 0, layer, ids],
+                nb,
+                layout.block_floats(),
+            )?;
         }
         self.dev.sync("installing KV")
     }
@@ -2165,11 +2171,9 @@ pub fn paged_attention(
     let q_d = dev.upload(q, "queries")?;
     let kv_f32 = dev.upload(kv, "KV")?;
     let kv_d = dev.zeros::<u8>(kv.len() * kv_precision.bytes(), "device KV")?;
-    dev.k.kv_import(
-        ptr(&kv_f32, s),
-        0,
-        ptr(&kv_d, s),
-        0,
+    dev.k.kv_copy(
+        KvCopy::Import,
+        [ptr(&kv_f32, s), 0, ptr(&kv_d, s), 0],
         n_blocks,
         layout.block_floats(),
     )?;
