@@ -534,6 +534,17 @@ extern "C" __global__ void attention_combine(const int* rows, const int* pos, co
    time, and a value's dimensions meet every row's weight of that key.
    Dynamic shared memory: (TILE_Q hd + 2 TILE_K hd + 4 TILE_K) floats (the
    last, where each key of the tile begins). */
+/* Where key k's K and V begin in one layer's paged KV (through its
+   sequence's block table; ~0 past the n_keys keys), into slot
+   threadIdx.x of k_at and v_at: one table lookup a key, for the kernels
+   that read a tile of keys into shared memory. */
+__device__ void key_offsets(u64* k_at, u64* v_at, int k, int n_keys, const int* table, u64 bf,
+                            u64 k_off, u64 v_off, int hd, int bs) {
+    u64 base = k < n_keys ? (u64)table[k / bs] * bf : 0;
+    k_at[threadIdx.x] = k < n_keys ? base + k_off + k % bs : ~0ull;
+    v_at[threadIdx.x] = k < n_keys ? base + v_off + (u64)(k % bs) * hd : ~0ull;
+}
+
 #define TILE_Q 16
 #define TILE_K 32
 #define TILE_ROWS (TILE_Q / 4)
@@ -573,13 +584,8 @@ extern "C" __global__ void attention_tiled(const int* tiles, const float* qkv, c
     }
     for (int k0 = 0; k0 < n_keys; k0 += TILE_K) {
         __syncthreads(); /* the previous key tile is consumed (and qs written) */
-        if (threadIdx.x < TILE_K) {
-            /* Where key k0 + j's K and V begin: one table lookup a key. */
-            int k = k0 + threadIdx.x;
-            u64 base = k < n_keys ? (u64)table[k / bs] * bf : 0;
-            k_at[threadIdx.x] = k < n_keys ? base + k_off + k % bs : ~0ull;
-            v_at[threadIdx.x] = k < n_keys ? base + v_off + (u64)(k % bs) * hd : ~0ull;
-        }
+        if (threadIdx.x < TILE_K)
+            key_offsets(k_at, v_at, k0 + threadIdx.x, n_keys, table, bf, k_off, v_off, hd, bs);
         __syncthreads();
         /* K is [dim][slot] in a block, and [dim][key] here: lane j reads
            key j (consecutive slots), writes consecutive words. */
@@ -757,12 +763,8 @@ extern "C" __global__ void attention_mma(const int* tiles, const float* qkv, con
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
     for (int k0 = 0; k0 < n_keys; k0 += MMA_TK) {
         __syncthreads(); /* the previous key tile is consumed */
-        if (threadIdx.x < MMA_TK) {
-            int k = k0 + threadIdx.x;
-            u64 base = k < n_keys ? (u64)table[k / bs] * bf : 0;
-            k_at[threadIdx.x] = k < n_keys ? base + k_off + k % bs : ~0ull;
-            v_at[threadIdx.x] = k < n_keys ? base + v_off + (u64)(k % bs) * hd : ~0ull;
-        }
+        if (threadIdx.x < MMA_TK)
+            key_offsets(k_at, v_at, k0 + threadIdx.x, n_keys, table, bf, k_off, v_off, hd, bs);
         __syncthreads();
         /* K is [dim][slot] in a block: consecutive threads read consecutive
            keys. Keys past the context are zeros (and masked below). */
