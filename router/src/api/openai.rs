@@ -409,8 +409,15 @@ pub(super) fn parse_object(
         err
     })?;
     let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        // serde_json reads `\ud800` not followed by its low half as a
+        // hex escape cut short: say what is wrong with it.
+        let hint = if e.to_string().contains("hex escape") {
+            " (a \\u escape of half a UTF-16 surrogate pair, such as \\ud800 alone, is not a character)"
+        } else {
+            ""
+        };
         ApiError::invalid(
-            format!("We could not parse the JSON body of your request: {e}"),
+            format!("We could not parse the JSON body of your request: {e}{hint}"),
             None,
         )
         .with_code("invalid_json")
@@ -1512,7 +1519,14 @@ async fn run(
         // Checked (ids in the vocabulary) before they are echoed.
         let mut prepared = common
             .params
-            .build(&state, prompt.ids.clone(), &base, prompt_param)?;
+            .build(&state, prompt.ids.clone(), &base, prompt_param)
+            .map_err(|mut e| {
+                // Of a batch, say which prompt.
+                if batch && e.param.as_deref() == Some(prompt_param) {
+                    e.message = format!("prompt {p} of the batch: {}", e.message);
+                }
+                e
+            })?;
         for input in &mut prepared.inputs {
             input.frontend_time = own;
         }

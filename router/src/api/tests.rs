@@ -678,12 +678,31 @@ async fn bad_inputs_are_400_with_param() {
             "'tokens[2]' must be a token id",
         ),
         (chat, chat_body(json!({"top_p": -0.1})), "top_p", "got -0.1"),
+        (
+            cmpl,
+            cmpl_body(json!({"prompt": ["a", ""]})),
+            "prompt",
+            "prompt 1 of the batch",
+        ),
     ] {
         let (s, v) = post(&app, uri, body).await;
         assert_error(s, &v, StatusCode::BAD_REQUEST, Some(param), words);
         let message = v["error"]["message"].as_str().unwrap();
         assert!(message.contains(words), "{message}");
     }
+    // Half a surrogate pair: the message says so, not only that an escape
+    // ended early.
+    let raw = r#"{"model": "m", "messages": [{"role": "user", "content": "\ud800 x"}]}"#;
+    let (s, _, b) = call(&app, "POST", chat, Some(raw), None).await;
+    let v: Value = serde_json::from_str(&b).unwrap();
+    assert_error(s, &v, StatusCode::BAD_REQUEST, None, raw);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("surrogate"),
+        "{v}"
+    );
 
     // Bodies that are not JSON objects, or not JSON at all: 400, never 422.
     for raw in ["{not json", "[1,2]", "", "null", "\"x\""] {
