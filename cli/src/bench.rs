@@ -37,7 +37,7 @@ mod spec;
 pub struct EngineArgs {
     #[arg(long, env = "TANDEM_MODEL")]
     pub model: Option<PathBuf>,
-    #[arg(long, env = "TANDEM_THREADS")]
+    #[arg(long, env = "TANDEM_THREADS", value_parser = crate::thread_arg)]
     pub threads: Option<usize>,
     /// Keep an f32 copy of the weights for batched steps (auto|on|off).
     #[arg(long, env = "TANDEM_EXPAND_WEIGHTS", default_value = "auto")]

@@ -23,7 +23,7 @@ use super::median;
 pub struct SpecArgs {
     #[arg(long, env = "TANDEM_MODEL")]
     pub model: Option<PathBuf>,
-    #[arg(long, env = "TANDEM_THREADS")]
+    #[arg(long, env = "TANDEM_THREADS", value_parser = crate::thread_arg)]
     pub threads: Option<usize>,
     /// Draft lengths to compare with no speculation, e.g. 2,4,8.
     #[arg(long, value_delimiter = ',', default_values_t = [2usize, 4, 8])]

@@ -70,7 +70,7 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "K")]
     pub prompt_logprobs: Option<usize>,
     /// Worker threads (default, or 0: all cores).
-    #[arg(long, env = "TANDEM_THREADS")]
+    #[arg(long, env = "TANDEM_THREADS", value_parser = crate::thread_arg)]
     pub threads: Option<usize>,
     /// Tensor-parallel ranks (one process each; the output is the same bits).
     #[arg(long, default_value_t = 1)]

@@ -176,7 +176,22 @@ pub fn model_path(arg: Option<std::path::PathBuf>) -> Result<std::path::PathBuf>
     }
 }
 
-/// Threads to use: `--threads`, else every core.
+/// Most threads `--threads` takes: more than any machine's cores, and few
+/// enough that spawning them is never what fails.
+pub const MAX_THREADS: usize = 1024;
+
+/// Parses `--threads` (a clap value parser): 0 (every core) to
+/// [`MAX_THREADS`].
+pub fn thread_arg(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n > MAX_THREADS => Err(format!(
+            "must be at most {MAX_THREADS} (threads beyond the cores only slow the kernels; 0 uses every core)"
+        )),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Parses a count that must be at least 1 (a clap value parser).
 pub fn positive(s: &str) -> std::result::Result<usize, String> {
     match s.trim().parse::<usize>() {
@@ -200,6 +215,7 @@ pub fn output_file(s: &str) -> std::result::Result<std::path::PathBuf, String> {
     Ok(p)
 }
 
+/// Threads to use: `--threads`, else (or with 0) every core.
 pub fn thread_count(arg: Option<usize>) -> usize {
     arg.filter(|&n| n > 0).unwrap_or_else(|| {
         std::thread::available_parallelism()

@@ -85,7 +85,7 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub node: NodeArgs,
     /// Compute threads (default, or 0: all cores).
-    #[arg(long, env = "TANDEM_THREADS")]
+    #[arg(long, env = "TANDEM_THREADS", value_parser = crate::thread_arg)]
     pub threads: Option<usize>,
     /// Keep an f32 copy of the weights for batched steps (auto|on|off): faster
     /// batched decode for 4 bytes of memory per weight; auto = when it fits.
@@ -513,6 +513,17 @@ fn start_engine(args: &WorkerArgs) -> Result<Started> {
             crate::shard::start(&path, &src, args.tp, args.pp, threads, args.expand_weights)?;
         (m.clone(), Some((m, ranks)))
     };
+    // The engine keeps at least one block: one larger than the budget
+    // (a huge --block-size) would overrun it, so it is refused here.
+    let block_bytes = model.kv_block_bytes(args.block_size);
+    if block_bytes > kv_bytes {
+        bail!(
+            "--kv-cache-memory {} holds no KV block of this model: a block of --block-size {} tokens takes {} bytes",
+            args.kv_cache_memory,
+            args.block_size,
+            block_bytes
+        );
+    }
     let engine = Engine::start(
         model,
         EngineConfig {

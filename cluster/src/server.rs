@@ -146,9 +146,11 @@ impl NodeServer {
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
         let (reporter, health) = tonic_health::server::health_reporter();
-        reporter
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
+        for name in std::iter::once("").chain(services.iter().copied()) {
+            reporter
+                .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
         let (reflection, reflection_v1alpha) =
             tandem_proto::reflection_services(&services, &[tonic_health::pb::FILE_DESCRIPTOR_SET])
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -205,10 +207,14 @@ impl NodeServer {
                 }
             }
         });
-        // Report gRPC health from the readiness flag.
+        // Report gRPC health from the readiness flag: for the server ("")
+        // and for each service by name (probes may ask for either).
         let health_task = {
             let readiness = readiness.clone();
             let shutdown = shutdown.clone();
+            let names: Vec<&'static str> = std::iter::once("")
+                .chain(services.iter().copied())
+                .collect();
             tokio::spawn(async move {
                 let mut last = None;
                 loop {
@@ -219,12 +225,16 @@ impl NodeServer {
                         } else {
                             tonic_health::ServingStatus::NotServing
                         };
-                        reporter.set_service_status("", status).await;
+                        for name in &names {
+                            reporter.set_service_status(*name, status).await;
+                        }
                         last = Some(now);
                     }
                     tokio::select! {
                         _ = shutdown.cancelled() => {
-                            reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+                            for name in &names {
+                                reporter.set_service_status(*name, tonic_health::ServingStatus::NotServing).await;
+                            }
                             break;
                         }
                         _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
@@ -339,6 +349,48 @@ fn error_response(status: StatusCode, code: &str, message: String) -> Response {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// gRPC health answers for the server and for each of its services by
+    /// name (a probe may name one), as the readiness flag says.
+    #[tokio::test]
+    async fn grpc_health_answers_for_each_service_by_name() {
+        use tonic_health::pb::health_client::HealthClient;
+        use tonic_health::pb::{health_check_response::ServingStatus, HealthCheckRequest};
+        let server = NodeServer::bind(([127, 0, 0, 1], 0).into()).await.unwrap();
+        let addr = server.local_addr();
+        let shutdown = CancellationToken::new();
+        let readiness = Readiness::default();
+        let serving = tokio::spawn(server.serve(
+            tonic::service::Routes::default(),
+            vec!["tandem.v1.Generate"],
+            axum::Router::new(),
+            readiness.clone(),
+            shutdown.clone(),
+        ));
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = HealthClient::new(channel);
+        let status = |name: &str| HealthCheckRequest {
+            service: name.into(),
+        };
+        for name in ["", "tandem.v1.Generate"] {
+            let r = client.check(status(name)).await.expect(name).into_inner();
+            assert_eq!(r.status, ServingStatus::NotServing as i32, "{name:?}");
+        }
+        readiness.set(true);
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        for name in ["", "tandem.v1.Generate"] {
+            let r = client.check(status(name)).await.expect(name).into_inner();
+            assert_eq!(r.status, ServingStatus::Serving as i32, "{name:?}");
+        }
+        let unknown = client.check(status("no.Such")).await.unwrap_err();
+        assert_eq!(unknown.code(), tonic::Code::NotFound);
+        shutdown.cancel();
+        serving.await.unwrap().unwrap();
+    }
 
     /// A node with no services of its own, serving on a loopback port
     /// until the token is cancelled.

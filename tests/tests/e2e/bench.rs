@@ -120,3 +120,57 @@ fn bench_serve_refuses_bad_arguments_without_panicking() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+/// Worker sizes that cannot work are refused with one line before anything
+/// is served: a thread count no machine has (spawning would fail), and a
+/// block larger than the KV budget (one block is always kept: it would
+/// overrun the budget).
+#[test]
+fn workers_refuse_sizes_that_cannot_work() {
+    let model = tandem_tests::model_path();
+    let model = model.to_str().unwrap();
+    for (args, code, words) in [
+        (
+            vec!["generate", "--prompt", "hi", "--threads", "100000"],
+            2,
+            "at most 1024",
+        ),
+        (
+            vec![
+                "decode",
+                "--block-size",
+                "100000",
+                "--kv-cache-memory",
+                "128MiB",
+                "--port",
+                "0",
+                "--cluster-secret",
+                "s",
+            ],
+            1,
+            "holds no KV block",
+        ),
+    ] {
+        let mut child = Command::new(tandem_bin())
+            .args(&args)
+            .args(["--model", model])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("running tandem");
+        // A worker that accepted the sizes would serve for ever: bounded.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{args:?}: still running after 60 s: the sizes were accepted");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+        assert!(stderr.contains(words), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
