@@ -192,6 +192,16 @@ pub fn thread_arg(s: &str) -> std::result::Result<usize, String> {
     }
 }
 
+/// Parses `--api-key` (a clap value parser): an empty key is refused, not
+/// taken as none (a secret that came out empty must not open the API).
+pub fn api_key(s: &str) -> std::result::Result<String, String> {
+    if s.trim().is_empty() {
+        Err("is empty, which would leave the API open to anyone: give a key, or leave --api-key and TANDEM_API_KEY unset to serve without one".into())
+    } else {
+        Ok(s.to_string())
+    }
+}
+
 /// Parses a count that must be at least 1 (a clap value parser).
 pub fn positive(s: &str) -> std::result::Result<usize, String> {
     match s.trim().parse::<usize>() {

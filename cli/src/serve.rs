@@ -286,7 +286,7 @@ pub struct RouterArgs {
     #[command(flatten)]
     pub node: NodeArgs,
     /// Bearer key clients must present on /v1 (and gRPC Generate).
-    #[arg(long, env = "TANDEM_API_KEY", hide_env_values = true)]
+    #[arg(long, env = "TANDEM_API_KEY", hide_env_values = true, value_parser = crate::api_key)]
     pub api_key: Option<String>,
     /// Web origins whose pages may call the API from a browser (CORS):
     /// `https://app.example.com`, or `*` for any; comma-separated or

@@ -41,7 +41,7 @@ pub struct UpArgs {
     #[arg(long, env = "TANDEM_HOST", default_value = "127.0.0.1", value_parser = tandem_cluster::peers::resolve_host)]
     pub host: std::net::IpAddr,
     /// Bearer key clients must present.
-    #[arg(long, env = "TANDEM_API_KEY", hide_env_values = true)]
+    #[arg(long, env = "TANDEM_API_KEY", hide_env_values = true, value_parser = crate::api_key)]
     pub api_key: Option<String>,
     /// Cores to use in all (default: every core).
     #[arg(long, value_parser = crate::positive)]

@@ -121,12 +121,12 @@ fn bench_serve_refuses_bad_arguments_without_panicking() {
     }
 }
 
-/// Worker sizes that cannot work are refused with one line before anything
-/// is served: a thread count no machine has (spawning would fail), and a
-/// block larger than the KV budget (one block is always kept: it would
-/// overrun the budget).
+/// Settings that cannot work are refused with one line before anything
+/// is served: a thread count no machine has (spawning would fail), an
+/// empty API key (it would open the API), and a block larger than the KV
+/// budget (one block is always kept: it would overrun the budget).
 #[test]
-fn workers_refuse_sizes_that_cannot_work() {
+fn nodes_refuse_settings_that_cannot_work() {
     let model = tandem_tests::model_path();
     let model = model.to_str().unwrap();
     for (args, code, words) in [
@@ -134,6 +134,11 @@ fn workers_refuse_sizes_that_cannot_work() {
             vec!["generate", "--prompt", "hi", "--threads", "100000"],
             2,
             "at most 1024",
+        ),
+        (
+            vec!["router", "--api-key", " ", "--port", "0"],
+            2,
+            "would leave the API open",
         ),
         (
             vec![
