@@ -513,8 +513,8 @@ fn start_engine(args: &WorkerArgs) -> Result<Started> {
             crate::shard::start(&path, &src, args.tp, args.pp, threads, args.expand_weights)?;
         (m.clone(), Some((m, ranks)))
     };
-    // The engine keeps at least one block: one larger than the budget
-    // (a huge --block-size) would overrun it, so it is refused here.
+    // The engine keeps at least one block: a budget that holds none (or a
+    // huge --block-size) would be overrun, so it is refused here.
     let block_bytes = model.kv_block_bytes(args.block_size);
     if block_bytes > kv_bytes {
         bail!(
@@ -546,12 +546,6 @@ fn start_engine(args: &WorkerArgs) -> Result<Started> {
         },
     );
     let blocks = engine.stats().total_blocks;
-    if blocks == 0 {
-        bail!(
-            "--kv-cache-memory {} holds no KV block of this model",
-            args.kv_cache_memory
-        );
-    }
     let tokens = blocks * args.block_size;
     let context = src.config.context_length;
     if tokens < context {

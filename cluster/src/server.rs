@@ -146,9 +146,14 @@ impl NodeServer {
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
         let (reporter, health) = tonic_health::server::health_reporter();
-        for name in std::iter::once("").chain(services.iter().copied()) {
+        // Health is reported for the server ("") and for each service by
+        // name (probes may ask for either).
+        let health_names: Vec<&'static str> = std::iter::once("")
+            .chain(services.iter().copied())
+            .collect();
+        for name in &health_names {
             reporter
-                .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                .set_service_status(*name, tonic_health::ServingStatus::NotServing)
                 .await;
         }
         let (reflection, reflection_v1alpha) =
@@ -207,14 +212,11 @@ impl NodeServer {
                 }
             }
         });
-        // Report gRPC health from the readiness flag: for the server ("")
-        // and for each service by name (probes may ask for either).
+        // Report gRPC health from the readiness flag.
         let health_task = {
             let readiness = readiness.clone();
             let shutdown = shutdown.clone();
-            let names: Vec<&'static str> = std::iter::once("")
-                .chain(services.iter().copied())
-                .collect();
+            let names = health_names;
             tokio::spawn(async move {
                 let mut last = None;
                 loop {
