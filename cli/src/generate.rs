@@ -25,7 +25,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub prompt: Option<String>,
     /// System message for --chat.
-    #[arg(long)]
+    #[arg(long, requires = "chat")]
     pub system: Option<String>,
     /// Apply the model's chat template.
     #[arg(long)]

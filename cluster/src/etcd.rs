@@ -178,14 +178,29 @@ impl EtcdConfig {
             } else {
                 format!("http://{e}")
             };
-            let rest = url
-                .strip_prefix("http://")
-                .or_else(|| url.strip_prefix("https://"))
-                .ok_or_else(|| {
-                    format!("etcd endpoint {e:?}: the scheme must be http:// or https://")
-                })?;
-            if rest.trim_end_matches('/').is_empty() {
+            let uri: http::Uri = url
+                .parse()
+                .map_err(|err| format!("etcd endpoint {e:?} is not a URL: {err}"))?;
+            if !matches!(uri.scheme_str(), Some("http" | "https")) {
+                return Err(format!(
+                    "etcd endpoint {e:?}: the scheme must be http:// or https://"
+                ));
+            }
+            let Some(authority) = uri.authority().filter(|a| !a.host().is_empty()) else {
                 return Err(format!("etcd endpoint {e:?} has no host"));
+            };
+            // Without a port the client would dial 80 or 443 and retry there
+            // forever; etcd's own default is 2379, so say so.
+            if authority.port_u16().is_none() {
+                return Err(format!(
+                    "etcd endpoint {e:?} has no port (etcd listens on 2379 by default: {}:2379)",
+                    authority.host()
+                ));
+            }
+            if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+                return Err(format!(
+                    "etcd endpoint {e:?}: give only the scheme, host and port"
+                ));
             }
             out.push(url);
         }
@@ -324,6 +339,23 @@ mod tests {
         );
         assert!(EtcdConfig::parse_endpoints(" , ").is_err());
         assert!(EtcdConfig::parse_endpoints("ftp://x:1").is_err());
+        for bad in [
+            "notaurl",
+            "http://exa mple:2379",
+            "https://etcd",
+            "http://:2379",
+            "etcd:2379/v3",
+        ] {
+            let err = EtcdConfig::parse_endpoints(bad).unwrap_err();
+            assert!(err.contains(bad), "{bad}: {err}");
+        }
+        assert!(EtcdConfig::parse_endpoints("notaurl")
+            .unwrap_err()
+            .contains("notaurl:2379"));
+        assert_eq!(
+            EtcdConfig::parse_endpoints("https://[::1]:2379/").unwrap(),
+            vec!["https://[::1]:2379/"]
+        );
         let mut c = EtcdConfig::new(vec![]);
         assert_eq!(c.lease_ttl_secs(), 30);
         c.lease_ttl = Duration::from_millis(1500);

@@ -793,8 +793,8 @@ mod proptests {
                         holders[b as usize] += 1;
                     }
                 }
-                for b in 0..p.n_blocks() {
-                    prop_assert_eq!(p.refcount(b as BlockId), holders[b]);
+                for (b, &held) in holders.iter().enumerate() {
+                    prop_assert_eq!(p.refcount(b as BlockId), held);
                 }
                 prop_assert_eq!(p.free_blocks(), holders.iter().filter(|&&h| h == 0).count());
             }

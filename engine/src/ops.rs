@@ -7,6 +7,11 @@
 //! the baseline, and picked at run time; `f32::mul_add` is a true fused
 //! multiply-add on both, so both give the same bits.
 
+// The kernels index fixed-size accumulator arrays by lane and row on
+// purpose: the explicit indices are what fixes the reduction order, and
+// they unroll into registers.
+#![allow(clippy::needless_range_loop)]
+
 /// Lanes of the fixed accumulation pattern used by [`dot`] and [`sum_squares`].
 const LANES: usize = 16;
 
@@ -178,6 +183,7 @@ pub fn has_avx2() -> bool {
 macro_rules! multiversion {
     ($(#[$m:meta])* pub fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
         pub fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {

@@ -790,10 +790,7 @@ impl Scheduler {
             if budget == 0 {
                 break;
             }
-            loop {
-                let Some(idx) = self.running.iter().position(|s| s.uid == id) else {
-                    break;
-                };
+            while let Some(idx) = self.running.iter().position(|s| s.uid == id) {
                 let need = self.blocks_needed(&self.running[idx], 1);
                 if self.make_room(need) {
                     self.pool.reserve(&mut self.running[idx].kv, 1)?;

@@ -457,6 +457,58 @@ fn grpc_streaming_and_unary_agree() {
             unary.usage.unwrap().completion_tokens as usize,
             unary.token_ids.len()
         );
+        // Each call is counted once, under the status it ended with: a
+        // refused one under its error, and one the client dropped halfway
+        // under CANCELLED, not OK.
+        let calls = |endpoint: &str, code: tonic::Code| {
+            format!(
+                "tandem_requests_total{{endpoint=\"{endpoint}\",status=\"grpc_{}\"}}",
+                code as i32
+            )
+        };
+        for endpoint in ["grpc_generate", "grpc_generate_stream"] {
+            assert_eq!(
+                counter(&cluster.router, &calls(endpoint, tonic::Code::Ok)).await,
+                1.0
+            );
+        }
+        let mut wrong_model = greedy_request("Hello");
+        wrong_model.model = "no-such-model".into();
+        let refused = client.generate_stream(wrong_model).await.unwrap_err();
+        let refused_calls = calls("grpc_generate_stream", refused.code());
+        assert_eq!(counter(&cluster.router, &refused_calls).await, 1.0);
+        // A request beyond tonic's default 4 MiB is read (up to the HTTP
+        // API's 32 MiB) and answered on its merits: here, too long a prompt.
+        let mut big = greedy_request("");
+        big.input = Some(g::Input::TokenIds(g::TokenIds {
+            ids: vec![1; 5 << 20],
+        }));
+        let e = client.generate(big).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("context"), "{e:?}");
+        let mut long = greedy_request("Count from one to a hundred:");
+        long.sampling.as_mut().unwrap().max_tokens = Some(200);
+        long.sampling.as_mut().unwrap().ignore_eos = true;
+        let mut s = client.generate_stream(long).await.unwrap().into_inner();
+        assert!(s.message().await.unwrap().is_some());
+        drop(s);
+        let cancelled = calls("grpc_generate_stream", tonic::Code::Cancelled);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while counter(&cluster.router, &cancelled).await < 1.0 {
+            assert!(
+                Instant::now() < deadline,
+                "a dropped stream was never counted"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            counter(
+                &cluster.router,
+                &calls("grpc_generate_stream", tonic::Code::Ok)
+            )
+            .await,
+            1.0
+        );
         // Server reflection, v1 and v1alpha (grpcurl, grpcio's client),
         // lists what each node serves: the API on the router, the worker
         // protocol on a worker; health checking and reflection on both.

@@ -32,9 +32,12 @@ impl GenerateApi {
     }
 }
 
-/// The tonic service to add to the node's gRPC server.
+/// The tonic service to add to the node's gRPC server. Requests may be as
+/// large as the HTTP API's bodies (tonic's own default is 4 MiB), so a
+/// prompt that fits one API fits the other.
 pub fn generate_service(state: Arc<ApiState>) -> GenerateServer<GenerateApi> {
     GenerateServer::new(GenerateApi::new(state))
+        .max_decoding_message_size(super::openai::MAX_BODY_BYTES)
 }
 
 fn pb_finish(f: Option<FinishReason>) -> i32 {
@@ -52,6 +55,35 @@ fn count(endpoint: &'static str, code: tonic::Code) {
         "status" => format!("grpc_{}", code as i32)
     )
     .increment(1);
+}
+
+/// Counts one call in `tandem_requests_total` under the status it ended
+/// with: the first error sent, OK once the finish went out, and CANCELLED
+/// when the client went away before either (the call's future or stream is
+/// dropped then, so counting happens on drop).
+struct CallCount {
+    endpoint: &'static str,
+    code: Option<tonic::Code>,
+}
+
+impl CallCount {
+    fn new(endpoint: &'static str) -> Self {
+        Self {
+            endpoint,
+            code: None,
+        }
+    }
+
+    /// Records how the call ended; the first word stands.
+    fn ended(&mut self, code: tonic::Code) {
+        self.code.get_or_insert(code);
+    }
+}
+
+impl Drop for CallCount {
+    fn drop(&mut self) {
+        count(self.endpoint, self.code.unwrap_or(tonic::Code::Cancelled));
+    }
 }
 
 struct Started {
@@ -227,6 +259,7 @@ impl Generate for GenerateApi {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
+        let mut calls = CallCount::new("grpc_generate");
         let result = async {
             let mut st = self.start(request).await?;
             let ttft = Ttft::new(st.start, "grpc");
@@ -268,12 +301,12 @@ impl Generate for GenerateApi {
         .await;
         match result {
             Ok(r) => {
-                count("grpc_generate", tonic::Code::Ok);
+                calls.ended(tonic::Code::Ok);
                 Ok(Response::new(r))
             }
             Err(e) => {
                 let s = e.to_status();
-                count("grpc_generate", s.code());
+                calls.ended(s.code());
                 Err(s)
             }
         }
@@ -289,15 +322,15 @@ impl Generate for GenerateApi {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let mut calls = CallCount::new("grpc_generate_stream");
         let st = match self.start(request).await {
             Ok(st) => st,
             Err(e) => {
                 let s = e.to_status();
-                count("grpc_generate_stream", s.code());
+                calls.ended(s.code());
                 return Err(s);
             }
         };
-        count("grpc_generate_stream", tonic::Code::Ok);
         let ttft = Ttft::new(st.start, "grpc");
         let start = st.start;
         let prompt_tokens = st.prepared.prompt_tokens;
@@ -305,7 +338,11 @@ impl Generate for GenerateApi {
         let request_id = st.request_id;
         let prompt = st.prompt;
         let stream = st.choice.map(move |(_, out)| match out {
-            ChoiceOut::Error(e) => Err(ApiError::from(e).to_status()),
+            ChoiceOut::Error(e) => {
+                let status = ApiError::from(e).to_status();
+                calls.ended(status.code());
+                Err(status)
+            }
             ChoiceOut::Delta(d) => {
                 ttft.mark();
                 metrics::counter!(tandem_cluster::metrics::GENERATED_TOKENS, "endpoint" => "grpc")
@@ -344,6 +381,7 @@ impl Generate for GenerateApi {
                 };
                 record_relay(d.received);
                 if d.finish.is_some() {
+                    calls.ended(tonic::Code::Ok);
                     metrics::histogram!(tandem_cluster::metrics::REQUEST_DURATION, "endpoint" => "grpc")
                         .record(start.elapsed().as_secs_f64());
                 }
