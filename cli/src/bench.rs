@@ -252,6 +252,23 @@ fn engine(a: EngineArgs) -> Result<()> {
         load_s
     );
 
+    // Each figure's sequences must fit the context: say which flag does not.
+    let context = model.config.context_length;
+    let decode_prompt = if a.batch.is_empty() { 16 } else { 128 };
+    for (flag, tokens) in [
+        ("--prompt-tokens", a.prompt_tokens),
+        (
+            "--gen-tokens (after its decode prompt)",
+            decode_prompt + a.gen_tokens,
+        ),
+        // The shared prefix, a 24-token question, and the first token.
+        ("--prefix-tokens (with its question)", a.prefix_tokens + 25),
+    ] {
+        if tokens > context {
+            anyhow::bail!("{flag} makes a sequence of {tokens} tokens, beyond the model's context of {context}");
+        }
+    }
+
     // Prefill: the whole prompt in one forward call.
     let prompt = prompt_ids(a.prompt_tokens, vocab, 0);
     let mut prefill = Vec::new();

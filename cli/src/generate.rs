@@ -263,6 +263,9 @@ fn render(l: &Loaded, messages: &[ChatMessage]) -> Result<String> {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
+    if args.max_tokens == Some(0) && args.prompt_logprobs.is_none() {
+        bail!("--max-tokens 0 generates nothing; it goes with --prompt-logprobs, to score the prompt alone");
+    }
     let l = load(&args)?;
     let mut messages = Vec::new();
     if let Some(s) = &args.system {

@@ -134,9 +134,21 @@ fn tune_malloc() {
     }
 }
 
+/// The command line, where `--max-tokens -1` is a value (and refused as
+/// one, with the flag's own message) rather than an unknown flag `-1`.
+fn parse_cli() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    fn negatives_are_values(cmd: clap::Command) -> clap::Command {
+        cmd.allow_negative_numbers(true)
+            .mut_subcommands(negatives_are_values)
+    }
+    let matches = negatives_are_values(Cli::command()).get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
 fn main() {
     tune_malloc();
-    let cli = Cli::parse();
+    let cli = parse_cli();
     init_logging(cli.log_format);
     let result: Result<()> = match cli.command {
         Command::Up(args) => up::run(args),

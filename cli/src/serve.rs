@@ -159,7 +159,7 @@ pub struct SpeculativeArgs {
     /// Pays off where answers repeat their prompt (edits, extraction,
     /// code). On CPUs keep it at 7 or less (steps of up to 8 tokens run
     /// the one-pass kernel).
-    #[arg(long, env = "TANDEM_SPECULATIVE_TOKENS", default_value_t = 0)]
+    #[arg(long, env = "TANDEM_SPECULATIVE_TOKENS", default_value_t = 0, value_parser = speculative_tokens)]
     pub speculative_tokens: usize,
     /// Draft only while at most this many sequences decode.
     #[arg(long, env = "TANDEM_SPECULATIVE_MAX_BATCH", default_value_t = 4)]
@@ -170,8 +170,26 @@ pub struct SpeculativeArgs {
     /// What one more token costs a step, as a share of a one-token step;
     /// with each sequence's acceptance rate it sets the draft length
     /// (default: 0.35 on CPUs, 0.05 on GPUs).
-    #[arg(long, env = "TANDEM_SPECULATIVE_TOKEN_COST")]
+    #[arg(long, env = "TANDEM_SPECULATIVE_TOKEN_COST", value_parser = speculative_token_cost)]
     pub speculative_token_cost: Option<f32>,
+}
+
+/// `--speculative-tokens`: at most 64.
+fn speculative_tokens(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n <= 64 => Ok(n),
+        Ok(n) => Err(format!("at most 64, got {n}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `--speculative-token-cost`: a share of a one-token step, 0 to 10.
+fn speculative_token_cost(s: &str) -> std::result::Result<f32, String> {
+    match s.trim().parse::<f32>() {
+        Ok(c) if (0.0..=10.0).contains(&c) => Ok(c),
+        Ok(c) => Err(format!("must be between 0 and 10, got {c}")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn parse_ngram(s: &str) -> std::result::Result<(usize, usize), String> {
@@ -207,27 +225,18 @@ impl SpeculativeArgs {
         v
     }
 
-    pub fn config(&self, device: crate::device::Device) -> Result<SpeculativeConfig> {
+    pub fn config(&self, device: crate::device::Device) -> SpeculativeConfig {
         let token_cost = self.speculative_token_cost.unwrap_or(match device {
             crate::device::Device::Cpu => 0.35,
             crate::device::Device::Cuda { .. } => 0.05,
         });
-        if !(0.0..=10.0).contains(&token_cost) {
-            bail!("--speculative-token-cost must be between 0 and 10, got {token_cost}");
-        }
-        if self.speculative_tokens > 64 {
-            bail!(
-                "--speculative-tokens must be at most 64, got {}",
-                self.speculative_tokens
-            );
-        }
-        Ok(SpeculativeConfig {
+        SpeculativeConfig {
             tokens: self.speculative_tokens,
             ngram_min: self.speculative_ngram.0,
             ngram_max: self.speculative_ngram.1,
             max_batch: self.speculative_max_batch,
             token_cost,
-        })
+        }
     }
 }
 
@@ -530,7 +539,7 @@ fn start_engine(args: &WorkerArgs) -> Result<Started> {
             scheduler: SchedulerConfig {
                 max_step_tokens: args.max_step_tokens,
                 max_running: args.max_running,
-                speculative: args.speculative.config(args.device)?,
+                speculative: args.speculative.config(args.device),
                 ..Default::default()
             },
             block_size: args.block_size,

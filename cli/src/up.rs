@@ -47,13 +47,15 @@ pub struct UpArgs {
     #[arg(long, value_parser = crate::positive)]
     pub cores: Option<usize>,
     /// KV cache per worker (see `tandem decode --help`).
-    #[arg(long, default_value = "1GiB")]
+    #[arg(long, default_value = "1GiB", value_parser = checked(crate::serve::parse_size))]
     pub kv_cache_memory: String,
     /// Prompts shorter than this skip the prefill tier.
     #[arg(long, default_value_t = 32)]
     pub disagg_min_tokens: usize,
-    #[arg(long, default_value = "prefix-affinity")]
+    /// prefix-affinity, least-loaded or round-robin (see `tandem router --help`).
+    #[arg(long, default_value = "prefix-affinity", value_parser = checked(|s| s.parse::<tandem_router::policy::RoutePolicy>().map_err(anyhow::Error::msg)))]
     pub route_policy: String,
+    /// The model name clients use (default: the model file's stem).
     #[arg(long)]
     pub served_model_name: Option<String>,
     /// Tensor-parallel ranks of each prefill worker (one process each).
@@ -80,6 +82,19 @@ pub struct UpArgs {
     /// `tandem decode --help`).
     #[command(flatten)]
     pub speculative: crate::serve::SpeculativeArgs,
+}
+
+/// A value parser that checks a flag the way the node that receives it
+/// will, and keeps its text to pass on: a bad value is refused here, with
+/// clap's message, before any node starts.
+fn checked<T: 'static>(
+    check: fn(&str) -> Result<T>,
+) -> impl Fn(&str) -> std::result::Result<String, String> + Clone + Send + Sync + 'static {
+    move |s| {
+        check(s)
+            .map(|_| s.to_string())
+            .map_err(|e| format!("{e:#}"))
+    }
 }
 
 /// Threads for each prefill and each decode worker. Prefill is compute

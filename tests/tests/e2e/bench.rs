@@ -123,8 +123,10 @@ fn bench_serve_refuses_bad_arguments_without_panicking() {
 
 /// Settings that cannot work are refused with one line before anything
 /// is served: a thread count no machine has (spawning would fail), an
-/// empty API key (it would open the API), and a block larger than the KV
-/// budget (one block is always kept: it would overrun the budget).
+/// empty API key (it would open the API), a block larger than the KV
+/// budget (one block is always kept: it would overrun the budget), an etcd
+/// address that is no URL, and flags that would be silently ignored or do
+/// nothing.
 #[test]
 fn nodes_refuse_settings_that_cannot_work() {
     let model = tandem_tests::model_path();
@@ -154,6 +156,56 @@ fn nodes_refuse_settings_that_cannot_work() {
             ],
             1,
             "holds no KV block",
+        ),
+        (
+            vec![
+                "decode",
+                "--etcd",
+                "notaurl",
+                "--port",
+                "0",
+                "--cluster-secret",
+                "s",
+            ],
+            1,
+            "has no port (etcd listens on 2379 by default: notaurl:2379)",
+        ),
+        (
+            vec!["up", "--route-policy", "bogus", "--port", "0"],
+            2,
+            "unknown route policy \"bogus\"",
+        ),
+        (
+            vec!["up", "--speculative-token-cost", "-5", "--port", "0"],
+            2,
+            "must be between 0 and 10, got -5",
+        ),
+        (
+            vec!["generate", "--prompt", "hi", "--max-tokens", "-1"],
+            2,
+            "invalid value '-1' for '--max-tokens",
+        ),
+        (
+            vec!["generate", "--prompt", "hi", "--max-tokens", "0"],
+            1,
+            "goes with --prompt-logprobs",
+        ),
+        (
+            vec!["generate", "--prompt", "hi", "--system", "Be brief."],
+            2,
+            "--chat",
+        ),
+        (
+            vec![
+                "bench",
+                "engine",
+                "--prompt-tokens",
+                "100000",
+                "--runs",
+                "1",
+            ],
+            1,
+            "--prompt-tokens makes a sequence of 100000 tokens, beyond the model's context of 8192",
         ),
     ] {
         let mut child = Command::new(tandem_bin())
