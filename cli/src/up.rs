@@ -160,10 +160,25 @@ pub fn stop_all(mut nodes: Vec<Node>) {
     }
 }
 
+/// The binary to start nodes from: the one running, even after its file was
+/// replaced (an upgrade or a rebuild while the cluster runs). Its path then
+/// names nothing, or a newer build; `/proc/self/exe` still opens this one,
+/// so a restarted node is the same version as the rest of the cluster.
+fn this_binary() -> Result<PathBuf> {
+    let proc_exe = PathBuf::from("/proc/self/exe");
+    if proc_exe.exists() {
+        return Ok(proc_exe);
+    }
+    std::env::current_exe().context("locating this binary")
+}
+
 /// Starts `tandem ROLE ... --port 0` and waits for its readiness line.
 pub fn spawn(role: Role, args: &[String], secret: &str, log_prefix: &str) -> Result<Node> {
-    let exe = std::env::current_exe().context("locating this binary")?;
-    let mut cmd = Command::new(exe);
+    let mut cmd = Command::new(this_binary()?);
+    // `ps` shows the name this was started by, not `/proc/self/exe`.
+    if let Some(name) = std::env::args_os().next() {
+        cmd.arg0(name);
+    }
     cmd.arg(role.as_str())
         .args(args)
         .env("TANDEM_CLUSTER_SECRET", secret)
@@ -383,6 +398,9 @@ pub fn run(args: UpArgs) -> Result<()> {
 /// cluster: restarting a node that cannot run only hides why.
 pub const MAX_RESTARTS: usize = 3;
 pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
+/// The pause before the second restart within [`RESTART_WINDOW`] (twice
+/// this before the third, and so on).
+pub const RESTART_PAUSE: Duration = Duration::from_secs(1);
 
 /// A node `tandem up` started, with what it takes to start it again.
 struct Supervised {
@@ -428,10 +446,21 @@ impl Supervised {
                     RESTART_WINDOW.as_secs()
                 );
             }
+            // The first restart is at once; another within the window
+            // waits a little longer each time, so that a cause that passes
+            // (its port still held for a moment) does not use up the
+            // restarts in milliseconds.
+            let wait = RESTART_PAUSE * self.restarts.len() as u32;
             self.restarts.push_back(now);
             crate::notice(&format!(
-                "tandem up: the {role} node {why}; starting it again on port {port}"
+                "tandem up: the {role} node {why}; starting it again on port {port}{}",
+                if wait.is_zero() {
+                    String::new()
+                } else {
+                    format!(" in {} s", wait.as_secs_f64())
+                }
             ));
+            std::thread::sleep(wait);
             let args = with_port(&self.args, port);
             match spawn(role, &args, secret, &self.log_prefix) {
                 Ok(node) => {

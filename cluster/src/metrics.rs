@@ -165,7 +165,7 @@ pub fn describe() {
     let c = |name: &'static str, help: &'static str| describe_counter!(name, Unit::Count, help);
     c(
         REQUESTS,
-        "API requests by endpoint and status (HTTP code, or grpc_N with gRPC status code N)",
+        "API requests by endpoint and status (HTTP code, 499 when the client left before the answer began, or grpc_N with gRPC status code N)",
     );
     c(PROMPT_TOKENS, "Prompt tokens of admitted requests");
     c(

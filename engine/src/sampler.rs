@@ -130,7 +130,7 @@ impl SamplingParams {
         let bad = |m: String| Err(EngineError::Sampling(m));
         if !self.temperature.is_finite() || self.temperature < 0.0 {
             return bad(format!(
-                "temperature must be >= 0, got {}",
+                "temperature must be a finite number >= 0, got {}",
                 self.temperature
             ));
         }
@@ -142,7 +142,7 @@ impl SamplingParams {
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
             return bad(format!(
-                "repetition_penalty must be > 0, got {}",
+                "repetition_penalty must be a finite number > 0, got {}",
                 self.repetition_penalty
             ));
         }

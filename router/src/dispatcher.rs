@@ -611,7 +611,13 @@ impl Shared {
                     decode.mark_down();
                     gone = true;
                     tracing::warn!(worker = %decode.addr, error = %s.message(), "decode worker unreachable");
-                    last = DispatchError::Unavailable("a decode worker is unreachable".into());
+                    // A worker being stopped or restarted says so: the
+                    // client learns to retry, not that something broke.
+                    last = DispatchError::Unavailable(if s.message().contains("draining") {
+                        "a decode worker is draining (being stopped or restarted) and no other took the request; retry shortly".into()
+                    } else {
+                        "a decode worker is unreachable".into()
+                    });
                 }
                 Err(s) => return Err(status_error(s)),
             }

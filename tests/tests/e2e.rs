@@ -639,6 +639,37 @@ fn client_disconnect_cancels_on_the_workers() {
             assert!(Instant::now() < deadline, "request still running: {l:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // A whole (not streamed) answer the client stops waiting for is
+        // cancelled too, and counted as 499: the streamed one began as 200.
+        let url = format!("{}/completions", cluster.base_url());
+        let whole = tokio::spawn(async move {
+            let mut body = body;
+            body["stream"] = json!(false);
+            http.post(url).json(&body).send().await
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while worker_load(&cluster.decode[0]).await.running == 0 {
+            assert!(Instant::now() < deadline, "the whole answer never started");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        whole.abort();
+        let counted = |status: &str| {
+            format!("tandem_requests_total{{endpoint=\"completions\",status=\"{status}\"}}")
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let l = worker_load(&cluster.decode[0]).await;
+            let left = counter(&cluster.router, &counted("499")).await;
+            if l.running == 0 && l.waiting == 0 && l.in_flight == 0 && left == 1.0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{left} counted as 499; worker {l:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(counter(&cluster.router, &counted("200")).await, 1.0);
     });
 }
 
@@ -898,7 +929,12 @@ fn api_key_guards_the_api_and_workers_refuse_strangers() {
 fn tandem_up_serves_the_openai_api() {
     let _turn = tandem_tests::one_at_a_time();
     let model = model_path();
-    let mut child = Command::new(tandem_bin())
+    // Run from a copy that is replaced while the cluster runs (an upgrade
+    // in place): nodes must still start again, from the running binary.
+    let installed = tempfile::tempdir().unwrap();
+    let bin = installed.path().join("tandem");
+    std::fs::copy(tandem_bin(), &bin).unwrap();
+    let mut child = Command::new(&bin)
         .args([
             "up",
             "--port",
@@ -983,6 +1019,9 @@ fn tandem_up_serves_the_openai_api() {
             .map(|(pid, _)| pid)
     };
     let first = decode_pid(up.0.id()).expect("tandem up runs a decode worker");
+    let upgrade = installed.path().join("tandem.new");
+    std::fs::write(&upgrade, "#!/bin/sh\nexit 3\n").unwrap();
+    std::fs::rename(&upgrade, &bin).unwrap();
     unsafe {
         libc_kill(first as i32, 9);
     }

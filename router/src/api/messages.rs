@@ -428,12 +428,13 @@ pub(super) async fn create(
     State(state): State<Arc<ApiState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let resp = match run(state, body).await {
-        Ok(r) => r,
-        Err(e) => refusal(e),
-    };
-    super::openai::count_request("messages", resp.status());
-    resp
+    super::openai::counted("messages", async {
+        match run(state, body).await {
+            Ok(r) => r,
+            Err(e) => refusal(e),
+        }
+    })
+    .await
 }
 
 async fn run(

@@ -158,6 +158,32 @@ fn endpoint_of(path: &str) -> &'static str {
     }
 }
 
+/// The status a request is counted under when its client hung up before
+/// the answer began (nginx's "client closed request").
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// Awaits `answer` and counts the request under its status, or under
+/// [`CLIENT_CLOSED_REQUEST`] when the client went away first (the server
+/// then drops this future, and the count happens on drop).
+pub(super) async fn counted(
+    endpoint: &'static str,
+    answer: impl std::future::Future<Output = Response>,
+) -> Response {
+    struct Unanswered(&'static str);
+    impl Drop for Unanswered {
+        fn drop(&mut self) {
+            if let Ok(closed) = StatusCode::from_u16(CLIENT_CLOSED_REQUEST) {
+                count_request(self.0, closed);
+            }
+        }
+    }
+    let unanswered = Unanswered(endpoint);
+    let resp = answer.await;
+    std::mem::forget(unanswered);
+    count_request(endpoint, resp.status());
+    resp
+}
+
 pub(super) fn count_request(endpoint: &'static str, status: StatusCode) {
     metrics::counter!(
         tandem_cluster::metrics::REQUESTS,
@@ -1415,19 +1441,20 @@ async fn handle(
     body: Result<Bytes, BytesRejection>,
     ep: Endpoint,
 ) -> Response {
-    let resp = match run(state, body, ep, ep.label()).await {
-        Ok(r) => r,
-        Err(e) => {
-            if e.status.is_server_error() {
-                tracing::warn!(endpoint = ep.label(), status = %e.status, error = %e.message, "request failed");
-            } else {
-                tracing::debug!(endpoint = ep.label(), status = %e.status, error = %e.message, "request rejected");
+    counted(ep.label(), async {
+        match run(state, body, ep, ep.label()).await {
+            Ok(r) => r,
+            Err(e) => {
+                if e.status.is_server_error() {
+                    tracing::warn!(endpoint = ep.label(), status = %e.status, error = %e.message, "request failed");
+                } else {
+                    tracing::debug!(endpoint = ep.label(), status = %e.status, error = %e.message, "request rejected");
+                }
+                e.into_response()
             }
-            e.into_response()
         }
-    };
-    count_request(ep.label(), resp.status());
-    resp
+    })
+    .await
 }
 
 /// The prompt a chat request's `messages` (and `tools`) make, as the chat

@@ -448,15 +448,16 @@ pub(super) async fn create(
     State(state): State<Arc<ApiState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let resp = match run(state, body).await {
-        Ok(r) => r,
-        Err(mut e) => {
-            super::rewrite::rename_param(&mut e, RENAMED, TOOL_CHOICES);
-            e.into_response()
+    super::openai::counted("responses", async {
+        match run(state, body).await {
+            Ok(r) => r,
+            Err(mut e) => {
+                super::rewrite::rename_param(&mut e, RENAMED, TOOL_CHOICES);
+                e.into_response()
+            }
         }
-    };
-    super::openai::count_request("responses", resp.status());
-    resp
+    })
+    .await
 }
 
 async fn run(

@@ -329,6 +329,58 @@ fn sigterm_drains_a_worker_without_losing_its_requests() {
     assert!(status.success(), "drained worker exited with {status}");
 }
 
+/// With its only decode worker draining, a new request is refused once the
+/// router's wait for another runs out: 503 with `Retry-After`, saying the
+/// worker is draining (being stopped or restarted), while the request in
+/// flight finishes.
+#[test]
+fn a_request_while_the_only_decode_worker_drains_is_told_to_retry() {
+    let cluster = Cluster::start(0, 1, 1, &["--worker-wait-secs", "0.5"]);
+    rt().block_on(async {
+        let http = reqwest::Client::new();
+        let url = format!("{}/completions", cluster.base_url());
+        let long = json!({"model": model_name(), "prompt": "Once upon a time",
+            "max_tokens": 600, "ignore_eos": true, "temperature": 0});
+        let running = tokio::spawn({
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                http.post(url)
+                    .json(&long)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json::<Value>()
+                    .await
+                    .unwrap()
+            }
+        });
+        wait_load(&cluster.decode[0], Duration::from_secs(10), |l| {
+            l.running == 1
+        })
+        .await;
+        unsafe {
+            libc_kill(cluster.decode[0].child.id() as i32, 15);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let r = http
+            .post(&url)
+            .json(&json!({"model": model_name(), "prompt": "Hi", "max_tokens": 4}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()["retry-after"], "1");
+        let v: Value = r.json().await.unwrap();
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("draining") && message.contains("retry"),
+            "{v}"
+        );
+        let v = running.await.unwrap();
+        assert_eq!(v["usage"]["completion_tokens"], 600, "{v}");
+    });
+}
+
 #[test]
 fn overload_gets_503_with_retry_after_not_unbounded_queues() {
     let cluster = Cluster::start_spec(ClusterSpec {
