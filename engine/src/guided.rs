@@ -102,24 +102,95 @@ impl ResponseFormat {
     }
 }
 
-/// Longest run of whitespace between two JSON tokens. Unbounded, a model
-/// can stall in the one place JSON leaves free (a known failure of JSON
-/// modes: newline after newline until `max_tokens`); 40 still allows
-/// pretty printing at any usual depth.
-pub const MAX_JSON_WHITESPACE: usize = 40;
+/// Deepest indent after a line break between two JSON tokens. A gap is
+/// nothing, one space, or one line break and an indent of at most this
+/// (llama.cpp's rule): room for pretty printing ten levels deep, and none
+/// for the place a model stalls in JSON modes, newline after newline until
+/// `max_tokens`.
+pub const MAX_JSON_INDENT: usize = 20;
 
-/// The grammar of JSON valid against `schema` (an object), with
-/// [`MAX_JSON_WHITESPACE`] unless the schema sets llguidance's options
-/// (`x-guidance`) itself.
+/// The grammar of JSON valid against `schema` (an object), with gaps as
+/// [`MAX_JSON_INDENT`] says unless the schema sets llguidance's options
+/// (`x-guidance`) itself, and objects closed as [`close_objects`] says.
 fn json_grammar(mut schema: serde_json::Value) -> TopLevelGrammar {
+    close_objects(&mut schema, false);
     if let Some(o) = schema.as_object_mut() {
         o.entry("x-guidance").or_insert_with(|| {
             serde_json::json!({
-                "whitespace_pattern": format!(r"[\x20\x0A\x0D\x09]{{1,{MAX_JSON_WHITESPACE}}}")
+                "whitespace_pattern": format!(r"(?:\x20|\x0D?\x0A[\x20\x09]{{0,{MAX_JSON_INDENT}}})")
             })
         });
     }
     TopLevelGrammar::from_json_schema(schema)
+}
+
+/// Gives every object schema that lists its `properties` and says nothing
+/// of others (`additionalProperties`, `patternProperties`,
+/// `unevaluatedProperties`) `"additionalProperties": false`, as vLLM's
+/// default structured-output backends (xgrammar, outlines) do. Tool
+/// schemas almost never say it, and a model held to JSON Schema's default
+/// (any other key allowed) invents keys the caller's function does not
+/// take, or keys without end. A member of an `allOf`, and a schema with
+/// one, stay open: the members' properties add up.
+fn close_objects(schema: &mut serde_json::Value, in_all_of: bool) {
+    use serde_json::Value;
+    let Value::Object(o) = schema else {
+        return;
+    };
+    for key in [
+        "properties",
+        "patternProperties",
+        "$defs",
+        "definitions",
+        "dependentSchemas",
+    ] {
+        if let Some(Value::Object(map)) = o.get_mut(key) {
+            for sub in map.values_mut() {
+                close_objects(sub, false);
+            }
+        }
+    }
+    for key in [
+        "items",
+        "additionalItems",
+        "additionalProperties",
+        "unevaluatedProperties",
+        "unevaluatedItems",
+        "contains",
+        "propertyNames",
+        "not",
+        "if",
+        "then",
+        "else",
+    ] {
+        match o.get_mut(key) {
+            Some(sub @ Value::Object(_)) => close_objects(sub, false),
+            Some(Value::Array(subs)) => subs.iter_mut().for_each(|s| close_objects(s, false)),
+            _ => {}
+        }
+    }
+    for key in ["prefixItems", "anyOf", "oneOf"] {
+        if let Some(Value::Array(subs)) = o.get_mut(key) {
+            subs.iter_mut().for_each(|s| close_objects(s, false));
+        }
+    }
+    let has_all_of = if let Some(Value::Array(subs)) = o.get_mut("allOf") {
+        subs.iter_mut().for_each(|s| close_objects(s, true));
+        true
+    } else {
+        false
+    };
+    let lists_properties = matches!(o.get("properties"), Some(Value::Object(_)));
+    let says_others = [
+        "additionalProperties",
+        "patternProperties",
+        "unevaluatedProperties",
+    ]
+    .iter()
+    .any(|k| o.contains_key(*k));
+    if lists_properties && !says_others && !in_all_of && !has_all_of {
+        o.insert("additionalProperties".into(), Value::Bool(false));
+    }
 }
 
 /// The model's vocabulary as the grammars see it, and the factory that
@@ -385,13 +456,19 @@ mod tests {
         assert!(!first[end as usize]);
         assert!(!write(&mut g, &words, "{\"a\": [1, 2.5, true", end));
         assert!(write(&mut g, &words, "], \"b\": {}}", end));
-        // Whitespace between tokens is bounded.
+        // A gap between tokens is one space, or one line break and a
+        // bounded indent.
         let mut g = gr.guide(&ResponseFormat::JsonObject, &[]).unwrap().unwrap();
-        let spaces = " ".repeat(MAX_JSON_WHITESPACE);
-        write(&mut g, &words, &format!("{{{spaces}"), end);
+        write(&mut g, &words, "{ ", end);
         let allowed = g.allowed(&[end]).unwrap();
-        assert!(!allowed[id(&words, " ") as usize]);
+        assert!(!allowed[id(&words, " ") as usize] && !allowed[id(&words, "\n") as usize]);
         assert!(allowed[id(&words, "}") as usize]);
+        let mut g = gr.guide(&ResponseFormat::JsonObject, &[]).unwrap().unwrap();
+        let indent = " ".repeat(MAX_JSON_INDENT);
+        write(&mut g, &words, &format!("{{\n{indent}"), end);
+        let allowed = g.allowed(&[end]).unwrap();
+        assert!(!allowed[id(&words, " ") as usize] && !allowed[id(&words, "\n") as usize]);
+        assert!(allowed[id(&words, "}") as usize] && allowed[id(&words, "\"") as usize]);
         // Free text has no guide.
         assert!(gr.guide(&ResponseFormat::Text, &[]).unwrap().is_none());
     }
@@ -413,6 +490,68 @@ mod tests {
         let mut g = gr.guide(&format, &[]).unwrap().unwrap();
         write(&mut g, &words, "{\"name\": \"x\"", end);
         assert!(!g.allowed(&[end]).unwrap()[id(&words, "}") as usize]);
+    }
+
+    /// Objects that list their properties admit no others unless they say
+    /// so; the rewrite reads schema keywords, not property names.
+    #[test]
+    fn objects_that_list_properties_are_closed() {
+        use serde_json::json;
+        let mut s = json!({"type": "object", "properties": {
+            "properties": {"type": "object", "properties": {"a": {"type": "integer"}}},
+            "open": {"type": "object", "properties": {}, "additionalProperties": {"type": "string"}},
+            "list": {"type": "array", "items": {"properties": {"b": {}}}},
+            "either": {"anyOf": [{"properties": {"c": {}}}, {"type": "string"}]},
+            "both": {"allOf": [{"properties": {"d": {}}}, {"properties": {"e": {}}}]},
+            "data": {"const": {"properties": {"x": 1}}}
+        }, "$defs": {"T": {"properties": {"f": {}}}}});
+        close_objects(&mut s, false);
+        let closed = |p: &str| s.pointer(p).unwrap_or(&serde_json::Value::Null).clone();
+        assert_eq!(closed("/additionalProperties"), json!(false));
+        assert_eq!(
+            closed("/properties/properties/additionalProperties"),
+            json!(false)
+        );
+        assert!(closed("/properties/properties/properties/additionalProperties").is_null());
+        assert_eq!(
+            closed("/properties/open/additionalProperties"),
+            json!({"type": "string"})
+        );
+        assert_eq!(
+            closed("/properties/list/items/additionalProperties"),
+            json!(false)
+        );
+        assert_eq!(
+            closed("/properties/either/anyOf/0/additionalProperties"),
+            json!(false)
+        );
+        assert!(closed("/properties/both/allOf/0/additionalProperties").is_null());
+        assert!(closed("/properties/data/const/additionalProperties").is_null());
+        assert_eq!(closed("/$defs/T/additionalProperties"), json!(false));
+
+        // Held to: nothing after the last listed key, and `{}` only for an
+        // object that lists none (a function without parameters).
+        let (gr, words, end) = grammars();
+        let city = r#"{"type": "object", "properties": {"city": {"type": "string"}}}"#;
+        let mut g = gr
+            .guide(&ResponseFormat::JsonSchema(city.into()), &[])
+            .unwrap()
+            .unwrap();
+        write(&mut g, &words, "{\"city\": \"x\"", end);
+        let allowed = g.allowed(&[end]).unwrap();
+        assert!(allowed[id(&words, "}") as usize] && !allowed[id(&words, ",") as usize]);
+        let none = r#"{"type": "object", "properties": {}}"#;
+        let mut g = gr
+            .guide(&ResponseFormat::JsonSchema(none.into()), &[])
+            .unwrap()
+            .unwrap();
+        write(&mut g, &words, "{", end);
+        let allowed = g.allowed(&[end]).unwrap();
+        assert!(allowed[id(&words, "}") as usize] && !allowed[id(&words, "\"") as usize]);
+        assert!(!allowed[id(&words, "{\"") as usize]);
+        // JSON mode is any object still.
+        let mut g = gr.guide(&ResponseFormat::JsonObject, &[]).unwrap().unwrap();
+        assert!(write(&mut g, &words, "{\"zz\": 1}", end));
     }
 
     /// A format the parser refuses is a one-line error that says why, not

@@ -253,11 +253,24 @@ async fn tokenize(
             }
             prompts.swap_remove(0).ids
         };
-        Ok(json!({
+        let mut answer = json!({
             "count": tokens.len(),
             "max_model_len": state.context_length,
             "tokens": tokens,
-        }))
+        });
+        // vLLM's `return_token_strs`: each token as the vocabulary spells it.
+        if boolean(&m, "return_token_strs")?.unwrap_or(false) {
+            answer["token_strs"] = tokens
+                .iter()
+                .map(|&id| {
+                    state
+                        .tokenizer
+                        .id_to_token(id)
+                        .map_or(Value::Null, Value::String)
+                })
+                .collect();
+        }
+        Ok(answer)
     });
     json_answer("tokenize", answer)
 }
@@ -560,6 +573,34 @@ fn check_unsupported(m: &Map<String, Value>, ep: Endpoint) -> Result<(), ApiErro
             return Err(ApiError::unsupported("best_of", " (only 1)"));
         }
     }
+    // vLLM's other sampling and output extensions: refused unless they ask
+    // for what happens anyway, never silently dropped.
+    let empty = |v: &Value| v.as_array().is_some_and(Vec::is_empty);
+    let is = |want: bool| move |v: &Value| v.as_bool() == Some(want);
+    let neutral: [(&str, &dyn Fn(&Value) -> bool, &str); 5] = [
+        (
+            "allowed_token_ids",
+            &empty,
+            " (logit_bias can steer tokens)",
+        ),
+        ("bad_words", &empty, " (logit_bias can steer tokens)"),
+        (
+            "truncate_prompt_tokens",
+            &|_| false,
+            " (prompts are never cut: one longer than the context is refused)",
+        ),
+        ("use_beam_search", &is(false), " (sampling only)"),
+        (
+            "skip_special_tokens",
+            &is(true),
+            " (only true: special tokens write no text)",
+        ),
+    ];
+    for (k, harmless, why) in neutral {
+        if field(m, k).is_some_and(|v| !harmless(v)) {
+            return Err(ApiError::unsupported(k, why));
+        }
+    }
     match ep {
         Endpoint::Chat => {
             for k in ["functions", "audio", "prediction"] {
@@ -578,6 +619,18 @@ fn check_unsupported(m: &Map<String, Value>, ep: Endpoint) -> Result<(), ApiErro
                         " (legacy functions; use 'tools' and 'tool_choice')",
                     ));
                 }
+            }
+            if field(m, "chat_template").is_some() {
+                return Err(ApiError::unsupported(
+                    "chat_template",
+                    " (a request's own template; the model's is used)",
+                ));
+            }
+            if field(m, "echo").is_some_and(|v| v.as_bool() != Some(false)) {
+                return Err(ApiError::unsupported(
+                    "echo",
+                    " on chat (legacy completions echo their prompt)",
+                ));
             }
             if let Some(v) = field(m, "modalities") {
                 let text_only = v
@@ -1488,14 +1541,25 @@ async fn run(
     };
     let mut common = common;
     if let Some(schema) = tools.as_ref().and_then(|t| t.schema()) {
-        // A call is held to its JSON: the one output constraint there is.
-        let p = &common.params;
-        if p.json_object || p.json_schema.is_some() || p.regex.is_some() || !p.choice.is_empty() {
+        // A forced call is held to its JSON: the one output constraint
+        // there is. `response_format` shapes a text answer, and there is
+        // none, so it is set aside (as OpenAI does); vLLM's guided outputs
+        // ask for the output itself, so they conflict.
+        let guided = [
+            "guided_json",
+            "guided_regex",
+            "guided_choice",
+            "structured_outputs",
+        ]
+        .into_iter()
+        .find(|k| field(&m, k).is_some());
+        if let Some(k) = guided {
             return Err(ApiError::bad_param(
-                "tool_choice",
-                "a tool call cannot be combined with response_format or a guided output",
+                k,
+                format!("'{k}' cannot be combined with a forced tool call ('tool_choice' \"required\" or a named function)"),
             ));
         }
+        common.params.json_object = false;
         common.params.json_schema = Some(schema);
     }
     let (prompts, prompt_param, tokenizing) = match ep {

@@ -334,6 +334,38 @@ async fn bad_inputs_are_400_with_param() {
     let cmpl = "/v1/completions";
     let long_prompt = "hello ".repeat(9000);
     let cases: Vec<(&str, Value, Option<&str>)> = vec![
+        // vLLM extensions that would otherwise be silently dropped.
+        (
+            chat,
+            chat_body(json!({"allowed_token_ids": [1, 2]})),
+            Some("allowed_token_ids"),
+        ),
+        (
+            cmpl,
+            cmpl_body(json!({"bad_words": ["Hello"]})),
+            Some("bad_words"),
+        ),
+        (
+            cmpl,
+            cmpl_body(json!({"truncate_prompt_tokens": 5})),
+            Some("truncate_prompt_tokens"),
+        ),
+        (
+            chat,
+            chat_body(json!({"use_beam_search": true})),
+            Some("use_beam_search"),
+        ),
+        (
+            chat,
+            chat_body(json!({"skip_special_tokens": false})),
+            Some("skip_special_tokens"),
+        ),
+        (
+            chat,
+            chat_body(json!({"chat_template": "{{ messages }}"})),
+            Some("chat_template"),
+        ),
+        (chat, chat_body(json!({"echo": true})), Some("echo")),
         (
             chat,
             chat_body(json!({"temperature": "hot"})),
@@ -455,9 +487,9 @@ async fn bad_inputs_are_400_with_param() {
         (
             chat,
             chat_body(
-                json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required", "response_format": {"type": "json_object"}}),
+                json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required", "guided_regex": "a+"}),
             ),
-            Some("tool_choice"),
+            Some("guided_regex"),
         ),
         (
             chat,
@@ -728,6 +760,11 @@ async fn tolerated_fields_pass() {
         ),
         chat_body(json!({"temperature": null, "max_tokens": null, "stop": null})),
         chat_body(json!({"top_k": -1, "min_p": 0.1, "repetition_penalty": 1.1, "seed": -3})),
+        // vLLM extensions at what happens anyway.
+        chat_body(
+            json!({"use_beam_search": false, "skip_special_tokens": true,
+            "bad_words": [], "allowed_token_ids": null, "echo": false}),
+        ),
     ] {
         let (s, v) = post(&app, "/v1/chat/completions", body.clone()).await;
         assert_eq!(s, StatusCode::OK, "{body}: {v}");
@@ -760,7 +797,7 @@ async fn tolerated_fields_pass() {
     assert_eq!(inputs.last().unwrap().prompt, vec![1, 2, 3]);
     assert_eq!(inputs[inputs.len() - 2].prompt, vec![1, 2, 3]);
     assert_eq!(
-        inputs[6].prompt,
+        inputs[7].prompt,
         t.encode("Once upon a time", true).unwrap()
     );
 }
@@ -1543,6 +1580,21 @@ async fn a_named_tool_choice_comes_back_as_its_call() {
     assert_eq!(streamed, args);
     assert_eq!(ids.len(), 1, "the id comes once");
     assert_eq!(finish, Some(json!("stop")));
+
+    // A `response_format` beside a forced call shapes no text: the call
+    // is held to its own schema, as without it.
+    let with_format = chat_body(json!({"tools": weather_tools(), "tool_choice": choice,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "out", "schema": {"type": "object"}}}}));
+    let (s, v) = post(&app, "/v1/chat/completions", with_format).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"],
+        args
+    );
+    assert_eq!(
+        last_schema(&backend),
+        weather_tools()[0]["function"]["parameters"]
+    );
 
     // "none": text, free.
     let body = chat_body(json!({"tools": weather_tools(), "tool_choice": "none"}));
@@ -2838,6 +2890,19 @@ async fn tokenize_and_detokenize_agree_with_the_generation_routes() {
     );
     assert_eq!(v["count"], tokens.len());
     assert_eq!(v["max_model_len"], CTX);
+    assert!(v.get("token_strs").is_none());
+    // vLLM's `return_token_strs`: the vocabulary's spelling of each.
+    let body = json!({"prompt": text, "return_token_strs": true});
+    let (s, v) = post(&app, "/tokenize", body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let strs: Vec<String> = serde_json::from_value(v["token_strs"].clone()).unwrap();
+    let t = tokenizer();
+    let spelled: Vec<String> = tokens
+        .iter()
+        .map(|&id| t.id_to_token(id).unwrap())
+        .collect();
+    assert_eq!(strs, spelled);
+    assert!(strs.iter().any(|s| s.contains("quick")), "{strs:?}");
 
     let messages =
         json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]);
