@@ -198,8 +198,7 @@ impl ApiState {
             })?;
             text.truncate(at + last.len());
         }
-        off_the_runtime(text.len(), || self.tokenizer.encode(&text, false))
-            .map_err(|e| ApiError::internal(format!("tokenizing the prompt: {e}")))
+        self.encode(&text, false, "messages")
     }
 
     /// The request's `tools`, `tool_choice` and `parallel_tool_calls`,
@@ -234,8 +233,42 @@ impl ApiState {
     /// Tokenizes a raw prompt exactly as `tandem generate --prompt` does
     /// (`encode(text, true)`: BOS when the model asks for it).
     pub fn text_prompt(&self, text: &str) -> Result<Vec<u32>, ApiError> {
-        off_the_runtime(text.len(), || self.tokenizer.encode(text, true))
-            .map_err(|e| ApiError::internal(format!("tokenizing the prompt: {e}")))
+        self.encode(text, true, "prompt")
+    }
+
+    /// Tokenizes a prompt's text. One far beyond the context (a body may
+    /// carry 32 MiB, seconds of the router's CPU) is refused from its head
+    /// alone: when the first [`PROBE_BYTES_PER_TOKEN`] × context bytes
+    /// already make more tokens than the context holds (give or take the
+    /// word the cut splits), so does the whole.
+    fn encode(&self, text: &str, add_special: bool, param: &str) -> Result<Vec<u32>, ApiError> {
+        let tokenize = |t: &str| {
+            off_the_runtime(t.len(), || self.tokenizer.encode(t, add_special))
+                .map_err(|e| ApiError::internal(format!("tokenizing the prompt: {e}")))
+        };
+        let ctx = self.context_length;
+        let probe = ctx.saturating_mul(PROBE_BYTES_PER_TOKEN);
+        if text.len() > probe {
+            let mut cut = probe;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let head = tokenize(&text[..cut])?.len();
+            if head > ctx + CUT_SLACK_TOKENS {
+                return Err(ApiError::invalid(
+                    format!(
+                        "This model's maximum context length is {ctx} tokens. However, your \
+                         prompt has more than {} tokens: its first {cut} of {} bytes alone \
+                         make {head}.",
+                        head - CUT_SLACK_TOKENS,
+                        text.len()
+                    ),
+                    Some(param),
+                )
+                .with_code("context_length_exceeded"));
+            }
+        }
+        tokenize(text)
     }
 
     /// Checks that `name` is the served model (404 `model_not_found` otherwise).
@@ -298,6 +331,16 @@ pub(crate) fn unix_now() -> u64 {
 pub(crate) fn random_id() -> String {
     format!("{:024x}", rand::random::<u128>() >> 32)
 }
+
+/// Bytes per context token from which a prompt's head is tokenized first,
+/// to refuse it without tokenizing the rest (see [`ApiState::encode`]).
+/// Well above a tokenizer's usual average (3 to 5 bytes a token), so a
+/// prompt that fits is rarely probed, and then costs its head twice.
+const PROBE_BYTES_PER_TOKEN: usize = 16;
+
+/// Tokens by which a text cut short may tokenize longer than its part of
+/// the whole (the cut word in pieces).
+const CUT_SLACK_TOKENS: usize = 64;
 
 /// Texts from this many bytes up are rendered and tokenized off the async
 /// workers.

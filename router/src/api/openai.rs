@@ -107,7 +107,7 @@ async fn refuse_unreadable_bodies(req: Request, next: Next) -> Response {
     };
     let endpoint = endpoint_of(req.uri().path());
     count_request(endpoint, e.status);
-    if endpoint == "messages" {
+    if is_anthropic(endpoint) {
         return super::messages::error_response(&e);
     }
     e.into_response()
@@ -132,7 +132,7 @@ async fn require_api_key(State(state): State<Arc<ApiState>>, req: Request, next:
         Err(mut e) => {
             let endpoint = endpoint_of(req.uri().path());
             count_request(endpoint, e.status);
-            if endpoint == "messages" {
+            if is_anthropic(endpoint) {
                 // Anthropic's clients send the key as `x-api-key`.
                 e.message = e.message.replace(
                     "Pass it as 'Authorization: Bearer KEY'",
@@ -145,12 +145,18 @@ async fn require_api_key(State(state): State<Arc<ApiState>>, req: Request, next:
     }
 }
 
+/// Whether errors on `endpoint` take Anthropic's shape (the Messages API).
+fn is_anthropic(endpoint: &str) -> bool {
+    matches!(endpoint, "messages" | "messages_count_tokens")
+}
+
 fn endpoint_of(path: &str) -> &'static str {
     match path {
         "/v1/chat/completions" => "chat_completions",
         "/v1/completions" => "completions",
         "/v1/responses" => "responses",
         "/v1/messages" => "messages",
+        "/v1/messages/count_tokens" => "messages_count_tokens",
         p if p.starts_with("/v1/models") => "models",
         "/tokenize" => "tokenize",
         "/detokenize" => "detokenize",
@@ -2047,13 +2053,19 @@ fn sse_response(ctx: Ctx, choices: SelectAll<ChoiceStream>, ttft: Arc<Ttft>) -> 
         ttft,
         done: false,
     };
+    // A forced call has no text: its content is null from the first chunk,
+    // as in the whole answer (and OpenAI's stream).
+    let content = match s.ctx.tools.as_ref().is_some_and(|t| t.forced()) {
+        true => Value::Null,
+        false => json!(""),
+    };
     for i in 0..n {
         // Chat opens each choice with its role; an echoed completion with
         // its prompt.
         let c = match s.ctx.endpoint {
             Endpoint::Chat => json!({
                 "index": i,
-                "delta": {"role": "assistant", "content": ""},
+                "delta": {"role": "assistant", "content": content},
                 "logprobs": null,
                 "finish_reason": null,
             }),

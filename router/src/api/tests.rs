@@ -746,6 +746,36 @@ async fn bad_inputs_are_400_with_param() {
     }
 }
 
+/// A prompt of megabytes is refused from its head, as too long for the
+/// context, whether it comes as a completion's prompt or a chat message:
+/// the rest is never tokenized, and nothing is generated.
+#[tokio::test]
+async fn prompts_far_beyond_the_context_are_refused_from_their_head() {
+    let backend = Scripted::new(text_script("Hello"));
+    let app = openai_routes(state_with(backend.clone(), None));
+    let huge = "hello ".repeat(2_000_000);
+    for (uri, body, param) in [
+        (
+            "/v1/completions",
+            cmpl_body(json!({"prompt": huge})),
+            "prompt",
+        ),
+        (
+            "/v1/chat/completions",
+            chat_body(json!({"messages": [{"role": "user", "content": huge}]})),
+            "messages",
+        ),
+    ] {
+        let (s, v) = post(&app, uri, body).await;
+        assert_error(s, &v, StatusCode::BAD_REQUEST, Some(param), uri);
+        assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        let head = format!("its first {} of", CTX * 16);
+        assert!(message.contains(&head), "{message}");
+    }
+    assert!(backend.inputs().is_empty());
+}
+
 #[tokio::test]
 async fn tolerated_fields_pass() {
     let backend = Scripted::new(text_script("Hello"));
@@ -1555,6 +1585,10 @@ async fn a_named_tool_choice_comes_back_as_its_call() {
     let mut body = body;
     body["stream"] = json!(true);
     let chunks = stream_chunks(&app, "/v1/chat/completions", &body).await;
+    // The role opens it, with no text content (null, as in the whole answer).
+    let opening = &chunks[0]["choices"][0]["delta"];
+    assert_eq!(opening["role"], "assistant", "{opening}");
+    assert!(opening["content"].is_null(), "{opening}");
     let (mut streamed, mut ids, mut finish) = (String::new(), Vec::new(), None);
     for ev in &chunks {
         let ch = &ev["choices"][0];
@@ -3582,6 +3616,16 @@ async fn anthropic_errors_come_in_anthropics_shape() {
         StatusCode::UNAUTHORIZED,
         "authentication_error",
         "no key",
+    );
+    // count_tokens is the Messages API too.
+    let count = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]});
+    let (s, text) = post_anthropic(&app, "/v1/messages/count_tokens", &count, Some("wrong")).await;
+    anthropic_error(
+        s,
+        &text,
+        StatusCode::UNAUTHORIZED,
+        "authentication_error",
+        "count_tokens, wrong key",
     );
     let bad = [
         json!({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}),

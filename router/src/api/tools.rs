@@ -265,6 +265,14 @@ impl Tools {
         self.choice != ToolChoice::None
     }
 
+    /// Whether the output is a call and nothing else (no text content).
+    pub fn forced(&self) -> bool {
+        matches!(
+            self.choice,
+            ToolChoice::Required { .. } | ToolChoice::Named(_)
+        )
+    }
+
     /// The JSON schema (as text) the output is held to, when it is a call.
     pub fn schema(&self) -> Option<String> {
         let params = |name: &str| {
