@@ -219,7 +219,17 @@ impl ChoiceDecoder {
                 stop_token,
                 ..
             } => {
-                let tail = self.detok.finish();
+                let own_stop = stop_token.filter(|t| self.stop_token_ids.contains(t));
+                // vLLM's `include_stop_str_in_output` keeps the text of a
+                // stop token too (a special one writes none).
+                let mut tail = match own_stop {
+                    Some(t) if self.keep_stop => self
+                        .detok
+                        .push(t)
+                        .map_err(|e| DispatchError::Internal(format!("detokenising: {e}")))?,
+                    _ => String::new(),
+                };
+                tail.push_str(&self.detok.finish());
                 let step = self.stop.push(&tail);
                 delta.text = step.text;
                 let reason = if let Some(i) = step.stopped {
@@ -228,7 +238,7 @@ impl ChoiceDecoder {
                     FinishReason::Stop
                 } else {
                     delta.text.push_str(&self.stop.finish());
-                    delta.stop_token = stop_token.filter(|t| self.stop_token_ids.contains(t));
+                    delta.stop_token = own_stop;
                     match reason {
                         Finish::Stop => FinishReason::Stop,
                         Finish::Length => FinishReason::Length,

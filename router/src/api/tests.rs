@@ -2291,6 +2291,25 @@ async fn a_stop_token_the_client_named_is_the_stop_reason() {
             "{chunks:?}"
         );
     }
+    // With `include_stop_str_in_output`, the client's stop token keeps its
+    // text, as vLLM's does; the model's own end of text writes none.
+    let bang = tokenizer().token_to_id("!").unwrap();
+    for (ended_on, want) in [(bang, "Blue!"), (eos, "Blue")] {
+        let backend = Scripted::new(Script {
+            stop_token: Some(ended_on),
+            extra_completion: 1,
+            ..text_script("Blue")
+        });
+        let app = openai_routes(state_with(backend, None));
+        let extra = json!({"stop_token_ids": [bang], "include_stop_str_in_output": true});
+        let (s, v) = post(&app, "/v1/completions", cmpl_body(extra.clone())).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["choices"][0]["text"], want, "{v}");
+        let mut streamed = chat_body(extra);
+        streamed["stream"] = json!(true);
+        let (text, _) = stream_text(&app, "/v1/chat/completions", streamed).await;
+        assert_eq!(text, want);
+    }
 }
 
 #[tokio::test]
