@@ -345,6 +345,7 @@ impl Echo {
             "tool_choice": get("tool_choice", json!("auto")),
             "tools": get("tools", json!([])),
             "top_p": get("top_p", json!(1.0)),
+            "top_logprobs": get("top_logprobs", Value::Null),
             "truncation": "disabled",
             "usage": usage,
             "user": get("user", Value::Null),

@@ -3056,6 +3056,12 @@ async fn responses_are_chat_in_the_responses_shape() {
     assert!(created.is_some() && completed >= created, "{v}");
     assert_eq!(v["store"], false);
     assert_eq!(v["instructions"], "Be brief.");
+    assert!(v["top_logprobs"].is_null(), "{v}");
+    let mut with_top = body.clone();
+    with_top["top_logprobs"] = json!(2);
+    let (s, w) = post(&app, "/v1/responses", with_top).await;
+    assert_eq!(s, StatusCode::OK, "{w}");
+    assert_eq!(w["top_logprobs"], 2, "the request's setting, echoed");
     let item = &v["output"][0];
     assert_eq!(item["type"], "message");
     assert_eq!(item["role"], "assistant");
