@@ -123,6 +123,18 @@ pub struct NodeServer {
     addr: SocketAddr,
 }
 
+/// Reports `status` under each name a node answers gRPC health checks
+/// for: the server ("") and each of its services.
+async fn report_health(
+    reporter: &tonic_health::server::HealthReporter,
+    names: &[&'static str],
+    status: tonic_health::ServingStatus,
+) {
+    for name in names {
+        reporter.set_service_status(*name, status).await;
+    }
+}
+
 impl NodeServer {
     /// Binds the node's one port (`0` picks a free one).
     pub async fn bind(addr: SocketAddr) -> std::io::Result<Self> {
@@ -151,11 +163,12 @@ impl NodeServer {
         let health_names: Vec<&'static str> = std::iter::once("")
             .chain(services.iter().copied())
             .collect();
-        for name in &health_names {
-            reporter
-                .set_service_status(*name, tonic_health::ServingStatus::NotServing)
-                .await;
-        }
+        report_health(
+            &reporter,
+            &health_names,
+            tonic_health::ServingStatus::NotServing,
+        )
+        .await;
         let (reflection, reflection_v1alpha) =
             tandem_proto::reflection_services(&services, &[tonic_health::pb::FILE_DESCRIPTOR_SET])
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -227,16 +240,12 @@ impl NodeServer {
                         } else {
                             tonic_health::ServingStatus::NotServing
                         };
-                        for name in &names {
-                            reporter.set_service_status(*name, status).await;
-                        }
+                        report_health(&reporter, &names, status).await;
                         last = Some(now);
                     }
                     tokio::select! {
                         _ = shutdown.cancelled() => {
-                            for name in &names {
-                                reporter.set_service_status(*name, tonic_health::ServingStatus::NotServing).await;
-                            }
+                            report_health(&reporter, &names, tonic_health::ServingStatus::NotServing).await;
                             break;
                         }
                         _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}

@@ -162,16 +162,15 @@ fn close_objects(schema: &mut serde_json::Value, in_all_of: bool) {
         "if",
         "then",
         "else",
+        "prefixItems",
+        "anyOf",
+        "oneOf",
     ] {
+        // A schema, or a list of them.
         match o.get_mut(key) {
             Some(sub @ Value::Object(_)) => close_objects(sub, false),
             Some(Value::Array(subs)) => subs.iter_mut().for_each(|s| close_objects(s, false)),
             _ => {}
-        }
-    }
-    for key in ["prefixItems", "anyOf", "oneOf"] {
-        if let Some(Value::Array(subs)) = o.get_mut(key) {
-            subs.iter_mut().for_each(|s| close_objects(s, false));
         }
     }
     let has_all_of = if let Some(Value::Array(subs)) = o.get_mut("allOf") {

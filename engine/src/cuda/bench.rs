@@ -551,12 +551,9 @@ fn decode_matmuls(
 /// decode mode is timed once more with f32 KV on a second model (made
 /// once the first is freed, and held to the same copy bandwidth).
 pub fn run(ordinal: usize, opts: BenchOptions) -> Result<BenchReport> {
-    let model = CudaModel::synthetic(
-        llama3_8b_config(),
-        ordinal,
-        (Weights::Bf16, KvPrecision::Bf16),
-        opts.seed,
-    )?;
+    let synthetic =
+        |kv| CudaModel::synthetic(llama3_8b_config(), ordinal, (Weights::Bf16, kv), opts.seed);
+    let model = synthetic(KvPrecision::Bf16)?;
     let copy = copy_bandwidth(&model, opts.copy_bytes, 20)?;
     let mut dec = Vec::new();
     // What a server runs first (cuBLAS, split attention), then the
@@ -622,12 +619,7 @@ pub fn run(ordinal: usize, opts: BenchOptions) -> Result<BenchReport> {
     )
     .to_lowercase();
     drop(model);
-    let f32_model = CudaModel::synthetic(
-        llama3_8b_config(),
-        ordinal,
-        (Weights::Bf16, KvPrecision::F32),
-        opts.seed,
-    )?;
+    let f32_model = synthetic(KvPrecision::F32)?;
     let mut f32_kv = Vec::new();
     for &b in &opts.decode_batches {
         f32_kv.push(decode(&f32_model, b, SERVER, &opts, copy.gb_per_s)?);

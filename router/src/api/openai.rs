@@ -580,30 +580,33 @@ fn check_unsupported(m: &Map<String, Value>, ep: Endpoint) -> Result<(), ApiErro
         }
     }
     // vLLM's other sampling and output extensions: refused unless they ask
-    // for what happens anyway, never silently dropped.
-    let empty = |v: &Value| v.as_array().is_some_and(Vec::is_empty);
-    let is = |want: bool| move |v: &Value| v.as_bool() == Some(want);
-    let neutral: [(&str, &dyn Fn(&Value) -> bool, &str); 5] = [
+    // for what happens anyway (their one harmless value), never silently
+    // dropped.
+    let extensions: [(&str, Option<Value>, &str); 5] = [
         (
             "allowed_token_ids",
-            &empty,
+            Some(json!([])),
             " (logit_bias can steer tokens)",
         ),
-        ("bad_words", &empty, " (logit_bias can steer tokens)"),
+        (
+            "bad_words",
+            Some(json!([])),
+            " (logit_bias can steer tokens)",
+        ),
         (
             "truncate_prompt_tokens",
-            &|_| false,
+            None,
             " (prompts are never cut: one longer than the context is refused)",
         ),
-        ("use_beam_search", &is(false), " (sampling only)"),
+        ("use_beam_search", Some(json!(false)), " (sampling only)"),
         (
             "skip_special_tokens",
-            &is(true),
+            Some(json!(true)),
             " (only true: special tokens write no text)",
         ),
     ];
-    for (k, harmless, why) in neutral {
-        if field(m, k).is_some_and(|v| !harmless(v)) {
+    for (k, harmless, why) in extensions {
+        if field(m, k).is_some_and(|v| Some(v) != harmless.as_ref()) {
             return Err(ApiError::unsupported(k, why));
         }
     }
