@@ -130,6 +130,10 @@ def main() -> int:
     ap.add_argument("model", help="synthetic .gguf file or Hugging Face directory")
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--max-params", type=float, default=50e6)
+    ap.add_argument(
+        "--lora",
+        help="a LoRA adapter directory (PEFT's format) to run the model with, through peft",
+    )
     args = ap.parse_args()
 
     import torch
@@ -140,6 +144,12 @@ def main() -> int:
     torch.use_deterministic_algorithms(True)
 
     model = load(args.model)
+    if args.lora:
+        import peft
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.lora)
+        model.eval()
     n_params = sum(p.numel() for p in model.parameters())
     if n_params > args.max_params:
         print(f"{args.model}: {n_params} parameters, over --max-params; refusing", file=sys.stderr)
@@ -170,6 +180,20 @@ def main() -> int:
             "tie_word_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
         },
         "greedy_steps": GREEDY_STEPS,
+        **(
+            {
+                "lora": {
+                    "library": f"peft {peft.__version__}",
+                    "files": {
+                        n: sha256(os.path.join(args.lora, n))
+                        for n in sorted(os.listdir(args.lora))
+                        if n.startswith("adapter_")
+                    },
+                }
+            }
+            if args.lora
+            else {}
+        ),
         "stops_at_eos": False,
         "prompts": results,
     }

@@ -157,6 +157,7 @@ fn prefix_ttft(model: &Model, shared: usize, runs: usize) -> Result<(f64, f64)> 
             priority: 0,
             generated: vec![],
             guide: None,
+            adapter: 0,
         };
         let t0 = Instant::now();
         sched.add(req, Box::new(tx))?;

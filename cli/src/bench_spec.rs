@@ -122,6 +122,7 @@ fn decode_alone(
                 priority: 0,
                 generated: vec![],
                 guide: None,
+                adapter: 0,
             },
             Box::new(tx),
         )?;

@@ -61,17 +61,23 @@ impl std::fmt::Display for Device {
     }
 }
 
-/// Loads a whole (unsharded) model onto `device`.
+/// Loads a whole (unsharded) model onto `device`, with `loras`.
 pub fn load_whole(
     src: &ModelSource,
     device: Device,
     threads: usize,
     expand: ExpandWeights,
+    loras: &[crate::lora::LoraArg],
 ) -> Result<Arc<dyn Executor>> {
     match device {
-        Device::Cpu => Ok(Arc::new(
-            Model::load_with(src, threads, expand).context("loading weights")?,
-        )),
+        Device::Cpu => {
+            let mut m = Model::load_with(src, threads, expand).context("loading weights")?;
+            crate::lora::attach(&mut m, loras)?;
+            Ok(Arc::new(m))
+        }
+        Device::Cuda { .. } if !loras.is_empty() => {
+            bail!("--lora with --device {device}: LoRA adapters run on the CPU only for now")
+        }
         Device::Cuda { ordinal, bf16 } => load_cuda(src, ordinal, bf16),
     }
 }
@@ -91,9 +97,12 @@ fn load_cuda(_: &ModelSource, _: usize, _: bool) -> Result<Arc<dyn Executor>> {
 }
 
 /// Refuses device and sharding combinations that do not exist yet.
-pub fn check_sharding(device: Device, tp: usize, pp: usize) -> Result<()> {
+pub fn check_sharding(device: Device, tp: usize, pp: usize, loras: usize) -> Result<()> {
     if device != Device::Cpu && tp * pp > 1 {
         bail!("--device {device} with --tp/--pp: sharded workers run on the CPU only for now");
+    }
+    if loras > 0 && tp * pp > 1 {
+        bail!("--lora with --tp/--pp: LoRA adapters run on unsharded workers only for now");
     }
     Ok(())
 }
@@ -145,14 +154,17 @@ mod tests {
                 "{bad}: {e}"
             );
         }
-        assert!(check_sharding(Device::Cpu, 2, 2).is_ok());
+        assert!(check_sharding(Device::Cpu, 2, 2, 0).is_ok());
+        assert!(check_sharding(Device::Cpu, 1, 1, 2).is_ok());
+        assert!(check_sharding(Device::Cpu, 2, 1, 1).is_err());
         assert!(check_sharding(
             Device::Cuda {
                 ordinal: 0,
                 bf16: false
             },
             1,
-            1
+            1,
+            0
         )
         .is_ok());
         let e = check_sharding(
@@ -162,6 +174,7 @@ mod tests {
             },
             2,
             1,
+            0,
         )
         .unwrap_err();
         assert!(e.to_string().contains("CPU only"), "{e}");

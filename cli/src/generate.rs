@@ -85,6 +85,9 @@ pub struct GenerateArgs {
     /// Print one JSON line `{"text", "token_ids", "prompt_tokens", "finish_reason"}` instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// Run with the LoRA adapter in this directory (PEFT's format).
+    #[arg(long)]
+    pub lora: Option<PathBuf>,
 }
 
 struct Loaded {
@@ -114,9 +117,17 @@ fn load(args: &GenerateArgs) -> Result<Loaded> {
         None => None,
     };
     let threads = crate::thread_count(args.threads);
-    crate::device::check_sharding(args.device, args.tp, args.pp)?;
+    let loras: Vec<crate::lora::LoraArg> = args
+        .lora
+        .iter()
+        .map(|dir| crate::lora::LoraArg {
+            name: "adapter".into(),
+            dir: dir.clone(),
+        })
+        .collect();
+    crate::device::check_sharding(args.device, args.tp, args.pp, loras.len())?;
     let (model, ranks): (Arc<dyn Executor>, _) = if args.tp * args.pp == 1 {
-        let m = crate::device::load_whole(&src, args.device, threads, ExpandWeights::Auto)?;
+        let m = crate::device::load_whole(&src, args.device, threads, ExpandWeights::Auto, &loras)?;
         (m, None)
     } else {
         let (m, ranks) =
@@ -186,6 +197,7 @@ fn complete(
         params: params(args),
         max_tokens: args.max_tokens,
         stop_tokens: l.tokenizer.eos_ids().to_vec(),
+        adapter: args.lora.is_some() as u32,
     };
     let mut out = std::io::stdout().lock();
     // Streams whole characters only: byte-level BPE splits them across tokens.

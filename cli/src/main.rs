@@ -4,6 +4,7 @@ mod bench;
 mod device;
 mod fetch;
 mod generate;
+mod lora;
 mod serve;
 mod shard;
 mod synth;
@@ -61,6 +62,8 @@ enum ModelCommand {
     Fetch(fetch::FetchArgs),
     /// Write a seeded synthetic checkpoint (GGUF or safetensors) for any supported architecture and shape.
     Synth(synth::SynthArgs),
+    /// Write a seeded random LoRA adapter (PEFT's format) for a model.
+    SynthLora(lora::SynthLoraArgs),
 }
 
 /// Where [`notice`]s go in JSON mode: always shown, whatever `TANDEM_LOG`.
@@ -158,6 +161,7 @@ fn main() {
         Command::Generate(args) => generate::run(args),
         Command::Model(ModelCommand::Fetch(args)) => fetch::run(args),
         Command::Model(ModelCommand::Synth(args)) => synth::run(args),
+        Command::Model(ModelCommand::SynthLora(args)) => lora::run_synth(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Rank(args) => shard::run_rank(args),
     };

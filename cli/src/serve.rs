@@ -107,6 +107,12 @@ pub struct WorkerArgs {
     /// Sequences in the running batch at most.
     #[arg(long, env = "TANDEM_MAX_RUNNING", default_value_t = 256, value_parser = crate::positive)]
     pub max_running: usize,
+    /// A LoRA adapter to serve besides the base model, as NAME=DIR (PEFT's
+    /// adapter_config.json and adapter_model.safetensors in DIR); requests
+    /// name it as their `model`. Repeat the flag (or separate with commas in
+    /// TANDEM_LORA) for more. Prefill and decode workers need the same ones.
+    #[arg(long = "lora", env = "TANDEM_LORA", value_delimiter = ',')]
+    pub loras: Vec<crate::lora::LoraArg>,
     /// Tensor-parallel ranks: one process each, started by this one, which
     /// speaks for the worker (--threads are shared among all ranks).
     #[arg(long, env = "TANDEM_TP", default_value_t = 1)]
@@ -513,9 +519,15 @@ fn start_engine(args: &WorkerArgs) -> Result<Started> {
     let tokenizer = src.tokenizer().context("building the tokenizer")?;
     let fingerprint = tandem_model::fingerprint::fingerprint(&src, &tokenizer);
     let threads = crate::thread_count(args.threads);
-    crate::device::check_sharding(args.device, args.tp, args.pp)?;
+    crate::device::check_sharding(args.device, args.tp, args.pp, args.loras.len())?;
     let (model, sharded): (Arc<dyn Executor>, _) = if args.tp * args.pp == 1 {
-        let m = crate::device::load_whole(&src, args.device, threads, args.expand_weights)?;
+        let m = crate::device::load_whole(
+            &src,
+            args.device,
+            threads,
+            args.expand_weights,
+            &args.loras,
+        )?;
         (m, None)
     } else {
         let (m, ranks) =

@@ -58,6 +58,10 @@ pub struct UpArgs {
     /// The model name clients use (default: the model file's stem).
     #[arg(long)]
     pub served_model_name: Option<String>,
+    /// A LoRA adapter every worker serves, as NAME=DIR (see `tandem decode
+    /// --help`); requests name it as their `model`. Repeatable.
+    #[arg(long = "lora", value_delimiter = ',')]
+    pub loras: Vec<crate::lora::LoraArg>,
     /// Tensor-parallel ranks of each prefill worker (one process each).
     #[arg(long, default_value_t = 1)]
     pub prefill_tp: usize,
@@ -282,7 +286,17 @@ pub fn run(args: UpArgs) -> Result<()> {
         .unwrap_or_else(random_secret);
     let host = args.host.to_string();
     let model_s = model.display().to_string();
+    crate::lora::check_names(&args.loras)?;
+    if !args.loras.is_empty()
+        && args.prefill_tp * args.prefill_pp * args.decode_tp * args.decode_pp > 1
+    {
+        bail!("--lora with --prefill-tp/--prefill-pp/--decode-tp/--decode-pp: LoRA adapters run on unsharded workers only for now");
+    }
     let worker_args = |threads: usize, tp: usize, pp: usize| -> Vec<String> {
+        let loras = args
+            .loras
+            .iter()
+            .flat_map(|l| ["--lora".to_string(), l.to_string()]);
         vec![
             "--tp".into(),
             tp.to_string(),
@@ -299,6 +313,9 @@ pub fn run(args: UpArgs) -> Result<()> {
             "--kv-cache-memory".into(),
             args.kv_cache_memory.clone(),
         ]
+        .into_iter()
+        .chain(loras)
+        .collect()
     };
     if prefill > 0 {
         crate::notice(&format!(

@@ -283,6 +283,7 @@ impl Inner {
             kv_address: self.kv_target.to_string(),
             transfer_id,
             n: spec.choices() as u32,
+            adapter: req.adapter.clone(),
         });
         let prefill_timeout = self.cfg.prefill_timeout
             + tandem_kv_transfer::PREFILL_ALLOWANCE_PER_TOKEN
@@ -395,8 +396,10 @@ impl Inner {
             return;
         }
         let mut timer = RequestTimer::new(Instant::now());
-        let spec = match convert::sampling(req.sampling.as_ref()) {
-            Ok(params) => RequestSpec {
+        let spec = match convert::sampling(req.sampling.as_ref())
+            .and_then(|params| Ok((params, convert::adapter_id(&self.engine, &req.adapter)?)))
+        {
+            Ok((params, adapter)) => RequestSpec {
                 prompt: req.prompt.clone(),
                 params,
                 max_tokens: req.max_tokens.map(|n| n as usize),
@@ -404,6 +407,7 @@ impl Inner {
                 priority: req.priority,
                 generated: req.generated.clone(),
                 n: req.n.max(1) as usize,
+                adapter,
             },
             Err(s) => {
                 let _ = out.send(Err(s)).await;
@@ -658,7 +662,9 @@ impl pb::Worker for DecodeService {
         &self,
         req: Request<pb::CachedPrefixRequest>,
     ) -> Result<Response<pb::CachedPrefixResponse>, Status> {
-        let n = convert::cached_prefix(&self.inner.engine, req.into_inner().tokens).await;
+        let req = req.into_inner();
+        let adapter = convert::adapter_id(&self.inner.engine, &req.adapter)?;
+        let n = convert::cached_prefix(&self.inner.engine, adapter, req.tokens).await;
         Ok(Response::new(pb::CachedPrefixResponse { tokens: n }))
     }
 }

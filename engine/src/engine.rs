@@ -82,6 +82,9 @@ pub struct RequestSpec {
     /// samples with key `params.request_key + i`, exactly as a separate
     /// request with that key would.
     pub n: usize,
+    /// The LoRA adapter: 0 for the base model, else the model's adapter of
+    /// that number (see [`Engine::adapter_id`]).
+    pub adapter: u32,
 }
 
 impl RequestSpec {
@@ -141,7 +144,7 @@ enum Command {
     },
     Cancel(u64),
     CancelChoice(u64, usize),
-    CachedPrefix(Vec<u32>, mpsc::Sender<usize>),
+    CachedPrefix(u32, Vec<u32>, mpsc::Sender<usize>),
     Shutdown,
 }
 
@@ -345,6 +348,8 @@ pub struct Engine {
     layout: KvLayout,
     total_blocks: usize,
     stats: Arc<Mutex<SchedulerStats>>,
+    /// `(name, fingerprint)` of the model's LoRA adapters, adapter 1 first.
+    adapters: Vec<(String, String)>,
 }
 
 fn shut_down() -> EngineError {
@@ -414,6 +419,7 @@ impl Engine {
         let context_length = model.config().context_length;
         let vocab_size = model.config().vocab_size;
         let total_blocks = pool.n_blocks();
+        let adapters = model.adapters();
         let reserve_wait = cfg.reserve_wait;
         let max_batch = cfg.scheduler.max_running;
         let grammars = cfg.grammars;
@@ -510,8 +516,8 @@ impl Engine {
                             Command::CancelChoice(id, choice) => {
                                 sched.cancel_choice(id, choice);
                             }
-                            Command::CachedPrefix(tokens, reply) => {
-                                let _ = reply.send(sched.cached_prefix_len(&tokens));
+                            Command::CachedPrefix(adapter, tokens, reply) => {
+                                let _ = reply.send(sched.cached_prefix_len(adapter, &tokens));
                             }
                             Command::Shutdown => break 'outer,
                         }
@@ -564,6 +570,7 @@ impl Engine {
             layout,
             total_blocks,
             stats,
+            adapters,
         }
     }
 
@@ -590,7 +597,15 @@ impl Engine {
             priority: spec.priority,
             generated: spec.generated,
             guide: None,
+            adapter: spec.adapter,
         };
+        if spec.adapter as usize > self.adapters.len() {
+            return Err(EngineError::Unsupported(format!(
+                "LoRA adapter {} of {} loaded",
+                spec.adapter,
+                self.adapters.len()
+            )));
+        }
         req.guide = Grammars::guide_for(
             self.grammars.as_deref(),
             &req.params.response_format,
@@ -801,9 +816,14 @@ impl Engine {
     }
 
     /// Leading tokens of `tokens` held by the prefix cache.
-    pub fn cached_prefix_len(&self, tokens: Vec<u32>) -> usize {
+    /// (with LoRA adapter `adapter`, 0 for none).
+    pub fn cached_prefix_len(&self, adapter: u32, tokens: Vec<u32>) -> usize {
         let (rtx, rrx) = mpsc::channel();
-        if self.tx.send(Command::CachedPrefix(tokens, rtx)).is_err() {
+        if self
+            .tx
+            .send(Command::CachedPrefix(adapter, tokens, rtx))
+            .is_err()
+        {
             return 0;
         }
         rrx.recv().unwrap_or(0)
@@ -812,6 +832,19 @@ impl Engine {
     /// Counters as of the last step.
     pub fn stats(&self) -> SchedulerStats {
         self.stats.lock().map(|s| *s).unwrap_or_default()
+    }
+
+    /// `(name, fingerprint)` of the LoRA adapters, adapter 1 first.
+    pub fn adapters(&self) -> &[(String, String)] {
+        &self.adapters
+    }
+
+    /// The number of the adapter called `name` (see [`RequestSpec::adapter`]).
+    pub fn adapter_id(&self, name: &str) -> Option<u32> {
+        self.adapters
+            .iter()
+            .position(|(n, _)| n == name)
+            .map(|i| i as u32 + 1)
     }
 
     /// Tokens one sequence may hold (context or pool, whichever is smaller).

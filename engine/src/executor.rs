@@ -102,6 +102,13 @@ pub trait Executor: Send + Sync {
     fn warm_up(&self, _pool: &mut KvPool, _max_batch: usize) -> Result<()> {
         Ok(())
     }
+
+    /// `(name, fingerprint)` of the LoRA adapters this executor serves,
+    /// adapter 1 first ([`crate::kv::SeqKv::adapter`] numbers them). None
+    /// by default.
+    fn adapters(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 impl Executor for crate::model::Model {
@@ -118,5 +125,8 @@ impl Executor for crate::model::Model {
         on_layer: &mut dyn FnMut(LayerKv<'_>),
     ) -> Result<Vec<Vec<f32>>> {
         crate::model::Model::forward_observed(self, pool, batch, on_layer)
+    }
+    fn adapters(&self) -> Vec<(String, String)> {
+        self.adapter_names()
     }
 }

@@ -19,6 +19,8 @@ pub struct GenerateRequest {
     pub max_tokens: Option<usize>,
     /// Token ids that end generation (EOS, end of turn), not included in the output.
     pub stop_tokens: Vec<u32>,
+    /// The executor's LoRA adapter to run with (0: the base model).
+    pub adapter: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,7 +110,10 @@ pub fn generate_guided(
     };
     // A private pool holding exactly this request (the scheduler shares one among many).
     let mut pool = model.pool_for_tokens(req.prompt.len() + max_tokens, 16);
-    let mut kv = SeqKv::default();
+    let mut kv = SeqKv {
+        adapter: req.adapter,
+        ..SeqKv::default()
+    };
     let mut last = Vec::new();
     let mut prompt_logprobs = req.params.prompt_logprobs.map(|_| Vec::new());
     let vocab = model.config().vocab_size;

@@ -78,6 +78,11 @@ pub struct SeqKv {
     pub blocks: Vec<BlockId>,
     /// Tokens whose K and V are written.
     pub len: usize,
+    /// The LoRA adapter its keys and values are computed with: 0 for the
+    /// base model, else the executor's adapter of that number (see
+    /// [`crate::executor::Executor::adapters`]). Sequences of one batch may
+    /// differ.
+    pub adapter: u32,
 }
 
 impl SeqKv {

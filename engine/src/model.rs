@@ -8,6 +8,7 @@
 //! in a batch, in one prompt chunk or many.
 
 use tandem_model::config::{ModelConfig, RopeScaling, RopeStyle};
+use tandem_model::lora::{LoraAdapter, LoraPair, Target};
 use tandem_model::quant::GgmlType;
 use tandem_model::weights::{ModelSource, TensorRef};
 
@@ -343,6 +344,15 @@ pub struct Model {
     heads: crate::shard::HeadShard,
     rope: Rope,
     pool: ThreadPool,
+    /// LoRA adapters, adapter 1 first (see [`Model::add_adapter`]).
+    adapters: Vec<Adapter>,
+}
+
+/// A LoRA adapter as the forward pass applies it.
+struct Adapter {
+    name: String,
+    fingerprint: String,
+    layers: Vec<std::collections::BTreeMap<Target, LoraPair>>,
 }
 
 /// A raw pointer that tasks of one kernel call share to write disjoint rows.
@@ -732,7 +742,94 @@ impl Model {
             heads,
             rope,
             pool: ThreadPool::new(threads),
+            adapters: Vec::new(),
         })
+    }
+
+    /// Adds a LoRA adapter under `name`; sequences whose
+    /// [`SeqKv::adapter`] is the returned number (1 for the first) run with
+    /// it. Only a whole model serves adapters: a shard's projections are
+    /// cut differently from the adapter's matrices.
+    pub fn add_adapter(&mut self, name: &str, lora: LoraAdapter) -> Result<u32> {
+        if self.shard.world() != 1 {
+            return Err(EngineError::Unsupported(
+                "LoRA adapters run on an unsharded model".into(),
+            ));
+        }
+        if name.is_empty() || self.adapters.iter().any(|a| a.name == name) {
+            return Err(EngineError::Unsupported(format!(
+                "adapter name {name:?} is empty or already taken"
+            )));
+        }
+        if lora.layers.len() != self.layers.len() {
+            return Err(EngineError::Unsupported(format!(
+                "adapter {name:?} has {} layers, the model {}",
+                lora.layers.len(),
+                self.layers.len()
+            )));
+        }
+        self.adapters.push(Adapter {
+            name: name.to_string(),
+            fingerprint: lora.fingerprint,
+            layers: lora.layers,
+        });
+        Ok(self.adapters.len() as u32)
+    }
+
+    /// `(name, fingerprint)` of each adapter, adapter 1 first.
+    pub fn adapter_names(&self) -> Vec<(String, String)> {
+        self.adapters
+            .iter()
+            .map(|a| (a.name.clone(), a.fingerprint.clone()))
+            .collect()
+    }
+
+    /// Adds `scale·B·(A·x)` of `target` in layer `li` to the rows of each
+    /// adapted sequence: `x` rows are `x_stride` wide, and the update lands
+    /// in columns `out_off..` of `out`'s `out_stride`-wide rows. One task
+    /// per token, each summing in a fixed order, so a token's result does
+    /// not depend on its batch.
+    #[allow(clippy::too_many_arguments)]
+    fn add_lora(
+        &self,
+        adapted: &[(std::ops::Range<usize>, u32)],
+        li: usize,
+        target: Target,
+        x: &[f32],
+        x_stride: usize,
+        out: &mut [f32],
+        out_stride: usize,
+        out_off: usize,
+    ) {
+        let tasks: Vec<(usize, &LoraPair)> = adapted
+            .iter()
+            .filter_map(|(rows, a)| {
+                let pair = self.adapters[*a as usize - 1].layers[li].get(&target)?;
+                Some(rows.clone().map(move |t| (t, pair)))
+            })
+            .flatten()
+            .collect();
+        if tasks.is_empty() {
+            return;
+        }
+        let dst = SharedOut(out.as_mut_ptr());
+        self.pool.run(tasks.len(), &|ti| {
+            let (t, p) = tasks[ti];
+            let cols = p.a.len() / p.rank;
+            let xt = &x[t * x_stride..t * x_stride + cols];
+            let u: Vec<f32> =
+                p.a.chunks_exact(cols)
+                    .map(|row| row.iter().zip(xt).map(|(a, b)| a * b).sum())
+                    .collect();
+            let n_out = p.b.len() / p.rank;
+            // SAFETY: each task owns token `t`'s row; `out` outlives the call.
+            let o =
+                unsafe { std::slice::from_raw_parts_mut(dst.at(t * out_stride + out_off), n_out) };
+            for (v, brow) in o.iter_mut().zip(p.b.chunks_exact(p.rank)) {
+                let d: f32 = brow.iter().zip(&u).map(|(b, u)| b * u).sum();
+                *v += d * p.scale;
+            }
+        });
     }
 
     pub fn threads(&self) -> usize {
@@ -807,7 +904,7 @@ impl Model {
 
     /// Refuses a step that cannot run, before any cache is touched.
     pub(crate) fn check_step(&self, batch: &[SeqStep<'_>]) -> Result<()> {
-        check_step(&self.config, batch)
+        check_step(&self.config, self.adapters.len(), batch)
     }
 
     /// Reserves every sequence's blocks for its new tokens, all or none.
@@ -914,9 +1011,31 @@ impl Model {
         // a KV head is replicated across ranks).
         let n_rep = nh / nkv;
 
+        // Token rows of the sequences that run with an adapter.
+        let adapted: Vec<(std::ops::Range<usize>, u32)> = batch
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.kv.adapter != 0)
+            .map(|(si, s)| (starts[si]..starts[si] + s.tokens.len(), s.kv.adapter))
+            .collect();
+        let lora = |li: usize,
+                    target: Target,
+                    x: &[f32],
+                    xs: usize,
+                    out: &mut [f32],
+                    os: usize,
+                    off: usize| {
+            if !adapted.is_empty() {
+                self.add_lora(&adapted, li, target, x, xs, out, os, off);
+            }
+        };
+
         for (li, layer) in self.layers.iter().enumerate() {
             ops::rms_norm_rows(x, &layer.attn_norm, c.rms_eps, &mut xn);
             layer.qkv.apply(&self.pool, &xn, n_tok, &mut qkv);
+            lora(li, Target::Q, &xn, h, &mut qkv, qkv_rows, 0);
+            lora(li, Target::K, &xn, h, &mut qkv, qkv_rows, qd);
+            lora(li, Target::V, &xn, h, &mut qkv, qkv_rows, qd + kvd);
             for (t, row) in qkv.chunks_exact_mut(qkv_rows).enumerate() {
                 if let Some(b) = &layer.qkv_bias {
                     for (v, bi) in row.iter_mut().zip(b) {
@@ -1009,11 +1128,14 @@ impl Model {
             layer
                 .wo
                 .apply(&self.pool, &attn, n_tok, &mut proj, &mut tp)?;
+            lora(li, Target::O, &attn, qd, &mut proj, h, 0);
             for (a, b) in x.iter_mut().zip(&proj) {
                 *a += b;
             }
             ops::rms_norm_rows(x, &layer.ffn_norm, c.rms_eps, &mut xn);
             layer.gate_up.apply(&self.pool, &xn, n_tok, &mut gate_up);
+            lora(li, Target::Gate, &xn, h, &mut gate_up, 2 * ffn, 0);
+            lora(li, Target::Up, &xn, h, &mut gate_up, 2 * ffn, ffn);
             ops::silu_mul_rows(&mut gate_up, ffn);
             // Compact the activated halves into `ffn` columns for the down projection.
             for (a, g) in act.chunks_exact_mut(ffn).zip(gate_up.chunks_exact(2 * ffn)) {
@@ -1022,6 +1144,7 @@ impl Model {
             layer
                 .down
                 .apply(&self.pool, &act, n_tok, &mut proj, &mut tp)?;
+            lora(li, Target::Down, &act, ffn, &mut proj, h, 0);
             for (a, b) in x.iter_mut().zip(&proj) {
                 *a += b;
             }
@@ -1099,8 +1222,15 @@ impl Model {
 
 /// Refuses a step that cannot run under `c`, before any cache is touched
 /// (every executor checks the same things).
-pub(crate) fn check_step(c: &ModelConfig, batch: &[SeqStep<'_>]) -> Result<()> {
+/// `adapters`: how many LoRA adapters the executor serves.
+pub(crate) fn check_step(c: &ModelConfig, adapters: usize, batch: &[SeqStep<'_>]) -> Result<()> {
     for s in batch {
+        if s.kv.adapter as usize > adapters {
+            return Err(EngineError::Unsupported(format!(
+                "LoRA adapter {} on an executor serving {adapters}",
+                s.kv.adapter
+            )));
+        }
         if matches!(s.logits, Logits::Greedy | Logits::TopK(_)) && c.vocab_size > MAX_ID_VOCAB {
             return Err(EngineError::Unsupported(format!(
                 "greedy and top-k rows carry token ids as f32: a vocabulary of {} is beyond {MAX_ID_VOCAB}",
@@ -1168,7 +1298,11 @@ pub(crate) fn written_blocks_between(
             *slot = ids.len() as BlockId;
             ids.push(b);
         }
-        views.push(SeqKv { blocks, len: p1 });
+        views.push(SeqKv {
+            blocks,
+            len: p1,
+            adapter: q.kv.adapter,
+        });
     }
     (ids, views)
 }

@@ -70,12 +70,31 @@ impl PrefixCache {
         self.nodes.len() - 1 - self.free_slots.len()
     }
 
+    /// The key of `chunk` under its parent: the tokens themselves, except
+    /// that a first block computed with LoRA adapter `adapter` (not 0)
+    /// also carries the adapter's number. Keys and values computed with
+    /// different adapters differ, so each adapter's prefixes form a tree of
+    /// their own under the root, and one eviction order serves them all.
+    fn key<'a>(depth: usize, adapter: u32, chunk: &'a [u32]) -> std::borrow::Cow<'a, [u32]> {
+        if depth == 0 && adapter != 0 {
+            let mut k = chunk.to_vec();
+            k.push(adapter);
+            k.into()
+        } else {
+            chunk.into()
+        }
+    }
+
     /// Node path of the longest cached prefix of `tokens`, in whole blocks.
-    fn walk(&self, tokens: &[u32]) -> Vec<usize> {
+    fn walk(&self, adapter: u32, tokens: &[u32]) -> Vec<usize> {
         let mut path = Vec::new();
         let mut cur = ROOT;
-        for chunk in tokens.chunks_exact(self.block_size) {
-            match self.node(cur).children.get(chunk) {
+        for (depth, chunk) in tokens.chunks_exact(self.block_size).enumerate() {
+            match self
+                .node(cur)
+                .children
+                .get(&*Self::key(depth, adapter, chunk))
+            {
                 Some(&next) => {
                     path.push(next);
                     cur = next;
@@ -88,15 +107,15 @@ impl PrefixCache {
 
     /// How many leading tokens of `tokens` are cached (a multiple of the
     /// block size). Read-only and cheap: what a router asks.
-    pub fn cached_prefix_len(&self, tokens: &[u32]) -> usize {
-        self.walk(tokens).len() * self.block_size
+    pub fn cached_prefix_len(&self, adapter: u32, tokens: &[u32]) -> usize {
+        self.walk(adapter, tokens).len() * self.block_size
     }
 
     /// The blocks of the longest cached prefix of `tokens`, each retained
     /// once for the caller (who releases them with the sequence). Counts a
     /// hit or a miss.
-    pub fn acquire(&mut self, pool: &mut KvPool, tokens: &[u32]) -> Vec<BlockId> {
-        let path = self.walk(tokens);
+    pub fn acquire(&mut self, pool: &mut KvPool, adapter: u32, tokens: &[u32]) -> Vec<BlockId> {
+        let path = self.walk(adapter, tokens);
         self.clock += 1;
         let now = self.clock;
         let mut blocks = Vec::with_capacity(path.len());
@@ -118,19 +137,20 @@ impl PrefixCache {
     /// Records the full blocks of `tokens` (held in `blocks`, the sequence's
     /// block table) so later requests can share them. Blocks already cached
     /// for the same tokens are kept; new nodes take their own reference.
-    pub fn insert(&mut self, pool: &mut KvPool, tokens: &[u32], blocks: &[BlockId]) {
+    pub fn insert(&mut self, pool: &mut KvPool, adapter: u32, tokens: &[u32], blocks: &[BlockId]) {
         self.clock += 1;
         let now = self.clock;
         let mut cur = ROOT;
-        for (chunk, &b) in tokens.chunks_exact(self.block_size).zip(blocks) {
-            let next = match self.node(cur).children.get(chunk) {
+        for (depth, (chunk, &b)) in tokens.chunks_exact(self.block_size).zip(blocks).enumerate() {
+            let chunk = Self::key(depth, adapter, chunk);
+            let next = match self.node(cur).children.get(&*chunk) {
                 Some(&n) => n,
                 None => {
                     pool.retain(b);
                     let node = Node {
                         block: b,
                         parent: cur,
-                        key: chunk.into(),
+                        key: chunk.clone().into(),
                         children: HashMap::new(),
                         last_used: now,
                     };
@@ -233,14 +253,14 @@ mod tests {
         let mut c = PrefixCache::new(4);
         let toks: Vec<u32> = (0..10).collect();
         let mut a = seq_with(&mut p, 10);
-        c.insert(&mut p, &toks, &a.blocks);
+        c.insert(&mut p, 0, &toks, &a.blocks);
         assert_eq!(c.cached_blocks(), 2, "only full blocks are cached");
-        assert_eq!(c.cached_prefix_len(&toks), 8);
-        assert_eq!(c.cached_prefix_len(&[0, 1, 2, 3, 9, 9, 9, 9]), 4);
-        let got = c.acquire(&mut p, &[0, 1, 2, 3, 4, 5, 6, 7, 100]);
+        assert_eq!(c.cached_prefix_len(0, &toks), 8);
+        assert_eq!(c.cached_prefix_len(0, &[0, 1, 2, 3, 9, 9, 9, 9]), 4);
+        let got = c.acquire(&mut p, 0, &[0, 1, 2, 3, 4, 5, 6, 7, 100]);
         assert_eq!(got, a.blocks[..2]);
         assert_eq!(c.stats.hits, 1);
-        assert!(c.acquire(&mut p, &[42; 8]).is_empty());
+        assert!(c.acquire(&mut p, 0, &[42; 8]).is_empty());
         assert_eq!(c.stats.misses, 1);
         for b in got {
             p.release(b);
@@ -257,12 +277,12 @@ mod tests {
         let mut c = PrefixCache::new(4);
         let mut a = seq_with(&mut p, 4);
         let mut b = seq_with(&mut p, 4);
-        c.insert(&mut p, &[1, 1, 1, 1], &a.blocks);
-        c.insert(&mut p, &[2, 2, 2, 2], &b.blocks);
+        c.insert(&mut p, 0, &[1, 1, 1, 1], &a.blocks);
+        c.insert(&mut p, 0, &[2, 2, 2, 2], &b.blocks);
         p.free_seq(&mut a);
         // b still uses its block: only a's can go.
         assert_eq!(c.evict(&mut p, 5), 1);
-        assert_eq!(c.cached_prefix_len(&[2, 2, 2, 2]), 4);
+        assert_eq!(c.cached_prefix_len(0, &[2, 2, 2, 2]), 4);
         p.free_seq(&mut b);
         assert_eq!(c.evict(&mut p, 5), 1);
         assert_eq!(p.used_blocks(), 0);
@@ -283,7 +303,7 @@ mod tests {
                         // A request: share what is cached, compute the rest.
                         let toks: Vec<u32> = (0..len as u32).map(|i| (i * 7 + alphabet) % 3).collect();
                         let mut s = SeqKv::default();
-                        s.blocks = c.acquire(&mut p, &toks);
+                        s.blocks = c.acquire(&mut p, 0, &toks);
                         s.len = s.blocks.len() * 4;
                         let more = len - s.len.min(len);
                         if p.reserve(&mut s, more).is_err() {
@@ -292,7 +312,7 @@ mod tests {
                             continue;
                         }
                         s.len = len.max(s.len);
-                        c.insert(&mut p, &toks, &s.blocks);
+                        c.insert(&mut p, 0, &toks, &s.blocks);
                         live.push((toks, s));
                     }
                     2 => {

@@ -102,6 +102,9 @@ pub struct Request {
     /// Holds the output to `params.response_format` (guided decoding),
     /// advanced past `generated`; `None` for free text.
     pub guide: Option<Guide>,
+    /// The LoRA adapter it runs with: 0 for the base model, else the
+    /// executor's adapter of that number (see [`SeqKv::adapter`]).
+    pub adapter: u32,
 }
 
 /// What a request's stream carries.
@@ -368,8 +371,11 @@ impl Scheduler {
             tokens,
             n_prompt: req.prompt.len(),
             limit,
+            kv: SeqKv {
+                adapter: req.adapter,
+                ..SeqKv::default()
+            },
             req,
-            kv: SeqKv::default(),
             cached_tokens: 0,
             admitted_at: 0,
             arrival: self.clock,
@@ -509,8 +515,10 @@ impl Scheduler {
         // The transferred prompt is cached here as a locally computed one
         // would be, also when every choice ends with its first token (the
         // router expects it here next time).
+        kv.adapter = req.adapter;
         if self.cfg.prefix_cache {
-            self.cache.insert(&mut self.pool, &req.prompt, &kv.blocks);
+            self.cache
+                .insert(&mut self.pool, req.adapter, &req.prompt, &kv.blocks);
         }
         self.clock += 1;
         let arrival = self.clock;
@@ -677,8 +685,8 @@ impl Scheduler {
     }
 
     /// How many leading tokens of `tokens` the prefix cache holds.
-    pub fn cached_prefix_len(&self, tokens: &[u32]) -> usize {
-        self.cache.cached_prefix_len(tokens)
+    pub fn cached_prefix_len(&self, adapter: u32, tokens: &[u32]) -> usize {
+        self.cache.cached_prefix_len(adapter, tokens)
     }
 
     pub fn pool(&self) -> &KvPool {
@@ -741,7 +749,9 @@ impl Scheduler {
                 // Share cached whole blocks, but always compute the last token
                 // (its logits start generation).
                 let upto = s.tokens.len() - 1;
-                s.kv.blocks = self.cache.acquire(&mut self.pool, &s.tokens[..upto]);
+                s.kv.blocks = self
+                    .cache
+                    .acquire(&mut self.pool, s.kv.adapter, &s.tokens[..upto]);
                 s.kv.len = s.kv.blocks.len() * self.pool.layout().block_size;
                 s.cached_tokens = s.kv.len;
                 if s.export.is_some() {
@@ -1048,8 +1058,12 @@ impl Scheduler {
                 }
             }
             if !s.prompt_cached && self.cfg.prefix_cache && s.kv.len >= s.n_prompt {
-                self.cache
-                    .insert(&mut self.pool, &s.tokens[..s.n_prompt], &s.kv.blocks);
+                self.cache.insert(
+                    &mut self.pool,
+                    s.kv.adapter,
+                    &s.tokens[..s.n_prompt],
+                    &s.kv.blocks,
+                );
                 s.prompt_cached = true;
             }
             // Parallel sampling: the other choices branch off here, sharing
@@ -1093,8 +1107,12 @@ impl Scheduler {
     fn retire(&mut self, mut s: Seq, reason: FinishReason) {
         if self.cfg.prefix_cache {
             let computed = s.kv.len;
-            self.cache
-                .insert(&mut self.pool, &s.tokens[..computed], &s.kv.blocks);
+            self.cache.insert(
+                &mut self.pool,
+                s.kv.adapter,
+                &s.tokens[..computed],
+                &s.kv.blocks,
+            );
         }
         self.pool.free_seq(&mut s.kv);
         let done = Event::Finished {

@@ -991,6 +991,7 @@ pub fn run_follower(src: &ModelSource, o: &ShardOptions) -> Result<()> {
             .map(|q| SeqKv {
                 blocks: q.blocks.clone(),
                 len: q.len,
+                adapter: 0,
             })
             .collect();
         let mut steps: Vec<SeqStep<'_>> = kvs

@@ -118,6 +118,7 @@ fn golden_logits_and_greedy_continuations() {
             params: SamplingParams::greedy(),
             max_tokens: Some(want.len()),
             stop_tokens: vec![],
+            adapter: 0,
         };
         let got = m.generate(&req, |_| true).unwrap().tokens;
         let limit = margins
@@ -281,6 +282,7 @@ fn sampling_is_reproducible_per_seed() {
             },
             max_tokens: Some(12),
             stop_tokens: vec![],
+            adapter: 0,
         };
         m.generate(&req, |_| true).unwrap().tokens
     };
@@ -298,6 +300,7 @@ fn bad_requests_are_clear_errors() {
         params: SamplingParams::greedy(),
         max_tokens: Some(1),
         stop_tokens: vec![],
+        adapter: 0,
     };
     let e = m.generate(&req, |_| true).unwrap_err();
     assert!(matches!(e, EngineError::ContextOverflow { .. }), "{e}");
@@ -308,6 +311,7 @@ fn bad_requests_are_clear_errors() {
         params: SamplingParams::greedy(),
         max_tokens: Some(ctx),
         stop_tokens: vec![],
+        adapter: 0,
     };
     assert!(matches!(
         m.generate(&req, |_| true).unwrap_err(),
@@ -319,6 +323,7 @@ fn bad_requests_are_clear_errors() {
         params: SamplingParams::greedy(),
         max_tokens: Some(4),
         stop_tokens: vec![],
+        adapter: 0,
     };
     assert!(matches!(
         m.generate(&req, |_| true).unwrap_err(),
@@ -385,6 +390,7 @@ mod batching {
             params: params.clone(),
             max_tokens: Some(n),
             stop_tokens: vec![],
+            adapter: 0,
         };
         model().generate(&req, |_| true).unwrap().tokens
     }
@@ -446,6 +452,7 @@ mod batching {
             priority: 0,
             generated: vec![],
             guide: None,
+            adapter: 0,
         }
     }
 
@@ -645,6 +652,7 @@ mod batching {
                     params: params.clone(),
                     max_tokens: Some(n),
                     stop_tokens: stop_tokens.clone(),
+                    adapter: 0,
                 };
                 let want = model().generate(&req, |_| true).unwrap();
                 let pool = KvPool::new(model().kv_layout(16), 64);
@@ -1054,6 +1062,7 @@ mod batching {
                     params: params(i),
                     max_tokens: Some(n_tokens),
                     stop_tokens: vec![],
+                    adapter: 0,
                 };
                 model().generate(&req, |_| true).unwrap()
             })
@@ -1168,6 +1177,7 @@ mod batching {
                 },
                 max_tokens: Some(1),
                 stop_tokens: vec![],
+                adapter: 0,
             };
             let g = model().generate(&req, |_| true).unwrap();
             // Forced by the bias; reported as the model sees it.
@@ -1527,9 +1537,9 @@ mod batching {
             let dec = engine(512, 64 << 20);
             let p = prompt(40, 21);
             let (first, staging, _) = prefill(&pre, &p);
-            assert_eq!(dec.cached_prefix_len(p.clone()), 0);
+            assert_eq!(dec.cached_prefix_len(0, p.clone()), 0);
             assert_eq!(decode(&dec, &p, first, staging, 1).len(), 1);
-            assert_eq!(dec.cached_prefix_len(p.clone()), 32, "two whole blocks");
+            assert_eq!(dec.cached_prefix_len(0, p.clone()), 32, "two whole blocks");
             // And the cached blocks hold the right KV: the same tokens as
             // computing the prompt from scratch.
             let reference = engine(512, 64 << 20);
@@ -2048,7 +2058,7 @@ mod batching {
         assert_eq!(end.completion_tokens, 6);
         let got: Vec<u32> = got.iter().map(|s| s.token).collect();
         assert_eq!(got, alone(&p, &SamplingParams::greedy(), 6));
-        assert!(engine.cached_prefix_len(p.clone()) >= p.len() / 16 * 16);
+        assert!(engine.cached_prefix_len(0, p.clone()) >= p.len() / 16 * 16);
         let too_big = engine.submit(RequestSpec {
             prompt: vec![1; 10],
             max_tokens: Some(10_000_000),
@@ -2209,6 +2219,7 @@ mod batching {
                 params: params.clone(),
                 max_tokens: Some(48),
                 stop_tokens: stop.clone(),
+                adapter: 0,
             };
             let plain = generate_guided(m.as_ref(), &req, Some(&grammars), |_| true).unwrap();
             assert_eq!(got, plain.tokens, "{params:?}");
@@ -2264,5 +2275,222 @@ mod batching {
             ..spec
         });
         assert!(broken.is_err());
+    }
+}
+
+/// LoRA adapters on the default model: requests with different adapters
+/// (and none) share one batch and one pool, each getting exactly the
+/// tokens the plain path gives it alone, and their prefixes never mix in
+/// the cache.
+mod lora {
+    use super::*;
+    use std::sync::mpsc::channel;
+    use tandem_engine::kv::KvPool;
+    use tandem_engine::scheduler::{Event, Request, Scheduler, SchedulerConfig};
+    use tandem_model::lora::{LoraSynthSpec, Target};
+
+    /// The default model with two seeded adapters: 1 on every projection,
+    /// 2 on the attention's q and v only (another rank and scale).
+    fn adapted() -> &'static Model {
+        static M: OnceLock<Model> = OnceLock::new();
+        M.get_or_init(|| {
+            let mut m = Model::load(source(), 2).expect("load default model");
+            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+                .join(format!("real_model-lora-{}", std::process::id()));
+            for (name, spec) in [
+                (
+                    "all",
+                    LoraSynthSpec {
+                        rank: 8,
+                        alpha: 16.0,
+                        targets: Target::ALL.to_vec(),
+                        seed: 3,
+                        b_std: 0.1,
+                    },
+                ),
+                (
+                    "qv",
+                    LoraSynthSpec {
+                        rank: 4,
+                        alpha: 4.0,
+                        targets: vec![Target::Q, Target::V],
+                        seed: 4,
+                        b_std: 0.3,
+                    },
+                ),
+            ] {
+                let d = dir.join(name);
+                tandem_model::lora::synth(&m.config, &spec, &d).unwrap();
+                let a = tandem_model::lora::load(&d, &m.config).unwrap();
+                m.add_adapter(name, a).unwrap();
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            m
+        })
+    }
+
+    fn alone(prompt: &[u32], adapter: u32, n: usize) -> Vec<u32> {
+        let req = GenerateRequest {
+            prompt: prompt.to_vec(),
+            params: SamplingParams::greedy(),
+            max_tokens: Some(n),
+            stop_tokens: vec![],
+            adapter,
+        };
+        adapted().generate(&req, |_| true).unwrap().tokens
+    }
+
+    #[test]
+    fn adapters_batch_together_and_keep_their_own_prefixes() {
+        let tok = source().tokenizer().unwrap();
+        let shared = "You are a helpful assistant who answers in one short sentence. ".repeat(3);
+        let prompts: Vec<Vec<u32>> = ["What is the capital of France?", "Name a primary colour."]
+            .iter()
+            .map(|q| tok.encode(&format!("{shared}{q}"), true).unwrap())
+            .collect();
+        assert!(
+            prompts[0].len() > 32,
+            "the shared prefix spans whole blocks"
+        );
+        const N: usize = 12;
+        let mut want = Vec::new();
+        for p in &prompts {
+            for adapter in 0..3u32 {
+                want.push(((p.clone(), adapter), alone(p, adapter, N)));
+            }
+        }
+        // The adapters change the output (else nothing below is shown).
+        for chunk in want.chunks(3) {
+            assert!(
+                chunk[0].1 != chunk[1].1 && chunk[0].1 != chunk[2].1,
+                "an adapter leaves the greedy tokens unchanged"
+            );
+        }
+        let pool = KvPool::new(adapted().kv_layout(16), 256);
+        let cfg = SchedulerConfig {
+            max_step_tokens: 64,
+            ..Default::default()
+        };
+        let mut s = Scheduler::new(cfg, pool, adapted().config.context_length);
+        // Twice: the second round finds the first's prefixes cached, each
+        // under its own adapter.
+        for round in 0..2 {
+            let mut rxs = Vec::new();
+            for (i, ((p, adapter), _)) in want.iter().enumerate() {
+                let (tx, rx) = channel();
+                let req = Request {
+                    id: i as u64,
+                    prompt: p.clone(),
+                    params: SamplingParams::greedy(),
+                    max_tokens: Some(N),
+                    stop_tokens: vec![],
+                    priority: 0,
+                    generated: vec![],
+                    guide: None,
+                    adapter: *adapter,
+                };
+                s.add(req, Box::new(tx)).unwrap();
+                rxs.push(rx);
+            }
+            let mut steps = 0;
+            while s.has_work() {
+                s.step(adapted()).unwrap();
+                steps += 1;
+                assert!(steps < 10_000);
+            }
+            for (rx, ((_, adapter), expected)) in rxs.iter().zip(&want) {
+                let mut got = Vec::new();
+                let mut cached = None;
+                for e in rx.try_iter() {
+                    match e {
+                        Event::Token(t) => got.push(t.token),
+                        Event::Finished { cached_tokens, .. } => cached = Some(cached_tokens),
+                        e => panic!("unexpected event {e:?}"),
+                    }
+                }
+                assert_eq!(&got, expected, "round {round}, adapter {adapter}");
+                if round == 1 {
+                    assert!(cached.unwrap() >= 32, "round 2 reuses the cache");
+                }
+            }
+        }
+        // A prompt cached under one adapter is not offered to another.
+        let fresh = tok
+            .encode(&format!("Only the base model saw this. {shared}"), true)
+            .unwrap();
+        let (tx, _rx) = channel();
+        let req = Request {
+            id: 99,
+            prompt: fresh.clone(),
+            params: SamplingParams::greedy(),
+            max_tokens: Some(1),
+            stop_tokens: vec![],
+            priority: 0,
+            generated: vec![],
+            guide: None,
+            adapter: 0,
+        };
+        s.add(req, Box::new(tx)).unwrap();
+        while s.has_work() {
+            s.step(adapted()).unwrap();
+        }
+        assert!(s.cached_prefix_len(0, &fresh) >= 32);
+        assert_eq!(s.cached_prefix_len(1, &fresh), 0);
+        assert_eq!(s.cached_prefix_len(2, &fresh), 0);
+        assert!(s.cached_prefix_len(2, &prompts[0]) >= 32);
+    }
+
+    #[test]
+    fn a_bad_adapter_is_refused_with_its_reason() {
+        let m = model();
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("real_model-bad-lora-{}", std::process::id()));
+        let spec = LoraSynthSpec {
+            rank: 4,
+            alpha: 8.0,
+            targets: vec![Target::Q],
+            seed: 1,
+            b_std: 0.01,
+        };
+        tandem_model::lora::synth(&m.config, &spec, &dir).unwrap();
+        // Another model's shapes.
+        let mut other = m.config.clone();
+        other.hidden += 64;
+        let e = tandem_model::lora::load(&dir, &other)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("shape"), "{e}");
+        // A truncated weights file.
+        let w = dir.join(tandem_model::lora::ADAPTER_WEIGHTS);
+        let bytes = std::fs::read(&w).unwrap();
+        std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+        let e = tandem_model::lora::load(&dir, &m.config)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("adapter_model.safetensors"), "{e}");
+        // DoRA is not LoRA.
+        std::fs::write(&w, &bytes).unwrap();
+        let cfg = dir.join(tandem_model::lora::ADAPTER_CONFIG);
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        std::fs::write(
+            &cfg,
+            text.replace("\"use_dora\": false", "\"use_dora\": true"),
+        )
+        .unwrap();
+        let e = tandem_model::lora::load(&dir, &m.config)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("DoRA"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+        // An adapter number the model does not have.
+        let req = GenerateRequest {
+            prompt: vec![1, 2, 3],
+            params: SamplingParams::greedy(),
+            max_tokens: Some(1),
+            stop_tokens: vec![],
+            adapter: 1,
+        };
+        let e = m.generate(&req, |_| true).unwrap_err().to_string();
+        assert!(e.contains("LoRA adapter 1"), "{e}");
     }
 }

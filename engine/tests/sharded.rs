@@ -86,6 +86,7 @@ fn greedy(prompt: &[u32], n: usize) -> GenerateRequest {
         params: SamplingParams::greedy(),
         max_tokens: Some(n),
         stop_tokens: vec![],
+        adapter: 0,
     }
 }
 

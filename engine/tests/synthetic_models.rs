@@ -241,7 +241,12 @@ struct Fidelity {
 }
 
 fn check_against_reference(fx: &Fixture) -> Fidelity {
-    let reference = fx.reference();
+    check_against(fx, fx.reference(), None)
+}
+
+/// `fx` against `reference`, run with the LoRA adapter in `lora` (as
+/// adapter 1) when given.
+fn check_against(fx: &Fixture, reference: Value, lora: Option<&Path>) -> Fidelity {
     let (path, _scratch) = fx.checkpoint("fidelity");
     let src = ModelSource::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     assert_eq!(
@@ -256,7 +261,12 @@ fn check_against_reference(fx: &Fixture) -> Fidelity {
         "{}: reference ran a different model",
         fx.file
     );
-    let m = Model::load(&src, 2).unwrap_or_else(|e| panic!("load {}: {e}", fx.file));
+    let mut m = Model::load(&src, 2).unwrap_or_else(|e| panic!("load {}: {e}", fx.file));
+    if let Some(dir) = lora {
+        let a = tandem_model::lora::load(dir, &src.config)
+            .unwrap_or_else(|e| panic!("{}: LoRA: {e}", fx.file));
+        assert_eq!(m.add_adapter("lora", a).unwrap(), 1);
+    }
     let mut out = Fidelity {
         worst_abs: 0.0,
         worst_rel: 0.0,
@@ -283,6 +293,7 @@ fn check_against_reference(fx: &Fixture) -> Fidelity {
             params: SamplingParams::greedy(),
             max_tokens: Some(want.len()),
             stop_tokens: vec![],
+            adapter: lora.is_some() as u32,
         };
         let gen = m
             .generate(&req, |_| true)
@@ -382,6 +393,74 @@ fn engine_matches_transformers_on_every_fixture() {
     assert!(
         failures.is_empty(),
         "engine disagrees with transformers on: {failures:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// LoRA adapters against peft
+// ---------------------------------------------------------------------------
+
+/// The adapter the `*.lora-r8.json` references ran with (see the README):
+/// `tandem model synth-lora --rank 8 --alpha 16 --targets all --b-std 0.02 --seed 7`.
+fn lora_spec() -> tandem_model::lora::LoraSynthSpec {
+    tandem_model::lora::LoraSynthSpec {
+        rank: 8,
+        alpha: 16.0,
+        targets: tandem_model::lora::Target::ALL.to_vec(),
+        seed: 7,
+        b_std: 0.02,
+    }
+}
+
+/// The engine with a LoRA adapter on every projection matches transformers
+/// with peft on three checkpoints: safetensors (Hugging Face row order),
+/// a llama GGUF (whose Q/K rows llama.cpp permuted, so the adapter's B rows
+/// of q_proj and k_proj must be permuted alike) and qwen2 (Q/K/V biases).
+/// The adapter is regenerated and checked against the sha256 the JSON
+/// recorded; a base-model fixture's greedy tokens must differ somewhere,
+/// or the test would not show the adapter applied at all.
+#[test]
+fn lora_adapters_match_peft() {
+    let mut failures = Vec::new();
+    for stem in [
+        "tiny-llama-bf16-2shards",
+        "tiny-llama-q4_k",
+        "tiny-qwen2-q6_k",
+    ] {
+        let fx = fixtures()
+            .into_iter()
+            .find(|f| f.stem() == stem)
+            .expect("a base fixture");
+        let p = fixtures_dir().join(format!("{stem}.lora-r8.json"));
+        let reference: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        let dir = scratch(&format!("lora-{stem}"));
+        let _guard = Scratch(dir.clone());
+        let (src_path, _s) = fx.checkpoint("lora-base");
+        let src = ModelSource::open(&src_path).unwrap();
+        tandem_model::lora::synth(&src.config, &lora_spec(), &dir).unwrap();
+        for (name, sha) in reference["lora"]["files"].as_object().unwrap() {
+            let got = sha256_hex(&std::fs::read(dir.join(name)).unwrap());
+            assert_eq!(
+                &got,
+                sha.as_str().unwrap(),
+                "{stem}: adapter file {name} differs from the one peft ran"
+            );
+        }
+        let base = fx.reference();
+        let moved = base["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(reference["prompts"].as_array().unwrap())
+            .any(|(b, l)| b["greedy"] != l["greedy"]);
+        assert!(moved, "{stem}: the adapter changes no greedy token");
+        if std::panic::catch_unwind(|| check_against(&fx, reference, Some(&dir))).is_err() {
+            failures.push(stem);
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "engine with LoRA disagrees with peft on: {failures:?}"
     );
 }
 

@@ -12,6 +12,7 @@ pub mod detok;
 pub mod error;
 pub mod fingerprint;
 pub mod gguf;
+pub mod lora;
 pub mod quant;
 pub mod safetensors_dir;
 pub mod synth;

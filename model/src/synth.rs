@@ -557,7 +557,7 @@ fn splitmix64(x: u64) -> u64 {
 
 /// Per-tensor key: the seed mixed with a hash of the Hugging Face name, so
 /// tensors are independent and the format does not change the values.
-fn tensor_key(seed: u64, hf_name: &str) -> u64 {
+pub(crate) fn tensor_key(seed: u64, hf_name: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in hf_name.bytes() {
         h ^= b as u64;
@@ -570,7 +570,7 @@ fn tensor_key(seed: u64, hf_name: &str) -> u64 {
 /// uniforms, centred and scaled to unit variance (bounded by ±3.46, which
 /// also keeps quantisation grids free of outliers).
 #[inline]
-fn std_normalish(key: u64, idx: u64) -> f32 {
+pub(crate) fn std_normalish(key: u64, idx: u64) -> f32 {
     let r = splitmix64(key ^ idx.wrapping_mul(0xD6E8_FEB8_6659_FD93));
     let s = (r & 0xffff) + ((r >> 16) & 0xffff) + ((r >> 32) & 0xffff) + (r >> 48);
     (s as f32 / 65535.0 - 2.0) * 3f32.sqrt()
@@ -588,13 +588,6 @@ fn gen_row(key: u64, init: Init, hf_row: usize, out: &mut [f32]) {
     }
 }
 
-/// Hugging Face row stored at GGUF row `r` under llama.cpp's Q/K permutation
-/// (`reshape(n_head, 2, hd/2, cols).swapaxes(1, 2)`).
-fn permuted_source_row(r: usize, head_dim: usize) -> usize {
-    let (head, within) = (r / head_dim, r % head_dim);
-    head * head_dim + (within % 2) * (head_dim / 2) + within / 2
-}
-
 /// Generates, encodes and writes one tensor, a batch of rows at a time,
 /// the rows of a batch spread over the machine's cores.
 fn write_tensor_data(w: &mut dyn Write, seed: u64, t: &Planned, path: &Path) -> Result<()> {
@@ -610,7 +603,7 @@ fn write_tensor_data(w: &mut dyn Write, seed: u64, t: &Planned, path: &Path) -> 
         let mut out = Vec::with_capacity(t.ty.bytes_for(cols)? * (b - a));
         for r in a..b {
             let src = match t.permute_head_dim {
-                Some(hd) => permuted_source_row(r, hd),
+                Some(hd) => crate::lora::permuted_source_row(r, hd),
                 None => r,
             };
             gen_row(key, t.init, src, &mut row);

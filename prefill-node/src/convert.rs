@@ -139,7 +139,34 @@ pub fn node_info(
         tp_size: 1,
         pp_size: 1,
         threads,
+        adapters: engine
+            .adapters()
+            .iter()
+            .map(|(name, fingerprint)| pb::LoraAdapter {
+                name: name.clone(),
+                fingerprint: fingerprint.clone(),
+            })
+            .collect(),
     }
+}
+
+/// The engine's number of the LoRA adapter a request names (empty: the
+/// base model, 0).
+pub fn adapter_id(engine: &Engine, name: &str) -> Result<u32, Status> {
+    if name.is_empty() {
+        return Ok(0);
+    }
+    engine.adapter_id(name).ok_or_else(|| {
+        let served: Vec<&str> = engine.adapters().iter().map(|(n, _)| n.as_str()).collect();
+        Status::invalid_argument(format!(
+            "LoRA adapter {name:?} is not served here (served: {})",
+            if served.is_empty() {
+                "none".to_string()
+            } else {
+                served.join(", ")
+            }
+        ))
+    })
 }
 
 /// This process's `LoadReport::instance`: random, never 0.
@@ -168,9 +195,9 @@ pub fn load_report(engine: &Engine, in_flight: u32) -> pb::LoadReport {
 
 /// `Engine::cached_prefix_len` waits for the engine thread: keep it off
 /// the async workers.
-pub async fn cached_prefix(engine: &Arc<Engine>, tokens: Vec<u32>) -> u32 {
+pub async fn cached_prefix(engine: &Arc<Engine>, adapter: u32, tokens: Vec<u32>) -> u32 {
     let e = engine.clone();
-    tokio::task::spawn_blocking(move || e.cached_prefix_len(tokens) as u32)
+    tokio::task::spawn_blocking(move || e.cached_prefix_len(adapter, tokens) as u32)
         .await
         .unwrap_or(0)
 }

@@ -146,6 +146,7 @@ impl PrefillService {
             priority: 0,
             generated: Vec::new(),
             n,
+            adapter: convert::adapter_id(&self.engine, &req.adapter)?,
         };
         let waiting = InStage::enter(Stage::PrefillWaiting);
         let (tx, layers) = mpsc::unbounded_channel();
@@ -354,7 +355,9 @@ impl pb::Worker for PrefillService {
         &self,
         req: Request<pb::CachedPrefixRequest>,
     ) -> Result<Response<pb::CachedPrefixResponse>, Status> {
-        let n = convert::cached_prefix(&self.engine, req.into_inner().tokens).await;
+        let req = req.into_inner();
+        let adapter = convert::adapter_id(&self.engine, &req.adapter)?;
+        let n = convert::cached_prefix(&self.engine, adapter, req.tokens).await;
         Ok(Response::new(pb::CachedPrefixResponse { tokens: n }))
     }
 }

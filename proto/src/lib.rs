@@ -47,9 +47,9 @@ pub mod worker {
     pub const SERVICE: &str = crate::pb::worker_server::SERVICE_NAME;
     pub use crate::pb::{
         Admitted, CachedPrefixRequest, CachedPrefixResponse, CancelRequest, CancelResponse,
-        DecodeEvent, DecodeRequest, Finished, InfoRequest, LoadReport, LoadRequest, NodeInfo,
-        PrefillRecomputed, PrefillRequest, PrefillResponse, PromptLogprobs, Role, SampledToken,
-        WorkerError, WorkerSampling,
+        DecodeEvent, DecodeRequest, Finished, InfoRequest, LoadReport, LoadRequest, LoraAdapter,
+        NodeInfo, PrefillRecomputed, PrefillRequest, PrefillResponse, PromptLogprobs, Role,
+        SampledToken, WorkerError, WorkerSampling,
     };
     pub use crate::pb::{FinishReason, TokenBias, TokenLogprob};
 

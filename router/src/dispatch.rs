@@ -82,6 +82,8 @@ pub struct GenerationInput {
     pub max_tokens: Option<u32>,
     /// End the generation without being emitted (EOS and friends).
     pub stop_token_ids: Vec<u32>,
+    /// The LoRA adapter to run with, by name; empty: the base model.
+    pub adapter: String,
     /// Time the front end spent on the request before handing it over,
     /// tokenisation excluded: the dispatcher adds its own share and records
     /// the router's accept-to-dispatch latency.
@@ -213,5 +215,11 @@ pub trait Backend: Send + Sync + 'static {
         Box::pin(futures_util::future::try_join_all(
             inputs.into_iter().map(|input| self.generate(input)),
         ))
+    }
+
+    /// The LoRA adapters requests may name (as their `model`), sorted.
+    /// None by default.
+    fn adapters(&self) -> Vec<String> {
+        Vec::new()
     }
 }

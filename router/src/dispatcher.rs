@@ -244,7 +244,11 @@ impl Dispatcher {
         let Some(drain_guard) = s.drain.enter() else {
             return Err(DispatchError::Unavailable("the router is draining".into()));
         };
-        let hashes = block_hashes(&input.prompt, s.block_size.load(Ordering::Relaxed));
+        let hashes = block_hashes(
+            &input.adapter,
+            &input.prompt,
+            s.block_size.load(Ordering::Relaxed),
+        );
         let req = pb::DecodeRequest {
             request_id: input.request_id.clone(),
             prompt: input.prompt,
@@ -255,6 +259,7 @@ impl Dispatcher {
             prefill_address: String::new(),
             generated: Vec::new(),
             n: 1,
+            adapter: input.adapter,
         };
         let mut attempt = Attempt {
             req,
@@ -309,7 +314,11 @@ impl Dispatcher {
             .strip_suffix("-0")
             .unwrap_or(&first.request_id)
             .to_string();
-        let hashes = block_hashes(&first.prompt, s.block_size.load(Ordering::Relaxed));
+        let hashes = block_hashes(
+            &first.adapter,
+            &first.prompt,
+            s.block_size.load(Ordering::Relaxed),
+        );
         let req = pb::DecodeRequest {
             request_id,
             prompt: first.prompt,
@@ -320,6 +329,7 @@ impl Dispatcher {
             prefill_address: String::new(),
             generated: Vec::new(),
             n: n as u32,
+            adapter: first.adapter,
         };
         let mut attempt = Attempt {
             req,
@@ -375,6 +385,7 @@ fn shares_prompt(inputs: &[GenerationInput]) -> bool {
             && sampling == first.sampling
             && x.max_tokens == first.max_tokens
             && x.stop_token_ids == first.stop_token_ids
+            && x.adapter == first.adapter
     })
 }
 
@@ -392,6 +403,32 @@ impl Backend for Dispatcher {
     ) -> BoxFuture<'_, Result<Vec<TokenStream>, DispatchError>> {
         Box::pin(self.start_choices(inputs))
     }
+
+    /// The adapters some decode worker serves.
+    fn adapters(&self) -> Vec<String> {
+        let m = self.shared.members.read().expect("members lock");
+        let mut names: Vec<String> = m
+            .decode
+            .iter()
+            .flat_map(|w| w.info.adapters.iter().map(|a| a.name.clone()))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
+/// The fingerprint of the adapter `name` on worker `w` (`Some("")` for
+/// the base model, `None` when `w` does not serve it).
+fn adapter_on<'a>(w: &'a Worker, name: &str) -> Option<&'a str> {
+    if name.is_empty() {
+        return Some("");
+    }
+    w.info
+        .adapters
+        .iter()
+        .find(|a| a.name == name)
+        .map(|a| a.fingerprint.as_str())
 }
 
 /// `tandem_router_workers{worker_role}`: the workers the router routes to.
@@ -458,8 +495,15 @@ fn is_connection_failure(s: &tonic::Status) -> bool {
 impl Shared {
     fn pick(&self, a: &Attempt) -> Option<(Arc<Worker>, Option<Arc<Worker>>)> {
         let m = self.members.read().ok()?;
+        let adapter = a.req.adapter.as_str();
         let ok = |w: &&Arc<Worker>| !a.failed.contains(&w.peer());
-        let mut decode: Vec<Arc<Worker>> = m.decode.iter().filter(ok).cloned().collect();
+        let mut decode: Vec<Arc<Worker>> = m
+            .decode
+            .iter()
+            .filter(ok)
+            .filter(|w| adapter_on(w, adapter).is_some())
+            .cloned()
+            .collect();
         // Not a decode worker whose pool can never hold the request while
         // another can: with none that can, any, whose refusal says why.
         let wanted = a.req.prompt.len() + a.req.max_tokens.unwrap_or(1) as usize;
@@ -496,9 +540,13 @@ impl Shared {
             // Not a prefill worker whose hand-over to this decode worker
             // failed lately; with none left, the decode worker prefills.
             let now = Instant::now();
+            // Only one that runs the same adapter (the same files): its
+            // keys and values are what the decode worker would compute.
+            let want = adapter_on(&decode, adapter);
             let reachable: Vec<Arc<Worker>> = prefill
                 .into_iter()
                 .filter(|p| !self.pairs.avoided(p.peer(), decode.peer(), now))
+                .filter(|p| adapter_on(p, adapter) == want)
                 .collect();
             self.picker.prefill(&reachable, matched).cloned()
         };

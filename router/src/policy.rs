@@ -65,8 +65,14 @@ impl Default for DisaggPolicy {
 }
 
 /// Block-chain hashes of a prompt (whole blocks only).
-pub fn block_hashes(tokens: &[u32], block: usize) -> Vec<u64> {
+/// Blocks computed with a LoRA adapter (`adapter` not empty) hash apart
+/// from the base model's: their keys and values differ.
+pub fn block_hashes(adapter: &str, tokens: &[u32], block: usize) -> Vec<u64> {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in adapter.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
     tokens
         .chunks_exact(block.max(1))
         .map(|c| {
@@ -255,13 +261,13 @@ mod tests {
         let a: Vec<u32> = (0..64).collect();
         let mut b = a.clone();
         b[40] = 999;
-        let (ha, hb) = (block_hashes(&a, 16), block_hashes(&b, 16));
+        let (ha, hb) = (block_hashes("", &a, 16), block_hashes("", &b, 16));
         assert_eq!(ha.len(), 4);
         assert_eq!(ha[..2], hb[..2]);
         assert_ne!(ha[2], hb[2]);
         // A change in block 2 changes every later hash too.
         assert_ne!(ha[3], hb[3]);
-        assert!(block_hashes(&a[..15], 16).is_empty());
+        assert!(block_hashes("", &a[..15], 16).is_empty());
     }
 
     #[test]
@@ -274,7 +280,7 @@ mod tests {
         };
         let (w1, w2) = (life(1, 0), life(2, 0));
         let p: Vec<u32> = (0..160).collect();
-        let h = block_hashes(&p, 16);
+        let h = block_hashes("", &p, 16);
         idx.record(&h[..6], w1);
         idx.record(&h, w2);
         assert_eq!(idx.matched(&h, w1), 6);
@@ -289,7 +295,7 @@ mod tests {
         assert_eq!(idx.matched(&h, w1), 6);
         for i in 0..50u32 {
             let q: Vec<u32> = (0..64).map(|t| t + 1000 * (i + 1)).collect();
-            idx.record(&block_hashes(&q, 16), w1);
+            idx.record(&block_hashes("", &q, 16), w1);
         }
         assert!(idx.inner.lock().unwrap().map.len() <= 100);
     }

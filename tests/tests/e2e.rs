@@ -14,6 +14,8 @@ use tandem_tests::{model_path, tandem_bin, Cluster, ClusterSpec, Node, SECRET};
 mod bench;
 #[path = "e2e/dashboard.rs"]
 mod dashboard;
+#[path = "e2e/lora.rs"]
+mod lora;
 #[path = "e2e/membership.rs"]
 mod membership;
 #[path = "e2e/operations.rs"]

@@ -198,14 +198,17 @@ mod tests {
             SeqKv {
                 blocks: vec![7, 2],
                 len: 5,
+                adapter: 0,
             },
             SeqKv {
                 blocks: vec![3],
                 len: 0,
+                adapter: 0,
             },
             SeqKv {
                 blocks: vec![9, 4, 1],
                 len: 8,
+                adapter: 0,
             },
         ];
         let toks = [[11u32], [12], [13]];

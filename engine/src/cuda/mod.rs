@@ -1099,7 +1099,7 @@ impl CudaModel {
         batch: &mut [SeqStep<'_>],
         mut export: Option<&mut dyn FnMut(LayerKv<'_>)>,
     ) -> Result<Vec<Vec<f32>>> {
-        check_step(&self.config, batch)?;
+        check_step(&self.config, 0, batch)?;
         if batch.is_empty() {
             return Ok(Vec::new());
         }

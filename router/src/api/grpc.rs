@@ -109,9 +109,11 @@ impl GenerateApi {
         self.check_auth(&req)?;
         let req = req.into_inner();
         let state = &self.state;
-        if !req.model.is_empty() {
-            state.check_model(&req.model)?;
-        }
+        let adapter = if req.model.is_empty() {
+            String::new()
+        } else {
+            state.check_model(&req.model)?
+        };
         let (prompt, prompt_param) = match req.input {
             None => {
                 return Err(ApiError::invalid(
@@ -186,6 +188,7 @@ impl GenerateApi {
             choice: s.choice,
             prompt_logprobs: s.prompt_logprobs,
             echo: false,
+            adapter,
         };
         let request_id = if req.request_id.is_empty() {
             format!("gen-{}", random_id())

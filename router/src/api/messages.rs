@@ -441,10 +441,10 @@ async fn run(
     state: Arc<ApiState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (_, stream, answer) =
+    let (m, stream, answer) =
         super::rewrite::run_as_chat(&state, body, "messages", chat_request).await?;
     let id = format!("msg_{}", random_id());
-    let model = state.served_model_name.clone();
+    let model = state.answer_model(&super::openai::check_model_field(&state, &m)?);
     if stream {
         return Ok(stream_response(id, model, answer));
     }

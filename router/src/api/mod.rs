@@ -271,12 +271,26 @@ impl ApiState {
         tokenize(text)
     }
 
-    /// Checks that `name` is the served model (404 `model_not_found` otherwise).
-    pub fn check_model(&self, name: &str) -> Result<(), ApiError> {
+    /// Checks that `name` is the served model or one of its LoRA adapters
+    /// (404 `model_not_found` otherwise), and says which adapter: empty
+    /// for the base model.
+    pub fn check_model(&self, name: &str) -> Result<String, ApiError> {
         if name == self.served_model_name {
-            Ok(())
+            Ok(String::new())
+        } else if self.backend.adapters().iter().any(|a| a == name) {
+            Ok(name.to_string())
         } else {
             Err(ApiError::model_not_found(name))
+        }
+    }
+
+    /// The `model` an answer names: the adapter a request ran with, else
+    /// the served model.
+    pub fn answer_model(&self, adapter: &str) -> String {
+        if adapter.is_empty() {
+            self.served_model_name.clone()
+        } else {
+            adapter.to_string()
         }
     }
 

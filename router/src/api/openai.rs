@@ -226,14 +226,24 @@ async fn method_not_allowed(req: Request) -> Response {
 
 async fn list_models(State(state): State<Arc<ApiState>>) -> Response {
     count_request("models", StatusCode::OK);
-    axum::Json(json!({"object": "list", "data": [model_card(&state)]})).into_response()
+    let mut data = vec![model_card(&state, "")];
+    data.extend(
+        state
+            .backend
+            .adapters()
+            .iter()
+            .map(|a| model_card(&state, a)),
+    );
+    axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
 async fn get_model(State(state): State<Arc<ApiState>>, Path(model): Path<String>) -> Response {
     let model = model.trim_start_matches('/');
     json_answer(
         "models",
-        state.check_model(model).map(|()| model_card(&state)),
+        state
+            .check_model(model)
+            .map(|adapter| model_card(&state, &adapter)),
     )
 }
 
@@ -334,14 +344,23 @@ fn json_answer(endpoint: &'static str, r: Result<Value, ApiError>) -> Response {
     resp
 }
 
-fn model_card(state: &ApiState) -> Value {
-    json!({
-        "id": state.served_model_name,
+/// The card of the served model, or of one of its LoRA adapters (whose
+/// `parent` is the served model, as in vLLM).
+fn model_card(state: &ApiState, adapter: &str) -> Value {
+    let mut card = json!({
+        "id": state.answer_model(adapter),
         "object": "model",
         "created": state.created,
         "owned_by": "tandem",
+        "root": state.served_model_name,
+        "parent": Value::Null,
         "max_model_len": state.context_length,
-    })
+    });
+    if !adapter.is_empty() {
+        card["root"] = json!(adapter);
+        card["parent"] = json!(state.served_model_name);
+    }
+    card
 }
 
 // ---------------------------------------------------------------------------
@@ -916,10 +935,14 @@ fn parse_common(m: &Map<String, Value>, ep: Endpoint) -> Result<Common, ApiError
     })
 }
 
-fn check_model_field(state: &ApiState, m: &Map<String, Value>) -> Result<(), ApiError> {
+/// The adapter a request's `model` names (empty for the base model).
+pub(super) fn check_model_field(
+    state: &ApiState,
+    m: &Map<String, Value>,
+) -> Result<String, ApiError> {
     match string(m, "model")? {
         // Lenient like vLLM: a missing model means the served one.
-        None => Ok(()),
+        None => Ok(String::new()),
         Some(name) => state.check_model(name),
     }
 }
@@ -1542,13 +1565,12 @@ async fn run(
     let accepted = Instant::now();
     let m = parse_object(body)?;
     check_unsupported(&m, ep)?;
-    let common = parse_common(&m, ep)?;
-    check_model_field(&state, &m)?;
+    let mut common = parse_common(&m, ep)?;
+    common.params.adapter = check_model_field(&state, &m)?;
     let tools = match ep {
         Endpoint::Chat => state.request_tools(&m)?,
         Endpoint::Completions => None,
     };
-    let mut common = common;
     if let Some(schema) = tools.as_ref().and_then(|t| t.schema()) {
         // A forced call is held to its JSON: the one output constraint
         // there is. `response_format` shapes a text answer, and there is
@@ -1667,7 +1689,7 @@ async fn run(
     let ctx = Ctx {
         id,
         created: unix_now(),
-        model: state.served_model_name.clone(),
+        model: state.answer_model(&common.params.adapter),
         endpoint: ep,
         label,
         logprobs: groups[0].logprobs,

@@ -64,6 +64,8 @@ pub struct GenParams {
     /// The answer repeats the prompt (completions' `echo`): with it too,
     /// `max_tokens` may be 0, and the prompt is all that comes back.
     pub echo: bool,
+    /// The LoRA adapter the request's `model` names; empty: the base model.
+    pub adapter: String,
 }
 
 /// Largest bias magnitude `logit_bias` accepts (OpenAI's range).
@@ -372,6 +374,7 @@ impl GenParams {
                 },
                 max_tokens: max_tokens.map(|m| m as u32),
                 stop_token_ids: stop_token_ids.clone(),
+                adapter: self.adapter.clone(),
                 frontend_time: std::time::Duration::ZERO,
             })
             .collect();

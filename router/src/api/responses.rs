@@ -470,7 +470,7 @@ async fn run(
     let echo = Echo {
         id: format!("resp_{}", random_id()),
         created_at: unix_now(),
-        model: state.served_model_name.clone(),
+        model: state.answer_model(&super::openai::check_model_field(&state, &m)?),
         request: m,
     };
     if stream {

@@ -74,6 +74,7 @@ async fn reference(cluster: &Cluster, prompt: &[u32], stops: &[u32], key: u64) -
         prefill_address: String::new(),
         generated: Vec::new(),
         n: 1,
+        adapter: String::new(),
     });
     req.metadata_mut()
         .insert(w::SECRET_METADATA, SECRET.parse().unwrap());

@@ -1,0 +1,207 @@
+//! LoRA adapters served by a cluster: a request names an adapter as its
+//! `model`, runs with it on both tiers (the prefill worker's KV and the
+//! decode worker's tokens), shares batches with base-model requests, and
+//! gets exactly what `tandem generate --lora` gives on the plain path.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::{json, Value};
+use tandem_proto::worker as w;
+use tandem_tests::{model_path, tandem_bin, Cluster, ClusterSpec, SECRET};
+
+use super::{
+    api_json, counter, generate_plain_with, greedy_request, grpc_client, model_name, prompts, rt,
+    MAX_TOKENS,
+};
+
+/// Writes a seeded adapter for the default model with `tandem model synth-lora`.
+fn synth_adapter(dir: &Path, targets: &str, b_std: &str, seed: u64) {
+    let out = Command::new(tandem_bin())
+        .args(["model", "synth-lora", "--rank", "8", "--alpha", "16"])
+        .args(["--targets", targets, "--b-std", b_std])
+        .arg("--seed")
+        .arg(seed.to_string())
+        .arg("--model")
+        .arg(model_path())
+        .arg("--out")
+        .arg(dir)
+        .output()
+        .expect("running tandem model synth-lora");
+    assert!(
+        out.status.success(),
+        "synth-lora: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Two adapters: one on every projection, one on q and v only.
+fn adapters(tmp: &Path) -> [(&'static str, PathBuf); 2] {
+    let all = tmp.join("all");
+    let qv = tmp.join("qv");
+    synth_adapter(&all, "all", "0.1", 3);
+    synth_adapter(&qv, "q_proj,v_proj", "0.3", 4);
+    [("sql", all), ("chat", qv)]
+}
+
+fn lora_flags(adapters: &[(&str, PathBuf)]) -> Vec<String> {
+    adapters
+        .iter()
+        .flat_map(|(name, dir)| ["--lora".to_string(), format!("{name}={}", dir.display())])
+        .collect()
+}
+
+/// The plain path's greedy text for `prompt`, with the adapter in `dir`.
+fn plain(prompt: &str, dir: Option<&Path>) -> String {
+    let extra: Vec<String> = match dir {
+        Some(d) => vec!["--lora".into(), d.display().to_string()],
+        None => vec![],
+    };
+    generate_plain_with(prompt, false, MAX_TOKENS, &extra).0
+}
+
+#[test]
+fn adapters_are_served_by_name_on_both_tiers_as_on_the_plain_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapters = adapters(tmp.path());
+    let prompts: Vec<String> = prompts()[1..].to_vec();
+    // (model, prompt) → the plain path's text.
+    let mut cases: Vec<(String, String, String)> = Vec::new();
+    for p in &prompts {
+        cases.push((model_name(), p.clone(), plain(p, None)));
+        for (name, dir) in &adapters {
+            cases.push((name.to_string(), p.clone(), plain(p, Some(dir))));
+        }
+    }
+    for c in cases.chunks(3) {
+        assert!(
+            c[0].2 != c[1].2 && c[0].2 != c[2].2,
+            "an adapter leaves {:?} unchanged",
+            c[0].1
+        );
+    }
+
+    let cluster = Cluster::start_spec(ClusterSpec {
+        prefill: 1,
+        decode: 1,
+        threads: 1,
+        worker_args: lora_flags(&adapters),
+        ..Default::default()
+    });
+    let cluster = &cluster;
+    rt().block_on(async {
+        let http = reqwest::Client::new();
+        let models: Value = http
+            .get(format!("{}/models", cluster.base_url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let ids: Vec<&str> = models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, [model_name().as_str(), "chat", "sql"], "{models}");
+        assert_eq!(models["data"][2]["parent"], model_name().as_str());
+
+        // All at once: base and adapter requests share the decode batch.
+        let answers = futures_util::future::join_all(cases.iter().map(|(model, prompt, _)| {
+            let body = json!({
+                "model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+            });
+            async move { api_json(cluster, "completions", &body).await }
+        }))
+        .await;
+        for ((model, prompt, want), v) in cases.iter().zip(&answers) {
+            assert_eq!(v["model"], model.as_str());
+            assert_eq!(
+                v["choices"][0]["text"],
+                want.as_str(),
+                "{model} on {prompt:?}"
+            );
+        }
+        let remote = r#"tandem_router_dispatched_total{prefill="remote"}"#;
+        assert_eq!(
+            counter(&cluster.router, remote).await,
+            cases.len() as f64,
+            "every prompt was prefilled on the prefill tier"
+        );
+
+        // The same prompt again per model: from each adapter's own cache.
+        for (model, prompt, want) in &cases[..3] {
+            let body = json!({
+                "model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+            });
+            let v = api_json(cluster, "completions", &body).await;
+            assert_eq!(v["choices"][0]["text"], want.as_str(), "{model}, again");
+        }
+
+        // gRPC names the adapter the same way.
+        let mut client = grpc_client(cluster).await;
+        let mut req = greedy_request(&cases[1].1);
+        req.model = cases[1].0.clone();
+        let r = client.generate(req).await.expect("Generate").into_inner();
+        assert_eq!(r.text, cases[1].2);
+
+        // An adapter nobody serves is an unknown model.
+        let r = http
+            .post(format!("{}/chat/completions", cluster.base_url()))
+            .json(&json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "model_not_found");
+
+        // A worker asked directly for an adapter it lacks says so.
+        let mut c = w::WorkerClient::connect(format!("http://{}", cluster.decode[0].addr()))
+            .await
+            .unwrap();
+        let mut req = tonic::Request::new(w::CachedPrefixRequest {
+            tokens: vec![1, 2, 3],
+            adapter: "nope".into(),
+        });
+        req.metadata_mut()
+            .insert(w::SECRET_METADATA, SECRET.parse().unwrap());
+        let e = c.cached_prefix(req).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("served: sql, chat"), "{}", e.message());
+    });
+}
+
+/// A prefill worker without the adapter is not given its prompts: the
+/// decode worker that has it prefills them itself, and the answer is the
+/// plain path's.
+#[test]
+fn an_adapter_only_the_decode_tier_has_is_prefilled_there() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapters = adapters(tmp.path());
+    let prompt = prompts()[1].clone();
+    let want = plain(&prompt, Some(&adapters[0].1));
+    let cluster = Cluster::start_spec(ClusterSpec {
+        prefill: 1,
+        decode: 1,
+        threads: 1,
+        decode_args: lora_flags(&adapters[..1]),
+        ..Default::default()
+    });
+    rt().block_on(async {
+        let body = json!({
+            "model": "sql", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+        });
+        let v = api_json(&cluster, "completions", &body).await;
+        assert_eq!(v["choices"][0]["text"], want.as_str());
+        let local = r#"tandem_router_dispatched_total{prefill="local"}"#;
+        assert_eq!(counter(&cluster.router, local).await, 1.0);
+        // The base model still goes to the prefill tier.
+        let body = json!({"prompt": prompt, "max_tokens": 2});
+        api_json(&cluster, "completions", &body).await;
+        let remote = r#"tandem_router_dispatched_total{prefill="remote"}"#;
+        assert_eq!(counter(&cluster.router, remote).await, 1.0);
+    });
+}
