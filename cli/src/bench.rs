@@ -60,6 +60,10 @@ pub struct EngineArgs {
     /// Also write the figures as JSON here.
     #[arg(long, value_parser = crate::output_file)]
     pub json: Option<PathBuf>,
+    /// Run every sequence with the LoRA adapter in this directory (PEFT's
+    /// format): what serving through an adapter costs.
+    #[arg(long)]
+    pub lora: Option<PathBuf>,
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -90,8 +94,16 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Prefills `batch` sequences of `prompt` tokens, then decodes `gen` steps
 /// with all of them in each forward call; returns decode seconds.
-fn batched_decode(model: &Model, batch: usize, prompt: usize, gen: usize) -> Result<f64> {
-    Ok(decode_steps(model, batch, prompt, gen)?.iter().sum())
+fn batched_decode(
+    model: &Model,
+    batch: usize,
+    prompt: usize,
+    gen: usize,
+    adapter: u32,
+) -> Result<f64> {
+    Ok(decode_steps(model, batch, prompt, gen, adapter)?
+        .iter()
+        .sum())
 }
 
 /// [`batched_decode`] on any executor (a sharded worker too), returning
@@ -101,10 +113,16 @@ pub(crate) fn decode_steps(
     batch: usize,
     prompt: usize,
     gen: usize,
+    adapter: u32,
 ) -> Result<Vec<f64>> {
     let vocab = model.config().vocab_size;
     let mut pool = model.pool_for_tokens(batch * (prompt + gen + 16), 16);
-    let mut seqs: Vec<SeqKv> = (0..batch).map(|_| SeqKv::default()).collect();
+    let mut seqs: Vec<SeqKv> = (0..batch)
+        .map(|_| SeqKv {
+            adapter,
+            ..SeqKv::default()
+        })
+        .collect();
     let prompts: Vec<Vec<u32>> = (0..batch)
         .map(|b| prompt_ids(prompt, vocab, b as u64))
         .collect();
@@ -140,7 +158,7 @@ pub(crate) fn decode_steps(
 /// Time to first token through the scheduler for a request whose first
 /// `shared` tokens (a system prompt) are cold, then for a different request
 /// with the same system prompt, served from the radix prefix cache.
-fn prefix_ttft(model: &Model, shared: usize, runs: usize) -> Result<(f64, f64)> {
+fn prefix_ttft(model: &Model, shared: usize, runs: usize, adapter: u32) -> Result<(f64, f64)> {
     use tandem_engine::scheduler::{Event, Request, Scheduler, SchedulerConfig};
     let vocab = model.config.vocab_size;
     let system = prompt_ids(shared, vocab, 99);
@@ -157,7 +175,7 @@ fn prefix_ttft(model: &Model, shared: usize, runs: usize) -> Result<(f64, f64)> 
             priority: 0,
             generated: vec![],
             guide: None,
-            adapter: 0,
+            adapter,
         };
         let t0 = Instant::now();
         sched.add(req, Box::new(tx))?;
@@ -239,10 +257,19 @@ fn engine(a: EngineArgs) -> Result<()> {
     let src = ModelSource::open(&path).with_context(|| format!("loading {}", path.display()))?;
     let threads = crate::thread_count(a.threads);
     let t_load = Instant::now();
-    let model = Model::load_with(&src, threads, a.expand_weights)?;
+    let mut model = Model::load_with(&src, threads, a.expand_weights)?;
+    let loras = crate::lora::unnamed(a.lora.as_deref());
+    crate::lora::attach(&mut model, &loras)?;
+    let adapter = loras.len() as u32;
     let load_s = t_load.elapsed().as_secs_f64();
     let runs = a.runs.max(1);
     let vocab = model.config.vocab_size;
+    if let Some(dir) = &a.lora {
+        println!(
+            "every sequence runs with the LoRA adapter in {}",
+            dir.display()
+        );
+    }
     println!(
         "model {} ({:.1} MB packed weights, f32 copies {:.1} MB: expand-weights {}), {} threads, loaded in {:.2} s",
         path.display(),
@@ -276,7 +303,10 @@ fn engine(a: EngineArgs) -> Result<()> {
     let mut last_logits = Vec::new();
     for _ in 0..runs {
         let mut pool = model.pool_for_tokens(prompt.len(), 16);
-        let mut kv = SeqKv::default();
+        let mut kv = SeqKv {
+            adapter,
+            ..SeqKv::default()
+        };
         let t0 = Instant::now();
         let mut step = [SeqStep {
             kv: &mut kv,
@@ -306,7 +336,7 @@ fn engine(a: EngineArgs) -> Result<()> {
     // Decode at batch 1.
     let mut decode = Vec::new();
     for _ in 0..runs {
-        let secs = batched_decode(&model, 1, 16, a.gen_tokens)?;
+        let secs = batched_decode(&model, 1, 16, a.gen_tokens, adapter)?;
         decode.push(a.gen_tokens as f64 / secs);
     }
     let decode_tok_s = median(decode);
@@ -322,7 +352,7 @@ fn engine(a: EngineArgs) -> Result<()> {
     for &b in &a.batch {
         let mut v = Vec::new();
         for _ in 0..runs {
-            let secs = batched_decode(&model, b, 128, a.gen_tokens)?;
+            let secs = batched_decode(&model, b, 128, a.gen_tokens, adapter)?;
             v.push(secs);
         }
         let secs = median(v);
@@ -334,7 +364,7 @@ fn engine(a: EngineArgs) -> Result<()> {
     }
     let mut prefix = serde_json::Value::Null;
     if a.prefix_tokens > 0 {
-        let (cold, warm) = prefix_ttft(&model, a.prefix_tokens, runs)?;
+        let (cold, warm) = prefix_ttft(&model, a.prefix_tokens, runs, adapter)?;
         println!(
             "prefix   {} shared tokens: TTFT cold {:.1} ms, cached {:.1} ms ({:.1}x lower)",
             a.prefix_tokens,
@@ -358,6 +388,7 @@ fn engine(a: EngineArgs) -> Result<()> {
             "prefix_cache": prefix,
             "sampling_ms_per_token": sampling.iter().map(|(n, ms)| (n.to_string(), serde_json::json!(ms))).collect::<serde_json::Map<_, _>>(),
             "runs": runs,
+            "lora": a.lora.as_ref().map(|d| d.display().to_string()),
         });
         std::fs::write(&out, serde_json::to_string_pretty(&j)?)
             .with_context(|| format!("writing {}", out.display()))?;

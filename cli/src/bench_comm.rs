@@ -201,7 +201,7 @@ fn sharded_decode(
         let (m, r) = crate::shard::start(path, src, tp, pp, threads, ExpandWeights::Auto)?;
         (m, Some(r))
     };
-    let times = super::decode_steps(exec.as_ref(), batch, 128, gen)?;
+    let times = super::decode_steps(exec.as_ref(), batch, 128, gen, 0)?;
     // Rank 0 first: it tells the other ranks to stop.
     drop(exec);
     drop(ranks);

@@ -117,14 +117,7 @@ fn load(args: &GenerateArgs) -> Result<Loaded> {
         None => None,
     };
     let threads = crate::thread_count(args.threads);
-    let loras: Vec<crate::lora::LoraArg> = args
-        .lora
-        .iter()
-        .map(|dir| crate::lora::LoraArg {
-            name: "adapter".into(),
-            dir: dir.clone(),
-        })
-        .collect();
+    let loras = crate::lora::unnamed(args.lora.as_deref());
     crate::device::check_sharding(args.device, args.tp, args.pp, loras.len())?;
     let (model, ranks): (Arc<dyn Executor>, _) = if args.tp * args.pp == 1 {
         let m = crate::device::load_whole(&src, args.device, threads, ExpandWeights::Auto, &loras)?;

@@ -46,6 +46,17 @@ impl std::fmt::Display for LoraArg {
     }
 }
 
+/// The one adapter of `generate --lora DIR` or `bench engine --lora DIR`
+/// (adapter 1), if given.
+pub fn unnamed(dir: Option<&std::path::Path>) -> Vec<LoraArg> {
+    dir.map(|d| LoraArg {
+        name: "adapter".into(),
+        dir: d.to_path_buf(),
+    })
+    .into_iter()
+    .collect()
+}
+
 /// Refuses two adapters under one name.
 pub fn check_names(loras: &[LoraArg]) -> Result<()> {
     for (i, a) in loras.iter().enumerate() {

@@ -352,7 +352,35 @@ pub struct Model {
 struct Adapter {
     name: String,
     fingerprint: String,
-    layers: Vec<std::collections::BTreeMap<Target, LoraPair>>,
+    layers: Vec<std::collections::BTreeMap<Target, LoraWeights>>,
+}
+
+/// One projection's update as [`ops::lora_update`] reads it.
+struct LoraWeights {
+    /// `rank × in`.
+    a: Vec<f32>,
+    /// `B` transposed: `rank × out`.
+    bt: Vec<f32>,
+    rank: usize,
+    scale: f32,
+}
+
+impl LoraWeights {
+    fn of(p: LoraPair) -> Self {
+        let out = p.b.len() / p.rank;
+        let mut bt = vec![0f32; p.b.len()];
+        for (o, row) in p.b.chunks_exact(p.rank).enumerate() {
+            for (r, &v) in row.iter().enumerate() {
+                bt[r * out + o] = v;
+            }
+        }
+        Self {
+            a: p.a,
+            bt,
+            rank: p.rank,
+            scale: p.scale,
+        }
+    }
 }
 
 /// A raw pointer that tasks of one kernel call share to write disjoint rows.
@@ -771,7 +799,15 @@ impl Model {
         self.adapters.push(Adapter {
             name: name.to_string(),
             fingerprint: lora.fingerprint,
-            layers: lora.layers,
+            layers: lora
+                .layers
+                .into_iter()
+                .map(|l| {
+                    l.into_iter()
+                        .map(|(t, p)| (t, LoraWeights::of(p)))
+                        .collect()
+                })
+                .collect(),
         });
         Ok(self.adapters.len() as u32)
     }
@@ -801,7 +837,7 @@ impl Model {
         out_stride: usize,
         out_off: usize,
     ) {
-        let tasks: Vec<(usize, &LoraPair)> = adapted
+        let tasks: Vec<(usize, &LoraWeights)> = adapted
             .iter()
             .filter_map(|(rows, a)| {
                 let pair = self.adapters[*a as usize - 1].layers[li].get(&target)?;
@@ -816,19 +852,18 @@ impl Model {
         self.pool.run(tasks.len(), &|ti| {
             let (t, p) = tasks[ti];
             let cols = p.a.len() / p.rank;
-            let xt = &x[t * x_stride..t * x_stride + cols];
-            let u: Vec<f32> =
-                p.a.chunks_exact(cols)
-                    .map(|row| row.iter().zip(xt).map(|(a, b)| a * b).sum())
-                    .collect();
-            let n_out = p.b.len() / p.rank;
+            let n_out = p.bt.len() / p.rank;
             // SAFETY: each task owns token `t`'s row; `out` outlives the call.
             let o =
                 unsafe { std::slice::from_raw_parts_mut(dst.at(t * out_stride + out_off), n_out) };
-            for (v, brow) in o.iter_mut().zip(p.b.chunks_exact(p.rank)) {
-                let d: f32 = brow.iter().zip(&u).map(|(b, u)| b * u).sum();
-                *v += d * p.scale;
-            }
+            ops::lora_update(
+                &p.a,
+                &p.bt,
+                p.rank,
+                &x[t * x_stride..t * x_stride + cols],
+                p.scale,
+                o,
+            );
         });
     }
 

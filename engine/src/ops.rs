@@ -625,6 +625,43 @@ multiversion! {
 }
 
 multiversion! {
+    /// One token's LoRA update, `out += scale · B·(A·x)`, with `a` the
+    /// `rank × x.len()` down-projection and `bt` the `rank × out.len()`
+    /// up-projection stored transposed, so the second product is `rank`
+    /// vectorised passes over `out`. Each `A` row is a [`dot`]; each output
+    /// sums its `rank` terms in order: the result depends only on this
+    /// token's inputs.
+    pub fn lora_update(a: &[f32], bt: &[f32], rank: usize, x: &[f32], scale: f32, out: &mut [f32]) {
+        const CHUNK: usize = 64;
+        // Loops, not iterator closures: a closure does not inherit the
+        // enclosing function's target features, and `dot`'s fused
+        // multiply-adds would become library calls.
+        let mut u = vec![0f32; rank];
+        for (r, ur) in u.iter_mut().enumerate() {
+            *ur = dot(&a[r * x.len()..(r + 1) * x.len()], x);
+        }
+        let n = out.len();
+        let mut acc = [0f32; CHUNK];
+        let mut o0 = 0;
+        while o0 < n {
+            let len = CHUNK.min(n - o0);
+            let acc = &mut acc[..len];
+            acc.fill(0.0);
+            for (r, &ur) in u.iter().enumerate().take(rank) {
+                let b = &bt[r * n + o0..r * n + o0 + len];
+                for (s, &bv) in acc.iter_mut().zip(b) {
+                    *s = bv.mul_add(ur, *s);
+                }
+            }
+            for (o, &s) in out[o0..o0 + len].iter_mut().zip(acc.iter()) {
+                *o += s * scale;
+            }
+            o0 += len;
+        }
+    }
+}
+
+multiversion! {
     pub fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
         let d = w.len();
         for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
