@@ -156,7 +156,19 @@ check_values variants \
     --set etcd.enabled=false --set 'etcd.external.endpoints={http://etcd-a:2379,http://etcd-b:2379}' \
     --set model.volume.type=hostPath --set model.volume.hostPath=/srv/models --set model.fetch.enabled=false \
     --set secrets.apiKey=sk-test --set secrets.clusterSecret=s3cret --set metrics.serviceMonitor.enabled=true \
-    --set router.pdb.enabled=false --set decode.gpus=1 --set etcd.persistence.enabled=true
+    --set router.pdb.enabled=false --set decode.gpus=1 --set etcd.persistence.enabled=true \
+    --set 'model.loras[0].name=sql' --set 'model.loras[0].path=adapters/sql'
+log "checking the LoRA flags of the variants"
+"$PY" - "$WORK/variants.yaml" <<'PY' || fail "the workers do not get --lora"
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "Deployment"]
+for d in docs:
+    args = d["spec"]["template"]["spec"]["containers"][0]["args"]
+    role = args[0]
+    has = "--lora" in args and args[args.index("--lora") + 1] == "sql=/models/adapters/sql"
+    if has != (role in ("prefill", "decode")):
+        sys.exit(f"{role}: --lora {'missing' if not has else 'unexpected'} in {args}")
+PY
 
 # Facts the rendered production manifests must state.
 log "checking rendered contents"
@@ -238,6 +250,7 @@ refuse "needs model.volume.existingClaim" --set model.volume.type=persistentVolu
 refuse "must be at least" --set prefill.gpus=1 --set prefill.tpSize=2
 refuse "must be tcp or grpc" --set decode.kvTransport=udp
 refuse "must be fail or recompute" --set decode.onKvFailure=retry
+refuse "needs a name and a path" --set 'model.loras[0].name=sql'
 
 # --- dashboards and Prometheus --------------------------------------------
 log "python3 -m json.tool: Grafana dashboard"
