@@ -11,8 +11,8 @@ use tandem_proto::worker as w;
 use tandem_tests::{model_path, tandem_bin, Cluster, ClusterSpec, SECRET};
 
 use super::{
-    api_json, counter, generate_plain_with, greedy_request, grpc_client, model_name, prompts, rt,
-    MAX_TOKENS,
+    api_chunks, api_json, counter, generate_plain_with, greedy_request, grpc_client, model_name,
+    prompts, rt, MAX_TOKENS,
 };
 
 /// Writes a seeded adapter for the default model with `tandem model synth-lora`.
@@ -139,6 +139,40 @@ fn adapters_are_served_by_name_on_both_tiers_as_on_the_plain_path() {
             let v = api_json(cluster, "completions", &body).await;
             assert_eq!(v["choices"][0]["text"], want.as_str(), "{model}, again");
         }
+
+        // Chat, streamed or not, and Anthropic's Messages API name it too.
+        let chat = json!({
+            "model": "chat", "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": "Name a colour."}],
+        });
+        let whole = api_json(cluster, "chat/completions", &chat).await;
+        assert_eq!(whole["model"], "chat");
+        let mut streamed = chat.clone();
+        streamed["stream"] = json!(true);
+        let chunks = api_chunks(cluster, "chat/completions", &streamed).await;
+        assert!(chunks.iter().all(|c| c["model"] == "chat"));
+        let text: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(
+            text,
+            whole["choices"][0]["message"]["content"].as_str().unwrap()
+        );
+        let msg: Value = http
+            .post(format!("{}/messages", cluster.base_url()))
+            .json(&chat)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(msg["model"], "chat", "{msg}");
+        assert_eq!(
+            msg["content"][0]["text"],
+            whole["choices"][0]["message"]["content"]
+        );
 
         // gRPC names the adapter the same way.
         let mut client = grpc_client(cluster).await;
