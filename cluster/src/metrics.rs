@@ -56,6 +56,7 @@ pub const SPEC_ACCEPTED_TOKENS: &str = "tandem_spec_decode_accepted_tokens_total
 pub const ROUTER_RELAY: &str = "tandem_router_relay_seconds";
 pub const ROUTER_DISPATCH: &str = "tandem_router_dispatch_seconds";
 pub const ROUTER_DISPATCHED: &str = "tandem_router_dispatched_total";
+pub const ROUTER_LORA_REQUESTS: &str = "tandem_router_lora_requests_total";
 pub const ROUTER_UNAVAILABLE: &str = "tandem_router_unavailable_total";
 pub const ROUTER_RESUMED: &str = "tandem_router_resumed_total";
 pub const ROUTER_PREFILL_RETRIES: &str = "tandem_router_prefill_retries_total";
@@ -191,6 +192,10 @@ pub fn describe() {
     c(
         ROUTER_DISPATCHED,
         "Decode calls by where the prompt is prefilled (local or remote)",
+    );
+    c(
+        ROUTER_LORA_REQUESTS,
+        "Generations run with a LoRA adapter, by adapter (one per choice)",
     );
     c(
         ROUTER_UNAVAILABLE,

@@ -244,6 +244,7 @@ impl Dispatcher {
         let Some(drain_guard) = s.drain.enter() else {
             return Err(DispatchError::Unavailable("the router is draining".into()));
         };
+        count_adapter(&input.adapter, 1);
         let hashes = block_hashes(
             &input.adapter,
             &input.prompt,
@@ -314,6 +315,7 @@ impl Dispatcher {
             .strip_suffix("-0")
             .unwrap_or(&first.request_id)
             .to_string();
+        count_adapter(&first.adapter, n as u64);
         let hashes = block_hashes(
             &first.adapter,
             &first.prompt,
@@ -415,6 +417,14 @@ impl Backend for Dispatcher {
         names.sort();
         names.dedup();
         names
+    }
+}
+
+/// `tandem_router_lora_requests_total{adapter}`: `n` generations with `adapter`.
+fn count_adapter(adapter: &str, n: u64) {
+    if !adapter.is_empty() {
+        metrics::counter!(tandem_cluster::metrics::ROUTER_LORA_REQUESTS, "adapter" => adapter.to_string())
+            .increment(n);
     }
 }
 

@@ -131,6 +131,12 @@ fn adapters_are_served_by_name_on_both_tiers_as_on_the_plain_path() {
             "every prompt was prefilled on the prefill tier"
         );
 
+        let per_adapter = r#"tandem_router_lora_requests_total{adapter="sql"}"#;
+        assert_eq!(
+            counter(&cluster.router, per_adapter).await,
+            prompts.len() as f64
+        );
+
         // The same prompt again per model: from each adapter's own cache.
         for (model, prompt, want) in &cases[..3] {
             let body = json!({
