@@ -815,8 +815,8 @@ impl Engine {
         let _ = self.tx.send(Command::CancelChoice(id, choice));
     }
 
-    /// Leading tokens of `tokens` held by the prefix cache.
-    /// (with LoRA adapter `adapter`, 0 for none).
+    /// Leading tokens of `tokens` the prefix cache holds as computed with
+    /// LoRA adapter `adapter` (0: the base model).
     pub fn cached_prefix_len(&self, adapter: u32, tokens: Vec<u32>) -> usize {
         let (rtx, rrx) = mpsc::channel();
         if self

@@ -288,6 +288,24 @@ mod tests {
         assert_eq!(p.used_blocks(), 0);
     }
 
+    #[test]
+    fn each_adapter_shares_only_its_own_prefixes() {
+        let mut p = pool(16);
+        let mut c = PrefixCache::new(4);
+        let toks: Vec<u32> = (0..8).collect();
+        let a = seq_with(&mut p, 8);
+        c.insert(&mut p, 1, &toks, &a.blocks);
+        assert_eq!(c.cached_prefix_len(1, &toks), 8);
+        assert_eq!(c.cached_prefix_len(0, &toks), 0, "not the base model's");
+        assert_eq!(c.cached_prefix_len(2, &toks), 0, "not another adapter's");
+        // A base-model chunk equal to the adapter's key is still apart.
+        assert_eq!(c.cached_prefix_len(0, &[0, 1, 2, 3, 1]), 0);
+        let b = seq_with(&mut p, 8);
+        c.insert(&mut p, 0, &toks, &b.blocks);
+        assert_eq!(c.acquire(&mut p, 0, &toks), b.blocks);
+        assert_eq!(c.acquire(&mut p, 1, &toks), a.blocks);
+    }
+
     proptest! {
         /// Random workloads of insert / acquire / free / evict never leak or
         /// double-free: after everyone lets go and the cache is cleared, every
@@ -302,8 +320,9 @@ mod tests {
                     0 | 1 => {
                         // A request: share what is cached, compute the rest.
                         let toks: Vec<u32> = (0..len as u32).map(|i| (i * 7 + alphabet) % 3).collect();
+                        let adapter = alphabet % 2;
                         let mut s = SeqKv::default();
-                        s.blocks = c.acquire(&mut p, 0, &toks);
+                        s.blocks = c.acquire(&mut p, adapter, &toks);
                         s.len = s.blocks.len() * 4;
                         let more = len - s.len.min(len);
                         if p.reserve(&mut s, more).is_err() {
@@ -312,7 +331,7 @@ mod tests {
                             continue;
                         }
                         s.len = len.max(s.len);
-                        c.insert(&mut p, 0, &toks, &s.blocks);
+                        c.insert(&mut p, adapter, &toks, &s.blocks);
                         live.push((toks, s));
                     }
                     2 => {

@@ -165,15 +165,7 @@ fn adapters_are_served_by_name_on_both_tiers_as_on_the_plain_path() {
             text,
             whole["choices"][0]["message"]["content"].as_str().unwrap()
         );
-        let msg: Value = http
-            .post(format!("{}/messages", cluster.base_url()))
-            .json(&chat)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let msg = api_json(cluster, "messages", &chat).await;
         assert_eq!(msg["model"], "chat", "{msg}");
         assert_eq!(
             msg["content"][0]["text"],
