@@ -2287,6 +2287,7 @@ mod lora {
     use std::sync::mpsc::channel;
     use tandem_engine::kv::KvPool;
     use tandem_engine::scheduler::{Event, Request, Scheduler, SchedulerConfig};
+    use tandem_engine::speculative::SpeculativeConfig;
     use tandem_model::lora::{LoraSynthSpec, Target};
 
     /// The default model with two seeded adapters: 1 on every projection,
@@ -2340,104 +2341,132 @@ mod lora {
         adapted().generate(&req, |_| true).unwrap().tokens
     }
 
-    #[test]
-    fn adapters_batch_together_and_keep_their_own_prefixes() {
+    const N: usize = 12;
+
+    /// Two prompts sharing a prefix of whole blocks, each with every
+    /// adapter (0, 1, 2), and the plain path's tokens for each.
+    fn cases() -> Vec<((Vec<u32>, u32), Vec<u32>)> {
         let tok = source().tokenizer().unwrap();
         let shared = "You are a helpful assistant who answers in one short sentence. ".repeat(3);
-        let prompts: Vec<Vec<u32>> = ["What is the capital of France?", "Name a primary colour."]
-            .iter()
-            .map(|q| tok.encode(&format!("{shared}{q}"), true).unwrap())
-            .collect();
-        assert!(
-            prompts[0].len() > 32,
-            "the shared prefix spans whole blocks"
-        );
-        const N: usize = 12;
         let mut want = Vec::new();
-        for p in &prompts {
+        for q in ["What is the capital of France?", "Name a primary colour."] {
+            let p = tok.encode(&format!("{shared}{q}"), true).unwrap();
+            assert!(p.len() > 32, "the shared prefix spans whole blocks");
             for adapter in 0..3u32 {
-                want.push(((p.clone(), adapter), alone(p, adapter, N)));
+                let out = alone(&p, adapter, N);
+                want.push(((p.clone(), adapter), out));
             }
         }
-        // The adapters change the output (else nothing below is shown).
+        // The adapters change the output (else nothing is shown).
         for chunk in want.chunks(3) {
             assert!(
                 chunk[0].1 != chunk[1].1 && chunk[0].1 != chunk[2].1,
                 "an adapter leaves the greedy tokens unchanged"
             );
         }
-        let pool = KvPool::new(adapted().kv_layout(16), 256);
-        let cfg = SchedulerConfig {
-            max_step_tokens: 64,
-            ..Default::default()
-        };
-        let mut s = Scheduler::new(cfg, pool, adapted().config.context_length);
-        // Twice: the second round finds the first's prefixes cached, each
-        // under its own adapter.
-        for round in 0..2 {
-            let mut rxs = Vec::new();
-            for (i, ((p, adapter), _)) in want.iter().enumerate() {
-                let (tx, rx) = channel();
-                let req = Request {
-                    id: i as u64,
-                    prompt: p.clone(),
-                    params: SamplingParams::greedy(),
-                    max_tokens: Some(N),
-                    stop_tokens: vec![],
-                    priority: 0,
-                    generated: vec![],
-                    guide: None,
-                    adapter: *adapter,
-                };
-                s.add(req, Box::new(tx)).unwrap();
-                rxs.push(rx);
-            }
-            let mut steps = 0;
-            while s.has_work() {
-                s.step(adapted()).unwrap();
-                steps += 1;
-                assert!(steps < 10_000);
-            }
-            for (rx, ((_, adapter), expected)) in rxs.iter().zip(&want) {
-                let mut got = Vec::new();
-                let mut cached = None;
+        want
+    }
+
+    /// Runs every `(prompt, adapter)` through `s` at once; each one's
+    /// tokens and cached prompt tokens.
+    fn run_all(s: &mut Scheduler, reqs: &[(Vec<u32>, u32)], n: usize) -> Vec<(Vec<u32>, usize)> {
+        let mut rxs = Vec::new();
+        for (i, (p, adapter)) in reqs.iter().enumerate() {
+            let (tx, rx) = channel();
+            let req = Request {
+                id: i as u64,
+                prompt: p.clone(),
+                params: SamplingParams::greedy(),
+                max_tokens: Some(n),
+                stop_tokens: vec![],
+                priority: 0,
+                generated: vec![],
+                guide: None,
+                adapter: *adapter,
+            };
+            s.add(req, Box::new(tx)).unwrap();
+            rxs.push(rx);
+        }
+        let mut steps = 0;
+        while s.has_work() {
+            s.step(adapted()).unwrap();
+            steps += 1;
+            assert!(steps < 10_000);
+        }
+        rxs.iter()
+            .map(|rx| {
+                let mut got = (Vec::new(), 0);
                 for e in rx.try_iter() {
                     match e {
-                        Event::Token(t) => got.push(t.token),
-                        Event::Finished { cached_tokens, .. } => cached = Some(cached_tokens),
+                        Event::Token(t) => got.0.push(t.token),
+                        Event::Finished { cached_tokens, .. } => got.1 = cached_tokens,
                         e => panic!("unexpected event {e:?}"),
                     }
                 }
-                assert_eq!(&got, expected, "round {round}, adapter {adapter}");
+                got
+            })
+            .collect()
+    }
+
+    fn scheduler(speculative: SpeculativeConfig) -> Scheduler {
+        let pool = KvPool::new(adapted().kv_layout(16), 256);
+        let cfg = SchedulerConfig {
+            max_step_tokens: 64,
+            speculative,
+            ..Default::default()
+        };
+        Scheduler::new(cfg, pool, adapted().config.context_length)
+    }
+
+    #[test]
+    fn adapters_batch_together_and_keep_their_own_prefixes() {
+        let want = cases();
+        let reqs: Vec<(Vec<u32>, u32)> = want.iter().map(|(r, _)| r.clone()).collect();
+        let mut s = scheduler(SpeculativeConfig::OFF);
+        // Twice: the second round finds the first's prefixes cached, each
+        // under its own adapter.
+        for round in 0..2 {
+            for ((tokens, cached), ((_, adapter), expected)) in
+                run_all(&mut s, &reqs, N).iter().zip(&want)
+            {
+                assert_eq!(tokens, expected, "round {round}, adapter {adapter}");
                 if round == 1 {
-                    assert!(cached.unwrap() >= 32, "round 2 reuses the cache");
+                    assert!(*cached >= 32, "round 2 reuses the cache");
                 }
             }
         }
         // A prompt cached under one adapter is not offered to another.
+        let tok = source().tokenizer().unwrap();
         let fresh = tok
-            .encode(&format!("Only the base model saw this. {shared}"), true)
+            .encode(
+                &"Only the base model saw this prompt, long enough for two whole blocks. "
+                    .repeat(3),
+                true,
+            )
             .unwrap();
-        let (tx, _rx) = channel();
-        let req = Request {
-            id: 99,
-            prompt: fresh.clone(),
-            params: SamplingParams::greedy(),
-            max_tokens: Some(1),
-            stop_tokens: vec![],
-            priority: 0,
-            generated: vec![],
-            guide: None,
-            adapter: 0,
-        };
-        s.add(req, Box::new(tx)).unwrap();
-        while s.has_work() {
-            s.step(adapted()).unwrap();
-        }
+        run_all(&mut s, &[(fresh.clone(), 0)], 1);
         assert!(s.cached_prefix_len(0, &fresh) >= 32);
         assert_eq!(s.cached_prefix_len(1, &fresh), 0);
         assert_eq!(s.cached_prefix_len(2, &fresh), 0);
-        assert!(s.cached_prefix_len(2, &prompts[0]) >= 32);
+        assert!(s.cached_prefix_len(2, &reqs[0].0) >= 32);
+    }
+
+    /// Speculative decoding verifies each draft with the sequence's own
+    /// adapter: the output is the plain path's, drafts accepted or not.
+    #[test]
+    fn speculative_decoding_keeps_each_requests_adapter() {
+        let want = cases();
+        let reqs: Vec<(Vec<u32>, u32)> = want.iter().map(|(r, _)| r.clone()).collect();
+        let mut s = scheduler(SpeculativeConfig {
+            token_cost: 0.0,
+            max_batch: 64,
+            ..SpeculativeConfig::ngram(4)
+        });
+        for ((tokens, _), ((_, adapter), expected)) in run_all(&mut s, &reqs, N).iter().zip(&want) {
+            assert_eq!(tokens, expected, "adapter {adapter}");
+        }
+        let st = s.stats();
+        assert!(st.draft_tokens > 0, "nothing was drafted: {st:?}");
     }
 
     #[test]
