@@ -2343,9 +2343,12 @@ mod lora {
 
     const N: usize = 12;
 
+    /// A prompt and the adapter it runs with.
+    type Run = (Vec<u32>, u32);
+
     /// Two prompts sharing a prefix of whole blocks, each with every
     /// adapter (0, 1, 2), and the plain path's tokens for each.
-    fn cases() -> Vec<((Vec<u32>, u32), Vec<u32>)> {
+    fn cases() -> Vec<(Run, Vec<u32>)> {
         let tok = source().tokenizer().unwrap();
         let shared = "You are a helpful assistant who answers in one short sentence. ".repeat(3);
         let mut want = Vec::new();
@@ -2369,7 +2372,7 @@ mod lora {
 
     /// Runs every `(prompt, adapter)` through `s` at once; each one's
     /// tokens and cached prompt tokens.
-    fn run_all(s: &mut Scheduler, reqs: &[(Vec<u32>, u32)], n: usize) -> Vec<(Vec<u32>, usize)> {
+    fn run_all(s: &mut Scheduler, reqs: &[Run], n: usize) -> Vec<(Vec<u32>, usize)> {
         let mut rxs = Vec::new();
         for (i, (p, adapter)) in reqs.iter().enumerate() {
             let (tx, rx) = channel();
@@ -2421,7 +2424,7 @@ mod lora {
     #[test]
     fn adapters_batch_together_and_keep_their_own_prefixes() {
         let want = cases();
-        let reqs: Vec<(Vec<u32>, u32)> = want.iter().map(|(r, _)| r.clone()).collect();
+        let reqs: Vec<Run> = want.iter().map(|(r, _)| r.clone()).collect();
         let mut s = scheduler(SpeculativeConfig::OFF);
         // Twice: the second round finds the first's prefixes cached, each
         // under its own adapter.
@@ -2456,7 +2459,7 @@ mod lora {
     #[test]
     fn speculative_decoding_keeps_each_requests_adapter() {
         let want = cases();
-        let reqs: Vec<(Vec<u32>, u32)> = want.iter().map(|(r, _)| r.clone()).collect();
+        let reqs: Vec<Run> = want.iter().map(|(r, _)| r.clone()).collect();
         let mut s = scheduler(SpeculativeConfig {
             token_cost: 0.0,
             max_batch: 64,
