@@ -40,9 +40,17 @@ impl std::str::FromStr for LoraArg {
     }
 }
 
+/// The name of the one adapter of `generate --lora DIR` (see [`unnamed`]).
+const UNNAMED: &str = "adapter";
+
 impl std::fmt::Display for LoraArg {
+    /// As given on the command line: `NAME=DIR`, or `DIR` for [`unnamed`].
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}={}", self.name, self.dir.display())
+        if self.name == UNNAMED {
+            write!(f, "{}", self.dir.display())
+        } else {
+            write!(f, "{}={}", self.name, self.dir.display())
+        }
     }
 }
 
@@ -50,7 +58,7 @@ impl std::fmt::Display for LoraArg {
 /// (adapter 1), if given.
 pub fn unnamed(dir: Option<&std::path::Path>) -> Vec<LoraArg> {
     dir.map(|d| LoraArg {
-        name: "adapter".into(),
+        name: UNNAMED.into(),
         dir: d.to_path_buf(),
     })
     .into_iter()

@@ -132,11 +132,8 @@ struct AdapterConfig {
 }
 
 fn read_config(dir: &Path) -> Result<(AdapterConfig, Vec<u8>)> {
-    let path = dir.join(ADAPTER_CONFIG);
-    let bytes = std::fs::read(&path).map_err(|cause| ModelError::Io {
-        path: path.clone(),
-        cause,
-    })?;
+    let bytes = std::fs::read(dir.join(ADAPTER_CONFIG))
+        .map_err(|e| bad(dir, format!("cannot read {ADAPTER_CONFIG}: {e}")))?;
     let v: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|e| bad(dir, format!("{ADAPTER_CONFIG} is not JSON: {e}")))?;
     let peft_type = v
@@ -261,15 +258,10 @@ pub fn permuted_source_row(r: usize, head_dim: usize) -> usize {
 pub fn load(dir: &Path, cfg: &ModelConfig) -> Result<LoraAdapter> {
     let (ac, config_bytes) = read_config(dir)?;
     let path = dir.join(ADAPTER_WEIGHTS);
-    let file = std::fs::File::open(&path).map_err(|cause| ModelError::Io {
-        path: path.clone(),
-        cause,
-    })?;
+    let cannot = |e: std::io::Error| bad(dir, format!("cannot read {ADAPTER_WEIGHTS}: {e}"));
+    let file = std::fs::File::open(&path).map_err(cannot)?;
     // SAFETY: read-only map; the bytes are copied out before it is dropped.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|cause| ModelError::Io {
-        path: path.clone(),
-        cause,
-    })?;
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(cannot)?;
     let st = SafeTensors::deserialize(&mmap).map_err(|e| ModelError::Safetensors {
         path: path.clone(),
         reason: e.to_string(),
