@@ -531,19 +531,18 @@ mod tests {
         // Held to: nothing after the last listed key, and `{}` only for an
         // object that lists none (a function without parameters).
         let (gr, words, end) = grammars();
+        let schema_guide = |schema: &str| {
+            gr.guide(&ResponseFormat::JsonSchema(schema.into()), &[])
+                .unwrap()
+                .unwrap()
+        };
         let city = r#"{"type": "object", "properties": {"city": {"type": "string"}}}"#;
-        let mut g = gr
-            .guide(&ResponseFormat::JsonSchema(city.into()), &[])
-            .unwrap()
-            .unwrap();
+        let mut g = schema_guide(city);
         write(&mut g, &words, "{\"city\": \"x\"", end);
         let allowed = g.allowed(&[end]).unwrap();
         assert!(allowed[id(&words, "}") as usize] && !allowed[id(&words, ",") as usize]);
         let none = r#"{"type": "object", "properties": {}}"#;
-        let mut g = gr
-            .guide(&ResponseFormat::JsonSchema(none.into()), &[])
-            .unwrap()
-            .unwrap();
+        let mut g = schema_guide(none);
         write(&mut g, &words, "{", end);
         let allowed = g.allowed(&[end]).unwrap();
         assert!(allowed[id(&words, "}") as usize] && !allowed[id(&words, "\"") as usize]);

@@ -442,7 +442,7 @@ mod batching {
         }
     }
 
-    fn request(id: u64, prompt: &[u32], params: &SamplingParams, n: usize) -> Request {
+    pub(super) fn request(id: u64, prompt: &[u32], params: &SamplingParams, n: usize) -> Request {
         Request {
             id,
             prompt: prompt.to_vec(),
@@ -2377,15 +2377,8 @@ mod lora {
         for (i, (p, adapter)) in reqs.iter().enumerate() {
             let (tx, rx) = channel();
             let req = Request {
-                id: i as u64,
-                prompt: p.clone(),
-                params: SamplingParams::greedy(),
-                max_tokens: Some(n),
-                stop_tokens: vec![],
-                priority: 0,
-                generated: vec![],
-                guide: None,
                 adapter: *adapter,
+                ..super::batching::request(i as u64, p, &SamplingParams::greedy(), n)
             };
             s.add(req, Box::new(tx)).unwrap();
             rxs.push(rx);

@@ -223,30 +223,6 @@ fn parse_name(name: &str) -> Option<(usize, Target, bool)> {
     }
 }
 
-fn to_f32(dir: &Path, name: &str, dtype: Dtype, data: &[u8]) -> Result<Vec<f32>> {
-    let out = match dtype {
-        Dtype::F32 => data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Dtype::F16 => data
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => data
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        other => {
-            return Err(bad(
-                dir,
-                format!("tensor {name} is {other:?}; F32, F16 and BF16 are read"),
-            ))
-        }
-    };
-    Ok(out)
-}
-
 /// llama.cpp's Q/K row permutation: the Hugging Face row at engine row `r`.
 pub fn permuted_source_row(r: usize, head_dim: usize) -> usize {
     let (head, within) = (r / head_dim, r % head_dim);
@@ -301,7 +277,9 @@ pub fn load(dir: &Path, cfg: &ModelConfig) -> Result<LoraAdapter> {
                 expected,
             });
         }
-        let values = to_f32(dir, &name, view.dtype(), view.data())?;
+        let ty = crate::safetensors_dir::dtype_to_ggml(view.dtype(), &name, &path)?;
+        let mut values = vec![0f32; view.shape().iter().product()];
+        crate::quant::dequantize_row(ty, view.data(), &mut values)?;
         if values.iter().any(|v| !v.is_finite()) {
             return Err(bad(dir, format!("tensor {name} holds a NaN or infinity")));
         }
@@ -401,9 +379,10 @@ pub fn synth(cfg: &ModelConfig, spec: &LoraSynthSpec, out: &Path) -> Result<()> 
                 let name = format!("{base}.{half}.weight");
                 let key = crate::synth::tensor_key(spec.seed, &name);
                 let mut bytes = Vec::with_capacity(rows * cols * 4);
-                for i in 0..rows * cols {
-                    let v = crate::synth::std_normalish(key, i as u64) * std;
-                    bytes.extend_from_slice(&v.to_le_bytes());
+                let mut row = vec![0f32; cols];
+                for r in 0..rows {
+                    crate::synth::gen_row(key, crate::synth::Init::Normal(std), r, &mut row);
+                    bytes.extend(row.iter().flat_map(|v| v.to_le_bytes()));
                 }
                 tensors.push((name, vec![rows, cols], bytes));
             }

@@ -94,7 +94,7 @@ fn st_err(path: &Path, reason: impl Into<String>) -> ModelError {
 /// The element types the engine reads from safetensors; anything else is an
 /// error that names the tensor, so a quantised or integer checkpoint fails
 /// at open with a message rather than producing garbage.
-fn dtype_to_ggml(dtype: Dtype, name: &str, path: &Path) -> Result<GgmlType> {
+pub(crate) fn dtype_to_ggml(dtype: Dtype, name: &str, path: &Path) -> Result<GgmlType> {
     match dtype {
         Dtype::F32 => Ok(GgmlType::F32),
         Dtype::F16 => Ok(GgmlType::F16),

@@ -322,7 +322,7 @@ pub fn synth(spec: &SynthSpec, out: &Path) -> Result<()> {
 // ---------------------------------------------------------------------------
 
 #[derive(Debug, Clone, Copy)]
-enum Init {
+pub(crate) enum Init {
     /// Normal-ish with this standard deviation.
     Normal(f32),
     /// RMSNorm weight: 1 + small noise.
@@ -570,14 +570,14 @@ pub(crate) fn tensor_key(seed: u64, hf_name: &str) -> u64 {
 /// uniforms, centred and scaled to unit variance (bounded by ±3.46, which
 /// also keeps quantisation grids free of outliers).
 #[inline]
-pub(crate) fn std_normalish(key: u64, idx: u64) -> f32 {
+fn std_normalish(key: u64, idx: u64) -> f32 {
     let r = splitmix64(key ^ idx.wrapping_mul(0xD6E8_FEB8_6659_FD93));
     let s = (r & 0xffff) + ((r >> 16) & 0xffff) + ((r >> 32) & 0xffff) + (r >> 48);
     (s as f32 / 65535.0 - 2.0) * 3f32.sqrt()
 }
 
 /// Generates row `hf_row` (in the Hugging Face layout) of a tensor.
-fn gen_row(key: u64, init: Init, hf_row: usize, out: &mut [f32]) {
+pub(crate) fn gen_row(key: u64, init: Init, hf_row: usize, out: &mut [f32]) {
     let base = (hf_row * out.len()) as u64;
     for (i, o) in out.iter_mut().enumerate() {
         let z = std_normalish(key, base + i as u64);
