@@ -78,6 +78,10 @@ def load(path: str):
         head_dim = gguf_head_dim(path)
         if head_dim is not None:
             kwargs["head_dim"] = head_dim
+        # Nor does it read the experts' intermediate size (Qwen3-MoE).
+        expert_ffn = gguf_field(path, "expert_feed_forward_length")
+        if expert_ffn is not None:
+            kwargs["moe_intermediate_size"] = expert_ffn
         model = AutoModelForCausalLM.from_pretrained(
             os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path), **kwargs
         )
@@ -89,12 +93,17 @@ def load(path: str):
 
 def gguf_head_dim(path: str) -> int | None:
     """`{arch}.attention.key_length` of a GGUF file, where it is written."""
+    return gguf_field(path, "attention.key_length")
+
+
+def gguf_field(path: str, key: str) -> int | None:
+    """The integer `{arch}.{key}` of a GGUF file, where it is written."""
     from gguf import GGUFReader
 
     r = GGUFReader(path)
     arch = r.fields["general.architecture"]
     arch = bytes(arch.parts[arch.data[0]]).decode()
-    f = r.fields.get(f"{arch}.attention.key_length")
+    f = r.fields.get(f"{arch}.{key}")
     return None if f is None else int(f.parts[f.data[0]][0])
 
 

@@ -279,6 +279,12 @@ fn engine(a: EngineArgs) -> Result<()> {
         threads,
         load_s
     );
+    if model.active_weight_bytes() != model.weight_bytes() {
+        println!(
+            "mixture of experts: {:.1} MB of the packed weights read per token",
+            model.active_weight_bytes() as f64 / 1e6
+        );
+    }
 
     // Each figure's sequences must fit the context: say which flag does not.
     let context = model.config.context_length;
@@ -345,7 +351,7 @@ fn engine(a: EngineArgs) -> Result<()> {
         a.gen_tokens,
         decode_tok_s,
         1e3 / decode_tok_s,
-        model.weight_bytes() as f64 * decode_tok_s / 1e9
+        model.active_weight_bytes() as f64 * decode_tok_s / 1e9
     );
 
     let mut batched = Vec::new();

@@ -20,10 +20,12 @@ pub enum Format {
 
 #[derive(clap::Args, Debug)]
 pub struct SynthArgs {
-    /// Architecture: llama, qwen2 or qwen3 (per-head query/key norms).
+    /// Architecture: llama, qwen2 or qwen3 (per-head query/key norms). With
+    /// a mixture-of-experts shape, llama writes Mixtral and qwen3 Qwen3-MoE.
     #[arg(long, env = "TANDEM_SYNTH_ARCH")]
     pub arch: String,
-    /// Shape preset: tiny, tiny-mqa, smollm2-135m, llama3-8b.
+    /// Shape preset: tiny, tiny-mqa, tiny-moe (4 experts, 2 used),
+    /// smollm2-135m, moe-8x135m (smollm2-135m with 8 experts of half its FFN, 2 used), llama3-8b.
     #[arg(long, env = "TANDEM_SYNTH_SHAPE")]
     pub shape: String,
     /// Seed: every weight is a pure function of (seed, tensor name, index).
@@ -208,6 +210,12 @@ pub fn run(args: SynthArgs) -> Result<()> {
         c.head_dim,
         c.vocab_size
     );
+    if let Some(m) = &c.moe {
+        println!(
+            "  mixture of experts: {} experts of ffn {} per layer, {} used per token",
+            m.experts, m.expert_ffn, m.experts_used
+        );
+    }
     Ok(())
 }
 

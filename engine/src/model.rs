@@ -1,5 +1,6 @@
-//! The transformer forward pass (llama family and qwen2) over a batch of
-//! sequences, each bringing any number of new tokens.
+//! The transformer forward pass (llama family, qwen2, qwen3, and the
+//! mixture-of-experts Mixtral and Qwen3-MoE) over a batch of sequences,
+//! each bringing any number of new tokens.
 //!
 //! One call runs every new token of every sequence through each layer, so
 //! each weight matrix is read once per step for the whole batch. Every
@@ -7,7 +8,7 @@
 //! inputs (see `cpu` and `ops`), so a sequence gets the same bits alone or
 //! in a batch, in one prompt chunk or many.
 
-use tandem_model::config::{ModelConfig, RopeScaling, RopeStyle};
+use tandem_model::config::{ModelConfig, MoeConfig, RopeScaling, RopeStyle};
 use tandem_model::lora::{LoraAdapter, LoraPair, Target};
 use tandem_model::quant::GgmlType;
 use tandem_model::weights::{ModelSource, TensorRef};
@@ -173,8 +174,101 @@ struct Layer {
     qk_norm: Option<QkNorm>,
     wo: RowProj,
     ffn_norm: Vec<f32>,
+    ffn: Ffn,
+}
+
+/// A layer's feed-forward block.
+enum Ffn {
+    /// One SwiGLU MLP: gate and up stacked, then down.
+    Dense { gate_up: Proj, down: RowProj },
+    /// A mixture of experts (see [`MoeConfig`]).
+    Moe(Moe),
+}
+
+impl Ffn {
+    fn matrices_mut(&mut self) -> Box<dyn Iterator<Item = &mut PackedMatrix> + '_> {
+        match self {
+            Ffn::Dense { gate_up, down } => {
+                Box::new(gate_up.matrices_mut().chain(down.matrices_mut()))
+            }
+            Ffn::Moe(m) => Box::new(
+                m.router.matrices_mut().chain(
+                    m.experts
+                        .iter_mut()
+                        .flat_map(|e| e.gate_up.matrices_mut().chain(e.down.matrices_mut())),
+                ),
+            ),
+        }
+    }
+
+    fn matrices(&self) -> Box<dyn Iterator<Item = &PackedMatrix> + '_> {
+        match self {
+            Ffn::Dense { gate_up, down } => Box::new(gate_up.parts.iter().chain(down.matrices())),
+            Ffn::Moe(m) => Box::new(
+                m.router.parts.iter().chain(
+                    m.experts
+                        .iter()
+                        .flat_map(|e| e.gate_up.parts.iter().chain(e.down.parts.iter())),
+                ),
+            ),
+        }
+    }
+}
+
+/// A mixture-of-experts FFN: the router's matrix and each expert's SwiGLU.
+struct Moe {
+    /// `experts × hidden`: each token's score for each expert.
+    router: Proj,
+    experts: Vec<Expert>,
+    used: usize,
+    norm_topk_prob: bool,
+}
+
+struct Expert {
+    /// Gate then up, stacked by rows (`2·expert_ffn × hidden`).
     gate_up: Proj,
-    down: RowProj,
+    /// `hidden × expert_ffn`.
+    down: Proj,
+}
+
+impl Moe {
+    /// Chooses each token's experts from its router scores (`tokens ×
+    /// experts`), as Mixtral and Qwen3-MoE do: a softmax over all experts,
+    /// the `used` most probable (the lower index first on equal
+    /// probabilities), their probabilities rescaled to sum to one when the
+    /// model says so. Returns, per expert, its `(token, weight)` pairs in
+    /// token order.
+    fn route(&self, scores: &[f32]) -> Vec<Vec<(usize, f32)>> {
+        let n = self.experts.len();
+        let mut routes = vec![Vec::new(); n];
+        let mut probs = vec![0f32; n];
+        let mut order: Vec<usize> = Vec::with_capacity(n);
+        for (t, row) in scores.chunks_exact(n).enumerate() {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (p, &s) in probs.iter_mut().zip(row) {
+                *p = (s - max).exp();
+                sum += *p;
+            }
+            for p in probs.iter_mut() {
+                *p /= sum;
+            }
+            order.clear();
+            order.extend(0..n);
+            // total_cmp: a NaN score sorts first rather than panicking.
+            order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+            let chosen = &order[..self.used];
+            let norm = if self.norm_topk_prob {
+                chosen.iter().map(|&e| probs[e]).sum::<f32>()
+            } else {
+                1.0
+            };
+            for &e in chosen {
+                routes[e].push((t, probs[e] / norm));
+            }
+        }
+        routes
+    }
 }
 
 /// Per-head RMSNorm weights of the queries and the keys, one per head
@@ -490,6 +584,50 @@ fn column_chunks(t: &TensorRef<'_>, c0: usize, c1: usize) -> Result<Vec<PackedMa
         .collect()
 }
 
+/// Layer `l`'s experts and router. Each expert's matrices are read from
+/// llama.cpp's stacked `ffn_{gate,up,down}_exps.weight` (`[experts, rows,
+/// cols]`, one expert's rows after another) when the file has them, else
+/// from per-expert tensors (`ffn_gate.{e}.weight`, Hugging Face names mapped).
+fn load_moe(src: &ModelSource, l: usize, h: usize, moe: &MoeConfig) -> Result<Moe> {
+    let (n, eff) = (moe.experts, moe.expert_ffn);
+    let router = src.tensor(&format!("blk.{l}.ffn_gate_inp.weight"), &[n, h])?;
+    let expert = |proj: &str, e: usize, rows: usize, cols: usize| -> Result<RowPart<'_>> {
+        let stacked = format!("blk.{l}.{proj}_exps.weight");
+        if src.get(&stacked).is_some() {
+            let t = src.tensor(&stacked, &[n, rows, cols])?;
+            let rb = t.ty.bytes_for(cols)?;
+            let bytes = t
+                .bytes
+                .get(e * rows * rb..(e + 1) * rows * rb)
+                .ok_or_else(|| {
+                    EngineError::Unsupported(format!("{stacked} is shorter than its shape"))
+                })?;
+            Ok(RowPart {
+                ty: t.ty,
+                shape: [rows, cols],
+                bytes,
+            })
+        } else {
+            let t = src.tensor(&format!("blk.{l}.{proj}.{e}.weight"), &[rows, cols])?;
+            RowPart::of(&t, 0, rows)
+        }
+    };
+    let mut experts = Vec::with_capacity(n);
+    for e in 0..n {
+        let (g, u) = (expert("ffn_gate", e, eff, h)?, expert("ffn_up", e, eff, h)?);
+        experts.push(Expert {
+            gate_up: Proj::new(&[g.tensor(), u.tensor()])?,
+            down: Proj::new(&[expert("ffn_down", e, h, eff)?.tensor()])?,
+        });
+    }
+    Ok(Moe {
+        router: Proj::new(&[router])?,
+        experts,
+        used: moe.experts_used,
+        norm_topk_prob: moe.norm_topk_prob,
+    })
+}
+
 /// Where a step's tokens sit in the activation rows.
 pub(crate) struct StepRows {
     /// Per token: its position in its sequence.
@@ -622,8 +760,7 @@ impl Model {
                 l.qkv
                     .matrices_mut()
                     .chain(l.wo.matrices_mut())
-                    .chain(l.gate_up.matrices_mut())
-                    .chain(l.down.matrices_mut())
+                    .chain(l.ffn.matrices_mut())
             })
             .chain(head)
     }
@@ -637,8 +774,7 @@ impl Model {
                     .parts
                     .iter()
                     .chain(l.wo.matrices())
-                    .chain(l.gate_up.parts.iter())
-                    .chain(l.down.matrices())
+                    .chain(l.ffn.matrices())
             })
             .chain(self.head())
     }
@@ -704,18 +840,31 @@ impl Model {
                 t("attn_k.weight", &[kvd, h])?,
                 t("attn_v.weight", &[kvd, h])?,
             );
-            let (wg, wu) = (
-                t("ffn_gate.weight", &[ffn, h])?,
-                t("ffn_up.weight", &[ffn, h])?,
-            );
             let wo = t("attn_output.weight", &[h, qd])?;
-            let wd = t("ffn_down.weight", &[h, ffn])?;
             let (q, k, v) = (
                 RowPart::of(&wq, q0, q1)?,
                 RowPart::of(&wk, k0, k1)?,
                 RowPart::of(&wv, k0, k1)?,
             );
-            let (g, u) = (RowPart::of(&wg, f0, f1)?, RowPart::of(&wu, f0, f1)?);
+            let ffn_block = match &cfg.moe {
+                Some(moe) => Ffn::Moe(load_moe(src, l, h, moe)?),
+                None => {
+                    let (wg, wu) = (
+                        t("ffn_gate.weight", &[ffn, h])?,
+                        t("ffn_up.weight", &[ffn, h])?,
+                    );
+                    let wd = t("ffn_down.weight", &[h, ffn])?;
+                    let (g, u) = (RowPart::of(&wg, f0, f1)?, RowPart::of(&wu, f0, f1)?);
+                    Ffn::Dense {
+                        gate_up: Proj::new(&[g.tensor(), u.tensor()])?,
+                        down: if whole {
+                            RowProj::Whole(Proj::new(&[wd])?)
+                        } else {
+                            RowProj::Chunks(column_chunks(&wd, f0, f1)?)
+                        },
+                    }
+                }
+            };
             layers.push(Layer {
                 attn_norm: vec("attn_norm.weight", h)?,
                 qkv: Proj::new(&[q.tensor(), k.tensor(), v.tensor()])?,
@@ -727,12 +876,7 @@ impl Model {
                     RowProj::Chunks(column_chunks(&wo, q0, q1)?)
                 },
                 ffn_norm: vec("ffn_norm.weight", h)?,
-                gate_up: Proj::new(&[g.tensor(), u.tensor()])?,
-                down: if whole {
-                    RowProj::Whole(Proj::new(&[wd])?)
-                } else {
-                    RowProj::Chunks(column_chunks(&wd, f0, f1)?)
-                },
+                ffn: ffn_block,
             });
         }
         let out_norm = f32_vector(
@@ -787,6 +931,16 @@ impl Model {
         if name.is_empty() || self.adapters.iter().any(|a| a.name == name) {
             return Err(EngineError::Unsupported(format!(
                 "adapter name {name:?} is empty or already taken"
+            )));
+        }
+        if self.config.moe.is_some()
+            && lora.layers.iter().any(|l| {
+                l.keys()
+                    .any(|t| matches!(t, Target::Gate | Target::Up | Target::Down))
+            })
+        {
+            return Err(EngineError::Unsupported(format!(
+                "adapter {name:?} adapts the MLP, which this mixture-of-experts model does not have (attention-only adapters are served)"
             )));
         }
         if lora.layers.len() != self.layers.len() {
@@ -871,9 +1025,68 @@ impl Model {
         self.pool.threads()
     }
 
-    /// Bytes of packed weights (what one decode step reads).
+    /// `out = Σ weight·expert(xn)` over each token's chosen experts
+    /// (`tokens × hidden`). Each expert runs once, over the rows of the
+    /// tokens routed to it; a token's outputs are added in expert order,
+    /// as `transformers` adds them. The kernels give a row the same bits
+    /// whatever rows share its call, so a token's result does not depend
+    /// on its batch.
+    fn moe_ffn(&self, moe: &Moe, xn: &[f32], n_tok: usize, out: &mut [f32]) {
+        let h = self.config.hidden;
+        let mut scores = vec![0f32; n_tok * moe.experts.len()];
+        moe.router.apply(&self.pool, xn, n_tok, &mut scores);
+        out.fill(0.0);
+        for (expert, routes) in moe.experts.iter().zip(moe.route(&scores)) {
+            if routes.is_empty() {
+                continue;
+            }
+            let m = routes.len();
+            let eff = expert.gate_up.rows / 2;
+            let mut xs = vec![0f32; m * h];
+            for (row, &(t, _)) in xs.chunks_exact_mut(h).zip(&routes) {
+                row.copy_from_slice(&xn[t * h..(t + 1) * h]);
+            }
+            let mut gu = vec![0f32; m * 2 * eff];
+            expert.gate_up.apply(&self.pool, &xs, m, &mut gu);
+            ops::silu_mul_rows(&mut gu, eff);
+            let mut act = vec![0f32; m * eff];
+            compact_activations(&gu, eff, &mut act);
+            let mut y = vec![0f32; m * h];
+            expert.down.apply(&self.pool, &act, m, &mut y);
+            for (yr, &(t, w)) in y.chunks_exact(h).zip(&routes) {
+                for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(yr) {
+                    *o += v * w;
+                }
+            }
+        }
+    }
+
+    /// Bytes of packed weights (what one decode step of a dense model reads).
     pub fn weight_bytes(&self) -> usize {
         self.matrices().map(|m| m.nbytes()).sum()
+    }
+
+    /// Bytes of packed weights one token reads: all of a dense model's; of
+    /// a mixture of experts, the experts' bytes only in the share of experts
+    /// a token uses (what a batch-1 decode step streams).
+    pub fn active_weight_bytes(&self) -> usize {
+        let experts: usize = self
+            .layers
+            .iter()
+            .map(|l| match &l.ffn {
+                Ffn::Moe(m) => {
+                    let all: usize = m
+                        .experts
+                        .iter()
+                        .flat_map(|e| e.gate_up.parts.iter().chain(&e.down.parts))
+                        .map(|w| w.nbytes())
+                        .sum();
+                    all - all * m.used / m.experts.len()
+                }
+                Ffn::Dense { .. } => 0,
+            })
+            .sum();
+        self.weight_bytes() - experts
     }
 
     /// The KV block layout of this model (of this rank's layers and KV
@@ -1039,8 +1252,10 @@ impl Model {
         let mut qkv = vec![0f32; n_tok * qkv_rows];
         let mut attn = vec![0f32; n_tok * qd];
         let mut proj = vec![0f32; n_tok * h];
-        let mut gate_up = vec![0f32; n_tok * 2 * ffn];
-        let mut act = vec![0f32; n_tok * ffn];
+        // The dense FFN's buffers (a mixture of experts sizes its own).
+        let dense_rows = if c.moe.is_none() { n_tok } else { 0 };
+        let mut gate_up = vec![0f32; dense_rows * 2 * ffn];
+        let mut act = vec![0f32; dense_rows * ffn];
         let scale = 1.0 / (hd as f32).sqrt();
         // Query heads per KV head on this rank (fewer than the model's when
         // a KV head is replicated across ranks).
@@ -1168,23 +1383,34 @@ impl Model {
                 *a += b;
             }
             ops::rms_norm_rows(x, &layer.ffn_norm, c.rms_eps, &mut xn);
-            layer.gate_up.apply(&self.pool, &xn, n_tok, &mut gate_up);
-            lora(li, Target::Gate, &xn, h, &mut gate_up, 2 * ffn, 0);
-            lora(li, Target::Up, &xn, h, &mut gate_up, 2 * ffn, ffn);
-            ops::silu_mul_rows(&mut gate_up, ffn);
-            // Compact the activated halves into `ffn` columns for the down projection.
-            for (a, g) in act.chunks_exact_mut(ffn).zip(gate_up.chunks_exact(2 * ffn)) {
-                a.copy_from_slice(&g[..ffn]);
+            match &layer.ffn {
+                Ffn::Dense {
+                    gate_up: w_gate_up,
+                    down,
+                } => {
+                    w_gate_up.apply(&self.pool, &xn, n_tok, &mut gate_up);
+                    lora(li, Target::Gate, &xn, h, &mut gate_up, 2 * ffn, 0);
+                    lora(li, Target::Up, &xn, h, &mut gate_up, 2 * ffn, ffn);
+                    ops::silu_mul_rows(&mut gate_up, ffn);
+                    compact_activations(&gate_up, ffn, &mut act);
+                    down.apply(&self.pool, &act, n_tok, &mut proj, &mut tp)?;
+                    lora(li, Target::Down, &act, ffn, &mut proj, h, 0);
+                }
+                Ffn::Moe(moe) => self.moe_ffn(moe, &xn, n_tok, &mut proj),
             }
-            layer
-                .down
-                .apply(&self.pool, &act, n_tok, &mut proj, &mut tp)?;
-            lora(li, Target::Down, &act, ffn, &mut proj, h, 0);
             for (a, b) in x.iter_mut().zip(&proj) {
                 *a += b;
             }
         }
         Ok(())
+    }
+}
+
+/// Copies the activated halves of `gate_up` rows (`2·ffn` wide, after
+/// [`ops::silu_mul_rows`]) into `ffn`-wide rows for the down projection.
+fn compact_activations(gate_up: &[f32], ffn: usize, act: &mut [f32]) {
+    for (a, g) in act.chunks_exact_mut(ffn).zip(gate_up.chunks_exact(2 * ffn)) {
+        a.copy_from_slice(&g[..ffn]);
     }
 }
 
@@ -1221,6 +1447,11 @@ impl Model {
                 )),
             }
         }
+        let Ffn::Dense { gate_up, down } = &layer.ffn else {
+            return Err(EngineError::Unsupported(
+                "mixture-of-experts models run on the CPU executor".into(),
+            ));
+        };
         Ok(LayerWeights {
             attn_norm: &layer.attn_norm,
             qkv: &layer.qkv.parts,
@@ -1228,8 +1459,8 @@ impl Model {
             qk_norm: layer.qk_norm.as_ref().map(|n| (&n.q[..], &n.k[..])),
             wo: whole(&layer.wo)?,
             ffn_norm: &layer.ffn_norm,
-            gate_up: &layer.gate_up.parts,
-            down: whole(&layer.down)?,
+            gate_up: &gate_up.parts,
+            down: whole(down)?,
         })
     }
 

@@ -126,6 +126,14 @@ impl ShardSpec {
         if self.tp == 1 {
             return Ok(());
         }
+        if cfg.moe.is_some() {
+            // Experts are whole matrices; splitting them (or placing them,
+            // expert parallelism) is not built.
+            return bad(format!(
+                "a mixture-of-experts model does not split over tp {}; pipeline stages (--pp) do",
+                self.tp
+            ));
+        }
         let (nh, nkv, hd, tp) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, self.tp);
         if !nh.is_multiple_of(tp) {
             return bad(format!("{nh} attention heads do not split over tp {tp}"));

@@ -133,6 +133,39 @@ fn fixtures() -> Vec<Fixture> {
             Gpt2,
             false,
         ),
+        // Mixtral: per-expert tensors under Mixtral's names (w1/w3/w2).
+        f(
+            "tiny-mixtral-f32",
+            Llama,
+            "tiny-moe",
+            SynthFormat::Safetensors {
+                dtype: GgmlType::F32,
+                shards: 1,
+            },
+            Gpt2,
+            false,
+        ),
+        // Qwen3-MoE: llama.cpp's stacked `ffn_*_exps` tensors, and Qwen's
+        // per-expert names in safetensors.
+        f(
+            "tiny-qwen3moe-q8_0.gguf",
+            Qwen3,
+            "tiny-moe",
+            gguf(GgmlType::Q8_0),
+            Gpt2,
+            false,
+        ),
+        f(
+            "tiny-qwen3moe-bf16",
+            Qwen3,
+            "tiny-moe",
+            SynthFormat::Safetensors {
+                dtype: GgmlType::BF16,
+                shards: 1,
+            },
+            Gpt2,
+            false,
+        ),
     ]
 }
 
@@ -394,6 +427,202 @@ fn engine_matches_transformers_on_every_fixture() {
         failures.is_empty(),
         "engine disagrees with transformers on: {failures:?}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// Mixture of experts
+// ---------------------------------------------------------------------------
+
+fn fixture(stem: &str) -> Fixture {
+    fixtures()
+        .into_iter()
+        .find(|f| f.stem() == stem)
+        .unwrap_or_else(|| panic!("no fixture {stem}"))
+}
+
+/// A Mixtral GGUF as llama.cpp writes one (experts stacked in
+/// `ffn_*_exps` tensors, Q/K rows permuted for its RoPE) holds the same
+/// F32 values as the `tiny-mixtral-f32` safetensors, so it must match that
+/// checkpoint's transformers reference too. (transformers reads no Mixtral
+/// GGUF: llama.cpp calls it a llama, whose loader has no experts.)
+#[test]
+fn mixtral_gguf_with_stacked_experts_matches_the_safetensors_reference() {
+    let st = fixture("tiny-mixtral-f32");
+    let gguf_fx = Fixture {
+        file: "tiny-mixtral-f32.gguf",
+        format: gguf(GgmlType::F32),
+        ..st
+    };
+    let (path, _scratch) = gguf_fx.checkpoint("mixtral-gguf");
+    let src = ModelSource::open(&path).unwrap();
+    for name in ["blk.0.ffn_gate_exps.weight", "blk.1.ffn_down_exps.weight"] {
+        assert!(src.get(name).is_some(), "{name} is not stacked");
+    }
+    assert!(src.get("blk.0.ffn_gate.0.weight").is_none());
+    drop(src);
+    check_against(&gguf_fx, st.reference(), None);
+}
+
+/// The logits of `prompt` scored alone from an empty cache.
+fn alone_logits(m: &Model, prompt: &[u32]) -> Vec<f32> {
+    use tandem_engine::kv::SeqKv;
+    use tandem_engine::model::{Logits, SeqStep};
+    let mut pool = m.pool_for_tokens(256, 16);
+    let mut kv = SeqKv::default();
+    let mut step = [SeqStep {
+        kv: &mut kv,
+        tokens: prompt,
+        logits: Logits::Last,
+    }];
+    m.forward(&mut pool, &mut step).unwrap().pop().unwrap()
+}
+
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// Routing groups a step's tokens by expert, so an expert's matrices see
+/// other rows in a batch than alone: a token's logits must still be the
+/// same bits batched, chunked, decoded step by step, and on any thread
+/// count (what the scheduler, the prefix cache and disaggregation rely on).
+#[test]
+fn moe_batching_chunking_and_threads_do_not_change_bits() {
+    use tandem_engine::kv::SeqKv;
+    use tandem_engine::model::{Logits, SeqStep};
+    for stem in ["tiny-mixtral-f32", "tiny-qwen3moe-q8_0"] {
+        let fx = fixture(stem);
+        let (path, _scratch) = fx.checkpoint("moe-bits");
+        let src = ModelSource::open(&path).unwrap();
+        let m = Model::load(&src, 2).unwrap();
+        let prompts: Vec<Vec<u32>> = (0..4)
+            .map(|s| {
+                (0..(3 + 11 * s))
+                    .map(|i| ((i * 131 + s * 17) % 383) as u32 + 1)
+                    .collect()
+            })
+            .collect();
+        let alone: Vec<Vec<f32>> = prompts.iter().map(|p| alone_logits(&m, p)).collect();
+
+        let mut pool = m.pool_for_tokens(256, 16);
+        let mut kvs: Vec<SeqKv> = prompts.iter().map(|_| SeqKv::default()).collect();
+        let mut steps: Vec<SeqStep<'_>> = kvs
+            .iter_mut()
+            .zip(&prompts)
+            .map(|(kv, p)| SeqStep {
+                kv,
+                tokens: p,
+                logits: Logits::Last,
+            })
+            .collect();
+        let together = m.forward(&mut pool, &mut steps).unwrap();
+        drop(steps);
+        for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+            assert!(same_bits(a, b), "{stem}: prompt {i} changed when batched");
+        }
+        for kv in kvs.iter_mut() {
+            pool.free_seq(kv);
+        }
+
+        let p = &prompts[3];
+        let mut kv = SeqKv::default();
+        let mut last = Vec::new();
+        for chunk in [&p[..1], &p[1..5], &p[5..17], &p[17..]] {
+            let mut step = [SeqStep {
+                kv: &mut kv,
+                tokens: chunk,
+                logits: Logits::Last,
+            }];
+            last = m.forward(&mut pool, &mut step).unwrap().pop().unwrap();
+        }
+        assert!(same_bits(&last, &alone[3]), "{stem}: chunked prefill");
+        let next = tandem_engine::sampler::argmax(&alone[3]);
+        let mut step = [SeqStep {
+            kv: &mut kv,
+            tokens: &[next],
+            logits: Logits::Last,
+        }];
+        let stepwise = m.forward(&mut pool, &mut step).unwrap().pop().unwrap();
+        let mut whole = p.clone();
+        whole.push(next);
+        assert!(
+            same_bits(&stepwise, &alone_logits(&m, &whole)),
+            "{stem}: a decode step differs from scoring the whole sequence"
+        );
+
+        let one = Model::load(&src, 1).unwrap();
+        assert!(
+            same_bits(&alone_logits(&one, &prompts[2]), &alone[2]),
+            "{stem}: one thread differs from two"
+        );
+    }
+}
+
+/// What a mixture-of-experts model refuses, each with its reason: a
+/// tensor-parallel split, an adapter on the MLP it does not have, and a
+/// checkpoint missing an expert.
+#[test]
+fn moe_refusals_name_their_reason() {
+    let fx = fixture("tiny-mixtral-f32");
+    let (path, _scratch) = fx.checkpoint("moe-refusals");
+    let src = ModelSource::open(&path).unwrap();
+    let tp = tandem_engine::shard::ShardSpec {
+        tp: 2,
+        pp: 1,
+        rank: 0,
+    };
+    let err = tp.validate(&src.config).unwrap_err().to_string();
+    assert!(err.contains("mixture-of-experts"), "{err}");
+
+    let dir = scratch("moe-lora");
+    let _guard = Scratch(dir.clone());
+    let mut m = Model::load(&src, 1).unwrap();
+    tandem_model::lora::synth(&src.config, &lora_spec(), &dir).unwrap();
+    let a = tandem_model::lora::load(&dir, &src.config).unwrap();
+    let err = m.add_adapter("mlp", a).unwrap_err().to_string();
+    assert!(err.contains("MLP"), "{err}");
+    let attention_only = tandem_model::lora::LoraSynthSpec {
+        targets: vec![tandem_model::lora::Target::Q, tandem_model::lora::Target::V],
+        ..lora_spec()
+    };
+    let dir2 = scratch("moe-lora-qv");
+    let _guard2 = Scratch(dir2.clone());
+    tandem_model::lora::synth(&src.config, &attention_only, &dir2).unwrap();
+    let a = tandem_model::lora::load(&dir2, &src.config).unwrap();
+    assert_eq!(m.add_adapter("qv", a).unwrap(), 1);
+    drop(m);
+
+    // The checkpoint with layer 1's expert 3 down projection misnamed as an
+    // expert 9 the config does not have (the bytes stay where they were).
+    let cut = scratch("moe-cut");
+    let _guard3 = Scratch(cut.clone());
+    let bytes = std::fs::read(path.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let map = header.as_object_mut().unwrap();
+    let t = map
+        .remove("model.layers.1.block_sparse_moe.experts.3.w2.weight")
+        .unwrap();
+    map.insert(
+        "model.layers.1.block_sparse_moe.experts.9.w2.weight".into(),
+        t,
+    );
+    let mut h = serde_json::to_vec(&header).unwrap();
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&bytes[8 + n..]);
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(path.join(f), cut.join(f)).unwrap();
+    }
+    std::fs::write(cut.join("model.safetensors"), out).unwrap();
+    let src = ModelSource::open(&cut).unwrap();
+    let err = Model::load(&src, 1)
+        .err()
+        .expect("a missing expert")
+        .to_string();
+    assert!(err.contains("blk.1.ffn_down.3.weight"), "{err}");
 }
 
 // ---------------------------------------------------------------------------

@@ -85,6 +85,26 @@ pub struct ModelConfig {
     /// head dimension, shared by the heads) before RoPE (qwen3).
     #[serde(default)]
     pub qk_norm: bool,
+    /// A mixture-of-experts FFN in every layer (Mixtral, Qwen3-MoE) in
+    /// place of the dense one. Left out of the serialised config when
+    /// absent, so a dense model's fingerprint is what it always was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe: Option<MoeConfig>,
+}
+
+/// A sparse mixture-of-experts FFN: a linear router scores the `experts`
+/// SwiGLU experts for each token, and the token runs through its
+/// `experts_used` best, their outputs summed with the router's softmax
+/// weights (Mixtral, Qwen3-MoE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MoeConfig {
+    pub experts: usize,
+    pub experts_used: usize,
+    /// Each expert's intermediate size.
+    pub expert_ffn: usize,
+    /// The chosen experts' softmax weights are rescaled to sum to one
+    /// (Mixtral always; Qwen3-MoE when its config says so).
+    pub norm_topk_prob: bool,
 }
 
 impl ModelConfig {
@@ -121,13 +141,29 @@ impl ModelConfig {
         if !positive(self.rms_eps) || !positive(self.rope_theta) {
             return bad("rms epsilon and rope base must be positive".into());
         }
+        if let Some(m) = &self.moe {
+            if m.experts == 0 || m.experts_used == 0 || m.experts_used > m.experts {
+                return bad(format!(
+                    "{} experts used of {}: must be between 1 and the expert count",
+                    m.experts_used, m.experts
+                ));
+            }
+            if m.expert_ffn == 0 {
+                return bad("the experts' intermediate size is zero".into());
+            }
+        }
         Ok(())
     }
 
     /// Reads `{arch}.*` keys. Tensor presence decides tied embeddings and q/k/v bias.
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let arch_name = meta_str(file, "general.architecture")?;
-        let arch = Arch::parse(arch_name)?;
+        // llama.cpp names Qwen3-MoE its own architecture; Mixtral is a
+        // llama with experts.
+        let arch = match arch_name {
+            "qwen3moe" => Arch::Qwen3,
+            other => Arch::parse(other)?,
+        };
         let k = |s: &str| format!("{arch_name}.{s}");
         let hidden = meta_usize(file, &k("embedding_length"))?;
         let n_heads = meta_usize(file, &k("attention.head_count"))?;
@@ -171,11 +207,43 @@ impl ModelConfig {
                 )))
             }
         };
+        let ffn = meta_usize(file, &k("feed_forward_length"))?;
+        let moe = match file.get(&k("expert_count")) {
+            None => None,
+            Some(v) => {
+                let experts = v
+                    .as_u64()
+                    .ok_or_else(|| type_err(&k("expert_count"), "integer"))?
+                    as usize;
+                let expert_ffn = match file.get(&k("expert_feed_forward_length")) {
+                    Some(_) => meta_usize(file, &k("expert_feed_forward_length"))?,
+                    None => ffn,
+                };
+                // llama.cpp renormalises the chosen weights for both.
+                (experts > 0).then_some(MoeConfig {
+                    experts,
+                    experts_used: meta_usize(file, &k("expert_used_count"))?,
+                    expert_ffn,
+                    norm_topk_prob: true,
+                })
+            }
+        };
+        if arch_name == "qwen3moe" && moe.is_none() {
+            return Err(ModelError::MissingMetadata(k("expert_count")));
+        }
+        if let Some(f) = file.get(&k("expert_shared_count")) {
+            if f.as_u64() != Some(0) {
+                return Err(ModelError::Config(format!(
+                    "{}: shared experts are not supported",
+                    k("expert_shared_count")
+                )));
+            }
+        }
         let cfg = ModelConfig {
             arch,
             n_layers: meta_usize(file, &k("block_count"))?,
             hidden,
-            ffn: meta_usize(file, &k("feed_forward_length"))?,
+            ffn,
             n_heads,
             n_kv_heads,
             head_dim,
@@ -194,6 +262,7 @@ impl ModelConfig {
             tie_embeddings: file.tensor_info("output.weight").is_none(),
             qkv_bias: file.tensor_info("blk.0.attn_q.bias").is_some(),
             qk_norm: file.tensor_info("blk.0.attn_q_norm.weight").is_some(),
+            moe,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -206,7 +275,11 @@ impl ModelConfig {
             .get("model_type")
             .and_then(|x| x.as_str())
             .ok_or_else(|| ModelError::Config("config.json has no model_type".into()))?;
-        let arch = Arch::parse(model_type)?;
+        let arch = match model_type {
+            "mixtral" => Arch::Llama,
+            "qwen3_moe" => Arch::Qwen3,
+            other => Arch::parse(other)?,
+        };
         let num = |key: &str| -> Result<usize> {
             v.get(key)
                 .and_then(|x| x.as_u64())
@@ -275,6 +348,49 @@ impl ModelConfig {
                 )));
             }
         }
+        let moe = match model_type {
+            "mixtral" => Some(MoeConfig {
+                experts: num("num_local_experts")?,
+                experts_used: num("num_experts_per_tok")?,
+                expert_ffn: num("intermediate_size")?,
+                norm_topk_prob: true,
+            }),
+            "qwen3_moe" => {
+                // Layers that keep a dense MLP are not served: every layer
+                // must be sparse.
+                let step = v.get("decoder_sparse_step").and_then(|x| x.as_u64());
+                let dense_layers = v
+                    .get("mlp_only_layers")
+                    .and_then(|x| x.as_array())
+                    .is_some_and(|a| !a.is_empty());
+                if step.is_some_and(|s| s != 1) || dense_layers {
+                    return Err(ModelError::Config(
+                        "config.json: qwen3_moe with dense layers (decoder_sparse_step > 1 or mlp_only_layers) is not supported".into(),
+                    ));
+                }
+                Some(MoeConfig {
+                    experts: num("num_experts")?,
+                    experts_used: num("num_experts_per_tok")?,
+                    expert_ffn: num("moe_intermediate_size")?,
+                    norm_topk_prob: v
+                        .get("norm_topk_prob")
+                        .and_then(|x| x.as_bool())
+                        .unwrap_or(false),
+                })
+            }
+            _ => None,
+        };
+        if model_type == "mixtral" {
+            // Mixtral's sliding window changes attention for long prompts;
+            // refused rather than silently attending too far.
+            if let Some(w) = v.get("sliding_window").and_then(|x| x.as_u64()) {
+                if (w as usize) < num("max_position_embeddings")? {
+                    return Err(ModelError::Config(format!(
+                        "config.json: a sliding window of {w} tokens is not supported"
+                    )));
+                }
+            }
+        }
         let tie = v
             .get("tie_word_embeddings")
             .and_then(|x| x.as_bool())
@@ -297,6 +413,7 @@ impl ModelConfig {
             tie_embeddings: tie,
             qkv_bias: arch == Arch::Qwen2,
             qk_norm: arch == Arch::Qwen3,
+            moe,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -331,4 +448,131 @@ fn meta_f32(file: &GgufFile, key: &str) -> Result<f32> {
         .ok_or_else(|| ModelError::MissingMetadata(key.to_string()))?
         .as_f64()
         .ok_or_else(|| type_err(key, "number"))? as f32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mixtral() -> serde_json::Value {
+        serde_json::json!({
+            "model_type": "mixtral", "hidden_size": 256, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 384, "max_position_embeddings": 512,
+            "num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": null,
+        })
+    }
+
+    fn qwen3_moe() -> serde_json::Value {
+        serde_json::json!({
+            "model_type": "qwen3_moe", "hidden_size": 256, "intermediate_size": 1024,
+            "moe_intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 384,
+            "max_position_embeddings": 512, "num_experts": 16, "num_experts_per_tok": 4,
+            "decoder_sparse_step": 1, "mlp_only_layers": [],
+        })
+    }
+
+    #[test]
+    fn mixture_of_experts_configs_are_read() {
+        let c = ModelConfig::from_hf_config(&mixtral(), true).unwrap();
+        assert_eq!(c.arch, Arch::Llama);
+        assert_eq!(
+            c.moe,
+            Some(MoeConfig {
+                experts: 8,
+                experts_used: 2,
+                expert_ffn: 128,
+                norm_topk_prob: true
+            })
+        );
+        let c = ModelConfig::from_hf_config(&qwen3_moe(), true).unwrap();
+        assert_eq!(c.arch, Arch::Qwen3);
+        assert!(c.qk_norm);
+        // Qwen3-MoE's own default does not renormalise.
+        assert_eq!(
+            c.moe,
+            Some(MoeConfig {
+                experts: 16,
+                experts_used: 4,
+                expert_ffn: 64,
+                norm_topk_prob: false
+            })
+        );
+        let mut v = qwen3_moe();
+        v["norm_topk_prob"] = true.into();
+        let c = ModelConfig::from_hf_config(&v, true).unwrap();
+        assert!(c.moe.unwrap().norm_topk_prob);
+        // A dense model's serialised config (and so its fingerprint) has
+        // no trace of the field.
+        let mut dense = mixtral();
+        dense["model_type"] = "llama".into();
+        let c = ModelConfig::from_hf_config(&dense, true).unwrap();
+        assert_eq!(c.moe, None);
+        assert!(!serde_json::to_string(&c).unwrap().contains("moe"));
+    }
+
+    #[test]
+    fn unservable_mixtures_are_refused_with_the_reason() {
+        let cases: Vec<(serde_json::Value, &str)> = vec![
+            (
+                {
+                    let mut v = qwen3_moe();
+                    v["mlp_only_layers"] = serde_json::json!([1]);
+                    v
+                },
+                "dense layers",
+            ),
+            (
+                {
+                    let mut v = qwen3_moe();
+                    v["decoder_sparse_step"] = 2.into();
+                    v
+                },
+                "dense layers",
+            ),
+            (
+                {
+                    let mut v = mixtral();
+                    v["sliding_window"] = 128.into();
+                    v
+                },
+                "sliding window",
+            ),
+            (
+                {
+                    let mut v = mixtral();
+                    v["num_experts_per_tok"] = 9.into();
+                    v
+                },
+                "experts used",
+            ),
+            (
+                {
+                    let mut v = mixtral();
+                    v["num_local_experts"] = 0.into();
+                    v
+                },
+                "experts used",
+            ),
+            (
+                {
+                    let mut v = qwen3_moe();
+                    v.as_object_mut().unwrap().remove("moe_intermediate_size");
+                    v
+                },
+                "moe_intermediate_size",
+            ),
+        ];
+        for (v, why) in cases {
+            let err = ModelConfig::from_hf_config(&v, true)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(why), "{err} (wanted {why:?})");
+        }
+        // A window as long as the context changes nothing: served.
+        let mut v = mixtral();
+        v["sliding_window"] = 512.into();
+        assert!(ModelConfig::from_hf_config(&v, true).is_ok());
+    }
 }

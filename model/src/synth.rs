@@ -71,7 +71,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub use crate::config::Arch;
-use crate::config::{ModelConfig, RopeScaling, RopeStyle};
+use crate::config::{ModelConfig, MoeConfig, RopeScaling, RopeStyle};
 use crate::error::{ModelError, Result};
 use crate::gguf::MetaValue;
 use crate::quant::GgmlType;
@@ -106,17 +106,32 @@ pub struct SynthShape {
     pub tie_embeddings: bool,
     pub rope_theta: f32,
     pub rms_eps: f32,
+    /// Mixture-of-experts FFNs in place of the dense ones: a Mixtral
+    /// checkpoint for [`Arch::Llama`], Qwen3-MoE for [`Arch::Qwen3`]. The
+    /// written checkpoint always renormalises the chosen experts' weights.
+    pub moe: Option<MoeConfig>,
 }
 
 impl SynthShape {
     /// Names accepted by [`SynthShape::preset`].
-    pub const PRESETS: &'static [&'static str] = &["tiny", "tiny-mqa", "smollm2-135m", "llama3-8b"];
+    pub const PRESETS: &'static [&'static str] = &[
+        "tiny",
+        "tiny-mqa",
+        "tiny-moe",
+        "smollm2-135m",
+        "moe-8x135m",
+        "llama3-8b",
+    ];
 
     /// A named shape:
     /// - `tiny`: 2 layers, hidden 256, FFN 512, 4 heads / 2 KV heads of 64,
     ///   vocab 384, context 512, tied embeddings (a few MB: unit tests, fixtures);
     /// - `tiny-mqa`: `tiny` with one KV head and a separate LM head;
+    /// - `tiny-moe`: `tiny` with 4 experts of FFN 256 per layer, 2 used;
     /// - `smollm2-135m`: the default model's real shape;
+    /// - `moe-8x135m`: `smollm2-135m` with 8 experts of half its FFN per
+    ///   layer, 2 used (a token computes what a dense `smollm2-135m` token
+    ///   does, from four times the FFN weights);
     /// - `llama3-8b`: Llama 3 8B (32 layers, 4096, 14336, 32/8 heads of 128,
     ///   vocab 128256, context 8192, RoPE base 500000).
     pub fn preset(name: &str) -> Result<Self> {
@@ -132,6 +147,21 @@ impl SynthShape {
             tie_embeddings: true,
             rope_theta: 10000.0,
             rms_eps: 1e-5,
+            moe: None,
+        };
+        let smollm2 = SynthShape {
+            n_layers: 30,
+            hidden: 576,
+            ffn: 1536,
+            n_heads: 9,
+            n_kv_heads: 3,
+            head_dim: 64,
+            vocab_size: 49152,
+            context_length: 8192,
+            tie_embeddings: true,
+            rope_theta: 100000.0,
+            rms_eps: 1e-5,
+            moe: None,
         };
         Ok(match name {
             "tiny" => tiny,
@@ -140,18 +170,26 @@ impl SynthShape {
                 tie_embeddings: false,
                 ..tiny
             },
-            "smollm2-135m" => SynthShape {
-                n_layers: 30,
-                hidden: 576,
-                ffn: 1536,
-                n_heads: 9,
-                n_kv_heads: 3,
-                head_dim: 64,
-                vocab_size: 49152,
-                context_length: 8192,
-                tie_embeddings: true,
-                rope_theta: 100000.0,
-                rms_eps: 1e-5,
+            "tiny-moe" => SynthShape {
+                ffn: 256,
+                moe: Some(MoeConfig {
+                    experts: 4,
+                    experts_used: 2,
+                    expert_ffn: 256,
+                    norm_topk_prob: true,
+                }),
+                ..tiny
+            },
+            "smollm2-135m" => smollm2,
+            "moe-8x135m" => SynthShape {
+                ffn: smollm2.ffn / 2,
+                moe: Some(MoeConfig {
+                    experts: 8,
+                    experts_used: 2,
+                    expert_ffn: smollm2.ffn / 2,
+                    norm_topk_prob: true,
+                }),
+                ..smollm2
             },
             "llama3-8b" => SynthShape {
                 n_layers: 32,
@@ -165,6 +203,7 @@ impl SynthShape {
                 tie_embeddings: false,
                 rope_theta: 500000.0,
                 rms_eps: 1e-5,
+                moe: None,
             },
             other => {
                 return Err(ModelError::Config(format!(
@@ -255,12 +294,35 @@ impl SynthSpec {
             tie_embeddings: s.tie_embeddings,
             qkv_bias: self.arch == Arch::Qwen2,
             qk_norm: self.arch == Arch::Qwen3,
+            moe: s.moe,
+        }
+    }
+
+    /// `general.architecture` of the GGUF: llama.cpp names Qwen3-MoE
+    /// apart, and Mixtral is a llama with experts.
+    fn gguf_arch(&self) -> &'static str {
+        match (self.arch, self.shape.moe.is_some()) {
+            (Arch::Qwen3, true) => "qwen3moe",
+            (a, _) => a.name(),
         }
     }
 
     /// Checks the spec before anything is written.
     pub fn validate(&self) -> Result<()> {
         self.model_config().validate()?;
+        if let Some(m) = &self.shape.moe {
+            if self.arch == Arch::Qwen2 {
+                return Err(ModelError::Config(
+                    "synthetic mixture-of-experts checkpoints are Mixtral (llama) or Qwen3-MoE (qwen3)"
+                        .into(),
+                ));
+            }
+            if self.arch == Arch::Llama && m.expert_ffn != self.shape.ffn {
+                return Err(ModelError::Config(
+                    "a Mixtral checkpoint's FFN size is its experts'".into(),
+                ));
+            }
+        }
         let min = min_vocab(self.tokenizer);
         if self.shape.vocab_size < min {
             return Err(ModelError::Config(format!(
@@ -342,6 +404,10 @@ struct Planned {
     /// GGUF llama Q/K: rows stored in llama.cpp's interleaved-RoPE order;
     /// the value is the head dimension.
     permute_head_dim: Option<usize>,
+    /// A GGUF's stacked experts (`shape` is `[experts, rows, cols]`): the
+    /// Hugging Face name of each expert's matrix, whose values its slice
+    /// holds (empty for any other tensor).
+    stack: Vec<String>,
 }
 
 impl Planned {
@@ -352,6 +418,7 @@ impl Planned {
         match self.shape.as_slice() {
             [n] => (1, *n),
             [r, c] => (*r, *c),
+            [e, r, c] => (e * r, *c),
             _ => (1, self.n_elements()),
         }
     }
@@ -404,6 +471,7 @@ fn plan(spec: &SynthSpec) -> Vec<Planned> {
         init: Init::Normal(0.02),
         ty: embd_ty,
         permute_head_dim: None,
+        stack: vec![],
     });
     for l in 0..s.n_layers {
         let mut push = |g: &str, h: &str, shape: Vec<usize>, init: Init, perm: bool| {
@@ -419,6 +487,7 @@ fn plan(spec: &SynthSpec) -> Vec<Planned> {
                 init,
                 ty,
                 permute_head_dim: (perm && permute).then_some(s.head_dim),
+                stack: vec![],
             });
         };
         let fan = |n: usize| Init::Normal(1.0 / (n as f32).sqrt());
@@ -505,27 +574,98 @@ fn plan(spec: &SynthSpec) -> Vec<Planned> {
             Init::Norm,
             false,
         );
+        let Some(moe) = &s.moe else {
+            push(
+                "ffn_gate.weight",
+                "mlp.gate_proj.weight",
+                vec![s.ffn, s.hidden],
+                fan(s.hidden),
+                false,
+            );
+            push(
+                "ffn_up.weight",
+                "mlp.up_proj.weight",
+                vec![s.ffn, s.hidden],
+                fan(s.hidden),
+                false,
+            );
+            push(
+                "ffn_down.weight",
+                "mlp.down_proj.weight",
+                vec![s.hidden, s.ffn],
+                fan(s.ffn),
+                false,
+            );
+            continue;
+        };
+        // Mixtral's names, or Qwen-MoE's (see `weights::MOE_NAMES`).
+        let mixtral = spec.arch == Arch::Llama;
         push(
-            "ffn_gate.weight",
-            "mlp.gate_proj.weight",
-            vec![s.ffn, s.hidden],
+            "ffn_gate_inp.weight",
+            if mixtral {
+                "block_sparse_moe.gate.weight"
+            } else {
+                "mlp.gate.weight"
+            },
+            vec![moe.experts, s.hidden],
             fan(s.hidden),
             false,
         );
-        push(
-            "ffn_up.weight",
-            "mlp.up_proj.weight",
-            vec![s.ffn, s.hidden],
-            fan(s.hidden),
-            false,
-        );
-        push(
-            "ffn_down.weight",
-            "mlp.down_proj.weight",
-            vec![s.hidden, s.ffn],
-            fan(s.ffn),
-            false,
-        );
+        let eff = moe.expert_ffn;
+        for (g, hf, shape, init) in [
+            (
+                "ffn_gate",
+                if mixtral { "w1" } else { "gate_proj" },
+                [eff, s.hidden],
+                fan(s.hidden),
+            ),
+            (
+                "ffn_up",
+                if mixtral { "w3" } else { "up_proj" },
+                [eff, s.hidden],
+                fan(s.hidden),
+            ),
+            (
+                "ffn_down",
+                if mixtral { "w2" } else { "down_proj" },
+                [s.hidden, eff],
+                fan(eff),
+            ),
+        ] {
+            let hf_of = |e: usize| {
+                if mixtral {
+                    format!("block_sparse_moe.experts.{e}.{hf}.weight")
+                } else {
+                    format!("mlp.experts.{e}.{hf}.weight")
+                }
+            };
+            if gguf {
+                // llama.cpp's current layout: one 3-D tensor per projection.
+                v.push(Planned {
+                    hf: format!("model.layers.{l}.{}", hf_of(0)),
+                    gguf: format!("blk.{l}.{g}_exps.weight"),
+                    shape: vec![moe.experts, shape[0], shape[1]],
+                    init,
+                    ty: matrix_ty(shape[1]),
+                    permute_head_dim: None,
+                    stack: (0..moe.experts)
+                        .map(|e| format!("model.layers.{l}.{}", hf_of(e)))
+                        .collect(),
+                });
+            } else {
+                for e in 0..moe.experts {
+                    v.push(Planned {
+                        hf: format!("model.layers.{l}.{}", hf_of(e)),
+                        gguf: format!("blk.{l}.{g}.{e}.weight"),
+                        shape: shape.to_vec(),
+                        init,
+                        ty: matrix_ty(shape[1]),
+                        permute_head_dim: None,
+                        stack: vec![],
+                    });
+                }
+            }
+        }
     }
     v.push(Planned {
         hf: "model.norm.weight".into(),
@@ -534,6 +674,7 @@ fn plan(spec: &SynthSpec) -> Vec<Planned> {
         init: Init::Norm,
         ty: vec_ty,
         permute_head_dim: None,
+        stack: vec![],
     });
     if !s.tie_embeddings {
         v.push(Planned {
@@ -543,6 +684,7 @@ fn plan(spec: &SynthSpec) -> Vec<Planned> {
             init: Init::Normal(1.0 / (s.hidden as f32).sqrt()),
             ty: matrix_ty(s.hidden),
             permute_head_dim: None,
+            stack: vec![],
         });
     }
     v
@@ -593,6 +735,9 @@ pub(crate) fn gen_row(key: u64, init: Init, hf_row: usize, out: &mut [f32]) {
 fn write_tensor_data(w: &mut dyn Write, seed: u64, t: &Planned, path: &Path) -> Result<()> {
     let key = tensor_key(seed, &t.hf);
     let (rows, cols) = t.rows_cols();
+    // A stacked tensor's slices hold each expert's own values.
+    let stack_keys: Vec<u64> = t.stack.iter().map(|n| tensor_key(seed, n)).collect();
+    let slice_rows = rows / stack_keys.len().max(1);
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
@@ -606,7 +751,10 @@ fn write_tensor_data(w: &mut dyn Write, seed: u64, t: &Planned, path: &Path) -> 
                 Some(hd) => crate::lora::permuted_source_row(r, hd),
                 None => r,
             };
-            gen_row(key, t.init, src, &mut row);
+            match stack_keys.get(r / slice_rows.max(1)) {
+                Some(&k) => gen_row(k, t.init, src % slice_rows, &mut row),
+                None => gen_row(key, t.init, src, &mut row),
+            }
             quantize_row(t.ty, &row, &mut out)?;
         }
         Ok(out)
@@ -1194,7 +1342,7 @@ fn llama_file_type(ty: GgmlType) -> u32 {
 
 fn gguf_metadata(spec: &SynthSpec, v: &Vocab, weight_type: GgmlType) -> Vec<(String, MetaValue)> {
     let s = &spec.shape;
-    let a = spec.arch.name();
+    let a = spec.gguf_arch();
     let u32v = |x: usize| MetaValue::U32(x as u32);
     let mut m: Vec<(String, MetaValue)> = vec![
         ("general.architecture".into(), MetaValue::String(a.into())),
@@ -1226,6 +1374,16 @@ fn gguf_metadata(spec: &SynthSpec, v: &Vocab, weight_type: GgmlType) -> Vec<(Str
         (format!("{a}.vocab_size"), u32v(s.vocab_size)),
         (format!("{a}.rope.dimension_count"), u32v(s.head_dim)),
     ];
+    if let Some(moe) = &s.moe {
+        m.push((format!("{a}.expert_count"), u32v(moe.experts)));
+        m.push((format!("{a}.expert_used_count"), u32v(moe.experts_used)));
+        if spec.arch != Arch::Llama {
+            m.push((
+                format!("{a}.expert_feed_forward_length"),
+                u32v(moe.expert_ffn),
+            ));
+        }
+    }
     // Qwen3's readers (transformers among them) take a default head
     // dimension of 128 unless told, so its converter always writes it.
     if s.n_heads * s.head_dim != s.hidden || spec.arch == Arch::Qwen3 {
@@ -1499,6 +1657,28 @@ fn hf_config(spec: &SynthSpec, v: &Vocab, dtype: GgmlType) -> serde_json::Value 
         "use_cache": true,
     });
     let o = c.as_object_mut().expect("json! object");
+    if let Some(moe) = &s.moe {
+        let (arch, model_type) = match spec.arch {
+            Arch::Qwen3 => ("Qwen3MoeForCausalLM", "qwen3_moe"),
+            _ => ("MixtralForCausalLM", "mixtral"),
+        };
+        o.insert("architectures".into(), serde_json::json!([arch]));
+        o.insert("model_type".into(), model_type.into());
+        o.insert("num_experts_per_tok".into(), moe.experts_used.into());
+        o.insert("output_router_logits".into(), false.into());
+        o.insert("router_aux_loss_coef".into(), 0.001.into());
+        if spec.arch == Arch::Qwen3 {
+            o.insert("num_experts".into(), moe.experts.into());
+            o.insert("moe_intermediate_size".into(), moe.expert_ffn.into());
+            o.insert("norm_topk_prob".into(), moe.norm_topk_prob.into());
+            o.insert("decoder_sparse_step".into(), 1.into());
+            o.insert("mlp_only_layers".into(), serde_json::json!([]));
+        } else {
+            o.insert("num_local_experts".into(), moe.experts.into());
+            o.insert("sliding_window".into(), serde_json::Value::Null);
+            return c;
+        }
+    }
     match spec.arch {
         Arch::Llama => {
             o.insert("attention_bias".into(), false.into());
@@ -1727,7 +1907,7 @@ mod tests {
     fn presets_parse_and_validate() {
         for name in SynthShape::PRESETS {
             let shape = SynthShape::preset(name).unwrap();
-            for arch in [Arch::Llama, Arch::Qwen2] {
+            for arch in [Arch::Llama, Arch::Qwen2, Arch::Qwen3] {
                 for tokenizer in [SynthTokenizer::Gpt2, SynthTokenizer::SentencePiece] {
                     let s = SynthSpec {
                         arch,
@@ -1738,10 +1918,21 @@ mod tests {
                         },
                         tokenizer,
                     };
-                    s.validate().unwrap();
+                    // Qwen2's mixture (shared experts) is not written.
+                    if arch == Arch::Qwen2 && shape.moe.is_some() {
+                        let err = s.validate().unwrap_err().to_string();
+                        assert!(err.contains("Mixtral"), "{err}");
+                    } else {
+                        s.validate().unwrap();
+                    }
                 }
             }
         }
+        let m = SynthShape::preset("moe-8x135m").unwrap();
+        let moe = m.moe.unwrap();
+        // Two experts of half the FFN: a dense smollm2-135m token's work.
+        assert_eq!(moe.experts_used * moe.expert_ffn, 1536);
+        assert_eq!((moe.experts, m.ffn), (8, moe.expert_ffn));
         let l = SynthShape::preset("llama3-8b").unwrap();
         assert_eq!(
             (l.n_layers, l.hidden, l.ffn, l.n_heads, l.n_kv_heads),

@@ -102,7 +102,7 @@ impl ModelSource {
                 })
             }
             Files::Hf(hf) => {
-                let t = hf.tensor(&hf_name(name)?)?;
+                let t = hf_names(name).iter().find_map(|n| hf.tensor(n))?;
                 Some(TensorRef {
                     ty: t.ty,
                     shape: t.shape,
@@ -175,16 +175,86 @@ const GLOBAL_NAMES: &[(&str, &str)] = &[
     ("output.weight", "lm_head.weight"),
 ];
 
-/// GGUF name → Hugging Face name.
-pub fn hf_name(gguf: &str) -> Option<String> {
-    if let Some((_, h)) = GLOBAL_NAMES.iter().find(|(g, _)| *g == gguf) {
-        return Some(h.to_string());
+/// Mixture-of-experts tensors per layer: the router, then each expert's
+/// projections under llama.cpp's per-expert names (`ffn_gate.{e}.weight`;
+/// a GGUF may instead stack them in one `ffn_gate_exps.weight`, which the
+/// engine also reads). Hugging Face names differ by family: Mixtral's,
+/// then Qwen-MoE's; `{e}` is the expert.
+const MOE_NAMES: &[(&str, [&str; 2])] = &[
+    (
+        "ffn_gate_inp.weight",
+        ["block_sparse_moe.gate.weight", "mlp.gate.weight"],
+    ),
+    (
+        "ffn_gate.{e}.weight",
+        [
+            "block_sparse_moe.experts.{e}.w1.weight",
+            "mlp.experts.{e}.gate_proj.weight",
+        ],
+    ),
+    (
+        "ffn_up.{e}.weight",
+        [
+            "block_sparse_moe.experts.{e}.w3.weight",
+            "mlp.experts.{e}.up_proj.weight",
+        ],
+    ),
+    (
+        "ffn_down.{e}.weight",
+        [
+            "block_sparse_moe.experts.{e}.w2.weight",
+            "mlp.experts.{e}.down_proj.weight",
+        ],
+    ),
+];
+
+/// `pattern` with `{e}` standing for a number matches `name`: that number
+/// (0 when the pattern has no `{e}`).
+fn match_expert(pattern: &str, name: &str) -> Option<usize> {
+    match pattern.split_once("{e}") {
+        None => (pattern == name).then_some(0),
+        Some((pre, post)) => {
+            let e = name.strip_prefix(pre)?.strip_suffix(post)?;
+            if e.is_empty() || !e.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            e.parse().ok()
+        }
     }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, suffix) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (_, h) = LAYER_NAMES.iter().find(|(g, _)| *g == suffix)?;
-    Some(format!("model.layers.{layer}.{h}"))
+}
+
+/// GGUF name → its Hugging Face name (the first where families differ).
+pub fn hf_name(gguf: &str) -> Option<String> {
+    hf_names(gguf).into_iter().next()
+}
+
+/// GGUF name → the Hugging Face names it may have, one per family that
+/// names it differently (none for a name outside the model's tensors).
+pub fn hf_names(gguf: &str) -> Vec<String> {
+    if let Some((_, h)) = GLOBAL_NAMES.iter().find(|(g, _)| *g == gguf) {
+        return vec![h.to_string()];
+    }
+    let Some((layer, suffix)) = gguf
+        .strip_prefix("blk.")
+        .and_then(|rest| rest.split_once('.'))
+    else {
+        return vec![];
+    };
+    let Ok(layer) = layer.parse::<usize>() else {
+        return vec![];
+    };
+    if let Some((_, h)) = LAYER_NAMES.iter().find(|(g, _)| *g == suffix) {
+        return vec![format!("model.layers.{layer}.{h}")];
+    }
+    for (g, hs) in MOE_NAMES {
+        if let Some(e) = match_expert(g, suffix) {
+            return hs
+                .iter()
+                .map(|h| format!("model.layers.{layer}.{}", h.replace("{e}", &e.to_string())))
+                .collect();
+        }
+    }
+    vec![]
 }
 
 /// Hugging Face name → GGUF name.
@@ -195,8 +265,13 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     let rest = hf.strip_prefix("model.layers.")?;
     let (layer, suffix) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let (g, _) = LAYER_NAMES.iter().find(|(_, h)| *h == suffix)?;
-    Some(format!("blk.{layer}.{g}"))
+    if let Some((g, _)) = LAYER_NAMES.iter().find(|(_, h)| *h == suffix) {
+        return Some(format!("blk.{layer}.{g}"));
+    }
+    MOE_NAMES.iter().find_map(|(g, hs)| {
+        let e = hs.iter().find_map(|h| match_expert(h, suffix))?;
+        Some(format!("blk.{layer}.{}", g.replace("{e}", &e.to_string())))
+    })
 }
 
 #[cfg(test)]
@@ -212,10 +287,27 @@ mod tests {
             "blk.0.attn_q.weight",
             "blk.29.ffn_down.weight",
             "blk.3.attn_v.bias",
+            "blk.1.ffn_gate_inp.weight",
+            "blk.1.ffn_gate.7.weight",
+            "blk.0.ffn_down.12.weight",
         ] {
-            let h = hf_name(n).unwrap();
-            assert_eq!(gguf_name(&h).as_deref(), Some(n), "{h}");
+            for h in hf_names(n) {
+                assert_eq!(gguf_name(&h).as_deref(), Some(n), "{h}");
+            }
+            assert!(hf_name(n).is_some(), "{n}");
         }
+        assert_eq!(
+            hf_names("blk.2.ffn_up.3.weight"),
+            [
+                "model.layers.2.block_sparse_moe.experts.3.w3.weight",
+                "model.layers.2.mlp.experts.3.up_proj.weight"
+            ]
+        );
+        assert_eq!(hf_name("blk.0.ffn_gate.x.weight"), None);
+        assert_eq!(
+            gguf_name("model.layers.0.mlp.experts.-1.up_proj.weight"),
+            None
+        );
         assert_eq!(hf_name("blk.x.attn_q.weight"), None);
         assert_eq!(gguf_name("model.layers.0.mystery.weight"), None);
     }

@@ -163,6 +163,18 @@ pub struct ClusterSpec {
     pub router_args: Vec<String>,
     /// Discover through this etcd endpoint (under `etcd_prefix`) instead of `--peers`.
     pub etcd: Option<(String, String)>,
+    /// The model every node serves (default: the default model).
+    pub model: Option<PathBuf>,
+}
+
+impl ClusterSpec {
+    fn model(&self) -> String {
+        self.model
+            .clone()
+            .unwrap_or_else(model_path)
+            .to_string_lossy()
+            .into_owned()
+    }
 }
 
 impl Cluster {
@@ -188,7 +200,7 @@ impl Cluster {
         let decode: Vec<Node> = (0..spec.decode)
             .map(|_| Self::worker(&spec, Role::Decode))
             .collect();
-        let model = model_path().to_string_lossy().into_owned();
+        let model = spec.model();
         let mut args: Vec<String> = vec!["--model".into(), model];
         match &spec.etcd {
             Some((url, prefix)) => args.extend([
@@ -229,7 +241,7 @@ impl Cluster {
     /// [`Cluster::worker`] on `port` (0: any free one), as a worker
     /// restarted where it was.
     pub fn worker_at(spec: &ClusterSpec, role: Role, port: u16) -> Node {
-        let model = model_path().to_string_lossy().into_owned();
+        let model = spec.model();
         let mut args: Vec<String> = vec![
             "--model".into(),
             model,

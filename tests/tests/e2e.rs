@@ -18,6 +18,8 @@ mod dashboard;
 mod lora;
 #[path = "e2e/membership.rs"]
 mod membership;
+#[path = "e2e/moe.rs"]
+mod moe;
 #[path = "e2e/operations.rs"]
 mod operations;
 #[path = "e2e/sampling.rs"]

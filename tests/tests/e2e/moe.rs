@@ -1,0 +1,115 @@
+//! A mixture-of-experts model served by a disaggregated cluster: a seeded
+//! Mixtral-shaped checkpoint (`tandem model synth --shape tiny-moe`, its
+//! experts stacked as llama.cpp writes them) prefilled on the prefill tier
+//! and decoded on the decode tier (two pipeline stages, speculative
+//! decoding on) gives exactly what `tandem generate` gives on the plain
+//! path, for prompts batched together.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::{json, Value};
+use tandem_tests::{tandem_bin, Cluster, ClusterSpec};
+
+use super::{api_json, counter, prompts, rt, MAX_TOKENS};
+
+/// Writes the seeded Mixtral GGUF.
+fn synth_moe(out: &Path) {
+    let o = Command::new(tandem_bin())
+        .args(["model", "synth", "--arch", "llama", "--shape", "tiny-moe"])
+        .args(["--seed", "5", "--weight-type", "q8_0", "--out"])
+        .arg(out)
+        .output()
+        .expect("running tandem model synth");
+    assert!(
+        o.status.success(),
+        "synth: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// The plain path's greedy text for `prompt` on `model`.
+fn plain(model: &Path, prompt: &str, max_tokens: u32) -> String {
+    let o = Command::new(tandem_bin())
+        .args(["generate", "--json", "--threads", "1", "--max-tokens"])
+        .arg(max_tokens.to_string())
+        .arg("--model")
+        .arg(model)
+        .args(["--prompt", prompt])
+        .output()
+        .expect("running tandem generate");
+    assert!(
+        o.status.success(),
+        "generate: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["text"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn a_mixture_of_experts_model_is_served_disaggregated_as_on_the_plain_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny-mixtral.gguf");
+    synth_moe(&model);
+    let prompts = prompts();
+    let want: Vec<String> = prompts
+        .iter()
+        .map(|p| plain(&model, p, MAX_TOKENS))
+        .collect();
+    // Alone and long, where drafting pays: prompt lookup finds n-grams.
+    let repetitive = "one two three four one two three four one two three four one two";
+    let long_want = plain(&model, repetitive, 96);
+    assert!(
+        want.iter().any(|t| !t.is_empty()),
+        "the plain path generated nothing"
+    );
+
+    let cluster = Cluster::start_spec(ClusterSpec {
+        prefill: 1,
+        decode: 1,
+        threads: 1,
+        model: Some(model.clone()),
+        // The decode worker as two pipeline stages, drafting by prompt
+        // lookup: neither may change a token.
+        decode_args: ["--pp", "2", "--speculative-tokens", "4"]
+            .map(String::from)
+            .to_vec(),
+        ..Default::default()
+    });
+    let cluster = &cluster;
+    rt().block_on(async {
+        let answers = futures_util::future::join_all(prompts.iter().map(|prompt| {
+            let body = json!({
+                "model": "tiny-mixtral", "prompt": prompt,
+                "max_tokens": MAX_TOKENS, "temperature": 0,
+            });
+            async move { api_json(cluster, "completions", &body).await }
+        }))
+        .await;
+        for ((prompt, want), v) in prompts.iter().zip(&want).zip(&answers) {
+            assert_eq!(v["choices"][0]["text"], want.as_str(), "{prompt:?}: {v}");
+        }
+        let remote = r#"tandem_router_dispatched_total{prefill="remote"}"#;
+        assert_eq!(
+            counter(&cluster.router, remote).await,
+            prompts.len() as f64,
+            "every prompt was prefilled on the prefill tier"
+        );
+        let body = json!({
+            "model": "tiny-mixtral", "prompt": repetitive, "max_tokens": 96, "temperature": 0,
+        });
+        let v = api_json(cluster, "completions", &body).await;
+        assert_eq!(v["choices"][0]["text"], long_want.as_str());
+        // Workers publish engine counters once a second.
+        let mut drafted = 0.0;
+        for _ in 0..30 {
+            drafted = counter(&cluster.decode[0], "tandem_spec_decode_draft_tokens_total").await;
+            if drafted > 0.0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        assert!(drafted > 0.0, "the decode worker drafted no token");
+    });
+}
