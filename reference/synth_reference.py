@@ -78,10 +78,13 @@ def load(path: str):
         head_dim = gguf_head_dim(path)
         if head_dim is not None:
             kwargs["head_dim"] = head_dim
-        # Nor does it read the experts' intermediate size (Qwen3-MoE).
+        # Nor does it read the experts' intermediate sizes (Qwen-MoE).
         expert_ffn = gguf_field(path, "expert_feed_forward_length")
         if expert_ffn is not None:
             kwargs["moe_intermediate_size"] = expert_ffn
+        shared_ffn = gguf_field(path, "expert_shared_feed_forward_length")
+        if shared_ffn is not None:
+            kwargs["shared_expert_intermediate_size"] = shared_ffn
         model = AutoModelForCausalLM.from_pretrained(
             os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path), **kwargs
         )

@@ -21,10 +21,12 @@ pub enum Format {
 #[derive(clap::Args, Debug)]
 pub struct SynthArgs {
     /// Architecture: llama, qwen2 or qwen3 (per-head query/key norms). With
-    /// a mixture-of-experts shape, llama writes Mixtral and qwen3 Qwen3-MoE.
+    /// a mixture-of-experts shape, llama writes Mixtral, qwen3 Qwen3-MoE
+    /// (both tiny-moe) and qwen2 Qwen2-MoE (tiny-moe-shared).
     #[arg(long, env = "TANDEM_SYNTH_ARCH")]
     pub arch: String,
     /// Shape preset: tiny, tiny-mqa, tiny-moe (4 experts, 2 used),
+    /// tiny-moe-shared (the same with a shared expert),
     /// smollm2-135m, moe-8x135m (smollm2-135m with 8 experts of half its FFN, 2 used), llama3-8b.
     #[arg(long, env = "TANDEM_SYNTH_SHAPE")]
     pub shape: String,

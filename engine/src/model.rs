@@ -1,6 +1,6 @@
 //! The transformer forward pass (llama family, qwen2, qwen3, and the
-//! mixture-of-experts Mixtral and Qwen3-MoE) over a batch of sequences,
-//! each bringing any number of new tokens.
+//! mixture-of-experts Mixtral, Qwen2-MoE and Qwen3-MoE) over a batch of
+//! sequences, each bringing any number of new tokens.
 //!
 //! One call runs every new token of every sequence through each layer, so
 //! each weight matrix is read once per step for the whole batch. Every
@@ -195,6 +195,7 @@ impl Ffn {
                 m.router.matrices_mut().chain(
                     m.experts
                         .iter_mut()
+                        .chain(m.shared.as_mut().map(|s| &mut s.expert))
                         .flat_map(|e| e.gate_up.matrices_mut().chain(e.down.matrices_mut())),
                 ),
             ),
@@ -208,6 +209,7 @@ impl Ffn {
                 m.router.parts.iter().chain(
                     m.experts
                         .iter()
+                        .chain(m.shared.as_ref().map(|s| &s.expert))
                         .flat_map(|e| e.gate_up.parts.iter().chain(e.down.parts.iter())),
                 ),
             ),
@@ -222,6 +224,16 @@ struct Moe {
     experts: Vec<Expert>,
     used: usize,
     norm_topk_prob: bool,
+    /// The expert every token runs through (Qwen2-MoE).
+    shared: Option<SharedExpert>,
+}
+
+/// An expert every token runs through, its output scaled by
+/// `sigmoid(gate · x)`.
+struct SharedExpert {
+    expert: Expert,
+    /// `hidden` weights of the gate's one output.
+    gate: Vec<f32>,
 }
 
 struct Expert {
@@ -620,11 +632,42 @@ fn load_moe(src: &ModelSource, l: usize, h: usize, moe: &MoeConfig) -> Result<Mo
             down: Proj::new(&[expert("ffn_down", e, h, eff)?.tensor()])?,
         });
     }
+    let shared = match moe.shared_expert_ffn {
+        None => None,
+        Some(sff) => {
+            let name = |s: &str| format!("blk.{l}.ffn_{s}_shexp.weight");
+            // A vector in llama.cpp's files, a one-row matrix in Hugging Face's.
+            let gate_name = format!("blk.{l}.ffn_gate_inp_shexp.weight");
+            let gate = src
+                .get(&gate_name)
+                .ok_or_else(|| tandem_model::ModelError::MissingTensor(gate_name.clone()))?;
+            if gate.n_elements() != h || gate.shape.iter().filter(|&&d| d != 1).count() > 1 {
+                return Err(tandem_model::ModelError::TensorShape {
+                    name: gate_name,
+                    got: gate.shape.to_vec(),
+                    expected: vec![h],
+                }
+                .into());
+            }
+            let (g, u) = (
+                src.tensor(&name("gate"), &[sff, h])?,
+                src.tensor(&name("up"), &[sff, h])?,
+            );
+            Some(SharedExpert {
+                expert: Expert {
+                    gate_up: Proj::new(&[g, u])?,
+                    down: Proj::new(&[src.tensor(&name("down"), &[h, sff])?])?,
+                },
+                gate: f32_vector(gate, &gate_name)?,
+            })
+        }
+    };
     Ok(Moe {
         router: Proj::new(&[router])?,
         experts,
         used: moe.experts_used,
         norm_topk_prob: moe.norm_topk_prob,
+        shared,
     })
 }
 
@@ -1026,11 +1069,12 @@ impl Model {
     }
 
     /// `out = Σ weight·expert(xn)` over each token's chosen experts
-    /// (`tokens × hidden`). Each expert runs once, over the rows of the
+    /// (`tokens × hidden`), plus the gated shared expert's output where
+    /// the model has one. Each expert runs once, over the rows of the
     /// tokens routed to it; a token's outputs are added in expert order,
-    /// as `transformers` adds them. The kernels give a row the same bits
-    /// whatever rows share its call, so a token's result does not depend
-    /// on its batch.
+    /// then the shared expert's, as `transformers` adds them. The kernels
+    /// give a row the same bits whatever rows share its call, so a token's
+    /// result does not depend on its batch.
     fn moe_ffn(&self, moe: &Moe, xn: &[f32], n_tok: usize, out: &mut [f32]) {
         let h = self.config.hidden;
         let mut scores = vec![0f32; n_tok * moe.experts.len()];
@@ -1041,24 +1085,44 @@ impl Model {
                 continue;
             }
             let m = routes.len();
-            let eff = expert.gate_up.rows / 2;
             let mut xs = vec![0f32; m * h];
             for (row, &(t, _)) in xs.chunks_exact_mut(h).zip(&routes) {
                 row.copy_from_slice(&xn[t * h..(t + 1) * h]);
             }
-            let mut gu = vec![0f32; m * 2 * eff];
-            expert.gate_up.apply(&self.pool, &xs, m, &mut gu);
-            ops::silu_mul_rows(&mut gu, eff);
-            let mut act = vec![0f32; m * eff];
-            compact_activations(&gu, eff, &mut act);
-            let mut y = vec![0f32; m * h];
-            expert.down.apply(&self.pool, &act, m, &mut y);
+            let y = self.expert_forward(expert, &xs, m);
             for (yr, &(t, w)) in y.chunks_exact(h).zip(&routes) {
                 for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(yr) {
                     *o += v * w;
                 }
             }
         }
+        if let Some(sh) = &moe.shared {
+            let y = self.expert_forward(&sh.expert, xn, n_tok);
+            for ((o, yr), x) in out
+                .chunks_exact_mut(h)
+                .zip(y.chunks_exact(h))
+                .zip(xn.chunks_exact(h))
+            {
+                let z: f32 = sh.gate.iter().zip(x).map(|(g, v)| g * v).sum();
+                let g = 1.0 / (1.0 + (-z).exp());
+                for (o, v) in o.iter_mut().zip(yr) {
+                    *o += g * v;
+                }
+            }
+        }
+    }
+
+    /// One SwiGLU expert over `tokens` rows of `x` (`tokens × hidden` out).
+    fn expert_forward(&self, e: &Expert, x: &[f32], tokens: usize) -> Vec<f32> {
+        let eff = e.gate_up.rows / 2;
+        let mut gu = vec![0f32; tokens * 2 * eff];
+        e.gate_up.apply(&self.pool, x, tokens, &mut gu);
+        ops::silu_mul_rows(&mut gu, eff);
+        let mut act = vec![0f32; tokens * eff];
+        compact_activations(&gu, eff, &mut act);
+        let mut y = vec![0f32; tokens * self.config.hidden];
+        e.down.apply(&self.pool, &act, tokens, &mut y);
+        y
     }
 
     /// Bytes of packed weights (what one decode step of a dense model reads).

@@ -166,6 +166,28 @@ fn fixtures() -> Vec<Fixture> {
             Gpt2,
             false,
         ),
+        // Qwen2-MoE: a gated shared expert, weights not renormalised, Q/K/V
+        // biases; the gate a vector in the GGUF, a one-row matrix in
+        // safetensors.
+        f(
+            "tiny-qwen2moe-q8_0.gguf",
+            Qwen2,
+            "tiny-moe-shared",
+            gguf(GgmlType::Q8_0),
+            Gpt2,
+            false,
+        ),
+        f(
+            "tiny-qwen2moe-bf16",
+            Qwen2,
+            "tiny-moe-shared",
+            SynthFormat::Safetensors {
+                dtype: GgmlType::BF16,
+                shards: 1,
+            },
+            Gpt2,
+            false,
+        ),
     ]
 }
 
@@ -489,7 +511,11 @@ fn same_bits(a: &[f32], b: &[f32]) -> bool {
 fn moe_batching_chunking_and_threads_do_not_change_bits() {
     use tandem_engine::kv::SeqKv;
     use tandem_engine::model::{Logits, SeqStep};
-    for stem in ["tiny-mixtral-f32", "tiny-qwen3moe-q8_0"] {
+    for stem in [
+        "tiny-mixtral-f32",
+        "tiny-qwen3moe-q8_0",
+        "tiny-qwen2moe-q8_0",
+    ] {
         let fx = fixture(stem);
         let (path, _scratch) = fx.checkpoint("moe-bits");
         let src = ModelSource::open(&path).unwrap();

@@ -95,7 +95,7 @@ pub struct ModelConfig {
 /// A sparse mixture-of-experts FFN: a linear router scores the `experts`
 /// SwiGLU experts for each token, and the token runs through its
 /// `experts_used` best, their outputs summed with the router's softmax
-/// weights (Mixtral, Qwen3-MoE).
+/// weights (Mixtral, Qwen2-MoE, Qwen3-MoE).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MoeConfig {
     pub experts: usize,
@@ -103,8 +103,12 @@ pub struct MoeConfig {
     /// Each expert's intermediate size.
     pub expert_ffn: usize,
     /// The chosen experts' softmax weights are rescaled to sum to one
-    /// (Mixtral always; Qwen3-MoE when its config says so).
+    /// (Mixtral always; Qwen-MoE when its config says so).
     pub norm_topk_prob: bool,
+    /// The intermediate size of an expert every token runs through, its
+    /// output scaled by a sigmoid gate of its own (Qwen2-MoE).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_expert_ffn: Option<usize>,
 }
 
 impl ModelConfig {
@@ -161,6 +165,7 @@ impl ModelConfig {
         // llama.cpp names Qwen3-MoE its own architecture; Mixtral is a
         // llama with experts.
         let arch = match arch_name {
+            "qwen2moe" => Arch::Qwen2,
             "qwen3moe" => Arch::Qwen3,
             other => Arch::parse(other)?,
         };
@@ -219,18 +224,27 @@ impl ModelConfig {
                     Some(_) => meta_usize(file, &k("expert_feed_forward_length"))?,
                     None => ffn,
                 };
-                // llama.cpp renormalises the chosen weights for both.
+                let qwen2moe = arch_name == "qwen2moe";
+                let shared_expert_ffn = if qwen2moe {
+                    Some(meta_usize(file, &k("expert_shared_feed_forward_length"))?)
+                } else {
+                    None
+                };
+                // llama.cpp renormalises the chosen weights of Mixtral and
+                // Qwen3-MoE, not of Qwen2-MoE.
                 (experts > 0).then_some(MoeConfig {
                     experts,
                     experts_used: meta_usize(file, &k("expert_used_count"))?,
                     expert_ffn,
-                    norm_topk_prob: true,
+                    norm_topk_prob: !qwen2moe,
+                    shared_expert_ffn,
                 })
             }
         };
-        if arch_name == "qwen3moe" && moe.is_none() {
+        if arch_name.ends_with("moe") && moe.is_none() {
             return Err(ModelError::MissingMetadata(k("expert_count")));
         }
+        // Shared experts by count (DeepSeek's layout) are another design.
         if let Some(f) = file.get(&k("expert_shared_count")) {
             if f.as_u64() != Some(0) {
                 return Err(ModelError::Config(format!(
@@ -277,6 +291,7 @@ impl ModelConfig {
             .ok_or_else(|| ModelError::Config("config.json has no model_type".into()))?;
         let arch = match model_type {
             "mixtral" => Arch::Llama,
+            "qwen2_moe" => Arch::Qwen2,
             "qwen3_moe" => Arch::Qwen3,
             other => Arch::parse(other)?,
         };
@@ -354,8 +369,9 @@ impl ModelConfig {
                 experts_used: num("num_experts_per_tok")?,
                 expert_ffn: num("intermediate_size")?,
                 norm_topk_prob: true,
+                shared_expert_ffn: None,
             }),
-            "qwen3_moe" => {
+            "qwen2_moe" | "qwen3_moe" => {
                 // Layers that keep a dense MLP are not served: every layer
                 // must be sparse.
                 let step = v.get("decoder_sparse_step").and_then(|x| x.as_u64());
@@ -365,9 +381,13 @@ impl ModelConfig {
                     .is_some_and(|a| !a.is_empty());
                 if step.is_some_and(|s| s != 1) || dense_layers {
                     return Err(ModelError::Config(
-                        "config.json: qwen3_moe with dense layers (decoder_sparse_step > 1 or mlp_only_layers) is not supported".into(),
+                        format!("config.json: {model_type} with dense layers (decoder_sparse_step > 1 or mlp_only_layers) is not supported"),
                     ));
                 }
+                let shared_expert_ffn = match model_type {
+                    "qwen2_moe" => Some(num("shared_expert_intermediate_size")?).filter(|&n| n > 0),
+                    _ => None,
+                };
                 Some(MoeConfig {
                     experts: num("num_experts")?,
                     experts_used: num("num_experts_per_tok")?,
@@ -376,6 +396,7 @@ impl ModelConfig {
                         .get("norm_topk_prob")
                         .and_then(|x| x.as_bool())
                         .unwrap_or(false),
+                    shared_expert_ffn,
                 })
             }
             _ => None,
@@ -411,7 +432,9 @@ impl ModelConfig {
             vocab_size: num("vocab_size")?,
             context_length: num("max_position_embeddings")?,
             tie_embeddings: tie,
-            qkv_bias: arch == Arch::Qwen2,
+            // Qwen2-MoE says whether it has them (its default: yes).
+            qkv_bias: arch == Arch::Qwen2
+                && v.get("qkv_bias").and_then(|x| x.as_bool()) != Some(false),
             qk_norm: arch == Arch::Qwen3,
             moe,
         };
@@ -483,7 +506,8 @@ mod tests {
                 experts: 8,
                 experts_used: 2,
                 expert_ffn: 128,
-                norm_topk_prob: true
+                norm_topk_prob: true,
+                shared_expert_ffn: None
             })
         );
         let c = ModelConfig::from_hf_config(&qwen3_moe(), true).unwrap();
@@ -496,13 +520,23 @@ mod tests {
                 experts: 16,
                 experts_used: 4,
                 expert_ffn: 64,
-                norm_topk_prob: false
+                norm_topk_prob: false,
+                shared_expert_ffn: None
             })
         );
         let mut v = qwen3_moe();
         v["norm_topk_prob"] = true.into();
         let c = ModelConfig::from_hf_config(&v, true).unwrap();
         assert!(c.moe.unwrap().norm_topk_prob);
+        // Qwen2-MoE: Qwen3-MoE's routing, a shared expert, Q/K/V biases.
+        let mut v = qwen3_moe();
+        v["model_type"] = "qwen2_moe".into();
+        v["shared_expert_intermediate_size"] = 512.into();
+        let c = ModelConfig::from_hf_config(&v, true).unwrap();
+        assert_eq!((c.arch, c.qkv_bias, c.qk_norm), (Arch::Qwen2, true, false));
+        assert_eq!(c.moe.unwrap().shared_expert_ffn, Some(512));
+        v["qkv_bias"] = false.into();
+        assert!(!ModelConfig::from_hf_config(&v, true).unwrap().qkv_bias);
         // A dense model's serialised config (and so its fingerprint) has
         // no trace of the field.
         let mut dense = mixtral();

@@ -107,8 +107,8 @@ pub struct SynthShape {
     pub rope_theta: f32,
     pub rms_eps: f32,
     /// Mixture-of-experts FFNs in place of the dense ones: a Mixtral
-    /// checkpoint for [`Arch::Llama`], Qwen3-MoE for [`Arch::Qwen3`]. The
-    /// written checkpoint always renormalises the chosen experts' weights.
+    /// checkpoint for [`Arch::Llama`], Qwen3-MoE for [`Arch::Qwen3`],
+    /// Qwen2-MoE (with a shared expert) for [`Arch::Qwen2`].
     pub moe: Option<MoeConfig>,
 }
 
@@ -118,6 +118,7 @@ impl SynthShape {
         "tiny",
         "tiny-mqa",
         "tiny-moe",
+        "tiny-moe-shared",
         "smollm2-135m",
         "moe-8x135m",
         "llama3-8b",
@@ -128,6 +129,8 @@ impl SynthShape {
     ///   vocab 384, context 512, tied embeddings (a few MB: unit tests, fixtures);
     /// - `tiny-mqa`: `tiny` with one KV head and a separate LM head;
     /// - `tiny-moe`: `tiny` with 4 experts of FFN 256 per layer, 2 used;
+    /// - `tiny-moe-shared`: 4 experts of FFN 128, 2 used, their weights not
+    ///   renormalised, and a shared expert of FFN 256 (Qwen2-MoE's layout);
     /// - `smollm2-135m`: the default model's real shape;
     /// - `moe-8x135m`: `smollm2-135m` with 8 experts of half its FFN per
     ///   layer, 2 used (a token computes what a dense `smollm2-135m` token
@@ -177,6 +180,18 @@ impl SynthShape {
                     experts_used: 2,
                     expert_ffn: 256,
                     norm_topk_prob: true,
+                    shared_expert_ffn: None,
+                }),
+                ..tiny
+            },
+            "tiny-moe-shared" => SynthShape {
+                ffn: 256,
+                moe: Some(MoeConfig {
+                    experts: 4,
+                    experts_used: 2,
+                    expert_ffn: 128,
+                    norm_topk_prob: false,
+                    shared_expert_ffn: Some(256),
                 }),
                 ..tiny
             },
@@ -188,6 +203,7 @@ impl SynthShape {
                     experts_used: 2,
                     expert_ffn: smollm2.ffn / 2,
                     norm_topk_prob: true,
+                    shared_expert_ffn: None,
                 }),
                 ..smollm2
             },
@@ -302,6 +318,7 @@ impl SynthSpec {
     /// apart, and Mixtral is a llama with experts.
     fn gguf_arch(&self) -> &'static str {
         match (self.arch, self.shape.moe.is_some()) {
+            (Arch::Qwen2, true) => "qwen2moe",
             (Arch::Qwen3, true) => "qwen3moe",
             (a, _) => a.name(),
         }
@@ -311,11 +328,18 @@ impl SynthSpec {
     pub fn validate(&self) -> Result<()> {
         self.model_config().validate()?;
         if let Some(m) = &self.shape.moe {
-            if self.arch == Arch::Qwen2 {
-                return Err(ModelError::Config(
-                    "synthetic mixture-of-experts checkpoints are Mixtral (llama) or Qwen3-MoE (qwen3)"
-                        .into(),
-                ));
+            // What each family's files can say: Qwen2-MoE always has a
+            // shared expert and llama.cpp reads it without renormalising;
+            // Mixtral and Qwen3-MoE have none and renormalise.
+            let fits = match self.arch {
+                Arch::Qwen2 => m.shared_expert_ffn.is_some() && !m.norm_topk_prob,
+                Arch::Llama | Arch::Qwen3 => m.shared_expert_ffn.is_none() && m.norm_topk_prob,
+            };
+            if !fits {
+                return Err(ModelError::Config(format!(
+                    "this mixture of experts is not one a {} checkpoint can describe (Mixtral and Qwen3-MoE: renormalised, no shared expert; Qwen2-MoE: a shared expert, not renormalised)",
+                    self.arch.name()
+                )));
             }
             if self.arch == Arch::Llama && m.expert_ffn != self.shape.ffn {
                 return Err(ModelError::Config(
@@ -664,6 +688,37 @@ fn plan(spec: &SynthSpec) -> Vec<Planned> {
                         stack: vec![],
                     });
                 }
+            }
+        }
+        if let Some(sff) = moe.shared_expert_ffn {
+            // The gate is one row: a vector in llama.cpp's files.
+            v.push(Planned {
+                hf: format!("model.layers.{l}.mlp.shared_expert_gate.weight"),
+                gguf: format!("blk.{l}.ffn_gate_inp_shexp.weight"),
+                shape: if gguf {
+                    vec![s.hidden]
+                } else {
+                    vec![1, s.hidden]
+                },
+                init: fan(s.hidden),
+                ty: vec_ty,
+                permute_head_dim: None,
+                stack: vec![],
+            });
+            for (g, hf, shape, init) in [
+                ("gate", "gate_proj", [sff, s.hidden], fan(s.hidden)),
+                ("up", "up_proj", [sff, s.hidden], fan(s.hidden)),
+                ("down", "down_proj", [s.hidden, sff], fan(sff)),
+            ] {
+                v.push(Planned {
+                    hf: format!("model.layers.{l}.mlp.shared_expert.{hf}.weight"),
+                    gguf: format!("blk.{l}.ffn_{g}_shexp.weight"),
+                    shape: shape.to_vec(),
+                    init,
+                    ty: matrix_ty(shape[1]),
+                    permute_head_dim: None,
+                    stack: vec![],
+                });
             }
         }
     }
@@ -1383,6 +1438,9 @@ fn gguf_metadata(spec: &SynthSpec, v: &Vocab, weight_type: GgmlType) -> Vec<(Str
                 u32v(moe.expert_ffn),
             ));
         }
+        if let Some(sff) = moe.shared_expert_ffn {
+            m.push((format!("{a}.expert_shared_feed_forward_length"), u32v(sff)));
+        }
     }
     // Qwen3's readers (transformers among them) take a default head
     // dimension of 128 unless told, so its converter always writes it.
@@ -1659,15 +1717,20 @@ fn hf_config(spec: &SynthSpec, v: &Vocab, dtype: GgmlType) -> serde_json::Value 
     let o = c.as_object_mut().expect("json! object");
     if let Some(moe) = &s.moe {
         let (arch, model_type) = match spec.arch {
+            Arch::Qwen2 => ("Qwen2MoeForCausalLM", "qwen2_moe"),
             Arch::Qwen3 => ("Qwen3MoeForCausalLM", "qwen3_moe"),
-            _ => ("MixtralForCausalLM", "mixtral"),
+            Arch::Llama => ("MixtralForCausalLM", "mixtral"),
         };
         o.insert("architectures".into(), serde_json::json!([arch]));
         o.insert("model_type".into(), model_type.into());
         o.insert("num_experts_per_tok".into(), moe.experts_used.into());
         o.insert("output_router_logits".into(), false.into());
         o.insert("router_aux_loss_coef".into(), 0.001.into());
-        if spec.arch == Arch::Qwen3 {
+        if let Some(sff) = moe.shared_expert_ffn {
+            o.insert("shared_expert_intermediate_size".into(), sff.into());
+            o.insert("qkv_bias".into(), true.into());
+        }
+        if spec.arch != Arch::Llama {
             o.insert("num_experts".into(), moe.experts.into());
             o.insert("moe_intermediate_size".into(), moe.expert_ffn.into());
             o.insert("norm_topk_prob".into(), moe.norm_topk_prob.into());
@@ -1918,10 +1981,11 @@ mod tests {
                         },
                         tokenizer,
                     };
-                    // Qwen2's mixture (shared experts) is not written.
-                    if arch == Arch::Qwen2 && shape.moe.is_some() {
+                    // A shared expert is Qwen2-MoE's alone, and it has one.
+                    let shared = shape.moe.map(|m| m.shared_expert_ffn.is_some());
+                    if shared.is_some_and(|sh| sh != (arch == Arch::Qwen2)) {
                         let err = s.validate().unwrap_err().to_string();
-                        assert!(err.contains("Mixtral"), "{err}");
+                        assert!(err.contains("Qwen2-MoE"), "{err}");
                     } else {
                         s.validate().unwrap();
                     }

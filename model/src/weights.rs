@@ -167,6 +167,17 @@ const LAYER_NAMES: &[(&str, &str)] = &[
     ("ffn_gate.weight", "mlp.gate_proj.weight"),
     ("ffn_up.weight", "mlp.up_proj.weight"),
     ("ffn_down.weight", "mlp.down_proj.weight"),
+    // Qwen2-MoE's shared expert and its gate.
+    ("ffn_gate_inp_shexp.weight", "mlp.shared_expert_gate.weight"),
+    (
+        "ffn_gate_shexp.weight",
+        "mlp.shared_expert.gate_proj.weight",
+    ),
+    ("ffn_up_shexp.weight", "mlp.shared_expert.up_proj.weight"),
+    (
+        "ffn_down_shexp.weight",
+        "mlp.shared_expert.down_proj.weight",
+    ),
 ];
 
 const GLOBAL_NAMES: &[(&str, &str)] = &[
@@ -290,6 +301,8 @@ mod tests {
             "blk.1.ffn_gate_inp.weight",
             "blk.1.ffn_gate.7.weight",
             "blk.0.ffn_down.12.weight",
+            "blk.1.ffn_gate_inp_shexp.weight",
+            "blk.1.ffn_up_shexp.weight",
         ] {
             for h in hf_names(n) {
                 assert_eq!(gguf_name(&h).as_deref(), Some(n), "{h}");
