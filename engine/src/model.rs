@@ -1513,7 +1513,7 @@ impl Model {
         }
         let Ffn::Dense { gate_up, down } = &layer.ffn else {
             return Err(EngineError::Unsupported(
-                "mixture-of-experts models run on the CPU executor".into(),
+                "mixture-of-experts models run on the CPU executor (--device cpu)".into(),
             ));
         };
         Ok(LayerWeights {

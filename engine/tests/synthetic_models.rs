@@ -283,7 +283,7 @@ fn ids(v: &Value) -> Vec<u32> {
 /// SIMD widths), yet far below what a real error does: merely storing the
 /// same weights as F16 instead of BF16 moves the top logit by 1.2e-3 (80x
 /// the tolerance), Q4_0 instead of BF16 by 1e-1, and a wrong dequantisation,
-/// RoPE pairing or misplaced head by far more. The references' smallest greedy top-2 margin is 3.7e-4, so no
+/// RoPE pairing or misplaced head by far more. The references' smallest greedy top-2 margin is 1.8e-4, so no
 /// near tie cuts a continuation short.
 const REL_TOL: f32 = 1.5e-5;
 
@@ -667,32 +667,45 @@ fn lora_spec() -> tandem_model::lora::LoraSynthSpec {
     }
 }
 
+/// The attention-only adapter of `*.lora-attn-r8.json`: [`lora_spec`] on
+/// q/k/v/o (`--targets q_proj,k_proj,v_proj,o_proj`), what a mixture of
+/// experts serves.
+fn attention_lora_spec() -> tandem_model::lora::LoraSynthSpec {
+    use tandem_model::lora::Target;
+    tandem_model::lora::LoraSynthSpec {
+        targets: vec![Target::Q, Target::K, Target::V, Target::O],
+        ..lora_spec()
+    }
+}
+
 /// The engine with a LoRA adapter on every projection matches transformers
 /// with peft on three checkpoints: safetensors (Hugging Face row order),
 /// a llama GGUF (whose Q/K rows llama.cpp permuted, so the adapter's B rows
-/// of q_proj and k_proj must be permuted alike) and qwen2 (Q/K/V biases).
+/// of q_proj and k_proj must be permuted alike) and qwen2 (Q/K/V biases);
+/// and an attention-only adapter on a Qwen3-MoE checkpoint.
 /// The adapter is regenerated and checked against the sha256 the JSON
 /// recorded; a base-model fixture's greedy tokens must differ somewhere,
 /// or the test would not show the adapter applied at all.
 #[test]
 fn lora_adapters_match_peft() {
     let mut failures = Vec::new();
-    for stem in [
-        "tiny-llama-bf16-2shards",
-        "tiny-llama-q4_k",
-        "tiny-qwen2-q6_k",
+    for (stem, spec, kind) in [
+        ("tiny-llama-bf16-2shards", lora_spec(), "lora-r8"),
+        ("tiny-llama-q4_k", lora_spec(), "lora-r8"),
+        ("tiny-qwen2-q6_k", lora_spec(), "lora-r8"),
+        ("tiny-qwen3moe-bf16", attention_lora_spec(), "lora-attn-r8"),
     ] {
         let fx = fixtures()
             .into_iter()
             .find(|f| f.stem() == stem)
             .expect("a base fixture");
-        let p = fixtures_dir().join(format!("{stem}.lora-r8.json"));
+        let p = fixtures_dir().join(format!("{stem}.{kind}.json"));
         let reference: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
         let dir = scratch(&format!("lora-{stem}"));
         let _guard = Scratch(dir.clone());
         let (src_path, _s) = fx.checkpoint("lora-base");
         let src = ModelSource::open(&src_path).unwrap();
-        tandem_model::lora::synth(&src.config, &lora_spec(), &dir).unwrap();
+        tandem_model::lora::synth(&src.config, &spec, &dir).unwrap();
         for (name, sha) in reference["lora"]["files"].as_object().unwrap() {
             let got = sha256_hex(&std::fs::read(dir.join(name)).unwrap());
             assert_eq!(

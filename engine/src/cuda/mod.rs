@@ -734,6 +734,11 @@ impl CudaModel {
                 "the CUDA backend runs whole models, not shards".into(),
             ));
         }
+        if m.config.moe.is_some() {
+            return Err(EngineError::Unsupported(
+                "mixture-of-experts models run on the CPU executor (--device cpu)".into(),
+            ));
+        }
         let dev = Device::open(ordinal, kv_precision)?;
         dev.bind()?;
         let c = m.config.clone();
@@ -2289,6 +2294,34 @@ fn test_steps<'a, T: AsRef<[u32]>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A mixture of experts is refused with the reason before any device
+    /// is opened (so here, on a machine without one).
+    #[test]
+    fn a_mixture_of_experts_is_refused_before_the_device_opens() {
+        use tandem_model::synth::{
+            synth, Arch, SynthFormat, SynthShape, SynthSpec, SynthTokenizer,
+        };
+        let path =
+            std::env::temp_dir().join(format!("tandem-cuda-moe-{}.gguf", std::process::id()));
+        let spec = SynthSpec {
+            arch: Arch::Qwen3,
+            shape: SynthShape::preset("tiny-moe").unwrap(),
+            seed: 1,
+            format: SynthFormat::Gguf {
+                weight_type: tandem_model::quant::GgmlType::Q8_0,
+            },
+            tokenizer: SynthTokenizer::Gpt2,
+        };
+        synth(&spec, &path).unwrap();
+        let src = ModelSource::open(&path).unwrap();
+        let err = CudaModel::load(&src, 0, Weights::F32)
+            .err()
+            .unwrap()
+            .to_string();
+        let _ = std::fs::remove_file(&path);
+        assert!(err.contains("mixture-of-experts"), "{err}");
+    }
 
     /// A step mixing every kind of logits request: the greedy rows are
     /// picked out, the others copied in as few runs as possible, and each
