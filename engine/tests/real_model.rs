@@ -45,16 +45,7 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
-fn prompt_logits(m: &Model, prompt: &[u32]) -> Vec<f32> {
-    let mut pool = m.pool_for_tokens(prompt.len(), 16);
-    let mut kv = SeqKv::default();
-    let mut step = [SeqStep {
-        kv: &mut kv,
-        tokens: prompt,
-        logits: Logits::Last,
-    }];
-    m.forward(&mut pool, &mut step).unwrap().pop().unwrap()
-}
+use common::prompt_logits;
 
 /// Logit tolerance against the float32 reference. The reference dequantises
 /// the GGUF exactly, so both sides compute with identical weights and differ
@@ -174,66 +165,9 @@ fn batching_and_chunking_do_not_change_bits() {
                 .collect()
         })
         .collect();
-    let alone: Vec<Vec<f32>> = prompts.iter().map(|p| prompt_logits(m, p)).collect();
-    // All prompts in one forward call.
+    // The longest prompt (32 tokens) also in uneven chunks.
+    let alone = common::assert_batching_and_chunking_keep_bits(m, &prompts, &[3, 4, 20], "model");
     let mut pool = m.pool_for_tokens(200, 16);
-    let mut kvs: Vec<SeqKv> = prompts.iter().map(|_| SeqKv::default()).collect();
-    let mut steps: Vec<SeqStep<'_>> = kvs
-        .iter_mut()
-        .zip(&prompts)
-        .map(|(kv, p)| SeqStep {
-            kv,
-            tokens: p,
-            logits: Logits::Last,
-        })
-        .collect();
-    let together = m.forward(&mut pool, &mut steps).unwrap();
-    drop(steps);
-    for kv in kvs.iter_mut() {
-        pool.free_seq(kv);
-    }
-    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
-        assert!(
-            a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
-            "prompt {i} changed when batched"
-        );
-    }
-    // The longest prompt in uneven chunks.
-    let p = &prompts[3];
-    let mut kv = SeqKv::default();
-    let mut last = Vec::new();
-    for chunk in [&p[..3], &p[3..4], &p[4..20], &p[20..]] {
-        let mut step = [SeqStep {
-            kv: &mut kv,
-            tokens: chunk,
-            logits: Logits::Last,
-        }];
-        last = m.forward(&mut pool, &mut step).unwrap().pop().unwrap();
-    }
-    assert!(
-        last.iter()
-            .zip(&alone[3])
-            .all(|(x, y)| x.to_bits() == y.to_bits()),
-        "chunked prefill changed the logits"
-    );
-    // Decoding token by token equals scoring the whole sequence at once.
-    let next = argmax(&alone[3]);
-    let mut step = [SeqStep {
-        kv: &mut kv,
-        tokens: &[next],
-        logits: Logits::Last,
-    }];
-    let stepwise = m.forward(&mut pool, &mut step).unwrap().pop().unwrap();
-    let mut whole = p.clone();
-    whole.push(next);
-    let direct = prompt_logits(m, &whole);
-    assert!(
-        stepwise
-            .iter()
-            .zip(&direct)
-            .all(|(x, y)| x.to_bits() == y.to_bits()),
-        "decode step differs from prefill"
-    );
     // Greedy and top-k rows in a batch: the argmax as one id, the top-k
     // as (id, logit) pairs; the others unchanged.
     let mut kvs: Vec<SeqKv> = prompts.iter().map(|_| SeqKv::default()).collect();

@@ -19,6 +19,7 @@ use tandem_engine::shard::{run_follower, ShardOptions, ShardSpec, ShardedModel};
 use tandem_engine::EngineError;
 use tandem_model::weights::ModelSource;
 
+#[allow(dead_code)] // the helpers other test files use
 mod common;
 use common::{block_on, collect_all, model_path as default_model};
 

@@ -20,6 +20,9 @@ use tandem_model::quant::GgmlType;
 use tandem_model::synth::{synth, Arch, SynthFormat, SynthShape, SynthSpec, SynthTokenizer};
 use tandem_model::weights::ModelSource;
 
+#[allow(dead_code)] // the helpers other test files use
+mod common;
+
 /// One fixture: a checkpoint (committed, or regenerated on the fly when too
 /// big to commit) and its reference JSON `fixtures/synth/<name>.json`.
 struct Fixture {
@@ -485,32 +488,12 @@ fn mixtral_gguf_with_stacked_experts_matches_the_safetensors_reference() {
     check_against(&gguf_fx, st.reference(), None);
 }
 
-/// The logits of `prompt` scored alone from an empty cache.
-fn alone_logits(m: &Model, prompt: &[u32]) -> Vec<f32> {
-    use tandem_engine::kv::SeqKv;
-    use tandem_engine::model::{Logits, SeqStep};
-    let mut pool = m.pool_for_tokens(256, 16);
-    let mut kv = SeqKv::default();
-    let mut step = [SeqStep {
-        kv: &mut kv,
-        tokens: prompt,
-        logits: Logits::Last,
-    }];
-    m.forward(&mut pool, &mut step).unwrap().pop().unwrap()
-}
-
-fn same_bits(a: &[f32], b: &[f32]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
-}
-
 /// Routing groups a step's tokens by expert, so an expert's matrices see
 /// other rows in a batch than alone: a token's logits must still be the
 /// same bits batched, chunked, decoded step by step, and on any thread
 /// count (what the scheduler, the prefix cache and disaggregation rely on).
 #[test]
 fn moe_batching_chunking_and_threads_do_not_change_bits() {
-    use tandem_engine::kv::SeqKv;
-    use tandem_engine::model::{Logits, SeqStep};
     for stem in [
         "tiny-mixtral-f32",
         "tiny-qwen3moe-q8_0",
@@ -527,57 +510,10 @@ fn moe_batching_chunking_and_threads_do_not_change_bits() {
                     .collect()
             })
             .collect();
-        let alone: Vec<Vec<f32>> = prompts.iter().map(|p| alone_logits(&m, p)).collect();
-
-        let mut pool = m.pool_for_tokens(256, 16);
-        let mut kvs: Vec<SeqKv> = prompts.iter().map(|_| SeqKv::default()).collect();
-        let mut steps: Vec<SeqStep<'_>> = kvs
-            .iter_mut()
-            .zip(&prompts)
-            .map(|(kv, p)| SeqStep {
-                kv,
-                tokens: p,
-                logits: Logits::Last,
-            })
-            .collect();
-        let together = m.forward(&mut pool, &mut steps).unwrap();
-        drop(steps);
-        for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
-            assert!(same_bits(a, b), "{stem}: prompt {i} changed when batched");
-        }
-        for kv in kvs.iter_mut() {
-            pool.free_seq(kv);
-        }
-
-        let p = &prompts[3];
-        let mut kv = SeqKv::default();
-        let mut last = Vec::new();
-        for chunk in [&p[..1], &p[1..5], &p[5..17], &p[17..]] {
-            let mut step = [SeqStep {
-                kv: &mut kv,
-                tokens: chunk,
-                logits: Logits::Last,
-            }];
-            last = m.forward(&mut pool, &mut step).unwrap().pop().unwrap();
-        }
-        assert!(same_bits(&last, &alone[3]), "{stem}: chunked prefill");
-        let next = tandem_engine::sampler::argmax(&alone[3]);
-        let mut step = [SeqStep {
-            kv: &mut kv,
-            tokens: &[next],
-            logits: Logits::Last,
-        }];
-        let stepwise = m.forward(&mut pool, &mut step).unwrap().pop().unwrap();
-        let mut whole = p.clone();
-        whole.push(next);
-        assert!(
-            same_bits(&stepwise, &alone_logits(&m, &whole)),
-            "{stem}: a decode step differs from scoring the whole sequence"
-        );
-
+        let alone = common::assert_batching_and_chunking_keep_bits(&m, &prompts, &[1, 5, 17], stem);
         let one = Model::load(&src, 1).unwrap();
         assert!(
-            same_bits(&alone_logits(&one, &prompts[2]), &alone[2]),
+            common::same_bits(&common::prompt_logits(&one, &prompts[2]), &alone[2]),
             "{stem}: one thread differs from two"
         );
     }
