@@ -85,8 +85,8 @@ pub struct ModelConfig {
     /// head dimension, shared by the heads) before RoPE (qwen3).
     #[serde(default)]
     pub qk_norm: bool,
-    /// A mixture-of-experts FFN in every layer (Mixtral, Qwen3-MoE) in
-    /// place of the dense one. Left out of the serialised config when
+    /// A mixture-of-experts FFN in every layer (Mixtral, Qwen2-MoE,
+    /// Qwen3-MoE) in place of the dense one. Left out of the serialised config when
     /// absent, so a dense model's fingerprint is what it always was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moe: Option<MoeConfig>,
@@ -162,8 +162,8 @@ impl ModelConfig {
     /// Reads `{arch}.*` keys. Tensor presence decides tied embeddings and q/k/v bias.
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let arch_name = meta_str(file, "general.architecture")?;
-        // llama.cpp names Qwen3-MoE its own architecture; Mixtral is a
-        // llama with experts.
+        // llama.cpp names the Qwen mixtures architectures of their own;
+        // Mixtral is a llama with experts.
         let arch = match arch_name {
             "qwen2moe" => Arch::Qwen2,
             "qwen3moe" => Arch::Qwen3,
