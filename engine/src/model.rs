@@ -217,11 +217,16 @@ impl Ffn {
     }
 }
 
-/// A mixture-of-experts FFN: the router's matrix and each expert's SwiGLU.
+/// A mixture-of-experts FFN: the router's matrix and each expert's SwiGLU
+/// (on a tensor-parallel rank, the experts it holds).
 struct Moe {
-    /// `experts × hidden`: each token's score for each expert.
+    /// `experts × hidden`: each token's score for each expert (all of
+    /// them, on every rank).
     router: Proj,
+    /// The experts `local`, in order.
     experts: Vec<Expert>,
+    /// Which experts this process holds: all of them, or a rank's share.
+    local: std::ops::Range<usize>,
     used: usize,
     norm_topk_prob: bool,
     /// The expert every token runs through (Qwen2-MoE).
@@ -251,7 +256,7 @@ impl Moe {
     /// model says so. Returns, per expert, its `(token, weight)` pairs in
     /// token order.
     fn route(&self, scores: &[f32]) -> Vec<Vec<(usize, f32)>> {
-        let n = self.experts.len();
+        let n = self.router.rows;
         let mut routes = vec![Vec::new(); n];
         let mut probs = vec![0f32; n];
         let mut order: Vec<usize> = Vec::with_capacity(n);
@@ -600,7 +605,13 @@ fn column_chunks(t: &TensorRef<'_>, c0: usize, c1: usize) -> Result<Vec<PackedMa
 /// llama.cpp's stacked `ffn_{gate,up,down}_exps.weight` (`[experts, rows,
 /// cols]`, one expert's rows after another) when the file has them, else
 /// from per-expert tensors (`ffn_gate.{e}.weight`, Hugging Face names mapped).
-fn load_moe(src: &ModelSource, l: usize, h: usize, moe: &MoeConfig) -> Result<Moe> {
+fn load_moe(
+    src: &ModelSource,
+    l: usize,
+    h: usize,
+    moe: &MoeConfig,
+    local: std::ops::Range<usize>,
+) -> Result<Moe> {
     let (n, eff) = (moe.experts, moe.expert_ffn);
     let router = src.tensor(&format!("blk.{l}.ffn_gate_inp.weight"), &[n, h])?;
     let expert = |proj: &str, e: usize, rows: usize, cols: usize| -> Result<RowPart<'_>> {
@@ -624,8 +635,8 @@ fn load_moe(src: &ModelSource, l: usize, h: usize, moe: &MoeConfig) -> Result<Mo
             RowPart::of(&t, 0, rows)
         }
     };
-    let mut experts = Vec::with_capacity(n);
-    for e in 0..n {
+    let mut experts = Vec::with_capacity(local.len());
+    for e in local.clone() {
         let (g, u) = (expert("ffn_gate", e, eff, h)?, expert("ffn_up", e, eff, h)?);
         experts.push(Expert {
             gate_up: Proj::new(&[g.tensor(), u.tensor()])?,
@@ -665,6 +676,7 @@ fn load_moe(src: &ModelSource, l: usize, h: usize, moe: &MoeConfig) -> Result<Mo
     Ok(Moe {
         router: Proj::new(&[router])?,
         experts,
+        local,
         used: moe.experts_used,
         norm_topk_prob: moe.norm_topk_prob,
         shared,
@@ -890,7 +902,7 @@ impl Model {
                 RowPart::of(&wv, k0, k1)?,
             );
             let ffn_block = match &cfg.moe {
-                Some(moe) => Ffn::Moe(load_moe(src, l, h, moe)?),
+                Some(moe) => Ffn::Moe(load_moe(src, l, h, moe, shard.experts(moe.experts))?),
                 None => {
                     let (wg, wu) = (
                         t("ffn_gate.weight", &[ffn, h])?,
@@ -1075,26 +1087,31 @@ impl Model {
     /// then the shared expert's, as `transformers` adds them. The kernels
     /// give a row the same bits whatever rows share its call, so a token's
     /// result does not depend on its batch.
-    fn moe_ffn(&self, moe: &Moe, xn: &[f32], n_tok: usize, out: &mut [f32]) {
+    fn moe_ffn(
+        &self,
+        moe: &Moe,
+        xn: &[f32],
+        n_tok: usize,
+        out: &mut [f32],
+        tp: &mut Option<&mut dyn Communicator>,
+    ) -> Result<()> {
         let h = self.config.hidden;
-        let mut scores = vec![0f32; n_tok * moe.experts.len()];
+        let mut scores = vec![0f32; n_tok * moe.router.rows];
         moe.router.apply(&self.pool, xn, n_tok, &mut scores);
+        let routes = moe.route(&scores);
         out.fill(0.0);
-        for (expert, routes) in moe.experts.iter().zip(moe.route(&scores)) {
-            if routes.is_empty() {
-                continue;
-            }
-            let m = routes.len();
-            let mut xs = vec![0f32; m * h];
-            for (row, &(t, _)) in xs.chunks_exact_mut(h).zip(&routes) {
-                row.copy_from_slice(&xn[t * h..(t + 1) * h]);
-            }
-            let y = self.expert_forward(expert, &xs, m);
-            for (yr, &(t, w)) in y.chunks_exact(h).zip(&routes) {
-                for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(yr) {
-                    *o += v * w;
+        if moe.local.len() == routes.len() {
+            for (expert, routes) in moe.experts.iter().zip(&routes) {
+                if let Some(y) = self.routed_expert(expert, routes, xn) {
+                    for (yr, &(t, w)) in y.chunks_exact(h).zip(routes) {
+                        for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(yr) {
+                            *o += v * w;
+                        }
+                    }
                 }
             }
+        } else {
+            self.moe_ffn_parallel(moe, &routes, xn, n_tok, out, tp)?;
         }
         if let Some(sh) = &moe.shared {
             let y = self.expert_forward(&sh.expert, xn, n_tok);
@@ -1110,6 +1127,87 @@ impl Model {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Expert parallelism: each rank runs the experts it holds, writes
+    /// `weight·expert(x)` of each (token, chosen expert) into its slot,
+    /// and all-gathers the slots; every rank then adds each token's slots
+    /// in expert order, from the rank that holds the expert. The products
+    /// and the order of the sums are the single process's, so the bits
+    /// are too.
+    fn moe_ffn_parallel(
+        &self,
+        moe: &Moe,
+        routes: &[Vec<(usize, f32)>],
+        xn: &[f32],
+        n_tok: usize,
+        out: &mut [f32],
+        tp: &mut Option<&mut dyn Communicator>,
+    ) -> Result<()> {
+        let h = self.config.hidden;
+        let comm = tp.as_deref_mut().ok_or_else(|| {
+            EngineError::Unsupported(
+                "a share of the experts runs in a tensor-parallel group".into(),
+            )
+        })?;
+        let (world, used) = (comm.world_size(), moe.used);
+        // Each token's chosen experts in expert order: slot j of token t.
+        let mut chosen: Vec<Vec<usize>> = vec![Vec::with_capacity(used); n_tok];
+        for (e, r) in routes.iter().enumerate() {
+            for &(t, _) in r {
+                chosen[t].push(e);
+            }
+        }
+        let mut slots = vec![0f32; n_tok * used * h];
+        for (expert, e) in moe.experts.iter().zip(moe.local.clone()) {
+            let Some(y) = self.routed_expert(expert, &routes[e], xn) else {
+                continue;
+            };
+            for (yr, &(t, w)) in y.chunks_exact(h).zip(&routes[e]) {
+                let j = chosen[t].iter().position(|&c| c == e).expect("routed");
+                let slot = &mut slots[(t * used + j) * h..(t * used + j + 1) * h];
+                for (o, v) in slot.iter_mut().zip(yr) {
+                    *o = v * w;
+                }
+            }
+        }
+        let mut all = vec![0f32; slots.len() * world];
+        comm.all_gather(&slots, &mut all)?;
+        let n = routes.len();
+        let owner = |e: usize| {
+            (0..world)
+                .find(|&r| crate::cpu::split(n, world, r).contains(&e))
+                .expect("every expert has a rank")
+        };
+        for (t, o) in out.chunks_exact_mut(h).enumerate() {
+            for (j, &e) in chosen[t].iter().enumerate() {
+                let off = owner(e) * slots.len() + (t * used + j) * h;
+                for (o, v) in o.iter_mut().zip(&all[off..off + h]) {
+                    *o += v;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `expert` over the rows of `xn` its routes name (`None` when no
+    /// token was routed to it).
+    fn routed_expert(
+        &self,
+        expert: &Expert,
+        routes: &[(usize, f32)],
+        xn: &[f32],
+    ) -> Option<Vec<f32>> {
+        if routes.is_empty() {
+            return None;
+        }
+        let h = self.config.hidden;
+        let mut xs = vec![0f32; routes.len() * h];
+        for (row, &(t, _)) in xs.chunks_exact_mut(h).zip(routes) {
+            row.copy_from_slice(&xn[t * h..(t + 1) * h]);
+        }
+        Some(self.expert_forward(expert, &xs, routes.len()))
     }
 
     /// One SwiGLU expert over `tokens` rows of `x` (`tokens × hidden` out).
@@ -1145,7 +1243,7 @@ impl Model {
                         .flat_map(|e| e.gate_up.parts.iter().chain(&e.down.parts))
                         .map(|w| w.nbytes())
                         .sum();
-                    all - all * m.used / m.experts.len()
+                    all - all * m.used / m.router.rows
                 }
                 Ffn::Dense { .. } => 0,
             })
@@ -1460,7 +1558,7 @@ impl Model {
                     down.apply(&self.pool, &act, n_tok, &mut proj, &mut tp)?;
                     lora(li, Target::Down, &act, ffn, &mut proj, h, 0);
                 }
-                Ffn::Moe(moe) => self.moe_ffn(moe, &xn, n_tok, &mut proj),
+                Ffn::Moe(moe) => self.moe_ffn(moe, &xn, n_tok, &mut proj, &mut tp)?,
             }
             for (a, b) in x.iter_mut().zip(&proj) {
                 *a += b;

@@ -99,6 +99,12 @@ impl ShardSpec {
     pub fn layers(&self, n_layers: usize) -> Range<usize> {
         split(n_layers, self.pp, self.stage())
     }
+    /// The experts of a mixture this rank holds (expert parallelism: each
+    /// tensor-parallel rank holds whole experts, the earlier ranks one more
+    /// when they do not divide).
+    pub fn experts(&self, n_experts: usize) -> Range<usize> {
+        split(n_experts, self.tp, self.tp_rank())
+    }
     /// This rank's rows of the LM head.
     pub fn vocab_rows(&self, vocab: usize) -> Range<usize> {
         self.vocab_rows_of(self.tp_rank(), vocab)
@@ -126,13 +132,14 @@ impl ShardSpec {
         if self.tp == 1 {
             return Ok(());
         }
-        if cfg.moe.is_some() {
-            // Experts are whole matrices; splitting them (or placing them,
-            // expert parallelism) is not built.
-            return bad(format!(
-                "a mixture-of-experts model does not split over tp {}; pipeline stages (--pp) do",
-                self.tp
-            ));
+        if let Some(moe) = &cfg.moe {
+            // Expert parallel: each rank holds whole experts, at least one.
+            if moe.experts < self.tp {
+                return bad(format!(
+                    "{} experts cannot give each of tp {} ranks one",
+                    moe.experts, self.tp
+                ));
+            }
         }
         let (nh, nkv, hd, tp) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, self.tp);
         if !nh.is_multiple_of(tp) {
@@ -152,7 +159,10 @@ impl ShardSpec {
                 nh / tp * hd
             ));
         }
-        if !cfg.ffn.is_multiple_of(tp) || !(cfg.ffn / tp).is_multiple_of(REDUCTION_CHUNK) {
+        // A dense FFN splits by columns; a mixture by whole experts.
+        let ffn_splits =
+            cfg.ffn.is_multiple_of(tp) && (cfg.ffn / tp).is_multiple_of(REDUCTION_CHUNK);
+        if cfg.moe.is_none() && !ffn_splits {
             return bad(format!(
                 "FFN width {} does not split over tp {tp} in whole {REDUCTION_CHUNK}-wide chunks",
                 cfg.ffn

@@ -176,6 +176,52 @@ fn qwen3_shards_match_the_single_process() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Mixtures of experts split by expert (each rank holds whole experts and
+/// the ranks exchange their weighted outputs): Mixtral's per-expert
+/// tensors, and Qwen2-MoE's stacked ones with its replicated shared expert.
+#[test]
+fn mixtures_split_by_expert_match_the_single_process() {
+    use tandem_model::quant::GgmlType;
+    use tandem_model::synth::{synth, Arch, SynthFormat, SynthShape, SynthSpec, SynthTokenizer};
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("sharded-moe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (arch, shape, file, format) in [
+        (
+            Arch::Llama,
+            "tiny-moe",
+            "tiny-mixtral-bf16",
+            SynthFormat::Safetensors {
+                dtype: GgmlType::BF16,
+                shards: 1,
+            },
+        ),
+        (
+            Arch::Qwen2,
+            "tiny-moe-shared",
+            "tiny-qwen2moe-q8_0.gguf",
+            SynthFormat::Gguf {
+                weight_type: GgmlType::Q8_0,
+            },
+        ),
+    ] {
+        let path = dir.join(file);
+        let spec = SynthSpec {
+            arch,
+            shape: SynthShape::preset(shape).unwrap(),
+            seed: 1,
+            format,
+            tokenizer: SynthTokenizer::Gpt2,
+        };
+        synth(&spec, &path).unwrap();
+        let reference = single(&path);
+        for (tp, pp) in [(2, 1), (4, 1), (2, 2)] {
+            check_shape(&path, &reference, tp, pp, 12);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn shapes_that_cannot_be_exact_are_refused() {
     let src = ModelSource::open(&default_model()).unwrap();

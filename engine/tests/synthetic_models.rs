@@ -519,21 +519,18 @@ fn moe_batching_chunking_and_threads_do_not_change_bits() {
     }
 }
 
-/// What a mixture-of-experts model refuses, each with its reason: a
-/// tensor-parallel split, an adapter on the MLP it does not have, and a
-/// checkpoint missing an expert.
+/// What a mixture-of-experts model refuses, each with its reason: more
+/// tensor-parallel ranks than experts, an adapter on the MLP it does not
+/// have, and a checkpoint missing an expert.
 #[test]
 fn moe_refusals_name_their_reason() {
     let fx = fixture("tiny-mixtral-f32");
     let (path, _scratch) = fx.checkpoint("moe-refusals");
     let src = ModelSource::open(&path).unwrap();
-    let tp = tandem_engine::shard::ShardSpec {
-        tp: 2,
-        pp: 1,
-        rank: 0,
-    };
-    let err = tp.validate(&src.config).unwrap_err().to_string();
-    assert!(err.contains("mixture-of-experts"), "{err}");
+    let tp = |tp| tandem_engine::shard::ShardSpec { tp, pp: 1, rank: 0 };
+    assert!(tp(4).validate(&src.config).is_ok());
+    let err = tp(8).validate(&src.config).unwrap_err().to_string();
+    assert!(err.contains("4 experts"), "{err}");
 
     let dir = scratch("moe-lora");
     let _guard = Scratch(dir.clone());

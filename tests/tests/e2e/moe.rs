@@ -1,9 +1,10 @@
 //! A mixture-of-experts model served by a disaggregated cluster: a seeded
 //! Mixtral-shaped checkpoint (`tandem model synth --shape tiny-moe`, its
 //! experts stacked as llama.cpp writes them) prefilled on the prefill tier
-//! and decoded on the decode tier (two pipeline stages, speculative
-//! decoding on) gives exactly what `tandem generate` gives on the plain
-//! path, for prompts batched together.
+//! (its experts split over two ranks) and decoded on the
+//! decode tier (two pipeline stages, speculative decoding on) gives exactly
+//! what `tandem generate` gives on the plain path, for prompts batched
+//! together.
 
 use std::path::Path;
 use std::process::Command;
@@ -70,8 +71,10 @@ fn a_mixture_of_experts_model_is_served_disaggregated_as_on_the_plain_path() {
         decode: 1,
         threads: 1,
         model: Some(model.clone()),
-        // The decode worker as two pipeline stages, drafting by prompt
-        // lookup: neither may change a token.
+        // The prefill worker split by expert over two ranks, the decode
+        // worker as two pipeline stages drafting by prompt lookup: none of
+        // it may change a token.
+        prefill_args: vec!["--tp".into(), "2".into()],
         decode_args: ["--pp", "2", "--speculative-tokens", "4"]
             .map(String::from)
             .to_vec(),
