@@ -215,7 +215,8 @@ impl Fixture {
     }
     /// Writes the checkpoint afresh under `tag` in the target's temp dir.
     fn regenerate(&self, tag: &str) -> PathBuf {
-        let dir = scratch(&format!("{tag}-{}", self.stem()));
+        // By file name: a GGUF and a directory may share a stem.
+        let dir = scratch(&format!("{tag}-{}", self.file));
         let out = dir.join(self.file);
         synth(&self.spec(), &out).unwrap_or_else(|e| panic!("synth {}: {e}", self.file));
         out
