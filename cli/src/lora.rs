@@ -75,6 +75,18 @@ pub fn check_names(loras: &[LoraArg]) -> Result<()> {
     Ok(())
 }
 
+/// Refuses an adapter named like the model the router serves: requests
+/// naming it would get the base model, never the adapter.
+pub fn check_not_served(loras: &[LoraArg], served: &str) -> Result<()> {
+    if let Some(a) = loras.iter().find(|a| a.name == served) {
+        bail!(
+            "--lora {a}: {:?} is the served model's name, so requests for it would get the base model; name the adapter otherwise (or set --served-model-name)",
+            a.name
+        );
+    }
+    Ok(())
+}
+
 /// Loads each adapter (checked against `model`'s shapes) into `model`.
 pub fn attach(model: &mut Model, loras: &[LoraArg]) -> Result<()> {
     check_names(loras)?;
@@ -177,6 +189,9 @@ mod tests {
         }
         let twice = vec![a.clone(), a];
         assert!(check_names(&twice).is_err());
+        let err = check_not_served(&twice, "sql").unwrap_err().to_string();
+        assert!(err.contains("served model"), "{err}");
+        assert!(check_not_served(&twice, "smollm2").is_ok());
         assert_eq!(
             parse_targets("q_proj, v_proj,q_proj").unwrap(),
             vec![Target::Q, Target::V]

@@ -365,9 +365,9 @@ fn etcd_config(node: &NodeArgs) -> Result<Option<EtcdConfig>> {
     Ok(Some(cfg))
 }
 
-/// The model's name on the API and on `/metrics`: the file name without
-/// its extension.
-fn model_name(path: &std::path::Path) -> String {
+/// The model's name on the API and on `/metrics` when no
+/// `--served-model-name` is given: the file name without its extension.
+pub(crate) fn model_name(path: &std::path::Path) -> String {
     path.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "tandem".into())

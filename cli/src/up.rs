@@ -287,6 +287,11 @@ pub fn run(args: UpArgs) -> Result<()> {
     let host = args.host.to_string();
     let model_s = model.display().to_string();
     crate::lora::check_names(&args.loras)?;
+    let served = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| crate::serve::model_name(&model));
+    crate::lora::check_not_served(&args.loras, &served)?;
     if !args.loras.is_empty()
         && args.prefill_tp * args.prefill_pp * args.decode_tp * args.decode_pp > 1
     {

@@ -227,11 +227,14 @@ async fn method_not_allowed(req: Request) -> Response {
 async fn list_models(State(state): State<Arc<ApiState>>) -> Response {
     count_request("models", StatusCode::OK);
     let mut data = vec![model_card(&state, "")];
+    // An adapter named like the served model is shadowed by it (`up`
+    // refuses one at start): listed once, as the model it is.
     data.extend(
         state
             .backend
             .adapters()
             .iter()
+            .filter(|a| **a != state.served_model_name)
             .map(|a| model_card(&state, a)),
     );
     axum::Json(json!({"object": "list", "data": data})).into_response()

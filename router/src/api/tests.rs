@@ -59,6 +59,8 @@ struct Script {
     extra_completion: u32,
     /// The stop token the backend reports ending on.
     stop_token: Option<u32>,
+    /// The LoRA adapters the backend says its workers serve.
+    adapters: Vec<String>,
 }
 
 struct Scripted {
@@ -81,6 +83,10 @@ impl Scripted {
 }
 
 impl Backend for Scripted {
+    fn adapters(&self) -> Vec<String> {
+        self.script.adapters.clone()
+    }
+
     fn generate(
         &self,
         input: GenerationInput,
@@ -931,6 +937,31 @@ async fn api_key_is_required_when_set() {
     assert_eq!(s, StatusCode::OK, "{b}");
     let (s, _, _) = call(&app, "GET", "/v1/models", None, Some("Bearer sekret")).await;
     assert_eq!(s, StatusCode::OK);
+}
+
+/// An adapter named like the served model is shadowed by it: listed once,
+/// as the model, and requests for the name run the base model.
+#[tokio::test]
+async fn an_adapter_named_like_the_model_is_listed_once() {
+    let script = Script {
+        adapters: vec![MODEL.to_string(), "sql".to_string()],
+        ..text_script("Hello")
+    };
+    let backend = Scripted::new(script);
+    let app = openai_routes(state_with(backend.clone(), None));
+    let (s, _, b) = call(&app, "GET", "/v1/models", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let v: Value = serde_json::from_str(&b).unwrap();
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [MODEL, "sql"], "{v}");
+    let (s, v) = post(&app, "/v1/completions", cmpl_body(json!({"model": MODEL}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(backend.inputs()[0].adapter, "");
 }
 
 #[tokio::test]
