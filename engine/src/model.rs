@@ -1175,14 +1175,13 @@ impl Model {
         let mut all = vec![0f32; slots.len() * world];
         comm.all_gather(&slots, &mut all)?;
         let n = routes.len();
-        let owner = |e: usize| {
-            (0..world)
-                .find(|&r| crate::cpu::split(n, world, r).contains(&e))
-                .expect("every expert has a rank")
-        };
+        // The rank holding each expert, placed as the ranks loaded them.
+        let owner: Vec<usize> = (0..world)
+            .flat_map(|r| crate::shard::expert_share(n, world, r).map(move |_| r))
+            .collect();
         for (t, o) in out.chunks_exact_mut(h).enumerate() {
             for (j, &e) in chosen[t].iter().enumerate() {
-                let off = owner(e) * slots.len() + (t * used + j) * h;
+                let off = owner[e] * slots.len() + (t * used + j) * h;
                 for (o, v) in o.iter_mut().zip(&all[off..off + h]) {
                     *o += v;
                 }

@@ -72,6 +72,14 @@ pub struct HeadShard {
     pub kv: Range<usize>,
 }
 
+/// The experts of a mixture that tensor-parallel rank `tp_rank` of `tp`
+/// holds (expert parallelism: each rank holds whole experts, the earlier
+/// ranks one more when they do not divide). Loading and the exchange of
+/// expert outputs both place experts by it.
+pub(crate) fn expert_share(n_experts: usize, tp: usize, tp_rank: usize) -> Range<usize> {
+    split(n_experts, tp, tp_rank)
+}
+
 impl ShardSpec {
     /// The whole model in one process.
     pub fn solo() -> Self {
@@ -99,11 +107,9 @@ impl ShardSpec {
     pub fn layers(&self, n_layers: usize) -> Range<usize> {
         split(n_layers, self.pp, self.stage())
     }
-    /// The experts of a mixture this rank holds (expert parallelism: each
-    /// tensor-parallel rank holds whole experts, the earlier ranks one more
-    /// when they do not divide).
+    /// The experts of a mixture this rank holds (see [`expert_share`]).
     pub fn experts(&self, n_experts: usize) -> Range<usize> {
-        split(n_experts, self.tp, self.tp_rank())
+        expert_share(n_experts, self.tp, self.tp_rank())
     }
     /// This rank's rows of the LM head.
     pub fn vocab_rows(&self, vocab: usize) -> Range<usize> {

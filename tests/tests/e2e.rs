@@ -78,11 +78,22 @@ fn token_ids(v: &Value) -> Vec<u32> {
 
 /// What `tandem generate --json` prints for `prompt` (one thread).
 fn generate_json(prompt: &str, chat: bool, max_tokens: u32, extra: &[String]) -> Value {
+    generate_json_on(&model_path(), prompt, chat, max_tokens, extra)
+}
+
+/// [`generate_json`] on the model at `model`.
+fn generate_json_on(
+    model: &std::path::Path,
+    prompt: &str,
+    chat: bool,
+    max_tokens: u32,
+    extra: &[String],
+) -> Value {
     let mut cmd = Command::new(tandem_bin());
     cmd.args(["generate", "--json", "--threads", "1", "--max-tokens"])
         .arg(max_tokens.to_string())
         .arg("--model")
-        .arg(model_path())
+        .arg(model)
         .args(["--prompt", prompt]);
     if chat {
         cmd.arg("--chat");

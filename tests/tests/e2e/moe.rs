@@ -9,10 +9,10 @@
 use std::path::Path;
 use std::process::Command;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use tandem_tests::{tandem_bin, Cluster, ClusterSpec};
 
-use super::{api_json, counter, prompts, rt, MAX_TOKENS};
+use super::{api_json, counter, generate_json_on, prompts, rt, MAX_TOKENS};
 
 /// Writes the seeded Mixtral GGUF.
 fn synth_moe(out: &Path) {
@@ -31,20 +31,7 @@ fn synth_moe(out: &Path) {
 
 /// The plain path's greedy text for `prompt` on `model`.
 fn plain(model: &Path, prompt: &str, max_tokens: u32) -> String {
-    let o = Command::new(tandem_bin())
-        .args(["generate", "--json", "--threads", "1", "--max-tokens"])
-        .arg(max_tokens.to_string())
-        .arg("--model")
-        .arg(model)
-        .args(["--prompt", prompt])
-        .output()
-        .expect("running tandem generate");
-    assert!(
-        o.status.success(),
-        "generate: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let v = generate_json_on(model, prompt, false, max_tokens, &[]);
     v["text"].as_str().unwrap().to_string()
 }
 
