@@ -328,6 +328,12 @@ pub struct RouterArgs {
     /// a stream cut by a dying worker resumes on the restarted one.
     #[arg(long, env = "TANDEM_WORKER_WAIT_SECS", default_value_t = 10.0)]
     pub worker_wait_secs: f64,
+    /// Let clients load and unload LoRA adapters while the cluster serves
+    /// (POST /v1/load_lora_adapter and /v1/unload_lora_adapter, as in
+    /// vLLM). The adapter's path is read on every worker's machine: set
+    /// an --api-key where untrusted clients reach the router.
+    #[arg(long, env = "TANDEM_ALLOW_RUNTIME_LORA")]
+    pub allow_runtime_lora: bool,
 }
 
 fn secret(node: &NodeArgs) -> Result<ClusterSecret> {
@@ -859,16 +865,16 @@ pub fn run_router(args: RouterArgs) -> Result<()> {
                 (d, context_length)
             }
         };
-        let state = Arc::new(
-            tandem_router::api::ApiState::new(
-                dispatcher.clone(),
-                Arc::new(tokenizer),
-                served,
-                context,
-                args.api_key.clone(),
-            )
-            .map_err(anyhow::Error::msg)?,
-        );
+        let mut state = tandem_router::api::ApiState::new(
+            dispatcher.clone(),
+            Arc::new(tokenizer),
+            served,
+            context,
+            args.api_key.clone(),
+        )
+        .map_err(anyhow::Error::msg)?;
+        state.runtime_lora = args.allow_runtime_lora;
+        let state = Arc::new(state);
         let routes =
             tonic::service::Routes::new(tandem_router::api::generate_service(state.clone()));
         // Ready only while some decode worker answers: a router without

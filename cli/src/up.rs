@@ -62,6 +62,10 @@ pub struct UpArgs {
     /// --help`); requests name it as their `model`. Repeatable.
     #[arg(long = "lora", value_delimiter = ',')]
     pub loras: Vec<crate::lora::LoraArg>,
+    /// Let clients load and unload LoRA adapters while the cluster serves
+    /// (see `tandem router --help`).
+    #[arg(long)]
+    pub allow_runtime_lora: bool,
     /// Tensor-parallel ranks of each prefill worker (one process each).
     #[arg(long, default_value_t = 1)]
     pub prefill_tp: usize,
@@ -375,6 +379,9 @@ pub fn run(args: UpArgs) -> Result<()> {
     ];
     if let Some(name) = &args.served_model_name {
         router_args.extend(["--served-model-name".into(), name.clone()]);
+    }
+    if args.allow_runtime_lora {
+        router_args.push("--allow-runtime-lora".into());
     }
     // The key travels in the environment, not on the command line.
     if let Some(key) = &args.api_key {

@@ -27,7 +27,7 @@ pub use server::{NodeServer, Readiness};
 
 /// Version of the worker control protocol (worker.proto). Bumped on any
 /// incompatible change; the router refuses workers with another version.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// What a node does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

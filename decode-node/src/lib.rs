@@ -667,4 +667,22 @@ impl pb::Worker for DecodeService {
         let n = convert::cached_prefix(&self.inner.engine, adapter, req.tokens).await;
         Ok(Response::new(pb::CachedPrefixResponse { tokens: n }))
     }
+
+    async fn load_adapter(
+        &self,
+        req: Request<pb::LoadAdapterRequest>,
+    ) -> Result<Response<pb::AdapterList>, Status> {
+        convert::load_adapter(&self.inner.engine, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn unload_adapter(
+        &self,
+        req: Request<pb::UnloadAdapterRequest>,
+    ) -> Result<Response<pb::AdapterList>, Status> {
+        convert::unload_adapter(&self.inner.engine, req.into_inner())
+            .await
+            .map(Response::new)
+    }
 }

@@ -19,18 +19,28 @@
 //! Parallel sampling: a [`RequestSpec`] with `n > 1` runs its prompt once
 //! and forks into `n` choices sharing the prompt's KV blocks (see
 //! `scheduler`); each choice has its own event stream.
+//!
+//! LoRA adapters come and go while the engine serves
+//! ([`Engine::load_adapter`], [`Engine::unload_adapter`]). Both run on the
+//! engine thread, between steps. An unloaded adapter's name is refused at
+//! once; its weights stay until the last sequence that runs with it ends,
+//! so unloading fails no request.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use tandem_model::config::ModelConfig;
+use tandem_model::lora::LoraAdapter;
+
 use crate::error::{EngineError, Result};
-use crate::executor::Executor;
+use crate::executor::{AdapterInfo, Executor};
 use crate::guided::Grammars;
 use crate::kv::{BlockWriter, KvLayout, KvStaging, SeqKv};
 use crate::sampler::{Sampled, SamplingParams};
@@ -145,6 +155,8 @@ enum Command {
     Cancel(u64),
     CancelChoice(u64, usize),
     CachedPrefix(u32, Vec<u32>, mpsc::Sender<usize>),
+    AddAdapter(String, Box<LoraAdapter>, mpsc::Sender<Result<AdapterInfo>>),
+    RemoveAdapter(String, mpsc::Sender<Result<()>>),
     Shutdown,
 }
 
@@ -348,8 +360,74 @@ pub struct Engine {
     layout: KvLayout,
     total_blocks: usize,
     stats: Arc<Mutex<SchedulerStats>>,
-    /// `(name, fingerprint)` of the model's LoRA adapters, adapter 1 first.
-    adapters: Vec<(String, String)>,
+    /// The LoRA adapters requests may name, by number; the engine thread
+    /// writes it as adapters are loaded and unloaded.
+    adapters: Arc<RwLock<Vec<AdapterInfo>>>,
+    /// What an adapter loaded at run time is checked against.
+    model_config: ModelConfig,
+}
+
+/// Adapters unloaded while sequences still ran with them: their weights
+/// are freed once none does.
+#[derive(Default)]
+struct RetiringAdapters(Vec<AdapterInfo>);
+
+impl RetiringAdapters {
+    /// Frees the weights of every retiring adapter no sequence uses.
+    fn free_unused(&mut self, model: &dyn Executor, sched: &Scheduler) {
+        self.0.retain(|a| {
+            if sched.uses_adapter(a.id) {
+                return true;
+            }
+            if let Err(e) = model.remove_adapter(a.id) {
+                tracing::warn!(adapter = %a.name, error = %e, "freeing an unloaded LoRA adapter failed");
+            } else {
+                tracing::info!(adapter = %a.name, "unloaded LoRA adapter freed");
+            }
+            false
+        });
+    }
+}
+
+/// Refuses a request whose adapter the executor no longer holds (it was
+/// unloaded between the request's check and its arrival here).
+fn check_adapter(model: &dyn Executor, req: &Request) -> Result<()> {
+    if req.adapter == 0 || model.adapters().iter().any(|a| a.id == req.adapter) {
+        Ok(())
+    } else {
+        Err(EngineError::Adapter(format!(
+            "LoRA adapter {} was unloaded",
+            req.adapter
+        )))
+    }
+}
+
+/// Engine-thread side of [`Engine::load_adapter`].
+fn add_adapter(
+    model: &dyn Executor,
+    table: &RwLock<Vec<AdapterInfo>>,
+    retiring: &RetiringAdapters,
+    name: &str,
+    lora: LoraAdapter,
+) -> Result<AdapterInfo> {
+    if let Some(a) = retiring.0.iter().find(|a| a.name == name) {
+        return Err(EngineError::Adapter(format!(
+            "LoRA adapter {:?} was unloaded and still runs requests from before; load it again once they finish",
+            a.name
+        )));
+    }
+    let fingerprint = lora.fingerprint.clone();
+    let id = model.add_adapter(name, lora)?;
+    let info = AdapterInfo {
+        id,
+        name: name.to_string(),
+        fingerprint,
+    };
+    table
+        .write()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(info.clone());
+    Ok(info)
 }
 
 fn shut_down() -> EngineError {
@@ -419,7 +497,9 @@ impl Engine {
         let context_length = model.config().context_length;
         let vocab_size = model.config().vocab_size;
         let total_blocks = pool.n_blocks();
-        let adapters = model.adapters();
+        let adapters = Arc::new(RwLock::new(model.adapters()));
+        let table = adapters.clone();
+        let model_config = model.config().clone();
         let reserve_wait = cfg.reserve_wait;
         let max_batch = cfg.scheduler.max_running;
         let grammars = cfg.grammars;
@@ -443,6 +523,7 @@ impl Engine {
                 // waiting work is blocked on memory that only a command can
                 // free), the thread sleeps on the channel instead of spinning.
                 let mut progressed = true;
+                let mut retiring = RetiringAdapters::default();
                 'outer: loop {
                     // Block for a command when idle (until the oldest waiting
                     // reservation's deadline, if any); otherwise take what is
@@ -472,13 +553,16 @@ impl Engine {
                         };
                         match cmd {
                             Command::Submit(req, txs) => {
-                                if let Err(e) = sched.add_parallel(req, sinks(&txs), None) {
+                                if let Err(e) = check_adapter(model.as_ref(), &req)
+                                    .and_then(|()| sched.add_parallel(req, sinks(&txs), None))
+                                {
                                     refuse(&txs, &e);
                                 }
                             }
                             Command::SubmitExport(req, txs, export) => {
-                                if let Err(e) = sched.add_parallel(req, sinks(&txs), Some(export))
-                                {
+                                if let Err(e) = check_adapter(model.as_ref(), &req).and_then(|()| {
+                                    sched.add_parallel(req, sinks(&txs), Some(export))
+                                }) {
                                     refuse(&txs, &e);
                                 }
                             }
@@ -501,9 +585,13 @@ impl Engine {
                                 reply,
                             } => {
                                 let r = match reserved.remove(&reservation) {
-                                    Some(kv) => {
-                                        install(model.as_ref(), &mut sched, kv, staging.as_ref(), req, firsts, sinks(&txs))
-                                    }
+                                    Some(kv) => match check_adapter(model.as_ref(), &req) {
+                                        Ok(()) => install(model.as_ref(), &mut sched, kv, staging.as_ref(), req, firsts, sinks(&txs)),
+                                        Err(e) => {
+                                            sched.release(kv);
+                                            Err(e)
+                                        }
+                                    },
                                     None => Err(EngineError::Unsupported(format!(
                                         "no reservation {reservation}"
                                     ))),
@@ -518,6 +606,23 @@ impl Engine {
                             }
                             Command::CachedPrefix(adapter, tokens, reply) => {
                                 let _ = reply.send(sched.cached_prefix_len(adapter, &tokens));
+                            }
+                            Command::AddAdapter(name, lora, reply) => {
+                                let _ = reply.send(add_adapter(model.as_ref(), &table, &retiring, &name, *lora));
+                            }
+                            Command::RemoveAdapter(name, reply) => {
+                                let mut t = table.write().unwrap_or_else(PoisonError::into_inner);
+                                let r = match t.iter().position(|a| a.name == name) {
+                                    Some(i) => {
+                                        retiring.0.push(t.remove(i));
+                                        Ok(())
+                                    }
+                                    None => Err(EngineError::Adapter(format!(
+                                        "LoRA adapter {name:?} is not loaded"
+                                    ))),
+                                };
+                                drop(t);
+                                let _ = reply.send(r);
                             }
                             Command::Shutdown => break 'outer,
                         }
@@ -542,6 +647,11 @@ impl Engine {
                                 sched.fail_all(&e.to_string());
                             }
                         }
+                    }
+                    // After cancels as well as steps: either can end the
+                    // last sequence of an unloaded adapter.
+                    if !retiring.0.is_empty() {
+                        retiring.free_unused(model.as_ref(), &sched);
                     }
                     if let Ok(mut s) = stats_w.lock() {
                         *s = sched.stats();
@@ -571,6 +681,7 @@ impl Engine {
             total_blocks,
             stats,
             adapters,
+            model_config,
         }
     }
 
@@ -599,11 +710,10 @@ impl Engine {
             guide: None,
             adapter: spec.adapter,
         };
-        if spec.adapter as usize > self.adapters.len() {
+        if spec.adapter != 0 && !self.adapter_table().iter().any(|a| a.id == spec.adapter) {
             return Err(EngineError::Unsupported(format!(
-                "LoRA adapter {} of {} loaded",
-                spec.adapter,
-                self.adapters.len()
+                "LoRA adapter {} is not loaded",
+                spec.adapter
             )));
         }
         req.guide = Grammars::guide_for(
@@ -834,17 +944,56 @@ impl Engine {
         self.stats.lock().map(|s| *s).unwrap_or_default()
     }
 
-    /// `(name, fingerprint)` of the LoRA adapters, adapter 1 first.
-    pub fn adapters(&self) -> &[(String, String)] {
-        &self.adapters
+    fn adapter_table(&self) -> std::sync::RwLockReadGuard<'_, Vec<AdapterInfo>> {
+        self.adapters.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `(name, fingerprint)` of the LoRA adapters requests may name, in
+    /// the order they were loaded.
+    pub fn adapters(&self) -> Vec<(String, String)> {
+        self.adapter_table()
+            .iter()
+            .map(|a| (a.name.clone(), a.fingerprint.clone()))
+            .collect()
     }
 
     /// The number of the adapter called `name` (see [`RequestSpec::adapter`]).
     pub fn adapter_id(&self, name: &str) -> Option<u32> {
-        self.adapters
+        self.adapter_table()
             .iter()
-            .position(|(n, _)| n == name)
-            .map(|i| i as u32 + 1)
+            .find(|a| a.name == name)
+            .map(|a| a.id)
+    }
+
+    /// Loads the PEFT adapter in `dir` (checked against the model's shapes)
+    /// and serves it under `name` from the next step on. Blocks while the
+    /// files are read and until the engine thread has taken the adapter.
+    pub fn load_adapter(&self, name: &str, dir: &Path) -> Result<AdapterInfo> {
+        if name.is_empty() {
+            return Err(EngineError::Adapter("a LoRA adapter needs a name".into()));
+        }
+        if self.adapter_id(name).is_some() {
+            return Err(EngineError::Adapter(format!(
+                "a LoRA adapter called {name:?} is loaded already"
+            )));
+        }
+        let lora = tandem_model::lora::load(dir, &self.model_config)?;
+        let (rtx, rrx) = mpsc::channel();
+        self.tx
+            .send(Command::AddAdapter(name.to_string(), Box::new(lora), rtx))
+            .map_err(|_| shut_down())?;
+        rrx.recv().map_err(|_| shut_down())?
+    }
+
+    /// Stops serving the adapter called `name`: requests that name it are
+    /// refused from now on, those running with it finish, and its weights
+    /// are freed after them.
+    pub fn unload_adapter(&self, name: &str) -> Result<()> {
+        let (rtx, rrx) = mpsc::channel();
+        self.tx
+            .send(Command::RemoveAdapter(name.to_string(), rtx))
+            .map_err(|_| shut_down())?;
+        rrx.recv().map_err(|_| shut_down())?
     }
 
     /// Tokens one sequence may hold (context or pool, whichever is smaller).

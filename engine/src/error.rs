@@ -22,6 +22,10 @@ pub enum EngineError {
     OutOfBlocks { needed: usize, free: usize },
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// A LoRA adapter could not be loaded or unloaded (the message says
+    /// which and why).
+    #[error("{0}")]
+    Adapter(String),
     /// A rank of a sharded worker failed or vanished: the worker is down.
     /// (Not a `source`: the message already carries it.)
     #[error("sharded worker: {0}")]
@@ -50,6 +54,7 @@ impl EngineError {
             | EngineError::BadToken { .. } => "invalid_request",
             EngineError::Sampling(_) => "invalid_request",
             EngineError::Unsupported(_) => "unsupported",
+            EngineError::Adapter(_) => "invalid_request",
             EngineError::OutOfBlocks { .. } => "overloaded",
             EngineError::TooLargeForPool { .. } => "invalid_request",
             EngineError::Comm(_) | EngineError::Shard(_) | EngineError::Cuda(_) => "unavailable",

@@ -4,8 +4,9 @@
 //! the same contract, so nothing above this trait changes.
 
 use tandem_model::config::ModelConfig;
+use tandem_model::lora::LoraAdapter;
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::kv::{BlockId, KvLayout, KvPool, KvStaging, SeqKv};
 use crate::model::{LayerKv, SeqStep};
 
@@ -103,12 +104,40 @@ pub trait Executor: Send + Sync {
         Ok(())
     }
 
-    /// `(name, fingerprint)` of the LoRA adapters this executor serves,
-    /// adapter 1 first ([`crate::kv::SeqKv::adapter`] numbers them). None
-    /// by default.
-    fn adapters(&self) -> Vec<(String, String)> {
+    /// The LoRA adapters this executor holds, by number
+    /// ([`crate::kv::SeqKv::adapter`] names them). None by default.
+    fn adapters(&self) -> Vec<AdapterInfo> {
         Vec::new()
     }
+
+    /// Starts holding `lora` under `name` and returns its number: never
+    /// one given before, so a number a request carries cannot come to mean
+    /// another adapter. Executors that serve no adapters refuse.
+    fn add_adapter(&self, name: &str, _lora: LoraAdapter) -> Result<u32> {
+        Err(EngineError::Unsupported(format!(
+            "LoRA adapter {name:?}: this executor serves no adapters (sharded and CUDA workers serve none)"
+        )))
+    }
+
+    /// Frees adapter `id`'s weights. The caller makes sure that no
+    /// sequence runs with it any more (a step naming it is refused).
+    fn remove_adapter(&self, id: u32) -> Result<()> {
+        Err(EngineError::Unsupported(format!(
+            "LoRA adapter {id}: this executor serves no adapters"
+        )))
+    }
+}
+
+/// One LoRA adapter an executor holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdapterInfo {
+    /// What [`crate::kv::SeqKv::adapter`] calls it (1 and up).
+    pub id: u32,
+    /// What requests call it.
+    pub name: String,
+    /// sha256 of its files: a prefill and a decode worker that pair must
+    /// hold the same.
+    pub fingerprint: String,
 }
 
 impl Executor for crate::model::Model {
@@ -126,7 +155,13 @@ impl Executor for crate::model::Model {
     ) -> Result<Vec<Vec<f32>>> {
         crate::model::Model::forward_observed(self, pool, batch, on_layer)
     }
-    fn adapters(&self) -> Vec<(String, String)> {
-        self.adapter_names()
+    fn adapters(&self) -> Vec<AdapterInfo> {
+        crate::model::Model::adapters(self)
+    }
+    fn add_adapter(&self, name: &str, lora: LoraAdapter) -> Result<u32> {
+        crate::model::Model::add_adapter(self, name, lora)
+    }
+    fn remove_adapter(&self, id: u32) -> Result<()> {
+        crate::model::Model::remove_adapter(self, id)
     }
 }

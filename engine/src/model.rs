@@ -8,6 +8,8 @@
 //! inputs (see `cpu` and `ops`), so a sequence gets the same bits alone or
 //! in a batch, in one prompt chunk or many.
 
+use std::sync::PoisonError;
+
 use tandem_model::config::{ModelConfig, MoeConfig, RopeScaling, RopeStyle};
 use tandem_model::lora::{LoraAdapter, LoraPair, Target};
 use tandem_model::quant::GgmlType;
@@ -455,8 +457,11 @@ pub struct Model {
     heads: crate::shard::HeadShard,
     rope: Rope,
     pool: ThreadPool,
-    /// LoRA adapters, adapter 1 first (see [`Model::add_adapter`]).
-    adapters: Vec<Adapter>,
+    /// LoRA adapters by number: slot `i` holds adapter `i + 1`, `None`
+    /// once removed (numbers are not reused). Behind a lock because
+    /// adapters come and go while the model serves (see
+    /// [`Model::add_adapter`]); the forward pass only reads it.
+    adapters: std::sync::RwLock<Vec<Option<Adapter>>>,
 }
 
 /// A LoRA adapter as the forward pass applies it.
@@ -969,7 +974,7 @@ impl Model {
             heads,
             rope,
             pool: ThreadPool::new(threads),
-            adapters: Vec::new(),
+            adapters: Default::default(),
         })
     }
 
@@ -977,13 +982,17 @@ impl Model {
     /// [`SeqKv::adapter`] is the returned number (1 for the first) run with
     /// it. Only a whole model serves adapters: a shard's projections are
     /// cut differently from the adapter's matrices.
-    pub fn add_adapter(&mut self, name: &str, lora: LoraAdapter) -> Result<u32> {
+    pub fn add_adapter(&self, name: &str, lora: LoraAdapter) -> Result<u32> {
         if self.shard.world() != 1 {
             return Err(EngineError::Unsupported(
                 "LoRA adapters run on an unsharded model".into(),
             ));
         }
-        if name.is_empty() || self.adapters.iter().any(|a| a.name == name) {
+        let mut adapters = self
+            .adapters
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if name.is_empty() || adapters.iter().flatten().any(|a| a.name == name) {
             return Err(EngineError::Unsupported(format!(
                 "adapter name {name:?} is empty or already taken"
             )));
@@ -1005,7 +1014,7 @@ impl Model {
                 self.layers.len()
             )));
         }
-        self.adapters.push(Adapter {
+        adapters.push(Some(Adapter {
             name: name.to_string(),
             fingerprint: lora.fingerprint,
             layers: lora
@@ -1017,15 +1026,43 @@ impl Model {
                         .collect()
                 })
                 .collect(),
-        });
-        Ok(self.adapters.len() as u32)
+        }));
+        Ok(adapters.len() as u32)
     }
 
-    /// `(name, fingerprint)` of each adapter, adapter 1 first.
-    pub fn adapter_names(&self) -> Vec<(String, String)> {
-        self.adapters
+    /// Frees adapter `id`'s weights; a later step that names it is refused.
+    pub fn remove_adapter(&self, id: u32) -> Result<()> {
+        let mut adapters = self
+            .adapters
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        match (id as usize)
+            .checked_sub(1)
+            .and_then(|i| adapters.get_mut(i))
+        {
+            Some(slot @ Some(_)) => {
+                *slot = None;
+                Ok(())
+            }
+            _ => Err(EngineError::Unsupported(format!(
+                "no LoRA adapter {id} to remove"
+            ))),
+        }
+    }
+
+    /// The adapters held, by number.
+    pub fn adapters(&self) -> Vec<crate::executor::AdapterInfo> {
+        let adapters = self.adapters.read().unwrap_or_else(PoisonError::into_inner);
+        adapters
             .iter()
-            .map(|a| (a.name.clone(), a.fingerprint.clone()))
+            .enumerate()
+            .filter_map(|(i, a)| {
+                a.as_ref().map(|a| crate::executor::AdapterInfo {
+                    id: i as u32 + 1,
+                    name: a.name.clone(),
+                    fingerprint: a.fingerprint.clone(),
+                })
+            })
             .collect()
     }
 
@@ -1046,10 +1083,13 @@ impl Model {
         out_stride: usize,
         out_off: usize,
     ) {
+        // Adapters change only between steps (`check_step` saw each one).
+        let adapters = self.adapters.read().unwrap_or_else(PoisonError::into_inner);
         let tasks: Vec<(usize, &LoraWeights)> = adapted
             .iter()
             .filter_map(|(rows, a)| {
-                let pair = self.adapters[*a as usize - 1].layers[li].get(&target)?;
+                let adapter = adapters.get(*a as usize - 1)?.as_ref()?;
+                let pair = adapter.layers[li].get(&target)?;
                 Some(rows.clone().map(move |t| (t, pair)))
             })
             .flatten()
@@ -1313,7 +1353,17 @@ impl Model {
 
     /// Refuses a step that cannot run, before any cache is touched.
     pub(crate) fn check_step(&self, batch: &[SeqStep<'_>]) -> Result<()> {
-        check_step(&self.config, self.adapters.len(), batch)
+        let adapters = self.adapters.read().unwrap_or_else(PoisonError::into_inner);
+        check_step(
+            &self.config,
+            &|id| {
+                (id as usize)
+                    .checked_sub(1)
+                    .and_then(|i| adapters.get(i))
+                    .is_some_and(Option::is_some)
+            },
+            batch,
+        )
     }
 
     /// Reserves every sequence's blocks for its new tokens, all or none.
@@ -1649,12 +1699,16 @@ impl Model {
 
 /// Refuses a step that cannot run under `c`, before any cache is touched
 /// (every executor checks the same things).
-/// `adapters`: how many LoRA adapters the executor serves.
-pub(crate) fn check_step(c: &ModelConfig, adapters: usize, batch: &[SeqStep<'_>]) -> Result<()> {
+/// `serves`: whether the executor holds LoRA adapter `id` (1 and up).
+pub(crate) fn check_step(
+    c: &ModelConfig,
+    serves: &dyn Fn(u32) -> bool,
+    batch: &[SeqStep<'_>],
+) -> Result<()> {
     for s in batch {
-        if s.kv.adapter as usize > adapters {
+        if s.kv.adapter != 0 && !serves(s.kv.adapter) {
             return Err(EngineError::Unsupported(format!(
-                "LoRA adapter {} on an executor serving {adapters}",
+                "LoRA adapter {} is not held by this executor",
                 s.kv.adapter
             )));
         }

@@ -672,6 +672,14 @@ impl Scheduler {
         !self.waiting.is_empty() || !self.running.is_empty()
     }
 
+    /// Whether a waiting or running sequence runs with LoRA adapter `id`.
+    pub fn uses_adapter(&self, id: u32) -> bool {
+        self.waiting
+            .iter()
+            .chain(&self.running)
+            .any(|s| s.kv.adapter == id)
+    }
+
     pub fn stats(&self) -> SchedulerStats {
         SchedulerStats {
             waiting: self.waiting.len() + self.transfers_waiting,

@@ -2229,7 +2229,7 @@ mod lora {
     fn adapted() -> &'static Model {
         static M: OnceLock<Model> = OnceLock::new();
         M.get_or_init(|| {
-            let mut m = Model::load(source(), 2).expect("load default model");
+            let m = Model::load(source(), 2).expect("load default model");
             let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
                 .join(format!("real_model-lora-{}", std::process::id()));
             for (name, spec) in [
@@ -2397,6 +2397,119 @@ mod lora {
         }
         let st = s.stats();
         assert!(st.draft_tokens > 0, "nothing was drafted: {st:?}");
+    }
+
+    /// Adapters loaded and unloaded while the engine serves: one loaded at
+    /// run time gives what one loaded at start gives; unloading refuses
+    /// its name at once but lets the request running with it finish with
+    /// the same tokens, and frees the weights after; a bad directory
+    /// changes nothing.
+    #[test]
+    fn adapters_come_and_go_while_the_engine_serves() {
+        use std::sync::Arc;
+        use tandem_engine::engine::{Engine, EngineConfig, RequestSpec};
+        let m = Arc::new(Model::load(source(), 2).unwrap());
+        let engine = Engine::start(
+            m.clone(),
+            EngineConfig {
+                kv_cache_bytes: 64 << 20,
+                ..Default::default()
+            },
+        );
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("real_model-runtime-lora-{}", std::process::id()));
+        // The same seed and shape as `adapted()`'s adapter 1.
+        let spec = LoraSynthSpec {
+            rank: 8,
+            alpha: 16.0,
+            targets: Target::ALL.to_vec(),
+            seed: 3,
+            b_std: 0.1,
+        };
+        tandem_model::lora::synth(&m.config, &spec, &dir).unwrap();
+        let run = |adapter: u32, n: usize| {
+            let tok = source().tokenizer().unwrap();
+            let prompt = tok
+                .encode("Write a story about a lighthouse.", true)
+                .unwrap();
+            let want = alone(&prompt, if adapter == 0 { 0 } else { 1 }, n);
+            let h = engine
+                .submit(RequestSpec {
+                    prompt,
+                    max_tokens: Some(n),
+                    adapter,
+                    ..Default::default()
+                })
+                .unwrap();
+            (h, want)
+        };
+        let tokens = |h: &mut tandem_engine::engine::RequestHandle| -> Vec<u32> {
+            crate::common::drain(&mut h.events)
+                .0
+                .iter()
+                .map(|s| s.token)
+                .collect()
+        };
+
+        // Nothing there yet; a directory without an adapter changes nothing.
+        assert!(engine.adapter_id("all").is_none());
+        let e = engine
+            .load_adapter("all", &dir.join("missing"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("adapter_config.json"), "{e}");
+        assert!(engine.adapters().is_empty() && m.adapters().is_empty());
+
+        let info = engine.load_adapter("all", &dir).unwrap();
+        assert_eq!((info.id, engine.adapter_id("all")), (1, Some(1)));
+        let e = engine.load_adapter("all", &dir).unwrap_err().to_string();
+        assert!(e.contains("loaded already"), "{e}");
+        let (mut h, want) = run(1, N);
+        assert_eq!(tokens(&mut h), want, "loaded at run time = loaded at start");
+
+        // Unloaded while a long request runs with it.
+        let (mut long, want_long) = run(1, 160);
+        let first = long.events.blocking_recv();
+        assert!(matches!(first, Some(Event::Token(_))), "{first:?}");
+        engine.unload_adapter("all").unwrap();
+        assert!(engine.adapter_id("all").is_none());
+        assert!(engine.adapters().is_empty());
+        let refused = engine.submit(RequestSpec {
+            prompt: vec![1, 2, 3],
+            adapter: 1,
+            ..Default::default()
+        });
+        assert!(refused.is_err(), "an unloaded adapter's number is refused");
+        let e = engine.load_adapter("all", &dir).unwrap_err().to_string();
+        assert!(e.contains("still runs requests"), "{e}");
+        let e = engine.unload_adapter("all").unwrap_err().to_string();
+        assert!(e.contains("not loaded"), "{e}");
+        let Some(Event::Token(t)) = first else {
+            unreachable!()
+        };
+        let mut got = vec![t.token];
+        got.extend(tokens(&mut long));
+        assert_eq!(got, want_long, "the running request kept its adapter");
+        // Freed once nothing runs with it (after the step that ended it).
+        let mut waited = 0;
+        while !m.adapters().is_empty() {
+            assert!(
+                waited < 500,
+                "the unloaded adapter's weights were never freed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            waited += 1;
+        }
+
+        // Loaded again: a new number, the same tokens; the base model is
+        // untouched throughout.
+        let info = engine.load_adapter("all", &dir).unwrap();
+        assert_eq!(info.id, 2, "numbers are not reused");
+        let (mut h, want) = run(2, N);
+        assert_eq!(tokens(&mut h), want);
+        let (mut h, want) = run(0, N);
+        assert_eq!(tokens(&mut h), want);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -320,7 +320,7 @@ fn check_against(fx: &Fixture, reference: Value, lora: Option<&Path>) -> Fidelit
         "{}: reference ran a different model",
         fx.file
     );
-    let mut m = Model::load(&src, 2).unwrap_or_else(|e| panic!("load {}: {e}", fx.file));
+    let m = Model::load(&src, 2).unwrap_or_else(|e| panic!("load {}: {e}", fx.file));
     if let Some(dir) = lora {
         let a = tandem_model::lora::load(dir, &src.config)
             .unwrap_or_else(|e| panic!("{}: LoRA: {e}", fx.file));
@@ -535,7 +535,7 @@ fn moe_refusals_name_their_reason() {
 
     let dir = scratch("moe-lora");
     let _guard = Scratch(dir.clone());
-    let mut m = Model::load(&src, 1).unwrap();
+    let m = Model::load(&src, 1).unwrap();
     tandem_model::lora::synth(&src.config, &lora_spec(), &dir).unwrap();
     let a = tandem_model::lora::load(&dir, &src.config).unwrap();
     let err = m.add_adapter("mlp", a).unwrap_err().to_string();

@@ -1,6 +1,7 @@
 //! Conversions between the worker protocol and the engine, shared by the
 //! prefill and decode workers.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use tandem_cluster::{Role, PROTOCOL_VERSION};
@@ -139,15 +140,69 @@ pub fn node_info(
         tp_size: 1,
         pp_size: 1,
         threads,
-        adapters: engine
-            .adapters()
-            .iter()
-            .map(|(name, fingerprint)| pb::LoraAdapter {
-                name: name.clone(),
-                fingerprint: fingerprint.clone(),
-            })
-            .collect(),
+        adapters: adapters(engine),
     }
+}
+
+/// The LoRA adapters `engine` serves, as the protocol lists them.
+pub fn adapters(engine: &Engine) -> Vec<pb::LoraAdapter> {
+    engine
+        .adapters()
+        .into_iter()
+        .map(|(name, fingerprint)| pb::LoraAdapter { name, fingerprint })
+        .collect()
+}
+
+/// `LoadAdapter` for either kind of worker: reads the files off the async
+/// workers, then answers with the adapters served.
+pub async fn load_adapter(
+    engine: &Arc<Engine>,
+    req: pb::LoadAdapterRequest,
+) -> Result<pb::AdapterList, Status> {
+    if req.name.is_empty() || req.path.is_empty() {
+        return Err(Status::invalid_argument(
+            "loading a LoRA adapter needs a name and a path",
+        ));
+    }
+    if engine.adapter_id(&req.name).is_some() {
+        return Err(Status::already_exists(format!(
+            "a LoRA adapter called {:?} is loaded already",
+            req.name
+        )));
+    }
+    let e = engine.clone();
+    let (name, path) = (req.name.clone(), req.path.clone());
+    let info = tokio::task::spawn_blocking(move || e.load_adapter(&name, Path::new(&path)))
+        .await
+        .map_err(|e| Status::internal(format!("loading the adapter stopped: {e}")))?
+        .map_err(|e| Status::invalid_argument(format!("loading {:?}: {e}", req.name)))?;
+    tracing::info!(adapter = %info.name, path = %req.path, fingerprint = %info.fingerprint, "LoRA adapter loaded");
+    Ok(pb::AdapterList {
+        adapters: adapters(engine),
+    })
+}
+
+/// `UnloadAdapter` for either kind of worker.
+pub async fn unload_adapter(
+    engine: &Arc<Engine>,
+    req: pb::UnloadAdapterRequest,
+) -> Result<pb::AdapterList, Status> {
+    if engine.adapter_id(&req.name).is_none() {
+        return Err(Status::not_found(format!(
+            "LoRA adapter {:?} is not served here",
+            req.name
+        )));
+    }
+    let e = engine.clone();
+    let name = req.name.clone();
+    tokio::task::spawn_blocking(move || e.unload_adapter(&name))
+        .await
+        .map_err(|e| Status::internal(format!("unloading the adapter stopped: {e}")))?
+        .map_err(|e| Status::not_found(e.to_string()))?;
+    tracing::info!(adapter = %req.name, "LoRA adapter unloaded");
+    Ok(pb::AdapterList {
+        adapters: adapters(engine),
+    })
 }
 
 /// The engine's number of the LoRA adapter a request names (empty: the
@@ -157,7 +212,7 @@ pub fn adapter_id(engine: &Engine, name: &str) -> Result<u32, Status> {
         return Ok(0);
     }
     engine.adapter_id(name).ok_or_else(|| {
-        let served: Vec<&str> = engine.adapters().iter().map(|(n, _)| n.as_str()).collect();
+        let served: Vec<String> = engine.adapters().into_iter().map(|(n, _)| n).collect();
         Status::invalid_argument(format!(
             "LoRA adapter {name:?} is not served here (served: {})",
             if served.is_empty() {
@@ -190,6 +245,7 @@ pub fn load_report(engine: &Engine, in_flight: u32) -> pb::LoadReport {
         total_blocks: s.total_blocks as u32,
         in_flight,
         cached_blocks: s.cached_blocks as u32,
+        adapters: adapters(engine),
     }
 }
 

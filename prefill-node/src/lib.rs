@@ -360,6 +360,24 @@ impl pb::Worker for PrefillService {
         let n = convert::cached_prefix(&self.engine, adapter, req.tokens).await;
         Ok(Response::new(pb::CachedPrefixResponse { tokens: n }))
     }
+
+    async fn load_adapter(
+        &self,
+        req: Request<pb::LoadAdapterRequest>,
+    ) -> Result<Response<pb::AdapterList>, Status> {
+        convert::load_adapter(&self.engine, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn unload_adapter(
+        &self,
+        req: Request<pb::UnloadAdapterRequest>,
+    ) -> Result<Response<pb::AdapterList>, Status> {
+        convert::unload_adapter(&self.engine, req.into_inner())
+            .await
+            .map(Response::new)
+    }
 }
 
 /// One exported block, copied out of the pool.

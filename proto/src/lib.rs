@@ -46,10 +46,11 @@ pub mod worker {
     /// The service's full name, as reflection lists it.
     pub const SERVICE: &str = crate::pb::worker_server::SERVICE_NAME;
     pub use crate::pb::{
-        Admitted, CachedPrefixRequest, CachedPrefixResponse, CancelRequest, CancelResponse,
-        DecodeEvent, DecodeRequest, Finished, InfoRequest, LoadReport, LoadRequest, LoraAdapter,
-        NodeInfo, PrefillRecomputed, PrefillRequest, PrefillResponse, PromptLogprobs, Role,
-        SampledToken, WorkerError, WorkerSampling,
+        AdapterList, Admitted, CachedPrefixRequest, CachedPrefixResponse, CancelRequest,
+        CancelResponse, DecodeEvent, DecodeRequest, Finished, InfoRequest, LoadAdapterRequest,
+        LoadReport, LoadRequest, LoraAdapter, NodeInfo, PrefillRecomputed, PrefillRequest,
+        PrefillResponse, PromptLogprobs, Role, SampledToken, UnloadAdapterRequest, WorkerError,
+        WorkerSampling,
     };
     pub use crate::pb::{FinishReason, TokenBias, TokenLogprob};
 

@@ -222,4 +222,39 @@ pub trait Backend: Send + Sync + 'static {
     fn adapters(&self) -> Vec<String> {
         Vec::new()
     }
+
+    /// Loads the LoRA adapter in directory `path` (on the workers'
+    /// machines) under `name`, everywhere or nowhere. Refused by default.
+    fn load_adapter(&self, name: String, _path: String) -> BoxFuture<'_, Result<(), AdapterError>> {
+        Box::pin(async move {
+            Err(AdapterError::Invalid(format!(
+                "LoRA adapter {name:?}: this backend cannot load adapters"
+            )))
+        })
+    }
+
+    /// Stops serving the LoRA adapter `name` everywhere (requests running
+    /// with it finish). Refused by default.
+    fn unload_adapter(&self, name: String) -> BoxFuture<'_, Result<(), AdapterError>> {
+        Box::pin(async move {
+            Err(AdapterError::NotFound(format!(
+                "LoRA adapter {name:?} is not loaded"
+            )))
+        })
+    }
+}
+
+/// Why a LoRA adapter was not loaded or unloaded. Nothing changed either
+/// way: a load that some worker refused is undone on the others.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    /// The files do not fit the model, the name is taken, …: 400.
+    #[error("{0}")]
+    Invalid(String),
+    /// No worker serves an adapter of that name: 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// No worker to change, or one did not answer: 503.
+    #[error("{0}")]
+    Unavailable(String),
 }

@@ -33,8 +33,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::{
-    Backend, BoxFuture, DispatchError, Finish, GenerationInput, SampledToken, TokenEvent,
-    TokenStream,
+    AdapterError, Backend, BoxFuture, DispatchError, Finish, GenerationInput, SampledToken,
+    TokenEvent, TokenStream,
 };
 use crate::pairs::{PairHealth, Peer};
 use crate::policy::{block_hashes, DisaggPolicy, Picker, PrefixIndex, RoutePolicy};
@@ -83,6 +83,12 @@ struct Shared {
     pairs: PairHealth,
     /// Held while a request picks its workers and counts itself on them.
     picking: std::sync::Mutex<()>,
+    /// Held while LoRA adapters are loaded or unloaded: one change at a
+    /// time, so two loads of one name cannot each undo the other's.
+    adapter_changes: tokio::sync::Mutex<()>,
+    /// Adapters loaded through the API, as `(name, path)` in load order:
+    /// loaded again on workers that join or restart without them.
+    runtime_adapters: std::sync::Mutex<Vec<(String, String)>>,
 }
 
 pub struct Dispatcher {
@@ -104,6 +110,8 @@ impl Dispatcher {
                 block_size: AtomicUsize::new(16),
                 pairs: PairHealth::default(),
                 picking: std::sync::Mutex::new(()),
+                adapter_changes: tokio::sync::Mutex::new(()),
+                runtime_adapters: Default::default(),
             }),
         }
     }
@@ -162,12 +170,19 @@ impl Dispatcher {
         }
         // A worker that joins has an empty cache, whatever ran there before.
         s.index.forget(addr);
+        let shared = Arc::downgrade(&self.shared);
         workers::spawn_load_poll(
             w.clone(),
             s.cfg.secret.clone(),
             s.cfg.load_poll,
             s.shutdown.clone(),
+            move |w| {
+                if let Some(s) = shared.upgrade() {
+                    s.restore_adapters(w.clone());
+                }
+            },
         );
+        s.restore_adapters(w.clone());
         list.push(w);
         publish_counts(&m);
         tracing::info!(%addr, %role, "worker joined");
@@ -406,14 +421,33 @@ impl Backend for Dispatcher {
         Box::pin(self.start_choices(inputs))
     }
 
+    fn load_adapter(&self, name: String, path: String) -> BoxFuture<'_, Result<(), AdapterError>> {
+        Box::pin(async move {
+            let s = &self.shared;
+            let _one = s.adapter_changes.lock().await;
+            let workers = s.all_workers();
+            crate::adapters::load(&workers, &s.cfg.secret, &name, &path).await?;
+            lock(&s.runtime_adapters).push((name, path));
+            Ok(())
+        })
+    }
+
+    fn unload_adapter(&self, name: String) -> BoxFuture<'_, Result<(), AdapterError>> {
+        Box::pin(async move {
+            let s = &self.shared;
+            let _one = s.adapter_changes.lock().await;
+            // Forgotten first: a worker that fails to unload it is not
+            // given it again when it restarts.
+            lock(&s.runtime_adapters).retain(|(n, _)| *n != name);
+            let workers = s.all_workers();
+            crate::adapters::unload(&workers, &s.cfg.secret, &name).await
+        })
+    }
+
     /// The adapters some decode worker serves.
     fn adapters(&self) -> Vec<String> {
         let m = self.shared.members.read().expect("members lock");
-        let mut names: Vec<String> = m
-            .decode
-            .iter()
-            .flat_map(|w| w.info.adapters.iter().map(|a| a.name.clone()))
-            .collect();
+        let mut names: Vec<String> = m.decode.iter().flat_map(|w| w.adapter_names()).collect();
         names.sort();
         names.dedup();
         names
@@ -430,15 +464,11 @@ fn count_adapter(adapter: &str, n: u64) {
 
 /// The fingerprint of the adapter `name` on worker `w` (`Some("")` for
 /// the base model, `None` when `w` does not serve it).
-fn adapter_on<'a>(w: &'a Worker, name: &str) -> Option<&'a str> {
+fn adapter_on(w: &Worker, name: &str) -> Option<String> {
     if name.is_empty() {
-        return Some("");
+        return Some(String::new());
     }
-    w.info
-        .adapters
-        .iter()
-        .find(|a| a.name == name)
-        .map(|a| a.fingerprint.as_str())
+    w.adapter(name)
 }
 
 /// `tandem_router_workers{worker_role}`: the workers the router routes to.
@@ -502,7 +532,30 @@ fn is_connection_failure(s: &tonic::Status) -> bool {
     )
 }
 
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl Shared {
+    /// Loads the adapters loaded through the API on `w` (a worker that
+    /// joined, or came back), in the background: until it has them it
+    /// gets no request for them.
+    fn restore_adapters(self: &Arc<Self>, w: Arc<Worker>) {
+        let s = self.clone();
+        // After any change in progress (it may not have seen `w`).
+        tokio::spawn(async move {
+            let _one = s.adapter_changes.lock().await;
+            let wanted = lock(&s.runtime_adapters).clone();
+            crate::adapters::restore(&w, &s.cfg.secret, &wanted).await;
+        });
+    }
+
+    /// Every worker the router routes to, decode workers first.
+    fn all_workers(&self) -> Vec<Arc<Worker>> {
+        let m = self.members.read().expect("members lock");
+        m.decode.iter().chain(&m.prefill).cloned().collect()
+    }
+
     fn pick(&self, a: &Attempt) -> Option<(Arc<Worker>, Option<Arc<Worker>>)> {
         let m = self.members.read().ok()?;
         let adapter = a.req.adapter.as_str();

@@ -1,6 +1,7 @@
 //! The router: OpenAI-compatible HTTP and gRPC Generate front ends, and the
 //! dispatcher that picks workers and decides disaggregation.
 
+pub mod adapters;
 pub mod api;
 pub mod dashboard;
 pub mod dispatch;

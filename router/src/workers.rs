@@ -19,7 +19,12 @@ pub struct Worker {
     pub role: Role,
     pub info: pb::NodeInfo,
     pub client: pb::WorkerClient<Channel>,
+    /// The last load poll (its adapter list moved to `adapters`).
     load: Mutex<pb::LoadReport>,
+    /// The LoRA adapters the worker serves, as its last answer said:
+    /// `info.adapters` at connect time, then each load poll's and each
+    /// `LoadAdapter`/`UnloadAdapter` reply's.
+    adapters: Mutex<Vec<pb::LoraAdapter>>,
     /// Requests this router has sent and not seen finish.
     in_flight: AtomicU32,
     /// False after a failed call or load poll, true again after a good poll.
@@ -55,7 +60,14 @@ pub struct WorkerLoad {
 
 impl Worker {
     pub fn load(&self) -> WorkerLoad {
-        let l = self.load.lock().map(|l| *l).unwrap_or_default();
+        let l = self
+            .load
+            .lock()
+            .map(|l| pb::LoadReport {
+                adapters: Vec::new(),
+                ..*l
+            })
+            .unwrap_or_default();
         WorkerLoad {
             in_flight: self.in_flight.load(Ordering::Relaxed),
             running: l.running,
@@ -65,6 +77,43 @@ impl Worker {
             cached_blocks: l.cached_blocks,
             healthy: self.healthy.load(Ordering::Relaxed),
         }
+    }
+
+    /// The fingerprint of the LoRA adapter `name` on this worker (`None`
+    /// when it does not serve it).
+    pub fn adapter(&self, name: &str) -> Option<String> {
+        let a = self
+            .adapters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        a.iter()
+            .find(|a| a.name == name)
+            .map(|a| a.fingerprint.clone())
+    }
+
+    /// The LoRA adapters this worker serves.
+    pub fn adapters(&self) -> Vec<pb::LoraAdapter> {
+        self.adapters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The names of the LoRA adapters this worker serves.
+    pub fn adapter_names(&self) -> Vec<String> {
+        let a = self
+            .adapters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        a.iter().map(|a| a.name.clone()).collect()
+    }
+
+    /// Takes the worker's word for the adapters it serves.
+    pub fn set_adapters(&self, adapters: Vec<pb::LoraAdapter>) {
+        *self
+            .adapters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = adapters;
     }
 
     /// Marks the worker down at once (a connection error): routing avoids
@@ -266,6 +315,7 @@ pub async fn connect(
     Ok(Arc::new(Worker {
         addr,
         role: expected,
+        adapters: Mutex::new(info.adapters.clone()),
         info,
         client,
         load: Mutex::new(load),
@@ -279,11 +329,14 @@ pub async fn connect(
 }
 
 /// Polls a worker's load until it is removed or `shutdown`.
+/// `on_return` runs each time the worker comes back: it answered again
+/// after a failed poll, or a new process answers at its address.
 pub fn spawn_load_poll(
     w: Arc<Worker>,
     secret: ClusterSecret,
     every: Duration,
     shutdown: CancellationToken,
+    on_return: impl Fn(&Arc<Worker>) + Send + 'static,
 ) {
     tokio::spawn(async move {
         let mut client = w.client.clone();
@@ -292,7 +345,8 @@ pub fn spawn_load_poll(
             req.set_timeout(Duration::from_secs(2));
             match client.load(req).await {
                 Ok(r) => {
-                    let r = r.into_inner();
+                    let mut r = r.into_inner();
+                    w.set_adapters(std::mem::take(&mut r.adapters));
                     // A new process at the address, even one that came
                     // back between two polls, is a new life.
                     let mut restarted = false;
@@ -303,6 +357,7 @@ pub fn spawn_load_poll(
                     w.healthy.store(!w.is_removed(), Ordering::Relaxed);
                     if w.poll_failed.swap(false, Ordering::Relaxed) | restarted {
                         w.returns.fetch_add(1, Ordering::Relaxed);
+                        on_return(&w);
                     }
                 }
                 Err(e) => {

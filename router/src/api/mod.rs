@@ -9,7 +9,7 @@
 //! * [`choice`]: [`ChoiceDecoder`], detokenisation + stop strings of one choice;
 //! * [`openai`]: the axum routes ([`responses`]: OpenAI's Responses API,
 //!   [`messages`]: Anthropic's Messages API, both translations of chat);
-//!   [`grpc`]: the tonic service;
+//!   [`grpc`]: the tonic service; `lora`: vLLM's runtime LoRA endpoints;
 //! * [`relay`]: the router's own per-token relay latency.
 
 use std::sync::Arc;
@@ -22,6 +22,7 @@ use crate::dispatch::Backend;
 pub mod choice;
 pub mod error;
 pub mod grpc;
+mod lora;
 pub mod messages;
 pub mod openai;
 pub mod params;
@@ -79,6 +80,9 @@ pub struct ApiState {
     pub stop_token_ids: Vec<u32>,
     /// Unix time the state was built (`created` of `/v1/models`).
     pub created: u64,
+    /// Whether `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` may
+    /// change the served adapters (off unless asked for: see `lora`).
+    pub runtime_lora: bool,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -151,6 +155,7 @@ impl ApiState {
             api_key,
             stop_token_ids,
             created: unix_now(),
+            runtime_lora: false,
         })
     }
 

@@ -55,6 +55,8 @@ pub fn openai_routes(state: Arc<ApiState>) -> Router {
             "/v1/messages/count_tokens",
             post(super::messages::count_tokens),
         )
+        .route("/v1/load_lora_adapter", post(super::lora::load))
+        .route("/v1/unload_lora_adapter", post(super::lora::unload))
         .route("/v1/{*rest}", any(unknown_route))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
@@ -158,6 +160,7 @@ fn endpoint_of(path: &str) -> &'static str {
         "/v1/messages" => "messages",
         "/v1/messages/count_tokens" => "messages_count_tokens",
         p if p.starts_with("/v1/models") => "models",
+        "/v1/load_lora_adapter" | "/v1/unload_lora_adapter" => "lora_adapters",
         "/tokenize" => "tokenize",
         "/detokenize" => "detokenize",
         _ => "other",
@@ -447,7 +450,7 @@ pub(super) fn boolean(m: &Map<String, Value>, k: &str) -> Result<Option<bool>, A
     }
 }
 
-fn string<'a>(m: &'a Map<String, Value>, k: &str) -> Result<Option<&'a str>, ApiError> {
+pub(super) fn string<'a>(m: &'a Map<String, Value>, k: &str) -> Result<Option<&'a str>, ApiError> {
     match field(m, k) {
         None => Ok(None),
         Some(v) => v

@@ -964,6 +964,65 @@ async fn an_adapter_named_like_the_model_is_listed_once() {
     assert_eq!(backend.inputs()[0].adapter, "");
 }
 
+/// The runtime LoRA endpoints: off unless asked for, behind the API key,
+/// and every bad body refused before the backend is asked.
+#[tokio::test]
+async fn runtime_lora_endpoints_are_guarded_and_checked() {
+    let load = r#"{"lora_name": "sql", "lora_path": "/adapters/sql"}"#;
+    let off = openai_routes(state_with(Scripted::new(text_script("Hello")), None));
+    for uri in ["/v1/load_lora_adapter", "/v1/unload_lora_adapter"] {
+        let (s, _, b) = call(&off, "POST", uri, Some(load), None).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{uri}: {b}");
+        assert!(b.contains("--allow-runtime-lora"), "{b}");
+    }
+
+    let mut state = ApiState::new(
+        Scripted::new(text_script("Hello")),
+        tokenizer(),
+        MODEL.to_string(),
+        CTX,
+        Some("sekret".into()),
+    )
+    .unwrap();
+    state.runtime_lora = true;
+    let on = openai_routes(Arc::new(state));
+    let (s, _, _) = call(&on, "POST", "/v1/load_lora_adapter", Some(load), None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "the API key guards them too");
+    let key = Some("Bearer sekret");
+    for (body, param) in [
+        (r#"{"lora_path": "/a"}"#, "lora_name"),
+        (r#"{"lora_name": "sql"}"#, "lora_path"),
+        (r#"{"lora_name": "sql", "lora_path": " "}"#, "lora_path"),
+        (r#"{"lora_name": "", "lora_path": "/a"}"#, "lora_name"),
+        (r#"{"lora_name": "a\nb", "lora_path": "/a"}"#, "lora_name"),
+        (r#"{"lora_name": 7, "lora_path": "/a"}"#, "lora_name"),
+        (
+            r#"{"lora_name": "smollm2-test", "lora_path": "/a"}"#,
+            "lora_name",
+        ),
+        (
+            r#"{"lora_name": "sql", "lora_path": "/a", "load_inplace": true}"#,
+            "load_inplace",
+        ),
+    ] {
+        let (s, _, b) = call(&on, "POST", "/v1/load_lora_adapter", Some(body), key).await;
+        let v: Value = serde_json::from_str(&b).unwrap();
+        assert_error(s, &v, StatusCode::BAD_REQUEST, Some(param), body);
+    }
+    let long = json!({"lora_name": "x".repeat(257), "lora_path": "/a"}).to_string();
+    let (s, _, _) = call(&on, "POST", "/v1/load_lora_adapter", Some(&long), key).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _, _) = call(&on, "POST", "/v1/load_lora_adapter", Some("[1]"), key).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    // A well-formed request reaches the backend, whose refusal is the answer.
+    let (s, _, b) = call(&on, "POST", "/v1/load_lora_adapter", Some(load), key).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert!(b.contains("cannot load adapters"), "{b}");
+    let unload = r#"{"lora_name": "sql", "lora_int_id": 1}"#;
+    let (s, _, b) = call(&on, "POST", "/v1/unload_lora_adapter", Some(unload), key).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+}
+
 #[tokio::test]
 async fn models_and_unknown_model() {
     let app = openai_routes(state_with(Scripted::new(text_script("Hello")), None));

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::{json, Value};
+use tandem_cluster::Role;
 use tandem_proto::worker as w;
 use tandem_tests::{model_path, tandem_bin, Cluster, ClusterSpec, SECRET};
 
@@ -235,5 +236,122 @@ fn an_adapter_only_the_decode_tier_has_is_prefilled_there() {
         api_json(&cluster, "completions", &body).await;
         let remote = r#"tandem_router_dispatched_total{prefill="remote"}"#;
         assert_eq!(counter(&cluster.router, remote).await, 1.0);
+    });
+}
+
+/// `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` (vLLM's): an
+/// adapter loaded while the cluster serves runs on both tiers with the
+/// plain path's output, is loaded again on a decode worker that restarts
+/// without it, and once unloaded is an unknown model. Bad loads change
+/// nothing.
+#[test]
+fn adapters_load_and_unload_while_the_cluster_serves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("all");
+    synth_adapter(&dir, "all", "0.1", 3);
+    let prompt = prompts()[1].clone();
+    let want = plain(&prompt, Some(&dir));
+    assert_ne!(want, plain(&prompt, None), "the adapter changes the answer");
+    let spec = ClusterSpec {
+        prefill: 1,
+        decode: 1,
+        threads: 1,
+        router_args: vec!["--allow-runtime-lora".into()],
+        ..Default::default()
+    };
+    let mut cluster = Cluster::start_spec(spec.clone());
+    let base = cluster.base_url();
+    let http = reqwest::Client::new();
+    let post = |route: &str, body: Value| {
+        let req = http.post(format!("{base}/{route}")).json(&body);
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let models = || {
+        let req = http.get(format!("{base}/models"));
+        async move {
+            let v: Value = req.send().await.unwrap().json().await.unwrap();
+            v["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["id"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    let sql = json!({"model": "sql", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0});
+    let load = json!({"lora_name": "sql", "lora_path": dir.display().to_string()});
+    rt().block_on(async {
+        assert_eq!(models().await, [model_name()]);
+        assert_eq!(
+            post("load_lora_adapter", load.clone()).await,
+            (200, "Success: LoRA adapter 'sql' added successfully.".to_string())
+        );
+        assert_eq!(models().await, [model_name(), "sql".to_string()]);
+        let (status, body) = post("completions", sql.clone()).await;
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["choices"][0]["text"], want.as_str());
+        let remote = r#"tandem_router_dispatched_total{prefill="remote"}"#;
+        assert_eq!(counter(&cluster.router, remote).await, 1.0, "prefilled on the prefill tier");
+
+        // Refused, and nothing changes: a name in use, a directory
+        // without an adapter, the served model's name, a field not read.
+        let (status, body) = post("load_lora_adapter", load.clone()).await;
+        assert_eq!(status, 400);
+        assert!(body.contains("loaded already"), "{body}");
+        let missing = json!({"lora_name": "other", "lora_path": tmp.path().join("none").display().to_string()});
+        let (status, body) = post("load_lora_adapter", missing).await;
+        assert_eq!(status, 400);
+        assert!(body.contains("adapter_config.json"), "{body}");
+        let shadow = json!({"lora_name": model_name(), "lora_path": dir.display().to_string()});
+        assert_eq!(post("load_lora_adapter", shadow).await.0, 400);
+        let mut extra = load.clone();
+        extra["load_inplace"] = json!(true);
+        assert_eq!(post("load_lora_adapter", extra).await.0, 400);
+        assert_eq!(models().await, [model_name(), "sql".to_string()]);
+    });
+
+    // The decode worker restarts at its address without the adapter; the
+    // router loads it there again.
+    let port = cluster.decode[0].addr().port();
+    cluster.decode[0].kill();
+    cluster.decode[0] = Cluster::worker_at(&spec, Role::Decode, port);
+    rt().block_on(async {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let answer = loop {
+            let (status, body) = post("completions", sql.clone()).await;
+            if status == 200 {
+                break body;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the restarted worker never served the adapter: {status} {body}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
+        let v: Value = serde_json::from_str(&answer).unwrap();
+        assert_eq!(v["choices"][0]["text"], want.as_str(), "after the restart");
+
+        let unload = json!({"lora_name": "sql"});
+        assert_eq!(
+            post("unload_lora_adapter", unload.clone()).await,
+            (
+                200,
+                "Success: LoRA adapter 'sql' removed successfully.".to_string()
+            )
+        );
+        assert_eq!(models().await, [model_name()]);
+        let (status, body) = post("completions", sql.clone()).await;
+        assert_eq!(status, 404, "{body}");
+        assert!(body.contains("model_not_found"), "{body}");
+        assert_eq!(post("unload_lora_adapter", unload).await.0, 404);
+        // Loaded again, the same answer.
+        assert_eq!(post("load_lora_adapter", load).await.0, 200);
+        let (_, body) = post("completions", sql).await;
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["choices"][0]["text"], want.as_str(), "loaded again");
     });
 }
