@@ -57,9 +57,52 @@ if [[ ! -d "$SRC/vendor/llama.cpp" ]]; then
     tar -xzf dl/llama_cpp_python-"$VERSION".tar.gz -C "$ROOT"
 fi
 
-# 3. Configure and build the three tools.
+# 3. Configure and build the three tools. GGML_NATIVE turns on AMX where
+#    the CPU lists it, but some virtual machines list AMX without letting a
+#    process use its tiles (llama.cpp then dies of SIGILL in its first
+#    matrix product): try a tile instruction first, and build without AMX
+#    where it faults.
+amx_usable() {
+    grep -qw amx_tile /proc/cpuinfo || return 1
+    local d
+    d="$(mktemp -d)"
+    cat > "$d/amx.c" <<'C'
+#include <immintrin.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(void) {
+    /* ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA, as ggml asks. */
+    if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) return 1;
+    unsigned char cfg[64];
+    memset(cfg, 0, sizeof cfg);
+    cfg[0] = 1;   /* palette 1 */
+    cfg[16] = 64; /* tile 0: 64 bytes a row */
+    cfg[48] = 16; /* tile 0: 16 rows */
+    _tile_loadconfig(cfg);
+    _tile_zero(0);
+    _tile_release();
+    return 0;
+}
+C
+    local ok=1
+    if gcc -O1 -mamx-tile "$d/amx.c" -o "$d/amx" 2>/dev/null && "$d/amx" 2>/dev/null; then
+        ok=0
+    fi
+    rm -rf "$d"
+    return $ok
+}
+AMX_FLAGS=()
+if grep -qw amx_tile /proc/cpuinfo && ! amx_usable; then
+    echo "the CPU lists AMX but a process may not use it here: building llama.cpp without AMX" >&2
+    # -march=native would turn the AMX kernels on again; explicit -mno-*
+    # flags win over it whatever their order.
+    no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    AMX_FLAGS=(-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+        "-DCMAKE_C_FLAGS=$no_amx" "-DCMAKE_CXX_FLAGS=$no_amx")
+fi
 cd "$SRC/vendor/llama.cpp"
-cmake -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=ON
+cmake -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=ON "${AMX_FLAGS[@]}"
 cmake --build build --config Release -j"$JOBS" --target "${TARGETS[@]}"
 
 # 4. Expose them (and their shared libraries) under one stable directory.

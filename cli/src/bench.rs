@@ -259,7 +259,11 @@ fn engine(a: EngineArgs) -> Result<()> {
     let t_load = Instant::now();
     let mut model = Model::load_with(&src, threads, a.expand_weights)?;
     let loras = crate::lora::unnamed(a.lora.as_deref());
-    crate::lora::attach(&mut model, &loras)?;
+    crate::lora::attach(
+        &mut model,
+        &loras,
+        tandem_engine::engine::AdapterLimits::NONE,
+    )?;
     let adapter = loras.len() as u32;
     let load_s = t_load.elapsed().as_secs_f64();
     let runs = a.runs.max(1);

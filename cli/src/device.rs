@@ -68,11 +68,12 @@ pub fn load_whole(
     threads: usize,
     expand: ExpandWeights,
     loras: &[crate::lora::LoraArg],
+    limits: tandem_engine::engine::AdapterLimits,
 ) -> Result<Arc<dyn Executor>> {
     match device {
         Device::Cpu => {
             let mut m = Model::load_with(src, threads, expand).context("loading weights")?;
-            crate::lora::attach(&mut m, loras)?;
+            crate::lora::attach(&mut m, loras, limits)?;
             Ok(Arc::new(m))
         }
         Device::Cuda { .. } if !loras.is_empty() => {

@@ -120,7 +120,14 @@ fn load(args: &GenerateArgs) -> Result<Loaded> {
     let loras = crate::lora::unnamed(args.lora.as_deref());
     crate::device::check_sharding(args.device, args.tp, args.pp, loras.len())?;
     let (model, ranks): (Arc<dyn Executor>, _) = if args.tp * args.pp == 1 {
-        let m = crate::device::load_whole(&src, args.device, threads, ExpandWeights::Auto, &loras)?;
+        let m = crate::device::load_whole(
+            &src,
+            args.device,
+            threads,
+            ExpandWeights::Auto,
+            &loras,
+            tandem_engine::engine::AdapterLimits::NONE,
+        )?;
         (m, None)
     } else {
         let (m, ranks) =

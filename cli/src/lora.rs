@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use tandem_engine::engine::AdapterLimits;
 use tandem_engine::model::Model;
 use tandem_model::lora::{LoraSynthSpec, Target};
 use tandem_model::weights::ModelSource;
@@ -87,11 +88,15 @@ pub fn check_not_served(loras: &[LoraArg], served: &str) -> Result<()> {
     Ok(())
 }
 
-/// Loads each adapter (checked against `model`'s shapes) into `model`.
-pub fn attach(model: &mut Model, loras: &[LoraArg]) -> Result<()> {
+/// Loads each adapter (checked against `model`'s shapes and `limits`)
+/// into `model`.
+pub fn attach(model: &mut Model, loras: &[LoraArg], limits: AdapterLimits) -> Result<()> {
     check_names(loras)?;
-    for a in loras {
+    for (held, a) in loras.iter().enumerate() {
         let lora = tandem_model::lora::load(&a.dir, &model.config)
+            .with_context(|| format!("--lora {a}"))?;
+        limits
+            .check(held, &a.name, &lora)
             .with_context(|| format!("--lora {a}"))?;
         tracing::info!(
             name = %a.name,

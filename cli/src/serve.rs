@@ -12,7 +12,7 @@ use tandem_cluster::{
     ClusterSecret, Drain, EtcdConfig, EtcdTls, Membership, MembershipEvent, NodeRecord, NodeServer,
     PeerList, Readiness, ReadyLine, Registration, Role, SecretCheck,
 };
-use tandem_engine::engine::{Engine, EngineConfig};
+use tandem_engine::engine::{AdapterLimits, Engine, EngineConfig};
 use tandem_engine::executor::Executor;
 use tandem_engine::guided::Grammars;
 use tandem_engine::scheduler::SchedulerConfig;
@@ -113,6 +113,13 @@ pub struct WorkerArgs {
     /// TANDEM_LORA) for more. Prefill and decode workers need the same ones.
     #[arg(long = "lora", env = "TANDEM_LORA", value_delimiter = ',')]
     pub loras: Vec<crate::lora::LoraArg>,
+    /// LoRA adapters held at once, those of --lora and those loaded while
+    /// serving (the router's --allow-runtime-lora); a load past it is refused.
+    #[arg(long, env = "TANDEM_MAX_LORA_ADAPTERS", default_value_t = 32, value_parser = crate::positive)]
+    pub max_lora_adapters: usize,
+    /// Largest rank of a LoRA adapter this worker loads.
+    #[arg(long, env = "TANDEM_MAX_LORA_RANK", default_value_t = 256, value_parser = crate::positive)]
+    pub max_lora_rank: usize,
     /// Tensor-parallel ranks: one process each, started by this one, which
     /// speaks for the worker (--threads are shared among all ranks).
     #[arg(long, env = "TANDEM_TP", default_value_t = 1)]
@@ -516,6 +523,13 @@ struct Started {
     sharded: Option<(Arc<ShardedModel>, crate::shard::Ranks)>,
 }
 
+fn adapter_limits(args: &WorkerArgs) -> AdapterLimits {
+    AdapterLimits {
+        max_adapters: args.max_lora_adapters,
+        max_rank: args.max_lora_rank,
+    }
+}
+
 /// Loads the model and starts the engine of a worker.
 fn start_engine(args: &WorkerArgs) -> Result<Started> {
     let kv_bytes = parse_size(&args.kv_cache_memory)?;
@@ -533,6 +547,7 @@ fn start_engine(args: &WorkerArgs) -> Result<Started> {
             threads,
             args.expand_weights,
             &args.loras,
+            adapter_limits(args),
         )?;
         (m, None)
     } else {
@@ -570,6 +585,7 @@ fn start_engine(args: &WorkerArgs) -> Result<Started> {
                     tracing::warn!(error = %e, "structured output is unavailable for this model")
                 })
                 .ok(),
+            adapter_limits: adapter_limits(args),
         },
     );
     let blocks = engine.stats().total_blocks;

@@ -64,6 +64,8 @@ pub struct EngineConfig {
     /// ([`SamplingParams::response_format`]) needs it; without it, such
     /// requests are refused.
     pub grammars: Option<Arc<Grammars>>,
+    /// What [`Engine::load_adapter`] accepts.
+    pub adapter_limits: AdapterLimits,
 }
 
 impl Default for EngineConfig {
@@ -74,7 +76,53 @@ impl Default for EngineConfig {
             kv_cache_bytes: 1 << 30,
             reserve_wait: Duration::from_secs(60),
             grammars: None,
+            adapter_limits: AdapterLimits::default(),
         }
+    }
+}
+
+/// How many LoRA adapters an engine holds at most, and of what rank: a
+/// load past either is refused with the limit's name, so loading
+/// adapters while serving cannot exhaust the worker's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdapterLimits {
+    /// Adapters held at once (those unloaded but still finishing count).
+    pub max_adapters: usize,
+    /// Largest rank `r` of an adapter's update matrices.
+    pub max_rank: usize,
+}
+
+impl Default for AdapterLimits {
+    fn default() -> Self {
+        Self {
+            max_adapters: 32,
+            max_rank: 256,
+        }
+    }
+}
+
+impl AdapterLimits {
+    /// No limit (the plain path and the benchmarks: one adapter, given on
+    /// the command line).
+    pub const NONE: Self = Self {
+        max_adapters: usize::MAX,
+        max_rank: usize::MAX,
+    };
+
+    /// Refuses `lora` (to be called `name`) beside `held` adapters.
+    pub fn check(&self, held: usize, name: &str, lora: &LoraAdapter) -> Result<()> {
+        if lora.rank > self.max_rank {
+            return Err(EngineError::Adapter(format!(
+                "LoRA adapter {name:?} has rank {}, above this worker's --max-lora-rank {}",
+                lora.rank, self.max_rank
+            )));
+        }
+        if held >= self.max_adapters {
+            return Err(EngineError::Adapter(format!(
+                "this worker holds {held} LoRA adapters, its --max-lora-adapters; unload one before loading {name:?}"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -407,6 +455,7 @@ fn add_adapter(
     model: &dyn Executor,
     table: &RwLock<Vec<AdapterInfo>>,
     retiring: &RetiringAdapters,
+    limits: AdapterLimits,
     name: &str,
     lora: LoraAdapter,
 ) -> Result<AdapterInfo> {
@@ -416,6 +465,7 @@ fn add_adapter(
             a.name
         )));
     }
+    limits.check(model.adapters().len(), name, &lora)?;
     let fingerprint = lora.fingerprint.clone();
     let id = model.add_adapter(name, lora)?;
     let info = AdapterInfo {
@@ -500,6 +550,7 @@ impl Engine {
         let adapters = Arc::new(RwLock::new(model.adapters()));
         let table = adapters.clone();
         let model_config = model.config().clone();
+        let adapter_limits = cfg.adapter_limits;
         let reserve_wait = cfg.reserve_wait;
         let max_batch = cfg.scheduler.max_running;
         let grammars = cfg.grammars;
@@ -608,7 +659,7 @@ impl Engine {
                                 let _ = reply.send(sched.cached_prefix_len(adapter, &tokens));
                             }
                             Command::AddAdapter(name, lora, reply) => {
-                                let _ = reply.send(add_adapter(model.as_ref(), &table, &retiring, &name, *lora));
+                                let _ = reply.send(add_adapter(model.as_ref(), &table, &retiring, adapter_limits, &name, *lora));
                             }
                             Command::RemoveAdapter(name, reply) => {
                                 let mut t = table.write().unwrap_or_else(PoisonError::into_inner);
@@ -622,6 +673,9 @@ impl Engine {
                                     ))),
                                 };
                                 drop(t);
+                                // Freed now if nothing runs with it, so that
+                                // a load right after the reply has its room.
+                                retiring.free_unused(model.as_ref(), &sched);
                                 let _ = reply.send(r);
                             }
                             Command::Shutdown => break 'outer,

@@ -2512,6 +2512,56 @@ mod lora {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A worker holds at most `max_adapters` adapters of rank at most
+    /// `max_rank`; a load past either is refused, naming the limit, and
+    /// changes nothing.
+    #[test]
+    fn adapter_limits_refuse_loads_past_them() {
+        use std::sync::Arc;
+        use tandem_engine::engine::{AdapterLimits, Engine, EngineConfig};
+        let m = Arc::new(Model::load(source(), 1).unwrap());
+        let engine = Engine::start(
+            m.clone(),
+            EngineConfig {
+                kv_cache_bytes: 16 << 20,
+                adapter_limits: AdapterLimits {
+                    max_adapters: 1,
+                    max_rank: 8,
+                },
+                ..Default::default()
+            },
+        );
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("real_model-lora-limits-{}", std::process::id()));
+        for (name, rank) in [("r8", 8), ("r16", 16)] {
+            let spec = LoraSynthSpec {
+                rank,
+                alpha: 16.0,
+                targets: vec![Target::Q],
+                seed: rank as u64,
+                b_std: 0.1,
+            };
+            tandem_model::lora::synth(&m.config, &spec, &dir.join(name)).unwrap();
+        }
+        let e = engine
+            .load_adapter("big", &dir.join("r16"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--max-lora-rank 8"), "{e}");
+        engine.load_adapter("a", &dir.join("r8")).unwrap();
+        let e = engine
+            .load_adapter("b", &dir.join("r8"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--max-lora-adapters"), "{e}");
+        assert_eq!(engine.adapters().len(), 1);
+        // Room again once one is unloaded (and, with nothing running, freed).
+        engine.unload_adapter("a").unwrap();
+        engine.load_adapter("b", &dir.join("r8")).unwrap();
+        assert_eq!(engine.adapter_id("b"), Some(2));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_bad_adapter_is_refused_with_its_reason() {
         let m = model();
