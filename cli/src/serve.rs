@@ -388,7 +388,7 @@ pub(crate) fn model_name(path: &std::path::Path) -> String {
 
 /// Exports the engine's scheduler counters on the worker's /metrics once a
 /// second: queue depth, running sequences, KV blocks, prefix-cache hits and
-/// misses, preemptions.
+/// misses, preemptions, and a mixture's tokens per expert.
 async fn publish_engine_stats(engine: Arc<Engine>, shutdown: CancellationToken) {
     loop {
         let s = engine.stats();
@@ -407,6 +407,10 @@ async fn publish_engine_stats(engine: Arc<Engine>, shutdown: CancellationToken) 
         metrics::counter!(tandem_cluster::metrics::SPEC_DRAFT_TOKENS).absolute(s.draft_tokens);
         metrics::counter!(tandem_cluster::metrics::SPEC_ACCEPTED_TOKENS)
             .absolute(s.accepted_draft_tokens);
+        for (expert, n) in engine.expert_tokens().into_iter().enumerate() {
+            metrics::counter!(tandem_cluster::metrics::MOE_EXPERT_TOKENS, "expert" => expert.to_string())
+                .absolute(n);
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}

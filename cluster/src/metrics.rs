@@ -51,6 +51,9 @@ pub const PREFILL_PROMPT_TOKENS: &str = "tandem_prefill_prompt_tokens_total";
 /// (their ratio is the acceptance rate).
 pub const SPEC_DRAFT_TOKENS: &str = "tandem_spec_decode_draft_tokens_total";
 pub const SPEC_ACCEPTED_TOKENS: &str = "tandem_spec_decode_accepted_tokens_total";
+/// Workers serving a mixture of experts: tokens the router sent to each
+/// expert, summed over the worker's layers (label `expert`).
+pub const MOE_EXPERT_TOKENS: &str = "tandem_moe_expert_tokens_total";
 
 // Router internals.
 pub const ROUTER_RELAY: &str = "tandem_router_relay_seconds";
@@ -188,6 +191,10 @@ pub fn describe() {
     c(
         SPEC_ACCEPTED_TOKENS,
         "Draft tokens kept by speculative decoding (each one a token without a step of its own)",
+    );
+    c(
+        MOE_EXPERT_TOKENS,
+        "Mixture of experts: tokens routed to each expert, summed over the worker's layers (a sharded worker's first pipeline stage)",
     );
     c(
         ROUTER_DISPATCHED,

@@ -413,6 +413,8 @@ pub struct Engine {
     adapters: Arc<RwLock<Vec<AdapterInfo>>>,
     /// What an adapter loaded at run time is checked against.
     model_config: ModelConfig,
+    /// For counters the executor keeps itself ([`Engine::expert_tokens`]).
+    executor: Arc<dyn Executor>,
 }
 
 /// Adapters unloaded while sequences still ran with them: their weights
@@ -550,6 +552,7 @@ impl Engine {
         let adapters = Arc::new(RwLock::new(model.adapters()));
         let table = adapters.clone();
         let model_config = model.config().clone();
+        let executor = model.clone();
         let adapter_limits = cfg.adapter_limits;
         let reserve_wait = cfg.reserve_wait;
         let max_batch = cfg.scheduler.max_running;
@@ -736,6 +739,7 @@ impl Engine {
             stats,
             adapters,
             model_config,
+            executor,
         }
     }
 
@@ -1048,6 +1052,12 @@ impl Engine {
             .send(Command::RemoveAdapter(name.to_string(), rtx))
             .map_err(|_| shut_down())?;
         rrx.recv().map_err(|_| shut_down())?
+    }
+
+    /// Tokens routed to each expert of a mixture-of-experts model since it
+    /// loaded (see [`Executor::expert_tokens`]); empty for a dense model.
+    pub fn expert_tokens(&self) -> Vec<u64> {
+        self.executor.expert_tokens()
     }
 
     /// Tokens one sequence may hold (context or pool, whichever is smaller).

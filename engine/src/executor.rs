@@ -104,6 +104,12 @@ pub trait Executor: Send + Sync {
         Ok(())
     }
 
+    /// Tokens routed to each expert of a mixture-of-experts model, summed
+    /// over the layers this process computes; empty by default.
+    fn expert_tokens(&self) -> Vec<u64> {
+        Vec::new()
+    }
+
     /// The LoRA adapters this executor holds, by number
     /// ([`crate::kv::SeqKv::adapter`] names them). None by default.
     fn adapters(&self) -> Vec<AdapterInfo> {
@@ -157,6 +163,9 @@ impl Executor for crate::model::Model {
     }
     fn adapters(&self) -> Vec<AdapterInfo> {
         crate::model::Model::adapters(self)
+    }
+    fn expert_tokens(&self) -> Vec<u64> {
+        crate::model::Model::expert_tokens(self)
     }
     fn add_adapter(&self, name: &str, lora: LoraAdapter) -> Result<u32> {
         crate::model::Model::add_adapter(self, name, lora)

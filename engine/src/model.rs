@@ -233,6 +233,9 @@ struct Moe {
     norm_topk_prob: bool,
     /// The expert every token runs through (Qwen2-MoE).
     shared: Option<SharedExpert>,
+    /// Tokens routed to each expert (all of them, counted on every rank):
+    /// how evenly the router spreads the load (see [`Model::expert_tokens`]).
+    routed: Vec<std::sync::atomic::AtomicU64>,
 }
 
 /// An expert every token runs through, its output scaled by
@@ -685,6 +688,7 @@ fn load_moe(
         used: moe.experts_used,
         norm_topk_prob: moe.norm_topk_prob,
         shared,
+        routed: (0..moe.experts).map(|_| Default::default()).collect(),
     })
 }
 
@@ -1030,6 +1034,23 @@ impl Model {
         Ok(adapters.len() as u32)
     }
 
+    /// Tokens the router sent to each expert since the model loaded,
+    /// summed over this process's layers (the whole model, or a pipeline
+    /// stage's share); empty for a dense model. Every token computed
+    /// counts: prompts, decodes and speculative drafts.
+    pub fn expert_tokens(&self) -> Vec<u64> {
+        let mut sum = Vec::new();
+        for l in &self.layers {
+            if let Ffn::Moe(m) = &l.ffn {
+                sum.resize(m.routed.len(), 0);
+                for (s, c) in sum.iter_mut().zip(&m.routed) {
+                    *s += c.load(std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+        sum
+    }
+
     /// Frees adapter `id`'s weights; a later step that names it is refused.
     pub fn remove_adapter(&self, id: u32) -> Result<()> {
         let mut adapters = self
@@ -1139,6 +1160,9 @@ impl Model {
         let mut scores = vec![0f32; n_tok * moe.router.rows];
         moe.router.apply(&self.pool, xn, n_tok, &mut scores);
         let routes = moe.route(&scores);
+        for (count, r) in moe.routed.iter().zip(&routes) {
+            count.fetch_add(r.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
         out.fill(0.0);
         if moe.local.len() == routes.len() {
             for (expert, routes) in moe.experts.iter().zip(&routes) {

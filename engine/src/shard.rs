@@ -840,6 +840,10 @@ impl Executor for ShardedModel {
     fn config(&self) -> &ModelConfig {
         &self.model.config
     }
+    /// Rank 0's counts: the first pipeline stage's layers.
+    fn expert_tokens(&self) -> Vec<u64> {
+        self.model.expert_tokens()
+    }
 
     /// Rank 0's shard of the layout (its stage's layers, its KV heads).
     fn kv_layout(&self, block_size: usize) -> KvLayout {

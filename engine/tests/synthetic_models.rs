@@ -517,7 +517,29 @@ fn moe_batching_chunking_and_threads_do_not_change_bits() {
             common::same_bits(&common::prompt_logits(&one, &prompts[2]), &alone[2]),
             "{stem}: one thread differs from two"
         );
+        // The router's counts: every token of the one forward pass went to
+        // `experts_used` experts in each layer, each at most once.
+        let moe = src.config.moe.as_ref().unwrap();
+        let counts = one.expert_tokens();
+        let per_layer = prompts[2].len() as u64;
+        assert_eq!(counts.len(), moe.experts, "{stem}");
+        assert_eq!(
+            counts.iter().sum::<u64>(),
+            per_layer * src.config.n_layers as u64 * moe.experts_used as u64,
+            "{stem}: {counts:?}"
+        );
+        assert!(
+            counts
+                .iter()
+                .all(|&c| c <= per_layer * src.config.n_layers as u64),
+            "{stem}: {counts:?}"
+        );
     }
+    // A dense model has no experts to count.
+    let (path, _scratch) = fixture("tiny-llama-q4_k").checkpoint("moe-dense");
+    let dense = Model::load(&ModelSource::open(&path).unwrap(), 1).unwrap();
+    common::prompt_logits(&dense, &[1, 2, 3]);
+    assert!(dense.expert_tokens().is_empty());
 }
 
 /// What a mixture-of-experts model refuses, each with its reason: more

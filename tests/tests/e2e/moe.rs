@@ -101,5 +101,38 @@ fn a_mixture_of_experts_model_is_served_disaggregated_as_on_the_plain_path() {
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
         assert!(drafted > 0.0, "the decode worker drafted no token");
+
+        // The router's spread over the experts: the prefill worker (tensor
+        // ranks, every layer on rank 0) sent each prompt token it computed
+        // to 2 of the 4 experts in each of the 2 layers.
+        let prefill = &cluster.prefill[0];
+        let expert = |e: usize| format!(r#"tandem_moe_expert_tokens_total{{expert="{e}"}}"#);
+        let mut seen = (0.0, 0.0);
+        for _ in 0..30 {
+            let computed = counter(prefill, "tandem_prompt_tokens_computed_total").await;
+            let routed = counter(prefill, "tandem_moe_expert_tokens_total").await;
+            seen = (computed, routed);
+            if computed > 0.0 && routed == computed * 2.0 * 2.0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        assert!(
+            seen.0 > 0.0 && seen.1 == seen.0 * 4.0,
+            "computed, routed: {seen:?}"
+        );
+        let mut per_expert = Vec::new();
+        for e in 0..4 {
+            per_expert.push(counter(prefill, &expert(e)).await);
+        }
+        assert_eq!(per_expert.iter().sum::<f64>(), seen.1, "{per_expert:?}");
+        assert!(
+            per_expert.iter().all(|&n| n <= seen.0 * 2.0),
+            "{per_expert:?}"
+        );
+        assert!(
+            counter(&cluster.decode[0], "tandem_moe_expert_tokens_total").await > 0.0,
+            "the decode worker counts its experts too"
+        );
     });
 }
