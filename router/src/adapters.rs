@@ -36,7 +36,7 @@ pub async fn load(
 ) -> Result<(), AdapterError> {
     if workers.is_empty() {
         return Err(AdapterError::Unavailable(
-            "no workers to load the adapter on".into(),
+            "no worker is up to load the adapter on".into(),
         ));
     }
     let req = pb::LoadAdapterRequest {
@@ -137,6 +137,11 @@ pub async fn unload(
             );
             Ok(())
         }
+        // The others have let it go; asking again reaches only the ones
+        // that still hold it.
+        Some(AdapterError::Unavailable(m)) => Err(AdapterError::Unavailable(format!(
+            "{m}; the other workers unloaded it: ask again to unload it there"
+        ))),
         Some(e) => Err(e),
     }
 }

@@ -425,7 +425,13 @@ impl Backend for Dispatcher {
         Box::pin(async move {
             let s = &self.shared;
             let _one = s.adapter_changes.lock().await;
-            let workers = s.all_workers();
+            // A worker that is down gets it when it comes back (see
+            // `restore_adapters`), rather than failing the load for all.
+            let workers: Vec<Arc<Worker>> = s
+                .all_workers()
+                .into_iter()
+                .filter(|w| w.load().healthy)
+                .collect();
             crate::adapters::load(&workers, &s.cfg.secret, &name, &path).await?;
             lock(&s.runtime_adapters).push((name, path));
             Ok(())

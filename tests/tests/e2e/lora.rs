@@ -241,16 +241,19 @@ fn an_adapter_only_the_decode_tier_has_is_prefilled_there() {
 
 /// `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` (vLLM's): an
 /// adapter loaded while the cluster serves runs on both tiers with the
-/// plain path's output, is loaded again on a decode worker that restarts
-/// without it, and once unloaded is an unknown model. Bad loads change
-/// nothing.
+/// plain path's output; one loaded while a worker is down, and those
+/// loaded before, reach that worker when it restarts without them; once
+/// unloaded an adapter is an unknown model. Bad loads change nothing.
 #[test]
 fn adapters_load_and_unload_while_the_cluster_serves() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("all");
     synth_adapter(&dir, "all", "0.1", 3);
+    let qv_dir = tmp.path().join("qv");
+    synth_adapter(&qv_dir, "q_proj,v_proj", "0.3", 4);
     let prompt = prompts()[1].clone();
     let want = plain(&prompt, Some(&dir));
+    let want_qv = plain(&prompt, Some(&qv_dir));
     assert_ne!(want, plain(&prompt, None), "the adapter changes the answer");
     let spec = ClusterSpec {
         prefill: 1,
@@ -314,26 +317,52 @@ fn adapters_load_and_unload_while_the_cluster_serves() {
         assert_eq!(models().await, [model_name(), "sql".to_string()]);
     });
 
-    // The decode worker restarts at its address without the adapter; the
-    // router loads it there again.
+    // The decode worker dies. While it is down a second adapter loads
+    // (on the prefill worker); the worker restarts at its address without
+    // either, and the router loads both there.
     let port = cluster.decode[0].addr().port();
     cluster.decode[0].kill();
-    cluster.decode[0] = Cluster::worker_at(&spec, Role::Decode, port);
     rt().block_on(async {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        let answer = loop {
-            let (status, body) = post("completions", sql.clone()).await;
-            if status == 200 {
-                break body;
-            }
+        let healthy = r#"tandem_router_workers_healthy{worker_role="decode"}"#;
+        while counter(&cluster.router, healthy).await > 0.0 {
             assert!(
                 std::time::Instant::now() < deadline,
-                "the restarted worker never served the adapter: {status} {body}"
+                "the router never saw the worker go"
             );
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        };
-        let v: Value = serde_json::from_str(&answer).unwrap();
-        assert_eq!(v["choices"][0]["text"], want.as_str(), "after the restart");
+        }
+        let load_qv = json!({"lora_name": "qv", "lora_path": qv_dir.display().to_string()});
+        let (status, body) = post("load_lora_adapter", load_qv).await;
+        assert_eq!(
+            status, 200,
+            "a worker that is down does not stop a load: {body}"
+        );
+    });
+    cluster.decode[0] = Cluster::worker_at(&spec, Role::Decode, port);
+    rt().block_on(async {
+        let qv =
+            json!({"model": "qv", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0});
+        for (body, want, name) in [(&sql, &want, "sql"), (&qv, &want_qv, "qv")] {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            let answer = loop {
+                let (status, answer) = post("completions", body.clone()).await;
+                if status == 200 {
+                    break answer;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the restarted worker never served {name}: {status} {answer}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            };
+            let v: Value = serde_json::from_str(&answer).unwrap();
+            assert_eq!(
+                v["choices"][0]["text"],
+                want.as_str(),
+                "{name} after the restart"
+            );
+        }
 
         let unload = json!({"lora_name": "sql"});
         assert_eq!(
@@ -343,7 +372,7 @@ fn adapters_load_and_unload_while_the_cluster_serves() {
                 "Success: LoRA adapter 'sql' removed successfully.".to_string()
             )
         );
-        assert_eq!(models().await, [model_name()]);
+        assert_eq!(models().await, [model_name(), "qv".to_string()]);
         let (status, body) = post("completions", sql.clone()).await;
         assert_eq!(status, 404, "{body}");
         assert!(body.contains("model_not_found"), "{body}");
