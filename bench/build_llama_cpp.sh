@@ -86,7 +86,9 @@ int main(void) {
 }
 C
     local ok=1
-    if gcc -O1 -mamx-tile "$d/amx.c" -o "$d/amx" 2>/dev/null && "$d/amx" 2>/dev/null; then
+    # (The subshell runs more than one command, so the notice of a killed
+    # child goes to its silenced stderr, not to ours.)
+    if gcc -O1 -mamx-tile "$d/amx.c" -o "$d/amx" 2>/dev/null && ("$d/amx"; exit $?) 2>/dev/null; then
         ok=0
     fi
     rm -rf "$d"

@@ -422,8 +422,8 @@ impl Backend for Dispatcher {
     }
 
     fn load_adapter(&self, name: String, path: String) -> BoxFuture<'_, Result<(), AdapterError>> {
-        Box::pin(async move {
-            let s = &self.shared;
+        let s = self.shared.clone();
+        Box::pin(finish_even_if_dropped(async move {
             let _one = s.adapter_changes.lock().await;
             // A worker that is down gets it when it comes back (see
             // `restore_adapters`), rather than failing the load for all.
@@ -435,19 +435,19 @@ impl Backend for Dispatcher {
             crate::adapters::load(&workers, &s.cfg.secret, &name, &path).await?;
             lock(&s.runtime_adapters).push((name, path));
             Ok(())
-        })
+        }))
     }
 
     fn unload_adapter(&self, name: String) -> BoxFuture<'_, Result<(), AdapterError>> {
-        Box::pin(async move {
-            let s = &self.shared;
+        let s = self.shared.clone();
+        Box::pin(finish_even_if_dropped(async move {
             let _one = s.adapter_changes.lock().await;
             // Forgotten first: a worker that fails to unload it is not
             // given it again when it restarts.
             lock(&s.runtime_adapters).retain(|(n, _)| *n != name);
             let workers = s.all_workers();
             crate::adapters::unload(&workers, &s.cfg.secret, &name).await
-        })
+        }))
     }
 
     /// The adapters some decode worker serves.
@@ -458,6 +458,19 @@ impl Backend for Dispatcher {
         names.dedup();
         names
     }
+}
+
+/// Runs an adapter change on its own task: a client that hangs up while
+/// the workers load must not leave the change half done (some workers
+/// with the adapter, none undone).
+async fn finish_even_if_dropped(
+    change: impl std::future::Future<Output = Result<(), AdapterError>> + Send + 'static,
+) -> Result<(), AdapterError> {
+    tokio::spawn(change).await.unwrap_or_else(|e| {
+        Err(AdapterError::Unavailable(format!(
+            "the adapter change stopped: {e}"
+        )))
+    })
 }
 
 /// `tandem_router_lora_requests_total{adapter}`: `n` generations with `adapter`.
