@@ -408,13 +408,21 @@ pub struct Engine {
     layout: KvLayout,
     total_blocks: usize,
     stats: Arc<Mutex<SchedulerStats>>,
-    /// The LoRA adapters requests may name, by number; the engine thread
-    /// writes it as adapters are loaded and unloaded.
-    adapters: Arc<RwLock<Vec<AdapterInfo>>>,
+    /// The LoRA adapters requests may name; the engine thread writes it
+    /// as adapters are loaded and unloaded.
+    adapters: Arc<RwLock<AdapterTable>>,
     /// What an adapter loaded at run time is checked against.
     model_config: ModelConfig,
     /// For counters the executor keeps itself ([`Engine::expert_tokens`]).
     executor: Arc<dyn Executor>,
+}
+
+/// The adapters requests may name, and how many changes made it so.
+#[derive(Debug, Default)]
+struct AdapterTable {
+    /// Counts loads and unloads: of two listings, the higher is newer.
+    version: u64,
+    list: Vec<AdapterInfo>,
 }
 
 /// Adapters unloaded while sequences still ran with them: their weights
@@ -455,7 +463,7 @@ fn check_adapter(model: &dyn Executor, req: &Request) -> Result<()> {
 /// Engine-thread side of [`Engine::load_adapter`].
 fn add_adapter(
     model: &dyn Executor,
-    table: &RwLock<Vec<AdapterInfo>>,
+    table: &RwLock<AdapterTable>,
     retiring: &RetiringAdapters,
     limits: AdapterLimits,
     name: &str,
@@ -475,10 +483,9 @@ fn add_adapter(
         name: name.to_string(),
         fingerprint,
     };
-    table
-        .write()
-        .unwrap_or_else(PoisonError::into_inner)
-        .push(info.clone());
+    let mut t = table.write().unwrap_or_else(PoisonError::into_inner);
+    t.list.push(info.clone());
+    t.version += 1;
     Ok(info)
 }
 
@@ -549,7 +556,10 @@ impl Engine {
         let context_length = model.config().context_length;
         let vocab_size = model.config().vocab_size;
         let total_blocks = pool.n_blocks();
-        let adapters = Arc::new(RwLock::new(model.adapters()));
+        let adapters = Arc::new(RwLock::new(AdapterTable {
+            version: 0,
+            list: model.adapters(),
+        }));
         let table = adapters.clone();
         let model_config = model.config().clone();
         let executor = model.clone();
@@ -666,9 +676,10 @@ impl Engine {
                             }
                             Command::RemoveAdapter(name, reply) => {
                                 let mut t = table.write().unwrap_or_else(PoisonError::into_inner);
-                                let r = match t.iter().position(|a| a.name == name) {
+                                let r = match t.list.iter().position(|a| a.name == name) {
                                     Some(i) => {
-                                        retiring.0.push(t.remove(i));
+                                        retiring.0.push(t.list.remove(i));
+                                        t.version += 1;
                                         Ok(())
                                     }
                                     None => Err(EngineError::Adapter(format!(
@@ -768,7 +779,13 @@ impl Engine {
             guide: None,
             adapter: spec.adapter,
         };
-        if spec.adapter != 0 && !self.adapter_table().iter().any(|a| a.id == spec.adapter) {
+        if spec.adapter != 0
+            && !self
+                .adapter_table()
+                .list
+                .iter()
+                .any(|a| a.id == spec.adapter)
+        {
             return Err(EngineError::Unsupported(format!(
                 "LoRA adapter {} is not loaded",
                 spec.adapter
@@ -1002,22 +1019,32 @@ impl Engine {
         self.stats.lock().map(|s| *s).unwrap_or_default()
     }
 
-    fn adapter_table(&self) -> std::sync::RwLockReadGuard<'_, Vec<AdapterInfo>> {
+    fn adapter_table(&self) -> std::sync::RwLockReadGuard<'_, AdapterTable> {
         self.adapters.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// `(name, fingerprint)` of the LoRA adapters requests may name, in
     /// the order they were loaded.
     pub fn adapters(&self) -> Vec<(String, String)> {
-        self.adapter_table()
+        self.adapters_versioned().1
+    }
+
+    /// [`Engine::adapters`] with the number of loads and unloads that made
+    /// the list (read together): of two listings, the higher is newer.
+    pub fn adapters_versioned(&self) -> (u64, Vec<(String, String)>) {
+        let t = self.adapter_table();
+        let list = t
+            .list
             .iter()
             .map(|a| (a.name.clone(), a.fingerprint.clone()))
-            .collect()
+            .collect();
+        (t.version, list)
     }
 
     /// The number of the adapter called `name` (see [`RequestSpec::adapter`]).
     pub fn adapter_id(&self, name: &str) -> Option<u32> {
         self.adapter_table()
+            .list
             .iter()
             .find(|a| a.name == name)
             .map(|a| a.id)

@@ -140,17 +140,21 @@ pub fn node_info(
         tp_size: 1,
         pp_size: 1,
         threads,
-        adapters: adapters(engine),
+        adapters: adapter_list(engine).adapters,
     }
 }
 
 /// The LoRA adapters `engine` serves, as the protocol lists them.
-pub fn adapters(engine: &Engine) -> Vec<pb::LoraAdapter> {
-    engine
-        .adapters()
-        .into_iter()
-        .map(|(name, fingerprint)| pb::LoraAdapter { name, fingerprint })
-        .collect()
+pub fn adapter_list(engine: &Engine) -> pb::AdapterList {
+    let (version, list) = engine.adapters_versioned();
+    pb::AdapterList {
+        adapters: list
+            .into_iter()
+            .map(|(name, fingerprint)| pb::LoraAdapter { name, fingerprint })
+            .collect(),
+        instance: instance(),
+        adapters_version: version,
+    }
 }
 
 /// `LoadAdapter` for either kind of worker: reads the files off the async
@@ -177,9 +181,7 @@ pub async fn load_adapter(
         .map_err(|e| Status::internal(format!("loading the adapter stopped: {e}")))?
         .map_err(|e| Status::invalid_argument(format!("loading {:?}: {e}", req.name)))?;
     tracing::info!(adapter = %info.name, path = %req.path, fingerprint = %info.fingerprint, "LoRA adapter loaded");
-    Ok(pb::AdapterList {
-        adapters: adapters(engine),
-    })
+    Ok(adapter_list(engine))
 }
 
 /// `UnloadAdapter` for either kind of worker.
@@ -200,9 +202,7 @@ pub async fn unload_adapter(
         .map_err(|e| Status::internal(format!("unloading the adapter stopped: {e}")))?
         .map_err(|e| Status::not_found(e.to_string()))?;
     tracing::info!(adapter = %req.name, "LoRA adapter unloaded");
-    Ok(pb::AdapterList {
-        adapters: adapters(engine),
-    })
+    Ok(adapter_list(engine))
 }
 
 /// The engine's number of the LoRA adapter a request names (empty: the
@@ -237,6 +237,7 @@ fn instance() -> u64 {
 
 pub fn load_report(engine: &Engine, in_flight: u32) -> pb::LoadReport {
     let s = engine.stats();
+    let adapters = adapter_list(engine);
     pb::LoadReport {
         instance: instance(),
         waiting: s.waiting as u32,
@@ -245,7 +246,8 @@ pub fn load_report(engine: &Engine, in_flight: u32) -> pb::LoadReport {
         total_blocks: s.total_blocks as u32,
         in_flight,
         cached_blocks: s.cached_blocks as u32,
-        adapters: adapters(engine),
+        adapters: adapters.adapters,
+        adapters_version: adapters.adapters_version,
     }
 }
 

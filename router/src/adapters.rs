@@ -55,7 +55,7 @@ pub async fn load(
     for (w, answer) in workers.iter().zip(answers) {
         match answer {
             Ok(list) => {
-                w.set_adapters(list.into_inner().adapters);
+                w.take_adapters(list.into_inner());
                 took.push(w.clone());
             }
             Err(status) => {
@@ -112,15 +112,10 @@ pub async fn unload(
     let mut first_error = None;
     for (w, answer) in holding.iter().zip(answers) {
         match answer {
-            Ok(list) => w.set_adapters(list.into_inner().adapters),
+            Ok(list) => w.take_adapters(list.into_inner()),
             // It went already (its list was stale): what was asked.
             Err(status) if status.code() == Code::NotFound => {
-                w.set_adapters(
-                    w.adapters()
-                        .into_iter()
-                        .filter(|a| a.name != name)
-                        .collect(),
-                );
+                w.forget_adapter(name);
             }
             Err(status) => {
                 tracing::warn!(worker = %w.addr, adapter = name, error = %status.message(), "unloading a LoRA adapter failed");

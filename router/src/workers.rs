@@ -21,10 +21,10 @@ pub struct Worker {
     pub client: pb::WorkerClient<Channel>,
     /// The last load poll (its adapter list moved to `adapters`).
     load: Mutex<pb::LoadReport>,
-    /// The LoRA adapters the worker serves, as its last answer said:
+    /// The LoRA adapters the worker serves, as its newest answer said:
     /// `info.adapters` at connect time, then each load poll's and each
     /// `LoadAdapter`/`UnloadAdapter` reply's.
-    adapters: Mutex<Vec<pb::LoraAdapter>>,
+    adapters: Mutex<AdapterView>,
     /// Requests this router has sent and not seen finish.
     in_flight: AtomicU32,
     /// False after a failed call or load poll, true again after a good poll.
@@ -39,6 +39,30 @@ pub struct Worker {
     /// Times a load poll succeeded after one failed: the worker was gone
     /// (died, restarted, unreachable) and is back.
     returns: AtomicU64,
+}
+
+/// A worker's adapters as the router last knew them.
+#[derive(Debug, Default)]
+pub struct AdapterView {
+    /// The worker process that listed them (0: not known yet).
+    instance: u64,
+    /// Its count of adapter changes when it listed them.
+    version: u64,
+    list: Vec<pb::LoraAdapter>,
+}
+
+impl AdapterView {
+    /// Takes `l` unless it is older than what is held: a listing of the
+    /// same process made before fewer changes (a load poll answered just
+    /// before an adapter change and received after the change's reply).
+    /// Another process's listing always wins: the worker restarted.
+    pub fn take(&mut self, l: pb::AdapterList) {
+        if l.instance != self.instance || l.adapters_version >= self.version {
+            self.instance = l.instance;
+            self.version = l.adapters_version;
+            self.list = l.adapters;
+        }
+    }
 }
 
 /// Numbers each connection to a worker, so that one which joins again at
@@ -79,41 +103,37 @@ impl Worker {
         }
     }
 
+    fn adapter_view(&self) -> std::sync::MutexGuard<'_, AdapterView> {
+        self.adapters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The fingerprint of the LoRA adapter `name` on this worker (`None`
     /// when it does not serve it).
     pub fn adapter(&self, name: &str) -> Option<String> {
-        let a = self
-            .adapters
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        a.iter()
+        let v = self.adapter_view();
+        v.list
+            .iter()
             .find(|a| a.name == name)
             .map(|a| a.fingerprint.clone())
     }
 
-    /// The LoRA adapters this worker serves.
-    pub fn adapters(&self) -> Vec<pb::LoraAdapter> {
-        self.adapters
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
     /// The names of the LoRA adapters this worker serves.
     pub fn adapter_names(&self) -> Vec<String> {
-        let a = self
-            .adapters
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        a.iter().map(|a| a.name.clone()).collect()
+        let v = self.adapter_view();
+        v.list.iter().map(|a| a.name.clone()).collect()
     }
 
-    /// Takes the worker's word for the adapters it serves.
-    pub fn set_adapters(&self, adapters: Vec<pb::LoraAdapter>) {
-        *self
-            .adapters
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = adapters;
+    /// Takes the worker's word for the adapters it serves, unless an
+    /// answer it gave later is already in (see [`AdapterView::take`]).
+    pub fn take_adapters(&self, list: pb::AdapterList) {
+        self.adapter_view().take(list);
+    }
+
+    /// Stops counting on adapter `name` here (the worker said it has none).
+    pub fn forget_adapter(&self, name: &str) {
+        self.adapter_view().list.retain(|a| a.name != name);
     }
 
     /// Marks the worker down at once (a connection error): routing avoids
@@ -315,7 +335,10 @@ pub async fn connect(
     Ok(Arc::new(Worker {
         addr,
         role: expected,
-        adapters: Mutex::new(info.adapters.clone()),
+        adapters: Mutex::new(AdapterView {
+            list: info.adapters.clone(),
+            ..Default::default()
+        }),
         info,
         client,
         load: Mutex::new(load),
@@ -346,7 +369,11 @@ pub fn spawn_load_poll(
             match client.load(req).await {
                 Ok(r) => {
                     let mut r = r.into_inner();
-                    w.set_adapters(std::mem::take(&mut r.adapters));
+                    w.take_adapters(pb::AdapterList {
+                        adapters: std::mem::take(&mut r.adapters),
+                        instance: r.instance,
+                        adapters_version: r.adapters_version,
+                    });
                     // A new process at the address, even one that came
                     // back between two polls, is a new life.
                     let mut restarted = false;
@@ -373,4 +400,48 @@ pub fn spawn_load_poll(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listing(instance: u64, version: u64, names: &[&str]) -> pb::AdapterList {
+        pb::AdapterList {
+            adapters: names
+                .iter()
+                .map(|n| pb::LoraAdapter {
+                    name: n.to_string(),
+                    fingerprint: format!("fp-{n}"),
+                })
+                .collect(),
+            instance,
+            adapters_version: version,
+        }
+    }
+
+    fn names(v: &AdapterView) -> Vec<&str> {
+        v.list.iter().map(|a| a.name.as_str()).collect()
+    }
+
+    /// A load's reply (version 1) then a poll answered before the load
+    /// (version 0): the poll is older and does not undo the load; a later
+    /// poll of the same version, or a restarted process's, is taken.
+    #[test]
+    fn an_older_listing_of_one_process_does_not_replace_a_newer_one() {
+        let mut v = AdapterView::default();
+        v.take(listing(7, 0, &[]));
+        v.take(listing(7, 1, &["sql"]));
+        v.take(listing(7, 0, &[]));
+        assert_eq!(names(&v), ["sql"], "a stale poll undid the load");
+        v.take(listing(7, 2, &[]));
+        assert!(names(&v).is_empty(), "the unload's listing is newer");
+        v.take(listing(7, 2, &[]));
+        v.take(listing(9, 0, &["chat"]));
+        assert_eq!(
+            names(&v),
+            ["chat"],
+            "a restarted worker's own count starts again"
+        );
+    }
 }

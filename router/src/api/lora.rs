@@ -44,17 +44,12 @@ pub(super) async fn load(
                     })?;
                 Ok((name, path.to_string()))
             });
-        let (name, path) = match parsed {
-            Ok(p) => p,
-            Err(e) => return e.into_response(),
-        };
-        match state.backend.load_adapter(name.clone(), path).await {
-            Ok(()) => (
-                StatusCode::OK,
-                format!("Success: LoRA adapter '{name}' added successfully."),
-            )
-                .into_response(),
-            Err(e) => api_error(e).into_response(),
+        match parsed {
+            Ok((name, path)) => {
+                let done = state.backend.load_adapter(name.clone(), path).await;
+                answer(done, &name, "added")
+            }
+            Err(e) => e.into_response(),
         }
     })
     .await
@@ -73,20 +68,29 @@ pub(super) async fn unload(
                 only_fields(&m, &["lora_name", "lora_int_id"])?;
                 lora_name(&state, &m)
             });
-        let name = match parsed {
-            Ok(n) => n,
-            Err(e) => return e.into_response(),
-        };
-        match state.backend.unload_adapter(name.clone()).await {
-            Ok(()) => (
-                StatusCode::OK,
-                format!("Success: LoRA adapter '{name}' removed successfully."),
-            )
-                .into_response(),
-            Err(e) => api_error(e).into_response(),
+        match parsed {
+            Ok(name) => {
+                let done = state.backend.unload_adapter(name.clone()).await;
+                answer(done, &name, "removed")
+            }
+            Err(e) => e.into_response(),
         }
     })
     .await
+}
+
+/// vLLM's answer: a line of text on success, else the error object.
+fn answer(done: Result<(), AdapterError>, name: &str, verb: &str) -> Response {
+    match done {
+        Ok(()) => (
+            StatusCode::OK,
+            format!("Success: LoRA adapter '{name}' {verb} successfully."),
+        )
+            .into_response(),
+        Err(AdapterError::Invalid(m)) => ApiError::invalid(m, None).into_response(),
+        Err(AdapterError::NotFound(m)) => ApiError::not_found(m).into_response(),
+        Err(AdapterError::Unavailable(m)) => ApiError::unavailable(m).into_response(),
+    }
 }
 
 fn allowed(state: &ApiState) -> Result<(), ApiError> {
@@ -135,12 +139,4 @@ fn lora_name(state: &ApiState, m: &Map<String, Value>) -> Result<String, ApiErro
         ));
     }
     Ok(name.to_string())
-}
-
-fn api_error(e: AdapterError) -> ApiError {
-    match e {
-        AdapterError::Invalid(m) => ApiError::invalid(m, None),
-        AdapterError::NotFound(m) => ApiError::not_found(m),
-        AdapterError::Unavailable(m) => ApiError::unavailable(m),
-    }
 }
