@@ -141,12 +141,44 @@ pub async fn unload(
     }
 }
 
-/// Loads each of `wanted` (`(name, path)`) that `w` lacks on `w`: a worker
-/// that joined the cluster, or restarted, after the adapters were loaded
-/// through the API. A worker that refuses one runs without it, and
-/// requests for it go to the others.
-pub async fn restore(w: &Arc<Worker>, secret: &ClusterSecret, wanted: &[(String, String)]) {
-    for (name, path) in wanted {
+/// What clients made of the adapters through the API, which the router
+/// holds workers that join or come back to.
+#[derive(Debug, Default, Clone)]
+pub struct Wanted {
+    /// Loaded, as `(name, path)` in load order.
+    loaded: Vec<(String, String)>,
+    /// Unloaded: a worker started with one (`--lora`) serves it again
+    /// after a restart.
+    unloaded: Vec<String>,
+}
+
+impl Wanted {
+    pub fn loaded(&mut self, name: &str, path: &str) {
+        self.unloaded.retain(|n| n != name);
+        self.loaded.push((name.to_string(), path.to_string()));
+    }
+
+    pub fn unloaded(&mut self, name: &str) {
+        self.loaded.retain(|(n, _)| n != name);
+        if !self.unloaded.iter().any(|n| n == name) {
+            self.unloaded.push(name.to_string());
+        }
+    }
+}
+
+/// Brings `w` (a worker that joined the cluster, or restarted) to what
+/// clients asked for through the API: unloads the adapters they unloaded
+/// and loads those they loaded. A worker that refuses a load runs without
+/// the adapter, and requests for it go to the others.
+pub async fn restore(w: &Arc<Worker>, secret: &ClusterSecret, wanted: &Wanted) {
+    for name in &wanted.unloaded {
+        if w.adapter(name).is_some() {
+            if let Err(e) = unload(std::slice::from_ref(w), secret, name).await {
+                tracing::warn!(worker = %w.addr, adapter = %name, error = %e, "a worker kept a LoRA adapter unloaded at run time");
+            }
+        }
+    }
+    for (name, path) in &wanted.loaded {
         if w.adapter(name).is_none() {
             if let Err(e) = load(std::slice::from_ref(w), secret, name, path).await {
                 tracing::warn!(worker = %w.addr, adapter = %name, error = %e, "a worker did not take a LoRA adapter loaded at run time; it serves without it");

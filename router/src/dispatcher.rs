@@ -86,9 +86,9 @@ struct Shared {
     /// Held while LoRA adapters are loaded or unloaded: one change at a
     /// time, so two loads of one name cannot each undo the other's.
     adapter_changes: tokio::sync::Mutex<()>,
-    /// Adapters loaded through the API, as `(name, path)` in load order:
-    /// loaded again on workers that join or restart without them.
-    runtime_adapters: std::sync::Mutex<Vec<(String, String)>>,
+    /// Adapters loaded and unloaded through the API: workers that join or
+    /// restart are brought to it.
+    runtime_adapters: std::sync::Mutex<crate::adapters::Wanted>,
 }
 
 pub struct Dispatcher {
@@ -433,7 +433,7 @@ impl Backend for Dispatcher {
                 .filter(|w| w.load().healthy)
                 .collect();
             crate::adapters::load(&workers, &s.cfg.secret, &name, &path).await?;
-            lock(&s.runtime_adapters).push((name, path));
+            lock(&s.runtime_adapters).loaded(&name, &path);
             Ok(())
         }))
     }
@@ -442,9 +442,9 @@ impl Backend for Dispatcher {
         let s = self.shared.clone();
         Box::pin(finish_even_if_dropped(async move {
             let _one = s.adapter_changes.lock().await;
-            // Forgotten first: a worker that fails to unload it is not
-            // given it again when it restarts.
-            lock(&s.runtime_adapters).retain(|(n, _)| *n != name);
+            // Noted first: a worker that fails to unload it now is asked
+            // again when it comes back.
+            lock(&s.runtime_adapters).unloaded(&name);
             let workers = s.all_workers();
             crate::adapters::unload(&workers, &s.cfg.secret, &name).await
         }))
@@ -556,9 +556,9 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
-    /// Loads the adapters loaded through the API on `w` (a worker that
-    /// joined, or came back), in the background: until it has them it
-    /// gets no request for them.
+    /// Brings `w` (a worker that joined, or came back) to the adapters
+    /// loaded and unloaded through the API, in the background: until it
+    /// has an adapter it gets no request for it.
     fn restore_adapters(self: &Arc<Self>, w: Arc<Worker>) {
         let s = self.clone();
         // After any change in progress (it may not have seen `w`).

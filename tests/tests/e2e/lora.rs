@@ -384,3 +384,78 @@ fn adapters_load_and_unload_while_the_cluster_serves() {
         assert_eq!(v["choices"][0]["text"], want.as_str(), "loaded again");
     });
 }
+
+/// An adapter a worker serves from its `--lora` flag, unloaded through the
+/// API, stays unloaded when that worker restarts (the flag loads it
+/// again, and the router unloads it there).
+#[test]
+fn an_adapter_unloaded_at_run_time_stays_unloaded_across_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("qv");
+    synth_adapter(&dir, "q_proj,v_proj", "0.3", 4);
+    let spec = ClusterSpec {
+        prefill: 1,
+        decode: 1,
+        threads: 1,
+        worker_args: lora_flags(&[("chat", dir)]),
+        router_args: vec!["--allow-runtime-lora".into()],
+        ..Default::default()
+    };
+    let mut cluster = Cluster::start_spec(spec.clone());
+    let base = cluster.base_url();
+    rt().block_on(async {
+        let r = reqwest::Client::new()
+            .post(format!("{base}/unload_lora_adapter"))
+            .json(&json!({"lora_name": "chat"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    });
+    let port = cluster.decode[0].addr().port();
+    cluster.decode[0].kill();
+    cluster.decode[0] = Cluster::worker_at(&spec, Role::Decode, port);
+    rt().block_on(async {
+        // The restarted worker loads `chat` from its flag; the router,
+        // seeing it back, unloads it there.
+        let mut c = w::WorkerClient::connect(format!("http://{}", cluster.decode[0].addr()))
+            .await
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let mut req = tonic::Request::new(w::LoadRequest {});
+            req.metadata_mut()
+                .insert(w::SECRET_METADATA, SECRET.parse().unwrap());
+            let report = c.load(req).await.unwrap().into_inner();
+            if report.adapters.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the restarted worker still serves {:?}",
+                report.adapters
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        // The router takes the worker's answer to its unload a moment
+        // after the worker has acted on it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let r = reqwest::Client::new()
+                .post(format!("{base}/completions"))
+                .json(&json!({"model": "chat", "prompt": "Hi", "max_tokens": 2}))
+                .send()
+                .await
+                .unwrap();
+            if r.status() == 404 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the router still routes to chat: {}",
+                r.status()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
+}
