@@ -29,21 +29,18 @@ pub(super) async fn load(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     counted("lora_adapters", async move {
-        let parsed = allowed(&state)
-            .and_then(|()| parse_object(body))
-            .and_then(|m| {
-                only_fields(&m, &["lora_name", "lora_path"])?;
-                let name = lora_name(&state, &m)?;
-                let path = string(&m, "lora_path")?
-                    .filter(|p| !p.trim().is_empty())
-                    .ok_or_else(|| {
-                        ApiError::invalid(
-                            "'lora_path' (the adapter's directory) is required",
-                            Some("lora_path"),
-                        )
-                    })?;
-                Ok((name, path.to_string()))
-            });
+        let parsed = request(&state, body, &["lora_name", "lora_path"]).and_then(|m| {
+            let name = lora_name(&state, &m)?;
+            let path = string(&m, "lora_path")?
+                .filter(|p| !p.trim().is_empty())
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "'lora_path' (the adapter's directory) is required",
+                        Some("lora_path"),
+                    )
+                })?;
+            Ok((name, path.to_string()))
+        });
         match parsed {
             Ok((name, path)) => {
                 let done = state.backend.load_adapter(name.clone(), path).await;
@@ -61,13 +58,9 @@ pub(super) async fn unload(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     counted("lora_adapters", async move {
-        let parsed = allowed(&state)
-            .and_then(|()| parse_object(body))
-            .and_then(|m| {
-                // vLLM's request carries `lora_int_id` too; it names nothing here.
-                only_fields(&m, &["lora_name", "lora_int_id"])?;
-                lora_name(&state, &m)
-            });
+        // vLLM's request carries `lora_int_id` too; it names nothing here.
+        let parsed = request(&state, body, &["lora_name", "lora_int_id"])
+            .and_then(|m| lora_name(&state, &m));
         match parsed {
             Ok(name) => {
                 let done = state.backend.unload_adapter(name.clone()).await;
@@ -93,6 +86,21 @@ fn answer(done: Result<(), AdapterError>, name: &str, verb: &str) -> Response {
     }
 }
 
+/// The request's body: once the endpoints are on, an object of `known`
+/// fields only (one the endpoint does not read is refused, not ignored).
+fn request(
+    state: &ApiState,
+    body: Result<Bytes, BytesRejection>,
+    known: &[&str],
+) -> Result<Map<String, Value>, ApiError> {
+    allowed(state)?;
+    let m = parse_object(body)?;
+    match m.keys().find(|k| !known.contains(&k.as_str())) {
+        None => Ok(m),
+        Some(k) => Err(ApiError::unsupported(k, "")),
+    }
+}
+
 fn allowed(state: &ApiState) -> Result<(), ApiError> {
     if state.runtime_lora {
         Ok(())
@@ -104,14 +112,6 @@ fn allowed(state: &ApiState) -> Result<(), ApiError> {
         .with_code("runtime_lora_disabled");
         e.status = StatusCode::FORBIDDEN;
         Err(e)
-    }
-}
-
-/// Refuses fields the endpoint does not read, rather than ignore them.
-fn only_fields(m: &Map<String, Value>, known: &[&str]) -> Result<(), ApiError> {
-    match m.keys().find(|k| !known.contains(&k.as_str())) {
-        None => Ok(()),
-        Some(k) => Err(ApiError::unsupported(k, "")),
     }
 }
 
