@@ -447,10 +447,24 @@ impl RetiringAdapters {
     }
 }
 
+/// The adapters the executor holds, as the engine thread keeps them:
+/// those requests may name, and those unloaded but still finishing.
+fn held<'a>(
+    table: &'a AdapterTable,
+    retiring: &'a RetiringAdapters,
+) -> impl Iterator<Item = &'a AdapterInfo> {
+    table.list.iter().chain(&retiring.0)
+}
+
 /// Refuses a request whose adapter the executor no longer holds (it was
 /// unloaded between the request's check and its arrival here).
-fn check_adapter(model: &dyn Executor, req: &Request) -> Result<()> {
-    if req.adapter == 0 || model.adapters().iter().any(|a| a.id == req.adapter) {
+fn check_adapter(
+    table: &RwLock<AdapterTable>,
+    retiring: &RetiringAdapters,
+    req: &Request,
+) -> Result<()> {
+    let table = table.read().unwrap_or_else(PoisonError::into_inner);
+    if req.adapter == 0 || held(&table, retiring).any(|a| a.id == req.adapter) {
         Ok(())
     } else {
         Err(EngineError::Adapter(format!(
@@ -475,7 +489,12 @@ fn add_adapter(
             a.name
         )));
     }
-    limits.check(model.adapters().len(), name, &lora)?;
+    let count = held(
+        &table.read().unwrap_or_else(PoisonError::into_inner),
+        retiring,
+    )
+    .count();
+    limits.check(count, name, &lora)?;
     let fingerprint = lora.fingerprint.clone();
     let id = model.add_adapter(name, lora)?;
     let info = AdapterInfo {
@@ -617,14 +636,14 @@ impl Engine {
                         };
                         match cmd {
                             Command::Submit(req, txs) => {
-                                if let Err(e) = check_adapter(model.as_ref(), &req)
+                                if let Err(e) = check_adapter(&table, &retiring, &req)
                                     .and_then(|()| sched.add_parallel(req, sinks(&txs), None))
                                 {
                                     refuse(&txs, &e);
                                 }
                             }
                             Command::SubmitExport(req, txs, export) => {
-                                if let Err(e) = check_adapter(model.as_ref(), &req).and_then(|()| {
+                                if let Err(e) = check_adapter(&table, &retiring, &req).and_then(|()| {
                                     sched.add_parallel(req, sinks(&txs), Some(export))
                                 }) {
                                     refuse(&txs, &e);
@@ -649,7 +668,7 @@ impl Engine {
                                 reply,
                             } => {
                                 let r = match reserved.remove(&reservation) {
-                                    Some(kv) => match check_adapter(model.as_ref(), &req) {
+                                    Some(kv) => match check_adapter(&table, &retiring, &req) {
                                         Ok(()) => install(model.as_ref(), &mut sched, kv, staging.as_ref(), req, firsts, sinks(&txs)),
                                         Err(e) => {
                                             sched.release(kv);
